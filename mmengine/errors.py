@@ -1,0 +1,127 @@
+"""Every error mmengine reports, typed by what the caller can do about it.
+
+Three families: request errors (the caller can fix the request or retry),
+worker death (the engine recovers, this request failed) and internal bugs.
+Each class carries its wire code; servers write the code, the SDK maps it
+back to the same class with `error_for`.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    MODEL_NOT_FOUND = 1
+    BAD_REQUEST = 2
+    TOO_LARGE = 3
+    OVERLOADED = 4
+    LOAD_FAILED = 5
+    WORKER_DIED = 6
+    TIMEOUT = 7
+    UNAUTHORIZED = 8
+    INTERNAL = 9
+
+
+HTTP_STATUS = {
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.LOAD_FAILED: 500,
+    ErrorCode.WORKER_DIED: 502,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class MMEngineError(Exception):
+    """Base of every typed error; `code` is what travels on the wire."""
+
+    code = ErrorCode.INTERNAL
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+
+# -- request errors: the caller can fix the request or retry ---------------
+
+class ModelNotFound(MMEngineError):
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class BadRequest(MMEngineError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class TooLarge(MMEngineError):
+    code = ErrorCode.TOO_LARGE
+
+
+class Overloaded(MMEngineError):
+    code = ErrorCode.OVERLOADED
+
+
+class Timeout(MMEngineError, TimeoutError):
+    code = ErrorCode.TIMEOUT
+
+
+class Unauthorized(MMEngineError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class LoadFailed(MMEngineError):
+    code = ErrorCode.LOAD_FAILED
+
+
+# -- worker death: the engine recovers, the request failed ----------------
+
+class WorkerDied(MMEngineError):
+    code = ErrorCode.WORKER_DIED
+
+
+# -- bugs -----------------------------------------------------------------
+
+class InternalError(MMEngineError):
+    code = ErrorCode.INTERNAL
+
+
+# -- the shared-memory ring's errors, typed by the same families ----------
+
+class RecordTooLarge(TooLarge):
+    """A record larger than the ring's largest; nothing was written."""
+
+
+class RingTimeout(Timeout):
+    """A blocking ring call ran out of time; nothing was written or read."""
+
+
+class PeerDied(WorkerDied):
+    """The process at the other end of a ring has exited."""
+
+
+class RingClosed(WorkerDied):
+    """The other end closed the ring."""
+
+
+_BY_CODE = {
+    ErrorCode.MODEL_NOT_FOUND: ModelNotFound,
+    ErrorCode.BAD_REQUEST: BadRequest,
+    ErrorCode.TOO_LARGE: TooLarge,
+    ErrorCode.OVERLOADED: Overloaded,
+    ErrorCode.LOAD_FAILED: LoadFailed,
+    ErrorCode.WORKER_DIED: WorkerDied,
+    ErrorCode.TIMEOUT: Timeout,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.INTERNAL: InternalError,
+}
+
+
+def error_for(code: int, message: str) -> MMEngineError:
+    """The exception for a wire code; an unknown code is an internal error."""
+    try:
+        cls = _BY_CODE[ErrorCode(code)]
+    except ValueError:
+        return InternalError(f"unknown error code {code}: {message}")
+    return cls(message)
