@@ -33,6 +33,8 @@ setup(
     ext_modules=cythonize(
         [native(name) for name in MODULES],
         language_level=3,
+        # csrc/NAME.pxd declares csrc/NAME.h; NAME.pyx cimports it by name.
+        include_path=["csrc"],
         compiler_directives={
             "boundscheck": DEBUG,
             "wraparound": DEBUG,

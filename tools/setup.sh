@@ -17,7 +17,7 @@ stamp="$VENV/.mmengine-deps"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install torch==2.13.0
-    pip install "setuptools>=68" wheel "cython>=3.0"
+    pip install "setuptools>=77" wheel "cython>=3.0"
     pip install --no-build-isolation -e '.[dev]'
     echo "$want" > "$stamp"
 fi

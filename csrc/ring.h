@@ -1,0 +1,310 @@
+/* A single-producer single-consumer ring of variable-length records in a
+ * shared-memory segment. Plain C11: no Python in here. The layout, the record
+ * format and the publication order are specified in mmengine/ring.py, whose
+ * pure-Python twin reads and writes the very same bytes.
+ *
+ * Memory ordering: the producer writes a record, then publishes it with a
+ * release store of `tail`; the consumer reads `tail` with an acquire load
+ * before it reads the record, and hands the space back with a release store
+ * of `head`. Parking is a Dekker handshake: the waiter stores its parked flag,
+ * fences, and re-checks the counter; the other side stores the counter,
+ * fences, and reads the flag. With a seq_cst fence on both sides at least one
+ * of them sees the other's store, so a wake-up is never lost and a busy ring
+ * makes no system call.
+ */
+#ifndef MMENGINE_RING_H
+#define MMENGINE_RING_H
+
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "debug.h"
+
+#define MM_RING_MAGIC 0x31304752494d4d4dULL /* "MMMRIG01" little-endian */
+#define MM_RING_VERSION 1u
+#define MM_RING_HEADER_BYTES 4096u /* records start page-aligned */
+#define MM_RING_ALIGN 8u
+#define MM_RING_WRAP 0xffffffffu    /* nparts of a wrap marker */
+#define MM_RING_MAX_PARTS 64u
+
+/* `closed` is two bytes, one per side, read together as a u32: each side
+ * writes only its own byte, so closing needs no read-modify-write. */
+#define MM_RING_CREATOR_CLOSED 0x1u
+#define MM_RING_ATTACHER_CLOSED 0x100u
+
+enum mm_ring_status {
+    MM_RING_OK = 0,
+    MM_RING_AGAIN = 1,     /* full (put) or empty (get): try again */
+    MM_RING_TOO_BIG = 2,   /* the record can never fit; nothing written */
+    MM_RING_CLOSED = 3,    /* the peer closed its end */
+    MM_RING_TIMEOUT = 4,
+    MM_RING_PEER_DIED = 5, /* the peer's pidfd reported its exit */
+    MM_RING_ERRNO = 6,     /* a system call failed; see errno */
+    MM_RING_HELD = 7,      /* get() while a record is still held */
+};
+
+/* The shared header. Each counter and each parked flag has a cache line of
+ * its own so that the producer's and the consumer's stores never share one. */
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    _Atomic uint32_t closed;
+    uint64_t capacity;
+    _Atomic int32_t creator_pid;
+    _Atomic int32_t attacher_pid;
+    uint8_t _pad0[64 - 32];
+    _Atomic uint64_t tail; /* bytes ever published; producer's line */
+    uint8_t _pad1[56];
+    _Atomic uint64_t head; /* bytes ever released; consumer's line */
+    uint8_t _pad2[56];
+    _Atomic uint32_t consumer_parked;
+    uint8_t _pad3[60];
+    _Atomic uint32_t producer_parked;
+    uint8_t _pad4[60];
+} mm_ring_header;
+
+/* One process's view of a ring: its mapping, its eventfds, its role. */
+typedef struct {
+    mm_ring_header *hdr;
+    uint8_t *data;
+    uint64_t cap;
+    uint64_t mask;
+    int data_fd;   /* written by the producer to wake a parked consumer */
+    int space_fd;  /* written by the consumer to wake a parked producer */
+    uint32_t peer_closed_bit;
+    uint64_t held;  /* size of the record get() handed out, 0 if none */
+    uint64_t spin_ns;
+} mm_ring;
+
+static inline uint64_t mm_align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
+
+static inline uint64_t mm_ring_record_size(uint32_t nparts, const uint64_t *lens) {
+    uint64_t size = 8u + mm_align8(4u * (uint64_t)nparts);
+    for (uint32_t i = 0; i < nparts; i++) size += mm_align8(lens[i]);
+    return size;
+}
+
+static inline uint64_t mm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void mm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline void mm_ring_init_header(void *base, uint64_t cap, int32_t pid) {
+    mm_ring_header *h = (mm_ring_header *)base;
+    memset(h, 0, sizeof(*h));
+    h->magic = MM_RING_MAGIC;
+    h->version = MM_RING_VERSION;
+    h->capacity = cap;
+    atomic_store(&h->creator_pid, pid);
+}
+
+static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_fd,
+                                int is_creator, uint64_t spin_ns) {
+    r->hdr = (mm_ring_header *)base;
+    r->data = (uint8_t *)base + MM_RING_HEADER_BYTES;
+    r->cap = r->hdr->capacity;
+    r->mask = r->cap - 1;
+    r->data_fd = data_fd;
+    r->space_fd = space_fd;
+    r->peer_closed_bit = is_creator ? MM_RING_ATTACHER_CLOSED : MM_RING_CREATOR_CLOSED;
+    r->held = 0;
+    r->spin_ns = spin_ns;
+}
+
+static inline void mm_efd_signal(int fd) {
+    uint64_t one = 1;
+    /* EAGAIN means the counter is already non-zero: the waiter will wake. */
+    ssize_t rc = write(fd, &one, sizeof(one));
+    (void)rc;
+}
+
+static inline void mm_efd_drain(int fd) {
+    uint64_t v;
+    ssize_t rc = read(fd, &v, sizeof(v));
+    (void)rc;
+}
+
+/* The publishing half of the parking handshake: called right after a
+ * counter store, it wakes the other side only if that side said it sleeps. */
+static inline void mm_ring_wake(_Atomic uint32_t *parked, int fd) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(parked, memory_order_relaxed)) mm_efd_signal(fd);
+}
+
+static inline int mm_ring_peer_closed(const mm_ring *r) {
+    return (atomic_load_explicit(&r->hdr->closed, memory_order_acquire) & r->peer_closed_bit) != 0;
+}
+
+/* Writes one record made of `nparts` buffers, copying each once. Never
+ * blocks. A record that does not fit contiguously before the end of the
+ * data area is preceded by a wrap marker, which is published on its own so
+ * that a record as large as the whole ring can always make progress. */
+static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *const *parts,
+                                  const uint64_t *lens) {
+    if (nparts > MM_RING_MAX_PARTS) return MM_RING_TOO_BIG;
+    uint64_t size = mm_ring_record_size(nparts, lens);
+    if (size > r->cap || size > 0xfffffff8ull) return MM_RING_TOO_BIG;
+    if (mm_ring_peer_closed(r)) return MM_RING_CLOSED;
+
+    mm_ring_header *h = r->hdr;
+    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&h->head, memory_order_acquire);
+    uint64_t pos = tail & r->mask;
+    if (pos + size > r->cap) {
+        uint64_t pad = r->cap - pos;
+        if (r->cap - (tail - head) < pad) return MM_RING_AGAIN;
+        uint32_t *marker = (uint32_t *)(r->data + pos);
+        marker[0] = (uint32_t)pad;
+        marker[1] = MM_RING_WRAP;
+        tail += pad;
+        /* Published and signalled on its own: the producer may now wait for
+         * room that only the consumer's skipping of this marker makes. */
+        atomic_store_explicit(&h->tail, tail, memory_order_release);
+        mm_ring_wake(&h->consumer_parked, r->data_fd);
+        pos = 0;
+    }
+    if (r->cap - (tail - head) < size) return MM_RING_AGAIN;
+
+    uint8_t *p = r->data + pos;
+    uint32_t *words = (uint32_t *)p;
+    words[0] = (uint32_t)size;
+    words[1] = nparts;
+    for (uint32_t i = 0; i < nparts; i++) words[2 + i] = (uint32_t)lens[i];
+    uint8_t *dst = p + 8u + mm_align8(4u * (uint64_t)nparts);
+    for (uint32_t i = 0; i < nparts; i++) {
+        if (lens[i]) memcpy(dst, parts[i], lens[i]);
+        dst += mm_align8(lens[i]);
+    }
+    MM_ASSERT((uint64_t)(dst - p) == size);
+    /* Publish after the payload: the release store orders every byte above. */
+    atomic_store_explicit(&h->tail, tail + size, memory_order_release);
+    mm_ring_wake(&h->consumer_parked, r->data_fd);
+    return MM_RING_OK;
+}
+
+/* Finds the next record, skipping wrap markers, and leaves it held: its bytes
+ * stay valid until mm_ring_release(). *rec points at its 8-byte header. */
+static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
+    if (r->held) return MM_RING_HELD;
+    mm_ring_header *h = r->hdr;
+    uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
+    for (;;) {
+        uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
+        if (head == tail) {
+            if (!mm_ring_peer_closed(r)) return MM_RING_AGAIN;
+            /* The peer closes after its last publish: look once more. */
+            if (atomic_load_explicit(&h->tail, memory_order_acquire) == head)
+                return MM_RING_CLOSED;
+            continue;
+        }
+        const uint8_t *p = r->data + (head & r->mask);
+        const uint32_t *words = (const uint32_t *)p;
+        MM_ASSERT(words[0] >= 8u && words[0] <= tail - head);
+        if (words[1] == MM_RING_WRAP) {
+            head += words[0];
+            atomic_store_explicit(&h->head, head, memory_order_release);
+            mm_ring_wake(&h->producer_parked, r->space_fd);
+            continue;
+        }
+        r->held = words[0];
+        *rec = p;
+        return MM_RING_OK;
+    }
+}
+
+static inline void mm_ring_release(mm_ring *r) {
+    mm_ring_header *h = r->hdr;
+    MM_ASSERT(r->held != 0);
+    uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
+    atomic_store_explicit(&h->head, head + r->held, memory_order_release);
+    r->held = 0;
+    mm_ring_wake(&h->producer_parked, r->space_fd);
+}
+
+/* -- waiting --------------------------------------------------------------- */
+
+static inline int mm_ring_readable(const mm_ring *r) {
+    return atomic_load_explicit(&r->hdr->tail, memory_order_acquire) !=
+               atomic_load_explicit(&r->hdr->head, memory_order_relaxed) ||
+           mm_ring_peer_closed(r);
+}
+
+static inline int mm_ring_writable(const mm_ring *r, uint64_t need) {
+    uint64_t used = atomic_load_explicit(&r->hdr->tail, memory_order_relaxed) -
+                    atomic_load_explicit(&r->hdr->head, memory_order_acquire);
+    return r->cap - used >= need || mm_ring_peer_closed(r);
+}
+
+/* Announces that this side is about to sleep on its eventfd. Returns 1 if it
+ * may sleep (still nothing to do), 0 if the condition already holds, in which
+ * case the flag is cleared again. An asyncio consumer calls this before it
+ * returns to the loop, and mm_ring_unpark() when its reader fires. */
+static inline int mm_ring_park(mm_ring *r, int for_read, uint64_t need) {
+    _Atomic uint32_t *flag = for_read ? &r->hdr->consumer_parked : &r->hdr->producer_parked;
+    atomic_store_explicit(flag, 1u, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    int ready = for_read ? mm_ring_readable(r) : mm_ring_writable(r, need);
+    if (ready) atomic_store_explicit(flag, 0u, memory_order_relaxed);
+    return !ready;
+}
+
+static inline void mm_ring_unpark(mm_ring *r, int for_read) {
+    _Atomic uint32_t *flag = for_read ? &r->hdr->consumer_parked : &r->hdr->producer_parked;
+    atomic_store_explicit(flag, 0u, memory_order_relaxed);
+    mm_efd_drain(for_read ? r->data_fd : r->space_fd);
+}
+
+/* Blocks until the ring is readable (for_read) or has `need` free bytes, for
+ * at most timeout_ns (negative: no limit). Spins for spin_ns first, then
+ * parks on the eventfd; a peer pidfd (or -1) turns the peer's exit into
+ * MM_RING_PEER_DIED instead of a hang. Safe to call without the GIL. */
+static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t timeout_ns,
+                               int peer_pidfd) {
+#define MM_READY() (for_read ? mm_ring_readable(r) : mm_ring_writable(r, need))
+    if (MM_READY()) return MM_RING_OK;
+    uint64_t start = mm_now_ns();
+    uint64_t spin_end = start + r->spin_ns;
+    for (unsigned i = 1;; i++) {
+        if (MM_READY()) return MM_RING_OK;
+        if ((i & 63u) == 0 && mm_now_ns() >= spin_end) break;
+        mm_cpu_relax();
+    }
+    int fd = for_read ? r->data_fd : r->space_fd;
+    for (;;) {
+        int64_t left_ms = -1;
+        if (timeout_ns >= 0) {
+            uint64_t now = mm_now_ns();
+            if (now - start >= (uint64_t)timeout_ns) return MM_READY() ? MM_RING_OK : MM_RING_TIMEOUT;
+            left_ms = (int64_t)(((uint64_t)timeout_ns - (now - start) + 999999u) / 1000000u);
+        }
+        if (!mm_ring_park(r, for_read, need)) return MM_RING_OK;
+        struct pollfd fds[2] = {{fd, POLLIN, 0}, {peer_pidfd, POLLIN, 0}};
+        int rc = poll(fds, peer_pidfd >= 0 ? 2 : 1, (int)(left_ms > 0x7fffffff ? 0x7fffffff : left_ms));
+        int saved = errno;
+        mm_ring_unpark(r, for_read);
+        if (MM_READY()) return MM_RING_OK;
+        if (rc < 0 && saved != EINTR) {
+            errno = saved;
+            return MM_RING_ERRNO;
+        }
+        if (rc < 0) return MM_RING_ERRNO; /* EINTR: let Python run its handlers */
+        if (rc > 0 && peer_pidfd >= 0 && (fds[1].revents & POLLIN)) return MM_RING_PEER_DIED;
+    }
+#undef MM_READY
+}
+
+#endif

@@ -1,0 +1,232 @@
+"""The native ring's operations; mmengine/ring.py adds the segment, the
+eventfds and the handle around them and documents the layout."""
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+from ring cimport *
+
+from mmengine.errors import (InternalError, PeerDied, RecordTooLarge,
+                             RingClosed, RingTimeout)
+
+def _release_view(view):
+    try:
+        view.release()
+    except BufferError:
+        pass  # something still exports it; the mapping lives until that goes
+
+
+HEADER_BYTES = MM_RING_HEADER_BYTES
+MAX_PARTS = MM_RING_MAX_PARTS
+
+# Records above this many bytes are copied with the GIL released.
+DEF NOGIL_COPY_BYTES = 65536
+
+
+cdef int raise_status(int status, str what) except -1:
+    """The one place that turns a native status into a typed exception."""
+    if status == MM_RING_TOO_BIG:
+        raise RecordTooLarge(f"{what}: record larger than the ring's largest")
+    if status == MM_RING_CLOSED:
+        raise RingClosed(f"{what}: the peer closed the ring")
+    if status == MM_RING_TIMEOUT:
+        raise RingTimeout(f"{what}: timed out")
+    if status == MM_RING_PEER_DIED:
+        raise PeerDied(f"{what}: the process at the other end exited")
+    if status == MM_RING_HELD:
+        raise InternalError(f"{what}: release() the record you hold first")
+    if status == MM_RING_ERRNO:
+        raise OSError(errno, f"{what}: system call failed")
+    raise InternalError(f"{what}: ring status {status}")
+
+
+cdef inline int64_t _timeout_ns(object timeout) except? -2:
+    if timeout is None:
+        return -1
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return <int64_t>(timeout * 1e9)
+
+
+cdef class RingCore:
+    """Operations over a mapped ring. Subclassed by mmengine.ring.NativeRing,
+    which supplies `_peer_pidfd()` and the life cycle."""
+
+    cdef mm_ring r
+    cdef Py_buffer buf
+    cdef bint bound
+    cdef object view       # memoryview of the whole mapping, sliced per part
+    cdef object mapping
+
+    def _bind_ops(self, mapping, int data_fd, int space_fd, bint is_creator, double spin_us):
+        PyObject_GetBuffer(mapping, &self.buf, PyBUF_SIMPLE)
+        self.bound = True
+        self.mapping = mapping
+        self.view = memoryview(mapping)
+        mm_ring_bind(&self.r, self.buf.buf, data_fd, space_fd, is_creator,
+                     <uint64_t>(spin_us * 1000.0))
+
+    def _unbind(self):
+        if self.bound:
+            self.bound = False
+            _release_view(self.view)
+            self.view = None
+            PyBuffer_Release(&self.buf)
+            self.mapping = None
+
+    def __dealloc__(self):
+        if self.bound:
+            PyBuffer_Release(&self.buf)
+
+    cdef inline int _check(self) except -1:
+        if not self.bound:
+            raise ValueError("ring is closed")
+        return 0
+
+    # -- producer ----------------------------------------------------------
+
+    cdef int _put(self, object header, tuple buffers, int64_t timeout_ns) except -1:
+        cdef Py_buffer views[MM_RING_MAX_PARTS]
+        cdef const uint8_t *ptrs[MM_RING_MAX_PARTS]
+        cdef uint64_t lens[MM_RING_MAX_PARTS]
+        cdef uint32_t n = 0, i
+        cdef int status
+        cdef uint64_t size
+        cdef int64_t left
+        self._check()
+        if len(buffers) + 1 > MM_RING_MAX_PARTS:
+            raise RecordTooLarge(f"put: at most {MM_RING_MAX_PARTS} parts in a record")
+        try:
+            PyObject_GetBuffer(header, &views[0], PyBUF_SIMPLE)
+            n = 1
+            for obj in buffers:
+                PyObject_GetBuffer(obj, &views[n], PyBUF_SIMPLE)
+                n += 1
+            for i in range(n):
+                ptrs[i] = <const uint8_t *>views[i].buf
+                lens[i] = <uint64_t>views[i].len
+            size = mm_ring_record_size(n, lens)
+            while True:
+                if size >= NOGIL_COPY_BYTES:
+                    with nogil:
+                        status = mm_ring_try_put(&self.r, n, ptrs, lens)
+                else:
+                    status = mm_ring_try_put(&self.r, n, ptrs, lens)
+                if status != MM_RING_AGAIN:
+                    break
+                if timeout_ns == 0:
+                    return 0
+                self._wait(0, size, timeout_ns)
+            if status != MM_RING_OK:
+                raise_status(status, "put")
+            return 1
+        finally:
+            for i in range(n):
+                PyBuffer_Release(&views[i])
+
+    def try_put(self, header, *buffers):
+        """Writes one record if there is room now; returns whether it did."""
+        return self._put(header, buffers, 0) == 1
+
+    def put(self, header, *buffers, timeout=None):
+        """Writes one record, waiting up to `timeout` seconds for room."""
+        cdef int64_t t = _timeout_ns(timeout)
+        if t == 0:
+            t = 1  # zero means "wait not at all" inside _put; keep one attempt
+        self._put(header, buffers, t)
+
+    def record_size(self, *lengths):
+        """Bytes a record of parts with these lengths takes in the ring."""
+        cdef uint64_t lens[MM_RING_MAX_PARTS]
+        if len(lengths) > MM_RING_MAX_PARTS:
+            raise RecordTooLarge(f"at most {MM_RING_MAX_PARTS} parts in a record")
+        for i, n in enumerate(lengths):
+            lens[i] = n
+        return mm_ring_record_size(len(lengths), lens)
+
+    # -- consumer ----------------------------------------------------------
+
+    cdef list _parts(self, const uint8_t *rec):
+        cdef const uint32_t *words = <const uint32_t *>rec
+        cdef uint32_t n = words[1], i
+        cdef Py_ssize_t off = (rec - <const uint8_t *>self.buf.buf) + 8 + mm_align8(4 * n)
+        cdef Py_ssize_t ln
+        cdef list parts = []
+        for i in range(n):
+            ln = words[2 + i]
+            parts.append(self.view[off:off + ln])
+            off += mm_align8(ln)
+        return parts
+
+    cdef object _get(self, int64_t timeout_ns):
+        cdef const uint8_t *rec = NULL
+        cdef int status
+        self._check()
+        while True:
+            status = mm_ring_try_get(&self.r, &rec)
+            if status == MM_RING_OK:
+                return self._parts(rec)
+            if status != MM_RING_AGAIN:
+                raise_status(status, "get")
+            if timeout_ns == 0:
+                return None
+            self._wait(1, 0, timeout_ns)
+
+    def try_get(self):
+        """The next record as [header, *buffers] views, or None if empty.
+        The views stay valid until release()."""
+        return self._get(0)
+
+    def get(self, timeout=None):
+        """The next record, waiting up to `timeout` seconds for one."""
+        cdef int64_t t = _timeout_ns(timeout)
+        return self._get(1 if t == 0 else t)
+
+    def release(self):
+        """Hands the held record's space back to the producer."""
+        self._check()
+        if not self.r.held:
+            raise InternalError("release: no record is held")
+        mm_ring_release(&self.r)
+
+    # -- waiting -----------------------------------------------------------
+
+    cdef int _wait(self, int for_read, uint64_t need, int64_t timeout_ns) except -1:
+        cdef int status
+        cdef int64_t left
+        cdef int pidfd = self._peer_pidfd()
+        cdef uint64_t start = mm_now_ns()
+        while True:
+            left = -1
+            if timeout_ns >= 0:
+                left = timeout_ns - <int64_t>(mm_now_ns() - start)
+                if left < 0:
+                    left = 0
+            with nogil:
+                status = mm_ring_wait(&self.r, for_read, need, left, pidfd)
+            if status == MM_RING_OK:
+                return 0
+            if status == MM_RING_ERRNO and errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            raise_status(status, "get" if for_read else "put")
+
+    def arm_read(self):
+        """Before an asyncio consumer sleeps on readable_fd: True if it may
+        (the ring is still empty), False if a record is already there."""
+        self._check()
+        return mm_ring_park(&self.r, 1, 0) == 1
+
+    def disarm_read(self):
+        """When readable_fd fires: stop asking the producer for wake-ups."""
+        self._check()
+        mm_ring_unpark(&self.r, 1)
+
+    def arm_write(self, uint64_t need):
+        self._check()
+        return mm_ring_park(&self.r, 0, need) == 1
+
+    def disarm_write(self):
+        self._check()
+        mm_ring_unpark(&self.r, 0)

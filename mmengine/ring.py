@@ -1,0 +1,490 @@
+"""Single-producer single-consumer rings of records in shared memory.
+
+The front-end and each worker talk through two rings, one per direction.
+A ring is one shared-memory segment (mmengine.shm) plus two eventfds::
+
+    offset  size  field             written by
+    ------  ----  ----------------  -----------------------------------------
+         0     8  magic "MMMRIG01"  creator, once
+         8     4  version (1)       creator, once
+        12     1  creator closed    creator, when it closes its end (1)
+        13     1  attacher closed   attacher, when it closes its end (1)
+        16     8  capacity          creator, once; a power of two, >= 64
+        24     4  creator_pid       creator, once
+        28     4  attacher_pid      attacher, when it attaches
+        64     8  tail              producer: bytes ever published  (line 1)
+       128     8  head              consumer: bytes ever released   (line 2)
+       192     4  consumer_parked   consumer: 1 while it sleeps     (line 3)
+       256     4  producer_parked   producer: 1 while it sleeps     (line 4)
+      4096   cap  data area         records, at offset (counter % capacity)
+
+tail and head only grow; tail - head is the bytes in use. Each record is
+8-byte aligned and never wraps around the end of the data area::
+
+    u32 size      the whole record in bytes, padding included
+    u32 nparts    number of parts, or 0xffffffff for a wrap marker
+    u32 len[n]    each part's length, then padding to 8 bytes
+    part 0        the header (msgpack, written by the caller), padded to 8
+    part 1..n-1   payload buffers (tensor bytes), each padded to 8
+
+A record that does not fit before the end of the data area is preceded by a
+wrap marker whose size is the rest of the area; the consumer skips it. The
+marker is published on its own, so a record as large as the whole capacity
+always makes progress. A record larger than the capacity, or with more than
+64 parts, raises RecordTooLarge and writes nothing.
+
+Publication order: the producer writes the record's bytes, then stores tail
+with release semantics; the consumer loads tail with acquire semantics before
+it reads, and stores head (release) when it releases the record. A record
+returned by get() is a list of memoryviews into the segment, valid until
+release(): tensors are viewed in place, never copied out.
+
+Waking: a waiting side spins for `spin_us`, then stores its parked flag,
+fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
+space_fd for the producer). The other side writes the eventfd only when the
+flag is set, so a busy ring makes no system call per record. An asyncio
+consumer gives `readable_fd` to loop.add_reader and calls arm_read() before it
+returns to the loop, disarm_read() when the reader fires. A blocking wait also
+polls a pidfd of the peer process, so a peer that dies (SIGKILL included)
+raises PeerDied at once rather than leaving the waiter hanging.
+
+Ownership: only the creator unlinks the segment (at close, or through a
+finalizer); a creator that died is reclaimed by the next process that creates
+a segment (mmengine.shm.reclaim_orphans). A RingHandle pickles into a spawned
+child with its eventfds duplicated for it (multiprocessing's DupFd).
+
+Two implementations share this layout and this API and may even talk to each
+other: NativeRing (csrc/ring.h, C11 atomics) and PyRing, its pure-Python twin
+and the test oracle. MMENGINE_PURE_PYTHON=1 selects PyRing as `Ring`.
+"""
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+import weakref
+from multiprocessing import reduction
+
+from mmengine import config, shm
+from mmengine.errors import (InternalError, PeerDied, RecordTooLarge, RingClosed,
+                             RingTimeout)
+
+HEADER_BYTES = 4096
+MAX_PARTS = 64
+MAGIC = 0x31304752494D4D4D
+VERSION = 1
+WRAP = 0xFFFFFFFF
+# The two closed bytes read as one little-endian u32 (each side writes only
+# its own byte, so closing needs no read-modify-write).
+CREATOR_CLOSED = 0x1
+ATTACHER_CLOSED = 0x100
+MIN_CAPACITY = 64
+DEFAULT_SPIN_US = 50.0
+
+_OFF_CLOSED_BYTE = {True: 12, False: 13}  # creator?
+_OFF_CAPACITY = 16
+_OFF_CREATOR_PID = 24
+_OFF_ATTACHER_PID = 28
+_Q_TAIL = 64 // 8
+_Q_HEAD = 128 // 8
+_W_CLOSED = 12 // 4
+_W_CONSUMER_PARKED = 192 // 4
+_W_PRODUCER_PARKED = 256 // 4
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def record_size(*lengths: int) -> int:
+    """Bytes a record whose parts have these lengths takes in a ring."""
+    return 8 + _align8(4 * len(lengths)) + sum(_align8(n) for n in lengths)
+
+
+class RingHandle:
+    """What a process needs to attach to a ring: picklable into a child."""
+
+    __slots__ = ("name", "data_fd", "space_fd", "spin_us", "__weakref__")
+
+    def __init__(self, name: str, data_fd: int, space_fd: int, spin_us: float):
+        self.name = name
+        self.data_fd = data_fd
+        self.space_fd = space_fd
+        self.spin_us = spin_us
+
+    def __reduce__(self):
+        return (_rebuild_handle, (self.name, reduction.DupFd(self.data_fd),
+                                  reduction.DupFd(self.space_fd), self.spin_us))
+
+    def __repr__(self) -> str:
+        return f"RingHandle({self.name!r})"
+
+
+def _rebuild_handle(name, data_fd, space_fd, spin_us):
+    handle = RingHandle(name, data_fd.detach(), space_fd.detach(), spin_us)
+    # An unpickled handle owns the duplicates it carries; attach() takes its
+    # own, so these close with the handle.
+    weakref.finalize(handle, _close_fds, handle.data_fd, handle.space_fd)
+    return handle
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _RingLife:
+    """The life cycle both implementations share: segment, eventfds, peer."""
+
+    @classmethod
+    def create(cls, capacity: int, spin_us: float = DEFAULT_SPIN_US):
+        """A new ring with a data area of `capacity` bytes (rounded up to a
+        power of two); this process is its creator and will unlink it."""
+        if capacity < MIN_CAPACITY:
+            raise ValueError(f"ring capacity must be >= {MIN_CAPACITY} bytes")
+        cap = 1 << (capacity - 1).bit_length()
+        data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            seg = shm.Segment.create(HEADER_BYTES + cap, "ring")
+        except BaseException:
+            _close_fds(data_fd, space_fd)
+            raise
+        _init_header(seg.map, cap, os.getpid())
+        return cls(seg, RingHandle(seg.name, data_fd, space_fd, spin_us), creator=True)
+
+    @classmethod
+    def attach(cls, handle: RingHandle):
+        """Maps the ring a handle names; this process becomes the attacher."""
+        seg = shm.Segment.attach(handle.name)
+        if struct.unpack_from("<Q", seg.map, 0)[0] != MAGIC:
+            seg.close()
+            raise InternalError(f"{handle.name} is not a ring")
+        # "@i" stores the pid with one aligned write; "<i" writes byte by byte.
+        struct.pack_into("@i", seg.map, _OFF_ATTACHER_PID, os.getpid())
+        # Each end owns its descriptors, so either may close first.
+        own = RingHandle(handle.name, os.dup(handle.data_fd), os.dup(handle.space_fd),
+                         handle.spin_us)
+        return cls(seg, own, creator=False)
+
+    def __init__(self, seg: shm.Segment, handle: RingHandle, creator: bool):
+        self._seg = seg
+        self._handle = handle
+        self.creator = creator
+        self.capacity = struct.unpack_from("<Q", seg.map, _OFF_CAPACITY)[0]
+        self._pidfd_box = [-1]  # shared with the finalizer, which closes it
+        # Registered before anything else can fail, so the segment and the
+        # descriptors go even if the owner forgets close().
+        self._finalizer = weakref.finalize(self, _finalize, seg, handle.data_fd,
+                                           handle.space_fd, self._pidfd_box)
+        self._bind_ops(seg.map, handle.data_fd, handle.space_fd, creator, handle.spin_us)
+
+    @property
+    def handle(self) -> RingHandle:
+        return self._handle
+
+    @property
+    def name(self) -> str:
+        return self._seg.name
+
+    @property
+    def readable_fd(self) -> int:
+        return self._handle.data_fd
+
+    @property
+    def writable_fd(self) -> int:
+        return self._handle.space_fd
+
+    @property
+    def max_record(self) -> int:
+        """The largest record (see record_size) this ring accepts."""
+        return self.capacity
+
+    def _peer_pid(self) -> int:
+        off = _OFF_ATTACHER_PID if self.creator else _OFF_CREATOR_PID
+        return struct.unpack_from("@i", self._seg.map, off)[0]
+
+    def _peer_pidfd(self) -> int:
+        """A pidfd of the peer, opened on first need; -1 if no peer yet."""
+        box = self._pidfd_box
+        if box[0] >= 0:
+            return box[0]
+        pid = self._peer_pid()
+        if pid <= 0:
+            return -1
+        try:
+            box[0] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise PeerDied(f"ring {self.name}: peer process {pid} has exited") from None
+        return box[0]
+
+    def close(self) -> None:
+        """Closes this end: the peer's waits end with RingClosed once it has
+        drained what was sent. Only the creator unlinks the segment."""
+        if not self._finalizer.alive:
+            return
+        self._seg.map[_OFF_CLOSED_BYTE[self.creator]] = 1
+        for fd in (self._handle.data_fd, self._handle.space_fd):
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+        self._unbind()
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _finalize(seg: shm.Segment, data_fd: int, space_fd: int, pidfd_box: list) -> None:
+    _close_fds(data_fd, space_fd, *[fd for fd in pidfd_box if fd >= 0])
+    seg.close()
+
+
+def _init_header(m, cap: int, pid: int) -> None:
+    m[:HEADER_BYTES] = bytes(HEADER_BYTES)
+    struct.pack_into("<QIIQii", m, 0, MAGIC, VERSION, 0, cap, pid, 0)
+
+
+class PyRing(_RingLife):
+    """The pure-Python twin: the same bytes, the same protocol, no C.
+
+    CPython performs each 8-byte struct store into the mapping as one aligned
+    store, which x86-64 keeps in program order; that is enough for an oracle.
+    """
+
+    def _bind_ops(self, m, data_fd, space_fd, creator, spin_us):
+        self._m = m
+        self._view = memoryview(m)
+        # Counters and flags go through word-sized views: one aligned load or
+        # store each (struct's "<Q" writes byte by byte, and a reader could
+        # see a torn counter).
+        self._q = self._view.cast("Q")
+        self._w = self._view.cast("I")
+        self._data_fd = data_fd
+        self._space_fd = space_fd
+        self._peer_bit = ATTACHER_CLOSED if creator else CREATOR_CLOSED
+        self._mask = self.capacity - 1
+        self._held = 0
+        self._spin_s = spin_us / 1e6
+        self._bound = True
+
+    def _unbind(self):
+        if self._bound:
+            self._bound = False
+            for view in (self._q, self._w, self._view):
+                _release_view(view)
+
+    def _check(self):
+        if not self._bound:
+            raise ValueError("ring is closed")
+
+    def _peer_closed(self) -> bool:
+        return bool(self._w[_W_CLOSED] & self._peer_bit)
+
+    # -- producer ----------------------------------------------------------
+
+    def _try_put(self, parts) -> bool:
+        views = [memoryview(p).cast("B") for p in parts]
+        lens = [v.nbytes for v in views]
+        if len(views) > MAX_PARTS:
+            raise RecordTooLarge(f"put: at most {MAX_PARTS} parts in a record")
+        size = record_size(*lens)
+        if size > self.capacity:
+            raise RecordTooLarge("put: record larger than the ring's largest")
+        if self._peer_closed():
+            raise RingClosed("put: the peer closed the ring")
+        cap = self.capacity
+        tail = self._q[_Q_TAIL]
+        head = self._q[_Q_HEAD]
+        pos = tail & self._mask
+        base = HEADER_BYTES
+        if pos + size > cap:
+            pad = cap - pos
+            if cap - (tail - head) < pad:
+                return False
+            struct.pack_into("<II", self._m, base + pos, pad, WRAP)
+            tail += pad
+            self._q[_Q_TAIL] = tail
+            self._wake(_W_CONSUMER_PARKED, self._data_fd)
+            pos = 0
+        if cap - (tail - head) < size:
+            return False
+        off = base + pos
+        struct.pack_into(f"<II{len(lens)}I", self._m, off, size, len(lens), *lens)
+        off += 8 + _align8(4 * len(lens))
+        for v, n in zip(views, lens):
+            self._view[off:off + n] = v
+            off += _align8(n)
+        self._q[_Q_TAIL] = tail + size
+        self._wake(_W_CONSUMER_PARKED, self._data_fd)
+        return True
+
+    def _wake(self, parked: int, fd: int) -> None:
+        if self._w[parked]:
+            os.eventfd_write(fd, 1)
+
+    def try_put(self, header, *buffers) -> bool:
+        self._check()
+        return self._try_put((header,) + buffers)
+
+    def put(self, header, *buffers, timeout=None) -> None:
+        self._check()
+        parts = (header,) + buffers
+        deadline = _deadline(timeout)
+        while not self._try_put(parts):
+            need = record_size(*(memoryview(p).nbytes for p in parts))
+            self._wait(False, need, deadline)
+
+    def record_size(self, *lengths: int) -> int:
+        if len(lengths) > MAX_PARTS:
+            raise RecordTooLarge(f"at most {MAX_PARTS} parts in a record")
+        return record_size(*lengths)
+
+    # -- consumer ----------------------------------------------------------
+
+    def try_get(self):
+        self._check()
+        if self._held:
+            raise InternalError("get: release() the record you hold first")
+        head = self._q[_Q_HEAD]
+        while True:
+            tail = self._q[_Q_TAIL]
+            if head == tail:
+                if not self._peer_closed():
+                    return None
+                if self._q[_Q_TAIL] == head:  # the peer closes after its last put
+                    raise RingClosed("get: the peer closed the ring")
+                continue
+            off = HEADER_BYTES + (head & self._mask)
+            size, nparts = struct.unpack_from("<II", self._m, off)
+            if nparts == WRAP:
+                head += size
+                self._q[_Q_HEAD] = head
+                self._wake(_W_PRODUCER_PARKED, self._space_fd)
+                continue
+            lens = struct.unpack_from(f"<{nparts}I", self._m, off + 8)
+            self._held = size
+            off += 8 + _align8(4 * nparts)
+            parts = []
+            for n in lens:
+                parts.append(self._view[off:off + n])
+                off += _align8(n)
+            return parts
+
+    def get(self, timeout=None):
+        deadline = _deadline(timeout)
+        while True:
+            parts = self.try_get()
+            if parts is not None:
+                return parts
+            self._wait(True, 0, deadline)
+
+    def release(self) -> None:
+        self._check()
+        if not self._held:
+            raise InternalError("release: no record is held")
+        self._q[_Q_HEAD] += self._held
+        self._held = 0
+        self._wake(_W_PRODUCER_PARKED, self._space_fd)
+
+    # -- waiting -----------------------------------------------------------
+
+    def _ready(self, for_read: bool, need: int) -> bool:
+        if self._peer_closed():
+            return True
+        used = self._q[_Q_TAIL] - self._q[_Q_HEAD]
+        return used > 0 if for_read else self.capacity - used >= need
+
+    def _park(self, for_read: bool, need: int) -> bool:
+        flag = _W_CONSUMER_PARKED if for_read else _W_PRODUCER_PARKED
+        self._w[flag] = 1
+        if self._ready(for_read, need):
+            self._w[flag] = 0
+            return False
+        return True
+
+    def _unpark(self, for_read: bool) -> None:
+        self._w[_W_CONSUMER_PARKED if for_read else _W_PRODUCER_PARKED] = 0
+        try:
+            os.eventfd_read(self._data_fd if for_read else self._space_fd)
+        except BlockingIOError:
+            pass
+
+    def _wait(self, for_read: bool, need: int, deadline: float | None) -> None:
+        spin_end = time.monotonic() + self._spin_s
+        while time.monotonic() < spin_end:
+            if self._ready(for_read, need):
+                return
+        pidfd = self._peer_pidfd()
+        poller = select.poll()
+        poller.register(self._data_fd if for_read else self._space_fd, select.POLLIN)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
+        while True:
+            left_ms = None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self._ready(for_read, need):
+                        return
+                    raise RingTimeout(f"{'get' if for_read else 'put'}: timed out")
+                left_ms = max(1, int(left * 1000 + 0.999))
+            if not self._park(for_read, need):
+                return
+            events = poller.poll(left_ms)
+            self._unpark(for_read)
+            if self._ready(for_read, need):
+                return
+            if any(fd == pidfd for fd, _ in events):
+                raise PeerDied(f"ring {self.name}: the process at the other end exited")
+
+    def arm_read(self) -> bool:
+        self._check()
+        return self._park(True, 0)
+
+    def disarm_read(self) -> None:
+        self._check()
+        self._unpark(True)
+
+    def arm_write(self, need: int) -> bool:
+        self._check()
+        return self._park(False, need)
+
+    def disarm_write(self) -> None:
+        self._check()
+        self._unpark(False)
+
+
+def _release_view(view: memoryview) -> None:
+    try:
+        view.release()
+    except BufferError:
+        pass  # something still exports it; the mapping lives until that goes
+
+
+def _deadline(timeout) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return time.monotonic() + timeout
+
+
+try:
+    from mmengine._ring import RingCore as _RingCore
+
+    class NativeRing(_RingCore, _RingLife):
+        """The native ring: csrc/ring.h under the shared life cycle."""
+
+except ImportError:  # not built: only the pure twin is available
+    NativeRing = None
+
+Ring = PyRing if config.pure_python() or NativeRing is None else NativeRing

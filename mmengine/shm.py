@@ -1,0 +1,130 @@
+"""Named shared-memory segments that never outlive their creator for long.
+
+Every segment is a file in /dev/shm named ``mmengine-<creator pid>-<kind>-<random>``.
+Only the creator unlinks it. A creator killed before it could (SIGKILL, OOM)
+leaves its segment behind; `reclaim_orphans` removes every segment whose
+creator is no longer alive, and the first `Segment.create` of each process
+calls it, so nothing leaks across runs.
+
+Segments are mapped with Python's mmap, so the mapping lives exactly as long
+as anything (a memoryview, a numpy array) still exports it, even after close().
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import threading
+
+PREFIX = "mmengine-"
+SHM_DIR = "/dev/shm"
+
+_reclaimed = False
+_reclaim_lock = threading.Lock()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the command name, which is in parentheses and
+            # may itself contain spaces or parentheses.
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _creator_pid(name: str) -> int | None:
+    try:
+        return int(name[len(PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def list_segments() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def reclaim_orphans() -> list[str]:
+    """Unlinks the segments of creators that died; returns their names."""
+    gone = []
+    for name in list_segments():
+        pid = _creator_pid(name)
+        if pid is None or pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            gone.append(name)
+        except FileNotFoundError:
+            pass  # another process reclaimed it first
+    return gone
+
+
+def _reclaim_once() -> None:
+    global _reclaimed
+    with _reclaim_lock:
+        if not _reclaimed:
+            _reclaimed = True
+            reclaim_orphans()
+
+
+class Segment:
+    """One mapped segment. `create` makes (and owns) it, `attach` maps it."""
+
+    __slots__ = ("name", "size", "map", "owner", "__weakref__")
+
+    def __init__(self, name: str, size: int, map_: mmap.mmap, owner: bool):
+        self.name = name
+        self.size = size
+        self.map = map_
+        self.owner = owner
+
+    @classmethod
+    def create(cls, size: int, kind: str) -> "Segment":
+        _reclaim_once()
+        name = f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(6)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            map_ = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(name, size, map_, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Segment":
+        if not name.startswith(PREFIX) or "/" in name:
+            raise ValueError(f"not an mmengine segment: {name!r}")
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            map_ = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, map_, owner=False)
+
+    def close(self) -> None:
+        """Unmaps (once nothing exports the mapping) and, if owned, unlinks."""
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # views are alive; the mapping goes when the last one does
+        if self.owner:
+            self.owner = False
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass

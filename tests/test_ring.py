@@ -1,0 +1,371 @@
+"""The shared-memory ring, over both implementations and between processes."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from mmengine import shm
+from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
+from mmengine.ring import NativeRing, PyRing, record_size
+
+IMPLS = [pytest.param(PyRing, id="py")]
+if NativeRing is not None:
+    IMPLS.insert(0, pytest.param(NativeRing, id="native"))
+
+SPAWN = mp.get_context("spawn")
+STRESS_RECORDS = 1_000_000
+
+
+@pytest.fixture(params=IMPLS)
+def Ring(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(Ring):
+    a = Ring.create(4096)
+    b = Ring.attach(a.handle)
+    yield a, b
+    b.close()
+    a.close()
+
+
+def _impl(name):
+    return {"native": NativeRing, "py": PyRing}[name]
+
+
+def _name(Ring):
+    return "native" if Ring is NativeRing else "py"
+
+
+# -- in one process -------------------------------------------------------
+
+def test_round_trip_parts_and_views(pair):
+    a, b = pair
+    x = np.arange(100, dtype=np.float32)
+    a.put(b"header", x, b"", b"\x01\x02\x03")
+    parts = b.get(timeout=1)
+    assert [len(p) for p in parts] == [6, 400, 0, 3]
+    assert bytes(parts[0]) == b"header"
+    y = np.frombuffer(parts[1], dtype=np.float32)  # a view into the segment
+    assert np.array_equal(x, y)
+    assert y.ctypes.data % 8 == 0
+    assert bytes(parts[3]) == b"\x01\x02\x03"
+    del parts, y
+    b.release()
+    assert b.try_get() is None
+
+
+def test_records_are_fifo_across_many_wraps(pair):
+    a, b = pair
+    rng = random.Random(7)
+    for i in range(5000):
+        payload = rng.randbytes(rng.randrange(0, 1500))
+        a.put(i.to_bytes(4, "little"), payload, timeout=1)
+        parts = b.get(timeout=1)
+        assert int.from_bytes(parts[0], "little") == i
+        assert bytes(parts[1]) == payload
+        del parts
+        b.release()
+
+
+def test_a_record_of_the_whole_capacity_passes_from_any_position(pair):
+    a, b = pair
+    big = (bytes(range(256)) * 16)[:a.max_record - 16]
+    assert record_size(len(big)) == a.max_record
+    for offset in (16, 1024, 4000):
+        a.put(bytes(offset - 16))  # moves the write position
+        b.get(timeout=1)
+        b.release()
+        # It needs a wrap marker and then the whole ring: the consumer must
+        # skip the marker while the producer waits.
+        producer = threading.Thread(target=a.put, args=(big,), kwargs={"timeout": 5})
+        producer.start()
+        assert bytes(b.get(timeout=5)[0]) == big
+        b.release()
+        producer.join()
+
+
+def test_oversize_record_is_refused_and_writes_nothing(pair):
+    a, b = pair
+    with pytest.raises(RecordTooLarge):
+        a.put(bytes(a.max_record))
+    with pytest.raises(RecordTooLarge):
+        a.try_put(b"h", *([b"x"] * 64))
+    assert b.try_get() is None
+    a.put(b"after")
+    assert bytes(b.get(timeout=1)[0]) == b"after"
+    b.release()
+
+
+def test_try_put_when_full_and_try_get_when_empty(pair):
+    a, b = pair
+    assert b.try_get() is None
+    n = 0
+    while a.try_put(bytes(1000)):
+        n += 1
+    assert n == 4096 // record_size(1000)
+    b.get(timeout=1)
+    b.release()
+    assert a.try_put(bytes(1000))
+
+
+def test_timeouts_are_bounded(pair):
+    a, b = pair
+    t0 = time.monotonic()
+    with pytest.raises(RingTimeout):
+        b.get(timeout=0.05)
+    with pytest.raises(TimeoutError):  # RingTimeout is also a TimeoutError
+        b.get(timeout=0.0)
+    while a.try_put(bytes(1000)):
+        pass
+    with pytest.raises(RingTimeout):
+        a.put(bytes(1000), timeout=0.05)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_get_twice_without_release_is_an_error(pair):
+    a, b = pair
+    a.put(b"1")
+    a.put(b"2")
+    b.get(timeout=1)
+    with pytest.raises(Exception, match="release"):
+        b.try_get()
+    b.release()
+    assert bytes(b.get(timeout=1)[0]) == b"2"
+
+
+def test_close_wakes_the_waiting_peer(pair):
+    a, b = pair
+    a.put(b"last")
+    threading.Timer(0.1, a.close).start()
+    assert bytes(b.get(timeout=2)[0]) == b"last"  # what was sent still arrives
+    b.release()
+    t0 = time.monotonic()
+    with pytest.raises(RingClosed):
+        b.get(timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises(WorkerDied):  # RingClosed is a WorkerDied
+        b.get(timeout=0)
+
+
+def test_implementations_share_one_layout():
+    if NativeRing is None:
+        pytest.skip("native ring not built")
+    for Producer, Consumer in ((NativeRing, PyRing), (PyRing, NativeRing)):
+        a = Producer.create(1024)
+        b = Consumer.attach(a.handle)
+        for i in range(300):
+            a.put(b"h", bytes([i % 256]) * (i % 200), timeout=1)
+            parts = b.get(timeout=1)
+            assert bytes(parts[1]) == bytes([i % 256]) * (i % 200)
+            del parts
+            b.release()
+        b.close()
+        a.close()
+
+
+def test_only_the_creator_unlinks(Ring):
+    a = Ring.create(1024)
+    path = os.path.join(shm.SHM_DIR, a.name)
+    b = Ring.attach(a.handle)
+    b.close()
+    assert os.path.exists(path)
+    a.close()
+    assert not os.path.exists(path)
+
+
+def test_forgotten_ring_is_finalized(Ring):
+    a = Ring.create(1024)
+    path = os.path.join(shm.SHM_DIR, a.name)
+    del a
+    assert not os.path.exists(path)
+
+
+def test_asyncio_consumer_awaits_the_eventfd(Ring):
+    """The front-end's way: loop.add_reader on readable_fd, no thread."""
+    import uvloop
+
+    a = Ring.create(4096)
+    b = Ring.attach(a.handle)
+    got = []
+
+    async def consume(n):
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_readable():
+            b.disarm_read()
+            while True:
+                parts = b.try_get()
+                if parts is None:
+                    if b.arm_read():
+                        return  # sleep until the producer signals
+                    continue
+                got.append(bytes(parts[0]))
+                del parts
+                b.release()
+                if len(got) == n and not done.done():
+                    done.set_result(None)
+
+        loop.add_reader(b.readable_fd, on_readable)
+        assert b.arm_read()
+        producer = threading.Thread(target=lambda: [
+            (a.put(b"%d" % i, timeout=5), time.sleep(0.001 if i % 50 == 0 else 0))
+            for i in range(n)])
+        producer.start()
+        await asyncio.wait_for(done, 10)
+        loop.remove_reader(b.readable_fd)
+        producer.join()
+
+    uvloop.run(consume(500))
+    assert got == [b"%d" % i for i in range(500)]
+    b.close()
+    a.close()
+
+
+# -- between processes ----------------------------------------------------
+
+def _stress_plan(seed, max_record):
+    """The same (record, parts) sequence on both sides of the stress test."""
+    rng = random.Random(seed)
+    blob = rng.randbytes(2 * max_record)
+    while True:
+        nparts = rng.choice((1, 1, 1, 2, 3))
+        room = max_record - record_size(*([0] * (nparts + 1))) - 8 * (nparts + 1)
+        lens = [rng.randrange(0, room + 1)]
+        for _ in range(nparts - 1):
+            lens.append(rng.randrange(0, max(1, room - sum(lens))))
+        offs = [rng.randrange(0, len(blob) - n + 1) for n in lens]
+        yield blob, lens, offs
+
+
+def _stress_producer(impl, handle, seed, count):
+    ring = _impl(impl).attach(handle)
+    view = None
+    plan = _stress_plan(seed, ring.max_record)
+    for i in range(count):
+        blob, lens, offs = next(plan)
+        view = view or memoryview(blob)
+        parts = [view[o:o + n] for o, n in zip(offs, lens)]
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        ring.put(i.to_bytes(8, "little") + crc.to_bytes(4, "little"), *parts, timeout=30)
+    ring.close()
+
+
+def test_cross_process_stress(Ring):
+    seed = int(os.environ.get("MMENGINE_TEST_SEED", random.randrange(1 << 30)))
+    print(f"ring stress seed={seed} impl={_name(Ring)}")  # pytest shows it on failure
+    count = STRESS_RECORDS
+    ring = Ring.create(4096)
+    child = SPAWN.Process(target=_stress_producer, args=(_name(Ring), ring.handle, seed, count))
+    child.start()
+    plan = _stress_plan(seed, ring.max_record)
+    wraps = 0
+    used = 0
+    for i in range(count):
+        blob, lens, offs = next(plan)
+        parts = ring.get(timeout=30)
+        assert int.from_bytes(parts[0][:8], "little") == i
+        assert [len(p) for p in parts[1:]] == lens
+        crc = 0
+        for p in parts[1:]:
+            crc = zlib.crc32(p, crc)
+        assert crc == int.from_bytes(parts[0][8:12], "little")
+        size = record_size(12, *lens)
+        if used % ring.capacity + size > ring.capacity:
+            wraps += 1
+        used += size
+        del parts
+        ring.release()
+    with pytest.raises(RingClosed):
+        ring.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert wraps > 10_000
+    ring.close()
+
+
+def _sleep_attached(impl, handle):
+    _impl(impl).attach(handle)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("waiter", ["consumer", "producer"])
+def test_peer_killed_while_the_other_waits(Ring, waiter):
+    ring = Ring.create(4096)
+    child = SPAWN.Process(target=_sleep_attached, args=(_name(Ring), ring.handle))
+    child.start()
+    deadline = time.monotonic() + 30
+    while ring._peer_pid() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if waiter == "producer":
+        while ring.try_put(bytes(100)):  # the child never reads: fill it
+            pass
+    threading.Timer(0.3, os.kill, (child.pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied):
+        if waiter == "consumer":
+            ring.get(timeout=20)
+        else:
+            ring.put(bytes(100), timeout=20)
+    assert time.monotonic() - t0 < 2.0
+    child.join(5)
+    ring.close()
+
+
+def _create_and_hang(impl, queue):
+    ring = _impl(impl).create(1024)
+    queue.put(ring.name)
+    time.sleep(60)
+
+
+def test_segments_of_a_killed_creator_are_reclaimed(Ring):
+    queue = SPAWN.Queue()
+    child = SPAWN.Process(target=_create_and_hang, args=(_name(Ring), queue))
+    child.start()
+    name = queue.get(timeout=30)
+    assert name in shm.list_segments()
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(5)
+    assert name in shm.list_segments()  # SIGKILL gave it no chance to clean up
+    assert name in shm.reclaim_orphans()
+    assert name not in shm.list_segments()
+
+
+def _park_then_receive(impl, handle, queue):
+    ring = _impl(impl).attach(handle)
+    queue.put("parked")
+    parts = ring.get(timeout=30)
+    queue.put(bytes(parts[0]))
+
+
+def test_a_parked_consumer_costs_no_cpu(Ring):
+    import psutil
+
+    ring = Ring.create(4096)
+    queue = SPAWN.Queue()
+    child = SPAWN.Process(target=_park_then_receive, args=(_name(Ring), ring.handle, queue))
+    child.start()
+    assert queue.get(timeout=30) == "parked"
+    time.sleep(0.2)
+    proc = psutil.Process(child.pid)
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(1.0)
+    used = sum(proc.cpu_times()[:2]) - before
+    ring.put(b"wake")
+    assert queue.get(timeout=10) == b"wake"
+    child.join(10)
+    assert used < 0.05, f"a parked consumer used {used:.3f} s of CPU in 1 s"
+    ring.close()
