@@ -19,7 +19,6 @@ cdef extern from "ring.h" nogil:
         MM_RING_TIMEOUT
         MM_RING_PEER_DIED    # the peer's pidfd reported its exit
         MM_RING_ERRNO        # a system call failed; errno says which
-        MM_RING_HELD         # get() while a record is still held
 
     ctypedef struct mm_ring_header:
         uint64_t magic

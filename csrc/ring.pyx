@@ -1,6 +1,7 @@
 """The native ring's operations; mmengine/ring.py adds the segment, the
 eventfds and the handle around them and documents the layout."""
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -34,8 +35,6 @@ cdef int raise_status(int status, str what) except -1:
         raise RingTimeout(f"{what}: timed out")
     if status == MM_RING_PEER_DIED:
         raise PeerDied(f"{what}: the process at the other end exited")
-    if status == MM_RING_HELD:
-        raise InternalError(f"{what}: release() the record you hold first")
     if status == MM_RING_ERRNO:
         raise OSError(errno, f"{what}: system call failed")
     raise InternalError(f"{what}: ring status {status}")
@@ -88,6 +87,7 @@ cdef class RingCore:
 
     cdef int _put(self, object header, tuple buffers, int64_t timeout_ns) except -1:
         cdef Py_buffer views[MM_RING_MAX_PARTS]
+        cdef bint exported[MM_RING_MAX_PARTS]
         cdef const uint8_t *ptrs[MM_RING_MAX_PARTS]
         cdef uint64_t lens[MM_RING_MAX_PARTS]
         cdef uint32_t n = 0, i
@@ -97,22 +97,28 @@ cdef class RingCore:
         self._check()
         if len(buffers) + 1 > MM_RING_MAX_PARTS:
             raise RecordTooLarge(f"put: at most {MM_RING_MAX_PARTS} parts in a record")
+        cdef uint32_t nparts = 1 + <uint32_t>len(buffers)
         try:
-            PyObject_GetBuffer(header, &views[0], PyBUF_SIMPLE)
-            n = 1
-            for obj in buffers:
-                PyObject_GetBuffer(obj, &views[n], PyBUF_SIMPLE)
-                n += 1
-            for i in range(n):
-                ptrs[i] = <const uint8_t *>views[i].buf
-                lens[i] = <uint64_t>views[i].len
-            size = mm_ring_record_size(n, lens)
+            # bytes (every msgpack header) need no buffer export; anything
+            # else is exported for the duration of the copy.
+            for i in range(nparts):
+                obj = header if i == 0 else buffers[i - 1]
+                exported[i] = not PyBytes_CheckExact(obj)
+                if not exported[i]:
+                    ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(obj)
+                    lens[i] = <uint64_t>PyBytes_GET_SIZE(obj)
+                else:
+                    PyObject_GetBuffer(obj, &views[i], PyBUF_SIMPLE)
+                    ptrs[i] = <const uint8_t *>views[i].buf
+                    lens[i] = <uint64_t>views[i].len
+                n = i + 1
+            size = mm_ring_record_size(nparts, lens)
             while True:
                 if size >= NOGIL_COPY_BYTES:
                     with nogil:
-                        status = mm_ring_try_put(&self.r, n, ptrs, lens)
+                        status = mm_ring_try_put(&self.r, nparts, ptrs, lens)
                 else:
-                    status = mm_ring_try_put(&self.r, n, ptrs, lens)
+                    status = mm_ring_try_put(&self.r, nparts, ptrs, lens)
                 if status != MM_RING_AGAIN:
                     break
                 if timeout_ns == 0:
@@ -123,7 +129,8 @@ cdef class RingCore:
             return 1
         finally:
             for i in range(n):
-                PyBuffer_Release(&views[i])
+                if exported[i]:
+                    PyBuffer_Release(&views[i])
 
     def try_put(self, header, *buffers):
         """Writes one record if there is room now; returns whether it did."""
@@ -175,7 +182,8 @@ cdef class RingCore:
 
     def try_get(self):
         """The next record as [header, *buffers] views, or None if empty.
-        The views stay valid until release()."""
+        The views of every record got since the last release() stay valid
+        until the next release()."""
         return self._get(0)
 
     def get(self, timeout=None):
@@ -184,11 +192,16 @@ cdef class RingCore:
         return self._get(1 if t == 0 else t)
 
     def release(self):
-        """Hands the held record's space back to the producer."""
+        """Hands the space of every record got so far back to the producer."""
         self._check()
         if not self.r.held:
             raise InternalError("release: no record is held")
         mm_ring_release(&self.r)
+
+    @property
+    def held(self):
+        """Bytes of the records got and not yet released."""
+        return self.r.held
 
     # -- waiting -----------------------------------------------------------
 

@@ -36,8 +36,10 @@ always makes progress. A record larger than the capacity, or with more than
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
 it reads, and stores head (release) when it releases the record. A record
-returned by get() is a list of memoryviews into the segment, valid until
-release(): tensors are viewed in place, never copied out.
+returned by get() is a list of memoryviews into the segment: tensors are
+viewed in place, never copied out. A consumer may get several records before
+it releases; release() hands back the space of all of them at once, and
+their views are valid until then.
 
 Waking: a waiting side spins for `spin_us`, then stores its parked flag,
 fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
@@ -350,28 +352,31 @@ class PyRing(_RingLife):
 
     # -- consumer ----------------------------------------------------------
 
+    @property
+    def held(self) -> int:
+        return self._held
+
     def try_get(self):
         self._check()
-        if self._held:
-            raise InternalError("get: release() the record you hold first")
-        head = self._q[_Q_HEAD]
         while True:
-            tail = self._q[_Q_TAIL]
-            if head == tail:
+            nxt = self._q[_Q_HEAD] + self._held
+            if nxt == self._q[_Q_TAIL]:
                 if not self._peer_closed():
                     return None
-                if self._q[_Q_TAIL] == head:  # the peer closes after its last put
+                if self._q[_Q_TAIL] == nxt:  # the peer closes after its last put
                     raise RingClosed("get: the peer closed the ring")
                 continue
-            off = HEADER_BYTES + (head & self._mask)
+            off = HEADER_BYTES + (nxt & self._mask)
             size, nparts = struct.unpack_from("<II", self._m, off)
             if nparts == WRAP:
-                head += size
-                self._q[_Q_HEAD] = head
+                if self._held:
+                    self._held += size  # freed with the records before it
+                    continue
+                self._q[_Q_HEAD] += size
                 self._wake(_W_PRODUCER_PARKED, self._space_fd)
                 continue
             lens = struct.unpack_from(f"<{nparts}I", self._m, off + 8)
-            self._held = size
+            self._held += size
             off += 8 + _align8(4 * nparts)
             parts = []
             for n in lens:
@@ -401,7 +406,7 @@ class PyRing(_RingLife):
         if self._peer_closed():
             return True
         used = self._q[_Q_TAIL] - self._q[_Q_HEAD]
-        return used > 0 if for_read else self.capacity - used >= need
+        return used > self._held if for_read else self.capacity - used >= need
 
     def _park(self, for_read: bool, need: int) -> bool:
         flag = _W_CONSUMER_PARKED if for_read else _W_PRODUCER_PARKED
