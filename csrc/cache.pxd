@@ -1,0 +1,149 @@
+# The model cache's accounting core: what the engine's cache manager counts
+# and how it chooses what to evict. Python decides policy (when to load,
+# what to do with victims); this module only keeps the books.
+#
+# Shape
+#   An entry is one (model, version). Entries live in one C array and are
+#   named by slot; NativeCache maps each key to its slot with a Python dict
+#   (one lookup per call) and keeps slot -> key in a list for the answers
+#   that return keys. Everything else is in the C structs below, so a touch
+#   creates no Python object.
+#
+# Order
+#   A doubly linked list through the slots keeps LRU order (head = least
+#   recently used); free slots are chained through `next`. An entry is split
+#   in two parallel arrays: mm_node holds what a touch reads and writes (the
+#   links, hits, last use), 32 bytes, two to a cache line; mm_entry the rest.
+#   A touch then reads and writes three nodes and no entry. The arrays double
+#   when full; a live entry keeps its slot.
+#
+# Bytes
+#   int64 counters per tier: host and disk are machine-wide, device is one
+#   counter per worker. An entry holds bytes on each tier; its device bytes
+#   count on its worker, so an entry without a worker holds none there.
+#   Every change to an entry's bytes changes its counter in the same call.
+#
+# Eviction
+#   A candidate is READY, unpinned and holds bytes on the tier (the worker
+#   for the device tier). Pins count explicit pins and requests in flight.
+#   mm_victims answers nothing when the tier stays under its high
+#   watermark, else candidates in policy order until it is under the low
+#   one. LRU walks from the head; GDSF sorts the candidates by
+#   H = L + (hits + 1) * cost / max(size, 1), ties by LRU position, and
+#   raises L to the largest H it answers.
+#
+# Errors
+#   Calls that can fail return an MM_E* code and change nothing when they
+#   do; mmengine.cache.convert_error turns the code into an exception. The
+#   invariants are MM_ASSERTed (debug builds) and mm_verify checks them all.
+#
+# The pure-Python twin, mmengine.cache.PyCache, has the same API and is the
+# oracle of tests/test_cache.py. cache.pyx cimports this file whole.
+
+from libc.stdint cimport int32_t, int64_t
+
+
+cdef extern from "cache.h" nogil:
+    enum:
+        MM_HOST
+        MM_DISK
+        MM_DEVICE
+        MM_NTIERS
+
+    enum:
+        MM_LOADING
+        MM_READY
+        MM_UNLOADING
+        MM_FAILED
+        MM_FREE             # slot state while on the free list
+
+    enum:
+        MM_LRU
+        MM_GDSF
+
+    enum:                   # victims' reason
+        MM_OK
+        MM_TOO_LARGE        # needs more than the tier's whole capacity
+        MM_PINNED           # not enough unpinned READY bytes to make room
+
+    enum:                   # error codes; mirrored by mmengine.cache.E_*
+        MM_EOK
+        MM_ETIER
+        MM_EWORKER
+        MM_ESTATE
+        MM_EPOLICY
+        MM_ENEGATIVE
+        MM_ENOWORKER        # device bytes for an entry without a worker
+        MM_EDEVICEBYTES     # dropping the worker of an entry with device bytes
+        MM_EOVERFLOW        # a counter would pass INT64_MAX
+        MM_EUNPINNED
+        MM_ECOST
+        MM_EWATERMARK
+        MM_ENOMEM
+        MM_ECORRUPT
+
+    int32_t MM_NIL          # "no slot", "no worker"
+
+    ctypedef struct mm_node:        # node[s]: the touch's part of slot s
+        int32_t prev                # LRU order; MM_NIL at the ends
+        int32_t next                # also the free list's link
+        int64_t hits
+        double last_use             # the `now` of the last touch, else 0.0
+        double base                 # GDSF L at insert or last touch
+
+    ctypedef struct mm_entry:       # e[s]: the rest of slot s
+        int64_t bytes[3]    # per tier; device bytes count on `worker`
+        int64_t pins
+        double cost         # GDSF cost of a miss, 1.0 by default
+        int32_t worker      # MM_NIL: none
+        int32_t state       # MM_LOADING .. MM_FAILED, MM_FREE
+
+    ctypedef struct mm_pick:        # one row of a victims or idle answer
+        double h                    # GDSF priority
+        int32_t rank                # LRU position, breaks ties of h
+        int32_t slot
+
+    ctypedef struct mm_cache:
+        mm_node *node       # n_slots long, 64-byte aligned
+        mm_entry *e         # n_slots long
+        mm_pick *picks      # n_slots long, so any answer fits
+        int64_t *used       # [host, disk, device of worker 0, 1, ...]
+        int64_t *cap        # same layout as used
+        double inflation    # GDSF L
+        int32_t n_slots     # allocated slots
+        int32_t count       # live entries
+        int32_t head        # least recently used, MM_NIL when empty
+        int32_t tail        # most recently used
+        int32_t free        # head of the free list
+        int32_t workers
+        int32_t policy
+
+    # Set-up. init leaves c safe to free even when it fails.
+    int mm_cache_init(mm_cache *c, int32_t workers, int32_t policy)
+    void mm_cache_free(mm_cache *c)
+
+    # Index into used/cap of (tier, worker), or -(error code); the worker
+    # is ignored for host and disk.
+    int32_t mm_counter(const mm_cache *c, int32_t tier, int32_t worker)
+    double mm_priority(const mm_cache *c, int32_t s)    # GDSF H
+
+    # Entries, by slot; the caller guarantees the slot is live. O(1) each.
+    int mm_insert(mm_cache *c, int32_t state, int32_t worker, int32_t *slot)
+    void mm_remove(mm_cache *c, int32_t s)
+    void mm_touch(mm_cache *c, int32_t s, double now)
+    int mm_unpin(mm_cache *c, int32_t s)
+    int mm_set_state(mm_cache *c, int32_t s, int32_t state)
+    int mm_set_cost(mm_cache *c, int32_t s, double cost)
+    int mm_set_worker(mm_cache *c, int32_t s, int32_t worker)
+    int mm_set_bytes(mm_cache *c, int32_t s, int32_t tier, int64_t n)
+    int mm_set_capacity(mm_cache *c, int32_t tier, int32_t worker, int64_t n)
+
+    # Walks; the answer is c.picks[0 .. n). victims: O(victims + skipped)
+    # under LRU, O(n log n) under GDSF. idle: O(answer).
+    int mm_victims(mm_cache *c, int32_t tier, int32_t worker, int64_t need,
+                   double high, double low, int32_t *n, int32_t *reason)
+    int32_t mm_idle(mm_cache *c, double now, double idle_s)
+
+    # O(n): every link, slot and counter against the entries.
+    int mm_verify(const mm_cache *c)
+

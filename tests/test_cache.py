@@ -1,0 +1,490 @@
+"""The cache's books: every test runs over the pure twin and the native
+cache, and hypothesis holds the native one to the twin."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize,
+                                 invariant, rule)
+
+from mmengine import cache as mc
+from mmengine.cache import (DEVICE, DISK, FAILED, GDSF, HOST, LOADING, LRU,
+                            OK, PINNED, READY, TOO_LARGE, UNLOADING, Entry,
+                            PyCache)
+from mmengine.errors import InternalError
+
+try:
+    from mmengine._cache import NativeCache
+except ImportError:
+    NativeCache = None
+
+IMPLS = [
+    pytest.param(PyCache, id="py-cache"),
+    pytest.param(NativeCache, id="c-cache", marks=pytest.mark.skipif(
+        NativeCache is None, reason="mmengine._cache is not built")),
+]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+def ready(c, key, host=0, disk=0, device=0, worker=-1, now=0.0):
+    c.insert(key, READY, worker)
+    c.set_bytes(key, HOST, host)
+    c.set_bytes(key, DISK, disk)
+    c.set_bytes(key, DEVICE, device)
+    c.touch(key, now)
+
+
+def test_cache_is_native_unless_pure(monkeypatch):
+    monkeypatch.setenv("MMENGINE_PURE_PYTHON", "1")
+    assert mc._select() is PyCache
+    monkeypatch.setenv("MMENGINE_PURE_PYTHON", "0")
+    assert mc._select() is (NativeCache or PyCache)
+
+
+# -- entries ----------------------------------------------------------------
+
+def test_insert_remove(impl):
+    c = impl(1)
+    c.insert(("a", 1))
+    assert ("a", 1) in c and len(c) == 1
+    assert c.entry(("a", 1)) == Entry(LOADING, -1, 0, 0, 0, 0, 0, 0.0)
+    assert type(c.entry(("a", 1))) is Entry
+    with pytest.raises(KeyError):
+        c.insert(("a", 1))
+    c.remove(("a", 1))
+    assert ("a", 1) not in c and len(c) == 0
+    for op in (c.remove, c.pin, c.unpin, c.entry, c.priority):
+        with pytest.raises(KeyError):
+            op(("a", 1))
+    with pytest.raises(KeyError):
+        c.touch(("a", 1), 1.0)
+    with pytest.raises(TypeError):
+        c.insert(["unhashable"])
+    assert len(c) == 0
+
+
+def test_insert_checks_arguments(impl):
+    c = impl(2)
+    for state, worker in ((4, -1), (-1, -1), (READY, 2), (READY, -2),
+                          (READY, 2**40)):
+        with pytest.raises(ValueError):
+            c.insert("k", state, worker)
+    assert "k" not in c
+    with pytest.raises(ValueError):
+        impl(-1)
+    with pytest.raises(ValueError):
+        impl(1, 2)
+
+
+def test_touch_orders_and_counts(impl):
+    c = impl(1)
+    for k in "abc":
+        c.insert(k)
+    c.touch("a", 5.0)
+    c.touch("a", 6.0)
+    assert c.lru_keys() == ["b", "c", "a"]
+    assert c.entry("a").hits == 2 and c.entry("a").last_use == 6.0
+    c.touch("b", 7)
+    assert c.lru_keys() == ["c", "a", "b"]
+
+
+def test_many_entries_reuse_slots(impl):
+    c = impl(1)
+    for i in range(1000):
+        c.insert(i)
+        c.set_bytes(i, HOST, i)
+    for i in range(0, 1000, 2):
+        c.remove(i)
+    for i in range(1000, 1300):
+        c.insert(i)
+    assert c.lru_keys() == list(range(1, 1000, 2)) + list(range(1000, 1300))
+    assert c.used(HOST, 0) == sum(range(1, 1000, 2))
+    c.verify()
+
+
+def test_pins(impl):
+    c = impl(1)
+    c.insert("a")
+    assert c.pin("a") == 1 and c.pin("a") == 2
+    assert c.unpin("a") == 1 and c.unpin("a") == 0
+    with pytest.raises(ValueError):
+        c.unpin("a")
+    assert c.entry("a").pins == 0
+
+
+def test_states(impl):
+    c = impl(1)
+    c.insert("a")
+    for state in (READY, UNLOADING, FAILED, LOADING):
+        c.set_state("a", state)
+        assert c.entry("a").state == state
+    with pytest.raises(ValueError):
+        c.set_state("a", 7)
+    assert c.entry("a").state == LOADING
+
+
+# -- bytes --------------------------------------------------------------------
+
+def test_bytes_per_tier_and_worker(impl):
+    c = impl(2)
+    c.insert("a", READY, 1)
+    c.set_bytes("a", HOST, 10)
+    c.set_bytes("a", DISK, 20)
+    c.set_bytes("a", DEVICE, 30)
+    assert (c.used(HOST, 0), c.used(DISK, 0)) == (10, 20)
+    assert (c.used(DEVICE, 0), c.used(DEVICE, 1)) == (0, 30)
+    assert c.used(HOST, 1) == 10  # the worker is ignored off the device
+    c.set_bytes("a", DEVICE, 5)
+    assert c.used(DEVICE, 1) == 5
+    c.set_worker("a", 0)
+    assert (c.used(DEVICE, 0), c.used(DEVICE, 1)) == (5, 0)
+    assert c.entry("a")[:5] == (READY, 0, 5, 10, 20)
+    with pytest.raises(ValueError):
+        c.set_worker("a", -1)
+    with pytest.raises(ValueError):
+        c.set_worker("a", 2)
+    c.remove("a")
+    assert [c.used(t, 0) for t in (HOST, DISK, DEVICE)] == [0, 0, 0]
+
+
+def test_device_bytes_need_a_worker(impl):
+    c = impl(1)
+    c.insert("a")
+    c.set_bytes("a", DEVICE, 0)
+    with pytest.raises(ValueError):
+        c.set_bytes("a", DEVICE, 1)
+    c.set_worker("a", 0)
+    c.set_bytes("a", DEVICE, 1)
+    c.set_bytes("a", DEVICE, 0)
+    c.set_worker("a", -1)
+    assert c.entry("a").worker == -1 and c.used(DEVICE, 0) == 0
+
+
+def test_byte_counts_are_int64(impl):
+    c = impl(1)
+    top = 2**63 - 1
+    c.insert("a")
+    c.insert("b")
+    c.set_bytes("a", HOST, top)
+    assert c.used(HOST, 0) == top
+    with pytest.raises(ValueError):
+        c.set_bytes("b", HOST, 1)
+    c.set_bytes("a", HOST, top - 1)
+    c.set_bytes("b", HOST, 1)
+    for bad in (-1, top + 1, 2**100):
+        with pytest.raises(ValueError):
+            c.set_bytes("b", HOST, bad)
+        with pytest.raises(ValueError):
+            c.set_capacity(HOST, 0, bad)
+        with pytest.raises(ValueError):
+            c.victims(HOST, 0, bad, 0.8, 0.5)
+    with pytest.raises(TypeError):
+        c.set_bytes("b", HOST, 1.5)
+    assert c.used(HOST, 0) == top
+    c.verify()
+
+
+def test_capacity_arguments(impl):
+    c = impl(2)
+    c.set_capacity(DEVICE, 1, 100)
+    assert c.capacity(DEVICE, 1) == 100 and c.capacity(DEVICE, 0) == 0
+    c.set_capacity(DISK, 7, 5)
+    assert c.capacity(DISK, 0) == 5
+    for tier, worker in ((DEVICE, 2), (DEVICE, -1), (3, 0), (-1, 0)):
+        for op in (c.capacity, c.used):
+            with pytest.raises(ValueError):
+                op(tier, worker)
+        with pytest.raises(ValueError):
+            c.set_capacity(tier, worker, 1)
+
+
+# -- victims ------------------------------------------------------------------
+
+def test_victims_lru(impl):
+    c = impl(1)
+    c.set_capacity(HOST, 0, 1000)
+    for i, k in enumerate("abcde"):
+        ready(c, k, host=200, now=i)
+    assert c.victims(HOST, 0, 1001, 0.8, 0.5) == ([], TOO_LARGE)
+    assert c.victims(HOST, 0, 0, 1.0, 0.5) == ([], OK)
+    # 1000 + 100 over 800: evict down to 500.
+    assert c.victims(HOST, 0, 100, 0.8, 0.5) == (["a", "b", "c"], OK)
+    c.touch("a", 9)
+    c.pin("b")
+    c.set_state("c", LOADING)
+    assert c.victims(HOST, 0, 100, 0.8, 0.5) == (["d", "e", "a"], OK)
+    assert len(c) == 5 and c.used(HOST, 0) == 1000  # victims changes nothing
+
+
+def test_victims_all_candidates_or_pinned(impl):
+    c = impl(1)
+    c.set_capacity(HOST, 0, 1000)
+    ready(c, "a", host=300)
+    ready(c, "b", host=500)
+    c.pin("b")
+    # Down to 500 is out of reach; down to capacity is not.
+    assert c.victims(HOST, 0, 400, 0.8, 0.5) == (["a"], OK)
+    assert c.victims(HOST, 0, 900, 0.8, 0.5) == ([], PINNED)
+    c.unpin("b")
+    assert c.victims(HOST, 0, 900, 0.8, 0.5) == (["a", "b"], OK)
+
+
+def test_victims_device_is_per_worker(impl):
+    c = impl(2)
+    c.set_capacity(DEVICE, 0, 100)
+    c.set_capacity(DEVICE, 1, 100)
+    ready(c, "a", device=60, worker=0)
+    ready(c, "b", device=60, worker=1)
+    ready(c, "c", host=60)
+    assert c.victims(DEVICE, 1, 30, 0.8, 0.5) == (["b"], OK)
+    assert c.victims(DEVICE, 0, 30, 0.8, 0.5) == (["a"], OK)
+    with pytest.raises(ValueError):
+        c.victims(DEVICE, 2, 30, 0.8, 0.5)
+
+
+@pytest.mark.parametrize("high, low", [(0.5, 0.8), (-0.1, -0.2),
+                                       (float("inf"), 0.5),
+                                       (float("nan"), 0.5)])
+def test_victims_checks_watermarks(impl, high, low):
+    with pytest.raises(ValueError):
+        impl(1).victims(HOST, 0, 0, high, low)
+
+
+def test_victims_gdsf(impl):
+    c = impl(1, GDSF)
+    c.set_capacity(HOST, 0, 1000)
+    ready(c, "big", host=400)       # H = 0 + 2 * 1 / 400
+    ready(c, "small", host=100)     # H = 2 / 100
+    ready(c, "costly", host=400)
+    c.set_cost("costly", 100.0)     # H = 2 * 100 / 400
+    assert c.priority("big") == 2 / 400
+    victims = c.victims(HOST, 0, 500, 0.8, 0.5)
+    assert victims == (["big", "small", "costly"], OK)
+    # L rose to the last victim's H; a hit now starts from there.
+    assert c.stats()["inflation"] == c.priority("costly") == 0.5
+    c.touch("big", 1.0)
+    assert c.priority("big") == 0.5 + 3 / 400
+    with pytest.raises(ValueError):
+        c.set_cost("big", -1.0)
+    with pytest.raises(ValueError):
+        c.set_cost("big", float("inf"))
+
+
+def test_victims_gdsf_ties_follow_lru(impl):
+    c = impl(1, GDSF)
+    c.set_capacity(DISK, 0, 100)
+    for k in "xyz":
+        ready(c, k, disk=30)
+    c.touch("x", 1.0)
+    assert c.victims(DISK, 0, 20, 0.5, 0.1) == (["y", "z", "x"], OK)
+
+
+def test_idle(impl):
+    c = impl(1)
+    ready(c, "a", host=1, now=1.0)
+    ready(c, "b", now=2.0)                  # no bytes anywhere
+    ready(c, "c", disk=1, now=3.0)
+    ready(c, "d", host=1, now=4.0)
+    c.pin("c")
+    ready(c, "e", host=1, now=9.0)
+    assert c.idle(10.0, 6.0) == ["a", "d"]
+    assert c.idle(10.0, 9.5) == []
+    c.unpin("c")
+    assert c.idle(10.0, 7.0) == ["a", "c"]
+
+
+def test_stats_and_verify(impl):
+    c = impl(1)
+    c.set_capacity(DEVICE, 0, 50)
+    ready(c, "a", host=5, device=7, worker=0)
+    assert c.stats() == {"entries": 1, "policy": LRU, "inflation": 0.0,
+                         "host": (5, 0), "disk": (0, 0), "device": [(7, 50)]}
+    c.verify()
+
+
+def test_verify_catches_bad_books():
+    c = PyCache(1)
+    c.insert("a")
+    c._used[HOST] = 3
+    with pytest.raises(InternalError):
+        c.verify()
+
+
+# -- the native cache against its twin -------------------------------------
+
+def mostly(valid, anything):
+    """Valid arguments most of the time, so that sequences get somewhere;
+    any argument now and then, so that errors are compared too."""
+    return st.tuples(st.integers(0, 9), valid, anything).map(
+        lambda t: t[2] if t[0] == 0 else t[1])
+
+
+KEYS = st.sampled_from([("m", 0), ("m", 1), ("n", 0), "x", 7])
+STATES = mostly(st.just(READY), st.integers(-1, 4))
+WORKERS = mostly(st.integers(-1, 1), st.integers(-2, 2))
+TIERS = mostly(st.integers(0, 2), st.integers(-1, 3))
+NBYTES = mostly(st.integers(0, 600), st.sampled_from(
+    [2**40, 2**62, 2**63 - 1, -1, 2**63]))
+FRACS = st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0, 1.5])
+WATERMARKS = mostly(st.tuples(FRACS, FRACS).map(sorted).map(reversed),
+                    st.tuples(FRACS, FRACS))
+
+
+def call(cache, name, *args):
+    """The answer of one call, or its error as (type, message)."""
+    try:
+        return getattr(cache, name)(*args)
+    except (KeyError, ValueError) as exc:
+        return type(exc), str(exc)
+
+
+def books(cache, workers):
+    keys = cache.lru_keys()
+    counters = [(cache.used(t, w), cache.capacity(t, w))
+                for t in (HOST, DISK, DEVICE) for w in range(workers)]
+    return (keys, [cache.entry(k) for k in keys],
+            [cache.priority(k) for k in keys], counters, cache.stats(),
+            len(cache))
+
+
+class Twins(RuleBasedStateMachine):
+    """Every call goes to both caches and must answer alike; after every
+    step the whole books must be alike."""
+
+    keys = Bundle("keys")
+
+    @initialize(policy=st.sampled_from([LRU, GDSF]),
+                workers=st.sampled_from([2, 2, 1, 0]),
+                cap=st.sampled_from([1000, 300, 2000, 0]))
+    def start(self, policy, workers, cap):
+        self.workers, self.now = workers, 0.0
+        self.twin = PyCache(workers, policy)
+        self.native = NativeCache(workers, policy)
+        for tier, worker in [(HOST, 0), (DISK, 0)] + [
+                (DEVICE, w) for w in range(workers)]:
+            self.same("set_capacity", tier, worker, cap)
+
+    def same(self, name, *args):
+        answer = call(self.twin, name, *args)
+        assert call(self.native, name, *args) == answer, (name, args)
+        return answer
+
+    @rule(target=keys, key=KEYS, state=STATES, worker=WORKERS)
+    def insert(self, key, state, worker):
+        self.same("insert", key, state, worker)
+        return key
+
+    @rule(target=keys, key=KEYS, worker=WORKERS,
+          nbytes=st.lists(st.integers(0, 600), min_size=3, max_size=3))
+    def load(self, key, worker, nbytes):
+        """What the engine does: a READY entry with bytes on every tier."""
+        self.same("insert", key, READY, worker)
+        for tier, n in enumerate(nbytes):
+            self.same("set_bytes", key, tier, n)
+        return key
+
+    @rule(key=keys, name=st.sampled_from(
+        ["remove", "pin", "unpin", "entry", "priority"]))
+    def on_key(self, key, name):
+        self.same(name, key)
+
+    @rule(key=keys, dt=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+    def touch(self, key, dt):
+        self.now += dt
+        self.same("touch", key, self.now)
+
+    @rule(key=keys, state=STATES)
+    def set_state(self, key, state):
+        self.same("set_state", key, state)
+
+    @rule(key=keys, worker=WORKERS)
+    def set_worker(self, key, worker):
+        self.same("set_worker", key, worker)
+
+    @rule(key=keys, tier=TIERS, nbytes=NBYTES)
+    def set_bytes(self, key, tier, nbytes):
+        self.same("set_bytes", key, tier, nbytes)
+
+    @rule(key=keys, cost=mostly(st.sampled_from([0.0, 0.5, 1, 3.0]),
+                                st.sampled_from([-1.0, float("nan")])))
+    def set_cost(self, key, cost):
+        self.same("set_cost", key, cost)
+
+    @rule(tier=TIERS, worker=WORKERS, nbytes=NBYTES)
+    def set_capacity(self, tier, worker, nbytes):
+        self.same("set_capacity", tier, worker, nbytes)
+
+    @rule(tier=TIERS, worker=WORKERS, need=NBYTES, watermarks=WATERMARKS,
+          evict=st.booleans())
+    def victims(self, tier, worker, need, watermarks, evict):
+        answer = self.same("victims", tier, worker, need, *watermarks)
+        if evict and answer[0] and answer[1] == OK:
+            for key in answer[0]:
+                self.same("set_bytes", key, tier, 0)
+
+    @rule(idle_s=st.sampled_from([0.0, 1.0, 2.5, 10.0]))
+    def idle(self, idle_s):
+        self.same("idle", self.now, idle_s)
+
+    @invariant()
+    def books_agree(self):
+        assert books(self.native, self.workers) == books(
+            self.twin, self.workers)
+        self.native.verify()
+
+
+TestTwins = pytest.mark.skipif(
+    NativeCache is None, reason="mmengine._cache is not built")(Twins.TestCase)
+TestTwins.settings = settings(max_examples=200, stateful_step_count=50,
+                              deadline=None)
+
+
+@pytest.mark.skipif(NativeCache is None, reason="mmengine._cache is not built")
+@pytest.mark.parametrize("policy", [LRU, GDSF])
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_native_matches_twin_under_load(policy, seed):
+    """Long streams over many keys with the tiers under pressure, where
+    random short ones rarely go: READY entries with bytes, and victims that
+    are then evicted."""
+    rng = random.Random(seed)
+    twin, native = PyCache(2, policy), NativeCache(2, policy)
+    for c in (twin, native):
+        for tier, worker in ((HOST, 0), (DISK, 0), (DEVICE, 0), (DEVICE, 1)):
+            c.set_capacity(tier, worker, 3000)
+    now = 0.0
+    for _ in range(600):
+        key, r = rng.randrange(60), rng.random()
+        now += rng.random()
+        if key not in twin:
+            op = ("insert", key, READY, rng.randrange(-1, 2))
+        elif r < 0.4:
+            op = ("touch", key, now)
+        elif r < 0.55:
+            op = ("set_bytes", key, rng.randrange(3), rng.randrange(400))
+        elif r < 0.65:
+            op = (rng.choice(["pin", "unpin"]), key)
+        elif r < 0.7:
+            op = ("set_cost", key, rng.random() * 4)
+        elif r < 0.75:
+            op = ("set_state", key, rng.randrange(4))
+        elif r < 0.8:
+            op = ("idle", now, rng.random() * 20)
+        else:
+            op = ("victims", rng.randrange(3), rng.randrange(2),
+                  rng.randrange(3500), 0.8, 0.5)
+        answer = call(twin, *op)
+        assert call(native, *op) == answer
+        if op[0] == "victims":
+            for key in answer[0]:
+                twin.remove(key)
+                native.remove(key)
+    assert books(native, 2) == books(twin, 2)
+    native.verify()
