@@ -1,0 +1,121 @@
+"""torch.export programs (`model.pt2`), opened with torch.export.load.
+
+torch.export.load unpickles in several places: weights and constants saved
+with pickle, custom and opaque objects, and the sample inputs, which it
+retries with weights_only=False when the safe load fails. Unless the
+manifest says `trusted = true`, the archive is read into memory once and
+audited, then loaded from those same bytes (the file cannot change in
+between): every member must be one that holds no pickle, no payload config
+may ask for pickle, and the sample inputs must load with weights_only=True,
+so the unsafe retry never runs. Archives that need more must be trusted.
+
+Inputs are passed the way the program was exported: positionally for its
+args, by keyword for its kwargs, named as the program names them. Without
+declared inputs, requests are checked against the program's signature.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from typing import Any
+
+import torch
+
+from mmengine.backends.base import TorchModel
+from mmengine.errors import LoadFailed
+from mmengine.storage import DTYPES, ModelSpec, TensorSpec
+
+# Members of a pt2 archive (under its one root folder) that hold no pickle,
+# except the sample inputs, which are checked with weights_only=True.
+_PLAIN_MEMBER = re.compile(r"""[^/]+/(?:
+      archive_format | archive_version | byteorder | \.data/version | \.data/serialization_id
+    | models/[^/]+\.json
+    | data/weights/(?:weight_\d+ | [^/]+_weights_config\.json)
+    | data/constants/(?:tensor_\d+ | [^/]+_constants_config\.json)
+    | data/sample_inputs/[^/]+\.pt
+    | extra/[^/]+
+)""", re.X)
+_PAYLOAD_CONFIG = re.compile(r"[^/]+/data/(?:weights|constants)/[^/]+_config\.json")
+_SAMPLE_INPUTS = re.compile(r"[^/]+/data/sample_inputs/[^/]+\.pt")
+
+
+class ExportModel(TorchModel):
+    def __init__(self, spec: ModelSpec, device: torch.device, program: Any) -> None:
+        args_spec, kwargs_spec = program.call_spec.in_spec.children()
+        names = list(program.graph_signature.user_inputs)
+        if (args_spec.num_leaves != args_spec.num_children
+                or kwargs_spec.num_leaves != kwargs_spec.num_children
+                or len(names) != args_spec.num_children + kwargs_spec.num_children):
+            raise LoadFailed(f"{spec.name} v{spec.version}: the program takes nested "
+                             f"inputs; mmengine passes a flat set of named tensors")
+        super().__init__(spec, device, program.module().to(device),
+                         inputs=_signature(program, names))
+        self._args = names[:args_spec.num_children]
+        self._kwargs = names[args_spec.num_children:]
+
+    def _forward(self, tensors: dict[str, torch.Tensor]) -> Any:
+        return self.module(*(tensors[n] for n in self._args),
+                           **{n: tensors[n] for n in self._kwargs})
+
+
+def load(spec: ModelSpec, device: torch.device) -> ExportModel:
+    where = f"{spec.name} v{spec.version}"
+    path = spec.path / spec.artifact
+    try:
+        if spec.trusted:
+            program = torch.export.load(path)
+        else:
+            data = path.read_bytes()
+            _audit(data, where)
+            program = torch.export.load(io.BytesIO(data))
+    except LoadFailed:
+        raise
+    except Exception as e:
+        raise LoadFailed(f"{where}: {path.name} is not a loadable torch.export "
+                         f"program: {type(e).__name__}: {e}") from e
+    return ExportModel(spec, device, program)
+
+
+def _audit(data: bytes, where: str) -> None:
+    """LoadFailed unless loading `data` can unpickle nothing but tensors."""
+    def refuse(why: str) -> LoadFailed:
+        return LoadFailed(f"{where}: model.pt2 {why}; it is not marked trusted, so "
+                          f"it is not unpickled (set trusted = true in model.toml "
+                          f"only for a source you trust)")
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise LoadFailed(f"{where}: model.pt2 is not a pt2 archive: {e}") from e
+    with archive:
+        for member in archive.namelist():
+            if not _PLAIN_MEMBER.fullmatch(member):
+                raise refuse(f"holds {member!r}, which may be pickled")
+            if _PAYLOAD_CONFIG.fullmatch(member):
+                config = json.loads(archive.read(member)).get("config", {})
+                if any(entry.get("use_pickle") for entry in config.values()):
+                    raise refuse(f"stores pickled payloads ({member})")
+            elif _SAMPLE_INPUTS.fullmatch(member):
+                try:
+                    torch.load(io.BytesIO(archive.read(member)), weights_only=True)
+                except Exception as e:
+                    raise refuse(f"has sample inputs that are not plain tensors "
+                                 f"({type(e).__name__})") from e
+
+
+def _signature(program: Any, names: list[str]) -> tuple[TensorSpec, ...]:
+    """The program's inputs as TensorSpecs; () when one is not a plain tensor."""
+    placeholders = {n.name: n.meta.get("val") for n in program.graph.nodes
+                    if n.op == "placeholder"}
+    specs = []
+    for name in names:
+        val = placeholders.get(name)
+        dtype = str(getattr(val, "dtype", "")).removeprefix("torch.")
+        if dtype not in DTYPES:
+            return ()
+        # A symbolic size is a dynamic dimension: any size.
+        shape = tuple(d if isinstance(d, int) else -1 for d in val.shape)
+        specs.append(TensorSpec(name, dtype, shape))
+    return tuple(specs)

@@ -1,0 +1,25 @@
+"""TorchScript archives (`model.pt`, `model.jit`), opened with torch.jit.load.
+
+Only torch.jit.load: its unpickler rebuilds TorchScript types and tensors,
+never arbitrary Python objects, so no artifact here is passed to torch.load
+whatever the manifest says. A `model.pt` saved with torch.save is refused.
+The scripted forward takes the inputs as keyword arguments.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmengine.backends.base import TorchModel
+from mmengine.errors import LoadFailed
+from mmengine.storage import ModelSpec
+
+
+def load(spec: ModelSpec, device: torch.device) -> TorchModel:
+    path = spec.path / spec.artifact
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except Exception as e:
+        raise LoadFailed(f"{spec.name} v{spec.version}: {path.name} is not a loadable "
+                         f"TorchScript archive: {e}") from e
+    module.eval()
+    return TorchModel(spec, device, module)

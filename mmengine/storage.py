@@ -1,0 +1,341 @@
+"""The model repository: `<root>/<name>/<version>/…` on local disk.
+
+A version directory holds one model. An optional `model.toml` names its
+backend and declares its tensors; without one the backend is found from the
+files (`DETECTION_ORDER`). `Repository.resolve` turns (name, version) into a
+`ModelSpec`, which carries everything a worker needs to load the model and
+everything the cache manager needs to reserve bytes before the load.
+
+Manifest keys (all optional):
+
+    backend = "safetensors"   # handler | export | safetensors | torchscript | onnx
+    bytes = 1048576           # the estimate reserved before a load
+    device = "cpu"            # the device type the model must run on
+    trusted = false           # may pickled data in the artifact be unpickled
+    warmup = true             # or a table {input = [concrete shape]}
+    [[inputs]]                # also [[outputs]]
+    name = "x"
+    dtype = "float32"         # a numpy dtype name
+    shape = [-1, 4]           # -1: any size
+    [options]                 # backend options, e.g. module = "MLP",
+                              # module_kwargs = {hidden = 8} for safetensors
+
+Scanning is lazy: `names()` lists one directory, `versions(name)` another,
+and only `resolve` opens a model's files (its manifest, a safetensors
+header). Results are cached until `refresh()`; a name never seen before is
+looked up on disk at once, so a model dropped into the root is found by the
+first request that names it. Misses are not cached, so unknown names cannot
+grow the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmengine.errors import LoadFailed, ModelNotFound
+
+MANIFEST = "model.toml"
+
+#: The backend of a directory without a manifest: the first entry whose
+#: files are all present wins; other files are ignored.
+DETECTION_ORDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("handler", ("handler.py",)),
+    ("export", ("model.pt2",)),
+    ("safetensors", ("model.safetensors", "model.py")),
+    ("torchscript", ("model.pt",)),
+    ("torchscript", ("model.jit",)),
+    ("onnx", ("model.onnx",)),
+)
+BACKENDS = frozenset(backend for backend, _ in DETECTION_ORDER)
+#: Backends that import Python files shipped with the model.
+CODE_BACKENDS = frozenset({"handler", "safetensors"})
+
+_MANIFEST_KEYS = frozenset(
+    {"backend", "bytes", "device", "trusted", "warmup", "inputs", "outputs", "options"})
+_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+# Dtypes a request can carry as a numpy array.
+DTYPES = frozenset({
+    "bool", "uint8", "int8", "int16", "int32", "int64",
+    "float16", "float32", "float64", "complex64", "complex128",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # a numpy dtype name, one of DTYPES
+    shape: tuple[int, ...]     # -1 marks a dimension of any size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: int
+    path: Path                 # the version directory
+    backend: str
+    artifact: str              # the file the backend opens, inside `path`
+    estimated_bytes: int
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    device: str | None = None  # a device type the model requires
+    trusted: bool = False
+    # Concrete input shapes of the warm-up call run after a load; empty: none.
+    warmup: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+
+def check_name(name: object) -> str:
+    """`name` if it can only mean a directory directly under the root."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 255
+        or name.startswith(".")        # hidden files, "." and ".."
+        or "/" in name
+        or "\\" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ModelNotFound(f"invalid model name {name!r}")
+    return name
+
+
+def _check_version(version: object) -> int:
+    # Versions travel as strings in URLs; "01" would alias "1", so only the
+    # canonical spelling names a version.
+    if isinstance(version, str) and version.isascii() and version.isdigit():
+        if str(int(version)) == version:
+            return int(version)
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return version
+    raise ModelNotFound(f"invalid model version {version!r}")
+
+
+class Repository:
+    """A local model repository. Safe to share between threads: every
+    cached value is computed whole and then stored with one assignment."""
+
+    def __init__(self, root: str | os.PathLike[str], allow_code: bool = True) -> None:
+        self.root = Path(root)
+        # False for models fetched from an untrusted remote source: they may
+        # not run code, and their manifests cannot vouch for their pickles.
+        self.allow_code = allow_code
+        self._names: tuple[str, ...] | None = None
+        self._versions: dict[str, tuple[int, ...]] = {}
+        self._specs: dict[tuple[str, int], ModelSpec] = {}
+
+    def refresh(self) -> None:
+        """Forget every cached scan and spec; the next call reads the disk."""
+        self._names = None
+        self._versions = {}
+        self._specs = {}
+
+    def names(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = tuple(sorted(
+                entry.name for entry in _scandir(self.root)
+                if _is_valid_name(entry.name) and entry.is_dir()))
+        return self._names
+
+    def versions(self, name: str) -> tuple[int, ...]:
+        """The versions of `name`, ascending; ModelNotFound if it has none."""
+        check_name(name)
+        found = self._versions.get(name)
+        if found is None:
+            found = tuple(sorted(
+                int(entry.name) for entry in _scandir(self.root / name)
+                if entry.name.isascii() and entry.name.isdigit()
+                and str(int(entry.name)) == entry.name and entry.is_dir()))
+            if not found:
+                raise ModelNotFound(f"model {name!r} not found")
+            self._versions[name] = found
+        return found
+
+    def resolve(self, name: str, version: int | str | None = None) -> ModelSpec:
+        """The spec of `name` at `version` (default: the highest).
+
+        ModelNotFound for an unknown or invalid name or version; LoadFailed
+        for a model that exists but cannot be served as it stands.
+        """
+        versions = self.versions(name)
+        if version is None:
+            version = versions[-1]
+        else:
+            version = _check_version(version)
+            if version not in versions:
+                raise ModelNotFound(f"model {name!r} has no version {version}")
+        key = (name, version)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = _read_spec(name, version, self.root / name / str(version), self.allow_code)
+            self._specs[key] = spec
+        return spec
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except ModelNotFound:
+        return False
+    return True
+
+
+def _scandir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+# -- one version directory -> ModelSpec -------------------------------------
+
+def _read_spec(name: str, version: int, path: Path, allow_code: bool) -> ModelSpec:
+    where = f"{name} v{version}"
+    files = {entry.name for entry in _scandir(path) if entry.is_file()}
+    manifest = _read_manifest(path / MANIFEST, where) if MANIFEST in files else {}
+    fields = _parse_manifest(manifest, where)
+    backend, artifact = _find_artifact(fields.pop("backend", None), files, where)
+    if backend in CODE_BACKENDS and not allow_code:
+        raise LoadFailed(f"{where}: backend {backend!r} runs code shipped with the "
+                         f"model, and its source is not trusted to carry code")
+    if not allow_code:
+        fields["trusted"] = False
+    estimate = fields.pop("bytes", None)
+    if estimate is None:
+        estimate = _estimate_bytes(path, backend, artifact, where)
+    return ModelSpec(name=name, version=version, path=path, backend=backend,
+                     artifact=artifact, estimated_bytes=estimate, **fields)
+
+
+def _read_manifest(path: Path, where: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LoadFailed(f"{where}: {MANIFEST} cannot be read: {e}") from e
+
+
+def _find_artifact(backend: str | None, files: set[str], where: str) -> tuple[str, str]:
+    for candidate, needed in DETECTION_ORDER:
+        if backend in (None, candidate) and files.issuperset(needed):
+            return candidate, needed[0]
+    if backend is None:
+        raise LoadFailed(f"{where}: no model file found (expected one of "
+                         + ", ".join(" + ".join(n) for _, n in DETECTION_ORDER) + ")")
+    needed = " or ".join(" + ".join(n) for b, n in DETECTION_ORDER if b == backend)
+    raise LoadFailed(f"{where}: backend {backend!r} needs {needed}")
+
+
+def _estimate_bytes(path: Path, backend: str, artifact: str, where: str) -> int:
+    if backend == "safetensors":
+        from mmengine.backends.safetensors import read_header
+        header, _ = read_header(path / artifact, where)
+        return sum(end - begin for begin, end in
+                   (entry["data_offsets"] for entry in header.values()))
+    return _tree_bytes(path)
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for entry in _scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            total += _tree_bytes(Path(entry.path))
+        elif entry.is_file():
+            total += entry.stat().st_size
+    return total
+
+
+# -- manifest fields ---------------------------------------------------------
+
+def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ModelSpec fields a manifest sets; LoadFailed names a bad key."""
+    for key in manifest:
+        if key not in _MANIFEST_KEYS:
+            raise LoadFailed(f"{where}: {MANIFEST}: unknown key {key!r}")
+    fields: dict[str, Any] = {}
+    if "backend" in manifest:
+        fields["backend"] = _expect(manifest, "backend", str, where)
+        if fields["backend"] not in BACKENDS:
+            raise LoadFailed(f"{where}: {MANIFEST}: 'backend' must be one of "
+                             f"{sorted(BACKENDS)}, not {fields['backend']!r}")
+    if "bytes" in manifest:
+        fields["bytes"] = _expect(manifest, "bytes", int, where)
+        if fields["bytes"] < 0:
+            raise LoadFailed(f"{where}: {MANIFEST}: 'bytes' must not be negative")
+    if "device" in manifest:
+        fields["device"] = _expect(manifest, "device", str, where)
+        if fields["device"] not in _DEVICE_TYPES:
+            raise LoadFailed(f"{where}: {MANIFEST}: 'device' must be one of "
+                             f"{sorted(_DEVICE_TYPES)}, not {fields['device']!r}")
+    if "trusted" in manifest:
+        fields["trusted"] = _expect(manifest, "trusted", bool, where)
+    if "options" in manifest:
+        fields["options"] = _expect(manifest, "options", dict, where)
+    for key in ("inputs", "outputs"):
+        if key in manifest:
+            fields[key] = _parse_tensors(manifest[key], key, where)
+    if "warmup" in manifest:
+        fields["warmup"] = _parse_warmup(manifest["warmup"], fields.get("inputs", ()), where)
+    return fields
+
+
+def _expect(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table[key]
+    # TOML booleans are ints to Python; a count of `true` bytes is a mistake.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be a {kind.__name__}, "
+                         f"not {value!r}")
+    return value
+
+
+def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(value, list):
+        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be an array of tables")
+    tensors = []
+    for i, table in enumerate(value):
+        at = f"{key}[{i}]"
+        if not isinstance(table, dict) or set(table) != {"name", "dtype", "shape"}:
+            raise LoadFailed(f"{where}: {MANIFEST}: {at!r} must have exactly the keys "
+                             f"name, dtype and shape")
+        name, dtype, shape = table["name"], table["dtype"], table["shape"]
+        if not isinstance(name, str) or not name:
+            raise LoadFailed(f"{where}: {MANIFEST}: '{at}.name' must be a non-empty string")
+        if dtype not in DTYPES:
+            raise LoadFailed(f"{where}: {MANIFEST}: '{at}.dtype' must be one of "
+                             f"{sorted(DTYPES)}, not {dtype!r}")
+        if not isinstance(shape, list) or not all(
+                type(d) is int and d >= -1 for d in shape):
+            raise LoadFailed(f"{where}: {MANIFEST}: '{at}.shape' must be a list of "
+                             f"sizes (-1: any), not {shape!r}")
+        tensors.append(TensorSpec(name, str(np.dtype(dtype)), tuple(shape)))
+    if len({t.name for t in tensors}) != len(tensors):
+        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} repeats a name")
+    return tuple(tensors)
+
+
+def _parse_warmup(value: Any, inputs: tuple[TensorSpec, ...],
+                  where: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if not inputs:
+        raise LoadFailed(f"{where}: {MANIFEST}: 'warmup' needs declared inputs")
+    if value is False:
+        return ()
+    if value is True:
+        # A free dimension warms up at size 1.
+        return tuple((t.name, tuple(1 if d == -1 else d for d in t.shape)) for t in inputs)
+    if not isinstance(value, dict) or set(value) != {t.name for t in inputs}:
+        raise LoadFailed(f"{where}: {MANIFEST}: 'warmup' must be true, false or a "
+                         f"table of a shape per declared input")
+    shapes = []
+    for t in inputs:
+        shape = value[t.name]
+        if not (isinstance(shape, list) and len(shape) == len(t.shape) and all(
+                type(d) is int and d >= 0 and w in (-1, d) for d, w in zip(shape, t.shape))):
+            raise LoadFailed(f"{where}: {MANIFEST}: 'warmup.{t.name}' must be a concrete "
+                             f"shape matching {list(t.shape)}, not {shape!r}")
+        shapes.append((t.name, tuple(shape)))
+    return tuple(shapes)

@@ -1,0 +1,352 @@
+"""Every backend on real files: answers, request checks, load failures, trust."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmengine import demo
+from mmengine.backends import load_model
+from mmengine.backends.base import module_bytes
+from mmengine.backends.safetensors import DTYPES, load_file, save_file
+from mmengine.errors import BadRequest, LoadFailed
+from mmengine.storage import Repository
+
+DIMS = (4, 8, 2)  # one architecture: torch.export traces it once per run
+
+
+def load(root: Path, name: str, version: int | None = None):
+    return load_model(Repository(root).resolve(name, version), "cpu")
+
+
+def x(batch: int = 3, features: int = DIMS[0], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, features), dtype=np.float32)
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "detected"])
+@pytest.mark.parametrize("backend", demo.BACKENDS)
+def test_every_backend_answers_like_the_model(tmp_path, backend, manifest):
+    demo.write_mlp(tmp_path / "m", backend, *DIMS, seed=7, manifest=manifest)
+    model = load(tmp_path, "m")
+    assert model.spec.backend == backend
+    for batch in (1, 5):
+        out = model.predict({"x": x(batch)})
+        assert list(out) == (["y"] if manifest or backend == "handler" else ["output"])
+        np.testing.assert_allclose(next(iter(out.values())), demo.reference(x(batch), *DIMS, 7),
+                                   rtol=1e-5, atol=1e-6)
+    model.close()
+
+
+def test_versions_load_their_own_weights(tmp_path):
+    for version, seed in ((1, 1), (2, 2)):
+        demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=seed, version=version)
+    for version, seed in ((1, 1), (2, 2), (None, 2)):
+        out = load(tmp_path, "m", version).predict({"x": x()})["y"]
+        np.testing.assert_allclose(out, demo.reference(x(), *DIMS, seed), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_without_onnxruntime_is_load_failed(tmp_path):
+    if importlib.util.find_spec("onnxruntime") is not None:
+        pytest.skip("onnxruntime is installed")
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"\x08\x07")
+    assert Repository(tmp_path).resolve("m").backend == "onnx"
+    with pytest.raises(LoadFailed, match="onnxruntime.*not installed"):
+        load(tmp_path, "m")
+
+
+# -- requests ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The same MLP declared by a manifest (safetensors) and derived from a
+    torch.export signature (export, no manifest)."""
+    root = tmp_path_factory.mktemp("repo")
+    demo.write_mlp(root / "declared", "safetensors", *DIMS, seed=3)
+    demo.write_mlp(root / "derived", "export", *DIMS, seed=3, manifest=False)
+    demo.write_mlp(root / "unchecked", "torchscript", *DIMS, seed=3, manifest=False)
+    repo = Repository(root)
+    return {name: load_model(repo.resolve(name)) for name in repo.names()}
+
+
+@pytest.mark.parametrize("name", ["declared", "derived"])
+@pytest.mark.parametrize("inputs, message", [
+    ({"x": x(3, 5)}, "shape"),
+    ({"x": x()[0]}, "shape"),
+    ({"x": x().astype(np.float64)}, "float32, not float64"),
+    ({"x": torch.from_numpy(x()).to(torch.int64)}, "float32, not int64"),
+    ({}, "missing \\['x'\\]"),
+    ({"x": x(), "z": x()}, "unexpected \\['z'\\]"),
+    ({"x": x().tolist()}, "numpy array or a torch tensor"),
+])
+def test_bad_requests(models, name, inputs, message):
+    with pytest.raises(BadRequest, match=message):
+        models[name].predict(inputs)
+
+
+def test_unchecked_model_errors_are_bad_requests(models):
+    with pytest.raises(BadRequest, match="unchecked"):
+        models["unchecked"].predict({"x": x(3, 5)})
+    with pytest.raises(BadRequest):
+        models["unchecked"].predict({"z": x()})
+
+
+def test_inputs_in_any_layout(models):
+    expected = demo.reference(x(), *DIMS, 3)
+    readonly = x()
+    readonly.flags.writeable = False
+    layouts = [torch.from_numpy(x()), readonly, x()[::-1][::-1], np.asfortranarray(x()),
+               x().astype(">f4")]
+    for name in ("declared", "derived", "unchecked"):
+        for value in layouts:
+            out = models[name].predict({"x": value})
+            np.testing.assert_allclose(next(iter(out.values())), expected,
+                                       rtol=1e-5, atol=1e-6)
+
+
+# -- load failures ----------------------------------------------------------
+
+def test_corrupt_safetensors_is_load_failed(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS)
+    data = (path / "model.safetensors").read_bytes()
+    for corrupt in (b"", data[:5], data[:-4], b"\x10" + b"\0" * 7 + b"{not json}......",
+                    data.replace(b'"F32"', b'"X32"', 1)):
+        (path / "model.safetensors").write_bytes(corrupt)
+        with pytest.raises(LoadFailed, match="model.safetensors"):
+            load(tmp_path, "m")
+
+
+@pytest.mark.parametrize("manifest_options, message", [
+    ('module = "Missing"', "no torch.nn.Module class 'Missing'"),
+    ('colour = 1', "unknown option 'colour'"),
+    ('module = "MLP"\nmodule_kwargs = {in_features = 4, hidden = 9, out_features = 2}',
+     "size mismatch"),
+    ('module = "MLP"\nmodule_kwargs = {width = 4}', "width"),
+])
+def test_bad_module_is_load_failed(tmp_path, manifest_options, message):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, manifest=False)
+    (path / "model.toml").write_text("[options]\n" + manifest_options)
+    with pytest.raises(LoadFailed, match=message):
+        load(tmp_path, "m")
+
+
+def test_corrupt_torchscript_is_load_failed(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "torchscript", *DIMS)
+    data = (path / "model.pt").read_bytes()
+    for corrupt in (b"", b"not a zip archive", data[: len(data) // 2]):
+        (path / "model.pt").write_bytes(corrupt)
+        with pytest.raises(LoadFailed, match="not a loadable TorchScript archive"):
+            load(tmp_path, "m")
+
+
+def test_corrupt_export_program_is_load_failed(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS)
+    (path / "model.pt2").write_bytes(b"garbage")
+    with pytest.raises(LoadFailed, match="model.pt2"):
+        load(tmp_path, "m")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def load(path, device):\n    raise OSError('weights gone')\n"
+     "def predict(inputs):\n    return inputs\n", "load\\(\\) raised OSError: weights gone"),
+    ("def load(path, device):\n    pass\n", "no predict"),
+    ("raise ImportError('no such lib')\n", "handler.py raised ImportError: no such lib"),
+    ("def load(:\n", "handler.py raised SyntaxError"),
+])
+def test_broken_handler_is_load_failed(tmp_path, source, message):
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "handler.py").write_text(source)
+    before = set(sys.modules)
+    with pytest.raises(LoadFailed, match=message):
+        load(tmp_path, "m")
+    assert set(sys.modules) == before
+
+
+def handler_model(tmp_path: Path, source: str, manifest: str = "") -> Path:
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "handler.py").write_text("import numpy as np\ncalls = 0\n"
+                                     "def load(path, device):\n    pass\n" + source)
+    (path / "model.toml").write_text(manifest)
+    return path
+
+
+def test_handler_errors_and_output_shapes(tmp_path):
+    handler_model(tmp_path, """
+def predict(inputs):
+    global calls
+    calls += 1
+    if "boom" in inputs:
+        raise ValueError("the model says no")
+    return inputs["a"] * 2, np.float32(calls)
+""", '[[outputs]]\nname = "double"\ndtype = "float32"\nshape = [-1]\n'
+     '[[outputs]]\nname = "calls"\ndtype = "float32"\nshape = []\n')
+    model = load(tmp_path, "m")
+    out = model.predict({"a": np.ones(2, np.float32)})
+    assert out == {"double": pytest.approx(np.full(2, 2.0)), "calls": 1.0}
+    with pytest.raises(BadRequest, match="the model says no"):
+        model.predict({"boom": np.ones(1)})
+    module_name = model.handler.__name__
+    model.close()
+    assert module_name not in sys.modules
+
+
+def test_warmup_runs_once_at_load(tmp_path):
+    inputs = '[[inputs]]\nname = "a"\ndtype = "int64"\nshape = [-1, 3]\n'
+    handler_model(tmp_path, """
+def predict(inputs):
+    global calls
+    calls += 1
+    assert inputs["a"].shape == (1, 3) and inputs["a"].dtype == np.int64
+    return inputs
+""", "warmup = true\n" + inputs)
+    assert load(tmp_path, "m").handler.calls == 1
+
+
+def test_failed_warmup_is_load_failed(tmp_path):
+    handler_model(tmp_path, "def predict(inputs):\n    raise RuntimeError('cold')\n",
+                  'warmup = true\n[[inputs]]\nname = "a"\ndtype = "int64"\nshape = [2]\n')
+    with pytest.raises(LoadFailed, match="warm-up failed.*cold"):
+        load(tmp_path, "m")
+
+
+def test_device_the_manifest_requires(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "torchscript", *DIMS, manifest=False)
+    (path / "model.toml").write_text('device = "cuda"')
+    with pytest.raises(LoadFailed, match="requires device 'cuda'"):
+        load(tmp_path, "m")
+
+
+# -- pickles are refused unless trusted -------------------------------------
+
+class Evil:
+    """Unpickling this creates a file: proof that the pickle ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def pickled(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_pickle_as_torchscript_is_never_unpickled(tmp_path, trusted):
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.pt").write_bytes(pickled({"weights": Evil(tmp_path / "pwned")}))
+    (path / "model.toml").write_text(f"trusted = {str(trusted).lower()}")
+    with pytest.raises(LoadFailed, match="TorchScript"):
+        load(tmp_path, "m")
+    assert not (tmp_path / "pwned").exists()
+
+
+def rewrite_pt2(path: Path, change) -> None:
+    """Rewrite the members of a pt2 archive: change(name, data) -> data or None (drop)."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            data = change(info.filename, data)
+            if data is not None:
+                archive.writestr(info, data)
+
+
+def evil_sample_inputs(marker: Path):
+    return lambda name, data: pickled(Evil(marker)) if "sample_inputs" in name else data
+
+
+def pickled_weights(name, data):
+    if name.endswith("_weights_config.json"):
+        config = json.loads(data)
+        for entry in config["config"].values():
+            entry["use_pickle"] = True
+        return json.dumps(config).encode()
+    return data
+
+
+@pytest.mark.parametrize("change, message", [
+    ("sample_inputs", "sample inputs that are not plain tensors"),
+    (pickled_weights, "pickled payloads"),
+    ("extra_member", "may be pickled"),
+])
+def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    marker = tmp_path / "pwned"
+    if change == "sample_inputs":
+        change = evil_sample_inputs(marker)
+    elif change == "extra_member":
+        with zipfile.ZipFile(path, "a") as archive:
+            root = archive.namelist()[0].split("/")[0]
+            archive.writestr(f"{root}/data/constants/opaque_obj_0", pickled(Evil(marker)))
+        change = lambda name, data: data  # noqa: E731
+    rewrite_pt2(path, change)
+    with pytest.raises(LoadFailed, match=message):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
+def test_trusted_export_program_is_loaded_as_it_is(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS)
+    marker = tmp_path / "pwned"
+    rewrite_pt2(path / "model.pt2", evil_sample_inputs(marker))
+    (path / "model.toml").write_text("trusted = true\n")
+    with pytest.raises(LoadFailed, match="model.pt2"):
+        load(tmp_path, "m")  # an open file is no sample input
+    assert marker.exists()  # the operator's trust was honoured: the pickle ran
+
+
+# -- bytes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", demo.BACKENDS)
+def test_nbytes_covers_the_weights(tmp_path, backend):
+    dims = (64, 256, 16) if backend != "export" else DIMS
+    demo.write_mlp(tmp_path / "m", backend, *dims)
+    model = load(tmp_path, "m")
+    weights = module_bytes(demo.mlp(*dims, seed=0))
+    assert model.nbytes >= weights
+    if backend != "handler":
+        assert model.tensor_bytes() == weights
+
+
+# -- the safetensors format ---------------------------------------------------
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {f"t_{name}": (torch.arange(6) % 2).to(dtype).reshape(2, 3)
+               for name, dtype in DTYPES.items()}
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+                "strided": torch.arange(12.0).reshape(3, 4).t()}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    data = (tmp_path / "t.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") % 8 == 0
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_demo_repository_serves_every_model(tmp_path):
+    models = demo.write_demo_repository(tmp_path, n_models=20, seed=5)
+    repo = Repository(tmp_path)
+    assert repo.names() == tuple(sorted(m.name for m in models))
+    assert {m.backend for m in models} == set(demo.BACKENDS)
+    for m in models:
+        assert repo.versions(m.name) == m.versions
+        model = load_model(repo.resolve(m.name))
+        inputs = x(2, m.in_features)
+        np.testing.assert_allclose(model.predict({"x": inputs})["y"], m.reference(inputs),
+                                   rtol=1e-5, atol=1e-5)
+        model.close()

@@ -1,0 +1,228 @@
+"""The model repository: layout, detection, manifests, names and versions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmengine import demo
+from mmengine.backends.safetensors import save_file
+from mmengine.errors import LoadFailed, ModelNotFound
+from mmengine.storage import ModelSpec, Repository, TensorSpec, check_name
+
+
+def make_version(root: Path, name: str, version: int, files: dict[str, str | bytes]) -> Path:
+    path = root / name / str(version)
+    path.mkdir(parents=True, exist_ok=True)
+    for file, content in files.items():
+        if file == "model.safetensors":
+            save_file({"w": torch.zeros(3, 5)}, path / file)
+        elif isinstance(content, bytes):
+            (path / file).parent.mkdir(exist_ok=True)
+            (path / file).write_bytes(content)
+        else:
+            (path / file).write_text(content)
+    return path
+
+
+ALL = ("handler.py", "model.pt2", "model.safetensors", "model.py", "model.pt",
+       "model.jit", "model.onnx", "notes.txt")
+
+
+@pytest.mark.parametrize("files, backend, artifact", [
+    (ALL, "handler", "handler.py"),
+    (ALL[1:], "export", "model.pt2"),
+    (ALL[2:], "safetensors", "model.safetensors"),
+    (("model.safetensors", "model.pt", "notes.txt"), "torchscript", "model.pt"),
+    (("model.py", "model.jit", "model.onnx"), "torchscript", "model.jit"),
+    (("model.onnx", "notes.txt"), "onnx", "model.onnx"),
+])
+def test_detection_order_first_match_wins(tmp_path, files, backend, artifact):
+    make_version(tmp_path, "m", 1, {f: "" for f in files})
+    spec = Repository(tmp_path).resolve("m")
+    assert (spec.backend, spec.artifact) == (backend, artifact)
+    assert spec.inputs == () and spec.trusted is False and spec.options == {}
+
+
+def test_no_model_file_is_load_failed(tmp_path):
+    make_version(tmp_path, "m", 1, {"notes.txt": "", "model.py": ""})
+    with pytest.raises(LoadFailed, match="no model file"):
+        Repository(tmp_path).resolve("m")
+
+
+def test_manifest_names_the_backend(tmp_path):
+    make_version(tmp_path, "m", 1, {"handler.py": "", "model.pt": "",
+                                    "model.toml": 'backend = "torchscript"'})
+    make_version(tmp_path, "n", 1, {"model.pt": "", "model.toml": 'backend = "export"'})
+    repo = Repository(tmp_path)
+    assert repo.resolve("m").backend == "torchscript"
+    with pytest.raises(LoadFailed, match="model.pt2"):
+        repo.resolve("n")
+
+
+FULL_MANIFEST = """
+backend = "safetensors"
+bytes = 1234
+device = "cpu"
+trusted = true
+warmup = true
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1, 4]
+[[inputs]]
+name = "mask"
+dtype = "bool"
+shape = [3]
+[[outputs]]
+name = "y"
+dtype = "float64"
+shape = [-1]
+[options]
+module = "Net"
+[options.module_kwargs]
+width = 4
+"""
+
+
+def test_manifest_fields(tmp_path):
+    make_version(tmp_path, "m", 1, {"model.safetensors": "", "model.py": "",
+                                    "model.toml": FULL_MANIFEST})
+    spec = Repository(tmp_path).resolve("m")
+    assert spec == ModelSpec(
+        name="m", version=1, path=tmp_path / "m" / "1", backend="safetensors",
+        artifact="model.safetensors", estimated_bytes=1234,
+        inputs=(TensorSpec("x", "float32", (-1, 4)), TensorSpec("mask", "bool", (3,))),
+        outputs=(TensorSpec("y", "float64", (-1,)),), device="cpu", trusted=True,
+        warmup=(("x", (1, 4)), ("mask", (3,))),
+        options={"module": "Net", "module_kwargs": {"width": 4}})
+    hash(spec)
+
+
+def test_warmup_table_gives_concrete_shapes(tmp_path):
+    manifest = ('warmup = {x = [8, 4]}\n'
+                '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 4]\n')
+    make_version(tmp_path, "m", 1, {"model.pt": "", "model.toml": manifest})
+    assert Repository(tmp_path).resolve("m").warmup == (("x", (8, 4)),)
+
+
+X = '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 4]\n'
+
+
+@pytest.mark.parametrize("manifest, bad", [
+    ("colour = 1", "colour"),
+    ('backend = "tensorflow"', "backend"),
+    ('bytes = "many"', "bytes"),
+    ("bytes = true", "bytes"),
+    ("bytes = -1", "bytes"),
+    ('device = "tpu"', "device"),
+    ("trusted = 1", "trusted"),
+    ("options = 3", "options"),
+    ("inputs = 3", "inputs"),
+    ('[[inputs]]\nname = "x"\nshape = [1]\n', "inputs[0]"),
+    ('[[inputs]]\nname = "x"\ndtype = "float8"\nshape = [1]\n', "inputs[0].dtype"),
+    ('[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-2]\n', "inputs[0].shape"),
+    ('[[outputs]]\nname = ""\ndtype = "float32"\nshape = [1]\n', "outputs[0].name"),
+    (X + X, "inputs"),
+    ("warmup = true", "warmup"),
+    ("warmup = {x = [0, 5]}\n" + X, "warmup.x"),
+    ("warmup = {y = [1, 4]}\n" + X, "warmup"),
+    ("backend = ", "model.toml"),
+])
+def test_bad_manifest_names_the_key(tmp_path, manifest, bad):
+    make_version(tmp_path, "m", 1, {"model.pt": "", "model.toml": manifest})
+    with pytest.raises(LoadFailed, match="model.toml") as raised:
+        Repository(tmp_path).resolve("m")
+    assert bad in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../etc", ".hidden", "", "a\\b",
+                                  "nul\x00", "x" * 256, None, 3])
+def test_invalid_names_are_model_not_found(tmp_path, name):
+    (tmp_path / ".hidden" / "1").mkdir(parents=True)
+    with pytest.raises(ModelNotFound):
+        check_name(name)
+    with pytest.raises(ModelNotFound):
+        Repository(tmp_path).resolve(name)
+
+
+def test_unknown_name_is_model_not_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    repo = Repository(tmp_path)
+    for name in ("nope", "empty"):
+        with pytest.raises(ModelNotFound):
+            repo.resolve(name)
+    with pytest.raises(ModelNotFound):
+        Repository(tmp_path / "missing-root").resolve("nope")
+
+
+def test_names_lists_valid_model_directories(tmp_path):
+    for name in ("b", "a.v2", ".hidden"):
+        make_version(tmp_path, name, 1, {"model.pt": ""})
+    (tmp_path / "file.txt").write_text("")
+    assert Repository(tmp_path).names() == ("a.v2", "b")
+    assert Repository(tmp_path / "missing").names() == ()
+
+
+def test_highest_version_is_the_default(tmp_path):
+    for version in (1, 2, 10):
+        make_version(tmp_path, "m", version, {"model.pt": ""})
+    for junk in ("latest", "03", "-1"):
+        (tmp_path / "m" / junk).mkdir()
+    repo = Repository(tmp_path)
+    assert repo.versions("m") == (1, 2, 10)
+    assert repo.resolve("m").version == 10
+    assert repo.resolve("m", 2).path == tmp_path / "m" / "2"
+    assert repo.resolve("m", "1").version == 1
+    for version in (3, -1, "01", "3", "x", True, 2.0):
+        with pytest.raises(ModelNotFound):
+            repo.resolve("m", version)
+
+
+def test_scan_is_cached_until_refresh(tmp_path):
+    make_version(tmp_path, "m", 1, {"model.pt": ""})
+    repo = Repository(tmp_path)
+    assert repo.resolve("m").version == 1
+    assert repo.names() == ("m",)
+    make_version(tmp_path, "m", 2, {"model.pt": ""})
+    make_version(tmp_path, "new", 1, {"model.pt": ""})
+    assert repo.resolve("m").version == 1
+    assert repo.resolve("new").version == 1  # a name never seen is looked up at once
+    assert repo.names() == ("m",)
+    repo.refresh()
+    assert repo.resolve("m").version == 2
+    assert repo.names() == ("m", "new")
+
+
+def test_estimated_bytes(tmp_path):
+    make_version(tmp_path, "declared", 1, {"model.pt": "x" * 100, "model.toml": "bytes = 7"})
+    make_version(tmp_path, "files", 1, {"model.pt": "x" * 100, "extra/more.bin": b"y" * 50})
+    path = demo.write_mlp(tmp_path / "st", "safetensors", 4, 8, 2)
+    repo = Repository(tmp_path)
+    assert repo.resolve("declared").estimated_bytes == 7
+    assert repo.resolve("files").estimated_bytes == 150
+    params = (4 * 8 + 8 + 8 * 2 + 2) * 4
+    assert repo.resolve("st").estimated_bytes == params
+    assert (path / "model.safetensors").stat().st_size > params
+
+
+def test_corrupt_safetensors_header_fails_at_resolve(tmp_path):
+    make_version(tmp_path, "m", 1, {"model.py": ""})
+    (tmp_path / "m" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(LoadFailed, match="not a valid safetensors file"):
+        Repository(tmp_path).resolve("m")
+
+
+def test_a_source_without_allow_code_carries_no_code(tmp_path):
+    demo.write_mlp(tmp_path / "handler", "handler")
+    demo.write_mlp(tmp_path / "module", "safetensors")
+    make_version(tmp_path, "script", 1, {"model.pt": "", "model.toml": "trusted = true"})
+    remote = Repository(tmp_path, allow_code=False)
+    for name in ("handler", "module"):
+        with pytest.raises(LoadFailed, match="not trusted to carry code"):
+            remote.resolve(name)
+    # Its manifest cannot vouch for its own pickles either.
+    assert remote.resolve("script").trusted is False
+    assert Repository(tmp_path).resolve("script").trusted is True
+    assert Repository(tmp_path).resolve("handler").backend == "handler"
