@@ -18,6 +18,10 @@ def _release_view(view):
         pass  # something still exports it; the mapping lives until that goes
 
 
+# Waiting for a record while holding others could wait forever: the
+# producer may need exactly their space.
+_WAIT_HOLDING = "get: release() the records you hold before waiting for more"
+
 HEADER_BYTES = MM_RING_HEADER_BYTES
 MAX_PARTS = MM_RING_MAX_PARTS
 
@@ -178,6 +182,8 @@ cdef class RingCore:
                 raise_status(status, "get")
             if timeout_ns == 0:
                 return None
+            if self.r.held:
+                raise InternalError(_WAIT_HOLDING)
             self._wait(1, 0, timeout_ns)
 
     def try_get(self):

@@ -1,4 +1,6 @@
 """mmengine: one serving instance for many models."""
+from mmengine.config import Config
+from mmengine.engine import Engine
 from mmengine.errors import (
     BadRequest,
     ErrorCode,
@@ -17,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",
+    "Config",
+    "Engine",
     "ErrorCode",
     "InternalError",
     "LoadFailed",

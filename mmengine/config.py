@@ -1,12 +1,159 @@
-"""Configuration: the only reader of MMENGINE_* environment variables."""
+"""Configuration: one frozen object, and the only reader of MMENGINE_* variables.
+
+A Config is filled from a TOML file, then MMENGINE_<KEY> environment
+variables, then explicit overrides (CLI flags), and validated once; an error
+names the bad key. The same object is passed whole into every process.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import tomllib
+from typing import Any, Mapping
 
 #: Set to 1 to run the pure-Python twins of the native core (the test
 #: oracle) instead of the Cython/C extensions.
 PURE_PYTHON_VAR = "MMENGINE_PURE_PYTHON"
+ENV_PREFIX = "MMENGINE_"
+GiB = 1 << 30
+MiB = 1 << 20
 
 
 def pure_python() -> bool:
     return os.environ.get(PURE_PYTHON_VAR, "0") not in ("", "0")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # -- models and workers
+    repo: str = ""                       # model repository root
+    device: str = "auto"                 # auto (GPUs if any) | cpu | cuda
+    workers: int = 2                     # CPU worker processes (GPU: one per GPU)
+    threads_per_worker: int = 0          # torch threads per CPU worker; 0: cores / workers
+    # -- memory
+    device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
+                                         # memory, or half the host's split over CPU workers
+    high_watermark: float = 0.80         # evict when usage would pass this fraction...
+    low_watermark: float = 0.70          # ...down to this one
+    host_memory_watermark: float = 0.80  # system memory fraction that forces eviction
+    idle_unload_s: float = 0.0           # unload models unused this long; 0: never
+    policy: str = "lru"                  # lru | gdsf
+    monitor_interval_s: float = 1.0      # how often resource readings are taken
+    # -- deadlines
+    request_timeout_s: float = 30.0      # default deadline of a request, load wait included
+    load_timeout_s: float = 120.0        # deadline of one load, separate from requests
+    ready_timeout_s: float = 60.0        # a worker's start-up handshake
+    shutdown_timeout_s: float = 10.0     # drain + stop, all workers together
+    # -- transport
+    ring_bytes: int = 64 * MiB           # each ring between the front-end and a worker
+    spin_us: float = 50.0                # a ring waiter spins this long before it parks
+    # -- serving (the servers read these)
+    host: str = "127.0.0.1"
+    tcp_port: int = 8081
+    http_port: int = 8080
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest message a ring takes: its capacity (see ring.py)."""
+        return 1 << (self.ring_bytes - 1).bit_length()
+
+    def replace(self, **changes: Any) -> "Config":
+        return load(overrides={**dataclasses.asdict(self), **changes}, env={})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_SIZE_KEYS = {"device_budget", "ring_bytes"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6,
+          "MIB": 1 << 20, "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12,
+          "TIB": 1 << 40}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from 1048576, "1MiB", "1.5 GB" and the like."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: {value!r} is not a size (e.g. 2GiB, 512MB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _FIELDS[key].type
+    try:
+        if key in _SIZE_KEYS:
+            return parse_size(value, key)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from None
+
+
+def _validate(c: Config) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(c, key)!r} {why}")
+
+    need(c.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    need(c.workers >= 1, "workers", "must be at least 1")
+    need(c.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
+    need(c.device_budget >= 0, "device_budget", "must be >= 0")
+    need(0 < c.high_watermark <= 1, "high_watermark", "must be in (0, 1]")
+    need(0 < c.low_watermark <= c.high_watermark, "low_watermark",
+         "must be in (0, high_watermark]")
+    need(0 < c.host_memory_watermark <= 1, "host_memory_watermark", "must be in (0, 1]")
+    need(c.idle_unload_s >= 0, "idle_unload_s", "must be >= 0")
+    need(c.policy in ("lru", "gdsf"), "policy", "must be lru or gdsf")
+    for key in ("monitor_interval_s", "request_timeout_s", "load_timeout_s",
+                "ready_timeout_s", "shutdown_timeout_s"):
+        need(getattr(c, key) > 0, key, "must be > 0")
+    need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
+    need(c.spin_us >= 0, "spin_us", "must be >= 0")
+    for key in ("tcp_port", "http_port"):
+        need(0 <= getattr(c, key) < 65536, key, "must be a port number (0: any free)")
+
+
+def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """A validated Config: defaults < TOML file < MMENGINE_* variables <
+    overrides (None values in overrides are ignored)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {os.fspath(file)!r}: {e}") from None
+        table = table.get("mmengine", table)  # a [mmengine] table or top-level keys
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{key}: unknown key in {os.fspath(file)!r}")
+            values[key] = value
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == PURE_PYTHON_VAR:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in _FIELDS:
+            values[key] = value
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{key}: unknown configuration key")
+        if value is not None:
+            values[key] = value
+    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(config)
+    return config

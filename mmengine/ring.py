@@ -39,7 +39,8 @@ it reads, and stores head (release) when it releases the record. A record
 returned by get() is a list of memoryviews into the segment: tensors are
 viewed in place, never copied out. A consumer may get several records before
 it releases; release() hands back the space of all of them at once, and
-their views are valid until then.
+their views are valid until then. A blocking get() must not wait while
+records are held (the producer may need exactly their space): it raises.
 
 Waking: a waiting side spins for `spin_us`, then stores its parked flag,
 fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
@@ -82,6 +83,9 @@ WRAP = 0xFFFFFFFF
 CREATOR_CLOSED = 0x1
 ATTACHER_CLOSED = 0x100
 MIN_CAPACITY = 64
+# Waiting for a record while holding others could wait forever: the
+# producer may need exactly their space.
+_WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 DEFAULT_SPIN_US = 50.0
 
 _OFF_CLOSED_BYTE = {True: 12, False: 13}  # creator?
@@ -390,6 +394,8 @@ class PyRing(_RingLife):
             parts = self.try_get()
             if parts is not None:
                 return parts
+            if self._held:
+                raise InternalError(_WAIT_HOLDING)
             self._wait(True, 0, deadline)
 
     def release(self) -> None:

@@ -1,0 +1,516 @@
+"""The Engine: many models, one set of workers, memory that never overflows.
+
+    async with Engine(Config(repo="models", workers=2)) as engine:
+        outputs = await engine.infer("resnet", {"x": batch})
+
+The engine is the one authority over where a model lives. A request for a
+model that is not resident starts its load (one load however many requests
+wait for it); the bytes it will take are reserved before the load starts,
+making room by evicting the least recently used models that no request is
+using; the reservation is corrected to the measured bytes once it is loaded.
+Every request pins its model until the worker has answered, so nothing is
+unloaded under a request. A monitor evicts models that have been idle too
+long, and the least recently used ones while host or GPU memory is above its
+watermark. Every request has a deadline; waiting for a load counts against
+it, while the load itself runs to a deadline of its own.
+
+Everything here runs on the event loop; the only blocking work (a first
+look at a model's files) runs in the default executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmengine import cache as books
+from mmengine import resources
+from mmengine.config import Config
+from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, Timeout,
+                             TooLarge, WorkerDied)
+from mmengine.messages import Op
+from mmengine.storage import ModelSpec, Repository
+from mmengine.workers import Worker, WorkerPool
+
+Key = tuple[str, int]
+STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
+               books.UNLOADING: "evicting", books.FAILED: "failed"}
+
+
+@dataclasses.dataclass
+class ModelStats:
+    loads: int = 0
+    evictions: int = 0
+    evictions_by_reason: dict = dataclasses.field(default_factory=dict)
+    failures: int = 0
+    last_error: str = ""
+    last_load_time: float = 0.0      # wall clock
+    load_duration_s: float = 0.0
+    measured_bytes: int = 0          # what the last load really took
+
+
+class Engine:
+    """The in-process engine. Use `async with Engine(config)` or start/stop."""
+
+    def __init__(self, config: Config | None = None, **overrides: Any):
+        config = config or Config()
+        self.config = config.replace(**overrides) if overrides else config
+        self.repo = Repository(self.config.repo)
+        self.pool: WorkerPool | None = None
+        self.cache = None
+        self._specs: dict[tuple[str, Any], ModelSpec] = {}
+        self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
+        self._gen: dict[Key, int] = {}               # bumped whenever an entry is created
+        self._stats: dict[Key, ModelStats] = {}
+        self._pinned: set[Key] = set()               # explicit pins
+        self._room = asyncio.Event()                 # set whenever pins or bytes drop
+        self._locks: list[asyncio.Lock] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._hits = 0
+
+    # -- life ------------------------------------------------------------------
+
+    async def start(self) -> "Engine":
+        self.pool = WorkerPool(self.config)
+        self.pool.on_death = self._on_worker_death
+        try:
+            await self.pool.start()
+        except BaseException:
+            await self.pool.stop()
+            raise
+        policy = books.GDSF if self.config.policy == "gdsf" else books.LRU
+        self.cache = books.Cache(len(self.pool.workers), policy)
+        for w in self.pool.workers:
+            self.cache.set_capacity(books.DEVICE, w.index,
+                                    resources.device_budget(self.config, w.device))
+        self._locks = [asyncio.Lock() for _ in self.pool.workers]
+        self._spawn(self._monitor())
+        return self
+
+    async def stop(self) -> None:
+        """Stops accepting, lets requests in flight finish (to the shutdown
+        deadline), then stops the workers."""
+        if self.pool is None or self._closing:
+            return
+        self._closing = True
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        while any(w.in_flight for w in self.pool.workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.stop()
+
+    async def __aenter__(self) -> "Engine":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- the request path --------------------------------------------------------
+
+    async def infer(self, name: str, inputs: Mapping[str, Any], version: int | None = None,
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Runs a model on named arrays (numpy, or torch on any device) and
+        returns its named outputs as numpy arrays."""
+        deadline = self._deadline(timeout)
+        arrays = _as_arrays(inputs)
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        worker = await self._acquire(key, spec, deadline)
+        try:
+            fut = worker.call(Op.INFER, spec.name, spec.version, arrays)
+        except BaseException:
+            self._unpin_request(key, self._gen[key])
+            raise
+        gen = self._gen[key]
+        fut.add_done_callback(lambda _: self._unpin_request(key, gen))
+        try:
+            _, outputs = await asyncio.wait_for(asyncio.shield(fut), self._left(deadline))
+        except asyncio.TimeoutError:
+            raise Timeout(f"{name}: no answer within the request's deadline") from None
+        return outputs
+
+    def _deadline(self, timeout: float | None) -> float:
+        if self._closing or self.pool is None:
+            raise Overloaded("the engine is not running")
+        return time.monotonic() + (self.config.request_timeout_s if timeout is None
+                                   else timeout)
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout("the request's deadline passed")
+        return left
+
+    async def _spec(self, name: str, version: int | None) -> ModelSpec:
+        spec = self._specs.get((name, version))
+        if spec is None:
+            # The first look at a model reads its directory: off the loop.
+            loop = asyncio.get_running_loop()
+            try:
+                spec = await loop.run_in_executor(None, self.repo.resolve, name, version)
+            except LoadFailed as e:  # it exists but cannot be served: say so in stats
+                versions = self.repo.versions(name)  # cached by the failed resolve
+                stats = self._stats.setdefault((name, version or versions[-1]), ModelStats())
+                stats.failures += 1
+                stats.last_error = str(e)
+                raise
+            self._specs[(name, version)] = spec
+        return spec
+
+    async def _acquire(self, key: Key, spec: ModelSpec, deadline: float) -> Worker:
+        """The worker on which `key` is resident, pinned for one request;
+        loads it (once, however many requests wait) if needed."""
+        while True:
+            if key in self.cache:
+                entry = self.cache.entry(key)
+                if entry.state == books.READY:
+                    self.cache.pin(key)
+                    self.cache.touch(key, time.monotonic())
+                    self._hits += 1
+                    return self.pool.workers[entry.worker]
+            op, task = self._busy.get(key) or self._start(key, Op.LOAD, self._load(key, spec))
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self._left(deadline))
+            except asyncio.TimeoutError:
+                raise Timeout(f"{key[0]}: not loaded within the request's deadline") from None
+            except MMEngineError:
+                if op == Op.LOAD:
+                    raise  # the load failed: every waiter hears why
+            # loaded or unloaded: look again (it may have gone meanwhile)
+
+    def _start(self, key: Key, op: Op, coro) -> tuple[Op, asyncio.Task]:
+        """Runs the one load or unload of `key` that others can wait for."""
+        busy = (op, self._spawn(coro))
+        self._busy[key] = busy
+
+        def done(task: asyncio.Task) -> None:
+            if self._busy.get(key) is busy:
+                del self._busy[key]
+            if not task.cancelled():
+                task.exception()  # an eviction may have nobody waiting on it
+
+        busy[1].add_done_callback(done)
+        return busy
+
+    def _unpin_request(self, key: Key, gen: int) -> None:
+        # A request pinned this generation of the entry; if the worker died
+        # and the model was loaded again since, the pin died with the old one.
+        if self._gen.get(key) == gen and key in self.cache:
+            self.cache.unpin(key)
+            self._room_changed()
+
+    def _room_changed(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
+
+    # -- loads -------------------------------------------------------------------
+
+    async def _load(self, key: Key, spec: ModelSpec) -> None:
+        stats = self._stats.setdefault(key, ModelStats())
+        t0 = time.monotonic()
+        deadline = t0 + self.config.load_timeout_s
+        need = stats.measured_bytes or spec.estimated_bytes
+        worker = await self._reserve(key, need, deadline)
+        gen = self._gen[key]
+        try:
+            fut = worker.call(Op.LOAD, key[0], key[1], params={"bytes": need})
+            body, _ = await asyncio.wait_for(asyncio.shield(fut), self._left(deadline))
+        except BaseException as e:
+            if isinstance(e, (asyncio.TimeoutError, Timeout)) and worker.alive:
+                # It may still finish: make sure it does not stay unaccounted.
+                worker.call(Op.UNLOAD, key[0], key[1])
+                e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s")
+            self._forget(key, gen)
+            stats.failures += 1
+            stats.last_error = str(e)
+            if isinstance(e, MMEngineError):
+                raise e from None
+            raise
+        if self._gen.get(key) != gen:
+            raise WorkerDied(f"{key[0]}: the worker died during the load")
+        stats.measured_bytes = int(body["bytes"])
+        stats.loads += 1
+        stats.last_load_time = time.time()
+        stats.load_duration_s = time.monotonic() - t0
+        self.cache.set_bytes(key, books.DEVICE, stats.measured_bytes)
+        self.cache.set_state(key, books.READY)
+        self.cache.touch(key, time.monotonic())
+        if stats.measured_bytes > need:
+            await self._shrink(worker.index, "pressure")  # the estimate was short
+
+    async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
+        """Makes room for `need` bytes on the worker with the most free
+        budget, and reserves them under a new LOADING entry."""
+        caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
+        if need > max(caps):
+            raise TooLarge(f"{key[0]}: needs {need} bytes, more than a worker's "
+                           f"whole budget ({max(caps)})")
+        while True:
+            room = self._room
+            for w in sorted((w for w in self.pool.workers if w.alive),
+                            key=lambda w: self.cache.used(books.DEVICE, w.index)
+                            - self.cache.capacity(books.DEVICE, w.index)):
+                # One reservation at a time per worker: its victims are chosen
+                # against books that no other reservation is changing.
+                async with self._locks[w.index]:
+                    victims, reason = self.cache.victims(
+                        books.DEVICE, w.index, need, self.config.high_watermark,
+                        self.config.low_watermark)
+                    if reason != books.OK:
+                        continue
+                    await asyncio.gather(*[self._evict(v, "pressure") for v in victims],
+                                         return_exceptions=True)
+                    if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
+                            not w.alive:
+                        continue  # lost what we made room for; try elsewhere
+                    self._gen[key] = self._gen.get(key, 0) + 1
+                    self.cache.insert(key, books.LOADING, w.index)
+                    self.cache.set_bytes(key, books.DEVICE, need)
+                    self.cache.touch(key, time.monotonic())
+                    return w
+            # Every worker's room is held by models in use: wait for a request
+            # to finish (or a worker to come back), up to the load's deadline.
+            try:
+                await asyncio.wait_for(room.wait(), self._left(deadline))
+            except (asyncio.TimeoutError, Timeout):
+                raise Overloaded(f"{key[0]}: no room for {need} bytes: every resident "
+                                 f"model is in use") from None
+
+    def _forget(self, key: Key, gen: int) -> None:
+        if self._gen.get(key) == gen and key in self.cache:
+            self.cache.remove(key)
+            self._room_changed()
+
+    # -- unloads -----------------------------------------------------------------
+
+    def _evict(self, key: Key, reason: str) -> asyncio.Task:
+        """Starts unloading a resident model that no request holds. The
+        state changes at once, so no one else can choose it meanwhile."""
+        entry = self.cache.entry(key)
+        self.cache.set_state(key, books.UNLOADING)
+        stats = self._stats.setdefault(key, ModelStats())
+        stats.evictions += 1
+        stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
+        return self._start(key, Op.UNLOAD, self._unload(key, entry.worker, self._gen[key]))[1]
+
+    async def _unload(self, key: Key, index: int, gen: int) -> None:
+        worker = self.pool.workers[index]
+        try:
+            if worker.alive:
+                await worker.call(Op.UNLOAD, key[0], key[1])
+        except WorkerDied:
+            pass  # its memory went with it
+        finally:
+            self._forget(key, gen)
+
+    async def _shrink(self, index: int, reason: str, need: int = 0) -> None:
+        victims, reason_code = self.cache.victims(
+            books.DEVICE, index, need, self.config.high_watermark, self.config.low_watermark)
+        if reason_code == books.OK and victims:
+            await asyncio.gather(*[self._evict(v, reason) for v in victims],
+                                 return_exceptions=True)
+
+    async def _monitor(self) -> None:
+        """Idle unloads and memory watermarks, once per interval."""
+        while True:
+            await asyncio.sleep(self.config.monitor_interval_s)
+            try:
+                await self._monitor_once()
+            except Exception as e:  # noqa: BLE001 - keep watching
+                print(f"mmengine: monitor: {e!r}")
+
+    async def _monitor_once(self) -> None:
+        if self.config.idle_unload_s:
+            for key in self.cache.idle(time.monotonic(), self.config.idle_unload_s):
+                if self.cache.entry(key).state == books.READY:
+                    self._evict(key, "idle")
+        if resources.host_memory_fraction() > self.config.host_memory_watermark:
+            victim = self._least_recent(lambda w: w.device == "cpu")
+            if victim is not None:
+                await self._evict(victim, "host_memory")
+        for w in self.pool.workers:
+            if w.device.startswith("cuda"):
+                used, total = resources.gpu_memory(int(w.device.split(":")[1]))
+                if used > self.config.high_watermark * total:
+                    victim = self._least_recent(lambda x: x is w)
+                    if victim is not None:
+                        await self._evict(victim, "gpu_memory")
+
+    def _least_recent(self, where) -> Key | None:
+        for key in self.cache.lru_keys():
+            e = self.cache.entry(key)
+            if e.state == books.READY and e.pins == 0 and where(self.pool.workers[e.worker]):
+                return key
+        return None
+
+    def _on_worker_death(self, worker: Worker) -> None:
+        for key in self.cache.lru_keys():
+            if self.cache.entry(key).worker == worker.index:
+                self._forget(key, self._gen[key])
+        if not self._closing:
+            self._spawn(self._revive(worker.index))
+
+    async def _revive(self, index: int) -> None:
+        await self.pool.restart(index)
+        self._room_changed()
+        for key in list(self._pinned):  # hot models must not stay cold
+            if key not in self.cache:
+                try:
+                    spec = await self._spec(*key)
+                    # The request's pin becomes the explicit one again.
+                    await self._acquire(key, spec, self._deadline(self.config.load_timeout_s))
+                except MMEngineError as e:
+                    self._stats.setdefault(key, ModelStats()).last_error = str(e)
+
+    # -- explicit control --------------------------------------------------------
+
+    async def load(self, name: str, version: int | None = None,
+                   timeout: float | None = None) -> dict:
+        """Makes a model resident now; returns its row of `stats()`."""
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
+        self._unpin_request(key, self._gen[key])
+        return self._model_row(key)
+
+    async def unload(self, name: str, version: int | None = None,
+                     timeout: float | None = None) -> None:
+        """Unloads a model (dropping an explicit pin), once the requests in
+        flight on it have finished."""
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        deadline = self._deadline(timeout)
+        if key in self._pinned:
+            self._pinned.discard(key)
+            if key in self.cache:
+                self.cache.unpin(key)
+        while key in self.cache or key in self._busy:
+            busy = self._busy.get(key)
+            if busy is not None:
+                await asyncio.wait([busy[1]], timeout=self._left(deadline))
+                continue
+            entry = self.cache.entry(key)
+            if entry.pins == 0 and entry.state == books.READY:
+                await self._evict(key, "unload")
+                continue
+            room = self._room
+            try:
+                await asyncio.wait_for(room.wait(), self._left(deadline))
+            except asyncio.TimeoutError:
+                raise Timeout(f"{name}: still in use at the deadline") from None
+
+    async def pin(self, name: str, version: int | None = None,
+                  timeout: float | None = None) -> dict:
+        """Loads a model if needed and keeps it resident until unpin()."""
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
+        if key in self._pinned:
+            self._unpin_request(key, self._gen[key])  # already held by its pin
+        else:
+            self._pinned.add(key)  # the request's pin becomes the explicit one
+        return self._model_row(key)
+
+    async def unpin(self, name: str, version: int | None = None) -> None:
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        if key in self._pinned:
+            self._pinned.discard(key)
+            if key in self.cache:
+                self.cache.unpin(key)
+                self._room_changed()
+
+    # -- what is where -------------------------------------------------------------
+
+    async def models(self) -> list[dict]:
+        """Every model of the repository with its versions and residency."""
+        loop = asyncio.get_running_loop()
+        names = await loop.run_in_executor(None, self.repo.names)
+        out = []
+        for name in names:
+            try:
+                versions = await loop.run_in_executor(None, self.repo.versions, name)
+            except MMEngineError:
+                continue
+            for v in versions:
+                out.append(self._model_row((name, v)))
+        return out
+
+    def _model_row(self, key: Key) -> dict:
+        stats = self._stats.get(key, ModelStats())
+        row = {"name": key[0], "version": key[1], "state": "on storage", "worker": None,
+               "bytes": 0, "hits": 0, "pins": 0, "pinned": key in self._pinned,
+               "loads": stats.loads, "evictions": stats.evictions,
+               "evictions_by_reason": dict(stats.evictions_by_reason),
+               "failures": stats.failures, "last_error": stats.last_error,
+               "last_load_time": stats.last_load_time,
+               "load_duration_s": stats.load_duration_s}
+        if self.cache is not None and key in self.cache:
+            e = self.cache.entry(key)
+            row.update(state=STATE_NAMES[e.state], worker=e.worker, bytes=e.device_bytes,
+                       hits=e.hits, pins=e.pins)
+        elif stats.failures and stats.last_error and not stats.loads:
+            row["state"] = "failed"
+        return row
+
+    def stats(self) -> dict:
+        keys = set(self._stats)
+        if self.cache is not None:
+            keys.update(self.cache.lru_keys())
+        rows = [self._model_row(k) for k in sorted(keys)]
+        workers = []
+        for w in self.pool.workers if self.pool else []:
+            workers.append({
+                "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
+                "in_flight": w.in_flight,
+                "used_bytes": self.cache.used(books.DEVICE, w.index) if self.cache else 0,
+                "budget_bytes": self.cache.capacity(books.DEVICE, w.index) if self.cache else 0,
+            })
+        resident = [r for r in rows if r["state"] == "resident"]
+        return {
+            "models": rows,
+            "workers": workers,
+            "totals": {
+                "hits": self._hits,
+                "loads": sum(r["loads"] for r in rows),
+                "evictions": sum(r["evictions"] for r in rows),
+                "failures": sum(r["failures"] for r in rows),
+                "resident_models": len(resident),
+                "resident_bytes": sum(r["bytes"] for r in resident),
+                "worker_restarts": self.pool.restarts if self.pool else 0,
+            },
+        }
+
+
+def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Contiguous native-order numpy arrays, copied only where they are not."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise BadRequest("inputs must be a non-empty mapping of name to array")
+    out = {}
+    for name, value in inputs.items():
+        if not isinstance(name, str):
+            raise BadRequest(f"input names must be strings, not {type(name).__name__}")
+        if type(value).__module__.startswith("torch"):
+            value = value.detach().cpu().numpy()  # torch is imported only if given
+        if not isinstance(value, np.ndarray):
+            raise BadRequest(f"input {name!r} must be a numpy array or a torch tensor, "
+                             f"not {type(value).__name__}")
+        if value.dtype.hasobject or value.dtype.fields is not None:
+            raise BadRequest(f"input {name!r}: dtype {value.dtype} cannot be sent")
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        out[name] = np.ascontiguousarray(value)
+    return out

@@ -1,0 +1,106 @@
+"""Every message that crosses the front-end <-> worker boundary.
+
+Both sides import this module and nothing else to speak to each other. A
+message is one ring record: a msgpack header (part 0) followed by the raw
+bytes of its tensors (parts 1..n), in the order the header lists them.
+
+Request header (front-end -> worker), a msgpack array:
+
+    [op, id, model, version, tensors, params]
+      op       Op.INFER | Op.LOAD | Op.UNLOAD
+      id       int, unique among the requests in flight to this worker
+      model    str, the model name
+      version  int
+      tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
+      params   map, op-specific (LOAD: {"bytes": estimate})
+
+Response header (worker -> front-end):
+
+    [id, code, body, tensors]
+      code     0 for success, else an mmengine.errors.ErrorCode
+      body     INFER: {"compute_us": float}; LOAD: {"bytes": measured};
+               READY (id 0): {"pid", "device"}; error: the message (str)
+      tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
+
+Tensors are C-contiguous arrays in native byte order; dtype is numpy's
+name for it ("float32"). A worker views request tensors in place in the
+ring; the front-end copies response tensors out once, since their record
+is released right after.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mmengine.errors import BadRequest
+
+OK = 0
+READY_ID = 0  # the id of the READY message a worker sends once it can serve
+
+
+class Op(enum.IntEnum):
+    INFER = 1
+    LOAD = 2
+    UNLOAD = 3
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpackb(buf) -> Any:
+    return msgpack.unpackb(buf, raw=False, use_list=True, strict_map_key=False)
+
+
+# -- tensors ----------------------------------------------------------------
+
+def describe(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
+    """(descriptors, buffers) for a dict of contiguous native arrays."""
+    descs, bufs = [], []
+    for name, a in arrays.items():
+        descs.append([name, a.dtype.name, list(a.shape)])
+        bufs.append(a if a.ndim else a.reshape(1))  # 0-d arrays export no buffer
+    return descs, bufs
+
+
+def view(descs: list, parts: list) -> dict[str, np.ndarray]:
+    """Arrays viewing `parts` as `descs` describe them; no copy."""
+    if len(descs) != len(parts):
+        raise BadRequest("message lists a different number of tensors than it carries")
+    out = {}
+    for (name, dtype, shape), part in zip(descs, parts):
+        try:
+            out[name] = np.frombuffer(part, dtype=dtype).reshape(shape)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"tensor {name!r}: {e}") from None
+    return out
+
+
+def copy_out(descs: list, parts: list) -> dict[str, np.ndarray]:
+    """Arrays owning a copy of `parts`: for records about to be released."""
+    return {name: a.copy() for name, a in view(descs, parts).items()}
+
+
+# -- requests ---------------------------------------------------------------
+
+def request(op: Op, rid: int, model: str, version: int, tensors: list = (),
+            params: dict | None = None) -> bytes:
+    return _packb([int(op), rid, model, version, list(tensors), params or {}])
+
+
+def parse_request(header) -> tuple[Op, int, str, int, list, dict]:
+    op, rid, model, version, tensors, params = _unpackb(header)
+    return Op(op), rid, model, version, tensors, params
+
+
+# -- responses --------------------------------------------------------------
+
+def response(rid: int, code: int = OK, body: Any = None, tensors: list = ()) -> bytes:
+    return _packb([rid, int(code), body, list(tensors)])
+
+
+def parse_response(header) -> tuple[int, int, Any, list]:
+    rid, code, body, tensors = _unpackb(header)
+    return rid, code, body, tensors

@@ -1,0 +1,195 @@
+"""The worker: resident models, a loader thread, inference on the main thread.
+
+`WorkerLogic` holds the models and does the work, with no I/O of its own, so
+tests can drive it in-process. `main` is the process shell around it: it
+attaches the two rings, says READY, and serves requests until the
+front-end closes the request ring (or dies).
+
+Inference runs on the main thread straight from the ring: request tensors
+are numpy views of the record, which is released only after the response
+(that may alias them) has been written. Loads and unloads run on a loader
+thread, on a CUDA stream of its own on a GPU, so a load never stalls
+inference of the models already resident. Both threads write responses; a
+lock makes them one producer of the response ring.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+from mmengine import messages
+from mmengine.config import Config
+from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound,
+                             PeerDied, RecordTooLarge, RingClosed, TooLarge)
+from mmengine.messages import Op
+from mmengine.ring import Ring, RingHandle
+from mmengine.storage import Repository
+
+Key = tuple[str, int]
+
+
+class WorkerLogic:
+    """The models resident on one device, and what can be done with them."""
+
+    def __init__(self, config: Config, device: str):
+        import torch  # only workers pay for torch
+
+        self._torch = torch
+        self.device = device
+        self.repo = Repository(config.repo)
+        self.models: dict[Key, object] = {}
+        self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+
+    def load(self, name: str, version: int) -> int:
+        """Loads a model (on the loader thread); returns the bytes it takes."""
+        from mmengine.backends import load_model
+
+        key = (name, version)
+        if key in self.models:
+            return self.models[key].nbytes
+        spec = self.repo.resolve(name, version)
+        if self._stream is None:
+            model = load_model(spec, self.device)
+        else:
+            with self._torch.cuda.stream(self._stream):
+                model = load_model(spec, self.device)
+            self._stream.synchronize()
+        self.models[key] = model  # published only once whole
+        return model.nbytes
+
+    def unload(self, name: str, version: int) -> None:
+        model = self.models.pop((name, version), None)
+        if model is not None:
+            model.close()
+
+    def infer(self, name: str, version: int, inputs: dict[str, np.ndarray]):
+        model = self.models.get((name, version))
+        if model is None:
+            raise ModelNotFound(f"{name} v{version} is not resident on this worker")
+        return model.predict(inputs)
+
+
+class _Responder:
+    """The response ring's one producer, shared by two threads."""
+
+    def __init__(self, ring):
+        self._ring = ring
+        self._lock = threading.Lock()
+
+    def send(self, rid: int, code: int = messages.OK, body=None,
+             outputs: dict[str, np.ndarray] | None = None) -> None:
+        descs, bufs = messages.describe(
+            {k: np.ascontiguousarray(v) for k, v in (outputs or {}).items()})
+        header = messages.response(rid, code, body, descs)
+        with self._lock:
+            try:
+                self._ring.put(header, *bufs)
+            except RecordTooLarge:
+                self._ring.put(messages.response(
+                    rid, TooLarge.code, "the response is larger than the response ring"))
+
+    def fail(self, rid: int, e: BaseException) -> None:
+        if not isinstance(e, MMEngineError):
+            e = InternalError(f"{type(e).__name__}: {e}")
+        self.send(rid, e.code, str(e))
+
+
+def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
+    """The loader thread: loads and unloads from the control ring."""
+    while True:
+        try:
+            parts = ctl.get()
+        except (RingClosed, PeerDied):
+            return
+        try:
+            op, rid, name, version, _, _ = messages.parse_request(parts[0])
+        except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
+            print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
+            continue
+        finally:
+            del parts
+            ctl.release()
+        try:
+            if op == Op.LOAD:
+                out.send(rid, body={"bytes": logic.load(name, version)})
+            elif op == Op.UNLOAD:
+                logic.unload(name, version)
+                out.send(rid)
+            else:
+                raise InternalError(f"op {op!r} on the control ring")
+        except MMEngineError as e:
+            out.fail(rid, e)
+        except Exception as e:  # a backend bug must not kill the worker
+            out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
+
+
+def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
+    """The main thread: inference, straight from the ring."""
+    while True:
+        try:
+            parts = req.get()
+        except RingClosed:
+            return  # the front-end is shutting down: everything sent is served
+        try:
+            op, rid, name, version, tensors, _ = messages.parse_request(parts[0])
+        except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
+            del parts
+            req.release()
+            print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
+            continue
+        try:
+            if op != Op.INFER:
+                raise InternalError(f"op {op!r} on the inference ring")
+            t0 = time.perf_counter()
+            outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
+            body = {"compute_us": (time.perf_counter() - t0) * 1e6}
+            out.send(rid, body=body, outputs=outputs)
+        except Exception as e:  # every failure goes back typed
+            out.fail(rid, e)
+        finally:
+            outputs = None
+        del parts
+        req.release()
+
+
+def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):
+    ring = Ring.attach(RingHandle(name, data_fd, space_fd, spin_us))
+    os.close(data_fd)  # inherited; the ring holds duplicates of its own
+    os.close(space_fd)
+    return ring
+
+
+def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle: tuple,
+         resp_handle: tuple) -> None:
+    """The worker process; each handle is (name, data_fd, space_fd, spin_us)
+    with descriptors inherited from the front-end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    import torch
+
+    if device == "cpu":
+        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
+        torch.set_num_threads(threads)
+    req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
+    out = _Responder(resp)
+    logic = WorkerLogic(config, device)
+    loader = threading.Thread(target=_serve_control, args=(ctl, out, logic),
+                              name=f"mmengine-loader-{index}", daemon=True)
+    loader.start()
+    out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})
+    try:
+        _serve(req, out, logic)
+    except PeerDied:
+        os._exit(0)  # the front-end is gone: nobody is left to answer
+    loader.join()
+    for ring in (req, ctl, resp):
+        ring.close()
+
+if __name__ == "__main__":
+    import pickle
+
+    main(*pickle.load(sys.stdin.buffer))

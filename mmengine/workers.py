@@ -1,0 +1,369 @@
+"""Worker processes and the channels to them, owned by one object.
+
+`WorkerPool` spawns the workers, creates their rings, holds the READY
+handshake to a deadline, watches each process's sentinel so that a death is
+noticed at once, and shuts everything down against one deadline. Every child
+and every segment is released through a finalizer registered before
+anything can fail.
+
+`Worker` is the front-end's end of one worker: an RPC channel over its two
+rings on the event loop. `call` writes a request (or queues it while the
+request ring is full, without blocking the loop) and returns a future that
+the response reader resolves; a death fails every future in flight with
+WorkerDied.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import time
+import weakref
+from typing import Callable
+
+import mmengine
+
+from mmengine import messages, resources
+from mmengine.config import Config
+from mmengine.errors import RingClosed, TooLarge, WorkerDied, error_for
+from mmengine.messages import Op
+from mmengine.ring import Ring
+
+_BURST = 64  # responses handled before the response ring's space is handed back
+CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
+
+
+class _Outlet:
+    """One request ring as the loop writes it: records go in order, and
+    while the ring is full they wait in an outbox (holding references to
+    the caller's arrays, not copies) until the worker frees space."""
+
+    def __init__(self, ring, worker: "Worker"):
+        self.ring = ring
+        self._worker = worker
+        self._outbox: collections.deque = collections.deque()
+        self._waiting = False
+
+    def send(self, header: bytes, bufs: list) -> None:
+        need = self.ring.record_size(len(header), *(memoryview(b).nbytes for b in bufs))
+        if need > self.ring.max_record:
+            raise TooLarge(f"request of {need} bytes exceeds the ring's {self.ring.max_record}")
+        if self._outbox or not self._try_put(header, bufs):
+            self._outbox.append((header, bufs, need))
+            if not self._waiting:
+                self._wait_for_room()
+
+    def _try_put(self, header: bytes, bufs: list) -> bool:
+        try:
+            return self.ring.try_put(header, *bufs)
+        except RingClosed:
+            raise WorkerDied(f"worker {self._worker.index} closed its ring") from None
+
+    def _wait_for_room(self) -> None:
+        loop = self._worker.loop
+        self._waiting = True
+        if self.ring.arm_write(self._outbox[0][2]):
+            loop.add_reader(self.ring.writable_fd, self._on_writable)
+        else:
+            loop.call_soon(self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._waiting = False
+        if not self._worker.alive:
+            return
+        _remove_reader(self._worker.loop, self.ring.writable_fd)
+        self.ring.disarm_write()
+        try:
+            while self._outbox:
+                header, bufs, _ = self._outbox[0]
+                if not self._try_put(header, bufs):
+                    self._wait_for_room()
+                    return
+                self._outbox.popleft()
+        except WorkerDied as e:
+            self._worker._died(str(e))
+
+    def clear(self) -> None:
+        self._outbox.clear()
+
+
+def _remove_reader(loop, fd: int) -> None:
+    try:
+        loop.remove_reader(fd)
+    except (ValueError, OSError):
+        pass
+
+
+class Worker:
+    """The front-end's channel to one worker process: an inference ring
+    (read by the worker's main thread), a control ring for loads and
+    unloads (read by its loader thread, so they never queue behind a long
+    inference) and one response ring."""
+
+    def __init__(self, index: int, device: str, config: Config):
+        self.index = index
+        self.device = device
+        rings = []
+        try:
+            for size in (config.ring_bytes, CONTROL_RING_BYTES, config.ring_bytes):
+                rings.append(Ring.create(size, spin_us=config.spin_us))
+        except BaseException:
+            for ring in rings:
+                ring.close()
+            raise
+        self.req, self.ctl, self.resp = rings
+        self._config = config
+        self.process: subprocess.Popen | None = None
+        self._pidfd = -1
+        self.pid: int | None = None
+        self.alive = True
+        self.ready: asyncio.Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._infer = _Outlet(self.req, self)
+        self._control = _Outlet(self.ctl, self)
+        self.on_death: Callable[["Worker"], None] | None = None
+
+    @property
+    def rings(self) -> tuple:
+        return self.req, self.ctl, self.resp
+
+    # -- life ----------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts the process: a fresh interpreter running mmengine.worker,
+        which inherits the rings' eventfds and reads its arguments from
+        stdin. (multiprocessing's spawn would re-import the embedding
+        program's __main__ in every worker.)"""
+        self.loop = loop
+        self.ready = loop.create_future()
+        fds = [fd for r in self.rings for fd in (r.handle.data_fd, r.handle.space_fd)]
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                          env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mmengine.worker"], stdin=subprocess.PIPE,
+            pass_fds=fds, env=env)
+        self.pid = self.process.pid
+        args = (self._config, self.device, self.index, *(_plain(r.handle) for r in self.rings))
+        self.process.stdin.write(pickle.dumps(args))
+        self.process.stdin.close()
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self.resp.readable_fd, self._on_readable)
+        loop.add_reader(self._pidfd, self._on_exit)
+        if self.resp.arm_read() is False:
+            loop.call_soon(self._on_readable)
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _on_exit(self) -> None:
+        self._died(f"worker {self.index} (pid {self.pid}) exited with code "
+                   f"{self.process.poll()}")
+
+    def _died(self, why: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self._detach()
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(WorkerDied(why))
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerDied(why))
+        self._infer.clear()
+        self._control.clear()
+        if self.on_death is not None:
+            self.on_death(self)
+
+    def _detach(self) -> None:
+        if self.loop is None or self.loop.is_closed():
+            return
+        for fd in (self.resp.readable_fd, self._pidfd, self.req.writable_fd,
+                   self.ctl.writable_fd):
+            _remove_reader(self.loop, fd)
+
+    def close_requests(self) -> None:
+        """No more requests: the worker serves what it has, then exits."""
+        self.req.close()
+        self.ctl.close()
+
+    def release(self) -> None:
+        """Frees the rings and the descriptors, and reaps the process (call
+        once it has exited)."""
+        self.alive = False
+        self._detach()
+        for ring in self.rings:
+            ring.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self.process is not None:
+            self.process.poll()
+
+    # -- requests ------------------------------------------------------------
+
+    def call(self, op: Op, model: str, version: int, arrays: dict | None = None,
+             params: dict | None = None) -> asyncio.Future:
+        """Sends one request; the future resolves to (body, outputs) or a typed
+        error. Never blocks: a full ring queues the request in order."""
+        if not self.alive:
+            raise WorkerDied(f"worker {self.index} is not running")
+        rid = next(self._ids)
+        descs, bufs = messages.describe(arrays or {})
+        header = messages.request(op, rid, model, version, descs, params)
+        (self._infer if op == Op.INFER else self._control).send(header, bufs)
+        fut = self.loop.create_future()
+        self._pending[rid] = fut
+        return fut
+
+    # -- responses -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """Drains the response ring. Never raises: an error is set on the
+        future it concerns (a read callback must not break the loop)."""
+        if not self.alive:
+            return
+        ring = self.resp
+        ring.disarm_read()
+        try:
+            while True:
+                for _ in range(_BURST):
+                    parts = ring.try_get()
+                    if parts is None:
+                        break
+                    self._on_response(parts)
+                    del parts
+                if ring.held:
+                    ring.release()
+                if ring.arm_read():
+                    return
+        except RingClosed:
+            self._died(f"worker {self.index} closed its response ring")
+        except Exception as e:  # noqa: BLE001 - the engine must survive this
+            self._died(f"worker {self.index}: unreadable response: {e!r}")
+
+    def _on_response(self, parts: list) -> None:
+        rid, code, body, descs = messages.parse_response(parts[0])
+        if rid == messages.READY_ID:
+            if not self.ready.done():
+                self.ready.set_result(body)
+            return
+        fut = self._pending.pop(rid, None)
+        if fut is None or fut.done():
+            return  # its caller gave up (timeout); nothing to copy
+        if code != messages.OK:
+            fut.set_exception(error_for(code, body))
+        else:
+            fut.set_result((body, messages.copy_out(descs, parts[1:])))
+
+
+class WorkerPool:
+    """Every worker process of an engine, and their shared life cycle."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.devices = resources.plan_devices(config)
+        self.workers: list[Worker] = []
+        self.on_death: Callable[[Worker], None] | None = None
+        self._restarts: dict[int, list[float]] = collections.defaultdict(list)
+        self._finalizer = weakref.finalize(self, _kill_all, self.workers)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for index, device in enumerate(self.devices):
+            self.workers.append(self._spawn(index, device, loop))
+        await self._await_ready(self.workers)
+
+    def _spawn(self, index: int, device: str, loop) -> Worker:
+        w = Worker(index, device, self.config)
+        w.on_death = self._on_death
+        w.start(loop)
+        return w
+
+    async def _await_ready(self, workers: list[Worker]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.ready for w in workers)),
+                                   self.config.ready_timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerDied(f"workers not ready within {self.config.ready_timeout_s} s") \
+                from None
+
+    def _on_death(self, w: Worker) -> None:
+        if self.on_death is not None:
+            self.on_death(w)
+
+    async def restart(self, index: int) -> Worker:
+        """A fresh worker (new process, new rings) in the place of a dead one;
+        repeated crashes back off, up to 30 s between attempts."""
+        old = self.workers[index]
+        old.release()
+        recent = [t for t in self._restarts[index] if time.monotonic() - t < 60]
+        self._restarts[index] = recent + [time.monotonic()]
+        if recent:
+            await asyncio.sleep(min(30.0, 0.1 * 2 ** len(recent)))
+        w = self._spawn(index, old.device, asyncio.get_running_loop())
+        self.workers[index] = w
+        await self._await_ready([w])
+        return w
+
+    @property
+    def restarts(self) -> int:
+        return sum(len(v) for v in self._restarts.values())
+
+    async def stop(self) -> None:
+        """Close every request ring (workers drain and exit), then wait for
+        them against one deadline; whoever is left is terminated, then
+        killed. Leaves no process and no segment behind."""
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        for w in self.workers:
+            w.on_death = None
+            if w.alive:
+                w.close_requests()
+        for w in self.workers:
+            while w.is_running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        for w in self.workers:
+            _end(w.process, max(0.0, deadline - time.monotonic()) + 1.0)
+            w.release()
+        self._finalizer.detach()
+
+
+def _plain(handle) -> tuple:
+    # The child inherits the descriptors under the same numbers.
+    return handle.name, handle.data_fd, handle.space_fd, handle.spin_us
+
+
+def _end(process: subprocess.Popen | None, grace: float) -> None:
+    """Terminates, then kills, a process that has not exited; reaps it."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _kill_all(workers: list[Worker]) -> None:
+    """Last resort for a pool that was never stopped: no orphans, no segments."""
+    for w in workers:
+        if w.process is not None and w.process.poll() is None:
+            w.process.kill()
+            w.process.wait(5)
+        for ring in w.rings:
+            ring.close()
+

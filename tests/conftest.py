@@ -1,0 +1,69 @@
+"""Shared test helpers: an event loop that fails the test on any error that
+reached its exception handler, and model repositories made of real files."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import uvloop
+
+
+def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
+    """Runs `coro` on a fresh uvloop with a deadline. Fails if anything
+    reached the loop's exception handler (a callback that raised, a task
+    whose error nobody retrieved), or if the loop stalled for longer than
+    `max_stall` seconds: something blocked it (generous, for 2 noisy cores)."""
+    errors = []
+    stalls = []
+
+    async def watchdog():
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(0.01)
+            if loop.time() - t0 > max_stall:
+                stalls.append(loop.time() - t0)
+
+    async def main():
+        dog = asyncio.ensure_future(watchdog())
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        finally:
+            dog.cancel()
+
+    loop = uvloop.new_event_loop()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        result = loop.run_until_complete(main())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    assert not errors, f"errors reached the event loop: {errors}"
+    assert not stalls, f"the event loop was blocked for {max(stalls):.2f} s"
+    return result
+
+
+def live_pids(pids) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return alive
+
+
+@pytest.fixture
+def own_segments():
+    """The shared-memory segments this test process creates must be gone by
+    the end of the test."""
+    from mmengine import shm
+
+    prefix = f"{shm.PREFIX}{os.getpid()}-"
+    before = {s for s in shm.list_segments() if s.startswith(prefix)}
+    yield
+    left = {s for s in shm.list_segments() if s.startswith(prefix)} - before
+    assert not left, f"segments left behind: {sorted(left)}"

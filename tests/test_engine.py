@@ -1,0 +1,320 @@
+"""The in-process Engine over real worker processes and real shared memory."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import live_pids, run
+from mmengine import demo, shm
+from mmengine.config import Config
+from mmengine.engine import Engine
+from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, TooLarge,
+                             WorkerDied)
+from mmengine.storage import Repository
+
+DIMS = (16, 64, 8)  # in, hidden, out: 6,432 bytes of weights each
+N_MODELS = 50
+
+SLOW_HANDLER = '''
+import time
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+'''
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    models = {}
+    for i in range(N_MODELS):
+        name = f"m{i:02d}"
+        demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
+        models[name] = demo.DemoModel(name, "safetensors", *DIMS, seed=i)
+    for backend in demo.BACKENDS:
+        demo.write_mlp(root / f"any-{backend}", backend, 4, 8, 2, seed=7)
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
+    huge = demo.write_mlp(root / "huge", "safetensors", 4, 8, 2)
+    (huge / "model.toml").write_text((huge / "model.toml").read_text() + "\n")
+    with open(huge / "model.toml") as f:
+        text = f.read()
+    (huge / "model.toml").write_text("bytes = 1000000000000\n" + text)
+    return root, models
+
+
+def model_bytes(root) -> int:
+    return Repository(root).resolve("m00").estimated_bytes
+
+
+def config(root, **kw) -> Config:
+    defaults = dict(repo=str(root), workers=2, device_budget=3 * model_bytes(root) + 100,
+                    monitor_interval_s=0.1, request_timeout_s=60)
+    return Config(**{**defaults, **kw})
+
+
+def x_for(rng: np.random.Generator, in_features: int = DIMS[0]) -> np.ndarray:
+    return rng.standard_normal((2, in_features)).astype(np.float32)
+
+
+def test_random_traffic_is_correct_and_stays_in_budget(repo, own_segments):
+    root, models = repo
+    names = sorted(models)
+    seed = random.randrange(1 << 30)
+    print(f"engine traffic seed={seed}")
+    budget = config(root).device_budget
+
+    async def main():
+        over = []
+        async with Engine(config(root)) as engine:
+            stop = asyncio.Event()
+
+            async def sample():
+                while not stop.is_set():
+                    for w in engine.pool.workers:
+                        used = engine.cache.used(2, w.index)
+                        if used > budget:
+                            over.append(used)
+                    await asyncio.sleep(0.001)
+
+            async def client(k):
+                rng = random.Random(seed + k)
+                nrng = np.random.default_rng(seed + k)
+                weights = [1 / (i + 1) for i in range(len(names))]
+                for _ in range(250):
+                    name = rng.choices(names, weights)[0]
+                    x = x_for(nrng)
+                    out = await engine.infer(name, {"x": x})
+                    np.testing.assert_allclose(out["y"], models[name].reference(x),
+                                               rtol=1e-5, atol=1e-5)
+
+            sampler = asyncio.ensure_future(sample())
+            await asyncio.gather(*(client(k) for k in range(8)))  # 2,000 requests
+            stop.set()
+            await sampler
+            stats = engine.stats()
+        return over, stats
+
+    over, stats = run(main(), timeout=240)
+    assert not over, f"accounted bytes passed the budget: {max(over)} > {budget}"
+    totals = stats["totals"]
+    assert totals["failures"] == 0
+    assert totals["loads"] > 6, "a budget of ~6 models must have evicted"
+    # Every load either is still resident or was evicted once.
+    assert totals["loads"] - totals["evictions"] == totals["resident_models"]
+    assert totals["loads"] == sum(r["loads"] for r in stats["models"])
+    assert totals["hits"] == 2000
+    for w in stats["workers"]:
+        assert w["used_bytes"] <= w["budget_bytes"]
+
+
+def test_concurrent_first_requests_share_one_load(repo, own_segments):
+    root, models = repo
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            x = x_for(np.random.default_rng(1))
+            outs = await asyncio.gather(*(engine.infer("m07", {"x": x}) for _ in range(20)))
+            for out in outs:
+                np.testing.assert_allclose(out["y"], models["m07"].reference(x), rtol=1e-5,
+                                           atol=1e-5)
+            return engine.stats()
+
+    stats = run(main())
+    row = next(r for r in stats["models"] if r["name"] == "m07")
+    assert row["loads"] == 1
+    assert stats["totals"]["loads"] == 1
+
+
+def test_busy_and_pinned_models_survive_pressure(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.pin("m01")
+            rng = np.random.default_rng(2)
+            slow = asyncio.ensure_future(
+                engine.infer("slow", {"seconds": np.array([4.0])}))
+            await asyncio.sleep(0.3)
+            assert engine._model_row(("slow", 1))["state"] == "resident"
+            # Loads run beside inference on the worker's loader thread, so
+            # they pile pressure on while the slow request holds its model.
+            for name in ("m02", "m03", "m04", "m05", "m06"):  # far past the budget
+                await engine.load(name)
+                assert not slow.done()
+                assert engine._model_row(("slow", 1))["state"] == "resident"
+                assert engine._model_row(("m01", 1))["state"] == "resident"
+            out = await slow
+            assert out["y"][0] == 8.0
+            await engine.unpin("m01")
+            for name in ("m02", "m03", "m04", "m05"):
+                await engine.infer(name, {"x": x_for(rng)})
+            return engine.stats()
+
+    stats = run(main())
+    rows = {r["name"]: r for r in stats["models"]}
+    assert rows["m01"]["state"] == "on storage"  # evicted once unpinned
+    assert rows["m01"]["evictions"] == 1
+    assert stats["totals"]["evictions"] >= 4
+
+
+def test_idle_models_are_unloaded(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, idle_unload_s=0.3)) as engine:
+            await engine.infer("m08", {"x": x_for(np.random.default_rng(3))})
+            assert engine._model_row(("m08", 1))["state"] == "resident"
+            deadline = time.monotonic() + 10
+            while engine._model_row(("m08", 1))["state"] != "on storage":
+                assert time.monotonic() < deadline, "idle model never unloaded"
+                await asyncio.sleep(0.05)
+            return engine._model_row(("m08", 1))
+
+    row = run(main())
+    assert row["evictions_by_reason"] == {"idle": 1}
+
+
+def test_host_memory_watermark_evicts(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        # Any machine is above 0.1% of its memory in use: the monitor must
+        # evict least recently used models one by one, all of them.
+        async with Engine(config(root, host_memory_watermark=0.001)) as engine:
+            rng = np.random.default_rng(4)
+            for name in ("m10", "m11"):
+                await engine.infer(name, {"x": x_for(rng)})
+            deadline = time.monotonic() + 10
+            while engine.stats()["totals"]["resident_models"]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            return engine.stats()
+
+    stats = run(main())
+    reasons = [r["evictions_by_reason"] for r in stats["models"] if r["evictions"]]
+    assert reasons == [{"host_memory": 1}, {"host_memory": 1}]
+
+
+def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments):
+    root, models = repo
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            x = x_for(np.random.default_rng(5))
+            cases = [
+                (ModelNotFound, engine.infer("no-such-model", {"x": x})),
+                (ModelNotFound, engine.infer("../m00", {"x": x})),
+                (ModelNotFound, engine.infer("m00", {"x": x}, version=9)),
+                (BadRequest, engine.infer("m00", {"x": x[:, :3]})),
+                (BadRequest, engine.infer("m00", {"x": x.astype(np.float64)})),
+                (BadRequest, engine.infer("m00", {"z": x})),
+                (BadRequest, engine.infer("m00", {"x": "not an array"})),
+                (TooLarge, engine.infer("huge", {"x": x[:, :4]})),
+                (LoadFailed, engine.infer("corrupt", {"x": x})),
+            ]
+            for expected, call in cases:
+                with pytest.raises(expected):
+                    await call
+                out = await engine.infer("m00", {"x": x})  # still serving
+                np.testing.assert_allclose(out["y"], models["m00"].reference(x),
+                                           rtol=1e-5, atol=1e-5)
+            return engine.stats()
+
+    stats = run(main())
+    rows = {r["name"]: r for r in stats["models"]}
+    assert rows["corrupt"]["state"] == "failed"
+    assert "safetensors" in rows["corrupt"]["last_error"]
+
+
+def test_every_backend_loads_and_answers(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, device_budget=1 << 24)) as engine:
+            x = x_for(np.random.default_rng(6), 4)
+            for backend in demo.BACKENDS:
+                out = await engine.infer(f"any-{backend}", {"x": x})
+                np.testing.assert_allclose(out["y"], demo.reference(x, 4, 8, 2, seed=7),
+                                           rtol=1e-5, atol=1e-5, err_msg=backend)
+
+    run(main())
+
+
+def test_torch_inputs_are_accepted(repo, own_segments):
+    import torch
+
+    root, models = repo
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            x = torch.randn(3, DIMS[0])
+            out = await engine.infer("m09", {"x": x})
+            np.testing.assert_allclose(out["y"], models["m09"].reference(x.numpy()),
+                                       rtol=1e-5, atol=1e-5)
+
+    run(main())
+
+
+def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
+    root, models = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            victim = engine.pool.workers[0].pid
+            slow = asyncio.ensure_future(
+                engine.infer("slow", {"seconds": np.array([5.0])}))
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(WorkerDied):
+                await slow
+            assert time.monotonic() - t0 < 1.0
+            x = x_for(np.random.default_rng(8))
+            deadline = time.monotonic() + 30
+            while True:  # the restarted worker serves again
+                try:
+                    out = await engine.infer("m03", {"x": x})
+                    break
+                except WorkerDied:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            np.testing.assert_allclose(out["y"], models["m03"].reference(x), rtol=1e-5,
+                                       atol=1e-5)
+            assert engine.pool.workers[0].pid != victim
+            return engine.stats(), victim
+
+    stats, victim = run(main())
+    assert stats["totals"]["worker_restarts"] == 1
+    assert not live_pids([victim])
+
+
+def test_shutdown_leaves_no_process_and_no_segment(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        engine = Engine(config(root))
+        await engine.start()
+        pids = [w.pid for w in engine.pool.workers]
+        names = [r.name for w in engine.pool.workers for r in (w.req, w.resp)]
+        await engine.infer("m00", {"x": x_for(np.random.default_rng(9))})
+        await engine.stop()
+        return pids, names
+
+    pids, names = run(main())
+    assert not live_pids(pids)
+    assert not set(names) & set(shm.list_segments())
