@@ -1,4 +1,5 @@
 """mmengine: one serving instance for many models."""
+from mmengine.client import AsyncClient, Client
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.errors import (
@@ -18,7 +19,9 @@ from mmengine.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "BadRequest",
+    "Client",
     "Config",
     "Engine",
     "ErrorCode",

@@ -128,18 +128,27 @@ class Engine:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         worker = await self._acquire(key, spec, deadline)
-        try:
-            fut = worker.call(Op.INFER, spec.name, spec.version, arrays)
-        except BaseException:
-            self._unpin_request(key, self._gen[key])
-            raise
         gen = self._gen[key]
-        fut.add_done_callback(lambda _: self._unpin_request(key, gen))
         try:
-            _, outputs = await asyncio.wait_for(asyncio.shield(fut), self._left(deadline))
-        except asyncio.TimeoutError:
+            # The pin is dropped when the worker is done with the request, not
+            # when the caller stops waiting: a timed-out request still runs.
+            fut = worker.call(Op.INFER, spec.name, spec.version, arrays,
+                              on_done=lambda: self._unpin_request(key, gen))
+        except BaseException:
+            self._unpin_request(key, gen)
+            raise
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                _, outputs = await fut
+        except TimeoutError:
             raise Timeout(f"{name}: no answer within the request's deadline") from None
         return outputs
+
+    @staticmethod
+    def _loop_deadline(deadline: float) -> float:
+        # Deadlines are time.monotonic(); the loop's clock may differ.
+        loop = asyncio.get_running_loop()
+        return loop.time() + (deadline - time.monotonic())
 
     def _deadline(self, timeout: float | None) -> float:
         if self._closing or self.pool is None:
@@ -227,7 +236,8 @@ class Engine:
         gen = self._gen[key]
         try:
             fut = worker.call(Op.LOAD, key[0], key[1], params={"bytes": need})
-            body, _ = await asyncio.wait_for(asyncio.shield(fut), self._left(deadline))
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                body, _ = await fut
         except BaseException as e:
             if isinstance(e, (asyncio.TimeoutError, Timeout)) and worker.alive:
                 # It may still finish: make sure it does not stay unaccounted.

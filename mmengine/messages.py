@@ -22,8 +22,8 @@ Response header (worker -> front-end):
                READY (id 0): {"pid", "device"}; error: the message (str)
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
-Tensors are C-contiguous arrays in native byte order; dtype is numpy's
-name for it ("float32"). A worker views request tensors in place in the
+Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),
+which numpy reads back without a lookup (dtype.name is computed in Python). A worker views request tensors in place in the
 ring; the front-end copies response tensors out once, since their record
 is released right after.
 """
@@ -60,7 +60,7 @@ def describe(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
     """(descriptors, buffers) for a dict of contiguous native arrays."""
     descs, bufs = [], []
     for name, a in arrays.items():
-        descs.append([name, a.dtype.name, list(a.shape)])
+        descs.append([name, a.dtype.str, list(a.shape)])
         bufs.append(a if a.ndim else a.reshape(1))  # 0-d arrays export no buffer
     return descs, bufs
 

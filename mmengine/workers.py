@@ -124,7 +124,9 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        # id -> (future, on_done): on_done runs when the worker is finished
+        # with the request (answered, or dead), even if the caller gave up.
+        self._pending: dict[int, tuple[asyncio.Future, Callable | None]] = {}
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
@@ -179,7 +181,9 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, on_done in pending.values():
+            if on_done is not None:
+                on_done()
             if not fut.done():
                 fut.set_exception(WorkerDied(why))
         self._infer.clear()
@@ -215,9 +219,11 @@ class Worker:
     # -- requests ------------------------------------------------------------
 
     def call(self, op: Op, model: str, version: int, arrays: dict | None = None,
-             params: dict | None = None) -> asyncio.Future:
+             params: dict | None = None, on_done: Callable | None = None) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
-        error. Never blocks: a full ring queues the request in order."""
+        error. `on_done()` runs once the worker is finished with the request
+        (it answered or died), whether or not anyone still awaits the future.
+        Never blocks: a full ring queues the request in order."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -225,7 +231,7 @@ class Worker:
         header = messages.request(op, rid, model, version, descs, params)
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = (fut, on_done)
         return fut
 
     # -- responses -----------------------------------------------------------
@@ -260,7 +266,9 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut = self._pending.pop(rid, None)
+        fut, on_done = self._pending.pop(rid, (None, None))
+        if on_done is not None:
+            on_done()
         if fut is None or fut.done():
             return  # its caller gave up (timeout); nothing to copy
         if code != messages.OK:

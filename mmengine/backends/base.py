@@ -8,6 +8,7 @@ request becomes BadRequest carrying the model's message.
 from __future__ import annotations
 
 import abc
+import functools
 import importlib.util
 import itertools
 import sys
@@ -109,7 +110,9 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
     for t in declared:
         value = inputs[t.name]
         if isinstance(value, np.ndarray):
-            dtype = value.dtype.name
+            # Comparing dtype objects is cheap; dtype.name is not (it is
+            # computed in Python on every access), and this runs per request.
+            dtype = t.dtype if value.dtype == _np_dtype(t.dtype) else value.dtype.name
         elif isinstance(value, torch.Tensor):
             dtype = str(value.dtype).removeprefix("torch.")
         else:
@@ -121,6 +124,11 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
         if len(shape) != len(t.shape) or any(d not in (-1, s) for s, d in zip(shape, t.shape)):
             raise BadRequest(f"input {t.name!r} must have shape {list(t.shape)} "
                              f"(-1: any), not {list(shape)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(name)
 
 
 def as_tensors(inputs: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
@@ -140,7 +148,7 @@ def as_tensors(inputs: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
         elif not isinstance(value, torch.Tensor):
             raise BadRequest(f"input {name!r} must be a numpy array or a torch tensor, "
                              f"not {type(value).__name__}")
-        out[name] = value.to(device, non_blocking=True)
+        out[name] = value if value.device == device else value.to(device, non_blocking=True)
     return out
 
 

@@ -1,0 +1,317 @@
+"""The SDK: `Client` (blocking) and `AsyncClient` over the binary TCP protocol.
+
+    with Client("127.0.0.1:8081") as c:
+        y = c.infer("resnet", {"x": batch})["y"]
+
+numpy arrays in and out (torch tensors are accepted as inputs). A server
+error comes back as the same typed exception the engine raised
+(ModelNotFound, BadRequest, ...); a broken connection is ConnectionError.
+Both clients pipeline: many requests share one connection and are matched
+to their answers by id.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import socket
+import threading
+from typing import Any, Iterable
+
+import numpy as np
+
+from mmengine import protocol
+from mmengine.errors import Timeout
+
+DEFAULT_PORT = 8081
+# A request's timeout is enforced by the server; the client waits this much
+# longer, so that the server's typed answer arrives instead of the client
+# giving up at the same instant and dropping the connection.
+ANSWER_GRACE_S = 1.0
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """("host", port) from "host:port", "tcp://host:port" or a tuple."""
+    if isinstance(address, tuple):
+        return address
+    address = address.removeprefix("tcp://")
+    host, _, port = address.rpartition(":")
+    if not host:
+        return address, DEFAULT_PORT
+    return host.strip("[]"), int(port)
+
+
+def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in inputs.items():
+        if type(value).__module__.startswith("torch"):
+            value = value.detach().cpu().numpy()
+        out[name] = np.asarray(value)
+    return out
+
+
+def _infer_message(model: str, inputs: dict, version: int | None,
+                   timeout: float | None) -> dict:
+    message = {"op": "infer", "model": model, "inputs": protocol.encode_tensors(
+        _as_arrays(inputs))}
+    if version is not None:
+        message["version"] = version
+    if timeout is not None:
+        message["timeout"] = timeout
+    return message
+
+
+def _wait(timeout: float | None) -> float | None:
+    return None if timeout is None else timeout + ANSWER_GRACE_S
+
+
+def _model_message(op: str, model: str, version: int | None) -> dict:
+    message = {"op": op, "model": model}
+    if version is not None:
+        message["version"] = version
+    return message
+
+
+class _Frames:
+    """Cuts frames out of a byte stream."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict]:
+        self.buf += data
+        out, start, buf = [], 0, self.buf
+        while len(buf) - start >= 4:
+            n = protocol.LENGTH.unpack_from(buf, start)[0]
+            if len(buf) - start - 4 < n:
+                break
+            out.append(protocol.decode(bytes(buf[start + 4:start + 4 + n])))
+            start += 4 + n
+        del buf[:start]
+        return out
+
+
+# -- blocking ------------------------------------------------------------------
+
+class Client:
+    """A blocking client with a small pool of connections; safe to share
+    between threads (each call borrows a connection)."""
+
+    def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
+                 timeout: float = 30.0, pool_size: int = 4):
+        self.address = parse_address(address)
+        self.timeout = timeout
+        self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=pool_size)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait()[0].close()
+            except queue.Empty:
+                return
+
+    def _connect(self):
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, _Frames()
+
+    def _next_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def call_many(self, messages: Iterable[dict], timeout: float | None = None) -> list[dict]:
+        """Sends every message at once on one connection (pipelined) and
+        returns the responses in the same order; raises the first error."""
+        messages = list(messages)
+        ids = []
+        for m in messages:
+            m["id"] = self._next_id()
+            ids.append(m["id"])
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        sock, frames = conn
+        sock.settimeout(timeout or self.timeout)
+        try:
+            sock.sendall(b"".join(protocol.frame(m) for m in messages))
+            got: dict[int, dict] = {}
+            while len(got) < len(ids):
+                # Not 1 MiB: a buffer past malloc's mmap threshold costs an
+                # mmap and a munmap per call.
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                for response in frames.feed(data):
+                    if response.get("id") is None:  # an error about the stream
+                        protocol.raise_for(response)
+                    got[response["id"]] = response
+        except socket.timeout:
+            sock.close()
+            raise Timeout("no answer from the server in time") from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self._pool.put_nowait(conn)
+        except queue.Full:
+            sock.close()
+        return [protocol.raise_for(got[i]) for i in ids]
+
+    def call(self, message: dict, timeout: float | None = None) -> dict:
+        return self.call_many([message], timeout)[0]
+
+    def infer(self, model: str, inputs: dict, version: int | None = None,
+              timeout: float | None = None) -> dict[str, np.ndarray]:
+        r = self.call(_infer_message(model, inputs, version, timeout), _wait(timeout))
+        return protocol.decode_tensors(r["outputs"])
+
+    def infer_many(self, requests: Iterable[tuple[str, dict]],
+                   timeout: float | None = None) -> list[dict[str, np.ndarray]]:
+        """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
+        rs = self.call_many([_infer_message(m, x, None, timeout) for m, x in requests],
+                            _wait(timeout))
+        return [protocol.decode_tensors(r["outputs"]) for r in rs]
+
+    def load(self, model: str, version: int | None = None) -> dict:
+        return self.call(_model_message("load", model, version))["model"]
+
+    def unload(self, model: str, version: int | None = None) -> None:
+        self.call(_model_message("unload", model, version))
+
+    def pin(self, model: str, version: int | None = None) -> dict:
+        return self.call(_model_message("pin", model, version))["model"]
+
+    def unpin(self, model: str, version: int | None = None) -> None:
+        self.call(_model_message("unpin", model, version))
+
+    def list(self) -> list[dict]:
+        return self.call({"op": "list"})["models"]
+
+    def stats(self) -> dict:
+        return self.call({"op": "stats"})["stats"]
+
+    def health(self) -> dict:
+        return self.call({"op": "health"})
+
+
+# -- asyncio -------------------------------------------------------------------
+
+class _AsyncConnection(asyncio.Protocol):
+    def __init__(self):
+        self.transport = None
+        self.frames = _Frames()
+        self.pending: dict[int, asyncio.Future] = {}
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            responses = self.frames.feed(data)
+        except Exception as e:  # noqa: BLE001 - fail the waiters, not the loop
+            self._fail(ConnectionError(f"unreadable answer from the server: {e}"))
+            self.transport.close()
+            return
+        for response in responses:
+            fut = self.pending.pop(response.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(response)
+            elif response.get("id") is None:  # an error about the whole stream
+                self._fail(ConnectionError(str(response.get("error"))))
+
+    def connection_lost(self, exc) -> None:
+        self._fail(ConnectionError(f"connection to the server lost: {exc}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.lost = error
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+
+class AsyncClient:
+    """An asyncio client over `connections` connections, used round-robin;
+    any number of requests may be in flight on each."""
+
+    def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
+                 timeout: float = 30.0, connections: int = 1):
+        self.address = parse_address(address)
+        self.timeout = timeout
+        self.size = connections
+        self._conns: list[_AsyncConnection] = []
+        self._ids = itertools.count(1)
+        self._next = itertools.count()
+
+    async def connect(self) -> "AsyncClient":
+        loop = asyncio.get_running_loop()
+        for _ in range(self.size):
+            _, conn = await loop.create_connection(_AsyncConnection, *self.address)
+            self._conns.append(conn)
+        return self
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            conn.transport.close()
+        self._conns = []
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def call(self, message: dict, timeout: float | None = None) -> dict:
+        if not self._conns:
+            await self.connect()
+        conn = self._conns[next(self._next) % len(self._conns)]
+        if conn.lost is not None:
+            raise conn.lost
+        rid = next(self._ids)
+        message["id"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        conn.pending[rid] = fut
+        conn.transport.write(protocol.frame(message))
+        try:
+            response = await asyncio.wait_for(fut, timeout or self.timeout)
+        except asyncio.TimeoutError:
+            conn.pending.pop(rid, None)
+            raise Timeout("no answer from the server in time") from None
+        return protocol.raise_for(response)
+
+    async def infer(self, model: str, inputs: dict, version: int | None = None,
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
+        r = await self.call(_infer_message(model, inputs, version, timeout),
+                            _wait(timeout))
+        return protocol.decode_tensors(r["outputs"])
+
+    async def load(self, model: str, version: int | None = None) -> dict:
+        return (await self.call(_model_message("load", model, version)))["model"]
+
+    async def unload(self, model: str, version: int | None = None) -> None:
+        await self.call(_model_message("unload", model, version))
+
+    async def pin(self, model: str, version: int | None = None) -> dict:
+        return (await self.call(_model_message("pin", model, version)))["model"]
+
+    async def unpin(self, model: str, version: int | None = None) -> None:
+        await self.call(_model_message("unpin", model, version))
+
+    async def list(self) -> list[dict]:
+        return (await self.call({"op": "list"}))["models"]
+
+    async def stats(self) -> dict:
+        return (await self.call({"op": "stats"}))["stats"]
+
+    async def health(self) -> dict:
+        return await self.call({"op": "health"})

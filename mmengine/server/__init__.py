@@ -1,0 +1,1 @@
+"""Network faces of the Engine: the binary TCP protocol (tcp.py)."""

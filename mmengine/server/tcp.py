@@ -1,0 +1,190 @@
+"""The binary TCP server: the SDK's fast path, a thin layer over the Engine.
+
+One asyncio Protocol per connection, on the engine's loop. Frames are cut
+from the byte stream as they arrive; a frame longer than the configured
+maximum is refused from its 4-byte length alone, before any of its body is
+buffered. Every request runs as its own task, so many are in flight per
+connection and answers go back as they complete, in any order. A malformed
+frame gets a typed error and the connection is closed (the stream can no
+longer be trusted); other connections are untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from mmengine import protocol
+from mmengine.engine import Engine
+from mmengine.errors import BadRequest, InternalError, MMEngineError, TooLarge
+
+MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
+
+
+class TcpServer:
+    def __init__(self, engine: Engine, max_frame: int | None = None):
+        self.engine = engine
+        self.max_frame = max_frame or max(protocol.DEFAULT_MAX_FRAME,
+                                          engine.config.max_request_bytes)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_Connection] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens; returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stops accepting, lets requests in flight finish, closes connections."""
+        if self._server is None:
+            return
+        self._server.close()
+        tasks = [t for c in self._connections for t in c.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.engine.config.shutdown_timeout_s)
+        for c in list(self._connections):
+            c.transport.close()
+        await self._server.wait_closed()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: TcpServer):
+        self.server = server
+        self.engine = server.engine
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.tasks: set[asyncio.Task] = set()
+        self.paused = False
+        self.closing = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.server._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        buf = self.buf
+        buf += data
+        start = 0
+        try:
+            while len(buf) - start >= 4:
+                n = protocol.LENGTH.unpack_from(buf, start)[0]
+                if n > self.server.max_frame:
+                    raise TooLarge(f"frame of {n} bytes exceeds the maximum of "
+                                   f"{self.server.max_frame}")
+                if len(buf) - start - 4 < n:
+                    break
+                with memoryview(buf) as view:
+                    message = protocol.decode(view[start + 4:start + 4 + n])
+                start += 4 + n
+                self._dispatch(message)
+        except MMEngineError as e:  # the stream cannot be trusted any more
+            self._send(protocol.error_response(None, e))
+            self._close()
+            return
+        finally:
+            del buf[:start]
+
+    def _dispatch(self, message: dict) -> None:
+        rid = message.get("id")
+        op = message.get("op")
+        if op == "health":  # answered inline: no task, no engine round trip
+            alive = sum(w.alive for w in self.engine.pool.workers) if self.engine.pool else 0
+            self._send({"id": rid, "ok": True, "status": "serving" if alive else "down",
+                        "workers_alive": alive})
+            return
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            self._send(protocol.error_response(
+                rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
+            self.paused = False
+            self.transport.resume_reading()
+
+    async def _run(self, handler, rid: Any, message: dict) -> None:
+        try:
+            result = await handler(self.engine, message)
+            result["id"] = rid
+            result["ok"] = True
+            self._send(result)
+        except MMEngineError as e:
+            self._send(protocol.error_response(rid, e))
+        except Exception as e:  # noqa: BLE001 - a bug answers INTERNAL, never a hang
+            self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
+
+    def _send(self, message: dict) -> None:
+        if not self.closing and not self.transport.is_closing():
+            self.transport.write(protocol.frame(message))
+
+    def _close(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+
+def _model_args(message: dict) -> tuple[str, int | None]:
+    model, version = message.get("model"), message.get("version")
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise BadRequest("'version' must be an integer")
+    return model, version
+
+
+def _timeout(message: dict) -> float | None:
+    timeout = message.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise BadRequest("'timeout' must be a positive number of seconds")
+    return timeout
+
+
+async def _infer(engine: Engine, m: dict) -> dict:
+    model, version = _model_args(m)
+    inputs = protocol.decode_tensors(m.get("inputs"))
+    outputs = await engine.infer(model, inputs, version=version, timeout=_timeout(m))
+    return {"outputs": protocol.encode_tensors(outputs)}
+
+
+async def _load(engine: Engine, m: dict) -> dict:
+    return {"model": await engine.load(*_model_args(m), timeout=_timeout(m))}
+
+
+async def _unload(engine: Engine, m: dict) -> dict:
+    await engine.unload(*_model_args(m), timeout=_timeout(m))
+    return {}
+
+
+async def _pin(engine: Engine, m: dict) -> dict:
+    return {"model": await engine.pin(*_model_args(m), timeout=_timeout(m))}
+
+
+async def _unpin(engine: Engine, m: dict) -> dict:
+    await engine.unpin(*_model_args(m))
+    return {}
+
+
+async def _list(engine: Engine, m: dict) -> dict:
+    return {"models": await engine.models()}
+
+
+async def _stats(engine: Engine, m: dict) -> dict:
+    return {"stats": engine.stats()}
+
+
+_HANDLERS = {"infer": _infer, "load": _load, "unload": _unload, "pin": _pin,
+             "unpin": _unpin, "list": _list, "stats": _stats}
