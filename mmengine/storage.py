@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mmengine import tensorfile
 from mmengine.errors import LoadFailed, ModelNotFound
 
 MANIFEST = "model.toml"
@@ -233,10 +234,8 @@ def _find_artifact(backend: str | None, files: set[str], where: str) -> tuple[st
 
 def _estimate_bytes(path: Path, backend: str, artifact: str, where: str) -> int:
     if backend == "safetensors":
-        from mmengine.backends.safetensors import read_header
-        header, _ = read_header(path / artifact, where)
-        return sum(end - begin for begin, end in
-                   (entry["data_offsets"] for entry in header.values()))
+        header, _ = tensorfile.read_header(path / artifact, where)
+        return tensorfile.data_bytes(header)
     return _tree_bytes(path)
 
 

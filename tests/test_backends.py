@@ -350,3 +350,9 @@ def test_demo_repository_serves_every_model(tmp_path):
         np.testing.assert_allclose(model.predict({"x": inputs})["y"], m.reference(inputs),
                                    rtol=1e-5, atol=1e-5)
         model.close()
+
+
+def test_header_reader_knows_the_backends_dtypes():
+    from mmengine.tensorfile import ITEMSIZE
+
+    assert {k: v.itemsize for k, v in DTYPES.items()} == ITEMSIZE

@@ -1,13 +1,7 @@
 """safetensors weights + a module class from the model's `model.py`.
 
-The file format, read and written here without the safetensors package:
-
-    8 bytes    N, the header length, unsigned little-endian
-    N bytes    JSON: {tensor name: {"dtype": "F32", "shape": [...],
-               "data_offsets": [begin, end]}, optional "__metadata__": {str: str}}
-    the rest   raw little-endian tensor data; offsets count from here
-
-Reading allocates each tensor once and `readinto`s its bytes straight into
+The file format (mmengine/tensorfile.py parses and checks its header) is
+read and written here without the safetensors package. Reading allocates each tensor once and `readinto`s its bytes straight into
 the tensor's memory: no intermediate buffer, no copy.
 
 Manifest options: `module` (the class in model.py, default "Model") and
@@ -17,7 +11,6 @@ takes the inputs as keyword arguments.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Mapping
@@ -29,6 +22,7 @@ import torch
 from mmengine.backends.base import TorchModel, forget_module, import_file
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec
+from mmengine.tensorfile import parse_header
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -36,53 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
-# A larger header is not weights metadata but a corrupt or hostile file.
-MAX_HEADER_BYTES = 100 << 20
 _OPTIONS = frozenset({"module", "module_kwargs"})
-
-
-def read_header(path: Path, where: str) -> tuple[dict[str, dict[str, Any]], int]:
-    """The tensor entries of a safetensors file and where its data starts;
-    LoadFailed for anything that is not a well-formed file."""
-    try:
-        with open(path, "rb") as f:
-            return _parse_header(f, os.fstat(f.fileno()).st_size)
-    except OSError as e:
-        raise LoadFailed(f"{where}: cannot read {path.name}: {e}") from e
-    except ValueError as e:
-        raise LoadFailed(f"{where}: {path.name} is not a valid safetensors file: {e}") from e
-
-
-def _parse_header(f: BinaryIO, size: int) -> tuple[dict[str, dict[str, Any]], int]:
-    prefix = f.read(8)
-    if len(prefix) != 8:
-        raise ValueError("shorter than its 8-byte header length")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(size - 8, MAX_HEADER_BYTES):
-        raise ValueError(f"header length {length} exceeds the file")
-    header = json.loads(f.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + length
-    for name, entry in header.items():
-        _check_entry(name, entry, size - data_start)
-    return header, data_start
-
-
-def _check_entry(name: str, entry: Any, data_bytes: int) -> None:
-    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-        raise ValueError(f"tensor {name!r} has no supported dtype")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise ValueError(f"tensor {name!r} has a bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-        raise ValueError(f"tensor {name!r} has data offsets {offsets!r} outside the file")
-    if offsets[1] - offsets[0] != math.prod(shape) * DTYPES[entry["dtype"]].itemsize:
-        raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes do not hold "
-                         f"shape {shape} of {entry['dtype']}")
 
 
 def load_file(path: Path, where: str = "") -> dict[str, torch.Tensor]:
@@ -90,7 +38,7 @@ def load_file(path: Path, where: str = "") -> dict[str, torch.Tensor]:
     where = where or str(path)
     try:
         with open(path, "rb") as f:
-            header, data_start = _parse_header(f, os.fstat(f.fileno()).st_size)
+            header, data_start = parse_header(f, os.fstat(f.fileno()).st_size)
             # In file order, so the reads run forward through the file.
             entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
             return {name: _read_tensor(f, entry, data_start) for name, entry in entries}
