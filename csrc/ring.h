@@ -306,13 +306,12 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
         struct pollfd fds[2] = {{fd, POLLIN, 0}, {peer_pidfd, POLLIN, 0}};
         int rc = poll(fds, peer_pidfd >= 0 ? 2 : 1, (int)(left_ms > 0x7fffffff ? 0x7fffffff : left_ms));
         int saved = errno;
-        mm_ring_unpark(r, for_read);
+        mm_ring_unpark(r, for_read); /* its read() may set errno (EAGAIN) */
         if (MM_READY()) return MM_RING_OK;
-        if (rc < 0 && saved != EINTR) {
-            errno = saved;
+        if (rc < 0) {
+            errno = saved; /* EINTR included: the caller runs signal handlers */
             return MM_RING_ERRNO;
         }
-        if (rc < 0) return MM_RING_ERRNO; /* EINTR: let Python run its handlers */
         if (rc > 0 && peer_pidfd >= 0 && (fds[1].revents & POLLIN)) return MM_RING_PEER_DIED;
     }
 #undef MM_READY

@@ -44,6 +44,10 @@ cdef int raise_status(int status, str what) except -1:
     raise InternalError(f"{what}: ring status {status}")
 
 
+cdef inline int64_t _deadline_ns(int64_t timeout_ns):
+    return -1 if timeout_ns < 0 else <int64_t>mm_now_ns() + timeout_ns
+
+
 cdef inline int64_t _timeout_ns(object timeout) except? -2:
     if timeout is None:
         return -1
@@ -97,7 +101,7 @@ cdef class RingCore:
         cdef uint32_t n = 0, i
         cdef int status
         cdef uint64_t size
-        cdef int64_t left
+        cdef int64_t deadline
         self._check()
         if len(buffers) + 1 > MM_RING_MAX_PARTS:
             raise RecordTooLarge(f"put: at most {MM_RING_MAX_PARTS} parts in a record")
@@ -117,6 +121,7 @@ cdef class RingCore:
                     lens[i] = <uint64_t>views[i].len
                 n = i + 1
             size = mm_ring_record_size(nparts, lens)
+            deadline = _deadline_ns(timeout_ns)
             while True:
                 if size >= NOGIL_COPY_BYTES:
                     with nogil:
@@ -127,7 +132,7 @@ cdef class RingCore:
                     break
                 if timeout_ns == 0:
                     return 0
-                self._wait(0, size, timeout_ns)
+                self._wait(0, size, deadline)
             if status != MM_RING_OK:
                 raise_status(status, "put")
             return 1
@@ -173,6 +178,7 @@ cdef class RingCore:
     cdef object _get(self, int64_t timeout_ns):
         cdef const uint8_t *rec = NULL
         cdef int status
+        cdef int64_t deadline = _deadline_ns(timeout_ns)
         self._check()
         while True:
             status = mm_ring_try_get(&self.r, &rec)
@@ -184,7 +190,7 @@ cdef class RingCore:
                 return None
             if self.r.held:
                 raise InternalError(_WAIT_HOLDING)
-            self._wait(1, 0, timeout_ns)
+            self._wait(1, 0, deadline)
 
     def try_get(self):
         """The next record as [header, *buffers] views, or None if empty.
@@ -211,15 +217,16 @@ cdef class RingCore:
 
     # -- waiting -----------------------------------------------------------
 
-    cdef int _wait(self, int for_read, uint64_t need, int64_t timeout_ns) except -1:
+    cdef int _wait(self, int for_read, uint64_t need, int64_t deadline) except -1:
+        """Waits until `deadline` (mm_now_ns() clock; -1: none), so that the
+        retries of one put or get share one timeout."""
         cdef int status
         cdef int64_t left
         cdef int pidfd = self._peer_pidfd()
-        cdef uint64_t start = mm_now_ns()
         while True:
             left = -1
-            if timeout_ns >= 0:
-                left = timeout_ns - <int64_t>(mm_now_ns() - start)
+            if deadline >= 0:
+                left = deadline - <int64_t>mm_now_ns()
                 if left < 0:
                     left = 0
             with nogil:

@@ -87,6 +87,7 @@ MIN_CAPACITY = 64
 # producer may need exactly their space.
 _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 DEFAULT_SPIN_US = 50.0
+_PY_MAX_PARK_MS = 5
 
 _OFF_CLOSED_BYTE = {True: 12, False: 13}  # creator?
 _OFF_CAPACITY = 16
@@ -450,7 +451,10 @@ class PyRing(_RingLife):
                 left_ms = max(1, int(left * 1000 + 0.999))
             if not self._park(for_read, need):
                 return
-            events = poller.poll(left_ms)
+            # Python stores give no full fence between the parked flag and
+            # the re-check, so a wake-up can be missed: never sleep long on it.
+            events = poller.poll(_PY_MAX_PARK_MS if left_ms is None
+                                 else min(left_ms, _PY_MAX_PARK_MS))
             self._unpark(for_read)
             if self._ready(for_read, need):
                 return

@@ -387,3 +387,18 @@ def test_a_parked_consumer_costs_no_cpu(Ring):
     child.join(10)
     assert used < 0.05, f"a parked consumer used {used:.3f} s of CPU in 1 s"
     ring.close()
+
+
+def test_a_signal_during_a_wait_runs_its_handler_and_the_wait_goes_on(pair):
+    _, b = pair
+    caught = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: caught.append(1))
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        t0 = time.monotonic()
+        with pytest.raises(RingTimeout):
+            b.get(timeout=0.6)
+        assert time.monotonic() - t0 >= 0.55  # one deadline, not restarted
+        assert caught == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, old)
