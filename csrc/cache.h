@@ -250,6 +250,20 @@ static inline void mm_touch(mm_cache *c, int32_t s, double now)
     n->base = c->inflation;
 }
 
+/* The request path's way in: a READY entry is pinned and touched and its
+ * worker returned (MM_NIL if it has none); any other entry is left alone
+ * and the answer is MM_NIL. One call in place of entry + pin + touch. */
+static inline int32_t mm_acquire(mm_cache *c, int32_t s, double now)
+{
+    mm_entry *e = &c->e[s];
+    if (e->state != MM_READY)
+        return MM_NIL;
+    e->pins++;
+    mm_touch(c, s, now);
+    return e->worker;
+}
+
+/* Also the request path's way out (NativeCache.release). */
 static inline int mm_unpin(mm_cache *c, int32_t s)
 {
     if (c->e[s].pins == 0)

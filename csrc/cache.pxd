@@ -32,6 +32,12 @@
 #   H = L + (hits + 1) * cost / max(size, 1), ties by LRU position, and
 #   raises L to the largest H it answers.
 #
+# The request path
+#   A request is one call each way: mm_acquire pins and touches a READY
+#   entry and answers its worker (else MM_NIL, changing nothing), and
+#   release is mm_unpin. NativeCache makes each one dict lookup and no
+#   Python object (the answers are small ints, which Python caches).
+#
 # Errors
 #   Calls that can fail return an MM_E* code and change nothing when they
 #   do; mmengine.cache.convert_error turns the code into an exception. The
@@ -131,7 +137,8 @@ cdef extern from "cache.h" nogil:
     int mm_insert(mm_cache *c, int32_t state, int32_t worker, int32_t *slot)
     void mm_remove(mm_cache *c, int32_t s)
     void mm_touch(mm_cache *c, int32_t s, double now)
-    int mm_unpin(mm_cache *c, int32_t s)
+    int32_t mm_acquire(mm_cache *c, int32_t s, double now)  # worker or MM_NIL
+    int mm_unpin(mm_cache *c, int32_t s)    # also release
     int mm_set_state(mm_cache *c, int32_t s, int32_t state)
     int mm_set_cost(mm_cache *c, int32_t s, double cost)
     int mm_set_worker(mm_cache *c, int32_t s, int32_t worker)

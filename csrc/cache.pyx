@@ -13,9 +13,26 @@ from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, int64_t
 from cache cimport *
 
 
-cdef extern from "Python.h":
-    # On a borrowed reference: no reference count to write on the hot path.
-    long _borrowed_as_long "PyLong_AsLong" (PyObject *o)
+cdef extern from *:
+    """
+    /* A slot's int, read in place: the dict holds only slots, non-negative
+     * and under 2**31, so one digit but for huge caches. No call, no
+     * reference count written, on the hot path. */
+    static inline int32_t mm_slot_value(PyObject *o)
+    {
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (PyUnstable_Long_IsCompact((PyLongObject *)o))
+            return (int32_t)PyUnstable_Long_CompactValue((PyLongObject *)o);
+    #else
+        if (Py_SIZE(o) == 1)
+            return (int32_t)((PyLongObject *)o)->ob_digit[0];
+        if (Py_SIZE(o) == 0)
+            return 0;
+    #endif
+        return (int32_t)PyLong_AsLong(o);
+    }
+    """
+    int32_t mm_slot_value(PyObject *o)
 
 
 cdef inline int _check(int err) except -1:
@@ -64,7 +81,7 @@ cdef class NativeCache:
         if slot is NULL:
             raise KeyError(key)
         # The dict holds only slots, which fit: this cannot fail.
-        return <int32_t>_borrowed_as_long(slot)
+        return mm_slot_value(slot)
 
     cdef list _answer(self, int32_t n):
         cdef list keys = self._keys
@@ -110,18 +127,33 @@ cdef class NativeCache:
     def __len__(self):
         return self.c.count
 
+    # The request path and its kin, made lean: plain C methods (binding
+    # False: a bound call goes straight to C), METH_O where one argument
+    # (so key is positional-only, as in PyCache), one dict lookup each.
+
+    @cython.binding(False)
     def touch(self, key, double now):
         mm_touch(&self.c, self._slot(key), now)
 
+    @cython.binding(False)
+    def acquire(self, key, double now):
+        return mm_acquire(&self.c, self._slot(key), now)
+
+    @cython.binding(False)
+    @cython.always_allow_keywords(False)
     def pin(self, key):
         cdef mm_entry *e = &self.c.e[self._slot(key)]
         e.pins += 1
         return e.pins
 
+    @cython.binding(False)
+    @cython.always_allow_keywords(False)
     def unpin(self, key):
         cdef int32_t slot = self._slot(key)
         _check(mm_unpin(&self.c, slot))
         return self.c.e[slot].pins
+
+    release = unpin         # the request path's way out: one implementation
 
     def set_state(self, key, state):
         _check(mm_set_state(&self.c, self._slot(key), _int32(state)))

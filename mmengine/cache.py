@@ -8,7 +8,10 @@ and run through the same tests; `PyCache` is the oracle.
 
 The cache only keeps books. The engine decides policy: it inserts an entry
 before a load, reserves bytes with `set_bytes`, pins while requests are in
-flight, and unloads what `victims` and `idle` name.
+flight, and unloads what `victims` and `idle` name. A request takes one
+call each way: `acquire(key, now)` pins and touches a READY entry and returns
+its worker (else returns -1 and changes nothing), `release(key)` (= unpin)
+lets it go.
 
 Arguments: tiers HOST, DISK and DEVICE (one device per worker; for HOST and
 DISK the worker argument is ignored), states LOADING..FAILED, byte counts
@@ -163,17 +166,36 @@ class PyCache:
         e.last_use = float(now)
         e.base = self._inflation
 
-    def pin(self, key: Hashable) -> int:
+    def acquire(self, key: Hashable, now: float) -> int:
+        """The request path's way in. If the entry is READY: pins it,
+        touches it and returns its worker (-1 if it has none). Otherwise
+        changes nothing and returns -1. KeyError if absent."""
+        e = self._lru[key]
+        now = float(now)
+        if e.state != READY:
+            return -1
+        e.pins += 1
+        self._lru.move_to_end(key)
+        e.hits += 1
+        e.last_use = now
+        e.base = self._inflation
+        return e.worker
+
+    def pin(self, key: Hashable, /) -> int:
         e = self._lru[key]
         e.pins += 1
         return e.pins
 
-    def unpin(self, key: Hashable) -> int:
+    def unpin(self, key: Hashable, /) -> int:
         e = self._lru[key]
         if e.pins == 0:
             raise convert_error(E_UNPINNED)
         e.pins -= 1
         return e.pins
+
+    # The request path's way out: unpin under another name, returning the
+    # new pin count (ValueError if it was 0).
+    release = unpin
 
     def set_state(self, key: Hashable, state: int) -> None:
         e = self._lru[key]

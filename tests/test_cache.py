@@ -60,11 +60,12 @@ def test_insert_remove(impl):
         c.insert(("a", 1))
     c.remove(("a", 1))
     assert ("a", 1) not in c and len(c) == 0
-    for op in (c.remove, c.pin, c.unpin, c.entry, c.priority):
+    for op in (c.remove, c.pin, c.unpin, c.release, c.entry, c.priority):
         with pytest.raises(KeyError):
             op(("a", 1))
-    with pytest.raises(KeyError):
-        c.touch(("a", 1), 1.0)
+    for op in (c.touch, c.acquire):
+        with pytest.raises(KeyError):
+            op(("a", 1), 1.0)
     with pytest.raises(TypeError):
         c.insert(["unhashable"])
     assert len(c) == 0
@@ -117,6 +118,47 @@ def test_pins(impl):
     with pytest.raises(ValueError):
         c.unpin("a")
     assert c.entry("a").pins == 0
+
+
+def test_acquire_release(impl):
+    c = impl(2)
+    c.insert("a", LOADING, 1)
+    c.insert("b", READY, 1)
+    before = c.lru_keys(), c.entry("a")
+    for state in (LOADING, UNLOADING, FAILED):
+        c.set_state("a", state)
+        assert c.acquire("a", 5.0) == -1    # changes nothing
+        assert (c.lru_keys(), c.entry("a")) == (before[0],
+                                                 before[1]._replace(state=state))
+    c.set_state("a", READY)
+    assert c.acquire("a", 5.0) == 1
+    assert c.entry("a") == Entry(READY, 1, 0, 0, 0, 1, 1, 5.0)
+    assert c.lru_keys() == ["b", "a"]
+    assert c.acquire("a", 6) == 1 and c.entry("a")[5:] == (2, 2, 6.0)
+    assert c.release("a") == 1 and c.release("a") == 0
+    with pytest.raises(ValueError):
+        c.release("a")
+    assert c.entry("a").pins == 0
+    c.insert("c", READY)                    # READY without a worker
+    assert c.acquire("c", 7.0) == -1 and c.entry("c").pins == 1
+
+
+@pytest.mark.parametrize("policy", [LRU, GDSF])
+def test_acquire_is_pin_and_touch(impl, policy):
+    a, b = impl(1, policy), impl(1, policy)
+    for c in (a, b):
+        c.set_capacity(HOST, 0, 1000)
+        for i, k in enumerate("xyz"):
+            ready(c, k, host=300, worker=0, now=i)
+        c.set_cost("y", 4.0)
+        assert c.victims(HOST, 0, 200, 0.8, 0.5)[1] == OK
+    assert a.acquire("x", 9.0) == 0
+    b.pin("x")
+    b.touch("x", 9.0)
+    assert a.stats()["inflation"] > 0 or policy == LRU
+    assert books(a, 1) == books(b, 1)
+    assert a.victims(HOST, 0, 200, 0.8, 0.5) == b.victims(
+        HOST, 0, 200, 0.8, 0.5)
 
 
 def test_states(impl):
@@ -391,7 +433,7 @@ class Twins(RuleBasedStateMachine):
         return key
 
     @rule(key=keys, name=st.sampled_from(
-        ["remove", "pin", "unpin", "entry", "priority"]))
+        ["remove", "pin", "unpin", "release", "entry", "priority"]))
     def on_key(self, key, name):
         self.same(name, key)
 
@@ -399,6 +441,18 @@ class Twins(RuleBasedStateMachine):
     def touch(self, key, dt):
         self.now += dt
         self.same("touch", key, self.now)
+
+    @rule(key=keys, dt=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+    def acquire(self, key, dt):
+        self.now += dt
+        self.same("acquire", key, self.now)
+
+    @rule(key=keys)
+    def request(self, key):
+        """The engine's request path: acquire, and release if acquired."""
+        self.now += 0.5
+        if self.same("acquire", key, self.now) != -1:
+            self.same("release", key)
 
     @rule(key=keys, state=STATES)
     def set_state(self, key, state):
@@ -465,8 +519,11 @@ def test_native_matches_twin_under_load(policy, seed):
         now += rng.random()
         if key not in twin:
             op = ("insert", key, READY, rng.randrange(-1, 2))
-        elif r < 0.4:
+        elif r < 0.25:
             op = ("touch", key, now)
+        elif r < 0.4:
+            op = (rng.choice(["acquire", "acquire", "release"]), key, now)
+            op = op if op[0] == "acquire" else op[:2]
         elif r < 0.55:
             op = ("set_bytes", key, rng.randrange(3), rng.randrange(400))
         elif r < 0.65:
