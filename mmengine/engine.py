@@ -65,12 +65,16 @@ class Engine:
         self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
         self._gen: dict[Key, int] = {}               # bumped whenever an entry is created
         self._stats: dict[Key, ModelStats] = {}
-        self._pinned: set[Key] = set()               # explicit pins
+        # Explicit pins: key -> the generation of the entry that carries the
+        # pin. A key whose entry went (its worker died) stays, and the pin is
+        # taken again whenever the model is loaded again.
+        self._pinned: dict[Key, int] = {}
         self._room = asyncio.Event()                 # set whenever pins or bytes drop
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._hits = 0
+        self._misses = 0  # requests that had to wait for a load
 
     # -- life ------------------------------------------------------------------
 
@@ -181,19 +185,27 @@ class Engine:
 
     async def _acquire(self, key: Key, spec: ModelSpec, deadline: float) -> Worker:
         """The worker on which `key` is resident, pinned for one request;
-        loads it (once, however many requests wait) if needed."""
+        loads it (once, however many requests wait) if needed. Counts a hit,
+        or a miss when the request had to wait for a load."""
+        waited = False
         while True:
             if key in self.cache:
-                entry = self.cache.entry(key)
-                if entry.state == books.READY:
-                    self.cache.pin(key)
-                    self.cache.touch(key, time.monotonic())
-                    self._hits += 1
-                    return self.pool.workers[entry.worker]
-            op, task = self._busy.get(key) or self._start(key, Op.LOAD, self._load(key, spec))
+                index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
+                if index >= 0:
+                    if waited:
+                        self._misses += 1
+                    else:
+                        self._hits += 1
+                    return self.pool.workers[index]
+            busy = self._busy.get(key)
+            if busy is None or busy[1].done():  # done: its callback has not run yet
+                busy = self._start(key, Op.LOAD, self._load(key, spec))
+            op, task = busy
+            waited = waited or op == Op.LOAD
             try:
-                await asyncio.wait_for(asyncio.shield(task), self._left(deadline))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                    await asyncio.shield(task)
+            except TimeoutError:
                 raise Timeout(f"{key[0]}: not loaded within the request's deadline") from None
             except MMEngineError:
                 if op == Op.LOAD:
@@ -218,7 +230,7 @@ class Engine:
         # A request pinned this generation of the entry; if the worker died
         # and the model was loaded again since, the pin died with the old one.
         if self._gen.get(key) == gen and key in self.cache:
-            self.cache.unpin(key)
+            self.cache.release(key)
             self._room_changed()
 
     def _room_changed(self) -> None:
@@ -239,11 +251,14 @@ class Engine:
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 body, _ = await fut
         except BaseException as e:
-            if isinstance(e, (asyncio.TimeoutError, Timeout)) and worker.alive:
-                # It may still finish: make sure it does not stay unaccounted.
-                worker.call(Op.UNLOAD, key[0], key[1])
+            if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
+                # The worker may still finish the load: its bytes stay reserved
+                # until the unload queued behind it has answered.
+                self.cache.set_state(key, books.UNLOADING)
+                self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s")
-            self._forget(key, gen)
+            else:
+                self._forget(key, gen)
             stats.failures += 1
             stats.last_error = str(e)
             if isinstance(e, MMEngineError):
@@ -258,6 +273,9 @@ class Engine:
         self.cache.set_bytes(key, books.DEVICE, stats.measured_bytes)
         self.cache.set_state(key, books.READY)
         self.cache.touch(key, time.monotonic())
+        if key in self._pinned:  # a hot model is pinned again whenever it loads
+            self.cache.pin(key)
+            self._pinned[key] = gen
         if stats.measured_bytes > need:
             await self._shrink(worker.index, "pressure")  # the estimate was short
 
@@ -281,8 +299,16 @@ class Engine:
                         self.config.low_watermark)
                     if reason != books.OK:
                         continue
-                    await asyncio.gather(*[self._evict(v, "pressure") for v in victims],
-                                         return_exceptions=True)
+                    try:
+                        # Bounded: unloads queue behind loads on the worker,
+                        # and this lock must not be held by a stuck one.
+                        async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                            await asyncio.gather(
+                                *[self._evict(v, "pressure") for v in victims],
+                                return_exceptions=True)
+                    except TimeoutError:
+                        raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
+                                         f"time to make room") from None
                     if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
                             not w.alive:
                         continue  # lost what we made room for; try elsewhere
@@ -367,6 +393,8 @@ class Engine:
         return None
 
     def _on_worker_death(self, worker: Worker) -> None:
+        if self.cache is None:  # died during start(): start() raises
+            return
         for key in self.cache.lru_keys():
             if self.cache.entry(key).worker == worker.index:
                 self._forget(key, self._gen[key])
@@ -378,10 +406,8 @@ class Engine:
         self._room_changed()
         for key in list(self._pinned):  # hot models must not stay cold
             if key not in self.cache:
-                try:
-                    spec = await self._spec(*key)
-                    # The request's pin becomes the explicit one again.
-                    await self._acquire(key, spec, self._deadline(self.config.load_timeout_s))
+                try:  # _load takes the explicit pin again
+                    await self.load(*key, timeout=self.config.load_timeout_s)
                 except MMEngineError as e:
                     self._stats.setdefault(key, ModelStats()).last_error = str(e)
 
@@ -403,10 +429,7 @@ class Engine:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         deadline = self._deadline(timeout)
-        if key in self._pinned:
-            self._pinned.discard(key)
-            if key in self.cache:
-                self.cache.unpin(key)
+        self._drop_pin(key)
         while key in self.cache or key in self._busy:
             busy = self._busy.get(key)
             if busy is not None:
@@ -428,20 +451,21 @@ class Engine:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
-        if key in self._pinned:
-            self._unpin_request(key, self._gen[key])  # already held by its pin
+        gen = self._gen[key]
+        if self._pinned.get(key) == gen:
+            self._unpin_request(key, gen)  # this entry already carries the pin
         else:
-            self._pinned.add(key)  # the request's pin becomes the explicit one
+            self._pinned[key] = gen  # the request's pin becomes the explicit one
         return self._model_row(key)
 
     async def unpin(self, name: str, version: int | None = None) -> None:
         spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
-        if key in self._pinned:
-            self._pinned.discard(key)
-            if key in self.cache:
-                self.cache.unpin(key)
-                self._room_changed()
+        self._drop_pin((spec.name, spec.version))
+
+    def _drop_pin(self, key: Key) -> None:
+        gen = self._pinned.pop(key, None)
+        if gen is not None:
+            self._unpin_request(key, gen)  # a no-op if that entry is gone
 
     # -- what is where -------------------------------------------------------------
 
@@ -456,7 +480,14 @@ class Engine:
             except MMEngineError:
                 continue
             for v in versions:
-                out.append(self._model_row((name, v)))
+                row = self._model_row((name, v))
+                try:  # what a client needs to build a request (cached specs)
+                    spec = await self._spec(name, v)
+                    row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                                     for t in spec.inputs]
+                except MMEngineError:
+                    row["inputs"] = []
+                out.append(row)
         return out
 
     def _model_row(self, key: Key) -> dict:
@@ -495,6 +526,7 @@ class Engine:
             "workers": workers,
             "totals": {
                 "hits": self._hits,
+                "misses": self._misses,
                 "loads": sum(r["loads"] for r in rows),
                 "evictions": sum(r["evictions"] for r in rows),
                 "failures": sum(r["failures"] for r in rows),

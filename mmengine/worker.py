@@ -24,7 +24,7 @@ import numpy as np
 
 from mmengine import messages
 from mmengine.config import Config
-from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound,
+from mmengine.errors import (BadRequest, InternalError, LoadFailed, MMEngineError, ModelNotFound,
                              PeerDied, RecordTooLarge, RingClosed, TooLarge)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
@@ -83,8 +83,11 @@ class _Responder:
 
     def send(self, rid: int, code: int = messages.OK, body=None,
              outputs: dict[str, np.ndarray] | None = None) -> None:
-        descs, bufs = messages.describe(
-            {k: np.ascontiguousarray(v) for k, v in (outputs or {}).items()})
+        arrays = {k: np.ascontiguousarray(v) for k, v in (outputs or {}).items()}
+        for k, v in arrays.items():
+            if v.dtype.hasobject or v.dtype.fields is not None:
+                raise BadRequest(f"output {k!r} has dtype {v.dtype}, which cannot be sent")
+        descs, bufs = messages.describe(arrays)
         header = messages.response(rid, code, body, descs)
         with self._lock:
             try:

@@ -29,7 +29,7 @@ import mmengine
 
 from mmengine import messages, resources
 from mmengine.config import Config
-from mmengine.errors import RingClosed, TooLarge, WorkerDied, error_for
+from mmengine.errors import InternalError, RingClosed, TooLarge, WorkerDied, error_for
 from mmengine.messages import Op
 from mmengine.ring import Ring
 
@@ -170,6 +170,9 @@ class Worker:
         return len(self._pending)
 
     def _on_exit(self) -> None:
+        # Answers it wrote before it exited are still in the ring: deliver
+        # them before failing whatever is left.
+        self._on_readable()
         self._died(f"worker {self.index} (pid {self.pid}) exited with code "
                    f"{self.process.poll()}")
 
@@ -182,10 +185,7 @@ class Worker:
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
         for fut, on_done in pending.values():
-            if on_done is not None:
-                on_done()
-            if not fut.done():
-                fut.set_exception(WorkerDied(why))
+            _finish(fut, on_done, WorkerDied(why))
         self._infer.clear()
         self._control.clear()
         if self.on_death is not None:
@@ -200,6 +200,9 @@ class Worker:
 
     def close_requests(self) -> None:
         """No more requests: the worker serves what it has, then exits."""
+        if self.loop is not None and not self.loop.is_closed():
+            for ring in (self.req, self.ctl):  # before their descriptors close
+                _remove_reader(self.loop, ring.writable_fd)
         self.req.close()
         self.ctl.close()
 
@@ -267,14 +270,32 @@ class Worker:
                 self.ready.set_result(body)
             return
         fut, on_done = self._pending.pop(rid, (None, None))
+        if fut is None:
+            return
+        try:
+            if code != messages.OK:
+                result = error_for(code, body)
+            elif fut.done():
+                result = None  # its caller gave up (timeout): nothing to copy
+            else:
+                result = (body, messages.copy_out(descs, parts[1:]))
+        except Exception as e:  # noqa: BLE001 - one bad answer fails one request
+            result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
+        _finish(fut, on_done, result)
+
+
+def _finish(fut: asyncio.Future, on_done: Callable | None, result) -> None:
+    """Completes one request: its on_done first (pins are released whatever
+    happens), then its future, with a result or an exception."""
+    try:
         if on_done is not None:
             on_done()
-        if fut is None or fut.done():
-            return  # its caller gave up (timeout); nothing to copy
-        if code != messages.OK:
-            fut.set_exception(error_for(code, body))
-        else:
-            fut.set_result((body, messages.copy_out(descs, parts[1:])))
+    finally:
+        if not fut.done():
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
 
 class WorkerPool:
@@ -316,6 +337,9 @@ class WorkerPool:
         """A fresh worker (new process, new rings) in the place of a dead one;
         repeated crashes back off, up to 30 s between attempts."""
         old = self.workers[index]
+        if old.is_running():  # declared dead but still running (a bad answer)
+            old.process.kill()
+        await _reaped(old.process, 5.0)
         old.release()
         recent = [t for t in self._restarts[index] if time.monotonic() - t < 60]
         self._restarts[index] = recent + [time.monotonic()]
@@ -340,10 +364,13 @@ class WorkerPool:
             if w.alive:
                 w.close_requests()
         for w in self.workers:
-            while w.is_running() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await _reaped(w.process, deadline - time.monotonic())
         for w in self.workers:
-            _end(w.process, max(0.0, deadline - time.monotonic()) + 1.0)
+            if w.is_running():
+                w.process.terminate()
+                if not await _reaped(w.process, 1.0):
+                    w.process.kill()
+                    await _reaped(w.process, 5.0)
             w.release()
         self._finalizer.detach()
 
@@ -353,17 +380,15 @@ def _plain(handle) -> tuple:
     return handle.name, handle.data_fd, handle.space_fd, handle.spin_us
 
 
-def _end(process: subprocess.Popen | None, grace: float) -> None:
-    """Terminates, then kills, a process that has not exited; reaps it."""
-    if process is None:
-        return
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+async def _reaped(process: subprocess.Popen | None, timeout: float) -> bool:
+    """Waits, without blocking the loop, until `process` has exited (and is
+    reaped); False if it is still running after `timeout` seconds."""
+    end = time.monotonic() + max(0.0, timeout)
+    while process is not None and process.poll() is None:
+        if time.monotonic() >= end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def _kill_all(workers: list[Worker]) -> None:

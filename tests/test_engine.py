@@ -117,7 +117,8 @@ def test_random_traffic_is_correct_and_stays_in_budget(repo, own_segments):
     # Every load either is still resident or was evicted once.
     assert totals["loads"] - totals["evictions"] == totals["resident_models"]
     assert totals["loads"] == sum(r["loads"] for r in stats["models"])
-    assert totals["hits"] == 2000
+    assert totals["hits"] + totals["misses"] == 2000
+    assert totals["misses"] >= totals["loads"] - 1  # a load has at least one waiter
     for w in stats["workers"]:
         assert w["used_bytes"] <= w["budget_bytes"]
 
