@@ -227,7 +227,10 @@ class _AsyncConnection(asyncio.Protocol):
             if fut is not None and not fut.done():
                 fut.set_result(response)
             elif response.get("id") is None:  # an error about the whole stream
-                self._fail(ConnectionError(str(response.get("error"))))
+                try:
+                    protocol.raise_for(response)
+                except Exception as e:  # noqa: BLE001 - the typed error, for every waiter
+                    self._fail(e)
 
     def connection_lost(self, exc) -> None:
         self._fail(ConnectionError(f"connection to the server lost: {exc}"))
@@ -254,11 +257,14 @@ class AsyncClient:
         self._next = itertools.count()
 
     async def connect(self) -> "AsyncClient":
-        loop = asyncio.get_running_loop()
-        for _ in range(self.size):
-            _, conn = await loop.create_connection(_AsyncConnection, *self.address)
-            self._conns.append(conn)
+        for _ in range(self.size - len(self._conns)):
+            self._conns.append(await self._open())
         return self
+
+    async def _open(self) -> _AsyncConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_AsyncConnection, *self.address)
+        return conn
 
     async def close(self) -> None:
         for conn in self._conns:
@@ -274,17 +280,19 @@ class AsyncClient:
     async def call(self, message: dict, timeout: float | None = None) -> dict:
         if not self._conns:
             await self.connect()
-        conn = self._conns[next(self._next) % len(self._conns)]
-        if conn.lost is not None:
-            raise conn.lost
+        slot = next(self._next) % len(self._conns)
+        conn = self._conns[slot]
+        if conn.lost is not None:  # the server restarted or dropped it: reconnect
+            conn = self._conns[slot] = await self._open()
         rid = next(self._ids)
         message["id"] = rid
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
         conn.transport.write(protocol.frame(message))
         try:
-            response = await asyncio.wait_for(fut, timeout or self.timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout or self.timeout):
+                response = await fut
+        except TimeoutError:
             conn.pending.pop(rid, None)
             raise Timeout("no answer from the server in time") from None
         return protocol.raise_for(response)

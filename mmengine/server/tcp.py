@@ -148,7 +148,8 @@ def _model_args(message: dict) -> tuple[str, int | None]:
 
 def _timeout(message: dict) -> float | None:
     timeout = message.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float)) or timeout <= 0):
         raise BadRequest("'timeout' must be a positive number of seconds")
     return timeout
 

@@ -1,0 +1,157 @@
+"""`mmengine bench`: Zipf-distributed traffic against a running server.
+
+    mmengine bench --url 127.0.0.1:8081 --models 32 --zipf 1.1 --requests 5000
+
+The k-th model of the server's `list()` (k = 1, 2, ...) is requested with a
+probability proportional to 1 / k**s, so a few models are hot and the long
+tail forces loads and evictions. Requests go through `AsyncClient` over a
+few connections with `--concurrency` of them in flight. The run is bounded
+by the request count, each request by `--timeout` and the whole run by
+`--duration`. Hit rate, loads and evictions are the change in the server's
+own `stats()` totals over the run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import random
+import sys
+import time
+
+import numpy as np
+import uvloop
+
+from mmengine.client import AsyncClient
+from mmengine.errors import BadRequest, MMEngineError
+
+MAX_CONNECTIONS = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="127.0.0.1:8081", help="the server's TCP address")
+    parser.add_argument("--models", type=int, default=0, metavar="N",
+                        help="use the first N models of the server's list (default: all)")
+    parser.add_argument("--zipf", type=float, default=1.0, metavar="S",
+                        help="Zipf exponent of model popularity (0: uniform)")
+    parser.add_argument("--requests", type=int, default=2000, metavar="M")
+    parser.add_argument("--concurrency", type=int, default=16, metavar="C",
+                        help="requests in flight at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="deadline of each request, in seconds")
+    parser.add_argument("--duration", type=float, default=600.0, metavar="S",
+                        help="stop sending new requests after S seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.requests < 1 or args.concurrency < 1 or args.models < 0 or args.zipf < 0:
+        print("mmengine bench: --requests and --concurrency must be >= 1, "
+              "--models and --zipf >= 0", file=sys.stderr)
+        return 2
+    try:
+        report = uvloop.run(_bench(args))
+    except (OSError, MMEngineError) as e:
+        print(f"mmengine bench: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+async def _bench(args: argparse.Namespace) -> str:
+    connections = min(args.concurrency, MAX_CONNECTIONS)
+    async with AsyncClient(args.url, timeout=args.timeout, connections=connections) as client:
+        # One row per version, ascending: the last one is what a request
+        # without a version gets.
+        latest = {row["name"]: row for row in await client.list()}
+        names = list(latest)
+        if args.models:
+            names = names[:args.models]
+        rng = np.random.default_rng(args.seed)
+        inputs = {}
+        for name in names:
+            specs = latest[name].get("inputs")
+            if specs:
+                inputs[name] = {s["name"]: _array(s["dtype"], s["shape"], rng) for s in specs}
+            else:
+                print(f"mmengine bench: skipping {name}: it declares no inputs",
+                      file=sys.stderr)
+        names = [n for n in names if n in inputs]
+        if not names:
+            raise BadRequest("no model the server lists can be benchmarked")
+        weights = [1 / k ** args.zipf for k in range(1, len(names) + 1)]
+        schedule = iter(random.Random(args.seed).choices(names, weights, k=args.requests))
+
+        before = (await client.stats())["totals"]
+        latencies: list[float] = []
+        errors: collections.Counter[str] = collections.Counter()
+        deadline = time.monotonic() + args.duration
+
+        async def sender() -> None:
+            for name in schedule:  # one shared iterator: each request is sent once
+                if time.monotonic() > deadline:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    await client.infer(name, inputs[name], timeout=args.timeout)
+                except (MMEngineError, ConnectionError) as e:
+                    errors[type(e).__name__] += 1
+                else:
+                    latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        progress = asyncio.ensure_future(_progress(latencies, errors, args.requests, t0))
+        try:
+            await asyncio.gather(*(sender() for _ in range(args.concurrency)))
+        finally:
+            progress.cancel()
+        elapsed = time.perf_counter() - t0
+        _draw(len(latencies), sum(errors.values()), args.requests, elapsed, final=True)
+        after = (await client.stats())["totals"]
+    return _table(names, args, latencies, errors, elapsed, before, after)
+
+
+def _array(dtype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    shape = [1 if d == -1 else d for d in shape]  # a batch of one
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype)
+
+
+async def _progress(latencies: list, errors: collections.Counter, total: int,
+                    t0: float) -> None:
+    while True:
+        _draw(len(latencies), sum(errors.values()), total, time.perf_counter() - t0)
+        await asyncio.sleep(0.2)
+
+
+def _draw(done: int, failed: int, total: int, elapsed: float, final: bool = False) -> None:
+    n = done + failed
+    width = 30
+    bar = "#" * (width * n // total)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    sys.stderr.write(f"\r[{bar:<{width}}] {n}/{total} requests  {rate:,.0f} req/s  "
+                     f"{failed} errors" + ("\n" if final else ""))
+    sys.stderr.flush()
+
+
+def _table(names: list[str], args: argparse.Namespace, latencies: list[float],
+           errors: collections.Counter, elapsed: float, before: dict, after: dict) -> str:
+    hits = after["hits"] - before["hits"]  # served without waiting for a load
+    misses = after["misses"] - before["misses"]
+    loads = after["loads"] - before["loads"]
+    evictions = after["evictions"] - before["evictions"]
+    hit_rate = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+    rows = [("models", f"{len(names)} (zipf s={args.zipf:g})"),
+            ("requests", f"{len(latencies)} ok, {sum(errors.values())} failed "
+                         f"of {args.requests}, concurrency {args.concurrency}"),
+            ("duration", f"{elapsed:.2f} s")]
+    if latencies:
+        ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 99, 100])
+        rows += [("latency p50", f"{ms[0]:.2f} ms"), ("latency p90", f"{ms[1]:.2f} ms"),
+                 ("latency p99", f"{ms[2]:.2f} ms"), ("latency max", f"{ms[3]:.2f} ms")]
+    rows += [("throughput", f"{len(latencies) / elapsed:,.1f} req/s"),
+             ("hit rate", hit_rate), ("loads", str(loads)), ("evictions", str(evictions))]
+    rows += [(f"errors {name}", str(n)) for name, n in sorted(errors.items())]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,174 @@
+"""`mmengine serve | bench | stats`: the command line.
+
+    mmengine serve --demo                 # a generated repository of demo models
+    mmengine serve --repo DIR [--tcp-port 8081] [--workers N] [--device-budget 2GiB]
+    mmengine stats [--url 127.0.0.1:8081]
+    mmengine bench [--url ...] [--models N] [--zipf S] [--requests M] [--concurrency C]
+
+Every serve option is also a key of the TOML file given with --config and an
+MMENGINE_<KEY> environment variable; flags win over both. Bad values are
+refused at start with a message that names the key.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mmengine import config as cfg
+
+DEMO_MODELS = 64
+DEMO_VERSION = 1  # bump when the demo repository's contents change
+
+
+def demo_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mmengine" / f"demo-v{DEMO_VERSION}"
+
+
+def ensure_demo_repository(root: Path) -> Path:
+    """Generates the demo repository once; later calls reuse it. Generated in
+    a child process so that the server itself never imports torch."""
+    done = root / ".complete"
+    if not done.exists():
+        print(f"mmengine: generating {DEMO_MODELS} demo models in {root} (once)...",
+              flush=True)
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-c",
+                        "import sys; from mmengine.demo import write_demo_repository; "
+                        "write_demo_repository(sys.argv[1], int(sys.argv[2]))",
+                        str(tmp), str(DEMO_MODELS)], check=True)
+        (tmp / ".complete").write_text("ok\n")
+        if root.exists():  # a half-written one from an interrupted run
+            import shutil
+            shutil.rmtree(root)
+        tmp.rename(root)
+    return root
+
+
+def _serve_config(args: argparse.Namespace) -> cfg.Config:
+    overrides = {"repo": args.repo, "host": args.host, "tcp_port": args.tcp_port,
+                 "workers": args.workers, "device_budget": args.device_budget,
+                 "idle_unload_s": args.idle_unload}
+    if args.demo:
+        overrides["repo"] = str(ensure_demo_repository(demo_root()))
+        # A budget that holds a fraction of the demo models, so that traffic
+        # over all of them loads and evicts.
+        if args.device_budget is None:
+            overrides["device_budget"] = "4MiB"
+    config = cfg.load(args.config, overrides=overrides)
+    if not config.repo:
+        raise cfg.ConfigError("repo: no model repository given (--repo DIR or --demo)")
+    if not Path(config.repo).is_dir():
+        raise cfg.ConfigError(f"repo: {config.repo!r} is not a directory")
+    return config
+
+
+async def _serve(config: cfg.Config, demo: bool) -> None:
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Engine(config) as engine:
+        server = TcpServer(engine)
+        port = await server.start(config.host, config.tcp_port)
+        n = len(engine.repo.names())
+        print(f"mmengine: serving {n} models from {config.repo} on tcp://{config.host}:{port} "
+              f"with {len(engine.pool.workers)} workers "
+              f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)", flush=True)
+        if demo:
+            print(_demo_usage(engine.repo, config.host, port), flush=True)
+        await stop.wait()
+        print("mmengine: shutting down", flush=True)
+        await server.stop()
+
+
+_DEMO_USAGE = """
+Call it from Python with the SDK:
+
+    import numpy as np
+    from mmengine import Client
+    with Client("{host}:{port}") as c:
+        print(c.list()[:3])
+        print(c.infer("{model}", {{"{input}": np.ones({shape}, np.{dtype})}}))
+
+Try `mmengine stats --url {host}:{port}` and
+`mmengine bench --url {host}:{port}`; stop with Ctrl-C.
+"""
+
+
+def _demo_usage(repo, host: str, port: int) -> str:
+    """The usage text, with a call that fits the example model's input."""
+    spec = repo.resolve(sorted(repo.names())[0])
+    x = spec.inputs[0]
+    shape = tuple(1 if d == -1 else d for d in x.shape)
+    return _DEMO_USAGE.format(host=host, port=port, model=spec.name, input=x.name,
+                              shape=shape, dtype=x.dtype)
+
+
+def _print_stats(args: argparse.Namespace) -> None:
+    from mmengine.client import Client
+
+    with Client(args.url) as c:
+        stats = c.stats()
+    rows = stats["models"]
+    print(f"{'model':<24} {'ver':>3} {'state':<10} {'worker':>6} {'bytes':>12} "
+          f"{'hits':>8} {'loads':>6} {'evicts':>6}")
+    for r in rows:
+        worker = "-" if r["worker"] is None else r["worker"]
+        print(f"{r['name']:<24} {r['version']:>3} {r['state']:<10} {worker:>6} "
+              f"{r['bytes']:>12,} {r['hits']:>8} {r['loads']:>6} {r['evictions']:>6}")
+    t = stats["totals"]
+    print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
+          f"{t['hits']} hits, {t['loads']} loads, {t['evictions']} evictions, "
+          f"{t['failures']} failed loads, {t['worker_restarts']} worker restarts")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mmengine", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model repository")
+    serve.add_argument("--repo", help="model repository: <repo>/<name>/<version>/")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve a generated repository of demo models")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--tcp-port", type=int, help="binary protocol port (default 8081)")
+    serve.add_argument("--workers", type=int, help="CPU worker processes")
+    serve.add_argument("--device-budget", help="bytes of models per worker, e.g. 2GiB")
+    serve.add_argument("--idle-unload", type=float, metavar="S",
+                       help="unload models unused for S seconds")
+    serve.add_argument("--config", help="TOML file of configuration keys")
+
+    stats = sub.add_parser("stats", help="a running server's per-model table")
+    stats.add_argument("--url", default="127.0.0.1:8081")
+
+    from mmengine import bench
+    bench.add_arguments(sub.add_parser("bench", help="Zipf traffic against a running server"))
+
+    args = ap.parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = _serve_config(args)
+        except cfg.ConfigError as e:
+            print(f"mmengine: configuration error: {e}", file=sys.stderr)
+            return 2
+        import uvloop
+
+        uvloop.run(_serve(config, args.demo))
+        return 0
+    if args.command == "stats":
+        _print_stats(args)
+        return 0
+    return bench.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The binary TCP protocol end to end: `mmengine serve` as a real process,
+the SDK and raw sockets against it, and the other CLI commands."""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import live_pids, run
+from mmengine import demo, protocol, shm
+from mmengine.client import AsyncClient, Client
+from mmengine.config import PURE_PYTHON_VAR, Config
+from mmengine.errors import (BadRequest, ErrorCode, LoadFailed, ModelNotFound, Timeout,
+                             TooLarge)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = (16, 64, 8)
+MODELS = ("m00", "m01", "m02", "m03")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+SLOW_HANDLER = '''
+import time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+'''
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmengine.cli", *args]
+
+
+def environ(**changes: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MMENGINE_") or k == PURE_PYTHON_VAR}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **changes}
+
+
+class Server:
+    """`mmengine serve` in a subprocess; its output is read by a thread so
+    that the pipe never fills, and kept for failure messages."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(command("serve", *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env=env or environ())
+        self.output: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no {pattern!r} from the server:\n{''.join(self.output)}")
+            if m := re.search(pattern, line):
+                return m
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start(request, *args: str, env: dict[str, str] | None = None,
+          timeout: float = 60.0) -> tuple[Server, tuple[str, int]]:
+    """A serving Server, stopped when the test or module is done."""
+    server = Server(*args, "--tcp-port", "0", env=env)
+    request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
+    m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", timeout)
+    return server, (m.group(1), int(m.group(2)))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    for i, name in enumerate(MODELS):
+        demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
+    huge = demo.write_mlp(root / "huge", "safetensors", 4, 8, 2)
+    (huge / "model.toml").write_text("bytes = 1000000000000\n"
+                                     + (huge / "model.toml").read_text())
+    return root
+
+
+@pytest.fixture(scope="module")
+def address(request, repo) -> tuple[str, int]:
+    _, address = start(request, "--repo", str(repo), "--workers", "2",
+                       "--device-budget", "64MiB")
+    return address
+
+
+def reference(name: str, x: np.ndarray) -> np.ndarray:
+    return demo.reference(x, *DIMS, seed=MODELS.index(name))
+
+
+def x_for(rng: np.random.Generator, n: int = 2) -> np.ndarray:
+    return rng.standard_normal((n, DIMS[0])).astype(np.float32)
+
+
+def slow_input(seconds: float) -> dict[str, np.ndarray]:
+    return {"seconds": np.array([seconds])}
+
+
+def read_frame(sock: socket.socket) -> dict:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the server closed the connection mid-frame"
+            data += chunk
+        return data
+
+    return protocol.decode(exactly(protocol.LENGTH.unpack(exactly(4))[0]))
+
+
+def assert_closed(sock: socket.socket) -> None:
+    assert sock.recv(1) == b"", "the server kept the connection open"
+
+
+def fast_model_beside_slow(client: Client) -> str:
+    """A model resident on a worker other than the slow model's, so that a
+    request for it is answered while the slow one still runs."""
+    for name in ("slow", *MODELS):
+        client.load(name)
+    workers = {r["name"]: r["worker"] for r in client.stats()["models"]}
+    others = [n for n in MODELS if workers[n] != workers["slow"]]
+    assert others, f"every model landed beside the slow one: {workers}"
+    return others[0]
+
+
+# -- pipelining and out-of-order answers ----------------------------------------
+
+def test_answers_come_back_out_of_order_matched_by_id(address):
+    with Client(address) as c:
+        fast = fast_model_beside_slow(c)
+    x = x_for(np.random.default_rng(0))
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(protocol.frame({"id": 1, "op": "infer", "model": "slow",
+                                  "inputs": protocol.encode_tensors(slow_input(1.0))})
+                  + protocol.frame({"id": 2, "op": "infer", "model": fast,
+                                    "inputs": protocol.encode_tensors({"x": x})}))
+        first, second = read_frame(s), read_frame(s)
+    assert (first["id"], second["id"]) == (2, 1)
+    assert first["ok"] and second["ok"]
+    np.testing.assert_allclose(protocol.decode_tensors(first["outputs"])["y"],
+                               reference(fast, x), **TOL)
+    assert protocol.decode_tensors(second["outputs"])["y"][0] == 2.0
+
+
+def test_infer_many_pipelines_and_keeps_request_order(address):
+    rng = np.random.default_rng(1)
+    with Client(address) as c:
+        fast = fast_model_beside_slow(c)
+        xs = [x_for(rng) for _ in range(40)]
+        names = [MODELS[i % len(MODELS)] for i in range(40)]
+        # The slow request first: every other answer overtakes it on the wire.
+        outs = c.infer_many([("slow", slow_input(0.5))]
+                            + [(name, {"x": x}) for name, x in zip(names, xs)])
+        assert outs[0]["y"][0] == 1.0
+        for name, x, out in zip(names, xs, outs[1:]):
+            np.testing.assert_allclose(out["y"], reference(name, x), **TOL)
+        np.testing.assert_allclose(c.infer(fast, {"x": xs[0]})["y"], reference(fast, xs[0]),
+                                   **TOL)
+
+
+def test_async_client_many_in_flight(address):
+    with Client(address) as c:
+        fast = fast_model_beside_slow(c)
+    rng = np.random.default_rng(2)
+    xs = [x_for(rng, n=1 + i % 3) for i in range(200)]
+
+    async def main():
+        done = []
+        async with AsyncClient(address, connections=2) as client:
+            async def one(i):
+                out = await client.infer(fast, {"x": xs[i]})
+                done.append(i)
+                return out
+
+            async def slow():
+                out = await client.infer("slow", slow_input(1.0))
+                done.append("slow")
+                return out
+
+            results = await asyncio.gather(slow(), *(one(i) for i in range(len(xs))))
+        return done, results
+
+    done, results = run(main())
+    assert done[-1] == "slow", "a fast answer waited behind the slow one"
+    assert results[0]["y"][0] == 2.0
+    for x, out in zip(xs, results[1:]):
+        np.testing.assert_allclose(out["y"], reference(fast, x), **TOL)
+
+
+# -- typed errors ------------------------------------------------------------------
+
+def test_every_typed_error_reaches_the_sdk_as_its_class(address):
+    rng = np.random.default_rng(3)
+    x = x_for(rng)
+    tensor = protocol.encode_tensors({"x": x})["x"]
+
+    def infer_message(**fields):
+        return {"op": "infer", "model": "m00", "inputs": {"x": tensor}, **fields}
+
+    with Client(address) as c:
+        cases = [
+            (ModelNotFound, lambda: c.infer("no-such-model", {"x": x})),
+            (ModelNotFound, lambda: c.infer("../m00", {"x": x})),
+            (ModelNotFound, lambda: c.infer("m00", {"x": x}, version=9)),
+            (BadRequest, lambda: c.infer("m00", {"x": x[:, :3]})),
+            (BadRequest, lambda: c.infer("m00", {"x": x.astype(np.float64)})),
+            (BadRequest, lambda: c.infer("m00", {"z": x})),
+            (BadRequest, lambda: c.call({"op": "explode"})),
+            (BadRequest, lambda: c.call(infer_message(model=5))),
+            (BadRequest, lambda: c.call(infer_message(version="1"))),
+            (BadRequest, lambda: c.call(infer_message(timeout=-1))),
+            (BadRequest, lambda: c.call(infer_message(inputs=[tensor]))),
+            (BadRequest, lambda: c.call(infer_message(inputs={"x": {**tensor, "data": "x"}}))),
+            (BadRequest, lambda: c.call(infer_message(inputs={"x": {**tensor, "shape": [3]}}))),
+            (BadRequest, lambda: c.call(infer_message(inputs={"x": {**tensor,
+                                                                   "dtype": "object"}}))),
+            (TooLarge, lambda: c.infer("huge", {"x": x[:, :4]})),
+            (LoadFailed, lambda: c.infer("corrupt", {"x": x})),
+            (Timeout, lambda: c.infer("slow", slow_input(1.0), timeout=0.2)),
+        ]
+        for expected, call in cases:
+            with pytest.raises(expected) as info:
+                call()
+            assert type(info.value) is expected
+            if expected is Timeout:  # the server's, not the client giving up first
+                assert "no answer from the server" not in str(info.value)
+            # The connection survives a request error and serves the next one.
+            np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x),
+                                       **TOL)
+
+
+def test_an_oversized_frame_is_refused_from_its_header(address):
+    largest = max(protocol.DEFAULT_MAX_FRAME, Config().max_request_bytes)
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(protocol.LENGTH.pack(largest + 1))  # and never the body
+        response = read_frame(s)
+        assert_closed(s)
+    assert response["id"] is None and response["ok"] is False
+    assert response["error"]["code"] == ErrorCode.TOO_LARGE
+    assert response["error"]["name"] == "TOO_LARGE"
+    assert str(largest) in response["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [b"\xc1\xc1\xc1\xc1", b"\x92\x01", b"\x2a"],
+                         ids=["garbage", "truncated", "not-a-map"])
+def test_a_malformed_frame_closes_only_its_connection(address, body):
+    x = x_for(np.random.default_rng(4))
+    with Client(address, pool_size=1) as c:
+        c.infer("m00", {"x": x})  # its connection is open before the bad one
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(protocol.LENGTH.pack(len(body)) + body)
+            response = read_frame(s)
+            assert_closed(s)
+        assert response["id"] is None
+        assert response["error"]["code"] == ErrorCode.BAD_REQUEST
+        np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
+
+
+# -- the command line ----------------------------------------------------------------
+
+def test_stats_prints_the_table(address):
+    with Client(address) as c:
+        c.infer("m01", {"x": x_for(np.random.default_rng(5))})
+    r = subprocess.run(command("stats", "--url", "%s:%d" % address), env=environ(),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["model", "ver", "state", "worker", "bytes", "hits", "loads",
+                              "evicts"]
+    m01 = next(row.split() for row in rows if row.startswith("m01 "))
+    assert m01[:3] == ["m01", "1", "resident"]
+    assert re.search(r"\d+ resident .* \d+ hits, \d+ loads", r.stdout)
+
+
+def test_bench_prints_its_table(address):
+    r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "200",
+                               "--concurrency", "8", "--timeout", "20"),
+                       env=environ(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    table = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines())
+    # The models that declare no inputs are skipped, and said so; the rest
+    # are driven, and what fails is counted by type.
+    for name in ("corrupt", "slow"):
+        assert f"skipping {name}" in r.stderr
+    assert table["models"].startswith(f"{len(MODELS) + 1} ")  # with "huge"
+    ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed of 200", table["requests"]).groups())
+    assert ok + failed == 200 and ok > 0
+    assert failed == int(table.get("errors TooLarge", 0))  # only "huge" fails
+    for key in ("latency p50", "latency p90", "latency p99", "latency max"):
+        assert table[key].endswith(" ms")
+    assert float(table["throughput"].split()[0].replace(",", "")) > 0
+    assert table["hit rate"].endswith("%")
+    assert int(table["loads"]) >= 0 and int(table["evictions"]) >= 0
+    assert "200/200 requests" in r.stderr  # the progress bar's last state
+
+
+def test_configuration_errors_are_refused_at_start(tmp_path, repo):
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("workers = 2\nbogus_key = 1\n")
+    cases = [  # (args, environment, the key the message must name)
+        (["--device-budget", "lots"], {}, "device_budget"),
+        ([], {"MMENGINE_WORKERS": "abc"}, "workers"),
+        (["--config", str(bad_toml)], {}, "bogus_key"),
+    ]
+    procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", *args),
+                              env=environ(**env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for args, env, _ in cases]
+    try:
+        for proc, (_, _, key) in zip(procs, cases):
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 2, out + err
+            assert re.search(rf"configuration error: {key}\b", err), err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
+    server, address = start(request, "--demo", env=environ(XDG_CACHE_HOME=str(tmp_path)),
+                            timeout=120)
+    # The usage it prints must be a call that works.
+    m = server.wait_for(r'c\.infer\("([^"]+)", \{"(\w+)": np\.ones\(\((\d+), (\d+)\), '
+                        r'np\.(\w+)\)\}\)', 10)
+    name, input_name, shape, dtype = m[1], m[2], (int(m[3]), int(m[4])), m[5]
+    with Client(address) as c:
+        assert len({r["name"] for r in c.list()}) == 64
+        out = c.infer(name, {input_name: np.ones(shape, dtype)})
+        assert out["y"].shape[0] == shape[0] and np.isfinite(out["y"]).all()
+        pids = [w["pid"] for w in c.stats()["workers"]]
+    assert pids
+    assert server.stop() == 0, "".join(server.output)
+    assert "shutting down" in "".join(server.output)
+    assert not live_pids(pids)
+    prefix = f"{shm.PREFIX}{server.proc.pid}-"
+    assert not [s for s in shm.list_segments() if s.startswith(prefix)]
