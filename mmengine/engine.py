@@ -69,7 +69,10 @@ class Engine:
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
         self._pinned: dict[Key, int] = {}
-        self._room = asyncio.Event()                 # set whenever pins or bytes drop
+        # Pins or bytes dropped: a version to compare, and an Event for waiters.
+        self._room_version = 0
+        self._room = asyncio.Event()
+        self._room_waiters = 0
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -127,26 +130,49 @@ class Engine:
                     timeout: float | None = None) -> dict[str, np.ndarray]:
         """Runs a model on named arrays (numpy, or torch on any device) and
         returns its named outputs as numpy arrays."""
+        return (await self.submit(name, inputs, version, timeout))[1]
+
+    def submit(self, name: str, inputs: Mapping[str, Any], version: int | None = None,
+               timeout: float | None = None) -> asyncio.Future:
+        """infer() as a future of (timing body, outputs), for servers. A
+        request for a resident model is sent before this returns, with no
+        task and no coroutine in between; any other goes through a task that
+        resolves the model, loads it if needed, then sends. Bad input raises
+        here, at once."""
         deadline = self._deadline(timeout)
         arrays = _as_arrays(inputs)
+        spec = self._specs.get((name, version))
+        if spec is not None:
+            key = (spec.name, spec.version)
+            if key in self.cache:
+                index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
+                if index >= 0:
+                    self._hits += 1
+                    return self._send_infer(key, self.pool.workers[index], arrays, deadline)
+        return self._spawn(self._infer_cold(name, version, arrays, deadline))
+
+    async def _infer_cold(self, name: str, version: int | None, arrays: dict,
+                          deadline: float) -> tuple[dict, dict]:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         worker = await self._acquire(key, spec, deadline)
+        return await self._send_infer(key, worker, arrays, deadline)
+
+    def _send_infer(self, key: Key, worker: Worker, arrays: dict,
+                    deadline: float) -> asyncio.Future:
+        """Sends a request for a model the caller has pinned. The pin is
+        dropped when the worker is done with the request, not when the caller
+        stops waiting: a timed-out request still runs on the worker."""
         gen = self._gen[key]
         try:
-            # The pin is dropped when the worker is done with the request, not
-            # when the caller stops waiting: a timed-out request still runs.
-            fut = worker.call(Op.INFER, spec.name, spec.version, arrays,
+            fut = worker.call(Op.INFER, key[0], key[1], arrays,
                               on_done=lambda: self._unpin_request(key, gen))
         except BaseException:
             self._unpin_request(key, gen)
             raise
-        try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                _, outputs = await fut
-        except TimeoutError:
-            raise Timeout(f"{name}: no answer within the request's deadline") from None
-        return outputs
+        timer = worker.loop.call_at(self._loop_deadline(deadline), _expire, fut, key[0])
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
 
     @staticmethod
     def _loop_deadline(deadline: float) -> float:
@@ -234,8 +260,22 @@ class Engine:
             self._room_changed()
 
     def _room_changed(self) -> None:
-        self._room.set()
-        self._room = asyncio.Event()
+        self._room_version += 1
+        if self._room_waiters:  # this runs per request: no new Event unless needed
+            self._room.set()
+            self._room = asyncio.Event()
+
+    async def _wait_for_room(self, version: int, deadline: float) -> None:
+        """Until the room changes after `_room_version` was `version` (at
+        once if it already has); TimeoutError at the deadline."""
+        if self._room_version != version:
+            return
+        self._room_waiters += 1
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                await self._room.wait()
+        finally:
+            self._room_waiters -= 1
 
     # -- loads -------------------------------------------------------------------
 
@@ -287,7 +327,7 @@ class Engine:
             raise TooLarge(f"{key[0]}: needs {need} bytes, more than a worker's "
                            f"whole budget ({max(caps)})")
         while True:
-            room = self._room
+            version = self._room_version
             for w in sorted((w for w in self.pool.workers if w.alive),
                             key=lambda w: self.cache.used(books.DEVICE, w.index)
                             - self.cache.capacity(books.DEVICE, w.index)):
@@ -320,8 +360,8 @@ class Engine:
             # Every worker's room is held by models in use: wait for a request
             # to finish (or a worker to come back), up to the load's deadline.
             try:
-                await asyncio.wait_for(room.wait(), self._left(deadline))
-            except (asyncio.TimeoutError, Timeout):
+                await self._wait_for_room(version, deadline)
+            except TimeoutError:
                 raise Overloaded(f"{key[0]}: no room for {need} bytes: every resident "
                                  f"model is in use") from None
 
@@ -439,10 +479,9 @@ class Engine:
             if entry.pins == 0 and entry.state == books.READY:
                 await self._evict(key, "unload")
                 continue
-            room = self._room
             try:
-                await asyncio.wait_for(room.wait(), self._left(deadline))
-            except asyncio.TimeoutError:
+                await self._wait_for_room(self._room_version, deadline)
+            except TimeoutError:
                 raise Timeout(f"{name}: still in use at the deadline") from None
 
     async def pin(self, name: str, version: int | None = None,
@@ -535,6 +574,11 @@ class Engine:
                 "worker_restarts": self.pool.restarts if self.pool else 0,
             },
         }
+
+
+def _expire(fut: asyncio.Future, name: str) -> None:
+    if not fut.done():
+        fut.set_exception(Timeout(f"{name}: no answer within the request's deadline"))
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

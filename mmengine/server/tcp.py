@@ -3,14 +3,17 @@
 One asyncio Protocol per connection, on the engine's loop. Frames are cut
 from the byte stream as they arrive; a frame longer than the configured
 maximum is refused from its 4-byte length alone, before any of its body is
-buffered. Every request runs as its own task, so many are in flight per
-connection and answers go back as they complete, in any order. A malformed
+buffered. Many requests are in flight per connection and answers go back
+as they complete, in any order: an infer is a future of the engine with a
+callback that writes the answer (no task on the hot path), every other
+operation a task. A malformed
 frame gets a typed error and the connection is closed (the stream can no
 longer be trusted); other connections are untouched.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from mmengine import protocol
@@ -99,20 +102,43 @@ class _Connection(asyncio.Protocol):
             self._send({"id": rid, "ok": True, "status": "serving" if alive else "down",
                         "workers_alive": alive})
             return
-        handler = _HANDLERS.get(op)
-        if handler is None:
-            self._send(protocol.error_response(
-                rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
-            return
-        task = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        if op == "infer":  # the hot path: a future and a callback, no task
+            try:
+                model, version = _model_args(message)
+                inputs = protocol.decode_tensors(message.get("inputs"))
+                fut = self.engine.submit(model, inputs, version, _timeout(message))
+            except MMEngineError as e:
+                self._send(protocol.error_response(rid, e))
+                return
+            fut.add_done_callback(functools.partial(self._on_answer, rid))
+        else:
+            handler = _HANDLERS.get(op)
+            if handler is None:
+                self._send(protocol.error_response(
+                    rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
+                return
+            fut = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
+        self.tasks.add(fut)
+        fut.add_done_callback(self._task_done)
         if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
             self.transport.pause_reading()
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
+    def _on_answer(self, rid: Any, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            self._send(protocol.error_response(rid, InternalError("request cancelled")))
+            return
+        e = fut.exception()
+        if e is None:
+            _, outputs = fut.result()
+            self._send({"id": rid, "ok": True, "outputs": protocol.encode_tensors(outputs)})
+        elif isinstance(e, MMEngineError):
+            self._send(protocol.error_response(rid, e))
+        else:
+            self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
+
+    def _task_done(self, fut: asyncio.Future) -> None:
+        self.tasks.discard(fut)
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
             self.transport.resume_reading()
@@ -154,13 +180,6 @@ def _timeout(message: dict) -> float | None:
     return timeout
 
 
-async def _infer(engine: Engine, m: dict) -> dict:
-    model, version = _model_args(m)
-    inputs = protocol.decode_tensors(m.get("inputs"))
-    outputs = await engine.infer(model, inputs, version=version, timeout=_timeout(m))
-    return {"outputs": protocol.encode_tensors(outputs)}
-
-
 async def _load(engine: Engine, m: dict) -> dict:
     return {"model": await engine.load(*_model_args(m), timeout=_timeout(m))}
 
@@ -187,5 +206,5 @@ async def _stats(engine: Engine, m: dict) -> dict:
     return {"stats": engine.stats()}
 
 
-_HANDLERS = {"infer": _infer, "load": _load, "unload": _unload, "pin": _pin,
+_HANDLERS = {"load": _load, "unload": _unload, "pin": _pin,
              "unpin": _unpin, "list": _list, "stats": _stats}

@@ -1,0 +1,320 @@
+"""What serving adds to a tiny model's call, against a bare TCP echo, in one run.
+
+    python benchmarks/overhead.py [--json] [--quick]
+
+An MLP 64->32->16 at batch 1, called four ways: directly in this process,
+through an in-process Engine, through the blocking SDK against a server
+subprocess (one request at a time), and through the AsyncClient with 64
+requests in flight over 4 connections. A plain uvloop server exchanging
+frames of the SDK's request and response sizes gives the floor of a TCP
+round trip. The breakdown splits the SDK's median into the model, the
+worker and its rings, the engine, the client's encoding and the server's
+front end, and counts each process's CPU time per request, one at a time
+and under load.
+Prints one JSON object (the last line) with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from mmengine import AsyncClient, Client, protocol  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+MODEL, DIMS = "mlp", (64, 32, 16)
+# One model lives on one worker; a second one would only compete for the two cores.
+WORKERS = 1
+CONCURRENCY, CONNECTIONS = 64, 4
+
+
+# -- the server subprocess (zipf.py uses it too) -----------------------------
+
+@contextlib.contextmanager
+def server(repo: Path, *flags: str, start_timeout: float = 120.0):
+    """`mmengine serve` on a free port; yields "host:port", stops it with
+    SIGTERM. Its output goes to our stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo",
+                             str(repo), "--tcp-port", "0", *flags],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    hung = threading.Timer(start_timeout, proc.kill)
+    hung.start()
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            m = re.search(r"on tcp://(\S+):(\d+)", line)
+            if m:
+                break
+        else:
+            raise RuntimeError(f"the server exited ({proc.wait()}) before listening")
+        hung.cancel()
+        # Keep reading: a full pipe would block the server.
+        threading.Thread(target=shutil.copyfileobj, args=(proc.stdout, sys.stderr),
+                         daemon=True).start()
+        yield f"{m.group(1)}:{m.group(2)}", proc
+    finally:
+        hung.cancel()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the echo baseline -------------------------------------------------------
+
+def echo_server(response_bytes: int) -> None:
+    """Answers each length-prefixed frame with a frame of `response_bytes`."""
+    response = protocol.LENGTH.pack(response_bytes - 4) + bytes(response_bytes - 4)
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.buf = transport, bytearray()
+
+        def data_received(self, data):
+            self.buf += data
+            while len(self.buf) >= 4:
+                n = 4 + protocol.LENGTH.unpack_from(self.buf)[0]
+                if len(self.buf) < n:
+                    break
+                del self.buf[:n]
+                self.transport.write(response)
+
+    async def main():
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        srv = await loop.create_server(Echo, "127.0.0.1", 0)
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await stop.wait()
+
+    uvloop.run(main())
+
+
+def echo_p50_us(request: bytes, response_bytes: int, n: int) -> float:
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(response_bytes)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray(response_bytes)
+            view = memoryview(buf)
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter_ns()
+                sock.sendall(request)
+                got = 0
+                while got < response_bytes:
+                    got += sock.recv_into(view[got:])
+                samples.append(time.perf_counter_ns() - t0)
+        return _p(samples[n // 10:], 50) / 1e3
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the model, the engine, the SDK --------------------------------------------
+
+def _p(samples, q: float) -> float:
+    return float(np.percentile(samples, q))
+
+
+def direct_p50_us(x: np.ndarray, n: int) -> float:
+    import torch
+
+    from mmengine.demo import mlp
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))  # as the worker does
+    model = mlp(*DIMS, seed=0)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        with torch.inference_mode():
+            model(torch.from_numpy(x)).numpy()
+        samples.append(time.perf_counter_ns() - t0)
+    return _p(samples[n // 10:], 50) / 1e3
+
+
+async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
+    from mmengine.engine import Engine
+    from mmengine.messages import Op
+
+    async with Engine(Config(repo=str(repo), workers=WORKERS)) as engine:
+        await engine.infer(MODEL, {"x": x})
+        worker = engine.pool.workers[0]
+        infer, call, compute = [], [], []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            await engine.infer(MODEL, {"x": x})
+            infer.append(time.perf_counter_ns() - t0)
+        # The worker alone, as the engine calls it: rings both ways plus
+        # the worker's own handling; compute_us is the model's share of it.
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            body, _ = await worker.call(Op.INFER, MODEL, 1, {"x": x})
+            call.append(time.perf_counter_ns() - t0)
+            compute.append(body["compute_us"] * 1e3)
+    skip = n // 10
+    return {"engine": _p(infer[skip:], 50) / 1e3, "worker_call": _p(call[skip:], 50) / 1e3,
+            "compute": _p(compute[skip:], 50) / 1e3}
+
+
+def sdk_latency_us(address: str, x: np.ndarray, n: int) -> tuple[float, float]:
+    with Client(address) as c:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            c.infer(MODEL, {"x": x})
+            samples.append(time.perf_counter_ns() - t0)
+    samples = samples[n // 10:]
+    return _p(samples, 50) / 1e3, _p(samples, 99) / 1e3
+
+
+def client_codec_p50_us(request: dict, response: bytes, n: int) -> float:
+    """The SDK's own share of a call: encode the request, cut and decode the
+    answer (no I/O)."""
+    from mmengine.client import _Frames
+
+    frames, samples = _Frames(), []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        protocol.frame(request)
+        r = frames.feed(response)[0]
+        protocol.decode_tensors(r["outputs"])
+        samples.append(time.perf_counter_ns() - t0)
+    return _p(samples[n // 10:], 50) / 1e3
+
+
+async def _rps(address: str, x: np.ndarray, n: int) -> float:
+    async with AsyncClient(address, connections=CONNECTIONS) as c:
+        left = n
+
+        async def one():
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await c.infer(MODEL, {"x": x})
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+        return n / (time.perf_counter() - t0)
+
+
+def cpu_per_request(server_pid: int, n: int, fn, *args):
+    """fn(*args), and each process's user and system CPU microseconds per
+    request (n of them) meanwhile."""
+    front = psutil.Process(server_pid)
+    procs = {"front_end": [front], "worker": front.children(), "client": [psutil.Process()]}
+
+    def cpu():
+        return {f"{k}_{kind}": sum(getattr(p.cpu_times(), kind) for p in ps)
+                for k, ps in procs.items() for kind in ("user", "system")}
+
+    before = cpu()
+    result = fn(*args)
+    after = cpu()
+    return result, {k: (after[k] - before[k]) * 1e6 / n for k in before}
+
+
+# -- the run -------------------------------------------------------------------
+
+def run(quick: bool) -> dict:
+    from mmengine.demo import write_mlp
+
+    n = 2_000 if quick else 10_000
+    rps_n = 5_000 if quick else 30_000
+    repeats = 1 if quick else 3
+    med = statistics.median
+    x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
+    y = np.zeros((1, DIMS[2]), np.float32)
+    request = {"op": "infer", "model": MODEL, "inputs": protocol.encode_tensors({"x": x}),
+               "id": 1000}
+    response = protocol.frame({"outputs": protocol.encode_tensors({"y": y}), "id": 1000,
+                               "ok": True})
+    with tempfile.TemporaryDirectory(prefix="mmengine-overhead-") as tmp:
+        repo = Path(tmp)
+        write_mlp(repo / MODEL, "safetensors", *DIMS)
+        direct = med(direct_p50_us(x, n) for _ in range(repeats))
+        engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
+        engine = {k: med(e[k] for e in engine) for k in engine[0]}
+        with server(repo, "--workers", str(WORKERS)) as (address, proc):
+            sdk = [cpu_per_request(proc.pid, n, sdk_latency_us, address, x, n)
+                   for _ in range(repeats)]
+            uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
+            rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
+                   for _ in range(repeats)]
+        echo = med(echo_p50_us(protocol.frame(request), len(response), n)
+                   for _ in range(repeats))
+    codec = client_codec_p50_us(request, response, n)
+    sdk_p50 = med(s[0][0] for s in sdk)
+    return {
+        "direct_p50_us": direct,
+        "engine_p50_us": engine["engine"],
+        "sdk_p50_us": sdk_p50,
+        "sdk_p99_us": med(s[0][1] for s in sdk),
+        "echo_p50_us": echo,
+        "sdk_rps_c64": med(r[0] for r in rps),
+        "breakdown_p50_us": {
+            "model_compute": engine["compute"],
+            "worker_and_rings": engine["worker_call"] - engine["compute"],
+            "engine": engine["engine"] - engine["worker_call"],
+            "client_codec": codec,
+            "tcp_echo": echo,
+            "front_end_rest": sdk_p50 - engine["engine"] - codec - echo,
+        },
+        "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
+        "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
+        "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="finish in well under 60 s")
+    ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.echo_server:
+        echo_server(args.echo_server)
+        return
+    out = run(args.quick)
+    if args.json:
+        print(json.dumps(out))
+        return
+    for key, value in out.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<28} {v:12,.2f}")
+        else:
+            print(f"{key:<30} {value:12,.2f}")
+
+
+if __name__ == "__main__":
+    main()

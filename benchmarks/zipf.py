@@ -1,0 +1,240 @@
+"""Zipf traffic over more model bytes than fit, against LRU and the offline optimum, in one run.
+
+    python benchmarks/zipf.py [--json] [--quick] [--zipf S] [--plot [PNG]]
+
+200 MLPs of 1-16 MB (safetensors; generated once into the user's cache),
+served by `mmengine serve` with 2 workers whose device budgets together
+hold about 10% of the bytes. Clients keep 32 requests in flight through
+the AsyncClient over a Zipf-distributed trace of 20,000 requests (--quick:
+the first 60 models, 3,000 requests). Loads, evictions and hits come from
+the server's stats; the same trace is replayed offline through an LRU and
+a Belady (furthest next use) cache of the bytes the engine may fill.
+Prints one JSON object (the last line) with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import uvloop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import server  # noqa: E402  (it also puts the project on sys.path)
+from mmengine import AsyncClient, MMEngineError  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+MODELS, QUICK_MODELS = 200, 60
+REQUESTS, QUICK_REQUESTS = 20_000, 3_000
+WORKERS, CONCURRENCY, CONNECTIONS = 2, 32, 4
+BUDGET_FRACTION = 0.10
+IN, OUT = 64, 16
+CACHE_VERSION = 1  # bump when the generated models change
+SEED = 0
+
+
+# -- the models ----------------------------------------------------------------
+
+def model_bytes(hidden: int) -> int:
+    return 4 * (IN * hidden + hidden + hidden * OUT + OUT)  # float32 weights and biases
+
+
+def hiddens() -> list[int]:
+    sizes = np.random.default_rng(SEED).uniform(1 << 20, 16 << 20, MODELS)
+    return [round((s / 4 - OUT) / (IN + 1 + OUT)) for s in sizes]
+
+
+def repository() -> Path:
+    """The models, written once; a marker file says the set is whole."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = Path(base) / "mmengine" / f"bench-zipf-v{CACHE_VERSION}"
+    if (root / ".complete").exists():
+        return root
+    from mmengine.demo import write_mlp
+
+    print(f"zipf: writing {MODELS} models into {root} (once)...", file=sys.stderr, flush=True)
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    for i, hidden in enumerate(hiddens()):
+        write_mlp(tmp / f"m{i:03d}", "safetensors", IN, hidden, OUT, seed=i)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(root, ignore_errors=True)  # a half-written one from an interrupted run
+    tmp.rename(root)
+    return root
+
+
+def zipf_trace(n_models: int, n_requests: int, s: float) -> list[int]:
+    """Model indices; popularity ranks are shuffled so that they do not
+    follow size."""
+    rng = np.random.default_rng(SEED + 1)
+    p = 1.0 / np.arange(1, n_models + 1) ** s
+    ranks = rng.permutation(n_models)
+    return ranks[rng.choice(n_models, n_requests, p=p / p.sum())].tolist()
+
+
+# -- offline replays -------------------------------------------------------------
+
+def lru_loads(trace: list[int], sizes: list[int], capacity: int) -> int:
+    resident: collections.OrderedDict[int, int] = collections.OrderedDict()
+    used = loads = 0
+    for m in trace:
+        if m in resident:
+            resident.move_to_end(m)
+            continue
+        loads += 1
+        while used + sizes[m] > capacity:
+            used -= resident.popitem(last=False)[1]
+        resident[m] = sizes[m]
+        used += sizes[m]
+    return loads
+
+
+def belady_loads(trace: list[int], sizes: list[int], capacity: int) -> int:
+    """Evicts whatever is next used furthest ahead (never: first)."""
+    next_use, seen = [0] * len(trace), {}
+    for i in range(len(trace) - 1, -1, -1):
+        next_use[i] = seen.get(trace[i], len(trace))
+        seen[trace[i]] = i
+    resident: dict[int, int] = {}  # model -> its next use
+    used = loads = 0
+    for i, m in enumerate(trace):
+        if m not in resident:
+            loads += 1
+            while used + sizes[m] > capacity:
+                victim = max(resident, key=resident.__getitem__)
+                del resident[victim]
+                used -= sizes[victim]
+            used += sizes[m]
+        resident[m] = next_use[i]
+    return loads
+
+
+# -- the run ---------------------------------------------------------------------
+
+async def _drive(address: str, names: list[str]) -> dict:
+    x = np.ones((1, IN), np.float32)
+    latencies, errors, timeline = [], 0, []
+    async with AsyncClient(address, connections=CONNECTIONS) as c:
+        before = (await c.stats())["totals"]
+        # Every client takes the next request from one iterator, so the
+        # trace is issued in order.
+        todo = iter(names)
+
+        async def client():
+            nonlocal errors
+            for name in todo:
+                t0 = time.perf_counter()
+                try:
+                    await c.infer(name, {"x": x})
+                except (MMEngineError, ConnectionError) as e:
+                    errors += 1
+                    print(f"zipf: {name}: {e!r}", file=sys.stderr)
+                latencies.append(time.perf_counter() - t0)
+
+        async def watch():
+            while True:
+                await asyncio.sleep(0.5)
+                now = (await c.stats())["totals"]
+                timeline.append((time.perf_counter() - t0, now["hits"] - before["hits"],
+                                 now["misses"] - before["misses"]))
+
+        t0 = time.perf_counter()
+        watcher = asyncio.get_running_loop().create_task(watch())
+        await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - t0
+        watcher.cancel()
+        after = (await c.stats())["totals"]
+    timeline.append((elapsed, after["hits"] - before["hits"],
+                     after["misses"] - before["misses"]))
+    return {"latencies": latencies, "elapsed": elapsed, "errors": errors,
+            "timeline": timeline, **{k: after[k] - before[k] for k in
+                                     ("hits", "misses", "loads", "evictions", "failures")}}
+
+
+def run(quick: bool, s: float) -> tuple[dict, dict]:
+    repo = repository()
+    n_models = QUICK_MODELS if quick else MODELS
+    sizes = [model_bytes(h) for h in hiddens()[:n_models]]
+    budget = int(BUDGET_FRACTION * sum(sizes) / WORKERS)
+    # The engine evicts once a worker would pass its high watermark, so
+    # that is what the offline caches get to fill.
+    capacity = int(WORKERS * budget * Config().high_watermark)
+    trace = zipf_trace(n_models, QUICK_REQUESTS if quick else REQUESTS, s)
+    with server(repo, "--workers", str(WORKERS), "--device-budget", str(budget)) as (address, _):
+        got = uvloop.run(_drive(address, [f"m{i:03d}" for i in trace]))
+    lat_ms = np.array(got["latencies"]) * 1e3
+    lru, belady = lru_loads(trace, sizes, capacity), belady_loads(trace, sizes, capacity)
+    out = {
+        "models": n_models, "requests": len(trace), "zipf_s": s,
+        "total_mb": sum(sizes) / 2**20, "budget_mb_per_worker": budget / 2**20,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "rps": len(trace) / got["elapsed"],
+        # A miss is a request that waited for a load, its own or another's.
+        "hit_rate": got["hits"] / max(got["hits"] + got["misses"], 1),
+        "loads": got["loads"],
+        "evictions": got["evictions"],
+        "errors": got["errors"] + got["failures"],
+        "lru_sim_loads": lru,
+        "belady_sim_loads": belady,
+        "ratios": {"loads_vs_lru": got["loads"] / lru, "loads_vs_belady": got["loads"] / belady},
+    }
+    return out, {"latencies_ms": lat_ms, "timeline": got["timeline"]}
+
+
+def plot(path: str, out: dict, series: dict) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("zipf: matplotlib is not installed; no plot", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (cdf, hits) = plt.subplots(1, 2, figsize=(11, 4))
+    lat = np.sort(series["latencies_ms"])
+    cdf.plot(lat, np.arange(1, len(lat) + 1) / len(lat))
+    cdf.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests",
+            title=f"latency CDF: p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms")
+    t, hit, miss = (np.array(c, dtype=float) for c in zip(*series["timeline"]))
+    hit, miss = np.diff(hit, prepend=0), np.diff(miss, prepend=0)
+    hits.plot(t, hit / np.maximum(hit + miss, 1))
+    hits.set(ylim=(0, 1), xlabel="time (s)", ylabel="hits / requests",
+             title=f"hit rate per 0.5 s (overall {out['hit_rate']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="60 models, 3,000 requests")
+    ap.add_argument("--zipf", type=float, default=1.0, metavar="S", help="Zipf exponent")
+    ap.add_argument("--plot", nargs="?", const="zipf.png", metavar="PNG",
+                    help="write a latency CDF and hit rate over time (default zipf.png)")
+    args = ap.parse_args()
+    out, series = run(args.quick, args.zipf)
+    if args.plot and plot(args.plot, out, series):
+        out["plot"] = os.path.abspath(args.plot)
+    if args.json:
+        print(json.dumps(out))
+        return
+    for key, value in out.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                print(f"  ratio {k:<22} {v:10.3f}")
+        elif isinstance(value, float):
+            print(f"{key:<28} {value:12,.3f}")
+        else:
+            print(f"{key:<28} {value:>12}")
+
+
+if __name__ == "__main__":
+    main()
