@@ -1,13 +1,22 @@
 /* The model cache's accounting core: plain C, no Python.
  *
  * An entry is named by its slot and lives in two parallel arrays: node[s]
- * holds what a touch reads and writes (the LRU links, hits, last use), e[s]
- * the rest. A touch, the hot path, then relinks and stamps three 32-byte
- * nodes, cache-line aligned, and reads no entry. The links make a doubly
- * linked list in LRU order (head = least recently used); free slots are
- * chained through `next`. Byte counters are kept per tier: host, disk, then
- * one device counter per worker. Every operation except the walks (victims,
- * idle, verify) is O(1).
+ * holds what the request path reads and writes (the LRU links, state, pins,
+ * worker, hits, last use, the key's pointer and hash), one 64-byte cache
+ * line; e[s] the rest (bytes, cost). A request then reads one bucket of the
+ * index and the node, relinks it, and reads no entry. The links make a
+ * doubly linked list in LRU order (head = least recently used); free slots
+ * are chained through `next`. Byte counters are kept per tier: host, disk,
+ * then one device counter per worker.
+ *
+ * The index maps keys to slots: open addressing with linear probing over
+ * 8-byte buckets {tag, slot}, at most 3/4 full, deletion by backward shift
+ * (no tombstones). A key is opaque here: the caller hashes it, walks the
+ * buckets whose tag (the hash's low 32 bits) matches with mm_index_next and
+ * compares keys itself: node[s] holds the pointer and the hash it gave to
+ * insert.
+ * Every operation except the walks (victims, idle, verify) and the index's
+ * growth is O(1) (expected, for the index).
  *
  * Functions that can fail return an MM_E* code (MM_EOK = 0); they check
  * their arguments before changing anything, so a failed call changes
@@ -36,21 +45,32 @@ enum {
 };
 
 #define MM_NIL (-1)
+#define MM_GOLDEN 0x9E3779B9u /* 2**32 / the golden ratio: Fibonacci hashing */
+#define MM_INDEX_BITS 4
+#define MM_INDEX_MIN (1u << MM_INDEX_BITS)
 
 typedef struct {
     int32_t prev, next;       /* slots; MM_NIL at the ends */
     int64_t hits;
     double last_use;
     double base;              /* GDSF: the inflation L at insert or last hit */
+    int64_t pins;
+    const void *key;          /* the caller's, opaque; NULL on free slots */
+    int64_t hash;             /* the key's; its bucket's tag is mm_tag(hash) */
+    int32_t worker;           /* MM_NIL: none, and then no device bytes */
+    int32_t state;            /* MM_FREE while the slot is on the free list */
 } mm_node;
+_Static_assert(sizeof(mm_node) == 64, "a node is one cache line");
 
 typedef struct {
-    int64_t bytes[MM_NTIERS]; /* device bytes count on `worker` */
-    int64_t pins;
+    int64_t bytes[MM_NTIERS]; /* device bytes count on node[s].worker */
     double cost;
-    int32_t worker;           /* MM_NIL: none, and then bytes[MM_DEVICE] == 0 */
-    int32_t state;            /* MM_FREE while the slot is on the free list */
 } mm_entry;
+
+typedef struct {
+    uint32_t tag;
+    int32_t slot;             /* MM_NIL: empty */
+} mm_bucket;
 
 /* One victims/idle answer row; `rank` (LRU position) breaks GDSF ties. */
 typedef struct {
@@ -62,6 +82,8 @@ typedef struct {
 typedef struct {
     mm_node *node;            /* n_slots long, 64-byte aligned */
     mm_entry *e;              /* n_slots long */
+    mm_bucket *index;         /* mask + 1 long, a power of two */
+    uint32_t mask, shift;     /* home of a tag: (tag * MM_GOLDEN) >> shift */
     mm_pick *picks;           /* n_slots long, so an answer always fits */
     int64_t *used, *cap;      /* [host, disk, device of worker 0, 1, ...] */
     double inflation;         /* GDSF L: the largest H evicted so far */
@@ -81,7 +103,14 @@ static inline int mm_cache_init(mm_cache *c, int32_t workers, int32_t policy)
     c->policy = policy;
     c->used = calloc((size_t)workers + 2, sizeof(int64_t));
     c->cap = calloc((size_t)workers + 2, sizeof(int64_t));
-    return c->used && c->cap ? MM_EOK : MM_ENOMEM;
+    c->index = malloc(MM_INDEX_MIN * sizeof(mm_bucket));
+    if (!c->used || !c->cap || !c->index)
+        return MM_ENOMEM;
+    for (uint32_t i = 0; i < MM_INDEX_MIN; i++)
+        c->index[i] = (mm_bucket){.slot = MM_NIL};
+    c->mask = MM_INDEX_MIN - 1;
+    c->shift = 32 - MM_INDEX_BITS;
+    return MM_EOK;
 }
 
 static inline void mm_cache_free(mm_cache *c)
@@ -89,6 +118,7 @@ static inline void mm_cache_free(mm_cache *c)
     free(c->node);
     free(c->e);
     free(c->picks);
+    free(c->index);
     free(c->used);
     free(c->cap);
     *c = (mm_cache){.head = MM_NIL, .tail = MM_NIL, .free = MM_NIL};
@@ -107,9 +137,10 @@ static inline int32_t mm_counter(const mm_cache *c, int32_t tier,
     return MM_DEVICE + worker;
 }
 
-static inline int32_t mm_entry_counter(const mm_entry *e, int32_t tier)
+static inline int32_t mm_entry_counter(const mm_cache *c, int32_t s,
+                                       int32_t tier)
 {
-    return tier == MM_DEVICE ? MM_DEVICE + e->worker : tier;
+    return tier == MM_DEVICE ? MM_DEVICE + c->node[s].worker : tier;
 }
 
 static inline int64_t mm_entry_size(const mm_entry *e)
@@ -164,7 +195,98 @@ static inline void mm_link_mru(mm_cache *c, int32_t s)
     c->tail = s;
 }
 
-/* Doubles the slot array; on failure the cache is unchanged. */
+/* -- the index ------------------------------------------------------- */
+
+/* A key's bucket tag: the low half of its hash (node[s].hash has it all). */
+static inline uint32_t mm_tag(int64_t hash)
+{
+    return (uint32_t)(uint64_t)hash;
+}
+
+/* The first bucket of a tag's probe sequence. The multiply spreads hashes
+ * that differ only in their high bits, or are multiples of the size. */
+static inline uint32_t mm_index_home(const mm_cache *c, uint32_t tag)
+{
+    return (uint32_t)(tag * MM_GOLDEN) >> c->shift;  /* shift: 1 .. 28 */
+}
+
+/* Walks a tag's probe sequence from bucket *pos (start: mm_index_home): the
+ * slot of the next bucket with that tag, *pos moved past it; or MM_NIL at
+ * the first empty bucket, where the key would go. The caller compares keys:
+ * node[slot].key is the key of the answer. */
+static inline int32_t mm_index_next(const mm_cache *c, uint32_t tag,
+                                    uint32_t *pos)
+{
+    for (;;) {
+        mm_bucket b = c->index[*pos];
+        *pos = (*pos + 1) & c->mask;
+        if (b.slot == MM_NIL || b.tag == tag)
+            return b.slot;
+    }
+}
+
+/* The bucket holding slot s, found by its tag; the slot must be indexed. */
+static inline uint32_t mm_index_find_slot(const mm_cache *c, int32_t s)
+{
+    uint32_t i = mm_index_home(c, mm_tag(c->node[s].hash));
+    while (c->index[i].slot != s) {
+        MM_ASSERT(c->index[i].slot != MM_NIL);
+        i = (i + 1) & c->mask;
+    }
+    return i;
+}
+
+/* Puts a bucket in the first empty place of its probe sequence. */
+static inline void mm_index_put(mm_cache *c, mm_bucket b)
+{
+    uint32_t i = mm_index_home(c, b.tag);
+    while (c->index[i].slot != MM_NIL)
+        i = (i + 1) & c->mask;
+    c->index[i] = b;
+}
+
+/* Deletes bucket i by backward shift: every later bucket of the run that
+ * may sit at i (its home lies cyclically outside (i, j]) moves up, so that
+ * no probe sequence meets a hole before its key. */
+static inline void mm_index_delete(mm_cache *c, uint32_t i)
+{
+    uint32_t m = c->mask;
+    for (uint32_t j = (i + 1) & m; c->index[j].slot != MM_NIL; j = (j + 1) & m) {
+        uint32_t home = mm_index_home(c, c->index[j].tag);
+        if (((j - home) & m) >= ((j - i) & m)) {
+            c->index[i] = c->index[j];
+            i = j;
+        }
+    }
+    c->index[i].slot = MM_NIL;
+}
+
+/* Room for one more key at a load of at most 3/4, doubling the index if
+ * need be; on failure the cache is unchanged. */
+static inline int mm_index_reserve(mm_cache *c)
+{
+    uint64_t size = (uint64_t)c->mask + 1;
+    if (4 * ((uint64_t)c->count + 1) <= 3 * size)
+        return MM_EOK;
+    if (size > (1u << 30))
+        return MM_ENOMEM;
+    mm_bucket *old = c->index;
+    mm_bucket *index = malloc(2 * size * sizeof(mm_bucket));
+    if (!index)
+        return MM_ENOMEM;
+    for (uint64_t i = 0; i < 2 * size; i++)
+        index[i] = (mm_bucket){.slot = MM_NIL};
+    c->index = index;
+    c->mask = (uint32_t)(2 * size - 1);
+    c->shift--;
+    for (uint64_t i = 0; i < size; i++)
+        if (old[i].slot != MM_NIL)
+            mm_index_put(c, old[i]);
+    free(old);
+    return MM_EOK;
+}
+
+/* Doubles the slot arrays; on failure the cache is unchanged. */
 static inline int mm_grow(mm_cache *c)
 {
     int32_t lo = c->n_slots, hi = lo ? 2 * lo : 32;
@@ -187,7 +309,7 @@ static inline int mm_grow(mm_cache *c)
         return MM_ENOMEM;
     c->picks = p;
     for (int32_t s = hi - 1; s >= lo; s--) {
-        c->e[s].state = MM_FREE;
+        c->node[s] = (mm_node){.state = MM_FREE, .worker = MM_NIL};
         c->node[s].next = c->free;
         c->free = s;
     }
@@ -195,26 +317,30 @@ static inline int mm_grow(mm_cache *c)
     return MM_EOK;
 }
 
-/* A new entry at the MRU end; its slot goes to *slot. */
+/* A new entry at the MRU end, indexed under the key's hash; its slot goes
+ * to *slot. The caller has checked that no equal key is in the cache. */
 static inline int mm_insert(mm_cache *c, int32_t state, int32_t worker,
-                            int32_t *slot)
+                            int64_t hash, const void *key, int32_t *slot)
 {
     if (state < MM_LOADING || state > MM_FAILED)
         return MM_ESTATE;
     if (worker < MM_NIL || worker >= c->workers)
         return MM_EWORKER;
-    if (c->free == MM_NIL) {
-        int err = mm_grow(c);
-        if (err)
-            return err;
-    }
+    if (c->count == INT32_MAX)
+        return MM_ENOMEM;
+    int err = mm_index_reserve(c);
+    if (err)
+        return err;
+    if (c->free == MM_NIL && (err = mm_grow(c)))
+        return err;
     int32_t s = c->free;
-    mm_entry *e = &c->e[s];
-    MM_ASSERT(e->state == MM_FREE);
+    MM_ASSERT(c->node[s].state == MM_FREE);
     c->free = c->node[s].next;
-    *e = (mm_entry){.cost = 1.0, .worker = worker, .state = state};
-    c->node[s] = (mm_node){.base = c->inflation};
+    c->e[s] = (mm_entry){.cost = 1.0};
+    c->node[s] = (mm_node){.base = c->inflation, .key = key, .hash = hash,
+                           .worker = worker, .state = state};
     mm_link_mru(c, s);
+    mm_index_put(c, (mm_bucket){.tag = mm_tag(hash), .slot = s});
     c->count++;
     *slot = s;
     return MM_EOK;
@@ -223,17 +349,18 @@ static inline int mm_insert(mm_cache *c, int32_t state, int32_t worker,
 static inline void mm_remove(mm_cache *c, int32_t s)
 {
     mm_entry *e = &c->e[s];
-    MM_ASSERT(e->state != MM_FREE);
+    mm_node *n = &c->node[s];
+    MM_ASSERT(n->state != MM_FREE);
     for (int32_t t = 0; t < MM_NTIERS; t++) {
         if (e->bytes[t] == 0)
             continue;
-        int64_t *u = &c->used[mm_entry_counter(e, t)];
+        int64_t *u = &c->used[mm_entry_counter(c, s, t)];
         *u -= e->bytes[t];
         MM_ASSERT(*u >= 0);
     }
+    mm_index_delete(c, mm_index_find_slot(c, s));
     mm_unlink(c, s);
-    e->state = MM_FREE;
-    c->node[s].next = c->free;
+    *n = (mm_node){.next = c->free, .worker = MM_NIL, .state = MM_FREE};
     c->free = s;
     c->count--;
 }
@@ -255,20 +382,20 @@ static inline void mm_touch(mm_cache *c, int32_t s, double now)
  * and the answer is MM_NIL. One call in place of entry + pin + touch. */
 static inline int32_t mm_acquire(mm_cache *c, int32_t s, double now)
 {
-    mm_entry *e = &c->e[s];
-    if (e->state != MM_READY)
+    mm_node *n = &c->node[s];
+    if (n->state != MM_READY)
         return MM_NIL;
-    e->pins++;
+    n->pins++;
     mm_touch(c, s, now);
-    return e->worker;
+    return n->worker;
 }
 
 /* Also the request path's way out (NativeCache.release). */
 static inline int mm_unpin(mm_cache *c, int32_t s)
 {
-    if (c->e[s].pins == 0)
+    if (c->node[s].pins == 0)
         return MM_EUNPINNED;
-    c->e[s].pins--;
+    c->node[s].pins--;
     return MM_EOK;
 }
 
@@ -276,7 +403,7 @@ static inline int mm_set_state(mm_cache *c, int32_t s, int32_t state)
 {
     if (state < MM_LOADING || state > MM_FAILED)
         return MM_ESTATE;
-    c->e[s].state = state;
+    c->node[s].state = state;
     return MM_EOK;
 }
 
@@ -290,8 +417,8 @@ static inline int mm_set_cost(mm_cache *c, int32_t s, double cost)
 
 static inline int mm_set_worker(mm_cache *c, int32_t s, int32_t worker)
 {
-    mm_entry *e = &c->e[s];
-    int64_t n = e->bytes[MM_DEVICE];
+    mm_node *e = &c->node[s];
+    int64_t n = c->e[s].bytes[MM_DEVICE];
     if (worker < MM_NIL || worker >= c->workers)
         return MM_EWORKER;
     if (n == 0 || worker == e->worker) {
@@ -317,9 +444,9 @@ static inline int mm_set_bytes(mm_cache *c, int32_t s, int32_t tier, int64_t n)
         return MM_ETIER;
     if (n < 0)
         return MM_ENEGATIVE;
-    if (tier == MM_DEVICE && e->worker == MM_NIL)
+    if (tier == MM_DEVICE && c->node[s].worker == MM_NIL)
         return n == 0 ? MM_EOK : MM_ENOWORKER;
-    int64_t *u = &c->used[mm_entry_counter(e, tier)];
+    int64_t *u = &c->used[mm_entry_counter(c, s, tier)];
     int64_t rest = *u - e->bytes[tier];
     MM_ASSERT(rest >= 0);
     if (rest > INT64_MAX - n)
@@ -341,11 +468,12 @@ static inline int mm_set_capacity(mm_cache *c, int32_t tier, int32_t worker,
     return MM_EOK;
 }
 
-static inline int mm_is_candidate(const mm_entry *e, int32_t tier,
+static inline int mm_is_candidate(const mm_cache *c, int32_t s, int32_t tier,
                                   int32_t worker)
 {
-    return e->state == MM_READY && e->pins == 0 && e->bytes[tier] > 0
-           && (tier != MM_DEVICE || e->worker == worker);
+    const mm_node *n = &c->node[s];
+    return n->state == MM_READY && n->pins == 0 && c->e[s].bytes[tier] > 0
+           && (tier != MM_DEVICE || n->worker == worker);
 }
 
 static int mm_pick_cmp(const void *a, const void *b)
@@ -385,7 +513,7 @@ static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
     int32_t m = 0, rank = 0;
     for (int32_t s = c->head; s != MM_NIL; s = c->node[s].next, rank++) {
         const mm_entry *e = &c->e[s];
-        if (!mm_is_candidate(e, tier, worker))
+        if (!mm_is_candidate(c, s, tier, worker))
             continue;
         c->picks[m++] = (mm_pick){.h = 0.0, .rank = rank, .slot = s};
         if (c->policy == MM_LRU) {
@@ -426,17 +554,18 @@ static inline int32_t mm_idle(mm_cache *c, double now, double idle_s)
     int32_t m = 0;
     for (int32_t s = c->head; s != MM_NIL; s = c->node[s].next) {
         const mm_entry *e = &c->e[s];
-        if (c->node[s].last_use > since)
+        const mm_node *n = &c->node[s];
+        if (n->last_use > since)
             break;
-        if (e->state == MM_READY && e->pins == 0
+        if (n->state == MM_READY && n->pins == 0
             && (e->bytes[MM_HOST] | e->bytes[MM_DISK] | e->bytes[MM_DEVICE]))
             c->picks[m++].slot = s;
     }
     return m;
 }
 
-/* Walks everything (O(n)) and checks the list, the free list and every
- * counter against the entries: for tests and debugging. */
+/* Walks everything (O(n)) and checks the list, the free list, the index
+ * and every counter against the entries: for tests and debugging. */
 static inline int mm_verify(const mm_cache *c)
 {
     int32_t seen = 0, prev = MM_NIL, err = MM_ECORRUPT;
@@ -445,25 +574,58 @@ static inline int mm_verify(const mm_cache *c)
         return MM_ENOMEM;
     for (int32_t s = c->head; s != MM_NIL; prev = s, s = c->node[s].next) {
         const mm_entry *e = &c->e[s];
-        if (s < 0 || s >= c->n_slots || e->state == MM_FREE
-            || c->node[s].prev != prev
-            || ++seen > c->count || e->pins < 0
-            || (e->worker == MM_NIL && e->bytes[MM_DEVICE] != 0))
+        const mm_node *n = &c->node[s];
+        if (s < 0 || s >= c->n_slots || n->state < MM_LOADING
+            || n->state > MM_FAILED || n->prev != prev
+            || ++seen > c->count || n->pins < 0
+            || n->worker < MM_NIL || n->worker >= c->workers
+            || (n->worker == MM_NIL && e->bytes[MM_DEVICE] != 0))
             goto out;
         for (int32_t t = 0; t < MM_NTIERS; t++) {
             if (e->bytes[t] < 0)
                 goto out;
             if (e->bytes[t])
-                sums[mm_entry_counter(e, t)] += e->bytes[t];
+                sums[mm_entry_counter(c, s, t)] += e->bytes[t];
         }
     }
     if (seen != c->count || prev != c->tail)
         goto out;
     for (int32_t s = c->free; s != MM_NIL; s = c->node[s].next)
-        if (c->e[s].state != MM_FREE || ++seen > c->n_slots)
+        if (s < 0 || s >= c->n_slots || c->node[s].state != MM_FREE
+            || c->node[s].key || ++seen > c->n_slots)
             goto out;
     if (seen != c->n_slots)
         goto out;
+    /* The index: a power of two at most 3/4 full, one bucket per live slot,
+     * under the slot's tag, each reached from its home without a hole. */
+    uint64_t size = (uint64_t)c->mask + 1, indexed = 0;
+    if ((size & (size - 1)) || size < MM_INDEX_MIN
+        || c->shift != 32 - (uint32_t)__builtin_ctzll(size)
+        || 4 * (uint64_t)c->count > 3 * size)
+        goto out;
+    for (uint32_t i = 0; i <= c->mask; i++) {
+        mm_bucket b = c->index[i];
+        if (b.slot == MM_NIL)
+            continue;
+        if (b.slot < 0 || b.slot >= c->n_slots
+            || c->node[b.slot].state == MM_FREE
+            || mm_tag(c->node[b.slot].hash) != b.tag
+            || ++indexed > (uint64_t)c->count)
+            goto out;
+        for (uint32_t j = mm_index_home(c, b.tag); j != i; j = (j + 1) & c->mask)
+            if (c->index[j].slot == MM_NIL)
+                goto out;
+    }
+    if (indexed != (uint64_t)c->count)
+        goto out;
+    for (int32_t s = c->head; s != MM_NIL; s = c->node[s].next) {
+        uint32_t i = mm_index_home(c, mm_tag(c->node[s].hash));
+        while (c->index[i].slot != s) {
+            if (c->index[i].slot == MM_NIL)
+                goto out;
+            i = (i + 1) & c->mask;
+        }
+    }
     err = MM_EOK;
     for (int32_t k = 0; k < MM_DEVICE + c->workers; k++)
         if (sums[k] != c->used[k])

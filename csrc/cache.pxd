@@ -3,19 +3,34 @@
 # what to do with victims); this module only keeps the books.
 #
 # Shape
-#   An entry is one (model, version). Entries live in one C array and are
-#   named by slot; NativeCache maps each key to its slot with a Python dict
-#   (one lookup per call) and keeps slot -> key in a list for the answers
-#   that return keys. Everything else is in the C structs below, so a touch
-#   creates no Python object.
+#   An entry is one (model, version). Entries live in C arrays and are
+#   named by slot. Keys map to slots through the index, an open-addressing
+#   hash table in C (below); NativeCache keeps slot -> key in a list, which
+#   owns the keys (and lets the garbage collector see them), and the node
+#   of a slot holds the same key as a borrowed pointer. A call on the request
+#   path hashes its key once, creates no Python object, and reads one bucket
+#   and one node.
+#
+# Index
+#   Linear probing over 8-byte buckets {tag, slot}, a power of two long and
+#   at most 3/4 full (doubled on insert past that); the tag is the low half
+#   of the key's Python hash, and a tag's first bucket is its Fibonacci
+#   hash (tag * 2**32/phi, top bits), so that sequential or aligned hashes
+#   spread. Deletion shifts the run back (no tombstones). C never looks at a
+#   key: mm_index_next answers the slots whose tag matches, and NativeCache
+#   takes node[slot].key if it is the same object, else if its full hash
+#   (node[slot].hash) is equal and == says so: a dict's rule. Hashes that
+#   collide (a key class with a constant hash) make probes O(n), as in a
+#   dict.
 #
 # Order
 #   A doubly linked list through the slots keeps LRU order (head = least
 #   recently used); free slots are chained through `next`. An entry is split
-#   in two parallel arrays: mm_node holds what a touch reads and writes (the
-#   links, hits, last use), 32 bytes, two to a cache line; mm_entry the rest.
-#   A touch then reads and writes three nodes and no entry. The arrays double
-#   when full; a live entry keeps its slot.
+#   in two parallel arrays: mm_node holds what the request path reads and
+#   writes (the links, state, pins, worker, hits, last use, the key's tag
+#   and pointer), one 64-byte cache line; mm_entry the rest (bytes, cost).
+#   An acquire then reads and writes its node and its neighbours' links and
+#   no entry. The arrays double when full; a live entry keeps its slot.
 #
 # Bytes
 #   int64 counters per tier: host and disk are machine-wide, device is one
@@ -35,8 +50,9 @@
 # The request path
 #   A request is one call each way: mm_acquire pins and touches a READY
 #   entry and answers its worker (else MM_NIL, changing nothing), and
-#   release is mm_unpin. NativeCache makes each one dict lookup and no
-#   Python object (the answers are small ints, which Python caches).
+#   release is mm_unpin. NativeCache makes each one hash, one probe of the
+#   index and no Python object (the answers are small ints, which Python
+#   caches).
 #
 # Errors
 #   Calls that can fail return an MM_E* code and change nothing when they
@@ -46,7 +62,7 @@
 # The pure-Python twin, mmengine.cache.PyCache, has the same API and is the
 # oracle of tests/test_cache.py. cache.pyx cimports this file whole.
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 
 
 cdef extern from "cache.h" nogil:
@@ -90,19 +106,25 @@ cdef extern from "cache.h" nogil:
 
     int32_t MM_NIL          # "no slot", "no worker"
 
-    ctypedef struct mm_node:        # node[s]: the touch's part of slot s
+    ctypedef struct mm_node:        # node[s]: the request path's part
         int32_t prev                # LRU order; MM_NIL at the ends
         int32_t next                # also the free list's link
         int64_t hits
         double last_use             # the `now` of the last touch, else 0.0
         double base                 # GDSF L at insert or last touch
+        int64_t pins
+        const void *key             # as given to insert; NULL when free
+        int64_t hash                # the key's; its bucket's tag: mm_tag
+        int32_t worker              # MM_NIL: none
+        int32_t state               # MM_LOADING .. MM_FAILED, MM_FREE
 
     ctypedef struct mm_entry:       # e[s]: the rest of slot s
-        int64_t bytes[3]    # per tier; device bytes count on `worker`
-        int64_t pins
+        int64_t bytes[3]    # per tier; device bytes count on node[s].worker
         double cost         # GDSF cost of a miss, 1.0 by default
-        int32_t worker      # MM_NIL: none
-        int32_t state       # MM_LOADING .. MM_FAILED, MM_FREE
+
+    ctypedef struct mm_bucket:      # one bucket of the index
+        uint32_t tag
+        int32_t slot                # MM_NIL: empty
 
     ctypedef struct mm_pick:        # one row of a victims or idle answer
         double h                    # GDSF priority
@@ -112,6 +134,8 @@ cdef extern from "cache.h" nogil:
     ctypedef struct mm_cache:
         mm_node *node       # n_slots long, 64-byte aligned
         mm_entry *e         # n_slots long
+        mm_bucket *index    # mask + 1 long
+        uint32_t mask       # buckets - 1, buckets a power of two
         mm_pick *picks      # n_slots long, so any answer fits
         int64_t *used       # [host, disk, device of worker 0, 1, ...]
         int64_t *cap        # same layout as used
@@ -133,8 +157,18 @@ cdef extern from "cache.h" nogil:
     int32_t mm_counter(const mm_cache *c, int32_t tier, int32_t worker)
     double mm_priority(const mm_cache *c, int32_t s)    # GDSF H
 
-    # Entries, by slot; the caller guarantees the slot is live. O(1) each.
-    int mm_insert(mm_cache *c, int32_t state, int32_t worker, int32_t *slot)
+    # The index. tag: a key's hash's low half; home: where its probe starts;
+    # next: the slot of the next bucket on the probe with that tag, or
+    # MM_NIL at the first empty bucket (then no key with that tag follows).
+    uint32_t mm_tag(int64_t hash)
+    uint32_t mm_index_home(const mm_cache *c, uint32_t tag)
+    int32_t mm_index_next(const mm_cache *c, uint32_t tag, uint32_t *pos)
+
+    # Entries, by slot; the caller guarantees the slot is live. O(1) each
+    # (insert: amortized, as the index doubles). insert indexes the key
+    # under its hash; the caller has checked that no equal key is there.
+    int mm_insert(mm_cache *c, int32_t state, int32_t worker, int64_t hash,
+                  const void *key, int32_t *slot)
     void mm_remove(mm_cache *c, int32_t s)
     void mm_touch(mm_cache *c, int32_t s, double now)
     int32_t mm_acquire(mm_cache *c, int32_t s, double now)  # worker or MM_NIL
@@ -151,6 +185,6 @@ cdef extern from "cache.h" nogil:
                    double high, double low, int32_t *n, int32_t *reason)
     int32_t mm_idle(mm_cache *c, double now, double idle_s)
 
-    # O(n): every link, slot and counter against the entries.
+    # O(n): every link, slot, bucket and counter against the entries.
     int mm_verify(const mm_cache *c)
 

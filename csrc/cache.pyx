@@ -4,35 +4,12 @@ The API and its semantics are those of mmengine.cache.PyCache, documented
 there; tests/test_cache.py holds the two to each other.
 """
 cimport cython
-from cpython.dict cimport PyDict_GetItemWithError
 from cpython.long cimport PyLong_AsLongAndOverflow, PyLong_AsLongLongAndOverflow
 from cpython.number cimport PyNumber_Index
-from cpython.ref cimport PyObject
-from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, int64_t
+from cpython.object cimport Py_EQ, PyObject_Hash, PyObject_RichCompareBool
+from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, int64_t, uint32_t
 
 from cache cimport *
-
-
-cdef extern from *:
-    """
-    /* A slot's int, read in place: the dict holds only slots, non-negative
-     * and under 2**31, so one digit but for huge caches. No call, no
-     * reference count written, on the hot path. */
-    static inline int32_t mm_slot_value(PyObject *o)
-    {
-    #if PY_VERSION_HEX >= 0x030C0000
-        if (PyUnstable_Long_IsCompact((PyLongObject *)o))
-            return (int32_t)PyUnstable_Long_CompactValue((PyLongObject *)o);
-    #else
-        if (Py_SIZE(o) == 1)
-            return (int32_t)((PyLongObject *)o)->ob_digit[0];
-        if (Py_SIZE(o) == 0)
-            return 0;
-    #endif
-        return (int32_t)PyLong_AsLong(o);
-    }
-    """
-    int32_t mm_slot_value(PyObject *o)
 
 
 cdef inline int _check(int err) except -1:
@@ -64,24 +41,64 @@ cdef inline int64_t _nbytes(object v) except -1:
 @cython.final
 cdef class NativeCache:
     cdef mm_cache c
-    cdef dict _slots        # key -> slot
-    cdef list _keys         # slot -> key; None on free slots
+    cdef list _keys         # slot -> key, owning it; None on free slots
+    cdef size_t _changes    # inserts and removes so far
 
     def __cinit__(self, workers, policy=MM_LRU):
-        self._slots = {}
         self._keys = []
         _check(mm_cache_init(&self.c, _int32(workers), _int32(policy)))
 
     def __dealloc__(self):
         mm_cache_free(&self.c)
 
-    cdef int32_t _slot(self, object key) except -1:
-        # The hot path: one dict lookup, and the slot's int is borrowed.
-        cdef PyObject *slot = PyDict_GetItemWithError(self._slots, key)
-        if slot is NULL:
+    # The index (cache.pxd): a key is found as a dict finds it, the same
+    # object, or one with the same hash that compares equal.
+
+    cdef inline int32_t _find(self, object key, Py_hash_t h) except -2:
+        """The slot of key, whose hash is h, or MM_NIL."""
+        cdef uint32_t tag = mm_tag(h)
+        cdef uint32_t pos = mm_index_home(&self.c, tag)
+        cdef int32_t s = mm_index_next(&self.c, tag, &pos)
+        while s != MM_NIL:
+            if self.c.node[s].key == <void *>key:
+                return s
+            if self.c.node[s].hash == h:
+                return self._find_equal(key, h)
+            s = mm_index_next(&self.c, tag, &pos)
+        return MM_NIL
+
+    cdef int32_t _find_equal(self, object key, Py_hash_t h) except -2:
+        # Off the hot path: == runs Python code, which may change the cache
+        # (even remove the key compared, held here meanwhile); the search
+        # then starts over, as a dict's does.
+        cdef uint32_t tag = mm_tag(h), pos
+        cdef int32_t s
+        cdef size_t changes
+        cdef object other
+        while True:
+            changes = self._changes
+            pos = mm_index_home(&self.c, tag)
+            s = mm_index_next(&self.c, tag, &pos)
+            while s != MM_NIL:
+                if self.c.node[s].key == <void *>key:
+                    return s
+                if self.c.node[s].hash == h:
+                    other = <object>self.c.node[s].key
+                    equal = PyObject_RichCompareBool(other, key, Py_EQ)
+                    if self._changes != changes:
+                        break
+                    if equal:
+                        return s
+                s = mm_index_next(&self.c, tag, &pos)
+            else:
+                return MM_NIL
+
+    cdef inline int32_t _slot(self, object key) except -1:
+        # The hot path: one hash, one probe, and no Python object made.
+        cdef int32_t s = self._find(key, PyObject_Hash(key))
+        if s == MM_NIL:
             raise KeyError(key)
-        # The dict holds only slots, which fit: this cannot fail.
-        return mm_slot_value(slot)
+        return s
 
     cdef list _answer(self, int32_t n):
         cdef list keys = self._keys
@@ -107,22 +124,30 @@ cdef class NativeCache:
 
     def insert(self, key, state=MM_LOADING, worker=MM_NIL):
         cdef int32_t slot = MM_NIL
-        if key in self._slots:
+        cdef Py_hash_t h = PyObject_Hash(key)
+        if self._find(key, h) != MM_NIL:
             raise KeyError(key)
-        _check(mm_insert(&self.c, _int32(state), _int32(worker), &slot))
-        if len(self._keys) < self.c.n_slots:
-            self._keys.extend([None] * (self.c.n_slots - len(self._keys)))
-        self._slots[key] = slot
-        self._keys[slot] = key
+        cdef size_t changes = self._changes
+        cdef int32_t st = _int32(state), w = _int32(worker)
+        # __index__ may have run Python code that inserted the key.
+        if self._changes != changes and self._find(key, h) != MM_NIL:
+            raise KeyError(key)
+        if len(self._keys) < self.c.n_slots + 1:
+            # Room for a slot the insert may add, before anything changes.
+            self._keys.extend([None] * max(32, self.c.n_slots))
+        _check(mm_insert(&self.c, st, w, h, <void *>key, &slot))
+        self._keys[slot] = key      # owns the key node[slot].key borrows
+        self._changes += 1
 
     def remove(self, key):
         cdef int32_t slot = self._slot(key)
         mm_remove(&self.c, slot)
-        del self._slots[key]
+        self._changes += 1
+        # Last: dropping the key may run Python code (__del__).
         self._keys[slot] = None
 
     def __contains__(self, key):
-        return key in self._slots
+        return self._find(key, PyObject_Hash(key)) != MM_NIL
 
     def __len__(self):
         return self.c.count
@@ -142,16 +167,16 @@ cdef class NativeCache:
     @cython.binding(False)
     @cython.always_allow_keywords(False)
     def pin(self, key):
-        cdef mm_entry *e = &self.c.e[self._slot(key)]
-        e.pins += 1
-        return e.pins
+        cdef mm_node *n = &self.c.node[self._slot(key)]
+        n.pins += 1
+        return n.pins
 
     @cython.binding(False)
     @cython.always_allow_keywords(False)
     def unpin(self, key):
         cdef int32_t slot = self._slot(key)
         _check(mm_unpin(&self.c, slot))
-        return self.c.e[slot].pins
+        return self.c.node[slot].pins
 
     release = unpin         # the request path's way out: one implementation
 
@@ -171,9 +196,9 @@ cdef class NativeCache:
     def entry(self, key):
         cdef int32_t slot = self._slot(key)
         cdef mm_entry *e = &self.c.e[slot]
-        return Entry(e.state, e.worker, e.bytes[MM_DEVICE], e.bytes[MM_HOST],
-                     e.bytes[MM_DISK], e.pins, self.c.node[slot].hits,
-                     self.c.node[slot].last_use)
+        cdef mm_node *n = &self.c.node[slot]
+        return Entry(n.state, n.worker, e.bytes[MM_DEVICE], e.bytes[MM_HOST],
+                     e.bytes[MM_DISK], n.pins, n.hits, n.last_use)
 
     def priority(self, key):
         """GDSF's H of the entry (computed under LRU too, unused there)."""
@@ -212,12 +237,20 @@ cdef class NativeCache:
         }
 
     def verify(self):
-        """Checks every link and counter against the entries, O(n); raises
-        InternalError if they disagree."""
+        """Checks every link, bucket and counter against the entries, O(n);
+        raises InternalError if they disagree."""
         _check(mm_verify(&self.c))
-        if len(self._slots) != self.c.count or any(
-                self._keys[s] is not k for k, s in self._slots.items()):
-            _check(MM_ECORRUPT)
+        cdef int32_t s
+        cdef object key
+        for s in range(self.c.n_slots):
+            key = self._keys[s] if s < len(self._keys) else None
+            if self.c.node[s].state == MM_FREE:
+                if key is not None or self.c.node[s].key != NULL:
+                    _check(MM_ECORRUPT)
+            elif (self.c.node[s].key != <void *>key
+                  or self.c.node[s].hash != PyObject_Hash(key)
+                  or self._find(key, self.c.node[s].hash) != s):
+                _check(MM_ECORRUPT)
 
 
 # Imported last: mmengine.cache imports this module at its end, and whichever

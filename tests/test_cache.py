@@ -110,6 +110,85 @@ def test_many_entries_reuse_slots(impl):
     c.verify()
 
 
+class Clash:
+    """A key whose hash collides with others' (a small constant): the
+    index must tell keys apart by ==, and find equal keys that are other
+    objects."""
+    __slots__ = ("n",)
+
+    def __init__(self, n):
+        self.n = n
+
+    def __hash__(self):
+        return self.n % 3
+
+    def __eq__(self, other):
+        return isinstance(other, Clash) and other.n == self.n
+
+    def __repr__(self):
+        return f"Clash({self.n})"
+
+
+def test_colliding_keys_grow_remove_reinsert(impl):
+    c = impl(1)
+    keys = [Clash(n) for n in range(200)]
+    # ints whose hashes collide (hash(-1) == hash(-2)) or agree in their low
+    # 32 bits, and equal keys of other types (1 == 1.0 == True).
+    keys += [-1, -2, 2**32 + 5, 2**33 + 5, 5, 1 << 40, 1 << 41, (1, 2), "s"]
+    for i, k in enumerate(keys):
+        c.insert(k)
+        c.set_bytes(k, HOST, i)
+    for i, k in enumerate(keys):
+        assert c.entry(type(k)(k.n) if isinstance(k, Clash) else k)[3] == i
+    for k in keys[::2]:
+        c.remove(Clash(k.n) if isinstance(k, Clash) else k)
+    assert len(c) == len(keys) // 2 and c.used(HOST, 0) == sum(
+        range(1, len(keys), 2))
+    c.verify()
+    for i, k in enumerate(keys):
+        assert (k in c) == (i % 2 == 1)
+        if i % 2 == 0:
+            with pytest.raises(KeyError):
+                c.touch(k, 1.0)
+    for k in keys[::2]:
+        c.insert(k)
+    with pytest.raises(KeyError):
+        c.insert(Clash(4))
+    with pytest.raises(KeyError):
+        c.insert(1.0 if 1 in c else 5.0)
+    assert len(c) == len(keys)
+    c.touch(Clash(7), 2.0)
+    assert c.lru_keys()[-1] == Clash(7) and c.entry(Clash(7)).hits == 1
+    c.verify()
+    for k in keys:
+        c.remove(k)
+    assert len(c) == 0 and c.lru_keys() == []
+    c.verify()
+
+
+def test_equality_that_changes_the_cache(impl):
+    """== runs Python code, which may change the cache under a lookup."""
+    c = impl(1)
+
+    class Meddler(Clash):
+        __slots__ = ()
+
+        def __eq__(self, other):
+            if isinstance(other, Clash) and other.n == 0 and other in c:
+                c.remove(other)         # drops the key being compared
+            return super().__eq__(other)
+
+        __hash__ = Clash.__hash__
+
+    for n in (0, 3, 6):
+        c.insert(Clash(n))
+    assert c.pin(Meddler(3)) == 1
+    assert Clash(0) not in c and len(c) == 2
+    with pytest.raises(KeyError):
+        c.pin(Meddler(9))
+    c.verify()
+
+
 def test_pins(impl):
     c = impl(1)
     c.insert("a")
@@ -368,7 +447,11 @@ def mostly(valid, anything):
         lambda t: t[2] if t[0] == 0 else t[1])
 
 
-KEYS = st.sampled_from([("m", 0), ("m", 1), ("n", 0), "x", 7])
+KEYS = st.one_of(
+    st.sampled_from([("m", 0), ("m", 1), ("n", 0), "x", 7]),
+    # Equal keys that are other objects, and hashes that collide.
+    st.tuples(st.just("m"), st.integers(0, 2)),
+    st.builds(Clash, st.integers(0, 7)))
 STATES = mostly(st.just(READY), st.integers(-1, 4))
 WORKERS = mostly(st.integers(-1, 1), st.integers(-2, 2))
 TIERS = mostly(st.integers(0, 2), st.integers(-1, 3))
@@ -431,6 +514,17 @@ class Twins(RuleBasedStateMachine):
         for tier, n in enumerate(nbytes):
             self.same("set_bytes", key, tier, n)
         return key
+
+    @rule(start=st.integers(0, 40), n=st.integers(1, 60),
+          step=st.integers(1, 4), clash=st.booleans())
+    def many(self, start, n, step, clash):
+        """Many keys in and every step-th out again: the index grows, and
+        removals shift long runs of colliding keys."""
+        keys = [Clash(i) if clash else i for i in range(start, start + n)]
+        for key in keys:
+            self.same("insert", key, READY, -1)
+        for key in keys[::step]:
+            self.same("remove", Clash(key.n) if clash else key)
 
     @rule(key=keys, name=st.sampled_from(
         ["remove", "pin", "unpin", "release", "entry", "priority"]))
