@@ -76,6 +76,10 @@ class Engine:
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        # Callables observer(kind, fields) told of every "request", "load",
+        # "evict" and "worker_exit" (metrics, traces); they must not raise
+        # nor block.
+        self.observers: list = []
         self._hits = 0
         self._misses = 0  # requests that had to wait for a load
 
@@ -139,17 +143,42 @@ class Engine:
         task and no coroutine in between; any other goes through a task that
         resolves the model, loads it if needed, then sends. Bad input raises
         here, at once."""
+        t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
         arrays = _as_arrays(inputs)
         spec = self._specs.get((name, version))
+        fut = None
         if spec is not None:
             key = (spec.name, spec.version)
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
                     self._hits += 1
-                    return self._send_infer(key, self.pool.workers[index], arrays, deadline)
-        return self._spawn(self._infer_cold(name, version, arrays, deadline))
+                    fut = self._send_infer(key, self.pool.workers[index], arrays, deadline)
+        if fut is None:
+            fut = self._spawn(self._infer_cold(name, version, arrays, deadline))
+        if self.observers:
+            fut.add_done_callback(lambda f: self._emit_request(name, version, t_submit, f))
+        return fut
+
+    def _emit_request(self, name: str, version: int | None, t_submit: int,
+                      fut: asyncio.Future) -> None:
+        e = None if fut.cancelled() else fut.exception()
+        fields = {"model": name, "version": version, "start_ns": t_submit,
+                  "end_ns": time.monotonic_ns(),
+                  "code": "OK" if e is None else getattr(getattr(e, "code", None), "name",
+                                                         "INTERNAL")}
+        if e is None and not fut.cancelled():
+            body = fut.result()[0]
+            fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
+        self._emit("request", fields)
+
+    def _emit(self, kind: str, fields: dict) -> None:
+        for observer in self.observers:
+            try:
+                observer(kind, fields)
+            except Exception as e:  # noqa: BLE001 - an observer must not break serving
+                print(f"mmengine: observer {observer!r} failed on {kind}: {e!r}")
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float) -> tuple[dict, dict]:
@@ -287,7 +316,8 @@ class Engine:
         worker = await self._reserve(key, need, deadline)
         gen = self._gen[key]
         try:
-            fut = worker.call(Op.LOAD, key[0], key[1], params={"bytes": need})
+            fut = worker.call(Op.LOAD, key[0], key[1], params={
+                "bytes": need, "path": str(spec.path), "allow_code": self.repo.allow_code})
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 body, _ = await fut
         except BaseException as e:
@@ -301,11 +331,17 @@ class Engine:
                 self._forget(key, gen)
             stats.failures += 1
             stats.last_error = str(e)
+            self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
+                                "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                                "error": str(e)})
             if isinstance(e, MMEngineError):
                 raise e from None
             raise
         if self._gen.get(key) != gen:
             raise WorkerDied(f"{key[0]}: the worker died during the load")
+        self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
+                            "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                            "bytes": int(body["bytes"]), "phases": body.get("phases", {})})
         stats.measured_bytes = int(body["bytes"])
         stats.loads += 1
         stats.last_load_time = time.time()
@@ -377,6 +413,9 @@ class Engine:
         state changes at once, so no one else can choose it meanwhile."""
         entry = self.cache.entry(key)
         self.cache.set_state(key, books.UNLOADING)
+        self._emit("evict", {"model": key[0], "version": key[1], "worker": entry.worker,
+                             "reason": reason, "bytes": entry.device_bytes,
+                             "start_ns": time.monotonic_ns()})
         stats = self._stats.setdefault(key, ModelStats())
         stats.evictions += 1
         stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
@@ -435,6 +474,8 @@ class Engine:
     def _on_worker_death(self, worker: Worker) -> None:
         if self.cache is None:  # died during start(): start() raises
             return
+        self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid,
+                                   "at_ns": time.monotonic_ns()})
         for key in self.cache.lru_keys():
             if self.cache.entry(key).worker == worker.index:
                 self._forget(key, self._gen[key])
@@ -506,7 +547,41 @@ class Engine:
         if gen is not None:
             self._unpin_request(key, gen)  # a no-op if that entry is gone
 
+    # -- models added at run time ---------------------------------------------------
+
+    async def add_model(self, name: str, path: str) -> None:
+        """Serves the model in directory `path` as `name` (version 1); it
+        loads on its first request. The caller checks that `path` may be
+        served (allowed roots); BadRequest if the name is taken."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.repo.add, name, path)
+
+    async def remove_model(self, name: str, timeout: float | None = None) -> None:
+        """Unloads a model added with add_model and forgets it."""
+        await self.unload(name, None, timeout)
+        self.repo.remove(name)
+        self._specs = {k: v for k, v in self._specs.items() if k[0] != name}
+        self._stats = {k: v for k, v in self._stats.items() if k[0] != name}
+
     # -- what is where -------------------------------------------------------------
+
+    async def metadata(self, name: str, version: int | None = None) -> dict:
+        """What a client needs to know of a model: its versions, backend,
+        declared tensors and residency ("ready" only once resident)."""
+        spec = await self._spec(name, version)
+        loop = asyncio.get_running_loop()
+        versions = await loop.run_in_executor(None, self.repo.versions, spec.name)
+        row = self._model_row((spec.name, spec.version))
+        return {
+            "name": spec.name, "version": spec.version, "versions": list(versions),
+            "backend": spec.backend,
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                       for t in spec.inputs],
+            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                        for t in spec.outputs],
+            "state": row["state"], "ready": row["state"] == "resident",
+            "last_error": row["last_error"],
+        }
 
     async def models(self) -> list[dict]:
         """Every model of the repository with its versions and residency."""

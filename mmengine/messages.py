@@ -12,13 +12,16 @@ Request header (front-end -> worker), a msgpack array:
       model    str, the model name
       version  int
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
-      params   map, op-specific (LOAD: {"bytes": estimate})
+      params   map, op-specific (LOAD: {"bytes": estimate, "path": the version
+               directory, "allow_code": bool})
 
 Response header (worker -> front-end):
 
     [id, code, body, tensors]
       code     0 for success, else an mmengine.errors.ErrorCode
-      body     INFER: {"compute_us": float}; LOAD: {"bytes": measured};
+      body     INFER: {"t_recv", "t_done"}: time.monotonic_ns() when the worker
+               took the request and when it finished (the front-end adds
+               "t_read", when it read the answer); LOAD: {"bytes": measured};
                READY (id 0): {"pid", "device"}; error: the message (str)
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mmengine import tensorfile
-from mmengine.errors import LoadFailed, ModelNotFound
+from mmengine.errors import BadRequest, LoadFailed, ModelNotFound
 
 MANIFEST = "model.toml"
 
@@ -128,6 +128,34 @@ class Repository:
         self._names: tuple[str, ...] | None = None
         self._versions: dict[str, tuple[int, ...]] = {}
         self._specs: dict[tuple[str, int], ModelSpec] = {}
+        # Models added at run time (the SageMaker contract's POST /models):
+        # a directory holding one model, served as version 1.
+        self._added: dict[str, Path] = {}
+
+    def add(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Serves the model in directory `path` as `name` (version 1).
+        BadRequest if the name is taken or the directory holds no model."""
+        check_name(name)
+        if name in self._added or name in self.names():
+            raise BadRequest(f"model {name!r} already exists")
+        path = Path(path)
+        if not path.is_dir():
+            raise BadRequest(f"{str(path)!r} is not a directory")
+        self._added[name] = path
+        self._names = None
+        try:
+            self.resolve(name)  # refuse a directory that holds no servable model
+        except LoadFailed:
+            self.remove(name)
+            raise
+
+    def remove(self, name: str) -> None:
+        """Forgets a model added with `add`; ModelNotFound for any other."""
+        if self._added.pop(name, None) is None:
+            raise ModelNotFound(f"model {name!r} was not added at run time")
+        self._names = None
+        self._versions.pop(name, None)
+        self._specs.pop((name, 1), None)
 
     def refresh(self) -> None:
         """Forget every cached scan and spec; the next call reads the disk."""
@@ -137,14 +165,16 @@ class Repository:
 
     def names(self) -> tuple[str, ...]:
         if self._names is None:
-            self._names = tuple(sorted(
+            self._names = tuple(sorted({
                 entry.name for entry in _scandir(self.root)
-                if _is_valid_name(entry.name) and entry.is_dir()))
+                if _is_valid_name(entry.name) and entry.is_dir()} | set(self._added)))
         return self._names
 
     def versions(self, name: str) -> tuple[int, ...]:
         """The versions of `name`, ascending; ModelNotFound if it has none."""
         check_name(name)
+        if name in self._added:
+            return (1,)
         found = self._versions.get(name)
         if found is None:
             found = tuple(sorted(
@@ -172,7 +202,8 @@ class Repository:
         key = (name, version)
         spec = self._specs.get(key)
         if spec is None:
-            spec = _read_spec(name, version, self.root / name / str(version), self.allow_code)
+            path = self._added.get(name) or self.root / name / str(version)
+            spec = read_spec(name, version, path, self.allow_code)
             self._specs[key] = spec
         return spec
 
@@ -195,7 +226,8 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
 
 # -- one version directory -> ModelSpec -------------------------------------
 
-def _read_spec(name: str, version: int, path: Path, allow_code: bool) -> ModelSpec:
+def read_spec(name: str, version: int, path: Path, allow_code: bool = True) -> ModelSpec:
+    """The spec of the model in version directory `path`."""
     where = f"{name} v{version}"
     files = {entry.name for entry in _scandir(path) if entry.is_file()}
     manifest = _read_manifest(path / MANIFEST, where) if MANIFEST in files else {}

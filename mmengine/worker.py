@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from mmengine.errors import (BadRequest, InternalError, LoadFailed, MMEngineErro
                              PeerDied, RecordTooLarge, RingClosed, TooLarge)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
-from mmengine.storage import Repository
+from mmengine.storage import read_spec
 
 Key = tuple[str, int]
 
@@ -41,18 +42,19 @@ class WorkerLogic:
 
         self._torch = torch
         self.device = device
-        self.repo = Repository(config.repo)
         self.models: dict[Key, object] = {}
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
 
-    def load(self, name: str, version: int) -> int:
-        """Loads a model (on the loader thread); returns the bytes it takes."""
+    def load(self, name: str, version: int, path: str, allow_code: bool = True) -> int:
+        """Loads the model in version directory `path` (on the loader
+        thread); returns the bytes it takes. The front-end says where the
+        model lives: it may have been added at run time, outside the root."""
         from mmengine.backends import load_model
 
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes
-        spec = self.repo.resolve(name, version)
+        spec = read_spec(name, version, Path(path), allow_code)
         if self._stream is None:
             model = load_model(spec, self.device)
         else:
@@ -110,7 +112,7 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
         except (RingClosed, PeerDied):
             return
         try:
-            op, rid, name, version, _, _ = messages.parse_request(parts[0])
+            op, rid, name, version, _, params = messages.parse_request(parts[0])
         except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
             print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
             continue
@@ -119,7 +121,8 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
             ctl.release()
         try:
             if op == Op.LOAD:
-                out.send(rid, body={"bytes": logic.load(name, version)})
+                nbytes = logic.load(name, version, params["path"], params.get("allow_code", True))
+                out.send(rid, body={"bytes": nbytes})
             elif op == Op.UNLOAD:
                 logic.unload(name, version)
                 out.send(rid)
@@ -148,10 +151,9 @@ def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
         try:
             if op != Op.INFER:
                 raise InternalError(f"op {op!r} on the inference ring")
-            t0 = time.perf_counter()
+            t0 = time.monotonic_ns()  # one clock for every process: timings cross
             outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
-            body = {"compute_us": (time.perf_counter() - t0) * 1e6}
-            out.send(rid, body=body, outputs=outputs)
+            out.send(rid, body={"t_recv": t0, "t_done": time.monotonic_ns()}, outputs=outputs)
         except Exception as e:  # every failure goes back typed
             out.fail(rid, e)
         finally:

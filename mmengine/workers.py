@@ -278,6 +278,8 @@ class Worker:
             elif fut.done():
                 result = None  # its caller gave up (timeout): nothing to copy
             else:
+                if type(body) is dict and "t_done" in body:
+                    body["t_read"] = time.monotonic_ns()
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")

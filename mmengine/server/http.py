@@ -1,0 +1,282 @@
+"""The HTTP server: httptools on the engine's loop, no framework.
+
+Routes come from the protocol modules (kserve.py, sagemaker.py, metrics.py)
+as (method, pattern, handler) with `{name}` placeholders; a handler is
+`async def handler(server, request, **params) -> Response`. Requests on a
+connection are answered in order (HTTP/1.1 keep-alive; a pipelining client
+gets its answers in the order it asked). Limits are applied before anything
+is buffered: the header block (431), the declared body length (413), and an
+idle connection is closed. Any typed error becomes JSON
+`{"error": message, "code": NAME}` with its HTTP status.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs, unquote
+
+import httptools
+
+from mmengine.engine import Engine
+from mmengine.errors import BadRequest, InternalError, MMEngineError, ModelNotFound, TooLarge
+
+MAX_HEADER_BYTES = 64 << 10
+IDLE_TIMEOUT_S = 60.0
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            413: "Payload Too Large", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout", 507: "Insufficient Storage"}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]          # lower-case names
+    body: bytes
+    keep_alive: bool = True
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON: {e}") from None
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes | memoryview = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
+
+
+def json_response(obj: Any, status: int = 200, headers=None) -> Response:
+    return Response(status, json.dumps(obj, separators=(",", ":")).encode(), headers or [])
+
+
+def error_response(e: MMEngineError) -> Response:
+    return json_response({"error": str(e), "code": e.code.name}, e.http_status)
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+class Router:
+    def __init__(self):
+        self._routes: list[tuple[str, re.Pattern, Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
+        self._routes.append((method, re.compile(regex), handler))
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        allowed = False
+        for m, regex, handler in self._routes:
+            found = regex.match(path)
+            if found:
+                if m == method:
+                    return handler, {k: unquote(v) for k, v in found.groupdict().items()}
+                allowed = True
+        if allowed:
+            raise _MethodNotAllowed(f"{method} is not allowed on {path}")
+        raise ModelNotFound(f"no route for {method} {path}")
+
+
+class _MethodNotAllowed(BadRequest):
+    pass
+
+
+class HttpServer:
+    def __init__(self, engine: Engine, routes: list[tuple[str, str, Handler]],
+                 max_body: int | None = None, max_header: int = MAX_HEADER_BYTES,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S):
+        self.engine = engine
+        self.router = Router()
+        for method, pattern, handler in routes:
+            self.router.add(method, pattern, handler)
+        self.max_body = max_body or engine.config.max_request_bytes
+        self.max_header = max_header
+        self.idle_timeout_s = idle_timeout_s
+        self._server = None
+        self._connections: set[_HttpConnection] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _HttpConnection(self), host, port,
+                                                reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        workers = [c.worker for c in self._connections if c.worker is not None]
+        if workers:
+            await asyncio.wait(workers, timeout=self.engine.config.shutdown_timeout_s)
+        for c in list(self._connections):
+            c.transport.close()
+        await self._server.wait_closed()
+
+
+class _HttpConnection(asyncio.Protocol):
+    """One connection: parses with httptools, answers requests in order."""
+
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Request | MMEngineError] = collections.deque()
+        self.worker: asyncio.Task | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.refused: MMEngineError | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server._connections.add(self)
+        self._touch()
+
+    def connection_lost(self, exc) -> None:
+        self.server._connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadRequest("protocol upgrades are not supported"))
+        except httptools.HttpParserError as e:
+            self._fail(self.refused or BadRequest(f"malformed HTTP request: {e}"))
+
+    def _touch(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(
+            self.server.idle_timeout_s, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.worker is None and self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, e: MMEngineError) -> None:
+        """An unusable stream: answer after what is queued, then close."""
+        self.queue.append(e)
+        self._kick()
+
+    # -- httptools callbacks ---------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_header(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header(len(name) + len(value))
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def _count_header(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > self.server.max_header:
+            self.refused = _HeaderTooLarge(
+                f"request headers exceed {self.server.max_header} bytes")
+            raise httptools.HttpParserError("header block too large")
+
+    def on_headers_complete(self) -> None:
+        length = self.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body:
+            # Refused from the declared length, before any of the body is read.
+            self.refused = TooLarge(f"request body of {length} bytes exceeds the "
+                                    f"maximum of {self.server.max_body}")
+            raise httptools.HttpParserError("body too large")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.server.max_body:  # chunked: no declared length
+            self.refused = TooLarge(f"request body exceeds {self.server.max_body} bytes")
+            raise httptools.HttpParserError("body too large")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        url = httptools.parse_url(self.url)
+        request = Request(
+            method=self.parser.get_method().decode(),
+            path=unquote(url.path.decode("latin-1")),
+            query=parse_qs(url.query.decode("latin-1")) if url.query else {},
+            headers=self.headers,
+            body=b"".join(self.body),
+            keep_alive=self.parser.should_keep_alive())
+        self._reset()
+        self.queue.append(request)
+        self._kick()
+
+    # -- answering, in order --------------------------------------------------
+
+    def _kick(self) -> None:
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._answer_all())
+
+    async def _answer_all(self) -> None:
+        try:
+            while self.queue:
+                item = self.queue.popleft()
+                if isinstance(item, MMEngineError):  # the stream is unusable
+                    self._write(error_response(item), keep_alive=False)
+                    self.transport.close()
+                    return
+                response = await self._answer(item)
+                keep = item.keep_alive
+                self._write(response, keep_alive=keep)
+                if not keep:
+                    self.transport.close()
+                    return
+        finally:
+            self.worker = None
+            self._touch()
+
+    async def _answer(self, request: Request) -> Response:
+        try:
+            handler, params = self.server.router.match(request.method, request.path)
+            return await handler(self.server, request, **params)
+        except _MethodNotAllowed as e:
+            return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
+        except MMEngineError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001 - a bug answers 500, never hangs
+            return error_response(InternalError(f"{type(e).__name__}: {e}"))
+
+    def _write(self, r: Response, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        head = [f"HTTP/1.1 {r.status} {_REASONS.get(r.status, 'Unknown')}",
+                f"Content-Length: {len(r.body)}",
+                f"Content-Type: {r.content_type}",
+                "Connection: keep-alive" if keep_alive else "Connection: close"]
+        head += [f"{k}: {v}" for k, v in r.headers]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if len(r.body):
+            self.transport.write(r.body)
+
+
+class _HeaderTooLarge(BadRequest):
+    """431: the header block is over its limit."""
+
+    @property
+    def http_status(self) -> int:
+        return 431
