@@ -56,7 +56,7 @@ def server(repo: Path, *flags: str, start_timeout: float = 120.0):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo",
-                             str(repo), "--tcp-port", "0", *flags],
+                             str(repo), "--tcp-port", "0", "--http-port", "-1", *flags],
                             stdout=subprocess.PIPE, text=True, env=env)
     hung = threading.Timer(start_timeout, proc.kill)
     hung.start()

@@ -52,6 +52,7 @@ def ensure_demo_repository(root: Path) -> Path:
 
 def _serve_config(args: argparse.Namespace) -> cfg.Config:
     overrides = {"repo": args.repo, "host": args.host, "tcp_port": args.tcp_port,
+                 "http_port": args.http_port,
                  "workers": args.workers, "device_budget": args.device_budget,
                  "idle_unload_s": args.idle_unload}
     if args.demo:
@@ -70,6 +71,8 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
 
 async def _serve(config: cfg.Config, demo: bool) -> None:
     from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
     from mmengine.server.tcp import TcpServer
 
     stop = asyncio.Event()
@@ -79,14 +82,23 @@ async def _serve(config: cfg.Config, demo: bool) -> None:
     async with Engine(config) as engine:
         server = TcpServer(engine)
         port = await server.start(config.host, config.tcp_port)
+        http = None
+        if config.http_port >= 0:
+            http = HttpServer(engine, http_routes(), idle_timeout_s=config.http_idle_timeout_s)
+            http_port = await http.start(config.host, config.http_port)
         n = len(engine.repo.names())
         print(f"mmengine: serving {n} models from {config.repo} on tcp://{config.host}:{port} "
               f"with {len(engine.pool.workers)} workers "
               f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)", flush=True)
+        if http is not None:
+            print(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "
+                  f"http://{config.host}:{http_port}", flush=True)
         if demo:
             print(_demo_usage(engine.repo, config.host, port), flush=True)
         await stop.wait()
         print("mmengine: shutting down", flush=True)
+        if http is not None:
+            await http.stop()
         await server.stop()
 
 
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="serve a generated repository of demo models")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--tcp-port", type=int, help="binary protocol port (default 8081)")
+    serve.add_argument("--http-port", type=int,
+                       help="HTTP port (default 8080; 0: any free; -1: no HTTP)")
     serve.add_argument("--workers", type=int, help="CPU worker processes")
     serve.add_argument("--device-budget", help="bytes of models per worker, e.g. 2GiB")
     serve.add_argument("--idle-unload", type=float, metavar="S",

@@ -55,7 +55,12 @@ class Config:
     # -- serving (the servers read these)
     host: str = "127.0.0.1"
     tcp_port: int = 8081
-    http_port: int = 8080
+    http_port: int = 8080                # 0: any free port; -1: no HTTP server
+    http_idle_timeout_s: float = 60.0    # an idle keep-alive connection is closed
+    # Directories under which POST /models (SageMaker) may add a model,
+    # separated by os.pathsep; empty: nothing may be added at run time.
+    model_roots: str = ""
+    trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
 
     @property
     def max_request_bytes(self) -> int:
@@ -122,8 +127,10 @@ def _validate(c: Config) -> None:
         need(getattr(c, key) > 0, key, "must be > 0")
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
     need(c.spin_us >= 0, "spin_us", "must be >= 0")
-    for key in ("tcp_port", "http_port"):
-        need(0 <= getattr(c, key) < 65536, key, "must be a port number (0: any free)")
+    need(0 <= c.tcp_port < 65536, "tcp_port", "must be a port number (0: any free)")
+    need(-1 <= c.http_port < 65536, "http_port",
+         "must be a port number (0: any free, -1: none)")
+    need(c.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0")
 
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

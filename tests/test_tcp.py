@@ -96,7 +96,7 @@ class Server:
 def start(request, *args: str, env: dict[str, str] | None = None,
           timeout: float = 60.0) -> tuple[Server, tuple[str, int]]:
     """A serving Server, stopped when the test or module is done."""
-    server = Server(*args, "--tcp-port", "0", env=env)
+    server = Server(*args, "--tcp-port", "0", "--http-port", "-1", env=env)
     request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
     m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", timeout)
     return server, (m.group(1), int(m.group(2)))
@@ -343,7 +343,7 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
         ([], {"MMENGINE_WORKERS": "abc"}, "workers"),
         (["--config", str(bad_toml)], {}, "bogus_key"),
     ]
-    procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", *args),
+    procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", "--http-port", "-1", *args),
                               env=environ(**env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args, env, _ in cases]

@@ -1,0 +1,3 @@
+"""KServe v2 / Open Inference Protocol routes."""
+
+ROUTES: list = []

@@ -1,0 +1,3 @@
+"""GET /metrics in Prometheus format."""
+
+ROUTES: list = []

@@ -1,0 +1,3 @@
+"""The SageMaker multi-model container contract's routes."""
+
+ROUTES: list = []
