@@ -7,7 +7,11 @@ through an in-process Engine, through the blocking SDK against a server
 subprocess (one request at a time), and through the AsyncClient with 64
 requests in flight over 4 connections. A plain uvloop server exchanging
 frames of the SDK's request and response sizes gives the floor of a TCP
-round trip. The breakdown splits the SDK's median into the model, the
+round trip. The same server answers KServe v2 over HTTP: one request at a
+time over a keep-alive connection from a blocking raw-socket client (JSON
+tensors, and the binary tensor extension), and with 32 in flight over 32
+keep-alive connections from a uvloop client of raw asyncio Protocols, whose
+own cost is a few Python lines per response. The breakdown splits the SDK's median into the model, the
 worker and its rings, the engine, the client's encoding and the server's
 front end, and counts each process's CPU time per request, one at a time
 and under load.
@@ -45,29 +49,34 @@ MODEL, DIMS = "mlp", (64, 32, 16)
 # One model lives on one worker; a second one would only compete for the two cores.
 WORKERS = 1
 CONCURRENCY, CONNECTIONS = 64, 4
+HTTP_CONCURRENCY = 32  # one request in flight on each of this many connections
 
 
 # -- the server subprocess (zipf.py uses it too) -----------------------------
 
 @contextlib.contextmanager
 def server(repo: Path, *flags: str, start_timeout: float = 120.0):
-    """`mmengine serve` on a free port; yields "host:port", stops it with
-    SIGTERM. Its output goes to our stderr."""
+    """`mmengine serve` on free ports; yields ("host:port", proc), with the
+    HTTP server's "host:port" as proc.http_address; stops it with SIGTERM.
+    Its output goes to our stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo",
-                             str(repo), "--tcp-port", "0", "--http-port", "-1", *flags],
+                             str(repo), "--tcp-port", "0", "--http-port", "0", *flags],
                             stdout=subprocess.PIPE, text=True, env=env)
     hung = threading.Timer(start_timeout, proc.kill)
     hung.start()
     try:
+        m = http = None
         for line in proc.stdout:
             sys.stderr.write(line)
-            m = re.search(r"on tcp://(\S+):(\d+)", line)
-            if m:
+            m = m or re.search(r"on tcp://(\S+):(\d+)", line)
+            http = http or re.search(r"HTTP .* on http://(\S+):(\d+)", line)
+            if m and http:
                 break
         else:
             raise RuntimeError(f"the server exited ({proc.wait()}) before listening")
+        proc.http_address = f"{http.group(1)}:{http.group(2)}"
         hung.cancel()
         # Keep reading: a full pipe would block the server.
         threading.Thread(target=shutil.copyfileobj, args=(proc.stdout, sys.stderr),
@@ -179,7 +188,7 @@ async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
             t0 = time.perf_counter_ns()
             body, _ = await worker.call(Op.INFER, MODEL, 1, {"x": x})
             call.append(time.perf_counter_ns() - t0)
-            compute.append(body["compute_us"] * 1e3)
+            compute.append(body["t_done"] - body["t_recv"])  # the worker's ns stamps
     skip = n // 10
     return {"engine": _p(infer[skip:], 50) / 1e3, "worker_call": _p(call[skip:], 50) / 1e3,
             "compute": _p(compute[skip:], 50) / 1e3}
@@ -242,6 +251,95 @@ def cpu_per_request(server_pid: int, n: int, fn, *args):
     return result, {k: (after[k] - before[k]) * 1e6 / n for k in before}
 
 
+# -- KServe v2 over HTTP --------------------------------------------------------
+
+def kserve_request(x: np.ndarray, binary: bool) -> bytes:
+    """One whole HTTP request for MODEL, as tritonclient would send it."""
+    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
+    if not binary:
+        body = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+        return (b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: bench\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (MODEL.encode(), len(body), body))
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return (b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: bench\r\n"
+            b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s%s"
+            % (MODEL.encode(), len(head), len(head) + x.nbytes, head, x.tobytes()))
+
+
+def _cut_response(buf: bytearray) -> bool:
+    """Removes one whole response from the front of buf; False if there is none yet."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    i = buf.find(b"Content-Length: ", 0, end) + 16
+    n = end + 4 + int(buf[i:buf.find(b"\r\n", i)])
+    if len(buf) < n:
+        return False
+    if not buf.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError(f"the server answered {bytes(buf[:n])!r}")
+    del buf[:n]
+    return True
+
+
+def http_latency_us(address: str, request: bytes, n: int) -> float:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf, samples = bytearray(), []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            sock.sendall(request)
+            while not _cut_response(buf):
+                buf += sock.recv(65536)
+            samples.append(time.perf_counter_ns() - t0)
+    return _p(samples[n // 10:], 50) / 1e3
+
+
+class _KeepAlive(asyncio.Protocol):
+    """Sends the next request as soon as the last one is answered."""
+
+    def __init__(self, request: bytes, left: list, done: asyncio.Future):
+        self.request, self.left, self.done, self.buf = request, left, done, bytearray()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                      socket.TCP_NODELAY, 1)
+
+    def data_received(self, data):
+        self.buf += data
+        try:
+            while _cut_response(self.buf):
+                self.left[1] -= 1  # answers still to come
+                if self.left[1] == 0 and not self.done.done():
+                    self.done.set_result(None)
+                if self.left[0] > 0:
+                    self.left[0] -= 1  # requests still to send
+                    self.transport.write(self.request)
+        except RuntimeError as e:
+            if not self.done.done():
+                self.done.set_exception(e)
+
+
+async def _http_rps(address: str, request: bytes, n: int) -> float:
+    loop = asyncio.get_running_loop()
+    host, port = address.rsplit(":", 1)
+    left, done = [n, n], loop.create_future()
+    conns = [await loop.create_connection(lambda: _KeepAlive(request, left, done),
+                                          host, int(port)) for _ in range(HTTP_CONCURRENCY)]
+    t0 = time.perf_counter()
+    for transport, _ in conns:
+        left[0] -= 1
+        transport.write(request)
+    await done
+    rate = n / (time.perf_counter() - t0)
+    for transport, _ in conns:
+        transport.close()
+    return rate
+
+
 # -- the run -------------------------------------------------------------------
 
 def run(quick: bool) -> dict:
@@ -269,6 +367,15 @@ def run(quick: bool) -> dict:
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
                    for _ in range(repeats)]
+            http = proc.http_address
+            json_req, binary_req = kserve_request(x, False), kserve_request(x, True)
+            http_json = [cpu_per_request(proc.pid, n, http_latency_us, http, json_req, n)
+                         for _ in range(repeats)]
+            http_binary = med(http_latency_us(http, binary_req, n) for _ in range(repeats))
+            uvloop.run(_http_rps(http, binary_req, HTTP_CONCURRENCY * 10))  # warm up
+            http_rps = [cpu_per_request(proc.pid, rps_n, uvloop.run,
+                                        _http_rps(http, binary_req, rps_n))
+                        for _ in range(repeats)]
         echo = med(echo_p50_us(protocol.frame(request), len(response), n)
                    for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
@@ -280,6 +387,9 @@ def run(quick: bool) -> dict:
         "sdk_p99_us": med(s[0][1] for s in sdk),
         "echo_p50_us": echo,
         "sdk_rps_c64": med(r[0] for r in rps),
+        "http_json_p50_us": med(h[0] for h in http_json),
+        "http_binary_p50_us": http_binary,
+        "http_rps_c32": med(r[0] for r in http_rps),
         "breakdown_p50_us": {
             "model_compute": engine["compute"],
             "worker_and_rings": engine["worker_call"] - engine["compute"],
@@ -290,6 +400,10 @@ def run(quick: bool) -> dict:
         },
         "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
+        "cpu_us_per_request_http_json_c1": {k: med(r[1][k] for r in http_json)
+                                            for k in http_json[0][1]},
+        "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
+                                        for k in http_rps[0][1]},
         "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo},
     }
 

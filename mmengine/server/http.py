@@ -27,7 +27,7 @@ from mmengine.errors import BadRequest, InternalError, MMEngineError, ModelNotFo
 MAX_HEADER_BYTES = 64 << 10
 IDLE_TIMEOUT_S = 60.0
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
             413: "Payload Too Large", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
             504: "Gateway Timeout", 507: "Insufficient Storage"}
@@ -52,7 +52,7 @@ class Request:
 @dataclass
 class Response:
     status: int = 200
-    body: bytes | memoryview = b""
+    body: bytes | memoryview | list = b""  # a list: buffers written in order, not joined
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str = "application/json"
 
@@ -82,7 +82,7 @@ class Router:
             found = regex.match(path)
             if found:
                 if m == method:
-                    return handler, {k: unquote(v) for k, v in found.groupdict().items()}
+                    return handler, found.groupdict()  # the path is unquoted already
                 allowed = True
         if allowed:
             raise _MethodNotAllowed(f"{method} is not allowed on {path}")
@@ -135,10 +135,13 @@ class _HttpConnection(asyncio.Protocol):
         self.queue: collections.deque[Request | MMEngineError] = collections.deque()
         self.worker: asyncio.Task | None = None
         self.idle: asyncio.TimerHandle | None = None
+        self.dead = False
         self._reset()
 
     def _reset(self) -> None:
         self.url = b""
+        self.in_head = False     # between on_message_begin and on_headers_complete
+        self.head_raw = 0        # bytes fed while in a header block, from its second read on
         self.headers: dict[str, str] = {}
         self.header_bytes = 0
         self.body: list[bytes] = []
@@ -158,30 +161,57 @@ class _HttpConnection(asyncio.Protocol):
             self.idle.cancel()
 
     def data_received(self, data: bytes) -> None:
+        if self.dead:
+            return
         self._touch()
+        continued = self.in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(BadRequest("protocol upgrades are not supported"))
+            return
         except httptools.HttpParserError as e:
             self._fail(self.refused or BadRequest(f"malformed HTTP request: {e}"))
+            return
+        # httptools holds a header line until it ends, before on_header can
+        # count it: bound what it holds by counting the reads of an
+        # unfinished header block (its first read is at most one read more).
+        if self.in_head and continued:
+            self.head_raw += len(data)
+            if self.head_raw > self.server.max_header:
+                self._fail(_HeaderTooLarge(
+                    f"request headers exceed {self.server.max_header} bytes"))
 
     def _touch(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(
-            self.server.idle_timeout_s, self._on_idle)
+        # Runs twice per request: note the time, and arm a timer only when
+        # none is armed; the timer moves itself to the last activity.
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        if self.idle is None:
+            self.idle = loop.call_at(self.last_active + self.server.idle_timeout_s,
+                                     self._on_idle)
 
     def _on_idle(self) -> None:
-        if self.worker is None and self.transport is not None:
+        self.idle = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        due = self.last_active + self.server.idle_timeout_s
+        if asyncio.get_running_loop().time() < due:
+            self.idle = asyncio.get_running_loop().call_at(due, self._on_idle)
+        elif self.worker is None:  # a request in progress re-arms it when answered
             self.transport.close()
 
     def _fail(self, e: MMEngineError) -> None:
-        """An unusable stream: answer after what is queued, then close."""
+        """An unusable stream: answer after what is queued, then close; read
+        nothing more from it."""
+        self.dead = True
         self.queue.append(e)
         self._kick()
 
     # -- httptools callbacks ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -199,6 +229,7 @@ class _HttpConnection(asyncio.Protocol):
             raise httptools.HttpParserError("header block too large")
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             # Refused from the declared length, before any of the body is read.
@@ -264,14 +295,15 @@ class _HttpConnection(asyncio.Protocol):
     def _write(self, r: Response, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        parts = r.body if isinstance(r.body, list) else [r.body]
         head = [f"HTTP/1.1 {r.status} {_REASONS.get(r.status, 'Unknown')}",
-                f"Content-Length: {len(r.body)}",
+                f"Content-Length: {sum(memoryview(p).nbytes for p in parts)}",
                 f"Content-Type: {r.content_type}",
                 "Connection: keep-alive" if keep_alive else "Connection: close"]
         head += [f"{k}: {v}" for k, v in r.headers]
-        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        if len(r.body):
-            self.transport.write(r.body)
+        head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        # One system call per response (uvloop: one writev, no copy).
+        self.transport.writelines([head, *parts])
 
 
 class _HeaderTooLarge(BadRequest):

@@ -1,3 +1,348 @@
-"""The SageMaker multi-model container contract's routes."""
+"""The SageMaker multi-model container contract (docs/sagemaker.md).
 
-ROUTES: list = []
+    GET    /ping                       200 while a worker is alive
+    POST   /models                     {"model_name", "url"}: add and load
+    GET    /models                     ?max_results=&next_page_token=
+    GET    /models/{name}              {"modelName", "modelUrl"}
+    DELETE /models/{name}              unload and forget
+    POST   /models/{name}/invoke       JSON {"inputs": {...}} -> {"outputs": {...}}
+    POST   /invocations                the same, the model named by the
+                                       X-Amzn-SageMaker-Target-Model header
+
+These routes see only the models SageMaker added with POST /models, kept in
+a registry per engine; a model of the repository root is not one of them.
+"Loaded" in the contract's sense means added: the engine may evict an
+added model under memory pressure and loads it again on its next request,
+which the caller never notices. A url is a local path or a file:// URL that
+must resolve (symlinks and `..` followed) to a directory under one of the
+configured `model_roots`; everything else is refused before the disk is
+touched beyond resolving the path.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import os
+import weakref
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from mmengine.engine import Engine
+from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
+from mmengine.server.http import Request, Response, error_response, json_response
+from mmengine.storage import check_name
+
+TARGET_MODEL_HEADER = "x-amzn-sagemaker-target-model"
+DEFAULT_PAGE_SIZE = 1000
+
+
+# -- the registry of added models -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Added:
+    url: str                                    # as POST /models gave it
+    path: str                                   # the directory it resolved to
+    inputs: tuple[tuple[str, str], ...]         # declared (name, dtype), in order
+
+
+class _Registry:
+    """What SageMaker added. A name is `pending` while its POST /models
+    loads it or its DELETE unloads it: a POST of the name meanwhile is a
+    conflict, and the routes that serve models do not see it."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, _Added] = {}
+        self.pending: set[str] = set()
+
+
+# One registry per engine: every HTTP server over an engine shares its repository.
+_registries: weakref.WeakKeyDictionary[Engine, _Registry] = weakref.WeakKeyDictionary()
+
+
+def _registry(server) -> _Registry:
+    registry = _registries.get(server.engine)
+    if registry is None:
+        registry = _registries[server.engine] = _Registry()
+    return registry
+
+
+def _added(server, name: str) -> _Added:
+    model = _registry(server).models.get(name)
+    if model is None:
+        raise ModelNotFound(f"model {name!r} is not loaded")
+    return model
+
+
+# -- errors with the contract's own statuses ------------------------------------------
+
+class _Forbidden(BadRequest):
+    """403: a url outside the allowed model roots."""
+
+    @property
+    def http_status(self) -> int:
+        return 403
+
+
+class _Conflict(BadRequest):
+    """409: the name is already loaded (or being loaded)."""
+
+    @property
+    def http_status(self) -> int:
+        return 409
+
+
+def _insufficient_storage(e: MMEngineError) -> Response:
+    """507 tells SageMaker to unload unused models and try again."""
+    response = error_response(e)
+    response.status = 507
+    return response
+
+
+# -- routes -------------------------------------------------------------------------
+
+async def ping(server, request: Request) -> Response:
+    pool = server.engine.pool
+    if pool is None or not any(w.alive for w in pool.workers):
+        return json_response({"status": "unhealthy"}, 503)
+    return json_response({"status": "healthy"})
+
+
+async def load_model(server, request: Request) -> Response:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise BadRequest('the body must be a JSON object {"model_name": ..., "url": ...}')
+    name, url = body.get("model_name"), body.get("url")
+    if not isinstance(name, str) or not isinstance(url, str):
+        raise BadRequest('"model_name" and "url" must both be strings')
+    try:
+        check_name(name)
+    except ModelNotFound as e:
+        raise BadRequest(str(e)) from None
+    registry = _registry(server)
+    if name in registry.models or name in registry.pending:
+        raise _Conflict(f"model {name!r} is already loaded"
+                        + (" (or being loaded or unloaded)" if name in registry.pending else ""))
+    engine: Engine = server.engine
+    registry.pending.add(name)
+    try:
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(None, resolve_url, url, engine.config.model_roots)
+        if name in await loop.run_in_executor(None, engine.repo.names):
+            raise _Conflict(f"model {name!r} already exists in the repository")
+        await engine.add_model(name, path)
+        try:
+            await engine.load(name)
+            metadata = await engine.metadata(name)
+        except BaseException:
+            try:
+                await engine.remove_model(name)
+            except MMEngineError as e:  # the load's error is the one to answer
+                print(f"mmengine: sagemaker: could not remove {name!r} after a failed "
+                      f"load: {e!r}")
+            raise
+        registry.models[name] = _Added(
+            url, path, tuple((t["name"], t["dtype"]) for t in metadata["inputs"]))
+    except (Overloaded, TooLarge) as e:
+        return _insufficient_storage(e)
+    finally:
+        registry.pending.discard(name)
+    return json_response({"modelName": name, "modelUrl": url})
+
+
+async def list_models(server, request: Request) -> Response:
+    limit = _query_one(request, "max_results")
+    if limit is None:
+        limit = DEFAULT_PAGE_SIZE
+    elif not (limit.isascii() and limit.isdigit()) or int(limit) < 1:
+        raise BadRequest(f"max_results must be a positive integer, not {limit!r}")
+    else:
+        limit = int(limit)
+    token = _query_one(request, "next_page_token")
+    # The token is the last name of the previous page: a page never repeats
+    # or skips a model that stayed added while the caller walked the pages.
+    names = sorted(_registry(server).models)
+    if token is not None:
+        after = _decode_token(token)
+        names = [n for n in names if n > after]
+    page = names[:limit]
+    models = _registry(server).models
+    body: dict[str, Any] = {"models": [{"modelName": n, "modelUrl": models[n].url}
+                                       for n in page]}
+    if len(names) > limit:
+        body["nextPageToken"] = _encode_token(page[-1])
+    return json_response(body)
+
+
+async def get_model(server, request: Request, name: str) -> Response:
+    return json_response({"modelName": name, "modelUrl": _added(server, name).url})
+
+
+async def unload_model(server, request: Request, name: str) -> Response:
+    registry = _registry(server)
+    model = _added(server, name)
+    # Gone from the registry first: no new request reaches it while it
+    # unloads (the engine lets the ones in flight finish), and pending: a
+    # POST /models of the name meanwhile is a conflict.
+    del registry.models[name]
+    registry.pending.add(name)
+    try:
+        await server.engine.remove_model(name)
+    except ModelNotFound:
+        pass  # forgotten already
+    except BaseException:
+        registry.models[name] = model  # still there: still served
+        raise
+    finally:
+        registry.pending.discard(name)
+    return json_response({"modelName": name})
+
+
+async def invoke(server, request: Request, name: str) -> Response:
+    model = _added(server, name)
+    inputs = _parse_inputs(request, name, model)
+    outputs = await server.engine.infer(name, inputs)
+    return json_response({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+
+
+async def invocations(server, request: Request) -> Response:
+    name = request.headers.get(TARGET_MODEL_HEADER)
+    if not name:
+        raise BadRequest("/invocations needs the X-Amzn-SageMaker-Target-Model header "
+                         "naming a model loaded with POST /models")
+    return await invoke(server, request, name)
+
+
+ROUTES = [
+    ("GET", "/ping", ping),
+    ("POST", "/models", load_model),
+    ("GET", "/models", list_models),
+    ("GET", "/models/{name}", get_model),
+    ("DELETE", "/models/{name}", unload_model),
+    ("POST", "/models/{name}/invoke", invoke),
+    ("POST", "/invocations", invocations),
+]
+
+
+# -- urls -----------------------------------------------------------------------------
+
+def resolve_url(url: str, model_roots: str) -> str:
+    """The real directory `url` names, if it lies under an allowed root.
+
+    A url is an absolute local path or a file:// URL. The path is resolved
+    (symlinks, `..`) before it is compared with the roots, themselves
+    resolved, so no spelling of a path outside them gets in. Blocking (it
+    touches the disk): run it off the loop."""
+    path = _local_path(url)
+    roots = [os.path.realpath(r) for r in model_roots.split(os.pathsep) if r]
+    if not roots:
+        raise _Forbidden("no model roots are configured (model_roots, "
+                         "MMENGINE_MODEL_ROOTS): no model may be added at run time")
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise _Forbidden(f"{url!r} lies outside the allowed model roots")
+    # Only now, inside the roots, may the answer say what is on the disk.
+    if not os.path.isdir(real):
+        raise BadRequest(f"{url!r} is not a directory")
+    return real
+
+
+def _local_path(url: str) -> str:
+    if "\0" in url:
+        raise BadRequest("the url contains a NUL character")
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise BadRequest(f"{url!r}: a file:// URL must name a local path (file:///...)")
+        if parts.query or parts.fragment:
+            raise BadRequest(f"{url!r}: a file:// URL takes no query or fragment")
+        path = unquote(parts.path)
+    elif parts.scheme == "":
+        path = url  # a plain path is taken literally: no %-decoding
+    else:
+        raise BadRequest(f"{url!r}: only local paths and file:// URLs can be loaded, "
+                         f"not {parts.scheme}:// (remote storage is not supported)")
+    if not os.path.isabs(path):
+        raise BadRequest(f"{url!r}: the path must be absolute")
+    return path
+
+
+# -- pages ----------------------------------------------------------------------------
+
+def _query_one(request: Request, key: str) -> str | None:
+    values = request.query.get(key)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"{key} is given {len(values)} times")
+    return values[0]
+
+
+def _encode_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> str:
+    try:
+        return base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_",
+                                validate=True).decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        raise BadRequest(f"next_page_token {token!r} is not one this server gave") from None
+
+
+# -- request bodies -------------------------------------------------------------------
+
+def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.ndarray]:
+    content_type = request.headers.get("content-type", "application/json")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise BadRequest(f"unsupported Content-Type {content_type!r}: send "
+                         f"application/json")
+    body = request.json()
+    declared = dict(model.inputs)
+    if isinstance(body, list):
+        if len(declared) != 1:
+            raise BadRequest(f"{name}: a bare list is accepted only by a model with "
+                             f"exactly one declared input; send "
+                             f'{{"inputs": {{name: list}}}} (inputs: {sorted(declared)})')
+        values = {next(iter(declared)): body}
+    elif isinstance(body, dict) and isinstance(body.get("inputs"), dict) and body["inputs"]:
+        values = body["inputs"]
+    else:
+        raise BadRequest('the body must be {"inputs": {name: nested list}}, or a bare '
+                         'nested list for a model with one input')
+    arrays = {}
+    for key, value in values.items():
+        if declared and key not in declared:
+            raise BadRequest(f"{name} has no input {key!r} (inputs: {sorted(declared)})")
+        arrays[key] = _as_array(key, value, declared.get(key))
+    return arrays
+
+
+def _as_array(key: str, value: Any, dtype: str | None) -> np.ndarray:
+    """`value` as an array of the declared dtype; refused where JSON's
+    numbers would change meaning (2.5 as an int, 300 as an int8). Without
+    a declaration numpy's default dtype stands."""
+    if not isinstance(value, (list, int, float, bool)):
+        raise BadRequest(f"input {key!r} must be a nested list of numbers")
+    try:
+        array = np.array(value)
+    except ValueError as e:  # ragged
+        raise BadRequest(f"input {key!r} is not a rectangular nested list: {e}") from None
+    if array.dtype.kind not in "biuf":
+        raise BadRequest(f"input {key!r} must hold only numbers (or booleans)")
+    if dtype is None:
+        return array
+    target = np.dtype(dtype)
+    if array.size:
+        if not np.can_cast(array.dtype, target, "same_kind"):
+            raise BadRequest(f"input {key!r} must be {dtype}, and its values do not "
+                             f"all fit ({array.dtype.name})")
+        if target.kind in "iu" and array.dtype.kind in "iu":
+            info = np.iinfo(target)
+            if array.min() < info.min or array.max() > info.max:
+                raise BadRequest(f"input {key!r}: a value is out of range for {dtype}")
+    return array.astype(target, copy=False)
+

@@ -1,0 +1,392 @@
+"""HTTP end to end: `mmengine serve` as a real process, KServe v2 through
+tritonclient unchanged, and raw HTTP for the protocol's error paths and the
+core's limits (body and header sizes, keep-alive, pipelining, idle close)."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from mmengine import demo
+from mmengine.config import PURE_PYTHON_VAR
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = (16, 64, 8)
+MODELS = ("m00", "m01", "m02", "m03")
+TOL = dict(rtol=1e-5, atol=1e-5)
+IDLE_TIMEOUT_S = 1.0
+
+
+def environ(**changes: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MMENGINE_") or k == PURE_PYTHON_VAR}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **changes}
+
+
+class Server:
+    """`mmengine serve` in a subprocess; a thread reads its output so that
+    the pipe never fills, and keeps it for failure messages."""
+
+    def __init__(self, *args: str, env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        self.output: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no {pattern!r} from the server:\n{''.join(self.output)}")
+            if m := re.search(pattern, line):
+                return m
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture(scope="module")
+def address(request, tmp_path_factory) -> tuple[str, int]:
+    root = tmp_path_factory.mktemp("repo")
+    for i, name in enumerate(MODELS):
+        demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
+    server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "0",
+                    env=environ(MMENGINE_HTTP_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S)))
+    request.addfinalizer(server.stop)
+    m = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60)
+    return m.group(1), int(m.group(2))
+
+
+@pytest.fixture
+def client(request, address):
+    c = triton.InferenceServerClient(f"{address[0]}:{address[1]}")
+    request.addfinalizer(c.close)
+    return c
+
+
+def reference(name: str, x: np.ndarray) -> np.ndarray:
+    return demo.reference(x, *DIMS, seed=MODELS.index(name))
+
+
+def x_for(seed: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIMS[0])).astype(np.float32)
+
+
+def call(address, method: str, path: str, body=None, headers=None):
+    """One request on a fresh connection: (status, headers, body)."""
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def infer_body(x: np.ndarray, datatype: str = "FP32", name: str = "x", **extra) -> dict:
+    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
+                        "data": x.ravel().tolist()}], **extra}
+
+
+def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything until the server closes the connection."""
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- tritonclient, unchanged -----------------------------------------------------
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_infer(client, binary):
+    x = x_for(0)
+    tin = triton.InferInput("x", list(x.shape), "FP32")
+    tin.set_data_from_numpy(x, binary_data=binary)
+    out = triton.InferRequestedOutput("y", binary_data=binary)
+    result = client.infer("m00", [tin], outputs=[out], request_id="r1")
+    np.testing.assert_allclose(result.as_numpy("y"), reference("m00", x), **TOL)
+    assert result.get_response()["id"] == "r1"
+    assert result.get_response()["model_name"] == "m00"
+
+
+def test_tritonclient_infer_defaults_to_binary_outputs(client):
+    x = x_for(1, n=1)
+    tin = triton.InferInput("x", list(x.shape), "FP32")
+    tin.set_data_from_numpy(x)
+    result = client.infer("m00", [tin], model_version="1")  # binary_data_output
+    y = result.as_numpy("y")
+    assert y.dtype == np.float32 and y.shape == (1, DIMS[2])
+    np.testing.assert_allclose(y, reference("m00", x), **TOL)
+    assert result.get_response()["model_version"] == "1"
+
+
+def test_server_health_and_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "mmengine"
+    assert {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
+
+
+def test_model_metadata(client):
+    meta = client.get_model_metadata("m01")
+    assert meta["name"] == "m01" and meta["versions"] == ["1"]
+    assert meta["platform"] == "safetensors"
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, DIMS[0]]}]
+    assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, DIMS[2]]}]
+    assert client.get_model_metadata("m01", "1") == meta
+    with pytest.raises(InferenceServerException, match="not found"):
+        client.get_model_metadata("nope")
+
+
+def test_model_ready_only_once_resident(client):
+    assert not client.is_model_ready("m01")  # never asked for: on storage
+    assert not client.is_model_ready("m01", "1")
+    assert not client.is_model_ready("nope")
+    x = x_for(2)
+    tin = triton.InferInput("x", list(x.shape), "FP32")
+    tin.set_data_from_numpy(x)
+    client.infer("m01", [tin])  # a cold model loads on its first request
+    assert client.is_model_ready("m01")
+    assert client.is_model_ready("m01", "1")
+
+
+def test_repository_index_load_unload(client, address):
+    index = {r["name"]: r for r in client.get_model_repository_index()}
+    assert set(index) == set(MODELS)
+    assert all(r["version"] == "1" for r in index.values())
+    client.load_model("m02")
+    assert client.is_model_ready("m02")
+    status, _, body = call(address, "POST", "/v2/repository/index", {"ready": True})
+    assert status == 200
+    rows = json.loads(body)
+    assert "m02" in {r["name"] for r in rows} and all(r["state"] == "READY" for r in rows)
+    client.unload_model("m02")
+    assert not client.is_model_ready("m02")
+    index = {r["name"]: r for r in client.get_model_repository_index()}
+    assert index["m02"]["state"] == "UNAVAILABLE"
+    with pytest.raises(InferenceServerException, match="not found"):
+        client.load_model("nope")
+    with pytest.raises(InferenceServerException, match="not supported"):
+        client.load_model("m02", config="{}")
+
+
+# -- raw HTTP: the protocol's edges ----------------------------------------------
+
+def test_json_data_may_be_nested_and_answers_json(address):
+    x = x_for(3)
+    body = infer_body(x)
+    body["inputs"][0]["data"] = x.tolist()  # nested, as the protocol allows
+    status, headers, raw = call(address, "POST", "/v2/models/m00/infer", body)
+    assert status == 200, raw
+    assert headers["Content-Type"] == "application/json"
+    out = json.loads(raw)["outputs"][0]
+    assert out["name"] == "y" and out["datatype"] == "FP32"
+    assert out["shape"] == [3, DIMS[2]]
+    np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(out["shape"]),
+                               reference("m00", x), **TOL)
+
+
+def test_binary_request_and_response_on_the_wire(address):
+    x = x_for(4)
+    head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+    status, headers, raw = call(address, "POST", "/v2/models/m00/versions/1/infer",
+                                head + x.tobytes(),
+                                {"Inference-Header-Content-Length": str(len(head))})
+    assert status == 200, raw
+    assert headers["Content-Type"] == "application/octet-stream"
+    n = int(headers["Inference-Header-Content-Length"])
+    meta = json.loads(raw[:n])
+    out = meta["outputs"][0]
+    assert out["parameters"]["binary_data_size"] == len(raw) - n == 3 * DIMS[2] * 4
+    assert "data" not in out
+    y = np.frombuffer(raw[n:], "<f4").reshape(out["shape"])
+    np.testing.assert_allclose(y, reference("m00", x), **TOL)
+
+
+@pytest.mark.parametrize("body, headers, fragment", [
+    (b"{not json", {}, "not valid JSON"),
+    (b"[1, 2]", {}, "JSON object"),
+    ({"inputs": []}, {}, "non-empty list"),
+    (infer_body(np.zeros((2, 15), np.float32)), {}, "shape"),               # wrong shape
+    (infer_body(np.zeros((2, 16)), "FP64"), {}, "float32"),                # wrong dtype
+    (infer_body(np.zeros((2, 16), np.float32), name="z"), {}, "missing"),  # missing input
+    (infer_body(np.zeros((2, 16), np.float32), "BYTES"), {}, "not supported"),
+    (infer_body(np.zeros((2, 16), np.float32), "FP99"), {}, "unknown datatype"),
+    ({"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [1.0, 2.0]}]},
+     {}, "2 elements"),
+    ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ["a"] * 16}]},
+     {}, "not a FP32 tensor"),
+    ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                  "parameters": {"binary_data_size": 60}}]}, {"x": "y"}, "no Inference"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", '
+     b'"parameters": {"binary_data_size": 64}}]}' + bytes(32), {"hlen": True}, "ends before"),
+    (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "nope"}]), {},
+     "requested output"),
+])
+def test_bad_infer_requests_answer_400(address, body, headers, fragment):
+    if headers.pop("hlen", False):
+        headers["Inference-Header-Content-Length"] = str(body.index(b"}]}") + 3)
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer", body, headers)
+    assert status == 400, raw
+    error = json.loads(raw)
+    assert fragment in error["error"], error
+    assert error["code"] == "BAD_REQUEST"
+
+
+def test_unknown_model_version_route_and_method(address):
+    body = infer_body(np.zeros((1, 16), np.float32))
+    for path in ("/v2/models/nope/infer", "/v2/models/m00/versions/7/infer",
+                 "/v2/models/m00/versions/x/infer"):
+        status, _, raw = call(address, "POST", path, body)
+        assert status == 404, (path, raw)
+        assert "error" in json.loads(raw)
+    status, _, raw = call(address, "GET", "/v2/nothing/here")
+    assert status == 404 and "no route" in json.loads(raw)["error"]
+    status, _, raw = call(address, "GET", "/v2/models/m00/infer")
+    assert status == 405, raw
+    status, _, raw = call(address, "DELETE", "/v2/health/live")
+    assert status == 405, raw
+
+
+def test_oversized_body_refused_from_content_length(address):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 1000000000000\r\n\r\n")  # and no body at all
+        raw = recv_all(s)  # answered, then closed, without waiting for the body
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in raw
+    assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["code"] == "TOO_LARGE"
+
+
+@pytest.mark.parametrize("one_line", [False, True])
+def test_header_block_over_the_limit_431(address, one_line):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        if one_line:  # one header that never ends, sent in pieces
+            s.sendall(b"X-Big: ")
+            try:
+                for _ in range(100):
+                    s.sendall(b"a" * 4096)
+                    time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        else:
+            s.sendall(b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 1000) for i in range(100)))
+        try:
+            raw = recv_all(s)
+        except ConnectionResetError:  # closed with our bytes unread: the answer may be lost
+            return
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(address):
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.connect()
+        sock = conn.sock
+        for i in range(5):
+            x = x_for(10 + i, n=1)
+            conn.request("POST", "/v2/models/m00/infer", json.dumps(infer_body(x)))
+            r = conn.getresponse()
+            out = json.loads(r.read())["outputs"][0]
+            assert r.status == 200
+            np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(1, -1),
+                                       reference("m00", x), **TOL)
+            conn.request("GET", "/v2/health/live")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+        assert conn.sock is sock  # never reconnected
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(address):
+    xs = [x_for(20 + i, n=1 + i % 3) for i in range(8)]
+    requests = []
+    for i, x in enumerate(xs):
+        body = json.dumps(infer_body(x, id=str(i))).encode()
+        model = MODELS[i % 2]
+        requests.append(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (model.encode(), len(body), body))
+    requests.append(b"GET /v2/models/m00/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"".join(requests))  # all at once, before any answer
+        raw = recv_all(s)
+    answers = []
+    while raw:
+        head, rest = raw.split(b"\r\n\r\n", 1)
+        n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        answers.append((head, rest[:n]))
+        raw = rest[n:]
+    assert len(answers) == len(xs) + 1
+    for i, (x, (head, body)) in enumerate(zip(xs, answers)):
+        assert head.startswith(b"HTTP/1.1 200 "), body
+        r = json.loads(body)
+        assert r["id"] == str(i)
+        y = np.array(r["outputs"][0]["data"], np.float32).reshape(r["outputs"][0]["shape"])
+        np.testing.assert_allclose(y, reference(MODELS[i % 2], x), **TOL)
+    assert answers[-1][0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_idle_connection_is_closed(address):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        t0 = time.monotonic()
+        assert recv_all(s) == b""  # closed by the server
+        waited = time.monotonic() - t0
+    assert IDLE_TIMEOUT_S * 0.8 < waited < IDLE_TIMEOUT_S + 5
+
+
+def test_partial_request_is_closed_when_idle(address):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        assert recv_all(s) == b""
+
+
+def test_path_is_percent_decoded_once(address):
+    assert call(address, "GET", "/v2/models/m%30%30")[0] == 200       # "m00"
+    assert call(address, "GET", "/v2/models/m0%2530")[0] == 404       # "m0%30", not "m00"

@@ -1,0 +1,341 @@
+"""The SageMaker multi-model container contract end to end: `mmengine serve`
+as a real process with model roots, driven over raw HTTP (http.client)."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mmengine import demo
+from mmengine.client import Client
+from mmengine.errors import BadRequest
+from mmengine.server import sagemaker
+from test_tcp import Server, environ
+
+DIMS = (4, 8, 2)
+SEEDS = 5  # models m0..m4 under the root, m<i> with weights of seed i
+TOL = dict(rtol=1e-5, atol=1e-5)
+TARGET = "X-Amzn-SageMaker-Target-Model"
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> dict[str, Path]:
+    """An allowed root of model directories, and things around it that
+    must not be served."""
+    base = tmp_path_factory.mktemp("sagemaker")
+    root, outside, repo = base / "root", base / "outside", base / "repo"
+    paths = {"root": root, "outside_dir": outside, "repo": repo}
+    for i in range(SEEDS):
+        paths[f"m{i}"] = demo.write_mlp(root / f"m{i}", "safetensors", *DIMS, seed=i)
+    huge = paths["huge"] = demo.write_mlp(root / "huge", "safetensors", *DIMS)
+    (huge / "model.toml").write_text("bytes = 1000000000000\n"
+                                     + (huge / "model.toml").read_text())
+    paths["outside"] = demo.write_mlp(outside / "evil", "safetensors", *DIMS)
+    paths["escape_link"] = root / "escape"
+    paths["escape_link"].symlink_to(paths["outside"], target_is_directory=True)
+    paths["inside_link"] = root / "alias"
+    paths["inside_link"].symlink_to(paths["m3"], target_is_directory=True)
+    paths["empty"] = root / "empty"
+    paths["empty"].mkdir()
+    paths["file"] = paths["m0"] / "model.toml"
+    # A model of the repository root: not SageMaker's to see or take over.
+    demo.write_mlp(repo / "repo-model", "safetensors", *DIMS)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(request, disk) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(HTTP address, TCP address) of one server for the module."""
+    proc = Server("--repo", str(disk["repo"]), "--tcp-port", "0", "--http-port", "0",
+                  "--workers", "1", "--device-budget", "64MiB",
+                  env=environ(MMENGINE_MODEL_ROOTS=str(disk["root"])))
+    request.addfinalizer(lambda: proc.proc.poll() is None and proc.stop())
+    tcp = proc.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
+    return (web[1], int(web[2])), (tcp[1], int(tcp[2]))
+
+
+@pytest.fixture(scope="module")
+def address(server) -> tuple[str, int]:
+    return server[0]
+
+
+def call(address, method: str, path: str, body: Any = None, raw: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
+        response = conn.getresponse()
+        payload = response.read()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(payload) if payload else None
+    finally:
+        conn.close()
+
+
+def add(address, name: str, url: str | Path) -> tuple[int, Any]:
+    return call(address, "POST", "/models", {"model_name": name, "url": str(url)})
+
+
+def x_for(seed: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIMS[0])).astype(np.float32)
+
+
+def reference(seed: int, x: np.ndarray) -> np.ndarray:
+    return demo.reference(x, *DIMS, seed=seed)
+
+
+def residency(server, name: str) -> str | None:
+    with Client(server[1]) as c:
+        rows = [r for r in c.stats()["models"] if r["name"] == name]
+    return rows[0]["state"] if rows else None
+
+
+# -- health -----------------------------------------------------------------------------
+
+def test_ping(address):
+    assert call(address, "GET", "/ping") == (200, {"status": "healthy"})
+
+
+# -- load ---------------------------------------------------------------------------------
+
+def test_load_makes_the_model_resident_before_answering(server, disk):
+    address = server[0]
+    assert add(address, "load-a", disk["m0"]) == (200, {"modelName": "load-a",
+                                                        "modelUrl": str(disk["m0"])})
+    assert residency(server, "load-a") == "resident"
+    assert call(address, "GET", "/models/load-a") == (
+        200, {"modelName": "load-a", "modelUrl": str(disk["m0"])})
+    # Loaded already: 409, whatever the url, every time.
+    for url in (disk["m0"], disk["m1"]):
+        status, body = add(address, "load-a", url)
+        assert status == 409, body
+        assert "already loaded" in body["error"]
+    assert call(address, "GET", "/models/load-a")[1]["modelUrl"] == str(disk["m0"])
+
+
+def test_concurrent_loads_of_one_name_load_it_once(address, disk):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: add(address, "load-race", disk[f"m{i}"]), range(4)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200, 409, 409, 409], answers
+    winner = next(body for status, body in answers if status == 200)
+    assert call(address, "GET", "/models/load-race") == (200, winner)
+
+
+def test_file_urls_and_symlinks_inside_the_root_load(address, disk):
+    url = "file://" + str(disk["m1"])
+    assert add(address, "load-file", url) == (200, {"modelName": "load-file", "modelUrl": url})
+    assert add(address, "load-alias", disk["inside_link"])[0] == 200
+    x = x_for(0)
+    status, body = call(address, "POST", "/models/load-alias/invoke", x.tolist())
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"]["y"], reference(3, x), **TOL)
+
+
+def test_no_room_even_after_eviction_is_507_and_leaves_nothing(address, disk):
+    for _ in range(2):  # not 409 the second time: the failed load was forgotten
+        status, body = add(address, "load-huge", disk["huge"])
+        assert status == 507, body
+        assert body["code"] == "TOO_LARGE"
+    assert call(address, "GET", "/models/load-huge")[0] == 404
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("outside", 403, "outside the allowed model roots"),
+    ("dotdot", 403, "outside the allowed model roots"),
+    ("escape_link", 403, "outside the allowed model roots"),
+    ("escape_link_file_url", 403, "outside the allowed model roots"),
+    ("http", 400, "only local paths and file:// URLs"),
+    ("s3", 400, "only local paths and file:// URLs"),
+    ("file_host", 400, "must name a local path"),
+    ("relative", 400, "must be absolute"),
+    ("missing", 400, "is not a directory"),
+    ("file", 400, "is not a directory"),
+    ("empty", 500, "no model file found"),
+])
+def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, words):
+    url = {
+        "outside": str(disk["outside"]),
+        "dotdot": f"{disk['root']}/m0/../../{disk['outside_dir'].name}/evil/1",
+        "escape_link": str(disk["escape_link"]),
+        "escape_link_file_url": "file://" + str(disk["escape_link"]),
+        "http": "http://127.0.0.1:1/model.tar.gz",
+        "s3": "s3://bucket/models/m0",
+        "file_host": "file://elsewhere" + str(disk["m0"]),
+        "relative": os.path.relpath(disk["m0"]),
+        "missing": str(disk["root"] / "nope"),
+        "file": str(disk["file"]),
+        "empty": str(disk["empty"]),
+    }[case]
+    name = f"refused-{case.replace('_', '-')}"
+    code, body = add(address, name, url)
+    assert code == status, body
+    assert words in body["error"]
+    assert call(address, "GET", f"/models/{name}")[0] == 404
+    assert name not in {m["modelName"] for m in list_all(address)}
+
+
+def test_malformed_loads_are_refused(address, disk):
+    for raw in (b"not json", b"[]", b'{"model_name": "x"}', b'{"url": "/a"}',
+                json.dumps({"model_name": 5, "url": str(disk["m0"])}).encode(),
+                json.dumps({"model_name": "../x", "url": str(disk["m0"])}).encode(),
+                json.dumps({"model_name": ".hidden", "url": str(disk["m0"])}).encode()):
+        status, body = call(address, "POST", "/models", raw=raw)
+        assert status == 400, (raw, body)
+    # A name the repository root already serves cannot be taken over.
+    status, body = add(address, "repo-model", disk["m0"])
+    assert status == 409, body
+
+
+def test_no_model_roots_refuses_every_url(disk):
+    with pytest.raises(BadRequest, match="no model roots are configured") as info:
+        sagemaker.resolve_url(str(disk["m0"]), "")
+    assert info.value.http_status == 403
+    # Several roots, separated by os.pathsep: any one of them will do.
+    roots = os.pathsep.join([str(disk["outside_dir"]), str(disk["root"])])
+    assert sagemaker.resolve_url(str(disk["outside"]), roots) == os.path.realpath(
+        disk["outside"])
+    assert sagemaker.resolve_url(str(disk["m0"]), roots) == os.path.realpath(disk["m0"])
+
+
+# -- list and get -------------------------------------------------------------------------
+
+def list_all(address, max_results: int | None = None) -> list[dict]:
+    """Every model, walking the pages; each page is checked on the way."""
+    models, token = [], None
+    while True:
+        query = []
+        if max_results is not None:
+            query.append(f"max_results={max_results}")
+        if token is not None:
+            query.append(f"next_page_token={token}")
+        status, body = call(address, "GET", "/models" + ("?" + "&".join(query) if query else ""))
+        assert status == 200, body
+        if max_results is not None:
+            assert len(body["models"]) <= max_results
+        models += body["models"]
+        token = body.get("nextPageToken")
+        if token is None:
+            return models
+        assert len(body["models"]) == max_results  # only a full page has a next one
+
+
+def test_list_walks_pages_to_the_end(address, disk):
+    for i in range(SEEDS):
+        assert add(address, f"page-{i}", disk[f"m{i}"])[0] == 200
+    whole = list_all(address)
+    names = [m["modelName"] for m in whole]
+    assert names == sorted(set(names))
+    assert "repo-model" not in names  # only what SageMaker added
+    urls = {m["modelName"]: m["modelUrl"] for m in whole}
+    for i in range(SEEDS):
+        assert urls[f"page-{i}"] == str(disk[f"m{i}"])
+    for size in (1, 2, len(whole), len(whole) + 1):
+        assert list_all(address, size) == whole
+
+
+def test_list_refuses_bad_parameters(address):
+    for query in ("max_results=0", "max_results=-1", "max_results=abc",
+                  "max_results=1&max_results=2", "next_page_token=!!!",
+                  "next_page_token=_w"):  # not base64 of UTF-8
+        status, body = call(address, "GET", f"/models?{query}")
+        assert status == 400, (query, body)
+
+
+def test_get_unknown_model_is_404(address):
+    assert call(address, "GET", "/models/never-added")[0] == 404
+    assert call(address, "GET", "/models/repo-model")[0] == 404
+
+
+# -- invoke -------------------------------------------------------------------------------
+
+def test_invoke_answers_the_reference(address, disk):
+    assert add(address, "inv", disk["m2"])[0] == 200
+    x = x_for(1)
+    expected = reference(2, x)
+    for path, body, headers in [
+        ("/models/inv/invoke", {"inputs": {"x": x.tolist()}}, {}),
+        ("/models/inv/invoke", x.tolist(), {TARGET: "ignored-here"}),
+        ("/invocations", {"inputs": {"x": x.tolist()}}, {TARGET: "inv"}),
+        ("/invocations", x.tolist(), {TARGET: "inv"}),
+    ]:
+        status, answer = call(address, "POST", path, body, headers=headers)
+        assert status == 200, (path, answer)
+        assert list(answer) == ["outputs"] and list(answer["outputs"]) == ["y"]
+        np.testing.assert_allclose(answer["outputs"]["y"], expected, **TOL)
+    # Integers are numbers too: they become the declared float32.
+    status, answer = call(address, "POST", "/models/inv/invoke", [[1, 2, 3, 4]])
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"]["y"],
+                               reference(2, np.array([[1, 2, 3, 4]], np.float32)), **TOL)
+
+
+def test_invoke_unknown_model_is_404(address):
+    x = x_for(2).tolist()
+    assert call(address, "POST", "/models/never-added/invoke", x)[0] == 404
+    assert call(address, "POST", "/invocations", x, headers={TARGET: "never-added"})[0] == 404
+    assert call(address, "POST", "/models/repo-model/invoke", x)[0] == 404
+
+
+def test_invoke_refuses_bad_bodies(address, disk):
+    assert add(address, "inv-bad", disk["m0"])[0] == 200
+    x = x_for(3)
+    cases = [
+        (b"not json", {}),
+        (b"5", {}),
+        (b"{}", {}),
+        (b'{"inputs": {}}', {}),
+        (b'{"inputs": [[1, 2, 3, 4]]}', {}),
+        (json.dumps({"inputs": {"z": x.tolist()}}).encode(), {}),       # no such input
+        (json.dumps(x[:, :3].tolist()).encode(), {}),                    # wrong shape
+        (json.dumps(x[0].tolist()).encode(), {}),                        # wrong rank
+        (b"[[1, 2, 3, 4], [1, 2]]", {}),                                 # ragged
+        (b'[["a", "b", "c", "d"]]', {}),                                 # not numbers
+        (b"[[1, 2, null, 4]]", {}),
+        (json.dumps(x.tolist()).encode(), {"Content-Type": "text/csv"}),
+    ]
+    for raw, headers in cases:
+        status, body = call(address, "POST", "/models/inv-bad/invoke", raw=raw, headers=headers)
+        assert status == 400, (raw[:40], body)
+        assert body["code"] == "BAD_REQUEST"
+    status, body = call(address, "POST", "/invocations", x.tolist())  # no header
+    assert status == 400 and TARGET in body["error"], body
+    # The model still answers after all that.
+    status, body = call(address, "POST", "/models/inv-bad/invoke", x.tolist())
+    assert status == 200, body
+
+
+# -- unload -------------------------------------------------------------------------------
+
+def test_delete_unloads_and_forgets(server, disk):
+    address = server[0]
+    assert add(address, "del", disk["m4"])[0] == 200
+    assert residency(server, "del") == "resident"
+    assert call(address, "DELETE", "/models/del") == (200, {"modelName": "del"})
+    assert residency(server, "del") is None
+    assert call(address, "DELETE", "/models/del")[0] == 404
+    assert call(address, "GET", "/models/del")[0] == 404
+    x = x_for(4)
+    assert call(address, "POST", "/models/del/invoke", x.tolist())[0] == 404
+    assert call(address, "POST", "/invocations", x.tolist(), headers={TARGET: "del"})[0] == 404
+    assert "del" not in {m["modelName"] for m in list_all(address)}
+    # Forgotten whole: the name can be loaded again, from another directory.
+    assert add(address, "del", disk["m1"])[0] == 200
+    status, body = call(address, "POST", "/models/del/invoke", x.tolist())
+    assert status == 200, body
+    np.testing.assert_allclose(body["outputs"]["y"], reference(1, x), **TOL)
+    assert call(address, "DELETE", "/models/del")[0] == 200
+
+
+def test_delete_unknown_model_is_404(address):
+    assert call(address, "DELETE", "/models/never-added")[0] == 404
+    assert call(address, "DELETE", "/models/repo-model")[0] == 404
