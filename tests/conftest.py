@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import uvloop
+
+from mmengine.config import PURE_PYTHON_VAR
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
@@ -67,3 +79,57 @@ def own_segments():
     yield
     left = {s for s in shm.list_segments() if s.startswith(prefix)} - before
     assert not left, f"segments left behind: {sorted(left)}"
+
+
+# -- `mmengine serve` in a subprocess ------------------------------------------
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmengine.cli", *args]
+
+
+def environ(**changes: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MMENGINE_") or k == PURE_PYTHON_VAR}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **changes}
+
+
+class Server:
+    """`mmengine serve` in a subprocess; its output is read by a thread so
+    that the pipe never fills, and kept for failure messages."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(command("serve", *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env=env or environ())
+        self.output: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no {pattern!r} from the server:\n{''.join(self.output)}")
+            if m := re.search(pattern, line):
+                return m
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise

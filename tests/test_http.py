@@ -5,78 +5,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from conftest import Server, environ
 from mmengine import demo
-from mmengine.config import PURE_PYTHON_VAR
 
-ROOT = Path(__file__).resolve().parents[1]
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
 TOL = dict(rtol=1e-5, atol=1e-5)
 IDLE_TIMEOUT_S = 1.0
-
-
-def environ(**changes: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MMENGINE_") or k == PURE_PYTHON_VAR}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return {**env, **changes}
-
-
-class Server:
-    """`mmengine serve` in a subprocess; a thread reads its output so that
-    the pipe never fills, and keeps it for failure messages."""
-
-    def __init__(self, *args: str, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env)
-        self.output: list[str] = []
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                pytest.fail(f"no {pattern!r} from the server:\n{''.join(self.output)}")
-            if m := re.search(pattern, line):
-                return m
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
 
 @pytest.fixture(scope="module")

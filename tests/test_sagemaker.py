@@ -16,7 +16,7 @@ from mmengine import demo
 from mmengine.client import Client
 from mmengine.errors import BadRequest
 from mmengine.server import sagemaker
-from test_tcp import Server, environ
+from conftest import Server, environ
 
 DIMS = (4, 8, 2)
 SEEDS = 5  # models m0..m4 under the root, m<i> with weights of seed i

@@ -23,6 +23,7 @@ import httptools
 
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, InternalError, MMEngineError, ModelNotFound, TooLarge
+from mmengine.server.listener import Listener
 
 MAX_HEADER_BYTES = 64 << 10
 IDLE_TIMEOUT_S = 60.0
@@ -93,36 +94,17 @@ class _MethodNotAllowed(BadRequest):
     pass
 
 
-class HttpServer:
+class HttpServer(Listener):
     def __init__(self, engine: Engine, routes: list[tuple[str, str, Handler]],
                  max_body: int | None = None, max_header: int = MAX_HEADER_BYTES,
                  idle_timeout_s: float = IDLE_TIMEOUT_S):
-        self.engine = engine
+        super().__init__(engine, lambda: _HttpConnection(self))
         self.router = Router()
         for method, pattern, handler in routes:
             self.router.add(method, pattern, handler)
         self.max_body = max_body or engine.config.max_request_bytes
         self.max_header = max_header
         self.idle_timeout_s = idle_timeout_s
-        self._server = None
-        self._connections: set[_HttpConnection] = set()
-
-    async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _HttpConnection(self), host, port,
-                                                reuse_address=True)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        workers = [c.worker for c in self._connections if c.worker is not None]
-        if workers:
-            await asyncio.wait(workers, timeout=self.engine.config.shutdown_timeout_s)
-        for c in list(self._connections):
-            c.transport.close()
-        await self._server.wait_closed()
 
 
 class _HttpConnection(asyncio.Protocol):
@@ -152,11 +134,14 @@ class _HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server._connections.add(self)
+        self.server.connections.add(self)
         self._touch()
 
+    def pending(self) -> list:
+        return [] if self.worker is None else [self.worker]
+
     def connection_lost(self, exc) -> None:
-        self.server._connections.discard(self)
+        self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
 

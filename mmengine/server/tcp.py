@@ -19,36 +19,16 @@ from typing import Any
 from mmengine import protocol
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, InternalError, MMEngineError, TooLarge
+from mmengine.server.listener import Listener
 
 MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
 
 
-class TcpServer:
+class TcpServer(Listener):
     def __init__(self, engine: Engine, max_frame: int | None = None):
-        self.engine = engine
+        super().__init__(engine, lambda: _Connection(self))
         self.max_frame = max_frame or max(protocol.DEFAULT_MAX_FRAME,
                                           engine.config.max_request_bytes)
-        self._server: asyncio.base_events.Server | None = None
-        self._connections: set[_Connection] = set()
-
-    async def start(self, host: str, port: int) -> int:
-        """Listens; returns the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port,
-                                                reuse_address=True)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stops accepting, lets requests in flight finish, closes connections."""
-        if self._server is None:
-            return
-        self._server.close()
-        tasks = [t for c in self._connections for t in c.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.engine.config.shutdown_timeout_s)
-        for c in list(self._connections):
-            c.transport.close()
-        await self._server.wait_closed()
 
 
 class _Connection(asyncio.Protocol):
@@ -63,11 +43,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server._connections.add(self)
+        self.server.connections.add(self)
+
+    def pending(self) -> list:
+        return list(self.tasks)
 
     def connection_lost(self, exc) -> None:
         self.closing = True
-        self.server._connections.discard(self)
+        self.server.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:

@@ -1,0 +1,39 @@
+"""What the TCP and HTTP servers share: a listening socket on the engine's
+loop, the connections it has open, and a stop that lets them finish."""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from mmengine.engine import Engine
+
+
+class Listener:
+    """Each connection protocol it makes registers itself in `connections`
+    and answers `pending()`: the futures of the requests it has in flight."""
+
+    def __init__(self, engine: Engine, factory: Callable[[], asyncio.Protocol]):
+        self.engine = engine
+        self._factory = factory
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: set = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens; returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._factory, host, port,
+                                                reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stops accepting, lets requests in flight finish (to the shutdown
+        deadline), then closes every connection."""
+        if self._server is None:
+            return
+        self._server.close()
+        pending = [f for c in self.connections for f in c.pending()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.engine.config.shutdown_timeout_s)
+        for c in list(self.connections):
+            c.transport.close()
+        await self._server.wait_closed()
