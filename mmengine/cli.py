@@ -2,6 +2,7 @@
 
     mmengine serve --demo                 # a generated repository of demo models
     mmengine serve --repo DIR [--tcp-port 8081] [--workers N] [--device-budget 2GiB]
+    mmengine serve --demo --trace serve.json   # Chrome trace events (open in Perfetto)
     mmengine stats [--url 127.0.0.1:8081]
     mmengine bench [--url ...] [--models N] [--zipf S] [--requests M] [--concurrency C]
 
@@ -54,7 +55,7 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     overrides = {"repo": args.repo, "host": args.host, "tcp_port": args.tcp_port,
                  "http_port": args.http_port,
                  "workers": args.workers, "device_budget": args.device_budget,
-                 "idle_unload_s": args.idle_unload}
+                 "idle_unload_s": args.idle_unload, "trace_file": args.trace}
     if args.demo:
         overrides["repo"] = str(ensure_demo_repository(demo_root()))
         # A budget that holds a fraction of the demo models, so that traffic
@@ -69,9 +70,9 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
-async def _serve(config: cfg.Config, demo: bool) -> None:
+async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     from mmengine.engine import Engine
-    from mmengine.server import http_routes
+    from mmengine.server import http_routes, metrics
     from mmengine.server.http import HttpServer
     from mmengine.server.tcp import TcpServer
 
@@ -80,6 +81,9 @@ async def _serve(config: cfg.Config, demo: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Engine(config) as engine:
+        metrics.attach(engine)  # counters from the start, not from the first scrape
+        if tracer is not None:
+            engine.observers.append(tracer)
         server = TcpServer(engine)
         port = await server.start(config.host, config.tcp_port)
         http = None
@@ -95,6 +99,8 @@ async def _serve(config: cfg.Config, demo: bool) -> None:
                   f"http://{config.host}:{http_port}", flush=True)
         if demo:
             print(_demo_usage(engine.repo, config.host, port), flush=True)
+        if tracer is not None:
+            print(f"mmengine: writing a trace to {tracer.path}", flush=True)
         await stop.wait()
         print("mmengine: shutting down", flush=True)
         if http is not None:
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--device-budget", help="bytes of models per worker, e.g. 2GiB")
     serve.add_argument("--idle-unload", type=float, metavar="S",
                        help="unload models unused for S seconds")
+    serve.add_argument("--trace", metavar="FILE",
+                       help="write Chrome trace events of requests, loads and evictions "
+                            "to FILE (open it in ui.perfetto.dev)")
     serve.add_argument("--config", help="TOML file of configuration keys")
 
     stats = sub.add_parser("stats", help="a running server's per-model table")
@@ -176,7 +185,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import uvloop
 
-        uvloop.run(_serve(config, args.demo))
+        from mmengine import trace
+        tracer = None
+        if config.trace_file:
+            try:
+                tracer = trace.Trace(config.trace_file)
+            except OSError as e:
+                print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
+                return 2
+        try:
+            uvloop.run(_serve(config, args.demo, tracer))
+        finally:
+            if tracer is not None:  # after the engine stopped: every event is in
+                tracer.close()
         return 0
     if args.command == "stats":
         _print_stats(args)

@@ -171,6 +171,8 @@ class Engine:
         if e is None and not fut.cancelled():
             body = fut.result()[0]
             fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
+            fields["t_sent"] = body.get("t_sent")
+            fields["worker"] = body.get("worker")
         self._emit("request", fields)
 
     def _emit(self, kind: str, fields: dict) -> None:
@@ -631,8 +633,11 @@ class Engine:
             workers.append({
                 "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
                 "in_flight": w.in_flight,
-                "used_bytes": self.cache.used(books.DEVICE, w.index) if self.cache else 0,
-                "budget_bytes": self.cache.capacity(books.DEVICE, w.index) if self.cache else 0,
+                # `is not None`: a Cache with no entries is falsy (it has a len).
+                "used_bytes": (self.cache.used(books.DEVICE, w.index)
+                               if self.cache is not None else 0),
+                "budget_bytes": (self.cache.capacity(books.DEVICE, w.index)
+                                 if self.cache is not None else 0),
             })
         resident = [r for r in rows if r["state"] == "resident"]
         return {

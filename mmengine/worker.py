@@ -122,7 +122,8 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
         try:
             if op == Op.LOAD:
                 nbytes = logic.load(name, version, params["path"], params.get("allow_code", True))
-                out.send(rid, body={"bytes": nbytes})
+                phases = getattr(logic.models.get((name, version)), "phases", {})
+                out.send(rid, body={"bytes": nbytes, "phases": phases})
             elif op == Op.UNLOAD:
                 logic.unload(name, version)
                 out.send(rid)

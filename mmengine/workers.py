@@ -184,7 +184,7 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
-        for fut, on_done in pending.values():
+        for fut, on_done, _ in pending.values():
             _finish(fut, on_done, WorkerDied(why))
         self._infer.clear()
         self._control.clear()
@@ -232,9 +232,10 @@ class Worker:
         rid = next(self._ids)
         descs, bufs = messages.describe(arrays or {})
         header = messages.request(op, rid, model, version, descs, params)
+        t_sent = time.monotonic_ns()  # before: the worker may start it at once
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done)
+        self._pending[rid] = (fut, on_done, t_sent)
         return fut
 
     # -- responses -----------------------------------------------------------
@@ -269,7 +270,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done = self._pending.pop(rid, (None, None))
+        fut, on_done, t_sent = self._pending.pop(rid, (None, None, 0))
         if fut is None:
             return
         try:
@@ -280,6 +281,8 @@ class Worker:
             else:
                 if type(body) is dict and "t_done" in body:
                     body["t_read"] = time.monotonic_ns()
+                    body["t_sent"] = t_sent
+                    body["worker"] = self.index
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
@@ -309,6 +312,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.on_death: Callable[[Worker], None] | None = None
         self._restarts: dict[int, list[float]] = collections.defaultdict(list)
+        self._restart_count = 0
         self._finalizer = weakref.finalize(self, _kill_all, self.workers)
 
     async def start(self) -> None:
@@ -345,6 +349,7 @@ class WorkerPool:
         old.release()
         recent = [t for t in self._restarts[index] if time.monotonic() - t < 60]
         self._restarts[index] = recent + [time.monotonic()]
+        self._restart_count += 1
         if recent:
             await asyncio.sleep(min(30.0, 0.1 * 2 ** len(recent)))
         w = self._spawn(index, old.device, asyncio.get_running_loop())
@@ -354,7 +359,8 @@ class WorkerPool:
 
     @property
     def restarts(self) -> int:
-        return sum(len(v) for v in self._restarts.values())
+        """Restarts since the pool started (the back-off looks at the last minute)."""
+        return self._restart_count
 
     async def stop(self) -> None:
         """Close every request ring (workers drain and exit), then wait for

@@ -8,6 +8,7 @@ backend module is imported on first use, so an optional runtime
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -37,7 +38,11 @@ def loader(backend: str) -> Callable[[ModelSpec, torch.device], LoadedModel]:
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of `spec`, resident on `device`, with `nbytes` measured.
+    """The model of `spec`, resident on `device`, with `nbytes` measured
+    and `phases`: seconds spent in fetch (0 until remote storage exists),
+    deserialize (reading the files into tensors; on CPU this includes
+    placing them), copy (finishing the copies to the GPU queued on the
+    current stream; 0 on CPU) and warmup.
 
     Every failure is LoadFailed with the reason; nothing stays loaded.
     """
@@ -47,17 +52,24 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         raise LoadFailed(f"{where}: the manifest requires device {spec.device!r}, "
                          f"not {device.type!r}")
     before = _bytes_in_use(device) if device.type == "cuda" else 0
+    t0 = time.perf_counter()
     try:
         model = loader(spec.backend)(spec, device)
     except MMEngineError:
         raise
     except Exception as e:
         raise LoadFailed(f"{where}: {type(e).__name__}: {e}") from e
+    t1 = time.perf_counter()
+    if device.type == "cuda":  # host-to-device copies are asynchronous until here
+        torch.cuda.current_stream(device).synchronize()
+    t2 = time.perf_counter()
     try:
         _warm_up(model)
     except MMEngineError as e:
         model.close()
         raise LoadFailed(f"{where}: warm-up failed: {e}") from e
+    model.phases = {"fetch": 0.0, "deserialize": t1 - t0, "copy": t2 - t1,
+                    "warmup": time.perf_counter() - t2}
     # On a GPU the allocator's count is exact. On CPU an RSS delta is not:
     # the first model of a backend also pays for the modules it imports
     # (torch.export's first load adds ~100 MB), and freed pages are reused;

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 
 import mmengine
+from mmengine import trace
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
 from mmengine.server.http import Request, Response
 
@@ -165,8 +167,13 @@ async def infer(server, request: Request, name: str, version: str | None = None)
     if type(params) is not dict:
         raise BadRequest("'parameters' must be a JSON object")
     inputs = _parse_inputs(req.get("inputs"), binary)
-    _, outputs = await server.engine.submit(name, inputs, v, _timeout(params))
-    return _infer_response(req, params, name, version, outputs)
+    t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
+    body, outputs = await server.engine.submit(name, inputs, v, _timeout(params))
+    response = _infer_response(req, params, name, version, outputs)
+    if t_submit:
+        response.headers.append(
+            ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
+    return response
 
 
 def _split_body(request: Request) -> tuple[bytes, memoryview | None]:

@@ -25,12 +25,14 @@ import base64
 import binascii
 import dataclasses
 import os
+import time
 import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
 from mmengine.server.http import Request, Response, error_response, json_response
@@ -204,8 +206,13 @@ async def unload_model(server, request: Request, name: str) -> Response:
 async def invoke(server, request: Request, name: str) -> Response:
     model = _added(server, name)
     inputs = _parse_inputs(request, name, model)
-    outputs = await server.engine.infer(name, inputs)
-    return json_response({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+    t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
+    body, outputs = await server.engine.submit(name, inputs)
+    response = json_response({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+    if t_submit:
+        response.headers.append(
+            ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
+    return response
 
 
 async def invocations(server, request: Request) -> Response:

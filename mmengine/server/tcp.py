@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Any
 
-from mmengine import protocol
+from mmengine import protocol, trace
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, InternalError, MMEngineError, TooLarge
 from mmengine.server.listener import Listener
@@ -89,11 +90,13 @@ class _Connection(asyncio.Protocol):
             try:
                 model, version = _model_args(message)
                 inputs = protocol.decode_tensors(message.get("inputs"))
+                # 0: no timing asked for; else the stamp timing() starts from.
+                t_submit = time.monotonic_ns() if message.get("timing") is True else 0
                 fut = self.engine.submit(model, inputs, version, _timeout(message))
             except MMEngineError as e:
                 self._send(protocol.error_response(rid, e))
                 return
-            fut.add_done_callback(functools.partial(self._on_answer, rid))
+            fut.add_done_callback(functools.partial(self._on_answer, rid, t_submit))
         else:
             handler = _HANDLERS.get(op)
             if handler is None:
@@ -107,14 +110,17 @@ class _Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
 
-    def _on_answer(self, rid: Any, fut: asyncio.Future) -> None:
+    def _on_answer(self, rid: Any, t_submit: int, fut: asyncio.Future) -> None:
         if fut.cancelled():
             self._send(protocol.error_response(rid, InternalError("request cancelled")))
             return
         e = fut.exception()
         if e is None:
-            _, outputs = fut.result()
-            self._send({"id": rid, "ok": True, "outputs": protocol.encode_tensors(outputs)})
+            body, outputs = fut.result()
+            response = {"id": rid, "ok": True, "outputs": protocol.encode_tensors(outputs)}
+            if t_submit:
+                response["timing"] = trace.body_timing(t_submit, body)
+            self._send(response)
         elif isinstance(e, MMEngineError):
             self._send(protocol.error_response(rid, e))
         else:

@@ -1,0 +1,263 @@
+"""Where a request's time went, and a Chrome trace of an engine's life.
+
+`timing()` splits one request's life into the stages a profiling session
+asks about; the servers add it to a response when the request asks for it
+(`"timing": true` over TCP, `X-MMEngine-Timing: 1` over HTTP). Every
+timestamp is `time.monotonic_ns()`: CLOCK_MONOTONIC is one clock for every
+process of the machine, so the worker's stamps and the front-end's compare.
+
+    t_submit   the server hands the request to Engine.submit
+    t_sent     the engine hands it to the worker's request ring
+    t_recv     the worker starts it (the tensors are views of the ring)
+    t_done     the model has returned its outputs
+    t_read     the front-end has read and copied the answer out of the ring
+    t_encoded  the server has converted the outputs for its wire format
+
+`Trace` is an engine observer that writes Chrome trace events (the JSON
+array format; open the file in https://ui.perfetto.dev or chrome://tracing):
+one process, "mmengine", and per worker a track of the model calls it ran
+(tid = the worker's index) and tracks of its loads and evictions, plus
+tracks of whole requests as the front-end saw them. Events are written in
+whole-event chunks, so a file cut short (the server was killed) still opens
+in the viewers, which accept an array without its closing bracket; `read()`
+parses one too. After a clean stop (`close()`) the file is valid JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import os
+import time
+from typing import Any, Mapping
+
+#: The stages of `timing()`, in the order they happen; they sum to total_ns.
+STAGES = ("load_wait_ns", "queue_ns", "compute_ns", "ring_ns", "encode_ns")
+#: An HTTP request with this header set to 1 gets a Server-Timing header back
+#: (lower case, as the HTTP core keeps header names).
+HTTP_HEADER = "x-mmengine-timing"
+
+
+def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
+           t_sent: int | None = None) -> dict[str, int]:
+    """One request's stages in nanoseconds, from the stamps above;
+    `worker_ns` is (t_recv, t_done, t_read) as the engine reports it.
+
+        load_wait  t_submit..t_sent   resolving the model, waiting for its load
+                                      (about a microsecond for a resident model)
+        queue      t_sent..t_recv     the request ring: writing it, waiting
+                                      behind other requests, the worker waking
+        compute    t_recv..t_done     the model itself
+        ring       t_done..t_read     the answer through the response ring and
+                                      copied out of it
+        encode     t_read..t_encoded  outputs into the wire format
+
+    Without t_sent, the load wait is counted in the queue. Without the
+    worker's stamps (an answer that carries none) only total_ns is known.
+    """
+    out = {"total_ns": t_encoded - t_submit}
+    t_recv, t_done, t_read = worker_ns if worker_ns else (None, None, None)
+    if t_recv is None or t_done is None or t_read is None:
+        return out
+    t_sent = t_submit if t_sent is None else t_sent
+    out.update(load_wait_ns=t_sent - t_submit, queue_ns=t_recv - t_sent,
+               compute_ns=t_done - t_recv, ring_ns=t_read - t_done,
+               encode_ns=t_encoded - t_read)
+    return out
+
+
+def body_timing(t_submit: int, body: Mapping, t_encoded: int | None = None) -> dict[str, int]:
+    """timing() from the body of an engine answer (what Engine.submit's
+    future gives: it carries the worker's stamps, t_read and t_sent)."""
+    return timing(t_submit, (body.get("t_recv"), body.get("t_done"), body.get("t_read")),
+                  time.monotonic_ns() if t_encoded is None else t_encoded,
+                  body.get("t_sent"))
+
+
+def server_timing(t: Mapping[str, int]) -> str:
+    """A `Server-Timing` header value (durations in milliseconds), which
+    browsers' developer tools and most HTTP tooling show as they are."""
+    return ", ".join(f"{k[:-3]};dur={v / 1e6:.3f}" for k, v in t.items())
+
+
+# -- Chrome trace events -------------------------------------------------------
+
+_FLUSH_EVENTS = 512      # write at least this often...
+_FLUSH_S = 1.0           # ...and at most this long after an event arrived
+
+
+class Trace:
+    """An engine observer that writes Chrome trace events to `path`.
+
+        trace = Trace("serve.trace.json")
+        engine.observers.append(trace)
+        ...
+        engine.observers.remove(trace); trace.close()
+
+    A track ("thread") holds spans that never overlap, as the viewers
+    require: the calls of worker i are serial on its main thread and go to
+    tid i; loads, and the spans of whole requests, overlap, so each goes to
+    a track of its group that is free at its start, and a group grows a
+    track when none is. Evictions and worker exits are instant
+    events. Runs on the event loop: events are joined in memory and written
+    with one os.write per chunk. About 20 µs a request (JSON encoding): a
+    tool for profiling sessions, not for every server.
+    """
+
+    def __init__(self, path: str | os.PathLike, pid: int | None = None):
+        self.path = os.fspath(path)
+        self.pid = os.getpid() if pid is None else pid
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        # group -> a heap of (busy until, tid) over the group's tracks
+        self._lanes: dict[str, list[tuple[int, int]]] = {}
+        self._next_tid = 1000                               # tids past the workers'
+        self._first = True
+        self.closed = False
+        os.write(self._fd, b"[\n")
+        self._add({"ph": "M", "name": "process_name", "pid": self.pid, "tid": 0,
+                   "args": {"name": "mmengine"}})
+
+    # -- the observer ------------------------------------------------------------
+
+    def __call__(self, kind: str, f: dict) -> None:
+        if self.closed:
+            return
+        if kind == "request":
+            self._on_request(f)
+        elif kind == "load":
+            self._on_load(f)
+        elif kind == "evict":
+            self._instant(self._group_tid(f"worker {f['worker']} loads", f["start_ns"]),
+                          f"evict {f['model']}", "evict", f["start_ns"],
+                          {"model": f["model"], "version": f["version"],
+                           "reason": f["reason"], "bytes": f["bytes"]})
+        elif kind == "worker_exit":
+            self._instant(self._worker_tid(f["worker"]), "worker exit", "worker",
+                          f["at_ns"], {"worker": f["worker"], "pid": f["pid"]})
+
+    def _on_request(self, f: dict) -> None:
+        args = {"model": f["model"], "version": f["version"], "code": f["code"]}
+        worker_ns = f.get("worker_ns")
+        if worker_ns and worker_ns[0] is not None and worker_ns[1] is not None:
+            t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"))
+            args.update(t)
+            worker = f.get("worker")
+            if worker is not None:
+                self._span(self._worker_tid(worker), f["model"], "compute",
+                           worker_ns[0], worker_ns[1], {"model": f["model"]})
+        self._span(self._group_tid("requests", f["start_ns"], f["end_ns"]), f["model"],
+                   "request", f["start_ns"], f["end_ns"], args)
+
+    def _on_load(self, f: dict) -> None:
+        start, end = f["start_ns"], f["end_ns"]
+        tid = self._group_tid(f"worker {f['worker']} loads", start, end)
+        args = {"model": f["model"], "version": f["version"], "worker": f["worker"]}
+        if "error" in f:
+            args["error"] = f["error"]
+        else:
+            args.update(bytes=f["bytes"], phases=f.get("phases") or {})
+        self._span(tid, f"load {f['model']}", "load", start, end, args)
+        # The worker reports how long each phase took, not when: they are
+        # laid end to end, ending with the load (off by the answer's trip).
+        t = end
+        for phase in ("warmup", "copy", "deserialize", "fetch"):
+            seconds = (f.get("phases") or {}).get(phase)
+            if seconds:
+                begin = max(start, t - int(seconds * 1e9))
+                self._span(tid, phase, "load", begin, t, {})
+                t = begin
+
+    # -- tracks --------------------------------------------------------------------
+
+    def _worker_tid(self, index: int) -> int:
+        group = f"worker {index}"
+        if group not in self._lanes:
+            self._lanes[group] = [(0, index)]
+            self._name_thread(index, group, index * 10)
+        return index
+
+    def _group_tid(self, group: str, start: int, end: int | None = None) -> int:
+        """A track of `group` free at `start` (the one free the longest),
+        busy until `end` from now on; a new track when none is free. The
+        tracks are a heap of (busy until, tid): O(log tracks) per span. An
+        instant event (end None) takes no time: any track will do."""
+        lanes = self._lanes.setdefault(group, [])
+        if lanes and lanes[0][0] <= start:
+            tid = lanes[0][1]
+            if end is not None:
+                heapq.heapreplace(lanes, (end, tid))
+            return tid
+        if end is None and lanes:
+            return lanes[0][1]
+        tid, n = self._next_tid, len(lanes)
+        self._next_tid += 1
+        words = group.split()
+        base = int(words[1]) * 10 + 1 if words[0] == "worker" else 1_000_000
+        self._name_thread(tid, group if n == 0 else f"{group} ({n + 1})", base + n)
+        heapq.heappush(lanes, (end or 0, tid))
+        return tid
+
+    def _name_thread(self, tid: int, name: str, sort: int) -> None:
+        self._add({"ph": "M", "name": "thread_name", "pid": self.pid, "tid": tid,
+                   "args": {"name": name}})
+        self._add({"ph": "M", "name": "thread_sort_index", "pid": self.pid, "tid": tid,
+                   "args": {"sort_index": sort}})
+
+    # -- events ----------------------------------------------------------------------
+
+    def _span(self, tid: int, name: str, cat: str, start_ns: int, end_ns: int,
+              args: dict) -> None:
+        self._add({"ph": "X", "name": name, "cat": cat, "pid": self.pid, "tid": tid,
+                   "ts": start_ns / 1e3, "dur": max(0, end_ns - start_ns) / 1e3,
+                   "args": args})
+
+    def _instant(self, tid: int, name: str, cat: str, at_ns: int, args: dict) -> None:
+        self._add({"ph": "i", "s": "t", "name": name, "cat": cat, "pid": self.pid,
+                   "tid": tid, "ts": at_ns / 1e3, "args": args})
+
+    def _add(self, event: dict) -> None:
+        text = json.dumps(event, separators=(",", ":"), default=str)
+        self._pending.append(text if self._first else ",\n" + text)
+        self._first = False
+        if len(self._pending) >= _FLUSH_EVENTS:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # not on a loop (a test, a tool): flush() or close() writes
+            self._timer = loop.call_later(_FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Writes what is pending, whole events only."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending and self._fd >= 0:
+            data = "".join(self._pending).encode()
+            self._pending.clear()
+            while data:  # a regular file takes it all at once, short of a full disk
+                data = data[os.write(self._fd, data):]
+
+    def close(self) -> None:
+        """Writes the rest and the closing bracket: a valid JSON file."""
+        if self.closed:
+            return
+        self.closed = True
+        self.flush()
+        try:
+            os.write(self._fd, b"\n]\n")
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events of a trace file, also one cut short (no closing bracket)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read().rstrip()
+    if not text.endswith("]"):
+        text = text.rstrip(",") + "]"
+    return json.loads(text)

@@ -1,0 +1,420 @@
+"""Observability: /metrics over a real engine and a real HTTP server, the
+timing breakdown of one request, and Chrome trace files."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import run
+from mmengine import demo, protocol, trace
+from mmengine.config import Config
+from mmengine.engine import Engine
+from mmengine.errors import ModelNotFound
+from mmengine.server import metrics
+from mmengine.server.http import HttpServer
+from mmengine.server.tcp import TcpServer
+from mmengine.storage import Repository
+
+DIMS = (16, 64, 8)
+MODELS = ("m00", "m01", "m02", "m03")
+BROKEN_HANDLER = '''
+def load(path, device):
+    raise RuntimeError("this model cannot load")
+
+def predict(inputs):
+    return inputs
+'''
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    for i, name in enumerate(MODELS):
+        demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "handler.py").write_text(BROKEN_HANDLER)
+    return root
+
+
+async def scrape(port: int, accept: str | None = None) -> tuple[str, str]:
+    """GET /metrics over a raw socket: (content type, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    if accept:
+        head += f"Accept: {accept}\r\n"
+    writer.write((head + "\r\n").encode())
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    header, _, body = data.partition(b"\r\n\r\n")
+    lines = header.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK", lines[0]
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    assert int(fields["Content-Length"]) == len(body)
+    return fields["Content-Type"], body.decode()
+
+
+def samples(text: str) -> dict[str, dict[tuple, float]]:
+    """sample name -> {sorted label items: value}."""
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
+    nbytes = Repository(repo).resolve("m00").estimated_bytes
+    # One worker that holds two of the four models: a round over them evicts.
+    budget = 3 * nbytes + 100  # under the high watermark (80%): two models
+    config = Config(repo=str(repo), workers=1, device_budget=budget,
+                    monitor_interval_s=0.1, request_timeout_s=60)
+    path = tmp_path / "trace.json"
+    x = {"x": np.ones((2, DIMS[0]), np.float32)}
+
+    async def main():
+        async with Engine(config) as engine:
+            m = metrics.attach(engine)
+            assert metrics.attach(engine) is m and engine.observers.count(m) == 1
+            tracer = trace.Trace(path)
+            engine.observers.append(tracer)
+            server = HttpServer(engine, metrics.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                for _ in range(2):
+                    for name in MODELS:
+                        await engine.infer(name, x)
+                        await engine.infer(name, x)
+                await asyncio.gather(*(engine.infer("m03", x) for _ in range(8)))
+                with pytest.raises(ModelNotFound):
+                    await engine.infer("no-such-model", x)
+                with pytest.raises(Exception):
+                    await engine.infer("broken", x)
+                await engine.unload("m03")
+                await engine.infer("m00", x)
+                content_type, text = await scrape(port)
+                om_type, om_text = await scrape(port, "application/openmetrics-text; "
+                                                "version=1.0.0")
+                return engine.stats(), content_type, text, om_type, om_text
+            finally:
+                await server.stop()
+                engine.observers.remove(tracer)
+                tracer.close()
+
+    stats, content_type, text, om_type, om_text = run(main(), timeout=60)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert om_type.startswith("application/openmetrics-text")
+    assert {f.name for f in parse_om(om_text)} >= {"mmengine_requests", "mmengine_loads"}
+    got = samples(text)
+    rows = {(r["name"], str(r["version"])): r for r in stats["models"]}
+    totals = stats["totals"]
+
+    # Requests, by model and code; the unknown name is not a series of its own.
+    requests = got["mmengine_requests_total"]
+    ok = sum(v for k, v in requests.items() if ("code", "OK") in k)
+    assert ok == totals["hits"] + totals["misses"] == 2 * 2 * len(MODELS) + 8 + 1
+    assert requests[(("code", "MODEL_NOT_FOUND"), ("model", ""))] == 1
+    assert requests[(("code", "LOAD_FAILED"), ("model", "broken"))] == 1
+    assert not any(("model", "no-such-model") in k for k in requests)
+    latency = got["mmengine_request_duration_seconds_count"]
+    assert sum(latency.values()) == sum(requests.values())
+    assert got["mmengine_request_compute_seconds_count"][(("model", "m03"),)] == 12
+    assert got["mmengine_cache_hits_total"][()] == totals["hits"]
+    assert got["mmengine_cache_misses_total"][()] == totals["misses"]
+
+    # Loads and evictions, as stats() counts them.
+    loads = got["mmengine_loads_total"]
+    assert {k: v for k, v in loads.items()} == {
+        (("model", n), ("version", v)): r["loads"] for (n, v), r in rows.items() if r["loads"]}
+    assert got["mmengine_load_duration_seconds_count"][()] == totals["loads"]
+    assert got["mmengine_load_failures_total"][(("model", "broken"), ("version", "1"))] == 1
+    evictions = got["mmengine_evictions_total"]
+    assert sum(evictions.values()) == totals["evictions"] >= len(MODELS)
+    for (n, v), r in rows.items():
+        for reason, count in r["evictions_by_reason"].items():
+            assert evictions[(("model", n), ("reason", reason), ("version", v))] == count
+    assert evictions[(("model", "m03"), ("reason", "unload"), ("version", "1"))] == 1
+
+    # State, read at scrape time.
+    assert totals["resident_models"] >= 1
+    assert got["mmengine_resident_models"][()] == totals["resident_models"]
+    assert got["mmengine_resident_bytes"][()] == totals["resident_bytes"]
+    (w,) = stats["workers"]
+    wl = (("device", w["device"]), ("worker", "0"))
+    assert got["mmengine_worker_bytes"][wl] == w["used_bytes"] == totals["resident_bytes"]
+    assert got["mmengine_worker_budget_bytes"][wl] == w["budget_bytes"] == budget
+    assert got["mmengine_worker_in_flight"][wl] == 0
+    assert got["mmengine_worker_up"][wl] == 1
+    assert got["mmengine_tier_bytes"][(("tier", "device"),)] == w["used_bytes"]
+    assert (("tier", "host"),) in got["mmengine_tier_bytes"]
+    state = got["mmengine_model_state"]
+    assert {(dict(k)["model"], dict(k)["state"]) for k in state} == {
+        (r["name"], r["state"]) for r in stats["models"]}
+    assert (("model", "broken"), ("state", "failed"), ("version", "1")) in state
+    by_state = got["mmengine_models"]
+    assert set(dict(k)["state"] for k in by_state) == set(metrics.STATES)
+    assert by_state[(("state", "resident"),)] == totals["resident_models"]
+    assert by_state[(("state", "on storage"),)] == sum(
+        r["state"] == "on storage" for r in stats["models"])
+
+    # The trace: valid JSON once closed, with what happened on its tracks.
+    events = json.loads(path.read_text())
+    assert events == trace.read(path)
+    check_tracks(events)
+    assert any(e["ph"] == "M" and e["name"] == "process_name"
+               and e["args"]["name"] == "mmengine" for e in events)
+    names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"requests", "worker 0 loads"} <= names
+    spans = [e for e in events if e["ph"] == "X"]
+    assert sum(e["cat"] == "request" for e in spans) == sum(requests.values())
+    load_spans = [e for e in spans if e["cat"] == "load" and e["name"].startswith("load ")]
+    assert len(load_spans) == totals["loads"] + 1  # the broken one, with its error
+    assert sum("error" in e["args"] for e in load_spans) == 1
+    evicts = [e for e in events if e["ph"] == "i" and e["cat"] == "evict"]
+    assert len(evicts) == totals["evictions"]
+    ok_requests = [e for e in spans if e["cat"] == "request" and e["args"]["code"] == "OK"]
+    assert all(e["args"]["compute_ns"] >= 0 and e["args"]["queue_ns"] >= 0
+               and e["args"]["load_wait_ns"] >= 0 for e in ok_requests)
+    compute = [e for e in spans if e["cat"] == "compute"]
+    assert len(compute) == len(ok_requests) and {e["tid"] for e in compute} == {0}
+    assert got["mmengine_load_phase_seconds_count"][(("phase", "deserialize"),)] == \
+        totals["loads"]
+
+
+def check_tracks(events: list[dict]) -> None:
+    """Complete events on one track never overlap unless one holds the
+    other, which is what the viewers require (to a nanosecond: ts and dur
+    are float microseconds)."""
+    by_tid: dict[int, list] = {}
+    for e in events:
+        if e["ph"] == "X":
+            by_tid.setdefault(e["tid"], []).append((e["ts"], -e["dur"], e))
+    for tid, spans in by_tid.items():
+        open_ends: list[float] = []
+        for ts, neg_dur, e in sorted(spans, key=lambda s: s[:2]):
+            while open_ends and open_ends[-1] <= ts + 1e-3:
+                open_ends.pop()
+            end = ts - neg_dur
+            assert not open_ends or end <= open_ends[-1] + 1e-3, (tid, e)
+            open_ends.append(end)
+
+
+def test_timing_splits_a_request_into_stages():
+    t = trace.timing(1_000, (1_500, 4_500, 4_800), 5_000, t_sent=1_200)
+    assert t == {"total_ns": 4_000, "load_wait_ns": 200, "queue_ns": 300,
+                 "compute_ns": 3_000, "ring_ns": 300, "encode_ns": 200}
+    assert sum(t[k] for k in trace.STAGES) == t["total_ns"]
+    # No t_sent: the load wait is counted in the queue.
+    t = trace.timing(1_000, (1_500, 4_500, 4_800), 5_000)
+    assert (t["load_wait_ns"], t["queue_ns"]) == (0, 500)
+    # No stamps from the worker: only the total is known.
+    assert trace.timing(1_000, None, 5_000) == {"total_ns": 4_000}
+    assert trace.timing(1_000, (None, None, None), 5_000) == {"total_ns": 4_000}
+    body = {"t_recv": 1_500, "t_done": 4_500, "t_read": 4_800, "t_sent": 1_200}
+    assert trace.body_timing(1_000, body, 5_000) == trace.timing(
+        1_000, (1_500, 4_500, 4_800), 5_000, 1_200)
+    assert trace.server_timing({"compute_ns": 3_000_000, "total_ns": 4_500_000}) == \
+        "compute;dur=3.000, total;dur=4.500"
+
+
+def test_trace_tracks_and_a_file_cut_short(tmp_path):
+    path = tmp_path / "t.json"
+    t = trace.Trace(path, pid=7)
+    ms = 1_000_000
+    # Two workers; requests that overlap, answered out of order.
+    t("request", {"model": "a", "version": None, "code": "OK", "start_ns": 0,
+                  "end_ns": 10 * ms, "worker_ns": (1 * ms, 2 * ms, 3 * ms), "worker": 0})
+    t("request", {"model": "b", "version": 1, "code": "OK", "start_ns": 1 * ms,
+                  "end_ns": 5 * ms, "worker_ns": (2 * ms, 4 * ms, 4 * ms), "worker": 1})
+    t("request", {"model": "c", "version": None, "code": "OK", "start_ns": 11 * ms,
+                  "end_ns": 12 * ms, "worker_ns": (11 * ms, 11 * ms, 12 * ms)})
+    t("request", {"model": "x", "version": None, "code": "MODEL_NOT_FOUND",
+                  "start_ns": 2 * ms, "end_ns": 3 * ms})
+    t("load", {"model": "a", "version": 1, "worker": 0, "start_ns": 0, "end_ns": 9 * ms,
+               "bytes": 10, "phases": {"fetch": 0.0, "deserialize": 0.004, "copy": 0.002,
+                                       "warmup": 0.001}})
+    t("load", {"model": "b", "version": 1, "worker": 0, "start_ns": 1 * ms,
+               "end_ns": 2 * ms, "error": "boom"})
+    t("evict", {"model": "a", "version": 1, "worker": 0, "reason": "pressure", "bytes": 10,
+                "start_ns": 20 * ms})
+    t("worker_exit", {"worker": 1, "pid": 123, "at_ns": 30 * ms})
+    t.flush()
+    cut = trace.read(path)  # as a killed server leaves it: no closing bracket
+    assert not path.read_text().rstrip().endswith("]")
+    t.close()
+    t("evict", {})  # after close: ignored
+    events = json.loads(path.read_text())
+    assert events == cut
+    check_tracks(events)
+    threads = {e["tid"]: e["args"]["name"] for e in events
+               if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert threads[0] == "worker 0" and threads[1] == "worker 1"
+    assert sorted(n for n in threads.values() if n.startswith("requests")) == [
+        "requests", "requests (2)", "requests (3)"]
+    assert sorted(n for n in threads.values() if "loads" in n) == [
+        "worker 0 loads", "worker 0 loads (2)"]
+    compute = {e["name"]: e for e in events if e.get("cat") == "compute"}
+    assert set(compute) == {"a", "b"}  # c did not say where it ran
+    assert (compute["a"]["tid"], compute["a"]["ts"], compute["a"]["dur"]) == (0, 1000, 1000)
+    assert compute["b"]["tid"] == 1
+    reqs = {e["name"]: e for e in events if e.get("cat") == "request"}
+    assert reqs["a"]["args"]["compute_ns"] == 1 * ms
+    assert reqs["x"]["args"] == {"model": "x", "version": None, "code": "MODEL_NOT_FOUND"}
+    phases = [e for e in events if e.get("cat") == "load" and not e["name"].startswith("load")]
+    assert [(e["name"], e["ts"], e["dur"]) for e in phases] == [
+        ("warmup", 8000, 1000), ("copy", 6000, 2000), ("deserialize", 2000, 4000)]
+    assert all(e["pid"] == 7 for e in events)
+    (exit_,) = [e for e in events if e["name"] == "worker exit"]
+    assert exit_["tid"] == 1 and exit_["ph"] == "i"
+
+
+def test_metrics_count_load_phases_and_worker_exits():
+    """Events the real engine only produces with a worker that reports
+    phases, or dies: fed straight to the observer."""
+
+    class FakeEngine:
+        observers: list = []
+        cache = None
+
+        def stats(self):
+            return {"models": [], "workers": [], "totals": {
+                "hits": 0, "misses": 0, "resident_models": 0, "resident_bytes": 0}}
+
+    engine = FakeEngine()
+    m = metrics.attach(engine)
+    m("load", {"model": "a", "version": 1, "worker": 0, "start_ns": 0, "end_ns": 2 * 10**9,
+               "bytes": 100, "phases": {"fetch": 0.0, "deserialize": 0.5, "copy": 0.2,
+                                        "warmup": 0.03}})
+    m("worker_exit", {"worker": 1, "pid": 5, "at_ns": 0})
+    m("worker_exit", {"worker": 1, "pid": 6, "at_ns": 0})
+    body, _ = m.exposition()
+    got = samples(body.decode())
+    phase = got["mmengine_load_phase_seconds_sum"]
+    assert phase[(("phase", "deserialize"),)] == 0.5
+    assert phase[(("phase", "warmup"),)] == 0.03
+    assert got["mmengine_load_phase_seconds_count"][(("phase", "fetch"),)] == 1
+    le = got["mmengine_load_phase_seconds_bucket"]
+    assert le[(("le", "0.25"), ("phase", "copy"))] == 1
+    assert le[(("le", "0.1"), ("phase", "copy"))] == 0
+    assert got["mmengine_load_duration_seconds_sum"][()] == 2.0
+    assert got["mmengine_loaded_bytes_total"][(("worker", "0"),)] == 100
+    assert got["mmengine_worker_exits_total"][(("worker", "1"),)] == 2
+
+
+def test_tcp_answers_with_timing_when_asked(repo, own_segments):
+    config = Config(repo=str(repo), workers=1, request_timeout_s=60)
+    x = protocol.encode_tensors({"x": np.ones((2, DIMS[0]), np.float32)})
+
+    async def ask(port: int, **fields) -> dict:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(protocol.frame({"id": 1, "op": "infer", "model": "m00", "inputs": x,
+                                     **fields}))
+        n = protocol.LENGTH.unpack(await reader.readexactly(4))[0]
+        answer = protocol.decode(await reader.readexactly(n))
+        writer.close()
+        await writer.wait_closed()
+        return protocol.raise_for(answer)
+
+    async def main():
+        async with Engine(config) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                cold = await ask(port, timing=True)
+                hot = await ask(port, timing=True)
+                plain = await ask(port)
+            finally:
+                await server.stop()
+        return cold, hot, plain
+
+    cold, hot, plain = run(main(), timeout=60)
+    assert "timing" not in plain
+    for t in (cold["timing"], hot["timing"]):
+        assert set(t) == {"total_ns", *trace.STAGES}
+        assert all(v >= 0 for v in t.values())
+        assert sum(t[k] for k in trace.STAGES) == t["total_ns"]
+    # The first request waited for the load; the second found m00 resident.
+    assert cold["timing"]["load_wait_ns"] > 100 * hot["timing"]["load_wait_ns"]
+
+
+def test_serve_writes_a_trace_and_closes_it_on_sigterm(repo, tmp_path):
+    path = tmp_path / "serve.json"
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMENGINE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo", str(repo),
+                             "--workers", "1", "--tcp-port", "0", "--http-port", "-1",
+                             "--trace", str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        for line in proc.stdout:
+            found = re.search(r"tcp://[\d.]+:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+            if "writing a trace" in line:
+                break
+        assert port, "the server did not say its port"
+        from mmengine.client import Client
+        with Client(f"127.0.0.1:{port}") as c:
+            for name in MODELS:
+                c.infer(name, {"x": np.ones((2, DIMS[0]), np.float32)})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    events = json.loads(path.read_text())  # valid JSON: closed at shutdown
+    check_tracks(events)
+    assert sum(e.get("cat") == "request" for e in events) == len(MODELS)
+    assert sum(e.get("cat") == "compute" and e["tid"] == 0 for e in events) == len(MODELS)
+    assert sum(e["name"].startswith("load ") for e in events) == len(MODELS)
+
+
+def test_kserve_answers_with_server_timing_when_asked(repo, own_segments):
+    from mmengine.server import kserve
+
+    config = Config(repo=str(repo), workers=1, request_timeout_s=60)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2, DIMS[0]], "datatype": "FP32",
+                                   "data": [1.0] * (2 * DIMS[0])}]}).encode()
+
+    async def post(port: int, timing: bool) -> dict[str, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (f"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        if timing:
+            head += "X-MMEngine-Timing: 1\r\n"
+        writer.write((head + "\r\n").encode() + body)
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        lines = data.partition(b"\r\n\r\n")[0].decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK", data
+        return dict(line.split(": ", 1) for line in lines[1:])
+
+    async def main():
+        async with Engine(config) as engine:
+            server = HttpServer(engine, kserve.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                return await post(port, True), await post(port, False)
+            finally:
+                await server.stop()
+
+    timed, plain = run(main(), timeout=60)
+    assert "Server-Timing" not in plain
+    stages = dict(part.split(";dur=") for part in timed["Server-Timing"].split(", "))
+    assert set(stages) == {"total", *(s[:-3] for s in trace.STAGES)}
+    assert all(float(v) >= 0 for v in stages.values())
