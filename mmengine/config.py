@@ -49,6 +49,9 @@ class Config:
     load_timeout_s: float = 120.0        # deadline of one load, separate from requests
     ready_timeout_s: float = 60.0        # a worker's start-up handshake
     shutdown_timeout_s: float = 10.0     # drain + stop, all workers together
+    # -- bounded queues: past them a request is OVERLOADED at once
+    max_queue_per_model: int = 1024      # requests accepted and not yet answered, per model
+    max_queue_per_worker: int = 4096     # requests sent to a worker and not yet answered
     # -- transport
     ring_bytes: int = 64 * MiB           # each ring between the front-end and a worker
     spin_us: float = 50.0                # a ring waiter spins this long before it parks
@@ -126,6 +129,8 @@ def _validate(c: Config) -> None:
                 "ready_timeout_s", "shutdown_timeout_s"):
         need(getattr(c, key) > 0, key, "must be > 0")
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
+    need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
+    need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
     need(c.spin_us >= 0, "spin_us", "must be >= 0")
     need(0 <= c.tcp_port < 65536, "tcp_port", "must be a port number (0: any free)")
     need(-1 <= c.http_port < 65536, "http_port",

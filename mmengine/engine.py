@@ -76,6 +76,7 @@ class Engine:
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict" and "worker_exit" (metrics, traces); they must not raise
         # nor block.
@@ -146,6 +147,9 @@ class Engine:
         t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
         arrays = _as_arrays(inputs)
+        queued = self._queued.get(name, 0)
+        if queued >= self.config.max_queue_per_model:
+            raise Overloaded(f"{name}: {queued} requests already queued; retry later")
         spec = self._specs.get((name, version))
         fut = None
         if spec is not None:
@@ -157,9 +161,18 @@ class Engine:
                     fut = self._send_infer(key, self.pool.workers[index], arrays, deadline)
         if fut is None:
             fut = self._spawn(self._infer_cold(name, version, arrays, deadline))
+        self._queued[name] = queued + 1
+        fut.add_done_callback(lambda _: self._dequeue(name))
         if self.observers:
             fut.add_done_callback(lambda f: self._emit_request(name, version, t_submit, f))
         return fut
+
+    def _dequeue(self, name: str) -> None:
+        left = self._queued[name] - 1
+        if left:
+            self._queued[name] = left
+        else:
+            del self._queued[name]  # unknown names must not pile up here
 
     def _emit_request(self, name: str, version: int | None, t_submit: int,
                       fut: asyncio.Future) -> None:
@@ -196,6 +209,9 @@ class Engine:
         stops waiting: a timed-out request still runs on the worker."""
         gen = self._gen[key]
         try:
+            if worker.in_flight >= self.config.max_queue_per_worker:
+                raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
+                                 f"in flight; retry later")
             fut = worker.call(Op.INFER, key[0], key[1], arrays,
                               on_done=lambda: self._unpin_request(key, gen))
         except BaseException:

@@ -14,7 +14,7 @@ from conftest import live_pids, run
 from mmengine import demo, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, TooLarge,
+from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, TooLarge,
                              WorkerDied)
 from mmengine.storage import Repository
 
@@ -319,3 +319,24 @@ def test_shutdown_leaves_no_process_and_no_segment(repo, own_segments):
     pids, names = run(main())
     assert not live_pids(pids)
     assert not set(names) & set(shm.list_segments())
+
+
+def test_a_full_queue_answers_overloaded_at_once(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1, max_queue_per_model=2)) as engine:
+            slow = [asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([1.0])}))
+                    for _ in range(2)]
+            await asyncio.sleep(0)
+            t0 = time.monotonic()
+            with pytest.raises(Overloaded):
+                await engine.infer("slow", {"seconds": np.array([0.0])})
+            assert time.monotonic() - t0 < 0.5  # refused, not queued
+            await asyncio.gather(*slow)
+            # Answered requests leave the queue: the model takes requests again.
+            out = await engine.infer("slow", {"seconds": np.array([0.0])})
+            assert out["y"][0] == 0.0
+            assert engine._queued == {}
+
+    run(main())

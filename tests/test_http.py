@@ -334,3 +334,13 @@ def test_partial_request_is_closed_when_idle(address):
 def test_path_is_percent_decoded_once(address):
     assert call(address, "GET", "/v2/models/m%30%30")[0] == 200       # "m00"
     assert call(address, "GET", "/v2/models/m0%2530")[0] == 404       # "m0%30", not "m00"
+
+
+def test_an_overloaded_answer_says_when_to_retry():
+    from mmengine.errors import Overloaded
+    from mmengine.server.http import error_response
+
+    r = error_response(Overloaded("busy"))
+    assert r.status == 503
+    assert ("Retry-After", "1") in r.headers
+    assert json.loads(r.body) == {"error": "busy", "code": "OVERLOADED"}

@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, unquote
 import httptools
 
 from mmengine.engine import Engine
-from mmengine.errors import BadRequest, InternalError, MMEngineError, ModelNotFound, TooLarge
+from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
+                             ModelNotFound, TooLarge)
 from mmengine.server.listener import Listener
 
 MAX_HEADER_BYTES = 64 << 10
@@ -63,7 +64,9 @@ def json_response(obj: Any, status: int = 200, headers=None) -> Response:
 
 
 def error_response(e: MMEngineError) -> Response:
-    return json_response({"error": str(e), "code": e.code.name}, e.http_status)
+    # An overloaded server says when to come back (RFC 9110 Retry-After).
+    headers = [("Retry-After", "1")] if e.code == ErrorCode.OVERLOADED else None
+    return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
 
 
 Handler = Callable[..., Awaitable[Response]]
