@@ -1,0 +1,303 @@
+"""How fast a model loads and unloads, against the speed of its links, in one run.
+
+    python benchmarks/load.py [--json] [--quick]
+
+One 256 MiB model (--quick: 64 MiB): four square float32 Linear layers as
+safetensors weights with a module class, written once into the user's
+cache. Baselines, each timed in this process with the file in the page
+cache: a plain copy into reused memory (numpy, one thread), reading the
+file's bytes into a preallocated buffer, torch.load of the same weights
+saved with torch.save then load_state_dict into a module built beforehand,
+and the safetensors package's load_file (which maps the file and reads
+nothing until a tensor is touched: not a read rate). mmengine loads the model through
+a real Engine with one worker: disk_gb_per_s and load_ms are the worker's
+own load (the phases it reports: read, build, place), engine_load_ms is
+engine.load() as the caller sees it, evict_ms is engine.unload(). A small
+resident model's p99 latency through the same Engine is measured while
+nothing loads, then while the big model is loaded and unloaded over and
+over on the same worker. Medians of repeated runs.
+
+There is no host tier yet: host_gb_per_s and ratios.host_vs_memcpy are null.
+Prints one JSON object (the last line) with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from mmengine.config import Config  # noqa: E402
+
+CACHE_VERSION = 1  # bump when the generated models change
+BIG, HOT = "big", "hot"
+WIDTH, QUICK_WIDTH, LAYERS = 4096, 2048, 4   # 4 x 4096^2 x 4 B = 256 MiB
+HOT_DIMS = (64, 32, 16)
+
+_MODEL_PY = '''\
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    """{layers} square Linear layers of width {width} with ReLUs between."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear({width}, {width}) for _ in range({layers}))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(torch.relu(x))
+        return x
+'''
+
+_MANIFEST = '''\
+backend = "safetensors"
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1, {width}]
+[[outputs]]
+name = "y"
+dtype = "float32"
+shape = [-1, {width}]
+'''
+
+
+# -- the models ------------------------------------------------------------------
+
+def repository(width: int) -> Path:
+    """The big model (safetensors + model.py, and the same weights through
+    torch.save) and the small hot one, written once; a marker says whole."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = Path(base) / "mmengine" / f"bench-load-v{CACHE_VERSION}" / f"w{width}"
+    if (root / ".complete").exists():
+        return root
+    import torch
+
+    from mmengine.backends.safetensors import save_file
+    from mmengine.demo import write_mlp
+
+    print(f"load: writing the models into {root} (once)...", file=sys.stderr, flush=True)
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    version = tmp / BIG / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(_MODEL_PY.format(width=width, layers=LAYERS))
+    (version / "model.toml").write_text(_MANIFEST.format(width=width))
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(LAYERS):
+        state[f"layers.{i}.weight"] = torch.randn(width, width, generator=generator) / width
+        state[f"layers.{i}.bias"] = torch.randn(width, generator=generator) / width
+    save_file(state, version / "model.safetensors")
+    torch.save(state, tmp / "big.pt")
+    write_mlp(tmp / HOT, "safetensors", *HOT_DIMS, seed=0)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(root, ignore_errors=True)  # a half-written one from an interrupted run
+    tmp.rename(root)
+    return root
+
+
+# -- the baselines -----------------------------------------------------------------
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # once to warm up (page cache, allocator, imports)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def memcpy_s(nbytes: int, repeats: int) -> float:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    return _median_s(lambda: np.copyto(dst, src), repeats)
+
+
+def read_s(path: Path, repeats: int) -> float:
+    """The file's bytes from the page cache into one preallocated buffer."""
+    buf = np.zeros(path.stat().st_size, np.uint8)
+    view = memoryview(buf)
+
+    def read():
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):
+                done += f.readinto(view[done:])
+
+    return _median_s(read, repeats)
+
+
+def torch_load_s(root: Path, repeats: int) -> float:
+    import torch
+
+    sys.path.insert(0, str(root / BIG / "1"))
+    try:
+        from model import Model  # the big model's own model.py
+    finally:
+        sys.path.pop(0)
+    module = Model()
+
+    def load():
+        module.load_state_dict(torch.load(root / "big.pt", weights_only=True))
+
+    return _median_s(load, repeats)
+
+
+def safetensors_s(path: Path, repeats: int) -> float | None:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        print("load: the safetensors package is not installed; no baseline",
+              file=sys.stderr)
+        return None
+    return _median_s(lambda: load_file(path), repeats)
+
+
+# -- mmengine --------------------------------------------------------------------------
+
+async def _engine(root: Path, repeats: int, idle_n: int, cycles: int) -> dict:
+    from mmengine.engine import Engine
+
+    seen = []
+    engine_ms, evict_ms = [], []
+    x = np.random.default_rng(0).standard_normal((1, HOT_DIMS[0]), dtype=np.float32)
+
+    def observe(kind: str, fields: dict) -> None:
+        if kind == "load" and fields["model"] == BIG and "phases" in fields:
+            seen.append(fields["phases"])
+
+    config = Config(repo=str(root), workers=1, device_budget=4 << 30)
+    async with Engine(config) as engine:
+        engine.observers.append(observe)
+        await engine.infer(HOT, {"x": x})
+        for _ in range(repeats + 1):  # the first: a cold start of the worker's code paths
+            t0 = time.perf_counter()
+            await engine.load(BIG)
+            t1 = time.perf_counter()
+            await engine.unload(BIG)
+            t2 = time.perf_counter()
+            engine_ms.append((t1 - t0) * 1e3)
+            evict_ms.append((t2 - t1) * 1e3)
+        loads = seen[1:]  # a copy: the loads below, under traffic, do not count
+        del engine_ms[0], evict_ms[0]
+
+        async def hot(n: int, until: asyncio.Event | None = None) -> list[float]:
+            samples = []
+            while len(samples) < n or (until is not None and not until.is_set()):
+                t0 = time.perf_counter_ns()
+                await engine.infer(HOT, {"x": x})
+                samples.append((time.perf_counter_ns() - t0) / 1e3)
+            return samples
+
+        await hot(idle_n // 10)
+        idle = await hot(idle_n)
+        done, started = asyncio.Event(), asyncio.Event()
+
+        async def churn():  # at least `cycles`, and for as long as the samples take
+            n = 0
+            while n < cycles or not enough.is_set():
+                await engine.load(BIG)
+                started.set()
+                await engine.unload(BIG)
+                n += 1
+            done.set()
+
+        enough = asyncio.Event()
+        task = asyncio.ensure_future(churn())
+        await started.wait()
+        during = await hot(idle_n)
+        enough.set()
+        during += await hot(0, done)  # to the end of the last cycle
+        await task
+    phases = {k: statistics.median(p[k] for p in loads) * 1e3 for k in loads[0]}
+    return {"worker_load_ms": statistics.median(sum(p.values()) for p in loads) * 1e3,
+            "phases_ms": phases,
+            "engine_load_ms": statistics.median(engine_ms),
+            "evict_ms": statistics.median(evict_ms),
+            "hot_p99_idle_us": float(np.percentile(idle, 99)),
+            "hot_p50_idle_us": float(np.percentile(idle, 50)),
+            "hot_p99_during_loads_us": float(np.percentile(during, 99)),
+            "hot_p50_during_loads_us": float(np.percentile(during, 50)),
+            "hot_samples_during_loads": len(during)}
+
+
+# -- the run -------------------------------------------------------------------------
+
+def run(quick: bool) -> dict:
+    root = repository(QUICK_WIDTH if quick else WIDTH)
+    weights = root / BIG / "1" / "model.safetensors"
+    nbytes = weights.stat().st_size
+    repeats = 5 if quick else 10
+    gb = nbytes / 1e9
+    read_s(weights, 1)  # into the page cache
+    memcpy = memcpy_s(nbytes, repeats)
+    read = read_s(weights, repeats)
+    torch_load = torch_load_s(root, repeats)
+    st = safetensors_s(weights, repeats)
+    eng = uvloop.run(_engine(root, repeats, 2_000 if quick else 5_000, 8 if quick else 20))
+    disk = gb / (eng["worker_load_ms"] / 1e3)
+    return {
+        "model_bytes": nbytes,
+        "memcpy_gb_per_s": gb / memcpy,
+        "read_gb_per_s": gb / read,
+        "torch_load_gb_per_s": gb / torch_load,
+        "safetensors_gb_per_s": gb / st if st else None,
+        "disk_gb_per_s": disk,
+        "host_gb_per_s": None,
+        "load_ms": eng["worker_load_ms"],
+        "engine_load_ms": eng["engine_load_ms"],
+        "load_phases_ms": eng["phases_ms"],
+        "evict_ms": eng["evict_ms"],
+        "hot_p50_idle_us": eng["hot_p50_idle_us"],
+        "hot_p99_idle_us": eng["hot_p99_idle_us"],
+        "hot_p50_during_loads_us": eng["hot_p50_during_loads_us"],
+        "hot_p99_during_loads_us": eng["hot_p99_during_loads_us"],
+        "hot_samples_during_loads": eng["hot_samples_during_loads"],
+        "ratios": {
+            "host_vs_memcpy": None,
+            "disk_vs_read": disk / (gb / read),
+            "vs_torch_load": disk / (gb / torch_load),
+            "evict_vs_load": eng["evict_ms"] / eng["worker_load_ms"],
+            "interference": eng["hot_p99_during_loads_us"] / eng["hot_p99_idle_us"],
+        },
+        "note": "no host tier yet: host_gb_per_s and ratios.host_vs_memcpy are null; "
+                "safetensors.torch.load_file maps the file and reads no byte until a "
+                "tensor is used, so its figure is not a read rate",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="a 64 MiB model, fewer repeats")
+    args = ap.parse_args()
+    out = run(args.quick)
+    if args.json:
+        print(json.dumps(out))
+        return
+    for key, value in out.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                print(f"  {key}.{k:<22} {'null' if v is None else f'{v:12,.3f}'}")
+        elif isinstance(value, (int, float)):
+            print(f"{key:<30} {value:12,.3f}")
+        else:
+            print(f"{key:<30} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Host memory for loads: one arena per model, recycled after eviction.
+
+A load reads a model's tensor bytes with a few large `readinto`s into one
+arena, and every weight is a view of it. Fresh anonymous memory costs a
+page fault per 4 KiB page on first touch (a 256 MiB load spends more time
+faulting than reading), so arenas are:
+
+- mapped with MADV_HUGEPAGE: 2 MiB pages fault 512 times less often, and
+  unmapping them is as cheap;
+- recycled: when nothing references a model's weights any more (its
+  module was closed and the last view died), its arena goes back to this
+  worker's pool, marked MADV_FREE. The kernel may take those pages back
+  under memory pressure (and counts them as available meanwhile, so the
+  host-memory watermark does not see them as used); while it has not, the
+  next load of a model of at most that size writes into pages that are
+  already mapped, at the speed of the copy.
+
+The pool never hands out memory that a tensor still references: an arena
+returns only when the memoryview torch wraps is deallocated, which is when
+the last tensor over it is freed.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+import weakref
+from typing import BinaryIO
+
+import torch
+
+#: Free arenas kept for reuse, in bytes, at most; the oldest are unmapped first.
+POOL_LIMIT = 2 << 30
+#: An arena serves a load that needs at least this fraction of it.
+MIN_FILL = 0.5
+#: Bytes per readinto: large enough that the syscalls cost nothing, small
+#: enough that the loader drops the GIL between chunks.
+CHUNK = 16 << 20
+
+_PAGE = mmap.PAGESIZE
+_HUGE = 2 << 20
+
+
+class ArenaPool:
+    """Arenas: anonymous mappings wrapped as flat uint8 tensors."""
+
+    def __init__(self, limit: int = POOL_LIMIT) -> None:
+        self.limit = limit
+        self._free: list[mmap.mmap] = []  # oldest first
+        # Arenas return from whichever thread frees them, and a garbage
+        # collection inside a locked section may free one: reentrant.
+        self._lock = threading.RLock()
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of exactly `nbytes` over an arena that nothing
+        else references; its arena returns to the pool once the tensor and
+        every view of it are gone."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        arena = self._reuse(nbytes)
+        if arena is None:
+            self.misses += 1
+            size = -(-nbytes // _HUGE) * _HUGE if nbytes >= _HUGE else -(-nbytes // _PAGE) * _PAGE
+            arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                arena.madvise(mmap.MADV_HUGEPAGE)
+        else:
+            self.hits += 1
+        # torch keeps a reference to the memoryview for as long as any
+        # storage over it lives; its deallocation gives the arena back.
+        view = memoryview(arena)
+        weakref.finalize(view, self._give, arena)
+        return torch.frombuffer(view, dtype=torch.uint8, count=nbytes)
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(len(a) for a in self._free)
+
+    def clear(self) -> None:
+        with self._lock:
+            arenas, self._free = self._free, []
+        for arena in arenas:
+            arena.close()
+
+    def _reuse(self, nbytes: int) -> mmap.mmap | None:
+        with self._lock:
+            fits = [a for a in self._free if nbytes <= len(a) and nbytes >= MIN_FILL * len(a)]
+            if not fits:
+                return None
+            arena = min(fits, key=len)
+            self._free.remove(arena)
+            return arena
+
+    def _give(self, arena: mmap.mmap) -> None:
+        if hasattr(mmap, "MADV_FREE"):
+            arena.madvise(mmap.MADV_FREE)
+        with self._lock:
+            self._free.append(arena)
+            total = sum(len(a) for a in self._free)
+            dropped = []
+            while total > self.limit and self._free:
+                dropped.append(self._free.pop(0))
+                total -= len(dropped[-1])
+        for old in dropped:  # the view released its buffer before this callback ran
+            old.close()
+
+
+#: The process's pool (a worker loads on one loader thread).
+POOL = ArenaPool()
+
+
+def read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
+    """Fills the flat uint8 tensor `out` from `f` at `offset`, in large
+    reads; ValueError if the file ends first."""
+    view = memoryview(out.numpy())
+    f.seek(offset)
+    done, n = 0, len(view)
+    while done < n:
+        got = f.readinto(view[done:min(n, done + CHUNK)])
+        if not got:
+            raise ValueError("file ends inside its tensor data")
+        done += got

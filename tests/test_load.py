@@ -1,0 +1,197 @@
+"""The safetensors load path: one arena per model, recycled arenas, kept skeletons."""
+from __future__ import annotations
+
+import gc
+import json
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mmengine import demo, staging
+from mmengine.backends import load_model
+from mmengine.backends import safetensors as st
+from mmengine.errors import LoadFailed
+from mmengine.storage import Repository
+
+DIMS = (64, 256, 16)
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    st.clear_skeletons()
+    yield
+    gc.collect()
+    st.clear_skeletons()
+
+
+def load(root, name="m", version=None):
+    return load_model(Repository(root).resolve(name, version), "cpu")
+
+
+def x(batch: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, DIMS[0]), dtype=np.float32)
+
+
+def check(model, seed: int) -> None:
+    np.testing.assert_allclose(model.predict({"x": x()})["y"], demo.reference(x(), *DIMS, seed),
+                               rtol=1e-5, atol=1e-6)
+
+
+def storages(model) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in model.module.state_dict().values()}
+
+
+def test_weights_are_views_of_one_arena(tmp_path):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=3)
+    model = load(tmp_path)
+    check(model, 3)
+    assert len(storages(model)) == 1
+    weights = list(model.module.state_dict().values())
+    base = weights[0].untyped_storage()
+    assert model.nbytes == base.nbytes() == sum(w.nbytes for w in weights)
+    # Laid out back to back in file order, with no per-tensor copies.
+    ptrs = sorted(w.data_ptr() for w in weights)
+    assert ptrs[0] == base.data_ptr()
+    model.close()
+
+
+def test_a_reload_builds_nothing_and_answers_right(tmp_path):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=5)
+    first = load(tmp_path)
+    cls, modules = type(first.module), len(sys.modules)
+    first.close()
+    assert len(st._skeletons) == 1
+    for _ in range(3):
+        again = load(tmp_path)
+        assert type(again.module) is cls          # the same skeleton, no new import
+        assert len(sys.modules) == modules
+        assert not st._skeletons                  # lent out while resident
+        check(again, 5)
+        again.close()
+
+
+def test_two_resident_copies_do_not_share_a_skeleton(tmp_path):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    load(tmp_path).close()
+    a, b = load(tmp_path), load(tmp_path)
+    assert a.module is not b.module
+    assert storages(a).isdisjoint(storages(b))
+    check(a, 1)
+    check(b, 1)
+    a.close()
+    b.close()
+    assert len(st._skeletons) == 1
+
+
+def test_changed_code_or_weights_are_seen(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    load(tmp_path).close()
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2)  # same model.py bytes
+    model = load(tmp_path)
+    check(model, 2)
+    model.close()
+    (path / "model.py").write_text((path / "model.py").read_text() + "\nCHANGED = 1\n")
+    model = load(tmp_path)
+    assert sys.modules[type(model.module).__module__].CHANGED == 1
+    check(model, 2)
+    model.close()
+
+
+def test_an_evicted_models_memory_is_not_referenced(tmp_path):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=4)
+    model = load(tmp_path)
+    nbytes = model.nbytes
+    gc.collect()
+    before = staging.POOL.free_bytes()
+    model.close()
+    del model
+    # The arena came back: nothing (the kept skeleton included) views it.
+    assert staging.POOL.free_bytes() >= before + nbytes
+    module, _ = next(iter(st._skeletons.values()))
+    assert all(t.is_meta for t in module.state_dict().values())
+    hits = staging.POOL.hits
+    model = load(tmp_path)  # and the next load of that size reuses it
+    assert staging.POOL.hits == hits + 1
+    check(model, 4)
+    model.close()
+
+
+def test_the_pool_never_hands_out_referenced_memory():
+    pool = staging.ArenaPool()
+    a = pool.take(3 << 20)
+    view = a[1024:2048]
+    del a
+    gc.collect()
+    assert pool.free_bytes() == 0  # a view still holds it
+    b = pool.take(3 << 20)
+    assert b.data_ptr() != view.data_ptr() - 1024
+    del view
+    gc.collect()
+    assert pool.free_bytes() > 0
+    c = pool.take(3 << 20)
+    assert pool.hits == 1 and pool.free_bytes() == 0
+    del b, c
+    pool.clear()
+
+
+def test_the_pool_keeps_at_most_its_limit():
+    pool = staging.ArenaPool(limit=4 << 20)
+    arenas = [pool.take(3 << 20) for _ in range(3)]
+    del arenas
+    gc.collect()
+    assert 0 < pool.free_bytes() <= 4 << 20
+    pool.clear()
+    assert pool.free_bytes() == 0
+
+
+@pytest.mark.parametrize("cut", [8, 100, -1])
+def test_a_truncated_file_is_load_failed(tmp_path, cut):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:cut])
+    with pytest.raises(LoadFailed, match="not a valid safetensors file"):
+        load(tmp_path)
+
+
+def test_a_corrupt_file_is_load_failed_even_after_a_good_load(tmp_path):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
+    load(tmp_path).close()
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"\xff\xfe{["
+    weights.write_bytes(bytes(data))
+    with pytest.raises(LoadFailed):
+        load(tmp_path)
+    # A file whose tensors do not fit the kept skeleton: the skeleton survives, stripped.
+    st.save_file({"fc1.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(LoadFailed):
+        load(tmp_path)
+    assert all(all(t.is_meta for t in m.state_dict().values())
+               for m, _ in st._skeletons.values())
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
+    model = load(tmp_path)
+    check(model, 0)
+    model.close()
+
+
+def test_unaligned_tensors_are_read_right(tmp_path):
+    # The format allows a tensor at any offset; a view of an odd offset as
+    # float32 is impossible, so that one tensor is copied out.
+    values = np.arange(6, dtype=np.float32)
+    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\x07" + values.tobytes())
+    tensors = st.load_file(path)
+    assert tensors["a"].tolist() == [7]
+    np.testing.assert_array_equal(tensors["b"].numpy(), values.reshape(2, 3))
+
+
+def test_an_empty_file_loads():
+    pool = staging.ArenaPool()
+    assert pool.take(0).numel() == 0
