@@ -103,9 +103,9 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
             print(f"mmengine: writing a trace to {tracer.path}", flush=True)
         await stop.wait()
         print("mmengine: shutting down", flush=True)
-        if http is not None:
-            await http.stop()
-        await server.stop()
+        engine.refuse_new()  # requests on open connections now get OVERLOADED
+        # Both servers drain at once, so a shutdown keeps to one deadline.
+        await asyncio.gather(server.stop(), *([http.stop()] if http is not None else []))
 
 
 _DEMO_USAGE = """

@@ -49,6 +49,11 @@ class Config:
     load_timeout_s: float = 120.0        # deadline of one load, separate from requests
     ready_timeout_s: float = 60.0        # a worker's start-up handshake
     shutdown_timeout_s: float = 10.0     # drain + stop, all workers together
+    # A model whose load failed is refused (LOAD_FAILED, at once) this long
+    # before its load is tried again; each failure in a row doubles it, up
+    # to the cap. 0: retry on the next request.
+    load_failure_backoff_s: float = 5.0
+    load_failure_backoff_max_s: float = 300.0
     # -- bounded queues: past them a request is OVERLOADED at once
     max_queue_per_model: int = 1024      # requests accepted and not yet answered, per model
     max_queue_per_worker: int = 4096     # requests sent to a worker and not yet answered
@@ -60,6 +65,10 @@ class Config:
     tcp_port: int = 8081
     http_port: int = 8080                # 0: any free port; -1: no HTTP server
     http_idle_timeout_s: float = 60.0    # an idle keep-alive connection is closed
+    # A TCP connection with nothing in flight and no bytes for this long is
+    # closed (a frame begun and never finished included).
+    tcp_idle_timeout_s: float = 300.0
+    max_connections: int = 1024          # per server (TCP, HTTP); past it refused at once
     # Directories under which POST /models (SageMaker) may add a model,
     # separated by os.pathsep; empty: nothing may be added at run time.
     model_roots: str = ""
@@ -128,6 +137,9 @@ def _validate(c: Config) -> None:
     for key in ("monitor_interval_s", "request_timeout_s", "load_timeout_s",
                 "ready_timeout_s", "shutdown_timeout_s"):
         need(getattr(c, key) > 0, key, "must be > 0")
+    need(c.load_failure_backoff_s >= 0, "load_failure_backoff_s", "must be >= 0")
+    need(c.load_failure_backoff_max_s >= c.load_failure_backoff_s,
+         "load_failure_backoff_max_s", "must be >= load_failure_backoff_s")
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
@@ -136,6 +148,8 @@ def _validate(c: Config) -> None:
     need(-1 <= c.http_port < 65536, "http_port",
          "must be a port number (0: any free, -1: none)")
     need(c.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0")
+    need(c.tcp_idle_timeout_s > 0, "tcp_idle_timeout_s", "must be > 0")
+    need(c.max_connections >= 1, "max_connections", "must be at least 1")
 
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

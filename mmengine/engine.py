@@ -50,6 +50,8 @@ class ModelStats:
     last_load_time: float = 0.0      # wall clock
     load_duration_s: float = 0.0
     measured_bytes: int = 0          # what the last load really took
+    failed_in_a_row: int = 0         # failed loads since the last good one
+    retry_at: float = 0.0            # monotonic; until then a load is not tried
 
 
 class Engine:
@@ -65,6 +67,9 @@ class Engine:
         self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
         self._gen: dict[Key, int] = {}               # bumped whenever an entry is created
         self._stats: dict[Key, ModelStats] = {}
+        # (name, version asked for) -> key, for models whose files could not
+        # even be read: their back-off is checked before the files are read.
+        self._bad_specs: dict[tuple[str, Any], Key] = {}
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -75,7 +80,8 @@ class Engine:
         self._room_waiters = 0
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
-        self._closing = False
+        self._closing = False  # refusing new requests (shutting down)
+        self._stopped = False
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict" and "worker_exit" (metrics, traces); they must not raise
@@ -103,19 +109,32 @@ class Engine:
         self._spawn(self._monitor())
         return self
 
-    async def stop(self) -> None:
-        """Stops accepting, lets requests in flight finish (to the shutdown
-        deadline), then stops the workers."""
-        if self.pool is None or self._closing:
-            return
+    def refuse_new(self) -> None:
+        """Stops taking requests: from now on each new one gets OVERLOADED
+        ("shutting down") at once, while those accepted go on. stop() begins
+        with this; a server calls it as soon as its own shutdown begins, so
+        that a request arriving on an open connection while it drains gets
+        that answer instead of being accepted and then cut off."""
         self._closing = True
+
+    async def stop(self) -> None:
+        """Stops accepting, lets every accepted request finish (those
+        waiting for a load included) to one deadline, shutdown_timeout_s,
+        then stops the workers against what is left of it. A request still
+        unanswered at the deadline fails, typed: OVERLOADED if it was waiting
+        for a load, WORKER_DIED if it was on a worker."""
+        if self.pool is None or self._stopped:
+            return
+        self._stopped = True
+        self.refuse_new()
         deadline = time.monotonic() + self.config.shutdown_timeout_s
-        while any(w.in_flight for w in self.pool.workers) and time.monotonic() < deadline:
+        while (self._queued or any(w.in_flight for w in self.pool.workers)) and \
+                time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.pool.stop()
+        await self.pool.stop(deadline)
 
     async def __aenter__(self) -> "Engine":
         return await self.start()
@@ -197,9 +216,15 @@ class Engine:
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float) -> tuple[dict, dict]:
-        spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
-        worker = await self._acquire(key, spec, deadline)
+        try:
+            spec = await self._spec(name, version)
+            key = (spec.name, spec.version)
+            worker = await self._acquire(key, spec, deadline)
+        except asyncio.CancelledError:
+            if self._stopped:  # cancelled by stop() at its deadline: say so
+                raise Overloaded(f"{name}: the engine shut down before this request "
+                                 f"was served") from None
+            raise
         return await self._send_infer(key, worker, arrays, deadline)
 
     def _send_infer(self, key: Key, worker: Worker, arrays: dict,
@@ -228,8 +253,10 @@ class Engine:
         return loop.time() + (deadline - time.monotonic())
 
     def _deadline(self, timeout: float | None) -> float:
-        if self._closing or self.pool is None:
+        if self.pool is None:
             raise Overloaded("the engine is not running")
+        if self._closing:
+            raise Overloaded("the engine is shutting down; retry on another instance")
         return time.monotonic() + (self.config.request_timeout_s if timeout is None
                                    else timeout)
 
@@ -243,16 +270,20 @@ class Engine:
     async def _spec(self, name: str, version: int | None) -> ModelSpec:
         spec = self._specs.get((name, version))
         if spec is None:
+            bad = self._bad_specs.get((name, version))
+            if bad is not None:
+                self._check_backoff(bad)
             # The first look at a model reads its directory: off the loop.
             loop = asyncio.get_running_loop()
             try:
                 spec = await loop.run_in_executor(None, self.repo.resolve, name, version)
             except LoadFailed as e:  # it exists but cannot be served: say so in stats
                 versions = self.repo.versions(name)  # cached by the failed resolve
-                stats = self._stats.setdefault((name, version or versions[-1]), ModelStats())
-                stats.failures += 1
-                stats.last_error = str(e)
+                bad = (name, version or versions[-1])
+                self._bad_specs[(name, version)] = bad
+                self._load_failed(bad, e)
                 raise
+            self._bad_specs.pop((name, version), None)
             self._specs[(name, version)] = spec
         return spec
 
@@ -272,6 +303,7 @@ class Engine:
                     return self.pool.workers[index]
             busy = self._busy.get(key)
             if busy is None or busy[1].done():  # done: its callback has not run yet
+                self._check_backoff(key)
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
             waited = waited or op == Op.LOAD
@@ -347,8 +379,11 @@ class Engine:
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s")
             else:
                 self._forget(key, gen)
-            stats.failures += 1
-            stats.last_error = str(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise  # the engine is stopping: no fault of the model's
+            if isinstance(e, WorkerDied):
+                e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
+            self._load_failed(key, e)
             self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
                                 "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
                                 "error": str(e)})
@@ -362,6 +397,8 @@ class Engine:
                             "bytes": int(body["bytes"]), "phases": body.get("phases", {})})
         stats.measured_bytes = int(body["bytes"])
         stats.loads += 1
+        stats.failed_in_a_row = 0
+        stats.retry_at = 0.0
         stats.last_load_time = time.time()
         stats.load_duration_s = time.monotonic() - t0
         self.cache.set_bytes(key, books.DEVICE, stats.measured_bytes)
@@ -372,6 +409,32 @@ class Engine:
             self._pinned[key] = gen
         if stats.measured_bytes > need:
             await self._shrink(worker.index, "pressure")  # the estimate was short
+
+    def _load_failed(self, key: Key, e: BaseException) -> None:
+        """Counts a failed load and backs the model off: until its retry
+        time every request for it gets LOAD_FAILED at once, and harms no
+        other model by loading it again and again. The back-off doubles with
+        each failure in a row. A worker that died during a load may have
+        died of something else: that backs off only if the model's previous
+        load failed too (a model that kills its worker twice is the cause)."""
+        stats = self._stats.setdefault(key, ModelStats())
+        stats.failures += 1
+        stats.last_error = str(e)
+        stats.failed_in_a_row += 1
+        if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
+            return
+        delay = self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30)
+        stats.retry_at = time.monotonic() + min(delay, self.config.load_failure_backoff_max_s)
+
+    def _check_backoff(self, key: Key) -> None:
+        """LoadFailed, at once, for a model in its back-off after a failed load."""
+        stats = self._stats.get(key)
+        if stats is not None:
+            left = stats.retry_at - time.monotonic()
+            if left > 0:
+                raise LoadFailed(f"{stats.last_error} (failed {stats.failed_in_a_row} time"
+                                 f"{'s' if stats.failed_in_a_row > 1 else ''} in a row; "
+                                 f"next try in {left:.1f} s)")
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
         """Makes room for `need` bytes on the worker with the most free
@@ -501,7 +564,15 @@ class Engine:
             self._spawn(self._revive(worker.index))
 
     async def _revive(self, index: int) -> None:
-        await self.pool.restart(index)
+        while True:  # each try backs off further
+            try:
+                await self.pool.restart(index)
+                break
+            except (WorkerDied, OSError) as e:  # it died at start, or could not start
+                if self._closing:
+                    return
+                print(f"mmengine: worker {index} did not come back ({e}); trying again",
+                      flush=True)
         self._room_changed()
         for key in list(self._pinned):  # hot models must not stay cold
             if key not in self.cache:
@@ -580,6 +651,7 @@ class Engine:
         self.repo.remove(name)
         self._specs = {k: v for k, v in self._specs.items() if k[0] != name}
         self._stats = {k: v for k, v in self._stats.items() if k[0] != name}
+        self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] != name}
 
     # -- what is where -------------------------------------------------------------
 
@@ -624,18 +696,20 @@ class Engine:
 
     def _model_row(self, key: Key) -> dict:
         stats = self._stats.get(key, ModelStats())
+        backoff_left = max(0.0, stats.retry_at - time.monotonic())
         row = {"name": key[0], "version": key[1], "state": "on storage", "worker": None,
                "bytes": 0, "hits": 0, "pins": 0, "pinned": key in self._pinned,
                "loads": stats.loads, "evictions": stats.evictions,
                "evictions_by_reason": dict(stats.evictions_by_reason),
                "failures": stats.failures, "last_error": stats.last_error,
                "last_load_time": stats.last_load_time,
-               "load_duration_s": stats.load_duration_s}
+               "load_duration_s": stats.load_duration_s,
+               "retry_in_s": round(backoff_left, 3)}
         if self.cache is not None and key in self.cache:
             e = self.cache.entry(key)
             row.update(state=STATE_NAMES[e.state], worker=e.worker, bytes=e.device_bytes,
                        hits=e.hits, pins=e.pins)
-        elif stats.failures and stats.last_error and not stats.loads:
+        elif backoff_left > 0:  # refused until then: its last load failed
             row["state"] = "failed"
         return row
 
@@ -649,6 +723,7 @@ class Engine:
             workers.append({
                 "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
                 "in_flight": w.in_flight,
+                "restart_delay_s": self.pool.restart_delays.get(w.index, 0.0),
                 # `is not None`: a Cache with no entries is falsy (it has a len).
                 "used_bytes": (self.cache.used(books.DEVICE, w.index)
                                if self.cache is not None else 0),

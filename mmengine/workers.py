@@ -208,8 +208,11 @@ class Worker:
 
     def release(self) -> None:
         """Frees the rings and the descriptors, and reaps the process (call
-        once it has exited)."""
-        self.alive = False
+        once it has exited). A request still in flight fails with
+        WorkerDied: none is left waiting for ever."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()  # nobody waits for it any more
+        self._died(f"worker {self.index} was stopped")
         self._detach()
         for ring in self.rings:
             ring.close()
@@ -313,6 +316,8 @@ class WorkerPool:
         self.on_death: Callable[[Worker], None] | None = None
         self._restarts: dict[int, list[float]] = collections.defaultdict(list)
         self._restart_count = 0
+        self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
+        self._stopping = False
         self._finalizer = weakref.finalize(self, _kill_all, self.workers)
 
     async def start(self) -> None:
@@ -340,21 +345,32 @@ class WorkerPool:
             self.on_death(w)
 
     async def restart(self, index: int) -> Worker:
-        """A fresh worker (new process, new rings) in the place of a dead one;
-        repeated crashes back off, up to 30 s between attempts."""
+        """A fresh worker (new process, new rings) in the place of a dead one.
+        Repeated crashes back off: the first restart in a minute is at once,
+        each further one waits twice as long (0.2 s, 0.4 s, ... up to 30 s).
+        WorkerDied if the new one does not come up; the caller tries again
+        (and so backs off further)."""
         old = self.workers[index]
         if old.is_running():  # declared dead but still running (a bad answer)
             old.process.kill()
         await _reaped(old.process, 5.0)
         old.release()
-        recent = [t for t in self._restarts[index] if time.monotonic() - t < 60]
-        self._restarts[index] = recent + [time.monotonic()]
+        now = time.monotonic()
+        recent = [t for t in self._restarts[index] if now - t < 60]
+        self._restarts[index] = recent + [now]
         self._restart_count += 1
-        if recent:
-            await asyncio.sleep(min(30.0, 0.1 * 2 ** len(recent)))
-        w = self._spawn(index, old.device, asyncio.get_running_loop())
-        self.workers[index] = w
+        delay = min(30.0, 0.1 * 2 ** len(recent)) if recent else 0.0
+        self.restart_delays[index] = delay
+        await asyncio.sleep(delay)
+        if self._stopping:
+            raise WorkerDied(f"worker {index}: not restarted, the pool is stopping")
+        w = Worker(index, old.device, self.config)
+        w.start(asyncio.get_running_loop())
+        self.workers[index] = w  # from here on stop() owns it, whatever happens
         await self._await_ready([w])
+        # Watched only once up: a death in the handshake is this call's
+        # failure, not a second restart running beside this one.
+        w.on_death = self._on_death
         return w
 
     @property
@@ -362,11 +378,14 @@ class WorkerPool:
         """Restarts since the pool started (the back-off looks at the last minute)."""
         return self._restart_count
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         """Close every request ring (workers drain and exit), then wait for
-        them against one deadline; whoever is left is terminated, then
+        them against one deadline (time.monotonic(); by default
+        shutdown_timeout_s from now); whoever is left is terminated, then
         killed. Leaves no process and no segment behind."""
-        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        self._stopping = True
+        if deadline is None:
+            deadline = time.monotonic() + self.config.shutdown_timeout_s
         for w in self.workers:
             w.on_death = None
             if w.alive:

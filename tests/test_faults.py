@@ -1,0 +1,346 @@
+"""Faults: models that fail to load, loads slower than requests, workers
+killed under traffic, and SIGTERM under traffic, against real worker
+processes (and `mmengine serve` as a real process for SIGTERM)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import Server, environ, live_pids, run
+from mmengine import demo, shm
+from mmengine.client import AsyncClient
+from mmengine.config import Config
+from mmengine.engine import Engine
+from mmengine.errors import LoadFailed, Overloaded, Timeout, WorkerDied
+
+DIMS = (16, 64, 8)
+
+# Sleeps in predict() for inputs["seconds"].
+SLOW_HANDLER = '''
+import time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+'''
+
+# Does what the file `mode` beside it says when it loads: "ok", "raise",
+# "oom", or a number of seconds to take.
+MOODY_HANDLER = '''
+import os
+import time
+
+def load(path, device):
+    mode = open(os.path.join(path, "mode")).read().strip()
+    if mode == "raise":
+        raise RuntimeError("the weights are garbage")
+    if mode == "oom":
+        raise MemoryError("cannot allocate 64 GiB")
+    if mode != "ok":
+        time.sleep(float(mode))
+
+def predict(inputs):
+    return {"y": inputs["x"] + 1}
+'''
+
+
+def moody(root, name: str, mode: str) -> None:
+    d = root / name / "1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "handler.py").write_text(MOODY_HANDLER)
+    set_mode(root, name, mode)
+
+
+def set_mode(root, name: str, mode: str) -> None:
+    (root / name / "1" / "mode").write_text(mode)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    for i in range(2):
+        demo.write_mlp(root / f"m{i:02d}", "safetensors", *DIMS, seed=i)
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
+    for name, mode in (("raises", "raise"), ("oom", "oom"), ("flaky", "raise"),
+                       ("loads-1s", "1.0"), ("loads-3s", "3.0")):
+        moody(root, name, mode)
+    return root
+
+
+def config(root, **kw) -> Config:
+    defaults = dict(repo=str(root), workers=1, device_budget=1 << 24,
+                    monitor_interval_s=0.1, request_timeout_s=30)
+    return Config(**{**defaults, **kw})
+
+
+X = np.ones((2, DIMS[0]), np.float32)
+
+
+def reference(name: str, x: np.ndarray = X) -> np.ndarray:
+    return demo.reference(x, *DIMS, seed=int(name[1:]))
+
+
+def own_shm() -> set[str]:
+    prefix = f"{shm.PREFIX}{os.getpid()}-"
+    return {s for s in shm.list_segments() if s.startswith(prefix)}
+
+
+async def until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# -- models that fail to load -------------------------------------------------
+
+def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segments):
+    async def main():
+        async with Engine(config(repo, load_failure_backoff_s=0.5,
+                                 load_failure_backoff_max_s=1.0)) as engine:
+            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            # A corrupt file, an exception in a handler, out of memory.
+            for name, words in (("corrupt", "safetensors"), ("raises", "garbage"),
+                                ("oom", "MemoryError")):
+                with pytest.raises(LoadFailed, match=words):
+                    await engine.infer(name, {"x": X})
+                assert row(name)["state"] == "failed" and words in row(name)["last_error"]
+                out = await engine.infer("m00", {"x": X})  # the others are served
+                np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+
+            # In its back-off a model is refused at once, with no new load.
+            with pytest.raises(LoadFailed):
+                await engine.infer("flaky", {"x": X})
+            assert row("flaky")["failures"] == 1 and 0 < row("flaky")["retry_in_s"] <= 0.5
+            t0 = time.monotonic()
+            for _ in range(20):
+                with pytest.raises(LoadFailed, match=r"garbage.*next try in \d"):
+                    await engine.infer("flaky", {"x": X})
+            assert time.monotonic() - t0 < 0.5
+            assert row("flaky")["failures"] == 1  # no load was tried
+            await until(lambda: row("flaky")["state"] == "on storage", 2, "the back-off")
+            # Tried again after it, failed again: the back-off doubles.
+            with pytest.raises(LoadFailed):
+                await engine.infer("flaky", {"x": X})
+            assert row("flaky")["failures"] == 2 and row("flaky")["retry_in_s"] > 0.5
+            # Its files fixed, it loads once the back-off is over.
+            set_mode(repo, "flaky", "ok")
+            with pytest.raises(LoadFailed):
+                await engine.infer("flaky", {"x": X})
+            await until(lambda: row("flaky")["state"] == "on storage", 2, "the back-off")
+            out = await engine.infer("flaky", {"x": X})
+            np.testing.assert_array_equal(out["y"], X + 1)
+            assert row("flaky")["state"] == "resident" and row("flaky")["retry_in_s"] == 0
+            return engine.stats()
+
+    try:
+        stats = run(main(), timeout=60)
+    finally:
+        set_mode(repo, "flaky", "raise")
+    rows = {r["name"]: r for r in stats["models"]}
+    assert rows["m00"]["failures"] == 0 and rows["m00"]["loads"] == 1
+    assert stats["workers"][0]["alive"]
+
+
+# -- load deadlines are not request deadlines ---------------------------------
+
+def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segments):
+    async def main():
+        async with Engine(config(repo, load_timeout_s=2.0)) as engine:
+            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            t0 = time.monotonic()
+            with pytest.raises(Timeout):
+                await engine.infer("loads-1s", {"x": X}, timeout=0.3)
+            assert time.monotonic() - t0 < 0.8
+            # The load went on: a later request finds the model resident.
+            await until(lambda: row("loads-1s")["state"] == "resident", 5, "the load")
+            np.testing.assert_array_equal((await engine.infer("loads-1s", {"x": X}))["y"], X + 1)
+            assert row("loads-1s")["loads"] == 1 and row("loads-1s")["failures"] == 0
+
+            # Longer than load_timeout_s: LOAD_FAILED, however long the request waits.
+            t0 = time.monotonic()
+            with pytest.raises(LoadFailed, match="load exceeded"):
+                await engine.infer("loads-3s", {"x": X}, timeout=20)
+            assert 1.9 < time.monotonic() - t0 < 3.5
+            assert row("loads-3s")["state"] in ("evicting", "failed")
+            # Its unload waits behind the slow load; then its bytes are free.
+            await until(lambda: row("loads-3s")["state"] == "failed", 5, "the unload")
+            assert engine.stats()["workers"][0]["used_bytes"] == row("loads-1s")["bytes"]
+
+    run(main(), timeout=60)
+
+
+# -- workers killed under traffic -----------------------------------------------
+
+def test_a_killed_worker_does_not_disturb_the_others(repo, own_segments):
+    async def main():
+        async with Engine(config(repo, workers=2)) as engine:
+            await engine.load("m00")
+            await engine.load("slow")
+            where = {r["name"]: r["worker"] for r in engine.stats()["models"]}
+            assert where["m00"] != where["slow"], where
+            victim = engine.pool.workers[where["slow"]]
+            stop = asyncio.Event()
+            ok = 0
+            died = []
+
+            async def steady():  # on the worker that lives
+                nonlocal ok
+                while not stop.is_set():
+                    out = await engine.infer("m00", {"x": X})
+                    np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5,
+                                               atol=1e-5)
+                    ok += 1
+
+            async def doomed():  # on the one that is killed
+                while True:
+                    try:
+                        await engine.infer("slow", {"seconds": np.array([0.2])})
+                    except WorkerDied:
+                        died.append(time.monotonic())
+                        return
+
+            clients = [asyncio.ensure_future(steady()) for _ in range(4)]
+            doomed_clients = [asyncio.ensure_future(doomed()) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*doomed_clients), 5)
+            ok_at_kill = ok
+            await asyncio.sleep(1.0)  # the other worker serves on
+            stop.set()
+            await asyncio.gather(*clients)  # any failure on it fails the test
+            assert ok > ok_at_kill
+            assert max(died) - killed_at < 1.0
+            await until(lambda: engine.pool.workers[victim.index].alive
+                        and engine.pool.workers[victim.index].pid != victim.pid, 30,
+                        "the restart")
+            new = engine.pool.workers[victim.index]
+            assert {r.name for r in new.rings}.isdisjoint(r.name for r in victim.rings)
+            out = await engine.infer("slow", {"seconds": np.array([0.0])})  # loads again
+            assert out["y"][0] == 0.0
+            return victim.pid
+
+    victim = run(main(), timeout=60)
+    assert not live_pids([victim])
+
+
+def test_kill_restart_cycles_leak_nothing_and_back_off(repo, own_segments):
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.infer("m00", {"x": X})
+            fds, segments = len(os.listdir("/proc/self/fd")), own_shm()
+            delays, pids = [], []
+            for _ in range(3):
+                old = engine.pool.workers[0]
+                pids.append(old.pid)
+                os.kill(old.pid, signal.SIGKILL)
+                await until(lambda: engine.pool.workers[0] is not old
+                            and engine.pool.workers[0].ready.done()
+                            and engine.pool.workers[0].alive, 30, "the restart")
+                delays.append(engine.stats()["workers"][0]["restart_delay_s"])
+                out = await engine.infer("m00", {"x": X})  # loaded again on demand
+                np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            assert len(os.listdir("/proc/self/fd")) == fds
+            now = own_shm()  # new rings in place of the old ones, no more
+            assert len(now) == len(segments) and not now & segments
+            stats = engine.stats()
+            assert stats["totals"]["worker_restarts"] == 3
+            assert stats["models"][0]["loads"] == 4
+            return delays, pids
+
+    delays, pids = run(main(), timeout=60)
+    assert delays[0] < delays[1] < delays[2], delays  # repeated crashes back off
+    assert not live_pids(pids)
+
+
+# -- shutdown --------------------------------------------------------------------
+
+def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segments):
+    async def main():
+        engine = await Engine(config(repo, shutdown_timeout_s=1.0)).start()
+        await engine.load("slow")
+        pid = engine.pool.workers[0].pid
+        quick = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([0.3])}))
+        stuck = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([30.0])}))
+        loading = asyncio.ensure_future(engine.infer("loads-3s", {"x": X}))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        stopping = asyncio.ensure_future(engine.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="shutting down"):
+            await engine.infer("m00", {"x": X})  # refused once the drain began
+        await stopping
+        took = time.monotonic() - t0
+        assert (await quick)["y"][0] == 0.6  # finished within the deadline
+        with pytest.raises(WorkerDied, match="stopped|exited"):
+            await stuck  # on the worker at the deadline
+        with pytest.raises(Overloaded, match="shut down"):
+            await loading  # still waiting for its load at the deadline
+        return took, pid
+
+    took, pid = run(main(), timeout=60)
+    assert took < 3.0  # the deadline, then terminate
+    assert not live_pids([pid])
+
+
+# -- SIGTERM under traffic ----------------------------------------------------------
+
+def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
+    server = Server("--repo", str(repo), "--workers", "2", "--tcp-port", "0",
+                    "--http-port", "-1",
+                    env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"))
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+        address = (m.group(1), int(m.group(2)))
+
+        async def main():
+            async with AsyncClient(address, timeout=30) as client:
+                await client.load("slow")
+                await client.load("m00")
+                workers = [w["pid"] for w in (await client.stats())["workers"]]
+                # 50 in flight on one worker: 2.5 s of work, inside the 10 s deadline.
+                calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.05])}))
+                         for _ in range(50)]
+                await asyncio.sleep(0.3)  # all sent and accepted
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)  # draining now
+                late = asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.0])}))
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                late_result = (await asyncio.gather(late, return_exceptions=True))[0]
+                try:  # a new connection during the drain
+                    async with AsyncClient(address, timeout=5) as other:
+                        new_result = await other.infer("m00", {"x": X})
+                except Exception as e:  # noqa: BLE001 - what it is is the point
+                    new_result = e
+                return workers, results, late_result, new_result
+
+        workers, results, late, new = run(main(), timeout=60)
+        assert server.proc.wait(30) == 0, "".join(server.output)
+        for r in results:
+            assert not isinstance(r, BaseException), r
+            assert r["y"][0] == 0.1
+        # A request that arrives while the server drains: answered, or told
+        # the server is shutting down; never left hanging.
+        assert isinstance(late, (dict, Overloaded)), repr(late)
+        assert isinstance(new, (dict, Overloaded, ConnectionError)), repr(new)
+        assert not live_pids(workers)
+        assert not [s for s in shm.list_segments()
+                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
+        print(f"during the drain: on an open connection {late!r}; a new one {new!r}")
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
