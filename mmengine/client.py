@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import select
 import socket
 import threading
 from typing import Any, Iterable
@@ -123,6 +124,19 @@ class Client:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, _Frames()
 
+    def _pooled(self):
+        """A pooled connection the server has not closed meanwhile (it closes
+        idle ones); None if there is none."""
+        while True:
+            try:
+                sock, frames = self._pool.get_nowait()
+            except queue.Empty:
+                return None
+            # Nothing is in flight on a pooled socket: readable means closed.
+            if not select.select([sock], [], [], 0)[0]:
+                return sock, frames
+            sock.close()
+
     def _next_id(self) -> int:
         with self._lock:
             return next(self._ids)
@@ -135,10 +149,7 @@ class Client:
         for m in messages:
             m["id"] = self._next_id()
             ids.append(m["id"])
-        try:
-            conn = self._pool.get_nowait()
-        except queue.Empty:
-            conn = self._connect()
+        conn = self._pooled() or self._connect()
         sock, frames = conn
         sock.settimeout(timeout or self.timeout)
         try:

@@ -68,6 +68,13 @@ def encode_tensors(arrays: dict[str, np.ndarray]) -> dict:
     return out
 
 
+#: The dtypes a tensor may have on the wire (docs/protocol.md), little-endian.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64",
+                 "int64", "float16", "float32", "float64", "complex64", "complex128")}
+
+
 def decode_tensors(tensors: Any) -> dict[str, np.ndarray]:
     """Arrays viewing the frame's bytes (read-only, no copy)."""
     if not isinstance(tensors, dict) or not tensors:
@@ -77,12 +84,14 @@ def decode_tensors(tensors: Any) -> dict[str, np.ndarray]:
         if not isinstance(name, str) or not isinstance(t, dict):
             raise BadRequest("each tensor must be a map under a string name")
         try:
-            dtype = np.dtype(t["dtype"])
-            shape = [int(d) for d in t["shape"]]
-            data = t["data"]
-            if dtype.hasobject or not isinstance(data, bytes):
-                raise TypeError("data must be bin and dtype a plain numeric type")
-            out[name] = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+            dtype, shape, data = t["dtype"], t["shape"], t["data"]
+            if type(dtype) is not str or dtype not in DTYPES:
+                raise TypeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+                raise TypeError("shape must be a list of non-negative integers")
+            if not isinstance(data, bytes):
+                raise TypeError("data must be bin")
+            out[name] = np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
         except (KeyError, TypeError, ValueError) as e:
             raise BadRequest(f"tensor {name!r}: {type(e).__name__}: {e}") from None
     return out

@@ -318,3 +318,12 @@ def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
     assert not live_pids(pids)
     prefix = f"{shm.PREFIX}{server.proc.pid}-"
     assert not [s for s in shm.list_segments() if s.startswith(prefix)]
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced(address):
+    with Client(address) as c:
+        x = x_for(np.random.default_rng(11))
+        c.infer("m00", {"x": x})
+        sock, _ = c._pool.queue[0]
+        sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it
+        c.infer("m00", {"x": x})  # a fresh connection, no ConnectionError

@@ -6,8 +6,10 @@ as (method, pattern, handler) with `{name}` placeholders; a handler is
 connection are answered in order (HTTP/1.1 keep-alive; a pipelining client
 gets its answers in the order it asked). Limits are applied before anything
 is buffered: the header block (431), the declared body length (413), and an
-idle connection is closed. Any typed error becomes JSON
-`{"error": message, "code": NAME}` with its HTTP status.
+idle connection is closed. Past `max_connections` open connections a new
+one is answered 503 (Retry-After) and closed before anything is read. Any
+typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
+status.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import httptools
 
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
-                             ModelNotFound, TooLarge)
+                             ModelNotFound, Overloaded, TooLarge)
 from mmengine.server.listener import Listener
 
 MAX_HEADER_BYTES = 64 << 10
@@ -47,7 +49,7 @@ class Request:
     def json(self) -> Any:
         try:
             return json.loads(self.body or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise BadRequest(f"the body is not valid JSON: {e}") from None
 
 
@@ -100,8 +102,8 @@ class _MethodNotAllowed(BadRequest):
 class HttpServer(Listener):
     def __init__(self, engine: Engine, routes: list[tuple[str, str, Handler]],
                  max_body: int | None = None, max_header: int = MAX_HEADER_BYTES,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S):
-        super().__init__(engine, lambda: _HttpConnection(self))
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, max_connections: int | None = None):
+        super().__init__(engine, lambda: _HttpConnection(self), max_connections)
         self.router = Router()
         for method, pattern, handler in routes:
             self.router.add(method, pattern, handler)
@@ -121,6 +123,7 @@ class _HttpConnection(asyncio.Protocol):
         self.worker: asyncio.Task | None = None
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
+        self.eof = False  # the client half-closed: close once its answers are out
         self._reset()
 
     def _reset(self) -> None:
@@ -137,7 +140,13 @@ class _HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server.connections.add(self)
+        if not self.server.admit(self):
+            self.dead = True
+            self._write(error_response(Overloaded(
+                f"the server has {self.server.max_connections} connections open; "
+                f"retry later")), keep_alive=False)
+            transport.close()
+            return
         self._touch()
 
     def pending(self) -> list:
@@ -147,6 +156,14 @@ class _HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its last request still gets its answers.
+        self.dead = True
+        if self.worker is None and not self.queue:
+            return None  # close now
+        self.eof = True
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
@@ -267,6 +284,8 @@ class _HttpConnection(asyncio.Protocol):
                     return
         finally:
             self.worker = None
+            if self.eof:
+                self.transport.close()
             self._touch()
 
     async def _answer(self, request: Request) -> Response:

@@ -159,7 +159,7 @@ async def infer(server, request: Request, name: str, version: str | None = None)
     header, binary = _split_body(request)
     try:
         req = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise BadRequest(f"the inference request is not valid JSON: {e}") from None
     if type(req) is not dict:
         raise BadRequest("the inference request must be a JSON object")
@@ -253,7 +253,7 @@ def _timeout(params: dict) -> float | None:
     timeout = params.get("timeout")  # microseconds, as Triton has it
     if timeout is None:
         return None
-    if type(timeout) not in (int, float) or timeout <= 0:
+    if type(timeout) not in (int, float) or not timeout > 0:  # NaN is not > 0 either
         raise BadRequest("parameter 'timeout' must be a positive number of microseconds")
     return timeout / 1e6
 
@@ -303,7 +303,7 @@ def _requested_outputs(requested, binary_default: bool,
     wanted = []
     for o in requested:
         name = o.get("name") if type(o) is dict else None
-        if name not in outputs:
+        if type(name) is not str or name not in outputs:
             raise BadRequest(f"requested output {name!r} is not one of the model's: "
                              f"{sorted(outputs)}")
         p = o.get("parameters") or {}

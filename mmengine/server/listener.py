@@ -9,14 +9,30 @@ from mmengine.engine import Engine
 
 
 class Listener:
-    """Each connection protocol it makes registers itself in `connections`
-    and answers `pending()`: the futures of the requests it has in flight."""
+    """Each connection protocol it makes registers itself with `admit` and
+    answers `pending()`: the futures of the requests it has in flight.
 
-    def __init__(self, engine: Engine, factory: Callable[[], asyncio.Protocol]):
+    At most `max_connections` are open at once (config `max_connections`);
+    `admit` refuses the next, and the protocol answers it with its own
+    OVERLOADED error and closes it at once, before reading anything."""
+
+    def __init__(self, engine: Engine, factory: Callable[[], asyncio.Protocol],
+                 max_connections: int | None = None):
         self.engine = engine
         self._factory = factory
         self._server: asyncio.AbstractServer | None = None
         self.connections: set = set()
+        self.max_connections = max_connections or engine.config.max_connections
+        self.refused = 0  # connections refused past max_connections
+
+    def admit(self, connection) -> bool:
+        """Registers a new connection; False (and not registered) when
+        `max_connections` are open already."""
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            return False
+        self.connections.add(connection)
+        return True
 
     async def start(self, host: str, port: int) -> int:
         """Listens; returns the bound port (useful with port 0)."""

@@ -9,27 +9,37 @@ callback that writes the answer (no task on the hot path), every other
 operation a task. A malformed
 frame gets a typed error and the connection is closed (the stream can no
 longer be trusted); other connections are untouched.
+
+Hostile and forgotten clients are bounded: past `max_connections` open
+connections a new one gets an OVERLOADED frame (nil id) and is closed; a
+connection with nothing in flight and no bytes for `tcp_idle_timeout_s` is
+closed, and so is one whose frame, once begun, is not complete that long
+after its first byte (a TIMEOUT frame with nil id says so first).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from typing import Any
 
 from mmengine import protocol, trace
 from mmengine.engine import Engine
-from mmengine.errors import BadRequest, InternalError, MMEngineError, TooLarge
+from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
+                             TooLarge)
 from mmengine.server.listener import Listener
 
 MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
 
 
 class TcpServer(Listener):
-    def __init__(self, engine: Engine, max_frame: int | None = None):
-        super().__init__(engine, lambda: _Connection(self))
+    def __init__(self, engine: Engine, max_frame: int | None = None,
+                 max_connections: int | None = None, idle_timeout_s: float | None = None):
+        super().__init__(engine, lambda: _Connection(self), max_connections)
         self.max_frame = max_frame or max(protocol.DEFAULT_MAX_FRAME,
                                           engine.config.max_request_bytes)
+        self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
 
 
 class _Connection(asyncio.Protocol):
@@ -41,10 +51,23 @@ class _Connection(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self.paused = False
         self.closing = False
+        self.idle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0   # loop time of the last bytes read or last answer
+        self.frame_began = 0.0   # loop time the unfinished frame in buf began; 0: none
+        self.eof = False         # the client half-closed: close once its answers are out
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server.connections.add(self)
+        if not self.server.admit(self):
+            self.closing = True
+            transport.write(protocol.frame(protocol.error_response(None, Overloaded(
+                f"the server has {self.server.max_connections} connections open; "
+                f"retry later"))))
+            transport.close()
+            return
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
+        self._arm(self.last_active + self.server.idle_timeout_s)
 
     def pending(self) -> list:
         return list(self.tasks)
@@ -52,10 +75,47 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its last frame still gets its answers.
+        if not self.tasks:
+            return None  # close now
+        self.eof = True
+        return True
+
+    # -- idle connections and unfinished frames: one timer that moves itself
+
+    def _arm(self, when: float) -> None:
+        if math.isfinite(when):  # an infinite timeout: never
+            self.idle = self.loop.call_at(when, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self.idle = None
+        if self.closing:
+            return
+        now = self.loop.time()
+        timeout = self.server.idle_timeout_s
+        if self.frame_began and not self.paused and now >= self.frame_began + timeout:
+            self._send(protocol.error_response(None, Timeout(
+                f"a frame was begun and not finished within {timeout:g} s")))
+            self._close()
+        elif self.tasks:  # requests in flight: the last answer touches it again
+            self._arm(now + timeout)
+        elif now >= self.last_active + timeout:
+            self._close()
+        else:
+            due = self.last_active + timeout
+            if self.frame_began:
+                due = min(due, self.frame_began + timeout)
+            self._arm(due)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.last_active = now = self.loop.time()
         buf = self.buf
         buf += data
         start = 0
@@ -75,8 +135,17 @@ class _Connection(asyncio.Protocol):
             self._send(protocol.error_response(None, e))
             self._close()
             return
+        except Exception as e:  # noqa: BLE001 - a bug: say so, never a silent close
+            self._send(protocol.error_response(None, InternalError(f"{type(e).__name__}: {e}")))
+            self._close()
+            return
         finally:
             del buf[:start]
+        # A frame begins when its first bytes stay in buf after a read.
+        if not buf:
+            self.frame_began = 0.0
+        elif start or not self.frame_began:
+            self.frame_began = now
 
     def _dispatch(self, message: dict) -> None:
         rid = message.get("id")
@@ -98,7 +167,7 @@ class _Connection(asyncio.Protocol):
                 return
             fut.add_done_callback(functools.partial(self._on_answer, rid, t_submit))
         else:
-            handler = _HANDLERS.get(op)
+            handler = _HANDLERS.get(op) if type(op) is str else None
             if handler is None:
                 self._send(protocol.error_response(
                     rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
@@ -128,6 +197,10 @@ class _Connection(asyncio.Protocol):
 
     def _task_done(self, fut: asyncio.Future) -> None:
         self.tasks.discard(fut)
+        if not self.tasks:  # idle from now on
+            self.last_active = self.loop.time()
+            if self.eof:
+                self._close()
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
             self.transport.resume_reading()
@@ -164,7 +237,7 @@ def _model_args(message: dict) -> tuple[str, int | None]:
 def _timeout(message: dict) -> float | None:
     timeout = message.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-            timeout, (int, float)) or timeout <= 0):
+            timeout, (int, float)) or not timeout > 0):  # NaN is not > 0 either
         raise BadRequest("'timeout' must be a positive number of seconds")
     return timeout
 
