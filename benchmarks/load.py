@@ -22,9 +22,7 @@ Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
+
+import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -281,22 +281,8 @@ def run(quick: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--quick", action="store_true", help="a 64 MiB model, fewer repeats")
-    args = ap.parse_args()
-    out = run(args.quick)
-    if args.json:
-        print(json.dumps(out))
-        return
-    for key, value in out.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                print(f"  {key}.{k:<22} {'null' if v is None else f'{v:12,.3f}'}")
-        elif isinstance(value, (int, float)):
-            print(f"{key:<30} {value:12,.3f}")
-        else:
-            print(f"{key:<30} {value}")
+    args = report.arguments(__doc__, quick="a 64 MiB model, fewer repeats").parse_args()
+    report.emit(run(args.quick), args.json)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ import numpy as np
 import psutil
 import uvloop
 
+import report  # benchmarks/report.py: the script's own folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from mmengine import AsyncClient, Client, protocol  # noqa: E402
@@ -409,25 +411,13 @@ def run(quick: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--quick", action="store_true", help="finish in well under 60 s")
+    ap = report.arguments(__doc__)
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_server:
         echo_server(args.echo_server)
         return
-    out = run(args.quick)
-    if args.json:
-        print(json.dumps(out))
-        return
-    for key, value in out.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k:<28} {v:12,.2f}")
-        else:
-            print(f"{key:<30} {value:12,.2f}")
+    report.emit(run(args.quick), args.json)
 
 
 if __name__ == "__main__":

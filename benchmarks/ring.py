@@ -10,8 +10,6 @@ object (the last line) with --json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
 import socket
@@ -21,6 +19,8 @@ import time
 
 import numpy as np
 import psutil
+
+import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from mmengine.ring import Ring  # noqa: E402
@@ -236,22 +236,8 @@ def run(quick: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--quick", action="store_true", help="finish in well under 60 s")
-    args = ap.parse_args()
-    out = run(args.quick)
-    if args.json:
-        print(json.dumps(out))
-        return
-    for key, value in out.items():
-        if key == "ratios":
-            for r, v in value.items():
-                print(f"  ratio {r:<24} {v:10.3f}")
-        elif isinstance(value, float):
-            print(f"{key:<30} {value:14,.2f}")
-        else:
-            print(f"{key:<30} {value}")
+    args = report.arguments(__doc__).parse_args()
+    report.emit(run(args.quick), args.json)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import json
 import os
 import shutil
 import sys
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import uvloop
+
+import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import server  # noqa: E402  (it also puts the project on sys.path)
@@ -213,9 +213,7 @@ def plot(path: str, out: dict, series: dict) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--quick", action="store_true", help="60 models, 3,000 requests")
+    ap = report.arguments(__doc__, quick="60 models, 3,000 requests")
     ap.add_argument("--zipf", type=float, default=1.0, metavar="S", help="Zipf exponent")
     ap.add_argument("--plot", nargs="?", const="zipf.png", metavar="PNG",
                     help="write a latency CDF and hit rate over time (default zipf.png)")
@@ -223,17 +221,7 @@ def main() -> None:
     out, series = run(args.quick, args.zipf)
     if args.plot and plot(args.plot, out, series):
         out["plot"] = os.path.abspath(args.plot)
-    if args.json:
-        print(json.dumps(out))
-        return
-    for key, value in out.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                print(f"  ratio {k:<22} {v:10.3f}")
-        elif isinstance(value, float):
-            print(f"{key:<28} {value:12,.3f}")
-        else:
-            print(f"{key:<28} {value:>12}")
+    report.emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,19 @@ from mmengine.config import PURE_PYTHON_VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A handler model that sleeps as long as its input says: requests that stay
+# in flight on demand (pins, reordering, timeouts, drains).
+SLOW_HANDLER = '''
+import time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+'''
+
 
 def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     """Runs `coro` on a fresh uvloop with a deadline. Fails if anything

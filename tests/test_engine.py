@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import live_pids, run
+from conftest import SLOW_HANDLER, live_pids, run
 from mmengine import demo, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -21,17 +21,6 @@ from mmengine.storage import Repository
 DIMS = (16, 64, 8)  # in, hidden, out: 6,432 bytes of weights each
 N_MODELS = 50
 
-SLOW_HANDLER = '''
-import time
-import numpy as np
-
-def load(path, device):
-    pass
-
-def predict(inputs):
-    time.sleep(float(inputs["seconds"][0]))
-    return {"y": inputs["seconds"] * 2}
-'''
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import Server, environ, live_pids, run
+from conftest import SLOW_HANDLER, Server, environ, live_pids, run
 from mmengine import demo, shm
 from mmengine.client import AsyncClient
 from mmengine.config import Config
@@ -21,16 +21,6 @@ from mmengine.errors import LoadFailed, Overloaded, Timeout, WorkerDied
 DIMS = (16, 64, 8)
 
 # Sleeps in predict() for inputs["seconds"].
-SLOW_HANDLER = '''
-import time
-
-def load(path, device):
-    pass
-
-def predict(inputs):
-    time.sleep(float(inputs["seconds"][0]))
-    return {"y": inputs["seconds"] * 2}
-'''
 
 # Does what the file `mode` beside it says when it loads: "ok", "raise",
 # "oom", or a number of seconds to take.

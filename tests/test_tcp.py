@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Server, command, environ, live_pids, run
+from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config
@@ -22,16 +22,6 @@ DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-SLOW_HANDLER = '''
-import time
-
-def load(path, device):
-    pass
-
-def predict(inputs):
-    time.sleep(float(inputs["seconds"][0]))
-    return {"y": inputs["seconds"] * 2}
-'''
 
 
 def start(request, *args: str, env: dict[str, str] | None = None,
