@@ -284,13 +284,17 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     if (MM_READY()) return MM_RING_OK;
     uint64_t start = mm_now_ns();
     uint64_t spin_end = start + r->spin_ns;
+    uint64_t yield_after = start + r->spin_ns / 8;
     for (unsigned i = 1;; i++) {
         if (MM_READY()) return MM_RING_OK;
         if ((i & 63u) == 0) {
-            if (mm_now_ns() >= spin_end) break;
+            uint64_t now = mm_now_ns();
+            if (now >= spin_end) break;
             /* Two processes of a ring can share one core on a small machine:
-             * then spinning only delays the peer we wait for. */
-            sched_yield();
+             * then spinning only delays the peer we wait for. Not at first,
+             * though: a system call while the answer arrives costs more
+             * than the round trip it would save. */
+            if (now >= yield_after) sched_yield();
         }
         mm_cpu_relax();
     }

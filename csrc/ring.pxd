@@ -52,6 +52,9 @@ cdef extern from "ring.h" nogil:
                         const uint64_t *lens)
     int mm_ring_try_get(mm_ring *r, const uint8_t **rec)
     void mm_ring_release(mm_ring *r)
+    void mm_cpu_relax()
+    int mm_ring_readable(const mm_ring *r)
+    int mm_ring_writable(const mm_ring *r, uint64_t need)
     int mm_ring_park(mm_ring *r, int for_read, uint64_t need)
     void mm_ring_unpark(mm_ring *r, int for_read)
     int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t timeout_ns,

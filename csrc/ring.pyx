@@ -27,6 +27,8 @@ MAX_PARTS = MM_RING_MAX_PARTS
 
 # Records above this many bytes are copied with the GIL released.
 DEF NOGIL_COPY_BYTES = 65536
+# How long a waiter spins before it releases the GIL (see _spin).
+DEF SPIN_WITH_GIL_NS = 3000
 
 
 cdef int raise_status(int status, str what) except -1:
@@ -132,7 +134,8 @@ cdef class RingCore:
                     break
                 if timeout_ns == 0:
                     return 0
-                self._wait(0, size, deadline)
+                if not self._spin(0, size):
+                    self._wait(0, size, deadline)
             if status != MM_RING_OK:
                 raise_status(status, "put")
             return 1
@@ -190,7 +193,8 @@ cdef class RingCore:
                 return None
             if self.r.held:
                 raise InternalError(_WAIT_HOLDING)
-            self._wait(1, 0, deadline)
+            if not self._spin(1, 0):
+                self._wait(1, 0, deadline)
 
     def try_get(self):
         """The next record as [header, *buffers] views, or None if empty.
@@ -216,6 +220,21 @@ cdef class RingCore:
         return self.r.held
 
     # -- waiting -----------------------------------------------------------
+
+    cdef bint _spin(self, int for_read, uint64_t need):
+        """A few µs of spinning with the GIL held, before _wait releases it
+        and looks up the peer: an answer that is about to arrive is caught
+        without either cost. Short enough not to starve other threads."""
+        cdef uint64_t end = mm_now_ns() + (SPIN_WITH_GIL_NS if self.r.spin_ns > SPIN_WITH_GIL_NS
+                                           else self.r.spin_ns)
+        cdef unsigned i = 0
+        while True:
+            if (mm_ring_readable(&self.r) if for_read else mm_ring_writable(&self.r, need)):
+                return True
+            i += 1
+            if (i & 63) == 0 and mm_now_ns() >= end:
+                return False
+            mm_cpu_relax()
 
     cdef int _wait(self, int for_read, uint64_t need, int64_t deadline) except -1:
         """Waits until `deadline` (mm_now_ns() clock; -1: none), so that the
