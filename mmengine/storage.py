@@ -290,19 +290,13 @@ def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             raise LoadFailed(f"{where}: {MANIFEST}: unknown key {key!r}")
     fields: dict[str, Any] = {}
     if "backend" in manifest:
-        fields["backend"] = _expect(manifest, "backend", str, where)
-        if fields["backend"] not in BACKENDS:
-            raise LoadFailed(f"{where}: {MANIFEST}: 'backend' must be one of "
-                             f"{sorted(BACKENDS)}, not {fields['backend']!r}")
+        fields["backend"] = _expect_choice(manifest, "backend", BACKENDS, where)
     if "bytes" in manifest:
         fields["bytes"] = _expect(manifest, "bytes", int, where)
         if fields["bytes"] < 0:
             raise LoadFailed(f"{where}: {MANIFEST}: 'bytes' must not be negative")
     if "device" in manifest:
-        fields["device"] = _expect(manifest, "device", str, where)
-        if fields["device"] not in _DEVICE_TYPES:
-            raise LoadFailed(f"{where}: {MANIFEST}: 'device' must be one of "
-                             f"{sorted(_DEVICE_TYPES)}, not {fields['device']!r}")
+        fields["device"] = _expect_choice(manifest, "device", _DEVICE_TYPES, where)
     if "trusted" in manifest:
         fields["trusted"] = _expect(manifest, "trusted", bool, where)
     if "options" in manifest:
@@ -320,6 +314,14 @@ def _expect(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     # TOML booleans are ints to Python; a count of `true` bytes is a mistake.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be a {kind.__name__}, "
+                         f"not {value!r}")
+    return value
+
+
+def _expect_choice(table: dict[str, Any], key: str, choices, where: str) -> str:
+    value = _expect(table, key, str, where)
+    if value not in choices:
+        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be one of {sorted(choices)}, "
                          f"not {value!r}")
     return value
 

@@ -68,6 +68,22 @@ def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     return result
 
 
+def write_problem_models(root) -> None:
+    """Beside the good models of a test repository: "slow" (SLOW_HANDLER),
+    "corrupt" (a safetensors file that is not one) and "huge" (a manifest
+    that declares a terabyte)."""
+    from mmengine import demo
+
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
+    huge = demo.write_mlp(root / "huge", "safetensors", 4, 8, 2)
+    (huge / "model.toml").write_text("bytes = 1000000000000\n"
+                                     + (huge / "model.toml").read_text())
+
+
 def live_pids(pids) -> list[int]:
     alive = []
     for pid in pids:

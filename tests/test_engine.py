@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, live_pids, run
+from conftest import live_pids, run, write_problem_models
 from mmengine import demo, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -33,16 +33,7 @@ def repo(tmp_path_factory):
         models[name] = demo.DemoModel(name, "safetensors", *DIMS, seed=i)
     for backend in demo.BACKENDS:
         demo.write_mlp(root / f"any-{backend}", backend, 4, 8, 2, seed=7)
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
-    (root / "corrupt" / "1").mkdir(parents=True)
-    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
-    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
-    huge = demo.write_mlp(root / "huge", "safetensors", 4, 8, 2)
-    (huge / "model.toml").write_text((huge / "model.toml").read_text() + "\n")
-    with open(huge / "model.toml") as f:
-        text = f.read()
-    (huge / "model.toml").write_text("bytes = 1000000000000\n" + text)
+    write_problem_models(root)
     return root, models
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run
+from conftest import Server, command, environ, live_pids, run, write_problem_models
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config
@@ -38,14 +38,7 @@ def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     for i, name in enumerate(MODELS):
         demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
-    (root / "corrupt" / "1").mkdir(parents=True)
-    (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
-    (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
-    huge = demo.write_mlp(root / "huge", "safetensors", 4, 8, 2)
-    (huge / "model.toml").write_text("bytes = 1000000000000\n"
-                                     + (huge / "model.toml").read_text())
+    write_problem_models(root)
     return root
 
 
