@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mmengine import auth
 from mmengine import cache as books
 from mmengine import resources
 from mmengine.config import Config
@@ -151,18 +152,20 @@ class Engine:
     # -- the request path --------------------------------------------------------
 
     async def infer(self, name: str, inputs: Mapping[str, Any], version: int | None = None,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
+                    timeout: float | None = None, token: str | None = None
+                    ) -> dict[str, np.ndarray]:
         """Runs a model on named arrays (numpy, or torch on any device) and
-        returns its named outputs as numpy arrays."""
-        return (await self.submit(name, inputs, version, timeout))[1]
+        returns its named outputs as numpy arrays. `token`: one of the
+        model's tokens, if its manifest lists any (else Unauthorized)."""
+        return (await self.submit(name, inputs, version, timeout, token))[1]
 
     def submit(self, name: str, inputs: Mapping[str, Any], version: int | None = None,
-               timeout: float | None = None) -> asyncio.Future:
+               timeout: float | None = None, token: str | None = None) -> asyncio.Future:
         """infer() as a future of (timing body, outputs), for servers. A
         request for a resident model is sent before this returns, with no
         task and no coroutine in between; any other goes through a task that
-        resolves the model, loads it if needed, then sends. Bad input raises
-        here, at once."""
+        resolves the model, loads it if needed, then sends. Bad input (and
+        a bad token, where the model is known) raises here, at once."""
         t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
         arrays = _as_arrays(inputs)
@@ -172,6 +175,7 @@ class Engine:
         spec = self._specs.get((name, version))
         fut = None
         if spec is not None:
+            auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
@@ -179,7 +183,7 @@ class Engine:
                     self._hits += 1
                     fut = self._send_infer(key, self.pool.workers[index], arrays, deadline)
         if fut is None:
-            fut = self._spawn(self._infer_cold(name, version, arrays, deadline))
+            fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token))
         self._queued[name] = queued + 1
         fut.add_done_callback(lambda _: self._dequeue(name))
         if self.observers:
@@ -215,9 +219,10 @@ class Engine:
                 print(f"mmengine: observer {observer!r} failed on {kind}: {e!r}")
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
-                          deadline: float) -> tuple[dict, dict]:
+                          deadline: float, token: str | None) -> tuple[dict, dict]:
         try:
             spec = await self._spec(name, version)
+            auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
             worker = await self._acquire(key, spec, deadline)
         except asyncio.CancelledError:

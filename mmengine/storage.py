@@ -13,6 +13,8 @@ Manifest keys (all optional):
     device = "cpu"            # the device type the model must run on
     trusted = false           # may pickled data in the artifact be unpickled
     warmup = true             # or a table {input = [concrete shape]}
+    token_sha256 = ["…"]      # hex sha256 digests of the tokens that may call
+                              # this model (one string or several, for rotation)
     [[inputs]]                # also [[outputs]]
     name = "x"
     dtype = "float32"         # a numpy dtype name
@@ -56,8 +58,8 @@ BACKENDS = frozenset(backend for backend, _ in DETECTION_ORDER)
 #: Backends that import Python files shipped with the model.
 CODE_BACKENDS = frozenset({"handler", "safetensors"})
 
-_MANIFEST_KEYS = frozenset(
-    {"backend", "bytes", "device", "trusted", "warmup", "inputs", "outputs", "options"})
+_MANIFEST_KEYS = frozenset({"backend", "bytes", "device", "trusted", "warmup", "inputs",
+                            "outputs", "options", "token_sha256"})
 _DEVICE_TYPES = frozenset({"cpu", "cuda"})
 # Dtypes a request can carry as a numpy array.
 DTYPES = frozenset({
@@ -88,6 +90,9 @@ class ModelSpec:
     # Concrete input shapes of the warm-up call run after a load; empty: none.
     warmup: tuple[tuple[str, tuple[int, ...]], ...] = ()
     options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    # Digests (32 raw bytes each) of the tokens that may run this model;
+    # empty: anyone who reaches the server may.
+    token_digests: tuple[bytes, ...] = ()
 
 
 def check_name(name: object) -> str:
@@ -306,7 +311,23 @@ def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             fields[key] = _parse_tensors(manifest[key], key, where)
     if "warmup" in manifest:
         fields["warmup"] = _parse_warmup(manifest["warmup"], fields.get("inputs", ()), where)
+    if "token_sha256" in manifest:
+        fields["token_digests"] = _parse_digests(manifest["token_sha256"], where)
     return fields
+
+
+def _parse_digests(value: Any, where: str) -> tuple[bytes, ...]:
+    values = [value] if isinstance(value, str) else value
+    try:
+        if not isinstance(values, list) or not values:
+            raise ValueError
+        digests = tuple(bytes.fromhex(v) for v in values)
+        if any(len(d) != 32 for d in digests):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise LoadFailed(f"{where}: {MANIFEST}: 'token_sha256' must be a hex sha256 digest "
+                         f"or a non-empty list of them") from None
+    return digests
 
 
 def _expect(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
