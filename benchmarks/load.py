@@ -17,7 +17,10 @@ resident model's p99 latency through the same Engine is measured while
 nothing loads, then while the big model is loaded and unloaded over and
 over on the same worker. Medians of repeated runs.
 
-There is no host tier yet: host_gb_per_s and ratios.host_vs_memcpy are null.
+The host tier is measured by a second Engine, whose evictions demote the
+model to shared memory (demote_ms) and whose loads map it from there
+(host_gb_per_s, host_load_ms); the first Engine has no host tier, so each
+of its loads reads the file (disk_gb_per_s, load_ms, evict_ms).
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ CACHE_VERSION = 1  # bump when the generated models change
 BIG, HOT = "big", "hot"
 WIDTH, QUICK_WIDTH, LAYERS = 4096, 2048, 4   # 4 x 4096^2 x 4 B = 256 MiB
 HOT_DIMS = (64, 32, 16)
+CHURN_PERIOD_S = 0.02  # the big model is loaded and evicted 50 times a second at most
 
 _MODEL_PY = '''\
 import torch
@@ -169,7 +173,12 @@ def safetensors_s(path: Path, repeats: int) -> float | None:
 
 # -- mmengine --------------------------------------------------------------------------
 
-async def _engine(root: Path, repeats: int, idle_n: int, cycles: int) -> dict:
+async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool) -> dict:
+    """Loads and evictions of the big model through a real Engine, and a
+    small resident model's latency while nothing loads and while the big
+    one loads and unloads again and again. host=False: no host tier, every
+    load reads the file. host=True: the model is published to the host
+    tier once, and then every eviction demotes it and every load maps it."""
     from mmengine.engine import Engine
 
     seen = []
@@ -178,21 +187,35 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int) -> dict:
 
     def observe(kind: str, fields: dict) -> None:
         if kind == "load" and fields["model"] == BIG and "phases" in fields:
-            seen.append(fields["phases"])
+            seen.append((fields["from"], fields["phases"]))
 
-    config = Config(repo=str(root), workers=1, device_budget=4 << 30)
+    config = Config(repo=str(root), workers=1, device_budget=4 << 30,
+                    host_tier_bytes=-1 if host else 0)
     async with Engine(config) as engine:
         engine.observers.append(observe)
         await engine.infer(HOT, {"x": x})
+
+        async def published() -> None:
+            while not engine.stats()["host_tier"]["bytes"] > (1 << 20):
+                await asyncio.sleep(0.01)
+
+        first_map_s = None
+        if host:
+            await engine.load(BIG)
+            await published()
+            await engine.unload(BIG, keep_host=True)
+            first_map_s = _first_map_s(engine.host.segment((BIG, 1)), repeats)
         for _ in range(repeats + 1):  # the first: a cold start of the worker's code paths
             t0 = time.perf_counter()
             await engine.load(BIG)
             t1 = time.perf_counter()
-            await engine.unload(BIG)
+            await engine.unload(BIG, keep_host=host)
             t2 = time.perf_counter()
             engine_ms.append((t1 - t0) * 1e3)
             evict_ms.append((t2 - t1) * 1e3)
-        loads = seen[1:]  # a copy: the loads below, under traffic, do not count
+        loads = [phases for source, phases in seen[-repeats:]
+                 if source == ("host" if host else "disk")]
+        assert len(loads) == repeats, seen
         del engine_ms[0], evict_ms[0]
 
         async def hot(n: int, until: asyncio.Event | None = None) -> list[float]:
@@ -210,10 +233,15 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int) -> dict:
         async def churn():  # at least `cycles`, and for as long as the samples take
             n = 0
             while n < cycles or not enough.is_set():
+                t0 = time.perf_counter()
                 await engine.load(BIG)
                 started.set()
-                await engine.unload(BIG)
+                await engine.unload(BIG, keep_host=host)
                 n += 1
+                # At most one cycle per CHURN_PERIOD_S: a reload from the host
+                # tier takes under a millisecond, and back-to-back cycles would
+                # measure a worker doing nothing but swap one model.
+                await asyncio.sleep(max(0.0, CHURN_PERIOD_S - (time.perf_counter() - t0)))
             done.set()
 
         enough = asyncio.Event()
@@ -232,7 +260,23 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int) -> dict:
             "hot_p50_idle_us": float(np.percentile(idle, 50)),
             "hot_p99_during_loads_us": float(np.percentile(during, 99)),
             "hot_p50_during_loads_us": float(np.percentile(during, 50)),
-            "hot_samples_during_loads": len(during)}
+            "hot_samples_during_loads": len(during),
+            "first_map_s": first_map_s}
+
+
+def _first_map_s(segment: str, repeats: int) -> float:
+    """How long a worker that has not mapped a host-tier segment yet takes
+    to map it (what a load on another worker, or after a restart, costs
+    beyond building the module): timed here, with the worker's function."""
+    from mmengine.backends.safetensors import _map_host
+
+    samples = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        flat, _ = _map_host(segment, "benchmark")
+        samples.append(time.perf_counter() - t0)
+        del flat  # unmapped once the last view is gone (not timed: a worker does it later)
+    return statistics.median(samples[1:])
 
 
 # -- the run -------------------------------------------------------------------------
@@ -248,8 +292,11 @@ def run(quick: bool) -> dict:
     read = read_s(weights, repeats)
     torch_load = torch_load_s(root, repeats)
     st = safetensors_s(weights, repeats)
-    eng = uvloop.run(_engine(root, repeats, 2_000 if quick else 5_000, 8 if quick else 20))
+    idle_n, cycles = (2_000, 8) if quick else (5_000, 20)
+    eng = uvloop.run(_engine(root, repeats, idle_n, cycles, host=False))
+    tier = uvloop.run(_engine(root, repeats, idle_n, cycles, host=True))
     disk = gb / (eng["worker_load_ms"] / 1e3)
+    host = gb / (tier["worker_load_ms"] / 1e3)
     return {
         "model_bytes": nbytes,
         "memcpy_gb_per_s": gb / memcpy,
@@ -257,24 +304,32 @@ def run(quick: bool) -> dict:
         "torch_load_gb_per_s": gb / torch_load,
         "safetensors_gb_per_s": gb / st if st else None,
         "disk_gb_per_s": disk,
-        "host_gb_per_s": None,
+        "host_gb_per_s": host,
+        "host_first_map_gb_per_s": gb / tier["first_map_s"],
         "load_ms": eng["worker_load_ms"],
+        "host_load_ms": tier["worker_load_ms"],
         "engine_load_ms": eng["engine_load_ms"],
         "load_phases_ms": eng["phases_ms"],
         "evict_ms": eng["evict_ms"],
+        "demote_ms": tier["evict_ms"],
+        "host_engine_load_ms": tier["engine_load_ms"],
         "hot_p50_idle_us": eng["hot_p50_idle_us"],
         "hot_p99_idle_us": eng["hot_p99_idle_us"],
         "hot_p50_during_loads_us": eng["hot_p50_during_loads_us"],
         "hot_p99_during_loads_us": eng["hot_p99_during_loads_us"],
         "hot_samples_during_loads": eng["hot_samples_during_loads"],
+        "hot_p99_during_host_loads_us": tier["hot_p99_during_loads_us"],
         "ratios": {
-            "host_vs_memcpy": None,
+            "host_vs_memcpy": host / (gb / memcpy),
+            "host_first_map_vs_memcpy": gb / tier["first_map_s"] / (gb / memcpy),
             "disk_vs_read": disk / (gb / read),
             "vs_torch_load": disk / (gb / torch_load),
             "evict_vs_load": eng["evict_ms"] / eng["worker_load_ms"],
             "interference": eng["hot_p99_during_loads_us"] / eng["hot_p99_idle_us"],
+            "host_interference": tier["hot_p99_during_loads_us"] / tier["hot_p99_idle_us"],
         },
-        "note": "no host tier yet: host_gb_per_s and ratios.host_vs_memcpy are null; "
+        "note": "disk: loads with no host tier (each reads the file); host: loads of "
+                "a model demoted to the host tier, which a CPU worker maps in place; "
                 "safetensors.torch.load_file maps the file and reads no byte until a "
                 "tensor is used, so its figure is not a read rate",
     }

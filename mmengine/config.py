@@ -12,12 +12,21 @@ import re
 import tomllib
 from typing import Any, Mapping
 
+from mmengine import fetch
+
 #: Set to 1 to run the pure-Python twins of the native core (the test
 #: oracle) instead of the Cython/C extensions.
 PURE_PYTHON_VAR = "MMENGINE_PURE_PYTHON"
 ENV_PREFIX = "MMENGINE_"
 GiB = 1 << 30
 MiB = 1 << 20
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec ignores a relative value
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mmengine", "models")
 
 
 def pure_python() -> bool:
@@ -41,6 +50,13 @@ class Config:
     high_watermark: float = 0.80         # evict when usage would pass this fraction...
     low_watermark: float = 0.70          # ...down to this one
     host_memory_watermark: float = 0.80  # system memory fraction that forces eviction
+    # Bytes of models kept in shared memory for every worker to map (the
+    # host tier): evicted models are demoted there, and reload from there.
+    # "auto" (-1): a quarter of the host's memory; 0: no host tier.
+    host_tier_bytes: int = -1
+    # Loads in flight at once (different models, different workers) may
+    # move this many bytes together; a larger model loads alone. 0: no bound.
+    load_bytes_in_flight: int = 4 * GiB
     idle_unload_s: float = 0.0           # unload models unused this long; 0: never
     policy: str = "lru"                  # lru | gdsf
     monitor_interval_s: float = 1.0      # how often resource readings are taken
@@ -72,6 +88,22 @@ class Config:
     # Directories under which POST /models (SageMaker) may add a model,
     # separated by os.pathsep; empty: nothing may be added at run time.
     model_roots: str = ""
+    # -- remote model storage (mmengine/fetch.py, mmengine/diskcache.py)
+    # Where models fetched from a remote source are kept between loads and
+    # restarts; default: $XDG_CACHE_HOME/mmengine/models (~/.cache/...).
+    cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
+    disk_cache_bytes: int = 0            # bytes of fetched models kept; 0: no byte limit
+    disk_watermark: float = 0.80         # fetched models are evicted before the cache's
+                                         # disk passes this fraction of its capacity
+    # Hosts that http(s) sources may name, "host" (any port) or "host:port",
+    # separated by commas; empty: no remote host. file:// sources must lie
+    # under model_roots instead.
+    allowed_hosts: str = ""
+    # The token that control operations (load, unload, pin, unpin; KServe
+    # repository load/unload; SageMaker POST and DELETE /models) must carry;
+    # empty: they are open to every client. The servers keep only its sha256
+    # (mmengine/auth.py); repr=False keeps it out of logged configurations.
+    control_token: str = dataclasses.field(default="", repr=False)
     trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
 
     @property
@@ -84,7 +116,9 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_SIZE_KEYS = {"device_budget", "ring_bytes"}
+_SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
+              "load_bytes_in_flight"}
+_AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6,
           "MIB": 1 << 20, "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12,
@@ -104,6 +138,8 @@ def parse_size(value: Any, key: str = "size") -> int:
 def _coerce(key: str, value: Any) -> Any:
     kind = _FIELDS[key].type
     try:
+        if key in _AUTO_SIZE_KEYS and str(value).strip().lower() in ("auto", "-1"):
+            return -1
         if key in _SIZE_KEYS:
             return parse_size(value, key)
         if kind == "int":
@@ -128,6 +164,8 @@ def _validate(c: Config) -> None:
     need(c.workers >= 1, "workers", "must be at least 1")
     need(c.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
     need(c.device_budget >= 0, "device_budget", "must be >= 0")
+    need(c.host_tier_bytes >= -1, "host_tier_bytes", "must be a size, 0 (off) or auto")
+    need(c.load_bytes_in_flight >= 0, "load_bytes_in_flight", "must be >= 0")
     need(0 < c.high_watermark <= 1, "high_watermark", "must be in (0, 1]")
     need(0 < c.low_watermark <= c.high_watermark, "low_watermark",
          "must be in (0, high_watermark]")
@@ -150,6 +188,13 @@ def _validate(c: Config) -> None:
     need(c.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0")
     need(c.tcp_idle_timeout_s > 0, "tcp_idle_timeout_s", "must be > 0")
     need(c.max_connections >= 1, "max_connections", "must be at least 1")
+    need(bool(c.cache_dir), "cache_dir", "must name a directory")
+    need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
+    need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")
+    try:
+        fetch.parse_allowed_hosts(c.allowed_hosts)
+    except ValueError as e:
+        raise ConfigError(f"allowed_hosts: {e}") from None
 
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

@@ -20,16 +20,20 @@ look at a model's files) runs in the default executor.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import resources
+from mmengine import hosttier, resources
 from mmengine.config import Config
+from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, Timeout,
                              TooLarge, WorkerDied)
 from mmengine.messages import Op
@@ -51,6 +55,7 @@ class ModelStats:
     last_load_time: float = 0.0      # wall clock
     load_duration_s: float = 0.0
     measured_bytes: int = 0          # what the last load really took
+    host_loads: int = 0              # loads that mapped the host tier's copy
     failed_in_a_row: int = 0         # failed loads since the last good one
     retry_at: float = 0.0            # monotonic; until then a load is not tried
 
@@ -61,9 +66,17 @@ class Engine:
     def __init__(self, config: Config | None = None, **overrides: Any):
         config = config or Config()
         self.config = config.replace(**overrides) if overrides else config
-        self.repo = Repository(self.config.repo)
+        self.repo = Repository(self.config.repo, config=self.config)
+        self.disk: DiskCache | None = None  # scanned at start()
+        # Downloads block a thread each for as long as they take: their own
+        # threads, so that looking a model up never waits behind one.
+        self._fetchers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="mmengine-fetch")
         self.pool: WorkerPool | None = None
         self.cache = None
+        self.host = hosttier.HostTier(self.config)
+        self.host.on_drop = self._forget_segment
+        self._load_gate = _ByteGate(self.config.load_bytes_in_flight)
         self._specs: dict[tuple[str, Any], ModelSpec] = {}
         self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
         self._gen: dict[Key, int] = {}               # bumped whenever an entry is created
@@ -94,6 +107,8 @@ class Engine:
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> "Engine":
+        loop = asyncio.get_running_loop()
+        self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         self.pool = WorkerPool(self.config)
         self.pool.on_death = self._on_worker_death
         try:
@@ -136,6 +151,8 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.stop(deadline)
+        self.host.clear()
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> "Engine":
         return await self.start()
@@ -368,14 +385,22 @@ class Engine:
         t0 = time.monotonic()
         deadline = t0 + self.config.load_timeout_s
         need = stats.measured_bytes or spec.estimated_bytes
+        path, fetch_s = await self._fetch(key, spec, t0)
         worker = await self._reserve(key, need, deadline)
         gen = self._gen[key]
+        segment = self.host.segment(key)
+        self.host.set_resident(key, True, time.monotonic())  # not dropped under the load
         try:
-            fut = worker.call(Op.LOAD, key[0], key[1], params={
-                "bytes": need, "path": str(spec.path), "allow_code": self.repo.allow_code})
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                body, _ = await fut
+                await self._load_gate.acquire(need)
+                try:
+                    body, _ = await worker.call(Op.LOAD, key[0], key[1], params={
+                        "bytes": need, "path": str(path),
+                        "allow_code": self.repo.allow_code, "host": segment})
+                finally:
+                    self._load_gate.release(need)
         except BaseException as e:
+            self.host.set_resident(key, False)
             if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
                 # The worker may still finish the load: its bytes stay reserved
                 # until the unload queued behind it has answered.
@@ -397,11 +422,17 @@ class Engine:
             raise
         if self._gen.get(key) != gen:
             raise WorkerDied(f"{key[0]}: the worker died during the load")
+        source = body.get("from", "disk")
+        body.setdefault("phases", {})["fetch"] = fetch_s
+        if segment is not None and source != "host":
+            self.host.drop(key)  # the worker could not use it: neither can anyone
         self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
                             "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
-                            "bytes": int(body["bytes"]), "phases": body.get("phases", {})})
+                            "bytes": int(body["bytes"]), "phases": body.get("phases", {}),
+                            "from": source, "allocator": body.get("allocator")})
         stats.measured_bytes = int(body["bytes"])
         stats.loads += 1
+        stats.host_loads += source == "host"
         stats.failed_in_a_row = 0
         stats.retry_at = 0.0
         stats.last_load_time = time.time()
@@ -412,8 +443,57 @@ class Engine:
         if key in self._pinned:  # a hot model is pinned again whenever it loads
             self.cache.pin(key)
             self._pinned[key] = gen
+        if source == "disk" and spec.backend in hosttier.BACKENDS:
+            self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:
             await self._shrink(worker.index, "pressure")  # the estimate was short
+
+    def _forget_segment(self, segment: str) -> None:
+        """Tells every worker that a host-tier segment is gone, so that its
+        memory goes once they unmap it. Nobody waits for the answers."""
+        for w in self.pool.workers if self.pool else []:
+            if w.alive:
+                try:
+                    fut = w.call(Op.FORGET, "", 0, params={"segment": segment})
+                except MMEngineError:
+                    continue  # it is dying: its mappings go with it
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _fetch(self, key: Key, spec: ModelSpec, t0: float) -> tuple[Path, float]:
+        """The local directory of a model, fetched into the disk cache first
+        if its source is remote (before any device bytes are reserved: a
+        download can take long), and the seconds that took."""
+        if not spec.source:
+            return spec.path, 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
+        except MMEngineError as e:
+            self._load_failed(key, e)
+            self._emit("load", {"model": key[0], "version": key[1], "worker": None,
+                                "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                                "error": str(e)})
+            raise
+        return path, time.monotonic() - t0
+
+    async def _publish(self, key: Key, worker: Worker, gen: int, nbytes: int) -> None:
+        """Copies a model just loaded from its files into the host tier, so
+        that its next load, on any worker, maps it instead. Off the request
+        path: the load has answered; a failure only means no host copy."""
+        # The segment adds a header, page-aligned, to the tensor bytes.
+        segment = self.host.reserve(key, nbytes + hosttier.HEADER_ALLOWANCE)
+        if segment is None:
+            return
+        if self._gen.get(key) == gen and key in self.cache:
+            self.host.set_resident(key, True, time.monotonic())
+        try:
+            body, _ = await worker.call(Op.PUBLISH, key[0], key[1],
+                                        params={"segment": segment})
+        except Exception as e:  # noqa: BLE001 - the model is served either way
+            self.host.drop(key)
+            self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
+            return
+        self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
     def _load_failed(self, key: Key, e: BaseException) -> None:
         """Counts a failed load and backs the model off: until its retry
@@ -502,10 +582,13 @@ class Engine:
         self._emit("evict", {"model": key[0], "version": key[1], "worker": entry.worker,
                              "reason": reason, "bytes": entry.device_bytes,
                              "start_ns": time.monotonic_ns()})
+        self._count_eviction(key, reason)
+        return self._start(key, Op.UNLOAD, self._unload(key, entry.worker, self._gen[key]))[1]
+
+    def _count_eviction(self, key: Key, reason: str) -> None:
         stats = self._stats.setdefault(key, ModelStats())
         stats.evictions += 1
         stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
-        return self._start(key, Op.UNLOAD, self._unload(key, entry.worker, self._gen[key]))[1]
 
     async def _unload(self, key: Key, index: int, gen: int) -> None:
         worker = self.pool.workers[index]
@@ -515,6 +598,8 @@ class Engine:
         except WorkerDied:
             pass  # its memory went with it
         finally:
+            if self._gen.get(key) == gen:
+                self.host.set_resident(key, False)  # demoted: its bytes stay in the host tier
             self._forget(key, gen)
 
     async def _shrink(self, index: int, reason: str, need: int = 0) -> None:
@@ -539,9 +624,14 @@ class Engine:
                 if self.cache.entry(key).state == books.READY:
                     self._evict(key, "idle")
         if resources.host_memory_fraction() > self.config.host_memory_watermark:
-            victim = self._least_recent(lambda w: w.device == "cpu")
-            if victim is not None:
-                await self._evict(victim, "host_memory")
+            # What no worker uses goes first: a demoted model's host copy.
+            demoted = self.host.least_recent()
+            if demoted is not None:
+                self.host.drop(demoted)
+            else:
+                victim = self._least_recent(lambda w: w.device == "cpu")
+                if victim is not None:
+                    await self._evict(victim, "host_memory")
         for w in self.pool.workers:
             if w.device.startswith("cuda"):
                 used, total = resources.gpu_memory(int(w.device.split(":")[1]))
@@ -564,6 +654,7 @@ class Engine:
                                    "at_ns": time.monotonic_ns()})
         for key in self.cache.lru_keys():
             if self.cache.entry(key).worker == worker.index:
+                self.host.set_resident(key, False)  # its host copy serves the reload
                 self._forget(key, self._gen[key])
         if not self._closing:
             self._spawn(self._revive(worker.index))
@@ -598,9 +689,10 @@ class Engine:
         return self._model_row(key)
 
     async def unload(self, name: str, version: int | None = None,
-                     timeout: float | None = None) -> None:
+                     timeout: float | None = None, keep_host: bool = False) -> None:
         """Unloads a model (dropping an explicit pin), once the requests in
-        flight on it have finished."""
+        flight on it have finished, and drops its host-tier copy unless
+        `keep_host` (as an eviction would)."""
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         deadline = self._deadline(timeout)
@@ -618,6 +710,8 @@ class Engine:
                 await self._wait_for_room(self._room_version, deadline)
             except TimeoutError:
                 raise Timeout(f"{name}: still in use at the deadline") from None
+        if not keep_host:
+            self.host.drop(key)
 
     async def pin(self, name: str, version: int | None = None,
                   timeout: float | None = None) -> dict:
@@ -709,17 +803,22 @@ class Engine:
                "failures": stats.failures, "last_error": stats.last_error,
                "last_load_time": stats.last_load_time,
                "load_duration_s": stats.load_duration_s,
-               "retry_in_s": round(backoff_left, 3)}
+               "loads_from_host": stats.host_loads,
+               "retry_in_s": round(backoff_left, 3), "host_bytes": self.host.bytes(key)}
         if self.cache is not None and key in self.cache:
             e = self.cache.entry(key)
             row.update(state=STATE_NAMES[e.state], worker=e.worker, bytes=e.device_bytes,
                        hits=e.hits, pins=e.pins)
         elif backoff_left > 0:  # refused until then: its last load failed
             row["state"] = "failed"
+        elif self.host.segment(key) is not None:
+            row["state"] = "in host memory"
+        elif self.disk is not None and self.disk.has(*key):
+            row["state"] = "on disk"
         return row
 
     def stats(self) -> dict:
-        keys = set(self._stats)
+        keys = set(self._stats) | set(self.host.book.lru_keys())
         if self.cache is not None:
             keys.update(self.cache.lru_keys())
         rows = [self._model_row(k) for k in sorted(keys)]
@@ -748,8 +847,41 @@ class Engine:
                 "resident_models": len(resident),
                 "resident_bytes": sum(r["bytes"] for r in resident),
                 "worker_restarts": self.pool.restarts if self.pool else 0,
+                "loads_from_host": sum(r["loads_from_host"] for r in rows),
             },
+            "host_tier": self.host.stats(),
+            "disk_cache": {**(self.disk.stats() if self.disk is not None else {}),
+                           "budget_bytes": self.config.disk_cache_bytes},
         }
+
+
+class _ByteGate:
+    """Bounds the bytes that loads move at once: a load waits while others
+    hold the gate and its bytes would pass the limit. A load never waits
+    for an empty gate, so a model larger than the limit loads, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no bound
+        self.held = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self, nbytes: int) -> None:
+        while self.limit and self.held and self.held + nbytes > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    self._waiters.remove(waiter)
+        self.held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
+        while self._waiters:  # each looks again; those that still do not fit wait again
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 def _expire(fut: asyncio.Future, name: str) -> None:

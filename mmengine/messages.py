@@ -7,13 +7,16 @@ bytes of its tensors (parts 1..n), in the order the header lists them.
 Request header (front-end -> worker), a msgpack array:
 
     [op, id, model, version, tensors, params]
-      op       Op.INFER | Op.LOAD | Op.UNLOAD
+      op       Op.INFER | Op.LOAD | Op.UNLOAD | Op.PUBLISH | Op.FORGET
       id       int, unique among the requests in flight to this worker
       model    str, the model name
       version  int
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
       params   map, op-specific (LOAD: {"bytes": estimate, "path": the version
-               directory, "allow_code": bool})
+               directory, "allow_code": bool, "host": the host-tier segment
+               to load from, or nil}; PUBLISH: {"segment": the name of the
+               host-tier segment to create}; FORGET: {"segment": a segment
+               the front-end unlinked})
 
 Response header (worker -> front-end):
 
@@ -21,7 +24,9 @@ Response header (worker -> front-end):
       code     0 for success, else an mmengine.errors.ErrorCode
       body     INFER: {"t_recv", "t_done"}: time.monotonic_ns() when the worker
                took the request and when it finished (the front-end adds
-               "t_read", when it read the answer); LOAD: {"bytes": measured};
+               "t_read", when it read the answer); LOAD: {"bytes": measured,
+               "phases": {phase: seconds}, "from": "host" | "disk"};
+               PUBLISH: {"bytes": the segment's size};
                READY (id 0): {"pid", "device"}; error: the message (str)
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
@@ -48,6 +53,8 @@ class Op(enum.IntEnum):
     INFER = 1
     LOAD = 2
     UNLOAD = 3
+    PUBLISH = 4  # copy a resident model's bytes into a host-tier segment
+    FORGET = 5   # a host-tier segment is gone: unmap it
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack

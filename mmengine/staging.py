@@ -1,4 +1,5 @@
-"""Host memory for loads: one arena per model, recycled after eviction.
+"""Host memory for loads: one arena per model, recycled after eviction; and
+the pipeline that moves a model's bytes to a device through pinned buffers.
 
 A load reads a model's tensor bytes with a few large `readinto`s into one
 arena, and every weight is a view of it. Fresh anonymous memory costs a
@@ -113,11 +114,82 @@ POOL = ArenaPool()
 def read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
     """Fills the flat uint8 tensor `out` from `f` at `offset`, in large
     reads; ValueError if the file ends first."""
-    view = memoryview(out.numpy())
     f.seek(offset)
+    _fill_from(f, out)
+
+
+def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
+    view = memoryview(out.numpy())
     done, n = 0, len(view)
     while done < n:
         got = f.readinto(view[done:min(n, done + CHUNK)])
         if not got:
             raise ValueError("file ends inside its tensor data")
         done += got
+
+
+class Stager:
+    """Moves bytes to a device in chunks through `depth` staging buffers
+    allocated once (pinned on a GPU): while the device copies chunk k from
+    one buffer, the next is filled (read from a file, or copied from the
+    host tier), so a load runs at the speed of the slower of the two links.
+
+    Device copies are queued on the caller's current stream (the loader's
+    own stream on a GPU); an event per buffer says when it may be refilled.
+    Where `dst` is host memory the copies are synchronous, and unless
+    `staged` is asked for, chunks are filled straight into `dst`: the same
+    loop, without the detour (tests ask for it to run the GPU's logic here).
+    """
+
+    def __init__(self, device: torch.device, chunk: int = CHUNK, depth: int = 2) -> None:
+        self.device = device
+        self.chunk = chunk
+        pin = device.type == "cuda"
+        self._bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+                      for _ in range(depth)]
+        self._done: list = [None] * depth  # the event of each buffer's last copy
+        self.chunks = 0                    # chunks that went through a buffer
+
+    def copy(self, fill, n: int, dst: torch.Tensor, staged: bool = False) -> None:
+        """Fills the first `n` bytes of the flat uint8 tensor `dst`: `fill(buf,
+        offset)` must write bytes [offset, offset + len(buf)) of the source
+        into the host tensor `buf`."""
+        direct = dst.device.type == "cpu" and not staged
+        for k, offset in enumerate(range(0, n, self.chunk)):
+            size = min(self.chunk, n - offset)
+            if direct:
+                fill(dst[offset:offset + size], offset)
+                continue
+            i = k % len(self._bufs)
+            if self._done[i] is not None:
+                self._done[i].synchronize()  # its previous copy has left the buffer
+            buf = self._bufs[i][:size]
+            fill(buf, offset)
+            dst[offset:offset + size].copy_(buf, non_blocking=dst.device.type == "cuda")
+            if dst.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self._done[i] = event
+            self.chunks += 1
+
+    def from_file(self, f: BinaryIO, offset: int, n: int, dst: torch.Tensor,
+                  staged: bool = False) -> None:
+        """`n` bytes of `f` from `offset` into `dst`; ValueError if the file ends first."""
+        f.seek(offset)
+        self.copy(lambda buf, _: _fill_from(f, buf), n, dst, staged)
+
+    def from_host(self, src: torch.Tensor, dst: torch.Tensor, staged: bool = False) -> None:
+        """The flat uint8 host tensor `src` into `dst`."""
+        self.copy(lambda buf, at: buf.copy_(src[at:at + len(buf)]), src.numel(), dst, staged)
+
+
+_stagers: dict[torch.device, Stager] = {}
+
+
+def stager(device: torch.device) -> Stager:
+    """The process's stager for `device`, allocated on first use (one
+    loader thread per worker uses it)."""
+    s = _stagers.get(device)
+    if s is None:
+        s = _stagers[device] = Stager(device)
+    return s

@@ -22,6 +22,21 @@ Manifest keys (all optional):
     [options]                 # backend options, e.g. module = "MLP",
                               # module_kwargs = {hidden = 8} for safetensors
 
+A remote model: the version directory holds only a manifest that says
+where the files are and what they must be (mmengine/fetch.py says which
+sources are allowed, mmengine/diskcache.py fetches them before a load):
+
+    source = "https://host/models/resnet/1/"   # or http://, file:///abs/dir/
+    compress = "zstd"         # keep the artifact compressed in the disk cache
+    [files]                   # every file of the model: its hex sha256
+    "model.safetensors" = "ab12…"              # "": not checked
+    "model.py" = "cd34…"      # files that run code (.py) must be checked,
+                              # and the artifact too when trusted = true
+
+Its spec carries `source` and `files` and is resolved without a download:
+its estimate is `bytes`, else the files' sizes asked of the source (a
+stat, or an http HEAD per file).
+
 Scanning is lazy: `names()` lists one directory, `versions(name)` another,
 and only `resolve` opens a model's files (its manifest, a safetensors
 header). Results are cached until `refresh()`; a name never seen before is
@@ -35,11 +50,12 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from mmengine import tensorfile
+from mmengine import fetch, tensorfile
+from mmengine.config import Config
 from mmengine.errors import BadRequest, LoadFailed, ModelNotFound
 
 MANIFEST = "model.toml"
@@ -59,7 +75,13 @@ BACKENDS = frozenset(backend for backend, _ in DETECTION_ORDER)
 CODE_BACKENDS = frozenset({"handler", "safetensors"})
 
 _MANIFEST_KEYS = frozenset({"backend", "bytes", "device", "trusted", "warmup", "inputs",
-                            "outputs", "options", "token_sha256"})
+                            "outputs", "options", "token_sha256", "source", "files",
+                            "compress"})
+#: The disk cache keeps a compressed artifact as `<artifact>.zst`: one zstd
+#: frame that records its content size (see `open_artifact`).
+ZSTD_SUFFIX = ".zst"
+#: Backends that read their artifact through `open_artifact`.
+ZSTD_BACKENDS = frozenset({"safetensors", "torchscript", "export"})
 _DEVICE_TYPES = frozenset({"cpu", "cuda"})
 # Dtypes a request can carry as a numpy array.
 DTYPES = frozenset({
@@ -93,6 +115,12 @@ class ModelSpec:
     # Digests (32 raw bytes each) of the tokens that may run this model;
     # empty: anyone who reaches the server may.
     token_digests: tuple[bytes, ...] = ()
+    # A remote model: the URL of its directory, (file, hex sha256 or "") for
+    # every file, sorted, and how the disk cache stores the artifact. `path`
+    # then holds only the manifest: load from `DiskCache.ensure(spec)`.
+    source: str = ""
+    files: tuple[tuple[str, str], ...] = ()
+    compress: str = ""                 # "" | "zstd"
 
 
 def check_name(name: object) -> str:
@@ -125,11 +153,13 @@ class Repository:
     """A local model repository. Safe to share between threads: every
     cached value is computed whole and then stored with one assignment."""
 
-    def __init__(self, root: str | os.PathLike[str], allow_code: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], allow_code: bool = True,
+                 config: Config | None = None) -> None:
         self.root = Path(root)
         # False for models fetched from an untrusted remote source: they may
         # not run code, and their manifests cannot vouch for their pickles.
         self.allow_code = allow_code
+        self.config = config  # which remote sources may be read (default: none)
         self._names: tuple[str, ...] | None = None
         self._versions: dict[str, tuple[int, ...]] = {}
         self._specs: dict[tuple[str, int], ModelSpec] = {}
@@ -172,7 +202,7 @@ class Repository:
         if self._names is None:
             self._names = tuple(sorted({
                 entry.name for entry in _scandir(self.root)
-                if _is_valid_name(entry.name) and entry.is_dir()} | set(self._added)))
+                if is_valid_name(entry.name) and entry.is_dir()} | set(self._added)))
         return self._names
 
     def versions(self, name: str) -> tuple[int, ...]:
@@ -208,12 +238,12 @@ class Repository:
         spec = self._specs.get(key)
         if spec is None:
             path = self._added.get(name) or self.root / name / str(version)
-            spec = read_spec(name, version, path, self.allow_code)
+            spec = read_spec(name, version, path, self.allow_code, self.config)
             self._specs[key] = spec
         return spec
 
 
-def _is_valid_name(name: str) -> bool:
+def is_valid_name(name: str) -> bool:
     try:
         check_name(name)
     except ModelNotFound:
@@ -231,23 +261,85 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
 
 # -- one version directory -> ModelSpec -------------------------------------
 
-def read_spec(name: str, version: int, path: Path, allow_code: bool = True) -> ModelSpec:
-    """The spec of the model in version directory `path`."""
+def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
+              config: Config | None = None) -> ModelSpec:
+    """The spec of the model in version directory `path`; for a remote
+    model, `config` says which sources may be read (default: none)."""
     where = f"{name} v{version}"
     files = {entry.name for entry in _scandir(path) if entry.is_file()}
     manifest = _read_manifest(path / MANIFEST, where) if MANIFEST in files else {}
     fields = _parse_manifest(manifest, where)
+    source = fields.get("source", "")
+    if source:
+        files = {file for file, _ in fields["files"]}
+    else:
+        files = {file.removesuffix(ZSTD_SUFFIX) for file in files}
     backend, artifact = _find_artifact(fields.pop("backend", None), files, where)
     if backend in CODE_BACKENDS and not allow_code:
         raise LoadFailed(f"{where}: backend {backend!r} runs code shipped with the "
                          f"model, and its source is not trusted to carry code")
     if not allow_code:
         fields["trusted"] = False
+    if source:
+        config = config or Config()
+        _check_remote(fields, backend, artifact, config, where)
     estimate = fields.pop("bytes", None)
-    if estimate is None:
+    if estimate is None and source:
+        estimate = sum(fetch.source_size(fetch.file_url(source, file), config)
+                       for file, _ in fields["files"])
+    elif estimate is None:
         estimate = _estimate_bytes(path, backend, artifact, where)
     return ModelSpec(name=name, version=version, path=path, backend=backend,
                      artifact=artifact, estimated_bytes=estimate, **fields)
+
+
+def _check_remote(fields: dict[str, Any], backend: str, artifact: str, config: Config,
+                  where: str) -> None:
+    if fields.get("compress") and backend not in ZSTD_BACKENDS:
+        raise LoadFailed(f"{where}: {MANIFEST}: compress = \"zstd\" needs a backend that "
+                         f"reads its artifact as a stream ({', '.join(sorted(ZSTD_BACKENDS))})")
+    for file, digest in fields["files"]:
+        # The stub vouches for what runs here only through a digest: without
+        # one the source could serve anything.
+        runs_code = (backend in CODE_BACKENDS and file.endswith(".py")
+                     or file == artifact and fields.get("trusted"))
+        if runs_code and not digest:
+            raise LoadFailed(f"{where}: {MANIFEST}: {file!r} runs code on load, so [files] "
+                             f"must give its sha256")
+    fetch.check_source(fields["source"], config, where)
+
+
+def open_artifact(path: Path) -> tuple[BinaryIO, int]:
+    """A binary stream over the artifact at `path` and its size in bytes.
+    Where only `<path>.zst` exists (the disk cache compressed it), the
+    stream decompresses on the fly and reads and seeks forward only.
+    OSError if neither opens; ValueError for a .zst that is not one sized
+    zstd frame."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError as missing:
+        try:
+            raw = open(path.with_name(path.name + ZSTD_SUFFIX), "rb", buffering=0)
+        except FileNotFoundError:
+            raise missing from None
+        return _zstd_reader(raw)
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _zstd_reader(raw: BinaryIO) -> tuple[BinaryIO, int]:
+    import zstandard  # only workers that load a compressed model need it
+    try:
+        try:
+            size = zstandard.frame_content_size(raw.read(18))  # the longest frame header
+        except zstandard.ZstdError as e:
+            raise ValueError(f"{raw.name} is not a zstd frame: {e}") from None
+        if size < 0:
+            raise ValueError(f"{raw.name} does not record its decompressed size")
+        raw.seek(0)
+    except BaseException:
+        raw.close()
+        raise
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20), size
 
 
 def _read_manifest(path: Path, where: str) -> dict[str, Any]:
@@ -273,14 +365,15 @@ def _estimate_bytes(path: Path, backend: str, artifact: str, where: str) -> int:
     if backend == "safetensors":
         header, _ = tensorfile.read_header(path / artifact, where)
         return tensorfile.data_bytes(header)
-    return _tree_bytes(path)
+    return tree_bytes(path)
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, links not followed."""
     total = 0
     for entry in _scandir(path):
         if entry.is_dir(follow_symlinks=False):
-            total += _tree_bytes(Path(entry.path))
+            total += tree_bytes(Path(entry.path))
         elif entry.is_file():
             total += entry.stat().st_size
     return total
@@ -313,6 +406,41 @@ def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
         fields["warmup"] = _parse_warmup(manifest["warmup"], fields.get("inputs", ()), where)
     if "token_sha256" in manifest:
         fields["token_digests"] = _parse_digests(manifest["token_sha256"], where)
+    if "source" in manifest:
+        fields.update(_parse_remote(manifest, where))
+    elif "files" in manifest or "compress" in manifest:
+        raise LoadFailed(f"{where}: {MANIFEST}: 'files' and 'compress' describe a remote "
+                         f"model and need 'source'")
+    return fields
+
+
+def _parse_remote(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    fields = {"source": _expect(manifest, "source", str, where)}
+    try:
+        fetch.check_url(fields["source"])
+    except ValueError as e:
+        raise LoadFailed(f"{where}: {MANIFEST}: 'source': {e}") from None
+    if "compress" in manifest:
+        fields["compress"] = _expect_choice(manifest, "compress", {"zstd"}, where)
+    table = manifest.get("files")
+    if not isinstance(table, dict) or not table:
+        raise LoadFailed(f"{where}: {MANIFEST}: a 'source' needs a [files] table that "
+                         f"names every file of the model")
+    files = []
+    for file, digest in table.items():
+        parts = file.split("/")
+        # The names become paths in the disk cache: relative, no hidden or
+        # parent components, none that the cache writes itself.
+        if (not all(is_valid_name(part) for part in parts) or file == MANIFEST
+                or file.endswith(ZSTD_SUFFIX)):
+            raise LoadFailed(f"{where}: {MANIFEST}: [files] {file!r} is not a plain "
+                             f"relative file name")
+        if not (isinstance(digest, str) and (digest == "" or (
+                len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)))):
+            raise LoadFailed(f"{where}: {MANIFEST}: [files] {file!r} must be a hex sha256 "
+                             f"digest, or \"\" (not checked)")
+        files.append((file, digest.lower()))
+    fields["files"] = tuple(sorted(files))
     return fields
 
 

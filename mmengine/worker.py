@@ -33,6 +33,10 @@ from mmengine.storage import read_spec
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
+# How long the loader thread may hold the GIL while inference waits for it.
+# Building a module from host-tier views is Python under the GIL; at the
+# default 5 ms a small model's p99 during such loads was ~6x its idle p99.
+GIL_SWITCH_S = 0.0005
 
 
 class WorkerLogic:
@@ -46,29 +50,76 @@ class WorkerLogic:
         self.models: dict[Key, object] = {}
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
 
-    def load(self, name: str, version: int, path: str, allow_code: bool = True) -> int:
+    def load(self, name: str, version: int, path: str, allow_code: bool = True,
+             host: str | None = None) -> tuple[int, str]:
         """Loads the model in version directory `path` (on the loader
-        thread); returns the bytes it takes. The front-end says where the
-        model lives: it may have been added at run time, outside the root."""
-        from mmengine.backends import load_model
-
+        thread), its bytes from the host-tier segment `host` if given (else,
+        or if that fails, from its files); returns the bytes it takes and
+        where they came from. The front-end says where the model lives: it
+        may have been added at run time, outside the root."""
         key = (name, version)
         if key in self.models:
-            return self.models[key].nbytes
+            return self.models[key].nbytes, "resident"
         spec = read_spec(name, version, Path(path), allow_code)
-        if self._stream is None:
-            model = load_model(spec, self.device)
-        else:
-            with self._torch.cuda.stream(self._stream):
-                model = load_model(spec, self.device)
-            self._stream.synchronize()
+        model, source = None, "disk"
+        if host is not None:
+            try:
+                model, source = self._on_stream(spec, host), "host"
+            except LoadFailed as e:  # the segment went: the files still serve
+                print(f"mmengine worker: {e}; loading from the files", file=sys.stderr)
+        if model is None:
+            model = self._on_stream(spec, None)
         self.models[key] = model  # published only once whole
-        return model.nbytes
+        return model.nbytes, source
 
-    def unload(self, name: str, version: int) -> None:
-        model = self.models.pop((name, version), None)
-        if model is not None:
-            model.close()
+    def _on_stream(self, spec, host: str | None):
+        from mmengine.backends import load_model
+
+        if self._stream is None:
+            return load_model(spec, self.device, host)
+        with self._torch.cuda.stream(self._stream):
+            model = load_model(spec, self.device, host)
+        self._stream.synchronize()
+        return model
+
+    def forget(self, segment: str) -> None:
+        """Unmaps a host-tier segment the front-end has unlinked, once no
+        model of this worker uses it."""
+        from mmengine.backends import safetensors
+
+        safetensors.HOST_MAPS.forget(segment)
+
+    def allocator(self) -> dict:
+        """On a GPU, how often torch's allocator called cudaMalloc and
+        cudaFree: evictions and reloads should reuse cached memory, not
+        free it (tools/gpu_check.py watches this)."""
+        if self._stream is None:
+            return {}
+        stats = self._torch.cuda.memory_stats(self.device)
+        return {"allocator": {"device_allocs": stats.get("num_device_alloc", 0),
+                              "device_frees": stats.get("num_device_free", 0)}}
+
+    def publish(self, name: str, version: int, segment: str) -> int:
+        """Copies a resident model's bytes into the new host-tier segment
+        `segment`; returns the segment's size."""
+        from mmengine.backends import safetensors
+
+        model = self.models.get((name, version))
+        if not isinstance(model, safetensors.ModuleModel):
+            raise LoadFailed(f"{name} v{version}: not resident, or not a model the host "
+                             f"tier can hold")
+        if self._stream is None:
+            return safetensors.publish(model, segment)
+        with self._torch.cuda.stream(self._stream):
+            size = safetensors.publish(model, segment)
+        self._stream.synchronize()
+        return size
+
+    def unload(self, name: str, version: int):
+        """Stops serving a model and returns it, to be closed by the caller:
+        closing frees its memory (unmapping a host-tier mapping takes
+        milliseconds), which need not delay the answer."""
+        return self.models.pop((name, version), None)
 
     def infer(self, name: str, version: int, inputs: dict[str, np.ndarray]):
         model = self.models.get((name, version))
@@ -129,18 +180,38 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
             ctl.release()
         try:
             if op == Op.LOAD:
-                nbytes = logic.load(name, version, params["path"], params.get("allow_code", True))
+                nbytes, source = logic.load(name, version, params["path"],
+                                            params.get("allow_code", True), params.get("host"))
                 phases = getattr(logic.models.get((name, version)), "phases", {})
-                out.send(rid, body={"bytes": nbytes, "phases": phases})
-            elif op == Op.UNLOAD:
-                logic.unload(name, version)
+                out.send(rid, body={"bytes": nbytes, "phases": phases, "from": source,
+                                    **logic.allocator()})
+            elif op == Op.PUBLISH:
+                out.send(rid, body={"bytes": logic.publish(name, version, params["segment"])})
+            elif op == Op.FORGET:
+                logic.forget(params["segment"])
                 out.send(rid)
+            elif op == Op.UNLOAD:
+                model = logic.unload(name, version)
+                out.send(rid)  # nothing can reach the model any more
+                _close(model)  # before the next control message: a load may need the room
+                del model
             else:
                 raise InternalError(f"op {op!r} on the control ring")
         except MMEngineError as e:
             out.fail(rid, e)
         except Exception as e:  # a backend bug must not kill the worker
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
+
+
+def _close(model) -> None:
+    """Closes an unloaded model whose unload was already answered: a
+    failure can only be reported here."""
+    if model is None:
+        return
+    try:
+        model.close()
+    except Exception as e:  # noqa: BLE001 - a backend bug must not kill the worker
+        print(f"mmengine worker: closing {model.spec.name} failed: {e!r}", file=sys.stderr)
 
 
 def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
@@ -183,6 +254,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     """The worker process; each handle is (name, data_fd, space_fd, spin_us)
     with descriptors inherited from the front-end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    sys.setswitchinterval(GIL_SWITCH_S)
     import torch
 
     if device == "cpu":

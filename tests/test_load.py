@@ -195,3 +195,48 @@ def test_unaligned_tensors_are_read_right(tmp_path):
 def test_an_empty_file_loads():
     pool = staging.ArenaPool()
     assert pool.take(0).numel() == 0
+
+
+# -- loads in flight ---------------------------------------------------------------
+
+_LOGGING_HANDLER = '''
+import os, time
+
+def load(path, device):
+    with open(os.environ["MMENGINE_TEST_LOAD_LOG"], "a") as f:
+        f.write(f"start {time.monotonic()}\\n")
+    time.sleep(0.3)
+    with open(os.environ["MMENGINE_TEST_LOAD_LOG"], "a") as f:
+        f.write(f"end {time.monotonic()}\\n")
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+'''
+
+
+@pytest.mark.parametrize("limit, overlap", [(1, False), (0, True)])
+def test_loads_in_flight_are_bounded_by_bytes(tmp_path, monkeypatch, limit, overlap):
+    import asyncio
+
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("MMENGINE_TEST_LOAD_LOG", str(log))  # the workers inherit it
+    for name in ("a", "b"):
+        (tmp_path / "repo" / name / "1").mkdir(parents=True)
+        (tmp_path / "repo" / name / "1" / "handler.py").write_text(_LOGGING_HANDLER)
+
+    async def main():
+        # Two workers: nothing but the gate keeps the two loads apart.
+        config = Config(repo=str(tmp_path / "repo"), workers=2, load_bytes_in_flight=limit)
+        async with Engine(config) as engine:
+            await asyncio.gather(engine.load("a"), engine.load("b"))
+
+    run(main())
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [kind for kind, _ in events].count("start") == 2
+    # Bounded: the second load starts after the first ended. Unbounded: both
+    # start before either ends.
+    assert (events[1][0] == "start") == overlap, events

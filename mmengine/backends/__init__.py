@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from mmengine import hosttier
 from mmengine.backends.base import LoadedModel
 from mmengine.errors import LoadFailed, MMEngineError
 from mmengine.storage import ModelSpec
@@ -28,8 +29,6 @@ LOADERS: dict[str, str] = {
     "torchscript": "mmengine.backends.torchscript",
     "onnx": "mmengine.backends.onnx",
 }
-
-
 def loader(backend: str) -> Callable[[ModelSpec, torch.device], LoadedModel]:
     try:
         return importlib.import_module(LOADERS[backend]).load
@@ -37,8 +36,10 @@ def loader(backend: str) -> Callable[[ModelSpec, torch.device], LoadedModel]:
         raise LoadFailed(f"unknown backend {backend!r}") from None
 
 
-def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of `spec`, resident on `device`, with `nbytes` measured
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
+               host: str | None = None) -> LoadedModel:
+    """The model of `spec`, resident on `device` (its bytes taken from the
+    host-tier segment `host` if given: safetensors only), with `nbytes` measured
     and `phases`: seconds spent in fetch (0 until remote storage exists),
     deserialize (reading the files into tensors; on CPU this includes
     placing them), copy (finishing the copies to the GPU queued on the
@@ -54,7 +55,12 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
     before = _bytes_in_use(device) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     try:
-        model = loader(spec.backend)(spec, device)
+        if host is None:
+            model = loader(spec.backend)(spec, device)
+        elif spec.backend in hosttier.BACKENDS:
+            model = loader(spec.backend)(spec, device, host=host)
+        else:
+            raise LoadFailed(f"{where}: backend {spec.backend!r} has no host tier")
     except MMEngineError:
         raise
     except Exception as e:

@@ -25,7 +25,7 @@ import torch
 
 from mmengine.backends.base import TorchModel
 from mmengine.errors import LoadFailed
-from mmengine.storage import DTYPES, ModelSpec, TensorSpec
+from mmengine.storage import DTYPES, ModelSpec, TensorSpec, open_artifact
 
 # Members of a pt2 archive (under its one root folder) that hold no pickle,
 # except the sample inputs, which are checked with weights_only=True.
@@ -64,12 +64,15 @@ def load(spec: ModelSpec, device: torch.device) -> ExportModel:
     where = f"{spec.name} v{spec.version}"
     path = spec.path / spec.artifact
     try:
-        if spec.trusted:
-            program = torch.export.load(path)
-        else:
-            data = path.read_bytes()
-            _audit(data, where)
-            program = torch.export.load(io.BytesIO(data))
+        f, _ = open_artifact(path)
+        with f:
+            if spec.trusted and f.seekable():
+                program = torch.export.load(f)
+            else:  # a compressed copy in the disk cache cannot seek: read it whole
+                data = f.read()
+                if not spec.trusted:
+                    _audit(data, where)
+                program = torch.export.load(io.BytesIO(data))
     except LoadFailed:
         raise
     except Exception as e:

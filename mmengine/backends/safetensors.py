@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import collections
 import json
+import mmap
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmengine import staging
+from mmengine import shm, staging
 from mmengine.backends.base import TorchModel, forget_module, import_file
 from mmengine.errors import LoadFailed
-from mmengine.storage import ModelSpec
+from mmengine.storage import ModelSpec, open_artifact
 from mmengine.tensorfile import ITEMSIZE, parse_header
 
 DTYPES: dict[str, torch.dtype] = {
@@ -54,23 +56,30 @@ def load_file(path: Path, where: str = "") -> dict[str, torch.Tensor]:
 Entries = list[tuple[str, str, list[int], int, int]]  # name, dtype, shape, begin, end
 
 
-def _read(path: Path, where: str) -> tuple[torch.Tensor, Entries]:
-    """The file's tensor region as one flat uint8 tensor, and where each
-    tensor lies in it."""
+def _read(path: Path, where: str,
+          device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, Entries]:
+    """The file's tensor region as one flat uint8 tensor on `device`, and
+    where each tensor lies in it. On CPU the bytes are read straight into a
+    recycled arena; on a GPU through the pinned staging buffers."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            header, data_start = parse_header(f, os.fstat(f.fileno()).st_size)
+        f, size = open_artifact(path)  # a zstd stream in the disk cache: forward reads
+        with f:
+            header, data_start = parse_header(f, size)
             lo = min((e["data_offsets"][0] for e in header.values()), default=0)
             hi = max((e["data_offsets"][1] for e in header.values()), default=0)
-            flat = staging.POOL.take(hi - lo)
-            staging.read_into(f, data_start + lo, flat)
+            flat = (staging.POOL.take(hi - lo) if device.type == "cpu"
+                    else torch.empty(hi - lo, dtype=torch.uint8, device=device))
+            staging.stager(device).from_file(f, data_start + lo, hi - lo, flat)
     except OSError as e:
         raise LoadFailed(f"{where}: cannot read {path.name}: {e}") from e
     except ValueError as e:
         raise LoadFailed(f"{where}: {path.name} is not a valid safetensors file: {e}") from e
-    entries = [(name, e["dtype"], e["shape"], e["data_offsets"][0] - lo,
-                e["data_offsets"][1] - lo) for name, e in header.items()]
-    return flat, entries
+    return flat, _entries(header, lo)
+
+
+def _entries(header: dict[str, dict[str, Any]], lo: int) -> Entries:
+    return [(name, e["dtype"], e["shape"], e["data_offsets"][0] - lo,
+             e["data_offsets"][1] - lo) for name, e in header.items()]
 
 
 def _views(flat: torch.Tensor, entries: Entries) -> dict[str, torch.Tensor]:
@@ -115,22 +124,28 @@ _skeletons_lock = threading.Lock()
 
 class ModuleModel(TorchModel):
     def __init__(self, spec: ModelSpec, device: torch.device, module: torch.nn.Module,
-                 source: Any, skeleton_key: tuple | None = None) -> None:
+                 source: Any, skeleton_key: tuple | None = None,
+                 flat: torch.Tensor | None = None, entries: Entries = ()) -> None:
         super().__init__(spec, device, module)
         self._source = source
         self._skeleton_key = skeleton_key
+        # The bytes the weights view and where each lies: what `publish`
+        # writes to the host tier.
+        self.flat, self.entries = flat, entries
 
     def close(self) -> None:
         module, source, key = self.module, self._source, self._skeleton_key
         super().close()
-        self._source = self._skeleton_key = None
+        self._source = self._skeleton_key = self.flat = None
         if module is not None and key is not None and _strip(module):
             _give_skeleton(key, module, source)
         else:
             forget_module(source)
 
 
-def load(spec: ModelSpec, device: torch.device) -> ModuleModel:
+def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> ModuleModel:
+    """The model of `spec` on `device`: its bytes read from its file, or
+    from the host-tier segment named `host` (see `publish`)."""
     where = f"{spec.name} v{spec.version}"
     unknown = set(spec.options) - _OPTIONS
     if unknown:
@@ -141,11 +156,18 @@ def load(spec: ModelSpec, device: torch.device) -> ModuleModel:
     if not isinstance(class_name, str) or not isinstance(kwargs, dict):
         raise LoadFailed(f"{where}: model.toml: options 'module' must be a string and "
                          f"'module_kwargs' a table")
-    flat, entries = _read(spec.path / spec.artifact, where)
-    if device.type != "cpu":
-        flat = flat.to(device)  # one copy; the host arena goes back to the pool
+    if host is None:
+        flat, entries = _read(spec.path / spec.artifact, where, device)
+    else:
+        flat, entries, pinned = HOST_MAPS.get(host, where, device)
+        if device.type != "cpu":
+            on_device = torch.empty(flat.numel(), dtype=torch.uint8, device=device)
+            if pinned:  # registered: one copy at the link's speed, no staging
+                on_device.copy_(flat, non_blocking=True)
+            else:
+                staging.stager(device).from_host(flat, on_device)
+            flat = on_device
     state = _views(flat, entries)
-    del flat
     key = _skeleton_key(spec.path / "model.py", class_name, kwargs)
     skeleton = _take_skeleton(key)
     if skeleton is None:
@@ -172,7 +194,145 @@ def load(spec: ModelSpec, device: torch.device) -> ModuleModel:
     except BaseException:
         ModuleModel(spec, device, module, source, key).close()
         raise
-    return ModuleModel(spec, device, module, source, key)
+    return ModuleModel(spec, device, module, source, key, flat, entries)
+
+
+# -- the host tier ----------------------------------------------------------
+#
+# A model in the host tier is a safetensors file in shared memory (a segment
+# the front-end names and owns, see mmengine/hosttier.py) whose data starts
+# page-aligned. Every worker can map it: a CPU worker runs the model on views
+# of a read-only shared mapping (nothing is copied, and workers share the
+# pages), a GPU worker copies it to the device through its pinned stager.
+
+_HOST_ALIGN = 4096
+_RO = "The given buffer is not writable"
+# Host-tier mappings are read-only on purpose (a model that wrote to its
+# weights would change every worker's copy): torch warns, needlessly.
+warnings.filterwarnings("ignore", message=_RO)
+
+
+def publish(model: ModuleModel, segment: str) -> int:
+    """Writes the model's tensor bytes into the host-tier segment `segment`
+    (created here; the front-end unlinks it), and on CPU moves the model's
+    weights onto a read-only mapping of it, so that the worker's private
+    copy is freed. Returns the segment's size in bytes."""
+    if model.module is None or model.flat is None:
+        raise LoadFailed(f"{model.spec.name}: not resident, nothing to publish")
+    flat, entries = model.flat, model.entries
+    header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+              for name, dtype, shape, begin, end in entries}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % _HOST_ALIGN)
+    data_start = 8 + len(encoded)
+    path = os.path.join(shm.SHM_DIR, _check_segment(segment))
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, data_start + flat.numel())
+        os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
+        if flat.device.type == "cpu":
+            view = memoryview(flat.numpy())
+            for at in range(0, len(view), staging.CHUNK):
+                os.pwrite(fd, view[at:at + staging.CHUNK], data_start + at)
+            del view
+        elif flat.numel():
+            with mmap.mmap(fd, data_start + flat.numel()) as mm:
+                out = torch.frombuffer(mm, dtype=torch.uint8, offset=data_start)
+                out.copy_(flat)
+                del out
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    if flat.device.type == "cpu":
+        shared, entries, _ = HOST_MAPS.get(segment, model.spec.name, flat.device)
+        model.module.load_state_dict(_views(shared, entries), strict=True, assign=True)
+        model.flat = shared  # the private arena goes back to the pool
+    return data_start + flat.numel()
+
+
+class HostMaps:
+    """The host-tier segments this worker has mapped, kept until the
+    front-end says a segment is gone (`forget`): a model demoted and loaded
+    again maps nothing and unmaps nothing (on CPU a reload is building
+    views; an eviction, dropping them), and on a GPU the mapping stays
+    registered as pinned memory, so each load is one copy at PCIe speed.
+    A mapping holds no memory of its own: its pages are the segment's."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[torch.Tensor, Entries, bool]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, segment: str, where: str,
+            device: torch.device) -> tuple[torch.Tensor, Entries, bool]:
+        """(flat tensor region, where each tensor lies, registered as pinned)."""
+        with self._lock:
+            hit = self._maps.get(segment)
+        if hit is not None:
+            return hit
+        # A GPU worker registers the mapping, which CUDA does only for a
+        # writable one; it never writes to it. On CPU weights are views of
+        # it: read-only, so no model can change another's copy.
+        gpu = device.type == "cuda"
+        flat, entries = _map_host(segment, where, writable=gpu)
+        pinned = gpu and _register(flat)
+        with self._lock:
+            return self._maps.setdefault(segment, (flat, entries, pinned))
+
+    def forget(self, segment: str) -> None:
+        with self._lock:
+            gone = self._maps.pop(segment, None)
+        if gone is not None and gone[2]:
+            torch.cuda.cudart().cudaHostUnregister(gone[0].data_ptr())
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+#: The process's mappings (a worker loads on one loader thread).
+HOST_MAPS = HostMaps()
+
+
+def _register(flat: torch.Tensor) -> bool:
+    """Page-locks a mapping for CUDA; False (the stager copies instead) if
+    the driver refuses."""
+    if not flat.numel():
+        return False
+    error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+    return int(error) == 0
+
+
+def _map_host(segment: str, where: str, writable: bool = False) -> tuple[torch.Tensor, Entries]:
+    """A host-tier segment's tensor region as a flat uint8 tensor over a
+    shared mapping, and where each tensor lies in it."""
+    try:
+        fd = os.open(os.path.join(shm.SHM_DIR, _check_segment(segment)),
+                     os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as e:
+        raise LoadFailed(f"{where}: host tier segment {segment!r}: {e}") from e
+    try:
+        size = os.fstat(fd).st_size
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            header, data_start = parse_header(f, size)
+        # Populating the page table now is one pass at memory speed; faulting
+        # 4 KiB pages in on first touch during inference would be many.
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    except (OSError, ValueError) as e:
+        raise LoadFailed(f"{where}: host tier segment {segment!r} is not usable: {e}") from e
+    finally:
+        os.close(fd)
+    n = size - data_start
+    flat = (torch.frombuffer(mm, dtype=torch.uint8, offset=data_start, count=n) if n
+            else torch.empty(0, dtype=torch.uint8))
+    return flat, _entries(header, 0)
+
+
+def _check_segment(name: str) -> str:
+    if not (isinstance(name, str) and name.startswith(shm.PREFIX) and "/" not in name):
+        raise LoadFailed(f"not a host tier segment: {name!r}")
+    return name
 
 
 def _build(source: Any, class_name: str, kwargs: dict[str, Any],

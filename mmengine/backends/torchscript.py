@@ -11,13 +11,17 @@ import torch
 
 from mmengine.backends.base import TorchModel
 from mmengine.errors import LoadFailed
-from mmengine.storage import ModelSpec
+from mmengine.storage import ModelSpec, open_artifact
 
 
 def load(spec: ModelSpec, device: torch.device) -> TorchModel:
     path = spec.path / spec.artifact
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        f, _ = open_artifact(path)
+        with f:
+            # By name torch reads a file ~10x faster than from a stream; a
+            # stream that cannot seek is a compressed copy in the disk cache.
+            module = torch.jit.load(str(path) if f.seekable() else f, map_location=device)
     except Exception as e:
         raise LoadFailed(f"{spec.name} v{spec.version}: {path.name} is not a loadable "
                          f"TorchScript archive: {e}") from e

@@ -29,18 +29,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from mmengine import cache as books
 from mmengine.engine import Engine
 from mmengine.server.http import Response
 
-#: A model's residency, from storage to device, as stats() and metadata name
-#: it. The engine reports "on storage", "loading", "resident", "evicting" and
-#: "failed" today; "on disk" and "in host memory" belong to the disk and
-#: host tiers.
+#: A model's residency, from storage to device, as stats() and metadata name it.
 STATES = ("on storage", "on disk", "in host memory", "loading", "resident", "evicting",
           "failed")
 PHASES = ("fetch", "deserialize", "copy", "warmup")
-TIERS = {"host": books.HOST, "disk": books.DISK}
 
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -222,10 +217,10 @@ class Metrics:
                                         "Each tier's budget (0: none).", labels=["tier"])
         tier_used.add_metric(["device"], sum(w["used_bytes"] for w in stats["workers"]))
         tier_budget.add_metric(["device"], sum(w["budget_bytes"] for w in stats["workers"]))
-        cache = self.engine.cache  # stats() has no host or disk rows yet
-        for tier, code in TIERS.items():
-            tier_used.add_metric([tier], cache.used(code, 0) if cache is not None else 0)
-            tier_budget.add_metric([tier], cache.capacity(code, 0) if cache is not None else 0)
+        for tier, key in (("host", "host_tier"), ("disk", "disk_cache")):
+            tier_books = stats.get(key) or {}
+            tier_used.add_metric([tier], tier_books.get("bytes", 0))
+            tier_budget.add_metric([tier], tier_books.get("budget_bytes", 0))
         yield from (tier_used, tier_budget)
 
         state = GaugeMetricFamily("mmengine_model_state", "1 for the residency state each "

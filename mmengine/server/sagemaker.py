@@ -17,6 +17,10 @@ which the caller never notices. A url is a local path or a file:// URL that
 must resolve (symlinks and `..` followed) to a directory under one of the
 configured `model_roots`; everything else is refused before the disk is
 touched beyond resolving the path.
+
+With a control token configured, POST /models and DELETE /models/{name}
+need it as `Authorization: Bearer <token>`; invoke and /invocations hand
+their bearer token to the engine, for models whose manifest lists tokens.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
 from mmengine.server.http import Request, Response, error_response, json_response
+from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
 TARGET_MODEL_HEADER = "x-amzn-sagemaker-target-model"
@@ -114,6 +119,7 @@ async def ping(server, request: Request) -> Response:
 
 
 async def load_model(server, request: Request) -> Response:
+    server.check_control(request.token)
     body = request.json()
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object {"model_name": ..., "url": ...}')
@@ -184,6 +190,7 @@ async def get_model(server, request: Request, name: str) -> Response:
 
 
 async def unload_model(server, request: Request, name: str) -> Response:
+    server.check_control(request.token)
     registry = _registry(server)
     model = _added(server, name)
     # Gone from the registry first: no new request reaches it while it
@@ -207,7 +214,7 @@ async def invoke(server, request: Request, name: str) -> Response:
     model = _added(server, name)
     inputs = _parse_inputs(request, name, model)
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
-    body, outputs = await server.engine.submit(name, inputs)
+    body, outputs = await server.engine.submit(name, inputs, token=request.token)
     response = json_response({"outputs": {k: v.tolist() for k, v in outputs.items()}})
     if t_submit:
         response.headers.append(
@@ -244,13 +251,7 @@ def resolve_url(url: str, model_roots: str) -> str:
     resolved, so no spelling of a path outside them gets in. Blocking (it
     touches the disk): run it off the loop."""
     path = _local_path(url)
-    roots = [os.path.realpath(r) for r in model_roots.split(os.pathsep) if r]
-    if not roots:
-        raise _Forbidden("no model roots are configured (model_roots, "
-                         "MMENGINE_MODEL_ROOTS): no model may be added at run time")
-    real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, root]) == root for root in roots):
-        raise _Forbidden(f"{url!r} lies outside the allowed model roots")
+    real = under_roots(path, model_roots, url, _Forbidden)
     # Only now, inside the roots, may the answer say what is on the disk.
     if not os.path.isdir(real):
         raise BadRequest(f"{url!r} is not a directory")

@@ -1,0 +1,246 @@
+"""Remote model storage: which sources may be read, and how one file is fetched.
+
+A source is the URL of a model's directory: `http://host[:port]/dir/`,
+`https://…/` or `file:///abs/dir/`. An http(s) source must name a host
+listed in `allowed_hosts`; a file:// source, and every file read through
+it (symlinks followed), must lie under `model_roots`. Everything else is
+refused before a byte is read, with a message that names the key to set.
+
+`fetch_file` streams one file to disk in large chunks, hashing (and,
+when asked, zstd-compressing) on the way, into a temporary name beside
+its destination; only a complete, verified and fsynced file is renamed
+into place. A failure removes what it wrote.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import ssl
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import quote, unquote, urlsplit
+
+from mmengine.errors import LoadFailed, MMEngineError
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
+
+#: Seconds a connection or one read may stall before the fetch fails.
+TIMEOUT_S = 30.0
+#: Bytes moved per read and write.
+CHUNK = 4 << 20
+SCHEMES = ("http", "https", "file")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+# -- which sources may be read ---------------------------------------------------
+
+def under_roots(path: str, model_roots: str, what: str,
+                error: type[MMEngineError] = LoadFailed) -> str:
+    """The real path of `path` if it lies under one of `model_roots`
+    (separated by os.pathsep); `error` otherwise. Symlinks and `..` are
+    resolved before the comparison, in the roots too, so no spelling of a
+    path outside them gets in. `what` names the path in the message."""
+    roots = [os.path.realpath(r) for r in model_roots.split(os.pathsep) if r]
+    if not roots:
+        raise error(f"no model roots are configured (model_roots, MMENGINE_MODEL_ROOTS): "
+                    f"{what!r} may not be read")
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise error(f"{what!r} lies outside the allowed model roots "
+                    f"(model_roots, MMENGINE_MODEL_ROOTS)")
+    return real
+
+
+def parse_allowed_hosts(text: str) -> frozenset[tuple[str, int | None]]:
+    """(host, port) pairs from "a.example, b.example:8443, [::1]:80"; a
+    host without a port is allowed on any port. ValueError names a bad entry."""
+    hosts = set()
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        parts = urlsplit("//" + entry)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (not parts.hostname or port == -1 or parts.username is not None
+                or parts.path or parts.query or parts.fragment):
+            raise ValueError(f"{entry!r} is not a host or host:port")
+        hosts.add((parts.hostname, port))
+    return frozenset(hosts)
+
+
+def check_url(url: str) -> None:
+    """ValueError unless `url` is a well-formed source (a directory URL)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"{url!r}: a source must be an http://, https:// or file:// URL")
+    if not parts.path.endswith("/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a source names a directory: it ends with '/' and "
+                         f"has no query or fragment")
+    if not url.isascii() or not url.isprintable() or parts.username is not None:
+        raise ValueError(f"{url!r}: a source is printable ASCII (percent-encode the "
+                         f"rest) and carries no credentials")
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not os.path.isabs(unquote(parts.path)):
+            raise ValueError(f"{url!r}: a file:// source names a local absolute path "
+                             f"(file:///...)")
+    else:
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{url!r}: bad port") from None
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: an http(s) source names a host")
+
+
+def check_source(url: str, config: Config, where: str = "") -> None:
+    """LoadFailed, naming the key to set, unless `config` lets `url` be read."""
+    prefix = f"{where}: " if where else ""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        try:
+            under_roots(unquote(parts.path), config.model_roots, url)
+        except LoadFailed as e:
+            raise LoadFailed(prefix + str(e)) from None
+        return
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    allowed = parse_allowed_hosts(config.allowed_hosts)
+    if (parts.hostname, None) not in allowed and (parts.hostname, port) not in allowed:
+        raise LoadFailed(f"{prefix}source host {parts.netloc!r} is not in allowed_hosts "
+                         f"(set allowed_hosts, MMENGINE_ALLOWED_HOSTS, to fetch from it)")
+
+
+def file_url(source: str, name: str) -> str:
+    """The URL of file `name` (a relative path) of the model at `source`."""
+    return source + quote(name)
+
+
+# -- reading a source --------------------------------------------------------------
+
+def source_size(url: str, config: Config, timeout: float | None = None) -> int:
+    """The size of the file at `url` without reading it (stat, or an http
+    HEAD); LoadFailed if it is not allowed, missing, or its size unknown."""
+    stream, size = _open(url, config, timeout or TIMEOUT_S, "HEAD")
+    stream.close()
+    if size is None:
+        raise LoadFailed(f"{url}: the server does not say its size (no Content-Length); "
+                         f"declare bytes in model.toml")
+    return size
+
+
+def _open(url: str, config: Config, timeout: float,
+          method: str = "GET") -> tuple[BinaryIO, int | None]:
+    """A stream over the file at `url` and its size, if known."""
+    check_source(url, config)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        # Each file is checked, not only the directory: a symlink in an
+        # allowed directory may point anywhere.
+        real = under_roots(unquote(parts.path), config.model_roots, url)
+        try:
+            f = open(real, "rb", buffering=0)
+        except OSError as e:
+            raise LoadFailed(f"{url}: cannot read: {e.strerror}") from e
+        return f, os.fstat(f.fileno()).st_size
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        # Connection: close hands the socket to the response, which then
+        # owns it and closes it with itself.
+        conn.request(method, parts.path, headers={"Accept-Encoding": "identity",
+                                                  "Connection": "close",
+                                                  "User-Agent": "mmengine"})
+        response = conn.getresponse()
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        conn.close()
+        raise LoadFailed(f"{url}: {type(e).__name__}: {e}") from e
+    if response.status != 200:
+        conn.close()
+        # A redirect could lead to a host that allowed_hosts does not name.
+        why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
+        raise LoadFailed(f"{url}: HTTP {response.status} {response.reason}{why}")
+    length = response.getheader("Content-Length")
+    size = int(length) if length is not None and length.isdigit() else None
+    return response, size
+
+
+def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
+               compress: bool = False, timeout: float | None = None) -> int:
+    """Fetches `url` to `dest` (its directory exists); returns the bytes read.
+
+    `digest`: the hex sha256 the bytes must have ("": not checked).
+    `limit`: the most bytes the file may hold. With `compress`, `dest` is
+    written as one zstd frame (level 3) that records the content size, so
+    the source must say the size up front. LoadFailed for every failure;
+    `dest` then does not exist and no temporary file is left."""
+    stream, size = _open(url, config, timeout or TIMEOUT_S)
+    tmp = dest.with_name(f".{uuid.uuid4().hex}.part")
+    try:
+        with stream:
+            if size is not None and size > limit:
+                raise LoadFailed(f"{url}: {size} bytes exceed the {limit} the disk cache "
+                                 f"has room for")
+            if compress and size is None:
+                raise LoadFailed(f"{url}: the server does not say its size (no "
+                                 f"Content-Length), which a zstd-cached file needs")
+            with open(tmp, "wb") as out:
+                got = _copy(stream, out, size, limit, digest, compress, url)
+                out.flush()
+                os.fsync(out.fileno())
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+        return got
+    except OSError as e:
+        raise LoadFailed(f"{url}: {type(e).__name__}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest: str,
+          compress: bool, url: str) -> int:
+    sha = hashlib.sha256()
+    sink: BinaryIO = out
+    if compress:
+        import zstandard  # only a compressed fetch needs it
+        sink = zstandard.ZstdCompressor(level=3, write_content_size=True,
+                                        write_checksum=True).stream_writer(
+            out, size=size, closefd=False)
+    buf = memoryview(bytearray(CHUNK))
+    got = 0
+    while True:
+        try:
+            n = stream.readinto(buf)
+        except (OSError, http.client.HTTPException) as e:
+            raise LoadFailed(f"{url}: read failed after {got} bytes: "
+                             f"{type(e).__name__}: {e}") from e
+        if not n:
+            break
+        got += n
+        if got > limit:
+            raise LoadFailed(f"{url}: more than the {limit} bytes the disk cache has "
+                             f"room for")
+        sha.update(buf[:n])
+        sink.write(buf[:n])
+    if size is not None and got != size:
+        raise LoadFailed(f"{url}: the connection ended after {got} of {size} bytes")
+    if digest and sha.hexdigest() != digest:
+        raise LoadFailed(f"{url}: sha256 {sha.hexdigest()} does not match the manifest's "
+                         f"{digest}")
+    if compress:
+        sink.flush(zstandard.FLUSH_FRAME)
+    return got
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""The host tier, as the front-end keeps its books.
+
+A model in the host tier is a safetensors file in shared memory (see
+mmengine/backends/safetensors.py `publish`) that every worker can map. A
+model loaded from its files is published there once it is resident; a model
+evicted from a worker stays there (it is demoted, not dropped), and its next
+load maps it instead of reading its files: on CPU that is a page-table fill,
+on a GPU one copy through pinned buffers.
+
+The front-end names each segment (`mmengine-<front-end pid>-host-…`, so that
+a segment outlives the worker that wrote it and is reclaimed only once the
+front-end itself is gone), keeps the tier's models in an LRU book of its
+own with a byte budget and the engine's watermarks, and is the only one that
+unlinks a segment. A model resident on a worker is pinned in the book: its
+bytes are in use (on CPU the worker runs on the segment's pages), so only
+demoted models are ever dropped to make room.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+
+import psutil
+
+from mmengine import cache as books
+from mmengine import shm
+from mmengine.config import Config
+
+Key = tuple[str, int]
+#: Room reserved for a segment's header beyond the model's tensor bytes
+#: (its data starts page-aligned); corrected to the real size once written.
+HEADER_ALLOWANCE = 4096
+#: Backends whose loaded bytes can be published to the host tier and loaded
+#: from it: a flat region of tensor bytes that the module's weights view.
+BACKENDS = frozenset({"safetensors"})
+
+
+def budget(config: Config) -> int:
+    """The host tier's bytes: the configured size, or a quarter of the
+    host's memory when it is "auto" (-1); 0 turns the tier off."""
+    if config.host_tier_bytes >= 0:
+        return config.host_tier_bytes
+    return psutil.virtual_memory().total // 4
+
+
+class HostTier:
+    def __init__(self, config: Config) -> None:
+        self.high, self.low = config.high_watermark, config.low_watermark
+        self.book = books.Cache(1)
+        self.book.set_capacity(books.HOST, 0, budget(config))
+        self._segments: dict[Key, str] = {}
+        self._resident: set[Key] = set()  # each holds one pin
+        self.drops = 0
+        # Called with each segment unlinked: workers that mapped it must
+        # unmap it for its memory to go.
+        self.on_drop = lambda segment: None
+
+    @property
+    def enabled(self) -> bool:
+        return self.book.capacity(books.HOST, 0) > 0
+
+    def segment(self, key: Key) -> str | None:
+        """The segment a load of `key` can map, if the tier holds it whole."""
+        if key in self.book and self.book.entry(key).state == books.READY:
+            return self._segments[key]
+        return None
+
+    def reserve(self, key: Key, nbytes: int) -> str | None:
+        """Makes room for `nbytes` and names the segment `key` is to be
+        published to; None if the tier cannot take it (off, too small, or
+        every model in it is resident)."""
+        if not self.enabled or key in self.book:
+            return None
+        victims, reason = self.book.victims(books.HOST, 0, nbytes, self.high, self.low)
+        if reason != books.OK:
+            return None
+        for victim in victims:
+            self.drop(victim)
+        name = f"{shm.PREFIX}{os.getpid()}-host-{secrets.token_hex(6)}"
+        self.book.insert(key, books.LOADING, 0)
+        self.book.set_bytes(key, books.HOST, nbytes)
+        self._segments[key] = name
+        return name
+
+    def published(self, key: Key, segment: str, nbytes: int, now: float) -> None:
+        """`segment`, reserved for `key`, is written, `nbytes` long. If the
+        reservation was dropped meanwhile (an unload), it goes at once."""
+        if self._segments.get(key) != segment:
+            _unlink(segment)
+            return
+        self.book.set_bytes(key, books.HOST, nbytes)
+        self.book.set_state(key, books.READY)
+        self.book.touch(key, now)
+
+    def set_resident(self, key: Key, resident: bool, now: float = 0.0) -> None:
+        """Whether `key` is resident on a worker (pinned here while it is)."""
+        if key not in self.book or resident == (key in self._resident):
+            return
+        if resident:
+            self._resident.add(key)
+            self.book.pin(key)
+            self.book.touch(key, now)
+        else:
+            self._resident.discard(key)
+            self.book.unpin(key)
+
+    def drop(self, key: Key) -> None:
+        """Removes `key` from the tier and unlinks its segment. A worker
+        that still maps it keeps its pages until it unmaps them."""
+        name = self._segments.pop(key, None)
+        if name is None:
+            return
+        self._resident.discard(key)
+        self.book.remove(key)
+        self.drops += 1
+        _unlink(name)
+        self.on_drop(name)
+
+    def least_recent(self) -> Key | None:
+        """The least recently used model that no worker holds."""
+        for key in self.book.lru_keys():
+            e = self.book.entry(key)
+            if e.state == books.READY and e.pins == 0:
+                return key
+        return None
+
+    def clear(self) -> None:
+        for key in list(self._segments):
+            self.drop(key)
+
+    def bytes(self, key: Key) -> int:
+        """The bytes of `key`'s copy once written (0 while it is written)."""
+        return self.book.entry(key).host_bytes if self.segment(key) else 0
+
+    def stats(self) -> dict:
+        return {"bytes": self.book.used(books.HOST, 0),
+                "budget_bytes": self.book.capacity(books.HOST, 0),
+                "models": len(self.book), "drops": self.drops}
+
+
+def _unlink(segment: str) -> None:
+    try:
+        os.unlink(os.path.join(shm.SHM_DIR, segment))
+    except FileNotFoundError:
+        pass  # its publish never got as far as creating it

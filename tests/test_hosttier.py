@@ -1,0 +1,263 @@
+"""The host tier: evicted models demoted to shared memory and loaded back
+from it, on real workers; the staging pipeline's logic on CPU."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from mmengine import demo, shm, staging
+from mmengine.config import Config
+from mmengine.engine import Engine
+from tests.conftest import Server, environ, live_pids, run
+
+DIMS = (64, 256, 16)   # 83,008 bytes of weights per model
+X = {"x": np.random.default_rng(0).standard_normal((3, DIMS[0]), dtype=np.float32)}
+
+
+def repo(tmp_path, n: int = 3):
+    for i in range(n):
+        demo.write_mlp(tmp_path / f"m{i}", "safetensors", *DIMS, seed=i)
+    return tmp_path
+
+
+def expected(i: int) -> np.ndarray:
+    return demo.reference(X["x"], *DIMS, seed=i)
+
+
+def host_segments(pid: int | None = None) -> set[str]:
+    prefix = f"{shm.PREFIX}{pid or os.getpid()}-host-"
+    return {s for s in shm.list_segments() if s.startswith(prefix)}
+
+
+def row(engine: Engine, name: str) -> dict:
+    return next(r for r in engine.stats()["models"] if r["name"] == name)
+
+
+async def settle(engine: Engine, name: str, state: str, timeout: float = 10.0) -> dict:
+    """The model's row once it reaches `state` (a publish runs after its load answers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while row(engine, name)["state"] != state or (
+            state == "resident" and not row(engine, name)["host_bytes"]):
+        assert loop.time() < deadline, row(engine, name)
+        await asyncio.sleep(0.02)
+    return row(engine, name)
+
+
+def config(root, **changes) -> Config:
+    # One worker whose budget holds one model: every new load evicts the last.
+    return Config(repo=str(root), workers=1, device_budget=100_000, **changes)
+
+
+def test_evicted_models_are_demoted_and_load_back_from_shared_memory(tmp_path, own_segments):
+    root = repo(tmp_path)
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            y = await engine.infer("m0", X)
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            first = await settle(engine, "m0", "resident")
+            assert first["host_bytes"] >= first["bytes"] > 0
+            assert len(host_segments()) == 1
+
+            await engine.infer("m1", X)  # evicts m0: demoted, not dropped
+            demoted = row(engine, "m0")
+            assert demoted["state"] == "in host memory"
+            assert demoted["bytes"] == 0 and demoted["host_bytes"] == first["host_bytes"]
+
+            for _ in range(3):  # back and forth: each reload maps the host copy
+                for i in (0, 1):
+                    y = await engine.infer(f"m{i}", X)
+                    np.testing.assert_allclose(y["y"], expected(i), rtol=1e-5, atol=1e-6)
+            again = row(engine, "m0")
+            assert again["loads"] == 4 and again["loads_from_host"] == 3
+            stats = engine.stats()
+            assert stats["host_tier"]["models"] == 2
+            assert stats["totals"]["loads_from_host"] == 6
+            assert len(host_segments()) == 2
+        assert not host_segments()  # stop() unlinks the tier
+
+    run(main())
+
+
+def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tmp_path,
+                                                                               own_segments):
+    root = repo(tmp_path)
+
+    async def main():
+        # A copy is 87,104 bytes (83,008 of weights, a page of header): two
+        # fit under the high watermark (0.8 x 280,000), three do not, and
+        # making room down to the low one (0.7) drops one.
+        async with Engine(config(root, host_tier_bytes=280_000)) as engine:
+            for i in range(3):
+                await engine.infer(f"m{i}", X)
+                await settle(engine, f"m{i}", "resident")
+            # m2 is resident (pinned in the tier), m0 was the least recently
+            # used demoted copy: dropped for m2's.
+            assert row(engine, "m0")["state"] == "on storage"
+            assert row(engine, "m1")["state"] == "in host memory"
+            assert row(engine, "m2")["host_bytes"] > 0
+            assert engine.stats()["host_tier"]["drops"] == 1
+            assert engine.stats()["host_tier"]["bytes"] <= 0.8 * 280_000
+            y = await engine.infer("m0", X)  # from its files again
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            assert row(engine, "m0")["loads_from_host"] == 0
+
+    run(main())
+
+
+def test_no_host_tier_when_it_is_off(tmp_path, own_segments):
+    root = repo(tmp_path, 2)
+
+    async def main():
+        async with Engine(config(root, host_tier_bytes=0)) as engine:
+            for i in (0, 1, 0):
+                await engine.infer(f"m{i}", X)
+            await asyncio.sleep(0.1)
+            assert row(engine, "m1")["state"] == "on storage"
+            assert engine.stats()["totals"]["loads_from_host"] == 0
+            assert not host_segments()
+
+    run(main())
+
+
+def test_a_lost_segment_falls_back_to_the_files_and_is_published_again(tmp_path,
+                                                                       own_segments):
+    root = repo(tmp_path, 1)
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            (lost,) = host_segments()
+            os.unlink(os.path.join(shm.SHM_DIR, lost))
+            # A fresh worker has not mapped it: its load finds it gone.
+            await restart(engine)
+            y = await engine.infer("m0", X)
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            again = await settle(engine, "m0", "resident")
+            assert again["loads_from_host"] == 0 and again["host_bytes"] > 0
+            assert lost not in host_segments() and len(host_segments()) == 1
+
+    run(main())
+
+
+async def restart(engine: Engine) -> None:
+    pid = engine.pool.workers[0].pid
+    os.kill(pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while engine.pool.workers[0].pid == pid or not engine.pool.workers[0].alive:
+        assert loop.time() < deadline, "the worker did not come back"
+        await asyncio.sleep(0.05)
+
+
+def mapped(pid: int, segment: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return segment in f.read()
+
+
+def test_unload_drops_the_host_copy_unless_asked_to_keep_it(tmp_path, own_segments):
+    root = repo(tmp_path, 2)
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            for name in ("m0", "m1"):
+                await engine.load(name)
+                await settle(engine, name, "resident")
+            segments = host_segments()
+            await engine.unload("m0", keep_host=True)
+            assert row(engine, "m0")["state"] == "in host memory"
+            await engine.unload("m1")
+            assert row(engine, "m1")["state"] == "on storage"
+            assert len(host_segments()) == 1
+            # The worker is told, and unmaps m1's copy: its memory is gone.
+            (gone,) = segments - host_segments()
+            pid = engine.pool.workers[0].pid
+            for _ in range(200):
+                if not mapped(pid, gone):
+                    break
+                await asyncio.sleep(0.02)
+            assert not mapped(pid, gone)
+            assert mapped(pid, next(iter(host_segments())))  # m0's stays mapped
+            assert (await engine.load("m0"))["loads_from_host"] == 1
+
+    run(main())
+
+
+def test_a_killed_worker_reloads_from_the_host_tier(tmp_path, own_segments):
+    root = repo(tmp_path, 1)
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            await restart(engine)
+            assert row(engine, "m0")["state"] == "in host memory"
+            y = await engine.infer("m0", X)
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            assert row(engine, "m0")["loads_from_host"] == 1
+
+    run(main())
+
+
+def test_a_killed_front_end_leaves_host_segments_that_the_next_start_reclaims(tmp_path):
+    root = repo(tmp_path, 2)
+    server = Server("--repo", str(root), "--tcp-port", "0", "--http-port", "-1",
+                    "--workers", "1", "--device-budget", "100000",
+                    env=environ(MMENGINE_MONITOR_INTERVAL_S="0.2"))
+    try:
+        port = int(server.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
+        from mmengine import Client
+
+        with Client(f"127.0.0.1:{port}") as client:
+            for name in ("m0", "m1"):
+                client.infer(name, X)
+            for _ in range(200):  # bounded: the publishes answer after the loads
+                if len(host_segments(server.proc.pid)) == 2:
+                    break
+                client.infer("m1", X)
+            assert len(host_segments(server.proc.pid)) == 2
+            workers = [w["pid"] for w in client.stats()["workers"]]
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+    for _ in range(100):  # the workers notice their front-end is gone
+        if not live_pids(workers):
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    reclaimed = set(shm.reclaim_orphans())
+    assert host_segments(server.proc.pid) == set()
+    assert {s for s in reclaimed if "-host-" in s}
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 10_000])
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_stager_moves_every_byte_in_order(n, staged, tmp_path):
+    # The GPU's logic (two buffers, chunks that wrap around them) on CPU
+    # buffers, with a chunk far smaller than the data.
+    stager = staging.Stager(torch.device("cpu"), chunk=1000, depth=2)
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(b"header" + data.tobytes())
+    out = torch.zeros(n, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        stager.from_file(f, 6, n, out, staged=staged)
+    assert np.array_equal(out.numpy(), data)
+    again = torch.zeros(n, dtype=torch.uint8)
+    stager.from_host(torch.from_numpy(data), again, staged=staged)
+    assert np.array_equal(again.numpy(), data)
+    assert stager.chunks == (2 * -(-n // 1000) if staged else 0)
+
+
+def test_the_stager_refuses_a_file_that_ends_early(tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 100)
+    stager = staging.Stager(torch.device("cpu"), chunk=64)
+    with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
+        stager.from_file(f, 0, 200, torch.zeros(200, dtype=torch.uint8), staged=True)

@@ -1,0 +1,536 @@
+"""Remote sources and the disk cache: a real HTTP server on 127.0.0.1
+serves model directories; models are fetched, verified, cached and loaded
+through the backends from the cached directory."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import http.server
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmengine import config as config_mod
+from mmengine import demo, fetch
+from mmengine.backends import load_model
+from mmengine.backends.safetensors import load_file, save_file
+from mmengine.diskcache import DiskCache, manifest
+from mmengine.errors import LoadFailed
+from mmengine.storage import ModelSpec, Repository, read_spec
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def _count(self) -> None:
+        with self.server.lock:
+            self.server.requests[(self.command, self.path)] += 1
+
+    def do_HEAD(self) -> None:
+        self._count()
+        super().do_HEAD()
+
+    def do_GET(self) -> None:
+        self._count()
+        time.sleep(self.server.delay)
+        if self.path in self.server.cut:
+            # The full length is promised, half is sent, then the connection ends.
+            f = self.send_head()
+            with f:
+                data = f.read()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A static file server over tmp_path/served; `.url` is its root URL."""
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(served)))
+    httpd.lock = threading.Lock()
+    httpd.requests = collections.Counter()
+    httpd.cut = set()
+    httpd.delay = 0.0
+    httpd.served = served
+    httpd.host = f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.url = f"http://{httpd.host}/"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+
+
+def cfg(tmp_path, **overrides):
+    # A watermark of 1: the test machine's disk may be fuller than 80%.
+    values = {"cache_dir": str(tmp_path / "cache"), "disk_watermark": 1.0, **overrides}
+    return config_mod.load(env={}, overrides=values)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def publish(server, name: str, backend: str = "safetensors", **kwargs) -> Path:
+    """The demo MLP under the server's root, as `<name>/1/`."""
+    return demo.write_mlp(server.served / name, backend, **kwargs)
+
+
+def write_stub(repo: Path, name: str, source: str, model_dir: Path, top: str = "",
+               digests: dict[str, str] | None = None) -> Path:
+    """A repository version directory holding only a manifest: the served
+    model's own manifest plus `source`, `top` keys and a [files] table of
+    its files (model.toml excluded) with their digests."""
+    files = sorted(p.name for p in model_dir.iterdir() if p.name != "model.toml")
+    digests = {f: sha(model_dir / f) for f in files} | (digests or {})
+    own = (model_dir / "model.toml").read_text()
+    table = "".join(f'"{f}" = "{d}"\n' for f, d in digests.items())
+    path = repo / name / "1"
+    path.mkdir(parents=True)
+    (path / "model.toml").write_text(f'source = "{source}"\n{top}\n{own}\n[files]\n{table}')
+    return path
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def x(rows: int = 3, features: int = 4) -> np.ndarray:
+    return np.linspace(-1, 1, rows * features, dtype=np.float32).reshape(rows, features)
+
+
+def test_fetch_verify_and_load(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    # Resolving reads no model file: it asks the sizes, nothing more.
+    assert not any(method == "GET" for method, _ in server.requests)
+    assert spec.source == server.url + "mlp/1/"
+    assert spec.files == (("model.py", sha(model_dir / "model.py")),
+                          ("model.safetensors", sha(model_dir / "model.safetensors")))
+    assert spec.estimated_bytes == sum((model_dir / f).stat().st_size
+                                       for f in ("model.py", "model.safetensors"))
+
+    disk = DiskCache(config)
+    path = disk.ensure(spec)
+    assert path.is_relative_to(tmp_path / "cache")
+    assert files_under(path) == ["model.py", "model.safetensors", "model.toml"]
+    assert (path / "model.safetensors").read_bytes() == \
+        (model_dir / "model.safetensors").read_bytes()
+    local = read_spec("mlp", 1, path)
+    assert "source" not in (path / "model.toml").read_text()
+    assert local == dataclasses.replace(spec, path=path, source="", files=())
+    model = load_model(local)
+    try:
+        np.testing.assert_allclose(model.predict({"x": x()})["y"],
+                                   demo.reference(x(), 4, 8, 2, 0), rtol=1e-5, atol=1e-6)
+    finally:
+        model.close()
+
+    gets = sum(n for (method, _), n in server.requests.items() if method == "GET")
+    assert gets == 2
+    assert disk.ensure(spec) == path  # a hit: nothing fetched again
+    assert sum(n for (method, _), n in server.requests.items() if method == "GET") == gets
+    stats = disk.stats()
+    assert stats == {"bytes": sum(p.stat().st_size for p in path.iterdir()), "models": 1,
+                     "hits": 1, "fetches": 1, "evictions": 0, "failures": 0}
+
+
+def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    disk = DiskCache(config)
+    old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
+    text = (stub / "model.toml").read_text()
+    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    new = disk.ensure(spec)
+    assert new != old and not old.exists()
+    assert read_spec("mlp", 1, new).outputs == spec.outputs
+    assert disk.stats()["fetches"] == 2 and disk.stats()["models"] == 1
+
+
+def test_sha256_mismatch_leaves_nothing(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+               digests={"model.safetensors": "0" * 64})
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    with pytest.raises(LoadFailed, match="sha256 .* does not match") as raised:
+        disk.ensure(spec)
+    assert "mlp v1" in str(raised.value)
+    assert files_under(tmp_path / "cache") == []
+    assert disk.stats()["models"] == 0 and disk.stats()["failures"] == 1
+
+
+def test_cut_connection_is_never_used_and_a_retry_succeeds(tmp_path, server):
+    model_dir = publish(server, "mlp", hidden=4096)  # large enough to be cut midway
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    server.cut.add("/mlp/1/model.safetensors")
+    with pytest.raises(LoadFailed, match="ended after"):
+        disk.ensure(spec)
+    assert files_under(tmp_path / "cache") == []
+
+    server.cut.clear()
+    path = disk.ensure(spec)
+    assert sha(path / "model.safetensors") == sha(model_dir / "model.safetensors")
+    model = load_model(read_spec("mlp", 1, path))
+    try:
+        np.testing.assert_allclose(model.predict({"x": x()})["y"],
+                                   demo.reference(x(), 4, 4096, 2, 0), rtol=1e-4, atol=1e-5)
+    finally:
+        model.close()
+    assert disk.stats()["fetches"] == 1 and disk.stats()["failures"] == 1
+
+
+def test_a_stalled_server_times_out(tmp_path, server, monkeypatch):
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir, top="bytes = 10")
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 0.3)
+    server.delay = 3.0
+    t0 = time.monotonic()
+    with pytest.raises(LoadFailed, match="timed out"):
+        DiskCache(config).ensure(spec)
+    assert time.monotonic() - t0 < 2.0  # it did not wait for the server
+    assert files_under(tmp_path / "cache") == []
+
+
+def test_concurrent_ensure_downloads_once(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    server.delay = 0.3  # every caller arrives while the first download runs
+    threads, barrier = 6, threading.Barrier(6)
+    results: list[Path | BaseException] = []
+
+    def ensure() -> None:
+        barrier.wait(10)
+        try:
+            results.append(disk.ensure(spec))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion
+            results.append(e)
+
+    workers = [threading.Thread(target=ensure) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    assert len(results) == threads and len(set(results)) == 1
+    assert isinstance(results[0], Path) and (results[0] / "model.safetensors").is_file()
+    assert server.requests[("GET", "/mlp/1/model.safetensors")] == 1
+    assert disk.stats()["fetches"] == 1 and disk.stats()["hits"] == threads - 1
+
+
+def test_sources_not_allowed_are_refused_by_key(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    repo = tmp_path / "repo"
+    write_stub(repo, "web", server.url + "mlp/1/", model_dir)
+    outside = tmp_path / "outside"
+    demo.write_mlp(outside, "safetensors")
+    write_stub(repo, "disk", (outside / "1").as_uri() + "/", outside / "1")
+
+    closed = cfg(tmp_path, allowed_hosts="127.0.0.1:1", model_roots=str(server.served))
+    with pytest.raises(LoadFailed, match="not in allowed_hosts .*MMENGINE_ALLOWED_HOSTS"):
+        Repository(repo, config=closed).resolve("web")
+    with pytest.raises(LoadFailed, match="outside the allowed model roots .*model_roots"):
+        Repository(repo, config=closed).resolve("disk")
+    with pytest.raises(LoadFailed, match="no model roots are configured"):
+        Repository(repo, config=cfg(tmp_path)).resolve("disk")
+    assert not server.requests  # the host was never contacted
+
+    # The cache checks again: a spec resolved under a laxer config.
+    spec = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve("web")
+    server.requests.clear()
+    with pytest.raises(LoadFailed, match="allowed_hosts"):
+        DiskCache(closed).ensure(spec)
+    assert not server.requests
+    assert files_under(tmp_path / "cache") == []
+
+
+def test_file_source_under_model_roots(tmp_path):
+    root = tmp_path / "models"
+    model_dir = demo.write_mlp(root / "mlp", "safetensors")
+    write_stub(tmp_path / "repo", "mlp", model_dir.as_uri() + "/", model_dir)
+    config = cfg(tmp_path, model_roots=str(root))
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    path = disk.ensure(spec)
+    assert sha(path / "model.safetensors") == sha(model_dir / "model.safetensors")
+    model = load_model(read_spec("mlp", 1, path))
+    model.close()
+
+    # A file inside the root that links out of it is refused when it is read.
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not yours")
+    (model_dir / "extra.bin").symlink_to(secret)
+    spec2 = dataclasses.replace(spec, version=2, files=spec.files + (("extra.bin", ""),))
+    with pytest.raises(LoadFailed, match="outside the allowed model roots"):
+        disk.ensure(spec2)
+    assert disk.stats()["models"] == 1
+
+
+def _compressible(path: Path) -> dict[str, torch.Tensor]:
+    # Weights of few distinct values (as after quantization) compress well.
+    g = torch.Generator().manual_seed(1)
+    tensors = {"fc1.weight": torch.randint(-2, 3, (512, 256), generator=g) / 4,
+               "fc1.bias": torch.zeros(512),
+               "fc2.weight": torch.randint(-2, 3, (8, 512), generator=g) / 4,
+               "fc2.bias": torch.zeros(8)}
+    save_file(tensors, path / "model.safetensors")
+    return tensors
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "torchscript", "export"])
+def test_zstd_round_trip(tmp_path, server, backend):
+    model_dir = publish(server, "mlp", backend, in_features=256, hidden=512, out_features=8)
+    original = _compressible(model_dir) if backend == "safetensors" else None
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+               top='compress = "zstd"')
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    assert spec.compress == "zstd"
+    path = DiskCache(config).ensure(spec)
+    artifact = spec.artifact
+    assert not (path / artifact).exists()
+    packed = path / (artifact + ".zst")
+    assert packed.stat().st_size < (model_dir / artifact).stat().st_size
+    if backend == "safetensors":
+        assert (path / "model.py").read_bytes() == (model_dir / "model.py").read_bytes()
+        loaded = load_file(path / artifact)
+        assert loaded.keys() == original.keys()
+        assert all(torch.equal(loaded[k], original[k]) for k in original)
+    model = load_model(read_spec("mlp", 1, path))
+    try:
+        got = model.predict({"x": x(2, 256)})["y"]
+        if backend == "safetensors":
+            reference = demo.MLP(256, 512, 8)
+            reference.load_state_dict(original)
+            want = reference(torch.from_numpy(x(2, 256))).detach().numpy()
+        else:
+            want = demo.reference(x(2, 256), 256, 512, 8, 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        model.close()
+
+
+def _three_models(tmp_path, server):
+    repo = tmp_path / "repo"
+    for name in ("a", "b", "c"):
+        write_stub(repo, name, server.url + f"{name}/1/", publish(server, name, hidden=256))
+    return repo
+
+
+def test_lru_eviction_under_the_byte_budget(tmp_path, server):
+    repo = _three_models(tmp_path, server)
+    size = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve(
+        "a").estimated_bytes
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.5))
+    specs = {n: Repository(repo, config=config).resolve(n) for n in "abc"}
+    disk = DiskCache(config)
+    paths = {n: disk.ensure(specs[n]) for n in "ab"}
+    disk.touch("a", 1)  # b is now the least recently used
+    paths["c"] = disk.ensure(specs["c"])
+    assert not paths["b"].exists() and paths["a"].is_dir() and paths["c"].is_dir()
+    stats = disk.stats()
+    assert stats["models"] == 2 and stats["evictions"] == 1
+    assert stats["bytes"] <= config.disk_cache_bytes
+    assert stats["bytes"] == sum(sum(p.stat().st_size for p in paths[n].iterdir())
+                                 for n in "ac")
+
+    freed = disk.evict("a", 1)
+    assert freed > 0 and not paths["a"].exists()
+    assert disk.evict("a", 1) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".partial", "c"]
+    assert files_under(tmp_path / "cache" / ".partial") == []
+
+
+def test_no_room_under_the_watermark_names_the_keys(tmp_path, server):
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_watermark=1e-6)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    with pytest.raises(LoadFailed, match="no room .*disk_watermark"):
+        DiskCache(config).ensure(spec)
+    assert not any(method == "GET" for method, _ in server.requests)
+
+
+def test_restart_keeps_entries_and_their_order(tmp_path, server):
+    repo = _three_models(tmp_path, server)
+    size = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve(
+        "a").estimated_bytes
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.5))
+    specs = {n: Repository(repo, config=config).resolve(n) for n in "abc"}
+    disk = DiskCache(config)
+    paths = {n: disk.ensure(specs[n]) for n in "ba"}
+    # mtimes carry the order; make it unambiguous on coarse clocks.
+    os.utime(paths["b"], (time.time() - 60, time.time() - 60))
+    before = disk.stats()
+    gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+
+    again = DiskCache(config)
+    assert again.stats() == {**before, "hits": 0, "fetches": 0}
+    assert again.ensure(specs["a"]) == paths["a"]
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
+    again.ensure(specs["c"])
+    assert not paths["b"].exists() and paths["a"].is_dir()
+
+
+def test_interrupted_download_leftovers_are_removed_at_start(tmp_path, server):
+    cache = tmp_path / "cache"
+    leftover = cache / ".partial" / "mlp-1-x1y2"
+    leftover.mkdir(parents=True)
+    (leftover / "model.py").write_text("half")
+    (leftover / ".model.safetensors.abc.part").write_bytes(b"\0" * 1000)
+    (cache / ".partial" / "evicted-0f0f").mkdir()
+    (cache / "notes.txt").write_text("not the cache's")  # never removed: not its own
+    disk = DiskCache(cfg(tmp_path))
+    assert files_under(cache) == ["notes.txt"]
+    assert (cache / ".partial").is_dir()
+    assert disk.stats()["models"] == 0
+
+
+def test_cached_manifest_reads_back_as_the_same_model(tmp_path):
+    stub = tmp_path / "repo" / "m" / "1"
+    stub.mkdir(parents=True)
+    (stub / "model.toml").write_text(
+        'source = "http://example.test/m/1/"\n'
+        'backend = "torchscript"\nbytes = 77\ndevice = "cpu"\ntrusted = true\n'
+        'warmup = {x = [2, 3]}\n'
+        f'token_sha256 = ["{"ab" * 32}"]\n'
+        '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 3]\n'
+        '[[outputs]]\nname = "y \\"quoted\\" ü"\ndtype = "int64"\nshape = []\n'
+        '[options]\nscale = 1e-5\nlimit = inf\nnested = {list = [1, "two", false], '
+        '"odd key" = "tab\\there"}\n'
+        f'[files]\n"model.pt" = "{"cd" * 32}"\n')
+    config = cfg(tmp_path, allowed_hosts="example.test")
+    spec = read_spec("m", 1, stub, config=config)
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "model.toml").write_text(manifest(spec))
+    (local / "model.pt.zst").write_bytes(b"")  # the cache's compressed artifact counts
+    assert read_spec("m", 1, local) == dataclasses.replace(spec, path=local, source="",
+                                                           files=())
+
+
+def test_the_cached_manifest_knows_every_spec_field():
+    # A field added to ModelSpec must travel to the cached copy's model.toml
+    # (diskcache.manifest), or a model loaded from the cache silently loses it.
+    written = {"backend", "estimated_bytes", "trusted", "device", "inputs", "outputs",
+               "warmup", "options", "token_digests"}
+    not_manifest = {"name", "version", "path", "artifact", "source", "files", "compress"}
+    assert {f.name for f in dataclasses.fields(ModelSpec)} == written | not_manifest
+
+
+@pytest.mark.parametrize("top, files, bad", [
+    ('source = "ftp://h/m/"', '"model.pt" = ""', "http://, https:// or file://"),
+    ('source = "http://h/m"', '"model.pt" = ""', "ends with '/'"),
+    ('source = "http://u:p@h/m/"', '"model.pt" = ""', "credentials"),
+    ('source = "http://h/mödel/"', '"model.pt" = ""', "percent-encode"),
+    ('source = "file://host/m/"', '"model.pt" = ""', "local absolute path"),
+    ('source = "http://h/m/"', None, "[files]"),
+    ('source = "http://h/m/"', '"model.pt" = "12"', "sha256"),
+    ('source = "http://h/m/"', '"../model.pt" = ""', "plain relative"),
+    ('source = "http://h/m/"', '"model.toml" = ""', "plain relative"),
+    ('source = "http://h/m/"\ncompress = "gzip"', '"model.pt" = ""', "compress"),
+    ('source = "http://h/m/"\ncompress = "zstd"', '"handler.py" = "' + "a" * 64 + '"',
+     "stream"),
+    ('source = "http://h/m/"', '"model.safetensors" = ""\n"model.py" = ""', "'model.py'"),
+    ('source = "http://h/m/"\ntrusted = true', '"model.pt" = ""', "'model.pt'"),
+    ('compress = "zstd"', '"model.pt" = ""', "need 'source'"),
+])
+def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.toml").write_text(top + ("\n[files]\n" + files if files else "") + "\n")
+    config = cfg(tmp_path, allowed_hosts="h")
+    with pytest.raises(LoadFailed, match="model.toml") as raised:
+        read_spec("m", 1, path, config=config)
+    assert bad in str(raised.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("disk_watermark", 0), ("disk_watermark", 1.5), ("disk_cache_bytes", -1),
+    ("allowed_hosts", "a.test/path"), ("allowed_hosts", "a.test:port"),
+    ("allowed_hosts", "user@a.test"), ("cache_dir", ""),
+])
+def test_config_keys_are_validated(key, value):
+    with pytest.raises(config_mod.ConfigError, match=key):
+        config_mod.load(env={}, overrides={key: value})
+
+
+def test_config_defaults_and_sizes(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    c = config_mod.load(env={"MMENGINE_DISK_CACHE_BYTES": "2GiB",
+                             "MMENGINE_ALLOWED_HOSTS": "a.test, [::1]:8080"})
+    assert c.cache_dir == str(tmp_path / "mmengine" / "models")
+    assert c.disk_cache_bytes == 2 << 30 and c.disk_watermark == 0.80
+    assert c.replace(workers=3).cache_dir == c.cache_dir
+
+
+# -- through a real server -----------------------------------------------------------
+
+def test_a_served_remote_model_is_fetched_once_and_reloads_from_the_disk_cache(tmp_path,
+                                                                             server):
+    from mmengine import Client
+    from mmengine.errors import LoadFailed as ClientLoadFailed
+    from tests.conftest import Server, environ
+
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    bad_dir = publish(server, "bad")
+    write_stub(tmp_path / "repo", "bad", server.url + "bad/1/", bad_dir,
+               digests={"model.safetensors": "0" * 64})
+    demo.write_mlp(tmp_path / "repo" / "local", "safetensors")
+    proc = Server("--repo", str(tmp_path / "repo"), "--tcp-port", "0", "--http-port", "-1",
+                  "--workers", "1",
+                  env=environ(MMENGINE_CACHE_DIR=str(tmp_path / "cache"),
+                              MMENGINE_DISK_WATERMARK="1.0",
+                              MMENGINE_ALLOWED_HOSTS=server.host,
+                              MMENGINE_HOST_TIER_BYTES="0"))
+    try:
+        port = int(proc.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
+        with Client(f"127.0.0.1:{port}") as client:
+            y = client.infer("mlp", {"x": x()})["y"]
+            np.testing.assert_allclose(y, demo.reference(x(), 4, 8, 2, 0), rtol=1e-5,
+                                       atol=1e-6)
+            with pytest.raises(ClientLoadFailed, match="sha256"):
+                client.infer("bad", {"x": x()})
+            client.unload("mlp")
+            rows = {r["name"]: r for r in client.stats()["models"]}
+            assert rows["mlp"]["state"] == "on disk"
+            assert rows["bad"]["state"] == "failed"
+            client.infer("mlp", {"x": x()})  # from the disk cache
+            client.infer("local", {"x": x()})  # the rest is served as before
+            stats = client.stats()
+        gets = [path for (method, path), n in server.requests.items() if method == "GET"]
+        assert sorted(gets) == ["/bad/1/model.py", "/bad/1/model.safetensors",
+                                "/mlp/1/model.py", "/mlp/1/model.safetensors"]
+        assert stats["disk_cache"]["fetches"] == 1 and stats["disk_cache"]["hits"] == 1
+        assert {r["name"]: r["loads"] for r in stats["models"]}["mlp"] == 2
+    finally:
+        assert proc.stop() == 0
