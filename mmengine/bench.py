@@ -8,7 +8,8 @@ tail forces loads and evictions. Requests go through `AsyncClient` over a
 few connections with `--concurrency` of them in flight. The run is bounded
 by the request count, each request by `--timeout` and the whole run by
 `--duration`. Hit rate, loads and evictions are the change in the server's
-own `stats()` totals over the run.
+own `stats()` totals over the run. `--token` (added by the command line,
+mmengine/cli.py) goes with every request.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def _bench(args: argparse.Namespace) -> str:
     connections = min(args.concurrency, MAX_CONNECTIONS)
-    async with AsyncClient(args.url, timeout=args.timeout, connections=connections) as client:
+    async with AsyncClient(args.url, timeout=args.timeout, connections=connections,
+                           token=getattr(args, "token", None)) as client:
         # One row per version, ascending: the last one is what a request
         # without a version gets.
         latest = {row["name"]: row for row in await client.list()}

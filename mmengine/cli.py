@@ -1,14 +1,22 @@
-"""`mmengine serve | bench | stats`: the command line.
+"""`mmengine serve | bench | stats | token`: the command line.
 
     mmengine serve --demo                 # a generated repository of demo models
     mmengine serve --repo DIR [--tcp-port 8081] [--workers N] [--device-budget 2GiB]
     mmengine serve --demo --trace serve.json   # Chrome trace events (open in Perfetto)
-    mmengine stats [--url 127.0.0.1:8081]
+    mmengine stats [--url 127.0.0.1:8081] [--token T]
     mmengine bench [--url ...] [--models N] [--zipf S] [--requests M] [--concurrency C]
+    mmengine token                        # a new token, and its line for a model.toml
 
 Every serve option is also a key of the TOML file given with --config and an
 MMENGINE_<KEY> environment variable; flags win over both. Bad values are
 refused at start with a message that names the key.
+
+`--token T` of stats and bench is sent with every request (a model whose
+manifest lists tokens needs one). `--token -` reads it from the first line
+of stdin instead, since a command line is visible to every user of the
+machine (ps). The client commands read no environment variable: the
+configuration module is the only reader of MMENGINE_* and it configures
+the server, not its clients.
 """
 from __future__ import annotations
 
@@ -134,7 +142,7 @@ def _demo_usage(repo, host: str, port: int) -> str:
 def _print_stats(args: argparse.Namespace) -> None:
     from mmengine.client import Client
 
-    with Client(args.url) as c:
+    with Client(args.url, token=args.token) as c:
         stats = c.stats()
     rows = stats["models"]
     print(f"{'model':<24} {'ver':>3} {'state':<10} {'worker':>6} {'bytes':>12} "
@@ -147,6 +155,29 @@ def _print_stats(args: argparse.Namespace) -> None:
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
           f"{t['hits']} hits, {t['loads']} loads, {t['evictions']} evictions, "
           f"{t['failures']} failed loads, {t['worker_restarts']} worker restarts")
+
+
+def _print_token() -> None:
+    from mmengine import auth
+
+    token, hex_digest = auth.new_token()
+    # stdout holds just the two lines, so `mmengine token | head -1` is the token.
+    print(token)
+    print(f'token_sha256 = "{hex_digest}"')
+    print("mmengine: the first line is the token for clients (SDK token=..., "
+          "Authorization: Bearer ...; or the server's control_token); the second "
+          "goes into a model's model.toml. The server keeps only the digest.",
+          file=sys.stderr)
+
+
+def add_token_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", metavar="T",
+                        help="token sent with every request; '-': read it from stdin")
+
+
+def _resolve_token(args: argparse.Namespace) -> None:
+    if getattr(args, "token", None) == "-":
+        args.token = sys.stdin.readline().strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
 
     stats = sub.add_parser("stats", help="a running server's per-model table")
     stats.add_argument("--url", default="127.0.0.1:8081")
+    add_token_argument(stats)
 
     from mmengine import bench
-    bench.add_arguments(sub.add_parser("bench", help="Zipf traffic against a running server"))
+    bench_parser = sub.add_parser("bench", help="Zipf traffic against a running server")
+    bench.add_arguments(bench_parser)
+    add_token_argument(bench_parser)
+    sub.add_parser("token", help="print a new token and the token_sha256 line for a "
+                                 "model's model.toml")
 
     args = ap.parse_args(argv)
+    _resolve_token(args)
     if args.command == "serve":
         try:
             config = _serve_config(args)
@@ -201,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "stats":
         _print_stats(args)
+        return 0
+    if args.command == "token":
+        _print_token()
         return 0
     return bench.run(args)
 

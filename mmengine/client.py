@@ -8,6 +8,11 @@ error comes back as the same typed exception the engine raised
 (ModelNotFound, BadRequest, ...); a broken connection is ConnectionError.
 Both clients pipeline: many requests share one connection and are matched
 to their answers by id.
+
+`token` (a client's, or one call's) travels with every request: a model
+whose manifest lists tokens needs one of them, and with a control token
+configured on the server, so do load, unload, pin and unpin; a missing or
+wrong one raises Unauthorized.
 """
 from __future__ import annotations
 
@@ -52,13 +57,15 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _infer_message(model: str, inputs: dict, version: int | None,
-                   timeout: float | None) -> dict:
+                   timeout: float | None, token: str | None = None) -> dict:
     message = {"op": "infer", "model": model, "inputs": protocol.encode_tensors(
         _as_arrays(inputs))}
     if version is not None:
         message["version"] = version
     if timeout is not None:
         message["timeout"] = timeout
+    if token is not None:
+        message["token"] = token
     return message
 
 
@@ -66,10 +73,13 @@ def _wait(timeout: float | None) -> float | None:
     return None if timeout is None else timeout + ANSWER_GRACE_S
 
 
-def _model_message(op: str, model: str, version: int | None) -> dict:
+def _model_message(op: str, model: str, version: int | None,
+                   token: str | None) -> dict:
     message = {"op": op, "model": model}
     if version is not None:
         message["version"] = version
+    if token is not None:
+        message["token"] = token
     return message
 
 
@@ -96,12 +106,14 @@ class _Frames:
 
 class Client:
     """A blocking client with a small pool of connections; safe to share
-    between threads (each call borrows a connection)."""
+    between threads (each call borrows a connection). `token` goes with
+    every request that does not carry its own."""
 
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
-                 timeout: float = 30.0, pool_size: int = 4):
+                 timeout: float = 30.0, pool_size: int = 4, token: str | None = None):
         self.address = parse_address(address)
         self.timeout = timeout
+        self.token = token
         self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=pool_size)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -148,6 +160,8 @@ class Client:
         ids = []
         for m in messages:
             m["id"] = self._next_id()
+            if self.token is not None:
+                m.setdefault("token", self.token)
             ids.append(m["id"])
         conn = self._pooled() or self._connect()
         sock, frames = conn
@@ -181,8 +195,9 @@ class Client:
         return self.call_many([message], timeout)[0]
 
     def infer(self, model: str, inputs: dict, version: int | None = None,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
-        r = self.call(_infer_message(model, inputs, version, timeout), _wait(timeout))
+              timeout: float | None = None, token: str | None = None
+              ) -> dict[str, np.ndarray]:
+        r = self.call(_infer_message(model, inputs, version, timeout, token), _wait(timeout))
         return protocol.decode_tensors(r["outputs"])
 
     def infer_many(self, requests: Iterable[tuple[str, dict]],
@@ -192,17 +207,19 @@ class Client:
                             _wait(timeout))
         return [protocol.decode_tensors(r["outputs"]) for r in rs]
 
-    def load(self, model: str, version: int | None = None) -> dict:
-        return self.call(_model_message("load", model, version))["model"]
+    def load(self, model: str, version: int | None = None, token: str | None = None) -> dict:
+        return self.call(_model_message("load", model, version, token))["model"]
 
-    def unload(self, model: str, version: int | None = None) -> None:
-        self.call(_model_message("unload", model, version))
+    def unload(self, model: str, version: int | None = None,
+               token: str | None = None) -> None:
+        self.call(_model_message("unload", model, version, token))
 
-    def pin(self, model: str, version: int | None = None) -> dict:
-        return self.call(_model_message("pin", model, version))["model"]
+    def pin(self, model: str, version: int | None = None, token: str | None = None) -> dict:
+        return self.call(_model_message("pin", model, version, token))["model"]
 
-    def unpin(self, model: str, version: int | None = None) -> None:
-        self.call(_model_message("unpin", model, version))
+    def unpin(self, model: str, version: int | None = None,
+              token: str | None = None) -> None:
+        self.call(_model_message("unpin", model, version, token))
 
     def list(self) -> list[dict]:
         return self.call({"op": "list"})["models"]
@@ -256,12 +273,14 @@ class _AsyncConnection(asyncio.Protocol):
 
 class AsyncClient:
     """An asyncio client over `connections` connections, used round-robin;
-    any number of requests may be in flight on each."""
+    any number of requests may be in flight on each. `token` goes with every
+    request that does not carry its own."""
 
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
-                 timeout: float = 30.0, connections: int = 1):
+                 timeout: float = 30.0, connections: int = 1, token: str | None = None):
         self.address = parse_address(address)
         self.timeout = timeout
+        self.token = token
         self.size = connections
         self._conns: list[_AsyncConnection] = []
         self._ids = itertools.count(1)
@@ -297,6 +316,8 @@ class AsyncClient:
             conn = self._conns[slot] = await self._open()
         rid = next(self._ids)
         message["id"] = rid
+        if self.token is not None:
+            message.setdefault("token", self.token)
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = fut
         conn.transport.write(protocol.frame(message))
@@ -309,22 +330,27 @@ class AsyncClient:
         return protocol.raise_for(response)
 
     async def infer(self, model: str, inputs: dict, version: int | None = None,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
-        r = await self.call(_infer_message(model, inputs, version, timeout),
+                    timeout: float | None = None, token: str | None = None
+                    ) -> dict[str, np.ndarray]:
+        r = await self.call(_infer_message(model, inputs, version, timeout, token),
                             _wait(timeout))
         return protocol.decode_tensors(r["outputs"])
 
-    async def load(self, model: str, version: int | None = None) -> dict:
-        return (await self.call(_model_message("load", model, version)))["model"]
+    async def load(self, model: str, version: int | None = None,
+                   token: str | None = None) -> dict:
+        return (await self.call(_model_message("load", model, version, token)))["model"]
 
-    async def unload(self, model: str, version: int | None = None) -> None:
-        await self.call(_model_message("unload", model, version))
+    async def unload(self, model: str, version: int | None = None,
+                     token: str | None = None) -> None:
+        await self.call(_model_message("unload", model, version, token))
 
-    async def pin(self, model: str, version: int | None = None) -> dict:
-        return (await self.call(_model_message("pin", model, version)))["model"]
+    async def pin(self, model: str, version: int | None = None,
+                  token: str | None = None) -> dict:
+        return (await self.call(_model_message("pin", model, version, token)))["model"]
 
-    async def unpin(self, model: str, version: int | None = None) -> None:
-        await self.call(_model_message("unpin", model, version))
+    async def unpin(self, model: str, version: int | None = None,
+                    token: str | None = None) -> None:
+        await self.call(_model_message("unpin", model, version, token))
 
     async def list(self) -> list[dict]:
         return (await self.call({"op": "list"}))["models"]

@@ -185,14 +185,15 @@ class Engine:
         a bad token, where the model is known) raises here, at once."""
         t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
+        spec = self._specs.get((name, version))
+        if spec is not None:  # before anything else: a stranger learns nothing more
+            auth.check(spec.token_digests, token, f"model {spec.name!r}")
         arrays = _as_arrays(inputs)
         queued = self._queued.get(name, 0)
         if queued >= self.config.max_queue_per_model:
             raise Overloaded(f"{name}: {queued} requests already queued; retry later")
-        spec = self._specs.get((name, version))
         fut = None
         if spec is not None:
-            auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY

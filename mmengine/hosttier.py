@@ -31,8 +31,8 @@ Key = tuple[str, int]
 #: (its data starts page-aligned); corrected to the real size once written.
 HEADER_ALLOWANCE = 4096
 #: Backends whose loaded bytes can be published to the host tier and loaded
-#: from it: a flat region of tensor bytes that the module's weights view.
-BACKENDS = frozenset({"safetensors"})
+#: from it: modules whose weights can be made views of one flat region.
+BACKENDS = frozenset({"safetensors", "torchscript", "export"})
 
 
 def budget(config: Config) -> int:

@@ -104,8 +104,10 @@ class WorkerLogic:
         `segment`; returns the segment's size."""
         from mmengine.backends import safetensors
 
+        from mmengine.backends.base import TorchModel
+
         model = self.models.get((name, version))
-        if not isinstance(model, safetensors.ModuleModel):
+        if not isinstance(model, TorchModel):
             raise LoadFailed(f"{name} v{version}: not resident, or not a model the host "
                              f"tier can hold")
         if self._stream is None:

@@ -153,7 +153,10 @@ class Worker:
             [sys.executable, "-m", "mmengine.worker"], stdin=subprocess.PIPE,
             pass_fds=fds, env=env)
         self.pid = self.process.pid
-        args = (self._config, self.device, self.index, *(_plain(r.handle) for r in self.rings))
+        # A worker needs no secret of the front-end's: it never sees one.
+        config = self._config.replace(control_token="") if self._config.control_token \
+            else self._config
+        args = (config, self.device, self.index, *(_plain(r.handle) for r in self.rings))
         self.process.stdin.write(pickle.dumps(args))
         self.process.stdin.close()
         self._pidfd = os.pidfd_open(self.pid)

@@ -261,3 +261,32 @@ def test_the_stager_refuses_a_file_that_ends_early(tmp_path):
     stager = staging.Stager(torch.device("cpu"), chunk=64)
     with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
         stager.from_file(f, 0, 200, torch.zeros(200, dtype=torch.uint8), staged=True)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "export"])
+def test_parsed_formats_reload_from_the_host_tier_without_a_parse(tmp_path, backend,
+                                                                   own_segments):
+    # Each closed model leaves its module behind, emptied; a load from the
+    # host tier points it at the host copy: the artifact is not opened.
+    for i in range(2):
+        demo.write_mlp(tmp_path / f"m{i}", backend, *DIMS, seed=i)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            await engine.infer("m0", X)
+            first = await settle(engine, "m0", "resident")
+            await engine.infer("m1", X)  # evicts m0
+            assert row(engine, "m0")["state"] == "in host memory"
+            # Garbage in place of the artifact, same inode, size and mtime: a
+            # parse would fail now; the kept module does not parse.
+            artifact = next((tmp_path / "m0" / "1").glob("model.pt*"))
+            st = artifact.stat()
+            with open(artifact, "r+b") as f:
+                f.write(b"\0" * st.st_size)
+            os.utime(artifact, ns=(st.st_atime_ns, st.st_mtime_ns))
+            y = await engine.infer("m0", X)
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-5)
+            assert row(engine, "m0")["loads_from_host"] == 1
+            assert row(engine, "m0")["bytes"] == first["bytes"] == 83_008
+
+    run(main())

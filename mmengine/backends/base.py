@@ -8,15 +8,17 @@ request becomes BadRequest carrying the model's message.
 from __future__ import annotations
 
 import abc
+import collections
 import functools
 import importlib.util
 import itertools
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -75,12 +77,18 @@ class LoadedModel(abc.ABC):
 
 
 class TorchModel(LoadedModel):
-    """A model that is a callable torch module on `device`."""
+    """A model that is a callable torch module on `device`.
+
+    A backend that sets `skeleton_key` (what identifies the artifact the
+    module came from) has the model kept when it closes, its tensors
+    emptied: its next load from the host tier on this worker points the
+    kept module at the host copy instead of parsing the artifact again."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, module: Any,
                  inputs: tuple[TensorSpec, ...] | None = None) -> None:
         super().__init__(spec, device, inputs)
         self.module = module
+        self.skeleton_key: tuple | None = None
 
     def _call(self, inputs: Inputs) -> Any:
         tensors = as_tensors(inputs, self.device)
@@ -95,7 +103,78 @@ class TorchModel(LoadedModel):
         return module_bytes(self.module)
 
     def close(self) -> None:
+        key, module = self.skeleton_key, self.module
+        self.skeleton_key = None
+        if key is not None and module is not None:
+            from mmengine.backends import safetensors  # the host tier's format
+
+            safetensors.strip(safetensors.module_tensors(module))
+            SKELETONS.give(key, self)
+            return
         self.module = None
+
+
+class Skeletons:
+    """Closed models whose modules hold no tensors, by the artifact they
+    came from, most recently closed last; each is taken by one load."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._kept: collections.OrderedDict[tuple, TorchModel] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def give(self, key: tuple, model: TorchModel) -> None:
+        with self._lock:
+            self._kept[key] = model
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.LIMIT:
+                self._kept.popitem(last=False)
+
+    def take(self, key: tuple) -> TorchModel | None:
+        with self._lock:
+            return self._kept.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+
+#: The process's kept skeletons (TorchScript, torch.export).
+SKELETONS = Skeletons()
+
+
+def load_kept(spec: ModelSpec, device: torch.device, host: str | None,
+              parse: Callable[[], TorchModel]) -> TorchModel:
+    """A model of a format that must be parsed (TorchScript, torch.export).
+    With the host-tier segment `host`: the module this worker kept when the
+    model last closed, pointed at the host copy (no parse); without one, the
+    module `parse` builds, then on CPU pointed at the host copy as well, so
+    that every worker runs on the same pages."""
+    from mmengine.backends import safetensors  # the host tier's format
+
+    key = artifact_key(spec, device)
+    kept = SKELETONS.take(key) if host is not None and key is not None else None
+    model = kept or parse()
+    model.spec, model.skeleton_key = spec, key
+    if host is not None and (kept is not None or device.type == "cpu"):
+        try:
+            safetensors.load_from_host(model, host, device)
+        except BaseException:
+            model.skeleton_key = model.module = None
+            raise
+    return model
+
+
+def artifact_key(spec: ModelSpec, device: torch.device) -> tuple | None:
+    """What identifies the artifact of `spec` as it is on disk now; None if
+    it cannot be read."""
+    try:
+        st = (spec.path / spec.artifact).stat()
+    except OSError:
+        return None
+    return (str(spec.path / spec.artifact), st.st_mtime_ns, st.st_size, st.st_ino,
+            str(device), spec.trusted)
 
 
 def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmengine.backends.base import TorchModel
+from mmengine.backends.base import TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import DTYPES, ModelSpec, TensorSpec, open_artifact
 
@@ -60,7 +60,11 @@ class ExportModel(TorchModel):
                            **{n: tensors[n] for n in self._kwargs})
 
 
-def load(spec: ModelSpec, device: torch.device) -> ExportModel:
+def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> ExportModel:
+    return load_kept(spec, device, host, lambda: _parse(spec, device))
+
+
+def _parse(spec: ModelSpec, device: torch.device) -> ExportModel:
     where = f"{spec.name} v{spec.version}"
     path = spec.path / spec.artifact
     try:

@@ -212,44 +212,135 @@ _RO = "The given buffer is not writable"
 warnings.filterwarnings("ignore", message=_RO)
 
 
-def publish(model: ModuleModel, segment: str) -> int:
+def publish(model: TorchModel, segment: str) -> int:
     """Writes the model's tensor bytes into the host-tier segment `segment`
     (created here; the front-end unlinks it), and on CPU moves the model's
     weights onto a read-only mapping of it, so that the worker's private
-    copy is freed. Returns the segment's size in bytes."""
-    if model.module is None or model.flat is None:
+    copy is freed. Returns the segment's size in bytes. A safetensors model
+    writes its one region; any other module its tensors one by one (see
+    `host_tensors` for which modules can be published)."""
+    if model.module is None:
         raise LoadFailed(f"{model.spec.name}: not resident, nothing to publish")
-    flat, entries = model.flat, model.entries
+    if isinstance(model, ModuleModel):
+        entries, chunks = model.entries, [(0, model.flat)]
+    else:
+        tensors = host_tensors(model.module, model.spec.name)
+        entries, chunks = _layout(tensors)
+    size = _write_segment(segment, entries, chunks)
+    device = chunks[0][1].device if chunks else torch.device("cpu")
+    if device.type == "cpu":
+        shared, entries, _ = HOST_MAPS.get(segment, model.spec.name, device)
+        if isinstance(model, ModuleModel):
+            model.module.load_state_dict(_views(shared, entries), strict=True, assign=True)
+            model.flat = shared  # the private arena goes back to the pool
+        else:
+            _rebind(tensors, shared, entries, model.spec.name)
+    return size
+
+
+def load_from_host(model: TorchModel, segment: str, device: torch.device) -> None:
+    """Points the tensors of `model` (a kept skeleton, or a module just
+    parsed) at the host-tier copy in `segment`: views of the mapping on CPU,
+    of one copy of it on a GPU."""
+    where = model.spec.name
+    flat, entries, pinned = HOST_MAPS.get(segment, where, device)
+    if device.type != "cpu":
+        on_device = torch.empty(flat.numel(), dtype=torch.uint8, device=device)
+        if pinned:
+            on_device.copy_(flat, non_blocking=True)
+        else:
+            staging.stager(device).from_host(flat, on_device)
+        flat = on_device
+    _rebind(module_tensors(model.module), flat, entries, where)
+
+
+def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of `module` by name, the objects it holds
+    (so that `set_` on one changes the module), if each is a whole
+    contiguous tensor over a storage of its own; LoadFailed otherwise (tied
+    or strided weights are not laid out flat: such a model stays out of the
+    host tier)."""
+    tensors = module_tensors(module)
+    storages = set()
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        if (not t.is_contiguous() or t.storage_offset() or storage.nbytes() != t.nbytes
+                or storage.data_ptr() in storages and t.nbytes
+                or t.dtype not in _NAMES):
+            raise LoadFailed(f"{where}: tensor {name!r} shares or strides its storage; "
+                             f"the model cannot go to the host tier")
+        storages.add(storage.data_ptr())
+    return tensors
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of `module` by name: the objects it holds,
+    so that `set_` on one changes what the module computes with."""
+    return module.state_dict(keep_vars=True)
+
+
+def strip(tensors: dict[str, torch.Tensor]) -> None:
+    """Empties every tensor in place: the module that holds them keeps its
+    structure and none of its bytes."""
+    with torch.no_grad():
+        for t in tensors.values():
+            t.set_(torch.empty(0, dtype=t.dtype, device=t.device))
+
+
+def _rebind(tensors: dict[str, torch.Tensor], flat: torch.Tensor, entries: Entries,
+            where: str) -> None:
+    if {name for name, *_ in entries} != set(tensors):
+        raise LoadFailed(f"{where}: the host tier's copy does not hold this model's tensors")
+    with torch.no_grad():
+        for name, view in _views(flat, entries).items():
+            tensors[name].set_(view)
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> tuple[Entries, list]:
+    """Entries that put the tensors end to end, each 64-byte aligned, and
+    (offset, bytes) to write there."""
+    entries, chunks, at = [], [], 0
+    for name, t in tensors.items():
+        at = -(-at // 64) * 64
+        raw = t.detach().reshape(-1).view(torch.uint8)
+        entries.append((name, _NAMES[t.dtype], list(t.shape), at, at + raw.numel()))
+        chunks.append((at, raw))
+        at += raw.numel()
+    return entries, chunks
+
+
+def _write_segment(segment: str, entries: Entries, chunks: list) -> int:
+    """Creates `segment` as a safetensors file whose data starts page-aligned
+    and writes the (offset, uint8 tensor) chunks into its data; its size."""
     header = {name: {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
               for name, dtype, shape, begin, end in entries}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % _HOST_ALIGN)
     data_start = 8 + len(encoded)
+    size = data_start + max((end for *_, end in entries), default=0)
     path = os.path.join(shm.SHM_DIR, _check_segment(segment))
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, data_start + flat.numel())
+        os.ftruncate(fd, size)
         os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
-        if flat.device.type == "cpu":
-            view = memoryview(flat.numpy())
-            for at in range(0, len(view), staging.CHUNK):
-                os.pwrite(fd, view[at:at + staging.CHUNK], data_start + at)
-            del view
-        elif flat.numel():
-            with mmap.mmap(fd, data_start + flat.numel()) as mm:
-                out = torch.frombuffer(mm, dtype=torch.uint8, offset=data_start)
-                out.copy_(flat)
-                del out
+        for begin, src in chunks:
+            if src.device.type == "cpu":
+                view = memoryview(src.numpy())
+                for at in range(0, len(view), staging.CHUNK):
+                    os.pwrite(fd, view[at:at + staging.CHUNK], data_start + begin + at)
+                del view
+            elif src.numel():  # device to host, straight into the segment's pages
+                with mmap.mmap(fd, size) as mm:
+                    out = torch.frombuffer(mm, dtype=torch.uint8, offset=data_start + begin,
+                                           count=src.numel())
+                    out.copy_(src)
+                    del out
     except BaseException:
         os.unlink(path)
         raise
     finally:
         os.close(fd)
-    if flat.device.type == "cpu":
-        shared, entries, _ = HOST_MAPS.get(segment, model.spec.name, flat.device)
-        model.module.load_state_dict(_views(shared, entries), strict=True, assign=True)
-        model.flat = shared  # the private arena goes back to the pool
-    return data_start + flat.numel()
+    return size
 
 
 class HostMaps:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from mmengine.backends.base import TorchModel
+from mmengine.backends.base import TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec, open_artifact
 
 
-def load(spec: ModelSpec, device: torch.device) -> TorchModel:
+def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> TorchModel:
+    return load_kept(spec, device, host, lambda: _parse(spec, device))
+
+
+def _parse(spec: ModelSpec, device: torch.device) -> TorchModel:
     path = spec.path / spec.artifact
     try:
         f, _ = open_artifact(path)

@@ -9,7 +9,8 @@ is buffered: the header block (431), the declared body length (413), and an
 idle connection is closed. Past `max_connections` open connections a new
 one is answered 503 (Retry-After) and closed before anything is read. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
-status.
+status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
+tokens travel as `Authorization: Bearer <token>`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ class Request:
     body: bytes
     keep_alive: bool = True
 
+    @property
+    def token(self) -> str | None:
+        """The bearer token of the Authorization header; None without one
+        (or with another scheme, which the engine then treats as none)."""
+        scheme, _, token = self.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
+            return None
+        return token.strip() or None
+
     def json(self) -> Any:
         try:
             return json.loads(self.body or b"null")
@@ -66,8 +76,11 @@ def json_response(obj: Any, status: int = 200, headers=None) -> Response:
 
 
 def error_response(e: MMEngineError) -> Response:
-    # An overloaded server says when to come back (RFC 9110 Retry-After).
-    headers = [("Retry-After", "1")] if e.code == ErrorCode.OVERLOADED else None
+    # An overloaded server says when to come back (RFC 9110 Retry-After); a
+    # 401 says how to authenticate (RFC 9110 requires WWW-Authenticate on it).
+    headers = ([("Retry-After", "1")] if e.code == ErrorCode.OVERLOADED
+               else [("WWW-Authenticate", "Bearer")] if e.code == ErrorCode.UNAUTHORIZED
+               else None)
     return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
 
 

@@ -12,6 +12,10 @@ that care about speed ask for binary outputs (tritonclient does by default).
 Datatypes map one to one to numpy (BOOL, UINT8..UINT64, INT8..INT64, FP16,
 FP32, FP64); BYTES and BF16 are refused with 400, since mmengine's models
 take numeric tensors only. Binary tensors are little-endian, row-major.
+
+Tokens come as `Authorization: Bearer <token>`: infer hands it to the
+engine (for models whose manifest lists tokens), repository load and
+unload check it against the control token, if one is configured.
 """
 from __future__ import annotations
 
@@ -126,6 +130,7 @@ async def repository_index(server, request: Request) -> Response:
 
 
 async def repository_load(server, request: Request, name: str) -> Response:
+    server.check_control(request.token)
     params = _load_params(request)
     if params:
         raise BadRequest(f"load parameters are not supported ({', '.join(sorted(params))}): "
@@ -135,6 +140,7 @@ async def repository_load(server, request: Request, name: str) -> Response:
 
 
 async def repository_unload(server, request: Request, name: str) -> Response:
+    server.check_control(request.token)
     _load_params(request)  # unload_dependents: there are no dependents
     meta = await server.engine.metadata(name)
     for v in meta["versions"]:  # a model is unloaded whole, every version
@@ -168,7 +174,8 @@ async def infer(server, request: Request, name: str, version: str | None = None)
         raise BadRequest("'parameters' must be a JSON object")
     inputs = _parse_inputs(req.get("inputs"), binary)
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
-    body, outputs = await server.engine.submit(name, inputs, v, _timeout(params))
+    body, outputs = await server.engine.submit(name, inputs, v, _timeout(params),
+                                               request.token)
     response = _infer_response(req, params, name, version, outputs)
     if t_submit:
         response.headers.append(

@@ -1,10 +1,12 @@
 """What the TCP and HTTP servers share: a listening socket on the engine's
-loop, the connections it has open, and a stop that lets them finish."""
+loop, the connections it has open, the control token's digest, and a stop
+that lets them finish."""
 from __future__ import annotations
 
 import asyncio
 from typing import Callable
 
+from mmengine import auth
 from mmengine.engine import Engine
 
 
@@ -14,7 +16,12 @@ class Listener:
 
     At most `max_connections` are open at once (config `max_connections`);
     `admit` refuses the next, and the protocol answers it with its own
-    OVERLOADED error and closes it at once, before reading anything."""
+    OVERLOADED error and closes it at once, before reading anything.
+
+    Control operations (loading, unloading, pinning) call `check_control`
+    with the token the request carries. Reading operations (list, stats,
+    health, metadata, /metrics, /ping) need no token: they change nothing,
+    and health checks and metric scrapers must reach them without a secret."""
 
     def __init__(self, engine: Engine, factory: Callable[[], asyncio.Protocol],
                  max_connections: int | None = None):
@@ -24,6 +31,9 @@ class Listener:
         self.connections: set = set()
         self.max_connections = max_connections or engine.config.max_connections
         self.refused = 0  # connections refused past max_connections
+        # Hashed once: a request's token is compared with the digest only.
+        token = engine.config.control_token
+        self.control_digests: tuple[bytes, ...] = (auth.digest(token),) if token else ()
 
     def admit(self, connection) -> bool:
         """Registers a new connection; False (and not registered) when
@@ -33,6 +43,10 @@ class Listener:
             return False
         self.connections.add(connection)
         return True
+
+    def check_control(self, token: object) -> None:
+        """Unauthorized unless `token` is the control token (if one is set)."""
+        auth.check(self.control_digests, token, "control operations")
 
     async def start(self, host: str, port: int) -> int:
         """Listens; returns the bound port (useful with port 0)."""

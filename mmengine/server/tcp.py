@@ -15,6 +15,10 @@ connections a new one gets an OVERLOADED frame (nil id) and is closed; a
 connection with nothing in flight and no bytes for `tcp_idle_timeout_s` is
 closed, and so is one whose frame, once begun, is not complete that long
 after its first byte (a TIMEOUT frame with nil id says so first).
+
+A request may carry a `token`: an infer hands it to the engine (the model's
+manifest decides), a control operation checks it against the configured
+control token before anything else happens.
 """
 from __future__ import annotations
 
@@ -161,7 +165,8 @@ class _Connection(asyncio.Protocol):
                 inputs = protocol.decode_tensors(message.get("inputs"))
                 # 0: no timing asked for; else the stamp timing() starts from.
                 t_submit = time.monotonic_ns() if message.get("timing") is True else 0
-                fut = self.engine.submit(model, inputs, version, _timeout(message))
+                fut = self.engine.submit(model, inputs, version, _timeout(message),
+                                         _token(message))
             except MMEngineError as e:
                 self._send(protocol.error_response(rid, e))
                 return
@@ -172,6 +177,12 @@ class _Connection(asyncio.Protocol):
                 self._send(protocol.error_response(
                     rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
                 return
+            if op in _CONTROL:  # refused before a task exists: unauthorized floods stay cheap
+                try:
+                    self.server.check_control(_token(message))
+                except MMEngineError as e:
+                    self._send(protocol.error_response(rid, e))
+                    return
             fut = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
         self.tasks.add(fut)
         fut.add_done_callback(self._task_done)
@@ -242,6 +253,13 @@ def _timeout(message: dict) -> float | None:
     return timeout
 
 
+def _token(message: dict) -> str | None:
+    token = message.get("token")
+    if token is not None and type(token) is not str:
+        raise BadRequest("'token' must be a string")
+    return token
+
+
 async def _load(engine: Engine, m: dict) -> dict:
     return {"model": await engine.load(*_model_args(m), timeout=_timeout(m))}
 
@@ -270,3 +288,6 @@ async def _stats(engine: Engine, m: dict) -> dict:
 
 _HANDLERS = {"load": _load, "unload": _unload, "pin": _pin,
              "unpin": _unpin, "list": _list, "stats": _stats}
+# The operations that change what is resident need the control token (if
+# one is configured); list, stats and health only read (see Listener).
+_CONTROL = frozenset({"load", "unload", "pin", "unpin"})

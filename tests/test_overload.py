@@ -1,0 +1,230 @@
+"""Memory stays bounded under a burst: `mmengine serve` as a real process with
+a small per-model queue, sent far more large requests than the queue takes,
+pipelined on TCP and over many HTTP connections. The excess must be refused
+at once (OVERLOADED; 503 with Retry-After), never buffered, so the
+front-end's memory follows the queue limit and not the burst."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import SLOW_HANDLER, Server, environ
+from mmengine import demo, protocol
+from mmengine.client import Client
+from mmengine.errors import ErrorCode
+
+MiB = 1 << 20
+MAX_QUEUE = 3                 # max_queue_per_model
+REQUEST_BYTES = 2 * MiB       # each request's padding tensor
+SLOW_S = 2.0                  # each accepted request holds the model this long
+TCP_BURST = 120               # 240 MiB: 40 times what the queue takes
+HTTP_BURST = 80
+HTTP_CONNECTIONS = 8
+# The bound on the front-end's growth. What the engine may hold is its
+# capacity: MAX_QUEUE accepted requests of REQUEST_BYTES (6 MiB). Each of
+# them exists a few times over on its way in (the read buffer, the decoded
+# frame, the record in the ring to the worker, whose touched pages count in
+# the front-end's RSS), and a refused request is held once, briefly, while it
+# is read: one per connection, fewer connections than the factor. The
+# allocator keeps some freed memory. Ten times the capacity covers all that;
+# a server that buffered the burst instead would grow by its 240 MiB.
+CAPACITY = MAX_QUEUE * REQUEST_BYTES
+BOUND = 10 * CAPACITY
+X = np.ones((2, 4), np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    demo.write_mlp(root / "m0", "safetensors", 4, 8, 2, seed=0)
+    # A small ring keeps the pages it touches (counted in RSS) within the bound.
+    proc = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                  "--http-port", "0",
+                  env=environ(MMENGINE_MAX_QUEUE_PER_MODEL=str(MAX_QUEUE),
+                              MMENGINE_RING_BYTES="8MiB"))
+    request.addfinalizer(lambda: proc.proc.poll() is None and proc.stop())
+    tcp = proc.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
+    return {"pid": proc.proc.pid, "tcp": (tcp[1], int(tcp[2])),
+            "http": (web[1], int(web[2]))}
+
+
+class PeakRss:
+    """The front-end's largest RSS while in the block: sampled with psutil,
+    and the kernel's own high-water mark (VmHWM), which no sample can miss."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def hwm(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> "PeakRss":
+        self.before = self.process.memory_info().rss
+        self.hwm_before = self.hwm()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.hwm_after = self.hwm()
+
+    def assert_bounded(self) -> None:
+        growth = self.peak - self.before
+        # The high-water mark may predate the block (start-up); from the
+        # baseline it can only overstate the burst's peak, never hide it.
+        hwm_growth = self.hwm_after - self.before
+        print(f"front-end RSS +{growth / MiB:.1f} MiB sampled, peak +{hwm_growth / MiB:.1f} "
+              f"MiB, bound {BOUND / MiB:.0f} MiB")
+        assert growth < BOUND, f"RSS grew {growth / MiB:.0f} MiB (bound {BOUND / MiB:.0f})"
+        assert hwm_growth < BOUND, \
+            f"peak RSS grew {hwm_growth / MiB:.0f} MiB (bound {BOUND / MiB:.0f})"
+
+
+def slow_inputs(seconds: float) -> dict[str, np.ndarray]:
+    return {"seconds": np.array([seconds]),
+            "pad": np.zeros(REQUEST_BYTES // 4, np.float32)}
+
+
+def warm_up(server) -> None:
+    """One large request through every path, so that the baseline already
+    holds what any first request leaves behind (buffers, ring pages)."""
+    with Client(server["tcp"]) as c:
+        assert c.infer("slow", slow_inputs(0.0))["y"][0] == 0.0
+    status, _, _ = http_infer(server["http"], 0.0)
+    assert status == 200
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return bytes(data)
+
+
+def test_a_tcp_burst_is_refused_at_once_and_memory_stays_bounded(server):
+    warm_up(server)
+    arrived: dict[int, tuple[float, dict]] = {}
+    sent_at: dict[int, float] = {}
+    with socket.create_connection(server["tcp"], timeout=60) as sock:
+        def read_all() -> None:
+            for _ in range(TCP_BURST):
+                n = protocol.LENGTH.unpack(read_exactly(sock, 4))[0]
+                answer = protocol.decode(read_exactly(sock, n))
+                arrived[answer["id"]] = (time.monotonic(), answer)
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        with PeakRss(server["pid"]) as rss:
+            reader.start()
+            tensors = protocol.encode_tensors(slow_inputs(SLOW_S))
+            for i in range(1, TCP_BURST + 1):
+                sock.sendall(protocol.frame({"id": i, "op": "infer", "model": "slow",
+                                             "inputs": tensors}))
+                sent_at[i] = time.monotonic()
+            reader.join(timeout=MAX_QUEUE * SLOW_S + 30)
+        assert not reader.is_alive(), f"{len(arrived)} of {TCP_BURST} answers came back"
+    rss.assert_bounded()
+
+    ok = [a for _, a in arrived.values() if a["ok"]]
+    refused = [(t - sent_at[i], a) for i, (t, a) in arrived.items() if not a["ok"]]
+    for a in ok:
+        assert protocol.decode_tensors(a["outputs"])["y"][0] == 2 * SLOW_S
+    assert all(a["error"]["code"] == ErrorCode.OVERLOADED for _, a in refused), \
+        {a["error"]["name"] for _, a in refused}
+    # The queue took what it holds (plus what finished while the burst was
+    # still being sent); everything else was refused.
+    assert MAX_QUEUE <= len(ok) <= MAX_QUEUE + 2, len(ok)
+    assert len(refused) == TCP_BURST - len(ok)
+    # At once: no refusal waited for an accepted request to finish.
+    assert max(lag for lag, _ in refused) < SLOW_S / 2
+    assert_answers_normally(server)
+
+
+def http_infer(address, seconds: float, conn: http.client.HTTPConnection | None = None):
+    inputs = slow_inputs(seconds)
+    header = json.dumps({"inputs": [
+        {"name": k, "shape": list(v.shape), "datatype": "FP64" if k == "seconds" else "FP32",
+         "parameters": {"binary_data_size": v.nbytes}} for k, v in inputs.items()]}).encode()
+    body = header + b"".join(v.tobytes() for v in inputs.values())
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(*address, timeout=60)
+    try:
+        conn.request("POST", "/v2/models/slow/infer", body=body,
+                     headers={"Inference-Header-Content-Length": str(len(header)),
+                              "Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), json.loads(r.read())
+    finally:
+        if own:
+            conn.close()
+
+
+def test_an_http_burst_is_503_with_retry_after_and_memory_stays_bounded(server):
+    warm_up(server)
+    left = iter(range(HTTP_BURST))
+    lock = threading.Lock()
+
+    def client() -> list[tuple[float, int, dict, dict]]:
+        answers = []
+        conn = http.client.HTTPConnection(*server["http"], timeout=60)
+        try:
+            while True:
+                with lock:
+                    if next(left, None) is None:
+                        return answers
+                t0 = time.monotonic()
+                status, headers, body = http_infer(server["http"], SLOW_S, conn)
+                answers.append((time.monotonic() - t0, status, headers, body))
+        finally:
+            conn.close()
+
+    with PeakRss(server["pid"]) as rss:
+        with concurrent.futures.ThreadPoolExecutor(HTTP_CONNECTIONS) as pool:
+            answers = [a for f in [pool.submit(client) for _ in range(HTTP_CONNECTIONS)]
+                       for a in f.result(timeout=MAX_QUEUE * SLOW_S * 4 + 60)]
+    rss.assert_bounded()
+
+    assert len(answers) == HTTP_BURST
+    ok = [a for a in answers if a[1] == 200]
+    refused = [a for a in answers if a[1] != 200]
+    for _, _, _, body in ok:
+        assert body["outputs"][0]["data"] == [2 * SLOW_S]
+    for lag, status, headers, body in refused:
+        assert (status, body["code"]) == (503, "OVERLOADED"), (status, body)
+        assert headers.get("Retry-After") == "1"
+        assert lag < SLOW_S / 2, f"a refusal took {lag:.2f} s"
+    assert MAX_QUEUE <= len(ok) < HTTP_BURST / 2, len(ok)
+    assert_answers_normally(server)
+
+
+def assert_answers_normally(server) -> None:
+    with Client(server["tcp"]) as c:
+        np.testing.assert_allclose(c.infer("m0", {"x": X})["y"],
+                                   demo.reference(X, 4, 8, 2, seed=0), rtol=1e-5, atol=1e-5)
+        # The queue drained: a full queue's worth is accepted again at once.
+        outs = c.infer_many([("slow", slow_inputs(0.0))] * MAX_QUEUE)
+        assert [o["y"][0] for o in outs] == [0.0] * MAX_QUEUE
+    status, _, body = http_infer(server["http"], 0.0)
+    assert (status, body["outputs"][0]["data"]) == (200, [0.0])
