@@ -85,6 +85,9 @@ class Config:
     # closed (a frame begun and never finished included).
     tcp_idle_timeout_s: float = 300.0
     max_connections: int = 1024          # per server (TCP, HTTP); past it refused at once
+    # Bytes of large request bodies (1 MiB or more) all servers hold at once,
+    # received or waiting for an answer; past it a connection waits unread.
+    receive_bytes: int = 256 * MiB
     # Directories under which POST /models (SageMaker) may add a model,
     # separated by os.pathsep; empty: nothing may be added at run time.
     model_roots: str = ""
@@ -117,7 +120,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
-              "load_bytes_in_flight"}
+              "load_bytes_in_flight", "receive_bytes"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6,
@@ -188,6 +191,7 @@ def _validate(c: Config) -> None:
     need(c.http_idle_timeout_s > 0, "http_idle_timeout_s", "must be > 0")
     need(c.tcp_idle_timeout_s > 0, "tcp_idle_timeout_s", "must be > 0")
     need(c.max_connections >= 1, "max_connections", "must be at least 1")
+    need(c.receive_bytes >= 1 << 20, "receive_bytes", "must be at least 1MiB")
     need(bool(c.cache_dir), "cache_dir", "must name a directory")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
     need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")

@@ -7,6 +7,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import Server, environ
 from mmengine import demo
+from mmengine.server.http import MAX_PIPELINED
 
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
@@ -287,8 +289,11 @@ def test_keep_alive_serves_many_requests_on_one_connection(address):
         conn.close()
 
 
-def test_pipelined_requests_are_answered_in_order(address):
-    xs = [x_for(20 + i, n=1 + i % 3) for i in range(8)]
+@pytest.mark.parametrize("count", [8, 3 * MAX_PIPELINED])
+def test_pipelined_requests_are_answered_in_order(address, count):
+    # Past MAX_PIPELINED unanswered requests the connection is not read
+    # until half are answered: every request is still answered, in order.
+    xs = [x_for(20 + i, n=1 + i % 3) for i in range(count)]
     requests = []
     for i, x in enumerate(xs):
         body = json.dumps(infer_body(x, id=str(i))).encode()
@@ -296,9 +301,15 @@ def test_pipelined_requests_are_answered_in_order(address):
         requests.append(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (model.encode(), len(body), body))
     requests.append(b"GET /v2/models/m00/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(b"".join(requests))  # all at once, before any answer
+    with socket.create_connection(address, timeout=30) as s:
+        def send() -> None:  # in many reads of the server's, before any answer is read
+            for request in requests:
+                s.sendall(request)
+
+        sender = threading.Thread(target=send)
+        sender.start()
         raw = recv_all(s)
+        sender.join()
     answers = []
     while raw:
         head, rest = raw.split(b"\r\n\r\n", 1)

@@ -5,8 +5,10 @@ as (method, pattern, handler) with `{name}` placeholders; a handler is
 `async def handler(server, request, **params) -> Response`. Requests on a
 connection are answered in order (HTTP/1.1 keep-alive; a pipelining client
 gets its answers in the order it asked). Limits are applied before anything
-is buffered: the header block (431), the declared body length (413), and an
-idle connection is closed. Past `max_connections` open connections a new
+is buffered: the header block (431), the declared body length (413), a
+large body past the servers' receive budget waits unread (listener.py), a
+connection with MAX_PIPELINED requests unanswered is not read, and an idle
+connection is closed. Past `max_connections` open connections a new
 one is answered 503 (Retry-After) and closed before anything is read. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
 status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
@@ -27,9 +29,12 @@ import httptools
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
-from mmengine.server.listener import Listener
+from mmengine.server.listener import RESERVE_ABOVE, Listener
 
 MAX_HEADER_BYTES = 64 << 10
+# Requests read ahead of their answers on one connection; past it the
+# connection is not read until half of them are answered.
+MAX_PIPELINED = 64
 IDLE_TIMEOUT_S = 60.0
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
@@ -46,6 +51,7 @@ class Request:
     headers: dict[str, str]          # lower-case names
     body: bytes
     keep_alive: bool = True
+    reserved: int = 0                # bytes of the receive budget its body holds
 
     @property
     def token(self) -> str | None:
@@ -137,6 +143,8 @@ class _HttpConnection(asyncio.Protocol):
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
+        self.awaiting = 0         # a large body's bytes, waiting (unread) for the budget
+        self.pipeline_full = False  # MAX_PIPELINED requests await answers: not read
         self._reset()
 
     def _reset(self) -> None:
@@ -147,6 +155,7 @@ class _HttpConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.body: list[bytes] = []
         self.body_bytes = 0
+        self.reserved = 0         # the budget the body being received holds
         self.refused: MMEngineError | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -169,6 +178,14 @@ class _HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
+        held = self.reserved + sum(r.reserved for r in self.queue if isinstance(r, Request))
+        self.reserved = 0
+        if held:
+            self.server.receiving.give(held)
+        if self.awaiting:
+            self.server.receiving.cancel(self._on_budget)
+            self.awaiting = 0
+        # A request being answered gives its bytes back when its task ends.
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
@@ -254,6 +271,27 @@ class _HttpConnection(asyncio.Protocol):
             self.refused = TooLarge(f"request body of {length} bytes exceeds the "
                                     f"maximum of {self.server.max_body}")
             raise httptools.HttpParserError("body too large")
+        if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
+            if self.server.receiving.take(int(length)):
+                self.reserved = int(length)
+            else:  # read no more of it until the budget has room
+                self.awaiting = int(length)
+                self.transport.pause_reading()
+                self.server.receiving.wait(self._on_budget)
+
+    def _on_budget(self) -> None:
+        if self.dead or not self.awaiting:
+            return
+        if not self.server.receiving.take(self.awaiting):
+            self.server.receiving.wait(self._on_budget)
+            return
+        self.reserved, self.awaiting = self.awaiting, 0
+        self._touch()
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self.awaiting and not self.pipeline_full and not self.dead:
+            self.transport.resume_reading()
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -270,9 +308,17 @@ class _HttpConnection(asyncio.Protocol):
             query=parse_qs(url.query.decode("latin-1")) if url.query else {},
             headers=self.headers,
             body=b"".join(self.body),
-            keep_alive=self.parser.should_keep_alive())
+            keep_alive=self.parser.should_keep_alive(),
+            reserved=self.reserved)
+        if self.awaiting:  # the whole body came in the read that announced it
+            self.server.receiving.cancel(self._on_budget)
+            self.awaiting = 0
+            self._resume()
         self._reset()
         self.queue.append(request)
+        if len(self.queue) >= MAX_PIPELINED and not self.pipeline_full:
+            self.pipeline_full = True
+            self.transport.pause_reading()
         self._kick()
 
     # -- answering, in order --------------------------------------------------
@@ -285,11 +331,18 @@ class _HttpConnection(asyncio.Protocol):
         try:
             while self.queue:
                 item = self.queue.popleft()
+                if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
+                    self.pipeline_full = False
+                    self._resume()
                 if isinstance(item, MMEngineError):  # the stream is unusable
                     self._write(error_response(item), keep_alive=False)
                     self.transport.close()
                     return
-                response = await self._answer(item)
+                try:
+                    response = await self._answer(item)
+                finally:
+                    if item.reserved:
+                        self.server.receiving.give(item.reserved)
                 keep = item.keep_alive
                 self._write(response, keep_alive=keep)
                 if not keep:

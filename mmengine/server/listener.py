@@ -1,9 +1,11 @@
 """What the TCP and HTTP servers share: a listening socket on the engine's
-loop, the connections it has open, the control token's digest, and a stop
-that lets them finish."""
+loop, the connections it has open, the control token's digest, the bytes of
+large requests they hold, and a stop that lets them finish."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import weakref
 from typing import Callable
 
 from mmengine import auth
@@ -34,6 +36,7 @@ class Listener:
         # Hashed once: a request's token is compared with the digest only.
         token = engine.config.control_token
         self.control_digests: tuple[bytes, ...] = (auth.digest(token),) if token else ()
+        self.receiving = receive_budget(engine)
 
     def admit(self, connection) -> bool:
         """Registers a new connection; False (and not registered) when
@@ -67,3 +70,57 @@ class Listener:
         for c in list(self.connections):
             c.transport.close()
         await self._server.wait_closed()
+
+
+#: A request body at least this large is received only against the budget;
+#: smaller ones are bounded by each connection's own limits.
+RESERVE_ABOVE = 1 << 20
+
+
+class ReceiveBudget:
+    """The bytes of large requests that the servers of one engine hold at
+    once: bodies being received, and on HTTP bodies waiting in a pipeline
+    for their answer. Without it every open connection could hold a request
+    of the maximum size (max_connections x max_request_bytes); with it, a
+    connection that announces a large body past the budget stops being read
+    (its bytes wait in the kernel, and its client is slowed by TCP itself)
+    until others are done. The budget never refuses a body when nothing else
+    holds any of it, so a request of the maximum size is always received."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+
+    def take(self, nbytes: int) -> bool:
+        if self.held and self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def wait(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` (once) when bytes are given back: it takes again."""
+        self._waiting.append(callback)
+
+    def cancel(self, callback: Callable[[], None]) -> None:
+        try:
+            self._waiting.remove(callback)
+        except ValueError:
+            pass
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+        waiting, self._waiting = self._waiting, collections.deque()
+        for callback in waiting:  # each takes what it needs or waits again
+            callback()
+
+
+_budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def receive_budget(engine: Engine) -> ReceiveBudget:
+    """The one budget of all the servers of `engine`."""
+    budget = _budgets.get(engine)
+    if budget is None:
+        budget = _budgets[engine] = ReceiveBudget(engine.config.receive_bytes)
+    return budget

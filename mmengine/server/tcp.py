@@ -32,6 +32,7 @@ from mmengine import protocol, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
                              TooLarge)
+from mmengine.server import listener
 from mmengine.server.listener import Listener
 
 MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
@@ -53,7 +54,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.tasks: set[asyncio.Task] = set()
-        self.paused = False
+        self.paused = False      # too many requests in flight: not read until fewer
+        self.reserved = 0        # bytes of the frame being received, held in the budget
+        self.awaiting = 0        # bytes of a frame waiting for the budget, unread
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
         self.last_active = 0.0   # loop time of the last bytes read or last answer
@@ -79,6 +82,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        if self.awaiting:
+            self.server.receiving.cancel(self._on_budget)
+            self.awaiting = 0
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
@@ -102,7 +111,8 @@ class _Connection(asyncio.Protocol):
             return
         now = self.loop.time()
         timeout = self.server.idle_timeout_s
-        if self.frame_began and not self.paused and now >= self.frame_began + timeout:
+        if self.frame_began and not self.paused and not self.awaiting \
+                and now >= self.frame_began + timeout:
             self._send(protocol.error_response(None, Timeout(
                 f"a frame was begun and not finished within {timeout:g} s")))
             self._close()
@@ -130,10 +140,15 @@ class _Connection(asyncio.Protocol):
                     raise TooLarge(f"frame of {n} bytes exceeds the maximum of "
                                    f"{self.server.max_frame}")
                 if len(buf) - start - 4 < n:
+                    if n >= listener.RESERVE_ABOVE and not self.reserved:
+                        self._reserve(n)
                     break
                 with memoryview(buf) as view:
                     message = protocol.decode(view[start + 4:start + 4 + n])
                 start += 4 + n
+                if self.reserved:  # the frame is whole: it is the engine's now
+                    self.server.receiving.give(self.reserved)
+                    self.reserved = 0
                 self._dispatch(message)
         except MMEngineError as e:  # the stream cannot be trusted any more
             self._send(protocol.error_response(None, e))
@@ -150,6 +165,29 @@ class _Connection(asyncio.Protocol):
             self.frame_began = 0.0
         elif start or not self.frame_began:
             self.frame_began = now
+
+    def _reserve(self, n: int) -> None:
+        """Takes the budget for a large frame that has begun, or stops
+        reading this connection until the budget has room for it."""
+        if self.awaiting:
+            return
+        if self.server.receiving.take(n):
+            self.reserved = n
+            return
+        self.awaiting = n
+        self.transport.pause_reading()
+        self.server.receiving.wait(self._on_budget)
+
+    def _on_budget(self) -> None:
+        if self.closing or not self.awaiting:
+            return
+        if not self.server.receiving.take(self.awaiting):
+            self.server.receiving.wait(self._on_budget)
+            return
+        self.reserved, self.awaiting = self.awaiting, 0
+        self.frame_began = self.last_active = self.loop.time()
+        if not self.paused:
+            self.transport.resume_reading()
 
     def _dispatch(self, message: dict) -> None:
         rid = message.get("id")
@@ -214,7 +252,8 @@ class _Connection(asyncio.Protocol):
                 self._close()
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.awaiting:
+                self.transport.resume_reading()
 
     async def _run(self, handler, rid: Any, message: dict) -> None:
         try:
