@@ -272,18 +272,15 @@ class _HttpConnection(asyncio.Protocol):
                                     f"maximum of {self.server.max_body}")
             raise httptools.HttpParserError("body too large")
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
-            if self.server.receiving.take(int(length)):
+            if self.server.receiving.take_or_wait(int(length), self._on_budget):
                 self.reserved = int(length)
             else:  # read no more of it until the budget has room
                 self.awaiting = int(length)
                 self.transport.pause_reading()
-                self.server.receiving.wait(self._on_budget)
 
     def _on_budget(self) -> None:
-        if self.dead or not self.awaiting:
-            return
-        if not self.server.receiving.take(self.awaiting):
-            self.server.receiving.wait(self._on_budget)
+        if self.dead or not self.awaiting or \
+                not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
             return
         self.reserved, self.awaiting = self.awaiting, 0
         self._touch()

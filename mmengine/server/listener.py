@@ -98,6 +98,13 @@ class ReceiveBudget:
         self.held += nbytes
         return True
 
+    def take_or_wait(self, nbytes: int, callback: Callable[[], None]) -> bool:
+        """take(nbytes), or else `callback` is called once bytes come back."""
+        if self.take(nbytes):
+            return True
+        self.wait(callback)
+        return False
+
     def wait(self, callback: Callable[[], None]) -> None:
         """Calls `callback` (once) when bytes are given back: it takes again."""
         self._waiting.append(callback)

@@ -171,18 +171,15 @@ class _Connection(asyncio.Protocol):
         reading this connection until the budget has room for it."""
         if self.awaiting:
             return
-        if self.server.receiving.take(n):
+        if self.server.receiving.take_or_wait(n, self._on_budget):
             self.reserved = n
             return
         self.awaiting = n
         self.transport.pause_reading()
-        self.server.receiving.wait(self._on_budget)
 
     def _on_budget(self) -> None:
-        if self.closing or not self.awaiting:
-            return
-        if not self.server.receiving.take(self.awaiting):
-            self.server.receiving.wait(self._on_budget)
+        if self.closing or not self.awaiting or \
+                not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
             return
         self.reserved, self.awaiting = self.awaiting, 0
         self.frame_began = self.last_active = self.loop.time()
