@@ -125,7 +125,7 @@ async def engine_figures(root: Path, device: str, sizes: dict[str, int], repeats
         for _ in range(repeats):
             await engine.load("big")
             disk.append(loads[-1])
-            while not engine.stats()["host_tier"]["bytes"] >= sizes["big"]:
+            while not engine._model_row(("big", 1))["host_bytes"]:
                 await asyncio.sleep(0.01)  # published
             t0 = time.perf_counter()
             await engine.unload("big", keep_host=True)
