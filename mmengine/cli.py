@@ -145,16 +145,19 @@ def _print_stats(args: argparse.Namespace) -> None:
     with Client(args.url, token=args.token) as c:
         stats = c.stats()
     rows = stats["models"]
-    print(f"{'model':<24} {'ver':>3} {'state':<10} {'worker':>6} {'bytes':>12} "
-          f"{'hits':>8} {'loads':>6} {'evicts':>6}")
+    print(f"{'model':<24} {'ver':>3} {'state':<14} {'worker':>6} {'bytes':>12} "
+          f"{'host bytes':>12} {'hits':>8} {'loads':>6} {'evicts':>6}")
     for r in rows:
         worker = "-" if r["worker"] is None else r["worker"]
-        print(f"{r['name']:<24} {r['version']:>3} {r['state']:<10} {worker:>6} "
-              f"{r['bytes']:>12,} {r['hits']:>8} {r['loads']:>6} {r['evictions']:>6}")
-    t = stats["totals"]
+        print(f"{r['name']:<24} {r['version']:>3} {r['state']:<14} {worker:>6} "
+              f"{r['bytes']:>12,} {r.get('host_bytes', 0):>12,} {r['hits']:>8} "
+              f"{r['loads']:>6} {r['evictions']:>6}")
+    t, host = stats["totals"], stats.get("host_tier", {})
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
-          f"{t['hits']} hits, {t['loads']} loads, {t['evictions']} evictions, "
-          f"{t['failures']} failed loads, {t['worker_restarts']} worker restarts")
+          f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes), "
+          f"{t['hits']} hits, {t['loads']} loads ({t.get('loads_from_host', 0)} from the "
+          f"host tier), {t['evictions']} evictions, {t['failures']} failed loads, "
+          f"{t['worker_restarts']} worker restarts")
 
 
 def _print_token() -> None:
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 tracer.close()
         return 0
     if args.command == "stats":
+        # Piped into head: stop quietly when the reader does, as ls does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         _print_stats(args)
         return 0
     if args.command == "token":

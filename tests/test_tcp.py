@@ -230,11 +230,12 @@ def test_stats_prints_the_table(address):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()
-    assert header.split() == ["model", "ver", "state", "worker", "bytes", "hits", "loads",
-                              "evicts"]
+    assert header.split() == ["model", "ver", "state", "worker", "bytes", "host", "bytes",
+                              "hits", "loads", "evicts"]
     m01 = next(row.split() for row in rows if row.startswith("m01 "))
     assert m01[:3] == ["m01", "1", "resident"]
-    assert re.search(r"\d+ resident .* \d+ hits, \d+ loads", r.stdout)
+    assert re.search(r"\d+ resident .* \d+ in the host tier .* \d+ hits, \d+ loads "
+                     r"\(\d+ from the host tier\)", r.stdout)
 
 
 def test_bench_prints_its_table(address):
