@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ class Engine:
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
         self._pinned: dict[Key, int] = {}
+        self._control_order: dict[str, list] = {}  # name -> [Lock, holders and waiters]
         # Pins or bytes dropped: a version to compare, and an Event for waiters.
         self._room_version = 0
         self._room = asyncio.Event()
@@ -680,20 +682,58 @@ class Engine:
 
     # -- explicit control --------------------------------------------------------
 
+    # Control operations on one model name run one at a time, in the order
+    # they were called: a pin and an unload sent back to back leave the model
+    # unloaded, as their sender meant, whichever task the loop runs first.
+
     async def load(self, name: str, version: int | None = None,
                    timeout: float | None = None) -> dict:
         """Makes a model resident now; returns its row of `stats()`."""
-        spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
-        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
-        self._unpin_request(key, self._gen[key])
-        return self._model_row(key)
+        async with self._in_order(name):
+            return await self._load_now(name, version, timeout)
 
     async def unload(self, name: str, version: int | None = None,
                      timeout: float | None = None, keep_host: bool = False) -> None:
         """Unloads a model (dropping an explicit pin), once the requests in
         flight on it have finished, and drops its host-tier copy unless
         `keep_host` (as an eviction would)."""
+        async with self._in_order(name):
+            await self._unload_now(name, version, timeout, keep_host)
+
+    async def pin(self, name: str, version: int | None = None,
+                  timeout: float | None = None) -> dict:
+        """Loads a model if needed and keeps it resident until unpin()."""
+        async with self._in_order(name):
+            return await self._pin_now(name, version, timeout)
+
+    async def unpin(self, name: str, version: int | None = None) -> None:
+        async with self._in_order(name):
+            spec = await self._spec(name, version)
+            self._drop_pin((spec.name, spec.version))
+
+    @contextlib.asynccontextmanager
+    async def _in_order(self, name: str):
+        entry = self._control_order.get(name)
+        if entry is None:
+            entry = self._control_order[name] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:  # asyncio.Lock serves its waiters first come, first served
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:  # names nobody controls now must not pile up here
+                del self._control_order[name]
+
+    async def _load_now(self, name: str, version: int | None, timeout: float | None) -> dict:
+        spec = await self._spec(name, version)
+        key = (spec.name, spec.version)
+        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
+        self._unpin_request(key, self._gen[key])
+        return self._model_row(key)
+
+    async def _unload_now(self, name: str, version: int | None, timeout: float | None,
+                          keep_host: bool) -> None:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         deadline = self._deadline(timeout)
@@ -714,9 +754,7 @@ class Engine:
         if not keep_host:
             self.host.drop(key)
 
-    async def pin(self, name: str, version: int | None = None,
-                  timeout: float | None = None) -> dict:
-        """Loads a model if needed and keeps it resident until unpin()."""
+    async def _pin_now(self, name: str, version: int | None, timeout: float | None) -> dict:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
@@ -726,10 +764,6 @@ class Engine:
         else:
             self._pinned[key] = gen  # the request's pin becomes the explicit one
         return self._model_row(key)
-
-    async def unpin(self, name: str, version: int | None = None) -> None:
-        spec = await self._spec(name, version)
-        self._drop_pin((spec.name, spec.version))
 
     def _drop_pin(self, key: Key) -> None:
         gen = self._pinned.pop(key, None)

@@ -123,6 +123,31 @@ def test_infer_many_pipelines_and_keeps_request_order(address):
                                    **TOL)
 
 
+def test_pipelined_control_operations_take_effect_in_order(address):
+    # Each runs as a task of its own; on one model they still run in the
+    # order they were sent, so the last one's effect is what stays: a pin
+    # of a cold model, then an unload sent before its load is done, leaves
+    # it unloaded and unpinned (not pinned by a pin that finished last).
+    name = MODELS[3]
+
+    def row(s) -> dict:
+        s.sendall(protocol.frame({"id": 0, "op": "stats"}))
+        return next(r for r in read_frame(s)["stats"]["models"] if r["name"] == name)
+
+    with socket.create_connection(address, timeout=20) as s:
+        for ops in (["pin", "unload"], ["load", "pin", "unload", "load"],
+                    ["pin", "unload", "pin", "unload"]):
+            s.sendall(protocol.frame({"id": 99, "op": "unload", "model": name}))
+            assert read_frame(s)["ok"]  # cold to begin with
+            s.sendall(b"".join(protocol.frame({"id": i + 1, "op": op, "model": name})
+                               for i, op in enumerate(ops)))
+            answers = [read_frame(s) for _ in ops]
+            assert all(a["ok"] for a in answers), answers
+            state = row(s)
+            assert not state["pinned"], (ops, state)
+            assert (state["state"] == "resident") == (ops[-1] == "load"), (ops, state)
+
+
 def test_async_client_many_in_flight(address):
     with Client(address) as c:
         fast = fast_model_beside_slow(c)
