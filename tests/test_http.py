@@ -200,6 +200,7 @@ def test_binary_request_and_response_on_the_wire(address):
     (infer_body(np.zeros((2, 16), np.float32), name="z"), {}, "missing"),  # missing input
     (infer_body(np.zeros((2, 16), np.float32), "BYTES"), {}, "not supported"),
     (infer_body(np.zeros((2, 16), np.float32), "FP99"), {}, "unknown datatype"),
+    (infer_body(np.zeros((2, 16), np.float32), []), {}, "unknown datatype"),  # tools/fuzz.py
     ({"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [1.0, 2.0]}]},
      {}, "2 elements"),
     ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ["a"] * 16}]},

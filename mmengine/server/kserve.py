@@ -233,9 +233,9 @@ def _tensor_header(t: dict) -> tuple[str, list, np.dtype]:
         raise BadRequest("each input needs a string 'name'")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    dtype = DATATYPES.get(datatype)
+    dtype = DATATYPES.get(datatype) if type(datatype) is str else None
     if dtype is None:
-        if datatype in _UNSUPPORTED:
+        if type(datatype) is str and datatype in _UNSUPPORTED:
             raise BadRequest(f"input {name!r}: datatype {datatype} is not supported; "
                              f"mmengine's models take numeric tensors only")
         raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}; one of "
