@@ -59,6 +59,7 @@ class _Entry:
     path: Path
     fingerprint: str
     nbytes: int
+    users: int = 0  # loads that were handed its path and have not released it
 
 
 class _Flight:
@@ -78,28 +79,50 @@ class DiskCache:
         self._entries: collections.OrderedDict[Key, _Entry] = collections.OrderedDict()
         self._flights: dict[Key, _Flight] = {}
         self._reserved = 0  # the estimates of downloads in flight
+        self._trash: list[Path] = []  # evicted entries, renamed, not yet deleted
         self.hits = self.fetches = self.evictions = self.failures = 0
         self._scan()
 
     # -- the engine's face ---------------------------------------------------------
 
-    def ensure(self, spec: ModelSpec) -> Path:
-        """The local directory that holds `spec`'s model, verified: its
-        cached copy, or one fetched now. Blocking: run it in an executor.
-        LoadFailed if the model cannot be fetched (a source not allowed,
-        unreachable, a digest that does not match, no room); nothing of a
-        failed fetch stays on disk. A local spec is its own directory."""
-        if not spec.source:
-            return spec.path
-        where = f"{spec.name} v{spec.version}"
-        fetch.check_source(spec.source, self.config, where)
+    def cached(self, spec: ModelSpec) -> Path | None:
+        """The directory of `spec`'s cached copy, in use until `release`;
+        None if it must be fetched; LoadFailed if its source is not allowed
+        (any more). Quick: for the event loop."""
+        fetch.check_source(spec.source, self.config, f"{spec.name} v{spec.version}")
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.fingerprint == fp and entry.path.is_dir():
                 self._touch(key)
                 self.hits += 1
+                entry.users += 1
                 return entry.path
+        return None
+
+    def release(self, name: str, version: int) -> None:
+        """A load is done with the directory `ensure` or `cached` gave it:
+        it may be evicted again."""
+        with self._lock:
+            entry = self._entries.get((name, version))
+            if entry is not None and entry.users:
+                entry.users -= 1
+
+    def ensure(self, spec: ModelSpec) -> Path:
+        """The local directory that holds `spec`'s model, verified: its
+        cached copy, or one fetched now; in use (never evicted) until
+        `release`. Blocking: run it in an executor. LoadFailed if the model
+        cannot be fetched (a source not allowed, unreachable, a digest that
+        does not match, no room); nothing of a failed fetch stays on disk.
+        A local spec is its own directory (and needs no release)."""
+        if not spec.source:
+            return spec.path
+        where = f"{spec.name} v{spec.version}"
+        hit = self.cached(spec)  # checks that the source is allowed
+        if hit is not None:
+            return hit
+        key, fp = (spec.name, spec.version), fingerprint(spec)
+        with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
@@ -110,9 +133,12 @@ class DiskCache:
                 raise LoadFailed(str(flight.error))
             with self._lock:
                 self.hits += 1
+                self._use(key)
             return flight.path
         try:
             flight.path = self._fetch(spec, key, fp, where)
+            with self._lock:
+                self._use(key)
             return flight.path
         except LoadFailed as e:
             flight.error = e
@@ -147,7 +173,9 @@ class DiskCache:
             key = (name, version)
             if key not in self._entries or key in self._flights:
                 return 0
-            return self._evict(key)
+            freed = self._evict(key)
+        self._empty_trash()
+        return freed
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -159,11 +187,14 @@ class DiskCache:
 
     def _fetch(self, spec: ModelSpec, key: Key, fp: str, where: str) -> Path:
         need = spec.estimated_bytes
-        with self._lock:
-            if key in self._entries:  # a stale copy: the stub changed
-                self._evict(key)
-            room = self._make_room(need, where)
-            self._reserved += need
+        try:
+            with self._lock:
+                if key in self._entries:  # a stale copy: the stub changed
+                    self._evict(key)
+                room = self._make_room(need, where)
+                self._reserved += need
+        finally:
+            self._empty_trash()
         final = self.root / spec.name / f"{spec.version}-{fp}"
         try:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
@@ -208,7 +239,8 @@ class DiskCache:
     def _make_room(self, need: int, where: str) -> int:
         """Evicts least recently used entries until `need` more bytes fit
         under both limits; the bytes a download may then write. Holds the lock."""
-        victims = [key for key in self._entries if key not in self._flights]
+        victims = [key for key, e in self._entries.items()
+                   if key not in self._flights and not e.users]
         while True:
             room = self._room()
             if room >= need:
@@ -241,12 +273,25 @@ class DiskCache:
             os.rename(entry.path, trash)
         except FileNotFoundError:
             return entry.nbytes
-        shutil.rmtree(trash, ignore_errors=True)
+        self._trash.append(trash)  # removed by _empty_trash, out of the lock
         try:
             entry.path.parent.rmdir()  # the model's last version went
         except OSError:
             pass
         return entry.nbytes
+
+    def _use(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.users += 1
+
+    def _empty_trash(self) -> None:
+        """Deletes evicted entries' files; after the lock is released, so
+        that a large delete holds up no other caller."""
+        with self._lock:
+            trash, self._trash = self._trash, []
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _touch(self, key: Key) -> None:
         self._entries.move_to_end(key)

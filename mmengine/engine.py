@@ -384,11 +384,21 @@ class Engine:
     # -- loads -------------------------------------------------------------------
 
     async def _load(self, key: Key, spec: ModelSpec) -> None:
-        stats = self._stats.setdefault(key, ModelStats())
         t0 = time.monotonic()
-        deadline = t0 + self.config.load_timeout_s
-        need = stats.measured_bytes or spec.estimated_bytes
         path, fetch_s = await self._fetch(key, spec, t0)
+        try:
+            await self._load_from(key, spec, path, t0, fetch_s)
+        finally:
+            if spec.source:  # the worker is done with the disk cache's copy
+                self.disk.release(*key)
+
+    async def _load_from(self, key: Key, spec: ModelSpec, path: Path, t0: float,
+                         fetch_s: float) -> None:
+        stats = self._stats.setdefault(key, ModelStats())
+        need = stats.measured_bytes or spec.estimated_bytes
+        # The load's deadline starts once its files are here: a download is
+        # bounded by its own stall timeouts, not by how long a load may take.
+        deadline = time.monotonic() + self.config.load_timeout_s
         worker = await self._reserve(key, need, deadline)
         gen = self._gen[key]
         segment = self.host.segment(key)
@@ -446,7 +456,7 @@ class Engine:
         if key in self._pinned:  # a hot model is pinned again whenever it loads
             self.cache.pin(key)
             self._pinned[key] = gen
-        if source == "disk" and spec.backend in hosttier.BACKENDS:
+        if source == "disk" and body.get("publishable"):
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:
             await self._shrink(worker.index, "pressure")  # the estimate was short
@@ -470,7 +480,9 @@ class Engine:
             return spec.path, 0.0
         loop = asyncio.get_running_loop()
         try:
-            path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
+            path = self.disk.cached(spec)  # a hit waits behind no download
+            if path is None:
+                path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
         except MMEngineError as e:
             self._load_failed(key, e)
             self._emit("load", {"model": key[0], "version": key[1], "worker": None,
@@ -493,7 +505,7 @@ class Engine:
             body, _ = await worker.call(Op.PUBLISH, key[0], key[1],
                                         params={"segment": segment})
         except Exception as e:  # noqa: BLE001 - the model is served either way
-            self.host.drop(key)
+            self.host.abandon(key, segment)
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
             return
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())

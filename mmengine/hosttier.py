@@ -116,6 +116,16 @@ class HostTier:
         _unlink(name)
         self.on_drop(name)
 
+    def abandon(self, key: Key, segment: str) -> None:
+        """A publish to `segment` failed: whatever of it exists goes (workers
+        that mapped it unmap it), and its reservation, if it still is the
+        one `key` holds (a newer one is left alone)."""
+        if self._segments.get(key) == segment:
+            self.drop(key)
+        else:
+            _unlink(segment)
+            self.on_drop(segment)
+
     def least_recent(self) -> Key | None:
         """The least recently used model that no worker holds."""
         for key in self.book.lru_keys():

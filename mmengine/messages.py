@@ -25,7 +25,8 @@ Response header (worker -> front-end):
       body     INFER: {"t_recv", "t_done"}: time.monotonic_ns() when the worker
                took the request and when it finished (the front-end adds
                "t_read", when it read the answer); LOAD: {"bytes": measured,
-               "phases": {phase: seconds}, "from": "host" | "disk"};
+               "phases": {phase: seconds}, "from": "host" | "disk",
+               "publishable": whether PUBLISH can copy it to the host tier};
                PUBLISH: {"bytes": the segment's size};
                READY (id 0): {"pid", "device"}; error: the message (str)
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)

@@ -82,6 +82,24 @@ class WorkerLogic:
         self._stream.synchronize()
         return model
 
+    def publishable(self, model) -> bool:
+        """Whether `model`'s bytes can go to the host tier (`publish`): a
+        module whose weights can be laid out flat, of a backend that can
+        load from there. Asked before the front-end makes room for a copy."""
+        from mmengine import hosttier
+        from mmengine.backends import safetensors
+        from mmengine.backends.base import TorchModel
+
+        if not isinstance(model, TorchModel) or model.spec.backend not in hosttier.BACKENDS:
+            return False
+        if isinstance(model, safetensors.ModuleModel):
+            return model.flat is not None
+        try:
+            safetensors.host_tensors(model.module, model.spec.name)
+        except LoadFailed:
+            return False
+        return True
+
     def forget(self, segment: str) -> None:
         """Unmaps a host-tier segment the front-end has unlinked, once no
         model of this worker uses it."""
@@ -184,9 +202,11 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
             if op == Op.LOAD:
                 nbytes, source = logic.load(name, version, params["path"],
                                             params.get("allow_code", True), params.get("host"))
-                phases = getattr(logic.models.get((name, version)), "phases", {})
-                out.send(rid, body={"bytes": nbytes, "phases": phases, "from": source,
+                model = logic.models.get((name, version))
+                out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
+                                    "from": source, "publishable": logic.publishable(model),
                                     **logic.allocator()})
+                del model
             elif op == Op.PUBLISH:
                 out.send(rid, body={"bytes": logic.publish(name, version, params["segment"])})
             elif op == Op.FORGET:

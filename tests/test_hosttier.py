@@ -290,3 +290,50 @@ def test_parsed_formats_reload_from_the_host_tier_without_a_parse(tmp_path, back
             assert row(engine, "m0")["bytes"] == first["bytes"] == 83_008
 
     run(main())
+
+
+_TIED = '''
+import torch
+from torch import nn
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.b = nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight  # one tensor, two names: not laid out flat
+
+    def forward(self, x):
+        return self.b(self.a(x))
+'''
+
+
+def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_path,
+                                                                        own_segments):
+    import importlib.util
+
+    demo.write_mlp(tmp_path / "m0", "safetensors", *DIMS, seed=0)
+    (tmp_path / "tied.py").write_text(_TIED)
+    spec = importlib.util.spec_from_file_location("tied", tmp_path / "tied.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    version = tmp_path / "m1" / "1"
+    version.mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module.Tied()), str(version / "model.pt"))
+
+    async def main():
+        # Room in the host tier for m0's copy and no other.
+        async with Engine(config(tmp_path, host_tier_bytes=100_000)) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            for _ in range(3):  # each load of m1 from its file evicts m0 from the worker
+                await engine.infer("m1", {"x": np.ones((1, 64), np.float32)})
+                await engine.infer("m0", X)
+                await asyncio.sleep(0.1)  # time for a publish, were one started
+            assert engine.stats()["host_tier"]["drops"] == 0
+            assert engine.stats()["host_tier"]["models"] == 1
+            assert row(engine, "m0")["loads_from_host"] == 3
+            assert row(engine, "m1")["host_bytes"] == 0
+
+    run(main())

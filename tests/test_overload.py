@@ -9,6 +9,7 @@ import concurrent.futures
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -302,3 +303,57 @@ def http_infer_inputs(address, inputs: dict[str, np.ndarray]):
         return r.status, dict(r.getheaders()), json.loads(r.read())
     finally:
         conn.close()
+
+
+def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_path):
+    # Three large bodies pipelined, the connection reset while the first is
+    # answered: the queued two are dropped (nobody reads their answers) and
+    # every byte of the budget comes back exactly once.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+    from mmengine.server.listener import receive_budget
+
+    (tmp_path / "slow" / "1").mkdir(parents=True)
+    (tmp_path / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            inputs = {"seconds": np.array([0.5]), "pad": np.zeros(MiB // 2, np.float32)}
+            header = json.dumps({"inputs": [
+                {"name": k, "shape": list(v.shape), "datatype": "FP64" if k == "seconds"
+                 else "FP32", "parameters": {"binary_data_size": v.nbytes}}
+                for k, v in inputs.items()]}).encode()
+            body = header + b"".join(v.tobytes() for v in inputs.values())
+            request = (b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                       b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+                       % (len(header), len(body))) + body
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request * 3)
+            await writer.drain()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while budget.held < 3 * len(body):  # all three received and queued
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            # Reset, not a half-close (which still gets its answers).
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            while budget.held:  # the one being answered finishes, the rest were dropped
+                assert loop.time() < deadline + 10, budget.held
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.0)  # what a double give would take below zero
+            assert budget.held == 0
+            totals = engine.stats()["totals"]
+            assert totals["hits"] + totals["misses"] == 1, totals  # the dropped never ran
+            await server.stop()
+
+    run(main(), timeout=60)

@@ -353,11 +353,16 @@ def test_lru_eviction_under_the_byte_budget(tmp_path, server):
     specs = {n: Repository(repo, config=config).resolve(n) for n in "abc"}
     disk = DiskCache(config)
     paths = {n: disk.ensure(specs[n]) for n in "ab"}
+    # A copy handed to a load is not evicted until the load releases it.
+    with pytest.raises(LoadFailed, match="no room"):
+        disk.ensure(specs["c"])
+    for n in "ab":
+        disk.release(n, 1)
     disk.touch("a", 1)  # b is now the least recently used
     paths["c"] = disk.ensure(specs["c"])
     assert not paths["b"].exists() and paths["a"].is_dir() and paths["c"].is_dir()
     stats = disk.stats()
-    assert stats["models"] == 2 and stats["evictions"] == 1
+    assert stats["models"] == 2 and stats["evictions"] == 1 and stats["failures"] == 1
     assert stats["bytes"] <= config.disk_cache_bytes
     assert stats["bytes"] == sum(sum(p.stat().st_size for p in paths[n].iterdir())
                                  for n in "ac")

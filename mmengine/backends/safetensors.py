@@ -206,6 +206,7 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
 # pages), a GPU worker copies it to the device through its pinned stager.
 
 _HOST_ALIGN = 4096
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 _RO = "The given buffer is not writable"
 # Host-tier mappings are read-only on purpose (a model that wrote to its
 # weights would change every worker's copy): torch warns, needlessly.
@@ -289,10 +290,17 @@ def strip(tensors: dict[str, torch.Tensor]) -> None:
 
 def _rebind(tensors: dict[str, torch.Tensor], flat: torch.Tensor, entries: Entries,
             where: str) -> None:
-    if {name for name, *_ in entries} != set(tensors):
+    """Points each tensor at its view of `flat`; LoadFailed, changing
+    nothing, unless the copy holds exactly these tensors, dtypes and shapes
+    (set_ would take any shape without a word). A kept skeleton is emptied,
+    so only names and dtypes can be checked against it."""
+    views = _views(flat, entries)
+    if set(views) != set(tensors) or any(
+            v.dtype != tensors[n].dtype or (tensors[n].numel() and v.shape != tensors[n].shape)
+            for n, v in views.items()):
         raise LoadFailed(f"{where}: the host tier's copy does not hold this model's tensors")
     with torch.no_grad():
-        for name, view in _views(flat, entries).items():
+        for name, view in views.items():
             tensors[name].set_(view)
 
 
@@ -393,7 +401,10 @@ def _register(flat: torch.Tensor) -> bool:
     if not flat.numel():
         return False
     try:
-        error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+        # Portable: pinned for every device's context, so that the unregister
+        # (from whichever thread forgets it) needs no device of its own.
+        error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(),
+                                                     _HOST_REGISTER_PORTABLE)
     except Exception:  # noqa: BLE001 - no cudart binding: the stager serves
         return False
     return int(error) == 0

@@ -178,14 +178,17 @@ class _HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
+        # Nobody is left to read the answers of the requests still queued:
+        # they are dropped, and their bytes go back with the one being read.
+        # The request being answered gives its own back when it is done.
         held = self.reserved + sum(r.reserved for r in self.queue if isinstance(r, Request))
+        self.queue.clear()
         self.reserved = 0
         if held:
             self.server.receiving.give(held)
         if self.awaiting:
             self.server.receiving.cancel(self._on_budget)
             self.awaiting = 0
-        # A request being answered gives its bytes back when its task ends.
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
