@@ -320,7 +320,7 @@ def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_pat
     spec.loader.exec_module(module)
     version = tmp_path / "m1" / "1"
     version.mkdir(parents=True)
-    torch.jit.save(torch.jit.script(module.Tied()), str(version / "model.pt"))
+    torch.jit.script(module.Tied()).save(str(version / "model.pt"))  # as demo.py does
 
     async def main():
         # Room in the host tier for m0's copy and no other.
