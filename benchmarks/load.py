@@ -15,7 +15,9 @@ own load (the phases it reports: read, build, place), engine_load_ms is
 engine.load() as the caller sees it, evict_ms is engine.unload(). A small
 resident model's p99 latency through the same Engine is measured while
 nothing loads, then while the big model is loaded and unloaded over and
-over on the same worker. Medians of repeated runs.
+over on the same worker, and last (the baseline of interference) while
+another process only copies as many bytes as each load, as often, with no
+load at all (copy_interference). Medians of repeated runs.
 
 The host tier is measured by a second Engine, whose evictions demote the
 model to shared memory (demote_ms) and whose loads map it from there
@@ -173,7 +175,20 @@ def safetensors_s(path: Path, repeats: int) -> float | None:
 
 # -- mmengine --------------------------------------------------------------------------
 
-async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool) -> dict:
+_COPY_HOG = """
+import sys, time
+import numpy as np
+src = np.ones(int(sys.argv[1]), np.uint8)
+dst = np.empty_like(src)
+while True:
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    time.sleep(max(0.0, float(sys.argv[2]) - (time.perf_counter() - t0)))
+"""
+
+
+async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool,
+                  copy_bytes: int = 0) -> dict:
     """Loads and evictions of the big model through a real Engine, and a
     small resident model's latency while nothing loads and while the big
     one loads and unloads again and again. host=False: no host tier, every
@@ -251,6 +266,18 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
         enough.set()
         during += await hot(0, done)  # to the end of the last cycle
         await task
+        beside_copies = []
+        if copy_bytes:
+            # The baseline of interference: no load at all, only another
+            # process copying as many bytes as a load does, as often.
+            hog = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _COPY_HOG, str(copy_bytes), str(CHURN_PERIOD_S))
+            try:
+                await asyncio.sleep(0.2)
+                beside_copies = await hot(idle_n)
+            finally:
+                hog.kill()
+                await hog.wait()
     phases = {k: statistics.median(p[k] for p in loads) * 1e3 for k in loads[0]}
     return {"worker_load_ms": statistics.median(sum(p.values()) for p in loads) * 1e3,
             "phases_ms": phases,
@@ -261,6 +288,8 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
             "hot_p99_during_loads_us": float(np.percentile(during, 99)),
             "hot_p50_during_loads_us": float(np.percentile(during, 50)),
             "hot_samples_during_loads": len(during),
+            "hot_p99_beside_copies_us": (float(np.percentile(beside_copies, 99))
+                                         if beside_copies else None),
             "first_map_s": first_map_s}
 
 
@@ -293,7 +322,7 @@ def run(quick: bool) -> dict:
     torch_load = torch_load_s(root, repeats)
     st = safetensors_s(weights, repeats)
     idle_n, cycles = (2_000, 8) if quick else (5_000, 20)
-    eng = uvloop.run(_engine(root, repeats, idle_n, cycles, host=False))
+    eng = uvloop.run(_engine(root, repeats, idle_n, cycles, host=False, copy_bytes=nbytes))
     tier = uvloop.run(_engine(root, repeats, idle_n, cycles, host=True))
     disk = gb / (eng["worker_load_ms"] / 1e3)
     host = gb / (tier["worker_load_ms"] / 1e3)
@@ -319,6 +348,7 @@ def run(quick: bool) -> dict:
         "hot_p99_during_loads_us": eng["hot_p99_during_loads_us"],
         "hot_samples_during_loads": eng["hot_samples_during_loads"],
         "hot_p99_during_host_loads_us": tier["hot_p99_during_loads_us"],
+        "hot_p99_beside_copies_us": eng["hot_p99_beside_copies_us"],
         "ratios": {
             "host_vs_memcpy": host / (gb / memcpy),
             "host_first_map_vs_memcpy": gb / tier["first_map_s"] / (gb / memcpy),
@@ -327,6 +357,7 @@ def run(quick: bool) -> dict:
             "evict_vs_load": eng["evict_ms"] / eng["worker_load_ms"],
             "interference": eng["hot_p99_during_loads_us"] / eng["hot_p99_idle_us"],
             "host_interference": tier["hot_p99_during_loads_us"] / tier["hot_p99_idle_us"],
+            "copy_interference": eng["hot_p99_beside_copies_us"] / eng["hot_p99_idle_us"],
         },
         "note": "disk: loads with no host tier (each reads the file); host: loads of "
                 "a model demoted to the host tier, which a CPU worker maps in place; "
