@@ -39,8 +39,10 @@ def loader(backend: str) -> Callable[[ModelSpec, torch.device], LoadedModel]:
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
                host: str | None = None) -> LoadedModel:
     """The model of `spec`, resident on `device` (its bytes taken from the
-    host-tier segment `host` if given: safetensors only), with `nbytes` measured
-    and `phases`: seconds spent in fetch (0 until remote storage exists),
+    host-tier segment `host` if given: backends of hosttier.BACKENDS), with
+    `nbytes` measured
+    and `phases`: seconds spent in fetch (0 here: the front-end fetches
+    remote models into the disk cache before the load, and fills it in),
     deserialize (reading the files into tensors; on CPU this includes
     placing them), copy (finishing the copies to the GPU queued on the
     current stream; 0 on CPU) and warmup.
