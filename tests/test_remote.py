@@ -339,18 +339,18 @@ def test_zstd_round_trip(tmp_path, server, backend):
 
 
 def _three_models(tmp_path, server):
+    """Three remote models and a disk cache config with room for two and a half."""
     repo = tmp_path / "repo"
     for name in ("a", "b", "c"):
         write_stub(repo, name, server.url + f"{name}/1/", publish(server, name, hidden=256))
-    return repo
-
-
-def test_lru_eviction_under_the_byte_budget(tmp_path, server):
-    repo = _three_models(tmp_path, server)
     size = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve(
         "a").estimated_bytes
     config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.5))
-    specs = {n: Repository(repo, config=config).resolve(n) for n in "abc"}
+    return config, {n: Repository(repo, config=config).resolve(n) for n in "abc"}
+
+
+def test_lru_eviction_under_the_byte_budget(tmp_path, server):
+    config, specs = _three_models(tmp_path, server)
     disk = DiskCache(config)
     paths = {n: disk.ensure(specs[n]) for n in "ab"}
     # A copy handed to a load is not evicted until the load releases it.
@@ -385,11 +385,7 @@ def test_no_room_under_the_watermark_names_the_keys(tmp_path, server):
 
 
 def test_restart_keeps_entries_and_their_order(tmp_path, server):
-    repo = _three_models(tmp_path, server)
-    size = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve(
-        "a").estimated_bytes
-    config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.5))
-    specs = {n: Repository(repo, config=config).resolve(n) for n in "abc"}
+    config, specs = _three_models(tmp_path, server)
     disk = DiskCache(config)
     paths = {n: disk.ensure(specs[n]) for n in "ba"}
     # mtimes carry the order; make it unambiguous on coarse clocks.
