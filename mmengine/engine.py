@@ -426,10 +426,7 @@ class Engine:
                 raise  # the engine is stopping: no fault of the model's
             if isinstance(e, WorkerDied):
                 e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
-            self._load_failed(key, e)
-            self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
-                                "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
-                                "error": str(e)})
+            self._load_aborted(key, e, worker.index, t0)
             if isinstance(e, MMEngineError):
                 raise e from None
             raise
@@ -484,10 +481,7 @@ class Engine:
             if path is None:
                 path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
         except MMEngineError as e:
-            self._load_failed(key, e)
-            self._emit("load", {"model": key[0], "version": key[1], "worker": None,
-                                "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
-                                "error": str(e)})
+            self._load_aborted(key, e, None, t0)
             raise
         return path, time.monotonic() - t0
 
@@ -509,6 +503,14 @@ class Engine:
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
             return
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
+
+    def _load_aborted(self, key: Key, e: BaseException, worker: int | None,
+                      t0: float) -> None:
+        """A load that began at `t0` failed: backed off, and told to observers."""
+        self._load_failed(key, e)
+        self._emit("load", {"model": key[0], "version": key[1], "worker": worker,
+                            "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                            "error": str(e)})
 
     def _load_failed(self, key: Key, e: BaseException) -> None:
         """Counts a failed load and backs the model off: until its retry

@@ -13,6 +13,7 @@ into place. A failure removes what it wrote.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -54,6 +55,7 @@ def under_roots(path: str, model_roots: str, what: str,
     return real
 
 
+@functools.lru_cache(maxsize=8)  # the config's one string, checked on every remote load
 def parse_allowed_hosts(text: str) -> frozenset[tuple[str, int | None]]:
     """(host, port) pairs from "a.example, b.example:8443, [::1]:80"; a
     host without a port is allowed on any port. ValueError names a bad entry."""

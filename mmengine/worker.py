@@ -61,26 +61,28 @@ class WorkerLogic:
         if key in self.models:
             return self.models[key].nbytes, "resident"
         spec = read_spec(name, version, Path(path), allow_code)
+        from mmengine.backends import load_model
+
         model, source = None, "disk"
         if host is not None:
             try:
-                model, source = self._on_stream(spec, host), "host"
+                model, source = self._on_stream(load_model, spec, self.device, host), "host"
             except LoadFailed as e:  # the segment went: the files still serve
                 print(f"mmengine worker: {e}; loading from the files", file=sys.stderr)
         if model is None:
-            model = self._on_stream(spec, None)
+            model = self._on_stream(load_model, spec, self.device)
         self.models[key] = model  # published only once whole
         return model.nbytes, source
 
-    def _on_stream(self, spec, host: str | None):
-        from mmengine.backends import load_model
-
+    def _on_stream(self, work, *args):
+        """work(*args) on the loader's own CUDA stream, finished before it
+        returns (on CPU: simply work(*args))."""
         if self._stream is None:
-            return load_model(spec, self.device, host)
+            return work(*args)
         with self._torch.cuda.stream(self._stream):
-            model = load_model(spec, self.device, host)
+            result = work(*args)
         self._stream.synchronize()
-        return model
+        return result
 
     def publishable(self, model) -> bool:
         """Whether `model`'s bytes can go to the host tier (`publish`): a
@@ -121,19 +123,13 @@ class WorkerLogic:
         """Copies a resident model's bytes into the new host-tier segment
         `segment`; returns the segment's size."""
         from mmengine.backends import safetensors
-
         from mmengine.backends.base import TorchModel
 
         model = self.models.get((name, version))
         if not isinstance(model, TorchModel):
             raise LoadFailed(f"{name} v{version}: not resident, or not a model the host "
                              f"tier can hold")
-        if self._stream is None:
-            return safetensors.publish(model, segment)
-        with self._torch.cuda.stream(self._stream):
-            size = safetensors.publish(model, segment)
-        self._stream.synchronize()
-        return size
+        return self._on_stream(safetensors.publish, model, segment)
 
     def unload(self, name: str, version: int):
         """Stops serving a model and returns it, to be closed by the caller:
@@ -204,7 +200,8 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
                                             params.get("allow_code", True), params.get("host"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
-                                    "from": source, "publishable": logic.publishable(model),
+                                    "from": source,
+                                    "publishable": source == "disk" and logic.publishable(model),
                                     **logic.allocator()})
                 del model
             elif op == Op.PUBLISH:

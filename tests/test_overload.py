@@ -163,12 +163,22 @@ def test_a_tcp_burst_is_refused_at_once_and_memory_stays_bounded(server):
     assert_answers_normally(server)
 
 
-def http_infer(address, seconds: float, conn: http.client.HTTPConnection | None = None):
-    inputs = slow_inputs(seconds)
+def binary_infer_body(inputs: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+    """(JSON header, whole body) of a KServe infer request with binary tensors."""
     header = json.dumps({"inputs": [
-        {"name": k, "shape": list(v.shape), "datatype": "FP64" if k == "seconds" else "FP32",
-         "parameters": {"binary_data_size": v.nbytes}} for k, v in inputs.items()]}).encode()
-    body = header + b"".join(v.tobytes() for v in inputs.values())
+        {"name": k, "shape": list(v.shape), "datatype": "FP64" if v.dtype == np.float64
+         else "FP32", "parameters": {"binary_data_size": v.nbytes}}
+        for k, v in inputs.items()]}).encode()
+    return header, header + b"".join(v.tobytes() for v in inputs.values())
+
+
+def http_infer(address, seconds: float, conn: http.client.HTTPConnection | None = None):
+    return http_infer_inputs(address, slow_inputs(seconds), conn)
+
+
+def http_infer_inputs(address, inputs: dict[str, np.ndarray],
+                      conn: http.client.HTTPConnection | None = None):
+    header, body = binary_infer_body(inputs)
     own = conn is None
     conn = conn or http.client.HTTPConnection(*address, timeout=60)
     try:
@@ -288,23 +298,6 @@ def test_large_requests_on_many_connections_wait_for_the_receive_budget(budget_s
     assert growth < bound
 
 
-def http_infer_inputs(address, inputs: dict[str, np.ndarray]):
-    header = json.dumps({"inputs": [
-        {"name": k, "shape": list(v.shape), "datatype": "FP64" if v.dtype == np.float64
-         else "FP32", "parameters": {"binary_data_size": v.nbytes}}
-        for k, v in inputs.items()]}).encode()
-    conn = http.client.HTTPConnection(*address, timeout=120)
-    try:
-        conn.request("POST", "/v2/models/slow/infer",
-                     body=header + b"".join(v.tobytes() for v in inputs.values()),
-                     headers={"Inference-Header-Content-Length": str(len(header)),
-                              "Content-Type": "application/octet-stream"})
-        r = conn.getresponse()
-        return r.status, dict(r.getheaders()), json.loads(r.read())
-    finally:
-        conn.close()
-
-
 def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_path):
     # Three large bodies pipelined, the connection reset while the first is
     # answered: the queued two are dropped (nobody reads their answers) and
@@ -327,11 +320,7 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
             port = await server.start("127.0.0.1", 0)
             budget = receive_budget(engine)
             inputs = {"seconds": np.array([0.5]), "pad": np.zeros(MiB // 2, np.float32)}
-            header = json.dumps({"inputs": [
-                {"name": k, "shape": list(v.shape), "datatype": "FP64" if k == "seconds"
-                 else "FP32", "parameters": {"binary_data_size": v.nbytes}}
-                for k, v in inputs.items()]}).encode()
-            body = header + b"".join(v.tobytes() for v in inputs.values())
+            header, body = binary_infer_body(inputs)
             request = (b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
                        b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
                        % (len(header), len(body))) + body

@@ -159,14 +159,7 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
     if host is None:
         flat, entries = _read(spec.path / spec.artifact, where, device)
     else:
-        flat, entries, pinned = HOST_MAPS.get(host, where, device)
-        if device.type != "cpu":
-            on_device = torch.empty(flat.numel(), dtype=torch.uint8, device=device)
-            if pinned:  # registered: one copy at the link's speed, no staging
-                on_device.copy_(flat, non_blocking=True)
-            else:
-                staging.stager(device).from_host(flat, on_device)
-            flat = on_device
+        flat, entries = _host_region(host, where, device)
     state = _views(flat, entries)
     key = _skeleton_key(spec.path / "model.py", class_name, kwargs)
     skeleton = _take_skeleton(key)
@@ -243,16 +236,24 @@ def load_from_host(model: TorchModel, segment: str, device: torch.device) -> Non
     """Points the tensors of `model` (a kept skeleton, or a module just
     parsed) at the host-tier copy in `segment`: views of the mapping on CPU,
     of one copy of it on a GPU."""
-    where = model.spec.name
+    flat, entries = _host_region(segment, model.spec.name, device)
+    _rebind(module_tensors(model.module), flat, entries, model.spec.name)
+
+
+def _host_region(segment: str, where: str,
+                 device: torch.device) -> tuple[torch.Tensor, Entries]:
+    """The tensor region of a host-tier segment on `device`: the shared
+    mapping itself on CPU, one copy of it on a GPU (straight from the
+    mapping when it is registered as pinned, else through the stager)."""
     flat, entries, pinned = HOST_MAPS.get(segment, where, device)
     if device.type != "cpu":
         on_device = torch.empty(flat.numel(), dtype=torch.uint8, device=device)
-        if pinned:
+        if pinned:  # one copy at the link's speed, no staging
             on_device.copy_(flat, non_blocking=True)
         else:
             staging.stager(device).from_host(flat, on_device)
         flat = on_device
-    _rebind(module_tensors(model.module), flat, entries, where)
+    return flat, entries
 
 
 def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]:
@@ -328,6 +329,7 @@ def _write_segment(segment: str, entries: Entries, chunks: list) -> int:
     size = data_start + max((end for *_, end in entries), default=0)
     path = os.path.join(shm.SHM_DIR, _check_segment(segment))
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    mm = None  # mapped once, if any chunk is on a device
     try:
         # Every page is allocated now: a full /dev/shm fails here, cleanly,
         # and never later as a SIGBUS in a process that maps the segment.
@@ -340,15 +342,16 @@ def _write_segment(segment: str, entries: Entries, chunks: list) -> int:
                     os.pwrite(fd, view[at:at + staging.CHUNK], data_start + begin + at)
                 del view
             elif src.numel():  # device to host, straight into the segment's pages
-                with mmap.mmap(fd, size) as mm:
-                    out = torch.frombuffer(mm, dtype=torch.uint8, offset=data_start + begin,
-                                           count=src.numel())
-                    out.copy_(src)
-                    del out
+                if mm is None:
+                    mm = mmap.mmap(fd, size)
+                torch.frombuffer(mm, dtype=torch.uint8, offset=data_start + begin,
+                                 count=src.numel()).copy_(src)
     except BaseException:
         os.unlink(path)
         raise
     finally:
+        if mm is not None:
+            mm.close()
         os.close(fd)
     return size
 
