@@ -75,7 +75,16 @@ class Config:
     max_queue_per_worker: int = 4096     # requests sent to a worker and not yet answered
     # -- transport
     ring_bytes: int = 64 * MiB           # each ring between the front-end and a worker
-    spin_us: float = 50.0                # a ring waiter spins this long before it parks
+    # A ring waiter (a worker waiting for requests) spins this long before it
+    # parks. Long enough to span the gap between a client's requests: on a
+    # virtual machine a parked process wakes slowly and then runs its first
+    # request cold (a tiny model's SDK p50: 213-247 us at 50, 134-199 at 300).
+    # It yields its core to anyone runnable after an eighth of it.
+    spin_us: float = 300.0
+    # The front-end polls a worker's answers this long after its last
+    # request instead of sleeping until woken (the loop still serves its
+    # sockets in between); 0: always sleep.
+    poll_us: float = 200.0
     # -- serving (the servers read these)
     host: str = "127.0.0.1"
     tcp_port: int = 8081
@@ -185,6 +194,7 @@ def _validate(c: Config) -> None:
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
     need(c.spin_us >= 0, "spin_us", "must be >= 0")
+    need(c.poll_us >= 0, "poll_us", "must be >= 0")
     need(0 <= c.tcp_port < 65536, "tcp_port", "must be a port number (0: any free)")
     need(-1 <= c.http_port < 65536, "http_port",
          "must be a port number (0: any free, -1: none)")

@@ -130,6 +130,9 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
+        self._poll_s = config.poll_us / 1e6
+        self._poll_until = 0.0  # time.monotonic(): polling the answers until then
+        self._polling = False
 
     @property
     def rings(self) -> tuple:
@@ -242,17 +245,47 @@ class Worker:
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent)
+        if op == Op.INFER and self._poll_s:
+            self._poll_until = time.monotonic() + self._poll_s
+            if not self._polling:
+                self._polling = True
+                self.resp.disarm_read()  # answers come by polling: no wake-ups
+                self.loop.call_soon(self._poll)
         return fut
 
     # -- responses -----------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """Drains the response ring. Never raises: an error is set on the
-        future it concerns (a read callback must not break the loop)."""
+        """Drains the response ring, woken by the worker. Never raises: an
+        error is set on the future it concerns (a read callback must not
+        break the loop)."""
         if not self.alive:
             return
         ring = self.resp
         ring.disarm_read()
+        while self._drain() and not self._polling:
+            if ring.arm_read():
+                return
+
+    def _poll(self) -> None:
+        """Drains the response ring without being woken, once per turn of
+        the loop, until nothing is in flight or the poll window closes; then
+        sleeps until woken. A turn of the loop costs less than waking a
+        sleeping process, and the loop still serves every socket between
+        turns."""
+        if not self.alive or not self._drain():
+            return
+        if self._pending and time.monotonic() < self._poll_until:
+            self.loop.call_soon(self._poll)
+            return
+        self._polling = False
+        if not self.resp.arm_read():
+            self.loop.call_soon(self._on_readable)
+
+    def _drain(self) -> bool:
+        """Handles every answer in the response ring; False if the worker
+        is dead (or unreadable) and was declared so."""
+        ring = self.resp
         try:
             while True:
                 for _ in range(_BURST):
@@ -261,14 +294,14 @@ class Worker:
                         break
                     self._on_response(parts)
                     del parts
-                if ring.held:
-                    ring.release()
-                if ring.arm_read():
-                    return
+                if not ring.held:
+                    return True
+                ring.release()
         except RingClosed:
             self._died(f"worker {self.index} closed its response ring")
         except Exception as e:  # noqa: BLE001 - the engine must survive this
             self._died(f"worker {self.index}: unreadable response: {e!r}")
+        return False
 
     def _on_response(self, parts: list) -> None:
         rid, code, body, descs = messages.parse_response(parts[0])

@@ -324,3 +324,35 @@ def test_a_full_queue_answers_overloaded_at_once(repo, own_segments):
             assert engine._queued == {}
 
     run(main())
+
+
+@pytest.mark.parametrize("poll_us", [0.0, 200.0])
+def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_segments,
+                                                                      poll_us):
+    """Answers come by polling while requests are in flight (poll_us > 0)
+    and by the worker's wake-up otherwise, or once the window has closed
+    (a slow model's answer comes long after it): none is lost either way,
+    and once idle the front-end costs no CPU."""
+    root, models = repo
+
+    async def main():
+        async with Engine(config(root, workers=1, poll_us=poll_us)) as engine:
+            rng = np.random.default_rng(5)
+            for _ in range(20):  # one at a time: the path a lone client takes
+                x = x_for(rng)
+                out = await engine.infer("m00", {"x": x})
+                np.testing.assert_allclose(out["y"], models["m00"].reference(x), rtol=1e-5, atol=1e-5)
+            slow = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([0.05])}))
+            xs = [x_for(rng) for _ in range(50)]
+            outs = await asyncio.gather(*(engine.infer(f"m0{i % 3}", {"x": x})
+                                          for i, x in enumerate(xs)))
+            for i, (x, out) in enumerate(zip(xs, outs)):
+                np.testing.assert_allclose(out["y"], models[f"m0{i % 3}"].reference(x), rtol=1e-5, atol=1e-5)
+            assert (await slow)["y"][0] == 0.1  # the handler answers twice its input
+            await asyncio.sleep(0.05)
+            assert not engine.pool.workers[0]._polling
+            cpu = time.process_time()
+            await asyncio.sleep(0.5)
+            assert time.process_time() - cpu < 0.05  # parked, not polling
+
+    run(main())
