@@ -333,6 +333,7 @@ def test_a_pooled_connection_the_server_closed_is_replaced(address):
     with Client(address) as c:
         x = x_for(np.random.default_rng(11))
         c.infer("m00", {"x": x})
-        sock, _ = c._pool.queue[0]
-        sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it
+        conn = c._pool[0]
+        conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it,
+        conn.last_used -= conn.TRUSTED_IDLE_S  # which it does to idle connections only
         c.infer("m00", {"x": x})  # a fresh connection, no ConnectionError
