@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote
 
 import httptools
+import numpy as np
+import orjson
 
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
@@ -63,10 +64,7 @@ class Request:
         return token.strip() or None
 
     def json(self) -> Any:
-        try:
-            return json.loads(self.body or b"null")
-        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
-            raise BadRequest(f"the body is not valid JSON: {e}") from None
+        return loads(self.body or b"null", "the body")
 
 
 @dataclass
@@ -77,8 +75,32 @@ class Response:
     content_type: str = "application/json"
 
 
+# JSON through orjson: a tensor's data parses ten times faster than with the
+# json module and numpy arrays are written without a Python float each,
+# which is most of a small request's time. It is strict: NaN, Infinity and
+# nesting deeper than 1024 are not JSON, and are refused as such.
+
+def loads(data: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON of obj, numpy arrays and scalars included."""
+    return orjson.dumps(obj, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _plain(obj: Any) -> Any:
+    # What orjson does not write itself: arrays of other dtypes or layouts.
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
 def json_response(obj: Any, status: int = 200, headers=None) -> Response:
-    return Response(status, json.dumps(obj, separators=(",", ":")).encode(), headers or [])
+    return Response(status, dumps(obj), headers or [])
 
 
 def error_response(e: MMEngineError) -> Response:

@@ -19,7 +19,6 @@ unload check it against the control token, if one is configured.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -28,7 +27,7 @@ import numpy as np
 import mmengine
 from mmengine import trace
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
-from mmengine.server.http import Request, Response
+from mmengine.server.http import Request, Response, dumps, loads
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 
@@ -43,8 +42,6 @@ DATATYPES: dict[str, np.dtype] = {
 # Keyed by dtype objects: equal dtypes hash equal, whatever their spelling.
 _DATATYPE_OF: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
 _UNSUPPORTED = {"BYTES", "BF16"}
-
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def datatype_of(dtype: np.dtype | str) -> str:
@@ -74,21 +71,21 @@ async def ready(server, request: Request) -> Response:
 
 
 async def server_metadata(server, request: Request) -> Response:
-    return Response(200, _encode({
+    return Response(200, dumps({
         "name": "mmengine", "version": mmengine.__version__,
-        "extensions": ["binary_tensor_data", "model_repository"]}).encode())
+        "extensions": ["binary_tensor_data", "model_repository"]}))
 
 
 async def model_metadata(server, request: Request, name: str,
                          version: str | None = None) -> Response:
     meta = await server.engine.metadata(name, _version(version))
-    return Response(200, _encode({
+    return Response(200, dumps({
         "name": meta["name"],
         "versions": [str(v) for v in meta["versions"]],
         "platform": meta["backend"],
         "inputs": [_tensor_metadata(t) for t in meta["inputs"]],
         "outputs": [_tensor_metadata(t) for t in meta["outputs"]],
-    }).encode())
+    }))
 
 
 def _tensor_metadata(t: dict) -> dict:
@@ -126,7 +123,7 @@ async def repository_index(server, request: Request) -> Response:
             continue
         rows.append({"name": row["name"], "version": str(row["version"]), "state": state,
                      "reason": row["last_error"] if state == "UNAVAILABLE" else ""})
-    return Response(200, _encode(rows).encode())
+    return Response(200, dumps(rows))
 
 
 async def repository_load(server, request: Request, name: str) -> Response:
@@ -163,10 +160,7 @@ def _load_params(request: Request) -> dict:
 async def infer(server, request: Request, name: str, version: str | None = None) -> Response:
     v = _version(version)
     header, binary = _split_body(request)
-    try:
-        req = json.loads(header)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
-        raise BadRequest(f"the inference request is not valid JSON: {e}") from None
+    req = loads(header, "the inference request")
     if type(req) is not dict:
         raise BadRequest("the inference request must be a JSON object")
     params = req.get("parameters") or {}
@@ -284,7 +278,7 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
             t["parameters"] = {"binary_data_size": arr.nbytes}
             buffers.append(memoryview(arr).cast("B"))
         else:
-            t["data"] = arr.ravel().tolist()
+            t["data"] = arr.ravel()  # written by dumps() straight from the array
         tensors.append(t)
     head = {"model_name": name, "outputs": tensors}
     if version is not None:
@@ -292,7 +286,7 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
     rid = req.get("id")
     if rid is not None:
         head["id"] = rid
-    header = _encode(head).encode()
+    header = dumps(head)
     if not buffers:
         return Response(200, header)
     # The outputs go out as they are: the core writes the buffers in order.
