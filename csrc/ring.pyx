@@ -46,6 +46,11 @@ cdef int raise_status(int status, str what) except -1:
     raise InternalError(f"{what}: ring status {status}")
 
 
+# Deadlines are computed when a call first has to wait: most calls do not,
+# and a clock read is a tenth of a round trip through a ring.
+DEF _NO_DEADLINE_YET = -2
+
+
 cdef inline int64_t _deadline_ns(int64_t timeout_ns):
     return -1 if timeout_ns < 0 else <int64_t>mm_now_ns() + timeout_ns
 
@@ -123,7 +128,7 @@ cdef class RingCore:
                     lens[i] = <uint64_t>views[i].len
                 n = i + 1
             size = mm_ring_record_size(nparts, lens)
-            deadline = _deadline_ns(timeout_ns)
+            deadline = _NO_DEADLINE_YET  # a clock read only if there is no room
             while True:
                 if size >= NOGIL_COPY_BYTES:
                     with nogil:
@@ -135,6 +140,8 @@ cdef class RingCore:
                 if timeout_ns == 0:
                     return 0
                 if not self._spin(0, size):
+                    if deadline == _NO_DEADLINE_YET:
+                        deadline = _deadline_ns(timeout_ns)
                     self._wait(0, size, deadline)
             if status != MM_RING_OK:
                 raise_status(status, "put")
@@ -181,7 +188,7 @@ cdef class RingCore:
     cdef object _get(self, int64_t timeout_ns):
         cdef const uint8_t *rec = NULL
         cdef int status
-        cdef int64_t deadline = _deadline_ns(timeout_ns)
+        cdef int64_t deadline = _NO_DEADLINE_YET  # a clock read only if it must wait
         self._check()
         while True:
             status = mm_ring_try_get(&self.r, &rec)
@@ -194,6 +201,8 @@ cdef class RingCore:
             if self.r.held:
                 raise InternalError(_WAIT_HOLDING)
             if not self._spin(1, 0):
+                if deadline == _NO_DEADLINE_YET:
+                    deadline = _deadline_ns(timeout_ns)
                 self._wait(1, 0, deadline)
 
     def try_get(self):
