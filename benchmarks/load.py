@@ -23,7 +23,9 @@ The host tier is measured by a second Engine, whose evictions demote the
 model to shared memory (demote_ms) and whose loads map it from there
 (host_gb_per_s, host_load_ms); the first Engine has no host tier, so each
 of its loads reads the file (disk_gb_per_s, load_ms, evict_ms).
-Prints one JSON object (the last line) with --json.
+MMENGINE_* variables set the engines' other keys, as for a server
+(MMENGINE_LOAD_THREADS=1, say). Prints one JSON object (the last line)
+with --json.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import load as load_config  # noqa: E402
 
 CACHE_VERSION = 1  # bump when the generated models change
 BIG, HOT = "big", "hot"
@@ -204,8 +206,8 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
         if kind == "load" and fields["model"] == BIG and "phases" in fields:
             seen.append((fields["from"], fields["phases"]))
 
-    config = Config(repo=str(root), workers=1, device_budget=4 << 30,
-                    host_tier_bytes=-1 if host else 0)
+    config = load_config(overrides=dict(repo=str(root), workers=1, device_budget=4 << 30,
+                                        host_tier_bytes=-1 if host else 0))
     async with Engine(config) as engine:
         engine.observers.append(observe)
         await engine.infer(HOT, {"x": x})

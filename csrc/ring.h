@@ -83,6 +83,16 @@ typedef struct {
 
 static inline uint64_t mm_align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
 
+/* How long a waiter spins: another thread of the process may change it
+ * while this one waits (a worker spins less while it loads a model). */
+static inline uint64_t mm_ring_spin(const mm_ring *r) {
+    return __atomic_load_n(&r->spin_ns, __ATOMIC_RELAXED);
+}
+
+static inline void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns) {
+    __atomic_store_n(&r->spin_ns, spin_ns, __ATOMIC_RELAXED);
+}
+
 static inline uint64_t mm_ring_record_size(uint32_t nparts, const uint64_t *lens) {
     uint64_t size = 8u + mm_align8(4u * (uint64_t)nparts);
     for (uint32_t i = 0; i < nparts; i++) size += mm_align8(lens[i]);
@@ -283,8 +293,9 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
 #define MM_READY() (for_read ? mm_ring_readable(r) : mm_ring_writable(r, need))
     if (MM_READY()) return MM_RING_OK;
     uint64_t start = mm_now_ns();
-    uint64_t spin_end = start + r->spin_ns;
-    uint64_t yield_after = start + r->spin_ns / 8;
+    uint64_t spin_ns = mm_ring_spin(r);
+    uint64_t spin_end = start + spin_ns;
+    uint64_t yield_after = start + spin_ns / 8;
     for (unsigned i = 1;; i++) {
         if (MM_READY()) return MM_RING_OK;
         if ((i & 63u) == 0) {

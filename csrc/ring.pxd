@@ -44,6 +44,8 @@ cdef extern from "ring.h" nogil:
         uint64_t spin_ns
 
     uint64_t mm_align8(uint64_t n)
+    uint64_t mm_ring_spin(const mm_ring *r)
+    void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns)
     uint64_t mm_now_ns()
     uint64_t mm_ring_record_size(uint32_t nparts, const uint64_t *lens)
     void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_fd,

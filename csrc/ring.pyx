@@ -224,6 +224,18 @@ cdef class RingCore:
         mm_ring_release(&self.r)
 
     @property
+    def spin_us(self):
+        """How long this side spins before it parks; another thread may set
+        it while this one waits (from its next wait on)."""
+        return mm_ring_spin(&self.r) / 1000.0
+
+    @spin_us.setter
+    def spin_us(self, double us):
+        if not us >= 0:
+            raise ValueError("spin_us must be >= 0")
+        mm_ring_set_spin(&self.r, <uint64_t>(us * 1000.0))
+
+    @property
     def held(self):
         """Bytes of the records got and not yet released."""
         return self.r.held
@@ -234,8 +246,9 @@ cdef class RingCore:
         """A few µs of spinning with the GIL held, before _wait releases it
         and looks up the peer: an answer that is about to arrive is caught
         without either cost. Short enough not to starve other threads."""
-        cdef uint64_t end = mm_now_ns() + (SPIN_WITH_GIL_NS if self.r.spin_ns > SPIN_WITH_GIL_NS
-                                           else self.r.spin_ns)
+        cdef uint64_t spin_ns = mm_ring_spin(&self.r)
+        cdef uint64_t end = mm_now_ns() + (SPIN_WITH_GIL_NS if spin_ns > SPIN_WITH_GIL_NS
+                                           else spin_ns)
         cdef unsigned i = 0
         while True:
             if (mm_ring_readable(&self.r) if for_read else mm_ring_writable(&self.r, need)):

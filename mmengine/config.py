@@ -44,6 +44,10 @@ class Config:
     device: str = "auto"                 # auto (GPUs if any) | cpu | cuda
     workers: int = 2                     # CPU worker processes (GPU: one per GPU)
     threads_per_worker: int = 0          # torch threads per CPU worker; 0: cores / workers
+    # Threads that read one model file at once in each worker (the kernel's
+    # copy out of the page cache runs on the reading thread); 0: cores /
+    # workers, from 1 to 4.
+    load_threads: int = 0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
                                          # memory, or half the host's split over CPU workers
@@ -175,6 +179,7 @@ def _validate(c: Config) -> None:
     need(c.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     need(c.workers >= 1, "workers", "must be at least 1")
     need(c.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
+    need(c.load_threads >= 0, "load_threads", "must be >= 0")
     need(c.device_budget >= 0, "device_budget", "must be >= 0")
     need(c.host_tier_bytes >= -1, "host_tier_bytes", "must be a size, 0 (off) or auto")
     need(c.load_bytes_in_flight >= 0, "load_bytes_in_flight", "must be >= 0")

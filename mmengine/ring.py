@@ -358,6 +358,16 @@ class PyRing(_RingLife):
     # -- consumer ----------------------------------------------------------
 
     @property
+    def spin_us(self) -> float:
+        return self._spin_s * 1e6
+
+    @spin_us.setter
+    def spin_us(self, us: float) -> None:
+        if not us >= 0:
+            raise ValueError("spin_us must be >= 0")
+        self._spin_s = us / 1e6
+
+    @property
     def held(self) -> int:
         return self._held
 

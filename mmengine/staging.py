@@ -22,9 +22,12 @@ the last tensor over it is freed.
 """
 from __future__ import annotations
 
+import io
 import mmap
+import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import torch
@@ -111,21 +114,66 @@ class ArenaPool:
 POOL = ArenaPool()
 
 
-def read_into(f: BinaryIO, offset: int, out: torch.Tensor) -> None:
-    """Fills the flat uint8 tensor `out` from `f` at `offset`, in large
-    reads; ValueError if the file ends first."""
-    f.seek(offset)
-    _fill_from(f, out)
-
-
 def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
+    """Fills `out` from a stream's position on, in order (a zstd stream)."""
     view = memoryview(out.numpy())
     done, n = 0, len(view)
     while done < n:
         got = f.readinto(view[done:min(n, done + CHUNK)])
         if not got:
-            raise ValueError("file ends inside its tensor data")
+            raise ValueError(_SHORT)
         done += got
+
+
+class Readers:
+    """Positional reads of one file range by `threads` threads at once.
+
+    Reading from the page cache is a copy by the kernel on the reading
+    thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
+    Each thread reads its own contiguous part with preadv, which drops the
+    GIL; threads are made by the loader thread and so inherit its nice
+    value: they give way to inference as it does."""
+
+    #: A part smaller than this is not worth a thread's wake-up.
+    MIN_PART = 4 << 20
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def read(self, fd: int, offset: int, out: torch.Tensor) -> None:
+        """Fills the flat uint8 tensor `out` from `fd` at `offset`;
+        ValueError if the file ends first."""
+        view = memoryview(out.numpy())
+        n = len(view)
+        k = min(self.threads, max(1, n // self.MIN_PART))
+        if k == 1:
+            _pread_into(fd, view, offset)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, "mmengine-reader")
+        cuts = [n * i // k // _PAGE * _PAGE for i in range(k)] + [n]
+        parts = [self._pool.submit(_pread_into, fd, view[a:b], offset + a)
+                 for a, b in zip(cuts[1:-1], cuts[2:])]
+        try:
+            _pread_into(fd, view[:cuts[1]], offset)  # this thread reads the first part
+        finally:
+            for part in parts:
+                part.result()  # every part done (or failed) before `out` is used
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    done, n = 0, len(view)
+    while done < n:
+        got = os.preadv(fd, [view[done:min(n, done + CHUNK)]], offset + done)
+        if not got:
+            raise ValueError(_SHORT)
+        done += got
+
+
+_SHORT = "file ends inside its tensor data"
+#: The process's readers (a worker's main() sets their number from its config).
+READERS = Readers()
 
 
 class Stager:
@@ -173,10 +221,20 @@ class Stager:
             self.chunks += 1
 
     def from_file(self, f: BinaryIO, offset: int, n: int, dst: torch.Tensor,
-                  staged: bool = False) -> None:
-        """`n` bytes of `f` from `offset` into `dst`; ValueError if the file ends first."""
-        f.seek(offset)
-        self.copy(lambda buf, _: _fill_from(f, buf), n, dst, staged)
+                  staged: bool = False, readers: Readers | None = None) -> None:
+        """`n` bytes of `f` from `offset` into `dst`; ValueError if the file
+        ends first. A plain file is read by `readers` (default READERS) in
+        parallel; a stream (zstd) in order."""
+        if not isinstance(f, io.FileIO):
+            f.seek(offset)
+            self.copy(lambda buf, _: _fill_from(f, buf), n, dst, staged)
+            return
+        readers = readers or READERS
+        fd = f.fileno()
+        if dst.device.type == "cpu" and not staged:  # one range: the largest parts
+            readers.read(fd, offset, dst[:n])
+            return
+        self.copy(lambda buf, at: readers.read(fd, offset + at, buf), n, dst, staged)
 
     def from_host(self, src: torch.Tensor, dst: torch.Tensor, staged: bool = False) -> None:
         """The flat uint8 host tensor `src` into `dst`."""

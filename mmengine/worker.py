@@ -14,16 +14,18 @@ lock makes them one producer of the response ring.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
 import sys
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 
-from mmengine import messages
+from mmengine import messages, resources
 from mmengine.config import Config
 from mmengine.errors import (BadRequest, InternalError, LoadFailed, MMEngineError, ModelNotFound,
                              PeerDied, RecordTooLarge, RingClosed, TooLarge)
@@ -172,7 +174,21 @@ class _Responder:
         self.send(rid, e.code, str(e))
 
 
-def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
+@contextlib.contextmanager
+def _main_thread_parks(req) -> Iterator[None]:
+    """While the loader works, the main thread parks as soon as it has no
+    request instead of spinning: a spinning thread is never woken, so it
+    does not preempt the loader when a request comes, and waits for the end
+    of the loader's time slice (milliseconds where cores are few)."""
+    spin = req.spin_us
+    req.spin_us = 0
+    try:
+        yield
+    finally:
+        req.spin_us = spin
+
+
+def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
     """The loader thread: loads and unloads from the control ring."""
     # A load's copies must not take the CPU from inference: at a higher nice
     # value the kernel lets the main thread preempt this one (a small
@@ -196,8 +212,10 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
             ctl.release()
         try:
             if op == Op.LOAD:
-                nbytes, source = logic.load(name, version, params["path"],
-                                            params.get("allow_code", True), params.get("host"))
+                with _main_thread_parks(req):
+                    nbytes, source = logic.load(name, version, params["path"],
+                                                params.get("allow_code", True),
+                                                params.get("host"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
                                     "from": source,
@@ -205,7 +223,9 @@ def _serve_control(ctl, out: _Responder, logic: WorkerLogic) -> None:
                                     **logic.allocator()})
                 del model
             elif op == Op.PUBLISH:
-                out.send(rid, body={"bytes": logic.publish(name, version, params["segment"])})
+                with _main_thread_parks(req):
+                    nbytes = logic.publish(name, version, params["segment"])
+                out.send(rid, body={"bytes": nbytes})
             elif op == Op.FORGET:
                 logic.forget(params["segment"])
                 out.send(rid)
@@ -276,13 +296,17 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     sys.setswitchinterval(GIL_SWITCH_S)
     import torch
 
+    workers = config.workers if device == "cpu" else resources.gpu_count()
+    share = max(1, (os.cpu_count() or 1) // max(1, workers))  # this worker's cores
     if device == "cpu":
-        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(config.threads_per_worker or share)
+    from mmengine import staging
+
+    staging.READERS.threads = config.load_threads or min(4, share)
     req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
-    loader = threading.Thread(target=_serve_control, args=(ctl, out, logic),
+    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})

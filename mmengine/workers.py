@@ -133,6 +133,7 @@ class Worker:
         self._poll_s = config.poll_us / 1e6
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
+        self._loading: set[int] = set()  # ids of loads and unloads in flight
 
     @property
     def rings(self) -> tuple:
@@ -190,6 +191,7 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
+        self._loading.clear()
         for fut, on_done, _ in pending.values():
             _finish(fut, on_done, WorkerDied(why))
         self._infer.clear()
@@ -245,7 +247,9 @@ class Worker:
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent)
-        if op == Op.INFER and self._poll_s:
+        if op != Op.INFER:
+            self._loading.add(rid)
+        elif self._poll_s and not self._loading:
             self._poll_until = time.monotonic() + self._poll_s
             if not self._polling:
                 self._polling = True
@@ -272,10 +276,11 @@ class Worker:
         the loop, until nothing is in flight or the poll window closes; then
         sleeps until woken. A turn of the loop costs less than waking a
         sleeping process, and the loop still serves every socket between
-        turns."""
+        turns. Not while the worker loads: its loader needs the CPU this
+        would take, and the worker answers as soon as it is woken."""
         if not self.alive or not self._drain():
             return
-        if self._pending and time.monotonic() < self._poll_until:
+        if self._pending and not self._loading and time.monotonic() < self._poll_until:
             self.loop.call_soon(self._poll)
             return
         self._polling = False
@@ -312,6 +317,7 @@ class Worker:
         fut, on_done, t_sent = self._pending.pop(rid, (None, None, 0))
         if fut is None:
             return
+        self._loading.discard(rid)
         try:
             if code != messages.OK:
                 result = error_for(code, body)

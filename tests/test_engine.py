@@ -356,3 +356,46 @@ def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_s
             assert time.process_time() - cpu < 0.05  # parked, not polling
 
     run(main())
+
+
+SLOW_LOAD_HANDLER = '''
+import time
+
+def load(path, device):
+    time.sleep(1.0)
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+'''
+
+
+def test_while_a_worker_loads_the_front_end_does_not_poll_it(tmp_path, own_segments):
+    """A load takes the worker's CPU: meanwhile answers come by wake-ups,
+    and polling resumes once the load is answered."""
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    (tmp_path / "slowload" / "1").mkdir(parents=True)
+    (tmp_path / "slowload" / "1" / "handler.py").write_text(SLOW_LOAD_HANDLER)
+    reference = demo.DemoModel("m00", "safetensors", *DIMS, seed=0)
+    rng = np.random.default_rng(3)
+
+    async def infer(engine) -> bool:
+        """Whether the front-end polls for the answer of a request."""
+        x = x_for(rng)
+        fut = engine.submit("m00", {"x": x})  # sent before submit returns
+        polled = engine.pool.workers[0]._polling
+        _, out = await fut
+        np.testing.assert_allclose(out["y"], reference.reference(x), rtol=1e-5, atol=1e-5)
+        return polled
+
+    async def main():
+        async with Engine(config(tmp_path, workers=1)) as engine:
+            await engine.load("m00")
+            await asyncio.sleep(0.5)  # its copy to the host tier (a control op) is done
+            assert await infer(engine)
+            load = asyncio.ensure_future(engine.load("slowload"))
+            await asyncio.sleep(0.2)
+            assert not any([await infer(engine) for _ in range(5)])
+            await load
+            assert await infer(engine)
+
+    run(main())

@@ -240,3 +240,32 @@ def test_loads_in_flight_are_bounded_by_bytes(tmp_path, monkeypatch, limit, over
     # Bounded: the second load starts after the first ended. Unbounded: both
     # start before either ends.
     assert (events[1][0] == "start") == overlap, events
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 5, 3 * 4096 + 17, 50_000])
+def test_parallel_reads_put_every_byte_in_its_place(tmp_path, threads, n):
+    readers = staging.Readers(threads)
+    readers.MIN_PART = 4096  # parts of a few pages: several threads even for small n
+    data = np.random.default_rng(n + threads).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(b"head" + data.tobytes() + b"tail")
+    out = torch.zeros(n, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        readers.read(f.fileno(), 4, out)
+    assert np.array_equal(out.numpy(), data)
+    staged = torch.zeros(n, dtype=torch.uint8)  # the GPU's path: chunk by chunk, each in parts
+    stager = staging.Stager(torch.device("cpu"), chunk=10_000)
+    with open(path, "rb", buffering=0) as f:
+        stager.from_file(f, 4, n, staged, staged=True, readers=readers)
+    assert np.array_equal(staged.numpy(), data)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_reads_refuse_a_file_that_ends_early(tmp_path, threads):
+    readers = staging.Readers(threads)
+    readers.MIN_PART = 4096
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 20_000)
+    with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
+        readers.read(f.fileno(), 0, torch.zeros(30_000, dtype=torch.uint8))
