@@ -45,8 +45,10 @@ class Config:
     workers: int = 2                     # CPU worker processes (GPU: one per GPU)
     threads_per_worker: int = 0          # torch threads per CPU worker; 0: cores / workers
     # Threads that read one model file at once in each worker (the kernel's
-    # copy out of the page cache runs on the reading thread); 0: cores /
-    # workers, from 1 to 4.
+    # copy out of the page cache runs on the reading thread, ~5.5 GB/s each
+    # here); 0: half the worker's share of the cores, from 1 to 4, since
+    # readers on every core stall inference (a small model's p99 during
+    # loads on 2 cores: ~0.7 ms with one reader, 3-5 ms with two).
     load_threads: int = 0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
@@ -83,7 +85,10 @@ class Config:
     # parks. Long enough to span the gap between a client's requests: on a
     # virtual machine a parked process wakes slowly and then runs its first
     # request cold (a tiny model's SDK p50: 213-247 us at 50, 134-199 at 300).
-    # It yields its core to anyone runnable after an eighth of it.
+    # It yields its core to anyone runnable after an eighth of it. On a
+    # machine shared with other busy processes, 0 here and in poll_us gives
+    # the cores back at once (a small model's p99 beside a process copying
+    # memory on 2 cores: 1.5-2x its idle p99 at 0, 2.4-3x at the defaults).
     spin_us: float = 300.0
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its

@@ -302,7 +302,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         torch.set_num_threads(config.threads_per_worker or share)
     from mmengine import staging
 
-    staging.READERS.threads = config.load_threads or min(4, share)
+    staging.READERS.threads = config.load_threads or max(1, min(4, share // 2))
     req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
