@@ -88,7 +88,7 @@ class Config:
     # It yields its core to anyone runnable after an eighth of it. On a
     # machine shared with other busy processes, 0 here and in poll_us gives
     # the cores back at once (a small model's p99 beside a process copying
-    # memory on 2 cores: 1.5-2x its idle p99 at 0, 2.4-3x at the defaults).
+    # memory on 2 cores: 1.1-2x its idle p99 at 0, 3-20x at the defaults).
     spin_us: float = 300.0
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its
