@@ -294,6 +294,7 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     if (MM_READY()) return MM_RING_OK;
     uint64_t start = mm_now_ns();
     uint64_t spin_ns = mm_ring_spin(r);
+    if (timeout_ns >= 0 && spin_ns > (uint64_t)timeout_ns) spin_ns = (uint64_t)timeout_ns;
     uint64_t spin_end = start + spin_ns;
     uint64_t yield_after = start + spin_ns / 8;
     for (unsigned i = 1;; i++) {

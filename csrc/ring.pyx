@@ -46,6 +46,9 @@ cdef int raise_status(int status, str what) except -1:
     raise InternalError(f"{what}: ring status {status}")
 
 
+# Spins are bounded (an hour), so that microseconds convert to nanoseconds.
+_MAX_SPIN_US = 3.6e9
+
 # Deadlines are computed when a call first has to wait: most calls do not,
 # and a clock read is a tenth of a round trip through a ring.
 DEF _NO_DEADLINE_YET = -2
@@ -231,8 +234,8 @@ cdef class RingCore:
 
     @spin_us.setter
     def spin_us(self, double us):
-        if not us >= 0:
-            raise ValueError("spin_us must be >= 0")
+        if not 0 <= us < _MAX_SPIN_US:
+            raise ValueError(f"spin_us must be >= 0 and < {_MAX_SPIN_US:g}")
         mm_ring_set_spin(&self.r, <uint64_t>(us * 1000.0))
 
     @property

@@ -109,7 +109,9 @@ class _Connection:
 
     # A pooled connection idle for less than this is used without first
     # asking the kernel whether the server closed it (it closes only
-    # connections idle for minutes): one system call less per request.
+    # connections idle for minutes): one system call less per request. If
+    # it had closed it all the same (a restart), the call is made again on
+    # a new connection: nothing of it reached a live server.
     TRUSTED_IDLE_S = 0.1
 
     def __init__(self, address: tuple[str, int], timeout: float):
@@ -118,25 +120,35 @@ class _Connection:
         self.timeout = timeout
         self.frames = _Frames()
         self.last_used = time.monotonic()
+        self.trusted = False  # taken from the pool without asking the kernel
+        self.answered = False  # bytes came back on it
 
     def alive(self) -> bool:
-        if time.monotonic() - self.last_used < self.TRUSTED_IDLE_S:
-            return True
+        self.trusted = time.monotonic() - self.last_used < self.TRUSTED_IDLE_S
         # Nothing is in flight on a pooled socket: readable means closed.
-        return not select.select([self.sock], [], [], 0)[0]
+        return self.trusted or not select.select([self.sock], [], [], 0)[0]
 
     def set_timeout(self, timeout: float) -> None:
         if timeout != self.timeout:
             self.sock.settimeout(timeout)
             self.timeout = timeout
 
-    def receive(self) -> list[dict]:
-        # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap and
-        # a munmap per call.
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        return self.frames.feed(data)
+    def exchange(self, payload: bytes, ids: list[int]) -> dict[int, dict]:
+        """Sends `payload` and returns the answers to `ids` by id."""
+        self.sock.sendall(payload)
+        got: dict[int, dict] = {}
+        while len(got) < len(ids):
+            # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap
+            # and a munmap per call.
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self.answered = True
+            for response in self.frames.feed(data):
+                if response.get("id") is None:  # an error about the stream
+                    protocol.raise_for(response)
+                got[response["id"]] = response
+        return got
 
 
 class Client:
@@ -182,7 +194,8 @@ class Client:
 
     def _give_back(self, conn: "_Connection") -> None:
         conn.last_used = time.monotonic()
-        if len(self._pool) < self.pool_size:
+        conn.trusted = conn.answered = False
+        if self.pool_size <= 0 or len(self._pool) < self.pool_size:  # 0: no bound
             self._pool.append(conn)
         else:
             conn.sock.close()
@@ -197,16 +210,18 @@ class Client:
             if self.token is not None:
                 m.setdefault("token", self.token)
             ids.append(m["id"])
+        payload = b"".join(protocol.frame(m) for m in messages)
         conn = self._borrow()
         try:
-            conn.set_timeout(timeout or self.timeout)
-            conn.sock.sendall(b"".join(protocol.frame(m) for m in messages))
-            got: dict[int, dict] = {}
-            while len(got) < len(ids):
-                for response in conn.receive():
-                    if response.get("id") is None:  # an error about the stream
-                        protocol.raise_for(response)
-                    got[response["id"]] = response
+            try:
+                conn.set_timeout(timeout or self.timeout)
+                got = conn.exchange(payload, ids)
+            except ConnectionError:
+                conn.sock.close()
+                if not conn.trusted or conn.answered:
+                    raise
+                conn = _Connection(self.address, timeout or self.timeout)
+                got = conn.exchange(payload, ids)
         except socket.timeout:
             conn.sock.close()
             raise Timeout("no answer from the server in time") from None
@@ -350,17 +365,20 @@ class AsyncClient:
             message.setdefault("token", self.token)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        conn.pending[rid] = fut
-        conn.transport.write(protocol.frame(message))
+        wait = timeout or self.timeout  # None: no limit
         # A timer on the future, not asyncio.timeout(): a third of the cost.
-        timer = loop.call_later(timeout or self.timeout, _expire, fut)
+        timer = None if wait is None else loop.call_later(wait, _expire, fut)
+        frame = protocol.frame(message)
+        conn.pending[rid] = fut
+        conn.transport.write(frame)
         try:
             response = await fut
         except Timeout:
             conn.pending.pop(rid, None)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
         return protocol.raise_for(response)
 
     async def infer(self, model: str, inputs: dict, version: int | None = None,

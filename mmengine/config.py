@@ -203,8 +203,8 @@ def _validate(c: Config) -> None:
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
-    need(c.spin_us >= 0, "spin_us", "must be >= 0")
-    need(c.poll_us >= 0, "poll_us", "must be >= 0")
+    need(0 <= c.spin_us <= 1e6, "spin_us", "must be from 0 to 1e6 (a second)")
+    need(0 <= c.poll_us <= 1e6, "poll_us", "must be from 0 to 1e6 (a second)")
     need(0 <= c.tcp_port < 65536, "tcp_port", "must be a port number (0: any free)")
     need(-1 <= c.http_port < 65536, "http_port",
          "must be a port number (0: any free, -1: none)")

@@ -87,6 +87,7 @@ MIN_CAPACITY = 64
 # producer may need exactly their space.
 _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 DEFAULT_SPIN_US = 50.0
+MAX_SPIN_US = 3.6e9  # an hour: spins are bounded (csrc/ring.pyx has the same)
 _PY_MAX_PARK_MS = 5
 
 _OFF_CLOSED_BYTE = {True: 12, False: 13}  # creator?
@@ -363,8 +364,8 @@ class PyRing(_RingLife):
 
     @spin_us.setter
     def spin_us(self, us: float) -> None:
-        if not us >= 0:
-            raise ValueError("spin_us must be >= 0")
+        if not 0 <= us < MAX_SPIN_US:
+            raise ValueError(f"spin_us must be >= 0 and < {MAX_SPIN_US:g}")
         self._spin_s = us / 1e6
 
     @property
@@ -442,6 +443,8 @@ class PyRing(_RingLife):
 
     def _wait(self, for_read: bool, need: int, deadline: float | None) -> None:
         spin_end = time.monotonic() + self._spin_s
+        if deadline is not None:
+            spin_end = min(spin_end, deadline)
         while time.monotonic() < spin_end:
             if self._ready(for_read, need):
                 return

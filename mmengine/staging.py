@@ -27,7 +27,7 @@ import mmap
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import BinaryIO
 
 import torch
@@ -158,8 +158,11 @@ class Readers:
         try:
             _pread_into(fd, view[:cuts[1]], offset)  # this thread reads the first part
         finally:
-            for part in parts:
-                part.result()  # every part done (or failed) before `out` is used
+            # Every part finished, failed or not, before the caller may close
+            # fd or reuse `out` (a pinned staging buffer is the next chunk's).
+            wait(parts)
+        for part in parts:
+            part.result()
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:

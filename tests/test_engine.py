@@ -387,13 +387,20 @@ def test_while_a_worker_loads_the_front_end_does_not_poll_it(tmp_path, own_segme
         np.testing.assert_allclose(out["y"], reference.reference(x), rtol=1e-5, atol=1e-5)
         return polled
 
+    async def until(condition, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < end, "timed out"
+            await asyncio.sleep(0.01)
+
     async def main():
         async with Engine(config(tmp_path, workers=1)) as engine:
+            worker = engine.pool.workers[0]
             await engine.load("m00")
-            await asyncio.sleep(0.5)  # its copy to the host tier (a control op) is done
+            await until(lambda: not worker._loading)  # its copy to the host tier is done
             assert await infer(engine)
             load = asyncio.ensure_future(engine.load("slowload"))
-            await asyncio.sleep(0.2)
+            await until(lambda: worker._loading)  # the load went to the worker (1 s long)
             assert not any([await infer(engine) for _ in range(5)])
             await load
             assert await infer(engine)

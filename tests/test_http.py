@@ -356,3 +356,35 @@ def test_an_overloaded_answer_says_when_to_retry():
     assert r.status == 503
     assert ("Retry-After", "1") in r.headers
     assert json.loads(r.body) == {"error": "busy", "code": "OVERLOADED"}
+
+
+def test_non_finite_outputs_are_written_as_numbers_not_null(address):
+    # Inputs near float32's largest overflow the model: its outputs are
+    # infinities and NaN, which JSON has no words for. They come back as
+    # NaN / Infinity / -Infinity, as Python's json reads them, never null.
+    x = np.full((1, DIMS[0]), 3e38, np.float32)
+    status, _, body = call(address, "POST", "/v2/models/m00/infer", infer_body(x))
+    assert status == 200, body
+    data = json.loads(body)["outputs"][0]["data"]
+    assert None not in data
+    assert not np.isfinite(np.array(data, np.float64)).all()
+
+
+def test_a_request_id_that_is_not_a_string_is_refused(address):
+    status, _, body = call(address, "POST", "/v2/models/m00/infer",
+                           infer_body(x_for(1), id=[[["nested"]]]))
+    assert status == 400 and b"'id' must be a string" in body
+    status, _, body = call(address, "POST", "/v2/models/m00/infer",
+                           infer_body(x_for(1), id="r-7"))
+    assert status == 200 and json.loads(body)["id"] == "r-7"
+
+
+def test_json_is_written_whatever_orjson_refuses():
+    from mmengine.server.http import dumps, finite
+
+    arrays = [np.array([1.5, -np.inf, np.nan], np.float32), np.arange(3)]
+    assert not finite(arrays) and finite(arrays[1:])
+    assert json.loads(dumps({"d": arrays[0]}, finite=False))["d"][:2] == [1.5, -np.inf]
+    # A lone surrogate (from a file name) and an integer past 64 bits.
+    assert json.loads(dumps({"name": "m\udc80", "n": 1 << 70})) == {"name": "m\udc80",
+                                                                   "n": 1 << 70}

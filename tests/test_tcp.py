@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 import subprocess
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def test_async_client_many_in_flight(address):
 
     async def main():
         done = []
-        async with AsyncClient(address, connections=2) as client:
+        # timeout=None: no limit on the client's side (the server's still holds)
+        async with AsyncClient(address, connections=2, timeout=None) as client:
             async def one(i):
                 out = await client.infer(fast, {"x": xs[i]})
                 done.append(i)
@@ -175,6 +177,26 @@ def test_async_client_many_in_flight(address):
     assert results[0]["y"][0] == 2.0
     for x, out in zip(xs, results[1:]):
         np.testing.assert_allclose(out["y"], reference(fast, x), **TOL)
+
+
+def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):
+    with Client(address) as c:
+        fast = fast_model_beside_slow(c)
+    x = x_for(np.random.default_rng(9))
+
+    async def main():
+        async with AsyncClient(address, timeout=0.3) as client:
+            t0 = time.monotonic()
+            with pytest.raises(Timeout):
+                await client.infer("slow", slow_input(2.0))
+            waited = time.monotonic() - t0
+            out = await client.infer(fast, {"x": x})  # the connection still serves
+            return waited, out, client._conns[0].pending
+
+    waited, out, pending = run(main())
+    assert 0.25 <= waited < 1.5  # the loop's clock rounds: not before about 0.3 s
+    np.testing.assert_allclose(out["y"], reference(fast, x), **TOL)
+    assert not pending  # the abandoned request left nothing behind
 
 
 # -- typed errors ------------------------------------------------------------------
@@ -337,3 +359,11 @@ def test_a_pooled_connection_the_server_closed_is_replaced(address):
         conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed it,
         conn.last_used -= conn.TRUSTED_IDLE_S  # which it does to idle connections only
         c.infer("m00", {"x": x})  # a fresh connection, no ConnectionError
+        assert c._pool[0] is not conn
+        # One used a moment ago is not asked about first: if it turns out
+        # closed before anything came back, the call is made again.
+        conn = c._pool[0]
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        np.testing.assert_allclose(c.infer("m00", {"x": x})["y"],
+                                   c.infer("m00", {"x": x})["y"])
+        assert c._pool[0] is not conn

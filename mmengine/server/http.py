@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -87,9 +88,22 @@ def loads(data: bytes | memoryview, what: str) -> Any:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
-def dumps(obj: Any) -> bytes:
-    """JSON of obj, numpy arrays and scalars included."""
-    return orjson.dumps(obj, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
+def dumps(obj: Any, finite: bool = True) -> bytes:
+    """JSON of obj, numpy arrays and scalars included. `finite=False`: obj
+    may hold NaN or infinities, which orjson writes as null; they are
+    written as NaN, Infinity and -Infinity instead, as the json module
+    does and most JSON readers read (a model's -inf stays -inf)."""
+    if finite:
+        try:
+            return orjson.dumps(obj, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:
+            pass  # a lone surrogate (a file name), an integer past 64 bits: json writes them
+    return json.dumps(obj, default=_plain, separators=(",", ":")).encode()
+
+
+def finite(arrays) -> bool:
+    """Whether every float in `arrays` is finite (dumps' fast path)."""
+    return all(a.dtype.kind not in "fc" or np.isfinite(a).all() for a in arrays)
 
 
 def _plain(obj: Any) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 import mmengine
 from mmengine import trace
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
-from mmengine.server.http import Request, Response, dumps, loads
+from mmengine.server.http import Request, Response, dumps, finite, loads
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 
@@ -166,6 +166,8 @@ async def infer(server, request: Request, name: str, version: str | None = None)
     params = req.get("parameters") or {}
     if type(params) is not dict:
         raise BadRequest("'parameters' must be a JSON object")
+    if type(req.get("id", "")) not in (str, int):
+        raise BadRequest("'id' must be a string")
     inputs = _parse_inputs(req.get("inputs"), binary)
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
     body, outputs = await server.engine.submit(name, inputs, v, _timeout(params),
@@ -286,7 +288,7 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
     rid = req.get("id")
     if rid is not None:
         head["id"] = rid
-    header = dumps(head)
+    header = dumps(head, finite(outputs[out] for out, binary in wanted if not binary))
     if not buffers:
         return Response(200, header)
     # The outputs go out as they are: the core writes the buffers in order.

@@ -39,7 +39,8 @@ import numpy as np
 from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
-from mmengine.server.http import Request, Response, error_response, json_response
+from mmengine.server.http import (Request, Response, dumps, error_response, finite,
+                                  json_response)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -215,7 +216,7 @@ async def invoke(server, request: Request, name: str) -> Response:
     inputs = _parse_inputs(request, name, model)
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
     body, outputs = await server.engine.submit(name, inputs, token=request.token)
-    response = json_response({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+    response = Response(200, dumps({"outputs": outputs}, finite(outputs.values())))
     if t_submit:
         response.headers.append(
             ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
