@@ -34,6 +34,10 @@ from mmengine.messages import Op
 from mmengine.ring import Ring
 
 _BURST = 64  # responses handled before the response ring's space is handed back
+# The operations that keep a worker's loader busy for long: while one is in
+# flight the front-end does not poll that worker's answers. The others
+# (inference, an unload, a forget) are answered within microseconds.
+_HEAVY = frozenset({Op.LOAD, Op.PUBLISH})
 CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 
 
@@ -133,7 +137,7 @@ class Worker:
         self._poll_s = config.poll_us / 1e6
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
-        self._loading: set[int] = set()  # ids of loads and unloads in flight
+        self._loading: set[int] = set()  # ids of loads and publishes in flight
 
     @property
     def rings(self) -> tuple:
@@ -247,7 +251,7 @@ class Worker:
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent)
-        if op != Op.INFER:
+        if op in _HEAVY:
             self._loading.add(rid)
         elif self._poll_s and not self._loading:
             self._poll_until = time.monotonic() + self._poll_s
