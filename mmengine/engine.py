@@ -940,7 +940,8 @@ def _expire(fut: asyncio.Future, name: str) -> None:
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Contiguous native-order numpy arrays, copied only where they are not."""
-    if not isinstance(inputs, Mapping) or not inputs:
+    # type() first: an isinstance() against the Mapping ABC costs a microsecond.
+    if not (type(inputs) is dict or isinstance(inputs, Mapping)) or not inputs:
         raise BadRequest("inputs must be a non-empty mapping of name to array")
     out = {}
     for name, value in inputs.items():

@@ -49,7 +49,7 @@ class LoadedModel(abc.ABC):
         self.nbytes = 0
 
     def predict(self, inputs: Inputs) -> Outputs:
-        if not isinstance(inputs, Mapping):
+        if not (type(inputs) is dict or isinstance(inputs, Mapping)):  # dict: the fast way
             raise BadRequest(f"{self.spec.name}: inputs must be a mapping of name to array")
         check_inputs(self.inputs, inputs)
         try:
@@ -240,14 +240,15 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
     """A model's result as named arrays: a dict as it is, a tuple or list by
     declared names (else output_0, output_1, ...), one tensor by the first
     declared name (else "output")."""
-    if isinstance(raw, Mapping):
+    # A tensor, the common case, is known before the slower check against the ABC.
+    if isinstance(raw, torch.Tensor) or not isinstance(raw, (Mapping, tuple, list)):
+        items = [(declared[0].name if declared else "output", raw)]
+    elif isinstance(raw, Mapping):
         items = raw.items()
-    elif isinstance(raw, (tuple, list)):
+    else:
         names = [t.name for t in declared] if len(declared) == len(raw) else [
             f"output_{i}" for i in range(len(raw))]
         items = zip(names, raw)
-    else:
-        items = [(declared[0].name if declared else "output", raw)]
     return {str(name): _to_numpy(value) for name, value in items}
 
 
