@@ -92,7 +92,7 @@ class Config:
     spin_us: float = 300.0
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its
-    # sockets in between); 0: always sleep.
+    # sockets in between; not while that worker loads); 0: always sleep.
     poll_us: float = 200.0
     # -- serving (the servers read these)
     host: str = "127.0.0.1"

@@ -10,7 +10,9 @@ anything can fail.
 rings on the event loop. `call` writes a request (or queues it while the
 request ring is full, without blocking the loop) and returns a future that
 the response reader resolves; a death fails every future in flight with
-WorkerDied.
+WorkerDied. For `poll_us` after a request the reader polls the response
+ring once per turn of the loop rather than waiting to be woken (not while
+the worker loads: it needs the CPU then).
 """
 from __future__ import annotations
 
