@@ -114,15 +114,21 @@ class ArenaPool:
 POOL = ArenaPool()
 
 
-def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
-    """Fills `out` from a stream's position on, in order (a zstd stream)."""
-    view = memoryview(out.numpy())
+def _fill(view: memoryview, read) -> None:
+    """Fills `view` in reads of at most CHUNK bytes: `read(part, at)` reads
+    into `part`, which starts `at` bytes into the view, and says how many
+    it read (0: the file has ended)."""
     done, n = 0, len(view)
     while done < n:
-        got = f.readinto(view[done:min(n, done + CHUNK)])
+        got = read(view[done:min(n, done + CHUNK)], done)
         if not got:
-            raise ValueError(_SHORT)
+            raise ValueError("file ends inside its tensor data")
         done += got
+
+
+def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
+    """Fills `out` from a stream's position on, in order (a zstd stream)."""
+    _fill(memoryview(out.numpy()), lambda part, _: f.readinto(part))
 
 
 class Readers:
@@ -166,15 +172,9 @@ class Readers:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    done, n = 0, len(view)
-    while done < n:
-        got = os.preadv(fd, [view[done:min(n, done + CHUNK)]], offset + done)
-        if not got:
-            raise ValueError(_SHORT)
-        done += got
+    _fill(view, lambda part, at: os.preadv(fd, [part], offset + at))
 
 
-_SHORT = "file ends inside its tensor data"
 #: The process's readers (a worker's main() sets their number from its config).
 READERS = Readers()
 

@@ -31,7 +31,7 @@ import orjson
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
-from mmengine.server.listener import RESERVE_ABOVE, Listener
+from mmengine.server.listener import RESERVE_ABOVE, BudgetedReading, Listener
 
 MAX_HEADER_BYTES = 64 << 10
 # Requests read ahead of their answers on one connection; past it the
@@ -167,7 +167,7 @@ class HttpServer(Listener):
         self.idle_timeout_s = idle_timeout_s
 
 
-class _HttpConnection(asyncio.Protocol):
+class _HttpConnection(BudgetedReading, asyncio.Protocol):
     """One connection: parses with httptools, answers requests in order."""
 
     def __init__(self, server: HttpServer):
@@ -222,9 +222,7 @@ class _HttpConnection(asyncio.Protocol):
         self.reserved = 0
         if held:
             self.server.receiving.give(held)
-        if self.awaiting:
-            self.server.receiving.cancel(self._on_budget)
-            self.awaiting = 0
+        self._stop_awaiting()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
@@ -311,17 +309,12 @@ class _HttpConnection(asyncio.Protocol):
                                     f"maximum of {self.server.max_body}")
             raise httptools.HttpParserError("body too large")
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
-            if self.server.receiving.take_or_wait(int(length), self._on_budget):
-                self.reserved = int(length)
-            else:  # read no more of it until the budget has room
-                self.awaiting = int(length)
-                self.transport.pause_reading()
+            self._reserve(int(length))
 
-    def _on_budget(self) -> None:
-        if self.dead or not self.awaiting or \
-                not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
-            return
-        self.reserved, self.awaiting = self.awaiting, 0
+    def _gone(self) -> bool:
+        return self.dead
+
+    def _budget_came(self) -> None:
         self._touch()
         self._resume()
 
@@ -346,9 +339,7 @@ class _HttpConnection(asyncio.Protocol):
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
             reserved=self.reserved)
-        if self.awaiting:  # the whole body came in the read that announced it
-            self.server.receiving.cancel(self._on_budget)
-            self.awaiting = 0
+        if self._stop_awaiting():  # the whole body came in the read that announced it
             self._resume()
         self._reset()
         self.queue.append(request)

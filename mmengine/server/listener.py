@@ -122,6 +122,44 @@ class ReceiveBudget:
             callback()
 
 
+class BudgetedReading:
+    """A connection's side of the receive budget, for the protocols of both
+    servers: `reserved`, the bytes its large body being received holds, or
+    `awaiting`, the bytes it waits for, not reading meanwhile. The protocol
+    defines `_gone()`, whether it is closed or closing, and `_budget_came()`,
+    what it does once its wait is over (resume reading, if nothing else
+    holds it)."""
+
+    server: "Listener"
+    transport: asyncio.Transport
+    reserved = 0
+    awaiting = 0
+
+    def _reserve(self, nbytes: int) -> None:
+        """Takes the budget for a large body that has begun, or stops
+        reading this connection until the budget has room for it."""
+        if self.server.receiving.take_or_wait(nbytes, self._on_budget):
+            self.reserved = nbytes
+        else:
+            self.awaiting = nbytes
+            self.transport.pause_reading()
+
+    def _on_budget(self) -> None:
+        if self._gone() or not self.awaiting or \
+                not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
+            return
+        self.reserved, self.awaiting = self.awaiting, 0
+        self._budget_came()
+
+    def _stop_awaiting(self) -> bool:
+        """Stops waiting for the budget; whether it was waiting."""
+        if not self.awaiting:
+            return False
+        self.server.receiving.cancel(self._on_budget)
+        self.awaiting = 0
+        return True
+
+
 _budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -47,7 +47,7 @@ class TcpServer(Listener):
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(listener.BudgetedReading, asyncio.Protocol):
     def __init__(self, server: TcpServer):
         self.server = server
         self.engine = server.engine
@@ -85,9 +85,7 @@ class _Connection(asyncio.Protocol):
         if self.reserved:
             self.server.receiving.give(self.reserved)
             self.reserved = 0
-        if self.awaiting:
-            self.server.receiving.cancel(self._on_budget)
-            self.awaiting = 0
+        self._stop_awaiting()
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
@@ -140,7 +138,7 @@ class _Connection(asyncio.Protocol):
                     raise TooLarge(f"frame of {n} bytes exceeds the maximum of "
                                    f"{self.server.max_frame}")
                 if len(buf) - start - 4 < n:
-                    if n >= listener.RESERVE_ABOVE and not self.reserved:
+                    if n >= listener.RESERVE_ABOVE and not (self.reserved or self.awaiting):
                         self._reserve(n)
                     break
                 with memoryview(buf) as view:
@@ -166,22 +164,10 @@ class _Connection(asyncio.Protocol):
         elif start or not self.frame_began:
             self.frame_began = now
 
-    def _reserve(self, n: int) -> None:
-        """Takes the budget for a large frame that has begun, or stops
-        reading this connection until the budget has room for it."""
-        if self.awaiting:
-            return
-        if self.server.receiving.take_or_wait(n, self._on_budget):
-            self.reserved = n
-            return
-        self.awaiting = n
-        self.transport.pause_reading()
+    def _gone(self) -> bool:
+        return self.closing
 
-    def _on_budget(self) -> None:
-        if self.closing or not self.awaiting or \
-                not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
-            return
-        self.reserved, self.awaiting = self.awaiting, 0
+    def _budget_came(self) -> None:
         self.frame_began = self.last_active = self.loop.time()
         if not self.paused:
             self.transport.resume_reading()
