@@ -79,6 +79,13 @@ typedef struct {
     uint32_t peer_closed_bit;
     uint64_t held;  /* bytes of the records get() handed out, not yet released */
     uint64_t spin_ns;
+    /* The other side's counter as last read: a lower bound, since counters
+     * only grow. The producer reads `head` again only when this bound shows
+     * too little room, the consumer reads `tail` again only when it has
+     * caught up with this bound; so a counter's cache line is not pulled
+     * across cores on every record, only when its owner's news is needed. */
+    uint64_t head_seen; /* producer */
+    uint64_t tail_seen; /* consumer */
 } mm_ring;
 
 static inline uint64_t mm_align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
@@ -133,6 +140,8 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->peer_closed_bit = is_creator ? MM_RING_ATTACHER_CLOSED : MM_RING_CREATOR_CLOSED;
     r->held = 0;
     r->spin_ns = spin_ns;
+    r->head_seen = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
+    r->tail_seen = atomic_load_explicit(&r->hdr->tail, memory_order_acquire);
 }
 
 static inline void mm_efd_signal(int fd) {
@@ -159,6 +168,14 @@ static inline int mm_ring_peer_closed(const mm_ring *r) {
     return (atomic_load_explicit(&r->hdr->closed, memory_order_acquire) & r->peer_closed_bit) != 0;
 }
 
+/* Whether `need` bytes are free after `tail`: first by the head last seen,
+ * then, only if that is not enough, by the consumer's current head. */
+static inline int mm_ring_has_room(mm_ring *r, uint64_t tail, uint64_t need) {
+    if (r->cap - (tail - r->head_seen) >= need) return 1;
+    r->head_seen = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
+    return r->cap - (tail - r->head_seen) >= need;
+}
+
 /* Writes one record made of `nparts` buffers, copying each once. Never
  * blocks. A record that does not fit contiguously before the end of the
  * data area is preceded by a wrap marker, which is published on its own so
@@ -172,11 +189,10 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
 
     mm_ring_header *h = r->hdr;
     uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
-    uint64_t head = atomic_load_explicit(&h->head, memory_order_acquire);
     uint64_t pos = tail & r->mask;
     if (pos + size > r->cap) {
         uint64_t pad = r->cap - pos;
-        if (r->cap - (tail - head) < pad) return MM_RING_AGAIN;
+        if (!mm_ring_has_room(r, tail, pad)) return MM_RING_AGAIN;
         uint32_t *marker = (uint32_t *)(r->data + pos);
         marker[0] = (uint32_t)pad;
         marker[1] = MM_RING_WRAP;
@@ -187,7 +203,7 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
         mm_ring_wake(&h->consumer_parked, r->data_fd);
         pos = 0;
     }
-    if (r->cap - (tail - head) < size) return MM_RING_AGAIN;
+    if (!mm_ring_has_room(r, tail, size)) return MM_RING_AGAIN;
 
     uint8_t *p = r->data + pos;
     uint32_t *words = (uint32_t *)p;
@@ -215,17 +231,18 @@ static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
     uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
     for (;;) {
         uint64_t next = head + r->held;
-        uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
-        if (next == tail) {
-            if (!mm_ring_peer_closed(r)) return MM_RING_AGAIN;
-            /* The peer closes after its last publish: look once more. */
-            if (atomic_load_explicit(&h->tail, memory_order_acquire) == next)
-                return MM_RING_CLOSED;
-            continue;
+        if (next == r->tail_seen) {
+            r->tail_seen = atomic_load_explicit(&h->tail, memory_order_acquire);
+            if (next == r->tail_seen) {
+                if (!mm_ring_peer_closed(r)) return MM_RING_AGAIN;
+                /* The peer closes after its last publish: look once more. */
+                r->tail_seen = atomic_load_explicit(&h->tail, memory_order_acquire);
+                if (next == r->tail_seen) return MM_RING_CLOSED;
+            }
         }
         const uint8_t *p = r->data + (next & r->mask);
         const uint32_t *words = (const uint32_t *)p;
-        MM_ASSERT(words[0] >= 8u && words[0] <= tail - next);
+        MM_ASSERT(words[0] >= 8u && words[0] <= r->tail_seen - next);
         if (words[1] == MM_RING_WRAP) {
             if (r->held) {
                 r->held += words[0]; /* freed with the records before it */
