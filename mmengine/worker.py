@@ -254,7 +254,15 @@ def _close(model) -> None:
 
 
 def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
-    """The main thread: inference, straight from the ring."""
+    """The main thread: inference, straight from the ring, in inference
+    mode throughout (models do not enter it per request)."""
+    import torch
+
+    with torch.inference_mode():
+        _serve_requests(req, out, logic)
+
+
+def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
     while True:
         try:
             parts = req.get()

@@ -92,6 +92,8 @@ class TorchModel(LoadedModel):
 
     def _call(self, inputs: Inputs) -> Any:
         tensors = as_tensors(inputs, self.device)
+        if torch.is_inference_mode_enabled():  # a worker's serving thread, always:
+            return self._forward(tensors)      # entering the mode costs 1.5 µs a request
         with torch.inference_mode():
             return self._forward(tensors)
 
@@ -180,6 +182,9 @@ def artifact_key(spec: ModelSpec, device: torch.device) -> tuple | None:
 def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
     if not declared:
         return
+    if len(inputs) == len(declared) and all(map(_fits, declared, map(inputs.get, (
+            t.name for t in declared)))):
+        return  # the common case, checked without building a message
     names = {t.name for t in declared}
     missing = [n for n in names if n not in inputs]
     unexpected = [n for n in inputs if n not in names]
@@ -205,6 +210,13 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
                              f"(-1: any), not {list(shape)}")
 
 
+def _fits(t: TensorSpec, value: Any) -> bool:
+    if type(value) is not np.ndarray or value.dtype != _np_dtype(t.dtype):
+        return False
+    shape = value.shape
+    return len(shape) == len(t.shape) and all(d == -1 or d == s for s, d in zip(shape, t.shape))
+
+
 @functools.lru_cache(maxsize=None)
 def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
@@ -218,7 +230,7 @@ def as_tensors(inputs: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
             # torch cannot wrap these two layouts; copying is the only way in.
             if not value.dtype.isnative:
                 value = value.astype(value.dtype.newbyteorder("="))
-            if any(s < 0 for s in value.strides):
+            if value.strides and min(value.strides) < 0:
                 value = value.copy()
             try:
                 value = torch.from_numpy(value)
@@ -254,6 +266,8 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
 
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.is_cpu and not value.requires_grad and value.dtype is not torch.bfloat16:
+            return value.numpy()  # the common case, without detach() and device.type
         value = value.detach()
         # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
         if value.dtype == torch.bfloat16:
