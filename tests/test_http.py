@@ -204,7 +204,16 @@ def test_binary_request_and_response_on_the_wire(address):
     ({"inputs": [{"name": "x", "shape": [2, 16], "datatype": "FP32", "data": [1.0, 2.0]}]},
      {}, "2 elements"),
     ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ["a"] * 16}]},
-     {}, "not a FP32 tensor"),
+     {}, "only numbers"),
+    # JSON numbers that would change meaning on the way in are refused, not cast
+    ({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "INT32", "data": [1, 2.5]}]},
+     {}, "must be int32, not float64"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", "data": [1, 0]}]},
+     {}, "must be bool, not int64"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "INT8", "data": [1, 300]}]},
+     {}, "out of range for int8"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT64",
+                  "data": [18446744073709551616]}]}, {}, "must be int64, not float64"),
     ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
                   "parameters": {"binary_data_size": 60}}]}, {"x": "y"}, "no Inference"),
     (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", '
@@ -293,12 +302,19 @@ def test_keep_alive_serves_many_requests_on_one_connection(address):
 @pytest.mark.parametrize("count", [8, 3 * MAX_PIPELINED])
 def test_pipelined_requests_are_answered_in_order(address, count):
     # Past MAX_PIPELINED unanswered requests the connection is not read
-    # until half are answered: every request is still answered, in order.
+    # until half are answered: every request is still answered, in order,
+    # whether its handler answers at once (a bad request), through the
+    # engine's future (infer) or through a task (metadata).
     xs = [x_for(20 + i, n=1 + i % 3) for i in range(count)]
     requests = []
     for i, x in enumerate(xs):
         body = json.dumps(infer_body(x, id=str(i))).encode()
         model = MODELS[i % 2]
+        if i % 7 == 3:
+            body = body.replace(b'"inputs"', b'"inputz"')
+        if i % 5 == 4:
+            requests.append(b"GET /v2/models/%s HTTP/1.1\r\nHost: x\r\n\r\n" % model.encode())
+            continue
         requests.append(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (model.encode(), len(body), body))
     requests.append(b"GET /v2/models/m00/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -319,8 +335,14 @@ def test_pipelined_requests_are_answered_in_order(address, count):
         raw = rest[n:]
     assert len(answers) == len(xs) + 1
     for i, (x, (head, body)) in enumerate(zip(xs, answers)):
-        assert head.startswith(b"HTTP/1.1 200 "), body
         r = json.loads(body)
+        if i % 5 == 4:
+            assert head.startswith(b"HTTP/1.1 200 ") and r["name"] == MODELS[i % 2], body
+            continue
+        if i % 7 == 3:
+            assert head.startswith(b"HTTP/1.1 400 ") and "inputs" in r["error"], body
+            continue
+        assert head.startswith(b"HTTP/1.1 200 "), body
         assert r["id"] == str(i)
         y = np.array(r["outputs"][0]["data"], np.float32).reshape(r["outputs"][0]["shape"])
         np.testing.assert_allclose(y, reference(MODELS[i % 2], x), **TOL)

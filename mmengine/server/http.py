@@ -2,9 +2,13 @@
 
 Routes come from the protocol modules (kserve.py, sagemaker.py, metrics.py)
 as (method, pattern, handler) with `{name}` placeholders; a handler is
-`async def handler(server, request, **params) -> Response`. Requests on a
-connection are answered in order (HTTP/1.1 keep-alive; a pipelining client
-gets its answers in the order it asked). Limits are applied before anything
+`async def handler(server, request, **params) -> Response`, run as a task,
+or, on the hot paths, a plain function that returns a Response or a `Later`
+(the engine's future and how its result becomes the Response): such a
+request is answered from the future's callback, with no task and no loop
+turn between the bytes coming in and the worker getting the request.
+Requests on a connection are answered in order (HTTP/1.1 keep-alive; a
+pipelining client gets its answers in the order it asked). Limits are applied before anything
 is buffered: the header block (431), the declared body length (413), a
 large body past the servers' receive budget waits unread (listener.py), a
 connection with MAX_PIPELINED requests unanswered is not read, and an idle
@@ -18,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import inspect
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote
@@ -28,6 +35,7 @@ import httptools
 import numpy as np
 import orjson
 
+from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
@@ -113,6 +121,32 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON")
 
 
+def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray:
+    """A tensor's JSON data (a nested list, or one number) as an array of
+    `dtype`; refused where JSON's numbers would change meaning on the way
+    (2.5 as an integer, 300 as an int8, 1 as a bool, booleans as numbers). Without a
+    dtype numpy's own choice stands."""
+    if type(value) not in (list, int, float, bool):
+        raise BadRequest(f"{what} must be a nested list of numbers")
+    try:
+        array = np.array(value)
+    except ValueError as e:  # ragged
+        raise BadRequest(f"{what} is not a rectangular nested list: {e}") from None
+    if array.dtype.kind not in "biuf":
+        raise BadRequest(f"{what} must hold only numbers (or booleans)")
+    if dtype is None or array.dtype == dtype:
+        return array
+    if array.size:
+        if not np.can_cast(array.dtype, dtype, "same_kind") or (
+                array.dtype.kind == "b" and dtype.kind != "b"):
+            raise BadRequest(f"{what} must be {dtype.name}, not {array.dtype.name} values")
+        if dtype.kind in "iu" and array.dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            if array.min() < info.min or array.max() > info.max:
+                raise BadRequest(f"{what}: a value is out of range for {dtype.name}")
+    return array.astype(dtype)
+
+
 def json_response(obj: Any, status: int = 200, headers=None) -> Response:
     return Response(status, dumps(obj), headers or [])
 
@@ -126,24 +160,56 @@ def error_response(e: MMEngineError) -> Response:
     return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
 
 
-Handler = Callable[..., Awaitable[Response]]
+@dataclass
+class Later:
+    """A handler's answer still to come: `future`'s result, through `finish`."""
+    future: asyncio.Future
+    finish: Callable[[Any], Response]
+
+
+def _same(response: Response) -> Response:
+    return response
+
+
+def submitted(request: Request, submit: Callable[[], asyncio.Future],
+              respond: Callable[[dict], Response]) -> Later:
+    """An inference, sent: `submit()` is the engine's submit, `respond`
+    makes the response of its outputs. With the trace header the response
+    carries the request's stages as Server-Timing."""
+    t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
+    future = submit()
+
+    def finish(result: tuple[dict, dict]) -> Response:
+        body, outputs = result
+        response = respond(outputs)
+        if t_submit:
+            response.headers.append(
+                ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
+        return response
+    return Later(future, finish)
+
+
+Handler = Callable[..., Awaitable[Response] | Response | Later]
 
 
 class Router:
     def __init__(self):
-        self._routes: list[tuple[str, re.Pattern, Handler]] = []
+        # (method, regex, handler, whether it is a coroutine function)
+        self._routes: list[tuple[str, re.Pattern, Handler, bool]] = []
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$"
-        self._routes.append((method, re.compile(regex), handler))
+        self._routes.append((method, re.compile(regex), handler,
+                             inspect.iscoroutinefunction(handler)))
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str], bool]:
+        """The handler, its parameters, and whether it is run as a task."""
         allowed = False
-        for m, regex, handler in self._routes:
+        for m, regex, handler, is_async in self._routes:
             found = regex.match(path)
             if found:
                 if m == method:
-                    return handler, found.groupdict()  # the path is unquoted already
+                    return handler, found.groupdict(), is_async  # the path is unquoted already
                 allowed = True
         if allowed:
             raise _MethodNotAllowed(f"{method} is not allowed on {path}")
@@ -175,7 +241,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | MMEngineError] = collections.deque()
-        self.worker: asyncio.Task | None = None
+        self.current: asyncio.Future | None = None  # the request being answered
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
@@ -208,7 +274,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self._touch()
 
     def pending(self) -> list:
-        return [] if self.worker is None else [self.worker]
+        return [] if self.current is None else [self.current]
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
@@ -227,7 +293,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
         self.dead = True
-        if self.worker is None and not self.queue:
+        if self.current is None and not self.queue:
             return None  # close now
         self.eof = True
         return True
@@ -270,7 +336,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         due = self.last_active + self.server.idle_timeout_s
         if asyncio.get_running_loop().time() < due:
             self.idle = asyncio.get_running_loop().call_at(due, self._on_idle)
-        elif self.worker is None:  # a request in progress re-arms it when answered
+        elif self.current is None:  # a request in progress re-arms it when answered
             self.transport.close()
 
     def _fail(self, e: MMEngineError) -> None:
@@ -351,46 +417,61 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
     # -- answering, in order --------------------------------------------------
 
     def _kick(self) -> None:
-        if self.worker is None:
-            self.worker = asyncio.get_running_loop().create_task(self._answer_all())
-
-    async def _answer_all(self) -> None:
-        try:
-            while self.queue:
-                item = self.queue.popleft()
-                if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
-                    self.pipeline_full = False
-                    self._resume()
-                if isinstance(item, MMEngineError):  # the stream is unusable
-                    self._write(error_response(item), keep_alive=False)
-                    self.transport.close()
-                    return
-                try:
-                    response = await self._answer(item)
-                finally:
-                    if item.reserved:
-                        self.server.receiving.give(item.reserved)
-                keep = item.keep_alive
-                self._write(response, keep_alive=keep)
-                if not keep:
-                    self.transport.close()
-                    return
-        finally:
-            self.worker = None
-            if self.eof:
+        """Answers what is queued, in order: at once where the handler
+        answers at once, else from the done callback of its future."""
+        while self.current is None and self.queue and not self.transport.is_closing():
+            item = self.queue.popleft()
+            if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
+                self.pipeline_full = False
+                self._resume()
+            if isinstance(item, MMEngineError):  # the stream is unusable
+                self._write(error_response(item), keep_alive=False)
                 self.transport.close()
-            self._touch()
+                return
+            try:
+                answer = self._start(item)
+            except BaseException as e:  # noqa: BLE001 - becomes the error's response
+                answer = _error_response(e)
+            if isinstance(answer, Later):
+                self.current = answer.future
+                answer.future.add_done_callback(
+                    functools.partial(self._on_answered, item, answer.finish))
+                return
+            if not self._respond(item, answer):
+                return
+        if self.current is None and self.eof:
+            self.transport.close()
 
-    async def _answer(self, request: Request) -> Response:
+    def _start(self, request: Request) -> Response | Later:
+        handler, params, is_async = self.server.router.match(request.method, request.path)
+        if is_async:
+            task = asyncio.get_running_loop().create_task(
+                handler(self.server, request, **params))
+            return Later(task, _same)
+        return handler(self.server, request, **params)
+
+    def _on_answered(self, request: Request, finish: Callable[[Any], Response],
+                     future: asyncio.Future) -> None:
+        self.current = None
         try:
-            handler, params = self.server.router.match(request.method, request.path)
-            return await handler(self.server, request, **params)
-        except _MethodNotAllowed as e:
-            return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
-        except MMEngineError as e:
-            return error_response(e)
-        except Exception as e:  # noqa: BLE001 - a bug answers 500, never hangs
-            return error_response(InternalError(f"{type(e).__name__}: {e}"))
+            response = finish(future.result())
+        except BaseException as e:  # noqa: BLE001 - becomes the error's response
+            response = _error_response(e)
+        if self._respond(request, response):
+            self._kick()
+
+    def _respond(self, request: Request, response: Response) -> bool:
+        """Writes a request's answer; False when the connection ends with it."""
+        if request.reserved:
+            self.server.receiving.give(request.reserved)
+        self._touch()
+        if not request.keep_alive:
+            self._write(response, keep_alive=False)
+            self.dead = True
+            self.transport.close()
+            return False
+        self._write(response, keep_alive=True)
+        return True
 
     def _write(self, r: Response, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -404,6 +485,19 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         # One system call per response (uvloop: one writev, no copy).
         self.transport.writelines([head, *parts])
+
+
+def _error_response(e: BaseException) -> Response:
+    if isinstance(e, _MethodNotAllowed):
+        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
+    if isinstance(e, MMEngineError):
+        return error_response(e)
+    if isinstance(e, asyncio.CancelledError):  # the engine stopped under it
+        return error_response(Overloaded("the request was cancelled: the server is "
+                                         "shutting down"))
+    if not isinstance(e, Exception):
+        raise e  # KeyboardInterrupt, SystemExit: not a request's business
+    return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
 
 
 class _HeaderTooLarge(BadRequest):

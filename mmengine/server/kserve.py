@@ -4,7 +4,8 @@ clients work unchanged.
 
 Infer is the hot path: the request's JSON is decoded once, binary inputs
 are numpy views of the request body (no copy), the engine is called with
-`submit` (no task when the model is resident), and the response is built
+`submit` from the connection's own callback (no task when the model is
+resident), and the response is built
 from one small JSON header plus, for binary outputs, the outputs' raw
 bytes. JSON `data` costs `tolist()` and a float repr per element; clients
 that care about speed ask for binary outputs (tritonclient does by default).
@@ -20,14 +21,13 @@ unload check it against the control token, if one is configured.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
 import mmengine
-from mmengine import trace
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
-from mmengine.server.http import Request, Response, dumps, finite, loads
+from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
+                                  loads, submitted)
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 
@@ -157,7 +157,8 @@ def _load_params(request: Request) -> dict:
 
 # -- infer: the hot path ----------------------------------------------------------
 
-async def infer(server, request: Request, name: str, version: str | None = None) -> Response:
+def infer(server, request: Request, name: str, version: str | None = None) -> Later:
+    """No task: the request is sent before this returns (for a resident model)."""
     v = _version(version)
     header, binary = _split_body(request)
     req = loads(header, "the inference request")
@@ -169,14 +170,11 @@ async def infer(server, request: Request, name: str, version: str | None = None)
     if type(req.get("id", "")) not in (str, int):
         raise BadRequest("'id' must be a string")
     inputs = _parse_inputs(req.get("inputs"), binary)
-    t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
-    body, outputs = await server.engine.submit(name, inputs, v, _timeout(params),
-                                               request.token)
-    response = _infer_response(req, params, name, version, outputs)
-    if t_submit:
-        response.headers.append(
-            ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
-    return response
+    timeout = _timeout(params)
+    return submitted(
+        request,
+        lambda: server.engine.submit(name, inputs, v, timeout, request.token),
+        lambda outputs: _infer_response(req, params, name, version, outputs))
 
 
 def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
@@ -242,11 +240,7 @@ def _tensor_header(t: dict) -> tuple[str, list, np.dtype]:
 def _from_json(name: str, data, dtype: np.dtype, shape: list, count: int) -> np.ndarray:
     if type(data) is not list:
         raise BadRequest(f"input {name!r} has neither 'data' (a list) nor binary data")
-    try:  # flat or nested, as the protocol allows: numpy takes both
-        arr = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise BadRequest(f"input {name!r}: data is not a {_DATATYPE_OF[dtype]} tensor: "
-                         f"{e}") from None
+    arr = array_from_json(f"input {name!r}", data, dtype)  # flat or nested, as the protocol allows
     if arr.size != count:
         raise BadRequest(f"input {name!r}: {arr.size} elements of data for shape {shape}")
     return arr.reshape(shape)

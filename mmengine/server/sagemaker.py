@@ -29,18 +29,16 @@ import base64
 import binascii
 import dataclasses
 import os
-import time
 import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
-from mmengine.server.http import (Request, Response, dumps, error_response, finite,
-                                  json_response)
+from mmengine.server.http import (Later, Request, Response, array_from_json, dumps,
+                                  error_response, finite, json_response, submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -211,24 +209,21 @@ async def unload_model(server, request: Request, name: str) -> Response:
     return json_response({"modelName": name})
 
 
-async def invoke(server, request: Request, name: str) -> Response:
+def invoke(server, request: Request, name: str) -> Later:
+    """No task: the request is sent before this returns (for a resident model)."""
     model = _added(server, name)
     inputs = _parse_inputs(request, name, model)
-    t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
-    body, outputs = await server.engine.submit(name, inputs, token=request.token)
-    response = Response(200, dumps({"outputs": outputs}, finite(outputs.values())))
-    if t_submit:
-        response.headers.append(
-            ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
-    return response
+    return submitted(
+        request, lambda: server.engine.submit(name, inputs, token=request.token),
+        lambda outputs: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
 
 
-async def invocations(server, request: Request) -> Response:
+def invocations(server, request: Request) -> Later:
     name = request.headers.get(TARGET_MODEL_HEADER)
     if not name:
         raise BadRequest("/invocations needs the X-Amzn-SageMaker-Target-Model header "
                          "naming a model loaded with POST /models")
-    return await invoke(server, request, name)
+    return invoke(server, request, name)
 
 
 ROUTES = [
@@ -326,32 +321,8 @@ def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.nd
     for key, value in values.items():
         if declared and key not in declared:
             raise BadRequest(f"{name} has no input {key!r} (inputs: {sorted(declared)})")
-        arrays[key] = _as_array(key, value, declared.get(key))
+        dtype = declared.get(key)
+        arrays[key] = array_from_json(f"input {key!r}", value,
+                                      None if dtype is None else np.dtype(dtype))
     return arrays
-
-
-def _as_array(key: str, value: Any, dtype: str | None) -> np.ndarray:
-    """`value` as an array of the declared dtype; refused where JSON's
-    numbers would change meaning (2.5 as an int, 300 as an int8). Without
-    a declaration numpy's default dtype stands."""
-    if not isinstance(value, (list, int, float, bool)):
-        raise BadRequest(f"input {key!r} must be a nested list of numbers")
-    try:
-        array = np.array(value)
-    except ValueError as e:  # ragged
-        raise BadRequest(f"input {key!r} is not a rectangular nested list: {e}") from None
-    if array.dtype.kind not in "biuf":
-        raise BadRequest(f"input {key!r} must hold only numbers (or booleans)")
-    if dtype is None:
-        return array
-    target = np.dtype(dtype)
-    if array.size:
-        if not np.can_cast(array.dtype, target, "same_kind"):
-            raise BadRequest(f"input {key!r} must be {dtype}, and its values do not "
-                             f"all fit ({array.dtype.name})")
-        if target.kind in "iu" and array.dtype.kind in "iu":
-            info = np.iinfo(target)
-            if array.min() < info.min or array.max() > info.max:
-                raise BadRequest(f"input {key!r}: a value is out of range for {dtype}")
-    return array.astype(target, copy=False)
 
