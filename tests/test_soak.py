@@ -37,6 +37,7 @@ def test_soak_loses_nothing_and_leaks_nothing():
     assert report["workers_left_after_stop"] == []
     assert report["fds_end"] <= report["fds_start"] + FD_SLACK
     assert report["answered"] >= ANSWERS_PER_S * report["duration_s"]
+    assert report["http_answered"] > 0  # two of the senders go through KServe HTTP
     # Only the kills may fail requests, and only those they caught in flight.
     assert set(report["failed_typed"]) <= {"WORKER_DIED", "LOAD_FAILED"}
     assert report["answered"] >= 0.95 * report["sent"]

@@ -1,6 +1,7 @@
 """Soak: Zipf traffic against a real `mmengine serve` whose memory budget
 keeps it loading and evicting, while a random worker is SIGKILLed every few
-seconds. Prints one JSON object; exits 1 if any request was lost (no
+seconds; most senders use the TCP SDK, `--http` of them KServe v2 over
+keep-alive HTTP. Prints one JSON object; exits 1 if any request was lost (no
 answer, or a failure that is not one of the engine's typed errors), any
 answer was wrong, the server died, or it left segments or workers behind.
 
@@ -48,7 +49,7 @@ import uvloop  # noqa: E402
 from conftest import Server, environ, live_pids  # noqa: E402
 from mmengine import demo, shm  # noqa: E402
 from mmengine.client import AsyncClient  # noqa: E402
-from mmengine.errors import MMEngineError  # noqa: E402
+from mmengine.errors import ErrorCode, MMEngineError, error_for  # noqa: E402
 
 DIMS = (64, 256, 16)          # every model the same shape: ~83 KB of float32 weights
 REQUEST_TIMEOUT_S = 10.0      # the server's deadline of a request
@@ -71,13 +72,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kill-every", type=float, default=10.0, metavar="S",
                     help="SIGKILL a random worker every S seconds (0: never)")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    ap.add_argument("--http", type=int, default=2, metavar="N",
+                    help="of the requests in flight, N go over KServe v2 HTTP (JSON, "
+                         "keep-alive), the others over the TCP SDK")
     ap.add_argument("--zipf", type=float, default=1.0, help="popularity exponent")
     ap.add_argument("--seed", type=int, default=None, help="default: a random one")
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.models < 2 or args.workers < 1 or args.concurrency < 1 \
-            or args.kill_every < 0:
+            or args.kill_every < 0 or not 0 <= args.http <= args.concurrency:
         ap.error("--minutes > 0, --models >= 2, --workers >= 1, --concurrency >= 1, "
-                 "--kill-every >= 0")
+                 "--kill-every >= 0, 0 <= --http <= --concurrency")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
     return args
@@ -94,12 +98,53 @@ def write_repository(root: Path, n: int, workers: int) -> tuple[list[str], int]:
     return names, int(per_worker * model_bytes / 0.8) + model_bytes // 2
 
 
+class HttpClient:
+    """One keep-alive KServe v2 connection, JSON both ways: infer() answers
+    like the SDK's, a typed error (from the answer's code) included."""
+
+    def __init__(self, address: tuple[str, int]):
+        self.address = address
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def infer(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (key, x), = inputs.items()
+        body = json.dumps({"inputs": [{"name": key, "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(*self.address)
+        reader, writer = self.streams
+        try:
+            writer.write(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: soak\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (name.encode(), len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            answer = json.loads(await reader.readexactly(length))
+        except BaseException:
+            self.close()  # the stream's state is unknown: the next call reconnects
+            raise
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            code = ErrorCode.__members__.get(answer.get("code", ""))
+            if code is None:
+                raise RuntimeError(f"HTTP {status} without a typed error: {answer}")
+            raise error_for(code, answer.get("error", ""))
+        out = answer["outputs"][0]
+        return {out["name"]: np.array(out["data"], np.float32).reshape(out["shape"])}
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 class Soak:
-    def __init__(self, args: argparse.Namespace, server: Server, address, names: list[str]):
+    def __init__(self, args: argparse.Namespace, server: Server, address, http_address,
+                 names: list[str]):
         self.args = args
         self.server = server
         self.front_end = psutil.Process(server.proc.pid)
         self.address = address
+        self.http_address = http_address
         self.names = names
         self.rng = random.Random(args.seed)
         self.weights = [1 / k ** args.zipf for k in range(1, len(names) + 1)]
@@ -108,6 +153,7 @@ class Soak:
         self.expected = {name: demo.reference(self.x, *DIMS, seed=i)
                          for i, name in enumerate(names)}
         self.sent = self.answered = self.wrong = 0
+        self.http_sent = self.http_answered = 0
         self.failed: collections.Counter[str] = collections.Counter()
         self.lost: collections.Counter[str] = collections.Counter()
         self.kills = self.survived = 0
@@ -119,10 +165,12 @@ class Soak:
 
     # -- traffic ------------------------------------------------------------------
 
-    async def _send_loop(self, client: AsyncClient) -> None:
+    async def _send_loop(self, client: AsyncClient | HttpClient) -> None:
+        http = isinstance(client, HttpClient)
         while not self.server_died and (time.monotonic() < self.deadline or self.killing):
             name = self.rng.choices(self.names, self.weights)[0]
             self.sent += 1
+            self.http_sent += http
             try:
                 async with asyncio.timeout(ANSWER_WAIT_S) as waited:
                     out = await client.infer(name, {"x": self.x})
@@ -137,6 +185,7 @@ class Soak:
                 continue
             if np.allclose(out["y"], self.expected[name], **TOL):
                 self.answered += 1
+                self.http_answered += http
             else:
                 self.wrong += 1
 
@@ -229,8 +278,9 @@ class Soak:
             await self._all_alive(control, 60)
             t0 = self.t0 = time.monotonic()
             self.deadline = t0 + duration
-            tasks = [asyncio.ensure_future(self._send_loop(client))
-                     for _ in range(self.args.concurrency)]
+            https = [HttpClient(self.http_address) for _ in range(self.args.http)]
+            tasks = [asyncio.ensure_future(self._send_loop(c)) for c in
+                     [*https, *[client] * (self.args.concurrency - self.args.http)]]
             tasks += [asyncio.ensure_future(self._kill_loop(control, t0)),
                       asyncio.ensure_future(self._watch_server())]
             # The baseline after a warm-up: the first loads and the
@@ -239,6 +289,8 @@ class Soak:
             start = self._sample(await self._all_alive(control, RESTART_WINDOW_S))
             await asyncio.gather(*tasks)
             elapsed = time.monotonic() - t0
+            for c in https:
+                c.close()
             if self.server_died:
                 return self._report(elapsed, start, None, None)
             end = self._sample(await self._all_alive(control, RESTART_WINDOW_S))
@@ -253,6 +305,7 @@ class Soak:
             "kill_every_s": self.args.kill_every, "concurrency": self.args.concurrency,
             "duration_s": round(elapsed, 1),
             "sent": self.sent, "answered": self.answered,
+            "http_sent": self.http_sent, "http_answered": self.http_answered,
             "failed_typed": dict(sorted(self.failed.items())),
             "lost": sum(self.lost.values()), "lost_by_reason": dict(self.lost),
             "wrong": self.wrong,
@@ -297,16 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmengine-soak-") as tmp:
         names, budget = write_repository(Path(tmp), args.models, args.workers)
         server = Server("--repo", tmp, "--workers", str(args.workers), "--tcp-port", "0",
-                        "--http-port", "-1", "--device-budget", str(budget),
+                        "--http-port", "0" if args.http else "-1",
+                        "--device-budget", str(budget),
                         env=environ(MMENGINE_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S)))
         pid, soak = server.proc.pid, None
         try:
             try:
                 m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 120)
+                h = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60) if args.http else None
             except pytest.fail.Exception:  # conftest's way to say it never served
                 report = {"seed": args.seed, "server_died": True, "lost": 0}
             else:
-                soak = Soak(args, server, (m.group(1), int(m.group(2))), names)
+                soak = Soak(args, server, (m.group(1), int(m.group(2))),
+                            h and (h.group(1), int(h.group(2))), names)
                 try:
                     report = uvloop.run(soak.run())
                     report["device_budget"] = budget
