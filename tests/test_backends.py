@@ -198,6 +198,22 @@ def predict(inputs):
     assert module_name not in sys.modules
 
 
+def test_a_handler_runs_outside_inference_mode(tmp_path):
+    # A worker's serving thread is in inference mode; a handler may use autograd.
+    handler_model(tmp_path, """
+import torch
+def predict(inputs):
+    x = torch.from_numpy(inputs["a"].copy()).requires_grad_()
+    with torch.enable_grad():
+        (x * x).sum().backward()
+    return x.grad
+""")
+    model = load(tmp_path, "m")
+    with torch.inference_mode():
+        out = model.predict({"a": np.arange(3, dtype=np.float32)})
+    np.testing.assert_array_equal(out["output"], [0, 2, 4])
+
+
 def test_warmup_runs_once_at_load(tmp_path):
     inputs = '[[inputs]]\nname = "a"\ndtype = "int64"\nshape = [-1, 3]\n'
     handler_model(tmp_path, """

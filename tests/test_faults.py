@@ -4,8 +4,11 @@ processes (and `mmengine serve` as a real process for SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import socket
 import time
 
 import numpy as np
@@ -337,6 +340,39 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
         assert not [s for s in shm.list_segments()
                     if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
         print(f"during the drain: on an open connection {late!r}; a new one {new!r}")
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def test_sigterm_answers_every_http_request_a_connection_has_queued(repo):
+    # Pipelined on one keep-alive connection: the first is in flight at the
+    # SIGTERM, the others (inferences and metadata, which a task answers)
+    # wait behind it; each still gets its answer.
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "0", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"))
+    try:
+        m = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60)
+        body = json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                       "data": [0.3]}]}).encode()
+        request = (b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=30) as s:
+            s.sendall(request)  # loads the model first: answered before the others go
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 "), first
+            metadata = b"GET /v2/models/m00 HTTP/1.1\r\nHost: x\r\n\r\n"  # a task's answer
+            s.sendall(request + metadata + request + metadata)
+            time.sleep(0.1)  # the first of them in flight, three queued behind it
+            server.proc.send_signal(signal.SIGTERM)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        statuses = re.findall(rb"HTTP/1\.1 (\d+) ", b"".join(chunks))
+        assert statuses[0] == b"200" and len(statuses) == 4, statuses
+        assert set(statuses) <= {b"200", b"503"}, statuses  # 503: refused while draining
+        assert server.proc.wait(30) == 0, "".join(server.output)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -17,7 +17,9 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import Server, environ
 from mmengine import demo
-from mmengine.server.http import MAX_PIPELINED
+from mmengine.errors import BadRequest
+from mmengine.server import kserve
+from mmengine.server.http import MAX_PIPELINED, array_from_json
 
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
@@ -229,6 +231,32 @@ def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     error = json.loads(raw)
     assert fragment in error["error"], error
     assert error["code"] == "BAD_REQUEST"
+
+
+@pytest.mark.parametrize("data, datatype, expected", [
+    ([1, 2], "UINT8", [1, 2]),
+    ([2 ** 64 - 1], "UINT64", [2 ** 64 - 1]),
+    ([[1, 2], [3, 4]], "INT16", [[1, 2], [3, 4]]),
+    ([1, 2.5], "FP32", [1.0, 2.5]),
+    ([65504.0, -1], "FP16", [65504.0, -1.0]),
+    ([True, False], "BOOL", [True, False]),
+    ([], "INT32", []),
+    ([-1], "UINT8", "out of range for uint8"),
+    ([2 ** 63], "INT64", "out of range for int64"),
+    ([2.0], "INT64", "must be int64, not float64"),
+    ([70000.0], "FP16", "out of range for float16"),
+    ([1e300], "FP32", "out of range for float32"),
+    ([1, 0], "BOOL", "must be bool, not int64"),
+    ([True, False], "FP32", "must be float32, not bool"),
+])
+def test_json_tensor_data_keep_their_meaning(data, datatype, expected):
+    dtype = kserve.DATATYPES[datatype]
+    if isinstance(expected, str):
+        with pytest.raises(BadRequest, match=expected):
+            array_from_json("input 'x'", data, dtype)
+        return
+    array = array_from_json("input 'x'", data, dtype)
+    assert array.dtype == dtype and array.tolist() == expected
 
 
 def test_unknown_model_version_route_and_method(address):

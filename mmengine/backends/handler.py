@@ -25,7 +25,10 @@ class HandlerModel(LoadedModel):
         self.handler: types.ModuleType | None = handler
 
     def _call(self, inputs: Inputs) -> Any:
-        return self.handler.predict(as_arrays(inputs))
+        # A worker serves in inference mode; the operator's code runs as
+        # written, autograd included.
+        with torch.inference_mode(False):
+            return self.handler.predict(as_arrays(inputs))
 
     def close(self) -> None:
         forget_module(self.handler)

@@ -124,8 +124,9 @@ def _plain(obj: Any) -> Any:
 def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray:
     """A tensor's JSON data (a nested list, or one number) as an array of
     `dtype`; refused where JSON's numbers would change meaning on the way
-    (2.5 as an integer, 300 as an int8, 1 as a bool, booleans as numbers). Without a
-    dtype numpy's own choice stands."""
+    (2.5 as an integer, 300 as an int8, 1e300 as a float32, 1 as a bool,
+    all-boolean data as numbers; booleans mixed with numbers numpy has made
+    numbers already). Without a dtype numpy's own choice stands."""
     if type(value) not in (list, int, float, bool):
         raise BadRequest(f"{what} must be a nested list of numbers")
     try:
@@ -137,13 +138,16 @@ def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray
     if dtype is None or array.dtype == dtype:
         return array
     if array.size:
-        if not np.can_cast(array.dtype, dtype, "same_kind") or (
-                array.dtype.kind == "b" and dtype.kind != "b"):
-            raise BadRequest(f"{what} must be {dtype.name}, not {array.dtype.name} values")
-        if dtype.kind in "iu" and array.dtype.kind in "iu":
+        kinds = array.dtype.kind + dtype.kind
+        if kinds in ("ii", "iu", "ui", "uu"):  # numpy's casting rules know no values
             info = np.iinfo(dtype)
             if array.min() < info.min or array.max() > info.max:
                 raise BadRequest(f"{what}: a value is out of range for {dtype.name}")
+        elif not np.can_cast(array.dtype, dtype, "same_kind") or kinds[0] == "b" != kinds[1]:
+            raise BadRequest(f"{what} must be {dtype.name}, not {array.dtype.name} values")
+        elif dtype.kind == "f" and dtype.itemsize < array.dtype.itemsize \
+                and np.abs(array).max() > np.finfo(dtype).max:  # JSON has no infinities
+            raise BadRequest(f"{what}: a value is out of range for {dtype.name}")
     return array.astype(dtype)
 
 
@@ -280,6 +284,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
+            self.idle = None
         # Nobody is left to read the answers of the requests still queued:
         # they are dropped, and their bytes go back with the one being read.
         # The request being answered gives its own back when it is done.
@@ -323,6 +328,8 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
     def _touch(self) -> None:
         # Runs twice per request: note the time, and arm a timer only when
         # none is armed; the timer moves itself to the last activity.
+        if self.transport.is_closing():  # an answer that came after the close
+            return
         loop = asyncio.get_running_loop()
         self.last_active = loop.time()
         if self.idle is None:
@@ -430,7 +437,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
                 return
             try:
                 answer = self._start(item)
-            except BaseException as e:  # noqa: BLE001 - becomes the error's response
+            except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
                 answer = _error_response(e)
             if isinstance(answer, Later):
                 self.current = answer.future
@@ -455,7 +462,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.current = None
         try:
             response = finish(future.result())
-        except BaseException as e:  # noqa: BLE001 - becomes the error's response
+        except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
             response = _error_response(e)
         if self._respond(request, response):
             self._kick()
@@ -487,7 +494,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.transport.writelines([head, *parts])
 
 
-def _error_response(e: BaseException) -> Response:
+def _error_response(e: Exception | asyncio.CancelledError) -> Response:
     if isinstance(e, _MethodNotAllowed):
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
     if isinstance(e, MMEngineError):
@@ -495,8 +502,6 @@ def _error_response(e: BaseException) -> Response:
     if isinstance(e, asyncio.CancelledError):  # the engine stopped under it
         return error_response(Overloaded("the request was cancelled: the server is "
                                          "shutting down"))
-    if not isinstance(e, Exception):
-        raise e  # KeyboardInterrupt, SystemExit: not a request's business
     return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 import weakref
 from typing import Callable
 
@@ -64,9 +65,14 @@ class Listener:
         if self._server is None:
             return
         self._server.close()
-        pending = [f for c in self.connections for f in c.pending()]
-        if pending:
-            await asyncio.wait(pending, timeout=self.engine.config.shutdown_timeout_s)
+        # An answered request may start the next one its connection has
+        # queued: look again until none is left or the time is up.
+        deadline = time.monotonic() + self.engine.config.shutdown_timeout_s
+        while (pending := [f for c in self.connections for f in c.pending()]):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait(pending, timeout=left)
         for c in list(self.connections):
             c.transport.close()
         await self._server.wait_closed()
