@@ -1,7 +1,8 @@
 """The native ring's operations; mmengine/ring.py adds the segment, the
 eventfds and the handle around them and documents the layout."""
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -24,6 +25,11 @@ _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 
 HEADER_BYTES = MM_RING_HEADER_BYTES
 MAX_PARTS = MM_RING_MAX_PARTS
+
+# Parts up to this size come out of get() as bytes: copying them costs less
+# than making a view (mmengine/ring.py says the same for the twin).
+DEF _COPY_PART_BYTES = 256
+COPY_PART_BYTES = _COPY_PART_BYTES
 
 # Records above this many bytes are copied with the GIL released.
 DEF NOGIL_COPY_BYTES = 65536
@@ -182,9 +188,13 @@ cdef class RingCore:
         cdef Py_ssize_t off = (rec - <const uint8_t *>self.buf.buf) + 8 + mm_align8(4 * n)
         cdef Py_ssize_t ln
         cdef list parts = []
+        cdef const char *base = <const char *>self.buf.buf
         for i in range(n):
             ln = words[2 + i]
-            parts.append(self.view[off:off + ln])
+            if ln <= _COPY_PART_BYTES:
+                parts.append(PyBytes_FromStringAndSize(base + off, ln))
+            else:
+                parts.append(self.view[off:off + ln])
             off += mm_align8(ln)
         return parts
 

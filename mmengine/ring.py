@@ -36,10 +36,12 @@ always makes progress. A record larger than the capacity, or with more than
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
 it reads, and stores head (release) when it releases the record. A record
-returned by get() is a list of memoryviews into the segment: tensors are
-viewed in place, never copied out. A consumer may get several records before
-it releases; release() hands back the space of all of them at once, and
-their views are valid until then. A blocking get() must not wait while
+returned by get() is a list of its parts: memoryviews into the segment, so
+that tensors are viewed in place, never copied out, except that a part of
+up to COPY_PART_BYTES (a message header, a small tensor) comes as bytes:
+copying that little costs less than making a view of it. A consumer may
+get several records before it releases; release() hands back the space of
+all of them at once, and their views are valid until then. A blocking get() must not wait while
 records are held (the producer may need exactly their space): it raises.
 
 Waking: a waiting side spins for `spin_us`, then stores its parked flag,
@@ -75,6 +77,7 @@ from mmengine.errors import (InternalError, PeerDied, RecordTooLarge, RingClosed
 
 HEADER_BYTES = 4096
 MAX_PARTS = 64
+COPY_PART_BYTES = 256  # csrc/ring.pyx has the same
 MAGIC = 0x31304752494D4D4D
 VERSION = 1
 WRAP = 0xFFFFFFFF
@@ -396,7 +399,8 @@ class PyRing(_RingLife):
             off += 8 + _align8(4 * nparts)
             parts = []
             for n in lens:
-                parts.append(self._view[off:off + n])
+                view = self._view[off:off + n]
+                parts.append(bytes(view) if n <= COPY_PART_BYTES else view)
                 off += _align8(n)
             return parts
 

@@ -55,7 +55,8 @@ def test_round_trip_parts_and_views(pair):
     a.put(b"header", x, b"", b"\x01\x02\x03")
     parts = b.get(timeout=1)
     assert [len(p) for p in parts] == [6, 400, 0, 3]
-    assert bytes(parts[0]) == b"header"
+    assert parts[0] == b"header" and type(parts[0]) is bytes  # small: copied out
+    assert type(parts[1]) is memoryview
     y = np.frombuffer(parts[1], dtype=np.float32)  # a view into the segment
     assert np.array_equal(x, y)
     assert y.ctypes.data % 8 == 0
@@ -194,6 +195,9 @@ def test_close_wakes_the_waiting_peer(pair):
 def test_implementations_share_one_layout():
     if NativeRing is None:
         pytest.skip("native ring not built")
+    from mmengine import _ring, ring
+    assert (_ring.HEADER_BYTES, _ring.MAX_PARTS, _ring.COPY_PART_BYTES) == (
+        ring.HEADER_BYTES, ring.MAX_PARTS, ring.COPY_PART_BYTES)
     for Producer, Consumer in ((NativeRing, PyRing), (PyRing, NativeRing)):
         a = Producer.create(1024)
         b = Consumer.attach(a.handle)
