@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import re
 import socket
 import struct
 import threading
@@ -41,17 +40,6 @@ HTTP_CONNECTIONS = 8
 CAPACITY = MAX_QUEUE * REQUEST_BYTES
 BOUND = 10 * CAPACITY
 X = np.ones((2, 4), np.float32)
-# A model whose answer is as large as its input says (float32 ones).
-BIG_ANSWER_HANDLER = '''
-import numpy as np
-
-def load(path, device):
-    pass
-
-def predict(inputs):
-    return {"y": np.ones(int(inputs["n"][0]), np.float32)}
-'''
-UNREAD = 200                  # requests of a client that reads no answer: 200 MiB of them
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +47,6 @@ def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     (root / "slow" / "1").mkdir(parents=True)
     (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
-    (root / "big" / "1").mkdir(parents=True)
-    (root / "big" / "1" / "handler.py").write_text(BIG_ANSWER_HANDLER)
     demo.write_mlp(root / "m0", "safetensors", 4, 8, 2, seed=0)
     # A small ring keeps the pages it touches (counted in RSS) within the bound.
     proc = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
@@ -253,80 +239,6 @@ def assert_answers_normally(server) -> None:
         assert [o["y"][0] for o in outs] == [0.0] * MAX_QUEUE
     status, _, body = http_infer(server["http"], 0.0)
     assert (status, body["outputs"][0]["data"]) == (200, [0.0])
-
-
-# -- a client that reads no answer ------------------------------------------------------
-
-def big_hits(server) -> int:
-    """How many requests "big" has taken while resident."""
-    with Client(server["tcp"]) as c:
-        return next(r["hits"] for r in c.stats()["models"] if r["name"] == "big")
-
-
-def small_receive_buffer(sock: socket.socket) -> None:
-    # The client's kernel holds little of what it does not read: what backs up
-    # is the server's.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-
-
-def test_a_tcp_client_that_reads_no_answer_is_not_read_further(server):
-    with Client(server["tcp"]) as c:
-        assert c.infer("big", {"n": np.array([4])})["y"].tolist() == [1.0] * 4
-    before = big_hits(server)
-    inputs = protocol.encode_tensors({"n": np.array([MiB // 4])})  # 1 MiB answers
-    with socket.create_connection(server["tcp"], timeout=60) as sock:
-        small_receive_buffer(sock)
-        with PeakRss(server["pid"]) as rss:
-            for i in range(UNREAD):  # paced: each frame read on its own, as a stream comes
-                sock.sendall(protocol.frame({"id": i, "op": "infer", "model": "big",
-                                             "inputs": inputs}))
-                time.sleep(0.002)
-            time.sleep(1.0)
-            taken = big_hits(server) - before
-        # Once read, every request is answered, none lost (the frames taken
-        # at once when the answers drain may find "big"'s queue full).
-        ids = set()
-        for _ in range(UNREAD):
-            answer = protocol.decode(read_exactly(sock, protocol.LENGTH.unpack(
-                read_exactly(sock, 4))[0]))
-            if answer["ok"]:
-                assert protocol.decode_tensors(answer["outputs"])["y"].nbytes == MiB
-            else:
-                assert answer["error"]["code"] == ErrorCode.OVERLOADED, answer
-            ids.add(answer["id"])
-        assert ids == set(range(UNREAD))
-    print(f"{taken} of {UNREAD} requests taken while the answers went unread")
-    assert taken < UNREAD // 4, taken
-    rss.assert_bounded()
-    assert_answers_normally(server)
-
-
-def test_an_http_client_that_reads_no_answer_is_answered_no_further(server):
-    header = json.dumps({"inputs": [{"name": "n", "shape": [1], "datatype": "INT64",
-                                     "data": [MiB // 4]}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    request = (b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(header), header))
-    with Client(server["tcp"]) as c:
-        c.infer("big", {"n": np.array([4])})
-    before = big_hits(server)
-    with socket.create_connection(server["http"], timeout=60) as sock:
-        small_receive_buffer(sock)
-        with PeakRss(server["pid"]) as rss:
-            sock.sendall(request * UNREAD)  # pipelined at once: answered in order
-            time.sleep(1.0)
-            taken = big_hits(server) - before
-        for _ in range(UNREAD):
-            head = bytearray()
-            while not head.endswith(b"\r\n\r\n"):
-                head += read_exactly(sock, 1)
-            assert head.startswith(b"HTTP/1.1 200 "), bytes(head)
-            n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
-            assert n > MiB
-            read_exactly(sock, n)
-    print(f"{taken} of {UNREAD} requests taken while the answers went unread")
-    assert taken < UNREAD // 4, taken
-    rss.assert_bounded()
 
 
 # -- many connections, each with one large request -------------------------------------

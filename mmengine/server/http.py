@@ -11,10 +11,8 @@ Requests on a connection are answered in order (HTTP/1.1 keep-alive; a
 pipelining client gets its answers in the order it asked). Limits are applied before anything
 is buffered: the header block (431), the declared body length (413), a
 large body past the servers' receive budget waits unread (listener.py), a
-connection with MAX_PIPELINED requests unanswered is not read, one whose
-client does not read its answers (they back up past the transport's
-high-water mark) is neither read nor answered further until they drain,
-and an idle connection is closed. Past `max_connections` open connections a new
+connection with MAX_PIPELINED requests unanswered is not read, and an idle
+connection is closed. Past `max_connections` open connections a new
 one is answered 503 (Retry-After) and closed before anything is read. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
 status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
@@ -253,7 +251,6 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.eof = False  # the client half-closed: close once its answers are out
         self.awaiting = 0         # a large body's bytes, waiting (unread) for the budget
         self.pipeline_full = False  # MAX_PIPELINED requests await answers: not read
-        self.write_blocked = False  # answers backed up: not read, nothing more answered
         self._reset()
 
     def _reset(self) -> None:
@@ -395,19 +392,8 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self._resume()
 
     def _resume(self) -> None:
-        if not (self.awaiting or self.pipeline_full or self.write_blocked or self.dead):
+        if not self.awaiting and not self.pipeline_full and not self.dead:
             self.transport.resume_reading()
-
-    # -- asyncio's write flow control: answers above the high-water mark
-
-    def pause_writing(self) -> None:
-        self.write_blocked = True
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_blocked = False
-        self._kick()
-        self._resume()
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -440,8 +426,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
     def _kick(self) -> None:
         """Answers what is queued, in order: at once where the handler
         answers at once, else from the done callback of its future."""
-        while self.current is None and self.queue and not self.write_blocked \
-                and not self.transport.is_closing():
+        while self.current is None and self.queue and not self.transport.is_closing():
             item = self.queue.popleft()
             if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
                 self.pipeline_full = False
@@ -461,7 +446,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
                 return
             if not self._respond(item, answer):
                 return
-        if self.current is None and not self.queue and self.eof:
+        if self.current is None and self.eof:
             self.transport.close()
 
     def _start(self, request: Request) -> Response | Later:
