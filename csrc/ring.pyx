@@ -26,10 +26,11 @@ _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 HEADER_BYTES = MM_RING_HEADER_BYTES
 MAX_PARTS = MM_RING_MAX_PARTS
 
-# Parts up to this size come out of get() as bytes: copying them costs less
-# than making a view (mmengine/ring.py says the same for the twin).
-DEF _COPY_PART_BYTES = 256
-COPY_PART_BYTES = _COPY_PART_BYTES
+# A record's first part (its header) up to this size comes out of get() as
+# bytes: copying it costs less than making a view (mmengine/ring.py says the
+# same for the twin).
+DEF _COPY_HEADER_BYTES = 256
+COPY_HEADER_BYTES = _COPY_HEADER_BYTES
 
 # Records above this many bytes are copied with the GIL released.
 DEF NOGIL_COPY_BYTES = 65536
@@ -191,7 +192,7 @@ cdef class RingCore:
         cdef const char *base = <const char *>self.buf.buf
         for i in range(n):
             ln = words[2 + i]
-            if ln <= _COPY_PART_BYTES:
+            if i == 0 and ln <= _COPY_HEADER_BYTES:
                 parts.append(PyBytes_FromStringAndSize(base + off, ln))
             else:
                 parts.append(self.view[off:off + ln])

@@ -37,9 +37,11 @@ Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
 it reads, and stores head (release) when it releases the record. A record
 returned by get() is a list of its parts: memoryviews into the segment, so
-that tensors are viewed in place, never copied out, except that a part of
-up to COPY_PART_BYTES (a message header, a small tensor) comes as bytes:
-copying that little costs less than making a view of it. A consumer may
+that tensors are viewed in place, never copied out, except that the first
+part (a message's header) comes as bytes when it is at most
+COPY_HEADER_BYTES: copying that little costs less than making a view of it.
+Only the header: a tensor part stays a view, writable where the mapping is,
+and never a bytes object that something could write through. A consumer may
 get several records before it releases; release() hands back the space of
 all of them at once, and their views are valid until then. A blocking get() must not wait while
 records are held (the producer may need exactly their space): it raises.
@@ -77,7 +79,7 @@ from mmengine.errors import (InternalError, PeerDied, RecordTooLarge, RingClosed
 
 HEADER_BYTES = 4096
 MAX_PARTS = 64
-COPY_PART_BYTES = 256  # csrc/ring.pyx has the same
+COPY_HEADER_BYTES = 256  # csrc/ring.pyx has the same
 MAGIC = 0x31304752494D4D4D
 VERSION = 1
 WRAP = 0xFFFFFFFF
@@ -400,7 +402,7 @@ class PyRing(_RingLife):
             parts = []
             for n in lens:
                 view = self._view[off:off + n]
-                parts.append(bytes(view) if n <= COPY_PART_BYTES else view)
+                parts.append(bytes(view) if not parts and n <= COPY_HEADER_BYTES else view)
                 off += _align8(n)
             return parts
 

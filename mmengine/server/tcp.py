@@ -109,8 +109,12 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
             return
         now = self.loop.time()
         timeout = self.server.idle_timeout_s
-        if self.frame_began and not self.paused and not self.awaiting \
-                and now >= self.frame_began + timeout:
+        # An unfinished frame counts only while its connection is read: one
+        # waiting for the receive budget or for fewer requests in flight is
+        # the server's wait, not the client's (counting it would also make
+        # a due time in the past, and this timer fire again at once).
+        unfinished = self.frame_began and not self.paused and not self.awaiting
+        if unfinished and now >= self.frame_began + timeout:
             self._send(protocol.error_response(None, Timeout(
                 f"a frame was begun and not finished within {timeout:g} s")))
             self._close()
@@ -120,7 +124,7 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
             self._close()
         else:
             due = self.last_active + timeout
-            if self.frame_began:
+            if unfinished:
                 due = min(due, self.frame_began + timeout)
             self._arm(due)
 
