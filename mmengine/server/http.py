@@ -8,12 +8,13 @@ or, on the hot paths, a plain function that returns a Response or a `Later`
 request is answered from the future's callback, with no task and no loop
 turn between the bytes coming in and the worker getting the request.
 Requests on a connection are answered in order (HTTP/1.1 keep-alive; a
-pipelining client gets its answers in the order it asked). Limits are applied before anything
-is buffered: the header block (431), the declared body length (413), a
-large body past the servers' receive budget waits unread (listener.py), a
-connection with MAX_PIPELINED requests unanswered is not read, and an idle
-connection is closed. Past `max_connections` open connections a new
-one is answered 503 (Retry-After) and closed before anything is read. Any
+pipelining client gets its answers in the order it asked). Limits are
+applied before anything is buffered: the header block (431), the declared
+body length (413), a large body past the servers' receive budget waits
+unread (listener.py), a connection with MAX_PIPELINED requests unanswered
+is not read, and an idle connection is closed. Past `max_connections` open
+connections a new one is answered 503 (Retry-After) and closed before
+anything is read. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
 status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
 tokens travel as `Authorization: Bearer <token>`.
