@@ -42,9 +42,10 @@ part (a message's header) comes as bytes when it is at most
 COPY_HEADER_BYTES: copying that little costs less than making a view of it.
 Only the header: a tensor part stays a view, writable where the mapping is,
 and never a bytes object that something could write through. A consumer may
-get several records before it releases; release() hands back the space of
-all of them at once, and their views are valid until then. A blocking get() must not wait while
-records are held (the producer may need exactly their space): it raises.
+get several records before it releases; release() hands back the space of all
+of them at once, and their views are valid until then. A blocking get() must
+not wait while records are held (the producer may need exactly their space):
+it raises.
 
 Waking: a waiting side spins for `spin_us`, then stores its parked flag,
 fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
