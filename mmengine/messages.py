@@ -58,6 +58,13 @@ class Op(enum.IntEnum):
     FORGET = 5   # a host-tier segment is gone: unmap it
 
 
+# The operations that keep a worker's loader busy for long: while one runs
+# the worker's main thread parks instead of spinning, and the front-end does
+# not poll that worker's answers (both would take the loader's CPU). The
+# others are answered within microseconds.
+HEAVY_OPS = frozenset({Op.LOAD, Op.PUBLISH})
+
+
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 

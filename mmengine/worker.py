@@ -210,9 +210,11 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
         finally:
             del parts
             ctl.release()
+        parks = (_main_thread_parks(req) if op in messages.HEAVY_OPS
+                 else contextlib.nullcontext())
         try:
             if op == Op.LOAD:
-                with _main_thread_parks(req):
+                with parks:
                     nbytes, source = logic.load(name, version, params["path"],
                                                 params.get("allow_code", True),
                                                 params.get("host"))
@@ -223,7 +225,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
                                     **logic.allocator()})
                 del model
             elif op == Op.PUBLISH:
-                with _main_thread_parks(req):
+                with parks:
                     nbytes = logic.publish(name, version, params["segment"])
                 out.send(rid, body={"bytes": nbytes})
             elif op == Op.FORGET:

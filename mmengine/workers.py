@@ -36,10 +36,6 @@ from mmengine.messages import Op
 from mmengine.ring import Ring
 
 _BURST = 64  # responses handled before the response ring's space is handed back
-# The operations that keep a worker's loader busy for long: while one is in
-# flight the front-end does not poll that worker's answers. The others
-# (inference, an unload, a forget) are answered within microseconds.
-_HEAVY = frozenset({Op.LOAD, Op.PUBLISH})
 CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 
 
@@ -253,7 +249,7 @@ class Worker:
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent)
-        if op in _HEAVY:
+        if op in messages.HEAVY_OPS:
             self._loading.add(rid)
         elif self._poll_s and not self._loading:
             self._poll_until = time.monotonic() + self._poll_s

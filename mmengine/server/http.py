@@ -439,7 +439,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
             try:
                 answer = self._start(item)
             except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
-                answer = _error_response(e)
+                answer = _response_for(e)
             if isinstance(answer, Later):
                 self.current = answer.future
                 answer.future.add_done_callback(
@@ -464,7 +464,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         try:
             response = finish(future.result())
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
-            response = _error_response(e)
+            response = _response_for(e)
         if self._respond(request, response):
             self._kick()
 
@@ -495,7 +495,8 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.transport.writelines([head, *parts])
 
 
-def _error_response(e: Exception | asyncio.CancelledError) -> Response:
+def _response_for(e: Exception | asyncio.CancelledError) -> Response:
+    """The answer to a request whose handler raised `e`."""
     if isinstance(e, _MethodNotAllowed):
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
     if isinstance(e, MMEngineError):

@@ -5,10 +5,10 @@ clients work unchanged.
 Infer is the hot path: the request's JSON is decoded once, binary inputs
 are numpy views of the request body (no copy), the engine is called with
 `submit` from the connection's own callback (no task when the model is
-resident), and the response is built
-from one small JSON header plus, for binary outputs, the outputs' raw
-bytes. JSON `data` costs `tolist()` and a float repr per element; clients
-that care about speed ask for binary outputs (tritonclient does by default).
+resident), and the response is built from one small JSON header plus, for
+binary outputs, the outputs' raw bytes. JSON `data` is parsed into Python
+floats and written from the array by orjson; clients that care about speed
+ask for binary outputs (tritonclient does by default).
 
 Datatypes map one to one to numpy (BOOL, UINT8..UINT64, INT8..INT64, FP16,
 FP32, FP64); BYTES and BF16 are refused with 400, since mmengine's models
