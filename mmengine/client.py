@@ -34,6 +34,9 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
+# A payload this small is sent whole before any answer is read: it fits the
+# kernel's socket buffers, so sending it cannot wait on the server.
+SEND_AT_ONCE = 64 << 10
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -134,21 +137,40 @@ class _Connection:
             self.timeout = timeout
 
     def exchange(self, payload: bytes, ids: list[int]) -> dict[int, dict]:
-        """Sends `payload` and returns the answers to `ids` by id."""
-        self.sock.sendall(payload)
+        """Sends `payload` and returns the answers to `ids` by id. A payload
+        larger than the kernel surely buffers is sent as the server takes
+        it, reading answers meanwhile: the server stops reading a client
+        whose answers back up, so one that sent a large batch before reading
+        anything could wait for it forever."""
         got: dict[int, dict] = {}
+        if len(payload) <= SEND_AT_ONCE:
+            self.sock.sendall(payload)
+        else:
+            view, sent = memoryview(payload), 0
+            while sent < len(view):
+                readable, writable, _ = select.select([self.sock], [self.sock], [],
+                                                      self.timeout)
+                if not readable and not writable:
+                    raise socket.timeout("timed out")
+                if writable:
+                    sent += self.sock.send(view[sent:sent + SEND_AT_ONCE])
+                if readable:
+                    self._receive(got)
         while len(got) < len(ids):
-            # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap
-            # and a munmap per call.
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("the server closed the connection")
-            self.answered = True
-            for response in self.frames.feed(data):
-                if response.get("id") is None:  # an error about the stream
-                    protocol.raise_for(response)
-                got[response["id"]] = response
+            self._receive(got)
         return got
+
+    def _receive(self, got: dict[int, dict]) -> None:
+        # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap and
+        # a munmap per call.
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.answered = True
+        for response in self.frames.feed(data):
+            if response.get("id") is None:  # an error about the stream
+                protocol.raise_for(response)
+            got[response["id"]] = response
 
 
 class Client:

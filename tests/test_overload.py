@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import re
 import socket
 import struct
 import threading
@@ -40,24 +41,45 @@ HTTP_CONNECTIONS = 8
 CAPACITY = MAX_QUEUE * REQUEST_BYTES
 BOUND = 10 * CAPACITY
 X = np.ones((2, 4), np.float32)
+# A model whose answer is as large as its input says (float32 ones).
+BIG_ANSWER_HANDLER = '''
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"y": np.ones(int(inputs["n"][0]), np.float32)}
+'''
+UNREAD = 200                  # requests of a client that reads no answer: 200 MiB of them
+
+
+def start(request, root, **env: str) -> dict:
+    """`mmengine serve` of `root` with one worker and both listeners,
+    stopped with the module: its pid, its addresses and the Server."""
+    proc = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                  "--http-port", "0", env=environ(**env))
+    request.addfinalizer(lambda: proc.proc.poll() is None and proc.stop())
+    tcp = proc.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
+    return {"pid": proc.proc.pid, "tcp": (tcp[1], int(tcp[2])),
+            "http": (web[1], int(web[2])), "proc": proc}
+
+
+def write_handler(root, name: str, source: str) -> None:
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "handler.py").write_text(source)
 
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    write_handler(root, "slow", SLOW_HANDLER)
+    write_handler(root, "big", BIG_ANSWER_HANDLER)
     demo.write_mlp(root / "m0", "safetensors", 4, 8, 2, seed=0)
     # A small ring keeps the pages it touches (counted in RSS) within the bound.
-    proc = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
-                  "--http-port", "0",
-                  env=environ(MMENGINE_MAX_QUEUE_PER_MODEL=str(MAX_QUEUE),
-                              MMENGINE_RING_BYTES="8MiB"))
-    request.addfinalizer(lambda: proc.proc.poll() is None and proc.stop())
-    tcp = proc.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
-    web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
-    return {"pid": proc.proc.pid, "tcp": (tcp[1], int(tcp[2])),
-            "http": (web[1], int(web[2]))}
+    return start(request, root, MMENGINE_MAX_QUEUE_PER_MODEL=str(MAX_QUEUE),
+                 MMENGINE_RING_BYTES="8MiB")
 
 
 class PeakRss:
@@ -248,6 +270,123 @@ def assert_answers_normally(server) -> None:
     assert (status, body["outputs"][0]["data"]) == (200, [0.0])
 
 
+# -- a client that reads no answer ------------------------------------------------------
+
+def big_hits(server) -> int:
+    """How many requests "big" has taken while resident."""
+    with Client(server["tcp"]) as c:
+        return next(r["hits"] for r in c.stats()["models"] if r["name"] == "big")
+
+
+def small_receive_buffer(sock: socket.socket) -> None:
+    # The client's kernel holds little of what it does not read: what backs up
+    # is the server's.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+
+
+def big_http_request() -> bytes:
+    """A KServe request to "big" for a 1 MiB binary answer."""
+    header = json.dumps({"inputs": [{"name": "n", "shape": [1], "datatype": "INT64",
+                                     "data": [MiB // 4]}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return (b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(header), header))
+
+
+def test_a_tcp_client_that_reads_no_answer_is_not_read_further(server):
+    with Client(server["tcp"]) as c:
+        assert c.infer("big", {"n": np.array([4])})["y"].tolist() == [1.0] * 4
+    before = big_hits(server)
+    inputs = protocol.encode_tensors({"n": np.array([MiB // 4])})  # 1 MiB answers
+    with socket.create_connection(server["tcp"], timeout=60) as sock:
+        small_receive_buffer(sock)
+        with PeakRss(server["pid"]) as rss:
+            for i in range(UNREAD):  # paced: each frame read on its own, as a stream comes
+                sock.sendall(protocol.frame({"id": i, "op": "infer", "model": "big",
+                                             "inputs": inputs}))
+                time.sleep(0.002)
+            time.sleep(1.0)
+            taken = big_hits(server) - before
+        # Once read, every request is answered, none lost (the frames taken
+        # at once when the answers drain may find "big"'s queue full).
+        ids = set()
+        for _ in range(UNREAD):
+            answer = protocol.decode(read_exactly(sock, protocol.LENGTH.unpack(
+                read_exactly(sock, 4))[0]))
+            if answer["ok"]:
+                assert protocol.decode_tensors(answer["outputs"])["y"].nbytes == MiB
+            else:
+                assert answer["error"]["code"] == ErrorCode.OVERLOADED, answer
+            ids.add(answer["id"])
+        assert ids == set(range(UNREAD))
+    print(f"{taken} of {UNREAD} requests taken while the answers went unread")
+    assert taken < UNREAD // 4, taken
+    rss.assert_bounded()
+    assert_answers_normally(server)
+
+
+def test_an_http_client_that_reads_no_answer_is_answered_no_further(server):
+    request = big_http_request()
+    with Client(server["tcp"]) as c:
+        c.infer("big", {"n": np.array([4])})
+    before = big_hits(server)
+    with socket.create_connection(server["http"], timeout=60) as sock:
+        small_receive_buffer(sock)
+        with PeakRss(server["pid"]) as rss:
+            sock.sendall(request * UNREAD)  # pipelined at once: answered in order
+            time.sleep(1.0)
+            taken = big_hits(server) - before
+        for _ in range(UNREAD):
+            head = bytearray()
+            while not head.endswith(b"\r\n\r\n"):
+                head += read_exactly(sock, 1)
+            assert head.startswith(b"HTTP/1.1 200 "), bytes(head)
+            n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            assert n > MiB
+            read_exactly(sock, n)
+    print(f"{taken} of {UNREAD} requests taken while the answers went unread")
+    assert taken < UNREAD // 4, taken
+    rss.assert_bounded()
+
+
+IDLE_S = 1.0  # the idle timeouts of the server below
+
+
+@pytest.fixture(scope="module")
+def impatient(request, tmp_path_factory):
+    """A server whose idle timeouts are short."""
+    root = tmp_path_factory.mktemp("impatient")
+    write_handler(root, "big", BIG_ANSWER_HANDLER)
+    return start(request, root, MMENGINE_TCP_IDLE_TIMEOUT_S=str(IDLE_S),
+                 MMENGINE_HTTP_IDLE_TIMEOUT_S=str(IDLE_S))
+
+
+def server_has_connection_from(pid: int, sock: socket.socket) -> bool:
+    port = sock.getsockname()[1]
+    return any(c.raddr and c.raddr.port == port
+               for c in psutil.Process(pid).net_connections("tcp"))
+
+
+@pytest.mark.parametrize("protocol_name", ["tcp", "http"])
+def test_a_client_that_reads_nothing_is_dropped_once_idle(impatient, protocol_name):
+    # Its answers stay unsent; a plain close would wait for them to be read,
+    # keeping the connection and its buffers for ever.
+    request = big_http_request() if protocol_name == "http" else protocol.frame(
+        {"id": 1, "op": "infer", "model": "big",
+         "inputs": protocol.encode_tensors({"n": np.array([MiB // 4])})})
+    with socket.create_connection(impatient[protocol_name], timeout=30) as sock:
+        small_receive_buffer(sock)
+        sock.sendall(request * 8)  # 8 MiB of answers, none of them read
+        deadline = time.monotonic() + IDLE_S + 20
+        time.sleep(0.5)
+        assert server_has_connection_from(impatient["pid"], sock)
+        while server_has_connection_from(impatient["pid"], sock):
+            assert time.monotonic() < deadline, "the server kept a connection nobody reads"
+            time.sleep(0.1)
+    with Client(impatient["tcp"]) as c:  # and it serves on
+        assert c.infer("big", {"n": np.array([2])})["y"].tolist() == [1.0, 1.0]
+
+
 # -- many connections, each with one large request -------------------------------------
 
 BIG_BYTES = 8 * MiB            # one request's padding
@@ -256,18 +395,13 @@ RECEIVE_BYTES = 8 * MiB        # the servers' receive budget: one such body at a
 
 
 @pytest.fixture(scope="module")
-def budget_server(tmp_path_factory):
+def budget_server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
-    proc = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
-                  "--http-port", "0",
-                  env=environ(MMENGINE_RECEIVE_BYTES=str(RECEIVE_BYTES),
-                              MMENGINE_RING_BYTES="32MiB"))
-    tcp = proc.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
-    web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
-    yield {"pid": proc.proc.pid, "tcp": (tcp[1], int(tcp[2])), "http": (web[1], int(web[2]))}
-    assert proc.stop() == 0
+    write_handler(root, "slow", SLOW_HANDLER)
+    served = start(request, root, MMENGINE_RECEIVE_BYTES=str(RECEIVE_BYTES),
+                   MMENGINE_RING_BYTES="32MiB")
+    yield served
+    assert served["proc"].stop() == 0
 
 
 def big_inputs() -> dict[str, np.ndarray]:

@@ -22,7 +22,18 @@ from mmengine.errors import (BadRequest, ErrorCode, LoadFailed, ModelNotFound, T
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
 TOL = dict(rtol=1e-5, atol=1e-5)
+# Answers its input, or as many float32 ones as "n" asks for.
+ECHO_HANDLER = '''
+import numpy as np
 
+def load(path, device):
+    pass
+
+def predict(inputs):
+    if "n" in inputs:
+        return {"y": np.ones(int(inputs["n"][0]), np.float32)}
+    return {"y": inputs["x"]}
+'''
 
 
 def start(request, *args: str, env: dict[str, str] | None = None,
@@ -40,6 +51,8 @@ def repo(tmp_path_factory) -> Path:
     for i, name in enumerate(MODELS):
         demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
     write_problem_models(root)
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "1" / "handler.py").write_text(ECHO_HANDLER)
     return root
 
 
@@ -122,6 +135,25 @@ def test_infer_many_pipelines_and_keeps_request_order(address):
             np.testing.assert_allclose(out["y"], reference(name, x), **TOL)
         np.testing.assert_allclose(c.infer(fast, {"x": xs[0]})["y"], reference(fast, xs[0]),
                                    **TOL)
+
+
+@pytest.mark.parametrize("requests", ["small", "large"])
+def test_infer_many_of_answers_past_the_write_allowance(address, requests):
+    # The server reads no further from a client whose answers back up; the
+    # SDK reads answers while it sends, so a batch of 32 MiB of answers is
+    # answered whole whether its requests are small (sent at once) or as
+    # large as their answers (sent as the server takes them).
+    n, count = 128 << 10, 64  # 512 KiB answers
+    if requests == "small":
+        batch = [("echo", {"n": np.array([n])}) for _ in range(count)]
+    else:
+        batch = [("echo", {"x": np.full(n, i, np.float32)}) for i in range(count)]
+    with Client(address, timeout=60) as c:
+        outs = c.infer_many(batch)
+    assert len(outs) == count
+    for i, out in enumerate(outs):
+        assert out["y"].shape == (n,)
+        assert out["y"][0] == out["y"][-1] == (1.0 if requests == "small" else i)
 
 
 def test_pipelined_control_operations_take_effect_in_order(address):

@@ -12,8 +12,10 @@ pipelining client gets its answers in the order it asked). Limits are
 applied before anything is buffered: the header block (431), the declared
 body length (413), a large body past the servers' receive budget waits
 unread (listener.py), a connection with MAX_PIPELINED requests unanswered
-is not read, and an idle connection is closed. Past `max_connections` open
-connections a new one is answered 503 (Retry-After) and closed before
+is not read, one whose client does not read its answers (they back up past
+the connection's write allowance) is neither read nor answered further
+until they drain, and an idle connection is closed. Past `max_connections`
+open connections a new one is answered 503 (Retry-After) and closed before
 anything is read. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
 status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
@@ -40,6 +42,7 @@ from mmengine import trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
+from mmengine.server import listener
 from mmengine.server.listener import RESERVE_ABOVE, BudgetedReading, Listener
 
 MAX_HEADER_BYTES = 64 << 10
@@ -252,6 +255,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self.eof = False  # the client half-closed: close once its answers are out
         self.awaiting = 0         # a large body's bytes, waiting (unread) for the budget
         self.pipeline_full = False  # MAX_PIPELINED requests await answers: not read
+        self.write_blocked = False  # answers backed up: not read, nothing more answered
         self._reset()
 
     def _reset(self) -> None:
@@ -276,6 +280,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
                 f"retry later")), keep_alive=False)
             transport.close()
             return
+        listener.allow_writes(transport)
         self._touch()
 
     def pending(self) -> list:
@@ -345,7 +350,9 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         if asyncio.get_running_loop().time() < due:
             self.idle = asyncio.get_running_loop().call_at(due, self._on_idle)
         elif self.current is None:  # a request in progress re-arms it when answered
-            self.transport.close()
+            # A client that reads nothing would keep a closing transport
+            # with its answers forever.
+            (self.transport.abort if self.write_blocked else self.transport.close)()
 
     def _fail(self, e: MMEngineError) -> None:
         """An unusable stream: answer after what is queued, then close; read
@@ -393,8 +400,19 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         self._resume()
 
     def _resume(self) -> None:
-        if not self.awaiting and not self.pipeline_full and not self.dead:
+        if not (self.awaiting or self.pipeline_full or self.write_blocked or self.dead):
             self.transport.resume_reading()
+
+    # -- asyncio's write flow control: answers above the high-water mark
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self._kick()
+        self._resume()
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -427,7 +445,8 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
     def _kick(self) -> None:
         """Answers what is queued, in order: at once where the handler
         answers at once, else from the done callback of its future."""
-        while self.current is None and self.queue and not self.transport.is_closing():
+        while self.current is None and self.queue and not self.write_blocked \
+                and not self.transport.is_closing():
             item = self.queue.popleft()
             if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
                 self.pipeline_full = False
@@ -447,7 +466,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
                 return
             if not self._respond(item, answer):
                 return
-        if self.current is None and self.eof:
+        if self.current is None and not self.queue and self.eof:
             self.transport.close()
 
     def _start(self, request: Request) -> Response | Later:

@@ -13,6 +13,20 @@ from mmengine import auth
 from mmengine.engine import Engine
 
 
+#: What a connection's unsent answers may buffer before it is read no
+#: further (asyncio's flow control calls pause_writing): far above a batch of
+#: usual answers, so a client that reads as it goes never meets it, and far
+#: below what an unread stream of large answers would pile up. The low mark
+#: is where reading resumes (uvloop's default of 16 bytes would wait for the
+#: last byte).
+WRITE_HIGH_WATER = 1 << 20
+WRITE_LOW_WATER = 256 << 10
+
+
+def allow_writes(transport: asyncio.Transport) -> None:
+    transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+
 class Listener:
     """Each connection protocol it makes registers itself with `admit` and
     answers `pending()`: the futures of the requests it has in flight.

@@ -12,6 +12,9 @@ longer be trusted); other connections are untouched.
 
 Hostile and forgotten clients are bounded: past `max_connections` open
 connections a new one gets an OVERLOADED frame (nil id) and is closed; a
+client that does not read its answers is not read either (once its answers
+back up past the write allowance (listener.py), no frame of it is taken
+until they drain, so what waits for it is its requests in flight); a
 connection with nothing in flight and no bytes for `tcp_idle_timeout_s` is
 closed, and so is one whose frame, once begun, is not complete that long
 after its first byte (a TIMEOUT frame with nil id says so first).
@@ -55,6 +58,7 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
         self.buf = bytearray()
         self.tasks: set[asyncio.Task] = set()
         self.paused = False      # too many requests in flight: not read until fewer
+        self.write_blocked = False  # answers backed up: not read, no frame taken
         self.reserved = 0        # bytes of the frame being received, held in the budget
         self.awaiting = 0        # bytes of a frame waiting for the budget, unread
         self.closing = False
@@ -72,6 +76,7 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
                 f"retry later"))))
             transport.close()
             return
+        listener.allow_writes(transport)
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self._arm(self.last_active + self.server.idle_timeout_s)
@@ -110,10 +115,12 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
         now = self.loop.time()
         timeout = self.server.idle_timeout_s
         # An unfinished frame counts only while its connection is read: one
-        # waiting for the receive budget or for fewer requests in flight is
-        # the server's wait, not the client's (counting it would also make
-        # a due time in the past, and this timer fire again at once).
-        unfinished = self.frame_began and not self.paused and not self.awaiting
+        # waiting for the receive budget, for fewer requests in flight or for
+        # its client to read its answers is not the client's slow frame
+        # (counting it would also make a due time in the past, and this
+        # timer fire again at once).
+        unfinished = self.frame_began and not (self.paused or self.awaiting
+                                               or self.write_blocked)
         if unfinished and now >= self.frame_began + timeout:
             self._send(protocol.error_response(None, Timeout(
                 f"a frame was begun and not finished within {timeout:g} s")))
@@ -131,12 +138,18 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = now = self.loop.time()
+        self.last_active = self.loop.time()
+        self.buf += data
+        self._take_frames()
+
+    def _take_frames(self) -> None:
+        """Dispatches the whole frames in buf; while the answers back up
+        (write_blocked) the rest waits for resume_writing()."""
+        now = self.loop.time()
         buf = self.buf
-        buf += data
         start = 0
         try:
-            while len(buf) - start >= 4:
+            while len(buf) - start >= 4 and not self.write_blocked:
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
                     raise TooLarge(f"frame of {n} bytes exceeds the maximum of "
@@ -173,8 +186,23 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
 
     def _budget_came(self) -> None:
         self.frame_began = self.last_active = self.loop.time()
-        if not self.paused:
+        self._resume()
+
+    def _resume(self) -> None:
+        if not (self.paused or self.awaiting or self.write_blocked or self.closing):
             self.transport.resume_reading()
+
+    # -- asyncio's write flow control: answers above the high-water mark
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        if not self.closing:
+            self._take_frames()  # frames read before the pause
+            self._resume()
 
     def _dispatch(self, message: dict) -> None:
         rid = message.get("id")
@@ -239,8 +267,7 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
                 self._close()
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
-            if not self.awaiting:
-                self.transport.resume_reading()
+            self._resume()
 
     async def _run(self, handler, rid: Any, message: dict) -> None:
         try:
@@ -259,7 +286,9 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
-        self.transport.close()
+        # A client that reads nothing would keep a closing transport with
+        # its answers forever.
+        (self.transport.abort if self.write_blocked else self.transport.close)()
 
 
 def _model_args(message: dict) -> tuple[str, int | None]:
