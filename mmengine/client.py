@@ -34,9 +34,7 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
-# A payload this small is sent whole before any answer is read: it fits the
-# kernel's socket buffers, so sending it cannot wait on the server.
-SEND_AT_ONCE = 64 << 10
+SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are read
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -129,7 +127,16 @@ class _Connection:
     def alive(self) -> bool:
         self.trusted = time.monotonic() - self.last_used < self.TRUSTED_IDLE_S
         # Nothing is in flight on a pooled socket: readable means closed.
-        return self.trusted or not select.select([self.sock], [], [], 0)[0]
+        return self.trusted or not self._ready(select.POLLIN, 0.0)
+
+    def _ready(self, events: int, timeout: float | None) -> int:
+        """The poll events of `events` that the socket has, waiting up to
+        `timeout` (None: for ever). poll, not select: no limit on the
+        descriptor's number."""
+        poller = select.poll()
+        poller.register(self.sock, events)
+        got = poller.poll(None if timeout is None else timeout * 1e3)
+        return got[0][1] if got else 0
 
     def set_timeout(self, timeout: float) -> None:
         if timeout != self.timeout:
@@ -137,25 +144,27 @@ class _Connection:
             self.timeout = timeout
 
     def exchange(self, payload: bytes, ids: list[int]) -> dict[int, dict]:
-        """Sends `payload` and returns the answers to `ids` by id. A payload
-        larger than the kernel surely buffers is sent as the server takes
-        it, reading answers meanwhile: the server stops reading a client
-        whose answers back up, so one that sent a large batch before reading
-        anything could wait for it forever."""
+        """Sends `payload` and returns the answers to `ids` by id. Several
+        requests are sent as the server takes them while their answers are
+        read: the server stops reading a client whose answers back up, so a
+        client that sent a large batch before reading could wait for ever.
+        (One request cannot back up: its answer comes after its last byte.)"""
         got: dict[int, dict] = {}
-        if len(payload) <= SEND_AT_ONCE:
+        if len(ids) == 1:
             self.sock.sendall(payload)
         else:
             view, sent = memoryview(payload), 0
             while sent < len(view):
-                readable, writable, _ = select.select([self.sock], [self.sock], [],
-                                                      self.timeout)
-                if not readable and not writable:
+                events = self._ready(select.POLLIN | select.POLLOUT, self.timeout)
+                if not events:
                     raise socket.timeout("timed out")
-                if writable:
-                    sent += self.sock.send(view[sent:sent + SEND_AT_ONCE])
-                if readable:
+                if events & ~select.POLLOUT:  # answers, or the end of the stream
                     self._receive(got)
+                if events & select.POLLOUT:
+                    try:  # never waits: the socket may be a blocking one
+                        sent += self.sock.send(view[sent:sent + SEND_CHUNK], socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
         while len(got) < len(ids):
             self._receive(got)
         return got

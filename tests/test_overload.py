@@ -9,6 +9,7 @@ import concurrent.futures
 import http.client
 import json
 import re
+import signal
 import socket
 import struct
 import threading
@@ -284,10 +285,10 @@ def small_receive_buffer(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
 
 
-def big_http_request() -> bytes:
-    """A KServe request to "big" for a 1 MiB binary answer."""
+def big_http_request(nbytes: int = MiB) -> bytes:
+    """A KServe request to "big" for a binary answer of `nbytes`."""
     header = json.dumps({"inputs": [{"name": "n", "shape": [1], "datatype": "INT64",
-                                     "data": [MiB // 4]}],
+                                     "data": [nbytes // 4]}],
                          "parameters": {"binary_data_output": True}}).encode()
     return (b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(header), header))
@@ -361,23 +362,42 @@ def impatient(request, tmp_path_factory):
                  MMENGINE_HTTP_IDLE_TIMEOUT_S=str(IDLE_S))
 
 
+def big_request(protocol_name: str, nbytes: int) -> bytes:
+    """A request to "big" for an answer of `nbytes` (a multiple of 4)."""
+    if protocol_name == "http":
+        return big_http_request(nbytes)
+    return protocol.frame({"id": 1, "op": "infer", "model": "big",
+                           "inputs": protocol.encode_tensors({"n": np.array([nbytes // 4])})})
+
+
 def server_has_connection_from(pid: int, sock: socket.socket) -> bool:
     port = sock.getsockname()[1]
     return any(c.raddr and c.raddr.port == port
                for c in psutil.Process(pid).net_connections("tcp"))
 
 
+def read_to_the_end(sock: socket.socket, pace_s: float = 0.0) -> int:
+    """Reads 256 KiB at a time (sleeping `pace_s` after each) until the
+    server closes; the bytes read."""
+    got = 0
+    while data := sock.recv(256 << 10):
+        got += len(data)
+        time.sleep(pace_s)
+    return got
+
+
 @pytest.mark.parametrize("protocol_name", ["tcp", "http"])
-def test_a_client_that_reads_nothing_is_dropped_once_idle(impatient, protocol_name):
+@pytest.mark.parametrize("requests, nbytes", [(8, MiB), (1, 9 * MiB // 2)],
+                         ids=["8x1MiB", "1x4.5MiB"])
+def test_a_client_that_reads_nothing_is_dropped_once_idle(impatient, protocol_name,
+                                                           requests, nbytes):
     # Its answers stay unsent; a plain close would wait for them to be read,
-    # keeping the connection and its buffers for ever.
-    request = big_http_request() if protocol_name == "http" else protocol.frame(
-        {"id": 1, "op": "infer", "model": "big",
-         "inputs": protocol.encode_tensors({"n": np.array([MiB // 4])})})
+    # keeping the connection and its buffers for ever. 4.5 MiB: above what
+    # the kernels hold, below the write allowance (the server still reads).
     with socket.create_connection(impatient[protocol_name], timeout=30) as sock:
         small_receive_buffer(sock)
-        sock.sendall(request * 8)  # 8 MiB of answers, none of them read
-        deadline = time.monotonic() + IDLE_S + 20
+        sock.sendall(big_request(protocol_name, nbytes) * requests)
+        deadline = time.monotonic() + 2 * IDLE_S + 20
         time.sleep(0.5)
         assert server_has_connection_from(impatient["pid"], sock)
         while server_has_connection_from(impatient["pid"], sock):
@@ -385,6 +405,53 @@ def test_a_client_that_reads_nothing_is_dropped_once_idle(impatient, protocol_na
             time.sleep(0.1)
     with Client(impatient["tcp"]) as c:  # and it serves on
         assert c.infer("big", {"n": np.array([2])})["y"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("protocol_name", ["tcp", "http"])
+def test_a_slow_reader_gets_its_whole_answer_past_the_idle_timeout(impatient, protocol_name):
+    # 16 MiB read at about 4 MiB/s: four idle timeouts, every one of them
+    # with answers going out.
+    with socket.create_connection(impatient[protocol_name], timeout=30) as sock:
+        small_receive_buffer(sock)
+        sock.sendall(big_request(protocol_name, 16 * MiB))
+        t0 = time.monotonic()
+        got = 0
+        while got < 16 * MiB and time.monotonic() - t0 < 60:
+            data = sock.recv(256 << 10)
+            assert data, f"the server closed the connection after {got} bytes"
+            got += len(data)
+            time.sleep(1 / 16)
+    assert time.monotonic() - t0 > 2 * IDLE_S
+
+
+def test_a_client_that_half_closes_gets_its_large_answer(server):
+    # The answer is past the write allowance when the client's end of the
+    # stream is read; it goes out whole, then the connection closes.
+    with socket.create_connection(server["tcp"], timeout=60) as sock:
+        sock.sendall(big_request("tcp", 6 * MiB))  # the server's ring holds 8 MiB
+        sock.shutdown(socket.SHUT_WR)
+        answer = protocol.decode(read_exactly(sock, protocol.LENGTH.unpack(
+            read_exactly(sock, 4))[0]))
+        assert answer["ok"], answer
+        assert protocol.decode_tensors(answer["outputs"])["y"].nbytes == 6 * MiB
+        assert sock.recv(1) == b""
+
+
+def test_a_stopping_server_sends_the_answers_it_has_made(request, tmp_path):
+    # SIGTERM while 64 MiB of answers are going out to a client that reads
+    # them at its own pace: it gets all of them before the server exits.
+    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+    served = start(request, tmp_path)
+    with socket.create_connection(served["tcp"], timeout=60) as sock:
+        small_receive_buffer(sock)
+        sock.sendall(big_request("tcp", 4 * MiB) * 16)
+        stopping = threading.Timer(1.0, served["proc"].proc.send_signal, [signal.SIGTERM])
+        stopping.start()
+        try:
+            assert read_to_the_end(sock, pace_s=1 / 64) >= 16 * 4 * MiB
+        finally:
+            stopping.cancel()
+    assert served["proc"].stop() == 0
 
 
 # -- many connections, each with one large request -------------------------------------

@@ -3,7 +3,9 @@ the SDK and raw sockets against it, and the other CLI commands."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import resource
 import socket
 import time
 import subprocess
@@ -137,23 +139,47 @@ def test_infer_many_pipelines_and_keeps_request_order(address):
                                    **TOL)
 
 
-@pytest.mark.parametrize("requests", ["small", "large"])
-def test_infer_many_of_answers_past_the_write_allowance(address, requests):
+@pytest.mark.parametrize("requests, timeout", [("small", 60), ("large", 60),
+                                               ("large", None)])
+def test_infer_many_of_answers_past_the_write_allowance(address, requests, timeout):
     # The server reads no further from a client whose answers back up; the
     # SDK reads answers while it sends, so a batch of 32 MiB of answers is
-    # answered whole whether its requests are small (sent at once) or as
-    # large as their answers (sent as the server takes them).
+    # answered whole whether its requests are small or as large as their
+    # answers, on a socket with a timeout or a blocking one (None).
     n, count = 128 << 10, 64  # 512 KiB answers
     if requests == "small":
         batch = [("echo", {"n": np.array([n])}) for _ in range(count)]
     else:
         batch = [("echo", {"x": np.full(n, i, np.float32)}) for i in range(count)]
-    with Client(address, timeout=60) as c:
-        outs = c.infer_many(batch)
+    with Client(address, timeout=timeout) as c:
+        outs = c.infer_many(batch, timeout=None if timeout is None else 50)
     assert len(outs) == count
     for i, out in enumerate(outs):
         assert out["y"].shape == (n,)
         assert out["y"][0] == out["y"][-1] == (1.0 if requests == "small" else i)
+
+
+def test_the_client_works_with_descriptors_past_1024(address):
+    # select() cannot watch a descriptor numbered 1024 or more; the SDK polls.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with Client(address) as c:
+            x = x_for(np.random.default_rng(3))
+            outs = c.infer_many([("m00", {"x": x})] * 3)
+            assert c._pool[-1].sock.fileno() >= 1024
+            assert c.infer("m00", {"x": x})["y"].shape == outs[0]["y"].shape
+            time.sleep(0.2)  # past TRUSTED_IDLE_S: the pooled socket is polled first
+            assert c.infer("m00", {"x": x})["y"].shape == outs[0]["y"].shape
+        for out in outs:
+            np.testing.assert_allclose(out["y"], reference("m00", x), **TOL)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_pipelined_control_operations_take_effect_in_order(address):

@@ -241,7 +241,7 @@ class HttpServer(Listener):
         self.idle_timeout_s = idle_timeout_s
 
 
-class _HttpConnection(BudgetedReading, asyncio.Protocol):
+class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
     """One connection: parses with httptools, answers requests in order."""
 
     def __init__(self, server: HttpServer):
@@ -344,15 +344,28 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
 
     def _on_idle(self) -> None:
         self.idle = None
-        if self.transport is None or self.transport.is_closing():
-            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        unsent = self._note_reading(now)
         due = self.last_active + self.server.idle_timeout_s
-        if asyncio.get_running_loop().time() < due:
-            self.idle = asyncio.get_running_loop().call_at(due, self._on_idle)
+        if self.transport.is_closing():  # closed, its last answers going out as it reads
+            if unsent:
+                if now >= due:
+                    self.transport.abort()
+                else:
+                    self.idle = loop.call_at(due, self._on_idle)
+        elif now < due:
+            self.idle = loop.call_at(due, self._on_idle)
         elif self.current is None:  # a request in progress re-arms it when answered
-            # A client that reads nothing would keep a closing transport
-            # with its answers forever.
-            (self.transport.abort if self.write_blocked else self.transport.close)()
+            self._close()
+
+    def _close(self) -> None:
+        """Closes once the answers written are read; the idle timer goes on
+        watching them go out (see listener.WatchedWrites)."""
+        self.transport.close()
+        if self.idle is None:
+            self.idle = asyncio.get_running_loop().call_at(
+                self.last_active + self.server.idle_timeout_s, self._on_idle)
 
     def _fail(self, e: MMEngineError) -> None:
         """An unusable stream: answer after what is queued, then close; read
@@ -453,7 +466,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
                 self._resume()
             if isinstance(item, MMEngineError):  # the stream is unusable
                 self._write(error_response(item), keep_alive=False)
-                self.transport.close()
+                self._close()
                 return
             try:
                 answer = self._start(item)
@@ -467,7 +480,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
             if not self._respond(item, answer):
                 return
         if self.current is None and not self.queue and self.eof:
-            self.transport.close()
+            self._close()
 
     def _start(self, request: Request) -> Response | Later:
         handler, params, is_async = self.server.router.match(request.method, request.path)
@@ -495,7 +508,7 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
         if not request.keep_alive:
             self._write(response, keep_alive=False)
             self.dead = True
-            self.transport.close()
+            self._close()
             return False
         self._write(response, keep_alive=True)
         return True

@@ -27,6 +27,28 @@ def allow_writes(transport: asyncio.Transport) -> None:
     transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
 
+class WatchedWrites:
+    """A connection's unsent answers, watched by its idle timer: a client
+    that reads them, however slowly, is active; one that reads nothing for
+    an idle timeout (two at most) is cut off with an abort, since a close
+    waits for them to be read and would keep the connection for ever. The
+    protocol calls `_note_reading(now)` on each tick of its idle timer."""
+
+    transport: asyncio.Transport
+    last_active = 0.0
+    unsent_seen = 0  # the unsent bytes at the last tick
+
+    def _note_reading(self, now: float) -> int:
+        """Counts the client reading answers since the last tick as
+        activity, and so the first tick that finds answers unsent (it has
+        nothing to compare with); returns the bytes still unsent."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and (unsent < self.unsent_seen or not self.unsent_seen):
+            self.last_active = now
+        self.unsent_seen = unsent
+        return unsent
+
+
 class Listener:
     """Each connection protocol it makes registers itself with `admit` and
     answers `pending()`: the futures of the requests it has in flight.
@@ -87,10 +109,17 @@ class Listener:
             if left <= 0:
                 break
             await asyncio.wait(pending, timeout=left)
+        # Answers still unsent go out while their clients read them (the
+        # loop would stop under a closing transport before it flushed).
+        while time.monotonic() < deadline and any(
+                c.transport.get_write_buffer_size() for c in self.connections):
+            await asyncio.sleep(DRAIN_POLL_S)
         for c in list(self.connections):
             c.transport.close()
         await self._server.wait_closed()
 
+
+DRAIN_POLL_S = 0.01  # how often a stopping server looks at unsent answers
 
 #: A request body at least this large is received only against the budget;
 #: smaller ones are bounded by each connection's own limits.

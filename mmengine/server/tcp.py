@@ -50,7 +50,7 @@ class TcpServer(Listener):
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
 
 
-class _Connection(listener.BudgetedReading, asyncio.Protocol):
+class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
     def __init__(self, server: TcpServer):
         self.server = server
         self.engine = server.engine
@@ -110,10 +110,16 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
 
     def _on_idle(self) -> None:
         self.idle = None
-        if self.closing:
-            return
         now = self.loop.time()
         timeout = self.server.idle_timeout_s
+        unsent = self._note_reading(now)
+        if self.closing:  # closed, its last answers going out while it reads them
+            if unsent:
+                if now >= self.last_active + timeout:
+                    self.transport.abort()
+                else:
+                    self._arm(self.last_active + timeout)
+            return
         # An unfinished frame counts only while its connection is read: one
         # waiting for the receive budget, for fewer requests in flight or for
         # its client to read its answers is not the client's slow frame
@@ -200,7 +206,9 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_blocked = False
-        if not self.closing:
+        if not self.closing and not self.transport.is_closing():  # stop() closes it too
+            if self.buf:  # a frame begun before the pause: its time starts now
+                self.frame_began = self.loop.time()
             self._take_frames()  # frames read before the pause
             self._resume()
 
@@ -285,10 +293,12 @@ class _Connection(listener.BudgetedReading, asyncio.Protocol):
             self.transport.write(protocol.frame(message))
 
     def _close(self) -> None:
+        """Closes once the answers written are read; the idle timer goes on
+        watching them go out (see listener.WatchedWrites)."""
         self.closing = True
-        # A client that reads nothing would keep a closing transport with
-        # its answers forever.
-        (self.transport.abort if self.write_blocked else self.transport.close)()
+        self.transport.close()
+        if self.idle is None:
+            self._arm(self.last_active + self.server.idle_timeout_s)
 
 
 def _model_args(message: dict) -> tuple[str, int | None]:
