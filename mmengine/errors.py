@@ -118,6 +118,12 @@ _BY_CODE = {
 }
 
 
+def cancelled() -> Overloaded:
+    """The answer to a request whose future was cancelled under it: only a
+    stopping engine cancels, so the client should retry elsewhere."""
+    return Overloaded("the request was cancelled: the server is shutting down")
+
+
 def error_for(code: int, message: str) -> MMEngineError:
     """The exception for a wire code; an unknown code is an internal error."""
     try:

@@ -38,7 +38,7 @@ import httptools
 import numpy as np
 import orjson
 
-from mmengine import trace
+from mmengine import errors, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
@@ -533,9 +533,8 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
     if isinstance(e, MMEngineError):
         return error_response(e)
-    if isinstance(e, asyncio.CancelledError):  # the engine stopped under it
-        return error_response(Overloaded("the request was cancelled: the server is "
-                                         "shutting down"))
+    if isinstance(e, asyncio.CancelledError):
+        return error_response(errors.cancelled())
     return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
 
 

@@ -31,7 +31,7 @@ import math
 import time
 from typing import Any
 
-from mmengine import protocol, trace
+from mmengine import errors, protocol, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
                              TooLarge)
@@ -253,7 +253,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def _on_answer(self, rid: Any, t_submit: int, fut: asyncio.Future) -> None:
         if fut.cancelled():
-            self._send(protocol.error_response(rid, InternalError("request cancelled")))
+            self._send(protocol.error_response(rid, errors.cancelled()))
             return
         e = fut.exception()
         if e is None:
