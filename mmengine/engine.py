@@ -262,14 +262,12 @@ class Engine:
             if worker.in_flight >= self.config.max_queue_per_worker:
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
                                  f"in flight; retry later")
-            fut = worker.call(Op.INFER, key[0], key[1], arrays,
-                              on_done=lambda: self._unpin_request(key, gen))
+            return worker.call(Op.INFER, key[0], key[1], arrays,
+                               on_done=lambda: self._unpin_request(key, gen),
+                               deadline=deadline)
         except BaseException:
             self._unpin_request(key, gen)
             raise
-        timer = worker.loop.call_at(self._loop_deadline(deadline), _expire, fut, key[0])
-        fut.add_done_callback(lambda _: timer.cancel())
-        return fut
 
     @staticmethod
     def _loop_deadline(deadline: float) -> float:
@@ -931,11 +929,6 @@ class _ByteGate:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-
-
-def _expire(fut: asyncio.Future, name: str) -> None:
-    if not fut.done():
-        fut.set_exception(Timeout(f"{name}: no answer within the request's deadline"))
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -10,15 +10,18 @@ anything can fail.
 rings on the event loop. `call` writes a request (or queues it while the
 request ring is full, without blocking the loop) and returns a future that
 the response reader resolves; a death fails every future in flight with
-WorkerDied. For `poll_us` after a request the reader polls the response
-ring once per turn of the loop rather than waiting to be woken (not while
-the worker loads: it needs the CPU then).
+WorkerDied, and a request's deadline fails its future with Timeout (one
+timer per worker, armed for the nearest deadline: most requests arm none).
+For `poll_us` after a request the reader polls the response ring once per
+turn of the loop rather than waiting to be woken (not while the worker
+loads: it needs the CPU then).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import itertools
+import math
 import os
 import pickle
 import subprocess
@@ -31,11 +34,15 @@ import mmengine
 
 from mmengine import messages, resources
 from mmengine.config import Config
-from mmengine.errors import InternalError, RingClosed, TooLarge, WorkerDied, error_for
+from mmengine.errors import (InternalError, RingClosed, Timeout, TooLarge, WorkerDied,
+                             error_for)
 from mmengine.messages import Op
 from mmengine.ring import Ring
 
 _BURST = 64  # responses handled before the response ring's space is handed back
+# uvloop's clock counts milliseconds: a deadline this close is due now
+# (else its timer, firing a hair early, would be armed again and again).
+_CLOCK_S = 1e-3
 CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 
 
@@ -126,9 +133,12 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        # id -> (future, on_done): on_done runs when the worker is finished
-        # with the request (answered, or dead), even if the caller gave up.
-        self._pending: dict[int, tuple[asyncio.Future, Callable | None]] = {}
+        # id -> (future, on_done, t_sent, deadline, model): on_done runs when
+        # the worker is finished with the request (answered, or dead), even
+        # if the caller gave up.
+        self._pending: dict[int, tuple] = {}
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # the deadline it is armed for
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
@@ -194,8 +204,9 @@ class Worker:
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
         self._loading.clear()
-        for fut, on_done, _ in pending.values():
+        for fut, on_done, *_ in pending.values():
             _finish(fut, on_done, WorkerDied(why))
+        self._disarm_deadlines()
         self._infer.clear()
         self._control.clear()
         if self.on_death is not None:
@@ -235,11 +246,14 @@ class Worker:
     # -- requests ------------------------------------------------------------
 
     def call(self, op: Op, model: str, version: int, arrays: dict | None = None,
-             params: dict | None = None, on_done: Callable | None = None) -> asyncio.Future:
+             params: dict | None = None, on_done: Callable | None = None,
+             deadline: float = math.inf) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
-        Never blocks: a full ring queues the request in order."""
+        Past `deadline` (time.monotonic()) the future fails with Timeout; the
+        request still runs, and on_done waits for it. Never blocks: a full
+        ring queues the request in order."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -248,7 +262,9 @@ class Worker:
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done, t_sent)
+        self._pending[rid] = (fut, on_done, t_sent, deadline, model)
+        if deadline < self._timer_at:
+            self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
         elif self._poll_s and not self._loading:
@@ -258,6 +274,37 @@ class Worker:
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
         return fut
+
+    def _arm_deadline(self, deadline: float) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._timer_at = deadline
+        self._deadline_timer = self.loop.call_at(
+            self.loop.time() + (deadline - time.monotonic()), self._expire_due)
+
+    def _disarm_deadlines(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._timer_at = math.inf
+
+    def _expire_due(self) -> None:
+        """Fails the requests whose deadline passed and arms the timer for
+        the nearest one left: a scan of what is in flight, each time the
+        nearest deadline known when the timer was armed comes (a timer and
+        its cancel per request cost 2.7 us; with one timeout for all, most
+        requests find the timer armed for an earlier deadline)."""
+        self._deadline_timer, self._timer_at = None, math.inf
+        due, nearest = time.monotonic() + _CLOCK_S, math.inf
+        for fut, _, _, deadline, model in self._pending.values():
+            if fut.done():
+                continue
+            if deadline <= due:
+                fut.set_exception(Timeout(f"{model}: no answer within the request's deadline"))
+            elif deadline < nearest:
+                nearest = deadline
+        if nearest < math.inf:
+            self._arm_deadline(nearest)
 
     # -- responses -----------------------------------------------------------
 
@@ -316,7 +363,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent = self._pending.pop(rid, (None, None, 0))
+        fut, on_done, t_sent, _, _ = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         self._loading.discard(rid)
@@ -334,6 +381,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         _finish(fut, on_done, result)
+
+
+_NOT_PENDING = (None, None, 0, math.inf, "")
 
 
 def _finish(fut: asyncio.Future, on_done: Callable | None, result) -> None:

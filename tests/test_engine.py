@@ -14,8 +14,8 @@ from conftest import live_pids, run, write_problem_models
 from mmengine import demo, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, TooLarge,
-                             WorkerDied)
+from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, Timeout,
+                             TooLarge, WorkerDied)
 from mmengine.storage import Repository
 
 DIMS = (16, 64, 8)  # in, hidden, out: 6,432 bytes of weights each
@@ -224,6 +224,42 @@ def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments
     rows = {r["name"]: r for r in stats["models"]}
     assert rows["corrupt"]["state"] == "failed"
     assert "safetensors" in rows["corrupt"]["last_error"]
+
+
+def test_each_request_fails_at_its_own_deadline(repo, own_segments):
+    # One worker runs "slow" requests one at a time: the three behind the
+    # first wait for it. Deadlines come in an order that makes the worker's
+    # one timer move earlier, then go on to the next nearest once it fires.
+    root, _ = repo
+
+    def slow(seconds: float) -> dict:
+        return {"seconds": np.array([seconds])}
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.load("slow")
+            t0 = time.monotonic()
+            calls = [engine.infer("slow", slow(0.8), timeout=10),
+                     engine.infer("slow", slow(0.0), timeout=0.2),
+                     engine.infer("slow", slow(0.0), timeout=0.45),
+                     engine.infer("slow", slow(0.0), timeout=10)]
+
+            async def timed(call):
+                try:
+                    return await call, time.monotonic() - t0
+                except Timeout as e:
+                    return e, time.monotonic() - t0
+
+            results = await asyncio.gather(*map(timed, calls))
+            pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
+            return results, pins
+
+    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins = run(main())
+    assert pins == 0  # the timed-out requests' pins went when the worker was done
+    assert first["y"][0] == 1.6 and fourth["y"][0] == 0.0
+    assert 0.8 <= t1 and 0.8 <= t4
+    assert isinstance(second, Timeout) and 0.2 <= t2 < 0.7, t2
+    assert isinstance(third, Timeout) and 0.45 <= t3 < 0.8, t3
 
 
 def test_every_backend_loads_and_answers(repo, own_segments):
