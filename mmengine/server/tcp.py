@@ -66,6 +66,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.last_active = 0.0   # loop time of the last bytes read or last answer
         self.frame_began = 0.0   # loop time the unfinished frame in buf began; 0: none
         self.eof = False         # the client half-closed: close once its answers are out
+        self.unsent: list[bytes] | None = None  # answers to write at the end of this turn
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -289,12 +290,28 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
 
     def _send(self, message: dict) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.transport.write(protocol.frame(message))
+        if self.closing or self.transport.is_closing():
+            return
+        frame = protocol.frame(message)
+        if self.unsent is not None:
+            self.unsent.append(frame)
+        elif len(self.tasks) > 1:
+            # More answers are coming: those of this turn of the loop go out
+            # in one write (a write to a socket costs more than the answer).
+            self.unsent = [frame]
+            self.loop.call_soon(self._flush)
+        else:
+            self.transport.write(frame)
+
+    def _flush(self) -> None:
+        unsent, self.unsent = self.unsent, None
+        if unsent and not self.transport.is_closing():
+            self.transport.writelines(unsent)
 
     def _close(self) -> None:
         """Closes once the answers written are read; the idle timer goes on
         watching them go out (see listener.WatchedWrites)."""
+        self._flush()
         self.closing = True
         self.transport.close()
         if self.idle is None:
