@@ -161,7 +161,9 @@ class _Connection:
                 if events & ~select.POLLOUT:  # answers, or the end of the stream
                     self._receive(got)
                 if events & select.POLLOUT:
-                    try:  # never waits: the socket may be a blocking one
+                    # MSG_DONTWAIT: a blocking socket (timeout None) must not
+                    # wait here while answers wait to be read.
+                    try:
                         sent += self.sock.send(view[sent:sent + SEND_CHUNK], socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         pass

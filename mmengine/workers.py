@@ -204,9 +204,9 @@ class Worker:
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
         self._loading.clear()
+        self._disarm_deadlines()
         for fut, on_done, *_ in pending.values():
             _finish(fut, on_done, WorkerDied(why))
-        self._disarm_deadlines()
         self._infer.clear()
         self._control.clear()
         if self.on_death is not None:

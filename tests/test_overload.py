@@ -437,6 +437,30 @@ def test_a_client_that_half_closes_gets_its_large_answer(server):
         assert sock.recv(1) == b""
 
 
+def test_a_client_that_half_closes_gets_answers_made_in_a_busy_turn(impatient):
+    # Connection A pipelines two requests and half-closes while the loop is
+    # busy writing B's large answer: A's two answers are made in one turn
+    # and written together at its end, and its end of stream may be read
+    # before that. Its answers must still go out.
+    def small(rid: int) -> bytes:
+        return protocol.frame({"id": rid, "op": "infer", "model": "big",
+                               "inputs": protocol.encode_tensors({"n": np.array([4])})})
+
+    for delay_ms in range(0, 180, 30):
+        with socket.create_connection(impatient["tcp"], timeout=30) as b, \
+                socket.create_connection(impatient["tcp"], timeout=30) as a:
+            b.sendall(big_request("tcp", 32 * MiB))
+            a.sendall(small(1) + small(2))
+            time.sleep(delay_ms / 1e3)
+            a.shutdown(socket.SHUT_WR)
+            answers = [protocol.decode(read_exactly(a, protocol.LENGTH.unpack(
+                read_exactly(a, 4))[0])) for _ in range(2)]
+            assert sorted(x["id"] for x in answers) == [1, 2], (delay_ms, answers)
+            assert all(x["ok"] for x in answers), answers
+            assert a.recv(1) == b""
+            assert read_to_the_end(b) > 32 * MiB
+
+
 def test_a_stopping_server_sends_the_answers_it_has_made(request, tmp_path):
     # SIGTERM while 64 MiB of answers are going out to a client that reads
     # them at its own pace: it gets all of them before the server exits.

@@ -362,6 +362,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
     def _close(self) -> None:
         """Closes once the answers written are read; the idle timer goes on
         watching them go out (see listener.WatchedWrites)."""
+        if self.transport.is_closing():  # closed before, or lost
+            return
         self.transport.close()
         if self.idle is None:
             self.idle = asyncio.get_running_loop().call_at(

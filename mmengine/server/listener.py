@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
+import struct
+import termios
 import time
 import weakref
 from typing import Callable
@@ -32,21 +35,38 @@ class WatchedWrites:
     that reads them, however slowly, is active; one that reads nothing for
     an idle timeout (two at most) is cut off with an abort, since a close
     waits for them to be read and would keep the connection for ever. The
-    protocol calls `_note_reading(now)` on each tick of its idle timer."""
+    protocol calls `_note_reading(now)` on each tick of its idle timer, and
+    `flush()` writes what it holds back until the end of a turn of the loop
+    (nothing, unless it coalesces its writes)."""
 
     transport: asyncio.Transport
     last_active = 0.0
     unsent_seen = 0  # the unsent bytes at the last tick
 
+    def flush(self) -> None:
+        pass
+
     def _note_reading(self, now: float) -> int:
         """Counts the client reading answers since the last tick as
         activity, and so the first tick that finds answers unsent (it has
-        nothing to compare with); returns the bytes still unsent."""
-        unsent = self.transport.get_write_buffer_size()
+        nothing to compare with); returns the bytes still unsent. The
+        kernel's share counts too: a slow reader drains it long before the
+        transport's own buffer moves."""
+        unsent = self.transport.get_write_buffer_size() + _kernel_unsent(self.transport)
         if unsent and (unsent < self.unsent_seen or not self.unsent_seen):
             self.last_active = now
         self.unsent_seen = unsent
         return unsent
+
+
+def _kernel_unsent(transport: asyncio.Transport) -> int:
+    """Bytes in the socket's send queue that its peer has not acknowledged
+    (Linux's SIOCOUTQ); 0 where that is not known."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class Listener:
@@ -110,12 +130,17 @@ class Listener:
                 break
             await asyncio.wait(pending, timeout=left)
         # Answers still unsent go out while their clients read them (the
-        # loop would stop under a closing transport before it flushed).
-        while time.monotonic() < deadline and any(
-                c.transport.get_write_buffer_size() for c in self.connections):
+        # loop would stop under a closing transport before it flushed);
+        # past the deadline, those nobody has read are dropped.
+        while True:
+            for c in self.connections:
+                c.flush()
+            if time.monotonic() >= deadline or not any(
+                    c.transport.get_write_buffer_size() for c in self.connections):
+                break
             await asyncio.sleep(DRAIN_POLL_S)
         for c in list(self.connections):
-            c.transport.close()
+            (c.transport.abort if c.transport.get_write_buffer_size() else c.transport.close)()
         await self._server.wait_closed()
 
 

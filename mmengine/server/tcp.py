@@ -98,6 +98,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
+        self.flush()  # those of this turn: a close now would drop them
         if not self.tasks:
             return None  # close now
         self.eof = True
@@ -299,11 +300,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             # More answers are coming: those of this turn of the loop go out
             # in one write (a write to a socket costs more than the answer).
             self.unsent = [frame]
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self.flush)
         else:
             self.transport.write(frame)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         unsent, self.unsent = self.unsent, None
         if unsent and not self.transport.is_closing():
             self.transport.writelines(unsent)
@@ -311,7 +312,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
     def _close(self) -> None:
         """Closes once the answers written are read; the idle timer goes on
         watching them go out (see listener.WatchedWrites)."""
-        self._flush()
+        if self.closing:  # closed before, or lost
+            return
+        self.flush()
         self.closing = True
         self.transport.close()
         if self.idle is None:
