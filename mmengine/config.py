@@ -46,9 +46,10 @@ class Config:
     threads_per_worker: int = 0          # torch threads per CPU worker; 0: cores / workers
     # Threads that read one model file at once in each worker (the kernel's
     # copy out of the page cache runs on the reading thread, ~5.5 GB/s each
-    # here); 0: half the worker's share of the cores, from 1 to 4, since
+    # here); 0: half the worker's share of the cores while it serves, since
     # readers on every core stall inference (a small model's p99 during
-    # loads on 2 cores: ~0.7 ms with one reader, 3-5 ms with two).
+    # loads on 2 cores: ~0.7 ms with one reader, 3-5 ms with two), and all
+    # of its share once it has served nothing for 0.1 s; 1 to 4 either way.
     load_threads: int = 0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total

@@ -28,6 +28,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable
 from typing import BinaryIO
 
 import torch
@@ -131,8 +132,15 @@ def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
     _fill(memoryview(out.numpy()), lambda part, _: f.readinto(part))
 
 
+def _never() -> bool:
+    return False
+
+
 class Readers:
-    """Positional reads of one file range by `threads` threads at once.
+    """Positional reads of one file range by several threads at once:
+    `threads` while the worker serves, `idle_threads` while `idle()` says it
+    has served nothing for a while (a load then takes the cores inference is
+    not using; each read decides when it starts).
 
     Reading from the page cache is a copy by the kernel on the reading
     thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
@@ -143,8 +151,11 @@ class Readers:
     #: A part smaller than this is not worth a thread's wake-up.
     MIN_PART = 4 << 20
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, idle_threads: int = 0,
+                 idle: Callable[[], bool] = _never) -> None:
         self.threads = max(1, threads)
+        self.idle_threads = max(self.threads, idle_threads)
+        self.idle = idle
         self._pool: ThreadPoolExecutor | None = None
 
     def read(self, fd: int, offset: int, out: torch.Tensor) -> None:
@@ -152,12 +163,13 @@ class Readers:
         ValueError if the file ends first."""
         view = memoryview(out.numpy())
         n = len(view)
-        k = min(self.threads, max(1, n // self.MIN_PART))
+        wide = self.idle_threads > self.threads and self.idle()
+        k = min(self.idle_threads if wide else self.threads, max(1, n // self.MIN_PART))
         if k == 1:
             _pread_into(fd, view, offset)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, "mmengine-reader")
+            self._pool = ThreadPoolExecutor(self.idle_threads - 1, "mmengine-reader")
         cuts = [n * i // k // _PAGE * _PAGE for i in range(k)] + [n]
         parts = [self._pool.submit(_pread_into, fd, view[a:b], offset + a)
                  for a, b in zip(cuts[1:-1], cuts[2:])]
@@ -175,7 +187,7 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     _fill(view, lambda part, at: os.preadv(fd, [part], offset + at))
 
 
-#: The process's readers (a worker's main() sets their number from its config).
+#: The process's readers (a worker's main() replaces them, from its config).
 READERS = Readers()
 
 

@@ -39,6 +39,9 @@ LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at 
 # Building a module from host-tier views is Python under the GIL; at the
 # default 5 ms a small model's p99 during such loads was ~6x its idle p99.
 GIL_SWITCH_S = 0.0005
+# A worker that has served nothing this long is idle: its loads may read
+# with every core of its share (a request that comes meanwhile shares them).
+IDLE_NS = 100_000_000
 
 
 class WorkerLogic:
@@ -51,6 +54,15 @@ class WorkerLogic:
         self.device = device
         self.models: dict[Key, object] = {}
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+        # monotonic_ns: when the request being served began (0: none), and
+        # when the last one ended. Written by the serving thread, read by
+        # the loader's.
+        self.serving_since = 0
+        self.served_at = 0
+
+    def idle(self) -> bool:
+        """Whether no request is being served, nor was for IDLE_NS."""
+        return not self.serving_since and time.monotonic_ns() - self.served_at > IDLE_NS
 
     def load(self, name: str, version: int, path: str, allow_code: bool = True,
              host: str | None = None) -> tuple[int, str]:
@@ -280,10 +292,14 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
         try:
             if op != Op.INFER:
                 raise InternalError(f"op {op!r} on the inference ring")
-            t0 = time.monotonic_ns()  # one clock for every process: timings cross
+            # One clock for every process: timings cross.
+            t0 = logic.serving_since = time.monotonic_ns()
             outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
-            out.send(rid, body={"t_recv": t0, "t_done": time.monotonic_ns()}, outputs=outputs)
+            t_done = logic.served_at = time.monotonic_ns()
+            logic.serving_since = 0
+            out.send(rid, body={"t_recv": t0, "t_done": t_done}, outputs=outputs)
         except Exception as e:  # every failure goes back typed
+            logic.serving_since = 0
             out.fail(rid, e)
         finally:
             outputs = None
@@ -312,10 +328,13 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         torch.set_num_threads(config.threads_per_worker or share)
     from mmengine import staging
 
-    staging.READERS.threads = config.load_threads or max(1, min(4, share // 2))
     req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
+    # While it serves, a load reads with half the worker's share of the
+    # cores; while it is idle, with all of it (1 to 4 either way).
+    staging.READERS = staging.Readers(config.load_threads or max(1, min(4, share // 2)),
+                                      config.load_threads or max(1, min(4, share)), logic.idle)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()

@@ -269,3 +269,20 @@ def test_parallel_reads_refuse_a_file_that_ends_early(tmp_path, threads):
     path.write_bytes(b"x" * 20_000)
     with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
         readers.read(f.fileno(), 0, torch.zeros(30_000, dtype=torch.uint8))
+
+
+def test_reads_widen_while_the_worker_is_idle(tmp_path):
+    idle = False
+    readers = staging.Readers(1, 3, lambda: idle)
+    readers.MIN_PART = 4096
+    data = np.random.default_rng(9).integers(0, 256, 50_000, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.tobytes())
+    for idle in (False, True):
+        out = torch.zeros(len(data), dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            readers.read(f.fileno(), 0, out)
+        assert np.array_equal(out.numpy(), data)
+        # Serving: this thread alone, no pool. Idle: two helpers besides it.
+        assert (readers._pool is not None) == idle
+    assert len(readers._pool._threads) == 2
