@@ -311,6 +311,27 @@ def test_an_oversized_frame_is_refused_from_its_header(address):
     assert str(largest) in response["error"]["message"]
 
 
+def test_the_sdk_gets_too_large_for_a_request_past_the_maximum_frame(address):
+    # The server refuses the frame from its header but reads the rest away
+    # before it closes: a close under the client's send would reset the
+    # connection and take the error with it (ConnectionResetError before).
+    largest = max(protocol.DEFAULT_MAX_FRAME, Config().max_request_bytes)
+    x = np.zeros(largest // 4 + 1, np.float32)
+    with Client(address) as c:
+        with pytest.raises(TooLarge, match="exceeds the maximum"):
+            c.infer("m00", {"x": x})
+        small = x_for(np.random.default_rng(4))
+        np.testing.assert_allclose(c.infer("m00", {"x": small})["y"], reference("m00", small),
+                                   **TOL)
+
+    async def main():
+        async with AsyncClient(address) as c:
+            with pytest.raises(TooLarge, match="exceeds the maximum"):
+                await c.infer("m00", {"x": x})
+
+    run(main())
+
+
 @pytest.mark.parametrize("body", [b"\xc1\xc1\xc1\xc1", b"\x92\x01", b"\x2a"],
                          ids=["garbage", "truncated", "not-a-map"])
 def test_a_malformed_frame_closes_only_its_connection(address, body):

@@ -2,13 +2,13 @@
 
 One asyncio Protocol per connection, on the engine's loop. Frames are cut
 from the byte stream as they arrive; a frame longer than the configured
-maximum is refused from its 4-byte length alone, before any of its body is
-buffered. Many requests are in flight per connection and answers go back
-as they complete, in any order: an infer is a future of the engine with a
-callback that writes the answer (no task on the hot path), every other
-operation a task. A malformed
-frame gets a typed error and the connection is closed (the stream can no
-longer be trusted); other connections are untouched.
+maximum is refused from its 4-byte length alone, and its body is dropped
+unread as it comes before the connection closes (see _refuse). Many
+requests are in flight per connection and answers go back as they
+complete, in any order: an infer is a future of the engine with a callback
+that writes the answer (no task on the hot path), every other operation a
+task. A malformed frame gets a typed error and the connection is closed
+(the stream can no longer be trusted); other connections are untouched.
 
 Hostile and forgotten clients are bounded: past `max_connections` open
 connections a new one gets an OVERLOADED frame (nil id) and is closed; a
@@ -67,6 +67,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.frame_began = 0.0   # loop time the unfinished frame in buf began; 0: none
         self.eof = False         # the client half-closed: close once its answers are out
         self.unsent: list[bytes] | None = None  # answers to write at the end of this turn
+        self.discard = 0         # bytes of a refused frame still to come, dropped unread
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -147,6 +148,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         if self.closing:
             return
         self.last_active = self.loop.time()
+        if self.discard:
+            self.discard -= len(data)
+            if self.discard <= 0:
+                self._close()
+            return
         self.buf += data
         self._take_frames()
 
@@ -160,8 +166,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             while len(buf) - start >= 4 and not self.write_blocked:
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
-                    raise TooLarge(f"frame of {n} bytes exceeds the maximum of "
-                                   f"{self.server.max_frame}")
+                    self._refuse(n, len(buf) - start - 4)
+                    start = len(buf)  # all of it the refused frame's
+                    return
                 if len(buf) - start - 4 < n:
                     if n >= listener.RESERVE_ABOVE and not (self.reserved or self.awaiting):
                         self._reserve(n)
@@ -188,6 +195,22 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self.frame_began = 0.0
         elif start or not self.frame_began:
             self.frame_began = now
+
+    def _refuse(self, n: int, have: int) -> None:
+        """Refuses a frame longer than the maximum from its header: a
+        TOO_LARGE frame (nil id), the end of our side of the stream, and the
+        refused frame's bytes dropped unread as they come, then the close.
+        Closed at once instead, the connection would be reset under a client
+        still sending the frame (a close with unread bytes resets it), and
+        the reset would discard the error before the client read it."""
+        self._send(protocol.error_response(None, TooLarge(
+            f"frame of {n} bytes exceeds the maximum of {self.server.max_frame}")))
+        self.flush()
+        self.transport.write_eof()
+        self.discard = n - have  # no answer goes out from now on
+        self.frame_began = 0.0
+        if self.discard <= 0:
+            self._close()
 
     def _gone(self) -> bool:
         return self.closing
@@ -291,7 +314,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
 
     def _send(self, message: dict) -> None:
-        if self.closing or self.transport.is_closing():
+        if self.closing or self.discard or self.transport.is_closing():
             return
         frame = protocol.frame(message)
         if self.unsent is not None:
