@@ -50,6 +50,7 @@ MAX_HEADER_BYTES = 64 << 10
 # connection is not read until half of them are answered.
 MAX_PIPELINED = 64
 IDLE_TIMEOUT_S = 60.0
+LINGER_S = 5.0  # see _HttpConnection._linger
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
             413: "Payload Too Large", 431: "Request Header Fields Too Large",
@@ -369,6 +370,19 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.idle = asyncio.get_running_loop().call_at(
                 self.last_active + self.server.idle_timeout_s, self._on_idle)
 
+    def _linger(self) -> None:
+        """Ends our side of the stream after the answer that ends it, and
+        drops what the client still sends until it closes, LINGER_S at
+        most. Closed at once with bytes unread, the connection would be
+        reset, and the reset would take the answer with it: a client
+        sending a body it was refused (413) could not read why."""
+        if self.transport.is_closing():
+            return
+        self.transport.write_eof()
+        self._stop_awaiting()
+        self.transport.resume_reading()  # read, to drop
+        asyncio.get_running_loop().call_later(LINGER_S, self._close)
+
     def _fail(self, e: MMEngineError) -> None:
         """An unusable stream: answer after what is queued, then close; read
         nothing more from it."""
@@ -468,7 +482,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 self._resume()
             if isinstance(item, MMEngineError):  # the stream is unusable
                 self._write(error_response(item), keep_alive=False)
-                self._close()
+                self._linger()
                 return
             try:
                 answer = self._start(item)
