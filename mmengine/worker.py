@@ -299,6 +299,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
             logic.serving_since = 0
             out.send(rid, body={"t_recv": t0, "t_done": t_done}, outputs=outputs)
         except Exception as e:  # every failure goes back typed
+            logic.served_at = time.monotonic_ns()
             logic.serving_since = 0
             out.fail(rid, e)
         finally:

@@ -283,6 +283,6 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
         with open(path, "rb", buffering=0) as f:
             readers.read(f.fileno(), 0, out)
         assert np.array_equal(out.numpy(), data)
-        # Serving: this thread alone, no pool. Idle: two helpers besides it.
+        # Serving: this thread alone, no pool. Idle: a pool of two helpers.
         assert (readers._pool is not None) == idle
-    assert len(readers._pool._threads) == 2
+    assert readers._pool._max_workers == 2

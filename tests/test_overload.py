@@ -578,3 +578,24 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
             await server.stop()
 
     run(main(), timeout=60)
+
+
+def test_a_refused_large_body_gives_its_budget_back_at_once(budget_server):
+    # A body within the limits, fully received, then refused (a URL that
+    # cannot be parsed): its answer is sent while the connection lingers,
+    # and the budget it held goes back then, not when the linger ends.
+    n = RECEIVE_BYTES * 3 // 4
+    with socket.create_connection(budget_server["http"], timeout=30) as a, \
+            socket.create_connection(budget_server["http"], timeout=30) as b:
+        a.sendall(b"POST http://a:99999999/v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % n + bytes(n))
+        assert a.recv(64).startswith(b"HTTP/1.1 400 ")
+        t0 = time.monotonic()
+        body = json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                       "data": [0.0]}]}).encode()
+        body += b" " * (n - len(body))
+        b.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % n + body)
+        assert b.recv(64).startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - t0 < 3.0  # the linger is 5 s
+

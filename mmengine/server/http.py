@@ -378,9 +378,17 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         sending a body it was refused (413) could not read why."""
         if self.transport.is_closing():
             return
-        self.transport.write_eof()
+        # What the request being received holds is nobody's now.
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
         self._stop_awaiting()
+        self._reset()
+        if self.eof:  # the client has sent all it will
+            self._close()
+            return
+        self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
+        # No handle kept: _close on a connection closed meanwhile does nothing.
         asyncio.get_running_loop().call_later(LINGER_S, self._close)
 
     def _fail(self, e: MMEngineError) -> None:

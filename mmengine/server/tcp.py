@@ -167,7 +167,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
                     self._refuse(n, len(buf) - start - 4)
-                    start = len(buf)  # all of it the refused frame's
+                    start = len(buf)  # the refused frame's bytes, and any after it: it ends
                     return
                 if len(buf) - start - 4 < n:
                     if n >= listener.RESERVE_ABOVE and not (self.reserved or self.awaiting):
@@ -208,7 +208,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.flush()
         self.transport.write_eof()
         self.discard = n - have  # no answer goes out from now on
-        self.frame_began = 0.0
+        # The rest must come within the idle timeout, as any frame's must.
+        self.frame_began = self.loop.time()
         if self.discard <= 0:
             self._close()
 
