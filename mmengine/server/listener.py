@@ -24,6 +24,7 @@ from mmengine.engine import Engine
 #: last byte).
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 << 10
+DRAIN_POLL_S = 0.01  # how often a stopping server looks at unsent answers
 
 
 def allow_writes(transport: asyncio.Transport) -> None:
@@ -143,8 +144,6 @@ class Listener:
             (c.transport.abort if c.transport.get_write_buffer_size() else c.transport.close)()
         await self._server.wait_closed()
 
-
-DRAIN_POLL_S = 0.01  # how often a stopping server looks at unsent answers
 
 #: A request body at least this large is received only against the budget;
 #: smaller ones are bounded by each connection's own limits.
