@@ -256,6 +256,21 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
 
 
+def _warm(repo: str) -> None:
+    """Imports ahead, at the loader's priority, what the first loads of the
+    repository's backends would import slowly (backends.warm)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    except (AttributeError, OSError):
+        pass
+    from mmengine import backends
+
+    try:
+        backends.warm(repo)
+    except Exception as e:  # noqa: BLE001 - only a head start: loads still work without
+        print(f"mmengine worker: warming the backends failed: {e!r}", file=sys.stderr)
+
+
 def _close(model) -> None:
     """Closes an unloaded model whose unload was already answered: a
     failure can only be reported here."""
@@ -340,6 +355,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})
+    threading.Thread(target=_warm, args=(config.repo,), name=f"mmengine-warm-{index}",
+                     daemon=True).start()
     try:
         _serve(req, out, logic)
     except PeerDied:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmengine import demo
+from mmengine import backends, demo
 from mmengine.backends import load_model
 from mmengine.backends.base import module_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
@@ -372,3 +372,14 @@ def test_header_reader_knows_the_backends_dtypes():
     from mmengine.tensorfile import ITEMSIZE
 
     assert {k: v.itemsize for k, v in DTYPES.items()} == ITEMSIZE
+
+
+def test_warm_imports_ahead_only_for_backends_the_repository_holds(tmp_path):
+    # A worker warms on a thread of its own at start: torch.export's
+    # serializer is what a first export load spent most of its 1.6 s on.
+    demo.write_mlp(tmp_path / "plain", "safetensors", 4, 8, 2)
+    assert backends.warm(str(tmp_path)) == []
+    assert backends.warm("") == []
+    demo.write_mlp(tmp_path / "exported", "export", 4, 8, 2)
+    assert backends.warm(str(tmp_path)) == ["export"]
+    assert backends.SLOW_FIRST_IMPORTS["export"][0] in sys.modules

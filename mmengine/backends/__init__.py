@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from mmengine.backends.base import LoadedModel
 from mmengine.errors import LoadFailed, MMEngineError
 from mmengine.storage import ModelSpec
 
-__all__ = ["LOADERS", "LoadedModel", "load_model", "loader"]
+__all__ = ["LOADERS", "LoadedModel", "load_model", "loader", "warm"]
 
 #: Backend name -> the module whose `load(spec, device)` opens it.
 LOADERS: dict[str, str] = {
@@ -29,6 +30,31 @@ LOADERS: dict[str, str] = {
     "torchscript": "mmengine.backends.torchscript",
     "onnx": "mmengine.backends.onnx",
 }
+#: Backend name -> (what its first load imports, slowly and once per
+#: process; the file of a version directory that shows a repository uses
+#: the backend). torch.export.load imports its serializer: 1.2 s here, paid
+#: by a worker's first export load while the loads behind it waited.
+SLOW_FIRST_IMPORTS: dict[str, tuple[str, str]] = {
+    "export": ("torch.export.pt2_archive._package", "model.pt2"),
+}
+
+
+def warm(repo: str) -> list[str]:
+    """Imports ahead what the first load of each backend that the local
+    repository `repo` holds would import slowly; returns those backends."""
+    warmed = []
+    root = Path(repo)
+    for backend, (module, artifact) in SLOW_FIRST_IMPORTS.items():
+        if not repo or next(root.glob(f"*/*/{artifact}"), None) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:  # another torch: its first load pays, as before
+            continue
+        warmed.append(backend)
+    return warmed
+
+
 def loader(backend: str) -> Callable[[ModelSpec, torch.device], LoadedModel]:
     try:
         return importlib.import_module(LOADERS[backend]).load
