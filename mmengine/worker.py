@@ -309,13 +309,13 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
                 raise InternalError(f"op {op!r} on the inference ring")
             # One clock for every process: timings cross.
             t0 = logic.serving_since = time.monotonic_ns()
-            outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
-            t_done = logic.served_at = time.monotonic_ns()
-            logic.serving_since = 0
+            try:
+                outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
+            finally:
+                t_done = logic.served_at = time.monotonic_ns()
+                logic.serving_since = 0
             out.send(rid, body={"t_recv": t0, "t_done": t_done}, outputs=outputs)
         except Exception as e:  # every failure goes back typed
-            logic.served_at = time.monotonic_ns()
-            logic.serving_since = 0
             out.fail(rid, e)
         finally:
             outputs = None

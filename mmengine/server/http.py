@@ -337,26 +337,22 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         # none is armed; the timer moves itself to the last activity.
         if self.transport.is_closing():  # an answer that came after the close
             return
-        loop = asyncio.get_running_loop()
-        self.last_active = loop.time()
+        self.last_active = asyncio.get_running_loop().time()
         if self.idle is None:
-            self.idle = loop.call_at(self.last_active + self.server.idle_timeout_s,
-                                     self._on_idle)
+            self._arm(self.last_active + self.server.idle_timeout_s)
+
+    def _arm(self, when: float) -> None:
+        self.idle = asyncio.get_running_loop().call_at(when, self._on_idle)
 
     def _on_idle(self) -> None:
         self.idle = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         unsent = self._note_reading(now)
         due = self.last_active + self.server.idle_timeout_s
-        if self.transport.is_closing():  # closed, its last answers going out as it reads
-            if unsent:
-                if now >= due:
-                    self.transport.abort()
-                else:
-                    self.idle = loop.call_at(due, self._on_idle)
+        if self.transport.is_closing():
+            self._watch_closed(now, unsent, self.server.idle_timeout_s)
         elif now < due:
-            self.idle = loop.call_at(due, self._on_idle)
+            self._arm(due)
         elif self.current is None:  # a request in progress re-arms it when answered
             self._close()
 
@@ -367,8 +363,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             return
         self.transport.close()
         if self.idle is None:
-            self.idle = asyncio.get_running_loop().call_at(
-                self.last_active + self.server.idle_timeout_s, self._on_idle)
+            self._arm(self.last_active + self.server.idle_timeout_s)
 
     def _linger(self) -> None:
         """Ends our side of the stream after the answer that ends it, and

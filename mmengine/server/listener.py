@@ -36,16 +36,28 @@ class WatchedWrites:
     that reads them, however slowly, is active; one that reads nothing for
     an idle timeout (two at most) is cut off with an abort, since a close
     waits for them to be read and would keep the connection for ever. The
-    protocol calls `_note_reading(now)` on each tick of its idle timer, and
-    `flush()` writes what it holds back until the end of a turn of the loop
-    (nothing, unless it coalesces its writes)."""
+    protocol calls `_note_reading(now)` on each tick of its idle timer (and
+    `_watch_closed` once it has closed), defines `_arm(when)`, which arms
+    that timer, and `flush()`, which writes what it holds back until the end
+    of a turn of the loop (nothing, unless it coalesces its writes)."""
 
     transport: asyncio.Transport
     last_active = 0.0
     unsent_seen = 0  # the unsent bytes at the last tick
+    _arm: Callable[[float], None]  # the protocol's: arms its idle timer for then
 
     def flush(self) -> None:
         pass
+
+    def _watch_closed(self, now: float, unsent: int, timeout: float) -> None:
+        """A tick of a closed connection whose last answers go out as its
+        client reads them: cut off once it has read nothing for `timeout`."""
+        if not unsent:
+            return  # all sent: the transport is closing by itself
+        if now >= self.last_active + timeout:
+            self.transport.abort()
+        else:
+            self._arm(self.last_active + timeout)
 
     def _note_reading(self, now: float) -> int:
         """Counts the client reading answers since the last tick as

@@ -116,12 +116,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         now = self.loop.time()
         timeout = self.server.idle_timeout_s
         unsent = self._note_reading(now)
-        if self.closing:  # closed, its last answers going out while it reads them
-            if unsent:
-                if now >= self.last_active + timeout:
-                    self.transport.abort()
-                else:
-                    self._arm(self.last_active + timeout)
+        if self.closing:
+            self._watch_closed(now, unsent, timeout)
             return
         # An unfinished frame counts only while its connection is read: one
         # waiting for the receive budget, for fewer requests in flight or for
