@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             uvloop.run(_serve(config, args.demo, tracer))
         finally:
+            # Stopped: the loop's handlers are gone, and a signal repeated
+            # during the interpreter's teardown would end it with -15, not 0.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             if tracer is not None:  # after the engine stopped: every event is in
                 tracer.close()
         return 0

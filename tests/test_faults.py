@@ -377,3 +377,24 @@ def test_sigterm_answers_every_http_request_a_connection_has_queued(repo):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
+
+
+def test_a_signal_repeated_while_stopping_still_exits_0(repo):
+    # A supervisor may signal again; once the server stops, the loop's
+    # handlers are gone, and before the fix the teardown died of the
+    # default action (-15).
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1")
+    try:
+        server.wait_for(r"serving .* on tcp://", 60)
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for(r"shutting down", 10)
+        deadline = time.monotonic() + 20
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+        assert server.proc.wait(10) == 0, "".join(server.output)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
