@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -179,12 +179,18 @@ class Engine:
         return (await self.submit(name, inputs, version, timeout, token))[1]
 
     def submit(self, name: str, inputs: Mapping[str, Any], version: int | None = None,
-               timeout: float | None = None, token: str | None = None) -> asyncio.Future:
+               timeout: float | None = None, token: str | None = None,
+               then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """infer() as a future of (timing body, outputs), for servers. A
         request for a resident model is sent before this returns, with no
         task and no coroutine in between; any other goes through a task that
         resolves the model, loads it if needed, then sends. Bad input (and
-        a bad token, where the model is known) raises here, at once."""
+        a bad token, where the model is known) raises here, at once.
+
+        `then(future)` runs once the future is done: for a resident model,
+        in the turn of the loop that reads the worker's answer, ahead of the
+        engine's own bookkeeping (a server's answer goes out first); else as
+        a done callback. For callers that never cancel the future."""
         t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
         spec = self._specs.get((name, version))
@@ -201,9 +207,12 @@ class Engine:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
                     self._hits += 1
-                    fut = self._send_infer(key, self.pool.workers[index], arrays, deadline)
+                    fut = self._send_infer(key, self.pool.workers[index], arrays, deadline,
+                                           then)
         if fut is None:
             fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token))
+            if then is not None:
+                fut.add_done_callback(then)
         self._queued[name] = queued + 1
         fut.add_done_callback(lambda _: self._dequeue(name))
         if self.observers:
@@ -252,8 +261,8 @@ class Engine:
             raise
         return await self._send_infer(key, worker, arrays, deadline)
 
-    def _send_infer(self, key: Key, worker: Worker, arrays: dict,
-                    deadline: float) -> asyncio.Future:
+    def _send_infer(self, key: Key, worker: Worker, arrays: dict, deadline: float,
+                    then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Sends a request for a model the caller has pinned. The pin is
         dropped when the worker is done with the request, not when the caller
         stops waiting: a timed-out request still runs on the worker."""
@@ -264,7 +273,7 @@ class Engine:
                                  f"in flight; retry later")
             return worker.call(Op.INFER, key[0], key[1], arrays,
                                on_done=lambda: self._unpin_request(key, gen),
-                               deadline=deadline)
+                               deadline=deadline, then=then)
         except BaseException:
             self._unpin_request(key, gen)
             raise

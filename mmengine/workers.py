@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import math
 import os
@@ -133,9 +134,9 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        # id -> (future, on_done, t_sent, deadline, model): on_done runs when
-        # the worker is finished with the request (answered, or dead), even
-        # if the caller gave up.
+        # id -> (future, on_done, t_sent, deadline, model, then): on_done runs
+        # when the worker is finished with the request (answered, or dead),
+        # even if the caller gave up; then, when the future is done.
         self._pending: dict[int, tuple] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline it is armed for
@@ -205,8 +206,12 @@ class Worker:
         pending, self._pending = self._pending, {}
         self._loading.clear()
         self._disarm_deadlines()
-        for fut, on_done, *_ in pending.values():
-            _finish(fut, on_done, WorkerDied(why))
+        for fut, on_done, _, _, _, then in pending.values():
+            # Their `then` runs after on_death below, as a done callback
+            # would: a server's next request finds the pool's view of the
+            # death, not this worker.
+            _finish(fut, on_done, WorkerDied(why),
+                    then and functools.partial(self.loop.call_soon, then))
         self._infer.clear()
         self._control.clear()
         if self.on_death is not None:
@@ -247,13 +252,19 @@ class Worker:
 
     def call(self, op: Op, model: str, version: int, arrays: dict | None = None,
              params: dict | None = None, on_done: Callable | None = None,
-             deadline: float = math.inf) -> asyncio.Future:
+             deadline: float = math.inf,
+             then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
         Past `deadline` (time.monotonic()) the future fails with Timeout; the
         request still runs, and on_done waits for it. Never blocks: a full
-        ring queues the request in order."""
+        ring queues the request in order.
+
+        `then(future)` runs as the future is done, in the same turn of the
+        loop: a server writes the answer out before asyncio would run the
+        future's callbacks (a turn later, after the engine's bookkeeping).
+        It is not run for a future its caller cancels."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -262,7 +273,7 @@ class Worker:
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done, t_sent, deadline, model)
+        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then)
         if deadline < self._timer_at:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
@@ -296,11 +307,11 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest = time.monotonic() + _CLOCK_S, math.inf
-        for fut, _, _, deadline, model in self._pending.values():
+        for fut, _, _, deadline, model, then in self._pending.values():
             if fut.done():
                 continue
             if deadline <= due:
-                fut.set_exception(Timeout(f"{model}: no answer within the request's deadline"))
+                _settle(fut, Timeout(f"{model}: no answer within the request's deadline"), then)
             elif deadline < nearest:
                 nearest = deadline
         if nearest < math.inf:
@@ -363,7 +374,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent, _, _ = self._pending.pop(rid, _NOT_PENDING)
+        fut, on_done, t_sent, _, _, then = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         self._loading.discard(rid)
@@ -380,24 +391,39 @@ class Worker:
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
-        _finish(fut, on_done, result)
+        _finish(fut, on_done, result, then)
 
 
-_NOT_PENDING = (None, None, 0, math.inf, "")
+_NOT_PENDING = (None, None, 0, math.inf, "", None)
 
 
-def _finish(fut: asyncio.Future, on_done: Callable | None, result) -> None:
+def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None:
     """Completes one request: its on_done first (pins are released whatever
     happens), then its future, with a result or an exception."""
     try:
         if on_done is not None:
             on_done()
     finally:
-        if not fut.done():
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
+        _settle(fut, result, then)
+
+
+def _settle(fut: asyncio.Future, result, then) -> None:
+    """Completes a future not done yet (a deadline, or its caller, may
+    have been first) and runs its `then`; a failing `then` is reported as
+    a failing callback would be, and stops nothing else."""
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+    if then is not None:
+        try:
+            then(fut)
+        except Exception as e:  # noqa: BLE001 - one caller's bug must not stop the drain
+            fut.get_loop().call_exception_handler(
+                {"message": f"callback {then!r} of a worker's answer failed",
+                 "exception": e, "future": fut})
 
 
 class WorkerPool:

@@ -444,3 +444,64 @@ def test_while_a_worker_loads_the_front_end_does_not_poll_it(tmp_path, own_segme
             assert await infer(engine)
 
     run(main())
+
+
+def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_segments):
+    # Engine.submit's `then` is how the servers write answers: once per
+    # request, however it ends (answer, deadline, a cold load), ahead of
+    # the engine's own callbacks, and a `then` that raises stops nothing.
+    root, models = repo
+    x = x_for(np.random.default_rng(3))
+
+    async def main():
+        events: list = []
+        loop_errors: list = []
+        async with Engine(config(root, workers=1)) as engine:
+            asyncio.get_running_loop().set_exception_handler(
+                lambda loop, context: loop_errors.append(context["exception"]))
+            engine.observers.append(
+                lambda kind, f: kind == "request" and events.append(("observed", f["model"])))
+
+            def then(tag):
+                def record(fut):
+                    events.append(("then", tag, fut.done(), None if fut.cancelled()
+                                   else type(fut.exception()).__name__))
+                return record
+
+            cold = engine.submit("m05", {"x": x}, then=then("cold"))  # not resident yet
+            await cold
+            hot = engine.submit("m05", {"x": x}, then=then("hot"))
+            await hot
+            await asyncio.sleep(0.05)  # the done callbacks of the last turn
+            await engine.load("slow")
+            late = engine.submit("slow", {"seconds": np.array([0.4])}, timeout=0.1,
+                                 then=then("late"))
+            with pytest.raises(Timeout):
+                await late
+            await asyncio.sleep(0.5)  # its answer comes, and calls nobody
+
+            def broken(fut):
+                raise RuntimeError("a server's bug")
+            failing = engine.submit("m05", {"x": x}, then=broken)
+            out = await failing
+            after = await engine.infer("m05", {"x": x})  # the worker still serves
+            stats, errors_before_kill = engine.stats(), list(loop_errors)
+            dying = engine.submit("slow", {"seconds": np.array([5.0])}, then=then("dying"))
+            await asyncio.sleep(0.3)
+            os.kill(engine.pool.workers[0].pid, signal.SIGKILL)
+            with pytest.raises(WorkerDied):
+                await dying
+            await asyncio.sleep(0.05)
+            return events, errors_before_kill, out, after, stats
+
+    events, loop_errors, out, after, stats = run(main())
+    thens = [e for e in events if e[0] == "then"]
+    assert thens == [("then", "cold", True, "NoneType"), ("then", "hot", True, "NoneType"),
+                     ("then", "late", True, "Timeout"), ("then", "dying", True, "WorkerDied")]
+    hot = events.index(("then", "hot", True, "NoneType"))
+    assert events[hot + 1] == ("observed", "m05")  # the answer first, then the books
+    assert [type(e) for e in loop_errors] == [RuntimeError]
+    np.testing.assert_allclose(out[1]["y"], models["m05"].reference(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(after["y"], models["m05"].reference(x), rtol=1e-5, atol=1e-5)
+    assert stats["totals"]["worker_restarts"] == 0
+    assert all(r["pins"] == 0 for r in stats["models"])

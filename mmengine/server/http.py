@@ -169,24 +169,49 @@ def error_response(e: MMEngineError) -> Response:
     return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
 
 
-@dataclass
 class Later:
-    """A handler's answer still to come: `future`'s result, through `finish`."""
-    future: asyncio.Future
-    finish: Callable[[Any], Response]
+    """A handler's answer still to come: `future`'s result, through
+    `finish`. The connection waits for it with `wait(answer)`; `done` is
+    the future's one callback, run where the future is done (Engine.submit's
+    `then`: in the turn its answer is read) or as a done callback."""
+
+    __slots__ = ("future", "finish", "_answer")
+
+    def __init__(self, finish: Callable[[Any], Response]):
+        self.future: asyncio.Future | None = None
+        self.finish = finish
+        self._answer: Callable[[asyncio.Future], None] | None = None
+
+    @classmethod
+    def of(cls, future: asyncio.Future) -> "Later":
+        """The answer a task will return."""
+        later = cls(_same)
+        later.future = future
+        future.add_done_callback(later.done)
+        return later
+
+    def done(self, future: asyncio.Future) -> None:
+        answer, self._answer = self._answer, None  # once, whoever calls first
+        if answer is not None:
+            answer(future)
+
+    def wait(self, answer: Callable[[asyncio.Future], None]) -> None:
+        self._answer = answer
+        if self.future.done():  # done before anyone waited: done() found nobody
+            self.done(self.future)
 
 
 def _same(response: Response) -> Response:
     return response
 
 
-def submitted(request: Request, submit: Callable[[], asyncio.Future],
+def submitted(request: Request,
+              submit: Callable[[Callable[[asyncio.Future], None]], asyncio.Future],
               respond: Callable[[dict], Response]) -> Later:
-    """An inference, sent: `submit()` is the engine's submit, `respond`
+    """An inference, sent: `submit(then)` is the engine's submit, `respond`
     makes the response of its outputs. With the trace header the response
     carries the request's stages as Server-Timing."""
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
-    future = submit()
 
     def finish(result: tuple[dict, dict]) -> Response:
         body, outputs = result
@@ -195,7 +220,9 @@ def submitted(request: Request, submit: Callable[[], asyncio.Future],
             response.headers.append(
                 ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
         return response
-    return Later(future, finish)
+    later = Later(finish)
+    later.future = submit(later.done)
+    return later
 
 
 Handler = Callable[..., Awaitable[Response] | Response | Later]
@@ -493,8 +520,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 answer = _response_for(e)
             if isinstance(answer, Later):
                 self.current = answer.future
-                answer.future.add_done_callback(
-                    functools.partial(self._on_answered, item, answer.finish))
+                answer.wait(functools.partial(self._on_answered, item, answer.finish))
                 return
             if not self._respond(item, answer):
                 return
@@ -504,9 +530,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
     def _start(self, request: Request) -> Response | Later:
         handler, params, is_async = self.server.router.match(request.method, request.path)
         if is_async:
-            task = asyncio.get_running_loop().create_task(
-                handler(self.server, request, **params))
-            return Later(task, _same)
+            return Later.of(asyncio.get_running_loop().create_task(
+                handler(self.server, request, **params)))
         return handler(self.server, request, **params)
 
     def _on_answered(self, request: Request, finish: Callable[[Any], Response],

@@ -173,7 +173,7 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
     timeout = _timeout(params)
     return submitted(
         request,
-        lambda: server.engine.submit(name, inputs, v, timeout, request.token),
+        lambda then: server.engine.submit(name, inputs, v, timeout, request.token, then),
         lambda outputs: _infer_response(req, params, name, version, outputs))
 
 

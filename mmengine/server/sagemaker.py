@@ -214,7 +214,8 @@ def invoke(server, request: Request, name: str) -> Later:
     model = _added(server, name)
     inputs = _parse_inputs(request, name, model)
     return submitted(
-        request, lambda: server.engine.submit(name, inputs, token=request.token),
+        request, lambda then: server.engine.submit(name, inputs, token=request.token,
+                                                   then=then),
         lambda outputs: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
 
 

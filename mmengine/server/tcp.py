@@ -249,11 +249,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 # 0: no timing asked for; else the stamp timing() starts from.
                 t_submit = time.monotonic_ns() if message.get("timing") is True else 0
                 fut = self.engine.submit(model, inputs, version, _timeout(message),
-                                         _token(message))
+                                         _token(message),
+                                         then=functools.partial(self._on_answer, rid, t_submit))
             except MMEngineError as e:
                 self._send(protocol.error_response(rid, e))
                 return
-            fut.add_done_callback(functools.partial(self._on_answer, rid, t_submit))
         else:
             handler = _HANDLERS.get(op) if type(op) is str else None
             if handler is None:
