@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmengine import protocol
-from mmengine.errors import Timeout
+from mmengine.errors import Timeout, TooLarge
 
 DEFAULT_PORT = 8081
 # A request's timeout is enforced by the server; the client waits this much
@@ -35,6 +35,10 @@ DEFAULT_PORT = 8081
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
 SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are read
+# A frame larger than this is first checked against the server's maximum
+# (health's max_frame, asked once): one the server would refuse is refused
+# here, before its bytes travel only to be dropped.
+CHECK_FRAMES_ABOVE = 1 << 20
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -68,6 +72,17 @@ def _infer_message(model: str, inputs: dict, version: int | None,
     if token is not None:
         message["token"] = token
     return message
+
+
+def _too_large(size: int, max_frame: int | None) -> bool:
+    """Whether a frame body of `size` bytes is over `max_frame` (None or
+    0: the server did not say)."""
+    return bool(max_frame) and size > max_frame
+
+
+def _refuse(size: int, max_frame: int) -> TooLarge:
+    return TooLarge(f"request of {size} bytes exceeds the server's maximum frame of "
+                    f"{max_frame} bytes (not sent)")
 
 
 def _wait(timeout: float | None) -> float | None:
@@ -199,6 +214,7 @@ class Client:
         # are atomic, so threads share it without a lock.
         self._pool: collections.deque[_Connection] = collections.deque()
         self._ids = itertools.count(1)  # next() on it is atomic as well
+        self._max_frame: int | None = None  # the server's, once asked (CHECK_FRAMES_ABOVE)
 
     def __enter__(self) -> "Client":
         return self
@@ -243,7 +259,10 @@ class Client:
             if self.token is not None:
                 m.setdefault("token", self.token)
             ids.append(m["id"])
-        payload = b"".join(protocol.frame(m) for m in messages)
+        frames = [protocol.frame(m) for m in messages]
+        for f in frames:
+            self._check_size(len(f) - 4)
+        payload = b"".join(frames)
         conn = self._borrow()
         try:
             try:
@@ -266,6 +285,15 @@ class Client:
 
     def call(self, message: dict, timeout: float | None = None) -> dict:
         return self.call_many([message], timeout)[0]
+
+    def _check_size(self, size: int) -> None:
+        if size <= CHECK_FRAMES_ABOVE:
+            return
+        if self._max_frame is None or _too_large(size, self._max_frame):
+            # Asked again before refusing: a restarted server may take more.
+            self._max_frame = self.health().get("max_frame", 0)
+        if _too_large(size, self._max_frame):
+            raise _refuse(size, self._max_frame)
 
     def infer(self, model: str, inputs: dict, version: int | None = None,
               timeout: float | None = None, token: str | None = None
@@ -363,6 +391,7 @@ class AsyncClient:
         self._conns: list[_AsyncConnection] = []
         self._ids = itertools.count(1)
         self._next = itertools.count()
+        self._max_frame: int | None = None  # as Client's
 
     async def connect(self) -> "AsyncClient":
         for _ in range(self.size - len(self._conns)):
@@ -386,22 +415,24 @@ class AsyncClient:
         await self.close()
 
     async def call(self, message: dict, timeout: float | None = None) -> dict:
+        rid = next(self._ids)
+        message["id"] = rid
+        if self.token is not None:
+            message.setdefault("token", self.token)
+        frame = protocol.frame(message)
+        if len(frame) - 4 > CHECK_FRAMES_ABOVE:
+            await self._check_size(len(frame) - 4)
         if not self._conns:
             await self.connect()
         slot = next(self._next) % len(self._conns)
         conn = self._conns[slot]
         if conn.lost is not None:  # the server restarted or dropped it: reconnect
             conn = self._conns[slot] = await self._open()
-        rid = next(self._ids)
-        message["id"] = rid
-        if self.token is not None:
-            message.setdefault("token", self.token)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         wait = timeout or self.timeout  # None: no limit
         # A timer on the future, not asyncio.timeout(): a third of the cost.
         timer = None if wait is None else loop.call_later(wait, _expire, fut)
-        frame = protocol.frame(message)
         conn.pending[rid] = fut
         conn.transport.write(frame)
         try:
@@ -413,6 +444,12 @@ class AsyncClient:
             if timer is not None:
                 timer.cancel()
         return protocol.raise_for(response)
+
+    async def _check_size(self, size: int) -> None:
+        if self._max_frame is None or _too_large(size, self._max_frame):
+            self._max_frame = (await self.health()).get("max_frame", 0)
+        if _too_large(size, self._max_frame):
+            raise _refuse(size, self._max_frame)
 
     async def infer(self, model: str, inputs: dict, version: int | None = None,
                     timeout: float | None = None, token: str | None = None

@@ -311,23 +311,43 @@ def test_an_oversized_frame_is_refused_from_its_header(address):
     assert str(largest) in response["error"]["message"]
 
 
-def test_the_sdk_gets_too_large_for_a_request_past_the_maximum_frame(address):
+def test_a_client_that_sends_a_whole_oversized_frame_reads_too_large(address):
     # The server refuses the frame from its header but reads the rest away
     # before it closes: a close under the client's send would reset the
     # connection and take the error with it (ConnectionResetError before).
     largest = max(protocol.DEFAULT_MAX_FRAME, Config().max_request_bytes)
+    body = protocol.frame({"op": "infer", "model": "m00", "id": 1, "inputs": {
+        "x": {"dtype": "uint8", "shape": [largest], "data": bytes(largest)}}})
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(body)
+        response = read_frame(s)
+        assert_closed(s)
+    assert response["id"] is None and response["error"]["name"] == "TOO_LARGE"
+    assert "exceeds the maximum" in response["error"]["message"]
+
+
+def test_the_sdk_refuses_a_request_past_the_servers_maximum_unsent(address):
+    # health says the server's maximum frame; both clients ask it before
+    # their first request over 1 MiB, and refuse one past it themselves.
+    largest = max(protocol.DEFAULT_MAX_FRAME, Config().max_request_bytes)
     x = np.zeros(largest // 4 + 1, np.float32)
+    fits = np.zeros((2 << 20) // 4, np.float32)  # checked, and sent
     with Client(address) as c:
-        with pytest.raises(TooLarge, match="exceeds the maximum"):
+        assert c.health()["max_frame"] == largest
+        with pytest.raises(TooLarge, match="not sent"):
             c.infer("m00", {"x": x})
+        with pytest.raises(BadRequest):  # the server's answer: it was sent
+            c.infer("m00", {"x": fits})
         small = x_for(np.random.default_rng(4))
         np.testing.assert_allclose(c.infer("m00", {"x": small})["y"], reference("m00", small),
                                    **TOL)
 
     async def main():
         async with AsyncClient(address) as c:
-            with pytest.raises(TooLarge, match="exceeds the maximum"):
+            with pytest.raises(TooLarge, match="not sent"):
                 await c.infer("m00", {"x": x})
+            with pytest.raises(BadRequest):
+                await c.infer("m00", {"x": fits})
 
     run(main())
 

@@ -240,7 +240,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         if op == "health":  # answered inline: no task, no engine round trip
             alive = sum(w.alive for w in self.engine.pool.workers) if self.engine.pool else 0
             self._send({"id": rid, "ok": True, "status": "serving" if alive else "down",
-                        "workers_alive": alive})
+                        "workers_alive": alive, "max_frame": self.server.max_frame})
             return
         if op == "infer":  # the hot path: a future and a callback, no task
             try:
