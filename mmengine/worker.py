@@ -344,7 +344,12 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         torch.set_num_threads(config.threads_per_worker or share)
     from mmengine import staging
 
-    req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
+    try:
+        req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
+    except FileNotFoundError as e:  # unlinked before we came: nobody waits for us
+        print(f"mmengine worker: its rings are gone (the front-end stopped, or gave up "
+              f"on this worker): {e}", file=sys.stderr)
+        sys.exit(1)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
     # While it serves, a load reads with half the worker's share of the

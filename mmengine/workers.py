@@ -453,12 +453,18 @@ class WorkerPool:
         return w
 
     async def _await_ready(self, workers: list[Worker]) -> None:
+        ready = asyncio.gather(*(w.ready for w in workers))
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.ready for w in workers)),
-                                   self.config.ready_timeout_s)
+            await asyncio.wait_for(ready, self.config.ready_timeout_s)
         except asyncio.TimeoutError:
             raise WorkerDied(f"workers not ready within {self.config.ready_timeout_s} s") \
                 from None
+        finally:
+            # A cancel (the engine stopping during a restart) ends a gather
+            # with a CancelledError set, not cancelled: taken here, it is not
+            # logged as "never retrieved" when collected.
+            if ready.done() and not ready.cancelled():
+                ready.exception()
 
     def _on_death(self, w: Worker) -> None:
         if self.on_death is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -505,3 +506,28 @@ def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_s
     np.testing.assert_allclose(after["y"], models["m05"].reference(x), rtol=1e-5, atol=1e-5)
     assert stats["totals"]["worker_restarts"] == 0
     assert all(r["pins"] == 0 for r in stats["models"])
+
+
+def test_stopping_during_a_restart_reports_nothing_to_the_loop(repo, own_segments):
+    # A gather that a cancel ends holds a CancelledError, not a cancel:
+    # untaken, it was logged as "exception was never retrieved" when the
+    # engine stopped while a dead worker came back.
+    root, _ = repo
+
+    async def main():
+        reported: list = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: reported.append(context["message"]))
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.load("slow")
+            slow = engine.submit("slow", {"seconds": np.array([5.0])})
+            await asyncio.sleep(0.2)
+            os.kill(engine.pool.workers[0].pid, signal.SIGKILL)
+            with pytest.raises(WorkerDied):
+                await slow
+            await asyncio.sleep(0.1)  # its successor is starting
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+
+    assert run(main()) == []
