@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -189,8 +190,10 @@ class Engine:
 
         `then(future)` runs once the future is done: for a resident model,
         in the turn of the loop that reads the worker's answer, ahead of the
-        engine's own bookkeeping (a server's answer goes out first); else as
-        a done callback. For callers that never cancel the future."""
+        engine's metrics (a server's answer goes out first); else as a done
+        callback. For callers that never cancel the future. The request's
+        place in its model's queue is free when `then` runs: a client's
+        next request may come in the same turn."""
         t_submit = time.monotonic_ns()
         deadline = self._deadline(timeout)
         spec = self._specs.get((name, version))
@@ -201,6 +204,9 @@ class Engine:
         if queued >= self.config.max_queue_per_model:
             raise Overloaded(f"{name}: {queued} requests already queued; retry later")
         fut = None
+        place = _Place(self, name)
+        if then is not None:
+            then = functools.partial(place.leave_then, then)
         if spec is not None:
             key = (spec.name, spec.version)
             if key in self.cache:
@@ -214,7 +220,7 @@ class Engine:
             if then is not None:
                 fut.add_done_callback(then)
         self._queued[name] = queued + 1
-        fut.add_done_callback(lambda _: self._dequeue(name))
+        fut.add_done_callback(place.leave)  # if `then` did not, or there is none
         if self.observers:
             fut.add_done_callback(lambda f: self._emit_request(name, version, t_submit, f))
         return fut
@@ -938,6 +944,26 @@ class _ByteGate:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class _Place:
+    """A request's place in its model's queue (Engine._queued), given back
+    once: before the server's `then` answers, or when the future is done."""
+
+    __slots__ = ("engine", "name")
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine = engine
+        self.name: str | None = name
+
+    def leave(self, _fut: asyncio.Future | None = None) -> None:
+        if self.name is not None:
+            name, self.name = self.name, None
+            self.engine._dequeue(name)
+
+    def leave_then(self, then: Callable[[asyncio.Future], None], fut: asyncio.Future) -> None:
+        self.leave()
+        then(fut)
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -306,16 +306,20 @@ class Worker:
         its cancel per request cost 2.7 us; with one timeout for all, most
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
-        due, nearest = time.monotonic() + _CLOCK_S, math.inf
+        due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
         for fut, _, _, deadline, model, then in self._pending.values():
             if fut.done():
                 continue
             if deadline <= due:
-                _settle(fut, Timeout(f"{model}: no answer within the request's deadline"), then)
+                expired.append((fut, model, then))
             elif deadline < nearest:
                 nearest = deadline
         if nearest < math.inf:
             self._arm_deadline(nearest)
+        # Settled last: a `then` may send a request (into _pending, and
+        # arming the timer for an earlier deadline than `nearest`).
+        for fut, model, then in expired:
+            _settle(fut, Timeout(f"{model}: no answer within the request's deadline"), then)
 
     # -- responses -----------------------------------------------------------
 

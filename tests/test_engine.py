@@ -531,3 +531,39 @@ def test_stopping_during_a_restart_reports_nothing_to_the_loop(repo, own_segment
         return reported
 
     assert run(main()) == []
+
+
+def test_a_then_that_sends_finds_its_place_free_and_deadlines_kept(repo, own_segments):
+    # A server's `then` may send the client's next request at once: the
+    # model's queue place of the request answered is free by then, and a
+    # request sent from a deadline's `then` breaks no other deadline.
+    root, _ = repo
+
+    def slow(seconds: float) -> dict:
+        return {"seconds": np.array([seconds])}
+
+    async def main():
+        async with Engine(config(root, workers=1, max_queue_per_model=1)) as engine:
+            await engine.load("slow")
+            sent: list = []
+
+            def send_next(fut):
+                sent.append(engine.submit("slow", slow(0.0)))  # Overloaded if still counted
+            await engine.submit("slow", slow(0.0), then=send_next)
+            await sent[0]
+
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.load("slow")
+            t0 = time.monotonic()
+            follow: list = []
+            first = engine.submit("slow", slow(1.0), timeout=0.3,
+                                  then=lambda f: follow.append(engine.submit("slow", slow(0.0))))
+            other = engine.submit("slow", slow(0.0), timeout=0.3)
+            for fut in (first, other):
+                with pytest.raises(Timeout):
+                    await fut
+            elapsed = time.monotonic() - t0
+            await follow[0]
+            return elapsed
+
+    assert run(main()) < 0.8  # both at their deadline, not after the slow call

@@ -398,3 +398,62 @@ def test_a_signal_repeated_while_stopping_still_exits_0(repo):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
+
+
+# Answers, then dies 20 ms later when asked to (inputs["die"] = 1).
+DYING_HANDLER = '''
+import os, threading, time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(0.2)
+    if float(inputs["die"][0]):
+        threading.Thread(target=lambda: (time.sleep(0.02), os._exit(1))).start()
+    return {"y": inputs["die"] * 2}
+'''
+
+
+def test_a_request_pipelined_behind_a_worker_s_last_answer_is_served_after_it(
+        tmp_path, own_segments):
+    # The front-end reads the worker's last answer and sees it exit in one
+    # turn of its loop. The request pipelined behind that answer on its
+    # HTTP connection must start once the death is known (and be served by
+    # the restarted worker), not inside the answer's callback, into the
+    # dead worker's ring (WORKER_DIED before the fix).
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+
+    (tmp_path / "dying" / "1").mkdir(parents=True)
+    (tmp_path / "dying" / "1" / "handler.py").write_text(DYING_HANDLER)
+
+    def request(die: float) -> bytes:
+        body = json.dumps({"inputs": [{"name": "die", "shape": [1], "datatype": "FP64",
+                                       "data": [die]}]}).encode()
+        return (b"POST /v2/models/dying/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def main():
+        async with Engine(config(tmp_path, poll_us=0)) as engine:
+            await engine.load("dying")
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request(1.0) + request(0.0))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            time.sleep(0.5)  # the loop is away while the worker answers and exits
+            statuses = []
+            for _ in range(2):
+                statuses.append((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+            writer.close()
+            await server.stop()
+            return statuses
+
+    assert run(main(), max_stall=2.0) == [b"200", b"200"]

@@ -542,7 +542,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
             response = _response_for(e)
         if self._respond(request, response):
-            self._kick()
+            # The next request starts in a turn of its own: not inside a
+            # worker's drain or deadline scan (that worker may be dead and
+            # not yet known to be), and after the engine's books.
+            asyncio.get_running_loop().call_soon(self._kick)
 
     def _respond(self, request: Request, response: Response) -> bool:
         """Writes a request's answer; False when the connection ends with it."""
