@@ -11,10 +11,13 @@ round trip. The same server answers KServe v2 over HTTP: one request at a
 time over a keep-alive connection from a blocking raw-socket client (JSON
 tensors, and the binary tensor extension), and with 32 in flight over 32
 keep-alive connections from a uvloop client of raw asyncio Protocols, whose
-own cost is a few Python lines per response. The breakdown splits the SDK's median into the model, the
-worker and its rings, the engine, the client's encoding and the server's
-front end, and counts each process's CPU time per request, one at a time
-and under load.
+own cost is a few Python lines per response. The breakdown splits the
+SDK's median into the model, the worker and its rings, the engine, the
+client's encoding and the server's front end, and counts each process's CPU
+time per request, one at a time and under load. Last, a 16 MiB tensor
+through the SDK to a handler that returns it, against the echo server
+exchanging frames of the same sizes (large_vs_echo: what the path adds to
+moving the bytes).
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -52,6 +55,16 @@ MODEL, DIMS = "mlp", (64, 32, 16)
 WORKERS = 1
 CONCURRENCY, CONNECTIONS = 64, 4
 HTTP_CONCURRENCY = 32  # one request in flight on each of this many connections
+# A large tensor through the SDK and back (a handler that returns its input),
+# against an echo of frames of the same sizes.
+LARGE, LARGE_MIB = "identity", 16
+IDENTITY_HANDLER = """
+def load(path, device):
+    return None
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+"""
 
 
 # -- the server subprocess (zipf.py uses it too) -----------------------------
@@ -196,15 +209,24 @@ async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
             "compute": _p(compute[skip:], 50) / 1e3}
 
 
-def sdk_latency_us(address: str, x: np.ndarray, n: int) -> tuple[float, float]:
+def sdk_samples_ns(address: str, model: str, x: np.ndarray, n: int) -> list[int]:
+    """One SDK call at a time, after a tenth of them as warm-up."""
     with Client(address) as c:
         samples = []
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            c.infer(MODEL, {"x": x})
+            c.infer(model, {"x": x})
             samples.append(time.perf_counter_ns() - t0)
-    samples = samples[n // 10:]
+    return samples[n // 10:]
+
+
+def sdk_latency_us(address: str, x: np.ndarray, n: int) -> tuple[float, float]:
+    samples = sdk_samples_ns(address, MODEL, x, n)
     return _p(samples, 50) / 1e3, _p(samples, 99) / 1e3
+
+
+def sdk_large_ms(address: str, x: np.ndarray, n: int) -> float:
+    return _p(sdk_samples_ns(address, LARGE, x, n), 50) / 1e6
 
 
 def client_codec_p50_us(request: dict, response: bytes, n: int) -> float:
@@ -353,6 +375,12 @@ def run(quick: bool) -> dict:
     med = statistics.median
     x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
     y = np.zeros((1, DIMS[2]), np.float32)
+    big = np.ones(LARGE_MIB << 18, np.float32)
+    large_n = 20 if quick else 60
+    big_request = protocol.frame({"op": "infer", "model": LARGE, "id": 1000,
+                                  "inputs": protocol.encode_tensors({"x": big})})
+    big_response = len(protocol.frame({"outputs": protocol.encode_tensors({"y": big}),
+                                       "id": 1000, "ok": True}))
     request = {"op": "infer", "model": MODEL, "inputs": protocol.encode_tensors({"x": x}),
                "id": 1000}
     response = protocol.frame({"outputs": protocol.encode_tensors({"y": y}), "id": 1000,
@@ -360,6 +388,8 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmengine-overhead-") as tmp:
         repo = Path(tmp)
         write_mlp(repo / MODEL, "safetensors", *DIMS)
+        (repo / LARGE / "1").mkdir(parents=True)
+        (repo / LARGE / "1" / "handler.py").write_text(IDENTITY_HANDLER)
         direct = med(direct_p50_us(x, n) for _ in range(repeats))
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
         engine = {k: med(e[k] for e in engine) for k in engine[0]}
@@ -385,8 +415,11 @@ def run(quick: bool) -> dict:
             http_rps = [cpu_per_request(proc.pid, rps_n, uvloop.run,
                                         _http_rps(http, binary_req, rps_n))
                         for _ in range(repeats)]
+            sdk_large = med(sdk_large_ms(address, big, large_n) for _ in range(repeats))
         echo = med(echo_p50_us(protocol.frame(request), len(response), n)
                    for _ in range(repeats))
+        echo_large = med(echo_p50_us(big_request, big_response, large_n) / 1e3
+                         for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
     sdk_p50 = med(s[0][0] for s in sdk)
     return {
@@ -399,6 +432,9 @@ def run(quick: bool) -> dict:
         "http_json_p50_us": med(h[0] for h in http_json),
         "http_binary_p50_us": http_binary,
         "http_rps_c32": med(r[0] for r in http_rps),
+        "large_mib": LARGE_MIB,
+        "sdk_large_p50_ms": sdk_large,
+        "echo_large_p50_ms": echo_large,
         "breakdown_p50_us": {
             "model_compute": engine["compute"],
             "worker_and_rings": engine["worker_call"] - engine["compute"],
@@ -413,7 +449,8 @@ def run(quick: bool) -> dict:
                                             for k in http_json[0][1]},
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
-        "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo},
+        "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
+                   "large_vs_echo": sdk_large / echo_large},
     }
 
 

@@ -74,6 +74,13 @@ def _infer_message(model: str, inputs: dict, version: int | None,
     return message
 
 
+def _body_size(parts: list) -> int:
+    """The length of a frame's body, from protocol.frames' buffers."""
+    if len(parts) == 1:
+        return len(parts[0]) - 4
+    return sum(memoryview(part).nbytes for part in parts) - 4
+
+
 def _too_large(size: int, max_frame: int | None) -> bool:
     """Whether a frame body of `size` bytes is over `max_frame` (None or
     0: the server did not say)."""
@@ -100,22 +107,65 @@ def _model_message(op: str, model: str, version: int | None,
 
 
 class _Frames:
-    """Cuts frames out of a byte stream."""
+    """Cuts frames out of a byte stream; a large one arrives in a buffer of
+    its own, where its tensors are decoded as views (protocol.LargeFrame)."""
 
     def __init__(self):
         self.buf = bytearray()
+        self.big: protocol.LargeFrame | None = None
 
     def feed(self, data: bytes) -> list[dict]:
+        out = []
+        if self.big is not None:
+            data = self.big.fill(data)
+            if not self.big.whole:
+                return out
+            big, self.big = self.big, None
+            out.append(big.decode())
         self.buf += data
-        out, start, buf = [], 0, self.buf
+        start, buf = 0, self.buf
         while len(buf) - start >= 4:
             n = protocol.LENGTH.unpack_from(buf, start)[0]
             if len(buf) - start - 4 < n:
+                if n >= protocol.BIG:
+                    self.big = protocol.LargeFrame(n, buf[start + 4:])
+                    start = len(buf)
                 break
-            out.append(protocol.decode(bytes(buf[start + 4:start + 4 + n])))
+            out.append(protocol.decode(buf[start + 4:start + 4 + n]))  # a copy of its own
             start += 4 + n
         del buf[:start]
         return out
+
+
+class _Outgoing:
+    """Buffers to send in order (frames as protocol.frames lays them out),
+    as the kernel takes them."""
+
+    IOV_MAX = 512  # buffers per sendmsg (Linux takes 1,024)
+
+    def __init__(self, frames: list[list]):
+        self.views = collections.deque(memoryview(part).cast("B")
+                                       for parts in frames for part in parts)
+
+    def __bool__(self) -> bool:
+        return bool(self.views)
+
+    def send(self, sock: socket.socket, limit: int = 1 << 62, flags: int = 0) -> None:
+        """One sendmsg of up to `limit` bytes; blocks as the socket does."""
+        batch, size = [], 0
+        for view in self.views:
+            if size >= limit or len(batch) == self.IOV_MAX:
+                break
+            batch.append(view[:limit - size])
+            size += len(batch[-1])
+        sent = sock.sendmsg(batch, (), flags)
+        while sent:
+            first = self.views[0]
+            if sent < len(first):
+                self.views[0] = first[sent:]
+                return
+            sent -= len(first)
+            self.views.popleft()
 
 
 # -- blocking ------------------------------------------------------------------
@@ -158,18 +208,23 @@ class _Connection:
             self.sock.settimeout(timeout)
             self.timeout = timeout
 
-    def exchange(self, payload: bytes, ids: list[int]) -> dict[int, dict]:
-        """Sends `payload` and returns the answers to `ids` by id. Several
-        requests are sent as the server takes them while their answers are
-        read: the server stops reading a client whose answers back up, so a
-        client that sent a large batch before reading could wait for ever.
-        (One request cannot back up: its answer comes after its last byte.)"""
+    def exchange(self, frames: list[list], ids: list[int]) -> dict[int, dict]:
+        """Sends `frames` (each protocol.frames' list of buffers) and returns
+        the answers to `ids` by id. Several requests are sent as the server
+        takes them while their answers are read: the server stops reading a
+        client whose answers back up, so a client that sent a large batch
+        before reading could wait for ever. (One request cannot back up: its
+        answer comes after its last byte.)"""
         got: dict[int, dict] = {}
-        if len(ids) == 1:
-            self.sock.sendall(payload)
+        if len(ids) == 1 and len(frames[0]) == 1:
+            self.sock.sendall(frames[0][0])
+        elif len(ids) == 1:
+            out = _Outgoing(frames)
+            while out:
+                out.send(self.sock)
         else:
-            view, sent = memoryview(payload), 0
-            while sent < len(view):
+            out = _Outgoing(frames)
+            while out:
                 events = self._ready(select.POLLIN | select.POLLOUT, self.timeout)
                 if not events:
                     raise socket.timeout("timed out")
@@ -179,7 +234,7 @@ class _Connection:
                     # MSG_DONTWAIT: a blocking socket (timeout None) must not
                     # wait here while answers wait to be read.
                     try:
-                        sent += self.sock.send(view[sent:sent + SEND_CHUNK], socket.MSG_DONTWAIT)
+                        out.send(self.sock, SEND_CHUNK, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         pass
         while len(got) < len(ids):
@@ -252,28 +307,34 @@ class Client:
     def call_many(self, messages: Iterable[dict], timeout: float | None = None) -> list[dict]:
         """Sends every message at once on one connection (pipelined) and
         returns the responses in the same order; raises the first error."""
-        messages = list(messages)
+        return self._call_many(list(messages), timeout)
+
+    def _call_many(self, messages: list[dict], timeout: float | None,
+                   encoded: bool = False) -> list[dict]:
+        """call_many; `encoded`: the messages are infers whose inputs
+        encode_tensors made (large ones are sent from where they lie)."""
         ids = []
         for m in messages:
             m["id"] = next(self._ids)
             if self.token is not None:
                 m.setdefault("token", self.token)
             ids.append(m["id"])
-        frames = [protocol.frame(m) for m in messages]
-        for f in frames:
-            self._check_size(len(f) - 4)
-        payload = b"".join(frames)
+        frames = [protocol.frames(m, m["inputs"] if encoded else None) for m in messages]
+        for parts in frames:
+            self._check_size(_body_size(parts))
+        if len(frames) > 1 and all(len(parts) == 1 for parts in frames):
+            frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
         conn = self._borrow()
         try:
             try:
                 conn.set_timeout(timeout or self.timeout)
-                got = conn.exchange(payload, ids)
+                got = conn.exchange(frames, ids)
             except ConnectionError:
                 conn.sock.close()
                 if not conn.trusted or conn.answered:
                     raise
                 conn = _Connection(self.address, timeout or self.timeout)
-                got = conn.exchange(payload, ids)
+                got = conn.exchange(frames, ids)
         except socket.timeout:
             conn.sock.close()
             raise Timeout("no answer from the server in time") from None
@@ -284,7 +345,7 @@ class Client:
         return [protocol.raise_for(got[i]) for i in ids]
 
     def call(self, message: dict, timeout: float | None = None) -> dict:
-        return self.call_many([message], timeout)[0]
+        return self._call_many([message], timeout)[0]
 
     def _check_size(self, size: int) -> None:
         if size <= CHECK_FRAMES_ABOVE:
@@ -298,14 +359,15 @@ class Client:
     def infer(self, model: str, inputs: dict, version: int | None = None,
               timeout: float | None = None, token: str | None = None
               ) -> dict[str, np.ndarray]:
-        r = self.call(_infer_message(model, inputs, version, timeout, token), _wait(timeout))
+        r = self._call_many([_infer_message(model, inputs, version, timeout, token)],
+                            _wait(timeout), encoded=True)[0]
         return protocol.decode_tensors(r["outputs"])
 
     def infer_many(self, requests: Iterable[tuple[str, dict]],
                    timeout: float | None = None) -> list[dict[str, np.ndarray]]:
         """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
-        rs = self.call_many([_infer_message(m, x, None, timeout) for m, x in requests],
-                            _wait(timeout))
+        rs = self._call_many([_infer_message(m, x, None, timeout) for m, x in requests],
+                             _wait(timeout), encoded=True)
         return [protocol.decode_tensors(r["outputs"]) for r in rs]
 
     def load(self, model: str, version: int | None = None, token: str | None = None) -> dict:
@@ -415,13 +477,19 @@ class AsyncClient:
         await self.close()
 
     async def call(self, message: dict, timeout: float | None = None) -> dict:
+        return await self._call(message, timeout)
+
+    async def _call(self, message: dict, timeout: float | None,
+                    encoded: bool = False) -> dict:
+        """call; `encoded` as Client._call_many's."""
         rid = next(self._ids)
         message["id"] = rid
         if self.token is not None:
             message.setdefault("token", self.token)
-        frame = protocol.frame(message)
-        if len(frame) - 4 > CHECK_FRAMES_ABOVE:
-            await self._check_size(len(frame) - 4)
+        parts = protocol.frames(message, message["inputs"] if encoded else None)
+        size = _body_size(parts)
+        if size > CHECK_FRAMES_ABOVE:
+            await self._check_size(size)
         if not self._conns:
             await self.connect()
         slot = next(self._next) % len(self._conns)
@@ -434,7 +502,7 @@ class AsyncClient:
         # A timer on the future, not asyncio.timeout(): a third of the cost.
         timer = None if wait is None else loop.call_later(wait, _expire, fut)
         conn.pending[rid] = fut
-        conn.transport.write(frame)
+        conn.transport.writelines(parts)
         try:
             response = await fut
         except Timeout:
@@ -454,8 +522,8 @@ class AsyncClient:
     async def infer(self, model: str, inputs: dict, version: int | None = None,
                     timeout: float | None = None, token: str | None = None
                     ) -> dict[str, np.ndarray]:
-        r = await self.call(_infer_message(model, inputs, version, timeout, token),
-                            _wait(timeout))
+        r = await self._call(_infer_message(model, inputs, version, timeout, token),
+                             _wait(timeout), encoded=True)
         return protocol.decode_tensors(r["outputs"])
 
     async def load(self, model: str, version: int | None = None,

@@ -159,6 +159,63 @@ def test_infer_many_of_answers_past_the_write_allowance(address, requests, timeo
         assert out["y"][0] == out["y"][-1] == (1.0 if requests == "small" else i)
 
 
+def test_large_tensors_cross_whole_both_ways(address):
+    # Tensors of protocol.BIG bytes or more are sent from where they lie
+    # and decoded as views of the frame they came in: every size around
+    # the threshold, both clients, alone and pipelined with small ones.
+    rng = np.random.default_rng(9)
+    sizes = [protocol.BIG - 1, protocol.BIG, protocol.BIG + 1, 3 << 20]
+    xs = [rng.integers(0, 255, n, dtype=np.uint8) for n in sizes]
+    xs.append(rng.standard_normal((512, 1031)).astype(np.float32))  # 2 MiB, 2-d
+    with Client(address) as c:
+        for x in xs:
+            y = c.infer("echo", {"x": x})["y"]
+            assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x)
+        small = x_for(rng)
+        outs = c.infer_many([("echo", {"x": x}) for x in xs] + [("m00", {"x": small})])
+        for x, out in zip(xs, outs):
+            assert np.array_equal(out["y"], x)
+        np.testing.assert_allclose(outs[-1]["y"], reference("m00", small), **TOL)
+
+    async def main():
+        async with AsyncClient(address, connections=2) as c:
+            outs = await asyncio.gather(*(c.infer("echo", {"x": x}) for x in xs))
+        for x, out in zip(xs, outs):
+            assert np.array_equal(out["y"], x)
+
+    run(main())
+
+
+@pytest.mark.parametrize("nbytes, pieces", [(100 << 10, 0), (1 << 20, 1), (1 << 20, 7)],
+                         ids=["whole-in-one-read", "begun-then-rest", "begun-then-7"])
+def test_a_large_frame_between_small_ones(address, nbytes, pieces):
+    # The server takes a large frame whole from one read, or begun in one
+    # and finished over others (1 MiB: within the receive budget), with the
+    # frames before and after it in the same reads.
+    x = np.arange(nbytes // 4, dtype=np.float32)
+    stream = (protocol.frame({"id": 1, "op": "health"})
+              + protocol.frame({"id": 2, "op": "infer", "model": "echo",
+                                "inputs": protocol.encode_tensors({"x": x})})
+              + protocol.frame({"id": 3, "op": "health"}))
+    if pieces:
+        cut = 200  # the first read ends inside the large frame
+        step = -(-(len(stream) - cut) // pieces)
+        chunks = [stream[:cut]] + [stream[i:i + step] for i in range(cut, len(stream), step)]
+    else:
+        chunks = [stream]
+    with socket.create_connection(address, timeout=30) as s:
+        for chunk in chunks:
+            s.sendall(chunk)
+            time.sleep(0.01)
+        answers = {}
+        for _ in range(3):
+            r = read_frame(s)
+            answers[r["id"]] = r
+    assert answers[1]["ok"] and answers[3]["ok"], answers
+    y = protocol.decode_tensors(answers[2]["outputs"])["y"]
+    assert np.array_equal(y, x)
+
+
 def test_the_client_works_with_descriptors_past_1024(address):
     # select() cannot watch a descriptor numbered 1024 or more; the SDK polls.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -68,6 +68,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.eof = False         # the client half-closed: close once its answers are out
         self.unsent: list[bytes] | None = None  # answers to write at the end of this turn
         self.discard = 0         # bytes of a refused frame still to come, dropped unread
+        self.big: protocol.LargeFrame | None = None  # a large frame arriving, not in buf
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -93,6 +94,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self.server.receiving.give(self.reserved)
             self.reserved = 0
         self._stop_awaiting()
+        self.big = None
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
@@ -149,6 +151,10 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             if self.discard <= 0:
                 self._close()
             return
+        if self.big is not None:
+            data = self.big.fill(data)
+            if not self.big.whole:
+                return
         self.buf += data
         self._take_frames()
 
@@ -159,6 +165,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         buf = self.buf
         start = 0
         try:
+            if self.big is not None:  # filled by data_received; first in line
+                if not self.big.whole or self.write_blocked:
+                    return
+                big, self.big = self.big, None
+                self._take(big.decode())
             while len(buf) - start >= 4 and not self.write_blocked:
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
@@ -168,14 +179,18 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 if len(buf) - start - 4 < n:
                     if n >= listener.RESERVE_ABOVE and not (self.reserved or self.awaiting):
                         self._reserve(n)
+                    if n >= protocol.BIG and (self.reserved or n < listener.RESERVE_ABOVE):
+                        # (within the budget, where it needs one)
+                        self.big = protocol.LargeFrame(n, buf[start + 4:])
+                        start = len(buf)
                     break
-                with memoryview(buf) as view:
-                    message = protocol.decode(view[start + 4:start + 4 + n])
+                if n >= protocol.BIG:  # whole in buf: a copy of its own to view
+                    message = protocol.decode(buf[start + 4:start + 4 + n])
+                else:
+                    with memoryview(buf) as view:
+                        message = protocol.decode(view[start + 4:start + 4 + n])
                 start += 4 + n
-                if self.reserved:  # the frame is whole: it is the engine's now
-                    self.server.receiving.give(self.reserved)
-                    self.reserved = 0
-                self._dispatch(message)
+                self._take(message)
         except MMEngineError as e:  # the stream cannot be trusted any more
             self._send(protocol.error_response(None, e))
             self._close()
@@ -186,11 +201,17 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             return
         finally:
             del buf[:start]
-        # A frame begins when its first bytes stay in buf after a read.
-        if not buf:
+        # A frame begins when its first bytes stay after a read.
+        if not buf and self.big is None:
             self.frame_began = 0.0
         elif start or not self.frame_began:
             self.frame_began = now
+
+    def _take(self, message: dict) -> None:
+        if self.reserved:  # the frame is whole: it is the engine's now
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._dispatch(message)
 
     def _refuse(self, n: int, have: int) -> None:
         """Refuses a frame longer than the maximum from its header: a
@@ -229,8 +250,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
     def resume_writing(self) -> None:
         self.write_blocked = False
         if not self.closing and not self.transport.is_closing():  # stop() closes it too
-            if self.buf:  # a frame begun before the pause: its time starts now
-                self.frame_began = self.loop.time()
+            if self.buf or self.big is not None:
+                self.frame_began = self.loop.time()  # a frame begun before the pause
             self._take_frames()  # frames read before the pause
             self._resume()
 
@@ -280,10 +301,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         e = fut.exception()
         if e is None:
             body, outputs = fut.result()
-            response = {"id": rid, "ok": True, "outputs": protocol.encode_tensors(outputs)}
+            tensors = protocol.encode_tensors(outputs)
+            response = {"id": rid, "ok": True, "outputs": tensors}
             if t_submit:
                 response["timing"] = trace.body_timing(t_submit, body)
-            self._send(response)
+            self._send(response, tensors)
         elif isinstance(e, MMEngineError):
             self._send(protocol.error_response(rid, e))
         else:
@@ -310,19 +332,23 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         except Exception as e:  # noqa: BLE001 - a bug answers INTERNAL, never a hang
             self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict, tensors: dict | None = None) -> None:
+        """Writes an answer; `tensors`, its encoded tensors, if it has any
+        (large ones are written from where they lie: protocol.frames)."""
         if self.closing or self.discard or self.transport.is_closing():
             return
-        frame = protocol.frame(message)
+        parts = protocol.frames(message, tensors)
         if self.unsent is not None:
-            self.unsent.append(frame)
+            self.unsent += parts
         elif len(self.tasks) > 1:
             # More answers are coming: those of this turn of the loop go out
             # in one write (a write to a socket costs more than the answer).
-            self.unsent = [frame]
+            self.unsent = parts
             self.loop.call_soon(self.flush)
+        elif len(parts) == 1:
+            self.transport.write(parts[0])
         else:
-            self.transport.write(frame)
+            self.transport.writelines(parts)
 
     def flush(self) -> None:
         unsent, self.unsent = self.unsent, None
