@@ -361,14 +361,14 @@ class Client:
               ) -> dict[str, np.ndarray]:
         r = self._call_many([_infer_message(model, inputs, version, timeout, token)],
                             _wait(timeout), encoded=True)[0]
-        return protocol.decode_tensors(r["outputs"])
+        return protocol.decode_tensors(r["outputs"], outputs=True)
 
     def infer_many(self, requests: Iterable[tuple[str, dict]],
                    timeout: float | None = None) -> list[dict[str, np.ndarray]]:
         """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
         rs = self._call_many([_infer_message(m, x, None, timeout) for m, x in requests],
                              _wait(timeout), encoded=True)
-        return [protocol.decode_tensors(r["outputs"]) for r in rs]
+        return [protocol.decode_tensors(r["outputs"], outputs=True) for r in rs]
 
     def load(self, model: str, version: int | None = None, token: str | None = None) -> dict:
         return self.call(_model_message("load", model, version, token))["model"]
@@ -524,7 +524,7 @@ class AsyncClient:
                     ) -> dict[str, np.ndarray]:
         r = await self._call(_infer_message(model, inputs, version, timeout, token),
                              _wait(timeout), encoded=True)
-        return protocol.decode_tensors(r["outputs"])
+        return protocol.decode_tensors(r["outputs"], outputs=True)
 
     async def load(self, model: str, version: int | None = None,
                    token: str | None = None) -> dict:

@@ -195,6 +195,20 @@ class Engine:
         place in its model's queue is free when `then` runs: a client's
         next request may come in the same turn."""
         t_submit = time.monotonic_ns()
+        try:
+            return self._submit(name, inputs, version, timeout, token, then, t_submit)
+        except MMEngineError as e:  # refused at once: observed as any answer is
+            if self.observers:
+                # Named only if it is a model: a stranger's names make no series.
+                known = (name, version) in self._specs
+                self._emit("request", {"model": name if known else "", "version": version,
+                                       "start_ns": t_submit, "end_ns": time.monotonic_ns(),
+                                       "code": e.code.name})
+            raise
+
+    def _submit(self, name: str, inputs: Mapping[str, Any], version: int | None,
+                timeout: float | None, token: str | None,
+                then: Callable[[asyncio.Future], None] | None, t_submit: int) -> asyncio.Future:
         deadline = self._deadline(timeout)
         spec = self._specs.get((name, version))
         if spec is not None:  # before anything else: a stranger learns nothing more
@@ -305,7 +319,9 @@ class Engine:
             raise Timeout("the request's deadline passed")
         return left
 
-    async def _spec(self, name: str, version: int | None) -> ModelSpec:
+    async def _spec(self, name: str, version: int | None, record: bool = True) -> ModelSpec:
+        """The model's spec, read once; a model that cannot be served is a
+        failed load (`record`: a listing only looks, and counts nothing)."""
         spec = self._specs.get((name, version))
         if spec is None:
             bad = self._bad_specs.get((name, version))
@@ -316,6 +332,8 @@ class Engine:
             try:
                 spec = await loop.run_in_executor(None, self.repo.resolve, name, version)
             except LoadFailed as e:  # it exists but cannot be served: say so in stats
+                if not record:
+                    raise
                 versions = self.repo.versions(name)  # cached by the failed resolve
                 bad = (name, version or versions[-1])
                 self._bad_specs[(name, version)] = bad
@@ -847,7 +865,7 @@ class Engine:
             for v in versions:
                 row = self._model_row((name, v))
                 try:  # what a client needs to build a request (cached specs)
-                    spec = await self._spec(name, v)
+                    spec = await self._spec(name, v, record=False)
                     row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                                      for t in spec.inputs]
                 except MMEngineError:
@@ -984,5 +1002,6 @@ def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
             raise BadRequest(f"input {name!r}: dtype {value.dtype} cannot be sent")
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))
-        out[name] = np.ascontiguousarray(value)
+        # Not ascontiguousarray always: it makes a 0-d array 1-d.
+        out[name] = value if value.flags.c_contiguous else np.ascontiguousarray(value)
     return out

@@ -251,12 +251,19 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def encode_tensors(arrays: dict[str, np.ndarray]) -> dict:
+    """Named arrays as the wire's tensors (their data viewed, not copied);
+    BadRequest for a dtype the protocol does not carry (DTYPES)."""
     out = {}
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
+        if not a.flags.c_contiguous:  # not ascontiguousarray always: it makes 0-d 1-d
+            a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        out[name] = {"dtype": _dtype_name(a.dtype), "shape": list(a.shape), "data": a.data}
+        dtype = _dtype_name(a.dtype)
+        if dtype not in DTYPES:
+            raise BadRequest(f"tensor {name!r}: dtype {a.dtype} cannot travel; one of "
+                             f"{', '.join(DTYPES)}")
+        out[name] = {"dtype": dtype, "shape": list(a.shape), "data": a.data}
     return out
 
 
@@ -267,9 +274,10 @@ DTYPES: dict[str, np.dtype] = {
                  "int64", "float16", "float32", "float64", "complex64", "complex128")}
 
 
-def decode_tensors(tensors: Any) -> dict[str, np.ndarray]:
-    """Arrays viewing the frame's bytes (read-only, no copy)."""
-    if not isinstance(tensors, dict) or not tensors:
+def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]:
+    """Arrays viewing the frame's bytes (read-only, no copy). Inputs are
+    at least one; a model's outputs may be none."""
+    if not isinstance(tensors, dict) or not (tensors or outputs):
         raise BadRequest("'inputs' must be a non-empty map of name to tensor")
     out = {}
     for name, t in tensors.items():

@@ -167,7 +167,8 @@ class _Responder:
 
     def send(self, rid: int, code: int = messages.OK, body=None,
              outputs: dict[str, np.ndarray] | None = None) -> None:
-        arrays = {k: np.ascontiguousarray(v) for k, v in (outputs or {}).items()}
+        arrays = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # keeps 0-d
+                  for k, v in (outputs or {}).items()}
         for k, v in arrays.items():
             if v.dtype.hasobject or v.dtype.fields is not None:
                 raise BadRequest(f"output {k!r} has dtype {v.dtype}, which cannot be sent")

@@ -567,3 +567,47 @@ def test_a_then_that_sends_finds_its_place_free_and_deadlines_kept(repo, own_seg
             return elapsed
 
     assert run(main()) < 0.8  # both at their deadline, not after the slow call
+
+
+def test_requests_refused_at_once_are_observed(repo, own_segments):
+    # Refusals decided before a request is queued (a full queue, bad
+    # inputs) reach the observers (metrics, traces) as answers do; a name
+    # that is no known model is not named.
+    root, _ = repo
+
+    async def main():
+        events: list = []
+        async with Engine(config(root, workers=1, max_queue_per_model=1)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and events.append(
+                (f["model"], f["code"])))
+            await engine.load("slow")
+            first = engine.submit("slow", {"seconds": np.array([0.3])})
+            with pytest.raises(Overloaded):
+                engine.submit("slow", {"seconds": np.array([0.0])})
+            with pytest.raises(BadRequest):
+                engine.submit("no-such-model", {"x": "not an array"})
+            await first
+            await asyncio.sleep(0.05)
+        return events
+
+    assert run(main()) == [("slow", "OVERLOADED"), ("", "BAD_REQUEST"), ("slow", "OK")]
+
+
+def test_listing_a_broken_model_counts_no_failure(tmp_path, own_segments):
+    # models() (the TCP list, KServe's index) only looks: a dashboard that
+    # polls it must not put a broken model into ever longer back-off.
+    broken = demo.write_mlp(tmp_path / "broken", "safetensors", *DIMS)
+    (broken / "model.toml").write_text('bytes = "lots"\n')
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            for _ in range(3):
+                listed = {r["name"]: r for r in await engine.models()}
+            with pytest.raises(LoadFailed):
+                await engine.infer("broken", {"x": np.zeros((1, DIMS[0]), np.float32)})
+            row = next(r for r in engine.stats()["models"] if r["name"] == "broken")
+            return listed, row
+
+    listed, row = run(main())
+    assert listed["broken"]["failures"] == 0 and listed["broken"]["inputs"] == []
+    assert row["failures"] == 1

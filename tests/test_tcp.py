@@ -37,6 +37,24 @@ def predict(inputs):
     return {"y": inputs["x"]}
 '''
 
+# What a model may answer that is odd: by inputs["kind"].
+ODD_HANDLER = '''
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    kind = int(inputs["kind"].ravel()[0])
+    if kind == 0:
+        return {"y": np.array(["2020-01-01"], "datetime64[D]")}  # no wire dtype
+    if kind == 1:
+        return {}  # no outputs
+    if kind == 2:
+        return 3.5  # a scalar
+    return {"y": inputs["kind"] * 2}  # the input's shape, 0-d included
+'''
+
 
 def start(request, *args: str, env: dict[str, str] | None = None,
           timeout: float = 60.0) -> tuple[Server, tuple[str, int]]:
@@ -55,6 +73,8 @@ def repo(tmp_path_factory) -> Path:
     write_problem_models(root)
     (root / "echo" / "1").mkdir(parents=True)
     (root / "echo" / "1" / "handler.py").write_text(ECHO_HANDLER)
+    (root / "odd" / "1").mkdir(parents=True)
+    (root / "odd" / "1" / "handler.py").write_text(ODD_HANDLER)
     return root
 
 
@@ -214,6 +234,22 @@ def test_a_large_frame_between_small_ones(address, nbytes, pieces):
     assert answers[1]["ok"] and answers[3]["ok"], answers
     y = protocol.decode_tensors(answers[2]["outputs"])["y"]
     assert np.array_equal(y, x)
+
+
+def test_odd_outputs_are_answered_and_scalars_stay_scalars(address):
+    # Every answer comes back: an output dtype the wire cannot carry is a
+    # typed error (it went unanswered), no outputs are no outputs, and a 0-d
+    # array stays 0-d both ways (it came back with shape [1]).
+    with Client(address, timeout=20) as c:
+        with pytest.raises(BadRequest, match="datetime64"):
+            c.infer("odd", {"kind": np.array([0])})
+        assert c.infer("odd", {"kind": np.array([1])}) == {}
+        out = c.infer("odd", {"kind": np.array([2])})
+        assert out["output"].shape == () and out["output"] == 3.5
+        out = c.infer("odd", {"kind": np.array(5, np.int64)})
+        assert out["y"].shape == () and out["y"] == 10
+        np.testing.assert_allclose(c.infer("m00", {"x": x_for(np.random.default_rng(1))})["y"],
+                                   reference("m00", x_for(np.random.default_rng(1))), **TOL)
 
 
 def test_the_client_works_with_descriptors_past_1024(address):

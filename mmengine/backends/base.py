@@ -58,7 +58,7 @@ class LoadedModel(abc.ABC):
             raise
         except torch.OutOfMemoryError as e:
             raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
         return outputs_to_numpy(raw, self.spec.outputs)
 

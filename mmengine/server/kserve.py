@@ -262,14 +262,14 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
     tensors, buffers = [], []
     for out, binary in wanted:
         arr = outputs[out]
+        if not arr.dtype.isnative:  # a model's big-endian output: the same values, native
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         datatype = _DATATYPE_OF.get(arr.dtype)
         if datatype is None:
             raise BadRequest(f"output {out!r} has dtype {arr.dtype}, which has no KServe "
                              f"datatype")
         t = {"name": out, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            if not arr.dtype.isnative:  # never on little-endian hosts
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
             arr = np.ascontiguousarray(arr)  # the engine's outputs already are: no copy
             t["parameters"] = {"binary_data_size": arr.nbytes}
             buffers.append(memoryview(arr).cast("B"))

@@ -301,7 +301,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         e = fut.exception()
         if e is None:
             body, outputs = fut.result()
-            tensors = protocol.encode_tensors(outputs)
+            try:  # a model may answer what the wire cannot carry: say so
+                tensors = protocol.encode_tensors(outputs)
+            except MMEngineError as error:
+                self._send(protocol.error_response(rid, error))
+                return
             response = {"id": rid, "ok": True, "outputs": tensors}
             if t_submit:
                 response["timing"] = trace.body_timing(t_submit, body)
