@@ -142,9 +142,12 @@ _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_byte
               "load_bytes_in_flight", "receive_bytes"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6,
-          "MIB": 1 << 20, "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12,
-          "TIB": 1 << 40}
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M": 1e6,
+          "MB": 1e6, "MI": 1 << 20, "MIB": 1 << 20, "G": 1e9, "GB": 1e9, "GI": 1 << 30,
+          "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TI": 1 << 40, "TIB": 1 << 40}
+# Keys that hold several values in one string, and their separator: a TOML
+# list is taken too.
+_LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ","}
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -172,7 +175,14 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        return str(value)
+        if key in _LIST_KEYS and isinstance(value, list) and \
+                all(isinstance(v, str) for v in value):
+            return _LIST_KEYS[key].join(value)
+        if not isinstance(value, str):
+            raise ValueError  # a list or a table where a string belongs
+        return value
+    except ConfigError:
+        raise  # parse_size's, which says what a size looks like
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from None
 

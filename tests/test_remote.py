@@ -535,3 +535,26 @@ def test_a_served_remote_model_is_fetched_once_and_reloads_from_the_disk_cache(t
         assert {r["name"]: r["loads"] for r in stats["models"]}["mlp"] == 2
     finally:
         assert proc.stop() == 0
+
+
+def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
+    # A TOML list for a key of several values is taken; any other value of
+    # the wrong kind is refused naming its key (a list for model_roots was
+    # its printed form, and every POST /models then refused); binary sizes
+    # without their B (1Ki) are sizes, and a bad size says what one is.
+    good = tmp_path / "good.toml"
+    good.write_text('model_roots = ["/a", "/b"]\nallowed_hosts = ["a.test", "b.test:80"]\n'
+                    'ring_bytes = "1Mi"\ndevice_budget = "2Gi"\n')
+    c = config_mod.load(good, env={})
+    assert c.model_roots == os.pathsep.join(["/a", "/b"])
+    assert c.allowed_hosts == "a.test,b.test:80"
+    assert c.ring_bytes == 1 << 20 and c.device_budget == 2 << 30
+    for text, key in (("control_token = true\n", "control_token"),
+                      ("model_roots = [1, 2]\n", "model_roots"),
+                      ("host = {a = 1}\n", "host")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(config_mod.ConfigError, match=key):
+            config_mod.load(bad, env={})
+    with pytest.raises(config_mod.ConfigError, match="is not a size"):
+        config_mod.load(env={}, overrides={"device_budget": "1e9"})
