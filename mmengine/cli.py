@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         try:
             uvloop.run(_serve(config, args.demo, tracer))
+        except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
+            print(f"mmengine: cannot serve: {e}", file=sys.stderr)
+            return 1
         finally:
             # Stopped: the loop's handlers are gone, and a signal repeated
             # during the interpreter's teardown would end it with -15, not 0.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import shutil
 import threading
 
 PREFIX = "mmengine-"
@@ -95,7 +96,16 @@ class Segment:
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Every page now: a /dev/shm too small (a container's 64 MiB)
+            # fails here, saying so, not later as a SIGBUS wherever a page
+            # is first touched (a sparse segment's were).
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                free = shutil.disk_usage(SHM_DIR).free
+                raise OSError(e.errno, f"{SHM_DIR} has no room for a shared-memory segment "
+                              f"of {size} bytes ({free} free): give it more (docker run "
+                              f"--shm-size), or lower ring_bytes") from None
             map_ = mmap.mmap(fd, size)
         except BaseException:
             os.unlink(path)

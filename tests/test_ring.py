@@ -6,6 +6,8 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -13,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import environ
 from mmengine import shm
 from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
 from mmengine.ring import NativeRing, PyRing, record_size
@@ -429,3 +432,26 @@ def test_a_signal_during_a_wait_runs_its_handler_and_the_wait_goes_on(pair):
         assert caught == [1]
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_segment_without_room_fails_at_creation_saying_so():
+    # Every page is allocated when a ring is made: a /dev/shm too small (a
+    # container's 64 MiB) fails there with a message, not later with a
+    # SIGBUS where a page is first touched. A file size limit stands in
+    # for a small /dev/shm; the process runs apart, as the limit is its own.
+    code = (
+        "import os, resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from mmengine.ring import Ring\n"
+        "try:\n"
+        "    Ring.create(4 << 20)\n"
+        "except OSError as e:\n"
+        "    print(e)\n"
+        "print(sorted(f for f in os.listdir('/dev/shm') if f'-{os.getpid()}-' in f))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=environ())
+    assert out.returncode == 0, out.stderr
+    message, left = out.stdout.splitlines()
+    assert "no room for a shared-memory segment" in message and "ring_bytes" in message
+    assert left == "[]"

@@ -523,6 +523,18 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
                 proc.wait()
 
 
+def test_a_port_in_use_is_one_line_not_a_traceback(repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(command("serve", "--repo", str(repo), "--tcp-port",
+                                      str(taken.getsockname()[1]), "--http-port", "-1"),
+                              env=environ(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "mmengine: cannot serve:" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr
+
+
 def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
     server, address = start(request, "--demo", env=environ(XDG_CACHE_HOME=str(tmp_path)),
                             timeout=120)
