@@ -45,6 +45,9 @@ from mmengine.workers import Worker, WorkerPool
 Key = tuple[str, int]
 STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
                books.UNLOADING: "evicting", books.FAILED: "failed"}
+# How long a load past its deadline may still take before its worker is
+# taken for stuck and restarted (_unstick).
+STUCK_LOAD_GRACE_S = 5.0
 
 
 @dataclasses.dataclass
@@ -449,7 +452,8 @@ class Engine:
                 # The worker may still finish the load: its bytes stay reserved
                 # until the unload queued behind it has answered.
                 self.cache.set_state(key, books.UNLOADING)
-                self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
+                _, unload = self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
+                self._spawn(self._unstick(worker, key, unload))
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s")
             else:
                 self._forget(key, gen)
@@ -488,6 +492,19 @@ class Engine:
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:
             await self._shrink(worker.index, "pressure")  # the estimate was short
+
+    async def _unstick(self, worker: Worker, key: Key, unload: asyncio.Task) -> None:
+        """A load past its deadline holds its worker's loader, and every load
+        and unload queued behind it. If the unload queued behind it has not
+        answered within STUCK_LOAD_GRACE_S, the load is stuck in the model's
+        own code (which no thread can be made to leave): the worker is
+        killed, and comes back as a dead worker does."""
+        done, _ = await asyncio.wait([unload], timeout=STUCK_LOAD_GRACE_S)
+        if not done and worker.alive and self.pool.workers[worker.index] is worker:
+            print(f"mmengine: worker {worker.index} is stuck loading {key[0]} v{key[1]} "
+                  f"(past its load_timeout_s, then {STUCK_LOAD_GRACE_S:g} s more); "
+                  f"restarting it", flush=True)
+            worker.process.kill()
 
     def _forget_segment(self, segment: str) -> None:
         """Tells every worker that a host-tier segment is gone, so that its

@@ -175,6 +175,35 @@ def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segm
     run(main(), timeout=60)
 
 
+def test_a_load_stuck_past_its_deadline_gets_its_worker_restarted(repo, own_segments,
+                                                                  monkeypatch):
+    # A load that never returns held its worker's loader for good: every
+    # later load there failed too and stayed "evicting". Past the deadline
+    # and a grace, the worker is taken for stuck and restarted; the stuck
+    # model is in back-off, the others load and serve.
+    from mmengine import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STUCK_LOAD_GRACE_S", 0.5)
+    moody(repo, "hangs", "1000")
+
+    async def main():
+        async with Engine(config(repo, load_timeout_s=3.0)) as engine:
+            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            with pytest.raises(LoadFailed, match="load exceeded"):
+                await engine.infer("hangs", {"x": X})
+            await until(lambda: engine.stats()["totals"]["worker_restarts"] == 1, 10,
+                        "the restart")
+            t0 = time.monotonic()
+            with pytest.raises(LoadFailed):  # in its back-off: at once
+                await engine.infer("hangs", {"x": X})
+            assert time.monotonic() - t0 < 0.5
+            out = await engine.infer("m01", {"x": X}, timeout=20)
+            np.testing.assert_allclose(out["y"], reference("m01"), rtol=1e-5, atol=1e-5)
+            assert row("m01")["state"] == "resident" and row("hangs")["failures"] == 1
+
+    run(main(), timeout=60)
+
+
 # -- workers killed under traffic -----------------------------------------------
 
 def test_a_killed_worker_does_not_disturb_the_others(repo, own_segments):
