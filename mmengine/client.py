@@ -145,7 +145,7 @@ class _Outgoing:
 
     def __init__(self, frames: list[list]):
         self.views = collections.deque(memoryview(part).cast("B")
-                                       for parts in frames for part in parts)
+                                       for parts in frames for part in parts if len(part))
 
     def __bool__(self) -> bool:
         return bool(self.views)
@@ -487,6 +487,12 @@ class AsyncClient:
         if self.token is not None:
             message.setdefault("token", self.token)
         parts = protocol.frames(message, message["inputs"] if encoded else None)
+        if len(parts) > 1:
+            # The caller's arrays may change once this yields (the size
+            # check, a write the socket does not take whole): sent as they
+            # are now, copied once (the blocking Client sends before it
+            # returns).
+            parts = [bytes(part) for part in parts]
         size = _body_size(parts)
         if size > CHECK_FRAMES_ABOVE:
             await self._check_size(size)

@@ -48,6 +48,8 @@ def frame(message: dict) -> bytes:
     except AttributeError:  # this thread's first frame
         pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
     body = pack(message)
+    if len(body) >= BIG:  # a Packer keeps its largest buffer: not this one
+        del _packers.pack
     return LENGTH.pack(len(body)) + body
 
 
@@ -60,7 +62,7 @@ def frame_parts(message: dict) -> list:
     _pack(message, packer, parts)
     parts.append(packer.bytes())
     parts[0] = LENGTH.pack(sum(memoryview(part).nbytes for part in parts))
-    return parts
+    return [part for part in parts if len(part)]  # (a frame may end with a bin)
 
 
 def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
@@ -166,7 +168,7 @@ class _Viewer:
     protocol (a few maps of a few values) and gives up on anything else,
     or on more than MAX_VALUES values (Python's pace, not C's)."""
 
-    MAX_VALUES = 4096
+    MAX_VALUES = 1024  # ~1.7 ms of Python at most; a request has tens
     MAX_DEPTH = 16
 
     def __init__(self, view: memoryview):
@@ -276,7 +278,9 @@ DTYPES: dict[str, np.dtype] = {
 
 def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]:
     """Arrays viewing the frame's bytes (read-only, no copy). Inputs are
-    at least one; a model's outputs may be none."""
+    at least one; a model's outputs may be none, and are aligned for their
+    dtype (a large one is a view at whatever offset it has in its frame,
+    and numpy's fast paths skip misaligned data: a copy then)."""
     if not isinstance(tensors, dict) or not (tensors or outputs):
         raise BadRequest("'inputs' must be a non-empty map of name to tensor")
     out = {}
@@ -291,7 +295,10 @@ def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]
                 raise TypeError("shape must be a list of non-negative integers")
             if not isinstance(data, (bytes, memoryview)):  # a view: a large one (decode)
                 raise TypeError("data must be bin")
-            out[name] = np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
+            array = np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
+            if outputs and not array.flags.aligned:
+                array = array.copy()
+            out[name] = array
         except (KeyError, TypeError, ValueError) as e:
             raise BadRequest(f"tensor {name!r}: {type(e).__name__}: {e}") from None
     return out

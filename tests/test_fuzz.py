@@ -662,6 +662,21 @@ def test_unfinished_frame_is_dropped(target):
         assert time.monotonic() - t0 < TCP_IDLE_S + 3
 
 
+def test_a_frame_begun_as_a_large_one_ends_has_its_own_idle_time(target):
+    # A large frame (a buffer of its own) ends in the read that begins the
+    # next frame: the next one's time starts then, not with the large one.
+    big = protocol.frame({"id": 1, "op": "health", "pad": b"z" * (200 << 10)})
+    small = protocol.frame({"id": 2, "op": "health"})
+    with connect(target.tcp) as s:
+        s.sendall(big[:1000])
+        time.sleep(TCP_IDLE_S * 0.7)
+        s.sendall(big[1000:] + small[:3])
+        time.sleep(TCP_IDLE_S * 0.6)  # past the large frame's idle time, not the small's
+        s.sendall(small[3:])
+        answers = [read_frame(s), read_frame(s)]
+    assert [(r["id"], r["ok"]) for r in answers] == [(1, True), (2, True)], answers
+
+
 def test_a_request_in_flight_keeps_its_connection(target):
     seconds = np.array([TCP_IDLE_S * 2], np.float64)
     with connect(target.tcp) as s:

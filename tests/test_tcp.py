@@ -191,6 +191,7 @@ def test_large_tensors_cross_whole_both_ways(address):
         for x in xs:
             y = c.infer("echo", {"x": x})["y"]
             assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x)
+            assert y.flags.aligned  # numpy's fast paths skip misaligned data
         small = x_for(rng)
         outs = c.infer_many([("echo", {"x": x}) for x in xs] + [("m00", {"x": small})])
         for x, out in zip(xs, outs):
@@ -200,8 +201,15 @@ def test_large_tensors_cross_whole_both_ways(address):
     async def main():
         async with AsyncClient(address, connections=2) as c:
             outs = await asyncio.gather(*(c.infer("echo", {"x": x}) for x in xs))
-        for x, out in zip(xs, outs):
-            assert np.array_equal(out["y"], x)
+            for x, out in zip(xs, outs):
+                assert np.array_equal(out["y"], x)
+            # What is sent is the array as it was when infer() was called,
+            # whatever the caller does with it once infer() has yielded.
+            buffer = np.zeros(8 << 20, np.float32)
+            call = asyncio.ensure_future(c.infer("echo", {"x": buffer}))
+            await asyncio.sleep(0)
+            buffer[:] = 1
+            assert not (await call)["y"].any()
 
     run(main())
 

@@ -164,11 +164,13 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         now = self.loop.time()
         buf = self.buf
         start = 0
+        took = False  # a frame: what is left began now
         try:
             if self.big is not None:  # filled by data_received; first in line
                 if not self.big.whole or self.write_blocked:
                     return
                 big, self.big = self.big, None
+                took = True
                 self._take(big.decode())
             while len(buf) - start >= 4 and not self.write_blocked:
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
@@ -190,6 +192,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                     with memoryview(buf) as view:
                         message = protocol.decode(view[start + 4:start + 4 + n])
                 start += 4 + n
+                took = True
                 self._take(message)
         except MMEngineError as e:  # the stream cannot be trusted any more
             self._send(protocol.error_response(None, e))
@@ -201,10 +204,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             return
         finally:
             del buf[:start]
-        # A frame begins when its first bytes stay after a read.
+        # A frame begins when its first bytes stay after a read (moved into
+        # a LargeFrame, it goes on from when it began).
         if not buf and self.big is None:
             self.frame_began = 0.0
-        elif start or not self.frame_began:
+        elif took or not self.frame_began:
             self.frame_began = now
 
     def _take(self, message: dict) -> None:
