@@ -12,7 +12,9 @@ same id and may come back in any order.
                                                  "message": str}}
 
 A tensor is a map {"dtype": numpy dtype name, "shape": [int...],
-"data": bin (C order, little-endian)}.
+"data": bin (C order, little-endian)}. Tensors of BIG bytes or more are not
+copied by this codec: frame_parts() lays a frame out around their memory,
+and decode() gives them back as views of the frame they came in.
 """
 from __future__ import annotations
 

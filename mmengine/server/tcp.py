@@ -9,6 +9,9 @@ complete, in any order: an infer is a future of the engine with a callback
 that writes the answer (no task on the hot path), every other operation a
 task. A malformed frame gets a typed error and the connection is closed
 (the stream can no longer be trusted); other connections are untouched.
+A large frame (protocol.BIG bytes or more) that is still arriving goes to a
+buffer of its own (protocol.LargeFrame), so that its tensors are decoded as
+views of it and reach the worker's ring with no copy in between.
 
 Hostile and forgotten clients are bounded: past `max_connections` open
 connections a new one gets an OVERLOADED frame (nil id) and is closed; a
