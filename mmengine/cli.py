@@ -249,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         # Piped into head: stop quietly when the reader does, as ls does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        _print_stats(args)
+        from mmengine.errors import MMEngineError
+        try:
+            _print_stats(args)
+        except (OSError, ValueError, MMEngineError) as e:  # down, or a bad --url: as bench
+            print(f"mmengine stats: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "token":
         _print_token()

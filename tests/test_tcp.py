@@ -483,6 +483,12 @@ def test_stats_prints_the_table(address):
     assert m01[:3] == ["m01", "1", "resident"]
     assert re.search(r"\d+ resident .* \d+ in the host tier .* \d+ hits, \d+ loads "
                      r"\(\d+ from the host tier\)", r.stdout)
+    with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
+        unused.bind(("127.0.0.1", 0))
+        down = subprocess.run(command("stats", "--url", "127.0.0.1:%d" % unused.getsockname()[1]),
+                              env=environ(), capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert down.stderr.startswith("mmengine stats: ConnectionRefusedError"), down.stderr
 
 
 def test_bench_prints_its_table(address):
