@@ -263,8 +263,8 @@ class Worker:
 
         `then(future)` runs as the future is done, in the same turn of the
         loop: a server writes the answer out before asyncio would run the
-        future's callbacks (a turn later, after the engine's bookkeeping).
-        It is not run for a future its caller cancels."""
+        future's callbacks (a turn later, behind the engine's metrics). It
+        is not run for a future its caller cancels."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
