@@ -67,6 +67,9 @@ class Config:
     idle_unload_s: float = 0.0           # unload models unused this long; 0: never
     policy: str = "lru"                  # lru | gdsf
     monitor_interval_s: float = 1.0      # how often resource readings are taken
+    # How often the repository's directories are read again, for models and
+    # versions added or removed while serving; 0: never.
+    repo_scan_s: float = 5.0
     # -- deadlines
     request_timeout_s: float = 30.0      # default deadline of a request, load wait included
     load_timeout_s: float = 120.0        # deadline of one load, separate from requests
@@ -204,6 +207,7 @@ def _validate(c: Config) -> None:
          "must be in (0, high_watermark]")
     need(0 < c.host_memory_watermark <= 1, "host_memory_watermark", "must be in (0, 1]")
     need(c.idle_unload_s >= 0, "idle_unload_s", "must be >= 0")
+    need(c.repo_scan_s >= 0, "repo_scan_s", "must be >= 0")
     need(c.policy in ("lru", "gdsf"), "policy", "must be lru or gdsf")
     for key in ("monitor_interval_s", "request_timeout_s", "load_timeout_s",
                 "ready_timeout_s", "shutdown_timeout_s"):

@@ -129,6 +129,8 @@ class Engine:
                                     resources.device_budget(self.config, w.device))
         self._locks = [asyncio.Lock() for _ in self.pool.workers]
         self._spawn(self._monitor())
+        if self.config.repo_scan_s:
+            self._spawn(self._watch_repository())
         return self
 
     def refuse_new(self) -> None:
@@ -704,6 +706,24 @@ class Engine:
                     victim = self._least_recent(lambda x: x is w)
                     if victim is not None:
                         await self._evict(victim, "gpu_memory")
+
+    async def _watch_repository(self) -> None:
+        """Models and versions added to or removed from the repository while
+        it serves, every repo_scan_s: a new version becomes the default one,
+        a removed model is not found any more (a resident copy goes when
+        evicted, as any other)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.repo_scan_s)
+            try:
+                changed = await loop.run_in_executor(None, self.repo.rescan)
+            except OSError as e:  # the repository's disk: keep serving what is known
+                print(f"mmengine: reading the repository: {e!r}")
+                continue
+            if changed:
+                self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
+                self._bad_specs = {k: v for k, v in self._bad_specs.items()
+                                   if k[0] not in changed}
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():

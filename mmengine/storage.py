@@ -198,6 +198,29 @@ class Repository:
         self._versions = {}
         self._specs = {}
 
+    def rescan(self) -> set[str]:
+        """Reads the repository's directories again (a thread's work: one
+        scandir per model) and returns the names whose versions changed: a
+        model or a version added or removed. A version directory is taken
+        to be immutable: a spec read once stays (its files are replaced by
+        a new version, not edited)."""
+        names = tuple(sorted({entry.name for entry in _scandir(self.root)
+                              if is_valid_name(entry.name) and entry.is_dir()}
+                             | set(self._added)))
+        versions = {}
+        for name in names:
+            try:
+                versions[name] = self._scan_versions(name)
+            except ModelNotFound:  # no version directory (yet)
+                pass
+        changed = {name for name, known in self._versions.items()
+                   if known != versions.get(name)}  # (a name never asked for: no news)
+        changed |= set(names) ^ set(self._names or names)
+        self._versions = versions
+        self._names = names
+        self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
+        return changed
+
     def names(self) -> tuple[str, ...]:
         if self._names is None:
             self._names = tuple(sorted({
@@ -208,17 +231,20 @@ class Repository:
     def versions(self, name: str) -> tuple[int, ...]:
         """The versions of `name`, ascending; ModelNotFound if it has none."""
         check_name(name)
-        if name in self._added:
-            return (1,)
         found = self._versions.get(name)
         if found is None:
-            found = tuple(sorted(
-                int(entry.name) for entry in _scandir(self.root / name)
-                if entry.name.isascii() and entry.name.isdigit()
-                and str(int(entry.name)) == entry.name and entry.is_dir()))
-            if not found:
-                raise ModelNotFound(f"model {name!r} not found")
-            self._versions[name] = found
+            found = self._versions[name] = self._scan_versions(name)
+        return found
+
+    def _scan_versions(self, name: str) -> tuple[int, ...]:
+        if name in self._added:
+            return (1,)
+        found = tuple(sorted(
+            int(entry.name) for entry in _scandir(self.root / name)
+            if entry.name.isascii() and entry.name.isdigit()
+            and str(int(entry.name)) == entry.name and entry.is_dir()))
+        if not found:
+            raise ModelNotFound(f"model {name!r} not found")
         return found
 
     def resolve(self, name: str, version: int | str | None = None) -> ModelSpec:

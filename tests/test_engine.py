@@ -611,3 +611,41 @@ def test_listing_a_broken_model_counts_no_failure(tmp_path, own_segments):
     listed, row = run(main())
     assert listed["broken"]["failures"] == 0 and listed["broken"]["inputs"] == []
     assert row["failures"] == 1
+
+
+def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segments):
+    # The repository is read again every repo_scan_s: a new version becomes
+    # the default one, a new model is listed and served, a removed one is
+    # not found any more (before, none of it was seen until a restart).
+    import shutil
+
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    x = x_for(np.random.default_rng(2))
+
+    def ref(seed):
+        return demo.reference(x, *DIMS, seed=seed)
+
+    async def listed(engine):
+        return {(r["name"], r["version"]) for r in await engine.models()}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            np.testing.assert_allclose((await engine.infer("m", {"x": x}))["y"], ref(1),
+                                       rtol=1e-5, atol=1e-5)
+            demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+            demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3)
+            await asyncio.sleep(0.5)
+            assert {("m", 1), ("m", 2), ("new", 1)} <= await listed(engine)
+            np.testing.assert_allclose((await engine.infer("m", {"x": x}))["y"], ref(2),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose((await engine.infer("m", {"x": x}, version=1))["y"],
+                                       ref(1), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose((await engine.infer("new", {"x": x}))["y"], ref(3),
+                                       rtol=1e-5, atol=1e-5)
+            shutil.rmtree(tmp_path / "new")
+            await asyncio.sleep(0.5)
+            assert ("new", 1) not in await listed(engine)
+            with pytest.raises(ModelNotFound):
+                await engine.infer("new", {"x": x})
+
+    run(main())
