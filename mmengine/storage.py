@@ -192,12 +192,6 @@ class Repository:
         self._versions.pop(name, None)
         self._specs.pop((name, 1), None)
 
-    def refresh(self) -> None:
-        """Forget every cached scan and spec; the next call reads the disk."""
-        self._names = None
-        self._versions = {}
-        self._specs = {}
-
     def rescan(self) -> set[str]:
         """Reads the repository's directories again (a thread's work: one
         scandir per model) and returns the names whose versions changed: a

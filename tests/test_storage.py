@@ -180,19 +180,27 @@ def test_highest_version_is_the_default(tmp_path):
             repo.resolve("m", version)
 
 
-def test_scan_is_cached_until_refresh(tmp_path):
+def test_scan_is_cached_until_rescan(tmp_path):
     make_version(tmp_path, "m", 1, {"model.pt": ""})
+    make_version(tmp_path, "gone", 1, {"model.pt": ""})
     repo = Repository(tmp_path)
     assert repo.resolve("m").version == 1
-    assert repo.names() == ("m",)
+    assert repo.resolve("gone").version == 1
+    assert repo.names() == ("gone", "m")
     make_version(tmp_path, "m", 2, {"model.pt": ""})
     make_version(tmp_path, "new", 1, {"model.pt": ""})
+    (tmp_path / "gone" / "1" / "model.pt").unlink()
+    (tmp_path / "gone" / "1").rmdir()
+    (tmp_path / "gone").rmdir()
     assert repo.resolve("m").version == 1
     assert repo.resolve("new").version == 1  # a name never seen is looked up at once
-    assert repo.names() == ("m",)
-    repo.refresh()
+    assert repo.names() == ("gone", "m")
+    assert repo.rescan() == {"m", "new", "gone"}  # what changed: the engine forgets them
     assert repo.resolve("m").version == 2
     assert repo.names() == ("m", "new")
+    with pytest.raises(ModelNotFound):
+        repo.resolve("gone")
+    assert repo.rescan() == set()
 
 
 def test_estimated_bytes(tmp_path):
