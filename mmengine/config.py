@@ -139,6 +139,16 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         return load(overrides={**dataclasses.asdict(self), **changes}, env={})
 
+    def __post_init__(self) -> None:
+        # Built directly (the embedded API) as from a file: the same forms
+        # ("2GiB"), refused with the same messages naming the key.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            taken = _coerce(f.name, value)
+            if taken is not value:
+                object.__setattr__(self, f.name, taken)
+        _validate(self)
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
@@ -264,6 +274,4 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"{key}: unknown configuration key")
         if value is not None:
             values[key] = value
-    config = Config(**{k: _coerce(k, v) for k, v in values.items()})
-    _validate(config)
-    return config
+    return Config(**values)  # taken and checked as it is made

@@ -558,3 +558,14 @@ def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
             config_mod.load(bad, env={})
     with pytest.raises(config_mod.ConfigError, match="is not a size"):
         config_mod.load(env={}, overrides={"device_budget": "1e9"})
+
+
+def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():
+    # The embedded API's Config(...): sizes in words, and a bad value named
+    # (workers=0 failed deep inside the engine, a size string in a TypeError).
+    c = config_mod.Config(device_budget="2GiB", request_timeout_s=60)
+    assert c.device_budget == 2 << 30 and c.request_timeout_s == 60.0
+    for kw, key in (({"workers": 0}, "workers"), ({"device_budget": "lots"}, "device_budget"),
+                    ({"low_watermark": 0.9, "high_watermark": 0.8}, "low_watermark")):
+        with pytest.raises(config_mod.ConfigError, match=key):
+            config_mod.Config(**kw)
