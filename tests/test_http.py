@@ -269,10 +269,22 @@ def test_unknown_model_version_route_and_method(address):
         assert "error" in json.loads(raw)
     status, _, raw = call(address, "GET", "/v2/nothing/here")
     assert status == 404 and "no route" in json.loads(raw)["error"]
-    status, _, raw = call(address, "GET", "/v2/models/m00/infer")
-    assert status == 405, raw
-    status, _, raw = call(address, "DELETE", "/v2/health/live")
-    assert status == 405, raw
+    status, headers, raw = call(address, "GET", "/v2/models/m00/infer")
+    assert status == 405 and headers["Allow"] == "POST", (raw, headers)
+    status, headers, raw = call(address, "DELETE", "/v2/health/live")
+    assert status == 405 and headers["Allow"] == "GET", (raw, headers)
+
+
+def test_an_input_given_twice_and_a_ready_that_is_not_a_bool_are_refused(address):
+    x = np.zeros((1, 16), np.float32)
+    twice = infer_body(x)
+    twice["inputs"] *= 2
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer", twice)
+    assert status == 400 and "given twice" in json.loads(raw)["error"], raw
+    status, _, raw = call(address, "POST", "/v2/repository/index", {"ready": "false"})
+    assert status == 400 and "'ready'" in json.loads(raw)["error"], raw
+    status, _, raw = call(address, "POST", "/v2/repository/index", {"ready": False})
+    assert status == 200, raw
 
 
 def test_oversized_body_refused_from_content_length(address):

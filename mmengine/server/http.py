@@ -240,20 +240,22 @@ class Router:
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str], bool]:
         """The handler, its parameters, and whether it is run as a task."""
-        allowed = False
+        allowed = []
         for m, regex, handler, is_async in self._routes:
             found = regex.match(path)
             if found:
                 if m == method:
                     return handler, found.groupdict(), is_async  # the path is unquoted already
-                allowed = True
+                allowed.append(m)
         if allowed:
-            raise _MethodNotAllowed(f"{method} is not allowed on {path}")
+            raise _MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
         raise ModelNotFound(f"no route for {method} {path}")
 
 
 class _MethodNotAllowed(BadRequest):
-    pass
+    def __init__(self, message: str, allowed: list[str]):
+        super().__init__(message)
+        self.allowed = allowed  # a 405 says which (RFC 9110: Allow)
 
 
 class HttpServer(Listener):
@@ -577,7 +579,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     """The answer to a request whose handler raised `e`."""
     if isinstance(e, _MethodNotAllowed):
-        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405)
+        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405,
+                             [("Allow", ", ".join(sorted(set(e.allowed))))])
     if isinstance(e, MMEngineError):
         return error_response(e)
     if isinstance(e, asyncio.CancelledError):

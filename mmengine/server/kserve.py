@@ -115,7 +115,9 @@ async def repository_index(server, request: Request) -> Response:
     body = request.json()
     if body is not None and not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object, e.g. {\"ready\": true}")
-    only_ready = bool((body or {}).get("ready", False))
+    only_ready = (body or {}).get("ready", False)
+    if type(only_ready) is not bool:  # "false" is true to bool()
+        raise BadRequest(f"'ready' must be true or false, not {only_ready!r}")
     rows = []
     for row in await server.engine.models():
         state = _STATES.get(row["state"], "UNAVAILABLE")
@@ -199,6 +201,8 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
         if type(t) is not dict:
             raise BadRequest("each input must be a JSON object")
         name, shape, dtype = _tensor_header(t)
+        if name in arrays:  # which one was meant? (the last used to win, unsaid)
+            raise BadRequest(f"input {name!r} is given twice")
         count = math.prod(shape)
         tparams = t.get("parameters")
         size = tparams.get("binary_data_size") if type(tparams) is dict else None
