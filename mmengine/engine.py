@@ -25,6 +25,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -48,6 +50,8 @@ STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
 # How long a load past its deadline may still take before its worker is
 # taken for stuck and restarted (_unstick).
 STUCK_LOAD_GRACE_S = 5.0
+# A model whose requests end their worker twice within this is backed off (_blame).
+CRASH_WINDOW_S = 60.0
 
 
 @dataclasses.dataclass
@@ -63,6 +67,7 @@ class ModelStats:
     host_loads: int = 0              # loads that mapped the host tier's copy
     failed_in_a_row: int = 0         # failed loads since the last good one
     retry_at: float = 0.0            # monotonic; until then a load is not tried
+    crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
 
 
 class Engine:
@@ -737,12 +742,33 @@ class Engine:
             return
         self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid,
                                    "at_ns": time.monotonic_ns()})
+        self._blame(worker)
         for key in self.cache.lru_keys():
             if self.cache.entry(key).worker == worker.index:
                 self.host.set_resident(key, False)  # its host copy serves the reload
                 self._forget(key, self._gen[key])
         if not self._closing:
             self._spawn(self._revive(worker.index))
+
+    def _blame(self, worker: Worker) -> None:
+        """A worker that ended itself while running a model's request (an
+        exit, a crash; not SIGKILL, which comes from outside: an operator,
+        the OOM killer) twice within CRASH_WINDOW_S puts that model in the
+        back-off of a failed load: every request for it is LOAD_FAILED at
+        once, instead of each one taking its worker, and the requests of
+        every model there, down with it."""
+        key = worker.died_serving
+        code = worker.process.poll() if worker.process is not None else None
+        if key is None or code is None or code == -signal.SIGKILL:
+            return
+        stats = self._stats.setdefault(key, ModelStats())
+        now = time.monotonic()
+        again = now - stats.crashed_at < CRASH_WINDOW_S
+        stats.crashed_at = now
+        if again:
+            self._load_failed(key, LoadFailed(
+                f"{key[0]}: its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
+                f"(exit code {code})"))
 
     async def _revive(self, index: int) -> None:
         while True:  # each try backs off further

@@ -131,12 +131,14 @@ class Worker:
         self._pidfd = -1
         self.pid: int | None = None
         self.alive = True
+        self.died_serving: tuple[str, int] | None = None  # the inference it died in
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        # id -> (future, on_done, t_sent, deadline, model, then): on_done runs
-        # when the worker is finished with the request (answered, or dead),
-        # even if the caller gave up; then, when the future is done.
+        # id -> (future, on_done, t_sent, deadline, model, then, served):
+        # on_done runs when the worker is finished with the request (answered,
+        # or dead), even if the caller gave up; then, when the future is done;
+        # served is (model, version) for an inference, else None.
         self._pending: dict[int, tuple] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline it is armed for
@@ -204,9 +206,12 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
+        # Inferences run one at a time, in order: the oldest one left is the
+        # one the worker was running when it died.
+        self.died_serving = next((p[6] for p in pending.values() if p[6] is not None), None)
         self._loading.clear()
         self._disarm_deadlines()
-        for fut, on_done, _, _, _, then in pending.values():
+        for fut, on_done, _, _, _, then, _ in pending.values():
             # Their `then` runs after on_death below, as a done callback
             # would: a server's next request finds the pool's view of the
             # death, not this worker.
@@ -273,7 +278,8 @@ class Worker:
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
         (self._infer if op == Op.INFER else self._control).send(header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then)
+        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then,
+                              (model, version) if op == Op.INFER else None)
         if deadline < self._timer_at:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
@@ -307,7 +313,7 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
-        for fut, _, _, deadline, model, then in self._pending.values():
+        for fut, _, _, deadline, model, then, _ in self._pending.values():
             if fut.done():
                 continue
             if deadline <= due:
@@ -378,7 +384,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent, _, _, then = self._pending.pop(rid, _NOT_PENDING)
+        fut, on_done, t_sent, _, _, then, _ = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         self._loading.discard(rid)
@@ -398,7 +404,7 @@ class Worker:
         _finish(fut, on_done, result, then)
 
 
-_NOT_PENDING = (None, None, 0, math.inf, "", None)
+_NOT_PENDING = (None, None, 0, math.inf, "", None, None)
 
 
 def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None:

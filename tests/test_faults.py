@@ -486,3 +486,41 @@ def test_a_request_pipelined_behind_a_worker_s_last_answer_is_served_after_it(
             return statuses
 
     assert run(main(), max_stall=2.0) == [b"200", b"200"]
+
+
+# Ends its worker (os._exit: no exception to catch) on every request.
+CRASHING_HANDLER = '''
+import os
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    os._exit(3)
+'''
+
+
+def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments):
+    # Each request for it took its worker down, and the requests of every
+    # model there with it; the second time within a minute it is backed
+    # off as a failed load: refused at once, the worker left alone.
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    (tmp_path / "crashes" / "1").mkdir(parents=True)
+    (tmp_path / "crashes" / "1" / "handler.py").write_text(CRASHING_HANDLER)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            for restarts in (1, 2):
+                with pytest.raises(WorkerDied):
+                    await engine.infer("crashes", {"x": X})
+                await until(lambda: engine.stats()["totals"]["worker_restarts"] == restarts
+                            and engine.stats()["workers"][0]["alive"], 30, "the restart")
+            t0 = time.monotonic()
+            with pytest.raises(LoadFailed, match="ended its worker twice"):
+                await engine.infer("crashes", {"x": X})
+            assert time.monotonic() - t0 < 0.5
+            out = await engine.infer("m00", {"x": X}, timeout=20)
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            return engine.stats()["totals"]["worker_restarts"]
+
+    assert run(main(), timeout=90) == 2
