@@ -75,10 +75,9 @@ def _infer_message(model: str, inputs: dict, version: int | None,
 
 
 def _body_size(parts: list) -> int:
-    """The length of a frame's body, from protocol.frames' buffers."""
-    if len(parts) == 1:
-        return len(parts[0]) - 4
-    return sum(memoryview(part).nbytes for part in parts) - 4
+    """The length of a frame's body, as its prefix (protocol.frames' first
+    buffer begins with it) says."""
+    return protocol.LENGTH.unpack_from(parts[0])[0]
 
 
 def _too_large(size: int, max_frame: int | None) -> bool:

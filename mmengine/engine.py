@@ -211,9 +211,8 @@ class Engine:
             if self.observers:
                 # Named only if it is a model: a stranger's names make no series.
                 known = (name, version) in self._specs
-                self._emit("request", {"model": name if known else "", "version": version,
-                                       "start_ns": t_submit, "end_ns": time.monotonic_ns(),
-                                       "code": e.code.name})
+                self._emit("request", _request_fields(name if known else "", version,
+                                                      t_submit, e))
             raise
 
     def _submit(self, name: str, inputs: Mapping[str, Any], version: int | None,
@@ -259,10 +258,7 @@ class Engine:
     def _emit_request(self, name: str, version: int | None, t_submit: int,
                       fut: asyncio.Future) -> None:
         e = None if fut.cancelled() else fut.exception()
-        fields = {"model": name, "version": version, "start_ns": t_submit,
-                  "end_ns": time.monotonic_ns(),
-                  "code": "OK" if e is None else getattr(getattr(e, "code", None), "name",
-                                                         "INTERNAL")}
+        fields = _request_fields(name, version, t_submit, e)
         if e is None and not fut.cancelled():
             body = fut.result()[0]
             fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
@@ -1025,6 +1021,15 @@ class _ByteGate:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _request_fields(name: str, version: int | None, t_submit: int,
+                    e: BaseException | None) -> dict:
+    """What observers are told of a request's end ("request")."""
+    return {"model": name, "version": version, "start_ns": t_submit,
+            "end_ns": time.monotonic_ns(),
+            "code": "OK" if e is None else getattr(getattr(e, "code", None), "name",
+                                                   "INTERNAL")}
 
 
 class _Place:
