@@ -7,6 +7,7 @@ where there is no NVIDIA driver.
 from __future__ import annotations
 
 import functools
+import os
 
 import psutil
 
@@ -24,15 +25,60 @@ def _nvml():
         return None
 
 
-def gpu_count() -> int:
+def visible(mask: str | None, count: int) -> list[int | str]:
+    """The GPUs a CUDA program sees, in its order (cuda:0 first), as NVML
+    knows them: an index, or a UUID (or its prefix). NVML counts every GPU
+    of the machine; CUDA_VISIBLE_DEVICES (`mask`) narrows and reorders
+    what CUDA sees, and CUDA stops reading it at the first entry that is
+    not a device, as here."""
+    if mask is None:
+        return list(range(count))
+    seen: list[int | str] = []
+    for entry in (e.strip() for e in mask.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            seen.append(int(entry))
+        elif entry.startswith(("GPU-", "MIG-")):
+            seen.append(entry)
+        else:
+            break
+        if seen[-1] in seen[:-1]:  # CUDA refuses a repeated device outright
+            return []
+    return seen
+
+
+@functools.lru_cache(maxsize=1)
+def _handles() -> tuple:
+    """NVML's handle of each GPU CUDA sees, cuda:0 first."""
     nvml = _nvml()
-    return nvml.nvmlDeviceGetCount() if nvml else 0
+    if nvml is None:
+        return ()
+    handles = []
+    for gpu in visible(os.environ.get("CUDA_VISIBLE_DEVICES"), nvml.nvmlDeviceGetCount()):
+        try:
+            handles.append(nvml.nvmlDeviceGetHandleByIndex(gpu) if isinstance(gpu, int)
+                           else _by_uuid(nvml, gpu))
+        except Exception:  # noqa: BLE001 - an entry naming no GPU ends CUDA's list too
+            break
+    return tuple(handles)
+
+
+def _by_uuid(nvml, prefix: str):
+    for i in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+        if (uuid.decode() if isinstance(uuid, bytes) else uuid).startswith(prefix):
+            return handle
+    raise LookupError(prefix)
+
+
+def gpu_count() -> int:
+    """The GPUs this process's CUDA sees (CUDA_VISIBLE_DEVICES applied)."""
+    return len(_handles())
 
 
 def gpu_memory(index: int) -> tuple[int, int]:
-    """(used, total) bytes of GPU `index`, as the driver sees them."""
-    nvml = _nvml()
-    info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+    """(used, total) bytes of cuda:`index`, as the driver sees them."""
+    info = _nvml().nvmlDeviceGetMemoryInfo(_handles()[index])
     return int(info.used), int(info.total)
 
 
