@@ -98,6 +98,31 @@ class WorkerLogic:
         self._stream.synchronize()
         return result
 
+    def warm_device(self, loader: bool) -> None:
+        """On a GPU, pays before any model waits for it what CUDA charges
+        once per thread and stream: cuBLAS's handle and workspace, the first
+        kernels; on the loader's thread (`loader`), on its stream, with the
+        pinned staging buffers too. A cold model's first answer then waits
+        for its own bytes and kernels alone."""
+        if self._stream is None:
+            return
+        torch = self._torch
+
+        def linear() -> float:
+            a = torch.ones((64, 64), device=self.device)
+            return torch.nn.functional.linear(a, a, a[0]).sum().item()  # .item() waits
+
+        try:
+            if loader:
+                from mmengine import staging
+
+                staging.stager(torch.device(self.device))
+                self._on_stream(linear)
+            else:
+                linear()
+        except Exception as e:  # noqa: BLE001 - only a head start: the first load pays
+            print(f"mmengine worker: warming {self.device} failed: {e!r}", file=sys.stderr)
+
     def publishable(self, model) -> bool:
         """Whether `model`'s bytes can go to the host tier (`publish`): a
         module whose weights can be laid out flat, of a backend that can
@@ -210,6 +235,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
     except (AttributeError, OSError):
         pass
+    logic.warm_device(loader=True)
     while True:
         try:
             parts = ctl.get()
@@ -289,6 +315,7 @@ def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
     import torch
 
     with torch.inference_mode():
+        logic.warm_device(loader=False)
         _serve_requests(req, out, logic)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmengine import hosttier
-from mmengine.backends.base import LoadedModel
+from mmengine.backends.base import LoadedModel, TorchModel
 from mmengine.errors import LoadFailed, MMEngineError
 from mmengine.storage import ModelSpec
 
@@ -104,14 +104,16 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
         raise LoadFailed(f"{where}: warm-up failed: {e}") from e
     model.phases = {"fetch": 0.0, "deserialize": t1 - t0, "copy": t2 - t1,
                     "warmup": time.perf_counter() - t2}
-    # On a GPU the allocator's count is exact. On CPU an RSS delta is not:
-    # the first model of a backend also pays for the modules it imports
-    # (torch.export's first load adds ~100 MB), and freed pages are reused;
-    # the model's own tensor bytes are what evicting it gives back.
-    if device.type == "cuda":
-        model.nbytes = _bytes_in_use(device) - before
-    else:
-        model.nbytes = model.tensor_bytes()
+    # A module's own tensors are what evicting it gives back. The allocator's
+    # count is no measure of them: it is the device's, so it takes in what
+    # inference allocates meanwhile on the other thread, and what CUDA
+    # allocates once per thread and stream. Only a backend whose tensors
+    # cannot be seen (a handler) is measured by it, and by no less than its
+    # estimate. (An RSS delta on CPU is worse still: the first model of a
+    # backend pays for the modules it imports, and freed pages are reused.)
+    model.nbytes = model.tensor_bytes()
+    if device.type == "cuda" and not isinstance(model, TorchModel):
+        model.nbytes = max(model.nbytes, _bytes_in_use(device) - before)
     return model
 
 

@@ -1,0 +1,124 @@
+"""The engine's device paths on every device this machine has: the CPU
+always, and a GPU where torch sees one (CI has none; tools/gpu_check.sh runs
+this file on a GPU machine). The same steps on both, so that what the CPU
+case proves of the logic, the GPU case proves of the CUDA calls: pinned
+staging, the loader's stream, host-tier mappings registered with CUDA, and
+the caching allocator's reuse of evicted models' memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmengine import demo, resources
+from mmengine.config import Config
+from mmengine.engine import Engine
+from tests.conftest import run
+from tests.test_hosttier import restart, row, settle
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU visible"))]
+DIMS = (64, 256, 16)  # 83,008 bytes of weights per model
+X = {"x": np.random.default_rng(0).standard_normal((3, DIMS[0]), dtype=np.float32)}
+
+
+def check(y: dict, seed: int) -> None:
+    # A GPU's float32 matmuls sum in another order than the CPU's.
+    np.testing.assert_allclose(y["y"], demo.reference(X["x"], *DIMS, seed=seed),
+                               rtol=1e-4, atol=1e-5)
+
+
+def loads_of(engine: Engine) -> list[dict]:
+    seen: list[dict] = []
+    engine.observers.append(lambda kind, fields: kind == "load" and seen.append(fields))
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_backend_serves_right_from_the_device(tmp_path, device, own_segments):
+    for seed, backend in enumerate(demo.BACKENDS):
+        demo.write_mlp(tmp_path / backend, backend, *DIMS, seed=seed)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device=device)) as engine:
+            assert [w["device"] for w in engine.stats()["workers"]] == [
+                "cuda:0" if device == "cuda" else "cpu"]
+            for seed, backend in enumerate(demo.BACKENDS):
+                for _ in range(2):  # the load's answer, then a warm one
+                    check(await engine.infer(backend, X), seed)
+
+    run(main())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evicted_models_come_back_from_the_host_tier_to_the_device(tmp_path, device,
+                                                                   own_segments):
+    for i in range(2):
+        demo.write_mlp(tmp_path / f"m{i}", "safetensors", *DIMS, seed=i)
+
+    async def main():
+        # The budget holds one model: each load demotes the other.
+        config = Config(repo=str(tmp_path), workers=1, device=device, device_budget=100_000)
+        async with Engine(config) as engine:
+            loads = loads_of(engine)
+            for i in (0, 1):
+                check(await engine.infer(f"m{i}", X), i)
+                await settle(engine, f"m{i}", "resident")
+            for _ in range(3):
+                for i in (0, 1):
+                    check(await engine.infer(f"m{i}", X), i)
+            assert [f["from"] for f in loads] == ["disk", "disk"] + ["host"] * 6
+            assert row(engine, "m0")["loads_from_host"] == 3
+            # The allocator's counts come from a GPU worker only.
+            assert (loads[-1]["allocator"] is not None) == (device == "cuda")
+
+            await restart(engine)  # a new process, a new CUDA context
+            check(await engine.infer("m0", X), 0)
+            assert loads[-1]["from"] == "host"
+
+    run(main())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_reloads_reuse_the_device_memory_evictions_left(tmp_path, own_segments):
+    sizes = {"small": (64, 256, 16), "mid": (256, 1024, 64), "big": (512, 2048, 256)}
+    for seed, (name, dims) in enumerate(sizes.items()):
+        demo.write_mlp(tmp_path / name, "safetensors", *dims, seed=seed)
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, device="cuda", device_budget=1 << 30)
+        async with Engine(config) as engine:
+            loads = loads_of(engine)
+            for rounds in range(4):
+                for name in sizes:
+                    await engine.load(name)
+                    await settle(engine, name, "resident")
+                    await engine.unload(name, keep_host=True)
+                if rounds == 0:  # the first round fills the allocator's cache
+                    before = loads[-1]["allocator"]
+            after = loads[-1]["allocator"]
+            assert [f["from"] for f in loads[3:]] == ["host"] * 9
+            assert after["device_frees"] == before["device_frees"], (before, after)
+            for seed, (name, dims) in enumerate(sizes.items()):
+                x = np.ones((2, dims[0]), np.float32)
+                y = await engine.infer(name, {"x": x})
+                np.testing.assert_allclose(y["y"], demo.reference(x, *dims, seed=seed),
+                                           rtol=1e-4, atol=1e-5)
+
+    run(main())
+
+
+@pytest.mark.parametrize("mask, expected", [
+    (None, [0, 1, 2, 3]),
+    ("", []),
+    ("-1", []),
+    ("2,0", [2, 0]),
+    ("1, 3", [1, 3]),
+    ("1,9,2", [1]),         # CUDA stops at the first entry that names no device
+    ("0,0", []),            # and refuses a repeated one
+    ("GPU-8f3a,1", ["GPU-8f3a", 1]),
+])
+def test_the_gpus_cuda_sees_are_the_ones_workers_get(mask, expected):
+    # NVML counts every GPU of the machine (4 here); a worker's cuda:i is
+    # the i-th that CUDA_VISIBLE_DEVICES lets CUDA see.
+    assert resources.visible(mask, 4) == expected
