@@ -202,9 +202,14 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
     engine_ms, evict_ms = [], []
     x = np.random.default_rng(0).standard_normal((1, HOT_DIMS[0]), dtype=np.float32)
 
+    hot_during: list[dict] = []  # the small model's requests while the big one churns
+    churning = False
+
     def observe(kind: str, fields: dict) -> None:
         if kind == "load" and fields["model"] == BIG and "phases" in fields:
             seen.append((fields["from"], fields["phases"]))
+        elif kind == "request" and churning and fields["model"] == HOT:
+            hot_during.append(fields)
 
     config = load_config(overrides=dict(repo=str(root), workers=1, device_budget=4 << 30,
                                         host_tier_bytes=-1 if host else 0))
@@ -264,9 +269,11 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
         enough = asyncio.Event()
         task = asyncio.ensure_future(churn())
         await started.wait()
+        churning = True
         during = await hot(idle_n)
         enough.set()
         during += await hot(0, done)  # to the end of the last cycle
+        churning = False
         await task
         beside_copies = []
         if copy_bytes:
@@ -290,9 +297,29 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
             "hot_p99_during_loads_us": float(np.percentile(during, 99)),
             "hot_p50_during_loads_us": float(np.percentile(during, 50)),
             "hot_samples_during_loads": len(during),
+            "hot_slowest_stages_us": _slowest_stages(hot_during),
             "hot_p99_beside_copies_us": (float(np.percentile(beside_copies, 99))
                                          if beside_copies else None),
             "first_map_s": first_map_s}
+
+
+def _slowest_stages(requests: list[dict]) -> dict:
+    """Where the slowest 1% of the small model's requests during loads spent
+    their time (the median of each stage among them): in the front-end
+    before the ring, waiting for the worker to take it, in the model, in
+    the answer's way back to the front-end's loop, and after it."""
+    timed = sorted((r for r in requests if r.get("t_sent") and all(r["worker_ns"])),
+                   key=lambda r: r["end_ns"] - r["start_ns"])
+    slowest = timed[-max(1, len(timed) // 100):]
+    stages = {
+        "front_end": lambda r: r["t_sent"] - r["start_ns"],
+        "to_worker": lambda r: r["worker_ns"][0] - r["t_sent"],
+        "model": lambda r: r["worker_ns"][1] - r["worker_ns"][0],
+        "to_front_end": lambda r: r["worker_ns"][2] - r["worker_ns"][1],
+        "answer": lambda r: r["end_ns"] - r["worker_ns"][2],
+    }
+    return {k: statistics.median(f(r) for r in slowest) / 1e3 if slowest else None
+            for k, f in stages.items()}
 
 
 def _first_map_s(segment: str, repeats: int) -> float:
@@ -351,6 +378,7 @@ def run(quick: bool) -> dict:
         "hot_samples_during_loads": eng["hot_samples_during_loads"],
         "hot_p99_during_host_loads_us": tier["hot_p99_during_loads_us"],
         "hot_p99_beside_copies_us": eng["hot_p99_beside_copies_us"],
+        "hot_slowest_stages_us": eng["hot_slowest_stages_us"],
         "ratios": {
             "host_vs_memcpy": host / (gb / memcpy),
             "host_first_map_vs_memcpy": gb / tier["first_map_s"] / (gb / memcpy),

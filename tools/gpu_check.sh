@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The load path on a GPU machine, in one prepared run of under five minutes:
 # builds the native parts in place with the machine's own python3 (the one
-# whose torch has CUDA; no virtual environment, nothing downloaded) and
-# prints tools/gpu_check.py's JSON (see its docstring for each figure).
+# whose torch has CUDA; no virtual environment, nothing downloaded), prints
+# tools/gpu_check.py's JSON (see its docstring for each figure) on stdout,
+# then runs the device paths' tests (tests/test_gpu.py, tests/test_hosttier.py)
+# with their output on stderr; exits non-zero if either failed.
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --device cpu --mb 16   # a dry run of the same steps here
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ "${1:-}" = "--device" ] && PY=.venv/bin/python
-"$PY" -c "import torch, sys; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)"
-"$PY" setup.py build_ext --inplace >/dev/null
-exec timeout 280 env PYTHONPATH=. PYTHONUNBUFFERED=1 "$PY" tools/gpu_check.py "$@"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$PY" -c "import torch, sys; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)" || exit
+"$PY" setup.py build_ext --inplace >/dev/null || exit
+timeout 100 "$PY" tools/gpu_check.py "$@"
+check=$?
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --timeout 40 tests/test_gpu.py tests/test_hosttier.py >&2
+tests=$?
+echo "gpu_check: check exit $check, tests exit $tests" >&2
+[ "$check" = 0 ] && [ "$tests" = 0 ]
