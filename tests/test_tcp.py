@@ -11,6 +11,7 @@ import time
 import subprocess
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ MODELS = ("m00", "m01", "m02", "m03")
 TOL = dict(rtol=1e-5, atol=1e-5)
 # Answers its input, or as many float32 ones as "n" asks for.
 ECHO_HANDLER = '''
+import msgpack
 import numpy as np
 
 def load(path, device):
@@ -39,6 +41,7 @@ def predict(inputs):
 
 # What a model may answer that is odd: by inputs["kind"].
 ODD_HANDLER = '''
+import msgpack
 import numpy as np
 
 def load(path, device):
@@ -453,8 +456,10 @@ def test_the_sdk_refuses_a_request_past_the_servers_maximum_unsent(address):
     run(main())
 
 
-@pytest.mark.parametrize("body", [b"\xc1\xc1\xc1\xc1", b"\x92\x01", b"\x2a"],
-                         ids=["garbage", "truncated", "not-a-map"])
+@pytest.mark.parametrize("body", [b"\xc1\xc1\xc1\xc1", b"\x92\x01", b"\x2a",
+                                  msgpack.packb({"op": "health"}),
+                                  msgpack.packb({"id": None, "op": "health"})],
+                         ids=["garbage", "truncated", "not-a-map", "no-id", "nil-id"])
 def test_a_malformed_frame_closes_only_its_connection(address, body):
     x = x_for(np.random.default_rng(4))
     with Client(address, pool_size=1) as c:

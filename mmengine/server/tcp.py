@@ -264,6 +264,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def _dispatch(self, message: dict) -> None:
         rid = message.get("id")
+        if rid is None:  # its answer could not be told from one about the connection
+            raise BadRequest("a request needs an id, and not nil")
         op = message.get("op")
         if op == "health":  # answered inline: no task, no engine round trip
             alive = sum(w.alive for w in self.engine.pool.workers) if self.engine.pool else 0
