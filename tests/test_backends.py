@@ -16,7 +16,7 @@ from mmengine import backends, demo
 from mmengine.backends import load_model
 from mmengine.backends.base import module_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
-from mmengine.errors import BadRequest, LoadFailed
+from mmengine.errors import BadRequest, InternalError, LoadFailed
 from mmengine.storage import Repository
 
 DIMS = (4, 8, 2)  # one architecture: torch.export traces it once per run
@@ -196,6 +196,26 @@ def predict(inputs):
     module_name = model.handler.__name__
     model.close()
     assert module_name not in sys.modules
+
+
+@pytest.mark.parametrize("returns, message", [
+    ('{"y": a.astype(np.float64)}', r"output 'y' is float64 \[3\]; its manifest declares float32"),
+    ('{"y": a.reshape(1, 3)}', r"output 'y' is float32 \[1, 3\]; its manifest declares"),
+    ('{"z": a}', r"missing \['y'\], unexpected \['z'\]"),
+    ('{"y": a, "z": a}', r"missing \[\], unexpected \['z'\]"),
+])
+def test_outputs_other_than_the_manifest_declares_are_internal_errors(tmp_path, returns,
+                                                                       message):
+    # The protocols' metadata advertise the declared outputs: no answer may differ.
+    handler_model(tmp_path, f"""
+def predict(inputs):
+    a = inputs["a"]
+    return {returns}
+""", '[[outputs]]\nname = "y"\ndtype = "float32"\nshape = [-1]\n')
+    model = load(tmp_path, "m")
+    with pytest.raises(InternalError, match=message):
+        model.predict({"a": np.ones(3, np.float32)})
+    model.close()
 
 
 def test_a_handler_runs_outside_inference_mode(tmp_path):

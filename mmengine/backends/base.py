@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mmengine.errors import BadRequest, LoadFailed, MMEngineError, Overloaded
+from mmengine.errors import BadRequest, InternalError, LoadFailed, MMEngineError, Overloaded
 from mmengine.storage import ModelSpec, TensorSpec
 
 # Request tensors are views of the shared-memory ring, which the worker may
@@ -60,7 +60,9 @@ class LoadedModel(abc.ABC):
             raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
-        return outputs_to_numpy(raw, self.spec.outputs)
+        outputs = outputs_to_numpy(raw, self.spec.outputs)
+        check_outputs(self.spec.outputs, outputs, self.spec.name)
+        return outputs
 
     def tensor_bytes(self) -> int:
         """Bytes of the model's own tensors (parameters, buffers). A backend
@@ -208,6 +210,29 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
         if len(shape) != len(t.shape) or any(d not in (-1, s) for s, d in zip(shape, t.shape)):
             raise BadRequest(f"input {t.name!r} must have shape {list(t.shape)} "
                              f"(-1: any), not {list(shape)}")
+
+
+def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str) -> None:
+    """A model's answer against its manifest's [[outputs]], which the
+    protocols' metadata advertise: a mismatch is the model's fault (or its
+    manifest's), an INTERNAL error, never an answer other than promised."""
+    if not declared:
+        return
+    if len(outputs) == len(declared) and all(map(_fits, declared, map(outputs.get, (
+            t.name for t in declared)))):
+        return  # the common case, checked without building a message
+    names = {t.name for t in declared}
+    missing = sorted(n for n in names if n not in outputs)
+    unexpected = sorted(n for n in outputs if n not in names)
+    if missing or unexpected:
+        raise InternalError(f"{where}: its outputs do not match its manifest's: missing "
+                            f"{missing}, unexpected {unexpected}")
+    for t in declared:
+        value = outputs[t.name]
+        if not _fits(t, value):
+            raise InternalError(f"{where}: output {t.name!r} is {value.dtype} "
+                                f"{list(value.shape)}; its manifest declares {t.dtype} "
+                                f"{list(t.shape)} (-1: any)")
 
 
 def _fits(t: TensorSpec, value: Any) -> bool:
