@@ -25,24 +25,35 @@ def _nvml():
         return None
 
 
+#: CUDA numbers GPUs fastest first unless told otherwise; NVML by PCI bus.
+#: Workers are started with this order (unless the user set one), so that
+#: cuda:i and NVML's GPUs agree.
+DEVICE_ORDER = ("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+
 def visible(mask: str | None, count: int) -> list[int | str]:
     """The GPUs a CUDA program sees, in its order (cuda:0 first), as NVML
-    knows them: an index, or a UUID (or its prefix). NVML counts every GPU
-    of the machine; CUDA_VISIBLE_DEVICES (`mask`) narrows and reorders
-    what CUDA sees, and CUDA stops reading it at the first entry that is
-    not a device, as here."""
+    knows them: an index, or a UUID (or a prefix of one). NVML counts every
+    GPU of the machine; CUDA_VISIBLE_DEVICES (`mask`) narrows and reorders
+    what CUDA sees. Read as CUDA reads it: an index is the entry's leading
+    digits, entries are all indices or all UUIDs, the list ends at the
+    first entry that names no device, and a repeated one hides them all."""
     if mask is None:
         return list(range(count))
     seen: list[int | str] = []
     for entry in (e.strip() for e in mask.split(",")):
-        if entry.isdigit() and int(entry) < count:
-            seen.append(int(entry))
-        elif entry.startswith(("GPU-", "MIG-")):
-            seen.append(entry)
+        if entry.startswith(("GPU-", "MIG-")):
+            gpu: int | str = entry
         else:
+            digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]
+            if not digits or int(digits) >= count:
+                break
+            gpu = int(digits)
+        if seen and type(gpu) is not type(seen[0]):
             break
-        if seen[-1] in seen[:-1]:  # CUDA refuses a repeated device outright
+        if gpu in seen:
             return []
+        seen.append(gpu)
     return seen
 
 
@@ -62,13 +73,22 @@ def _handles() -> tuple:
     return tuple(handles)
 
 
-def _by_uuid(nvml, prefix: str):
+def _by_uuid(nvml, uuid: str):
+    """The handle of the GPU, or MIG instance, whose UUID is `uuid` or
+    begins with it; LookupError if none, or if more than one begins so."""
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(uuid)  # a whole UUID, a MIG one too
+    except Exception:  # noqa: BLE001 - a prefix, or nothing: look through the GPUs
+        pass
+    found = []
     for i in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(i)
-        uuid = nvml.nvmlDeviceGetUUID(handle)
-        if (uuid.decode() if isinstance(uuid, bytes) else uuid).startswith(prefix):
-            return handle
-    raise LookupError(prefix)
+        full = nvml.nvmlDeviceGetUUID(handle)
+        if (full.decode() if isinstance(full, bytes) else full).startswith(uuid):
+            found.append(handle)
+    if len(found) != 1:
+        raise LookupError(f"{uuid}: {len(found)} GPUs")
+    return found[0]
 
 
 def gpu_count() -> int:

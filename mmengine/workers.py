@@ -165,6 +165,7 @@ class Worker:
         self.ready = loop.create_future()
         fds = [fd for r in self.rings for fd in (r.handle.data_fd, r.handle.space_fd)]
         env = dict(os.environ)
+        env.setdefault(*resources.DEVICE_ORDER)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
                                                           env.get("PYTHONPATH")]))

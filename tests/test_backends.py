@@ -357,6 +357,31 @@ def test_nbytes_covers_the_weights(tmp_path, backend):
         assert model.tensor_bytes() == weights
 
 
+class _WithConstant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.full((1000,), 2.0)  # neither parameter nor buffer
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_nbytes_counts_what_no_state_dict_holds(tmp_path):
+    # torch.export lifts a plain tensor attribute into a constant that its
+    # module keeps as an attribute; a frozen TorchScript module keeps its
+    # weights in its graph, where only the artifact's estimate counts them.
+    (tmp_path / "c" / "1").mkdir(parents=True)
+    program = torch.export.export(_WithConstant(), (torch.ones(1000),))
+    torch.export.save(program, tmp_path / "c" / "1" / "model.pt2")
+    assert load(tmp_path, "c").nbytes >= 4000
+    (tmp_path / "f" / "1").mkdir(parents=True)
+    frozen = torch.jit.freeze(torch.jit.script(demo.mlp(64, 256, 16, seed=0)).eval())
+    frozen.save(str(tmp_path / "f" / "1" / "model.pt"))
+    model = load(tmp_path, "f")
+    assert module_bytes(model.module) == 0
+    assert model.nbytes == model.spec.estimated_bytes >= module_bytes(demo.mlp(64, 256, 16, 0))
+
+
 # -- the safetensors format ---------------------------------------------------
 
 def test_safetensors_round_trip(tmp_path):

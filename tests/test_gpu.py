@@ -6,13 +6,17 @@ staging, the loader's stream, host-tier mappings registered with CUDA, and
 the caching allocator's reuse of evicted models' memory."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from mmengine import demo, resources
+from mmengine import demo, resources, shm
+from mmengine.backends import load_model, safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
+from mmengine.storage import Repository
 from tests.conftest import run
 from tests.test_hosttier import restart, row, settle
 
@@ -41,8 +45,9 @@ def test_every_backend_serves_right_from_the_device(tmp_path, device, own_segmen
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1, device=device)) as engine:
-            assert [w["device"] for w in engine.stats()["workers"]] == [
-                "cuda:0" if device == "cuda" else "cpu"]
+            assert [w["device"] for w in engine.stats()["workers"]] == (
+                [f"cuda:{i}" for i in range(resources.gpu_count())] if device == "cuda"
+                else ["cpu"])
             for seed, backend in enumerate(demo.BACKENDS):
                 for _ in range(2):  # the load's answer, then a warm one
                     check(await engine.infer(backend, X), seed)
@@ -77,6 +82,32 @@ def test_evicted_models_come_back_from_the_host_tier_to_the_device(tmp_path, dev
             assert loads[-1]["from"] == "host"
 
     run(main())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_publish_leaves_the_copy_mapped_and_on_a_gpu_registered(tmp_path, device,
+                                                                  own_segments):
+    # In this process, as a worker's loader does it: the copy goes through a
+    # mapping that a GPU registers as pinned when it is made, so that the
+    # next load from it is one copy at the link's speed; forgetting the
+    # segment unregisters and unmaps it.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=3)
+    model = load_model(Repository(tmp_path).resolve("m", None), f"{device}:0"
+                       if device == "cuda" else "cpu")
+    segment = f"{shm.PREFIX}{os.getpid()}-host-test"
+    try:
+        assert safetensors.publish(model, segment) > model.nbytes
+        _, _, pinned = safetensors.HOST_MAPS.get(segment, "m", model.device)
+        assert pinned == (device == "cuda")
+        check(model.predict(X), 3)
+        copy = load_model(Repository(tmp_path).resolve("m", None), model.device, host=segment)
+        check(copy.predict(X), 3)
+        copy.close()
+        model.close()
+        safetensors.HOST_MAPS.forget(segment)
+        assert segment not in safetensors.HOST_MAPS._maps
+    finally:
+        os.unlink(os.path.join(shm.SHM_DIR, segment))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
@@ -114,11 +145,58 @@ def test_reloads_reuse_the_device_memory_evictions_left(tmp_path, own_segments):
     ("-1", []),
     ("2,0", [2, 0]),
     ("1, 3", [1, 3]),
-    ("1,9,2", [1]),         # CUDA stops at the first entry that names no device
-    ("0,0", []),            # and refuses a repeated one
-    ("GPU-8f3a,1", ["GPU-8f3a", 1]),
+    ("1a,2", [1, 2]),       # an index is the entry's leading digits
+    ("1,9,2", [1]),         # the list ends at the first entry that names no device
+    ("1,²", [1]),
+    ("0,0", []),            # and a repeated one hides them all
+    ("GPU-8f3a,MIG-77", ["GPU-8f3a", "MIG-77"]),
+    ("GPU-8f3a,1", ["GPU-8f3a"]),  # all indices or all UUIDs
 ])
 def test_the_gpus_cuda_sees_are_the_ones_workers_get(mask, expected):
     # NVML counts every GPU of the machine (4 here); a worker's cuda:i is
     # the i-th that CUDA_VISIBLE_DEVICES lets CUDA see.
     assert resources.visible(mask, 4) == expected
+
+
+class FakeNVML:
+    """NVML's calls that resources.py makes, over four GPUs and one MIG
+    instance (the driver library, not a part of mmengine)."""
+
+    UUIDS = ["GPU-aa11", "GPU-aa22", "GPU-bb33", "GPU-cc44"]
+
+    def nvmlDeviceGetCount(self):
+        return len(self.UUIDS)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.UUIDS[i]
+
+    def nvmlDeviceGetUUID(self, handle):
+        return handle.encode()
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid in self.UUIDS or uuid == "MIG-dd55":
+            return uuid
+        raise RuntimeError("NVML_ERROR_NOT_FOUND")
+
+
+@pytest.mark.parametrize("mask, handles", [
+    (None, FakeNVML.UUIDS),
+    ("3,1", ["GPU-cc44", "GPU-aa22"]),
+    ("GPU-bb33,GPU-aa11", ["GPU-bb33", "GPU-aa11"]),
+    ("GPU-b,GPU-c", ["GPU-bb33", "GPU-cc44"]),  # unique prefixes
+    ("GPU-a,GPU-b", []),                       # an ambiguous one ends the list
+    ("GPU-bb33,GPU-ff", ["GPU-bb33"]),
+    ("MIG-dd55", ["MIG-dd55"]),
+])
+def test_each_worker_reads_the_memory_of_its_own_gpu(monkeypatch, mask, handles):
+    monkeypatch.setattr(resources, "_nvml", FakeNVML)
+    if mask is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+    resources._handles.cache_clear()
+    try:
+        assert list(resources._handles()) == handles
+        assert resources.gpu_count() == len(handles)
+    finally:
+        resources._handles.cache_clear()

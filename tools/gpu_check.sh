@@ -4,7 +4,9 @@
 # whose torch has CUDA; no virtual environment, nothing downloaded), prints
 # tools/gpu_check.py's JSON (see its docstring for each figure) on stdout,
 # then runs the device paths' tests (tests/test_gpu.py, tests/test_hosttier.py)
-# with their output on stderr; exits non-zero if either failed.
+# with their output on stderr; exits non-zero if either failed. The tests
+# need pytest and pytest-timeout in that python; on an H200 they took two
+# minutes, the check under one.
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --device cpu --mb 16   # a dry run of the same steps here
@@ -15,9 +17,9 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c "import torch, sys; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)" || exit
 "$PY" setup.py build_ext --inplace >/dev/null || exit
-timeout 100 "$PY" tools/gpu_check.py "$@"
+timeout 90 "$PY" tools/gpu_check.py "$@"
 check=$?
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --timeout 40 tests/test_gpu.py tests/test_hosttier.py >&2
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --timeout 40 tests/test_gpu.py tests/test_hosttier.py >&2
 tests=$?
 echo "gpu_check: check exit $check, tests exit $tests" >&2
 [ "$check" = 0 ] && [ "$tests" = 0 ]

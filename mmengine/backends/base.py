@@ -104,7 +104,9 @@ class TorchModel(LoadedModel):
         return self.module(**tensors)
 
     def tensor_bytes(self) -> int:
-        return module_bytes(self.module)
+        # A frozen TorchScript module keeps its weights as constants of its
+        # graph, where nothing can count them: its artifact's estimate does.
+        return module_bytes(self.module) or self.spec.estimated_bytes
 
     def close(self) -> None:
         key, module = self.skeleton_key, self.module
@@ -302,9 +304,13 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def module_bytes(module: Any) -> int:
-    """Bytes of the distinct storages behind a module's parameters and buffers."""
+    """Bytes of the distinct storages behind a module's tensors: parameters,
+    buffers, and tensors kept as plain attributes (torch.export's lifted
+    constants)."""
     seen = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
+    attributes = (v for m in module.modules() for v in vars(m).values()
+                  if isinstance(v, torch.Tensor))
+    for t in itertools.chain(module.parameters(), module.buffers(), attributes):
         storage = t.untyped_storage()
         seen[(storage.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())

@@ -220,14 +220,15 @@ def publish(model: TorchModel, segment: str) -> int:
     else:
         tensors = host_tensors(model.module, model.spec.name)
         entries, chunks = _layout(tensors)
-    device = chunks[0][1].device if chunks else torch.device("cpu")
-    size = _write_segment(segment, entries, chunks if device.type == "cpu" else [])
+    on_device = [(begin, src) for begin, src in chunks if src.device.type != "cpu"]
+    size = _write_segment(segment, entries, [c for c in chunks if c[1].device.type == "cpu"])
+    device = on_device[0][1].device if on_device else torch.device("cpu")
     shared, entries, _ = HOST_MAPS.get(segment, model.spec.name, device)
-    if device.type != "cpu":
+    if on_device:
         # Into the mapping, registered as pinned as it was mapped: the bytes
         # leave at the link's speed, and the next load from this segment
         # here finds it registered (page-locking costs ~8 ms per 64 MiB).
-        for begin, src in chunks:
+        for begin, src in on_device:
             shared[begin:begin + src.numel()].copy_(src)
     elif isinstance(model, ModuleModel):
         model.module.load_state_dict(_views(shared, entries), strict=True, assign=True)
