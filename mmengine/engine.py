@@ -52,6 +52,9 @@ STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
 STUCK_LOAD_GRACE_S = 5.0
 # A model whose requests end their worker twice within this is backed off (_blame).
 CRASH_WINDOW_S = 60.0
+# A model that has not ended a worker for this long starts its crash
+# back-offs from the shortest again.
+CRASH_QUIET_S = 600.0
 
 
 @dataclasses.dataclass
@@ -68,6 +71,8 @@ class ModelStats:
     failed_in_a_row: int = 0         # failed loads since the last good one
     retry_at: float = 0.0            # monotonic; until then a load is not tried
     crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
+    crash_backoffs: int = 0          # back-offs for crashes in a row (CRASH_QUIET_S apart at most)
+    crash_backoff_at: float = -math.inf  # monotonic; the last began
 
 
 class Engine:
@@ -765,6 +770,14 @@ class Engine:
             self._load_failed(key, LoadFailed(
                 f"{key[0]}: its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
                 f"(exit code {code})"))
+            # Its loads succeed, and a successful load ends a run of failed
+            # ones: the back-off doubles with each crash's in a row instead.
+            quiet = now - stats.crash_backoff_at > CRASH_QUIET_S
+            stats.crash_backoffs = 1 if quiet else stats.crash_backoffs + 1
+            stats.crash_backoff_at = now
+            delay = self.config.load_failure_backoff_s * 2 ** min(stats.crash_backoffs - 1, 30)
+            stats.retry_at = max(stats.retry_at,
+                                 now + min(delay, self.config.load_failure_backoff_max_s))
 
     async def _revive(self, index: int) -> None:
         while True:  # each try backs off further

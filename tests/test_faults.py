@@ -508,19 +508,35 @@ def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments
     (tmp_path / "crashes" / "1").mkdir(parents=True)
     (tmp_path / "crashes" / "1" / "handler.py").write_text(CRASHING_HANDLER)
 
+    async def crash(engine: Engine, restarts: int) -> None:
+        with pytest.raises(WorkerDied):
+            await engine.infer("crashes", {"x": X})
+        await until(lambda: engine.stats()["totals"]["worker_restarts"] == restarts
+                    and engine.stats()["workers"][0]["alive"], 30, "the restart")
+
+    async def backed_off(engine: Engine) -> float:
+        """Seconds left of its back-off, as the refusal says."""
+        t0 = time.monotonic()
+        with pytest.raises(LoadFailed, match="ended its worker twice") as refused:
+            await engine.infer("crashes", {"x": X})
+        assert time.monotonic() - t0 < 0.5
+        return float(re.search(r"next try in ([0-9.]+) s", str(refused.value))[1])
+
     async def main():
-        async with Engine(config(tmp_path)) as engine:
-            for restarts in (1, 2):
-                with pytest.raises(WorkerDied):
-                    await engine.infer("crashes", {"x": X})
-                await until(lambda: engine.stats()["totals"]["worker_restarts"] == restarts
-                            and engine.stats()["workers"][0]["alive"], 30, "the restart")
-            t0 = time.monotonic()
-            with pytest.raises(LoadFailed, match="ended its worker twice"):
-                await engine.infer("crashes", {"x": X})
-            assert time.monotonic() - t0 < 0.5
+        async with Engine(config(tmp_path, load_failure_backoff_s=2.0)) as engine:
+            await crash(engine, 1)
+            await crash(engine, 2)
+            first = await backed_off(engine)
             out = await engine.infer("m00", {"x": X}, timeout=20)
             np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            # Past its back-off it loads again (a load that succeeds), and
+            # its next crash, still within the window, backs it off twice
+            # as long: a successful load does not start the doubling over.
+            await asyncio.sleep(first)
+            await crash(engine, 3)
+            second = await backed_off(engine)
+            # (Each is counted from the death, the refusal comes after the restart.)
+            assert 2.0 < second <= 4.0 and first <= 2.0, (first, second)
             return engine.stats()["totals"]["worker_restarts"]
 
-    assert run(main(), timeout=90) == 2
+    assert run(main(), timeout=90) == 3
