@@ -44,6 +44,7 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["empty"] = root / "empty"
     paths["empty"].mkdir()
     paths["file"] = paths["m0"] / "model.toml"
+    paths["bare"] = demo.write_mlp(root / "bare", "torchscript", *DIMS, seed=4, manifest=False)
     # A model of the repository root: not SageMaker's to see or take over.
     demo.write_mlp(repo / "repo-model", "safetensors", *DIMS)
     return paths
@@ -277,6 +278,20 @@ def test_invoke_answers_the_reference(address, disk):
     assert status == 200, answer
     np.testing.assert_allclose(answer["outputs"]["y"],
                                reference(2, np.array([[1, 2, 3, 4]], np.float32)), **TOL)
+
+
+def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
+    # No declared inputs: fractions become float32 (numpy's float64 would
+    # meet a float32 TorchScript model's weights and fail), as torch.tensor()
+    # and SageMaker's PyTorch container make them.
+    assert add(address, "bare", disk["bare"])[0] == 200
+    x = x_for(4)
+    status, answer = call(address, "POST", "/models/bare/invoke", {"inputs": {"x": x.tolist()}})
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"]["output"], reference(4, x), **TOL)
+    status, answer = call(address, "POST", "/models/bare/invoke",
+                          {"inputs": {"x": [[1e39, 0, 0, 0]]}})
+    assert status == 400 and "out of range for float32" in answer["error"], answer
 
 
 def test_invoke_unknown_model_is_404(address):

@@ -128,10 +128,12 @@ def _plain(obj: Any) -> Any:
 
 def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray:
     """A tensor's JSON data (a nested list, or one number) as an array of
-    `dtype`; refused where JSON's numbers would change meaning on the way
-    (2.5 as an integer, 300 as an int8, 1e300 as a float32, 1 as a bool,
-    all-boolean data as numbers; booleans mixed with numbers numpy has made
-    numbers already). Without a dtype numpy's own choice stands."""
+    `dtype` (None: numpy's own choice), by json_array and cast_json_array."""
+    return cast_json_array(what, json_array(what, value), dtype)
+
+
+def json_array(what: str, value: Any) -> np.ndarray:
+    """A tensor's JSON data as numpy reads it: numbers or booleans, rectangular."""
     if type(value) not in (list, int, float, bool):
         raise BadRequest(f"{what} must be a nested list of numbers")
     try:
@@ -140,6 +142,14 @@ def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray
         raise BadRequest(f"{what} is not a rectangular nested list: {e}") from None
     if array.dtype.kind not in "biuf":
         raise BadRequest(f"{what} must hold only numbers (or booleans)")
+    return array
+
+
+def cast_json_array(what: str, array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """json_array's result as `dtype`; refused where JSON's numbers would
+    change meaning on the way (2.5 as an integer, 300 as an int8, 1e300 as
+    a float32, 1 as a bool, all-boolean data as numbers; booleans mixed with
+    numbers numpy has made numbers already)."""
     if dtype is None or array.dtype == dtype:
         return array
     if array.size:

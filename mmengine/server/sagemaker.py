@@ -37,7 +37,7 @@ import numpy as np
 
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
-from mmengine.server.http import (Later, Request, Response, array_from_json, dumps,
+from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps, json_array,
                                   error_response, finite, json_response, submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
@@ -322,8 +322,16 @@ def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.nd
     for key, value in values.items():
         if declared and key not in declared:
             raise BadRequest(f"{name} has no input {key!r} (inputs: {sorted(declared)})")
+        what = f"input {key!r}"
+        array = json_array(what, value)
         dtype = declared.get(key)
-        arrays[key] = array_from_json(f"input {key!r}", value,
-                                      None if dtype is None else np.dtype(dtype))
+        # Undeclared, fractions become float32 (as torch.tensor() makes them,
+        # and SageMaker's PyTorch container): numpy's float64 fits no float32
+        # model. Integers stay int64, booleans bool.
+        arrays[key] = cast_json_array(what, array, np.dtype(dtype) if dtype is not None
+                                      else _FLOAT32 if array.dtype.kind == "f" else None)
     return arrays
+
+
+_FLOAT32 = np.dtype(np.float32)
 
