@@ -26,6 +26,16 @@ DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
 TOL = dict(rtol=1e-5, atol=1e-5)
 IDLE_TIMEOUT_S = 1.0
+# A model whose output no HTTP protocol can carry.
+COMPLEX_HANDLER = """
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"z": inputs["x"].astype(np.complex64)}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +43,8 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
     root = tmp_path_factory.mktemp("repo")
     for i, name in enumerate(MODELS):
         demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
+    (root / "complex" / "1").mkdir(parents=True)
+    (root / "complex" / "1" / "handler.py").write_text(COMPLEX_HANDLER)
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "0",
                     env=environ(MMENGINE_HTTP_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S)))
@@ -141,7 +153,7 @@ def test_model_ready_only_once_resident(client):
 
 def test_repository_index_load_unload(client, address):
     index = {r["name"]: r for r in client.get_model_repository_index()}
-    assert set(index) == set(MODELS)
+    assert set(index) == {*MODELS, "complex"}
     assert all(r["version"] == "1" for r in index.values())
     client.load_model("m02")
     assert client.is_model_ready("m02")
@@ -444,6 +456,12 @@ def test_non_finite_outputs_are_written_as_numbers_not_null(address):
     data = json.loads(body)["outputs"][0]["data"]
     assert None not in data
     assert not np.isfinite(np.array(data, np.float64)).all()
+
+
+def test_an_output_kserve_cannot_carry_is_the_models_error_not_the_callers(address):
+    status, _, body = call(address, "POST", "/v2/models/complex/infer", infer_body(x_for(1)))
+    assert status == 500, body
+    assert json.loads(body)["code"] == "INTERNAL" and b"KServe v2 cannot carry" in body
 
 
 def test_a_request_id_that_is_not_a_string_is_refused(address):

@@ -45,6 +45,11 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["empty"].mkdir()
     paths["file"] = paths["m0"] / "model.toml"
     paths["bare"] = demo.write_mlp(root / "bare", "torchscript", *DIMS, seed=4, manifest=False)
+    paths["complex"] = root / "complex"
+    paths["complex"].mkdir()
+    (paths["complex"] / "handler.py").write_text(
+        "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n    return {'z': inputs['x'].astype(np.complex64)}\n")
     # A model of the repository root: not SageMaker's to see or take over.
     demo.write_mlp(repo / "repo-model", "safetensors", *DIMS)
     return paths
@@ -292,6 +297,14 @@ def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
     status, answer = call(address, "POST", "/models/bare/invoke",
                           {"inputs": {"x": [[1e39, 0, 0, 0]]}})
     assert status == 400 and "out of range for float32" in answer["error"], answer
+
+
+def test_an_output_json_cannot_carry_is_the_models_error_not_the_callers(address, disk):
+    assert add(address, "complex", disk["complex"])[0] == 200
+    status, answer = call(address, "POST", "/models/complex/invoke",
+                          {"inputs": {"x": x_for(1).tolist()}})
+    assert status == 500 and answer["code"] == "INTERNAL", answer
+    assert "JSON cannot carry" in answer["error"]
 
 
 def test_invoke_unknown_model_is_404(address):

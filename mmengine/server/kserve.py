@@ -26,8 +26,8 @@ import numpy as np
 
 import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
-from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
-                                  loads, submitted)
+from mmengine.server.http import (Later, Request, Response, array_from_json, cannot_carry,
+                                  dumps, finite, loads, submitted)
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 
@@ -270,8 +270,7 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
             arr = arr.astype(arr.dtype.newbyteorder("="))
         datatype = _DATATYPE_OF.get(arr.dtype)
         if datatype is None:
-            raise BadRequest(f"output {out!r} has dtype {arr.dtype}, which has no KServe "
-                             f"datatype")
+            raise cannot_carry("KServe v2", out, arr.dtype)
         t = {"name": out, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
             arr = np.ascontiguousarray(arr)  # the engine's outputs already are: no copy

@@ -37,8 +37,9 @@ import numpy as np
 
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
-from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps, json_array,
-                                  error_response, finite, json_response, submitted)
+from mmengine.server.http import (Later, Request, Response, cannot_carry, cast_json_array,
+                                  dumps, error_response, finite, json_array, json_response,
+                                  submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -216,7 +217,14 @@ def invoke(server, request: Request, name: str) -> Later:
     return submitted(
         request, lambda then: server.engine.submit(name, inputs, token=request.token,
                                                    then=then),
-        lambda outputs: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
+        _answer)
+
+
+def _answer(outputs: dict[str, np.ndarray]) -> Response:
+    for out, arr in outputs.items():
+        if arr.dtype.kind not in "biuf":  # JSON holds numbers and booleans
+            raise cannot_carry("JSON", out, arr.dtype)
+    return Response(200, dumps({"outputs": outputs}, finite(outputs.values())))
 
 
 def invocations(server, request: Request) -> Later:
