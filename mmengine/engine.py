@@ -41,7 +41,7 @@ from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, Timeout,
                              TooLarge, WorkerDied)
 from mmengine.messages import Op
-from mmengine.storage import ModelSpec, Repository
+from mmengine.storage import ModelSpec, Repository, TensorSpec
 from mmengine.workers import Worker, WorkerPool
 
 Key = tuple[str, int]
@@ -52,8 +52,8 @@ STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
 STUCK_LOAD_GRACE_S = 5.0
 # A model whose requests end their worker twice within this is backed off (_blame).
 CRASH_WINDOW_S = 60.0
-# A model that has not ended a worker for this long starts its crash
-# back-offs from the shortest again.
+# A model that has not ended a worker for this long after its last crash
+# back-off ended starts its crash back-offs from the shortest again.
 CRASH_QUIET_S = 600.0
 
 
@@ -72,7 +72,7 @@ class ModelStats:
     retry_at: float = 0.0            # monotonic; until then a load is not tried
     crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
     crash_backoffs: int = 0          # back-offs for crashes in a row (CRASH_QUIET_S apart at most)
-    crash_backoff_at: float = -math.inf  # monotonic; the last began
+    crash_backoff_until: float = -math.inf  # monotonic; when the last ended
 
 
 class Engine:
@@ -112,6 +112,13 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
         self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
+        # Inputs a backend read from an artifact whose manifest declares none
+        # (torch.export, ONNX), known once it has loaded: metadata shows them.
+        self._derived_inputs: dict[Key, tuple[TensorSpec, ...]] = {}
+        # Unloads waiting for a model's requests to finish: key -> a future
+        # done when the unload is. New requests wait for it, then load again.
+        self._draining: dict[Key, asyncio.Future] = {}
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict" and "worker_exit" (metrics, traces); they must not raise
@@ -123,7 +130,7 @@ class Engine:
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> "Engine":
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         self.pool = WorkerPool(self.config)
         self.pool.on_death = self._on_worker_death
@@ -224,6 +231,8 @@ class Engine:
                 timeout: float | None, token: str | None,
                 then: Callable[[asyncio.Future], None] | None, t_submit: int) -> asyncio.Future:
         deadline = self._deadline(timeout)
+        if version is not None and (type(version) is not int or version < 1):  # True is 1
+            raise BadRequest(f"version must be a positive integer, not {version!r}")
         spec = self._specs.get((name, version))
         if spec is not None:  # before anything else: a stranger learns nothing more
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
@@ -237,7 +246,7 @@ class Engine:
             then = functools.partial(place.leave_then, then)
         if spec is not None:
             key = (spec.name, spec.version)
-            if key in self.cache:
+            if key in self.cache and not (self._draining and key in self._draining):
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
                     self._hits += 1
@@ -262,9 +271,12 @@ class Engine:
 
     def _emit_request(self, name: str, version: int | None, t_submit: int,
                       fut: asyncio.Future) -> None:
-        e = None if fut.cancelled() else fut.exception()
+        cancelled = fut.cancelled()
+        e = None if cancelled else fut.exception()
         fields = _request_fields(name, version, t_submit, e)
-        if e is None and not fut.cancelled():
+        if cancelled:  # by its caller (a stopping engine fails requests instead)
+            fields["code"] = "CANCELLED"
+        elif e is None:
             body = fut.result()[0]
             fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
             fields["t_sent"] = body.get("t_sent")
@@ -318,10 +330,24 @@ class Engine:
     def _deadline(self, timeout: float | None) -> float:
         if self.pool is None:
             raise Overloaded("the engine is not running")
+        self._check_loop()
         if self._closing:
             raise Overloaded("the engine is shutting down; retry on another instance")
-        return time.monotonic() + (self.config.request_timeout_s if timeout is None
-                                   else timeout)
+        if timeout is None:
+            return time.monotonic() + self.config.request_timeout_s
+        if isinstance(timeout, bool) or not (isinstance(timeout, (int, float))
+                                             and timeout > 0):  # NaN is no deadline
+            raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return time.monotonic() + timeout
+
+    def _check_loop(self) -> None:
+        """Futures, locks and the workers' readers belong to the loop that
+        started the engine: a call from another would break them (a load
+        begun there fails, and its model stays backed off)."""
+        if asyncio._get_running_loop() is not self._loop:
+            raise RuntimeError("this Engine serves on the event loop that started it; "
+                               "call it there (from another thread: "
+                               "asyncio.run_coroutine_threadsafe(coro, loop))")
 
     @staticmethod
     def _left(deadline: float) -> float:
@@ -360,6 +386,16 @@ class Engine:
         or a miss when the request had to wait for a load."""
         waited = False
         while True:
+            drained = self._draining.get(key)
+            if drained is not None:  # its unload first; then it loads again
+                waited = True
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                        await asyncio.shield(drained)
+                except TimeoutError:
+                    raise Timeout(f"{key[0]}: still unloading at the request's "
+                                  f"deadline") from None
+                continue
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
@@ -476,6 +512,9 @@ class Engine:
         if self._gen.get(key) != gen:
             raise WorkerDied(f"{key[0]}: the worker died during the load")
         source = body.get("from", "disk")
+        if not spec.inputs and body.get("inputs"):  # what the backend read from the artifact
+            self._derived_inputs[key] = tuple(TensorSpec(n, d, tuple(shape))
+                                              for n, d, shape in body["inputs"])
         body.setdefault("phases", {})["fetch"] = fetch_s
         if segment is not None and source != "host":
             self.host.drop(key)  # the worker could not use it: neither can anyone
@@ -772,12 +811,12 @@ class Engine:
                 f"(exit code {code})"))
             # Its loads succeed, and a successful load ends a run of failed
             # ones: the back-off doubles with each crash's in a row instead.
-            quiet = now - stats.crash_backoff_at > CRASH_QUIET_S
+            quiet = now - stats.crash_backoff_until > CRASH_QUIET_S
             stats.crash_backoffs = 1 if quiet else stats.crash_backoffs + 1
-            stats.crash_backoff_at = now
             delay = self.config.load_failure_backoff_s * 2 ** min(stats.crash_backoffs - 1, 30)
             stats.retry_at = max(stats.retry_at,
                                  now + min(delay, self.config.load_failure_backoff_max_s))
+            stats.crash_backoff_until = stats.retry_at
 
     async def _revive(self, index: int) -> None:
         while True:  # each try backs off further
@@ -830,6 +869,8 @@ class Engine:
 
     @contextlib.asynccontextmanager
     async def _in_order(self, name: str):
+        if self.pool is not None:
+            self._check_loop()
         entry = self._control_order.get(name)
         if entry is None:
             entry = self._control_order[name] = [asyncio.Lock(), 0]
@@ -855,6 +896,18 @@ class Engine:
         key = (spec.name, spec.version)
         deadline = self._deadline(timeout)
         self._drop_pin(key)
+        drained = self._draining[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain(key, name, deadline)
+        finally:
+            del self._draining[key]
+            drained.set_result(None)
+        if not keep_host:
+            self.host.drop(key)
+
+    async def _drain(self, key: Key, name: str, deadline: float) -> None:
+        """Evicts `key` once the requests in flight on it are done (new ones
+        wait for the unload: `_draining`)."""
         while key in self.cache or key in self._busy:
             busy = self._busy.get(key)
             if busy is not None:
@@ -868,8 +921,6 @@ class Engine:
                 await self._wait_for_room(self._room_version, deadline)
             except TimeoutError:
                 raise Timeout(f"{name}: still in use at the deadline") from None
-        if not keep_host:
-            self.host.drop(key)
 
     async def _pin_now(self, name: str, version: int | None, timeout: float | None) -> dict:
         spec = await self._spec(name, version)
@@ -903,6 +954,7 @@ class Engine:
         self._specs = {k: v for k, v in self._specs.items() if k[0] != name}
         self._stats = {k: v for k, v in self._stats.items() if k[0] != name}
         self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] != name}
+        self._derived_inputs = {k: v for k, v in self._derived_inputs.items() if k[0] != name}
 
     # -- what is where -------------------------------------------------------------
 
@@ -917,7 +969,8 @@ class Engine:
             "name": spec.name, "version": spec.version, "versions": list(versions),
             "backend": spec.backend,
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-                       for t in spec.inputs],
+                       for t in spec.inputs
+                       or self._derived_inputs.get((spec.name, spec.version), ())],
             "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                         for t in spec.outputs],
             "state": row["state"], "ready": row["state"] == "resident",
@@ -1074,12 +1127,14 @@ def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in inputs.items():
         if not isinstance(name, str):
             raise BadRequest(f"input names must be strings, not {type(name).__name__}")
-        if type(value).__module__.startswith("torch"):
-            value = value.detach().cpu().numpy()  # torch is imported only if given
+        if type(value).__module__.startswith("torch"):  # torch is imported only if given
+            if str(value.dtype) == "torch.bfloat16":  # numpy has none; float32 holds each
+                value = value.float()
+            value = value.detach().cpu().numpy()
         if not isinstance(value, np.ndarray):
             raise BadRequest(f"input {name!r} must be a numpy array or a torch tensor, "
                              f"not {type(value).__name__}")
-        if value.dtype.hasobject or value.dtype.fields is not None:
+        if value.dtype.hasobject or value.dtype.fields is not None or value.dtype.kind in "Mm":
             raise BadRequest(f"input {name!r}: dtype {value.dtype} cannot be sent")
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))

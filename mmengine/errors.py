@@ -118,6 +118,13 @@ _BY_CODE = {
 }
 
 
+def cannot_carry(protocol: str, name: str, dtype) -> InternalError:
+    """The error for a model's output that `protocol` has no way to write:
+    the model's fault (500), never the caller's."""
+    return InternalError(f"the model's output {name!r} has dtype {dtype}, which {protocol} "
+                         f"cannot carry")
+
+
 def cancelled() -> Overloaded:
     """The answer to a request whose future was cancelled under it: only a
     stopping engine cancels, so the client should retry elsewhere."""

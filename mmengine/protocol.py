@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mmengine.errors import BadRequest, ErrorCode, MMEngineError, error_for
+from mmengine.errors import BadRequest, ErrorCode, MMEngineError, cannot_carry, error_for
 
 OPS = ("infer", "load", "unload", "pin", "unpin", "list", "stats", "health")
 LENGTH = struct.Struct("<I")
@@ -254,9 +254,10 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def encode_tensors(arrays: dict[str, np.ndarray]) -> dict:
-    """Named arrays as the wire's tensors (their data viewed, not copied);
-    BadRequest for a dtype the protocol does not carry (DTYPES)."""
+def encode_tensors(arrays: dict[str, np.ndarray], answer: bool = False) -> dict:
+    """Named arrays as the wire's tensors (their data viewed, not copied).
+    A dtype the protocol does not carry (DTYPES) is the caller's
+    BadRequest, or in a model's `answer` the model's InternalError."""
     out = {}
     for name, a in arrays.items():
         if not a.flags.c_contiguous:  # not ascontiguousarray always: it makes 0-d 1-d
@@ -265,6 +266,8 @@ def encode_tensors(arrays: dict[str, np.ndarray]) -> dict:
             a = a.astype(a.dtype.newbyteorder("<"))
         dtype = _dtype_name(a.dtype)
         if dtype not in DTYPES:
+            if answer:
+                raise cannot_carry("the TCP protocol", name, a.dtype)
             raise BadRequest(f"tensor {name!r}: dtype {a.dtype} cannot travel; one of "
                              f"{', '.join(DTYPES)}")
         out[name] = {"dtype": dtype, "shape": list(a.shape), "data": a.data}

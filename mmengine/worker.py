@@ -27,8 +27,8 @@ import numpy as np
 
 from mmengine import messages, resources
 from mmengine.config import Config
-from mmengine.errors import (BadRequest, InternalError, LoadFailed, MMEngineError, ModelNotFound,
-                             PeerDied, RecordTooLarge, RingClosed, TooLarge)
+from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
+                             RecordTooLarge, RingClosed, TooLarge, cannot_carry)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
 from mmengine.storage import read_spec
@@ -196,7 +196,7 @@ class _Responder:
                   for k, v in (outputs or {}).items()}
         for k, v in arrays.items():
             if v.dtype.hasobject or v.dtype.fields is not None:
-                raise BadRequest(f"output {k!r} has dtype {v.dtype}, which cannot be sent")
+                raise cannot_carry("mmengine", k, v.dtype)
         descs, bufs = messages.describe(arrays)
         header = messages.response(rid, code, body, descs)
         with self._lock:
@@ -259,7 +259,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
                                                 params.get("host"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
-                                    "from": source,
+                                    "from": source, "inputs": _declared(model),
                                     "publishable": source == "disk" and logic.publishable(model),
                                     **logic.allocator()})
                 del model
@@ -281,6 +281,12 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
             out.fail(rid, e)
         except Exception as e:  # a backend bug must not kill the worker
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
+
+
+def _declared(model) -> list:
+    """The inputs a model checks requests against (its manifest's, or what
+    its backend read from the artifact), as [name, dtype, shape] lists."""
+    return [[t.name, t.dtype, list(t.shape)] for t in getattr(model, "inputs", ())]
 
 
 def _warm(repo: str) -> None:

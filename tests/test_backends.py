@@ -14,7 +14,7 @@ import torch
 
 from mmengine import backends, demo
 from mmengine.backends import load_model
-from mmengine.backends.base import module_bytes
+from mmengine.backends.base import SKELETONS, module_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
 from mmengine.errors import BadRequest, InternalError, LoadFailed
 from mmengine.storage import Repository
@@ -218,6 +218,17 @@ def predict(inputs):
     model.close()
 
 
+def test_declared_outputs_in_the_other_byte_order_are_the_declared_ones(tmp_path):
+    handler_model(tmp_path, """
+def predict(inputs):
+    return {"y": inputs["a"].astype(">f4")}
+""", '[[outputs]]\nname = "y"\ndtype = "float32"\nshape = [-1]\n')
+    model = load(tmp_path, "m")
+    np.testing.assert_array_equal(model.predict({"a": np.arange(3, dtype=np.float32)})["y"],
+                                  [0, 1, 2])
+    model.close()
+
+
 def test_a_handler_runs_outside_inference_mode(tmp_path):
     # A worker's serving thread is in inference mode; a handler may use autograd.
     handler_model(tmp_path, """
@@ -360,26 +371,34 @@ def test_nbytes_covers_the_weights(tmp_path, backend):
 class _WithConstant(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.scale = torch.full((1000,), 2.0)  # neither parameter nor buffer
+        self.linear = torch.nn.Linear(10, 1000)  # 44,000 bytes of parameters
+        self.scale = torch.full((1000,), 2.0)    # 4,000 bytes, neither parameter nor buffer
 
     def forward(self, x):
-        return x * self.scale
+        return self.linear(x) * self.scale
 
 
 def test_nbytes_counts_what_no_state_dict_holds(tmp_path):
     # torch.export lifts a plain tensor attribute into a constant that its
     # module keeps as an attribute; a frozen TorchScript module keeps its
     # weights in its graph, where only the artifact's estimate counts them.
+    # Neither is kept as an empty skeleton when closed: it would keep those.
     (tmp_path / "c" / "1").mkdir(parents=True)
-    program = torch.export.export(_WithConstant(), (torch.ones(1000),))
+    program = torch.export.export(_WithConstant(), (torch.ones(1, 10),))
     torch.export.save(program, tmp_path / "c" / "1" / "model.pt2")
-    assert load(tmp_path, "c").nbytes >= 4000
+    model = load(tmp_path, "c")
+    assert model.nbytes == module_bytes(model.module) == 44_000 + 4_000
+    kept = len(SKELETONS)
+    model.close()
+    assert len(SKELETONS) == kept
     (tmp_path / "f" / "1").mkdir(parents=True)
     frozen = torch.jit.freeze(torch.jit.script(demo.mlp(64, 256, 16, seed=0)).eval())
     frozen.save(str(tmp_path / "f" / "1" / "model.pt"))
     model = load(tmp_path, "f")
     assert module_bytes(model.module) == 0
     assert model.nbytes == model.spec.estimated_bytes >= module_bytes(demo.mlp(64, 256, 16, 0))
+    model.close()
+    assert len(SKELETONS) == kept
 
 
 # -- the safetensors format ---------------------------------------------------

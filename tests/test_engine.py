@@ -649,3 +649,84 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
                 await engine.infer("new", {"x": x})
 
     run(main())
+
+
+def test_an_embedders_mistakes_are_typed_and_counted(repo, own_segments):
+    # Cancelled requests are counted as cancelled, not OK; a torch bfloat16
+    # input arrives as float32 (every bfloat16 value is one); datetimes, a
+    # NaN timeout and a boolean version are the caller's BAD_REQUEST, seen
+    # by observers like any refusal.
+    import torch
+
+    root, models = repo
+
+    async def main():
+        events: list = []
+        async with Engine(config(root, workers=1)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and events.append(
+                (f["model"], f["code"])))
+            slow = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([0.5])}))
+            await asyncio.sleep(0.2)
+            slow.cancel()
+            x = x_for(np.random.default_rng(5))
+            y = await engine.infer("m00", {"x": torch.from_numpy(x).to(torch.bfloat16)})
+            np.testing.assert_allclose(
+                y["y"], models["m00"].reference(torch.from_numpy(x).to(torch.bfloat16)
+                                                .float().numpy()), rtol=1e-5, atol=1e-5)
+            for bad in ({"inputs": {"x": np.array(["2020-01-01"] * 32, "datetime64[D]")}},
+                        {"inputs": {"x": x}, "timeout": float("nan")},
+                        {"inputs": {"x": x}, "version": True}):
+                with pytest.raises(BadRequest):
+                    await engine.infer("m00", **bad)
+            await asyncio.sleep(0.4)
+        return events
+
+    # (A version no request has named yet names no model.)
+    assert sorted(run(main())) == sorted([("slow", "CANCELLED"), ("m00", "OK"), ("", "BAD_REQUEST")]
+                                         + [("m00", "BAD_REQUEST")] * 2)
+
+
+def test_an_unload_under_steady_traffic_finishes_and_the_traffic_goes_on(repo, own_segments):
+    # New requests for a model being unloaded wait for the unload (and then
+    # load it again): the requests in flight end, and the unload with them.
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.load("slow")
+            stop = asyncio.Event()
+            served = [0]
+
+            async def client():
+                while not stop.is_set():
+                    await engine.infer("slow", {"seconds": np.array([0.05])})
+                    served[0] += 1
+
+            clients = [asyncio.ensure_future(client()) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            loads = engine._model_row(("slow", 1))["loads"]
+            await engine.unload("slow", timeout=5)
+            after = served[0]
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*clients)
+            assert served[0] > after  # served again, after a load
+            assert engine._model_row(("slow", 1))["loads"] == loads + 1
+
+    run(main(), max_stall=2.0)
+
+
+def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_segments):
+    root, models = repo
+    x = x_for(np.random.default_rng(6))
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            for call in (lambda: engine.infer("m01", {"x": x}), lambda: engine.load("m01")):
+                with pytest.raises(RuntimeError, match="event loop that started it"):
+                    await asyncio.to_thread(lambda: asyncio.run(call()))
+            y = await engine.infer("m01", {"x": x})
+            np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
+            assert engine._model_row(("m01", 1))["failures"] == 0
+
+    run(main(), max_stall=2.0)

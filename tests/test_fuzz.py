@@ -288,11 +288,14 @@ class Target:
                 self._note(r)
 
     def send_body(self, body: bytes) -> None:
-        """One frame of any body: a map is answered with its id; anything
-        else gets a nil-id BAD_REQUEST and the connection is closed."""
+        """One frame of any body: a map with an id is answered with it;
+        anything else (a map without one too) gets a nil-id BAD_REQUEST and
+        the connection is closed."""
         try:
             message = protocol.decode(body)
         except BadRequest:
+            message = None
+        if message is not None and message.get("id") is None:
             message = None
         with connect(self.tcp) as s:
             s.sendall(protocol.LENGTH.pack(len(body)) + body)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from mmengine import demo
 from mmengine.client import Client
@@ -45,6 +46,13 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["empty"].mkdir()
     paths["file"] = paths["m0"] / "model.toml"
     paths["bare"] = demo.write_mlp(root / "bare", "torchscript", *DIMS, seed=4, manifest=False)
+    # torch.export in float64, without a manifest: the backend reads its inputs.
+    paths["bare64"] = root / "bare64" / "1"
+    paths["bare64"].mkdir(parents=True)
+    program = torch.export.export(
+        demo.mlp(*DIMS, seed=1).double(), (torch.zeros(2, DIMS[0], dtype=torch.float64),),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    torch.export.save(program, paths["bare64"] / "model.pt2")
     paths["complex"] = root / "complex"
     paths["complex"].mkdir()
     (paths["complex"] / "handler.py").write_text(
@@ -297,6 +305,11 @@ def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
     status, answer = call(address, "POST", "/models/bare/invoke",
                           {"inputs": {"x": [[1e39, 0, 0, 0]]}})
     assert status == 400 and "out of range for float32" in answer["error"], answer
+    # Inputs the backend read from the artifact count as declared: float64 here.
+    assert add(address, "bare64", disk["bare64"])[0] == 200
+    status, answer = call(address, "POST", "/models/bare64/invoke", {"inputs": {"x": x.tolist()}})
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"]["output"], reference(1, x), **TOL)
 
 
 def test_an_output_json_cannot_carry_is_the_models_error_not_the_callers(address, disk):

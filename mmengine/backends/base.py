@@ -114,9 +114,14 @@ class TorchModel(LoadedModel):
         if key is not None and module is not None:
             from mmengine.backends import safetensors  # the host tier's format
 
+            held = module_bytes(module)
             safetensors.strip(safetensors.module_tensors(module))
-            SKELETONS.give(key, self)
-            return
+            # Kept only if its state dict held all its bytes: a module that
+            # keeps tensors elsewhere (torch.export's constants, a frozen
+            # graph's) would keep them, on the device, after its eviction.
+            if held and not module_bytes(module):
+                SKELETONS.give(key, self)
+                return
         self.module = None
 
 
@@ -140,6 +145,9 @@ class Skeletons:
     def take(self, key: tuple) -> TorchModel | None:
         with self._lock:
             return self._kept.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
     def clear(self) -> None:
         with self._lock:
@@ -231,6 +239,8 @@ def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str
                             f"{missing}, unexpected {unexpected}")
     for t in declared:
         value = outputs[t.name]
+        if not value.dtype.isnative:  # the protocols write the declared values either way
+            value = value.view(value.dtype.newbyteorder("="))
         if not _fits(t, value):
             raise InternalError(f"{where}: output {t.name!r} is {value.dtype} "
                                 f"{list(value.shape)}; its manifest declares {t.dtype} "

@@ -114,13 +114,6 @@ def dumps(obj: Any, finite: bool = True) -> bytes:
     return json.dumps(obj, default=_plain, separators=(",", ":")).encode()
 
 
-def cannot_carry(protocol: str, name: str, dtype: np.dtype) -> InternalError:
-    """The error for a model's output that `protocol` has no way to write:
-    the model's fault (500), never the caller's."""
-    return InternalError(f"the model's output {name!r} has dtype {dtype}, which {protocol} "
-                         f"cannot carry")
-
-
 def finite(arrays) -> bool:
     """Whether every float in `arrays` is finite (dumps' fast path)."""
     return all(a.dtype.kind not in "fc" or np.isfinite(a).all() for a in arrays)

@@ -25,9 +25,9 @@ import math
 import numpy as np
 
 import mmengine
-from mmengine.errors import BadRequest, MMEngineError, ModelNotFound
-from mmengine.server.http import (Later, Request, Response, array_from_json, cannot_carry,
-                                  dumps, finite, loads, submitted)
+from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
+from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
+                                  loads, submitted)
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 

@@ -36,10 +36,10 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from mmengine.engine import Engine
-from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge
-from mmengine.server.http import (Later, Request, Response, cannot_carry, cast_json_array,
-                                  dumps, error_response, finite, json_array, json_response,
-                                  submitted)
+from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
+                             cannot_carry)
+from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
+                                  error_response, finite, json_array, json_response, submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 

@@ -311,7 +311,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         if e is None:
             body, outputs = fut.result()
             try:  # a model may answer what the wire cannot carry: say so
-                tensors = protocol.encode_tensors(outputs)
+                tensors = protocol.encode_tensors(outputs, answer=True)
             except MMEngineError as error:
                 self._send(protocol.error_response(rid, error))
                 return
