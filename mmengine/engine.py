@@ -274,7 +274,7 @@ class Engine:
         cancelled = fut.cancelled()
         e = None if cancelled else fut.exception()
         fields = _request_fields(name, version, t_submit, e)
-        if cancelled:  # by its caller (a stopping engine fails requests instead)
+        if cancelled:  # by its caller: stop() fails what it cuts off, typed
             fields["code"] = "CANCELLED"
         elif e is None:
             body = fut.result()[0]

@@ -730,3 +730,27 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
             assert engine._model_row(("m01", 1))["failures"] == 0
 
     run(main(), max_stall=2.0)
+
+
+def test_a_request_cut_off_by_stop_is_observed_as_its_client_hears_it(tmp_path, own_segments):
+    # stop() cuts off what still waits for a load at its deadline: the
+    # client hears OVERLOADED ("shut down"), and so do metrics and traces;
+    # only a caller's own cancel is CANCELLED.
+    (tmp_path / "slowload" / "1").mkdir(parents=True)
+    (tmp_path / "slowload" / "1" / "handler.py").write_text(
+        "import time\n\ndef load(path, device):\n    time.sleep(3)\n\n"
+        "def predict(inputs):\n    return inputs\n")
+
+    async def main():
+        events: list = []
+        engine = await Engine(Config(repo=str(tmp_path), workers=1,
+                                     shutdown_timeout_s=0.3)).start()
+        engine.observers.append(lambda kind, f: kind == "request" and events.append(f["code"]))
+        waiting = engine.submit("slowload", {"x": np.ones(1)})
+        await asyncio.sleep(0.1)
+        await engine.stop()
+        with pytest.raises(Overloaded, match="shut down"):
+            await waiting
+        return events
+
+    assert run(main(), max_stall=2.0) == ["OVERLOADED"]
