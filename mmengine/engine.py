@@ -176,6 +176,8 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.stop(deadline)
+        for key in list(self.cache.lru_keys()):  # the workers took their models with them
+            self.cache.remove(key)
         self.host.clear()
         self._fetchers.shutdown(wait=False, cancel_futures=True)
 
@@ -895,10 +897,17 @@ class Engine:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
         deadline = self._deadline(timeout)
+        pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         try:
             await self._drain(key, name, deadline)
+        except Timeout:  # not unloaded: it stays as it was, its pin too
+            if pinned is not None:
+                self._pinned[key] = pinned
+                if key in self.cache and self._gen.get(key) == pinned:
+                    self.cache.pin(key)
+            raise
         finally:
             del self._draining[key]
             drained.set_result(None)

@@ -336,7 +336,11 @@ def test_shutdown_leaves_no_process_and_no_segment(repo, own_segments):
         pids = [w.pid for w in engine.pool.workers]
         names = [r.name for w in engine.pool.workers for r in (w.req, w.resp)]
         await engine.infer("m00", {"x": x_for(np.random.default_rng(9))})
+        assert engine._model_row(("m00", 1))["state"] == "resident"
         await engine.stop()
+        # Nothing is reported resident on workers that are gone.
+        assert engine._model_row(("m00", 1))["state"] == "on storage"
+        assert engine.stats()["totals"]["resident_models"] == 0
         return pids, names
 
     pids, names = run(main())
@@ -754,3 +758,23 @@ def test_a_request_cut_off_by_stop_is_observed_as_its_client_hears_it(tmp_path, 
         return events
 
     assert run(main(), max_stall=2.0) == ["OVERLOADED"]
+
+
+def test_an_unload_that_times_out_leaves_the_model_pinned(repo, own_segments):
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.pin("slow")
+            busy = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([1.5])}))
+            await asyncio.sleep(0.2)
+            with pytest.raises(Timeout, match="still in use"):
+                await engine.unload("slow", timeout=0.3)
+            row = engine._model_row(("slow", 1))
+            assert row["pinned"] and row["state"] == "resident"
+            await busy
+            assert engine._model_row(("slow", 1))["pins"] == 1  # the explicit pin alone
+            await engine.unload("slow")
+            assert not engine._model_row(("slow", 1))["pinned"]
+
+    run(main(), max_stall=2.0)
