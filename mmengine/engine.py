@@ -514,7 +514,7 @@ class Engine:
         if self._gen.get(key) != gen:
             raise WorkerDied(f"{key[0]}: the worker died during the load")
         source = body.get("from", "disk")
-        if not spec.inputs and body.get("inputs"):  # what the backend read from the artifact
+        if body.get("inputs"):  # what the backend read from the artifact
             self._derived_inputs[key] = tuple(TensorSpec(n, d, tuple(shape))
                                               for n, d, shape in body["inputs"])
         body.setdefault("phases", {})["fetch"] = fetch_s

@@ -259,7 +259,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
                                                 params.get("host"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
-                                    "from": source, "inputs": _declared(model),
+                                    "from": source, "inputs": _derived(model),
                                     "publishable": source == "disk" and logic.publishable(model),
                                     **logic.allocator()})
                 del model
@@ -283,10 +283,13 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
 
 
-def _declared(model) -> list:
-    """The inputs a model checks requests against (its manifest's, or what
-    its backend read from the artifact), as [name, dtype, shape] lists."""
-    return [[t.name, t.dtype, list(t.shape)] for t in getattr(model, "inputs", ())]
+def _derived(model) -> list:
+    """The inputs a model's backend read from its artifact, where its
+    manifest declares none (the front-end knows those), as [name, dtype,
+    shape] lists."""
+    if model is None or model.spec.inputs:
+        return []
+    return [[t.name, t.dtype, list(t.shape)] for t in model.inputs]
 
 
 def _warm(repo: str) -> None:

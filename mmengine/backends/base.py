@@ -196,12 +196,10 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
         return
     if _all_fit(declared, inputs):
         return  # the common case, checked without building a message
-    names = {t.name for t in declared}
-    missing = [n for n in names if n not in inputs]
-    unexpected = [n for n in inputs if n not in names]
+    missing, unexpected = _names_differ(declared, inputs)
     if missing or unexpected:
-        raise BadRequest(f"inputs do not match the model's: missing {sorted(missing)}, "
-                         f"unexpected {sorted(map(str, unexpected))}")
+        raise BadRequest(f"inputs do not match the model's: missing {missing}, "
+                         f"unexpected {unexpected}")
     for t in declared:
         value = inputs[t.name]
         if isinstance(value, np.ndarray):
@@ -229,9 +227,7 @@ def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str
         return
     if _all_fit(declared, outputs):
         return  # the common case, checked without building a message
-    names = {t.name for t in declared}
-    missing = sorted(n for n in names if n not in outputs)
-    unexpected = sorted(n for n in outputs if n not in names)
+    missing, unexpected = _names_differ(declared, outputs)
     if missing or unexpected:
         raise InternalError(f"{where}: its outputs do not match its manifest's: missing "
                             f"{missing}, unexpected {unexpected}")
@@ -243,6 +239,14 @@ def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str
             raise InternalError(f"{where}: output {t.name!r} is {value.dtype} "
                                 f"{list(value.shape)}; its manifest declares {t.dtype} "
                                 f"{list(t.shape)} (-1: any)")
+
+
+def _names_differ(declared: tuple[TensorSpec, ...],
+                  arrays: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(declared names missing from `arrays`, names in it not declared), sorted."""
+    names = {t.name for t in declared}
+    return (sorted(n for n in names if n not in arrays),
+            sorted(str(n) for n in arrays if n not in names))
 
 
 def _all_fit(declared: tuple[TensorSpec, ...], arrays: Mapping[str, Any]) -> bool:
