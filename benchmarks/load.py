@@ -307,7 +307,16 @@ def _slowest_stages(requests: list[dict]) -> dict:
     """Where the slowest 1% of the small model's requests during loads spent
     their time (the median of each stage among them): in the front-end
     before the ring, waiting for the worker to take it, in the model, in
-    the answer's way back to the front-end's loop, and after it."""
+    the answer's way back to the front-end's loop, and after it.
+
+    With MMENGINE_ACCOUNT_REQUESTS=1 the worker's stages are split by what
+    its serving thread did (mmengine.messages, "account"): to_worker into
+    the wait until its wait ended (to_worker_wake) and from then on
+    (to_worker_gil: taking the GIL back, and the header's decode), and of
+    to_worker_wake the time it was runnable and off a CPU (to_worker_runq);
+    the model into time on a CPU (model_cpu), runnable and off one
+    (model_runq), and neither (model_blocked: the GIL, locks, page faults
+    that sleep)."""
     timed = sorted((r for r in requests if r.get("t_sent") and all(r["worker_ns"])),
                    key=lambda r: r["end_ns"] - r["start_ns"])
     slowest = timed[-max(1, len(timed) // 100):]
@@ -318,6 +327,16 @@ def _slowest_stages(requests: list[dict]) -> dict:
         "to_front_end": lambda r: r["worker_ns"][2] - r["worker_ns"][1],
         "answer": lambda r: r["end_ns"] - r["worker_ns"][2],
     }
+    if slowest and all(r.get("account") for r in slowest):
+        stages.update({
+            "to_worker_wake": lambda r: r["account"]["t_woke"] - r["t_sent"],
+            "to_worker_runq": lambda r: r["account"]["wait_runq_ns"],
+            "to_worker_gil": lambda r: r["worker_ns"][0] - r["account"]["t_woke"],
+            "model_cpu": lambda r: r["account"]["cpu_ns"],
+            "model_runq": lambda r: r["account"]["runq_ns"],
+            "model_blocked": lambda r: (r["worker_ns"][1] - r["worker_ns"][0]
+                                        - r["account"]["cpu_ns"] - r["account"]["runq_ns"]),
+        })
     return {k: statistics.median(f(r) for r in slowest) / 1e3 if slowest else None
             for k, f in stages.items()}
 

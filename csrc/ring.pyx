@@ -82,6 +82,10 @@ cdef class RingCore:
     cdef bint bound
     cdef object view       # memoryview of the whole mapping, sliced per part
     cdef object mapping
+    # mm_now_ns() when the last get's wait ended, taken before the GIL is
+    # taken back (0: it found its record without waiting): a waiter's
+    # wake-up and its wait for the GIL can then be told apart.
+    cdef readonly uint64_t woke_ns
 
     def _bind_ops(self, mapping, int data_fd, int space_fd, bint is_creator, double spin_us):
         PyObject_GetBuffer(mapping, &self.buf, PyBUF_SIMPLE)
@@ -204,6 +208,7 @@ cdef class RingCore:
         cdef int status
         cdef int64_t deadline = _NO_DEADLINE_YET  # a clock read only if it must wait
         self._check()
+        self.woke_ns = 0
         while True:
             status = mm_ring_try_get(&self.r, &rec)
             if status == MM_RING_OK:
@@ -277,6 +282,7 @@ cdef class RingCore:
         retries of one put or get share one timeout."""
         cdef int status
         cdef int64_t left
+        cdef uint64_t woke
         cdef int pidfd = self._peer_pidfd()
         while True:
             left = -1
@@ -286,7 +292,10 @@ cdef class RingCore:
                     left = 0
             with nogil:
                 status = mm_ring_wait(&self.r, for_read, need, left, pidfd)
+                woke = mm_now_ns()
             if status == MM_RING_OK:
+                if for_read:
+                    self.woke_ns = woke
                 return 0
             if status == MM_RING_ERRNO and errno == EINTR:
                 PyErr_CheckSignals()

@@ -51,6 +51,14 @@ class Config:
     # loads on 2 cores: ~0.7 ms with one reader, 3-5 ms with two), and all
     # of its share once it has served nothing for 0.1 s; 1 to 4 either way.
     load_threads: int = 0
+    # While a worker loads, does its serving thread keep spinning for
+    # requests (spin_us) and the front-end keep polling its answers
+    # (poll_us)? "auto": only where the worker's share of the cores holds
+    # its readers, the spinning thread and one core more; elsewhere they
+    # would take the cores the load needs, and a request that comes wakes
+    # the worker instead (on 2 cores spinning made a small model's p99
+    # beside a load 3-30x its idle p99, sleeping 1.1-2x). "on" | "off".
+    spin_during_loads: str = "auto"
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
                                          # memory, or half the host's split over CPU workers
@@ -130,6 +138,10 @@ class Config:
     # (mmengine/auth.py); repr=False keeps it out of logged configurations.
     control_token: str = dataclasses.field(default="", repr=False)
     trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
+    # Each answer of a worker says how its serving thread spent the request:
+    # its CPU time, its waits for a core, when it woke (profiling, and
+    # benchmarks/load.py; about three microseconds a request).
+    account_requests: bool = False
 
     @property
     def max_request_bytes(self) -> int:
@@ -161,6 +173,9 @@ _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M"
 # Keys that hold several values in one string, and their separator: a TOML
 # list is taken too.
 _LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ","}
+# How a boolean is written in a variable or a file.
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -188,6 +203,10 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            return _BOOLS[str(value).strip().lower()]
         if key in _LIST_KEYS and isinstance(value, list) and \
                 all(isinstance(v, str) for v in value):
             return _LIST_KEYS[key].join(value)
@@ -196,7 +215,7 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     except ConfigError:
         raise  # parse_size's, which says what a size looks like
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from None
 
 
@@ -219,6 +238,8 @@ def _validate(c: Config) -> None:
     need(c.idle_unload_s >= 0, "idle_unload_s", "must be >= 0")
     need(c.repo_scan_s >= 0, "repo_scan_s", "must be >= 0")
     need(c.policy in ("lru", "gdsf"), "policy", "must be lru or gdsf")
+    need(c.spin_during_loads in ("auto", "on", "off"), "spin_during_loads",
+         "must be auto, on or off")
     for key in ("monitor_interval_s", "request_timeout_s", "load_timeout_s",
                 "ready_timeout_s", "shutdown_timeout_s"):
         need(getattr(c, key) > 0, key, "must be > 0")

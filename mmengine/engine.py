@@ -283,6 +283,7 @@ class Engine:
             fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
             fields["t_sent"] = body.get("t_sent")
             fields["worker"] = body.get("worker")
+            fields["account"] = body.get("account")  # with Config.account_requests
         self._emit("request", fields)
 
     def _emit(self, kind: str, fields: dict) -> None:

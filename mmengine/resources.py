@@ -112,6 +112,29 @@ def plan_devices(config: Config) -> list[str]:
     return ["cpu"] * config.workers
 
 
+def core_share(config: Config, device: str) -> int:
+    """The cores of this machine that one worker on `device` may count on."""
+    workers = config.workers if device == "cpu" else gpu_count()
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def load_readers(config: Config, device: str) -> tuple[int, int]:
+    """How many threads a worker's load reads its file with, while the
+    worker serves and while it is idle: half its share of the cores, and
+    all of it (1 to 4 either way), unless `load_threads` says."""
+    share = core_share(config, device)
+    return (config.load_threads or max(1, min(4, share // 2)),
+            config.load_threads or max(1, min(4, share)))
+
+
+def spins_during_loads(config: Config, device: str) -> bool:
+    """Whether a worker's serving thread spins, and the front-end polls its
+    answers, while the worker loads (config.spin_during_loads)."""
+    if config.spin_during_loads != "auto":
+        return config.spin_during_loads == "on"
+    return core_share(config, device) >= load_readers(config, device)[0] + 2
+
+
 def device_budget(config: Config, device: str) -> int:
     """The bytes of models a worker on `device` may hold."""
     if config.device_budget:

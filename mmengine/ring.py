@@ -54,7 +54,10 @@ flag is set, so a busy ring makes no system call per record. An asyncio
 consumer gives `readable_fd` to loop.add_reader and calls arm_read() before it
 returns to the loop, disarm_read() when the reader fires. A blocking wait also
 polls a pidfd of the peer process, so a peer that dies (SIGKILL included)
-raises PeerDied at once rather than leaving the waiter hanging.
+raises PeerDied at once rather than leaving the waiter hanging. `woke_ns`
+is when the last get()'s wait ended (time.monotonic_ns(); the native ring
+takes it before the GIL is taken back), 0 if it found its record at once:
+a waiter's wake-up and its wait for the GIL can then be told apart.
 
 Ownership: only the creator unlinks the segment (at close, or through a
 finalizer); a creator that died is reclaimed by the next process that creates
@@ -288,6 +291,7 @@ class PyRing(_RingLife):
         self._mask = self.capacity - 1
         self._held = 0
         self._spin_s = spin_us / 1e6
+        self.woke_ns = 0
         self._bound = True
 
     def _unbind(self):
@@ -409,6 +413,7 @@ class PyRing(_RingLife):
 
     def get(self, timeout=None):
         deadline = _deadline(timeout)
+        self.woke_ns = 0
         while True:
             parts = self.try_get()
             if parts is not None:
@@ -416,6 +421,7 @@ class PyRing(_RingLife):
             if self._held:
                 raise InternalError(_WAIT_HOLDING)
             self._wait(True, 0, deadline)
+            self.woke_ns = time.monotonic_ns()
 
     def release(self) -> None:
         self._check()

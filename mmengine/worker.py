@@ -215,9 +215,9 @@ class _Responder:
 @contextlib.contextmanager
 def _main_thread_parks(req) -> Iterator[None]:
     """While the loader works, the main thread parks as soon as it has no
-    request instead of spinning: a spinning thread is never woken, so it
-    does not preempt the loader when a request comes, and waits for the end
-    of the loader's time slice (milliseconds where cores are few)."""
+    request instead of spinning (where cores are few): a spinning thread is
+    never woken, so it does not preempt the loader when a request comes, and
+    waits for the end of the loader's time slice (milliseconds)."""
     spin = req.spin_us
     req.spin_us = 0
     try:
@@ -226,8 +226,9 @@ def _main_thread_parks(req) -> Iterator[None]:
         req.spin_us = spin
 
 
-def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
-    """The loader thread: loads and unloads from the control ring."""
+def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -> None:
+    """The loader thread: loads and unloads from the control ring; while
+    it loads, the main thread parks if `quiet`."""
     # A load's copies must not take the CPU from inference: at a higher nice
     # value the kernel lets the main thread preempt this one (a small
     # model's p99 during loads: 6.8 ms -> ~0.5 ms on 2 cores, loads as fast).
@@ -249,7 +250,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic) -> None:
         finally:
             del parts
             ctl.release()
-        parks = (_main_thread_parks(req) if op in messages.HEAVY_OPS
+        parks = (_main_thread_parks(req) if quiet and op in messages.HEAVY_OPS
                  else contextlib.nullcontext())
         try:
             if op == Op.LOAD:
@@ -318,17 +319,41 @@ def _close(model) -> None:
         print(f"mmengine worker: closing {model.spec.name} failed: {e!r}", file=sys.stderr)
 
 
-def _serve(req, out: _Responder, logic: WorkerLogic) -> None:
+def _serve(req, out: _Responder, logic: WorkerLogic, account: bool) -> None:
     """The main thread: inference, straight from the ring, in inference
     mode throughout (models do not enter it per request)."""
     import torch
 
     with torch.inference_mode():
         logic.warm_device(loader=False)
-        _serve_requests(req, out, logic)
+        _serve_requests(req, out, logic, _ThreadClock() if account else None)
 
 
-def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
+class _ThreadClock:
+    """The calling thread's time on a CPU and its time runnable but waiting
+    for one, in ns. The first is the thread's CPU clock: the scheduler's
+    statistics bring a running thread's up to date only at ticks and
+    switches. The second comes from them: a wait ends with a switch."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        self.last = self.read()
+
+    def read(self) -> tuple[int, int]:
+        return time.thread_time_ns(), int(os.pread(self._fd, 128, 0).split()[1])
+
+    def account(self, woke: int, t_recv: int, start: tuple[int, int]) -> dict[str, int]:
+        """How the thread spent a request: `woke` when its wait for it ended
+        (0: it did not wait), `start` the reading as it began."""
+        end = self.read()
+        out = {"t_woke": woke or t_recv, "wait_runq_ns": start[1] - self.last[1],
+               "cpu_ns": end[0] - start[0], "runq_ns": end[1] - start[1]}
+        self.last = end
+        return out
+
+
+def _serve_requests(req, out: _Responder, logic: WorkerLogic,
+                    clock: _ThreadClock | None) -> None:
     while True:
         try:
             parts = req.get()
@@ -346,12 +371,16 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic) -> None:
                 raise InternalError(f"op {op!r} on the inference ring")
             # One clock for every process: timings cross.
             t0 = logic.serving_since = time.monotonic_ns()
+            start = clock.read() if clock else None
             try:
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
                 t_done = logic.served_at = time.monotonic_ns()
                 logic.serving_since = 0
-            out.send(rid, body={"t_recv": t0, "t_done": t_done}, outputs=outputs)
+            body = {"t_recv": t0, "t_done": t_done}
+            if clock:
+                body["account"] = clock.account(req.woke_ns, t0, start)
+            out.send(rid, body=body, outputs=outputs)
         except Exception as e:  # every failure goes back typed
             out.fail(rid, e)
         finally:
@@ -375,10 +404,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     sys.setswitchinterval(GIL_SWITCH_S)
     import torch
 
-    workers = config.workers if device == "cpu" else resources.gpu_count()
-    share = max(1, (os.cpu_count() or 1) // max(1, workers))  # this worker's cores
     if device == "cpu":
-        torch.set_num_threads(config.threads_per_worker or share)
+        torch.set_num_threads(config.threads_per_worker or resources.core_share(config, device))
     from mmengine import staging
 
     try:
@@ -389,18 +416,16 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         sys.exit(1)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
-    # While it serves, a load reads with half the worker's share of the
-    # cores; while it is idle, with all of it (1 to 4 either way).
-    staging.READERS = staging.Readers(config.load_threads or max(1, min(4, share // 2)),
-                                      config.load_threads or max(1, min(4, share)), logic.idle)
-    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic),
+    staging.READERS = staging.Readers(*resources.load_readers(config, device), logic.idle)
+    quiet = not resources.spins_during_loads(config, device)
+    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})
     threading.Thread(target=_warm, args=(config.repo,), name=f"mmengine-warm-{index}",
                      daemon=True).start()
     try:
-        _serve(req, out, logic)
+        _serve(req, out, logic, config.account_requests)
     except PeerDied:
         os._exit(0)  # the front-end is gone: nobody is left to answer
     loader.join()

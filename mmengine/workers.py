@@ -14,7 +14,7 @@ WorkerDied, and a request's deadline fails its future with Timeout (one
 timer per worker, armed for the nearest deadline: most requests arm none).
 For `poll_us` after a request the reader polls the response ring once per
 turn of the loop rather than waiting to be woken (not while the worker
-loads: it needs the CPU then).
+loads, where its cores are few: its load needs them then).
 """
 from __future__ import annotations
 
@@ -149,6 +149,9 @@ class Worker:
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
         self._loading: set[int] = set()  # ids of loads and publishes in flight
+        # Whether polling stops while it loads (its cores are few: see
+        # Config.spin_during_loads).
+        self._quiet_loads = not resources.spins_during_loads(config, device)
 
     @property
     def rings(self) -> tuple:
@@ -285,7 +288,7 @@ class Worker:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
-        elif self._poll_s and not self._loading:
+        elif self._poll_s and not (self._loading and self._quiet_loads):
             self._poll_until = time.monotonic() + self._poll_s
             if not self._polling:
                 self._polling = True
@@ -347,11 +350,13 @@ class Worker:
         the loop, until nothing is in flight or the poll window closes; then
         sleeps until woken. A turn of the loop costs less than waking a
         sleeping process, and the loop still serves every socket between
-        turns. Not while the worker loads: its loader needs the CPU this
-        would take, and the worker answers as soon as it is woken."""
+        turns. Not while the worker loads where its cores are few: its
+        loader needs the CPU this would take, and the worker answers as
+        soon as it is woken."""
         if not self.alive or not self._drain():
             return
-        if self._pending and not self._loading and time.monotonic() < self._poll_until:
+        if (self._pending and not (self._loading and self._quiet_loads)
+                and time.monotonic() < self._poll_until):
             self.loop.call_soon(self._poll)
             return
         self._polling = False

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import live_pids, run, write_problem_models
-from mmengine import demo, shm
+from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, Timeout,
@@ -412,9 +412,12 @@ def predict(inputs):
 '''
 
 
-def test_while_a_worker_loads_the_front_end_does_not_poll_it(tmp_path, own_segments):
-    """A load takes the worker's CPU: meanwhile answers come by wake-ups,
-    and polling resumes once the load is answered."""
+@pytest.mark.parametrize("spin", ["off", "on"])
+def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spare(
+        tmp_path, own_segments, spin):
+    """Where a load needs the worker's cores (spin_during_loads off, as on
+    this machine), answers come by wake-ups meanwhile, and polling resumes
+    once the load is answered; with cores to spare (on) polling goes on."""
     demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
     (tmp_path / "slowload" / "1").mkdir(parents=True)
     (tmp_path / "slowload" / "1" / "handler.py").write_text(SLOW_LOAD_HANDLER)
@@ -437,16 +440,72 @@ def test_while_a_worker_loads_the_front_end_does_not_poll_it(tmp_path, own_segme
             await asyncio.sleep(0.01)
 
     async def main():
-        async with Engine(config(tmp_path, workers=1)) as engine:
+        async with Engine(config(tmp_path, workers=1, spin_during_loads=spin)) as engine:
             worker = engine.pool.workers[0]
             await engine.load("m00")
             await until(lambda: not worker._loading)  # its copy to the host tier is done
             assert await infer(engine)
             load = asyncio.ensure_future(engine.load("slowload"))
             await until(lambda: worker._loading)  # the load went to the worker (1 s long)
-            assert not any([await infer(engine) for _ in range(5)])
+            polled = [await infer(engine) for _ in range(5)]
+            assert worker._loading  # all five were answered during the load
+            assert polled == [spin == "on"] * 5
             await load
             assert await infer(engine)
+
+    run(main())
+
+
+@pytest.mark.parametrize("cores, workers, threads, spins", [
+    (2, 1, 0, False),   # this machine: 1 reader + the spinner + 1 > 2
+    (2, 2, 0, False),
+    (16, 1, 0, True),   # 4 readers + the spinner + 1 <= 16
+    (16, 4, 0, True),   # 4 cores a worker: 2 readers + 2
+    (16, 8, 0, False),  # 2 a worker
+    (16, 1, 15, False),  # load_threads 15 leave no core to spin on
+])
+def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
+        monkeypatch, cores, workers, threads, spins):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    c = Config(workers=workers, load_threads=threads)
+    assert resources.core_share(c, "cpu") == max(1, cores // workers)
+    assert resources.spins_during_loads(c, "cpu") is spins
+    assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu")
+    assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
+
+
+def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own_segments):
+    """Each answer carries its serving thread's account: woken between the
+    request's send and its start, CPU time within the model's wall time."""
+    root, models = repo
+
+    async def main():
+        for account in (True, False):
+            seen = []
+            async with Engine(config(root, workers=1, account_requests=account,
+                                     spin_us=0)) as engine:
+                engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+                rng = np.random.default_rng(9)
+                for _ in range(20):
+                    x = x_for(rng)
+                    out = await engine.infer("m00", {"x": x})
+                    np.testing.assert_allclose(out["y"], models["m00"].reference(x),
+                                               rtol=1e-5, atol=1e-5)
+                    await asyncio.sleep(0.002)  # the worker parks (spin_us 0): a wake-up
+            assert len(seen) == 20 and all(f["code"] == "OK" for f in seen)
+            if not account:
+                assert all(f["account"] is None for f in seen)
+                continue
+            for f in seen:
+                t_recv, t_done, _ = f["worker_ns"]
+                a = f["account"]
+                assert f["t_sent"] <= a["t_woke"] <= t_recv
+                assert 0 < a["cpu_ns"] and 0 <= a["runq_ns"] and 0 <= a["wait_runq_ns"]
+                # The thread's time on and waiting for a CPU fits in the wall
+                # time (the readings bracket t_recv..t_done, off by a syscall).
+                assert a["cpu_ns"] + a["runq_ns"] <= t_done - t_recv + 200_000
+            # Parked between requests, it woke for most of them.
+            assert sum(f["account"]["t_woke"] < f["worker_ns"][0] for f in seen) >= 10
 
     run(main())
 

@@ -169,6 +169,34 @@ def test_a_waiter_spins_as_long_as_it_is_told_then_parks(pair):
     b.release()
 
 
+@pytest.mark.parametrize("spin_us", [0.0, 300.0])
+def test_a_get_says_when_its_wait_ended(pair, spin_us):
+    """woke_ns: 0 for a record found at once; for one waited for, a stamp
+    after it was put and before get() returned, parked or spinning."""
+    a, b = pair
+    b.spin_us = spin_us
+    a.put(b"there")
+    b.get(timeout=1)
+    assert b.woke_ns == 0
+    b.release()
+    stamps = {}
+
+    def put_later():
+        time.sleep(0.05)
+        stamps["put"] = time.monotonic_ns()
+        a.put(b"later")
+
+    putter = threading.Thread(target=put_later)
+    putter.start()
+    try:
+        assert bytes(b.get(timeout=5)[0]) == b"later"
+        returned = time.monotonic_ns()
+    finally:
+        putter.join()
+    assert stamps["put"] <= b.woke_ns <= returned
+    b.release()
+
+
 def test_records_got_together_are_released_together(pair):
     a, b = pair
     n = 0
