@@ -280,6 +280,7 @@ class Engine:
             fields["code"] = "CANCELLED"
         elif e is None:
             body = fut.result()[0]
+            fields["version"] = body.get("version", version)  # None asks for the default
             fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
             fields["t_sent"] = body.get("t_sent")
             fields["worker"] = body.get("worker")

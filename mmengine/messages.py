@@ -24,7 +24,8 @@ Response header (worker -> front-end):
       code     0 for success, else an mmengine.errors.ErrorCode
       body     INFER: {"t_recv", "t_done"}: time.monotonic_ns() when the worker
                took the request and when it finished (the front-end adds
-               "t_read", when it read the answer), and with
+               "t_read", when it read the answer, "t_sent", "worker" and
+               "version", the one served), and with
                Config.account_requests "account": {"t_woke": when its wait
                for the request ended, "wait_runq_ns": its time runnable
                and off a CPU since its last answer, "cpu_ns" and "runq_ns":

@@ -390,7 +390,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent, _, _, then, _ = self._pending.pop(rid, _NOT_PENDING)
+        fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         self._loading.discard(rid)
@@ -404,6 +404,7 @@ class Worker:
                     body["t_read"] = time.monotonic_ns()
                     body["t_sent"] = t_sent
                     body["worker"] = self.index
+                    body["version"] = served[1]  # the one served, asked for or not
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")

@@ -493,6 +493,7 @@ def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own
                                                rtol=1e-5, atol=1e-5)
                     await asyncio.sleep(0.002)  # the worker parks (spin_us 0): a wake-up
             assert len(seen) == 20 and all(f["code"] == "OK" for f in seen)
+            assert all(f["version"] == 1 for f in seen)  # the one served, not None asked for
             if not account:
                 assert all(f["account"] is None for f in seen)
                 continue
