@@ -46,6 +46,7 @@ grow the cache.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import tomllib
@@ -311,6 +312,51 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
         estimate = _estimate_bytes(path, backend, artifact, where)
     return ModelSpec(name=name, version=version, path=path, backend=backend,
                      artifact=artifact, estimated_bytes=estimate, **fields)
+
+
+class SpecCache:
+    """read_spec's answers, reused while their version directory's listing,
+    its manifest and its artifact are the same files, unchanged (inode,
+    size, modification and change times): a worker reads the spec of every
+    model it loads, and parsing a manifest and a header takes ~0.3 ms, as
+    long as reading a small model's bytes. A change elsewhere (a file under
+    a subdirectory) goes unseen: only a handler's estimate of its bytes
+    comes from there."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._seen: collections.OrderedDict[tuple, tuple[tuple, ModelSpec]] = \
+            collections.OrderedDict()
+
+    def read(self, name: str, version: int, path: Path, allow_code: bool = True) -> ModelSpec:
+        key = (name, version, str(path), allow_code)
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] == _signature(path, seen[1].artifact):
+            self._seen.move_to_end(key)
+            return seen[1]
+        # Taken before the files are read: a change while they are read
+        # makes the next read see a different signature.
+        listing = _signature(path, None)
+        spec = read_spec(name, version, path, allow_code)
+        self._seen[key] = (listing[:2] + (_stat_key(path / spec.artifact),), spec)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.LIMIT:
+            self._seen.popitem(last=False)
+        return spec
+
+
+def _signature(path: Path, artifact: str | None) -> tuple:
+    return (_stat_key(path), _stat_key(path / MANIFEST),
+            _stat_key(path / artifact) if artifact else None)
+
+
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _check_remote(fields: dict[str, Any], backend: str, artifact: str, config: Config,

@@ -31,7 +31,7 @@ from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotF
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
-from mmengine.storage import read_spec
+from mmengine.storage import SpecCache
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
@@ -53,6 +53,7 @@ class WorkerLogic:
         self._torch = torch
         self.device = device
         self.models: dict[Key, object] = {}
+        self._specs = SpecCache()
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
         # monotonic_ns: when the request being served began (0: none), and
         # when the last one ended. Written by the serving thread, read by
@@ -74,7 +75,7 @@ class WorkerLogic:
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes, "resident"
-        spec = read_spec(name, version, Path(path), allow_code)
+        spec = self._specs.read(name, version, Path(path), allow_code)
         from mmengine.backends import load_model
 
         model, source = None, "disk"

@@ -234,3 +234,31 @@ def test_a_source_without_allow_code_carries_no_code(tmp_path):
     assert remote.resolve("script").trusted is False
     assert Repository(tmp_path).resolve("script").trusted is True
     assert Repository(tmp_path).resolve("handler").backend == "handler"
+
+
+def test_a_worker_rereads_a_spec_only_when_its_files_change(tmp_path):
+    """SpecCache: the same answer while the directory, its manifest and its
+    artifact are unchanged; a new one after any of them changes."""
+    from mmengine.storage import SpecCache
+
+    demo.write_mlp(tmp_path / "m", "safetensors", 8, 4, 2, seed=0)
+    path = tmp_path / "m" / "1"
+    cache = SpecCache()
+    first = cache.read("m", 1, path)
+    assert cache.read("m", 1, path) is first
+    with pytest.raises(LoadFailed, match="not trusted to carry code"):
+        cache.read("m", 1, path, allow_code=False)  # its own entry, never the one above
+    manifest = (path / "model.toml").read_text()
+    (path / "model.toml").write_text("bytes = 12345\n" + manifest)
+    edited = cache.read("m", 1, path)
+    assert edited.estimated_bytes == 12345 and cache.read("m", 1, path) is edited
+    weights = path / "model.safetensors"
+    save_file({k: torch.zeros(3) for k in ("a", "b")}, path / "new.safetensors")
+    (path / "new.safetensors").replace(weights)  # replaced under the same name
+    (path / "model.toml").write_text(manifest)
+    replaced = cache.read("m", 1, path)
+    assert replaced is not edited and replaced.estimated_bytes == 24
+    (path / "model.toml").unlink()  # the files are read again: no model is left
+    (path / "model.py").unlink()
+    with pytest.raises(LoadFailed, match="no model file"):
+        cache.read("m", 1, path)

@@ -183,7 +183,9 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
                 forget_module(source)
             raise
     try:
-        module.to(device).eval()
+        if device.type != "cpu":  # on CPU every tensor is there: the walk would move none
+            module.to(device)
+        module.eval()
     except BaseException:
         ModuleModel(spec, device, module, source, key).close()
         raise
