@@ -64,13 +64,58 @@ def test_a_reload_builds_nothing_and_answers_right(tmp_path):
     cls, modules = type(first.module), len(sys.modules)
     first.close()
     assert len(st._skeletons) == 1
+    module, _, slots = next(iter(st._skeletons.values()))
+    assert slots is not None  # its tensors go straight to where they live
     for _ in range(3):
         again = load(tmp_path)
         assert type(again.module) is cls          # the same skeleton, no new import
         assert len(sys.modules) == modules
         assert not st._skeletons                  # lent out while resident
         check(again, 5)
+        assert not any(t.is_meta for t in again.module.state_dict().values())
         again.close()
+        assert all(t.is_meta for t in module.state_dict().values())
+
+
+HOOKED_MODEL = '''
+import torch
+from torch import nn
+
+CALLS = []
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self._register_load_state_dict_pre_hook(self._scale)
+
+    def _scale(self, state_dict, prefix, *args):
+        CALLS.append(prefix)
+        state_dict[prefix + "fc.weight"] = state_dict[prefix + "fc.weight"] * 2
+
+    def forward(self, x):
+        return self.fc(x)
+'''
+
+
+def test_a_module_that_hooks_its_loading_is_loaded_by_torch_each_time(tmp_path):
+    """A load_state_dict hook runs at every load, a reload from the kept
+    skeleton included: such a module has no slots."""
+    path = tmp_path / "h" / "1"
+    path.mkdir(parents=True)
+    (path / "model.py").write_text(HOOKED_MODEL)
+    st.save_file({"fc.weight": torch.ones(2, 4), "fc.bias": torch.zeros(2)},
+                 path / "model.safetensors")
+    (path / "model.toml").write_text('backend = "safetensors"\n')
+    for n in (1, 2, 3):
+        model = load(tmp_path, "h")
+        calls = sys.modules[type(model.module).__module__].CALLS
+        assert len(calls) == n
+        out = model.predict({"x": np.ones((1, 4), dtype=np.float32)})
+        np.testing.assert_allclose(out["output"], [[8.0, 8.0]])  # 4 ones times weights of 2
+        model.close()
+        assert next(iter(st._skeletons.values()))[2] is None
 
 
 def test_two_resident_copies_do_not_share_a_skeleton(tmp_path):
@@ -110,7 +155,7 @@ def test_an_evicted_models_memory_is_not_referenced(tmp_path):
     del model
     # The arena came back: nothing (the kept skeleton included) views it.
     assert staging.POOL.free_bytes() >= before + nbytes
-    module, _ = next(iter(st._skeletons.values()))
+    module, _, _ = next(iter(st._skeletons.values()))
     assert all(t.is_meta for t in module.state_dict().values())
     hits = staging.POOL.hits
     model = load(tmp_path)  # and the next load of that size reuses it
@@ -171,7 +216,7 @@ def test_a_corrupt_file_is_load_failed_even_after_a_good_load(tmp_path):
     with pytest.raises(LoadFailed):
         load(tmp_path)
     assert all(all(t.is_meta for t in m.state_dict().values())
-               for m, _ in st._skeletons.values())
+               for m, _, _ in st._skeletons.values())
     demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
     model = load(tmp_path)
     check(model, 0)
