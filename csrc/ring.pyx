@@ -208,7 +208,6 @@ cdef class RingCore:
         cdef int status
         cdef int64_t deadline = _NO_DEADLINE_YET  # a clock read only if it must wait
         self._check()
-        self.woke_ns = 0
         while True:
             status = mm_ring_try_get(&self.r, &rec)
             if status == MM_RING_OK:
@@ -233,6 +232,7 @@ cdef class RingCore:
     def get(self, timeout=None):
         """The next record, waiting up to `timeout` seconds for one."""
         cdef int64_t t = _timeout_ns(timeout)
+        self.woke_ns = 0
         return self._get(1 if t == 0 else t)
 
     def release(self):

@@ -30,7 +30,8 @@ def _default_cache_dir() -> str:
 
 
 def pure_python() -> bool:
-    return os.environ.get(PURE_PYTHON_VAR, "0") not in ("", "0")
+    # Read before any configuration exists: a value that is no boolean is on.
+    return _BOOLS.get(os.environ.get(PURE_PYTHON_VAR, "").strip().lower(), True)
 
 
 class ConfigError(ValueError):
@@ -173,9 +174,11 @@ _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M"
 # Keys that hold several values in one string, and their separator: a TOML
 # list is taken too.
 _LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ","}
-# How a boolean is written in a variable or a file.
+# How a boolean is written in a variable or a file (empty: a variable unset).
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
-          "0": False, "false": False, "no": False, "off": False}
+          "0": False, "false": False, "no": False, "off": False, "": False}
+# Keys of "auto", "on" or "off", which take a boolean for on or off.
+_SWITCH_KEYS = {"spin_during_loads"}
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -207,6 +210,11 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, bool):
                 return value
             return _BOOLS[str(value).strip().lower()]
+        if key in _SWITCH_KEYS:
+            text = str(value).strip().lower()
+            if isinstance(value, bool) or (text not in ("auto", "") and text in _BOOLS):
+                return "on" if _BOOLS[text] else "off"
+            return text
         if key in _LIST_KEYS and isinstance(value, list) and \
                 all(isinstance(v, str) for v in value):
             return _LIST_KEYS[key].join(value)

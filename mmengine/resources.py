@@ -14,6 +14,10 @@ import psutil
 from mmengine.config import Config, ConfigError
 
 
+#: A cgroup v2 CPU limit: "<quota> <period>" in microseconds, or "max <period>".
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
 @functools.lru_cache(maxsize=1)
 def _nvml():
     try:
@@ -112,10 +116,25 @@ def plan_devices(config: Config) -> list[str]:
     return ["cpu"] * config.workers
 
 
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity, within its
+    cgroup's CPU quota (a container's), not every core of the host."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return count
+
+
 def core_share(config: Config, device: str) -> int:
-    """The cores of this machine that one worker on `device` may count on."""
+    """The cores that one worker on `device` may count on."""
     workers = config.workers if device == "cpu" else gpu_count()
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, cores() // max(1, workers))
 
 
 def load_readers(config: Config, device: str) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotF
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
-from mmengine.storage import SpecCache
+from mmengine.storage import Manifests, read_spec
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
@@ -53,7 +53,7 @@ class WorkerLogic:
         self._torch = torch
         self.device = device
         self.models: dict[Key, object] = {}
-        self._specs = SpecCache()
+        self._manifests = Manifests()
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
         # monotonic_ns: when the request being served began (0: none), and
         # when the last one ended. Written by the serving thread, read by
@@ -75,7 +75,7 @@ class WorkerLogic:
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes, "resident"
-        spec = self._specs.read(name, version, Path(path), allow_code)
+        spec = read_spec(name, version, Path(path), allow_code, manifests=self._manifests)
         from mmengine.backends import load_model
 
         model, source = None, "disk"
@@ -320,14 +320,14 @@ def _close(model) -> None:
         print(f"mmengine worker: closing {model.spec.name} failed: {e!r}", file=sys.stderr)
 
 
-def _serve(req, out: _Responder, logic: WorkerLogic, account: bool) -> None:
+def _serve(req, out: _Responder, logic: WorkerLogic, clock: "_ThreadClock | None") -> None:
     """The main thread: inference, straight from the ring, in inference
     mode throughout (models do not enter it per request)."""
     import torch
 
     with torch.inference_mode():
         logic.warm_device(loader=False)
-        _serve_requests(req, out, logic, _ThreadClock() if account else None)
+        _serve_requests(req, out, logic, clock)
 
 
 class _ThreadClock:
@@ -343,9 +343,21 @@ class _ThreadClock:
     def read(self) -> tuple[int, int]:
         return time.thread_time_ns(), int(os.pread(self._fd, 128, 0).split()[1])
 
+    @classmethod
+    def open(cls) -> "_ThreadClock | None":
+        """The calling thread's clock; None, said once, where the kernel
+        keeps no scheduler statistics (a sandbox without /proc's)."""
+        try:
+            return cls()
+        except (OSError, ValueError, IndexError) as e:
+            print(f"mmengine worker: account_requests: no scheduler statistics "
+                  f"({e}); answers carry no account", file=sys.stderr)
+            return None
+
     def account(self, woke: int, t_recv: int, start: tuple[int, int]) -> dict[str, int]:
-        """How the thread spent a request: `woke` when its wait for it ended
-        (0: it did not wait), `start` the reading as it began."""
+        """How the thread spent a request, read as its call has returned:
+        `woke` when its wait for it ended (0: it did not wait), `start` the
+        reading as the call began."""
         end = self.read()
         out = {"t_woke": woke or t_recv, "wait_runq_ns": start[1] - self.last[1],
                "cpu_ns": end[0] - start[0], "runq_ns": end[1] - start[1]}
@@ -377,10 +389,11 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
                 t_done = logic.served_at = time.monotonic_ns()
+                account = clock.account(req.woke_ns, t0, start) if clock else None
                 logic.serving_since = 0
             body = {"t_recv": t0, "t_done": t_done}
-            if clock:
-                body["account"] = clock.account(req.woke_ns, t0, start)
+            if account:
+                body["account"] = account
             out.send(rid, body=body, outputs=outputs)
         except Exception as e:  # every failure goes back typed
             out.fail(rid, e)
@@ -417,6 +430,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         sys.exit(1)
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
+    clock = _ThreadClock.open() if config.account_requests else None  # the serving thread's
     staging.READERS = staging.Readers(*resources.load_readers(config, device), logic.idle)
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
@@ -426,7 +440,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     threading.Thread(target=_warm, args=(config.repo,), name=f"mmengine-warm-{index}",
                      daemon=True).start()
     try:
-        _serve(req, out, logic, config.account_requests)
+        _serve(req, out, logic, clock)
     except PeerDied:
         os._exit(0)  # the front-end is gone: nobody is left to answer
     loader.join()

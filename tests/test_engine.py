@@ -456,6 +456,53 @@ def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spa
     run(main())
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_spare(
+        tmp_path, quiet):
+    """The loader thread stops the serving thread's spinning (spin_us 0)
+    for the length of a load where cores are few (quiet), and gives it back
+    after; with cores to spare it leaves it alone. Real rings, in-process."""
+    import threading
+
+    from mmengine import messages, worker
+    from mmengine.ring import Ring
+
+    version = tmp_path / "slowload" / "1"
+    version.mkdir(parents=True)
+    started = tmp_path / "started"
+    (version / "handler.py").write_text(SLOW_LOAD_HANDLER.replace(
+        "def load(path, device):\n", f"def load(path, device):\n    open({str(started)!r}, 'w')\n"))
+    rings = [Ring.create(1 << 16, spin_us=300.0) for _ in range(3)]
+    ends = [Ring.attach(r.handle) for r in rings]
+    (ctl, ctl_in), (req, req_in), (resp, resp_out) = zip(rings, ends)
+    logic = worker.WorkerLogic(Config(repo=str(tmp_path)), "cpu")
+    loader = threading.Thread(target=worker._serve_control,
+                              args=(ctl_in, req_in, worker._Responder(resp_out), logic, quiet))
+    loader.start()
+    try:
+        ctl.put(messages.request(messages.Op.LOAD, 7, "slowload", 1, [],
+                                 {"path": str(version)}))
+        end = time.monotonic() + 30
+        while not started.exists():  # the load has begun: it lasts a second
+            assert time.monotonic() < end
+            time.sleep(0.005)
+        seen, end = set(), time.monotonic() + 0.5
+        while time.monotonic() < end:
+            seen.add(req_in.spin_us)
+            time.sleep(0.005)
+        rid, code, _, _ = messages.parse_response(resp.get(timeout=30)[0])
+        resp.release()
+        assert (rid, code) == (7, messages.OK)
+        assert seen == ({0.0} if quiet else {300.0})
+        assert req_in.spin_us == 300.0  # given back once loaded
+    finally:
+        ctl.close()  # the loader thread's ring closes: it returns
+        loader.join(30)
+        for r in (*ends, *rings[1:]):
+            r.close()
+    assert not loader.is_alive()
+
+
 @pytest.mark.parametrize("cores, workers, threads, spins", [
     (2, 1, 0, False),   # this machine: 1 reader + the spinner + 1 > 2
     (2, 2, 0, False),
@@ -466,12 +513,25 @@ def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spa
 ])
 def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
         monkeypatch, cores, workers, threads, spins):
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(resources, "cores", lambda: cores)
     c = Config(workers=workers, load_threads=threads)
     assert resources.core_share(c, "cpu") == max(1, cores // workers)
     assert resources.spins_during_loads(c, "cpu") is spins
     assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu")
     assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
+
+
+def test_the_cores_are_the_affinitys_within_the_cgroups_quota(monkeypatch, tmp_path):
+    allowed = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(resources, "CGROUP_CPU_MAX", str(limit))
+    assert resources.cores() == allowed  # no such file: no limit
+    limit.write_text("max 100000\n")
+    assert resources.cores() == allowed
+    limit.write_text("50000 100000\n")  # half a core: still one
+    assert resources.cores() == 1
+    limit.write_text(f"{allowed * 100000 + 1} 100000\n")  # above the affinity
+    assert resources.cores() == allowed
 
 
 def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own_segments):

@@ -478,7 +478,8 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("disk_watermark", 0), ("disk_watermark", 1.5), ("disk_cache_bytes", -1),
     ("allowed_hosts", "a.test/path"), ("allowed_hosts", "a.test:port"),
     ("allowed_hosts", "user@a.test"), ("cache_dir", ""),
-    ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "yes"),
+    ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "always"),
+    ("spin_during_loads", ""),
 ])
 def test_config_keys_are_validated(key, value):
     with pytest.raises(config_mod.ConfigError, match=key):
@@ -493,9 +494,13 @@ def test_config_defaults_and_sizes(monkeypatch, tmp_path):
     assert c.disk_cache_bytes == 2 << 30 and c.disk_watermark == 0.80
     assert c.replace(workers=3).cache_dir == c.cache_dir
     assert c.account_requests is False and c.spin_during_loads == "auto"
-    for written, taken in (("on", True), ("1", True), ("False", False), ("no", False)):
+    for written, taken in (("on", True), ("1", True), ("False", False), ("no", False),
+                           ("", False)):
         assert config_mod.load(env={"MMENGINE_ACCOUNT_REQUESTS": written}) \
             .account_requests is taken
+    for written, taken in ((True, "on"), (False, "off"), ("OFF", "off"), ("yes", "on"),
+                           ("Auto", "auto")):
+        assert config_mod.Config(spin_during_loads=written).spin_during_loads == taken
 
 
 # -- through a real server -----------------------------------------------------------

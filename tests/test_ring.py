@@ -195,6 +195,8 @@ def test_a_get_says_when_its_wait_ended(pair, spin_us):
         putter.join()
     assert stamps["put"] <= b.woke_ns <= returned
     b.release()
+    woke = b.woke_ns
+    assert b.try_get() is None and b.woke_ns == woke  # only get() says
 
 
 def test_records_got_together_are_released_together(pair):

@@ -236,29 +236,29 @@ def test_a_source_without_allow_code_carries_no_code(tmp_path):
     assert Repository(tmp_path).resolve("handler").backend == "handler"
 
 
-def test_a_worker_rereads_a_spec_only_when_its_files_change(tmp_path):
-    """SpecCache: the same answer while the directory, its manifest and its
-    artifact are unchanged; a new one after any of them changes."""
-    from mmengine.storage import SpecCache
+def test_a_worker_keeps_parsed_manifests_and_reads_everything_else_again(tmp_path):
+    """Manifests: a manifest's parse is kept by its bytes, each reader gets
+    its own copy; any change to the files shows in the next spec."""
+    from mmengine.storage import Manifests, read_spec
 
     demo.write_mlp(tmp_path / "m", "safetensors", 8, 4, 2, seed=0)
     path = tmp_path / "m" / "1"
-    cache = SpecCache()
-    first = cache.read("m", 1, path)
-    assert cache.read("m", 1, path) is first
-    with pytest.raises(LoadFailed, match="not trusted to carry code"):
-        cache.read("m", 1, path, allow_code=False)  # its own entry, never the one above
+    manifests = Manifests()
+    first = read_spec("m", 1, path, manifests=manifests)
+    assert first == read_spec("m", 1, path)
+    first.options["module_kwargs"]["hidden"] = 99  # a reader's copy, not the kept parse
+    assert read_spec("m", 1, path, manifests=manifests).options["module_kwargs"]["hidden"] == 4
     manifest = (path / "model.toml").read_text()
-    (path / "model.toml").write_text("bytes = 12345\n" + manifest)
-    edited = cache.read("m", 1, path)
-    assert edited.estimated_bytes == 12345 and cache.read("m", 1, path) is edited
+    # The same size, written within the same tick: seen, since the bytes differ.
+    (path / "model.toml").write_text(manifest.replace("hidden = 4", "hidden = 5"))
+    assert read_spec("m", 1, path, manifests=manifests).options["module_kwargs"]["hidden"] == 5
     weights = path / "model.safetensors"
-    save_file({k: torch.zeros(3) for k in ("a", "b")}, path / "new.safetensors")
-    (path / "new.safetensors").replace(weights)  # replaced under the same name
-    (path / "model.toml").write_text(manifest)
-    replaced = cache.read("m", 1, path)
-    assert replaced is not edited and replaced.estimated_bytes == 24
+    save_file({k: torch.zeros(3) for k in ("a", "b")}, weights)  # rewritten in place
+    assert read_spec("m", 1, path, manifests=manifests).estimated_bytes == 24
     (path / "model.toml").unlink()  # the files are read again: no model is left
     (path / "model.py").unlink()
     with pytest.raises(LoadFailed, match="no model file"):
-        cache.read("m", 1, path)
+        read_spec("m", 1, path, manifests=manifests)
+    (path / "model.toml").write_text("backend = [")
+    with pytest.raises(LoadFailed, match="cannot be read"):
+        read_spec("m", 1, path, manifests=manifests)

@@ -252,7 +252,10 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
                 forget_module(source)
             raise
     try:
-        if device.type != "cpu":  # on CPU every tensor is there: the walk would move none
+        # A module whose every tensor came from the file (it has a skeleton
+        # key) holds them on `device` already: on CPU the walk moves none.
+        # One built for real may have made a buffer elsewhere.
+        if device.type != "cpu" or key is None:
             module.to(device)
         module.eval()
     except BaseException:
