@@ -211,12 +211,13 @@ def test_a_corrupt_file_is_load_failed_even_after_a_good_load(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(LoadFailed):
         load(tmp_path)
-    # A file whose tensors do not fit the kept skeleton: the skeleton survives, stripped.
+    # A file whose tensors do not fit the kept skeleton: it is dropped, and
+    # the module built afresh does not fit them either.
+    assert st._skeletons
     st.save_file({"fc1.weight": torch.zeros(2, 2)}, weights)
-    with pytest.raises(LoadFailed):
+    with pytest.raises(LoadFailed, match="fc1.weight"):
         load(tmp_path)
-    assert all(all(t.is_meta for t in m.state_dict().values())
-               for m, _, _ in st._skeletons.values())
+    assert not st._skeletons
     demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
     model = load(tmp_path)
     check(model, 0)
@@ -331,3 +332,101 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
         # Serving: this thread alone, no pool. Idle: a pool of two helpers.
         assert (readers._pool is not None) == idle
     assert readers._pool._max_workers == 2
+
+
+LAZY_BUFFER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64, bias=False)
+        self.register_buffer("wt", None, persistent=False)
+
+    def forward(self, x):
+        if self.wt is None or self.wt.device != x.device:
+            self.wt = self.fc.weight.t()
+        return x @ self.wt
+'''
+
+APPLY_CACHE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64, bias=False)
+        self._cache = {}
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._cache = {k: fn(v) for k, v in self._cache.items()}
+        return self
+
+    def forward(self, x):
+        wt = self._cache.get("wt")
+        if wt is None or wt.device != x.device:
+            wt = self._cache["wt"] = self.fc.weight.t()
+        return x @ wt
+'''
+
+
+@pytest.mark.parametrize("code", [LAZY_BUFFER_MODEL, APPLY_CACHE_MODEL],
+                         ids=["lazy_buffer", "apply_cache"])
+def test_every_eviction_strips_and_every_reload_sees_the_file(tmp_path, code):
+    """Modules that keep tensors outside their state dict (a buffer filled
+    by forward, a cache their own _apply moves): each eviction gives the
+    arena back, and each reload computes with the file's new weights."""
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.py").write_text(code)
+    (path / "model.toml").write_text('backend = "safetensors"\n')
+    for r in range(1, 5):
+        st.save_file({"fc.weight": torch.eye(64) * r}, path / "model.safetensors")
+        model = load(tmp_path)
+        out = model.predict({"x": np.ones((1, 64), np.float32)})["output"]
+        np.testing.assert_allclose(out, r, err_msg=f"load {r} answered with stale weights")
+        gc.collect()
+        before = staging.POOL.free_bytes()
+        nbytes = model.flat.numel()
+        model.close()
+        del model
+        gc.collect()
+        assert staging.POOL.free_bytes() >= before + nbytes, f"eviction {r} kept its arena"
+
+
+GROWS_A_BUFFER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        if not hasattr(self, "seen"):
+            self.register_buffer("seen", torch.zeros(1))  # persistent: in no file
+        return self.fc(x)
+'''
+
+
+def test_a_kept_module_that_no_longer_fits_its_file_is_built_afresh(tmp_path):
+    """A skeleton whose state grew (its forward registered a buffer) fails
+    to take the file's tensors: the load builds the module again from
+    model.py instead of failing until the code changes."""
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.py").write_text(GROWS_A_BUFFER_MODEL)
+    (path / "model.toml").write_text('backend = "safetensors"\n')
+    st.save_file({"fc.weight": torch.eye(4)}, path / "model.safetensors")
+    for _ in range(3):
+        model = load(tmp_path)
+        out = model.predict({"x": np.ones((1, 4), np.float32)})["output"]
+        np.testing.assert_allclose(out, 1.0)
+        model.close()

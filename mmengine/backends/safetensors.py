@@ -124,9 +124,10 @@ class Slots:
     each time (a 400-tensor module: ~12 ms of Python under the GIL, which
     the worker's serving thread waits for, against ~1.5 ms here).
 
-    `of()` gives None for a module that customises loading (state-dict
-    hooks, its own _load_from_state_dict, load_state_dict or __setattr__):
-    such a module is loaded by load_state_dict as before."""
+    `of()` gives None for a module that customises loading or moving
+    (state-dict hooks, its own _load_from_state_dict, load_state_dict,
+    __setattr__ or _apply) or keeps tensors outside its state dict
+    (non-persistent buffers): such a module goes through torch as before."""
 
     def __init__(self, slots: list[tuple[str, torch.nn.Module, str, bool, torch.Tensor]]):
         self._slots = slots
@@ -142,8 +143,10 @@ class Slots:
         for prefix, sub in module.named_modules(remove_duplicate=False):
             kind = type(sub)
             if (sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks
+                    or sub._non_persistent_buffers_set
                     or kind._load_from_state_dict is not base._load_from_state_dict
-                    or kind.__setattr__ is not base.__setattr__):
+                    or kind.__setattr__ is not base.__setattr__
+                    or kind._apply is not base._apply):  # .to() would move more
                 return None
             dot = prefix + "." if prefix else ""
             for attr, t in sub._parameters.items():
@@ -162,8 +165,10 @@ class Slots:
         names and shapes (load_state_dict then says what is wrong)."""
         if len(state) != len(self._slots) or not self._names.issuperset(state):
             return False
-        for name, _, _, _, meta in self._slots:
-            if state[name].shape != meta.shape:
+        for name, _, _, is_param, meta in self._slots:
+            t = state[name]
+            if t.shape != meta.shape or (is_param and meta.requires_grad and not (
+                    t.is_floating_point() or t.is_complex())):  # torch names the tensor
                 return False
         for name, sub, attr, is_param, meta in self._slots:
             if is_param:
@@ -231,6 +236,18 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
     key = _skeleton_key(spec.path / "model.py", class_name, kwargs)
     skeleton = _take_skeleton(key)
     slots = None
+    if skeleton is not None:
+        module, source, slots = skeleton
+        try:
+            if slots is None or not slots.bind(state):
+                module.load_state_dict(state, strict=True, assign=True)
+        except Exception:
+            # The kept module does not fit these tensors (the file changed,
+            # or its forward registered one): it is dropped, and a module
+            # built afresh says whether the file or the skeleton was wrong.
+            _strip(module, None)
+            forget_module(source)
+            skeleton = slots = None
     if skeleton is None:
         source = import_file(spec.path / "model.py", spec)
         try:
@@ -240,17 +257,6 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
             raise
         if not reusable:
             key = None
-    else:
-        module, source, slots = skeleton
-        try:
-            if slots is None or not slots.bind(state):
-                module.load_state_dict(state, strict=True, assign=True)
-        except BaseException:
-            if _strip(module, None):  # it may hold some of the tensors already
-                _give_skeleton(key, module, source, slots)
-            else:
-                forget_module(source)
-            raise
     try:
         # A module whose every tensor came from the file (it has a skeleton
         # key) holds them on `device` already: on CPU the walk moves none.
@@ -534,7 +540,9 @@ def _build(source: Any, class_name: str, kwargs: dict[str, Any],
         module = cls(**kwargs)
         module.load_state_dict(state, strict=True)
         return module, False
-    return module, True
+    # One registered empty (None) and filled by forward is not in the file
+    # either: a kept module would keep it, or lose it to the meta device.
+    return module, not any(m._non_persistent_buffers_set for m in module.modules())
 
 
 def _skeleton_key(model_py: Path, class_name: str, kwargs: dict[str, Any]) -> tuple | None:
@@ -580,6 +588,9 @@ def _strip(module: torch.nn.Module, slots: Slots | None) -> bool:
     except Exception:  # noqa: BLE001 - a module that refuses is simply not kept
         return False
     for m in module.modules():
+        if slots is not None and any(t is not None and not t.is_meta for t in (
+                *m._parameters.values(), *m._buffers.values())):
+            return _strip(module, None)  # registered since its slots were taken
         for value in vars(m).values():
             if isinstance(value, torch.Tensor) and not value.is_meta:
                 return False
