@@ -153,7 +153,7 @@ class Slots:
                 if t is not None:
                     slots.append((dot + attr, sub, attr, True, t))
             for attr, t in sub._buffers.items():
-                if t is not None and attr not in sub._non_persistent_buffers_set:
+                if t is not None:
                     slots.append((dot + attr, sub, attr, False, t))
         if any(not t.is_meta for *_, t in slots) or len({n for n, *_ in slots}) != len(slots):
             return None
