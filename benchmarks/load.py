@@ -310,13 +310,17 @@ def _slowest_stages(requests: list[dict]) -> dict:
     the answer's way back to the front-end's loop, and after it.
 
     With MMENGINE_ACCOUNT_REQUESTS=1 the worker's stages are split by what
-    its serving thread did (mmengine.messages, "account"): to_worker into
-    the wait until its wait ended (to_worker_wake) and from then on
-    (to_worker_gil: taking the GIL back, and the header's decode), and of
-    to_worker_wake the time it was runnable and off a CPU (to_worker_runq);
-    the model into time on a CPU (model_cpu), runnable and off one
-    (model_runq), and neither (model_blocked: the GIL, locks, page faults
-    that sleep)."""
+    its serving thread did (docs/observability.md): to_worker into the time
+    until its wait ended (to_worker_wake) and from then on (to_worker_gil:
+    taking the GIL back, the return to Python and the header's decode; tens
+    of microseconds after a wake-up even with nothing else running); the
+    model into time on a CPU (model_cpu), runnable and off one (model_runq),
+    and neither (model_blocked: the GIL, locks, page faults that sleep).
+    to_worker_runq is the thread's time runnable and off a CPU since its
+    previous answer: its wake-up's wait for a core where it parked, and
+    also the preemptions of its spinning where it spun (so it may exceed
+    to_worker_wake). Each figure is the median over the slowest 1%, in µs:
+    they need not add up."""
     timed = sorted((r for r in requests if r.get("t_sent") and all(r["worker_ns"])),
                    key=lambda r: r["end_ns"] - r["start_ns"])
     slowest = timed[-max(1, len(timed) // 100):]

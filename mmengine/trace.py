@@ -39,12 +39,12 @@ HTTP_HEADER = "x-mmengine-timing"
 
 
 def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
-           t_sent: int | None = None) -> dict[str, int]:
+           t_sent: int | None = None, account: Mapping | None = None) -> dict[str, int]:
     """One request's stages in nanoseconds, from the stamps above;
     `worker_ns` is (t_recv, t_done, t_read) as the engine reports it.
 
         load_wait  t_submit..t_sent   resolving the model, waiting for its load
-                                      (about a microsecond for a resident model)
+                                      (microseconds for a resident model)
         queue      t_sent..t_recv     the request ring: writing it, waiting
                                       behind other requests, the worker waking
         compute    t_recv..t_done     the model itself
@@ -54,6 +54,10 @@ def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
 
     Without t_sent, the load wait is counted in the queue. Without the
     worker's stamps (an answer that carries none) only total_ns is known.
+    With the worker's `account` (Config.account_requests), compute is
+    split further: compute_cpu_ns and compute_runq_ns, its serving
+    thread's time on a CPU and runnable off one (not stages: the rest of
+    compute is time it slept).
     """
     out = {"total_ns": t_encoded - t_submit}
     t_recv, t_done, t_read = worker_ns if worker_ns else (None, None, None)
@@ -63,6 +67,8 @@ def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
     out.update(load_wait_ns=t_sent - t_submit, queue_ns=t_recv - t_sent,
                compute_ns=t_done - t_recv, ring_ns=t_read - t_done,
                encode_ns=t_encoded - t_read)
+    if account:
+        out.update(compute_cpu_ns=account["cpu_ns"], compute_runq_ns=account["runq_ns"])
     return out
 
 
@@ -71,7 +77,7 @@ def body_timing(t_submit: int, body: Mapping, t_encoded: int | None = None) -> d
     future gives: it carries the worker's stamps, t_read and t_sent)."""
     return timing(t_submit, (body.get("t_recv"), body.get("t_done"), body.get("t_read")),
                   time.monotonic_ns() if t_encoded is None else t_encoded,
-                  body.get("t_sent"))
+                  body.get("t_sent"), body.get("account"))
 
 
 def server_timing(t: Mapping[str, int]) -> str:
@@ -141,7 +147,7 @@ class Trace:
         args = {"model": f["model"], "version": f["version"], "code": f["code"]}
         worker_ns = f.get("worker_ns")
         if worker_ns and worker_ns[0] is not None and worker_ns[1] is not None:
-            t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"))
+            t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"))
             args.update(t)
             worker = f.get("worker")
             if worker is not None:

@@ -388,8 +388,10 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
             try:
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
-                t_done = logic.served_at = time.monotonic_ns()
+                # Read before t_done: a preemption due during the call lands
+                # at the first system call after it, which must count in it.
                 account = clock.account(req.woke_ns, t0, start) if clock else None
+                t_done = logic.served_at = time.monotonic_ns()
                 logic.serving_since = 0
             body = {"t_recv": t0, "t_done": t_done}
             if account:

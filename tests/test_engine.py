@@ -563,8 +563,9 @@ def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own
                 assert f["t_sent"] <= a["t_woke"] <= t_recv
                 assert 0 < a["cpu_ns"] and 0 <= a["runq_ns"] and 0 <= a["wait_runq_ns"]
                 # The thread's time on and waiting for a CPU fits in the wall
-                # time (the readings bracket t_recv..t_done, off by a syscall).
-                assert a["cpu_ns"] + a["runq_ns"] <= t_done - t_recv + 200_000
+                # time: both readings lie within t_recv..t_done (the kernel's
+                # clocks and CLOCK_MONOTONIC may part by microseconds).
+                assert a["cpu_ns"] + a["runq_ns"] <= t_done - t_recv + 20_000
             # Parked between requests, it woke for most of them.
             assert sum(f["account"]["t_woke"] < f["worker_ns"][0] for f in seen) >= 10
 

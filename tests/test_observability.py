@@ -312,8 +312,12 @@ def test_metrics_count_load_phases_and_worker_exits():
     assert got["mmengine_worker_exits_total"][(("worker", "1"),)] == 2
 
 
-def test_tcp_answers_with_timing_when_asked(repo, own_segments):
-    config = Config(repo=str(repo), workers=1, request_timeout_s=60)
+@pytest.mark.parametrize("account", [False, True])
+def test_tcp_answers_with_timing_when_asked(repo, own_segments, account):
+    """With account_requests the compute stage is split further by what
+    the worker's thread did; the stages still add up."""
+    config = Config(repo=str(repo), workers=1, request_timeout_s=60,
+                    account_requests=account)
     x = protocol.encode_tensors({"x": np.ones((2, DIMS[0]), np.float32)})
 
     async def ask(port: int, **fields) -> dict:
@@ -340,10 +344,13 @@ def test_tcp_answers_with_timing_when_asked(repo, own_segments):
 
     cold, hot, plain = run(main(), timeout=60)
     assert "timing" not in plain
+    split = {"compute_cpu_ns", "compute_runq_ns"} if account else set()
     for t in (cold["timing"], hot["timing"]):
-        assert set(t) == {"total_ns", *trace.STAGES}
+        assert set(t) == {"total_ns", *trace.STAGES, *split}
         assert all(v >= 0 for v in t.values())
         assert sum(t[k] for k in trace.STAGES) == t["total_ns"]
+        if account:
+            assert 0 < t["compute_cpu_ns"] + t["compute_runq_ns"] <= t["compute_ns"] + 20_000
     # The first request waited for the load; the second found m00 resident.
     assert cold["timing"]["load_wait_ns"] > 100 * hot["timing"]["load_wait_ns"]
 
