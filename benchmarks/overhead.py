@@ -13,8 +13,10 @@ tensors, and the binary tensor extension), and with 32 in flight over 32
 keep-alive connections from a uvloop client of raw asyncio Protocols, whose
 own cost is a few Python lines per response. The breakdown splits the
 SDK's median into the model, the worker and its rings, the engine, the
-client's encoding and the server's front end, and counts each process's CPU
-time per request, one at a time and under load. Last, a 16 MiB tensor
+client's encoding and the server's front end; `sdk_stages_p50_us` gives the
+stages the server itself reports for one request at a time (`"timing":
+true` from a raw-socket client); and it counts each process's CPU time per
+request, one at a time and under load. Last, a 16 MiB tensor
 through the SDK to a handler that returns it, against the echo server
 exchanging frames of the same sizes (large_vs_echo: what the path adds to
 moving the bytes).
@@ -225,6 +227,30 @@ def sdk_latency_us(address: str, x: np.ndarray, n: int) -> tuple[float, float]:
     return _p(samples, 50) / 1e3, _p(samples, 99) / 1e3
 
 
+def stages_p50_us(address: str, request: dict, n: int) -> dict:
+    """Where one request at a time spends its time, from the server's
+    `timing` (docs/observability.md) and a raw-socket client: each stage's
+    median, with `outside` = the round trip less the server's stages (the
+    client, the two TCP legs and the frame's decode before submit)."""
+    frame = protocol.frame({**request, "timing": True})
+    host, port = address.rsplit(":", 1)
+    rows = []
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            sock.sendall(frame)
+            buf = sock.recv(1 << 16)
+            while len(buf) < 4 or len(buf) < 4 + protocol.LENGTH.unpack_from(buf)[0]:
+                buf += sock.recv(1 << 16)
+            round_trip = time.perf_counter_ns() - t0
+            timing = protocol.decode(buf[4:])["timing"]
+            rows.append({**{k[:-3]: v for k, v in timing.items()},
+                         "outside": round_trip - timing["total_ns"], "round_trip": round_trip})
+    rows = rows[n // 10:]
+    return {k: _p([r[k] for r in rows], 50) / 1e3 for k in rows[0]}
+
+
 def sdk_large_ms(address: str, x: np.ndarray, n: int) -> float:
     return _p(sdk_samples_ns(address, LARGE, x, n), 50) / 1e6
 
@@ -396,6 +422,7 @@ def run(quick: bool) -> dict:
         with server(repo, "--workers", str(WORKERS)) as (address, proc):
             sdk = [cpu_per_request(proc.pid, n, sdk_latency_us, address, x, n)
                    for _ in range(repeats)]
+            stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
                    for _ in range(repeats)]
@@ -443,6 +470,7 @@ def run(quick: bool) -> dict:
             "tcp_echo": echo,
             "front_end_rest": sdk_p50 - engine["engine"] - codec - echo,
         },
+        "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
         "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
         "cpu_us_per_request_http_json_c1": {k: med(r[1][k] for r in http_json)

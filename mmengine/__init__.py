@@ -1,8 +1,12 @@
 """mmengine: one serving instance for many models."""
-from mmengine.client import AsyncClient, Client
-from mmengine.config import Config
-from mmengine.engine import Engine
-from mmengine.errors import (
+from mmengine import _source
+
+_source.install()  # before any compiled module is imported
+
+from mmengine.client import AsyncClient, Client  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.engine import Engine  # noqa: E402
+from mmengine.errors import (  # noqa: E402
     BadRequest,
     ErrorCode,
     InternalError,

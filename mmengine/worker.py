@@ -449,7 +449,10 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     for ring in (req, ctl, resp):
         ring.close()
 
-if __name__ == "__main__":
+def run() -> None:
+    """The worker process's entry (workers.py starts it): main's arguments
+    come pickled on stdin. Not `python -m`: runpy cannot run a compiled
+    module."""
     import pickle
 
     main(*pickle.load(sys.stdin.buffer))

@@ -173,7 +173,8 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
                                                           env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mmengine.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-c", "from mmengine.worker import run; run()"],
+            stdin=subprocess.PIPE,
             pass_fds=fds, env=env)
         self.pid = self.process.pid
         # A worker needs no secret of the front-end's: it never sees one.

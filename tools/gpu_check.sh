@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ "${1:-}" = "--device" ] && PY=.venv/bin/python
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c "import torch, sys; print('gpu_check: torch', torch.__version__, 'cuda', torch.cuda.is_available(), file=sys.stderr)" || exit
-"$PY" setup.py build_ext --inplace >/dev/null || exit
+"$PY" setup.py build_ext --inplace -j "$(nproc)" >/dev/null || exit
 timeout 90 "$PY" tools/gpu_check.py "$@"
 check=$?
 for spin in auto off; do

@@ -24,9 +24,11 @@ fi
 # The native core is rebuilt on every run; Cython and setuptools skip what
 # has not changed.
 log=$VENV/.mmengine-build.log
-if ! "$VENV/bin/python" setup.py -q build_ext --inplace >"$log" 2>&1; then
+if ! "$VENV/bin/python" setup.py -q build_ext --inplace -j "$(nproc)" >"$log" 2>&1; then
     cat "$log" >&2
     echo "setup: building the native core failed (log above)" >&2
     exit 1
 fi
-"$VENV/bin/python" -c 'import mmengine._ring, mmengine._cache'
+"$VENV/bin/python" -c 'import mmengine._ring, mmengine._cache, mmengine.engine as e
+from mmengine import _source
+assert _source.compiled(e), "setup: the compiled modules did not build"'

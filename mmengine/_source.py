@@ -1,0 +1,69 @@
+"""Which of mmengine's Python modules run compiled, and when their source runs instead.
+
+The build (setup.py) compiles the modules on the request path with Cython,
+unchanged: the same source, without the interpreter's dispatch (a quarter of
+what serving adds to a tiny model's call; benchmarks/RESULTS.md). A compiled
+module sits beside its source, and Python's import prefers it; this finder,
+installed first by mmengine/__init__.py, prefers the source where
+
+- MMENGINE_PURE_PYTHON is set (profilers that read Python frames, such as
+  py-spy without --native, see the source's functions), or
+- the source is not the one that was compiled: the build records each
+  source's sha256 in BUILD_RECORD, and an edited or checked-out source runs
+  as it is now, never a stale build of it (a warning says to rebuild).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from mmengine import config
+
+PACKAGE = Path(__file__).resolve().parent
+BUILD_RECORD = "_compiled.json"  # {module name: sha256 of the source compiled}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _SourceFirst:
+    """A meta-path finder for mmengine's compiled modules (see above)."""
+
+    def __init__(self, record: dict[str, str], pure: bool):
+        self.record = record
+        self.pure = pure
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith("mmengine.") or path is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+            return None
+        source = Path(spec.origin).with_name(name.rpartition(".")[2] + ".py")
+        if not source.is_file():  # a native module of its own (_ring, _cache)
+            return None
+        if not self.pure:
+            if self.record.get(name) == digest(source):
+                return spec
+            print(f"mmengine: {name} was compiled from another source; running the source "
+                  f"(rebuild: python setup.py build_ext --inplace)", file=sys.stderr)
+        return importlib.util.spec_from_file_location(name, source)
+
+
+def install() -> None:
+    try:
+        record = json.loads((PACKAGE / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}  # never built: nothing compiled to prefer
+    sys.meta_path.insert(0, _SourceFirst(record, config.pure_python()))
+
+
+def compiled(module) -> bool:
+    """Whether `module` (one of mmengine's) runs compiled."""
+    return isinstance(getattr(module, "__loader__", None),
+                      importlib.machinery.ExtensionFileLoader)

@@ -1,0 +1,64 @@
+"""The compiled Python modules (setup.py, mmengine/_source.py): they run
+where they were built from the source there is, and the source runs
+wherever it is asked for or has changed since the build."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mmengine
+from mmengine import _source
+
+PACKAGE = Path(mmengine.__file__).resolve().parent
+BUILT = (PACKAGE / _source.BUILD_RECORD).is_file()
+pytestmark = pytest.mark.skipif(not BUILT, reason="the compiled modules are not built")
+
+REPORT = ("import json, mmengine, mmengine.engine, mmengine.trace, mmengine.worker; "
+          "from mmengine import _source; print(json.dumps({m.__name__: _source.compiled(m) "
+          "for m in (mmengine.engine, mmengine.trace, mmengine.worker)}))")
+
+
+def _report(root: Path, **env) -> tuple[dict, str]:
+    env = {**{k: v for k, v in os.environ.items() if k != "MMENGINE_PURE_PYTHON"},
+           "PYTHONPATH": str(root), **env}
+    run = subprocess.run([sys.executable, "-c", REPORT], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=root)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout), run.stderr
+
+
+def test_the_build_records_every_compiled_module_and_they_run_compiled():
+    record = json.loads((PACKAGE / _source.BUILD_RECORD).read_text())
+    for name, digest in record.items():
+        source = PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
+        assert _source.digest(source) == digest, f"{name}: rebuild (python setup.py build_ext)"
+    assert {"mmengine.engine", "mmengine.workers", "mmengine.worker",
+            "mmengine.server.tcp", "mmengine.client"} <= set(record)
+    got, err = _report(PACKAGE.parent)
+    assert got == {"mmengine.engine": True, "mmengine.trace": True, "mmengine.worker": True}
+    assert "compiled from another source" not in err
+
+
+def test_pure_python_runs_every_source():
+    got, _ = _report(PACKAGE.parent, MMENGINE_PURE_PYTHON="1")
+    assert got == {"mmengine.engine": False, "mmengine.trace": False, "mmengine.worker": False}
+
+
+def test_a_source_changed_since_the_build_runs_as_source(tmp_path):
+    copy = tmp_path / "mmengine"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.c", "__pycache__"))
+    trace = copy / "trace.py"
+    trace.write_text(trace.read_text() + "\nEDITED = True\n")
+    got, err = _report(tmp_path)
+    assert got == {"mmengine.engine": True, "mmengine.trace": False, "mmengine.worker": True}
+    assert "mmengine.trace was compiled from another source" in err
+    # Without a record (a failed build removes it) nothing runs compiled.
+    (copy / _source.BUILD_RECORD).unlink()
+    got, _ = _report(tmp_path)
+    assert got == {"mmengine.engine": False, "mmengine.trace": False, "mmengine.worker": False}
