@@ -7,7 +7,8 @@ numpy arrays in and out (torch tensors are accepted as inputs). A server
 error comes back as the same typed exception the engine raised
 (ModelNotFound, BadRequest, ...); a broken connection is ConnectionError.
 Both clients pipeline: many requests share one connection and are matched
-to their answers by id.
+to their answers by id. `infer(..., timing=True)` says where the request's
+time went (`Outputs.timing`).
 
 `token` (a client's, or one call's) travels with every request: a model
 whose manifest lists tokens needs one of them, and with a control token
@@ -61,8 +62,19 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+class Outputs(dict):
+    """A model's outputs by name. `timing`, where the request's time went
+    in nanoseconds, when infer() was asked for it (else None): the server's
+    stages (docs/protocol.md), `round_trip_ns` as this client measured the
+    call, and `outside_ns`, the round trip less the server's stages (this
+    client, the network, the server reading the frame)."""
+
+    timing: dict | None = None
+
+
 def _infer_message(model: str, inputs: dict, version: int | None,
-                   timeout: float | None, token: str | None = None) -> dict:
+                   timeout: float | None, token: str | None = None,
+                   timing: bool = False) -> dict:
     message = {"op": "infer", "model": model, "inputs": protocol.encode_tensors(
         _as_arrays(inputs))}
     if version is not None:
@@ -71,7 +83,21 @@ def _infer_message(model: str, inputs: dict, version: int | None,
         message["timeout"] = timeout
     if token is not None:
         message["token"] = token
+    if timing:
+        message["timing"] = True
     return message
+
+
+def _outputs(response: dict, t_start: int = 0) -> Outputs:
+    """An infer's Outputs; `t_start`, the call's time.monotonic_ns() where it
+    asked for timing."""
+    out = Outputs(protocol.decode_tensors(response["outputs"], outputs=True))
+    if t_start:
+        round_trip = time.monotonic_ns() - t_start
+        timing = response.get("timing") or {}
+        out.timing = {**timing, "round_trip_ns": round_trip,
+                      "outside_ns": round_trip - timing.get("total_ns", 0)}
+    return out
 
 
 def _body_size(parts: list) -> int:
@@ -356,18 +382,19 @@ class Client:
             raise _refuse(size, self._max_frame)
 
     def infer(self, model: str, inputs: dict, version: int | None = None,
-              timeout: float | None = None, token: str | None = None
-              ) -> dict[str, np.ndarray]:
-        r = self._call_many([_infer_message(model, inputs, version, timeout, token)],
+              timeout: float | None = None, token: str | None = None,
+              timing: bool = False) -> Outputs:
+        t_start = time.monotonic_ns() if timing else 0
+        r = self._call_many([_infer_message(model, inputs, version, timeout, token, timing)],
                             _wait(timeout), encoded=True)[0]
-        return protocol.decode_tensors(r["outputs"], outputs=True)
+        return _outputs(r, t_start)
 
     def infer_many(self, requests: Iterable[tuple[str, dict]],
-                   timeout: float | None = None) -> list[dict[str, np.ndarray]]:
+                   timeout: float | None = None) -> list[Outputs]:
         """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
         rs = self._call_many([_infer_message(m, x, None, timeout) for m, x in requests],
                              _wait(timeout), encoded=True)
-        return [protocol.decode_tensors(r["outputs"], outputs=True) for r in rs]
+        return [_outputs(r) for r in rs]
 
     def load(self, model: str, version: int | None = None, token: str | None = None) -> dict:
         return self.call(_model_message("load", model, version, token))["model"]
@@ -525,11 +552,12 @@ class AsyncClient:
             raise _refuse(size, self._max_frame)
 
     async def infer(self, model: str, inputs: dict, version: int | None = None,
-                    timeout: float | None = None, token: str | None = None
-                    ) -> dict[str, np.ndarray]:
-        r = await self._call(_infer_message(model, inputs, version, timeout, token),
+                    timeout: float | None = None, token: str | None = None,
+                    timing: bool = False) -> Outputs:
+        t_start = time.monotonic_ns() if timing else 0
+        r = await self._call(_infer_message(model, inputs, version, timeout, token, timing),
                              _wait(timeout), encoded=True)
-        return protocol.decode_tensors(r["outputs"], outputs=True)
+        return _outputs(r, t_start)
 
     async def load(self, model: str, version: int | None = None,
                    token: str | None = None) -> dict:

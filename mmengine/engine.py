@@ -278,13 +278,15 @@ class Engine:
         fields = _request_fields(name, version, t_submit, e)
         if cancelled:  # by its caller: stop() fails what it cuts off, typed
             fields["code"] = "CANCELLED"
-        elif e is None:
-            body = fut.result()[0]
-            fields["version"] = body.get("version", version)  # None asks for the default
-            fields["worker_ns"] = (body.get("t_recv"), body.get("t_done"), body.get("t_read"))
-            fields["t_sent"] = body.get("t_sent")
-            fields["worker"] = body.get("worker")
-            fields["account"] = body.get("account")  # with Config.account_requests
+        # The worker's account of the run: an answer's, or that of a
+        # failure once a worker took the request (MMEngineError.ran).
+        ran = fut.result()[0] if e is None and not cancelled else getattr(e, "ran", None)
+        if ran is not None:
+            fields["version"] = ran.get("version", version)  # None asks for the default
+            fields["worker_ns"] = (ran.get("t_recv"), ran.get("t_done"), ran.get("t_read"))
+            fields["t_sent"] = ran.get("t_sent")
+            fields["worker"] = ran.get("worker")
+            fields["account"] = ran.get("account")  # with Config.account_requests
         self._emit("request", fields)
 
     def _emit(self, kind: str, fields: dict) -> None:

@@ -39,6 +39,10 @@ class MMEngineError(Exception):
     """Base of every typed error; `code` is what travels on the wire."""
 
     code = ErrorCode.INTERNAL
+    # A request that failed once a worker had taken it (its inputs refused,
+    # its model raised, its answer refused): the worker's account of its
+    # run, as an answer's body has it (messages.py).
+    ran: dict | None = None
 
     @property
     def http_status(self) -> int:

@@ -33,7 +33,10 @@ Response header (worker -> front-end):
                "phases": {phase: seconds}, "from": "host" | "disk",
                "publishable": whether PUBLISH can copy it to the host tier};
                PUBLISH: {"bytes": the segment's size};
-               READY (id 0): {"pid", "device"}; error: the message (str)
+               READY (id 0): {"pid", "device"}; error: the message (str),
+               or, where an INFER failed once the worker had taken it (its
+               inputs refused, its model raised, its answer refused), the
+               INFER body with "message" added
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
 Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),

@@ -207,10 +207,11 @@ class _Responder:
                 self._ring.put(messages.response(
                     rid, TooLarge.code, "the response is larger than the response ring"))
 
-    def fail(self, rid: int, e: BaseException) -> None:
+    def fail(self, rid: int, e: BaseException, ran: dict | None = None) -> None:
+        """Answers an error; `ran`, the run's body where the request ran."""
         if not isinstance(e, MMEngineError):
             e = InternalError(f"{type(e).__name__}: {e}")
-        self.send(rid, e.code, str(e))
+        self.send(rid, e.code, str(e) if ran is None else {**ran, "message": str(e)})
 
 
 @contextlib.contextmanager
@@ -379,6 +380,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
             req.release()
             print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
             continue
+        ran = None  # the request's run in this worker, once it has one
         try:
             if op != Op.INFER:
                 raise InternalError(f"op {op!r} on the inference ring")
@@ -393,12 +395,12 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
                 account = clock.account(req.woke_ns, t0, start) if clock else None
                 t_done = logic.served_at = time.monotonic_ns()
                 logic.serving_since = 0
-            body = {"t_recv": t0, "t_done": t_done}
-            if account:
-                body["account"] = account
-            out.send(rid, body=body, outputs=outputs)
+                ran = {"t_recv": t0, "t_done": t_done}
+                if account:
+                    ran["account"] = account
+            out.send(rid, body=ran, outputs=outputs)
         except Exception as e:  # every failure goes back typed
-            out.fail(rid, e)
+            out.fail(rid, e, ran)
         finally:
             outputs = None
         del parts

@@ -396,16 +396,18 @@ class Worker:
             return
         self._loading.discard(rid)
         try:
+            ran = body if type(body) is dict and "t_done" in body else None
+            if ran is not None:
+                ran["t_read"] = time.monotonic_ns()
+                ran["t_sent"] = t_sent
+                ran["worker"] = self.index
+                ran["version"] = served[1]  # the one served, asked for or not
             if code != messages.OK:
-                result = error_for(code, body)
+                result = error_for(code, body if ran is None else ran.pop("message", ""))
+                result.ran = ran
             elif fut.done():
                 result = None  # its caller gave up (timeout): nothing to copy
             else:
-                if type(body) is dict and "t_done" in body:
-                    body["t_read"] = time.monotonic_ns()
-                    body["t_sent"] = t_sent
-                    body["worker"] = self.index
-                    body["version"] = served[1]  # the one served, asked for or not
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")

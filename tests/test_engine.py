@@ -572,6 +572,44 @@ def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own
     run(main())
 
 
+def test_a_request_that_failed_in_its_worker_still_says_where_and_how_it_ran(
+        tmp_path, own_segments):
+    """The observers of a request that a worker took and failed (its model
+    raised) get the worker's account of the run, as an answer's have it; a
+    request no worker took (an unknown model) has none."""
+    d = tmp_path / "picky" / "1"
+    d.mkdir(parents=True)
+    (d / "handler.py").write_text(
+        "def load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n"
+        "    if inputs['x'].sum() < 0:\n"
+        "        raise ValueError('no negative sums here')\n"
+        "    return {'y': inputs['x']}\n")
+
+    async def main():
+        seen = []
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 account_requests=True)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            ok = np.ones((1, 2), np.float32)
+            np.testing.assert_array_equal((await engine.infer("picky", {"x": ok}))["y"], ok)
+            with pytest.raises(BadRequest, match="no negative sums here"):
+                await engine.infer("picky", {"x": -ok})
+            with pytest.raises(ModelNotFound):
+                await engine.infer("nobody", {"x": ok})
+        return seen
+
+    answered, failed, unknown = run(main())
+    assert (answered["code"], failed["code"]) == ("OK", "BAD_REQUEST")
+    for f in (answered, failed):
+        t_recv, t_done, t_read = f["worker_ns"]
+        assert f["start_ns"] <= f["t_sent"] <= t_recv <= t_done <= t_read <= f["end_ns"]
+        assert f["worker"] == 0 and f["version"] == 1
+        assert f["account"] is None or f["account"]["cpu_ns"] > 0  # None: no schedstat
+    assert unknown["code"] == "MODEL_NOT_FOUND"
+    assert not {"worker", "worker_ns", "t_sent", "account"} & set(unknown)
+
+
 def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_segments):
     # Engine.submit's `then` is how the servers write answers: once per
     # request, however it ends (answer, deadline, a cold load), ahead of

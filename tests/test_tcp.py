@@ -339,6 +339,34 @@ def test_async_client_many_in_flight(address):
         np.testing.assert_allclose(out["y"], reference(fast, x), **TOL)
 
 
+STAGES = {"load_wait_ns", "queue_ns", "compute_ns", "ring_ns", "encode_ns", "total_ns"}
+
+
+def test_both_clients_say_where_a_request_spent_its_time_when_asked(address):
+    x = x_for(np.random.default_rng(3))
+
+    def check(plain, timed):
+        assert plain.timing is None and set(plain) == set(timed) == {"y"}
+        np.testing.assert_allclose(timed["y"], reference("m02", x), **TOL)
+        t = timed.timing
+        assert STAGES | {"round_trip_ns", "outside_ns"} <= set(t)
+        assert sum(t[k] for k in STAGES - {"total_ns"}) == t["total_ns"]
+        assert 0 < t["total_ns"] < t["round_trip_ns"] < 10e9
+        assert t["outside_ns"] == t["round_trip_ns"] - t["total_ns"]
+
+    with Client(address) as c:
+        c.infer("m02", {"x": x})  # resident: no load in what follows
+        check(c.infer("m02", {"x": x}), c.infer("m02", {"x": x}, timing=True))
+        assert [o.timing for o in c.infer_many([("m02", {"x": x})] * 2)] == [None, None]
+
+    async def main():
+        async with AsyncClient(address) as client:
+            return (await client.infer("m02", {"x": x}),
+                    await client.infer("m02", {"x": x}, timing=True))
+
+    check(*run(main()))
+
+
 def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):
     with Client(address) as c:
         fast = fast_model_beside_slow(c)
