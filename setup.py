@@ -2,9 +2,9 @@
 and compiles the Python modules on the request path with Cython.
 
 The compiled modules are their .py files unchanged (no types declared): the
-interpreter's dispatch is what they save. Each source's sha256 goes into
-mmengine/_compiled.json, so that a source edited since runs as source
-(mmengine/_source.py).
+interpreter's dispatch is what they save. Once they are built, each
+source's sha256 goes into _compiled.json beside them, so that a source
+edited since runs as source (mmengine/_source.py).
 
 Build-time switches (read here, not by mmengine at run time):
 MMENGINE_BUILD_DEBUG=1 compiles the internal asserts of csrc/debug.h in and
@@ -16,6 +16,7 @@ import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("MMENGINE_BUILD_DEBUG", "0") not in ("", "0")
 # MMENGINE_BUILD_ONLY=cache builds one extension while working on it
@@ -45,32 +46,37 @@ def native(name):
     )
 
 
+RECORD = "_compiled.json"  # in the package: {module: sha256 of the source compiled}
 
 
-RECORD = "mmengine/_compiled.json"
+def _module(name):  # "server/tcp" -> "mmengine.server.tcp"
+    return "mmengine." + name.replace("/", ".")
 
 
-def compiled():
-    """The COMPILED modules' extensions, recording what each is built from.
-    A source whose digest changed loses its C file, so that it is compiled
+def _digests():
+    digests = {}
+    for name in COMPILED:
+        with open(f"mmengine/{name}.py", "rb") as f:
+            digests[_module(name)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def compiled(digests):
+    """The COMPILED modules' extensions. A source whose digest is not the
+    one of the last build in place loses its C file, so that it is compiled
     again whatever the files' times say."""
     try:
-        with open(RECORD) as f:
+        with open(os.path.join("mmengine", RECORD)) as f:
             built = json.load(f)
     except (OSError, ValueError):
         built = {}
-    record = {}
     for name in COMPILED:
-        with open(f"mmengine/{name}.py", "rb") as f:
-            key = "mmengine." + name.replace("/", ".")
-            record[key] = hashlib.sha256(f.read()).hexdigest()
-        if built.get(key) != record[key] and os.path.exists(f"mmengine/{name}.c"):
+        if built.get(_module(name)) != digests[_module(name)] and \
+                os.path.exists(f"mmengine/{name}.c"):
             os.unlink(f"mmengine/{name}.c")
-    with open(RECORD, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
     return cythonize(
-        [Extension("mmengine." + name.replace("/", "."), [f"mmengine/{name}.py"],
-                   extra_compile_args=["-O2", "-g0"]) for name in COMPILED],
+        [Extension(_module(name), [f"mmengine/{name}.py"], extra_compile_args=["-O2", "-g0"])
+         for name in COMPILED],
         language_level=3,
         compiler_directives={
             "binding": True,  # functions introspect as Python's do
@@ -81,23 +87,39 @@ def compiled():
     )
 
 
-try:
-    setup(
-        ext_modules=cythonize(
-            [native(name) for name in MODULES if name != "compiled"],
-            language_level=3,
-            # csrc/NAME.pxd declares csrc/NAME.h; NAME.pyx cimports it by name.
-            include_path=["csrc"],
-            compiler_directives={
-                "boundscheck": DEBUG,
-                "wraparound": DEBUG,
-                "initializedcheck": DEBUG,
-                "embedsignature": True,
-            },
-        ) + (compiled() if "compiled" in MODULES else []),
-        package_data={"mmengine": ["_compiled.json"]},
-    )
-except BaseException:  # the build failed: what is left of it runs as source
-    if os.path.exists(RECORD):
-        os.unlink(RECORD)
-    raise
+class BuildExt(build_ext):
+    """build_ext that records what the compiled modules were built from,
+    beside them, once they are: a build that fails or is killed leaves no
+    record, and its modules run as source until one succeeds."""
+
+    def run(self):
+        if "compiled" not in MODULES:
+            return super().run()
+        package = "mmengine" if self.inplace else os.path.join(self.build_lib, "mmengine")
+        record = os.path.join(package, RECORD)
+        if os.path.exists(record):
+            os.unlink(record)
+        super().run()
+        os.makedirs(package, exist_ok=True)
+        with open(record, "w") as f:
+            json.dump(DIGESTS, f, indent=1, sort_keys=True)
+
+
+DIGESTS = _digests() if "compiled" in MODULES else {}  # before cythonize reads them
+setup(
+    ext_modules=cythonize(
+        [native(name) for name in MODULES if name != "compiled"],
+        language_level=3,
+        # csrc/NAME.pxd declares csrc/NAME.h; NAME.pyx cimports it by name.
+        include_path=["csrc"],
+        compiler_directives={
+            "boundscheck": DEBUG,
+            "wraparound": DEBUG,
+            "initializedcheck": DEBUG,
+            "embedsignature": True,
+        },
+    ) + (compiled(DIGESTS) if "compiled" in MODULES else []),
+    cmdclass={"build_ext": BuildExt},
+    # The C that Cython generates is built, not shipped.
+    exclude_package_data={"": ["*.c"]},  # every package
+)

@@ -240,15 +240,19 @@ def stages_p50_us(address: str, request: dict, n: int) -> dict:
         for _ in range(n):
             t0 = time.perf_counter_ns()
             sock.sendall(frame)
-            buf = sock.recv(1 << 16)
+            buf = b""
             while len(buf) < 4 or len(buf) < 4 + protocol.LENGTH.unpack_from(buf)[0]:
-                buf += sock.recv(1 << 16)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise ConnectionError("the server closed the connection")
+                buf += chunk
             round_trip = time.perf_counter_ns() - t0
             timing = protocol.decode(buf[4:])["timing"]
             rows.append({**{k[:-3]: v for k, v in timing.items()},
                          "outside": round_trip - timing["total_ns"], "round_trip": round_trip})
     rows = rows[n // 10:]
-    return {k: _p([r[k] for r in rows], 50) / 1e3 for k in rows[0]}
+    keys = set.intersection(*(set(r) for r in rows))  # an answer may lack worker stamps
+    return {k: _p([r[k] for r in rows], 50) / 1e3 for k in sorted(keys)}
 
 
 def sdk_large_ms(address: str, x: np.ndarray, n: int) -> float:

@@ -6,11 +6,14 @@ what serving adds to a tiny model's call; benchmarks/RESULTS.md). A compiled
 module sits beside its source, and Python's import prefers it; this finder,
 installed first by mmengine/__init__.py, prefers the source where
 
-- MMENGINE_PURE_PYTHON is set (profilers that read Python frames, such as
-  py-spy without --native, see the source's functions), or
-- the source is not the one that was compiled: the build records each
-  source's sha256 in BUILD_RECORD, and an edited or checked-out source runs
-  as it is now, never a stale build of it (a warning says to rebuild).
+- MMENGINE_SOURCE is set (profilers that read Python frames, such as py-spy
+  without --native, see the source's functions), or MMENGINE_PURE_PYTHON
+  (which also runs the native core's Python twins), or
+- the source is not the one that was compiled: a build that succeeds
+  records each source's sha256 in BUILD_RECORD beside the compiled modules
+  (setup.py), and an edited or checked-out source, or a build that failed
+  or was killed, runs the source as it is now, never a stale build of it (a
+  warning says to rebuild).
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ def digest(path: Path) -> str:
 class _SourceFirst:
     """A meta-path finder for mmengine's compiled modules (see above)."""
 
-    def __init__(self, record: dict[str, str], pure: bool):
+    def __init__(self, record: dict[str, str], run_source: bool):
         self.record = record
-        self.pure = pure
+        self.run_source = run_source  # asked for: every source runs
 
     def find_spec(self, name, path=None, target=None):
         if not name.startswith("mmengine.") or path is None:
@@ -47,11 +50,12 @@ class _SourceFirst:
         source = Path(spec.origin).with_name(name.rpartition(".")[2] + ".py")
         if not source.is_file():  # a native module of its own (_ring, _cache)
             return None
-        if not self.pure:
+        if not self.run_source:
             if self.record.get(name) == digest(source):
                 return spec
-            print(f"mmengine: {name} was compiled from another source; running the source "
-                  f"(rebuild: python setup.py build_ext --inplace)", file=sys.stderr)
+            print(f"mmengine: {name} is not known to be compiled from its source as it is; "
+                  f"running the source (rebuild: python setup.py build_ext --inplace)",
+                  file=sys.stderr)
         return importlib.util.spec_from_file_location(name, source)
 
 
@@ -60,7 +64,7 @@ def install() -> None:
         record = json.loads((PACKAGE / BUILD_RECORD).read_text())
     except (OSError, ValueError):
         record = {}  # never built: nothing compiled to prefer
-    sys.meta_path.insert(0, _SourceFirst(record, config.pure_python()))
+    sys.meta_path.insert(0, _SourceFirst(record, config.run_source()))
 
 
 def compiled(module) -> bool:

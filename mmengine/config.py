@@ -15,8 +15,11 @@ from typing import Any, Mapping
 from mmengine import fetch
 
 #: Set to 1 to run the pure-Python twins of the native core (the test
-#: oracle) instead of the Cython/C extensions.
+#: oracle) instead of the Cython/C extensions, and every module's source.
 PURE_PYTHON_VAR = "MMENGINE_PURE_PYTHON"
+#: Set to 1 to run the source of the compiled modules (mmengine/_source.py)
+#: with the native core: what profilers that read Python's frames need.
+SOURCE_VAR = "MMENGINE_SOURCE"
 ENV_PREFIX = "MMENGINE_"
 GiB = 1 << 30
 MiB = 1 << 20
@@ -30,8 +33,16 @@ def _default_cache_dir() -> str:
 
 
 def pure_python() -> bool:
+    return _switch(PURE_PYTHON_VAR)
+
+
+def run_source() -> bool:
+    return _switch(SOURCE_VAR) or pure_python()
+
+
+def _switch(var: str) -> bool:
     # Read before any configuration exists: a value that is no boolean is on.
-    return _BOOLS.get(os.environ.get(PURE_PYTHON_VAR, "").strip().lower(), True)
+    return _BOOLS.get(os.environ.get(var, "").strip().lower(), True)
 
 
 class ConfigError(ValueError):
@@ -293,7 +304,7 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             values[key] = value
     env = os.environ if env is None else env
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == PURE_PYTHON_VAR:
+        if not name.startswith(ENV_PREFIX) or name in (PURE_PYTHON_VAR, SOURCE_VAR):
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in _FIELDS:

@@ -310,7 +310,7 @@ class PyRing(_RingLife):
     # -- producer ----------------------------------------------------------
 
     def _try_put(self, parts) -> bool:
-        views = [memoryview(p).cast("B") for p in parts]
+        views = [_bytes(p) for p in parts]
         lens = [v.nbytes for v in views]
         if len(views) > MAX_PARTS:
             raise RecordTooLarge(f"put: at most {MAX_PARTS} parts in a record")
@@ -358,7 +358,7 @@ class PyRing(_RingLife):
         parts = (header,) + buffers
         deadline = _deadline(timeout)
         while not self._try_put(parts):
-            need = record_size(*(memoryview(p).nbytes for p in parts))
+            need = record_size(*(_bytes(p).nbytes for p in parts))
             self._wait(False, need, deadline)
 
     def record_size(self, *lengths: int) -> int:
@@ -502,6 +502,17 @@ class PyRing(_RingLife):
     def disarm_write(self) -> None:
         self._check()
         self._unpark(False)
+
+
+def _bytes(part) -> memoryview:
+    """A part's bytes as the native ring takes them: a simple buffer,
+    whatever its items (numpy cannot describe datetime64 to a memoryview)."""
+    try:
+        return memoryview(part).cast("B")
+    except ValueError:
+        import numpy as np
+
+        return memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
 
 
 def _release_view(view: memoryview) -> None:

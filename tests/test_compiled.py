@@ -42,12 +42,15 @@ def test_the_build_records_every_compiled_module_and_they_run_compiled():
             "mmengine.server.tcp", "mmengine.client"} <= set(record)
     got, err = _report(PACKAGE.parent)
     assert got == {"mmengine.engine": True, "mmengine.trace": True, "mmengine.worker": True}
-    assert "compiled from another source" not in err
+    assert "is not known to be compiled" not in err
 
 
-def test_pure_python_runs_every_source():
-    got, _ = _report(PACKAGE.parent, MMENGINE_PURE_PYTHON="1")
+@pytest.mark.parametrize("switch", ["MMENGINE_SOURCE", "MMENGINE_PURE_PYTHON"])
+def test_either_switch_runs_every_source(switch):
+    got, _ = _report(PACKAGE.parent, **{switch: "1"})
     assert got == {"mmengine.engine": False, "mmengine.trace": False, "mmengine.worker": False}
+    got, _ = _report(PACKAGE.parent, **{switch: "0"})
+    assert got == {"mmengine.engine": True, "mmengine.trace": True, "mmengine.worker": True}
 
 
 def test_a_source_changed_since_the_build_runs_as_source(tmp_path):
@@ -57,8 +60,27 @@ def test_a_source_changed_since_the_build_runs_as_source(tmp_path):
     trace.write_text(trace.read_text() + "\nEDITED = True\n")
     got, err = _report(tmp_path)
     assert got == {"mmengine.engine": True, "mmengine.trace": False, "mmengine.worker": True}
-    assert "mmengine.trace was compiled from another source" in err
+    assert "mmengine.trace is not known to be compiled" in err
     # Without a record (a failed build removes it) nothing runs compiled.
     (copy / _source.BUILD_RECORD).unlink()
     got, _ = _report(tmp_path)
     assert got == {"mmengine.engine": False, "mmengine.trace": False, "mmengine.worker": False}
+
+
+def test_a_setup_command_that_builds_nothing_vouches_for_nothing(tmp_path):
+    """What `pip install .`, `pip wheel .` and `python -m build` run in the
+    tree must not record an edited source as the compiled one."""
+    root = PACKAGE.parent
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    shutil.copytree(PACKAGE, tmp_path / "mmengine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    trace = tmp_path / "mmengine" / "trace.py"
+    trace.write_text(trace.read_text() + "\nEDITED = True\n")
+    assert _report(tmp_path)[0]["mmengine.trace"] is False
+    setup = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr
+    got, err = _report(tmp_path)
+    assert got["mmengine.trace"] is False and "mmengine.trace is not known" in err

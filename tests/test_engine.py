@@ -610,6 +610,26 @@ def test_a_request_that_failed_in_its_worker_still_says_where_and_how_it_ran(
     assert not {"worker", "worker_ns", "t_sent", "account"} & set(unknown)
 
 
+def test_an_answer_too_large_for_its_ring_still_says_where_it_ran(tmp_path, own_segments):
+    d = tmp_path / "huge" / "1"
+    d.mkdir(parents=True)
+    (d / "handler.py").write_text(
+        "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n    return {'y': np.zeros(1 << 22, np.float32)}\n")  # 16 MiB
+
+    async def main():
+        seen = []
+        async with Engine(Config(repo=str(tmp_path), workers=1, ring_bytes=4 << 20)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            with pytest.raises(TooLarge, match="larger than the response ring"):
+                await engine.infer("huge", {"x": np.ones((1, 2), np.float32)})
+        return seen
+
+    (f,) = run(main())
+    assert f["code"] == "TOO_LARGE" and f["worker"] == 0 and f["version"] == 1
+    assert f["t_sent"] <= f["worker_ns"][0] <= f["worker_ns"][1] <= f["worker_ns"][2]
+
+
 def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_segments):
     # Engine.submit's `then` is how the servers write answers: once per
     # request, however it ends (answer, deadline, a cold load), ahead of

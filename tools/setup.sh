@@ -18,8 +18,8 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install torch==2.13.0
     pip install "setuptools>=77" wheel "cython>=3.0"
-    # The build below compiles everything in place: the editable install's
-    # own build (in a folder of its own, unused) need not compile it twice.
+    # The build below compiles everything in place: the editable install
+    # need not compile the modules too.
     MMENGINE_BUILD_ONLY=ring pip install --no-build-isolation -e '.[dev]'
     echo "$want" > "$stamp"
 fi
