@@ -127,6 +127,11 @@ def response(rid: int, code: int = OK, body: Any = None, tensors: list = ()) -> 
     return _packb([rid, int(code), body, list(tensors)])
 
 
+def ran(body: Any) -> dict | None:
+    """The INFER run's body in an answer's or an error's body, else None."""
+    return body if type(body) is dict and "t_done" in body else None
+
+
 def parse_response(header) -> tuple[int, int, Any, list]:
     rid, code, body, tensors = _unpackb(header)
     return rid, code, body, tensors

@@ -206,9 +206,8 @@ class _Responder:
             except RecordTooLarge:
                 # An INFER's answer: its failure keeps the run's body (messages.py).
                 message = "the response is larger than the response ring"
-                ran = type(body) is dict and "t_done" in body
                 self._ring.put(messages.response(rid, TooLarge.code, {**body, "message": message}
-                                                 if ran else message))
+                                                 if messages.ran(body) else message))
 
     def fail(self, rid: int, e: BaseException, ran: dict | None = None) -> None:
         """Answers an error; `ran`, the run's body where the request ran."""

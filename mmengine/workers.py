@@ -396,7 +396,7 @@ class Worker:
             return
         self._loading.discard(rid)
         try:
-            ran = body if type(body) is dict and "t_done" in body else None
+            ran = messages.ran(body)
             if ran is not None:
                 ran["t_read"] = time.monotonic_ns()
                 ran["t_sent"] = t_sent
