@@ -33,6 +33,7 @@ import asyncio
 import os
 import shutil
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -298,6 +299,7 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
             "hot_p50_during_loads_us": float(np.percentile(during, 50)),
             "hot_samples_during_loads": len(during),
             "hot_slowest_stages_us": _slowest_stages(hot_during),
+            "hot_loader_states": _loader_states(hot_during),
             "hot_p99_beside_copies_us": (float(np.percentile(beside_copies, 99))
                                          if beside_copies else None),
             "first_map_s": first_map_s}
@@ -343,6 +345,25 @@ def _slowest_stages(requests: list[dict]) -> dict:
         })
     return {k: statistics.median(f(r) for r in slowest) / 1e3 if slowest else None
             for k, f in stages.items()}
+
+
+def _loader_states(requests: list[dict]) -> dict | None:
+    """What the worker's loader thread was doing as the small model's
+    requests during loads began (MMENGINE_ACCOUNT_REQUESTS=1: the account's
+    `loader`), as fractions of all of them and of the slowest 1%: a state
+    the slowest hold more of than all do is the one that delays them
+    ("read": the load's readers copying a file, the GIL free; "load",
+    "unload": the rest of those ops, which holds it)."""
+    timed = sorted((r for r in requests if (r.get("account") or {}).get("loader")),
+                   key=lambda r: r["end_ns"] - r["start_ns"])
+    if not timed:
+        return None
+
+    def fractions(rs: list[dict]) -> dict[str, float]:
+        counts = Counter(r["account"]["loader"] for r in rs)
+        return {k: round(n / len(rs), 3) for k, n in counts.most_common()}
+
+    return {"all": fractions(timed), "slowest": fractions(timed[-max(1, len(timed) // 100):])}
 
 
 def _first_map_s(segment: str, repeats: int) -> float:
@@ -402,6 +423,8 @@ def run(quick: bool) -> dict:
         "hot_p99_during_host_loads_us": tier["hot_p99_during_loads_us"],
         "hot_p99_beside_copies_us": eng["hot_p99_beside_copies_us"],
         "hot_slowest_stages_us": eng["hot_slowest_stages_us"],
+        "hot_loader_states": eng["hot_loader_states"],
+        "hot_host_loader_states": tier["hot_loader_states"],
         "ratios": {
             "host_vs_memcpy": host / (gb / memcpy),
             "host_first_map_vs_memcpy": gb / tier["first_map_s"] / (gb / memcpy),

@@ -157,10 +157,18 @@ class Readers:
         self.idle_threads = max(self.threads, idle_threads)
         self.idle = idle
         self._pool: ThreadPoolExecutor | None = None
+        self.reading = False  # read by the serving thread's account of its requests
 
     def read(self, fd: int, offset: int, out: torch.Tensor) -> None:
         """Fills the flat uint8 tensor `out` from `fd` at `offset`;
         ValueError if the file ends first."""
+        self.reading = True
+        try:
+            self._read(fd, offset, out)
+        finally:
+            self.reading = False
+
+    def _read(self, fd: int, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.numpy())
         n = len(view)
         wide = self.idle_threads > self.threads and self.idle()

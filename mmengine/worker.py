@@ -60,6 +60,17 @@ class WorkerLogic:
         # the loader's.
         self.serving_since = 0
         self.served_at = 0
+        # What the loader thread serves ("idle" or an op's name), for the
+        # serving thread's account of its requests; and its readers.
+        self.loader_op = "idle"
+        self.readers = None
+
+    def loader_state(self) -> str:
+        """What the loader thread is doing: "idle", the control op it
+        serves ("load", "unload", ...), or "read" while a load's readers
+        read a file (the GIL free: what the op does besides holds it)."""
+        readers = self.readers
+        return "read" if readers is not None and readers.reading else self.loader_op
 
     def idle(self) -> bool:
         """Whether no request is being served, nor was for IDLE_NS."""
@@ -256,6 +267,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             ctl.release()
         parks = (_main_thread_parks(req) if quiet and op in messages.HEAVY_OPS
                  else contextlib.nullcontext())
+        logic.loader_op = op.name.lower()
         try:
             if op == Op.LOAD:
                 with parks:
@@ -286,6 +298,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             out.fail(rid, e)
         except Exception as e:  # a backend bug must not kill the worker
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
+        finally:
+            logic.loader_op = "idle"
 
 
 def _derived(model) -> list:
@@ -357,13 +371,15 @@ class _ThreadClock:
                   f"({e}); answers carry no account", file=sys.stderr)
             return None
 
-    def account(self, woke: int, t_recv: int, start: tuple[int, int]) -> dict[str, int]:
+    def account(self, woke: int, t_recv: int, start: tuple[int, int],
+                loader: str) -> dict:
         """How the thread spent a request, read as its call has returned:
         `woke` when its wait for it ended (0: it did not wait), `start` the
-        reading as the call began."""
+        reading as the call began, `loader` what the loader thread was
+        doing then (WorkerLogic.loader_state)."""
         end = self.read()
         out = {"t_woke": woke or t_recv, "wait_runq_ns": start[1] - self.last[1],
-               "cpu_ns": end[0] - start[0], "runq_ns": end[1] - start[1]}
+               "cpu_ns": end[0] - start[0], "runq_ns": end[1] - start[1], "loader": loader}
         self.last = end
         return out
 
@@ -389,12 +405,13 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
             # One clock for every process: timings cross.
             t0 = logic.serving_since = time.monotonic_ns()
             start = clock.read() if clock else None
+            loader = logic.loader_state() if clock else ""
             try:
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
                 # Read before t_done: a preemption due during the call lands
                 # at the first system call after it, which must count in it.
-                account = clock.account(req.woke_ns, t0, start) if clock else None
+                account = clock.account(req.woke_ns, t0, start, loader) if clock else None
                 t_done = logic.served_at = time.monotonic_ns()
                 logic.serving_since = 0
                 ran = {"t_recv": t0, "t_done": t_done}
@@ -437,7 +454,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     out = _Responder(resp)
     logic = WorkerLogic(config, device)
     clock = _ThreadClock.open() if config.account_requests else None  # the serving thread's
-    staging.READERS = staging.Readers(*resources.load_readers(config, device), logic.idle)
+    staging.READERS = logic.readers = staging.Readers(*resources.load_readers(config, device),
+                                                      logic.idle)
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)

@@ -456,6 +456,39 @@ def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spa
     run(main())
 
 
+def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments):
+    """With account_requests, each request's account says what the worker's
+    loader thread did as the request began: "load" while a load ran (the
+    slow handler's load sleeps, reading nothing), "idle" once it is done."""
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    (tmp_path / "slowload" / "1").mkdir(parents=True)
+    (tmp_path / "slowload" / "1" / "handler.py").write_text(SLOW_LOAD_HANDLER)
+    rng = np.random.default_rng(4)
+
+    async def main():
+        seen = []
+        async with Engine(config(tmp_path, workers=1, account_requests=True,
+                                 host_tier_bytes=0)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            worker = engine.pool.workers[0]
+            await engine.load("m00")
+            load = asyncio.ensure_future(engine.load("slowload"))
+            end = time.monotonic() + 20
+            while not worker._loading:  # the load went to the worker (1 s long)
+                assert time.monotonic() < end, "the load never started"
+                await asyncio.sleep(0.01)
+            for _ in range(3):
+                await engine.infer("m00", {"x": x_for(rng)})
+            assert worker._loading  # all three were answered during the load
+            await load
+            await asyncio.sleep(0.05)  # the loader's op ends just after its answer
+            await engine.infer("m00", {"x": x_for(rng)})
+        states = [f["account"]["loader"] for f in seen]
+        assert states == ["load"] * 3 + ["idle"]
+
+    run(main())
+
+
 @pytest.mark.parametrize("quiet", [True, False])
 def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_spare(
         tmp_path, quiet):

@@ -503,9 +503,7 @@ def _map_host(segment: str, where: str, writable: bool = False) -> tuple[torch.T
         size = os.fstat(fd).st_size
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
             header, data_start = parse_header(f, size)
-        # Populating the page table now is one pass at memory speed; faulting
-        # 4 KiB pages in on first touch during inference would be many.
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+        mm = mmap.mmap(fd, size, flags=shm.map_flags(),
                        prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
     except (OSError, ValueError) as e:
         raise LoadFailed(f"{where}: host tier segment {segment!r} is not usable: {e}") from e
@@ -514,6 +512,9 @@ def _map_host(segment: str, where: str, writable: bool = False) -> tuple[torch.T
     n = size - data_start
     flat = (torch.frombuffer(mm, dtype=torch.uint8, offset=data_start, count=n) if n
             else torch.empty(0, dtype=torch.uint8))
+    # Populating the page table now is one pass at memory speed; faulting
+    # 4 KiB pages in on first touch during inference would be many.
+    shm.populate(flat.data_ptr(), n)  # the data starts page-aligned
     return flat, _entries(header, 0)
 
 
