@@ -325,7 +325,7 @@ def _slowest_stages(requests: list[dict]) -> dict:
     they need not add up."""
     timed = sorted((r for r in requests if r.get("t_sent") and all(r["worker_ns"])),
                    key=lambda r: r["end_ns"] - r["start_ns"])
-    slowest = timed[-max(1, len(timed) // 100):]
+    slowest = _slowest(timed)
     stages = {
         "front_end": lambda r: r["t_sent"] - r["start_ns"],
         "to_worker": lambda r: r["worker_ns"][0] - r["t_sent"],
@@ -363,7 +363,12 @@ def _loader_states(requests: list[dict]) -> dict | None:
         counts = Counter(r["account"]["loader"] for r in rs)
         return {k: round(n / len(rs), 3) for k, n in counts.most_common()}
 
-    return {"all": fractions(timed), "slowest": fractions(timed[-max(1, len(timed) // 100):])}
+    return {"all": fractions(timed), "slowest": fractions(_slowest(timed))}
+
+
+def _slowest(timed: list[dict]) -> list[dict]:
+    """The slowest 1% (at least one) of requests sorted by duration."""
+    return timed[-max(1, len(timed) // 100):]
 
 
 def _first_map_s(segment: str, repeats: int) -> float:
