@@ -91,7 +91,6 @@ class ODCache:
     def touch(self, key, now):
         e = self.lru[key]
         self.lru.move_to_end(key)
-        e.hits += 1
         e.last_use = now
 
     def pin(self, key):

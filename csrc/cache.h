@@ -153,7 +153,7 @@ static inline int64_t mm_entry_size(const mm_entry *e)
 }
 
 /* GDSF: H = L + (hits + 1) * cost / max(size, 1), with L taken when the
- * entry was inserted or last hit. Computed when asked, so a size or cost
+ * entry was inserted or last touched. Computed when asked, so a size or cost
  * that changes after a hit moves H without re-inflating it. */
 static inline double mm_priority(const mm_cache *c, int32_t s)
 {
@@ -365,6 +365,8 @@ static inline void mm_remove(mm_cache *c, int32_t s)
     c->count--;
 }
 
+/* Recency only: a use is counted by mm_acquire alone, so that a request
+ * that made its model load counts once, not once per step of the load. */
 static inline void mm_touch(mm_cache *c, int32_t s, double now)
 {
     mm_node *n = &c->node[s];
@@ -372,20 +374,21 @@ static inline void mm_touch(mm_cache *c, int32_t s, double now)
         mm_unlink(c, s);
         mm_link_mru(c, s);
     }
-    n->hits++;
     n->last_use = now;
     n->base = c->inflation;
 }
 
-/* The request path's way in: a READY entry is pinned and touched and its
- * worker returned (MM_NIL if it has none); any other entry is left alone
- * and the answer is MM_NIL. One call in place of entry + pin + touch. */
+/* The request path's way in: a READY entry is pinned, touched and counted
+ * a hit, and its worker returned (MM_NIL if it has none); any other entry
+ * is left alone and the answer is MM_NIL. One call in place of entry + pin
+ * + touch. */
 static inline int32_t mm_acquire(mm_cache *c, int32_t s, double now)
 {
     mm_node *n = &c->node[s];
     if (n->state != MM_READY)
         return MM_NIL;
     n->pins++;
+    n->hits++;
     mm_touch(c, s, now);
     return n->worker;
 }

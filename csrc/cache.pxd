@@ -48,8 +48,9 @@
 #   raises L to the largest H it answers.
 #
 # The request path
-#   A request is one call each way: mm_acquire pins and touches a READY
-#   entry and answers its worker (else MM_NIL, changing nothing), and
+#   A request is one call each way: mm_acquire pins, touches and counts a
+#   hit of a READY entry (a touch alone moves it to the MRU end and counts
+#   nothing: a load is not a use) and answers its worker (else MM_NIL, changing nothing), and
 #   release is mm_unpin. NativeCache makes each one hash, one probe of the
 #   index and no Python object (the answers are small ints, which Python
 #   caches).
@@ -109,7 +110,7 @@ cdef extern from "cache.h" nogil:
     ctypedef struct mm_node:        # node[s]: the request path's part
         int32_t prev                # LRU order; MM_NIL at the ends
         int32_t next                # also the free list's link
-        int64_t hits
+        int64_t hits                # requests that acquired it
         double last_use             # the `now` of the last touch, else 0.0
         double base                 # GDSF L at insert or last touch
         int64_t pins

@@ -9,9 +9,9 @@ and run through the same tests; `PyCache` is the oracle.
 The cache only keeps books. The engine decides policy: it inserts an entry
 before a load, reserves bytes with `set_bytes`, pins while requests are in
 flight, and unloads what `victims` and `idle` name. A request takes one
-call each way: `acquire(key, now)` pins and touches a READY entry and returns
-its worker (else returns -1 and changes nothing), `release(key)` (= unpin)
-lets it go.
+call each way: `acquire(key, now)` pins, touches and counts a hit of a
+READY entry (`touch` alone counts nothing) and returns its worker (else
+returns -1 and changes nothing), `release(key)` (= unpin) lets it go.
 
 Arguments: tiers HOST, DISK and DEVICE (one device per worker; for HOST and
 DISK the worker argument is ignored), states LOADING..FAILED, byte counts
@@ -160,9 +160,9 @@ class PyCache:
         return len(self._lru)
 
     def touch(self, key: Hashable, now: float) -> None:
+        """Recency only: `acquire` alone counts a use (a hit)."""
         e = self._lru[key]
         self._lru.move_to_end(key)
-        e.hits += 1
         e.last_use = float(now)
         e.base = self._inflation
 

@@ -120,6 +120,9 @@ def test_concurrent_first_requests_share_one_load(repo, own_segments):
     row = next(r for r in stats["models"] if r["name"] == "m07")
     assert row["loads"] == 1
     assert stats["totals"]["loads"] == 1
+    # Each request counts once, the one that waited for the load included
+    # (the load's own steps are no uses: GDSF's frequency).
+    assert row["hits"] == 20 == stats["totals"]["hits"] + stats["totals"]["misses"]
 
 
 def test_busy_and_pinned_models_survive_pressure(repo, own_segments):
