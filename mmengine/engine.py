@@ -121,8 +121,8 @@ class Engine:
         self._draining: dict[Key, asyncio.Future] = {}
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
-        # "evict" and "worker_exit" (metrics, traces); they must not raise
-        # nor block.
+        # "evict", "worker_exit" and "late" (an answer after its request
+        # timed out) (metrics, traces); they must not raise nor block.
         self.observers: list = []
         self._hits = 0
         self._misses = 0  # requests that had to wait for a load
@@ -134,6 +134,7 @@ class Engine:
         self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         self.pool = WorkerPool(self.config)
         self.pool.on_death = self._on_worker_death
+        self.pool.on_late = self._on_late_answer
         try:
             await self.pool.start()
         except BaseException:
@@ -282,12 +283,15 @@ class Engine:
         # failure once a worker took the request (MMEngineError.ran).
         ran = fut.result()[0] if e is None and not cancelled else getattr(e, "ran", None)
         if ran is not None:
-            fields["version"] = ran.get("version", version)  # None asks for the default
-            fields["worker_ns"] = (ran.get("t_recv"), ran.get("t_done"), ran.get("t_read"))
-            fields["t_sent"] = ran.get("t_sent")
-            fields["worker"] = ran.get("worker")
-            fields["account"] = ran.get("account")  # with Config.account_requests
+            _add_ran(fields, ran)
         self._emit("request", fields)
+
+    def _on_late_answer(self, served: tuple, ran: dict) -> None:
+        """A worker answered a request that had failed already (its deadline
+        came first): the call still took that worker's time, which the next
+        requests waited for, so observers hear of it ("late")."""
+        if self.observers:
+            self._emit("late", _add_ran({"model": served[0], "version": served[1]}, ran))
 
     def _emit(self, kind: str, fields: dict) -> None:
         for observer in self.observers:
@@ -1100,6 +1104,18 @@ class _ByteGate:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _add_ran(fields: dict, ran: dict) -> dict:
+    """Adds a worker's account of a request's run to an observer's fields:
+    where (worker), when (t_sent, worker_ns: t_recv, t_done, t_read; None
+    where the worker died first) and how (account)."""
+    fields["version"] = ran.get("version", fields["version"])  # None asks for the default
+    fields["worker_ns"] = (ran.get("t_recv"), ran.get("t_done"), ran.get("t_read"))
+    fields["t_sent"] = ran.get("t_sent")
+    fields["worker"] = ran.get("worker")
+    fields["account"] = ran.get("account")  # with Config.account_requests
+    return fields
 
 
 def _request_fields(name: str, version: int | None, t_submit: int,

@@ -139,6 +139,8 @@ class Trace:
                           f"evict {f['model']}", "evict", f["start_ns"],
                           {"model": f["model"], "version": f["version"],
                            "reason": f["reason"], "bytes": f["bytes"]})
+        elif kind == "late":  # the call of a request that timed out meanwhile
+            self._compute_span(f, f"{f['model']} (late)")
         elif kind == "worker_exit":
             self._instant(self._worker_tid(f["worker"]), "worker exit", "worker",
                           f["at_ns"], {"worker": f["worker"], "pid": f["pid"]})
@@ -149,12 +151,18 @@ class Trace:
         if worker_ns and worker_ns[0] is not None and worker_ns[1] is not None:
             t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"))
             args.update(t)
-            worker = f.get("worker")
-            if worker is not None:
-                self._span(self._worker_tid(worker), f["model"], "compute",
-                           worker_ns[0], worker_ns[1], {"model": f["model"]})
+            self._compute_span(f, f["model"])
+        if f.get("worker") is not None:
+            args["worker"] = f["worker"]
         self._span(self._group_tid("requests", f["start_ns"], f["end_ns"]), f["model"],
                    "request", f["start_ns"], f["end_ns"], args)
+
+    def _compute_span(self, f: dict, name: str) -> None:
+        """The model call on its worker's track, where the worker says when."""
+        worker, worker_ns = f.get("worker"), f.get("worker_ns")
+        if worker is not None and worker_ns and None not in worker_ns[:2]:
+            self._span(self._worker_tid(worker), name, "compute", worker_ns[0], worker_ns[1],
+                       {"model": f["model"]})
 
     def _on_load(self, f: dict) -> None:
         start, end = f["start_ns"], f["end_ns"]

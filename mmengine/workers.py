@@ -145,6 +145,9 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
+        # on_late(served, ran): an inference answered after its future was
+        # done (a deadline came first); `ran` is the worker's account of it.
+        self.on_late: Callable[[tuple, dict], None] | None = None
         self._poll_s = config.poll_us / 1e6
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
@@ -216,11 +219,14 @@ class Worker:
         self.died_serving = next((p[6] for p in pending.values() if p[6] is not None), None)
         self._loading.clear()
         self._disarm_deadlines()
-        for fut, on_done, _, _, _, then, _ in pending.values():
+        for fut, on_done, t_sent, _, _, then, served in pending.values():
+            died = WorkerDied(why)
+            if served is not None:  # an inference: observers learn where it was
+                died.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
             # Their `then` runs after on_death below, as a done callback
             # would: a server's next request finds the pool's view of the
             # death, not this worker.
-            _finish(fut, on_done, WorkerDied(why),
+            _finish(fut, on_done, died,
                     then and functools.partial(self.loop.call_soon, then))
         self._infer.clear()
         self._control.clear()
@@ -395,6 +401,7 @@ class Worker:
         if fut is None:
             return
         self._loading.discard(rid)
+        late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
             ran = messages.ran(body)
             if ran is not None:
@@ -412,6 +419,8 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         _finish(fut, on_done, result, then)
+        if late and ran is not None and self.on_late is not None:
+            self.on_late(served, ran)
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None)
@@ -454,6 +463,7 @@ class WorkerPool:
         self.devices = resources.plan_devices(config)
         self.workers: list[Worker] = []
         self.on_death: Callable[[Worker], None] | None = None
+        self.on_late: Callable[[tuple, dict], None] | None = None  # as Worker.on_late
         self._restarts: dict[int, list[float]] = collections.defaultdict(list)
         self._restart_count = 0
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
@@ -468,7 +478,7 @@ class WorkerPool:
 
     def _spawn(self, index: int, device: str, loop) -> Worker:
         w = Worker(index, device, self.config)
-        w.on_death = self._on_death
+        w.on_death, w.on_late = self._on_death, self._on_late
         w.start(loop)
         return w
 
@@ -489,6 +499,10 @@ class WorkerPool:
     def _on_death(self, w: Worker) -> None:
         if self.on_death is not None:
             self.on_death(w)
+
+    def _on_late(self, served: tuple, ran: dict) -> None:
+        if self.on_late is not None:
+            self.on_late(served, ran)
 
     async def restart(self, index: int) -> Worker:
         """A fresh worker (new process, new rings) in the place of a dead one.
@@ -511,6 +525,7 @@ class WorkerPool:
         if self._stopping:
             raise WorkerDied(f"worker {index}: not restarted, the pool is stopping")
         w = Worker(index, old.device, self.config)
+        w.on_late = self._on_late
         w.start(asyncio.get_running_loop())
         self.workers[index] = w  # from here on stop() owns it, whatever happens
         await self._await_ready([w])

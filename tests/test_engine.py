@@ -241,6 +241,8 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
 
     async def main():
         async with Engine(config(root, workers=1)) as engine:
+            late = []
+            engine.observers.append(lambda kind, f: kind == "late" and late.append(f))
             await engine.load("slow")
             t0 = time.monotonic()
             calls = [engine.infer("slow", slow(0.8), timeout=10),
@@ -256,10 +258,15 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
 
             results = await asyncio.gather(*map(timed, calls))
             pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
-            return results, pins
+            return results, pins, late
 
-    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins = run(main())
+    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins, late = run(main())
     assert pins == 0  # the timed-out requests' pins went when the worker was done
+    # Their calls ran after the first one, and still say where and when.
+    assert [(f["model"], f["version"], f["worker"]) for f in late] == [("slow", 1, 0)] * 2
+    for f in late:
+        t_recv, t_done, t_read = f["worker_ns"]
+        assert f["t_sent"] <= t_recv <= t_done <= t_read
     assert first["y"][0] == 1.6 and fourth["y"][0] == 0.0
     assert 0.8 <= t1 and 0.8 <= t4
     # A deadline may come up to a millisecond early: uvloop's clock counts
@@ -302,6 +309,9 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
 
     async def main():
         async with Engine(config(root, workers=1)) as engine:
+            died = []
+            engine.observers.append(
+                lambda kind, f: kind == "request" and f["code"] == "WORKER_DIED" and died.append(f))
             victim = engine.pool.workers[0].pid
             slow = asyncio.ensure_future(
                 engine.infer("slow", {"seconds": np.array([5.0])}))
@@ -323,9 +333,12 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
             np.testing.assert_allclose(out["y"], models["m03"].reference(x), rtol=1e-5,
                                        atol=1e-5)
             assert engine.pool.workers[0].pid != victim
-            return engine.stats(), victim
+            return engine.stats(), victim, died
 
-    stats, victim = run(main())
+    stats, victim, died = run(main())
+    # The request it died under says where it was, if not when it ran.
+    assert died[0]["model"] == "slow" and died[0]["version"] == 1 and died[0]["worker"] == 0
+    assert died[0]["t_sent"] > 0 and died[0]["worker_ns"] == (None, None, None)
     assert stats["totals"]["worker_restarts"] == 1
     assert not live_pids([victim])
 

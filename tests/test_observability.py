@@ -241,6 +241,15 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
                   "end_ns": 12 * ms, "worker_ns": (11 * ms, 11 * ms, 12 * ms)})
     t("request", {"model": "x", "version": None, "code": "MODEL_NOT_FOUND",
                   "start_ns": 2 * ms, "end_ns": 3 * ms})
+    # A request that timed out at 13 ms, and its call, answered later.
+    t("request", {"model": "d", "version": 1, "code": "TIMEOUT", "start_ns": 12 * ms,
+                  "end_ns": 13 * ms})
+    t("late", {"model": "d", "version": 1, "worker": 0, "t_sent": 12 * ms,
+               "worker_ns": (12 * ms, 15 * ms, 16 * ms), "account": None})
+    # One its worker died under: where, not when.
+    t("request", {"model": "e", "version": 2, "code": "WORKER_DIED", "start_ns": 16 * ms,
+                  "end_ns": 17 * ms, "worker_ns": (None, None, None), "worker": 1,
+                  "t_sent": 16 * ms, "account": None})
     t("load", {"model": "a", "version": 1, "worker": 0, "start_ns": 0, "end_ns": 9 * ms,
                "bytes": 10, "phases": {"fetch": 0.0, "deserialize": 0.004, "copy": 0.002,
                                        "warmup": 0.001}})
@@ -265,12 +274,15 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
     assert sorted(n for n in threads.values() if "loads" in n) == [
         "worker 0 loads", "worker 0 loads (2)"]
     compute = {e["name"]: e for e in events if e.get("cat") == "compute"}
-    assert set(compute) == {"a", "b"}  # c did not say where it ran
+    assert set(compute) == {"a", "b", "d (late)"}  # c did not say where it ran, e when
     assert (compute["a"]["tid"], compute["a"]["ts"], compute["a"]["dur"]) == (0, 1000, 1000)
     assert compute["b"]["tid"] == 1
+    assert (compute["d (late)"]["tid"], compute["d (late)"]["dur"]) == (0, 3000)
     reqs = {e["name"]: e for e in events if e.get("cat") == "request"}
     assert reqs["a"]["args"]["compute_ns"] == 1 * ms
     assert reqs["x"]["args"] == {"model": "x", "version": None, "code": "MODEL_NOT_FOUND"}
+    assert reqs["e"]["args"] == {"model": "e", "version": 2, "code": "WORKER_DIED",
+                                 "worker": 1}
     phases = [e for e in events if e.get("cat") == "load" and not e["name"].startswith("load")]
     assert [(e["name"], e["ts"], e["dur"]) for e in phases] == [
         ("warmup", 8000, 1000), ("copy", 6000, 2000), ("deserialize", 2000, 4000)]
