@@ -496,7 +496,7 @@ class Engine:
                 await self._load_gate.acquire(need)
                 try:
                     body, _ = await worker.call(Op.LOAD, key[0], key[1], params={
-                        "bytes": need, "path": str(path),
+                        "path": str(path), "estimate": spec.estimated_bytes,
                         "allow_code": self.repo.allow_code, "host": segment})
                 finally:
                     self._load_gate.release(need)

@@ -12,9 +12,9 @@ Request header (front-end -> worker), a msgpack array:
       model    str, the model name
       version  int
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
-      params   map, op-specific (LOAD: {"bytes": estimate, "path": the version
-               directory, "allow_code": bool, "host": the host-tier segment
-               to load from, or nil}; PUBLISH: {"segment": the name of the
+      params   map, op-specific (LOAD: {"path": the version directory,
+               "estimate": its spec's estimated_bytes, "allow_code": bool,
+               "host": the host-tier segment to load from, or nil}; PUBLISH: {"segment": the name of the
                host-tier segment to create}; FORGET: {"segment": a segment
                the front-end unlinked})
 

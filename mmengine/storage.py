@@ -284,10 +284,13 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
 # -- one version directory -> ModelSpec -------------------------------------
 
 def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
-              config: Config | None = None, manifests: Manifests | None = None) -> ModelSpec:
+              config: Config | None = None, manifests: Manifests | None = None,
+              estimate: int | None = None) -> ModelSpec:
     """The spec of the model in version directory `path`; for a remote
     model, `config` says which sources may be read (default: none);
-    `manifests` keeps parsed manifests for the next read."""
+    `manifests` keeps parsed manifests for the next read; `estimate`, its
+    size where the caller knows it already (else the files are asked: for
+    a worker, a header's read and parse under the GIL on every load)."""
     where = f"{name} v{version}"
     files = {entry.name for entry in _scandir(path) if entry.is_file()}
     manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
@@ -306,7 +309,7 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
     if source:
         config = config or Config()
         _check_remote(fields, backend, artifact, config, where)
-    estimate = fields.pop("bytes", None)
+    estimate = fields.pop("bytes", estimate)
     if estimate is None and source:
         estimate = sum(fetch.source_size(fetch.file_url(source, file), config)
                        for file, _ in fields["files"])

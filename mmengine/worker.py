@@ -77,16 +77,18 @@ class WorkerLogic:
         return not self.serving_since and time.monotonic_ns() - self.served_at > IDLE_NS
 
     def load(self, name: str, version: int, path: str, allow_code: bool = True,
-             host: str | None = None) -> tuple[int, str]:
+             host: str | None = None, estimate: int | None = None) -> tuple[int, str]:
         """Loads the model in version directory `path` (on the loader
         thread), its bytes from the host-tier segment `host` if given (else,
         or if that fails, from its files); returns the bytes it takes and
-        where they came from. The front-end says where the model lives: it
-        may have been added at run time, outside the root."""
+        where they came from. The front-end says where the model lives (it
+        may have been added at run time, outside the root) and how large
+        its spec says it is (`estimate`)."""
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes, "resident"
-        spec = read_spec(name, version, Path(path), allow_code, manifests=self._manifests)
+        spec = read_spec(name, version, Path(path), allow_code, manifests=self._manifests,
+                         estimate=estimate)
         from mmengine.backends import load_model
 
         model, source = None, "disk"
@@ -273,7 +275,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
                 with parks:
                     nbytes, source = logic.load(name, version, params["path"],
                                                 params.get("allow_code", True),
-                                                params.get("host"))
+                                                params.get("host"), params.get("estimate"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
                                     "from": source, "inputs": _derived(model),

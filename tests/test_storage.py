@@ -246,6 +246,8 @@ def test_a_worker_keeps_parsed_manifests_and_reads_everything_else_again(tmp_pat
     manifests = Manifests()
     first = read_spec("m", 1, path, manifests=manifests)
     assert first == read_spec("m", 1, path)
+    # A worker is told the size the front-end's spec gives; the files are not asked.
+    assert read_spec("m", 1, path, estimate=7).estimated_bytes == 7 != first.estimated_bytes
     first.options["module_kwargs"]["hidden"] = 99  # a reader's copy, not the kept parse
     assert read_spec("m", 1, path, manifests=manifests).options["module_kwargs"]["hidden"] == 4
     manifest = (path / "model.toml").read_text()
