@@ -71,6 +71,12 @@ class Config:
     # the worker instead (on 2 cores spinning made a small model's p99
     # beside a load 3-30x its idle p99, sleeping 1.1-2x). "on" | "off".
     spin_during_loads: str = "auto"
+    # How long a worker's loader thread may hold the GIL while its serving
+    # thread waits for it (sys.setswitchinterval in each worker). A reload's
+    # Python runs under the GIL: at CPython's 5 ms a small model's p99 during
+    # such loads was ~6x its idle p99. 50 halved the slowest requests' waits
+    # for the GIL on 2 cores (session 10), with their p99 within the noise.
+    gil_switch_us: float = 500.0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
                                          # memory, or half the host's split over CPU workers
@@ -269,6 +275,7 @@ def _validate(c: Config) -> None:
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
     need(0 <= c.spin_us <= 1e6, "spin_us", "must be from 0 to 1e6 (a second)")
+    need(1 <= c.gil_switch_us <= 1e6, "gil_switch_us", "must be from 1 to 1e6 (a second)")
     need(0 <= c.poll_us <= 1e6, "poll_us", "must be from 0 to 1e6 (a second)")
     need(0 <= c.tcp_port < 65536, "tcp_port", "must be a port number (0: any free)")
     need(-1 <= c.http_port < 65536, "http_port",

@@ -35,10 +35,6 @@ from mmengine.storage import Manifests, read_spec
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
-# How long the loader thread may hold the GIL while inference waits for it.
-# Building a module from host-tier views is Python under the GIL; at the
-# default 5 ms a small model's p99 during such loads was ~6x its idle p99.
-GIL_SWITCH_S = 0.0005
 # A worker that has served nothing this long is idle: its loads may read
 # with every core of its share (a request that comes meanwhile shares them).
 IDLE_NS = 100_000_000
@@ -440,7 +436,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     """The worker process; each handle is (name, data_fd, space_fd, spin_us)
     with descriptors inherited from the front-end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
-    sys.setswitchinterval(GIL_SWITCH_S)
+    sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
 
     if device == "cpu":

@@ -1006,3 +1006,19 @@ def test_an_unload_that_times_out_leaves_the_model_pinned(repo, own_segments):
             assert not engine._model_row(("slow", 1))["pinned"]
 
     run(main(), max_stall=2.0)
+
+
+def test_a_workers_gil_switch_interval_is_the_configs(tmp_path, own_segments):
+    (tmp_path / "switch" / "1").mkdir(parents=True)
+    (tmp_path / "switch" / "1" / "handler.py").write_text(
+        "import sys\nimport numpy as np\n\ndef load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n    return {'s': np.array([sys.getswitchinterval()])}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=1 << 24,
+                                 gil_switch_us=50)) as engine:
+            return (await engine.infer("switch", {"x": np.zeros(1, np.float32)}))["s"][0]
+
+    assert run(main()) == pytest.approx(50e-6)
+    with pytest.raises(ValueError, match="gil_switch_us"):
+        Config(gil_switch_us=0)

@@ -7,10 +7,11 @@
 # with their output on stderr; exits non-zero if either failed. The tests
 # need pytest and pytest-timeout in that python; on an H200 they took two
 # minutes, the check under one. Between the two, benchmarks/load.py --quick
-# runs twice on a CPU worker with the machine's cores to spare, its
+# runs three times on a CPU worker with the machine's cores to spare, its
 # small model's slowest requests during loads split by what the worker's
-# thread did (MMENGINE_ACCOUNT_REQUESTS), spinning during loads and not:
-# one JSON line each on stderr, for #6's interference goal (~20 s).
+# thread did (MMENGINE_ACCOUNT_REQUESTS): spinning during loads and not,
+# then spinning with a GIL switch interval of 50 us instead of 500: one
+# JSON line each on stderr, for #6's interference goal (~30 s).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --device cpu --mb 16   # a dry run of the same steps here
@@ -23,10 +24,11 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" setup.py build_ext --inplace -j "$(nproc)" >/dev/null || exit
 timeout 90 "$PY" tools/gpu_check.py "$@"
 check=$?
-for spin in auto off; do
-  CUDA_VISIBLE_DEVICES= MMENGINE_SPIN_DURING_LOADS=$spin MMENGINE_ACCOUNT_REQUESTS=1 \
-    timeout 60 "$PY" benchmarks/load.py --quick --json 2>/dev/null | tail -n 1 |
-    sed "s/^/gpu_check: load.py, $(nproc) cores, spin_during_loads=$spin: /" >&2
+for run in "auto 500" "off 500" "auto 50"; do
+  read -r spin switch <<< "$run"
+  CUDA_VISIBLE_DEVICES= MMENGINE_SPIN_DURING_LOADS=$spin MMENGINE_GIL_SWITCH_US=$switch \
+    MMENGINE_ACCOUNT_REQUESTS=1 timeout 60 "$PY" benchmarks/load.py --quick --json 2>/dev/null |
+    tail -n 1 | sed "s/^/gpu_check: load.py, $(nproc) cores, spin_during_loads=$spin, gil_switch_us=$switch: /" >&2
 done
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short --timeout 40 tests/test_gpu.py tests/test_hosttier.py >&2
 tests=$?
