@@ -41,6 +41,7 @@ from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, Timeout,
                              TooLarge, WorkerDied)
 from mmengine.messages import Op
+from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
 from mmengine.workers import Worker, WorkerPool
 
@@ -515,7 +516,7 @@ class Engine:
                 raise  # the engine is stopping: no fault of the model's
             if isinstance(e, WorkerDied):
                 e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
-            self._load_aborted(key, e, worker.index, t0)
+            self._load_failed(key, e, worker.index, t0)
             if isinstance(e, MMEngineError):
                 raise e from None
             raise
@@ -586,7 +587,7 @@ class Engine:
             if path is None:
                 path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
         except MMEngineError as e:
-            self._load_aborted(key, e, None, t0)
+            self._load_failed(key, e, None, t0)
             raise
         return path, time.monotonic() - t0
 
@@ -609,21 +610,21 @@ class Engine:
             return
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
-    def _load_aborted(self, key: Key, e: BaseException, worker: int | None,
-                      t0: float) -> None:
-        """A load that began at `t0` failed: backed off, and told to observers."""
-        self._load_failed(key, e)
+    def _load_failed(self, key: Key, e: BaseException, worker: int | None = None,
+                     t0: float | None = None) -> None:
+        """Counts a failed load, tells observers (one that began at `t0`,
+        time.monotonic(), on `worker`; else one that failed as it was asked
+        for: a spec that cannot be read, a model that crashes its worker),
+        and backs the model off: until its retry time every request for it
+        gets LOAD_FAILED at once, and harms no other model by loading it
+        again and again. The back-off doubles with each failure in a row. A
+        worker that died during a load may have died of something else:
+        that backs off only if the model's previous load failed too (a model
+        that kills its worker twice is the cause)."""
+        now = time.monotonic_ns()
         self._emit("load", {"model": key[0], "version": key[1], "worker": worker,
-                            "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                            "start_ns": now if t0 is None else int(t0 * 1e9), "end_ns": now,
                             "error": str(e)})
-
-    def _load_failed(self, key: Key, e: BaseException) -> None:
-        """Counts a failed load and backs the model off: until its retry
-        time every request for it gets LOAD_FAILED at once, and harms no
-        other model by loading it again and again. The back-off doubles with
-        each failure in a row. A worker that died during a load may have
-        died of something else: that backs off only if the model's previous
-        load failed too (a model that kills its worker twice is the cause)."""
         stats = self._stats.setdefault(key, ModelStats())
         stats.failures += 1
         stats.last_error = str(e)
@@ -681,6 +682,12 @@ class Engine:
                     self.cache.set_bytes(key, books.DEVICE, need)
                     self.cache.touch(key, time.monotonic())
                     return w
+            # Pinned models hold too much of every worker's budget: no
+            # request's end can make the room, only an unpin.
+            if all(self._pinned_bytes(w.index) + need > caps[w.index]
+                   for w in self.pool.workers):
+                raise Overloaded(f"{key[0]}: no room for {need} bytes: pinned models hold "
+                                 f"every worker's budget (unpin one)")
             # Every worker's room is held by models in use: wait for a request
             # to finish (or a worker to come back), up to the load's deadline.
             try:
@@ -688,6 +695,16 @@ class Engine:
             except TimeoutError:
                 raise Overloaded(f"{key[0]}: no room for {need} bytes: every resident "
                                  f"model is in use") from None
+
+    def _pinned_bytes(self, index: int) -> int:
+        """Device bytes that models pinned with pin() hold on worker `index`."""
+        total = 0
+        for key in self._pinned:
+            if key in self.cache:
+                entry = self.cache.entry(key)
+                if entry.worker == index:
+                    total += entry.device_bytes
+        return total
 
     def _forget(self, key: Key, gen: int) -> None:
         if self._gen.get(key) == gen and key in self.cache:
@@ -818,7 +835,7 @@ class Engine:
         if again:
             self._load_failed(key, LoadFailed(
                 f"{key[0]}: its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
-                f"(exit code {code})"))
+                f"(exit code {code})"), worker.index)
             # Its loads succeed, and a successful load ends a run of failed
             # ones: the back-off doubles with each crash's in a row instead.
             quiet = now - stats.crash_backoff_until > CRASH_QUIET_S
@@ -1156,10 +1173,7 @@ def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in inputs.items():
         if not isinstance(name, str):
             raise BadRequest(f"input names must be strings, not {type(name).__name__}")
-        if type(value).__module__.startswith("torch"):  # torch is imported only if given
-            if str(value.dtype) == "torch.bfloat16":  # numpy has none; float32 holds each
-                value = value.float()
-            value = value.detach().cpu().numpy()
+        value = from_torch(value)
         if not isinstance(value, np.ndarray):
             raise BadRequest(f"input {name!r} must be a numpy array or a torch tensor, "
                              f"not {type(value).__name__}")

@@ -166,7 +166,9 @@ class Trace:
 
     def _on_load(self, f: dict) -> None:
         start, end = f["start_ns"], f["end_ns"]
-        tid = self._group_tid(f"worker {f['worker']} loads", start, end)
+        # A load that failed before any worker took it goes to "loads".
+        group = "loads" if f["worker"] is None else f"worker {f['worker']} loads"
+        tid = self._group_tid(group, start, end)
         args = {"model": f["model"], "version": f["version"], "worker": f["worker"]}
         if "error" in f:
             args["error"] = f["error"]

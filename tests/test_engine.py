@@ -1022,3 +1022,36 @@ def test_a_workers_gil_switch_interval_is_the_configs(tmp_path, own_segments):
     assert run(main()) == pytest.approx(50e-6)
     with pytest.raises(ValueError, match="gil_switch_us"):
         Config(gil_switch_us=0)
+
+
+def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segments):
+    # Two models pinned, one per worker, leave no worker room for a third:
+    # no request's end can make it, so waiting out the deadline is no use.
+    for name in ("big1", "big2", "big3"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "handler.py").write_text(
+            "def load(path, device):\n    pass\n\n"
+            "def predict(inputs):\n    return {'y': inputs['x']}\n")
+        (tmp_path / name / "1" / "model.toml").write_text(f"bytes = {40 << 20}\n")
+    x = {"x": np.ones(2, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=2, device_budget=64 << 20,
+                                 request_timeout_s=30)) as engine:
+            await engine.pin("big1")
+            await engine.pin("big2")
+            t0 = time.monotonic()
+            with pytest.raises(Overloaded, match="unpin"):
+                await engine.infer("big3", x)
+            with pytest.raises(Overloaded, match="unpin"):
+                await engine.load("big3")
+            refused_in = time.monotonic() - t0
+            await engine.unpin("big1")
+            out = await engine.infer("big3", x)  # big1 makes way
+            return refused_in, out, engine.stats()
+
+    refused_in, out, stats = run(main())
+    assert refused_in < 5, refused_in
+    np.testing.assert_array_equal(out["y"], x["x"])
+    rows = {r["name"]: r for r in stats["models"]}
+    assert rows["big1"]["state"] == "on storage" and rows["big2"]["pinned"]

@@ -20,7 +20,7 @@ from conftest import run
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import ModelNotFound
+from mmengine.errors import LoadFailed, ModelNotFound
 from mmengine.server import metrics
 from mmengine.server.http import HttpServer
 from mmengine.server.tcp import TcpServer
@@ -44,6 +44,10 @@ def repo(tmp_path_factory):
         demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "handler.py").write_text(BROKEN_HANDLER)
+    # A load that fails before any worker takes it: a manifest that is not one.
+    (root / "garbled" / "1").mkdir(parents=True)
+    (root / "garbled" / "1" / "handler.py").write_text(BROKEN_HANDLER)
+    (root / "garbled" / "1" / "model.toml").write_text('bytes = "lots"\n')
     return root
 
 
@@ -101,6 +105,8 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
                     await engine.infer("no-such-model", x)
                 with pytest.raises(Exception):
                     await engine.infer("broken", x)
+                with pytest.raises(LoadFailed):
+                    await engine.infer("garbled", x)
                 await engine.unload("m03")
                 await engine.infer("m00", x)
                 content_type, text = await scrape(port)
@@ -126,6 +132,7 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert ok == totals["hits"] + totals["misses"] == 2 * 2 * len(MODELS) + 8 + 1
     assert requests[(("code", "MODEL_NOT_FOUND"), ("model", ""))] == 1
     assert requests[(("code", "LOAD_FAILED"), ("model", "broken"))] == 1
+    assert requests[(("code", "LOAD_FAILED"), ("model", "garbled"))] == 1
     assert not any(("model", "no-such-model") in k for k in requests)
     latency = got["mmengine_request_duration_seconds_count"]
     assert sum(latency.values()) == sum(requests.values())
@@ -138,7 +145,12 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert {k: v for k, v in loads.items()} == {
         (("model", n), ("version", v)): r["loads"] for (n, v), r in rows.items() if r["loads"]}
     assert got["mmengine_load_duration_seconds_count"][()] == totals["loads"]
-    assert got["mmengine_load_failures_total"][(("model", "broken"), ("version", "1"))] == 1
+    # Each failed load that stats() counts, where it failed whatever.
+    assert got["mmengine_load_failures_total"] == {
+        (("model", n), ("version", v)): r["failures"] for (n, v), r in rows.items()
+        if r["failures"]}
+    assert set(got["mmengine_load_failures_total"]) == {
+        (("model", "broken"), ("version", "1")), (("model", "garbled"), ("version", "1"))}
     evictions = got["mmengine_evictions_total"]
     assert sum(evictions.values()) == totals["evictions"] >= len(MODELS)
     for (n, v), r in rows.items():
@@ -179,8 +191,11 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     spans = [e for e in events if e["ph"] == "X"]
     assert sum(e["cat"] == "request" for e in spans) == sum(requests.values())
     load_spans = [e for e in spans if e["cat"] == "load" and e["name"].startswith("load ")]
-    assert len(load_spans) == totals["loads"] + 1  # the broken one, with its error
-    assert sum("error" in e["args"] for e in load_spans) == 1
+    assert len(load_spans) == totals["loads"] + 2  # the broken two, with their errors
+    failed = {e["args"]["model"]: e for e in load_spans if "error" in e["args"]}
+    assert set(failed) == {"broken", "garbled"}
+    assert failed["garbled"]["args"]["worker"] is None  # no worker took it
+    assert "bytes" in failed["garbled"]["args"]["error"]
     evicts = [e for e in events if e["ph"] == "i" and e["cat"] == "evict"]
     assert len(evicts) == totals["evictions"]
     ok_requests = [e for e in spans if e["cat"] == "request" and e["args"]["code"] == "OK"]
