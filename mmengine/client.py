@@ -56,9 +56,7 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in inputs.items():
-        if type(value).__module__.startswith("torch"):
-            value = value.detach().cpu().numpy()
-        out[name] = np.asarray(value)
+        out[name] = np.asarray(protocol.from_torch(value))
     return out
 
 
@@ -122,12 +120,14 @@ def _wait(timeout: float | None) -> float | None:
 
 
 def _model_message(op: str, model: str, version: int | None,
-                   token: str | None) -> dict:
+                   token: str | None, timeout: float | None = None) -> dict:
     message = {"op": op, "model": model}
     if version is not None:
         message["version"] = version
     if token is not None:
         message["token"] = token
+    if timeout is not None:
+        message["timeout"] = timeout
     return message
 
 
@@ -396,15 +396,26 @@ class Client:
                              _wait(timeout), encoded=True)
         return [_outputs(r) for r in rs]
 
-    def load(self, model: str, version: int | None = None, token: str | None = None) -> dict:
-        return self.call(_model_message("load", model, version, token))["model"]
+    # load, unload and pin send the server how long this client waits
+    # (`timeout`, else the client's): the server answers TIMEOUT then, where
+    # its own default (load_timeout_s) could outlast the client's wait.
+
+    def load(self, model: str, version: int | None = None, token: str | None = None,
+             timeout: float | None = None) -> dict:
+        return self._model_op("load", model, version, token, timeout)["model"]
 
     def unload(self, model: str, version: int | None = None,
-               token: str | None = None) -> None:
-        self.call(_model_message("unload", model, version, token))
+               token: str | None = None, timeout: float | None = None) -> None:
+        self._model_op("unload", model, version, token, timeout)
 
-    def pin(self, model: str, version: int | None = None, token: str | None = None) -> dict:
-        return self.call(_model_message("pin", model, version, token))["model"]
+    def pin(self, model: str, version: int | None = None, token: str | None = None,
+            timeout: float | None = None) -> dict:
+        return self._model_op("pin", model, version, token, timeout)["model"]
+
+    def _model_op(self, op: str, model: str, version: int | None, token: str | None,
+                  timeout: float | None) -> dict:
+        timeout = timeout or self.timeout
+        return self.call(_model_message(op, model, version, token, timeout), _wait(timeout))
 
     def unpin(self, model: str, version: int | None = None,
               token: str | None = None) -> None:
@@ -560,16 +571,22 @@ class AsyncClient:
         return _outputs(r, t_start)
 
     async def load(self, model: str, version: int | None = None,
-                   token: str | None = None) -> dict:
-        return (await self.call(_model_message("load", model, version, token)))["model"]
+                   token: str | None = None, timeout: float | None = None) -> dict:
+        return (await self._model_op("load", model, version, token, timeout))["model"]
 
     async def unload(self, model: str, version: int | None = None,
-                     token: str | None = None) -> None:
-        await self.call(_model_message("unload", model, version, token))
+                     token: str | None = None, timeout: float | None = None) -> None:
+        await self._model_op("unload", model, version, token, timeout)
 
     async def pin(self, model: str, version: int | None = None,
-                  token: str | None = None) -> dict:
-        return (await self.call(_model_message("pin", model, version, token)))["model"]
+                  token: str | None = None, timeout: float | None = None) -> dict:
+        return (await self._model_op("pin", model, version, token, timeout))["model"]
+
+    async def _model_op(self, op: str, model: str, version: int | None, token: str | None,
+                        timeout: float | None) -> dict:
+        timeout = timeout or self.timeout  # as Client's
+        return await self.call(_model_message(op, model, version, token, timeout),
+                               _wait(timeout))
 
     async def unpin(self, model: str, version: int | None = None,
                     token: str | None = None) -> None:

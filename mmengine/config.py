@@ -2,13 +2,17 @@
 
 A Config is filled from a TOML file, then MMENGINE_<KEY> environment
 variables, then explicit overrides (CLI flags), and validated once; an error
-names the bad key. The same object is passed whole into every process.
+names the bad key (an unknown key in the file is one; an MMENGINE_ variable
+that names none is said on stderr, with the key it may have meant). The
+same object is passed whole into every process.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
+import sys
 import tomllib
 from typing import Any, Mapping
 
@@ -21,6 +25,8 @@ PURE_PYTHON_VAR = "MMENGINE_PURE_PYTHON"
 #: with the native core: what profilers that read Python's frames need.
 SOURCE_VAR = "MMENGINE_SOURCE"
 ENV_PREFIX = "MMENGINE_"
+#: The variables of that prefix that are no configuration key (setup.py's).
+OTHER_VARS = {PURE_PYTHON_VAR, SOURCE_VAR, "MMENGINE_BUILD_ONLY", "MMENGINE_BUILD_DEBUG"}
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -311,11 +317,15 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             values[key] = value
     env = os.environ if env is None else env
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in (PURE_PYTHON_VAR, SOURCE_VAR):
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARS:
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in _FIELDS:
             values[key] = value
+        else:  # said, not refused: the environment may be another program's too
+            close = difflib.get_close_matches(key, _FIELDS, 1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            print(f"mmengine: {name} is no configuration key; ignored{hint}", file=sys.stderr)
     for key, value in (overrides or {}).items():
         if key not in _FIELDS:
             raise ConfigError(f"{key}: unknown configuration key")

@@ -246,6 +246,17 @@ class _Viewer:
 _names: dict[np.dtype, str] = {}
 
 
+def from_torch(value: Any) -> Any:
+    """A torch tensor as a numpy array (bfloat16, which numpy lacks, as
+    float32, which holds each of its values); anything else as it is.
+    torch is imported only by those who pass its tensors."""
+    if type(value).__module__.startswith("torch"):
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.detach().cpu().numpy()
+    return value
+
+
 def _dtype_name(dtype: np.dtype) -> str:
     # dtype.name is computed in Python on every access; this runs per tensor.
     name = _names.get(dtype)

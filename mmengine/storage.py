@@ -508,11 +508,14 @@ def _parse_digests(value: Any, where: str) -> tuple[bytes, ...]:
     return digests
 
 
+_KINDS = {int: "an integer", bool: "a boolean", dict: "a table", str: "a string"}
+
+
 def _expect(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = table[key]
     # TOML booleans are ints to Python; a count of `true` bytes is a mistake.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be a {kind.__name__}, "
+        raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be {_KINDS[kind]}, "
                          f"not {value!r}")
     return value
 

@@ -570,6 +570,16 @@ def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
         config_mod.load(env={}, overrides={"device_budget": "1e9"})
 
 
+def test_a_misspelled_variable_is_said_with_the_key_it_may_mean(capsys):
+    c = config_mod.load(env={"MMENGINE_WROKERS": "3", "MMENGINE_WORKERS": "4",
+                             "MMENGINE_BUILD_ONLY": "ring", "MMENGINE_ZZZ": "1"})
+    assert c.workers == 4
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mmengine: MMENGINE_WROKERS is no configuration key; ignored "
+                   "(did you mean MMENGINE_WORKERS?)",
+                   "mmengine: MMENGINE_ZZZ is no configuration key; ignored"]
+
+
 def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():
     # The embedded API's Config(...): sizes in words, and a bad value named
     # (workers=0 failed deep inside the engine, a size string in a TypeError).

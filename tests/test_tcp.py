@@ -76,6 +76,10 @@ def repo(tmp_path_factory) -> Path:
     (root / "echo" / "1" / "handler.py").write_text(ECHO_HANDLER)
     (root / "odd" / "1").mkdir(parents=True)
     (root / "odd" / "1" / "handler.py").write_text(ODD_HANDLER)
+    (root / "slowload" / "1").mkdir(parents=True)
+    (root / "slowload" / "1" / "handler.py").write_text(
+        "import time\n\ndef load(path, device):\n    time.sleep(4)\n\n"
+        "def predict(inputs):\n    return {'y': inputs['x']}\n")
     return root
 
 
@@ -616,3 +620,42 @@ def test_a_pooled_connection_the_server_closed_is_replaced(address):
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"],
                                    c.infer("m00", {"x": x})["y"])
         assert c._pool[0] is not conn
+
+
+def test_load_and_pin_tell_the_server_how_long_the_client_waits(address):
+    # The server's own default for a load (load_timeout_s, 120 s) outlasts
+    # the client's 30: the client sends its wait, and the server answers
+    # TIMEOUT in it, typed, on a connection that goes on serving.
+    async def asynchronous():
+        async with AsyncClient(address, timeout=60) as c:
+            with pytest.raises(Timeout, match="not loaded within"):
+                await c.load("slowload", timeout=0.5)
+            assert (await c.health())["status"] == "serving"
+
+    t0 = time.monotonic()
+    run(asynchronous())
+    with Client(address, timeout=60) as c:
+        with pytest.raises(Timeout, match="not loaded within"):
+            c.load("slowload", timeout=0.5)
+        assert c.health()["status"] == "serving"
+    with Client(address, timeout=0.5) as c:  # the client's own timeout, sent
+        with pytest.raises(Timeout, match="not loaded within"):
+            c.pin("slowload")
+    assert time.monotonic() - t0 < 3.5  # the load (4 s) was not waited for
+
+
+def test_the_sdk_takes_torch_tensors_and_bfloat16_as_float32(address):
+    import torch
+
+    x = torch.from_numpy(x_for(np.random.default_rng(3))).to(torch.bfloat16)
+    want = x.float().numpy()  # numpy has no bfloat16; float32 holds each value
+
+    async def asynchronous():
+        async with AsyncClient(address) as c:
+            return (await c.infer("echo", {"x": x}))["y"]
+
+    with Client(address) as c:
+        got = [c.infer("echo", {"x": x})["y"], run(asynchronous())]
+    for y in got:
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, want)

@@ -119,7 +119,7 @@ class Listener:
 
     def check_control(self, token: object) -> None:
         """Unauthorized unless `token` is the control token (if one is set)."""
-        auth.check(self.control_digests, token, "control operations")
+        auth.check(self.control_digests, token, "a control operation")
 
     async def start(self, host: str, port: int) -> int:
         """Listens; returns the bound port (useful with port 0)."""
