@@ -210,7 +210,7 @@ def test_tcp_control_ops_need_the_control_token(server):
     with Client(tcp) as c:
         for token in (None, WRONG, MODEL_TOKEN):
             for op in (c.load, c.pin, c.unpin, c.unload):
-                with pytest.raises(Unauthorized, match="a control operation needs a token"):
+                with pytest.raises(Unauthorized, match="^a control operation"):
                     op(name, token=token)
         assert state(tcp, name) == "on storage"
         # Reading needs no token.

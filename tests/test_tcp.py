@@ -369,6 +369,12 @@ def test_both_clients_say_where_a_request_spent_its_time_when_asked(address):
                     await client.infer("m02", {"x": x}, timing=True))
 
     check(*run(main()))
+    with socket.create_connection(address, timeout=10) as s:  # not a boolean: refused
+        s.sendall(protocol.frame({"id": 5, "op": "infer", "model": "m02", "timing": "yes",
+                                  "inputs": protocol.encode_tensors({"x": x})}))
+        answer = read_frame(s)
+    assert answer["id"] == 5 and answer["error"]["code"] == int(ErrorCode.BAD_REQUEST)
+    assert "'timing'" in answer["error"]["message"]
 
 
 def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):

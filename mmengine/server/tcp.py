@@ -277,7 +277,10 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 model, version = _model_args(message)
                 inputs = protocol.decode_tensors(message.get("inputs"))
                 # 0: no timing asked for; else the stamp timing() starts from.
-                t_submit = time.monotonic_ns() if message.get("timing") is True else 0
+                timing = message.get("timing", False)
+                if type(timing) is not bool:  # "yes" must not mean no in silence
+                    raise BadRequest("'timing' must be true or false")
+                t_submit = time.monotonic_ns() if timing else 0
                 fut = self.engine.submit(model, inputs, version, _timeout(message),
                                          _token(message),
                                          then=functools.partial(self._on_answer, rid, t_submit))
