@@ -254,7 +254,11 @@ class Repository:
             version = versions[-1]
         else:
             version = _check_version(version)
-            if version not in versions:
+            # One asked for by number is looked for, as an unknown name is:
+            # it need not wait for the next rescan (which makes it the
+            # default, and lists it).
+            if version not in versions and (name in self._added
+                                            or version not in self._scan_versions(name)):
                 raise ModelNotFound(f"model {name!r} has no version {version}")
         key = (name, version)
         spec = self._specs.get(key)

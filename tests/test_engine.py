@@ -883,6 +883,25 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
     run(main())
 
 
+def test_a_version_asked_for_by_number_is_found_before_the_next_scan(tmp_path, own_segments):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    x = x_for(np.random.default_rng(2))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=3600)) as engine:
+            await engine.infer("m", {"x": x})
+            with pytest.raises(ModelNotFound, match="no version 2"):
+                await engine.infer("m", {"x": x}, version=2)
+            demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+            v2 = (await engine.infer("m", {"x": x}, version=2))["y"]
+            default = (await engine.infer("m", {"x": x}))["y"]  # v1 until the next scan
+            return v2, default
+
+    v2, default = run(main())
+    np.testing.assert_allclose(v2, demo.reference(x, *DIMS, seed=2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(default, demo.reference(x, *DIMS, seed=1), rtol=1e-5, atol=1e-5)
+
+
 def test_an_embedders_mistakes_are_typed_and_counted(repo, own_segments):
     # Cancelled requests are counted as cancelled, not OK; a torch bfloat16
     # input arrives as float32 (every bfloat16 value is one); datetimes, a
