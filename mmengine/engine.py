@@ -100,6 +100,8 @@ class Engine:
         # (name, version asked for) -> key, for models whose files could not
         # even be read: their back-off is checked before the files are read.
         self._bad_specs: dict[tuple[str, Any], Key] = {}
+        # (name, version asked for) -> the repository's resolve under way
+        self._resolving: dict[tuple[str, Any], asyncio.Future] = {}
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -122,8 +124,9 @@ class Engine:
         self._draining: dict[Key, asyncio.Future] = {}
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
-        # "evict", "worker_exit" and "late" (an answer after its request
-        # timed out) (metrics, traces); they must not raise nor block.
+        # "evict", "worker_exit" and "late" (an answer that came after its
+        # request had failed: timed out, or cut off) (metrics, traces); they
+        # must not raise nor block.
         self.observers: list = []
         self._hits = 0
         self._misses = 0  # requests that had to wait for a load
@@ -289,8 +292,9 @@ class Engine:
 
     def _on_late_answer(self, served: tuple, ran: dict) -> None:
         """A worker answered a request that had failed already (its deadline
-        came first): the call still took that worker's time, which the next
-        requests waited for, so observers hear of it ("late")."""
+        came first, or it was cut off): the call still took that worker's
+        time, which the next requests waited for, so observers hear of it
+        ("late")."""
         if self.observers:
             self._emit("late", _add_ran({"model": served[0], "version": served[1]}, ran))
 
@@ -375,13 +379,22 @@ class Engine:
             bad = self._bad_specs.get((name, version))
             if bad is not None:
                 self._check_backoff(bad)
-            # The first look at a model reads its directory: off the loop.
-            loop = asyncio.get_running_loop()
+            # The first look at a model reads its directory: off the loop,
+            # once however many requests ask meanwhile.
+            resolving = self._resolving.get((name, version))
+            if resolving is None:
+                resolving = self._resolving[(name, version)] = \
+                    asyncio.get_running_loop().run_in_executor(None, self.repo.resolve,
+                                                               name, version)
+                resolving.add_done_callback(functools.partial(self._resolved, (name, version)))
             try:
-                spec = await loop.run_in_executor(None, self.repo.resolve, name, version)
+                spec = await asyncio.shield(resolving)
             except LoadFailed as e:  # it exists but cannot be served: say so in stats
-                if not record:
+                # One failed look is one failure, however many waited for it
+                # (they share the exception).
+                if not record or getattr(e, "counted", False):
                     raise
+                e.counted = True
                 versions = self.repo.versions(name)  # cached by the failed resolve
                 bad = (name, version or versions[-1])
                 self._bad_specs[(name, version)] = bad
@@ -634,6 +647,11 @@ class Engine:
         delay = self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30)
         stats.retry_at = time.monotonic() + min(delay, self.config.load_failure_backoff_max_s)
 
+    def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
+        self._resolving.pop(asked, None)
+        if not fut.cancelled():
+            fut.exception()  # taken: every request that waited for it may have gone
+
     def _check_backoff(self, key: Key) -> None:
         """LoadFailed, at once, for a model in its back-off after a failed load."""
         stats = self._stats.get(key)
@@ -697,12 +715,13 @@ class Engine:
                                  f"model is in use") from None
 
     def _pinned_bytes(self, index: int) -> int:
-        """Device bytes that models pinned with pin() hold on worker `index`."""
+        """Device bytes that resident models pinned with pin() hold on worker
+        `index` (one still loading may fail, and give its room back)."""
         total = 0
         for key in self._pinned:
             if key in self.cache:
                 entry = self.cache.entry(key)
-                if entry.worker == index:
+                if entry.worker == index and entry.state == books.READY:
                     total += entry.device_bytes
         return total
 
@@ -869,25 +888,31 @@ class Engine:
     # they were called: a pin and an unload sent back to back leave the model
     # unloaded, as their sender meant, whichever task the loop runs first.
 
+    # A control operation's timeout counts from its call: the wait behind
+    # the ones before it on the name included (a client waits that long).
+
     async def load(self, name: str, version: int | None = None,
                    timeout: float | None = None) -> dict:
         """Makes a model resident now; returns its row of `stats()`."""
-        async with self._in_order(name):
-            return await self._load_now(name, version, timeout)
+        deadline = self._deadline(timeout or self.config.load_timeout_s)
+        async with self._in_order(name, deadline):
+            return await self._load_now(name, version, deadline)
 
     async def unload(self, name: str, version: int | None = None,
                      timeout: float | None = None, keep_host: bool = False) -> None:
         """Unloads a model (dropping an explicit pin), once the requests in
         flight on it have finished, and drops its host-tier copy unless
         `keep_host` (as an eviction would)."""
-        async with self._in_order(name):
-            await self._unload_now(name, version, timeout, keep_host)
+        deadline = self._deadline(timeout)
+        async with self._in_order(name, deadline):
+            await self._unload_now(name, version, deadline, keep_host)
 
     async def pin(self, name: str, version: int | None = None,
                   timeout: float | None = None) -> dict:
         """Loads a model if needed and keeps it resident until unpin()."""
-        async with self._in_order(name):
-            return await self._pin_now(name, version, timeout)
+        deadline = self._deadline(timeout or self.config.load_timeout_s)
+        async with self._in_order(name, deadline):
+            return await self._pin_now(name, version, deadline)
 
     async def unpin(self, name: str, version: int | None = None) -> None:
         async with self._in_order(name):
@@ -895,33 +920,42 @@ class Engine:
             self._drop_pin((spec.name, spec.version))
 
     @contextlib.asynccontextmanager
-    async def _in_order(self, name: str):
+    async def _in_order(self, name: str, deadline: float | None = None):
         if self.pool is not None:
             self._check_loop()
         entry = self._control_order.get(name)
         if entry is None:
             entry = self._control_order[name] = [asyncio.Lock(), 0]
         entry[1] += 1
+        lock = entry[0]  # asyncio.Lock serves its waiters first come, first served
         try:
-            async with entry[0]:  # asyncio.Lock serves its waiters first come, first served
+            try:
+                async with asyncio.timeout_at(None if deadline is None
+                                              else self._loop_deadline(deadline)):
+                    await lock.acquire()
+            except TimeoutError:
+                raise Timeout(f"{name}: still behind other load, unload or pin calls at "
+                              f"the deadline") from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             entry[1] -= 1
             if not entry[1]:  # names nobody controls now must not pile up here
                 del self._control_order[name]
 
-    async def _load_now(self, name: str, version: int | None, timeout: float | None) -> dict:
+    async def _load_now(self, name: str, version: int | None, deadline: float) -> dict:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
+        await self._acquire(key, spec, deadline)
         self._unpin_request(key, self._gen[key])
         return self._model_row(key)
 
-    async def _unload_now(self, name: str, version: int | None, timeout: float | None,
+    async def _unload_now(self, name: str, version: int | None, deadline: float,
                           keep_host: bool) -> None:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        deadline = self._deadline(timeout)
         pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
@@ -956,10 +990,10 @@ class Engine:
             except TimeoutError:
                 raise Timeout(f"{name}: still in use at the deadline") from None
 
-    async def _pin_now(self, name: str, version: int | None, timeout: float | None) -> dict:
+    async def _pin_now(self, name: str, version: int | None, deadline: float) -> dict:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, self._deadline(timeout or self.config.load_timeout_s))
+        await self._acquire(key, spec, deadline)
         gen = self._gen[key]
         if self._pinned.get(key) == gen:
             self._unpin_request(key, gen)  # this entry already carries the pin
