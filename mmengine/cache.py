@@ -168,8 +168,8 @@ class PyCache:
 
     def acquire(self, key: Hashable, now: float) -> int:
         """The request path's way in. If the entry is READY: pins it,
-        touches it and returns its worker (-1 if it has none). Otherwise
-        changes nothing and returns -1. KeyError if absent."""
+        touches it, counts a hit and returns its worker (-1 if it has none).
+        Otherwise changes nothing and returns -1. KeyError if absent."""
         e = self._lru[key]
         now = float(now)
         if e.state != READY:

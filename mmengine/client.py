@@ -282,7 +282,10 @@ class _Connection:
 class Client:
     """A blocking client with a small pool of connections; safe to share
     between threads (each call borrows a connection). `token` goes with
-    every request that does not carry its own."""
+    every request that does not carry its own; `timeout`, with every one
+    that the server bounds (infer, load, unload, pin) and does not carry its
+    own: the server answers TIMEOUT then, and the client waits a grace
+    longer for that answer (None: the server's defaults, and no limit)."""
 
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
                  timeout: float = 30.0, pool_size: int = 4, token: str | None = None):
@@ -385,6 +388,7 @@ class Client:
               timeout: float | None = None, token: str | None = None,
               timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
+        timeout = timeout or self.timeout
         r = self._call_many([_infer_message(model, inputs, version, timeout, token, timing)],
                             _wait(timeout), encoded=True)[0]
         return _outputs(r, t_start)
@@ -392,13 +396,15 @@ class Client:
     def infer_many(self, requests: Iterable[tuple[str, dict]],
                    timeout: float | None = None) -> list[Outputs]:
         """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
+        timeout = timeout or self.timeout
         rs = self._call_many([_infer_message(m, x, None, timeout) for m, x in requests],
                              _wait(timeout), encoded=True)
         return [_outputs(r) for r in rs]
 
-    # load, unload and pin send the server how long this client waits
-    # (`timeout`, else the client's): the server answers TIMEOUT then, where
-    # its own default (load_timeout_s) could outlast the client's wait.
+    # load, unload and pin, as infer, send the server how long this client
+    # waits (`timeout`, else the client's): the server answers TIMEOUT then,
+    # where its own default (load_timeout_s) could outlast the client's wait.
+    # A load the caller stopped waiting for goes on to its own deadline.
 
     def load(self, model: str, version: int | None = None, token: str | None = None,
              timeout: float | None = None) -> dict:
@@ -566,6 +572,7 @@ class AsyncClient:
                     timeout: float | None = None, token: str | None = None,
                     timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
+        timeout = timeout or self.timeout
         r = await self._call(_infer_message(model, inputs, version, timeout, token, timing),
                              _wait(timeout), encoded=True)
         return _outputs(r, t_start)

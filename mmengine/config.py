@@ -25,8 +25,10 @@ PURE_PYTHON_VAR = "MMENGINE_PURE_PYTHON"
 #: with the native core: what profilers that read Python's frames need.
 SOURCE_VAR = "MMENGINE_SOURCE"
 ENV_PREFIX = "MMENGINE_"
-#: The variables of that prefix that are no configuration key (setup.py's).
+#: The variables of that prefix that are no configuration key: setup.py's,
+#: and MMENGINE_TEST_*, the tests' own.
 OTHER_VARS = {PURE_PYTHON_VAR, SOURCE_VAR, "MMENGINE_BUILD_ONLY", "MMENGINE_BUILD_DEBUG"}
+TEST_VAR_PREFIX = "MMENGINE_TEST_"
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -317,7 +319,8 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             values[key] = value
     env = os.environ if env is None else env
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in OTHER_VARS:
+        if not name.startswith(ENV_PREFIX) or name in OTHER_VARS \
+                or name.startswith(TEST_VAR_PREFIX):
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in _FIELDS:

@@ -34,6 +34,12 @@ def predict(inputs):
 '''
 
 
+def slow_loading(seconds: float) -> str:
+    """A handler that takes `seconds` to load and answers its input x as y."""
+    return (f"import time\n\ndef load(path, device):\n    time.sleep({seconds})\n\n"
+            f"def predict(inputs):\n    return {{'y': inputs['x']}}\n")
+
+
 def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     """Runs `coro` on a fresh uvloop with a deadline. Fails if anything
     reached the loop's exception handler (a callback that raised, a task
@@ -68,14 +74,24 @@ def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     return result
 
 
+def write_handler(root: Path, name: str, source: str, manifest: str = "") -> Path:
+    """Version 1 of model `name` under `root`: a Python handler of `source`,
+    with `manifest` as its model.toml if given."""
+    version = root / name / "1"
+    version.mkdir(parents=True)
+    (version / "handler.py").write_text(source)
+    if manifest:
+        (version / "model.toml").write_text(manifest)
+    return version
+
+
 def write_problem_models(root) -> None:
     """Beside the good models of a test repository: "slow" (SLOW_HANDLER),
     "corrupt" (a safetensors file that is not one) and "huge" (a manifest
     that declares a terabyte)."""
     from mmengine import demo
 
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "handler.py").write_text(SLOW_HANDLER)
+    write_handler(root, "slow", SLOW_HANDLER)
     (root / "corrupt" / "1").mkdir(parents=True)
     (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
     (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import live_pids, run, write_problem_models
+from conftest import live_pids, run, slow_loading, write_handler, write_problem_models
 from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -417,17 +417,6 @@ def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_s
     run(main())
 
 
-SLOW_LOAD_HANDLER = '''
-import time
-
-def load(path, device):
-    time.sleep(1.0)
-
-def predict(inputs):
-    return {"y": inputs["x"]}
-'''
-
-
 @pytest.mark.parametrize("spin", ["off", "on"])
 def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spare(
         tmp_path, own_segments, spin):
@@ -435,8 +424,7 @@ def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spa
     this machine), answers come by wake-ups meanwhile, and polling resumes
     once the load is answered; with cores to spare (on) polling goes on."""
     demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
-    (tmp_path / "slowload" / "1").mkdir(parents=True)
-    (tmp_path / "slowload" / "1" / "handler.py").write_text(SLOW_LOAD_HANDLER)
+    write_handler(tmp_path, "slowload", slow_loading(1.0))
     reference = demo.DemoModel("m00", "safetensors", *DIMS, seed=0)
     rng = np.random.default_rng(3)
 
@@ -477,8 +465,7 @@ def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments
     loader thread did as the request began: "load" while a load ran (the
     slow handler's load sleeps, reading nothing), "idle" once it is done."""
     demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
-    (tmp_path / "slowload" / "1").mkdir(parents=True)
-    (tmp_path / "slowload" / "1" / "handler.py").write_text(SLOW_LOAD_HANDLER)
+    write_handler(tmp_path, "slowload", slow_loading(1.0))
     rng = np.random.default_rng(4)
 
     async def main():
@@ -519,7 +506,7 @@ def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_s
     version = tmp_path / "slowload" / "1"
     version.mkdir(parents=True)
     started = tmp_path / "started"
-    (version / "handler.py").write_text(SLOW_LOAD_HANDLER.replace(
+    (version / "handler.py").write_text(slow_loading(1.0).replace(
         "def load(path, device):\n", f"def load(path, device):\n    open({str(started)!r}, 'w')\n"))
     rings = [Ring.create(1 << 16, spin_us=300.0) for _ in range(3)]
     ends = [Ring.attach(r.handle) for r in rings]
@@ -987,10 +974,7 @@ def test_a_request_cut_off_by_stop_is_observed_as_its_client_hears_it(tmp_path, 
     # stop() cuts off what still waits for a load at its deadline: the
     # client hears OVERLOADED ("shut down"), and so do metrics and traces;
     # only a caller's own cancel is CANCELLED.
-    (tmp_path / "slowload" / "1").mkdir(parents=True)
-    (tmp_path / "slowload" / "1" / "handler.py").write_text(
-        "import time\n\ndef load(path, device):\n    time.sleep(3)\n\n"
-        "def predict(inputs):\n    return inputs\n")
+    write_handler(tmp_path, "slowload", slow_loading(3))
 
     async def main():
         events: list = []
@@ -1028,10 +1012,9 @@ def test_an_unload_that_times_out_leaves_the_model_pinned(repo, own_segments):
 
 
 def test_a_workers_gil_switch_interval_is_the_configs(tmp_path, own_segments):
-    (tmp_path / "switch" / "1").mkdir(parents=True)
-    (tmp_path / "switch" / "1" / "handler.py").write_text(
-        "import sys\nimport numpy as np\n\ndef load(path, device):\n    pass\n\n"
-        "def predict(inputs):\n    return {'s': np.array([sys.getswitchinterval()])}\n")
+    write_handler(tmp_path, "switch",
+                  "import sys\nimport numpy as np\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    return {'s': np.array([sys.getswitchinterval()])}\n")
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=1 << 24,
@@ -1047,11 +1030,9 @@ def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segmen
     # Two models pinned, one per worker, leave no worker room for a third:
     # no request's end can make it, so waiting out the deadline is no use.
     for name in ("big1", "big2", "big3"):
-        (tmp_path / name / "1").mkdir(parents=True)
-        (tmp_path / name / "1" / "handler.py").write_text(
-            "def load(path, device):\n    pass\n\n"
-            "def predict(inputs):\n    return {'y': inputs['x']}\n")
-        (tmp_path / name / "1" / "model.toml").write_text(f"bytes = {40 << 20}\n")
+        write_handler(tmp_path, name, "def load(path, device):\n    pass\n\n"
+                      "def predict(inputs):\n    return {'y': inputs['x']}\n",
+                      f"bytes = {40 << 20}\n")
     x = {"x": np.ones(2, np.float32)}
 
     async def main():
@@ -1074,3 +1055,41 @@ def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segmen
     np.testing.assert_array_equal(out["y"], x["x"])
     rows = {r["name"]: r for r in stats["models"]}
     assert rows["big1"]["state"] == "on storage" and rows["big2"]["pinned"]
+
+
+def test_a_burst_for_a_model_that_cannot_be_read_is_one_failed_load(tmp_path, own_segments):
+    write_handler(tmp_path, "garbled", "def load(path, device):\n    pass\n",
+                  'bytes = "lots"\n')
+    loads = []
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=1 << 24)) as engine:
+            engine.observers.append(lambda kind, f: kind == "load" and loads.append(f))
+            got = await asyncio.gather(*(engine.infer("garbled", {"x": np.ones(1)})
+                                         for _ in range(8)), return_exceptions=True)
+            return got, engine.stats()
+
+    got, stats = run(main())
+    assert all(isinstance(e, LoadFailed) for e in got)
+    (row,) = [r for r in stats["models"] if r["name"] == "garbled"]
+    assert row["failures"] == 1 and len(loads) == 1 and "bytes" in loads[0]["error"]
+
+
+def test_a_control_calls_timeout_counts_its_wait_behind_the_calls_before_it(tmp_path,
+                                                                           own_segments):
+    write_handler(tmp_path, "slowload", slow_loading(3))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=1 << 24)) as engine:
+            pin = asyncio.ensure_future(engine.pin("slowload"))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            with pytest.raises(Timeout, match="behind other"):
+                await engine.unload("slowload", timeout=0.5)  # queued behind the pin
+            waited = time.monotonic() - t0
+            await pin
+            return waited
+
+    assert 0.45 <= run(main()) < 2.0

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import run
+from conftest import run, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -45,9 +45,7 @@ def repo(tmp_path_factory):
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "handler.py").write_text(BROKEN_HANDLER)
     # A load that fails before any worker takes it: a manifest that is not one.
-    (root / "garbled" / "1").mkdir(parents=True)
-    (root / "garbled" / "1" / "handler.py").write_text(BROKEN_HANDLER)
-    (root / "garbled" / "1" / "model.toml").write_text('bytes = "lots"\n')
+    write_handler(root, "garbled", BROKEN_HANDLER, 'bytes = "lots"\n')
     return root
 
 

@@ -15,7 +15,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from conftest import Server, command, environ, live_pids, run, write_problem_models
+from conftest import (Server, command, environ, live_pids, run, slow_loading, write_handler,
+                      write_problem_models)
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config
@@ -76,10 +77,7 @@ def repo(tmp_path_factory) -> Path:
     (root / "echo" / "1" / "handler.py").write_text(ECHO_HANDLER)
     (root / "odd" / "1").mkdir(parents=True)
     (root / "odd" / "1" / "handler.py").write_text(ODD_HANDLER)
-    (root / "slowload" / "1").mkdir(parents=True)
-    (root / "slowload" / "1" / "handler.py").write_text(
-        "import time\n\ndef load(path, device):\n    time.sleep(4)\n\n"
-        "def predict(inputs):\n    return {'y': inputs['x']}\n")
+    write_handler(root, "slowload", slow_loading(4))
     return root
 
 

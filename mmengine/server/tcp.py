@@ -277,8 +277,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 model, version = _model_args(message)
                 inputs = protocol.decode_tensors(message.get("inputs"))
                 # 0: no timing asked for; else the stamp timing() starts from.
-                timing = message.get("timing", False)
-                if type(timing) is not bool:  # "yes" must not mean no in silence
+                timing = message.get("timing")
+                if timing is not None and type(timing) is not bool:  # "yes" is not no
                     raise BadRequest("'timing' must be true or false")
                 t_submit = time.monotonic_ns() if timing else 0
                 fut = self.engine.submit(model, inputs, version, _timeout(message),
