@@ -17,6 +17,7 @@ from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, Timeout,
                              TooLarge, WorkerDied)
+from mmengine.server import metrics
 from mmengine.storage import Repository
 
 DIMS = (16, 64, 8)  # in, hidden, out: 6,432 bytes of weights each
@@ -243,6 +244,7 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
         async with Engine(config(root, workers=1)) as engine:
             late = []
             engine.observers.append(lambda kind, f: kind == "late" and late.append(f))
+            counted = metrics.attach(engine)
             await engine.load("slow")
             t0 = time.monotonic()
             calls = [engine.infer("slow", slow(0.8), timeout=10),
@@ -258,9 +260,10 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
 
             results = await asyncio.gather(*map(timed, calls))
             pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
-            return results, pins, late
+            return results, pins, late, counted.exposition()[0].decode()
 
-    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins, late = run(main())
+    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins, late, exposed = run(main())
+    assert 'mmengine_late_answers_total{model="slow"} 2.0' in exposed
     assert pins == 0  # the timed-out requests' pins went when the worker was done
     # Their calls ran after the first one, and still say where and when.
     assert [(f["model"], f["version"], f["worker"]) for f in late] == [("slow", 1, 0)] * 2

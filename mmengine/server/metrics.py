@@ -92,6 +92,7 @@ class Metrics:
         self._evictions: dict[tuple[str, str, str], int] = {}    # (model, version, reason)
         self._evicted_bytes: dict[str, int] = {}                 # reason
         self._worker_exits: dict[str, int] = {}                  # worker
+        self._late: dict[tuple[str], int] = {}                   # (model,)
         self.registry.register(self)
 
     # -- the observer: once per event, on the loop ------------------------------
@@ -130,6 +131,9 @@ class Metrics:
         elif kind == "worker_exit":
             worker = str(f["worker"])
             self._worker_exits[worker] = self._worker_exits.get(worker, 0) + 1
+        elif kind == "late":
+            key = (f["model"],)
+            self._late[key] = self._late.get(key, 0) + 1
 
     # -- the collector: once per scrape ------------------------------------------
 
@@ -180,6 +184,9 @@ class Metrics:
         yield _counter("mmengine_worker_exits", "Worker processes that exited while "
                        "serving (each is restarted), by worker.",
                        ["worker"], {(k,): v for k, v in self._worker_exits.items()})
+        yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
+                       "their request had failed (timed out, or cut off): work nobody "
+                       "got, by model.", ["model"], self._late)
 
     def _collect_state(self, stats: dict):
         totals = stats["totals"]
