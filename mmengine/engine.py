@@ -663,17 +663,24 @@ class Engine:
                                  f"next try in {left:.1f} s)")
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
-        """Makes room for `need` bytes on the worker with the most free
-        budget, and reserves them under a new LOADING entry."""
+        """Makes room for `need` bytes and reserves them under a new LOADING
+        entry: on the least busy worker where they fit as it stands, else on
+        the one with the most free budget (evicting there)."""
         caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
         if need > max(caps):
             raise TooLarge(f"{key[0]}: needs {need} bytes, more than a worker's "
                            f"whole budget ({max(caps)})")
+
+        def order(w: Worker) -> tuple:
+            # A worker runs its inferences one at a time: a model placed
+            # beside a busy one waits behind its requests.
+            free = caps[w.index] - self.cache.used(books.DEVICE, w.index)
+            fits = need <= free - (1 - self.config.high_watermark) * caps[w.index]
+            return (not fits, w.busy_share if fits else 0.0, -free)
+
         while True:
             version = self._room_version
-            for w in sorted((w for w in self.pool.workers if w.alive),
-                            key=lambda w: self.cache.used(books.DEVICE, w.index)
-                            - self.cache.capacity(books.DEVICE, w.index)):
+            for w in sorted((w for w in self.pool.workers if w.alive), key=order):
                 # One reservation at a time per worker: its victims are chosen
                 # against books that no other reservation is changing.
                 async with self._locks[w.index]:
@@ -777,6 +784,8 @@ class Engine:
                 print(f"mmengine: monitor: {e!r}")
 
     async def _monitor_once(self) -> None:
+        for w in self.pool.workers:
+            w.sample_busy()
         if self.config.idle_unload_s:
             for key in self.cache.idle(time.monotonic(), self.config.idle_unload_s):
                 if self.cache.entry(key).state == books.READY:
@@ -1100,6 +1109,7 @@ class Engine:
             workers.append({
                 "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
                 "in_flight": w.in_flight,
+                "busy": round(w.busy_share, 3),
                 "restart_delay_s": self.pool.restart_delays.get(w.index, 0.0),
                 # `is not None`: a Cache with no entries is falsy (it has a len).
                 "used_bytes": (self.cache.used(books.DEVICE, w.index)

@@ -155,6 +155,15 @@ class Worker:
         # Whether polling stops while it loads (its cores are few: see
         # Config.spin_during_loads).
         self._quiet_loads = not resources.spins_during_loads(config, device)
+        # Busy: one inference or more in flight on it. busy_ns counts the
+        # busy spells that ended, _busy_from is when the one under way began;
+        # busy_share, the share of the time between the engine monitor's last
+        # two samples that it was busy (placement prefers the idle).
+        self._inferring = 0
+        self._busy_from = 0
+        self.busy_ns = 0
+        self.busy_share = 0.0
+        self._sampled = (0, time.monotonic_ns())
 
     @property
     def rings(self) -> tuple:
@@ -199,6 +208,15 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def sample_busy(self) -> None:
+        """busy_share: the share of the time since the last sample that it
+        had an inference in flight."""
+        now = time.monotonic_ns()
+        busy = self.busy_ns + (now - self._busy_from if self._inferring else 0)
+        before, then = self._sampled
+        self.busy_share = min(1.0, (busy - before) / max(now - then, 1))
+        self._sampled = (busy, now)
+
     def _on_exit(self) -> None:
         # Answers it wrote before it exited are still in the ring: deliver
         # them before failing whatever is left.
@@ -214,6 +232,9 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
+        if self._inferring:  # its busy spell ends here
+            self.busy_ns += time.monotonic_ns() - self._busy_from
+            self._inferring = 0
         # Inferences run one at a time, in order: the oldest one left is the
         # one the worker was running when it died.
         self.died_serving = next((p[6] for p in pending.values() if p[6] is not None), None)
@@ -291,6 +312,10 @@ class Worker:
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent, deadline, model, then,
                               (model, version) if op == Op.INFER else None)
+        if op == Op.INFER:
+            if not self._inferring:
+                self._busy_from = t_sent
+            self._inferring += 1
         if deadline < self._timer_at:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
@@ -400,6 +425,10 @@ class Worker:
         fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
+        if served is not None:
+            self._inferring -= 1
+            if not self._inferring:
+                self.busy_ns += time.monotonic_ns() - self._busy_from
         self._loading.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:

@@ -1096,3 +1096,33 @@ def test_a_control_calls_timeout_counts_its_wait_behind_the_calls_before_it(tmp_
             return waited
 
     assert 0.45 <= run(main()) < 2.0
+
+
+def test_a_model_is_placed_beside_the_idle_worker_not_the_busy_one(tmp_path, own_segments):
+    # A worker runs its inferences one at a time: a model placed beside a
+    # busy one would wait behind its requests. "slow" keeps worker 0 busy;
+    # worker 1 has less free room (a pinned "ballast") but is idle.
+    echo = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return inputs\n"
+    write_problem_models(tmp_path)  # "slow"
+    write_handler(tmp_path, "ballast", echo, f"bytes = {20 << 20}\n")
+    write_handler(tmp_path, "fast", echo, f"bytes = {1 << 20}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=2, device_budget=64 << 20,
+                                 monitor_interval_s=0.05)) as engine:
+            await engine.load("slow")
+            await engine.pin("ballast")
+            rows = {r["name"]: r for r in engine.stats()["models"]}
+            assert (rows["slow"]["worker"], rows["ballast"]["worker"]) == (0, 1)
+            busy = asyncio.gather(*(engine.infer("slow", {"seconds": np.array([0.3])})
+                                    for _ in range(4)))
+            await asyncio.sleep(0.4)  # a few of the monitor's samples
+            shares = [w["busy"] for w in engine.stats()["workers"]]
+            await engine.load("fast")
+            placed = next(r["worker"] for r in engine.stats()["models"] if r["name"] == "fast")
+            await busy
+            return shares, placed
+
+    shares, placed = run(main())
+    assert shares[0] > 0.5 and shares[1] == 0.0, shares
+    assert placed == 1

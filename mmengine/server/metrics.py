@@ -208,6 +208,9 @@ class Metrics:
         in_flight = GaugeMetricFamily("mmengine_worker_in_flight",
                                       "Requests sent to each worker and not yet answered "
                                       "(its queue depth).", labels=labels)
+        busy = GaugeMetricFamily("mmengine_worker_busy_ratio",
+                                 "Share of the last monitor interval each worker spent "
+                                 "running inferences.", labels=labels)
         up = GaugeMetricFamily("mmengine_worker_up", "1 while a worker's process serves.",
                                labels=labels)
         for w in stats["workers"]:
@@ -215,8 +218,9 @@ class Metrics:
             used.add_metric(values, w["used_bytes"])
             budget.add_metric(values, w["budget_bytes"])
             in_flight.add_metric(values, w["in_flight"])
+            busy.add_metric(values, w["busy"])
             up.add_metric(values, int(w["alive"]))
-        yield from (used, budget, in_flight, up)
+        yield from (used, budget, in_flight, busy, up)
 
         tier_used = GaugeMetricFamily("mmengine_tier_bytes", "Bytes of models in each "
                                       "tier (device: all workers together).", labels=["tier"])
