@@ -158,6 +158,11 @@ def _print_stats(args: argparse.Namespace) -> None:
           f"{t['hits']} hits, {t['loads']} loads ({t.get('loads_from_host', 0)} from the "
           f"host tier), {t['evictions']} evictions, {t['failures']} failed loads, "
           f"{t['worker_restarts']} worker restarts")
+    for w in stats.get("workers", []):
+        state = "up" if w["alive"] else "down"
+        print(f"worker {w['index']} ({w['device']}, {state}): {w['in_flight']} in flight, "
+              f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
+              f"{w['budget_bytes']:,} bytes")
 
 
 def _print_token() -> None:

@@ -522,6 +522,10 @@ def test_stats_prints_the_table(address):
     assert m01[:3] == ["m01", "1", "resident"]
     assert re.search(r"\d+ resident .* \d+ in the host tier .* \d+ hits, \d+ loads "
                      r"\(\d+ from the host tier\)", r.stdout)
+    workers = [row for row in rows if row.startswith("worker ")]
+    assert len(workers) == 2 and all(
+        re.fullmatch(r"worker \d \(cpu, up\): \d+ in flight, busy \d+%, [\d,]+ of [\d,]+ bytes",
+                     row) for row in workers), workers
     with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
         unused.bind(("127.0.0.1", 0))
         down = subprocess.run(command("stats", "--url", "127.0.0.1:%d" % unused.getsockname()[1]),
