@@ -98,9 +98,9 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         if config.http_port >= 0:
             http = HttpServer(engine, http_routes(), idle_timeout_s=config.http_idle_timeout_s)
             http_port = await http.start(config.host, config.http_port)
-        n = len(engine.repo.names())
-        print(f"mmengine: serving {n} models from {config.repo} on tcp://{config.host}:{port} "
-              f"with {len(engine.pool.workers)} workers "
+        n, workers = len(engine.repo.names()), len(engine.pool.workers)
+        print(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
+              f"tcp://{config.host}:{port} with {workers} worker{'s' * (workers != 1)} "
               f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)", flush=True)
         if http is not None:
             print(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "

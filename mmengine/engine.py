@@ -664,7 +664,8 @@ class Engine:
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
         """Makes room for `need` bytes and reserves them under a new LOADING
-        entry: on the least busy worker where they fit as it stands, else on
+        entry: on the least busy worker where they fit as it stands (fewest
+        requests and loads in flight, then the lowest busy share), else on
         the one with the most free budget (evicting there)."""
         caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
         if need > max(caps):
@@ -672,11 +673,13 @@ class Engine:
                            f"whole budget ({max(caps)})")
 
         def order(w: Worker) -> tuple:
-            # A worker runs its inferences one at a time: a model placed
-            # beside a busy one waits behind its requests.
+            # A worker runs its inferences one at a time, and its loads one
+            # at a time: a model placed beside busy ones waits behind them.
+            # What it has in flight now, then how busy it was of late.
             free = caps[w.index] - self.cache.used(books.DEVICE, w.index)
-            fits = need <= free - (1 - self.config.high_watermark) * caps[w.index]
-            return (not fits, w.busy_share if fits else 0.0, -free)
+            if need <= free - (1 - self.config.high_watermark) * caps[w.index]:
+                return (False, w.in_flight, w.busy_share, -free)
+            return (True, 0, 0.0, -free)  # room to make: where there is the most
 
         while True:
             version = self._room_version

@@ -1126,3 +1126,31 @@ def test_a_model_is_placed_beside_the_idle_worker_not_the_busy_one(tmp_path, own
     shares, placed = run(main())
     assert shares[0] > 0.5 and shares[1] == 0.0, shares
     assert placed == 1
+
+
+def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments):
+    # A worker's loads run one at a time: "fast", asked for while "slowload"
+    # loads on the roomier worker, goes beside the pinned "ballast" instead
+    # and answers at once.
+    echo = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return inputs\n"
+    write_handler(tmp_path, "ballast", echo, f"bytes = {20 << 20}\n")
+    write_handler(tmp_path, "slowload", slow_loading(3), f"bytes = {1 << 20}\n")
+    write_handler(tmp_path, "fast", echo, f"bytes = {1 << 20}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=2, device_budget=64 << 20,
+                                 request_timeout_s=30)) as engine:
+            await engine.pin("ballast")
+            loading = asyncio.ensure_future(engine.load("slowload"))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await engine.infer("fast", {"x": np.ones(1)})
+            waited = time.monotonic() - t0
+            rows = {r["name"]: r["worker"] for r in engine.stats()["models"]}
+            await loading
+            return rows, waited
+
+    rows, waited = run(main())
+    assert rows["slowload"] != rows["ballast"]  # the roomier worker
+    assert rows["fast"] == rows["ballast"], rows  # not behind the load
+    assert waited < 2.0, waited

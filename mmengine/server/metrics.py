@@ -185,7 +185,7 @@ class Metrics:
                        "serving (each is restarted), by worker.",
                        ["worker"], {(k,): v for k, v in self._worker_exits.items()})
         yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
-                       "their request had failed (timed out, or cut off): work nobody "
+                       "their request had failed (timed out, or cancelled): work nobody "
                        "got, by model.", ["model"], self._late)
 
     def _collect_state(self, stats: dict):
