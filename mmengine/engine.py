@@ -658,9 +658,13 @@ class Engine:
         if stats is not None:
             left = stats.retry_at - time.monotonic()
             if left > 0:
-                raise LoadFailed(f"{stats.last_error} (failed {stats.failed_in_a_row} time"
-                                 f"{'s' if stats.failed_in_a_row > 1 else ''} in a row; "
-                                 f"next try in {left:.1f} s)")
+                # A crash's back-off counts the crashes' back-offs: loads that
+                # succeed in between end a run of failed loads, not of those.
+                crashes = stats.retry_at == stats.crash_backoff_until
+                n = stats.crash_backoffs if crashes else stats.failed_in_a_row
+                what = "backed off for crashes" if crashes else "failed"
+                raise LoadFailed(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
+                                 f"row; next try in {left:.1f} s)")
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
         """Makes room for `need` bytes and reserves them under a new LOADING

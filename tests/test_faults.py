@@ -514,19 +514,20 @@ def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments
         await until(lambda: engine.stats()["totals"]["worker_restarts"] == restarts
                     and engine.stats()["workers"][0]["alive"], 30, "the restart")
 
-    async def backed_off(engine: Engine) -> float:
+    async def backed_off(engine: Engine, times: str) -> float:
         """Seconds left of its back-off, as the refusal says."""
         t0 = time.monotonic()
         with pytest.raises(LoadFailed, match="ended its worker twice") as refused:
             await engine.infer("crashes", {"x": X})
         assert time.monotonic() - t0 < 0.5
+        assert f"(backed off for crashes {times} in a row;" in str(refused.value)
         return float(re.search(r"next try in ([0-9.]+) s", str(refused.value))[1])
 
     async def main():
         async with Engine(config(tmp_path, load_failure_backoff_s=3.0)) as engine:
             await crash(engine, 1)
             await crash(engine, 2)
-            first = await backed_off(engine)
+            first = await backed_off(engine, "1 time")
             out = await engine.infer("m00", {"x": X}, timeout=20)
             np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
             # Past its back-off it loads again (a load that succeeds), and
@@ -534,7 +535,7 @@ def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments
             # as long: a successful load does not start the doubling over.
             await asyncio.sleep(first)
             await crash(engine, 3)
-            second = await backed_off(engine)
+            second = await backed_off(engine, "2 times")
             # (Each is counted from the death, the refusal comes after the restart.)
             assert 3.0 < second <= 6.0 and first <= 3.0, (first, second)
             return engine.stats()["totals"]["worker_restarts"]
