@@ -165,6 +165,7 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["mmengine_worker_bytes"][wl] == w["used_bytes"] == totals["resident_bytes"]
     assert got["mmengine_worker_budget_bytes"][wl] == w["budget_bytes"] == budget
     assert got["mmengine_worker_in_flight"][wl] == 0
+    assert 0.0 <= got["mmengine_worker_busy_ratio"][wl] <= 1.0  # sampled by the monitor
     assert got["mmengine_worker_up"][wl] == 1
     assert got["mmengine_tier_bytes"][(("tier", "device"),)] == w["used_bytes"]
     assert (("tier", "host"),) in got["mmengine_tier_bytes"]
