@@ -35,10 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the first N models of the server's list (default: all)")
     parser.add_argument("--zipf", type=float, default=1.0, metavar="S",
                         help="Zipf exponent of model popularity (0: uniform)")
-    parser.add_argument("--requests", type=int, default=2000, metavar="M")
+    parser.add_argument("--requests", type=int, default=2000, metavar="M",
+                        help="requests to send (default 2000)")
     parser.add_argument("--concurrency", type=int, default=16, metavar="C",
                         help="requests in flight at once")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the traffic's order and of the inputs (default 0)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="deadline of each request, in seconds")
     parser.add_argument("--duration", type=float, default=600.0, metavar="S",
@@ -51,34 +53,32 @@ def run(args: argparse.Namespace) -> int:
               "--models and --zipf >= 0", file=sys.stderr)
         return 2
     try:
-        report = uvloop.run(_bench(args))
-    except (OSError, MMEngineError) as e:
+        report, failed = uvloop.run(_bench(args))
+    except (OSError, ValueError, MMEngineError) as e:
         print(f"mmengine bench: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(report)
-    return 0
+    return 1 if failed else 0  # a script that runs it learns that requests failed
 
 
-async def _bench(args: argparse.Namespace) -> str:
+async def _bench(args: argparse.Namespace) -> tuple[str, int]:
+    """The report's table, and how many requests failed."""
     connections = min(args.concurrency, MAX_CONNECTIONS)
     async with AsyncClient(args.url, timeout=args.timeout, connections=connections,
                            token=getattr(args, "token", None)) as client:
         # One row per version, ascending: the last one is what a request
         # without a version gets.
         latest = {row["name"]: row for row in await client.list()}
-        names = list(latest)
-        if args.models:
-            names = names[:args.models]
         rng = np.random.default_rng(args.seed)
         inputs = {}
-        for name in names:
-            specs = latest[name].get("inputs")
+        for name, row in latest.items():
+            specs = row.get("inputs")
             if specs:
                 inputs[name] = {s["name"]: _array(s["dtype"], s["shape"], rng) for s in specs}
             else:
                 print(f"mmengine bench: skipping {name}: it declares no inputs",
                       file=sys.stderr)
-        names = [n for n in names if n in inputs]
+        names = list(inputs)[:args.models or None]  # the first N that can be sent
         if not names:
             raise BadRequest("no model the server lists can be benchmarked")
         weights = [1 / k ** args.zipf for k in range(1, len(names) + 1)]
@@ -110,7 +110,8 @@ async def _bench(args: argparse.Namespace) -> str:
         elapsed = time.perf_counter() - t0
         _draw(len(latencies), sum(errors.values()), args.requests, elapsed, final=True)
         after = (await client.stats())["totals"]
-    return _table(names, args, latencies, errors, elapsed, before, after)
+    return (_table(names, args, latencies, errors, elapsed, before, after),
+            sum(errors.values()))
 
 
 def _array(dtype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:

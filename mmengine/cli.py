@@ -71,10 +71,7 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
         if args.device_budget is None:
             overrides["device_budget"] = "4MiB"
     config = cfg.load(args.config, overrides=overrides)
-    if not config.repo:
-        raise cfg.ConfigError("repo: no model repository given (--repo DIR or --demo)")
-    if not Path(config.repo).is_dir():
-        raise cfg.ConfigError(f"repo: {config.repo!r} is not a directory")
+    cfg.check_repo(config)
     return config
 
 
@@ -146,12 +143,12 @@ def _print_stats(args: argparse.Namespace) -> None:
         stats = c.stats()
     rows = stats["models"]
     print(f"{'model':<24} {'ver':>3} {'state':<14} {'worker':>6} {'bytes':>12} "
-          f"{'host bytes':>12} {'hits':>8} {'loads':>6} {'evicts':>6}")
+          f"{'host bytes':>12} {'hits':>8} {'loads':>6} {'evicts':>6} {'fails':>5}")
     for r in rows:
         worker = "-" if r["worker"] is None else r["worker"]
         print(f"{r['name']:<24} {r['version']:>3} {r['state']:<14} {worker:>6} "
               f"{r['bytes']:>12,} {r.get('host_bytes', 0):>12,} {r['hits']:>8} "
-              f"{r['loads']:>6} {r['evictions']:>6}")
+              f"{r['loads']:>6} {r['evictions']:>6} {r['failures']:>5}")
     t, host = stats["totals"], stats.get("host_tier", {})
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
           f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes), "
@@ -163,6 +160,10 @@ def _print_stats(args: argparse.Namespace) -> None:
         print(f"worker {w['index']} ({w['device']}, {state}): {w['in_flight']} in flight, "
               f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
               f"{w['budget_bytes']:,} bytes")
+    for r in rows:  # what failed, and why: the state says so only during a back-off
+        if r["failures"]:
+            print(f"{r['name']} v{r['version']}: {r['failures']} failed "
+                  f"load{'s' * (r['failures'] > 1)}, the last: {r['last_error']}")
 
 
 def _print_token() -> None:
@@ -210,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML file of configuration keys")
 
     stats = sub.add_parser("stats", help="a running server's per-model table")
-    stats.add_argument("--url", default="127.0.0.1:8081")
+    stats.add_argument("--url", default="127.0.0.1:8081",
+                       help="the server's TCP address, host:port (default 127.0.0.1:8081)")
     add_token_argument(stats)
 
     from mmengine import bench
     bench_parser = sub.add_parser("bench", help="Zipf traffic against a running server")
     bench.add_arguments(bench_parser)
     add_token_argument(bench_parser)
-    sub.add_parser("token", help="print a new token and the token_sha256 line for a "
-                                 "model's model.toml")
+    token_help = "print a new token and the token_sha256 line for a model's model.toml"
+    sub.add_parser("token", help=token_help, description=token_help + " (or the token "
+                   "for the server's control_token, whose digest it keeps)")
 
     args = ap.parse_args(argv)
     _resolve_token(args)

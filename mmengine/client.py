@@ -47,6 +47,9 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(address, tuple):
         return address
     address = address.removeprefix("tcp://")
+    if "://" in address:  # an HTTP URL: that port speaks another protocol
+        raise ValueError(f"{address!r}: the SDK speaks mmengine's TCP protocol; give the "
+                         f"server's TCP address, host:port (or tcp://host:port)")
     host, _, port = address.rpartition(":")
     if not host:
         return address, DEFAULT_PORT

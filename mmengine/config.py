@@ -57,6 +57,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+def check_repo(config: "Config") -> None:
+    """ConfigError unless `repo` names a directory: a Config may leave it
+    unset (tools that serve nothing), an engine may not."""
+    if not config.repo:
+        raise ConfigError("repo: no model repository given (--repo DIR or --demo)")
+    if not os.path.isdir(config.repo):
+        raise ConfigError(f"repo: {config.repo!r} is not a directory")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     # -- models and workers

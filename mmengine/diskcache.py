@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import threading
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class _Entry:
     path: Path
     fingerprint: str
     nbytes: int
+    estimate: int  # the model's, as its copy's manifest says (bytes)
     users: int = 0  # loads that were handed its path and have not released it
 
 
@@ -99,6 +101,14 @@ class DiskCache:
                 entry.users += 1
                 return entry.path
         return None
+
+    def estimate(self, name: str, version: int) -> int:
+        """The bytes a cached model is estimated to take loaded: its stub's
+        `bytes`, else its files' sizes as the source said them when it was
+        fetched (0: not cached). A spec without `bytes` has 0 until then."""
+        with self._lock:
+            entry = self._entries.get((name, version))
+            return 0 if entry is None else entry.estimate
 
     def release(self, name: str, version: int) -> None:
         """A load is done with the directory `ensure` or `cached` gave it:
@@ -186,7 +196,7 @@ class DiskCache:
     # -- fetching --------------------------------------------------------------------
 
     def _fetch(self, spec: ModelSpec, key: Key, fp: str, where: str) -> Path:
-        need = spec.estimated_bytes
+        need = spec.estimated_bytes or self._source_bytes(spec, where)
         try:
             with self._lock:
                 if key in self._entries:  # a stale copy: the stub changed
@@ -200,7 +210,8 @@ class DiskCache:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
             try:
                 self._download(spec, tmp, room, where)
-                _write_synced(tmp / MANIFEST, manifest(spec).encode())
+                made_for = dataclasses.replace(spec, estimated_bytes=need)
+                _write_synced(tmp / MANIFEST, manifest(made_for).encode())
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
                 nbytes = tree_bytes(tmp)
                 # Under the lock: an eviction of the model's other version
@@ -208,7 +219,7 @@ class DiskCache:
                 with self._lock:
                     final.parent.mkdir(exist_ok=True)
                     os.rename(tmp, final)
-                    self._entries[key] = _Entry(final, fp, nbytes)
+                    self._entries[key] = _Entry(final, fp, nbytes, need)
                     self.fetches += 1
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -218,6 +229,15 @@ class DiskCache:
                 self._reserved -= need
         fetch.fsync_dir(final.parent)
         return final
+
+    def _source_bytes(self, spec: ModelSpec, where: str) -> int:
+        """The sizes of a model's files as its source says them: a stat
+        or an http HEAD each (a spec without `bytes` is sized only now)."""
+        try:
+            return sum(fetch.source_size(fetch.file_url(spec.source, file), self.config)
+                       for file, _ in spec.files)
+        except LoadFailed as e:
+            raise LoadFailed(f"{where}: {e}") from e
 
     def _download(self, spec: ModelSpec, tmp: Path, room: int, where: str) -> None:
         left = room
@@ -241,6 +261,9 @@ class DiskCache:
         under both limits; the bytes a download may then write. Holds the lock."""
         victims = [key for key, e in self._entries.items()
                    if key not in self._flights and not e.users]
+        freeable = sum(self._entries[key].nbytes for key in victims)
+        if self._room() + freeable < need:  # evicting all would not do: evict none
+            victims = []
         while True:
             room = self._room()
             if room >= need:
@@ -314,15 +337,26 @@ class DiskCache:
                 continue
             for path in _subdirs(name_dir):
                 version, _, fp = path.name.partition("-")
+                estimate = _made_for(path / MANIFEST)
                 if (version.isdigit() and str(int(version)) == version
-                        and len(fp) == 16 and (path / MANIFEST).is_file()):
+                        and len(fp) == 16 and estimate is not None):
                     found.append((path.stat().st_mtime, (name_dir.name, int(version)),
-                                  _Entry(path, fp, tree_bytes(path))))
+                                  _Entry(path, fp, tree_bytes(path), estimate)))
         for _, key, entry in sorted(found, key=lambda f: f[0]):
             if key in self._entries:  # two copies of one model: the newer stays
                 self._evict(key)
             self._entries[key] = entry
         self.evictions = 0
+
+
+def _made_for(path: Path) -> int | None:
+    """The `bytes` of a cached copy's manifest; None if it has none (not a
+    copy of ours)."""
+    try:
+        made_for = tomllib.loads(path.read_text()).get("bytes")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return made_for if type(made_for) is int else None
 
 
 def fingerprint(spec: ModelSpec) -> str:

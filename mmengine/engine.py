@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -35,11 +34,11 @@ import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import hosttier, resources
-from mmengine.config import Config
+from mmengine import fetch, hosttier, resources
+from mmengine.config import Config, check_repo
 from mmengine.diskcache import DiskCache
-from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, Timeout,
-                             TooLarge, WorkerDied)
+from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, PinnedFull,
+                             Timeout, TooLarge, WorkerDied)
 from mmengine.messages import Op
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
@@ -85,9 +84,9 @@ class Engine:
         self.repo = Repository(self.config.repo, config=self.config)
         self.disk: DiskCache | None = None  # scanned at start()
         # Downloads block a thread each for as long as they take: their own
-        # threads, so that looking a model up never waits behind one.
-        self._fetchers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="mmengine-fetch")
+        # threads, so that looking a model up never waits behind one, and
+        # daemons, so that a stalled one never holds the process's exit.
+        self._fetchers = fetch.Threads(2, "mmengine-fetch")
         self.pool: WorkerPool | None = None
         self.cache = None
         self.host = hosttier.HostTier(self.config)
@@ -99,7 +98,7 @@ class Engine:
         self._stats: dict[Key, ModelStats] = {}
         # (name, version asked for) -> key, for models whose files could not
         # even be read: their back-off is checked before the files are read.
-        self._bad_specs: dict[tuple[str, Any], Key] = {}
+        self._bad_specs: dict[tuple[str, Any], tuple[Key, tuple[bytes, ...]]] = {}
         # (name, version asked for) -> the repository's resolve under way
         self._resolving: dict[tuple[str, Any], asyncio.Future] = {}
         # Explicit pins: key -> the generation of the entry that carries the
@@ -124,25 +123,32 @@ class Engine:
         self._draining: dict[Key, asyncio.Future] = {}
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
-        # "evict", "worker_exit" and "late" (an answer that came after its
-        # request had failed: timed out, or cut off) (metrics, traces); they
-        # must not raise nor block.
+        # "evict", "worker_exit", "late" (an answer that came after its
+        # request had failed: timed out, or cut off) and "skipped" (one the
+        # worker did not run for that reason) (metrics, traces); they must
+        # not raise nor block.
         self.observers: list = []
         self._hits = 0
         self._misses = 0  # requests that had to wait for a load
+        self._abandoning = False  # _mark_cancelled is due this turn
 
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> "Engine":
+        if self.pool is not None:
+            raise RuntimeError("this engine has started already" if not self._stopped else
+                               "an engine that stopped does not start again: make a new one")
+        check_repo(self.config)
         loop = self._loop = asyncio.get_running_loop()
         self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         self.pool = WorkerPool(self.config)
         self.pool.on_death = self._on_worker_death
-        self.pool.on_late = self._on_late_answer
+        self.pool.on_unserved = self._on_unserved
         try:
             await self.pool.start()
         except BaseException:
             await self.pool.stop()
+            self.pool = None  # not started: it may be tried again
             raise
         policy = books.GDSF if self.config.policy == "gdsf" else books.LRU
         self.cache = books.Cache(len(self.pool.workers), policy)
@@ -220,9 +226,13 @@ class Engine:
         `then(future)` runs once the future is done: for a resident model,
         in the turn of the loop that reads the worker's answer, ahead of the
         engine's metrics (a server's answer goes out first); else as a done
-        callback. For callers that never cancel the future. The request's
-        place in its model's queue is free when `then` runs: a client's
-        next request may come in the same turn."""
+        callback; not for a resident model's future its caller cancels.
+        The request's place in its model's queue is free when `then` runs:
+        a client's next request may come in the same turn.
+
+        Cancelling the future abandons the request: if its worker has not
+        begun it, the worker skips it (observers hear "skipped"); the
+        deadline's passing does the same."""
         t_submit = time.monotonic_ns()
         try:
             return self._submit(name, inputs, version, timeout, token, then, t_submit)
@@ -290,13 +300,33 @@ class Engine:
             _add_ran(fields, ran)
         self._emit("request", fields)
 
-    def _on_late_answer(self, served: tuple, ran: dict) -> None:
-        """A worker answered a request that had failed already (its deadline
-        came first, or it was cut off): the call still took that worker's
-        time, which the next requests waited for, so observers hear of it
-        ("late")."""
+    def _on_unserved(self, served: tuple, ran: dict | None) -> None:
+        """An inference whose answer nobody got. If it ran (`ran`), it did
+        after its request had failed (its deadline came first, or its
+        caller went away): the call still took that worker's time, which
+        the next requests waited for, so observers hear of it ("late").
+        Else the worker skipped it, abandoned or sure to miss its deadline
+        ("skipped")."""
         if self.observers:
-            self._emit("late", _add_ran({"model": served[0], "version": served[1]}, ran))
+            fields = {"model": served[0], "version": served[1]}
+            if ran is None:
+                self._emit("skipped", fields)
+            else:
+                self._emit("late", _add_ran(fields, ran))
+
+    def _abandon_cancelled(self) -> None:
+        """Tells the workers, once per turn of the loop, which of their
+        requests were cancelled by their callers: what has not run yet is
+        skipped."""
+        if not self._abandoning:
+            self._abandoning = True
+            self._loop.call_soon(self._mark_cancelled)
+
+    def _mark_cancelled(self) -> None:
+        self._abandoning = False
+        if self.pool is not None:
+            for worker in self.pool.workers:
+                worker.abandon_cancelled()
 
     def _emit(self, kind: str, fields: dict) -> None:
         for observer in self.observers:
@@ -308,7 +338,15 @@ class Engine:
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None) -> tuple[dict, dict]:
         try:
-            spec = await self._spec(name, version)
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                    spec = await self._spec(name, version)
+            except LoadFailed as e:  # why, only to a caller it would serve
+                auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
+                raise
+            except TimeoutError:  # the look goes on, for the next request
+                raise Timeout(f"{name}: not described within the request's deadline (its "
+                              f"manifest, or the sizes of a remote source's files)") from None
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
             worker = await self._acquire(key, spec, deadline)
@@ -322,8 +360,8 @@ class Engine:
     def _send_infer(self, key: Key, worker: Worker, arrays: dict, deadline: float,
                     then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
         """Sends a request for a model the caller has pinned. The pin is
-        dropped when the worker is done with the request, not when the caller
-        stops waiting: a timed-out request still runs on the worker."""
+        dropped when the worker is done with the request (ran it, or skipped
+        it as abandoned), not when the caller stops waiting."""
         gen = self._gen[key]
         try:
             if worker.in_flight >= self.config.max_queue_per_worker:
@@ -343,8 +381,9 @@ class Engine:
         return loop.time() + (deadline - time.monotonic())
 
     def _deadline(self, timeout: float | None) -> float:
-        if self.pool is None:
-            raise Overloaded("the engine is not running")
+        if self.pool is None:  # a caller's bug, not a load to retry later
+            raise RuntimeError("the engine has not started: await engine.start(), or use "
+                               "`async with Engine(...)`")
         self._check_loop()
         if self._closing:
             raise Overloaded("the engine is shutting down; retry on another instance")
@@ -378,7 +417,11 @@ class Engine:
         if spec is None:
             bad = self._bad_specs.get((name, version))
             if bad is not None:
-                self._check_backoff(bad)
+                try:
+                    self._check_backoff(bad[0])
+                except LoadFailed as e:
+                    e.token_digests = bad[1]
+                    raise
             # The first look at a model reads its directory: off the loop,
             # once however many requests ask meanwhile.
             resolving = self._resolving.get((name, version))
@@ -397,7 +440,7 @@ class Engine:
                 e.counted = True
                 versions = self.repo.versions(name)  # cached by the failed resolve
                 bad = (name, version or versions[-1])
-                self._bad_specs[(name, version)] = bad
+                self._bad_specs[(name, version)] = (bad, getattr(e, "token_digests", ()))
                 self._load_failed(bad, e)
                 raise
             self._bad_specs.pop((name, version), None)
@@ -488,6 +531,8 @@ class Engine:
     async def _load(self, key: Key, spec: ModelSpec) -> None:
         t0 = time.monotonic()
         path, fetch_s = await self._fetch(key, spec, t0)
+        if spec.source and not spec.estimated_bytes:  # sized as it was fetched
+            spec = dataclasses.replace(spec, estimated_bytes=self.disk.estimate(*key))
         try:
             await self._load_from(key, spec, path, t0, fetch_s)
         finally:
@@ -718,7 +763,7 @@ class Engine:
             # request's end can make the room, only an unpin.
             if all(self._pinned_bytes(w.index) + need > caps[w.index]
                    for w in self.pool.workers):
-                raise Overloaded(f"{key[0]}: no room for {need} bytes: pinned models hold "
+                raise PinnedFull(f"{key[0]}: no room for {need} bytes: pinned models hold "
                                  f"every worker's budget (unpin one)")
             # Every worker's room is held by models in use: wait for a request
             # to finish (or a worker to come back), up to the load's deadline.
@@ -910,7 +955,7 @@ class Engine:
     async def load(self, name: str, version: int | None = None,
                    timeout: float | None = None) -> dict:
         """Makes a model resident now; returns its row of `stats()`."""
-        deadline = self._deadline(timeout or self.config.load_timeout_s)
+        deadline = self._deadline(self.config.load_timeout_s if timeout is None else timeout)
         async with self._in_order(name, deadline):
             return await self._load_now(name, version, deadline)
 
@@ -926,7 +971,7 @@ class Engine:
     async def pin(self, name: str, version: int | None = None,
                   timeout: float | None = None) -> dict:
         """Loads a model if needed and keeps it resident until unpin()."""
-        deadline = self._deadline(timeout or self.config.load_timeout_s)
+        deadline = self._deadline(self.config.load_timeout_s if timeout is None else timeout)
         async with self._in_order(name, deadline):
             return await self._pin_now(name, version, deadline)
 
@@ -977,8 +1022,11 @@ class Engine:
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         try:
             await self._drain(key, name, deadline)
-        except Timeout:  # not unloaded: it stays as it was, its pin too
-            if pinned is not None:
+        except (Timeout, asyncio.CancelledError):
+            # Not unloaded (its caller gave up before its unload began): it
+            # stays as it was, its pin too.
+            busy = self._busy.get(key)
+            if pinned is not None and (busy is None or busy[0] != Op.UNLOAD):
                 self._pinned[key] = pinned
                 if key in self.cache and self._gen.get(key) == pinned:
                     self.cache.pin(key)
@@ -999,7 +1047,8 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
-                await self._evict(key, "unload")
+                # Begun, it ends, whether its caller waits or not.
+                await asyncio.shield(self._evict(key, "unload"))
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)
@@ -1065,22 +1114,24 @@ class Engine:
         """Every model of the repository with its versions and residency."""
         loop = asyncio.get_running_loop()
         names = await loop.run_in_executor(None, self.repo.names)
-        out = []
+        keys = []
         for name in names:
             try:
                 versions = await loop.run_in_executor(None, self.repo.versions, name)
             except MMEngineError:
                 continue
-            for v in versions:
-                row = self._model_row((name, v))
-                try:  # what a client needs to build a request (cached specs)
-                    spec = await self._spec(name, v, record=False)
-                    row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-                                     for t in spec.inputs]
-                except MMEngineError:
-                    row["inputs"] = []
-                out.append(row)
-        return out
+            keys += [(name, v) for v in versions]
+        # What a client needs to build a request; the specs not read yet
+        # are read side by side.
+        specs = await asyncio.gather(*(self._spec(*key, record=False) for key in keys),
+                                     return_exceptions=True)
+        rows = []
+        for key, spec in zip(keys, specs):
+            row = self._model_row(key)
+            row["inputs"] = [] if isinstance(spec, BaseException) else [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs]
+            rows.append(row)
+        return rows
 
     def _model_row(self, key: Key) -> dict:
         stats = self._stats.get(key, ModelStats())
@@ -1205,10 +1256,12 @@ class _Place:
         self.engine = engine
         self.name: str | None = name
 
-    def leave(self, _fut: asyncio.Future | None = None) -> None:
+    def leave(self, fut: asyncio.Future | None = None) -> None:
         if self.name is not None:
             name, self.name = self.name, None
             self.engine._dequeue(name)
+            if fut is not None and fut.cancelled():
+                self.engine._abandon_cancelled()
 
     def leave_then(self, then: Callable[[asyncio.Future], None], fut: asyncio.Future) -> None:
         self.leave()

@@ -65,6 +65,16 @@ class TooLarge(MMEngineError):
 
 class Overloaded(MMEngineError):
     code = ErrorCode.OVERLOADED
+    # When to try again (HTTP's Retry-After), in seconds; None where
+    # waiting alone does not help.
+    retry_after_s: int | None = 1
+
+
+class PinnedFull(Overloaded):
+    """No room for a model, and none will come until a pinned model is
+    unpinned: retrying later does not help by itself."""
+
+    retry_after_s = None
 
 
 class Timeout(MMEngineError, TimeoutError):

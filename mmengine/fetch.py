@@ -13,11 +13,14 @@ into place. A failure removes what it wrote.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import http.client
 import os
+import queue
 import ssl
+import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -238,6 +241,66 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     if compress:
         sink.flush(zstandard.FLUSH_FRAME)
     return got
+
+
+class Threads(concurrent.futures.Executor):
+    """Up to `max_workers` daemon threads to fetch on. A source that stalls
+    holds a thread in a read for up to TIMEOUT_S, and the interpreter joins
+    a ThreadPoolExecutor's threads as it exits: a stopping server would
+    outlive its shutdown deadline by that much. A fetch cut off by the
+    exit leaves its bytes under the disk cache's .partial/, which the next
+    start empties."""
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._max = max_workers
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._work.put((future, fn, args, kwargs))
+            if len(self._threads) < self._max:
+                thread = threading.Thread(target=self._serve, daemon=True,
+                                          name=f"{self._name}-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - the future carries it
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
 
 
 def fsync_dir(path: Path) -> None:

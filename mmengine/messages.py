@@ -12,10 +12,12 @@ Request header (front-end -> worker), a msgpack array:
       model    str, the model name
       version  int
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
-      params   map, op-specific (LOAD: {"path": the version directory,
-               "estimate": its spec's estimated_bytes, "allow_code": bool,
-               "host": the host-tier segment to load from, or nil}; PUBLISH: {"segment": the name of the
-               host-tier segment to create}; FORGET: {"segment": a segment
+      params   map, op-specific (INFER: {"deadline": time.monotonic() past
+               which nobody waits for its answer}, or {} for none; LOAD:
+               {"path": the version directory, "estimate": its spec's
+               estimated_bytes, "allow_code": bool, "host": the host-tier
+               segment to load from, or nil}; PUBLISH: {"segment": the name
+               of the host-tier segment to create}; FORGET: {"segment": a segment
                the front-end unlinked})
 
 Response header (worker -> front-end):
@@ -39,6 +41,10 @@ Response header (worker -> front-end):
                INFER body with "message" added
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
+A response whose code is SKIPPED (not an ErrorCode) answers an INFER the
+worker did not run because the front-end had marked it abandoned (below):
+its future was done already. Its body is nil.
+
 Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),
 which numpy reads back without a lookup (dtype.name is computed in Python). A worker views request tensors in place in the
 ring; the front-end copies response tensors out once, since their record
@@ -47,6 +53,8 @@ is released right after.
 from __future__ import annotations
 
 import enum
+import mmap
+import os
 from typing import Any
 
 import msgpack
@@ -55,6 +63,7 @@ import numpy as np
 from mmengine.errors import BadRequest
 
 OK = 0
+SKIPPED = -1  # an INFER's answer: abandoned before it ran, so not run (Abandoned)
 READY_ID = 0  # the id of the READY message a worker sends once it can serve
 
 
@@ -119,6 +128,52 @@ def request(op: Op, rid: int, model: str, version: int, tensors: list = (),
 def parse_request(header) -> tuple[Op, int, str, int, list, dict]:
     op, rid, model, version, tensors, params = _unpackb(header)
     return Op(op), rid, model, version, tensors, params
+
+
+class Abandoned:
+    """The inferences the front-end gave up on before their worker ran
+    them (their deadline passed, or their caller went away), in shared
+    memory: a worker looks before it runs one, and skips it. Queued work
+    nobody waits for would otherwise hold the worker from the requests
+    behind it, which then time out in turn.
+
+    A table of SLOTS ids, the id at slot id % SLOTS: a lookup is one
+    load, and ids are never reused, so a stale slot matches nothing. A
+    mark overwritten by a later one (two abandoned requests SLOTS apart,
+    both in flight) only means that one of them runs: skipping is an
+    economy, never what an answer depends on. The front-end creates it
+    (a memfd: no name that could outlive it), the worker inherits the
+    descriptor."""
+
+    SLOTS = 4096
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._map = mmap.mmap(fd, self.SLOTS * 8)
+        self._ids = memoryview(self._map).cast("q")
+
+    @classmethod
+    def create(cls) -> "Abandoned":
+        fd = os.memfd_create("mmengine-abandoned", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, cls.SLOTS * 8)
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def mark(self, rid: int) -> None:
+        self._ids[rid % self.SLOTS] = rid
+
+    def __contains__(self, rid: int) -> bool:
+        return self._ids[rid % self.SLOTS] == rid
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._ids.release()
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1
 
 
 # -- responses --------------------------------------------------------------

@@ -33,9 +33,10 @@ sources are allowed, mmengine/diskcache.py fetches them before a load):
     "model.py" = "cd34…"      # files that run code (.py) must be checked,
                               # and the artifact too when trusted = true
 
-Its spec carries `source` and `files` and is resolved without a download:
-its estimate is `bytes`, else the files' sizes asked of the source (a
-stat, or an http HEAD per file).
+Its spec carries `source` and `files` and is resolved from the manifest
+alone, the source never asked: its estimate is `bytes`, else 0 (unknown)
+until the disk cache fetches it, asking the source for the files' sizes
+first (DiskCache.estimate then says them).
 
 Scanning is lazy: `names()` lists one directory, `versions(name)` another,
 and only `resolve` opens a model's files (its manifest, a safetensors
@@ -106,7 +107,7 @@ class ModelSpec:
     path: Path                 # the version directory
     backend: str
     artifact: str              # the file the backend opens, inside `path`
-    estimated_bytes: int
+    estimated_bytes: int       # 0: a remote model's, unknown until fetched
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     device: str | None = None  # a device type the model requires
@@ -294,11 +295,26 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
     model, `config` says which sources may be read (default: none);
     `manifests` keeps parsed manifests for the next read; `estimate`, its
     size where the caller knows it already (else the files are asked: for
-    a worker, a header's read and parse under the GIL on every load)."""
+    a worker, a header's read and parse under the GIL on every load).
+    Nothing is asked of a remote model's source: its estimate is its
+    `bytes`, else 0 until the disk cache fetches it (DiskCache.estimate)."""
     where = f"{name} v{version}"
     files = {entry.name for entry in _scandir(path) if entry.is_file()}
     manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
     fields = _parse_manifest(manifest, where)
+    try:
+        return _read_spec(name, version, path, files, fields, allow_code, config, estimate,
+                          where)
+    except LoadFailed as e:
+        # Why it cannot be served is for those it would serve to hear:
+        # the engine checks a caller's token against these first.
+        e.token_digests = fields.get("token_digests", ())
+        raise
+
+
+def _read_spec(name: str, version: int, path: Path, files: set[str], fields: dict[str, Any],
+               allow_code: bool, config: Config | None, estimate: int | None,
+               where: str) -> ModelSpec:
     source = fields.get("source", "")
     if source:
         files = {file for file, _ in fields["files"]}
@@ -314,11 +330,10 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
         config = config or Config()
         _check_remote(fields, backend, artifact, config, where)
     estimate = fields.pop("bytes", estimate)
-    if estimate is None and source:
-        estimate = sum(fetch.source_size(fetch.file_url(source, file), config)
-                       for file, _ in fields["files"])
-    elif estimate is None:
-        estimate = _estimate_bytes(path, backend, artifact, where)
+    if estimate is None:
+        # A remote model's files are sized as they are fetched: a look at
+        # the repository (a listing, a request) never waits on its source.
+        estimate = 0 if source else _estimate_bytes(path, backend, artifact, where)
     return ModelSpec(name=name, version=version, path=path, backend=backend,
                      artifact=artifact, estimated_bytes=estimate, **fields)
 

@@ -38,6 +38,10 @@ LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at 
 # A worker that has served nothing this long is idle: its loads may read
 # with every core of its share (a request that comes meanwhile shares them).
 IDLE_NS = 100_000_000
+# A model's recent call time, not renewed by a call for this long, counts
+# half as much in judging whether a queued request would miss its deadline
+# (WorkerLogic.would_miss): a figure gone stale gives way.
+MISS_TRUST_HALF_LIFE_S = 1.0
 
 
 class WorkerLogic:
@@ -56,6 +60,10 @@ class WorkerLogic:
         # the loader's.
         self.serving_since = 0
         self.served_at = 0
+        # key -> [seconds a call takes, near the fastest of the recent ones
+        # (0 until a call after the first); time.monotonic() when a call
+        # last renewed it] (would_miss).
+        self.calls: dict[Key, list[float]] = {}
         # What the loader thread serves ("idle" or an op's name), for the
         # serving thread's account of its requests; and its readers.
         self.loader_op = "idle"
@@ -184,7 +192,43 @@ class WorkerLogic:
         """Stops serving a model and returns it, to be closed by the caller:
         closing frees its memory (unmapping a host-tier mapping takes
         milliseconds), which need not delay the answer."""
+        self.calls.pop((name, version), None)
         return self.models.pop((name, version), None)
+
+    def ran(self, key: Key, seconds: float, now: float) -> None:
+        """Notes that a call of `key` took `seconds`, ending at `now`
+        (time.monotonic()). Its first call is not counted: that is the
+        warm-up, which may take many times the others. Then a faster call
+        is taken at once, a slower one moves the figure an eighth of the
+        way (one slow call, a preemption, does not make the model look
+        slow)."""
+        call = self.calls.get(key)
+        if call is None:
+            self.calls[key] = [0.0, now]  # 0: not known yet
+        elif not call[0] or seconds < call[0]:
+            call[0], call[1] = seconds, now
+        else:
+            call[0] += (seconds - call[0]) / 8
+            call[1] = now
+
+    def would_miss(self, key: Key, deadline: float, queued: bool) -> bool:
+        """Whether a call of `key` begun now would end past its request's
+        `deadline` (time.monotonic()): then nobody gets its answer, and the
+        requests behind it wait for nothing.
+
+        Past its deadline, surely. Else only a request that `queued` (it
+        was in the ring before the worker looked) is judged by the model's
+        recent calls: where a worker keeps up, a request goes to the model
+        whatever the figure says, since a model's calls are not all alike
+        (a larger input). For the same reason the figure is trusted less
+        as it ages without a call to renew it (MISS_TRUST_HALF_LIFE_S)."""
+        now = time.monotonic()
+        if now >= deadline:
+            return True
+        call = self.calls.get(key)
+        if not queued or call is None:
+            return False
+        return deadline - now < call[0] * 0.5 ** ((now - call[1]) / MISS_TRUST_HALF_LIFE_S)
 
     def infer(self, name: str, version: int, inputs: dict[str, np.ndarray]):
         model = self.models.get((name, version))
@@ -335,14 +379,15 @@ def _close(model) -> None:
         print(f"mmengine worker: closing {model.spec.name} failed: {e!r}", file=sys.stderr)
 
 
-def _serve(req, out: _Responder, logic: WorkerLogic, clock: "_ThreadClock | None") -> None:
+def _serve(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+           clock: "_ThreadClock | None") -> None:
     """The main thread: inference, straight from the ring, in inference
     mode throughout (models do not enter it per request)."""
     import torch
 
     with torch.inference_mode():
         logic.warm_device(loader=False)
-        _serve_requests(req, out, logic, clock)
+        _serve_requests(req, out, logic, abandoned, clock)
 
 
 class _ThreadClock:
@@ -382,7 +427,7 @@ class _ThreadClock:
         return out
 
 
-def _serve_requests(req, out: _Responder, logic: WorkerLogic,
+def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
                     clock: _ThreadClock | None) -> None:
     while True:
         try:
@@ -390,11 +435,19 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
         except RingClosed:
             return  # the front-end is shutting down: everything sent is served
         try:
-            op, rid, name, version, tensors, _ = messages.parse_request(parts[0])
+            op, rid, name, version, tensors, params = messages.parse_request(parts[0])
         except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
             del parts
             req.release()
             print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
+            continue
+        deadline = params.get("deadline")
+        if rid in abandoned or deadline is not None and \
+                logic.would_miss((name, version), deadline, queued=not req.woke_ns):
+            # Nobody waits for its answer, or nobody will by its end.
+            del parts
+            req.release()
+            out.send(rid, messages.SKIPPED)
             continue
         ran = None  # the request's run in this worker, once it has one
         try:
@@ -412,6 +465,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic,
                 account = clock.account(req.woke_ns, t0, start, loader) if clock else None
                 t_done = logic.served_at = time.monotonic_ns()
                 logic.serving_since = 0
+                logic.ran((name, version), (t_done - t0) / 1e9, t_done / 1e9)
                 ran = {"t_recv": t0, "t_done": t_done}
                 if account:
                     ran["account"] = account
@@ -432,9 +486,10 @@ def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):
 
 
 def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle: tuple,
-         resp_handle: tuple) -> None:
+         resp_handle: tuple, abandoned_fd: int) -> None:
     """The worker process; each handle is (name, data_fd, space_fd, spin_us)
-    with descriptors inherited from the front-end."""
+    with descriptors inherited from the front-end, as is abandoned_fd (the
+    messages.Abandoned table)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
@@ -450,6 +505,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
               f"on this worker): {e}", file=sys.stderr)
         sys.exit(1)
     out = _Responder(resp)
+    abandoned = messages.Abandoned(abandoned_fd)
     logic = WorkerLogic(config, device)
     clock = _ThreadClock.open() if config.account_requests else None  # the serving thread's
     staging.READERS = logic.readers = staging.Readers(*resources.load_readers(config, device),
@@ -462,7 +518,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     threading.Thread(target=_warm, args=(config.repo,), name=f"mmengine-warm-{index}",
                      daemon=True).start()
     try:
-        _serve(req, out, logic, clock)
+        _serve(req, out, logic, abandoned, clock)
     except PeerDied:
         os._exit(0)  # the front-end is gone: nobody is left to answer
     loader.join()

@@ -121,6 +121,7 @@ class Worker:
         try:
             for size in (config.ring_bytes, CONTROL_RING_BYTES, config.ring_bytes):
                 rings.append(Ring.create(size, spin_us=config.spin_us))
+            self.abandoned = messages.Abandoned.create()
         except BaseException:
             for ring in rings:
                 ring.close()
@@ -145,9 +146,12 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
-        # on_late(served, ran): an inference answered after its future was
-        # done (a deadline came first); `ran` is the worker's account of it.
-        self.on_late: Callable[[tuple, dict], None] | None = None
+        # on_unserved(served, ran): an inference whose answer nobody got: it
+        # ran after its future was done (a deadline or its caller came
+        # first; `ran` is the worker's account of the run), or the worker
+        # skipped it (ran None): abandoned, or its deadline would pass
+        # before it could finish.
+        self.on_unserved: Callable[[tuple, dict | None], None] | None = None
         self._poll_s = config.poll_us / 1e6
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
@@ -179,6 +183,7 @@ class Worker:
         self.loop = loop
         self.ready = loop.create_future()
         fds = [fd for r in self.rings for fd in (r.handle.data_fd, r.handle.space_fd)]
+        fds.append(self.abandoned.fd)
         env = dict(os.environ)
         env.setdefault(*resources.DEVICE_ORDER)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
@@ -192,7 +197,8 @@ class Worker:
         # A worker needs no secret of the front-end's: it never sees one.
         config = self._config.replace(control_token="") if self._config.control_token \
             else self._config
-        args = (config, self.device, self.index, *(_plain(r.handle) for r in self.rings))
+        args = (config, self.device, self.index, *(_plain(r.handle) for r in self.rings),
+                self.abandoned.fd)
         self.process.stdin.write(pickle.dumps(args))
         self.process.stdin.close()
         self._pidfd = os.pidfd_open(self.pid)
@@ -279,6 +285,7 @@ class Worker:
         self._detach()
         for ring in self.rings:
             ring.close()
+        self.abandoned.close()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
@@ -294,8 +301,9 @@ class Worker:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
-        Past `deadline` (time.monotonic()) the future fails with Timeout; the
-        request still runs, and on_done waits for it. Never blocks: a full
+        Past `deadline` (time.monotonic()) the future fails with Timeout and
+        an inference is abandoned (messages.Abandoned): one already running
+        runs to its end; on_done waits for the worker's answer either way. Never blocks: a full
         ring queues the request in order.
 
         `then(future)` runs as the future is done, in the same turn of the
@@ -305,6 +313,8 @@ class Worker:
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
+        if op == Op.INFER and deadline < math.inf:  # the worker skips what cannot make it
+            params = {"deadline": deadline}
         descs, bufs = messages.describe(arrays or {})
         header = messages.request(op, rid, model, version, descs, params)
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
@@ -349,11 +359,13 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
-        for fut, _, _, deadline, model, then, _ in self._pending.values():
+        for rid, (fut, _, _, deadline, model, then, served) in self._pending.items():
             if fut.done():
                 continue
             if deadline <= due:
                 expired.append((fut, model, then))
+                if served is not None:  # not yet run, the worker skips it
+                    self.abandoned.mark(rid)
             elif deadline < nearest:
                 nearest = deadline
         if nearest < math.inf:
@@ -362,6 +374,14 @@ class Worker:
         # arming the timer for an earlier deadline than `nearest`).
         for fut, model, then in expired:
             _settle(fut, Timeout(f"{model}: no answer within the request's deadline"), then)
+
+    def abandon_cancelled(self) -> None:
+        """Marks the inferences whose callers cancelled them as abandoned:
+        those not yet run are skipped (a scan of what is in flight, made
+        once per turn of the loop that cancelled any)."""
+        for rid, (fut, *_, served) in self._pending.items():
+            if served is not None and fut.cancelled():
+                self.abandoned.mark(rid)
 
     # -- responses -----------------------------------------------------------
 
@@ -438,7 +458,10 @@ class Worker:
                 ran["t_sent"] = t_sent
                 ran["worker"] = self.index
                 ran["version"] = served[1]  # the one served, asked for or not
-            if code != messages.OK:
+            if code == messages.SKIPPED:  # its future is done, or due to fail
+                result = Timeout(f"{served[0]}: not run: it could not have finished within "
+                                 f"the request's deadline")
+            elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran
             elif fut.done():
@@ -448,8 +471,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         _finish(fut, on_done, result, then)
-        if late and ran is not None and self.on_late is not None:
-            self.on_late(served, ran)
+        if (code == messages.SKIPPED or late and ran is not None) \
+                and self.on_unserved is not None:
+            self.on_unserved(served, ran)
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None)
@@ -492,7 +516,7 @@ class WorkerPool:
         self.devices = resources.plan_devices(config)
         self.workers: list[Worker] = []
         self.on_death: Callable[[Worker], None] | None = None
-        self.on_late: Callable[[tuple, dict], None] | None = None  # as Worker.on_late
+        self.on_unserved: Callable[[tuple, dict | None], None] | None = None  # as Worker's
         self._restarts: dict[int, list[float]] = collections.defaultdict(list)
         self._restart_count = 0
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
@@ -507,7 +531,7 @@ class WorkerPool:
 
     def _spawn(self, index: int, device: str, loop) -> Worker:
         w = Worker(index, device, self.config)
-        w.on_death, w.on_late = self._on_death, self._on_late
+        w.on_death, w.on_unserved = self._on_death, self._on_unserved
         w.start(loop)
         return w
 
@@ -529,9 +553,9 @@ class WorkerPool:
         if self.on_death is not None:
             self.on_death(w)
 
-    def _on_late(self, served: tuple, ran: dict) -> None:
-        if self.on_late is not None:
-            self.on_late(served, ran)
+    def _on_unserved(self, served: tuple, ran: dict | None) -> None:
+        if self.on_unserved is not None:
+            self.on_unserved(served, ran)
 
     async def restart(self, index: int) -> Worker:
         """A fresh worker (new process, new rings) in the place of a dead one.
@@ -554,7 +578,7 @@ class WorkerPool:
         if self._stopping:
             raise WorkerDied(f"worker {index}: not restarted, the pool is stopping")
         w = Worker(index, old.device, self.config)
-        w.on_late = self._on_late
+        w.on_unserved = self._on_unserved
         w.start(asyncio.get_running_loop())
         self.workers[index] = w  # from here on stop() owns it, whatever happens
         await self._await_ready([w])

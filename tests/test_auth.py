@@ -29,7 +29,7 @@ X = np.arange(2 * DIMS[0], dtype=np.float32).reshape(2, DIMS[0]) / 10
 # name -> seed. "locked-*" list MODEL_TOKEN and ROTATED; each cold one is
 # requested cold by exactly one test, so that it is still on storage there.
 SEEDS = {"open": 0, "locked-warm": 1, "locked-cold-tcp": 2, "locked-cold-http": 3,
-         "locked-control": 4, "bad-digest": 5}
+         "locked-control": 4, "bad-digest": 5, "locked-broken": 6}
 
 
 def locked(version_dir: Path, digests: str) -> None:
@@ -48,6 +48,8 @@ def disk(tmp_path_factory) -> dict[str, Path]:
         if name.startswith("locked"):
             locked(path, both)
     locked(repo / "bad-digest" / "1", '"not a digest"')
+    # Its header cannot be read: the model cannot even be described.
+    (repo / "locked-broken" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
     demo.write_mlp(roots / "sm-open", "safetensors", *DIMS, seed=0)
     locked(demo.write_mlp(roots / "sm-locked", "safetensors", *DIMS, seed=1),
            f'"{auth.digest(MODEL_TOKEN).hex()}"')
@@ -107,6 +109,23 @@ def state(tcp, name: str) -> str:
 
 
 # -- infer: the model's tokens ------------------------------------------------------
+
+def test_why_a_protected_model_cannot_be_served_is_told_only_to_its_callers(server):
+    # Its error names its files; a caller without its token learns nothing
+    # more than that it needs one, before the failure and during its back-off.
+    with Client(server["tcp"]) as c:
+        for _ in range(2):
+            with pytest.raises(Unauthorized, match="needs a token"):
+                c.infer("locked-broken", {"x": X})
+        with pytest.raises(Unauthorized, match="not valid"):
+            c.infer("locked-broken", {"x": X}, token=WRONG)
+        for _ in range(2):  # the failure, then its back-off
+            with pytest.raises(LoadFailed, match="safetensors"):
+                c.infer("locked-broken", {"x": X}, token=MODEL_TOKEN)
+        with pytest.raises(Unauthorized, match="needs a token"):
+            c.infer("locked-broken", {"x": X})
+    assert_401(kserve_infer(server["http"], "locked-broken"))
+
 
 @pytest.mark.parametrize("name", ["locked-cold-tcp", "locked-warm"])
 def test_tcp_infer_needs_one_of_the_models_tokens(server, name):
@@ -343,18 +362,18 @@ def test_mmengine_token_prints_a_token_and_its_manifest_line():
 def test_mmengine_bench_sends_its_token_read_from_stdin(server):
     host, port = server["tcp"]
 
-    def bench(*token_args: str, stdin: str = "") -> str:
+    def bench(*token_args: str, failed: bool, stdin: str = "") -> str:
         done = subprocess.run(
             command("bench", "--url", f"{host}:{port}", "--zipf", "0", "--requests", "24",
                     "--concurrency", "2", "--timeout", "20", *token_args),
             input=stdin, capture_output=True, text=True, env=environ(), timeout=120)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == int(failed), done.stderr  # 1: requests failed
         return done.stdout
 
-    # Every model of the list is asked for: the locked ones answer only with
-    # the token ("bad-digest" fails to load either way).
-    assert re.search(r"errors Unauthorized\s+\d+", bench())
-    assert "Unauthorized" not in bench("--token", "-", stdin=MODEL_TOKEN + "\n")
+    # Every model of the list that declares its inputs is asked for: the
+    # locked ones answer only with the token.
+    assert re.search(r"errors Unauthorized\s+\d+", bench(failed=True))
+    assert "Unauthorized" not in bench("--token", "-", failed=False, stdin=MODEL_TOKEN + "\n")
 
 
 def test_the_control_token_stays_out_of_the_configurations_repr():

@@ -15,8 +15,8 @@ from conftest import live_pids, run, slow_loading, write_handler, write_problem_
 from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, Timeout,
-                             TooLarge, WorkerDied)
+from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, PinnedFull,
+                             Timeout, TooLarge, WorkerDied)
 from mmengine.server import metrics
 from mmengine.storage import Repository
 
@@ -235,6 +235,8 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
     # One worker runs "slow" requests one at a time: the three behind the
     # first wait for it. Deadlines come in an order that makes the worker's
     # one timer move earlier, then go on to the next nearest once it fires.
+    # The first runs past its deadline to its end ("late"); the two whose
+    # deadlines pass while they wait are skipped by the worker, not run.
     root, _ = repo
 
     def slow(seconds: float) -> dict:
@@ -242,14 +244,15 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
 
     async def main():
         async with Engine(config(root, workers=1)) as engine:
-            late = []
+            late, skipped = [], []
             engine.observers.append(lambda kind, f: kind == "late" and late.append(f))
+            engine.observers.append(lambda kind, f: kind == "skipped" and skipped.append(f))
             counted = metrics.attach(engine)
             await engine.load("slow")
             t0 = time.monotonic()
-            calls = [engine.infer("slow", slow(0.8), timeout=10),
-                     engine.infer("slow", slow(0.0), timeout=0.2),
-                     engine.infer("slow", slow(0.0), timeout=0.45),
+            calls = [engine.infer("slow", slow(0.8), timeout=0.6),
+                     engine.infer("slow", slow(0.5), timeout=0.2),
+                     engine.infer("slow", slow(0.5), timeout=0.45),
                      engine.infer("slow", slow(0.0), timeout=10)]
 
             async def timed(call):
@@ -260,20 +263,23 @@ def test_each_request_fails_at_its_own_deadline(repo, own_segments):
 
             results = await asyncio.gather(*map(timed, calls))
             pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
-            return results, pins, late, counted.exposition()[0].decode()
+            return results, pins, late, skipped, counted.exposition()[0].decode()
 
-    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins, late, exposed = run(main())
-    assert 'mmengine_late_answers_total{model="slow"} 2.0' in exposed
+    ((first, t1), (second, t2), (third, t3), (fourth, t4)), pins, late, skipped, exposed = \
+        run(main())
+    assert 'mmengine_late_answers_total{model="slow"} 1.0' in exposed
+    assert 'mmengine_skipped_requests_total{model="slow"} 2.0' in exposed
     assert pins == 0  # the timed-out requests' pins went when the worker was done
-    # Their calls ran after the first one, and still say where and when.
-    assert [(f["model"], f["version"], f["worker"]) for f in late] == [("slow", 1, 0)] * 2
-    for f in late:
-        t_recv, t_done, t_read = f["worker_ns"]
-        assert f["t_sent"] <= t_recv <= t_done <= t_read
-    assert first["y"][0] == 1.6 and fourth["y"][0] == 0.0
-    assert 0.8 <= t1 and 0.8 <= t4
+    # The first one's call ran to its end, and still says where and when.
+    assert [(f["model"], f["version"], f["worker"]) for f in late] == [("slow", 1, 0)]
+    t_recv, t_done, t_read = late[0]["worker_ns"]
+    assert late[0]["t_sent"] <= t_recv <= t_done <= t_read
+    assert t_done - t_recv >= 0.8e9
+    assert [(f["model"], f["version"]) for f in skipped] == [("slow", 1)] * 2
+    assert fourth["y"][0] == 0.0 and 0.8 <= t4
     # A deadline may come up to a millisecond early: uvloop's clock counts
     # milliseconds (workers._CLOCK_S).
+    assert isinstance(first, Timeout) and 0.598 <= t1 < 0.8, t1
     assert isinstance(second, Timeout) and 0.198 <= t2 < 0.7, t2
     assert isinstance(third, Timeout) and 0.448 <= t3 < 0.8, t3
 
@@ -994,7 +1000,7 @@ def test_a_request_cut_off_by_stop_is_observed_as_its_client_hears_it(tmp_path, 
     assert run(main(), max_stall=2.0) == ["OVERLOADED"]
 
 
-def test_an_unload_that_times_out_leaves_the_model_pinned(repo, own_segments):
+def test_an_unload_that_times_out_or_is_cancelled_leaves_the_model_pinned(repo, own_segments):
     root, _ = repo
 
     async def main():
@@ -1004,6 +1010,11 @@ def test_an_unload_that_times_out_leaves_the_model_pinned(repo, own_segments):
             await asyncio.sleep(0.2)
             with pytest.raises(Timeout, match="still in use"):
                 await engine.unload("slow", timeout=0.3)
+            row = engine._model_row(("slow", 1))
+            assert row["pinned"] and row["state"] == "resident"
+            # A caller that stops waiting for its unload leaves it as it was too.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(engine.unload("slow"), 0.3)
             row = engine._model_row(("slow", 1))
             assert row["pinned"] and row["state"] == "resident"
             await busy
@@ -1044,9 +1055,9 @@ def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segmen
             await engine.pin("big1")
             await engine.pin("big2")
             t0 = time.monotonic()
-            with pytest.raises(Overloaded, match="unpin"):
+            with pytest.raises(PinnedFull, match="unpin"):  # an Overloaded without Retry-After
                 await engine.infer("big3", x)
-            with pytest.raises(Overloaded, match="unpin"):
+            with pytest.raises(PinnedFull, match="unpin"):
                 await engine.load("big3")
             refused_in = time.monotonic() - t0
             await engine.unpin("big1")
@@ -1154,3 +1165,29 @@ def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments
     assert rows["slowload"] != rows["ballast"]  # the roomier worker
     assert rows["fast"] == rows["ballast"], rows  # not behind the load
     assert waited < 2.0, waited
+
+
+def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments):
+    from mmengine.config import ConfigError
+
+    async def main():
+        for repo in ("", str(tmp_path / "missing")):
+            with pytest.raises(ConfigError, match="repo"):
+                await Engine(Config(repo=repo, workers=1)).start()
+        engine = Engine(Config(repo=str(tmp_path), workers=1))
+        with pytest.raises(RuntimeError, match="has not started"):  # a bug, not an overload
+            await engine.infer("m", {"x": np.ones(1)})
+        await engine.start()
+        with pytest.raises(BadRequest, match="timeout"):  # as infer's: 0 is not "the default"
+            await engine.load("m", timeout=0)
+        pids = [w.pid for w in engine.pool.workers]
+        with pytest.raises(RuntimeError, match="started already"):
+            await engine.start()  # would leak a second pool of workers
+        assert [w.pid for w in engine.pool.workers] == pids
+        await engine.stop()
+        with pytest.raises(RuntimeError, match="make a new one"):
+            await engine.start()
+        return pids
+
+    pids = run(main())
+    assert live_pids(pids) == []

@@ -437,13 +437,16 @@ def test_path_is_percent_decoded_once(address):
 
 
 def test_an_overloaded_answer_says_when_to_retry():
-    from mmengine.errors import Overloaded
+    from mmengine.errors import Overloaded, PinnedFull
     from mmengine.server.http import error_response
 
     r = error_response(Overloaded("busy"))
     assert r.status == 503
     assert ("Retry-After", "1") in r.headers
     assert json.loads(r.body) == {"error": "busy", "code": "OVERLOADED"}
+    # Where only an unpin makes room, waiting is no advice.
+    r = error_response(PinnedFull("pinned models hold every worker's budget"))
+    assert r.status == 503 and not any(k == "Retry-After" for k, _ in r.headers)
 
 
 def test_non_finite_outputs_are_written_as_numbers_not_null(address):

@@ -119,23 +119,25 @@ def test_fetch_verify_and_load(tmp_path, server):
     write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
     config = cfg(tmp_path, allowed_hosts=server.host)
     spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
-    # Resolving reads no model file: it asks the sizes, nothing more.
-    assert not any(method == "GET" for method, _ in server.requests)
+    # Resolving asks the source nothing: its size is known once fetched.
+    assert not server.requests
     assert spec.source == server.url + "mlp/1/"
     assert spec.files == (("model.py", sha(model_dir / "model.py")),
                           ("model.safetensors", sha(model_dir / "model.safetensors")))
-    assert spec.estimated_bytes == sum((model_dir / f).stat().st_size
-                                       for f in ("model.py", "model.safetensors"))
+    assert spec.estimated_bytes == 0
+    size = sum((model_dir / f).stat().st_size for f in ("model.py", "model.safetensors"))
 
     disk = DiskCache(config)
     path = disk.ensure(spec)
+    assert disk.estimate("mlp", 1) == size  # as the source said it (HEAD)
     assert path.is_relative_to(tmp_path / "cache")
     assert files_under(path) == ["model.py", "model.safetensors", "model.toml"]
     assert (path / "model.safetensors").read_bytes() == \
         (model_dir / "model.safetensors").read_bytes()
     local = read_spec("mlp", 1, path)
     assert "source" not in (path / "model.toml").read_text()
-    assert local == dataclasses.replace(spec, path=path, source="", files=())
+    assert local == dataclasses.replace(spec, path=path, source="", files=(),
+                                        estimated_bytes=size)
     model = load_model(local)
     try:
         np.testing.assert_allclose(model.predict({"x": x()})["y"],
@@ -342,9 +344,9 @@ def _three_models(tmp_path, server):
     """Three remote models and a disk cache config with room for two and a half."""
     repo = tmp_path / "repo"
     for name in ("a", "b", "c"):
-        write_stub(repo, name, server.url + f"{name}/1/", publish(server, name, hidden=256))
-    size = Repository(repo, config=cfg(tmp_path, allowed_hosts=server.host)).resolve(
-        "a").estimated_bytes
+        model_dir = publish(server, name, hidden=256)
+        write_stub(repo, name, server.url + f"{name}/1/", model_dir)
+    size = sum(p.stat().st_size for p in model_dir.iterdir() if p.name != "model.toml")
     config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.5))
     return config, {n: Repository(repo, config=config).resolve(n) for n in "abc"}
 
@@ -372,6 +374,19 @@ def test_lru_eviction_under_the_byte_budget(tmp_path, server):
     assert disk.evict("a", 1) == 0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".partial", "c"]
     assert files_under(tmp_path / "cache" / ".partial") == []
+
+
+def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
+    config, specs = _three_models(tmp_path, server)
+    small = cfg(tmp_path, allowed_hosts=server.host,
+                disk_cache_bytes=config.disk_cache_bytes // 2)  # room for one, not two
+    disk = DiskCache(small)
+    kept = disk.ensure(specs["a"])
+    disk.release("a", 1)
+    big = dataclasses.replace(specs["b"], estimated_bytes=small.disk_cache_bytes + 1)
+    with pytest.raises(LoadFailed, match="no room"):
+        disk.ensure(big)
+    assert kept.is_dir() and disk.stats()["evictions"] == 0
 
 
 def test_no_room_under_the_watermark_names_the_keys(tmp_path, server):
@@ -589,3 +604,96 @@ def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():
                     ({"low_watermark": 0.9, "high_watermark": 0.8}, "low_watermark")):
         with pytest.raises(config_mod.ConfigError, match=key):
             config_mod.Config(**kw)
+
+
+# -- a source that is down, or never answers ---------------------------------------------
+
+def _serve_once(config, name: str = "mlp") -> np.ndarray:
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    async def main():
+        async with Engine(config) as engine:
+            return (await engine.infer(name, {"x": x()}))["y"]
+    return run(main(), timeout=60)
+
+
+def test_a_cached_remote_model_serves_while_its_source_is_down(tmp_path, server, own_segments):
+    # Its stub declares no bytes: the size the source said when it was
+    # fetched is kept with the copy, so a restart asks it nothing.
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=server.host, workers=1,
+                 host_tier_bytes=0)
+    first = _serve_once(config)
+    server.shutdown()
+    server.server_close()  # the source is gone
+    np.testing.assert_array_equal(_serve_once(config), first)
+
+
+def black_hole() -> socket.socket:
+    """A listening socket that never accepts: the kernel completes each
+    connection, and nothing ever answers on it."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    hole.setblocking(False)
+    return hole
+
+
+def test_a_source_that_never_answers_holds_no_listing_and_no_request(tmp_path, monkeypatch,
+                                                                      own_segments):
+    from mmengine.engine import Engine
+    from mmengine.errors import Timeout
+    from tests.conftest import run
+
+    hole = black_hole()
+    host = f"127.0.0.1:{hole.getsockname()[1]}"
+    write_stub(tmp_path / "repo", "mlp", f"http://{host}/mlp/1/",
+               demo.write_mlp(tmp_path / "origin" / "mlp", "safetensors"))
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 3.0)  # the stalled fetch's thread, in-process
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=host, workers=1)
+
+    async def main():
+        async with Engine(config) as engine:
+            listed = await engine.models()
+            meta = await engine.metadata("mlp")
+            with pytest.raises(BlockingIOError):
+                hole.accept()  # neither looked at the source
+            t0 = time.monotonic()
+            with pytest.raises(Timeout):
+                await engine.infer("mlp", {"x": x()}, timeout=0.5)
+            return listed, meta, time.monotonic() - t0
+
+    try:
+        listed, meta, waited = run(main(), timeout=60)
+    finally:
+        hole.close()
+    assert [(r["name"], r["state"]) for r in listed] == [("mlp", "on storage")]
+    assert [t["name"] for t in listed[0]["inputs"]] == ["x"] and meta["backend"] == "safetensors"
+    assert waited < fetch.TIMEOUT_S  # the request's deadline, not the fetch's stall, ended it
+
+
+def test_serve_exits_within_its_shutdown_timeout_while_a_fetch_stalls(tmp_path):
+    from mmengine import Client
+    from mmengine.errors import Timeout
+    from tests.conftest import Server, environ
+
+    hole = black_hole()
+    host = f"127.0.0.1:{hole.getsockname()[1]}"
+    write_stub(tmp_path / "repo", "mlp", f"http://{host}/mlp/1/",
+               demo.write_mlp(tmp_path / "origin" / "mlp", "safetensors"))
+    proc = Server("--repo", str(tmp_path / "repo"), "--tcp-port", "0", "--http-port", "-1",
+                  "--workers", "1",
+                  env=environ(MMENGINE_CACHE_DIR=str(tmp_path / "cache"),
+                              MMENGINE_DISK_WATERMARK="1.0", MMENGINE_ALLOWED_HOSTS=host,
+                              MMENGINE_SHUTDOWN_TIMEOUT_S="2"))
+    try:
+        port = int(proc.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
+        with Client(f"127.0.0.1:{port}") as client:
+            with pytest.raises(Timeout):
+                client.infer("mlp", {"x": x()}, timeout=0.5)
+        # The fetch stalls for fetch.TIMEOUT_S (30 s); the server must not.
+        assert proc.stop(timeout=15) == 0
+    finally:
+        hole.close()

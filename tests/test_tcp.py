@@ -512,12 +512,17 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
 def test_stats_prints_the_table(address):
     with Client(address) as c:
         c.infer("m01", {"x": x_for(np.random.default_rng(5))})
+        with pytest.raises(LoadFailed):
+            c.infer("corrupt", {"x": x_for(np.random.default_rng(5))})
     r = subprocess.run(command("stats", "--url", "%s:%d" % address), env=environ(),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()
     assert header.split() == ["model", "ver", "state", "worker", "bytes", "host", "bytes",
-                              "hits", "loads", "evicts"]
+                              "hits", "loads", "evicts", "fails"]
+    # Which model failed, and why, whatever its state now.
+    assert re.search(r"^corrupt v1: \d+ failed loads?, the last: .*safetensors", r.stdout,
+                     re.MULTILINE), r.stdout
     m01 = next(row.split() for row in rows if row.startswith("m01 "))
     assert m01[:3] == ["m01", "1", "resident"]
     assert re.search(r"\d+ resident .* \d+ in the host tier .* \d+ hits, \d+ loads "
@@ -532,13 +537,16 @@ def test_stats_prints_the_table(address):
                               env=environ(), capture_output=True, text=True, timeout=30)
     assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
     assert down.stderr.startswith("mmengine stats: ConnectionRefusedError"), down.stderr
+    # The HTTP port's URL is not the TCP address: said so, not a DNS error.
+    http = subprocess.run(command("stats", "--url", "http://%s:%d" % address), env=environ(),
+                          capture_output=True, text=True, timeout=60)
+    assert http.returncode == 1 and "host:port" in http.stderr, http.stderr
 
 
 def test_bench_prints_its_table(address):
     r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "200",
                                "--concurrency", "8", "--timeout", "20"),
                        env=environ(), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
     table = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines())
     # The models that declare no inputs are skipped, and said so; the rest
     # are driven, and what fails is counted by type.
@@ -548,6 +556,7 @@ def test_bench_prints_its_table(address):
     ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed of 200", table["requests"]).groups())
     assert ok + failed == 200 and ok > 0
     assert failed == int(table.get("errors TooLarge", 0))  # only "huge" fails
+    assert r.returncode == (1 if failed else 0), r.stderr  # failures: a failed run
     for key in ("latency p50", "latency p90", "latency p99", "latency max"):
         assert table[key].endswith(" ms")
     assert float(table["throughput"].split()[0].replace(",", "")) > 0

@@ -173,7 +173,8 @@ def json_response(obj: Any, status: int = 200, headers=None) -> Response:
 def error_response(e: MMEngineError) -> Response:
     # An overloaded server says when to come back (RFC 9110 Retry-After); a
     # 401 says how to authenticate (RFC 9110 requires WWW-Authenticate on it).
-    headers = ([("Retry-After", "1")] if e.code == ErrorCode.OVERLOADED
+    retry_after = getattr(e, "retry_after_s", None)  # Overloaded has one
+    headers = ([("Retry-After", str(retry_after))] if retry_after is not None
                else [("WWW-Authenticate", "Bearer")] if e.code == ErrorCode.UNAUTHORIZED
                else None)
     return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
@@ -185,11 +186,14 @@ class Later:
     the future's one callback, run where the future is done (Engine.submit's
     `then`: in the turn its answer is read) or as a done callback."""
 
-    __slots__ = ("future", "finish", "_answer")
+    __slots__ = ("future", "finish", "inference", "_answer")
 
-    def __init__(self, finish: Callable[[Any], Response]):
+    def __init__(self, finish: Callable[[Any], Response], inference: bool = False):
         self.future: asyncio.Future | None = None
         self.finish = finish
+        # An inference: a client that goes away cancels it (a load or an
+        # unload it asked for completes).
+        self.inference = inference
         self._answer: Callable[[asyncio.Future], None] | None = None
 
     @classmethod
@@ -230,7 +234,7 @@ def submitted(request: Request,
             response.headers.append(
                 ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
         return response
-    later = Later(finish)
+    later = Later(finish, inference=True)
     later.future = submit(later.done)
     return later
 
@@ -289,7 +293,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | MMEngineError] = collections.deque()
-        self.current: asyncio.Future | None = None  # the request being answered
+        self.answering: Later | None = None  # the request being answered
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
@@ -324,7 +328,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self._touch()
 
     def pending(self) -> list:
-        return [] if self.current is None else [self.current]
+        return [] if self.answering is None else [self.answering.future]
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
@@ -340,11 +344,19 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if held:
             self.server.receiving.give(held)
         self._stop_awaiting()
+        answering = self.answering
+        if answering is not None and answering.inference:
+            answering.future.cancel()
+            if answering.future.done():  # a task is done a turn later, by itself
+                # Engine.submit runs no `then` for a future its caller
+                # cancels: the answer (with nowhere to go) gives its
+                # bytes back here.
+                answering.done(answering.future)
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
         self.dead = True
-        if self.current is None and not self.queue:
+        if self.answering is None and not self.queue:
             return None  # close now
         self.eof = True
         return True
@@ -392,7 +404,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self._watch_closed(now, unsent, self.server.idle_timeout_s)
         elif now < due:
             self._arm(due)
-        elif self.current is None:  # a request in progress re-arms it when answered
+        elif self.answering is None:  # a request in progress re-arms it when answered
             self._close()
 
     def _close(self) -> None:
@@ -516,7 +528,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
     def _kick(self) -> None:
         """Answers what is queued, in order: at once where the handler
         answers at once, else from the done callback of its future."""
-        while self.current is None and self.queue and not self.write_blocked \
+        while self.answering is None and self.queue and not self.write_blocked \
                 and not self.transport.is_closing():
             item = self.queue.popleft()
             if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
@@ -531,12 +543,12 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
                 answer = _response_for(e)
             if isinstance(answer, Later):
-                self.current = answer.future
+                self.answering = answer
                 answer.wait(functools.partial(self._on_answered, item, answer.finish))
                 return
             if not self._respond(item, answer):
                 return
-        if self.current is None and not self.queue and self.eof:
+        if self.answering is None and not self.queue and self.eof:
             self._close()
 
     def _start(self, request: Request) -> Response | Later:
@@ -548,7 +560,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def _on_answered(self, request: Request, finish: Callable[[Any], Response],
                      future: asyncio.Future) -> None:
-        self.current = None
+        self.answering = None
         try:
             response = finish(future.result())
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered

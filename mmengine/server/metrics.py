@@ -93,6 +93,7 @@ class Metrics:
         self._evicted_bytes: dict[str, int] = {}                 # reason
         self._worker_exits: dict[str, int] = {}                  # worker
         self._late: dict[tuple[str], int] = {}                   # (model,)
+        self._skipped: dict[tuple[str], int] = {}                # (model,)
         self.registry.register(self)
 
     # -- the observer: once per event, on the loop ------------------------------
@@ -131,9 +132,10 @@ class Metrics:
         elif kind == "worker_exit":
             worker = str(f["worker"])
             self._worker_exits[worker] = self._worker_exits.get(worker, 0) + 1
-        elif kind == "late":
+        elif kind == "late" or kind == "skipped":
+            counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
-            self._late[key] = self._late.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + 1
 
     # -- the collector: once per scrape ------------------------------------------
 
@@ -187,6 +189,9 @@ class Metrics:
         yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
                        "their request had failed (timed out, or cancelled): work nobody "
                        "got, by model.", ["model"], self._late)
+        yield _counter("mmengine_skipped_requests", "Inferences a worker did not run "
+                       "because their request had failed before it began them (timed "
+                       "out, or cancelled), by model.", ["model"], self._skipped)
 
     def _collect_state(self, stats: dict):
         totals = stats["totals"]

@@ -59,7 +59,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.engine = server.engine
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.tasks: set[asyncio.Task] = set()
+        # What is in flight -> whether it is an inference: a client that goes
+        # away cancels those (a load or a pin it asked for completes).
+        self.tasks: dict[asyncio.Future, bool] = {}
         self.paused = False      # too many requests in flight: not read until fewer
         self.write_blocked = False  # answers backed up: not read, no frame taken
         self.reserved = 0        # bytes of the frame being received, held in the budget
@@ -101,6 +103,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
+        for fut, inference in list(self.tasks.items()):
+            if inference:
+                fut.cancel()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
@@ -300,7 +305,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                     self._send(protocol.error_response(rid, e))
                     return
             fut = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
-        self.tasks.add(fut)
+        self.tasks[fut] = op == "infer"
         fut.add_done_callback(self._task_done)
         if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
@@ -328,7 +333,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
 
     def _task_done(self, fut: asyncio.Future) -> None:
-        self.tasks.discard(fut)
+        self.tasks.pop(fut, None)
         if not self.tasks:  # idle from now on
             self.last_active = self.loop.time()
             if self.eof:

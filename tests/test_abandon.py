@@ -1,0 +1,225 @@
+"""Work nobody waits for is skipped: an inference whose caller went away
+(a TCP or HTTP client whose connection was reset, an embedding caller
+that cancelled) or whose deadline passed is abandoned, and its worker does
+not run it if it has not begun it. Real engine, real workers, real sockets.
+(A client that half-closes still gets its answers: test_fuzz, test_overload.)"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SLOW_HANDLER, run, write_handler
+from mmengine import protocol
+from mmengine.config import Config
+from mmengine.engine import Engine
+from mmengine.errors import Timeout
+from mmengine.server import kserve, metrics
+from mmengine.server.http import HttpServer
+from mmengine.server.tcp import TcpServer
+from mmengine.worker import WorkerLogic
+
+RUNNING_S = 0.6  # the request the worker is busy with while the others queue
+
+
+def slow_repo(tmp_path):
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    return Config(repo=str(tmp_path), workers=1, request_timeout_s=60)
+
+
+def recorder(engine: Engine) -> dict[str, list]:
+    """The observers' late answers and skipped requests, and the codes of
+    the slow model's requests, as they come."""
+    seen: dict[str, list] = {"late": [], "skipped": [], "codes": []}
+
+    def observe(kind: str, f: dict) -> None:
+        if kind in ("late", "skipped"):
+            seen[kind].append((f["model"], f["version"]))
+        elif kind == "request" and f["model"] == "slow":
+            seen["codes"].append(f["code"])
+    engine.observers.append(observe)
+    return seen
+
+
+async def until(condition, seconds: float = 10.0) -> None:
+    """Waits (bounded) for the workers' answers that observers hear of."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the observers never heard what the test waited for")
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Closes a connection as a killed client or a dropped link does to a
+    server that writes to it: with a reset, not a half-close."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    writer.close()
+
+
+def slow_frame(rid: int, seconds: float) -> bytes:
+    return protocol.frame({"id": rid, "op": "infer", "model": "slow",
+                           "inputs": protocol.encode_tensors({"seconds": np.array([seconds])})})
+
+
+def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(tmp_path, own_segments):
+    config = slow_repo(tmp_path)
+
+    async def main():
+        async with Engine(config) as engine:
+            seen = recorder(engine)
+            exposition = metrics.attach(engine)
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                await engine.load("slow")
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                # One the worker runs, three pipelined behind it on its ring.
+                writer.write(slow_frame(1, RUNNING_S)
+                             + b"".join(slow_frame(i, 0.3) for i in (2, 3, 4)))
+                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 4)
+                await asyncio.sleep(0.1)  # the worker is inside the first
+                reset(writer)
+                await until(lambda: len(seen["late"]) + len(seen["skipped"]) == 4)
+                # The worker is free for everyone else at once.
+                after = await engine.infer("slow", {"seconds": np.array([0.0])}, timeout=5)
+                pins = next(r["pins"] for r in engine.stats()["models"]
+                            if r["name"] == "slow")
+                return seen, after, pins, exposition.exposition()[0].decode()
+            finally:
+                await server.stop()
+
+    seen, after, pins, exposed = run(main(), timeout=60)
+    assert seen["late"] == [("slow", 1)]          # it ran to its end
+    assert seen["skipped"] == [("slow", 1)] * 3   # they never ran
+    assert seen["codes"][:4] == ["CANCELLED"] * 4
+    assert after["y"][0] == 0.0 and pins == 0
+    assert 'mmengine_skipped_requests_total{model="slow"} 3.0' in exposed
+    assert 'mmengine_late_answers_total{model="slow"} 1.0' in exposed
+
+
+def test_an_http_client_whose_connection_resets_abandons_its_request(tmp_path, own_segments):
+    config = slow_repo(tmp_path)
+
+    def post(seconds: float) -> bytes:
+        body = json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                       "data": [seconds]}]}).encode()
+        return (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+    async def main():
+        async with Engine(config) as engine:
+            seen = recorder(engine)
+            server = HttpServer(engine, kserve.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                await engine.load("slow")
+                first_r, first_w = await asyncio.open_connection("127.0.0.1", port)
+                first_w.write(post(RUNNING_S))
+                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 1)
+                _, gone_w = await asyncio.open_connection("127.0.0.1", port)
+                gone_w.write(post(0.3))
+                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 2)
+                reset(gone_w)
+                answer = await asyncio.wait_for(first_r.read(4096), 10)
+                first_w.close()
+                await first_w.wait_closed()
+                await until(lambda: seen["skipped"] and len(seen["codes"]) == 2)
+                return seen, answer, server.receiving.held
+            finally:
+                await server.stop()
+
+    seen, answer, held = run(main(), timeout=60)
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"] == [2 * RUNNING_S]
+    assert seen["skipped"] == [("slow", 1)] and seen["late"] == []
+    assert sorted(seen["codes"]) == ["CANCELLED", "OK"]
+    assert held == 0  # the abandoned request's body went back to the budget
+
+
+def test_an_embedding_caller_that_cancels_abandons_its_request(tmp_path, own_segments):
+    config = slow_repo(tmp_path)
+
+    async def main():
+        async with Engine(config) as engine:
+            seen = recorder(engine)
+            await engine.load("slow")
+            running = asyncio.ensure_future(
+                engine.infer("slow", {"seconds": np.array([RUNNING_S])}))
+            await until(lambda: engine.stats()["workers"][0]["in_flight"] == 1)
+            try:  # queued behind the first; the caller stops waiting first
+                await asyncio.wait_for(engine.infer("slow", {"seconds": np.array([0.3])}), 0.1)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("the second request was answered before the first")
+            first = await running
+            await until(lambda: seen["skipped"])
+            return seen, first
+
+    seen, first = run(main(), timeout=60)
+    assert first["y"][0] == 2 * RUNNING_S
+    assert seen["skipped"] == [("slow", 1)] and seen["late"] == []
+    assert seen["codes"] == ["CANCELLED", "OK"]
+
+
+def test_a_request_sure_to_miss_its_deadline_is_not_run(tmp_path, own_segments):
+    # The model's calls take 0.3 s. Behind a running one, a request with
+    # 0.4 s to live would end at 0.6 s: the worker does not begin it, and
+    # its caller hears so when the worker gets to it, before its deadline.
+    config = slow_repo(tmp_path)
+    call = {"seconds": np.array([0.3])}
+
+    async def main():
+        async with Engine(config) as engine:
+            seen = recorder(engine)
+            await engine.infer("slow", call)  # how long its calls take
+            t0 = asyncio.get_running_loop().time()
+            running = asyncio.ensure_future(engine.infer("slow", call))
+            await until(lambda: engine.stats()["workers"][0]["in_flight"] == 1)
+            try:
+                await engine.infer("slow", call, timeout=0.4)
+            except Timeout as e:
+                refused = e, asyncio.get_running_loop().time() - t0
+            else:
+                raise AssertionError("a request that could not make its deadline ran")
+            await running
+            roomy = await engine.infer("slow", call, timeout=5)
+            return seen, refused, roomy
+
+    seen, (error, at), roomy = run(main(), timeout=60)
+    assert "could not have finished" in str(error)
+    assert 0.25 < at < 0.39, at  # when the worker got to it: before its deadline
+    assert seen["skipped"] == [("slow", 1)] and seen["late"] == []
+    assert roomy["y"][0] == 0.6
+
+
+def test_what_a_worker_takes_for_sure_to_miss_its_deadline():
+    logic = WorkerLogic(Config(repo="."), "cpu")
+    key = ("m", 1)
+
+    def in_(seconds: float) -> float:  # a deadline that far from now
+        return time.monotonic() + seconds
+
+    logic.ran(key, 1.0, time.monotonic())  # a warm-up, not counted
+    assert not logic.would_miss(key, in_(0.2), queued=True)
+    logic.ran(key, 1.0, time.monotonic())  # the model's calls take 1 s
+    assert logic.would_miss(key, in_(0.2), queued=True)
+    assert not logic.would_miss(key, in_(0.2), queued=False)  # a worker that keeps up runs it
+    assert logic.would_miss(key, in_(-0.001), queued=False)   # past its deadline, surely
+    # A figure that no call has renewed for 3 s is trusted an eighth: 0.125 s.
+    logic.ran(key, 1.0, time.monotonic() - 3.0)
+    assert not logic.would_miss(key, in_(0.2), queued=True)
+    assert logic.would_miss(key, in_(0.1), queued=True)
+    logic.ran(key, 0.01, time.monotonic())  # a faster call is taken at once
+    assert not logic.would_miss(key, in_(0.02), queued=True)
+    assert logic.would_miss(key, in_(0.005), queued=True)
+    logic.ran(key, 0.09, time.monotonic())  # a slower one moves it an eighth of the way
+    assert logic.calls[key][0] == pytest.approx(0.01 + 0.08 / 8)
