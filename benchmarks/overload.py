@@ -15,8 +15,10 @@ callers had given up, and goodput would fall toward zero (congestion
 collapse); mmengine's workers skip the requests abandoned before they
 began (`skipped`), so goodput stays near capacity. `late`: requests that
 were running when their deadline came (they run to their end).
+`refused`: OVERLOADED answers, once a worker's queue holds
+max_queue_per_worker requests (its callers then wait a timeout's length).
 Keys: capacity_rps, callers, timeout_ms, goodput_rps, answered, timeouts,
-skipped, late, ratios = {goodput_vs_capacity}.
+refused, skipped, late, ratios = {goodput_vs_capacity}.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmengine import Config, Engine  # noqa: E402
-from mmengine.errors import Timeout  # noqa: E402
+from mmengine.errors import Overloaded, Timeout  # noqa: E402
 
 SERVICE_MS = 5.0
 TIMEOUT_MS = 50.0
@@ -61,22 +63,26 @@ async def capacity(engine: Engine, seconds: float) -> float:
 
 
 async def overload(engine: Engine, seconds: float) -> dict:
-    answered = timeouts = 0
+    answered = timeouts = refused = 0
     end = time.perf_counter() + seconds
 
     async def caller() -> None:
-        nonlocal answered, timeouts
+        nonlocal answered, timeouts, refused
         while time.perf_counter() < end:
             try:
                 await engine.infer("work", X, timeout=TIMEOUT_MS / 1e3)
                 answered += 1
             except Timeout:
                 timeouts += 1
+            except Overloaded:  # the worker's queue is full: it fell that far behind
+                refused += 1
+                await asyncio.sleep(TIMEOUT_MS / 1e3)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(CALLERS)))
     elapsed = time.perf_counter() - t0
-    return {"goodput_rps": answered / elapsed, "answered": answered, "timeouts": timeouts}
+    return {"goodput_rps": answered / elapsed, "answered": answered, "timeouts": timeouts,
+            "refused": refused}
 
 
 async def measure(repo: Path, seconds: float) -> dict:
