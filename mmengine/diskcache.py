@@ -81,7 +81,8 @@ class DiskCache:
         self._entries: collections.OrderedDict[Key, _Entry] = collections.OrderedDict()
         self._flights: dict[Key, _Flight] = {}
         self._reserved = 0  # the estimates of downloads in flight
-        self._trash: list[Path] = []  # evicted entries, renamed, not yet deleted
+        self._trash: list[tuple[Path, int]] = []  # evicted entries, renamed, not deleted
+        self._trash_bytes = 0  # theirs: still on the disk, no longer the cache's
         self.hits = self.fetches = self.evictions = self.failures = 0
         self._scan()
 
@@ -95,7 +96,7 @@ class DiskCache:
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.fingerprint == fp and entry.path.is_dir():
+            if entry is not None and _made_from(entry, spec, fp) and entry.path.is_dir():
                 self._touch(key)
                 self.hits += 1
                 entry.users += 1
@@ -278,7 +279,10 @@ class DiskCache:
 
     def _room(self) -> int:
         usage = psutil.disk_usage(str(self.root))
-        room = int(self.config.disk_watermark * usage.total) - usage.used - self._reserved
+        # What was evicted is free as far as room goes: its files are
+        # deleted once the lock is let go.
+        used = usage.used - self._trash_bytes
+        room = int(self.config.disk_watermark * usage.total) - used - self._reserved
         if self.config.disk_cache_bytes:
             room = min(room, self.config.disk_cache_bytes - self._bytes() - self._reserved)
         return max(room, 0)
@@ -296,7 +300,8 @@ class DiskCache:
             os.rename(entry.path, trash)
         except FileNotFoundError:
             return entry.nbytes
-        self._trash.append(trash)  # removed by _empty_trash, out of the lock
+        self._trash.append((trash, entry.nbytes))  # removed by _empty_trash, out of the lock
+        self._trash_bytes += entry.nbytes
         try:
             entry.path.parent.rmdir()  # the model's last version went
         except OSError:
@@ -313,8 +318,10 @@ class DiskCache:
         that a large delete holds up no other caller."""
         with self._lock:
             trash, self._trash = self._trash, []
-        for path in trash:
+        for path, nbytes in trash:
             shutil.rmtree(path, ignore_errors=True)
+            with self._lock:
+                self._trash_bytes -= nbytes
 
     def _touch(self, key: Key) -> None:
         self._entries.move_to_end(key)
@@ -357,6 +364,16 @@ def _made_for(path: Path) -> int | None:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     return made_for if type(made_for) is int else None
+
+
+def _made_from(entry: _Entry, spec: ModelSpec, fp: str) -> bool:
+    """Whether `entry` is a copy of `spec` (whose fingerprint is `fp`).
+    Copies made while a stub without `bytes` was sized as it was read
+    (before mmengine-serve asked its source only when fetching) were
+    fingerprinted with those sizes, which they carry as their estimate:
+    they still serve."""
+    return entry.fingerprint == fp or not spec.estimated_bytes and entry.fingerprint == \
+        fingerprint(dataclasses.replace(spec, estimated_bytes=entry.estimate))
 
 
 def fingerprint(spec: ModelSpec) -> str:

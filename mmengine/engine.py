@@ -113,6 +113,7 @@ class Engine:
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
+        self._started = False
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
         # Inputs a backend read from an artifact whose manifest declares none
@@ -135,12 +136,17 @@ class Engine:
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> "Engine":
-        if self.pool is not None:
+        if self._started:
             raise RuntimeError("this engine has started already" if not self._stopped else
                                "an engine that stopped does not start again: make a new one")
         check_repo(self.config)
+        self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
-        self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
+        try:
+            self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
+        except BaseException:
+            self._started = False
+            raise
         self.pool = WorkerPool(self.config)
         self.pool.on_death = self._on_worker_death
         self.pool.on_unserved = self._on_unserved
@@ -148,7 +154,7 @@ class Engine:
             await self.pool.start()
         except BaseException:
             await self.pool.stop()
-            self.pool = None  # not started: it may be tried again
+            self.pool, self._started = None, False  # not started: it may be tried again
             raise
         policy = books.GDSF if self.config.policy == "gdsf" else books.LRU
         self.cache = books.Cache(len(self.pool.workers), policy)
@@ -345,8 +351,8 @@ class Engine:
                 auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
                 raise
             except TimeoutError:  # the look goes on, for the next request
-                raise Timeout(f"{name}: not described within the request's deadline (its "
-                              f"manifest, or the sizes of a remote source's files)") from None
+                raise Timeout(f"{name}: its manifest was not read within the request's "
+                              f"deadline") from None
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
             worker = await self._acquire(key, spec, deadline)
@@ -1023,10 +1029,13 @@ class Engine:
         try:
             await self._drain(key, name, deadline)
         except (Timeout, asyncio.CancelledError):
-            # Not unloaded (its caller gave up before its unload began): it
-            # stays as it was, its pin too.
+            # Its caller gave up. An unload that began ends as asked; else
+            # the model stays as it was, its pin too.
             busy = self._busy.get(key)
-            if pinned is not None and (busy is None or busy[0] != Op.UNLOAD):
+            if busy is not None and busy[0] == Op.UNLOAD:
+                if not keep_host:
+                    self.host.drop(key)
+            elif pinned is not None:
                 self._pinned[key] = pinned
                 if key in self.cache and self._gen.get(key) == pinned:
                     self.cache.pin(key)
@@ -1264,7 +1273,7 @@ class _Place:
                 self.engine._abandon_cancelled()
 
     def leave_then(self, then: Callable[[asyncio.Future], None], fut: asyncio.Future) -> None:
-        self.leave()
+        self.leave(fut)  # a cold request's task, cancelled: its worker skips it
         then(fut)
 
 

@@ -301,14 +301,18 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
     where = f"{name} v{version}"
     files = {entry.name for entry in _scandir(path) if entry.is_file()}
     manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
-    fields = _parse_manifest(manifest, where)
+    # Why it cannot be served is for those it would serve to hear: the
+    # engine checks a caller's token against these first.
+    digests = (_parse_digests(manifest["token_sha256"], where)
+               if "token_sha256" in manifest else ())
     try:
+        fields = _parse_manifest(manifest, where)
+        if digests:
+            fields["token_digests"] = digests
         return _read_spec(name, version, path, files, fields, allow_code, config, estimate,
                           where)
     except LoadFailed as e:
-        # Why it cannot be served is for those it would serve to hear:
-        # the engine checks a caller's token against these first.
-        e.token_digests = fields.get("token_digests", ())
+        e.token_digests = digests
         raise
 
 
@@ -451,7 +455,8 @@ def tree_bytes(path: Path) -> int:
 # -- manifest fields ---------------------------------------------------------
 
 def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
-    """The ModelSpec fields a manifest sets; LoadFailed names a bad key."""
+    """The ModelSpec fields a manifest sets (its token digests aside:
+    read_spec reads those first); LoadFailed names a bad key."""
     for key in manifest:
         if key not in _MANIFEST_KEYS:
             raise LoadFailed(f"{where}: {MANIFEST}: unknown key {key!r}")
@@ -473,8 +478,6 @@ def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             fields[key] = _parse_tensors(manifest[key], key, where)
     if "warmup" in manifest:
         fields["warmup"] = _parse_warmup(manifest["warmup"], fields.get("inputs", ()), where)
-    if "token_sha256" in manifest:
-        fields["token_digests"] = _parse_digests(manifest["token_sha256"], where)
     if "source" in manifest:
         fields.update(_parse_remote(manifest, where))
     elif "files" in manifest or "compress" in manifest:

@@ -68,7 +68,11 @@ def slow_frame(rid: int, seconds: float) -> bytes:
                            "inputs": protocol.encode_tensors({"seconds": np.array([seconds])})})
 
 
-def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(tmp_path, own_segments):
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "cold"])
+def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
+        tmp_path, own_segments, resident):
+    # Cold: the requests came while the model loaded, and went to the
+    # worker once it had (each a task of the engine's, then).
     config = slow_repo(tmp_path)
 
     async def main():
@@ -78,7 +82,8 @@ def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(tmp_p
             server = TcpServer(engine)
             port = await server.start("127.0.0.1", 0)
             try:
-                await engine.load("slow")
+                if resident:
+                    await engine.load("slow")
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 # One the worker runs, three pipelined behind it on its ring.
                 writer.write(slow_frame(1, RUNNING_S)

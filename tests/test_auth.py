@@ -29,7 +29,7 @@ X = np.arange(2 * DIMS[0], dtype=np.float32).reshape(2, DIMS[0]) / 10
 # name -> seed. "locked-*" list MODEL_TOKEN and ROTATED; each cold one is
 # requested cold by exactly one test, so that it is still on storage there.
 SEEDS = {"open": 0, "locked-warm": 1, "locked-cold-tcp": 2, "locked-cold-http": 3,
-         "locked-control": 4, "bad-digest": 5, "locked-broken": 6}
+         "locked-control": 4, "bad-digest": 5, "locked-broken": 6, "locked-badkey": 7}
 
 
 def locked(version_dir: Path, digests: str) -> None:
@@ -50,6 +50,8 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     locked(repo / "bad-digest" / "1", '"not a digest"')
     # Its header cannot be read: the model cannot even be described.
     (repo / "locked-broken" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
+    manifest = repo / "locked-badkey" / "1" / "model.toml"  # a key no manifest has
+    manifest.write_text(manifest.read_text().replace("token_sha256", "colour = 1\ntoken_sha256", 1))
     demo.write_mlp(roots / "sm-open", "safetensors", *DIMS, seed=0)
     locked(demo.write_mlp(roots / "sm-locked", "safetensors", *DIMS, seed=1),
            f'"{auth.digest(MODEL_TOKEN).hex()}"')
@@ -125,6 +127,11 @@ def test_why_a_protected_model_cannot_be_served_is_told_only_to_its_callers(serv
         with pytest.raises(Unauthorized, match="needs a token"):
             c.infer("locked-broken", {"x": X})
     assert_401(kserve_infer(server["http"], "locked-broken"))
+    with Client(server["tcp"]) as c:  # a manifest that cannot be read, but for its tokens
+        with pytest.raises(Unauthorized, match="needs a token"):
+            c.infer("locked-badkey", {"x": X})
+        with pytest.raises(LoadFailed, match="unknown key 'colour'"):
+            c.infer("locked-badkey", {"x": X}, token=ROTATED)
 
 
 @pytest.mark.parametrize("name", ["locked-cold-tcp", "locked-warm"])

@@ -1184,6 +1184,11 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
         with pytest.raises(RuntimeError, match="started already"):
             await engine.start()  # would leak a second pool of workers
         assert [w.pid for w in engine.pool.workers] == pids
+        twice = Engine(Config(repo=str(tmp_path), workers=1))
+        started = await asyncio.gather(twice.start(), twice.start(), return_exceptions=True)
+        assert sum(isinstance(r, RuntimeError) for r in started) == 1, started
+        pids += [w.pid for w in twice.pool.workers]
+        await twice.stop()
         await engine.stop()
         with pytest.raises(RuntimeError, match="make a new one"):
             await engine.start()

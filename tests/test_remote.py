@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +398,45 @@ def test_no_room_under_the_watermark_names_the_keys(tmp_path, server):
     with pytest.raises(LoadFailed, match="no room .*disk_watermark"):
         DiskCache(config).ensure(spec)
     assert not any(method == "GET" for method, _ in server.requests)
+
+
+def test_under_the_watermark_an_eviction_counts_as_room_at_once(tmp_path, server,
+                                                                 monkeypatch):
+    # The disk holds the cache alone, and its watermark room for two and a
+    # half models: the third evicts the least recently used one, only it
+    # (an evicted copy is deleted after the index's lock is let go).
+    from mmengine import diskcache
+    from mmengine.storage import tree_bytes
+
+    config, specs = _three_models(tmp_path, server)
+    total = config.disk_cache_bytes * 10
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_watermark=0.1)
+
+    def usage(path):  # what DiskCache reads of psutil's answer
+        return types.SimpleNamespace(total=total, used=tree_bytes(tmp_path / "cache"))
+    monkeypatch.setattr(diskcache.psutil, "disk_usage", usage)
+    disk = DiskCache(config)
+    for n in "ab":
+        disk.ensure(specs[n])
+        disk.release(n, 1)
+    disk.ensure(specs["c"])
+    assert disk.stats()["models"] == 2 and disk.stats()["evictions"] == 1
+    assert not disk.has("a", 1) and disk.has("b", 1)
+
+
+def test_copies_fingerprinted_with_their_sources_sizes_still_serve(tmp_path, server):
+    # Before sizes were asked only at fetch time, a stub without `bytes`
+    # resolved to its files' sizes, and its copy was fingerprinted so.
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    size = sum((model_dir / f).stat().st_size for f in ("model.py", "model.safetensors"))
+    old = DiskCache(config).ensure(dataclasses.replace(spec, estimated_bytes=size))
+    server.shutdown()
+    server.server_close()  # the source is gone
+    again = DiskCache(config)
+    assert again.cached(spec) == old and again.estimate("mlp", 1) == size
 
 
 def test_restart_keeps_entries_and_their_order(tmp_path, server):

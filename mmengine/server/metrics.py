@@ -189,9 +189,10 @@ class Metrics:
         yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
                        "their request had failed (timed out, or cancelled): work nobody "
                        "got, by model.", ["model"], self._late)
-        yield _counter("mmengine_skipped_requests", "Inferences a worker did not run "
-                       "because their request had failed before it began them (timed "
-                       "out, or cancelled), by model.", ["model"], self._skipped)
+        yield _counter("mmengine_skipped_requests", "Inferences a worker did not run: "
+                       "their request had failed before it began them (timed out, or "
+                       "cancelled), or had less time left than the model's calls take, "
+                       "by model.", ["model"], self._skipped)
 
     def _collect_state(self, stats: dict):
         totals = stats["totals"]
