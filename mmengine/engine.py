@@ -306,7 +306,7 @@ class Engine:
             _add_ran(fields, ran)
         self._emit("request", fields)
 
-    def _on_unserved(self, served: tuple, ran: dict | None) -> None:
+    def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
         """An inference whose answer nobody got. If it ran (`ran`), it did
         after its request had failed (its deadline came first, or its
         caller went away): the call still took that worker's time, which
@@ -316,7 +316,8 @@ class Engine:
         if self.observers:
             fields = {"model": served[0], "version": served[1]}
             if ran is None:
-                self._emit("skipped", fields)
+                self._emit("skipped", {**fields, "worker": worker,
+                                       "at_ns": time.monotonic_ns()})
             else:
                 self._emit("late", _add_ran(fields, ran))
 

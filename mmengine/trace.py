@@ -141,6 +141,9 @@ class Trace:
                            "reason": f["reason"], "bytes": f["bytes"]})
         elif kind == "late":  # the call of a request that timed out meanwhile
             self._compute_span(f, f"{f['model']} (late)")
+        elif kind == "skipped":  # one its worker did not run: nobody would get it
+            self._instant(self._worker_tid(f["worker"]), f"{f['model']} (skipped)", "skipped",
+                          f["at_ns"], {"model": f["model"], "version": f["version"]})
         elif kind == "worker_exit":
             self._instant(self._worker_tid(f["worker"]), "worker exit", "worker",
                           f["at_ns"], {"worker": f["worker"], "pid": f["pid"]})

@@ -146,12 +146,12 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
-        # on_unserved(served, ran): an inference whose answer nobody got: it
-        # ran after its future was done (a deadline or its caller came
-        # first; `ran` is the worker's account of the run), or the worker
-        # skipped it (ran None): abandoned, or its deadline would pass
-        # before it could finish.
-        self.on_unserved: Callable[[tuple, dict | None], None] | None = None
+        # on_unserved(served, ran, worker): an inference whose answer nobody
+        # got: it ran after its future was done (a deadline or its caller
+        # came first; `ran` is the worker's account of the run), or the
+        # worker (its index) skipped it (ran None): abandoned, or its
+        # deadline would pass before it could finish.
+        self.on_unserved: Callable[[tuple, dict | None, int], None] | None = None
         self._poll_s = config.poll_us / 1e6
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
@@ -473,7 +473,7 @@ class Worker:
         _finish(fut, on_done, result, then)
         if (code == messages.SKIPPED or late and ran is not None) \
                 and self.on_unserved is not None:
-            self.on_unserved(served, ran)
+            self.on_unserved(served, ran, self.index)
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None)
@@ -516,7 +516,7 @@ class WorkerPool:
         self.devices = resources.plan_devices(config)
         self.workers: list[Worker] = []
         self.on_death: Callable[[Worker], None] | None = None
-        self.on_unserved: Callable[[tuple, dict | None], None] | None = None  # as Worker's
+        self.on_unserved: Callable[[tuple, dict | None, int], None] | None = None  # Worker's
         self._restarts: dict[int, list[float]] = collections.defaultdict(list)
         self._restart_count = 0
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
@@ -553,9 +553,9 @@ class WorkerPool:
         if self.on_death is not None:
             self.on_death(w)
 
-    def _on_unserved(self, served: tuple, ran: dict | None) -> None:
+    def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
         if self.on_unserved is not None:
-            self.on_unserved(served, ran)
+            self.on_unserved(served, ran, worker)
 
     async def restart(self, index: int) -> Worker:
         """A fresh worker (new process, new rings) in the place of a dead one.

@@ -35,11 +35,12 @@ def slow_repo(tmp_path):
 def recorder(engine: Engine) -> dict[str, list]:
     """The observers' late answers and skipped requests, and the codes of
     the slow model's requests, as they come."""
-    seen: dict[str, list] = {"late": [], "skipped": [], "codes": []}
+    seen: dict[str, list] = {"late": [], "skipped": [], "codes": [], "workers": []}
 
     def observe(kind: str, f: dict) -> None:
         if kind in ("late", "skipped"):
             seen[kind].append((f["model"], f["version"]))
+            seen["workers"].append(f["worker"])  # where: the trace draws it there
         elif kind == "request" and f["model"] == "slow":
             seen["codes"].append(f["code"])
     engine.observers.append(observe)
@@ -200,7 +201,7 @@ def test_a_request_sure_to_miss_its_deadline_is_not_run(tmp_path, own_segments):
             return seen, refused, roomy
 
     seen, (error, at), roomy = run(main(), timeout=60)
-    assert "could not have finished" in str(error)
+    assert "could not have finished" in str(error) and seen["workers"] == [0]
     assert 0.25 < at < 0.39, at  # when the worker got to it: before its deadline
     assert seen["skipped"] == [("slow", 1)] and seen["late"] == []
     assert roomy["y"][0] == 0.6

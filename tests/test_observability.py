@@ -260,6 +260,8 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
                   "end_ns": 13 * ms})
     t("late", {"model": "d", "version": 1, "worker": 0, "t_sent": 12 * ms,
                "worker_ns": (12 * ms, 15 * ms, 16 * ms), "account": None})
+    # And one its worker skipped, as it would have timed out too.
+    t("skipped", {"model": "d", "version": 1, "worker": 0, "at_ns": 16 * ms})
     # One its worker died under: where, not when.
     t("request", {"model": "e", "version": 2, "code": "WORKER_DIED", "start_ns": 16 * ms,
                   "end_ns": 17 * ms, "worker_ns": (None, None, None), "worker": 1,
@@ -292,6 +294,9 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
     assert (compute["a"]["tid"], compute["a"]["ts"], compute["a"]["dur"]) == (0, 1000, 1000)
     assert compute["b"]["tid"] == 1
     assert (compute["d (late)"]["tid"], compute["d (late)"]["dur"]) == (0, 3000)
+    skipped = [e for e in events if e.get("cat") == "skipped"]
+    assert [(e["name"], e["tid"], e["ts"], e["ph"]) for e in skipped] == [
+        ("d (skipped)", 0, 16_000, "i")]
     reqs = {e["name"]: e for e in events if e.get("cat") == "request"}
     assert reqs["a"]["args"]["compute_ns"] == 1 * ms
     assert reqs["x"]["args"] == {"model": "x", "version": None, "code": "MODEL_NOT_FOUND"}
