@@ -42,8 +42,9 @@ Response header (worker -> front-end):
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
 A response whose code is SKIPPED (not an ErrorCode) answers an INFER the
-worker did not run because the front-end had marked it abandoned (below):
-its future was done already. Its body is nil.
+worker did not run: the front-end had marked it abandoned (below), or it
+would have ended past its "deadline" (worker.WorkerLogic.would_miss). Its
+body is nil.
 
 Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),
 which numpy reads back without a lookup (dtype.name is computed in Python). A worker views request tensors in place in the

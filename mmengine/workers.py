@@ -223,6 +223,12 @@ class Worker:
         self.busy_share = min(1.0, (busy - before) / max(now - then, 1))
         self._sampled = (busy, now)
 
+    def _inferences_done(self, n: int) -> None:
+        """`n` inferences in flight are over; the busy spell ends with the last."""
+        self._inferring -= n
+        if not self._inferring:
+            self.busy_ns += time.monotonic_ns() - self._busy_from
+
     def _on_exit(self) -> None:
         # Answers it wrote before it exited are still in the ring: deliver
         # them before failing whatever is left.
@@ -238,9 +244,8 @@ class Worker:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
         pending, self._pending = self._pending, {}
-        if self._inferring:  # its busy spell ends here
-            self.busy_ns += time.monotonic_ns() - self._busy_from
-            self._inferring = 0
+        if self._inferring:
+            self._inferences_done(self._inferring)
         # Inferences run one at a time, in order: the oldest one left is the
         # one the worker was running when it died.
         self.died_serving = next((p[6] for p in pending.values() if p[6] is not None), None)
@@ -446,9 +451,7 @@ class Worker:
         if fut is None:
             return
         if served is not None:
-            self._inferring -= 1
-            if not self._inferring:
-                self.busy_ns += time.monotonic_ns() - self._busy_from
+            self._inferences_done(1)
         self._loading.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
