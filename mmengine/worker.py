@@ -76,6 +76,10 @@ class WorkerLogic:
         readers = self.readers
         return "read" if readers is not None and readers.reading else self.loader_op
 
+    def serving(self) -> bool:
+        """Whether a request is being served now."""
+        return self.serving_since != 0
+
     def idle(self) -> bool:
         """Whether no request is being served, nor was for IDLE_NS."""
         return not self.serving_since and time.monotonic_ns() - self.served_at > IDLE_NS
@@ -509,7 +513,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     logic = WorkerLogic(config, device)
     clock = _ThreadClock.open() if config.account_requests else None  # the serving thread's
     staging.READERS = logic.readers = staging.Readers(*resources.load_readers(config, device),
-                                                      logic.idle)
+                                                      logic.idle, logic.serving)
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)

@@ -334,6 +334,34 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
     assert readers._pool._max_workers == 2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reads_give_way_to_requests_only_while_the_worker_serves(tmp_path, threads):
+    looks, idle, busy = 0, False, True
+
+    def serving() -> bool:
+        nonlocal looks
+        looks += 1
+        return busy
+
+    readers = staging.Readers(threads, threads, lambda: idle, serving)
+    readers.MIN_PART = 4096
+    n = 8 * staging.GIVE_WAY_CHUNK + 17
+    data = np.random.default_rng(threads).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.tobytes())
+    for idle, busy in ((False, True), (False, False), (True, True)):
+        looks = 0
+        out = torch.zeros(n, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            # A worker that is always serving still gets its load: the read
+            # waits at most as long as it reads.
+            readers.read(f.fileno(), 0, out)
+        assert np.array_equal(out.numpy(), data)
+        # Serving: a look before each part (and again while waiting);
+        # idle: large reads, nothing to give way to.
+        assert (looks >= 9) if not idle else looks == 0, (idle, busy, looks)
+
+
 LAZY_BUFFER_MODEL = '''
 import torch
 from torch import nn
