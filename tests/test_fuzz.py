@@ -328,7 +328,7 @@ class Target:
         if status is None:  # closed without an answer
             return
         assert 100 <= status < 600
-        if status >= 400:
+        if status >= 400 and not raw.startswith(b"HEAD "):
             error = json.loads(body)
             assert isinstance(error, dict) and isinstance(error.get("error"), str), body
             assert error.get("code") in ErrorCode.__members__, body
@@ -375,7 +375,8 @@ def http_call(address, raw: bytes):
             s.shutdown(socket.SHUT_WR)
         except OSError:  # closed already (refused): its answer may still be there
             pass
-        r = http.client.HTTPResponse(s, method="GET")  # a body even for HEAD
+        # A HEAD's answer has no body: read as its method says.
+        r = http.client.HTTPResponse(s, method="HEAD" if raw.startswith(b"HEAD ") else "GET")
         try:
             r.begin()
         except (http.client.RemoteDisconnected, ConnectionResetError):

@@ -235,6 +235,19 @@ def test_binary_request_and_response_on_the_wire(address):
      b'"parameters": {"binary_data_size": 64}}]}' + bytes(32), {"hlen": True}, "ends before"),
     (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "nope"}]), {},
      "requested output"),
+    (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "y"}, {"name": "y"}]), {},
+     "requested twice"),
+    (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "y", "parameters": {
+        "binary_data": None}}]), {}, "'binary_data' must be true or false"),
+    (infer_body(np.zeros((1, 16), np.float32), parameters={"binary_data_output": "false"}),
+     {}, "'binary_data_output' must be true or false"),
+    (infer_body(np.zeros((1, 16), np.float32), parameters=[]), {}, "must be a JSON object"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                             "data": [0.0] * 16, "parameters": {"binary_data_size": 64}}]}
+                ).encode() + bytes(64), {"hlen": True}, "both 'data'"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", '
+     b'"parameters": {"binary_data_size": 2}}]}\x01\x02', {"hlen": True}, "0 or 1"),
+    (b'{"inputs": []}\x00\x01', {}, "needs the Inference-Header-Content-Length"),
 ])
 def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     if headers.pop("hlen", False):
@@ -249,6 +262,10 @@ def test_bad_infer_requests_answer_400(address, body, headers, fragment):
 @pytest.mark.parametrize("data, datatype, expected", [
     ([1, 2], "UINT8", [1, 2]),
     ([2 ** 64 - 1], "UINT64", [2 ** 64 - 1]),
+    ([0, 2 ** 63], "UINT64", [0, 2 ** 63]),   # numpy alone reads these as floats
+    ([0, 2 ** 64], "UINT64", "out of range for 64 bits"),
+    ([-1, 2 ** 63], "UINT64", "out of range for uint64"),
+    ([0.5, 2 ** 63], "UINT64", "must be uint64, not float64"),
     ([[1, 2], [3, 4]], "INT16", [[1, 2], [3, 4]]),
     ([1, 2.5], "FP32", [1.0, 2.5]),
     ([65504.0, -1], "FP16", [65504.0, -1.0]),
@@ -284,7 +301,45 @@ def test_unknown_model_version_route_and_method(address):
     status, headers, raw = call(address, "GET", "/v2/models/m00/infer")
     assert status == 405 and headers["Allow"] == "POST", (raw, headers)
     status, headers, raw = call(address, "DELETE", "/v2/health/live")
-    assert status == 405 and headers["Allow"] == "GET", (raw, headers)
+    assert status == 405 and headers["Allow"] == "GET, HEAD", (raw, headers)
+
+
+def test_head_is_get_without_the_body(address):
+    status, get_headers, body = call(address, "GET", "/v2/models/m00")
+    assert status == 200 and body
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"HEAD /v2/models/m00 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = recv_all(s)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {len(body)}".encode() in head
+    # No body after HEAD's headers: the next answer follows at once.
+    assert rest.startswith(b"HTTP/1.1 200 "), rest[:100]
+    assert re.match(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$", get_headers["Date"])
+
+
+def test_expect_100_continue_is_answered_before_the_body(address):
+    body = json.dumps(infer_body(x_for(2))).encode()
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        interim = s.recv(4096)  # the body is not sent until this comes
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        s.sendall(body)
+        raw = recv_all(s)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+    np.testing.assert_allclose(_json_output(raw), reference("m00", x_for(2)).ravel(), **TOL)
+
+
+def _json_output(raw: bytes) -> np.ndarray:
+    return np.array(json.loads(raw.partition(b"\r\n\r\n")[2])["outputs"][0]["data"])
+
+
+def test_an_encoded_slash_stays_inside_its_path_segment(address):
+    # "m00/versions/1", encoded, is a name (no such model), not m00's version 1.
+    status, _, raw = call(address, "GET", "/v2/models/m00%2Fversions%2F1")
+    assert status == 404 and b"m00/versions/1" in raw, raw
 
 
 def test_an_input_given_twice_and_a_ready_that_is_not_a_bool_are_refused(address):
@@ -468,9 +523,10 @@ def test_an_output_kserve_cannot_carry_is_the_models_error_not_the_callers(addre
 
 
 def test_a_request_id_that_is_not_a_string_is_refused(address):
-    status, _, body = call(address, "POST", "/v2/models/m00/infer",
-                           infer_body(x_for(1), id=[[["nested"]]]))
-    assert status == 400 and b"'id' must be a string" in body
+    for rid in ([[["nested"]]], 42, None):
+        status, _, body = call(address, "POST", "/v2/models/m00/infer",
+                               infer_body(x_for(1), id=rid))
+        assert status == 400 and b"'id' must be a string" in body, (rid, body)
     status, _, body = call(address, "POST", "/v2/models/m00/infer",
                            infer_body(x_for(1), id="r-7"))
     assert status == 200 and json.loads(body)["id"] == "r-7"

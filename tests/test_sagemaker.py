@@ -253,12 +253,12 @@ def test_list_walks_pages_to_the_end(address, disk):
     urls = {m["modelName"]: m["modelUrl"] for m in whole}
     for i in range(SEEDS):
         assert urls[f"page-{i}"] == str(disk[f"m{i}"])
-    for size in (1, 2, len(whole), len(whole) + 1):
+    for size in (1, 2, len(whole), len(whole) + 1, 10 ** 30):
         assert list_all(address, size) == whole
 
 
 def test_list_refuses_bad_parameters(address):
-    for query in ("max_results=0", "max_results=-1", "max_results=abc",
+    for query in ("max_results=0", "max_results=-1", "max_results=abc", "max_results=",
                   "max_results=1&max_results=2", "next_page_token=!!!",
                   "next_page_token=_w"):  # not base64 of UTF-8
         status, body = call(address, "GET", f"/models?{query}")

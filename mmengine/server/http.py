@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import functools
 import inspect
 import json
@@ -61,7 +62,7 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
 @dataclass
 class Request:
     method: str
-    path: str
+    path: str                        # as sent: percent-encoded (Router.match decodes)
     query: dict[str, list[str]]
     headers: dict[str, str]          # lower-case names
     body: bytes
@@ -129,7 +130,16 @@ def _plain(obj: Any) -> Any:
 def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray:
     """A tensor's JSON data (a nested list, or one number) as an array of
     `dtype` (None: numpy's own choice), by json_array and cast_json_array."""
-    return cast_json_array(what, json_array(what, value), dtype)
+    array = json_array(what, value)
+    if array.dtype.kind == "f" and dtype is not None and dtype.kind == "u" and array.size:
+        # Integers past int64's range beside smaller ones: numpy reads floats.
+        exact = np.array(value, dtype=object)
+        if all(type(v) is int for v in exact.flat):
+            try:
+                return exact.astype(dtype)
+            except OverflowError:
+                raise BadRequest(f"{what}: a value is out of range for {dtype.name}") from None
+    return cast_json_array(what, array, dtype)
 
 
 def json_array(what: str, value: Any) -> np.ndarray:
@@ -141,6 +151,8 @@ def json_array(what: str, value: Any) -> np.ndarray:
     except ValueError as e:  # ragged
         raise BadRequest(f"{what} is not a rectangular nested list: {e}") from None
     if array.dtype.kind not in "biuf":
+        if array.dtype.kind == "O" and all(type(v) is int for v in array.flat):
+            raise BadRequest(f"{what}: an integer is out of range for 64 bits")
         raise BadRequest(f"{what} must hold only numbers (or booleans)")
     return array
 
@@ -253,17 +265,23 @@ class Router:
                              inspect.iscoroutinefunction(handler)))
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str], bool]:
-        """The handler, its parameters, and whether it is run as a task."""
+        """The handler, its decoded parameters, and whether it is run as a
+        task. `path` is matched as sent, so that an encoded "/" (%2F) stays
+        inside its parameter; HEAD is answered as GET, without the body."""
         allowed = []
+        wanted = "GET" if method == "HEAD" else method
         for m, regex, handler, is_async in self._routes:
             found = regex.match(path)
             if found:
-                if m == method:
-                    return handler, found.groupdict(), is_async  # the path is unquoted already
+                if m == wanted:
+                    return handler, {k: unquote(v) for k, v in found.groupdict().items()
+                                     if v is not None}, is_async
                 allowed.append(m)
         if allowed:
-            raise _MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
-        raise ModelNotFound(f"no route for {method} {path}")
+            if "GET" in allowed:
+                allowed.append("HEAD")
+            raise _MethodNotAllowed(f"{method} is not allowed on {unquote(path)}", allowed)
+        raise ModelNotFound(f"no route for {method} {unquote(path)}")
 
 
 class _MethodNotAllowed(BadRequest):
@@ -474,6 +492,11 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             raise httptools.HttpParserError("body too large")
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
             self._reserve(int(length))
+        if self.headers.get("expect", "").lower() == "100-continue" and not self.queue \
+                and self.answering is None and self.parser.get_http_version() == "1.1":
+            # The client waits for this before it sends the body (curl, a
+            # second). Not behind pipelined answers: it would read as theirs.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _gone(self) -> bool:
         return self.dead
@@ -508,8 +531,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         url = httptools.parse_url(self.url)
         request = Request(
             method=self.parser.get_method().decode(),
-            path=unquote(url.path.decode("latin-1")),
-            query=parse_qs(url.query.decode("latin-1")) if url.query else {},
+            path=url.path.decode("latin-1"),
+            # Blank values kept: "max_results=" is a bad value, not an absent one.
+            query=parse_qs(url.query.decode("latin-1"), keep_blank_values=True)
+            if url.query else {},
             headers=self.headers,
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
@@ -576,26 +601,39 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if request.reserved:
             self.server.receiving.give(request.reserved)
         self._touch()
+        body = request.method != "HEAD"
         if not request.keep_alive:
-            self._write(response, keep_alive=False)
+            self._write(response, keep_alive=False, body=body)
             self.dead = True
             self._close()
             return False
-        self._write(response, keep_alive=True)
+        self._write(response, keep_alive=True, body=body)
         return True
 
-    def _write(self, r: Response, keep_alive: bool) -> None:
+    def _write(self, r: Response, keep_alive: bool, body: bool = True) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         parts = r.body if isinstance(r.body, list) else [r.body]
         head = [f"HTTP/1.1 {r.status} {_REASONS.get(r.status, 'Unknown')}",
+                f"Date: {_date()}",
                 f"Content-Length: {sum(memoryview(p).nbytes for p in parts)}",
                 f"Content-Type: {r.content_type}",
                 "Connection: keep-alive" if keep_alive else "Connection: close"]
         head += [f"{k}: {v}" for k, v in r.headers]
         head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         # One system call per response (uvloop: one writev, no copy).
-        self.transport.writelines([head, *parts])
+        self.transport.writelines([head, *parts] if body else [head])
+
+
+_now: list = [0, ""]  # [the second, its IMF-fixdate]
+
+
+def _date() -> str:
+    """The Date header's value (RFC 9110), formatted once a second."""
+    second = int(time.time())
+    if _now[0] != second:
+        _now[:] = second, email.utils.formatdate(second, usegmt=True)
+    return _now[1]
 
 
 def _response_for(e: Exception | asyncio.CancelledError) -> Response:

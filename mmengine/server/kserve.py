@@ -53,7 +53,9 @@ def datatype_of(dtype: np.dtype | str) -> str:
 def _version(version: str | None) -> int | None:
     if version is None:
         return None
-    if version.isascii() and version.isdigit() and str(int(version)) == version:
+    # At most 18 digits: any int64, and int() never meets a 5,000-digit string.
+    if version.isascii() and version.isdigit() and len(version) <= 18 \
+            and str(int(version)) == version:
         return int(version)
     raise ModelNotFound(f"invalid model version {version!r}")
 
@@ -163,20 +165,44 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
     """No task: the request is sent before this returns (for a resident model)."""
     v = _version(version)
     header, binary = _split_body(request)
-    req = loads(header, "the inference request")
+    try:
+        req = loads(header, "the inference request")
+    except BadRequest as e:
+        if binary is not None:
+            raise
+        raise BadRequest(f"{e} (a body with binary tensor data needs the "
+                         f"Inference-Header-Content-Length header)") from None
     if type(req) is not dict:
         raise BadRequest("the inference request must be a JSON object")
-    params = req.get("parameters") or {}
-    if type(params) is not dict:
-        raise BadRequest("'parameters' must be a JSON object")
-    if type(req.get("id", "")) not in (str, int):
+    params = _parameters(req, "the inference request")
+    if type(req.get("id", "")) is not str:
         raise BadRequest("'id' must be a string")
     inputs = _parse_inputs(req.get("inputs"), binary)
     timeout = _timeout(params)
+    binary_default = _flag(params, "binary_data_output", False)
+    wanted = _parse_outputs(req.get("outputs"), binary_default)
     return submitted(
         request,
         lambda then: server.engine.submit(name, inputs, v, timeout, request.token, then),
-        lambda outputs: _infer_response(req, params, name, version, outputs))
+        lambda outputs: _infer_response(req, wanted, binary_default, name, version, outputs))
+
+
+def _parameters(obj: dict, what: str) -> dict:
+    """`obj`'s "parameters": a JSON object, or absent (null: absent)."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if type(params) is not dict:
+        raise BadRequest(f"{what}: 'parameters' must be a JSON object")
+    return params
+
+
+def _flag(params: dict, key: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false ("false" is true to bool())."""
+    value = params.get(key, default)
+    if type(value) is not bool:
+        raise BadRequest(f"parameter {key!r} must be true or false, not {value!r}")
+    return value
 
 
 def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
@@ -185,7 +211,8 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         return body, None
-    if not (length.isascii() and length.isdigit()) or int(length) > len(body):
+    if not (length.isascii() and length.isdigit() and len(length) <= 18) \
+            or int(length) > len(body):
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
                          f"within the body of {len(body)} bytes")
     n = int(length)
@@ -204,9 +231,11 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
         if name in arrays:  # which one was meant? (the last used to win, unsaid)
             raise BadRequest(f"input {name!r} is given twice")
         count = math.prod(shape)
-        tparams = t.get("parameters")
-        size = tparams.get("binary_data_size") if type(tparams) is dict else None
+        size = _parameters(t, f"input {name!r}").get("binary_data_size")
         if size is not None:
+            if "data" in t:
+                raise BadRequest(f"input {name!r} has both 'data' and binary_data_size: "
+                                 f"which one is meant?")
             if binary is None:
                 raise BadRequest(f"input {name!r} has binary_data_size but the request has "
                                  f"no Inference-Header-Content-Length header")
@@ -215,7 +244,10 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
                                  f"{count} x {dtype.itemsize} bytes of shape {shape}")
             if offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: the body ends before its binary data")
-            arrays[name] = np.frombuffer(binary, dtype, count, offset).reshape(shape)
+            arr = np.frombuffer(binary, dtype, count, offset).reshape(shape)
+            if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
+                raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
+            arrays[name] = arr
             offset += size
         else:
             arrays[name] = _from_json(name, t.get("data"), dtype, shape, count)
@@ -259,10 +291,15 @@ def _timeout(params: dict) -> float | None:
     return timeout / 1e6
 
 
-def _infer_response(req: dict, params: dict, name: str, version: str | None,
+def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_default: bool,
+                    name: str, version: str | None,
                     outputs: dict[str, np.ndarray]) -> Response:
-    wanted = _requested_outputs(req.get("outputs"), bool(params.get("binary_data_output")),
-                                outputs)
+    if wanted is None:
+        wanted = [(k, binary_default) for k in outputs]
+    for out, _ in wanted:
+        if out not in outputs:
+            raise BadRequest(f"requested output {out!r} is not one of the model's: "
+                             f"{sorted(outputs)}")
     tensors, buffers = [], []
     for out, binary in wanted:
         arr = outputs[out]
@@ -294,25 +331,25 @@ def _infer_response(req: dict, params: dict, name: str, version: str | None,
                     "application/octet-stream")
 
 
-def _requested_outputs(requested, binary_default: bool,
-                       outputs: dict) -> list[tuple[str, bool]]:
+def _parse_outputs(requested, binary_default: bool) -> list[tuple[str, bool]] | None:
+    """The outputs a request asks for, each with whether it goes binary,
+    checked before the model runs (their names, after); None: every one."""
     if requested is None:
-        return [(k, binary_default) for k in outputs]
+        return None
     if type(requested) is not list:
         raise BadRequest("'outputs' must be a list")
-    wanted = []
+    wanted: dict[str, bool] = {}
     for o in requested:
         name = o.get("name") if type(o) is dict else None
-        if type(name) is not str or name not in outputs:
-            raise BadRequest(f"requested output {name!r} is not one of the model's: "
-                             f"{sorted(outputs)}")
-        p = o.get("parameters") or {}
-        if type(p) is not dict:
-            raise BadRequest(f"output {name!r}: 'parameters' must be a JSON object")
+        if type(name) is not str:
+            raise BadRequest("each requested output needs a string 'name'")
+        if name in wanted:
+            raise BadRequest(f"output {name!r} is requested twice")
+        p = _parameters(o, f"output {name!r}")
         if "classification" in p:
             raise BadRequest("the classification extension is not supported")
-        wanted.append((name, bool(p.get("binary_data", binary_default))))
-    return wanted
+        wanted[name] = _flag(p, "binary_data", binary_default)
+    return list(wanted.items())
 
 
 # The infer routes first: the router tries routes in order.

@@ -29,6 +29,7 @@ import base64
 import binascii
 import dataclasses
 import os
+import sys
 import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -167,8 +168,8 @@ async def list_models(server, request: Request) -> Response:
         limit = DEFAULT_PAGE_SIZE
     elif not (limit.isascii() and limit.isdigit()) or int(limit) < 1:
         raise BadRequest(f"max_results must be a positive integer, not {limit!r}")
-    else:
-        limit = int(limit)
+    else:  # a limit past int64's is no limit (slices take ssize_t)
+        limit = int(limit) if len(limit) <= 18 else sys.maxsize
     token = _query_one(request, "next_page_token")
     # The token is the last name of the previous page: a page never repeats
     # or skips a model that stayed added while the caller walked the pages.
