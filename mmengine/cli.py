@@ -26,12 +26,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mmengine import config as cfg
 
 DEMO_MODELS = 64
 DEMO_VERSION = 1  # bump when the demo repository's contents change
+#: After the shutdown deadline, how long the typed answers of the requests it
+#: cut off may take to reach clients that read them.
+FLUSH_AFTER_STOP_S = 1.0
 
 
 def demo_root() -> Path:
@@ -64,13 +68,17 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
                  "http_port": args.http_port,
                  "workers": args.workers, "device_budget": args.device_budget,
                  "idle_unload_s": args.idle_unload, "trace_file": args.trace}
+    defaults = {}
     if args.demo:
+        if args.repo is not None:
+            raise cfg.ConfigError("repo: --demo serves the demo repository; drop --repo, "
+                                  "or --demo to serve it")
         overrides["repo"] = str(ensure_demo_repository(demo_root()))
         # A budget that holds a fraction of the demo models, so that traffic
-        # over all of them loads and evicts.
-        if args.device_budget is None:
-            overrides["device_budget"] = "4MiB"
-    config = cfg.load(args.config, overrides=overrides)
+        # over all of them loads and evicts (unless the file, a variable or a
+        # flag says otherwise).
+        defaults["device_budget"] = "4MiB"
+    config = cfg.load(args.config, overrides=overrides, defaults=defaults)
     cfg.check_repo(config)
     return config
 
@@ -109,8 +117,15 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         await stop.wait()
         print("mmengine: shutting down", flush=True)
         engine.refuse_new()  # requests on open connections now get OVERLOADED
-        # Both servers drain at once, so a shutdown keeps to one deadline.
-        await asyncio.gather(server.stop(), *([http.stop()] if http is not None else []))
+        # One deadline for the servers' drain and the engine's: what is
+        # unanswered then fails, typed, and that answer is written before the
+        # connections close.
+        deadline = time.monotonic() + config.shutdown_timeout_s
+        servers = [server, *([http] if http is not None else [])]
+        await asyncio.gather(*(s.drain(deadline) for s in servers))
+        await engine.stop(deadline)
+        flushed = max(deadline, time.monotonic() + FLUSH_AFTER_STOP_S)
+        await asyncio.gather(*(s.close(flushed) for s in servers))
 
 
 _DEMO_USAGE = """

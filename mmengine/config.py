@@ -311,10 +311,13 @@ def _validate(c: Config) -> None:
 
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-         overrides: Mapping[str, Any] | None = None) -> Config:
-    """A validated Config: defaults < TOML file < MMENGINE_* variables <
-    overrides (None values in overrides are ignored)."""
-    values: dict[str, Any] = {}
+         overrides: Mapping[str, Any] | None = None,
+         defaults: Mapping[str, Any] | None = None) -> Config:
+    """A validated Config: Config's defaults < `defaults` < TOML file <
+    MMENGINE_* variables < overrides (None values in overrides are ignored;
+    an empty variable is unset). A bad value's error says where it came from."""
+    values: dict[str, Any] = dict(defaults or {})
+    origin: dict[str, str] = {}
     if file is not None:
         try:
             with open(file, "rb") as f:
@@ -326,6 +329,7 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             if key not in _FIELDS:
                 raise ConfigError(f"{key}: unknown key in {os.fspath(file)!r}")
             values[key] = value
+            origin[key] = f"in {os.fspath(file)!r}"
     env = os.environ if env is None else env
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in OTHER_VARS \
@@ -333,7 +337,9 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in _FIELDS:
-            values[key] = value
+            if value:
+                values[key] = value
+                origin[key] = f"from {name}"
         else:  # said, not refused: the environment may be another program's too
             close = difflib.get_close_matches(key, _FIELDS, 1)
             hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
@@ -343,4 +349,11 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"{key}: unknown configuration key")
         if value is not None:
             values[key] = value
-    return Config(**values)  # taken and checked as it is made
+            origin.pop(key, None)  # a flag, or the embedding program's own value
+    try:
+        return Config(**values)  # taken and checked as it is made
+    except ConfigError as e:
+        key = str(e).partition(":")[0]  # every message begins with its key
+        if key not in origin:
+            raise
+        raise ConfigError(f"{e} ({origin[key]})") from None

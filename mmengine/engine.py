@@ -110,6 +110,7 @@ class Engine:
         self._room_version = 0
         self._room = asyncio.Event()
         self._room_waiters = 0
+        self._short_of_room: set[Key] = set()  # loads waiting for room on every worker
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
@@ -175,17 +176,19 @@ class Engine:
         that answer instead of being accepted and then cut off."""
         self._closing = True
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         """Stops accepting, lets every accepted request finish (those
-        waiting for a load included) to one deadline, shutdown_timeout_s,
-        then stops the workers against what is left of it. A request still
-        unanswered at the deadline fails, typed: OVERLOADED if it was waiting
-        for a load, WORKER_DIED if it was on a worker."""
+        waiting for a load included) to one deadline (time.monotonic();
+        default: shutdown_timeout_s from now), then stops the workers against
+        what is left of it. A request still unanswered at the deadline
+        fails, typed: OVERLOADED if it was waiting for a load, WORKER_DIED if
+        it was on a worker."""
         if self.pool is None or self._stopped:
             return
         self._stopped = True
         self.refuse_new()
-        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.config.shutdown_timeout_s
         while (self._queued or any(w.in_flight for w in self.pool.workers)) and \
                 time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -478,9 +481,11 @@ class Engine:
                     else:
                         self._hits += 1
                     return self.pool.workers[index]
+            # Before any wait: a load that timed out is being unloaded from its
+            # worker, and its back-off answers at once all the same.
+            self._check_backoff(key)
             busy = self._busy.get(key)
             if busy is None or busy[1].done():  # done: its callback has not run yet
-                self._check_backoff(key)
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
             waited = waited or op == Op.LOAD
@@ -488,6 +493,9 @@ class Engine:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     await asyncio.shield(task)
             except TimeoutError:
+                if key in self._short_of_room:  # the truth, and what SageMaker acts on (507)
+                    raise Overloaded(f"{key[0]}: no room for it by the request's deadline: "
+                                     f"every resident model is in use") from None
                 raise Timeout(f"{key[0]}: not loaded within the request's deadline") from None
             except MMEngineError:
                 if op == Op.LOAD:
@@ -774,11 +782,14 @@ class Engine:
                                  f"every worker's budget (unpin one)")
             # Every worker's room is held by models in use: wait for a request
             # to finish (or a worker to come back), up to the load's deadline.
+            self._short_of_room.add(key)
             try:
                 await self._wait_for_room(version, deadline)
             except TimeoutError:
                 raise Overloaded(f"{key[0]}: no room for {need} bytes: every resident "
                                  f"model is in use") from None
+            finally:
+                self._short_of_room.discard(key)
 
     def _pinned_bytes(self, index: int) -> int:
         """Device bytes that resident models pinned with pin() hold on worker
@@ -1155,16 +1166,18 @@ class Engine:
                "load_duration_s": stats.load_duration_s,
                "loads_from_host": stats.host_loads,
                "retry_in_s": round(backoff_left, 3), "host_bytes": self.host.bytes(key)}
-        if self.cache is not None and key in self.cache:
+        cached = self.cache is not None and key in self.cache
+        if cached:
             e = self.cache.entry(key)
             row.update(state=STATE_NAMES[e.state], worker=e.worker, bytes=e.device_bytes,
                        hits=e.hits, pins=e.pins)
-        elif backoff_left > 0:  # refused until then: its last load failed
-            row["state"] = "failed"
-        elif self.host.segment(key) is not None:
-            row["state"] = "in host memory"
-        elif self.disk is not None and self.disk.has(*key):
-            row["state"] = "on disk"
+        if backoff_left > 0:  # refused until then: its last load failed (one that
+            row["state"] = "failed"  # timed out may still be leaving its worker)
+        elif not cached:
+            if self.host.segment(key) is not None:
+                row["state"] = "in host memory"
+            elif self.disk is not None and self.disk.has(*key):
+                row["state"] = "on disk"
         return row
 
     def stats(self) -> dict:

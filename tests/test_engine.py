@@ -1071,6 +1071,34 @@ def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segmen
     assert rows["big1"]["state"] == "on storage" and rows["big2"]["pinned"]
 
 
+def test_no_room_behind_models_in_use_until_the_deadline_is_overloaded(tmp_path, own_segments):
+    # The room is held by a request in flight past the caller's deadline:
+    # the answer says so (OVERLOADED: SageMaker's 507, which makes it unload
+    # models), not merely that the time ran out.
+    write_handler(tmp_path, "busy", "import time\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    time.sleep(3)\n    return {'y': inputs['x']}\n",
+                  f"bytes = {40 << 20}\n")
+    write_handler(tmp_path, "other", "def load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    return {'y': inputs['x']}\n",
+                  f"bytes = {40 << 20}\n")
+    x = {"x": np.ones(2, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=64 << 20)) as engine:
+            await engine.load("busy")
+            running = asyncio.ensure_future(engine.infer("busy", x))
+            await asyncio.sleep(0.2)
+            with pytest.raises(Overloaded, match="every resident model is in use"):
+                await engine.load("other", timeout=0.5)
+            with pytest.raises(Overloaded, match="every resident model is in use"):
+                await engine.infer("other", x, timeout=0.5)
+            await running
+            return await engine.infer("other", x)  # the room came back
+
+    np.testing.assert_array_equal(run(main())["y"], x["x"])
+
+
 def test_a_burst_for_a_model_that_cannot_be_read_is_one_failed_load(tmp_path, own_segments):
     write_handler(tmp_path, "garbled", "def load(path, device):\n    pass\n",
                   'bytes = "lots"\n')

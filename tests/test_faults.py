@@ -167,10 +167,17 @@ def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segm
             with pytest.raises(LoadFailed, match="load exceeded"):
                 await engine.infer("loads-3s", {"x": X}, timeout=20)
             assert 1.9 < time.monotonic() - t0 < 3.5
-            assert row("loads-3s")["state"] in ("evicting", "failed")
+            # In its back-off at once, while its worker still has it to unload:
+            # the next request is refused then, not after the unload.
+            assert row("loads-3s")["state"] == "failed"
+            t0 = time.monotonic()
+            with pytest.raises(LoadFailed, match="next try in"):
+                await engine.infer("loads-3s", {"x": X}, timeout=20)
+            assert time.monotonic() - t0 < 0.5
             # Its unload waits behind the slow load; then its bytes are free.
-            await until(lambda: row("loads-3s")["state"] == "failed", 5, "the unload")
-            assert engine.stats()["workers"][0]["used_bytes"] == row("loads-1s")["bytes"]
+            await until(lambda: engine.stats()["workers"][0]["used_bytes"]
+                        == row("loads-1s")["bytes"], 5, "the unload")
+            assert row("loads-3s")["state"] == "failed"
 
     run(main(), timeout=60)
 
@@ -369,6 +376,38 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
         assert not [s for s in shm.list_segments()
                     if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
         print(f"during the drain: on an open connection {late!r}; a new one {new!r}")
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def test_sigterm_fails_what_its_deadline_cuts_off_typed_and_exits_by_it(repo):
+    # One deadline for the whole shutdown: a request still running then gets
+    # its typed answer on its connection (not a dropped connection), and the
+    # server is gone soon after (it used to wait out the deadline twice).
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="3"))
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+
+        async def main():
+            async with AsyncClient((m.group(1), int(m.group(2))), timeout=60) as client:
+                await client.load("slow")
+                calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([s])}))
+                         for s in (30.0, 0.0)]  # the second queued behind the first
+                await asyncio.sleep(0.3)
+                server.proc.send_signal(signal.SIGTERM)
+                t0 = time.monotonic()
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                return results, t0
+
+        results, t0 = run(main(), timeout=60)
+        assert server.proc.wait(30) == 0, "".join(server.output)
+        took = time.monotonic() - t0
+        for r in results:
+            assert isinstance(r, WorkerDied), repr(r)
+        assert took < 3 + 2.5, took  # the deadline, the flush's second, slack
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -625,6 +625,33 @@ def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
         config_mod.load(env={}, overrides={"device_budget": "1e9"})
 
 
+def test_a_bad_value_says_where_it_came_from(tmp_path):
+    with pytest.raises(config_mod.ConfigError, match=r"^workers: .* \(from MMENGINE_WORKERS\)$"):
+        config_mod.load(env={"MMENGINE_WORKERS": "0"})
+    toml = tmp_path / "c.toml"
+    toml.write_text("workers = 0\n")
+    with pytest.raises(config_mod.ConfigError, match=r"^workers: .* \(in '.*c\.toml'\)$"):
+        config_mod.load(toml, env={})
+    with pytest.raises(config_mod.ConfigError, match=r"^workers: 0 must be at least 1$"):
+        config_mod.load(toml, env={}, overrides={"workers": 0})  # a flag's: said as it is
+
+
+def test_layers_an_empty_variable_and_the_callers_defaults():
+    default = config_mod.Config()
+    # An empty variable is unset, whatever its key's kind.
+    assert config_mod.load(env={"MMENGINE_WORKERS": ""}).workers == default.workers
+    assert config_mod.load(env={"MMENGINE_DEVICE_BUDGET": ""}).device_budget == \
+        default.device_budget
+    # A caller's defaults (the demo's budget) sit below the file, the
+    # variables and the flags.
+    demo_budget = {"device_budget": "4MiB"}
+    assert config_mod.load(env={}, defaults=demo_budget).device_budget == 4 << 20
+    assert config_mod.load(env={"MMENGINE_DEVICE_BUDGET": "64MiB"},
+                           defaults=demo_budget).device_budget == 64 << 20
+    assert config_mod.load(env={}, overrides={"device_budget": "8MiB"},
+                           defaults=demo_budget).device_budget == 8 << 20
+
+
 def test_a_misspelled_variable_is_said_with_the_key_it_may_mean(capsys):
     c = config_mod.load(env={"MMENGINE_WROKERS": "3", "MMENGINE_WORKERS": "4",
                              "MMENGINE_BUILD_ONLY": "ring", "MMENGINE_ZZZ": "1"})

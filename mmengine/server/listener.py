@@ -131,17 +131,29 @@ class Listener:
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish (to the shutdown
         deadline), then closes every connection."""
+        deadline = time.monotonic() + self.engine.config.shutdown_timeout_s
+        await self.drain(deadline)
+        await self.close(deadline)
+
+    async def drain(self, deadline: float) -> None:
+        """Stops accepting, and waits until the requests of every
+        connection are answered, or until `deadline` (time.monotonic())."""
         if self._server is None:
             return
         self._server.close()
         # An answered request may start the next one its connection has
         # queued: look again until none is left or the time is up.
-        deadline = time.monotonic() + self.engine.config.shutdown_timeout_s
         while (pending := [f for c in self.connections for f in c.pending()]):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             await asyncio.wait(pending, timeout=left)
+
+    async def close(self, deadline: float) -> None:
+        """Closes every connection once its answers are sent, or at
+        `deadline`."""
+        if self._server is None:
+            return
         # Answers still unsent go out while their clients read them (the
         # loop would stop under a closing transport before it flushed);
         # past the deadline, those nobody has read are dropped.
