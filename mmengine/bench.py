@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.concurrency < 1 or args.models < 0 or args.zipf < 0:
+    if args.requests < 1 or args.concurrency < 1 or args.models < 0 or args.zipf < 0 \
+            or not args.timeout > 0 or not args.duration > 0:
         print("mmengine bench: --requests and --concurrency must be >= 1, "
-              "--models and --zipf >= 0", file=sys.stderr)
+              "--models and --zipf >= 0, --timeout and --duration > 0", file=sys.stderr)
         return 2
     try:
         report, failed = uvloop.run(_bench(args))
@@ -81,6 +82,9 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int]:
         names = list(inputs)[:args.models or None]  # the first N that can be sent
         if not names:
             raise BadRequest("no model the server lists can be benchmarked")
+        if args.models > len(names):
+            print(f"mmengine bench: --models {args.models}: the server has "
+                  f"{len(names)} that can be sent; using those", file=sys.stderr)
         weights = [1 / k ** args.zipf for k in range(1, len(names) + 1)]
         schedule = iter(random.Random(args.seed).choices(names, weights, k=args.requests))
 

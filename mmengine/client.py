@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import numbers
 import select
 import socket
 import time
@@ -35,6 +36,9 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
+#: A timeout beyond this is waited for without a limit (sockets and poll()
+#: take no larger numbers).
+FOREVER_S = 1e9
 SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are read
 # A frame larger than this is first checked against the server's maximum
 # (health's max_frame, asked once): one the server would refuse is refused
@@ -118,8 +122,33 @@ def _refuse(size: int, max_frame: int) -> TooLarge:
                     f"{max_frame} bytes (not sent)")
 
 
+def _timeout(timeout: float | None, default: float | None) -> float | None:
+    """A call's timeout: its own, else its client's (None: the server's
+    defaults, and no limit here); ValueError unless a positive number of
+    seconds (inf: no deadline at all)."""
+    if timeout is None:
+        timeout = default
+    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds (or None), "
+                         f"not {timeout!r}")  # NaN is not > 0 either
+    return timeout
+
+
 def _wait(timeout: float | None) -> float | None:
-    return None if timeout is None else timeout + ANSWER_GRACE_S
+    """How long to wait for an answer the server bounds by `timeout`: a
+    grace longer, for its TIMEOUT to arrive (None: for ever)."""
+    if timeout is None or timeout > FOREVER_S:
+        return None
+    return timeout + ANSWER_GRACE_S
+
+
+def _model_inputs_version(request: tuple) -> tuple[str, dict, int | None]:
+    if len(request) == 2:
+        return (*request, None)
+    if len(request) == 3:
+        return request
+    raise ValueError(f"each request is (model, inputs) or (model, inputs, version), "
+                     f"not a tuple of {len(request)}")
 
 
 def _model_message(op: str, model: str, version: int | None,
@@ -293,7 +322,7 @@ class Client:
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
                  timeout: float = 30.0, pool_size: int = 4, token: str | None = None):
         self.address = parse_address(address)
-        self.timeout = timeout
+        self.timeout = _timeout(timeout, None)
         self.token = token
         self.pool_size = pool_size
         # Idle connections, most recently used last; deque's append and pop
@@ -322,7 +351,7 @@ class Client:
             try:
                 conn = self._pool.pop()
             except IndexError:
-                return _Connection(self.address, self.timeout)
+                return _Connection(self.address, _wait(self.timeout))
             if conn.alive():
                 return conn
             conn.sock.close()
@@ -338,12 +367,13 @@ class Client:
     def call_many(self, messages: Iterable[dict], timeout: float | None = None) -> list[dict]:
         """Sends every message at once on one connection (pipelined) and
         returns the responses in the same order; raises the first error."""
-        return self._call_many(list(messages), timeout)
+        return self._call_many(list(messages), _wait(_timeout(timeout, self.timeout)))
 
-    def _call_many(self, messages: list[dict], timeout: float | None,
+    def _call_many(self, messages: list[dict], wait: float | None,
                    encoded: bool = False) -> list[dict]:
-        """call_many; `encoded`: the messages are infers whose inputs
-        encode_tensors made (large ones are sent from where they lie)."""
+        """call_many, waiting `wait` seconds for the answers (None: for
+        ever); `encoded`: the messages are infers whose inputs encode_tensors
+        made (large ones are sent from where they lie)."""
         ids = []
         for m in messages:
             m["id"] = next(self._ids)
@@ -358,13 +388,13 @@ class Client:
         conn = self._borrow()
         try:
             try:
-                conn.set_timeout(timeout or self.timeout)
+                conn.set_timeout(wait)
                 got = conn.exchange(frames, ids)
             except ConnectionError:
                 conn.sock.close()
                 if not conn.trusted or conn.answered:
                     raise
-                conn = _Connection(self.address, timeout or self.timeout)
+                conn = _Connection(self.address, wait)
                 got = conn.exchange(frames, ids)
         except socket.timeout:
             conn.sock.close()
@@ -376,7 +406,7 @@ class Client:
         return [protocol.raise_for(got[i]) for i in ids]
 
     def call(self, message: dict, timeout: float | None = None) -> dict:
-        return self._call_many([message], timeout)[0]
+        return self.call_many([message], timeout)[0]
 
     def _check_size(self, size: int) -> None:
         if size <= CHECK_FRAMES_ABOVE:
@@ -391,17 +421,18 @@ class Client:
               timeout: float | None = None, token: str | None = None,
               timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
-        timeout = timeout or self.timeout
+        timeout = _timeout(timeout, self.timeout)
         r = self._call_many([_infer_message(model, inputs, version, timeout, token, timing)],
                             _wait(timeout), encoded=True)[0]
         return _outputs(r, t_start)
 
-    def infer_many(self, requests: Iterable[tuple[str, dict]],
-                   timeout: float | None = None) -> list[Outputs]:
-        """Pipelined inference: [(model, inputs), ...] -> [outputs, ...]."""
-        timeout = timeout or self.timeout
-        rs = self._call_many([_infer_message(m, x, None, timeout) for m, x in requests],
-                             _wait(timeout), encoded=True)
+    def infer_many(self, requests: Iterable[tuple], timeout: float | None = None,
+                   token: str | None = None) -> list[Outputs]:
+        """Pipelined inference: [(model, inputs), or (model, inputs,
+        version), ...] -> [outputs, ...]; `token` goes with each."""
+        timeout = _timeout(timeout, self.timeout)
+        rs = self._call_many([_infer_message(*_model_inputs_version(r), timeout, token)
+                              for r in requests], _wait(timeout), encoded=True)
         return [_outputs(r) for r in rs]
 
     # load, unload and pin, as infer, send the server how long this client
@@ -423,8 +454,9 @@ class Client:
 
     def _model_op(self, op: str, model: str, version: int | None, token: str | None,
                   timeout: float | None) -> dict:
-        timeout = timeout or self.timeout
-        return self.call(_model_message(op, model, version, token, timeout), _wait(timeout))
+        timeout = _timeout(timeout, self.timeout)
+        return self._call_many([_model_message(op, model, version, token, timeout)],
+                               _wait(timeout))[0]
 
     def unpin(self, model: str, version: int | None = None,
               token: str | None = None) -> None:
@@ -493,7 +525,7 @@ class AsyncClient:
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
                  timeout: float = 30.0, connections: int = 1, token: str | None = None):
         self.address = parse_address(address)
-        self.timeout = timeout
+        self.timeout = _timeout(timeout, None)
         self.token = token
         self.size = connections
         self._conns: list[_AsyncConnection] = []
@@ -523,11 +555,12 @@ class AsyncClient:
         await self.close()
 
     async def call(self, message: dict, timeout: float | None = None) -> dict:
-        return await self._call(message, timeout)
+        return await self._call(message, _wait(_timeout(timeout, self.timeout)))
 
-    async def _call(self, message: dict, timeout: float | None,
+    async def _call(self, message: dict, wait: float | None,
                     encoded: bool = False) -> dict:
-        """call; `encoded` as Client._call_many's."""
+        """call, waiting `wait` seconds for the answer (None: for ever);
+        `encoded` as Client._call_many's."""
         rid = next(self._ids)
         message["id"] = rid
         if self.token is not None:
@@ -550,7 +583,6 @@ class AsyncClient:
             conn = self._conns[slot] = await self._open()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        wait = timeout or self.timeout  # None: no limit
         # A timer on the future, not asyncio.timeout(): a third of the cost.
         timer = None if wait is None else loop.call_later(wait, _expire, fut)
         conn.pending[rid] = fut
@@ -575,7 +607,7 @@ class AsyncClient:
                     timeout: float | None = None, token: str | None = None,
                     timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
-        timeout = timeout or self.timeout
+        timeout = _timeout(timeout, self.timeout)
         r = await self._call(_infer_message(model, inputs, version, timeout, token, timing),
                              _wait(timeout), encoded=True)
         return _outputs(r, t_start)
@@ -594,9 +626,9 @@ class AsyncClient:
 
     async def _model_op(self, op: str, model: str, version: int | None, token: str | None,
                         timeout: float | None) -> dict:
-        timeout = timeout or self.timeout  # as Client's
-        return await self.call(_model_message(op, model, version, token, timeout),
-                               _wait(timeout))
+        timeout = _timeout(timeout, self.timeout)  # as Client's
+        return await self._call(_model_message(op, model, version, token, timeout),
+                                _wait(timeout))
 
     async def unpin(self, model: str, version: int | None = None,
                     token: str | None = None) -> None:

@@ -142,7 +142,8 @@ def decode(body) -> dict:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types
-        raise BadRequest(f"malformed frame: {type(e).__name__}: {e}") from None
+        why = str(e) or "not msgpack"  # some of them say nothing more
+        raise BadRequest(f"malformed frame: {type(e).__name__}: {why}") from None
     if not isinstance(message, dict):
         raise BadRequest("a frame must hold a msgpack map")
     return message

@@ -153,7 +153,9 @@ def test_a_waiter_spins_as_long_as_it_is_told_then_parks(pair):
     runnable, t0 = _runnable_s(), time.monotonic()
     with pytest.raises(RingTimeout):
         b.get(timeout=0.2)
-    assert _runnable_s() - runnable > 0.15
+    # Most of the 0.2 s (a parked waiter wants ~0): a virtual machine's
+    # stolen time counts as neither run nor waited (0.148 s seen once).
+    assert _runnable_s() - runnable > 0.1
     assert time.monotonic() - t0 < 0.9  # the timeout bounds the spin too
     b.spin_us = 0  # set from any thread; it parks at once from the next wait on
     runnable = _runnable_s()

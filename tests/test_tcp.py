@@ -395,6 +395,36 @@ def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):
     assert not pending  # the abandoned request left nothing behind
 
 
+def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
+    x = x_for(np.random.default_rng(5))
+    want = reference("m00", x)
+    forever = (float("inf"), 1e12)  # no limit, not an OverflowError of the socket's
+    refused = (0, -1.0, float("nan"), "5")
+    with Client(address, timeout=float("inf")) as c:
+        for t in forever:
+            np.testing.assert_allclose(c.infer("m00", {"x": x}, timeout=t)["y"], want, **TOL)
+        for t in refused:
+            with pytest.raises(ValueError, match="positive number of seconds"):
+                c.infer("m00", {"x": x}, timeout=t)
+        # (model, inputs, version) as well as (model, inputs).
+        outs = c.infer_many([("m00", {"x": x}, 1), ("m00", {"x": x})], timeout=1e12)
+        for out in outs:
+            np.testing.assert_allclose(out["y"], want, **TOL)
+
+    async def main():
+        async with AsyncClient(address, timeout=float("inf")) as client:
+            for t in forever:
+                np.testing.assert_allclose((await client.infer("m00", {"x": x}, timeout=t))["y"],
+                                           want, **TOL)
+            for t in refused:
+                with pytest.raises(ValueError, match="positive number of seconds"):
+                    await client.infer("m00", {"x": x}, timeout=t)
+
+    run(main())
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        Client(address, timeout=0)
+
+
 # -- typed errors ------------------------------------------------------------------
 
 def test_every_typed_error_reaches_the_sdk_as_its_class(address):
@@ -572,6 +602,7 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
         (["--device-budget", "lots"], {}, "device_budget"),
         ([], {"MMENGINE_WORKERS": "abc"}, "workers"),
         (["--config", str(bad_toml)], {}, "bogus_key"),
+        (["--demo"], {}, "repo"),  # --demo serves its own repository: not silently
     ]
     procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", "--http-port", "-1", *args),
                               env=environ(**env), stdout=subprocess.PIPE,
