@@ -336,6 +336,16 @@ def _json_output(raw: bytes) -> np.ndarray:
     return np.array(json.loads(raw.partition(b"\r\n\r\n")[2])["outputs"][0]["data"])
 
 
+def test_an_http_1_1_request_without_host_is_400_and_the_connection_goes_on(address):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n"
+                  b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = recv_all(s)
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 400 ") and b"Host header" in rest, raw
+    assert b"HTTP/1.1 200 " in rest, raw
+
+
 def test_an_encoded_slash_stays_inside_its_path_segment(address):
     # "m00/versions/1", encoded, is a name (no such model), not m00's version 1.
     status, _, raw = call(address, "GET", "/v2/models/m00%2Fversions%2F1")

@@ -68,6 +68,7 @@ class Request:
     body: bytes
     keep_alive: bool = True
     reserved: int = 0                # bytes of the receive budget its body holds
+    refused: MMEngineError | None = None  # answered with this, in its turn
 
     @property
     def token(self) -> str | None:
@@ -538,7 +539,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             headers=self.headers,
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
-            reserved=self.reserved)
+            reserved=self.reserved,
+            refused=None if "host" in self.headers or self.parser.get_http_version() != "1.1"
+            else BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)"))
         if self._stop_awaiting():  # the whole body came in the read that announced it
             self._resume()
         self._reset()
@@ -577,6 +580,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self._close()
 
     def _start(self, request: Request) -> Response | Later:
+        if request.refused is not None:
+            raise request.refused
         handler, params, is_async = self.server.router.match(request.method, request.path)
         if is_async:
             return Later.of(asyncio.get_running_loop().create_task(
