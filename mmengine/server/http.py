@@ -619,11 +619,13 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if self.transport is None or self.transport.is_closing():
             return
         parts = r.body if isinstance(r.body, list) else [r.body]
+        length = sum(memoryview(p).nbytes for p in parts)
         head = [f"HTTP/1.1 {r.status} {_REASONS.get(r.status, 'Unknown')}",
                 f"Date: {_date()}",
-                f"Content-Length: {sum(memoryview(p).nbytes for p in parts)}",
-                f"Content-Type: {r.content_type}",
+                f"Content-Length: {length}",
                 "Connection: keep-alive" if keep_alive else "Connection: close"]
+        if length:  # an empty body is no JSON
+            head.append(f"Content-Type: {r.content_type}")
         head += [f"{k}: {v}" for k, v in r.headers]
         head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         # One system call per response (uvloop: one writev, no copy).
