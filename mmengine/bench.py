@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.concurrency < 1 or args.models < 0 or args.zipf < 0 \
-            or not args.timeout > 0 or not args.duration > 0:
+    if args.requests < 1 or args.concurrency < 1 or args.models < 0 \
+            or not args.zipf >= 0 or not args.timeout > 0 or not args.duration > 0:
         print("mmengine bench: --requests and --concurrency must be >= 1, "
               "--models and --zipf >= 0, --timeout and --duration > 0", file=sys.stderr)
         return 2

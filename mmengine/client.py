@@ -36,9 +36,9 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
-#: A timeout beyond this is waited for without a limit (sockets and poll()
-#: take no larger numbers).
-FOREVER_S = 1e9
+#: A timeout beyond this (11 days) is waited for without a limit: poll()
+#: takes at most 2**31 - 1 ms.
+FOREVER_S = 1e6
 SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are read
 # A frame larger than this is first checked against the server's maximum
 # (health's max_frame, asked once): one the server would refuse is refused
@@ -128,10 +128,12 @@ def _timeout(timeout: float | None, default: float | None) -> float | None:
     seconds (inf: no deadline at all)."""
     if timeout is None:
         timeout = default
-    if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds (or None), "
                          f"not {timeout!r}")  # NaN is not > 0 either
-    return timeout
+    return float(timeout)  # msgpack writes no numpy scalar
 
 
 def _wait(timeout: float | None) -> float | None:

@@ -316,6 +316,9 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     """A validated Config: Config's defaults < `defaults` < TOML file <
     MMENGINE_* variables < overrides (None values in overrides are ignored;
     an empty variable is unset). A bad value's error says where it came from."""
+    unknown = set(defaults or {}) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown configuration key")
     values: dict[str, Any] = dict(defaults or {})
     origin: dict[str, str] = {}
     if file is not None:

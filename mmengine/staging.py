@@ -46,7 +46,7 @@ CHUNK = 16 << 20
 #: copying here), giving way to requests between them (Readers).
 GIVE_WAY_CHUNK = 64 << 10
 #: How long a read may wait for requests before it has read anything, and
-#: how long it sleeps between looks.
+#: how long it sleeps between looks (the timer's slack makes it ~0.1 ms).
 GIVE_WAY_GRACE_NS = 1_000_000
 GIVE_WAY_NAP_S = 20e-6
 
@@ -124,16 +124,17 @@ class ArenaPool:
 POOL = ArenaPool()
 
 
-def _fill(view: memoryview, read, chunk: int = CHUNK,
-          before: Callable[[], None] | None = None) -> None:
-    """Fills `view` in reads of at most `chunk` bytes: `read(part, at)` reads
-    into `part`, which starts `at` bytes into the view, and says how many
-    it read (0: the file has ended). `before()` runs before each read."""
+def _chunk() -> int:
+    return CHUNK
+
+
+def _fill(view: memoryview, read, part: Callable[[], int] = _chunk) -> None:
+    """Fills `view` in reads of at most `part()` bytes each: `read(part,
+    at)` reads into `part`, which starts `at` bytes into the view, and says
+    how many it read (0: the file has ended)."""
     done, n = 0, len(view)
     while done < n:
-        if before is not None:
-            before()
-        got = read(view[done:min(n, done + chunk)], done)
+        got = read(view[done:min(n, done + part())], done)
         if not got:
             raise ValueError("file ends inside its tensor data")
         done += got
@@ -149,28 +150,36 @@ def _never() -> bool:
 
 
 class _GiveWay:
-    """Runs before each part of a read while the worker serves: waits while
-    `busy()` says a request is being served, for at most as long, in all,
-    as the read has spent reading (and a head start of GIVE_WAY_GRACE_NS).
-    A request then shares the memory bus with at most one part's copy,
-    and the load still moves at half its speed or more however busy the
-    worker is."""
+    """Sizes each part of one thread's read, called before it. While the
+    worker is idle, parts are large (CHUNK). While it serves, they are
+    small (GIVE_WAY_CHUNK), and each waits first while `busy()` says a
+    request is being served, for at most as long, in all, as the read has
+    spent reading (and a head start of GIVE_WAY_GRACE_NS): a request then
+    shares the memory bus with one small part's copy at most, and the load
+    still moves at about half its speed or more however busy the worker is.
+    A nap that overslept (the timer's slack) is a debt the next parts'
+    reading repays before the read waits again."""
 
-    def __init__(self, busy: Callable[[], bool]) -> None:
+    def __init__(self, idle: Callable[[], bool], busy: Callable[[], bool]) -> None:
+        self.idle = idle
         self.busy = busy
         self.credit = GIVE_WAY_GRACE_NS  # how long the read may still wait
         self.last = time.monotonic_ns()
 
-    def __call__(self) -> None:
+    def __call__(self) -> int:
         now = time.monotonic_ns()
         self.credit += now - self.last  # the part just read
-        if self.busy():
+        if self.idle():
+            self.last = now
+            return CHUNK
+        if self.credit > 0 and self.busy():
             until = now + self.credit
             while now < until and self.busy():
                 time.sleep(GIVE_WAY_NAP_S)
                 now = time.monotonic_ns()
-            self.credit = max(0, until - now)
+            self.credit = until - now
         self.last = now
+        return GIVE_WAY_CHUNK
 
 
 class Readers:
@@ -179,11 +188,11 @@ class Readers:
     has served nothing for a while (a load then takes the cores inference is
     not using; each read decides when it starts).
 
-    While the worker serves, each thread reads in parts of GIVE_WAY_CHUNK
-    and, before each, gives way to the request `busy()` says is being
-    served (_GiveWay): on two cores a 16 MiB read beside a small model's
-    call made the call several times slower, by the copy's traffic through
-    the caches and memory, whatever the threads' priorities.
+    With `busy` (a CPU worker's), each thread's parts are sized as the
+    read goes (_GiveWay): while the worker serves, small, each after the
+    request being served has ended. On two cores a 16 MiB read beside a
+    small model's call made the call several times slower, by the copy's
+    traffic through the caches and memory, whatever the threads' priorities.
 
     Reading from the page cache is a copy by the kernel on the reading
     thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
@@ -216,15 +225,14 @@ class Readers:
     def _read(self, fd: int, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.numpy())
         n = len(view)
-        idle = self.idle()
-        k = min(self.idle_threads if idle else self.threads, max(1, n // self.MIN_PART))
-        polite = self.busy is not None and not idle
+        wide = self.idle_threads > self.threads and self.idle()
+        k = min(self.idle_threads if wide else self.threads, max(1, n // self.MIN_PART))
 
         def read(view: memoryview, offset: int) -> None:
-            if polite:
-                _pread_into(fd, view, offset, GIVE_WAY_CHUNK, _GiveWay(self.busy))
-            else:
+            if self.busy is None:
                 _pread_into(fd, view, offset)
+            else:
+                _pread_into(fd, view, offset, _GiveWay(self.idle, self.busy))
 
         if k == 1:
             read(view, offset)
@@ -244,9 +252,9 @@ class Readers:
             part.result()
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, chunk: int = CHUNK,
-                before: Callable[[], None] | None = None) -> None:
-    _fill(view, lambda part, at: os.preadv(fd, [part], offset + at), chunk, before)
+def _pread_into(fd: int, view: memoryview, offset: int,
+                part: Callable[[], int] = _chunk) -> None:
+    _fill(view, lambda buf, at: os.preadv(fd, [buf], offset + at), part)
 
 
 #: The process's readers (a worker's main() replaces them, from its config).

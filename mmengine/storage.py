@@ -145,7 +145,7 @@ def _check_version(version: object) -> int:
     # Versions travel as strings in URLs; "01" would alias "1", so only the
     # canonical spelling names a version.
     if isinstance(version, str) and version.isascii() and version.isdigit() \
-            and len(version) <= 18:  # int() refuses strings of over 4,300 digits
+            and len(version) <= 19:  # int64's; int() refuses strings of over 4,300 digits
         if str(int(version)) == version:
             return int(version)
     if isinstance(version, int) and not isinstance(version, bool) and version >= 0:

@@ -512,8 +512,11 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     abandoned = messages.Abandoned(abandoned_fd)
     logic = WorkerLogic(config, device)
     clock = _ThreadClock.open() if config.account_requests else None  # the serving thread's
-    staging.READERS = logic.readers = staging.Readers(*resources.load_readers(config, device),
-                                                      logic.idle, logic.serving)
+    # Only a CPU worker's loads give way to its requests: there the copy
+    # and the model share the cores and the memory bus (staging.Readers).
+    staging.READERS = logic.readers = staging.Readers(
+        *resources.load_readers(config, device), logic.idle,
+        logic.serving if device == "cpu" else None)
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)

@@ -45,6 +45,9 @@ _BURST = 64  # responses handled before the response ring's space is handed back
 # (else its timer, firing a hair early, would be armed again and again).
 _CLOCK_S = 1e-3
 CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
+#: How long stop() waits for workers to exit of their own however late it
+#: is: an idle one takes milliseconds once its request ring is closed.
+EXIT_GRACE_S = 0.2
 
 
 class _Outlet:
@@ -607,6 +610,9 @@ class WorkerPool:
             w.on_death = None
             if w.alive:
                 w.close_requests()
+        # A deadline already spent (the servers' drain took it) still lets an
+        # idle worker exit of its own, in a few milliseconds.
+        deadline = max(deadline, time.monotonic() + EXIT_GRACE_S)
         for w in self.workers:
             await _reaped(w.process, deadline - time.monotonic())
         for w in self.workers:

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import Server, environ
 from mmengine import demo
 from mmengine.config import Config
-from mmengine.errors import BadRequest
+from mmengine.errors import BadRequest, ModelNotFound
 from mmengine.server import kserve
 from mmengine.server.http import MAX_PIPELINED, array_from_json
 
@@ -238,7 +238,7 @@ def test_binary_request_and_response_on_the_wire(address):
     (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "y"}, {"name": "y"}]), {},
      "requested twice"),
     (infer_body(np.zeros((1, 16), np.float32), outputs=[{"name": "y", "parameters": {
-        "binary_data": None}}]), {}, "'binary_data' must be true or false"),
+        "binary_data": "yes"}}]), {}, "'binary_data' must be true or false"),
     (infer_body(np.zeros((1, 16), np.float32), parameters={"binary_data_output": "false"}),
      {}, "'binary_data_output' must be true or false"),
     (infer_body(np.zeros((1, 16), np.float32), parameters=[]), {}, "must be a JSON object"),
@@ -344,6 +344,13 @@ def test_an_http_1_1_request_without_host_is_400_and_the_connection_goes_on(addr
     first, _, rest = raw.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 400 ") and b"Host header" in rest, raw
     assert b"HTTP/1.1 200 " in rest, raw
+
+
+def test_a_version_is_any_canonical_int64():
+    assert kserve._version("9223372036854775807") == 2 ** 63 - 1  # 19 digits
+    for bad in ("01", "1" * 20, "9" * 5000, "-1", "١"):  # the last: an Arabic-Indic one
+        with pytest.raises(ModelNotFound):
+            kserve._version(bad)
 
 
 def test_an_encoded_slash_stays_inside_its_path_segment(address):

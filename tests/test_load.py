@@ -362,6 +362,36 @@ def test_reads_give_way_to_requests_only_while_the_worker_serves(tmp_path, threa
         assert (looks >= 9) if not idle else looks == 0, (idle, busy, looks)
 
 
+def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
+    # On a clock of its own: each part takes 12 us to read, and every nap
+    # oversleeps to 0.1 ms (a timer's slack). A worker that is always
+    # serving still gets its load at half speed or more.
+    now = [0]
+
+    class Clock:
+        @staticmethod
+        def monotonic_ns() -> int:
+            return now[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            now[0] += 100_000
+
+    monkeypatch.setattr(staging, "time", Clock)
+    idle = False
+    pace = staging._GiveWay(lambda: idle, lambda: True)
+    reading = 0
+    for _ in range(1000):
+        assert pace() == staging.GIVE_WAY_CHUNK
+        now[0] += 12_000
+        reading += 12_000
+    waited = now[0] - reading
+    assert reading < waited <= reading + staging.GIVE_WAY_GRACE_NS + 100_000
+    idle = True  # nothing served for a while: large parts, no waiting
+    before = now[0]
+    assert pace() == staging.CHUNK and now[0] == before
+
+
 LAZY_BUFFER_MODEL = '''
 import torch
 from torch import nn

@@ -256,6 +256,8 @@ def test_list_walks_pages_to_the_end(address, disk):
         assert urls[f"page-{i}"] == str(disk[f"m{i}"])
     for size in (1, 2, len(whole), len(whole) + 1, 10 ** 30):
         assert list_all(address, size) == whole
+    status, body = call(address, "GET", "/models?max_results=" + "9" * 5000)  # past int()'s
+    assert status == 200 and body["models"] == whole[:len(body["models"])], body
 
 
 def test_list_refuses_bad_parameters(address):

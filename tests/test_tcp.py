@@ -398,8 +398,9 @@ def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):
 def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
     x = x_for(np.random.default_rng(5))
     want = reference("m00", x)
-    forever = (float("inf"), 1e12)  # no limit, not an OverflowError of the socket's
-    refused = (0, -1.0, float("nan"), "5")
+    # No limit, not an OverflowError of the socket's or poll()'s.
+    forever = (float("inf"), 1e12, 3e6)
+    refused = (0, -1.0, float("nan"), "5", True)
     with Client(address, timeout=float("inf")) as c:
         for t in forever:
             np.testing.assert_allclose(c.infer("m00", {"x": x}, timeout=t)["y"], want, **TOL)
@@ -407,7 +408,7 @@ def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
             with pytest.raises(ValueError, match="positive number of seconds"):
                 c.infer("m00", {"x": x}, timeout=t)
         # (model, inputs, version) as well as (model, inputs).
-        outs = c.infer_many([("m00", {"x": x}, 1), ("m00", {"x": x})], timeout=1e12)
+        outs = c.infer_many([("m00", {"x": x}, 1), ("m00", {"x": x})], timeout=3e6)
         for out in outs:
             np.testing.assert_allclose(out["y"], want, **TOL)
 
@@ -419,6 +420,8 @@ def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
             for t in refused:
                 with pytest.raises(ValueError, match="positive number of seconds"):
                     await client.infer("m00", {"x": x}, timeout=t)
+            # A numpy number is a number (msgpack alone would refuse it).
+            await client.infer("m00", {"x": x}, timeout=np.float32(20))
 
     run(main())
     with pytest.raises(ValueError, match="positive number of seconds"):

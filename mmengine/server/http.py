@@ -281,8 +281,8 @@ class Router:
         if allowed:
             if "GET" in allowed:
                 allowed.append("HEAD")
-            raise _MethodNotAllowed(f"{method} is not allowed on {unquote(path)}", allowed)
-        raise ModelNotFound(f"no route for {method} {unquote(path)}")
+            raise _MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
+        raise ModelNotFound(f"no route for {method} {path}")
 
 
 class _MethodNotAllowed(BadRequest):
@@ -494,9 +494,11 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
             self._reserve(int(length))
         if self.headers.get("expect", "").lower() == "100-continue" and not self.queue \
-                and self.answering is None and self.parser.get_http_version() == "1.1":
+                and self.answering is None and not self.awaiting \
+                and self.parser.get_http_version() == "1.1":
             # The client waits for this before it sends the body (curl, a
-            # second). Not behind pipelined answers: it would read as theirs.
+            # second). Not behind pipelined answers: it would read as theirs;
+            # nor while the body waits for the receive budget.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _gone(self) -> bool:

@@ -53,8 +53,8 @@ def datatype_of(dtype: np.dtype | str) -> str:
 def _version(version: str | None) -> int | None:
     if version is None:
         return None
-    # At most 18 digits: any int64, and int() never meets a 5,000-digit string.
-    if version.isascii() and version.isdigit() and len(version) <= 18 \
+    # At most 19 digits (int64's): int() never meets a 5,000-digit string.
+    if version.isascii() and version.isdigit() and len(version) <= 19 \
             and str(int(version)) == version:
         return int(version)
     raise ModelNotFound(f"invalid model version {version!r}")
@@ -168,7 +168,8 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
     try:
         req = loads(header, "the inference request")
     except BadRequest as e:
-        if binary is not None:
+        # What binary data after the JSON looks like to the parser.
+        if binary is not None or not any(w in str(e) for w in ("after document", "UTF-8")):
             raise
         raise BadRequest(f"{e} (a body with binary tensor data needs the "
                          f"Inference-Header-Content-Length header)") from None
@@ -199,7 +200,9 @@ def _parameters(obj: dict, what: str) -> dict:
 
 def _flag(params: dict, key: str, default: bool) -> bool:
     """A boolean parameter: JSON true or false ("false" is true to bool())."""
-    value = params.get(key, default)
+    value = params.get(key)
+    if value is None:  # absent, or null: as "parameters" themselves
+        return default
     if type(value) is not bool:
         raise BadRequest(f"parameter {key!r} must be true or false, not {value!r}")
     return value
@@ -211,7 +214,7 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         return body, None
-    if not (length.isascii() and length.isdigit() and len(length) <= 18) \
+    if not (length.isascii() and length.isdigit() and len(length) <= 19) \
             or int(length) > len(body):
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
                          f"within the body of {len(body)} bytes")

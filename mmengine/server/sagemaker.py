@@ -166,7 +166,7 @@ async def list_models(server, request: Request) -> Response:
     limit = _query_one(request, "max_results")
     if limit is None:
         limit = DEFAULT_PAGE_SIZE
-    elif not (limit.isascii() and limit.isdigit()) or int(limit) < 1:
+    elif not (limit.isascii() and limit.isdigit()) or not limit.strip("0"):
         raise BadRequest(f"max_results must be a positive integer, not {limit!r}")
     else:  # a limit past int64's is no limit (slices take ssize_t)
         limit = int(limit) if len(limit) <= 18 else sys.maxsize
