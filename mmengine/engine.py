@@ -494,8 +494,7 @@ class Engine:
                     await asyncio.shield(task)
             except TimeoutError:
                 if key in self._short_of_room:  # the truth, and what SageMaker acts on (507)
-                    raise Overloaded(f"{key[0]}: no room for it by the request's deadline: "
-                                     f"every resident model is in use") from None
+                    raise self._no_room(key, "it by the request's deadline") from None
                 raise Timeout(f"{key[0]}: not loaded within the request's deadline") from None
             except MMEngineError:
                 if op == Op.LOAD:
@@ -787,10 +786,15 @@ class Engine:
                 try:
                     await self._wait_for_room(version, deadline)
                 except TimeoutError:
-                    raise Overloaded(f"{key[0]}: no room for {need} bytes: every resident "
-                                     f"model is in use") from None
+                    raise self._no_room(key, f"{need} bytes") from None
         finally:
             self._short_of_room.discard(key)
+
+    def _no_room(self, key: Key, what: str) -> Overloaded:
+        """OVERLOADED for a load that waited for room in vain."""
+        why = ("every resident model is in use" if any(w.alive for w in self.pool.workers)
+               else "no worker is up")
+        return Overloaded(f"{key[0]}: no room for {what}: {why}")
 
     def _pinned_bytes(self, index: int) -> int:
         """Device bytes that resident models pinned with pin() hold on worker
