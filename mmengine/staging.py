@@ -128,13 +128,13 @@ def _chunk() -> int:
     return CHUNK
 
 
-def _fill(view: memoryview, read, part: Callable[[], int] = _chunk) -> None:
-    """Fills `view` in reads of at most `part()` bytes each: `read(part,
-    at)` reads into `part`, which starts `at` bytes into the view, and says
-    how many it read (0: the file has ended)."""
+def _fill(view: memoryview, read, size: Callable[[], int] = _chunk) -> None:
+    """Fills `view` in reads of at most `size()` bytes each (asked before
+    each): `read(part, at)` reads into `part`, which starts `at` bytes into
+    the view, and says how many it read (0: the file has ended)."""
     done, n = 0, len(view)
     while done < n:
-        got = read(view[done:min(n, done + part())], done)
+        got = read(view[done:min(n, done + size())], done)
         if not got:
             raise ValueError("file ends inside its tensor data")
         done += got
@@ -253,8 +253,8 @@ class Readers:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int,
-                part: Callable[[], int] = _chunk) -> None:
-    _fill(view, lambda buf, at: os.preadv(fd, [buf], offset + at), part)
+                size: Callable[[], int] = _chunk) -> None:
+    _fill(view, lambda part, at: os.preadv(fd, [part], offset + at), size)
 
 
 #: The process's readers (a worker's main() replaces them, from its config).
