@@ -382,8 +382,9 @@ def test_tcp_answers_with_timing_when_asked(repo, own_segments, account):
         assert sum(t[k] for k in trace.STAGES) == t["total_ns"]
         if account:
             assert 0 < t["compute_cpu_ns"] + t["compute_runq_ns"] <= t["compute_ns"] + 20_000
-    # The first request waited for the load; the second found m00 resident.
-    assert cold["timing"]["load_wait_ns"] > 100 * hot["timing"]["load_wait_ns"]
+    # The first request waited for the load (milliseconds); the second found
+    # m00 resident (microseconds: 71 once, on a machine under load).
+    assert cold["timing"]["load_wait_ns"] > 10 * hot["timing"]["load_wait_ns"]
 
 
 def test_serve_writes_a_trace_and_closes_it_on_sigterm(repo, tmp_path):
