@@ -462,9 +462,13 @@ class Engine:
         loads it (once, however many requests wait) if needed. Counts a hit,
         or a miss when the request had to wait for a load."""
         waited = False
+        loaded = False  # the load this request waited for has just ended
         while True:
             drained = self._draining.get(key)
-            if drained is not None:  # its unload first; then it loads again
+            # An unload asked for while this request waited for the load
+            # waits for it in turn (the request was in flight first): it
+            # takes the model before the unload, woken after it, looks.
+            if drained is not None and not loaded:  # its unload first; then it loads again
                 waited = True
                 try:
                     async with asyncio.timeout_at(self._loop_deadline(deadline)):
@@ -481,6 +485,7 @@ class Engine:
                     else:
                         self._hits += 1
                     return self.pool.workers[index]
+            loaded = False
             # Before any wait: a load that timed out is being unloaded from its
             # worker, and its back-off answers at once all the same.
             self._check_backoff(key)
@@ -499,6 +504,8 @@ class Engine:
             except MMEngineError:
                 if op == Op.LOAD:
                     raise  # the load failed: every waiter hears why
+            else:
+                loaded = op == Op.LOAD
             # loaded or unloaded: look again (it may have gone meanwhile)
 
     def _start(self, key: Key, op: Op, coro) -> tuple[Op, asyncio.Task]:

@@ -469,6 +469,28 @@ def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spa
     run(main())
 
 
+def test_an_unload_during_a_load_waits_for_the_requests_that_waited_for_it(
+        tmp_path, own_segments):
+    # Requests that waited for a cold load were in flight before the unload:
+    # they are served by that load, then the model unloads (they used to
+    # wait for the unload and load the model again, and it stayed resident).
+    write_handler(tmp_path, "slowload", slow_loading(1.0))
+    x = {"x": np.arange(3, dtype=np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            requests = [asyncio.ensure_future(engine.infer("slowload", x)) for _ in range(3)]
+            await asyncio.sleep(0.3)  # the load is under way
+            await engine.unload("slowload")
+            outs = await asyncio.gather(*requests)
+            return outs, engine._model_row(("slowload", 1))
+
+    outs, row = run(main())
+    for out in outs:
+        np.testing.assert_array_equal(out["y"], x["x"])
+    assert row["loads"] == 1 and row["state"] == "on storage", row
+
+
 def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments):
     """With account_requests, each request's account says what the worker's
     loader thread did as the request began: "load" while a load ran (the
