@@ -754,41 +754,18 @@ class Engine:
         try:
             while True:
                 version = self._room_version
-                for w in sorted((w for w in self.pool.workers if w.alive), key=order):
-                    # One reservation at a time per worker: its victims are chosen
-                    # against books that no other reservation is changing.
-                    async with self._locks[w.index]:
-                        victims, reason = self.cache.victims(
-                            books.DEVICE, w.index, need, self.config.high_watermark,
-                            self.config.low_watermark)
-                        if reason != books.OK:
-                            continue
-                        try:
-                            # Bounded: unloads queue behind loads on the worker,
-                            # and this lock must not be held by a stuck one.
-                            async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                                await asyncio.gather(
-                                    *[self._evict(v, "pressure") for v in victims],
-                                    return_exceptions=True)
-                        except TimeoutError:
-                            raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
-                                             f"time to make room") from None
-                        if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
-                                not w.alive:
-                            continue  # lost what we made room for; try elsewhere
-                        self._gen[key] = self._gen.get(key, 0) + 1
-                        self.cache.insert(key, books.LOADING, w.index)
-                        self.cache.set_bytes(key, books.DEVICE, need)
-                        self.cache.touch(key, time.monotonic())
-                        return w
+                worker = await self._reserve_on_a_worker(key, need, caps, order, deadline)
+                if worker is not None:
+                    return worker
                 # Pinned models hold too much of every worker's budget: no
                 # request's end can make the room, only an unpin.
                 if all(self._pinned_bytes(w.index) + need > caps[w.index]
                        for w in self.pool.workers):
-                    raise PinnedFull(f"{key[0]}: no room for {need} bytes: pinned models hold "
-                                     f"every worker's budget (unpin one)")
-                # Every worker's room is held by models in use: wait for a request
-                # to finish (or a worker to come back), up to the load's deadline.
+                    raise PinnedFull(f"{key[0]}: no room for {need} bytes: pinned models "
+                                     f"hold every worker's budget (unpin one)")
+                # Every worker's room is held by models in use: wait for a
+                # request to finish (or a worker to come back), up to the
+                # load's deadline.
                 self._short_of_room.add(key)  # until the room is made or refused
                 try:
                     await self._wait_for_room(version, deadline)
@@ -796,6 +773,39 @@ class Engine:
                     raise self._no_room(key, f"{need} bytes") from None
         finally:
             self._short_of_room.discard(key)
+
+    async def _reserve_on_a_worker(self, key: Key, need: int, caps: list[int], order,
+                                   deadline: float) -> Worker | None:
+        """One pass of _reserve over the live workers, best first (`order`):
+        the first with room, or room that evicting unused models makes,
+        gets the LOADING entry; None if none has."""
+        for w in sorted((w for w in self.pool.workers if w.alive), key=order):
+            # One reservation at a time per worker: its victims are chosen
+            # against books that no other reservation is changing.
+            async with self._locks[w.index]:
+                victims, reason = self.cache.victims(
+                    books.DEVICE, w.index, need, self.config.high_watermark,
+                    self.config.low_watermark)
+                if reason != books.OK:
+                    continue
+                try:
+                    # Bounded: unloads queue behind loads on the worker, and
+                    # this lock must not be held by a stuck one.
+                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                        await asyncio.gather(*[self._evict(v, "pressure") for v in victims],
+                                             return_exceptions=True)
+                except TimeoutError:
+                    raise Overloaded(f"{key[0]}: worker {w.index} did not unload in time "
+                                     f"to make room") from None
+                if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
+                        not w.alive:
+                    continue  # lost what we made room for; try elsewhere
+                self._gen[key] = self._gen.get(key, 0) + 1
+                self.cache.insert(key, books.LOADING, w.index)
+                self.cache.set_bytes(key, books.DEVICE, need)
+                self.cache.touch(key, time.monotonic())
+                return w
+        return None
 
     def _no_room(self, key: Key, what: str) -> Overloaded:
         """OVERLOADED for a load that waited for room in vain."""
