@@ -597,10 +597,13 @@ class Engine:
                 e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
             self._load_failed(key, e, worker.index, t0)
             if isinstance(e, MMEngineError):
+                e.ran = _load_ran(key, worker.index)
                 raise e from None
             raise
         if self._gen.get(key) != gen:
-            raise WorkerDied(f"{key[0]}: the worker died during the load")
+            died = WorkerDied(f"{key[0]}: the worker died during the load")
+            died.ran = _load_ran(key, worker.index)
+            raise died
         source = body.get("from", "disk")
         if body.get("inputs"):  # what the backend read from the artifact
             self._derived_inputs[key] = tuple(TensorSpec(n, d, tuple(shape))
@@ -1280,6 +1283,13 @@ def _add_ran(fields: dict, ran: dict) -> dict:
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
     return fields
+
+
+def _load_ran(key: Key, worker: int) -> dict:
+    """The account of a request whose model's load failed on `worker`: it
+    never reached the worker's ring, but observers learn which version and
+    worker it waited for."""
+    return {"version": key[1], "worker": worker}
 
 
 def _request_fields(name: str, version: int | None, t_submit: int,

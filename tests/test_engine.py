@@ -352,6 +352,29 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
     assert not live_pids([victim])
 
 
+def test_a_request_whose_load_dies_is_observed_with_its_version_and_worker(tmp_path,
+                                                                          own_segments):
+    # It never reached the worker's ring, but its span says what it waited
+    # for: the version that was loading, and where.
+    write_handler(tmp_path, "slowload", slow_loading(5))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            seen = []
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            victim = engine.pool.workers[0].pid
+            waiting = engine.submit("slowload", {"x": np.ones(1)})
+            await asyncio.sleep(0.5)
+            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(WorkerDied, match="during the load"):
+                await waiting
+            return seen
+
+    seen = run(main(), max_stall=2.0)
+    assert [(f["code"], f["version"], f["worker"]) for f in seen] == [("WORKER_DIED", 1, 0)]
+    assert seen[0]["worker_ns"] == (None, None, None)
+
+
 def test_shutdown_leaves_no_process_and_no_segment(repo, own_segments):
     root, _ = repo
 
