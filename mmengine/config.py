@@ -275,7 +275,7 @@ def _validate(c: Config) -> None:
     need(c.load_bytes_in_flight >= 0, "load_bytes_in_flight", "must be >= 0")
     need(0 < c.high_watermark <= 1, "high_watermark", "must be in (0, 1]")
     need(0 < c.low_watermark <= c.high_watermark, "low_watermark",
-         "must be in (0, high_watermark]")
+         f"must be in (0, high_watermark], and high_watermark is {c.high_watermark!r}")
     need(0 < c.host_memory_watermark <= 1, "host_memory_watermark", "must be in (0, 1]")
     need(c.idle_unload_s >= 0, "idle_unload_s", "must be >= 0")
     need(c.repo_scan_s >= 0, "repo_scan_s", "must be >= 0")
@@ -287,7 +287,8 @@ def _validate(c: Config) -> None:
         need(getattr(c, key) > 0, key, "must be > 0")
     need(c.load_failure_backoff_s >= 0, "load_failure_backoff_s", "must be >= 0")
     need(c.load_failure_backoff_max_s >= c.load_failure_backoff_s,
-         "load_failure_backoff_max_s", "must be >= load_failure_backoff_s")
+         "load_failure_backoff_max_s", f"must be >= load_failure_backoff_s, which is "
+                                       f"{c.load_failure_backoff_s!r}")
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
@@ -356,7 +357,14 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     try:
         return Config(**values)  # taken and checked as it is made
     except ConfigError as e:
-        key = str(e).partition(":")[0]  # every message begins with its key
-        if key not in origin:
+        # Every message begins with its key; a check across keys names the
+        # others after it, and each may have come from somewhere else.
+        key, _, rest = str(e).partition(":")
+        named = [key] + [k for k in origin if k != key and re.search(rf"\b{k}\b", rest)]
+        said = [k for k in named if k in origin]
+        if not said:
             raise
-        raise ConfigError(f"{e} ({origin[key]})") from None
+        if said == [key]:
+            raise ConfigError(f"{e} ({origin[key]})") from None
+        where = "; ".join(f"{k} {origin[k]}" for k in said)
+        raise ConfigError(f"{e} ({where})") from None

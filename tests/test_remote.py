@@ -634,6 +634,15 @@ def test_a_bad_value_says_where_it_came_from(tmp_path):
         config_mod.load(toml, env={})
     with pytest.raises(config_mod.ConfigError, match=r"^workers: 0 must be at least 1$"):
         config_mod.load(toml, env={}, overrides={"workers": 0})  # a flag's: said as it is
+    # A check across keys says where each of them came from.
+    toml.write_text("high_watermark = 0.5\n")
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^low_watermark: 0\.6 .* high_watermark is 0\.5 \(low_watermark "
+                             r"from MMENGINE_LOW_WATERMARK; high_watermark in '.*c\.toml'\)$"):
+        config_mod.load(toml, env={"MMENGINE_LOW_WATERMARK": "0.6"})
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^low_watermark: 0\.7 .* \(high_watermark in '.*c\.toml'\)$"):
+        config_mod.load(toml, env={})  # the default's low_watermark: only the other was said
 
 
 def test_layers_an_empty_variable_and_the_callers_defaults():
