@@ -67,7 +67,8 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     overrides = {"repo": args.repo, "host": args.host, "tcp_port": args.tcp_port,
                  "http_port": args.http_port,
                  "workers": args.workers, "device_budget": args.device_budget,
-                 "idle_unload_s": args.idle_unload, "trace_file": args.trace}
+                 "idle_unload_s": args.idle_unload, "trace_file": args.trace,
+                 "pin_models": ",".join(args.pin) if args.pin else None}
     defaults = {}
     if args.demo:
         if args.repo is not None:
@@ -83,12 +84,19 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
+async def _say_when_warm(engine, t_start: float) -> None:
+    await engine.warmed()
+    print(f"mmengine: pinned models resident {time.monotonic() - t_start:.1f} s after "
+          f"start; ready", flush=True)
+
+
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     from mmengine.engine import Engine
     from mmengine.server import http_routes, metrics
     from mmengine.server.http import HttpServer
     from mmengine.server.tcp import TcpServer
 
+    t_start = time.monotonic()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,7 +122,14 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
             print(_demo_usage(engine.repo, config.host, port), flush=True)
         if tracer is not None:
             print(f"mmengine: writing a trace to {tracer.path}", flush=True)
+        warming = engine.health()["warming"]
+        if warming:
+            print(f"mmengine: loading {len(warming)} pinned model{'s' * (len(warming) > 1)}; "
+                  f"ready once they are resident", flush=True)
+            said = asyncio.ensure_future(_say_when_warm(engine, t_start))
         await stop.wait()
+        if warming:
+            said.cancel()
         print("mmengine: shutting down", flush=True)
         engine.refuse_new()  # requests on open connections now get OVERLOADED
         # One deadline for the servers' drain and the engine's: what is
@@ -223,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--trace", metavar="FILE",
                        help="write Chrome trace events of requests, loads and evictions "
                             "to FILE (open it in ui.perfetto.dev)")
+    serve.add_argument("--pin", action="append", metavar="NAME[:VERSION]",
+                       help="a hot model: loaded at start, never evicted (repeat for more; "
+                            "pin_models)")
     serve.add_argument("--config", help="TOML file of configuration keys")
 
     stats = sub.add_parser("stats", help="a running server's per-model table")
@@ -258,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         try:
             uvloop.run(_serve(config, args.demo, tracer))
+        except cfg.ConfigError as e:  # one the repository decides: a pinned model it lacks
+            print(f"mmengine: configuration error: {e}", file=sys.stderr)
+            return 2
         except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
             print(f"mmengine: cannot serve: {e}", file=sys.stderr)
             return 1

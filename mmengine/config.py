@@ -172,6 +172,11 @@ class Config:
     # empty: they are open to every client. The servers keep only its sha256
     # (mmengine/auth.py); repr=False keeps it out of logged configurations.
     control_token: str = dataclasses.field(default="", repr=False)
+    # Hot models: "name" or "name:version", separated by commas. Loaded at
+    # start and pinned (never evicted, loaded again when their worker
+    # dies); the server is ready only once each has been resident. A name
+    # without a version pins the version that is the default at start.
+    pin_models: str = ""
     trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
     # Each answer of a worker says how its serving thread spent the request:
     # its CPU time, its waits for a core, when it woke (profiling, and
@@ -207,7 +212,7 @@ _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M"
           "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TI": 1 << 40, "TIB": 1 << 40}
 # Keys that hold several values in one string, and their separator: a TOML
 # list is taken too.
-_LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ","}
+_LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ",", "pin_models": ","}
 # How a boolean is written in a variable or a file (empty: a variable unset).
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
           "0": False, "false": False, "no": False, "off": False, "": False}
@@ -309,6 +314,26 @@ def _validate(c: Config) -> None:
         fetch.parse_allowed_hosts(c.allowed_hosts)
     except ValueError as e:
         raise ConfigError(f"allowed_hosts: {e}") from None
+    parse_pins(c.pin_models)
+
+
+def parse_pins(text: str) -> tuple[tuple[str, int | None], ...]:
+    """pin_models as (name, version or None) pairs, in their order."""
+    pins: list[tuple[str, int | None]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, colon, version = item.rpartition(":")
+        if not colon or not version.isdigit():  # a colon in a name, and no version
+            name, version = item, None
+        elif not (version.isascii() and 0 < int(version) < 1 << 63):
+            raise ConfigError(f"pin_models: {item!r}: a version is a positive integer")
+        pin = (name, None if version is None else int(version))
+        if pin in pins:
+            raise ConfigError(f"pin_models: {item!r} is named twice")
+        pins.append(pin)
+    return tuple(pins)
 
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

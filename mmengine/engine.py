@@ -35,7 +35,7 @@ import numpy as np
 from mmengine import auth
 from mmengine import cache as books
 from mmengine import fetch, hosttier, resources
-from mmengine.config import Config, check_repo
+from mmengine.config import Config, ConfigError, check_repo, parse_pins
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, PinnedFull,
                              Timeout, TooLarge, WorkerDied)
@@ -105,6 +105,11 @@ class Engine:
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
         self._pinned: dict[Key, int] = {}
+        # Models pinned by configuration (pin_models) that have not been
+        # resident since start: the engine is not ready while any is left.
+        self._warming: set[Key] = set()
+        self._warmed = asyncio.Event()
+        self._rewarming: set[Key] = set()  # pinned models _keep_pinned_warm is loading
         self._control_order: dict[str, list] = {}  # name -> [Lock, holders and waiters]
         # Pins or bytes dropped: a version to compare, and an Event for waiters.
         self._room_version = 0
@@ -144,6 +149,7 @@ class Engine:
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
         try:
+            pins = await self._configured_pins()
             self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         except BaseException:
             self._started = False
@@ -166,7 +172,42 @@ class Engine:
         self._spawn(self._monitor())
         if self.config.repo_scan_s:
             self._spawn(self._watch_repository())
+        for key in pins:
+            self._pinned.setdefault(key, 0)  # taken by the entry of its first load
+        self._warming.update(pins)
+        if not self._warming:
+            self._warmed.set()
+        self._keep_pinned_warm()
         return self
+
+    async def _configured_pins(self) -> list[Key]:
+        """The models pin_models names, as (name, version) keys; a name the
+        repository cannot serve is the configuration's error."""
+        keys = []
+        for name, version in parse_pins(self.config.pin_models):
+            try:
+                spec = await self._spec(name, version, record=False)
+            except MMEngineError as e:
+                raise ConfigError(f"pin_models: {e}") from None
+            keys.append((spec.name, spec.version))
+        return keys
+
+    def health(self) -> dict:
+        """`status`: "serving"; "warming" while a model pinned by
+        configuration has not yet been resident (the protocols' readiness
+        waits for it: `warming` lists them); "down" while no worker is up."""
+        alive = sum(w.alive for w in self.pool.workers) if self.pool is not None else 0
+        status = "down" if not alive else "warming" if self._warming else "serving"
+        return {"status": status, "workers_alive": alive,
+                "warming": sorted([name, version] for name, version in self._warming)}
+
+    async def warmed(self) -> None:
+        """Returns once every model pinned by configuration has been
+        resident (at once if none is configured); RuntimeError if the engine
+        stops first."""
+        await self._warmed.wait()
+        if self._warming:
+            raise RuntimeError("the engine stopped before its pinned models were resident")
 
     def refuse_new(self) -> None:
         """Stops taking requests: from now on each new one gets OVERLOADED
@@ -187,6 +228,7 @@ class Engine:
             return
         self._stopped = True
         self.refuse_new()
+        self._warmed.set()  # warmed() waits no more: it raises if they are not
         if deadline is None:
             deadline = time.monotonic() + self.config.shutdown_timeout_s
         while (self._queued or any(w.in_flight for w in self.pool.workers)) and \
@@ -628,6 +670,7 @@ class Engine:
         if key in self._pinned:  # a hot model is pinned again whenever it loads
             self.cache.pin(key)
             self._pinned[key] = gen
+            self._warm_now(key)
         if source == "disk" and body.get("publishable"):
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:
@@ -879,6 +922,7 @@ class Engine:
                 print(f"mmengine: monitor: {e!r}")
 
     async def _monitor_once(self) -> None:
+        self._keep_pinned_warm()
         for w in self.pool.workers:
             w.sample_busy()
         if self.config.idle_unload_s:
@@ -979,12 +1023,34 @@ class Engine:
                 print(f"mmengine: worker {index} did not come back ({e}); trying again",
                       flush=True)
         self._room_changed()
-        for key in list(self._pinned):  # hot models must not stay cold
-            if key not in self.cache:
-                try:  # _load takes the explicit pin again
-                    await self.load(*key, timeout=self.config.load_timeout_s)
-                except MMEngineError as e:
-                    self._stats.setdefault(key, ModelStats()).last_error = str(e)
+        self._keep_pinned_warm()
+
+    def _keep_pinned_warm(self) -> None:
+        """Loads every pinned model that is not resident (its worker died,
+        it has not loaded since start, or its load failed and its back-off
+        is over; the monitor looks again each interval): hot models must not
+        stay cold. Its load takes the pin again."""
+        now = time.monotonic()
+        for key in self._pinned:
+            if self._closing or key in self.cache or key in self._busy \
+                    or key in self._rewarming:
+                continue
+            stats = self._stats.get(key)
+            if stats is None or stats.retry_at <= now:
+                self._rewarming.add(key)
+                self._spawn(self._rewarm(key))
+
+    async def _rewarm(self, key: Key) -> None:
+        try:
+            await self.load(*key, timeout=self.config.load_timeout_s)
+        except MMEngineError as e:
+            stats = self._stats.setdefault(key, ModelStats())
+            if str(e) != stats.last_error:  # once, not every interval of a retry
+                print(f"mmengine: pinned model {key[0]} v{key[1]} is not resident: {e}; "
+                      f"trying again", flush=True)
+            stats.last_error = str(e)
+        finally:
+            self._rewarming.discard(key)
 
     # -- explicit control --------------------------------------------------------
 
@@ -1116,6 +1182,13 @@ class Engine:
         gen = self._pinned.pop(key, None)
         if gen is not None:
             self._unpin_request(key, gen)  # a no-op if that entry is gone
+        self._warm_now(key)  # its operator's choice: the engine waits for it no more
+
+    def _warm_now(self, key: Key) -> None:
+        if key in self._warming:
+            self._warming.discard(key)
+            if not self._warming:
+                self._warmed.set()
 
     # -- models added at run time ---------------------------------------------------
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import SLOW_HANDLER, Server, environ, live_pids, run
 from mmengine import demo, shm
 from mmengine.client import AsyncClient
-from mmengine.config import Config
+from mmengine.config import Config, ConfigError
 from mmengine.engine import Engine
 from mmengine.errors import LoadFailed, Overloaded, Timeout, WorkerDied
 
@@ -209,6 +209,113 @@ def test_a_load_stuck_past_its_deadline_gets_its_worker_restarted(repo, own_segm
             assert row("m01")["state"] == "resident" and row("hangs")["failures"] == 1
 
     run(main(), timeout=60)
+
+
+# -- hot models: pinned by configuration --------------------------------------
+
+def test_models_pinned_by_configuration_load_at_start_and_come_back(repo, own_segments):
+    async def main():
+        async with Engine(config(repo, pin_models="m00, slow:1")) as engine:
+            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            await asyncio.wait_for(engine.warmed(), 30)
+            assert engine.health() == {"status": "serving", "workers_alive": 1, "warming": []}
+            assert all(row(n)["state"] == "resident" and row(n)["pinned"]
+                       for n in ("m00", "slow"))
+            victim = engine.pool.workers[0].pid
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: engine.stats()["totals"]["worker_restarts"] == 1, 10,
+                        "the restart")
+            # Back without a request asking for them, and pinned again.
+            await until(lambda: all(row(n)["state"] == "resident" for n in ("m00", "slow")),
+                        20, "the pinned models' reloads")
+            assert row("m00")["pinned"] and row("slow")["pinned"]
+            assert row("m00")["loads"] == 2
+
+    run(main(), timeout=60)
+
+
+def test_a_pinned_model_that_fails_to_load_keeps_the_engine_warming_and_is_tried_again(
+        repo, own_segments):
+    moody(repo, "hot-flaky", "raise")
+
+    async def main():
+        async with Engine(config(repo, pin_models="hot-flaky",
+                                 load_failure_backoff_s=0.3)) as engine:
+            row = lambda: engine._model_row(("hot-flaky", 1))  # noqa: E731
+            await until(lambda: row()["failures"] >= 1, 10, "the first load's failure")
+            assert engine.health() == {"status": "warming", "workers_alive": 1,
+                                       "warming": [["hot-flaky", 1]]}
+            assert "garbage" in row()["last_error"]
+            set_mode(repo, "hot-flaky", "ok")  # mended: the next try, after the back-off, loads
+            await asyncio.wait_for(engine.warmed(), 20)
+            assert row()["state"] == "resident" and row()["pinned"]
+            assert engine.health()["status"] == "serving"
+
+    run(main(), timeout=60)
+
+
+def test_waiting_for_pinned_models_ends_when_the_engine_stops(repo, own_segments):
+    moody(repo, "hot-never", "raise")
+
+    async def main():
+        engine = await Engine(config(repo, pin_models="hot-never")).start()
+        waiting = asyncio.ensure_future(engine.warmed())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await engine.stop()
+        with pytest.raises(RuntimeError, match="stopped before"):
+            await asyncio.wait_for(waiting, 5)
+
+    run(main())
+
+
+def test_a_pinned_model_the_repository_lacks_is_a_configuration_error(repo, own_segments):
+    async def main():
+        engine = Engine(config(repo, pin_models="m00,nope:3"))
+        with pytest.raises(ConfigError, match=r"^pin_models: .*'nope'"):
+            await engine.start()
+        assert engine.pool is None  # no worker was started
+
+    run(main())
+
+
+def test_readiness_waits_for_the_pinned_models(repo):
+    # KServe's ready, SageMaker's ping and the TCP health op say "warming"
+    # while a pinned model loads (3 s), then serving; liveness says alive.
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "0", "--pin", "loads-3s")
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+        tcp = (m.group(1), int(m.group(2)))
+        m = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 10)
+        http = (m.group(1), int(m.group(2)))
+
+        def get(path: str) -> tuple[int, bytes]:
+            with socket.create_connection(http, timeout=10) as s:
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                          % path.encode())
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            return int(head.split()[1]), body
+
+        async def health() -> dict:
+            async with AsyncClient(tcp, timeout=10) as client:
+                return await client.health()
+
+        assert get("/v2/health/live")[0] == 200
+        assert get("/v2/health/ready")[0] == 400
+        status, body = get("/ping")
+        assert status == 503 and json.loads(body) == {"status": "warming",
+                                                      "warming": [["loads-3s", 1]]}
+        assert run(health())["status"] == "warming"
+        server.wait_for(r"pinned models resident .* ready", 30)
+        assert get("/v2/health/ready")[0] == 200
+        assert get("/ping")[0] == 200
+        assert run(health())["status"] == "serving"
+    finally:
+        assert server.stop() == 0
 
 
 # -- workers killed under traffic -----------------------------------------------

@@ -645,6 +645,17 @@ def test_a_bad_value_says_where_it_came_from(tmp_path):
         config_mod.load(toml, env={})  # the default's low_watermark: only the other was said
 
 
+def test_pinned_models_are_names_with_an_optional_version(tmp_path):
+    assert config_mod.parse_pins(" a, b:2 ,,x:y ") == (("a", None), ("b", 2), ("x:y", None))
+    toml = tmp_path / "c.toml"
+    toml.write_text('pin_models = ["a", "b:3"]\n')  # a TOML list is taken too
+    assert config_mod.load(toml, env={}).pin_models == "a,b:3"
+    for bad, why in (("a:0", "positive integer"), ("a, a", "named twice"),
+                     ("a:99999999999999999999", "positive integer")):
+        with pytest.raises(config_mod.ConfigError, match=f"^pin_models: .*{why}"):
+            config_mod.Config(pin_models=bad)
+
+
 def test_layers_an_empty_variable_and_the_callers_defaults():
     default = config_mod.Config()
     # An empty variable is unset, whatever its key's kind.

@@ -67,9 +67,8 @@ async def live(server, request: Request) -> Response:
 
 
 async def ready(server, request: Request) -> Response:
-    pool = server.engine.pool
-    alive = pool is not None and any(w.alive for w in pool.workers)
-    return Response(200 if alive else 400, b"")
+    # Not while a worker is up but a model pinned by configuration is cold.
+    return Response(200 if server.engine.health()["status"] == "serving" else 400, b"")
 
 
 async def server_metadata(server, request: Request) -> Response:

@@ -1,6 +1,6 @@
 """The SageMaker multi-model container contract (docs/sagemaker.md).
 
-    GET    /ping                       200 while a worker is alive
+    GET    /ping                       200 while a worker is alive, once pinned models are warm
     POST   /models                     {"model_name", "url"}: add and load
     GET    /models                     ?max_results=&next_page_token=
     GET    /models/{name}              {"modelName", "modelUrl"}
@@ -113,9 +113,11 @@ def _insufficient_storage(e: MMEngineError) -> Response:
 # -- routes -------------------------------------------------------------------------
 
 async def ping(server, request: Request) -> Response:
-    pool = server.engine.pool
-    if pool is None or not any(w.alive for w in pool.workers):
+    health = server.engine.health()
+    if health["status"] == "down":
         return json_response({"status": "unhealthy"}, 503)
+    if health["status"] == "warming":  # a model pinned by configuration is not resident yet
+        return json_response({"status": "warming", "warming": health["warming"]}, 503)
     return json_response({"status": "healthy"})
 
 

@@ -273,9 +273,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             raise BadRequest("a request needs an id, and not nil")
         op = message.get("op")
         if op == "health":  # answered inline: no task, no engine round trip
-            alive = sum(w.alive for w in self.engine.pool.workers) if self.engine.pool else 0
-            self._send({"id": rid, "ok": True, "status": "serving" if alive else "down",
-                        "workers_alive": alive, "max_frame": self.server.max_frame})
+            self._send({"id": rid, "ok": True, **self.engine.health(),
+                        "max_frame": self.server.max_frame})
             return
         if op == "infer":  # the hot path: a future and a callback, no task
             try:
