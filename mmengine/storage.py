@@ -77,6 +77,8 @@ BACKENDS = frozenset(backend for backend, _ in DETECTION_ORDER)
 #: Backends that import Python files shipped with the model.
 CODE_BACKENDS = frozenset({"handler", "safetensors"})
 
+#: Files Python may run: a model's code must come with digests for them all.
+_CODE_SUFFIXES = (".py", ".pyc", ".so", ".pyd")
 _MANIFEST_KEYS = frozenset({"backend", "bytes", "device", "trusted", "warmup", "inputs",
                             "outputs", "options", "token_sha256", "source", "files",
                             "compress"})
@@ -131,7 +133,7 @@ def check_name(name: object) -> str:
     if (
         not isinstance(name, str)
         or not name
-        or len(name) > 255
+        or len(name.encode("utf-8", "surrogatepass")) > 255  # a file name's bytes
         or name.startswith(".")        # hidden files, "." and ".."
         or "/" in name
         or "\\" in name
@@ -184,7 +186,7 @@ class Repository:
         self._names = None
         try:
             self.resolve(name)  # refuse a directory that holds no servable model
-        except LoadFailed:
+        except BaseException:  # whatever it was, the name is not taken
             self.remove(name)
             raise
 
@@ -374,7 +376,8 @@ def _check_remote(fields: dict[str, Any], backend: str, artifact: str, config: C
     for file, digest in fields["files"]:
         # The stub vouches for what runs here only through a digest: without
         # one the source could serve anything.
-        runs_code = (backend in CODE_BACKENDS and file.endswith(".py")
+        runs_code = (backend in CODE_BACKENDS and (file.endswith(_CODE_SUFFIXES)
+                                                   or "__pycache__" in file.split("/"))
                      or file == artifact and fields.get("trusted"))
         if runs_code and not digest:
             raise LoadFailed(f"{where}: {MANIFEST}: {file!r} runs code on load, so [files] "
@@ -420,7 +423,7 @@ def _read_manifest(path: Path, where: str, manifests: Manifests | None) -> dict[
         with open(path, "rb") as f:
             data = f.read()
         return manifests.parse(data) if manifests else tomllib.loads(data.decode())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadFailed(f"{where}: {MANIFEST} cannot be read: {e}") from e
 
 
@@ -563,7 +566,7 @@ def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
         name, dtype, shape = table["name"], table["dtype"], table["shape"]
         if not isinstance(name, str) or not name:
             raise LoadFailed(f"{where}: {MANIFEST}: '{at}.name' must be a non-empty string")
-        if dtype not in DTYPES:
+        if type(dtype) is not str or dtype not in DTYPES:
             raise LoadFailed(f"{where}: {MANIFEST}: '{at}.dtype' must be one of "
                              f"{sorted(DTYPES)}, not {dtype!r}")
         if not isinstance(shape, list) or not all(

@@ -42,7 +42,10 @@ def parse_header(f: BinaryIO, size: int) -> tuple[dict[str, dict[str, Any]], int
     (length,) = struct.unpack("<Q", prefix)
     if length > min(size - 8, MAX_HEADER_BYTES):
         raise ValueError(f"header length {length} exceeds the file")
-    header = json.loads(f.read(length))
+    try:
+        header = json.loads(f.read(length))
+    except RecursionError:  # not a ValueError: said as one, as any bad header is
+        raise ValueError("header nests too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     header.pop("__metadata__", None)
@@ -53,7 +56,8 @@ def parse_header(f: BinaryIO, size: int) -> tuple[dict[str, dict[str, Any]], int
 
 
 def _check_entry(name: str, entry: Any, data_bytes: int) -> None:
-    if not isinstance(entry, dict) or entry.get("dtype") not in ITEMSIZE:
+    if not isinstance(entry, dict) or type(entry.get("dtype")) is not str \
+            or entry["dtype"] not in ITEMSIZE:
         raise ValueError(f"tensor {name!r} has no supported dtype")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):

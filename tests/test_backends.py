@@ -300,6 +300,26 @@ def test_pickle_as_torchscript_is_never_unpickled(tmp_path, trusted):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_handler_runs_its_source_never_a_cached_pyc_beside_it(tmp_path):
+    # An unchecked-hash .pyc is never compared with its source: a remote
+    # source whose handler.py has a digest could send other code in one.
+    import py_compile
+
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    handler = path / "handler.py"
+    handler.write_text("def load(path, device):\n    return None\n\n"
+                       "def predict(inputs):\n    return {'y': inputs['x'] + 1}\n")
+    other = tmp_path / "other.py"
+    other.write_text("def load(path, device):\n    return None\n\n"
+                     "def predict(inputs):\n    return {'y': inputs['x'] * 0 + 666}\n")
+    py_compile.compile(str(other), cfile=importlib.util.cache_from_source(str(handler)),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    model = load(tmp_path, "m")
+    out = model.predict({"x": np.ones(2, np.float32)})
+    np.testing.assert_array_equal(out["y"], [2, 2])
+
+
 def rewrite_pt2(path: Path, change) -> None:
     """Rewrite the members of a pt2 archive: change(name, data) -> data or None (drop)."""
     with zipfile.ZipFile(path) as archive:
@@ -343,6 +363,49 @@ def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
     with pytest.raises(LoadFailed, match=message):
         load(tmp_path, "m")
     assert not marker.exists()
+
+
+def test_an_untrusted_export_program_with_a_member_twice_is_refused(tmp_path):
+    # Python's zipfile reads the last of two members of one name, torch's
+    # reader the first: a pickling config first and a plain one last ran
+    # the pickle behind an audit that read the plain one.
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    config = next(info for info, _ in members if info.filename.endswith("_weights_config.json"))
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            if info is config:
+                root = info.filename.split("/")[0]
+                evil = json.loads(data)
+                entry = next(iter(evil["config"].values()))
+                entry.update(use_pickle=True, path_name="weight_99")
+                archive.writestr(f"{root}/data/weights/weight_99", pickled(Evil(marker)))
+                archive.writestr(info, json.dumps(evil).encode())  # torch's reader takes this
+                with pytest.warns(UserWarning, match="Duplicate name"):
+                    archive.writestr(info, data)  # zipfile's takes this
+            else:
+                archive.writestr(info, data)
+    with pytest.raises(LoadFailed, match="twice"):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
+def test_an_untrusted_export_program_whose_payload_is_no_tensor_file_is_refused(tmp_path):
+    # torch unpickles a constant whose file is named opaque_obj*, whatever
+    # use_pickle says.
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+
+    def opaque(name, data):
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["path_name"] = "opaque_obj_0"
+            return json.dumps(config).encode()
+        return data
+    rewrite_pt2(path, opaque)
+    with pytest.raises(LoadFailed, match="pickled payloads"):
+        load(tmp_path, "m")
 
 
 def test_trusted_export_program_is_loaded_as_it_is(tmp_path):

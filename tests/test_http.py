@@ -248,6 +248,11 @@ def test_binary_request_and_response_on_the_wire(address):
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", '
      b'"parameters": {"binary_data_size": 2}}]}\x01\x02', {"hlen": True}, "0 or 1"),
     (b'{"inputs": []}\x00\x01', {}, "needs the Inference-Header-Content-Length"),
+    # Shapes numpy cannot make (a security review found them answered 500).
+    ({"inputs": [{"name": "x", "shape": [0, 2 ** 63 - 1], "datatype": "FP32", "data": []}]},
+     {}, "cannot be made"),
+    ({"inputs": [{"name": "x", "shape": [1] * 65, "datatype": "FP32", "data": [1.0]}]},
+     {}, "cannot be made"),
 ])
 def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     if headers.pop("hlen", False):

@@ -517,6 +517,10 @@ def test_the_cached_manifest_knows_every_spec_field():
      "stream"),
     ('source = "http://h/m/"', '"model.safetensors" = ""\n"model.py" = ""', "'model.py'"),
     ('source = "http://h/m/"\ntrusted = true', '"model.pt" = ""', "'model.pt'"),
+    ('source = "http://h/m/"', '"handler.py" = "' + "a" * 64 + '"\n'
+     '"__pycache__/handler.cpython-311.pyc" = ""', "__pycache__"),
+    ('source = "http://h/m/"', '"model.safetensors" = ""\n"model.py" = "' + "a" * 64 + '"\n'
+     '"ext.so" = ""', "'ext.so'"),
     ('compress = "zstd"', '"model.pt" = ""', "need 'source'"),
 ])
 def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):

@@ -40,6 +40,11 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["outside"] = demo.write_mlp(outside / "evil", "safetensors", *DIMS)
     paths["escape_link"] = root / "escape"
     paths["escape_link"].symlink_to(paths["outside"], target_is_directory=True)
+    # A directory inside whose files are links to a model outside.
+    paths["file_links"] = root / "links"
+    paths["file_links"].mkdir()
+    for f in paths["outside"].iterdir():
+        (paths["file_links"] / f.name).symlink_to(f)
     paths["inside_link"] = root / "alias"
     paths["inside_link"].symlink_to(paths["m3"], target_is_directory=True)
     paths["empty"] = root / "empty"
@@ -169,6 +174,7 @@ def test_no_room_even_after_eviction_is_507_and_leaves_nothing(address, disk):
     ("dotdot", 403, "outside the allowed model roots"),
     ("escape_link", 403, "outside the allowed model roots"),
     ("escape_link_file_url", 403, "outside the allowed model roots"),
+    ("file_links", 403, "outside the allowed model roots"),
     ("http", 400, "only local paths and file:// URLs"),
     ("s3", 400, "only local paths and file:// URLs"),
     ("file_host", 400, "must name a local path"),
@@ -183,6 +189,7 @@ def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, wo
         "dotdot": f"{disk['root']}/m0/../../{disk['outside_dir'].name}/evil/1",
         "escape_link": str(disk["escape_link"]),
         "escape_link_file_url": "file://" + str(disk["escape_link"]),
+        "file_links": str(disk["file_links"]),
         "http": "http://127.0.0.1:1/model.tar.gz",
         "s3": "s3://bucket/models/m0",
         "file_host": "file://elsewhere" + str(disk["m0"]),

@@ -129,6 +129,8 @@ X = '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 4]\n'
     ("warmup = {x = [0, 5]}\n" + X, "warmup.x"),
     ("warmup = {y = [1, 4]}\n" + X, "warmup"),
     ("backend = ", "model.toml"),
+    ('[[inputs]]\nname = "x"\ndtype = ["float32"]\nshape = [1]\n', "inputs[0].dtype"),
+    ("a = " + "[" * 5000 + "]" * 5000, "cannot be read"),  # tomllib's RecursionError
 ])
 def test_bad_manifest_names_the_key(tmp_path, manifest, bad):
     make_version(tmp_path, "m", 1, {"model.pt": "", "model.toml": manifest})
@@ -138,7 +140,7 @@ def test_bad_manifest_names_the_key(tmp_path, manifest, bad):
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "../etc", ".hidden", "", "a\\b",
-                                  "nul\x00", "x" * 256, None, 3])
+                                  "nul\x00", "x" * 256, "\u00e9" * 128, None, 3])
 def test_invalid_names_are_model_not_found(tmp_path, name):
     (tmp_path / ".hidden" / "1").mkdir(parents=True)
     with pytest.raises(ModelNotFound):
@@ -215,9 +217,19 @@ def test_estimated_bytes(tmp_path):
     assert (path / "model.safetensors").stat().st_size > params
 
 
-def test_corrupt_safetensors_header_fails_at_resolve(tmp_path):
+def safetensors_with(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.parametrize("data", [
+    b"\xff" * 64,
+    safetensors_with(b"[" * 100000),  # json's RecursionError
+    safetensors_with(b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}')
+    + bytes(4),
+])
+def test_corrupt_safetensors_header_fails_at_resolve(tmp_path, data):
     make_version(tmp_path, "m", 1, {"model.py": ""})
-    (tmp_path / "m" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "m" / "1" / "model.safetensors").write_bytes(data)
     with pytest.raises(LoadFailed, match="not a valid safetensors file"):
         Repository(tmp_path).resolve("m")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import collections
 import functools
+import importlib.machinery
 import importlib.util
 import itertools
 import sys
@@ -358,7 +359,8 @@ def import_file(path: Path, spec: ModelSpec) -> types.ModuleType:
     """
     # Model names may hold dots, which module names read as packages.
     name = f"_mmengine_model_{next(_module_ids)}_{path.stem}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
+    module_spec = importlib.util.spec_from_file_location(name, path,
+                                                         loader=_SourceOnly(name, str(path)))
     if module_spec is None or module_spec.loader is None:
         raise LoadFailed(f"{spec.name} v{spec.version}: cannot import {path.name}")
     module = importlib.util.module_from_spec(module_spec)
@@ -373,6 +375,15 @@ def import_file(path: Path, spec: ModelSpec) -> types.ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+class _SourceOnly(importlib.machinery.SourceFileLoader):
+    """Compiles the file itself, never a cached .pyc beside it: the file's
+    digest is what a remote model's manifest vouches for, and an
+    unchecked-hash .pyc in __pycache__ would run whatever it holds."""
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        return self.source_to_code(self.get_data(self.path), self.path)
 
 
 def forget_module(module: types.ModuleType | None) -> None:

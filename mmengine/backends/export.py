@@ -39,6 +39,7 @@ _PLAIN_MEMBER = re.compile(r"""[^/]+/(?:
 )""", re.X)
 _PAYLOAD_CONFIG = re.compile(r"[^/]+/data/(?:weights|constants)/[^/]+_config\.json")
 _SAMPLE_INPUTS = re.compile(r"[^/]+/data/sample_inputs/[^/]+\.pt")
+_PLAIN_PAYLOAD = re.compile(r"weight_\d+|tensor_\d+")  # a payload config's path_name
 
 
 class ExportModel(TorchModel):
@@ -97,16 +98,31 @@ def _audit(data: bytes, where: str) -> None:
     except zipfile.BadZipFile as e:
         raise LoadFailed(f"{where}: model.pt2 is not a pt2 archive: {e}") from e
     with archive:
-        for member in archive.namelist():
+        # Each member is read as itself (by its entry, not its name): two
+        # entries of one name are refused, since zipfile would read the
+        # last and torch's reader the first, and only one would be audited.
+        seen = set()
+        for info in archive.infolist():
+            member = info.filename
+            if member.casefold() in seen:
+                raise refuse(f"holds {member!r} twice")
+            seen.add(member.casefold())
             if not _PLAIN_MEMBER.fullmatch(member):
                 raise refuse(f"holds {member!r}, which may be pickled")
             if _PAYLOAD_CONFIG.fullmatch(member):
-                config = json.loads(archive.read(member)).get("config", {})
-                if any(entry.get("use_pickle") for entry in config.values()):
+                try:
+                    config = json.loads(archive.read(info))["config"]
+                    entries = [(e.get("use_pickle"), e.get("path_name")) for e in config.values()]
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                    raise refuse(f"has a payload config that is not one ({member})") from None
+                # torch unpickles what use_pickle marks, and any payload
+                # whose file name is not a plain tensor's.
+                if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
+                       for pickled, name in entries):
                     raise refuse(f"stores pickled payloads ({member})")
             elif _SAMPLE_INPUTS.fullmatch(member):
                 try:
-                    torch.load(io.BytesIO(archive.read(member)), weights_only=True)
+                    torch.load(io.BytesIO(archive.read(info)), weights_only=True)
                 except Exception as e:
                     raise refuse(f"has sample inputs that are not plain tensors "
                                  f"({type(e).__name__})") from e

@@ -246,7 +246,7 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
                                  f"{count} x {dtype.itemsize} bytes of shape {shape}")
             if offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: the body ends before its binary data")
-            arr = np.frombuffer(binary, dtype, count, offset).reshape(shape)
+            arr = _shaped(name, np.frombuffer(binary, dtype, count, offset), shape)
             if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
                 raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
             arrays[name] = arr
@@ -281,7 +281,14 @@ def _from_json(name: str, data, dtype: np.dtype, shape: list, count: int) -> np.
     arr = array_from_json(f"input {name!r}", data, dtype)  # flat or nested, as the protocol allows
     if arr.size != count:
         raise BadRequest(f"input {name!r}: {arr.size} elements of data for shape {shape}")
-    return arr.reshape(shape)
+    return _shaped(name, arr, shape)
+
+
+def _shaped(name: str, arr: np.ndarray, shape: list) -> np.ndarray:
+    try:  # numpy's limits: 64 dimensions, and no more than its index can count
+        return arr.reshape(shape)
+    except ValueError as e:
+        raise BadRequest(f"input {name!r}: shape {shape} cannot be made: {e}") from None
 
 
 def _timeout(params: dict) -> float | None:

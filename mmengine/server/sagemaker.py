@@ -263,6 +263,14 @@ def resolve_url(url: str, model_roots: str) -> str:
     # Only now, inside the roots, may the answer say what is on the disk.
     if not os.path.isdir(real):
         raise BadRequest(f"{url!r} is not a directory")
+    # A symlink inside may point anywhere: each must stay under the roots
+    # too, or the model would read (and run) files from outside them.
+    for top, dirs, files in os.walk(real):
+        for entry in (*dirs, *files):
+            link = os.path.join(top, entry)
+            if os.path.islink(link):
+                under_roots(link, model_roots, f"{url}: {os.path.relpath(link, real)}",
+                            _Forbidden)
     return real
 
 
