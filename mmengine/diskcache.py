@@ -197,6 +197,7 @@ class DiskCache:
     # -- fetching --------------------------------------------------------------------
 
     def _fetch(self, spec: ModelSpec, key: Key, fp: str, where: str) -> Path:
+        sized_by_source = not spec.estimated_bytes
         need = spec.estimated_bytes or self._source_bytes(spec, where)
         try:
             with self._lock:
@@ -210,7 +211,11 @@ class DiskCache:
         try:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
             try:
-                self._download(spec, tmp, room, where)
+                # A source that said its files' sizes is held to them: it
+                # could say little and send more, past the cache's budget.
+                # A stub's bytes are the model's in memory, not its files':
+                # those downloads may take the room there was.
+                self._download(spec, tmp, need if sized_by_source else room, where)
                 made_for = dataclasses.replace(spec, estimated_bytes=need)
                 _write_synced(tmp / MANIFEST, manifest(made_for).encode())
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed

@@ -191,7 +191,7 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
         with stream:
             if size is not None and size > limit:
                 raise LoadFailed(f"{url}: {size} bytes exceed the {limit} the disk cache "
-                                 f"has room for")
+                                 f"holds for it")
             if compress and size is None:
                 raise LoadFailed(f"{url}: the server does not say its size (no "
                                  f"Content-Length), which a zstd-cached file needs")
@@ -229,8 +229,8 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
             break
         got += n
         if got > limit:
-            raise LoadFailed(f"{url}: more than the {limit} bytes the disk cache has "
-                             f"room for")
+            raise LoadFailed(f"{url}: more than the {limit} bytes the disk cache holds "
+                             f"for it")
         sha.update(buf[:n])
         sink.write(buf[:n])
     if size is not None and got != size:

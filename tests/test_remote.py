@@ -38,6 +38,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._count()
+        if self.path in self.server.head_sizes:  # a source that says less than it sends
+            self.send_response(200)
+            self.send_header("Content-Length", str(self.server.head_sizes[self.path]))
+            self.end_headers()
+            return
         super().do_HEAD()
 
     def do_GET(self) -> None:
@@ -65,6 +70,7 @@ def server(tmp_path):
     httpd.lock = threading.Lock()
     httpd.requests = collections.Counter()
     httpd.cut = set()
+    httpd.head_sizes = {}
     httpd.delay = 0.0
     httpd.served = served
     httpd.host = f"127.0.0.1:{httpd.server_address[1]}"
@@ -374,6 +380,21 @@ def test_lru_eviction_under_the_byte_budget(tmp_path, server):
     assert freed > 0 and not paths["a"].exists()
     assert disk.evict("a", 1) == 0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".partial", "c"]
+    assert files_under(tmp_path / "cache" / ".partial") == []
+
+
+def test_a_source_is_held_to_the_sizes_it_said(tmp_path, server):
+    # Its HEAD says 10 bytes a file, its GET sends them all: two such loads
+    # at once filled the cache past its budget. Held to what it said, the
+    # download fails and leaves nothing.
+    config, specs = _three_models(tmp_path, server)
+    assert specs["a"].estimated_bytes == 0  # sized by the source
+    for file, _ in specs["a"].files:
+        server.head_sizes[f"/a/1/{file}"] = 10
+    disk = DiskCache(config)
+    with pytest.raises(LoadFailed, match="holds for it"):
+        disk.ensure(specs["a"])
+    assert disk.stats()["bytes"] == 0 and disk.stats()["models"] == 0
     assert files_under(tmp_path / "cache" / ".partial") == []
 
 
