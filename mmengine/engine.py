@@ -614,14 +614,25 @@ class Engine:
         segment = self.host.segment(key)
         self.host.set_resident(key, True, time.monotonic())  # not dropped under the load
         try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+            # The load's own deadline counts from its turn on the worker's
+            # loader and its bytes' place in the gate: one queued behind
+            # another model's slow load is not that load's failure.
+            if not await self._loader_turn(worker):
+                self.host.set_resident(key, False)
+                self._forget(key, gen)
+                return  # its worker died first: its waiters look again, and load it elsewhere
+            try:
                 await self._load_gate.acquire(need)
-                try:
-                    body, _ = await worker.call(Op.LOAD, key[0], key[1], params={
+            except BaseException:
+                worker.loader_turn.release()
+                raise
+            try:
+                async with asyncio.timeout(self.config.load_timeout_s):
+                    body, _ = await self._call_loader(worker, Op.LOAD, key, {
                         "path": str(path), "estimate": spec.estimated_bytes,
                         "allow_code": self.repo.allow_code, "host": segment})
-                finally:
-                    self._load_gate.release(need)
+            finally:
+                self._load_gate.release(need)
         except BaseException as e:
             self.host.set_resident(key, False)
             if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
@@ -727,13 +738,37 @@ class Engine:
         if self._gen.get(key) == gen and key in self.cache:
             self.host.set_resident(key, True, time.monotonic())
         try:
-            body, _ = await worker.call(Op.PUBLISH, key[0], key[1],
-                                        params={"segment": segment})
+            if not await self._loader_turn(worker):
+                raise WorkerDied(f"worker {worker.index} died before the copy")
+            body, _ = await self._call_loader(worker, Op.PUBLISH, key, {"segment": segment})
         except Exception as e:  # noqa: BLE001 - the model is served either way
             self.host.abandon(key, segment)
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
             return
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
+
+    @staticmethod
+    async def _loader_turn(worker: Worker) -> bool:
+        """Waits for `worker`'s loader thread, which does one load or publish
+        at a time (no deadline: the call ahead has its own); False, with no
+        turn taken, if the worker died meanwhile."""
+        await worker.loader_turn.acquire()
+        if worker.alive:
+            return True
+        worker.loader_turn.release()
+        return False
+
+    @staticmethod
+    def _call_loader(worker: Worker, op: Op, key: Key, params: dict) -> asyncio.Future:
+        """Sends a load or publish in the turn `_loader_turn` took, and hands
+        the turn on once the worker is done with it (answered, or died), not
+        when its caller stops waiting: the next would queue behind it there."""
+        try:
+            return worker.call(op, key[0], key[1], params=params,
+                               on_done=worker.loader_turn.release)
+        except BaseException:
+            worker.loader_turn.release()
+            raise
 
     def _load_failed(self, key: Key, e: BaseException, worker: int | None = None,
                      t0: float | None = None) -> None:

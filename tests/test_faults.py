@@ -211,6 +211,31 @@ def test_a_load_stuck_past_its_deadline_gets_its_worker_restarted(repo, own_segm
     run(main(), timeout=60)
 
 
+def test_a_load_queued_behind_a_stuck_one_is_not_its_failure(repo, own_segments, monkeypatch):
+    # One worker, whose loader is held by a load that never ends: a good
+    # model's load sent behind it timed out with it, and the good model was
+    # counted failed and backed off. Its deadline now counts from its turn.
+    from mmengine import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STUCK_LOAD_GRACE_S", 0.5)
+    moody(repo, "hangs-long", "1000")
+
+    async def main():
+        async with Engine(config(repo, load_timeout_s=2.0)) as engine:
+            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            stuck = asyncio.ensure_future(engine.infer("hangs-long", {"x": X}))
+            await asyncio.sleep(0.5)
+            out = await engine.infer("m01", {"x": X}, timeout=30)
+            np.testing.assert_allclose(out["y"], reference("m01"), rtol=1e-5, atol=1e-5)
+            with pytest.raises(LoadFailed, match="load exceeded"):
+                await stuck
+            assert row("m01")["failures"] == 0 and row("m01")["state"] == "resident"
+            assert row("hangs-long")["failures"] == 1
+            assert engine.stats()["totals"]["worker_restarts"] == 1
+
+    run(main(), timeout=60)
+
+
 # -- hot models: pinned by configuration --------------------------------------
 
 def test_models_pinned_by_configuration_load_at_start_and_come_back(repo, own_segments):
