@@ -505,7 +505,33 @@ def test_idle_connection_is_closed(address):
 def test_partial_request_is_closed_when_idle(address):
     with socket.create_connection(address, timeout=10) as s:
         s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
-        assert recv_all(s) == b""
+        assert recv_all(s).startswith(b"HTTP/1.1 408 ")  # said, then closed
+
+
+@pytest.mark.parametrize("start", [b"GET /v2/health/live HTTP/1.1\r\nHo",
+                                   b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 100\r\n\r\n{"])
+def test_a_trickled_request_is_answered_408_and_closed(address, start):
+    # Each byte is activity, so the idle timer alone kept a request whose
+    # head or body came a byte at a time open for ever (a few such clients
+    # hold every connection): a request must arrive whole within the timeout.
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(start)
+        t0 = time.monotonic()
+        s.settimeout(IDLE_TIMEOUT_S / 4)
+        answer = b""
+        while time.monotonic() - t0 < IDLE_TIMEOUT_S * 5 and not answer:
+            try:
+                s.sendall(b"x")
+                answer = s.recv(65536)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        waited = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert b"not received whole" in answer
+    assert waited < IDLE_TIMEOUT_S * 3
 
 
 def test_path_is_percent_decoded_once(address):

@@ -54,7 +54,8 @@ IDLE_TIMEOUT_S = 60.0
 LINGER_S = 5.0  # see _HttpConnection._linger
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            413: "Payload Too Large", 431: "Request Header Fields Too Large",
+            408: "Request Timeout", 413: "Payload Too Large",
+            431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
             504: "Gateway Timeout", 507: "Insufficient Storage"}
 
@@ -322,6 +323,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self._reset()
 
     def _reset(self) -> None:
+        self.began = 0.0  # loop time the request being received began; 0: none
         self.url = b""
         self.in_head = False     # between on_message_begin and on_headers_complete
         self.head_raw = 0        # bytes fed while in a header block, from its second read on
@@ -418,11 +420,22 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.idle = None
         now = asyncio.get_running_loop().time()
         unsent = self._note_reading(now)
-        due = self.last_active + self.server.idle_timeout_s
-        if self.transport.is_closing():
-            self._watch_closed(now, unsent, self.server.idle_timeout_s)
+        timeout = self.server.idle_timeout_s
+        due = self.last_active + timeout
+        # A request must arrive whole within the timeout, however its bytes
+        # trickle (each one counts as activity): else a few clients sending
+        # a byte a minute hold every connection. Counted only while it is
+        # read: one waiting for the receive budget, or behind answers, is not
+        # the client's slow request (and each resume starts it anew).
+        unfinished = self.began and not (self.awaiting or self.pipeline_full
+                                         or self.write_blocked or self.dead)
+        if unfinished and now >= self.began + timeout:
+            self._fail(_RequestTimeout(f"the request was not received whole within "
+                                       f"{timeout:g} s"))
+        elif self.transport.is_closing():
+            self._watch_closed(now, unsent, timeout)
         elif now < due:
-            self._arm(due)
+            self._arm(min(due, self.began + timeout) if unfinished else due)
         elif self.answering is None:  # a request in progress re-arms it when answered
             self._close()
 
@@ -467,6 +480,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_message_begin(self) -> None:
         self.in_head = True
+        self.began = asyncio.get_running_loop().time()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -510,6 +524,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def _resume(self) -> None:
         if not (self.awaiting or self.pipeline_full or self.write_blocked or self.dead):
+            if self.began:  # its time counts from now: the wait was not the client's
+                self.began = asyncio.get_running_loop().time()
             self.transport.resume_reading()
 
     # -- asyncio's write flow control: answers above the high-water mark
@@ -655,6 +671,14 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     if isinstance(e, asyncio.CancelledError):
         return error_response(errors.cancelled())
     return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
+
+
+class _RequestTimeout(BadRequest):
+    """408: a request not received whole within the idle timeout."""
+
+    @property
+    def http_status(self) -> int:
+        return 408
 
 
 class _HeaderTooLarge(BadRequest):
