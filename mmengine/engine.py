@@ -341,6 +341,9 @@ class Engine:
                       fut: asyncio.Future) -> None:
         cancelled = fut.cancelled()
         e = None if cancelled else fut.exception()
+        if (name, version) not in self._specs and not (version is None
+                                                       and name in self.repo.names()):
+            name = ""  # no model: a stranger's names make no series, whatever its code
         fields = _request_fields(name, version, t_submit, e)
         if cancelled:  # by its caller: stop() fails what it cuts off, typed
             fields["code"] = "CANCELLED"
@@ -789,10 +792,16 @@ class Engine:
         stats.failures += 1
         stats.last_error = str(e)
         stats.failed_in_a_row += 1
+        where = "" if worker is None else f" on worker {worker}"
         if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
+            print(f"mmengine: {key[0]} v{key[1]} failed to load{where}: {e}", flush=True)
             return
-        delay = self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30)
-        stats.retry_at = time.monotonic() + min(delay, self.config.load_failure_backoff_max_s)
+        delay = min(self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30),
+                    self.config.load_failure_backoff_max_s)
+        stats.retry_at = time.monotonic() + delay
+        # One line a failure: the back-off bounds how often a model can fail.
+        print(f"mmengine: {key[0]} v{key[1]} failed to load{where}: {e}; requests for it "
+              f"fail at once for {delay:g} s", flush=True)
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
         self._resolving.pop(asked, None)
@@ -1009,12 +1018,24 @@ class Engine:
     def _on_worker_death(self, worker: Worker) -> None:
         if self.cache is None:  # died during start(): start() raises
             return
-        self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid,
+        how = _exit_status(worker)
+        self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
                                    "at_ns": time.monotonic_ns()})
+        serving = worker.died_serving
+        print(f"mmengine: worker {worker.index} (pid {worker.pid}) ended: {how}"
+              + (f", running {serving[0]} v{serving[1]}" if serving else "")
+              + ("" if self._closing else "; restarting it"), flush=True)
         self._blame(worker)
         for key in self.cache.lru_keys():
-            if self.cache.entry(key).worker == worker.index:
+            entry = self.cache.entry(key)
+            if entry.worker == worker.index:
                 self.host.set_resident(key, False)  # its host copy serves the reload
+                if entry.state == books.READY:  # resident, and gone with its worker
+                    self._emit("evict", {"model": key[0], "version": key[1],
+                                         "worker": worker.index, "reason": "worker_exit",
+                                         "bytes": entry.device_bytes,
+                                         "start_ns": time.monotonic_ns()})
+                    self._count_eviction(key, "worker_exit")
                 self._forget(key, self._gen[key])
         if not self._closing:
             self._spawn(self._revive(worker.index))
@@ -1391,6 +1412,19 @@ def _add_ran(fields: dict, ran: dict) -> dict:
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
     return fields
+
+
+def _exit_status(worker: Worker) -> str:
+    """How a worker's process ended, in words: "exit code 3", "SIGKILL"."""
+    code = worker.process.poll() if worker.process is not None else None
+    if code is None:
+        return "its rings broke"  # declared dead while its process still ran
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def _load_ran(key: Key, worker: int) -> dict:

@@ -146,7 +146,8 @@ class Trace:
                           f["at_ns"], {"model": f["model"], "version": f["version"]})
         elif kind == "worker_exit":
             self._instant(self._worker_tid(f["worker"]), "worker exit", "worker",
-                          f["at_ns"], {"worker": f["worker"], "pid": f["pid"]})
+                          f["at_ns"], {"worker": f["worker"], "pid": f["pid"],
+                                       "exit": f.get("exit")})
 
     def _on_request(self, f: dict) -> None:
         args = {"model": f["model"], "version": f["version"], "code": f["code"]}
@@ -176,7 +177,7 @@ class Trace:
         if "error" in f:
             args["error"] = f["error"]
         else:
-            args.update(bytes=f["bytes"], phases=f.get("phases") or {})
+            args.update(bytes=f["bytes"], phases=f.get("phases") or {}, source=f.get("from"))
         self._span(tid, f"load {f['model']}", "load", start, end, args)
         # The worker reports how long each phase took, not when: they are
         # laid end to end, ending with the load (off by the answer's trip).

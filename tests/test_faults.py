@@ -345,6 +345,34 @@ def test_readiness_waits_for_the_pinned_models(repo):
 
 # -- workers killed under traffic -----------------------------------------------
 
+def test_a_worker_death_and_a_failed_load_are_said_and_counted(repo, own_segments, capfd):
+    # An operator's log says which worker ended, how, and that it restarts;
+    # a model that failed to load, where, why, and for how long it is
+    # refused. The models a dead worker took count as evicted (worker_exit).
+    async def main():
+        async with Engine(config(repo)) as engine:
+            seen = []
+            engine.observers.append(lambda kind, f: kind in ("evict", "worker_exit")
+                                    and seen.append((kind, f)))
+            await engine.load("m00")
+            victim = engine.pool.workers[0].pid
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: engine.stats()["totals"]["worker_restarts"] == 1, 10,
+                        "the restart")
+            with pytest.raises(LoadFailed):
+                await engine.infer("raises", {"x": X})
+            return victim, seen, engine._model_row(("m00", 1))
+
+    victim, seen, m00 = run(main())
+    assert [(k, f.get("exit"), f.get("reason")) for k, f in seen] == [
+        ("worker_exit", "SIGKILL", None), ("evict", None, "worker_exit")]
+    assert m00["evictions_by_reason"] == {"worker_exit": 1}
+    out = capfd.readouterr().out
+    assert f"mmengine: worker 0 (pid {victim}) ended: SIGKILL; restarting it" in out
+    assert re.search(r"mmengine: raises v1 failed to load on worker 0: .*garbage.*; "
+                     r"requests for it fail at once for 5 s", out), out
+
+
 def test_a_killed_worker_does_not_disturb_the_others(repo, own_segments):
     async def main():
         async with Engine(config(repo, workers=2)) as engine:
