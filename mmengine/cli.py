@@ -97,6 +97,9 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     from mmengine.server.tcp import TcpServer
 
     t_start = time.monotonic()
+    # The loop shares the GIL with threads that format a scrape or read a
+    # repository: it waits for them this long at most, not 5 ms.
+    sys.setswitchinterval(config.gil_switch_us / 1e6)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
