@@ -175,8 +175,10 @@ def _print_stats(args: argparse.Namespace) -> None:
     with Client(args.url, token=args.token) as c:
         stats = c.stats()
     rows = stats["models"]
+    # "uses": since the model last loaded (stats' per-model hits); the
+    # totals' hits count requests that found their model resident.
     print(f"{'model':<24} {'ver':>3} {'state':<14} {'worker':>6} {'bytes':>12} "
-          f"{'host bytes':>12} {'hits':>8} {'loads':>6} {'evicts':>6} {'fails':>5}")
+          f"{'host bytes':>12} {'uses':>8} {'loads':>6} {'evicts':>6} {'fails':>5}")
     for r in rows:
         worker = "-" if r["worker"] is None else r["worker"]
         print(f"{r['name']:<24} {r['version']:>3} {r['state']:<14} {worker:>6} "
@@ -190,7 +192,8 @@ def _print_stats(args: argparse.Namespace) -> None:
           f"{t['worker_restarts']} worker restarts")
     for w in stats.get("workers", []):
         state = "up" if w["alive"] else "down"
-        print(f"worker {w['index']} ({w['device']}, {state}): {w['in_flight']} in flight, "
+        print(f"worker {w['index']} ({w['device']}, {state}, pid {w['pid']}): "
+              f"{w['in_flight']} in flight, "
               f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
               f"{w['budget_bytes']:,} bytes")
     for r in rows:  # what failed, and why: the state says so only during a back-off

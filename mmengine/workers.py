@@ -371,11 +371,11 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
-        for rid, (fut, _, _, deadline, model, then, served) in self._pending.items():
+        for rid, (fut, _, t_sent, deadline, model, then, served) in self._pending.items():
             if fut.done():
                 continue
             if deadline <= due:
-                expired.append((fut, model, then))
+                expired.append((fut, model, then, t_sent, served))
                 if served is not None:  # not yet run, the worker skips it
                     self.abandoned.mark(rid)
             elif deadline < nearest:
@@ -384,8 +384,11 @@ class Worker:
             self._arm_deadline(nearest)
         # Settled last: a `then` may send a request (into _pending, and
         # arming the timer for an earlier deadline than `nearest`).
-        for fut, model, then in expired:
-            _settle(fut, Timeout(f"{model}: no answer within the request's deadline"), then)
+        for fut, model, then, t_sent, served in expired:
+            late = Timeout(f"{model}: no answer within the request's deadline")
+            if served is not None:  # an inference: observers learn where it waited
+                late.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
+            _settle(fut, late, then)
 
     def abandon_cancelled(self) -> None:
         """Marks the inferences whose callers cancelled them as abandoned:

@@ -352,6 +352,25 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
     assert not live_pids([victim])
 
 
+def test_a_request_that_times_out_on_a_worker_is_observed_with_that_worker(repo, own_segments):
+    # Its span is linked to the worker whose queue it waited in (and the
+    # "late" call there), not left without one.
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            await engine.load("slow")
+            seen = []
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            with pytest.raises(Timeout):
+                await engine.infer("slow", {"seconds": np.array([0.5])}, timeout=0.1)
+            return seen
+
+    (f,) = run(main())
+    assert (f["code"], f["version"], f["worker"]) == ("TIMEOUT", 1, 0)
+    assert f["t_sent"] > 0 and f["worker_ns"] == (None, None, None)
+
+
 def test_a_request_whose_load_dies_is_observed_with_its_version_and_worker(tmp_path,
                                                                           own_segments):
     # It never reached the worker's ring, but its span says what it waited

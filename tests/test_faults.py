@@ -221,7 +221,9 @@ def test_a_load_queued_behind_a_stuck_one_is_not_its_failure(repo, own_segments,
     moody(repo, "hangs-long", "1000")
 
     async def main():
-        async with Engine(config(repo, load_timeout_s=2.0)) as engine:
+        # Long enough for the good model's load on the restarted worker,
+        # which pays for that process's first imports (2 s was not, once).
+        async with Engine(config(repo, load_timeout_s=5.0)) as engine:
             row = lambda name: engine._model_row((name, 1))  # noqa: E731
             stuck = asyncio.ensure_future(engine.infer("hangs-long", {"x": X}))
             await asyncio.sleep(0.5)

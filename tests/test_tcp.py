@@ -552,7 +552,7 @@ def test_stats_prints_the_table(address):
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()
     assert header.split() == ["model", "ver", "state", "worker", "bytes", "host", "bytes",
-                              "hits", "loads", "evicts", "fails"]
+                              "uses", "loads", "evicts", "fails"]
     # Which model failed, and why, whatever its state now.
     assert re.search(r"^corrupt v1: \d+ failed loads?, the last: .*safetensors", r.stdout,
                      re.MULTILINE), r.stdout
@@ -562,8 +562,8 @@ def test_stats_prints_the_table(address):
                      r"\(\d+ from the host tier\)", r.stdout)
     workers = [row for row in rows if row.startswith("worker ")]
     assert len(workers) == 2 and all(
-        re.fullmatch(r"worker \d \(cpu, up\): \d+ in flight, busy \d+%, [\d,]+ of [\d,]+ bytes",
-                     row) for row in workers), workers
+        re.fullmatch(r"worker \d \(cpu, up, pid \d+\): \d+ in flight, busy \d+%, "
+                     r"[\d,]+ of [\d,]+ bytes", row) for row in workers), workers
     with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
         unused.bind(("127.0.0.1", 0))
         down = subprocess.run(command("stats", "--url", "127.0.0.1:%d" % unused.getsockname()[1]),
