@@ -197,13 +197,17 @@ class DiskCache:
     # -- fetching --------------------------------------------------------------------
 
     def _fetch(self, spec: ModelSpec, key: Key, fp: str, where: str) -> Path:
-        sized_by_source = not spec.estimated_bytes
-        need = spec.estimated_bytes or self._source_bytes(spec, where)
+        # The files take what the source says they take (a stat or a HEAD
+        # each), and the download is held to it: a stub's `bytes` are the
+        # model's in memory, and a source that said little could send more,
+        # past the budget, beside other downloads that had counted on it.
+        need = self._source_bytes(spec, where)
+        estimate = spec.estimated_bytes or need
         try:
             with self._lock:
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
-                room = self._make_room(need, where)
+                self._make_room(need, where)
                 self._reserved += need
         finally:
             self._empty_trash()
@@ -211,12 +215,8 @@ class DiskCache:
         try:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
             try:
-                # A source that said its files' sizes is held to them: it
-                # could say little and send more, past the cache's budget.
-                # A stub's bytes are the model's in memory, not its files':
-                # those downloads may take the room there was.
-                self._download(spec, tmp, need if sized_by_source else room, where)
-                made_for = dataclasses.replace(spec, estimated_bytes=need)
+                self._download(spec, tmp, need, where)
+                made_for = dataclasses.replace(spec, estimated_bytes=estimate)
                 _write_synced(tmp / MANIFEST, manifest(made_for).encode())
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
                 nbytes = tree_bytes(tmp)
@@ -225,7 +225,7 @@ class DiskCache:
                 with self._lock:
                     final.parent.mkdir(exist_ok=True)
                     os.rename(tmp, final)
-                    self._entries[key] = _Entry(final, fp, nbytes, need)
+                    self._entries[key] = _Entry(final, fp, nbytes, estimate)
                     self.fetches += 1
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -245,8 +245,8 @@ class DiskCache:
         except LoadFailed as e:
             raise LoadFailed(f"{where}: {e}") from e
 
-    def _download(self, spec: ModelSpec, tmp: Path, room: int, where: str) -> None:
-        left = room
+    def _download(self, spec: ModelSpec, tmp: Path, limit: int, where: str) -> None:
+        left = limit
         for file, digest in spec.files:
             dest = tmp / file
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -262,9 +262,9 @@ class DiskCache:
 
     # -- room ------------------------------------------------------------------------
 
-    def _make_room(self, need: int, where: str) -> int:
+    def _make_room(self, need: int, where: str) -> None:
         """Evicts least recently used entries until `need` more bytes fit
-        under both limits; the bytes a download may then write. Holds the lock."""
+        under both limits. Holds the lock."""
         victims = [key for key, e in self._entries.items()
                    if key not in self._flights and not e.users]
         freeable = sum(self._entries[key].nbytes for key in victims)
@@ -273,7 +273,7 @@ class DiskCache:
         while True:
             room = self._room()
             if room >= need:
-                return room
+                return
             if not victims:
                 raise LoadFailed(
                     f"{where}: the disk cache has no room for {need} bytes "

@@ -169,9 +169,18 @@ class Engine:
             self.cache.set_capacity(books.DEVICE, w.index,
                                     resources.device_budget(self.config, w.device))
         self._locks = [asyncio.Lock() for _ in self.pool.workers]
+        biggest = max(self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers)
+        too_large = [s for s in pins if s.estimated_bytes > biggest]
+        if too_large:  # it could never be resident: the server would never be ready
+            await self.pool.stop()
+            self.pool, self.cache, self._started = None, None, False
+            s = too_large[0]
+            raise ConfigError(f"pin_models: {s.name} v{s.version} needs {s.estimated_bytes} "
+                              f"bytes, more than a worker's whole budget ({biggest})")
         self._spawn(self._monitor())
         if self.config.repo_scan_s:
             self._spawn(self._watch_repository())
+        pins = [(s.name, s.version) for s in pins]
         for key in pins:
             self._pinned.setdefault(key, 0)  # taken by the entry of its first load
         self._warming.update(pins)
@@ -180,17 +189,16 @@ class Engine:
         self._keep_pinned_warm()
         return self
 
-    async def _configured_pins(self) -> list[Key]:
-        """The models pin_models names, as (name, version) keys; a name the
-        repository cannot serve is the configuration's error."""
-        keys = []
+    async def _configured_pins(self) -> list[ModelSpec]:
+        """The models pin_models names; a name the repository cannot serve
+        is the configuration's error."""
+        specs = []
         for name, version in parse_pins(self.config.pin_models):
             try:
-                spec = await self._spec(name, version, record=False)
+                specs.append(await self._spec(name, version, record=False))
             except MMEngineError as e:
                 raise ConfigError(f"pin_models: {e}") from None
-            keys.append((spec.name, spec.version))
-        return keys
+        return specs
 
     def health(self) -> dict:
         """`status`: "serving"; "warming" while a model pinned by
@@ -290,7 +298,7 @@ class Engine:
         except MMEngineError as e:  # refused at once: observed as any answer is
             if self.observers:
                 # Named only if it is a model: a stranger's names make no series.
-                known = (name, version) in self._specs
+                known = self._looked_up(name, version)
                 self._emit("request", _request_fields(name if known else "", version,
                                                       t_submit, e))
             raise
@@ -341,8 +349,7 @@ class Engine:
                       fut: asyncio.Future) -> None:
         cancelled = fut.cancelled()
         e = None if cancelled else fut.exception()
-        if (name, version) not in self._specs and not (version is None
-                                                       and name in self.repo.names()):
+        if not self._looked_up(name, version):
             name = ""  # no model: a stranger's names make no series, whatever its code
         fields = _request_fields(name, version, t_submit, e)
         if cancelled:  # by its caller: stop() fails what it cuts off, typed
@@ -353,6 +360,13 @@ class Engine:
         if ran is not None:
             _add_ran(fields, ran)
         self._emit("request", fields)
+
+    def _looked_up(self, name: str, version: int | None) -> bool:
+        """Whether the repository was asked for `name` (by this version, or
+        its default) and had it, servable or not: without a look on the
+        loop (a request that timed out before its look is nobody's)."""
+        return ((name, version) in self._specs or (name, None) in self._specs
+                or (name, version) in self._bad_specs or (name, None) in self._bad_specs)
 
     def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
         """An inference whose answer nobody got. If it ran (`ran`), it did
@@ -617,25 +631,33 @@ class Engine:
         segment = self.host.segment(key)
         self.host.set_resident(key, True, time.monotonic())  # not dropped under the load
         try:
-            # The load's own deadline counts from its turn on the worker's
-            # loader and its bytes' place in the gate: one queued behind
-            # another model's slow load is not that load's failure.
-            if not await self._loader_turn(worker):
-                self.host.set_resident(key, False)
-                self._forget(key, gen)
-                return  # its worker died first: its waiters look again, and load it elsewhere
-            try:
+            async with asyncio.timeout_at(self._loop_deadline(deadline)) as budget:
                 await self._load_gate.acquire(need)
-            except BaseException:
-                worker.loader_turn.release()
-                raise
-            try:
-                async with asyncio.timeout(self.config.load_timeout_s):
-                    body, _ = await self._call_loader(worker, Op.LOAD, key, {
+                try:
+                    if not worker.alive:
+                        raise _NotRun
+                    ahead, answer = self._send_to_loader(worker, Op.LOAD, key, {
                         "path": str(path), "estimate": spec.estimated_bytes,
                         "allow_code": self.repo.allow_code, "host": segment})
-            finally:
-                self._load_gate.release(need)
+                    if ahead:
+                        # The loader does one load or publish at a time: this
+                        # one's own time starts once those sent before it are
+                        # done. Queued behind another model's stuck load, it
+                        # is not that load's failure.
+                        budget.reschedule(None)
+                        await asyncio.wait(ahead)
+                        if not worker.alive:  # died before it began this one
+                            answer.add_done_callback(_retrieved)
+                            raise _NotRun
+                        budget.reschedule(asyncio.get_running_loop().time()
+                                          + self.config.load_timeout_s)
+                    body, _ = await answer
+                finally:
+                    self._load_gate.release(need)
+        except _NotRun:
+            self.host.set_resident(key, False)
+            self._forget(key, gen)
+            return  # its waiters look again, and load it on a worker that is up
         except BaseException as e:
             self.host.set_resident(key, False)
             if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
@@ -741,9 +763,9 @@ class Engine:
         if self._gen.get(key) == gen and key in self.cache:
             self.host.set_resident(key, True, time.monotonic())
         try:
-            if not await self._loader_turn(worker):
-                raise WorkerDied(f"worker {worker.index} died before the copy")
-            body, _ = await self._call_loader(worker, Op.PUBLISH, key, {"segment": segment})
+            # Sent at once, ahead of any unload of the model that comes later.
+            _, answer = self._send_to_loader(worker, Op.PUBLISH, key, {"segment": segment})
+            body, _ = await answer
         except Exception as e:  # noqa: BLE001 - the model is served either way
             self.host.abandon(key, segment)
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
@@ -751,27 +773,21 @@ class Engine:
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
     @staticmethod
-    async def _loader_turn(worker: Worker) -> bool:
-        """Waits for `worker`'s loader thread, which does one load or publish
-        at a time (no deadline: the call ahead has its own); False, with no
-        turn taken, if the worker died meanwhile."""
-        await worker.loader_turn.acquire()
-        if worker.alive:
-            return True
-        worker.loader_turn.release()
-        return False
+    def _send_to_loader(worker: Worker, op: Op, key: Key,
+                        params: dict) -> tuple[list[asyncio.Future], asyncio.Future]:
+        """Sends a load or publish to `worker`'s loader thread; returns what
+        that thread has to finish first (futures done when the worker is
+        done with each: answered, or died, whether or not their callers
+        still wait) and the answer's future."""
+        ahead = [f for f in worker.loader_queue if not f.done()]
+        finished = asyncio.get_running_loop().create_future()
 
-    @staticmethod
-    def _call_loader(worker: Worker, op: Op, key: Key, params: dict) -> asyncio.Future:
-        """Sends a load or publish in the turn `_loader_turn` took, and hands
-        the turn on once the worker is done with it (answered, or died), not
-        when its caller stops waiting: the next would queue behind it there."""
-        try:
-            return worker.call(op, key[0], key[1], params=params,
-                               on_done=worker.loader_turn.release)
-        except BaseException:
-            worker.loader_turn.release()
-            raise
+        def done() -> None:
+            finished.set_result(None)
+            worker.loader_queue.remove(finished)
+        answer = worker.call(op, key[0], key[1], params=params, on_done=done)
+        worker.loader_queue.append(finished)
+        return ahead, answer
 
     def _load_failed(self, key: Key, e: BaseException, worker: int | None = None,
                      t0: float | None = None) -> None:
@@ -1097,8 +1113,15 @@ class Engine:
                 self._spawn(self._rewarm(key))
 
     async def _rewarm(self, key: Key) -> None:
+        # Not in the name's order of control operations: an operator's
+        # unpin or unload does not wait for it (the load drops no pin it
+        # does not find; an unload waits for the load, then unloads).
         try:
-            await self.load(*key, timeout=self.config.load_timeout_s)
+            spec = await self._spec(*key)
+            if key not in self._pinned or key in self._draining:
+                return  # unpinned or being unloaded meanwhile: the operator's call
+            await self._acquire(key, spec, self._deadline(self.config.load_timeout_s))
+            self._unpin_request(key, self._gen[key])
         except MMEngineError as e:
             stats = self._stats.setdefault(key, ModelStats())
             if str(e) != stats.last_error:  # once, not every interval of a retry
@@ -1412,6 +1435,15 @@ def _add_ran(fields: dict, ran: dict) -> dict:
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
     return fields
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # nobody awaits it: taken, so asyncio does not report it
+
+
+class _NotRun(Exception):
+    """A load its worker died before beginning: no failure of its model's."""
 
 
 def _exit_status(worker: Worker) -> str:

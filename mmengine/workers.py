@@ -136,10 +136,10 @@ class Worker:
         self.pid: int | None = None
         self.alive = True
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
-        # Its loader thread does one load or publish at a time: the engine
-        # takes a turn before sending one, handed on once the worker is done
-        # with it (answered, or died).
-        self.loader_turn = asyncio.Lock()
+        # What its loader thread has to do before the next load or publish
+        # (it does one at a time): a future for each sent, done once the
+        # worker is finished with it (answered, or died), in order.
+        self.loader_queue: list[asyncio.Future] = []
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)

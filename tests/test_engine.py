@@ -352,6 +352,28 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
     assert not live_pids([victim])
 
 
+def test_a_model_that_cannot_be_read_is_named_in_observations_asked_by_version(repo,
+                                                                              own_segments):
+    # Strangers' names are not (they would make series); a model's are,
+    # though its files cannot be read, by its default version or by number.
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            seen = []
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            for version in (1, None):
+                with pytest.raises(LoadFailed):
+                    await engine.infer("corrupt", {"x": x_for(np.random.default_rng(1))},
+                                       version=version)
+            with pytest.raises(ModelNotFound):
+                await engine.infer("nobody", {"x": x_for(np.random.default_rng(1))}, version=2)
+            return [(f["model"], f["code"]) for f in seen]
+
+    assert run(main()) == [("corrupt", "LOAD_FAILED"), ("corrupt", "LOAD_FAILED"),
+                           ("", "MODEL_NOT_FOUND")]
+
+
 def test_a_request_that_times_out_on_a_worker_is_observed_with_that_worker(repo, own_segments):
     # Its span is linked to the worker whose queue it waited in (and the
     # "late" call there), not left without one.

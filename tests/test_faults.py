@@ -296,12 +296,44 @@ def test_waiting_for_pinned_models_ends_when_the_engine_stops(repo, own_segments
     run(main())
 
 
-def test_a_pinned_model_the_repository_lacks_is_a_configuration_error(repo, own_segments):
+def test_a_pinned_model_the_repository_lacks_or_no_worker_holds_is_a_configuration_error(
+        repo, own_segments):
+    big = repo / "hot-huge" / "1"
+    big.mkdir(parents=True)
+    (big / "handler.py").write_text(MOODY_HANDLER)
+    (big / "mode").write_text("ok")
+    (big / "model.toml").write_text(f"bytes = {2 << 24}\n")  # twice a worker's budget
+
     async def main():
         engine = Engine(config(repo, pin_models="m00,nope:3"))
         with pytest.raises(ConfigError, match=r"^pin_models: .*'nope'"):
             await engine.start()
         assert engine.pool is None  # no worker was started
+        # It could never be resident: the server would never be ready.
+        engine = Engine(config(repo, pin_models="hot-huge"))
+        with pytest.raises(ConfigError, match=r"^pin_models: hot-huge v1 needs .* budget"):
+            await engine.start()
+        assert engine.pool is None  # its workers were stopped
+
+    run(main())
+
+
+def test_a_pinned_model_warming_up_can_be_unpinned_at_once(repo, own_segments):
+    # The warm-up does not take the name's place among control operations:
+    # an operator's unpin does not wait for its load.
+    moody(repo, "hot-slow", "3.0")
+
+    async def main():
+        async with Engine(config(repo, pin_models="hot-slow")) as engine:
+            await asyncio.sleep(0.3)
+            assert engine.health()["status"] == "warming"
+            t0 = time.monotonic()
+            await engine.unpin("hot-slow")
+            assert time.monotonic() - t0 < 1.0
+            assert engine.health() == {"status": "serving", "workers_alive": 1, "warming": []}
+            await until(lambda: engine._model_row(("hot-slow", 1))["state"] == "resident",
+                        10, "the load, unpinned")
+            assert not engine._model_row(("hot-slow", 1))["pinned"]
 
     run(main())
 

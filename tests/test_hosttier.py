@@ -54,6 +54,38 @@ def config(root, **changes) -> Config:
     return Config(repo=str(root), workers=1, device_budget=100_000, **changes)
 
 
+def test_a_copy_into_the_host_tier_is_sent_before_a_later_eviction(tmp_path, own_segments):
+    # The copy (a publish) goes to the worker's loader as the load answers,
+    # though a load sent before it waits there: an eviction of the model
+    # that comes meanwhile is sent after it, and finds the copy made. (A
+    # review found a publish that waited for loads queued ahead being
+    # overtaken by the eviction: the model never got a host copy.)
+    slow = demo.write_mlp(tmp_path / "slow", "safetensors", *DIMS, seed=1)
+    (slow / "model.py").write_text("import time\ntime.sleep(0.8)\n"
+                                   + (slow / "model.py").read_text())
+    demo.write_mlp(tmp_path / "other", "safetensors", *DIMS, seed=2)
+    (tmp_path / "queued" / "1").mkdir(parents=True)
+    (tmp_path / "queued" / "1" / "handler.py").write_text(
+        "import time\n\ndef load(path, device):\n    time.sleep(1.5)\n\n"
+        "def predict(inputs):\n    return {'y': inputs['x']}\n")
+    (tmp_path / "queued" / "1" / "model.toml").write_text("bytes = 1000\n")
+
+    async def main():
+        async with Engine(config(tmp_path, host_tier_bytes=64 << 20)) as engine:
+            await engine.load("other")
+            await engine.unload("other")  # the worker's first imports, paid
+            loading = asyncio.ensure_future(engine.load("slow"))
+            await asyncio.sleep(0.3)
+            queued = asyncio.ensure_future(engine.load("queued"))  # behind slow's load
+            await loading
+            await engine.load("other")  # evicts slow, whose copy is queued behind "queued"
+            await queued
+            return await settle(engine, "slow", "in host memory")
+
+    slow_row = run(main(), timeout=60)
+    assert slow_row["host_bytes"] > 0 and not slow_row["last_error"]
+
+
 def test_evicted_models_are_demoted_and_load_back_from_shared_memory(tmp_path, own_segments):
     root = repo(tmp_path)
 

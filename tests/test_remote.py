@@ -398,6 +398,31 @@ def test_a_source_is_held_to_the_sizes_it_said(tmp_path, server):
     assert files_under(tmp_path / "cache" / ".partial") == []
 
 
+def test_downloads_reserve_what_their_files_take_not_what_a_stub_says(tmp_path, server):
+    # Stubs that declare tiny `bytes` (the model's in memory): three
+    # concurrent downloads filled the cache past its budget, each taking the
+    # room there was. Each now reserves its files' sizes as the source says.
+    config, specs = _three_models(tmp_path, server)  # room for two and a half
+    stubs = {n: dataclasses.replace(s, estimated_bytes=10) for n, s in specs.items()}
+    disk = DiskCache(config)
+    results = {}
+
+    def ensure(name: str) -> None:
+        try:
+            results[name] = disk.ensure(stubs[name])
+        except LoadFailed as e:
+            results[name] = e
+    threads = [threading.Thread(target=ensure, args=(n,)) for n in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    failed = [n for n, r in results.items() if isinstance(r, LoadFailed)]
+    assert len(failed) == 1 and "no room" in str(results[failed[0]])
+    assert disk.stats()["bytes"] <= config.disk_cache_bytes
+    assert all(disk.estimate(n, 1) == 10 for n in results if n not in failed)
+
+
 def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
     config, specs = _three_models(tmp_path, server)
     small = cfg(tmp_path, allowed_hosts=server.host,
@@ -405,9 +430,10 @@ def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
     disk = DiskCache(small)
     kept = disk.ensure(specs["a"])
     disk.release("a", 1)
-    big = dataclasses.replace(specs["b"], estimated_bytes=small.disk_cache_bytes + 1)
+    file = specs["b"].files[0][0]  # as large as the whole cache, its source says
+    server.head_sizes[f"/b/1/{file}"] = small.disk_cache_bytes + 1
     with pytest.raises(LoadFailed, match="no room"):
-        disk.ensure(big)
+        disk.ensure(specs["b"])
     assert kept.is_dir() and disk.stats()["evictions"] == 0
 
 

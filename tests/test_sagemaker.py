@@ -45,6 +45,13 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["file_links"].mkdir()
     for f in paths["outside"].iterdir():
         (paths["file_links"] / f.name).symlink_to(f)
+    # ... or through a link to a directory inside that holds a link out.
+    inner = root / "inner"
+    inner.mkdir()
+    (inner / "helper.py").symlink_to(paths["outside"] / "model.py")
+    paths["nested_links"] = root / "nested"
+    paths["nested_links"].mkdir()
+    (paths["nested_links"] / "sub").symlink_to(inner, target_is_directory=True)
     paths["inside_link"] = root / "alias"
     paths["inside_link"].symlink_to(paths["m3"], target_is_directory=True)
     paths["empty"] = root / "empty"
@@ -175,6 +182,7 @@ def test_no_room_even_after_eviction_is_507_and_leaves_nothing(address, disk):
     ("escape_link", 403, "outside the allowed model roots"),
     ("escape_link_file_url", 403, "outside the allowed model roots"),
     ("file_links", 403, "outside the allowed model roots"),
+    ("nested_links", 403, "outside the allowed model roots"),
     ("http", 400, "only local paths and file:// URLs"),
     ("s3", 400, "only local paths and file:// URLs"),
     ("file_host", 400, "must name a local path"),
@@ -190,6 +198,7 @@ def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, wo
         "escape_link": str(disk["escape_link"]),
         "escape_link_file_url": "file://" + str(disk["escape_link"]),
         "file_links": str(disk["file_links"]),
+        "nested_links": str(disk["nested_links"]),
         "http": "http://127.0.0.1:1/model.tar.gz",
         "s3": "s3://bucket/models/m0",
         "file_host": "file://elsewhere" + str(disk["m0"]),

@@ -263,15 +263,34 @@ def resolve_url(url: str, model_roots: str) -> str:
     # Only now, inside the roots, may the answer say what is on the disk.
     if not os.path.isdir(real):
         raise BadRequest(f"{url!r} is not a directory")
-    # A symlink inside may point anywhere: each must stay under the roots
-    # too, or the model would read (and run) files from outside them.
-    for top, dirs, files in os.walk(real):
-        for entry in (*dirs, *files):
-            link = os.path.join(top, entry)
-            if os.path.islink(link):
-                under_roots(link, model_roots, f"{url}: {os.path.relpath(link, real)}",
-                            _Forbidden)
+    _check_links(real, url, model_roots)
     return real
+
+
+#: Entries of a model directory looked at for links, at most.
+MAX_ENTRIES = 10_000
+
+
+def _check_links(real: str, url: str, model_roots: str) -> None:
+    """Refuses a directory holding a symlink, at any depth, whose target
+    lies outside the roots: the model would read (and run) what it points
+    to. Links to directories are followed (each directory once), so a link
+    to a directory inside the roots cannot hide links out in it."""
+    seen, stack, entries = {real}, [real], 0
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    raise BadRequest(f"{url!r} holds more than {MAX_ENTRIES} files")
+                if entry.is_symlink():
+                    under_roots(entry.path, model_roots,
+                                f"{url}: {os.path.relpath(entry.path, real)}", _Forbidden)
+                if entry.is_dir():  # through a link too
+                    target = os.path.realpath(entry.path)
+                    if target not in seen:
+                        seen.add(target)
+                        stack.append(entry.path)
 
 
 def _local_path(url: str) -> str:
