@@ -1014,9 +1014,9 @@ def test_an_embedders_mistakes_are_typed_and_counted(repo, own_segments):
             await asyncio.sleep(0.4)
         return events
 
-    # (A version no request has named yet names no model.)
-    assert sorted(run(main())) == sorted([("slow", "CANCELLED"), ("m00", "OK"), ("", "BAD_REQUEST")]
-                                         + [("m00", "BAD_REQUEST")] * 2)
+    # (A bad version of a model is still that model's request.)
+    assert sorted(run(main())) == sorted([("slow", "CANCELLED"), ("m00", "OK")]
+                                         + [("m00", "BAD_REQUEST")] * 3)
 
 
 def test_an_unload_under_steady_traffic_finishes_and_the_traffic_goes_on(repo, own_segments):
