@@ -1023,6 +1023,12 @@ class Engine:
                 self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
                 self._bad_specs = {k: v for k, v in self._bad_specs.items()
                                    if k[0] not in changed}
+                # A removed version's copy in host memory can serve nothing
+                # again (a copy on a worker goes when evicted, as any).
+                for key in self.host.keys():
+                    if key[0] in changed and not self.repo.listed(*key) \
+                            and key not in self.cache:
+                        self.host.drop(key)
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():

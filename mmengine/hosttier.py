@@ -134,6 +134,9 @@ class HostTier:
                 return key
         return None
 
+    def keys(self) -> list[Key]:
+        return list(self._segments)
+
     def clear(self) -> None:
         for key in list(self._segments):
             self.drop(key)

@@ -221,6 +221,10 @@ class Repository:
         self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
         return changed
 
+    def listed(self, name: str, version: int) -> bool:
+        """Whether the last scan found this version (no disk access)."""
+        return version in (self._versions.get(name) or ())
+
     def names(self) -> tuple[str, ...]:
         if self._names is None:
             self._names = tuple(sorted({

@@ -956,11 +956,16 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
                                        ref(1), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose((await engine.infer("new", {"x": x}))["y"], ref(3),
                                        rtol=1e-5, atol=1e-5)
+            await engine.unload("new", keep_host=True)  # its copy in host memory stays
+            assert engine._model_row(("new", 1))["state"] == "in host memory"
             shutil.rmtree(tmp_path / "new")
             await asyncio.sleep(0.5)
             assert ("new", 1) not in await listed(engine)
             with pytest.raises(ModelNotFound):
                 await engine.infer("new", {"x": x})
+            # The removed model's copy in host memory goes: it serves nothing.
+            assert engine._model_row(("new", 1))["state"] == "on storage"
+            assert ("new", 1) not in engine.host.keys()
 
     run(main())
 
