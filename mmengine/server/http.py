@@ -70,6 +70,7 @@ class Request:
     keep_alive: bool = True
     reserved: int = 0                # bytes of the receive budget its body holds
     refused: MMEngineError | None = None  # answered with this, in its turn
+    t_received: int = 0              # monotonic_ns when it was whole, if it asks for timing
 
     @property
     def token(self) -> str | None:
@@ -245,8 +246,12 @@ def submitted(request: Request,
         body, outputs = result
         response = respond(outputs)
         if t_submit:
+            # Before the stages: the request's body read into tensors (a
+            # JSON body's parse, most of all), which no stage counts.
+            decode = {"decode_ns": t_submit - request.t_received} if request.t_received else {}
             response.headers.append(
-                ("Server-Timing", trace.server_timing(trace.body_timing(t_submit, body))))
+                ("Server-Timing",
+                 trace.server_timing({**decode, **trace.body_timing(t_submit, body)})))
         return response
     later = Later(finish, inference=True)
     later.future = submit(later.done)
@@ -559,7 +564,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             keep_alive=self.parser.should_keep_alive(),
             reserved=self.reserved,
             refused=None if "host" in self.headers or self.parser.get_http_version() != "1.1"
-            else BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)"))
+            else BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)"),
+            t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
+            else 0)
         if self._stop_awaiting():  # the whole body came in the read that announced it
             self._resume()
         self._reset()
