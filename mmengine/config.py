@@ -115,7 +115,7 @@ class Config:
     repo_scan_s: float = 5.0
     # -- deadlines
     request_timeout_s: float = 30.0      # default deadline of a request, load wait included
-    load_timeout_s: float = 120.0        # deadline of one load, separate from requests
+    load_timeout_s: float = 120.0        # one load, from when its worker begins it
     ready_timeout_s: float = 60.0        # a worker's start-up handshake
     shutdown_timeout_s: float = 10.0     # drain + stop, all workers together
     # A model whose load failed is refused (LOAD_FAILED, at once) this long

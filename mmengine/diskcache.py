@@ -201,13 +201,23 @@ class DiskCache:
         # each), and the download is held to it: a stub's `bytes` are the
         # model's in memory, and a source that said little could send more,
         # past the budget, beside other downloads that had counted on it.
-        need = self._source_bytes(spec, where)
-        estimate = spec.estimated_bytes or need
+        # A source that answers no HEAD is sized by the stub's `bytes`, and
+        # its download may take the room there is.
+        try:
+            limit = self._source_bytes(spec, where)
+        except LoadFailed:
+            if not spec.estimated_bytes:
+                raise
+            limit = None
+        estimate = spec.estimated_bytes or limit
+        # The copy's manifest is written beside the files: its bytes count too.
+        own = manifest(dataclasses.replace(spec, estimated_bytes=estimate)).encode()
+        need = (spec.estimated_bytes if limit is None else limit) + len(own)
         try:
             with self._lock:
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
-                self._make_room(need, where)
+                room = self._make_room(need, where)
                 self._reserved += need
         finally:
             self._empty_trash()
@@ -215,9 +225,8 @@ class DiskCache:
         try:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
             try:
-                self._download(spec, tmp, need, where)
-                made_for = dataclasses.replace(spec, estimated_bytes=estimate)
-                _write_synced(tmp / MANIFEST, manifest(made_for).encode())
+                self._download(spec, tmp, room if limit is None else limit, where)
+                _write_synced(tmp / MANIFEST, own)
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
                 nbytes = tree_bytes(tmp)
                 # Under the lock: an eviction of the model's other version
@@ -262,9 +271,9 @@ class DiskCache:
 
     # -- room ------------------------------------------------------------------------
 
-    def _make_room(self, need: int, where: str) -> None:
+    def _make_room(self, need: int, where: str) -> int:
         """Evicts least recently used entries until `need` more bytes fit
-        under both limits. Holds the lock."""
+        under both limits; the room there then is. Holds the lock."""
         victims = [key for key, e in self._entries.items()
                    if key not in self._flights and not e.users]
         freeable = sum(self._entries[key].nbytes for key in victims)
@@ -273,7 +282,7 @@ class DiskCache:
         while True:
             room = self._room()
             if room >= need:
-                return
+                return room
             if not victims:
                 raise LoadFailed(
                     f"{where}: the disk cache has no room for {need} bytes "

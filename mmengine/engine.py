@@ -110,6 +110,9 @@ class Engine:
         self._warming: set[Key] = set()
         self._warmed = asyncio.Event()
         self._rewarming: set[Key] = set()  # pinned models _keep_pinned_warm is loading
+        # A pinned model's next try and its wait after a try that failed with
+        # no back-off of its own (no room, too large once its size is known).
+        self._rewarm_after: dict[Key, tuple[float, float]] = {}
         self._control_order: dict[str, list] = {}  # name -> [Lock, holders and waiters]
         # Pins or bytes dropped: a version to compare, and an Event for waiters.
         self._room_version = 0
@@ -623,37 +626,18 @@ class Engine:
                          fetch_s: float) -> None:
         stats = self._stats.setdefault(key, ModelStats())
         need = stats.measured_bytes or spec.estimated_bytes
-        # The load's deadline starts once its files are here: a download is
-        # bounded by its own stall timeouts, not by how long a load may take.
+        # Room is waited for within load_timeout_s of the files being here
+        # (a download is bounded by its own stall timeouts); the load itself
+        # has its own load_timeout_s from when it is sent (_load_on).
         deadline = time.monotonic() + self.config.load_timeout_s
         worker = await self._reserve(key, need, deadline)
         gen = self._gen[key]
         segment = self.host.segment(key)
         self.host.set_resident(key, True, time.monotonic())  # not dropped under the load
         try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)) as budget:
-                await self._load_gate.acquire(need)
-                try:
-                    if not worker.alive:
-                        raise _NotRun
-                    ahead, answer = self._send_to_loader(worker, Op.LOAD, key, {
-                        "path": str(path), "estimate": spec.estimated_bytes,
-                        "allow_code": self.repo.allow_code, "host": segment})
-                    if ahead:
-                        # The loader does one load or publish at a time: this
-                        # one's own time starts once those sent before it are
-                        # done. Queued behind another model's stuck load, it
-                        # is not that load's failure.
-                        budget.reschedule(None)
-                        await asyncio.wait(ahead)
-                        if not worker.alive:  # died before it began this one
-                            answer.add_done_callback(_retrieved)
-                            raise _NotRun
-                        budget.reschedule(asyncio.get_running_loop().time()
-                                          + self.config.load_timeout_s)
-                    body, _ = await answer
-                finally:
-                    self._load_gate.release(need)
+            body = await self._load_on(worker, key, need, {
+                "path": str(path), "estimate": spec.estimated_bytes,
+                "allow_code": self.repo.allow_code, "host": segment})
         except _NotRun:
             self.host.set_resident(key, False)
             self._forget(key, gen)
@@ -772,22 +756,68 @@ class Engine:
             return
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
+    async def _load_on(self, worker: Worker, key: Key, need: int, params: dict) -> dict:
+        """One load on `worker`, in its turn. The worker's loader does one
+        load or publish at a time: this load waits for the loads before it,
+        then for its bytes' place in the gate, and only then is sent; its
+        load_timeout_s counts from then, or from the end of the publishes
+        sent before it (which the loader runs first). Queued behind another
+        model's slow load, it is not that load's failure. _NotRun if the
+        worker died before it began."""
+        turn = asyncio.get_running_loop().create_future()
+        ahead = [t for t in worker.load_turns if not t.done()]
+        worker.load_turns.append(turn)
+
+        def end_turn() -> None:  # the worker is done with it, or it was never sent
+            if not turn.done():
+                turn.set_result(None)
+                worker.load_turns.remove(turn)
+        sent = False
+        try:
+            if ahead:
+                await asyncio.wait(ahead)
+            if not worker.alive:
+                raise _NotRun
+            await self._load_gate.acquire(need)
+            try:
+                if not worker.alive:
+                    raise _NotRun
+                busy, answer = self._send_to_loader(worker, Op.LOAD, key, params, end_turn)
+                sent = True
+                answer.add_done_callback(_retrieved)  # if its waiter goes first
+                if busy:
+                    await asyncio.wait(busy)
+                    if not worker.alive:
+                        raise _NotRun
+                async with asyncio.timeout(self.config.load_timeout_s):
+                    body, _ = await answer
+                return body
+            finally:
+                self._load_gate.release(need)
+        finally:
+            if not sent:
+                end_turn()
+
     @staticmethod
-    def _send_to_loader(worker: Worker, op: Op, key: Key,
-                        params: dict) -> tuple[list[asyncio.Future], asyncio.Future]:
-        """Sends a load or publish to `worker`'s loader thread; returns what
-        that thread has to finish first (futures done when the worker is
-        done with each: answered, or died, whether or not their callers
-        still wait) and the answer's future."""
-        ahead = [f for f in worker.loader_queue if not f.done()]
+    def _send_to_loader(worker: Worker, op: Op, key: Key, params: dict,
+                        then: Callable[[], None] | None = None
+                        ) -> tuple[list[asyncio.Future], asyncio.Future]:
+        """Sends a load or publish to `worker`'s loader thread at once;
+        returns what that thread has to finish first (futures done when the
+        worker is done with each: answered, or died, whether or not their
+        callers still wait) and the answer's future. `then()` runs when the
+        worker is done with this one."""
+        busy = [f for f in worker.loader_busy if not f.done()]
         finished = asyncio.get_running_loop().create_future()
 
         def done() -> None:
             finished.set_result(None)
-            worker.loader_queue.remove(finished)
+            worker.loader_busy.remove(finished)
+            if then is not None:
+                then()
         answer = worker.call(op, key[0], key[1], params=params, on_done=done)
-        worker.loader_queue.append(finished)
-        return ahead, answer
+        worker.loader_busy.append(finished)
+        return busy, answer
 
     def _load_failed(self, key: Key, e: BaseException, worker: int | None = None,
                      t0: float | None = None) -> None:
@@ -1023,12 +1053,12 @@ class Engine:
                 self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
                 self._bad_specs = {k: v for k, v in self._bad_specs.items()
                                    if k[0] not in changed}
-                # A removed version's copy in host memory can serve nothing
-                # again (a copy on a worker goes when evicted, as any).
-                for key in self.host.keys():
-                    if key[0] in changed and not self.repo.listed(*key) \
-                            and key not in self.cache:
-                        self.host.drop(key)
+            # A removed version's copy in host memory can serve nothing again
+            # (one resident on a worker goes when evicted; demoted then, its
+            # copy goes at the next scan).
+            for key in self.host.keys():
+                if key not in self.cache and not self.repo.listed(*key):
+                    self.host.drop(key)
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():
@@ -1114,7 +1144,8 @@ class Engine:
                     or key in self._rewarming:
                 continue
             stats = self._stats.get(key)
-            if stats is None or stats.retry_at <= now:
+            if (stats is None or stats.retry_at <= now) \
+                    and self._rewarm_after.get(key, (0.0,))[0] <= now:
                 self._rewarming.add(key)
                 self._spawn(self._rewarm(key))
 
@@ -1128,7 +1159,12 @@ class Engine:
                 return  # unpinned or being unloaded meanwhile: the operator's call
             await self._acquire(key, spec, self._deadline(self.config.load_timeout_s))
             self._unpin_request(key, self._gen[key])
+            self._rewarm_after.pop(key, None)
         except MMEngineError as e:
+            if not isinstance(e, LoadFailed):  # a failed load backs off by itself
+                last = self._rewarm_after.get(key, (0.0, self.config.load_failure_backoff_s / 2))
+                wait = min(2 * last[1], self.config.load_failure_backoff_max_s)
+                self._rewarm_after[key] = (time.monotonic() + wait, wait)
             stats = self._stats.setdefault(key, ModelStats())
             if str(e) != stats.last_error:  # once, not every interval of a retry
                 print(f"mmengine: pinned model {key[0]} v{key[1]} is not resident: {e}; "

@@ -222,8 +222,11 @@ class Repository:
         return changed
 
     def listed(self, name: str, version: int) -> bool:
-        """Whether the last scan found this version (no disk access)."""
-        return version in (self._versions.get(name) or ())
+        """Whether this version is there as far as the scans and looks so
+        far know (no disk access): a name never scanned is taken to be."""
+        if name in self._versions:
+            return version in self._versions[name]
+        return self._names is None or name in self._names
 
     def names(self) -> tuple[str, ...]:
         if self._names is None:

@@ -136,10 +136,13 @@ class Worker:
         self.pid: int | None = None
         self.alive = True
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
-        # What its loader thread has to do before the next load or publish
-        # (it does one at a time): a future for each sent, done once the
-        # worker is finished with it (answered, or died), in order.
-        self.loader_queue: list[asyncio.Future] = []
+        # Its loader thread does one load or publish at a time. The engine
+        # sends loads in turn (a future per load, from when it waits to when
+        # the worker is done with it, or it was never sent) and notes what
+        # the loader has to do (a future per load or publish sent, done when
+        # the worker is done with it: answered, or died).
+        self.load_turns: list[asyncio.Future] = []
+        self.loader_busy: list[asyncio.Future] = []
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)

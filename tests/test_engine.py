@@ -966,6 +966,17 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
             # The removed model's copy in host memory goes: it serves nothing.
             assert engine._model_row(("new", 1))["state"] == "on storage"
             assert ("new", 1) not in engine.host.keys()
+            # So does the copy of one removed while resident, once evicted.
+            demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3, version=2)
+            await asyncio.sleep(0.5)
+            await engine.infer("new", {"x": x})
+            shutil.rmtree(tmp_path / "new")
+            await asyncio.sleep(0.5)
+            assert engine._model_row(("new", 2))["state"] == "resident"
+            await engine._evict(("new", 2), "idle")  # (no unload() for a name gone)
+            assert ("new", 2) in engine.host.keys()  # demoted as it was evicted...
+            await asyncio.sleep(0.5)
+            assert ("new", 2) not in engine.host.keys()  # ...and dropped at the next scan
 
     run(main())
 

@@ -238,6 +238,28 @@ def test_a_load_queued_behind_a_stuck_one_is_not_its_failure(repo, own_segments,
     run(main(), timeout=60)
 
 
+def test_a_load_waiting_for_the_byte_gate_is_not_timed_out_there(repo, own_segments):
+    # Two workers and a gate of one byte: a second load waits for the first
+    # (on the other worker) to end. Its load_timeout_s counts from when it
+    # is sent: waiting at the gate made it "exceed" 2 s and backed it off.
+    moody(repo, "loads-1.6s", "1.6")
+    moody(repo, "loads-1.2s", "1.2")
+
+    async def main():
+        async with Engine(config(repo, workers=2, load_bytes_in_flight=1,
+                                 load_timeout_s=2.0)) as engine:
+            await asyncio.gather(engine.load("m00"), engine.load("m01"))  # first imports
+            first = asyncio.ensure_future(engine.load("loads-1.6s"))
+            await asyncio.sleep(0.2)
+            out = await engine.infer("loads-1.2s", {"x": X}, timeout=20)
+            assert out["y"].tolist() == (X + 1).tolist()
+            await first
+            return engine._model_row(("loads-1.2s", 1))
+
+    row = run(main(), timeout=60)
+    assert row["failures"] == 0 and row["state"] == "resident"
+
+
 # -- hot models: pinned by configuration --------------------------------------
 
 def test_models_pinned_by_configuration_load_at_start_and_come_back(repo, own_segments):

@@ -38,6 +38,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._count()
+        if self.path in self.server.head_refused:  # a source that answers GET only
+            self.send_error(405)
+            return
         if self.path in self.server.head_sizes:  # a source that says less than it sends
             self.send_response(200)
             self.send_header("Content-Length", str(self.server.head_sizes[self.path]))
@@ -71,6 +74,7 @@ def server(tmp_path):
     httpd.requests = collections.Counter()
     httpd.cut = set()
     httpd.head_sizes = {}
+    httpd.head_refused = set()
     httpd.delay = 0.0
     httpd.served = served
     httpd.host = f"127.0.0.1:{httpd.server_address[1]}"
@@ -421,6 +425,18 @@ def test_downloads_reserve_what_their_files_take_not_what_a_stub_says(tmp_path, 
     assert len(failed) == 1 and "no room" in str(results[failed[0]])
     assert disk.stats()["bytes"] <= config.disk_cache_bytes
     assert all(disk.estimate(n, 1) == 10 for n in results if n not in failed)
+
+
+def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server):
+    config, specs = _three_models(tmp_path, server)
+    for file, _ in specs["a"].files:
+        server.head_refused.add(f"/a/1/{file}")
+    disk = DiskCache(config)
+    with pytest.raises(LoadFailed, match="405"):  # nothing says its size
+        disk.ensure(specs["a"])
+    sized = dataclasses.replace(specs["a"], estimated_bytes=4096)
+    assert disk.ensure(sized).is_dir()
+    assert disk.estimate("a", 1) == 4096
 
 
 def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):

@@ -278,7 +278,13 @@ def _check_links(real: str, url: str, model_roots: str) -> None:
     to a directory inside the roots cannot hide links out in it."""
     seen, stack, entries = {real}, [real], 0
     while stack:
-        with os.scandir(stack.pop()) as it:
+        top = stack.pop()
+        try:
+            it = os.scandir(top)
+        except OSError as e:  # what cannot be read cannot be vouched for
+            raise BadRequest(f"{url!r}: {os.path.relpath(top, real)} cannot be read "
+                             f"({e.strerror})") from None
+        with it:
             for entry in it:
                 entries += 1
                 if entries > MAX_ENTRIES:
