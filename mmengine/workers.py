@@ -35,8 +35,8 @@ import mmengine
 
 from mmengine import messages, resources
 from mmengine.config import Config
-from mmengine.errors import (InternalError, RingClosed, Timeout, TooLarge, WorkerDied,
-                             error_for)
+from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
+                             WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import Ring
 
@@ -262,9 +262,7 @@ class Worker:
         self._loading.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():
-            died = WorkerDied(why)
-            if served is not None:  # an inference: observers learn where it was
-                died.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
+            died = self._unanswered(WorkerDied(why), t_sent, served)
             # Their `then` runs after on_death below, as a done callback
             # would: a server's next request finds the pool's view of the
             # death, not this worker.
@@ -389,9 +387,14 @@ class Worker:
         # arming the timer for an earlier deadline than `nearest`).
         for fut, model, then, t_sent, served in expired:
             late = Timeout(f"{model}: no answer within the request's deadline")
-            if served is not None:  # an inference: observers learn where it waited
-                late.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
-            _settle(fut, late, then)
+            _settle(fut, self._unanswered(late, t_sent, served), then)
+
+    def _unanswered(self, e: MMEngineError, t_sent: int, served: tuple | None) -> MMEngineError:
+        """`e`, for a request this worker never answered; an inference's
+        says where it was, and when it was sent, to observers (`ran`)."""
+        if served is not None:
+            e.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
+        return e
 
     def abandon_cancelled(self) -> None:
         """Marks the inferences whose callers cancelled them as abandoned:
