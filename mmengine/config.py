@@ -153,6 +153,10 @@ class Config:
     # Bytes of large request bodies (1 MiB or more) all servers hold at once,
     # received or waiting for an answer; past it a connection waits unread.
     receive_bytes: int = 256 * MiB
+    # While connections wait for that budget, a body holding some of it must
+    # arrive at this many bytes a second or more (averaged, after its first
+    # two seconds), or it is cut off (TCP: TIMEOUT; HTTP: 408); 0: any pace.
+    receive_min_rate: int = 1 * MiB
     # Directories under which POST /models (SageMaker) may add a model,
     # separated by os.pathsep; empty: nothing may be added at run time.
     model_roots: str = ""
@@ -204,7 +208,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
-              "load_bytes_in_flight", "receive_bytes"}
+              "load_bytes_in_flight", "receive_bytes", "receive_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M": 1e6,
@@ -307,6 +311,7 @@ def _validate(c: Config) -> None:
     need(c.tcp_idle_timeout_s > 0, "tcp_idle_timeout_s", "must be > 0")
     need(c.max_connections >= 1, "max_connections", "must be at least 1")
     need(c.receive_bytes >= 1 << 20, "receive_bytes", "must be at least 1MiB")
+    need(c.receive_min_rate >= 0, "receive_min_rate", "must be >= 0 (0: any pace)")
     need(bool(c.cache_dir), "cache_dir", "must name a directory")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
     need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")

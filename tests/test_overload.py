@@ -599,3 +599,71 @@ def test_a_refused_large_body_gives_its_budget_back_at_once(budget_server):
         assert b.recv(64).startswith(b"HTTP/1.1 200 ")
         assert time.monotonic() - t0 < 3.0  # the linger is 5 s
 
+
+
+# -- bodies that hold the receive budget and trickle ----------------------------------
+
+def budget_request(transport: str, pad_bytes: int) -> bytes:
+    """The bytes of one request to "slow" (no wait) with `pad_bytes` of padding."""
+    inputs = {"seconds": np.array([0.0]), "pad": np.zeros(pad_bytes // 4, np.float32)}
+    if transport == "tcp":
+        return protocol.frame({"id": 1, "op": "infer", "model": "slow",
+                               "inputs": protocol.encode_tensors(inputs)})
+    header, body = binary_infer_body(inputs)
+    return (b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+            % (len(header), len(body))) + body
+
+
+def read_answer(sock: socket.socket, transport: str) -> tuple[int | str, str]:
+    """(the error code or HTTP status, the message or body) of the one
+    answer a connection gets before the server ends it."""
+    data = bytearray()
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    if transport == "http":
+        status = int(data.split(b" ", 2)[1])
+        return status, data.partition(b"\r\n\r\n")[2].decode()
+    answer = protocol.decode(data[4:4 + protocol.LENGTH.unpack_from(data)[0]])
+    return answer["error"]["code"], answer["error"]["message"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "http"])
+def test_a_trickled_body_is_cut_off_when_others_wait_for_the_budget(budget_server,
+                                                                     transport):
+    # A client announces 6 MiB and sends a little of it: it holds 6 MiB of
+    # the 8 MiB budget. Another's 6 MiB request waits for it; without a
+    # pace, until the trickler's frame or request timed out (300 s on TCP,
+    # 60 s on HTTP). With one, the trickler is cut off within a few seconds
+    # (told why) and the other is answered.
+    trickle = budget_request(transport, 6 * MiB)
+    with socket.create_connection(budget_server[transport], timeout=30) as slow:
+        slow.sendall(trickle[:256 << 10])
+        time.sleep(0.5)  # read, and holding the budget
+        t0 = time.monotonic()
+        with socket.create_connection(budget_server[transport], timeout=30) as other:
+            other.sendall(budget_request(transport, 6 * MiB))
+            code, message = read_answer(slow, transport)
+            assert code == (ErrorCode.TIMEOUT if transport == "tcp" else 408), message
+            assert "receive_min_rate" in message, message
+            other.settimeout(15)
+            answer = other.recv(64)
+        waited = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 200 " if transport == "http" else b""), answer
+    if transport == "tcp":
+        assert protocol.LENGTH.unpack_from(answer)[0] > 0 and b"ok\xc3" in answer, answer
+    # Its first 2 s are not judged, and the pace is looked at each second.
+    assert waited < 10, waited
+
+
+def test_a_slow_body_is_not_hurried_when_nobody_waits(budget_server):
+    # 2 MiB at 0.5 MiB/s, half the pace, with nothing else waiting: answered.
+    request = budget_request("tcp", 2 * MiB)
+    part = 256 << 10
+    with socket.create_connection(budget_server["tcp"], timeout=30) as sock:
+        for at in range(0, len(request), part):
+            sock.sendall(request[at:at + part])
+            time.sleep(0.5)
+        n = protocol.LENGTH.unpack(read_exactly(sock, 4))[0]
+        answer = protocol.decode(read_exactly(sock, n))
+    assert answer["ok"], answer

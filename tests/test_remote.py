@@ -752,9 +752,11 @@ def test_a_misspelled_variable_is_said_with_the_key_it_may_mean(capsys):
 def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():
     # The embedded API's Config(...): sizes in words, and a bad value named
     # (workers=0 failed deep inside the engine, a size string in a TypeError).
-    c = config_mod.Config(device_budget="2GiB", request_timeout_s=60)
+    c = config_mod.Config(device_budget="2GiB", request_timeout_s=60, receive_min_rate="512KiB")
     assert c.device_budget == 2 << 30 and c.request_timeout_s == 60.0
+    assert c.receive_min_rate == 512 << 10
     for kw, key in (({"workers": 0}, "workers"), ({"device_budget": "lots"}, "device_budget"),
+                    ({"receive_min_rate": -1}, "receive_min_rate"),
                     ({"low_watermark": 0.9, "high_watermark": 0.8}, "low_watermark")):
         with pytest.raises(config_mod.ConfigError, match=key):
             config_mod.Config(**kw)

@@ -51,7 +51,6 @@ MAX_HEADER_BYTES = 64 << 10
 # connection is not read until half of them are answered.
 MAX_PIPELINED = 64
 IDLE_TIMEOUT_S = 60.0
-LINGER_S = 5.0  # see _HttpConnection._linger
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
             408: "Request Timeout", 413: "Payload Too Large",
@@ -472,7 +471,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
         # No handle kept: _close on a connection closed meanwhile does nothing.
-        asyncio.get_running_loop().call_later(LINGER_S, self._close)
+        asyncio.get_running_loop().call_later(listener.LINGER_S, self._close)
 
     def _fail(self, e: MMEngineError) -> None:
         """An unusable stream: answer after what is queued, then close; read
@@ -526,6 +525,17 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
     def _budget_came(self) -> None:
         self._touch()
         self._resume()
+
+    def _received(self) -> int:
+        return self.body_bytes
+
+    def _served_first(self) -> bool:
+        return self.pipeline_full
+
+    def _too_slow(self, error: MMEngineError) -> None:
+        self.server.receiving.give(self.reserved)
+        self.reserved = 0
+        self._fail(_RequestTimeout(str(error)))
 
     def _resume(self) -> None:
         if not (self.awaiting or self.pipeline_full or self.write_blocked or self.dead):

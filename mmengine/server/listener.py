@@ -14,6 +14,7 @@ from typing import Callable
 
 from mmengine import auth
 from mmengine.engine import Engine
+from mmengine.errors import Timeout
 
 
 #: What a connection's unsent answers may buffer before it is read no
@@ -172,6 +173,14 @@ class Listener:
 #: A request body at least this large is received only against the budget;
 #: smaller ones are bounded by each connection's own limits.
 RESERVE_ABOVE = 1 << 20
+#: While connections wait for the budget, the pace of the bodies holding it
+#: is judged this often, each once it has been read this long (its first
+#: seconds are TCP's slow start and its client's own).
+PACE_CHECK_S = 1.0
+PACE_GRACE_S = 2.0
+#: How long a connection refused mid-request drops what its client still
+#: sends before it closes (see _HttpConnection._linger).
+LINGER_S = 5.0
 
 
 class ReceiveBudget:
@@ -182,12 +191,22 @@ class ReceiveBudget:
     connection that announces a large body past the budget stops being read
     (its bytes wait in the kernel, and its client is slowed by TCP itself)
     until others are done. The budget never refuses a body when nothing else
-    holds any of it, so a request of the maximum size is always received."""
+    holds any of it, so a request of the maximum size is always received.
 
-    def __init__(self, limit: int) -> None:
+    Announced is not sent: a few clients that announce large bodies and
+    trickle them would hold the whole budget for as long as a body may take.
+    So while others wait, a body that holds bytes of the budget must arrive
+    at `min_rate` bytes a second or more, averaged from when its bytes were
+    taken (PACE_GRACE_S at least); a slower one is cut off, and its bytes
+    go to those waiting. Nobody waiting, nobody is hurried."""
+
+    def __init__(self, limit: int, min_rate: int = 0) -> None:
         self.limit = limit
+        self.min_rate = min_rate
         self.held = 0
         self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._holders: weakref.WeakSet[BudgetedReading] = weakref.WeakSet()
+        self._judging: asyncio.TimerHandle | None = None
 
     def take(self, nbytes: int) -> bool:
         if self.held and self.held + nbytes > self.limit:
@@ -205,6 +224,25 @@ class ReceiveBudget:
     def wait(self, callback: Callable[[], None]) -> None:
         """Calls `callback` (once) when bytes are given back: it takes again."""
         self._waiting.append(callback)
+        if self.min_rate and self._judging is None:
+            self._judging = asyncio.get_running_loop().call_later(PACE_CHECK_S, self._judge)
+
+    def hold(self, reading: "BudgetedReading") -> None:
+        """`reading`'s body being received holds bytes: its pace is watched."""
+        self._holders.add(reading)
+
+    def _judge(self) -> None:
+        self._judging = None
+        if not self._waiting:
+            return
+        now = asyncio.get_running_loop().time()
+        for reading in list(self._holders):
+            if not reading.reserved or reading._gone():  # received, or gone
+                self._holders.discard(reading)
+            else:
+                reading._judge_pace(now, self.min_rate)
+        if self._waiting and self._judging is None:
+            self._judging = asyncio.get_running_loop().call_later(PACE_CHECK_S, self._judge)
 
     def cancel(self, callback: Callable[[], None]) -> None:
         try:
@@ -225,18 +263,25 @@ class BudgetedReading:
     `awaiting`, the bytes it waits for, not reading meanwhile. The protocol
     defines `_gone()`, whether it is closed or closing, and `_budget_came()`,
     what it does once its wait is over (resume reading, if nothing else
-    holds it)."""
+    holds it). For the pace of its body (see ReceiveBudget) it defines
+    `_received()`, the bytes of it read so far, `_served_first()`, whether
+    it is not read while the server answers its requests, and
+    `_too_slow(error)`, which gives its bytes back and ends the stream
+    with `error`."""
 
     server: "Listener"
     transport: asyncio.Transport
     reserved = 0
     awaiting = 0
+    paced_from = 0.0  # loop time the pace of the body holding `reserved` counts from
+    paced_base = 0    # its bytes read by then
 
     def _reserve(self, nbytes: int) -> None:
         """Takes the budget for a large body that has begun, or stops
         reading this connection until the budget has room for it."""
         if self.server.receiving.take_or_wait(nbytes, self._on_budget):
             self.reserved = nbytes
+            self._pace_from_now()
         else:
             self.awaiting = nbytes
             self.transport.pause_reading()
@@ -246,7 +291,25 @@ class BudgetedReading:
                 not self.server.receiving.take_or_wait(self.awaiting, self._on_budget):
             return
         self.reserved, self.awaiting = self.awaiting, 0
+        self._pace_from_now()
         self._budget_came()
+
+    def _pace_from_now(self) -> None:
+        self.paced_from = asyncio.get_running_loop().time()
+        self.paced_base = self._received()
+        self.server.receiving.hold(self)
+
+    def _judge_pace(self, now: float, min_rate: int) -> None:
+        if self._served_first():  # its wait is the server's: it counts from after it
+            self._pace_from_now()
+            return
+        elapsed = now - self.paced_from
+        rate = (self._received() - self.paced_base) / elapsed if elapsed > 0 else 0.0
+        if elapsed >= PACE_GRACE_S and rate < min_rate:
+            self._too_slow(Timeout(
+                f"a request body of {self.reserved} bytes arrived at {rate:.0f} bytes/s, "
+                f"below receive_min_rate ({min_rate}), while others waited for the "
+                f"receive budget"))
 
     def _stop_awaiting(self) -> bool:
         """Stops waiting for the budget; whether it was waiting."""
@@ -264,5 +327,6 @@ def receive_budget(engine: Engine) -> ReceiveBudget:
     """The one budget of all the servers of `engine`."""
     budget = _budgets.get(engine)
     if budget is None:
-        budget = _budgets[engine] = ReceiveBudget(engine.config.receive_bytes)
+        budget = _budgets[engine] = ReceiveBudget(engine.config.receive_bytes,
+                                                  engine.config.receive_min_rate)
     return budget

@@ -249,6 +249,28 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.frame_began = self.last_active = self.loop.time()
         self._resume()
 
+    def _received(self) -> int:
+        return len(self.buf) if self.big is None else len(self.big.buf)
+
+    def _served_first(self) -> bool:
+        return self.paused
+
+    def _too_slow(self, error: MMEngineError) -> None:
+        """Ends the stream as _refuse does, the frame's bytes given back at
+        once and what is left of it dropped unread for LINGER_S."""
+        self.server.receiving.give(self.reserved)
+        self.reserved = 0
+        self._send(protocol.error_response(None, error))
+        self.flush()
+        self.transport.write_eof()
+        # No answer goes out from now on (_send): in flight or not, its
+        # requests end with the stream.
+        self.discard = max(1, self.big.size - len(self.big.buf)) if self.big else 1
+        self.big = None
+        self.buf.clear()
+        self.transport.resume_reading()  # read, to drop
+        self.loop.call_later(listener.LINGER_S, self._close)
+
     def _resume(self) -> None:
         if not (self.paused or self.awaiting or self.write_blocked or self.closing):
             self.transport.resume_reading()
