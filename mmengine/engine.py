@@ -206,9 +206,12 @@ class Engine:
     def health(self) -> dict:
         """`status`: "serving"; "warming" while a model pinned by
         configuration has not yet been resident (the protocols' readiness
-        waits for it: `warming` lists them); "down" while no worker is up."""
+        waits for it: `warming` lists them); "down" while no worker is up;
+        "stopping" once the engine refuses new requests (a balancer must
+        send them elsewhere while it drains)."""
         alive = sum(w.alive for w in self.pool.workers) if self.pool is not None else 0
-        status = "down" if not alive else "warming" if self._warming else "serving"
+        status = "stopping" if self._closing else "down" if not alive \
+            else "warming" if self._warming else "serving"
         return {"status": status, "workers_alive": alive,
                 "warming": sorted([name, version] for name, version in self._warming)}
 

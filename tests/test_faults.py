@@ -399,6 +399,41 @@ def test_readiness_waits_for_the_pinned_models(repo):
         assert server.stop() == 0
 
 
+def test_readiness_ends_when_the_engine_stops_taking_requests(tmp_path, own_segments):
+    # A draining server refuses new requests (OVERLOADED): its readiness
+    # must say so, or a balancer keeps sending them (it said "serving").
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+            async def get(path: bytes) -> tuple[int, bytes]:
+                writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                return status, await reader.readexactly(length)
+
+            before = [engine.health()["status"], (await get(b"/v2/health/ready"))[0],
+                      (await get(b"/ping"))[0]]
+            engine.refuse_new()
+            after = [engine.health()["status"], (await get(b"/v2/health/ready"))[0],
+                     await get(b"/ping"), (await get(b"/v2/health/live"))[0]]
+            writer.close()
+            await server.stop()
+            return before, after
+
+    before, after = run(main())
+    assert before == ["serving", 200, 200]
+    assert after == ["stopping", 400, (503, b'{"status":"stopping"}'), 200]
+
+
 # -- workers killed under traffic -----------------------------------------------
 
 def test_a_worker_death_and_a_failed_load_are_said_and_counted(repo, own_segments, capfd):
@@ -570,6 +605,8 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
                 server.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)  # draining now
                 late = asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.0])}))
+                # Not ready while it drains: a balancer must send the rest elsewhere.
+                assert (await client.health())["status"] == "stopping"
                 results = await asyncio.gather(*calls, return_exceptions=True)
                 late_result = (await asyncio.gather(late, return_exceptions=True))[0]
                 try:  # a new connection during the drain

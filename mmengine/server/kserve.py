@@ -67,7 +67,7 @@ async def live(server, request: Request) -> Response:
 
 
 async def ready(server, request: Request) -> Response:
-    # Not while a worker is up but a model pinned by configuration is cold.
+    # Not while a model pinned by configuration is cold, nor while draining.
     return Response(200 if server.engine.health()["status"] == "serving" else 400, b"")
 
 

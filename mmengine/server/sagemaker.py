@@ -116,6 +116,8 @@ async def ping(server, request: Request) -> Response:
     health = server.engine.health()
     if health["status"] == "down":
         return json_response({"status": "unhealthy"}, 503)
+    if health["status"] == "stopping":  # draining: new requests are refused
+        return json_response({"status": "stopping"}, 503)
     if health["status"] == "warming":  # a model pinned by configuration is not resident yet
         return json_response({"status": "warming", "warming": health["warming"]}, 503)
     return json_response({"status": "healthy"})
