@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -90,6 +91,16 @@ async def _say_when_warm(engine, t_start: float) -> None:
           f"start; ready", flush=True)
 
 
+def _log_to_stdout() -> None:
+    """The engine's operator lines on stdout, beside what serve prints."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("mmengine: %(message)s"))
+    log = logging.getLogger("mmengine")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     from mmengine.engine import Engine
     from mmengine.server import http_routes, metrics
@@ -100,6 +111,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     # The loop shares the GIL with threads that format a scrape or read a
     # repository: it waits for them this long at most, not 5 ms.
     sys.setswitchinterval(config.gil_switch_us / 1e6)
+    _log_to_stdout()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -47,7 +47,7 @@ from typing import Any
 import psutil
 
 from mmengine import fetch
-from mmengine.config import Config
+from mmengine.config import Config, ConfigError
 from mmengine.errors import LoadFailed
 from mmengine.storage import MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, tree_bytes
 
@@ -84,7 +84,11 @@ class DiskCache:
         self._trash: list[tuple[Path, int]] = []  # evicted entries, renamed, not deleted
         self._trash_bytes = 0  # theirs: still on the disk, no longer the cache's
         self.hits = self.fetches = self.evictions = self.failures = 0
-        self._scan()
+        try:
+            self._scan()
+        except OSError as e:  # there, and unreadable: the operator's to mend
+            raise ConfigError(f"cache_dir: {config.cache_dir!r} cannot be read "
+                              f"({e.strerror or e})") from None
 
     # -- the engine's face ---------------------------------------------------------
 
@@ -213,6 +217,7 @@ class DiskCache:
         # The copy's manifest is written beside the files: its bytes count too.
         own = manifest(dataclasses.replace(spec, estimated_bytes=estimate)).encode()
         need = (spec.estimated_bytes if limit is None else limit) + len(own)
+        self._make_root(where)
         try:
             with self._lock:
                 if key in self._entries:  # a stale copy: the stub changed
@@ -346,12 +351,20 @@ class DiskCache:
 
     # -- start -----------------------------------------------------------------------
 
+    def _make_root(self, where: str) -> None:
+        # Made by the first download, not at start: a server of local
+        # models needs no cache (and may run where none can be written).
+        try:
+            (self.root / PARTIAL).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LoadFailed(f"{where}: cache_dir {str(self.root)!r} cannot be made "
+                             f"({e.strerror or e}); set cache_dir to a writable "
+                             f"directory") from None
+
     def _scan(self) -> None:
         """Empties .partial/ and indexes the complete entries, least
         recently used first."""
-        partial = self.root / PARTIAL
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root / PARTIAL, ignore_errors=True)
         found: list[tuple[float, Key, _Entry]] = []
         for name_dir in _subdirs(self.root):
             if not is_valid_name(name_dir.name):

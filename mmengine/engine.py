@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import signal
 import time
@@ -45,6 +46,9 @@ from mmengine.storage import ModelSpec, Repository, TensorSpec
 from mmengine.workers import Worker, WorkerPool
 
 Key = tuple[str, int]
+# What an operator is told (a failed load, a worker's end): `mmengine serve`
+# writes it to stdout; an embedding process routes it as it routes its own.
+log = logging.getLogger("mmengine")
 STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
                books.UNLOADING: "evicting", books.FAILED: "failed"}
 # How long a load past its deadline may still take before its worker is
@@ -313,8 +317,8 @@ class Engine:
                 timeout: float | None, token: str | None,
                 then: Callable[[asyncio.Future], None] | None, t_submit: int) -> asyncio.Future:
         deadline = self._deadline(timeout)
-        if version is not None and (type(version) is not int or version < 1):  # True is 1
-            raise BadRequest(f"version must be a positive integer, not {version!r}")
+        if version is not None:
+            _check_version(version)
         spec = self._specs.get((name, version))
         if spec is not None:  # before anything else: a stranger learns nothing more
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
@@ -408,7 +412,7 @@ class Engine:
             try:
                 observer(kind, fields)
             except Exception as e:  # noqa: BLE001 - an observer must not break serving
-                print(f"mmengine: observer {observer!r} failed on {kind}: {e!r}")
+                log.error("observer %r failed on %s: %r", observer, kind, e)
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None) -> tuple[dict, dict]:
@@ -472,8 +476,10 @@ class Engine:
     def _check_loop(self) -> None:
         """Futures, locks and the workers' readers belong to the loop that
         started the engine: a call from another would break them (a load
-        begun there fails, and its model stays backed off)."""
-        if asyncio._get_running_loop() is not self._loop:
+        begun there fails, and its model stays backed off; a model whose
+        directory it read is left with a future of that loop, and fails on
+        this one ever after)."""
+        if self._loop is not None and asyncio._get_running_loop() is not self._loop:
             raise RuntimeError("this Engine serves on the event loop that started it; "
                                "call it there (from another thread: "
                                "asyncio.run_coroutine_threadsafe(coro, loop))")
@@ -490,6 +496,8 @@ class Engine:
         failed load (`record`: a listing only looks, and counts nothing)."""
         spec = self._specs.get((name, version))
         if spec is None:
+            if version is not None:
+                _check_version(version)
             bad = self._bad_specs.get((name, version))
             if bad is not None:
                 try:
@@ -707,9 +715,9 @@ class Engine:
         killed, and comes back as a dead worker does."""
         done, _ = await asyncio.wait([unload], timeout=STUCK_LOAD_GRACE_S)
         if not done and worker.alive and self.pool.workers[worker.index] is worker:
-            print(f"mmengine: worker {worker.index} is stuck loading {key[0]} v{key[1]} "
-                  f"(past its load_timeout_s, then {STUCK_LOAD_GRACE_S:g} s more); "
-                  f"restarting it", flush=True)
+            log.error("worker %d is stuck loading %s v%d (past its load_timeout_s, then "
+                      "%g s more); restarting it", worker.index, key[0], key[1],
+                      STUCK_LOAD_GRACE_S)
             worker.process.kill()
 
     def _forget_segment(self, segment: str) -> None:
@@ -843,14 +851,14 @@ class Engine:
         stats.failed_in_a_row += 1
         where = "" if worker is None else f" on worker {worker}"
         if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
-            print(f"mmengine: {key[0]} v{key[1]} failed to load{where}: {e}", flush=True)
+            log.warning("%s v%d failed to load%s: %s", key[0], key[1], where, e)
             return
         delay = min(self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30),
                     self.config.load_failure_backoff_max_s)
         stats.retry_at = time.monotonic() + delay
         # One line a failure: the back-off bounds how often a model can fail.
-        print(f"mmengine: {key[0]} v{key[1]} failed to load{where}: {e}; requests for it "
-              f"fail at once for {delay:g} s", flush=True)
+        log.warning("%s v%d failed to load%s: %s; requests for it fail at once for %g s",
+                    key[0], key[1], where, e, delay)
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
         self._resolving.pop(asked, None)
@@ -1012,7 +1020,7 @@ class Engine:
             try:
                 await self._monitor_once()
             except Exception as e:  # noqa: BLE001 - keep watching
-                print(f"mmengine: monitor: {e!r}")
+                log.error("monitor: %r", e)
 
     async def _monitor_once(self) -> None:
         self._keep_pinned_warm()
@@ -1050,7 +1058,7 @@ class Engine:
             try:
                 changed = await loop.run_in_executor(None, self.repo.rescan)
             except OSError as e:  # the repository's disk: keep serving what is known
-                print(f"mmengine: reading the repository: {e!r}")
+                log.error("reading the repository: %r", e)
                 continue
             if changed:
                 self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
@@ -1077,9 +1085,9 @@ class Engine:
         self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
                                    "at_ns": time.monotonic_ns()})
         serving = worker.died_serving
-        print(f"mmengine: worker {worker.index} (pid {worker.pid}) ended: {how}"
-              + (f", running {serving[0]} v{serving[1]}" if serving else "")
-              + ("" if self._closing else "; restarting it"), flush=True)
+        log.warning("worker %d (pid %s) ended: %s%s%s", worker.index, worker.pid, how,
+                    f", running {serving[0]} v{serving[1]}" if serving else "",
+                    "" if self._closing else "; restarting it")
         self._blame(worker)
         for key in self.cache.lru_keys():
             entry = self.cache.entry(key)
@@ -1131,8 +1139,7 @@ class Engine:
             except (WorkerDied, OSError) as e:  # it died at start, or could not start
                 if self._closing:
                     return
-                print(f"mmengine: worker {index} did not come back ({e}); trying again",
-                      flush=True)
+                log.warning("worker %d did not come back (%s); trying again", index, e)
         self._room_changed()
         self._keep_pinned_warm()
 
@@ -1170,8 +1177,8 @@ class Engine:
                 self._rewarm_after[key] = (time.monotonic() + wait, wait)
             stats = self._stats.setdefault(key, ModelStats())
             if str(e) != stats.last_error:  # once, not every interval of a retry
-                print(f"mmengine: pinned model {key[0]} v{key[1]} is not resident: {e}; "
-                      f"trying again", flush=True)
+                log.warning("pinned model %s v%d is not resident: %s; trying again",
+                            key[0], key[1], e)
             stats.last_error = str(e)
         finally:
             self._rewarming.discard(key)
@@ -1320,6 +1327,7 @@ class Engine:
         """Serves the model in directory `path` as `name` (version 1); it
         loads on its first request. The caller checks that `path` may be
         served (allowed roots); BadRequest if the name is taken."""
+        self._check_loop()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.repo.add, name, path)
 
@@ -1337,6 +1345,7 @@ class Engine:
     async def metadata(self, name: str, version: int | None = None) -> dict:
         """What a client needs to know of a model: its versions, backend,
         declared tensors and residency ("ready" only once resident)."""
+        self._check_loop()
         spec = await self._spec(name, version)
         loop = asyncio.get_running_loop()
         versions = await loop.run_in_executor(None, self.repo.versions, spec.name)
@@ -1355,6 +1364,7 @@ class Engine:
 
     async def models(self) -> list[dict]:
         """Every model of the repository with its versions and residency."""
+        self._check_loop()
         loop = asyncio.get_running_loop()
         names = await loop.run_in_executor(None, self.repo.names)
         keys = []
@@ -1502,6 +1512,11 @@ def _exit_status(worker: Worker) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+def _check_version(version: object) -> None:
+    if type(version) is not int or version < 1:  # True is 1: refused with the rest
+        raise BadRequest(f"version must be a positive integer, not {version!r}")
 
 
 def _load_ran(key: Key, worker: int) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import weakref
 
 import psutil
 
@@ -54,6 +55,10 @@ class HostTier:
         # Called with each segment unlinked: workers that mapped it must
         # unmap it for its memory to go.
         self.on_drop = lambda segment: None
+        # An embedding process that ends without Engine.stop() still takes
+        # its copies with it (as its rings go: ring.py), instead of leaving
+        # them in /dev/shm until the next mmengine process reclaims them.
+        weakref.finalize(self, _unlink_all, self._segments)
 
     @property
     def enabled(self) -> bool:
@@ -149,6 +154,11 @@ class HostTier:
         return {"bytes": self.book.used(books.HOST, 0),
                 "budget_bytes": self.book.capacity(books.HOST, 0),
                 "models": len(self.book), "drops": self.drops}
+
+
+def _unlink_all(segments: dict[Key, str]) -> None:
+    for segment in list(segments.values()):
+        _unlink(segment)
 
 
 def _unlink(segment: str) -> None:

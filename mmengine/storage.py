@@ -148,9 +148,9 @@ def _check_version(version: object) -> int:
     # canonical spelling names a version.
     if isinstance(version, str) and version.isascii() and version.isdigit() \
             and len(version) <= 19:  # int64's; int() refuses strings of over 4,300 digits
-        if str(int(version)) == version:
+        if str(int(version)) == version and version != "0":
             return int(version)
-    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
         return version
     raise ModelNotFound(f"invalid model version {version!r}")
 
@@ -249,7 +249,8 @@ class Repository:
         found = tuple(sorted(
             int(entry.name) for entry in _scandir(self.root / name)
             if entry.name.isascii() and entry.name.isdigit()
-            and str(int(entry.name)) == entry.name and entry.is_dir()))
+            and str(int(entry.name)) == entry.name and entry.name != "0"
+            and entry.is_dir()))
         if not found:
             raise ModelNotFound(f"model {name!r} not found")
         return found

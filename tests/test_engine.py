@@ -993,6 +993,13 @@ def test_a_version_asked_for_by_number_is_found_before_the_next_scan(tmp_path, o
             demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
             v2 = (await engine.infer("m", {"x": x}, version=2))["y"]
             default = (await engine.infer("m", {"x": x}))["y"]  # v1 until the next scan
+            # A version is an int >= 1 to every call alike (load, pin and
+            # metadata took 0 and "1", which infer refused).
+            for call in (engine.load, engine.pin, engine.unload, engine.unpin,
+                         engine.metadata):
+                for version in (0, "1", True):
+                    with pytest.raises(BadRequest, match="positive integer"):
+                        await call("m", version)
             return v2, default
 
     v2, default = run(main())
@@ -1071,7 +1078,12 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
 
     async def main():
         async with Engine(config(root, workers=1)) as engine:
-            for call in (lambda: engine.infer("m01", {"x": x}), lambda: engine.load("m01")):
+            # metadata() read the model's directory on the caller's loop: a
+            # caller that gave up left the engine a future of a closed loop,
+            # and every later request for the model failed on it.
+            for call in (lambda: engine.infer("m01", {"x": x}), lambda: engine.load("m01"),
+                         lambda: engine.metadata("m01"), lambda: engine.models(),
+                         lambda: engine.add_model("new", str(root / "m01" / "1"))):
                 with pytest.raises(RuntimeError, match="event loop that started it"):
                     await asyncio.to_thread(lambda: asyncio.run(call()))
             y = await engine.infer("m01", {"x": x})

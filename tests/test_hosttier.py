@@ -369,3 +369,38 @@ def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_pat
             assert row(engine, "m1")["host_bytes"] == 0
 
     run(main())
+
+
+EMBEDDER_WITHOUT_STOP = '''
+import asyncio, sys
+import numpy as np
+from mmengine.config import Config
+from mmengine.engine import Engine
+
+async def main():
+    engine = await Engine(Config(repo=sys.argv[1], workers=1, host_tier_bytes=64 << 20)).start()
+    await engine.infer("m0", {"x": np.ones((1, int(sys.argv[2])), np.float32)})
+    for _ in range(200):  # bounded: the copy is made after the load answers
+        if engine.stats()["host_tier"]["models"] and engine.host.segment(("m0", 1)):
+            break
+        await asyncio.sleep(0.02)
+    print(engine.host.segment(("m0", 1)), flush=True)
+    # Returns without engine.stop(), as an embedder's script may.
+
+asyncio.run(main())
+'''
+
+
+def test_an_embedder_that_never_stops_leaves_no_host_copies(tmp_path):
+    import subprocess
+    import sys
+
+    root = repo(tmp_path, 1)
+    script = tmp_path / "embed.py"
+    script.write_text(EMBEDDER_WITHOUT_STOP)
+    done = subprocess.run([sys.executable, str(script), str(root), str(DIMS[0])], capture_output=True,
+                          text=True, timeout=120, env=environ())
+    assert done.returncode == 0, done.stderr
+    segment = done.stdout.split()[-1]
+    assert "-host-" in segment, done.stdout
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, segment))

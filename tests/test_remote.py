@@ -529,7 +529,7 @@ def test_interrupted_download_leftovers_are_removed_at_start(tmp_path, server):
     (cache / "notes.txt").write_text("not the cache's")  # never removed: not its own
     disk = DiskCache(cfg(tmp_path))
     assert files_under(cache) == ["notes.txt"]
-    assert (cache / ".partial").is_dir()
+    assert not (cache / ".partial").exists()  # made again by the next download
     assert disk.stats()["models"] == 0
 
 
@@ -853,3 +853,19 @@ def test_serve_exits_within_its_shutdown_timeout_while_a_fetch_stalls(tmp_path):
         assert proc.stop(timeout=15) == 0
     finally:
         hole.close()
+
+
+def test_a_cache_dir_that_cannot_be_made_costs_only_remote_models(tmp_path):
+    # Made by the first download, not at start: a server of local models
+    # ran where no cache can be written (start failed with a
+    # FileNotFoundError that named no key); a remote model's load says why.
+    root = tmp_path / "models"
+    model_dir = demo.write_mlp(root / "mlp", "safetensors")
+    write_stub(tmp_path / "repo", "mlp", model_dir.as_uri() + "/", model_dir)
+    config = cfg(tmp_path, model_roots=str(root), cache_dir="/proc/self/mmengine-cache")
+    disk = DiskCache(config)
+    assert disk.stats()["models"] == 0
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    with pytest.raises(LoadFailed, match=r"cache_dir '/proc/self/mmengine-cache' cannot be made"):
+        disk.ensure(spec)
+    assert not (tmp_path / "cache").exists()

@@ -168,7 +168,7 @@ def test_names_lists_valid_model_directories(tmp_path):
 
 
 def test_highest_version_is_the_default(tmp_path):
-    for version in (1, 2, 10):
+    for version in (0, 1, 2, 10):  # 0 is no version: the engine refuses it as one
         make_version(tmp_path, "m", version, {"model.pt": ""})
     for junk in ("latest", "03", "-1"):
         (tmp_path / "m" / junk).mkdir()
@@ -177,7 +177,7 @@ def test_highest_version_is_the_default(tmp_path):
     assert repo.resolve("m").version == 10
     assert repo.resolve("m", 2).path == tmp_path / "m" / "2"
     assert repo.resolve("m", "1").version == 1
-    for version in (3, -1, "01", "3", "x", True, 2.0):
+    for version in (3, -1, 0, "0", "01", "3", "x", True, 2.0):
         with pytest.raises(ModelNotFound):
             repo.resolve("m", version)
 

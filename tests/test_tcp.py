@@ -82,10 +82,13 @@ def repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def address(request, repo) -> tuple[str, int]:
-    _, address = start(request, "--repo", str(repo), "--workers", "2",
-                       "--device-budget", "64MiB")
-    return address
+def served(request, repo) -> tuple[Server, tuple[str, int]]:
+    return start(request, "--repo", str(repo), "--workers", "2", "--device-budget", "64MiB")
+
+
+@pytest.fixture(scope="module")
+def address(served) -> tuple[str, int]:
+    return served[1]
 
 
 def reference(name: str, x: np.ndarray) -> np.ndarray:
@@ -430,7 +433,7 @@ def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
 
 # -- typed errors ------------------------------------------------------------------
 
-def test_every_typed_error_reaches_the_sdk_as_its_class(address):
+def test_every_typed_error_reaches_the_sdk_as_its_class(served, address):
     rng = np.random.default_rng(3)
     x = x_for(rng)
     tensor = protocol.encode_tensors({"x": x})["x"]
@@ -468,6 +471,14 @@ def test_every_typed_error_reaches_the_sdk_as_its_class(address):
             # The connection survives a request error and serves the next one.
             np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x),
                                        **TOL)
+    # The operator's line, on serve's stdout (the engine's "mmengine" logger).
+    said = re.compile(r"^mmengine: corrupt v1 failed to load: .+; requests for "
+                      r"it fail at once for \d+ s$", re.MULTILINE)
+    for _ in range(100):  # bounded: the output is read by a thread
+        if said.search("".join(served[0].output)):
+            break
+        time.sleep(0.05)
+    assert said.search("".join(served[0].output)), "".join(served[0].output)
 
 
 def test_an_oversized_frame_is_refused_from_its_header(address):

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from mmengine.engine import Engine
+from mmengine.engine import log as engine_log
 from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
@@ -154,8 +155,8 @@ async def load_model(server, request: Request) -> Response:
             try:
                 await engine.remove_model(name)
             except MMEngineError as e:  # the load's error is the one to answer
-                print(f"mmengine: sagemaker: could not remove {name!r} after a failed "
-                      f"load: {e!r}")
+                engine_log.error("sagemaker: could not remove %r after a failed load: %r",
+                                 name, e)
             raise
         registry.models[name] = _Added(
             url, path, tuple((t["name"], t["dtype"]) for t in metadata["inputs"]))
