@@ -143,7 +143,9 @@ def check_name(name: object) -> str:
     return name
 
 
-def _check_version(version: object) -> int:
+def parse_version(version: object) -> int:
+    """A version as an int (>= 1), from an int or its canonical decimal
+    string (a URL's); ModelNotFound for anything else."""
     # Versions travel as strings in URLs; "01" would alias "1", so only the
     # canonical spelling names a version.
     if isinstance(version, str) and version.isascii() and version.isdigit() \
@@ -265,7 +267,7 @@ class Repository:
         if version is None:
             version = versions[-1]
         else:
-            version = _check_version(version)
+            version = parse_version(version)
             # One asked for by number is looked for, as an unknown name is:
             # it need not wait for the next rescan (which makes it the
             # default, and lists it).

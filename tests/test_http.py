@@ -120,6 +120,47 @@ def test_tritonclient_infer_defaults_to_binary_outputs(client):
     assert result.get_response()["model_version"] == "1"
 
 
+def test_tritonclient_edge_cases_answer_as_triton_does(client, address):
+    # An empty batch with binary outputs (tritonclient's default) was a 500;
+    # "outputs": [] names none, so every one is answered (as Triton does).
+    empty = np.zeros((0, DIMS[0]), np.float32)
+    tin = triton.InferInput("x", [0, DIMS[0]], "FP32")
+    tin.set_data_from_numpy(empty)
+    y = client.infer("m00", [tin]).as_numpy("y")
+    assert y.shape == (0, DIMS[2]) and y.dtype == np.float32
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer",
+                          infer_body(x_for(6), outputs=[]))
+    assert status == 200 and [o["name"] for o in json.loads(raw)["outputs"]] == ["y"], raw
+    # What the server does not do is said, not misread: a compressed body
+    # (415, which says what it takes), a tensor in shared memory.
+    tin = triton.InferInput("x", [1, DIMS[0]], "FP32")
+    tin.set_data_from_numpy(x_for(7, n=1))
+    with pytest.raises(InferenceServerException, match="Content-Encoding 'gzip' is not"):
+        client.infer("m00", [tin], request_compression_algorithm="gzip")
+    shm_in = triton.InferInput("x", [1, DIMS[0]], "FP32")
+    shm_in.set_shared_memory("region0", 4 * DIMS[0])
+    with pytest.raises(InferenceServerException, match="shared-memory extension"):
+        client.infer("m00", [shm_in])
+
+
+def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address):
+    body = json.dumps(infer_body(x_for(8))).encode()
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                  + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = recv_all(s)
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 415 ") and b"Accept-Encoding: identity" in first, raw
+    assert b"HTTP/1.1 200 " in rest, raw
+    # Identity is no coding at all; a field's value has no whitespace
+    # around it (RFC 9110 5.5), though a client may send some.
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,
+                          {"Content-Encoding": "identity",
+                           "Inference-Header-Content-Length": f"{len(body)} \t"})
+    assert status == 200, raw
+
+
 def test_server_health_and_metadata(client):
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -297,7 +338,7 @@ def test_json_tensor_data_keep_their_meaning(data, datatype, expected):
 def test_unknown_model_version_route_and_method(address):
     body = infer_body(np.zeros((1, 16), np.float32))
     for path in ("/v2/models/nope/infer", "/v2/models/m00/versions/7/infer",
-                 "/v2/models/m00/versions/x/infer"):
+                 "/v2/models/m00/versions/x/infer", "/v2/models/m00/versions/0/infer"):
         status, _, raw = call(address, "POST", path, body)
         assert status == 404, (path, raw)
         assert "error" in json.loads(raw)
@@ -353,7 +394,7 @@ def test_an_http_1_1_request_without_host_is_400_and_the_connection_goes_on(addr
 
 def test_a_version_is_any_canonical_int64():
     assert kserve._version("9223372036854775807") == 2 ** 63 - 1  # 19 digits
-    for bad in ("01", "1" * 20, "9" * 5000, "-1", "١"):  # the last: an Arabic-Indic one
+    for bad in ("0", "01", "1" * 20, "9" * 5000, "-1", "١"):  # the last: an Arabic-Indic one
         with pytest.raises(ModelNotFound):
             kserve._version(bad)
 

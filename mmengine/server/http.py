@@ -53,7 +53,7 @@ MAX_PIPELINED = 64
 IDLE_TIMEOUT_S = 60.0
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            408: "Request Timeout", 413: "Payload Too Large",
+            408: "Request Timeout", 413: "Payload Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
             504: "Gateway Timeout", 507: "Insufficient Storage"}
@@ -573,8 +573,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
             reserved=self.reserved,
-            refused=None if "host" in self.headers or self.parser.get_http_version() != "1.1"
-            else BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)"),
+            refused=self._refused_whole(),
             t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
             else 0)
         if self._stop_awaiting():  # the whole body came in the read that announced it
@@ -585,6 +584,18 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.pipeline_full = True
             self.transport.pause_reading()
         self._kick()
+
+    def _refused_whole(self) -> MMEngineError | None:
+        """Why a request received whole is answered with an error, if it is."""
+        if "host" not in self.headers and self.parser.get_http_version() == "1.1":
+            return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
+        coding = self.headers.get("content-encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            # Read as it is, a compressed body is garbage to every parser
+            # (tritonclient's request_compression_algorithm sends one).
+            return _UnsupportedEncoding(f"Content-Encoding {coding!r} is not supported; "
+                                        f"send the body uncompressed")
+        return None
 
     # -- answering, in order --------------------------------------------------
 
@@ -683,6 +694,9 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     if isinstance(e, _MethodNotAllowed):
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405,
                              [("Allow", ", ".join(sorted(set(e.allowed))))])
+    if isinstance(e, _UnsupportedEncoding):  # what it does take (RFC 9110 15.5.16)
+        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 415,
+                             [("Accept-Encoding", "identity")])
     if isinstance(e, MMEngineError):
         return error_response(e)
     if isinstance(e, asyncio.CancelledError):
@@ -696,6 +710,14 @@ class _RequestTimeout(BadRequest):
     @property
     def http_status(self) -> int:
         return 408
+
+
+class _UnsupportedEncoding(BadRequest):
+    """415: a body in a content coding the server does not decode."""
+
+    @property
+    def http_status(self) -> int:
+        return 415
 
 
 class _HeaderTooLarge(BadRequest):

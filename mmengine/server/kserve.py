@@ -28,6 +28,7 @@ import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
                                   loads, submitted)
+from mmengine.storage import parse_version
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
 
@@ -51,13 +52,7 @@ def datatype_of(dtype: np.dtype | str) -> str:
 
 
 def _version(version: str | None) -> int | None:
-    if version is None:
-        return None
-    # At most 19 digits (int64's): int() never meets a 5,000-digit string.
-    if version.isascii() and version.isdigit() and len(version) <= 19 \
-            and str(int(version)) == version:
-        return int(version)
-    raise ModelNotFound(f"invalid model version {version!r}")
+    return None if version is None else parse_version(version)  # "0": 404, as "01" is
 
 
 # -- health and metadata ---------------------------------------------------------
@@ -213,6 +208,7 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         return body, None
+    length = length.strip(" \t")  # a field's value has none around it (RFC 9110 5.5)
     if not (length.isascii() and length.isdigit() and len(length) <= 19) \
             or int(length) > len(body):
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
@@ -233,7 +229,9 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
         if name in arrays:  # which one was meant? (the last used to win, unsaid)
             raise BadRequest(f"input {name!r} is given twice")
         count = math.prod(shape)
-        size = _parameters(t, f"input {name!r}").get("binary_data_size")
+        params = _parameters(t, f"input {name!r}")
+        _no_shared_memory(params, f"input {name!r}")
+        size = params.get("binary_data_size")
         if size is not None:
             if "data" in t:
                 raise BadRequest(f"input {name!r} has both 'data' and binary_data_size: "
@@ -257,6 +255,12 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
         raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that "
                          f"no input claims")
     return arrays
+
+
+def _no_shared_memory(params: dict, what: str) -> None:
+    if "shared_memory_region" in params:  # Triton's extension: its data is not in the body
+        raise BadRequest(f"{what}: the shared-memory extension is not supported; send the "
+                         f"tensor's data in the body (binary_data)")
 
 
 def _tensor_header(t: dict) -> tuple[str, list, np.dtype]:
@@ -321,7 +325,8 @@ def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_def
         if binary:
             arr = np.ascontiguousarray(arr)  # the engine's outputs already are: no copy
             t["parameters"] = {"binary_data_size": arr.nbytes}
-            buffers.append(memoryview(arr).cast("B"))
+            # (flat first: a view of a shape with a 0 in it cannot be cast)
+            buffers.append(memoryview(arr.reshape(-1)).cast("B"))
         else:
             t["data"] = arr.ravel()  # written by dumps() straight from the array
         tensors.append(t)
@@ -347,6 +352,8 @@ def _parse_outputs(requested, binary_default: bool) -> list[tuple[str, bool]] | 
         return None
     if type(requested) is not list:
         raise BadRequest("'outputs' must be a list")
+    if not requested:  # as Triton takes it: none named, every one
+        return None
     wanted: dict[str, bool] = {}
     for o in requested:
         name = o.get("name") if type(o) is dict else None
@@ -357,6 +364,7 @@ def _parse_outputs(requested, binary_default: bool) -> list[tuple[str, bool]] | 
         p = _parameters(o, f"output {name!r}")
         if "classification" in p:
             raise BadRequest("the classification extension is not supported")
+        _no_shared_memory(p, f"output {name!r}")
         wanted[name] = _flag(p, "binary_data", binary_default)
     return list(wanted.items())
 

@@ -250,7 +250,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self._resume()
 
     def _received(self) -> int:
-        return len(self.buf) if self.big is None else len(self.big.buf)
+        # Before its LargeFrame is made, buf may hold other frames' bytes:
+        # the frame's own count from 0 (its first read is then its pace's).
+        return 0 if self.big is None else len(self.big.buf)
 
     def _served_first(self) -> bool:
         return self.paused
