@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import io
 import json
 import os
 from pathlib import Path
@@ -312,6 +313,58 @@ def test_invoke_answers_the_reference(address, disk):
                                reference(2, np.array([[1, 2, 3, 4]], np.float32)), **TOL)
 
 
+def raw_call(address, path: str, body: bytes, headers: dict) -> tuple[int, str, bytes]:
+    """(status, Content-Type, body) of a POST whose answer may not be JSON."""
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def test_invoke_takes_and_answers_csv_and_npy(address, disk):
+    # What SageMaker's own examples send (text/csv), and numpy's file
+    # format, for a model of one input; the answer in the type Accept asks.
+    assert add(address, "inv-csv", disk["m2"])[0] == 200
+    x = x_for(5)
+    expected = reference(2, x)
+    csv = "\n".join(",".join(repr(float(v)) for v in row) for row in x).encode()
+    for body, media in ((csv, "text/csv"), (npy(x), "application/x-npy"),
+                        (npy(x.astype(">f4")), "application/x-npy")):  # big-endian too
+        for accept, answer_type in (("", "application/json"),
+                                    ("text/csv", "text/csv"),
+                                    ("application/x-npy;q=0.9, text/csv", "application/x-npy"),
+                                    ("image/png, */*", "application/json")):
+            status, content_type, raw = raw_call(
+                address, "/models/inv-csv/invoke", body,
+                {"Content-Type": media, **({"Accept": accept} if accept else {})})
+            assert status == 200 and content_type == answer_type, (media, accept, raw[:200])
+            y = (np.array(json.loads(raw)["outputs"]["y"]) if answer_type == "application/json"
+                 else np.loadtxt(io.StringIO(raw.decode()), delimiter=",", ndmin=2)
+                 if answer_type == "text/csv" else np.load(io.BytesIO(raw)))
+            np.testing.assert_allclose(y, expected, **TOL)
+    status, _, raw = raw_call(address, "/models/inv-csv/invoke", csv,
+                              {"Content-Type": "text/csv", "Accept": "image/png"})
+    assert status == 406 and b"text/csv" in raw, raw  # before the model runs
+    for body, media, why in (
+            (b"1,2,3,4\n5,6\n", "text/csv", b"rows of numbers"),
+            (b"1,x,3,4\n", "text/csv", b"rows of numbers"),
+            (npy(x.astype(np.float64)), "application/x-npy", b"float32"),  # the declared
+            (npy(np.array([["a"] * 4])), "application/x-npy", b"only numbers"),
+            (b"\x93NUMPY garbage", "application/x-npy", b".npy file")):
+        status, _, raw = raw_call(address, "/models/inv-csv/invoke", body,
+                                  {"Content-Type": media})
+        assert status == 400 and why in raw, (body[:30], raw)
+
+
 def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
     # No declared inputs: fractions become float32 (numpy's float64 would
     # meet a float32 TorchScript model's weights and fail), as torch.tensor()
@@ -324,6 +377,9 @@ def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
     status, answer = call(address, "POST", "/models/bare/invoke",
                           {"inputs": {"x": [[1e39, 0, 0, 0]]}})
     assert status == 400 and "out of range for float32" in answer["error"], answer
+    status, answer = call(address, "POST", "/models/bare/invoke",
+                          {"inputs": {"x": [[2 ** 63] * 4]}})  # torch.tensor() refuses it
+    assert status == 400 and "beyond int64" in answer["error"], answer
     # Inputs the backend read from the artifact count as declared: float64 here.
     assert add(address, "bare64", disk["bare64"])[0] == 200
     status, answer = call(address, "POST", "/models/bare64/invoke", {"inputs": {"x": x.tolist()}})
@@ -337,6 +393,16 @@ def test_an_output_json_cannot_carry_is_the_models_error_not_the_callers(address
                           {"inputs": {"x": x_for(1).tolist()}})
     assert status == 500 and answer["code"] == "INTERNAL", answer
     assert "JSON cannot carry" in answer["error"]
+
+
+def test_invocations_names_a_model_in_utf_8(address, disk):
+    # A header's bytes are read as latin-1: a UTF-8 name was not found.
+    assert add(address, "é-名", disk["m1"])[0] == 200
+    x = x_for(6)
+    status, answer = call(address, "POST", "/invocations", x.tolist(),
+                          headers={TARGET: "é-名".encode()})
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"]["y"], reference(1, x), **TOL)
 
 
 def test_invoke_unknown_model_is_404(address):

@@ -5,7 +5,8 @@
     GET    /models                     ?max_results=&next_page_token=
     GET    /models/{name}              {"modelName", "modelUrl"}
     DELETE /models/{name}              unload and forget
-    POST   /models/{name}/invoke       JSON {"inputs": {...}} -> {"outputs": {...}}
+    POST   /models/{name}/invoke       JSON {"inputs": {...}} -> {"outputs": {...}};
+                                       text/csv and application/x-npy for one tensor
     POST   /invocations                the same, the model named by the
                                        X-Amzn-SageMaker-Target-Model header
 
@@ -28,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import io
 import os
 import sys
 import weakref
@@ -102,6 +104,14 @@ class _Conflict(BadRequest):
     @property
     def http_status(self) -> int:
         return 409
+
+
+class _NotAcceptable(BadRequest):
+    """406: no media type that Accept allows can hold the answer."""
+
+    @property
+    def http_status(self) -> int:
+        return 406
 
 
 def _insufficient_storage(e: MMEngineError) -> Response:
@@ -219,18 +229,68 @@ async def unload_model(server, request: Request, name: str) -> Response:
 def invoke(server, request: Request, name: str) -> Later:
     """No task: the request is sent before this returns (for a resident model)."""
     model = _added(server, name)
+    answer = _ANSWERS[_accepted(request)]  # before the model runs: a 406 costs nothing
     inputs = _parse_inputs(request, name, model)
     return submitted(
         request, lambda then: server.engine.submit(name, inputs, token=request.token,
                                                    then=then),
-        _answer)
+        answer)
 
 
-def _answer(outputs: dict[str, np.ndarray]) -> Response:
+def _answer_json(outputs: dict[str, np.ndarray]) -> Response:
     for out, arr in outputs.items():
         if arr.dtype.kind not in "biuf":  # JSON holds numbers and booleans
             raise cannot_carry("JSON", out, arr.dtype)
     return Response(200, dumps({"outputs": outputs}, finite(outputs.values())))
+
+
+def _only_output(outputs: dict[str, np.ndarray], media: str) -> np.ndarray:
+    if len(outputs) != 1:
+        raise _NotAcceptable(f"{media} holds one tensor and the model answered "
+                             f"{len(outputs)} ({sorted(outputs)}); accept {JSON}")
+    (arr,) = outputs.values()
+    if arr.dtype.kind not in "biuf":
+        raise cannot_carry(media, next(iter(outputs)), arr.dtype)
+    return arr
+
+
+def _answer_csv(outputs: dict[str, np.ndarray]) -> Response:
+    """One row a line: a batch's first axis; the rest of each row flattened."""
+    arr = _only_output(outputs, CSV)
+    rows = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    text = io.StringIO()
+    # Enough digits for each float type to read back as itself.
+    fmt = {2: "%.5g", 4: "%.9g", 8: "%.17g"}[arr.itemsize] if arr.dtype.kind == "f" else "%d"
+    np.savetxt(text, rows.astype(np.uint8) if arr.dtype.kind == "b" else rows,
+               delimiter=",", fmt=fmt)
+    return Response(200, text.getvalue().encode(), content_type=CSV)
+
+
+def _answer_npy(outputs: dict[str, np.ndarray]) -> Response:
+    out = io.BytesIO()
+    np.save(out, _only_output(outputs, NPY), allow_pickle=False)
+    return Response(200, out.getvalue(), content_type=NPY)
+
+
+JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
+_ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
+
+
+def _accepted(request: Request) -> str:
+    """The answer's media type: the first of Accept's that is served
+    (preferences by q are not weighed); JSON without an Accept."""
+    accept = request.headers.get("accept", "")
+    if not accept.strip():
+        return JSON
+    for item in accept.split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media in _ANSWERS:
+            return media
+        if media in ("*/*", "application/*"):
+            return JSON
+        if media == "text/*":
+            return CSV
+    raise _NotAcceptable(f"Accept {accept!r}: the answer can be {', '.join(_ANSWERS)}")
 
 
 def invocations(server, request: Request) -> Later:
@@ -238,6 +298,10 @@ def invocations(server, request: Request) -> Later:
     if not name:
         raise BadRequest("/invocations needs the X-Amzn-SageMaker-Target-Model header "
                          "naming a model loaded with POST /models")
+    try:  # a header's bytes are read as latin-1; a name is UTF-8
+        name = name.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass  # not UTF-8: as it was read, and not found
     return invoke(server, request, name)
 
 
@@ -348,12 +412,24 @@ def _decode_token(token: str) -> str:
 # -- request bodies -------------------------------------------------------------------
 
 def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.ndarray]:
-    content_type = request.headers.get("content-type", "application/json")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise BadRequest(f"unsupported Content-Type {content_type!r}: send "
-                         f"application/json")
-    body = request.json()
+    content_type = request.headers.get("content-type", JSON)
+    media = content_type.split(";", 1)[0].strip().lower()
     declared = dict(model.inputs)
+    if media in (CSV, NPY):  # one tensor, for the model's one input
+        if len(declared) != 1:
+            raise BadRequest(f"{name}: {media} holds one tensor, for a model that declares "
+                             f"exactly one input (inputs: {sorted(declared)}); send "
+                             f"{JSON}")
+        key, dtype = next(iter(declared.items()))
+        if media == NPY:  # typed already: the engine refuses a dtype that does not match
+            return {key: _from_npy(request.body)}
+        # Numbers in text, as JSON's are: cast as those are, or refused.
+        return {key: cast_json_array(f"input {key!r}", _from_csv(request.body),
+                                     np.dtype(dtype))}
+    if media != JSON:
+        raise BadRequest(f"unsupported Content-Type {content_type!r}: send {JSON}, {CSV} "
+                         f"or {NPY}")
+    body = request.json()
     if isinstance(body, list):
         if len(declared) != 1:
             raise BadRequest(f"{name}: a bare list is accepted only by a model with "
@@ -372,6 +448,8 @@ def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.nd
         what = f"input {key!r}"
         array = json_array(what, value)
         dtype = declared.get(key)
+        if dtype is None and array.dtype.kind == "u":  # past int64: torch.tensor() refuses it
+            raise BadRequest(f"{what}: an integer beyond int64's range")
         # Undeclared, fractions become float32 (as torch.tensor() makes them,
         # and SageMaker's PyTorch container): numpy's float64 fits no float32
         # model. Integers stay int64, booleans bool.
@@ -381,4 +459,41 @@ def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.nd
 
 
 _FLOAT32 = np.dtype(np.float32)
+
+
+def _from_csv(body: bytes) -> np.ndarray:
+    """Numbers separated by commas, a row a line: a 2-D array, int64 where
+    every field is an integer, else float64."""
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("the text/csv body is not ASCII") from None
+    array = None
+    for dtype in (np.int64, np.float64):
+        try:  # rows of unequal length, or a field that is no number: ValueError
+            array = np.loadtxt(io.StringIO(text), delimiter=",", dtype=dtype, ndmin=2)
+            break
+        except ValueError as e:
+            why = e
+    if array is None:
+        raise BadRequest(f"the text/csv body is not rows of numbers separated by commas: "
+                         f"{why}")
+    if not array.size:
+        raise BadRequest("the text/csv body holds no numbers")
+    return array
+
+
+def _from_npy(body: bytes) -> np.ndarray:
+    """A .npy file's array: numbers or booleans, never a pickle."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadRequest(f"the application/x-npy body is not a .npy file of numbers: "
+                         f"{e}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise BadRequest(f"the application/x-npy body holds {array.dtype}: only numbers "
+                         f"and booleans are taken")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
 
