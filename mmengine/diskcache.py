@@ -315,6 +315,7 @@ class DiskCache:
         entry = self._entries.pop(key)
         self.evictions += 1
         trash = self.root / PARTIAL / f"evicted-{uuid.uuid4().hex}"
+        trash.parent.mkdir(exist_ok=True)  # made by downloads, which may not have run
         try:
             os.rename(entry.path, trash)
         except FileNotFoundError:

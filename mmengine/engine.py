@@ -214,7 +214,7 @@ class Engine:
         "stopping" once the engine refuses new requests (a balancer must
         send them elsewhere while it drains)."""
         alive = sum(w.alive for w in self.pool.workers) if self.pool is not None else 0
-        status = "stopping" if self._closing else "down" if not alive \
+        status = "down" if not alive else "stopping" if self._closing \
             else "warming" if self._warming else "serving"
         return {"status": status, "workers_alive": alive,
                 "warming": sorted([name, version] for name, version in self._warming)}
@@ -494,10 +494,10 @@ class Engine:
     async def _spec(self, name: str, version: int | None, record: bool = True) -> ModelSpec:
         """The model's spec, read once; a model that cannot be served is a
         failed load (`record`: a listing only looks, and counts nothing)."""
+        if version is not None:  # before the look-up: (name, True) finds (name, 1)
+            _check_version(version)
         spec = self._specs.get((name, version))
         if spec is None:
-            if version is not None:
-                _check_version(version)
             bad = self._bad_specs.get((name, version))
             if bad is not None:
                 try:

@@ -994,10 +994,12 @@ def test_a_version_asked_for_by_number_is_found_before_the_next_scan(tmp_path, o
             v2 = (await engine.infer("m", {"x": x}, version=2))["y"]
             default = (await engine.infer("m", {"x": x}))["y"]  # v1 until the next scan
             # A version is an int >= 1 to every call alike (load, pin and
-            # metadata took 0 and "1", which infer refused).
+            # metadata took 0 and "1", which infer refused), looked up
+            # before or not (True and 1.0 would find version 1).
+            await engine.metadata("m", 1)
             for call in (engine.load, engine.pin, engine.unload, engine.unpin,
                          engine.metadata):
-                for version in (0, "1", True):
+                for version in (0, "1", True, 1.0):
                     with pytest.raises(BadRequest, match="positive integer"):
                         await call("m", version)
             return v2, default

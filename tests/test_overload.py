@@ -9,6 +9,7 @@ import concurrent.futures
 import http.client
 import json
 import re
+import select
 import signal
 import socket
 import struct
@@ -489,6 +490,7 @@ RECEIVE_BYTES = 8 * MiB        # the servers' receive budget: one such body at a
 def budget_server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     write_handler(root, "slow", SLOW_HANDLER)
+    write_handler(root, "big", BIG_ANSWER_HANDLER)
     served = start(request, root, MMENGINE_RECEIVE_BYTES=str(RECEIVE_BYTES),
                    MMENGINE_RING_BYTES="32MiB")
     yield served
@@ -667,3 +669,103 @@ def test_a_slow_body_is_not_hurried_when_nobody_waits(budget_server):
         n = protocol.LENGTH.unpack(read_exactly(sock, 4))[0]
         answer = protocol.decode(read_exactly(sock, n))
     assert answer["ok"], answer
+
+
+def read_answers(sock: socket.socket, transport: str, count: int) -> list:
+    """The codes (TCP: "ok" or the error's name) or statuses (HTTP) of a
+    connection's next `count` answers (HTTP: its last asks for the close)."""
+    if transport == "http":
+        data = bytearray()
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+        return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    names = []
+    for _ in range(count):
+        answer = protocol.decode(read_exactly(sock, protocol.LENGTH.unpack(
+            read_exactly(sock, 4))[0]))
+        names.append("ok" if answer["ok"] else answer["error"]["name"])
+    return names
+
+
+@pytest.mark.parametrize("transport", ["tcp", "http"])
+def test_a_body_the_server_stops_reading_is_not_judged_slow(budget_server, transport):
+    # A client whose answers back up is not read (it must read them): its
+    # body, sent at full speed, waits in the kernel. That wait is the
+    # server's, not a slow client's: with another waiting for the budget,
+    # the body was cut off as too slow, and the client lost both answers.
+    big_answer = big_request(transport, 16 * MiB)
+    last = budget_request(transport, 6 * MiB)
+    if transport == "http":
+        last = last.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n", 1)
+    with socket.create_connection(budget_server[transport], timeout=60) as a:
+        small_receive_buffer(a)
+        # The body begun (its budget taken), then the big answer backs up:
+        # the rest, sent at full speed, waits unread.
+        a.sendall(big_answer + last[:MiB])
+        time.sleep(1.0)
+        sending = threading.Thread(target=a.sendall, args=(last[MiB:],), daemon=True)
+        sending.start()
+        with socket.create_connection(budget_server[transport], timeout=30) as b:
+            waiting = threading.Thread(target=b.sendall, daemon=True,
+                                       args=(budget_request(transport, 6 * MiB),))
+            waiting.start()
+            time.sleep(4.0)  # past the grace and a look at the pace
+            answers = read_answers(a, transport, 2)
+            sending.join(10)
+            waiting.join(30)
+            assert b.recv(64), "the waiting request was never answered"
+    assert answers == (["ok", "ok"] if transport == "tcp" else [200, 200]), answers
+
+
+def test_a_body_that_waited_for_the_budget_is_asked_for_with_100_continue(budget_server):
+    # curl waits for "100 Continue" before it sends a body (RFC 9110 lets a
+    # client wait for ever): one that waited for the budget got none when
+    # the budget came, and was then cut off as too slow.
+    trickle = budget_request("http", 6 * MiB)
+    head, _, body = budget_request("http", 6 * MiB).partition(b"\r\n\r\n")
+    with socket.create_connection(budget_server["http"], timeout=30) as slow, \
+            socket.create_connection(budget_server["http"], timeout=30) as polite:
+        slow.sendall(trickle[:256 << 10])  # holds 6 of the 8 MiB, and stalls
+        time.sleep(0.5)
+        polite.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"
+                                    b"Connection: close\r\n", 1) + b"\r\n\r\n")
+        polite.settimeout(15)  # the trickler is cut within a few seconds
+        assert polite.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        polite.sendall(body)
+        assert read_answers(polite, "http", 1) == [200]
+        assert read_answer(slow, "http")[0] == 408
+
+
+def test_a_frame_cut_off_before_its_first_byte_may_still_be_sent_and_read_why(budget_server):
+    # A frame whose budget came after a wait, and then nothing of it: cut
+    # off in its turn, its client may send the rest (dropped unread) and
+    # read the TIMEOUT; the close used to come with the next byte, and the
+    # reset took the answer with it.
+    trickle = budget_request("tcp", 6 * MiB)
+    frame = budget_request("tcp", 6 * MiB)
+    with socket.create_connection(budget_server["tcp"], timeout=30) as slow, \
+            socket.create_connection(budget_server["tcp"], timeout=30) as late, \
+            socket.create_connection(budget_server["tcp"], timeout=30) as other:
+        slow.sendall(trickle[:256 << 10])  # holds 6 of the 8 MiB, and stalls
+        time.sleep(0.5)
+        late.sendall(frame[:4])  # waits for the budget; gets it once `slow` is cut
+        time.sleep(0.5)
+        waiting = threading.Thread(target=other.sendall, args=(frame,), daemon=True)
+        waiting.start()  # waits, so that `late` is judged in its turn
+        assert read_answer(slow, "tcp")[0] == ErrorCode.TIMEOUT
+        late.settimeout(15)
+        code, message = read_answer_after_sending(late, frame[4:])
+        assert code == ErrorCode.TIMEOUT and "receive_min_rate" in message, message
+        waiting.join(30)
+        other.settimeout(30)
+        assert read_answers(other, "tcp", 1) == ["ok"]
+
+
+def read_answer_after_sending(sock: socket.socket, rest: bytes) -> tuple[int, str]:
+    """Waits for the server's error frame, then sends `rest` (as a client
+    unaware of it would) and reads it: (code, message)."""
+    deadline = time.monotonic() + 15
+    while not select.select([sock], [], [], 0.05)[0]:
+        assert time.monotonic() < deadline, "no error frame came"
+    sock.sendall(rest)
+    return read_answer(sock, "tcp")

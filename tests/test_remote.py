@@ -869,3 +869,22 @@ def test_a_cache_dir_that_cannot_be_made_costs_only_remote_models(tmp_path):
     with pytest.raises(LoadFailed, match=r"cache_dir '/proc/self/mmengine-cache' cannot be made"):
         disk.ensure(spec)
     assert not (tmp_path / "cache").exists()
+
+
+def test_copies_evicted_before_any_download_leave_the_disk(tmp_path):
+    # .partial/ (where an evicted copy is renamed before it is deleted) is
+    # made by downloads: an eviction before any, at start (two copies of
+    # one model) or asked for, must still remove the files, not only forget
+    # them.
+    cache = tmp_path / "cache"
+    for age, fp in ((100, "a" * 16), (50, "b" * 16)):
+        copy = cache / "m" / f"1-{fp}"
+        copy.mkdir(parents=True)
+        (copy / "model.toml").write_text("bytes = 1000\n")
+        (copy / "weights.bin").write_bytes(b"x" * 1000)
+        os.utime(copy, (time.time() - age,) * 2)
+    disk = DiskCache(cfg(tmp_path))
+    assert disk.has("m", 1) and not (cache / "m" / f"1-{'a' * 16}").exists()
+    assert disk.evict("m", 1) > 0
+    assert not (cache / "m").exists()
+    assert disk.stats()["models"] == 0

@@ -52,7 +52,8 @@ MAX_HEADER_BYTES = 64 << 10
 MAX_PIPELINED = 64
 IDLE_TIMEOUT_S = 60.0
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            406: "Not Acceptable", 409: "Conflict",
             408: "Request Timeout", 413: "Payload Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -511,12 +512,17 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             raise httptools.HttpParserError("body too large")
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
             self._reserve(int(length))
+        self._continue()
+
+    def _continue(self) -> None:
+        """`100 Continue`, for a request that asked for it: the client waits
+        for it before it sends the body (curl, a second; RFC 9110 lets it
+        wait for ever). Not behind pipelined answers: it would read as
+        theirs; nor while the body waits for the receive budget (it is sent
+        once the budget comes)."""
         if self.headers.get("expect", "").lower() == "100-continue" and not self.queue \
                 and self.answering is None and not self.awaiting \
                 and self.parser.get_http_version() == "1.1":
-            # The client waits for this before it sends the body (curl, a
-            # second). Not behind pipelined answers: it would read as theirs;
-            # nor while the body waits for the receive budget.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _gone(self) -> bool:
@@ -524,17 +530,20 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def _budget_came(self) -> None:
         self._touch()
+        if self.in_head is False and self.began and not self.body_bytes:
+            self._continue()  # its body's pace counts from now, when it may come
         self._resume()
 
     def _received(self) -> int:
         return self.body_bytes
 
     def _served_first(self) -> bool:
-        return self.pipeline_full
+        return self.pipeline_full or self.write_blocked
 
     def _too_slow(self, error: MMEngineError) -> None:
         self.server.receiving.give(self.reserved)
         self.reserved = 0
+        self.body = []  # its bytes are not held either while earlier answers go out
         self._fail(_RequestTimeout(str(error)))
 
     def _resume(self) -> None:

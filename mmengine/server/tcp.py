@@ -255,19 +255,24 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         return 0 if self.big is None else len(self.big.buf)
 
     def _served_first(self) -> bool:
-        return self.paused
+        # Not read while its requests in flight or its answers back up: the
+        # frame's own timeout does not count those waits either.
+        return self.paused or self.write_blocked
 
     def _too_slow(self, error: MMEngineError) -> None:
         """Ends the stream as _refuse does, the frame's bytes given back at
         once and what is left of it dropped unread for LINGER_S."""
-        self.server.receiving.give(self.reserved)
-        self.reserved = 0
+        size, self.reserved = self.reserved, 0
+        self.server.receiving.give(size)
         self._send(protocol.error_response(None, error))
         self.flush()
         self.transport.write_eof()
         # No answer goes out from now on (_send): in flight or not, its
-        # requests end with the stream.
-        self.discard = max(1, self.big.size - len(self.big.buf)) if self.big else 1
+        # requests end with the stream. The frame's body is in its
+        # LargeFrame, or still after its header in buf (the budget came,
+        # and no read since).
+        have = len(self.big.buf) if self.big else max(0, len(self.buf) - 4)
+        self.discard = max(1, size - have)
         self.big = None
         self.buf.clear()
         self.transport.resume_reading()  # read, to drop
