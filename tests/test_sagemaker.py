@@ -18,6 +18,7 @@ from mmengine import demo
 from mmengine.client import Client
 from mmengine.errors import BadRequest
 from mmengine.server import sagemaker
+from mmengine.server.http import PARSE_ON_THREAD
 from conftest import Server, environ
 
 DIMS = (4, 8, 2)
@@ -351,6 +352,17 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
                  else np.loadtxt(io.StringIO(raw.decode()), delimiter=",", ndmin=2)
                  if answer_type == "text/csv" else np.load(io.BytesIO(raw)))
             np.testing.assert_allclose(y, expected, **TOL)
+    # Long enough to be parsed on a thread: the same answer.
+    x = x_for(7, n=60_000)
+    long_csv = "\n".join(",".join(repr(float(v)) for v in row) for row in x).encode()
+    assert len(long_csv) > PARSE_ON_THREAD
+    status, _, raw = raw_call(address, "/models/inv-csv/invoke", long_csv,
+                              {"Content-Type": "text/csv", "Accept": "application/x-npy"})
+    assert status == 200, raw[:200]
+    np.testing.assert_allclose(np.load(io.BytesIO(raw)), reference(2, x), **TOL)
+    status, _, raw = raw_call(address, "/models/inv-csv/invoke", long_csv[:-1] + b",",
+                              {"Content-Type": "text/csv"})
+    assert status == 400 and b"rows of numbers" in raw, raw[:200]
     status, _, raw = raw_call(address, "/models/inv-csv/invoke", csv,
                               {"Content-Type": "text/csv", "Accept": "image/png"})
     assert status == 406 and b"text/csv" in raw, raw  # before the model runs

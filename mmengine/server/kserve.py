@@ -20,6 +20,7 @@ unload check it against the control token, if one is configured.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
-                                  loads, submitted)
+                                  loads, parsed, submitted)
 from mmengine.storage import parse_version
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
@@ -156,9 +157,31 @@ def _load_params(request: Request) -> dict:
 # -- infer: the hot path ----------------------------------------------------------
 
 def infer(server, request: Request, name: str, version: str | None = None) -> Later:
-    """No task: the request is sent before this returns (for a resident model)."""
+    """No task: the request is sent before this returns (for a resident
+    model), unless its JSON is long enough to be parsed on a thread first."""
     v = _version(version)
     header, binary = _split_body(request)
+
+    def send(infer: _Infer) -> Later:
+        return submitted(
+            request,
+            lambda then: server.engine.submit(name, infer.inputs, v, infer.timeout,
+                                              request.token, then),
+            lambda outputs: _infer_response(infer.req, infer.wanted, infer.binary_default,
+                                            name, version, outputs))
+    return parsed(len(header), lambda: _parse_infer(header, binary), send)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Infer:
+    req: dict
+    inputs: dict[str, np.ndarray]
+    timeout: float | None
+    binary_default: bool
+    wanted: list[tuple[str, bool]] | None
+
+
+def _parse_infer(header: bytes, binary: memoryview | None) -> _Infer:
     try:
         req = loads(header, "the inference request")
     except BadRequest as e:
@@ -173,13 +196,9 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
     if type(req.get("id", "")) is not str:
         raise BadRequest("'id' must be a string")
     inputs = _parse_inputs(req.get("inputs"), binary)
-    timeout = _timeout(params)
     binary_default = _flag(params, "binary_data_output", False)
-    wanted = _parse_outputs(req.get("outputs"), binary_default)
-    return submitted(
-        request,
-        lambda then: server.engine.submit(name, inputs, v, timeout, request.token, then),
-        lambda outputs: _infer_response(req, wanted, binary_default, name, version, outputs))
+    return _Infer(req, inputs, _timeout(params), binary_default,
+                  _parse_outputs(req.get("outputs"), binary_default))
 
 
 def _parameters(obj: dict, what: str) -> dict:

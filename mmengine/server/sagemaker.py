@@ -43,7 +43,8 @@ from mmengine.engine import log as engine_log
 from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
-                                  error_response, finite, json_array, json_response, submitted)
+                                  error_response, finite, json_array, json_response, parsed,
+                                  submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -230,11 +231,14 @@ def invoke(server, request: Request, name: str) -> Later:
     """No task: the request is sent before this returns (for a resident model)."""
     model = _added(server, name)
     answer = _ANSWERS[_accepted(request)]  # before the model runs: a 406 costs nothing
-    inputs = _parse_inputs(request, name, model)
-    return submitted(
-        request, lambda then: server.engine.submit(name, inputs, token=request.token,
-                                                   then=then),
-        answer)
+    media = _media(request)
+    return parsed(
+        0 if media == NPY else len(request.body),  # .npy is bytes already, not text
+        lambda: _parse_inputs(request, media, name, model),
+        lambda inputs: submitted(
+            request, lambda then: server.engine.submit(name, inputs, token=request.token,
+                                                       then=then),
+            answer))
 
 
 def _answer_json(outputs: dict[str, np.ndarray]) -> Response:
@@ -411,9 +415,17 @@ def _decode_token(token: str) -> str:
 
 # -- request bodies -------------------------------------------------------------------
 
-def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.ndarray]:
+def _media(request: Request) -> str:
     content_type = request.headers.get("content-type", JSON)
     media = content_type.split(";", 1)[0].strip().lower()
+    if media not in (JSON, CSV, NPY):
+        raise BadRequest(f"unsupported Content-Type {content_type!r}: send {JSON}, {CSV} "
+                         f"or {NPY}")
+    return media
+
+
+def _parse_inputs(request: Request, media: str, name: str,
+                  model: _Added) -> dict[str, np.ndarray]:
     declared = dict(model.inputs)
     if media in (CSV, NPY):  # one tensor, for the model's one input
         if len(declared) != 1:
@@ -426,9 +438,6 @@ def _parse_inputs(request: Request, name: str, model: _Added) -> dict[str, np.nd
         # Numbers in text, as JSON's are: cast as those are, or refused.
         return {key: cast_json_array(f"input {key!r}", _from_csv(request.body),
                                      np.dtype(dtype))}
-    if media != JSON:
-        raise BadRequest(f"unsupported Content-Type {content_type!r}: send {JSON}, {CSV} "
-                         f"or {NPY}")
     body = request.json()
     if isinstance(body, list):
         if len(declared) != 1:

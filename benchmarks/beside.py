@@ -1,0 +1,137 @@
+"""What the front-end's heavy work costs the requests it runs beside:
+/metrics scrapes, and long JSON request bodies.
+
+    python benchmarks/beside.py [--json] [--quick]
+
+`mmengine serve` (one CPU worker) knows MODELS small models, each of which
+has answered a request, so a scrape reports per-model counters and two
+histograms for each (thousands of lines). One client sends requests to
+one model over the SDK, one at a time: first alone (the baseline,
+`idle_*`), then while another thread scrapes /metrics back to back
+(`during_*`), then while another thread sends KServe infer requests of
+JSON_MB of JSON tensor data back to back (`during_json_*`). Both used to
+run on the event loop and stall every request for their whole length (a
+scrape ~150 ms at 300 models; a JSON body parses at ~120 MB/s); a scrape
+is now copied on the loop and formatted on a thread, and a JSON body of
+PARSE_ON_THREAD bytes or more is parsed on a thread. Keys: models,
+scrape_lines, scrape_ms (median), scrapes, json_mb, json_ms (median of a
+whole JSON request), json_requests, idle_p50_us, idle_p99_us, idle_max_us,
+during_{p50,p99,max}_us, during_json_{p50,p99,max}_us, ratios =
+{p99_during_vs_idle, max_during_vs_idle_p99, p99_during_json_vs_idle,
+max_during_json_vs_idle_p99}.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from overhead import server  # the script's own folder is on sys.path; it adds the project's
+from report import arguments, emit
+
+from mmengine import Client, demo  # on sys.path since overhead was imported
+
+X = {"x": np.ones((1, 4), np.float32)}
+JSON_MB = 8
+
+
+def json_body(mb: float) -> bytes:
+    """A KServe infer request for m001 of about `mb` MB of JSON data."""
+    rows = int(mb * 1e6 / (4 * 21))  # a float32 in JSON: ~20 characters and a comma
+    x = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
+    return json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+
+
+def latencies(client: Client, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.infer("m000", X)
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+
+def repeat_until(address: str, stop: threading.Event, took: list[float], lines: list[int],
+                 method: str, path: str, body: bytes | None = None) -> None:
+    """One request after another until `stop`: each one's seconds, and the
+    lines of each answer."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        answer = response.read()
+        assert response.status == 200, answer[:200]
+        took.append(time.perf_counter() - t0)
+        lines.append(answer.count(b"\n"))
+    conn.close()
+
+
+def beside(client: Client, requests: int, *background) -> tuple[list[float], list[float],
+                                                                 list[int]]:
+    """The client's latencies while `background` repeats: (latencies,
+    the background's seconds, its answers' lines)."""
+    stop, took, lines = threading.Event(), [], []
+    worker = threading.Thread(target=repeat_until, args=(background[0], stop, took, lines,
+                                                         *background[1:]))
+    worker.start()
+    try:
+        return latencies(client, requests), took, lines
+    finally:
+        stop.set()
+        worker.join(120)
+
+
+def measure(repo: Path, models: int, requests: int) -> dict:
+    with server(repo, "--workers", "1", "--device-budget", "256MiB") as (address, proc), \
+            Client(address, timeout=60) as client:
+        for i in range(models):  # each model a series of its own
+            client.infer(f"m{i:03d}", X)
+        latencies(client, requests // 4)  # warm
+        idle = latencies(client, requests)
+        during, took, lines = beside(client, requests, proc.http_address, "GET", "/metrics")
+        body = json_body(JSON_MB)
+        during_json, json_took, _ = beside(client, requests // 4, proc.http_address, "POST",
+                                           "/v2/models/m001/infer", body)
+
+    def us(values: list[float], q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1e6, 1)
+
+    return {"models": models, "scrape_lines": max(lines), "scrapes": len(took),
+            "scrape_ms": round(statistics.median(took) * 1e3, 1),
+            "idle_p50_us": us(idle, 0.5), "idle_p99_us": us(idle, 0.99),
+            "idle_max_us": us(idle, 1.0),
+            "during_p50_us": us(during, 0.5), "during_p99_us": us(during, 0.99),
+            "during_max_us": us(during, 1.0),
+            "json_mb": round(len(body) / 1e6, 1), "json_requests": len(json_took),
+            "json_ms": round(statistics.median(json_took) * 1e3, 1),
+            "during_json_p50_us": us(during_json, 0.5),
+            "during_json_p99_us": us(during_json, 0.99),
+            "during_json_max_us": us(during_json, 1.0),
+            "ratios": {"p99_during_vs_idle": round(us(during, 0.99) / us(idle, 0.99), 2),
+                       "max_during_vs_idle_p99": round(us(during, 1.0) / us(idle, 0.99), 2),
+                       "p99_during_json_vs_idle":
+                           round(us(during_json, 0.99) / us(idle, 0.99), 2),
+                       "max_during_json_vs_idle_p99":
+                           round(us(during_json, 1.0) / us(idle, 0.99), 2)}}
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    models, requests = (150, 1500) if args.quick else (300, 5000)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(models):
+            demo.write_mlp(Path(tmp) / f"m{i:03d}", "safetensors", 4, 8, 2, seed=i)
+        emit(measure(Path(tmp), models, requests), args.json)
+
+
+if __name__ == "__main__":
+    main()
