@@ -199,6 +199,19 @@ def test_model_metadata(client):
         client.get_model_metadata("nope")
 
 
+def test_model_config_as_triton_writes_it(client):
+    # tritonclient's get_model_config, which tools read a model's tensors from.
+    config = client.get_model_config("m00")
+    assert config == {"name": "m00", "platform": "safetensors", "backend": "safetensors",
+                      "max_batch_size": 0,
+                      "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, DIMS[0]]}],
+                      "output": [{"name": "y", "data_type": "TYPE_FP32",
+                                  "dims": [-1, DIMS[2]]}]}, config
+    assert client.get_model_config("m00", model_version="1") == config
+    with pytest.raises(InferenceServerException, match="nope"):
+        client.get_model_config("nope")
+
+
 def test_model_ready_only_once_resident(client):
     assert not client.is_model_ready("m01")  # never asked for: on storage
     assert not client.is_model_ready("m01", "1")

@@ -89,6 +89,23 @@ def _tensor_metadata(t: dict) -> dict:
     return {"name": t["name"], "datatype": datatype_of(t["dtype"]), "shape": t["shape"]}
 
 
+async def model_config(server, request: Request, name: str,
+                       version: str | None = None) -> Response:
+    """Triton's model configuration (tritonclient's get_model_config), for
+    the clients and tools that read a model's tensors there: what the
+    metadata says, as Triton writes it. No batching of ours: max_batch_size
+    0, and dims are whole shapes (-1: any size)."""
+    meta = await server.engine.metadata(name, _version(version))
+
+    def tensors(ts: list[dict]) -> list[dict]:
+        return [{"name": t["name"], "data_type": "TYPE_" + datatype_of(t["dtype"]),
+                 "dims": t["shape"]} for t in ts]
+    return Response(200, dumps({
+        "name": meta["name"], "platform": meta["backend"], "backend": meta["backend"],
+        "max_batch_size": 0, "input": tensors(meta["inputs"]),
+        "output": tensors(meta["outputs"])}))
+
+
 async def model_ready(server, request: Request, name: str,
                       version: str | None = None) -> Response:
     """200 once the model is resident, 400 before (and while it loads);
@@ -399,6 +416,8 @@ ROUTES: list = [
     ("GET", "/v2/models/{name}/versions/{version}", model_metadata),
     ("GET", "/v2/models/{name}/ready", model_ready),
     ("GET", "/v2/models/{name}/versions/{version}/ready", model_ready),
+    ("GET", "/v2/models/{name}/config", model_config),
+    ("GET", "/v2/models/{name}/versions/{version}/config", model_config),
     ("POST", "/v2/repository/index", repository_index),
     ("POST", "/v2/repository/models/{name}/load", repository_load),
     ("POST", "/v2/repository/models/{name}/unload", repository_unload),
