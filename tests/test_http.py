@@ -172,6 +172,17 @@ def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address
     first, _, rest = raw.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 415 ") and b"Accept-Encoding: identity" in first, raw
     assert b"HTTP/1.1 200 " in rest, raw
+    # A coding repeated on a later line is still read; a transfer coding
+    # other than chunked is not implemented (RFC 9112 6.1).
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                  b"Content-Encoding: identity\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body)
+                  + b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                  % (len(body), body))
+        raw = recv_all(s)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"415", b"501"], raw
     # Identity is no coding at all; a field's value has no whitespace
     # around it (RFC 9110 5.5), though a client may send some.
     status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,

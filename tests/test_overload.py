@@ -769,3 +769,125 @@ def read_answer_after_sending(sock: socket.socket, rest: bytes) -> tuple[int, st
         assert time.monotonic() < deadline, "no error frame came"
     sock.sendall(rest)
     return read_answer(sock, "tcp")
+
+
+def test_a_pipelined_request_gets_its_100_continue_once_the_answers_before_it_are_out(
+        budget_server):
+    # Sent behind a request still being answered, its 100 would read as
+    # that request's: it is owed, and sent once that answer is out (it was
+    # never sent, and the client waited for ever).
+    slow = json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                   "data": [0.5]}]}).encode()
+    head, _, body = budget_request("http", 2 * MiB).partition(b"\r\n\r\n")
+    with socket.create_connection(budget_server["http"], timeout=15) as s:
+        s.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                  % len(slow) + slow
+                  + head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"
+                                 b"Connection: close\r\n", 1) + b"\r\n\r\n")
+        seen = b""
+        while b"100 Continue" not in seen:  # bounded by the socket's timeout
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]  # after the first answer
+        s.sendall(body)
+        rest = bytearray(seen.partition(b"100 Continue\r\n\r\n")[2])
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 200 "), bytes(rest[:200])
+
+
+def test_a_body_that_waits_an_idle_timeout_for_the_budget_is_told_503(tmp_path):
+    # With no pace rule (receive_min_rate 0) a holder whose answers back up
+    # and who reads them slowly keeps the budget; a body waiting for it an
+    # idle timeout got a reset (closed with its bytes unread), not an answer.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, receive_bytes=RECEIVE_BYTES,
+                        receive_min_rate=0, ring_bytes="32MiB")
+        async with Engine(config) as engine:
+            server = HttpServer(engine, http_routes(), idle_timeout_s=1.0)
+            port = await server.start("127.0.0.1", 0)
+            request = budget_request("http", 6 * MiB)
+            holder_r, holder = await asyncio.open_connection("127.0.0.1", port)
+            small_receive_buffer(holder.get_extra_info("socket"))
+            holder.write(big_http_request(16 * MiB) + request[:MiB])
+            await asyncio.sleep(0.5)  # its answer backs up: its body is not read
+            waiting_r, waiting = await asyncio.open_connection("127.0.0.1", port)
+            waiting.write(request[:64 << 10])
+            answer = b""
+            for _ in range(60):  # the holder reads its answer slowly: active, not cut
+                await holder_r.read(4096)
+                try:
+                    answer = await asyncio.wait_for(waiting_r.read(4096), 0.1)
+                    break
+                except TimeoutError:
+                    pass
+            holder.close()
+            waiting.close()
+            await server.stop()
+            return answer
+
+    answer = run(main(), timeout=60)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in answer, answer
+    assert b"receive budget" in answer, answer
+
+
+def test_a_holder_that_never_reads_its_answers_is_judged_after_a_while(tmp_path,
+                                                                       monkeypatch):
+    # Not read while its answers back up, a body is not judged slow: for
+    # listener.SERVED_FIRST_MAX_S at most (1 s here), or a client reading
+    # its answers a byte at a time would hold its budget for ever.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import listener
+    from mmengine.server.tcp import TcpServer
+
+    monkeypatch.setattr(listener, "SERVED_FIRST_MAX_S", 1.0)
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, receive_bytes=RECEIVE_BYTES,
+                        ring_bytes="32MiB")
+        async with Engine(config) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            request = budget_request("tcp", 6 * MiB)
+            holder_r, holder = await asyncio.open_connection("127.0.0.1", port)
+            small_receive_buffer(holder.get_extra_info("socket"))
+            holder.write(big_request("tcp", 16 * MiB) + request[:MiB])
+            await asyncio.sleep(0.5)  # its answer backs up: its body is not read
+            waiting_r, waiting = await asyncio.open_connection("127.0.0.1", port)
+            waiting.write(request)
+            t0 = asyncio.get_running_loop().time()
+            n = protocol.LENGTH.unpack(await asyncio.wait_for(waiting_r.readexactly(4), 20))[0]
+            answer = protocol.decode(await waiting_r.readexactly(n))
+            waited = asyncio.get_running_loop().time() - t0
+            # The holder: its big answer, then the TIMEOUT that ended it.
+            frames = []
+            while len(frames) < 2:
+                n = protocol.LENGTH.unpack(await asyncio.wait_for(holder_r.readexactly(4), 20))[0]
+                frames.append(protocol.decode(await holder_r.readexactly(n)))
+            holder.close()
+            waiting.close()
+            await server.stop()
+            return answer, frames, waited
+
+    answer, frames, waited = run(main(), timeout=90)
+    assert answer["ok"], answer
+    assert frames[0]["ok"] and frames[1]["error"]["name"] == "TIMEOUT", frames[1]
+    assert waited < 10, waited  # 1 s, then a grace of 2 s, judged each second

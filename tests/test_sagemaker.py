@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -366,15 +367,33 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
     status, _, raw = raw_call(address, "/models/inv-csv/invoke", csv,
                               {"Content-Type": "text/csv", "Accept": "image/png"})
     assert status == 406 and b"text/csv" in raw, raw  # before the model runs
-    for body, media, why in (
-            (b"1,2,3,4\n5,6\n", "text/csv", b"rows of numbers"),
-            (b"1,x,3,4\n", "text/csv", b"rows of numbers"),
-            (npy(x.astype(np.float64)), "application/x-npy", b"float32"),  # the declared
-            (npy(np.array([["a"] * 4])), "application/x-npy", b"only numbers"),
-            (b"\x93NUMPY garbage", "application/x-npy", b".npy file")):
+    # A spreadsheet's byte-order mark is no number; an empty batch answers
+    # an empty table; q=0 is "not this one".
+    status, _, raw = raw_call(address, "/models/inv-csv/invoke", b"\xef\xbb\xbf" + csv,
+                              {"Content-Type": "text/csv", "Accept": "text/csv;q=0, */*"})
+    assert status == 200 and json.loads(raw)["outputs"]["y"], raw[:200]
+    status, content_type, raw = raw_call(
+        address, "/models/inv-csv/invoke", npy(np.zeros((0, 4), np.float32)),
+        {"Content-Type": "application/x-npy", "Accept": "text/csv"})
+    assert (status, content_type, raw) == (200, None, b""), raw  # no body, no type
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (35184372088832,), }"
+    giant = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.ljust(117) + b"\n"
+    zipped = io.BytesIO()
+    np.savez(zipped, x=x)
+    for body, media, why, code in (
+            (b"1,2,3,4\n5,6\n", "text/csv", b"rows of numbers", 400),
+            (b"1,x,3,4\n", "text/csv", b"rows of numbers", 400),
+            (b"1,2,nan,4\n", "text/csv", b"not finite", 400),
+            (b"\n" * 100, "text/csv", b"no numbers", 400),
+            (b"1,2,3,4\n" * ((2 << 20) + 1), "text/csv", b"at most", 413),
+            (npy(x.astype(np.float64)), "application/x-npy", b"float32", 400),  # the declared
+            (npy(np.array([["a"] * 4])), "application/x-npy", b"only numbers", 400),
+            (b"\x93NUMPY garbage", "application/x-npy", b".npy file", 400),
+            (giant + bytes(16), "application/x-npy", b"header says", 400),  # not 32 TiB
+            (zipped.getvalue(), "application/x-npy", b".npy file", 400)):
         status, _, raw = raw_call(address, "/models/inv-csv/invoke", body,
                                   {"Content-Type": media})
-        assert status == 400 and why in raw, (body[:30], raw)
+        assert status == code and why in raw, (body[:30], raw)
 
 
 def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import email.utils
 import functools
 import inspect
@@ -56,7 +57,8 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
             406: "Not Acceptable", 409: "Conflict",
             408: "Request Timeout", 413: "Payload Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+            503: "Service Unavailable",
             504: "Gateway Timeout", 507: "Insufficient Storage"}
 
 
@@ -258,26 +260,51 @@ def submitted(request: Request,
     return later
 
 
-#: Request text (JSON or CSV tensor data) at least this long is parsed on a
-#: thread: it parses at 50-120 MB/s, and on the loop a 64 MiB body would
-#: stall every other connection for up to a second. On a thread, the loop
-#: takes the GIL back every gil_switch_us and goes on serving.
+#: A request body at least this long is parsed on a thread: JSON or CSV
+#: tensor data parses at 50-120 MB/s, and on the loop a 64 MiB body would
+#: stall every other connection for up to a second. On a thread the loop
+#: gets the GIL back between the parser's calls (orjson and numpy hold it
+#: for each whole call: benchmarks/beside.py).
 PARSE_ON_THREAD = 1 << 20
+#: The threads that parse bodies and format long answers: two at a time,
+#: whatever the cores (a parse may take ten times its body's bytes while it
+#: runs), and not the loop's default executor, which reads the repository.
+_PARSERS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="mmengine-parse")
 
 
-def parsed(nbytes: int, parse: Callable[[], Any], send: Callable[[Any], Later]) -> Later:
-    """send(parse()): at once for text shorter than PARSE_ON_THREAD
-    (`nbytes`), else with parse() run on a thread first. Either way a
-    client that goes away abandons the inference."""
-    if nbytes < PARSE_ON_THREAD:
+def parsed(nbytes: int, parse: Callable[[], Any], send: Callable[[Any], Later],
+           finish_on_thread: bool = False) -> Later:
+    """send(parse()): at once for a body shorter than PARSE_ON_THREAD
+    (`nbytes`), else with parse() run on a parse thread first; and with the
+    answer made on one too if `finish_on_thread` (a long one is slow to
+    format). Either way a client that goes away abandons the inference."""
+    if nbytes < PARSE_ON_THREAD and not finish_on_thread:
         return send(parse())
 
     async def parse_then_send() -> Response:
-        later = send(await asyncio.to_thread(parse))
-        return later.finish(await later.future)  # cancelled with this task
+        loop = asyncio.get_running_loop()
+        later = send(await _on_thread(loop, parse) if nbytes >= PARSE_ON_THREAD else parse())
+        result = await later.future  # cancelled with this task
+        if finish_on_thread:
+            return await _on_thread(loop, functools.partial(later.finish, result))
+        return later.finish(result)
     later = Later.of(asyncio.get_running_loop().create_task(parse_then_send()))
     later.inference = True
     return later
+
+
+async def _on_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -> Any:
+    """work() on a parse thread. Cancelled meanwhile, it still waits for
+    the thread: the body it parses is held (and counted in the receive
+    budget, until its request ends) until the thread lets go of it."""
+    running = loop.run_in_executor(_PARSERS, work)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # nobody wants it: taken, so that nothing logs it
+        raise
 
 
 Handler = Callable[..., Awaitable[Response] | Response | Later]
@@ -360,6 +387,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.body_bytes = 0
         self.reserved = 0         # the budget the body being received holds
         self.refused: MMEngineError | None = None
+        self.continue_owed = False  # asked for 100 Continue, not yet sent
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -463,6 +491,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self._watch_closed(now, unsent, timeout)
         elif now < due:
             self._arm(min(due, self.began + timeout) if unfinished else due)
+        elif self.awaiting:  # said, not reset: a close with its bytes unread resets
+            self._fail(Overloaded(f"the request waited {timeout:g} s for the receive "
+                                  f"budget (receive_bytes), held by other large bodies; "
+                                  f"retry later"))
         elif self.answering is None:  # a request in progress re-arms it when answered
             self._close()
 
@@ -515,7 +547,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header(len(name) + len(value))
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if key in _LIST_FIELDS and key in self.headers:  # repeated: one list (RFC 9110 5.3)
+            text = f"{self.headers[key]}, {text}"
+        self.headers[key] = text
 
     def _count_header(self, n: int) -> None:
         self.header_bytes += n
@@ -540,11 +575,13 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         """`100 Continue`, for a request that asked for it: the client waits
         for it before it sends the body (curl, a second; RFC 9110 lets it
         wait for ever). Not behind pipelined answers: it would read as
-        theirs; nor while the body waits for the receive budget (it is sent
-        once the budget comes)."""
-        if self.headers.get("expect", "").lower() == "100-continue" and not self.queue \
-                and self.answering is None and not self.awaiting \
-                and self.parser.get_http_version() == "1.1":
+        theirs; nor while the body waits for the receive budget. It is owed
+        then, and sent once they are out or the budget comes."""
+        if self.headers.get("expect", "").lower() != "100-continue" \
+                or self.parser.get_http_version() != "1.1":
+            return
+        self.continue_owed = bool(self.queue or self.answering is not None or self.awaiting)
+        if not self.continue_owed:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _gone(self) -> bool:
@@ -552,7 +589,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def _budget_came(self) -> None:
         self._touch()
-        if self.in_head is False and self.began and not self.body_bytes:
+        if self.continue_owed:
             self._continue()  # its body's pace counts from now, when it may come
         self._resume()
 
@@ -620,12 +657,16 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         """Why a request received whole is answered with an error, if it is."""
         if "host" not in self.headers and self.parser.get_http_version() == "1.1":
             return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
-        coding = self.headers.get("content-encoding", "").strip().lower()
-        if coding not in ("", "identity"):
+        codings = _codings(self.headers.get("content-encoding", ""))
+        if codings - {"identity"}:
             # Read as it is, a compressed body is garbage to every parser
             # (tritonclient's request_compression_algorithm sends one).
-            return _UnsupportedEncoding(f"Content-Encoding {coding!r} is not supported; "
-                                        f"send the body uncompressed")
+            return _UnsupportedEncoding(
+                f"Content-Encoding {self.headers['content-encoding']!r} is not supported; "
+                f"send the body uncompressed")
+        if _codings(self.headers.get("transfer-encoding", "")) - {"chunked"}:
+            return _NotImplemented(f"Transfer-Encoding {self.headers['transfer-encoding']!r}"
+                                   f" is not supported: only chunked (RFC 9112 6.1)")
         return None
 
     # -- answering, in order --------------------------------------------------
@@ -653,8 +694,11 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 return
             if not self._respond(item, answer):
                 return
-        if self.answering is None and not self.queue and self.eof:
-            self._close()
+        if self.answering is None and not self.queue:
+            if self.eof:
+                self._close()
+            elif self.continue_owed and not self.dead:  # the answers before it are out
+                self._continue()
 
     def _start(self, request: Request) -> Response | Later:
         if request.refused is not None:
@@ -741,6 +785,23 @@ class _RequestTimeout(BadRequest):
     @property
     def http_status(self) -> int:
         return 408
+
+
+#: Header fields whose repeats are one comma-separated list, which the
+#: server reads as a whole (a later line must not hide an earlier one).
+_LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding"})
+
+
+def _codings(value: str) -> set[str]:
+    return {c.strip().lower() for c in value.split(",") if c.strip()}
+
+
+class _NotImplemented(BadRequest):
+    """501: a transfer coding the server does not decode (RFC 9112 6.1)."""
+
+    @property
+    def http_status(self) -> int:
+        return 501
 
 
 class _UnsupportedEncoding(BadRequest):

@@ -178,6 +178,11 @@ RESERVE_ABOVE = 1 << 20
 #: seconds are TCP's slow start and its client's own).
 PACE_CHECK_S = 1.0
 PACE_GRACE_S = 2.0
+#: A body not read while the server answers its client's requests (its
+#: answers back up, too many in flight) is not judged meanwhile, for this
+#: long at most: past it, a client that reads its answers a byte at a time
+#: would hold its part of the budget for ever.
+SERVED_FIRST_MAX_S = 10.0
 #: How long a connection refused mid-request drops what its client still
 #: sends before it closes (see _HttpConnection._linger).
 LINGER_S = 5.0
@@ -275,6 +280,7 @@ class BudgetedReading:
     awaiting = 0
     paced_from = 0.0  # loop time the pace of the body holding `reserved` counts from
     paced_base = 0    # its bytes read by then
+    served_since = 0.0  # loop time it has not been read for its own requests since; 0: read
 
     def _reserve(self, nbytes: int) -> None:
         """Takes the budget for a large body that has begun, or stops
@@ -300,8 +306,11 @@ class BudgetedReading:
         self.server.receiving.hold(self)
 
     def _judge_pace(self, now: float, min_rate: int) -> None:
-        if self._served_first():  # its wait is the server's: it counts from after it
-            self._pace_from_now()
+        if not self._served_first():
+            self.served_since = 0.0
+        elif not self.served_since or now - self.served_since < SERVED_FIRST_MAX_S:
+            self.served_since = self.served_since or now
+            self._pace_from_now()  # its wait is the server's: it counts from after it
             return
         elapsed = now - self.paced_from
         rate = (self._received() - self.paced_base) / elapsed if elapsed > 0 else 0.0

@@ -30,7 +30,9 @@ import base64
 import binascii
 import dataclasses
 import io
+import math
 import os
+import re
 import sys
 import weakref
 from typing import Any
@@ -233,12 +235,12 @@ def invoke(server, request: Request, name: str) -> Later:
     answer = _ANSWERS[_accepted(request)]  # before the model runs: a 406 costs nothing
     media = _media(request)
     return parsed(
-        0 if media == NPY else len(request.body),  # .npy is bytes already, not text
-        lambda: _parse_inputs(request, media, name, model),
+        len(request.body), lambda: _parse_inputs(request, media, name, model),
         lambda inputs: submitted(
             request, lambda then: server.engine.submit(name, inputs, token=request.token,
                                                        then=then),
-            answer))
+            answer),
+        finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
 
 def _answer_json(outputs: dict[str, np.ndarray]) -> Response:
@@ -259,9 +261,14 @@ def _only_output(outputs: dict[str, np.ndarray], media: str) -> np.ndarray:
 
 
 def _answer_csv(outputs: dict[str, np.ndarray]) -> Response:
-    """One row a line: a batch's first axis; the rest of each row flattened."""
+    """One row a line: a batch's first axis; the rest of each row flattened.
+    Made on a parse thread (numpy writes it a row at a time, ~2 us a row)."""
     arr = _only_output(outputs, CSV)
-    rows = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    if arr.size > MAX_CSV_VALUES:
+        raise _NotAcceptable(f"the answer's {arr.size} values are more than a text/csv "
+                             f"answer holds ({MAX_CSV_VALUES}); accept {NPY} or {JSON}")
+    rows = (arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim > 1
+            else arr.reshape(1, arr.size))
     text = io.StringIO()
     # Enough digits for each float type to read back as itself.
     fmt = {2: "%.5g", 4: "%.9g", 8: "%.17g"}[arr.itemsize] if arr.dtype.kind == "f" else "%d"
@@ -278,6 +285,12 @@ def _answer_npy(outputs: dict[str, np.ndarray]) -> Response:
 
 JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 _ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
+#: CSV is for small tables: its parser holds the GIL for each call and
+#: takes ten times the text's bytes, and its writer goes a row at a time.
+#: Larger tensors travel as .npy.
+MAX_CSV_BYTES = 16 << 20
+MAX_CSV_VALUES = 1 << 20
+CSV_CHUNK = 1 << 20  # text parsed per call, so that the GIL changes hands between calls
 
 
 def _accepted(request: Request) -> str:
@@ -287,7 +300,10 @@ def _accepted(request: Request) -> str:
     if not accept.strip():
         return JSON
     for item in accept.split(","):
-        media = item.split(";", 1)[0].strip().lower()
+        media, _, params = item.partition(";")
+        media = media.strip().lower()
+        if re.search(r"(^|;)\s*q\s*=\s*0(\.0*)?\s*($|;)", params):
+            continue  # q=0: not acceptable (RFC 9110 12.4.2)
         if media in _ANSWERS:
             return media
         if media in ("*/*", "application/*"):
@@ -432,12 +448,16 @@ def _parse_inputs(request: Request, media: str, name: str,
             raise BadRequest(f"{name}: {media} holds one tensor, for a model that declares "
                              f"exactly one input (inputs: {sorted(declared)}); send "
                              f"{JSON}")
-        key, dtype = next(iter(declared.items()))
+        key = next(iter(declared))
+        dtype = np.dtype(declared[key])
         if media == NPY:  # typed already: the engine refuses a dtype that does not match
             return {key: _from_npy(request.body)}
         # Numbers in text, as JSON's are: cast as those are, or refused.
-        return {key: cast_json_array(f"input {key!r}", _from_csv(request.body),
-                                     np.dtype(dtype))}
+        array = _from_csv(request.body)
+        if dtype.kind in "iu" and np.array_equal(array, np.trunc(array)) \
+                and np.abs(array).max(initial=0) < 2 ** 53:  # whole, and exact in a float64
+            array = array.astype(np.int64)
+        return {key: cast_json_array(f"input {key!r}", array, dtype)}
     body = request.json()
     if isinstance(body, list):
         if len(declared) != 1:
@@ -471,38 +491,62 @@ _FLOAT32 = np.dtype(np.float32)
 
 
 def _from_csv(body: bytes) -> np.ndarray:
-    """Numbers separated by commas, a row a line: a 2-D array, int64 where
-    every field is an integer, else float64."""
+    """Numbers separated by commas, a row a line: a 2-D float64 array,
+    parsed CSV_CHUNK of lines at a time."""
+    if len(body) > MAX_CSV_BYTES:
+        raise TooLarge(f"a text/csv body is at most {MAX_CSV_BYTES} bytes, not {len(body)}; "
+                       f"send a larger tensor as {NPY}")
     try:
-        text = body.decode("ascii")
+        text = body.removeprefix(b"\xef\xbb\xbf").decode("ascii")  # a spreadsheet's BOM
     except UnicodeDecodeError:
         raise BadRequest("the text/csv body is not ASCII") from None
-    array = None
-    for dtype in (np.int64, np.float64):
-        try:  # rows of unequal length, or a field that is no number: ValueError
-            array = np.loadtxt(io.StringIO(text), delimiter=",", dtype=dtype, ndmin=2)
-            break
-        except ValueError as e:
-            why = e
-    if array is None:
+    parts = []
+    try:
+        at = 0
+        while at < len(text):
+            end = text.find("\n", at + CSV_CHUNK)
+            end = len(text) if end < 0 else end + 1
+            if text[at:end].strip():  # (numpy warns of one without data)
+                parts.append(np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
+                                        dtype=np.float64, ndmin=2))
+            at = end
+        array = np.concatenate(parts) if parts else None
+    except ValueError as e:  # a field that is no number, rows of unequal length
         raise BadRequest(f"the text/csv body is not rows of numbers separated by commas: "
-                         f"{why}")
-    if not array.size:
+                         f"{e}") from None
+    if array is None or not array.size:
         raise BadRequest("the text/csv body holds no numbers")
+    if not np.isfinite(array).all():  # as JSON, which has no NaN or infinity
+        raise BadRequest("the text/csv body holds a number that is not finite")
     return array
 
 
 def _from_npy(body: bytes) -> np.ndarray:
-    """A .npy file's array: numbers or booleans, never a pickle."""
+    """A .npy file's array of numbers or booleans, a view of the body where
+    it is in C order: its header is checked against the bytes that follow
+    before anything is made (a shape of terabytes is only a header)."""
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise BadRequest(f"the application/x-npy body is not a .npy file of numbers: "
-                         f"{e}") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise BadRequest(f"the application/x-npy body holds {array.dtype}: only numbers "
-                         f"and booleans are taken")
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"version {version} is not taken")
+        shape, fortran, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise BadRequest(f"the application/x-npy body is not a .npy file: {e}") from None
+    if dtype.kind not in "biuf" or dtype.fields or dtype.subdtype:
+        raise BadRequest(f"the application/x-npy body holds {dtype}: only numbers and "
+                         f"booleans are taken")
+    if len(shape) > 32:
+        raise BadRequest(f"the application/x-npy array has {len(shape)} axes (32 at most)")
+    count = math.prod(shape)
+    if len(body) - stream.tell() != count * dtype.itemsize:
+        raise BadRequest(f"the application/x-npy body has {len(body) - stream.tell()} bytes "
+                         f"of data; its header says {count} x {dtype.itemsize}")
+    array = np.frombuffer(body, dtype, count, stream.tell()).reshape(
+        shape, order="F" if fortran else "C")
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
     return np.ascontiguousarray(array)
 
