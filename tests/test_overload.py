@@ -891,3 +891,46 @@ def test_a_holder_that_never_reads_its_answers_is_judged_after_a_while(tmp_path,
     assert answer["ok"], answer
     assert frames[0]["ok"] and frames[1]["error"]["name"] == "TIMEOUT", frames[1]
     assert waited < 10, waited  # 1 s, then a grace of 2 s, judged each second
+
+
+def test_a_large_chunked_body_is_received_against_the_budget(tmp_path):
+    # A chunked body declares no length: it took no budget, so any number of
+    # them could be held at once. Past RESERVE_ABOVE it holds the most a
+    # body may be, and gives it back with its answer.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+    from mmengine.server.listener import receive_budget
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            head, _, body = budget_request("http", 2 * MiB).partition(b"\r\n\r\n")
+            head = re.sub(rb"\r\nContent-Length: \d+", b"\r\nTransfer-Encoding: chunked", head)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"\r\n\r\n%x\r\n%s\r\n" % (len(body), body))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while budget.held < server.max_body:  # the body is not finished
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            held = budget.held
+            writer.write(b"0\r\n\r\n")
+            status = (await asyncio.wait_for(reader.readline(), 10)).split()[1]
+            while budget.held:  # given back with the answer
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            writer.close()
+            await server.stop()
+            return held, status
+
+    held, status = run(main(), timeout=60)
+    assert status == b"200" and held >= MiB, (held, status)

@@ -628,6 +628,11 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.refused = TooLarge(f"request body exceeds {self.server.max_body} bytes")
             raise httptools.HttpParserError("body too large")
         self.body.append(body)
+        if self.body_bytes >= RESERVE_ABOVE and not (self.reserved or self.awaiting) \
+                and "content-length" not in self.headers:
+            # Chunked, of no declared length: it holds the most a body may
+            # be, from when it is large (else every connection could hold one).
+            self._reserve(self.server.max_body)
 
     def on_message_complete(self) -> None:
         url = httptools.parse_url(self.url)
