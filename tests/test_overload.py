@@ -605,9 +605,9 @@ def test_a_refused_large_body_gives_its_budget_back_at_once(budget_server):
 
 # -- bodies that hold the receive budget and trickle ----------------------------------
 
-def budget_request(transport: str, pad_bytes: int) -> bytes:
-    """The bytes of one request to "slow" (no wait) with `pad_bytes` of padding."""
-    inputs = {"seconds": np.array([0.0]), "pad": np.zeros(pad_bytes // 4, np.float32)}
+def budget_request(transport: str, pad_bytes: int, seconds: float = 0.0) -> bytes:
+    """The bytes of one request to "slow" with `pad_bytes` of padding."""
+    inputs = {"seconds": np.array([seconds]), "pad": np.zeros(pad_bytes // 4, np.float32)}
     if transport == "tcp":
         return protocol.frame({"id": 1, "op": "infer", "model": "slow",
                                "inputs": protocol.encode_tensors(inputs)})
@@ -913,7 +913,8 @@ def test_a_large_chunked_body_is_received_against_the_budget(tmp_path):
             server = HttpServer(engine, http_routes())
             port = await server.start("127.0.0.1", 0)
             budget = receive_budget(engine)
-            head, _, body = budget_request("http", 2 * MiB).partition(b"\r\n\r\n")
+            # Answered in a second: its budget is seen while it is answered.
+            head, _, body = budget_request("http", 2 * MiB, 1.0).partition(b"\r\n\r\n")
             head = re.sub(rb"\r\nContent-Length: \d+", b"\r\nTransfer-Encoding: chunked", head)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(head + b"\r\n\r\n%x\r\n%s\r\n" % (len(body), body))
@@ -924,6 +925,9 @@ def test_a_large_chunked_body_is_received_against_the_budget(tmp_path):
                 await asyncio.sleep(0.01)
             held = budget.held
             writer.write(b"0\r\n\r\n")
+            while budget.held != len(body):  # whole: it keeps its own bytes only
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
             status = (await asyncio.wait_for(reader.readline(), 10)).split()[1]
             while budget.held:  # given back with the answer
                 assert loop.time() < deadline, budget.held

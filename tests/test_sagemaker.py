@@ -376,8 +376,22 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
         address, "/models/inv-csv/invoke", npy(np.zeros((0, 4), np.float32)),
         {"Content-Type": "application/x-npy", "Accept": "text/csv"})
     assert (status, content_type, raw) == (200, None, b""), raw  # no body, no type
-    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (35184372088832,), }"
-    giant = b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.ljust(117) + b"\n"
+    # q=0 refuses a type for the wildcards too, whatever the case of its q.
+    for accept, answer_type in (("application/json;q=0, */*", "text/csv"),
+                                ("text/csv;Q=0, application/json", "application/json")):
+        status, content_type, raw = raw_call(address, "/models/inv-csv/invoke", csv,
+                                             {"Content-Type": "text/csv", "Accept": accept})
+        assert (status, content_type) == (200, answer_type), (accept, raw[:200])
+    # A 1 MiB chunk of the text that holds only comments is no rows.
+    commented = csv + b"\n" + b"# a note\n" * (2 << 18) + csv
+    status, _, raw = raw_call(address, "/models/inv-csv/invoke", commented,
+                              {"Content-Type": "text/csv"})
+    assert status == 200 and len(json.loads(raw)["outputs"]["y"]) == 2 * (csv.count(b"\n") + 1)
+
+    def npy_header(shape: str) -> bytes:
+        header = b"{'descr': '|u1', 'fortran_order': False, 'shape': %s, }" % shape.encode()
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.ljust(117) + b"\n"
+    giant = npy_header("(35184372088832,)")
     zipped = io.BytesIO()
     np.savez(zipped, x=x)
     for body, media, why, code in (
@@ -390,6 +404,8 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
             (npy(np.array([["a"] * 4])), "application/x-npy", b"only numbers", 400),
             (b"\x93NUMPY garbage", "application/x-npy", b".npy file", 400),
             (giant + bytes(16), "application/x-npy", b"header says", 400),  # not 32 TiB
+            (npy_header("(-1, -1)") + bytes(1), "application/x-npy", b"shape", 400),
+            (npy_header("(0, " + "1" + "0" * 30 + ")"), "application/x-npy", b"shape", 400),
             (zipped.getvalue(), "application/x-npy", b".npy file", 400)):
         status, _, raw = raw_call(address, "/models/inv-csv/invoke", body,
                                   {"Content-Type": media})

@@ -492,6 +492,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         elif now < due:
             self._arm(min(due, self.began + timeout) if unfinished else due)
         elif self.awaiting:  # said, not reset: a close with its bytes unread resets
+            self._stop_awaiting()
+            self._arm(now + timeout)  # if the answer cannot go out, the next tick closes
             self._fail(Overloaded(f"the request waited {timeout:g} s for the receive "
                                   f"budget (receive_bytes), held by other large bodies; "
                                   f"retry later"))
@@ -561,7 +563,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        length = self.headers.get("content-length")
+        length = self.headers.get("content-length", "").strip(" \t") or None
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             # Refused from the declared length, before any of the body is read.
             self.refused = TooLarge(f"request body of {length} bytes exceeds the "
@@ -628,11 +630,18 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.refused = TooLarge(f"request body exceeds {self.server.max_body} bytes")
             raise httptools.HttpParserError("body too large")
         self.body.append(body)
-        if self.body_bytes >= RESERVE_ABOVE and not (self.reserved or self.awaiting) \
-                and "content-length" not in self.headers:
+        if self.body_bytes >= RESERVE_ABOVE and not (self.reserved or self.awaiting):
             # Chunked, of no declared length: it holds the most a body may
             # be, from when it is large (else every connection could hold one).
             self._reserve(self.server.max_body)
+
+    def _keep_received(self) -> int:
+        """The budget a body received whole keeps until its answer: its own
+        bytes (a chunked body held the most a body may be while it came)."""
+        if self.reserved > self.body_bytes:
+            self.server.receiving.give(self.reserved - self.body_bytes)
+            self.reserved = self.body_bytes
+        return self.reserved
 
     def on_message_complete(self) -> None:
         url = httptools.parse_url(self.url)
@@ -645,7 +654,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             headers=self.headers,
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
-            reserved=self.reserved,
+            reserved=self._keep_received(),
             refused=self._refused_whole(),
             t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
             else 0)
@@ -704,6 +713,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 self._close()
             elif self.continue_owed and not self.dead:  # the answers before it are out
                 self._continue()
+                if self.began:  # its body may come from now: its time counts from now
+                    self.began = asyncio.get_running_loop().time()
 
     def _start(self, request: Request) -> Response | Later:
         if request.refused is not None:

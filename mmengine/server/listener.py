@@ -285,6 +285,7 @@ class BudgetedReading:
     def _reserve(self, nbytes: int) -> None:
         """Takes the budget for a large body that has begun, or stops
         reading this connection until the budget has room for it."""
+        self.served_since = 0.0  # the exemption of a body before it is not this one's
         if self.server.receiving.take_or_wait(nbytes, self._on_budget):
             self.reserved = nbytes
             self._pace_from_now()

@@ -33,6 +33,7 @@ import io
 import math
 import os
 import re
+import warnings
 import sys
 import weakref
 from typing import Any
@@ -285,6 +286,7 @@ def _answer_npy(outputs: dict[str, np.ndarray]) -> Response:
 
 JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 _ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
+_WILDCARDS = {"*/*": (JSON, CSV, NPY), "application/*": (JSON, NPY), "text/*": (CSV,)}
 #: CSV is for small tables: its parser holds the GIL for each call and
 #: takes ten times the text's bytes, and its writer goes a row at a time.
 #: Larger tensors travel as .npy.
@@ -299,17 +301,18 @@ def _accepted(request: Request) -> str:
     accept = request.headers.get("accept", "")
     if not accept.strip():
         return JSON
-    for item in accept.split(","):
-        media, _, params = item.partition(";")
-        media = media.strip().lower()
-        if re.search(r"(^|;)\s*q\s*=\s*0(\.0*)?\s*($|;)", params):
-            continue  # q=0: not acceptable (RFC 9110 12.4.2)
-        if media in _ANSWERS:
+    items = [(media.strip().lower(), params) for media, _, params in
+             (item.partition(";") for item in accept.split(","))]
+    refused = {media for media, params in items  # q=0: not acceptable (RFC 9110 12.4.2)
+               if re.search(r"(^|;)\s*q\s*=\s*0(\.0*)?\s*($|;)", params, re.I)}
+    for media, _ in items:
+        if media in refused:
+            continue
+        if media in _ANSWERS and media not in refused:
             return media
-        if media in ("*/*", "application/*"):
-            return JSON
-        if media == "text/*":
-            return CSV
+        for served in _WILDCARDS.get(media, ()):
+            if served not in refused:
+                return served
     raise _NotAcceptable(f"Accept {accept!r}: the answer can be {', '.join(_ANSWERS)}")
 
 
@@ -506,9 +509,13 @@ def _from_csv(body: bytes) -> np.ndarray:
         while at < len(text):
             end = text.find("\n", at + CSV_CHUNK)
             end = len(text) if end < 0 else end + 1
-            if text[at:end].strip():  # (numpy warns of one without data)
-                parts.append(np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
-                                        dtype=np.float64, ndmin=2))
+            if text[at:end].strip():
+                with warnings.catch_warnings():  # of a chunk of comments: no rows
+                    warnings.simplefilter("ignore", UserWarning)
+                    part = np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
+                                      dtype=np.float64, ndmin=2)
+                if part.size:
+                    parts.append(part)
             at = end
         array = np.concatenate(parts) if parts else None
     except ValueError as e:  # a field that is no number, rows of unequal length
@@ -538,15 +545,20 @@ def _from_npy(body: bytes) -> np.ndarray:
     if dtype.kind not in "biuf" or dtype.fields or dtype.subdtype:
         raise BadRequest(f"the application/x-npy body holds {dtype}: only numbers and "
                          f"booleans are taken")
-    if len(shape) > 32:
-        raise BadRequest(f"the application/x-npy array has {len(shape)} axes (32 at most)")
+    if len(shape) > 32 or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
+        raise BadRequest(f"the application/x-npy array's shape {shape} is not one numpy "
+                         f"makes (32 axes at most, each of 0 or more)")
     count = math.prod(shape)
     if len(body) - stream.tell() != count * dtype.itemsize:
         raise BadRequest(f"the application/x-npy body has {len(body) - stream.tell()} bytes "
                          f"of data; its header says {count} x {dtype.itemsize}")
-    array = np.frombuffer(body, dtype, count, stream.tell()).reshape(
-        shape, order="F" if fortran else "C")
+    try:
+        array = np.frombuffer(body, dtype, count, stream.tell()).reshape(
+            shape, order="F" if fortran else "C")
+    except (ValueError, OverflowError) as e:  # a dimension past numpy's
+        raise BadRequest(f"the application/x-npy array cannot be made: {e}") from None
     if not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="))
-    return np.ascontiguousarray(array)
+    # (np.ascontiguousarray would make a 0-d array 1-d)
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
