@@ -340,6 +340,17 @@ class Router:
         raise ModelNotFound(f"no route for {method} {path}")
 
 
+class StatusError(BadRequest):
+    """A caller's error that HTTP answers with a status of its own, not
+    BAD_REQUEST's 400 (the wire's code stays BAD_REQUEST)."""
+
+    status = 400
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+
 class _MethodNotAllowed(BadRequest):
     def __init__(self, message: str, allowed: list[str]):
         super().__init__(message)
@@ -795,12 +806,10 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
 
 
-class _RequestTimeout(BadRequest):
+class _RequestTimeout(StatusError):
     """408: a request not received whole within the idle timeout."""
 
-    @property
-    def http_status(self) -> int:
-        return 408
+    status = 408
 
 
 #: Header fields whose repeats are one comma-separated list, which the
@@ -812,25 +821,19 @@ def _codings(value: str) -> set[str]:
     return {c.strip().lower() for c in value.split(",") if c.strip()}
 
 
-class _NotImplemented(BadRequest):
+class _NotImplemented(StatusError):
     """501: a transfer coding the server does not decode (RFC 9112 6.1)."""
 
-    @property
-    def http_status(self) -> int:
-        return 501
+    status = 501
 
 
-class _UnsupportedEncoding(BadRequest):
+class _UnsupportedEncoding(StatusError):
     """415: a body in a content coding the server does not decode."""
 
-    @property
-    def http_status(self) -> int:
-        return 415
+    status = 415
 
 
-class _HeaderTooLarge(BadRequest):
+class _HeaderTooLarge(StatusError):
     """431: the header block is over its limit."""
 
-    @property
-    def http_status(self) -> int:
-        return 431
+    status = 431

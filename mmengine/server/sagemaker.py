@@ -47,7 +47,7 @@ from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloade
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
                                   error_response, finite, json_array, json_response, parsed,
-                                  submitted)
+                                  StatusError, submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -94,28 +94,22 @@ def _added(server, name: str) -> _Added:
 
 # -- errors with the contract's own statuses ------------------------------------------
 
-class _Forbidden(BadRequest):
+class _Forbidden(StatusError):
     """403: a url outside the allowed model roots."""
 
-    @property
-    def http_status(self) -> int:
-        return 403
+    status = 403
 
 
-class _Conflict(BadRequest):
+class _Conflict(StatusError):
     """409: the name is already loaded (or being loaded)."""
 
-    @property
-    def http_status(self) -> int:
-        return 409
+    status = 409
 
 
-class _NotAcceptable(BadRequest):
+class _NotAcceptable(StatusError):
     """406: no media type that Accept allows can hold the answer."""
 
-    @property
-    def http_status(self) -> int:
-        return 406
+    status = 406
 
 
 def _insufficient_storage(e: MMEngineError) -> Response:
