@@ -371,6 +371,12 @@ class Engine:
             _add_ran(fields, ran)
         self._emit("request", fields)
 
+    def default_version(self, name: str) -> int | None:
+        """The version a request naming no version got, if the engine has
+        looked that up (without looking now)."""
+        spec = self._specs.get((name, None))
+        return None if spec is None else spec.version
+
     def _looked_up(self, name: str, version: int | None) -> bool:
         """Whether the repository was asked for `name` (by this version, or
         its default) and had it, servable or not: without a look on the

@@ -245,6 +245,18 @@ class Repository:
             found = self._versions[name] = self._scan_versions(name)
         return found
 
+    def check_version(self, name: str, version: int | str) -> int:
+        """`version` of `name` as an int; ModelNotFound if it has none such.
+        One asked for by number is looked for, as an unknown name is: it
+        need not wait for the next rescan (which makes it the default, and
+        lists it)."""
+        versions = self.versions(name)
+        version = parse_version(version)
+        if version not in versions and (name in self._added
+                                        or version not in self._scan_versions(name)):
+            raise ModelNotFound(f"model {name!r} has no version {version}")
+        return version
+
     def _scan_versions(self, name: str) -> tuple[int, ...]:
         if name in self._added:
             return (1,)
@@ -263,17 +275,10 @@ class Repository:
         ModelNotFound for an unknown or invalid name or version; LoadFailed
         for a model that exists but cannot be served as it stands.
         """
-        versions = self.versions(name)
         if version is None:
-            version = versions[-1]
+            version = self.versions(name)[-1]
         else:
-            version = parse_version(version)
-            # One asked for by number is looked for, as an unknown name is:
-            # it need not wait for the next rescan (which makes it the
-            # default, and lists it).
-            if version not in versions and (name in self._added
-                                            or version not in self._scan_versions(name)):
-                raise ModelNotFound(f"model {name!r} has no version {version}")
+            version = self.check_version(name, version)
         key = (name, version)
         spec = self._specs.get(key)
         if spec is None:

@@ -36,6 +36,13 @@ def load(path, device):
 def predict(inputs):
     return {"z": inputs["x"].astype(np.complex64)}
 """
+COMPLEX_MANIFEST = """
+backend = "handler"
+[[outputs]]
+name = "z"
+dtype = "complex64"
+shape = [-1, 16]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +52,7 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
         demo.write_mlp(root / name, "safetensors", *DIMS, seed=i)
     (root / "complex" / "1").mkdir(parents=True)
     (root / "complex" / "1" / "handler.py").write_text(COMPLEX_HANDLER)
+    (root / "complex" / "1" / "model.toml").write_text(COMPLEX_MANIFEST)
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "0",
                     env=environ(MMENGINE_HTTP_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S)))
@@ -221,6 +229,52 @@ def test_model_config_as_triton_writes_it(client):
     assert client.get_model_config("m00", model_version="1") == config
     with pytest.raises(InferenceServerException, match="nope"):
         client.get_model_config("nope")
+    # A dtype Triton has no type for is its enum's TYPE_INVALID, not a
+    # name a client cannot parse (the metadata names it).
+    assert client.get_model_config("complex")["output"] == [
+        {"name": "z", "data_type": "TYPE_INVALID", "dims": [-1, 16]}]
+
+
+def test_inference_statistics_as_triton_reports_them(client, address):
+    # tritonclient's get_inference_statistics (Triton's statistics
+    # extension); m03 is no other test's.
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    empty = client.get_inference_statistics("m03")["model_stats"]
+    assert [(s["name"], s["version"], s["inference_count"]) for s in empty] == [("m03", "1", 0)]
+    assert empty[0]["inference_stats"]["success"] == {"count": 0, "ns": 0}
+    assert empty[0]["last_inference"] == 0 and empty[0]["memory_usage"] == []
+    before_ms = time.time() * 1000
+    x = x_for(3)
+    tin = triton.InferInput("x", list(x.shape), "FP32")
+    tin.set_data_from_numpy(x)
+    for _ in range(3):
+        client.infer("m03", [tin])
+    bad = triton.InferInput("x", [2, 3], "FP32")  # the wrong shape: the model fails it
+    bad.set_data_from_numpy(np.zeros((2, 3), np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("m03", [bad])
+    stats = client.get_inference_statistics("m03", "1")["model_stats"]
+    assert len(stats) == 1
+    s = stats[0]
+    assert (s["name"], s["version"], s["inference_count"]) == ("m03", "1", 3)
+    assert before_ms - 1 <= s["last_inference"] <= time.time() * 1000 + 1
+    counts = s["inference_stats"]
+    assert counts["success"]["count"] == 3 and counts["fail"]["count"] == 1
+    assert counts["success"]["ns"] > counts["compute_infer"]["ns"] > 0
+    ran = counts["compute_infer"]["count"]
+    assert ran == s["execution_count"] and ran in (3, 4)  # the bad one fails in the worker or before
+    assert counts["queue"]["count"] == ran and counts["queue"]["ns"] > 0
+    # Resident on the one CPU worker: its bytes, as Triton lists a model's memory.
+    assert s["memory_usage"] == [{"type": "CPU", "id": 0,
+                                  "byte_size": s["memory_usage"][0]["byte_size"]}]
+    assert s["memory_usage"][0]["byte_size"] > 0
+    everything = client.get_inference_statistics()["model_stats"]
+    assert s["inference_count"] == next(e["inference_count"] for e in everything
+                                        if e["name"] == "m03")
+    for path in ("/v2/models/nope/stats", "/v2/models/m03/versions/2/stats",
+                 "/v2/models/m03/versions/01/stats"):
+        status, _, raw = call(address, "GET", path)
+        assert status == 404, (path, raw)
 
 
 def test_model_ready_only_once_resident(client):

@@ -20,6 +20,7 @@ unload check it against the control token, if one is configured.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -27,6 +28,7 @@ import numpy as np
 
 import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
+from mmengine.server import metrics
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
                                   loads, parsed, submitted)
 from mmengine.storage import parse_version
@@ -70,7 +72,7 @@ async def ready(server, request: Request) -> Response:
 async def server_metadata(server, request: Request) -> Response:
     return Response(200, dumps({
         "name": "mmengine", "version": mmengine.__version__,
-        "extensions": ["binary_tensor_data", "model_repository"]}))
+        "extensions": ["binary_tensor_data", "model_repository", "statistics"]}))
 
 
 async def model_metadata(server, request: Request, name: str,
@@ -98,8 +100,11 @@ async def model_config(server, request: Request, name: str,
     meta = await server.engine.metadata(name, _version(version))
 
     def tensors(ts: list[dict]) -> list[dict]:
-        return [{"name": t["name"], "data_type": "TYPE_" + datatype_of(t["dtype"]),
-                 "dims": t["shape"]} for t in ts]
+        # Triton's enum has no value for a dtype KServe lacks (complex64):
+        # TYPE_INVALID there, where a client parses the enum; the metadata
+        # names it.
+        return [{"name": t["name"], "data_type": "TYPE_" + _DATATYPE_OF.get(
+                    np.dtype(t["dtype"]), "INVALID"), "dims": t["shape"]} for t in ts]
     return Response(200, dumps({
         "name": meta["name"], "platform": meta["backend"], "backend": meta["backend"],
         "max_batch_size": 0, "input": tensors(meta["inputs"]),
@@ -117,6 +122,25 @@ async def model_ready(server, request: Request, name: str,
     except MMEngineError:  # it exists but cannot be served: not ready
         return Response(400, b"")
     return Response(200 if meta["ready"] else 400, b"")
+
+
+async def model_stats(server, request: Request, name: str | None = None,
+                      version: str | None = None) -> Response:
+    """Triton's statistics extension (tritonclient's
+    get_inference_statistics): every model version the engine knows, one
+    model's versions, or one version; 404 for what the repository lacks.
+    Counted since the server started (since the first /metrics or /stats
+    for an embedded engine that never attached its metrics)."""
+    counts = metrics.attach(server.engine)
+    if name is None:
+        return Response(200, dumps({"model_stats": counts.version_stats()}))
+    repo, loop = server.engine.repo, asyncio.get_running_loop()
+    if version is None:
+        versions = await loop.run_in_executor(None, repo.versions, name)
+    else:
+        versions = (await loop.run_in_executor(None, repo.check_version, name, version),)
+    return Response(200, dumps({"model_stats": counts.version_stats(
+        [(name, v) for v in versions])}))
 
 
 # -- the repository extension ------------------------------------------------------
@@ -412,6 +436,9 @@ ROUTES: list = [
     ("GET", "/v2/health/live", live),
     ("GET", "/v2/health/ready", ready),
     ("GET", "/v2", server_metadata),
+    ("GET", "/v2/models/stats", model_stats),  # before {name}: as Triton, "stats" is this
+    ("GET", "/v2/models/{name}/stats", model_stats),
+    ("GET", "/v2/models/{name}/versions/{version}/stats", model_stats),
     ("GET", "/v2/models/{name}", model_metadata),
     ("GET", "/v2/models/{name}/versions/{version}", model_metadata),
     ("GET", "/v2/models/{name}/ready", model_ready),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
@@ -88,6 +89,23 @@ class _ModelRequests:
         self.compute = _Histogram(REQUEST_BUCKETS)
 
 
+class _VersionRequests:
+    """One model version's requests as Triton's statistics extension counts
+    them (kserve.py's /stats): counts and cumulative nanoseconds. `ran`
+    counts those a worker answered, whose stages are known: queue (from
+    submission until the worker took it: a cold model's load included),
+    compute (the worker's call) and return (its answer back to the
+    front-end)."""
+
+    __slots__ = ("success", "success_ns", "fail", "fail_ns", "ran", "queue_ns",
+                 "compute_ns", "return_ns", "last_ns")
+
+    def __init__(self):
+        self.success = self.success_ns = self.fail = self.fail_ns = 0
+        self.ran = self.queue_ns = self.compute_ns = self.return_ns = 0
+        self.last_ns = 0  # time.monotonic_ns() of the last request's end; 0: none
+
+
 class Metrics:
     """The engine observer that counts, and the collector that reports."""
 
@@ -95,6 +113,7 @@ class Metrics:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests: dict[str, _ModelRequests] = {}           # model
+        self._versions: dict[tuple[str, int], _VersionRequests] = {}  # (model, version)
         self._loads: dict[tuple[str, str], int] = {}             # (model, version)
         self._load_failures: dict[tuple[str, str], int] = {}
         self._load_bytes: dict[str, int] = {}                    # worker
@@ -123,6 +142,8 @@ class Metrics:
             worker_ns = f.get("worker_ns")
             if worker_ns is not None and worker_ns[1] is not None:
                 m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
+            if model:
+                self._count_version(model, f, worker_ns)
         elif kind == "load":
             key = (f["model"], str(f["version"]))
             if "error" in f:
@@ -147,6 +168,69 @@ class Metrics:
             counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
             counts[key] = counts.get(key, 0) + 1
+
+    def _count_version(self, model: str, f: dict, worker_ns: tuple | None) -> None:
+        version = f["version"]
+        if version is None:  # refused before the default was looked up: if it was
+            version = self.engine.default_version(model)
+            if version is None:
+                return
+        v = self._versions.get((model, version))
+        if v is None:
+            v = self._versions[(model, version)] = _VersionRequests()
+        took = f["end_ns"] - f["start_ns"]
+        if f["code"] == "OK":
+            v.success += 1
+            v.success_ns += took
+        else:
+            v.fail += 1
+            v.fail_ns += took
+        v.last_ns = f["end_ns"]
+        if worker_ns is not None and worker_ns[1] is not None:
+            v.ran += 1
+            v.queue_ns += worker_ns[0] - f["start_ns"]
+            v.compute_ns += worker_ns[1] - worker_ns[0]
+            if worker_ns[2] is not None:
+                v.return_ns += worker_ns[2] - worker_ns[1]
+
+    def version_stats(self, keys: list[tuple[str, int]] | None = None) -> list[dict]:
+        """Triton's $model_stat for each (model, version) of `keys` (None:
+        every one that was requested or is known to the engine), with its
+        bytes on its worker as memory_usage."""
+        rows = {(r["name"], r["version"]): r for r in self.engine.stats()["models"]}
+        if keys is None:
+            keys = sorted(set(self._versions) | set(rows))
+        devices = {w.index: w.device for w in self.engine.pool.workers} \
+            if self.engine.pool is not None else {}
+        # Wall-clock milliseconds, as Triton gives last_inference.
+        wall_offset = time.time_ns() - time.monotonic_ns()
+        out = []
+        for key in keys:
+            v = self._versions.get(key) or _VersionRequests()
+            row = rows.get(key)
+            memory = []
+            if row is not None and row["worker"] is not None and row["bytes"]:
+                device = devices.get(row["worker"], "cpu")
+                kind, _, index = device.partition(":")
+                memory.append({"type": "GPU" if kind == "cuda" else "CPU",
+                               "id": int(index or 0), "byte_size": row["bytes"]})
+
+            def stat(count: int, ns: int) -> dict:
+                return {"count": count, "ns": ns}
+            out.append({
+                "name": key[0], "version": str(key[1]),
+                "last_inference": (v.last_ns + wall_offset) // 1_000_000 if v.last_ns else 0,
+                "inference_count": v.success, "execution_count": v.ran,
+                "inference_stats": {
+                    "success": stat(v.success, v.success_ns),
+                    "fail": stat(v.fail, v.fail_ns),
+                    "queue": stat(v.ran, v.queue_ns),
+                    "compute_input": stat(v.ran, 0),
+                    "compute_infer": stat(v.ran, v.compute_ns),
+                    "compute_output": stat(v.ran, v.return_ns),
+                    "cache_hit": stat(0, 0), "cache_miss": stat(0, 0)},
+                "response_stats": {}, "batch_stats": [], "memory_usage": memory})
+        return out
 
     # -- the collector: once per scrape ------------------------------------------
 
