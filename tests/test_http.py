@@ -3,12 +3,14 @@ tritonclient unchanged, and raw HTTP for the protocol's error paths and the
 core's limits (body and header sizes, keep-alive, pipelining, idle close)."""
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import re
 import socket
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -139,12 +141,7 @@ def test_tritonclient_edge_cases_answer_as_triton_does(client, address):
     status, _, raw = call(address, "POST", "/v2/models/m00/infer",
                           infer_body(x_for(6), outputs=[]))
     assert status == 200 and [o["name"] for o in json.loads(raw)["outputs"]] == ["y"], raw
-    # What the server does not do is said, not misread: a compressed body
-    # (415, which says what it takes), a tensor in shared memory.
-    tin = triton.InferInput("x", [1, DIMS[0]], "FP32")
-    tin.set_data_from_numpy(x_for(7, n=1))
-    with pytest.raises(InferenceServerException, match="Content-Encoding 'gzip' is not"):
-        client.infer("m00", [tin], request_compression_algorithm="gzip")
+    # What the server does not do is said, not misread: a tensor in shared memory.
     shm_in = triton.InferInput("x", [1, DIMS[0]], "FP32")
     shm_in.set_shared_memory("region0", 4 * DIMS[0])
     with pytest.raises(InferenceServerException, match="shared-memory extension"):
@@ -178,10 +175,12 @@ def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address
                   + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         raw = recv_all(s)
     first, _, rest = raw.partition(b"\r\n\r\n")
-    assert first.startswith(b"HTTP/1.1 415 ") and b"Accept-Encoding: identity" in first, raw
+    assert first.startswith(b"HTTP/1.1 415 ") and \
+        b"Accept-Encoding: gzip, deflate, identity" in first, raw
     assert b"HTTP/1.1 200 " in rest, raw
-    # A coding repeated on a later line is still read; a transfer coding
-    # other than chunked is not implemented (RFC 9112 6.1).
+    # A coding repeated on a later line is still read (this body is no
+    # gzip: 400); a transfer coding other than chunked is not implemented
+    # (RFC 9112 6.1).
     with socket.create_connection(address, timeout=10) as s:
         s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
                   b"Content-Encoding: identity\r\nContent-Length: %d\r\n\r\n%s"
@@ -190,13 +189,49 @@ def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address
                   b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
                   % (len(body), body))
         raw = recv_all(s)
-    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"415", b"501"], raw
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"400", b"501"], raw
+    assert b"not valid gzip" in raw, raw
     # Identity is no coding at all; a field's value has no whitespace
     # around it (RFC 9110 5.5), though a client may send some.
     status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,
                           {"Content-Encoding": "identity",
                            "Inference-Header-Content-Length": f"{len(body)} \t"})
     assert status == 200, raw
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("rows", [3, 40_000])  # inflated at once; on a parse thread
+def test_tritonclient_compressed_requests_are_inflated(client, algorithm, rows):
+    x = x_for(11, rows)
+    for binary in (False, True):
+        tin = triton.InferInput("x", list(x.shape), "FP32")
+        tin.set_data_from_numpy(x, binary_data=binary)
+        # An answer is not compressed, whatever the client accepts.
+        result = client.infer("m00", [tin], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("y"), reference("m00", x), **TOL)
+
+
+def test_a_bad_compressed_body_is_refused_and_the_connection_goes_on(address):
+    body = json.dumps(infer_body(x_for(9))).encode()
+    packed = gzip.compress(body)
+    bomb = gzip.compress(b" " * (65 << 20))  # a megabyte or so that inflates past the limit
+    sent = [(packed[:-8], "gzip", 400, b"ends inside its gzip stream"),
+            (zlib.compress(body) + b"junk", "deflate", 400, b"follow the request body"),
+            (bomb, "gzip", 413, b"more than the maximum"),
+            (gzip.compress(packed), "gzip, x-gzip", 200, b""),  # two layers
+            (gzip.compress(body) * 2, "gzip", 400, b"not valid JSON")]  # two members: body twice
+    with socket.create_connection(address, timeout=30) as s:
+        for data, coding, _, _ in sent:
+            s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+                      % (coding.encode(), len(data), data))
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = recv_all(s, 30)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [
+        str(status).encode() for _, _, status, _ in sent] + [b"200"], raw
+    for _, _, _, why in sent:
+        assert why in raw, why
 
 
 def test_server_health_and_metadata(client):

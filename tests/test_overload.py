@@ -938,3 +938,59 @@ def test_a_large_chunked_body_is_received_against_the_budget(tmp_path):
 
     held, status = run(main(), timeout=60)
     assert status == b"200" and held >= MiB, (held, status)
+
+
+def test_an_inflated_body_holds_the_receive_budget_for_its_bytes(tmp_path):
+    # A compressed body of a few kilobytes inflates to megabytes: those
+    # are held against the budget as a body received that long is, and
+    # given back with the answer; with the budget short, it is 503.
+    import asyncio
+    import gzip
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+    from mmengine.server.listener import receive_budget
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+
+    def request(seconds: float) -> tuple[bytes, int]:
+        head, _, body = budget_request("http", 2 * MiB, seconds).partition(b"\r\n\r\n")
+        packed = gzip.compress(body)
+        head = re.sub(rb"\r\nContent-Length: \d+", b"\r\nContent-Length: %d" % len(packed), head)
+        return (head + b"\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + packed,
+                len(body))
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, receive_bytes=3 * MiB)
+        async with Engine(config) as engine:
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            holder, inflated = request(1.0)
+            assert len(holder) < MiB // 4  # received without the budget
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            w1.write(holder)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while budget.held != inflated:  # inflated, and answered in a second
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.005)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w2.write(request(0.0)[0])
+            refused = await asyncio.wait_for(r2.read(), 10)
+            answered = (await asyncio.wait_for(r1.readline(), 10)).split()[1]
+            while budget.held:  # given back with the answer
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            w1.close()
+            w2.close()
+            await server.stop()
+            return answered, refused
+
+    answered, refused = run(main(), timeout=60)
+    assert answered == b"200", answered
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in refused, refused[:300]
+    assert b"inflates to" in refused, refused

@@ -44,7 +44,7 @@ from mmengine import errors, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, MMEngineError,
                              ModelNotFound, Overloaded, TooLarge)
-from mmengine.server import listener
+from mmengine.server import codings, listener
 from mmengine.server.listener import RESERVE_ABOVE, BudgetedReading, Listener
 
 MAX_HEADER_BYTES = 64 << 10
@@ -72,6 +72,7 @@ class Request:
     keep_alive: bool = True
     reserved: int = 0                # bytes of the receive budget its body holds
     refused: MMEngineError | None = None  # answered with this, in its turn
+    coded: tuple[str, ...] = ()      # its body's content codings, to undo before it is read
     t_received: int = 0              # monotonic_ns when it was whole, if it asks for timing
 
     @property
@@ -656,6 +657,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_message_complete(self) -> None:
         url = httptools.parse_url(self.url)
+        applied = codings.codings(self.headers.get("content-encoding", ""))
         request = Request(
             method=self.parser.get_method().decode(),
             path=url.path.decode("latin-1"),
@@ -666,7 +668,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
             reserved=self._keep_received(),
-            refused=self._refused_whole(),
+            refused=self._refused_whole(applied),
+            coded=tuple(applied),
             t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
             else 0)
         if self._stop_awaiting():  # the whole body came in the read that announced it
@@ -678,18 +681,15 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.transport.pause_reading()
         self._kick()
 
-    def _refused_whole(self) -> MMEngineError | None:
+    def _refused_whole(self, applied: list[str]) -> MMEngineError | None:
         """Why a request received whole is answered with an error, if it is."""
         if "host" not in self.headers and self.parser.get_http_version() == "1.1":
             return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
-        codings = _codings(self.headers.get("content-encoding", ""))
-        if codings - {"identity"}:
-            # Read as it is, a compressed body is garbage to every parser
-            # (tritonclient's request_compression_algorithm sends one).
+        if set(applied) - codings.DECODED - {"identity"}:
             return _UnsupportedEncoding(
                 f"Content-Encoding {self.headers['content-encoding']!r} is not supported; "
-                f"send the body uncompressed")
-        if _codings(self.headers.get("transfer-encoding", "")) - {"chunked"}:
+                f"send the body as {codings.ACCEPTED}")
+        if set(codings.codings(self.headers.get("transfer-encoding", ""))) - {"chunked"}:
             return _NotImplemented(f"Transfer-Encoding {self.headers['transfer-encoding']!r}"
                                    f" is not supported: only chunked (RFC 9112 6.1)")
         return None
@@ -706,7 +706,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 self.pipeline_full = False
                 self._resume()
             if isinstance(item, MMEngineError):  # the stream is unusable
-                self._write(error_response(item), keep_alive=False)
+                self._write(_response_for(item), keep_alive=False)
                 self._linger()
                 return
             try:
@@ -731,10 +731,49 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if request.refused is not None:
             raise request.refused
         handler, params, is_async = self.server.router.match(request.method, request.path)
+        if request.coded:
+            try:  # a short one at once; a long one inflated on a parse thread
+                request.body = codings.decode(request.body, request.coded,
+                                              self.server.max_body, PARSE_ON_THREAD)
+            except codings.Longer:
+                later = Later.of(asyncio.get_running_loop().create_task(
+                    self._inflate_then_call(request, handler, params, is_async)))
+                later.inference = True  # an inference it makes is abandoned with it
+                return later
+            self._hold_inflated(request)
+        return self._call(request, handler, params, is_async)
+
+    def _call(self, request: Request, handler: Handler, params: dict[str, str],
+              is_async: bool) -> Response | Later:
         if is_async:
             return Later.of(asyncio.get_running_loop().create_task(
                 handler(self.server, request, **params)))
         return handler(self.server, request, **params)
+
+    async def _inflate_then_call(self, request: Request, handler: Handler,
+                                 params: dict[str, str], is_async: bool) -> Response:
+        request.body = await _on_thread(asyncio.get_running_loop(), functools.partial(
+            codings.decode, request.body, request.coded, self.server.max_body))
+        self._hold_inflated(request)
+        answer = self._call(request, handler, params, is_async)
+        if not isinstance(answer, Later):
+            return answer
+        # Cancelled (its client gone), this abandons an inference, as the
+        # connection does; a load or unload the request asked for completes.
+        result = await (answer.future if answer.inference else asyncio.shield(answer.future))
+        return answer.finish(result)
+
+    def _hold_inflated(self, request: Request) -> None:
+        """An inflated body holds the receive budget as a body received
+        that long does (it was inflated first: two parse threads, each
+        bounded by the largest body, at most)."""
+        grown = len(request.body) - request.reserved
+        if len(request.body) >= RESERVE_ABOVE and grown > 0:
+            if not self.server.receiving.take(grown):
+                raise Overloaded(f"the request body inflates to {len(request.body)} bytes, "
+                                 f"more than the receive budget (receive_bytes) has free "
+                                 f"now; retry later")
+            request.reserved += grown
 
     def _on_answered(self, request: Request, finish: Callable[[Any], Response],
                      future: asyncio.Future) -> None:
@@ -798,7 +837,7 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
                              [("Allow", ", ".join(sorted(set(e.allowed))))])
     if isinstance(e, _UnsupportedEncoding):  # what it does take (RFC 9110 15.5.16)
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 415,
-                             [("Accept-Encoding", "identity")])
+                             [("Accept-Encoding", codings.ACCEPTED)])
     if isinstance(e, MMEngineError):
         return error_response(e)
     if isinstance(e, asyncio.CancelledError):
@@ -815,10 +854,6 @@ class _RequestTimeout(StatusError):
 #: Header fields whose repeats are one comma-separated list, which the
 #: server reads as a whole (a later line must not hide an earlier one).
 _LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding"})
-
-
-def _codings(value: str) -> set[str]:
-    return {c.strip().lower() for c in value.split(",") if c.strip()}
 
 
 class _NotImplemented(StatusError):
