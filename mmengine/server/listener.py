@@ -317,9 +317,10 @@ class BudgetedReading:
         rate = (self._received() - self.paced_base) / elapsed if elapsed > 0 else 0.0
         if elapsed >= PACE_GRACE_S and rate < min_rate:
             self._too_slow(Timeout(
-                f"a request body of {self.reserved} bytes arrived at {rate:.0f} bytes/s, "
-                f"below receive_min_rate ({min_rate}), while others waited for the "
-                f"receive budget"))
+                f"a request body arrived at {rate:.0f} bytes/s, below receive_min_rate "
+                f"({min_rate}), holding {self.reserved} bytes of the receive budget (its "
+                f"length, or the largest a body of no declared length may be) while "
+                f"others waited for it"))
 
     def _stop_awaiting(self) -> bool:
         """Stops waiting for the budget; whether it was waiting."""
