@@ -140,6 +140,18 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     latency = got["mmengine_request_duration_seconds_count"]
     assert sum(latency.values()) == sum(requests.values())
     assert got["mmengine_request_compute_seconds_count"][(("model", "m03"),)] == 12
+    # The same requests under Triton's names, by model and version, as its
+    # dashboards query them (no _total: Triton's have none).
+    m03 = (("model", "m03"), ("version", "1"))
+    assert got["nv_inference_request_success"][m03] == 12
+    assert got["nv_inference_count"][m03] == got["nv_inference_exec_count"][m03] == 12
+    assert got["nv_inference_request_failure"][(("model", "broken"), ("version", "1"))] == 1
+    assert sum(got["nv_inference_request_success"].values()) == ok
+    assert got["nv_inference_request_duration_us"][m03] > \
+        got["nv_inference_compute_infer_duration_us"][m03] > 0
+    assert got["nv_inference_compute_input_duration_us"][m03] == 0
+    assert not any(dict(k)["model"].startswith("no-such")
+                   for k in got["nv_inference_request_failure"])
     assert got["mmengine_cache_hits_total"][()] == totals["hits"]
     assert got["mmengine_cache_misses_total"][()] == totals["misses"]
 

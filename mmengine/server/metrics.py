@@ -31,7 +31,7 @@ import bisect
 import time
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+                                    HistogramMetricFamily, UnknownMetricFamily)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
@@ -261,11 +261,15 @@ class _Scrape:
         self._evictions, self._evicted_bytes = dict(m._evictions), dict(m._evicted_bytes)
         self._worker_exits = dict(m._worker_exits)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
+        self._versions = {key: (v.success, v.fail, v.ran, v.success_ns + v.fail_ns,
+                                v.queue_ns, v.compute_ns, v.return_ns)
+                          for key, v in m._versions.items()}
         self._stats = m.engine.stats()
 
     def collect(self):
         yield from self._collect_events()
         yield from self._collect_state(self._stats)
+        yield from self._collect_triton()
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The body and its content type: the Prometheus text format, or
@@ -325,6 +329,18 @@ class _Scrape:
                        "their request had failed before it began them (timed out, or "
                        "cancelled), or had less time left than the model's calls take, "
                        "by model.", ["model"], self._skipped)
+
+    def _collect_triton(self):
+        """Triton's names, untyped: a counter would be written with a
+        `_total` suffix, which Triton's own (and the queries of its
+        dashboards) do not have; rate() takes them as they are."""
+        for name, doc, index, divisor in TRITON_METRICS:
+            family = UnknownMetricFamily(name, doc + " As Triton names it.",
+                                         labels=["model", "version"])
+            for (model, version), values in sorted(self._versions.items()):
+                value = 0 if index is None else values[index]
+                family.add_metric([model, str(version)], value // divisor)
+            yield family
 
     def _collect_state(self, stats: dict):
         totals = stats["totals"]
@@ -391,6 +407,27 @@ class _Scrape:
         for name, n in counts.items():
             by_state.add_metric([name], n)
         yield by_state
+
+
+#: Triton's per-model request metrics, by the names its dashboards query:
+#: (name, help, index in a _Scrape's version tuple, divisor to microseconds).
+TRITON_METRICS = (
+    ("nv_inference_request_success", "Requests answered OK.", 0, 1),
+    ("nv_inference_request_failure", "Requests that failed.", 1, 1),
+    ("nv_inference_count", "Inferences performed (no batching of its own: one a "
+     "request answered OK).", 0, 1),
+    ("nv_inference_exec_count", "Model executions (requests a worker ran).", 2, 1),
+    ("nv_inference_request_duration_us", "Cumulative time from submission to answer, "
+     "in microseconds.", 3, 1000),
+    ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
+     "took the request (a cold model's load included), in microseconds.", 4, 1000),
+    ("nv_inference_compute_input_duration_us", "Always 0: a worker's inputs are views "
+     "of its request ring.", None, 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative time of the model's own "
+     "calls, in microseconds.", 5, 1000),
+    ("nv_inference_compute_output_duration_us", "Cumulative time of answers through "
+     "the response ring, in microseconds.", 6, 1000),
+)
 
 
 def _counter(name: str, doc: str, labels: list[str], values: dict) -> CounterMetricFamily:
