@@ -9,12 +9,14 @@ appears. Each property runs a bounded, derandomized number of examples
 """
 from __future__ import annotations
 
+import gzip
 import http.client
 import itertools
 import json
 import socket
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import msgpack
@@ -38,6 +40,7 @@ TCP_IDLE_S = 1.0
 RSS_GROWTH = 50 << 20
 SLOW_HANDLER = '''
 import time
+import zlib
 
 def load(path, device):
     pass
@@ -328,7 +331,9 @@ class Target:
         if status is None:  # closed without an answer
             return
         assert 100 <= status < 600
-        if status >= 400 and not raw.startswith(b"HEAD "):
+        # Readiness is said by the status alone (KServe: 400, no body).
+        not_ready = status == 400 and not body and raw.split(b" ", 2)[1].endswith(b"/ready")
+        if status >= 400 and not raw.startswith(b"HEAD ") and not not_ready:
             error = json.loads(body)
             assert isinstance(error, dict) and isinstance(error.get("error"), str), body
             assert error.get("code") in ErrorCode.__members__, body
@@ -473,7 +478,9 @@ VALID_HTTP = [
 @st.composite
 def near_valid_http(draw, root: str = "ROOT") -> bytes:
     method, path, body = draw(st.sampled_from(VALID_HTTP))
-    part = draw(st.sampled_from(["none", "method", "path", "body", "json", "timeout"]))
+    part = draw(st.sampled_from(["none", "method", "path", "body", "json", "timeout",
+                                 "coding"]))
+    coding = None
     if part == "method":
         method = draw(methods)
     elif part == "path":
@@ -489,11 +496,19 @@ def near_valid_http(draw, root: str = "ROOT") -> bytes:
         obj = json.loads(body)
         obj["parameters"] = {"timeout": draw(st.floats() | st.integers(-1, 1 << 70))}
         body = json.dumps(obj).encode()  # NaN and Infinity as Python writes them
-    return _http_bytes(draw, method, path, body.replace(b"ROOT", root.encode()))
+    body = body.replace(b"ROOT", root.encode())
+    if part == "coding":  # compressed, as named or not, whole or cut short
+        coding = draw(st.sampled_from(["gzip", "deflate", "x-gzip", "gzip, deflate", "br"]))
+        for c in coding.split(", "):
+            body = zlib.compress(body) if c == "deflate" else gzip.compress(body)
+        body = body[:draw(st.integers(0, len(body)))] if draw(st.booleans()) else body
+    return _http_bytes(draw, method, path, body, coding)
 
 
-def _http_bytes(draw, method: str, path: str, body: bytes) -> bytes:
+def _http_bytes(draw, method: str, path: str, body: bytes, coding: str | None = None) -> bytes:
     headers = draw(st.lists(st.tuples(header_names, header_values), max_size=3))
+    if coding is not None:
+        headers.append(("Content-Encoding", coding))
     lines = [f"{method} {path} HTTP/1.1", "Host: fuzz"]
     lines += [f"{k}: {v}" for k, v in headers if k.lower() not in
               ("content-length", "transfer-encoding", "connection")]
