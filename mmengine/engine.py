@@ -371,11 +371,18 @@ class Engine:
             _add_ran(fields, ran)
         self._emit("request", fields)
 
-    def default_version(self, name: str) -> int | None:
-        """The version a request naming no version got, if the engine has
-        looked that up (without looking now)."""
-        spec = self._specs.get((name, None))
-        return None if spec is None else spec.version
+    def version_of(self, name: str, version: Any) -> int | None:
+        """The version of `name` that a request asking for `version` (None:
+        the default) is for, if the engine has looked it up and the
+        repository has it, servable or not; None otherwise (not looked up
+        now: a request refused before its look-up may name anything)."""
+        if version is not None and type(version) is not int:  # (name, True) finds (name, 1)
+            return None
+        spec = self._specs.get((name, version))
+        if spec is not None:
+            return spec.version
+        bad = self._bad_specs.get((name, version))
+        return None if bad is None else bad[0][1]
 
     def _looked_up(self, name: str, version: int | None) -> bool:
         """Whether the repository was asked for `name` (by this version, or

@@ -20,7 +20,7 @@ from conftest import run, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import LoadFailed, ModelNotFound, Timeout
+from mmengine.errors import BadRequest, LoadFailed, ModelNotFound, Timeout
 from mmengine.server import metrics
 from mmengine.server.http import HttpServer
 from mmengine.server.tcp import TcpServer
@@ -109,18 +109,22 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
                     await engine.infer("broken", x)
                 with pytest.raises(LoadFailed):
                     await engine.infer("garbled", x)
+                for version in (0, -3, "1", True):  # refused at once: no version of m00
+                    with pytest.raises(BadRequest):
+                        await engine.infer("m00", x, version=version)
                 await engine.unload("m03")
                 await engine.infer("m00", x)
+                by_version = {(s["name"], s["version"]): s for s in m.version_stats()}
                 content_type, text = await scrape(port)
                 om_type, om_text = await scrape(port, "application/openmetrics-text; "
                                                 "version=1.0.0")
-                return engine.stats(), content_type, text, om_type, om_text
+                return engine.stats(), content_type, text, om_type, om_text, by_version
             finally:
                 await server.stop()
                 engine.observers.remove(tracer)
                 tracer.close()
 
-    stats, content_type, text, om_type, om_text = run(main(), timeout=60)
+    stats, content_type, text, om_type, om_text, by_version = run(main(), timeout=60)
     assert content_type.startswith("text/plain; version=0.0.4")
     assert om_type.startswith("application/openmetrics-text")
     assert {f.name for f in parse_om(om_text)} >= {"mmengine_requests", "mmengine_loads"}
@@ -152,6 +156,13 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["nv_inference_compute_input_duration_us"][m03] == 0
     assert not any(dict(k)["model"].startswith("no-such")
                    for k in got["nv_inference_request_failure"])
+    # Only versions the repository has: the refused ones name none (they are
+    # BAD_REQUEST in mmengine_requests_total), and a model whose files
+    # cannot be read counts its failures under its version.
+    assert {v for n, v in by_version if n == "m00"} == {"1"}, sorted(by_version)
+    assert requests[(("code", "BAD_REQUEST"), ("model", "m00"))] == 4
+    assert by_version[("garbled", "1")]["inference_stats"]["fail"]["count"] == 1
+    assert by_version[("m03", "1")]["execution_count"] == 12
     assert got["mmengine_cache_hits_total"][()] == totals["hits"]
     assert got["mmengine_cache_misses_total"][()] == totals["misses"]
 

@@ -956,8 +956,10 @@ def test_an_inflated_body_holds_the_receive_budget_for_its_bytes(tmp_path):
 
     write_handler(tmp_path, "slow", SLOW_HANDLER)
 
-    def request(seconds: float) -> tuple[bytes, int]:
-        head, _, body = budget_request("http", 2 * MiB, seconds).partition(b"\r\n\r\n")
+    def request(seconds: float, pad: int = 2 * MiB, noise: int = 0) -> tuple[bytes, int]:
+        head, _, body = budget_request("http", pad, seconds).partition(b"\r\n\r\n")
+        if noise:  # the end of the padding, random: it does not compress
+            body = body[:-noise] + np.random.default_rng(0).bytes(noise)
         packed = gzip.compress(body)
         head = re.sub(rb"\r\nContent-Length: \d+", b"\r\nContent-Length: %d" % len(packed), head)
         return (head + b"\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + packed,
@@ -985,12 +987,20 @@ def test_an_inflated_body_holds_the_receive_budget_for_its_bytes(tmp_path):
             while budget.held:  # given back with the answer
                 assert loop.time() < deadline, budget.held
                 await asyncio.sleep(0.01)
+            # Longer than the whole budget, with nothing else held: taken, as
+            # any body is then (one received against the budget, 1.5 MiB, was
+            # refused for the bytes it held itself).
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(request(0.0, 4 * MiB, 3 * MiB // 2)[0])
+            alone = await asyncio.wait_for(r3.read(), 10)
             w1.close()
             w2.close()
+            w3.close()
             await server.stop()
-            return answered, refused
+            return answered, refused, alone
 
-    answered, refused = run(main(), timeout=60)
+    answered, refused, alone = run(main(), timeout=60)
+    assert alone.startswith(b"HTTP/1.1 200 "), alone[:300]
     assert answered == b"200", answered
     assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in refused, refused[:300]
     assert b"inflates to" in refused, refused

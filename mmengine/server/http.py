@@ -267,6 +267,10 @@ def submitted(request: Request,
 #: gets the GIL back between the parser's calls (orjson and numpy hold it
 #: for each whole call: benchmarks/beside.py).
 PARSE_ON_THREAD = 1 << 20
+#: A compressed body at least this long is inflated on a parse thread at
+#: once (it inflates to at least as much, at 0.3-1 GB/s); a shorter one is
+#: inflated on the loop unless it inflates past PARSE_ON_THREAD.
+INFLATE_ON_THREAD = 256 << 10
 #: The threads that parse bodies and format long answers: two at a time,
 #: whatever the cores (a parse may take ten times its body's bytes while it
 #: runs), and not the loop's default executor, which reads the repository.
@@ -689,6 +693,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             return _UnsupportedEncoding(
                 f"Content-Encoding {self.headers['content-encoding']!r} is not supported; "
                 f"send the body as {codings.ACCEPTED}")
+        if codings.layers(applied) > codings.MAX_LAYERS:
+            return _UnsupportedEncoding(
+                f"a body compressed {codings.layers(applied)} times is not taken: "
+                f"{codings.MAX_LAYERS} codings at most")
         if set(codings.codings(self.headers.get("transfer-encoding", ""))) - {"chunked"}:
             return _NotImplemented(f"Transfer-Encoding {self.headers['transfer-encoding']!r}"
                                    f" is not supported: only chunked (RFC 9112 6.1)")
@@ -733,6 +741,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         handler, params, is_async = self.server.router.match(request.method, request.path)
         if request.coded:
             try:  # a short one at once; a long one inflated on a parse thread
+                if len(request.body) >= INFLATE_ON_THREAD:
+                    raise codings.Longer
                 request.body = codings.decode(request.body, request.coded,
                                               self.server.max_body, PARSE_ON_THREAD)
             except codings.Longer:
@@ -769,7 +779,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         bounded by the largest body, at most)."""
         grown = len(request.body) - request.reserved
         if len(request.body) >= RESERVE_ABOVE and grown > 0:
-            if not self.server.receiving.take(grown):
+            if not self.server.receiving.grow(request.reserved, grown):
                 raise Overloaded(f"the request body inflates to {len(request.body)} bytes, "
                                  f"more than the receive budget (receive_bytes) has free "
                                  f"now; retry later")

@@ -219,6 +219,14 @@ class ReceiveBudget:
         self.held += nbytes
         return True
 
+    def grow(self, held: int, nbytes: int) -> bool:
+        """take(nbytes) for a request that holds `held` bytes already: it is
+        not refused for want of what it holds itself."""
+        if self.held > held and self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
     def take_or_wait(self, nbytes: int, callback: Callable[[], None]) -> bool:
         """take(nbytes), or else `callback` is called once bytes come back."""
         if self.take(nbytes):

@@ -91,18 +91,18 @@ class _ModelRequests:
 
 class _VersionRequests:
     """One model version's requests as Triton's statistics extension counts
-    them (kserve.py's /stats): counts and cumulative nanoseconds. `ran`
-    counts those a worker answered, whose stages are known: queue (from
-    submission until the worker took it: a cold model's load included),
-    compute (the worker's call) and return (its answer back to the
+    them (kserve.py's /stats): counts and cumulative nanoseconds. The
+    stages of those answered OK, as Triton counts them: queue (from
+    submission until the worker took it, a cold model's load included),
+    compute (the model's call) and return (its answer back to the
     front-end)."""
 
-    __slots__ = ("success", "success_ns", "fail", "fail_ns", "ran", "queue_ns",
-                 "compute_ns", "return_ns", "last_ns")
+    __slots__ = ("success", "success_ns", "fail", "fail_ns", "queue_ns", "compute_ns",
+                 "return_ns", "last_ns")
 
     def __init__(self):
         self.success = self.success_ns = self.fail = self.fail_ns = 0
-        self.ran = self.queue_ns = self.compute_ns = self.return_ns = 0
+        self.queue_ns = self.compute_ns = self.return_ns = 0
         self.last_ns = 0  # time.monotonic_ns() of the last request's end; 0: none
 
 
@@ -171,27 +171,24 @@ class Metrics:
 
     def _count_version(self, model: str, f: dict, worker_ns: tuple | None) -> None:
         version = f["version"]
-        if version is None:  # refused before the default was looked up: if it was
-            version = self.engine.default_version(model)
+        if worker_ns is None:  # no worker took it: the version asked for, which may be none
+            version = self.engine.version_of(model, version)
             if version is None:
                 return
         v = self._versions.get((model, version))
         if v is None:
             v = self._versions[(model, version)] = _VersionRequests()
-        took = f["end_ns"] - f["start_ns"]
-        if f["code"] == "OK":
-            v.success += 1
-            v.success_ns += took
-        else:
+        v.last_ns = end = f["end_ns"]
+        if f["code"] != "OK":
             v.fail += 1
-            v.fail_ns += took
-        v.last_ns = f["end_ns"]
-        if worker_ns is not None and worker_ns[1] is not None:
-            v.ran += 1
+            v.fail_ns += end - f["start_ns"]
+            return
+        v.success += 1
+        v.success_ns += end - f["start_ns"]
+        if worker_ns is not None and None not in worker_ns:  # an answer always has them
             v.queue_ns += worker_ns[0] - f["start_ns"]
             v.compute_ns += worker_ns[1] - worker_ns[0]
-            if worker_ns[2] is not None:
-                v.return_ns += worker_ns[2] - worker_ns[1]
+            v.return_ns += worker_ns[2] - worker_ns[1]
 
     def version_stats(self, keys: list[tuple[str, int]] | None = None) -> list[dict]:
         """Triton's $model_stat for each (model, version) of `keys` (None:
@@ -209,7 +206,7 @@ class Metrics:
             v = self._versions.get(key) or _VersionRequests()
             row = rows.get(key)
             memory = []
-            if row is not None and row["worker"] is not None and row["bytes"]:
+            if row is not None and row["state"] == "resident":
                 device = devices.get(row["worker"], "cpu")
                 kind, _, index = device.partition(":")
                 memory.append({"type": "GPU" if kind == "cuda" else "CPU",
@@ -220,14 +217,14 @@ class Metrics:
             out.append({
                 "name": key[0], "version": str(key[1]),
                 "last_inference": (v.last_ns + wall_offset) // 1_000_000 if v.last_ns else 0,
-                "inference_count": v.success, "execution_count": v.ran,
+                "inference_count": v.success, "execution_count": v.success,
                 "inference_stats": {
                     "success": stat(v.success, v.success_ns),
                     "fail": stat(v.fail, v.fail_ns),
-                    "queue": stat(v.ran, v.queue_ns),
-                    "compute_input": stat(v.ran, 0),
-                    "compute_infer": stat(v.ran, v.compute_ns),
-                    "compute_output": stat(v.ran, v.return_ns),
+                    "queue": stat(v.success, v.queue_ns),
+                    "compute_input": stat(v.success, 0),
+                    "compute_infer": stat(v.success, v.compute_ns),
+                    "compute_output": stat(v.success, v.return_ns),
                     "cache_hit": stat(0, 0), "cache_miss": stat(0, 0)},
                 "response_stats": {}, "batch_stats": [], "memory_usage": memory})
         return out
@@ -261,7 +258,7 @@ class _Scrape:
         self._evictions, self._evicted_bytes = dict(m._evictions), dict(m._evicted_bytes)
         self._worker_exits = dict(m._worker_exits)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
-        self._versions = {key: (v.success, v.fail, v.ran, v.success_ns + v.fail_ns,
+        self._versions = {key: (v.success, v.fail, v.success, v.success_ns + v.fail_ns,
                                 v.queue_ns, v.compute_ns, v.return_ns)
                           for key, v in m._versions.items()}
         self._stats = m.engine.stats()
@@ -416,17 +413,19 @@ TRITON_METRICS = (
     ("nv_inference_request_failure", "Requests that failed.", 1, 1),
     ("nv_inference_count", "Inferences performed (no batching of its own: one a "
      "request answered OK).", 0, 1),
-    ("nv_inference_exec_count", "Model executions (requests a worker ran).", 2, 1),
+    ("nv_inference_exec_count", "Model executions (as success: no batching of its "
+     "own).", 2, 1),
     ("nv_inference_request_duration_us", "Cumulative time from submission to answer, "
      "in microseconds.", 3, 1000),
     ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
-     "took the request (a cold model's load included), in microseconds.", 4, 1000),
+     "took the request (a cold model's load included), of requests answered OK, in "
+     "microseconds.", 4, 1000),
     ("nv_inference_compute_input_duration_us", "Always 0: a worker's inputs are views "
      "of its request ring.", None, 1000),
     ("nv_inference_compute_infer_duration_us", "Cumulative time of the model's own "
-     "calls, in microseconds.", 5, 1000),
+     "calls for requests answered OK, in microseconds.", 5, 1000),
     ("nv_inference_compute_output_duration_us", "Cumulative time of answers through "
-     "the response ring, in microseconds.", 6, 1000),
+     "the response ring for requests answered OK, in microseconds.", 6, 1000),
 )
 
 
