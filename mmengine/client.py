@@ -21,9 +21,11 @@ import asyncio
 import collections
 import itertools
 import numbers
+import os
 import select
 import socket
 import time
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
@@ -235,8 +237,10 @@ class _Connection:
     # A pooled connection idle for less than this is used without first
     # asking the kernel whether the server closed it (it closes only
     # connections idle for minutes): one system call less per request. If
-    # it had closed it all the same (a restart), the call is made again on
-    # a new connection: nothing of it reached a live server.
+    # it had closed it all the same (it died), the call fails with
+    # ConnectionError: it is not sent again, since the request may have
+    # reached the server and run there (a server that died while it ran
+    # looks the same to this socket).
     TRUSTED_IDLE_S = 0.1
 
     def __init__(self, address: tuple[str, int], timeout: float):
@@ -245,13 +249,11 @@ class _Connection:
         self.timeout = timeout
         self.frames = _Frames()
         self.last_used = time.monotonic()
-        self.trusted = False  # taken from the pool without asking the kernel
-        self.answered = False  # bytes came back on it
 
     def alive(self) -> bool:
-        self.trusted = time.monotonic() - self.last_used < self.TRUSTED_IDLE_S
         # Nothing is in flight on a pooled socket: readable means closed.
-        return self.trusted or not self._ready(select.POLLIN, 0.0)
+        return (time.monotonic() - self.last_used < self.TRUSTED_IDLE_S
+                or not self._ready(select.POLLIN, 0.0))
 
     def _ready(self, events: int, timeout: float | None) -> int:
         """The poll events of `events` that the socket has, waiting up to
@@ -306,7 +308,6 @@ class _Connection:
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionError("the server closed the connection")
-        self.answered = True
         for response in self.frames.feed(data):
             if response.get("id") is None:  # an error about the stream
                 protocol.raise_for(response)
@@ -332,6 +333,7 @@ class Client:
         self._pool: collections.deque[_Connection] = collections.deque()
         self._ids = itertools.count(1)  # next() on it is atomic as well
         self._max_frame: int | None = None  # the server's, once asked (CHECK_FRAMES_ABOVE)
+        _CLIENTS.add(self)
 
     def __enter__(self) -> "Client":
         return self
@@ -345,6 +347,14 @@ class Client:
                 self._pool.pop().sock.close()
             except IndexError:
                 return
+
+    def _forget_pool(self) -> None:
+        """In a forked child: the pooled sockets are the parent's too, and
+        two processes reading one socket get each other's answers. Closed
+        here (the parent's stay open), the child connects anew."""
+        pool, self._pool = self._pool, collections.deque()
+        for conn in pool:
+            conn.sock.close()
 
     def _borrow(self) -> "_Connection":
         """A pooled connection the server has not closed meanwhile (it closes
@@ -360,7 +370,6 @@ class Client:
 
     def _give_back(self, conn: "_Connection") -> None:
         conn.last_used = time.monotonic()
-        conn.trusted = conn.answered = False
         if self.pool_size <= 0 or len(self._pool) < self.pool_size:  # 0: no bound
             self._pool.append(conn)
         else:
@@ -389,15 +398,8 @@ class Client:
             frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
         conn = self._borrow()
         try:
-            try:
-                conn.set_timeout(wait)
-                got = conn.exchange(frames, ids)
-            except ConnectionError:
-                conn.sock.close()
-                if not conn.trusted or conn.answered:
-                    raise
-                conn = _Connection(self.address, wait)
-                got = conn.exchange(frames, ids)
+            conn.set_timeout(wait)
+            got = conn.exchange(frames, ids)
         except socket.timeout:
             conn.sock.close()
             raise Timeout("no answer from the server in time") from None
@@ -476,6 +478,17 @@ class Client:
 
 # -- asyncio -------------------------------------------------------------------
 
+_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for client in list(_CLIENTS):
+        client._forget_pool()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class _AsyncConnection(asyncio.Protocol):
     def __init__(self):
         self.transport = None
@@ -504,7 +517,8 @@ class _AsyncConnection(asyncio.Protocol):
                     self._fail(e)
 
     def connection_lost(self, exc) -> None:
-        self._fail(ConnectionError(f"connection to the server lost: {exc}"))
+        self._fail(ConnectionError("the connection to the server was closed" if exc is None
+                                   else f"connection to the server lost: {exc}"))
 
     def _fail(self, error: Exception) -> None:
         self.lost = error
@@ -529,26 +543,60 @@ class AsyncClient:
         self.address = parse_address(address)
         self.timeout = _timeout(timeout, None)
         self.token = token
+        if not (isinstance(connections, int) and connections >= 1):
+            raise ValueError(f"connections must be an int of 1 or more, not {connections!r}")
         self.size = connections
-        self._conns: list[_AsyncConnection] = []
+        self._conns: list[_AsyncConnection | None] = [None] * connections
+        self._opening: dict[int, asyncio.Future] = {}  # slot -> its connection being opened
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connections'
         self._ids = itertools.count(1)
         self._next = itertools.count()
         self._max_frame: int | None = None  # as Client's
 
     async def connect(self) -> "AsyncClient":
-        for _ in range(self.size - len(self._conns)):
-            self._conns.append(await self._open())
+        self._check_loop()
+        await asyncio.gather(*(self._slot(i) for i in range(self.size)))
         return self
 
-    async def _open(self) -> _AsyncConnection:
+    def _check_loop(self) -> None:
+        """Connections belong to the loop that opened them. Once that loop
+        is closed (asyncio.run's end), the next one opens its own; while it
+        runs, another loop may not use them."""
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(_AsyncConnection, *self.address)
-        return conn
+        if loop is self._loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("this AsyncClient is in use on another event loop: "
+                               "make one client per loop")
+        self._loop = loop
+        self._conns = [None] * self.size  # gone with their loop
+        self._opening = {}
+
+    async def _slot(self, i: int) -> _AsyncConnection:
+        """Connection `i`, opened (again, if it was lost) once, however
+        many calls find it so at once."""
+        conn = self._conns[i]
+        if conn is not None and conn.lost is None:
+            return conn
+        opening = self._opening.get(i)
+        if opening is None:
+            opening = self._opening[i] = asyncio.ensure_future(self._reopen(i))
+        return await asyncio.shield(opening)
+
+    async def _reopen(self, i: int) -> _AsyncConnection:
+        try:
+            _, conn = await asyncio.get_running_loop().create_connection(
+                _AsyncConnection, *self.address)
+            self._conns[i] = conn
+            return conn
+        finally:
+            self._opening.pop(i, None)
 
     async def close(self) -> None:
-        for conn in self._conns:
-            conn.transport.close()
-        self._conns = []
+        conns, self._conns = self._conns, [None] * self.size
+        for conn in conns:
+            if conn is not None:
+                conn.transport.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.connect()
@@ -577,13 +625,12 @@ class AsyncClient:
         size = _body_size(parts)
         if size > CHECK_FRAMES_ABOVE:
             await self._check_size(size)
-        if not self._conns:
-            await self.connect()
-        slot = next(self._next) % len(self._conns)
+        self._check_loop()
+        slot = next(self._next) % self.size
         conn = self._conns[slot]
-        if conn.lost is not None:  # the server restarted or dropped it: reconnect
-            conn = self._conns[slot] = await self._open()
-        loop = asyncio.get_running_loop()
+        if conn is None or conn.lost is not None:  # not yet open, or the server dropped it
+            conn = await self._slot(slot)
+        loop = self._loop
         fut = loop.create_future()
         # A timer on the future, not asyncio.timeout(): a third of the cost.
         timer = None if wait is None else loop.call_later(wait, _expire, fut)
