@@ -718,7 +718,7 @@ class Engine:
         if source == "disk" and body.get("publishable"):
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:
-            await self._shrink(worker.index)  # the estimate was short
+            await self._shrink(worker.index, "pressure")  # the estimate was short
 
     async def _unstick(self, worker: Worker, key: Key, unload: asyncio.Task) -> None:
         """A load past its deadline holds its worker's loader, and every load
@@ -1019,23 +1019,12 @@ class Engine:
                 self.host.set_resident(key, False)  # demoted: its bytes stay in the host tier
             self._forget(key, gen)
 
-    async def _shrink(self, index: int) -> None:
-        """Brings worker `index`, if above its high watermark, under its low
-        one, least recently used first ("pressure"): after a load whose
-        estimate was short, and from the monitor once the models that were
-        pinned or in use when a load filled the budget are free. Within
-        the budget its most recently used model stays: a lone large model
-        would be loaded again by its next request, and evicted again."""
+    async def _shrink(self, index: int, reason: str, need: int = 0) -> None:
         victims, reason_code = self.cache.victims(
-            books.DEVICE, index, 0, self.config.high_watermark, self.config.low_watermark)
-        if reason_code != books.OK or not victims:
-            return
-        if self.cache.used(books.DEVICE, index) <= self.cache.capacity(books.DEVICE, index):
-            newest = next((k for k in reversed(self.cache.lru_keys())
-                           if self.cache.entry(k).worker == index), None)
-            victims = [v for v in victims if v != newest]
-        await asyncio.gather(*[self._evict(v, "pressure") for v in victims],
-                             return_exceptions=True)
+            books.DEVICE, index, need, self.config.high_watermark, self.config.low_watermark)
+        if reason_code == books.OK and victims:
+            await asyncio.gather(*[self._evict(v, reason) for v in victims],
+                                 return_exceptions=True)
 
     async def _monitor(self) -> None:
         """Idle unloads and memory watermarks, once per interval."""
@@ -1063,9 +1052,7 @@ class Engine:
                 victim = self._least_recent(lambda w: w.device == "cpu")
                 if victim is not None:
                     await self._evict(victim, "host_memory")
-        self.host.shrink()
         for w in self.pool.workers:
-            await self._shrink(w.index)
             if w.device.startswith("cuda"):
                 used, total = resources.gpu_memory(int(w.device.split(":")[1]))
                 if used > self.config.high_watermark * total:

@@ -87,19 +87,6 @@ class HostTier:
         self._segments[key] = name
         return name
 
-    def shrink(self) -> None:
-        """Brings the tier, if above its high watermark, under its low one,
-        least recently used copies first, but the most recent: once the
-        resident models that filled it (pinned here) are demoted."""
-        if not self.enabled:
-            return
-        victims, reason = self.book.victims(books.HOST, 0, 0, self.high, self.low)
-        if reason == books.OK and victims:
-            newest = self.book.lru_keys()[-1]
-            for victim in victims:
-                if victim != newest:
-                    self.drop(victim)
-
     def published(self, key: Key, segment: str, nbytes: int, now: float) -> None:
         """`segment`, reserved for `key`, is written, `nbytes` long. If the
         reservation was dropped meanwhile (an unload), it goes at once."""

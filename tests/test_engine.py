@@ -179,49 +179,6 @@ def test_idle_models_are_unloaded(repo, own_segments):
     assert row["evictions_by_reason"] == {"idle": 1}
 
 
-def test_a_worker_left_above_its_high_watermark_is_brought_under_the_low(repo, own_segments):
-    # With the others pinned, a load may fill the whole budget (nothing can
-    # make room for it); once they are unpinned, the monitor evicts down to
-    # the low watermark, where before nothing did until the next load.
-    root, _ = repo
-
-    async def main():
-        async with Engine(config(root, workers=1)) as engine:
-            budget = engine.cache.capacity(2, 0)
-            for name in ("m20", "m21"):
-                await engine.pin(name)
-            await engine.infer("m22", {"x": x_for(np.random.default_rng(5))})
-            full = engine.cache.used(2, 0)
-            for name in ("m20", "m21"):
-                await engine.unpin(name)
-            deadline = time.monotonic() + 10
-            while engine.cache.used(2, 0) > engine.config.low_watermark * budget:
-                assert time.monotonic() < deadline, engine.cache.used(2, 0)
-                await asyncio.sleep(0.05)
-            return full / budget, engine.stats()
-
-    full, stats = run(main())
-    assert full > 0.8, full  # it was above the high watermark
-    evicted = {r["name"]: r["evictions_by_reason"] for r in stats["models"] if r["evictions"]}
-    assert evicted == {"m20": {"pressure": 1}}, evicted  # the least recently used
-
-
-def test_a_lone_model_above_the_high_watermark_stays(repo, own_segments):
-    # 90% of its worker's budget, alone: evicting it would only load it
-    # again at its next request.
-    root, _ = repo
-
-    async def main():
-        budget = int(model_bytes(root) / 0.9)
-        async with Engine(config(root, workers=1, device_budget=budget)) as engine:
-            await engine.infer("m23", {"x": x_for(np.random.default_rng(6))})
-            await asyncio.sleep(1.0)  # ten turns of the monitor
-            return engine._model_row(("m23", 1))
-
-    row = run(main())
-    assert row["state"] == "resident" and row["evictions"] == 0, row
-
-
 def test_host_memory_watermark_evicts(repo, own_segments):
     root, _ = repo
 

@@ -143,35 +143,6 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
     run(main())
 
 
-def test_a_tier_filled_by_resident_models_is_brought_under_its_low_watermark(tmp_path,
-                                                                             own_segments):
-    root = repo(tmp_path)
-
-    async def main():
-        # Three copies (0.87 of 300,000) are over the high watermark, but
-        # each is resident when published: nothing can go. Once two are
-        # demoted, the monitor drops the older, as a publish would have;
-        # the newest stays.
-        async with Engine(config(root, host_tier_bytes=300_000, monitor_interval_s=0.1)
-                          .replace(workers=3)) as engine:
-            for i in range(3):
-                await engine.infer(f"m{i}", X)
-                await settle(engine, f"m{i}", "resident")
-            full = engine.stats()["host_tier"]["bytes"]
-            for name in ("m0", "m1"):
-                await engine.unload(name, keep_host=True)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while engine.stats()["host_tier"]["bytes"] > 0.7 * 300_000:
-                assert loop.time() < deadline, engine.stats()["host_tier"]
-                await asyncio.sleep(0.05)
-            return full, [row(engine, f"m{i}")["state"] for i in range(3)]
-
-    full, states = run(main())
-    assert full > 0.8 * 300_000, full
-    assert states == ["on storage", "in host memory", "resident"], states
-
-
 def test_no_host_tier_when_it_is_off(tmp_path, own_segments):
     root = repo(tmp_path, 2)
 
