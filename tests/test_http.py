@@ -228,6 +228,7 @@ def test_a_bad_compressed_body_is_refused_and_the_connection_goes_on(address):
             (gzip.compress(gzip.compress(packed)), "gzip, gzip, gzip", 415, b"2 codings at most"),
             (raw_deflate(body), "deflate", 200, b""),  # no zlib header, as some send it
             (packed + bytes(64), "gzip", 200, b""),  # zeros after it: padding, as gzip(1) reads
+            (gzip.compress(b"") * 100_000, "gzip", 400, b"more than 64 gzip members"),
             (gzip.compress(body) * 2, "gzip", 400, b"not valid JSON")]  # two members: body twice
     with socket.create_connection(address, timeout=30) as s:
         for data, coding, _, _ in sent:

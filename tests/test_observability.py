@@ -154,6 +154,9 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["nv_inference_request_duration_us"][m03] > \
         got["nv_inference_compute_infer_duration_us"][m03] > 0
     assert got["nv_inference_compute_input_duration_us"][m03] == 0
+    # Durations of the requests answered OK only, as Triton's: over the
+    # success count, their mean (a failure's time would raise it).
+    assert got["nv_inference_request_duration_us"][(("model", "broken"), ("version", "1"))] == 0
     assert not any(dict(k)["model"].startswith("no-such")
                    for k in got["nv_inference_request_failure"])
     # Only versions the repository has: the refused ones name none (they are

@@ -23,8 +23,14 @@ ACCEPTED = "gzip, deflate, identity"
 #: inflate as the largest body (a stored gzip layer is as long as what it
 #: holds), and a header of 64 KiB names thousands. Clients send one.
 MAX_LAYERS = 2
+#: The most gzip members one body may hold: each is inflated on its own
+#: (and an empty one inflates to nothing, so no size limit stops them).
+MAX_MEMBERS = 64
 #: Inflated in this many bytes at a time: the largest piece held twice.
 _PIECE = 1 << 20
+#: Fed to the inflater this many bytes at a time: what a gzip member leaves
+#: over (copied at its end) is no longer.
+_WINDOW = 64 << 10
 
 
 class Longer(Exception):
@@ -52,24 +58,28 @@ def decode(body: bytes, applied: list[str], limit: int, stop_at: int | None = No
 
 
 def _inflate(data: bytes, coding: str, limit: int, stopping: bool) -> bytes:
+    view = memoryview(data)
     out: list[bytes] = []
-    size = 0
-    while True:  # gzip: member after member (RFC 1952 2.2); deflate: one stream
+    size = pos = 0
+    for _ in range(MAX_MEMBERS):  # gzip: member after member (RFC 1952 2.2); deflate: one
         # 32 + MAX_WBITS reads a gzip or a zlib header, whichever it finds:
         # "deflate" is a zlib stream (RFC 9110 8.4.1.2), gzip a gzip one,
         # and a client that labels one as the other is still understood.
         inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)
-        if coding == "deflate" and len(data) >= 2 and not _has_header(data):
+        if coding == "deflate" and not _has_header(view[pos:pos + 2]):
             # No zlib header: raw deflate, as some clients send "deflate"
             # (RFC 9110 8.4.1.2 notes them).
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        pending = data
+        pending = b""
         try:
             while not inflater.eof:
+                if not pending:  # fed a window at a time: what it leaves over is short
+                    if pos == len(view):
+                        break
+                    pending = view[pos:pos + _WINDOW]
+                    pos += len(pending)
                 piece = inflater.decompress(pending, min(_PIECE, limit + 1 - size))
                 pending = inflater.unconsumed_tail
-                if not piece and not pending:  # all of it read, and no end in it
-                    break
                 size += len(piece)
                 if size > limit:
                     if stopping:
@@ -81,14 +91,20 @@ def _inflate(data: bytes, coding: str, limit: int, stopping: bool) -> bytes:
             raise BadRequest(f"the request body is not valid {coding}: {e}") from None
         if not inflater.eof:
             raise BadRequest(f"the request body ends inside its {coding} stream")
-        data = inflater.unused_data
-        if not data.strip(b"\0"):  # zeros after a gzip stream are padding, as gzip(1) reads them
+        pos -= len(inflater.unused_data)
+        # Zeros after a gzip stream are padding, as gzip(1) reads them.
+        if pos == len(view) or (view[pos] == 0 and not view[pos:].tobytes().strip(b"\0")):
             return b"".join(out)
         if coding == "deflate":
-            raise BadRequest(f"{len(data)} bytes follow the request body's deflate stream")
+            raise BadRequest(f"{len(view) - pos} bytes follow the request body's deflate "
+                             f"stream")
+    raise BadRequest(f"the request body holds more than {MAX_MEMBERS} gzip members")
 
 
-def _has_header(data: bytes) -> bool:
-    """Whether `data` opens with a gzip or a zlib header (RFC 1952, 1950)."""
-    return data[:2] == b"\x1f\x8b" or (data[0] & 0x0F == 8
-                                       and int.from_bytes(data[:2], "big") % 31 == 0)
+def _has_header(head: memoryview) -> bool:
+    """Whether `head`, a body's first two bytes, is a gzip or a zlib
+    header (RFC 1952, 1950); a shorter one is taken as one."""
+    if len(head) < 2:
+        return True
+    return head == b"\x1f\x8b" or (head[0] & 0x0F == 8
+                                    and int.from_bytes(head, "big") % 31 == 0)

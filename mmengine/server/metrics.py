@@ -103,7 +103,7 @@ class _VersionRequests:
     def __init__(self):
         self.success = self.success_ns = self.fail = self.fail_ns = 0
         self.queue_ns = self.compute_ns = self.return_ns = 0
-        self.last_ns = 0  # time.monotonic_ns() of the last request's end; 0: none
+        self.last_ns = 0  # time.monotonic_ns() of the last OK answer; 0: none
 
 
 class Metrics:
@@ -178,11 +178,12 @@ class Metrics:
         v = self._versions.get((model, version))
         if v is None:
             v = self._versions[(model, version)] = _VersionRequests()
-        v.last_ns = end = f["end_ns"]
+        end = f["end_ns"]
         if f["code"] != "OK":
             v.fail += 1
             v.fail_ns += end - f["start_ns"]
             return
+        v.last_ns = end  # as Triton's: the last inference made
         v.success += 1
         v.success_ns += end - f["start_ns"]
         if worker_ns is not None and None not in worker_ns:  # an answer always has them
@@ -258,7 +259,7 @@ class _Scrape:
         self._evictions, self._evicted_bytes = dict(m._evictions), dict(m._evicted_bytes)
         self._worker_exits = dict(m._worker_exits)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
-        self._versions = {key: (v.success, v.fail, v.success, v.success_ns + v.fail_ns,
+        self._versions = {key: (v.success, v.fail, v.success, v.success_ns,
                                 v.queue_ns, v.compute_ns, v.return_ns)
                           for key, v in m._versions.items()}
         self._stats = m.engine.stats()
@@ -415,8 +416,8 @@ TRITON_METRICS = (
      "request answered OK).", 0, 1),
     ("nv_inference_exec_count", "Model executions (as success: no batching of its "
      "own).", 2, 1),
-    ("nv_inference_request_duration_us", "Cumulative time from submission to answer, "
-     "in microseconds.", 3, 1000),
+    ("nv_inference_request_duration_us", "Cumulative time from submission to answer of "
+     "requests answered OK, in microseconds.", 3, 1000),
     ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
      "took the request (a cold model's load included), of requests answered OK, in "
      "microseconds.", 4, 1000),
