@@ -26,12 +26,13 @@ import select
 import socket
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import numpy as np
 
 from mmengine import protocol
-from mmengine.errors import Timeout, TooLarge
+from mmengine.errors import BadRequest, Timeout, TooLarge
 
 DEFAULT_PORT = 8081
 # A request's timeout is enforced by the server; the client waits this much
@@ -63,6 +64,9 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, Mapping):
+        raise BadRequest(f"inputs must be a mapping of name to array, not "
+                         f"{type(inputs).__name__}")
     out = {}
     for name, value in inputs.items():
         out[name] = np.asarray(protocol.from_torch(value))

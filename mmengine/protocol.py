@@ -252,9 +252,17 @@ def from_torch(value: Any) -> Any:
     float32, which holds each of its values); anything else as it is.
     torch is imported only by those who pass its tensors."""
     if type(value).__module__.startswith("torch"):
+        if str(value.layout) != "torch.strided":  # sparse: its values, as a dense array
+            value = value.to_dense()
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
-        return value.detach().cpu().numpy()
+        # A conjugate or negative view (x.conj(), a lazy -x) is resolved
+        # to its values: numpy() refuses them.
+        value = value.detach().cpu().resolve_conj().resolve_neg()
+        try:
+            return value.numpy()
+        except TypeError as e:  # a dtype numpy lacks (the float8s)
+            raise BadRequest(f"a torch tensor of {value.dtype} cannot travel: {e}") from None
     return value
 
 

@@ -828,3 +828,24 @@ def test_the_sdk_takes_torch_tensors_and_bfloat16_as_float32(address):
     for y in got:
         assert y.dtype == np.float32
         np.testing.assert_array_equal(y, want)
+
+
+def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_travel(
+        address):
+    # A conjugate or lazily negated view, and a sparse tensor, raised
+    # torch's own errors; a float8 a TypeError, a list of inputs an
+    # AttributeError.
+    import torch
+
+    x = torch.from_numpy(x_for(np.random.default_rng(4)))
+    z = torch.complex(x, 2 * x).conj()  # a conjugate view; its imag, a negative one
+    sent = {"conj": (z, np.conj(torch.complex(x, 2 * x).numpy())),
+            "neg": (z.imag, -2 * x.numpy()), "sparse": (x.to_sparse(), x.numpy())}
+    with Client(address) as c:
+        for what, (tensor, want) in sent.items():
+            np.testing.assert_array_equal(c.infer("echo", {"x": tensor})["y"], want,
+                                          err_msg=what)
+        with pytest.raises(BadRequest, match="float8"):
+            c.infer("echo", {"x": x.to(torch.float8_e4m3fn)})
+        with pytest.raises(BadRequest, match="mapping"):
+            c.infer("echo", [x])
