@@ -494,7 +494,12 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     """The worker process; each handle is (name, data_fd, space_fd, spin_us)
     with descriptors inherited from the front-end, as is abandoned_fd (the
     messages.Abandoned table)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    # The front-end decides when a worker stops: a signal to the whole
+    # process group (Ctrl-C; systemd's SIGTERM to every process of a unit)
+    # must not end it under the requests the front-end is draining. It ends
+    # when its rings close, or its front-end dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
 

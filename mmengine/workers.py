@@ -135,6 +135,7 @@ class Worker:
         self._pidfd = -1
         self.pid: int | None = None
         self.alive = True
+        self.stopped_why: str | None = None  # set when the pool ends it: its requests say why
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
         # Its loader thread does one load or publish at a time. The engine
         # sends loads in turn (a future per load, from when it waits to when
@@ -243,8 +244,8 @@ class Worker:
         # Answers it wrote before it exited are still in the ring: deliver
         # them before failing whatever is left.
         self._on_readable()
-        self._died(f"worker {self.index} (pid {self.pid}) exited with code "
-                   f"{self.process.poll()}")
+        self._died(self.stopped_why or f"worker {self.index} (pid {self.pid}) exited with "
+                                       f"code {self.process.poll()}")
 
     def _died(self, why: str) -> None:
         if not self.alive:
@@ -614,8 +615,8 @@ class WorkerPool:
     async def stop(self, deadline: float | None = None) -> None:
         """Close every request ring (workers drain and exit), then wait for
         them against one deadline (time.monotonic(); by default
-        shutdown_timeout_s from now); whoever is left is terminated, then
-        killed. Leaves no process and no segment behind."""
+        shutdown_timeout_s from now); whoever is left is killed (a worker
+        ignores SIGTERM). Leaves no process and no segment behind."""
         self._stopping = True
         if deadline is None:
             deadline = time.monotonic() + self.config.shutdown_timeout_s
@@ -630,10 +631,11 @@ class WorkerPool:
             await _reaped(w.process, deadline - time.monotonic())
         for w in self.workers:
             if w.is_running():
-                w.process.terminate()
-                if not await _reaped(w.process, 1.0):
-                    w.process.kill()
-                    await _reaped(w.process, 5.0)
+                w.stopped_why = (f"the server stopped before worker {w.index} finished "
+                                 f"this request (shutdown_timeout_s "
+                                 f"{self.config.shutdown_timeout_s:g} s passed)")
+                w.process.kill()
+                await _reaped(w.process, 5.0)
             w.release()
         self._finalizer.detach()
 

@@ -143,10 +143,11 @@ class Server:
     """`mmengine serve` in a subprocess; its output is read by a thread so
     that the pipe never fills, and kept for failure messages."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 own_group: bool = False):
         self.proc = subprocess.Popen(command("serve", *args), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
-                                     env=env or environ())
+                                     env=env or environ(), start_new_session=own_group)
         self.output: list[str] = []
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

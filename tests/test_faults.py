@@ -574,8 +574,9 @@ def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segment
         await stopping
         took = time.monotonic() - t0
         assert (await quick)["y"][0] == 0.6  # finished within the deadline
-        with pytest.raises(WorkerDied, match="stopped|exited"):
-            await stuck  # on the worker at the deadline
+        with pytest.raises(WorkerDied, match="server stopped before worker 0 finished this "
+                                             r"request \(shutdown_timeout_s 1 s passed\)"):
+            await stuck  # on the worker at the deadline (it said "exited with code -15")
         with pytest.raises(Overloaded, match="shut down"):
             await loading  # still waiting for its load at the deadline
         return took, pid
@@ -634,6 +635,36 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
+            server.proc.wait()
+
+
+def test_sigterm_to_the_whole_process_group_still_drains(repo):
+    # systemd (KillMode=control-group) and `kill -TERM -PGID` signal every
+    # process of the server: the workers died under the requests the
+    # front-end was draining (WORKER_DIED, "exited with code -15").
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"),
+                    own_group=True)
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+
+        async def main():
+            async with AsyncClient((m.group(1), int(m.group(2))), timeout=30) as client:
+                await client.load("slow")
+                calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.1])}))
+                         for _ in range(10)]  # a second of work, queued on the one worker
+                await asyncio.sleep(0.3)
+                os.killpg(server.proc.pid, signal.SIGTERM)
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = run(main(), timeout=60)
+        assert server.proc.wait(30) == 0, "".join(server.output)
+        for r in results:
+            assert not isinstance(r, BaseException), repr(r)
+            assert r["y"][0] == 0.2
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
 
 
