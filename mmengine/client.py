@@ -589,10 +589,15 @@ class AsyncClient:
 
     async def _reopen(self, i: int) -> _AsyncConnection:
         try:
-            _, conn = await asyncio.get_running_loop().create_connection(
-                _AsyncConnection, *self.address)
+            # Within the client's timeout, as Client connects: an address
+            # that drops packets would hold every caller for minutes.
+            _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                _AsyncConnection, *self.address), _wait(self.timeout))
             self._conns[i] = conn
             return conn
+        except TimeoutError:
+            raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
+                          f"in time") from None
         finally:
             self._opening.pop(i, None)
 

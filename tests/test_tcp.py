@@ -849,3 +849,27 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
             c.infer("echo", {"x": x.to(torch.float8_e4m3fn)})
         with pytest.raises(BadRequest, match="mapping"):
             c.infer("echo", [x])
+
+
+def test_an_async_client_connects_within_its_timeout():
+    # An address that drops the connection's packets (here: a listener
+    # whose backlog is full) held every call for the system's connect
+    # timeout, minutes; the blocking Client connects within its timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)
+
+    async def main():
+        client = AsyncClient(listener.getsockname(), timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(Timeout, match="could not connect"):
+            await client.health()
+        return time.monotonic() - t0
+
+    try:
+        took = run(main(), timeout=20)
+    finally:
+        filler.close()
+        listener.close()
+    assert took < 5, took  # the timeout, and the grace for the server's answer
