@@ -647,7 +647,7 @@ class AsyncClient:
         conn.transport.writelines(parts)
         try:
             response = await fut
-        except Timeout:
+        except (Timeout, asyncio.CancelledError):  # its answer, if one comes, is dropped
             conn.pending.pop(rid, None)
             raise
         finally:

@@ -391,6 +391,12 @@ def test_async_client_gives_up_at_its_own_timeout_and_goes_on(address):
             with pytest.raises(Timeout):
                 await client.infer("slow", slow_input(2.0))
             waited = time.monotonic() - t0
+            # A call its caller cancels leaves nothing behind either (an
+            # answer that never came kept its entry for ever).
+            call = asyncio.ensure_future(client.infer("slow", slow_input(2.0), timeout=None))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
             out = await client.infer(fast, {"x": x})  # the connection still serves
             return waited, out, client._conns[0].pending
 
