@@ -30,6 +30,7 @@ ENV_PREFIX = "MMENGINE_"
 OTHER_VARS = {PURE_PYTHON_VAR, SOURCE_VAR, "MMENGINE_BUILD_ONLY", "MMENGINE_BUILD_DEBUG"}
 TEST_VAR_PREFIX = "MMENGINE_TEST_"
 GiB = 1 << 30
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -171,6 +172,12 @@ class Config:
     # separated by commas; empty: no remote host. file:// sources must lie
     # under model_roots instead.
     allowed_hosts: str = ""
+    # A download must arrive at this many bytes a second or more (averaged,
+    # after its first FETCH_GRACE_S seconds), or it fails: a source that
+    # trickles would hold one of the few fetch threads, and every other
+    # remote model's first load, for ever. 0: any pace (a read that stalls
+    # 30 s still fails).
+    fetch_min_rate: int = 256 * KiB
     # The token that control operations (load, unload, pin, unpin; KServe
     # repository load/unload; SageMaker POST and DELETE /models) must carry;
     # empty: they are open to every client. The servers keep only its sha256
@@ -208,7 +215,7 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
-              "load_bytes_in_flight", "receive_bytes", "receive_min_rate"}
+              "load_bytes_in_flight", "receive_bytes", "receive_min_rate", "fetch_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M": 1e6,
@@ -314,6 +321,7 @@ def _validate(c: Config) -> None:
     need(c.receive_min_rate >= 0, "receive_min_rate", "must be >= 0 (0: any pace)")
     need(bool(c.cache_dir), "cache_dir", "must name a directory")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
+    need(c.fetch_min_rate >= 0, "fetch_min_rate", "must be >= 0 (0: any pace)")
     need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")
     try:
         fetch.parse_allowed_hosts(c.allowed_hosts)

@@ -22,7 +22,9 @@ Room is made before a download, for the spec's estimate, under both
 limits: `disk_cache_bytes` of entries (0: none) and `disk_watermark` of
 the capacity of the disk that holds the cache (psutil). Eviction takes the
 least recently used entry first (used: `ensure`, `touch`; an entry's mtime
-carries that order across restarts), never one being fetched.
+carries that order across restarts), never one being fetched or read by a
+load: a download that would fit once those are done waits for them
+(ROOM_WAIT_S at most), since a load lets go of its copy within seconds.
 
 Thread-safe: one lock guards the index; downloads run outside it, one per
 model at a time: a caller that finds a download of its model in flight
@@ -39,6 +41,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -53,6 +56,10 @@ from mmengine.storage import MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, tr
 
 PARTIAL = ".partial"
 Key = tuple[str, int]
+#: How long a download waits for room that copies in use (being fetched,
+#: or read by a load) hold, before it is refused: as long as a fetch may
+#: stall.
+ROOM_WAIT_S = fetch.TIMEOUT_S
 
 
 @dataclasses.dataclass
@@ -78,6 +85,7 @@ class DiskCache:
         self.config = config
         self.root = Path(config.cache_dir)
         self._lock = threading.Lock()
+        self._let_go = threading.Condition(self._lock)  # a copy in use is no longer
         self._entries: collections.OrderedDict[Key, _Entry] = collections.OrderedDict()
         self._flights: dict[Key, _Flight] = {}
         self._reserved = 0  # the estimates of downloads in flight
@@ -122,6 +130,7 @@ class DiskCache:
             entry = self._entries.get((name, version))
             if entry is not None and entry.users:
                 entry.users -= 1
+                self._let_go.notify_all()
 
     def ensure(self, spec: ModelSpec) -> Path:
         """The local directory that holds `spec`'s model, verified: its
@@ -168,6 +177,7 @@ class DiskCache:
             with self._lock:
                 del self._flights[key]
                 self.failures += flight.error is not None
+                self._let_go.notify_all()
             flight.done.set()
 
     def has(self, name: str, version: int) -> bool:
@@ -183,10 +193,10 @@ class DiskCache:
 
     def evict(self, name: str, version: int) -> int:
         """Removes the cached copy of (name, version) unless it is being
-        fetched; the bytes it held (0: none removed)."""
+        fetched or read by a load; the bytes it held (0: none removed)."""
         with self._lock:
             key = (name, version)
-            if key not in self._entries or key in self._flights:
+            if key not in self._entries or key in self._flights or self._entries[key].users:
                 return 0
             freed = self._evict(key)
         self._empty_trash()
@@ -223,6 +233,10 @@ class DiskCache:
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
                 room = self._make_room(need, where)
+                # One of no known size may take all the room there is: it
+                # holds all of it, or two beside each other would overfill.
+                if limit is None:
+                    need = room
                 self._reserved += need
         finally:
             self._empty_trash()
@@ -247,6 +261,7 @@ class DiskCache:
         finally:
             with self._lock:
                 self._reserved -= need
+                self._let_go.notify_all()
         fetch.fsync_dir(final.parent)
         return final
 
@@ -278,12 +293,23 @@ class DiskCache:
 
     def _make_room(self, need: int, where: str) -> int:
         """Evicts least recently used entries until `need` more bytes fit
-        under both limits; the room there then is. Holds the lock."""
-        victims = [key for key, e in self._entries.items()
-                   if key not in self._flights and not e.users]
-        freeable = sum(self._entries[key].nbytes for key in victims)
-        if self._room() + freeable < need:  # evicting all would not do: evict none
-            victims = []
+        under both limits; the room there then is. If that takes copies in
+        use too (being fetched, or read by a load), waits for them to be let
+        go, ROOM_WAIT_S at most. Holds the lock (the wait lets go of it)."""
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while True:
+            victims = [key for key, e in self._entries.items()
+                       if key not in self._flights and not e.users]
+            freeable = sum(self._entries[key].nbytes for key in victims)
+            if self._room() + freeable >= need:
+                break
+            held = self._reserved + sum(e.nbytes for key, e in self._entries.items()
+                                        if key in self._flights or e.users)
+            left = deadline - time.monotonic()
+            if not held or self._room() + freeable + held < need or left <= 0:
+                victims = []  # evicting all would not do: evict none
+                break
+            self._let_go.wait(left)
         while True:
             room = self._room()
             if room >= need:

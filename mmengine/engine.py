@@ -90,7 +90,9 @@ class Engine:
         # Downloads block a thread each for as long as they take: their own
         # threads, so that looking a model up never waits behind one, and
         # daemons, so that a stalled one never holds the process's exit.
-        self._fetchers = fetch.Threads(2, "mmengine-fetch")
+        # Four: two large downloads on a slow link leave room for small
+        # models' (and a source too slow for fetch_min_rate gives its up).
+        self._fetchers = fetch.Threads(4, "mmengine-fetch")
         self.pool: WorkerPool | None = None
         self.cache = None
         self.host = hosttier.HostTier(self.config)
@@ -143,6 +145,7 @@ class Engine:
         # not raise nor block.
         self.observers: list = []
         self._hits = 0
+        self._used_since = 0.0  # monotonic; the disk copies of what was used since are touched
         self._misses = 0  # requests that had to wait for a load
         self._abandoning = False  # _mark_cancelled is due this turn
 
@@ -640,11 +643,18 @@ class Engine:
         path, fetch_s = await self._fetch(key, spec, t0)
         if spec.source and not spec.estimated_bytes:  # sized as it was fetched
             spec = dataclasses.replace(spec, estimated_bytes=self.disk.estimate(*key))
+        unloadable = False
         try:
             await self._load_from(key, spec, path, t0, fetch_s)
+        except LoadFailed:
+            unloadable = True
+            raise
         finally:
             if spec.source:  # the worker is done with the disk cache's copy
                 self.disk.release(*key)
+                if unloadable:  # it may be a damaged copy: the next load fetches it anew
+                    asyncio.get_running_loop().run_in_executor(
+                        None, self.disk.evict, *key).add_done_callback(_retrieved)
 
     async def _load_from(self, key: Key, spec: ModelSpec, path: Path, t0: float,
                          fetch_s: float) -> None:
@@ -1037,6 +1047,7 @@ class Engine:
 
     async def _monitor_once(self) -> None:
         self._keep_pinned_warm()
+        self._touch_disk_copies()
         for w in self.pool.workers:
             w.sample_busy()
         if self.config.idle_unload_s:
@@ -1059,6 +1070,19 @@ class Engine:
                     victim = self._least_recent(lambda x: x is w)
                     if victim is not None:
                         await self._evict(victim, "gpu_memory")
+
+    def _touch_disk_copies(self) -> None:
+        """The disk cache's copies of the models used since the last look
+        are its most recently used, in the order of their use: a model that
+        stays resident and serves is not its least recently used copy (the
+        first to go), however long ago it was loaded."""
+        now = time.monotonic()
+        since, self._used_since = self._used_since, now
+        if self.disk is None or self.cache is None:
+            return
+        for key in self.cache.lru_keys():  # least recently used first
+            if self.cache.entry(key).last_use >= since:
+                self.disk.touch(*key)
 
     async def _watch_repository(self) -> None:
         """Models and versions added to or removed from the repository while

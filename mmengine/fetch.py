@@ -21,9 +21,10 @@ import os
 import queue
 import ssl
 import threading
+import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from mmengine.errors import LoadFailed, MMEngineError
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 #: Seconds a connection or one read may stall before the fetch fails.
 TIMEOUT_S = 30.0
+#: Seconds a download may take before its pace is judged (fetch_min_rate).
+FETCH_GRACE_S = 10.0
 #: Bytes moved per read and write.
 CHUNK = 4 << 20
 SCHEMES = ("http", "https", "file")
@@ -196,7 +199,8 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
                 raise LoadFailed(f"{url}: the server does not say its size (no "
                                  f"Content-Length), which a zstd-cached file needs")
             with open(tmp, "wb") as out:
-                got = _copy(stream, out, size, limit, digest, compress, url)
+                got = _copy(stream, out, size, limit, digest, compress, url,
+                            config.fetch_min_rate)
                 out.flush()
                 os.fsync(out.fileno())
         os.rename(tmp, dest)
@@ -209,7 +213,7 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
 
 
 def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest: str,
-          compress: bool, url: str) -> int:
+          compress: bool, url: str, min_rate: int) -> int:
     sha = hashlib.sha256()
     sink: BinaryIO = out
     if compress:
@@ -218,16 +222,24 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
                                         write_checksum=True).stream_writer(
             out, size=size, closefd=False)
     buf = memoryview(bytearray(CHUNK))
+    # What has come, as it comes: a reader that waits for its buffer to fill
+    # cannot see a source that trickles (nor say how far a stalled one got).
+    read = getattr(stream, "readinto1", None) or _read1_into(stream)
+    t0 = time.monotonic()
     got = 0
     while True:
         try:
-            n = stream.readinto(buf)
+            n = read(buf)
         except (OSError, http.client.HTTPException) as e:
             raise LoadFailed(f"{url}: read failed after {got} bytes: "
                              f"{type(e).__name__}: {e}") from e
         if not n:
             break
         got += n
+        elapsed = time.monotonic() - t0
+        if min_rate and elapsed > FETCH_GRACE_S and got < min_rate * elapsed:
+            raise LoadFailed(f"{url}: {got} bytes in {elapsed:.0f} s, slower than "
+                             f"fetch_min_rate ({min_rate} bytes/s)")
         if got > limit:
             raise LoadFailed(f"{url}: more than the {limit} bytes the disk cache holds "
                              f"for it")
@@ -241,6 +253,20 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     if compress:
         sink.flush(zstandard.FLUSH_FRAME)
     return got
+
+
+def _read1_into(stream) -> Callable[[memoryview], int]:
+    """readinto with at most one read of the socket (what http.client's
+    response has as read1)."""
+    read1 = getattr(stream, "read1", None)
+    if read1 is None:
+        return stream.readinto
+
+    def read(buf: memoryview) -> int:
+        data = read1(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+    return read
 
 
 class Threads(concurrent.futures.Executor):

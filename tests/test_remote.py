@@ -3,6 +3,7 @@ serves model directories; models are fetched, verified, cached and loaded
 through the backends from the cached directory."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import functools
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from mmengine import config as config_mod
-from mmengine import demo, fetch
+from mmengine import demo, diskcache, fetch
 from mmengine.backends import load_model
 from mmengine.backends.safetensors import load_file, save_file
 from mmengine.diskcache import DiskCache, manifest
@@ -51,6 +52,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         self._count()
         time.sleep(self.server.delay)
+        if self.path in self.server.trickle:  # a byte at a time, every 20 ms
+            f = self.send_head()
+            with f:
+                data = f.read()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
+            return
         if self.path in self.server.cut:
             # The full length is promised, half is sent, then the connection ends.
             f = self.send_head()
@@ -73,6 +87,7 @@ def server(tmp_path):
     httpd.lock = threading.Lock()
     httpd.requests = collections.Counter()
     httpd.cut = set()
+    httpd.trickle = set()
     httpd.head_sizes = {}
     httpd.head_refused = set()
     httpd.delay = 0.0
@@ -362,11 +377,13 @@ def _three_models(tmp_path, server):
     return config, {n: Repository(repo, config=config).resolve(n) for n in "abc"}
 
 
-def test_lru_eviction_under_the_byte_budget(tmp_path, server):
+def test_lru_eviction_under_the_byte_budget(tmp_path, server, monkeypatch):
     config, specs = _three_models(tmp_path, server)
     disk = DiskCache(config)
     paths = {n: disk.ensure(specs[n]) for n in "ab"}
-    # A copy handed to a load is not evicted until the load releases it.
+    # A copy handed to a load is not evicted until the load releases it
+    # (waited for, ROOM_WAIT_S at most).
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.2)
     with pytest.raises(LoadFailed, match="no room"):
         disk.ensure(specs["c"])
     for n in "ab":
@@ -402,29 +419,94 @@ def test_a_source_is_held_to_the_sizes_it_said(tmp_path, server):
     assert files_under(tmp_path / "cache" / ".partial") == []
 
 
-def test_downloads_reserve_what_their_files_take_not_what_a_stub_says(tmp_path, server):
-    # Stubs that declare tiny `bytes` (the model's in memory): three
-    # concurrent downloads filled the cache past its budget, each taking the
-    # room there was. Each now reserves its files' sizes as the source says.
-    config, specs = _three_models(tmp_path, server)  # room for two and a half
-    stubs = {n: dataclasses.replace(s, estimated_bytes=10) for n, s in specs.items()}
-    disk = DiskCache(config)
+def ensure_at_once(disk: DiskCache, specs: dict[str, ModelSpec]) -> dict:
+    """disk.ensure of each spec, on threads of their own at once: name ->
+    its path or its LoadFailed."""
     results = {}
 
     def ensure(name: str) -> None:
         try:
-            results[name] = disk.ensure(stubs[name])
+            results[name] = disk.ensure(specs[name])
         except LoadFailed as e:
             results[name] = e
-    threads = [threading.Thread(target=ensure, args=(n,)) for n in "abc"]
+    threads = [threading.Thread(target=ensure, args=(n,)) for n in specs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    return results
+
+
+def test_downloads_reserve_what_their_files_take_not_what_a_stub_says(tmp_path, server,
+                                                                     monkeypatch):
+    # Stubs that declare tiny `bytes` (the model's in memory): three
+    # concurrent downloads filled the cache past its budget, each taking the
+    # room there was. Each now reserves its files' sizes as the source says.
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.2)  # the copies stay in use
+    config, specs = _three_models(tmp_path, server)  # room for two and a half
+    stubs = {n: dataclasses.replace(s, estimated_bytes=10) for n, s in specs.items()}
+    disk = DiskCache(config)
+    results = ensure_at_once(disk, stubs)
     failed = [n for n, r in results.items() if isinstance(r, LoadFailed)]
     assert len(failed) == 1 and "no room" in str(results[failed[0]])
     assert disk.stats()["bytes"] <= config.disk_cache_bytes
     assert all(disk.estimate(n, 1) == 10 for n in results if n not in failed)
+
+
+def test_a_download_waits_for_copies_in_use_to_be_let_go(tmp_path, server):
+    # Room that copies in use hold is room a moment later, when their loads
+    # let go: the third of three concurrent first loads was refused, and
+    # backed off, with "no room".
+    config, specs = _three_models(tmp_path, server)
+    disk = DiskCache(config)
+    for n in "ab":
+        disk.ensure(specs[n])
+    threading.Timer(0.3, disk.release, ("a", 1)).start()
+    t0 = time.monotonic()
+    path = disk.ensure(specs["c"])
+    assert 0.2 < time.monotonic() - t0 < 5
+    assert path.is_dir() and not disk.has("a", 1) and disk.has("b", 1)
+    assert disk.stats()["bytes"] <= config.disk_cache_bytes
+
+
+def test_downloads_of_no_known_size_never_overfill_the_cache(tmp_path, server, monkeypatch):
+    # Sources that answer no HEAD, sized by stubs that say too little: each
+    # download was held to the room there was, measured before the other
+    # had written anything, and the two filled the cache past its budget.
+    # The first holds all the room while it runs; the second then finds
+    # too little and fails, leaving nothing.
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.5)
+    config, specs = _three_models(tmp_path, server)
+    small = cfg(tmp_path, allowed_hosts=server.host,
+                disk_cache_bytes=int(config.disk_cache_bytes / 2.5 * 1.5))  # one and a half
+    server.delay = 0.2  # the two overlap
+    stubs = {}
+    for n in "ab":
+        for file, _ in specs[n].files:
+            server.head_refused.add(f"/{n}/1/{file}")
+        stubs[n] = dataclasses.replace(specs[n], estimated_bytes=10)
+    disk = DiskCache(small)
+    results = ensure_at_once(disk, stubs)
+    assert sorted(type(r).__name__ for r in results.values()) == ["LoadFailed", "PosixPath"]
+    assert disk.stats()["bytes"] <= small.disk_cache_bytes, disk.stats()
+    assert disk.stats()["models"] == 1
+
+
+def test_a_source_slower_than_fetch_min_rate_is_given_up(tmp_path, server, monkeypatch):
+    # One that trickles a byte at a time held a fetch thread for ever (no
+    # read ever stalled for 30 s), and two such sources every other
+    # remote model's first load.
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    server.trickle.add("/mlp/1/model.safetensors")
+    config = cfg(tmp_path, allowed_hosts=server.host, fetch_min_rate=4096)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    monkeypatch.setattr(fetch, "FETCH_GRACE_S", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(LoadFailed, match="slower than fetch_min_rate"):
+        DiskCache(config).ensure(spec)
+    assert time.monotonic() - t0 < 5
+    assert files_under(tmp_path / "cache" / ".partial") == []
 
 
 def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server):
@@ -888,3 +970,56 @@ def test_copies_evicted_before_any_download_leave_the_disk(tmp_path):
     assert disk.evict("m", 1) > 0
     assert not (cache / "m").exists()
     assert disk.stats()["models"] == 0
+
+
+def test_a_cached_copy_that_fails_to_load_is_fetched_anew(tmp_path, server, own_segments):
+    # A damaged copy failed every load after each back-off, for good: the
+    # source was never asked again, and the operator had to find the copy.
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=server.host, workers=1,
+                 host_tier_bytes=0, load_failure_backoff_s=0.2)
+    want = demo.reference(x(), 4, 8, 2, 0)
+
+    async def main():
+        async with Engine(config) as engine:
+            await engine.infer("mlp", {"x": x()})
+            await engine.unload("mlp")
+            (copy,) = (tmp_path / "cache" / "mlp").iterdir()
+            (copy / "model.safetensors").write_bytes(b"not a safetensors file")
+            with pytest.raises(LoadFailed):
+                await engine.infer("mlp", {"x": x()})
+            await asyncio.sleep(0.5)  # its back-off
+            return (await engine.infer("mlp", {"x": x()}))["y"]
+
+    np.testing.assert_allclose(run(main(), timeout=60), want, rtol=1e-5, atol=1e-6)
+    assert server.requests[("GET", "/mlp/1/model.safetensors")] == 2
+
+
+def test_the_disk_cache_keeps_the_copies_of_the_models_in_use(tmp_path, server, own_segments):
+    # Its order was the order of loads: a model resident and serving all
+    # along lost its copy first, and with its source down could not come
+    # back after its worker's death.
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    base, _ = _three_models(tmp_path, server)  # room for two copies and a half
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=server.host, workers=1,
+                 host_tier_bytes=0, monitor_interval_s=0.1,
+                 disk_cache_bytes=base.disk_cache_bytes)
+
+    async def main():
+        async with Engine(config) as engine:
+            await engine.infer("a", {"x": x(features=4)})  # hot: loaded first, used on
+            await engine.infer("b", {"x": x(features=4)})  # cold: used once
+            for _ in range(4):
+                await asyncio.sleep(0.15)
+                await engine.infer("a", {"x": x(features=4)})
+            await asyncio.sleep(0.3)  # a turn of the monitor
+            await engine.infer("c", {"x": x(features=4)})  # room for its copy
+            return engine.disk.has("a", 1), engine.disk.has("b", 1)
+
+    assert run(main(), timeout=60) == (True, False)
