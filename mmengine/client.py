@@ -532,6 +532,11 @@ class _AsyncConnection(asyncio.Protocol):
                 fut.set_exception(error)
 
 
+def _retrieved(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # taken: nobody may be left to, and asyncio would log it
+
+
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(Timeout("no answer from the server in time"))
@@ -559,7 +564,8 @@ class AsyncClient:
 
     async def connect(self) -> "AsyncClient":
         self._check_loop()
-        await asyncio.gather(*(self._slot(i) for i in range(self.size)))
+        conns = self._conns
+        await asyncio.gather(*(self._slot(i, conns) for i in range(self.size)))
         return self
 
     def _check_loop(self) -> None:
@@ -576,24 +582,32 @@ class AsyncClient:
         self._conns = [None] * self.size  # gone with their loop
         self._opening = {}
 
-    async def _slot(self, i: int) -> _AsyncConnection:
-        """Connection `i`, opened (again, if it was lost) once, however
-        many calls find it so at once."""
-        conn = self._conns[i]
+    async def _slot(self, i: int, conns: list) -> _AsyncConnection:
+        """Connection `i` of `conns` (the client's connections when the
+        caller began), opened (again, if it was lost) once, however many
+        calls find it so at once; ConnectionError if the client was closed
+        since."""
+        conn = conns[i]
         if conn is not None and conn.lost is None:
             return conn
+        if self._conns is not conns:
+            raise ConnectionError("the client was closed")
         opening = self._opening.get(i)
         if opening is None:
-            opening = self._opening[i] = asyncio.ensure_future(self._reopen(i))
+            opening = self._opening[i] = asyncio.ensure_future(self._reopen(i, conns))
+            opening.add_done_callback(_retrieved)  # if all its callers have gone
         return await asyncio.shield(opening)
 
-    async def _reopen(self, i: int) -> _AsyncConnection:
+    async def _reopen(self, i: int, conns: list) -> _AsyncConnection:
         try:
             # Within the client's timeout, as Client connects: an address
             # that drops packets would hold every caller for minutes.
             _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
                 _AsyncConnection, *self.address), _wait(self.timeout))
-            self._conns[i] = conn
+            if self._conns is not conns:  # closed (or moved to another loop) meanwhile
+                conn.transport.close()
+                raise ConnectionError("the client was closed while it connected")
+            conns[i] = conn
             return conn
         except TimeoutError:
             raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
@@ -638,7 +652,9 @@ class AsyncClient:
         slot = next(self._next) % self.size
         conn = self._conns[slot]
         if conn is None or conn.lost is not None:  # not yet open, or the server dropped it
-            conn = await self._slot(slot)
+            conn = await self._slot(slot, self._conns)
+            if conn.lost is not None:  # lost again before this call could use it
+                raise conn.lost
         loop = self._loop
         fut = loop.create_future()
         # A timer on the future, not asyncio.timeout(): a third of the cost.

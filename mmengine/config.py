@@ -172,11 +172,10 @@ class Config:
     # separated by commas; empty: no remote host. file:// sources must lie
     # under model_roots instead.
     allowed_hosts: str = ""
-    # A download must arrive at this many bytes a second or more (averaged,
-    # after its first FETCH_GRACE_S seconds), or it fails: a source that
-    # trickles would hold one of the few fetch threads, and every other
-    # remote model's first load, for ever. 0: any pace (a read that stalls
-    # 30 s still fails).
+    # A download must arrive at this many bytes a second or more, over each
+    # FETCH_GRACE_S (10 s) of it, or it fails: a source that trickles would
+    # hold one of the few fetch threads, and every other remote model's
+    # first load, for ever. 0: any pace (a read that stalls 30 s still fails).
     fetch_min_rate: int = 256 * KiB
     # The token that control operations (load, unload, pin, unpin; KServe
     # repository load/unload; SageMaker POST and DELETE /models) must carry;

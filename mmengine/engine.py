@@ -646,8 +646,10 @@ class Engine:
         unloadable = False
         try:
             await self._load_from(key, spec, path, t0, fetch_s)
-        except LoadFailed:
-            unloadable = True
+        except LoadFailed as e:
+            # Not a timeout (the worker may still read them), nor a load
+            # from the host tier: its worker read the files and failed.
+            unloadable = getattr(e, "from_files", False)
             raise
         finally:
             if spec.source:  # the worker is done with the disk cache's copy
@@ -678,6 +680,8 @@ class Engine:
             return  # its waiters look again, and load it on a worker that is up
         except BaseException as e:
             self.host.set_resident(key, False)
+            if isinstance(e, LoadFailed) and segment is None:
+                e.from_files = True  # the worker read the files and failed: they may be bad
             if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
                 # The worker may still finish the load: its bytes stay reserved
                 # until the unload queued behind it has answered.

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 #: Seconds a connection or one read may stall before the fetch fails.
 TIMEOUT_S = 30.0
-#: Seconds a download may take before its pace is judged (fetch_min_rate).
+#: A download's pace (fetch_min_rate) is judged over windows this long.
 FETCH_GRACE_S = 10.0
 #: Bytes moved per read and write.
 CHUNK = 4 << 20
@@ -225,7 +225,9 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     # What has come, as it comes: a reader that waits for its buffer to fill
     # cannot see a source that trickles (nor say how far a stalled one got).
     read = getattr(stream, "readinto1", None) or _read1_into(stream)
-    t0 = time.monotonic()
+    # Judged a window at a time: an average since the first byte would let
+    # a fast start carry a trickle for hours.
+    window, window_got = time.monotonic(), 0
     got = 0
     while True:
         try:
@@ -236,10 +238,13 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
         if not n:
             break
         got += n
-        elapsed = time.monotonic() - t0
-        if min_rate and elapsed > FETCH_GRACE_S and got < min_rate * elapsed:
-            raise LoadFailed(f"{url}: {got} bytes in {elapsed:.0f} s, slower than "
-                             f"fetch_min_rate ({min_rate} bytes/s)")
+        elapsed = time.monotonic() - window
+        if min_rate and elapsed > FETCH_GRACE_S:
+            if got - window_got < min_rate * elapsed:
+                raise LoadFailed(f"{url}: {got - window_got} bytes in the last "
+                                 f"{elapsed:.0f} s ({got} in all), slower than "
+                                 f"fetch_min_rate ({min_rate} bytes/s)")
+            window, window_got = time.monotonic(), got
         if got > limit:
             raise LoadFailed(f"{url}: more than the {limit} bytes the disk cache holds "
                              f"for it")

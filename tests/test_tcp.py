@@ -879,3 +879,34 @@ def test_an_async_client_connects_within_its_timeout():
         filler.close()
         listener.close()
     assert took < 5, took  # the timeout, and the grace for the server's answer
+
+
+def test_an_async_client_fails_at_once_when_its_new_connection_is_closed_at_once():
+    # A server that accepts and closes (one past max_connections does):
+    # the call's answer was awaited on a connection already lost, and it
+    # failed with Timeout at its deadline; and close() while a connection
+    # was being opened left that connection open.
+    async def main():
+        async def close_at_once(reader, writer):
+            writer.close()
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        try:
+            client = AsyncClient(address, timeout=5)
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionError):
+                await client.health()
+            failed_in = time.monotonic() - t0
+            other = AsyncClient(address, timeout=5)
+            connecting = asyncio.ensure_future(other.connect())
+            await asyncio.sleep(0)
+            await other.close()
+            with pytest.raises(ConnectionError, match="closed"):
+                await connecting
+            return failed_in, [c for c in other._conns if c is not None]
+        finally:
+            server.close()
+
+    failed_in, left = run(main(), timeout=30)
+    assert failed_in < 2, failed_in
+    assert left == []
