@@ -632,8 +632,8 @@ class WorkerPool:
         for w in self.workers:
             if w.is_running():
                 w.stopped_why = (f"the server stopped before worker {w.index} finished "
-                                 f"this request (shutdown_timeout_s "
-                                 f"{self.config.shutdown_timeout_s:g} s passed)")
+                                 f"this request (its shutdown deadline passed: "
+                                 f"shutdown_timeout_s)")
                 w.process.kill()
                 await _reaped(w.process, 5.0)
             w.release()

@@ -575,7 +575,7 @@ def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segment
         took = time.monotonic() - t0
         assert (await quick)["y"][0] == 0.6  # finished within the deadline
         with pytest.raises(WorkerDied, match="server stopped before worker 0 finished this "
-                                             r"request \(shutdown_timeout_s 1 s passed\)"):
+                                             "request .its shutdown deadline passed"):
             await stuck  # on the worker at the deadline (it said "exited with code -15")
         with pytest.raises(Overloaded, match="shut down"):
             await loading  # still waiting for its load at the deadline
