@@ -480,8 +480,6 @@ class Client:
         return self.call({"op": "health"})
 
 
-# -- asyncio -------------------------------------------------------------------
-
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
 
@@ -492,6 +490,8 @@ def _after_fork() -> None:
 
 os.register_at_fork(after_in_child=_after_fork)
 
+
+# -- asyncio -------------------------------------------------------------------
 
 class _AsyncConnection(asyncio.Protocol):
     def __init__(self):
@@ -599,6 +599,7 @@ class AsyncClient:
         return await asyncio.shield(opening)
 
     async def _reopen(self, i: int, conns: list) -> _AsyncConnection:
+        me, openings = asyncio.current_task(), self._opening
         try:
             # Within the client's timeout, as Client connects: an address
             # that drops packets would hold every caller for minutes.
@@ -613,10 +614,12 @@ class AsyncClient:
             raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
                           f"in time") from None
         finally:
-            self._opening.pop(i, None)
+            if openings.get(i) is me:  # not a newer one, after a close()
+                del openings[i]
 
     async def close(self) -> None:
         conns, self._conns = self._conns, [None] * self.size
+        self._opening = {}  # those under way find themselves closed
         for conn in conns:
             if conn is not None:
                 conn.transport.close()
