@@ -73,13 +73,14 @@ def _inflate(data: bytes, coding: str, limit: int, stopping: bool) -> bytes:
         pending = b""
         try:
             while not inflater.eof:
-                if not pending:  # fed a window at a time: what it leaves over is short
-                    if pos == len(view):
-                        break
-                    pending = view[pos:pos + _WINDOW]
+                if not pending and pos < len(view):  # a window at a time: what a
+                    pending = view[pos:pos + _WINDOW]  # member leaves over is short
                     pos += len(pending)
+                # With no input left, what the inflater still holds comes out.
                 piece = inflater.decompress(pending, min(_PIECE, limit + 1 - size))
                 pending = inflater.unconsumed_tail
+                if not piece and not pending and pos == len(view):
+                    break  # all of it read, and no end in it
                 size += len(piece)
                 if size > limit:
                     if stopping:
