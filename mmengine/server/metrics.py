@@ -259,8 +259,8 @@ class _Scrape:
         self._evictions, self._evicted_bytes = dict(m._evictions), dict(m._evicted_bytes)
         self._worker_exits = dict(m._worker_exits)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
-        self._versions = {key: (v.success, v.fail, v.success, v.success_ns,
-                                v.queue_ns, v.compute_ns, v.return_ns)
+        self._versions = {key: (v.success, v.fail, v.success_ns, v.queue_ns, v.compute_ns,
+                                v.return_ns)
                           for key, v in m._versions.items()}
         self._stats = m.engine.stats()
 
@@ -415,18 +415,18 @@ TRITON_METRICS = (
     ("nv_inference_count", "Inferences performed (no batching of its own: one a "
      "request answered OK).", 0, 1),
     ("nv_inference_exec_count", "Model executions (as success: no batching of its "
-     "own).", 2, 1),
+     "own).", 0, 1),
     ("nv_inference_request_duration_us", "Cumulative time from submission to answer of "
-     "requests answered OK, in microseconds.", 3, 1000),
+     "requests answered OK, in microseconds.", 2, 1000),
     ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
      "took the request (a cold model's load included), of requests answered OK, in "
-     "microseconds.", 4, 1000),
+     "microseconds.", 3, 1000),
     ("nv_inference_compute_input_duration_us", "Always 0: a worker's inputs are views "
      "of its request ring.", None, 1000),
     ("nv_inference_compute_infer_duration_us", "Cumulative time of the model's own "
-     "calls for requests answered OK, in microseconds.", 5, 1000),
+     "calls for requests answered OK, in microseconds.", 4, 1000),
     ("nv_inference_compute_output_duration_us", "Cumulative time of answers through "
-     "the response ring for requests answered OK, in microseconds.", 6, 1000),
+     "the response ring for requests answered OK, in microseconds.", 5, 1000),
 )
 
 
