@@ -325,9 +325,12 @@ class DiskCache:
     def _room(self) -> int:
         usage = psutil.disk_usage(str(self.root))
         # What was evicted is free as far as room goes: its files are
-        # deleted once the lock is let go.
+        # deleted once the lock is let go. And no more than is free: blocks
+        # reserved for root (ext4's 5%) or another tenant of the device
+        # count in neither `used` nor `free`.
         used = usage.used - self._trash_bytes
-        room = int(self.config.disk_watermark * usage.total) - used - self._reserved
+        room = min(int(self.config.disk_watermark * usage.total) - used,
+                   usage.free + self._trash_bytes) - self._reserved
         if self.config.disk_cache_bytes:
             room = min(room, self.config.disk_cache_bytes - self._bytes() - self._reserved)
         return max(room, 0)

@@ -1031,3 +1031,16 @@ def test_the_disk_cache_keeps_the_copies_of_the_models_in_use(tmp_path, server, 
             return engine.disk.has("a", 1), engine.disk.has("b", 1)
 
     assert run(main(), timeout=60) == (True, False)
+
+
+def test_the_room_under_the_watermark_is_never_more_than_is_free(tmp_path):
+    # Measured against the disk's capacity alone, the room counted blocks
+    # no one can write (ext4 keeps 5% for root; here an overlay showed 225
+    # GiB of room with 75 GiB free): downloads would hit "disk full" under
+    # the watermark.
+    import psutil
+
+    config = cfg(tmp_path, disk_watermark=1.0)
+    disk = DiskCache(config)
+    (tmp_path / "cache").mkdir()
+    assert disk._room() <= psutil.disk_usage(str(tmp_path / "cache")).free
