@@ -566,7 +566,8 @@ def test_under_the_watermark_an_eviction_counts_as_room_at_once(tmp_path, server
     config = cfg(tmp_path, allowed_hosts=server.host, disk_watermark=0.1)
 
     def usage(path):  # what DiskCache reads of psutil's answer
-        return types.SimpleNamespace(total=total, used=tree_bytes(tmp_path / "cache"))
+        used = tree_bytes(tmp_path / "cache")
+        return types.SimpleNamespace(total=total, used=used, free=total - used)
     monkeypatch.setattr(diskcache.psutil, "disk_usage", usage)
     disk = DiskCache(config)
     for n in "ab":
