@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmengine import protocol
-from mmengine.errors import BadRequest, Timeout, TooLarge
+from mmengine.errors import BadRequest, Timeout, TooLarge, retrieved
 
 DEFAULT_PORT = 8081
 # A request's timeout is enforced by the server; the client waits this much
@@ -532,11 +532,6 @@ class _AsyncConnection(asyncio.Protocol):
                 fut.set_exception(error)
 
 
-def _retrieved(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # taken: nobody may be left to, and asyncio would log it
-
-
 def _expire(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_exception(Timeout("no answer from the server in time"))
@@ -595,7 +590,7 @@ class AsyncClient:
         opening = self._opening.get(i)
         if opening is None:
             opening = self._opening[i] = asyncio.ensure_future(self._reopen(i, conns))
-            opening.add_done_callback(_retrieved)  # if all its callers have gone
+            opening.add_done_callback(retrieved)  # if all its callers have gone
         return await asyncio.shield(opening)
 
     async def _reopen(self, i: int, conns: list) -> _AsyncConnection:

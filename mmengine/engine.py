@@ -35,7 +35,7 @@ import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import fetch, hosttier, resources
+from mmengine import errors, fetch, hosttier, resources
 from mmengine.config import Config, ConfigError, check_repo, parse_pins
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, PinnedFull,
@@ -605,8 +605,7 @@ class Engine:
         def done(task: asyncio.Task) -> None:
             if self._busy.get(key) is busy:
                 del self._busy[key]
-            if not task.cancelled():
-                task.exception()  # an eviction may have nobody waiting on it
+            errors.retrieved(task)  # an eviction may have nobody waiting on it
 
         busy[1].add_done_callback(done)
         return busy
@@ -656,7 +655,7 @@ class Engine:
                 self.disk.release(*key)
                 if unloadable:  # it may be a damaged copy: the next load fetches it anew
                     asyncio.get_running_loop().run_in_executor(
-                        None, self.disk.evict, *key).add_done_callback(_retrieved)
+                        None, self.disk.evict, *key).add_done_callback(errors.retrieved)
 
     async def _load_from(self, key: Key, spec: ModelSpec, path: Path, t0: float,
                          fetch_s: float) -> None:
@@ -822,7 +821,7 @@ class Engine:
                     raise _NotRun
                 busy, answer = self._send_to_loader(worker, Op.LOAD, key, params, end_turn)
                 sent = True
-                answer.add_done_callback(_retrieved)  # if its waiter goes first
+                answer.add_done_callback(errors.retrieved)  # if its waiter goes first
                 if busy:
                     await asyncio.wait(busy)
                     if not worker.alive:
@@ -889,8 +888,7 @@ class Engine:
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
         self._resolving.pop(asked, None)
-        if not fut.cancelled():
-            fut.exception()  # taken: every request that waited for it may have gone
+        errors.retrieved(fut)  # every request that waited for it may have gone
 
     def _check_backoff(self, key: Key) -> None:
         """LoadFailed, at once, for a model in its back-off after a failed load."""
@@ -1531,11 +1529,6 @@ def _add_ran(fields: dict, ran: dict) -> dict:
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
     return fields
-
-
-def _retrieved(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # nobody awaits it: taken, so asyncio does not report it
 
 
 class _NotRun(Exception):

@@ -152,3 +152,11 @@ def error_for(code: int, message: str) -> MMEngineError:
     except ValueError:
         return InternalError(f"unknown error code {code}: {message}")
     return cls(message)
+
+
+def retrieved(future) -> None:
+    """A done callback that takes a future's exception, if any: for a
+    future nobody may be left to await, whose error asyncio would log as
+    never retrieved."""
+    if not future.cancelled():
+        future.exception()

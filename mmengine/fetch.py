@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
 from mmengine.errors import LoadFailed, MMEngineError
@@ -224,7 +224,9 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     buf = memoryview(bytearray(CHUNK))
     # What has come, as it comes: a reader that waits for its buffer to fill
     # cannot see a source that trickles (nor say how far a stalled one got).
-    read = getattr(stream, "readinto1", None) or _read1_into(stream)
+    # http.client's response reads once a call (readinto1: its read1); a
+    # raw file is read with readinto, which fills as much as it can.
+    read = getattr(stream, "readinto1", stream.readinto)
     # Judged a window at a time: an average since the first byte would let
     # a fast start carry a trickle for hours.
     window, window_got = time.monotonic(), 0
@@ -258,20 +260,6 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     if compress:
         sink.flush(zstandard.FLUSH_FRAME)
     return got
-
-
-def _read1_into(stream) -> Callable[[memoryview], int]:
-    """readinto with at most one read of the socket (what http.client's
-    response has as read1)."""
-    read1 = getattr(stream, "read1", None)
-    if read1 is None:
-        return stream.readinto
-
-    def read(buf: memoryview) -> int:
-        data = read1(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-    return read
 
 
 class Threads(concurrent.futures.Executor):

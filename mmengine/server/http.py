@@ -307,8 +307,7 @@ async def _on_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -
         return await asyncio.shield(running)
     except asyncio.CancelledError:
         await asyncio.wait([running])
-        if not running.cancelled():
-            running.exception()  # nobody wants it: taken, so that nothing logs it
+        errors.retrieved(running)  # nobody wants it
         raise
 
 
@@ -739,17 +738,20 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if request.refused is not None:
             raise request.refused
         handler, params, is_async = self.server.router.match(request.method, request.path)
-        if request.coded:
-            try:  # a short one at once; a long one inflated on a parse thread
-                if len(request.body) >= INFLATE_ON_THREAD:
-                    raise codings.Longer
-                request.body = codings.decode(request.body, request.coded,
+        if request.coded:  # a short one inflated at once; a long one on a parse thread
+            inflated = None
+            if len(request.body) < INFLATE_ON_THREAD:
+                try:
+                    inflated = codings.decode(request.body, request.coded,
                                               self.server.max_body, PARSE_ON_THREAD)
-            except codings.Longer:
+                except codings.Longer:
+                    pass
+            if inflated is None:
                 later = Later.of(asyncio.get_running_loop().create_task(
                     self._inflate_then_call(request, handler, params, is_async)))
                 later.inference = True  # an inference it makes is abandoned with it
                 return later
+            request.body = inflated
             self._hold_inflated(request)
         return self._call(request, handler, params, is_async)
 
