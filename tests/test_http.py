@@ -518,6 +518,14 @@ def test_expect_100_continue_is_answered_before_the_body(address):
         raw = recv_all(s)
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
     np.testing.assert_allclose(_json_output(raw), reference("m00", x_for(2)).ravel(), **TOL)
+    # A request its head dooms gets its final answer instead (RFC 9110
+    # 10.1.1): its client, which sends no body until told to, reads why at
+    # once, and the connection closes, since the body may still come.
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Encoding: br\r\nContent-Length: 100000\r\n\r\n")
+        raw = recv_all(s)
+    assert raw.startswith(b"HTTP/1.1 415 ") and b"Connection: close" in raw, raw[:300]
 
 
 def _json_output(raw: bytes) -> np.ndarray:

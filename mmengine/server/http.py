@@ -402,6 +402,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.body_bytes = 0
         self.reserved = 0         # the budget the body being received holds
         self.refused: MMEngineError | None = None
+        # Its answer, known from its head (415, 501, no Host): its body is
+        # read past, not kept, and no 100 Continue asks the client for it.
+        self.doomed: MMEngineError | None = None
         self.continue_owed = False  # asked for 100 Continue, not yet sent
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -584,6 +587,12 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.refused = TooLarge(f"request body of {length} bytes exceeds the "
                                     f"maximum of {self.server.max_body}")
             raise httptools.HttpParserError("body too large")
+        self.doomed = self._refused_by_head()
+        if self.doomed is not None:
+            if self._expects_continue():  # its client sends no body but waits for a word
+                self.refused = self.doomed  # this one, and the connection closes after it
+                raise httptools.HttpParserError("refused by its head")
+            return
         if length is not None and length.isdigit() and int(length) >= RESERVE_ABOVE:
             self._reserve(int(length))
         self._continue()
@@ -594,12 +603,15 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         wait for ever). Not behind pipelined answers: it would read as
         theirs; nor while the body waits for the receive budget. It is owed
         then, and sent once they are out or the budget comes."""
-        if self.headers.get("expect", "").lower() != "100-continue" \
-                or self.parser.get_http_version() != "1.1":
+        if not self._expects_continue():
             return
         self.continue_owed = bool(self.queue or self.answering is not None or self.awaiting)
         if not self.continue_owed:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _expects_continue(self) -> bool:
+        return self.headers.get("expect", "").lower() == "100-continue" \
+            and self.parser.get_http_version() == "1.1"
 
     def _gone(self) -> bool:
         return self.dead
@@ -644,6 +656,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         if self.body_bytes > self.server.max_body:  # chunked: no declared length
             self.refused = TooLarge(f"request body exceeds {self.server.max_body} bytes")
             raise httptools.HttpParserError("body too large")
+        if self.doomed is not None:
+            return
         self.body.append(body)
         if self.body_bytes >= RESERVE_ABOVE and not (self.reserved or self.awaiting):
             # Chunked, of no declared length: it holds the most a body may
@@ -660,7 +674,6 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_message_complete(self) -> None:
         url = httptools.parse_url(self.url)
-        applied = codings.codings(self.headers.get("content-encoding", ""))
         request = Request(
             method=self.parser.get_method().decode(),
             path=url.path.decode("latin-1"),
@@ -671,8 +684,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
             reserved=self._keep_received(),
-            refused=self._refused_whole(applied),
-            coded=tuple(applied),
+            refused=self.doomed,
+            coded=tuple(codings.codings(self.headers.get("content-encoding", ""))),
             t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
             else 0)
         if self._stop_awaiting():  # the whole body came in the read that announced it
@@ -684,8 +697,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.transport.pause_reading()
         self._kick()
 
-    def _refused_whole(self, applied: list[str]) -> MMEngineError | None:
-        """Why a request received whole is answered with an error, if it is."""
+    def _refused_by_head(self) -> MMEngineError | None:
+        """Why a request is answered with an error whatever its body, if it is."""
+        applied = codings.codings(self.headers.get("content-encoding", ""))
         if "host" not in self.headers and self.parser.get_http_version() == "1.1":
             return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
         if set(applied) - codings.DECODED - {"identity"}:
