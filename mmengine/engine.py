@@ -767,7 +767,13 @@ class Engine:
         try:
             path = self.disk.cached(spec)  # a hit waits behind no download
             if path is None:
-                path = await loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
+                fetched = loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
+                try:
+                    path = await asyncio.shield(fetched)
+                except asyncio.CancelledError:  # the copy it hands over is nobody's to read
+                    fetched.add_done_callback(
+                        lambda f: f.cancelled() or f.exception() or self.disk.release(*key))
+                    raise
         except MMEngineError as e:
             self._load_failed(key, e, None, t0)
             raise
