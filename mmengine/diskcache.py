@@ -7,13 +7,15 @@ Layout under `cache_dir`:
                                       <file>.zst when compressed) and a
                                       model.toml without `source`, which
                                       `storage.read_spec` reads as a local model
-    .partial/                         downloads and removals in progress
+    .partial/<pid>-<id>/              one cache's downloads and removals in
+                                      progress, flock'ed while it lives
 
 A download fills a fresh directory under .partial/, each file verified
 against its sha256 as it streams in, then the directory is renamed into
 place: an entry that exists is complete (the rename is atomic), and
-whatever a crash leaves is under .partial/, which the next start empties.
-Nothing else in `cache_dir` is ever removed. The fingerprint hashes
+whatever a crash leaves is under .partial/, which the next start empties
+of every folder no live cache holds. Nothing else in `cache_dir` is ever
+removed. The fingerprint hashes
 everything the entry was made from (source, files and digests,
 compression, the manifest it carries), so a changed stub makes a new
 entry and the stale one goes.
@@ -29,12 +31,22 @@ load: a download that would fit once those are done waits for them
 Thread-safe: one lock guards the index; downloads run outside it, one per
 model at a time: a caller that finds a download of its model in flight
 waits for that one's outcome (single flight).
+
+Servers may share one `cache_dir` (two releases side by side during a
+restart, or the default directory of one user's servers): a copy read by
+a load holds a shared flock on its folder, which an eviction must take
+exclusively (else the copy stays: another server reads it), and a copy
+another server fetched is taken as it is found (adopted) rather than
+fetched again. Each server's index is its own: `disk_cache_bytes` counts
+the copies it fetched or adopted; `disk_watermark` is the disk's.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -69,6 +81,7 @@ class _Entry:
     nbytes: int
     estimate: int  # the model's, as its copy's manifest says (bytes)
     users: int = 0  # loads that were handed its path and have not released it
+    fd: int | None = None  # its folder's, flock'ed shared while it has users
 
 
 class _Flight:
@@ -91,6 +104,10 @@ class DiskCache:
         self._reserved = 0  # the estimates of downloads in flight
         self._trash: list[tuple[Path, int]] = []  # evicted entries, renamed, not deleted
         self._trash_bytes = 0  # theirs: still on the disk, no longer the cache's
+        self._held: dict[Path, _Entry] = {}  # the copies in use (users), by folder
+        self._own: Path | None = None  # this cache's folder under .partial/
+        self._own_fd: int | None = None  # flock'ed exclusive while the cache lives
+        self._closed = False
         self.hits = self.fetches = self.evictions = self.failures = 0
         try:
             self._scan()
@@ -108,12 +125,17 @@ class DiskCache:
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and _made_from(entry, spec, fp) and entry.path.is_dir():
-                self._touch(key)
-                self.hits += 1
-                entry.users += 1
-                return entry.path
-        return None
+            if entry is None or not _made_from(entry, spec, fp):
+                entry = self._adopt(key, fp)
+            if entry is None:
+                return None
+            if not self._hold(entry):  # removed by another server sharing cache_dir
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+                return None
+            self._touch(key)
+            self.hits += 1
+            return entry.path
 
     def estimate(self, name: str, version: int) -> int:
         """The bytes a cached model is estimated to take loaded: its stub's
@@ -123,14 +145,36 @@ class DiskCache:
             entry = self._entries.get((name, version))
             return 0 if entry is None else entry.estimate
 
-    def release(self, name: str, version: int) -> None:
+    def release(self, path: Path) -> None:
         """A load is done with the directory `ensure` or `cached` gave it:
-        it may be evicted again."""
+        it may be evicted again (and is removed now if it is stale)."""
         with self._lock:
-            entry = self._entries.get((name, version))
-            if entry is not None and entry.users:
-                entry.users -= 1
-                self._let_go.notify_all()
+            entry = self._held.get(path)
+            if entry is None:
+                return
+            entry.users -= 1
+            if entry.users:
+                return
+            del self._held[path]
+            os.close(entry.fd)
+            entry.fd = None
+            if self._entries.get(_key_of(entry)) is not entry:  # evicted while read
+                self._remove(entry)  # its files go with the next download's trash
+            self._let_go.notify_all()
+
+    def close(self) -> None:
+        """Lets go of every copy in use and of this cache's folder under
+        .partial/ (a download still running there fails)."""
+        with self._lock:
+            for entry in self._held.values():
+                os.close(entry.fd)
+                entry.fd, entry.users = None, 0
+            self._held.clear()
+            own, fd, self._own, self._own_fd = self._own, self._own_fd, None, None
+            self._closed = True
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+            os.close(fd)
 
     def ensure(self, spec: ModelSpec) -> Path:
         """The local directory that holds `spec`'s model, verified: its
@@ -156,13 +200,14 @@ class DiskCache:
             if flight.error is not None:
                 raise LoadFailed(str(flight.error))
             with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry.path != flight.path or not self._hold(entry):
+                    raise LoadFailed(f"{where}: its copy was evicted as soon as it was "
+                                     f"fetched; retry")
                 self.hits += 1
-                self._use(key)
             return flight.path
         try:
-            flight.path = self._fetch(spec, key, fp, where)
-            with self._lock:
-                self._use(key)
+            flight.path = self._fetch(spec, key, fp, where)  # held for this caller
             return flight.path
         except LoadFailed as e:
             flight.error = e
@@ -227,9 +272,9 @@ class DiskCache:
         # The copy's manifest is written beside the files: its bytes count too.
         own = manifest(dataclasses.replace(spec, estimated_bytes=estimate)).encode()
         need = (spec.estimated_bytes if limit is None else limit) + len(own)
-        self._make_root(where)
         try:
             with self._lock:
+                partial = self._partial(where)
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
                 room = self._make_room(need, where)
@@ -240,20 +285,21 @@ class DiskCache:
                 self._reserved += need
         finally:
             self._empty_trash()
-        final = self.root / spec.name / f"{spec.version}-{fp}"
+        final = _copy_path(self.root, key, fp)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=self.root / PARTIAL))
+            tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=partial))
             try:
                 self._download(spec, tmp, room if limit is None else limit, where)
                 _write_synced(tmp / MANIFEST, own)
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
-                nbytes = tree_bytes(tmp)
-                # Under the lock: an eviction of the model's other version
-                # removes the name's directory once it is empty.
+                entry = _Entry(final, fp, tree_bytes(tmp), estimate)
                 with self._lock:
-                    final.parent.mkdir(exist_ok=True)
-                    os.rename(tmp, final)
-                    self._entries[key] = _Entry(final, fp, nbytes, estimate)
+                    if not self._place(tmp, key, entry):  # another server fetched it first
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        adopted = self._adopt(key, fp)
+                        if adopted is None or not self._hold(adopted):
+                            raise LoadFailed(f"{where}: the copy another server sharing "
+                                             f"cache_dir fetched went as it came; retry")
                     self.fetches += 1
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -264,6 +310,34 @@ class DiskCache:
                 self._let_go.notify_all()
         fetch.fsync_dir(final.parent)
         return final
+
+    def _place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
+        """Holds the lock. Renames a download into place as `entry`, held
+        for its caller (flock'ed from before the rename: no other server
+        evicts it first); False if a copy is there already."""
+        entry.fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(entry.fd, fcntl.LOCK_SH)  # nobody else knows of it: at once
+        for _ in range(3):  # another server's eviction may remove the name's folder
+            try:
+                entry.path.parent.mkdir(exist_ok=True)
+                os.rename(tmp, entry.path)
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    os.close(entry.fd)
+                    raise
+                os.close(entry.fd)
+                return False
+        else:
+            os.close(entry.fd)
+            raise OSError(errno.ENOENT, "the model's folder kept going as it was made")
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        entry.users = 1
+        self._held[entry.path] = entry
+        return True
 
     def _source_bytes(self, spec: ModelSpec, where: str) -> int:
         """The sizes of a model's files as its source says them: a stat
@@ -339,16 +413,41 @@ class DiskCache:
         return sum(e.nbytes for e in self._entries.values())
 
     def _evict(self, key: Key) -> int:
-        """Holds the lock. The entry is renamed away before it is removed,
-        so a crash midway leaves no partial entry, only .partial/ debris."""
-        entry = self._entries.pop(key)
-        self.evictions += 1
-        trash = self.root / PARTIAL / f"evicted-{uuid.uuid4().hex}"
-        trash.parent.mkdir(exist_ok=True)  # made by downloads, which may not have run
+        """Holds the lock. Takes the entry out of the index and removes its
+        files; the bytes that frees. A copy a load here reads goes when it
+        is let go; one that a load of another server sharing cache_dir
+        reads stays, indexed (0 freed)."""
+        entry = self._entries[key]
+        if entry.users:
+            del self._entries[key]  # release() removes it
+            return 0
+        freed = self._remove(entry)
+        if freed is not None:
+            del self._entries[key]
+        return freed or 0
+
+    def _remove(self, entry: _Entry) -> int | None:
+        """Holds the lock. Renames a copy no load here reads away (into
+        the trash, so that a crash midway leaves no partial entry, only
+        .partial/ debris); the bytes that frees; None if a load of another
+        server reads it."""
         try:
-            os.rename(entry.path, trash)
-        except FileNotFoundError:
-            return entry.nbytes
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone: another server sharing cache_dir evicted it
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            trash = self._partial(str(entry.path)) / f"evicted-{uuid.uuid4().hex}"
+            try:
+                os.rename(entry.path, trash)
+            except FileNotFoundError:
+                return 0
+        finally:
+            os.close(fd)
+        self.evictions += 1
         self._trash.append((trash, entry.nbytes))  # removed by _empty_trash, out of the lock
         self._trash_bytes += entry.nbytes
         try:
@@ -357,10 +456,71 @@ class DiskCache:
             pass
         return entry.nbytes
 
-    def _use(self, key: Key) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
+    def _hold(self, entry: _Entry) -> bool:
+        """Holds the lock. One more load reads `entry`; the first takes a
+        shared flock on its folder, so that no server sharing cache_dir
+        evicts it meanwhile. False if it is gone, or going."""
+        if entry.users:
             entry.users += 1
+            return True
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            # Renamed away between the open and the flock?
+            there = os.path.samestat(os.fstat(fd), os.stat(entry.path))
+        except OSError:  # BlockingIOError: being evicted
+            there = False
+        if not there:
+            os.close(fd)
+            return False
+        entry.fd, entry.users = fd, 1
+        self._held[entry.path] = entry
+        return True
+
+    def _adopt(self, key: Key, fp: str) -> _Entry | None:
+        """Holds the lock. The copy of `key` made from `fp` that another
+        server sharing cache_dir fetched, indexed as if this one had (the
+        stale copy it replaces is evicted); None if there is none."""
+        path = _copy_path(self.root, key, fp)
+        estimate = _made_for(path / MANIFEST)  # read last, as its rename made it whole
+        if estimate is None:
+            return None
+        if key in self._entries:
+            self._evict(key)
+        entry = self._entries[key] = _Entry(path, fp, tree_bytes(path), estimate)
+        return entry
+
+    def _partial(self, where: str) -> Path:
+        """Holds the lock. This cache's own folder under .partial/, made at
+        its first download or removal and flock'ed as long as the cache
+        lives, so that a server starting beside it (on the same cache_dir)
+        leaves what is in it alone."""
+        if self._own is not None:
+            return self._own
+        if self._closed:
+            raise LoadFailed(f"{where}: the disk cache is closed (the server is stopping)")
+        for _ in range(3):
+            own = self.root / PARTIAL / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            try:
+                own.mkdir(parents=True)
+                fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as e:
+                raise LoadFailed(f"{where}: cache_dir {str(self.root)!r} cannot be made "
+                                 f"({e.strerror or e}); set cache_dir to a writable "
+                                 f"directory") from None
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a server starting found it unlocked, and removed it?
+                if os.path.samestat(os.fstat(fd), os.stat(own)):
+                    self._own, self._own_fd = own, fd
+                    return own
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise LoadFailed(f"{where}: cache_dir {str(self.root)!r}: a folder of its "
+                         f".partial/ kept going as it was made")
 
     def _empty_trash(self) -> None:
         """Deletes evicted entries' files; after the lock is released, so
@@ -381,20 +541,11 @@ class DiskCache:
 
     # -- start -----------------------------------------------------------------------
 
-    def _make_root(self, where: str) -> None:
-        # Made by the first download, not at start: a server of local
-        # models needs no cache (and may run where none can be written).
-        try:
-            (self.root / PARTIAL).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LoadFailed(f"{where}: cache_dir {str(self.root)!r} cannot be made "
-                             f"({e.strerror or e}); set cache_dir to a writable "
-                             f"directory") from None
-
     def _scan(self) -> None:
-        """Empties .partial/ and indexes the complete entries, least
-        recently used first."""
-        shutil.rmtree(self.root / PARTIAL, ignore_errors=True)
+        """Empties .partial/ of what no live cache holds (a crashed
+        server's) and indexes the complete entries, least recently used
+        first."""
+        _remove_unheld(self.root / PARTIAL)
         found: list[tuple[float, Key, _Entry]] = []
         for name_dir in _subdirs(self.root):
             if not is_valid_name(name_dir.name):
@@ -411,6 +562,40 @@ class DiskCache:
                 self._evict(key)
             self._entries[key] = entry
         self.evictions = 0
+
+
+def _copy_path(root: Path, key: Key, fp: str) -> Path:
+    return root / key[0] / f"{key[1]}-{fp}"
+
+
+def _key_of(entry: _Entry) -> Key:
+    return entry.path.parent.name, int(entry.path.name.partition("-")[0])
+
+
+def _remove_unheld(partial: Path) -> None:
+    """Removes what is in .partial/ but a live cache's own folder (which
+    it keeps flock'ed): a crashed server's downloads and removals."""
+    try:
+        with os.scandir(partial) as entries:
+            found = [Path(e.path) for e in entries]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for path in found:
+        if path.is_symlink() or not path.is_dir():  # no cache's: each holds a folder
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live cache's
+        else:  # held while it goes: one made just now waits, and sees it gone
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _made_for(path: Path) -> int | None:

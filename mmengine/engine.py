@@ -263,6 +263,8 @@ class Engine:
             self.cache.remove(key)
         self.host.clear()
         self._fetchers.shutdown(wait=False, cancel_futures=True)
+        if self.disk is not None:  # its folder of downloads in progress goes
+            await asyncio.get_running_loop().run_in_executor(None, self.disk.close)
 
     async def __aenter__(self) -> "Engine":
         return await self.start()
@@ -652,7 +654,7 @@ class Engine:
             raise
         finally:
             if spec.source:  # the worker is done with the disk cache's copy
-                self.disk.release(*key)
+                self.disk.release(path)
                 if unloadable:  # it may be a damaged copy: the next load fetches it anew
                     asyncio.get_running_loop().run_in_executor(
                         None, self.disk.evict, *key).add_done_callback(errors.retrieved)
@@ -772,7 +774,7 @@ class Engine:
                     path = await asyncio.shield(fetched)
                 except asyncio.CancelledError:  # the copy it hands over is nobody's to read
                     fetched.add_done_callback(
-                        lambda f: f.cancelled() or f.exception() or self.disk.release(*key))
+                        lambda f: f.cancelled() or f.exception() or self.disk.release(f.result()))
                     raise
         except MMEngineError as e:
             self._load_failed(key, e, None, t0)

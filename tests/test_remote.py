@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -192,7 +193,10 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
     spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
     new = disk.ensure(spec)
-    assert new != old and not old.exists()
+    # The stale copy goes once the load that reads it lets go of it.
+    assert new != old and old.is_dir()
+    disk.release(old)
+    assert not old.exists()
     assert read_spec("mlp", 1, new).outputs == spec.outputs
     assert disk.stats()["fetches"] == 2 and disk.stats()["models"] == 1
 
@@ -389,7 +393,7 @@ def test_lru_eviction_under_the_byte_budget(tmp_path, server, monkeypatch):
     with pytest.raises(LoadFailed, match="no room"):
         disk.ensure(specs["c"])
     for n in "ab":
-        disk.release(n, 1)
+        disk.release(paths[n])
     disk.touch("a", 1)  # b is now the least recently used
     paths["c"] = disk.ensure(specs["c"])
     assert not paths["b"].exists() and paths["a"].is_dir() and paths["c"].is_dir()
@@ -461,9 +465,8 @@ def test_a_download_waits_for_copies_in_use_to_be_let_go(tmp_path, server):
     # backed off, with "no room".
     config, specs = _three_models(tmp_path, server)
     disk = DiskCache(config)
-    for n in "ab":
-        disk.ensure(specs[n])
-    threading.Timer(0.3, disk.release, ("a", 1)).start()
+    paths = {n: disk.ensure(specs[n]) for n in "ab"}
+    threading.Timer(0.3, disk.release, (paths["a"],)).start()
     t0 = time.monotonic()
     path = disk.ensure(specs["c"])
     assert 0.2 < time.monotonic() - t0 < 5
@@ -535,7 +538,7 @@ def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
                 disk_cache_bytes=config.disk_cache_bytes // 2)  # room for one, not two
     disk = DiskCache(small)
     kept = disk.ensure(specs["a"])
-    disk.release("a", 1)
+    disk.release(kept)
     file = specs["b"].files[0][0]  # as large as the whole cache, its source says
     server.head_sizes[f"/b/1/{file}"] = small.disk_cache_bytes + 1
     with pytest.raises(LoadFailed, match="no room"):
@@ -571,8 +574,7 @@ def test_under_the_watermark_an_eviction_counts_as_room_at_once(tmp_path, server
     monkeypatch.setattr(diskcache.psutil, "disk_usage", usage)
     disk = DiskCache(config)
     for n in "ab":
-        disk.ensure(specs[n])
-        disk.release(n, 1)
+        disk.release(disk.ensure(specs[n]))
     disk.ensure(specs["c"])
     assert disk.stats()["models"] == 2 and disk.stats()["evictions"] == 1
     assert not disk.has("a", 1) and disk.has("b", 1)
@@ -601,6 +603,7 @@ def test_restart_keeps_entries_and_their_order(tmp_path, server):
     os.utime(paths["b"], (time.time() - 60, time.time() - 60))
     before = disk.stats()
     gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+    disk.close()  # the server stops
 
     again = DiskCache(config)
     assert again.stats() == {**before, "hits": 0, "fetches": 0}
@@ -620,7 +623,7 @@ def test_interrupted_download_leftovers_are_removed_at_start(tmp_path, server):
     (cache / "notes.txt").write_text("not the cache's")  # never removed: not its own
     disk = DiskCache(cfg(tmp_path))
     assert files_under(cache) == ["notes.txt"]
-    assert not (cache / ".partial").exists()  # made again by the next download
+    assert not any((cache / ".partial").iterdir())
     assert disk.stats()["models"] == 0
 
 
@@ -1045,3 +1048,39 @@ def test_the_room_under_the_watermark_is_never_more_than_is_free(tmp_path):
     disk = DiskCache(config)
     (tmp_path / "cache").mkdir()
     assert disk._room() <= psutil.disk_usage(str(tmp_path / "cache")).free
+
+
+def test_servers_sharing_a_cache_dir_keep_each_others_copies(tmp_path, server):
+    # Two servers on one cache_dir (two releases side by side during a
+    # restart; one user's servers on the default directory): the second's
+    # start emptied .partial/ under the first's download, and either
+    # evicted the copies the other was loading from.
+    config, specs = _three_models(tmp_path, server)
+    first = DiskCache(config)
+    server.delay = 0.3  # each GET: the download is under way when the second starts
+    fetching = concurrent.futures.ThreadPoolExecutor(1).submit(first.ensure, specs["a"])
+    time.sleep(0.15)
+    second = DiskCache(config)
+    path = fetching.result(timeout=30)
+    server.delay = 0.0
+    gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+
+    # The second takes the copy the first fetched as it finds it.
+    assert second.cached(specs["a"]) == path
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
+    second.release(path)
+    # A copy the first server's load reads stays; once let go, it may go.
+    assert second.evict("a", 1) == 0 and path.is_dir()
+    first.release(path)
+    assert second.evict("a", 1) > 0 and not path.exists()
+    assert first.cached(specs["a"]) is None  # gone: fetched again when next needed
+
+    # Both fetch one model at once: one copy stays, which both are given.
+    both = concurrent.futures.ThreadPoolExecutor(2)
+    paths = list(both.map(lambda disk: disk.ensure(specs["b"]), (first, second)))
+    assert paths[0] == paths[1] and [p.name for p in paths[0].parent.iterdir()] == \
+        [paths[0].name]
+    for disk in (first, second):
+        disk.release(paths[0])
+        disk.close()
+    assert files_under(tmp_path / "cache" / ".partial") == []
