@@ -213,6 +213,10 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+#: Keys whose values are secrets: never in a message, a log, nor the
+#: environment of a process that runs model code (a worker).
+SECRET_KEYS = frozenset(name for name, f in _FIELDS.items() if not f.repr)
+SECRET_VARS = frozenset(ENV_PREFIX + name.upper() for name in SECRET_KEYS)
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
               "load_bytes_in_flight", "receive_bytes", "receive_min_rate", "fetch_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
@@ -273,7 +277,8 @@ def _coerce(key: str, value: Any) -> Any:
     except ConfigError:
         raise  # parse_size's, which says what a size looks like
     except (TypeError, ValueError, KeyError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from None
+        shown = "its value" if key in SECRET_KEYS else repr(value)
+        raise ConfigError(f"{key}: {shown} is not a valid {kind}") from None
 
 
 def _validate(c: Config) -> None:

@@ -34,7 +34,7 @@ from typing import Callable
 import mmengine
 
 from mmengine import messages, resources
-from mmengine.config import Config
+from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
                              WorkerDied, error_for)
 from mmengine.messages import Op
@@ -195,7 +195,9 @@ class Worker:
         self.ready = loop.create_future()
         fds = [fd for r in self.rings for fd in (r.handle.data_fd, r.handle.space_fd)]
         fds.append(self.abandoned.fd)
-        env = dict(os.environ)
+        # Model code runs there: it gets no secret of the front-end's
+        # (the control token, set as a variable, would be its to read).
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
         env.setdefault(*resources.DEVICE_ORDER)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Server, command, environ, run
+from conftest import Server, command, environ, run, write_handler
 from mmengine import auth, demo
 from mmengine.client import AsyncClient, Client
 from mmengine.errors import BadRequest, LoadFailed, Unauthorized
@@ -31,6 +31,19 @@ X = np.arange(2 * DIMS[0], dtype=np.float32).reshape(2, DIMS[0]) / 10
 # requested cold by exactly one test, so that it is still on storage there.
 SEEDS = {"open": 0, "locked-warm": 1, "locked-cold-tcp": 2, "locked-cold-http": 3,
          "locked-control": 4, "bad-digest": 5, "locked-broken": 6, "locked-badkey": 7}
+
+
+ENV_READER = '''
+import os
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    seen = os.environ.get("MMENGINE_CONTROL_TOKEN", "")
+    return {"y": np.frombuffer(seen.encode() or b"-", np.uint8).copy()}
+'''
 
 
 def locked(version_dir: Path, digests: str) -> None:
@@ -53,6 +66,8 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     (repo / "locked-broken" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
     manifest = repo / "locked-badkey" / "1" / "model.toml"  # a key no manifest has
     manifest.write_text(manifest.read_text().replace("token_sha256", "colour = 1\ntoken_sha256", 1))
+    # Model code: what it can read of the server's secrets.
+    write_handler(repo, "env-reader", ENV_READER)
     demo.write_mlp(roots / "sm-open", "safetensors", *DIMS, seed=0)
     locked(demo.write_mlp(roots / "sm-locked", "safetensors", *DIMS, seed=1),
            f'"{auth.digest(MODEL_TOKEN).hex()}"')
@@ -386,8 +401,21 @@ def test_mmengine_bench_sends_its_token_read_from_stdin(server):
 
 
 def test_the_control_token_stays_out_of_the_configurations_repr():
-    from mmengine.config import load
+    from mmengine.config import ConfigError, load
 
     config = load(env={"MMENGINE_CONTROL_TOKEN": CONTROL})
     assert config.control_token == CONTROL
     assert CONTROL not in repr(config)
+    # Nor in the message that refuses a value of the wrong kind.
+    with pytest.raises(ConfigError, match="control_token: its value is not a valid str") as e:
+        load(env={}, overrides={"control_token": 987654321987654321})
+    assert "987654321987654321" not in str(e.value)
+
+
+def test_model_code_cannot_read_the_control_token(server):
+    # Set as a variable (the documented way), it was in every worker's
+    # environment: any model's code could read it, then load, unload and
+    # pin whatever it liked.
+    with Client(server["tcp"]) as c:
+        seen = c.infer("env-reader", {"x": np.ones(1, np.float32)})["y"]
+    assert bytes(seen) == b"-", bytes(seen)
