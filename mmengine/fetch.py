@@ -54,7 +54,10 @@ def under_roots(path: str, model_roots: str, what: str,
     if not roots:
         raise error(f"no model roots are configured (model_roots, MMENGINE_MODEL_ROOTS): "
                     f"{what!r} may not be read")
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except ValueError:  # a NUL, which no path has
+        raise error(f"{what!r} is not a path (it has a NUL character)") from None
     if not any(os.path.commonpath([real, root]) == root for root in roots):
         raise error(f"{what!r} lies outside the allowed model roots "
                     f"(model_roots, MMENGINE_MODEL_ROOTS)")
@@ -93,7 +96,10 @@ def check_url(url: str) -> None:
         raise ValueError(f"{url!r}: a source is printable ASCII (percent-encode the "
                          f"rest) and carries no credentials")
     if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not os.path.isabs(unquote(parts.path)):
+        path = unquote(parts.path)
+        if "\0" in path:
+            raise ValueError(f"{url!r}: a file:// source's path has a NUL character (%00)")
+        if parts.netloc not in ("", "localhost") or not os.path.isabs(path):
             raise ValueError(f"{url!r}: a file:// source names a local absolute path "
                              f"(file:///...)")
     else:

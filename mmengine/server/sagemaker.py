@@ -384,8 +384,6 @@ def _check_links(real: str, url: str, model_roots: str) -> None:
 
 
 def _local_path(url: str) -> str:
-    if "\0" in url:
-        raise BadRequest("the url contains a NUL character")
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -398,6 +396,8 @@ def _local_path(url: str) -> str:
     else:
         raise BadRequest(f"{url!r}: only local paths and file:// URLs can be loaded, "
                          f"not {parts.scheme}:// (remote storage is not supported)")
+    if "\0" in path:  # as sent, or %00
+        raise BadRequest("the url contains a NUL character")
     if not os.path.isabs(path):
         raise BadRequest(f"{url!r}: the path must be absolute")
     return path
