@@ -1096,9 +1096,10 @@ class Engine:
 
     async def _watch_repository(self) -> None:
         """Models and versions added to or removed from the repository while
-        it serves, every repo_scan_s: a new version becomes the default one,
-        a removed model is not found any more (a resident copy goes when
-        evicted, as any other)."""
+        it serves, and manifests edited, every repo_scan_s: a new version
+        becomes the default one, a removed model is not found any more (a
+        resident copy goes when evicted, as any other), an edited manifest
+        is read again (a token rotated there is taken from then on)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.repo_scan_s)
@@ -1117,6 +1118,14 @@ class Engine:
             for key in self.host.keys():
                 if key not in self.cache and not self.repo.listed(*key):
                     self.host.drop(key)
+            # Nor does its row in stats (its state in /metrics), once nothing
+            # of it is left: else every version ever removed stays listed.
+            in_host = set(self.host.keys())
+            for key in [k for k in self._stats if not self.repo.listed(*k)]:
+                if key not in self.cache and key not in self._busy \
+                        and key not in self._pinned and key not in in_host:
+                    del self._stats[key]
+                    self._derived_inputs.pop(key, None)
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():

@@ -170,7 +170,8 @@ class Repository:
         self.config = config  # which remote sources may be read (default: none)
         self._names: tuple[str, ...] | None = None
         self._versions: dict[str, tuple[int, ...]] = {}
-        self._specs: dict[tuple[str, int], ModelSpec] = {}
+        # Each spec read with its manifest's signature when it was read.
+        self._specs: dict[tuple[str, int], tuple[ModelSpec, tuple | None]] = {}
         # Models added at run time (the SageMaker contract's POST /models):
         # a directory holding one model, served as version 1.
         self._added: dict[str, Path] = {}
@@ -202,10 +203,12 @@ class Repository:
 
     def rescan(self) -> set[str]:
         """Reads the repository's directories again (a thread's work: one
-        scandir per model) and returns the names whose versions changed: a
-        model or a version added or removed. A version directory is taken
-        to be immutable: a spec read once stays (its files are replaced by
-        a new version, not edited)."""
+        scandir per model, one stat per manifest read) and returns the names
+        whose versions changed (a model or a version added or removed) or
+        whose manifests were edited. A version's files are taken to be
+        immutable (a change is a new version), but its manifest may be
+        edited in place: its tokens rotate so, and a spec read once is read
+        again once its manifest changes."""
         names = tuple(sorted({entry.name for entry in _scandir(self.root)
                               if is_valid_name(entry.name) and entry.is_dir()}
                              | set(self._added)))
@@ -218,9 +221,12 @@ class Repository:
         changed = {name for name, known in self._versions.items()
                    if known != versions.get(name)}  # (a name never asked for: no news)
         changed |= set(names) ^ set(self._names or names)
+        specs = list(self._specs.items())  # one step: another thread may add to it
+        changed |= {key[0] for key, (spec, seen) in specs
+                    if _signature(spec.path / MANIFEST) != seen}
         self._versions = versions
         self._names = names
-        self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
+        self._specs = {k: v for k, v in specs if k[0] not in changed}
         return changed
 
     def listed(self, name: str, version: int) -> bool:
@@ -280,12 +286,23 @@ class Repository:
         else:
             version = self.check_version(name, version)
         key = (name, version)
-        spec = self._specs.get(key)
-        if spec is None:
-            path = self._added.get(name) or self.root / name / str(version)
-            spec = read_spec(name, version, path, self.allow_code, self.config)
-            self._specs[key] = spec
+        known = self._specs.get(key)
+        if known is not None:
+            return known[0]
+        path = self._added.get(name) or self.root / name / str(version)
+        seen = _signature(path / MANIFEST)  # before: an edit while it is read shows
+        spec = read_spec(name, version, path, self.allow_code, self.config)
+        self._specs[key] = (spec, seen)
         return spec
+
+
+def _signature(path: Path) -> tuple | None:
+    """What changes when a file is edited or replaced; None: there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def is_valid_name(name: str) -> bool:

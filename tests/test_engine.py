@@ -16,7 +16,7 @@ from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, PinnedFull,
-                             Timeout, TooLarge, WorkerDied)
+                             Timeout, TooLarge, Unauthorized, WorkerDied)
 from mmengine.server import metrics
 from mmengine.storage import Repository
 
@@ -969,6 +969,9 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
             # The removed model's copy in host memory goes: it serves nothing.
             assert engine._model_row(("new", 1))["state"] == "on storage"
             assert ("new", 1) not in engine.host.keys()
+            # Nor is it a row of stats (a state in /metrics) any more: every
+            # version ever removed stayed listed "on storage".
+            assert ("new", 1) not in rows(engine)
             # So does the copy of one removed while resident, once evicted.
             demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3, version=2)
             await asyncio.sleep(0.5)
@@ -980,6 +983,44 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
             assert ("new", 2) in engine.host.keys()  # demoted as it was evicted...
             await asyncio.sleep(0.5)
             assert ("new", 2) not in engine.host.keys()  # ...and dropped at the next scan
+            await asyncio.sleep(0.3)
+            assert ("new", 2) not in rows(engine) and ("m", 1) in rows(engine)
+
+    run(main())
+
+
+def rows(engine) -> set:
+    return {(r["name"], r["version"]) for r in engine.stats()["models"]}
+
+
+def test_a_token_rotated_in_its_manifest_is_taken_while_serving(tmp_path, own_segments):
+    # token_sha256 is a list so that a token can be rotated: add the new
+    # one, move the clients, remove the old one. The edit went unseen until
+    # a restart, so a revoked (or leaked) token kept working.
+    from mmengine import auth
+
+    manifest = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1) / "model.toml"
+    own = manifest.read_text()
+
+    def tokens(*names):
+        digests = ", ".join(f'"{auth.digest(n).hex()}"' for n in names)
+        manifest.write_text(f"token_sha256 = [{digests}]\n" + own)
+
+    x = x_for(np.random.default_rng(2))
+
+    async def main():
+        tokens("old")
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", {"x": x}, token="old")
+            tokens("old", "new")
+            await asyncio.sleep(0.5)
+            await engine.infer("m", {"x": x}, token="new")
+            tokens("new")
+            await asyncio.sleep(0.5)
+            with pytest.raises(Unauthorized):
+                await engine.infer("m", {"x": x}, token="old")
+            await engine.infer("m", {"x": x}, token="new")
+            assert engine._model_row(("m", 1))["loads"] == 1  # the model stayed resident
 
     run(main())
 
