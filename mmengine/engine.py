@@ -159,7 +159,7 @@ class Engine:
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
         try:
-            pins = await self._configured_pins()
+            pins, broken = await self._configured_pins()
             self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
         except BaseException:
             self._started = False
@@ -190,7 +190,7 @@ class Engine:
         self._spawn(self._monitor())
         if self.config.repo_scan_s:
             self._spawn(self._watch_repository())
-        pins = [(s.name, s.version) for s in pins]
+        pins = [(s.name, s.version) for s in pins] + broken
         for key in pins:
             self._pinned.setdefault(key, 0)  # taken by the entry of its first load
         self._warming.update(pins)
@@ -199,16 +199,23 @@ class Engine:
         self._keep_pinned_warm()
         return self
 
-    async def _configured_pins(self) -> list[ModelSpec]:
-        """The models pin_models names; a name the repository cannot serve
-        is the configuration's error."""
-        specs = []
+    async def _configured_pins(self) -> tuple[list[ModelSpec], list[Key]]:
+        """The specs of the models pin_models names, and the keys of those
+        that are there but cannot be read as they stand: those fail as loads
+        do, and are tried again after their back-off (their files may be
+        mended). A name or version the repository does not have is the
+        configuration's error."""
+        specs, broken = [], []
+        loop = asyncio.get_running_loop()
         for name, version in parse_pins(self.config.pin_models):
             try:
                 specs.append(await self._spec(name, version, record=False))
+            except LoadFailed:
+                versions = await loop.run_in_executor(None, self.repo.versions, name)
+                broken.append((name, version or versions[-1]))
             except MMEngineError as e:
                 raise ConfigError(f"pin_models: {e}") from None
-        return specs
+        return specs, broken
 
     def health(self) -> dict:
         """`status`: "serving"; "warming" while a model pinned by

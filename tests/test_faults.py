@@ -303,6 +303,29 @@ def test_a_pinned_model_that_fails_to_load_keeps_the_engine_warming_and_is_tried
     run(main(), timeout=60)
 
 
+def test_a_pinned_model_whose_files_cannot_be_read_keeps_the_engine_warming(
+        repo, own_segments):
+    # A file that cannot even be described is a failed load (README,
+    # "Faults"), pinned or not: it stopped the server from starting.
+    path = repo / "hot-unreadable" / "1"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
+    (path / "model.py").write_text("class Model: pass\n")
+
+    async def main():
+        async with Engine(config(repo, pin_models="hot-unreadable",
+                                 load_failure_backoff_s=0.3)) as engine:
+            row = lambda: engine._model_row(("hot-unreadable", 1))  # noqa: E731
+            await until(lambda: row()["failures"] >= 1, 10, "the first look's failure")
+            assert engine.health()["status"] == "warming"
+            assert "safetensors" in row()["last_error"]
+            demo.write_mlp(repo / "hot-unreadable", "safetensors", *DIMS)  # mended
+            await asyncio.wait_for(engine.warmed(), 20)
+            assert row()["state"] == "resident" and row()["pinned"]
+
+    run(main(), timeout=60)
+
+
 def test_waiting_for_pinned_models_ends_when_the_engine_stops(repo, own_segments):
     moody(repo, "hot-never", "raise")
 
