@@ -129,7 +129,9 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
         self._started = False
-        self._stopped = False
+        self._stopped = False  # stop() was called
+        self._starting: asyncio.Future | None = None  # done once start() has ended
+        self._stopping: asyncio.Task | None = None  # the one shutdown, which stop() awaits
         self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
         # Inputs a backend read from an artifact whose manifest declares none
         # (torch.export, ONNX), known once it has loaded: metadata shows them.
@@ -152,12 +154,28 @@ class Engine:
     # -- life ------------------------------------------------------------------
 
     async def start(self) -> "Engine":
+        if self._stopped:
+            raise RuntimeError("an engine that stopped does not start again: make a new one")
         if self._started:
-            raise RuntimeError("this engine has started already" if not self._stopped else
-                               "an engine that stopped does not start again: make a new one")
+            raise RuntimeError("this engine has started already")
         check_repo(self.config)
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
+        self._starting = loop.create_future()
+        try:
+            await self._bring_up(loop)
+        except BaseException:
+            if self.disk is not None:  # it may be tried again, with a cache of its own
+                self.disk.close()
+                self.disk = None
+            raise
+        finally:
+            self._starting.set_result(None)
+        if self._stopped:  # stop() waited for this start, and now undoes it
+            raise RuntimeError("the engine was stopped while it started")
+        return self
+
+    async def _bring_up(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             pins, broken = await self._configured_pins()
             self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
@@ -197,7 +215,6 @@ class Engine:
         if not self._warming:
             self._warmed.set()
         self._keep_pinned_warm()
-        return self
 
     async def _configured_pins(self) -> tuple[list[ModelSpec], list[Key]]:
         """The specs of the models pin_models names, and the keys of those
@@ -251,14 +268,26 @@ class Engine:
         default: shutdown_timeout_s from now), then stops the workers against
         what is left of it. A request still unanswered at the deadline
         fails, typed: OVERLOADED if it was waiting for a load, WORKER_DIED if
-        it was on a worker."""
-        if self.pool is None or self._stopped:
+        it was on a worker.
+
+        One shutdown, however many call: each call returns once it is done
+        (one called while start() runs waits for it, then undoes it); a
+        caller that is cancelled stops waiting, not the shutdown."""
+        self._check_loop()
+        if self._stopping is None:
+            self._stopped = True
+            self.refuse_new()
+            self._warmed.set()  # warmed() waits no more: it raises if they are not
+            if deadline is None:
+                deadline = time.monotonic() + self.config.shutdown_timeout_s
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(deadline))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, deadline: float) -> None:
+        if self._starting is not None:
+            await self._starting
+        if self.pool is None:  # never started, or its start failed
             return
-        self._stopped = True
-        self.refuse_new()
-        self._warmed.set()  # warmed() waits no more: it raises if they are not
-        if deadline is None:
-            deadline = time.monotonic() + self.config.shutdown_timeout_s
         while (self._queued or any(w.in_flight for w in self.pool.workers)) and \
                 time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -320,7 +349,7 @@ class Engine:
         except MMEngineError as e:  # refused at once: observed as any answer is
             if self.observers:
                 # Named only if it is a model: a stranger's names make no series.
-                known = self._looked_up(name, version)
+                known = type(name) is str and self._looked_up(name, version)
                 self._emit("request", _request_fields(name if known else "", version,
                                                       t_submit, e))
             raise
@@ -329,6 +358,8 @@ class Engine:
                 timeout: float | None, token: str | None,
                 then: Callable[[asyncio.Future], None] | None, t_submit: int) -> asyncio.Future:
         deadline = self._deadline(timeout)
+        if type(name) is not str:  # None would be queued under None, for good
+            raise BadRequest(f"a model name is a string, not {type(name).__name__}")
         if version is not None:
             _check_version(version)
         spec = self._specs.get((name, version))
@@ -555,10 +586,12 @@ class Engine:
             self._specs[(name, version)] = spec
         return spec
 
-    async def _acquire(self, key: Key, spec: ModelSpec, deadline: float) -> Worker:
+    async def _acquire(self, key: Key, spec: ModelSpec, deadline: float,
+                       request: bool = True) -> Worker:
         """The worker on which `key` is resident, pinned for one request;
-        loads it (once, however many requests wait) if needed. Counts a hit,
-        or a miss when the request had to wait for a load."""
+        loads it (once, however many requests wait) if needed. For an
+        inference (`request`), counts a hit, or a miss when it had to wait
+        for a load; a load or a pin counts neither."""
         waited = False
         loaded = False  # the load this request waited for has just ended
         while True:
@@ -578,9 +611,9 @@ class Engine:
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
-                    if waited:
+                    if request and waited:
                         self._misses += 1
-                    else:
+                    elif request:
                         self._hits += 1
                     return self.pool.workers[index]
             loaded = False
@@ -595,6 +628,13 @@ class Engine:
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled() and self._stopped \
+                        and not asyncio.current_task().cancelling():
+                    # stop() cancelled the load, not this caller's caller
+                    raise Overloaded(f"{key[0]}: the engine shut down before it was "
+                                     f"loaded") from None
+                raise
             except TimeoutError:
                 if key in self._short_of_room:  # the truth, and what SageMaker acts on (507)
                     raise self._no_room(key, "it by the request's deadline") from None
@@ -1230,7 +1270,8 @@ class Engine:
             spec = await self._spec(*key)
             if key not in self._pinned or key in self._draining:
                 return  # unpinned or being unloaded meanwhile: the operator's call
-            await self._acquire(key, spec, self._deadline(self.config.load_timeout_s))
+            await self._acquire(key, spec, self._deadline(self.config.load_timeout_s),
+                                request=False)
             self._unpin_request(key, self._gen[key])
             self._rewarm_after.pop(key, None)
         except MMEngineError as e:
@@ -1312,7 +1353,7 @@ class Engine:
     async def _load_now(self, name: str, version: int | None, deadline: float) -> dict:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline)
+        await self._acquire(key, spec, deadline, request=False)
         self._unpin_request(key, self._gen[key])
         return self._model_row(key)
 
@@ -1364,7 +1405,7 @@ class Engine:
     async def _pin_now(self, name: str, version: int | None, deadline: float) -> dict:
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline)
+        await self._acquire(key, spec, deadline, request=False)
         gen = self._gen[key]
         if self._pinned.get(key) == gen:
             self._unpin_request(key, gen)  # this entry already carries the pin

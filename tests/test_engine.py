@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import live_pids, run, slow_loading, write_handler, write_problem_models
+from conftest import (SLOW_HANDLER, live_pids, run, slow_loading, write_handler,
+                      write_problem_models)
 from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -1384,3 +1385,92 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
 
     pids = run(main())
     assert live_pids(pids) == []
+
+
+def test_stop_is_one_shutdown_however_it_is_called(tmp_path, own_segments):
+    # A second stop() returned at once while the first was under way (so
+    # asyncio.run, ending, cancelled the first halfway: workers and segments
+    # were left); a cancelled stop() could not be retried; one called from
+    # another loop half-stopped the engine, and the right one then did
+    # nothing; one called during start() raised AttributeError.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "slow-load", slow_loading(3.0))
+    write_handler(tmp_path, "slow-pin", slow_loading(3.0))
+    seconds = {"seconds": np.array([0.5])}
+
+    async def main():
+        pids = []
+        engine = await Engine(Config(repo=str(tmp_path), workers=1)).start()
+        pids += [w.pid for w in engine.pool.workers]
+        busy = asyncio.ensure_future(engine.infer("slow", seconds))
+        await asyncio.sleep(0.2)
+        first = asyncio.ensure_future(engine.stop())
+        await asyncio.sleep(0.05)
+        await engine.stop()  # returns once stopped, not at once
+        assert live_pids(pids) == [] and busy.done() and not busy.exception()
+        await first
+
+        engine = await Engine(Config(repo=str(tmp_path), workers=1)).start()
+        pids += [w.pid for w in engine.pool.workers]
+        with pytest.raises(RuntimeError, match="event loop that started it"):
+            await asyncio.to_thread(lambda: asyncio.run(engine.stop()))
+        assert engine.health()["status"] == "serving"
+        busy = asyncio.ensure_future(engine.infer("slow", seconds))
+        await asyncio.sleep(0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(engine.stop(), 0.05)  # the caller gives up, not the stop
+        await engine.stop()
+        assert live_pids(pids) == [] and not busy.exception()
+
+        # Loads and pins cut off by the stop hear why, as inferences do,
+        # instead of a CancelledError nobody asked for.
+        engine = await Engine(Config(repo=str(tmp_path), workers=1,
+                                     shutdown_timeout_s=0.3)).start()
+        pids += [w.pid for w in engine.pool.workers]
+        calls = [asyncio.ensure_future(engine.load("slow-load")),
+                 asyncio.ensure_future(engine.pin("slow-pin"))]
+        await asyncio.sleep(0.2)
+        await engine.stop()
+        for call in calls:
+            with pytest.raises(Overloaded, match="shut down"):
+                await call
+
+        # During start(): the stop waits for it, then undoes it.
+        for wait in (0.0, 0.05):
+            engine = Engine(Config(repo=str(tmp_path), workers=2))
+            starting = asyncio.ensure_future(engine.start())
+            await asyncio.sleep(wait)
+            await engine.stop()
+            with pytest.raises(RuntimeError, match="stopped"):
+                await starting
+            pids += [w.pid for w in engine.pool.workers] if engine.pool else []
+        return pids
+
+    pids = run(main(), timeout=60)
+    assert live_pids(pids) == []
+
+
+def test_loads_and_pins_are_no_requests_and_a_name_is_a_string(tmp_path, own_segments):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    x = x_for(np.random.default_rng(2))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 max_queue_per_model=3)) as engine:
+            # A name that is no string is refused, typed; None was queued
+            # under None for good, until the model "None" was overloaded.
+            for name in [None] * 5 + [["m"]]:
+                with pytest.raises(BadRequest, match="a model name is a string"):
+                    await engine.infer(name, {"x": x})
+            assert engine._queued == {}
+            # Hits and misses count inferences (docs/observability.md).
+            for _ in range(3):
+                await engine.load("m")
+            await engine.pin("m")
+            await engine.unpin("m")
+            assert {k: engine.stats()["totals"][k] for k in ("hits", "misses")} == \
+                {"hits": 0, "misses": 0}
+            await engine.infer("m", {"x": x})
+            assert engine.stats()["totals"]["hits"] == 1
+
+    run(main())
