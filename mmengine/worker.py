@@ -342,7 +342,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
                 raise InternalError(f"op {op!r} on the control ring")
         except MMEngineError as e:
             out.fail(rid, e)
-        except Exception as e:  # a backend bug must not kill the worker
+        except BaseException as e:  # a backend's bug, a handler's sys.exit(): the loader goes on
             out.fail(rid, LoadFailed(f"{name} v{version}: {type(e).__name__}: {e}"))
         finally:
             logic.loader_op = "idle"

@@ -26,7 +26,7 @@ DIMS = (16, 64, 8)
 # Sleeps in predict() for inputs["seconds"].
 
 # Does what the file `mode` beside it says when it loads: "ok", "raise",
-# "oom", or a number of seconds to take.
+# "oom", "exit" (sys.exit), or a number of seconds to take.
 MOODY_HANDLER = '''
 import os
 import time
@@ -37,6 +37,8 @@ def load(path, device):
         raise RuntimeError("the weights are garbage")
     if mode == "oom":
         raise MemoryError("cannot allocate 64 GiB")
+    if mode == "exit":
+        raise SystemExit(3)
     if mode != "ok":
         time.sleep(float(mode))
 
@@ -66,7 +68,7 @@ def repo(tmp_path_factory):
     (root / "corrupt" / "1").mkdir(parents=True)
     (root / "corrupt" / "1" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not json")
     (root / "corrupt" / "1" / "model.py").write_text("class Model: pass\n")
-    for name, mode in (("raises", "raise"), ("oom", "oom"), ("flaky", "raise"),
+    for name, mode in (("raises", "raise"), ("oom", "oom"), ("exits", "exit"), ("flaky", "raise"),
                        ("loads-1s", "1.0"), ("loads-3s", "3.0")):
         moody(root, name, mode)
     return root
@@ -104,9 +106,11 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
         async with Engine(config(repo, load_failure_backoff_s=0.5,
                                  load_failure_backoff_max_s=1.0)) as engine:
             row = lambda name: engine._model_row((name, 1))  # noqa: E731
-            # A corrupt file, an exception in a handler, out of memory.
+            # A corrupt file, an exception in a handler, out of memory, a
+            # handler's sys.exit() (it ended the worker's loader thread: every
+            # later load on the worker waited for load_timeout_s).
             for name, words in (("corrupt", "safetensors"), ("raises", "garbage"),
-                                ("oom", "MemoryError")):
+                                ("oom", "MemoryError"), ("exits", "raised SystemExit: 3")):
                 with pytest.raises(LoadFailed, match=words):
                     await engine.infer(name, {"x": X})
                 assert row(name)["state"] == "failed" and words in row(name)["last_error"]

@@ -44,7 +44,7 @@ def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
                 raise LoadFailed(f"{where}: handler.py defines no {name}() function")
         try:
             handler.load(str(spec.path), str(device))
-        except Exception as e:
+        except BaseException as e:  # sys.exit() too: the worker's loader must go on
             raise LoadFailed(f"{where}: handler.py load() raised "
                              f"{type(e).__name__}: {e}") from e
     except BaseException:
