@@ -1184,7 +1184,7 @@ class Engine:
     def _on_worker_death(self, worker: Worker) -> None:
         if self.cache is None:  # died during start(): start() raises
             return
-        how = _exit_status(worker)
+        how = worker.exit_status()
         self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
                                    "at_ns": time.monotonic_ns()})
         serving = worker.died_serving
@@ -1598,19 +1598,6 @@ def _add_ran(fields: dict, ran: dict) -> dict:
 
 class _NotRun(Exception):
     """A load its worker died before beginning: no failure of its model's."""
-
-
-def _exit_status(worker: Worker) -> str:
-    """How a worker's process ended, in words: "exit code 3", "SIGKILL"."""
-    code = worker.process.poll() if worker.process is not None else None
-    if code is None:
-        return "its rings broke"  # declared dead while its process still ran
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 def _check_version(version: object) -> None:

@@ -58,7 +58,7 @@ class HostTier:
         # An embedding process that ends without Engine.stop() still takes
         # its copies with it (as its rings go: ring.py), instead of leaving
         # them in /dev/shm until the next mmengine process reclaims them.
-        weakref.finalize(self, _unlink_all, self._segments)
+        weakref.finalize(self, _unlink_all, self._segments, os.getpid())
 
     @property
     def enabled(self) -> bool:
@@ -156,7 +156,9 @@ class HostTier:
                 "models": len(self.book), "drops": self.drops}
 
 
-def _unlink_all(segments: dict[Key, str]) -> None:
+def _unlink_all(segments: dict[Key, str], pid: int) -> None:
+    if os.getpid() != pid:  # a forked child, exiting: they are its parent's
+        return
     for segment in list(segments.values()):
         _unlink(segment)
 

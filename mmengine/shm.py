@@ -111,13 +111,14 @@ def _reclaim_once() -> None:
 class Segment:
     """One mapped segment. `create` makes (and owns) it, `attach` maps it."""
 
-    __slots__ = ("name", "size", "map", "owner", "__weakref__")
+    __slots__ = ("name", "size", "map", "owner", "pid", "__weakref__")
 
     def __init__(self, name: str, size: int, map_: mmap.mmap, owner: bool):
         self.name = name
         self.size = size
         self.map = map_
         self.owner = owner
+        self.pid = os.getpid()  # a child forked from its owner owns nothing
 
     @classmethod
     def create(cls, size: int, kind: str) -> "Segment":
@@ -162,7 +163,7 @@ class Segment:
             self.map.close()
         except BufferError:
             pass  # views are alive; the mapping goes when the last one does
-        if self.owner:
+        if self.owner and self.pid == os.getpid():
             self.owner = False
             try:
                 os.unlink(os.path.join(SHM_DIR, self.name))

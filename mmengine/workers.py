@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -246,8 +247,20 @@ class Worker:
         # Answers it wrote before it exited are still in the ring: deliver
         # them before failing whatever is left.
         self._on_readable()
-        self._died(self.stopped_why or f"worker {self.index} (pid {self.pid}) exited with "
-                                       f"code {self.process.poll()}")
+        self._died(self.stopped_why or f"worker {self.index} (pid {self.pid}) ended: "
+                                       f"{self.exit_status()}")
+
+    def exit_status(self) -> str:
+        """How its process ended, in words: "exit code 3", "SIGKILL"."""
+        code = self.process.poll() if self.process is not None else None
+        if code is None:
+            return "its rings broke"  # declared dead while its process still ran
+        if code < 0:
+            try:
+                return signal.Signals(-code).name
+            except ValueError:
+                return f"signal {-code}"
+        return f"exit code {code}"
 
     def _died(self, why: str) -> None:
         if not self.alive:
@@ -543,7 +556,7 @@ class WorkerPool:
         self._restart_count = 0
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
         self._stopping = False
-        self._finalizer = weakref.finalize(self, _kill_all, self.workers)
+        self._finalizer = weakref.finalize(self, _kill_all, self.workers, os.getpid())
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -658,8 +671,10 @@ async def _reaped(process: subprocess.Popen | None, timeout: float) -> bool:
     return True
 
 
-def _kill_all(workers: list[Worker]) -> None:
+def _kill_all(workers: list[Worker], pid: int) -> None:
     """Last resort for a pool that was never stopped: no orphans, no segments."""
+    if os.getpid() != pid:  # a forked child, exiting: they are its parent's
+        return
     for w in workers:
         if w.process is not None and w.process.poll() is None:
             w.process.kill()

@@ -6,12 +6,14 @@ import gc
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import (SLOW_HANDLER, live_pids, run, slow_loading, write_handler,
+from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, write_handler,
                       write_problem_models)
 from mmengine import demo, resources, shm
 from mmengine.config import Config
@@ -331,7 +333,8 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
             await asyncio.sleep(0.5)
             t0 = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            with pytest.raises(WorkerDied):
+            # Said as the log and the trace say it (it said "exited with code -9").
+            with pytest.raises(WorkerDied, match=rf"worker 0 \(pid {victim}\) ended: SIGKILL"):
                 await slow
             assert time.monotonic() - t0 < 1.0
             x = x_for(np.random.default_rng(8))
@@ -1474,3 +1477,52 @@ def test_loads_and_pins_are_no_requests_and_a_name_is_a_string(tmp_path, own_seg
             assert engine.stats()["totals"]["hits"] == 1
 
     run(main())
+
+
+FORKING_APP = """
+import asyncio, os, sys, threading
+import numpy as np
+from mmengine import shm
+from mmengine.config import Config
+from mmengine.engine import Engine
+
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, daemon=True).start()
+
+def call(coro):
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+async def stats():
+    return engine.stats()["totals"]
+
+def mine():
+    return sorted(s for s in shm.list_segments() if s.startswith(f"{shm.PREFIX}{os.getpid()}-"))
+
+engine = Engine(Config(repo=sys.argv[1], workers=1, host_tier_bytes=1 << 26))
+call(engine.start())
+x = np.ones((1, 16), np.float32)
+call(engine.infer("m", {"x": x}))
+call(engine.unload("m", keep_host=True))
+before = mine()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a helper the application forked, ending as programs do
+os.waitpid(child, 0)
+after = mine()
+call(engine.infer("m", {"x": x}))
+print(len(before), before == after, call(stats())["loads_from_host"], flush=True)
+call(engine.stop())
+print("stopped", mine(), flush=True)
+"""
+
+
+def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
+    # The child's exit ran the parent's finalizers: it unlinked the rings
+    # and the host tier's copies, so the host tier was lost for good.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    done = subprocess.run([sys.executable, "-c", FORKING_APP, str(tmp_path)], env=environ(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counted, same, from_host = done.stdout.split("\n")[0].split()
+    assert int(counted) >= 4 and same == "True" and from_host == "1", done.stdout
+    assert done.stdout.split("\n")[1] == "stopped []", done.stdout

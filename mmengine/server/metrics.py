@@ -313,7 +313,7 @@ class _Scrape:
             h.add_metric([phase], hist.buckets(), hist.sum)
         yield h
         yield _counter("mmengine_evictions", "Models evicted, by model, version and reason "
-                       "(pressure, idle, unload, host_memory, gpu_memory).",
+                       "(pressure, idle, unload, host_memory, gpu_memory, worker_exit).",
                        ["model", "version", "reason"], self._evictions)
         yield _counter("mmengine_evicted_bytes", "Bytes of models evicted, by reason.",
                        ["reason"], {(k,): v for k, v in self._evicted_bytes.items()})
