@@ -119,6 +119,10 @@ class Config:
     load_timeout_s: float = 120.0        # one load, from when its worker begins it
     ready_timeout_s: float = 60.0        # a worker's start-up handshake
     shutdown_timeout_s: float = 10.0     # drain + stop, all workers together
+    # A worker whose running inference is still unanswered this long past
+    # its request's deadline is taken for stuck in the model's code (no
+    # thread can be made to leave it) and restarted; 0: never.
+    stuck_inference_s: float = 120.0
     # A model whose load failed is refused (LOAD_FAILED, at once) this long
     # before its load is tried again; each failure in a row doubles it, up
     # to the cap. 0: retry on the next request.
@@ -306,6 +310,7 @@ def _validate(c: Config) -> None:
                 "ready_timeout_s", "shutdown_timeout_s"):
         need(getattr(c, key) > 0, key, "must be > 0")
     need(c.load_failure_backoff_s >= 0, "load_failure_backoff_s", "must be >= 0")
+    need(c.stuck_inference_s >= 0, "stuck_inference_s", "must be >= 0")
     need(c.load_failure_backoff_max_s >= c.load_failure_backoff_s,
          "load_failure_backoff_max_s", f"must be >= load_failure_backoff_s, which is "
                                        f"{c.load_failure_backoff_s!r}")

@@ -1105,6 +1105,8 @@ class Engine:
     async def _monitor_once(self) -> None:
         self._keep_pinned_warm()
         self._touch_disk_copies()
+        if self.config.stuck_inference_s:
+            self._restart_stuck()
         for w in self.pool.workers:
             w.sample_busy()
         if self.config.idle_unload_s:
@@ -1127,6 +1129,23 @@ class Engine:
                     victim = self._least_recent(lambda x: x is w)
                     if victim is not None:
                         await self._evict(victim, "gpu_memory")
+
+    def _restart_stuck(self) -> None:
+        """A model's code that never returns holds its worker, and every
+        request behind it times out, for good: a worker whose running
+        inference is unanswered stuck_inference_s past its request's
+        deadline is killed, and comes back as a dead worker does."""
+        now = time.monotonic()
+        for w in self.pool.workers:
+            running = w.running() if w.alive else None
+            if running is None or now < running[0] + self.config.stuck_inference_s:
+                continue
+            (name, version), late = running[1], now - running[0]
+            w.stopped_why = (f"worker {w.index} was restarted: {name} v{version} ran "
+                             f"{late:.0f} s past its request's deadline "
+                             f"(stuck_inference_s={self.config.stuck_inference_s:g})")
+            log.error("%s", w.stopped_why)
+            w.process.kill()
 
     def _touch_disk_copies(self) -> None:
         """The disk cache's copies of the models used since the last look

@@ -228,6 +228,14 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def running(self) -> tuple[float, tuple[str, int]] | None:
+        """The deadline and (model, version) of its oldest inference in
+        flight: the one it runs (it runs them in order), or runs next."""
+        for *_, deadline, _, _, served in self._pending.values():
+            if served is not None:
+                return deadline, served
+        return None
+
     def sample_busy(self) -> None:
         """busy_share: the share of the time since the last sample that it
         had an inference in flight."""

@@ -330,6 +330,30 @@ def test_a_pinned_model_whose_files_cannot_be_read_keeps_the_engine_warming(
     run(main(), timeout=60)
 
 
+def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
+    # A predict that never returns held its worker for good: every request
+    # behind it timed out, and only a restart cleared it.
+    async def main():
+        async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
+            for name in ("slow", "m00"):
+                await engine.load(name)
+            victim = engine.pool.workers[0].pid
+            stuck = asyncio.ensure_future(
+                engine.infer("slow", {"seconds": np.array([60.0])}, timeout=0.3))
+            await asyncio.sleep(0.1)
+            behind = asyncio.ensure_future(engine.infer("m00", {"x": X}, timeout=20))
+            with pytest.raises(Timeout):
+                await stuck
+            with pytest.raises(WorkerDied, match=r"worker 0 was restarted: slow v1 ran \d+ s "
+                                                 r"past its request's deadline"):
+                await behind
+            out = await engine.infer("m00", {"x": X})  # the new worker serves
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            assert engine.pool.workers[0].pid != victim
+
+    run(main(), timeout=60)
+
+
 def test_waiting_for_pinned_models_ends_when_the_engine_stops(repo, own_segments):
     moody(repo, "hot-never", "raise")
 

@@ -696,6 +696,7 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("allowed_hosts", "a.test/path"), ("allowed_hosts", "a.test:port"),
     ("allowed_hosts", "user@a.test"), ("cache_dir", ""),
     ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "always"),
+    ("stuck_inference_s", -1),
     ("spin_during_loads", ""),
 ])
 def test_config_keys_are_validated(key, value):
