@@ -249,7 +249,9 @@ class Engine:
     async def warmed(self) -> None:
         """Returns once every model pinned by configuration has been
         resident (at once if none is configured); RuntimeError if the engine
-        stops first."""
+        stops first, or has not started (it would wait for ever)."""
+        if not self._started and not self._stopped:
+            raise RuntimeError("this engine has not started: start() it first")
         await self._warmed.wait()
         if self._warming:
             raise RuntimeError("the engine stopped before its pinned models were resident")

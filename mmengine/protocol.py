@@ -252,6 +252,8 @@ def from_torch(value: Any) -> Any:
     float32, which holds each of its values); anything else as it is.
     torch is imported only by those who pass its tensors."""
     if type(value).__module__.startswith("torch"):
+        if value.is_meta:  # a shape with no values
+            raise BadRequest("a torch tensor on the meta device has no values to send")
         if str(value.layout) != "torch.strided":  # sparse: its values, as a dense array
             value = value.to_dense()
         if str(value.dtype) == "torch.bfloat16":

@@ -1369,6 +1369,8 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
         engine = Engine(Config(repo=str(tmp_path), workers=1))
         with pytest.raises(RuntimeError, match="has not started"):  # a bug, not an overload
             await engine.infer("m", {"x": np.ones(1)})
+        with pytest.raises(RuntimeError, match="has not started"):  # not a wait for ever
+            await engine.warmed()
         await engine.start()
         with pytest.raises(BadRequest, match="timeout"):  # as infer's: 0 is not "the default"
             await engine.load("m", timeout=0)

@@ -853,6 +853,8 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
                                           err_msg=what)
         with pytest.raises(BadRequest, match="float8"):
             c.infer("echo", {"x": x.to(torch.float8_e4m3fn)})
+        with pytest.raises(BadRequest, match="meta device"):
+            c.infer("echo", {"x": x.to("meta")})
         with pytest.raises(BadRequest, match="mapping"):
             c.infer("echo", [x])
 
