@@ -51,6 +51,9 @@ Key = tuple[str, int]
 log = logging.getLogger("mmengine")
 STATE_NAMES = {books.LOADING: "loading", books.READY: "resident",
                books.UNLOADING: "evicting", books.FAILED: "failed"}
+#: A model's residency, from storage to device, as stats() and metadata name it.
+STATES = ("on storage", "fetching", "on disk", "in host memory", "loading", "resident",
+          "evicting", "failed")
 # How long a load past its deadline may still take before its worker is
 # taken for stuck and restarted (_unstick).
 STUCK_LOAD_GRACE_S = 5.0
@@ -125,6 +128,7 @@ class Engine:
         self._room = asyncio.Event()
         self._room_waiters = 0
         self._short_of_room: set[Key] = set()  # loads waiting for room on every worker
+        self._fetching: set[Key] = set()  # remote models being downloaded for a load
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
@@ -819,12 +823,15 @@ class Engine:
             path = self.disk.cached(spec)  # a hit waits behind no download
             if path is None:
                 fetched = loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
+                self._fetching.add(key)
                 try:
                     path = await asyncio.shield(fetched)
                 except asyncio.CancelledError:  # the copy it hands over is nobody's to read
                     fetched.add_done_callback(
                         lambda f: f.cancelled() or f.exception() or self.disk.release(f.result()))
                     raise
+                finally:
+                    self._fetching.discard(key)
         except MMEngineError as e:
             self._load_failed(key, e, None, t0)
             raise
@@ -1531,14 +1538,16 @@ class Engine:
         if backoff_left > 0:  # refused until then: its last load failed (one that
             row["state"] = "failed"  # timed out may still be leaving its worker)
         elif not cached:
-            if self.host.segment(key) is not None:
+            if key in self._fetching:
+                row["state"] = "fetching"
+            elif self.host.segment(key) is not None:
                 row["state"] = "in host memory"
             elif self.disk is not None and self.disk.has(*key):
                 row["state"] = "on disk"
         return row
 
     def stats(self) -> dict:
-        keys = set(self._stats) | set(self.host.book.lru_keys())
+        keys = set(self._stats) | set(self.host.book.lru_keys()) | self._fetching
         if self.cache is not None:
             keys.update(self.cache.lru_keys())
         rows = [self._model_row(k) for k in sorted(keys)]

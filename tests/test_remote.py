@@ -744,7 +744,18 @@ def test_a_served_remote_model_is_fetched_once_and_reloads_from_the_disk_cache(t
     try:
         port = int(proc.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
         with Client(f"127.0.0.1:{port}") as client:
-            y = client.infer("mlp", {"x": x()})["y"]
+            # While its files download, it says so (it said "on storage").
+            server.delay = 0.5
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                first = pool.submit(client.infer, "mlp", {"x": x()})
+                states = set()
+                while not first.done():
+                    states |= {r["state"] for r in client.stats()["models"]
+                               if r["name"] == "mlp"}
+                    time.sleep(0.05)
+            server.delay = 0.0
+            assert "fetching" in states, states
+            y = first.result()["y"]
             np.testing.assert_allclose(y, demo.reference(x(), 4, 8, 2, 0), rtol=1e-5,
                                        atol=1e-6)
             with pytest.raises(ClientLoadFailed, match="sha256"):

@@ -36,12 +36,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from mmengine.engine import Engine
+from mmengine.engine import STATES, Engine
 from mmengine.server.http import Response
 
-#: A model's residency, from storage to device, as stats() and metadata name it.
-STATES = ("on storage", "on disk", "in host memory", "loading", "resident", "evicting",
-          "failed")
 PHASES = ("fetch", "deserialize", "copy", "warmup")
 
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
