@@ -253,6 +253,7 @@ class _Connection:
         self.timeout = timeout
         self.frames = _Frames()
         self.last_used = time.monotonic()
+        self.closes = 0  # its client's close() calls when it was made
 
     def alive(self) -> bool:
         # Nothing is in flight on a pooled socket: readable means closed.
@@ -335,6 +336,7 @@ class Client:
         # Idle connections, most recently used last; deque's append and pop
         # are atomic, so threads share it without a lock.
         self._pool: collections.deque[_Connection] = collections.deque()
+        self._closes = 0  # close() calls: a connection borrowed before one is not pooled
         self._ids = itertools.count(1)  # next() on it is atomic as well
         self._max_frame: int | None = None  # the server's, once asked (CHECK_FRAMES_ABOVE)
         _CLIENTS.add(self)
@@ -346,6 +348,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Closes the pooled connections, and those of calls in flight as
+        they end; a later call connects anew."""
+        self._closes += 1
         while self._pool:
             try:
                 self._pool.pop().sock.close()
@@ -367,14 +372,18 @@ class Client:
             try:
                 conn = self._pool.pop()
             except IndexError:
-                return _Connection(self.address, _wait(self.timeout))
+                conn = _Connection(self.address, _wait(self.timeout))
+                conn.closes = self._closes
+                return conn
             if conn.alive():
                 return conn
             conn.sock.close()
 
     def _give_back(self, conn: "_Connection") -> None:
         conn.last_used = time.monotonic()
-        if self.pool_size <= 0 or len(self._pool) < self.pool_size:  # 0: no bound
+        if conn.closes != self._closes:  # the client was closed while it was out
+            conn.sock.close()
+        elif self.pool_size <= 0 or len(self._pool) < self.pool_size:  # 0: no bound
             self._pool.append(conn)
         else:
             conn.sock.close()

@@ -694,6 +694,20 @@ def test_a_pooled_connection_the_server_closed_is_replaced(address):
         assert c._pool[0] is not conn
 
 
+def test_a_connection_in_use_when_its_client_closes_is_closed_as_its_call_ends(address):
+    # It went back to the pool of the closed client, open, for good.
+    c = Client(address)
+    slow = threading.Thread(target=c.infer, args=("slow", {"seconds": np.array([0.5])}))
+    slow.start()
+    time.sleep(0.2)
+    c.close()
+    slow.join(10)
+    assert not slow.is_alive() and len(c._pool) == 0
+    c.infer("m00", {"x": x_for(np.random.default_rng(3))})  # a later call connects anew
+    assert len(c._pool) == 1
+    c.close()
+
+
 def test_a_call_whose_connection_dies_under_it_is_not_sent_again():
     # A peer that answers the first request, then takes the second and
     # dies without answering: the SDK sent it again on a new connection (a
