@@ -56,6 +56,7 @@ import threading
 import time
 import tomllib
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ class DiskCache:
         self._own: Path | None = None  # this cache's folder under .partial/
         self._own_fd: int | None = None  # flock'ed exclusive while the cache lives
         self._closed = False
+        _CACHES.add(self)
         self.hits = self.fetches = self.evictions = self.failures = 0
         try:
             self._scan()
@@ -124,9 +126,7 @@ class DiskCache:
         fetch.check_source(spec.source, self.config, f"{spec.name} v{spec.version}")
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or not _made_from(entry, spec, fp):
-                entry = self._adopt(key, fp)
+            entry = self._current(spec, key, fp)
             if entry is None:
                 return None
             if not self._hold(entry):  # removed by another server sharing cache_dir
@@ -159,8 +159,21 @@ class DiskCache:
             os.close(entry.fd)
             entry.fd = None
             if self._entries.get(_key_of(entry)) is not entry:  # evicted while read
-                self._remove(entry)  # its files go with the next download's trash
+                try:
+                    self._remove(entry)  # its files go with the next download's trash
+                except (LoadFailed, OSError):
+                    pass  # no trash can be made: the next start finds it, stale
             self._let_go.notify_all()
+
+    def _forget_locks(self) -> None:
+        """In a forked child: its copies of the flock'ed fds would hold the
+        parent's locks for as long as it lives (a flock belongs to the open
+        file, which they share). The child cannot use the cache."""
+        for entry in self._held.values():
+            os.close(entry.fd)
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+        self._held, self._own, self._own_fd, self._closed = {}, None, None, True
 
     def close(self) -> None:
         """Lets go of every copy in use and of this cache's folder under
@@ -274,6 +287,12 @@ class DiskCache:
         need = (spec.estimated_bytes if limit is None else limit) + len(own)
         try:
             with self._lock:
+                # Made meanwhile (by another server sharing cache_dir) and
+                # found by another load here: this one reads it as well.
+                found = self._current(spec, key, fp)
+                if found is not None and self._hold(found):
+                    self.hits += 1
+                    return found.path
                 partial = self._partial(where)
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
@@ -480,6 +499,13 @@ class DiskCache:
         self._held[entry.path] = entry
         return True
 
+    def _current(self, spec: ModelSpec, key: Key, fp: str) -> _Entry | None:
+        """Holds the lock. The entry of `spec`'s copy: indexed, or adopted."""
+        entry = self._entries.get(key)
+        if entry is not None and _made_from(entry, spec, fp):
+            return entry
+        return self._adopt(key, fp)
+
     def _adopt(self, key: Key, fp: str) -> _Entry | None:
         """Holds the lock. The copy of `key` made from `fp` that another
         server sharing cache_dir fetched, indexed as if this one had (the
@@ -488,9 +514,15 @@ class DiskCache:
         estimate = _made_for(path / MANIFEST)  # read last, as its rename made it whole
         if estimate is None:
             return None
+        entry = self._held.get(path)  # taken out of the index while a load read it
+        if entry is None:
+            try:
+                entry = _Entry(path, fp, tree_bytes(path), estimate)
+            except OSError:  # evicted as it was read
+                return None
         if key in self._entries:
             self._evict(key)
-        entry = self._entries[key] = _Entry(path, fp, tree_bytes(path), estimate)
+        self._entries[key] = entry
         return entry
 
     def _partial(self, where: str) -> Path:
@@ -562,6 +594,17 @@ class DiskCache:
                 self._evict(key)
             self._entries[key] = entry
         self.evictions = 0
+
+
+_CACHES: "weakref.WeakSet[DiskCache]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_CACHES):
+        cache._forget_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _copy_path(root: Path, key: Key, fp: str) -> Path:
@@ -643,8 +686,8 @@ def manifest(spec: ModelSpec) -> str:
         table["warmup"] = {name: list(shape) for name, shape in spec.warmup}
     if spec.options:
         table["options"] = spec.options
-    if spec.token_digests:
-        table["token_sha256"] = [d.hex() for d in spec.token_digests]
+    # No token_sha256: tokens are checked against the stub, whose edit
+    # (a token rotated) must not make the copy stale and fetch it again.
     return "".join(f"{_toml_string(k)} = {_toml(v)}\n" for k, v in table.items())
 
 

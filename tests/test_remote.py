@@ -647,15 +647,17 @@ def test_cached_manifest_reads_back_as_the_same_model(tmp_path):
     (local / "model.toml").write_text(manifest(spec))
     (local / "model.pt.zst").write_bytes(b"")  # the cache's compressed artifact counts
     assert read_spec("m", 1, local) == dataclasses.replace(spec, path=local, source="",
-                                                           files=())
+                                                           files=(), token_digests=())
 
 
 def test_the_cached_manifest_knows_every_spec_field():
     # A field added to ModelSpec must travel to the cached copy's model.toml
     # (diskcache.manifest), or a model loaded from the cache silently loses it.
     written = {"backend", "estimated_bytes", "trusted", "device", "inputs", "outputs",
-               "warmup", "options", "token_digests"}
-    not_manifest = {"name", "version", "path", "artifact", "source", "files", "compress"}
+               "warmup", "options"}
+    # Tokens are checked against the stub: a rotated one keeps the copy.
+    not_manifest = {"name", "version", "path", "artifact", "source", "files", "compress",
+                    "token_digests"}
     assert {f.name for f in dataclasses.fields(ModelSpec)} == written | not_manifest
 
 
@@ -1097,3 +1099,56 @@ def test_servers_sharing_a_cache_dir_keep_each_others_copies(tmp_path, server):
         disk.release(paths[0])
         disk.close()
     assert files_under(tmp_path / "cache" / ".partial") == []
+
+
+def test_a_copy_adopted_while_its_fetch_is_under_way_is_read_and_let_go_once(tmp_path,
+                                                                            server):
+    # A fetch that began before another server's copy of the model came
+    # evicted that copy from its index and fetched it again; the copy, held
+    # twice, kept a lock for good, and no server could ever evict it.
+    config, specs = _three_models(tmp_path, server)
+    first, second = DiskCache(config), DiskCache(config)
+    sizing, go = threading.Event(), threading.Event()
+    size = first._source_bytes
+
+    def slow_sizing(*args):  # a slow HEAD
+        sizing.set()
+        go.wait(10)
+        return size(*args)
+    first._source_bytes = slow_sizing
+    fetching = concurrent.futures.ThreadPoolExecutor(1).submit(first.ensure, specs["a"])
+    assert sizing.wait(10)
+    theirs = second.ensure(specs["a"])
+    second.release(theirs)
+    gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+    assert first.cached(specs["a"]) == theirs  # another load here finds it
+    go.set()
+    assert fetching.result(timeout=10) == theirs
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
+    first.release(theirs)
+    first.release(theirs)
+    assert second.evict("a", 1) > 0 and not theirs.exists()
+    for disk in (first, second):
+        disk.close()
+
+
+def test_a_token_rotated_in_a_stub_keeps_its_cached_copy(tmp_path, server):
+    # Tokens are checked against the stub: rotating one fetched the whole
+    # model again (the copy carried them, and its fingerprint with them).
+    from mmengine import auth
+
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    own = (stub / "model.toml").read_text()
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    disk = DiskCache(config)
+    paths = []
+    for token in ("old", "new"):
+        (stub / "model.toml").write_text(f'token_sha256 = "{auth.digest(token).hex()}"\n' + own)
+        spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+        assert spec.token_digests == (auth.digest(token),)
+        paths.append(disk.ensure(spec))
+        disk.release(paths[-1])
+    assert paths[0] == paths[1]
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == 2
+    disk.close()
