@@ -110,6 +110,9 @@ class Engine:
         self._bad_specs: dict[tuple[str, Any], tuple[Key, tuple[bytes, ...]]] = {}
         # (name, version asked for) -> the repository's resolve under way
         self._resolving: dict[tuple[str, Any], asyncio.Future] = {}
+        # name -> the repository scans that found it changed: a spec read
+        # before the last of them is used once, not kept.
+        self._name_changes: collections.Counter[str] = collections.Counter()
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -569,6 +572,7 @@ class Engine:
                     raise
             # The first look at a model reads its directory: off the loop,
             # once however many requests ask meanwhile.
+            changes = self._name_changes[name]
             resolving = self._resolving.get((name, version))
             if resolving is None:
                 resolving = self._resolving[(name, version)] = \
@@ -589,7 +593,8 @@ class Engine:
                 self._load_failed(bad, e)
                 raise
             self._bad_specs.pop((name, version), None)
-            self._specs[(name, version)] = spec
+            if self._name_changes[name] == changes:  # else it may be the old manifest's
+                self._specs[(name, version)] = spec
         return spec
 
     async def _acquire(self, key: Key, spec: ModelSpec, deadline: float,
@@ -951,7 +956,8 @@ class Engine:
                     key[0], key[1], where, e, delay)
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
-        self._resolving.pop(asked, None)
+        if self._resolving.get(asked) is fut:  # not one begun after a scan dropped it
+            del self._resolving[asked]
         errors.retrieved(fut)  # every request that waited for it may have gone
 
     def _check_backoff(self, key: Key) -> None:
@@ -1184,9 +1190,12 @@ class Engine:
                 log.error("reading the repository: %r", e)
                 continue
             if changed:
+                self._name_changes.update(changed)
                 self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
                 self._bad_specs = {k: v for k, v in self._bad_specs.items()
                                    if k[0] not in changed}
+                self._resolving = {k: v for k, v in self._resolving.items()
+                                   if k[0] not in changed}  # the next look reads anew
             # A removed version's copy in host memory can serve nothing again
             # (one resident on a worker goes when evicted; demoted then, its
             # copy goes at the next scan).

@@ -226,7 +226,9 @@ class Repository:
                     if _signature(spec.path / MANIFEST) != seen}
         self._versions = versions
         self._names = names
-        self._specs = {k: v for k, v in specs if k[0] not in changed}
+        for key, _ in specs:  # in place: a spec another thread adds meanwhile stays
+            if key[0] in changed:
+                self._specs.pop(key, None)
         return changed
 
     def listed(self, name: str, version: int) -> bool:

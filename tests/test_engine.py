@@ -1026,6 +1026,23 @@ def test_a_token_rotated_in_its_manifest_is_taken_while_serving(tmp_path, own_se
             await engine.infer("m", {"x": x}, token="new")
             assert engine._model_row(("m", 1))["loads"] == 1  # the model stayed resident
 
+            # A look at the manifest under way as it changes is used once,
+            # not kept: a token revoked then stayed good for that key.
+            resolve = engine.repo.resolve
+
+            def slow_disk(name, version=None):  # it reads, then takes its time
+                spec = resolve(name, version)
+                time.sleep(0.5 if version == 1 else 0)
+                return spec
+            engine.repo.resolve = slow_disk
+            looking = asyncio.ensure_future(engine.infer("m", {"x": x}, version=1, token="new"))
+            await asyncio.sleep(0.1)
+            tokens("newer")
+            await looking  # it began before the change
+            await asyncio.sleep(0.5)
+            with pytest.raises(Unauthorized):
+                await engine.infer("m", {"x": x}, version=1, token="new")
+
     run(main())
 
 
