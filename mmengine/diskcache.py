@@ -38,7 +38,9 @@ a load holds a shared flock on its folder, which an eviction must take
 exclusively (else the copy stays: another server reads it), and a copy
 another server fetched is taken as it is found (adopted) rather than
 fetched again. Each server's index is its own: `disk_cache_bytes` counts
-the copies it fetched or adopted; `disk_watermark` is the disk's.
+the copies it found at start, fetched or adopted, until another server
+removes them (an entry knows its folder's inode, so a later copy at the
+same path is never taken for it); `disk_watermark` is the disk's.
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ class _Entry:
     fingerprint: str
     nbytes: int
     estimate: int  # the model's, as its copy's manifest says (bytes)
+    ident: tuple[int, int]  # its folder's (st_dev, st_ino): not another server's later copy
     users: int = 0  # loads that were handed its path and have not released it
     fd: int | None = None  # its folder's, flock'ed shared while it has users
 
@@ -241,7 +244,11 @@ class DiskCache:
     def has(self, name: str, version: int) -> bool:
         """Whether a copy of (name, version) is cached (whatever its stub says now)."""
         with self._lock:
-            return (name, version) in self._entries
+            entry = self._entries.get((name, version))
+            if entry is not None and not entry.users and not _there(entry):
+                del self._entries[(name, version)]  # another server sharing cache_dir removed it
+                return False
+            return entry is not None
 
     def touch(self, name: str, version: int) -> None:
         """Marks the cached copy of (name, version) as just used."""
@@ -262,6 +269,7 @@ class DiskCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            self._prune()
             return {"bytes": self._bytes(), "models": len(self._entries), "hits": self.hits,
                     "fetches": self.fetches, "evictions": self.evictions,
                     "failures": self.failures}
@@ -311,15 +319,9 @@ class DiskCache:
                 self._download(spec, tmp, room if limit is None else limit, where)
                 _write_synced(tmp / MANIFEST, own)
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
-                entry = _Entry(final, fp, tree_bytes(tmp), estimate)
+                entry = _Entry(final, fp, tree_bytes(tmp), estimate, _ident(os.stat(tmp)))
                 with self._lock:
-                    if not self._place(tmp, key, entry):  # another server fetched it first
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        adopted = self._adopt(key, fp)
-                        if adopted is None or not self._hold(adopted):
-                            raise LoadFailed(f"{where}: the copy another server sharing "
-                                             f"cache_dir fetched went as it came; retry")
-                    self.fetches += 1
+                    placed = self._place(tmp, key, entry)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -327,10 +329,28 @@ class DiskCache:
             with self._lock:
                 self._reserved -= need
                 self._let_go.notify_all()
+        if not placed:  # another server's copy came first, and is read instead
+            shutil.rmtree(tmp, ignore_errors=True)
         fetch.fsync_dir(final.parent)
         return final
 
     def _place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
+        """Holds the lock. Puts a download in place as `entry`, or, where
+        another server's copy came first, that copy; held for the caller
+        either way. True if the download was placed; LoadFailed if neither
+        stays put (each went as soon as it came)."""
+        for _ in range(3):
+            if self._rename_into_place(tmp, key, entry):
+                self.fetches += 1
+                return True
+            theirs = self._adopt(key, entry.fingerprint)
+            if theirs is not None and self._hold(theirs):
+                return False
+            # Theirs went as it came: the name may be free for this one now.
+        raise LoadFailed(f"{key[0]} v{key[1]}: its copy in cache_dir kept being removed "
+                         f"by another server sharing it as it was placed; retry")
+
+    def _rename_into_place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
         """Holds the lock. Renames a download into place as `entry`, held
         for its caller (flock'ed from before the rename: no other server
         evicts it first); False if a copy is there already."""
@@ -390,6 +410,7 @@ class DiskCache:
         use too (being fetched, or read by a load), waits for them to be let
         go, ROOM_WAIT_S at most. Holds the lock (the wait lets go of it)."""
         deadline = time.monotonic() + ROOM_WAIT_S
+        self._prune()
         while True:
             victims = [key for key, e in self._entries.items()
                        if key not in self._flights and not e.users]
@@ -428,6 +449,13 @@ class DiskCache:
             room = min(room, self.config.disk_cache_bytes - self._bytes() - self._reserved)
         return max(room, 0)
 
+    def _prune(self) -> None:
+        """Holds the lock. Forgets the copies another server sharing
+        cache_dir removed: their bytes are no longer anyone's."""
+        for key, entry in list(self._entries.items()):
+            if not entry.users and not _there(entry):
+                del self._entries[key]
+
     def _bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
@@ -459,6 +487,8 @@ class DiskCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
+            if _ident(os.fstat(fd)) != entry.ident:  # another server's copy, made since
+                return 0
             trash = self._partial(str(entry.path)) / f"evicted-{uuid.uuid4().hex}"
             try:
                 os.rename(entry.path, trash)
@@ -488,8 +518,8 @@ class DiskCache:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            # Renamed away between the open and the flock?
-            there = os.path.samestat(os.fstat(fd), os.stat(entry.path))
+            # Renamed away between the open and the flock? Another's since?
+            there = _ident(os.fstat(fd)) == _ident(os.stat(entry.path)) == entry.ident
         except OSError:  # BlockingIOError: being evicted
             there = False
         if not there:
@@ -517,7 +547,7 @@ class DiskCache:
         entry = self._held.get(path)  # taken out of the index while a load read it
         if entry is None:
             try:
-                entry = _Entry(path, fp, tree_bytes(path), estimate)
+                entry = _Entry(path, fp, tree_bytes(path), estimate, _ident(os.stat(path)))
             except OSError:  # evicted as it was read
                 return None
         if key in self._entries:
@@ -588,7 +618,8 @@ class DiskCache:
                 if (version.isdigit() and str(int(version)) == version
                         and len(fp) == 16 and estimate is not None):
                     found.append((path.stat().st_mtime, (name_dir.name, int(version)),
-                                  _Entry(path, fp, tree_bytes(path), estimate)))
+                                  _Entry(path, fp, tree_bytes(path), estimate,
+                                         _ident(path.stat()))))
         for _, key, entry in sorted(found, key=lambda f: f[0]):
             if key in self._entries:  # two copies of one model: the newer stays
                 self._evict(key)
@@ -605,6 +636,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _there(entry: _Entry) -> bool:
+    """Whether the copy `entry` indexes is still the folder at its path."""
+    try:
+        return _ident(os.stat(entry.path)) == entry.ident
+    except OSError:
+        return False
 
 
 def _copy_path(root: Path, key: Key, fp: str) -> Path:

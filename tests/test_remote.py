@@ -1152,3 +1152,32 @@ def test_a_token_rotated_in_a_stub_keeps_its_cached_copy(tmp_path, server):
     assert paths[0] == paths[1]
     assert sum(n for (m, _), n in server.requests.items() if m == "GET") == 2
     disk.close()
+
+
+def test_a_copy_another_server_removed_is_forgotten_and_its_successor_left_alone(
+        tmp_path, server):
+    # A server kept counting a copy another one had removed (its stats said
+    # "on disk", its bytes counted against its budget), and evicting that
+    # entry later removed the other server's fresh copy at the same path.
+    config, specs = _three_models(tmp_path, server)
+    first, second = DiskCache(config), DiskCache(config)
+    path = first.ensure(specs["a"])
+    second.release(second.cached(specs["a"]))  # the second one uses it once
+    first.release(path)
+    assert first.evict("a", 1) > 0
+    assert second.stats()["models"] == 0 and not second.has("a", 1)
+
+    first.release(first.ensure(specs["a"]))  # fetched again, at the same path
+    second.release(second.cached(specs["a"]))  # used again by the second
+    first.release(first.ensure(specs["c"]))
+    assert first.evict("a", 1) > 0  # removed once more, and fetched once more
+    fresh = first.ensure(specs["a"])
+    first.release(fresh)
+    gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+    for n in "bc":  # the second needs room: its stale entry is not the fresh copy
+        second.release(second.ensure(specs[n]))
+    assert fresh.is_dir() and first.cached(specs["a"]) == fresh
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets + 2
+    first.release(fresh)
+    for disk in (first, second):
+        disk.close()
