@@ -1152,9 +1152,9 @@ class Engine:
         deadline is killed, and comes back as a dead worker does."""
         now = time.monotonic()
         for w in self.pool.workers:
-            running = w.running() if w.alive else None
+            running = w.running() if w.alive and w.stopped_why is None else None
             if running is None or now < running[0] + self.config.stuck_inference_s:
-                continue
+                continue  # (a worker killed a turn ago is not killed, nor said, again)
             (name, version), late = running[1], now - running[0]
             w.stopped_why = (f"worker {w.index} was restarted: {name} v{version} ran "
                              f"{late:.0f} s past its request's deadline "
