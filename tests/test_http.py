@@ -466,6 +466,10 @@ def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     ([1e300], "FP32", "out of range for float32"),
     ([1, 0], "BOOL", "must be bool, not int64"),
     ([True, False], "FP32", "must be float32, not bool"),
+    ([1.5, True], "FP32", "mixes booleans with numbers"),  # numpy made True 1.0
+    ([[1], [True]], "INT32", "mixes booleans with numbers"),
+    ([True, 2 ** 64 - 1], "UINT64", "mixes booleans with numbers"),
+    ([True, 1], "BOOL", "mixes booleans with numbers"),
 ])
 def test_json_tensor_data_keep_their_meaning(data, datatype, expected):
     dtype = kserve.DATATYPES[datatype]

@@ -429,6 +429,9 @@ def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):
     status, answer = call(address, "POST", "/models/bare/invoke",
                           {"inputs": {"x": [[2 ** 63] * 4]}})  # torch.tensor() refuses it
     assert status == 400 and "beyond int64" in answer["error"], answer
+    status, answer = call(address, "POST", "/models/bare/invoke",
+                          {"inputs": {"x": [[1.5, True, 2, 3]]}})  # not [[1.5, 1.0, 2, 3]]
+    assert status == 400 and "mixes booleans with numbers" in answer["error"], answer
     # Inputs the backend read from the artifact count as declared: float64 here.
     assert add(address, "bare64", disk["bare64"])[0] == 200
     status, answer = call(address, "POST", "/models/bare64/invoke", {"inputs": {"x": x.tolist()}})

@@ -29,6 +29,7 @@ import concurrent.futures
 import email.utils
 import functools
 import inspect
+import itertools
 import json
 import re
 import time
@@ -160,14 +161,27 @@ def json_array(what: str, value: Any) -> np.ndarray:
         if array.dtype.kind == "O" and all(type(v) is int for v in array.flat):
             raise BadRequest(f"{what}: an integer is out of range for 64 bits")
         raise BadRequest(f"{what} must hold only numbers (or booleans)")
+    if array.dtype.kind != "b" and _has_bool(value, array.ndim):  # numpy made them numbers
+        raise BadRequest(f"{what} mixes booleans with numbers: a tensor holds one or the "
+                         f"other")
     return array
+
+
+def _has_bool(value: Any, depth: int) -> bool:
+    """Whether a rectangular nested list of `depth` holds a bool (in C's
+    loops: ~30 ns an element)."""
+    if not depth:
+        return type(value) is bool
+    for _ in range(depth - 1):
+        value = list(itertools.chain.from_iterable(value))
+    return bool in set(map(type, value))
 
 
 def cast_json_array(what: str, array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     """json_array's result as `dtype`; refused where JSON's numbers would
     change meaning on the way (2.5 as an integer, 300 as an int8, 1e300 as
-    a float32, 1 as a bool, all-boolean data as numbers; booleans mixed with
-    numbers numpy has made numbers already)."""
+    a float32, 1 as a bool, all-boolean data as numbers; json_array refused
+    booleans mixed with numbers)."""
     if dtype is None or array.dtype == dtype:
         return array
     if array.size:
