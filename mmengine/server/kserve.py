@@ -274,6 +274,10 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
                          f"within the body of {len(body)} bytes")
     n = int(length)
+    if not n:  # Triton's "raw binary request": the body is one input's bytes
+        raise BadRequest("Inference-Header-Content-Length 0 (a raw binary request, the "
+                         "whole body one input's data) is not supported: send the JSON "
+                         "header first, the input with its binary_data_size")
     return body[:n], memoryview(body)[n:]
 
 
