@@ -138,8 +138,9 @@ def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray
     """A tensor's JSON data (a nested list, or one number) as an array of
     `dtype` (None: numpy's own choice), by json_array and cast_json_array."""
     array = json_array(what, value)
-    if array.dtype.kind == "f" and dtype is not None and dtype.kind == "u" and array.size:
-        # Integers past int64's range beside smaller ones: numpy reads floats.
+    if array.dtype.kind == "f" and dtype is not None and dtype.kind in "iu" and array.size:
+        # Integers past int64's range beside smaller ones: numpy reads floats
+        # (for a uint64, values; for an int64, one out of its range).
         exact = np.array(value, dtype=object)
         if all(type(v) is int for v in exact.flat):
             try:
