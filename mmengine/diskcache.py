@@ -75,6 +75,9 @@ Key = tuple[str, int]
 #: or read by a load) hold, before it is refused: as long as a fetch may
 #: stall.
 ROOM_WAIT_S = fetch.TIMEOUT_S
+#: How often a download waiting for copies another server's loads read
+#: looks again (its loads' release wakes nobody here).
+OTHERS_POLL_S = 0.2
 
 
 @dataclasses.dataclass
@@ -95,6 +98,7 @@ class _Flight:
         self.done = threading.Event()
         self.path: Path | None = None
         self.error: LoadFailed | None = None
+        self.fingerprint = ""  # of the spec it fetches
 
 
 class DiskCache:
@@ -211,8 +215,11 @@ class DiskCache:
             leader = flight is None
             if leader:
                 flight = self._flights[key] = _Flight()
+                flight.fingerprint = fp
         if not leader:
             flight.done.wait()  # the leader's fetch is bounded by its timeouts
+            if flight.fingerprint != fp:  # a download for the stub as it was: this one next
+                return self.ensure(spec)
             if flight.error is not None:
                 raise LoadFailed(str(flight.error))
             with self._lock:
@@ -372,8 +379,9 @@ class DiskCache:
         else:
             os.close(entry.fd)
             raise OSError(errno.ENOENT, "the model's folder kept going as it was made")
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
+        if key not in self._entries:  # else a copy of the stub as it is now came meanwhile:
+            self._entries[key] = entry  # this one serves its caller, then goes
+            self._entries.move_to_end(key)
         entry.users = 1
         self._held[entry.path] = entry
         return True
@@ -415,26 +423,32 @@ class DiskCache:
             victims = [key for key, e in self._entries.items()
                        if key not in self._flights and not e.users]
             freeable = sum(self._entries[key].nbytes for key in victims)
+            left = deadline - time.monotonic()
             if self._room() + freeable >= need:
-                break
+                for key in victims:
+                    if self._room() >= need:
+                        break
+                    self._evict(key)  # frees nothing where another server's load reads it
+                room = self._room()
+                if room >= need:
+                    return room
+                if left <= 0:
+                    break
+                # Some are read by another server's loads, which let go of
+                # them in seconds: look again shortly (no wake-up comes).
+                self._let_go.wait(min(left, OTHERS_POLL_S))
+                continue
             held = self._reserved + sum(e.nbytes for key, e in self._entries.items()
                                         if key in self._flights or e.users)
-            left = deadline - time.monotonic()
             if not held or self._room() + freeable + held < need or left <= 0:
-                victims = []  # evicting all would not do: evict none
-                break
+                break  # evicting all would not do: evict none
             self._let_go.wait(left)
-        while True:
-            room = self._room()
-            if room >= need:
-                return room
-            if not victims:
-                raise LoadFailed(
-                    f"{where}: the disk cache has no room for {need} bytes "
-                    f"({room} free under disk_cache_bytes={self.config.disk_cache_bytes} "
-                    f"and disk_watermark={self.config.disk_watermark}; raise them, or "
-                    f"set cache_dir to a larger disk)")
-            self._evict(victims.pop(0))
+        room = self._room()
+        raise LoadFailed(
+            f"{where}: the disk cache has no room for {need} bytes "
+            f"({room} free under disk_cache_bytes={self.config.disk_cache_bytes} "
+            f"and disk_watermark={self.config.disk_watermark}; raise them, or "
+            f"set cache_dir to a larger disk)")
 
     def _room(self) -> int:
         usage = psutil.disk_usage(str(self.root))
@@ -494,6 +508,8 @@ class DiskCache:
                 os.rename(entry.path, trash)
             except FileNotFoundError:
                 return 0
+            except OSError:  # not ours to move (its folder's owner, a mount): it stays
+                return None
         finally:
             os.close(fd)
         self.evictions += 1
@@ -508,7 +524,10 @@ class DiskCache:
     def _hold(self, entry: _Entry) -> bool:
         """Holds the lock. One more load reads `entry`; the first takes a
         shared flock on its folder, so that no server sharing cache_dir
-        evicts it meanwhile. False if it is gone, or going."""
+        evicts it meanwhile. False if it is gone, or going, or the cache is
+        closed (a lock taken then would be nobody's to let go)."""
+        if self._closed:
+            return False
         if entry.users:
             entry.users += 1
             return True
@@ -544,6 +563,11 @@ class DiskCache:
         estimate = _made_for(path / MANIFEST)  # read last, as its rename made it whole
         if estimate is None:
             return None
+        indexed = self._entries.get(key)
+        if indexed is not None and indexed.path == path:
+            if _there(indexed):
+                return indexed
+            del self._entries[key]  # that folder went; another took its place: not to remove
         entry = self._held.get(path)  # taken out of the index while a load read it
         if entry is None:
             try:
@@ -617,12 +641,18 @@ class DiskCache:
                 estimate = _made_for(path / MANIFEST)
                 if (version.isdigit() and str(int(version)) == version
                         and len(fp) == 16 and estimate is not None):
-                    found.append((path.stat().st_mtime, (name_dir.name, int(version)),
-                                  _Entry(path, fp, tree_bytes(path), estimate,
-                                         _ident(path.stat()))))
+                    try:
+                        st = path.stat()
+                        entry = _Entry(path, fp, tree_bytes(path), estimate, _ident(st))
+                    except OSError:  # evicted as it was read, by another server
+                        continue
+                    found.append((st.st_mtime, (name_dir.name, int(version)), entry))
         for _, key, entry in sorted(found, key=lambda f: f[0]):
             if key in self._entries:  # two copies of one model: the newer stays
-                self._evict(key)
+                try:
+                    self._evict(key)
+                except LoadFailed:  # no trash can be made: both stay, the newer indexed
+                    del self._entries[key]
             self._entries[key] = entry
         self.evictions = 0
 

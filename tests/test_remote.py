@@ -1181,3 +1181,80 @@ def test_a_copy_another_server_removed_is_forgotten_and_its_successor_left_alone
     first.release(fresh)
     for disk in (first, second):
         disk.close()
+
+
+def _paused_download(disk: DiskCache) -> tuple[threading.Event, threading.Event]:
+    """Makes `disk`'s next downloads wait, once under way, until let go."""
+    under_way, go = threading.Event(), threading.Event()
+    download = disk._download
+
+    def paused(*args):
+        under_way.set()
+        go.wait(10)
+        return download(*args)
+    disk._download = paused
+    return under_way, go
+
+
+def test_a_download_that_finds_the_copy_it_adopted_meanwhile_reads_it(tmp_path, server):
+    # Its rename found the copy another server made (which a load here had
+    # adopted meanwhile): adopting it again evicted it, then put the
+    # download in its place.
+    config, specs = _three_models(tmp_path, server)
+    first, second = DiskCache(config), DiskCache(config)
+    under_way, go = _paused_download(first)
+    fetching = concurrent.futures.ThreadPoolExecutor(1).submit(first.ensure, specs["a"])
+    assert under_way.wait(10)
+    theirs = second.ensure(specs["a"])
+    second.release(theirs)
+    inode = theirs.stat().st_ino
+    first.release(first.cached(specs["a"]))
+    go.set()
+    assert fetching.result(timeout=10) == theirs
+    first.release(theirs)
+    assert theirs.stat().st_ino == inode and first.stats()["evictions"] == 0
+    assert second.has("a", 1)
+    for disk in (first, second):
+        disk.close()
+
+
+def test_room_held_by_another_servers_loads_is_waited_for(tmp_path, server):
+    # Refused "no room" at once, where the same wait as for this server's
+    # own loads (seconds) would have found it.
+    config, specs = _three_models(tmp_path, server)
+    first, second = DiskCache(config), DiskCache(config)
+    for n in "ab":
+        first.release(first.ensure(specs[n]))
+    held = [second.cached(specs[n]) for n in "ab"]
+    threading.Timer(0.5, lambda: [second.release(p) for p in held]).start()
+    t0 = time.monotonic()
+    first.ensure(specs["c"])
+    assert 0.4 < time.monotonic() - t0 < 10
+    for disk in (first, second):
+        disk.close()
+
+
+def test_a_stub_changed_while_its_old_copy_downloads_gets_its_own_copy(tmp_path, server):
+    # The second caller joined the download under way for the same name and
+    # version, and was handed the copy of the stub as it was.
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    old = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    text = (stub / "model.toml").read_text()
+    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
+    new = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    under_way, go = _paused_download(disk)
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    fetching = pool.submit(disk.ensure, old)
+    assert under_way.wait(10)
+    joining = pool.submit(disk.ensure, new)
+    time.sleep(0.2)
+    go.set()
+    paths = fetching.result(timeout=10), joining.result(timeout=10)
+    assert paths[0] != paths[1]
+    assert read_spec("mlp", 1, paths[1]).outputs == new.outputs
+    for path in paths:
+        disk.release(path)
+    disk.close()
