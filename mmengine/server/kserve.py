@@ -145,8 +145,8 @@ async def model_stats(server, request: Request, name: str | None = None,
 
 # -- the repository extension ------------------------------------------------------
 
-_STATES = {"resident": "READY", "loading": "LOADING", "evicting": "UNLOADING",
-           "failed": "UNAVAILABLE", "on storage": "UNAVAILABLE"}
+_STATES = {"resident": "READY", "loading": "LOADING", "fetching": "LOADING",
+           "evicting": "UNLOADING"}  # any other: UNAVAILABLE
 
 
 async def repository_index(server, request: Request) -> Response:
