@@ -89,6 +89,7 @@ class _Entry:
     ident: tuple[int, int]  # its folder's (st_dev, st_ino): not another server's later copy
     users: int = 0  # loads that were handed its path and have not released it
     fd: int | None = None  # its folder's, flock'ed shared while it has users
+    unmovable: bool = False  # its removal failed (not ours to move): never a victim
 
 
 class _Flight:
@@ -311,6 +312,8 @@ class DiskCache:
                 partial = self._partial(where)
                 if key in self._entries:  # a stale copy: the stub changed
                     self._evict(key)
+                    # Read by another server's load: its to remove, not this one's.
+                    self._entries.pop(key, None)
                 room = self._make_room(need, where)
                 # One of no known size may take all the room there is: it
                 # holds all of it, or two beside each other would overfill.
@@ -338,7 +341,10 @@ class DiskCache:
                 self._let_go.notify_all()
         if not placed:  # another server's copy came first, and is read instead
             shutil.rmtree(tmp, ignore_errors=True)
-        fetch.fsync_dir(final.parent)
+        try:
+            fetch.fsync_dir(final.parent)
+        except OSError:  # durability only: the copy is whole, and held for its caller
+            pass
         return final
 
     def _place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
@@ -346,6 +352,9 @@ class DiskCache:
         another server's copy came first, that copy; held for the caller
         either way. True if the download was placed; LoadFailed if neither
         stays put (each went as soon as it came)."""
+        if self._closed:
+            raise LoadFailed(f"{key[0]} v{key[1]}: the disk cache is closed (the server is "
+                             f"stopping)")
         for _ in range(3):
             if self._rename_into_place(tmp, key, entry):
                 self.fetches += 1
@@ -353,9 +362,21 @@ class DiskCache:
             theirs = self._adopt(key, entry.fingerprint)
             if theirs is not None and self._hold(theirs):
                 return False
+            if theirs is None and _made_for(entry.path / MANIFEST) is None:
+                self._clear_leftover(entry.path)
             # Theirs went as it came: the name may be free for this one now.
         raise LoadFailed(f"{key[0]} v{key[1]}: its copy in cache_dir kept being removed "
                          f"by another server sharing it as it was placed; retry")
+
+    def _clear_leftover(self, path: Path) -> None:
+        """Holds the lock. Moves away a folder at a copy's path that is no
+        copy (no manifest: a removal cut short left it), unless a load of
+        another server reads it."""
+        try:
+            leftover = _Entry(path, "", 0, 0, _ident(os.stat(path)))
+        except OSError:
+            return
+        self._remove(leftover)
 
     def _rename_into_place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
         """Holds the lock. Renames a download into place as `entry`, held
@@ -420,29 +441,31 @@ class DiskCache:
         deadline = time.monotonic() + ROOM_WAIT_S
         self._prune()
         while True:
-            victims = [key for key, e in self._entries.items()
-                       if key not in self._flights and not e.users]
+            victims, elsewhere = [], 0  # elsewhere: bytes other servers' loads read
+            for key, e in self._entries.items():
+                if key in self._flights or e.users or e.unmovable:
+                    continue
+                if _read_elsewhere(e):
+                    elsewhere += e.nbytes
+                else:
+                    victims.append(key)
             freeable = sum(self._entries[key].nbytes for key in victims)
             left = deadline - time.monotonic()
             if self._room() + freeable >= need:
                 for key in victims:
                     if self._room() >= need:
                         break
-                    self._evict(key)  # frees nothing where another server's load reads it
+                    self._evict(key)
                 room = self._room()
                 if room >= need:
                     return room
-                if left <= 0:
-                    break
-                # Some are read by another server's loads, which let go of
-                # them in seconds: look again shortly (no wake-up comes).
-                self._let_go.wait(min(left, OTHERS_POLL_S))
-                continue
-            held = self._reserved + sum(e.nbytes for key, e in self._entries.items()
-                                        if key in self._flights or e.users)
+            held = self._reserved + elsewhere + sum(
+                e.nbytes for key, e in self._entries.items() if key in self._flights or e.users)
             if not held or self._room() + freeable + held < need or left <= 0:
                 break  # evicting all would not do: evict none
-            self._let_go.wait(left)
+            # Other servers' loads let go of their copies without a word to
+            # this one: look again shortly, as for this one's own.
+            self._let_go.wait(min(left, OTHERS_POLL_S) if elsewhere else left)
         room = self._room()
         raise LoadFailed(
             f"{where}: the disk cache has no room for {need} bytes "
@@ -509,6 +532,7 @@ class DiskCache:
             except FileNotFoundError:
                 return 0
             except OSError:  # not ours to move (its folder's owner, a mount): it stays
+                entry.unmovable = True
                 return None
         finally:
             os.close(fd)
@@ -670,6 +694,22 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _read_elsewhere(entry: _Entry) -> bool:
+    """Whether a load of another server reads `entry` now: its folder's
+    exclusive lock cannot be had (a probe: taken, and let go at once)."""
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False  # gone: _prune forgets it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _there(entry: _Entry) -> bool:

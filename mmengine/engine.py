@@ -134,6 +134,10 @@ class Engine:
         self._fetching: set[Key] = set()  # remote models being downloaded for a load
         self._locks: list[asyncio.Lock] = []
         self._tasks: set[asyncio.Task] = set()
+        # Requests that had to wait for their model's look or load: not
+        # cancelled with the engine's own tasks at stop's deadline, since
+        # one already on a worker ends as the worker does (WORKER_DIED).
+        self._requests: set[asyncio.Task] = set()
         self._closing = False  # refusing new requests (shutting down)
         self._started = False
         self._stopped = False  # stop() was called
@@ -304,6 +308,9 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.stop(deadline)
+        for task in list(self._requests):  # any still waiting, for nothing now
+            task.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)
         for key in list(self.cache.lru_keys()):  # the workers took their models with them
             self.cache.remove(key)
         self.host.clear()
@@ -317,10 +324,11 @@ class Engine:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro, tasks: set | None = None) -> asyncio.Task:
+        tasks = self._tasks if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     # -- the request path --------------------------------------------------------
@@ -391,7 +399,8 @@ class Engine:
                     fut = self._send_infer(key, self.pool.workers[index], arrays, deadline,
                                            then)
         if fut is None:
-            fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token))
+            fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token),
+                              self._requests)
             if then is not None:
                 fut.add_done_callback(then)
         self._queued[name] = queued + 1
@@ -1160,6 +1169,7 @@ class Engine:
                              f"{late:.0f} s past its request's deadline "
                              f"(stuck_inference_s={self.config.stuck_inference_s:g})")
             log.error("%s", w.stopped_why)
+            w.stuck = True
             w.process.kill()
 
     def _touch_disk_copies(self) -> None:
@@ -1246,22 +1256,25 @@ class Engine:
     def _blame(self, worker: Worker) -> None:
         """A worker that ended itself while running a model's request (an
         exit, a crash; not SIGKILL, which comes from outside: an operator,
-        the OOM killer) twice within CRASH_WINDOW_S puts that model in the
-        back-off of a failed load: every request for it is LOAD_FAILED at
-        once, instead of each one taking its worker, and the requests of
-        every model there, down with it."""
+        the OOM killer) twice within CRASH_WINDOW_S, or once stuck in it
+        (_restart_stuck), puts that model in the back-off of a failed load:
+        every request for it is LOAD_FAILED at once, instead of each one
+        taking its worker, and the requests of every model there, down
+        with it."""
         key = worker.died_serving
         code = worker.process.poll() if worker.process is not None else None
-        if key is None or code is None or code == -signal.SIGKILL:
+        if key is None or code is None or code == -signal.SIGKILL and not worker.stuck:
             return
         stats = self._stats.setdefault(key, ModelStats())
         now = time.monotonic()
-        again = now - stats.crashed_at < CRASH_WINDOW_S
+        again = worker.stuck or now - stats.crashed_at < CRASH_WINDOW_S
         stats.crashed_at = now
         if again:
-            self._load_failed(key, LoadFailed(
-                f"{key[0]}: its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
-                f"(exit code {code})"), worker.index)
+            why = ("a request of it ran stuck_inference_s past its deadline, and its "
+                   "worker was restarted" if worker.stuck else
+                   f"its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
+                   f"({worker.exit_status()})")
+            self._load_failed(key, LoadFailed(f"{key[0]}: {why}"), worker.index)
             # Its loads succeed, and a successful load ends a run of failed
             # ones: the back-off doubles with each crash's in a row instead.
             quiet = now - stats.crash_backoff_until > CRASH_QUIET_S

@@ -15,6 +15,7 @@ lock makes them one producer of the response ring.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 from pathlib import Path
@@ -537,10 +538,29 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     for ring in (req, ctl, resp):
         ring.close()
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def run() -> None:
     """The worker process's entry (workers.py starts it): main's arguments
     come pickled on stdin. Not `python -m`: runpy cannot run a compiled
     module."""
     import pickle
 
+    _die_with_front_end()
     main(*pickle.load(sys.stdin.buffer))
+
+
+def _die_with_front_end() -> None:
+    """Has the kernel kill this process when the front-end that started it
+    dies (Linux: PR_SET_PDEATHSIG). Its rings say so too, but only to a
+    main thread that gets back to them: one inside a model's predict, or
+    stuck there, never would. SIGKILL: workers ignore SIGTERM."""
+    front_end = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the rings still tell an idle worker
+        return
+    if os.getppid() != front_end:  # it died before the request could be made
+        os._exit(0)

@@ -138,6 +138,7 @@ class Worker:
         self.alive = True
         self.stopped_why: str | None = None  # set when the pool ends it: its requests say why
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
+        self.stuck = False  # killed by the engine, stuck in a model's code
         # Its loader thread does one load or publish at a time. The engine
         # sends loads in turn (a future per load, from when it waits to when
         # the worker is done with it, or it was never sent) and notes what

@@ -350,6 +350,10 @@ def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
             out = await engine.infer("m00", {"x": X})  # the new worker serves
             np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
             assert engine.pool.workers[0].pid != victim
+            # Backed off, as a model that crashes its worker is: each of its
+            # calls took its worker, and its neighbours' requests, down.
+            with pytest.raises(LoadFailed, match="ran stuck_inference_s past its deadline"):
+                await engine.infer("slow", {"seconds": np.array([0.0])})
 
     run(main(), timeout=60)
 
@@ -637,6 +641,24 @@ def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segment
     assert not live_pids([pid])
 
 
+def test_a_request_that_loaded_its_model_and_runs_at_the_deadline_hears_why(
+        repo, own_segments):
+    # It waited for its model's load in a task of its own, which the stop
+    # cancelled at the deadline: the caller read OVERLOADED ("retry
+    # elsewhere") for a request that was running.
+    async def main():
+        engine = await Engine(config(repo, shutdown_timeout_s=1.0)).start()
+        cold = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([30.0])}))
+        deadline = time.monotonic() + 20
+        while not engine.pool.workers[0].running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # loaded, and on its worker
+        await engine.stop()
+        with pytest.raises(WorkerDied, match="server stopped before worker 0 finished this"):
+            await cold
+
+    run(main(), timeout=60)
+
+
 # -- SIGTERM under traffic ----------------------------------------------------------
 
 def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
@@ -717,6 +739,37 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo):
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
+
+
+def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
+    # The rings tell a worker its front-end died, but only a main thread
+    # that gets back to them: one inside a model's predict (or stuck there
+    # for ever) outlived a front-end killed with SIGKILL.
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", own_group=True)
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+
+        async def main():
+            async with AsyncClient((m.group(1), int(m.group(2))), timeout=60) as client:
+                await client.load("slow")
+                worker = (await client.stats())["workers"][0]["pid"]
+                call = asyncio.ensure_future(
+                    client.infer("slow", {"seconds": np.array([60.0])}))
+                await asyncio.sleep(0.5)  # inside its predict
+                server.proc.kill()
+                with pytest.raises(ConnectionError):
+                    await call
+                return worker
+
+        worker = run(main(), timeout=60)
+        deadline = time.monotonic() + 5
+        while live_pids([worker]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live_pids([worker]) == []
+    finally:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
 
 
 def test_sigterm_fails_what_its_deadline_cuts_off_typed_and_exits_by_it(repo):

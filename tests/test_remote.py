@@ -1258,3 +1258,68 @@ def test_a_stub_changed_while_its_old_copy_downloads_gets_its_own_copy(tmp_path,
     for path in paths:
         disk.release(path)
     disk.close()
+
+
+def test_a_changed_stubs_copy_stays_while_another_server_reads_the_old_one(tmp_path, server):
+    # The old copy, read by another server's load, could not be evicted and
+    # stayed indexed; the new one was then left out of the index and removed
+    # as its load let go, and every load fetched it again.
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    old = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    first, second = DiskCache(config), DiskCache(config)
+    reading = first.ensure(old)
+    second.release(second.cached(old))
+    text = (stub / "model.toml").read_text()
+    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
+    new = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    path = second.ensure(new)
+    second.release(path)
+    gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
+    assert path.is_dir() and second.cached(new) == path
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
+    second.release(path)
+    first.release(reading)
+    for disk in (first, second):
+        disk.close()
+
+
+def test_copies_another_server_reads_are_not_counted_as_room(tmp_path, server, monkeypatch):
+    # Counted as freeable, they let the others be evicted for a download
+    # that was then refused all the same.
+    config, specs = _three_models(tmp_path, server)
+    size = config.disk_cache_bytes / 2.5
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 2.2))
+    first, second = DiskCache(config), DiskCache(config)
+    for n in "ab":
+        second.release(second.ensure(specs[n]))
+    reading = first.cached(specs["a"])  # another server's load reads a
+    file = specs["c"].files[0][0]  # c needs the room of a and b together
+    server.head_sizes[f"/c/1/{file}"] = int(size * 1.9)
+    from mmengine import diskcache
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.3)
+    with pytest.raises(LoadFailed, match="no room"):
+        second.ensure(specs["c"])
+    assert second.has("b", 1) and second.stats()["evictions"] == 0
+    first.release(reading)
+    for disk in (first, second):
+        disk.close()
+
+
+def test_a_folder_left_without_a_manifest_at_a_copys_path_is_replaced(tmp_path, server):
+    # What a removal cut short leaves (files, no manifest) failed every
+    # later load of the model, saying another server kept removing it.
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    disk = DiskCache(config)
+    path = disk.ensure(spec)
+    disk.release(path)
+    disk.close()
+    (path / "model.toml").unlink()
+    again = DiskCache(config)
+    assert again.ensure(spec) == path and (path / "model.toml").is_file()
+    again.release(path)
+    again.close()
