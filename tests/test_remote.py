@@ -144,10 +144,7 @@ def x(rows: int = 3, features: int = 4) -> np.ndarray:
 
 
 def test_fetch_verify_and_load(tmp_path, server):
-    model_dir = publish(server, "mlp")
-    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
-    config = cfg(tmp_path, allowed_hosts=server.host)
-    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    config, spec, model_dir = _one_model(tmp_path, server)
     # Resolving asks the source nothing: its size is known once fetched.
     assert not server.requests
     assert spec.source == server.url + "mlp/1/"
@@ -253,10 +250,7 @@ def test_a_stalled_server_times_out(tmp_path, server, monkeypatch):
 
 
 def test_concurrent_ensure_downloads_once(tmp_path, server):
-    model_dir = publish(server, "mlp")
-    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
-    config = cfg(tmp_path, allowed_hosts=server.host)
-    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    config, spec, _ = _one_model(tmp_path, server)
     disk = DiskCache(config)
     server.delay = 0.3  # every caller arrives while the first download runs
     threads, barrier = 6, threading.Barrier(6)
@@ -370,6 +364,15 @@ def test_zstd_round_trip(tmp_path, server, backend):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     finally:
         model.close()
+
+
+def _one_model(tmp_path, server) -> tuple[config_mod.Config, ModelSpec, Path]:
+    """The demo MLP, served as "mlp" by `server` from the directory it
+    returns, and a config that fetches it, with its spec."""
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    return config, Repository(tmp_path / "repo", config=config).resolve("mlp"), model_dir
 
 
 def _three_models(tmp_path, server):
@@ -583,10 +586,7 @@ def test_under_the_watermark_an_eviction_counts_as_room_at_once(tmp_path, server
 def test_copies_fingerprinted_with_their_sources_sizes_still_serve(tmp_path, server):
     # Before sizes were asked only at fetch time, a stub without `bytes`
     # resolved to its files' sizes, and its copy was fingerprinted so.
-    model_dir = publish(server, "mlp")
-    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
-    config = cfg(tmp_path, allowed_hosts=server.host)
-    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    config, spec, model_dir = _one_model(tmp_path, server)
     size = sum((model_dir / f).stat().st_size for f in ("model.py", "model.safetensors"))
     old = DiskCache(config).ensure(dataclasses.replace(spec, estimated_bytes=size))
     server.shutdown()
@@ -1310,10 +1310,7 @@ def test_copies_another_server_reads_are_not_counted_as_room(tmp_path, server, m
 def test_a_folder_left_without_a_manifest_at_a_copys_path_is_replaced(tmp_path, server):
     # What a removal cut short leaves (files, no manifest) failed every
     # later load of the model, saying another server kept removing it.
-    model_dir = publish(server, "mlp")
-    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
-    config = cfg(tmp_path, allowed_hosts=server.host)
-    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    config, spec, _ = _one_model(tmp_path, server)
     disk = DiskCache(config)
     path = disk.ensure(spec)
     disk.release(path)
