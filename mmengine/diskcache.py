@@ -78,6 +78,9 @@ ROOM_WAIT_S = fetch.TIMEOUT_S
 #: How often a download waiting for copies another server's loads read
 #: looks again (its loads' release wakes nobody here).
 OTHERS_POLL_S = 0.2
+#: Tries of a shared lock on a copy that another server's brief exclusive
+#: one blocks (0.5 ms apart: a probe or a rename takes microseconds).
+HOLD_TRIES = 10
 
 
 @dataclasses.dataclass
@@ -310,7 +313,10 @@ class DiskCache:
                     self.hits += 1
                     return found.path
                 partial = self._partial(where)
-                if key in self._entries:  # a stale copy: the stub changed
+                stale = self._entries.get(key)
+                if stale is not None and stale is found:  # it could not be held: going
+                    del self._entries[key]
+                elif stale is not None:  # the stub changed
                     self._evict(key)
                     # Read by another server's load: its to remove, not this one's.
                     self._entries.pop(key, None)
@@ -560,7 +566,7 @@ class DiskCache:
         except OSError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            _lock_shared(fd)
             # Renamed away between the open and the flock? Another's since?
             there = _ident(os.fstat(fd)) == _ident(os.stat(entry.path)) == entry.ident
         except OSError:  # BlockingIOError: being evicted
@@ -694,6 +700,19 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _lock_shared(fd: int) -> None:
+    """A shared flock on `fd`, past another server's brief exclusive one
+    (an eviction's rename, or _read_elsewhere's probe: microseconds each);
+    BlockingIOError if it is still held after a few milliseconds."""
+    for _ in range(HOLD_TRIES - 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.0005)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
 
 
 def _read_elsewhere(entry: _Entry) -> bool:

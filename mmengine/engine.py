@@ -311,6 +311,10 @@ class Engine:
         for task in list(self._requests):  # any still waiting, for nothing now
             task.cancel()
         await asyncio.gather(*self._requests, return_exceptions=True)
+        while pending := [t for t in self._tasks if not t.done()]:  # begun meanwhile
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         for key in list(self.cache.lru_keys()):  # the workers took their models with them
             self.cache.remove(key)
         self.host.clear()
@@ -642,6 +646,9 @@ class Engine:
             self._check_backoff(key)
             busy = self._busy.get(key)
             if busy is None or busy[1].done():  # done: its callback has not run yet
+                if self._stopped:  # nothing begins once the engine stops
+                    raise Overloaded(f"{key[0]}: the engine shut down before it was "
+                                     f"loaded")
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
             waited = waited or op == Op.LOAD

@@ -1545,3 +1545,34 @@ def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
     counted, same, from_host = done.stdout.split("\n")[0].split()
     assert int(counted) >= 4 and same == "True" and from_host == "1", done.stdout
     assert done.stdout.split("\n")[1] == "stopped []", done.stdout
+
+
+def test_no_load_begins_once_the_engine_stops(tmp_path, own_segments):
+    # A request waiting for an unload woke during stop(), found its model
+    # gone, and began a load after stop() had cancelled the engine's tasks:
+    # it outlived stop(), waiting load_timeout_s for room on no worker.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+
+    async def main():
+        before = asyncio.all_tasks()  # the test's own
+        engine = await Engine(Config(repo=str(tmp_path), workers=1,
+                                     shutdown_timeout_s=1.0)).start()
+        await engine.load("slow")
+        running = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([20.0])}))
+        await asyncio.sleep(0.5)
+        unloading = asyncio.ensure_future(engine.unload("slow", timeout=25))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(
+            engine.infer("slow", {"seconds": np.array([0.0])}, timeout=25))
+        await asyncio.sleep(0.2)
+        await engine.stop()
+        left = [t for t in asyncio.all_tasks() - before
+                if not t.done() and t not in (running, unloading, waiting)]
+        assert left == [], left
+        with pytest.raises(WorkerDied):
+            await running
+        with pytest.raises(Overloaded):
+            await waiting
+        await asyncio.gather(unloading, return_exceptions=True)
+
+    run(main(), timeout=60)

@@ -1320,3 +1320,33 @@ def test_a_folder_left_without_a_manifest_at_a_copys_path_is_replaced(tmp_path, 
     assert again.ensure(spec) == path and (path / "model.toml").is_file()
     again.release(path)
     again.close()
+
+
+def test_another_servers_room_probe_is_not_taken_for_an_eviction(tmp_path, server):
+    # A server waiting for room probes the copies for readers (an exclusive
+    # lock taken and let go at once); a load of another server that met the
+    # probe took the copy for going, and fetched it again.
+    config, spec, _ = _one_model(tmp_path, server)
+    first, second = DiskCache(config), DiskCache(config)
+    second.release(second.ensure(spec))
+    entry = first._current(spec, ("mlp", 1), diskcache.fingerprint(spec))
+    probing, misses = True, 0
+
+    def probe():
+        while probing:
+            diskcache._read_elsewhere(entry)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(2000):
+            path = second.cached(spec)
+            if path is None:
+                misses += 1
+            else:
+                second.release(path)
+    finally:
+        probing = False
+        prober.join(10)
+    assert misses == 0 and second.stats()["fetches"] == 1
+    for disk in (first, second):
+        disk.close()
