@@ -177,11 +177,13 @@ class DiskCache:
             self._let_go.notify_all()
 
     def _forget_locks(self) -> None:
-        """In a forked child: its copies of the flock'ed fds would hold the
-        parent's locks for as long as it lives (a flock belongs to the open
-        file, which they share). The child cannot use the cache."""
+        """Closes every flock'ed fd, and the cache with them: at close(),
+        and in a forked child, whose copies of them would hold the parent's
+        locks for as long as it lives (a flock belongs to the open file,
+        which they share). A closed cache hands out nothing."""
         for entry in self._held.values():
             os.close(entry.fd)
+            entry.fd, entry.users = None, 0
         if self._own_fd is not None:
             os.close(self._own_fd)
         self._held, self._own, self._own_fd, self._closed = {}, None, None, True
@@ -190,15 +192,10 @@ class DiskCache:
         """Lets go of every copy in use and of this cache's folder under
         .partial/ (a download still running there fails)."""
         with self._lock:
-            for entry in self._held.values():
-                os.close(entry.fd)
-                entry.fd, entry.users = None, 0
-            self._held.clear()
-            own, fd, self._own, self._own_fd = self._own, self._own_fd, None, None
-            self._closed = True
+            own = self._own
+            self._forget_locks()
         if own is not None:
             shutil.rmtree(own, ignore_errors=True)
-            os.close(fd)
 
     def ensure(self, spec: ModelSpec) -> Path:
         """The local directory that holds `spec`'s model, verified: its

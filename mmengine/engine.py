@@ -304,17 +304,10 @@ class Engine:
         while (self._queued or any(w.in_flight for w in self.pool.workers)) and \
                 time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel(self._tasks)
         await self.pool.stop(deadline)
-        for task in list(self._requests):  # any still waiting, for nothing now
-            task.cancel()
-        await asyncio.gather(*self._requests, return_exceptions=True)
-        while pending := [t for t in self._tasks if not t.done()]:  # begun meanwhile
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await _cancel(self._requests)  # any still waiting, for nothing now
+        await _cancel(self._tasks)  # begun meanwhile
         for key in list(self.cache.lru_keys()):  # the workers took their models with them
             self.cache.remove(key)
         self.host.clear()
@@ -1657,6 +1650,14 @@ def _add_ran(fields: dict, ran: dict) -> dict:
 
 class _NotRun(Exception):
     """A load its worker died before beginning: no failure of its model's."""
+
+
+async def _cancel(tasks: set[asyncio.Task]) -> None:
+    """Cancels `tasks` and waits for them, and for any added meanwhile."""
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _check_version(version: object) -> None:

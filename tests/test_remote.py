@@ -186,9 +186,7 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     config = cfg(tmp_path, allowed_hosts=server.host)
     disk = DiskCache(config)
     old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
-    text = (stub / "model.toml").read_text()
-    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
-    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    spec = _change_stub(tmp_path, stub, config)
     new = disk.ensure(spec)
     # The stale copy goes once the load that reads it lets go of it.
     assert new != old and old.is_dir()
@@ -373,6 +371,14 @@ def _one_model(tmp_path, server) -> tuple[config_mod.Config, ModelSpec, Path]:
     write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
     config = cfg(tmp_path, allowed_hosts=server.host)
     return config, Repository(tmp_path / "repo", config=config).resolve("mlp"), model_dir
+
+
+def _change_stub(tmp_path, stub: Path, config) -> ModelSpec:
+    """Edits the stub's manifest (its output's shape), as an operator
+    publishing a change would, and resolves it anew."""
+    text = (stub / "model.toml").read_text()
+    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
+    return Repository(tmp_path / "repo", config=config).resolve("mlp")
 
 
 def _three_models(tmp_path, server):
@@ -1241,9 +1247,7 @@ def test_a_stub_changed_while_its_old_copy_downloads_gets_its_own_copy(tmp_path,
     stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
     config = cfg(tmp_path, allowed_hosts=server.host)
     old = Repository(tmp_path / "repo", config=config).resolve("mlp")
-    text = (stub / "model.toml").read_text()
-    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
-    new = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    new = _change_stub(tmp_path, stub, config)
     disk = DiskCache(config)
     under_way, go = _paused_download(disk)
     pool = concurrent.futures.ThreadPoolExecutor(2)
@@ -1271,9 +1275,7 @@ def test_a_changed_stubs_copy_stays_while_another_server_reads_the_old_one(tmp_p
     first, second = DiskCache(config), DiskCache(config)
     reading = first.ensure(old)
     second.release(second.cached(old))
-    text = (stub / "model.toml").read_text()
-    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
-    new = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    new = _change_stub(tmp_path, stub, config)
     path = second.ensure(new)
     second.release(path)
     gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
