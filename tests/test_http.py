@@ -494,9 +494,23 @@ def test_unknown_model_version_route_and_method(address):
     status, _, raw = call(address, "GET", "/v2/nothing/here")
     assert status == 404 and "no route" in json.loads(raw)["error"]
     status, headers, raw = call(address, "GET", "/v2/models/m00/infer")
-    assert status == 405 and headers["Allow"] == "POST", (raw, headers)
+    assert status == 405 and headers["Allow"] == "OPTIONS, POST", (raw, headers)
     status, headers, raw = call(address, "DELETE", "/v2/health/live")
-    assert status == 405 and headers["Allow"] == "GET, HEAD", (raw, headers)
+    assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS", (raw, headers)
+
+
+def test_options_says_what_a_path_takes(address):
+    """RFC 9110 9.3.7: OPTIONS is answered with the methods a path takes (a
+    client or a proxy asks before it sends), not refused with 405."""
+    status, headers, raw = call(address, "OPTIONS", "/v2/models/m00/infer")
+    assert (status, raw, headers["Allow"]) == (200, b"", "OPTIONS, POST"), headers
+    assert headers["Content-Length"] == "0"
+    status, headers, _ = call(address, "OPTIONS", "/v2/health/live")
+    assert (status, headers["Allow"]) == (200, "GET, HEAD, OPTIONS")
+    status, headers, _ = call(address, "OPTIONS", "*")  # the server as a whole
+    assert status == 200 and {"GET", "POST", "DELETE"} <= set(headers["Allow"].split(", "))
+    status, _, raw = call(address, "OPTIONS", "/v2/nothing/here")
+    assert status == 404, raw
 
 
 def test_head_is_get_without_the_body(address):

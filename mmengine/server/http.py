@@ -346,17 +346,31 @@ class Router:
         allowed = []
         wanted = "GET" if method == "HEAD" else method
         for m, regex, handler, is_async in self._routes:
-            found = regex.match(path)
+            found = regex.match(path) if path != "*" else None
             if found:
                 if m == wanted:
                     return handler, {k: unquote(v) for k, v in found.groupdict().items()
                                      if v is not None}, is_async
                 allowed.append(m)
+        if method == "OPTIONS" and (allowed or path == "*"):
+            # What the path takes (RFC 9110 9.3.7); "*": what the server takes.
+            methods = allowed or [m for m, *_ in self._routes]
+            return functools.partial(_options, _allow(methods)), {}, False
         if allowed:
-            if "GET" in allowed:
-                allowed.append("HEAD")
-            raise _MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
+            raise _MethodNotAllowed(f"{method} is not allowed on {path}", _allow(allowed))
         raise ModelNotFound(f"no route for {method} {path}")
+
+
+def _allow(methods: list[str]) -> str:
+    """An Allow header's value: GET brings HEAD, and every path takes OPTIONS."""
+    methods = set(methods) | {"OPTIONS"}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+def _options(allow: str, server, request) -> Response:
+    return Response(200, b"", [("Allow", allow)])
 
 
 class StatusError(BadRequest):
@@ -371,7 +385,7 @@ class StatusError(BadRequest):
 
 
 class _MethodNotAllowed(BadRequest):
-    def __init__(self, message: str, allowed: list[str]):
+    def __init__(self, message: str, allowed: str):
         super().__init__(message)
         self.allowed = allowed  # a 405 says which (RFC 9110: Allow)
 
@@ -875,7 +889,7 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     """The answer to a request whose handler raised `e`."""
     if isinstance(e, _MethodNotAllowed):
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405,
-                             [("Allow", ", ".join(sorted(set(e.allowed))))])
+                             [("Allow", e.allowed)])
     if isinstance(e, _UnsupportedEncoding):  # what it does take (RFC 9110 15.5.16)
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 415,
                              [("Accept-Encoding", codings.ACCEPTED)])
