@@ -191,22 +191,28 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
 
     `digest`: the hex sha256 the bytes must have ("": not checked).
     `limit`: the most bytes the file may hold. With `compress`, `dest` is
-    written as one zstd frame (level 3) that records the content size, so
-    the source must say the size up front. LoadFailed for every failure;
-    `dest` then does not exist and no temporary file is left."""
+    written as one zstd frame (level 3) that records the content size,
+    which a reader needs before it reads (storage._zstd_reader): from a
+    source that does not say its size, the file lands whole first and is
+    compressed from there. LoadFailed for every failure; `dest` then does
+    not exist and no temporary file is left."""
     stream, size = _open(url, config, timeout or TIMEOUT_S)
     tmp = dest.with_name(f".{uuid.uuid4().hex}.part")
+    raw = tmp.with_suffix(".raw") if compress and size is None else None
     try:
         with stream:
             if size is not None and size > limit:
                 raise LoadFailed(f"{url}: {size} bytes exceed the {limit} the disk cache "
                                  f"holds for it")
-            if compress and size is None:
-                raise LoadFailed(f"{url}: the server does not say its size (no "
-                                 f"Content-Length), which a zstd-cached file needs")
-            with open(tmp, "wb") as out:
-                got = _copy(stream, out, size, limit, digest, compress, url,
+            with open(raw or tmp, "wb") as out:
+                got = _copy(stream, out, size, limit, digest, compress and raw is None, url,
                             config.fetch_min_rate)
+                if raw is None:
+                    out.flush()
+                    os.fsync(out.fileno())
+        if raw is not None:
+            with open(raw, "rb") as whole, open(tmp, "wb") as out:
+                _compress(whole, out, got)
                 out.flush()
                 os.fsync(out.fileno())
         os.rename(tmp, dest)
@@ -216,6 +222,26 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
         raise LoadFailed(f"{url}: {type(e).__name__}: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
+        if raw is not None:
+            raw.unlink(missing_ok=True)
+
+
+def _zstd_writer(out: BinaryIO, size: int):
+    """One zstd frame that records its content size (`size` bytes) and a
+    checksum, written into `out` as the bytes come."""
+    import zstandard  # only a compressed fetch needs it
+    return zstandard.ZstdCompressor(level=3, write_content_size=True,
+                                    write_checksum=True).stream_writer(
+        out, size=size, closefd=False)
+
+
+def _compress(whole: BinaryIO, out: BinaryIO, size: int) -> None:
+    import zstandard
+    sink = _zstd_writer(out, size)
+    buf = memoryview(bytearray(CHUNK))
+    while n := whole.readinto(buf):
+        sink.write(buf[:n])
+    sink.flush(zstandard.FLUSH_FRAME)
 
 
 def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest: str,
@@ -223,10 +249,7 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
     sha = hashlib.sha256()
     sink: BinaryIO = out
     if compress:
-        import zstandard  # only a compressed fetch needs it
-        sink = zstandard.ZstdCompressor(level=3, write_content_size=True,
-                                        write_checksum=True).stream_writer(
-            out, size=size, closefd=False)
+        sink = _zstd_writer(out, size)
     buf = memoryview(bytearray(CHUNK))
     # What has come, as it comes: a reader that waits for its buffer to fill
     # cannot see a source that trickles (nor say how far a stalled one got).
@@ -264,6 +287,7 @@ def _copy(stream: BinaryIO, out: BinaryIO, size: int | None, limit: int, digest:
         raise LoadFailed(f"{url}: sha256 {sha.hexdigest()} does not match the manifest's "
                          f"{digest}")
     if compress:
+        import zstandard
         sink.flush(zstandard.FLUSH_FRAME)
     return got
 

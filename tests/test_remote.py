@@ -38,6 +38,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         with self.server.lock:
             self.server.requests[(self.command, self.path)] += 1
 
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword == "Content-Length" and self.path in self.server.unsized:
+            return
+        super().send_header(keyword, value)
+
     def do_HEAD(self) -> None:
         self._count()
         if self.path in self.server.head_refused:  # a source that answers GET only
@@ -68,6 +73,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                 pass
             self.close_connection = True
             return
+        if self.path in self.server.unsized:  # its body ends as the connection does
+            f = self.send_head()
+            with f:
+                data = f.read()
+            self.wfile.write(data)
+            self.close_connection = True
+            return
         if self.path in self.server.cut:
             # The full length is promised, half is sent, then the connection ends.
             f = self.send_head()
@@ -93,6 +105,7 @@ def server(tmp_path):
     httpd.trickle = {}  # path -> the bytes sent at once before the trickle
     httpd.head_sizes = {}
     httpd.head_refused = set()
+    httpd.unsized = set()  # paths whose GET says no Content-Length
     httpd.delay = 0.0
     httpd.served = served
     httpd.host = f"127.0.0.1:{httpd.server_address[1]}"
@@ -362,6 +375,25 @@ def test_zstd_round_trip(tmp_path, server, backend):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     finally:
         model.close()
+
+
+def test_a_source_of_no_stated_size_is_still_cached_compressed(tmp_path, server):
+    # A zstd frame must record its size before its bytes; a source that
+    # says none (chunked, or ending with its connection) was refused.
+    model_dir = publish(server, "mlp", in_features=256, hidden=512, out_features=8)
+    original = _compressible(model_dir)
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+               top='compress = "zstd"\nbytes = 4000000')
+    for f in model_dir.iterdir():
+        server.head_refused.add(f"/mlp/1/{f.name}")
+        server.unsized.add(f"/mlp/1/{f.name}")
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    path = DiskCache(config).ensure(spec)
+    assert "model.safetensors.zst" in files_under(path)
+    loaded = load_file(path / "model.safetensors")
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
+    assert files_under(tmp_path / "cache" / ".partial") == []
 
 
 def _one_model(tmp_path, server) -> tuple[config_mod.Config, ModelSpec, Path]:
