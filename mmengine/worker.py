@@ -271,7 +271,11 @@ class _Responder:
         """Answers an error; `ran`, the run's body where the request ran."""
         if not isinstance(e, MMEngineError):
             e = InternalError(f"{type(e).__name__}: {e}")
-        self.send(rid, e.code, str(e) if ran is None else {**ran, "message": str(e)})
+        # A model's text may hold what no UTF-8 can (a file name's bytes as
+        # surrogate escapes): msgpack refuses it, and the refusal would end
+        # the thread that answers.
+        message = str(e).encode("utf-8", "backslashreplace").decode()
+        self.send(rid, e.code, message if ran is None else {**ran, "message": message})
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from mmengine import demo, shm
 from mmengine.client import AsyncClient
 from mmengine.config import Config, ConfigError
 from mmengine.engine import Engine
-from mmengine.errors import LoadFailed, Overloaded, Timeout, WorkerDied
+from mmengine.errors import BadRequest, LoadFailed, Overloaded, Timeout, WorkerDied
 
 DIMS = (16, 64, 8)
 
@@ -927,6 +927,48 @@ def load(path, device):
 def predict(inputs):
     os._exit(3)
 '''
+
+
+# Its error names a file whose bytes are no UTF-8, as Python decodes them.
+GARBLED_HANDLER = '''
+import os
+
+NAME = b"caf\\xe9".decode("utf-8", "surrogateescape")
+
+def load(path, device):
+    if os.path.basename(os.path.dirname(path)) == "garbled-load":
+        raise FileNotFoundError(2, "No such file", NAME)
+
+def predict(inputs):
+    raise ValueError(f"cannot read {NAME}")
+'''
+
+
+def test_a_models_error_that_is_no_utf8_is_answered_and_its_worker_goes_on(
+        tmp_path, own_segments):
+    # msgpack refused the message: in predict that ended the worker (its
+    # models' requests failed WORKER_DIED), in load the loader thread (every
+    # later load on the worker waited out load_timeout_s).
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    for name in ("garbled-load", "garbled-run"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "handler.py").write_text(GARBLED_HANDLER)
+
+    async def main():
+        async with Engine(config(tmp_path, load_timeout_s=20)) as engine:
+            with pytest.raises(LoadFailed, match=r"caf\\udce9"):
+                await engine.infer("garbled-load", {"x": X}, timeout=10)
+            out = await engine.infer("m00", {"x": X}, timeout=10)  # the next load
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            with pytest.raises(BadRequest, match=r"cannot read caf\\udce9"):
+                await engine.infer("garbled-run", {"x": X}, timeout=10)
+            out = await engine.infer("m00", {"x": X}, timeout=10)
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            return engine.stats()
+
+    stats = run(main(), timeout=60)
+    assert stats["totals"]["worker_restarts"] == 0
+    assert {r["name"]: r["loads"] for r in stats["models"]}["m00"] == 1
 
 
 def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments):
