@@ -133,7 +133,7 @@ def check_name(name: object) -> str:
     if (
         not isinstance(name, str)
         or not name
-        or len(name.encode("utf-8", "surrogatepass")) > 255  # a file name's bytes
+        or _utf8_bytes(name) > 255  # a file name's bytes
         or name.startswith(".")        # hidden files, "." and ".."
         or "/" in name
         or "\\" in name
@@ -141,6 +141,16 @@ def check_name(name: object) -> str:
     ):
         raise ModelNotFound(f"invalid model name {name!r}")
     return name
+
+
+def _utf8_bytes(name: str) -> int:
+    """The length of `name` in UTF-8; a directory's name whose bytes are no
+    UTF-8 (Python's surrogate escapes) counts as too long: no client could
+    name it on the wire, and a listing that held it could not be sent."""
+    try:
+        return len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return 1 << 30
 
 
 def parse_version(version: object) -> int:

@@ -1,6 +1,7 @@
 """The model repository: layout, detection, manifests, names and versions."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,12 @@ def test_unknown_name_is_model_not_found(tmp_path):
 def test_names_lists_valid_model_directories(tmp_path):
     for name in ("b", "a.v2", ".hidden"):
         make_version(tmp_path, name, 1, {"model.pt": ""})
+    # A name whose bytes are no UTF-8: no client can name it, and a listing
+    # that held it could not be sent (the TCP list op answered INTERNAL).
+    undecodable = os.fsdecode(b"caf\xe9")
+    make_version(tmp_path, undecodable, 1, {"model.pt": ""})
+    with pytest.raises(ModelNotFound):
+        check_name(undecodable)
     (tmp_path / "file.txt").write_text("")
     assert Repository(tmp_path).names() == ("a.v2", "b")
     assert Repository(tmp_path / "missing").names() == ()
