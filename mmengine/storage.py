@@ -57,7 +57,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mmengine import fetch, tensorfile
+from mmengine import fetch, protocol, tensorfile
 from mmengine.config import Config
 from mmengine.errors import BadRequest, LoadFailed, ModelNotFound
 
@@ -89,10 +89,7 @@ ZSTD_SUFFIX = ".zst"
 ZSTD_BACKENDS = frozenset({"safetensors", "torchscript", "export"})
 _DEVICE_TYPES = frozenset({"cpu", "cuda"})
 # Dtypes a request can carry as a numpy array.
-DTYPES = frozenset({
-    "bool", "uint8", "int8", "int16", "int32", "int64",
-    "float16", "float32", "float64", "complex64", "complex128",
-})
+DTYPES = frozenset(protocol.DTYPES)  # what a manifest declares: what the wire carries
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,6 +178,24 @@ def handler_model(tmp_path: Path, source: str, manifest: str = "") -> Path:
     return path
 
 
+def test_a_manifest_declares_every_dtype_the_wire_carries(tmp_path):
+    # uint16/32/64 travel on every front door; a manifest that declared
+    # them was refused, so such a model's inputs went unchecked.
+    handler_model(tmp_path, """
+def predict(inputs):
+    return {"y": inputs["x"].astype(np.uint64) << 40}
+""", '[[inputs]]\nname = "x"\ndtype = "uint32"\nshape = [-1]\n'
+     '[[outputs]]\nname = "y"\ndtype = "uint64"\nshape = [-1]\n')
+    model = load(tmp_path, "m")
+    try:
+        out = model.predict({"x": np.array([1, 2], np.uint32)})
+        assert out["y"].dtype == np.uint64 and out["y"].tolist() == [1 << 40, 2 << 40]
+        with pytest.raises(BadRequest, match="must be uint32, not int32"):
+            model.predict({"x": np.array([1, 2], np.int32)})
+    finally:
+        model.close()
+
+
 def test_handler_errors_and_output_shapes(tmp_path):
     handler_model(tmp_path, """
 def predict(inputs):
