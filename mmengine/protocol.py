@@ -19,6 +19,7 @@ and decode() gives them back as views of the frame they came in.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from typing import Any
 
@@ -251,7 +252,8 @@ def from_torch(value: Any) -> Any:
     """A torch tensor as a numpy array (bfloat16, which numpy lacks, as
     float32, which holds each of its values); anything else as it is.
     torch is imported only by those who pass its tensors."""
-    if type(value).__module__.startswith("torch"):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):  # subclasses too (MONAI's)
         if value.is_meta:  # a shape with no values
             raise BadRequest("a torch tensor on the meta device has no values to send")
         if str(value.layout) != "torch.strided":  # sparse: its values, as a dense array

@@ -196,6 +196,30 @@ def predict(inputs):
         model.close()
 
 
+def test_torch_outputs_of_every_kind_are_their_values(tmp_path):
+    # numpy() refuses a conjugate or negative view and a sparse tensor: a
+    # model's answer of one was INTERNAL.
+    handler_model(tmp_path, """
+import torch
+
+def predict(inputs):
+    x = torch.from_numpy(inputs["x"])
+    z = torch.complex(x, 2 * x).conj()
+    return {"conj": z, "neg": z.imag, "sparse": x.to_sparse(),
+            "bf16": x.to(torch.bfloat16), "grad": x.clone().requires_grad_()}
+""")
+    x = np.arange(4, dtype=np.float32)
+    model = load(tmp_path, "m")
+    try:
+        out = model.predict({"x": x})
+        np.testing.assert_array_equal(out["conj"], x - 2j * x)
+        for name, want in (("neg", -2 * x), ("sparse", x), ("bf16", x), ("grad", x)):
+            assert out[name].dtype == np.float32, name
+            np.testing.assert_array_equal(out[name], want, err_msg=name)
+    finally:
+        model.close()
+
+
 def test_handler_errors_and_output_shapes(tmp_path):
     handler_model(tmp_path, """
 def predict(inputs):

@@ -859,8 +859,13 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
 
     x = torch.from_numpy(x_for(np.random.default_rng(4)))
     z = torch.complex(x, 2 * x).conj()  # a conjugate view; its imag, a negative one
+    class Tagged(torch.Tensor):  # a subclass from outside torch (as MONAI's MetaTensor)
+        pass
+
+    tagged = x.to(torch.bfloat16).requires_grad_().as_subclass(Tagged)
     sent = {"conj": (z, np.conj(torch.complex(x, 2 * x).numpy())),
-            "neg": (z.imag, -2 * x.numpy()), "sparse": (x.to_sparse(), x.numpy())}
+            "neg": (z.imag, -2 * x.numpy()), "sparse": (x.to_sparse(), x.numpy()),
+            "subclass": (tagged, x.to(torch.bfloat16).float().numpy())}
     with Client(address) as c:
         for what, (tensor, want) in sent.items():
             np.testing.assert_array_equal(c.infer("echo", {"x": tensor})["y"], want,

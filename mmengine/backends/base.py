@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mmengine import protocol
 from mmengine.errors import BadRequest, InternalError, LoadFailed, MMEngineError, Overloaded
 from mmengine.storage import ModelSpec, TensorSpec
 
@@ -318,18 +319,20 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
         names = [t.name for t in declared] if len(declared) == len(raw) else [
             f"output_{i}" for i in range(len(raw))]
         items = zip(names, raw)
-    return {str(name): _to_numpy(value) for name, value in items}
+    try:
+        return {str(name): _to_numpy(value) for name, value in items}
+    except BadRequest as e:  # the model's answer, not the caller's request
+        raise InternalError(f"an output: {e}") from None
 
 
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        if value.is_cpu and not value.requires_grad and value.dtype is not torch.bfloat16:
-            return value.numpy()  # the common case, without detach() and device.type
-        value = value.detach()
-        # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        return value.cpu().numpy() if value.device.type != "cpu" else value.numpy()
+        if value.is_cpu and not value.requires_grad:
+            try:
+                return value.numpy()  # the common case, without detach() and device.type
+            except (RuntimeError, TypeError):  # bfloat16, a conjugate or negative view, sparse
+                pass
+        return protocol.from_torch(value)
     return np.asarray(value)
 
 
