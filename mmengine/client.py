@@ -57,10 +57,17 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if "://" in address:  # an HTTP URL: that port speaks another protocol
         raise ValueError(f"{address!r}: the SDK speaks mmengine's TCP protocol; give the "
                          f"server's TCP address, host:port (or tcp://host:port)")
-    host, _, port = address.rpartition(":")
-    if not host:
+    if address.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, rest = address[1:].partition("]")
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            raise ValueError(f"{address!r} is not host:port")
+        return host, int(rest[1:]) if rest else DEFAULT_PORT
+    host, colon, port = address.rpartition(":")
+    if not colon or ":" in host:  # no port, or a bare IPv6 address (::1)
         return address, DEFAULT_PORT
-    return host.strip("[]"), int(port)
+    if not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -398,18 +405,21 @@ class Client:
         """call_many, waiting `wait` seconds for the answers (None: for
         ever); `encoded`: the messages are infers whose inputs encode_tensors
         made (large ones are sent from where they lie)."""
-        ids = []
-        for m in messages:
-            m["id"] = next(self._ids)
-            if self.token is not None:
-                m.setdefault("token", self.token)
-            ids.append(m["id"])
+        # Copies: the caller's messages keep no id and no token of ours (the
+        # same dict twice is two requests, not one id sent twice).
+        messages = [{"token": self.token, **m, "id": next(self._ids)} if self.token is not None
+                    else {**m, "id": next(self._ids)} for m in messages]
+        ids = [m["id"] for m in messages]
         frames = [protocol.frames(m, m["inputs"] if encoded else None) for m in messages]
         for parts in frames:
             self._check_size(_body_size(parts))
         if len(frames) > 1 and all(len(parts) == 1 for parts in frames):
             frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
-        conn = self._borrow()
+        try:
+            conn = self._borrow()
+        except socket.timeout:
+            host, port = self.address
+            raise Timeout(f"could not connect to {host}:{port} in time") from None
         try:
             conn.set_timeout(wait)
             got = conn.exchange(frames, ids)
@@ -534,7 +544,9 @@ class _AsyncConnection(asyncio.Protocol):
                                    else f"connection to the server lost: {exc}"))
 
     def _fail(self, error: Exception) -> None:
-        self.lost = error
+        # The first word stays: a server that refuses a connection says why
+        # (OVERLOADED), then closes it, and the close is no news.
+        self.lost = self.lost or error
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -642,9 +654,9 @@ class AsyncClient:
         """call, waiting `wait` seconds for the answer (None: for ever);
         `encoded` as Client._call_many's."""
         rid = next(self._ids)
-        message["id"] = rid
-        if self.token is not None:
-            message.setdefault("token", self.token)
+        # A copy, as Client._call_many's: the caller's message keeps no id or token.
+        message = {"token": self.token, **message, "id": rid} if self.token is not None \
+            else {**message, "id": rid}
         parts = protocol.frames(message, message["inputs"] if encoded else None)
         if len(parts) > 1:
             # The caller's arrays may change once this yields (the size

@@ -20,10 +20,10 @@ import pytest
 from conftest import (Server, command, environ, live_pids, run, slow_loading, write_handler,
                       write_problem_models)
 from mmengine import demo, protocol, shm
-from mmengine.client import AsyncClient, Client
+from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.config import Config
 from mmengine.errors import (BadRequest, ErrorCode, InternalError, LoadFailed, ModelNotFound,
-                             Timeout, TooLarge)
+                             Overloaded, Timeout, TooLarge)
 
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
@@ -878,10 +878,11 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
             c.infer("echo", [x])
 
 
-def test_an_async_client_connects_within_its_timeout():
+def test_both_clients_connect_within_their_timeout():
     # An address that drops the connection's packets (here: a listener
-    # whose backlog is full) held every call for the system's connect
-    # timeout, minutes; the blocking Client connects within its timeout.
+    # whose backlog is full) held every AsyncClient call for the system's
+    # connect timeout, minutes; the blocking Client gave up in time but
+    # raised the builtin TimeoutError, not Timeout.
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -895,11 +896,74 @@ def test_an_async_client_connects_within_its_timeout():
         return time.monotonic() - t0
 
     try:
-        took = run(main(), timeout=20)
+        took = [run(main(), timeout=20)]
+        t0 = time.monotonic()
+        with Client(listener.getsockname(), timeout=0.5) as c:
+            with pytest.raises(Timeout, match="could not connect"):
+                c.health()
+        took.append(time.monotonic() - t0)
     finally:
         filler.close()
         listener.close()
-    assert took < 5, took  # the timeout, and the grace for the server's answer
+    assert max(took) < 5, took  # the timeout, and the grace for the server's answer
+
+
+def test_both_clients_hear_why_a_server_refused_their_connection():
+    # One past max_connections is told OVERLOADED (nil id), then closed:
+    # the AsyncClient most often raised the close's ConnectionError instead,
+    # and a retry policy keyed on Overloaded never fired.
+    refusal = b"".join(protocol.frames(protocol.error_response(
+        None, Overloaded("too many connections; retry later"))))
+
+    async def main():
+        async def refuse(reader, writer):
+            writer.write(refusal)
+            writer.close()
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        try:
+            for _ in range(5):
+                client = AsyncClient(address, timeout=5)
+                with pytest.raises(Overloaded, match="too many connections"):
+                    await client.health()
+                await client.close()
+            with Client(address, timeout=5) as c:
+                for _ in range(5):
+                    with pytest.raises(Overloaded, match="too many connections"):
+                        await asyncio.to_thread(c.health)
+        finally:
+            server.close()
+
+    run(main(), timeout=30)
+
+
+def test_a_message_sent_twice_is_two_requests_and_stays_the_callers(address):
+    # The ids were written into the caller's dicts: one dict twice went out
+    # twice with the last id, and the call waited for the other to its end.
+    message = {"op": "health"}
+    with Client(address, timeout=5, token="t") as c:
+        answers = c.call_many([message, message])
+    assert [a["ok"] for a in answers] == [True, True]
+    assert message == {"op": "health"}
+
+    async def main():
+        async with AsyncClient(address, timeout=5, token="t") as c:
+            return await asyncio.gather(c.call(message), c.call(message))
+
+    assert [a["ok"] for a in run(main())] == [True, True]
+    assert message == {"op": "health"}
+
+
+@pytest.mark.parametrize("address, parsed", [
+    ("10.0.0.1:99", ("10.0.0.1", 99)), ("tcp://h:7", ("h", 7)), ("h", ("h", 8081)),
+    ("[::1]:99", ("::1", 99)), ("[::1]", ("::1", 8081)), ("::1", ("::1", 8081)),
+    ("fe80::1:2", ("fe80::1:2", 8081))])
+def test_addresses_of_every_form_are_read(address, parsed):
+    # "::1" was host ":" port 1, and "[::1]" a ValueError of int().
+    assert parse_address(address) == parsed
+    for bad in ("h:", "h:x", "[::1]x", "[::1]:"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
 
 
 def test_an_async_client_fails_at_once_when_its_new_connection_is_closed_at_once():
