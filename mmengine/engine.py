@@ -603,6 +603,14 @@ class Engine:
                 self._specs[(name, version)] = spec
         return spec
 
+    def _waits(self, waited: bool, request: bool) -> bool:
+        """True, for a request that waits for a load; an inference's first
+        wait counts its miss, whether or not the wait ends in time (a miss
+        counted only once served left the timed-out out of the hit rate)."""
+        if request and not waited:
+            self._misses += 1
+        return True
+
     async def _acquire(self, key: Key, spec: ModelSpec, deadline: float,
                        request: bool = True) -> Worker:
         """The worker on which `key` is resident, pinned for one request;
@@ -617,7 +625,7 @@ class Engine:
             # waits for it in turn (the request was in flight first): it
             # takes the model before the unload, woken after it, looks.
             if drained is not None and not loaded:  # its unload first; then it loads again
-                waited = True
+                waited = self._waits(waited, request)
                 try:
                     async with asyncio.timeout_at(self._loop_deadline(deadline)):
                         await asyncio.shield(drained)
@@ -628,9 +636,7 @@ class Engine:
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
-                    if request and waited:
-                        self._misses += 1
-                    elif request:
+                    if request and not waited:
                         self._hits += 1
                     return self.pool.workers[index]
             loaded = False
@@ -644,7 +650,8 @@ class Engine:
                                      f"loaded")
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
-            waited = waited or op == Op.LOAD
+            if op == Op.LOAD:
+                waited = self._waits(waited, request)
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     await asyncio.shield(task)

@@ -503,8 +503,9 @@ class Worker:
                 ran["worker"] = self.index
                 ran["version"] = served[1]  # the one served, asked for or not
             if code == messages.SKIPPED:  # its future is done, or due to fail
-                result = Timeout(f"{served[0]}: not run: it could not have finished within "
-                                 f"the request's deadline")
+                result = self._unanswered(Timeout(
+                    f"{served[0]}: not run: it could not have finished within the "
+                    f"request's deadline"), t_sent, served)
             elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran

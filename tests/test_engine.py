@@ -1576,3 +1576,51 @@ def test_no_load_begins_once_the_engine_stops(tmp_path, own_segments):
         await asyncio.gather(unloading, return_exceptions=True)
 
     run(main(), timeout=60)
+
+
+def test_requests_that_time_out_waiting_for_a_load_are_misses(tmp_path, own_segments):
+    # A miss was counted only once the request was served: four of five
+    # that waited for a load and timed out counted as neither, and the hit
+    # rate (`mmengine bench`'s) read 86% while most requests failed.
+    write_handler(tmp_path, "slowload", slow_loading(0.6))
+    x = {"x": np.ones(1, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            results = await asyncio.gather(
+                *(engine.infer("slowload", x, timeout=0.1) for _ in range(4)),
+                engine.infer("slowload", x, timeout=20), return_exceptions=True)
+            await engine.infer("slowload", x)
+            return results, engine.stats()["totals"]
+
+    results, totals = run(main())
+    assert [type(r).__name__ for r in results] == ["Timeout"] * 4 + ["dict"]
+    assert (totals["hits"], totals["misses"], totals["loads"]) == (1, 5, 1)
+
+
+def test_a_request_its_worker_skips_says_where_it_waited(repo):
+    # One the worker skips as it could not finish in time was told to
+    # observers (and traces) with no worker, t_sent or version, where one
+    # whose deadline passed in the same queue had them.
+    root, _ = repo
+    slow = {"seconds": np.array([0.05])}
+    timeouts, skipped = [], []
+
+    def observe(kind, f):
+        if kind == "request" and f["code"] == "TIMEOUT":
+            timeouts.append(f)
+        elif kind == "skipped":
+            skipped.append(f)
+
+    async def main():
+        async with Engine(config(root, workers=1)) as engine:
+            engine.observers.append(observe)
+            await engine.infer("slow", slow)  # loaded, and its call time known
+            await asyncio.gather(*(engine.infer("slow", slow, timeout=0.12)
+                                   for _ in range(6)), return_exceptions=True)
+            await asyncio.sleep(0.3)  # the skipped ones' answers
+
+    run(main())
+    assert skipped and len(timeouts) >= len(skipped), (skipped, timeouts)
+    for f in timeouts:
+        assert (f["worker"], f["version"]) == (0, 1) and f["t_sent"] > 0, f
