@@ -90,6 +90,11 @@ def server_timing(t: Mapping[str, int]) -> str:
 
 _FLUSH_EVENTS = 512      # write at least this often...
 _FLUSH_S = 1.0           # ...and at most this long after an event arrived
+# Track order: worker i's tracks sort from i * _TRACKS (its own, then its
+# loads'), the requests' after every worker's (ten apart, a worker with ten
+# load tracks sorted among the next worker's).
+_TRACKS = 1 << 20
+_REQUESTS = 1 << 40
 
 
 class Trace:
@@ -195,7 +200,7 @@ class Trace:
         group = f"worker {index}"
         if group not in self._lanes:
             self._lanes[group] = [(0, index)]
-            self._name_thread(index, group, index * 10)
+            self._name_thread(index, group, index * _TRACKS)
         return index
 
     def _group_tid(self, group: str, start: int, end: int | None = None) -> int:
@@ -214,7 +219,7 @@ class Trace:
         tid, n = self._next_tid, len(lanes)
         self._next_tid += 1
         words = group.split()
-        base = int(words[1]) * 10 + 1 if words[0] == "worker" else 1_000_000
+        base = int(words[1]) * _TRACKS + 1 if words[0] == "worker" else _REQUESTS
         self._name_thread(tid, group if n == 0 else f"{group} ({n + 1})", base + n)
         heapq.heappush(lanes, (end or 0, tid))
         return tid

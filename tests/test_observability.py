@@ -341,6 +341,30 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
     assert exit_["tid"] == 1 and exit_["ph"] == "i"
 
 
+def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
+    # Ten sort places a worker: its eleventh load track sorted beside the
+    # next worker's own, and a viewer mixed the two workers' tracks.
+    path = tmp_path / "t.json"
+    t = trace.Trace(path)
+    for i in range(12):  # twelve loads at once on worker 0
+        t("load", {"model": f"m{i}", "version": 1, "worker": 0, "start_ns": 0,
+                   "end_ns": 10_000_000, "bytes": 1})
+    for worker in (0, 1):  # one after the other: one requests track
+        ms = worker * 2_000_000
+        t("request", {"model": "a", "version": 1, "code": "OK", "start_ns": ms,
+                      "end_ns": ms + 1_000_000, "worker_ns": (ms, ms + 1, ms + 1),
+                      "worker": worker})
+    t.close()
+    events = json.loads(path.read_text())
+    names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    order = sorted(names, key=lambda tid: next(
+        e["args"]["sort_index"] for e in events
+        if e["name"] == "thread_sort_index" and e["tid"] == tid))
+    tracks = [names[tid] for tid in order]
+    assert tracks == ["worker 0", "worker 0 loads"] + [
+        f"worker 0 loads ({n})" for n in range(2, 13)] + ["worker 1", "requests"], tracks
+
+
 def test_metrics_count_load_phases_and_worker_exits():
     """Events the real engine only produces with a worker that reports
     phases, or dies: fed straight to the observer."""
