@@ -192,7 +192,8 @@ def plot(path: str, out: dict, series: dict) -> bool:
     try:
         import matplotlib
     except ImportError:
-        print("zipf: matplotlib is not installed; no plot", file=sys.stderr)
+        print("zipf: matplotlib is not installed; no plot (pip install -e '.[plot]')",
+              file=sys.stderr)
         return False
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

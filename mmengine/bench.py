@@ -77,8 +77,8 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int]:
             if specs:
                 inputs[name] = {s["name"]: _array(s["dtype"], s["shape"], rng) for s in specs}
             else:
-                print(f"mmengine bench: skipping {name}: it declares no inputs",
-                      file=sys.stderr)
+                why = row.get("error") or "it declares no inputs"
+                print(f"mmengine bench: skipping {name}: {why}", file=sys.stderr)
         names = list(inputs)[:args.models or None]  # the first N that can be sent
         if not names:
             raise BadRequest("no model the server lists can be benchmarked")

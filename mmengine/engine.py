@@ -1542,8 +1542,11 @@ class Engine:
         rows = []
         for key, spec in zip(keys, specs):
             row = self._model_row(key)
-            row["inputs"] = [] if isinstance(spec, BaseException) else [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs]
+            if isinstance(spec, BaseException):  # its manifest, say, cannot be read
+                row["inputs"], row["error"] = [], str(spec)
+            else:
+                row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                                 for t in spec.inputs]
             rows.append(row)
         return rows
 
