@@ -30,28 +30,30 @@ MAX_CONNECTIONS = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8081", help="the server's TCP address")
+    parser.add_argument("--url", default="127.0.0.1:8081",
+                        help="the server's TCP address (default 127.0.0.1:8081)")
     parser.add_argument("--models", type=int, default=0, metavar="N",
                         help="use the first N models of the server's list (default: all)")
     parser.add_argument("--zipf", type=float, default=1.0, metavar="S",
-                        help="Zipf exponent of model popularity (0: uniform)")
+                        help="Zipf exponent of model popularity (default 1.0; 0: uniform)")
     parser.add_argument("--requests", type=int, default=2000, metavar="M",
                         help="requests to send (default 2000)")
     parser.add_argument("--concurrency", type=int, default=16, metavar="C",
-                        help="requests in flight at once")
+                        help="requests in flight at once (default 16)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the traffic's order and of the inputs (default 0)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                        help="deadline of each request, in seconds")
+                        help="deadline of each request, in seconds (default 30)")
     parser.add_argument("--duration", type=float, default=600.0, metavar="S",
-                        help="stop sending new requests after S seconds")
+                        help="stop sending new requests after S seconds (default 600)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.concurrency < 1 or args.models < 0 \
+    if args.requests < 1 or args.concurrency < 1 or args.models < 0 or args.seed < 0 \
             or not args.zipf >= 0 or not args.timeout > 0 or not args.duration > 0:
         print("mmengine bench: --requests and --concurrency must be >= 1, "
-              "--models and --zipf >= 0, --timeout and --duration > 0", file=sys.stderr)
+              "--models, --seed and --zipf >= 0, --timeout and --duration > 0",
+              file=sys.stderr)
         return 2
     try:
         report, failed = uvloop.run(_bench(args))

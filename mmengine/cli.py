@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,14 +128,15 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
             http = HttpServer(engine, http_routes(), idle_timeout_s=config.http_idle_timeout_s)
             http_port = await http.start(config.host, config.http_port)
         n, workers = len(engine.repo.names()), len(engine.pool.workers)
+        host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
         print(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
-              f"tcp://{config.host}:{port} with {workers} worker{'s' * (workers != 1)} "
+              f"tcp://{host}:{port} with {workers} worker{'s' * (workers != 1)} "
               f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)", flush=True)
         if http is not None:
             print(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "
-                  f"http://{config.host}:{http_port}", flush=True)
+                  f"http://{host}:{http_port}", flush=True)
         if demo:
-            print(_demo_usage(engine.repo, config.host, port), flush=True)
+            print(_demo_usage(engine.repo, host, port), flush=True)
         if tracer is not None:
             print(f"mmengine: writing a trace to {tracer.path}", flush=True)
         warming = engine.health()["warming"]
@@ -241,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mmengine", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve a model repository")
+    serve = sub.add_parser(
+        "serve", help="serve a model repository",
+        description="Serve a model repository. Every option is also a key of the TOML "
+                    "file given with --config and an MMENGINE_<KEY> variable (README: "
+                    "the keys); flags win over both, variables over the file.")
     serve.add_argument("--repo", help="model repository: <repo>/<name>/<version>/")
     serve.add_argument("--demo", action="store_true",
                        help="serve a generated repository of demo models")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--tcp-port", type=int, help="binary protocol port (default 8081)")
+    serve.add_argument("--tcp-port", type=int,
+                       help="binary protocol port (default 8081; 0: any free)")
     serve.add_argument("--http-port", type=int,
                        help="HTTP port (default 8080; 0: any free; -1: no HTTP)")
     serve.add_argument("--workers", type=int, help="CPU worker processes")
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         from mmengine import trace
+        from mmengine.errors import MMEngineError
         tracer = None
         if config.trace_file:
             try:
@@ -298,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mmengine: configuration error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
-            print(f"mmengine: cannot serve: {e}", file=sys.stderr)
+            where = f"host {config.host!r}: " if isinstance(e, socket.gaierror) else ""
+            print(f"mmengine: cannot serve: {where}{e}", file=sys.stderr)
+            return 1
+        except MMEngineError as e:  # a worker that could not start: one line too
+            print(f"mmengine: cannot serve: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         finally:
             # Stopped: the loop's handlers are gone, and a signal repeated

@@ -65,6 +65,8 @@ def check_repo(config: "Config") -> None:
         raise ConfigError("repo: no model repository given (--repo DIR or --demo)")
     if not os.path.isdir(config.repo):
         raise ConfigError(f"repo: {config.repo!r} is not a directory")
+    if not os.access(config.repo, os.R_OK | os.X_OK):
+        raise ConfigError(f"repo: {config.repo!r} cannot be read by this user")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +223,9 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 #: environment of a process that runs model code (a worker).
 SECRET_KEYS = frozenset(name for name, f in _FIELDS.items() if not f.repr)
 SECRET_VARS = frozenset(ENV_PREFIX + name.upper() for name in SECRET_KEYS)
+#: Bounds on counts of processes and threads: past them a typo, not a plan.
+MAX_WORKERS = 1024
+MAX_THREADS = 4096
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
               "load_bytes_in_flight", "receive_bytes", "receive_min_rate", "fetch_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
@@ -277,6 +282,8 @@ def _coerce(key: str, value: Any) -> Any:
             return _LIST_KEYS[key].join(value)
         if not isinstance(value, str):
             raise ValueError  # a list or a table where a string belongs
+        if key == "host" and value.startswith("[") and value.endswith("]"):
+            return value[1:-1]  # [::1], as a URL writes it: the address
         return value
     except ConfigError:
         raise  # parse_size's, which says what a size looks like
@@ -291,9 +298,15 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"{key}: {getattr(c, key)!r} {why}")
 
     need(c.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-    need(c.workers >= 1, "workers", "must be at least 1")
-    need(c.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
-    need(c.load_threads >= 0, "load_threads", "must be >= 0")
+    # An empty host is every interface to asyncio, where a variable's empty
+    # value is the default's 127.0.0.1: said, never taken by accident.
+    need(c.host.strip() != "", "host", "must name an address (0.0.0.0: every interface)")
+    need(1 <= c.workers <= MAX_WORKERS, "workers", f"must be from 1 to {MAX_WORKERS}")
+    need(0 <= c.threads_per_worker <= MAX_THREADS, "threads_per_worker",
+         f"must be from 0 to {MAX_THREADS}")
+    need(0 <= c.load_threads <= MAX_THREADS, "load_threads", f"must be from 0 to {MAX_THREADS}")
+    for key in _SIZE_KEYS:  # what the byte accounting (int64) can hold
+        need(getattr(c, key) < 1 << 62, key, "is larger than any machine (4 EiB)")
     need(c.device_budget >= 0, "device_budget", "must be >= 0")
     need(c.host_tier_bytes >= -1, "host_tier_bytes", "must be a size, 0 (off) or auto")
     need(c.load_bytes_in_flight >= 0, "load_bytes_in_flight", "must be >= 0")
@@ -375,7 +388,12 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
                 table = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"config file {os.fspath(file)!r}: {e}") from None
-        table = table.get("mmengine", table)  # a [mmengine] table or top-level keys
+        if "mmengine" in table:  # a [mmengine] table, or top-level keys: not both
+            beside = sorted(set(table) - {"mmengine"})
+            if beside:
+                raise ConfigError(f"{beside[0]}: outside the [mmengine] table of "
+                                  f"{os.fspath(file)!r}, which holds the keys")
+            table = table["mmengine"]
         for key, value in table.items():
             if key not in _FIELDS:
                 raise ConfigError(f"{key}: unknown key in {os.fspath(file)!r}")
@@ -392,8 +410,11 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
                 values[key] = value
                 origin[key] = f"from {name}"
         else:  # said, not refused: the environment may be another program's too
-            close = difflib.get_close_matches(key, _FIELDS, 1)
+            close = [k for k in _FIELDS if k.startswith(key + "_")]  # a flag's name: PIN
+            close = close or difflib.get_close_matches(key, _FIELDS, 1)
             hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            if key == "config":
+                hint = " (a configuration file is named with --config only)"
             print(f"mmengine: {name} is no configuration key; ignored{hint}", file=sys.stderr)
     for key, value in (overrides or {}).items():
         if key not in _FIELDS:

@@ -738,6 +738,10 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "always"),
     ("stuck_inference_s", -1),
     ("spin_during_loads", ""),
+    # An empty host listened on every interface; counts and sizes past any
+    # machine's raised OverflowError, or killed the worker, with a traceback.
+    ("host", ""), ("host", " "), ("workers", 10 ** 20), ("threads_per_worker", 3_000_000_000),
+    ("load_threads", 10 ** 6), ("device_budget", "10000000TiB"), ("ring_bytes", 1 << 63),
 ])
 def test_config_keys_are_validated(key, value):
     with pytest.raises(config_mod.ConfigError, match=key):
@@ -846,7 +850,7 @@ def test_a_bad_value_says_where_it_came_from(tmp_path):
     toml.write_text("workers = 0\n")
     with pytest.raises(config_mod.ConfigError, match=r"^workers: .* \(in '.*c\.toml'\)$"):
         config_mod.load(toml, env={})
-    with pytest.raises(config_mod.ConfigError, match=r"^workers: 0 must be at least 1$"):
+    with pytest.raises(config_mod.ConfigError, match=r"^workers: 0 must be from 1 to 1024$"):
         config_mod.load(toml, env={}, overrides={"workers": 0})  # a flag's: said as it is
     # A check across keys says where each of them came from.
     toml.write_text("high_watermark = 0.5\n")
@@ -888,12 +892,29 @@ def test_layers_an_empty_variable_and_the_callers_defaults():
 
 def test_a_misspelled_variable_is_said_with_the_key_it_may_mean(capsys):
     c = config_mod.load(env={"MMENGINE_WROKERS": "3", "MMENGINE_WORKERS": "4",
-                             "MMENGINE_BUILD_ONLY": "ring", "MMENGINE_ZZZ": "1"})
+                             "MMENGINE_BUILD_ONLY": "ring", "MMENGINE_ZZZ": "1",
+                             "MMENGINE_PIN": "m", "MMENGINE_CONFIG": "c.toml"})
     assert c.workers == 4
     err = capsys.readouterr().err.splitlines()
     assert err == ["mmengine: MMENGINE_WROKERS is no configuration key; ignored "
                    "(did you mean MMENGINE_WORKERS?)",
-                   "mmengine: MMENGINE_ZZZ is no configuration key; ignored"]
+                   "mmengine: MMENGINE_ZZZ is no configuration key; ignored",
+                   # a flag's name: its key (MMENGINE_SPIN_US was said)
+                   "mmengine: MMENGINE_PIN is no configuration key; ignored "
+                   "(did you mean MMENGINE_PIN_MODELS?)",
+                   "mmengine: MMENGINE_CONFIG is no configuration key; ignored "
+                   "(a configuration file is named with --config only)"]
+
+
+def test_keys_beside_the_mmengine_table_are_refused(tmp_path):
+    # They were ignored without a word: a file with workers = 1 at the top
+    # and [mmengine] below served with the default's workers.
+    toml = tmp_path / "c.toml"
+    toml.write_text('workers = 1\n[mmengine]\nrepo = "r"\n')
+    with pytest.raises(config_mod.ConfigError, match=r"^workers: outside the \[mmengine\]"):
+        config_mod.load(toml, env={})
+    toml.write_text('[mmengine]\nworkers = 3\n')
+    assert config_mod.load(toml, env={}).workers == 3
 
 
 def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():

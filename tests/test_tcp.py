@@ -617,6 +617,14 @@ def test_bench_prints_its_table(address):
     assert "200/200 requests" in r.stderr  # the progress bar's last state
 
 
+def test_bench_refuses_bad_arguments_before_it_connects():
+    # --seed -1 connected, then failed on numpy's "expected non-negative integer".
+    for args in (["--seed", "-1"], ["--requests", "0"], ["--zipf", "nan"]):
+        r = subprocess.run(command("bench", "--url", "127.0.0.1:1", *args), env=environ(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and args[0] in r.stderr, (args, r.stderr)
+
+
 def test_configuration_errors_are_refused_at_start(tmp_path, repo):
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("workers = 2\nbogus_key = 1\n")
@@ -625,6 +633,7 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
         ([], {"MMENGINE_WORKERS": "abc"}, "workers"),
         (["--config", str(bad_toml)], {}, "bogus_key"),
         (["--demo"], {}, "repo"),  # --demo serves its own repository: not silently
+        (["--host", ""], {}, "host"),  # every interface, where it looked like none
     ]
     procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", "--http-port", "-1", *args),
                               env=environ(**env), stdout=subprocess.PIPE,
