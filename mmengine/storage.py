@@ -223,7 +223,7 @@ class Repository:
         for name in names:
             try:
                 versions[name] = self._scan_versions(name)
-            except ModelNotFound:  # no version directory (yet)
+            except (ModelNotFound, LoadFailed):  # no version directory (yet), or unreadable
                 pass
         changed = {name for name, known in self._versions.items()
                    if known != versions.get(name)}  # (a name never asked for: no news)
@@ -328,6 +328,8 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
             return list(entries)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as e:  # unreadable (its permissions): its models fail, not the others
+        raise LoadFailed(f"directory {path.name!r} cannot be read ({e.strerror})") from None
 
 
 # -- one version directory -> ModelSpec -------------------------------------

@@ -174,6 +174,30 @@ def test_names_lists_valid_model_directories(tmp_path):
     assert Repository(tmp_path / "missing").names() == ()
 
 
+def test_an_unreadable_model_directory_fails_that_model_only(tmp_path, monkeypatch):
+    # Its PermissionError failed every rescan (so no model was added or
+    # removed any more) and the TCP list, and its requests were INTERNAL.
+    # (Root reads any directory: its refusal is made here.)
+    for name in ("a", "b"):
+        make_version(tmp_path, name, 1, {"model.pt": ""})
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path) == tmp_path / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    repo = Repository(tmp_path)
+    assert repo.names() == ("a", "b")
+    monkeypatch.setattr(os, "scandir", refusing)
+    make_version(tmp_path, "c", 1, {"model.pt": ""})
+    assert repo.rescan() >= {"c"}
+    assert repo.names() == ("a", "b", "c") and repo.versions("c") == (1,)
+    with pytest.raises(LoadFailed, match=r"directory 'b' cannot be read \(Permission denied\)"):
+        repo.resolve("b")
+    assert repo.resolve("a").version == 1
+
+
 def test_highest_version_is_the_default(tmp_path):
     for version in (0, 1, 2, 10):  # 0 is no version: the engine refuses it as one
         make_version(tmp_path, "m", version, {"model.pt": ""})
