@@ -54,6 +54,7 @@ is released right after.
 from __future__ import annotations
 
 import enum
+import math
 import mmap
 import os
 from typing import Any
@@ -62,6 +63,7 @@ import msgpack
 import numpy as np
 
 from mmengine.errors import BadRequest
+from mmengine.ring import MAX_PARTS
 
 OK = 0
 SKIPPED = -1  # an INFER's answer: abandoned before it ran, so not run (Abandoned)
@@ -98,11 +100,35 @@ def describe(arrays: dict[str, np.ndarray]) -> tuple[list, list]:
     for name, a in arrays.items():
         descs.append([name, a.dtype.str, list(a.shape)])
         bufs.append(a if a.ndim else a.reshape(1))  # 0-d arrays export no buffer
+    if len(bufs) >= MAX_PARTS:  # the header is a part too
+        return _pack(descs, bufs)
     return descs, bufs
+
+
+def _pack(descs: list, bufs: list) -> tuple[list, list]:
+    """More tensors than a record has parts (a detection head's outputs,
+    a layer's each): the largest keep parts of their own, the rest are
+    copied into one last part, 8-byte aligned. Each descriptor then says
+    where its bytes are: [name, dtype, shape, part, offset], part -1 being
+    the shared one."""
+    by_size = sorted(range(len(bufs)), key=lambda i: bufs[i].nbytes)
+    shared_by = set(by_size[:len(bufs) - (MAX_PARTS - 2)])
+    parts, shared = [], bytearray()
+    for i, (desc, buf) in enumerate(zip(descs, bufs)):
+        if i in shared_by:
+            shared += bytes(-len(shared) % 8)
+            desc += [-1, len(shared)]
+            shared += memoryview(buf)
+        else:
+            desc += [len(parts), 0]
+            parts.append(buf)
+    return descs, parts + [shared]
 
 
 def view(descs: list, parts: list) -> dict[str, np.ndarray]:
     """Arrays viewing `parts` as `descs` describe them; no copy."""
+    if descs and len(descs[0]) == 5:
+        return _view_packed(descs, parts)
     if len(descs) != len(parts):
         raise BadRequest("message lists a different number of tensors than it carries")
     out = {}
@@ -111,6 +137,18 @@ def view(descs: list, parts: list) -> dict[str, np.ndarray]:
             out[name] = np.frombuffer(part, dtype=dtype).reshape(shape)
         except (TypeError, ValueError) as e:
             raise BadRequest(f"tensor {name!r}: {e}") from None
+    return out
+
+
+def _view_packed(descs: list, parts: list) -> dict[str, np.ndarray]:
+    out = {}
+    for desc in descs:
+        try:
+            name, dtype, shape, part, offset = desc
+            out[name] = np.frombuffer(parts[part], dtype=dtype, count=math.prod(shape),
+                                      offset=offset).reshape(shape)
+        except (TypeError, ValueError, IndexError) as e:
+            raise BadRequest(f"tensor {desc[0]!r}: {e}") from None
     return out
 
 

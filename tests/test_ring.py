@@ -496,3 +496,23 @@ def test_a_segment_without_room_fails_at_creation_saying_so():
     message, left = out.stdout.splitlines()
     assert "no room for a shared-memory segment" in message and "ring_bytes" in message
     assert left == "[]"
+
+
+def test_tensors_past_a_records_parts_share_one_and_bad_places_are_refused():
+    from mmengine import messages
+    from mmengine.errors import BadRequest
+    from mmengine.ring import MAX_PARTS
+
+    arrays = {f"t{i}": np.full(i % 7, i, np.int16 if i % 2 else np.float64)
+              for i in range(MAX_PARTS + 10)}
+    descs, bufs = messages.describe(arrays)
+    assert len(bufs) == MAX_PARTS - 1  # with the header: a record's parts
+    got = messages.view(descs, [memoryview(b).cast("B") for b in bufs])
+    assert list(got) == list(arrays)
+    for name, a in arrays.items():
+        assert got[name].dtype == a.dtype and np.array_equal(got[name], a), name
+    # A record's places are the sender's word: out of range is refused, typed.
+    for place in ([99, 0], [-1, 1 << 40], [0, -8]):
+        bad = [d[:3] + place if i == 0 else d for i, d in enumerate(descs)]
+        with pytest.raises(BadRequest, match="t0"):
+            messages.view(bad, bufs)

@@ -56,6 +56,8 @@ def predict(inputs):
         return {}  # no outputs
     if kind == 2:
         return 3.5  # a scalar
+    if kind == 3:
+        return {"out_" + name: x for name, x in inputs.items()}  # every input back
     return {"y": inputs["kind"] * 2}  # the input's shape, 0-d included
 '''
 
@@ -266,6 +268,24 @@ def test_odd_outputs_are_answered_and_scalars_stay_scalars(address):
         assert out["y"].shape == () and out["y"] == 10
         np.testing.assert_allclose(c.infer("m00", {"x": x_for(np.random.default_rng(1))})["y"],
                                    reference("m00", x_for(np.random.default_rng(1))), **TOL)
+
+
+def test_more_tensors_than_a_ring_record_has_parts_cross_both_ways(address):
+    # A record has 64 parts: a request of 64 inputs was TOO_LARGE, and an
+    # answer of 64 outputs (a detection head's, every layer's state) too.
+    rng = np.random.default_rng(7)
+    dtypes = [np.float32, np.float64, np.int8, np.bool_, np.complex128, np.float16, np.uint64]
+    inputs = {"kind": np.array([3])}
+    for i in range(150):
+        shape = [(), (0,), (3,), (2, 5), (1 << 17,)][i % 5] if i != 77 else (1 << 20,)
+        inputs[f"t{i:03d}"] = rng.integers(0, 2, shape).astype(dtypes[i % len(dtypes)])
+    with Client(address, timeout=30) as c:
+        out = c.infer("odd", inputs)
+    assert list(out) == ["out_" + name for name in inputs]
+    for name, x in inputs.items():
+        got = out["out_" + name]
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        np.testing.assert_array_equal(got, x, err_msg=name)
 
 
 def test_the_client_works_with_descriptors_past_1024(address):
