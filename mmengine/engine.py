@@ -113,6 +113,9 @@ class Engine:
         # name -> the repository scans that found it changed: a spec read
         # before the last of them is used once, not kept.
         self._name_changes: collections.Counter[str] = collections.Counter()
+        # The counts of the model versions forgotten (removed from the
+        # repository): the totals are counters, and must not go backwards.
+        self._forgotten: collections.Counter[str] = collections.Counter()
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -619,6 +622,7 @@ class Engine:
         for a load; a load or a pin counts neither."""
         waited = False
         loaded = False  # the load this request waited for has just ended
+        changes = self._name_changes[key[0]]
         while True:
             drained = self._draining.get(key)
             # An unload asked for while this request waited for the load
@@ -648,6 +652,14 @@ class Engine:
                 if self._stopped:  # nothing begins once the engine stops
                     raise Overloaded(f"{key[0]}: the engine shut down before it was "
                                      f"loaded")
+                if self._name_changes[key[0]] != changes:
+                    # Removed (SageMaker's DELETE) or changed while this
+                    # request waited: what it read then loads no more (a
+                    # removed model came back, and a name added again served
+                    # the old one's weights).
+                    changes = self._name_changes[key[0]]
+                    spec = await self._spec(*key)
+                    continue
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
             if op == Op.LOAD:
@@ -1225,8 +1237,13 @@ class Engine:
             for key in [k for k in self._stats if not self.repo.listed(*k)]:
                 if key not in self.cache and key not in self._busy \
                         and key not in self._pinned and key not in in_host:
-                    del self._stats[key]
+                    self._forget_stats(key)
                     self._derived_inputs.pop(key, None)
+
+    def _forget_stats(self, key: Key) -> None:
+        stats = self._stats.pop(key)
+        self._forgotten.update(loads=stats.loads, evictions=stats.evictions,
+                               failures=stats.failures, loads_from_host=stats.host_loads)
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():
@@ -1496,8 +1513,12 @@ class Engine:
         """Unloads a model added with add_model and forgets it."""
         await self.unload(name, None, timeout)
         self.repo.remove(name)
+        # Requests that waited for the unload load nothing now (_acquire).
+        self._name_changes[name] += 1
+        self._resolving = {k: v for k, v in self._resolving.items() if k[0] != name}
         self._specs = {k: v for k, v in self._specs.items() if k[0] != name}
-        self._stats = {k: v for k, v in self._stats.items() if k[0] != name}
+        for key in [k for k in self._stats if k[0] == name]:
+            self._forget_stats(key)
         self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] != name}
         self._derived_inputs = {k: v for k, v in self._derived_inputs.items() if k[0] != name}
 
@@ -1603,13 +1624,14 @@ class Engine:
             "totals": {
                 "hits": self._hits,
                 "misses": self._misses,
-                "loads": sum(r["loads"] for r in rows),
-                "evictions": sum(r["evictions"] for r in rows),
-                "failures": sum(r["failures"] for r in rows),
+                "loads": sum(r["loads"] for r in rows) + self._forgotten["loads"],
+                "evictions": sum(r["evictions"] for r in rows) + self._forgotten["evictions"],
+                "failures": sum(r["failures"] for r in rows) + self._forgotten["failures"],
                 "resident_models": len(resident),
                 "resident_bytes": sum(r["bytes"] for r in resident),
                 "worker_restarts": self.pool.restarts if self.pool else 0,
-                "loads_from_host": sum(r["loads_from_host"] for r in rows),
+                "loads_from_host": sum(r["loads_from_host"] for r in rows)
+                + self._forgotten["loads_from_host"],
             },
             "host_tier": self.host.stats(),
             "disk_cache": {**(self.disk.stats() if self.disk is not None else {}),

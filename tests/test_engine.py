@@ -1625,3 +1625,55 @@ def test_a_request_its_worker_skips_says_where_it_waited(repo):
     assert skipped and len(timeouts) >= len(skipped), (skipped, timeouts)
     for f in timeouts:
         assert (f["worker"], f["version"]) == (0, 1) and f["t_sent"] > 0, f
+
+
+# Answers x + OFFSET; a negative x first sleeps, to keep a request in flight.
+OFFSET_HANDLER = '''
+import time
+
+OFFSET = {offset}
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    x = inputs["x"]
+    if x.ravel()[0] < 0:
+        time.sleep(0.5)
+    return {{"y": x + OFFSET}}
+'''
+
+
+def test_a_model_removed_while_requests_wait_for_its_unload_is_not_loaded_again(
+        tmp_path, own_segments):
+    # Requests that came during SageMaker's DELETE waited for the unload,
+    # then loaded what they had read before: the model was resident after
+    # its removal, and the name added again served the old one's weights.
+    for name, offset in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
+    (tmp_path / "repo").mkdir()
+    x = np.ones((1, 2), np.float32)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
+            await engine.add_model("z", str(tmp_path / "a"))
+            busy = asyncio.ensure_future(engine.infer("z", {"x": -x}))  # in flight 0.5 s
+            await asyncio.sleep(0.2)
+            removal = asyncio.ensure_future(engine.remove_model("z"))
+            await asyncio.sleep(0.05)  # the unload waits for the request in flight
+            waiting = [asyncio.ensure_future(engine.infer("z", {"x": x})) for _ in range(3)]
+            await removal
+            results = await asyncio.gather(busy, *waiting, return_exceptions=True)
+            await asyncio.sleep(0.2)
+            rows = [r for r in engine.stats()["models"] if r["name"] == "z"]
+            await engine.add_model("z", str(tmp_path / "b"))
+            again = await engine.infer("z", {"x": x})
+            return results, rows, again, engine.stats()["totals"]
+
+    results, rows, again, totals = run(main())
+    np.testing.assert_array_equal(results[0]["y"], -x + 1.0)
+    assert [type(r).__name__ for r in results[1:]] == ["ModelNotFound"] * 3, results
+    assert rows == []
+    np.testing.assert_array_equal(again["y"], x + 2.0)
+    assert totals["loads"] == 2 and totals["evictions"] == 1  # the removed one's count too
