@@ -658,7 +658,12 @@ class Engine:
                     # removed model came back, and a name added again served
                     # the old one's weights).
                     changes = self._name_changes[key[0]]
-                    spec = await self._spec(*key)
+                    try:
+                        async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                            spec = await self._spec(*key)
+                    except TimeoutError:
+                        raise Timeout(f"{key[0]}: its manifest was not read again within "
+                                      f"the request's deadline") from None
                     continue
                 busy = self._start(key, Op.LOAD, self._load(key, spec))
             op, task = busy
