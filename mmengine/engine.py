@@ -1215,35 +1215,38 @@ class Engine:
         becomes the default one, a removed model is not found any more (a
         resident copy goes when evicted, as any other), an edited manifest
         is read again (a token rotated there is taken from then on)."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.repo_scan_s)
             try:
-                changed = await loop.run_in_executor(None, self.repo.rescan)
-            except OSError as e:  # the repository's disk: keep serving what is known
-                log.error("reading the repository: %r", e)
-                continue
-            if changed:
-                self._name_changes.update(changed)
-                self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
-                self._bad_specs = {k: v for k, v in self._bad_specs.items()
-                                   if k[0] not in changed}
-                self._resolving = {k: v for k, v in self._resolving.items()
-                                   if k[0] not in changed}  # the next look reads anew
-            # A removed version's copy in host memory can serve nothing again
-            # (one resident on a worker goes when evicted; demoted then, its
-            # copy goes at the next scan).
-            for key in self.host.keys():
-                if key not in self.cache and not self.repo.listed(*key):
-                    self.host.drop(key)
-            # Nor does its row in stats (its state in /metrics), once nothing
-            # of it is left: else every version ever removed stays listed.
-            in_host = set(self.host.keys())
-            for key in [k for k in self._stats if not self.repo.listed(*k)]:
-                if key not in self.cache and key not in self._busy \
-                        and key not in self._pinned and key not in in_host:
-                    self._forget_stats(key)
-                    self._derived_inputs.pop(key, None)
+                await self._rescan()
+            except (OSError, MMEngineError) as e:  # its disk, its permissions, no fds left:
+                log.error("reading the repository: %s", e)  # serve what is known, look again
+            except Exception:  # a bug: said, and the watch goes on (it ended, for good)
+                log.exception("reading the repository")
+
+    async def _rescan(self) -> None:
+        changed = await asyncio.get_running_loop().run_in_executor(None, self.repo.rescan)
+        if changed:
+            self._name_changes.update(changed)
+            self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
+            self._bad_specs = {k: v for k, v in self._bad_specs.items()
+                               if k[0] not in changed}
+            self._resolving = {k: v for k, v in self._resolving.items()
+                               if k[0] not in changed}  # the next look reads anew
+        # A removed version's copy in host memory can serve nothing again
+        # (one resident on a worker goes when evicted; demoted then, its
+        # copy goes at the next scan).
+        for key in self.host.keys():
+            if key not in self.cache and not self.repo.listed(*key):
+                self.host.drop(key)
+        # Nor does its row in stats (its state in /metrics), once nothing
+        # of it is left: else every version ever removed stays listed.
+        in_host = set(self.host.keys())
+        for key in [k for k in self._stats if not self.repo.listed(*k)]:
+            if key not in self.cache and key not in self._busy \
+                    and key not in self._pinned and key not in in_host:
+                self._forget_stats(key)
+                self._derived_inputs.pop(key, None)
 
     def _forget_stats(self, key: Key) -> None:
         stats = self._stats.pop(key)

@@ -1677,3 +1677,30 @@ def test_a_model_removed_while_requests_wait_for_its_unload_is_not_loaded_again(
     assert rows == []
     np.testing.assert_array_equal(again["y"], x + 2.0)
     assert totals["loads"] == 2 and totals["evictions"] == 1  # the removed one's count too
+
+
+def test_the_repository_watch_goes_on_after_a_scan_fails(tmp_path, own_segments, monkeypatch):
+    # A scan that could not read the repository (no descriptor left, say)
+    # ended the watch for good: no model or version added, no manifest
+    # edited (a token revoked) was seen again until a restart.
+    import errno
+
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    scandir, failing = os.scandir, [True]
+
+    def flaky(path):
+        if failing[0] and os.fspath(path) == str(tmp_path):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return scandir(path)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.models()
+            monkeypatch.setattr(os, "scandir", flaky)
+            await asyncio.sleep(0.35)  # scans that fail
+            failing[0] = False
+            demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3)
+            await asyncio.sleep(0.5)
+            return {r["name"] for r in await engine.models()}
+
+    assert run(main()) == {"m", "new"}
