@@ -116,10 +116,11 @@ class WorkerLogic:
         returns (on CPU: simply work(*args))."""
         if self._stream is None:
             return work(*args)
-        with self._torch.cuda.stream(self._stream):
-            result = work(*args)
-        self._stream.synchronize()
-        return result
+        try:
+            with self._torch.cuda.stream(self._stream):
+                return work(*args)
+        finally:  # failed too: its copies queued so far are done before their memory goes
+            self._stream.synchronize()
 
     def warm_device(self, loader: bool) -> None:
         """On a GPU, pays before any model waits for it what CUDA charges

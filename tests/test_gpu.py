@@ -200,3 +200,19 @@ def test_each_worker_reads_the_memory_of_its_own_gpu(monkeypatch, mask, handles)
         assert resources.gpu_count() == len(handles)
     finally:
         resources._handles.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_a_refused_host_registration_leaves_no_error_for_the_next_kernel():
+    # torch's cudaHostRegister returns the failure and leaves it the
+    # thread's last CUDA error, which the next kernel launch's check raised
+    # as its own: a load after a refused registration failed its warm-up.
+    memory = torch.empty(1 << 20, dtype=torch.uint8)
+    assert safetensors._register(memory)  # registered once...
+    assert not safetensors._register(memory)  # ...refused the second time
+    assert (torch.ones(4, device="cuda") * 2).sum().item() == 8  # launches and is checked
+    torch.cuda.cudart().cudaHostUnregister(memory.data_ptr())
+
+
+def test_clearing_cuda_errors_is_harmless_without_cuda():
+    safetensors._clear_cuda_error()  # no CUDA runtime in the process: nothing to do

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: How long a load's copy may take to reach the host tier (it is published after).
+PUBLISH_WAIT_S = 20
 sys.path.insert(0, str(ROOT))
 
 from mmengine.config import Config  # noqa: E402
@@ -135,8 +137,13 @@ async def engine_figures(root: Path, device: str, sizes: dict[str, int], repeats
         for _ in range(repeats):
             await engine.load("big")
             disk.append(loads[-1])
+            published = time.monotonic() + PUBLISH_WAIT_S
             while not engine._model_row(("big", 1))["host_bytes"]:
-                await asyncio.sleep(0.01)  # published
+                if time.monotonic() > published:  # say so, not wait out the run's timeout
+                    raise RuntimeError(f"big's copy was not in the host tier "
+                                       f"{PUBLISH_WAIT_S} s after its load: "
+                                       f"{engine._model_row(('big', 1))['last_error']}")
+                await asyncio.sleep(0.01)
             t0 = time.perf_counter()
             await engine.unload("big", keep_host=True)
             evict.append((time.perf_counter() - t0) * 1e3)

@@ -20,6 +20,8 @@ takes the inputs as keyword arguments.
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
 import json
 import mmap
 import os
@@ -466,7 +468,8 @@ class HostMaps:
         with self._lock:
             gone = self._maps.pop(segment, None)
         if gone is not None and gone[2]:
-            torch.cuda.cudart().cudaHostUnregister(gone[0].data_ptr())
+            if int(torch.cuda.cudart().cudaHostUnregister(gone[0].data_ptr())):
+                _clear_cuda_error()
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -488,7 +491,35 @@ def _register(flat: torch.Tensor) -> bool:
                                                      _HOST_REGISTER_PORTABLE)
     except Exception:  # noqa: BLE001 - no cudart binding: the stager serves
         return False
+    if int(error):
+        _clear_cuda_error()
     return int(error) == 0
+
+
+def _clear_cuda_error() -> None:
+    """Reads off the calling thread's last CUDA error. torch's binding of
+    cudaHostRegister returns a failure without clearing it, and the next
+    kernel launch's check on this thread (a warm-up, the next load) would
+    raise it as its own."""
+    lib = _cudart_library()
+    if lib is not None:
+        lib.cudaGetLastError()
+
+
+@functools.cache
+def _cudart_library():
+    """The CUDA runtime torch loaded (ctypes), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
 
 
 def _map_host(segment: str, where: str, writable: bool = False) -> tuple[torch.Tensor, Entries]:
