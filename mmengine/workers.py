@@ -195,6 +195,18 @@ class Worker:
         program's __main__ in every worker.)"""
         self.loop = loop
         self.ready = loop.create_future()
+        try:
+            self._start(loop)
+        except BaseException:
+            # (No descriptors left, say.) Its rings, descriptors and process
+            # go now: a restart tried again and again leaked them each time.
+            if self.is_running():
+                self.process.kill()
+                self.process.wait()  # milliseconds: it had barely begun
+            self.release()
+            raise
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         fds = [fd for r in self.rings for fd in (r.handle.data_fd, r.handle.space_fd)]
         fds.append(self.abandoned.fd)
         # Model code runs there: it gets no secret of the front-end's

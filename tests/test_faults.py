@@ -610,6 +610,42 @@ def test_kill_restart_cycles_leak_nothing_and_back_off(repo, own_segments):
     assert not live_pids(pids)
 
 
+def test_restarts_that_fail_to_start_a_worker_leak_nothing(repo, own_segments, monkeypatch):
+    # A restart whose process could not start (no descriptors left) kept
+    # the new worker's rings (two ring_bytes each) and descriptors: each
+    # try leaked them, and the leak fed the shortage that failed it.
+    import errno
+    import subprocess
+
+    popen, refusals = subprocess.Popen, [3]
+
+    def refusing(*args, **kwargs):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return popen(*args, **kwargs)
+
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.infer("m00", {"x": X})
+            fds, segments = len(os.listdir("/proc/self/fd")), own_shm()
+            old = engine.pool.workers[0]
+            monkeypatch.setattr(subprocess, "Popen", refusing)
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: not refusals[0] and engine.pool.workers[0] is not old
+                        and engine.pool.workers[0].ready.done()
+                        and engine.pool.workers[0].alive, 30, "the restart")
+            out = await engine.infer("m00", {"x": X})
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            rings = lambda names: {s for s in names if "-ring-" in s}  # noqa: E731
+            return fds, len(os.listdir("/proc/self/fd")), len(rings(segments)), \
+                len(rings(own_shm())), engine.stats()["totals"]["worker_restarts"]
+
+    fds_before, fds_after, rings_before, rings_after, restarts = run(main(), timeout=60)
+    assert restarts == 4  # three that failed, one that came up
+    assert (rings_after, fds_after) == (rings_before, fds_before)
+
+
 # -- shutdown --------------------------------------------------------------------
 
 def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segments):
