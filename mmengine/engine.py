@@ -116,6 +116,9 @@ class Engine:
         # The counts of the model versions forgotten (removed from the
         # repository): the totals are counters, and must not go backwards.
         self._forgotten: collections.Counter[str] = collections.Counter()
+        # Workers told at the last monitor turn to give back the memory they
+        # keep for reuse, their device being over the watermark (_relieve).
+        self._released: set[int] = set()
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -1171,12 +1174,34 @@ class Engine:
                 if victim is not None:
                     await self._evict(victim, "host_memory")
         for w in self.pool.workers:
-            if w.device.startswith("cuda"):
-                used, total = resources.gpu_memory(int(w.device.split(":")[1]))
-                if used > self.config.high_watermark * total:
-                    victim = self._least_recent(lambda x: x is w)
-                    if victim is not None:
-                        await self._evict(victim, "gpu_memory")
+            memory = resources.gpu_memory(int(w.device.split(":")[1])) \
+                if w.device.startswith("cuda") else None
+            if memory is not None:  # (None: NVML will not say; the budget still holds)
+                await self._relieve(w, *memory)
+
+    async def _relieve(self, w: Worker, used: int, total: int) -> None:
+        """A device over the watermark as its driver counts (`used` of
+        `total` bytes). The driver counts the memory torch keeps cached for
+        the next loads as used, so an eviction alone lowered nothing, and
+        every idle model went, one a monitor turn, for good: the worker
+        first gives back what it keeps, and only a device still over at the
+        next turn loses its least recently used model (whose memory is
+        given back at the turn after)."""
+        if used <= self.config.high_watermark * total:
+            self._released.discard(w.index)
+            return
+        if w.index not in self._released:
+            self._released.add(w.index)
+            try:
+                fut = w.call(Op.RELEASE, "", 0)
+            except MMEngineError:
+                return  # it is dying: its memory goes with it
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        self._released.discard(w.index)
+        victim = self._least_recent(lambda x: x is w)
+        if victim is not None:
+            await self._evict(victim, "gpu_memory")
 
     def _restart_stuck(self) -> None:
         """A model's code that never returns holds its worker, and every

@@ -7,7 +7,7 @@ bytes of its tensors (parts 1..n), in the order the header lists them.
 Request header (front-end -> worker), a msgpack array:
 
     [op, id, model, version, tensors, params]
-      op       Op.INFER | Op.LOAD | Op.UNLOAD | Op.PUBLISH | Op.FORGET
+      op       Op.INFER | Op.LOAD | Op.UNLOAD | Op.PUBLISH | Op.FORGET | Op.RELEASE
       id       int, unique among the requests in flight to this worker
       model    str, the model name
       version  int
@@ -18,7 +18,7 @@ Request header (front-end -> worker), a msgpack array:
                estimated_bytes, "allow_code": bool, "host": the host-tier
                segment to load from, or nil}; PUBLISH: {"segment": the name
                of the host-tier segment to create}; FORGET: {"segment": a segment
-               the front-end unlinked})
+               the front-end unlinked}; RELEASE: {})
 
 Response header (worker -> front-end):
 
@@ -34,7 +34,8 @@ Response header (worker -> front-end):
                its time on a CPU and runnable off one in the model}; LOAD: {"bytes": measured,
                "phases": {phase: seconds}, "from": "host" | "disk",
                "publishable": whether PUBLISH can copy it to the host tier};
-               PUBLISH: {"bytes": the segment's size};
+               PUBLISH: {"bytes": the segment's size}; RELEASE: {"bytes":
+               what it gave back};
                READY (id 0): {"pid", "device"}; error: the message (str),
                or, where an INFER failed once the worker had taken it (its
                inputs refused, its model raised, its answer refused), the
@@ -76,6 +77,7 @@ class Op(enum.IntEnum):
     UNLOAD = 3
     PUBLISH = 4  # copy a resident model's bytes into a host-tier segment
     FORGET = 5   # a host-tier segment is gone: unmap it
+    RELEASE = 6  # give back the memory kept for reuse (the device runs short)
 
 
 # The operations that keep a worker's loader busy for long: while one runs

@@ -100,9 +100,13 @@ def gpu_count() -> int:
     return len(_handles())
 
 
-def gpu_memory(index: int) -> tuple[int, int]:
-    """(used, total) bytes of cuda:`index`, as the driver sees them."""
-    info = _nvml().nvmlDeviceGetMemoryInfo(_handles()[index])
+def gpu_memory(index: int) -> tuple[int, int] | None:
+    """(used, total) bytes of cuda:`index`, as the driver sees them; None
+    where NVML will not say (a MIG GPU read without the privilege, say)."""
+    try:
+        info = _nvml().nvmlDeviceGetMemoryInfo(_handles()[index])
+    except Exception:  # noqa: BLE001 - pynvml's NVMLError, of many kinds
+        return None
     return int(info.used), int(info.total)
 
 
@@ -159,7 +163,11 @@ def device_budget(config: Config, device: str) -> int:
     if config.device_budget:
         return config.device_budget
     if device.startswith("cuda"):
-        return gpu_memory(int(device.split(":")[1]))[1]
+        memory = gpu_memory(int(device.split(":")[1]))
+        if memory is None:
+            raise ConfigError(f"device_budget: the memory of {device} cannot be read "
+                              f"(NVML); set device_budget")
+        return memory[1]
     return psutil.virtual_memory().total // 2 // config.workers
 
 

@@ -182,6 +182,22 @@ class WorkerLogic:
         return {"allocator": {"device_allocs": stats.get("num_device_alloc", 0),
                               "device_frees": stats.get("num_device_free", 0)}}
 
+    def release(self) -> int:
+        """Gives back the memory kept for the next loads (evicted models'):
+        on a GPU torch's cached blocks (cudaFree: asked for only when the
+        device runs short, since NVML counts them used and an eviction alone
+        lowers nothing), on CPU the arena pool's. Returns the bytes."""
+        if self._stream is not None:
+            cuda = self._torch.cuda
+            before = cuda.memory_reserved(self.device)
+            cuda.empty_cache()
+            return before - cuda.memory_reserved(self.device)
+        from mmengine import staging
+
+        freed = staging.POOL.free_bytes()
+        staging.POOL.clear()
+        return freed
+
     def publish(self, name: str, version: int, segment: str) -> int:
         """Copies a resident model's bytes into the new host-tier segment
         `segment`; returns the segment's size."""
@@ -339,6 +355,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             elif op == Op.FORGET:
                 logic.forget(params["segment"])
                 out.send(rid)
+            elif op == Op.RELEASE:
+                out.send(rid, body={"bytes": logic.release()})
             elif op == Op.UNLOAD:
                 model = logic.unload(name, version)
                 out.send(rid)  # nothing can reach the model any more

@@ -1048,3 +1048,36 @@ def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments
             return engine.stats()["totals"]["worker_restarts"]
 
     assert run(main(), timeout=90) == 3
+
+
+def test_a_device_over_its_watermark_gives_back_cached_memory_before_models(repo,
+                                                                             own_segments):
+    # The driver counts the memory kept for the next loads as used: an
+    # eviction alone lowered nothing, and the monitor evicted every idle
+    # model, one a turn, for good. (The driver's readings are given here:
+    # this machine has no GPU; a CPU worker keeps evicted models' memory in
+    # its arena pool as a GPU's allocator does.)
+    from mmengine.messages import Op
+
+    async def main():
+        async with Engine(config(repo, host_tier_bytes=0)) as engine:
+            for name in ("m00", "m01"):
+                await engine.infer(name, {"x": X})
+            await engine.unload("m01")  # its memory is kept for the next load
+            worker = engine.pool.workers[0]
+            body, _ = await worker.call(Op.RELEASE, "", 0)
+            kept = body["bytes"]
+            await engine.infer("m01", {"x": X})
+            states = []
+            for used in (90, 90, 90, 90, 50):  # of 100: over 0.80, then under
+                await engine._relieve(worker, used, 100)
+                await asyncio.sleep(0.1)
+                states.append(tuple(engine._model_row((n, 1))["state"] for n in ("m00", "m01")))
+            return kept, states, engine._released
+
+    kept, states, released = run(main())
+    assert kept > 0  # what m01 had, given back
+    r, s = "resident", "on storage"
+    # Given back first, a model evicted only at the next turn still over.
+    assert states == [(r, r), (s, r), (s, r), (s, s), (s, s)], states
+    assert released == set()
