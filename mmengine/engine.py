@@ -23,9 +23,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import errors, fetch, hosttier, resources
+from mmengine import errors, fetch, hosttier, resources, shm
 from mmengine.config import Config, ConfigError, check_repo, parse_pins
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, PinnedFull,
@@ -43,7 +45,7 @@ from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, 
 from mmengine.messages import Op
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
-from mmengine.workers import Worker, WorkerPool
+from mmengine.workers import CONTROL_RING_BYTES, Worker, WorkerPool
 
 Key = tuple[str, int]
 # What an operator is told (a failed load, a worker's end): `mmengine serve`
@@ -1350,6 +1352,24 @@ class Engine:
                 if self._closing:
                     return
                 log.warning("worker %d did not come back (%s); trying again", index, e)
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    self._make_room_for_rings()
+
+    def _make_room_for_rings(self) -> None:
+        """/dev/shm had no room for a restarting worker's rings: the copies
+        of models no worker holds (demoted) go, least recently used first,
+        until the rings fit. A worker serves; a copy only speeds a reload
+        (the dead one stayed down for good while they held the room)."""
+        short = 2 * self.config.ring_bytes + CONTROL_RING_BYTES \
+            - shutil.disk_usage(shm.SHM_DIR).free
+        while short > 0:
+            demoted = self.host.least_recent()
+            if demoted is None:
+                return
+            log.warning("dropping %s v%d's copy in host memory: a worker's rings need "
+                        "the room", *demoted)
+            short -= self.host.bytes(demoted)
+            self.host.drop(demoted)
         self._room_changed()
         self._keep_pinned_warm()
 

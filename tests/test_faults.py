@@ -92,6 +92,12 @@ def own_shm() -> set[str]:
     return {s for s in shm.list_segments() if s.startswith(prefix)}
 
 
+def restarted(engine: Engine, old) -> bool:
+    """Whether worker 0 is a new one, up, in the place of `old`."""
+    w = engine.pool.workers[0]
+    return w is not old and w.ready.done() and w.alive
+
+
 async def until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -586,9 +592,7 @@ def test_kill_restart_cycles_leak_nothing_and_back_off(repo, own_segments):
                 old = engine.pool.workers[0]
                 pids.append(old.pid)
                 os.kill(old.pid, signal.SIGKILL)
-                await until(lambda: engine.pool.workers[0] is not old
-                            and engine.pool.workers[0].ready.done()
-                            and engine.pool.workers[0].alive, 30, "the restart")
+                await until(lambda: restarted(engine, old), 30, "the restart")
                 delays.append(engine.stats()["workers"][0]["restart_delay_s"])
                 out = await engine.infer("m00", {"x": X})  # loaded again on demand
                 np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
@@ -632,9 +636,7 @@ def test_restarts_that_fail_to_start_a_worker_leak_nothing(repo, own_segments, m
             old = engine.pool.workers[0]
             monkeypatch.setattr(subprocess, "Popen", refusing)
             os.kill(old.pid, signal.SIGKILL)
-            await until(lambda: not refusals[0] and engine.pool.workers[0] is not old
-                        and engine.pool.workers[0].ready.done()
-                        and engine.pool.workers[0].alive, 30, "the restart")
+            await until(lambda: not refusals[0] and restarted(engine, old), 30, "the restart")
             out = await engine.infer("m00", {"x": X})
             np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
             rings = lambda names: {s for s in names if "-ring-" in s}  # noqa: E731
@@ -1081,3 +1083,43 @@ def test_a_device_over_its_watermark_gives_back_cached_memory_before_models(repo
     # Given back first, a model evicted only at the next turn still over.
     assert states == [(r, r), (s, r), (s, r), (s, s), (s, s)], states
     assert released == set()
+
+
+def test_a_worker_short_of_dev_shm_for_its_rings_gets_the_room_of_demoted_copies(
+        repo, own_segments, monkeypatch):
+    # A restart whose rings found no room in /dev/shm was tried again and
+    # again (backing off to 30 s) while the host tier held copies no worker
+    # used: the worker stayed down for good.
+    import errno
+    import shutil
+
+    from mmengine.workers import CONTROL_RING_BYTES
+
+    create, refusals = shm.Segment.create.__func__, [1]
+
+    def full(cls, size, kind):
+        if kind == "ring" and refusals[0]:
+            refusals[0] -= 1
+            raise OSError(errno.ENOSPC, "/dev/shm has no room")
+        return create(cls, size, kind)
+
+    async def main():
+        async with Engine(config(repo, ring_bytes=1 << 16)) as engine:
+            for name in ("m00", "m01"):
+                await engine.infer(name, {"x": X})
+                await until(lambda: engine._model_row((name, 1))["host_bytes"], 10, "the copy")
+                await engine.unload(name, keep_host=True)
+            need = 2 * engine.config.ring_bytes + CONTROL_RING_BYTES
+            usage = shutil.disk_usage(shm.SHM_DIR)
+            monkeypatch.setattr(shutil, "disk_usage",  # one byte short
+                                lambda path: usage._replace(free=need - 1))
+            monkeypatch.setattr(shm.Segment, "create", classmethod(full))
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: not refusals[0] and restarted(engine, old), 30, "the restart")
+            out = await engine.infer("m01", {"x": X})
+            np.testing.assert_allclose(out["y"], reference("m01"), rtol=1e-5, atol=1e-5)
+            return sorted(engine.host.keys())
+
+    # The least recently used copy went, one byte's worth being short; m01's stayed.
+    assert run(main(), timeout=60) == [("m01", 1)]
