@@ -1354,6 +1354,8 @@ class Engine:
                 log.warning("worker %d did not come back (%s); trying again", index, e)
                 if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                     self._make_room_for_rings()
+        self._room_changed()
+        self._keep_pinned_warm()
 
     def _make_room_for_rings(self) -> None:
         """/dev/shm had no room for a restarting worker's rings: the copies
@@ -1370,8 +1372,6 @@ class Engine:
                         "the room", *demoted)
             short -= self.host.bytes(demoted)
             self.host.drop(demoted)
-        self._room_changed()
-        self._keep_pinned_warm()
 
     def _keep_pinned_warm(self) -> None:
         """Loads every pinned model that is not resident (its worker died,

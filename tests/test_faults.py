@@ -1123,3 +1123,26 @@ def test_a_worker_short_of_dev_shm_for_its_rings_gets_the_room_of_demoted_copies
 
     # The least recently used copy went, one byte's worth being short; m01's stayed.
     assert run(main(), timeout=60) == [("m01", 1)]
+
+
+def test_a_request_that_waits_out_a_worker_restart_is_served_once_it_is_back(
+        repo, own_segments):
+    # The restart's end woke no request waiting for room: one that came
+    # while the only worker was down waited to its deadline, the worker
+    # back within a second (a regression of this session's, found by review).
+    async def main():
+        async with Engine(config(repo, monitor_interval_s=5.0)) as engine:
+            await engine.infer("m00", {"x": X})
+            for _ in range(2):  # a third restart within the minute backs off 0.4 s
+                old = engine.pool.workers[0]
+                os.kill(old.pid, signal.SIGKILL)
+                await until(lambda: restarted(engine, old), 30, "the restart")
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: not old.alive, 10, "the death")
+            t0 = time.monotonic()
+            out = await engine.infer("m00", {"x": X}, timeout=8)
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            return time.monotonic() - t0
+
+    assert run(main(), timeout=60) < 4
