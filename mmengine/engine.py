@@ -496,6 +496,7 @@ class Engine:
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None) -> tuple[dict, dict]:
         try:
+            changes = self._name_changes[name]  # before the look: a removal meanwhile shows
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     spec = await self._spec(name, version)
@@ -507,7 +508,7 @@ class Engine:
                               f"deadline") from None
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
             key = (spec.name, spec.version)
-            worker = await self._acquire(key, spec, deadline)
+            worker = await self._acquire(key, spec, deadline, changes=changes)
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
                 raise Overloaded(f"{name}: the engine shut down before this request "
@@ -620,14 +621,17 @@ class Engine:
         return True
 
     async def _acquire(self, key: Key, spec: ModelSpec, deadline: float,
-                       request: bool = True) -> Worker:
+                       request: bool = True, changes: int | None = None) -> Worker:
         """The worker on which `key` is resident, pinned for one request;
         loads it (once, however many requests wait) if needed. For an
         inference (`request`), counts a hit, or a miss when it had to wait
-        for a load; a load or a pin counts neither."""
+        for a load; a load or a pin counts neither. `changes`: the name's
+        count of changes (_name_changes) before `spec` was read; a change
+        since has it read again before a load."""
         waited = False
         loaded = False  # the load this request waited for has just ended
-        changes = self._name_changes[key[0]]
+        if changes is None:
+            changes = self._name_changes[key[0]]
         while True:
             drained = self._draining.get(key)
             # An unload asked for while this request waited for the load
@@ -1478,9 +1482,10 @@ class Engine:
                 del self._control_order[name]
 
     async def _load_now(self, name: str, version: int | None, deadline: float) -> dict:
+        changes = self._name_changes[name]
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline, request=False)
+        await self._acquire(key, spec, deadline, request=False, changes=changes)
         self._unpin_request(key, self._gen[key])
         return self._model_row(key)
 
@@ -1530,9 +1535,10 @@ class Engine:
                 raise Timeout(f"{name}: still in use at the deadline") from None
 
     async def _pin_now(self, name: str, version: int | None, deadline: float) -> dict:
+        changes = self._name_changes[name]
         spec = await self._spec(name, version)
         key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline, request=False)
+        await self._acquire(key, spec, deadline, request=False, changes=changes)
         gen = self._gen[key]
         if self._pinned.get(key) == gen:
             self._unpin_request(key, gen)  # this entry already carries the pin

@@ -1704,3 +1704,34 @@ def test_the_repository_watch_goes_on_after_a_scan_fails(tmp_path, own_segments,
             return {r["name"] for r in await engine.models()}
 
     assert run(main()) == {"m", "new"}
+
+
+def test_a_model_removed_while_a_request_reads_its_manifest_is_not_loaded_by_it(
+        tmp_path, own_segments):
+    # The request counted the name's changes only once its look had ended:
+    # a removal between the two went unseen, and it loaded the removed model.
+    for name, offset in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
+    (tmp_path / "repo").mkdir()
+    x = np.ones((1, 2), np.float32)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
+            await engine.add_model("z", str(tmp_path / "a"))
+            await engine.infer("z", {"x": x})
+            await engine.unload("z")
+            late = asyncio.ensure_future(engine.infer("z", {"x": x}, version=1))
+            for _ in range(100):
+                if ("z", 1) in engine._resolving:
+                    break
+                await asyncio.sleep(0)
+            time.sleep(0.05)  # the look ends in its thread; the loop has not resumed it
+            await engine.remove_model("z")
+            result = await asyncio.gather(late, return_exceptions=True)
+            await engine.add_model("z", str(tmp_path / "b"))
+            return result[0], (await engine.infer("z", {"x": x}))["y"]
+
+    late, again = run(main())
+    assert isinstance(late, ModelNotFound), late
+    np.testing.assert_array_equal(again, x + 2.0)
