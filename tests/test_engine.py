@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import random
@@ -1644,20 +1645,28 @@ def predict(inputs):
 '''
 
 
+@contextlib.asynccontextmanager
+async def offset_models(tmp_path):
+    """An engine serving, as "z" (added at run time), the model of
+    tmp_path/a (x + 1); tmp_path/b answers x + 2."""
+    for name, offset in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
+    (tmp_path / "repo").mkdir()
+    async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
+        await engine.add_model("z", str(tmp_path / "a"))
+        yield engine
+
+
 def test_a_model_removed_while_requests_wait_for_its_unload_is_not_loaded_again(
         tmp_path, own_segments):
     # Requests that came during SageMaker's DELETE waited for the unload,
     # then loaded what they had read before: the model was resident after
     # its removal, and the name added again served the old one's weights.
-    for name, offset in (("a", 1.0), ("b", 2.0)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
-    (tmp_path / "repo").mkdir()
     x = np.ones((1, 2), np.float32)
 
     async def main():
-        async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
-            await engine.add_model("z", str(tmp_path / "a"))
+        async with offset_models(tmp_path) as engine:
             busy = asyncio.ensure_future(engine.infer("z", {"x": -x}))  # in flight 0.5 s
             await asyncio.sleep(0.2)
             removal = asyncio.ensure_future(engine.remove_model("z"))
@@ -1710,15 +1719,10 @@ def test_a_model_removed_while_a_request_reads_its_manifest_is_not_loaded_by_it(
         tmp_path, own_segments):
     # The request counted the name's changes only once its look had ended:
     # a removal between the two went unseen, and it loaded the removed model.
-    for name, offset in (("a", 1.0), ("b", 2.0)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
-    (tmp_path / "repo").mkdir()
     x = np.ones((1, 2), np.float32)
 
     async def main():
-        async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
-            await engine.add_model("z", str(tmp_path / "a"))
+        async with offset_models(tmp_path) as engine:
             await engine.infer("z", {"x": x})
             await engine.unload("z")
             late = asyncio.ensure_future(engine.infer("z", {"x": x}, version=1))
