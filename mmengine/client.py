@@ -58,16 +58,18 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
         raise ValueError(f"{address!r}: the SDK speaks mmengine's TCP protocol; give the "
                          f"server's TCP address, host:port (or tcp://host:port)")
     if address.startswith("["):  # [IPv6] or [IPv6]:port
-        host, _, rest = address[1:].partition("]")
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or rest and not rest.startswith(":"):
             raise ValueError(f"{address!r} is not host:port")
-        return host, int(rest[1:]) if rest else DEFAULT_PORT
-    host, colon, port = address.rpartition(":")
-    if not colon or ":" in host:  # no port, or a bare IPv6 address (::1)
-        return address, DEFAULT_PORT
-    if not port.isdigit():
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon or ":" in host:  # no port, or a bare IPv6 address (::1)
+            host, port = address, None
+    if not host or port is not None and not (
+            port.isascii() and port.isdigit() and int(port) < 65536):
         raise ValueError(f"{address!r} is not host:port")
-    return host, int(port)
+    return host, DEFAULT_PORT if port is None else int(port)
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -389,6 +389,9 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"config file {os.fspath(file)!r}: {e}") from None
         if "mmengine" in table:  # a [mmengine] table, or top-level keys: not both
+            if not isinstance(table["mmengine"], dict):
+                raise ConfigError(f"mmengine: must be a table ([mmengine]) in "
+                                  f"{os.fspath(file)!r}")
             beside = sorted(set(table) - {"mmengine"})
             if beside:
                 raise ConfigError(f"{beside[0]}: outside the [mmengine] table of "

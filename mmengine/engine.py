@@ -602,8 +602,11 @@ class Engine:
                 if not record or getattr(e, "counted", False):
                     raise
                 e.counted = True
-                versions = self.repo.versions(name)  # cached by the failed resolve
-                bad = (name, version or versions[-1])
+                try:
+                    latest = self.repo.versions(name)[-1]  # cached by the failed resolve
+                except MMEngineError:  # its directory cannot be read: no version is known
+                    latest = 1
+                bad = (name, version or latest)
                 self._bad_specs[(name, version)] = (bad, getattr(e, "token_digests", ()))
                 self._load_failed(bad, e)
                 raise

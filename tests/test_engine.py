@@ -1739,3 +1739,32 @@ def test_a_model_removed_while_a_request_reads_its_manifest_is_not_loaded_by_it(
     late, again = run(main())
     assert isinstance(late, ModelNotFound), late
     np.testing.assert_array_equal(again, x + 2.0)
+
+
+def test_a_model_whose_directory_cannot_be_read_is_a_failed_load_backed_off(
+        tmp_path, own_segments, monkeypatch):
+    # Its failure was not recorded (looking up its versions to record it
+    # failed again): no failure in stats, no back-off, every request read
+    # the directory anew. (Root reads any directory: its refusal is made here.)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "locked", "safetensors", *DIMS, seed=2)
+    scandir, looks = os.scandir, [0]
+
+    def refusing(path):
+        if os.fspath(path) == str(tmp_path / "locked"):
+            looks[0] += 1
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            monkeypatch.setattr(os, "scandir", refusing)
+            for _ in range(3):
+                with pytest.raises(LoadFailed, match="'locked' cannot be read"):
+                    await engine.infer("locked", {"x": x_for(np.random.default_rng(1))})
+            await engine.infer("m", {"x": x_for(np.random.default_rng(1))})
+            return engine._model_row(("locked", 1)), looks[0]
+
+    row, looked = run(main())
+    assert row["state"] == "failed" and row["failures"] == 1, row
+    assert looked <= 2, looked  # the first request's look; the others were backed off

@@ -915,6 +915,9 @@ def test_keys_beside_the_mmengine_table_are_refused(tmp_path):
         config_mod.load(toml, env={})
     toml.write_text('[mmengine]\nworkers = 3\n')
     assert config_mod.load(toml, env={}).workers == 3
+    toml.write_text('mmengine = 3\n')  # a traceback (AttributeError) before
+    with pytest.raises(config_mod.ConfigError, match=r"^mmengine: must be a table"):
+        config_mod.load(toml, env={})
 
 
 def test_a_config_built_directly_is_taken_and_checked_as_a_file_is():

@@ -990,7 +990,7 @@ def test_a_message_sent_twice_is_two_requests_and_stays_the_callers(address):
 def test_addresses_of_every_form_are_read(address, parsed):
     # "::1" was host ":" port 1, and "[::1]" a ValueError of int().
     assert parse_address(address) == parsed
-    for bad in ("h:", "h:x", "[::1]x", "[::1]:"):
+    for bad in ("h:", "h:x", "[::1]x", "[::1]:", "[::1", ":80", "[]:80", "h:99999", ""):
         with pytest.raises(ValueError):
             parse_address(bad)
 
