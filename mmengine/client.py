@@ -400,18 +400,22 @@ class Client:
     def call_many(self, messages: Iterable[dict], timeout: float | None = None) -> list[dict]:
         """Sends every message at once on one connection (pipelined) and
         returns the responses in the same order; raises the first error."""
-        return self._call_many(list(messages), _wait(_timeout(timeout, self.timeout)))
+        # Copies: the caller's messages keep no id and no token of ours (the
+        # same dict twice is two requests, not one id sent twice).
+        return self._call_many([dict(m) for m in messages],
+                               _wait(_timeout(timeout, self.timeout)))
 
     def _call_many(self, messages: list[dict], wait: float | None,
                    encoded: bool = False) -> list[dict]:
         """call_many, waiting `wait` seconds for the answers (None: for
         ever); `encoded`: the messages are infers whose inputs encode_tensors
         made (large ones are sent from where they lie)."""
-        # Copies: the caller's messages keep no id and no token of ours (the
-        # same dict twice is two requests, not one id sent twice).
-        messages = [{"token": self.token, **m, "id": next(self._ids)} if self.token is not None
-                    else {**m, "id": next(self._ids)} for m in messages]
-        ids = [m["id"] for m in messages]
+        ids = []
+        for m in messages:  # this client's own (call_many copies its caller's)
+            m["id"] = next(self._ids)
+            if self.token is not None:
+                m.setdefault("token", self.token)
+            ids.append(m["id"])
         frames = [protocol.frames(m, m["inputs"] if encoded else None) for m in messages]
         for parts in frames:
             self._check_size(_body_size(parts))
@@ -649,16 +653,17 @@ class AsyncClient:
         await self.close()
 
     async def call(self, message: dict, timeout: float | None = None) -> dict:
-        return await self._call(message, _wait(_timeout(timeout, self.timeout)))
+        # A copy, as call_many's: the caller's message keeps no id or token.
+        return await self._call(dict(message), _wait(_timeout(timeout, self.timeout)))
 
     async def _call(self, message: dict, wait: float | None,
                     encoded: bool = False) -> dict:
         """call, waiting `wait` seconds for the answer (None: for ever);
         `encoded` as Client._call_many's."""
         rid = next(self._ids)
-        # A copy, as Client._call_many's: the caller's message keeps no id or token.
-        message = {"token": self.token, **message, "id": rid} if self.token is not None \
-            else {**message, "id": rid}
+        message["id"] = rid  # this client's own (call copies its caller's)
+        if self.token is not None:
+            message.setdefault("token", self.token)
         parts = protocol.frames(message, message["inputs"] if encoded else None)
         if len(parts) > 1:
             # The caller's arrays may change once this yields (the size

@@ -252,6 +252,8 @@ def from_torch(value: Any) -> Any:
     """A torch tensor as a numpy array (bfloat16, which numpy lacks, as
     float32, which holds each of its values); anything else as it is.
     torch is imported only by those who pass its tensors."""
+    if type(value) is np.ndarray:  # the common case, at once
+        return value
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):  # subclasses too (MONAI's)
         if value.is_meta:  # a shape with no values
