@@ -632,6 +632,48 @@ def test_header_block_over_the_limit_431(address, one_line):
     assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
 
 
+def test_a_header_block_of_many_short_lines_in_one_read_is_431(address):
+    # Each line was counted without its ":" and CRLF: 200 KB of "A:" lines
+    # in one read were served.
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"A:\r\n" * 50_000
+                  + b"\r\n")
+        raw = recv_all(s)
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
+
+
+@pytest.mark.parametrize("head, status, words", [
+    # An absolute form's empty path is "/" (RFC 9112 3.2.2): routed, not "callback error".
+    (b"GET http://x HTTP/1.1\r\nHost: x\r\n", 404, "no route for GET /"),
+    (b"GET http://x/v2/health/live?a=1 HTTP/1.1\r\nHost: x\r\n", 200, ""),
+    (b"CONNECT x:80 HTTP/1.1\r\nHost: x\r\n", 400, "is not a path"),
+    (b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400, "one Host header"),
+    (b"GET /v2/health/live HTTP/2.0\r\nHost: x\r\n", 505, "HTTP/2.0 is not served"),
+])
+def test_request_lines_and_hosts_http_refuses_say_why(address, head, status, words):
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(head + b"Connection: close\r\n\r\n")
+        raw = recv_all(s)
+    assert raw.startswith(b"HTTP/1.1 %d " % status), raw[:300]
+    assert words in raw.decode("latin-1"), raw[:300]
+
+
+def test_a_body_of_many_tiny_chunks_arrives_whole(address):
+    # Each chunk was kept as a bytes object of its own (~28 times its size;
+    # a 64 MB body of 2-byte chunks took 1.8 GB and held the loop 8 s to join).
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    body = json.dumps(infer_body(x)).encode()
+    chunks = b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + chunks)
+        raw = recv_all(s, timeout=30)
+    head, _, answer = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw[:300]
+    assert json.loads(answer)["outputs"][0]["name"] == "y"
+
+
 def test_keep_alive_serves_many_requests_on_one_connection(address):
     conn = http.client.HTTPConnection(*address, timeout=10)
     try:

@@ -52,6 +52,9 @@ MAX_HEADER_BYTES = 64 << 10
 # Requests read ahead of their answers on one connection; past it the
 # connection is not read until half of them are answered.
 MAX_PIPELINED = 64
+#: Body pieces smaller than this (a chunked body's chunks) are gathered into
+#: one buffer as they come, not kept a bytes object each.
+COALESCE_BELOW = 64 << 10
 IDLE_TIMEOUT_S = 60.0
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -59,8 +62,8 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
             408: "Request Timeout", 413: "Payload Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-            503: "Service Unavailable",
-            504: "Gateway Timeout", 507: "Insufficient Storage"}
+            503: "Service Unavailable", 504: "Gateway Timeout",
+            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
 
 
 @dataclass
@@ -595,7 +598,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self._count_header(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header(len(name) + len(value))
+        self._count_header(len(name) + len(value) + 3)  # its line: with ":" and CRLF
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         if key in _LIST_FIELDS and key in self.headers:  # repeated: one list (RFC 9110 5.3)
             text = f"{self.headers[key]}, {text}"
@@ -687,7 +690,20 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             raise httptools.HttpParserError("body too large")
         if self.doomed is not None:
             return
-        self.body.append(body)
+        pieces = self.body
+        if pieces and len(body) < COALESCE_BELOW:
+            # Small pieces (a chunked body's chunks) are gathered: a bytes
+            # object each took ~28 times their size, and joining millions of
+            # them held the loop for seconds.
+            last = pieces[-1]
+            if type(last) is bytearray:
+                last += body
+            elif len(last) < COALESCE_BELOW:
+                pieces[-1] = bytearray(last) + body
+            else:
+                pieces.append(bytearray(body))
+        else:
+            pieces.append(body)
         if self.body_bytes >= RESERVE_ABOVE and not (self.reserved or self.awaiting):
             # Chunked, of no declared length: it holds the most a body may
             # be, from when it is large (else every connection could hold one).
@@ -702,13 +718,18 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         return self.reserved
 
     def on_message_complete(self) -> None:
-        url = httptools.parse_url(self.url)
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:  # CONNECT's authority, say
+            url, self.doomed = None, self.doomed or BadRequest(
+                f"request target {bytes(self.url)[:100]!r} is not a path")
         request = Request(
             method=self.parser.get_method().decode(),
-            path=url.path.decode("latin-1"),
+            # An absolute form's empty path is "/" (RFC 9112 3.2.2).
+            path=(url.path or b"/").decode("latin-1") if url else "/",
             # Blank values kept: "max_results=" is a bad value, not an absent one.
             query=parse_qs(url.query.decode("latin-1"), keep_blank_values=True)
-            if url.query else {},
+            if url and url.query else {},
             headers=self.headers,
             body=b"".join(self.body),
             keep_alive=self.parser.should_keep_alive(),
@@ -729,8 +750,13 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
     def _refused_by_head(self) -> MMEngineError | None:
         """Why a request is answered with an error whatever its body, if it is."""
         applied = codings.codings(self.headers.get("content-encoding", ""))
+        if self.parser.get_http_version() not in ("1.0", "1.1"):
+            return _VersionNotSupported(
+                f"HTTP/{self.parser.get_http_version()} is not served: HTTP/1.1 or 1.0")
         if "host" not in self.headers and self.parser.get_http_version() == "1.1":
             return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
+        if "," in self.headers.get("host", ""):
+            return BadRequest("a request carries one Host header (RFC 9112 3.2)")
         if set(applied) - codings.DECODED - {"identity"}:
             return _UnsupportedEncoding(
                 f"Content-Encoding {self.headers['content-encoding']!r} is not supported; "
@@ -908,7 +934,14 @@ class _RequestTimeout(StatusError):
 
 #: Header fields whose repeats are one comma-separated list, which the
 #: server reads as a whole (a later line must not hide an earlier one).
-_LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding"})
+# (Host: twice is refused; kept as a list, it is told by its comma.)
+_LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host"})
+
+
+class _VersionNotSupported(StatusError):
+    """505: a request line of another HTTP than 1.1 and 1.0 (RFC 9110 15.6.6)."""
+
+    status = 505
 
 
 class _NotImplemented(StatusError):
