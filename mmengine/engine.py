@@ -1044,12 +1044,7 @@ class Engine:
                 worker = await self._reserve_on_a_worker(key, need, caps, order, deadline)
                 if worker is not None:
                     return worker
-                # Pinned models hold too much of every worker's budget: no
-                # request's end can make the room, only an unpin.
-                if all(self._pinned_bytes(w.index) + need > caps[w.index]
-                       for w in self.pool.workers):
-                    raise PinnedFull(f"{key[0]}: no room for {need} bytes: pinned models "
-                                     f"hold every worker's budget (unpin one)")
+                self._check_pinned_full(key, need, caps)
                 # Every worker's room is held by models in use: wait for a
                 # request to finish (or a worker to come back), up to the
                 # load's deadline.
@@ -1057,6 +1052,9 @@ class Engine:
                 try:
                     await self._wait_for_room(version, deadline)
                 except TimeoutError:
+                    # Pins taken meanwhile (the loads it waited behind) may
+                    # hold the room now: that answer, not "retry later".
+                    self._check_pinned_full(key, need, caps)
                     raise self._no_room(key, f"{need} bytes") from None
         finally:
             self._short_of_room.discard(key)
@@ -1099,6 +1097,15 @@ class Engine:
         why = ("every resident model is in use" if any(w.alive for w in self.pool.workers)
                else "no worker is up")
         return Overloaded(f"{key[0]}: no room for {what}: {why}")
+
+    def _check_pinned_full(self, key: Key, need: int, caps: list[int]) -> None:
+        """PinnedFull if models pinned with pin() hold too much of every
+        worker's budget for `need` more bytes: no request's end can make the
+        room, only an unpin."""
+        if all(self._pinned_bytes(w.index) + need > caps[w.index]
+               for w in self.pool.workers):
+            raise PinnedFull(f"{key[0]}: no room for {need} bytes: pinned models "
+                             f"hold every worker's budget (unpin one)")
 
     def _pinned_bytes(self, index: int) -> int:
         """Device bytes that resident models pinned with pin() hold on worker
@@ -1547,6 +1554,9 @@ class Engine:
             self._unpin_request(key, gen)  # this entry already carries the pin
         else:
             self._pinned[key] = gen  # the request's pin becomes the explicit one
+            # Loads waiting for room look again: pinned room is refused at
+            # once (PinnedFull), not waited for to their deadline.
+            self._room_changed()
         return self._model_row(key)
 
     def _drop_pin(self, key: Key) -> None:

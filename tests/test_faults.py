@@ -1146,3 +1146,29 @@ def test_a_request_that_waits_out_a_worker_restart_is_served_once_it_is_back(
             return time.monotonic() - t0
 
     assert run(main(), timeout=60) < 4
+
+
+def test_pins_that_race_for_the_last_room_are_refused_at_once_not_at_their_deadline(
+        tmp_path, own_segments):
+    # Pins sent together past what fits: the losers waited for room their
+    # deadline long and heard "retry later" (Overloaded), where one sent
+    # alone hears at once that only an unpin helps (PinnedFull): a pin that
+    # became explicit woke no load waiting for room.
+    from mmengine.errors import PinnedFull
+
+    for i in range(6):
+        demo.write_mlp(tmp_path / f"p{i}", "safetensors", 256, 1024, 8, seed=i)
+    size = (tmp_path / "p0" / "1" / "model.safetensors").stat().st_size
+
+    async def main():
+        async with Engine(config(tmp_path, device_budget=int(3.5 * size))) as engine:
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(engine.pin(f"p{i}", timeout=20)
+                                             for i in range(6)), return_exceptions=True)
+            return results, time.monotonic() - t0
+
+    results, took = run(main(), timeout=60)
+    kinds = sorted(type(r).__name__ for r in results)
+    assert kinds == ["PinnedFull"] * 3 + ["dict"] * 3, results
+    assert all("unpin one" in str(r) for r in results if isinstance(r, PinnedFull))
+    assert took < 10, took  # not the pins' 20 s deadline
