@@ -1462,8 +1462,21 @@ class Engine:
 
     async def unpin(self, name: str, version: int | None = None) -> None:
         async with self._in_order(name):
-            spec = await self._spec(name, version)
-            self._drop_pin((spec.name, spec.version))
+            self._drop_pin(await self._held_key(name, version))
+
+    async def _held_key(self, name: str, version: int | None) -> Key:
+        """The model version a control call names. One still held here
+        (pinned, resident, loading) is taken as named, though the
+        repository no longer lists it: a pin on a removed version was
+        released by nothing but a restart."""
+        if version is not None:
+            _check_version(version)
+            key = (name, version)
+            if key in self._pinned or key in self._busy \
+                    or (self.cache is not None and key in self.cache):
+                return key
+        spec = await self._spec(name, version)
+        return spec.name, spec.version
 
     @contextlib.asynccontextmanager
     async def _in_order(self, name: str, deadline: float | None = None):
@@ -1501,8 +1514,7 @@ class Engine:
 
     async def _unload_now(self, name: str, version: int | None, deadline: float,
                           keep_host: bool) -> None:
-        spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
+        key = await self._held_key(name, version)
         pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
