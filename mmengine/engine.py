@@ -1268,12 +1268,7 @@ class Engine:
     async def _rescan(self) -> None:
         changed = await asyncio.get_running_loop().run_in_executor(None, self.repo.rescan)
         if changed:
-            self._name_changes.update(changed)
-            self._specs = {k: v for k, v in self._specs.items() if k[0] not in changed}
-            self._bad_specs = {k: v for k, v in self._bad_specs.items()
-                               if k[0] not in changed}
-            self._resolving = {k: v for k, v in self._resolving.items()
-                               if k[0] not in changed}  # the next look reads anew
+            self._names_changed(changed)
         # A removed version's copy in host memory can serve nothing again
         # (one resident on a worker goes when evicted; demoted then, its
         # copy goes at the next scan).
@@ -1288,6 +1283,14 @@ class Engine:
                     and key not in self._pinned and key not in in_host:
                 self._forget_stats(key)
                 self._derived_inputs.pop(key, None)
+
+    def _names_changed(self, names: set[str]) -> None:
+        """What was read of these names is read anew at the next look, and
+        a request that read it before loads nothing from it (_acquire)."""
+        self._name_changes.update(names)
+        self._specs = {k: v for k, v in self._specs.items() if k[0] not in names}
+        self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] not in names}
+        self._resolving = {k: v for k, v in self._resolving.items() if k[0] not in names}
 
     def _forget_stats(self, key: Key) -> None:
         stats = self._stats.pop(key)
@@ -1597,13 +1600,9 @@ class Engine:
         """Unloads a model added with add_model and forgets it."""
         await self.unload(name, None, timeout)
         self.repo.remove(name)
-        # Requests that waited for the unload load nothing now (_acquire).
-        self._name_changes[name] += 1
-        self._resolving = {k: v for k, v in self._resolving.items() if k[0] != name}
-        self._specs = {k: v for k, v in self._specs.items() if k[0] != name}
+        self._names_changed({name})  # requests that waited for the unload load nothing
         for key in [k for k in self._stats if k[0] == name]:
             self._forget_stats(key)
-        self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] != name}
         self._derived_inputs = {k: v for k, v in self._derived_inputs.items() if k[0] != name}
 
     # -- what is where -------------------------------------------------------------
