@@ -56,6 +56,7 @@ class WorkerLogic:
         self.models: dict[Key, object] = {}
         self._manifests = Manifests()
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+        self.bind_thread()
         # monotonic_ns: when the request being served began (0: none), and
         # when the last one ended. Written by the serving thread, read by
         # the loader's.
@@ -69,6 +70,13 @@ class WorkerLogic:
         # serving thread's account of its requests; and its readers.
         self.loader_op = "idle"
         self.readers = None
+
+    def bind_thread(self) -> None:
+        """Makes the worker's GPU the calling thread's current device. CUDA
+        keeps one per thread, cuda:0 until set: without this a handler's bare
+        `.cuda()` or `device="cuda"` on the worker of cuda:1 lands on GPU 0."""
+        if self._stream is not None:
+            self._torch.cuda.set_device(self.device)
 
     def loader_state(self) -> str:
         """What the loader thread is doing: "idle", the control op it
@@ -319,6 +327,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
     except (AttributeError, OSError):
         pass
+    logic.bind_thread()
     logic.warm_device(loader=True)
     while True:
         try:

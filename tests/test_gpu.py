@@ -17,7 +17,7 @@ from mmengine.backends import load_model, safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.storage import Repository
-from tests.conftest import run
+from tests.conftest import run, write_handler
 from tests.test_hosttier import restart, row, settle
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -212,6 +212,38 @@ def test_a_refused_host_registration_leaves_no_error_for_the_next_kernel():
     assert not safetensors._register(memory)  # ...refused the second time
     assert (torch.ones(4, device="cuda") * 2).sum().item() == 8  # launches and is checked
     torch.cuda.cudart().cudaHostUnregister(memory.data_ptr())
+
+
+WHERE_HANDLER = """\
+import numpy as np
+import torch
+
+def load(path, device):
+    global loaded_on
+    loaded_on = torch.cuda.current_device()
+
+def predict(inputs):
+    return {"load": np.array([loaded_on]), "predict": np.array([torch.cuda.current_device()])}
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+def test_a_handler_runs_on_its_workers_gpu_in_load_and_in_predict(tmp_path, own_segments):
+    # CUDA's current device is per thread, cuda:0 until set: a handler's
+    # bare .cuda() on the worker of cuda:1 landed on GPU 0.
+    gpus = resources.gpu_count()
+    for i in range(gpus):
+        write_handler(tmp_path, f"where{i}", WHERE_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=gpus, device="cuda")) as engine:
+            for i in range(gpus):
+                y = await engine.infer(f"where{i}", {"x": np.zeros(1, np.float32)})
+                worker = engine.stats()["workers"][row(engine, f"where{i}")["worker"]]
+                index = int(worker["device"].split(":")[1])
+                assert (int(y["load"][0]), int(y["predict"][0])) == (index, index)
+
+    run(main())
 
 
 def test_clearing_cuda_errors_is_harmless_without_cuda():
