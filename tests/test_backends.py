@@ -16,7 +16,7 @@ from mmengine import backends, demo
 from mmengine.backends import load_model
 from mmengine.backends.base import SKELETONS, module_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
-from mmengine.errors import BadRequest, InternalError, LoadFailed
+from mmengine.errors import BadRequest, InternalError, LoadFailed, Overloaded
 from mmengine.storage import Repository
 
 DIMS = (4, 8, 2)  # one architecture: torch.export traces it once per run
@@ -552,3 +552,21 @@ def test_warm_imports_ahead_only_for_backends_the_repository_holds(tmp_path):
     demo.write_mlp(tmp_path / "exported", "export", 4, 8, 2)
     assert backends.warm(str(tmp_path)) == ["export"]
     assert backends.SLOW_FIRST_IMPORTS["export"][0] in sys.modules
+
+
+def test_a_model_out_of_device_memory_is_overloaded_not_its_callers_fault(tmp_path):
+    # Caught by torch.OutOfMemoryError, an alias that torch 2.3 and 2.4
+    # (both within the declared range) lack: every model exception was then
+    # an AttributeError there.
+    handler_model(tmp_path, """
+import torch
+
+def predict(inputs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+""")
+    model = load(tmp_path, "m")
+    try:
+        with pytest.raises(Overloaded, match="out of memory"):
+            model.predict({"x": np.ones(2, np.float32)})
+    finally:
+        model.close()

@@ -58,7 +58,7 @@ class LoadedModel(abc.ABC):
             raw = self._call(inputs)
         except MMEngineError:
             raise
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError since 2.5 only
             raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
