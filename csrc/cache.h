@@ -527,7 +527,7 @@ static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
             c->picks[m - 1].h = mm_priority(c, s);
         }
     }
-    if (c->policy == MM_GDSF) {
+    if (c->policy == MM_GDSF && m > 0) { /* picks is NULL before the first insert */
         qsort(c->picks, (size_t)m, sizeof(mm_pick), mm_pick_cmp);
         int32_t all = m;
         for (m = 0; m < all;) {

@@ -55,10 +55,14 @@ cdef int raise_status(int status, str what) except -1:
 
 # Spins are bounded (an hour), so that microseconds convert to nanoseconds.
 _MAX_SPIN_US = 3.6e9
+_LONGEST_WAIT_S = 1e9  # mmengine.ring.LONGEST_WAIT_S: int64 nanoseconds hold it
 
 # Deadlines are computed when a call first has to wait: most calls do not,
 # and a clock read is a tenth of a round trip through a ring.
 DEF _NO_DEADLINE_YET = -2
+# A wait begun before the peer attached cannot watch its pidfd: it wakes
+# this often to look for one (a peer that attaches, then dies, is noticed).
+DEF _PEER_LOOK_NS = 100000000
 
 
 cdef inline int64_t _deadline_ns(int64_t timeout_ns):
@@ -66,9 +70,9 @@ cdef inline int64_t _deadline_ns(int64_t timeout_ns):
 
 
 cdef inline int64_t _timeout_ns(object timeout) except? -2:
-    if timeout is None:
+    if timeout is None or timeout >= _LONGEST_WAIT_S:  # inf too: waits for good
         return -1
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too
         raise ValueError("timeout must be >= 0 or None")
     return <int64_t>(timeout * 1e9)
 
@@ -281,17 +285,22 @@ cdef class RingCore:
         """Waits until `deadline` (mm_now_ns() clock; -1: none), so that the
         retries of one put or get share one timeout."""
         cdef int status
-        cdef int64_t left
+        cdef int64_t left, wait
         cdef uint64_t woke
-        cdef int pidfd = self._peer_pidfd()
+        cdef int pidfd = -1
         while True:
+            if pidfd < 0:
+                pidfd = self._peer_pidfd()
             left = -1
             if deadline >= 0:
                 left = deadline - <int64_t>mm_now_ns()
                 if left < 0:
                     left = 0
+            wait = left
+            if pidfd < 0 and (wait < 0 or wait > _PEER_LOOK_NS):
+                wait = _PEER_LOOK_NS
             with nogil:
-                status = mm_ring_wait(&self.r, for_read, need, left, pidfd)
+                status = mm_ring_wait(&self.r, for_read, need, wait, pidfd)
                 woke = mm_now_ns()
             if status == MM_RING_OK:
                 if for_read:
@@ -300,6 +309,8 @@ cdef class RingCore:
             if status == MM_RING_ERRNO and errno == EINTR:
                 PyErr_CheckSignals()
                 continue
+            if status == MM_RING_TIMEOUT and wait != left:
+                continue  # a look for the peer is due, not the deadline
             raise_status(status, "get" if for_read else "put")
 
     def arm_read(self):

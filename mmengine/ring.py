@@ -83,6 +83,12 @@ from mmengine.errors import (InternalError, PeerDied, RecordTooLarge, RingClosed
 
 HEADER_BYTES = 4096
 MAX_PARTS = 64
+# A wait this long or longer (inf included) waits for good: the native
+# ring counts its deadline in int64 nanoseconds.
+LONGEST_WAIT_S = 1e9
+# A record's size is a 32-bit field (csrc/ring.h): a ring over 4 GiB holds
+# no larger one.
+LARGEST_RECORD = 0xFFFFFFF8
 COPY_HEADER_BYTES = 256  # csrc/ring.pyx has the same
 MAGIC = 0x31304752494D4D4D
 VERSION = 1
@@ -163,6 +169,8 @@ class _RingLife:
         power of two); this process is its creator and will unlink it."""
         if capacity < MIN_CAPACITY:
             raise ValueError(f"ring capacity must be >= {MIN_CAPACITY} bytes")
+        if not 0 <= spin_us < MAX_SPIN_US:  # as the setter says (NaN included)
+            raise ValueError(f"spin_us must be >= 0 and < {MAX_SPIN_US:g}")
         cap = 1 << (capacity - 1).bit_length()
         data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -219,7 +227,7 @@ class _RingLife:
     @property
     def max_record(self) -> int:
         """The largest record (see record_size) this ring accepts."""
-        return self.capacity
+        return min(self.capacity, LARGEST_RECORD)
 
     def _peer_pid(self) -> int:
         off = _OFF_ATTACHER_PID if self.creator else _OFF_CREATOR_PID
@@ -315,7 +323,7 @@ class PyRing(_RingLife):
         if len(views) > MAX_PARTS:
             raise RecordTooLarge(f"put: at most {MAX_PARTS} parts in a record")
         size = record_size(*lens)
-        if size > self.capacity:
+        if size > self.max_record:
             raise RecordTooLarge("put: record larger than the ring's largest")
         if self._peer_closed():
             raise RingClosed("put: the peer closed the ring")
@@ -461,12 +469,14 @@ class PyRing(_RingLife):
         while time.monotonic() < spin_end:
             if self._ready(for_read, need):
                 return
-        pidfd = self._peer_pidfd()
+        pidfd = -1
         poller = select.poll()
         poller.register(self._data_fd if for_read else self._space_fd, select.POLLIN)
-        if pidfd >= 0:
-            poller.register(pidfd, select.POLLIN)
         while True:
+            if pidfd < 0:  # a peer that attaches while this waits is watched from then on
+                pidfd = self._peer_pidfd()
+                if pidfd >= 0:
+                    poller.register(pidfd, select.POLLIN)
             left_ms = None
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -523,9 +533,9 @@ def _release_view(view: memoryview) -> None:
 
 
 def _deadline(timeout) -> float | None:
-    if timeout is None:
+    if timeout is None or timeout >= LONGEST_WAIT_S:
         return None
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too
         raise ValueError("timeout must be >= 0 or None")
     return time.monotonic() + timeout
 

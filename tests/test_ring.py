@@ -414,6 +414,50 @@ def test_peer_killed_while_the_other_waits(Ring, waiter):
     ring.close()
 
 
+def _attach_late(impl, handle):
+    time.sleep(0.5)  # the creator is waiting by then
+    _sleep_attached(impl, handle)
+
+
+def test_a_wait_begun_before_the_peer_attached_hears_of_its_death(Ring):
+    # The wait looked for the peer's pidfd once, when it began: there was
+    # none yet, and a peer that attached and died then went unnoticed (a
+    # wait with no timeout waited for good).
+    ring = Ring.create(4096)
+    child = SPAWN.Process(target=_attach_late, args=(_name(Ring), ring.handle))
+    child.start()
+
+    def kill_once_attached():
+        deadline = time.monotonic() + 30
+        while ring._peer_pid() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_attached, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied):
+        ring.get(timeout=20)
+    assert time.monotonic() - t0 < 10
+    child.join(5)
+    ring.close()
+
+
+def test_waits_of_any_length_and_no_nan(pair):
+    a, b = pair
+    a.put(b"x")
+    assert bytes(b.get(timeout=float("inf"))[0]) == b"x"
+    b.release()
+    a.put(b"y")
+    assert bytes(b.get(timeout=1e300)[0]) == b"y"
+    b.release()
+    with pytest.raises(ValueError, match="timeout"):
+        b.get(timeout=float("nan"))
+    with pytest.raises(ValueError, match="spin_us"):
+        type(a).create(4096, spin_us=-1.0)
+    assert a.max_record == a.capacity  # a ring under 4 GiB holds records of its size
+
+
 def _create_and_hang(impl, queue):
     ring = _impl(impl).create(1024)
     queue.put(ring.name)
