@@ -40,8 +40,8 @@ from mmengine import cache as books
 from mmengine import errors, fetch, hosttier, resources, shm
 from mmengine.config import Config, ConfigError, check_repo, parse_pins
 from mmengine.diskcache import DiskCache
-from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, Overloaded, PinnedFull,
-                             Timeout, TooLarge, WorkerDied)
+from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
+                             PinnedFull, Timeout, TooLarge, WorkerDied)
 from mmengine.messages import Op
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
@@ -78,6 +78,7 @@ class ModelStats:
     measured_bytes: int = 0          # what the last load really took
     host_loads: int = 0              # loads that mapped the host tier's copy
     failed_in_a_row: int = 0         # failed loads since the last good one
+    backoffs_in_a_row: int = 0       # of them, those that backed it off
     retry_at: float = 0.0            # monotonic; until then a load is not tried
     crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
     crash_backoffs: int = 0          # back-offs for crashes in a row (CRASH_QUIET_S apart at most)
@@ -158,6 +159,14 @@ class Engine:
         # Unloads waiting for a model's requests to finish: key -> a future
         # done when the unload is. New requests wait for it, then load again.
         self._draining: dict[Key, asyncio.Future] = {}
+        # The spec each model on a worker was loaded with, and the ones that
+        # serve nothing as they are: removed from the repository, or their
+        # manifest edited to declare other tensors (the worker checks with
+        # what it read). key -> why; unloaded once their requests are done,
+        # tried again at each scan until they are (_retire).
+        self._loaded_specs: dict[Key, ModelSpec] = {}
+        self._stale: dict[Key, str] = {}
+        self._retiring: set[Key] = set()
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict", "worker_exit", "late" (an answer that came after its
@@ -496,19 +505,27 @@ class Engine:
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None) -> tuple[dict, dict]:
         try:
-            changes = self._name_changes[name]  # before the look: a removal meanwhile shows
-            try:
-                async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                    spec = await self._spec(name, version)
-            except LoadFailed as e:  # why, only to a caller it would serve
-                auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
-                raise
-            except TimeoutError:  # the look goes on, for the next request
-                raise Timeout(f"{name}: its manifest was not read within the request's "
-                              f"deadline") from None
-            auth.check(spec.token_digests, token, f"model {spec.name!r}")
-            key = (spec.name, spec.version)
-            worker = await self._acquire(key, spec, deadline, changes=changes)
+            while True:
+                changes = self._name_changes[name]  # before the look: a removal meanwhile shows
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                        spec = await self._spec(name, version)
+                except LoadFailed as e:  # why, only to a caller it would serve
+                    auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
+                    raise
+                except TimeoutError:  # the look goes on, for the next request
+                    raise Timeout(f"{name}: its manifest was not read within the request's "
+                                  f"deadline") from None
+                auth.check(spec.token_digests, token, f"model {spec.name!r}")
+                key = (spec.name, spec.version)
+                try:
+                    worker = await self._acquire(key, spec, deadline, changes=changes)
+                    break
+                except ModelNotFound as e:
+                    # The default version went (a rollback) as it loaded:
+                    # the request is for the one that is the default now.
+                    if version is not None or not getattr(e, "removed", False):
+                        raise
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
                 raise Overloaded(f"{name}: the engine shut down before this request "
@@ -799,6 +816,12 @@ class Engine:
                 raise  # the engine is stopping: no fault of the model's
             if isinstance(e, WorkerDied):
                 e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
+            if getattr(e, "from_files", False) and not spec.source \
+                    and not await self._still_there(key):
+                e = ModelNotFound(f"model {key[0]!r} has no version {key[1]}: it was removed "
+                                  f"from the repository as it loaded")
+                e.removed = True  # no fault of the model's: nothing backs it off
+                raise e
             self._load_failed(key, e, worker.index, t0)
             if isinstance(e, MMEngineError):
                 e.ran = _load_ran(key, worker.index)
@@ -820,9 +843,10 @@ class Engine:
                             "bytes": int(body["bytes"]), "phases": body.get("phases", {}),
                             "from": source, "allocator": body.get("allocator")})
         stats.measured_bytes = int(body["bytes"])
+        self._loaded_specs[key] = spec
         stats.loads += 1
         stats.host_loads += source == "host"
-        stats.failed_in_a_row = 0
+        stats.failed_in_a_row = stats.backoffs_in_a_row = 0
         stats.retry_at = 0.0
         stats.last_load_time = time.time()
         stats.load_duration_s = time.monotonic() - t0
@@ -835,8 +859,29 @@ class Engine:
             self._warm_now(key)
         if source == "disk" and body.get("publishable"):
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
-        if stats.measured_bytes > need:
-            await self._shrink(worker.index, "pressure")  # the estimate was short
+        if stats.measured_bytes > need:  # the estimate was short
+            budget = self.cache.capacity(books.DEVICE, worker.index)
+            if stats.measured_bytes > budget:  # refused before it loads from now on (_reserve)
+                await asyncio.shield(self._evict(key, "too_large"))
+                raise TooLarge(f"{key[0]}: takes {stats.measured_bytes} bytes once loaded, "
+                               f"more than a worker's whole budget ({budget})")
+            # The room is made by the others: evicted itself, it cost its
+            # waiters a second load.
+            self.cache.pin(key)
+            try:
+                await self._shrink(worker.index, "pressure")
+            finally:
+                self._unpin_request(key, gen)
+
+    async def _still_there(self, key: Key) -> bool:
+        """Whether the repository still has this version, read from the disk
+        now (a load that failed for its files may have lost them to a
+        rollback); if not, what was read of the name is read anew."""
+        there = await asyncio.get_running_loop().run_in_executor(
+            None, self.repo.look_again, *key)
+        if not there:
+            self._names_changed({key[0]})
+        return there
 
     async def _unstick(self, worker: Worker, key: Key, unload: asyncio.Task) -> None:
         """A load past its deadline holds its worker's loader, and every load
@@ -993,7 +1038,11 @@ class Engine:
         if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
             log.warning("%s v%d failed to load%s: %s", key[0], key[1], where, e)
             return
-        delay = min(self.config.load_failure_backoff_s * 2 ** min(stats.failed_in_a_row - 1, 30),
+        # Doubles per back-off, from the first: a death that was spared one
+        # does not double the next.
+        stats.backoffs_in_a_row += 1
+        doublings = min(stats.backoffs_in_a_row - 1, 30)
+        delay = min(self.config.load_failure_backoff_s * 2 ** doublings,
                     self.config.load_failure_backoff_max_s)
         stats.retry_at = time.monotonic() + delay
         # One line a failure: the back-off bounds how often a model can fail.
@@ -1121,6 +1170,7 @@ class Engine:
     def _forget(self, key: Key, gen: int) -> None:
         if self._gen.get(key) == gen and key in self.cache:
             self.cache.remove(key)
+            self._loaded_specs.pop(key, None)
             self._room_changed()
 
     # -- unloads -----------------------------------------------------------------
@@ -1229,12 +1279,16 @@ class Engine:
             running = w.running() if w.alive and w.stopped_why is None else None
             if running is None or now < running[0] + self.config.stuck_inference_s:
                 continue  # (a worker killed a turn ago is not killed, nor said, again)
-            (name, version), late = running[1], now - running[0]
-            w.stopped_why = (f"worker {w.index} was restarted: {name} v{version} ran "
-                             f"{late:.0f} s past its request's deadline "
+            (name, version), late, begun = running[1], now - running[0], running[2]
+            # One that never began it hangs outside any model's code (a
+            # SIGSTOP, say): restarted all the same, blaming no model.
+            what = (f"{name} v{version} ran {late:.0f} s past its request's deadline"
+                    if begun else f"it has not begun a request of {name} v{version} "
+                    f"{late:.0f} s past its deadline")
+            w.stopped_why = (f"worker {w.index} was restarted: {what} "
                              f"(stuck_inference_s={self.config.stuck_inference_s:g})")
             log.error("%s", w.stopped_why)
-            w.stuck = True
+            w.stuck = begun
             w.process.kill()
 
     def _touch_disk_copies(self) -> None:
@@ -1254,8 +1308,9 @@ class Engine:
         """Models and versions added to or removed from the repository while
         it serves, and manifests edited, every repo_scan_s: a new version
         becomes the default one, a removed model is not found any more (a
-        resident copy goes when evicted, as any other), an edited manifest
-        is read again (a token rotated there is taken from then on)."""
+        resident copy is unloaded once its requests are done), an edited
+        manifest is read again (a token rotated there is taken from then
+        on; a model that must now check other tensors is loaded again)."""
         while True:
             await asyncio.sleep(self.config.repo_scan_s)
             try:
@@ -1269,9 +1324,21 @@ class Engine:
         changed = await asyncio.get_running_loop().run_in_executor(None, self.repo.rescan)
         if changed:
             self._names_changed(changed)
+        for key, spec in list(self._loaded_specs.items()):
+            if not self.repo.listed(*key):
+                self._stale.setdefault(key, "removed")
+            elif key[0] in changed and key not in self._stale:
+                try:
+                    now = await self._spec(*key, record=False)
+                except MMEngineError:  # requests fail before they reach it
+                    now = None
+                if now is None or _declared(now) != _declared(spec):
+                    self._stale[key] = "redeclared"
+        for key in self._stale.keys() - self._retiring:
+            self._retiring.add(key)
+            self._spawn(self._retire(key))
         # A removed version's copy in host memory can serve nothing again
-        # (one resident on a worker goes when evicted; demoted then, its
-        # copy goes at the next scan).
+        # (demoted as its worker unloads it, it goes at the next scan).
         for key in self.host.keys():
             if key not in self.cache and not self.repo.listed(*key):
                 self.host.drop(key)
@@ -1283,6 +1350,30 @@ class Engine:
                     and key not in self._pinned and key not in in_host:
                 self._forget_stats(key)
                 self._derived_inputs.pop(key, None)
+
+    async def _retire(self, key: Key) -> None:
+        """Unloads a stale model (_stale) once the requests in flight on it
+        are done; requests that come meanwhile wait, then load what the
+        repository holds now. A pinned one whose manifest changed is loaded
+        again, pinned; a removed one's pin goes with it."""
+        reason = self._stale[key]
+        try:
+            async with self._in_order(key[0]):
+                if key not in self._loaded_specs:  # gone meanwhile: evicted, or its worker died
+                    self._stale.pop(key, None)
+                    return
+                pinned = self._pinned.get(key)
+                deadline = time.monotonic() + self.config.request_timeout_s
+                await self._unload_now(*key, deadline, keep_host=reason == "redeclared",
+                                       reason=reason)
+                self._stale.pop(key, None)
+                if pinned is not None and reason == "redeclared":
+                    self._pinned[key] = pinned  # that entry is gone: the next load takes it
+                    self._keep_pinned_warm()
+        except (MMEngineError, OSError) as e:  # still in use, say: the next scan tries again
+            log.warning("%s v%d (%s) is not unloaded yet: %s", key[0], key[1], reason, e)
+        finally:
+            self._retiring.discard(key)
 
     def _names_changed(self, names: set[str]) -> None:
         """What was read of these names is read anew at the next look, and
@@ -1456,6 +1547,21 @@ class Engine:
         async with self._in_order(name, deadline):
             await self._unload_now(name, version, deadline, keep_host)
 
+    async def unload_all(self, name: str, timeout: float | None = None) -> None:
+        """Unloads every version of a model held here (on a worker, loading,
+        pinned, in host memory), as unload() does each, whether or not the
+        repository still lists it; ModelNotFound for a name that is neither
+        held nor in the repository."""
+        held = set(self._busy) | set(self._pinned) | set(self.host.keys())
+        if self.cache is not None:
+            held.update(self.cache.lru_keys())
+        versions = sorted(v for n, v in held if n == name)
+        if not versions:
+            self._check_loop()
+            await asyncio.get_running_loop().run_in_executor(None, self.repo.versions, name)
+        for version in versions:
+            await self.unload(name, version, timeout)
+
     async def pin(self, name: str, version: int | None = None,
                   timeout: float | None = None) -> dict:
         """Loads a model if needed and keeps it resident until unpin()."""
@@ -1516,13 +1622,13 @@ class Engine:
         return self._model_row(key)
 
     async def _unload_now(self, name: str, version: int | None, deadline: float,
-                          keep_host: bool) -> None:
+                          keep_host: bool, reason: str = "unload") -> None:
         key = await self._held_key(name, version)
         pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         try:
-            await self._drain(key, name, deadline)
+            await self._drain(key, name, deadline, reason)
         except (Timeout, asyncio.CancelledError):
             # Its caller gave up. An unload that began ends as asked; else
             # the model stays as it was, its pin too.
@@ -1541,7 +1647,7 @@ class Engine:
         if not keep_host:
             self.host.drop(key)
 
-    async def _drain(self, key: Key, name: str, deadline: float) -> None:
+    async def _drain(self, key: Key, name: str, deadline: float, reason: str) -> None:
         """Evicts `key` once the requests in flight on it are done (new ones
         wait for the unload: `_draining`)."""
         while key in self.cache or key in self._busy:
@@ -1552,7 +1658,7 @@ class Engine:
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
                 # Begun, it ends, whether its caller waits or not.
-                await asyncio.shield(self._evict(key, "unload"))
+                await asyncio.shield(self._evict(key, reason))
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)
@@ -1773,6 +1879,12 @@ async def _cancel(tasks: set[asyncio.Task]) -> None:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _declared(spec: ModelSpec) -> ModelSpec:
+    """What a worker loads and checks of a spec: all but its tokens (the
+    front-end checks those, at each request)."""
+    return dataclasses.replace(spec, token_digests=())
 
 
 def _check_version(version: object) -> None:

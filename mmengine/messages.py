@@ -184,20 +184,25 @@ class Abandoned:
     both in flight) only means that one of them runs: skipping is an
     economy, never what an answer depends on. The front-end creates it
     (a memfd: no name that could outlive it), the worker inherits the
-    descriptor."""
+    descriptor.
+
+    One more slot says which inference the worker is running (`serving`,
+    0: none): a worker that dies or hangs there was taken down by that
+    model; one that dies or hangs between requests (stopped, say) by none.
+    The oldest in flight may not have begun."""
 
     SLOTS = 4096
 
     def __init__(self, fd: int):
         self.fd = fd
-        self._map = mmap.mmap(fd, self.SLOTS * 8)
+        self._map = mmap.mmap(fd, (self.SLOTS + 1) * 8)
         self._ids = memoryview(self._map).cast("q")
 
     @classmethod
     def create(cls) -> "Abandoned":
         fd = os.memfd_create("mmengine-abandoned", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, cls.SLOTS * 8)
+            os.ftruncate(fd, (cls.SLOTS + 1) * 8)
             return cls(fd)
         except BaseException:
             os.close(fd)
@@ -208,6 +213,14 @@ class Abandoned:
 
     def __contains__(self, rid: int) -> bool:
         return self._ids[rid % self.SLOTS] == rid
+
+    @property
+    def serving(self) -> int:
+        return self._ids[self.SLOTS]
+
+    @serving.setter
+    def serving(self, rid: int) -> None:
+        self._ids[self.SLOTS] = rid
 
     def close(self) -> None:
         if self.fd >= 0:

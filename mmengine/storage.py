@@ -150,16 +150,24 @@ def _utf8_bytes(name: str) -> int:
         return 1 << 30
 
 
+def is_version(text: str) -> bool:
+    """Whether `text` spells a version: the canonical decimal of an int
+    from 1 to 2^63 - 1. Versions travel as strings in URLs, where "01"
+    would alias "1"; and as int64s on the wire (msgpack carries no more)."""
+    return (text.isascii() and text.isdigit() and len(text) <= 19  # int() refuses 4,300+ digits
+            and str(int(text)) == text and 1 <= int(text) <= MAX_VERSION)
+
+
+MAX_VERSION = (1 << 63) - 1
+
+
 def parse_version(version: object) -> int:
     """A version as an int (>= 1), from an int or its canonical decimal
     string (a URL's); ModelNotFound for anything else."""
-    # Versions travel as strings in URLs; "01" would alias "1", so only the
-    # canonical spelling names a version.
-    if isinstance(version, str) and version.isascii() and version.isdigit() \
-            and len(version) <= 19:  # int64's; int() refuses strings of over 4,300 digits
-        if str(int(version)) == version and version != "0":
-            return int(version)
-    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
+    if isinstance(version, str) and is_version(version):
+        return int(version)
+    if isinstance(version, int) and not isinstance(version, bool) \
+            and 1 <= version <= MAX_VERSION:
         return version
     raise ModelNotFound(f"invalid model version {version!r}")
 
@@ -223,7 +231,9 @@ class Repository:
         for name in names:
             try:
                 versions[name] = self._scan_versions(name)
-            except (ModelNotFound, LoadFailed):  # no version directory (yet), or unreadable
+            except ModelNotFound:  # no version directory (yet, or any more)
+                versions[name] = ()
+            except LoadFailed:  # unreadable: what is known of it stands
                 pass
         changed = {name for name, known in self._versions.items()
                    if known != versions.get(name)}  # (a name never asked for: no news)
@@ -256,9 +266,22 @@ class Repository:
         """The versions of `name`, ascending; ModelNotFound if it has none."""
         check_name(name)
         found = self._versions.get(name)
-        if found is None:
+        if not found:  # never read, or none at the last scan: looked for now
             found = self._versions[name] = self._scan_versions(name)
         return found
+
+    def look_again(self, name: str, version: int) -> bool:
+        """Whether `version` of `name` is there, read from the disk now (a
+        load that found its files gone: a rollback may have removed it
+        since the last scan); what is known of the name is updated."""
+        try:
+            found = self._scan_versions(name)
+        except ModelNotFound:
+            found = ()
+        self._versions[name] = found
+        for key in [k for k in self._specs if k[0] == name and k[1] not in found]:
+            self._specs.pop(key, None)
+        return version in found
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.
@@ -275,11 +298,8 @@ class Repository:
     def _scan_versions(self, name: str) -> tuple[int, ...]:
         if name in self._added:
             return (1,)
-        found = tuple(sorted(
-            int(entry.name) for entry in _scandir(self.root / name)
-            if entry.name.isascii() and entry.name.isdigit()
-            and str(int(entry.name)) == entry.name and entry.name != "0"
-            and entry.is_dir()))
+        found = tuple(sorted(int(entry.name) for entry in _scandir(self.root / name)
+                             if is_version(entry.name) and entry.is_dir()))
         if not found:
             raise ModelNotFound(f"model {name!r} not found")
         return found

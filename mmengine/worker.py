@@ -494,9 +494,11 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             t0 = logic.serving_since = time.monotonic_ns()
             start = clock.read() if clock else None
             loader = logic.loader_state() if clock else ""
+            abandoned.serving = rid
             try:
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
+                abandoned.serving = 0
                 # Read before t_done: a preemption due during the call lands
                 # at the first system call after it, which must count in it.
                 account = clock.account(req.woke_ns, t0, start, loader) if clock else None

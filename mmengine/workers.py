@@ -241,12 +241,13 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def running(self) -> tuple[float, tuple[str, int]] | None:
+    def running(self) -> tuple[float, tuple[str, int], bool] | None:
         """The deadline and (model, version) of its oldest inference in
-        flight: the one it runs (it runs them in order), or runs next."""
-        for *_, deadline, _, _, served in self._pending.values():
+        flight, and whether it is running it (it runs them in order; one
+        not begun waits for the worker)."""
+        for rid, (*_, deadline, _, _, served) in self._pending.items():
             if served is not None:
-                return deadline, served
+                return deadline, served, self.abandoned.serving == rid
         return None
 
     def sample_busy(self) -> None:
@@ -293,9 +294,8 @@ class Worker:
         pending, self._pending = self._pending, {}
         if self._inferring:
             self._inferences_done(self._inferring)
-        # Inferences run one at a time, in order: the oldest one left is the
-        # one the worker was running when it died.
-        self.died_serving = next((p[6] for p in pending.values() if p[6] is not None), None)
+        running = pending.get(self.abandoned.serving)  # what took it down, if any did
+        self.died_serving = running[6] if running is not None else None
         self._loading.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():

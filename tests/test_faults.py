@@ -4,6 +4,7 @@ processes (and `mmengine serve` as a real process for SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ DIMS = (16, 64, 8)
 # Sleeps in predict() for inputs["seconds"].
 
 # Does what the file `mode` beside it says when it loads: "ok", "raise",
-# "oom", "exit" (sys.exit), or a number of seconds to take.
+# "oom", "exit" (sys.exit), "die" (ends its worker), or a number of seconds to take.
 MOODY_HANDLER = '''
 import os
 import time
@@ -39,6 +40,8 @@ def load(path, device):
         raise MemoryError("cannot allocate 64 GiB")
     if mode == "exit":
         raise SystemExit(3)
+    if mode == "die":
+        os._exit(7)
     if mode != "ok":
         time.sleep(float(mode))
 
@@ -360,6 +363,49 @@ def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
             # calls took its worker, and its neighbours' requests, down.
             with pytest.raises(LoadFailed, match="ran stuck_inference_s past its deadline"):
                 await engine.infer("slow", {"seconds": np.array([0.0])})
+
+    run(main(), timeout=60)
+
+
+def test_a_worker_stopped_between_requests_is_restarted_blaming_no_model(repo, own_segments):
+    # Its oldest request in flight was taken for the one it ran: that model
+    # was backed off (LOAD_FAILED) for a request it never began.
+    async def main():
+        async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
+            await engine.load("slow")
+            victim = engine.pool.workers[0].pid
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                with pytest.raises(Timeout):
+                    await engine.infer("slow", {"seconds": np.array([0.0])}, timeout=0.3)
+                deadline = time.monotonic() + 20
+                while engine.pool.workers[0].pid == victim and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGCONT)
+            assert engine.pool.workers[0].pid != victim
+            assert engine._model_row(("slow", 1))["failures"] == 0
+            await engine.infer("slow", {"seconds": np.array([0.0])}, timeout=20)
+
+    run(main(), timeout=60)
+
+
+def test_a_model_whose_loads_end_their_worker_twice_is_backed_off_from_the_first_step(
+        repo, own_segments):
+    # A death during a load is forgiven once (it may have been another's
+    # doing); the back-off after the second began at twice its base, since
+    # the forgiven one was counted in its doublings.
+    moody(repo, "dies-loading", "die")
+
+    async def main():
+        async with Engine(config(repo, load_failure_backoff_s=4.0)) as engine:
+            with pytest.raises(WorkerDied):
+                await engine.infer("dies-loading", {"x": X})
+            assert engine._model_row(("dies-loading", 1))["retry_in_s"] == 0
+            with pytest.raises(WorkerDied):
+                await engine.infer("dies-loading", {"x": X})
+            assert 0 < engine._model_row(("dies-loading", 1))["retry_in_s"] <= 4.0
 
     run(main(), timeout=60)
 

@@ -179,9 +179,7 @@ async def repository_load(server, request: Request, name: str) -> Response:
 async def repository_unload(server, request: Request, name: str) -> Response:
     server.check_control(request.token)
     _load_params(request)  # unload_dependents: there are no dependents
-    meta = await server.engine.metadata(name)
-    for v in meta["versions"]:  # a model is unloaded whole, every version
-        await server.engine.unload(name, v)
+    await server.engine.unload_all(name)  # a model is unloaded whole, every version
     return Response(200, b"")
 
 

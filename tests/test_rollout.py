@@ -1,0 +1,187 @@
+"""Versions rolled out and rolled back while an Engine serves: what a
+request gets is what the repository holds now, never a version's
+predecessor under the same number, nor a spec the worker did not load."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run
+from mmengine import demo
+from mmengine.config import Config
+from mmengine.engine import Engine
+from mmengine.errors import ModelNotFound
+from mmengine.storage import Repository, parse_version
+
+DIMS = (16, 64, 8)
+X = np.random.default_rng(0).standard_normal((2, DIMS[0])).astype(np.float32)
+
+
+def check(y: np.ndarray, seed: int) -> None:
+    np.testing.assert_allclose(y, demo.reference(X, *DIMS, seed=seed), rtol=1e-5, atol=1e-5)
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        await asyncio.sleep(0.05)
+
+
+def held(engine: Engine, key) -> bool:
+    return key in engine.cache or key in engine.host.keys()
+
+
+def test_a_version_removed_while_resident_is_unloaded_and_its_successor_serves(
+        tmp_path, own_segments):
+    # A removed version stayed on its worker until evicted; once a new one
+    # was published under its number, requests got the removed one's
+    # weights, with no error, until something evicted it.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            evictions = []
+            engine.observers.append(
+                lambda kind, f: kind == "evict" and evictions.append((f["version"], f["reason"])))
+            check((await engine.infer("m", {"x": X}))["y"], 2)
+            shutil.rmtree(tmp_path / "m" / "2")  # rolled back
+            await until(lambda: not held(engine, ("m", 2)))
+            assert evictions == [(2, "removed")]
+            check((await engine.infer("m", {"x": X}))["y"], 1)
+            demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=22, version=2)
+            await asyncio.sleep(0.3)
+            check((await engine.infer("m", {"x": X}))["y"], 22)
+            check((await engine.infer("m", {"x": X}, version=2))["y"], 22)
+
+    run(main())
+
+
+def test_a_pinned_version_removed_goes_with_its_pin(tmp_path, own_segments):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.pin("m", 1)
+            shutil.rmtree(tmp_path / "m" / "1")
+            await until(lambda: not held(engine, ("m", 1)))
+            assert ("m", 1) not in engine._pinned
+            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
+                                                 for r in engine.stats()["models"]})
+            with pytest.raises(ModelNotFound):
+                await engine.infer("m", {"x": X}, version=1)
+            check((await engine.infer("m", {"x": X}))["y"], 2)
+
+    run(main())
+
+
+def test_a_model_whose_last_version_went_is_forgotten_though_its_directory_stays(
+        tmp_path, own_segments):
+    # The name's directory still listed it, so its copy in host memory and
+    # its row stayed for good, and a new version 1 was served from that
+    # copy: the old weights.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", {"x": X})
+            await until(lambda: ("m", 1) in engine.host.keys())  # published
+            await engine.unload("m", keep_host=True)
+            os.rename(tmp_path / "m" / "1", tmp_path / "m" / "1.old")
+            await until(lambda: ("m", 1) not in engine.host.keys())
+            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
+                                                 for r in engine.stats()["models"]})
+            assert await engine.models() == []
+            demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=11)
+            check((await engine.infer("m", {"x": X}))["y"], 11)
+
+    run(main())
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_manifest_edited_to_declare_other_tensors_has_its_model_loaded_again(
+        tmp_path, own_segments, pinned):
+    # The worker checks and names tensors by the spec it loaded: the
+    # server advertised the edited outputs while answering with the old.
+    manifest = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1) / "model.toml"
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            if pinned:
+                await engine.pin("m")
+            assert set(await engine.infer("m", {"x": X})) == {"y"}
+            text = manifest.read_text().replace('name = "y"', 'name = "z"')
+            manifest.write_text(text)
+            await until(lambda: engine._model_row(("m", 1))["evictions"] == 1)
+            if pinned:  # loaded again at once, and pinned again
+                await until(lambda: engine._model_row(("m", 1))["state"] == "resident")
+            answer = await engine.infer("m", {"x": X})
+            assert set(answer) == {"z"}
+            check(answer["z"], 1)
+            row = engine._model_row(("m", 1))
+            assert row["evictions_by_reason"] == {"redeclared": 1} and row["loads"] == 2
+            assert row["pinned"] == pinned
+
+    run(main())
+
+
+def test_a_default_version_removed_as_it_loads_is_served_by_the_one_before(
+        tmp_path, own_segments):
+    # A rollback renamed version 2 away before a scan saw it: its load
+    # failed for its files, the model was backed off, and every request
+    # for the default failed (LOAD_FAILED, HTTP 500) until the next scan.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=600)) as engine:
+            assert (await engine.metadata("m"))["version"] == 2  # what it knows: 2 is the default
+            os.rename(tmp_path / "m" / "2", tmp_path / "m" / "rolled-back-2")
+            check((await engine.infer("m", {"x": X}))["y"], 1)
+            row = engine._model_row(("m", 2))
+            assert row["failures"] == 0 and row["retry_in_s"] == 0
+            with pytest.raises(ModelNotFound):
+                await engine.infer("m", {"x": X}, version=2)
+            os.rename(tmp_path / "m" / "rolled-back-2", tmp_path / "m" / "2")
+            check((await engine.infer("m", {"x": X}, version=2))["y"], 2)  # asked for by number
+
+    run(main())
+
+
+def test_unload_all_unloads_every_version_held_though_the_default_is_broken(
+        tmp_path, own_segments):
+    # KServe's repository unload read the default version's manifest first:
+    # a version being copied in failed it (500), and nothing was unloaded.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", {"x": X})
+            (tmp_path / "m" / "2").mkdir()  # half-written: no model file yet
+            await asyncio.sleep(0.3)
+            await engine.unload_all("m")
+            assert not held(engine, ("m", 1))
+            with pytest.raises(ModelNotFound):
+                await engine.unload_all("nope")
+
+    run(main())
+
+
+def test_a_version_is_an_int64_in_canonical_decimal(tmp_path):
+    # A directory of 2^64 was a version that msgpack could not carry: the
+    # whole server's list and stats answered INTERNAL.
+    for name in ("1", "9223372036854775807", "9223372036854775808",
+                 "18446744073709551616", "01", "0"):
+        (tmp_path / "m" / name).mkdir(parents=True)
+    assert Repository(tmp_path).versions("m") == (1, (1 << 63) - 1)
+    assert parse_version("9223372036854775807") == (1 << 63) - 1
+    for bad in ("9223372036854775808", "01", "0", 1 << 63, 0, True):
+        with pytest.raises(ModelNotFound):
+            parse_version(bad)
