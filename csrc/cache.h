@@ -45,6 +45,8 @@ enum {
 };
 
 #define MM_NIL (-1)
+/* Workers a cache books: MM_DEVICE + worker must fit an int32 (mmengine.cache.MAX_WORKERS). */
+#define MM_MAX_WORKERS (1 << 20)
 #define MM_GOLDEN 0x9E3779B9u /* 2**32 / the golden ratio: Fibonacci hashing */
 #define MM_INDEX_BITS 4
 #define MM_INDEX_MIN (1u << MM_INDEX_BITS)
@@ -95,7 +97,7 @@ typedef struct {
 static inline int mm_cache_init(mm_cache *c, int32_t workers, int32_t policy)
 {
     *c = (mm_cache){.head = MM_NIL, .tail = MM_NIL, .free = MM_NIL};
-    if (workers < 0)
+    if (workers < 0 || workers > MM_MAX_WORKERS)
         return MM_EWORKER;
     if (policy != MM_LRU && policy != MM_GDSF)
         return MM_EPOLICY;

@@ -32,6 +32,7 @@ from mmengine.errors import InternalError
 HOST, DISK, DEVICE = 0, 1, 2
 LOADING, READY, UNLOADING, FAILED = 0, 1, 2, 3
 LRU, GDSF = 0, 1
+MAX_WORKERS = 1 << 20  # csrc/cache.h's MM_MAX_WORKERS: a worker's counter index is an int32
 # victims' reasons
 OK, TOO_LARGE, PINNED = 0, 1, 2
 
@@ -105,7 +106,7 @@ class PyCache:
 
     def __init__(self, workers: int, policy: int = LRU) -> None:
         workers, policy = operator.index(workers), operator.index(policy)
-        if workers < 0:
+        if not 0 <= workers <= MAX_WORKERS:
             raise convert_error(E_WORKER)
         if policy not in (LRU, GDSF):
             raise convert_error(E_POLICY)

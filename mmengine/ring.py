@@ -249,7 +249,10 @@ class _RingLife:
 
     def close(self) -> None:
         """Closes this end: the peer's waits end with RingClosed once it has
-        drained what was sent. Only the creator unlinks the segment."""
+        drained what was sent. Only the creator unlinks the segment. Not
+        while another thread of this process waits on this end or copies
+        into it: the mapping goes at once (the worker joins its threads
+        first)."""
         if not self._finalizer.alive:
             return
         self._seg.map[_OFF_CLOSED_BYTE[self.creator]] = 1

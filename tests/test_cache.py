@@ -50,6 +50,15 @@ def test_cache_is_native_unless_pure(monkeypatch):
 
 # -- entries ----------------------------------------------------------------
 
+def test_worker_counts_are_bounded(impl):
+    # The two highest int32 worker counts overflowed a counter's index: a
+    # KeyError of a negative error code, and undefined behaviour in C.
+    assert impl(mc.MAX_WORKERS).stats()["device"][-1] == (0, 0)
+    for workers in (mc.MAX_WORKERS + 1, 2**31 - 1, -1):
+        with pytest.raises(ValueError, match="worker out of range"):
+            impl(workers)
+
+
 def test_insert_remove(impl):
     c = impl(1)
     c.insert(("a", 1))
