@@ -37,7 +37,7 @@ import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import errors, fetch, hosttier, resources, shm
+from mmengine import errors, fetch, hosttier, resources, shm, storage
 from mmengine.config import Config, ConfigError, check_repo, parse_pins
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
@@ -159,14 +159,16 @@ class Engine:
         # Unloads waiting for a model's requests to finish: key -> a future
         # done when the unload is. New requests wait for it, then load again.
         self._draining: dict[Key, asyncio.Future] = {}
-        # The spec each model on a worker was loaded with, and the ones that
-        # serve nothing as they are: removed from the repository, or their
-        # manifest edited to declare other tensors (the worker checks with
-        # what it read). key -> why; unloaded once their requests are done,
-        # tried again at each scan until they are (_retire).
+        # The spec each model on a worker was loaded with (those loaded
+        # since the last scan are compared with the repository's at it), and
+        # the ones that serve nothing as they are: removed from the
+        # repository, or their manifest edited to declare otherwise (the
+        # worker checks what it read). key -> why; unloaded once their
+        # requests are done, and no request is given them meanwhile
+        # (_retire_stale).
         self._loaded_specs: dict[Key, ModelSpec] = {}
+        self._loaded_since_scan: set[Key] = set()
         self._stale: dict[Key, str] = {}
-        self._retiring: set[Key] = set()
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict", "worker_exit", "late" (an answer that came after its
@@ -504,28 +506,21 @@ class Engine:
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None) -> tuple[dict, dict]:
+        async def look(name: str, version: int | None) -> ModelSpec:
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                    spec = await self._spec(name, version)
+            except LoadFailed as e:  # why, only to a caller it would serve
+                auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
+                raise
+            except TimeoutError:  # the look goes on, for the next request
+                raise Timeout(f"{name}: its manifest was not read within the request's "
+                              f"deadline") from None
+            auth.check(spec.token_digests, token, f"model {spec.name!r}")
+            return spec
+
         try:
-            while True:
-                changes = self._name_changes[name]  # before the look: a removal meanwhile shows
-                try:
-                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                        spec = await self._spec(name, version)
-                except LoadFailed as e:  # why, only to a caller it would serve
-                    auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
-                    raise
-                except TimeoutError:  # the look goes on, for the next request
-                    raise Timeout(f"{name}: its manifest was not read within the request's "
-                                  f"deadline") from None
-                auth.check(spec.token_digests, token, f"model {spec.name!r}")
-                key = (spec.name, spec.version)
-                try:
-                    worker = await self._acquire(key, spec, deadline, changes=changes)
-                    break
-                except ModelNotFound as e:
-                    # The default version went (a rollback) as it loaded:
-                    # the request is for the one that is the default now.
-                    if version is not None or not getattr(e, "removed", False):
-                        raise
+            key, worker = await self._acquire_named(name, version, deadline, look=look)
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
                 raise Overloaded(f"{name}: the engine shut down before this request "
@@ -613,6 +608,13 @@ class Engine:
                 resolving.add_done_callback(functools.partial(self._resolved, (name, version)))
             try:
                 spec = await asyncio.shield(resolving)
+            except ModelNotFound as e:
+                if not getattr(e, "removed", False):
+                    raise
+                self._names_changed({name})  # what was read of it may be the gone version's
+                if version is None:  # the default is another now
+                    return await self._spec(name, version, record)
+                raise
             except LoadFailed as e:  # it exists but cannot be served: say so in stats
                 # One failed look is one failure, however many waited for it
                 # (they share the exception).
@@ -631,6 +633,23 @@ class Engine:
             if self._name_changes[name] == changes:  # else it may be the old manifest's
                 self._specs[(name, version)] = spec
         return spec
+
+    async def _acquire_named(self, name: str, version: int | None, deadline: float,
+                             request: bool = True, look=None) -> tuple[Key, Worker]:
+        """_acquire of `name` at `version` (None: its default), its spec
+        read by `look` (default: _spec). A default version removed as it
+        loaded (a rollback the last scan had not seen) gives way to the
+        one that is the default now."""
+        while True:
+            changes = self._name_changes[name]  # before the look: a removal meanwhile shows
+            spec = await (look or self._spec)(name, version)
+            key = (spec.name, spec.version)
+            try:
+                return key, await self._acquire(key, spec, deadline, request=request,
+                                                changes=changes)
+            except ModelNotFound as e:
+                if version is not None or not getattr(e, "removed", False):
+                    raise
 
     def _waits(self, waited: bool, request: bool) -> bool:
         """True, for a request that waits for a load; an inference's first
@@ -665,6 +684,17 @@ class Engine:
                 except TimeoutError:
                     raise Timeout(f"{key[0]}: still unloading at the request's "
                                   f"deadline") from None
+                continue
+            if key in self._stale:
+                # It goes once the requests on it are done: this one takes
+                # what the repository holds now (the same number published
+                # again, the manifest as it now reads).
+                waited = self._waits(waited, request)
+                try:
+                    await self._wait_for_room(self._room_version, deadline)
+                except TimeoutError:
+                    raise Timeout(f"{key[0]}: its copy as it was is still in use at the "
+                                  f"request's deadline") from None
                 continue
             if key in self.cache:
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
@@ -738,6 +768,8 @@ class Engine:
         if self._gen.get(key) == gen and key in self.cache:
             self.cache.release(key)
             self._room_changed()
+            if self._stale:  # its last request may have ended
+                self._retire_stale()
 
     def _room_changed(self) -> None:
         self._room_version += 1
@@ -816,12 +848,9 @@ class Engine:
                 raise  # the engine is stopping: no fault of the model's
             if isinstance(e, WorkerDied):
                 e = WorkerDied(f"{key[0]}: worker {worker.index} died during the load ({e})")
-            if getattr(e, "from_files", False) and not spec.source \
+            if isinstance(e, LoadFailed) and not spec.source \
                     and not await self._still_there(key):
-                e = ModelNotFound(f"model {key[0]!r} has no version {key[1]}: it was removed "
-                                  f"from the repository as it loaded")
-                e.removed = True  # no fault of the model's: nothing backs it off
-                raise e
+                raise storage.removed(*key) from None  # nothing backs it off
             self._load_failed(key, e, worker.index, t0)
             if isinstance(e, MMEngineError):
                 e.ran = _load_ran(key, worker.index)
@@ -831,6 +860,14 @@ class Engine:
             died = WorkerDied(f"{key[0]}: the worker died during the load")
             died.ran = _load_ran(key, worker.index)
             raise died
+        budget = self.cache.capacity(books.DEVICE, worker.index)
+        if int(body["bytes"]) > budget:  # refused before it loads from now on (_reserve)
+            stats.measured_bytes = int(body["bytes"])
+            too_large = TooLarge(f"{key[0]}: takes {stats.measured_bytes} bytes once loaded, "
+                                 f"more than its worker's whole budget ({budget})")
+            stats.last_error = str(too_large)
+            await asyncio.shield(self._evict(key, "too_large"))
+            raise too_large
         source = body.get("from", "disk")
         if body.get("inputs"):  # what the backend read from the artifact
             self._derived_inputs[key] = tuple(TensorSpec(n, d, tuple(shape))
@@ -844,6 +881,7 @@ class Engine:
                             "from": source, "allocator": body.get("allocator")})
         stats.measured_bytes = int(body["bytes"])
         self._loaded_specs[key] = spec
+        self._loaded_since_scan.add(key)
         stats.loads += 1
         stats.host_loads += source == "host"
         stats.failed_in_a_row = stats.backoffs_in_a_row = 0
@@ -860,11 +898,6 @@ class Engine:
         if source == "disk" and body.get("publishable"):
             self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:  # the estimate was short
-            budget = self.cache.capacity(books.DEVICE, worker.index)
-            if stats.measured_bytes > budget:  # refused before it loads from now on (_reserve)
-                await asyncio.shield(self._evict(key, "too_large"))
-                raise TooLarge(f"{key[0]}: takes {stats.measured_bytes} bytes once loaded, "
-                               f"more than a worker's whole budget ({budget})")
             # The room is made by the others: evicted itself, it cost its
             # waiters a second load.
             self.cache.pin(key)
@@ -877,8 +910,11 @@ class Engine:
         """Whether the repository still has this version, read from the disk
         now (a load that failed for its files may have lost them to a
         rollback); if not, what was read of the name is read anew."""
-        there = await asyncio.get_running_loop().run_in_executor(
-            None, self.repo.look_again, *key)
+        try:
+            there = await asyncio.get_running_loop().run_in_executor(
+                None, self.repo.look_again, *key)
+        except (MMEngineError, OSError):  # it cannot be read: the load's failure stands
+            return True
         if not there:
             self._names_changed({key[0]})
         return there
@@ -1171,6 +1207,7 @@ class Engine:
         if self._gen.get(key) == gen and key in self.cache:
             self.cache.remove(key)
             self._loaded_specs.pop(key, None)
+            self._stale.pop(key, None)
             self._room_changed()
 
     # -- unloads -----------------------------------------------------------------
@@ -1220,6 +1257,7 @@ class Engine:
                 log.error("monitor: %r", e)
 
     async def _monitor_once(self) -> None:
+        self._retire_stale()
         self._keep_pinned_warm()
         self._touch_disk_copies()
         if self.config.stuck_inference_s:
@@ -1324,19 +1362,22 @@ class Engine:
         changed = await asyncio.get_running_loop().run_in_executor(None, self.repo.rescan)
         if changed:
             self._names_changed(changed)
+        for key in [k for k in self._pinned if not self.repo.listed(*k)]:
+            self._drop_pin(key)  # resident or not: nothing can load it again
+        # A load that began before an edit may have read the old manifest.
+        looked, self._loaded_since_scan = self._loaded_since_scan, set()
         for key, spec in list(self._loaded_specs.items()):
             if not self.repo.listed(*key):
-                self._stale.setdefault(key, "removed")
-            elif key[0] in changed and key not in self._stale:
+                self._mark_stale(key, "removed")
+            elif (key[0] in changed or key in looked) and key not in self._stale:
                 try:
                     now = await self._spec(*key, record=False)
                 except MMEngineError:  # requests fail before they reach it
                     now = None
-                if now is None or _declared(now) != _declared(spec):
-                    self._stale[key] = "redeclared"
-        for key in self._stale.keys() - self._retiring:
-            self._retiring.add(key)
-            self._spawn(self._retire(key))
+                if key in self._loaded_specs and self._loaded_specs[key] is spec \
+                        and (now is None or _declared(now) != _declared(spec)):
+                    self._mark_stale(key, "redeclared")
+        self._retire_stale()
         # A removed version's copy in host memory can serve nothing again
         # (demoted as its worker unloads it, it goes at the next scan).
         for key in self.host.keys():
@@ -1351,29 +1392,25 @@ class Engine:
                 self._forget_stats(key)
                 self._derived_inputs.pop(key, None)
 
-    async def _retire(self, key: Key) -> None:
-        """Unloads a stale model (_stale) once the requests in flight on it
-        are done; requests that come meanwhile wait, then load what the
-        repository holds now. A pinned one whose manifest changed is loaded
-        again, pinned; a removed one's pin goes with it."""
-        reason = self._stale[key]
-        try:
-            async with self._in_order(key[0]):
-                if key not in self._loaded_specs:  # gone meanwhile: evicted, or its worker died
-                    self._stale.pop(key, None)
-                    return
-                pinned = self._pinned.get(key)
-                deadline = time.monotonic() + self.config.request_timeout_s
-                await self._unload_now(*key, deadline, keep_host=reason == "redeclared",
-                                       reason=reason)
-                self._stale.pop(key, None)
-                if pinned is not None and reason == "redeclared":
-                    self._pinned[key] = pinned  # that entry is gone: the next load takes it
-                    self._keep_pinned_warm()
-        except (MMEngineError, OSError) as e:  # still in use, say: the next scan tries again
-            log.warning("%s v%d (%s) is not unloaded yet: %s", key[0], key[1], reason, e)
-        finally:
-            self._retiring.discard(key)
+    def _mark_stale(self, key: Key, why: str) -> None:
+        """`key` serves nothing as it is (_stale): a removed version's pin
+        goes; a redeclared one's explicit pin waits for its next entry."""
+        if why == "removed":
+            self._drop_pin(key)
+        elif self._pinned.get(key) == self._gen.get(key):
+            gen, self._pinned[key] = self._pinned[key], 0  # no entry carries it now
+            self._unpin_request(key, gen)
+        if self._stale.get(key) != "removed":
+            self._stale[key] = why
+
+    def _retire_stale(self) -> None:
+        """Evicts the stale models that no request holds any more (run at
+        each scan, each monitor turn, and as requests on them end)."""
+        for key in list(self._stale):
+            entry = self.cache.entry(key) if key in self.cache else None
+            if entry is not None and entry.state == books.READY and entry.pins == 0 \
+                    and key not in self._busy:
+                self._evict(key, self._stale.pop(key))
 
     def _names_changed(self, names: set[str]) -> None:
         """What was read of these names is read anew at the next look, and
@@ -1560,7 +1597,14 @@ class Engine:
             self._check_loop()
             await asyncio.get_running_loop().run_in_executor(None, self.repo.versions, name)
         for version in versions:
-            await self.unload(name, version, timeout)
+            key = (name, version)
+            if key not in self._pinned and key not in self._busy and key not in self.cache:
+                self.host.drop(key)  # in host memory alone: its manifest need not be read
+                continue
+            try:
+                await self.unload(name, version, timeout)
+            except ModelNotFound:  # gone meanwhile (removed, and unloaded by a scan)
+                pass
 
     async def pin(self, name: str, version: int | None = None,
                   timeout: float | None = None) -> dict:
@@ -1614,21 +1658,18 @@ class Engine:
                 del self._control_order[name]
 
     async def _load_now(self, name: str, version: int | None, deadline: float) -> dict:
-        changes = self._name_changes[name]
-        spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline, request=False, changes=changes)
+        key, _ = await self._acquire_named(name, version, deadline, request=False)
         self._unpin_request(key, self._gen[key])
         return self._model_row(key)
 
     async def _unload_now(self, name: str, version: int | None, deadline: float,
-                          keep_host: bool, reason: str = "unload") -> None:
+                          keep_host: bool) -> None:
         key = await self._held_key(name, version)
         pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         try:
-            await self._drain(key, name, deadline, reason)
+            await self._drain(key, name, deadline)
         except (Timeout, asyncio.CancelledError):
             # Its caller gave up. An unload that began ends as asked; else
             # the model stays as it was, its pin too.
@@ -1647,7 +1688,7 @@ class Engine:
         if not keep_host:
             self.host.drop(key)
 
-    async def _drain(self, key: Key, name: str, deadline: float, reason: str) -> None:
+    async def _drain(self, key: Key, name: str, deadline: float) -> None:
         """Evicts `key` once the requests in flight on it are done (new ones
         wait for the unload: `_draining`)."""
         while key in self.cache or key in self._busy:
@@ -1658,7 +1699,7 @@ class Engine:
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
                 # Begun, it ends, whether its caller waits or not.
-                await asyncio.shield(self._evict(key, reason))
+                await asyncio.shield(self._evict(key, "unload"))
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)
@@ -1666,10 +1707,7 @@ class Engine:
                 raise Timeout(f"{name}: still in use at the deadline") from None
 
     async def _pin_now(self, name: str, version: int | None, deadline: float) -> dict:
-        changes = self._name_changes[name]
-        spec = await self._spec(name, version)
-        key = (spec.name, spec.version)
-        await self._acquire(key, spec, deadline, request=False, changes=changes)
+        key, _ = await self._acquire_named(name, version, deadline, request=False)
         gen = self._gen[key]
         if self._pinned.get(key) == gen:
             self._unpin_request(key, gen)  # this entry already carries the pin
@@ -1881,10 +1919,12 @@ async def _cancel(tasks: set[asyncio.Task]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _declared(spec: ModelSpec) -> ModelSpec:
-    """What a worker loads and checks of a spec: all but its tokens (the
-    front-end checks those, at each request)."""
-    return dataclasses.replace(spec, token_digests=())
+def _declared(spec: ModelSpec) -> tuple:
+    """What a worker loads and checks of a spec: not its tokens (the
+    front-end checks those at each request) nor its size estimate (a
+    directory's size, the manifest's own bytes included)."""
+    return (spec.backend, spec.artifact, spec.inputs, spec.outputs, spec.device, spec.trusted,
+            spec.warmup, spec.options, spec.source, spec.files, spec.compress)
 
 
 def _check_version(version: object) -> None:

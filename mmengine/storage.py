@@ -195,7 +195,7 @@ class Repository:
         """Serves the model in directory `path` as `name` (version 1).
         BadRequest if the name is taken or the directory holds no model."""
         check_name(name)
-        if name in self._added or name in self.names():
+        if self.holds(name):
             raise BadRequest(f"model {name!r} already exists")
         path = Path(path)
         if not path.is_dir():
@@ -272,16 +272,20 @@ class Repository:
 
     def look_again(self, name: str, version: int) -> bool:
         """Whether `version` of `name` is there, read from the disk now (a
-        load that found its files gone: a rollback may have removed it
-        since the last scan); what is known of the name is updated."""
+        load or a read that failed for its files: a rollback may have
+        removed it since the last scan). If it is not, the name's versions
+        are taken as they are now, and the caller forgets what it read of
+        the name; else nothing changes (the next scan tells of the rest)."""
         try:
             found = self._scan_versions(name)
         except ModelNotFound:
             found = ()
+        if version in found:
+            return True
         self._versions[name] = found
         for key in [k for k in self._specs if k[0] == name and k[1] not in found]:
             self._specs.pop(key, None)
-        return version in found
+        return False
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.
@@ -294,6 +298,18 @@ class Repository:
                                         or version not in self._scan_versions(name)):
             raise ModelNotFound(f"model {name!r} has no version {version}")
         return version
+
+    def holds(self, name: str) -> bool:
+        """Whether `name` is a model here: added, or a directory holding a
+        version (one whose last version went is no model)."""
+        if name in self._added:
+            return True
+        if name not in self.names():
+            return False
+        try:
+            return bool(self._scan_versions(name))
+        except ModelNotFound:
+            return False
 
     def _scan_versions(self, name: str) -> tuple[int, ...]:
         if name in self._added:
@@ -320,9 +336,24 @@ class Repository:
             return known[0]
         path = self._added.get(name) or self.root / name / str(version)
         seen = _signature(path / MANIFEST)  # before: an edit while it is read shows
-        spec = read_spec(name, version, path, self.allow_code, self.config)
+        try:
+            spec = read_spec(name, version, path, self.allow_code, self.config)
+        except LoadFailed:
+            if name in self._added or self.look_again(name, version):
+                raise
+            raise removed(name, version) from None
         self._specs[key] = (spec, seen)
         return spec
+
+
+def removed(name: str, version: int) -> ModelNotFound:
+    """The error of a version that left the repository as it was read or
+    loaded (a rollback the last scan had not seen): no fault of the
+    model's, and a request for the default version takes the new one."""
+    e = ModelNotFound(f"model {name!r} has no version {version}: it was removed from the "
+                      f"repository")
+    e.removed = True
+    return e
 
 
 def _signature(path: Path) -> tuple | None:

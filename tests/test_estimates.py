@@ -86,16 +86,17 @@ def test_a_model_larger_than_a_whole_budget_once_loaded_is_refused_and_not_kept(
     x = np.ones((1, 4), np.float32)
 
     async def main():
-        config = Config(repo=str(tmp_path), workers=1, device_budget=BUDGET,
-                        host_tier_bytes=0)
-        async with Engine(config) as engine:
+        # The host tier on: such a model is not copied there either.
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=BUDGET)) as engine:
             with pytest.raises(TooLarge, match="once loaded"):
                 await engine.infer("huge", {"x": x})
-            assert row(engine, "huge")["state"] == "on storage"
-            assert row(engine, "huge")["evictions_by_reason"] == {"too_large": 1}
+            huge = row(engine, "huge")
+            assert huge["state"] == "on storage" and huge["host_bytes"] == 0
+            assert huge["evictions_by_reason"] == {"too_large": 1} and huge["loads"] == 0
+            assert "once loaded" in huge["last_error"]
             assert engine.stats()["workers"][0]["used_bytes"] == 0
             with pytest.raises(TooLarge, match="needs"):  # at once, without a load
                 await engine.infer("huge", {"x": x})
-            assert row(engine, "huge")["loads"] == 1
+            assert engine.stats()["totals"]["evictions"] == 1  # no second load was tried
 
     run(main())

@@ -22,7 +22,8 @@ from mmengine import demo
 from mmengine.config import Config
 from mmengine.errors import BadRequest, ModelNotFound
 from mmengine.server import kserve
-from mmengine.server.http import MAX_PIPELINED, PARSE_ON_THREAD, array_from_json
+from mmengine.server.http import (FORMAT_ON_THREAD, MAX_PIPELINED, PARSE_ON_THREAD,
+                                  array_from_json)
 
 DIMS = (16, 64, 8)
 MODELS = ("m00", "m01", "m02", "m03")
@@ -694,6 +695,36 @@ def test_keep_alive_serves_many_requests_on_one_connection(address):
         assert conn.sock is sock  # never reconnected
     finally:
         conn.close()
+
+
+def test_long_json_answers_come_whole_and_in_order_among_pipelined_ones(address):
+    # An answer of FORMAT_ON_THREAD JSON numbers or more is formatted on a
+    # parse thread (an output of 2M float32s held the loop for 145 ms):
+    # it arrives whole, in its place, beside answers made at once.
+    rows = FORMAT_ON_THREAD // DIMS[2] + 1
+    xs = [x_for(31, n=rows), x_for(32), x_for(33, n=rows)]
+    requests = []
+    for i, x in enumerate(xs):
+        body = json.dumps(infer_body(x, id=str(i))).encode()
+        requests.append(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    requests.append(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(b"".join(requests))
+        raw = recv_all(s)
+    answers = []
+    while raw:
+        head, rest = raw.split(b"\r\n\r\n", 1)
+        n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        answers.append((head, rest[:n]))
+        raw = rest[n:]
+    assert len(answers) == 4 and answers[3][0].startswith(b"HTTP/1.1 200 ")
+    for i, (x, (head, body)) in enumerate(zip(xs, answers)):
+        assert head.startswith(b"HTTP/1.1 200 "), body[:200]
+        out = json.loads(body)
+        assert out["id"] == str(i)
+        y = np.array(out["outputs"][0]["data"], np.float32).reshape(out["outputs"][0]["shape"])
+        np.testing.assert_allclose(y, reference("m00", x), **TOL)
 
 
 @pytest.mark.parametrize("count", [8, 3 * MAX_PIPELINED])

@@ -15,7 +15,7 @@ from conftest import run
 from mmengine import demo
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import ModelNotFound
+from mmengine.errors import InternalError, LoadFailed, ModelNotFound
 from mmengine.storage import Repository, parse_version
 
 DIMS = (16, 64, 8)
@@ -37,6 +37,47 @@ def held(engine: Engine, key) -> bool:
     return key in engine.cache or key in engine.host.keys()
 
 
+def listed(engine: Engine, name: str) -> tuple:
+    """The versions of `name` as the engine's last look at the repository found them."""
+    return engine.repo._versions.get(name, ())
+
+
+SLOW = """\
+import time
+
+import numpy as np
+
+VALUE = {value}
+
+
+def load(path, device):
+    time.sleep({load_s})
+
+
+def predict(inputs):
+    time.sleep(float(inputs["seconds"][0]))
+    return {{"y": np.full(1, VALUE, np.float32)}}
+"""
+
+
+def write_slow(root, name: str, version: int, value: float, load_s: float = 0.0,
+               manifest: str = "") -> None:
+    """A handler that answers `value` after inputs["seconds"], loaded in `load_s`."""
+    path = root / name / str(version)
+    path.mkdir(parents=True)
+    (path / "handler.py").write_text(SLOW.format(value=value, load_s=load_s))
+    if manifest:
+        (path / "model.toml").write_text(manifest)
+
+
+def seconds(s: float) -> dict:
+    return {"seconds": np.array([s], np.float32)}
+
+
+def answer(y: dict) -> float:
+    return float(y["y"][0])
+
+
 def test_a_version_removed_while_resident_is_unloaded_and_its_successor_serves(
         tmp_path, own_segments):
     # A removed version stayed on its worker until evicted; once a new one
@@ -56,9 +97,9 @@ def test_a_version_removed_while_resident_is_unloaded_and_its_successor_serves(
             assert evictions == [(2, "removed")]
             check((await engine.infer("m", {"x": X}))["y"], 1)
             demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=22, version=2)
-            await asyncio.sleep(0.3)
+            check((await engine.infer("m", {"x": X}, version=2))["y"], 22)  # looked for at once
+            await until(lambda: listed(engine, "m") == (1, 2))
             check((await engine.infer("m", {"x": X}))["y"], 22)
-            check((await engine.infer("m", {"x": X}, version=2))["y"], 22)
 
     run(main())
 
@@ -165,7 +206,7 @@ def test_unload_all_unloads_every_version_held_though_the_default_is_broken(
         async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
             await engine.infer("m", {"x": X})
             (tmp_path / "m" / "2").mkdir()  # half-written: no model file yet
-            await asyncio.sleep(0.3)
+            await until(lambda: listed(engine, "m") == (1, 2))
             await engine.unload_all("m")
             assert not held(engine, ("m", 1))
             with pytest.raises(ModelNotFound):
@@ -185,3 +226,171 @@ def test_a_version_is_an_int64_in_canonical_decimal(tmp_path):
     for bad in ("9223372036854775808", "01", "0", 1 << 63, 0, True):
         with pytest.raises(ModelNotFound):
             parse_version(bad)
+
+
+def test_a_removed_version_in_use_is_given_no_new_request_and_blocks_no_other_version(
+        tmp_path, own_segments):
+    # A removed version in use waited for its name's control lock: requests
+    # for the number published again got the removed one meanwhile, and
+    # an operator's pin of another version of the name timed out behind it.
+    write_slow(tmp_path, "m", 1, 1.0)
+    write_slow(tmp_path, "m", 2, 2.0)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=2, repo_scan_s=0.1)) as engine:
+            busy = asyncio.ensure_future(engine.infer("m", seconds(3.0), version=1))
+            await until(lambda: engine._model_row(("m", 1))["pins"] == 1)
+            shutil.rmtree(tmp_path / "m" / "1")
+            await until(lambda: ("m", 1) in engine._stale)
+            t0 = time.monotonic()
+            await engine.pin("m", 2, timeout=2.5)
+            assert time.monotonic() - t0 < 2.0
+            write_slow(tmp_path, "m", 1, 11.0)  # the number published again
+            assert answer(await engine.infer("m", seconds(0), version=1)) == 11.0
+            assert answer(await busy) == 1.0  # the request in flight ended as it began
+
+    run(main())
+
+
+def test_a_failed_load_does_not_hide_a_version_published_meanwhile(tmp_path, own_segments):
+    # The failed load's look at the repository stored the versions it saw,
+    # so no scan told of the new one: the broken default stayed for good.
+    write_slow(tmp_path, "m", 1, 1.0)
+    (tmp_path / "m" / "1" / "handler.py").write_text("def load(path, device):\n"
+                                                   "    raise RuntimeError('bad build')\n\n\n"
+                                                   "def predict(inputs):\n    pass\n")
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, repo_scan_s=0.5,
+                        load_failure_backoff_s=0.1, load_failure_backoff_max_s=0.1)
+        async with Engine(config) as engine:
+            assert (await engine.metadata("m"))["version"] == 1
+            write_slow(tmp_path, "m", 2, 2.0)  # the fix
+            with pytest.raises(LoadFailed, match="bad build"):
+                await engine.infer("m", seconds(0))
+            await until(lambda: listed(engine, "m") == (1, 2))
+            await asyncio.sleep(0.2)
+            assert answer(await engine.infer("m", seconds(0))) == 2.0
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["infer", "pin"])
+def test_a_default_version_removed_with_a_copy_in_host_memory_gives_way(tmp_path, own_segments,
+                                                                         how):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=600)) as engine:
+            check((await engine.infer("m", {"x": X}))["y"], 2)
+            await until(lambda: ("m", 2) in engine.host.keys())  # published
+            await engine.unload("m", 2, keep_host=True)
+            os.rename(tmp_path / "m" / "2", tmp_path / "m" / "rolled-back-2")
+            if how == "pin":  # and load: the same path
+                assert (await engine.pin("m"))["version"] == 1
+            check((await engine.infer("m", {"x": X}))["y"], 1)
+            assert engine._model_row(("m", 2))["failures"] == 0
+
+    run(main())
+
+
+def test_a_token_edit_keeps_a_model_resident_whatever_its_size_estimate(tmp_path,
+                                                                         own_segments):
+    # A handler's estimate is its directory's size, the manifest's own
+    # bytes included: a token added was taken for a new declaration.
+    from mmengine import auth
+
+    write_slow(tmp_path, "m", 1, 1.0, manifest='backend = "handler"\n')
+    manifest = tmp_path / "m" / "1" / "model.toml"
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", seconds(0))
+            text = f'token_sha256 = ["{auth.digest("t").hex()}"]\n' + manifest.read_text()
+            (tmp_path / "m" / "1" / ".model.toml.new").write_text(text)
+            os.rename(tmp_path / "m" / "1" / ".model.toml.new", manifest)
+            await until(lambda: engine.repo.resolve("m").token_digests != ())
+            await asyncio.sleep(0.5)  # scans
+            assert answer(await engine.infer("m", seconds(0), token="t")) == 1.0
+            assert engine._model_row(("m", 1))["loads"] == 1
+
+    run(main())
+
+
+def test_a_manifest_edited_while_its_model_loads_is_taken_once_it_has(tmp_path, own_segments):
+    write_slow(tmp_path, "m", 1, 1.0, load_s=1.5, manifest='backend = "handler"\n')
+    manifest = tmp_path / "m" / "1" / "model.toml"
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            loading = asyncio.ensure_future(engine.infer("m", seconds(0)))
+            await asyncio.sleep(0.5)  # under way
+            (tmp_path / "m" / "1" / ".new").write_text(
+                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
+                'shape = [1]\n')
+            os.rename(tmp_path / "m" / "1" / ".new", manifest)
+            assert set(await loading) == {"y"}  # loaded as it read it
+            await until(lambda: engine._model_row(("m", 1))["evictions"] == 1)
+            # Loaded again, it is held to the manifest as it reads now.
+            with pytest.raises(InternalError, match=r"missing \['z'\]"):
+                await engine.infer("m", seconds(0))
+
+    run(main())
+
+
+def test_a_pinned_version_edited_then_removed_loses_its_pin(tmp_path, own_segments):
+    write_slow(tmp_path, "m", 1, 1.0, manifest='backend = "handler"\n')
+    write_slow(tmp_path, "m", 2, 2.0)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.pin("m", 1)
+            busy = asyncio.ensure_future(engine.infer("m", seconds(2.0), version=1))
+            await asyncio.sleep(0.3)
+            (tmp_path / "m" / "1" / ".new").write_text(
+                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
+                'shape = [1]\n')
+            os.rename(tmp_path / "m" / "1" / ".new", tmp_path / "m" / "1" / "model.toml")
+            await until(lambda: engine._stale.get(("m", 1)) == "redeclared")
+            shutil.rmtree(tmp_path / "m" / "1")
+            await busy
+            await until(lambda: not held(engine, ("m", 1)))
+            assert ("m", 1) not in engine._pinned
+            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
+                                                 for r in engine.stats()["models"]})
+
+    run(main())
+
+
+def test_unload_all_drops_a_copy_in_host_memory_whose_manifest_went_bad(tmp_path,
+                                                                        own_segments):
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=600)) as engine:
+            await engine.infer("m", {"x": X}, version=1)
+            await until(lambda: ("m", 1) in engine.host.keys())
+            await engine.unload("m", 1, keep_host=True)
+            await engine.infer("m", {"x": X}, version=2)
+            (tmp_path / "m" / "1" / "model.toml").write_text("not = [toml")
+            await engine._rescan()  # the scan that sees the edit
+            await engine.unload_all("m")
+            assert not held(engine, ("m", 1)) and not held(engine, ("m", 2))
+            assert engine._model_row(("m", 1))["failures"] == 0
+
+    run(main())
+
+
+def test_a_name_whose_last_version_went_can_be_added_at_run_time(tmp_path, own_segments):
+    demo.write_mlp(tmp_path / "x", "safetensors", *DIMS, seed=1)
+    demo.write_mlp(tmp_path / "elsewhere" / "x", "safetensors", *DIMS, seed=5)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            shutil.rmtree(tmp_path / "x" / "1")
+            await engine.add_model("x", str(tmp_path / "elsewhere" / "x" / "1"))
+            check((await engine.infer("x", {"x": X}))["y"], 5)
+
+    run(main())

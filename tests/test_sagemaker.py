@@ -317,6 +317,17 @@ def test_invoke_answers_the_reference(address, disk):
                                reference(2, np.array([[1, 2, 3, 4]], np.float32)), **TOL)
 
 
+def test_a_long_json_answer_is_the_reference(address, disk):
+    # FORMAT_ON_THREAD numbers or more are formatted on a parse thread.
+    from mmengine.server.http import FORMAT_ON_THREAD
+
+    assert add(address, "long", disk["m3"])[0] == 200
+    x = x_for(2, n=FORMAT_ON_THREAD // DIMS[2] + 1)
+    status, answer = call(address, "POST", "/models/long/invoke", {"inputs": {"x": x.tolist()}})
+    assert status == 200, str(answer)[:200]
+    np.testing.assert_allclose(answer["outputs"]["y"], reference(3, x), **TOL)
+
+
 def raw_call(address, path: str, body: bytes, headers: dict) -> tuple[int, str, bytes]:
     """(status, Content-Type, body) of a POST whose answer may not be JSON."""
     conn = http.client.HTTPConnection(*address, timeout=30)

@@ -263,16 +263,19 @@ def submitted(request: Request,
     carries the request's stages as Server-Timing."""
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
 
-    def finish(result: tuple[dict, dict]) -> Response:
+    def finish(result: tuple[dict, dict]) -> Response | Later:
         body, outputs = result
         response = respond(outputs)
         if t_submit:
             # Before the stages: the request's body read into tensors (a
             # JSON body's parse, most of all), which no stage counts.
             decode = {"decode_ns": t_submit - request.t_received} if request.t_received else {}
-            response.headers.append(
-                ("Server-Timing",
-                 trace.server_timing({**decode, **trace.body_timing(t_submit, body)})))
+            timing = ("Server-Timing",
+                      trace.server_timing({**decode, **trace.body_timing(t_submit, body)}))
+            if isinstance(response, Later):  # being formatted (`formatted`)
+                response.finish = lambda made: made.headers.append(timing) or made
+            else:
+                response.headers.append(timing)
         return response
     later = Later(finish, inference=True)
     later.future = submit(later.done)
@@ -289,6 +292,10 @@ PARSE_ON_THREAD = 1 << 20
 #: once (it inflates to at least as much, at 0.3-1 GB/s); a shorter one is
 #: inflated on the loop unless it inflates past PARSE_ON_THREAD.
 INFLATE_ON_THREAD = 256 << 10
+#: An answer of at least this many JSON numbers is formatted on a parse
+#: thread: orjson writes one in ~70 ns here (an output of 2M float32s,
+#: 145 ms, all other connections waiting on the loop meanwhile).
+FORMAT_ON_THREAD = 1 << 16
 #: The threads that parse bodies and format long answers: two at a time,
 #: whatever the cores (a parse may take ten times its body's bytes while it
 #: runs), and not the loop's default executor, which reads the repository.
@@ -314,6 +321,19 @@ def parsed(nbytes: int, parse: Callable[[], Any], send: Callable[[Any], Later],
     later = Later.of(asyncio.get_running_loop().create_task(parse_then_send()))
     later.inference = True
     return later
+
+
+def formatted(numbers: int, make: Callable[[], Response]) -> Response | Later:
+    """make(), at once for an answer of fewer than FORMAT_ON_THREAD JSON
+    numbers or one already made off the loop (`parsed`'s finish_on_thread),
+    else on a parse thread."""
+    if numbers < FORMAT_ON_THREAD:
+        return make()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # on a parse thread already
+        return make()
+    return Later.of(loop.create_task(_on_thread(loop, make)))
 
 
 async def _on_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -> Any:
@@ -863,6 +883,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             response = finish(future.result())
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
             response = _response_for(e)
+        if isinstance(response, Later):  # being formatted on a thread: answered once made
+            self.answering = response
+            response.wait(functools.partial(self._on_answered, request, response.finish))
+            return
         if self._respond(request, response):
             # The next request starts in a turn of its own: not inside a
             # worker's drain or deadline scan (that worker may be dead and

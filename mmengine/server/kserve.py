@@ -30,7 +30,7 @@ import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
 from mmengine.server import metrics
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
-                                  loads, parsed, submitted)
+                                  formatted, loads, parsed, submitted)
 from mmengine.storage import parse_version
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
@@ -368,7 +368,7 @@ def _timeout(params: dict) -> float | None:
 
 def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_default: bool,
                     name: str, version: str | None,
-                    outputs: dict[str, np.ndarray]) -> Response:
+                    outputs: dict[str, np.ndarray]) -> Response | Later:
     if wanted is None:
         wanted = [(k, binary_default) for k in outputs]
     for out, _ in wanted:
@@ -398,13 +398,17 @@ def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_def
     rid = req.get("id")
     if rid is not None:
         head["id"] = rid
-    header = dumps(head, finite(outputs[out] for out, binary in wanted if not binary))
-    if not buffers:
-        return Response(200, header)
-    # The outputs go out as they are: the core writes the buffers in order.
-    return Response(200, [header, *buffers],
-                    [("Inference-Header-Content-Length", str(len(header)))],
-                    "application/octet-stream")
+    in_json = [outputs[out] for out, binary in wanted if not binary]
+
+    def make() -> Response:
+        header = dumps(head, finite(in_json))
+        if not buffers:
+            return Response(200, header)
+        # The outputs go out as they are: the core writes the buffers in order.
+        return Response(200, [header, *buffers],
+                        [("Inference-Header-Content-Length", str(len(header)))],
+                        "application/octet-stream")
+    return formatted(sum(arr.size for arr in in_json), make)
 
 
 def _parse_outputs(requested, binary_default: bool) -> list[tuple[str, bool]] | None:

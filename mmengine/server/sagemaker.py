@@ -46,8 +46,8 @@ from mmengine.engine import log as engine_log
 from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
-                                  error_response, finite, json_array, json_response, parsed,
-                                  StatusError, submitted)
+                                  error_response, finite, formatted, json_array, json_response,
+                                  parsed, StatusError, submitted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -153,7 +153,7 @@ async def load_model(server, request: Request) -> Response:
     try:
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, resolve_url, url, engine.config.model_roots)
-        if name in await loop.run_in_executor(None, engine.repo.names):
+        if await loop.run_in_executor(None, engine.repo.holds, name):
             raise _Conflict(f"model {name!r} already exists in the repository")
         await engine.add_model(name, path)
         try:
@@ -238,11 +238,12 @@ def invoke(server, request: Request, name: str) -> Later:
         finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
 
-def _answer_json(outputs: dict[str, np.ndarray]) -> Response:
+def _answer_json(outputs: dict[str, np.ndarray]) -> Response | Later:
     for out, arr in outputs.items():
         if arr.dtype.kind not in "biuf":  # JSON holds numbers and booleans
             raise cannot_carry("JSON", out, arr.dtype)
-    return Response(200, dumps({"outputs": outputs}, finite(outputs.values())))
+    return formatted(sum(arr.size for arr in outputs.values()),
+                     lambda: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
 
 
 def _only_output(outputs: dict[str, np.ndarray], media: str) -> np.ndarray:
