@@ -697,6 +697,17 @@ def test_keep_alive_serves_many_requests_on_one_connection(address):
         conn.close()
 
 
+def split_answers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(head, body) of each answer in a connection's bytes."""
+    answers = []
+    while raw:
+        head, rest = raw.split(b"\r\n\r\n", 1)
+        n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        answers.append((head, rest[:n]))
+        raw = rest[n:]
+    return answers
+
+
 def test_long_json_answers_come_whole_and_in_order_among_pipelined_ones(address):
     # An answer of FORMAT_ON_THREAD JSON numbers or more is formatted on a
     # parse thread (an output of 2M float32s held the loop for 145 ms):
@@ -712,12 +723,7 @@ def test_long_json_answers_come_whole_and_in_order_among_pipelined_ones(address)
     with socket.create_connection(address, timeout=30) as s:
         s.sendall(b"".join(requests))
         raw = recv_all(s)
-    answers = []
-    while raw:
-        head, rest = raw.split(b"\r\n\r\n", 1)
-        n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
-        answers.append((head, rest[:n]))
-        raw = rest[n:]
+    answers = split_answers(raw)
     assert len(answers) == 4 and answers[3][0].startswith(b"HTTP/1.1 200 ")
     for i, (x, (head, body)) in enumerate(zip(xs, answers)):
         assert head.startswith(b"HTTP/1.1 200 "), body[:200]
@@ -755,12 +761,7 @@ def test_pipelined_requests_are_answered_in_order(address, count):
         sender.start()
         raw = recv_all(s)
         sender.join()
-    answers = []
-    while raw:
-        head, rest = raw.split(b"\r\n\r\n", 1)
-        n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
-        answers.append((head, rest[:n]))
-        raw = rest[n:]
+    answers = split_answers(raw)
     assert len(answers) == len(xs) + 1
     for i, (x, (head, body)) in enumerate(zip(xs, answers)):
         r = json.loads(body)
