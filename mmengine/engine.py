@@ -172,9 +172,10 @@ class Engine:
         self._queued: dict[str, int] = {}  # model name -> requests not yet answered
         # Callables observer(kind, fields) told of every "request", "load",
         # "evict", "worker_exit", "late" (an answer that came after its
-        # request had failed: timed out, or cut off) and "skipped" (one the
-        # worker did not run for that reason) (metrics, traces); they must
-        # not raise nor block.
+        # request had failed: timed out, or cut off), "skipped" (one the
+        # worker did not run for that reason) and "forget" (a version gone
+        # from the repository and from every tier: `last` when its model has
+        # no other) (metrics, traces); they must not raise nor block.
         self.observers: list = []
         self._hits = 0
         self._used_since = 0.0  # monotonic; the disk copies of what was used since are touched
@@ -1424,6 +1425,8 @@ class Engine:
         stats = self._stats.pop(key)
         self._forgotten.update(loads=stats.loads, evictions=stats.evictions,
                                failures=stats.failures, loads_from_host=stats.host_loads)
+        self._emit("forget", {"model": key[0], "version": key[1],
+                              "last": not any(k[0] == key[0] for k in self._stats)})
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():
@@ -1660,7 +1663,7 @@ class Engine:
     async def _load_now(self, name: str, version: int | None, deadline: float) -> dict:
         key, _ = await self._acquire_named(name, version, deadline, request=False)
         self._unpin_request(key, self._gen[key])
-        return self._model_row(key)
+        return self.model_row(key)
 
     async def _unload_now(self, name: str, version: int | None, deadline: float,
                           keep_host: bool) -> None:
@@ -1716,7 +1719,7 @@ class Engine:
             # Loads waiting for room look again: pinned room is refused at
             # once (PinnedFull), not waited for to their deadline.
             self._room_changed()
-        return self._model_row(key)
+        return self.model_row(key)
 
     def _drop_pin(self, key: Key) -> None:
         gen = self._pinned.pop(key, None)
@@ -1758,7 +1761,7 @@ class Engine:
         spec = await self._spec(name, version)
         loop = asyncio.get_running_loop()
         versions = await loop.run_in_executor(None, self.repo.versions, spec.name)
-        row = self._model_row((spec.name, spec.version))
+        row = self.model_row((spec.name, spec.version))
         return {
             "name": spec.name, "version": spec.version, "versions": list(versions),
             "backend": spec.backend,
@@ -1774,22 +1777,13 @@ class Engine:
     async def models(self) -> list[dict]:
         """Every model of the repository with its versions and residency."""
         self._check_loop()
-        loop = asyncio.get_running_loop()
-        names = await loop.run_in_executor(None, self.repo.names)
-        keys = []
-        for name in names:
-            try:
-                versions = await loop.run_in_executor(None, self.repo.versions, name)
-            except MMEngineError:
-                continue
-            keys += [(name, v) for v in versions]
-        # What a client needs to build a request; the specs not read yet
-        # are read side by side.
-        specs = await asyncio.gather(*(self._spec(*key, record=False) for key in keys),
-                                     return_exceptions=True)
+        # One look on a thread, the manifests not read yet read there: a
+        # thread hop per model and a task per version held the loop for
+        # seconds at thousands of models.
+        listing = await asyncio.get_running_loop().run_in_executor(None, self.repo.listing)
         rows = []
-        for key, spec in zip(keys, specs):
-            row = self._model_row(key)
+        for key, spec in listing:
+            row = self.model_row(key)
             if isinstance(spec, BaseException):  # its manifest, say, cannot be read
                 row["inputs"], row["error"] = [], str(spec)
             else:
@@ -1798,7 +1792,8 @@ class Engine:
             rows.append(row)
         return rows
 
-    def _model_row(self, key: Key) -> dict:
+    def model_row(self, key: Key) -> dict:
+        """The row of stats() of one model version."""
         stats = self._stats.get(key, ModelStats())
         backoff_left = max(0.0, stats.retry_at - time.monotonic())
         row = {"name": key[0], "version": key[1], "state": "on storage", "worker": None,
@@ -1830,7 +1825,7 @@ class Engine:
         keys = set(self._stats) | set(self.host.book.lru_keys()) | self._fetching
         if self.cache is not None:
             keys.update(self.cache.lru_keys())
-        rows = [self._model_row(k) for k in sorted(keys)]
+        rows = [self.model_row(k) for k in sorted(keys)]
         workers = []
         for w in self.pool.workers if self.pool else []:
             workers.append({

@@ -59,7 +59,7 @@ import numpy as np
 
 from mmengine import fetch, protocol, tensorfile
 from mmengine.config import Config
-from mmengine.errors import BadRequest, LoadFailed, ModelNotFound
+from mmengine.errors import BadRequest, LoadFailed, MMEngineError, ModelNotFound
 
 MANIFEST = "model.toml"
 
@@ -286,6 +286,23 @@ class Repository:
         for key in [k for k in self._specs if k[0] == name and k[1] not in found]:
             self._specs.pop(key, None)
         return False
+
+    def listing(self) -> list[tuple[tuple[str, int], ModelSpec | MMEngineError]]:
+        """Every version of every model, with its spec or why it cannot be
+        read, by name and version (a thread's work: it reads the manifests
+        not read yet)."""
+        out = []
+        for name in self.names():
+            try:
+                versions = self.versions(name)
+            except MMEngineError:  # none (any more), or unreadable
+                continue
+            for version in versions:
+                try:
+                    out.append(((name, version), self.resolve(name, version)))
+                except MMEngineError as e:
+                    out.append(((name, version), e))
+        return out
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.

@@ -140,14 +140,14 @@ def test_busy_and_pinned_models_survive_pressure(repo, own_segments):
             slow = asyncio.ensure_future(
                 engine.infer("slow", {"seconds": np.array([4.0])}))
             await asyncio.sleep(0.3)
-            assert engine._model_row(("slow", 1))["state"] == "resident"
+            assert engine.model_row(("slow", 1))["state"] == "resident"
             # Loads run beside inference on the worker's loader thread, so
             # they pile pressure on while the slow request holds its model.
             for name in ("m02", "m03", "m04", "m05", "m06"):  # far past the budget
                 await engine.load(name)
                 assert not slow.done()
-                assert engine._model_row(("slow", 1))["state"] == "resident"
-                assert engine._model_row(("m01", 1))["state"] == "resident"
+                assert engine.model_row(("slow", 1))["state"] == "resident"
+                assert engine.model_row(("m01", 1))["state"] == "resident"
             out = await slow
             assert out["y"][0] == 8.0
             await engine.unpin("m01")
@@ -169,15 +169,15 @@ def test_idle_models_are_unloaded(repo, own_segments):
     async def main():
         async with Engine(config(root, idle_unload_s=0.3)) as engine:
             await engine.infer("m08", {"x": x_for(np.random.default_rng(3))})
-            assert engine._model_row(("m08", 1))["state"] == "resident"
+            assert engine.model_row(("m08", 1))["state"] == "resident"
             deadline = time.monotonic() + 10
             # Unloaded from its worker: demoted to the host tier if it is a
             # safetensors model, else back to storage.
-            while engine._model_row(("m08", 1))["state"] not in ("on storage",
+            while engine.model_row(("m08", 1))["state"] not in ("on storage",
                                                                "in host memory"):
                 assert time.monotonic() < deadline, "idle model never unloaded"
                 await asyncio.sleep(0.05)
-            return engine._model_row(("m08", 1))
+            return engine.model_row(("m08", 1))
 
     row = run(main())
     assert row["evictions_by_reason"] == {"idle": 1}
@@ -433,10 +433,10 @@ def test_shutdown_leaves_no_process_and_no_segment(repo, own_segments):
         pids = [w.pid for w in engine.pool.workers]
         names = [r.name for w in engine.pool.workers for r in (w.req, w.resp)]
         await engine.infer("m00", {"x": x_for(np.random.default_rng(9))})
-        assert engine._model_row(("m00", 1))["state"] == "resident"
+        assert engine.model_row(("m00", 1))["state"] == "resident"
         await engine.stop()
         # Nothing is reported resident on workers that are gone.
-        assert engine._model_row(("m00", 1))["state"] == "on storage"
+        assert engine.model_row(("m00", 1))["state"] == "on storage"
         assert engine.stats()["totals"]["resident_models"] == 0
         return pids, names
 
@@ -555,7 +555,7 @@ def test_an_unload_during_a_load_waits_for_the_requests_that_waited_for_it(
             await asyncio.sleep(0.3)  # the load is under way
             await engine.unload("slowload")
             outs = await asyncio.gather(*requests)
-            return outs, engine._model_row(("slowload", 1))
+            return outs, engine.model_row(("slowload", 1))
 
     outs, row = run(main())
     for out in outs:
@@ -966,14 +966,14 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
             np.testing.assert_allclose((await engine.infer("new", {"x": x}))["y"], ref(3),
                                        rtol=1e-5, atol=1e-5)
             await engine.unload("new", keep_host=True)  # its copy in host memory stays
-            assert engine._model_row(("new", 1))["state"] == "in host memory"
+            assert engine.model_row(("new", 1))["state"] == "in host memory"
             shutil.rmtree(tmp_path / "new")
             await asyncio.sleep(0.5)
             assert ("new", 1) not in await listed(engine)
             with pytest.raises(ModelNotFound):
                 await engine.infer("new", {"x": x})
             # The removed model's copy in host memory goes: it serves nothing.
-            assert engine._model_row(("new", 1))["state"] == "on storage"
+            assert engine.model_row(("new", 1))["state"] == "on storage"
             assert ("new", 1) not in engine.host.keys()
             # Nor is it a row of stats (a state in /metrics) any more: every
             # version ever removed stayed listed "on storage".
@@ -1025,7 +1025,7 @@ def test_a_token_rotated_in_its_manifest_is_taken_while_serving(tmp_path, own_se
             with pytest.raises(Unauthorized):
                 await engine.infer("m", {"x": x}, token="old")
             await engine.infer("m", {"x": x}, token="new")
-            assert engine._model_row(("m", 1))["loads"] == 1  # the model stayed resident
+            assert engine.model_row(("m", 1))["loads"] == 1  # the model stayed resident
 
             # A look at the manifest under way as it changes is used once,
             # not kept: a token revoked then stayed good for that key.
@@ -1128,14 +1128,14 @@ def test_an_unload_under_steady_traffic_finishes_and_the_traffic_goes_on(repo, o
 
             clients = [asyncio.ensure_future(client()) for _ in range(2)]
             await asyncio.sleep(0.3)
-            loads = engine._model_row(("slow", 1))["loads"]
+            loads = engine.model_row(("slow", 1))["loads"]
             await engine.unload("slow", timeout=5)
             after = served[0]
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.gather(*clients)
             assert served[0] > after  # served again, after a load
-            assert engine._model_row(("slow", 1))["loads"] == loads + 1
+            assert engine.model_row(("slow", 1))["loads"] == loads + 1
 
     run(main(), max_stall=2.0)
 
@@ -1156,7 +1156,7 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
                     await asyncio.to_thread(lambda: asyncio.run(call()))
             y = await engine.infer("m01", {"x": x})
             np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
-            assert engine._model_row(("m01", 1))["failures"] == 0
+            assert engine.model_row(("m01", 1))["failures"] == 0
 
     run(main(), max_stall=2.0)
 
@@ -1192,17 +1192,17 @@ def test_an_unload_that_times_out_or_is_cancelled_leaves_the_model_pinned(repo, 
             await asyncio.sleep(0.2)
             with pytest.raises(Timeout, match="still in use"):
                 await engine.unload("slow", timeout=0.3)
-            row = engine._model_row(("slow", 1))
+            row = engine.model_row(("slow", 1))
             assert row["pinned"] and row["state"] == "resident"
             # A caller that stops waiting for its unload leaves it as it was too.
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(engine.unload("slow"), 0.3)
-            row = engine._model_row(("slow", 1))
+            row = engine.model_row(("slow", 1))
             assert row["pinned"] and row["state"] == "resident"
             await busy
-            assert engine._model_row(("slow", 1))["pins"] == 1  # the explicit pin alone
+            assert engine.model_row(("slow", 1))["pins"] == 1  # the explicit pin alone
             await engine.unload("slow")
-            assert not engine._model_row(("slow", 1))["pinned"]
+            assert not engine.model_row(("slow", 1))["pinned"]
 
     run(main(), max_stall=2.0)
 
@@ -1762,7 +1762,7 @@ def test_a_model_whose_directory_cannot_be_read_is_a_failed_load_backed_off(
                 with pytest.raises(LoadFailed, match="'locked' cannot be read"):
                     await engine.infer("locked", {"x": x_for(np.random.default_rng(1))})
             await engine.infer("m", {"x": x_for(np.random.default_rng(1))})
-            return engine._model_row(("locked", 1)), looks[0]
+            return engine.model_row(("locked", 1)), looks[0]
 
     row, looked = run(main())
     assert row["state"] == "failed" and row["failures"] == 1, row

@@ -51,7 +51,7 @@ def write_buffered(root, name: str, nbytes: int) -> None:
 
 
 def row(engine: Engine, name: str) -> dict:
-    return engine._model_row((name, 1))
+    return engine.model_row((name, 1))
 
 
 def test_a_model_larger_than_its_estimate_makes_room_without_evicting_itself(

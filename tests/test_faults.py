@@ -114,7 +114,7 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
     async def main():
         async with Engine(config(repo, load_failure_backoff_s=0.5,
                                  load_failure_backoff_max_s=1.0)) as engine:
-            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            row = lambda name: engine.model_row((name, 1))  # noqa: E731
             # A corrupt file, an exception in a handler, out of memory, a
             # handler's sys.exit() (it ended the worker's loader thread: every
             # later load on the worker waited for load_timeout_s).
@@ -165,7 +165,7 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
 def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segments):
     async def main():
         async with Engine(config(repo, load_timeout_s=2.0)) as engine:
-            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            row = lambda name: engine.model_row((name, 1))  # noqa: E731
             t0 = time.monotonic()
             with pytest.raises(Timeout):
                 await engine.infer("loads-1s", {"x": X}, timeout=0.3)
@@ -208,7 +208,7 @@ def test_a_load_stuck_past_its_deadline_gets_its_worker_restarted(repo, own_segm
 
     async def main():
         async with Engine(config(repo, load_timeout_s=3.0)) as engine:
-            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            row = lambda name: engine.model_row((name, 1))  # noqa: E731
             with pytest.raises(LoadFailed, match="load exceeded"):
                 await engine.infer("hangs", {"x": X})
             await until(lambda: engine.stats()["totals"]["worker_restarts"] == 1, 10,
@@ -237,7 +237,7 @@ def test_a_load_queued_behind_a_stuck_one_is_not_its_failure(repo, own_segments,
         # Long enough for the good model's load on the restarted worker,
         # which pays for that process's first imports (2 s was not, once).
         async with Engine(config(repo, load_timeout_s=5.0)) as engine:
-            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            row = lambda name: engine.model_row((name, 1))  # noqa: E731
             stuck = asyncio.ensure_future(engine.infer("hangs-long", {"x": X}))
             await asyncio.sleep(0.5)
             out = await engine.infer("m01", {"x": X}, timeout=30)
@@ -267,7 +267,7 @@ def test_a_load_waiting_for_the_byte_gate_is_not_timed_out_there(repo, own_segme
             out = await engine.infer("loads-1.2s", {"x": X}, timeout=20)
             assert out["y"].tolist() == (X + 1).tolist()
             await first
-            return engine._model_row(("loads-1.2s", 1))
+            return engine.model_row(("loads-1.2s", 1))
 
     row = run(main(), timeout=60)
     assert row["failures"] == 0 and row["state"] == "resident"
@@ -278,7 +278,7 @@ def test_a_load_waiting_for_the_byte_gate_is_not_timed_out_there(repo, own_segme
 def test_models_pinned_by_configuration_load_at_start_and_come_back(repo, own_segments):
     async def main():
         async with Engine(config(repo, pin_models="m00, slow:1")) as engine:
-            row = lambda name: engine._model_row((name, 1))  # noqa: E731
+            row = lambda name: engine.model_row((name, 1))  # noqa: E731
             await asyncio.wait_for(engine.warmed(), 30)
             assert engine.health() == {"status": "serving", "workers_alive": 1, "warming": []}
             assert all(row(n)["state"] == "resident" and row(n)["pinned"]
@@ -303,7 +303,7 @@ def test_a_pinned_model_that_fails_to_load_keeps_the_engine_warming_and_is_tried
     async def main():
         async with Engine(config(repo, pin_models="hot-flaky",
                                  load_failure_backoff_s=0.3)) as engine:
-            row = lambda: engine._model_row(("hot-flaky", 1))  # noqa: E731
+            row = lambda: engine.model_row(("hot-flaky", 1))  # noqa: E731
             await until(lambda: row()["failures"] >= 1, 10, "the first load's failure")
             assert engine.health() == {"status": "warming", "workers_alive": 1,
                                        "warming": [["hot-flaky", 1]]}
@@ -328,7 +328,7 @@ def test_a_pinned_model_whose_files_cannot_be_read_keeps_the_engine_warming(
     async def main():
         async with Engine(config(repo, pin_models="hot-unreadable",
                                  load_failure_backoff_s=0.3)) as engine:
-            row = lambda: engine._model_row(("hot-unreadable", 1))  # noqa: E731
+            row = lambda: engine.model_row(("hot-unreadable", 1))  # noqa: E731
             await until(lambda: row()["failures"] >= 1, 10, "the first look's failure")
             assert engine.health()["status"] == "warming"
             assert "safetensors" in row()["last_error"]
@@ -385,7 +385,7 @@ def test_a_worker_stopped_between_requests_is_restarted_blaming_no_model(repo, o
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, signal.SIGCONT)
             assert engine.pool.workers[0].pid != victim
-            assert engine._model_row(("slow", 1))["failures"] == 0
+            assert engine.model_row(("slow", 1))["failures"] == 0
             await engine.infer("slow", {"seconds": np.array([0.0])}, timeout=20)
 
     run(main(), timeout=60)
@@ -402,10 +402,10 @@ def test_a_model_whose_loads_end_their_worker_twice_is_backed_off_from_the_first
         async with Engine(config(repo, load_failure_backoff_s=4.0)) as engine:
             with pytest.raises(WorkerDied):
                 await engine.infer("dies-loading", {"x": X})
-            assert engine._model_row(("dies-loading", 1))["retry_in_s"] == 0
+            assert engine.model_row(("dies-loading", 1))["retry_in_s"] == 0
             with pytest.raises(WorkerDied):
                 await engine.infer("dies-loading", {"x": X})
-            assert 0 < engine._model_row(("dies-loading", 1))["retry_in_s"] <= 4.0
+            assert 0 < engine.model_row(("dies-loading", 1))["retry_in_s"] <= 4.0
 
     run(main(), timeout=60)
 
@@ -460,9 +460,9 @@ def test_a_pinned_model_warming_up_can_be_unpinned_at_once(repo, own_segments):
             await engine.unpin("hot-slow")
             assert time.monotonic() - t0 < 1.0
             assert engine.health() == {"status": "serving", "workers_alive": 1, "warming": []}
-            await until(lambda: engine._model_row(("hot-slow", 1))["state"] == "resident",
+            await until(lambda: engine.model_row(("hot-slow", 1))["state"] == "resident",
                         10, "the load, unpinned")
-            assert not engine._model_row(("hot-slow", 1))["pinned"]
+            assert not engine.model_row(("hot-slow", 1))["pinned"]
 
     run(main())
 
@@ -559,7 +559,7 @@ def test_a_worker_death_and_a_failed_load_are_said_and_counted(repo, own_segment
                         "the restart")
             with pytest.raises(LoadFailed):
                 await engine.infer("raises", {"x": X})
-            return victim, seen, engine._model_row(("m00", 1))
+            return victim, seen, engine.model_row(("m00", 1))
 
     victim, seen, m00 = run(main())
     assert [(k, f.get("exit"), f.get("reason")) for k, f in seen] == [
@@ -631,7 +631,7 @@ def test_kill_restart_cycles_leak_nothing_and_back_off(repo, own_segments):
         async with Engine(config(repo)) as engine:
             await engine.infer("m00", {"x": X})
             await until(lambda: engine.stats()["host_tier"]["models"] == 1
-                        and engine._model_row(("m00", 1))["host_bytes"], 10, "the publish")
+                        and engine.model_row(("m00", 1))["host_bytes"], 10, "the publish")
             fds, segments = len(os.listdir("/proc/self/fd")), own_shm()
             delays, pids = [], []
             for _ in range(3):
@@ -1120,7 +1120,7 @@ def test_a_device_over_its_watermark_gives_back_cached_memory_before_models(repo
             for used in (90, 90, 90, 90, 50):  # of 100: over 0.80, then under
                 await engine._relieve(worker, used, 100)
                 await asyncio.sleep(0.1)
-                states.append(tuple(engine._model_row((n, 1))["state"] for n in ("m00", "m01")))
+                states.append(tuple(engine.model_row((n, 1))["state"] for n in ("m00", "m01")))
             return kept, states, engine._released
 
     kept, states, released = run(main())
@@ -1153,7 +1153,7 @@ def test_a_worker_short_of_dev_shm_for_its_rings_gets_the_room_of_demoted_copies
         async with Engine(config(repo, ring_bytes=1 << 16)) as engine:
             for name in ("m00", "m01"):
                 await engine.infer(name, {"x": X})
-                await until(lambda: engine._model_row((name, 1))["host_bytes"], 10, "the copy")
+                await until(lambda: engine.model_row((name, 1))["host_bytes"], 10, "the copy")
                 await engine.unload(name, keep_host=True)
             need = 2 * engine.config.ring_bytes + CONTROL_RING_BYTES
             usage = shutil.disk_usage(shm.SHM_DIR)

@@ -516,3 +516,37 @@ def test_kserve_answers_with_server_timing_when_asked(repo, own_segments):
     assert set(stages) == {"decode", "total", *(s[:-3] for s in trace.STAGES)}
     assert all(float(v) >= 0 for v in stages.values())
     assert list(stages)[0] == "decode" and float(stages["decode"]) > 0
+
+
+def test_versions_and_models_gone_from_the_repository_take_their_series(tmp_path,
+                                                                        own_segments):
+    # Every version ever published stayed in every scrape: a model rolled
+    # out thirty times had thirty versions' series, for good.
+    import shutil
+
+    x = np.ones((1, DIMS[0]), np.float32)
+    demo.write_mlp(tmp_path / "gone", "safetensors", *DIMS, seed=9)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            m = metrics.attach(engine)
+            await engine.infer("gone", {"x": x})
+            for version in (1, 2, 3):
+                demo.write_mlp(tmp_path / "churn", "safetensors", *DIMS, seed=version,
+                               version=version)
+                await engine.infer("churn", {"x": x}, version=version)
+                if version > 1:
+                    shutil.rmtree(tmp_path / "churn" / str(version - 1))
+            shutil.rmtree(tmp_path / "gone")
+            for _ in range(200):
+                rows = {(r["name"], r["version"]) for r in engine.stats()["models"]}
+                if rows == {("churn", 3)}:
+                    break
+                await asyncio.sleep(0.05)
+            assert rows == {("churn", 3)}
+            return m.exposition()[0].decode()
+
+    body = run(main())
+    assert 'model="gone"' not in body
+    assert 'model="churn"' in body
+    assert not re.search(r'model="churn",[^}]*version="[12]"', body), body

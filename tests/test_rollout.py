@@ -160,13 +160,13 @@ def test_a_manifest_edited_to_declare_other_tensors_has_its_model_loaded_again(
             assert set(await engine.infer("m", {"x": X})) == {"y"}
             text = manifest.read_text().replace('name = "y"', 'name = "z"')
             manifest.write_text(text)
-            await until(lambda: engine._model_row(("m", 1))["evictions"] == 1)
+            await until(lambda: engine.model_row(("m", 1))["evictions"] == 1)
             if pinned:  # loaded again at once, and pinned again
-                await until(lambda: engine._model_row(("m", 1))["state"] == "resident")
+                await until(lambda: engine.model_row(("m", 1))["state"] == "resident")
             answer = await engine.infer("m", {"x": X})
             assert set(answer) == {"z"}
             check(answer["z"], 1)
-            row = engine._model_row(("m", 1))
+            row = engine.model_row(("m", 1))
             assert row["evictions_by_reason"] == {"redeclared": 1} and row["loads"] == 2
             assert row["pinned"] == pinned
 
@@ -186,7 +186,7 @@ def test_a_default_version_removed_as_it_loads_is_served_by_the_one_before(
             assert (await engine.metadata("m"))["version"] == 2  # what it knows: 2 is the default
             os.rename(tmp_path / "m" / "2", tmp_path / "m" / "rolled-back-2")
             check((await engine.infer("m", {"x": X}))["y"], 1)
-            row = engine._model_row(("m", 2))
+            row = engine.model_row(("m", 2))
             assert row["failures"] == 0 and row["retry_in_s"] == 0
             with pytest.raises(ModelNotFound):
                 await engine.infer("m", {"x": X}, version=2)
@@ -239,7 +239,7 @@ def test_a_removed_version_in_use_is_given_no_new_request_and_blocks_no_other_ve
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=2, repo_scan_s=0.1)) as engine:
             busy = asyncio.ensure_future(engine.infer("m", seconds(3.0), version=1))
-            await until(lambda: engine._model_row(("m", 1))["pins"] == 1)
+            await until(lambda: engine.model_row(("m", 1))["pins"] == 1)
             shutil.rmtree(tmp_path / "m" / "1")
             await until(lambda: ("m", 1) in engine._stale)
             t0 = time.monotonic()
@@ -290,7 +290,7 @@ def test_a_default_version_removed_with_a_copy_in_host_memory_gives_way(tmp_path
             if how == "pin":  # and load: the same path
                 assert (await engine.pin("m"))["version"] == 1
             check((await engine.infer("m", {"x": X}))["y"], 1)
-            assert engine._model_row(("m", 2))["failures"] == 0
+            assert engine.model_row(("m", 2))["failures"] == 0
 
     run(main())
 
@@ -313,7 +313,7 @@ def test_a_token_edit_keeps_a_model_resident_whatever_its_size_estimate(tmp_path
             await until(lambda: engine.repo.resolve("m").token_digests != ())
             await asyncio.sleep(0.5)  # scans
             assert answer(await engine.infer("m", seconds(0), token="t")) == 1.0
-            assert engine._model_row(("m", 1))["loads"] == 1
+            assert engine.model_row(("m", 1))["loads"] == 1
 
     run(main())
 
@@ -331,7 +331,7 @@ def test_a_manifest_edited_while_its_model_loads_is_taken_once_it_has(tmp_path, 
                 'shape = [1]\n')
             os.rename(tmp_path / "m" / "1" / ".new", manifest)
             assert set(await loading) == {"y"}  # loaded as it read it
-            await until(lambda: engine._model_row(("m", 1))["evictions"] == 1)
+            await until(lambda: engine.model_row(("m", 1))["evictions"] == 1)
             # Loaded again, it is held to the manifest as it reads now.
             with pytest.raises(InternalError, match=r"missing \['z'\]"):
                 await engine.infer("m", seconds(0))
@@ -378,7 +378,7 @@ def test_unload_all_drops_a_copy_in_host_memory_whose_manifest_went_bad(tmp_path
             await engine._rescan()  # the scan that sees the edit
             await engine.unload_all("m")
             assert not held(engine, ("m", 1)) and not held(engine, ("m", 2))
-            assert engine._model_row(("m", 1))["failures"] == 0
+            assert engine.model_row(("m", 1))["failures"] == 0
 
     run(main())
 

@@ -165,6 +165,22 @@ class Metrics:
             counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
             counts[key] = counts.get(key, 0) + 1
+        elif kind == "forget":
+            self._forget(f["model"], f["version"], f["last"])
+
+    def _forget(self, model: str, version: int, last: bool) -> None:
+        """A version gone for good takes its series with it (every version
+        ever published stayed in every scrape); the last one, its model's."""
+        self._versions.pop((model, version), None)
+        v = str(version)
+        self._loads.pop((model, v), None)
+        self._load_failures.pop((model, v), None)
+        for key in [k for k in self._evictions if k[0] == model and k[1] == v]:
+            del self._evictions[key]
+        if last:
+            self._requests.pop(model, None)
+            self._late.pop((model,), None)
+            self._skipped.pop((model,), None)
 
     def _count_version(self, model: str, f: dict, worker_ns: tuple | None) -> None:
         version = f["version"]
@@ -192,9 +208,11 @@ class Metrics:
         """Triton's $model_stat for each (model, version) of `keys` (None:
         every one that was requested or is known to the engine), with its
         bytes on its worker as memory_usage."""
-        rows = {(r["name"], r["version"]): r for r in self.engine.stats()["models"]}
         if keys is None:
+            rows = {(r["name"], r["version"]): r for r in self.engine.stats()["models"]}
             keys = sorted(set(self._versions) | set(rows))
+        else:  # not every model's row for one's (a dashboard asks model by model)
+            rows = {key: self.engine.model_row(key) for key in keys}
         devices = {w.index: w.device for w in self.engine.pool.workers} \
             if self.engine.pool is not None else {}
         # Wall-clock milliseconds, as Triton gives last_inference.
