@@ -409,7 +409,8 @@ class Engine:
             then = functools.partial(place.leave_then, then)
         if spec is not None:
             key = (spec.name, spec.version)
-            if key in self.cache and not (self._draining and key in self._draining):
+            if key in self.cache and not (self._draining and key in self._draining) \
+                    and not (self._stale and key in self._stale):
                 index = self.cache.acquire(key, time.monotonic())  # pin + touch if READY
                 if index >= 0:
                     self._hits += 1
@@ -1368,6 +1369,8 @@ class Engine:
         # A load that began before an edit may have read the old manifest.
         looked, self._loaded_since_scan = self._loaded_since_scan, set()
         for key, spec in list(self._loaded_specs.items()):
+            if self._loaded_specs.get(key) is not spec:
+                continue  # gone (or loaded again) while an earlier key's spec was read
             if not self.repo.listed(*key):
                 self._mark_stale(key, "removed")
             elif (key[0] in changed or key in looked) and key not in self._stale:
@@ -1375,7 +1378,7 @@ class Engine:
                     now = await self._spec(*key, record=False)
                 except MMEngineError:  # requests fail before they reach it
                     now = None
-                if key in self._loaded_specs and self._loaded_specs[key] is spec \
+                if self._loaded_specs.get(key) is spec \
                         and (now is None or _declared(now) != _declared(spec)):
                     self._mark_stale(key, "redeclared")
         self._retire_stale()
@@ -1408,9 +1411,11 @@ class Engine:
         """Evicts the stale models that no request holds any more (run at
         each scan, each monitor turn, and as requests on them end)."""
         for key in list(self._stale):
-            entry = self.cache.entry(key) if key in self.cache else None
-            if entry is not None and entry.state == books.READY and entry.pins == 0 \
-                    and key not in self._busy:
+            if key not in self.cache:  # gone already: nothing is left to wait for
+                del self._stale[key]
+                continue
+            entry = self.cache.entry(key)
+            if entry.state == books.READY and entry.pins == 0 and key not in self._busy:
                 self._evict(key, self._stale.pop(key))
 
     def _names_changed(self, names: set[str]) -> None:
@@ -1426,7 +1431,8 @@ class Engine:
         self._forgotten.update(loads=stats.loads, evictions=stats.evictions,
                                failures=stats.failures, loads_from_host=stats.host_loads)
         self._emit("forget", {"model": key[0], "version": key[1],
-                              "last": not any(k[0] == key[0] for k in self._stats)})
+                              "last": not self.repo.lists(key[0])
+                              and not any(k[0] == key[0] for k in self._stats)})
 
     def _least_recent(self, where) -> Key | None:
         for key in self.cache.lru_keys():
@@ -1684,6 +1690,8 @@ class Engine:
                 self._pinned[key] = pinned
                 if key in self.cache and self._gen.get(key) == pinned:
                     self.cache.pin(key)
+                if key in self._stale:  # marked meanwhile: the pin is not its to hold
+                    self._mark_stale(key, self._stale[key])
             raise
         finally:
             del self._draining[key]

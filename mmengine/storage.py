@@ -235,7 +235,7 @@ class Repository:
                 versions[name] = ()
             except LoadFailed:  # unreadable: what is known of it stands
                 pass
-        changed = {name for name, known in self._versions.items()
+        changed = {name for name, known in list(self._versions.items())  # one step: threads
                    if known != versions.get(name)}  # (a name never asked for: no news)
         changed |= set(names) ^ set(self._names or names)
         specs = list(self._specs.items())  # one step: another thread may add to it
@@ -247,6 +247,10 @@ class Repository:
             if key[0] in changed:
                 self._specs.pop(key, None)
         return changed
+
+    def lists(self, name: str) -> bool:
+        """Whether the last look found a version of `name`."""
+        return bool(self._versions.get(name))
 
     def listed(self, name: str, version: int) -> bool:
         """Whether this version is there as far as the scans and looks so
@@ -283,8 +287,8 @@ class Repository:
         if version in found:
             return True
         self._versions[name] = found
-        for key in [k for k in self._specs if k[0] == name and k[1] not in found]:
-            self._specs.pop(key, None)
+        for key in [k for k in list(self._specs) if k[0] == name and k[1] not in found]:
+            self._specs.pop(key, None)  # list(): one step, as other threads add to it
         return False
 
     def listing(self) -> list[tuple[tuple[str, int], ModelSpec | MMEngineError]]:

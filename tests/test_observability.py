@@ -548,5 +548,27 @@ def test_versions_and_models_gone_from_the_repository_take_their_series(tmp_path
 
     body = run(main())
     assert 'model="gone"' not in body
-    assert 'model="churn"' in body
+    assert 'mmengine_requests_total{code="OK",model="churn"} 3.0' in body
     assert not re.search(r'model="churn",[^}]*version="[12]"', body), body
+
+
+def test_a_rollback_to_a_version_never_served_keeps_its_models_series(tmp_path, own_segments):
+    import shutil
+
+    x = np.ones((1, DIMS[0]), np.float32)
+    for version in (1, 2):
+        demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=version, version=version)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            m = metrics.attach(engine)
+            for _ in range(5):
+                await engine.infer("m", {"x": x})  # version 2
+            shutil.rmtree(tmp_path / "m" / "2")
+            for _ in range(200):
+                if ("m", 2) not in {(r["name"], r["version"]) for r in engine.stats()["models"]}:
+                    break
+                await asyncio.sleep(0.05)
+            return m.exposition()[0].decode()
+
+    assert 'mmengine_requests_total{code="OK",model="m"} 5.0' in run(main())

@@ -15,7 +15,7 @@ from conftest import run
 from mmengine import demo
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import InternalError, LoadFailed, ModelNotFound
+from mmengine.errors import InternalError, LoadFailed, ModelNotFound, Timeout
 from mmengine.storage import Repository, parse_version
 
 DIMS = (16, 64, 8)
@@ -238,7 +238,7 @@ def test_a_removed_version_in_use_is_given_no_new_request_and_blocks_no_other_ve
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=2, repo_scan_s=0.1)) as engine:
-            busy = asyncio.ensure_future(engine.infer("m", seconds(3.0), version=1))
+            busy = asyncio.ensure_future(engine.infer("m", seconds(5.0), version=1))
             await until(lambda: engine.model_row(("m", 1))["pins"] == 1)
             shutil.rmtree(tmp_path / "m" / "1")
             await until(lambda: ("m", 1) in engine._stale)
@@ -246,7 +246,12 @@ def test_a_removed_version_in_use_is_given_no_new_request_and_blocks_no_other_ve
             await engine.pin("m", 2, timeout=2.5)
             assert time.monotonic() - t0 < 2.0
             write_slow(tmp_path, "m", 1, 11.0)  # the number published again
-            assert answer(await engine.infer("m", seconds(0), version=1)) == 11.0
+            await until(lambda: listed(engine, "m") == (1, 2))
+            await asyncio.sleep(0.3)  # the scans have settled: a spec read now is kept
+            first = asyncio.ensure_future(engine.infer("m", seconds(0), version=1))
+            await asyncio.sleep(0.2)  # it read the spec, and waits: the next one finds it read
+            second = asyncio.ensure_future(engine.infer("m", seconds(0), version=1))
+            assert [answer(y) for y in await asyncio.gather(first, second)] == [11.0, 11.0]
             assert answer(await busy) == 1.0  # the request in flight ended as it began
 
     run(main())
@@ -392,5 +397,64 @@ def test_a_name_whose_last_version_went_can_be_added_at_run_time(tmp_path, own_s
             shutil.rmtree(tmp_path / "x" / "1")
             await engine.add_model("x", str(tmp_path / "elsewhere" / "x" / "1"))
             check((await engine.infer("x", {"x": X}))["y"], 5)
+
+    run(main())
+
+
+def test_an_unload_that_times_out_gives_no_pin_back_to_a_stale_model(tmp_path, own_segments):
+    # The timed-out unload put the explicit pin back on a model marked
+    # stale meanwhile: it was never evicted, and every request waited for
+    # it to its deadline.
+    write_slow(tmp_path, "m", 1, 1.0, manifest='backend = "handler"\n')
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.pin("m", 1)
+            busy = asyncio.ensure_future(engine.infer("m", seconds(2.5), version=1))
+            await asyncio.sleep(0.3)
+            unloading = asyncio.ensure_future(engine.unload("m", 1, timeout=1.5))
+            await asyncio.sleep(0.3)
+            (tmp_path / "m" / "1" / ".new").write_text(
+                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
+                'shape = [1]\n')
+            os.rename(tmp_path / "m" / "1" / ".new", tmp_path / "m" / "1" / "model.toml")
+            with pytest.raises(Timeout):
+                await unloading
+            await busy
+            await until(lambda: engine.model_row(("m", 1))["evictions"] == 1)
+            await until(lambda: engine.model_row(("m", 1))["state"] == "resident")  # pinned
+            assert engine.model_row(("m", 1))["pinned"]
+
+    run(main())
+
+
+def test_a_version_evicted_while_a_scan_reads_another_is_not_left_stale(tmp_path,
+                                                                       own_segments):
+    # The scan marked it removed after an unload had taken it: nothing
+    # was left to evict, and the number published again waited for good.
+    write_slow(tmp_path, "a", 1, 1.0, manifest='backend = "handler"\n')
+    write_slow(tmp_path, "b", 1, 1.0)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("a", seconds(0))
+            await engine.infer("b", seconds(0))
+            resolve = engine.repo.resolve
+
+            def slow(name, version=None):
+                if name == "a":
+                    time.sleep(1.0)
+                return resolve(name, version)
+            engine.repo.resolve = slow
+            manifest = tmp_path / "a" / "1" / "model.toml"
+            manifest.write_text(manifest.read_text() + "# edited\n")
+            shutil.rmtree(tmp_path / "b" / "1")
+            await asyncio.sleep(0.4)  # a scan saw both, and reads a's spec, slowly
+            await engine.unload("b", 1)
+            await asyncio.sleep(1.5)
+            engine.repo.resolve = resolve
+            assert ("b", 1) not in engine._stale
+            write_slow(tmp_path, "b", 1, 11.0)
+            assert answer(await engine.infer("b", seconds(0), version=1, timeout=5)) == 11.0
 
     run(main())
