@@ -1607,7 +1607,7 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.repo.versions, name)
         for version in versions:
             key = (name, version)
-            if key not in self._pinned and key not in self._busy and key not in self.cache:
+            if not self._holds(key):
                 self.host.drop(key)  # in host memory alone: its manifest need not be read
                 continue
             try:
@@ -1626,6 +1626,11 @@ class Engine:
         async with self._in_order(name):
             self._drop_pin(await self._held_key(name, version))
 
+    def _holds(self, key: Key) -> bool:
+        """Whether a worker has `key`, or loads it, or it is pinned."""
+        return key in self._pinned or key in self._busy \
+            or (self.cache is not None and key in self.cache)
+
     async def _held_key(self, name: str, version: int | None) -> Key:
         """The model version a control call names. One still held here
         (pinned, resident, loading) is taken as named, though the
@@ -1634,8 +1639,7 @@ class Engine:
         if version is not None:
             _check_version(version)
             key = (name, version)
-            if key in self._pinned or key in self._busy \
-                    or (self.cache is not None and key in self.cache):
+            if self._holds(key):
                 return key
         spec = await self._spec(name, version)
         return spec.name, spec.version

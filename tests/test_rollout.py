@@ -42,6 +42,19 @@ def listed(engine: Engine, name: str) -> tuple:
     return engine.repo._versions.get(name, ())
 
 
+def rows(engine: Engine) -> set:
+    """The model versions that have a row in stats."""
+    return {(r["name"], r["version"]) for r in engine.stats()["models"]}
+
+
+def redeclare(version_dir) -> None:
+    """Replaces a handler's manifest whole: its one output is now "z"."""
+    new = version_dir / ".model.toml.new"
+    new.write_text('backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
+                   'shape = [1]\n')
+    os.rename(new, version_dir / "model.toml")
+
+
 SLOW = """\
 import time
 
@@ -114,8 +127,7 @@ def test_a_pinned_version_removed_goes_with_its_pin(tmp_path, own_segments):
             shutil.rmtree(tmp_path / "m" / "1")
             await until(lambda: not held(engine, ("m", 1)))
             assert ("m", 1) not in engine._pinned
-            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
-                                                 for r in engine.stats()["models"]})
+            await until(lambda: ("m", 1) not in rows(engine))
             with pytest.raises(ModelNotFound):
                 await engine.infer("m", {"x": X}, version=1)
             check((await engine.infer("m", {"x": X}))["y"], 2)
@@ -137,8 +149,7 @@ def test_a_model_whose_last_version_went_is_forgotten_though_its_directory_stays
             await engine.unload("m", keep_host=True)
             os.rename(tmp_path / "m" / "1", tmp_path / "m" / "1.old")
             await until(lambda: ("m", 1) not in engine.host.keys())
-            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
-                                                 for r in engine.stats()["models"]})
+            await until(lambda: ("m", 1) not in rows(engine))
             assert await engine.models() == []
             demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=11)
             check((await engine.infer("m", {"x": X}))["y"], 11)
@@ -325,16 +336,12 @@ def test_a_token_edit_keeps_a_model_resident_whatever_its_size_estimate(tmp_path
 
 def test_a_manifest_edited_while_its_model_loads_is_taken_once_it_has(tmp_path, own_segments):
     write_slow(tmp_path, "m", 1, 1.0, load_s=1.5, manifest='backend = "handler"\n')
-    manifest = tmp_path / "m" / "1" / "model.toml"
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
             loading = asyncio.ensure_future(engine.infer("m", seconds(0)))
             await asyncio.sleep(0.5)  # under way
-            (tmp_path / "m" / "1" / ".new").write_text(
-                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
-                'shape = [1]\n')
-            os.rename(tmp_path / "m" / "1" / ".new", manifest)
+            redeclare(tmp_path / "m" / "1")
             assert set(await loading) == {"y"}  # loaded as it read it
             await until(lambda: engine.model_row(("m", 1))["evictions"] == 1)
             # Loaded again, it is held to the manifest as it reads now.
@@ -353,17 +360,13 @@ def test_a_pinned_version_edited_then_removed_loses_its_pin(tmp_path, own_segmen
             await engine.pin("m", 1)
             busy = asyncio.ensure_future(engine.infer("m", seconds(2.0), version=1))
             await asyncio.sleep(0.3)
-            (tmp_path / "m" / "1" / ".new").write_text(
-                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
-                'shape = [1]\n')
-            os.rename(tmp_path / "m" / "1" / ".new", tmp_path / "m" / "1" / "model.toml")
+            redeclare(tmp_path / "m" / "1")
             await until(lambda: engine._stale.get(("m", 1)) == "redeclared")
             shutil.rmtree(tmp_path / "m" / "1")
             await busy
             await until(lambda: not held(engine, ("m", 1)))
             assert ("m", 1) not in engine._pinned
-            await until(lambda: ("m", 1) not in {(r["name"], r["version"])
-                                                 for r in engine.stats()["models"]})
+            await until(lambda: ("m", 1) not in rows(engine))
 
     run(main())
 
@@ -414,10 +417,7 @@ def test_an_unload_that_times_out_gives_no_pin_back_to_a_stale_model(tmp_path, o
             await asyncio.sleep(0.3)
             unloading = asyncio.ensure_future(engine.unload("m", 1, timeout=1.5))
             await asyncio.sleep(0.3)
-            (tmp_path / "m" / "1" / ".new").write_text(
-                'backend = "handler"\n[[outputs]]\nname = "z"\ndtype = "float32"\n'
-                'shape = [1]\n')
-            os.rename(tmp_path / "m" / "1" / ".new", tmp_path / "m" / "1" / "model.toml")
+            redeclare(tmp_path / "m" / "1")
             with pytest.raises(Timeout):
                 await unloading
             await busy
