@@ -64,6 +64,8 @@ CRASH_WINDOW_S = 60.0
 # A model that has not ended a worker for this long after its last crash
 # back-off ended starts its crash back-offs from the shortest again.
 CRASH_QUIET_S = 600.0
+# Rows of stats() and models() built between two turns of the loop (~1 ms).
+ROWS_PER_TURN = 128
 
 
 @dataclasses.dataclass
@@ -83,6 +85,9 @@ class ModelStats:
     crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
     crash_backoffs: int = 0          # back-offs for crashes in a row (CRASH_QUIET_S apart at most)
     crash_backoff_until: float = -math.inf  # monotonic; when the last ended
+
+
+_NEVER_LOADED = ModelStats()  # model_row's, read only
 
 
 class Engine:
@@ -1793,20 +1798,30 @@ class Engine:
         # thread hop per model and a task per version held the loop for
         # seconds at thousands of models.
         listing = await asyncio.get_running_loop().run_in_executor(None, self.repo.listing)
-        rows = []
-        for key, spec in listing:
-            row = self.model_row(key)
+        rows = await self._rows([key for key, _ in listing])
+        for row, (_, spec) in zip(rows, listing):
             if isinstance(spec, BaseException):  # its manifest, say, cannot be read
                 row["inputs"], row["error"] = [], str(spec)
             else:
                 row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                                  for t in spec.inputs]
-            rows.append(row)
+        return rows
+
+    async def _rows(self, keys: list[Key]) -> list[dict]:
+        """model_row() of each of `keys`, a slice at a time with a turn of
+        the loop between: thousands of rows at once held it for tens of
+        milliseconds, and every request with it. Each row is of its own
+        moment; a model forgotten meanwhile reads as on storage."""
+        rows = []
+        for start in range(0, len(keys), ROWS_PER_TURN):
+            if start:
+                await asyncio.sleep(0)
+            rows.extend(map(self.model_row, keys[start:start + ROWS_PER_TURN]))
         return rows
 
     def model_row(self, key: Key) -> dict:
         """The row of stats() of one model version."""
-        stats = self._stats.get(key, ModelStats())
+        stats = self._stats.get(key) or _NEVER_LOADED
         backoff_left = max(0.0, stats.retry_at - time.monotonic())
         row = {"name": key[0], "version": key[1], "state": "on storage", "worker": None,
                "bytes": 0, "hits": 0, "pins": 0, "pinned": key in self._pinned,
@@ -1834,10 +1849,23 @@ class Engine:
         return row
 
     def stats(self) -> dict:
+        """Every model version this engine holds or has counted, its workers
+        and its tiers, now. On the loop, collect_stats() lets requests run
+        while it builds the rows of thousands of models."""
+        return self._stats_of([self.model_row(k) for k in self._counted()])
+
+    async def collect_stats(self) -> dict:
+        """stats(), its rows built a slice at a time (see _rows)."""
+        return self._stats_of(await self._rows(self._counted()))
+
+    def _counted(self) -> list[Key]:
+        """The keys stats() has a row for."""
         keys = set(self._stats) | set(self.host.book.lru_keys()) | self._fetching
         if self.cache is not None:
             keys.update(self.cache.lru_keys())
-        rows = [self.model_row(k) for k in sorted(keys)]
+        return sorted(keys)
+
+    def _stats_of(self, rows: list[dict]) -> dict:
         workers = []
         for w in self.pool.workers if self.pool else []:
             workers.append({

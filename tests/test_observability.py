@@ -572,3 +572,42 @@ def test_a_rollback_to_a_version_never_served_keeps_its_models_series(tmp_path, 
             return m.exposition()[0].decode()
 
     assert 'mmengine_requests_total{code="OK",model="m"} 5.0' in run(main())
+
+
+def test_stats_of_many_models_let_the_loop_turn(tmp_path, own_segments):
+    # stats() of thousands of models held the loop for tens of milliseconds,
+    # and every request with it: the TCP stats op, a scrape and Triton's
+    # statistics build their rows a slice at a time.
+    from mmengine.engine import ROWS_PER_TURN
+
+    names = [f"m{i:03d}" for i in range(2 * ROWS_PER_TURN + 10)]
+    for name in names:
+        write_handler(tmp_path, name, "def load(path, device):\n    pass\n\n"
+                      "def predict(inputs):\n    return inputs\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            await asyncio.gather(*(engine.load(name) for name in names))
+            turns = 0
+
+            async def count():
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0)
+            counter = asyncio.ensure_future(count())
+            await asyncio.sleep(0)
+            before = turns
+            engine.stats()
+            held = turns - before
+            collected = await engine.collect_stats()
+            turned = turns - before
+            counter.cancel()
+            return held, turned, collected, engine.stats()
+
+    held, turned, collected, stats = run(main())
+    assert held == 0 and turned >= 2
+    assert [r["name"] for r in collected["models"]] == names
+    assert {r["state"] for r in collected["models"]} == {"resident"}
+    assert collected["totals"] == stats["totals"]
+    assert collected["totals"]["loads"] == len(names)

@@ -132,15 +132,18 @@ async def model_stats(server, request: Request, name: str | None = None,
     Counted since the server started (since the first /metrics or /stats
     for an embedded engine that never attached its metrics)."""
     counts = metrics.attach(server.engine)
-    if name is None:
-        return Response(200, dumps({"model_stats": counts.version_stats()}))
     repo, loop = server.engine.repo, asyncio.get_running_loop()
-    if version is None:
-        versions = await loop.run_in_executor(None, repo.versions, name)
+    if name is None:  # thousands of them: formatted off the loop
+        copied = counts.version_counts(rows=(await server.engine.collect_stats())["models"])
     else:
-        versions = (await loop.run_in_executor(None, repo.check_version, name, version),)
-    return Response(200, dumps({"model_stats": counts.version_stats(
-        [(name, v) for v in versions])}))
+        if version is None:
+            versions = await loop.run_in_executor(None, repo.versions, name)
+        else:
+            versions = (await loop.run_in_executor(None, repo.check_version, name, version),)
+        copied = counts.version_counts([(name, v) for v in versions])
+    body = await loop.run_in_executor(
+        None, lambda: dumps({"model_stats": metrics.triton_stats(copied)}))
+    return Response(200, body)
 
 
 # -- the repository extension ------------------------------------------------------

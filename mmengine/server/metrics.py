@@ -204,45 +204,36 @@ class Metrics:
             v.compute_ns += worker_ns[1] - worker_ns[0]
             v.return_ns += worker_ns[2] - worker_ns[1]
 
-    def version_stats(self, keys: list[tuple[str, int]] | None = None) -> list[dict]:
+    def version_stats(self, keys: list[tuple[str, int]] | None = None,
+                      rows: list[dict] | None = None) -> list[dict]:
         """Triton's $model_stat for each (model, version) of `keys` (None:
-        every one that was requested or is known to the engine), with its
-        bytes on its worker as memory_usage."""
+        every one that was requested or is known to the engine, `rows` its
+        engine.stats()["models"] if taken already), with its bytes on its
+        worker as memory_usage."""
+        return triton_stats(self.version_counts(keys, rows))
+
+    def version_counts(self, keys: list[tuple[str, int]] | None = None,
+                       rows: list[dict] | None = None) -> list[tuple]:
+        """What version_stats() reports, copied on the loop for
+        triton_stats() to format on any thread: (key, counts, memory)."""
         if keys is None:
-            rows = {(r["name"], r["version"]): r for r in self.engine.stats()["models"]}
+            rows = {(r["name"], r["version"]): r
+                    for r in (self.engine.stats()["models"] if rows is None else rows)}
             keys = sorted(set(self._versions) | set(rows))
         else:  # not every model's row for one's (a dashboard asks model by model)
             rows = {key: self.engine.model_row(key) for key in keys}
         devices = {w.index: w.device for w in self.engine.pool.workers} \
             if self.engine.pool is not None else {}
-        # Wall-clock milliseconds, as Triton gives last_inference.
-        wall_offset = time.time_ns() - time.monotonic_ns()
+        idle = _VersionRequests()
         out = []
         for key in keys:
-            v = self._versions.get(key) or _VersionRequests()
+            v = self._versions.get(key) or idle
             row = rows.get(key)
-            memory = []
+            memory = None
             if row is not None and row["state"] == "resident":
-                device = devices.get(row["worker"], "cpu")
-                kind, _, index = device.partition(":")
-                memory.append({"type": "GPU" if kind == "cuda" else "CPU",
-                               "id": int(index or 0), "byte_size": row["bytes"]})
-
-            def stat(count: int, ns: int) -> dict:
-                return {"count": count, "ns": ns}
-            out.append({
-                "name": key[0], "version": str(key[1]),
-                "last_inference": (v.last_ns + wall_offset) // 1_000_000 if v.last_ns else 0,
-                "inference_count": v.success, "execution_count": v.success,
-                "inference_stats": {
-                    "success": stat(v.success, v.success_ns),
-                    "fail": stat(v.fail, v.fail_ns),
-                    "queue": stat(v.success, v.queue_ns),
-                    "compute_input": stat(v.success, 0),
-                    "compute_infer": stat(v.success, v.compute_ns),
-                    "compute_output": stat(v.success, v.return_ns),
-                    "cache_hit": stat(0, 0), "cache_miss": stat(0, 0)},
-                "response_stats": {}, "batch_stats": [], "memory_usage": memory})
+                memory = (devices.get(row["worker"], "cpu"), row["bytes"])
+            out.append((key, (v.success, v.fail, v.success_ns, v.fail_ns, v.queue_ns,
+                              v.compute_ns, v.return_ns, v.last_ns), memory))
         return out
 
     # -- the collector: once per scrape ------------------------------------------
@@ -250,7 +241,7 @@ class Metrics:
     def snapshot(self) -> "_Scrape":
         """The counts and the engine's state as they are now; on the loop,
         where the observer changes them."""
-        return _Scrape(self)
+        return _Scrape(self, self.engine.stats())
 
     def collect(self):
         yield from self.snapshot().collect()
@@ -264,7 +255,7 @@ class _Scrape:
     """One scrape's copy of a Metrics' counts and of engine.stats(), which
     a thread may format while the loop counts on."""
 
-    def __init__(self, m: Metrics):
+    def __init__(self, m: Metrics, stats: dict):
         self._requests = {model: (dict(r.codes), r.latency.copy(), r.compute.copy())
                           for model, r in m._requests.items()}
         self._loads, self._load_failures = dict(m._loads), dict(m._load_failures)
@@ -277,7 +268,7 @@ class _Scrape:
         self._versions = {key: (v.success, v.fail, v.success_ns, v.queue_ns, v.compute_ns,
                                 v.return_ns)
                           for key, v in m._versions.items()}
-        self._stats = m.engine.stats()
+        self._stats = stats
 
     def collect(self):
         yield from self._collect_events()
@@ -452,6 +443,37 @@ def _counter(name: str, doc: str, labels: list[str], values: dict) -> CounterMet
     return c
 
 
+def triton_stats(counts: list[tuple]) -> list[dict]:
+    """Triton's $model_stat of each of version_counts()."""
+    # Wall-clock milliseconds, as Triton gives last_inference.
+    wall_offset = time.time_ns() - time.monotonic_ns()
+
+    def stat(count: int, ns: int) -> dict:
+        return {"count": count, "ns": ns}
+    out = []
+    for (name, version), c, memory in counts:
+        success, fail, success_ns, fail_ns, queue_ns, compute_ns, return_ns, last_ns = c
+        usage = []
+        if memory is not None:
+            kind, _, index = memory[0].partition(":")
+            usage.append({"type": "GPU" if kind == "cuda" else "CPU",
+                          "id": int(index or 0), "byte_size": memory[1]})
+        out.append({
+            "name": name, "version": str(version),
+            "last_inference": (last_ns + wall_offset) // 1_000_000 if last_ns else 0,
+            "inference_count": success, "execution_count": success,
+            "inference_stats": {
+                "success": stat(success, success_ns),
+                "fail": stat(fail, fail_ns),
+                "queue": stat(success, queue_ns),
+                "compute_input": stat(success, 0),
+                "compute_infer": stat(success, compute_ns),
+                "compute_output": stat(success, return_ns),
+                "cache_hit": stat(0, 0), "cache_miss": stat(0, 0)},
+            "response_stats": {}, "batch_stats": [], "memory_usage": usage})
+    return out
+
+
 def attach(engine: Engine) -> Metrics:
     """The engine's Metrics: the one among its observers, added on the
     first call."""
@@ -464,7 +486,8 @@ def attach(engine: Engine) -> Metrics:
 
 
 async def handle_metrics(server, request) -> Response:
-    scrape = attach(server.engine).snapshot()
+    stats = await server.engine.collect_stats()
+    scrape = _Scrape(attach(server.engine), stats)
     body, content_type = await asyncio.get_running_loop().run_in_executor(
         None, scrape.exposition, request.headers.get("accept"))
     return Response(200, body, content_type=content_type)

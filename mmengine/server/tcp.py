@@ -463,7 +463,7 @@ async def _list(engine: Engine, m: dict) -> dict:
 
 
 async def _stats(engine: Engine, m: dict) -> dict:
-    return {"stats": engine.stats()}
+    return {"stats": await engine.collect_stats()}
 
 
 _HANDLERS = {"load": _load, "unload": _unload, "pin": _pin,
