@@ -362,6 +362,92 @@ def test_a_handler_runs_its_source_never_a_cached_pyc_beside_it(tmp_path):
     np.testing.assert_array_equal(out["y"], [2, 2])
 
 
+# -- programs are held to tensor operators unless trusted ----------------------
+
+@torch.jit.script
+def peek(name: str, n: int) -> torch.Tensor:
+    return torch.from_file(name, False, n, dtype=torch.float32)
+
+
+class Peeks(torch.nn.Module):
+    """Reads the file `name` (4 float32s) with torch.from_file: from
+    forward, from a function forward calls, or from a submodule's method
+    that forward never calls."""
+
+    def __init__(self, name: str, how: str):
+        super().__init__()
+        self.name, self.how = name, how
+        self.inner = Hidden(name)
+
+    def forward(self, x):
+        if self.how == "forward":
+            return x + torch.from_file(self.name, False, 4, dtype=torch.float32).sum()
+        if self.how == "calls":
+            return x + peek(self.name, 4).sum()
+        return self.inner(x)
+
+
+class Hidden(torch.nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def peek(self) -> torch.Tensor:
+        return peek(self.name, 4)
+
+
+@pytest.mark.parametrize("how", ["forward", "calls", "hidden"])
+def test_an_untrusted_torchscript_program_reads_no_file(tmp_path, how):
+    # aten::from_file in a program not marked trusted read any file the
+    # server could (its config, its control token), and aten::save wrote
+    # one: another model's handler.py, run next by its own worker.
+    secret = tmp_path / "secret"
+    np.arange(4, dtype=np.float32).tofile(secret)
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    torch.jit.script(Peeks(str(secret), how)).save(str(path / "model.pt"))
+    with pytest.raises(LoadFailed, match="calls aten::from_file, which a model not marked "
+                                         "trusted may not call"):
+        load(tmp_path, "m")
+    (path / "model.toml").write_text("trusted = true\n")
+    model = load(tmp_path, "m")  # the operator vouches for it
+    if how != "hidden":
+        out = model.predict({"x": np.zeros(1, np.float32)})
+        np.testing.assert_array_equal(out[next(iter(out))], [6.0])
+
+
+def test_an_untrusted_export_program_reads_no_file(tmp_path):
+    # A pt2 archive holds no pickle and passes the audit of its members,
+    # but its graph may name any operator: this one's first node is
+    # rewritten to read a file.
+    secret = tmp_path / "secret"
+    np.arange(4, dtype=np.float32).tofile(secret)
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+
+    def change(name, data):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.ops.aten.from_file.default"
+        node["inputs"] = [
+            {"name": "filename", "arg": {"as_string": str(secret)}, "kind": 1},
+            {"name": "shared", "arg": {"as_bool": False}, "kind": 1},
+            {"name": "size", "arg": {"as_int": 4}, "kind": 1},
+            {"name": "dtype", "arg": {"as_scalar_type": 7}, "kind": 2}]
+        return json.dumps(program).encode()
+    rewrite_pt2(path, change)
+    with pytest.raises(LoadFailed, match="calls aten::from_file, which a model not marked"):
+        load(tmp_path, "m")
+    manifest = path.parent / "model.toml"
+    manifest.write_text("trusted = true\n" + manifest.read_text())
+    load(tmp_path, "m")  # the operator vouches for it
+
+
 def rewrite_pt2(path: Path, change) -> None:
     """Rewrite the members of a pt2 archive: change(name, data) -> data or None (drop)."""
     with zipfile.ZipFile(path) as archive:

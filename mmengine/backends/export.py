@@ -8,6 +8,7 @@ audited, then loaded from those same bytes (the file cannot change in
 between): every member must be one that holds no pickle, no payload config
 may ask for pickle, and the sample inputs must load with weights_only=True,
 so the unsafe retry never runs. Archives that need more must be trusted.
+The program may then call only torch's tensor operators (untrusted.py).
 
 Inputs are passed the way the program was exported: positionally for its
 args, by keyword for its kwargs, named as the program names them. Without
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mmengine.backends import untrusted
 from mmengine.backends.base import TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import DTYPES, ModelSpec, TensorSpec, open_artifact
@@ -78,6 +80,8 @@ def _parse(spec: ModelSpec, device: torch.device) -> ExportModel:
                 if not spec.trusted:
                     _audit(data, where)
                 program = torch.export.load(io.BytesIO(data))
+                if not spec.trusted:
+                    untrusted.check_export(program, where)
     except LoadFailed:
         raise
     except Exception as e:

@@ -3,12 +3,15 @@
 Only torch.jit.load: its unpickler rebuilds TorchScript types and tensors,
 never arbitrary Python objects, so no artifact here is passed to torch.load
 whatever the manifest says. A `model.pt` saved with torch.save is refused.
-The scripted forward takes the inputs as keyword arguments.
+The program itself may call only torch's tensor operators unless the
+manifest says `trusted = true` (see untrusted.py). The scripted forward
+takes the inputs as keyword arguments.
 """
 from __future__ import annotations
 
 import torch
 
+from mmengine.backends import untrusted
 from mmengine.backends.base import TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec, open_artifact
@@ -29,5 +32,7 @@ def _parse(spec: ModelSpec, device: torch.device) -> TorchModel:
     except Exception as e:
         raise LoadFailed(f"{spec.name} v{spec.version}: {path.name} is not a loadable "
                          f"TorchScript archive: {e}") from e
+    if not spec.trusted:
+        untrusted.check_script(module, f"{spec.name} v{spec.version}")
     module.eval()
     return TorchModel(spec, device, module)
