@@ -40,6 +40,12 @@ DEFAULT_MAX_FRAME = 64 << 20
 #: msgpack's buffer grows by copying: 16 MiB took 15-20 ms to pack.
 BIG = 64 << 10
 _BIN32 = struct.Struct(">BI")
+#: The entries (a map's keys and values, an array's items) that a request
+#: frame of BIG bytes or more may hold in all, where _Viewer cannot read it:
+#: a request holds tens, and a frame of one-byte empty maps costs ~75 bytes
+#: of memory, and time, for each byte of it (a security review's 64 MiB
+#: frame would have taken ~4.8 GB). A smaller frame holds too few to matter.
+MAX_REQUEST_ENTRIES = 1 << 16
 
 
 _packers = threading.local()  # msgpack.packb makes a Packer per call: 0.6 us of 1.5
@@ -106,11 +112,12 @@ class LargeFrame:
     (a stream's shared buffer is resized, which views forbid). It grows as
     bytes come: a frame declared and not sent costs what was sent."""
 
-    __slots__ = ("buf", "size")
+    __slots__ = ("buf", "size", "max_entries")
 
-    def __init__(self, size: int, first) -> None:
+    def __init__(self, size: int, first, max_entries: int | None = None) -> None:
         self.size = size
         self.buf = bytearray(first)
+        self.max_entries = max_entries
 
     def fill(self, data) -> memoryview:
         """Takes what `data` has of the frame; returns the rest."""
@@ -124,30 +131,58 @@ class LargeFrame:
         return len(self.buf) == self.size
 
     def decode(self) -> dict:
-        return decode(self.buf)
+        return decode(self.buf, self.max_entries)
 
 
-def decode(body) -> dict:
+def decode(body, max_entries: int | None = None) -> dict:
     """The map of one frame body; BadRequest if it is not one. A body of
     BIG bytes or more has its large bin values decoded as read-only views
-    of it (no copy): they keep `body` alive."""
+    of it (no copy): they keep `body` alive; one that holds more than
+    `max_entries` entries in all (None: no limit) is BadRequest."""
+    limits = {}
     if len(body) >= BIG:
         try:
             message = _Viewer(memoryview(body).toreadonly()).frame()
         except _Unviewable:
-            pass  # msgpack decides, copying: the same values, or the same error
+            if max_entries is not None:
+                limits = _limits(max_entries)
         else:
             if not isinstance(message, dict):
                 raise BadRequest("a frame must hold a msgpack map")
             return message
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False, **limits)
     except Exception as e:  # msgpack raises several unrelated types
+        # _TooMany, or one map or array past the limit
+        if isinstance(e, _TooMany) or limits and "exceeds max_" in str(e):
+            raise BadRequest(f"a frame of {len(body)} bytes holds more than {max_entries} "
+                             f"msgpack values (a request holds tens; tensor data are "
+                             f"bins)") from None
         why = str(e) or "not msgpack"  # some of them say nothing more
         raise BadRequest(f"malformed frame: {type(e).__name__}: {why}") from None
     if not isinstance(message, dict):
         raise BadRequest("a frame must hold a msgpack map")
     return message
+
+
+class _TooMany(Exception):
+    """Raised by _limits' hooks: the frame holds more entries than allowed."""
+
+
+def _limits(max_entries: int) -> dict:
+    """msgpack.unpackb's keywords that stop it once the maps and arrays it
+    has built hold more than `max_entries` entries in all (each is counted
+    when it ends, so no one of them may be longer than that either)."""
+    left = max_entries
+
+    def count(container):
+        nonlocal left
+        left -= len(container) + 1  # its entries, and itself in its parent
+        if left < 0:
+            raise _TooMany
+        return container
+    return {"object_hook": count, "list_hook": count,
+            "max_array_len": max_entries, "max_map_len": max_entries}
 
 
 class _Unviewable(Exception):

@@ -564,8 +564,14 @@ def test_the_sdk_refuses_a_request_past_the_servers_maximum_unsent(address):
 
 @pytest.mark.parametrize("body", [b"\xc1\xc1\xc1\xc1", b"\x92\x01", b"\x2a",
                                   msgpack.packb({"op": "health"}),
-                                  msgpack.packb({"id": None, "op": "health"})],
-                         ids=["garbage", "truncated", "not-a-map", "no-id", "nil-id"])
+                                  msgpack.packb({"id": None, "op": "health"}),
+                                  # 1 MiB that decoded to ~75 MiB of empty maps
+                                  msgpack.packb({"id": 1, "op": "health",
+                                                 "pad": [{}] * (1 << 20)}),
+                                  msgpack.packb({"id": 1, "op": "health",
+                                                 "pad": [[1] * 60_000] * 20})],
+                         ids=["garbage", "truncated", "not-a-map", "no-id", "nil-id",
+                              "many-maps", "many-values"])
 def test_a_malformed_frame_closes_only_its_connection(address, body):
     x = x_for(np.random.default_rng(4))
     with Client(address, pool_size=1) as c:

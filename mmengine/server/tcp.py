@@ -191,11 +191,13 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                         self._reserve(n)
                     if n >= protocol.BIG and (self.reserved or n < listener.RESERVE_ABOVE):
                         # (within the budget, where it needs one)
-                        self.big = protocol.LargeFrame(n, buf[start + 4:])
+                        self.big = protocol.LargeFrame(n, buf[start + 4:],
+                                                       protocol.MAX_REQUEST_ENTRIES)
                         start = len(buf)
                     break
                 if n >= protocol.BIG:  # whole in buf: a copy of its own to view
-                    message = protocol.decode(buf[start + 4:start + 4 + n])
+                    message = protocol.decode(buf[start + 4:start + 4 + n],
+                                              protocol.MAX_REQUEST_ENTRIES)
                 else:
                     with memoryview(buf) as view:
                         message = protocol.decode(view[start + 4:start + 4 + n])
