@@ -439,6 +439,12 @@ def test_binary_request_and_response_on_the_wire(address):
      {}, "cannot be made"),
     ({"inputs": [{"name": "x", "shape": [1] * 65, "datatype": "FP32", "data": [1.0]}]},
      {}, "cannot be made"),
+    # Text that parses to ~30x its size, holding the loop meanwhile (a
+    # security review's), and one array per row past the limit.
+    (b'{"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": ['
+     + b"[]," * 100_000 + b"[]]}]}", {}, "more than 65536 JSON arrays"),
+    ({"inputs": [{"name": "x", "shape": [70_000, 1], "datatype": "FP32",
+                  "data": [[0.0]] * 70_000}]}, {}, "send a tensor of many rows flat"),
 ])
 def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     if headers.pop("hlen", False):

@@ -105,7 +105,21 @@ class Response:
 # which is most of a small request's time. It is strict: NaN, Infinity and
 # nesting deeper than 1024 are not JSON, and are refused as such.
 
+#: The arrays and objects one JSON body may hold. Each empty one, two bytes
+#: of text, is ~60 bytes of memory once parsed and orjson holds the GIL
+#: for the whole parse, on a parse thread too: a security review's 32 MiB
+#: of `[],` took 1.2 GB and held every connection for 8 s. Nested tensor
+#: data takes one array per row; a tensor of more rows travels flat.
+MAX_JSON_CONTAINERS = 1 << 16
+
+
 def loads(data: bytes | memoryview, what: str) -> Any:
+    if len(data) > MAX_JSON_CONTAINERS:  # a shorter text cannot hold more
+        text = data if isinstance(data, bytes) else bytes(data)  # count() at C speed
+        if text.count(b"[") + text.count(b"{") > MAX_JSON_CONTAINERS:
+            raise BadRequest(f"{what} holds more than {MAX_JSON_CONTAINERS} JSON arrays "
+                             f"and objects: send a tensor of many rows flat (row-major "
+                             f"order) or as binary data")
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as e:
