@@ -833,7 +833,7 @@ class Engine:
         try:
             body = await self._load_on(worker, key, need, {
                 "path": str(path), "estimate": spec.estimated_bytes,
-                "allow_code": self.repo.allow_code, "host": segment})
+                "host": segment})
         except _NotRun:
             self.host.set_resident(key, False)
             self._forget(key, gen)

@@ -15,7 +15,7 @@ Request header (front-end -> worker), a msgpack array:
       params   map, op-specific (INFER: {"deadline": time.monotonic() past
                which nobody waits for its answer}, or {} for none; LOAD:
                {"path": the version directory, "estimate": its spec's
-               estimated_bytes, "allow_code": bool, "host": the host-tier
+               estimated_bytes, "host": the host-tier
                segment to load from, or nil}; PUBLISH: {"segment": the name
                of the host-tier segment to create}; FORGET: {"segment": a segment
                the front-end unlinked}; RELEASE: {})

@@ -176,12 +176,8 @@ class Repository:
     """A local model repository. Safe to share between threads: every
     cached value is computed whole and then stored with one assignment."""
 
-    def __init__(self, root: str | os.PathLike[str], allow_code: bool = True,
-                 config: Config | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], config: Config | None = None) -> None:
         self.root = Path(root)
-        # False for models fetched from an untrusted remote source: they may
-        # not run code, and their manifests cannot vouch for their pickles.
-        self.allow_code = allow_code
         self.config = config  # which remote sources may be read (default: none)
         self._names: tuple[str, ...] | None = None
         self._versions: dict[str, tuple[int, ...]] = {}
@@ -358,7 +354,7 @@ class Repository:
         path = self._added.get(name) or self.root / name / str(version)
         seen = _signature(path / MANIFEST)  # before: an edit while it is read shows
         try:
-            spec = read_spec(name, version, path, self.allow_code, self.config)
+            spec = read_spec(name, version, path, self.config)
         except LoadFailed:
             if name in self._added or self.look_again(name, version):
                 raise
@@ -406,8 +402,7 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
 
 # -- one version directory -> ModelSpec -------------------------------------
 
-def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
-              config: Config | None = None, manifests: Manifests | None = None,
+def read_spec(name: str, version: int, path: Path, config: Config | None = None, manifests: Manifests | None = None,
               estimate: int | None = None) -> ModelSpec:
     """The spec of the model in version directory `path`; for a remote
     model, `config` says which sources may be read (default: none);
@@ -427,15 +422,14 @@ def read_spec(name: str, version: int, path: Path, allow_code: bool = True,
         fields = _parse_manifest(manifest, where)
         if digests:
             fields["token_digests"] = digests
-        return _read_spec(name, version, path, files, fields, allow_code, config, estimate,
-                          where)
+        return _read_spec(name, version, path, files, fields, config, estimate, where)
     except LoadFailed as e:
         e.token_digests = digests
         raise
 
 
 def _read_spec(name: str, version: int, path: Path, files: set[str], fields: dict[str, Any],
-               allow_code: bool, config: Config | None, estimate: int | None,
+               config: Config | None, estimate: int | None,
                where: str) -> ModelSpec:
     source = fields.get("source", "")
     if source:
@@ -443,11 +437,6 @@ def _read_spec(name: str, version: int, path: Path, files: set[str], fields: dic
     else:
         files = {file.removesuffix(ZSTD_SUFFIX) for file in files}
     backend, artifact = _find_artifact(fields.pop("backend", None), files, where)
-    if backend in CODE_BACKENDS and not allow_code:
-        raise LoadFailed(f"{where}: backend {backend!r} runs code shipped with the "
-                         f"model, and its source is not trusted to carry code")
-    if not allow_code:
-        fields["trusted"] = False
     if source:
         config = config or Config()
         _check_remote(fields, backend, artifact, config, where)

@@ -93,8 +93,8 @@ class WorkerLogic:
         """Whether no request is being served, nor was for IDLE_NS."""
         return not self.serving_since and time.monotonic_ns() - self.served_at > IDLE_NS
 
-    def load(self, name: str, version: int, path: str, allow_code: bool = True,
-             host: str | None = None, estimate: int | None = None) -> tuple[int, str]:
+    def load(self, name: str, version: int, path: str, host: str | None = None,
+             estimate: int | None = None) -> tuple[int, str]:
         """Loads the model in version directory `path` (on the loader
         thread), its bytes from the host-tier segment `host` if given (else,
         or if that fails, from its files); returns the bytes it takes and
@@ -104,7 +104,7 @@ class WorkerLogic:
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes, "resident"
-        spec = read_spec(name, version, Path(path), allow_code, manifests=self._manifests,
+        spec = read_spec(name, version, Path(path), manifests=self._manifests,
                          estimate=estimate)
         from mmengine.backends import load_model
 
@@ -349,7 +349,6 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             if op == Op.LOAD:
                 with parks:
                     nbytes, source = logic.load(name, version, params["path"],
-                                                params.get("allow_code", True),
                                                 params.get("host"), params.get("estimate"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),

@@ -265,20 +265,6 @@ def test_corrupt_safetensors_header_fails_at_resolve(tmp_path, data):
         Repository(tmp_path).resolve("m")
 
 
-def test_a_source_without_allow_code_carries_no_code(tmp_path):
-    demo.write_mlp(tmp_path / "handler", "handler")
-    demo.write_mlp(tmp_path / "module", "safetensors")
-    make_version(tmp_path, "script", 1, {"model.pt": "", "model.toml": "trusted = true"})
-    remote = Repository(tmp_path, allow_code=False)
-    for name in ("handler", "module"):
-        with pytest.raises(LoadFailed, match="not trusted to carry code"):
-            remote.resolve(name)
-    # Its manifest cannot vouch for its own pickles either.
-    assert remote.resolve("script").trusted is False
-    assert Repository(tmp_path).resolve("script").trusted is True
-    assert Repository(tmp_path).resolve("handler").backend == "handler"
-
-
 def test_a_worker_keeps_parsed_manifests_and_reads_everything_else_again(tmp_path):
     """Manifests: a manifest's parse is kept by its bytes, each reader gets
     its own copy; any change to the files shows in the next spec."""
