@@ -1,23 +1,29 @@
 """What the front-end's heavy work costs the requests it runs beside:
-/metrics scrapes, and long JSON request bodies.
+/metrics scrapes, the SDK's stats op, and long JSON request bodies.
 
-    python benchmarks/beside.py [--json] [--quick]
+    python benchmarks/beside.py [--json] [--quick] [--models N]
 
 `mmengine serve` (one CPU worker) knows MODELS small models, each of which
 has answered a request, so a scrape reports per-model counters and two
 histograms for each (thousands of lines). One client sends requests to
 one model over the SDK, one at a time: first alone (the baseline,
 `idle_*`), then while another thread scrapes /metrics back to back
-(`during_*`), then while another thread sends KServe infer requests of
-JSON_MB of JSON tensor data back to back (`during_json_*`). Both used to
-run on the event loop and stall every request for their whole length (a
-scrape ~150 ms at 300 models; a JSON body parses at ~120 MB/s); a scrape
-is now copied on the loop and formatted on a thread, and a JSON body of
+(`during_*`), then while another SDK client asks for stats back to back
+(`during_stats_*`: a row per model), then while another thread sends
+KServe infer requests of JSON_MB of JSON tensor data back to back
+(`during_json_*`). Each used to run on the event loop and stall every
+request for its whole length (a scrape ~150 ms at 300 models; stats ~11
+ms at 2,000; a JSON body parses at ~120 MB/s); a scrape is now copied on
+the loop and formatted on a thread, stats rows are built a slice at a
+time, and a JSON body of
 PARSE_ON_THREAD bytes or more is parsed on a thread. Keys: models,
-scrape_lines, scrape_ms (median), scrapes, json_mb, json_ms (median of a
+scrape_lines, scrape_ms (median), scrapes, stats_rows, stats_ms,
+stats_calls, json_mb, json_ms (median of a
 whole JSON request), json_requests, idle_p50_us, idle_p99_us, idle_max_us,
-during_{p50,p99,max}_us, during_json_{p50,p99,max}_us, ratios =
-{p99_during_vs_idle, max_during_vs_idle_p99, p99_during_json_vs_idle,
+during_{p50,p99,max}_us, during_stats_{p50,p99,max}_us,
+during_json_{p50,p99,max}_us, ratios = {p99_during_vs_idle,
+max_during_vs_idle_p99, p99_during_stats_vs_idle,
+max_during_stats_vs_idle_p99, p99_during_json_vs_idle,
 max_during_json_vs_idle_p99}.
 """
 from __future__ import annotations
@@ -58,33 +64,43 @@ def latencies(client: Client, n: int) -> list[float]:
     return sorted(out)
 
 
-def repeat_until(address: str, stop: threading.Event, took: list[float], lines: list[int],
-                 method: str, path: str, body: bytes | None = None) -> None:
-    """One request after another until `stop`: each one's seconds, and the
-    lines of each answer."""
+def http_call(address: str, method: str, path: str, body: bytes | None = None):
+    """A call of `method` `path` over one keep-alive connection: the lines
+    of its answer."""
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    while not stop.is_set():
-        t0 = time.perf_counter()
+
+    def call() -> int:
         conn.request(method, path, body=body)
         response = conn.getresponse()
         answer = response.read()
         assert response.status == 200, answer[:200]
+        return answer.count(b"\n")
+    return call
+
+
+def stats_call(client: Client):
+    """The SDK's stats op: the rows of its answer."""
+    return lambda: len(client.stats()["models"])
+
+
+def repeat_until(call, stop: threading.Event, took: list[float], sizes: list[int]) -> None:
+    """One call after another until `stop`: each one's seconds and size."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        size = call()
         took.append(time.perf_counter() - t0)
-        lines.append(answer.count(b"\n"))
-    conn.close()
+        sizes.append(size)
 
 
-def beside(client: Client, requests: int, *background) -> tuple[list[float], list[float],
-                                                                 list[int]]:
-    """The client's latencies while `background` repeats: (latencies,
-    the background's seconds, its answers' lines)."""
-    stop, took, lines = threading.Event(), [], []
-    worker = threading.Thread(target=repeat_until, args=(background[0], stop, took, lines,
-                                                         *background[1:]))
+def beside(client: Client, requests: int, call) -> tuple[list[float], list[float], list[int]]:
+    """The client's latencies while `call` repeats: (latencies, the
+    calls' seconds, their sizes)."""
+    stop, took, sizes = threading.Event(), [], []
+    worker = threading.Thread(target=repeat_until, args=(call, stop, took, sizes))
     worker.start()
     try:
-        return latencies(client, requests), took, lines
+        return latencies(client, requests), took, sizes
     finally:
         stop.set()
         worker.join(120)
@@ -97,10 +113,13 @@ def measure(repo: Path, models: int, requests: int) -> dict:
             client.infer(f"m{i:03d}", X)
         latencies(client, requests // 4)  # warm
         idle = latencies(client, requests)
-        during, took, lines = beside(client, requests, proc.http_address, "GET", "/metrics")
+        during, took, lines = beside(client, requests,
+                                     http_call(proc.http_address, "GET", "/metrics"))
+        with Client(address, timeout=60) as other:
+            during_stats, stats_took, rows = beside(client, requests, stats_call(other))
         body = json_body(JSON_MB)
-        during_json, json_took, _ = beside(client, requests // 4, proc.http_address, "POST",
-                                           "/v2/models/m001/infer", body)
+        during_json, json_took, _ = beside(client, requests // 4, http_call(
+            proc.http_address, "POST", "/v2/models/m001/infer", body))
 
     def us(values: list[float], q: float) -> float:
         return round(values[min(len(values) - 1, int(q * len(values)))] * 1e6, 1)
@@ -111,6 +130,11 @@ def measure(repo: Path, models: int, requests: int) -> dict:
             "idle_max_us": us(idle, 1.0),
             "during_p50_us": us(during, 0.5), "during_p99_us": us(during, 0.99),
             "during_max_us": us(during, 1.0),
+            "stats_rows": max(rows), "stats_calls": len(stats_took),
+            "stats_ms": round(statistics.median(stats_took) * 1e3, 1),
+            "during_stats_p50_us": us(during_stats, 0.5),
+            "during_stats_p99_us": us(during_stats, 0.99),
+            "during_stats_max_us": us(during_stats, 1.0),
             "json_mb": round(len(body) / 1e6, 1), "json_requests": len(json_took),
             "json_ms": round(statistics.median(json_took) * 1e3, 1),
             "during_json_p50_us": us(during_json, 0.5),
@@ -118,6 +142,10 @@ def measure(repo: Path, models: int, requests: int) -> dict:
             "during_json_max_us": us(during_json, 1.0),
             "ratios": {"p99_during_vs_idle": round(us(during, 0.99) / us(idle, 0.99), 2),
                        "max_during_vs_idle_p99": round(us(during, 1.0) / us(idle, 0.99), 2),
+                       "p99_during_stats_vs_idle":
+                           round(us(during_stats, 0.99) / us(idle, 0.99), 2),
+                       "max_during_stats_vs_idle_p99":
+                           round(us(during_stats, 1.0) / us(idle, 0.99), 2),
                        "p99_during_json_vs_idle":
                            round(us(during_json, 0.99) / us(idle, 0.99), 2),
                        "max_during_json_vs_idle_p99":
@@ -125,8 +153,12 @@ def measure(repo: Path, models: int, requests: int) -> dict:
 
 
 def main() -> None:
-    args = arguments(__doc__).parse_args()
+    parser = arguments(__doc__)
+    parser.add_argument("--models", type=int, help="models known to the server "
+                        "(default 300; 150 with --quick)")
+    args = parser.parse_args()
     models, requests = (150, 1500) if args.quick else (300, 5000)
+    models = args.models or models
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(models):
             demo.write_mlp(Path(tmp) / f"m{i:03d}", "safetensors", 4, 8, 2, seed=i)
