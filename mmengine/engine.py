@@ -25,11 +25,14 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import itertools
 import logging
 import math
+import os
 import shutil
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -88,6 +91,20 @@ class ModelStats:
 
 
 _NEVER_LOADED = ModelStats()  # model_row's, read only
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # started, in this process
+_FORKED = object()  # Engine._loop in a child forked while it ran: none of its own
+
+
+def _after_fork_in_child() -> None:
+    # Its workers' copies leave the parent's alone (workers._after_fork_in_child,
+    # the host tier by its pid); the engine refuses every call, and its stop()
+    # (at the child's exit, say) does nothing.
+    for engine in list(_ENGINES):
+        engine._loop = _FORKED
+        engine._closing = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Engine:
@@ -111,7 +128,10 @@ class Engine:
         self._load_gate = _ByteGate(self.config.load_bytes_in_flight)
         self._specs: dict[tuple[str, Any], ModelSpec] = {}
         self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
-        self._gen: dict[Key, int] = {}               # bumped whenever an entry is created
+        # Each entry's generation, from one count for all: unique, so that
+        # a forgotten model's is dropped (_forget_stats) and never matched again.
+        self._gen: dict[Key, int] = {}
+        self._gens = itertools.count(1)  # 0: no entry (an explicit pin's, _pinned)
         self._stats: dict[Key, ModelStats] = {}
         # (name, version asked for) -> key, for models whose files could not
         # even be read: their back-off is checked before the files are read.
@@ -197,6 +217,7 @@ class Engine:
         check_repo(self.config)
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
+        _ENGINES.add(self)
         self._starting = loop.create_future()
         try:
             await self._bring_up(loop)
@@ -311,6 +332,8 @@ class Engine:
         One shutdown, however many call: each call returns once it is done
         (one called while start() runs waits for it, then undoes it); a
         caller that is cancelled stops waiting, not the shutdown."""
+        if self._loop is _FORKED:
+            return  # a forked child's copy: the engine is its parent's to stop
         self._check_loop()
         if self._stopping is None:
             self._stopped = True
@@ -579,6 +602,9 @@ class Engine:
         directory it read is left with a future of that loop, and fails on
         this one ever after)."""
         if self._loop is not None and asyncio._get_running_loop() is not self._loop:
+            if self._loop is _FORKED:
+                raise RuntimeError("this Engine is the process's that forked this one: a "
+                                   "forked child cannot use it; make a new Engine here")
             raise RuntimeError("this Engine serves on the event loop that started it; "
                                "call it there (from another thread: "
                                "asyncio.run_coroutine_threadsafe(coro, loop))")
@@ -772,7 +798,7 @@ class Engine:
     def _unpin_request(self, key: Key, gen: int) -> None:
         # A request pinned this generation of the entry; if the worker died
         # and the model was loaded again since, the pin died with the old one.
-        if self._gen.get(key) == gen and key in self.cache:
+        if self._has_entry(key, gen):
             self.cache.release(key)
             self._room_changed()
             if self._stale:  # its last request may have ended
@@ -863,7 +889,9 @@ class Engine:
                 e.ran = _load_ran(key, worker.index)
                 raise e from None
             raise
-        if self._gen.get(key) != gen:
+        # Its worker died meanwhile: its answer came, then the death, in one
+        # turn of the loop (forgotten, the entry kept its generation).
+        if not self._has_entry(key, gen):
             died = WorkerDied(f"{key[0]}: the worker died during the load")
             died.ran = _load_ran(key, worker.index)
             raise died
@@ -983,7 +1011,7 @@ class Engine:
         segment = self.host.reserve(key, nbytes + hosttier.HEADER_ALLOWANCE)
         if segment is None:
             return
-        if self._gen.get(key) == gen and key in self.cache:
+        if self._has_entry(key, gen):
             self.host.set_resident(key, True, time.monotonic())
         try:
             # Sent at once, ahead of any unload of the model that comes later.
@@ -1177,7 +1205,7 @@ class Engine:
                 if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
                         not w.alive:
                     continue  # lost what we made room for; try elsewhere
-                self._gen[key] = self._gen.get(key, 0) + 1
+                self._gen[key] = next(self._gens)
                 self.cache.insert(key, books.LOADING, w.index)
                 self.cache.set_bytes(key, books.DEVICE, need)
                 self.cache.touch(key, time.monotonic())
@@ -1210,8 +1238,13 @@ class Engine:
                     total += entry.device_bytes
         return total
 
+    def _has_entry(self, key: Key, gen: int) -> bool:
+        """Whether the cache still holds generation `gen` of `key`'s entry
+        (a forgotten entry's generation stays until the next is made)."""
+        return self._gen.get(key) == gen and key in self.cache
+
     def _forget(self, key: Key, gen: int) -> None:
-        if self._gen.get(key) == gen and key in self.cache:
+        if self._has_entry(key, gen):
             self.cache.remove(key)
             self._loaded_specs.pop(key, None)
             self._stale.pop(key, None)
@@ -1433,6 +1466,8 @@ class Engine:
 
     def _forget_stats(self, key: Key) -> None:
         stats = self._stats.pop(key)
+        if key not in self.cache:
+            self._gen.pop(key, None)
         self._forgotten.update(loads=stats.loads, evictions=stats.evictions,
                                failures=stats.failures, loads_from_host=stats.host_loads)
         self._emit("forget", {"model": key[0], "version": key[1],
@@ -1628,6 +1663,7 @@ class Engine:
             return await self._pin_now(name, version, deadline)
 
     async def unpin(self, name: str, version: int | None = None) -> None:
+        self._deadline(None)  # refused as the other calls are: not started, stopped, off its loop
         async with self._in_order(name):
             self._drop_pin(await self._held_key(name, version))
 
@@ -1761,7 +1797,14 @@ class Engine:
         await loop.run_in_executor(None, self.repo.add, name, path)
 
     async def remove_model(self, name: str, timeout: float | None = None) -> None:
-        """Unloads a model added with add_model and forgets it."""
+        """Unloads a model added with add_model and forgets it. A model of
+        the repository's directory is refused as it stands (BadRequest)."""
+        self._check_loop()
+        if not self.repo.added(name):  # before the unload, which a refusal would not undo
+            # ModelNotFound where the repository has no such model either.
+            await asyncio.get_running_loop().run_in_executor(None, self.repo.versions, name)
+            raise BadRequest(f"model {name!r} is the repository's, not added at run time: "
+                             f"remove its directory to remove it")
         await self.unload(name, None, timeout)
         self.repo.remove(name)
         self._names_changed({name})  # requests that waited for the unload load nothing

@@ -58,7 +58,8 @@ class HostTier:
         # An embedding process that ends without Engine.stop() still takes
         # its copies with it (as its rings go: ring.py), instead of leaving
         # them in /dev/shm until the next mmengine process reclaims them.
-        weakref.finalize(self, _unlink_all, self._segments, os.getpid())
+        self._pid = os.getpid()
+        weakref.finalize(self, _unlink_all, self._segments, self._pid)
 
     @property
     def enabled(self) -> bool:
@@ -91,7 +92,7 @@ class HostTier:
         """`segment`, reserved for `key`, is written, `nbytes` long. If the
         reservation was dropped meanwhile (an unload), it goes at once."""
         if self._segments.get(key) != segment:
-            _unlink(segment)
+            self._unlink(segment)
             return
         self.book.set_bytes(key, books.HOST, nbytes)
         self.book.set_state(key, books.READY)
@@ -118,7 +119,7 @@ class HostTier:
         self._resident.discard(key)
         self.book.remove(key)
         self.drops += 1
-        _unlink(name)
+        self._unlink(name)
         self.on_drop(name)
 
     def abandon(self, key: Key, segment: str) -> None:
@@ -128,7 +129,7 @@ class HostTier:
         if self._segments.get(key) == segment:
             self.drop(key)
         else:
-            _unlink(segment)
+            self._unlink(segment)
             self.on_drop(segment)
 
     def least_recent(self) -> Key | None:
@@ -141,6 +142,10 @@ class HostTier:
 
     def keys(self) -> list[Key]:
         return list(self._segments)
+
+    def _unlink(self, segment: str) -> None:
+        if os.getpid() == self._pid:  # in a forked child, the segments are the parent's
+            _unlink(segment)
 
     def clear(self) -> None:
         for key in list(self._segments):

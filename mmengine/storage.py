@@ -204,6 +204,10 @@ class Repository:
             self.remove(name)
             raise
 
+    def added(self, name: str) -> bool:
+        """Whether `name` was added with `add` (and not removed since)."""
+        return name in self._added
+
     def remove(self, name: str) -> None:
         """Forgets a model added with `add`; ModelNotFound for any other."""
         if self._added.pop(name, None) is None:

@@ -578,7 +578,9 @@ class WorkerPool:
         self._restart_count = 0
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
         self._stopping = False
+        self._forsaken = False  # a forked child's copy (_after_fork_in_child)
         self._finalizer = weakref.finalize(self, _kill_all, self.workers, os.getpid())
+        _POOLS.add(self)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -642,6 +644,8 @@ class WorkerPool:
         # Watched only once up: a death in the handshake is this call's
         # failure, not a second restart running beside this one.
         w.on_death = self._on_death
+        if not w.alive:  # it died after its READY, before this call went on:
+            self._on_death(w)  # told as any later death is (it went untold for good)
         return w
 
     @property
@@ -654,6 +658,8 @@ class WorkerPool:
         them against one deadline (time.monotonic(); by default
         shutdown_timeout_s from now); whoever is left is killed (a worker
         ignores SIGTERM). Leaves no process and no segment behind."""
+        if self._forsaken:
+            return  # they are the parent's, and go with it
         self._stopping = True
         if deadline is None:
             deadline = time.monotonic() + self.config.shutdown_timeout_s
@@ -675,6 +681,26 @@ class WorkerPool:
                 await _reaped(w.process, 5.0)
             w.release()
         self._finalizer.detach()
+
+
+_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a pool runs (os.fork in a coroutine, say) holds a
+    copy of it, and of the loop whose readers and timers drive it. Whatever
+    that loop runs in the child (its exit cancels every task, and `async
+    with` stops the engine), the copy leaves the parent's rings, requests
+    and processes alone: it read the parent's answers, which the parent
+    then lost."""
+    for pool in list(_POOLS):
+        pool._stopping = pool._forsaken = True
+        for w in pool.workers:
+            w.alive = False  # what reads a ring, sends, or dies looks at it first
+            w._disarm_deadlines()  # its timer marks requests abandoned, in shared memory
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _plain(handle) -> tuple:

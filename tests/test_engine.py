@@ -1389,6 +1389,8 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
             await engine.infer("m", {"x": np.ones(1)})
         with pytest.raises(RuntimeError, match="has not started"):  # not a wait for ever
             await engine.warmed()
+        with pytest.raises(RuntimeError, match="has not started"):  # as the other calls
+            await engine.unpin("m")
         await engine.start()
         with pytest.raises(BadRequest, match="timeout"):  # as infer's: 0 is not "the default"
             await engine.load("m", timeout=0)
@@ -1404,6 +1406,8 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
         await engine.stop()
         with pytest.raises(RuntimeError, match="make a new one"):
             await engine.start()
+        with pytest.raises(Overloaded, match="shutting down"):  # it returned nothing before
+            await engine.unpin("m")
         return pids
 
     pids = run(main())
@@ -1548,6 +1552,65 @@ def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
     assert done.stdout.split("\n")[1] == "stopped []", done.stdout
 
 
+FORKING_ON_THE_LOOP = """
+import asyncio, os, sys
+import numpy as np
+from mmengine.config import Config
+from mmengine.engine import Engine
+
+async def main():
+    x = np.ones((1, 16), np.float32)
+    config = Config(repo=sys.argv[1], workers=1, host_tier_bytes=1 << 26)
+    async with Engine(config) as engine:
+        await engine.infer("m", {"x": x})
+        await engine.unload("m")  # its host copy goes: the worker's answers wait in its ring
+        loop = asyncio.get_running_loop()
+        forked = loop.create_future()
+
+        async def in_the_child():
+            try:
+                await engine.infer("m", {"x": x})
+            except RuntimeError as e:
+                print("child:", e, flush=True)
+            await engine.stop()  # as `async with` would at its exit
+            loop.call_later(0.3, os._exit, 0)  # meanwhile the parent's readers and timers run
+
+        def fork():  # from a callback: the child goes on running the loop
+            child = os.fork()
+            if child:
+                forked.set_result(child)
+            else:
+                loop.create_task(in_the_child())
+        loop.call_soon(fork)
+        child = await forked
+        await loop.run_in_executor(None, os.waitpid, child, 0)
+        y = await engine.infer("m", {"x": x})
+        print("parent:", y["y"].shape, engine.stats()["totals"]["worker_restarts"],
+              engine.pool.workers[0].alive, flush=True)
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_child_forked_on_the_loop_leaves_the_engine_alone(tmp_path):
+    # The child's copy of the loop read the parent's answers from the
+    # worker's ring (the parent took the ring for broken and restarted
+    # the worker), and its stop() closed the parent's rings and killed its
+    # worker. (A child that leaves through asyncio.run breaks the parent's
+    # loop whatever it runs: closing its copy of the loop takes the
+    # parent's wake-up pipe out of the epoll they share.)
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    done = subprocess.run([sys.executable, "-c", FORKING_ON_THE_LOOP, str(tmp_path)],
+                          env=environ(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child, parent, stopped = done.stdout.splitlines()
+    assert child == ("child: this Engine is the process's that forked this one: a forked "
+                     "child cannot use it; make a new Engine here"), done.stdout
+    assert parent == f"parent: (1, {DIMS[2]}) 0 True", (done.stdout, done.stderr[-2000:])
+    assert stopped == "stopped"
+
+
 def test_no_load_begins_once_the_engine_stops(tmp_path, own_segments):
     # A request waiting for an unload woke during stop(), found its model
     # gone, and began a load after stop() had cancelled the engine's tasks:
@@ -1651,7 +1714,7 @@ async def offset_models(tmp_path):
     for name, offset in (("a", 1.0), ("b", 2.0)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "handler.py").write_text(OFFSET_HANDLER.format(offset=offset))
-    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo").mkdir(exist_ok=True)
     async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
         await engine.add_model("z", str(tmp_path / "a"))
         yield engine
@@ -1738,6 +1801,30 @@ def test_a_model_removed_while_a_request_reads_its_manifest_is_not_loaded_by_it(
     late, again = run(main())
     assert isinstance(late, ModelNotFound), late
     np.testing.assert_array_equal(again, x + 2.0)
+
+
+def test_removing_a_repository_model_is_refused_before_anything_is_unloaded(
+        tmp_path, own_segments):
+    # remove_model() of a model of the repository's directory unloaded it
+    # and dropped its pin, then said ModelNotFound of a model that exists.
+    x = np.ones((1, 2), np.float32)
+    version = tmp_path / "repo" / "r" / "1"
+    version.mkdir(parents=True)
+    (version / "handler.py").write_text(OFFSET_HANDLER.format(offset=3.0))
+
+    async def main():
+        async with offset_models(tmp_path) as engine:
+            await engine.pin("r")
+            with pytest.raises(BadRequest, match="is the repository's, not added at run time"):
+                await engine.remove_model("r")
+            with pytest.raises(ModelNotFound, match="nope"):
+                await engine.remove_model("nope")
+            row = engine.model_row(("r", 1))
+            return row["state"], row["pinned"], (await engine.infer("r", {"x": x}))["y"]
+
+    state, pinned, y = run(main())
+    assert (state, pinned) == ("resident", True)
+    np.testing.assert_array_equal(y, x + 3.0)
 
 
 def test_a_model_whose_directory_cannot_be_read_is_a_failed_load_backed_off(

@@ -1218,3 +1218,76 @@ def test_pins_that_race_for_the_last_room_are_refused_at_once_not_at_their_deadl
     assert kinds == ["PinnedFull"] * 3 + ["dict"] * 3, results
     assert all("unpin one" in str(r) for r in results if isinstance(r, PinnedFull))
     assert took < 10, took  # not the pins' 20 s deadline
+
+
+# -- deaths that reach the loop in the same turn as an answer -------------------
+
+def test_a_worker_that_dies_as_it_comes_back_up_is_restarted_again(repo, own_segments):
+    # Its death between its READY and the restart going on reached no one
+    # (the restart watched it only afterwards): the engine stayed with no
+    # worker for good, every request "no worker is up".
+    import select
+
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.load("m00")
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: engine.pool.workers[0] is not old, 30, "a new worker")
+            new = engine.pool.workers[0]
+            # The loop is held until the new one says READY, and then until it
+            # is dead: both reach the loop in one turn.
+            assert select.select([new.resp.readable_fd], [], [], 60)[0]
+            os.kill(new.pid, signal.SIGKILL)
+            assert select.select([new._pidfd], [], [], 30)[0]
+            await until(lambda: restarted(engine, new), 60, "a restart after the second death")
+            out = await engine.infer("m00", {"x": X})
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            return engine.health()["workers_alive"]
+
+    assert run(main(), max_stall=90) == 1
+
+
+DIES_AFTER_LOADING = '''
+import os
+import signal
+import threading
+import time
+
+def load(path, device):
+    open(os.path.join(path, "started"), "w").close()
+    while not os.path.exists(os.path.join(path, "go")):
+        time.sleep(0.01)
+    threading.Thread(target=lambda: (time.sleep(0.05), os.kill(os.getpid(), signal.SIGKILL)),
+                     daemon=True).start()
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+'''
+
+
+def test_a_load_answered_as_its_worker_dies_is_worker_died(tmp_path, own_segments):
+    # The load's answer and its worker's death reached the loop in one turn:
+    # the death forgot the model's entry (its generation unchanged), and
+    # the request then failed with an untyped KeyError from the cache.
+    import select
+
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    version = tmp_path / "dies" / "1"
+    version.mkdir(parents=True)
+    (version / "handler.py").write_text(DIES_AFTER_LOADING)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            request = asyncio.ensure_future(engine.infer("dies", {"x": X}))
+            await until((version / "started").exists, 30, "the load to begin")
+            old = engine.pool.workers[0]
+            (version / "go").write_text("")
+            assert select.select([old._pidfd], [], [], 30)[0]  # held until it is dead
+            with pytest.raises(WorkerDied, match="died during the load"):
+                await request
+            await until(lambda: restarted(engine, old), 60, "the restart")
+            out = await engine.infer("m00", {"x": X})
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+
+    run(main(), max_stall=60)
