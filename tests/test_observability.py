@@ -614,3 +614,38 @@ def test_stats_of_many_models_let_the_loop_turn(tmp_path, own_segments):
     assert {r["state"] for r in collected["models"]} == {"resident"}
     assert collected["totals"] == stats["totals"]
     assert collected["totals"]["loads"] == len(names)
+
+
+def test_scrapes_at_once_share_one_and_each_gets_it_whole(repo, own_segments):
+    # Each scrape copied every count and formatted them on a thread of its
+    # own: 8 at once at 3,000 models took the front-end past 500 MB.
+    x = {"x": np.ones((2, DIMS[0]), np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(repo), workers=1)) as engine:
+            m = metrics.attach(engine)
+            server = HttpServer(engine, metrics.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                for name in MODELS:
+                    await engine.infer(name, x)
+                text = "text/plain"
+                om = "application/openmetrics-text; version=1.0.0"
+                scrapes = [scrape(port, accept) for accept in [text, om] * 4]
+                started = asyncio.ensure_future(asyncio.gather(*scrapes))
+                while not m._scrapes:
+                    await asyncio.sleep(0)
+                making = dict(m._scrapes)
+                answers = await started
+                return making, answers, dict(m._scrapes)
+            finally:
+                await server.stop()
+
+    making, answers, left = run(main())
+    assert len(making) in (1, 2) and left == {}
+    plain = [body for kind, body in answers if kind.startswith("text/plain")]
+    openmetrics = [body for kind, body in answers if kind.startswith("application/openmetrics")]
+    assert len(plain) == len(openmetrics) == 4
+    assert len(set(plain)) == 1 and len(set(openmetrics)) == 1  # one scrape each
+    assert 'mmengine_requests_total{code="OK",model="m00"} 1.0' in plain[0]
+    assert {f.name for f in parse_om(openmetrics[0])} >= {"mmengine_requests"}
