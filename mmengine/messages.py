@@ -166,9 +166,16 @@ def request(op: Op, rid: int, model: str, version: int, tensors: list = (),
     return _packb([int(op), rid, model, version, list(tensors), params or {}])
 
 
+_OPS = {int(op): op for op in Op}  # Op(n) costs ~0.5 us a call; a dict lookup ~40 ns
+
+
 def parse_request(header) -> tuple[Op, int, str, int, list, dict]:
     op, rid, model, version, tensors, params = _unpackb(header)
-    return Op(op), rid, model, version, tensors, params
+    try:
+        op = _OPS[op]
+    except (KeyError, TypeError):
+        op = Op(op)  # raises as before for an unknown op
+    return op, rid, model, version, tensors, params
 
 
 class Abandoned:
