@@ -1898,8 +1898,12 @@ class Engine:
         return self._stats_of([self.model_row(k) for k in self._counted()])
 
     async def collect_stats(self) -> dict:
-        """stats(), its rows built a slice at a time (see _rows)."""
-        return self._stats_of(await self._rows(self._counted()))
+        """stats(), its rows built a slice at a time (see _rows). A version
+        forgotten meanwhile has no row: its counts are the forgotten's now
+        (with its row too, the totals counted them twice)."""
+        rows = await self._rows(self._counted())
+        counted = set(self._counted())
+        return self._stats_of([r for r in rows if (r["name"], r["version"]) in counted])
 
     def _counted(self) -> list[Key]:
         """The keys stats() has a row for."""

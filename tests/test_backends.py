@@ -369,21 +369,39 @@ def peek(name: str, n: int) -> torch.Tensor:
     return torch.from_file(name, False, n, dtype=torch.float32)
 
 
-class Peeks(torch.nn.Module):
-    """Reads the file `name` (4 float32s) with torch.from_file: from
-    forward, from a function forward calls, or from a submodule's method
-    that forward never calls."""
+class Reads(torch.nn.Module):
+    """Reads the file `name` (4 float32s) with torch.from_file, in forward."""
 
-    def __init__(self, name: str, how: str):
+    def __init__(self, name: str):
         super().__init__()
-        self.name, self.how = name, how
+        self.name = name
+
+    def forward(self, x):
+        return x + torch.from_file(self.name, False, 4, dtype=torch.float32).sum()
+
+
+class Calls(Reads):
+    """... from a function forward calls."""
+
+    def forward(self, x):
+        return x + peek(self.name, 4).sum()
+
+
+class Forks(Reads):
+    """... from a function forward forks (a subgraph of the fork, not a block)."""
+
+    def forward(self, x):
+        return x + torch.jit.wait(torch.jit.fork(peek, self.name, 4)).sum()
+
+
+class Outer(torch.nn.Module):
+    """... from a method of a submodule that forward never calls."""
+
+    def __init__(self, name: str):
+        super().__init__()
         self.inner = Hidden(name)
 
     def forward(self, x):
-        if self.how == "forward":
-            return x + torch.from_file(self.name, False, 4, dtype=torch.float32).sum()
-        if self.how == "calls":
-            return x + peek(self.name, 4).sum()
         return self.inner(x)
 
 
@@ -400,7 +418,8 @@ class Hidden(torch.nn.Module):
         return peek(self.name, 4)
 
 
-@pytest.mark.parametrize("how", ["forward", "calls", "hidden"])
+@pytest.mark.parametrize("how", [Reads, Calls, Forks, Outer],
+                         ids=["forward", "calls", "forks", "hidden"])
 def test_an_untrusted_torchscript_program_reads_no_file(tmp_path, how):
     # aten::from_file in a program not marked trusted read any file the
     # server could (its config, its control token), and aten::save wrote
@@ -409,15 +428,51 @@ def test_an_untrusted_torchscript_program_reads_no_file(tmp_path, how):
     np.arange(4, dtype=np.float32).tofile(secret)
     path = tmp_path / "m" / "1"
     path.mkdir(parents=True)
-    torch.jit.script(Peeks(str(secret), how)).save(str(path / "model.pt"))
+    torch.jit.script(how(str(secret))).save(str(path / "model.pt"))
     with pytest.raises(LoadFailed, match="calls aten::from_file, which a model not marked "
                                          "trusted may not call"):
         load(tmp_path, "m")
     (path / "model.toml").write_text("trusted = true\n")
     model = load(tmp_path, "m")  # the operator vouches for it
-    if how != "hidden":
+    if how is not Outer:
         out = model.predict({"x": np.zeros(1, np.float32)})
         np.testing.assert_array_equal(out[next(iter(out))], [6.0])
+
+
+class Saves(torch.nn.Module):
+    """Writes its weight to the file `name` as it is unpickled."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.w, self.name = torch.ones(2), name
+
+    def forward(self, x):
+        return x + self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.w, self.name, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.w, self.name, self.training = state
+        torch.save(self.w, self.name)
+
+
+def test_an_untrusted_torchscript_program_runs_nothing_as_it_loads(tmp_path):
+    # torch.jit.load runs the program's own __setstate__ as it unpickles:
+    # an audit of the loaded graphs came after it had written the file.
+    marker = tmp_path / "written"
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    torch.jit.script(Saves(str(marker))).save(str(path / "model.pt"))
+    assert not marker.exists()
+    with pytest.raises(LoadFailed, match="calls aten::save, which a model not marked"):
+        load(tmp_path, "m")
+    assert not marker.exists()
+    (path / "model.toml").write_text("trusted = true\n")
+    load(tmp_path, "m")  # the operator vouches for it: it runs
+    assert marker.exists()
 
 
 def test_an_untrusted_export_program_reads_no_file(tmp_path):

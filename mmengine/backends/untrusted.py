@@ -4,39 +4,90 @@ TorchScript and torch.export archives are programs, and their graphs may
 call any operator torch has registered, among them aten::from_file and
 aten::save (which read and write any file the server can), the RPC
 operators and the collectives (which reach other processes and hosts).
-Unless its manifest says `trusted = true`, a program is audited once
-parsed, before anything of it runs: every operator it calls must be of
-ALLOWED_NAMESPACES and not of REFUSED. This keeps the server's files and
-other processes out of a model's reach; it is no sandbox against a flaw in
-an operator's own code.
+Unless its manifest says `trusted = true`, a program may call only
+operators of ALLOWED_NAMESPACES that are not REFUSED:
+
+- a TorchScript archive's code (the source torch compiles it from) is read
+  before torch.jit.load, which runs the program's own `__setstate__` as it
+  unpickles (check_script_source); its compiled graphs are checked again
+  once loaded (check_script);
+- a torch.export program's graphs, once loaded, before anything of it runs
+  (check_export: loading only builds them).
+
+This keeps the server's files and other processes out of a model's reach;
+it is no sandbox against a flaw in an operator's own code.
 """
 from __future__ import annotations
 
+import ast
+import zipfile
 from typing import Any, Iterator
 
 import torch
 
 from mmengine.errors import LoadFailed
 
-#: Tensor operators and TorchScript's own instructions.
-ALLOWED_NAMESPACES = frozenset({"aten", "prim", "prims", "quantized", "_quantized"})
+#: Tensor operators, TorchScript's own instructions, and the profiler's
+#: marks (torch.autograd.profiler.record_function).
+ALLOWED_NAMESPACES = frozenset({"aten", "prim", "prims", "quantized", "_quantized",
+                                "profiler"})
 REFUSED = frozenset({
     "aten::from_file", "aten::save",                             # files
     "prim::rpc_async", "prim::rpc_sync", "prim::rpc_remote",     # other processes
-    # Left in an inlined graph only where a call goes through an interface,
-    # to code the audit cannot name.
-    "prim::CallMethod", "prim::CallFunction",
 })
+#: Names TorchScript's source gives the RPC operators.
+_REFUSED_NAMES = frozenset({"rpc_async", "rpc_sync", "remote"})
+#: Classes of torch's own whose methods a program may call: the packed
+#: weights of quantized modules.
+_TORCH_CLASSES = "__torch__.torch.classes.quantized."
 #: torch.export's control flow, whose branches are graphs audited with the rest.
 ALLOWED_HIGHER_ORDER = frozenset({"cond", "while_loop", "map_impl", "scan",
                                   "wrap_with_set_grad_enabled", "wrap_with_autocast"})
 #: Python functions a torch.export graph may call on sizes and scalars.
-_PLAIN_MODULES = frozenset({"_operator", "operator", "math", "builtins"})
+_PLAIN_MODULES = frozenset({"_operator", "operator", "math"})
+
+
+def check_script_source(archive_file, where: str) -> None:
+    """LoadFailed unless the code of the TorchScript archive read from
+    `archive_file` (a binary file that seeks) names
+    only allowed operators: `torch.<op>` (aten's and prim's), `ops.<ns>.<op>`,
+    and no RPC. Every name counts, called or not (a function may be
+    assigned before it is called). An archive that is none raises as
+    zipfile does."""
+    with zipfile.ZipFile(archive_file) as archive:
+        sources = [archive.read(info) for info in archive.infolist()
+                   if "/code/" in info.filename and info.filename.endswith(".py")]
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError) as e:
+            raise LoadFailed(f"{where}: its program's code cannot be read: {e}") from e
+        for node in ast.walk(tree):
+            name = _source_name(node)
+            if name is not None and not _allowed(name):
+                raise _refused(name, where)
+
+
+def _source_name(node: ast.AST) -> str | None:
+    """The operator `node` names in TorchScript's source, if it names one."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return f"prim::{node.func.id}" if node.func.id in _REFUSED_NAMES else None
+    if not isinstance(node, ast.Attribute):
+        return None
+    base = node.value
+    if isinstance(base, ast.Name) and base.id == "torch":
+        name = f"aten::{node.attr}"
+        return name if name in REFUSED else None
+    if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) \
+            and base.value.id == "ops":
+        return f"{base.attr}::{node.attr}"
+    return None
 
 
 def check_script(module: torch.jit.ScriptModule, where: str) -> None:
     """LoadFailed unless every method and hook of `module` and of its
-    submodules, with what they call inlined, calls only allowed operators."""
+    submodules, with what they call inlined (forked and awaited functions
+    too), calls only allowed operators."""
     seen = set()
     for _, sub in module.named_modules():
         c = sub._c
@@ -47,11 +98,9 @@ def check_script(module: torch.jit.ScriptModule, where: str) -> None:
         graphs = [c._get_method(name).graph for name in c._method_names()]
         graphs += [hook.graph for hook in c._get_forward_hooks() + c._get_forward_pre_hooks()]
         for graph in graphs:
-            graph = graph.copy()
-            torch._C._jit_pass_inline(graph)
-            for kind in _kinds(graph.nodes()):
-                if not _allowed(kind):
-                    raise _refused(kind, where)
+            for name, allowed in _calls(graph):
+                if not allowed:
+                    raise _refused(name, where)
 
 
 def check_export(program: Any, where: str) -> None:
@@ -70,11 +119,29 @@ def check_export(program: Any, where: str) -> None:
                 raise _refused(name, where)
 
 
-def _kinds(nodes) -> Iterator[str]:
-    for node in nodes:
-        yield node.kind()
-        for block in node.blocks():
-            yield from _kinds(block.nodes())
+def _calls(graph) -> Iterator[tuple[str, bool]]:
+    """What an inlined copy of `graph` calls, and whether it may: its
+    nodes' kinds, in every block and every forked or awaited function. A
+    call left after inlining goes through an interface (refused: the audit
+    cannot follow it) or to a method of a class of torch's own."""
+    graph = graph.copy()
+    torch._C._jit_pass_inline(graph)
+    todo = [graph.nodes()]
+    while todo:
+        for node in todo.pop():
+            kind = node.kind()
+            if kind in ("prim::CallMethod", "prim::CallFunction"):
+                callee = str(node.inputsAt(0).type())
+                method = node.s("name") if node.hasAttribute("name") else ""
+                yield (f"{callee}.{method} through an interface",
+                       kind == "prim::CallMethod" and callee.startswith(_TORCH_CLASSES))
+                continue
+            yield kind, _allowed(kind)
+            todo.extend(block.nodes() for block in node.blocks())
+            if node.hasAttribute("Subgraph"):  # prim::fork, prim::awaitable
+                sub = node.g("Subgraph")
+                torch._C._jit_pass_inline(sub)
+                todo.append(sub.nodes())
 
 
 def _allowed(name: str) -> bool:
