@@ -459,13 +459,30 @@ class Saves(torch.nn.Module):
         torch.save(self.w, self.name)
 
 
-def test_an_untrusted_torchscript_program_runs_nothing_as_it_loads(tmp_path):
+def respelled(name: str, data: bytes) -> tuple[str, bytes]:
+    """Spellings torch's importer reads as the printer's (found by a review)."""
+    return name, data.replace(b"torch.save(", b"torch.autograd.save(")
+
+
+def renamed(name: str, data: bytes) -> tuple[str, bytes]:
+    return name.replace("/code/", "/CODE/"), data  # torch finds records whatever their case
+
+
+@pytest.mark.parametrize("change", [None, respelled, renamed])
+def test_an_untrusted_torchscript_program_runs_nothing_as_it_loads(tmp_path, change):
     # torch.jit.load runs the program's own __setstate__ as it unpickles:
     # an audit of the loaded graphs came after it had written the file.
     marker = tmp_path / "written"
     path = tmp_path / "m" / "1"
     path.mkdir(parents=True)
     torch.jit.script(Saves(str(marker))).save(str(path / "model.pt"))
+    if change is not None:
+        with zipfile.ZipFile(path / "model.pt") as archive:
+            members = [change(info.filename, archive.read(info))
+                       for info in archive.infolist()]
+        with zipfile.ZipFile(path / "model.pt", "w") as archive:
+            for name, data in members:
+                archive.writestr(name, data)
     assert not marker.exists()
     with pytest.raises(LoadFailed, match="calls aten::save, which a model not marked"):
         load(tmp_path, "m")
@@ -544,6 +561,26 @@ def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
         change = lambda name, data: data  # noqa: E731
     rewrite_pt2(path, change)
     with pytest.raises(LoadFailed, match=message):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
+def test_an_untrusted_export_programs_sizes_run_no_python(tmp_path):
+    # torch.export.load hands each symbolic size's expression to
+    # sympy.sympify, which is eval: one rewritten to call os.system ran it
+    # as the program loaded (found by a review).
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    marker = tmp_path / "pwned"
+    payload = f"(__import__('os').system('touch {marker}'), Symbol("
+
+    def change(name, data):
+        if name.endswith("models/model.json"):
+            assert b"Symbol(" in data  # its batch size is symbolic
+            return data.replace(b"Symbol(", payload.encode(), 1).replace(
+                b"integer=True)", b"integer=True))[1]", 1)
+        return data
+    rewrite_pt2(path, change)
+    with pytest.raises(LoadFailed, match="size expression that is not one"):
         load(tmp_path, "m")
     assert not marker.exists()
 

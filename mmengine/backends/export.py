@@ -42,6 +42,21 @@ _PLAIN_MEMBER = re.compile(r"""[^/]+/(?:
 _PAYLOAD_CONFIG = re.compile(r"[^/]+/data/(?:weights|constants)/[^/]+_config\.json")
 _SAMPLE_INPUTS = re.compile(r"[^/]+/data/sample_inputs/[^/]+\.pt")
 _PLAIN_PAYLOAD = re.compile(r"weight_\d+|tensor_\d+")  # a payload config's path_name
+_GRAPH = re.compile(r"[^/]+/models/[^/]+\.json")
+# What a symbolic size's expression may name: torch.export.load hands each
+# to sympy.sympify, which is eval (a size rewritten to run os.system ran as
+# the program loaded). Symbols are a letter or few and digits (s77, u0).
+_SIZE_NAMES = frozenset("""
+    Symbol Integer Rational Float Number Mul Add Pow Mod Max Min Abs Eq Ne Lt Le Gt Ge
+    And Or Not floor ceiling sqrt oo nan zoo true false True False None
+    positive negative integer nonnegative nonpositive real finite zero even odd
+    FloorDiv CleanDiv CeilDiv ModularIndexing PythonMod Where LShift RShift
+    PowByNatural FloatPow FloatTrueDiv IntTrueDiv CeilToInt FloorToInt TruncToInt
+    TruncToFloat RoundToInt RoundDecimal ToFloat Identity BitwiseFn_bitwise_and
+    BitwiseFn_bitwise_or IsNonOverlappingAndDenseIndicator
+""".split())
+_SYMBOL = re.compile(r"[a-z]{1,3}\d+")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
 
 class ExportModel(TorchModel):
@@ -124,12 +139,36 @@ def _audit(data: bytes, where: str) -> None:
                 if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
                        for pickled, name in entries):
                     raise refuse(f"stores pickled payloads ({member})")
+            elif _GRAPH.fullmatch(member):
+                _check_expressions(archive.read(info), refuse)
             elif _SAMPLE_INPUTS.fullmatch(member):
                 try:
                     torch.load(io.BytesIO(archive.read(info)), weights_only=True)
                 except Exception as e:
                     raise refuse(f"has sample inputs that are not plain tensors "
                                  f"({type(e).__name__})") from e
+
+
+def _check_expressions(graph: bytes, refuse) -> None:
+    """Refuses a graph whose symbolic sizes' expressions name anything but
+    sympy's and torch's size functions and symbols, or reach attributes."""
+    try:
+        pending = [json.loads(graph)]
+    except (ValueError, RecursionError):
+        raise refuse("has a graph that is not JSON") from None
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            text = value.get("expr_str")
+            if isinstance(text, str) and ("__" in text or re.search(r"[A-Za-z_]\w*\s*\.", text)
+                                          or any(name not in _SIZE_NAMES
+                                                 and not _SYMBOL.fullmatch(name)
+                                                 for name in _IDENTIFIER.findall(text))):
+                raise refuse(f"has a size expression that is not one ({text[:80]!r}), "
+                             f"which torch would evaluate as Python")
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def _signature(program: Any, names: list[str]) -> tuple[TensorSpec, ...]:

@@ -35,11 +35,14 @@ REFUSED = frozenset({
     "aten::from_file", "aten::save",                             # files
     "prim::rpc_async", "prim::rpc_sync", "prim::rpc_remote",     # other processes
 })
-#: Names TorchScript's source gives the RPC operators.
+#: Names TorchScript's source gives the RPC operators, and the refused
+#: operators' own names.
 _REFUSED_NAMES = frozenset({"rpc_async", "rpc_sync", "remote"})
-#: Classes of torch's own whose methods a program may call: the packed
-#: weights of quantized modules.
-_TORCH_CLASSES = "__torch__.torch.classes.quantized."
+_REFUSED_OPS = frozenset(name.partition("::")[2] for name in REFUSED
+                         if name.startswith("aten::"))
+#: Classes registered with torch whose methods a program may call: the
+#: packed weights of quantized modules and RNNs, and the profiler's marks.
+_TORCH_CLASSES = frozenset({"quantized", "rnn", "profiler"})
 #: torch.export's control flow, whose branches are graphs audited with the rest.
 ALLOWED_HIGHER_ORDER = frozenset({"cond", "while_loop", "map_impl", "scan",
                                   "wrap_with_set_grad_enabled", "wrap_with_autocast"})
@@ -55,8 +58,10 @@ def check_script_source(archive_file, where: str) -> None:
     assigned before it is called). An archive that is none raises as
     zipfile does."""
     with zipfile.ZipFile(archive_file) as archive:
+        # Every member that could be code: torch finds records by name
+        # without regard to case (CODE/ and .PY are read as code/ and .py).
         sources = [archive.read(info) for info in archive.infolist()
-                   if "/code/" in info.filename and info.filename.endswith(".py")]
+                   if info.filename.lower().endswith(".py")]
     for source in sources:
         try:
             tree = ast.parse(source)
@@ -69,18 +74,30 @@ def check_script_source(archive_file, where: str) -> None:
 
 
 def _source_name(node: ast.AST) -> str | None:
-    """The operator `node` names in TorchScript's source, if it names one."""
+    """The operator `node` names in TorchScript's source, if it may name a
+    refused one. Torch's importer resolves more spellings than the printer
+    writes (torch.autograd.save is aten::save): any name of a refused
+    operator counts, wherever it stands in a chain."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         return f"prim::{node.func.id}" if node.func.id in _REFUSED_NAMES else None
+    if isinstance(node, ast.Name):
+        return f"aten::{node.id}" if node.id in _REFUSED_OPS else None
     if not isinstance(node, ast.Attribute):
         return None
+    if node.attr in _REFUSED_OPS:
+        return f"aten::{node.attr}"
+    chain = [node.attr]
     base = node.value
-    if isinstance(base, ast.Name) and base.id == "torch":
-        name = f"aten::{node.attr}"
-        return name if name in REFUSED else None
-    if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) \
-            and base.value.id == "ops":
-        return f"{base.attr}::{node.attr}"
+    while isinstance(base, ast.Attribute):
+        chain.append(base.attr)
+        base = base.value
+    if isinstance(base, ast.Name):
+        chain.append(base.id)
+    chain.reverse()
+    if "classes" in chain[:-1] and chain[chain.index("classes") + 1] not in _TORCH_CLASSES:
+        return f"{'.'.join(chain)} (a class registered with torch)"
+    if chain[0] == "ops" and len(chain) == 3:
+        return f"{chain[1]}::{chain[2]}"
     return None
 
 
@@ -134,7 +151,9 @@ def _calls(graph) -> Iterator[tuple[str, bool]]:
                 callee = str(node.inputsAt(0).type())
                 method = node.s("name") if node.hasAttribute("name") else ""
                 yield (f"{callee}.{method} through an interface",
-                       kind == "prim::CallMethod" and callee.startswith(_TORCH_CLASSES))
+                       kind == "prim::CallMethod"
+                       and callee.split(".")[:4] in ([["__torch__", "torch", "classes", c]
+                                                      for c in _TORCH_CLASSES]))
                 continue
             yield kind, _allowed(kind)
             todo.extend(block.nodes() for block in node.blocks())
