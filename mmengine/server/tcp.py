@@ -168,19 +168,21 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def _take_frames(self) -> None:
         """Dispatches the whole frames in buf; while the answers back up
-        (write_blocked) the rest waits for resume_writing()."""
+        (write_blocked) or MAX_IN_FLIGHT requests are in flight (paused),
+        the rest waits in buf for _go_on(): one read may hold thousands of
+        small frames, which past the limit met the model's queue instead."""
         now = self.loop.time()
         buf = self.buf
         start = 0
         took = False  # a frame: what is left began now
         try:
             if self.big is not None:  # filled by data_received; first in line
-                if not self.big.whole or self.write_blocked:
+                if not self.big.whole or self.write_blocked or self.paused:
                     return
                 big, self.big = self.big, None
                 took = True
                 self._take(big.decode())
-            while len(buf) - start >= 4 and not self.write_blocked:
+            while len(buf) - start >= 4 and not (self.write_blocked or self.paused):
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
                     self._refuse(n, len(buf) - start - 4)
@@ -292,10 +294,14 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def resume_writing(self) -> None:
         self.write_blocked = False
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Takes the frames read before a pause, then reads again."""
         if not self.closing and not self.transport.is_closing():  # stop() closes it too
             if self.buf or self.big is not None:
                 self.frame_began = self.loop.time()  # a frame begun before the pause
-            self._take_frames()  # frames read before the pause
+            self._take_frames()
             self._resume()
 
     def _dispatch(self, message: dict) -> None:
@@ -370,7 +376,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 self._close()
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
-            self._resume()
+            self._go_on()
 
     async def _run(self, handler, rid: Any, message: dict) -> None:
         try:
