@@ -362,6 +362,10 @@ def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]
             if not isinstance(data, (bytes, memoryview)):  # a view: a large one (decode)
                 raise TypeError("data must be bin")
             array = np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
+            # Any other byte is a bool numpy and torch compute with as they
+            # please (2 & 1 is 0, 2 is True).
+            if dtype == "bool" and array.view(np.uint8).max(initial=0) > 1:
+                raise ValueError("a bool is one byte, 0 or 1")
             if outputs and not array.flags.aligned:
                 array = array.copy()
             out[name] = array
