@@ -1106,7 +1106,11 @@ class Engine:
         stats.last_error = str(e)
         stats.failed_in_a_row += 1
         where = "" if worker is None else f" on worker {worker}"
-        if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
+        # Out of memory (OVERLOADED) is the machine's state, not the model's:
+        # its next request tries again (SageMaker unloads models on the 507
+        # it makes, then retries at once).
+        if isinstance(e, Overloaded) or (isinstance(e, WorkerDied)
+                                         and stats.failed_in_a_row < 2):
             log.warning("%s v%d failed to load%s: %s", key[0], key[1], where, e)
             return
         # Doubles per back-off, from the first: a death that was spared one

@@ -115,16 +115,24 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
         async with Engine(config(repo, load_failure_backoff_s=0.5,
                                  load_failure_backoff_max_s=1.0)) as engine:
             row = lambda name: engine.model_row((name, 1))  # noqa: E731
-            # A corrupt file, an exception in a handler, out of memory, a
-            # handler's sys.exit() (it ended the worker's loader thread: every
-            # later load on the worker waited for load_timeout_s).
+            # A corrupt file, an exception in a handler, a handler's
+            # sys.exit() (it ended the worker's loader thread: every later
+            # load on the worker waited for load_timeout_s).
             for name, words in (("corrupt", "safetensors"), ("raises", "garbage"),
-                                ("oom", "MemoryError"), ("exits", "raised SystemExit: 3")):
+                                ("exits", "raised SystemExit: 3")):
                 with pytest.raises(LoadFailed, match=words):
                     await engine.infer(name, {"x": X})
                 assert row(name)["state"] == "failed" and words in row(name)["last_error"]
                 out = await engine.infer("m00", {"x": X})  # the others are served
                 np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+
+            # Out of memory is the machine's state, not the model's fault:
+            # OVERLOADED (SageMaker's 507), and its next request tries again.
+            for attempt in (1, 2):
+                with pytest.raises(Overloaded, match="out of memory while loading: MemoryError"):
+                    await engine.infer("oom", {"x": X})
+                assert row("oom")["failures"] == attempt and row("oom")["retry_in_s"] == 0
+                assert row("oom")["state"] == "on storage"
 
             # In its back-off a model is refused at once, with no new load.
             with pytest.raises(LoadFailed):

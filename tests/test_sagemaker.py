@@ -73,6 +73,11 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     (paths["complex"] / "handler.py").write_text(
         "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
         "def predict(inputs):\n    return {'z': inputs['x'].astype(np.complex64)}\n")
+    paths["oom"] = root / "oom"
+    paths["oom"].mkdir()
+    (paths["oom"] / "handler.py").write_text(
+        "def load(path, device):\n    raise MemoryError('no room for the weights')\n\n"
+        "def predict(inputs):\n    return inputs\n")
     # A model of the repository root: not SageMaker's to see or take over.
     demo.write_mlp(repo / "repo-model", "safetensors", *DIMS)
     return paths
@@ -177,6 +182,17 @@ def test_no_room_even_after_eviction_is_507_and_leaves_nothing(address, disk):
         assert status == 507, body
         assert body["code"] == "TOO_LARGE"
     assert call(address, "GET", "/models/load-huge")[0] == 404
+
+
+def test_a_load_out_of_memory_is_507(address, disk):
+    # The contract: "Any time a model cannot be loaded due to lack of memory
+    # or to any other resource, this API should return a 507", SageMaker's
+    # cue to unload unused models and try again.
+    for _ in range(2):  # tried again at once: the memory is the machine's, not the model's
+        status, body = add(address, "load-oom", disk["oom"])
+        assert status == 507, body
+        assert body["code"] == "OVERLOADED" and "out of memory while loading" in str(body)
+    assert call(address, "GET", "/models/load-oom")[0] == 404
 
 
 @pytest.mark.parametrize("case, status, words", [

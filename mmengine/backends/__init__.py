@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mmengine import hosttier
-from mmengine.backends.base import LoadedModel, TorchModel
-from mmengine.errors import LoadFailed, MMEngineError
+from mmengine.backends.base import OUT_OF_MEMORY, LoadedModel, TorchModel
+from mmengine.errors import LoadFailed, MMEngineError, Overloaded
 from mmengine.storage import ModelSpec
 
 __all__ = ["LOADERS", "LoadedModel", "load_model", "loader", "warm"]
@@ -91,6 +91,9 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
             raise LoadFailed(f"{where}: backend {spec.backend!r} has no host tier")
     except MMEngineError:
         raise
+    except OUT_OF_MEMORY as e:
+        raise Overloaded(f"{where}: out of memory while loading: {type(e).__name__}: {e}") \
+            from e
     except Exception as e:
         raise LoadFailed(f"{where}: {type(e).__name__}: {e}") from e
     t1 = time.perf_counter()
@@ -101,6 +104,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
         _warm_up(model)
     except MMEngineError as e:
         model.close()
+        if isinstance(e, Overloaded):  # out of memory
+            raise
         raise LoadFailed(f"{where}: warm-up failed: {e}") from e
     model.phases = {"fetch": 0.0, "deserialize": t1 - t0, "copy": t2 - t1,
                     "warmup": time.perf_counter() - t2}

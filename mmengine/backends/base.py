@@ -33,6 +33,11 @@ from mmengine.storage import ModelSpec, TensorSpec
 # inputs, so wrapping such a view without a copy is safe.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+# Out of memory, the host's or a GPU's (torch.OutOfMemoryError since 2.5
+# only): the machine's state, not the model's fault, so OVERLOADED (a
+# SageMaker load answers 507, its cue to unload models and try again).
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+
 Inputs = Mapping[str, "np.ndarray | torch.Tensor"]
 Outputs = dict[str, np.ndarray]
 
@@ -58,8 +63,8 @@ class LoadedModel(abc.ABC):
             raw = self._call(inputs)
         except MMEngineError:
             raise
-        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError since 2.5 only
-            raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
+        except OUT_OF_MEMORY as e:
+            raise Overloaded(f"{self.spec.name}: out of memory: {type(e).__name__}: {e}") from e
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
         outputs = outputs_to_numpy(raw, self.spec.outputs)

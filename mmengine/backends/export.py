@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmengine.backends import untrusted
-from mmengine.backends.base import TorchModel, load_kept
+from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import DTYPES, ModelSpec, TensorSpec, open_artifact
 
@@ -97,7 +97,7 @@ def _parse(spec: ModelSpec, device: torch.device) -> ExportModel:
                 program = torch.export.load(io.BytesIO(data))
                 if not spec.trusted:
                     untrusted.check_export(program, where)
-    except LoadFailed:
+    except (LoadFailed, *OUT_OF_MEMORY):  # out of memory: said as such by load_model
         raise
     except Exception as e:
         raise LoadFailed(f"{where}: {path.name} is not a loadable torch.export "

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from mmengine.backends.base import Inputs, LoadedModel, as_arrays, forget_module, import_file
+from mmengine.backends.base import (OUT_OF_MEMORY, Inputs, LoadedModel, as_arrays,
+                                    forget_module, import_file)
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec
 
@@ -44,6 +45,8 @@ def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
                 raise LoadFailed(f"{where}: handler.py defines no {name}() function")
         try:
             handler.load(str(spec.path), str(device))
+        except OUT_OF_MEMORY:  # the machine's state, said as such by load_model
+            raise
         except BaseException as e:  # sys.exit() too: the worker's loader must go on
             raise LoadFailed(f"{where}: handler.py load() raised "
                              f"{type(e).__name__}: {e}") from e

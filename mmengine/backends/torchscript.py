@@ -14,7 +14,7 @@ import io
 import torch
 
 from mmengine.backends import untrusted
-from mmengine.backends.base import TorchModel, load_kept
+from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec, open_artifact
 
@@ -40,7 +40,7 @@ def _parse(spec: ModelSpec, device: torch.device) -> TorchModel:
                 source.seek(0)
             module = torch.jit.load(str(path) if f.seekable() else source,
                                     map_location=device)
-    except LoadFailed:
+    except (LoadFailed, *OUT_OF_MEMORY):  # out of memory: said as such by load_model
         raise
     except Exception as e:
         raise LoadFailed(f"{where}: {path.name} is not a loadable TorchScript archive: "
