@@ -70,6 +70,7 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
                  "http_port": args.http_port,
                  "workers": args.workers, "device_budget": args.device_budget,
                  "idle_unload_s": args.idle_unload, "trace_file": args.trace,
+                 "log_level": args.log_level,
                  "pin_models": ",".join(args.pin) if args.pin else None}
     defaults = {}
     if args.demo:
@@ -92,13 +93,17 @@ async def _say_when_warm(engine, t_start: float) -> None:
           f"start; ready", flush=True)
 
 
-def _log_to_stdout() -> None:
-    """The engine's operator lines on stdout, beside what serve prints."""
+def _log_to_stdout(level: str) -> None:
+    """The engine's operator lines on stdout, beside what serve prints,
+    each with its time (UTC) and level."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("mmengine: %(message)s"))
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s mmengine: "
+                                  "%(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     log = logging.getLogger("mmengine")
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(level.upper())
     log.propagate = False
 
 
@@ -112,7 +117,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     # The loop shares the GIL with threads that format a scrape or read a
     # repository: it waits for them this long at most, not 5 ms.
     sys.setswitchinterval(config.gil_switch_us / 1e6)
-    _log_to_stdout()
+    _log_to_stdout(config.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -191,13 +196,14 @@ def _print_stats(args: argparse.Namespace) -> None:
     rows = stats["models"]
     # "uses": since the model last loaded (stats' per-model hits); the
     # totals' hits count requests that found their model resident.
-    print(f"{'model':<24} {'ver':>3} {'state':<14} {'worker':>6} {'bytes':>12} "
+    # "queued": the model's requests not yet answered (by name: all versions).
+    print(f"{'model':<24} {'ver':>3} {'state':<14} {'worker':>6} {'queued':>6} {'bytes':>12} "
           f"{'host bytes':>12} {'uses':>8} {'loads':>6} {'evicts':>6} {'fails':>5}")
     for r in rows:
         worker = "-" if r["worker"] is None else r["worker"]
         print(f"{r['name']:<24} {r['version']:>3} {r['state']:<14} {worker:>6} "
-              f"{r['bytes']:>12,} {r.get('host_bytes', 0):>12,} {r['hits']:>8} "
-              f"{r['loads']:>6} {r['evictions']:>6} {r['failures']:>5}")
+              f"{r.get('queued', 0):>6} {r['bytes']:>12,} {r.get('host_bytes', 0):>12,} "
+              f"{r['hits']:>8} {r['loads']:>6} {r['evictions']:>6} {r['failures']:>5}")
     t, host = stats["totals"], stats.get("host_tier", {})
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
           f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes), "
@@ -212,8 +218,10 @@ def _print_stats(args: argparse.Namespace) -> None:
               f"{w['budget_bytes']:,} bytes")
     for r in rows:  # what failed, and why: the state says so only during a back-off
         if r["failures"]:
+            retry = r.get("retry_in_s", 0.0)
             print(f"{r['name']} v{r['version']}: {r['failures']} failed "
-                  f"load{'s' * (r['failures'] > 1)}, the last: {r['last_error']}")
+                  f"load{'s' * (r['failures'] > 1)}, the last: {r['last_error']}"
+                  + (f" (tried again in {retry:g} s)" if r["state"] == "failed" else ""))
 
 
 def _print_token() -> None:
@@ -266,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--pin", action="append", metavar="NAME[:VERSION]",
                        help="a hot model: loaded at start, never evicted (repeat for more; "
                             "pin_models)")
+    serve.add_argument("--log-level", choices=cfg.LOG_LEVELS,
+                       help="the operator's lines on stdout (default info; debug: one per "
+                            "load and eviction)")
     serve.add_argument("--config", help="TOML file of configuration keys")
 
     stats = sub.add_parser("stats", help="a running server's per-model table")

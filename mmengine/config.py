@@ -194,6 +194,9 @@ class Config:
     # without a version pins the version that is the default at start.
     pin_models: str = ""
     trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
+    # The operator's lines on stdout: "debug" adds one per load and eviction
+    # (with what it made room for); "info" has restarts and failures.
+    log_level: str = "info"
     # Each answer of a worker says how its serving thread spent the request:
     # its CPU time, its waits for a core, when it woke (profiling, and
     # benchmarks/load.py; about three microseconds a request).
@@ -241,6 +244,7 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
           "0": False, "false": False, "no": False, "off": False, "": False}
 # Keys of "auto", "on" or "off", which take a boolean for on or off.
 _SWITCH_KEYS = {"spin_during_loads"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -319,6 +323,7 @@ def _validate(c: Config) -> None:
     need(c.policy in ("lru", "gdsf"), "policy", "must be lru or gdsf")
     need(c.spin_during_loads in ("auto", "on", "off"), "spin_during_loads",
          "must be auto, on or off")
+    need(c.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     for key in ("monitor_interval_s", "request_timeout_s", "load_timeout_s",
                 "ready_timeout_s", "shutdown_timeout_s"):
         need(getattr(c, key) > 0, key, "must be > 0")

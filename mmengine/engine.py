@@ -937,7 +937,7 @@ class Engine:
             # waiters a second load.
             self.cache.pin(key)
             try:
-                await self._shrink(worker.index, "pressure")
+                await self._shrink(worker.index, "pressure", cause=key)
             finally:
                 self._unpin_request(key, gen)
 
@@ -1201,8 +1201,8 @@ class Engine:
                     # Bounded: unloads queue behind loads on the worker, and
                     # this lock must not be held by a stuck one.
                     async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                        await asyncio.gather(*[self._evict(v, "pressure") for v in victims],
-                                             return_exceptions=True)
+                        await asyncio.gather(*[self._evict(v, "pressure", key)
+                                               for v in victims], return_exceptions=True)
                 except TimeoutError:
                     raise Overloaded(f"{key[0]}: worker {w.index} did not unload in time "
                                      f"to make room") from None
@@ -1256,14 +1256,21 @@ class Engine:
 
     # -- unloads -----------------------------------------------------------------
 
-    def _evict(self, key: Key, reason: str) -> asyncio.Task:
-        """Starts unloading a resident model that no request holds. The
-        state changes at once, so no one else can choose it meanwhile."""
+    def _evict(self, key: Key, reason: str, cause: Key | None = None) -> asyncio.Task:
+        """Starts unloading a resident model that no request holds (to make
+        room for `cause`, where one model's load needs it). The state
+        changes at once, so no one else can choose it meanwhile."""
         entry = self.cache.entry(key)
         self.cache.set_state(key, books.UNLOADING)
-        self._emit("evict", {"model": key[0], "version": key[1], "worker": entry.worker,
-                             "reason": reason, "bytes": entry.device_bytes,
-                             "start_ns": time.monotonic_ns()})
+        event = {"model": key[0], "version": key[1], "worker": entry.worker,
+                 "reason": reason, "bytes": entry.device_bytes, "start_ns": time.monotonic_ns()}
+        if cause is not None:
+            event["for"] = f"{cause[0]} v{cause[1]}"
+        self._emit("evict", event)
+        # One line an eviction, at debug: under churn there are thousands.
+        log.debug("evicting %s v%d from worker %d (%s%s, %d bytes)", key[0], key[1],
+                  entry.worker, reason, f": room for {event['for']}" if cause else "",
+                  entry.device_bytes)
         self._count_eviction(key, reason)
         return self._start(key, Op.UNLOAD, self._unload(key, entry.worker, self._gen[key]))[1]
 
@@ -1284,11 +1291,12 @@ class Engine:
                 self.host.set_resident(key, False)  # demoted: its bytes stay in the host tier
             self._forget(key, gen)
 
-    async def _shrink(self, index: int, reason: str, need: int = 0) -> None:
+    async def _shrink(self, index: int, reason: str, need: int = 0,
+                      cause: Key | None = None) -> None:
         victims, reason_code = self.cache.victims(
             books.DEVICE, index, need, self.config.high_watermark, self.config.low_watermark)
         if reason_code == books.OK and victims:
-            await asyncio.gather(*[self._evict(v, reason) for v in victims],
+            await asyncio.gather(*[self._evict(v, reason, cause) for v in victims],
                                  return_exceptions=True)
 
     async def _monitor(self) -> None:
@@ -1492,9 +1500,10 @@ class Engine:
         self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
                                    "at_ns": time.monotonic_ns()})
         serving = worker.died_serving
-        log.warning("worker %d (pid %s) ended: %s%s%s", worker.index, worker.pid, how,
+        log.warning("worker %d (pid %s) ended: %s%s; %d inferences failed (WORKER_DIED)%s",
+                    worker.index, worker.pid, how,
                     f", running {serving[0]} v{serving[1]}" if serving else "",
-                    "" if self._closing else "; restarting it")
+                    worker.died_with, "" if self._closing else "; restarting it")
         self._blame(worker)
         for key in self.cache.lru_keys():
             entry = self.cache.entry(key)
@@ -1545,6 +1554,7 @@ class Engine:
         while True:  # each try backs off further
             try:
                 await self.pool.restart(index)
+                log.info("worker %d is back (pid %s)", index, self.pool.workers[index].pid)
                 break
             except (WorkerDied, OSError) as e:  # it died at start, or could not start
                 if self._closing:
@@ -1878,7 +1888,9 @@ class Engine:
                "last_load_time": stats.last_load_time,
                "load_duration_s": stats.load_duration_s,
                "loads_from_host": stats.host_loads,
-               "retry_in_s": round(backoff_left, 3), "host_bytes": self.host.bytes(key)}
+               "retry_in_s": round(backoff_left, 3), "host_bytes": self.host.bytes(key),
+               # By name, as max_queue_per_model bounds it: all its versions.
+               "queued": self._queued.get(key[0], 0)}
         cached = self.cache is not None and key in self.cache
         if cached:
             e = self.cache.entry(key)

@@ -143,7 +143,8 @@ class Trace:
             self._instant(self._group_tid(f"worker {f['worker']} loads", f["start_ns"]),
                           f"evict {f['model']}", "evict", f["start_ns"],
                           {"model": f["model"], "version": f["version"],
-                           "reason": f["reason"], "bytes": f["bytes"]})
+                           "reason": f["reason"], "bytes": f["bytes"],
+                           "for": f.get("for")})
         elif kind == "late":  # the call of a request that timed out meanwhile
             self._compute_span(f, f"{f['model']} (late)")
         elif kind == "skipped":  # one its worker did not run: nobody would get it

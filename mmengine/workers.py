@@ -138,6 +138,7 @@ class Worker:
         self.alive = True
         self.stopped_why: str | None = None  # set when the pool ends it: its requests say why
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
+        self.died_with = 0  # the inferences it had not answered when it died
         self.stuck = False  # killed by the engine, stuck in a model's code
         # Its loader thread does one load or publish at a time. The engine
         # sends loads in turn (a future per load, from when it waits to when
@@ -296,6 +297,7 @@ class Worker:
             self._inferences_done(self._inferring)
         running = pending.get(self.abandoned.serving)  # what took it down, if any did
         self.died_serving = running[6] if running is not None else None
+        self.died_with = sum(served is not None for *_, served in pending.values())
         self._loading.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ DIMS = (16, 64, 8)
 # Does what the file `mode` beside it says when it loads: "ok", "raise",
 # "oom", "exit" (sys.exit), "die" (ends its worker), or a number of seconds to take.
 MOODY_HANDLER = '''
+import logging
 import os
 import time
 
@@ -552,11 +554,15 @@ def test_readiness_ends_when_the_engine_stops_taking_requests(tmp_path, own_segm
 # -- workers killed under traffic -----------------------------------------------
 
 def test_a_worker_death_and_a_failed_load_are_said_and_counted(repo, own_segments, caplog):
-    # An operator's log says which worker ended, how, and that it restarts;
-    # a model that failed to load, where, why, and for how long it is
-    # refused. The models a dead worker took count as evicted (worker_exit).
+    # An operator's log says which worker ended, how, with how many requests
+    # unanswered, that it restarts and is back; a model that failed to load,
+    # where, why, and for how long it is refused; at debug, each eviction
+    # and what it made room for. The models a dead worker took count as
+    # evicted (worker_exit).
+    caplog.set_level(logging.DEBUG, logger="mmengine")
+
     async def main():
-        async with Engine(config(repo)) as engine:
+        async with Engine(config(repo, device_budget=10_000)) as engine:
             seen = []
             engine.observers.append(lambda kind, f: kind in ("evict", "worker_exit")
                                     and seen.append((kind, f)))
@@ -567,16 +573,25 @@ def test_a_worker_death_and_a_failed_load_are_said_and_counted(repo, own_segment
                         "the restart")
             with pytest.raises(LoadFailed):
                 await engine.infer("raises", {"x": X})
-            return victim, seen, engine.model_row(("m00", 1))
+            # The budget holds one of these models: m01 pushes m00 out.
+            for name in ("m00", "m01"):
+                await engine.load(name)
+            return victim, seen, engine.model_row(("m00", 1)), engine.pool.workers[0].pid
 
-    victim, seen, m00 = run(main())
-    assert [(k, f.get("exit"), f.get("reason")) for k, f in seen] == [
+    victim, seen, m00, revived = run(main())
+    assert [(k, f.get("exit"), f.get("reason")) for k, f in seen][:2] == [
         ("worker_exit", "SIGKILL", None), ("evict", None, "worker_exit")]
-    assert m00["evictions_by_reason"] == {"worker_exit": 1}
+    pressure = [f for k, f in seen if f.get("reason") == "pressure"]
+    assert pressure and pressure[0]["model"] == "m00", seen
+    assert pressure[0]["for"] == "m01 v1"
+    assert m00["evictions_by_reason"] == {"worker_exit": 1, "pressure": 1}
     # On the "mmengine" logger (serve writes it to stdout: test_cli), warnings.
     said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
-    assert ("mmengine", "WARNING", f"worker 0 (pid {victim}) ended: SIGKILL; restarting it") \
-        in said, said
+    assert ("mmengine", "WARNING", f"worker 0 (pid {victim}) ended: SIGKILL; 0 inferences "
+            f"failed (WORKER_DIED); restarting it") in said, said
+    assert ("mmengine", "INFO", f"worker 0 is back (pid {revived})") in said, said
+    assert ("mmengine", "DEBUG", f"evicting m00 v1 from worker 0 (pressure: room for "
+            f"m01 v1, {pressure[0]['bytes']} bytes)") in said, said
     assert any(re.fullmatch(r"raises v1 failed to load on worker 0: .*garbage.*; "
                             r"requests for it fail at once for 5 s", m) for _, _, m in said), said
 
@@ -1011,6 +1026,7 @@ def test_a_request_pipelined_behind_a_worker_s_last_answer_is_served_after_it(
 
 # Ends its worker (os._exit: no exception to catch) on every request.
 CRASHING_HANDLER = '''
+import logging
 import os
 
 def load(path, device):
@@ -1023,6 +1039,7 @@ def predict(inputs):
 
 # Its error names a file whose bytes are no UTF-8, as Python decodes them.
 GARBLED_HANDLER = '''
+import logging
 import os
 
 NAME = b"caf\\xe9".decode("utf-8", "surrogateescape")
@@ -1257,6 +1274,7 @@ def test_a_worker_that_dies_as_it_comes_back_up_is_restarted_again(repo, own_seg
 
 
 DIES_AFTER_LOADING = '''
+import logging
 import os
 import signal
 import threading

@@ -142,8 +142,16 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert requests[(("code", "LOAD_FAILED"), ("model", "garbled"))] == 1
     assert not any(dict(k)["model"].startswith("no-such") for k in requests)
     assert sum(v for k, v in requests.items() if ("model", "") in k) == 2
+    # Every code from zero, without a model: alerts see the first error.
+    responses = got["mmengine_responses_total"]
+    assert set(responses) == {(("code", c),) for c in metrics.CODES}
+    assert responses[(("code", "UNAUTHORIZED"),)] == 0
+    for (code,) in {tuple(v for k, v in key if k == "code") for key in requests}:
+        assert responses[(("code", code),)] == sum(
+            v for k, v in requests.items() if ("code", code) in k)
+    # Latency by code: a model that fails at once must not look fast.
     latency = got["mmengine_request_duration_seconds_count"]
-    assert sum(latency.values()) == sum(requests.values())
+    assert latency == requests
     assert got["mmengine_request_compute_seconds_count"][(("model", "m03"),)] == 12
     # The same requests under Triton's names, by model and version, as its
     # dashboards query them (no _total: Triton's have none).
@@ -171,16 +179,28 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["mmengine_cache_misses_total"][()] == totals["misses"]
 
     # Loads and evictions, as stats() counts them.
-    loads = got["mmengine_loads_total"]
-    assert {k: v for k, v in loads.items()} == {
+    loads = {}  # by model and version, whatever the source
+    for key, n in got["mmengine_loads_total"].items():
+        labels = dict(key)
+        assert labels["source"] in ("disk", "host"), key
+        at = (("model", labels["model"]), ("version", labels["version"]))
+        loads[at] = loads.get(at, 0) + n
+    assert loads == {
         (("model", n), ("version", v)): r["loads"] for (n, v), r in rows.items() if r["loads"]}
+    assert sum(n for key, n in got["mmengine_loads_total"].items()
+               if ("source", "host") in key) == totals["loads_from_host"]
     assert got["mmengine_load_duration_seconds_count"][()] == totals["loads"]
-    # Each failed load that stats() counts, where it failed whatever.
+    # Each failed load that stats() counts, where it failed whatever; every
+    # known version has a series from zero, so that its first failure shows.
     assert got["mmengine_load_failures_total"] == {
-        (("model", n), ("version", v)): r["failures"] for (n, v), r in rows.items()
-        if r["failures"]}
-    assert set(got["mmengine_load_failures_total"]) == {
+        (("model", n), ("version", v)): r["failures"] for (n, v), r in rows.items()}
+    assert {k for k, v in got["mmengine_load_failures_total"].items() if v} == {
         (("model", "broken"), ("version", "1")), (("model", "garbled"), ("version", "1"))}
+    # The models in their back-off say for how long.
+    backoff = got["mmengine_model_backoff_seconds"]
+    assert set(backoff) == {(("model", "broken"), ("version", "1")),
+                            (("model", "garbled"), ("version", "1"))}
+    assert all(0 < s <= 5 for s in backoff.values())
     evictions = got["mmengine_evictions_total"]
     assert sum(evictions.values()) == totals["evictions"] >= len(MODELS)
     for (n, v), r in rows.items():
@@ -199,6 +219,7 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["mmengine_worker_in_flight"][wl] == 0
     assert 0.0 <= got["mmengine_worker_busy_ratio"][wl] <= 1.0  # sampled by the monitor
     assert got["mmengine_worker_up"][wl] == 1
+    assert got["mmengine_worker_exits_total"] == {(("worker", "0"),): 0}  # from zero
     assert got["mmengine_tier_bytes"][(("tier", "device"),)] == w["used_bytes"]
     assert (("tier", "host"),) in got["mmengine_tier_bytes"]
     state = got["mmengine_model_state"]
@@ -210,6 +231,13 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert by_state[(("state", "resident"),)] == totals["resident_models"]
     assert by_state[(("state", "on storage"),)] == sum(
         r["state"] == "on storage" for r in stats["models"])
+    # Nothing queued now, for every known model; where eviction begins.
+    assert got["mmengine_model_queued_requests"] == {
+        (("model", n),): 0 for n in {r["name"] for r in stats["models"]}}
+    assert got["mmengine_watermark_ratio"] == {
+        (("resource", "device_budget"),): 0.8, (("resource", "host_memory"),): 0.8,
+        (("resource", "disk"),): 0.8}
+    assert 0 < got["mmengine_host_memory_ratio"][()] < 1
 
     # The trace: valid JSON once closed, with what happened on its tracks.
     events = json.loads(path.read_text())
@@ -229,6 +257,12 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert "bytes" in failed["garbled"]["args"]["error"]
     evicts = [e for e in events if e["ph"] == "i" and e["cat"] == "evict"]
     assert len(evicts) == totals["evictions"]
+    # An eviction to make room names the model it made room for; one asked
+    # for (unload) names none.
+    assert all(re.fullmatch(r"m0\d v1", e["args"]["for"]) for e in evicts
+               if e["args"]["reason"] == "pressure") and any(
+        e["args"]["reason"] == "pressure" for e in evicts), evicts
+    assert all(e["args"]["for"] is None for e in evicts if e["args"]["reason"] == "unload")
     ok_requests = [e for e in spans if e["cat"] == "request" and e["args"]["code"] == "OK"]
     assert all(e["args"]["compute_ns"] >= 0 and e["args"]["queue_ns"] >= 0
                and e["args"]["load_wait_ns"] >= 0 for e in ok_requests)
@@ -373,6 +407,7 @@ def test_metrics_count_load_phases_and_worker_exits():
     class FakeEngine:
         observers: list = []
         cache = None
+        config = Config()
 
         def stats(self):
             return {"models": [], "workers": [], "totals": {
@@ -643,8 +678,14 @@ def test_scrapes_at_once_share_one_and_each_gets_it_whole(repo, own_segments):
 
     making, answers, left = run(main())
     assert len(making) in (1, 2) and left == {}
-    plain = [body for kind, body in answers if kind.startswith("text/plain")]
-    openmetrics = [body for kind, body in answers if kind.startswith("application/openmetrics")]
+    # (The machine's memory in use moves between scrapes that do not share.)
+    def steady(body):
+        return "\n".join(line for line in body.splitlines()
+                         if not line.startswith("mmengine_host_memory_ratio"))
+
+    plain = [steady(body) for kind, body in answers if kind.startswith("text/plain")]
+    openmetrics = [steady(body) for kind, body in answers
+                   if kind.startswith("application/openmetrics")]
     assert len(plain) == len(openmetrics) == 4
     assert len(set(plain)) == 1 and len(set(openmetrics)) == 1  # one scrape each
     assert 'mmengine_requests_total{code="OK",model="m00"} 1.0' in plain[0]

@@ -516,7 +516,7 @@ def test_every_typed_error_reaches_the_sdk_as_its_class(served, address):
                 "x": {"dtype": "bool", "shape": [3], "data": bytes([0, 2, 1])}}})
         assert c.infer("echo", {"x": np.array([True, False])})["y"].tolist() == [True, False]
     # The operator's line, on serve's stdout (the engine's "mmengine" logger).
-    said = re.compile(r"^mmengine: corrupt v1 failed to load: .+; requests for "
+    said = re.compile(r"^\S+Z WARNING mmengine: corrupt v1 failed to load: .+; requests for "
                       r"it fail at once for \d+ s$", re.MULTILINE)
     for _ in range(100):  # bounded: the output is read by a thread
         if said.search("".join(served[0].output)):
@@ -612,11 +612,15 @@ def test_stats_prints_the_table(address):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()
-    assert header.split() == ["model", "ver", "state", "worker", "bytes", "host", "bytes",
-                              "uses", "loads", "evicts", "fails"]
-    # Which model failed, and why, whatever its state now.
-    assert re.search(r"^corrupt v1: \d+ failed loads?, the last: .*safetensors", r.stdout,
-                     re.MULTILINE), r.stdout
+    assert header.split() == ["model", "ver", "state", "worker", "queued", "bytes", "host",
+                              "bytes", "uses", "loads", "evicts", "fails"]
+    # Which model failed, and why, whatever its state now; in its back-off
+    # (failed), for how long still.
+    said = re.search(r"^corrupt v1: \d+ failed loads?, the last: .*safetensors.*?"
+                     r"( \(tried again in [\d.]+ s\))?$", r.stdout, re.MULTILINE)
+    assert said, r.stdout
+    corrupt = next(row.split() for row in rows if row.startswith("corrupt "))
+    assert (corrupt[2] == "failed") == (said[1] is not None), r.stdout
     m01 = next(row.split() for row in rows if row.startswith("m01 "))
     assert m01[:3] == ["m01", "1", "resident"]
     assert re.search(r"\d+ resident .* \d+ in the host tier .* \d+ hits, \d+ loads "
@@ -676,6 +680,7 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
         (["--config", str(bad_toml)], {}, "bogus_key"),
         (["--demo"], {}, "repo"),  # --demo serves its own repository: not silently
         (["--host", ""], {}, "host"),  # every interface, where it looked like none
+        ([], {"MMENGINE_LOG_LEVEL": "loud"}, "log_level"),
     ]
     procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", "--http-port", "-1", *args),
                               env=environ(**env), stdout=subprocess.PIPE,

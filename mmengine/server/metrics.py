@@ -37,10 +37,16 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from mmengine import resources
 from mmengine.engine import STATES, Engine
+from mmengine.errors import ErrorCode
 from mmengine.server.http import Response
 
 PHASES = ("fetch", "deserialize", "copy", "warmup")
+# Every code a request can be answered with: mmengine_responses_total has a
+# series for each from the start, so that an alert on its increase sees the
+# first error too (a series that appears at 1 shows no increase).
+CODES = ("OK", *(c.name for c in ErrorCode), "CANCELLED")
 
 REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -77,13 +83,14 @@ class _Histogram:
 
 
 class _ModelRequests:
-    """One model's requests: counts by code, latency, compute time."""
+    """One model's requests: counts and latency by code, compute time."""
 
     __slots__ = ("codes", "latency", "compute")
 
     def __init__(self):
         self.codes: dict[str, int] = {}
-        self.latency = _Histogram(REQUEST_BUCKETS)
+        # By code: errors answered at once must not read as fast answers.
+        self.latency: dict[str, _Histogram] = {}
         self.compute = _Histogram(REQUEST_BUCKETS)
 
 
@@ -111,8 +118,9 @@ class Metrics:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests: dict[str, _ModelRequests] = {}           # model
+        self._responses = dict.fromkeys(CODES, 0)                 # code
         self._versions: dict[tuple[str, int], _VersionRequests] = {}  # (model, version)
-        self._loads: dict[tuple[str, str], int] = {}             # (model, version)
+        self._loads: dict[tuple[str, str, str], int] = {}        # (model, version, source)
         self._load_failures: dict[tuple[str, str], int] = {}
         self._load_bytes: dict[str, int] = {}                    # worker
         self._load_seconds = _Histogram(LOAD_BUCKETS)
@@ -140,7 +148,11 @@ class Metrics:
             if m is None:
                 m = self._requests[model] = _ModelRequests()
             m.codes[code] = m.codes.get(code, 0) + 1
-            m.latency.observe((f["end_ns"] - f["start_ns"]) * 1e-9)
+            self._responses[code] = self._responses.get(code, 0) + 1
+            latency = m.latency.get(code)
+            if latency is None:
+                latency = m.latency[code] = _Histogram(REQUEST_BUCKETS)
+            latency.observe((f["end_ns"] - f["start_ns"]) * 1e-9)
             worker_ns = f.get("worker_ns")
             if worker_ns is not None and worker_ns[1] is not None:
                 m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
@@ -151,6 +163,7 @@ class Metrics:
             if "error" in f:
                 self._load_failures[key] = self._load_failures.get(key, 0) + 1
                 return
+            key += (f.get("from", "disk"),)
             self._loads[key] = self._loads.get(key, 0) + 1
             worker = str(f["worker"])
             self._load_bytes[worker] = self._load_bytes.get(worker, 0) + f["bytes"]
@@ -178,7 +191,8 @@ class Metrics:
         ever published stayed in every scrape); the last one, its model's."""
         self._versions.pop((model, version), None)
         v = str(version)
-        self._loads.pop((model, v), None)
+        for key in [k for k in self._loads if k[0] == model and k[1] == v]:
+            del self._loads[key]
         self._load_failures.pop((model, v), None)
         for key in [k for k in self._evictions if k[0] == model and k[1] == v]:
             del self._evictions[key]
@@ -246,7 +260,14 @@ class Metrics:
     def snapshot(self) -> "_Scrape":
         """The counts and the engine's state as they are now; on the loop,
         where the observer changes them."""
-        return _Scrape(self, self.engine.stats())
+        return _Scrape(self, self.engine.stats(), self._settings())
+
+    def _settings(self) -> dict:
+        c = self.engine.config
+        return {"watermarks": {"device_budget": c.high_watermark,
+                               "host_memory": c.host_memory_watermark,
+                               "disk": c.disk_watermark},
+                "host_memory": resources.host_memory_fraction()}
 
     def collect(self):
         yield from self.snapshot().collect()
@@ -260,9 +281,12 @@ class _Scrape:
     """One scrape's copy of a Metrics' counts and of engine.stats(), which
     a thread may format while the loop counts on."""
 
-    def __init__(self, m: Metrics, stats: dict):
-        self._requests = {model: (dict(r.codes), r.latency.copy(), r.compute.copy())
+    def __init__(self, m: Metrics, stats: dict, settings: dict):
+        self._requests = {model: (dict(r.codes),
+                                  {code: h.copy() for code, h in r.latency.items()},
+                                  r.compute.copy())
                           for model, r in m._requests.items()}
+        self._responses = dict(m._responses)
         self._loads, self._load_failures = dict(m._loads), dict(m._load_failures)
         self._load_bytes = dict(m._load_bytes)
         self._load_seconds = m._load_seconds.copy()
@@ -274,6 +298,7 @@ class _Scrape:
                                 v.return_ns)
                           for key, v in m._versions.items()}
         self._stats = stats
+        self._settings = settings
 
     def collect(self):
         yield from self._collect_events()
@@ -294,21 +319,28 @@ class _Scrape:
                                 labels=["model", "code"])
         latency = HistogramMetricFamily("mmengine_request_duration_seconds",
                                         "Inference requests from submission to answer, "
-                                        "by model.", labels=["model"])
+                                        "by model and code.", labels=["model", "code"])
         compute = HistogramMetricFamily("mmengine_request_compute_seconds",
                                         "Time the worker spent running the model, by "
                                         "model.", labels=["model"])
         for model, (codes, took, ran) in sorted(self._requests.items()):
             for code, n in sorted(codes.items()):
                 c.add_metric([model, code], n)
-            latency.add_metric([model], took.buckets(), took.sum)
+            for code, hist in sorted(took.items()):
+                latency.add_metric([model, code], hist.buckets(), hist.sum)
             if any(ran.counts):  # none for a model that never ran
                 compute.add_metric([model], ran.buckets(), ran.sum)
         yield from (c, latency, compute)
-        yield _counter("mmengine_loads", "Models loaded, by model and version.",
-                       ["model", "version"], self._loads)
+        yield _counter("mmengine_responses", "Inference requests answered, by code (every "
+                       "code from 0: alerts see the first error).", ["code"],
+                       {(code,): n for code, n in self._responses.items()})
+        yield _counter("mmengine_loads", "Models loaded, by model, version and source "
+                       "(disk: the model's files; host: the host tier).",
+                       ["model", "version", "source"], self._loads)
+        # From 0 for every known version, so that the first failure shows.
+        known = {(r["name"], str(r["version"])): 0 for r in self._stats["models"]}
         yield _counter("mmengine_load_failures", "Loads that failed, by model and version.",
-                       ["model", "version"], self._load_failures)
+                       ["model", "version"], {**known, **self._load_failures})
         yield _counter("mmengine_loaded_bytes", "Bytes of models loaded, by worker.",
                        ["worker"], {(k,): v for k, v in self._load_bytes.items()})
         h = HistogramMetricFamily("mmengine_load_duration_seconds",
@@ -324,13 +356,16 @@ class _Scrape:
             h.add_metric([phase], hist.buckets(), hist.sum)
         yield h
         yield _counter("mmengine_evictions", "Models evicted, by model, version and reason "
-                       "(pressure, idle, unload, host_memory, gpu_memory, worker_exit).",
+                       "(pressure, idle, unload, host_memory, gpu_memory, worker_exit, "
+                       "removed, redeclared, too_large).",
                        ["model", "version", "reason"], self._evictions)
         yield _counter("mmengine_evicted_bytes", "Bytes of models evicted, by reason.",
                        ["reason"], {(k,): v for k, v in self._evicted_bytes.items()})
+        # From 0 for every worker, so that the first exit shows.
+        exits = {(str(w["index"]),): 0 for w in self._stats["workers"]}
+        exits.update({(k,): v for k, v in self._worker_exits.items()})
         yield _counter("mmengine_worker_exits", "Worker processes that exited while "
-                       "serving (each is restarted), by worker.",
-                       ["worker"], {(k,): v for k, v in self._worker_exits.items()})
+                       "serving (each is restarted), by worker.", ["worker"], exits)
         yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
                        "their request had failed (timed out, or cancelled): work nobody "
                        "got, by model.", ["model"], self._late)
@@ -403,19 +438,44 @@ class _Scrape:
         nbytes = GaugeMetricFamily("mmengine_model_bytes", "Bytes each model takes (or has "
                                    "reserved, while loading) on its worker.",
                                    labels=["model", "version", "worker"])
+        backoff = GaugeMetricFamily("mmengine_model_backoff_seconds", "Seconds until a "
+                                    "model whose load failed is tried again (only models "
+                                    "in a back-off).", labels=["model", "version"])
         counts = dict.fromkeys(STATES, 0)
+        queued = {}
         for row in stats["models"]:
             version = str(row["version"])
             state.add_metric([row["name"], version, row["state"]], 1)
             counts[row["state"]] = counts.get(row["state"], 0) + 1
             if row["worker"] is not None:
                 nbytes.add_metric([row["name"], version, str(row["worker"])], row["bytes"])
-        yield from (state, nbytes)
+            if row["retry_in_s"] > 0:
+                backoff.add_metric([row["name"], version], row["retry_in_s"])
+            queued[row["name"]] = row["queued"]
+        yield from (state, nbytes, backoff)
+        family = GaugeMetricFamily("mmengine_model_queued_requests", "Inference requests "
+                                   "for each known model (all its versions) accepted and "
+                                   "not yet answered: waiting for a load or a worker, or "
+                                   "running.", labels=["model"])
+        for name, n in sorted(queued.items()):
+            family.add_metric([name], n)
+        yield family
         by_state = GaugeMetricFamily("mmengine_models", "Known models in each residency "
                                      "state.", labels=["state"])
         for name, n in counts.items():
             by_state.add_metric([name], n)
         yield by_state
+
+        watermarks = GaugeMetricFamily(
+            "mmengine_watermark_ratio", "Where eviction begins: device_budget (a worker's "
+            "bytes of its budget), host_memory (the machine's memory in use), disk (the disk "
+            "cache's disk in use).", labels=["resource"])
+        for resource, ratio in self._settings["watermarks"].items():
+            watermarks.add_metric([resource], ratio)
+        yield watermarks
+        yield GaugeMetricFamily("mmengine_host_memory_ratio", "The machine's memory in use, "
+                                "as the host_memory watermark is compared with it.",
+                                value=self._settings["host_memory"])
 
 
 #: Triton's per-model request metrics, by the names its dashboards query:
@@ -510,7 +570,7 @@ def _scraped(scrapes: dict, content_type: str, made: asyncio.Future) -> None:
 
 async def _scrape(m: Metrics, accept: str | None) -> tuple[bytes, str]:
     """A scrape: copied on the loop, formatted on a thread."""
-    scrape = _Scrape(m, await m.engine.collect_stats())
+    scrape = _Scrape(m, await m.engine.collect_stats(), m._settings())
     return await asyncio.get_running_loop().run_in_executor(None, scrape.exposition, accept)
 
 
