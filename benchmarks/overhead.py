@@ -7,7 +7,10 @@ through an in-process Engine, through the blocking SDK against a server
 subprocess (one request at a time), and through the AsyncClient with 64
 requests in flight over 4 connections. A plain uvloop server exchanging
 frames of the SDK's request and response sizes gives the floor of a TCP
-round trip. The same server answers KServe v2 over HTTP: one request at a
+round trip; a relay (the same server passing each frame through a ring to
+a worker process that answers it, with the rings' spinning and the
+front-end's polling) gives the floor of mmengine's shape, two hops and no
+work (relay_vs_echo: what the second hop costs in echoes). The same server answers KServe v2 over HTTP: one request at a
 time over a keep-alive connection from a blocking raw-socket client (JSON
 tensors, and the binary tensor extension), and with 32 in flight over 32
 keep-alive connections from a uvloop client of raw asyncio Protocols, whose
@@ -109,37 +112,137 @@ def server(repo: Path, *flags: str, start_timeout: float = 120.0):
             proc.wait()
 
 
-# -- the echo baseline -------------------------------------------------------
+# -- the baselines: an echo server, and one with a worker process behind it ---
 
-def echo_server(response_bytes: int) -> None:
-    """Answers each length-prefixed frame with a frame of `response_bytes`."""
-    response = protocol.LENGTH.pack(response_bytes - 4) + bytes(response_bytes - 4)
+class FrameServer(asyncio.Protocol):
+    """Hands each length-prefixed frame that arrives to on_frame(), as the
+    end of its bytes in `buf` (the frame is buf[4:end]), then calls
+    after_frames()."""
 
-    class Echo(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport, self.buf = transport, bytearray()
+    def connection_made(self, transport):
+        self.transport, self.buf = transport, bytearray()
 
-        def data_received(self, data):
-            self.buf += data
-            while len(self.buf) >= 4:
-                n = 4 + protocol.LENGTH.unpack_from(self.buf)[0]
-                if len(self.buf) < n:
-                    break
-                del self.buf[:n]
-                self.transport.write(response)
+    def data_received(self, data):
+        self.buf += data
+        while len(self.buf) >= 4:
+            n = 4 + protocol.LENGTH.unpack_from(self.buf)[0]
+            if len(self.buf) < n:
+                break
+            self.on_frame(n)
+            del self.buf[:n]
+        self.after_frames()
 
+    def after_frames(self):
+        pass
+
+
+def serve(factory) -> None:
+    """Serves `factory`'s protocol on a free port of 127.0.0.1, printed
+    first, until SIGTERM."""
     async def main():
         loop, stop = asyncio.get_running_loop(), asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        srv = await loop.create_server(Echo, "127.0.0.1", 0)
+        srv = await loop.create_server(factory, "127.0.0.1", 0)
         print(srv.sockets[0].getsockname()[1], flush=True)
         await stop.wait()
 
     uvloop.run(main())
 
 
-def echo_p50_us(request: bytes, response_bytes: int, n: int) -> float:
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(response_bytes)],
+def echo_server(response_bytes: int) -> None:
+    """Answers each frame with a frame of `response_bytes`."""
+    response = protocol.LENGTH.pack(response_bytes - 4) + bytes(response_bytes - 4)
+
+    class Echo(FrameServer):
+        def on_frame(self, end):
+            self.transport.write(response)
+
+    serve(Echo)
+
+
+def relay_worker(requests, answers, response_bytes: int) -> None:
+    """Answers each record of `requests` with `response_bytes` bytes."""
+    from mmengine.errors import PeerDied, RingClosed
+    from mmengine.ring import Ring
+
+    requests, answers = Ring.attach(requests), Ring.attach(answers)
+    payload = bytes(response_bytes)
+    with contextlib.suppress(RingClosed, PeerDied):
+        while True:
+            requests.get()
+            requests.release()
+            answers.put(payload)
+
+
+def relay_server(response_bytes: int) -> None:
+    """The echo server with the shape of mmengine's path and none of its
+    work: each frame goes through a ring to a worker process, whose answer
+    comes back through another, read as the front-end reads a worker's
+    (polled for poll_us after a request, else woken through the eventfd),
+    with the rings' default spin_us."""
+    import multiprocessing
+
+    from mmengine.ring import Ring
+
+    config = Config()
+    requests = Ring.create(config.ring_bytes, spin_us=config.spin_us)
+    answers = Ring.create(config.ring_bytes, spin_us=config.spin_us)
+    worker = multiprocessing.get_context("spawn").Process(
+        target=relay_worker, args=(requests.handle, answers.handle, response_bytes - 4))
+    worker.start()
+    header = protocol.LENGTH.pack(response_bytes - 4)
+
+    class Relay(FrameServer):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop = asyncio.get_running_loop()
+            self.in_flight, self.poll_until, self.polling = 0, 0.0, False
+            self.loop.add_reader(answers.readable_fd, self.woken)
+
+        def on_frame(self, end):
+            requests.put(bytes(self.buf[4:end]))
+            self.in_flight += 1
+
+        def after_frames(self):
+            self.poll_until = time.monotonic() + config.poll_us / 1e6
+            if not self.polling:
+                self.polling = True
+                answers.disarm_read()
+                self.loop.call_soon(self.poll)
+
+        def drain(self):
+            while (record := answers.try_get()) is not None:
+                self.transport.writelines([header, record[0]])
+                answers.release()
+                self.in_flight -= 1
+
+        def poll(self):
+            self.drain()
+            if self.in_flight and time.monotonic() < self.poll_until:
+                self.loop.call_soon(self.poll)
+                return
+            self.polling = False
+            if not answers.arm_read():
+                self.loop.call_soon(self.woken)
+
+        def woken(self):
+            answers.disarm_read()
+            self.drain()
+            if not self.polling and not answers.arm_read():
+                self.loop.call_soon(self.woken)
+
+    try:
+        serve(Relay)
+    finally:
+        requests.close()
+        answers.close()
+        worker.join(10)
+
+
+def echo_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo") -> float:
+    """The p50 of a blocking client's exchanges with the `kind` server
+    ("echo" or "relay") in a subprocess."""
+    proc = subprocess.Popen([sys.executable, __file__, f"--{kind}-server", str(response_bytes)],
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -449,6 +552,8 @@ def run(quick: bool) -> dict:
             sdk_large = med(sdk_large_ms(address, big, large_n) for _ in range(repeats))
         echo = med(echo_p50_us(protocol.frame(request), len(response), n)
                    for _ in range(repeats))
+        relay = med(echo_p50_us(protocol.frame(request), len(response), n, "relay")
+                    for _ in range(repeats))
         echo_large = med(echo_p50_us(big_request, big_response, large_n) / 1e3
                          for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
@@ -459,6 +564,7 @@ def run(quick: bool) -> dict:
         "sdk_p50_us": sdk_p50,
         "sdk_p99_us": med(s[0][1] for s in sdk),
         "echo_p50_us": echo,
+        "relay_p50_us": relay,
         "sdk_rps_c64": med(r[0] for r in rps),
         "http_json_p50_us": med(h[0] for h in http_json),
         "http_binary_p50_us": http_binary,
@@ -482,6 +588,7 @@ def run(quick: bool) -> dict:
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
         "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
+                   "relay_vs_echo": relay / echo,
                    "large_vs_echo": sdk_large / echo_large},
     }
 
@@ -489,9 +596,13 @@ def run(quick: bool) -> dict:
 def main() -> None:
     ap = report.arguments(__doc__)
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--relay-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo_server:
         echo_server(args.echo_server)
+        return
+    if args.relay_server:
+        relay_server(args.relay_server)
         return
     report.emit(run(args.quick), args.json)
 
