@@ -244,9 +244,15 @@ def test_a_bad_compressed_body_is_refused_and_the_connection_goes_on(address):
         assert why in raw, why
 
 
-def test_server_health_and_metadata(client):
+def test_server_health_and_metadata(client, address):
     assert client.is_server_live()
     assert client.is_server_ready()
+    # KServe's own SDK reads these bodies (its server sends them); Triton's
+    # clients read only the status.
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})):
+        status, headers, raw = call(address, "GET", path)
+        assert (status, headers["Content-Type"], json.loads(raw)) == \
+            (200, "application/json", body)
     meta = client.get_server_metadata()
     assert meta["name"] == "mmengine"
     assert {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
@@ -364,6 +370,8 @@ def test_json_data_may_be_nested_and_answers_json(address):
     status, headers, raw = call(address, "POST", "/v2/models/m00/infer", body)
     assert status == 200, raw
     assert headers["Content-Type"] == "application/json"
+    # Not asked for a version: the answer names the one that served it.
+    assert json.loads(raw)["model_version"] == "1"
     out = json.loads(raw)["outputs"][0]
     assert out["name"] == "y" and out["datatype"] == "FP32"
     assert out["shape"] == [3, DIMS[2]]

@@ -60,13 +60,20 @@ def _version(version: str | None) -> int | None:
 
 # -- health and metadata ---------------------------------------------------------
 
+# The protocol asks for an empty body, and its clients read only the status
+# (tritonclient); KServe's own SDK reads {"live": ...} / {"ready": ...}, as
+# KServe's server sends: both are satisfied.
+_LIVE = dumps({"live": True})
+
+
 async def live(server, request: Request) -> Response:
-    return Response(200, b"")
+    return Response(200, _LIVE)
 
 
 async def ready(server, request: Request) -> Response:
     # Not while a model pinned by configuration is cold, nor while draining.
-    return Response(200 if server.engine.health()["status"] == "serving" else 400, b"")
+    serving = server.engine.health()["status"] == "serving"
+    return Response(200 if serving else 400, dumps({"ready": serving}))
 
 
 async def server_metadata(server, request: Request) -> Response:
@@ -210,8 +217,20 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
             lambda then: server.engine.submit(name, infer.inputs, v, infer.timeout,
                                               request.token, then),
             lambda outputs: _infer_response(infer.req, infer.wanted, infer.binary_default,
-                                            name, version, outputs))
+                                            name, _served(server.engine, name, version),
+                                            outputs))
     return parsed(len(header), lambda: _parse_infer(header, binary), send)
+
+
+def _served(engine, name: str, version: str | None) -> str | None:
+    """The version an answer names: the one asked for, else the default it
+    was served by (the protocol: "the specific model version used for
+    inference", for servers with versions), as the engine resolves it
+    when the answer is written."""
+    if version is not None:
+        return version
+    served = engine.version_of(name, None)
+    return None if served is None else str(served)
 
 
 @dataclasses.dataclass(frozen=True)
