@@ -372,7 +372,7 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
                         (npy(x.astype(">f4")), "application/x-npy")):  # big-endian too
         for accept, answer_type in (("", "application/json"),
                                     ("text/csv", "text/csv"),
-                                    ("application/x-npy;q=0.9, text/csv", "application/x-npy"),
+                                    ("text/csv;q=0.9, application/x-npy", "application/x-npy"),
                                     ("image/png, */*", "application/json")):
             status, content_type, raw = raw_call(
                 address, "/models/inv-csv/invoke", body,
@@ -405,9 +405,16 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
         address, "/models/inv-csv/invoke", npy(np.zeros((0, 4), np.float32)),
         {"Content-Type": "application/x-npy", "Accept": "text/csv"})
     assert (status, content_type, raw) == (200, None, b""), raw  # no body, no type
-    # q=0 refuses a type for the wildcards too, whatever the case of its q.
+    # q=0 refuses a type for the wildcards too, whatever the case of its q;
+    # otherwise the highest q wins, from the most specific range (RFC 9110).
     for accept, answer_type in (("application/json;q=0, */*", "text/csv"),
-                                ("text/csv;Q=0, application/json", "application/json")):
+                                ("text/csv;Q=0, application/json", "application/json"),
+                                ("text/csv;q=0.5, application/json", "application/json"),
+                                ("*/*;q=0.1, application/x-npy;q=0.2", "application/x-npy"),
+                                ("text/*;q=0.9, text/csv;q=0.1, application/*;q=0.5",
+                                 "application/json"),
+                                ("application/json;q=0.8, text/csv;q=0.8", "application/json"),
+                                ("text/csv;q=0.8, application/json;q=0.8", "text/csv")):
         status, content_type, raw = raw_call(address, "/models/inv-csv/invoke", csv,
                                              {"Content-Type": "text/csv", "Accept": accept})
         assert (status, content_type) == (200, answer_type), (accept, raw[:200])

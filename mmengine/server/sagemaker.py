@@ -32,7 +32,6 @@ import dataclasses
 import io
 import math
 import os
-import re
 import warnings
 import sys
 import weakref
@@ -281,7 +280,6 @@ def _answer_npy(outputs: dict[str, np.ndarray]) -> Response:
 
 JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 _ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
-_WILDCARDS = {"*/*": (JSON, CSV, NPY), "application/*": (JSON, NPY), "text/*": (CSV,)}
 #: CSV is for small tables: its parser holds the GIL for each call and
 #: takes ten times the text's bytes, and its writer goes a row at a time.
 #: Larger tensors travel as .npy.
@@ -291,24 +289,42 @@ CSV_CHUNK = 1 << 20  # text parsed per call, so that the GIL changes hands betwe
 
 
 def _accepted(request: Request) -> str:
-    """The answer's media type: the first of Accept's that is served
-    (preferences by q are not weighed); JSON without an Accept."""
+    """The answer's media type: of those served, the one Accept weighs
+    most (its q from the most specific range that matches it, RFC 9110
+    12.5.1; q=0 refuses it), the earlier range on a tie, then JSON, CSV,
+    .npy; JSON without an Accept."""
     accept = request.headers.get("accept", "")
     if not accept.strip():
         return JSON
-    items = [(media.strip().lower(), params) for media, _, params in
-             (item.partition(";") for item in accept.split(","))]
-    refused = {media for media, params in items  # q=0: not acceptable (RFC 9110 12.4.2)
-               if re.search(r"(^|;)\s*q\s*=\s*0(\.0*)?\s*($|;)", params, re.I)}
-    for media, _ in items:
-        if media in refused:
-            continue
-        if media in _ANSWERS and media not in refused:
-            return media
-        for served in _WILDCARDS.get(media, ()):
-            if served not in refused:
-                return served
-    raise _NotAcceptable(f"Accept {accept!r}: the answer can be {', '.join(_ANSWERS)}")
+    ranges: dict[str, tuple[float, int]] = {}  # media range -> (q, position)
+    for position, item in enumerate(accept.split(",")):
+        media, _, params = item.partition(";")
+        ranges.setdefault(media.strip().lower(), (_quality(params), position))
+    best, best_rank = None, None
+    for served in _ANSWERS:
+        for media in (served, served.partition("/")[0] + "/*", "*/*"):
+            if media in ranges:
+                q, position = ranges[media]
+                if q > 0 and (best_rank is None or (q, -position) > best_rank):
+                    best, best_rank = served, (q, -position)
+                break
+    if best is None:
+        raise _NotAcceptable(f"Accept {accept!r}: the answer can be {', '.join(_ANSWERS)}")
+    return best
+
+
+def _quality(params: str) -> float:
+    """A media range's q (RFC 9110 12.4.2); one that is no number in [0, 1]
+    counts as the default, 1."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 1.0
+            return q if 0 <= q <= 1 else 1.0
+    return 1.0
 
 
 def invocations(server, request: Request) -> Later:
