@@ -163,6 +163,13 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["nv_inference_request_duration_us"][m03] > \
         got["nv_inference_compute_infer_duration_us"][m03] > 0
     assert got["nv_inference_compute_input_duration_us"][m03] == 0
+    # Before the worker had them (a cold start's load) and on it: the two
+    # parts of Triton's queue time (m03's requests were all answered OK).
+    wait = got["mmengine_request_load_wait_seconds_total"][(("model", "m03"),)]
+    queued = got["mmengine_request_queue_seconds_total"][(("model", "m03"),)]
+    assert wait > 0 and queued > 0
+    assert abs((wait + queued) * 1e6 - got["nv_inference_queue_duration_us"][m03]) < 2
+    assert (("model", ""),) not in got["mmengine_request_load_wait_seconds_total"]
     # Durations of the requests answered OK only, as Triton's: over the
     # success count, their mean (a failure's time would raise it).
     assert got["nv_inference_request_duration_us"][(("model", "broken"), ("version", "1"))] == 0

@@ -83,15 +83,18 @@ class _Histogram:
 
 
 class _ModelRequests:
-    """One model's requests: counts and latency by code, compute time."""
+    """One model's requests: counts and latency by code, compute time, and
+    the seconds they waited before a worker had them (resolving the model,
+    waiting for its load) and on it (behind its other requests)."""
 
-    __slots__ = ("codes", "latency", "compute")
+    __slots__ = ("codes", "latency", "compute", "wait_s", "queue_s")
 
     def __init__(self):
         self.codes: dict[str, int] = {}
         # By code: errors answered at once must not read as fast answers.
         self.latency: dict[str, _Histogram] = {}
         self.compute = _Histogram(REQUEST_BUCKETS)
+        self.wait_s = self.queue_s = 0.0
 
 
 class _VersionRequests:
@@ -153,9 +156,13 @@ class Metrics:
             if latency is None:
                 latency = m.latency[code] = _Histogram(REQUEST_BUCKETS)
             latency.observe((f["end_ns"] - f["start_ns"]) * 1e-9)
+            t_sent = f.get("t_sent")
+            if t_sent is not None:  # a worker was sent it
+                m.wait_s += (t_sent - f["start_ns"]) * 1e-9
             worker_ns = f.get("worker_ns")
             if worker_ns is not None and worker_ns[1] is not None:
                 m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
+                m.queue_s += (worker_ns[0] - t_sent) * 1e-9
             if model:
                 self._count_version(model, f, worker_ns)
         elif kind == "load":
@@ -284,7 +291,7 @@ class _Scrape:
     def __init__(self, m: Metrics, stats: dict, settings: dict):
         self._requests = {model: (dict(r.codes),
                                   {code: h.copy() for code, h in r.latency.items()},
-                                  r.compute.copy())
+                                  r.compute.copy(), r.wait_s, r.queue_s)
                           for model, r in m._requests.items()}
         self._responses = dict(m._responses)
         self._loads, self._load_failures = dict(m._loads), dict(m._load_failures)
@@ -323,14 +330,24 @@ class _Scrape:
         compute = HistogramMetricFamily("mmengine_request_compute_seconds",
                                         "Time the worker spent running the model, by "
                                         "model.", labels=["model"])
-        for model, (codes, took, ran) in sorted(self._requests.items()):
+        wait = CounterMetricFamily("mmengine_request_load_wait_seconds", "Seconds requests "
+                                   "waited before they were sent to a worker (resolving "
+                                   "the model, waiting for its load: cold starts), by "
+                                   "model.", labels=["model"])
+        queue = CounterMetricFamily("mmengine_request_queue_seconds", "Seconds requests "
+                                    "waited on their worker before it ran them (behind "
+                                    "its other requests), by model.", labels=["model"])
+        for model, (codes, took, ran, wait_s, queue_s) in sorted(self._requests.items()):
             for code, n in sorted(codes.items()):
                 c.add_metric([model, code], n)
             for code, hist in sorted(took.items()):
                 latency.add_metric([model, code], hist.buckets(), hist.sum)
             if any(ran.counts):  # none for a model that never ran
                 compute.add_metric([model], ran.buckets(), ran.sum)
-        yield from (c, latency, compute)
+                queue.add_metric([model], queue_s)
+            if model:
+                wait.add_metric([model], wait_s)
+        yield from (c, latency, compute, wait, queue)
         yield _counter("mmengine_responses", "Inference requests answered, by code (every "
                        "code from 0: alerts see the first error).", ["code"],
                        {(code,): n for code, n in self._responses.items()})
