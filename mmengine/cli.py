@@ -206,7 +206,8 @@ def _print_stats(args: argparse.Namespace) -> None:
               f"{r['hits']:>8} {r['loads']:>6} {r['evictions']:>6} {r['failures']:>5}")
     t, host = stats["totals"], stats.get("host_tier", {})
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
-          f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes), "
+          f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes; "
+          f"{sum(r['state'] == 'in host memory' for r in rows)} of them not resident), "
           f"{t['hits']} hits, {t['loads']} loads ({t.get('loads_from_host', 0)} from the "
           f"host tier), {t['evictions']} evictions, {t['failures']} failed loads, "
           f"{t['worker_restarts']} worker restarts")
