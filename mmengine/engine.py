@@ -85,6 +85,9 @@ class ModelStats:
     failed_in_a_row: int = 0         # failed loads since the last good one
     backoffs_in_a_row: int = 0       # of them, those that backed it off
     retry_at: float = 0.0            # monotonic; until then a load is not tried
+    # The last load ran out of memory (OVERLOADED): the machine's state, so
+    # its back-off answers OVERLOADED (retry later), not LOAD_FAILED.
+    out_of_memory: bool = False
     crashed_at: float = -math.inf    # monotonic; its request's worker last ended itself
     crash_backoffs: int = 0          # back-offs for crashes in a row (CRASH_QUIET_S apart at most)
     crash_backoff_until: float = -math.inf  # monotonic; when the last ended
@@ -1105,12 +1108,9 @@ class Engine:
         stats.failures += 1
         stats.last_error = str(e)
         stats.failed_in_a_row += 1
+        stats.out_of_memory = isinstance(e, Overloaded)
         where = "" if worker is None else f" on worker {worker}"
-        # Out of memory (OVERLOADED) is the machine's state, not the model's:
-        # its next request tries again (SageMaker unloads models on the 507
-        # it makes, then retries at once).
-        if isinstance(e, Overloaded) or (isinstance(e, WorkerDied)
-                                         and stats.failed_in_a_row < 2):
+        if isinstance(e, WorkerDied) and stats.failed_in_a_row < 2:
             log.warning("%s v%d failed to load%s: %s", key[0], key[1], where, e)
             return
         # Doubles per back-off, from the first: a death that was spared one
@@ -1120,9 +1120,11 @@ class Engine:
         delay = min(self.config.load_failure_backoff_s * 2 ** doublings,
                     self.config.load_failure_backoff_max_s)
         stats.retry_at = time.monotonic() + delay
-        # One line a failure: the back-off bounds how often a model can fail.
-        log.warning("%s v%d failed to load%s: %s; requests for it fail at once for %g s",
-                    key[0], key[1], where, e, delay)
+        # One line a failure: the back-off bounds how often a model can fail
+        # (and how often one that runs out of memory makes room for nothing).
+        log.warning("%s v%d failed to load%s: %s; requests for it fail at once for %g s%s",
+                    key[0], key[1], where, e, delay,
+                    " (OVERLOADED: retry later)" if stats.out_of_memory else "")
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
         if self._resolving.get(asked) is fut:  # not one begun after a scan dropped it
@@ -1130,7 +1132,8 @@ class Engine:
         errors.retrieved(fut)  # every request that waited for it may have gone
 
     def _check_backoff(self, key: Key) -> None:
-        """LoadFailed, at once, for a model in its back-off after a failed load."""
+        """LoadFailed, at once, for a model in its back-off after a failed load
+        (OVERLOADED after one that ran out of memory: retry later)."""
         stats = self._stats.get(key)
         if stats is not None:
             left = stats.retry_at - time.monotonic()
@@ -1140,8 +1143,9 @@ class Engine:
                 crashes = stats.retry_at == stats.crash_backoff_until
                 n = stats.crash_backoffs if crashes else stats.failed_in_a_row
                 what = "backed off for crashes" if crashes else "failed"
-                raise LoadFailed(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
-                                 f"row; next try in {left:.1f} s)")
+                error = Overloaded if stats.out_of_memory and not crashes else LoadFailed
+                raise error(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
+                            f"row; next try in {left:.1f} s)")
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
         """Makes room for `need` bytes and reserves them under a new LOADING
