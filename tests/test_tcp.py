@@ -58,6 +58,8 @@ def predict(inputs):
         return 3.5  # a scalar
     if kind == 3:
         return {"out_" + name: x for name, x in inputs.items()}  # every input back
+    if kind == 6:  # a mask of 0/255 bytes viewed as bool: any byte but 0 is True
+        return {"y": np.array([0, 2, 255, 1], np.uint8).view(bool)}
     return {"y": inputs["kind"] * 2}  # the input's shape, 0-d included
 '''
 
@@ -277,6 +279,8 @@ def test_odd_outputs_are_answered_and_scalars_stay_scalars(address):
         assert out["output"].shape == () and out["output"] == 3.5
         out = c.infer("odd", {"kind": np.array(5, np.int64)})
         assert out["y"].shape == () and out["y"] == 10
+        # A bool's bytes on the wire are 0 or 1 (the SDK refuses others).
+        assert c.infer("odd", {"kind": np.array([6])})["y"].tolist() == [False, True, True, True]
         np.testing.assert_allclose(c.infer("m00", {"x": x_for(np.random.default_rng(1))})["y"],
                                    reference("m00", x_for(np.random.default_rng(1))), **TOL)
 

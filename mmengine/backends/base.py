@@ -33,9 +33,9 @@ from mmengine.storage import ModelSpec, TensorSpec
 # inputs, so wrapping such a view without a copy is safe.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-# Out of memory, the host's or a GPU's (torch.OutOfMemoryError since 2.5
-# only): the machine's state, not the model's fault, so OVERLOADED (a
-# SageMaker load answers 507, its cue to unload models and try again).
+# Out of memory while loading, the host's or a GPU's (torch.OutOfMemoryError
+# since 2.5 only): the machine's state, not the model's fault, so OVERLOADED
+# (a SageMaker load answers 507, its cue to unload models and try again).
 OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
 
 Inputs = Mapping[str, "np.ndarray | torch.Tensor"]
@@ -63,8 +63,10 @@ class LoadedModel(abc.ABC):
             raw = self._call(inputs)
         except MMEngineError:
             raise
-        except OUT_OF_MEMORY as e:
-            raise Overloaded(f"{self.spec.name}: out of memory: {type(e).__name__}: {e}") from e
+        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError since 2.5 only
+            # (A MemoryError here is most often an input asking for more than
+            # any machine has: the caller's, as any exception of the model's.)
+            raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
         outputs = outputs_to_numpy(raw, self.spec.outputs)
@@ -334,11 +336,20 @@ def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.is_cpu and not value.requires_grad:
             try:
-                return value.numpy()  # the common case, without detach() and device.type
+                array = value.numpy()  # the common case, without detach() and device.type
             except (RuntimeError, TypeError):  # bfloat16, a conjugate or negative view, sparse
-                pass
-        return protocol.from_torch(value)
-    return np.asarray(value)
+                array = protocol.from_torch(value)
+        else:
+            array = protocol.from_torch(value)
+    else:
+        array = np.asarray(value)
+    if array.dtype == np.bool_:
+        # A mask viewed as bool (uint8's 0/255 through view()) holds bytes
+        # that the wire's bool may not: 0 or 1, as numpy and torch mean them.
+        raw = array.view(np.uint8)
+        if raw.max(initial=0) > 1:
+            return raw != 0
+    return array
 
 
 def module_bytes(module: Any) -> int:
