@@ -216,21 +216,11 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
             request,
             lambda then: server.engine.submit(name, infer.inputs, v, infer.timeout,
                                               request.token, then),
-            lambda outputs: _infer_response(infer.req, infer.wanted, infer.binary_default,
-                                            name, _served(server.engine, name, version),
-                                            outputs))
+            lambda outputs, served: _infer_response(
+                infer.req, infer.wanted, infer.binary_default, name,
+                version if served is None else str(served), outputs),
+            with_version=True)
     return parsed(len(header), lambda: _parse_infer(header, binary), send)
-
-
-def _served(engine, name: str, version: str | None) -> str | None:
-    """The version an answer names: the one asked for, else the default it
-    was served by (the protocol: "the specific model version used for
-    inference", for servers with versions), as the engine resolves it
-    when the answer is written."""
-    if version is not None:
-        return version
-    served = engine.version_of(name, None)
-    return None if served is None else str(served)
 
 
 @dataclasses.dataclass(frozen=True)
