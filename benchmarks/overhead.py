@@ -10,7 +10,8 @@ frames of the SDK's request and response sizes gives the floor of a TCP
 round trip; a relay (the same server passing each frame through a ring to
 a worker process that answers it, with the rings' spinning and the
 front-end's polling) gives the floor of mmengine's shape, two hops and no
-work (relay_vs_echo: what the second hop costs in echoes). The same server answers KServe v2 over HTTP: one request at a
+work (relay_vs_echo: relay over echo, the least sdk_vs_echo this shape
+would allow a model that cost nothing). The same server answers KServe v2 over HTTP: one request at a
 time over a keep-alive connection from a blocking raw-socket client (JSON
 tensors, and the binary tensor extension), and with 32 in flight over 32
 keep-alive connections from a uvloop client of raw asyncio Protocols, whose
@@ -212,7 +213,9 @@ def relay_server(response_bytes: int) -> None:
 
         def drain(self):
             while (record := answers.try_get()) is not None:
-                self.transport.writelines([header, record[0]])
+                # A copy: a write left partial keeps what it was given, and
+                # the ring reuses the space once released.
+                self.transport.writelines([header, bytes(record[0])])
                 answers.release()
                 self.in_flight -= 1
 

@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="a hot model: loaded at start, never evicted (repeat for more; "
                             "pin_models)")
     serve.add_argument("--log-level", choices=cfg.LOG_LEVELS,
-                       help="the operator's lines on stdout (default info; debug: one per "
-                            "load and eviction)")
+                       help="the operator's lines on stdout (default info; debug adds one "
+                            "per eviction)")
     serve.add_argument("--config", help="TOML file of configuration keys")
 
     stats = sub.add_parser("stats", help="a running server's per-model table")

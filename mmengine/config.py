@@ -194,8 +194,8 @@ class Config:
     # without a version pins the version that is the default at start.
     pin_models: str = ""
     trace_file: str = ""                 # Chrome trace events of requests, loads, evictions
-    # The operator's lines on stdout: "debug" adds one per load and eviction
-    # (with what it made room for); "info" has restarts and failures.
+    # The operator's lines on stdout: "debug" adds one per eviction (with
+    # what it made room for); "info" has restarts and failures.
     log_level: str = "info"
     # Each answer of a worker says how its serving thread spent the request:
     # its CPU time, its waits for a core, when it woke (profiling, and
@@ -288,6 +288,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ValueError  # a list or a table where a string belongs
         if key == "host" and value.startswith("[") and value.endswith("]"):
             return value[1:-1]  # [::1], as a URL writes it: the address
+        if key == "log_level":
+            return value.strip().lower()  # INFO, as logging writes it, too
         return value
     except ConfigError:
         raise  # parse_size's, which says what a size looks like

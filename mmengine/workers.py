@@ -297,7 +297,8 @@ class Worker:
             self._inferences_done(self._inferring)
         running = pending.get(self.abandoned.serving)  # what took it down, if any did
         self.died_serving = running[6] if running is not None else None
-        self.died_with = sum(served is not None for *_, served in pending.values())
+        self.died_with = sum(served is not None and not fut.done()
+                             for fut, *_, served in pending.values())
         self._loading.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():

@@ -737,7 +737,7 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("allowed_hosts", "user@a.test"), ("cache_dir", ""),
     ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "always"),
     ("stuck_inference_s", -1),
-    ("spin_during_loads", ""),
+    ("spin_during_loads", ""), ("log_level", "loud"), ("log_level", ""),
     # An empty host listened on every interface; counts and sizes past any
     # machine's raised OverflowError, or killed the worker, with a traceback.
     ("host", ""), ("host", " "), ("workers", 10 ** 20), ("threads_per_worker", 3_000_000_000),
@@ -763,6 +763,8 @@ def test_config_defaults_and_sizes(monkeypatch, tmp_path):
     for written, taken in ((True, "on"), (False, "off"), ("OFF", "off"), ("yes", "on"),
                            ("Auto", "auto")):
         assert config_mod.Config(spin_during_loads=written).spin_during_loads == taken
+    assert c.log_level == "info"
+    assert config_mod.load(env={"MMENGINE_LOG_LEVEL": " DEBUG"}).log_level == "debug"
 
 
 # -- through a real server -----------------------------------------------------------
