@@ -91,7 +91,8 @@ class _ModelRequests:
 
     def __init__(self):
         self.codes: dict[str, int] = {}
-        # By code: errors answered at once must not read as fast answers.
+        # By code: errors answered at once must not read as fast answers
+        # (series per model: one per code it has answered).
         self.latency: dict[str, _Histogram] = {}
         self.compute = _Histogram(REQUEST_BUCKETS)
         self.wait_s = self.queue_s = 0.0
