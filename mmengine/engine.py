@@ -1125,6 +1125,14 @@ class Engine:
         log.warning("%s v%d failed to load%s: %s; requests for it fail at once for %g s%s",
                     key[0], key[1], where, e, delay,
                     " (OVERLOADED: retry later)" if stats.out_of_memory else "")
+        # The requests that waited for this load hear of the back-off too,
+        # as those refused during it do (_check_backoff).
+        if isinstance(e, MMEngineError) and e.args:
+            e.args = (f"{e.args[0]} (failed {stats.failed_in_a_row} "
+                      f"time{'s' * (stats.failed_in_a_row > 1)} in a row; next try in "
+                      f"{delay:g} s)", *e.args[1:])
+            if isinstance(e, Overloaded):
+                e.retry_after_s = math.ceil(delay)
 
     def _resolved(self, asked: tuple[str, Any], fut: asyncio.Future) -> None:
         if self._resolving.get(asked) is fut:  # not one begun after a scan dropped it
@@ -1144,8 +1152,11 @@ class Engine:
                 n = stats.crash_backoffs if crashes else stats.failed_in_a_row
                 what = "backed off for crashes" if crashes else "failed"
                 error = Overloaded if stats.out_of_memory and not crashes else LoadFailed
-                raise error(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
-                            f"row; next try in {left:.1f} s)")
+                refused = error(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
+                                f"row; next try in {left:.1f} s)")
+                if error is Overloaded:
+                    refused.retry_after_s = math.ceil(left)  # HTTP's Retry-After
+                raise refused
 
     async def _reserve(self, key: Key, need: int, deadline: float) -> Worker:
         """Makes room for `need` bytes and reserves them under a new LOADING

@@ -128,19 +128,10 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
                 out = await engine.infer("m00", {"x": X})  # the others are served
                 np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
 
-            # Out of memory is the machine's state, not the model's fault:
-            # OVERLOADED (SageMaker's 507). It is backed off as any failed
-            # load (tried at every request, each load made room for nothing:
-            # the other models were evicted and loaded again), its requests
-            # answered OVERLOADED meanwhile: retry later.
-            with pytest.raises(Overloaded, match="out of memory while loading: MemoryError"):
-                await engine.infer("oom", {"x": X})
-            with pytest.raises(Overloaded, match=r"MemoryError.*next try in \d"):
-                await engine.infer("oom", {"x": X})
-            assert row("oom")["failures"] == 1 and row("oom")["state"] == "failed"
-
-            # In its back-off a model is refused at once, with no new load.
-            with pytest.raises(LoadFailed):
+            # In its back-off a model is refused at once, with no new load;
+            # the request whose load failed hears of the back-off too.
+            with pytest.raises(LoadFailed, match=r"garbage \(failed 1 time in a row; next "
+                                                 r"try in 0.5 s\)$"):
                 await engine.infer("flaky", {"x": X})
             assert row("flaky")["failures"] == 1 and 0 < row("flaky")["retry_in_s"] <= 0.5
             t0 = time.monotonic()
@@ -171,6 +162,27 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
     rows = {r["name"]: r for r in stats["models"]}
     assert rows["m00"]["failures"] == 0 and rows["m00"]["loads"] == 1
     assert stats["workers"][0]["alive"]
+
+
+def test_a_load_out_of_memory_is_overloaded_for_its_back_off(repo, own_segments):
+    # Out of memory is the machine's state, not the model's fault: OVERLOADED
+    # (SageMaker's 507). It is backed off as any failed load (tried at every
+    # request, each load made room for nothing: the other models were
+    # evicted and loaded again), its requests answered OVERLOADED meanwhile,
+    # with the back-off as HTTP's Retry-After.
+    async def main():
+        async with Engine(config(repo, load_failure_backoff_s=3.0)) as engine:
+            with pytest.raises(Overloaded, match=r"out of memory while loading: MemoryError.*"
+                                                 r"\(failed 1 time in a row; next try in 3 s\)$"
+                               ) as first:
+                await engine.infer("oom", {"x": X})
+            with pytest.raises(Overloaded, match=r"MemoryError.*next try in \d") as then:
+                await engine.infer("oom", {"x": X})
+            return first.value, then.value, engine.model_row(("oom", 1))
+
+    first, then, row = run(main(), timeout=30)
+    assert first.retry_after_s == 3 and then.retry_after_s in (2, 3)
+    assert row["failures"] == 1 and row["state"] == "failed"
 
 
 # -- load deadlines are not request deadlines ---------------------------------
