@@ -630,7 +630,7 @@ class Engine:
             if bad is not None:
                 try:
                     self._check_backoff(bad[0])
-                except LoadFailed as e:
+                except MMEngineError as e:  # OVERLOADED too: out of memory
                     e.token_digests = bad[1]
                     raise
             # The first look at a model reads its directory: off the loop,
@@ -1128,6 +1128,7 @@ class Engine:
         # The requests that waited for this load hear of the back-off too,
         # as those refused during it do (_check_backoff).
         if isinstance(e, MMEngineError) and e.args:
+            e.failure = stats.last_error  # the failure itself, said once (_rewarm)
             e.args = (f"{e.args[0]} (failed {stats.failed_in_a_row} "
                       f"time{'s' * (stats.failed_in_a_row > 1)} in a row; next try in "
                       f"{delay:g} s)", *e.args[1:])
@@ -1154,6 +1155,7 @@ class Engine:
                 error = Overloaded if stats.out_of_memory and not crashes else LoadFailed
                 refused = error(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
                                 f"row; next try in {left:.1f} s)")
+                refused.failure = stats.last_error
                 if error is Overloaded:
                     refused.retry_after_s = math.ceil(left)  # HTTP's Retry-After
                 raise refused
@@ -1630,10 +1632,14 @@ class Engine:
                 wait = min(2 * last[1], self.config.load_failure_backoff_max_s)
                 self._rewarm_after[key] = (time.monotonic() + wait, wait)
             stats = self._stats.setdefault(key, ModelStats())
-            if str(e) != stats.last_error:  # once, not every interval of a retry
+            # A failed load's was said, and kept, by _load_failed (its
+            # message carries the back-off: kept, it would be said at every
+            # try and carry a stale back-off in the next refusal).
+            failure = getattr(e, "failure", str(e))
+            if failure != stats.last_error:  # once, not every interval of a retry
                 log.warning("pinned model %s v%d is not resident: %s; trying again",
                             key[0], key[1], e)
-            stats.last_error = str(e)
+            stats.last_error = failure
         finally:
             self._rewarming.discard(key)
 

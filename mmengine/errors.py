@@ -43,6 +43,8 @@ class MMEngineError(Exception):
     # its model raised, its answer refused): the worker's account of its
     # run, as an answer's body has it (messages.py).
     ran: dict | None = None
+    # A failed load's own message, where the engine added its back-off to it.
+    failure: str | None = None
 
     @property
     def http_status(self) -> int:

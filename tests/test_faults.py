@@ -76,6 +76,13 @@ def repo(tmp_path_factory):
     for name, mode in (("raises", "raise"), ("oom", "oom"), ("exits", "exit"), ("flaky", "raise"),
                        ("loads-1s", "1.0"), ("loads-3s", "3.0")):
         moody(root, name, mode)
+    warm = root / "warm-oom" / "1"  # its load is well, its warm-up runs out of memory
+    warm.mkdir(parents=True)
+    (warm / "handler.py").write_text("def load(path, device):\n    pass\n\n"
+                                     "def predict(inputs):\n"
+                                     "    raise MemoryError('no room to warm up')\n")
+    (warm / "model.toml").write_text('warmup = true\n[[inputs]]\nname = "x"\n'
+                                     'dtype = "float32"\nshape = [2]\n')
     return root
 
 
@@ -178,6 +185,8 @@ def test_a_load_out_of_memory_is_overloaded_for_its_back_off(repo, own_segments)
                 await engine.infer("oom", {"x": X})
             with pytest.raises(Overloaded, match=r"MemoryError.*next try in \d") as then:
                 await engine.infer("oom", {"x": X})
+            with pytest.raises(Overloaded, match="out of memory while warming up.*no room"):
+                await engine.infer("warm-oom", {"x": np.ones(2, np.float32)})
             return first.value, then.value, engine.model_row(("oom", 1))
 
     first, then, row = run(main(), timeout=30)
@@ -322,23 +331,31 @@ def test_models_pinned_by_configuration_load_at_start_and_come_back(repo, own_se
 
 
 def test_a_pinned_model_that_fails_to_load_keeps_the_engine_warming_and_is_tried_again(
-        repo, own_segments):
+        repo, own_segments, caplog):
     moody(repo, "hot-flaky", "raise")
 
     async def main():
         async with Engine(config(repo, pin_models="hot-flaky",
                                  load_failure_backoff_s=0.3)) as engine:
             row = lambda: engine.model_row(("hot-flaky", 1))  # noqa: E731
-            await until(lambda: row()["failures"] >= 1, 10, "the first load's failure")
+            await until(lambda: row()["failures"] >= 3, 10, "three failed loads")
             assert engine.health() == {"status": "warming", "workers_alive": 1,
                                        "warming": [["hot-flaky", 1]]}
-            assert "garbage" in row()["last_error"]
+            # The failure as it is, its back-off said once in a refusal.
+            assert row()["last_error"].endswith("the weights are garbage")
+            with pytest.raises(LoadFailed) as refused:
+                await engine.infer("hot-flaky", {"x": X}, timeout=5)
+            assert str(refused.value).count("next try in") == 1, refused.value
+            assert row()["last_error"].endswith("the weights are garbage")
             set_mode(repo, "hot-flaky", "ok")  # mended: the next try, after the back-off, loads
             await asyncio.wait_for(engine.warmed(), 20)
             assert row()["state"] == "resident" and row()["pinned"]
             assert engine.health()["status"] == "serving"
 
     run(main(), timeout=60)
+    # Its loads' failures are said once each; the warming loop adds none.
+    said = [r.getMessage() for r in caplog.records if r.name == "mmengine"]
+    assert not [m for m in said if m.startswith("pinned model hot-flaky")], said
 
 
 def test_a_pinned_model_whose_files_cannot_be_read_keeps_the_engine_warming(
