@@ -104,8 +104,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
         _warm_up(model)
     except MMEngineError as e:
         model.close()
-        if isinstance(e, Overloaded):  # out of memory
-            raise
+        # Out of memory (predict() says the host's as the input's fault: a
+        # warm-up's input is the manifest's, and its load is what failed).
+        if isinstance(e, Overloaded) or isinstance(e.__cause__, OUT_OF_MEMORY):
+            raise Overloaded(f"{where}: out of memory while warming up: {e}") from e
         raise LoadFailed(f"{where}: warm-up failed: {e}") from e
     model.phases = {"fetch": 0.0, "deserialize": t1 - t0, "copy": t2 - t1,
                     "warmup": time.perf_counter() - t2}
