@@ -188,10 +188,11 @@ def test_a_load_out_of_memory_is_507(address, disk):
     # The contract: "Any time a model cannot be loaded due to lack of memory
     # or to any other resource, this API should return a 507", SageMaker's
     # cue to unload unused models and try again.
-    for _ in range(2):  # tried again at once: the memory is the machine's, not the model's
+    for _ in range(2):  # removed, it is not backed off: the next add loads it again
         status, body = add(address, "load-oom", disk["oom"])
         assert status == 507, body
         assert body["code"] == "OVERLOADED" and "out of memory while loading" in str(body)
+        assert "next try" not in str(body)  # the back-off of a model that is gone
     assert call(address, "GET", "/models/load-oom")[0] == 404
 
 

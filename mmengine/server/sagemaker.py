@@ -158,12 +158,15 @@ async def load_model(server, request: Request) -> Response:
         try:
             await engine.load(name)
             metadata = await engine.metadata(name)
-        except BaseException:
+        except BaseException as e:
             try:
                 await engine.remove_model(name)
-            except MMEngineError as e:  # the load's error is the one to answer
+            except MMEngineError as removal:  # the load's error is the one to answer
                 engine_log.error("sagemaker: could not remove %r after a failed load: %r",
-                                 name, e)
+                                 name, removal)
+            failure = getattr(e, "failure", None)
+            if failure is not None:  # removed, it is not backed off: the next add loads
+                raise type(e)(failure) from None
             raise
         registry.models[name] = _Added(
             url, path, tuple((t["name"], t["dtype"]) for t in metadata["inputs"]))
