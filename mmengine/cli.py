@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--pin", action="append", metavar="NAME[:VERSION]",
                        help="a hot model: loaded at start, never evicted (repeat for more; "
                             "pin_models)")
-    serve.add_argument("--log-level", choices=cfg.LOG_LEVELS,
+    serve.add_argument("--log-level", choices=cfg.LOG_LEVELS, type=str.lower,
                        help="the operator's lines on stdout (default info; debug adds one "
                             "per eviction)")
     serve.add_argument("--config", help="TOML file of configuration keys")

@@ -357,9 +357,15 @@ def test_reads_give_way_to_requests_only_while_the_worker_serves(tmp_path, threa
             # waits at most as long as it reads.
             readers.read(f.fileno(), 0, out)
         assert np.array_equal(out.numpy(), data)
-        # Serving: a look before each part (and again while waiting);
-        # idle: large reads, nothing to give way to.
-        assert (looks >= 9) if not idle else looks == 0, (idle, busy, looks)
+        # Serving: a look before each part while nothing is being served
+        # (a busy one: looks while waiting, until the read has waited as
+        # long as it read; a nap that overslept, on a loaded machine, is
+        # repaid by parts read without a look); idle: large reads, nothing
+        # to give way to.
+        if idle:
+            assert looks == 0, (idle, busy, looks)
+        else:
+            assert looks >= (1 if busy else 9), (idle, busy, looks)
 
 
 def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
