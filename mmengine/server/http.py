@@ -271,17 +271,16 @@ def _same(response: Response) -> Response:
 
 def submitted(request: Request,
               submit: Callable[[Callable[[asyncio.Future], None]], asyncio.Future],
-              respond: Callable[[dict], Response],
-              with_version: bool = False) -> Later:
+              respond: Callable[[dict, int | None], Response]) -> Later:
     """An inference, sent: `submit(then)` is the engine's submit, `respond`
-    makes the response of its outputs (and of the version that served it,
-    `with_version`). With the trace header the response carries the
-    request's stages as Server-Timing."""
+    makes the response of its outputs and the version that served it. With
+    the trace header the response carries the request's stages as
+    Server-Timing."""
     t_submit = time.monotonic_ns() if request.headers.get(trace.HTTP_HEADER) == "1" else 0
 
     def finish(result: tuple[dict, dict]) -> Response | Later:
         body, outputs = result
-        response = respond(outputs, body.get("version")) if with_version else respond(outputs)
+        response = respond(outputs, body.get("version"))
         if t_submit:
             # Before the stages: the request's body read into tensors (a
             # JSON body's parse, most of all), which no stage counts.

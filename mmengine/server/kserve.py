@@ -218,8 +218,7 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
                                               request.token, then),
             lambda outputs, served: _infer_response(
                 infer.req, infer.wanted, infer.binary_default, name,
-                version if served is None else str(served), outputs),
-            with_version=True)
+                version if served is None else str(served), outputs))
     return parsed(len(header), lambda: _parse_infer(header, binary), send)
 
 

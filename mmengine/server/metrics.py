@@ -199,11 +199,10 @@ class Metrics:
         ever published stayed in every scrape); the last one, its model's."""
         self._versions.pop((model, version), None)
         v = str(version)
-        for key in [k for k in self._loads if k[0] == model and k[1] == v]:
-            del self._loads[key]
         self._load_failures.pop((model, v), None)
-        for key in [k for k in self._evictions if k[0] == model and k[1] == v]:
-            del self._evictions[key]
+        for counts in (self._loads, self._evictions):  # by source, by reason
+            for key in [k for k in counts if k[:2] == (model, v)]:
+                del counts[key]
         if last:
             self._requests.pop(model, None)
             self._late.pop((model,), None)
@@ -268,14 +267,7 @@ class Metrics:
     def snapshot(self) -> "_Scrape":
         """The counts and the engine's state as they are now; on the loop,
         where the observer changes them."""
-        return _Scrape(self, self.engine.stats(), self._settings())
-
-    def _settings(self) -> dict:
-        c = self.engine.config
-        return {"watermarks": {"device_budget": c.high_watermark,
-                               "host_memory": c.host_memory_watermark,
-                               "disk": c.disk_watermark},
-                "host_memory": resources.host_memory_fraction()}
+        return _Scrape(self, self.engine.stats())
 
     def collect(self):
         yield from self.snapshot().collect()
@@ -289,7 +281,7 @@ class _Scrape:
     """One scrape's copy of a Metrics' counts and of engine.stats(), which
     a thread may format while the loop counts on."""
 
-    def __init__(self, m: Metrics, stats: dict, settings: dict):
+    def __init__(self, m: Metrics, stats: dict):
         self._requests = {model: (dict(r.codes),
                                   {code: h.copy() for code, h in r.latency.items()},
                                   r.compute.copy(), r.wait_s, r.queue_s)
@@ -306,7 +298,7 @@ class _Scrape:
                                 v.return_ns)
                           for key, v in m._versions.items()}
         self._stats = stats
-        self._settings = settings
+        self._config = m.engine.config  # never changes: read on the formatting thread
 
     def collect(self):
         yield from self._collect_events()
@@ -488,12 +480,15 @@ class _Scrape:
             "mmengine_watermark_ratio", "Where eviction begins: device_budget (a worker's "
             "bytes of its budget), host_memory (the machine's memory in use), disk (the disk "
             "cache's disk in use).", labels=["resource"])
-        for resource, ratio in self._settings["watermarks"].items():
+        c = self._config
+        for resource, ratio in (("device_budget", c.high_watermark),
+                                ("host_memory", c.host_memory_watermark),
+                                ("disk", c.disk_watermark)):
             watermarks.add_metric([resource], ratio)
         yield watermarks
         yield GaugeMetricFamily("mmengine_host_memory_ratio", "The machine's memory in use, "
                                 "as the host_memory watermark is compared with it.",
-                                value=self._settings["host_memory"])
+                                value=resources.host_memory_fraction())
 
 
 #: Triton's per-model request metrics, by the names its dashboards query:
@@ -588,7 +583,7 @@ def _scraped(scrapes: dict, content_type: str, made: asyncio.Future) -> None:
 
 async def _scrape(m: Metrics, accept: str | None) -> tuple[bytes, str]:
     """A scrape: copied on the loop, formatted on a thread."""
-    scrape = _Scrape(m, await m.engine.collect_stats(), m._settings())
+    scrape = _Scrape(m, await m.engine.collect_stats())
     return await asyncio.get_running_loop().run_in_executor(None, scrape.exposition, accept)
 
 

@@ -236,7 +236,7 @@ def invoke(server, request: Request, name: str) -> Later:
         lambda inputs: submitted(
             request, lambda then: server.engine.submit(name, inputs, token=request.token,
                                                        then=then),
-            answer),
+            lambda outputs, _: answer(outputs)),  # the contract names no version
         finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
 
