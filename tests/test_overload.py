@@ -465,8 +465,10 @@ def test_a_client_that_half_closes_gets_answers_made_in_a_busy_turn(impatient):
 def test_a_stopping_server_sends_the_answers_it_has_made(request, tmp_path):
     # SIGTERM while 64 MiB of answers are going out to a client that reads
     # them at its own pace: it gets all of them before the server exits.
+    # (At 64 KiB a read, paced, that takes 8-16 s here: the shutdown's
+    # deadline, past which what is unread is dropped, is set well beyond.)
     write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
-    served = start(request, tmp_path)
+    served = start(request, tmp_path, MMENGINE_SHUTDOWN_TIMEOUT_S="60")
     with socket.create_connection(served["tcp"], timeout=60) as sock:
         small_receive_buffer(sock)
         sock.sendall(big_request("tcp", 4 * MiB) * 16)
