@@ -251,7 +251,7 @@ import os, time
 def load(path, device):
     with open(os.environ["MMENGINE_TEST_LOAD_LOG"], "a") as f:
         f.write(f"start {time.monotonic()}\\n")
-    time.sleep(0.3)
+    time.sleep(1.5)  # longer than the two workers' first imports can differ by
     with open(os.environ["MMENGINE_TEST_LOAD_LOG"], "a") as f:
         f.write(f"end {time.monotonic()}\\n")
 
