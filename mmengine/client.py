@@ -5,7 +5,8 @@
 
 numpy arrays in and out (torch tensors are accepted as inputs). A server
 error comes back as the same typed exception the engine raised
-(ModelNotFound, BadRequest, ...); a broken connection is ConnectionError.
+(ModelNotFound, BadRequest, ...); a broken connection, or an answer that
+is not the protocol's, is ConnectionError.
 Both clients pipeline: many requests share one connection and are matched
 to their answers by id. `infer(..., timing=True)` says where the request's
 time went (`Outputs.timing`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import numbers
 import os
@@ -32,7 +34,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmengine import protocol
-from mmengine.errors import BadRequest, Timeout, TooLarge, retrieved
+from mmengine.errors import BadRequest, MMEngineError, Timeout, TooLarge, retrieved
 
 DEFAULT_PORT = 8081
 # A request's timeout is enforced by the server; the client waits this much
@@ -78,7 +80,10 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
                          f"{type(inputs).__name__}")
     out = {}
     for name, value in inputs.items():
-        out[name] = np.asarray(protocol.from_torch(value))
+        try:
+            out[name] = np.asarray(protocol.from_torch(value))
+        except (ValueError, TypeError, RuntimeError) as e:  # ragged lists, nested tensors
+            raise BadRequest(f"input {name!r} is not an array: {e}") from None
     return out
 
 
@@ -111,13 +116,22 @@ def _infer_message(model: str, inputs: dict, version: int | None,
 def _outputs(response: dict, t_start: int = 0) -> Outputs:
     """An infer's Outputs; `t_start`, the call's time.monotonic_ns() where it
     asked for timing."""
-    out = Outputs(protocol.decode_tensors(response["outputs"], outputs=True))
+    try:
+        out = Outputs(protocol.decode_tensors(response["outputs"], outputs=True))
+    except (KeyError, MMEngineError) as e:  # the server's fault, not the request's
+        raise _unreadable(e) from None
     if t_start:
         round_trip = time.monotonic_ns() - t_start
         timing = response.get("timing") or {}
         out.timing = {**timing, "round_trip_ns": round_trip,
                       "outside_ns": round_trip - timing.get("total_ns", 0)}
     return out
+
+
+def _unreadable(e: Exception) -> ConnectionError:
+    """A server's answer that is not the protocol's: neither the request's
+    fault (BadRequest) nor one to retry on this connection."""
+    return ConnectionError(f"unreadable answer from the server: {e}")
 
 
 def _body_size(parts: list) -> int:
@@ -191,6 +205,14 @@ class _Frames:
         self.big: protocol.LargeFrame | None = None
 
     def feed(self, data: bytes) -> list[dict]:
+        """The answers `data` completes; ConnectionError if the stream
+        holds something else (then it cannot be read further)."""
+        try:
+            return self._feed(data)
+        except Exception as e:  # noqa: BLE001 - msgpack's, or a frame that is no map
+            raise _unreadable(e) from None
+
+    def _feed(self, data: bytes) -> list[dict]:
         out = []
         if self.big is not None:
             data = self.big.fill(data)
@@ -287,26 +309,31 @@ class _Connection:
 
     def exchange(self, frames: list[list], ids: list[int]) -> dict[int, dict]:
         """Sends `frames` (each protocol.frames' list of buffers) and returns
-        the answers to `ids` by id. Several requests are sent as the server
-        takes them while their answers are read: the server stops reading a
-        client whose answers back up, so a client that sent a large batch
-        before reading could wait for ever. (One request cannot back up: its
-        answer comes after its last byte.)"""
+        the answers to `ids` by id, within the socket's timeout in all (not
+        each read's: an answer that trickles in is cut off as one that does
+        not come). Several requests are sent as the server takes them while
+        their answers are read: the server stops reading a client whose
+        answers back up, so a client that sent a large batch before reading
+        could wait for ever. (One request cannot back up: its answer comes
+        after its last byte.)"""
         got: dict[int, dict] = {}
+        wanted = set(ids)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         if len(ids) == 1 and len(frames[0]) == 1:
             self.sock.sendall(frames[0][0])
         elif len(ids) == 1:
             out = _Outgoing(frames)
             while out:
+                self._left(deadline)
                 out.send(self.sock)
         else:
             out = _Outgoing(frames)
             while out:
-                events = self._ready(select.POLLIN | select.POLLOUT, self.timeout)
+                events = self._ready(select.POLLIN | select.POLLOUT, self._left(deadline))
                 if not events:
                     raise socket.timeout("timed out")
                 if events & ~select.POLLOUT:  # answers, or the end of the stream
-                    self._receive(got)
+                    self._receive(got, wanted)
                 if events & select.POLLOUT:
                     # MSG_DONTWAIT: a blocking socket (timeout None) must not
                     # wait here while answers wait to be read.
@@ -315,19 +342,37 @@ class _Connection:
                     except BlockingIOError:
                         pass
         while len(got) < len(ids):
-            self._receive(got)
+            self._left(deadline)
+            self._receive(got, wanted)
         return got
 
-    def _receive(self, got: dict[int, dict]) -> None:
+    def _left(self, deadline: float | None) -> float | None:
+        """The seconds left to `deadline` (None: none), which the socket's
+        next operation is bounded by; socket.timeout once it has passed."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        # Within 10 ms of the socket's own timeout (a first read, as a rule)
+        # it stays: setting it is a system call, and it overshoots by less.
+        if left < self.timeout - 0.01:
+            self.set_timeout(left)
+        return left
+
+    def _receive(self, got: dict[int, dict], wanted: set[int]) -> None:
         # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap and
         # a munmap per call.
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionError("the server closed the connection")
         for response in self.frames.feed(data):
-            if response.get("id") is None:  # an error about the stream
+            rid = response.get("id")
+            if rid is None:  # an error about the stream
                 protocol.raise_for(response)
-            got[response["id"]] = response
+            if rid not in wanted:  # nothing else is in flight on this connection
+                raise _unreadable(f"an answer to id {rid!r}, which was not asked")
+            got[rid] = response
 
 
 class Client:
@@ -533,8 +578,8 @@ class _AsyncConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             responses = self.frames.feed(data)
-        except Exception as e:  # noqa: BLE001 - fail the waiters, not the loop
-            self._fail(ConnectionError(f"unreadable answer from the server: {e}"))
+        except ConnectionError as e:  # fail the waiters, not the loop
+            self._fail(e)
             self.transport.close()
             return
         for response in responses:
@@ -550,6 +595,17 @@ class _AsyncConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._fail(ConnectionError("the connection to the server was closed" if exc is None
                                    else f"connection to the server lost: {exc}"))
+
+    def close(self) -> None:
+        """Closes the transport; one whose loop has ended (asyncio.run()'s
+        end) cannot close, and its socket is shut down instead, so that the
+        server lets the connection go (the descriptor goes with the
+        transport)."""
+        try:
+            self.transport.close()
+        except RuntimeError:  # "Event loop is closed"
+            with contextlib.suppress(AttributeError, OSError):
+                self.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
 
     def _fail(self, error: Exception) -> None:
         # The first word stays: a server that refuses a connection says why
@@ -603,7 +659,10 @@ class AsyncClient:
             raise RuntimeError("this AsyncClient is in use on another event loop: "
                                "make one client per loop")
         self._loop = loop
-        self._conns = [None] * self.size  # gone with their loop
+        for conn in self._conns:  # gone with their loop
+            if conn is not None:
+                conn.close()
+        self._conns = [None] * self.size
         self._opening = {}
 
     async def _slot(self, i: int, conns: list) -> _AsyncConnection:
@@ -646,7 +705,7 @@ class AsyncClient:
         self._opening = {}  # those under way find themselves closed
         for conn in conns:
             if conn is not None:
-                conn.transport.close()
+                conn.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.connect()

@@ -386,4 +386,6 @@ def raise_for(response: dict) -> dict:
     if response.get("ok"):
         return response
     err = response.get("error") or {}
+    if type(err) is not dict:  # a peer that is not quite a server of ours
+        raise error_for(ErrorCode.INTERNAL, f"an error answer of no code: {err!r}")
     raise error_for(err.get("code", ErrorCode.INTERNAL), err.get("message", "no message"))

@@ -3,6 +3,7 @@ the SDK and raw sockets against it, and the other CLI commands."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import resource
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import msgpack
@@ -938,6 +940,97 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
             c.infer("echo", {"x": x.to("meta")})
         with pytest.raises(BadRequest, match="mapping"):
             c.infer("echo", [x])
+        # numpy's ValueError, torch's RuntimeError: the caller's input, typed.
+        with pytest.raises(BadRequest, match="'x' is not an array"):
+            c.infer("echo", {"x": [[1.0], [1.0, 2.0]]})
+        with warnings.catch_warnings():  # "prototype stage"
+            warnings.simplefilter("ignore")
+            nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+        with pytest.raises(BadRequest, match="'x' is not an array"):
+            c.infer("echo", {"x": nested})
+
+
+def peer_answering(answer) -> socket.socket:
+    """A listener whose one connection is answered `answer(request)` (the
+    bytes to send: a generator's pieces are sent 0.3 s apart) for each
+    request it reads; closed with the listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+
+    def serve():
+        with contextlib.suppress(OSError, AssertionError):
+            conn, _ = listener.accept()
+            with conn:
+                while True:
+                    for i, piece in enumerate(answer(read_frame(conn))):
+                        if i:
+                            time.sleep(0.3)
+                        conn.sendall(piece)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_a_blocking_clients_timeout_bounds_an_answer_that_trickles_in():
+    # Each read had the whole timeout: an answer a byte each 0.3 s took 21 s
+    # of a client whose timeout was 1 s (the AsyncClient's took 2).
+    def trickle(request):
+        frame = protocol.frame({"id": request["id"], "ok": True, "status": "serving"})
+        return (frame[i:i + 1] for i in range(len(frame)))
+
+    with peer_answering(trickle) as listener, Client(listener.getsockname(), timeout=1) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c.infer("m", {"x": np.ones(1)})
+        took = time.monotonic() - t0
+    assert took < 1 + 1 + 1, took  # the timeout, the answer's grace, slack
+
+
+@pytest.mark.parametrize("answer, async_raises", [
+    (lambda rid: protocol.LENGTH.pack(3) + b"\xc1\xc1\xc1", ConnectionError),  # not msgpack
+    (lambda rid: protocol.frame({"id": rid, "ok": True}), ConnectionError),  # no outputs
+    (lambda rid: protocol.frame({"id": rid, "ok": True, "outputs": [1, 2]}), ConnectionError),
+    # An answer nobody asked for: the AsyncClient drops it, and times out
+    # waiting for its own.
+    (lambda rid: protocol.frame({"id": rid + 1, "ok": True, "outputs": {}}), Timeout),
+], ids=["not-msgpack", "no-outputs", "outputs-a-list", "unknown-id"])
+def test_an_answer_that_is_not_the_protocols_is_a_connection_error(answer, async_raises):
+    # The blocking client raised BadRequest ("fix the request"), KeyError or
+    # AttributeError; a server that says nonsense is the connection's fault.
+    with peer_answering(lambda request: [answer(request["id"])]) as listener, \
+            Client(listener.getsockname(), timeout=2) as c, \
+            pytest.raises(ConnectionError, match="unreadable answer"):
+        c.infer("m", {"x": np.ones(1)})
+
+    async def main(address):
+        async with AsyncClient(address, timeout=1) as c:
+            await c.infer("m", {"x": np.ones(1)})
+
+    with peer_answering(lambda request: [answer(request["id"])]) as listener, \
+            pytest.raises(async_raises):
+        run(main(listener.getsockname()), timeout=20)
+
+
+def test_an_error_answer_that_is_not_a_map_is_still_an_error():
+    with peer_answering(lambda r: [protocol.frame({"id": r["id"], "ok": False,
+                                                   "error": "it broke"})]) as listener, \
+            Client(listener.getsockname(), timeout=2) as c:
+        with pytest.raises(InternalError, match="it broke"):
+            c.health()
+
+
+def test_an_async_client_closes_in_a_later_event_loop(address):
+    # A shutdown hook's asyncio.run(client.close()) raised "Event loop is
+    # closed" from the first loop's transports, and closed none of them.
+    client = AsyncClient(address, timeout=10, connections=2)
+
+    async def use():
+        return await client.health()
+
+    assert asyncio.run(use())["ok"]
+    asyncio.run(client.close())
+    assert asyncio.run(use())["ok"]  # and it goes on, connected anew
+    asyncio.run(client.close())
 
 
 def test_both_clients_connect_within_their_timeout():
