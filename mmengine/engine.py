@@ -1032,8 +1032,8 @@ class Engine:
         then for its bytes' place in the gate, and only then is sent; its
         load_timeout_s counts from then, or from the end of the publishes
         sent before it (which the loader runs first). Queued behind another
-        model's slow load, it is not that load's failure. _NotRun if the
-        worker died before it began."""
+        model's slow load, or a restarted worker's start-up, it is not that
+        load's failure. _NotRun if the worker died before it began."""
         turn = asyncio.get_running_loop().create_future()
         ahead = [t for t in worker.load_turns if not t.done()]
         worker.load_turns.append(turn)
@@ -1046,6 +1046,10 @@ class Engine:
         try:
             if ahead:
                 await asyncio.wait(ahead)
+            if not worker.ready.done():
+                # A restarted worker takes its place before it is up: its
+                # start-up is no part of this load's time.
+                await asyncio.wait([worker.ready])
             if not worker.alive:
                 raise _NotRun
             await self._load_gate.acquire(need)

@@ -1289,6 +1289,34 @@ def test_a_request_that_waits_out_a_worker_restart_is_served_once_it_is_back(
     assert run(main(), timeout=90) < 20
 
 
+def test_a_load_sent_to_a_worker_still_starting_is_not_timed_out_by_its_start(
+        repo, own_segments, tmp_path, monkeypatch):
+    # The restarted worker took its place before it was up: a load sent to
+    # it counted the worker's start-up in its load_timeout_s, and a healthy
+    # model was failed ("load exceeded") and backed off.
+    slow_start = tmp_path / "slow-start"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # every interpreter the test starts from now
+        f"import os, time\nif os.path.exists({str(slow_start)!r}):\n    time.sleep(2.5)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+
+    async def main():
+        async with Engine(config(repo, load_timeout_s=1.0)) as engine:
+            await engine.infer("m00", {"x": X})
+            slow_start.touch()  # the next worker takes 2.5 s to come up
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: engine.pool.workers[0] is not old, 10, "the new worker")
+            out = await engine.infer("m01", {"x": X}, timeout=30)
+            np.testing.assert_allclose(out["y"], reference("m01"), rtol=1e-5, atol=1e-5)
+            return engine.model_row(("m01", 1))
+
+    row = run(main(), timeout=60)
+    assert row["failures"] == 0 and row["state"] == "resident"
+
+
 def test_pins_that_race_for_the_last_room_are_refused_at_once_not_at_their_deadline(
         tmp_path, own_segments):
     # Pins sent together past what fits: the losers waited for room their
