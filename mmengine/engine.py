@@ -1855,9 +1855,13 @@ class Engine:
 
     async def metadata(self, name: str, version: int | None = None) -> dict:
         """What a client needs to know of a model: its versions, backend,
-        declared tensors and residency ("ready" only once resident)."""
+        declared tensors and residency ("ready" only once resident). A
+        model that cannot be served raises as a request's load would, but
+        a look is not a failed load: it neither counts nor backs off (a
+        dashboard polling it pushed the back-off of a manifest since fixed
+        to its maximum)."""
         self._check_loop()
-        spec = await self._spec(name, version)
+        spec = await self._spec(name, version, record=False)
         loop = asyncio.get_running_loop()
         versions = await loop.run_in_executor(None, self.repo.versions, spec.name)
         row = self.model_row((spec.name, spec.version))

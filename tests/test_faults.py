@@ -1289,6 +1289,27 @@ def test_a_request_that_waits_out_a_worker_restart_is_served_once_it_is_back(
     assert run(main(), timeout=90) < 20
 
 
+def test_a_look_at_a_broken_models_metadata_is_not_a_failed_load(tmp_path, own_segments):
+    (tmp_path / "typo" / "1").mkdir(parents=True)
+    (tmp_path / "typo" / "1" / "model.toml").write_text('backnd = "handler"\n')
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            for _ in range(3):
+                with pytest.raises(LoadFailed, match="backnd"):
+                    await engine.metadata("typo")
+            looked = engine.model_row(("typo", 1))
+            with pytest.raises(LoadFailed, match="backnd"):  # a request's is one
+                await engine.infer("typo", {"x": X})
+            with pytest.raises(LoadFailed, match="next try in"):  # now backed off
+                await engine.metadata("typo")
+            return looked, engine.model_row(("typo", 1))
+
+    looked, asked = run(main(), timeout=60)
+    assert looked["failures"] == 0 and looked["retry_in_s"] == 0
+    assert asked["failures"] == 1 and asked["retry_in_s"] > 0
+
+
 def test_a_load_sent_to_a_worker_still_starting_is_not_timed_out_by_its_start(
         repo, own_segments, tmp_path, monkeypatch):
     # The restarted worker took its place before it was up: a load sent to
