@@ -62,6 +62,10 @@ def predict(inputs):
         return {"out_" + name: x for name, x in inputs.items()}  # every input back
     if kind == 6:  # a mask of 0/255 bytes viewed as bool: any byte but 0 is True
         return {"y": np.array([0, 2, 255, 1], np.uint8).view(bool)}
+    if kind == 7:  # names that str() would make one
+        return {0: np.ones(2), "0": np.zeros(3)}
+    if kind == 8:
+        return {"y": [[1.0], [1.0, 2.0]]}  # ragged
     return {"y": inputs["kind"] * 2}  # the input's shape, 0-d included
 '''
 
@@ -283,6 +287,11 @@ def test_odd_outputs_are_answered_and_scalars_stay_scalars(address):
         assert out["y"].shape == () and out["y"] == 10
         # A bool's bytes on the wire are 0 or 1 (the SDK refuses others).
         assert c.infer("odd", {"kind": np.array([6])})["y"].tolist() == [False, True, True, True]
+        # An output named 0 beside one named "0" lost one of them, unsaid.
+        with pytest.raises(InternalError, match=r"^odd: an output is named by a int \(0\)"):
+            c.infer("odd", {"kind": np.array([7])})
+        with pytest.raises(InternalError, match="^odd: an output is not an array: ValueError"):
+            c.infer("odd", {"kind": np.array([8])})
         np.testing.assert_allclose(c.infer("m00", {"x": x_for(np.random.default_rng(1))})["y"],
                                    reference("m00", x_for(np.random.default_rng(1))), **TOL)
 

@@ -69,7 +69,10 @@ class LoadedModel(abc.ABC):
             raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
         except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
-        outputs = outputs_to_numpy(raw, self.spec.outputs)
+        try:
+            outputs = outputs_to_numpy(raw, self.spec.outputs)
+        except InternalError as e:
+            raise InternalError(f"{self.spec.name}: {e}") from None
         check_outputs(self.spec.outputs, outputs, self.spec.name)
         return outputs
 
@@ -322,14 +325,20 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
         items = [(declared[0].name if declared else "output", raw)]
     elif isinstance(raw, Mapping):
         items = raw.items()
+        for name in raw:
+            if type(name) is not str:  # str() of it may collide with another (0 and "0")
+                raise InternalError(f"an output is named by a {type(name).__name__} "
+                                    f"({name!r}); outputs are named by strings")
     else:
         names = [t.name for t in declared] if len(declared) == len(raw) else [
             f"output_{i}" for i in range(len(raw))]
         items = zip(names, raw)
     try:
-        return {str(name): _to_numpy(value) for name, value in items}
+        return {name: _to_numpy(value) for name, value in items}
     except BadRequest as e:  # the model's answer, not the caller's request
         raise InternalError(f"an output: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:  # numpy's or torch's: a ragged list
+        raise InternalError(f"an output is not an array: {type(e).__name__}: {e}") from None
 
 
 def _to_numpy(value: Any) -> np.ndarray:
