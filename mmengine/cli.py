@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ DEMO_VERSION = 1  # bump when the demo repository's contents change
 #: After the shutdown deadline, how long the typed answers of the requests it
 #: cut off may take to reach clients that read them.
 FLUSH_AFTER_STOP_S = 1.0
+log = logging.getLogger("mmengine")
 
 
 def demo_root() -> Path:
@@ -101,13 +103,30 @@ def _log_to_stdout(level: str) -> None:
                                   "%(message)s", "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
-    log = logging.getLogger("mmengine")
     log.addHandler(handler)
     log.setLevel(level.upper())
     log.propagate = False
 
 
+async def _listen(server, host: str, port: int, key: str) -> int:
+    """server.start(host, port), whose failure names the key to change."""
+    try:
+        return await server.start(host, port)
+    except OSError as e:
+        if isinstance(e, socket.gaierror) or not e.errno:  # the host's: said as such
+            raise
+        raise OSError(e.errno, f"{key} {port}: {e.strerror or e}") from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name
+        return host == "localhost"
+
+
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
+    from mmengine import worker
     from mmengine.engine import Engine
     from mmengine.server import http_routes, metrics
     from mmengine.server.http import HttpServer
@@ -120,18 +139,21 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     _log_to_stdout(config.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in worker.STOP_SIGNALS:  # each as Ctrl-C
         loop.add_signal_handler(sig, stop.set)
     async with Engine(config) as engine:
         metrics.attach(engine)  # counters from the start, not from the first scrape
         if tracer is not None:
             engine.observers.append(tracer)
         server = TcpServer(engine)
-        port = await server.start(config.host, config.tcp_port)
+        port = await _listen(server, config.host, config.tcp_port, "tcp_port")
         http = None
         if config.http_port >= 0:
             http = HttpServer(engine, http_routes(), idle_timeout_s=config.http_idle_timeout_s)
-            http_port = await http.start(config.host, config.http_port)
+            http_port = await _listen(http, config.host, config.http_port, "http_port")
+        if not config.control_token and not _loopback(config.host):
+            log.warning("listening on %s with no control_token: anyone who reaches it may "
+                        "load, unload and pin models (mmengine token prints one)", config.host)
         n, workers = len(engine.repo.names()), len(engine.pool.workers)
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
         print(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
@@ -191,7 +213,7 @@ def _demo_usage(repo, host: str, port: int) -> str:
 def _print_stats(args: argparse.Namespace) -> None:
     from mmengine.client import Client
 
-    with Client(args.url, token=args.token) as c:
+    with Client(args.url, timeout=args.timeout, token=args.token) as c:
         stats = c.stats()
     rows = stats["models"]
     # "uses": since the model last loaded (stats' per-model hits); the
@@ -254,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser(
         "serve", help="serve a model repository",
-        description="Serve a model repository. Every option is also a key of the TOML "
-                    "file given with --config and an MMENGINE_<KEY> variable (README: "
-                    "the keys); flags win over both, variables over the file.")
+        description="Serve a model repository. Each option but --config and --demo sets "
+                    "a key of the TOML file given with --config, also an MMENGINE_<KEY> "
+                    "variable: the option's name, or --idle-unload: idle_unload_s, "
+                    "--trace: trace_file, --pin: pin_models (README: the keys). Flags win "
+                    "over both, variables over the file.")
     serve.add_argument("--repo", help="model repository: <repo>/<name>/<version>/")
     serve.add_argument("--demo", action="store_true",
                        help="serve a generated repository of demo models")
@@ -283,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="a running server's per-model table")
     stats.add_argument("--url", default="127.0.0.1:8081",
                        help="the server's TCP address, host:port (default 127.0.0.1:8081)")
+    stats.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for the server's answer (default 10)")
     add_token_argument(stats)
 
     from mmengine import bench
@@ -303,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import uvloop
 
-        from mmengine import trace
+        from mmengine import trace, worker
         from mmengine.errors import MMEngineError
         tracer = None
         if config.trace_file:
@@ -327,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             # Stopped: the loop's handlers are gone, and a signal repeated
             # during the interpreter's teardown would end it with -15, not 0.
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in worker.STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
             if tracer is not None:  # after the engine stopped: every event is in
                 tracer.close()

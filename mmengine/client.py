@@ -225,7 +225,14 @@ class _Frames:
         while len(buf) - start >= 4:
             n = protocol.LENGTH.unpack_from(buf, start)[0]
             if len(buf) - start - 4 < n:
-                if n >= protocol.BIG:
+                # "HTTP" read as a length is 1.3 GB that never comes (and a
+                # buffer that large, made for it): a frame's body begins
+                # with a map, never "/", so a large one waits for that byte.
+                if buf.startswith(b"HTTP/", start):
+                    raise ConnectionError("the server answered in HTTP: give the SDK the "
+                                          "server's TCP port (8081 by default), not its "
+                                          "HTTP port")
+                if n >= protocol.BIG and len(buf) - start > 4:
                     self.big = protocol.LargeFrame(n, buf[start + 4:])
                     start = len(buf)
                 break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fractions
 import os
 import re
 import sys
@@ -233,9 +234,10 @@ _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_byte
               "load_bytes_in_flight", "receive_bytes", "receive_min_rate", "fetch_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KI": 1 << 10, "KIB": 1 << 10, "M": 1e6,
-          "MB": 1e6, "MI": 1 << 20, "MIB": 1 << 20, "G": 1e9, "GB": 1e9, "GI": 1 << 30,
-          "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TI": 1 << 40, "TIB": 1 << 40}
+# K, M, G, T (with or without B) are powers of 1000; Ki, Mi, Gi, Ti of 1024.
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KI": 1 << 10, "KIB": 1 << 10, "M": 10**6,
+          "MB": 10**6, "MI": 1 << 20, "MIB": 1 << 20, "G": 10**9, "GB": 10**9, "GI": 1 << 30,
+          "GIB": 1 << 30, "T": 10**12, "TB": 10**12, "TI": 1 << 40, "TIB": 1 << 40}
 # Keys that hold several values in one string, and their separator: a TOML
 # list is taken too.
 _LIST_KEYS = {"model_roots": os.pathsep, "allowed_hosts": ",", "pin_models": ","}
@@ -247,14 +249,29 @@ _SWITCH_KEYS = {"spin_during_loads"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _close_key(key: str) -> str | None:
+    """The key that `key` most likely means: a flag's name (pin for
+    pin_models, idle_unload for idle_unload_s), or one spelled alike."""
+    close = [k for k in _FIELDS if k.startswith(key + "_")]
+    close = close or difflib.get_close_matches(key, _FIELDS, 1)
+    return close[0] if close else None
+
+
 def parse_size(value: Any, key: str = "size") -> int:
-    """Bytes from 1048576, "1MiB", "1.5 GB" and the like."""
+    """Bytes from 1048576, "1MiB", "1.5 GB" and the like (a fraction of a
+    byte is dropped; a size under one byte that is not 0 is refused, so
+    that "0.5" does not become 0, which some keys read as "auto")."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:  # TOML's 1e9
+        return int(value)
     m = _SIZE.match(str(value))
     if not m:
         raise ConfigError(f"{key}: {value!r} is not a size (e.g. 2GiB, 512MB, 1048576)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    exact = fractions.Fraction(m.group(1)) * _UNITS[(m.group(2) or "").upper()]  # no float's inf
+    if 0 < exact < 1:
+        raise ConfigError(f"{key}: {value!r} is less than a byte")
+    return int(exact)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -406,7 +423,9 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             table = table["mmengine"]
         for key, value in table.items():
             if key not in _FIELDS:
-                raise ConfigError(f"{key}: unknown key in {os.fspath(file)!r}")
+                close = _close_key(key)
+                hint = f" (did you mean {close}?)" if close else ""
+                raise ConfigError(f"{key}: unknown key in {os.fspath(file)!r}{hint}")
             values[key] = value
             origin[key] = f"in {os.fspath(file)!r}"
     env = os.environ if env is None else env
@@ -420,9 +439,8 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
                 values[key] = value
                 origin[key] = f"from {name}"
         else:  # said, not refused: the environment may be another program's too
-            close = [k for k in _FIELDS if k.startswith(key + "_")]  # a flag's name: PIN
-            close = close or difflib.get_close_matches(key, _FIELDS, 1)
-            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            close = _close_key(key)
+            hint = f" (did you mean {ENV_PREFIX}{close.upper()}?)" if close else ""
             if key == "config":
                 hint = " (a configuration file is named with --config only)"
             print(f"mmengine: {name} is no configuration key; ignored{hint}", file=sys.stderr)

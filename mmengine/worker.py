@@ -34,6 +34,11 @@ from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
 from mmengine.storage import Manifests, read_spec
 
+# The signals that stop a server (its front-end's to handle): Ctrl-C,
+# SIGTERM, and SIGHUP, a closed terminal or ssh session, which would kill
+# a server at once, its requests cut off and its shared memory left.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
 # A worker that has served nothing this long is idle: its loads may read
@@ -532,8 +537,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # process group (Ctrl-C; systemd's SIGTERM to every process of a unit)
     # must not end it under the requests the front-end is draining. It ends
     # when its rings close, or its front-end dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
 

@@ -875,10 +875,13 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
             server.proc.wait()
 
 
-def test_sigterm_to_the_whole_process_group_still_drains(repo):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_sigterm_to_the_whole_process_group_still_drains(repo, sig):
     # systemd (KillMode=control-group) and `kill -TERM -PGID` signal every
     # process of the server: the workers died under the requests the
-    # front-end was draining (WORKER_DIED, "exited with code -15").
+    # front-end was draining (WORKER_DIED, "exited with code -15"). SIGHUP
+    # (a terminal or ssh session closed under it) killed the front-end at
+    # once, its workers too, and left its shared memory behind.
     server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"),
                     own_group=True)
@@ -891,7 +894,7 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo):
                 calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.1])}))
                          for _ in range(10)]  # a second of work, queued on the one worker
                 await accepted(client, "slow", 10)
-                os.killpg(server.proc.pid, signal.SIGTERM)
+                os.killpg(server.proc.pid, sig)
                 return await asyncio.gather(*calls, return_exceptions=True)
 
         results = run(main(), timeout=60)
@@ -899,6 +902,8 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo):
         for r in results:
             assert not isinstance(r, BaseException), repr(r)
             assert r["y"][0] == 0.2
+        assert not [s for s in shm.list_segments()
+                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
     finally:
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)

@@ -845,6 +845,21 @@ def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
         config_mod.load(env={}, overrides={"device_budget": "1e9"})
 
 
+def test_sizes_are_exact_and_none_past_a_machine_or_under_a_byte_is_taken(tmp_path):
+    # 320 digits went through a float to inf (an OverflowError's traceback);
+    # "0.5" became 0, which device_budget reads as "auto"; TOML's 1e16 was
+    # "not a size" where its 1e9 was one.
+    assert config_mod.parse_size("2g") == 2 * 10**9 and config_mod.parse_size("2gi") == 2 << 30
+    assert config_mod.parse_size("1.5 KB") == 1500
+    big = tmp_path / "big.toml"
+    big.write_text("device_budget = 1e16\n")
+    assert config_mod.load(big, env={}).device_budget == 10**16
+    with pytest.raises(config_mod.ConfigError, match="device_budget: .* larger than any"):
+        config_mod.load(env={"MMENGINE_DEVICE_BUDGET": "1" + "0" * 320})
+    with pytest.raises(config_mod.ConfigError, match="device_budget: '0.5' is less than a byte"):
+        config_mod.load(env={}, overrides={"device_budget": "0.5"})
+
+
 def test_a_bad_value_says_where_it_came_from(tmp_path):
     with pytest.raises(config_mod.ConfigError, match=r"^workers: .* \(from MMENGINE_WORKERS\)$"):
         config_mod.load(env={"MMENGINE_WORKERS": "0"})
@@ -906,6 +921,18 @@ def test_a_misspelled_variable_is_said_with_the_key_it_may_mean(capsys):
                    "(did you mean MMENGINE_PIN_MODELS?)",
                    "mmengine: MMENGINE_CONFIG is no configuration key; ignored "
                    "(a configuration file is named with --config only)"]
+
+
+def test_a_misspelled_key_in_a_file_is_refused_with_the_key_it_may_mean(tmp_path):
+    # A flag's name in a file (idle_unload for --idle-unload) was refused
+    # with no hint, where a variable of that name got one.
+    toml = tmp_path / "c.toml"
+    for text, key, meant in (("idle_unload = 5\n", "idle_unload", "idle_unload_s"),
+                             ("wrokers = 2\n", "wrokers", "workers")):
+        toml.write_text(text)
+        with pytest.raises(config_mod.ConfigError,
+                           match=rf"^{key}: unknown key in .* \(did you mean {meant}\?\)$"):
+            config_mod.load(toml, env={})
 
 
 def test_keys_beside_the_mmengine_table_are_refused(tmp_path):

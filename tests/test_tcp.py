@@ -724,6 +724,37 @@ def test_a_port_in_use_is_one_line_not_a_traceback(repo):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "mmengine: cannot serve:" in proc.stderr and "Traceback" not in proc.stderr, \
         proc.stderr
+    assert re.search(r"tcp_port \d+: .*in use", proc.stderr), proc.stderr  # what to change
+
+
+def test_stats_says_when_its_address_is_no_mmengine_tcp_port(request, repo):
+    # The server's HTTP port (8080 for 8081) said "the server closed the
+    # connection"; a peer that never answered held it 31 s, with no
+    # --timeout to give.
+    server = Server("--repo", str(repo), "--tcp-port", "0", "--http-port", "0", env=environ())
+    request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
+    web = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60)
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        for peer, said in (("%s:%s" % web.groups(), "answered in HTTP: give the SDK the "
+                                                      "server's TCP port"),
+                           ("%s:%d" % silent.getsockname()[:2], "Timeout")):
+            t0 = time.monotonic()
+            r = subprocess.run(command("stats", "--url", peer, "--timeout", "1"),
+                               env=environ(), capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and said in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr
+            assert time.monotonic() - t0 < 20
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True),
+                                            ("localhost", True), ("0.0.0.0", False),
+                                            ("10.1.2.3", False), ("example.com", False)])
+def test_a_server_open_beyond_loopback_without_a_control_token_is_told(host, loopback):
+    from mmengine.cli import _loopback
+    assert _loopback(host) == loopback
 
 
 def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
