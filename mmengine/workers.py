@@ -299,6 +299,10 @@ class Worker:
         self.died_serving = running[6] if running is not None else None
         self.died_with = sum(served is not None and not fut.done()
                              for fut, *_, served in pending.values())
+        if self.died_serving is not None and not self.stopped_why:
+            # An end of its own: each caller hears what it was running (a
+            # restart's reason names it already).
+            why = f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
         self._loading.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():
