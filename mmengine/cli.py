@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -89,10 +90,32 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
+def _say(text: str) -> None:
+    """An operator line on stdout, as long as it can be written: a reader
+    gone (a closed terminal, a pipe whose reader ended) stops no server."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
+
+
+def _hung_up(stop: asyncio.Event) -> None:
+    """SIGHUP: a closed terminal. Its descriptors now fail every write
+    (EIO), the interpreter's last flush too, which would end the process
+    with 120: they write to nothing from here on, and the server stops as
+    on SIGTERM. (Output to a file or a pipe stays as it is.)"""
+    for fd in (1, 2):
+        if os.isatty(fd):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    stop.set()
+
+
 async def _say_when_warm(engine, t_start: float) -> None:
     await engine.warmed()
-    print(f"mmengine: pinned models resident {time.monotonic() - t_start:.1f} s after "
-          f"start; ready", flush=True)
+    _say(f"mmengine: pinned models resident {time.monotonic() - t_start:.1f} s after "
+         f"start; ready")
 
 
 def _log_to_stdout(level: str) -> None:
@@ -115,14 +138,17 @@ async def _listen(server, host: str, port: int, key: str) -> int:
     except OSError as e:
         if isinstance(e, socket.gaierror) or not e.errno:  # the host's: said as such
             raise
-        raise OSError(e.errno, f"{key} {port}: {e.strerror or e}") from None
+        where = f"host {host}" if e.errno == errno.EADDRNOTAVAIL else f"{key} {port}"
+        raise OSError(e.errno, f"{where}: {e.strerror or e}") from None
 
 
 def _loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a name
-        return host == "localhost"
+        return host.lower() == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
 
 
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
@@ -140,7 +166,12 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in worker.STOP_SIGNALS:  # each as Ctrl-C
-        loop.add_signal_handler(sig, stop.set)
+        if sig == signal.SIGHUP:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # nohup's: no terminal to close
+                continue
+            loop.add_signal_handler(sig, _hung_up, stop)
+        else:
+            loop.add_signal_handler(sig, stop.set)
     async with Engine(config) as engine:
         metrics.attach(engine)  # counters from the start, not from the first scrape
         if tracer is not None:
@@ -156,25 +187,25 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
                         "load, unload and pin models (mmengine token prints one)", config.host)
         n, workers = len(engine.repo.names()), len(engine.pool.workers)
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
-        print(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
-              f"tcp://{host}:{port} with {workers} worker{'s' * (workers != 1)} "
-              f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)", flush=True)
+        _say(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
+             f"tcp://{host}:{port} with {workers} worker{'s' * (workers != 1)} "
+             f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)")
         if http is not None:
-            print(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "
-                  f"http://{host}:{http_port}", flush=True)
+            _say(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "
+                 f"http://{host}:{http_port}")
         if demo:
-            print(_demo_usage(engine.repo, host, port), flush=True)
+            _say(_demo_usage(engine.repo, host, port))
         if tracer is not None:
-            print(f"mmengine: writing a trace to {tracer.path}", flush=True)
+            _say(f"mmengine: writing a trace to {tracer.path}")
         warming = engine.health()["warming"]
         if warming:
-            print(f"mmengine: loading {len(warming)} pinned model{'s' * (len(warming) > 1)}; "
-                  f"ready once they are resident", flush=True)
+            _say(f"mmengine: loading {len(warming)} pinned model{'s' * (len(warming) > 1)}; "
+                 f"ready once they are resident")
             said = asyncio.ensure_future(_say_when_warm(engine, t_start))
         await stop.wait()
         if warming:
             said.cancel()
-        print("mmengine: shutting down", flush=True)
+        _say("mmengine: shutting down")
         engine.refuse_new()  # requests on open connections now get OVERLOADED
         # One deadline for the servers' drain and the engine's: what is
         # unanswered then fails, typed, and that answer is written before the

@@ -41,6 +41,11 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
+# The blocking client's wait is extended by what moves at this rate: an
+# answer the server made in time is read to its end however large it is
+# (16 MiB at 8 MiB/s), and a large request sent; one that trickles (a
+# byte a second) is not.
+ANSWER_MIN_RATE = 1 << 20  # bytes per second
 #: A timeout beyond this (11 days) is waited for without a limit: poll()
 #: takes at most 2**31 - 1 ms.
 FOREVER_S = 1e6
@@ -128,6 +133,14 @@ def _outputs(response: dict, t_start: int = 0) -> Outputs:
     return out
 
 
+def _answer(message: dict) -> dict:
+    """`message`, an answer: its id is a request's (an int) or nil."""
+    rid = message.get("id")
+    if rid is not None and type(rid) is not int:
+        raise ValueError(f"an answer's id is an int or nil, not {type(rid).__name__}")
+    return message
+
+
 def _unreadable(e: Exception) -> ConnectionError:
     """A server's answer that is not the protocol's: neither the request's
     fault (BadRequest) nor one to retry on this connection."""
@@ -209,6 +222,8 @@ class _Frames:
         holds something else (then it cannot be read further)."""
         try:
             return self._feed(data)
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - msgpack's, or a frame that is no map
             raise _unreadable(e) from None
 
@@ -219,7 +234,7 @@ class _Frames:
             if not self.big.whole:
                 return out
             big, self.big = self.big, None
-            out.append(big.decode())
+            out.append(_answer(big.decode()))
         self.buf += data
         start, buf = 0, self.buf
         while len(buf) - start >= 4:
@@ -236,7 +251,7 @@ class _Frames:
                     self.big = protocol.LargeFrame(n, buf[start + 4:])
                     start = len(buf)
                 break
-            out.append(protocol.decode(buf[start + 4:start + 4 + n]))  # a copy of its own
+            out.append(_answer(protocol.decode(buf[start + 4:start + 4 + n])))  # a copy
             start += 4 + n
         del buf[:start]
         return out
@@ -255,22 +270,24 @@ class _Outgoing:
     def __bool__(self) -> bool:
         return bool(self.views)
 
-    def send(self, sock: socket.socket, limit: int = 1 << 62, flags: int = 0) -> None:
-        """One sendmsg of up to `limit` bytes; blocks as the socket does."""
+    def send(self, sock: socket.socket, limit: int = 1 << 62, flags: int = 0) -> int:
+        """One sendmsg of up to `limit` bytes; blocks as the socket does.
+        The bytes sent."""
         batch, size = [], 0
         for view in self.views:
             if size >= limit or len(batch) == self.IOV_MAX:
                 break
             batch.append(view[:limit - size])
             size += len(batch[-1])
-        sent = sock.sendmsg(batch, (), flags)
-        while sent:
+        sent = left = sock.sendmsg(batch, (), flags)
+        while left:
             first = self.views[0]
-            if sent < len(first):
-                self.views[0] = first[sent:]
-                return
-            sent -= len(first)
+            if left < len(first):
+                self.views[0] = first[left:]
+                break
+            left -= len(first)
             self.views.popleft()
+        return sent
 
 
 # -- blocking ------------------------------------------------------------------
@@ -292,6 +309,7 @@ class _Connection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
         self.frames = _Frames()
+        self.moved = 0  # bytes sent and read in this exchange
         self.last_used = time.monotonic()
         self.closes = 0  # its client's close() calls when it was made
 
@@ -326,13 +344,14 @@ class _Connection:
         got: dict[int, dict] = {}
         wanted = set(ids)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.moved = 0
         if len(ids) == 1 and len(frames[0]) == 1:
             self.sock.sendall(frames[0][0])
         elif len(ids) == 1:
             out = _Outgoing(frames)
             while out:
                 self._left(deadline)
-                out.send(self.sock)
+                self.moved += out.send(self.sock)
         else:
             out = _Outgoing(frames)
             while out:
@@ -345,7 +364,7 @@ class _Connection:
                     # MSG_DONTWAIT: a blocking socket (timeout None) must not
                     # wait here while answers wait to be read.
                     try:
-                        out.send(self.sock, SEND_CHUNK, socket.MSG_DONTWAIT)
+                        self.moved += out.send(self.sock, SEND_CHUNK, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         pass
         while len(got) < len(ids):
@@ -354,11 +373,12 @@ class _Connection:
         return got
 
     def _left(self, deadline: float | None) -> float | None:
-        """The seconds left to `deadline` (None: none), which the socket's
-        next operation is bounded by; socket.timeout once it has passed."""
+        """The seconds left to `deadline` (None: none), extended by what has
+        moved (sent or arrived) at ANSWER_MIN_RATE, which the socket's next
+        operation is bounded by; socket.timeout once it has passed."""
         if deadline is None:
             return None
-        left = deadline - time.monotonic()
+        left = deadline + self.moved / ANSWER_MIN_RATE - time.monotonic()
         if left <= 0:
             raise socket.timeout("timed out")
         # Within 10 ms of the socket's own timeout (a first read, as a rule)
@@ -373,6 +393,7 @@ class _Connection:
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionError("the server closed the connection")
+        self.moved += len(data)
         for response in self.frames.feed(data):
             rid = response.get("id")
             if rid is None:  # an error about the stream

@@ -877,7 +877,8 @@ class Engine:
                 self.cache.set_state(key, books.UNLOADING)
                 _, unload = self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
                 self._spawn(self._unstick(worker, key, unload))
-                e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s")
+                e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s "
+                               f"(load_timeout_s)")
             else:
                 self._forget(key, gen)
             if isinstance(e, asyncio.CancelledError):
@@ -1046,12 +1047,13 @@ class Engine:
         try:
             if ahead:
                 await asyncio.wait(ahead)
-            if not worker.ready.done():
+            ready = worker.ready
+            if not ready.done():
                 # A restarted worker takes its place before it is up: its
                 # start-up is no part of this load's time.
-                await asyncio.wait([worker.ready])
-            if not worker.alive:
-                raise _NotRun
+                await asyncio.wait([ready])
+            if not worker.alive or ready.cancelled() or ready.exception() is not None:
+                raise _NotRun  # (cancelled: it did not come up in ready_timeout_s)
             await self._load_gate.acquire(need)
             try:
                 if not worker.alive:

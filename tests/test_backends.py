@@ -128,7 +128,9 @@ def test_corrupt_safetensors_is_load_failed(tmp_path):
     ('colour = 1', "unknown option 'colour'"),
     ('module = "MLP"\nmodule_kwargs = {in_features = 4, hidden = 9, out_features = 2}',
      "size mismatch"),
-    ('module = "MLP"\nmodule_kwargs = {width = 4}', "width"),
+    ('module = "MLP"\nmodule_kwargs = {width = 4}',
+     r"MLP\(\.\.\.\): .*width.* \(its keyword arguments are model.toml's "
+     r"\[options.module_kwargs\]\)"),
 ])
 def test_bad_module_is_load_failed(tmp_path, manifest_options, message):
     path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, manifest=False)
@@ -144,6 +146,15 @@ def test_corrupt_torchscript_is_load_failed(tmp_path):
         (path / "model.pt").write_bytes(corrupt)
         with pytest.raises(LoadFailed, match="not a loadable TorchScript archive"):
             load(tmp_path, "m")
+
+
+def test_a_checkpoint_saved_as_torchscript_says_so(tmp_path):
+    # torch's own words ("failed locating file constants.pkl") did not say
+    # that the file is torch.save's, which the author mistook for TorchScript.
+    path = demo.write_mlp(tmp_path / "m", "torchscript", *DIMS)
+    torch.save({"w": torch.ones(2)}, path / "model.pt")
+    with pytest.raises(LoadFailed, match=r"a torch.save checkpoint, not TorchScript\?"):
+        load(tmp_path, "m")
 
 
 def test_corrupt_export_program_is_load_failed(tmp_path):

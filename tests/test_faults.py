@@ -8,15 +8,18 @@ import contextlib
 import json
 import logging
 import os
+import pty
 import re
+import select
 import signal
 import socket
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, environ, live_pids, run
+from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run
 from mmengine import demo, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config, ConfigError
@@ -939,6 +942,69 @@ def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
     finally:
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
+
+
+def test_under_nohup_a_sighup_is_nothing(repo):
+    # nohup's ignored SIGHUP was taken over as a stop: a server started
+    # under it stopped at its user's logout.
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited, as nohup leaves it
+    try:
+        server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                        "--http-port", "-1")
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+        server.proc.send_signal(signal.SIGHUP)
+        with Client((m.group(1), int(m.group(2))), timeout=10) as c:
+            time.sleep(0.5)  # (a stop would be under way by now)
+            assert c.health()["status"] == "serving"
+        assert server.proc.poll() is None
+        assert server.stop() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def test_a_closed_terminals_hangup_drains_and_exits_0(repo):
+    # Its terminal gone, every write failed (EIO): "shutting down" raised,
+    # the drain was skipped and the server exited 1.
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(command("serve", "--repo", str(repo), "--workers", "1",
+                                    "--tcp-port", "0", "--http-port", "-1"),
+                            stdin=terminal, stdout=terminal, stderr=terminal, env=environ(),
+                            start_new_session=True)
+    os.close(terminal)
+    try:
+        said = b""
+        deadline = time.monotonic() + 60
+        while not (m := re.search(rb"on tcp://(\S+):(\d+)", said)):
+            assert time.monotonic() < deadline and proc.poll() is None, said
+            if select.select([controller], [], [], 1)[0]:
+                said += os.read(controller, 4096)
+
+        async def main():
+            address = (m.group(1).decode(), int(m.group(2)))
+            async with AsyncClient(address, timeout=30) as client:
+                await client.load("slow")
+                calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.1])}))
+                         for _ in range(5)]
+                await accepted(client, "slow", 5)
+                os.close(controller)  # the terminal is gone: writes to it fail
+                os.killpg(proc.pid, signal.SIGHUP)
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = run(main(), timeout=60)
+        assert proc.wait(30) == 0
+        assert [r["y"][0] for r in results] == [0.2] * 5, results
+        assert not [s for s in shm.list_segments() if s.startswith(f"{shm.PREFIX}{proc.pid}-")]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with contextlib.suppress(OSError):
+            os.close(controller)
 
 
 def test_sigterm_fails_what_its_deadline_cuts_off_typed_and_exits_by_it(repo):

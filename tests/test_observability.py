@@ -674,7 +674,8 @@ def test_scrapes_at_once_share_one_and_each_gets_it_whole(repo, own_segments):
     x = {"x": np.ones((2, DIMS[0]), np.float32)}
 
     async def main():
-        async with Engine(Config(repo=str(repo), workers=1)) as engine:
+        # (No rescans: they run on the pool the test counts.)
+        async with Engine(Config(repo=str(repo), workers=1, repo_scan_s=0)) as engine:
             m = metrics.attach(engine)
             server = HttpServer(engine, metrics.ROUTES)
             port = await server.start("127.0.0.1", 0)

@@ -325,10 +325,13 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
         items = [(declared[0].name if declared else "output", raw)]
     elif isinstance(raw, Mapping):
         items = raw.items()
-        for name in raw:
-            if type(name) is not str:  # str() of it may collide with another (0 and "0")
-                raise InternalError(f"an output is named by a {type(name).__name__} "
-                                    f"({name!r}); outputs are named by strings")
+        if any(type(name) is not str for name in raw):  # rare: looked at closer
+            for name in raw:
+                if not isinstance(name, str):  # str() of it may be another's (0 and "0")
+                    raise InternalError(f"an output is named by {type(name).__name__} "
+                                        f"{name!r}; outputs are named by strings")
+            # A str's subclass (numpy's str_, a StrEnum) as the plain string it holds.
+            items = [(str.__str__(name), value) for name, value in items]
     else:
         names = [t.name for t in declared] if len(declared) == len(raw) else [
             f"output_{i}" for i in range(len(raw))]

@@ -564,8 +564,12 @@ def _build(source: Any, class_name: str, kwargs: dict[str, Any],
         raise LoadFailed(f"{where}: model.py has no torch.nn.Module class {class_name!r}")
     # Built on the meta device, the module allocates nothing and runs no
     # initialisers; the loaded tensors then become its parameters as they are.
-    with torch.device("meta"):
-        module = cls(**kwargs)
+    try:
+        with torch.device("meta"):
+            module = cls(**kwargs)
+    except TypeError as e:  # most often its arguments: say where they come from
+        raise LoadFailed(f"{where}: {class_name}(...): {e} (its keyword arguments are "
+                         f"model.toml's [options.module_kwargs])") from e
     module.load_state_dict(state, strict=True, assign=True)
     if any(b.is_meta for b in module.buffers()):
         # Non-persistent buffers are not in the file: build it for real.

@@ -43,8 +43,12 @@ def _parse(spec: ModelSpec, device: torch.device) -> TorchModel:
     except (LoadFailed, *OUT_OF_MEMORY):  # out of memory: said as such by load_model
         raise
     except Exception as e:
+        # An archive with no program in it: torch.save's, not torch.jit.save's.
+        hint = (" (a torch.save checkpoint, not TorchScript? Save it with torch.jit.save, "
+                "or serve its weights as model.safetensors + model.py)"
+                if "constants.pkl" in str(e) else "")
         raise LoadFailed(f"{where}: {path.name} is not a loadable TorchScript archive: "
-                         f"{e}") from e
+                         f"{e}{hint}") from e
     if not spec.trusted:
         untrusted.check_script(module, where)
     module.eval()
