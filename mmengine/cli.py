@@ -53,6 +53,15 @@ def ensure_demo_repository(root: Path) -> Path:
     a child process so that the server itself never imports torch."""
     done = root / ".complete"
     if not done.exists():
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            probe = root.parent / f".probe{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:  # HOME unset or read-only, as in a container
+            raise cfg.ConfigError(f"repo: --demo writes its models under {root.parent}, "
+                                  f"which it cannot ({e.strerror or e}): point "
+                                  f"XDG_CACHE_HOME at a writable directory") from None
         print(f"mmengine: generating {DEMO_MODELS} demo models in {root} (once)...",
               flush=True)
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
@@ -99,13 +108,14 @@ def _say(text: str) -> None:
         pass
 
 
-def _hung_up(stop: asyncio.Event) -> None:
-    """SIGHUP: a closed terminal. Its descriptors now fail every write
-    (EIO), the interpreter's last flush too, which would end the process
-    with 120: they write to nothing from here on, and the server stops as
-    on SIGTERM. (Output to a file or a pipe stays as it is.)"""
-    for fd in (1, 2):
-        if os.isatty(fd):
+def _hung_up(stop: asyncio.Event, terminals: tuple[int, ...]) -> None:
+    """SIGHUP: the server stops as on SIGTERM. If it was a closed terminal,
+    the descriptors that were on it (`terminals`, at start) now fail every
+    write (EIO; and are no terminal any more), the interpreter's last flush
+    too, which would end the process with 120: they write to nothing from
+    here on. (A terminal still open keeps them; a file or a pipe too.)"""
+    for fd in terminals:
+        if not os.isatty(fd):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, fd)
             os.close(devnull)
@@ -169,7 +179,8 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         if sig == signal.SIGHUP:
             if signal.getsignal(sig) is signal.SIG_IGN:  # nohup's: no terminal to close
                 continue
-            loop.add_signal_handler(sig, _hung_up, stop)
+            loop.add_signal_handler(sig, _hung_up, stop,
+                                    tuple(fd for fd in (1, 2) if os.isatty(fd)))
         else:
             loop.add_signal_handler(sig, stop.set)
     async with Engine(config) as engine:

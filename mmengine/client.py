@@ -310,6 +310,7 @@ class _Connection:
         self.timeout = timeout
         self.frames = _Frames()
         self.moved = 0  # bytes sent and read in this exchange
+        self.wait = timeout  # the exchange's wait
         self.last_used = time.monotonic()
         self.closes = 0  # its client's close() calls when it was made
 
@@ -343,7 +344,8 @@ class _Connection:
         after its last byte.)"""
         got: dict[int, dict] = {}
         wanted = set(ids)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.wait = self.timeout  # each read's bound, at most (the socket's moves below it)
+        deadline = None if self.wait is None else time.monotonic() + self.wait
         self.moved = 0
         if len(ids) == 1 and len(frames[0]) == 1:
             self.sock.sendall(frames[0][0])
@@ -373,19 +375,22 @@ class _Connection:
         return got
 
     def _left(self, deadline: float | None) -> float | None:
-        """The seconds left to `deadline` (None: none), extended by what has
-        moved (sent or arrived) at ANSWER_MIN_RATE, which the socket's next
-        operation is bounded by; socket.timeout once it has passed."""
+        """How long the socket's next operation may wait: the seconds left to
+        `deadline` (None: no limit), extended by what has moved (sent or
+        arrived) at ANSWER_MIN_RATE, and no more than the exchange's wait;
+        socket.timeout once it has passed."""
         if deadline is None:
             return None
         left = deadline + self.moved / ANSWER_MIN_RATE - time.monotonic()
         if left <= 0:
             raise socket.timeout("timed out")
-        # Within 10 ms of the socket's own timeout (a first read, as a rule)
-        # it stays: setting it is a system call, and it overshoots by less.
-        if left < self.timeout - 0.01:
-            self.set_timeout(left)
-        return left
+        # Each read waits what is left, up to the call's wait (what moved
+        # buys time for what follows, not a longer wait for a silent server),
+        # the socket's timeout set only where it is 10 ms off (a system call).
+        bound = min(left, self.wait)
+        if abs(bound - self.timeout) > 0.01:
+            self.set_timeout(bound)
+        return bound
 
     def _receive(self, got: dict[int, dict], wanted: set[int]) -> None:
         # Not 1 MiB: a buffer past malloc's mmap threshold costs an mmap and

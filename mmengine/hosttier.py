@@ -18,7 +18,6 @@ demoted models are ever dropped to make room.
 from __future__ import annotations
 
 import os
-import secrets
 import weakref
 
 import psutil
@@ -82,7 +81,7 @@ class HostTier:
             return None
         for victim in victims:
             self.drop(victim)
-        name = f"{shm.PREFIX}{os.getpid()}-host-{secrets.token_hex(6)}"
+        name = shm.new_name("host")
         self.book.insert(key, books.LOADING, 0)
         self.book.set_bytes(key, books.HOST, nbytes)
         self._segments[key] = name

@@ -1,10 +1,13 @@
 """Named shared-memory segments that never outlive their creator for long.
 
-Every segment is a file in /dev/shm named ``mmengine-<creator pid>-<kind>-<random>``.
-Only the creator unlinks it. A creator killed before it could (SIGKILL, OOM)
-leaves its segment behind; `reclaim_orphans` removes every segment whose
-creator is no longer alive, and the first `Segment.create` of each process
-calls it, so nothing leaks across runs.
+Every segment is a file in /dev/shm named
+``mmengine-<creator pid>-<kind>-<random>.<creator's start time>``. Only the
+creator unlinks it. A creator killed before it could (SIGKILL, OOM) leaves
+its segment behind; `reclaim_orphans` removes every segment whose creator
+is no longer alive, and the first `Segment.create` of each process calls
+it, so nothing leaks across runs. The start time tells a creator from a
+later process of the same pid: a container's server is pid 1 each time it
+restarts, and took its predecessor's segments for its own.
 
 Segments are mapped with Python's mmap, so the mapping lives exactly as long
 as anything (a memoryview, a numpy array) still exports it, even after close().
@@ -71,11 +74,44 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _creator_pid(name: str) -> int | None:
+def start_of(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, as /proc says);
+    None if that cannot be read."""
     try:
-        return int(name[len(PREFIX):].split("-", 1)[0])
-    except ValueError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # starttime is the 22nd field, the 20th after the command name,
+            # which is in parentheses and may hold spaces or parentheses.
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
         return None
+
+
+def new_name(kind: str) -> str:
+    """A new segment's name, this process's."""
+    start = start_of(os.getpid())
+    return f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(6)}" + (f".{start}" if start else "")
+
+
+def _creator(name: str) -> tuple[int | None, str | None]:
+    """The pid and start time of the process that named the segment (the
+    start time None in names without one)."""
+    head, _, start = name.rpartition(".") if "." in name else (name, "", None)
+    try:
+        return int(head[len(PREFIX):].split("-", 1)[0]), start
+    except ValueError:
+        return None, None
+
+
+def _orphaned(name: str) -> bool:
+    pid, start = _creator(name)
+    if pid is None:
+        return False  # not named by us: not ours to remove
+    if not pid_alive(pid):
+        return True
+    # A live process of that pid: its creator, unless it started at another
+    # time (the pid was reused: this very process, in a restarted container).
+    now = start_of(pid)
+    return start is not None and now is not None and now != start
 
 
 def list_segments() -> list[str]:
@@ -89,8 +125,7 @@ def reclaim_orphans() -> list[str]:
     """Unlinks the segments of creators that died; returns their names."""
     gone = []
     for name in list_segments():
-        pid = _creator_pid(name)
-        if pid is None or pid == os.getpid() or pid_alive(pid):
+        if not _orphaned(name):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
@@ -123,7 +158,7 @@ class Segment:
     @classmethod
     def create(cls, size: int, kind: str) -> "Segment":
         _reclaim_once()
-        name = f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(6)}"
+        name = new_name(kind)
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:

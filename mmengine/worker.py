@@ -50,6 +50,30 @@ IDLE_NS = 100_000_000
 MISS_TRUST_HALF_LIFE_S = 1.0
 
 
+class _Terminal:
+    """A worker's stdout or stderr on a terminal. Once the terminal is gone
+    (closed: every write fails, EIO) what a model prints is dropped: its
+    requests, which the front-end drains, must not fail of it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class WorkerLogic:
     """The models resident on one device, and what can be done with them."""
 
@@ -539,6 +563,9 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # when its rings close, or its front-end dies.
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    for stream in ("stdout", "stderr"):
+        if getattr(sys, stream).isatty():
+            setattr(sys, stream, _Terminal(getattr(sys, stream)))
     sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
 

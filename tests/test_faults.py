@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run
+from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run, write_handler
 from mmengine import demo, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config, ConfigError
@@ -967,11 +967,26 @@ def test_under_nohup_a_sighup_is_nothing(repo):
             server.proc.wait()
 
 
-def test_a_closed_terminals_hangup_drains_and_exits_0(repo):
+CHATTY_HANDLER = """
+import time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    print("chatty: working")  # to the terminal, while it is there
+    time.sleep(float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+"""
+
+
+def test_a_closed_terminals_hangup_drains_and_exits_0(tmp_path):
     # Its terminal gone, every write failed (EIO): "shutting down" raised,
-    # the drain was skipped and the server exited 1.
+    # the drain was skipped and the server exited 1; and a model's print
+    # failed its request.
+    write_handler(tmp_path, "chatty", CHATTY_HANDLER)
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(command("serve", "--repo", str(repo), "--workers", "1",
+    proc = subprocess.Popen(command("serve", "--repo", str(tmp_path), "--workers", "1",
                                     "--tcp-port", "0", "--http-port", "-1"),
                             stdin=terminal, stdout=terminal, stderr=terminal, env=environ(),
                             start_new_session=True)
@@ -987,10 +1002,11 @@ def test_a_closed_terminals_hangup_drains_and_exits_0(repo):
         async def main():
             address = (m.group(1).decode(), int(m.group(2)))
             async with AsyncClient(address, timeout=30) as client:
-                await client.load("slow")
-                calls = [asyncio.ensure_future(client.infer("slow", {"seconds": np.array([0.1])}))
+                await client.load("chatty")
+                calls = [asyncio.ensure_future(client.infer("chatty",
+                                                            {"seconds": np.array([0.1])}))
                          for _ in range(5)]
-                await accepted(client, "slow", 5)
+                await accepted(client, "chatty", 5)
                 os.close(controller)  # the terminal is gone: writes to it fail
                 os.killpg(proc.pid, signal.SIGHUP)
                 return await asyncio.gather(*calls, return_exceptions=True)

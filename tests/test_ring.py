@@ -477,6 +477,25 @@ def test_segments_of_a_killed_creator_are_reclaimed(Ring):
     assert name not in shm.list_segments()
 
 
+def test_segments_of_an_earlier_process_of_the_same_pid_are_reclaimed():
+    # A container's server is pid 1 at every restart: its predecessor's
+    # segments (270 MB a crash) looked like its own and were never reclaimed.
+    mine = shm.Segment.create(4096, "test")
+    start = shm.start_of(os.getpid())
+    assert start is not None and mine.name.endswith(f".{start}")
+    earlier = mine.name.replace(f".{start}", f".{int(start) - 1}")  # same pid, older
+    with open(os.path.join(shm.SHM_DIR, earlier), "wb"):
+        pass
+    try:
+        reclaimed = shm.reclaim_orphans()
+        assert earlier in reclaimed and mine.name not in reclaimed
+        assert mine.name in shm.list_segments() and earlier not in shm.list_segments()
+    finally:
+        mine.close()
+        if earlier in shm.list_segments():
+            os.unlink(os.path.join(shm.SHM_DIR, earlier))
+
+
 def _park_then_receive(impl, handle, queue):
     ring = _impl(impl).attach(handle)
     queue.put("parked")

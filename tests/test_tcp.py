@@ -717,6 +717,16 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
                 proc.wait()
 
 
+def test_a_demo_that_cannot_be_written_is_one_line_not_a_traceback():
+    # HOME read-only or unset, as in a container: two tracebacks, it was.
+    r = subprocess.run(command("serve", "--demo", "--tcp-port", "0", "--http-port", "-1"),
+                       env=environ(XDG_CACHE_HOME="/proc/no-such-dir"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "configuration error: repo: --demo writes its models under " in r.stderr
+    assert "XDG_CACHE_HOME" in r.stderr
+
+
 def test_a_port_in_use_is_one_line_not_a_traceback(repo):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -1044,7 +1054,8 @@ def test_a_blocking_clients_timeout_bounds_an_answer_that_trickles_in():
 
 def test_a_large_answer_made_in_time_is_read_to_its_end_past_the_timeout():
     # The whole-call deadline must not cut off an answer the server made in
-    # time: 16 MiB begun at 1.5 s of 2, arriving at 8 MiB/s.
+    # time: 16 MiB begun at 1.5 s of 2, arriving at 8 MiB/s, with a pause of
+    # 1 s halfway (a read's wait stayed the shortest one before).
     y = np.arange(4 << 20, dtype=np.float32)
 
     def slow_big(request):
@@ -1053,7 +1064,7 @@ def test_a_large_answer_made_in_time_is_read_to_its_end_past_the_timeout():
                                           "outputs": protocol.encode_tensors({"y": y})}))
         for i in range(0, len(frame), 1 << 20):
             yield frame[i:i + (1 << 20)]
-            time.sleep(1 / 8)
+            time.sleep(1.0 if i == 8 << 20 else 1 / 8)
 
     with peer_answering(slow_big) as listener, Client(listener.getsockname(), timeout=1) as c:
         np.testing.assert_array_equal(c.infer("m", {"x": np.ones(1)})["y"], y)

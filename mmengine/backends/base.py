@@ -325,13 +325,10 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
         items = [(declared[0].name if declared else "output", raw)]
     elif isinstance(raw, Mapping):
         items = raw.items()
-        if any(type(name) is not str for name in raw):  # rare: looked at closer
-            for name in raw:
-                if not isinstance(name, str):  # str() of it may be another's (0 and "0")
-                    raise InternalError(f"an output is named by {type(name).__name__} "
-                                        f"{name!r}; outputs are named by strings")
-            # A str's subclass (numpy's str_, a StrEnum) as the plain string it holds.
-            items = [(str.__str__(name), value) for name, value in items]
+        for name in raw:
+            if type(name) is not str:  # rare: every name looked at closer
+                items = _string_named(raw)
+                break
     else:
         names = [t.name for t in declared] if len(declared) == len(raw) else [
             f"output_{i}" for i in range(len(raw))]
@@ -342,6 +339,17 @@ def outputs_to_numpy(raw: Any, declared: tuple[TensorSpec, ...]) -> Outputs:
         raise InternalError(f"an output: {e}") from None
     except (ValueError, TypeError, RuntimeError) as e:  # numpy's or torch's: a ragged list
         raise InternalError(f"an output is not an array: {type(e).__name__}: {e}") from None
+
+
+def _string_named(raw: Mapping) -> list[tuple[str, Any]]:
+    """A model's outputs by names that are strings: a str's subclass (numpy's
+    str_, a StrEnum) as the plain string it holds; any other name is its
+    error (str() of it may be another's: 0 and "0")."""
+    for name in raw:
+        if not isinstance(name, str):
+            raise InternalError(f"an output is named by {type(name).__name__} {name!r}; "
+                                f"outputs are named by strings")
+    return [(str.__str__(name), value) for name, value in raw.items()]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
