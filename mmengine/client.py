@@ -337,7 +337,7 @@ class _Connection:
         """Sends `frames` (each protocol.frames' list of buffers) and returns
         the answers to `ids` by id, within the socket's timeout in all (not
         each read's: an answer that trickles in is cut off as one that does
-        not come). Several requests are sent as the server takes them while
+        not come), longer while bytes move (_left). Several requests are sent as the server takes them while
         their answers are read: the server stops reading a client whose
         answers back up, so a client that sent a large batch before reading
         could wait for ever. (One request cannot back up: its answer comes
