@@ -812,6 +812,17 @@ def test_a_request_that_loaded_its_model_and_runs_at_the_deadline_hears_why(
 
 # -- SIGTERM under traffic ----------------------------------------------------------
 
+@contextlib.contextmanager
+def inherited_sighup(disposition):
+    """SIGHUP's disposition for the servers started meanwhile, which they
+    inherit: the tests' own may be nohup's (ignored)."""
+    old = signal.signal(signal.SIGHUP, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
 def hits(stats: dict, model: str) -> int:
     return next((r["hits"] for r in stats["models"] if r["name"] == model), 0)
 
@@ -885,9 +896,10 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo, sig):
     # front-end was draining (WORKER_DIED, "exited with code -15"). SIGHUP
     # (a terminal or ssh session closed under it) killed the front-end at
     # once, its workers too, and left its shared memory behind.
-    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
-                    "--http-port", "-1", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"),
-                    own_group=True)
+    with inherited_sighup(signal.SIG_DFL):  # (the tests may run under nohup)
+        server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                        "--http-port", "-1", env=environ(MMENGINE_SHUTDOWN_TIMEOUT_S="10"),
+                        own_group=True)
     try:
         m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
 
@@ -947,12 +959,9 @@ def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
 def test_under_nohup_a_sighup_is_nothing(repo):
     # nohup's ignored SIGHUP was taken over as a stop: a server started
     # under it stopped at its user's logout.
-    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited, as nohup leaves it
-    try:
+    with inherited_sighup(signal.SIG_IGN):  # as nohup leaves it
         server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
                         "--http-port", "-1")
-    finally:
-        signal.signal(signal.SIGHUP, old)
     try:
         m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
         server.proc.send_signal(signal.SIGHUP)
@@ -986,10 +995,11 @@ def test_a_closed_terminals_hangup_drains_and_exits_0(tmp_path):
     # failed its request.
     write_handler(tmp_path, "chatty", CHATTY_HANDLER)
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(command("serve", "--repo", str(tmp_path), "--workers", "1",
-                                    "--tcp-port", "0", "--http-port", "-1"),
-                            stdin=terminal, stdout=terminal, stderr=terminal, env=environ(),
-                            start_new_session=True)
+    with inherited_sighup(signal.SIG_DFL):  # (the tests may run under nohup)
+        proc = subprocess.Popen(command("serve", "--repo", str(tmp_path), "--workers", "1",
+                                        "--tcp-port", "0", "--http-port", "-1"),
+                                stdin=terminal, stdout=terminal, stderr=terminal,
+                                env=environ(), start_new_session=True)
     os.close(terminal)
     try:
         said = b""
