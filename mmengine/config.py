@@ -106,7 +106,7 @@ class Config:
     host_memory_watermark: float = 0.80  # system memory fraction that forces eviction
     # Bytes of models kept in shared memory for every worker to map (the
     # host tier): evicted models are demoted there, and reload from there.
-    # "auto" (-1): a quarter of the host's memory; 0: no host tier.
+    # "auto" (-1): a quarter of the memory the server may have (resources.host_memory); 0: none.
     host_tier_bytes: int = -1
     # Loads in flight at once (different models, different workers) may
     # move this many bytes together; a larger model loads alone. 0: no bound.

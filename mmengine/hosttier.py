@@ -20,10 +20,8 @@ from __future__ import annotations
 import os
 import weakref
 
-import psutil
-
 from mmengine import cache as books
-from mmengine import shm
+from mmengine import resources, shm
 from mmengine.config import Config
 
 Key = tuple[str, int]
@@ -37,10 +35,11 @@ BACKENDS = frozenset({"safetensors", "torchscript", "export"})
 
 def budget(config: Config) -> int:
     """The host tier's bytes: the configured size, or a quarter of the
-    host's memory when it is "auto" (-1); 0 turns the tier off."""
+    host's memory (its cgroup's limit, in a container) when it is "auto"
+    (-1); 0 turns the tier off."""
     if config.host_tier_bytes >= 0:
         return config.host_tier_bytes
-    return psutil.virtual_memory().total // 4
+    return resources.host_memory()[1] // 4
 
 
 class HostTier:

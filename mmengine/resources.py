@@ -1,21 +1,20 @@
 """Resource readings: which devices exist and how full memory and disk are.
 
 GPU figures come from pynvml (no torch in the front-end), host memory and
-disk from psutil. Every reading degrades to "no GPU" rather than failing
+disk from psutil, within the process's cgroup (a container's) where that
+allows less (cgroup.py). Every reading degrades to "no GPU" rather than failing
 where there is no NVIDIA driver.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import psutil
 
+from mmengine import cgroup
 from mmengine.config import Config, ConfigError
-
-
-#: A cgroup v2 CPU limit: "<quota> <period>" in microseconds, or "max <period>".
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,13 +124,9 @@ def cores() -> int:
     cgroup's CPU quota (a container's), not every core of the host."""
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
-    try:
-        with open(CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit to read
+    quota = cgroup.cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
     return count
 
 
@@ -168,11 +163,21 @@ def device_budget(config: Config, device: str) -> int:
             raise ConfigError(f"device_budget: the memory of {device} cannot be read "
                               f"(NVML); set device_budget")
         return memory[1]
-    return psutil.virtual_memory().total // 2 // config.workers
+    return host_memory()[1] // 2 // config.workers
+
+
+def host_memory() -> tuple[int, int]:
+    """(used, total) bytes of the memory this process may have: its
+    cgroup's working set and limit where the limit is below the
+    machine's memory, else the machine's (all but what is available)."""
+    machine = psutil.virtual_memory()
+    limited = cgroup.memory(machine.total)
+    return limited if limited else (machine.total - machine.available, machine.total)
 
 
 def host_memory_fraction() -> float:
-    return psutil.virtual_memory().percent / 100.0
+    used, total = host_memory()
+    return used / total
 
 
 def disk_fraction(path: str) -> float:

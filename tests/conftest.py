@@ -144,10 +144,11 @@ class Server:
     that the pipe never fills, and kept for failure messages."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 own_group: bool = False):
+                 own_group: bool = False, preexec_fn=None):
         self.proc = subprocess.Popen(command("serve", *args), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
-                                     env=env or environ(), start_new_session=own_group)
+                                     env=env or environ(), start_new_session=own_group,
+                                     preexec_fn=preexec_fn)
         self.output: list[str] = []
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

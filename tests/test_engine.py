@@ -674,19 +674,6 @@ def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
     assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
 
 
-def test_the_cores_are_the_affinitys_within_the_cgroups_quota(monkeypatch, tmp_path):
-    allowed = len(os.sched_getaffinity(0))
-    limit = tmp_path / "cpu.max"
-    monkeypatch.setattr(resources, "CGROUP_CPU_MAX", str(limit))
-    assert resources.cores() == allowed  # no such file: no limit
-    limit.write_text("max 100000\n")
-    assert resources.cores() == allowed
-    limit.write_text("50000 100000\n")  # half a core: still one
-    assert resources.cores() == 1
-    limit.write_text(f"{allowed * 100000 + 1} 100000\n")  # above the affinity
-    assert resources.cores() == allowed
-
-
 def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own_segments):
     """Each answer carries its serving thread's account: woken between the
     request's send and its start, CPU time within the model's wall time."""

@@ -478,7 +478,8 @@ class _Scrape:
 
         watermarks = GaugeMetricFamily(
             "mmengine_watermark_ratio", "Where eviction begins: device_budget (a worker's "
-            "bytes of its budget), host_memory (the machine's memory in use), disk (the disk "
+            "bytes of its budget), host_memory (the memory in use: the container's where it has "
+            "a limit), disk (the disk "
             "cache's disk in use).", labels=["resource"])
         c = self._config
         for resource, ratio in (("device_budget", c.high_watermark),
@@ -486,8 +487,9 @@ class _Scrape:
                                 ("disk", c.disk_watermark)):
             watermarks.add_metric([resource], ratio)
         yield watermarks
-        yield GaugeMetricFamily("mmengine_host_memory_ratio", "The machine's memory in use, "
-                                "as the host_memory watermark is compared with it.",
+        yield GaugeMetricFamily("mmengine_host_memory_ratio", "The memory in use (a container's "
+                                "working set of its limit, where it has one), as the "
+                                "host_memory watermark is compared with it.",
                                 value=resources.host_memory_fraction())
 
 

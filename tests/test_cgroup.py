@@ -1,0 +1,188 @@
+"""A container's limits: the memory and CPU that its cgroup allows.
+
+The readings are checked against cgroup file trees written as the kernel
+lays them out (both versions, with and without a cgroup namespace), and a
+real server is started in a real memory cgroup where this machine lets the
+tests make one (root, a writable memory controller)."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import Server
+from mmengine import Client, cgroup, demo, resources
+from mmengine.config import Config
+
+GiB = 1 << 30
+MACHINE = 64 * GiB
+
+
+def tree(tmp_path: Path, self_cgroup: str, files: dict[str, str],
+         monkeypatch) -> Path:
+    """A cgroup mount at tmp_path/cg holding `files` (path: text), and
+    /proc/self/cgroup saying `self_cgroup`, both read by cgroup.py."""
+    root = tmp_path / "cg"
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    (tmp_path / "self").write_text(self_cgroup)
+    monkeypatch.setattr(cgroup, "ROOT", str(root))
+    monkeypatch.setattr(cgroup, "SELF", str(tmp_path / "self"))
+    return root
+
+
+def v2_group(limit: str = "max", current: int = 3 * GiB, inactive: int = GiB,
+             cpu: str = "max 100000") -> dict[str, str]:
+    return {"memory.max": limit, "memory.current": str(current), "cgroup.procs": "1\n",
+            "memory.stat": f"anon {current - inactive}\ninactive_file {inactive}\n",
+            "cpu.max": cpu}
+
+
+def under(folder: str, files: dict[str, str]) -> dict[str, str]:
+    return {f"{folder}/{name}": text for name, text in files.items()}
+
+
+def test_v2_a_pods_limit_binds_its_container_and_the_page_cache_is_not_use(
+        tmp_path, monkeypatch):
+    # Kubernetes sets the pod's limit on the pod's group; the container's
+    # own says max. 3 GiB charged, 1 GiB of it page cache not touched lately.
+    tree(tmp_path, "0::/kubepods/pod1/ctr\n",
+         {**under("kubepods/pod1", {"memory.max": str(8 * GiB)}),
+          **under("kubepods/pod1/ctr", v2_group(cpu="250000 100000"))}, monkeypatch)
+    assert cgroup.memory(MACHINE) == (2 * GiB, 8 * GiB)
+    assert cgroup.cpu_quota() == 2.5
+    # A limit above the machine's memory is none.
+    assert cgroup.memory(4 * GiB) is None
+
+
+def test_v2_in_a_cgroup_namespace_the_group_is_the_mounts_root(tmp_path, monkeypatch):
+    tree(tmp_path, "0::/\n", v2_group(limit=str(6 * GiB), cpu="50000 100000"), monkeypatch)
+    assert cgroup.memory(MACHINE) == (2 * GiB, 6 * GiB)
+    assert cgroup.cpu_quota() == 0.5
+
+
+def test_v2_without_limits_says_none(tmp_path, monkeypatch):
+    tree(tmp_path, "0::/user.slice\n", under("user.slice", v2_group()), monkeypatch)
+    assert cgroup.memory(MACHINE) is None
+    assert cgroup.cpu_quota() is None
+
+
+def test_v1_without_a_namespace_reads_the_mounts_root(tmp_path, monkeypatch):
+    # Docker on cgroup v1: /proc/self/cgroup names the host's path, which
+    # the container's mount does not have; its root is the container's group.
+    tree(tmp_path, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n",
+         {"memory/memory.limit_in_bytes": str(4 * GiB),
+          "memory/memory.usage_in_bytes": str(3 * GiB),
+          "memory/memory.stat": f"hierarchical_memory_limit {4 * GiB}\n"
+                                f"total_inactive_file {GiB // 2}\n",
+          "cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, monkeypatch)
+    assert cgroup.memory(MACHINE) == (3 * GiB - GiB // 2, 4 * GiB)
+    assert cgroup.cpu_quota() == 3.0
+
+
+def test_v1_a_parents_limit_comes_through_the_hierarchical_one(tmp_path, monkeypatch):
+    unlimited = str(9223372036854771712)  # v1's "no limit"
+    tree(tmp_path, "4:memory:/slice/job\n1:cpu:/slice/job\n",
+         {"memory/slice/job/memory.limit_in_bytes": unlimited,
+          "memory/slice/job/memory.usage_in_bytes": str(GiB),
+          "memory/slice/job/memory.stat": f"hierarchical_memory_limit {2 * GiB}\n"
+                                          "total_inactive_file 0\n",
+          "memory/memory.stat": f"hierarchical_memory_limit {unlimited}\n",
+          "cpu/slice/cpu.cfs_quota_us": "150000", "cpu/slice/cpu.cfs_period_us": "100000",
+          "cpu/slice/job/cpu.cfs_quota_us": "-1", "cpu/slice/job/cpu.cfs_period_us": "100000",
+          "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, monkeypatch)
+    assert cgroup.memory(MACHINE) == (GiB, 2 * GiB)
+    assert cgroup.cpu_quota() == 1.5  # the parent's
+
+
+def test_unreadable_or_absent_groups_are_no_limit(tmp_path, monkeypatch):
+    tree(tmp_path, "0::/gone\n", {}, monkeypatch)
+    assert cgroup.memory(MACHINE) is None and cgroup.cpu_quota() is None
+    tree(tmp_path, "0::/\n", v2_group(limit="garbage"), monkeypatch)
+    assert cgroup.memory(MACHINE) is None
+    monkeypatch.setattr(cgroup, "SELF", str(tmp_path / "no such file"))
+    assert cgroup.memory(MACHINE) is None and cgroup.cpu_quota() is None
+
+
+def test_the_automatic_sizes_and_the_cores_come_from_the_container(tmp_path, monkeypatch):
+    allowed = len(os.sched_getaffinity(0))
+    tree(tmp_path, "0::/\n", v2_group(limit=str(4 * GiB), current=3 * GiB, inactive=GiB,
+                                      cpu="50000 100000"), monkeypatch)
+    c = Config(workers=2)
+    assert resources.host_memory() == (2 * GiB, 4 * GiB)
+    assert resources.host_memory_fraction() == 0.5
+    assert resources.device_budget(c, "cpu") == GiB  # half of the memory, a worker's half
+    assert resources.cores() == 1  # half a core: still one
+    tree(tmp_path, "0::/\n", v2_group(cpu=f"{allowed * 100000 + 1} 100000"), monkeypatch)
+    assert resources.cores() == allowed  # above the affinity
+    assert resources.host_memory()[1] == psutil.virtual_memory().total  # no limit
+
+
+def _memory_controller() -> Path | None:
+    """The folder of this process's memory group where a child can be made
+    in it, or None."""
+    paths = cgroup._paths()
+    if os.geteuid() != 0:
+        return None
+    for mount, path, marker in ((cgroup.ROOT, paths.get(""), "memory.max"),
+                                (os.path.join(cgroup.ROOT, "memory"), paths.get("memory"),
+                                 "memory.limit_in_bytes")):
+        if path is None:
+            continue
+        folder = Path(mount) / path.lstrip("/")
+        if (folder / "cgroup.procs").exists() and os.access(folder, os.W_OK) and \
+                (marker != "memory.max" or "memory" in (
+                    folder / "cgroup.subtree_control").read_text()):
+            return folder
+    return None
+
+
+@pytest.fixture
+def memory_group():
+    """A child memory cgroup of this process's, limited to 3 GiB; removed
+    after the test."""
+    parent = _memory_controller()
+    if parent is None:
+        pytest.skip("no memory cgroup to make here (needs root and a writable controller)")
+    group = parent / f"mmengine-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    v2 = (group / "memory.max").exists()
+    (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(3 * GiB))
+    yield group
+    for _ in range(50):  # its processes must be gone before it can be removed
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_a_server_in_a_container_sizes_itself_by_the_containers_memory(
+        tmp_path, memory_group):
+    if psutil.virtual_memory().total <= 3 * GiB:
+        pytest.skip("the machine has no more memory than the group's limit")
+    repo = tmp_path / "repo"
+    demo.write_mlp(repo / "m", "safetensors", 4, 4, 4)
+    procs = str(memory_group / "cgroup.procs")
+
+    def join() -> None:  # in the child, before exec: its workers follow
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", preexec_fn=join)
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+        with Client(f"{m.group(1)}:{m.group(2)}") as c:
+            c.infer("m", {"x": np.ones((1, 4), np.float32)})
+            stats = c.stats()
+        assert stats["workers"][0]["budget_bytes"] == 3 * GiB // 2
+        assert stats["host_tier"]["budget_bytes"] == 3 * GiB // 4
+    finally:
+        server.stop()
