@@ -24,6 +24,10 @@ request, one at a time and under load. Last, a 16 MiB tensor
 through the SDK to a handler that returns it, against the echo server
 exchanging frames of the same sizes (large_vs_echo: what the path adds to
 moving the bytes).
+
+The model called directly, the SDK and the echo, whose medians make
+sdk_vs_echo, are measured in turns of a few hundred calls each (the
+machine's moods fall on all three alike); the rest one after another.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -64,6 +68,7 @@ HTTP_CONCURRENCY = 32  # one request in flight on each of this many connections
 # A large tensor through the SDK and back (a handler that returns its input),
 # against an echo of frames of the same sizes.
 LARGE, LARGE_MIB = "identity", 16
+BLOCK = 200  # calls of one kind in a row, in interleaved_us
 IDENTITY_HANDLER = """
 def load(path, device):
     return None
@@ -242,26 +247,18 @@ def relay_server(response_bytes: int) -> None:
         worker.join(10)
 
 
-def echo_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo") -> float:
-    """The p50 of a blocking client's exchanges with the `kind` server
-    ("echo" or "relay") in a subprocess."""
+@contextlib.contextmanager
+def baseline(kind: str, response_bytes: int):
+    """The `kind` server ("echo" or "relay") answering frames with frames
+    of `response_bytes`, in a subprocess; yields a blocking, connected
+    socket to it."""
     proc = subprocess.Popen([sys.executable, __file__, f"--{kind}-server", str(response_bytes)],
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            buf = bytearray(response_bytes)
-            view = memoryview(buf)
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter_ns()
-                sock.sendall(request)
-                got = 0
-                while got < response_bytes:
-                    got += sock.recv_into(view[got:])
-                samples.append(time.perf_counter_ns() - t0)
-        return _p(samples[n // 10:], 50) / 1e3
+            yield sock
     finally:
         proc.terminate()
         try:
@@ -271,26 +268,74 @@ def echo_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo")
             proc.wait()
 
 
+def exchange_ns(sock: socket.socket, request: bytes, into: memoryview) -> int:
+    """One frame sent and an answer of len(into) bytes read, timed."""
+    t0 = time.perf_counter_ns()
+    sock.sendall(request)
+    got = 0
+    while got < len(into):
+        got += sock.recv_into(into[got:])
+    return time.perf_counter_ns() - t0
+
+
+def baseline_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo") -> float:
+    """The p50 of a blocking client's exchanges with the `kind` server."""
+    into = memoryview(bytearray(response_bytes))
+    with baseline(kind, response_bytes) as sock:
+        samples = [exchange_ns(sock, request, into) for _ in range(n)]
+    return _p(samples[n // 10:], 50) / 1e3
+
+
 # -- the model, the engine, the SDK --------------------------------------------
 
 def _p(samples, q: float) -> float:
     return float(np.percentile(samples, q))
 
 
-def direct_p50_us(x: np.ndarray, n: int) -> float:
+def direct_model():
+    """The model as the worker holds it, and a call of it as the worker's."""
     import torch
 
     from mmengine.demo import mlp
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))  # as the worker does
     model = mlp(*DIMS, seed=0)
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
+
+    def call(x: np.ndarray) -> None:
         with torch.inference_mode():
             model(torch.from_numpy(x)).numpy()
-        samples.append(time.perf_counter_ns() - t0)
-    return _p(samples[n // 10:], 50) / 1e3
+    return call
+
+
+def interleaved_us(address: str, echo: socket.socket, x: np.ndarray, request: bytes,
+                   response_bytes: int, n: int) -> dict:
+    """The model called directly, through the SDK and the echo's exchange,
+    n times each, in turns of BLOCK calls whose order rotates. Measured one
+    after the other, each caught the machine in another mood (an idle
+    virtual CPU woke in 22 µs in one run, 298 µs in the next): in turns,
+    what slows one slows the others, and their ratio holds. Each turn's
+    first tenth is its warm-up; the first turn of each is dropped."""
+    call, into = direct_model(), memoryview(bytearray(response_bytes))
+    samples = {"direct": [], "sdk": [], "echo": []}
+    with Client(address) as c:
+        def timed(fn, *args) -> int:
+            t0 = time.perf_counter_ns()
+            fn(*args)
+            return time.perf_counter_ns() - t0
+
+        kinds = {"direct": lambda: timed(call, x),
+                 "sdk": lambda: timed(c.infer, MODEL, {"x": x}),
+                 "echo": lambda: exchange_ns(echo, request, into)}
+        order = list(kinds)
+        for turn in range(n // BLOCK + 1):
+            for kind in order:
+                block = [kinds[kind]() for _ in range(BLOCK)]
+                if turn:
+                    samples[kind] += block[BLOCK // 10:]
+            order.append(order.pop(0))
+    out = {f"{k}_p50_us": _p(v, 50) / 1e3 for k, v in samples.items()}
+    out["sdk_p99_us"] = _p(samples["sdk"], 99) / 1e3
+    return out
 
 
 async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
@@ -326,11 +371,6 @@ def sdk_samples_ns(address: str, model: str, x: np.ndarray, n: int) -> list[int]
             c.infer(model, {"x": x})
             samples.append(time.perf_counter_ns() - t0)
     return samples[n // 10:]
-
-
-def sdk_latency_us(address: str, x: np.ndarray, n: int) -> tuple[float, float]:
-    samples = sdk_samples_ns(address, MODEL, x, n)
-    return _p(samples, 50) / 1e3, _p(samples, 99) / 1e3
 
 
 def stages_p50_us(address: str, request: dict, n: int) -> dict:
@@ -526,12 +566,14 @@ def run(quick: bool) -> dict:
         write_mlp(repo / MODEL, "safetensors", *DIMS)
         (repo / LARGE / "1").mkdir(parents=True)
         (repo / LARGE / "1" / "handler.py").write_text(IDENTITY_HANDLER)
-        direct = med(direct_p50_us(x, n) for _ in range(repeats))
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
         engine = {k: med(e[k] for e in engine) for k in engine[0]}
-        with server(repo, "--workers", str(WORKERS)) as (address, proc):
-            sdk = [cpu_per_request(proc.pid, n, sdk_latency_us, address, x, n)
-                   for _ in range(repeats)]
+        with server(repo, "--workers", str(WORKERS)) as (address, proc), \
+                baseline("echo", len(response)) as echo:
+            one_at_a_time = interleaved_us(address, echo, x, protocol.frame(request),
+                                           len(response), n * repeats)
+            cpu_c1 = [cpu_per_request(proc.pid, n, sdk_samples_ns, address, MODEL, x, n)[1]
+                      for _ in range(repeats)]
             stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
@@ -553,19 +595,17 @@ def run(quick: bool) -> dict:
                                         _http_rps(http, binary_req, rps_n))
                         for _ in range(repeats)]
             sdk_large = med(sdk_large_ms(address, big, large_n) for _ in range(repeats))
-        echo = med(echo_p50_us(protocol.frame(request), len(response), n)
-                   for _ in range(repeats))
-        relay = med(echo_p50_us(protocol.frame(request), len(response), n, "relay")
+        relay = med(baseline_p50_us(protocol.frame(request), len(response), n, "relay")
                     for _ in range(repeats))
-        echo_large = med(echo_p50_us(big_request, big_response, large_n) / 1e3
+        echo_large = med(baseline_p50_us(big_request, big_response, large_n) / 1e3
                          for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
-    sdk_p50 = med(s[0][0] for s in sdk)
+    direct, sdk_p50, echo = (one_at_a_time[f"{k}_p50_us"] for k in ("direct", "sdk", "echo"))
     return {
         "direct_p50_us": direct,
         "engine_p50_us": engine["engine"],
         "sdk_p50_us": sdk_p50,
-        "sdk_p99_us": med(s[0][1] for s in sdk),
+        "sdk_p99_us": one_at_a_time["sdk_p99_us"],
         "echo_p50_us": echo,
         "relay_p50_us": relay,
         "sdk_rps_c64": med(r[0] for r in rps),
@@ -584,7 +624,7 @@ def run(quick: bool) -> dict:
             "front_end_rest": sdk_p50 - engine["engine"] - codec - echo,
         },
         "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
-        "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
+        "cpu_us_per_request_c1": {k: med(r[k] for r in cpu_c1) for k in cpu_c1[0]},
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
         "cpu_us_per_request_http_json_c1": {k: med(r[1][k] for r in http_json)
                                             for k in http_json[0][1]},
