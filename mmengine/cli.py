@@ -95,7 +95,7 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
         # flag says otherwise).
         defaults["device_budget"] = "4MiB"
     config = cfg.load(args.config, overrides=overrides, defaults=defaults)
-    cfg.check_repo(config)
+    cfg.check_paths(config)
     return config
 
 

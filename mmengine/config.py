@@ -59,15 +59,20 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
-def check_repo(config: "Config") -> None:
-    """ConfigError unless `repo` names a directory: a Config may leave it
-    unset (tools that serve nothing), an engine may not."""
+def check_paths(config: "Config") -> None:
+    """ConfigError unless `repo` and each of `model_roots` name a
+    directory this user can read: a Config may leave `repo` unset (tools
+    that serve nothing), an engine may not. A root that is not there is a
+    typo, or a volume not mounted: every model added under it would be
+    refused, long after the start."""
     if not config.repo:
         raise ConfigError("repo: no model repository given (--repo DIR or --demo)")
-    if not os.path.isdir(config.repo):
-        raise ConfigError(f"repo: {config.repo!r} is not a directory")
-    if not os.access(config.repo, os.R_OK | os.X_OK):
-        raise ConfigError(f"repo: {config.repo!r} cannot be read by this user")
+    for key, path in [("repo", config.repo)] + [
+            ("model_roots", root) for root in config.model_roots.split(os.pathsep) if root]:
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key}: {path!r} is not a directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"{key}: {path!r} cannot be read by this user")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +370,10 @@ def _validate(c: Config) -> None:
     need(c.max_connections >= 1, "max_connections", "must be at least 1")
     need(c.receive_bytes >= 1 << 20, "receive_bytes", "must be at least 1MiB")
     need(c.receive_min_rate >= 0, "receive_min_rate", "must be >= 0 (0: any pace)")
-    need(bool(c.cache_dir), "cache_dir", "must name a directory")
+    need(bool(c.cache_dir.strip()), "cache_dir", "must name a directory")
+    need(c.control_token == c.control_token.strip(), "control_token",
+         "has white space at an end (a newline from a file?): clients' tokens never would "
+         "(HTTP strips it from headers)")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
     need(c.fetch_min_rate >= 0, "fetch_min_rate", "must be >= 0 (0: any pace)")
     need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")

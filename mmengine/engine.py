@@ -41,7 +41,7 @@ import numpy as np
 from mmengine import auth
 from mmengine import cache as books
 from mmengine import errors, fetch, hosttier, resources, shm, storage
-from mmengine.config import Config, ConfigError, check_repo, parse_pins
+from mmengine.config import Config, ConfigError, check_paths, parse_pins
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
                              PinnedFull, Timeout, TooLarge, WorkerDied)
@@ -217,7 +217,7 @@ class Engine:
             raise RuntimeError("an engine that stopped does not start again: make a new one")
         if self._started:
             raise RuntimeError("this engine has started already")
-        check_repo(self.config)
+        check_paths(self.config)
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
         _ENGINES.add(self)

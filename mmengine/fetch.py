@@ -77,6 +77,8 @@ def parse_allowed_hosts(text: str) -> frozenset[tuple[str, int | None]]:
             port = parts.port
         except ValueError:
             port = -1
+        if "*" in entry:  # a wildcard would match no host, silently
+            raise ValueError(f"{entry!r}: no wildcards; name each host")
         if (not parts.hostname or port == -1 or parts.username is not None
                 or parts.path or parts.query or parts.fragment):
             raise ValueError(f"{entry!r} is not a host or host:port")

@@ -1386,6 +1386,9 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
         for repo in ("", str(tmp_path / "missing")):
             with pytest.raises(ConfigError, match="repo"):
                 await Engine(Config(repo=repo, workers=1)).start()
+        roots = os.pathsep.join([str(tmp_path), str(tmp_path / "typo")])
+        with pytest.raises(ConfigError, match="^model_roots: .*typo' is not a directory"):
+            await Engine(Config(repo=str(tmp_path), workers=1, model_roots=roots)).start()
         engine = Engine(Config(repo=str(tmp_path), workers=1))
         with pytest.raises(RuntimeError, match="has not started"):  # a bug, not an overload
             await engine.infer("m", {"x": np.ones(1)})

@@ -735,6 +735,9 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("disk_watermark", 0), ("disk_watermark", 1.5), ("disk_cache_bytes", -1),
     ("allowed_hosts", "a.test/path"), ("allowed_hosts", "a.test:port"),
     ("allowed_hosts", "user@a.test"), ("cache_dir", ""),
+    # Taken, and then matched nothing: every fetch, or every client, refused.
+    ("allowed_hosts", "*"), ("allowed_hosts", "*.example.com"), ("cache_dir", "  "),
+    ("control_token", "secret\n"), ("control_token", " secret"),
     ("account_requests", "maybe"), ("account_requests", 2), ("spin_during_loads", "always"),
     ("stuck_inference_s", -1),
     ("spin_during_loads", ""), ("log_level", "loud"), ("log_level", ""),
