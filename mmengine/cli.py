@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from mmengine import config as cfg
+from mmengine import logs
 
 DEMO_MODELS = 64
 DEMO_VERSION = 1  # bump when the demo repository's contents change
@@ -128,19 +129,6 @@ async def _say_when_warm(engine, t_start: float) -> None:
          f"start; ready")
 
 
-def _log_to_stdout(level: str) -> None:
-    """The engine's operator lines on stdout, beside what serve prints,
-    each with its time (UTC) and level."""
-    handler = logging.StreamHandler(sys.stdout)
-    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s mmengine: "
-                                  "%(message)s", "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    log.addHandler(handler)
-    log.setLevel(level.upper())
-    log.propagate = False
-
-
 async def _listen(server, host: str, port: int, key: str) -> int:
     """server.start(host, port), whose failure names the key to change."""
     try:
@@ -172,7 +160,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     # The loop shares the GIL with threads that format a scrape or read a
     # repository: it waits for them this long at most, not 5 ms.
     sys.setswitchinterval(config.gil_switch_us / 1e6)
-    _log_to_stdout(config.log_level)
+    logs.to(log, sys.stdout, "mmengine", config.log_level)  # beside what serve prints
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in worker.STOP_SIGNALS:  # each as Ctrl-C

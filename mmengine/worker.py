@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mmengine import messages, resources
+from mmengine import logs, messages, resources
 from mmengine.config import Config
 from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
@@ -48,6 +49,8 @@ IDLE_NS = 100_000_000
 # half as much in judging whether a queued request would miss its deadline
 # (WorkerLogic.would_miss): a figure gone stale gives way.
 MISS_TRUST_HALF_LIFE_S = 1.0
+
+log = logging.getLogger("mmengine.worker")
 
 
 class _Terminal:
@@ -142,7 +145,7 @@ class WorkerLogic:
             try:
                 model, source = self._on_stream(load_model, spec, self.device, host), "host"
             except LoadFailed as e:  # the segment went: the files still serve
-                print(f"mmengine worker: {e}; loading from the files", file=sys.stderr)
+                log.warning("%s; loading from the files", e)
         if model is None:
             model = self._on_stream(load_model, spec, self.device)
         self.models[key] = model  # published only once whole
@@ -182,7 +185,7 @@ class WorkerLogic:
             else:
                 linear()
         except Exception as e:  # noqa: BLE001 - only a head start: the first load pays
-            print(f"mmengine worker: warming {self.device} failed: {e!r}", file=sys.stderr)
+            log.warning("warming %s failed: %r", self.device, e)
 
     def publishable(self, model) -> bool:
         """Whether `model`'s bytes can go to the host tier (`publish`): a
@@ -366,7 +369,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
         try:
             op, rid, name, version, _, params = messages.parse_request(parts[0])
         except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
-            print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
+            log.error("dropped a malformed request: %s", e)
             continue
         finally:
             del parts
@@ -430,7 +433,7 @@ def _warm(repo: str) -> None:
     try:
         backends.warm(repo)
     except Exception as e:  # noqa: BLE001 - only a head start: loads still work without
-        print(f"mmengine worker: warming the backends failed: {e!r}", file=sys.stderr)
+        log.warning("warming the backends failed: %r", e)
 
 
 def _close(model) -> None:
@@ -441,7 +444,7 @@ def _close(model) -> None:
     try:
         model.close()
     except Exception as e:  # noqa: BLE001 - a backend bug must not kill the worker
-        print(f"mmengine worker: closing {model.spec.name} failed: {e!r}", file=sys.stderr)
+        log.error("closing %s failed: %r", model.spec.name, e)
 
 
 def _serve(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
@@ -475,8 +478,8 @@ class _ThreadClock:
         try:
             return cls()
         except (OSError, ValueError, IndexError) as e:
-            print(f"mmengine worker: account_requests: no scheduler statistics "
-                  f"({e}); answers carry no account", file=sys.stderr)
+            log.warning("account_requests: no scheduler statistics (%s); answers carry "
+                        "no account", e)
             return None
 
     def account(self, woke: int, t_recv: int, start: tuple[int, int],
@@ -504,7 +507,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
         except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
             del parts
             req.release()
-            print(f"mmengine worker: dropped a malformed request: {e}", file=sys.stderr)
+            log.error("dropped a malformed request: %s", e)
             continue
         deadline = params.get("deadline")
         if rid in abandoned or deadline is not None and \
@@ -566,6 +569,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     for stream in ("stdout", "stderr"):
         if getattr(sys, stream).isatty():
             setattr(sys, stream, _Terminal(getattr(sys, stream)))
+    logs.to(log, sys.stderr, f"mmengine worker {index} (pid {os.getpid()})", config.log_level)
     sys.setswitchinterval(config.gil_switch_us / 1e6)
     import torch
 
@@ -576,8 +580,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     try:
         req, ctl, resp = _attach(*req_handle), _attach(*ctl_handle), _attach(*resp_handle)
     except FileNotFoundError as e:  # unlinked before we came: nobody waits for us
-        print(f"mmengine worker: its rings are gone (the front-end stopped, or gave up "
-              f"on this worker): {e}", file=sys.stderr)
+        log.error("its rings are gone (the front-end stopped, or gave up on this "
+                  "worker): %s", e)
         sys.exit(1)
     out = _Responder(resp)
     abandoned = messages.Abandoned(abandoned_fd)

@@ -714,3 +714,21 @@ def test_scrapes_at_once_share_one_and_each_gets_it_whole(repo, own_segments):
     assert len(set(plain)) == 1 and len(set(openmetrics)) == 1  # one scrape each
     assert 'mmengine_requests_total{code="OK",model="m00"} 1.0' in plain[0]
     assert {f.name for f in parse_om(openmetrics[0])} >= {"mmengine_requests"}
+
+
+def test_operator_lines_carry_their_time_level_and_speaker():
+    # A worker's lines and the front-end's meet in one stream (a
+    # container's log): each says when, how bad, and which process.
+    import io
+    import logging
+
+    from mmengine import logs
+
+    stream, log = io.StringIO(), logging.getLogger("mmengine.test-speaker")
+    logs.to(log, stream, "mmengine worker 3 (pid 42)", "warning")
+    log.info("not at this level")
+    log.warning("warming %s failed: %r", "cuda:3", OSError("no"))
+    line, = stream.getvalue().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING mmengine worker 3 "
+                        r"\(pid 42\): warming cuda:3 failed: OSError\('no'\)", line), line
+    assert not log.propagate

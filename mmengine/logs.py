@@ -1,0 +1,25 @@
+"""How mmengine's processes write their lines for operators: each with its
+time (UTC, to the millisecond), its level and who said it, so that lines
+from the front-end and from several workers interleaved in one stream (a
+container's log) can be put in order and told apart."""
+from __future__ import annotations
+
+import logging
+import time
+
+
+def handler(stream, who: str) -> logging.Handler:
+    """A handler writing to `stream` as "<time> <LEVEL> <who>: <message>"."""
+    out = logging.StreamHandler(stream)
+    formatter = logging.Formatter(f"%(asctime)s.%(msecs)03dZ %(levelname)s {who}: "
+                                  "%(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    out.setFormatter(formatter)
+    return out
+
+
+def to(log: logging.Logger, stream, who: str, level: str = "info") -> None:
+    """Sends `log`'s lines at `level` and above to `stream`, and nowhere else."""
+    log.addHandler(handler(stream, who))
+    log.setLevel(level.upper())
+    log.propagate = False
