@@ -286,7 +286,8 @@ def _print_token() -> None:
     print(f'token_sha256 = "{hex_digest}"')
     print("mmengine: the first line is the token for clients (SDK token=..., "
           "Authorization: Bearer ...; or the server's control_token); the second "
-          "goes into a model's model.toml. The server keeps only the digest.",
+          "goes into a model's model.toml, above its first [table] (below one, it would "
+          "be that table's key). The server keeps only the digest.",
           file=sys.stderr)
 
 
