@@ -9,11 +9,13 @@ there, the mount's root is taken: a container without a cgroup namespace
 sees its host's path in /proc/self/cgroup, while its mount shows its own
 group at the root.
 
-A limit at or above the machine's memory is no limit. What a group uses is
-its working set, as Kubernetes weighs it for eviction: its usage less the
-page cache it has not touched lately (inactive_file), which the kernel
-takes back before it kills anyone. Model files read through the page cache
-must not count as memory in use, or every load would look like pressure.
+A limit at or above the machine's memory is no limit. What a group uses
+is what the kernel cannot take back from it: its usage less its page
+cache, active or not (active_file, inactive_file), which the kernel
+reclaims before it kills anyone at the limit. Model files read through
+the page cache (twice, and they are "active") must not count as memory in
+use, or every load would look like pressure. /dev/shm (shmem: the rings,
+the host tier) is no such cache: it counts.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def _stat(folder: str, name: str) -> dict[str, int]:
 
 
 def memory(machine: int) -> tuple[int, int] | None:
-    """(working set, limit) in bytes of this process's memory cgroup,
+    """(bytes in use, limit) of this process's memory cgroup,
     where it has a limit below `machine` (the machine's memory); None where
     it has none, or none can be read."""
     paths = _paths()
@@ -91,7 +93,8 @@ def memory(machine: int) -> tuple[int, int] | None:
             limit = _least(group, ROOT, "memory.max", _v2_memory)
             limit = machine if limit is None else limit
             used = int(_read(group, "memory.current"))
-            inactive = _stat(group, "memory.stat").get("inactive_file", 0)
+            stat = _stat(group, "memory.stat")
+            cache = stat.get("active_file", 0) + stat.get("inactive_file", 0)
         elif "memory" in paths and (group := _group(os.path.join(ROOT, "memory"),
                                                     paths["memory"], "memory.stat")):
             # v1: the stat's hierarchical limit is the least of the ancestors'.
@@ -99,14 +102,14 @@ def memory(machine: int) -> tuple[int, int] | None:
             limit = min(stat.get("hierarchical_memory_limit", machine),
                         int(_read(group, "memory.limit_in_bytes")))
             used = int(_read(group, "memory.usage_in_bytes"))
-            inactive = stat.get("total_inactive_file", 0)
+            cache = stat.get("total_active_file", 0) + stat.get("total_inactive_file", 0)
         else:
             return None
     except (OSError, ValueError):
         return None
     if limit >= machine:
         return None
-    return max(0, used - inactive), limit
+    return max(0, used - cache), limit
 
 
 def cpu_quota() -> float | None:

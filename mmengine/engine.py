@@ -218,12 +218,21 @@ class Engine:
         if self._started:
             raise RuntimeError("this engine has started already")
         check_paths(self.config)
+        # Sized before a worker starts: a size that cannot be made is the
+        # start's error, with nothing to stop.
+        self.host.size(self.config)
+        devices = resources.plan_devices(self.config)
+        budgets = {d: resources.device_budget(self.config, d) for d in devices}
+        if too_much := resources.overcommitted(
+                self.config, [budgets[d] if d == "cpu" else 0 for d in devices],
+                self.host.budget()):
+            log.warning("%s", too_much)
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
         _ENGINES.add(self)
         self._starting = loop.create_future()
         try:
-            await self._bring_up(loop)
+            await self._bring_up(loop, budgets)
         except BaseException:
             if self.disk is not None:  # it may be tried again, with a cache of its own
                 self.disk.close()
@@ -235,7 +244,8 @@ class Engine:
             raise RuntimeError("the engine was stopped while it started")
         return self
 
-    async def _bring_up(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _bring_up(self, loop: asyncio.AbstractEventLoop, budgets: dict[str, int]) -> None:
+        """Starts the workers; `budgets`, each device's bytes of models."""
         try:
             pins, broken = await self._configured_pins()
             self.disk = await loop.run_in_executor(self._fetchers, DiskCache, self.config)
@@ -254,8 +264,7 @@ class Engine:
         policy = books.GDSF if self.config.policy == "gdsf" else books.LRU
         self.cache = books.Cache(len(self.pool.workers), policy)
         for w in self.pool.workers:
-            self.cache.set_capacity(books.DEVICE, w.index,
-                                    resources.device_budget(self.config, w.device))
+            self.cache.set_capacity(books.DEVICE, w.index, budgets[w.device])
         self._locks = [asyncio.Lock() for _ in self.pool.workers]
         biggest = max(self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers)
         too_large = [s for s in pins if s.estimated_bytes > biggest]
@@ -1279,10 +1288,12 @@ class Engine:
 
     # -- unloads -----------------------------------------------------------------
 
-    def _evict(self, key: Key, reason: str, cause: Key | None = None) -> asyncio.Task:
+    def _evict(self, key: Key, reason: str, cause: Key | None = None,
+               drop_host: bool = False) -> asyncio.Task:
         """Starts unloading a resident model that no request holds (to make
-        room for `cause`, where one model's load needs it). The state
-        changes at once, so no one else can choose it meanwhile."""
+        room for `cause`, where one model's load needs it); its copy in the
+        host tier stays (demoted) unless `drop_host`. The state changes at
+        once, so no one else can choose it meanwhile."""
         entry = self.cache.entry(key)
         self.cache.set_state(key, books.UNLOADING)
         event = {"model": key[0], "version": key[1], "worker": entry.worker,
@@ -1295,14 +1306,15 @@ class Engine:
                   entry.worker, reason, f": room for {event['for']}" if cause else "",
                   entry.device_bytes)
         self._count_eviction(key, reason)
-        return self._start(key, Op.UNLOAD, self._unload(key, entry.worker, self._gen[key]))[1]
+        return self._start(key, Op.UNLOAD,
+                           self._unload(key, entry.worker, self._gen[key], drop_host))[1]
 
     def _count_eviction(self, key: Key, reason: str) -> None:
         stats = self._stats.setdefault(key, ModelStats())
         stats.evictions += 1
         stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
 
-    async def _unload(self, key: Key, index: int, gen: int) -> None:
+    async def _unload(self, key: Key, index: int, gen: int, drop_host: bool = False) -> None:
         worker = self.pool.workers[index]
         try:
             if worker.alive:
@@ -1311,7 +1323,10 @@ class Engine:
             pass  # its memory went with it
         finally:
             if self._gen.get(key) == gen:
-                self.host.set_resident(key, False)  # demoted: its bytes stay in the host tier
+                if drop_host:
+                    self.host.drop(key)
+                else:
+                    self.host.set_resident(key, False)  # demoted: its bytes stay there
             self._forget(key, gen)
 
     async def _shrink(self, index: int, reason: str, need: int = 0,
@@ -1343,20 +1358,40 @@ class Engine:
             for key in self.cache.idle(time.monotonic(), self.config.idle_unload_s):
                 if self.cache.entry(key).state == books.READY:
                     self._evict(key, "idle")
-        if resources.host_memory_fraction() > self.config.host_memory_watermark:
-            # What no worker uses goes first: a demoted model's host copy.
-            demoted = self.host.least_recent()
-            if demoted is not None:
-                self.host.drop(demoted)
-            else:
-                victim = self._least_recent(lambda w: w.device == "cpu")
-                if victim is not None:
-                    await self._evict(victim, "host_memory")
+        await self._relieve_host_memory()
         for w in self.pool.workers:
             memory = resources.gpu_memory(int(w.device.split(":")[1])) \
                 if w.device.startswith("cuda") else None
             if memory is not None:  # (None: NVML will not say; the budget still holds)
                 await self._relieve(w, *memory)
+
+    async def _relieve_host_memory(self) -> None:
+        """Host memory past host_memory_watermark: about what it is over by
+        goes at once, least recently used first: copies in the host tier
+        that no worker holds, then models resident on CPU workers, their
+        copies too (a CPU worker's model loaded from the tier is the tier's
+        pages: evicted alone, it freed nothing). A model a turn was too
+        slow: a container near its limit had its workers killed first.
+        What went shows at the next turn's reading."""
+        used, total = resources.host_memory()
+        short = self._drop_demoted(used - self.config.host_memory_watermark * total,
+                                   log.debug, "host memory is past host_memory_watermark")
+        evictions = []
+        while short > 0 and (victim := self._least_recent(lambda w: w.device == "cpu")):
+            short -= max(1, self.cache.entry(victim).device_bytes)
+            evictions.append(self._evict(victim, "host_memory", drop_host=True))
+        if evictions:
+            await asyncio.gather(*evictions, return_exceptions=True)
+
+    def _drop_demoted(self, short: float, say, why: str) -> float:
+        """Drops the copies in host memory of models no worker holds, least
+        recently used first, until `short` bytes have gone or none is left;
+        what is still short. `say` (a log method) tells each, with `why`."""
+        while short > 0 and (demoted := self.host.least_recent()) is not None:
+            say("dropping %s v%d's copy in host memory: %s", *demoted, why)
+            short -= max(1, self.host.bytes(demoted))
+            self.host.drop(demoted)
+        return short
 
     async def _relieve(self, w: Worker, used: int, total: int) -> None:
         """A device over the watermark as its driver counts (`used` of
@@ -1593,16 +1628,9 @@ class Engine:
         of models no worker holds (demoted) go, least recently used first,
         until the rings fit. A worker serves; a copy only speeds a reload
         (the dead one stayed down for good while they held the room)."""
-        short = 2 * self.config.ring_bytes + CONTROL_RING_BYTES \
-            - shutil.disk_usage(shm.SHM_DIR).free
-        while short > 0:
-            demoted = self.host.least_recent()
-            if demoted is None:
-                return
-            log.warning("dropping %s v%d's copy in host memory: a worker's rings need "
-                        "the room", *demoted)
-            short -= self.host.bytes(demoted)
-            self.host.drop(demoted)
+        self._drop_demoted(2 * self.config.ring_bytes + CONTROL_RING_BYTES
+                           - shutil.disk_usage(shm.SHM_DIR).free,
+                           log.warning, "a worker's rings need the room")
 
     def _keep_pinned_warm(self) -> None:
         """Loads every pinned model that is not resident (its worker died,

@@ -35,18 +35,17 @@ BACKENDS = frozenset({"safetensors", "torchscript", "export"})
 
 def budget(config: Config) -> int:
     """The host tier's bytes: the configured size, or a quarter of the
-    host's memory (its cgroup's limit, in a container) when it is "auto"
-    (-1); 0 turns the tier off."""
+    memory for models (resources.memory_for_models: a container's limit
+    less the server's own) when it is "auto" (-1); 0 turns the tier off."""
     if config.host_tier_bytes >= 0:
         return config.host_tier_bytes
-    return resources.host_memory()[1] // 4
+    return resources.memory_for_models(config, "host_tier_bytes") // 4
 
 
 class HostTier:
     def __init__(self, config: Config) -> None:
         self.high, self.low = config.high_watermark, config.low_watermark
-        self.book = books.Cache(1)
-        self.book.set_capacity(books.HOST, 0, budget(config))
+        self.book = books.Cache(1)  # its budget is set at start (size())
         self._segments: dict[Key, str] = {}
         self._resident: set[Key] = set()  # each holds one pin
         self.drops = 0
@@ -108,6 +107,14 @@ class HostTier:
             self._resident.discard(key)
             self.book.unpin(key)
 
+    def size(self, config: Config) -> None:
+        """Sets the budget (budget()): at start, where a bad one is the
+        start's error."""
+        self.book.set_capacity(books.HOST, 0, budget(config))
+
+    def budget(self) -> int:
+        return self.book.capacity(books.HOST, 0)
+
     def drop(self, key: Key) -> None:
         """Removes `key` from the tier and unlinks its segment. A worker
         that still maps it keeps its pages until it unmaps them."""
@@ -155,7 +162,7 @@ class HostTier:
 
     def stats(self) -> dict:
         return {"bytes": self.book.used(books.HOST, 0),
-                "budget_bytes": self.book.capacity(books.HOST, 0),
+                "budget_bytes": self.budget(),
                 "models": len(self.book), "drops": self.drops}
 
 

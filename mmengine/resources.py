@@ -16,6 +16,11 @@ import psutil
 from mmengine import cgroup
 from mmengine.config import Config, ConfigError
 
+#: What each process of the server holds besides models and rings, which
+#: the automatic sizes leave it: the interpreter, torch, its allocator (a
+#: CPU worker held ~150 MiB in a container drill, the front-end ~30).
+PROCESS_BYTES = 200 << 20
+
 
 @functools.lru_cache(maxsize=1)
 def _nvml():
@@ -163,7 +168,47 @@ def device_budget(config: Config, device: str) -> int:
             raise ConfigError(f"device_budget: the memory of {device} cannot be read "
                               f"(NVML); set device_budget")
         return memory[1]
-    return host_memory()[1] // 2 // config.workers
+    return memory_for_models(config, "device_budget") // 2 // config.workers
+
+
+def memory_for_models(config: Config, key: str) -> int:
+    """What the automatic sizes share out: the memory the server may have,
+    less what it holds whatever it serves: each worker's two data rings
+    (in /dev/shm, which a container's limit counts) and each process's
+    PROCESS_BYTES. Shared out whole, a 1 GiB container's two workers
+    were killed at its limit, again and again. ConfigError, naming the
+    automatic `key`, where nothing is left."""
+    workers = len(plan_devices(config))
+    fixed = own_memory(config, workers)
+    total = host_memory()[1]
+    if total <= fixed:
+        raise ConfigError(
+            f"{key}: automatic, but the memory the server may have ({total >> 20} MiB) "
+            f"leaves none for models after {workers} workers' rings (2 x ring_bytes each) "
+            f"and {workers + 1} processes (~{PROCESS_BYTES >> 20} MiB each): give it more "
+            f"memory, or fewer workers, a smaller ring_bytes, or set {key}")
+    return total - fixed
+
+
+def own_memory(config: Config, workers: int) -> int:
+    """What a server of `workers` workers holds whatever it serves: their
+    data rings and every process's PROCESS_BYTES."""
+    return workers * 2 * config.ring_bytes + (workers + 1) * PROCESS_BYTES
+
+
+def overcommitted(config: Config, budgets: list[int], host_bytes: int) -> str | None:
+    """What to tell an operator whose sizes add up to more than the memory
+    the server may have, `budgets` being each worker's device budget on
+    the host (a CPU worker's) or 0; None where they fit. (On a CPU worker a
+    model loaded from the host tier is the tier's pages, not a copy: the
+    sum is the most they can hold.)"""
+    own, total = own_memory(config, len(budgets)), host_memory()[1]
+    if sum(budgets) + host_bytes + own <= total:
+        return None
+    return (f"the CPU workers' device_budget ({sum(budgets) >> 20} MiB), host_tier_bytes "
+            f"({host_bytes >> 20} MiB) and the server's own ({own >> 20} MiB: rings, "
+            f"processes) add up to more than the memory it may have ({total >> 20} MiB): "
+            f"the kernel may kill workers at that limit before host_memory_watermark evicts")
 
 
 def host_memory() -> tuple[int, int]:

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from conftest import Server
-from mmengine import Client, cgroup, demo, resources
-from mmengine.config import Config
+from mmengine import Client, cgroup, demo, hosttier, resources
+from mmengine.config import Config, ConfigError
 
 GiB = 1 << 30
 MACHINE = 64 * GiB
@@ -37,21 +37,24 @@ def tree(tmp_path: Path, self_cgroup: str, files: dict[str, str],
     return root
 
 
-def v2_group(limit: str = "max", current: int = 3 * GiB, inactive: int = GiB,
+def v2_group(limit: str = "max", current: int = 3 * GiB, cache: int = GiB,
              cpu: str = "max 100000") -> dict[str, str]:
+    """A group whose page cache is `cache` bytes, a quarter of it active."""
+    stat = (f"anon {current - cache}\nfile {cache + GiB // 8}\nshmem {GiB // 8}\n"
+            f"active_file {cache // 4}\ninactive_file {cache - cache // 4}\n")
     return {"memory.max": limit, "memory.current": str(current), "cgroup.procs": "1\n",
-            "memory.stat": f"anon {current - inactive}\ninactive_file {inactive}\n",
-            "cpu.max": cpu}
+            "memory.stat": stat, "cpu.max": cpu}
 
 
 def under(folder: str, files: dict[str, str]) -> dict[str, str]:
     return {f"{folder}/{name}": text for name, text in files.items()}
 
 
-def test_v2_a_pods_limit_binds_its_container_and_the_page_cache_is_not_use(
+def test_v2_a_pods_limit_binds_its_container_and_page_cache_is_not_in_use(
         tmp_path, monkeypatch):
     # Kubernetes sets the pod's limit on the pod's group; the container's
-    # own says max. 3 GiB charged, 1 GiB of it page cache not touched lately.
+    # own says max. 3 GiB charged, 1 GiB of it page cache, active or not
+    # (shmem, /dev/shm, is in "file" but counts: the kernel cannot take it back).
     tree(tmp_path, "0::/kubepods/pod1/ctr\n",
          {**under("kubepods/pod1", {"memory.max": str(8 * GiB)}),
           **under("kubepods/pod1/ctr", v2_group(cpu="250000 100000"))}, monkeypatch)
@@ -80,7 +83,8 @@ def test_v1_without_a_namespace_reads_the_mounts_root(tmp_path, monkeypatch):
          {"memory/memory.limit_in_bytes": str(4 * GiB),
           "memory/memory.usage_in_bytes": str(3 * GiB),
           "memory/memory.stat": f"hierarchical_memory_limit {4 * GiB}\n"
-                                f"total_inactive_file {GiB // 2}\n",
+                                f"total_active_file {GiB // 4}\n"
+                                f"total_inactive_file {GiB // 4}\n",
           "cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, monkeypatch)
     assert cgroup.memory(MACHINE) == (3 * GiB - GiB // 2, 4 * GiB)
     assert cgroup.cpu_quota() == 3.0
@@ -112,16 +116,37 @@ def test_unreadable_or_absent_groups_are_no_limit(tmp_path, monkeypatch):
 
 def test_the_automatic_sizes_and_the_cores_come_from_the_container(tmp_path, monkeypatch):
     allowed = len(os.sched_getaffinity(0))
-    tree(tmp_path, "0::/\n", v2_group(limit=str(4 * GiB), current=3 * GiB, inactive=GiB,
+    tree(tmp_path, "0::/\n", v2_group(limit=str(4 * GiB), current=3 * GiB, cache=GiB,
                                       cpu="50000 100000"), monkeypatch)
     c = Config(workers=2)
     assert resources.host_memory() == (2 * GiB, 4 * GiB)
     assert resources.host_memory_fraction() == 0.5
-    assert resources.device_budget(c, "cpu") == GiB  # half of the memory, a worker's half
+    # The server's own first (two workers' rings, three processes), then
+    # half of the rest for the workers' models, a quarter for the host tier.
+    left = 4 * GiB - 2 * 2 * c.ring_bytes - 3 * resources.PROCESS_BYTES
+    assert resources.device_budget(c, "cpu") == left // 2 // 2
+    assert hosttier.budget(c) == left // 4
+    assert resources.overcommitted(c, [left // 4] * 2, left // 4) is None
+    said = resources.overcommitted(c.replace(device_budget=2 * GiB), [2 * GiB] * 2, left // 4)
+    assert "more than the memory it may have (4096 MiB)" in said, said
     assert resources.cores() == 1  # half a core: still one
     tree(tmp_path, "0::/\n", v2_group(cpu=f"{allowed * 100000 + 1} 100000"), monkeypatch)
     assert resources.cores() == allowed  # above the affinity
     assert resources.host_memory()[1] == psutil.virtual_memory().total  # no limit
+
+
+def test_a_container_too_small_for_the_server_itself_is_refused_at_start(tmp_path,
+                                                                       monkeypatch):
+    # 512 MiB: two workers' rings (256 MiB) and three processes leave no
+    # memory for models; the automatic size that would be 0 is named.
+    tree(tmp_path, "0::/\n", v2_group(limit=str(GiB // 2), current=GiB // 4, cache=0),
+         monkeypatch)
+    with pytest.raises(ConfigError, match=r"^device_budget: automatic, but .* \(512 MiB\) "
+                                          r"leaves none for models"):
+        resources.device_budget(Config(workers=2), "cpu")
+    with pytest.raises(ConfigError, match="^host_tier_bytes: automatic"):
+        hosttier.budget(Config(workers=2, device_budget=GiB // 8))
+    assert hosttier.budget(Config(workers=2, host_tier_bytes=0)) == 0  # set: taken as it is
 
 
 def _memory_controller() -> Path | None:
@@ -182,7 +207,8 @@ def test_a_server_in_a_container_sizes_itself_by_the_containers_memory(
         with Client(f"{m.group(1)}:{m.group(2)}") as c:
             c.infer("m", {"x": np.ones((1, 4), np.float32)})
             stats = c.stats()
-        assert stats["workers"][0]["budget_bytes"] == 3 * GiB // 2
-        assert stats["host_tier"]["budget_bytes"] == 3 * GiB // 4
+        left = 3 * GiB - resources.own_memory(Config(), 1)
+        assert stats["workers"][0]["budget_bytes"] == left // 2
+        assert stats["host_tier"]["budget_bytes"] == left // 4
     finally:
         server.stop()

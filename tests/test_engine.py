@@ -188,14 +188,22 @@ def test_host_memory_watermark_evicts(repo, own_segments):
 
     async def main():
         # Any machine is above 0.1% of its memory in use: the monitor must
-        # evict least recently used models one by one, all of them.
-        async with Engine(config(root, host_memory_watermark=0.001)) as engine:
+        # evict every model, least recently used first, and drop its copy in
+        # host memory (a CPU worker's model loaded from there is those very
+        # pages), all in its first turn: a model and then its copy a turn
+        # took 4 turns here, while a container near its limit had its
+        # workers killed.
+        interval = 4.0
+        async with Engine(config(root, host_memory_watermark=0.001,
+                                 monitor_interval_s=interval)) as engine:
+            first_turn = time.monotonic() + interval
             rng = np.random.default_rng(4)
             for name in ("m10", "m11"):
                 await engine.infer(name, {"x": x_for(rng)})
-            deadline = time.monotonic() + 10
-            while engine.stats()["totals"]["resident_models"]:
-                assert time.monotonic() < deadline
+            assert time.monotonic() < first_turn, "loaded too slowly to see one turn"
+            while engine.stats()["totals"]["resident_models"] or \
+                    engine.stats()["host_tier"]["models"]:
+                assert time.monotonic() < first_turn + interval * 0.75, engine.stats()
                 await asyncio.sleep(0.05)
             return engine.stats()
 
