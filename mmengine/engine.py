@@ -273,7 +273,8 @@ class Engine:
             self.pool, self.cache, self._started = None, None, False
             s = too_large[0]
             raise ConfigError(f"pin_models: {s.name} v{s.version} needs {s.estimated_bytes} "
-                              f"bytes, more than a worker's whole budget ({biggest})")
+                              f"bytes, more than a worker's whole budget ({biggest}, "
+                              f"device_budget)")
         self._spawn(self._monitor())
         if self.config.repo_scan_s:
             self._spawn(self._watch_repository())
@@ -912,7 +913,8 @@ class Engine:
         if int(body["bytes"]) > budget:  # refused before it loads from now on (_reserve)
             stats.measured_bytes = int(body["bytes"])
             too_large = TooLarge(f"{key[0]}: takes {stats.measured_bytes} bytes once loaded, "
-                                 f"more than its worker's whole budget ({budget})")
+                                 f"more than its worker's whole budget ({budget}, "
+                                 f"device_budget)")
             stats.last_error = str(too_large)
             await asyncio.shield(self._evict(key, "too_large"))
             raise too_large
@@ -1183,7 +1185,7 @@ class Engine:
         caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
         if need > max(caps):
             raise TooLarge(f"{key[0]}: needs {need} bytes, more than a worker's "
-                           f"whole budget ({max(caps)})")
+                           f"whole budget ({max(caps)}, device_budget)")
 
         def order(w: Worker) -> tuple:
             # A worker runs its inferences one at a time, and its loads one
