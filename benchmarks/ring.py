@@ -5,11 +5,15 @@
 Two processes each time (spawned): small messages one way (ring,
 multiprocessing.Queue, a Unix socket), ping-pong round trips (ring, Unix
 socket), 1 MiB records one way against a plain memcpy of the same bytes, and
-the CPU a parked consumer burns while nothing arrives. Prints one JSON
-object (the last line) with --json.
+the CPU a parked consumer burns while nothing arrives. The round trips are
+measured with the two processes pinned to two CPUs, and to one (where a
+spinning waiter holds off the very peer it waits for): left to the
+scheduler, one run got either. Prints one JSON object (the last line) with
+--json.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -143,10 +147,28 @@ def uds_one_way(n, size):
     return (n - 1) / elapsed
 
 
-def ring_rtt(n):
+@contextlib.contextmanager
+def placed(cpus: tuple[int, int]):
+    """This process on cpus[0], and the children it starts meanwhile on
+    cpus[1] (started, a child keeps the affinity it inherited)."""
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpus[1]})
+        yield lambda: os.sched_setaffinity(0, {cpus[0]})  # call once the child started
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def ring_rtt(n, cpus):
     ping, pong = Ring.create(1 << 16), Ring.create(1 << 16)
-    child = SPAWN.Process(target=_ring_echo, args=(ping.handle, pong.handle, n))
-    child.start()
+    with placed(cpus) as child_started:
+        child = SPAWN.Process(target=_ring_echo, args=(ping.handle, pong.handle, n))
+        child.start()
+        child_started()
+        return _ring_rtt(n, ping, pong, child)
+
+
+def _ring_rtt(n, ping, pong, child):
     msg = bytes(SMALL)
     samples = []
     t0 = time.perf_counter_ns()
@@ -163,10 +185,16 @@ def ring_rtt(n):
     return statistics.median(samples[n // 10:]) / 1000  # skip the warm-up
 
 
-def uds_rtt(n):
+def uds_rtt(n, cpus):
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child = SPAWN.Process(target=_uds_echo, args=(b, n, SMALL))
-    child.start()
+    with placed(cpus) as child_started:
+        child = SPAWN.Process(target=_uds_echo, args=(b, n, SMALL))
+        child.start()
+        child_started()
+        return _uds_rtt(n, a, b, child)
+
+
+def _uds_rtt(n, a, b, child):
     b.close()
     msg, buf = bytes(SMALL), bytearray(SMALL)
     samples = []
@@ -218,13 +246,17 @@ def run(quick: bool) -> dict:
     rtt_n = 5_000 if quick else 20_000
     large_n = 500 if quick else 2_000
     repeats = 1 if quick else 3
+    cpus = sorted(os.sched_getaffinity(0))
+    apart, shared = (cpus[0], cpus[-1]), (cpus[0], cpus[0])  # one CPU: both shared
     out = {
         "impl": Ring.__name__,
         "ring_small_msgs_per_s": median_of(ring_one_way, repeats, small_n, SMALL),
         "mpqueue_small_msgs_per_s": median_of(queue_one_way, repeats, small_n // 5, SMALL),
         "uds_small_msgs_per_s": median_of(uds_one_way, repeats, small_n, SMALL),
-        "ring_rtt_p50_us": median_of(ring_rtt, repeats, rtt_n),
-        "uds_rtt_p50_us": median_of(uds_rtt, repeats, rtt_n),
+        "ring_rtt_p50_us": median_of(ring_rtt, 3, rtt_n, apart),
+        "uds_rtt_p50_us": median_of(uds_rtt, 3, rtt_n, apart),
+        "ring_rtt_shared_cpu_p50_us": median_of(ring_rtt, 3, rtt_n, shared),
+        "uds_rtt_shared_cpu_p50_us": median_of(uds_rtt, 3, rtt_n, shared),
         "ring_large_gb_per_s": median_of(ring_one_way, repeats, large_n, LARGE - 64,
                                          8 * LARGE) * (LARGE - 64) / 1e9,
         "memcpy_gb_per_s": median_of(memcpy_gbps, repeats, large_n),
@@ -234,6 +266,8 @@ def run(quick: bool) -> dict:
         "vs_mpqueue": out["ring_small_msgs_per_s"] / out["mpqueue_small_msgs_per_s"],
         "vs_uds": out["ring_small_msgs_per_s"] / out["uds_small_msgs_per_s"],
         "rtt_vs_uds": out["ring_rtt_p50_us"] / out["uds_rtt_p50_us"],
+        "rtt_vs_uds_shared_cpu": out["ring_rtt_shared_cpu_p50_us"]
+        / out["uds_rtt_shared_cpu_p50_us"],
         "large_vs_memcpy": out["ring_large_gb_per_s"] / out["memcpy_gb_per_s"],
     }
     return out

@@ -16,6 +16,7 @@
 #define MMENGINE_RING_H
 
 #include <errno.h>
+#include <stddef.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -59,14 +60,19 @@ typedef struct {
     _Atomic int32_t attacher_pid;
     uint8_t _pad0[64 - 32];
     _Atomic uint64_t tail; /* bytes ever published; producer's line */
-    uint8_t _pad1[56];
+    _Atomic uint32_t producer_cpu; /* 1 + the CPU of its last publish; 0: unknown */
+    uint8_t _pad1[52];
     _Atomic uint64_t head; /* bytes ever released; consumer's line */
-    uint8_t _pad2[56];
+    _Atomic uint32_t consumer_cpu; /* 1 + the CPU of its last release; 0: unknown */
+    uint8_t _pad2[52];
     _Atomic uint32_t consumer_parked;
     uint8_t _pad3[60];
     _Atomic uint32_t producer_parked;
     uint8_t _pad4[60];
 } mm_ring_header;
+_Static_assert(offsetof(mm_ring_header, tail) == 64 && offsetof(mm_ring_header, head) == 128 &&
+                   offsetof(mm_ring_header, producer_parked) == 256,
+               "the layout mmengine/ring.py specifies");
 
 /* One process's view of a ring: its mapping, its eventfds, its role. */
 typedef struct {
@@ -110,6 +116,23 @@ static inline uint64_t mm_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* 1 + the CPU this thread runs on (0 where it cannot be told): glibc reads
+ * it from rseq or the vDSO, without a system call. */
+static inline uint32_t mm_this_cpu(void) {
+    int cpu = sched_getcpu();
+    return cpu < 0 ? 0u : (uint32_t)cpu + 1u;
+}
+
+/* Whether the other side last ran on this thread's CPU: a waiter for it
+ * spinning there only holds it off (a ring's two processes share one core
+ * when the scheduler puts them so, or on a small machine). `for_read`: the
+ * waiter is the consumer, and its peer the producer. */
+static inline int mm_ring_peer_here(const mm_ring *r, int for_read) {
+    uint32_t peer = atomic_load_explicit(for_read ? &r->hdr->producer_cpu : &r->hdr->consumer_cpu,
+                                         memory_order_relaxed);
+    return peer != 0 && peer == mm_this_cpu();
 }
 
 static inline void mm_cpu_relax(void) {
@@ -217,6 +240,7 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
     }
     MM_ASSERT((uint64_t)(dst - p) == size);
     /* Publish after the payload: the release store orders every byte above. */
+    atomic_store_explicit(&h->producer_cpu, mm_this_cpu(), memory_order_relaxed);
     atomic_store_explicit(&h->tail, tail + size, memory_order_release);
     mm_ring_wake(&h->consumer_parked, r->data_fd);
     return MM_RING_OK;
@@ -263,6 +287,7 @@ static inline void mm_ring_release(mm_ring *r) {
     mm_ring_header *h = r->hdr;
     MM_ASSERT(r->held != 0);
     uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
+    atomic_store_explicit(&h->consumer_cpu, mm_this_cpu(), memory_order_relaxed);
     atomic_store_explicit(&h->head, head + r->held, memory_order_release);
     r->held = 0;
     mm_ring_wake(&h->producer_parked, r->space_fd);
@@ -314,16 +339,19 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     if (timeout_ns >= 0 && spin_ns > (uint64_t)timeout_ns) spin_ns = (uint64_t)timeout_ns;
     uint64_t spin_end = start + spin_ns;
     uint64_t yield_after = start + spin_ns / 8;
+    /* Two processes of a ring can share one core on a small machine: then
+     * spinning only delays the peer we wait for. A waiter yields at once
+     * where the peer last ran on its CPU, else only after a while: a system
+     * call while the answer arrives costs more than the round trip it
+     * would save. */
+    int here = mm_ring_peer_here(r, for_read);
     for (unsigned i = 1;; i++) {
         if (MM_READY()) return MM_RING_OK;
-        if ((i & 63u) == 0) {
+        if (here || (i & 63u) == 0) {
             uint64_t now = mm_now_ns();
             if (now >= spin_end) break;
-            /* Two processes of a ring can share one core on a small machine:
-             * then spinning only delays the peer we wait for. Not at first,
-             * though: a system call while the answer arrives costs more
-             * than the round trip it would save. */
-            if (now >= yield_after) sched_yield();
+            here = mm_ring_peer_here(r, for_read);
+            if (here || now >= yield_after) sched_yield();
         }
         mm_cpu_relax();
     }

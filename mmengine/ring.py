@@ -13,10 +13,18 @@ A ring is one shared-memory segment (mmengine.shm) plus two eventfds::
         24     4  creator_pid       creator, once
         28     4  attacher_pid      attacher, when it attaches
         64     8  tail              producer: bytes ever published  (line 1)
+        72     4  producer_cpu      producer: 1 + its CPU at its last publish (*)
        128     8  head              consumer: bytes ever released   (line 2)
+       136     4  consumer_cpu      consumer: 1 + its CPU at its last release (*)
        192     4  consumer_parked   consumer: 1 while it sleeps     (line 3)
        256     4  producer_parked   producer: 1 while it sleeps     (line 4)
       4096   cap  data area         records, at offset (counter % capacity)
+
+(*) 0: not known. A hint for a waiter: where the other side last ran on
+the waiter's own CPU, spinning only holds it off, so the waiter yields at
+once (the two processes of a ring share one core on a small machine, or
+where the scheduler puts them so). This twin writes none: Python cannot
+ask which CPU it runs on.
 
 tail and head only grow; tail - head is the bytes in use. Each record is
 8-byte aligned and never wraps around the end of the data area::

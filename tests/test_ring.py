@@ -255,6 +255,41 @@ def test_implementations_share_one_layout():
         a.close()
 
 
+def _publish_from(handle, cpu):
+    os.sched_setaffinity(0, {cpu})
+    ring = NativeRing.attach(handle)
+    ring.put(b"from cpu %d" % cpu, timeout=5)
+
+
+def test_each_side_says_in_the_header_which_cpu_it_last_ran_on():
+    # Where a ring's two processes share one CPU, a waiter spinning for the
+    # other only holds it off: each side writes 1 + its CPU beside its
+    # counter (ring.py's layout), and a waiter on that CPU yields at once.
+    if NativeRing is None:
+        pytest.skip("native ring not built")
+    import struct
+
+    cpus, before = sorted(os.sched_getaffinity(0)), os.sched_getaffinity(0)
+    ring = NativeRing.create(4096)
+    header = PyRing.attach(ring.handle)  # the twin maps the same bytes
+    producer_cpu, consumer_cpu = (lambda: struct.unpack_from("<I", header._seg.map, 72)[0],
+                                  lambda: struct.unpack_from("<I", header._seg.map, 136)[0])
+    try:
+        assert (producer_cpu(), consumer_cpu()) == (0, 0)  # nothing yet: not known
+        os.sched_setaffinity(0, {cpus[0]})
+        for cpu in dict.fromkeys((cpus[-1], cpus[0])):  # one CPU: only once
+            child = SPAWN.Process(target=_publish_from, args=(ring.handle, cpu))
+            child.start()
+            child.join(60)
+            assert bytes(ring.get(timeout=5)[0]) == b"from cpu %d" % cpu
+            ring.release()
+            assert (producer_cpu(), consumer_cpu()) == (cpu + 1, cpus[0] + 1)
+    finally:
+        os.sched_setaffinity(0, before)
+        header.close()
+        ring.close()
+
+
 def test_only_the_creator_unlinks(Ring):
     a = Ring.create(1024)
     path = os.path.join(shm.SHM_DIR, a.name)
