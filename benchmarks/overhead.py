@@ -25,9 +25,12 @@ through the SDK to a handler that returns it, against the echo server
 exchanging frames of the same sizes (large_vs_echo: what the path adds to
 moving the bytes).
 
-The model called directly, the SDK and the echo, whose medians make
-sdk_vs_echo, are measured in turns of a few hundred calls each (the
-machine's moods fall on all three alike); the rest one after another.
+The echo's client and server are pinned to one CPU (`echo_p50_us`, the
+bare round trip at its fastest, the unit of sdk_vs_echo) and to two
+(`echo_two_cpus_p50_us`, where the server's sleeping CPU must wake: 19
+against 66-98 µs here); unpinned, a run got either, and the ratio moved
+from 1 to 15 with no change to mmengine. Each is measured before and after
+the SDK's calls.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -68,7 +71,6 @@ HTTP_CONCURRENCY = 32  # one request in flight on each of this many connections
 # A large tensor through the SDK and back (a handler that returns its input),
 # against an echo of frames of the same sizes.
 LARGE, LARGE_MIB = "identity", 16
-BLOCK = 200  # calls of one kind in a row, in interleaved_us
 IDENTITY_HANDLER = """
 def load(path, device):
     return None
@@ -248,12 +250,13 @@ def relay_server(response_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def baseline(kind: str, response_bytes: int):
+def baseline(kind: str, response_bytes: int, cpu: int | None = None):
     """The `kind` server ("echo" or "relay") answering frames with frames
-    of `response_bytes`, in a subprocess; yields a blocking, connected
-    socket to it."""
+    of `response_bytes`, in a subprocess (on `cpu` alone, if given);
+    yields a blocking, connected socket to it."""
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     proc = subprocess.Popen([sys.executable, __file__, f"--{kind}-server", str(response_bytes)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, preexec_fn=pin)
     try:
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -292,50 +295,33 @@ def _p(samples, q: float) -> float:
     return float(np.percentile(samples, q))
 
 
-def direct_model():
-    """The model as the worker holds it, and a call of it as the worker's."""
+def direct_p50_us(x: np.ndarray, n: int) -> float:
     import torch
 
     from mmengine.demo import mlp
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))  # as the worker does
     model = mlp(*DIMS, seed=0)
-
-    def call(x: np.ndarray) -> None:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
         with torch.inference_mode():
             model(torch.from_numpy(x)).numpy()
-    return call
+        samples.append(time.perf_counter_ns() - t0)
+    return _p(samples[n // 10:], 50) / 1e3
 
 
-def interleaved_us(address: str, echo: socket.socket, x: np.ndarray, request: bytes,
-                   response_bytes: int, n: int) -> dict:
-    """The model called directly, through the SDK and the echo's exchange,
-    n times each, in turns of BLOCK calls whose order rotates. Measured one
-    after the other, each caught the machine in another mood (an idle
-    virtual CPU woke in 22 µs in one run, 298 µs in the next): in turns,
-    what slows one slows the others, and their ratio holds. Each turn's
-    first tenth is its warm-up; the first turn of each is dropped."""
-    call, into = direct_model(), memoryview(bytearray(response_bytes))
-    samples = {"direct": [], "sdk": [], "echo": []}
-    with Client(address) as c:
-        def timed(fn, *args) -> int:
-            t0 = time.perf_counter_ns()
-            fn(*args)
-            return time.perf_counter_ns() - t0
-
-        kinds = {"direct": lambda: timed(call, x),
-                 "sdk": lambda: timed(c.infer, MODEL, {"x": x}),
-                 "echo": lambda: exchange_ns(echo, request, into)}
-        order = list(kinds)
-        for turn in range(n // BLOCK + 1):
-            for kind in order:
-                block = [kinds[kind]() for _ in range(BLOCK)]
-                if turn:
-                    samples[kind] += block[BLOCK // 10:]
-            order.append(order.pop(0))
-    out = {f"{k}_p50_us": _p(v, 50) / 1e3 for k, v in samples.items()}
-    out["sdk_p99_us"] = _p(samples["sdk"], 99) / 1e3
-    return out
+def echo_p50_us(sock: socket.socket, cpu: int, request: bytes, response_bytes: int,
+                n: int) -> float:
+    """A blocking client's exchanges with an echo server, the client on
+    `cpu` alone (the server is pinned by baseline())."""
+    before, into = os.sched_getaffinity(0), memoryview(bytearray(response_bytes))
+    os.sched_setaffinity(0, {cpu})
+    try:
+        samples = [exchange_ns(sock, request, into) for _ in range(n)]
+    finally:
+        os.sched_setaffinity(0, before)
+    return _p(samples[n // 10:], 50) / 1e3
 
 
 async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
@@ -568,12 +554,21 @@ def run(quick: bool) -> dict:
         (repo / LARGE / "1" / "handler.py").write_text(IDENTITY_HANDLER)
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
         engine = {k: med(e[k] for e in engine) for k in engine[0]}
+        direct = med(direct_p50_us(x, n) for _ in range(repeats))
+        cpus = sorted(os.sched_getaffinity(0))
         with server(repo, "--workers", str(WORKERS)) as (address, proc), \
-                baseline("echo", len(response)) as echo:
-            one_at_a_time = interleaved_us(address, echo, x, protocol.frame(request),
-                                           len(response), n * repeats)
-            cpu_c1 = [cpu_per_request(proc.pid, n, sdk_samples_ns, address, MODEL, x, n)[1]
-                      for _ in range(repeats)]
+                baseline("echo", len(response), cpus[0]) as beside, \
+                baseline("echo", len(response), cpus[-1]) as apart:
+            # The bare round trip at its fastest, client and server on one
+            # CPU, is the unit of sdk_vs_echo; on two, it is reported too.
+            # Each before and after the SDK's: the machine drifts.
+            echoes = {"one": (beside, cpus[0]), "two": (apart, cpus[0])}
+            echo = {k: [echo_p50_us(*v, protocol.frame(request), len(response), n)]
+                    for k, v in echoes.items()}
+            sdk = [cpu_per_request(proc.pid, n, sdk_samples_ns, address, MODEL, x, n)
+                   for _ in range(repeats)]
+            for k, v in echoes.items():
+                echo[k].append(echo_p50_us(*v, protocol.frame(request), len(response), n))
             stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
@@ -600,13 +595,15 @@ def run(quick: bool) -> dict:
         echo_large = med(baseline_p50_us(big_request, big_response, large_n) / 1e3
                          for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
-    direct, sdk_p50, echo = (one_at_a_time[f"{k}_p50_us"] for k in ("direct", "sdk", "echo"))
+    sdk_p50 = med(_p(s[0], 50) / 1e3 for s in sdk)
+    echo, echo_two_cpus = med(echo["one"]), med(echo["two"])
     return {
         "direct_p50_us": direct,
         "engine_p50_us": engine["engine"],
         "sdk_p50_us": sdk_p50,
-        "sdk_p99_us": one_at_a_time["sdk_p99_us"],
+        "sdk_p99_us": med(_p(s[0], 99) / 1e3 for s in sdk),
         "echo_p50_us": echo,
+        "echo_two_cpus_p50_us": echo_two_cpus,
         "relay_p50_us": relay,
         "sdk_rps_c64": med(r[0] for r in rps),
         "http_json_p50_us": med(h[0] for h in http_json),
@@ -624,7 +621,7 @@ def run(quick: bool) -> dict:
             "front_end_rest": sdk_p50 - engine["engine"] - codec - echo,
         },
         "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
-        "cpu_us_per_request_c1": {k: med(r[k] for r in cpu_c1) for k in cpu_c1[0]},
+        "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
         "cpu_us_per_request_http_json_c1": {k: med(r[1][k] for r in http_json)
                                             for k in http_json[0][1]},
