@@ -84,26 +84,37 @@ def stats_call(client: Client):
     return lambda: len(client.stats()["models"])
 
 
-def repeat_until(call, stop: threading.Event, took: list[float], sizes: list[int]) -> None:
-    """One call after another until `stop`: each one's seconds and size."""
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        size = call()
-        took.append(time.perf_counter() - t0)
-        sizes.append(size)
+def repeat_until(call, stop: threading.Event, took: list[float], sizes: list[int],
+                 failed: list[BaseException]) -> None:
+    """One call after another until `stop`: each one's seconds and size;
+    a failure ends it, kept in `failed`."""
+    try:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            size = call()
+            took.append(time.perf_counter() - t0)
+            sizes.append(size)
+    except BaseException as e:  # noqa: BLE001 - raised again by beside()
+        failed.append(e)
 
 
 def beside(client: Client, requests: int, call) -> tuple[list[float], list[float], list[int]]:
     """The client's latencies while `call` repeats: (latencies, the
     calls' seconds, their sizes)."""
-    stop, took, sizes = threading.Event(), [], []
-    worker = threading.Thread(target=repeat_until, args=(call, stop, took, sizes))
+    stop, took, sizes, failed = threading.Event(), [], [], []
+    worker = threading.Thread(target=repeat_until, args=(call, stop, took, sizes, failed))
     worker.start()
     try:
-        return latencies(client, requests), took, sizes
+        out = latencies(client, requests)
+        # Measured beside nothing, "during" would look like a success.
+        if failed or not worker.is_alive():
+            raise RuntimeError(f"the work beside the requests failed: {failed[:1]!r}")
+        return out, took, sizes
     finally:
         stop.set()
         worker.join(120)
+        if worker.is_alive():
+            raise RuntimeError("the work beside the requests did not stop in 120 s")
 
 
 def measure(repo: Path, models: int, requests: int) -> dict:
