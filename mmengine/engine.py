@@ -579,8 +579,11 @@ class Engine:
         gen = self._gen[key]
         try:
             if worker.in_flight >= self.config.max_queue_per_worker:
+                # Named: a model that floods its worker refuses its neighbours.
+                oldest = worker.running()
+                ahead = f", the oldest for {oldest[1][0]} v{oldest[1][1]}" if oldest else ""
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
-                                 f"in flight; retry later")
+                                 f"in flight{ahead}; retry later")
             return worker.call(Op.INFER, key[0], key[1], arrays,
                                on_done=lambda: self._unpin_request(key, gen),
                                deadline=deadline, then=then)

@@ -1867,3 +1867,26 @@ def test_a_model_whose_directory_cannot_be_read_is_a_failed_load_backed_off(
     row, looked = run(main())
     assert row["state"] == "failed" and row["failures"] == 1, row
     assert looked <= 2, looked  # the first request's look; the others were backed off
+
+
+def test_a_full_worker_refuses_its_neighbours_and_names_what_holds_it(tmp_path, own_segments):
+    # A model flooding its worker past max_queue_per_worker gets the models
+    # beside it refused: the refusal says which model the worker is busy with.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    demo.write_mlp(tmp_path / "fast", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, max_queue_per_worker=3,
+                                 request_timeout_s=60)) as engine:
+            await engine.infer("fast", {"x": x_for(np.random.default_rng(0))})
+            second = {"seconds": np.array([0.3], np.float32)}
+            flood = [asyncio.ensure_future(engine.infer("slow", second)) for _ in range(3)]
+            while engine.pool.workers[0].in_flight < 3:  # the first loads "slow"
+                await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded, match=r"^worker 0 has 3 requests in flight, the "
+                                                 r"oldest for slow v1; retry later$"):
+                await engine.infer("fast", {"x": x_for(np.random.default_rng(1))})
+            assert [float(r["y"][0]) for r in await asyncio.gather(*flood)] == [np.float32(0.6)] * 3
+            await engine.infer("fast", {"x": x_for(np.random.default_rng(2))})  # served again
+
+    run(main())
