@@ -171,6 +171,8 @@ def run(quick: bool, s: float) -> tuple[dict, dict]:
     trace = zipf_trace(n_models, QUICK_REQUESTS if quick else REQUESTS, s)
     with server(repo, "--workers", str(WORKERS), "--device-budget", str(budget)) as (address, _):
         got = uvloop.run(_drive(address, [f"m{i:03d}" for i in trace]))
+    if not got["latencies"]:
+        raise RuntimeError(f"no request was answered ({got['errors']} errors)")
     lat_ms = np.array(got["latencies"]) * 1e3
     lru, belady = lru_loads(trace, sizes, capacity), belady_loads(trace, sizes, capacity)
     out = {

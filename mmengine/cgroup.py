@@ -61,12 +61,18 @@ def _up(folder: str, mount: str):
         folder = os.path.dirname(folder)
 
 
-def _least(folder: str, mount: str, marker: str, limit) -> float | None:
-    """The least of limit(f) over `folder` and its parents f that hold
-    `marker`; None where none of them has a limit (limit(f) is None)."""
-    values = [limit(f) for f in _up(folder, mount) if os.path.exists(os.path.join(f, marker))]
-    values = [v for v in values if v is not None]
-    return min(values) if values else None
+def _binding(folder: str, mount: str, limit) -> tuple[str, float] | None:
+    """The one of `folder` and its parents whose limit binds (the least of
+    limit(f), None being no limit), with that limit; None where none has
+    one. Its usage is what that limit is compared with: the group's own
+    would miss the siblings that share a parent's limit (a job's other
+    steps, a slice's other services)."""
+    best = None
+    for f in _up(folder, mount):
+        value = limit(f)
+        if value is not None and (best is None or value < best[1]):
+            best = (f, value)
+    return best
 
 
 def _read(folder: str, name: str) -> str:
@@ -90,18 +96,20 @@ def memory(machine: int) -> tuple[int, int] | None:
     paths = _paths()
     try:
         if "" in paths and (group := _group(ROOT, paths[""], "memory.current")):
-            limit = _least(group, ROOT, "memory.max", _v2_memory)
-            limit = machine if limit is None else limit
-            used = int(_read(group, "memory.current"))
-            stat = _stat(group, "memory.stat")
+            binding = _binding(group, ROOT, _v2_memory)
+            if binding is None:
+                return None
+            folder, limit = binding
+            used = int(_read(folder, "memory.current"))
+            stat = _stat(folder, "memory.stat")
             cache = stat.get("active_file", 0) + stat.get("inactive_file", 0)
         elif "memory" in paths and (group := _group(os.path.join(ROOT, "memory"),
                                                     paths["memory"], "memory.stat")):
-            # v1: the stat's hierarchical limit is the least of the ancestors'.
-            stat = _stat(group, "memory.stat")
-            limit = min(stat.get("hierarchical_memory_limit", machine),
-                        int(_read(group, "memory.limit_in_bytes")))
-            used = int(_read(group, "memory.usage_in_bytes"))
+            # v1: usage and the stat's total_* count the children too.
+            folder, limit = _binding(group, os.path.join(ROOT, "memory"), _v1_memory) or (
+                group, machine)
+            used = int(_read(folder, "memory.usage_in_bytes"))
+            stat = _stat(folder, "memory.stat")
             cache = stat.get("total_active_file", 0) + stat.get("total_inactive_file", 0)
         else:
             return None
@@ -109,7 +117,7 @@ def memory(machine: int) -> tuple[int, int] | None:
         return None
     if limit >= machine:
         return None
-    return max(0, used - cache), limit
+    return max(0, used - cache), int(limit)
 
 
 def cpu_quota() -> float | None:
@@ -118,25 +126,42 @@ def cpu_quota() -> float | None:
     paths = _paths()
     try:
         if "" in paths and (group := _group(ROOT, paths[""], "cgroup.procs")):
-            return _least(group, ROOT, "cpu.max", _v2_cpu)
+            return _least(group, ROOT, _v2_cpu)
         mount = os.path.join(ROOT, "cpu")
         if "cpu" in paths and (group := _group(mount, paths["cpu"], "cpu.cfs_quota_us")):
-            return _least(group, mount, "cpu.cfs_quota_us", _v1_cpu)
+            return _least(group, mount, _v1_cpu)
     except (OSError, ValueError):
         pass
     return None
 
 
+def _least(folder: str, mount: str, limit) -> float | None:
+    binding = _binding(folder, mount, limit)
+    return None if binding is None else binding[1]
+
+
 def _v2_memory(folder: str) -> int | None:
+    if not os.path.exists(os.path.join(folder, "memory.max")):
+        return None  # the root's: no limit there
     value = _read(folder, "memory.max")
     return None if value == "max" else int(value)
 
 
+def _v1_memory(folder: str) -> int | None:
+    if not os.path.exists(os.path.join(folder, "memory.limit_in_bytes")):
+        return None
+    return int(_read(folder, "memory.limit_in_bytes"))  # "no limit" is a huge number
+
+
 def _v2_cpu(folder: str) -> float | None:
+    if not os.path.exists(os.path.join(folder, "cpu.max")):
+        return None
     quota, period = _read(folder, "cpu.max").split()[:2]
     return None if quota == "max" else int(quota) / int(period)
 
 
 def _v1_cpu(folder: str) -> float | None:
+    if not os.path.exists(os.path.join(folder, "cpu.cfs_quota_us")):
+        return None
     quota = int(_read(folder, "cpu.cfs_quota_us"))
     return None if quota < 0 else quota / int(_read(folder, "cpu.cfs_period_us"))

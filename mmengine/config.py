@@ -323,7 +323,8 @@ def _coerce(key: str, value: Any) -> Any:
 def _validate(c: Config) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}: {getattr(c, key)!r} {why}")
+            shown = "its value" if key in SECRET_KEYS else repr(getattr(c, key))
+            raise ConfigError(f"{key}: {shown} {why}")
 
     need(c.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     # An empty host is every interface to asyncio, where a variable's empty

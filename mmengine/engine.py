@@ -1383,7 +1383,9 @@ class Engine:
                                    log.debug, "host memory is past host_memory_watermark")
         evictions = []
         while short > 0 and (victim := self._least_recent(lambda w: w.device == "cpu")):
-            short -= max(1, self.cache.entry(victim).device_bytes)
+            # Counted once: on CPU a published model is its host copy's
+            # pages (safetensors.publish); what went shows at the next turn.
+            short -= max(1, self.cache.entry(victim).device_bytes, self.host.bytes(victim))
             evictions.append(self._evict(victim, "host_memory", drop_host=True))
         if evictions:
             await asyncio.gather(*evictions, return_exceptions=True)

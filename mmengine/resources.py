@@ -186,7 +186,8 @@ def memory_for_models(config: Config, key: str) -> int:
             f"{key}: automatic, but the memory the server may have ({total >> 20} MiB) "
             f"leaves none for models after {workers} workers' rings (2 x ring_bytes each) "
             f"and {workers + 1} processes (~{PROCESS_BYTES >> 20} MiB each): give it more "
-            f"memory, or fewer workers, a smaller ring_bytes, or set {key}")
+            f"memory, or fewer workers, a smaller ring_bytes, or set device_budget and "
+            f"host_tier_bytes")
     return total - fixed
 
 

@@ -410,6 +410,10 @@ def test_the_control_token_stays_out_of_the_configurations_repr():
     with pytest.raises(ConfigError, match="control_token: its value is not a valid str") as e:
         load(env={}, overrides={"control_token": 987654321987654321})
     assert "987654321987654321" not in str(e.value)
+    # Nor in the one that refuses a token read with its file's newline.
+    with pytest.raises(ConfigError, match="control_token: its value has white space") as e:
+        load(env={"MMENGINE_CONTROL_TOKEN": CONTROL + "\n"})
+    assert CONTROL not in str(e.value)
 
 
 def test_model_code_cannot_read_the_control_token(server):

@@ -53,15 +53,29 @@ def under(folder: str, files: dict[str, str]) -> dict[str, str]:
 def test_v2_a_pods_limit_binds_its_container_and_page_cache_is_not_in_use(
         tmp_path, monkeypatch):
     # Kubernetes sets the pod's limit on the pod's group; the container's
-    # own says max. 3 GiB charged, 1 GiB of it page cache, active or not
-    # (shmem, /dev/shm, is in "file" but counts: the kernel cannot take it back).
+    # own says max. The pod has 3 GiB charged, 1 GiB of it page cache,
+    # active or not (shmem, /dev/shm, is in "file" but counts: the kernel
+    # cannot take it back); the container itself, less.
     tree(tmp_path, "0::/kubepods/pod1/ctr\n",
-         {**under("kubepods/pod1", {"memory.max": str(8 * GiB)}),
-          **under("kubepods/pod1/ctr", v2_group(cpu="250000 100000"))}, monkeypatch)
+         {**under("kubepods/pod1", v2_group(limit=str(8 * GiB))),
+          **under("kubepods/pod1/ctr", v2_group(current=GiB + GiB // 2, cpu="250000 100000"))},
+         monkeypatch)
     assert cgroup.memory(MACHINE) == (2 * GiB, 8 * GiB)
     assert cgroup.cpu_quota() == 2.5
     # A limit above the machine's memory is none.
     assert cgroup.memory(4 * GiB) is None
+
+
+def test_the_usage_is_the_binding_groups_siblings_and_all(tmp_path, monkeypatch):
+    # A job's limit holds its steps together: this one's own 2 GiB is not
+    # what the kernel weighs when the job nears 8 GiB.
+    tree(tmp_path, "0::/job.slice/step1\n",
+         {**under("job.slice", v2_group(limit=str(8 * GiB), current=7 * GiB + GiB // 2,
+                                        cache=0)),
+          **under("job.slice/step1", v2_group(current=2 * GiB, cache=0)),
+          **under("job.slice/step2", v2_group(current=5 * GiB + GiB // 2, cache=0))},
+         monkeypatch)
+    assert cgroup.memory(MACHINE) == (7 * GiB + GiB // 2, 8 * GiB)
 
 
 def test_v2_in_a_cgroup_namespace_the_group_is_the_mounts_root(tmp_path, monkeypatch):
@@ -90,18 +104,20 @@ def test_v1_without_a_namespace_reads_the_mounts_root(tmp_path, monkeypatch):
     assert cgroup.cpu_quota() == 3.0
 
 
-def test_v1_a_parents_limit_comes_through_the_hierarchical_one(tmp_path, monkeypatch):
+def test_v1_a_parents_limit_binds_with_its_usage(tmp_path, monkeypatch):
     unlimited = str(9223372036854771712)  # v1's "no limit"
     tree(tmp_path, "4:memory:/slice/job\n1:cpu:/slice/job\n",
          {"memory/slice/job/memory.limit_in_bytes": unlimited,
           "memory/slice/job/memory.usage_in_bytes": str(GiB),
-          "memory/slice/job/memory.stat": f"hierarchical_memory_limit {2 * GiB}\n"
-                                          "total_inactive_file 0\n",
-          "memory/memory.stat": f"hierarchical_memory_limit {unlimited}\n",
+          "memory/slice/job/memory.stat": "total_inactive_file 0\n",
+          "memory/slice/memory.limit_in_bytes": str(2 * GiB),
+          "memory/slice/memory.usage_in_bytes": str(GiB + GiB // 2),
+          "memory/slice/memory.stat": f"total_active_file {GiB // 4}\n",
+          "memory/memory.limit_in_bytes": unlimited, "memory/memory.stat": "",
           "cpu/slice/cpu.cfs_quota_us": "150000", "cpu/slice/cpu.cfs_period_us": "100000",
           "cpu/slice/job/cpu.cfs_quota_us": "-1", "cpu/slice/job/cpu.cfs_period_us": "100000",
           "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, monkeypatch)
-    assert cgroup.memory(MACHINE) == (GiB, 2 * GiB)
+    assert cgroup.memory(MACHINE) == (GiB + GiB // 4, 2 * GiB)  # the slice's
     assert cgroup.cpu_quota() == 1.5  # the parent's
 
 

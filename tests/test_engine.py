@@ -193,7 +193,7 @@ def test_host_memory_watermark_evicts(repo, own_segments):
         # pages), all in its first turn: a model and then its copy a turn
         # took 4 turns here, while a container near its limit had its
         # workers killed.
-        interval = 4.0
+        interval = 8.0  # the two loads come well within one
         async with Engine(config(root, host_memory_watermark=0.001,
                                  monitor_interval_s=interval)) as engine:
             first_turn = time.monotonic() + interval
