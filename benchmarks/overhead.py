@@ -281,12 +281,17 @@ def exchange_ns(sock: socket.socket, request: bytes, into: memoryview) -> int:
     return time.perf_counter_ns() - t0
 
 
+def exchanges_p50_us(sock: socket.socket, request: bytes, response_bytes: int, n: int) -> float:
+    """The p50 of n exchanges over `sock`, after a tenth of them as warm-up."""
+    into = memoryview(bytearray(response_bytes))
+    samples = [exchange_ns(sock, request, into) for _ in range(n)]
+    return _p(samples[n // 10:], 50) / 1e3
+
+
 def baseline_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo") -> float:
     """The p50 of a blocking client's exchanges with the `kind` server."""
-    into = memoryview(bytearray(response_bytes))
     with baseline(kind, response_bytes) as sock:
-        samples = [exchange_ns(sock, request, into) for _ in range(n)]
-    return _p(samples[n // 10:], 50) / 1e3
+        return exchanges_p50_us(sock, request, response_bytes, n)
 
 
 # -- the model, the engine, the SDK --------------------------------------------
@@ -315,13 +320,12 @@ def echo_p50_us(sock: socket.socket, cpu: int, request: bytes, response_bytes: i
                 n: int) -> float:
     """A blocking client's exchanges with an echo server, the client on
     `cpu` alone (the server is pinned by baseline())."""
-    before, into = os.sched_getaffinity(0), memoryview(bytearray(response_bytes))
+    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
-        samples = [exchange_ns(sock, request, into) for _ in range(n)]
+        return exchanges_p50_us(sock, request, response_bytes, n)
     finally:
         os.sched_setaffinity(0, before)
-    return _p(samples[n // 10:], 50) / 1e3
 
 
 async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:

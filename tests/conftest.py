@@ -171,6 +171,12 @@ class Server:
             if m := re.search(pattern, line):
                 return m
 
+    def kill(self) -> None:
+        """Kills it if it still runs: a test's cleanup, whatever happened."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -884,9 +884,7 @@ def test_sigterm_under_traffic_answers_everything_and_exits_0(repo):
                     if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
         print(f"during the drain: on an open connection {late!r}; a new one {new!r}")
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        server.kill()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
@@ -971,9 +969,7 @@ def test_under_nohup_a_sighup_is_nothing(repo):
         assert server.proc.poll() is None
         assert server.stop() == 0
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        server.kill()
 
 
 CHATTY_HANDLER = """
@@ -1060,9 +1056,7 @@ def test_sigterm_fails_what_its_deadline_cuts_off_typed_and_exits_by_it(repo):
             assert isinstance(r, WorkerDied), repr(r)
         assert took < 3 + 2.5, took  # the deadline, the flush's second, slack
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        server.kill()
 
 
 def test_sigterm_answers_every_http_request_a_connection_has_queued(repo):
@@ -1099,9 +1093,7 @@ def test_sigterm_answers_every_http_request_a_connection_has_queued(repo):
         assert set(statuses) <= {b"200", b"503"}, statuses  # 503: refused while draining
         assert server.proc.wait(30) == 0, "".join(server.output)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        server.kill()
 
 
 def test_a_signal_repeated_while_stopping_still_exits_0(repo):
@@ -1120,9 +1112,7 @@ def test_a_signal_repeated_while_stopping_still_exits_0(repo):
             time.sleep(0.002)
         assert server.proc.wait(10) == 0, "".join(server.output)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        server.kill()
 
 
 # Answers, then dies 20 ms later when asked to (inputs["die"] = 1).
