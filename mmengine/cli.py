@@ -266,7 +266,7 @@ def _print_stats(args: argparse.Namespace) -> None:
     for w in stats.get("workers", []):
         state = "up" if w["alive"] else "down"
         print(f"worker {w['index']} ({w['device']}, {state}, pid {w['pid']}): "
-              f"{w['in_flight']} in flight, "
+              f"{w['in_flight']} in flight ({w.get('waiting_turn', 0)} waiting a turn), "
               f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
               f"{w['budget_bytes']:,} bytes")
     for r in rows:  # what failed, and why: the state says so only during a back-off

@@ -139,6 +139,14 @@ class Config:
     # -- bounded queues: past them a request is OVERLOADED at once
     max_queue_per_model: int = 1024      # requests accepted and not yet answered, per model
     max_queue_per_worker: int = 4096     # requests sent to a worker and not yet answered
+    # The model time, as the worker's recent calls of each model say, that
+    # a worker's request ring may hold behind the call under way. Past it,
+    # inferences wait in the front-end, one queue per model, and go to the
+    # ring in turns: a model flooded with requests delays another on its
+    # worker by about the call under way and one more, not by its whole
+    # queue. Two are sent whatever their time (one runs, one is ready); a
+    # model not yet timed counts as all of it. 0: one queue, in arrival order.
+    worker_backlog_ms: float = 2.0
     # -- transport
     ring_bytes: int = 64 * MiB           # each ring between the front-end and a worker
     # A ring waiter (a worker waiting for requests) spins this long before it
@@ -360,6 +368,8 @@ def _validate(c: Config) -> None:
     need(c.ring_bytes >= 1 << 16, "ring_bytes", "must be at least 64KiB")
     need(c.max_queue_per_model >= 1, "max_queue_per_model", "must be at least 1")
     need(c.max_queue_per_worker >= 1, "max_queue_per_worker", "must be at least 1")
+    need(0 <= c.worker_backlog_ms <= 60_000, "worker_backlog_ms",
+         "must be from 0 to 60000 (a minute)")
     need(0 <= c.spin_us <= 1e6, "spin_us", "must be from 0 to 1e6 (a second)")
     need(1 <= c.gil_switch_us <= 1e6, "gil_switch_us", "must be from 1 to 1e6 (a second)")
     need(0 <= c.poll_us <= 1e6, "poll_us", "must be from 0 to 1e6 (a second)")

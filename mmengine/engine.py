@@ -2000,6 +2000,7 @@ class Engine:
             workers.append({
                 "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
                 "in_flight": w.in_flight,
+                "waiting_turn": w.waiting_turn,
                 "busy": round(w.busy_share, 3),
                 "restart_delay_s": self.pool.restart_delays.get(w.index, 0.0),
                 # `is not None`: a Cache with no entries is falsy (it has a len).

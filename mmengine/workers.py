@@ -12,6 +12,9 @@ request ring is full, without blocking the loop) and returns a future that
 the response reader resolves; a death fails every future in flight with
 WorkerDied, and a request's deadline fails its future with Timeout (one
 timer per worker, armed for the nearest deadline: most requests arm none).
+Past `worker_backlog_ms` of its models' time in the ring, inferences wait
+in a queue per model and go to the worker in turns: a flooded model does
+not keep the others on its worker waiting for its whole queue.
 For `poll_us` after a request the reader polls the response ring once per
 turn of the loop rather than waiting to be woken (not while the worker
 loads, where its cores are few: its load needs them then).
@@ -42,6 +45,9 @@ from mmengine.messages import Op
 from mmengine.ring import Ring
 
 _BURST = 64  # responses handled before the response ring's space is handed back
+# Inferences always let into a worker's ring, whatever their models' time
+# (Config.worker_backlog_ms): one to run and one ready behind it.
+MIN_SENT = 2
 # uvloop's clock counts milliseconds: a deadline this close is due now
 # (else its timer, firing a hair early, would be armed again and again).
 _CLOCK_S = 1e-3
@@ -62,10 +68,17 @@ class _Outlet:
         self._outbox: collections.deque = collections.deque()
         self._waiting = False
 
-    def send(self, header: bytes, bufs: list) -> None:
+    def size(self, header: bytes, bufs: list) -> int:
+        """The record's bytes in the ring; TooLarge if it can never fit."""
         need = self.ring.record_size(len(header), *(memoryview(b).nbytes for b in bufs))
         if need > self.ring.max_record:
             raise TooLarge(f"request of {need} bytes exceeds the ring's {self.ring.max_record}")
+        return need
+
+    def send(self, header: bytes, bufs: list, need: int = 0) -> None:
+        """Writes a record, or queues it behind those waiting for room;
+        `need`, its size() where the caller has it."""
+        need = need or self.size(header, bufs)
         if self._outbox or not self._try_put(header, bufs):
             self._outbox.append((header, bufs, need))
             if not self._waiting:
@@ -179,6 +192,19 @@ class Worker:
         # two samples that it was busy (placement prefers the idle).
         self._inferring = 0
         self._busy_from = 0
+        # Fair turns (Config.worker_backlog_ms): the inferences in the ring,
+        # by id, with the time each is expected to take (ns), their sum, and
+        # how many each model has there; each model's expected time, from
+        # its recent calls here; and the inferences waiting for the ring, a
+        # queue per model in the order their turns come (id, header,
+        # buffers, record size), with their ids.
+        self._backlog_ns = int(config.worker_backlog_ms * 1e6)
+        self._sent_ns: dict[int, int] = {}
+        self._ring_ns = 0
+        self._in_ring: collections.Counter = collections.Counter()
+        self._call_ns: dict[tuple, int] = {}
+        self._held: dict[tuple, collections.deque] = {}
+        self._held_ids: set[int] = set()
         self.busy_ns = 0
         self.busy_share = 0.0
         self._sampled = (0, time.monotonic_ns())
@@ -242,12 +268,18 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def waiting_turn(self) -> int:
+        """Inferences in flight that wait in the front-end for their turn
+        in the ring (Config.worker_backlog_ms)."""
+        return len(self._held_ids)
+
     def running(self) -> tuple[float, tuple[str, int], bool] | None:
         """The deadline and (model, version) of its oldest inference in
         flight, and whether it is running it (it runs them in order; one
         not begun waits for the worker)."""
         for rid, (*_, deadline, _, _, served) in self._pending.items():
-            if served is not None:
+            if served is not None and rid not in self._held_ids:
                 return deadline, served, self.abandoned.serving == rid
         return None
 
@@ -304,6 +336,11 @@ class Worker:
             # restart's reason names it already).
             why = f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
         self._loading.clear()
+        self._sent_ns.clear()
+        self._ring_ns = 0
+        self._in_ring.clear()
+        self._held.clear()
+        self._held_ids.clear()
         self._disarm_deadlines()
         for fut, on_done, t_sent, _, _, then, served in pending.values():
             died = self._unanswered(WorkerDied(why), t_sent, served)
@@ -375,10 +412,20 @@ class Worker:
         descs, bufs = messages.describe(arrays or {})
         header = messages.request(op, rid, model, version, descs, params)
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
-        (self._infer if op == Op.INFER else self._control).send(header, bufs)
+        served = (model, version) if op == Op.INFER else None
+        if served is None:
+            self._control.send(header, bufs)
+        elif self._held or not self._ring_has_room():
+            need = self._infer.size(header, bufs)  # refused now, not in its turn
+            held = self._held.get(served)
+            if held is None:
+                held = self._held[served] = collections.deque()
+            held.append((rid, header, bufs, need))
+            self._held_ids.add(rid)
+        else:
+            self._send_inference(rid, served, header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then,
-                              (model, version) if op == Op.INFER else None)
+        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then, served)
         if op == Op.INFER:
             if not self._inferring:
                 self._busy_from = t_sent
@@ -394,6 +441,55 @@ class Worker:
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
         return fut
+
+    def _ring_has_room(self) -> bool:
+        """Whether the request ring may take another inference: behind the
+        call under way (the oldest sent: the worker runs them in order) it
+        holds less than worker_backlog_ms of its models' time, or it holds
+        fewer than MIN_SENT (or the backlog is not bounded). Not the call
+        under way: a fast model's request ready behind it would leave the
+        worker nothing to do after it but wait for the front-end to wake."""
+        if not self._backlog_ns or len(self._sent_ns) < MIN_SENT:
+            return True
+        return self._ring_ns - next(iter(self._sent_ns.values())) < self._backlog_ns
+
+    def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
+                        need: int = 0) -> None:
+        self._infer.send(header, bufs, need)
+        expected = self._call_ns.get(served, self._backlog_ns)
+        self._sent_ns[rid] = expected
+        self._ring_ns += expected
+        self._in_ring[served] += 1
+
+    def _send_held(self) -> None:
+        """Lets waiting inferences into the ring while it has room, a model
+        at a time: the one with the fewest there, first in turn among
+        equals (a model with none in the ring goes ahead of one whose call
+        is ready). One that nobody waits for (its deadline passed, or its
+        caller went away), or whose deadline would pass before its model's
+        call could end, is dropped unsent, as the worker would skip it. (The
+        worker itself runs a request that it had to wait for, whatever the
+        time left: it cannot tell one sent in time from one sent late.)"""
+        while self._held and self._ring_has_room():
+            served = min(self._held, key=self._in_ring.__getitem__)
+            held = self._held.pop(served)
+            rid, header, bufs, need = held.popleft()
+            if held:
+                self._held[served] = held  # its next turn, after the others'
+            self._held_ids.discard(rid)
+            fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
+            if fut.done() or deadline - time.monotonic() < self._call_ns.get(served, 0) / 1e9:
+                del self._pending[rid]
+                self._inferences_done(1)
+                _finish(fut, on_done, self._not_run(t_sent, served), then)
+                if self.on_unserved is not None:
+                    self.on_unserved(served, None, self.index)
+                continue
+            try:
+                self._send_inference(rid, served, header, bufs, need)
+            except WorkerDied as e:
+                self._died(str(e))
+                return
 
     def _arm_deadline(self, deadline: float) -> None:
         if self._deadline_timer is not None:
@@ -439,6 +535,12 @@ class Worker:
         if served is not None:
             e.ran = {"worker": self.index, "t_sent": t_sent, "version": served[1]}
         return e
+
+    def _not_run(self, t_sent: int, served: tuple) -> MMEngineError:
+        """The failure of an inference skipped, by the worker or before
+        its turn: abandoned, or sure to end past its deadline."""
+        return self._unanswered(Timeout(f"{served[0]}: not run: it could not have finished "
+                                        f"within the request's deadline"), t_sent, served)
 
     def abandon_cancelled(self) -> None:
         """Marks the inferences whose callers cancelled them as abandoned:
@@ -512,6 +614,12 @@ class Worker:
             return
         if served is not None:
             self._inferences_done(1)
+            self._ring_ns -= self._sent_ns.pop(rid, 0)
+            left = self._in_ring[served] - 1
+            if left > 0:
+                self._in_ring[served] = left
+            else:
+                self._in_ring.pop(served, None)
         self._loading.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
@@ -521,10 +629,9 @@ class Worker:
                 ran["t_sent"] = t_sent
                 ran["worker"] = self.index
                 ran["version"] = served[1]  # the one served, asked for or not
+                self._timed(served, ran)
             if code == messages.SKIPPED:  # its future is done, or due to fail
-                result = self._unanswered(Timeout(
-                    f"{served[0]}: not run: it could not have finished within the "
-                    f"request's deadline"), t_sent, served)
+                result = self._not_run(t_sent, served)
             elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran
@@ -538,6 +645,18 @@ class Worker:
         if (code == messages.SKIPPED or late and ran is not None) \
                 and self.on_unserved is not None:
             self.on_unserved(served, ran, self.index)
+        if self._held:
+            self._send_held()
+
+    def _timed(self, served: tuple, ran: dict) -> None:
+        """Takes a call's time into its model's expected time: a faster
+        call at once (a first call warms up, and may take many times the
+        next), a slower one a quarter of the way (one slow call, a
+        preemption, moves it little)."""
+        took = ran.get("t_done", 0) - ran.get("t_recv", 0)
+        if took > 0:
+            before = self._call_ns.get(served, took)
+            self._call_ns[served] = took if took < before else before + (took - before) // 4
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None)

@@ -1890,3 +1890,73 @@ def test_a_full_worker_refuses_its_neighbours_and_names_what_holds_it(tmp_path, 
             await engine.infer("fast", {"x": x_for(np.random.default_rng(2))})  # served again
 
     run(main())
+
+
+@pytest.mark.parametrize("backlog_ms, fair", [(2.0, True), (0.0, False)])
+def test_a_flooded_model_delays_its_neighbour_by_a_turn_not_its_queue(tmp_path, own_segments,
+                                                                      backlog_ms, fair):
+    # One worker, two models: "slow" flooded with a second of work, then one
+    # request for "fast". With a bounded backlog the flood waits in the
+    # front-end and "fast" goes in at the next turn: it waits for the call
+    # under way and the one ready behind it. In one queue (backlog 0) it
+    # waits for the whole flood. Every request of the flood is answered.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    demo.write_mlp(tmp_path / "fast", "safetensors", *DIMS, seed=1)
+    call = {"seconds": np.array([0.05], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60,
+                                 worker_backlog_ms=backlog_ms)) as engine:
+            await engine.infer("fast", {"x": x_for(np.random.default_rng(0))})
+            await engine.infer("slow", call)  # loaded, and its time known
+            flood = [asyncio.ensure_future(engine.infer("slow", call)) for _ in range(20)]
+            await asyncio.sleep(0)  # all sent or queued
+            t0 = time.monotonic()
+            await engine.infer("fast", {"x": x_for(np.random.default_rng(1))})
+            waited = time.monotonic() - t0
+            answers = await asyncio.gather(*flood)
+            return waited, [float(a["y"][0]) for a in answers]
+
+    waited, answers = run(main())
+    assert answers == [np.float32(0.1)] * 20
+    if fair:
+        assert waited < 0.3, waited  # the call under way and the one ready: 0.1 s, and stalls
+    else:
+        assert waited > 0.8, waited  # the flood's 20 calls
+
+
+def test_requests_that_time_out_waiting_their_turn_are_dropped_unsent(tmp_path,
+                                                                      own_segments):
+    # A flood of 20 calls of 0.1 s, each with 0.25 s to live: two go into
+    # the worker's ring, the rest wait their turn in the front-end and time
+    # out there. They are dropped when their turn comes, never sent: the
+    # worker runs the calls that could be answered, the model's pins all go,
+    # and every dropped request is counted as skipped.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    call = {"seconds": np.array([0.1], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            skipped, late = [], []
+            engine.observers.append(lambda kind, f: kind == "skipped" and skipped.append(f))
+            engine.observers.append(lambda kind, f: kind == "late" and late.append(f))
+            await engine.infer("slow", call)
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(engine.infer("slow", call, timeout=0.25) for _ in range(20)),
+                return_exceptions=True)
+            while engine.pool.workers[0].in_flight and time.monotonic() < t0 + 5:
+                await asyncio.sleep(0.01)
+            drained = time.monotonic() - t0
+            pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
+            return results, drained, pins, skipped, late
+
+    results, drained, pins, skipped, late = run(main())
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    timed_out = [r for r in results if isinstance(r, Timeout)]
+    assert len(answered) + len(timed_out) == 20, results
+    assert 1 <= len(answered) <= 3, len(answered)
+    assert len(skipped) + len(late) == len(timed_out)
+    assert len(skipped) >= 15, (len(skipped), len(late))
+    assert drained < 1.0, drained  # the calls answered and one late, not 20 calls
+    assert pins == 0

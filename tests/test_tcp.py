@@ -646,7 +646,8 @@ def test_stats_prints_the_table(address):
                      r"\(\d+ from the host tier\)", r.stdout)
     workers = [row for row in rows if row.startswith("worker ")]
     assert len(workers) == 2 and all(
-        re.fullmatch(r"worker \d \(cpu, up, pid \d+\): \d+ in flight, busy \d+%, "
+        re.fullmatch(r"worker \d \(cpu, up, pid \d+\): \d+ in flight \(\d+ waiting a turn\), "
+                     r"busy \d+%, "
                      r"[\d,]+ of [\d,]+ bytes", row) for row in workers), workers
     with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
         unused.bind(("127.0.0.1", 0))

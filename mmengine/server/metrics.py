@@ -416,6 +416,9 @@ class _Scrape:
         in_flight = GaugeMetricFamily("mmengine_worker_in_flight",
                                       "Requests sent to each worker and not yet answered "
                                       "(its queue depth).", labels=labels)
+        waiting = GaugeMetricFamily("mmengine_worker_waiting_turn",
+                                    "Inferences in flight to each worker that wait in the "
+                                    "front-end for their model's turn.", labels=labels)
         busy = GaugeMetricFamily("mmengine_worker_busy_ratio",
                                  "Share of the last monitor interval each worker spent "
                                  "running inferences.", labels=labels)
@@ -426,9 +429,10 @@ class _Scrape:
             used.add_metric(values, w["used_bytes"])
             budget.add_metric(values, w["budget_bytes"])
             in_flight.add_metric(values, w["in_flight"])
+            waiting.add_metric(values, w["waiting_turn"])
             busy.add_metric(values, w["busy"])
             up.add_metric(values, int(w["alive"]))
-        yield from (used, budget, in_flight, busy, up)
+        yield from (used, budget, in_flight, waiting, busy, up)
 
         tier_used = GaugeMetricFamily("mmengine_tier_bytes", "Bytes of models in each "
                                       "tier (device: all workers together).", labels=["tier"])
