@@ -193,15 +193,18 @@ class Worker:
         self._inferring = 0
         self._busy_from = 0
         # Fair turns (Config.worker_backlog_ms): the inferences in the ring,
-        # by id, with the time each is expected to take (ns), their sum, and
-        # how many each model has there; each model's expected time, from
-        # its recent calls here; and the inferences waiting for the ring, a
-        # queue per model in the order their turns come (id, header,
-        # buffers, record size), with their ids.
+        # by id, with the time each is expected to take (ns), and their sum;
+        # each model's expected time, from its recent calls here; the
+        # inferences waiting for the ring, a queue per model (id, header,
+        # buffers, record size), with their ids. The turns are start-time
+        # fair queueing over the expected times: each model's finish tag
+        # (the virtual time by which the worker will have run what it was
+        # sent) and the virtual time (the start tag of the last one sent).
         self._backlog_ns = int(config.worker_backlog_ms * 1e6)
         self._sent_ns: dict[int, int] = {}
         self._ring_ns = 0
-        self._in_ring: collections.Counter = collections.Counter()
+        self._finish_ns: dict[tuple, int] = {}
+        self._virtual_ns = 0
         self._call_ns: dict[tuple, int] = {}
         self._held: dict[tuple, collections.deque] = {}
         self._held_ids: set[int] = set()
@@ -338,7 +341,7 @@ class Worker:
         self._loading.clear()
         self._sent_ns.clear()
         self._ring_ns = 0
-        self._in_ring.clear()
+        self._finish_ns.clear()
         self._held.clear()
         self._held_ids.clear()
         self._disarm_deadlines()
@@ -459,23 +462,27 @@ class Worker:
         expected = self._call_ns.get(served, self._backlog_ns)
         self._sent_ns[rid] = expected
         self._ring_ns += expected
-        self._in_ring[served] += 1
+        start = max(self._virtual_ns, self._finish_ns.get(served, 0))  # no credit for idling
+        self._finish_ns[served] = start + expected
+        self._virtual_ns = start
 
     def _send_held(self) -> None:
         """Lets waiting inferences into the ring while it has room, a model
-        at a time: the one with the fewest there, first in turn among
-        equals (a model with none in the ring goes ahead of one whose call
-        is ready). One that nobody waits for (its deadline passed, or its
-        caller went away), or whose deadline would pass before its model's
-        call could end, is dropped unsent, as the worker would skip it. (The
-        worker itself runs a request that it had to wait for, whatever the
-        time left: it cannot tell one sent in time from one sent late.)"""
+        at a time: the one with the least finish tag, which has had the
+        least of the worker's time lately. A fast model's request goes
+        ahead of a flooded slow model's next call; two floods share the
+        worker's time evenly, not its calls. One that nobody waits for (its
+        deadline passed, or its caller went away), or whose deadline would
+        pass before its model's call could end, is dropped unsent, as the
+        worker would skip it. (The worker itself runs a request that it had
+        to wait for, whatever the time left: it cannot tell one sent in
+        time from one sent late.)"""
         while self._held and self._ring_has_room():
-            served = min(self._held, key=self._in_ring.__getitem__)
-            held = self._held.pop(served)
+            served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
+            held = self._held[served]
             rid, header, bufs, need = held.popleft()
-            if held:
-                self._held[served] = held  # its next turn, after the others'
+            if not held:
+                del self._held[served]
             self._held_ids.discard(rid)
             fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
             if fut.done() or deadline - time.monotonic() < self._call_ns.get(served, 0) / 1e9:
@@ -615,11 +622,6 @@ class Worker:
         if served is not None:
             self._inferences_done(1)
             self._ring_ns -= self._sent_ns.pop(rid, 0)
-            left = self._in_ring[served] - 1
-            if left > 0:
-                self._in_ring[served] = left
-            else:
-                self._in_ring.pop(served, None)
         self._loading.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:

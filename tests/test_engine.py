@@ -1960,3 +1960,40 @@ def test_requests_that_time_out_waiting_their_turn_are_dropped_unsent(tmp_path,
     assert len(skipped) >= 15, (len(skipped), len(late))
     assert drained < 1.0, drained  # the calls answered and one late, not 20 calls
     assert pins == 0
+
+
+def test_two_floods_on_one_worker_share_its_time_not_its_calls(tmp_path, own_segments):
+    # Two models flooded at once on one worker, one whose calls take four
+    # times the other's: in turns by their calls' time, each gets about half
+    # of the worker's time, so the quick one answers about four times as
+    # many. (Turns by calls would give the slow one four fifths of it.)
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "quick", SLOW_HANDLER)
+    slow, quick = {"seconds": np.array([0.02], np.float32)}, \
+        {"seconds": np.array([0.005], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            await engine.infer("slow", slow)
+            await engine.infer("quick", quick)
+            assert engine.model_row(("quick", 1))["worker"] == 0
+            done, counts = False, {"slow": 0, "quick": 0}
+
+            async def flood(name, call):
+                while not done:
+                    await engine.infer(name, call)
+                    counts[name] += 1
+
+            floods = [asyncio.ensure_future(flood(n, c)) for n, c in
+                      [("slow", slow)] * 8 + [("quick", quick)] * 8]
+            await asyncio.sleep(0.3)  # both queues fill, and the calls are timed
+            before = dict(counts)
+            await asyncio.sleep(1.5)
+            counted = {k: counts[k] - before[k] for k in counts}
+            done = True
+            await asyncio.gather(*floods)
+            return counted
+
+    counted = run(main())
+    share = counted["slow"] * 0.02 / (counted["slow"] * 0.02 + counted["quick"] * 0.005)
+    assert 0.3 < share < 0.7, counted
