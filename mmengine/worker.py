@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from mmengine import logs, messages, resources
+from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
@@ -45,10 +46,6 @@ LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at 
 # A worker that has served nothing this long is idle: its loads may read
 # with every core of its share (a request that comes meanwhile shares them).
 IDLE_NS = 100_000_000
-# A model's recent call time, not renewed by a call for this long, counts
-# half as much in judging whether a queued request would miss its deadline
-# (WorkerLogic.would_miss): a figure gone stale gives way.
-MISS_TRUST_HALF_LIFE_S = 1.0
 
 log = logging.getLogger("mmengine.worker")
 
@@ -94,10 +91,7 @@ class WorkerLogic:
         # the loader's.
         self.serving_since = 0
         self.served_at = 0
-        # key -> [seconds a call takes, near the fastest of the recent ones
-        # (0 until a call after the first); time.monotonic() when a call
-        # last renewed it] (would_miss).
-        self.calls: dict[Key, list[float]] = {}
+        self.times = CallTimes()  # would_miss
         # What the loader thread serves ("idle" or an op's name), for the
         # serving thread's account of its requests; and its readers.
         self.loader_op = "idle"
@@ -254,24 +248,13 @@ class WorkerLogic:
         """Stops serving a model and returns it, to be closed by the caller:
         closing frees its memory (unmapping a host-tier mapping takes
         milliseconds), which need not delay the answer."""
-        self.calls.pop((name, version), None)
+        self.times.forget((name, version))
         return self.models.pop((name, version), None)
 
     def ran(self, key: Key, seconds: float, now: float) -> None:
         """Notes that a call of `key` took `seconds`, ending at `now`
-        (time.monotonic()). Its first call is not counted: that is the
-        warm-up, which may take many times the others. Then a faster call
-        is taken at once, a slower one moves the figure an eighth of the
-        way (one slow call, a preemption, does not make the model look
-        slow)."""
-        call = self.calls.get(key)
-        if call is None:
-            self.calls[key] = [0.0, now]  # 0: not known yet
-        elif not call[0] or seconds < call[0]:
-            call[0], call[1] = seconds, now
-        else:
-            call[0] += (seconds - call[0]) / 8
-            call[1] = now
+        (time.monotonic()): CallTimes.ran."""
+        self.times.ran(key, seconds, now)
 
     def would_miss(self, key: Key, deadline: float, queued: bool) -> bool:
         """Whether a call of `key` begun now would end past its request's
@@ -279,18 +262,15 @@ class WorkerLogic:
         requests behind it wait for nothing.
 
         Past its deadline, surely. Else only a request that `queued` (it
-        was in the ring before the worker looked) is judged by the model's
-        recent calls: where a worker keeps up, a request goes to the model
-        whatever the figure says, since a model's calls are not all alike
-        (a larger input). For the same reason the figure is trusted less
-        as it ages without a call to renew it (MISS_TRUST_HALF_LIFE_S)."""
+        was in the ring before the worker looked, or waited its turn in
+        the front-end) is judged by the model's recent calls
+        (CallTimes.would_miss): where a worker keeps up, a request goes to
+        the model whatever the figure says, since a model's calls are not
+        all alike (a larger input)."""
         now = time.monotonic()
-        if now >= deadline:
-            return True
-        call = self.calls.get(key)
-        if not queued or call is None:
-            return False
-        return deadline - now < call[0] * 0.5 ** ((now - call[1]) / MISS_TRUST_HALF_LIFE_S)
+        if not queued:
+            return now >= deadline
+        return self.times.would_miss(key, deadline, now)
 
     def infer(self, name: str, version: int, inputs: dict[str, np.ndarray]):
         model = self.models.get((name, version))

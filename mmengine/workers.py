@@ -38,6 +38,7 @@ from typing import Callable
 import mmengine
 
 from mmengine import messages, resources
+from mmengine.calltimes import CallTimes
 from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
                              WorkerDied, error_for)
@@ -205,7 +206,7 @@ class Worker:
         self._ring_ns = 0
         self._finish_ns: dict[tuple, int] = {}
         self._virtual_ns = 0
-        self._call_ns: dict[tuple, int] = {}
+        self._times = CallTimes()
         self._held: dict[tuple, collections.deque] = {}
         self._held_ids: set[int] = set()
         self.busy_ns = 0
@@ -278,12 +279,13 @@ class Worker:
         return len(self._held_ids)
 
     def running(self) -> tuple[float, tuple[str, int], bool] | None:
-        """The deadline and (model, version) of its oldest inference in
-        flight, and whether it is running it (it runs them in order; one
-        not begun waits for the worker)."""
-        for rid, (*_, deadline, _, _, served) in self._pending.items():
-            if served is not None and rid not in self._held_ids:
-                return deadline, served, self.abandoned.serving == rid
+        """The deadline and (model, version) of the oldest inference sent
+        to it (it runs them in the order sent; one may wait its turn in the
+        front-end still), and whether it is running it (one not begun waits
+        for the worker)."""
+        for rid in self._sent_ns:
+            *_, deadline, _, _, served = self._pending[rid]
+            return deadline, served, self.abandoned.serving == rid
         return None
 
     def sample_busy(self) -> None:
@@ -365,7 +367,18 @@ class Worker:
             _remove_reader(self.loop, fd)
 
     def close_requests(self) -> None:
-        """No more requests: the worker serves what it has, then exits."""
+        """No more requests: the worker serves what it has, then exits.
+        Those waiting their turn fail now (the server's drain has given
+        them its time already)."""
+        for held in self._held.values():
+            for rid, *_ in held:
+                fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid)
+                self._inferences_done(1)
+                _finish(fut, on_done, self._unanswered(WorkerDied(
+                    f"the server stopped before worker {self.index} ran this request (it "
+                    f"was waiting its turn)"), t_sent, served), then)
+        self._held.clear()
+        self._held_ids.clear()
         if self.loop is not None and not self.loop.is_closed():
             for ring in (self.req, self.ctl):  # before their descriptors close
                 _remove_reader(self.loop, ring.writable_fd)
@@ -437,13 +450,19 @@ class Worker:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
-        elif self._poll_s and not (self._loading and self._quiet_loads):
+        else:
+            self._poll_answers()
+        return fut
+
+    def _poll_answers(self) -> None:
+        """Polls the answers for poll_us from now, where they come by
+        polling (not while it loads where its cores are few)."""
+        if self._poll_s and not (self._loading and self._quiet_loads):
             self._poll_until = time.monotonic() + self._poll_s
             if not self._polling:
                 self._polling = True
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
-        return fut
 
     def _ring_has_room(self) -> bool:
         """Whether the request ring may take another inference: behind the
@@ -459,7 +478,8 @@ class Worker:
     def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
                         need: int = 0) -> None:
         self._infer.send(header, bufs, need)
-        expected = self._call_ns.get(served, self._backlog_ns)
+        mean = self._times.expected(served)
+        expected = self._backlog_ns if mean is None else int(mean * 1e9)
         self._sent_ns[rid] = expected
         self._ring_ns += expected
         start = max(self._virtual_ns, self._finish_ns.get(served, 0))  # no credit for idling
@@ -485,7 +505,7 @@ class Worker:
                 del self._held[served]
             self._held_ids.discard(rid)
             fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
-            if fut.done() or deadline - time.monotonic() < self._call_ns.get(served, 0) / 1e9:
+            if fut.done() or self._times.would_miss(served, deadline, time.monotonic()):
                 del self._pending[rid]
                 self._inferences_done(1)
                 _finish(fut, on_done, self._not_run(t_sent, served), then)
@@ -497,6 +517,7 @@ class Worker:
             except WorkerDied as e:
                 self._died(str(e))
                 return
+            self._poll_answers()  # its answer may come after the window of the last call
 
     def _arm_deadline(self, deadline: float) -> None:
         if self._deadline_timer is not None:
@@ -631,7 +652,9 @@ class Worker:
                 ran["t_sent"] = t_sent
                 ran["worker"] = self.index
                 ran["version"] = served[1]  # the one served, asked for or not
-                self._timed(served, ran)
+                if code == messages.OK and "t_done" in ran and "t_recv" in ran:
+                    self._times.ran(served, (ran["t_done"] - ran["t_recv"]) / 1e9,
+                                    time.monotonic())
             if code == messages.SKIPPED:  # its future is done, or due to fail
                 result = self._not_run(t_sent, served)
             elif code != messages.OK:
@@ -649,16 +672,6 @@ class Worker:
             self.on_unserved(served, ran, self.index)
         if self._held:
             self._send_held()
-
-    def _timed(self, served: tuple, ran: dict) -> None:
-        """Takes a call's time into its model's expected time: a faster
-        call at once (a first call warms up, and may take many times the
-        next), a slower one a quarter of the way (one slow call, a
-        preemption, moves it little)."""
-        took = ran.get("t_done", 0) - ran.get("t_recv", 0)
-        if took > 0:
-            before = self._call_ns.get(served, took)
-            self._call_ns[served] = took if took < before else before + (took - before) // 4
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None)

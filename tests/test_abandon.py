@@ -16,6 +16,7 @@ import pytest
 
 from conftest import SLOW_HANDLER, run, write_handler
 from mmengine import protocol
+from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.errors import Timeout
@@ -228,4 +229,27 @@ def test_what_a_worker_takes_for_sure_to_miss_its_deadline():
     assert not logic.would_miss(key, in_(0.02), queued=True)
     assert logic.would_miss(key, in_(0.005), queued=True)
     logic.ran(key, 0.09, time.monotonic())  # a slower one moves it an eighth of the way
-    assert logic.calls[key][0] == pytest.approx(0.01 + 0.08 / 8)
+    # 0.01 + 0.08 / 8 = 0.02 s now
+    assert logic.would_miss(key, in_(0.018), queued=True)
+    assert not logic.would_miss(key, in_(0.022), queued=True)
+
+
+def test_a_models_expected_call_is_its_mean_and_its_bar_near_its_fastest():
+    # What the front-end sizes a worker's backlog by (the mean: one call
+    # refused at once does not make a model look fast) and what a request
+    # must have the time for (near the fastest: one slow call does not
+    # make it look slow).
+    times, key, now = CallTimes(), ("m", 1), time.monotonic()
+    times.ran(key, 5.0, now)  # the warm-up
+    assert times.expected(key) is None
+    times.ran(key, 0.004, now)
+    assert times.expected(key) == pytest.approx(0.004)
+    times.ran(key, 0.000_010, now)  # an input refused at once
+    assert times.expected(key) == pytest.approx(0.004 - (0.004 - 0.000_010) / 4)
+    assert times.would_miss(key, now + 0.000_005, now)
+    assert not times.would_miss(key, now + 0.000_020, now)
+    times.ran(key, 0.8, now)  # one slow call: an eighth of the way
+    assert not times.would_miss(key, now + 0.2, now)
+    assert times.would_miss(key, now - 0.001, now)  # past the deadline, surely
+    times.forget(key)
+    assert times.expected(key) is None and not times.would_miss(key, now + 1e-9, now)

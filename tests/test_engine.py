@@ -1997,3 +1997,34 @@ def test_two_floods_on_one_worker_share_its_time_not_its_calls(tmp_path, own_seg
     counted = run(main())
     share = counted["slow"] * 0.02 / (counted["slow"] * 0.02 + counted["quick"] * 0.005)
     assert 0.3 < share < 0.7, counted
+
+
+def test_requests_waiting_their_turn_fail_typed_when_the_engine_stops(tmp_path,
+                                                                      own_segments):
+    # A stop whose drain runs out while a flood waits its turn: those
+    # waiting fail WORKER_DIED at once, saying so; the ones in the worker's
+    # ring fail as any the stop cuts off. None fails as an unreadable answer.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    call = {"seconds": np.array([0.3], np.float32)}
+
+    async def main():
+        engine = Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60))
+        await engine.start()
+        try:
+            await engine.infer("slow", call)
+            await engine.infer("slow", call)  # its time known: two at a time in the ring
+            flood = [asyncio.ensure_future(engine.infer("slow", call)) for _ in range(6)]
+            await asyncio.sleep(0.05)
+            waiting = engine.stats()["workers"][0]["waiting_turn"]
+            await engine.stop(time.monotonic() + 0.1)
+            return waiting, await asyncio.gather(*flood, return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    waiting, results = run(main())
+    assert waiting == 4
+    # The call under way may end within the workers' grace (0.2 s).
+    assert isinstance(results[0], WorkerDied) or results[0]["y"][0] == np.float32(0.6)
+    assert all(isinstance(r, WorkerDied) for r in results[1:]), results
+    assert ["waiting its turn" in str(r) for r in results[1:]] == [False] + [True] * 4, results
+    assert not any("unreadable" in str(r) for r in results), results
