@@ -370,15 +370,9 @@ class Worker:
         """No more requests: the worker serves what it has, then exits.
         Those waiting their turn fail now (the server's drain has given
         them its time already)."""
-        for held in self._held.values():
-            for rid, *_ in held:
-                fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid)
-                self._inferences_done(1)
-                _finish(fut, on_done, self._unanswered(WorkerDied(
-                    f"the server stopped before worker {self.index} ran this request (it "
-                    f"was waiting its turn)"), t_sent, served), then)
-        self._held.clear()
-        self._held_ids.clear()
+        self._drop_waiting(set(self._held_ids), WorkerDied(
+            f"the server stopped before worker {self.index} ran this request (it was "
+            f"waiting its turn)"))
         if self.loop is not None and not self.loop.is_closed():
             for ring in (self.req, self.ctl):  # before their descriptors close
                 _remove_reader(self.loop, ring.writable_fd)
@@ -544,7 +538,7 @@ class Worker:
             if fut.done():
                 continue
             if deadline <= due:
-                expired.append((fut, model, then, t_sent, served))
+                expired.append((rid, fut, model, then, t_sent, served))
                 if served is not None:  # not yet run, the worker skips it
                     self.abandoned.mark(rid)
             elif deadline < nearest:
@@ -552,10 +546,34 @@ class Worker:
         if nearest < math.inf:
             self._arm_deadline(nearest)
         # Settled last: a `then` may send a request (into _pending, and
-        # arming the timer for an earlier deadline than `nearest`).
-        for fut, model, then, t_sent, served in expired:
+        # arming the timer for an earlier deadline than `nearest`). Then
+        # those waiting their turn leave their queues (their pins go).
+        waiting = {rid for rid, *_ in expired if rid in self._held_ids}
+        for _, fut, model, then, t_sent, served in expired:
             late = Timeout(f"{model}: no answer within the request's deadline")
             _settle(fut, self._unanswered(late, t_sent, served), then)
+        self._drop_waiting(waiting)
+
+    def _drop_waiting(self, rids: set, error: MMEngineError | None = None) -> None:
+        """Takes `rids`, inferences waiting their turn, out of their queues
+        unsent: each is done (its on_done runs: its pin goes), failing with
+        `error` where its future is not done yet (without one, each must
+        be), and observers hear that it was skipped."""
+        if not rids:
+            return
+        for served, held in list(self._held.items()):
+            kept = collections.deque(entry for entry in held if entry[0] not in rids)
+            if not kept:
+                del self._held[served]
+            elif len(kept) < len(held):
+                self._held[served] = kept
+        self._held_ids -= rids
+        for rid in rids:
+            fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid)
+            self._inferences_done(1)
+            _finish(fut, on_done, error and self._unanswered(error, t_sent, served), then)
+            if self.on_unserved is not None:
+                self.on_unserved(served, None, self.index)
 
     def _unanswered(self, e: MMEngineError, t_sent: int, served: tuple | None) -> MMEngineError:
         """`e`, for a request this worker never answered; an inference's
@@ -577,6 +595,7 @@ class Worker:
         for rid, (fut, *_, served) in self._pending.items():
             if served is not None and fut.cancelled():
                 self.abandoned.mark(rid)
+        self._drop_waiting({rid for rid in self._held_ids if self._pending[rid][0].cancelled()})
 
     # -- responses -----------------------------------------------------------
 

@@ -1945,6 +1945,8 @@ def test_requests_that_time_out_waiting_their_turn_are_dropped_unsent(tmp_path,
             results = await asyncio.gather(
                 *(engine.infer("slow", call, timeout=0.25) for _ in range(20)),
                 return_exceptions=True)
+            # Those whose deadline passed as they waited left their queues then.
+            assert engine.pool.workers[0].waiting_turn == 0
             while engine.pool.workers[0].in_flight and time.monotonic() < t0 + 5:
                 await asyncio.sleep(0.01)
             drained = time.monotonic() - t0
@@ -2028,3 +2030,34 @@ def test_requests_waiting_their_turn_fail_typed_when_the_engine_stops(tmp_path,
     assert all(isinstance(r, WorkerDied) for r in results[1:]), results
     assert ["waiting its turn" in str(r) for r in results[1:]] == [False] + [True] * 4, results
     assert not any("unreadable" in str(r) for r in results), results
+
+
+def test_requests_cancelled_as_they_wait_their_turn_leave_at_once(tmp_path, own_segments):
+    # A caller that goes away (a closed connection cancels its requests)
+    # takes its requests out of their queue in the same turn of the loop,
+    # pins and all: they do not wait for their turn to be dropped.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    call = {"seconds": np.array([0.2], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            skipped = []
+            engine.observers.append(lambda kind, f: kind == "skipped" and skipped.append(f))
+            await engine.infer("slow", call)
+            await engine.infer("slow", call)
+            flood = [asyncio.ensure_future(engine.infer("slow", call)) for _ in range(6)]
+            await asyncio.sleep(0.02)
+            worker = engine.pool.workers[0]
+            waiting = worker.waiting_turn
+            for fut in flood[2:]:
+                fut.cancel()
+            await asyncio.sleep(0.02)  # well within the call under way
+            left = worker.waiting_turn, worker.in_flight, len(skipped)
+            answers = await asyncio.gather(*flood[:2])
+            pins = next(r["pins"] for r in engine.stats()["models"] if r["name"] == "slow")
+            return waiting, left, [float(a["y"][0]) for a in answers], pins
+
+    waiting, left, answers, pins = run(main())
+    assert waiting == 4
+    assert left == (0, 2, 4)
+    assert answers == [np.float32(0.4)] * 2 and pins == 0
