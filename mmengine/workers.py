@@ -487,10 +487,12 @@ class Worker:
         ahead of a flooded slow model's next call; two floods share the
         worker's time evenly, not its calls. One that nobody waits for (its
         deadline passed, or its caller went away), or whose deadline would
-        pass before its model's call could end, is dropped unsent, as the
-        worker would skip it. (The worker itself runs a request that it had
-        to wait for, whatever the time left: it cannot tell one sent in
-        time from one sent late.)"""
+        pass before its model's call could end, begun after the calls in the
+        ring, is dropped unsent, as the worker would skip it. (Sent, it
+        would be skipped only once the worker reached it, while the worker
+        waited for the next; or run late, where the worker had waited for
+        it: a worker runs a request it waited for whatever its time left,
+        since it cannot tell one sent in time from one sent late.)"""
         while self._held and self._ring_has_room():
             served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
             held = self._held[served]
@@ -499,7 +501,9 @@ class Worker:
                 del self._held[served]
             self._held_ids.discard(rid)
             fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
-            if fut.done() or self._times.would_miss(served, deadline, time.monotonic()):
+            # It begins once the ring's calls are done: its time is what is left then.
+            begins = self._ring_ns / 1e9
+            if fut.done() or self._times.would_miss(served, deadline - begins, time.monotonic()):
                 del self._pending[rid]
                 self._inferences_done(1)
                 _finish(fut, on_done, self._not_run(t_sent, served), then)

@@ -2061,3 +2061,33 @@ def test_requests_cancelled_as_they_wait_their_turn_leave_at_once(tmp_path, own_
     assert waiting == 4
     assert left == (0, 2, 4)
     assert answers == [np.float32(0.4)] * 2 and pins == 0
+
+
+def test_a_request_whose_turn_comes_too_late_is_dropped_then(tmp_path, own_segments):
+    # Calls of 0.2 s: one runs, one is ready, a third waits its turn with
+    # 0.5 s to live. Its turn comes as the first ends (0.2 s), and it
+    # would begin after the ready one (0.4 s), with 0.1 s left for a 0.2 s
+    # call: it is dropped at its turn, not sent to be skipped at 0.4 s (or
+    # run late, by a worker that had to wait for it).
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    call = {"seconds": np.array([0.2], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            await engine.infer("slow", call)
+            await engine.infer("slow", call)
+            t0 = time.monotonic()
+            ahead = [asyncio.ensure_future(engine.infer("slow", call)) for _ in range(2)]
+            await asyncio.sleep(0)  # they are sent first
+            try:
+                await engine.infer("slow", call, timeout=0.5)
+            except Timeout as e:
+                failed = e, time.monotonic() - t0
+            else:
+                raise AssertionError("a request that could not make its deadline ran")
+            return failed, await asyncio.gather(*ahead)
+
+    (error, at), ahead = run(main())
+    assert "could not have finished" in str(error)
+    assert 0.19 < at < 0.33, at
+    assert [float(a["y"][0]) for a in ahead] == [np.float32(0.4)] * 2
