@@ -580,8 +580,9 @@ class Engine:
         try:
             if worker.in_flight >= self.config.max_queue_per_worker:
                 # Named: a model that floods its worker refuses its neighbours.
-                oldest = worker.running()
-                ahead = f", the oldest for {oldest[1][0]} v{oldest[1][1]}" if oldest else ""
+                busiest = worker.busiest()
+                ahead = (f", {busiest[1]} of them for {busiest[0][0]} v{busiest[0][1]}"
+                         if busiest else "")
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
                                  f"in flight{ahead}; retry later")
             return worker.call(Op.INFER, key[0], key[1], arrays,

@@ -262,8 +262,7 @@ class WorkerLogic:
         requests behind it wait for nothing.
 
         Past its deadline, surely. Else only a request that `queued` (it
-        was in the ring before the worker looked, or waited its turn in
-        the front-end) is judged by the model's recent calls
+        was in the ring before the worker looked) is judged by the model's recent calls
         (CallTimes.would_miss): where a worker keeps up, a request goes to
         the model whatever the figure says, since a model's calls are not
         all alike (a larger input)."""

@@ -288,6 +288,14 @@ class Worker:
             return deadline, served, self.abandoned.serving == rid
         return None
 
+    def busiest(self) -> tuple[tuple[str, int], int] | None:
+        """The (model, version) with the most inferences in flight here,
+        and how many: the one that floods it (a scan, made only to say who
+        filled it)."""
+        counts = collections.Counter(entry[-1] for entry in self._pending.values()
+                                     if entry[-1] is not None)
+        return counts.most_common(1)[0] if counts else None
+
     def sample_busy(self) -> None:
         """busy_share: the share of the time since the last sample that it
         had an inference in flight."""
@@ -407,8 +415,10 @@ class Worker:
         (it answered or died), whether or not anyone still awaits the future.
         Past `deadline` (time.monotonic()) the future fails with Timeout and
         an inference is abandoned (messages.Abandoned): one already running
-        runs to its end; on_done waits for the worker's answer either way. Never blocks: a full
-        ring queues the request in order.
+        runs to its end; on_done waits for the worker's answer either way.
+        Never blocks: past worker_backlog_ms of calls in the ring (or where
+        the ring is full) an inference waits in the front-end for its
+        model's turn (_send_held).
 
         `then(future)` runs as the future is done, in the same turn of the
         loop: a server writes the answer out before asyncio would run the
@@ -424,6 +434,9 @@ class Worker:
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
         served = (model, version) if op == Op.INFER else None
         if served is None:
+            if op == Op.UNLOAD:  # as the worker does: a reload's first call is a warm-up again
+                self._times.forget((model, version))
+                self._finish_ns.pop((model, version), None)
             self._control.send(header, bufs)
         elif self._held or not self._ring_has_room():
             need = self._infer.size(header, bufs)  # refused now, not in its turn
@@ -543,8 +556,7 @@ class Worker:
                 continue
             if deadline <= due:
                 expired.append((rid, fut, model, then, t_sent, served))
-                if served is not None:  # not yet run, the worker skips it
-                    self.abandoned.mark(rid)
+                self._abandon(rid)
             elif deadline < nearest:
                 nearest = deadline
         if nearest < math.inf:
@@ -592,13 +604,25 @@ class Worker:
         return self._unanswered(Timeout(f"{served[0]}: not run: it could not have finished "
                                         f"within the request's deadline"), t_sent, served)
 
+    def _abandon(self, rid: int) -> None:
+        """Tells the worker to skip inference `rid` if it has not begun it,
+        and takes its time out of the ring's: a skip costs next to none.
+        (One waiting its turn was never sent: _drop_waiting.)"""
+        expected = self._sent_ns.get(rid)
+        if expected is None:
+            return
+        self.abandoned.mark(rid)
+        if expected and self.abandoned.serving != rid:
+            self._ring_ns -= expected
+            self._sent_ns[rid] = 0
+
     def abandon_cancelled(self) -> None:
         """Marks the inferences whose callers cancelled them as abandoned:
         those not yet run are skipped (a scan of what is in flight, made
         once per turn of the loop that cancelled any)."""
-        for rid, (fut, *_, served) in self._pending.items():
-            if served is not None and fut.cancelled():
-                self.abandoned.mark(rid)
+        for rid, (fut, *_) in self._pending.items():
+            if fut.cancelled():
+                self._abandon(rid)
         self._drop_waiting({rid for rid in self._held_ids if self._pending[rid][0].cancelled()})
 
     # -- responses -----------------------------------------------------------

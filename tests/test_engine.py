@@ -1883,8 +1883,8 @@ def test_a_full_worker_refuses_its_neighbours_and_names_what_holds_it(tmp_path, 
             flood = [asyncio.ensure_future(engine.infer("slow", second)) for _ in range(3)]
             while engine.pool.workers[0].in_flight < 3:  # the first loads "slow"
                 await asyncio.sleep(0.01)
-            with pytest.raises(Overloaded, match=r"^worker 0 has 3 requests in flight, the "
-                                                 r"oldest for slow v1; retry later$"):
+            with pytest.raises(Overloaded, match=r"^worker 0 has 3 requests in flight, 3 of "
+                                                 r"them for slow v1; retry later$"):
                 await engine.infer("fast", {"x": x_for(np.random.default_rng(1))})
             assert [float(r["y"][0]) for r in await asyncio.gather(*flood)] == [np.float32(0.6)] * 3
             await engine.infer("fast", {"x": x_for(np.random.default_rng(2))})  # served again
@@ -2091,3 +2091,67 @@ def test_a_request_whose_turn_comes_too_late_is_dropped_then(tmp_path, own_segme
     assert "could not have finished" in str(error)
     assert 0.19 < at < 0.33, at
     assert [float(a["y"][0]) for a in ahead] == [np.float32(0.4)] * 2
+
+
+def test_a_request_expired_in_the_ring_does_not_hold_back_the_turn_behind_it(tmp_path,
+                                                                            own_segments):
+    # Calls of 0.3 s: A runs, B waits in the ring with 0.1 s to live, C
+    # waits its turn with 0.7 s. B expires unbegun: the worker will skip it,
+    # so C's turn (as A ends) counts no call ahead of it and C is sent, with
+    # the time to run. Counted as still ahead, B would push C's begin past
+    # its deadline, and C would be dropped at its turn.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    call = {"seconds": np.array([0.3], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            await engine.infer("slow", call)
+            await engine.infer("slow", call)
+            a = asyncio.ensure_future(engine.infer("slow", call))
+            b = asyncio.ensure_future(engine.infer("slow", call, timeout=0.1))
+            await asyncio.sleep(0)  # sent first, in order
+            c = await engine.infer("slow", call, timeout=0.7)
+            return await a, await asyncio.gather(b, return_exceptions=True), c
+
+    a, (b,), c = run(main())
+    assert isinstance(b, Timeout), b
+    assert float(a["y"][0]) == float(c["y"][0]) == np.float32(0.6)
+
+
+WARMING_HANDLER = '''
+import time
+
+calls = [0]
+
+def load(path, device):
+    calls[0] = 0
+
+def predict(inputs):
+    calls[0] += 1
+    time.sleep(0.8 if calls[0] == 1 else float(inputs["seconds"][0]))
+    return {"y": inputs["seconds"] * 2}
+'''
+
+
+def test_a_reloaded_models_first_call_is_a_warm_up_again(tmp_path, own_segments):
+    # A model whose first call after each load takes 0.8 s, its others
+    # 0.05 s. Unloaded and loaded again, its first call is the warm-up, not
+    # a call that says the model became slow: a request waiting its turn
+    # behind two calls, with 0.25 s to live, is sent and answered. (Judged
+    # by calls averaged with the warm-up, it would be dropped at its turn.)
+    write_handler(tmp_path, "warming", WARMING_HANDLER)
+    call = {"seconds": np.array([0.05], np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, request_timeout_s=60)) as engine:
+            for _ in range(4):
+                await engine.infer("warming", call)
+            await engine.unload("warming")
+            await engine.infer("warming", call)  # the warm-up
+            ahead = [asyncio.ensure_future(engine.infer("warming", call)) for _ in range(2)]
+            await asyncio.sleep(0)
+            last = await engine.infer("warming", call, timeout=0.25)
+            return last, await asyncio.gather(*ahead)
+
+    last, ahead = run(main())
+    assert [float(r["y"][0]) for r in [last, *ahead]] == [np.float32(0.1)] * 3
