@@ -18,7 +18,8 @@ then fast's p50 and p99 beside it and the flood's rate then
 (`*_flood_rps`: less where fast's calls take their turns, `*_fast_n` of
 them). Ratios: `fair_vs_one_queue_p99` (fast's p99, fair over one queue),
 `fair_p99_in_flood_calls` (fast's p99 under the fair flood in flood calls:
-about 2, the call under way and the one ready behind it) and
+up to 2, where fast comes in a call's last worker_backlog_ms, as the
+flood's next call goes in; its p50 is about half a call) and
 `flood_alone_rps_fair_vs_one_queue` (what the turns cost a flood: about 1).
 """
 from __future__ import annotations

@@ -140,12 +140,13 @@ class Config:
     max_queue_per_model: int = 1024      # requests accepted and not yet answered, per model
     max_queue_per_worker: int = 4096     # requests sent to a worker and not yet answered
     # The model time, as the worker's recent calls of each model say, that
-    # a worker's request ring may hold behind the call under way. Past it,
-    # inferences wait in the front-end, one queue per model, and go to the
-    # ring in turns: a model flooded with requests delays another on its
-    # worker by about the call under way and one more, not by its whole
-    # queue. Two are sent whatever their time (one runs, one is ready); a
-    # model not yet timed counts as all of it. 0: one queue, in arrival order.
+    # a worker's request ring may hold, counting what is left of the call
+    # under way. Past it, inferences wait in the front-end, one queue per
+    # model, and go to the ring in turns: a model's next call goes in as
+    # its call under way nears its end, so a model flooded with requests
+    # delays another on its worker by about the call under way, not by its
+    # whole queue. A model not yet timed counts as all of it. 0: one queue,
+    # in arrival order.
     worker_backlog_ms: float = 2.0
     # -- transport
     ring_bytes: int = 64 * MiB           # each ring between the front-end and a worker

@@ -46,9 +46,6 @@ from mmengine.messages import Op
 from mmengine.ring import Ring
 
 _BURST = 64  # responses handled before the response ring's space is handed back
-# Inferences always let into a worker's ring, whatever their models' time
-# (Config.worker_backlog_ms): one to run and one ready behind it.
-MIN_SENT = 2
 # uvloop's clock counts milliseconds: a deadline this close is due now
 # (else its timer, firing a hair early, would be armed again and again).
 _CLOCK_S = 1e-3
@@ -204,6 +201,8 @@ class Worker:
         self._backlog_ns = int(config.worker_backlog_ms * 1e6)
         self._sent_ns: dict[int, int] = {}
         self._ring_ns = 0
+        self._began_ns = 0  # when the oldest in the ring (the call under way) began
+        self._room_timer: asyncio.TimerHandle | None = None
         self._finish_ns: dict[tuple, int] = {}
         self._virtual_ns = 0
         self._times = CallTimes()
@@ -355,6 +354,9 @@ class Worker:
         self._held.clear()
         self._held_ids.clear()
         self._disarm_deadlines()
+        if self._room_timer is not None:
+            self._room_timer.cancel()
+            self._room_timer = None
         for fut, on_done, t_sent, _, _, then, served in pending.values():
             died = self._unanswered(WorkerDied(why), t_sent, served)
             # Their `then` runs after on_death below, as a done callback
@@ -438,13 +440,14 @@ class Worker:
                 self._times.forget((model, version))
                 self._finish_ns.pop((model, version), None)
             self._control.send(header, bufs)
-        elif self._held or not self._ring_has_room():
+        elif self._held or not self._ring_has_room(t_sent):
             need = self._infer.size(header, bufs)  # refused now, not in its turn
             held = self._held.get(served)
             if held is None:
                 held = self._held[served] = collections.deque()
             held.append((rid, header, bufs, need))
             self._held_ids.add(rid)
+            self._arm_room()
         else:
             self._send_inference(rid, served, header, bufs)
         fut = self.loop.create_future()
@@ -471,29 +474,57 @@ class Worker:
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
 
-    def _ring_has_room(self) -> bool:
-        """Whether the request ring may take another inference: behind the
-        call under way (the oldest sent: the worker runs them in order) it
-        holds less than worker_backlog_ms of its models' time, or it holds
-        fewer than MIN_SENT (or the backlog is not bounded). Not the call
-        under way: a fast model's request ready behind it would leave the
-        worker nothing to do after it but wait for the front-end to wake."""
-        if not self._backlog_ns or len(self._sent_ns) < MIN_SENT:
-            return True
-        return self._ring_ns - next(iter(self._sent_ns.values())) < self._backlog_ns
+    def _ring_left_ns(self, now: int) -> int:
+        """The worker's time left on the calls in its request ring: what
+        is left of the call under way (the oldest sent: it runs them in
+        order), by its expected time, and the others'."""
+        if not self._sent_ns:
+            return 0
+        under_way = next(iter(self._sent_ns.values()))
+        return self._ring_ns - min(under_way, now - self._began_ns)
+
+    def _ring_has_room(self, now: int) -> bool:
+        """Whether the request ring may take another inference: it holds
+        less than worker_backlog_ms of its models' time, counting what is
+        left of the call under way (or the backlog is not bounded). So a
+        model's next call goes in as its call under way nears its end, in
+        time for the worker to go on without waiting for the front-end, and
+        not sooner: a neighbour's request coming meanwhile goes in before
+        it, and waits for the call under way alone."""
+        return not self._backlog_ns or self._ring_left_ns(now) < self._backlog_ns
+
+    def _arm_room(self) -> None:
+        """Arms a timer for when the ring will have room, where only the
+        call under way keeps it full: no answer would come by then to let
+        the next in (one that comes sooner does)."""
+        if not self._backlog_ns or not self._sent_ns or self._room_timer is not None:
+            return
+        under_way = next(iter(self._sent_ns.values()))
+        if self._ring_ns - under_way >= self._backlog_ns:
+            return  # the call under way's answer comes first
+        at = self._began_ns + self._ring_ns - self._backlog_ns
+        self._room_timer = self.loop.call_at(
+            self.loop.time() + (at - time.monotonic_ns()) / 1e9, self._on_room)
+
+    def _on_room(self) -> None:
+        self._room_timer = None
+        if self.alive and self._held:
+            self._send_held(early_ns=int(_CLOCK_S * 1e9))  # its timer may fire a hair early
 
     def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
                         need: int = 0) -> None:
         self._infer.send(header, bufs, need)
         mean = self._times.expected(served)
         expected = self._backlog_ns if mean is None else int(mean * 1e9)
+        if not self._sent_ns:
+            self._began_ns = time.monotonic_ns()
         self._sent_ns[rid] = expected
         self._ring_ns += expected
         start = max(self._virtual_ns, self._finish_ns.get(served, 0))  # no credit for idling
         self._finish_ns[served] = start + expected
         self._virtual_ns = start
 
-    def _send_held(self) -> None:
+    def _send_held(self, early_ns: int = 0) -> None:
         """Lets waiting inferences into the ring while it has room, a model
         at a time: the one with the least finish tag, which has had the
         least of the worker's time lately. A fast model's request goes
@@ -505,8 +536,11 @@ class Worker:
         would be skipped only once the worker reached it, while the worker
         waited for the next; or run late, where the worker had waited for
         it: a worker runs a request it waited for whatever its time left,
-        since it cannot tell one sent in time from one sent late.)"""
-        while self._held and self._ring_has_room():
+        since it cannot tell one sent in time from one sent late.)
+
+        `early_ns`: the room due that much from now is taken now."""
+        now = time.monotonic_ns()
+        while self._held and self._ring_has_room(now + early_ns):
             served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
             held = self._held[served]
             rid, header, bufs, need = held.popleft()
@@ -515,7 +549,7 @@ class Worker:
             self._held_ids.discard(rid)
             fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
             # It begins once the ring's calls are done: its time is what is left then.
-            begins = self._ring_ns / 1e9
+            begins = self._ring_left_ns(now) / 1e9
             if fut.done() or self._times.would_miss(served, deadline - begins, time.monotonic()):
                 del self._pending[rid]
                 self._inferences_done(1)
@@ -529,6 +563,7 @@ class Worker:
                 self._died(str(e))
                 return
             self._poll_answers()  # its answer may come after the window of the last call
+        self._arm_room()
 
     def _arm_deadline(self, deadline: float) -> None:
         if self._deadline_timer is not None:
@@ -690,6 +725,7 @@ class Worker:
         if served is not None:
             self._inferences_done(1)
             self._ring_ns -= self._sent_ns.pop(rid, 0)
+            self._began_ns = time.monotonic_ns()  # the next one's, if any
         self._loading.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
