@@ -194,7 +194,8 @@ class Abandoned:
     descriptor.
 
     One more slot says which inference the worker is running (`serving`,
-    0: none): a worker that dies or hangs there was taken down by that
+    0: none; set before it looks at the id's slot, so that a front-end that
+    marks an id and then finds it not serving knows it will be skipped): a worker that dies or hangs there was taken down by that
     model; one that dies or hangs between requests (stopped, say) by none.
     The oldest in flight may not have begun."""
 

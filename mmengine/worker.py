@@ -489,9 +489,13 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             log.error("dropped a malformed request: %s", e)
             continue
         deadline = params.get("deadline")
+        # Said before it looks: the front-end, marking it abandoned, then
+        # reads whether it runs (and counts its time as still ahead).
+        abandoned.serving = rid
         if rid in abandoned or deadline is not None and \
                 logic.would_miss((name, version), deadline, queued=not req.woke_ns):
             # Nobody waits for its answer, or nobody will by its end.
+            abandoned.serving = 0
             del parts
             req.release()
             out.send(rid, messages.SKIPPED)
@@ -504,7 +508,6 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             t0 = logic.serving_since = time.monotonic_ns()
             start = clock.read() if clock else None
             loader = logic.loader_state() if clock else ""
-            abandoned.serving = rid
             try:
                 outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
             finally:
@@ -520,6 +523,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
                     ran["account"] = account
             out.send(rid, body=ran, outputs=outputs)
         except Exception as e:  # every failure goes back typed
+            abandoned.serving = 0  # (an op that is no inference never ran)
             out.fail(rid, e, ran)
         finally:
             outputs = None

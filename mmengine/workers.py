@@ -191,7 +191,8 @@ class Worker:
         self._inferring = 0
         self._busy_from = 0
         # Fair turns (Config.worker_backlog_ms): the inferences in the ring,
-        # by id, with the time each is expected to take (ns), and their sum;
+        # by id, with the time each is expected to take (ns; 0 once one not
+        # begun is abandoned: it will be skipped), and their sum;
         # each model's expected time, from its recent calls here; the
         # inferences waiting for the ring, a queue per model (id, header,
         # buffers, record size), with their ids. The turns are start-time
@@ -201,8 +202,11 @@ class Worker:
         self._backlog_ns = int(config.worker_backlog_ms * 1e6)
         self._sent_ns: dict[int, int] = {}
         self._ring_ns = 0
-        self._began_ns = 0  # when the oldest in the ring (the call under way) began
+        # When the front-end saw the call under way begin (sent into an
+        # empty ring, or as the one before it was answered): a little late.
+        self._began_ns = 0
         self._room_timer: asyncio.TimerHandle | None = None
+        self._room_at = 0  # when the room timer is due (ns)
         self._finish_ns: dict[tuple, int] = {}
         self._virtual_ns = 0
         self._times = CallTimes()
@@ -418,9 +422,9 @@ class Worker:
         Past `deadline` (time.monotonic()) the future fails with Timeout and
         an inference is abandoned (messages.Abandoned): one already running
         runs to its end; on_done waits for the worker's answer either way.
-        Never blocks: past worker_backlog_ms of calls in the ring (or where
-        the ring is full) an inference waits in the front-end for its
-        model's turn (_send_held).
+        Never blocks: past worker_backlog_ms of calls in the ring an
+        inference waits in the front-end for its model's turn (_send_held);
+        where the ring is full, what is sent waits for its room in order.
 
         `then(future)` runs as the future is done, in the same turn of the
         loop: a server writes the answer out before asyncio would run the
@@ -497,19 +501,26 @@ class Worker:
         """Arms a timer for when the ring will have room, where only the
         call under way keeps it full: no answer would come by then to let
         the next in (one that comes sooner does)."""
-        if not self._backlog_ns or not self._sent_ns or self._room_timer is not None:
+        if not (self._backlog_ns and self._sent_ns and self._held):
             return
         under_way = next(iter(self._sent_ns.values()))
         if self._ring_ns - under_way >= self._backlog_ns:
             return  # the call under way's answer comes first
         at = self._began_ns + self._ring_ns - self._backlog_ns
+        if self._room_timer is not None:
+            if self._room_at <= at:
+                return
+            self._room_timer.cancel()  # a call ended early: the room comes sooner
+        self._room_at = at
         self._room_timer = self.loop.call_at(
             self.loop.time() + (at - time.monotonic_ns()) / 1e9, self._on_room)
 
     def _on_room(self) -> None:
         self._room_timer = None
         if self.alive and self._held:
-            self._send_held(early_ns=int(_CLOCK_S * 1e9))  # its timer may fire a hair early
+            # uvloop's clock counts milliseconds: the timer may fire up to
+            # one early, and the room due within it is taken now.
+            self._send_held(early_ns=int(_CLOCK_S * 1e9))
 
     def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
                         need: int = 0) -> None:
@@ -604,6 +615,7 @@ class Worker:
             late = Timeout(f"{model}: no answer within the request's deadline")
             _settle(fut, self._unanswered(late, t_sent, served), then)
         self._drop_waiting(waiting)
+        self._use_room()
 
     def _drop_waiting(self, rids: set, error: MMEngineError | None = None) -> None:
         """Takes `rids`, inferences waiting their turn, out of their queues
@@ -659,6 +671,13 @@ class Worker:
             if fut.cancelled():
                 self._abandon(rid)
         self._drop_waiting({rid for rid in self._held_ids if self._pending[rid][0].cancelled()})
+        self._use_room()
+
+    def _use_room(self) -> None:
+        """Lets waiting inferences into the room that abandoned ones made
+        in the ring, now rather than at the next answer."""
+        if self._held and self.alive:
+            self._send_held()
 
     # -- responses -----------------------------------------------------------
 
