@@ -3,7 +3,7 @@ from mmengine import _source
 
 _source.install()  # before any compiled module is imported
 
-from mmengine.client import AsyncClient, Client, Outputs  # noqa: E402
+from mmengine.client import AsyncClient, Client, Models, Outputs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.engine import Engine  # noqa: E402
 from mmengine.errors import (  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "LoadFailed",
     "MMEngineError",
     "ModelNotFound",
+    "Models",
     "Outputs",
     "Overloaded",
     "Timeout",

@@ -41,6 +41,7 @@ DEMO_VERSION = 1  # bump when the demo repository's contents change
 #: After the shutdown deadline, how long the typed answers of the requests it
 #: cut off may take to reach clients that read them.
 FLUSH_AFTER_STOP_S = 1.0
+STATS_PAGE = 500  # models per `stats` call of `mmengine stats`
 log = logging.getLogger("mmengine")
 
 
@@ -243,9 +244,16 @@ def _demo_usage(repo, host: str, port: int) -> str:
 def _print_stats(args: argparse.Namespace) -> None:
     from mmengine.client import Client
 
+    rows: list[dict] = []
     with Client(args.url, timeout=args.timeout, token=args.token) as c:
-        stats = c.stats()
-    rows = stats["models"]
+        # A page at a time: the server encodes each answer at once on its
+        # loop (2.6 ms at 3,000 models), and serves the others between pages.
+        stats: dict = {"next": None}
+        while True:
+            stats = c.stats(after=stats["next"], limit=STATS_PAGE)
+            rows += stats["models"]
+            if stats.get("next") is None:  # the last page (or a server that does not page)
+                break
     # "uses": since the model last loaded (stats' per-model hits); the
     # totals' hits count requests that found their model resident.
     # "queued": the model's requests not yet answered (by name: all versions).

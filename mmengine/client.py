@@ -102,6 +102,29 @@ class Outputs(dict):
     timing: dict | None = None
 
 
+class Models(list):
+    """list()'s rows, a row per model version. `next`, where the call gave
+    `after` or `limit`: the name to give as `after` for the next page, None
+    once this page was the last."""
+
+    next: str | None = None
+
+
+def _page_message(op: str, after: str | None, limit: int | None) -> dict:
+    message: dict[str, Any] = {"op": op}
+    if after is not None:
+        message["after"] = after
+    if limit is not None:
+        message["limit"] = limit
+    return message
+
+
+def _models(answer: dict) -> Models:
+    rows = Models(answer["models"])
+    rows.next = answer.get("next")
+    return rows
+
+
 def _infer_message(model: str, inputs: dict, version: int | None,
                    timeout: float | None, token: str | None = None,
                    timing: bool = False) -> dict:
@@ -575,11 +598,18 @@ class Client:
               token: str | None = None) -> None:
         self.call(_model_message("unpin", model, version, token))
 
-    def list(self) -> list[dict]:
-        return self.call({"op": "list"})["models"]
+    def list(self, after: str | None = None, limit: int | None = None) -> Models:
+        """The repository's model versions, with their states; a page of them
+        with `after` (the name the page starts after) or `limit` (models,
+        each with all its versions): walk on with `after=rows.next` until it
+        is None."""
+        return _models(self.call(_page_message("list", after, limit)))
 
-    def stats(self) -> dict:
-        return self.call({"op": "stats"})["stats"]
+    def stats(self, after: str | None = None, limit: int | None = None) -> dict:
+        """The server's counts: totals, workers, tiers and a row per model
+        version counted, paged as list() pages (then with "next"); `limit=0`:
+        no rows."""
+        return self.call(_page_message("stats", after, limit))["stats"]
 
     def health(self) -> dict:
         return self.call({"op": "health"})
@@ -828,11 +858,13 @@ class AsyncClient:
                     token: str | None = None) -> None:
         await self.call(_model_message("unpin", model, version, token))
 
-    async def list(self) -> list[dict]:
-        return (await self.call({"op": "list"}))["models"]
+    async def list(self, after: str | None = None, limit: int | None = None) -> Models:
+        """Client.list()."""
+        return _models(await self.call(_page_message("list", after, limit)))
 
-    async def stats(self) -> dict:
-        return (await self.call({"op": "stats"}))["stats"]
+    async def stats(self, after: str | None = None, limit: int | None = None) -> dict:
+        """Client.stats()."""
+        return (await self.call(_page_message("stats", after, limit)))["stats"]
 
     async def health(self) -> dict:
         return await self.call({"op": "health"})

@@ -20,6 +20,7 @@ look at a model's files) runs in the default executor.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -1917,11 +1918,19 @@ class Engine:
 
     async def models(self) -> list[dict]:
         """Every model of the repository with its versions and residency."""
+        return (await self.models_page())[0]
+
+    async def models_page(self, after: str | None = None, limit: int | None = None
+                          ) -> tuple[list[dict], str | None]:
+        """models() of the `limit` models (None: all) whose names sort after
+        `after`, each with all its versions, and the name the next page
+        starts after (None: this was the last)."""
         self._check_loop()
         # One look on a thread, the manifests not read yet read there: a
         # thread hop per model and a task per version held the loop for
         # seconds at thousands of models.
-        listing = await asyncio.get_running_loop().run_in_executor(None, self.repo.listing)
+        listing, more = await asyncio.get_running_loop().run_in_executor(
+            None, self.repo.listing, after, limit)
         rows = await self._rows([key for key, _ in listing])
         for row, (_, spec) in zip(rows, listing):
             if isinstance(spec, BaseException):  # its manifest, say, cannot be read
@@ -1929,7 +1938,7 @@ class Engine:
             else:
                 row["inputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
                                  for t in spec.inputs]
-        return rows
+        return rows, more
 
     async def _rows(self, keys: list[Key]) -> list[dict]:
         """model_row() of each of `keys`, a slice at a time with a turn of
@@ -1946,7 +1955,7 @@ class Engine:
     def model_row(self, key: Key) -> dict:
         """The row of stats() of one model version."""
         stats = self._stats.get(key) or _NEVER_LOADED
-        backoff_left = max(0.0, stats.retry_at - time.monotonic())
+        backoff_left = self._backed_off(key, time.monotonic())
         row = {"name": key[0], "version": key[1], "state": "on storage", "worker": None,
                "bytes": 0, "hits": 0, "pins": 0, "pinned": key in self._pinned,
                "loads": stats.loads, "evictions": stats.evictions,
@@ -1980,13 +1989,47 @@ class Engine:
         while it builds the rows of thousands of models."""
         return self._stats_of([self.model_row(k) for k in self._counted()])
 
-    async def collect_stats(self) -> dict:
-        """stats(), its rows built a slice at a time (see _rows). A version
-        forgotten meanwhile has no row: its counts are the forgotten's now
-        (with its row too, the totals counted them twice)."""
-        rows = await self._rows(self._counted())
+    async def collect_stats(self, after: str | None = None, limit: int | None = None) -> dict:
+        """stats(), its rows built a slice at a time (see _rows); with
+        `after` and `limit`, the rows of the `limit` models (each with all
+        its versions) whose names sort after `after`, and under "next" the
+        name the next page starts after (None: this was the last). The
+        totals, workers and tiers are always the whole engine's; `limit` 0:
+        they alone. A version forgotten meanwhile has no row."""
+        keys = self._counted()
+        if after is not None:
+            keys = keys[bisect.bisect_right(keys, (after, math.inf)):]
+        more = None
+        if limit == 0:  # the totals alone
+            keys = []
+        elif limit is not None:
+            names = sorted({name for name, _ in keys})
+            if len(names) > limit:
+                more = names[limit - 1]
+                keys = [k for k in keys if k[0] <= more]
+        rows = await self._rows(keys)
         counted = set(self._counted())
-        return self._stats_of([r for r in rows if (r["name"], r["version"]) in counted])
+        out = self._stats_of([r for r in rows if (r["name"], r["version"]) in counted])
+        if limit != 0 and (after is not None or limit is not None):
+            out["next"] = more
+        return out
+
+    def _backed_off(self, key: Key, now: float) -> float:
+        """Seconds left of `key`'s back-off after a failed load (0: none)."""
+        stats = self._stats.get(key)
+        return max(0.0, stats.retry_at - now) if stats is not None else 0.0
+
+    def _resident_bytes(self) -> list[int]:
+        """The device bytes of each version whose row says resident."""
+        if self.cache is None:
+            return []
+        now = time.monotonic()
+        out = []
+        for key in self.cache.lru_keys():
+            e = self.cache.entry(key)
+            if e.state == books.READY and not self._backed_off(key, now):
+                out.append(e.device_bytes)
+        return out
 
     def _counted(self) -> list[Key]:
         """The keys stats() has a row for."""
@@ -2010,20 +2053,24 @@ class Engine:
                 "budget_bytes": (self.cache.capacity(books.DEVICE, w.index)
                                  if self.cache is not None else 0),
             })
-        resident = [r for r in rows if r["state"] == "resident"]
+        # The totals from the counts themselves, not from the rows: a page
+        # of rows is not all of them, and rows built over several turns of
+        # the loop are each of their own moment.
+        counts = self._stats.values()
+        resident = self._resident_bytes()
         return {
             "models": rows,
             "workers": workers,
             "totals": {
                 "hits": self._hits,
                 "misses": self._misses,
-                "loads": sum(r["loads"] for r in rows) + self._forgotten["loads"],
-                "evictions": sum(r["evictions"] for r in rows) + self._forgotten["evictions"],
-                "failures": sum(r["failures"] for r in rows) + self._forgotten["failures"],
+                "loads": sum(s.loads for s in counts) + self._forgotten["loads"],
+                "evictions": sum(s.evictions for s in counts) + self._forgotten["evictions"],
+                "failures": sum(s.failures for s in counts) + self._forgotten["failures"],
                 "resident_models": len(resident),
-                "resident_bytes": sum(r["bytes"] for r in resident),
+                "resident_bytes": sum(resident),
                 "worker_restarts": self.pool.restarts if self.pool else 0,
-                "loads_from_host": sum(r["loads_from_host"] for r in rows)
+                "loads_from_host": sum(s.host_loads for s in counts)
                 + self._forgotten["loads_from_host"],
             },
             "host_tier": self.host.stats(),

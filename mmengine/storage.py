@@ -47,6 +47,7 @@ grow the cache.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import dataclasses
@@ -291,12 +292,19 @@ class Repository:
             self._specs.pop(key, None)  # list(): one step, as other threads add to it
         return False
 
-    def listing(self) -> list[tuple[tuple[str, int], ModelSpec | MMEngineError]]:
+    def listing(self, after: str | None = None, limit: int | None = None
+                ) -> tuple[list[tuple[tuple[str, int], ModelSpec | MMEngineError]], str | None]:
         """Every version of every model, with its spec or why it cannot be
         read, by name and version (a thread's work: it reads the manifests
-        not read yet)."""
+        not read yet); with the name to page on from, or None at the end.
+        A page is of the `limit` names (all of them: None) that sort after
+        `after`, each with all its versions: a page never repeats or skips a
+        model that stayed in the repository while the caller walked them."""
+        names = self.names()
+        first = 0 if after is None else bisect.bisect_right(names, after)
+        last = len(names) if limit is None else min(len(names), first + limit)
         out = []
-        for name in self.names():
+        for name in names[first:last]:
             try:
                 versions = self.versions(name)
             except MMEngineError:  # none (any more), or unreadable
@@ -306,7 +314,7 @@ class Repository:
                     out.append(((name, version), self.resolve(name, version)))
                 except MMEngineError as e:
                     out.append(((name, version), e))
-        return out
+        return out, (names[last - 1] if last < len(names) else None)
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.

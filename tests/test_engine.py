@@ -945,6 +945,53 @@ def test_listing_a_broken_model_counts_no_failure(tmp_path, own_segments):
     assert row["failures"] == 1
 
 
+def test_pages_of_models_list_each_model_once_with_all_its_versions(tmp_path, own_segments):
+    # A dashboard of thousands of models walks the listing a page at a time;
+    # a model's versions never straddle two pages, and the stats' totals are
+    # the whole engine's whatever the page.
+    for i, name in enumerate(("a", "b", "c", "d", "e")):
+        demo.write_mlp(tmp_path / name, "safetensors", *DIMS, seed=i)
+    demo.write_mlp(tmp_path / "b", "safetensors", *DIMS, seed=9, version=2)
+    demo.write_mlp(tmp_path / "d", "safetensors", *DIMS, seed=9, version=3)
+    x = x_for(np.random.default_rng(4))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            for name in ("b", "c", "e"):
+                await engine.infer(name, {"x": x})
+            pages, after = [], None
+            for _ in range(10):  # bounded: 5 models, 2 a page
+                rows, after = await engine.models_page(after, 2)
+                pages.append([(r["name"], r["version"]) for r in rows])
+                if after is None:
+                    break
+            whole = [(r["name"], r["version"]) for r in await engine.models()]
+            last, more = await engine.models_page("d", 5)
+            stats_pages, after = [], None
+            for _ in range(10):
+                page = await engine.collect_stats(after, 2)
+                stats_pages.append([(r["name"], r["version"]) for r in page["models"]])
+                after = page["next"]
+                if after is None:
+                    break
+            return (pages, whole, last, more, stats_pages, engine.stats(),
+                    await engine.collect_stats(limit=0))
+
+    pages, whole, last, more, stats_pages, stats, totals_only = run(main())
+    assert pages == [[("a", 1), ("b", 1), ("b", 2)], [("c", 1), ("d", 1), ("d", 3)],
+                     [("e", 1)]]
+    assert sum(pages, []) == whole
+    assert [r["name"] for r in last] == ["e"] and more is None
+    # The counted versions, those touched: b's default (2), c and e.
+    assert stats_pages == [[("b", 2), ("c", 1)], [("e", 1)]]
+    assert sum(stats_pages, []) == [(r["name"], r["version"]) for r in stats["models"]]
+    assert totals_only["models"] == [] and "next" not in totals_only
+    assert totals_only["totals"] == stats["totals"]
+    assert stats["totals"]["loads"] == 3 and stats["totals"]["resident_models"] == 3
+    assert stats["totals"]["resident_bytes"] == sum(
+        r["bytes"] for r in stats["models"] if r["state"] == "resident")
+
+
 def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segments):
     # The repository is read again every repo_scan_s: a new version becomes
     # the default one, a new model is listed and served, a removed one is

@@ -661,6 +661,45 @@ def test_stats_prints_the_table(address):
     assert http.returncode == 1 and "host:port" in http.stderr, http.stderr
 
 
+def test_both_clients_walk_the_listing_and_the_stats_a_page_at_a_time(address):
+    with Client(address) as c:
+        c.infer("m02", {"x": x_for(np.random.default_rng(6))})
+        whole = c.list()
+        pages, after = [], None
+        for _ in range(len(whole) + 1):  # bounded: a page holds one model at least
+            page = c.list(after=after, limit=3)
+            pages.append(page)
+            after = page.next
+            if after is None:
+                break
+        totals_only = c.stats(limit=0)
+        one_row = c.stats(after="m01", limit=1)
+        counted = sorted({r["name"] for r in c.stats()["models"] if r["name"] > "m01"})
+        bad = []
+        for kwargs in ({"limit": 0}, {"limit": -1}, {"after": 7}):
+            with pytest.raises(BadRequest) as caught:
+                c.list(**kwargs)
+            bad.append(str(caught.value))
+        with pytest.raises(BadRequest):
+            c.stats(limit=True)
+        assert c.infer("m02", {"x": x_for(np.random.default_rng(6))})  # still serving
+
+    async def walk_async():
+        async with AsyncClient(address) as ac:
+            first = await ac.list(limit=2)
+            return first, await ac.list(after=first.next, limit=2)
+
+    first, second = asyncio.run(walk_async())
+    assert whole.next is None and len(whole) > 6
+    assert [r["name"] for p in pages for r in p] == [r["name"] for r in whole]
+    assert all(1 <= len({r["name"] for r in p}) <= 3 for p in pages) and len(pages) > 1
+    assert [r["name"] for r in first + second] == [r["name"] for r in whole[:4]]
+    assert totals_only["models"] == [] and totals_only["totals"]["loads"] >= 1
+    assert "m02" in counted and [r["name"] for r in one_row["models"]] == counted[:1]
+    assert one_row["next"] == (counted[0] if len(counted) > 1 else None)
+    assert "'limit' must be an integer >= 1" in bad[0] and "'after'" in bad[2]
+
+
 def test_bench_prints_its_table(address):
     r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "200",
                                "--concurrency", "8", "--timeout", "20"),

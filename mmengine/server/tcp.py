@@ -466,12 +466,27 @@ async def _unpin(engine: Engine, m: dict) -> dict:
     return {}
 
 
+def _page(message: dict, least: int) -> tuple[str | None, int | None]:
+    """A page's `after` (a model name, or nil: from the first) and `limit`
+    (models, at least `least`; nil: all of them)."""
+    after, limit = message.get("after"), message.get("limit")
+    if after is not None and type(after) is not str:
+        raise BadRequest("'after' must be a model name")
+    if limit is not None and (type(limit) is not int or limit < least):
+        raise BadRequest(f"'limit' must be an integer >= {least}")
+    return after, limit
+
+
 async def _list(engine: Engine, m: dict) -> dict:
-    return {"models": await engine.models()}
+    after, limit = _page(m, 1)
+    if after is None and limit is None:
+        return {"models": await engine.models()}
+    rows, more = await engine.models_page(after, limit)
+    return {"models": rows, "next": more}
 
 
 async def _stats(engine: Engine, m: dict) -> dict:
-    return {"stats": await engine.collect_stats()}
+    return {"stats": await engine.collect_stats(*_page(m, 0))}
 
 
 _HANDLERS = {"load": _load, "unload": _unload, "pin": _pin,
