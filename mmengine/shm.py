@@ -1,19 +1,31 @@
 """Named shared-memory segments that never outlive their creator for long.
 
 Every segment is a file in /dev/shm named
-``mmengine-<creator pid>-<kind>-<random>.<creator's start time>``. Only the
+``mmengine-<creator pid>-<kind>-<random>~<creator's life>``. Only the
 creator unlinks it. A creator killed before it could (SIGKILL, OOM) leaves
 its segment behind; `reclaim_orphans` removes every segment whose creator
 is no longer alive, and the first `Segment.create` of each process calls
-it, so nothing leaks across runs. The start time tells a creator from a
-later process of the same pid: a container's server is pid 1 each time it
-restarts, and took its predecessor's segments for its own.
+it, so nothing leaks across runs.
+
+"Alive" is a lock, not a pid. Each creating process holds a shared flock on
+a file of its own, ``mmengine~<life>``, for as long as it runs (the kernel
+drops it however the process ends); a segment whose life file can be locked
+exclusively, or is gone, is an orphan. Pids could not say: /dev/shm may be
+shared by servers in different pid namespaces (containers with the host's
+IPC namespace, pods sharing an emptyDir), where another server's pid means
+nothing here or names one of ours, and a server that looked its neighbours'
+pids up removed their live segments. (A restarted container's server, pid 1
+each time, also took its predecessor's segments for its own.) Names without
+a life, from before, are judged by pid and start time as they were.
 
 Segments are mapped with Python's mmap, so the mapping lives exactly as long
 as anything (a memoryview, a numpy array) still exports it, even after close().
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import mmap
 import os
 import secrets
@@ -21,10 +33,13 @@ import shutil
 import threading
 
 PREFIX = "mmengine-"
+LIFE_PREFIX = "mmengine~"  # not PREFIX: a life file is no segment
 SHM_DIR = "/dev/shm"
 
 _reclaimed = False
 _reclaim_lock = threading.Lock()
+_life: tuple[int, str, int] | None = None  # this process's: (pid, life, locked fd)
+_life_lock = threading.Lock()
 
 _MADV_POPULATE_READ = 22  # Linux 5.14 on; the mmap module does not name it yet
 _madvise = None  # libc's, bound on first use; False where it cannot populate
@@ -86,9 +101,65 @@ def start_of(pid: int) -> str | None:
         return None
 
 
+def life() -> str | None:
+    """This process's life (see the module's doc), its file made and locked
+    on first use; None where no file can be made there."""
+    global _life
+    pid = os.getpid()
+    with _life_lock:
+        if _life is not None and _life[0] == pid:
+            return _life[1]
+        token = secrets.token_hex(8)
+        path = os.path.join(SHM_DIR, LIFE_PREFIX + token)
+        # Locked under a name no reclaimer reads, then renamed into place: a
+        # life file is never seen unlocked while its process runs.
+        hidden = os.path.join(SHM_DIR, f".{LIFE_PREFIX}{token}")
+        try:
+            fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(hidden, path)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(hidden)
+            return None
+        _life = (pid, token, fd)
+        return token
+
+
+def _forget_life_in_child() -> None:
+    """A forked child makes a life of its own: its parent's lock is the
+    parent's (it stays held while either holds the descriptor, so the child
+    lets go of it)."""
+    global _life
+    if _life is not None:
+        with contextlib.suppress(OSError):
+            os.close(_life[2])
+        _life = None
+
+
+os.register_at_fork(after_in_child=_forget_life_in_child)
+
+
+def _end_life() -> None:
+    """At exit: the life file goes with the process (its lock would anyway)."""
+    if _life is not None and _life[0] == os.getpid():
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, LIFE_PREFIX + _life[1]))
+
+
+atexit.register(_end_life)
+
+
 def new_name(kind: str) -> str:
     """A new segment's name, this process's."""
-    start = start_of(os.getpid())
+    token = life()
+    if token is not None:
+        return f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(6)}~{token}"
+    start = start_of(os.getpid())  # no life file: judged by pid, as before
     return f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(6)}" + (f".{start}" if start else "")
 
 
@@ -102,7 +173,33 @@ def _creator(name: str) -> tuple[int | None, str | None]:
         return None, None
 
 
-def _orphaned(name: str) -> bool:
+def _life_ended(token: str, name: str = LIFE_PREFIX) -> bool:
+    """Whether the process of life `token` is gone: its file (`name` +
+    `token`) is, or can be locked exclusively. Not where it cannot be read
+    (another user's)."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name + token), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held (EWOULDBLOCK): alive
+        return False
+    finally:
+        os.close(fd)
+
+
+def _orphaned(name: str, ended: dict[str, bool]) -> bool:
+    """Whether segment `name`'s creator is gone; `ended`, the lives judged
+    so far in this pass."""
+    if "~" in name:
+        token = name.rpartition("~")[2]
+        if token not in ended:
+            ended[token] = _life_ended(token)
+        return ended[token]
     pid, start = _creator(name)
     if pid is None:
         return False  # not named by us: not ours to remove
@@ -122,16 +219,31 @@ def list_segments() -> list[str]:
 
 
 def reclaim_orphans() -> list[str]:
-    """Unlinks the segments of creators that died; returns their names."""
+    """Unlinks the segments of creators that died, and their life files;
+    returns the segments' names."""
     gone = []
+    ended: dict[str, bool] = {}
     for name in list_segments():
-        if not _orphaned(name):
+        if not _orphaned(name, ended):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
             gone.append(name)
         except FileNotFoundError:
             pass  # another process reclaimed it first
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        names = []
+    # Life files of the ended, and those of processes that died before they
+    # renamed theirs into place (one caught in that instant, its file not
+    # locked yet, finds it gone and names its segments by pid).
+    for prefix in (LIFE_PREFIX, "." + LIFE_PREFIX):
+        for token in (n[len(prefix):] for n in names if n.startswith(prefix)):
+            if ended[token] if prefix == LIFE_PREFIX and token in ended else _life_ended(
+                    token, prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SHM_DIR, prefix + token))
     return gone
 
 

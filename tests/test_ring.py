@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import random
@@ -512,23 +514,63 @@ def test_segments_of_a_killed_creator_are_reclaimed(Ring):
     assert name not in shm.list_segments()
 
 
+def _shm_file(name: str) -> str:
+    path = os.path.join(shm.SHM_DIR, name)
+    with open(path, "wb"):
+        pass
+    return path
+
+
 def test_segments_of_an_earlier_process_of_the_same_pid_are_reclaimed():
     # A container's server is pid 1 at every restart: its predecessor's
     # segments (270 MB a crash) looked like its own and were never reclaimed.
     mine = shm.Segment.create(4096, "test")
-    start = shm.start_of(os.getpid())
-    assert start is not None and mine.name.endswith(f".{start}")
-    earlier = mine.name.replace(f".{start}", f".{int(start) - 1}")  # same pid, older
-    with open(os.path.join(shm.SHM_DIR, earlier), "wb"):
-        pass
+    life = shm.life()
+    assert life is not None and mine.name.endswith(f"~{life}")
+    pid = os.getpid()
+    # The predecessor's life file, left unlocked by its death, and a segment
+    # named before lives were (judged by its start time).
+    earlier = f"{shm.PREFIX}{pid}-test-0123456789ab~{'0' * 16}"
+    start = shm.start_of(pid)
+    older = f"{shm.PREFIX}{pid}-test-ba9876543210.{int(start) - 1}"
+    made = [_shm_file(n) for n in (earlier, older, shm.LIFE_PREFIX + "0" * 16)]
     try:
         reclaimed = shm.reclaim_orphans()
-        assert earlier in reclaimed and mine.name not in reclaimed
-        assert mine.name in shm.list_segments() and earlier not in shm.list_segments()
+        assert {earlier, older} <= set(reclaimed) and mine.name not in reclaimed
+        assert mine.name in shm.list_segments() and not any(map(os.path.exists, made))
     finally:
         mine.close()
-        if earlier in shm.list_segments():
-            os.unlink(os.path.join(shm.SHM_DIR, earlier))
+        for path in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def test_a_live_creator_whose_pid_means_nothing_here_keeps_its_segments():
+    # /dev/shm shared by servers in other pid namespaces: a segment's pid is
+    # none of ours (or is one of ours), but its creator lives, and holds its
+    # life's lock. Before, a server that looked the pid up removed the
+    # segments of its running neighbours.
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that runs nothing here
+    token = "f" * 16
+    life_path = os.path.join(shm.SHM_DIR, shm.LIFE_PREFIX + token)
+    theirs = f"{shm.PREFIX}{gone.pid}-ring-0123456789ab~{token}"
+    alive = os.open(life_path, os.O_CREAT | os.O_RDWR, 0o600)  # its own open file: its lock
+    made = [_shm_file(theirs), life_path]
+    try:
+        fcntl.flock(alive, fcntl.LOCK_SH)
+        assert theirs not in shm.reclaim_orphans()
+        assert theirs in shm.list_segments() and os.path.exists(life_path)
+        os.close(alive)  # the neighbour ends
+        alive = None
+        assert theirs in shm.reclaim_orphans()
+        assert not any(map(os.path.exists, made))
+    finally:
+        if alive is not None:
+            os.close(alive)
+        for path in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _park_then_receive(impl, handle, queue):
