@@ -6,7 +6,11 @@ staging, the loader's stream, host-tier mappings registered with CUDA, and
 the caching allocator's reuse of evicted models' memory."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ from mmengine.backends import load_model, safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.storage import Repository
-from tests.conftest import run, write_handler
+from tests.conftest import environ, run, write_handler
 from tests.test_hosttier import restart, row, settle
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -248,3 +252,17 @@ def test_a_handler_runs_on_its_workers_gpu_in_load_and_in_predict(tmp_path, own_
 
 def test_clearing_cuda_errors_is_harmless_without_cuda():
     safetensors._clear_cuda_error()  # no CUDA runtime in the process: nothing to do
+
+
+def test_the_prepared_gpu_check_runs_its_steps_on_cpu():
+    # tools/gpu_check.py runs only where a device machine is lent, rarely:
+    # its dry run here keeps it from rotting between (an engine method it
+    # called was renamed, and the script failed where it mattered).
+    tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--mb", "2",
+                           "--repeats", "1"], env=environ(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["device"] == "cpu" and figures["evict_ms"] > 0
+    assert figures["host_to_device_gb_per_s"] > 0 and figures["cold_first_response_ms"] > 0

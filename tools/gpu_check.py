@@ -138,11 +138,11 @@ async def engine_figures(root: Path, device: str, sizes: dict[str, int], repeats
             await engine.load("big")
             disk.append(loads[-1])
             published = time.monotonic() + PUBLISH_WAIT_S
-            while not engine._model_row(("big", 1))["host_bytes"]:
+            while not engine.model_row(("big", 1))["host_bytes"]:
                 if time.monotonic() > published:  # say so, not wait out the run's timeout
                     raise RuntimeError(f"big's copy was not in the host tier "
                                        f"{PUBLISH_WAIT_S} s after its load: "
-                                       f"{engine._model_row(('big', 1))['last_error']}")
+                                       f"{engine.model_row(('big', 1))['last_error']}")
                 await asyncio.sleep(0.01)
             t0 = time.perf_counter()
             await engine.unload("big", keep_host=True)
