@@ -1926,6 +1926,8 @@ class Engine:
         `after`, each with all its versions, and the name the next page
         starts after (None: this was the last)."""
         self._check_loop()
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         # One look on a thread, the manifests not read yet read there: a
         # thread hop per model and a task per version held the loop for
         # seconds at thousands of models.
@@ -1996,6 +1998,8 @@ class Engine:
         name the next page starts after (None: this was the last). The
         totals, workers and tiers are always the whole engine's; `limit` 0:
         they alone. A version forgotten meanwhile has no row."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be at least 0, not {limit}")
         keys = self._counted()
         if after is not None:
             keys = keys[bisect.bisect_right(keys, (after, math.inf)):]

@@ -30,6 +30,7 @@ import mmap
 import os
 import secrets
 import shutil
+import stat
 import threading
 
 PREFIX = "mmengine-"
@@ -111,11 +112,14 @@ def life() -> str | None:
             return _life[1]
         token = secrets.token_hex(8)
         path = os.path.join(SHM_DIR, LIFE_PREFIX + token)
-        # Locked under a name no reclaimer reads, then renamed into place: a
-        # life file is never seen unlocked while its process runs.
+        # Locked under a hidden name, then renamed into place: a life file
+        # is never seen unlocked while its process runs. (A reclaimer removes
+        # a hidden one it can lock: one that was never locked, its maker
+        # killed between the two steps, or caught between them, finds its
+        # file gone and names its segments by pid.)
         hidden = os.path.join(SHM_DIR, f".{LIFE_PREFIX}{token}")
         try:
-            fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fd = os.open(hidden, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
         try:
@@ -126,6 +130,8 @@ def life() -> str | None:
             with contextlib.suppress(OSError):
                 os.unlink(hidden)
             return None
+        if _life is None:  # the first life of this process's line: ended at its exit
+            atexit.register(_end_life)
         _life = (pid, token, fd)
         return token
 
@@ -133,25 +139,32 @@ def life() -> str | None:
 def _forget_life_in_child() -> None:
     """A forked child makes a life of its own: its parent's lock is the
     parent's (it stays held while either holds the descriptor, so the child
-    lets go of it)."""
-    global _life
+    lets go of it). No fork comes while a life is made: the lock is held
+    across each fork."""
+    global _life, _reclaim_lock
+    _life_lock.release()
+    _reclaim_lock = threading.Lock()  # a reclaim the parent was in is not the child's
     if _life is not None:
         with contextlib.suppress(OSError):
             os.close(_life[2])
         _life = None
 
 
-os.register_at_fork(after_in_child=_forget_life_in_child)
+os.register_at_fork(before=_life_lock.acquire, after_in_parent=_life_lock.release,
+                    after_in_child=_forget_life_in_child)
 
 
 def _end_life() -> None:
-    """At exit: the life file goes with the process (its lock would anyway)."""
-    if _life is not None and _life[0] == os.getpid():
+    """At exit, the life file, once none of its segments is left (those of
+    an engine never stopped are unlinked by finalizers that may run after
+    this): one left is removed by the next reclaim, as its lock ends with
+    the process."""
+    if _life is None or _life[0] != os.getpid():
+        return
+    ending = "~" + _life[1]
+    if not any(name.endswith(ending) for name in list_segments()):
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(SHM_DIR, LIFE_PREFIX + _life[1]))
-
-
-atexit.register(_end_life)
 
 
 def new_name(kind: str) -> str:
@@ -178,12 +191,18 @@ def _life_ended(token: str, name: str = LIFE_PREFIX) -> bool:
     `token`) is, or can be locked exclusively. Not where it cannot be read
     (another user's)."""
     try:
-        fd = os.open(os.path.join(SHM_DIR, name + token), os.O_RDONLY)
+        # Never blocking, never through a link: /dev/shm is anyone's to write
+        # in, and a FIFO of that name would hold the open (and the engine's
+        # start) for ever.
+        fd = os.open(os.path.join(SHM_DIR, name + token),
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False  # no life file of ours
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:  # held (EWOULDBLOCK): alive
@@ -231,6 +250,8 @@ def reclaim_orphans() -> list[str]:
             gone.append(name)
         except FileNotFoundError:
             pass  # another process reclaimed it first
+        except OSError:
+            pass  # another user's, in a sticky /dev/shm: not ours to remove
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
@@ -242,7 +263,7 @@ def reclaim_orphans() -> list[str]:
         for token in (n[len(prefix):] for n in names if n.startswith(prefix)):
             if ended[token] if prefix == LIFE_PREFIX and token in ended else _life_ended(
                     token, prefix):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(SHM_DIR, prefix + token))
     return gone
 

@@ -300,6 +300,8 @@ class Repository:
         A page is of the `limit` names (all of them: None) that sort after
         `after`, each with all its versions: a page never repeats or skips a
         model that stayed in the repository while the caller walked them."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         names = self.names()
         first = 0 if after is None else bisect.bisect_right(names, after)
         last = len(names) if limit is None else min(len(names), first + limit)

@@ -967,6 +967,10 @@ def test_pages_of_models_list_each_model_once_with_all_its_versions(tmp_path, ow
                     break
             whole = [(r["name"], r["version"]) for r in await engine.models()]
             last, more = await engine.models_page("d", 5)
+            for bad in (lambda: engine.models_page(None, 0),
+                        lambda: engine.collect_stats(None, -1)):
+                with pytest.raises(ValueError, match="limit must be at least"):
+                    await bad()
             stats_pages, after = [], None
             for _ in range(10):
                 page = await engine.collect_stats(after, 2)

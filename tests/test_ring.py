@@ -573,6 +573,45 @@ def test_a_live_creator_whose_pid_means_nothing_here_keeps_its_segments():
                 os.unlink(path)
 
 
+def test_a_fifo_named_as_a_life_file_holds_no_reclaim():
+    # /dev/shm is anyone's to write in: a FIFO where a life file would be
+    # held the reclaim's open (and every engine's start) for ever.
+    fifo = os.path.join(shm.SHM_DIR, shm.LIFE_PREFIX + "e" * 16)
+    segment = _shm_file(f"{shm.PREFIX}1-ring-0123456789ab~{'e' * 16}")
+    os.mkfifo(fifo, 0o600)
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (shm.reclaim_orphans(), done.set()),
+                         daemon=True).start()
+        assert done.wait(10)
+        assert os.path.exists(segment)  # no life file of ours: not judged dead
+    finally:
+        for path in (fifo, segment):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def test_a_forked_child_has_a_life_of_its_own():
+    mine = shm.Segment.create(4096, "test")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a segment of its own, then an end with no clean-up
+        try:
+            os.write(write, shm.Segment.create(4096, "test").name.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        theirs = os.read(read, 200).decode()
+        os.waitpid(pid, 0)
+        assert theirs.rpartition("~")[2] != mine.name.rpartition("~")[2]
+        reclaimed = shm.reclaim_orphans()
+        assert theirs in reclaimed and mine.name not in reclaimed
+    finally:
+        os.close(read)
+        mine.close()
+
+
 def _park_then_receive(impl, handle, queue):
     ring = _impl(impl).attach(handle)
     queue.put("parked")

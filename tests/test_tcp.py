@@ -666,7 +666,7 @@ def test_both_clients_walk_the_listing_and_the_stats_a_page_at_a_time(address):
         c.infer("m02", {"x": x_for(np.random.default_rng(6))})
         whole = c.list()
         pages, after = [], None
-        for _ in range(len(whole) + 1):  # bounded: a page holds one model at least
+        for _ in range(len(whole) + 1):  # bounded: each page moves on by 3 names
             page = c.list(after=after, limit=3)
             pages.append(page)
             after = page.next
