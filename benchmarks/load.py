@@ -219,7 +219,7 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
         await engine.infer(HOT, {"x": x})
 
         async def published() -> None:
-            while not engine.stats()["host_tier"]["bytes"] > (1 << 20):
+            while not engine.model_row((BIG, 1))["host_bytes"] > (1 << 20):
                 await asyncio.sleep(0.01)
 
         first_map_s = None

@@ -1,6 +1,6 @@
 """Zipf traffic over more model bytes than fit, against LRU and the offline optimum, in one run.
 
-    python benchmarks/zipf.py [--json] [--quick] [--zipf S] [--plot [PNG]]
+    python benchmarks/zipf.py [--json] [--quick] [--zipf S] [--host-tier F] [--plot [PNG]]
 
 200 MLPs of 1-16 MB (safetensors; generated once into the user's cache),
 served by `mmengine serve` with 2 workers whose device budgets together
@@ -121,7 +121,7 @@ async def _drive(address: str, names: list[str]) -> dict:
     x = np.ones((1, IN), np.float32)
     latencies, errors, timeline = [], 0, []
     async with AsyncClient(address, connections=CONNECTIONS) as c:
-        before = (await c.stats())["totals"]
+        before = (await c.stats(limit=0))["totals"]  # the totals alone
         # Every client takes the next request from one iterator, so the
         # trace is issued in order.
         todo = iter(names)
@@ -143,7 +143,7 @@ async def _drive(address: str, names: list[str]) -> dict:
         async def watch():
             while True:
                 await asyncio.sleep(0.5)
-                now = (await c.stats())["totals"]
+                now = (await c.stats(limit=0))["totals"]
                 timeline.append((time.perf_counter() - t0, now["hits"] - before["hits"],
                                  now["misses"] - before["misses"]))
 
@@ -152,19 +152,22 @@ async def _drive(address: str, names: list[str]) -> dict:
         await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
         elapsed = time.perf_counter() - t0
         watcher.cancel()
-        after = (await c.stats())["totals"]
+        after = (await c.stats(limit=0))["totals"]
     timeline.append((elapsed, after["hits"] - before["hits"],
                      after["misses"] - before["misses"]))
     return {"latencies": latencies, "elapsed": elapsed, "errors": errors,
             "timeline": timeline, **{k: after[k] - before[k] for k in
-                                     ("hits", "misses", "loads", "evictions", "failures")}}
+                                     ("hits", "misses", "loads", "evictions", "failures",
+                                      "loads_from_host")}}
 
 
-def run(quick: bool, s: float) -> tuple[dict, dict]:
+def run(quick: bool, s: float, host_tier: float | None = None) -> tuple[dict, dict]:
     repo = repository()
     n_models = QUICK_MODELS if quick else MODELS
     sizes = [model_bytes(h) for h in hiddens()[:n_models]]
     budget = int(BUDGET_FRACTION * sum(sizes) / WORKERS)
+    if host_tier is not None:  # the server reads it from its environment, as deployed
+        os.environ["MMENGINE_HOST_TIER_BYTES"] = str(int(host_tier * sum(sizes)))
     # The engine evicts once a worker would pass its high watermark, so
     # that is what the offline caches get to fill.
     capacity = int(WORKERS * budget * Config().high_watermark)
@@ -184,6 +187,8 @@ def run(quick: bool, s: float) -> tuple[dict, dict]:
         # A miss is a request that waited for a load, its own or another's.
         "hit_rate": got["hits"] / max(got["hits"] + got["misses"], 1),
         "loads": got["loads"],
+        "loads_from_host": got["loads_from_host"],
+        "host_tier_fraction": host_tier,
         "evictions": got["evictions"],
         "errors": got["errors"] + got["failures"],
         "lru_sim_loads": lru,
@@ -223,8 +228,11 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.0, metavar="S", help="Zipf exponent")
     ap.add_argument("--plot", nargs="?", const="zipf.png", metavar="PNG",
                     help="write a latency CDF and hit rate over time (default zipf.png)")
+    ap.add_argument("--host-tier", type=float, metavar="F",
+                    help="the host tier's bytes as a fraction of all the models' (default: "
+                         "the server's own, a quarter of its memory)")
     args = ap.parse_args()
-    out, series = run(args.quick, args.zipf)
+    out, series = run(args.quick, args.zipf, args.host_tier)
     if args.plot and plot(args.plot, out, series):
         out["plot"] = os.path.abspath(args.plot)
     report.emit(out, args.json)

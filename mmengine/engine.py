@@ -873,7 +873,8 @@ class Engine:
         worker = await self._reserve(key, need, deadline)
         gen = self._gen[key]
         segment = self.host.segment(key)
-        self.host.set_resident(key, True, time.monotonic())  # not dropped under the load
+        # Not dropped under the load; a CPU worker will run on its pages.
+        self.host.set_resident(key, True, time.monotonic(), on_cpu=worker.device == "cpu")
         try:
             body = await self._load_on(worker, key, need, {
                 "path": str(path), "estimate": spec.estimated_bytes,
@@ -1028,11 +1029,14 @@ class Engine:
         that its next load, on any worker, maps it instead. Off the request
         path: the load has answered; a failure only means no host copy."""
         # The segment adds a header, page-aligned, to the tensor bytes.
-        segment = self.host.reserve(key, nbytes + hosttier.HEADER_ALLOWANCE)
+        resident = self._has_entry(key, gen)
+        on_cpu = worker.device == "cpu"
+        segment = self.host.reserve(key, nbytes + hosttier.HEADER_ALLOWANCE,
+                                    on_cpu=resident and on_cpu)
         if segment is None:
             return
-        if self._has_entry(key, gen):
-            self.host.set_resident(key, True, time.monotonic())
+        if resident:
+            self.host.set_resident(key, True, time.monotonic(), on_cpu=on_cpu)
         try:
             # Sent at once, ahead of any unload of the model that comes later.
             _, answer = self._send_to_loader(worker, Op.PUBLISH, key, {"segment": segment})

@@ -14,6 +14,14 @@ own with a byte budget and the engine's watermarks, and is the only one that
 unlinks a segment. A model resident on a worker is pinned in the book: its
 bytes are in use (on CPU the worker runs on the segment's pages), so only
 demoted models are ever dropped to make room.
+
+A byte is charged to one budget. A model resident on a CPU worker runs on
+its copy's pages, which are that worker's memory for the model, charged to
+its device budget: the copy costs the tier nothing until the model is
+demoted, when room is made for it (or, if none can be, it goes). Charged to
+both, a CPU server held a resident model's bytes twice against its budgets
+and evicted demoted models it had room for. A GPU worker's model is a copy
+of its own on the device, so there the host copy is charged here as well.
 """
 from __future__ import annotations
 
@@ -47,7 +55,9 @@ class HostTier:
         self.high, self.low = config.high_watermark, config.low_watermark
         self.book = books.Cache(1)  # its budget is set at start (size())
         self._segments: dict[Key, str] = {}
+        self._sizes: dict[Key, int] = {}  # each copy's bytes, charged here or not
         self._resident: set[Key] = set()  # each holds one pin
+        self._on_cpu: set[Key] = set()  # of them, those a CPU worker runs on: charged there
         self.drops = 0
         # Called with each segment unlinked: workers that mapped it must
         # unmap it for its memory to go.
@@ -68,21 +78,23 @@ class HostTier:
             return self._segments[key]
         return None
 
-    def reserve(self, key: Key, nbytes: int) -> str | None:
+    def reserve(self, key: Key, nbytes: int, on_cpu: bool = False) -> str | None:
         """Makes room for `nbytes` and names the segment `key` is to be
         published to; None if the tier cannot take it (off, too small, or
-        every model in it is resident)."""
+        every model in it is resident). `on_cpu`: `key` is resident on a CPU
+        worker, which will run on the copy: it is resident here from now
+        on, and no room is made for it until it is demoted."""
         if not self.enabled or key in self.book:
             return None
-        victims, reason = self.book.victims(books.HOST, 0, nbytes, self.high, self.low)
-        if reason != books.OK:
+        if not on_cpu and not self._make_room(nbytes):
             return None
-        for victim in victims:
-            self.drop(victim)
         name = shm.new_name("host")
         self.book.insert(key, books.LOADING, 0)
-        self.book.set_bytes(key, books.HOST, nbytes)
         self._segments[key] = name
+        self._sizes[key] = nbytes
+        self._charge(key)
+        if on_cpu:
+            self.set_resident(key, True, on_cpu=True)
         return name
 
     def published(self, key: Key, segment: str, nbytes: int, now: float) -> None:
@@ -91,21 +103,47 @@ class HostTier:
         if self._segments.get(key) != segment:
             self._unlink(segment)
             return
-        self.book.set_bytes(key, books.HOST, nbytes)
+        self._sizes[key] = nbytes
+        self._charge(key)
         self.book.set_state(key, books.READY)
         self.book.touch(key, now)
 
-    def set_resident(self, key: Key, resident: bool, now: float = 0.0) -> None:
-        """Whether `key` is resident on a worker (pinned here while it is)."""
+    def set_resident(self, key: Key, resident: bool, now: float = 0.0,
+                     on_cpu: bool = False) -> None:
+        """Whether `key` is resident on a worker (pinned here while it is);
+        `on_cpu`: on a CPU worker, which runs on the copy. Demoted, a copy
+        a CPU worker ran on needs room here: made, or the copy goes."""
         if key not in self.book or resident == (key in self._resident):
             return
         if resident:
             self._resident.add(key)
             self.book.pin(key)
             self.book.touch(key, now)
-        else:
-            self._resident.discard(key)
-            self.book.unpin(key)
+            if on_cpu:
+                self._on_cpu.add(key)
+                self._charge(key)
+            return
+        # Room is made while it is still pinned, so that it is none of the victims.
+        if key in self._on_cpu and not self._make_room(self._sizes[key]):
+            self.drop(key)
+            return
+        self._on_cpu.discard(key)
+        self._charge(key)
+        self._resident.discard(key)
+        self.book.unpin(key)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drops the least recently used demoted copies until `nbytes` more
+        fit under the watermarks; False (nothing dropped) if they cannot."""
+        victims, reason = self.book.victims(books.HOST, 0, nbytes, self.high, self.low)
+        if reason != books.OK:
+            return False
+        for victim in victims:
+            self.drop(victim)
+        return True
+
+    def _charge(self, key: Key) -> None:
+        self.book.set_bytes(key, books.HOST, 0 if key in self._on_cpu else self._sizes[key])
 
     def size(self, config: Config) -> None:
         """Sets the budget (budget()): at start, where a bad one is the
@@ -121,7 +159,9 @@ class HostTier:
         name = self._segments.pop(key, None)
         if name is None:
             return
+        del self._sizes[key]
         self._resident.discard(key)
+        self._on_cpu.discard(key)
         self.book.remove(key)
         self.drops += 1
         self._unlink(name)
@@ -157,12 +197,14 @@ class HostTier:
             self.drop(key)
 
     def bytes(self, key: Key) -> int:
-        """The bytes of `key`'s copy once written (0 while it is written)."""
-        return self.book.entry(key).host_bytes if self.segment(key) else 0
+        """The bytes of `key`'s copy once written (0 while it is written),
+        charged here or not."""
+        return self._sizes[key] if self.segment(key) else 0
 
     def stats(self) -> dict:
         return {"bytes": self.book.used(books.HOST, 0),
                 "budget_bytes": self.budget(),
+                "cpu_worker_bytes": sum(self._sizes[k] for k in self._on_cpu),
                 "models": len(self.book), "drops": self.drops}
 
 

@@ -119,7 +119,7 @@ def test_evicted_models_are_demoted_and_load_back_from_shared_memory(tmp_path, o
 
 def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tmp_path,
                                                                                own_segments):
-    root = repo(tmp_path)
+    root = repo(tmp_path, 4)
 
     async def main():
         # A copy is 87,104 bytes (83,008 of weights, a page of header): two
@@ -129,11 +129,20 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
             for i in range(3):
                 await engine.infer(f"m{i}", X)
                 await settle(engine, f"m{i}", "resident")
-            # m2 is resident (pinned in the tier), m0 was the least recently
-            # used demoted copy: dropped for m2's.
+            # m2 is resident (pinned in the tier), and its CPU worker runs on
+            # its copy: charged to the worker, not here, so the two demoted
+            # copies fit beside it (charged to both, m0's was dropped).
+            host = engine.stats()["host_tier"]
+            copy = row(engine, "m2")["host_bytes"]
+            assert row(engine, "m0")["state"] == row(engine, "m1")["state"] == "in host memory"
+            assert copy > 0 and host["drops"] == 0
+            assert host["bytes"] == 2 * copy and host["cpu_worker_bytes"] == copy
+            # m3's load demotes m2, whose copy now needs room here: m0, the
+            # least recently used demoted copy, is dropped for it.
+            await engine.infer("m3", X)
+            await settle(engine, "m3", "resident")
             assert row(engine, "m0")["state"] == "on storage"
-            assert row(engine, "m1")["state"] == "in host memory"
-            assert row(engine, "m2")["host_bytes"] > 0
+            assert row(engine, "m1")["state"] == row(engine, "m2")["state"] == "in host memory"
             assert engine.stats()["host_tier"]["drops"] == 1
             assert engine.stats()["host_tier"]["bytes"] <= 0.8 * 280_000
             y = await engine.infer("m0", X)  # from its files again
