@@ -870,11 +870,22 @@ class Engine:
         # (a download is bounded by its own stall timeouts); the load itself
         # has its own load_timeout_s from when it is sent (_load_on).
         deadline = time.monotonic() + self.config.load_timeout_s
-        worker = await self._reserve(key, need, deadline)
+        # Its host copy is held from here: the room made for the load (the
+        # models it evicts, demoted, need room in the tier) never drops it;
+        # where every worker is a CPU's, the worker will run on its pages,
+        # charged to it, not to the tier, from now.
+        self.host.set_resident(key, True, time.monotonic(), on_cpu=(
+            self.host.segment(key) is not None
+            and all(w.device == "cpu" for w in self.pool.workers)))
+        try:
+            worker = await self._reserve(key, need, deadline)
+        except BaseException:
+            self.host.set_resident(key, False)
+            raise
         gen = self._gen[key]
         segment = self.host.segment(key)
-        # Not dropped under the load; a CPU worker will run on its pages.
-        self.host.set_resident(key, True, time.monotonic(), on_cpu=worker.device == "cpu")
+        if segment is not None and worker.device == "cpu":
+            self.host.set_resident(key, True, on_cpu=True)  # the worker will run on its pages
         try:
             body = await self._load_on(worker, key, need, {
                 "path": str(path), "estimate": spec.estimated_bytes,
@@ -884,18 +895,19 @@ class Engine:
             self._forget(key, gen)
             return  # its waiters look again, and load it on a worker that is up
         except BaseException as e:
-            self.host.set_resident(key, False)
             if isinstance(e, LoadFailed) and segment is None:
                 e.from_files = True  # the worker read the files and failed: they may be bad
             if isinstance(e, TimeoutError) and worker.alive and self._gen.get(key) == gen:
                 # The worker may still finish the load: its bytes stay reserved
-                # until the unload queued behind it has answered.
+                # (and its host copy held) until the unload queued behind it
+                # has answered.
                 self.cache.set_state(key, books.UNLOADING)
                 _, unload = self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
                 self._spawn(self._unstick(worker, key, unload))
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s "
                                f"(load_timeout_s)")
             else:
+                self.host.set_resident(key, False)
                 self._forget(key, gen)
             if isinstance(e, asyncio.CancelledError):
                 raise  # the engine is stopping: no fault of the model's
@@ -1537,7 +1549,9 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.state == books.READY and entry.pins == 0 and key not in self._busy:
-                self._evict(key, self._stale.pop(key))
+                why = self._stale.pop(key)
+                # A removed version's copy serves nothing again: not demoted.
+                self._evict(key, why, drop_host=why == "removed")
 
     def _names_changed(self, names: set[str]) -> None:
         """What was read of these names is read anew at the next look, and
@@ -1805,7 +1819,7 @@ class Engine:
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         try:
-            await self._drain(key, name, deadline)
+            await self._drain(key, name, deadline, keep_host)
         except (Timeout, asyncio.CancelledError):
             # Its caller gave up. An unload that began ends as asked; else
             # the model stays as it was, its pin too.
@@ -1826,9 +1840,11 @@ class Engine:
         if not keep_host:
             self.host.drop(key)
 
-    async def _drain(self, key: Key, name: str, deadline: float) -> None:
+    async def _drain(self, key: Key, name: str, deadline: float, keep_host: bool) -> None:
         """Evicts `key` once the requests in flight on it are done (new ones
-        wait for the unload: `_draining`)."""
+        wait for the unload: `_draining`), its host copy demoted if
+        `keep_host`, else dropped with it (not demoted first: that would make
+        room for it, dropping others)."""
         while key in self.cache or key in self._busy:
             busy = self._busy.get(key)
             if busy is not None:
@@ -1837,7 +1853,7 @@ class Engine:
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
                 # Begun, it ends, whether its caller waits or not.
-                await asyncio.shield(self._evict(key, "unload"))
+                await asyncio.shield(self._evict(key, "unload", drop_host=not keep_host))
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)

@@ -86,6 +86,8 @@ class HostTier:
         on, and no room is made for it until it is demoted."""
         if not self.enabled or key in self.book:
             return None
+        if on_cpu and nbytes > self.budget():
+            return None  # it could never be demoted here: the copy would serve nothing
         if not on_cpu and not self._make_room(nbytes):
             return None
         name = shm.new_name("host")
@@ -113,15 +115,18 @@ class HostTier:
         """Whether `key` is resident on a worker (pinned here while it is);
         `on_cpu`: on a CPU worker, which runs on the copy. Demoted, a copy
         a CPU worker ran on needs room here: made, or the copy goes."""
-        if key not in self.book or resident == (key in self._resident):
+        if key not in self.book:
             return
         if resident:
-            self._resident.add(key)
-            self.book.pin(key)
-            self.book.touch(key, now)
-            if on_cpu:
+            if key not in self._resident:
+                self._resident.add(key)
+                self.book.pin(key)
+                self.book.touch(key, now)
+            if on_cpu and key not in self._on_cpu:
                 self._on_cpu.add(key)
                 self._charge(key)
+            return
+        if key not in self._resident:
             return
         # Room is made while it is still pinned, so that it is none of the victims.
         if key in self._on_cpu and not self._make_room(self._sizes[key]):

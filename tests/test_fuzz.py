@@ -84,7 +84,9 @@ requests = st.fixed_dictionaries({}, optional={
     "inputs": inputs,
     "timeout": (st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, (1 << 64) - 1)
                 | values),
-    "timing": st.booleans() | values})
+    "timing": st.booleans() | values,
+    "after": model_names,
+    "limit": st.integers(-3, (1 << 64) - 1) | values})
 
 
 @st.composite
@@ -97,7 +99,8 @@ def near_valid_requests(draw) -> dict:
         m["model"] = draw(st.sampled_from([*MODELS, "anything"]))
     if op == "infer":
         m["inputs"] = {"x": dict(draw(good_tensors))}
-    fields = ["op", "model", "version", "inputs", "timeout", "timing", "tensor"]
+    fields = ["op", "model", "version", "inputs", "timeout", "timing", "tensor", "after",
+              "limit"]
     for field in draw(st.lists(st.sampled_from(fields), max_size=2, unique=True)):
         t = m.get("inputs", {}).get("x") if isinstance(m.get("inputs"), dict) else None
         if field == "tensor" and isinstance(t, dict):

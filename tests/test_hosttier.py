@@ -152,6 +152,35 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
     run(main())
 
 
+def test_a_reload_from_the_tier_and_an_unload_drop_no_other_copy(tmp_path, own_segments):
+    # Two ways in which room made for a demoted copy dropped copies it did
+    # not need to (found in review): the room made for a load of m0 from the
+    # tier (m2 evicted, demoted) could drop m0's own copy, the one the load
+    # was to map; and unload() of m2, which drops its copy, first demoted it,
+    # making room for it by dropping the least recently used other copy.
+    root = repo(tmp_path, 3)
+
+    async def main():
+        async with Engine(config(root, host_tier_bytes=280_000)) as engine:
+            for i in range(3):
+                await engine.infer(f"m{i}", X)
+                await settle(engine, f"m{i}", "resident")
+            y = await engine.infer("m0", X)  # m2 demoted beside m1; m0 mapped
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            reload = row(engine, "m0")
+            demoted = [row(engine, name)["state"] for name in ("m1", "m2")]
+            drops_after_reload = engine.stats()["host_tier"]["drops"]
+            await engine.unload("m0")  # its copy goes with it, and no other
+            return (reload, demoted, drops_after_reload, engine.stats()["host_tier"],
+                    [row(engine, name)["state"] for name in ("m0", "m1", "m2")])
+
+    reload, demoted, drops_after_reload, host, states = run(main())
+    assert reload["loads_from_host"] == 1 and reload["state"] == "resident"
+    assert demoted == ["in host memory", "in host memory"] and drops_after_reload == 0
+    assert states == ["on storage", "in host memory", "in host memory"]
+    assert host["drops"] == 1 and host["models"] == 2 and host["cpu_worker_bytes"] == 0
+
+
 def test_no_host_tier_when_it_is_off(tmp_path, own_segments):
     root = repo(tmp_path, 2)
 
