@@ -117,6 +117,14 @@ def test_evicted_models_are_demoted_and_load_back_from_shared_memory(tmp_path, o
     run(main())
 
 
+async def load_in_turn(engine: Engine, n: int) -> None:
+    """m0 .. m<n-1> loaded one after the other onto the one worker, whose
+    budget holds one: each evicts (demotes) the one before; each copy made."""
+    for i in range(n):
+        await engine.infer(f"m{i}", X)
+        await settle(engine, f"m{i}", "resident")
+
+
 def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tmp_path,
                                                                                own_segments):
     root = repo(tmp_path, 4)
@@ -126,9 +134,7 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
         # fit under the high watermark (0.8 x 280,000), three do not, and
         # making room down to the low one (0.7) drops one.
         async with Engine(config(root, host_tier_bytes=280_000)) as engine:
-            for i in range(3):
-                await engine.infer(f"m{i}", X)
-                await settle(engine, f"m{i}", "resident")
+            await load_in_turn(engine, 3)
             # m2 is resident (pinned in the tier), and its CPU worker runs on
             # its copy: charged to the worker, not here, so the two demoted
             # copies fit beside it (charged to both, m0's was dropped).
@@ -156,15 +162,13 @@ def test_a_reload_from_the_tier_and_an_unload_drop_no_other_copy(tmp_path, own_s
     # Two ways in which room made for a demoted copy dropped copies it did
     # not need to (found in review): the room made for a load of m0 from the
     # tier (m2 evicted, demoted) could drop m0's own copy, the one the load
-    # was to map; and unload() of m2, which drops its copy, first demoted it,
-    # making room for it by dropping the least recently used other copy.
+    # was to map; and unload(), which drops its model's copy, first demoted
+    # it, making room for it by dropping the least recently used other copy.
     root = repo(tmp_path, 3)
 
     async def main():
         async with Engine(config(root, host_tier_bytes=280_000)) as engine:
-            for i in range(3):
-                await engine.infer(f"m{i}", X)
-                await settle(engine, f"m{i}", "resident")
+            await load_in_turn(engine, 3)
             y = await engine.infer("m0", X)  # m2 demoted beside m1; m0 mapped
             np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
             reload = row(engine, "m0")
