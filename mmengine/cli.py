@@ -265,9 +265,11 @@ def _print_stats(args: argparse.Namespace) -> None:
               f"{r.get('queued', 0):>6} {r['bytes']:>12,} {r.get('host_bytes', 0):>12,} "
               f"{r['hits']:>8} {r['loads']:>6} {r['evictions']:>6} {r['failures']:>5}")
     t, host = stats["totals"], stats.get("host_tier", {})
+    on_cpu = host.get("cpu_worker_bytes", 0)  # copies CPU workers run on: in their budgets
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
-          f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0):,} bytes; "
-          f"{sum(r['state'] == 'in host memory' for r in rows)} of them not resident), "
+          f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0) + on_cpu:,} bytes, "
+          f"{on_cpu:,} in CPU workers' budgets; "
+          f"{sum(r['state'] == 'in host memory' for r in rows)} not resident), "
           f"{t['hits']} hits, {t['loads']} loads ({t.get('loads_from_host', 0)} from the "
           f"host tier), {t['evictions']} evictions, {t['failures']} failed loads, "
           f"{t['worker_restarts']} worker restarts")

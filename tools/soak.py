@@ -199,7 +199,7 @@ class Soak:
     # -- kills --------------------------------------------------------------------
 
     async def _workers(self, control: AsyncClient) -> list[dict]:
-        workers = (await control.stats())["workers"]
+        workers = (await control.stats(limit=0))["workers"]
         self.worker_pids.update(w["pid"] for w in workers if w["pid"])
         return workers
 
