@@ -188,6 +188,10 @@ class Engine:
         # Unloads waiting for a model's requests to finish: key -> a future
         # done when the unload is. New requests wait for it, then load again.
         self._draining: dict[Key, asyncio.Future] = {}
+        # unload()s that drop the host copy: an unload already under way
+        # when one is asked for drops it too, rather than demote it (which,
+        # for a CPU worker's model, makes room for it by dropping others).
+        self._copy_goes: set[Key] = set()
         # The spec each model on a worker was loaded with (those loaded
         # since the last scan are compared with the repository's at it), and
         # the ones that serve nothing as they are: removed from the
@@ -870,6 +874,8 @@ class Engine:
         # (a download is bounded by its own stall timeouts); the load itself
         # has its own load_timeout_s from when it is sent (_load_on).
         deadline = time.monotonic() + self.config.load_timeout_s
+        if self.host.segment(key) is not None and self.host.origin(key) != _declared(spec):
+            self.host.drop(key)  # made from what the manifest no longer says: it would serve that
         # Its host copy is held from here: the room made for the load (the
         # models it evicts, demoted, need room in the tier) never drops it;
         # where every worker is a CPU's, the worker will run on its pages,
@@ -934,7 +940,8 @@ class Engine:
                                  f"more than its worker's whole budget ({budget}, "
                                  f"device_budget)")
             stats.last_error = str(too_large)
-            await asyncio.shield(self._evict(key, "too_large"))
+            # Never loaded again, its copy in the tier serves nothing.
+            await asyncio.shield(self._evict(key, "too_large", drop_host=True))
             raise too_large
         source = body.get("from", "disk")
         if body.get("inputs"):  # what the backend read from the artifact
@@ -964,7 +971,7 @@ class Engine:
             self._pinned[key] = gen
             self._warm_now(key)
         if source == "disk" and body.get("publishable"):
-            self._spawn(self._publish(key, worker, gen, stats.measured_bytes))
+            self._spawn(self._publish(key, spec, worker, gen, stats.measured_bytes))
         if stats.measured_bytes > need:  # the estimate was short
             # The room is made by the others: evicted itself, it cost its
             # waiters a second load.
@@ -1036,15 +1043,17 @@ class Engine:
             raise
         return path, time.monotonic() - t0
 
-    async def _publish(self, key: Key, worker: Worker, gen: int, nbytes: int) -> None:
-        """Copies a model just loaded from its files into the host tier, so
-        that its next load, on any worker, maps it instead. Off the request
-        path: the load has answered; a failure only means no host copy."""
+    async def _publish(self, key: Key, spec: ModelSpec, worker: Worker, gen: int,
+                       nbytes: int) -> None:
+        """Copies a model just loaded from its files (as `spec` said) into
+        the host tier, so that its next load, on any worker, maps it instead.
+        Off the request path: the load has answered; a failure only means no
+        host copy."""
         # The segment adds a header, page-aligned, to the tensor bytes.
         resident = self._has_entry(key, gen)
         on_cpu = worker.device == "cpu"
         segment = self.host.reserve(key, nbytes + hosttier.HEADER_ALLOWANCE,
-                                    on_cpu=resident and on_cpu)
+                                    on_cpu=resident and on_cpu, origin=_declared(spec))
         if segment is None:
             return
         if resident:
@@ -1346,7 +1355,7 @@ class Engine:
             pass  # its memory went with it
         finally:
             if self._gen.get(key) == gen:
-                if drop_host:
+                if drop_host or key in self._copy_goes:
                     self.host.drop(key)
                 else:
                     self.host.set_resident(key, False)  # demoted: its bytes stay there
@@ -1549,9 +1558,9 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.state == books.READY and entry.pins == 0 and key not in self._busy:
-                why = self._stale.pop(key)
-                # A removed version's copy serves nothing again: not demoted.
-                self._evict(key, why, drop_host=why == "removed")
+                # Removed, or loaded from what its manifest no longer says:
+                # its copy serves nothing again.
+                self._evict(key, self._stale.pop(key), drop_host=True)
 
     def _names_changed(self, names: set[str]) -> None:
         """What was read of these names is read anew at the next look, and
@@ -1818,8 +1827,10 @@ class Engine:
         pinned = self._pinned.get(key)
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
+        if not keep_host:
+            self._copy_goes.add(key)
         try:
-            await self._drain(key, name, deadline, keep_host)
+            await self._drain(key, name, deadline)
         except (Timeout, asyncio.CancelledError):
             # Its caller gave up. An unload that began ends as asked; else
             # the model stays as it was, its pin too.
@@ -1836,15 +1847,15 @@ class Engine:
             raise
         finally:
             del self._draining[key]
+            self._copy_goes.discard(key)
             drained.set_result(None)
         if not keep_host:
             self.host.drop(key)
 
-    async def _drain(self, key: Key, name: str, deadline: float, keep_host: bool) -> None:
+    async def _drain(self, key: Key, name: str, deadline: float) -> None:
         """Evicts `key` once the requests in flight on it are done (new ones
-        wait for the unload: `_draining`), its host copy demoted if
-        `keep_host`, else dropped with it (not demoted first: that would make
-        room for it, dropping others)."""
+        wait for the unload: `_draining`); its host copy goes with it if it
+        is in `_copy_goes`, else is demoted."""
         while key in self.cache or key in self._busy:
             busy = self._busy.get(key)
             if busy is not None:
@@ -1853,7 +1864,7 @@ class Engine:
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
                 # Begun, it ends, whether its caller waits or not.
-                await asyncio.shield(self._evict(key, "unload", drop_host=not keep_host))
+                await asyncio.shield(self._evict(key, "unload"))
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)

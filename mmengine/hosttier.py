@@ -56,6 +56,7 @@ class HostTier:
         self.book = books.Cache(1)  # its budget is set at start (size())
         self._segments: dict[Key, str] = {}
         self._sizes: dict[Key, int] = {}  # each copy's bytes, charged here or not
+        self._origins: dict[Key, object] = {}  # what each copy was made from
         self._resident: set[Key] = set()  # each holds one pin
         self._on_cpu: set[Key] = set()  # of them, those a CPU worker runs on: charged there
         self.drops = 0
@@ -78,12 +79,18 @@ class HostTier:
             return self._segments[key]
         return None
 
-    def reserve(self, key: Key, nbytes: int, on_cpu: bool = False) -> str | None:
+    def origin(self, key: Key) -> object:
+        """What `key`'s copy was made from (reserve's `origin`)."""
+        return self._origins.get(key)
+
+    def reserve(self, key: Key, nbytes: int, on_cpu: bool = False,
+                origin: object = None) -> str | None:
         """Makes room for `nbytes` and names the segment `key` is to be
         published to; None if the tier cannot take it (off, too small, or
         every model in it is resident). `on_cpu`: `key` is resident on a CPU
         worker, which will run on the copy: it is resident here from now
-        on, and no room is made for it until it is demoted."""
+        on, and no room is made for it until it is demoted. `origin`: what
+        the copy is made from (the engine's, compared before a load maps it)."""
         if not self.enabled or key in self.book:
             return None
         if on_cpu and nbytes > self.budget():
@@ -94,6 +101,7 @@ class HostTier:
         self.book.insert(key, books.LOADING, 0)
         self._segments[key] = name
         self._sizes[key] = nbytes
+        self._origins[key] = origin
         self._charge(key)
         if on_cpu:
             self.set_resident(key, True, on_cpu=True)
@@ -164,7 +172,7 @@ class HostTier:
         name = self._segments.pop(key, None)
         if name is None:
             return
-        del self._sizes[key]
+        del self._sizes[key], self._origins[key]
         self._resident.discard(key)
         self._on_cpu.discard(key)
         self.book.remove(key)

@@ -158,6 +158,33 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
     run(main())
 
 
+def test_a_copy_made_from_what_the_manifest_no_longer_says_is_never_mapped(tmp_path,
+                                                                           own_segments):
+    # A demoted copy was found by (name, version) alone: a version whose
+    # manifest changed (a remote model's files' digests, its options) went
+    # on serving what its copy held (found in review).
+    from safetensors.torch import save_file
+
+    root = repo(tmp_path, 2)
+
+    async def main():
+        async with Engine(config(root, repo_scan_s=0.1)) as engine:
+            await load_in_turn(engine, 2)
+            assert row(engine, "m0")["state"] == "in host memory"
+            # Its files replaced by other weights, and its manifest edited
+            # (any of what a worker loads by: here, `trusted`).
+            version = root / "m0" / "1"
+            save_file(demo.mlp(*DIMS, seed=5).state_dict(), version / "model.safetensors")
+            manifest = version / "model.toml"
+            manifest.write_text("trusted = true\n" + manifest.read_text())
+            await asyncio.sleep(0.5)  # rescans read it
+            return await engine.infer("m0", X), row(engine, "m0")
+
+    y, m0 = run(main())
+    np.testing.assert_allclose(y["y"], expected(5), rtol=1e-5, atol=1e-6)
+    assert m0["loads_from_host"] == 0 and m0["loads"] == 2
+
+
 def test_a_reload_from_the_tier_and_an_unload_drop_no_other_copy(tmp_path, own_segments):
     # Two ways in which room made for a demoted copy dropped copies it did
     # not need to (found in review): the room made for a load of m0 from the
