@@ -20,7 +20,6 @@ look at a model's files) runs in the default executor.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import dataclasses
@@ -877,21 +876,19 @@ class Engine:
         if self.host.segment(key) is not None and self.host.origin(key) != _declared(spec):
             self.host.drop(key)  # made from what the manifest no longer says: it would serve that
         # Its host copy is held from here: the room made for the load (the
-        # models it evicts, demoted, need room in the tier) never drops it;
-        # where every worker is a CPU's, the worker will run on its pages,
-        # charged to it, not to the tier, from now.
+        # models it evicts, demoted, need room in the tier) never drops it.
+        # On CPU workers (a pool's are all CPU or all GPU: plan_devices) the
+        # worker will run on its pages, charged to it, not to the tier.
+        segment = self.host.segment(key)
         self.host.set_resident(key, True, time.monotonic(), on_cpu=(
-            self.host.segment(key) is not None
-            and all(w.device == "cpu" for w in self.pool.workers)))
+            segment is not None and self.pool.workers[0].device == "cpu"))
         try:
             worker = await self._reserve(key, need, deadline)
         except BaseException:
             self.host.set_resident(key, False)
             raise
         gen = self._gen[key]
-        segment = self.host.segment(key)
-        if segment is not None and worker.device == "cpu":
-            self.host.set_resident(key, True, on_cpu=True)  # the worker will run on its pages
+        segment = self.host.segment(key)  # still there, unless a rescan dropped it meanwhile
         try:
             body = await self._load_on(worker, key, need, {
                 "path": str(path), "estimate": spec.estimated_bytes,
@@ -1957,8 +1954,6 @@ class Engine:
         `after`, each with all its versions, and the name the next page
         starts after (None: this was the last)."""
         self._check_loop()
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
         # One look on a thread, the manifests not read yet read there: a
         # thread hop per model and a task per version held the loop for
         # seconds at thousands of models.
@@ -2031,17 +2026,12 @@ class Engine:
         they alone. A version forgotten meanwhile has no row."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be at least 0, not {limit}")
-        keys = self._counted()
-        if after is not None:
-            keys = keys[bisect.bisect_right(keys, (after, math.inf)):]
-        more = None
+        keys, more = self._counted(), None
         if limit == 0:  # the totals alone
             keys = []
-        elif limit is not None:
-            names = sorted({name for name, _ in keys})
-            if len(names) > limit:
-                more = names[limit - 1]
-                keys = [k for k in keys if k[0] <= more]
+        elif after is not None or limit is not None:
+            names, more = storage.page(sorted({name for name, _ in keys}), after, limit)
+            keys = [k for k in keys if names and names[0] <= k[0] <= names[-1]]
         rows = await self._rows(keys)
         counted = set(self._counted())
         out = self._stats_of([r for r in rows if (r["name"], r["version"]) in counted])

@@ -54,7 +54,7 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
@@ -171,6 +171,18 @@ def parse_version(version: object) -> int:
             and 1 <= version <= MAX_VERSION:
         return version
     raise ModelNotFound(f"invalid model version {version!r}")
+
+
+def page(names: Sequence[str], after: str | None, limit: int | None
+         ) -> tuple[Sequence[str], str | None]:
+    """The `limit` names (None: all) of the sorted `names` that sort after
+    `after` (None: from the first), and the name the next page starts
+    after (None: none is left)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    first = 0 if after is None else bisect.bisect_right(names, after)
+    last = len(names) if limit is None else min(len(names), first + limit)
+    return names[first:last], (names[last - 1] if last < len(names) else None)
 
 
 class Repository:
@@ -300,13 +312,9 @@ class Repository:
         A page is of the `limit` names (all of them: None) that sort after
         `after`, each with all its versions: a page never repeats or skips a
         model that stayed in the repository while the caller walked them."""
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
-        names = self.names()
-        first = 0 if after is None else bisect.bisect_right(names, after)
-        last = len(names) if limit is None else min(len(names), first + limit)
+        names, more = page(self.names(), after, limit)
         out = []
-        for name in names[first:last]:
+        for name in names:
             try:
                 versions = self.versions(name)
             except MMEngineError:  # none (any more), or unreadable
@@ -316,7 +324,7 @@ class Repository:
                     out.append(((name, version), self.resolve(name, version)))
                 except MMEngineError as e:
                     out.append(((name, version), e))
-        return out, (names[last - 1] if last < len(names) else None)
+        return out, more
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.
