@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -219,7 +220,54 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
             lambda outputs, served: _infer_response(
                 infer.req, infer.wanted, infer.binary_default, name,
                 version if served is None else str(served), outputs))
+    if binary is not None and not header:
+        return _raw_infer(server, name, v, binary, send)
     return parsed(len(header), lambda: _parse_infer(header, binary), send)
+
+
+def _raw_infer(server, name: str, version: int | None, body: memoryview,
+               send: Callable[[_Infer], Later]) -> Later:
+    """Triton's raw binary request (Inference-Header-Content-Length: 0):
+    the whole body is the data of the model's one input, whose name,
+    datatype and shape its manifest declares (one -1 is sized by the
+    body). The outputs come back binary: a client that sends no JSON
+    reads none."""
+    async def look_then_send() -> Response:
+        meta = await server.engine.metadata(name, version)
+        later = send(_Infer({}, _raw_inputs(meta, body), None, True, None))
+        return later.finish(await later.future)  # cancelled with this task
+    later = Later.of(asyncio.get_running_loop().create_task(look_then_send()))
+    later.inference = True
+    return later
+
+
+def _raw_inputs(meta: dict, body: memoryview) -> dict[str, np.ndarray]:
+    declared = meta["inputs"]
+    if len(declared) != 1:
+        raise BadRequest(f"a raw binary request (Inference-Header-Content-Length 0) is for "
+                         f"a model that declares one input; {meta['name']} declares "
+                         f"{len(declared)}: send the JSON header first")
+    t = declared[0]
+    name, dtype, shape = t["name"], np.dtype(t["dtype"]), list(t["shape"])
+    if _DATATYPE_OF.get(dtype) is None:
+        raise cannot_carry("KServe v2", name, dtype)
+    row = math.prod(d for d in shape if d != -1) * dtype.itemsize  # bytes of the known dims
+    free = shape.count(-1)
+    if free > 1 or free and not row:
+        raise BadRequest(f"a raw binary request cannot size input {name!r} of shape {shape} "
+                         f"from its bytes alone: send the JSON header first")
+    if free:
+        if len(body) % row:
+            raise BadRequest(f"input {name!r}: {len(body)} bytes are not a whole number of "
+                             f"{row}-byte rows of shape {shape} {dtype}")
+        shape[shape.index(-1)] = len(body) // row
+    elif len(body) != row:
+        raise BadRequest(f"input {name!r}: {len(body)} bytes for shape {shape} {dtype}, "
+                         f"which takes {row}")
+    arr = _shaped(name, np.frombuffer(body, dtype), shape)
+    if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
+        raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
+    return {name: arr}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,11 +331,7 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
                          f"within the body of {len(body)} bytes")
     n = int(length)
-    if not n:  # Triton's "raw binary request": the body is one input's bytes
-        raise BadRequest("Inference-Header-Content-Length 0 (a raw binary request, the "
-                         "whole body one input's data) is not supported: send the JSON "
-                         "header first, the input with its binary_data_size")
-    return body[:n], memoryview(body)[n:]
+    return body[:n], memoryview(body)[n:]  # n = 0: a raw binary request (_raw_infer)
 
 
 def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
