@@ -114,6 +114,7 @@ class DiskCache:
         self._entries: collections.OrderedDict[Key, _Entry] = collections.OrderedDict()
         self._flights: dict[Key, _Flight] = {}
         self._reserved = 0  # the estimates of downloads in flight
+        self._downloads: dict[Path, int] = {}  # their folders, and the bytes each reserved
         self._trash: list[tuple[Path, int]] = []  # evicted entries, renamed, not deleted
         self._trash_bytes = 0  # theirs: still on the disk, no longer the cache's
         self._held: dict[Path, _Entry] = {}  # the copies in use (users), by folder
@@ -241,6 +242,8 @@ class DiskCache:
             raise flight.error from e
         except BaseException as e:
             flight.error = LoadFailed(f"{where}: fetch failed: {type(e).__name__}: {e}")
+            if isinstance(e, Exception):  # typed for its caller as for the followers
+                raise flight.error from e
             raise
         finally:
             with self._lock:
@@ -326,8 +329,11 @@ class DiskCache:
         finally:
             self._empty_trash()
         final = _copy_path(self.root, key, fp)
+        tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=partial))
+            with self._lock:
+                self._downloads[tmp] = need
             try:
                 self._download(spec, tmp, room if limit is None else limit, where)
                 _write_synced(tmp / MANIFEST, own)
@@ -341,6 +347,7 @@ class DiskCache:
         finally:
             with self._lock:
                 self._reserved -= need
+                self._downloads.pop(tmp, None)
                 self._let_go.notify_all()
         if not placed:  # another server's copy came first, and is read instead
             shutil.rmtree(tmp, ignore_errors=True)
@@ -482,9 +489,12 @@ class DiskCache:
         # deleted once the lock is let go. And no more than is free: blocks
         # reserved for root (ext4's 5%) or another tenant of the device
         # count in neither `used` nor `free`.
-        used = usage.used - self._trash_bytes
+        # A download in flight holds its whole reservation, of which what it
+        # has written is in `used` already: counted once.
+        written = sum(min(_written(tmp), need) for tmp, need in self._downloads.items())
+        used = usage.used - self._trash_bytes - written
         room = min(int(self.config.disk_watermark * usage.total) - used,
-                   usage.free + self._trash_bytes) - self._reserved
+                   usage.free + self._trash_bytes + written) - self._reserved
         if self.config.disk_cache_bytes:
             room = min(room, self.config.disk_cache_bytes - self._bytes() - self._reserved)
         return max(room, 0)
@@ -615,15 +625,27 @@ class DiskCache:
             return self._own
         if self._closed:
             raise LoadFailed(f"{where}: the disk cache is closed (the server is stopping)")
+        base = self.root / PARTIAL
+        # Never through a link: downloads, and the removal of what they
+        # leave, would land where it points. (Looked at again once the
+        # folder is made: it may have been put there meanwhile.)
+        link = LoadFailed(f"{where}: cache_dir {str(self.root)!r}: its {PARTIAL} is a link; "
+                          f"remove it (the cache makes a folder of its own)")
+        if os.path.islink(base):
+            raise link
         for _ in range(3):
-            own = self.root / PARTIAL / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            own = base / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
             try:
                 own.mkdir(parents=True)
-                fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY)
+                fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             except OSError as e:
                 raise LoadFailed(f"{where}: cache_dir {str(self.root)!r} cannot be made "
                                  f"({e.strerror or e}); set cache_dir to a writable "
                                  f"directory") from None
+            if os.path.islink(base):
+                os.close(fd)
+                os.rmdir(own)
+                raise link
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:  # a server starting found it unlocked, and removed it?
                 if os.path.samestat(os.fstat(fd), os.stat(own)):
@@ -746,7 +768,11 @@ def _key_of(entry: _Entry) -> Key:
 
 def _remove_unheld(partial: Path) -> None:
     """Removes what is in .partial/ but a live cache's own folder (which
-    it keeps flock'ed): a crashed server's downloads and removals."""
+    it keeps flock'ed): a crashed server's downloads and removals. A link
+    in its place goes, not what it points to."""
+    if partial.is_symlink():
+        partial.unlink(missing_ok=True)
+        return
     try:
         with os.scandir(partial) as entries:
             found = [Path(e.path) for e in entries]
@@ -768,6 +794,14 @@ def _remove_unheld(partial: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _written(tmp: Path) -> int:
+    """Bytes a download has written into its folder so far."""
+    try:
+        return tree_bytes(tmp)
+    except (OSError, LoadFailed):  # a part renamed as it was read: next time
+        return 0
 
 
 def _made_for(path: Path) -> int | None:

@@ -19,7 +19,9 @@ import hashlib
 import http.client
 import os
 import queue
+import socket
 import ssl
+import stat
 import threading
 import time
 import uuid
@@ -158,16 +160,27 @@ def _open(url: str, config: Config, timeout: float,
         # allowed directory may point anywhere.
         real = under_roots(unquote(parts.path), config.model_roots, url)
         try:
-            f = open(real, "rb", buffering=0)
+            # Non-blocking: a FIFO's open would wait for a writer for ever.
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise LoadFailed(f"{url}: cannot read: {e.strerror}") from e
-        return f, os.fstat(f.fileno()).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: no file of a model
+            os.close(fd)
+            raise LoadFailed(f"{url}: not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0), st.st_size
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
                                            context=ssl.create_default_context())
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    # A read's timeout bounds each read alone: a source that sends its
+    # headers a byte at a time would hold this thread for ever. The whole
+    # exchange up to the headers gets `timeout`, its socket shut past it.
+    cut = _Cutoff(conn, timeout)
     try:
+        cut.arm()
         # Connection: close hands the socket to the response, which then
         # owns it and closes it with itself.
         conn.request(method, parts.path, headers={"Accept-Encoding": "identity",
@@ -176,15 +189,74 @@ def _open(url: str, config: Config, timeout: float,
         response = conn.getresponse()
     except (OSError, ValueError, http.client.HTTPException) as e:
         conn.close()
+        if cut.fired:
+            raise LoadFailed(f"{url}: no response within {timeout:g} s") from e
         raise LoadFailed(f"{url}: {type(e).__name__}: {e}") from e
+    finally:
+        cut.disarm()
+    if cut.fired:  # shut just as the headers came: the body cannot be read
+        conn.close()
+        raise LoadFailed(f"{url}: no response within {timeout:g} s")
     if response.status != 200:
         conn.close()
         # A redirect could lead to a host that allowed_hosts does not name.
         why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
         raise LoadFailed(f"{url}: HTTP {response.status} {response.reason}{why}")
     length = response.getheader("Content-Length")
-    size = int(length) if length is not None and length.isdigit() else None
+    # ASCII digits alone: str.isdigit() takes "²", which int() refuses, and
+    # int() refuses past 4,300 digits. Another length is no length.
+    size = int(length) if length and length.isascii() and length.isdigit() \
+        and len(length) <= 19 else None
     return response, size
+
+
+class _Cutoff:
+    """Shuts a connection down once `timeout` seconds pass after arm(),
+    unless disarmed first: a read blocked on it then ends at once, a TLS
+    handshake's too. It shuts a duplicate of the socket made as it
+    connected, which it alone closes: the connection's own may be closed
+    and its number reused meanwhile."""
+
+    def __init__(self, conn: http.client.HTTPConnection, timeout: float) -> None:
+        self.timeout = timeout
+        self.fired = False
+        self._dup: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        connect = conn._create_connection
+
+        def connected(*args, **kwargs) -> socket.socket:
+            sock = connect(*args, **kwargs)
+            with self._lock:
+                if self._timer is not None:
+                    self._dup = sock.dup()
+            return sock
+        conn._create_connection = connected
+
+    def arm(self) -> None:
+        self._timer = threading.Timer(self.timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._timer is None:
+                return
+            self.fired = True
+            if self._dup is not None:  # (not yet connected: connect() has its own timeout)
+                try:
+                    self._dup.shutdown(socket.SHUT_RDWR)
+                except OSError:  # the peer has gone already
+                    pass
+
+    def disarm(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._dup is not None:
+                self._dup.close()
+                self._dup = None
 
 
 def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
