@@ -473,6 +473,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         # read past, not kept, and no 100 Continue asks the client for it.
         self.doomed: MMEngineError | None = None
         self.continue_owed = False  # asked for 100 Continue, not yet sent
+        self.upgrade = False  # its head asks for another protocol (read again without)
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -528,10 +529,14 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self._touch()
         continued = self.in_head
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(BadRequest("protocol upgrades are not supported"))
-            return
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as e:
+                    data = self._without_upgrade(data[e.args[0]:])
+                    if data is None:
+                        return
         except httptools.HttpParserError as e:
             self._fail(self.refused or BadRequest(f"malformed HTTP request: {e}"))
             return
@@ -543,6 +548,28 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             if self.head_raw > self.server.max_header:
                 self._fail(_HeaderTooLarge(
                     f"request headers exceed {self.server.max_header} bytes"))
+
+    def _without_upgrade(self, rest: bytes) -> bytes | None:
+        """The request whose head asked for another protocol (curl
+        --http2's h2c, a WebSocket), again without asking, followed by
+        `rest`, the bytes after its head, for a new parser to read. A
+        server may ignore Upgrade (RFC 9110 7.8); httptools would hand its
+        body and everything after it back as the other protocol's. None
+        for CONNECT, which is answered once and the connection closed."""
+        if not self.upgrade or self.parser.get_method() == b"CONNECT":
+            self._fail(_NotImplemented("CONNECT is not served: this server is no proxy"))
+            return None
+        head = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self.url,
+                                         self.parser.get_http_version().encode())]
+        for key, value in self.headers.items():
+            if key == "connection":
+                value = ", ".join(t.strip() for t in value.split(",")
+                                  if t.strip().lower() != "upgrade")
+            if key != "upgrade" and value:
+                head.append(f"{key}: {value}\r\n".encode("latin-1"))
+        self._reset()
+        self.parser = httptools.HttpRequestParser(self)
+        return b"".join(head) + b"\r\n" + rest
 
     def _touch(self) -> None:
         # Runs twice per request: note the time, and arm a timer only when
@@ -648,6 +675,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.parser.should_upgrade():  # read again without it (_without_upgrade)
+            self.upgrade = True
+            return
         length = self.headers.get("content-length", "").strip(" \t") or None
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             # Refused from the declared length, before any of the body is read.
@@ -753,6 +783,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         return self.reserved
 
     def on_message_complete(self) -> None:
+        if self.upgrade:  # its body is still to come (_without_upgrade)
+            return
         try:
             url = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:  # CONNECT's authority, say
@@ -767,7 +799,10 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             if url and url.query else {},
             headers=self.headers,
             body=b"".join(self.body),
-            keep_alive=self.parser.should_keep_alive(),
+            # An HTTP/1.0 message with Transfer-Encoding has faulty framing:
+            # the connection closes after its answer (RFC 9112 6.1).
+            keep_alive=self.parser.should_keep_alive() and not (
+                "transfer-encoding" in self.headers and self.parser.get_http_version() == "1.0"),
             reserved=self._keep_received(),
             refused=self.doomed,
             coded=tuple(codings.codings(self.headers.get("content-encoding", ""))),
@@ -984,7 +1019,8 @@ class _VersionNotSupported(StatusError):
 
 
 class _NotImplemented(StatusError):
-    """501: a transfer coding the server does not decode (RFC 9112 6.1)."""
+    """501: a transfer coding the server does not decode (RFC 9112 6.1),
+    or CONNECT."""
 
     status = 501
 
