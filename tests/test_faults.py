@@ -1091,6 +1091,9 @@ def test_sigterm_answers_every_http_request_a_connection_has_queued(repo):
         statuses = re.findall(rb"HTTP/1\.1 (\d+) ", b"".join(chunks))
         assert statuses[0] == b"200" and len(statuses) == 4, statuses
         assert set(statuses) <= {b"200", b"503"}, statuses  # 503: refused while draining
+        # The last answer says the connection ends: its client sends no more to a server gone.
+        said = re.findall(rb"Connection: (\S+)\r\n", b"".join(chunks))
+        assert said == [b"keep-alive"] * 3 + [b"close"], said
         assert server.proc.wait(30) == 0, "".join(server.output)
     finally:
         server.kill()

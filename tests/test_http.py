@@ -743,6 +743,21 @@ def test_a_request_asking_to_upgrade_is_served_as_http_1_1(address, chunked):
     assert json.loads(answers[1][1]) == {"live": True}
 
 
+def test_inference_header_content_length_given_twice_is_refused(address):
+    """Which one was meant? The last won, unsaid (a review's finding)."""
+    x = x_for(41)
+    head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    body = head + x.tobytes()
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Inference-Header-Content-Length: 0\r\n"
+                  b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(head), len(body), body))
+        [(status, answer)] = split_answers(recv_all(s))
+    assert status.startswith(b"HTTP/1.1 400 ") and b"is not a length" in answer, answer
+
+
 def test_an_http_1_0_request_with_transfer_encoding_closes_after_its_answer(address):
     """RFC 9112 6.1: its framing is faulty, and what follows it on the
     connection is not read as requests (a smuggling guard)."""

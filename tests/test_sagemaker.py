@@ -443,7 +443,9 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
             (giant + bytes(16), "application/x-npy", b"header says", 400),  # not 32 TiB
             (npy_header("(-1, -1)") + bytes(1), "application/x-npy", b"shape", 400),
             (npy_header("(0, " + "1" + "0" * 30 + ")"), "application/x-npy", b"shape", 400),
-            (zipped.getvalue(), "application/x-npy", b".npy file", 400)):
+            (zipped.getvalue(), "application/x-npy", b".npy file", 400),
+            # RFC 9110 15.5.16 (a review found it 400)
+            (b"[[1, 2, 3, 4]]", "application/octet-stream", b"unsupported Content-Type", 415)):
         status, _, raw = raw_call(address, "/models/inv-csv/invoke", body,
                                   {"Content-Type": media})
         assert status == code and why in raw, (body[:30], raw)
@@ -552,3 +554,28 @@ def test_delete_unloads_and_forgets(server, disk):
 def test_delete_unknown_model_is_404(address):
     assert call(address, "DELETE", "/models/never-added")[0] == 404
     assert call(address, "DELETE", "/models/repo-model")[0] == 404
+
+
+@pytest.mark.parametrize("body", [
+    b"1,2,3,4\n5,6,7,8\n",
+    b"1.5,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20\n",    # one line of many pieces
+    b"1,2,3,4,5,6,7,8,9,10,11,12,13,14 # a note\r\n" * 3,          # and a comment
+    b"1,2\n3,4\n" + b"10,20\n" * 9 + b"-1e3,2.5e-3\n",
+])
+def test_csv_lines_longer_than_a_chunk_read_as_rows(monkeypatch, body):
+    """A line longer than CSV_CHUNK is parsed a piece at a time (at once,
+    a 16 MiB line held the server's loop for a second): the same rows."""
+    expected = np.loadtxt(io.StringIO(body.decode()), delimiter=",", ndmin=2)
+    monkeypatch.setattr(sagemaker, "CSV_CHUNK", 16)
+    np.testing.assert_array_equal(sagemaker._from_csv(body), expected)
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"1,2,3,4,5,6,7,8,9,10,\n", "rows of numbers"),             # an empty last field
+    (b"1,2\n3,4,5,6,7,8,9,10,11,12\n", "rows of numbers"),        # rows of unequal length
+    (b"12345678901234567890,1\n", "a field longer than 16"),
+])
+def test_csv_long_lines_refused_as_short_ones_are(monkeypatch, body, why):
+    monkeypatch.setattr(sagemaker, "CSV_CHUNK", 16)
+    with pytest.raises(BadRequest, match=why):
+        sagemaker._from_csv(body)

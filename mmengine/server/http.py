@@ -949,7 +949,9 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self.server.receiving.give(request.reserved)
         self._touch()
         body = request.method != "HEAD"
-        if not request.keep_alive:
+        # A stopping server says so with its last answer on each connection,
+        # lest its client send the next request to a server gone.
+        if not request.keep_alive or self.server.stopping and not self.queue:
             self._write(response, keep_alive=False, body=body)
             self.dead = True
             self._close()
@@ -1009,7 +1011,9 @@ class _RequestTimeout(StatusError):
 #: Header fields whose repeats are one comma-separated list, which the
 #: server reads as a whole (a later line must not hide an earlier one).
 # (Host: twice is refused; kept as a list, it is told by its comma.)
-_LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host"})
+# (A repeated Inference-Header-Content-Length is a list, no length: 400.)
+_LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host",
+                          "inference-header-content-length"})
 
 
 class _VersionNotSupported(StatusError):

@@ -104,6 +104,7 @@ class Listener:
         self.connections: set = set()
         self.max_connections = max_connections or engine.config.max_connections
         self.refused = 0  # connections refused past max_connections
+        self.stopping = False  # draining: a connection closes after its last answer
         # Hashed once: a request's token is compared with the digest only.
         token = engine.config.control_token
         self.control_digests: tuple[bytes, ...] = (auth.digest(token),) if token else ()
@@ -141,6 +142,7 @@ class Listener:
         connection are answered, or until `deadline` (time.monotonic())."""
         if self._server is None:
             return
+        self.stopping = True
         self._server.close()
         # An answered request may start the next one its connection has
         # queued: look again until none is left or the time is up.

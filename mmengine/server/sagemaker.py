@@ -105,6 +105,12 @@ class _Conflict(StatusError):
     status = 409
 
 
+class _UnsupportedMedia(StatusError):
+    """415: a body of a media type the contract does not read (RFC 9110 15.5.16)."""
+
+    status = 415
+
+
 class _NotAcceptable(StatusError):
     """406: no media type that Accept allows can hold the answer."""
 
@@ -452,8 +458,8 @@ def _media(request: Request) -> str:
     content_type = request.headers.get("content-type", JSON)
     media = content_type.split(";", 1)[0].strip().lower()
     if media not in (JSON, CSV, NPY):
-        raise BadRequest(f"unsupported Content-Type {content_type!r}: send {JSON}, {CSV} "
-                         f"or {NPY}")
+        raise _UnsupportedMedia(f"unsupported Content-Type {content_type!r}: send {JSON}, "
+                                f"{CSV} or {NPY}")
     return media
 
 
@@ -521,9 +527,15 @@ def _from_csv(body: bytes) -> np.ndarray:
     try:
         at = 0
         while at < len(text):
-            end = text.find("\n", at + CSV_CHUNK)
-            end = len(text) if end < 0 else end + 1
-            if text[at:end].strip():
+            # Whole lines, up to CSV_CHUNK; one line longer than that alone,
+            # in pieces (_long_row): parsed at once, a 16 MiB line held the
+            # loop's GIL for a second.
+            end = len(text) if at + CSV_CHUNK >= len(text) else \
+                text.rfind("\n", at, at + CSV_CHUNK) + 1
+            if not end:
+                end = text.find("\n", at + CSV_CHUNK) + 1 or len(text)
+                parts.append(_long_row(text[at:end]))
+            elif text[at:end].strip():
                 with warnings.catch_warnings():  # of a chunk of comments: no rows
                     warnings.simplefilter("ignore", UserWarning)
                     part = np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
@@ -540,6 +552,22 @@ def _from_csv(body: bytes) -> np.ndarray:
     if not np.isfinite(array).all():  # as JSON, which has no NaN or infinity
         raise BadRequest("the text/csv body holds a number that is not finite")
     return array
+
+
+def _long_row(line: str) -> np.ndarray:
+    """One row of a line longer than CSV_CHUNK, parsed a piece of up to
+    CSV_CHUNK at a time, each piece cut at a comma."""
+    line = line.partition("#")[0].rstrip("\r\n")  # a comment, as np.loadtxt reads one
+    pieces = []
+    at = 0
+    while at <= len(line):
+        end = len(line) if at + CSV_CHUNK >= len(line) else line.rfind(",", at, at + CSV_CHUNK)
+        if end < at:
+            raise ValueError(f"a field longer than {CSV_CHUNK} characters")
+        pieces.append(np.loadtxt(io.StringIO(line[at:end]), delimiter=",", dtype=np.float64,
+                                 ndmin=1))
+        at = end + 1
+    return np.concatenate(pieces)[None, :]
 
 
 def _from_npy(body: bytes) -> np.ndarray:
