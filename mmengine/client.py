@@ -85,6 +85,9 @@ def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
                          f"{type(inputs).__name__}")
     out = {}
     for name, value in inputs.items():
+        if isinstance(value, np.ma.MaskedArray):  # asarray would send the masked values
+            raise BadRequest(f"input {name!r} is a masked array: send its values "
+                             f"(filled(), or compressed()) and say which are masked")
         try:
             out[name] = np.asarray(protocol.from_torch(value))
         except (ValueError, TypeError, RuntimeError) as e:  # ragged lists, nested tensors
@@ -110,12 +113,18 @@ class Models(list):
     next: str | None = None
 
 
+def _plain(value: Any) -> Any:
+    """A numpy integer (a version read from an array) as the int msgpack
+    writes; anything else as it is, for the server to judge."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 def _page_message(op: str, after: str | None, limit: int | None) -> dict:
     message: dict[str, Any] = {"op": op}
     if after is not None:
         message["after"] = after
     if limit is not None:
-        message["limit"] = limit
+        message["limit"] = _plain(limit)
     return message
 
 
@@ -131,7 +140,7 @@ def _infer_message(model: str, inputs: dict, version: int | None,
     message = {"op": "infer", "model": model, "inputs": protocol.encode_tensors(
         _as_arrays(inputs))}
     if version is not None:
-        message["version"] = version
+        message["version"] = _plain(version)
     if timeout is not None:
         message["timeout"] = timeout
     if token is not None:
@@ -224,7 +233,7 @@ def _model_message(op: str, model: str, version: int | None,
                    token: str | None, timeout: float | None = None) -> dict:
     message = {"op": op, "model": model}
     if version is not None:
-        message["version"] = version
+        message["version"] = _plain(version)
     if token is not None:
         message["token"] = token
     if timeout is not None:
@@ -490,6 +499,7 @@ class Client:
             if conn.alive():
                 return conn
             conn.sock.close()
+            self._max_frame = None  # closed by a server that may have restarted otherwise
 
     def _give_back(self, conn: "_Connection") -> None:
         conn.last_used = time.monotonic()
@@ -535,8 +545,10 @@ class Client:
         except socket.timeout:
             conn.sock.close()
             raise Timeout("no answer from the server in time") from None
-        except BaseException:
+        except BaseException as e:
             conn.sock.close()
+            if isinstance(e, TooLarge):  # the stream's (nil id): its maximum, asked again
+                self._max_frame = None
             raise
         self._give_back(conn)
         return [protocol.raise_for(got[i]) for i in ids]
@@ -652,7 +664,9 @@ class _AsyncConnection(asyncio.Protocol):
             elif response.get("id") is None:  # an error about the whole stream
                 try:
                     protocol.raise_for(response)
-                except Exception as e:  # noqa: BLE001 - the typed error, for every waiter
+                except (BadRequest, TooLarge) as e:  # over one frame: whose?
+                    self._fail(e if len(self.pending) <= 1 else _lost_with(e))
+                except Exception as e:  # noqa: BLE001 - the connection's (OVERLOADED): all's
                     self._fail(e)
 
     def connection_lost(self, exc) -> None:
@@ -678,6 +692,16 @@ class _AsyncConnection(asyncio.Protocol):
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _lost_with(e: Exception) -> ConnectionError:
+    """What each of several requests in flight gets when the server ends
+    their connection over one frame: which one it was, no answer says, and
+    the others' answers are lost (a request that may have run is no
+    TooLarge or BadRequest to retry differently)."""
+    lost = ConnectionError(f"the server closed the connection over a frame sent on it: {e}")
+    lost.__cause__ = e
+    return lost
 
 
 def _expire(fut: asyncio.Future) -> None:
@@ -755,6 +779,7 @@ class AsyncClient:
                 conn.transport.close()
                 raise ConnectionError("the client was closed while it connected")
             conns[i] = conn
+            self._max_frame = None  # a server that restarted may take less, or more
             return conn
         except TimeoutError:
             raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "

@@ -1275,3 +1275,39 @@ def test_an_async_client_fails_at_once_when_its_new_connection_is_closed_at_once
     failed_in, left = run(main(), timeout=30)
     assert failed_in < 2, failed_in
     assert left == []
+
+
+def test_a_frame_the_server_refuses_fails_the_other_calls_as_lost_not_as_its_own(address):
+    """A nil-id error over one frame ends the connection: the calls beside
+    it got that frame's BadRequest before (a review's finding), which says
+    to fix a request that may have been fine, and may have run."""
+    async def main():
+        async with AsyncClient(address, timeout=20) as c:
+            slow = asyncio.ensure_future(c.infer("slow", slow_input(0.5)))
+            await asyncio.sleep(0.1)
+            bad = c.call({"op": "health", "pad": [0] * 70_000})  # too many values in one frame
+            got = await asyncio.gather(bad, slow, return_exceptions=True)
+            assert all(type(e) is ConnectionError for e in got), got
+            assert all(isinstance(e.__cause__, BadRequest) for e in got), got
+            with pytest.raises(BadRequest, match="msgpack values"):  # alone: its own error
+                await c.call({"op": "health", "pad": [0] * 70_000})
+            assert (await c.health())["status"] == "serving"  # on a new connection
+
+    run(main(), timeout=60)
+
+
+def test_the_sdk_takes_numpy_integers_and_refuses_masked_arrays(address):
+    x = x_for(np.random.default_rng(5))
+    with Client(address) as c:
+        y = c.infer("m00", {"x": x}, version=np.int64(1))["y"]
+        np.testing.assert_allclose(y, reference("m00", x), **TOL)
+        assert len(c.list(limit=np.int32(1))) >= 1
+        with pytest.raises(BadRequest, match="masked array"):
+            c.infer("m00", {"x": np.ma.array(x, mask=np.zeros_like(x, bool))})
+
+    async def main():
+        async with AsyncClient(address) as c:
+            y = (await c.infer("m00", {"x": x}, version=np.uint8(1)))["y"]
+            np.testing.assert_allclose(y, reference("m00", x), **TOL)
+
+    run(main())
