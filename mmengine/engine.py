@@ -1784,7 +1784,15 @@ class Engine:
             key = (name, version)
             if self._holds(key):
                 return key
-        spec = await self._spec(name, version)
+        try:
+            spec = await self._spec(name, version)
+        except MMEngineError:
+            # A pinned model whose manifest or files cannot be read (a
+            # configured pin keeps the server warming): its one pin, by name.
+            pinned = [key for key in self._pinned if key[0] == name]
+            if version is None and len(pinned) == 1:
+                return pinned[0]
+            raise
         return spec.name, spec.version
 
     @contextlib.asynccontextmanager

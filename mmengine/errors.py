@@ -134,10 +134,10 @@ _BY_CODE = {
 }
 
 
-def cannot_carry(protocol: str, name: str, dtype) -> InternalError:
-    """The error for a model's output that `protocol` has no way to write:
-    the model's fault (500), never the caller's."""
-    return InternalError(f"the model's output {name!r} has dtype {dtype}, which {protocol} "
+def cannot_carry(protocol: str, name: str, dtype, model: str) -> InternalError:
+    """The error for output `name` of `model` that `protocol` has no way
+    to write: the model's fault (500), never the caller's."""
+    return InternalError(f"{model}: its output {name!r} has dtype {dtype}, which {protocol} "
                          f"cannot carry")
 
 

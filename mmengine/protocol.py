@@ -315,10 +315,11 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def encode_tensors(arrays: dict[str, np.ndarray], answer: bool = False) -> dict:
+def encode_tensors(arrays: dict[str, np.ndarray], answer: str = "") -> dict:
     """Named arrays as the wire's tensors (their data viewed, not copied).
     A dtype the protocol does not carry (DTYPES) is the caller's
-    BadRequest, or in a model's `answer` the model's InternalError."""
+    BadRequest, or where the arrays are model `answer`'s answer, that
+    model's InternalError."""
     out = {}
     for name, a in arrays.items():
         if not a.flags.c_contiguous:  # not ascontiguousarray always: it makes 0-d 1-d
@@ -328,7 +329,7 @@ def encode_tensors(arrays: dict[str, np.ndarray], answer: bool = False) -> dict:
         dtype = _dtype_name(a.dtype)
         if dtype not in DTYPES:
             if answer:
-                raise cannot_carry("the TCP protocol", name, a.dtype)
+                raise cannot_carry("the TCP protocol", name, a.dtype, answer)
             raise BadRequest(f"tensor {name!r}: dtype {a.dtype} cannot travel; one of "
                              f"{', '.join(DTYPES)}")
         out[name] = {"dtype": dtype, "shape": list(a.shape), "data": a.data}

@@ -286,12 +286,12 @@ class _Responder:
         self._lock = threading.Lock()
 
     def send(self, rid: int, code: int = messages.OK, body=None,
-             outputs: dict[str, np.ndarray] | None = None) -> None:
+             outputs: dict[str, np.ndarray] | None = None, model: str = "") -> None:
         arrays = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # keeps 0-d
                   for k, v in (outputs or {}).items()}
         for k, v in arrays.items():
             if v.dtype.hasobject or v.dtype.fields is not None:
-                raise cannot_carry("mmengine", k, v.dtype)
+                raise cannot_carry("mmengine", k, v.dtype, model)
         descs, bufs = messages.describe(arrays)
         header = messages.response(rid, code, body, descs)
         with self._lock:
@@ -521,7 +521,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
                 ran = {"t_recv": t0, "t_done": t_done}
                 if account:
                     ran["account"] = account
-            out.send(rid, body=ran, outputs=outputs)
+            out.send(rid, body=ran, outputs=outputs, model=name)
         except Exception as e:  # every failure goes back typed
             abandoned.serving = 0  # (an op that is no inference never ran)
             out.fail(rid, e, ran)

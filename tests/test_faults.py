@@ -493,6 +493,22 @@ def test_a_pinned_model_the_repository_lacks_or_no_worker_holds_is_a_configurati
     run(main())
 
 
+def test_a_configured_pin_that_cannot_be_read_is_unpinned_by_its_name(repo, own_segments):
+    # Its version was looked up in a manifest that cannot be read: only
+    # unpin(name, version) released it, and the server stayed warming (a
+    # review's finding).
+    async def main():
+        async with Engine(config(repo, pin_models="corrupt")) as engine:
+            assert engine.health()["warming"] == [["corrupt", 1]]
+            with pytest.raises(LoadFailed):
+                await engine.infer("corrupt", {"x": X})
+            await engine.unpin("corrupt")
+            assert engine.health()["status"] == "serving"
+            assert not engine.model_row(("corrupt", 1))["pinned"]
+
+    run(main())
+
+
 def test_a_pinned_model_warming_up_can_be_unpinned_at_once(repo, own_segments):
     # The warm-up does not take the name's place among control operations:
     # an operator's unpin does not wait for its load.

@@ -965,6 +965,7 @@ def test_an_output_kserve_cannot_carry_is_the_models_error_not_the_callers(addre
     status, _, body = call(address, "POST", "/v2/models/complex/infer", infer_body(x_for(1)))
     assert status == 500, body
     assert json.loads(body)["code"] == "INTERNAL" and b"KServe v2 cannot carry" in body
+    assert json.loads(body)["error"].startswith("complex: ")  # which model, for its operator
 
 
 def test_a_request_id_that_is_not_a_string_is_refused(address):

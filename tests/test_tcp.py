@@ -64,6 +64,8 @@ def predict(inputs):
         return {"y": np.array([0, 2, 255, 1], np.uint8).view(bool)}
     if kind == 7:  # names that str() would make one
         return {0: np.ones(2), "0": np.zeros(3)}
+    if kind == 10:  # no ring can carry it either: the worker says so
+        return {"y": np.array([None, 1], dtype=object)}
     if kind == 8:
         return {"y": [[1.0], [1.0, 2.0]]}  # ragged
     if kind == 9:  # a str's subclass names an output as its string
@@ -280,8 +282,10 @@ def test_odd_outputs_are_answered_and_scalars_stay_scalars(address):
     # model's typed error (it went unanswered), no outputs are no outputs,
     # and a 0-d array stays 0-d both ways (it came back with shape [1]).
     with Client(address, timeout=20) as c:
-        with pytest.raises(InternalError, match="datetime64.*TCP protocol cannot carry"):
+        with pytest.raises(InternalError, match="^odd: .*datetime64.*TCP protocol cannot carry"):
             c.infer("odd", {"kind": np.array([0])})
+        with pytest.raises(InternalError, match="^odd: .*dtype object, which mmengine cannot"):
+            c.infer("odd", {"kind": np.array([10])})
         assert c.infer("odd", {"kind": np.array([1])}) == {}
         out = c.infer("odd", {"kind": np.array([2])})
         assert out["output"].shape == () and out["output"] == 3.5

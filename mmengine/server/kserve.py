@@ -250,7 +250,7 @@ def _raw_inputs(meta: dict, body: memoryview) -> dict[str, np.ndarray]:
     t = declared[0]
     name, dtype, shape = t["name"], np.dtype(t["dtype"]), list(t["shape"])
     if _DATATYPE_OF.get(dtype) is None:
-        raise cannot_carry("KServe v2", name, dtype)
+        raise BadRequest(f"input {name!r} is {dtype}, which KServe v2 cannot carry")
     row = math.prod(d for d in shape if d != -1) * dtype.itemsize  # bytes of the known dims
     free = shape.count(-1)
     if free > 1 or free and not row:
@@ -437,7 +437,7 @@ def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_def
             arr = arr.astype(arr.dtype.newbyteorder("="))
         datatype = _DATATYPE_OF.get(arr.dtype)
         if datatype is None:
-            raise cannot_carry("KServe v2", out, arr.dtype)
+            raise cannot_carry("KServe v2", out, arr.dtype, name)
         t = {"name": out, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
             arr = np.ascontiguousarray(arr)  # the engine's outputs already are: no copy

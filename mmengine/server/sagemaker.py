@@ -242,32 +242,32 @@ def invoke(server, request: Request, name: str) -> Later:
         lambda inputs: submitted(
             request, lambda then: server.engine.submit(name, inputs, token=request.token,
                                                        then=then),
-            lambda outputs, _: answer(outputs)),  # the contract names no version
+            lambda outputs, _: answer(outputs, name)),  # the contract names no version
         finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
 
-def _answer_json(outputs: dict[str, np.ndarray]) -> Response | Later:
+def _answer_json(outputs: dict[str, np.ndarray], model: str) -> Response | Later:
     for out, arr in outputs.items():
         if arr.dtype.kind not in "biuf":  # JSON holds numbers and booleans
-            raise cannot_carry("JSON", out, arr.dtype)
+            raise cannot_carry("JSON", out, arr.dtype, model)
     return formatted(sum(arr.size for arr in outputs.values()),
                      lambda: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
 
 
-def _only_output(outputs: dict[str, np.ndarray], media: str) -> np.ndarray:
+def _only_output(outputs: dict[str, np.ndarray], media: str, model: str) -> np.ndarray:
     if len(outputs) != 1:
         raise _NotAcceptable(f"{media} holds one tensor and the model answered "
                              f"{len(outputs)} ({sorted(outputs)}); accept {JSON}")
     (arr,) = outputs.values()
     if arr.dtype.kind not in "biuf":
-        raise cannot_carry(media, next(iter(outputs)), arr.dtype)
+        raise cannot_carry(media, next(iter(outputs)), arr.dtype, model)
     return arr
 
 
-def _answer_csv(outputs: dict[str, np.ndarray]) -> Response:
+def _answer_csv(outputs: dict[str, np.ndarray], model: str) -> Response:
     """One row a line: a batch's first axis; the rest of each row flattened.
     Made on a parse thread (numpy writes it a row at a time, ~2 us a row)."""
-    arr = _only_output(outputs, CSV)
+    arr = _only_output(outputs, CSV, model)
     if arr.size > MAX_CSV_VALUES:
         raise _NotAcceptable(f"the answer's {arr.size} values are more than a text/csv "
                              f"answer holds ({MAX_CSV_VALUES}); accept {NPY} or {JSON}")
@@ -281,9 +281,9 @@ def _answer_csv(outputs: dict[str, np.ndarray]) -> Response:
     return Response(200, text.getvalue().encode(), content_type=CSV)
 
 
-def _answer_npy(outputs: dict[str, np.ndarray]) -> Response:
+def _answer_npy(outputs: dict[str, np.ndarray], model: str) -> Response:
     out = io.BytesIO()
-    np.save(out, _only_output(outputs, NPY), allow_pickle=False)
+    np.save(out, _only_output(outputs, NPY, model), allow_pickle=False)
     return Response(200, out.getvalue(), content_type=NPY)
 
 

@@ -324,7 +324,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 t_submit = time.monotonic_ns() if timing else 0
                 fut = self.engine.submit(model, inputs, version, _timeout(message),
                                          _token(message),
-                                         then=functools.partial(self._on_answer, rid, t_submit))
+                                         then=functools.partial(self._on_answer, rid, t_submit,
+                                                                model))
             except MMEngineError as e:
                 self._send(protocol.error_response(rid, e))
                 return
@@ -347,7 +348,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self.paused = True
             self.transport.pause_reading()
 
-    def _on_answer(self, rid: Any, t_submit: int, fut: asyncio.Future) -> None:
+    def _on_answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
             self._send(protocol.error_response(rid, errors.cancelled()))
             return
@@ -355,7 +356,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         if e is None:
             body, outputs = fut.result()
             try:  # a model may answer what the wire cannot carry: say so
-                tensors = protocol.encode_tensors(outputs, answer=True)
+                tensors = protocol.encode_tensors(outputs, answer=model)
             except MMEngineError as error:
                 self._send(protocol.error_response(rid, error))
                 return
