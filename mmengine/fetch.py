@@ -202,6 +202,11 @@ def _open(url: str, config: Config, timeout: float,
         # A redirect could lead to a host that allowed_hosts does not name.
         why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
         raise LoadFailed(f"{url}: HTTP {response.status} {response.reason}{why}")
+    coding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+    if coding != "identity":  # asked for none: the bytes are not the file's
+        conn.close()
+        raise LoadFailed(f"{url}: the server sent Content-Encoding {coding!r} where "
+                         f"identity was asked for")
     length = response.getheader("Content-Length")
     # ASCII digits alone: str.isdigit() takes "²", which int() refuses, and
     # int() refuses past 4,300 digits. Another length is no length.

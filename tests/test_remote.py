@@ -1586,3 +1586,18 @@ def test_a_partial_link_put_there_while_serving_is_refused(tmp_path, server):
     with pytest.raises(LoadFailed, match="is a link"):
         disk.ensure(spec)
     assert files_under(victim) == []
+
+
+def test_a_body_in_a_content_coding_is_refused_not_cached(tmp_path):
+    """Asked for identity, a source that gzips anyway sends bytes that are
+    not the file's: without a digest they were cached as the model."""
+    source = _RawSource(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n"
+                        b"Connection: close\r\n\r\nabcd")
+    try:
+        config = cfg(tmp_path, allowed_hosts=source.host)
+        with pytest.raises(LoadFailed, match="Content-Encoding 'gzip'"):
+            fetch.fetch_file(f"http://{source.host}/m/1/model.bin", tmp_path / "got", "",
+                             config, 1 << 20)
+        assert not (tmp_path / "got").exists()
+    finally:
+        source.close()
