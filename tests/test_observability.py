@@ -732,3 +732,42 @@ def test_operator_lines_carry_their_time_level_and_speaker():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARNING mmengine worker 3 "
                         r"\(pid 42\): warming cuda:3 failed: OSError\('no'\)", line), line
     assert not log.propagate
+
+
+def test_the_scrapes_own_writer_says_what_prometheus_client_would(tmp_path):
+    """A scrape is written by our own writer (prometheus-client's took ~10 µs
+    a line: 1.4 s a scrape at 2,000 models); read back by prometheus-client's
+    parsers, both formats say the same as prometheus-client's writers."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_om
+    from prometheus_client.registry import CollectorRegistry
+
+    engine = Engine(Config(repo=str(tmp_path)))
+    m = metrics.attach(engine)
+    for i, name in enumerate(["a", "b-1", 'odd "name"\\ with\nfeed']):
+        for code, took in (("OK", 3_000), ("OK", 40_000_000), ("TIMEOUT", 31 * 10**9)):
+            m("request", {"code": code, "model": name, "version": 1, "start_ns": 0,
+                          "end_ns": took, "t_sent": 100, "worker_ns": (200, took - 50, took)})
+        m("load", {"model": name, "version": 1, "worker": 0, "bytes": 10 + i, "start_ns": 0,
+                   "end_ns": 10**9, "phases": {"copy": 0.5}})
+        m("evict", {"model": name, "version": 1, "reason": "pressure", "bytes": 10 + i})
+    m("request", {"code": "MODEL_NOT_FOUND", "model": "nope", "version": None,
+                  "start_ns": 0, "end_ns": 10})
+    families = metrics._Scrape(m, engine.stats()).families()
+
+    class Collector:
+        def collect(self):
+            return [f.metric() for f in families]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+
+    def said(parsed) -> list:
+        return sorted((f.name, f.type, f.documentation, sorted(
+            (s.name, sorted(s.labels.items()), repr(float(s.value))) for s in f.samples))
+            for f in parsed)
+    for openmetrics, parse, write in ((False, text_string_to_metric_families, generate_latest),
+                                      (True, parse_om, generate_om)):
+        ours = metrics._encode(families, openmetrics).decode()
+        assert said(parse(ours)) == said(parse(write(registry).decode())), openmetrics
+    assert ours.endswith("# EOF\n")
+    assert 'model="odd \\"name\\"\\\\ with\\nfeed"' in ours
