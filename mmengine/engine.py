@@ -314,7 +314,7 @@ class Engine:
         waits for it: `warming` lists them); "down" while no worker is up;
         "stopping" once the engine refuses new requests (a balancer must
         send them elsewhere while it drains)."""
-        alive = sum(w.alive for w in self.pool.workers) if self.pool is not None else 0
+        alive = sum(w.up for w in self.pool.workers) if self.pool is not None else 0
         status = "down" if not alive else "stopping" if self._closing \
             else "warming" if self._warming else "serving"
         return {"status": status, "workers_alive": alive,
@@ -930,32 +930,34 @@ class Engine:
             died = WorkerDied(f"{key[0]}: the worker died during the load")
             died.ran = _load_ran(key, worker.index)
             raise died
+        source = body.get("from", "disk")
+        body.setdefault("phases", {})["fetch"] = fetch_s
+        stats.measured_bytes = int(body["bytes"])
+        self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
+                            "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
+                            "bytes": stats.measured_bytes, "phases": body["phases"],
+                            "from": source, "allocator": body.get("allocator")})
+        stats.loads += 1
+        stats.host_loads += source == "host"
         budget = self.cache.capacity(books.DEVICE, worker.index)
-        if int(body["bytes"]) > budget:  # refused before it loads from now on (_reserve)
-            stats.measured_bytes = int(body["bytes"])
+        if stats.measured_bytes > budget:  # refused before it loads from now on (_reserve)
             too_large = TooLarge(f"{key[0]}: takes {stats.measured_bytes} bytes once loaded, "
                                  f"more than its worker's whole budget ({budget}, "
                                  f"device_budget)")
             stats.last_error = str(too_large)
+            # Loaded, it holds what it measured until its eviction gives it
+            # back (the counts say so: loads, evictions, their bytes).
+            self.cache.set_bytes(key, books.DEVICE, stats.measured_bytes)
             # Never loaded again, its copy in the tier serves nothing.
             await asyncio.shield(self._evict(key, "too_large", drop_host=True))
             raise too_large
-        source = body.get("from", "disk")
         if body.get("inputs"):  # what the backend read from the artifact
             self._derived_inputs[key] = tuple(TensorSpec(n, d, tuple(shape))
                                               for n, d, shape in body["inputs"])
-        body.setdefault("phases", {})["fetch"] = fetch_s
         if segment is not None and source != "host":
             self.host.drop(key)  # the worker could not use it: neither can anyone
-        self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
-                            "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
-                            "bytes": int(body["bytes"]), "phases": body.get("phases", {}),
-                            "from": source, "allocator": body.get("allocator")})
-        stats.measured_bytes = int(body["bytes"])
         self._loaded_specs[key] = spec
         self._loaded_since_scan.add(key)
-        stats.loads += 1
-        stats.host_loads += source == "host"
         stats.failed_in_a_row = stats.backoffs_in_a_row = 0
         stats.retry_at = 0.0
         stats.last_load_time = time.time()
@@ -2075,7 +2077,7 @@ class Engine:
         workers = []
         for w in self.pool.workers if self.pool else []:
             workers.append({
-                "index": w.index, "device": w.device, "pid": w.pid, "alive": w.alive,
+                "index": w.index, "device": w.device, "pid": w.pid, "alive": w.up,
                 "in_flight": w.in_flight,
                 "waiting_turn": w.waiting_turn,
                 "busy": round(w.busy_share, 3),

@@ -272,6 +272,14 @@ class Worker:
         return self.process is not None and self.process.poll() is None
 
     @property
+    def up(self) -> bool:
+        """Alive, and past its READY: what health and the books report (a
+        restarted worker is alive for seconds before it serves)."""
+        ready = self.ready
+        return self.alive and ready is not None and ready.done() and not ready.cancelled() \
+            and ready.exception() is None
+
+    @property
     def in_flight(self) -> int:
         return len(self._pending)
 

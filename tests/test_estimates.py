@@ -88,11 +88,17 @@ def test_a_model_larger_than_a_whole_budget_once_loaded_is_refused_and_not_kept(
     async def main():
         # The host tier on: such a model is not copied there either.
         async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=BUDGET)) as engine:
+            events = []
+            engine.observers.append(lambda kind, f: events.append((kind, f.get("bytes"))))
             with pytest.raises(TooLarge, match="once loaded"):
                 await engine.infer("huge", {"x": x})
             huge = row(engine, "huge")
             assert huge["state"] == "on storage" and huge["host_bytes"] == 0
-            assert huge["evictions_by_reason"] == {"too_large": 1} and huge["loads"] == 0
+            # It loaded, and its eviction gave back what it took: the counts
+            # agree (an eviction of its reservation, with no load, did not).
+            assert huge["evictions_by_reason"] == {"too_large": 1} and huge["loads"] == 1
+            (loaded,) = [n for kind, n in events if kind == "load"]
+            assert loaded > 2 * BUDGET and ("evict", loaded) in events
             assert "once loaded" in huge["last_error"]
             assert engine.stats()["workers"][0]["used_bytes"] == 0
             with pytest.raises(TooLarge, match=r"needs .*, device_budget\)"):  # at once, no load

@@ -1542,3 +1542,29 @@ def test_a_load_answered_as_its_worker_dies_is_worker_died(tmp_path, own_segment
             np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
 
     run(main(), max_stall=60)
+
+
+def test_a_restarting_worker_is_down_until_it_says_ready(repo, own_segments):
+    # Its process runs for a second or more before it can serve: health
+    # said serving and /metrics worker_up 1 all that time (a review's
+    # finding), where "down" is what a balancer must be told.
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.infer("m00", {"x": X})
+            restarts = engine.stats()["totals"]["worker_restarts"]
+            os.kill(engine.stats()["workers"][0]["pid"], signal.SIGKILL)
+            seen = set()
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, seen
+                stats, health = engine.stats(), engine.health()
+                if stats["totals"]["worker_restarts"] != restarts:  # its death is known
+                    seen.add((health["status"], stats["workers"][0]["alive"]))
+                    if health["status"] == "serving":
+                        break
+                await asyncio.sleep(0.005)
+            assert seen == {("down", False), ("serving", True)}, seen
+            assert engine.pool.workers[0].ready.done()  # serving once it has said READY
+            await engine.infer("m00", {"x": X})
+
+    run(main())
