@@ -175,6 +175,8 @@ class Engine:
         # cancelled with the engine's own tasks at stop's deadline, since
         # one already on a worker ends as the worker does (WORKER_DIED).
         self._requests: set[asyncio.Task] = set()
+        # Answers a server could not send as they were (refused()), by future.
+        self._refused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._closing = False  # refusing new requests (shutting down)
         self._started = False
         self._stopped = False  # stop() was called
@@ -472,6 +474,15 @@ class Engine:
             fut.add_done_callback(lambda f: self._emit_request(name, version, t_submit, f))
         return fut
 
+    def refused(self, fut: asyncio.Future, error: MMEngineError) -> None:
+        """Says that the answer `fut` (submit's) brought could not be sent as
+        it was: its client got `error` instead (an output its protocol
+        cannot carry, or that its request did not name). The request is
+        counted with `error`'s code, as its client saw it. Said from
+        submit's `then`, before the observers hear of the request."""
+        if self.observers:
+            self._refused[fut] = error
+
     def _dequeue(self, name: str) -> None:
         left = self._queued[name] - 1
         if left:
@@ -483,9 +494,10 @@ class Engine:
                       fut: asyncio.Future) -> None:
         cancelled = fut.cancelled()
         e = None if cancelled else fut.exception()
+        refused = self._refused.pop(fut, None) if e is None and not cancelled else None
         if not self._looked_up(name, version):
             name = ""  # no model: a stranger's names make no series, whatever its code
-        fields = _request_fields(name, version, t_submit, e)
+        fields = _request_fields(name, version, t_submit, e or refused)
         if cancelled:  # by its caller: stop() fails what it cuts off, typed
             fields["code"] = "CANCELLED"
         # The worker's account of the run: an answer's, or that of a

@@ -771,3 +771,65 @@ def test_the_scrapes_own_writer_says_what_prometheus_client_would(tmp_path):
         assert said(parse(ours)) == said(parse(write(registry).decode())), openmetrics
     assert ours.endswith("# EOF\n")
     assert 'model="odd \\"name\\"\\\\ with\\nfeed"' in ours
+
+
+DATES_HANDLER = '''
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"y": np.array(["2020-01-01"], "datetime64[D]")}  # no protocol carries it
+'''
+
+
+def test_an_answer_a_protocol_refuses_is_counted_as_its_client_got_it(tmp_path, own_segments):
+    """The engine had counted these OK as its worker answered; the client
+    got INTERNAL (an output no protocol carries) or BAD_REQUEST (an output
+    the request did not name): an alert on errors never saw them (a
+    review's finding)."""
+    from mmengine.client import AsyncClient
+    from mmengine.errors import InternalError
+    from mmengine.server import kserve
+
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS)
+    write_handler(tmp_path, "dates", DATES_HANDLER)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, DIMS[0]], "datatype": "FP32",
+                                   "data": [1.0] * DIMS[0]}],
+                       "outputs": [{"name": "nope"}]}).encode()
+
+    async def post(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return data
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            m = metrics.attach(engine)
+            tcp, http = TcpServer(engine), HttpServer(engine, kserve.ROUTES)
+            tcp_port, http_port = await tcp.start("127.0.0.1", 0), await http.start("127.0.0.1", 0)
+            try:
+                async with AsyncClient(("127.0.0.1", tcp_port)) as client:
+                    with pytest.raises(InternalError, match="cannot carry"):
+                        await client.infer("dates", {"x": np.ones(1)})
+                assert (await post(http_port)).startswith(b"HTTP/1.1 400 ")
+                await asyncio.sleep(0.1)  # the observers hear of a request a turn later
+                return samples(m.exposition()[0].decode())
+            finally:
+                await tcp.stop()
+                await http.stop()
+
+    got = run(main(), timeout=60)
+    requests = got["mmengine_requests_total"]
+    assert requests == {(("code", "INTERNAL"), ("model", "dates")): 1,
+                        (("code", "BAD_REQUEST"), ("model", "m00")): 1}, requests
+    responses = got["mmengine_responses_total"]
+    assert responses[(("code", "OK"),)] == 0 and responses[(("code", "INTERNAL"),)] == 1
+    failed = got["nv_inference_request_failure"]
+    assert failed == {(("model", "dates"), ("version", "1")): 1,
+                      (("model", "m00"), ("version", "1")): 1}, failed

@@ -297,6 +297,21 @@ def submitted(request: Request,
     return later
 
 
+def vetted(engine: Engine, check: Callable[[dict], None],
+           then: Callable[[asyncio.Future], None]) -> Callable[[asyncio.Future], None]:
+    """`then` for Engine.submit, first asking `check(outputs)` of an
+    answer whether the protocol can send it: one it cannot (it raises) is
+    counted as its client will see it (Engine.refused), not as OK."""
+    def vet(fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            try:
+                check(fut.result()[1])
+            except MMEngineError as e:
+                engine.refused(fut, e)
+        then(fut)
+    return vet
+
+
 #: A request body at least this long is parsed on a thread: JSON or CSV
 #: tensor data parses at 50-120 MB/s, and on the loop a 64 MiB body would
 #: stall every other connection for up to a second. On a thread the loop

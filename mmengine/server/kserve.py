@@ -31,7 +31,7 @@ import mmengine
 from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
 from mmengine.server import metrics
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
-                                  formatted, loads, parsed, submitted)
+                                  formatted, loads, parsed, submitted, vetted)
 from mmengine.storage import parse_version
 
 HEADER_LENGTH = "inference-header-content-length"  # request headers are lower-case
@@ -213,10 +213,13 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
     header, binary = _split_body(request)
 
     def send(infer: _Infer) -> Later:
+        def check(outputs: dict[str, np.ndarray]) -> None:
+            _check_answer(infer.wanted, outputs, name)
         return submitted(
             request,
             lambda then: server.engine.submit(name, infer.inputs, v, infer.timeout,
-                                              request.token, then),
+                                              request.token,
+                                              vetted(server.engine, check, then)),
             lambda outputs, served: _infer_response(
                 infer.req, infer.wanted, infer.binary_default, name,
                 version if served is None else str(served), outputs))
@@ -424,21 +427,15 @@ def _timeout(params: dict) -> float | None:
 def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_default: bool,
                     name: str, version: str | None,
                     outputs: dict[str, np.ndarray]) -> Response | Later:
+    _check_answer(wanted, outputs, name)
     if wanted is None:
         wanted = [(k, binary_default) for k in outputs]
-    for out, _ in wanted:
-        if out not in outputs:
-            raise BadRequest(f"requested output {out!r} is not one of the model's: "
-                             f"{sorted(outputs)}")
     tensors, buffers = [], []
     for out, binary in wanted:
         arr = outputs[out]
         if not arr.dtype.isnative:  # a model's big-endian output: the same values, native
             arr = arr.astype(arr.dtype.newbyteorder("="))
-        datatype = _DATATYPE_OF.get(arr.dtype)
-        if datatype is None:
-            raise cannot_carry("KServe v2", out, arr.dtype, name)
-        t = {"name": out, "datatype": datatype, "shape": list(arr.shape)}
+        t = {"name": out, "datatype": _DATATYPE_OF[arr.dtype], "shape": list(arr.shape)}
         if binary:
             arr = np.ascontiguousarray(arr)  # the engine's outputs already are: no copy
             t["parameters"] = {"binary_data_size": arr.nbytes}
@@ -464,6 +461,20 @@ def _infer_response(req: dict, wanted: list[tuple[str, bool]] | None, binary_def
                         [("Inference-Header-Content-Length", str(len(header)))],
                         "application/octet-stream")
     return formatted(sum(arr.size for arr in in_json), make)
+
+
+def _check_answer(wanted: list[tuple[str, bool]] | None, outputs: dict[str, np.ndarray],
+                  model: str) -> None:
+    """Whether the outputs asked for (None: all) are the model's, of a
+    datatype the protocol has."""
+    for out, _ in wanted or ():
+        if out not in outputs:
+            raise BadRequest(f"requested output {out!r} is not one of the model's: "
+                             f"{sorted(outputs)}")
+    for out in outputs if wanted is None else (out for out, _ in wanted):
+        dtype = outputs[out].dtype
+        if _DATATYPE_OF.get(dtype if dtype.isnative else dtype.newbyteorder("=")) is None:
+            raise cannot_carry("KServe v2", out, dtype, model)
 
 
 def _parse_outputs(requested, binary_default: bool) -> list[tuple[str, bool]] | None:

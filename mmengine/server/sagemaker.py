@@ -46,7 +46,7 @@ from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloade
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
                                   error_response, finite, formatted, json_array, json_response,
-                                  parsed, StatusError, submitted)
+                                  parsed, StatusError, submitted, vetted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -235,21 +235,27 @@ async def unload_model(server, request: Request, name: str) -> Response:
 def invoke(server, request: Request, name: str) -> Later:
     """No task: the request is sent before this returns (for a resident model)."""
     model = _added(server, name)
-    answer = _ANSWERS[_accepted(request)]  # before the model runs: a 406 costs nothing
+    accepted = _accepted(request)  # before the model runs: a 406 costs nothing
+    answer, check = _ANSWERS[accepted], _CHECKS[accepted]
     media = _media(request)
     return parsed(
         len(request.body), lambda: _parse_inputs(request, media, name, model),
         lambda inputs: submitted(
-            request, lambda then: server.engine.submit(name, inputs, token=request.token,
-                                                       then=then),
+            request, lambda then: server.engine.submit(
+                name, inputs, token=request.token,
+                then=vetted(server.engine, lambda outputs: check(outputs, name), then)),
             lambda outputs, _: answer(outputs, name)),  # the contract names no version
         finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
 
-def _answer_json(outputs: dict[str, np.ndarray], model: str) -> Response | Later:
+def _check_json(outputs: dict[str, np.ndarray], model: str) -> None:
     for out, arr in outputs.items():
         if arr.dtype.kind not in "biuf":  # JSON holds numbers and booleans
             raise cannot_carry("JSON", out, arr.dtype, model)
+
+
+def _answer_json(outputs: dict[str, np.ndarray], model: str) -> Response | Later:
+    _check_json(outputs, model)
     return formatted(sum(arr.size for arr in outputs.values()),
                      lambda: Response(200, dumps({"outputs": outputs}, finite(outputs.values()))))
 
@@ -289,6 +295,10 @@ def _answer_npy(outputs: dict[str, np.ndarray], model: str) -> Response:
 
 JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 _ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
+# Whether an answer can be written as the media type: asked as it comes
+# (http.vetted), so that one that cannot is counted as refused.
+_CHECKS = {JSON: _check_json, CSV: lambda outputs, model: _only_output(outputs, CSV, model),
+           NPY: lambda outputs, model: _only_output(outputs, NPY, model)}
 #: CSV is for small tables: its parser holds the GIL for each call and
 #: takes ten times the text's bytes, and its writer goes a row at a time.
 #: Larger tensors travel as .npy.

@@ -358,6 +358,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             try:  # a model may answer what the wire cannot carry: say so
                 tensors = protocol.encode_tensors(outputs, answer=model)
             except MMEngineError as error:
+                self.engine.refused(fut, error)
                 self._send(protocol.error_response(rid, error))
                 return
             response = {"id": rid, "ok": True, "outputs": tensors}
