@@ -101,6 +101,14 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
+def _size(nbytes: int) -> str:
+    """Bytes as an operator reads them: 96 KiB, 11.51 GiB (not "0 MiB")."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.4g} {unit}"
+    return f"{nbytes} bytes"
+
+
 def _say(text: str) -> None:
     """An operator line on stdout, as long as it can be written: a reader
     gone (a closed terminal, a pipe whose reader ended) stops no server."""
@@ -189,7 +197,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
         _say(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
              f"tcp://{host}:{port} with {workers} worker{'s' * (workers != 1)} "
-             f"({engine.cache.capacity(2, 0) / 2**20:.0f} MiB of models each)")
+             f"({_size(engine.cache.capacity(2, 0))} of models each)")
         if http is not None:
             _say(f"mmengine: HTTP (KServe v2, SageMaker, /metrics) on "
                  f"http://{host}:{http_port}")
@@ -268,7 +276,7 @@ def _print_stats(args: argparse.Namespace) -> None:
     on_cpu = host.get("cpu_worker_bytes", 0)  # copies CPU workers run on: in their budgets
     print(f"\n{t['resident_models']} resident ({t['resident_bytes']:,} bytes), "
           f"{host.get('models', 0)} in the host tier ({host.get('bytes', 0) + on_cpu:,} bytes, "
-          f"{on_cpu:,} in CPU workers' budgets; "
+          f"{on_cpu:,} in copies that models resident on CPU workers run on; "
           f"{sum(r['state'] == 'in host memory' for r in rows)} not resident), "
           f"{t['hits']} hits, {t['loads']} loads ({t.get('loads_from_host', 0)} from the "
           f"host tier), {t['evictions']} evictions, {t['failures']} failed loads, "

@@ -1315,3 +1315,11 @@ def test_the_sdk_takes_numpy_integers_and_refuses_masked_arrays(address):
             np.testing.assert_allclose(y, reference("m00", x), **TOL)
 
     run(main())
+
+
+def test_the_cli_says_sizes_as_an_operator_reads_them():
+    from mmengine.cli import _size
+
+    # --device-budget 96KiB was said "0 MiB of models each" (a review's finding).
+    assert [_size(n) for n in (500, 96 << 10, 1023 << 20, 11789 << 20)] == \
+        ["500 bytes", "96 KiB", "1023 MiB", "11.51 GiB"]
