@@ -328,6 +328,7 @@ class Engine:
         stops first, or has not started (it would wait for ever)."""
         if not self._started and not self._stopped:
             raise RuntimeError("this engine has not started: start() it first")
+        self._check_loop()  # its event is its loop's: a wait from another bound it there
         await self._warmed.wait()
         if self._warming:
             raise RuntimeError("the engine stopped before its pinned models were resident")
@@ -1843,7 +1844,7 @@ class Engine:
     async def _unload_now(self, name: str, version: int | None, deadline: float,
                           keep_host: bool) -> None:
         key = await self._held_key(name, version)
-        pinned = self._pinned.get(key)
+        pinned, warming = self._pinned.get(key), key in self._warming
         self._drop_pin(key)
         drained = self._draining[key] = asyncio.get_running_loop().create_future()
         if not keep_host:
@@ -1859,6 +1860,9 @@ class Engine:
                     self.host.drop(key)
             elif pinned is not None:
                 self._pinned[key] = pinned
+                if warming:  # the server waits for it again, as before
+                    self._warming.add(key)
+                    self._warmed.clear()
                 if key in self.cache and self._gen.get(key) == pinned:
                     self.cache.pin(key)
                 if key in self._stale:  # marked meanwhile: the pin is not its to hold
@@ -2046,6 +2050,7 @@ class Engine:
         name the next page starts after (None: this was the last). The
         totals, workers and tiers are always the whole engine's; `limit` 0:
         they alone. A version forgotten meanwhile has no row."""
+        self._check_loop()
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be at least 0, not {limit}")
         keys, more = self._counted(), None

@@ -1211,7 +1211,10 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
             # and every later request for the model failed on it.
             for call in (lambda: engine.infer("m01", {"x": x}), lambda: engine.load("m01"),
                          lambda: engine.metadata("m01"), lambda: engine.models(),
-                         lambda: engine.add_model("new", str(root / "m01" / "1"))):
+                         lambda: engine.add_model("new", str(root / "m01" / "1")),
+                         # Its event bound to the caller's loop: the engine's own
+                         # wait then failed (a review's finding).
+                         lambda: engine.warmed(), lambda: engine.collect_stats()):
                 with pytest.raises(RuntimeError, match="event loop that started it"):
                     await asyncio.to_thread(lambda: asyncio.run(call()))
             y = await engine.infer("m01", {"x": x})

@@ -1568,3 +1568,53 @@ def test_a_restarting_worker_is_down_until_it_says_ready(repo, own_segments):
             await engine.infer("m00", {"x": X})
 
     run(main())
+
+
+STOPPING_HANDLER = '''
+class Stop(BaseException):
+    pass
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    raise Stop("a BaseException of the model's own")
+'''
+
+
+def test_a_base_exception_of_a_models_own_is_its_bad_request_not_its_workers_end(
+        tmp_path, own_segments):
+    # Only SystemExit and KeyboardInterrupt were the model's error: any other
+    # BaseException ended the worker, with the requests beside it, each time
+    # (never backed off: nothing blamed the model).
+    write_handler(tmp_path, "stops", STOPPING_HANDLER)
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            await engine.infer("m00", {"x": X})
+            for _ in range(3):
+                with pytest.raises(BadRequest, match=r"^stops: Stop: a BaseException"):
+                    await engine.infer("stops", {"x": X})
+            await engine.infer("m00", {"x": X})
+            assert engine.stats()["totals"]["worker_restarts"] == 0
+
+    run(main())
+
+
+def test_an_unload_of_a_warming_pin_that_times_out_leaves_the_server_warming(
+        repo, own_segments):
+    # The pin came back, but not the wait for it: the server said serving
+    # before its pinned model was ever resident (a review's finding).
+    async def main():
+        async with Engine(config(repo, pin_models="loads-3s")) as engine:
+            await until(lambda: engine.model_row(("loads-3s", 1))["state"] == "loading", 10,
+                        "its load")
+            with pytest.raises(Timeout):
+                await engine.unload("loads-3s", timeout=0.3)
+            assert engine.model_row(("loads-3s", 1))["pinned"]
+            assert engine.health()["status"] == "warming"
+            await asyncio.wait_for(engine.warmed(), 30)
+            assert engine.health()["status"] == "serving"
+
+    run(main())

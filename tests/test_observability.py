@@ -773,14 +773,14 @@ def test_the_scrapes_own_writer_says_what_prometheus_client_would(tmp_path):
     assert 'model="odd \\"name\\"\\\\ with\\nfeed"' in ours
 
 
-DATES_HANDLER = '''
+LONG_HANDLER = '''
 import numpy as np
 
 def load(path, device):
     pass
 
 def predict(inputs):
-    return {"y": np.array(["2020-01-01"], "datetime64[D]")}  # no protocol carries it
+    return {"y": np.ones(2, np.longdouble)}  # a number no protocol carries
 '''
 
 
@@ -794,7 +794,7 @@ def test_an_answer_a_protocol_refuses_is_counted_as_its_client_got_it(tmp_path, 
     from mmengine.server import kserve
 
     demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS)
-    write_handler(tmp_path, "dates", DATES_HANDLER)
+    write_handler(tmp_path, "long", LONG_HANDLER)
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, DIMS[0]], "datatype": "FP32",
                                    "data": [1.0] * DIMS[0]}],
                        "outputs": [{"name": "nope"}]}).encode()
@@ -816,7 +816,7 @@ def test_an_answer_a_protocol_refuses_is_counted_as_its_client_got_it(tmp_path, 
             try:
                 async with AsyncClient(("127.0.0.1", tcp_port)) as client:
                     with pytest.raises(InternalError, match="cannot carry"):
-                        await client.infer("dates", {"x": np.ones(1)})
+                        await client.infer("long", {"x": np.ones(1)})
                 assert (await post(http_port)).startswith(b"HTTP/1.1 400 ")
                 await asyncio.sleep(0.1)  # the observers hear of a request a turn later
                 return samples(m.exposition()[0].decode())
@@ -826,10 +826,10 @@ def test_an_answer_a_protocol_refuses_is_counted_as_its_client_got_it(tmp_path, 
 
     got = run(main(), timeout=60)
     requests = got["mmengine_requests_total"]
-    assert requests == {(("code", "INTERNAL"), ("model", "dates")): 1,
+    assert requests == {(("code", "INTERNAL"), ("model", "long")): 1,
                         (("code", "BAD_REQUEST"), ("model", "m00")): 1}, requests
     responses = got["mmengine_responses_total"]
     assert responses[(("code", "OK"),)] == 0 and responses[(("code", "INTERNAL"),)] == 1
     failed = got["nv_inference_request_failure"]
-    assert failed == {(("model", "dates"), ("version", "1")): 1,
+    assert failed == {(("model", "long"), ("version", "1")): 1,
                       (("model", "m00"), ("version", "1")): 1}, failed

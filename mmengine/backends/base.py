@@ -67,7 +67,7 @@ class LoadedModel(abc.ABC):
             # (A MemoryError here is most often an input asking for more than
             # any machine has: the caller's, as any exception of the model's.)
             raise Overloaded(f"{self.spec.name}: out of memory: {e}") from e
-        except (Exception, SystemExit, KeyboardInterrupt) as e:  # exit() ends no worker
+        except BaseException as e:  # exit(), or any BaseException of its own, ends no worker
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
         try:
             outputs = outputs_to_numpy(raw, self.spec.outputs)
@@ -363,6 +363,9 @@ def _to_numpy(value: Any) -> np.ndarray:
             array = protocol.from_torch(value)
     else:
         array = np.asarray(value)
+    if array.dtype.kind not in "biufc":  # text, objects, dates: no answer of a model's
+        raise InternalError(f"an output is {array.dtype} ({type(value).__name__}); a model "
+                            f"answers arrays of numbers or booleans")
     if array.dtype == np.bool_:
         # A mask viewed as bool (uint8's 0/255 through view()) holds bytes
         # that the wire's bool may not: 0 or 1, as numpy and torch mean them.
