@@ -312,19 +312,24 @@ class Repository:
         A page is of the `limit` names (all of them: None) that sort after
         `after`, each with all its versions: a page never repeats or skips a
         model that stayed in the repository while the caller walked them."""
-        names, more = page(self.names(), after, limit)
-        out = []
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        names, _ = page(self.names(), after, None)
+        out, taken = [], 0
         for name in names:
+            if taken == limit:  # a folder with no version takes no place on a page
+                return out, out[-1][0][0]
             try:
                 versions = self.versions(name)
             except MMEngineError:  # none (any more), or unreadable
                 continue
+            taken += 1
             for version in versions:
                 try:
                     out.append(((name, version), self.resolve(name, version)))
                 except MMEngineError as e:
                     out.append(((name, version), e))
-        return out, more
+        return out, None
 
     def check_version(self, name: str, version: int | str) -> int:
         """`version` of `name` as an int; ModelNotFound if it has none such.

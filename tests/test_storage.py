@@ -293,3 +293,19 @@ def test_a_worker_keeps_parsed_manifests_and_reads_everything_else_again(tmp_pat
     (path / "model.toml").write_text("backend = [")
     with pytest.raises(LoadFailed, match="cannot be read"):
         read_spec("m", 1, path, manifests=manifests)
+
+
+def test_a_page_of_the_listing_is_of_models_not_of_folders(tmp_path):
+    """A folder with no version took a place on a page: limit=1 gave an
+    empty page before the first model (a review's finding)."""
+    (tmp_path / "aaa").mkdir()
+    demo.write_mlp(tmp_path / "m00", "safetensors")
+    demo.write_mlp(tmp_path / "m01", "safetensors")
+    (tmp_path / "m005").mkdir()
+    repo = Repository(tmp_path)
+    rows, more = repo.listing(limit=1)
+    assert [key for key, _ in rows] == [("m00", 1)] and more == "m00"
+    rows, more = repo.listing(after=more, limit=1)
+    assert [key for key, _ in rows] == [("m01", 1)] and more is None
+    with pytest.raises(ValueError):
+        repo.listing(limit=0)
