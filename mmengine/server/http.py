@@ -285,12 +285,15 @@ def submitted(request: Request,
             # Before the stages: the request's body read into tensors (a
             # JSON body's parse, most of all), which no stage counts.
             decode = {"decode_ns": t_submit - request.t_received} if request.t_received else {}
-            timing = ("Server-Timing",
-                      trace.server_timing({**decode, **trace.body_timing(t_submit, body)}))
-            if isinstance(response, Later):  # being formatted (`formatted`)
-                response.finish = lambda made: made.headers.append(timing) or made
+
+            def timed(made: Response) -> Response:  # once made: its encoding is a stage
+                made.headers.append(("Server-Timing", trace.server_timing(
+                    {**decode, **trace.body_timing(t_submit, body)})))
+                return made
+            if isinstance(response, Later):  # being formatted (`formatted`) on a thread
+                response.finish = timed
             else:
-                response.headers.append(timing)
+                timed(response)
         return response
     later = Later(finish, inference=True)
     later.future = submit(later.done)
