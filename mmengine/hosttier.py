@@ -26,6 +26,7 @@ of its own on the device, so there the host copy is charged here as well.
 from __future__ import annotations
 
 import os
+import time
 import weakref
 
 from mmengine import cache as books
@@ -144,6 +145,9 @@ class HostTier:
         self._charge(key)
         self._resident.discard(key)
         self.book.unpin(key)
+        # Used until now: the last of the demoted copies to go (it was
+        # ordered by its load, and a model long resident went first).
+        self.book.touch(key, now or time.monotonic())
 
     def _make_room(self, nbytes: int) -> bool:
         """Drops the least recently used demoted copies until `nbytes` more

@@ -26,12 +26,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import mmap
 import os
 import secrets
 import shutil
 import stat
 import threading
+
+import numpy as np
 
 PREFIX = "mmengine-"
 LIFE_PREFIX = "mmengine~"  # not PREFIX: a life file is no segment
@@ -54,11 +57,7 @@ def populate(address: int, length: int) -> bool:
     (before 5.14): callers map with MAP_POPULATE instead (`map_flags`)."""
     global _madvise
     if _madvise is None:
-        import ctypes  # a foreign call through CDLL drops the GIL
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise = libc.madvise
+        _madvise = _libc_madvise()
     if _madvise is False:
         return False
     if length and _madvise(address, length, _MADV_POPULATE_READ) != 0:
@@ -67,10 +66,52 @@ def populate(address: int, length: int) -> bool:
     return True
 
 
+@functools.cache
+def _libc_madvise():
+    import ctypes  # a foreign call through CDLL drops the GIL
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
 def map_flags() -> int:
     """mmap flags for a shared mapping that `populate` fills: MAP_POPULATE
     too where it cannot."""
     return mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if _madvise is False else 0)
+
+
+_MADV_DONTNEED = 4
+_PAGEMAP_PRESENT, _PAGEMAP_FILE = 1 << 63, 1 << 61
+
+
+def revert_written(address: int, length: int) -> bool:
+    """Gives the pages of a private mapping of a segment that a model wrote
+    (copied on its write) back to the segment's, and says whether there
+    were any: /proc/self/pagemap tells a written page by its being no
+    longer the file's (8 bytes a page: ~0.5 ms per 256 MiB)."""
+    page = mmap.PAGESIZE
+    first, last = address // page, (address + length + page - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            entries = np.frombuffer(os.pread(f.fileno(), (last - first) * 8, first * 8),
+                                    np.uint64)
+    except OSError:  # no pagemap (a sandbox): say written, and revert to be sure
+        entries = np.array([_PAGEMAP_PRESENT], np.uint64)
+    written = entries & np.uint64(_PAGEMAP_PRESENT | _PAGEMAP_FILE)
+    if not (written == np.uint64(_PAGEMAP_PRESENT)).any():
+        return False
+    _libc_madvise()(first * page, (last - first) * page, _MADV_DONTNEED)
+    populate(first * page, (last - first) * page)
+    return True
+
+
+def private_map_flags() -> int:
+    """mmap flags for a copy-on-write mapping that `populate` fills: never
+    MAP_POPULATE, which on a writable private mapping copies every page
+    (where populate's MADV_POPULATE_READ maps the shared ones); without
+    that madvise, pages come in as they are first touched."""
+    return mmap.MAP_PRIVATE
 
 
 def pid_alive(pid: int) -> bool:

@@ -473,3 +473,69 @@ def test_an_embedder_that_never_stops_leaves_no_host_copies(tmp_path):
     segment = done.stdout.split()[-1]
     assert "-host-" in segment, done.stdout
     assert not os.path.exists(os.path.join(shm.SHM_DIR, segment))
+
+
+def test_a_demoted_copy_is_ordered_by_its_last_use_not_its_load(tmp_path, own_segments):
+    # m0, loaded first and used until its demotion, went before m1, demoted
+    # long before and unused since (a review's finding).
+    root = repo(tmp_path, 3)
+
+    async def main():
+        async with Engine(config(root, host_tier_bytes=280_000)) as engine:
+            await load_in_turn(engine, 2)  # m1 resident, m0 demoted
+            await engine.unload("m1", keep_host=True)  # m1 demoted, unused from here on
+            for _ in range(3):
+                await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            await engine.unload("m0", keep_host=True)  # demoted just now: the last to go
+            await engine.infer("m2", X)
+            await settle(engine, "m2", "resident")
+            await engine.unload("m2", keep_host=True)  # room for it: one copy goes
+            assert row(engine, "m1")["state"] == "on storage"
+            assert row(engine, "m0")["state"] == row(engine, "m2")["state"] == "in host memory"
+
+    run(main())
+
+
+COUNTING_MODEL = '''
+import torch
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(4096))
+
+    def forward(self, x):
+        self.calls[0] += 1  # a model that writes its own tensors
+        return x[:, :1] * 0 + self.calls[0]
+'''
+
+
+def test_a_model_that_writes_its_tensors_runs_on_its_host_copy(tmp_path, own_segments):
+    # Its worker ran it on a read-only mapping of the copy: SIGSEGV at its
+    # first write, twice, then backed off (a review's finding). Its writes
+    # are its own now, and a reload maps the copy as it was made.
+    from mmengine.backends.safetensors import save_file
+
+    version = tmp_path / "counts" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(COUNTING_MODEL)
+    save_file({"calls": torch.zeros(4096)}, version / "model.safetensors")
+    x = {"x": np.ones((1, 4), np.float32)}
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            await engine.infer("counts", x)
+            await settle(engine, "counts", "resident")  # on its copy from here on
+            calls = [float((await engine.infer("counts", x))["output"][0, 0])
+                     for _ in range(3)]
+            assert calls == sorted(calls) and len(set(calls)) == 3
+            firsts = []
+            for _ in range(2):  # demoted, then back on the same worker's mapping
+                await engine.unload("counts", keep_host=True)
+                firsts.append(float((await engine.infer("counts", x))["output"][0, 0]))
+            assert firsts[0] == firsts[1]  # the copy's count, not the last run's
+            assert row(engine, "counts")["loads_from_host"] == 2
+            assert engine.stats()["totals"]["worker_restarts"] == 0
+
+    run(main())

@@ -451,14 +451,17 @@ class HostMaps:
     def get(self, segment: str, where: str,
             device: torch.device) -> tuple[torch.Tensor, Entries, bool]:
         """(flat tensor region, where each tensor lies, registered as pinned)."""
+        gpu = device.type == "cuda"
         with self._lock:
             hit = self._maps.get(segment)
         if hit is not None:
+            if not gpu and hit[0].numel():  # what its model wrote goes: a load is of the copy
+                shm.revert_written(hit[0].data_ptr(), hit[0].numel())
             return hit
         # A GPU worker registers the mapping, which CUDA does only for a
         # writable one; it never writes to it. On CPU weights are views of
-        # it: read-only, so no model can change another's copy.
-        gpu = device.type == "cuda"
+        # a private mapping of it: a model that writes its own tensors
+        # writes copies of their pages, and changes no one else's.
         flat, entries = _map_host(segment, where, writable=gpu)
         pinned = gpu and _register(flat)
         with self._lock:
@@ -534,8 +537,12 @@ def _map_host(segment: str, where: str, writable: bool = False) -> tuple[torch.T
         size = os.fstat(fd).st_size
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
             header, data_start = parse_header(f, size)
-        mm = mmap.mmap(fd, size, flags=shm.map_flags(),
-                       prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        # Private where the model runs on it (CPU): a model that writes its
+        # own tensors (a counter in a buffer) gets its own copies of those
+        # pages, where a read-only mapping killed its worker (SIGSEGV) and
+        # a shared one would change every worker's.
+        mm = mmap.mmap(fd, size, flags=shm.map_flags() if writable else shm.private_map_flags(),
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError) as e:
         raise LoadFailed(f"{where}: host tier segment {segment!r} is not usable: {e}") from e
     finally:
