@@ -652,8 +652,9 @@ def test_stats_prints_the_table(address):
     assert (corrupt[2] == "failed") == (said[1] is not None), r.stdout
     m01 = next(row.split() for row in rows if row.startswith("m01 "))
     assert m01[:3] == ["m01", "1", "resident"]
-    assert re.search(r"\d+ resident .* \d+ in the host tier \([\d,]+ bytes, [\d,]+ in CPU "
-                     r"workers' budgets; \d+ not resident\), \d+ hits, \d+ loads "
+    assert re.search(r"\d+ resident .* \d+ in the host tier \([\d,]+ bytes, [\d,]+ in copies "
+                     r"that models resident on CPU workers run on; \d+ not resident\), "
+                     r"\d+ hits, \d+ loads "
                      r"\(\d+ from the host tier\)", r.stdout)
     workers = [row for row in rows if row.startswith("worker ")]
     assert len(workers) == 2 and all(

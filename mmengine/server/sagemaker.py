@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -243,7 +244,7 @@ def invoke(server, request: Request, name: str) -> Later:
         lambda inputs: submitted(
             request, lambda then: server.engine.submit(
                 name, inputs, token=request.token,
-                then=vetted(server.engine, lambda outputs: check(outputs, name), then)),
+                then=vetted(server.engine, functools.partial(check, model=name), then)),
             lambda outputs, _: answer(outputs, name)),  # the contract names no version
         finish_on_thread=answer is _answer_csv)  # formatted a row at a time
 
