@@ -323,6 +323,8 @@ class Repository:
                 versions = self.versions(name)
             except MMEngineError:  # none (any more), or unreadable
                 continue
+            if not versions:
+                continue
             taken += 1
             for version in versions:
                 try:
