@@ -269,10 +269,7 @@ def _raw_inputs(meta: dict, body: memoryview) -> dict[str, np.ndarray]:
     elif len(body) != row:
         raise BadRequest(f"input {name!r}: {len(body)} bytes for shape {shape} {dtype}, "
                          f"which takes {row}")
-    arr = _shaped(name, np.frombuffer(body, dtype), shape)
-    if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
-        raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
-    return {name: arr}
+    return {name: _binary_input(name, body, dtype, shape)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,10 +363,7 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
                                  f"{count} x {dtype.itemsize} bytes of shape {shape}")
             if offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: the body ends before its binary data")
-            arr = _shaped(name, np.frombuffer(binary, dtype, count, offset), shape)
-            if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
-                raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
-            arrays[name] = arr
+            arrays[name] = _binary_input(name, binary, dtype, shape, count, offset)
             offset += size
         else:
             arrays[name] = _from_json(name, t.get("data"), dtype, shape, count)
@@ -408,6 +402,15 @@ def _from_json(name: str, data, dtype: np.dtype, shape: list, count: int) -> np.
     if arr.size != count:
         raise BadRequest(f"input {name!r}: {arr.size} elements of data for shape {shape}")
     return _shaped(name, arr, shape)
+
+
+def _binary_input(name: str, data: memoryview, dtype: np.dtype, shape: list,
+                  count: int = -1, offset: int = 0) -> np.ndarray:
+    """Input `name` viewed in the body's binary data (no copy)."""
+    arr = _shaped(name, np.frombuffer(data, dtype, count, offset), shape)
+    if dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
+        raise BadRequest(f"input {name!r}: a BOOL is one byte, 0 or 1")
+    return arr
 
 
 def _shaped(name: str, arr: np.ndarray, shape: list) -> np.ndarray:

@@ -81,9 +81,9 @@ class _Histogram:
 
     def buckets(self) -> list[tuple[str, int]]:
         out, total = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+        for le, n in zip(_bounds(self.bounds), self.counts):
             total += n
-            out.append((floatToGoString(bound), total))
+            out.append((le, total))
         return out
 
 
