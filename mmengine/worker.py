@@ -96,6 +96,9 @@ class WorkerLogic:
         # serving thread's account of its requests; and its readers.
         self.loader_op = "idle"
         self.readers = None
+        # On CPU, the host-tier segment whose private mapping a resident
+        # model's weights view: what it writes is given back as it closes.
+        self._views_of: dict[Key, str] = {}
 
     def bind_thread(self) -> None:
         """Makes the worker's GPU the calling thread's current device. CUDA
@@ -142,6 +145,8 @@ class WorkerLogic:
                 log.warning("%s; loading from the files", e)
         if model is None:
             model = self._on_stream(load_model, spec, self.device)
+        elif self._stream is None:
+            self._views_of[key] = host
         self.models[key] = model  # published only once whole
         return model.nbytes, source
 
@@ -242,14 +247,33 @@ class WorkerLogic:
         if not isinstance(model, TorchModel):
             raise LoadFailed(f"{name} v{version}: not resident, or not a model the host "
                              f"tier can hold")
-        return self._on_stream(safetensors.publish, model, segment)
+        size = self._on_stream(safetensors.publish, model, segment)
+        if self._stream is None:  # its weights moved onto the mapping
+            self._views_of[(name, version)] = segment
+        return size
 
     def unload(self, name: str, version: int):
-        """Stops serving a model and returns it, to be closed by the caller:
-        closing frees its memory (unmapping a host-tier mapping takes
-        milliseconds), which need not delay the answer."""
+        """Stops serving a model and returns it, to be closed by the caller
+        (`close`): closing frees its memory, which need not delay the
+        answer."""
         self.times.forget((name, version))
         return self.models.pop((name, version), None)
+
+    def close(self, key: Key, model) -> None:
+        """Closes an unloaded model whose unload was already answered (a
+        failure can only be reported here), and gives back the pages of
+        the host-tier mapping it wrote to."""
+        segment = self._views_of.pop(key, None)
+        if model is None:
+            return
+        try:
+            model.close()
+        except Exception as e:  # noqa: BLE001 - a backend bug must not kill the worker
+            log.error("closing %s failed: %r", model.spec.name, e)
+        if segment is not None:
+            from mmengine.backends import safetensors
+
+            safetensors.HOST_MAPS.revert(segment)
 
     def ran(self, key: Key, seconds: float, now: float) -> None:
         """Notes that a call of `key` took `seconds`, ending at `now`
@@ -379,7 +403,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             elif op == Op.UNLOAD:
                 model = logic.unload(name, version)
                 out.send(rid)  # nothing can reach the model any more
-                _close(model)  # before the next control message: a load may need the room
+                logic.close((name, version), model)  # before the next control message: a load may need the room
                 del model
             else:
                 raise InternalError(f"op {op!r} on the control ring")
@@ -413,17 +437,6 @@ def _warm(repo: str) -> None:
         backends.warm(repo)
     except Exception as e:  # noqa: BLE001 - only a head start: loads still work without
         log.warning("warming the backends failed: %r", e)
-
-
-def _close(model) -> None:
-    """Closes an unloaded model whose unload was already answered: a
-    failure can only be reported here."""
-    if model is None:
-        return
-    try:
-        model.close()
-    except Exception as e:  # noqa: BLE001 - a backend bug must not kill the worker
-        log.error("closing %s failed: %r", model.spec.name, e)
 
 
 def _serve(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,

@@ -455,8 +455,6 @@ class HostMaps:
         with self._lock:
             hit = self._maps.get(segment)
         if hit is not None:
-            if not gpu and hit[0].numel():  # what its model wrote goes: a load is of the copy
-                shm.revert_written(hit[0].data_ptr(), hit[0].numel())
             return hit
         # A GPU worker registers the mapping, which CUDA does only for a
         # writable one; it never writes to it. On CPU weights are views of
@@ -466,6 +464,17 @@ class HostMaps:
         pinned = gpu and _register(flat)
         with self._lock:
             return self._maps.setdefault(segment, (flat, entries, pinned))
+
+    def revert(self, segment: str) -> None:
+        """Gives the pages of a CPU worker's (private) mapping that its
+        model wrote back to the segment's, so that the next load of it is
+        of the copy as it was made: said as the model closes, where it
+        costs a reload nothing (~0.5 ms per 256 MiB to find them, on the
+        loader thread, after the unload's answer)."""
+        with self._lock:
+            hit = self._maps.get(segment)
+        if hit is not None and hit[0].numel():
+            shm.revert_written(hit[0].data_ptr(), hit[0].numel())
 
     def forget(self, segment: str) -> None:
         with self._lock:
