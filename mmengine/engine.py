@@ -643,13 +643,6 @@ class Engine:
                                "call it there (from another thread: "
                                "asyncio.run_coroutine_threadsafe(coro, loop))")
 
-    @staticmethod
-    def _left(deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Timeout("the request's deadline passed")
-        return left
-
     async def _spec(self, name: str, version: int | None, record: bool = True) -> ModelSpec:
         """The model's spec, read once; a model that cannot be served is a
         failed load (`record`: a listing only looks, and counts nothing)."""
@@ -1882,7 +1875,11 @@ class Engine:
         while key in self.cache or key in self._busy:
             busy = self._busy.get(key)
             if busy is not None:
-                await asyncio.wait([busy[1]], timeout=self._left(deadline))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(f"{name}: its {busy[0].name.lower()} was still under way "
+                                  f"at the deadline")
+                await asyncio.wait([busy[1]], timeout=left)
                 continue
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:

@@ -1364,6 +1364,23 @@ def test_a_burst_for_a_model_that_cannot_be_read_is_one_failed_load(tmp_path, ow
     assert row["failures"] == 1 and len(loads) == 1 and "bytes" in loads[0]["error"]
 
 
+def test_an_unload_that_times_out_behind_a_load_says_so(tmp_path, own_segments):
+    # It said "the request's deadline passed", as an inference would.
+    write_handler(tmp_path, "slowload", slow_loading(3))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=1 << 24)) as engine:
+            first = asyncio.ensure_future(engine.infer("slowload", {"x": np.ones(1)}))
+            await asyncio.sleep(0.2)  # its load under way
+            with pytest.raises(Timeout, match="slowload: its load was still under way"):
+                await engine.unload("slowload", timeout=0.5)
+            await first
+            return engine.model_row(("slowload", 1))["state"]
+
+    assert run(main()) == "resident"
+
+
 def test_a_control_calls_timeout_counts_its_wait_behind_the_calls_before_it(tmp_path,
                                                                            own_segments):
     write_handler(tmp_path, "slowload", slow_loading(3))
