@@ -289,6 +289,9 @@ cdef class RingCore:
         cdef uint64_t woke
         cdef int pidfd = -1
         while True:
+            # A signal's handler (PyErr_CheckSignals, below) or the peer's
+            # look may have closed this ring: its mapping is gone.
+            self._check()
             if pidfd < 0:
                 pidfd = self._peer_pidfd()
             left = -1

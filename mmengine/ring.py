@@ -502,6 +502,7 @@ class PyRing(_RingLife):
             # the re-check, so a wake-up can be missed: never sleep long on it.
             events = poller.poll(_PY_MAX_PARK_MS if left_ms is None
                                  else min(left_ms, _PY_MAX_PARK_MS))
+            self._check()  # a signal's handler may have closed it meanwhile
             self._unpark(for_read)
             if self._ready(for_read, need):
                 return

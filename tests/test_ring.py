@@ -654,6 +654,29 @@ def test_a_signal_during_a_wait_runs_its_handler_and_the_wait_goes_on(pair):
         signal.signal(signal.SIGUSR1, old)
 
 
+@pytest.mark.parametrize("wait", ["get", "put"])
+def test_a_signal_handler_that_closes_the_ring_ends_the_wait_without_touching_it(Ring, wait):
+    # The native wait went on after the handler, on the mapping the close
+    # had unmapped: SIGSEGV (a review's finding). Apart: a crash is the
+    # process's.
+    code = (
+        "import signal, sys\n"
+        "from mmengine.ring import NativeRing, PyRing\n"
+        f"r = {Ring.__name__}.create(64)\n"
+        f"peer = {Ring.__name__}.attach(r.handle)\n"
+        "if sys.argv[1] == 'put':\n"
+        "    r.put(bytes(40))  # full: the next put waits for room\n"
+        "signal.signal(signal.SIGALRM, lambda *_: r.close())\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+        "try:\n"
+        "    r.get(timeout=5) if sys.argv[1] == 'get' else r.put(bytes(40), timeout=5)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, wait], capture_output=True, text=True,
+                         timeout=60, env=environ())
+    assert (out.returncode, out.stdout.strip()) == (0, "ring is closed"), out.stderr
+
+
 def test_a_segment_without_room_fails_at_creation_saying_so():
     # Every page is allocated when a ring is made: a /dev/shm too small (a
     # container's 64 MiB) fails there with a message, not later with a
