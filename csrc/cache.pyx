@@ -180,15 +180,29 @@ cdef class NativeCache:
 
     release = unpin         # the request path's way out: one implementation
 
+    # Each looks the key up first (KeyError before a bad value), and again
+    # where converting a value (__index__) ran Python code that removed or
+    # inserted keys: its slot may be free, or another key's, by then.
+
+    cdef inline int32_t _again(self, object key, int32_t slot, size_t changes) except -1:
+        return slot if self._changes == changes else self._slot(key)
+
     def set_state(self, key, state):
-        _check(mm_set_state(&self.c, self._slot(key), _int32(state)))
+        cdef size_t changes = self._changes
+        cdef int32_t slot = self._slot(key), st = _int32(state)
+        _check(mm_set_state(&self.c, self._again(key, slot, changes), st))
 
     def set_worker(self, key, worker):
-        _check(mm_set_worker(&self.c, self._slot(key), _int32(worker)))
+        cdef size_t changes = self._changes
+        cdef int32_t slot = self._slot(key), w = _int32(worker)
+        _check(mm_set_worker(&self.c, self._again(key, slot, changes), w))
 
     def set_bytes(self, key, tier, nbytes):
+        cdef size_t changes = self._changes
         cdef int32_t slot = self._slot(key)
-        _check(mm_set_bytes(&self.c, slot, _int32(tier), _nbytes(nbytes)))
+        cdef int64_t n = _nbytes(nbytes)
+        cdef int32_t t = _int32(tier)
+        _check(mm_set_bytes(&self.c, self._again(key, slot, changes), t, n))
 
     def set_cost(self, key, double cost):
         _check(mm_set_cost(&self.c, self._slot(key), cost))

@@ -198,13 +198,18 @@ class PyCache:
     # new pin count (ValueError if it was 0).
     release = unpin
 
+    # Each looks the key up first (KeyError before a bad value), and again
+    # after converting a value (__index__ may have run code that removed it).
+
     def set_state(self, key: Hashable, state: int) -> None:
-        e = self._lru[key]
-        e.state = _check_state(state)
+        self._lru[key]
+        state = _check_state(state)
+        self._lru[key].state = state
 
     def set_worker(self, key: Hashable, worker: int) -> None:
-        e = self._lru[key]
+        self._lru[key]
         worker = self._check_worker(worker)
+        e = self._lru[key]
         n = e.bytes[DEVICE]
         if n and worker != e.worker:
             if worker == -1:
@@ -216,10 +221,12 @@ class PyCache:
         e.worker = worker
 
     def set_bytes(self, key: Hashable, tier: int, nbytes: int) -> None:
-        e = self._lru[key]
+        self._lru[key]
         nbytes = _nbytes(nbytes)
-        if operator.index(tier) not in (HOST, DISK, DEVICE):
+        tier = operator.index(tier)
+        if tier not in (HOST, DISK, DEVICE):
             raise convert_error(E_TIER)
+        e = self._lru[key]
         if tier == DEVICE and e.worker == -1:
             if nbytes:
                 raise convert_error(E_NO_WORKER)

@@ -655,3 +655,26 @@ def test_native_matches_twin_under_load(policy, seed):
                 native.remove(key)
     assert books(native, 2) == books(twin, 2)
     native.verify()
+
+
+@pytest.mark.parametrize("call", ["set_bytes", "set_worker", "set_state"])
+def test_a_value_whose_conversion_removes_the_key_changes_nothing(impl, call):
+    # The call went on with the freed slot: HOST's bytes ended at -95 with
+    # no entry, or another key that took the slot was changed (a review).
+    c = impl(2)
+    c.insert("a", READY, 0)
+    c.set_bytes("a", HOST, 100)
+
+    class Swap:
+        def __index__(self):  # a callback that unloads "a" and loads another
+            c.remove("a")
+            c.insert("other", READY, 0)
+            return 1
+
+    args = {"set_bytes": (HOST, Swap()), "set_worker": (Swap(),),
+            "set_state": (Swap(),)}[call]
+    with pytest.raises(KeyError):
+        getattr(c, call)("a", *args)
+    assert c.entry("other").worker == 0 and c.entry("other").state == READY
+    assert c.used(HOST, 0) == 0
+    c.verify()
