@@ -22,6 +22,7 @@ the last tensor over it is freed.
 """
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -76,7 +77,12 @@ class ArenaPool:
         if arena is None:
             self.misses += 1
             size = -(-nbytes // _HUGE) * _HUGE if nbytes >= _HUGE else -(-nbytes // _PAGE) * _PAGE
-            arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                arena = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as e:  # the machine's state, not the file's (a load's OVERLOADED)
+                if e.errno != errno.ENOMEM:
+                    raise
+                raise MemoryError(f"no memory for {size} bytes: {e}") from e
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 arena.madvise(mmap.MADV_HUGEPAGE)
         else:

@@ -52,6 +52,7 @@ def parse_header(f: BinaryIO, size: int) -> tuple[dict[str, dict[str, Any]], int
     data_start = 8 + length
     for name, entry in header.items():
         _check_entry(name, entry, size - data_start)
+    _check_apart(header)
     return header, data_start
 
 
@@ -62,6 +63,10 @@ def _check_entry(name: str, entry: Any, data_bytes: int) -> None:
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise ValueError(f"tensor {name!r} has a bad shape {shape!r}")
+    # An empty tensor's other dimensions are still a tensor's: torch takes
+    # none past int64, whatever the product.
+    if math.prod(d for d in shape if d) * ITEMSIZE[entry["dtype"]] >= 1 << 63:
+        raise ValueError(f"tensor {name!r} has a shape {shape!r} no tensor can have")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_bytes):
@@ -71,6 +76,25 @@ def _check_entry(name: str, entry: Any, data_bytes: int) -> None:
                          f"shape {shape} of {entry['dtype']}")
 
 
+def _check_apart(header: dict[str, dict[str, Any]]) -> None:
+    """Refuses tensors whose bytes overlap (the format forbids it): aliased
+    weights would be counted once per name, and a write to one would
+    change the others."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name)
+                   for name, e in header.items() if e["data_offsets"][1] > e["data_offsets"][0])
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"tensors {name!r} and {other!r} overlap")
+
+
+def region(header: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """Where the tensors a header describes lie in its data, from the first
+    one's begin to the last one's end: what a load reads, gaps and all."""
+    spans = [e["data_offsets"] for e in header.values()]
+    return min((b for b, _ in spans), default=0), max((e for _, e in spans), default=0)
+
+
 def data_bytes(header: dict[str, dict[str, Any]]) -> int:
-    """Bytes of all the tensors a header describes."""
-    return sum(end - begin for begin, end in (e["data_offsets"] for e in header.values()))
+    """Bytes a load takes for the tensors a header describes (`region`)."""
+    lo, hi = region(header)
+    return hi - lo

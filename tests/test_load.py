@@ -4,12 +4,14 @@ from __future__ import annotations
 import gc
 import json
 import struct
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import environ
 from mmengine import demo, staging
 from mmengine.backends import load_model
 from mmengine.backends import safetensors as st
@@ -494,3 +496,67 @@ def test_a_kept_module_that_no_longer_fits_its_file_is_built_afresh(tmp_path):
         out = model.predict({"x": np.ones((1, 4), np.float32)})["output"]
         np.testing.assert_allclose(out, 1.0)
         model.close()
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def test_a_files_estimate_is_the_region_its_load_reads(tmp_path):
+    # Two 4-byte tensors at the two ends of 1 MiB were estimated at 8 bytes
+    # and took the whole MiB (a review's finding): the estimate is the span.
+    from mmengine import tensorfile
+
+    n = 1 << 20
+    path = tmp_path / "w.safetensors"
+    _raw_safetensors(path, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                            "w": {"dtype": "F32", "shape": [1], "data_offsets": [n - 4, n]}},
+                     bytes(n))
+    header, _ = tensorfile.read_header(path, "m")
+    assert tensorfile.data_bytes(header) == n
+
+
+@pytest.mark.parametrize("header, match", [
+    # 50 names over one region were estimated 50 times its bytes (refused as
+    # too large) and a write to one changed the others.
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, "'a' and 'b' overlap"),
+    # An empty tensor's other dimensions passed whatever they were, and the
+    # worker's reshape failed untyped.
+    ({"e": {"dtype": "F32", "shape": [0, 1 << 64], "data_offsets": [0, 0]}},
+     "shape .* no tensor can have"),
+    ({"e": {"dtype": "F32", "shape": [1 << 40, 1 << 40, 0], "data_offsets": [0, 0]}},
+     "shape .* no tensor can have"),
+])
+def test_a_header_no_tensor_file_can_have_is_load_failed(tmp_path, header, match):
+    from mmengine import tensorfile
+
+    path = tmp_path / "w.safetensors"
+    _raw_safetensors(path, header, bytes(16))
+    with pytest.raises(LoadFailed, match=match):
+        tensorfile.read_header(path, "m")
+
+
+def test_no_memory_for_a_load_is_overloaded_not_a_bad_file(tmp_path):
+    # The arena's mmap failing (ENOMEM) was "cannot read model.safetensors":
+    # the file's fault, and a remote model's good cached copy was evicted.
+    # An address-space limit in a process of its own stands in for a full
+    # machine.
+    demo.write_mlp(tmp_path / "m", "safetensors", 1024, 16384, 4, seed=0)  # 64 MiB
+    code = (
+        "import resource, sys\n"
+        "from mmengine.backends import load_model\n"
+        "import mmengine.backends.safetensors\n"
+        "from mmengine.storage import Repository\n"
+        "spec = Repository(sys.argv[1]).resolve('m')\n"
+        "vm = next(int(l.split()[1]) << 10 for l in open('/proc/self/status')\n"
+        "          if l.startswith('VmSize'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (32 << 20), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    load_model(spec)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=environ())
+    assert out.stdout.startswith("Overloaded"), (out.stdout, out.stderr[-2000:])

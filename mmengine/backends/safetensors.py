@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mmengine import shm, staging
+from mmengine import shm, staging, tensorfile
 from mmengine.backends.base import TorchModel, forget_module, import_file
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec, open_artifact
@@ -67,8 +67,7 @@ def _read(path: Path, where: str,
         f, size = open_artifact(path)  # a zstd stream in the disk cache: forward reads
         with f:
             header, data_start = parse_header(f, size)
-            lo = min((e["data_offsets"][0] for e in header.values()), default=0)
-            hi = max((e["data_offsets"][1] for e in header.values()), default=0)
+            lo, hi = tensorfile.region(header)
             flat = (staging.POOL.take(hi - lo) if device.type == "cpu"
                     else torch.empty(hi - lo, dtype=torch.uint8, device=device))
             staging.stager(device).from_file(f, data_start + lo, hi - lo, flat)
