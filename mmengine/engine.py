@@ -282,6 +282,9 @@ class Engine:
                               f"bytes, more than a worker's whole budget ({biggest}, "
                               f"device_budget)")
         self._spawn(self._monitor())
+        for w in self.pool.workers:
+            if not w.alive:  # died after its READY, while there was no cache to tell
+                self._on_worker_death(w)
         if self.config.repo_scan_s:
             self._spawn(self._watch_repository())
         pins = [(s.name, s.version) for s in pins] + broken
@@ -897,7 +900,8 @@ class Engine:
         segment = self.host.segment(key)  # still there, unless a rescan dropped it meanwhile
         try:
             body = await self._load_on(worker, key, need, {
-                "path": str(path), "estimate": spec.estimated_bytes,
+                # bytes: a path need not be UTF-8, which msgpack's strings are
+                "path": os.fsencode(path), "estimate": spec.estimated_bytes,
                 "host": segment})
         except _NotRun:
             self.host.set_resident(key, False)
@@ -1628,7 +1632,11 @@ class Engine:
         with it."""
         key = worker.died_serving
         code = worker.process.poll() if worker.process is not None else None
-        if key is None or code is None or code == -signal.SIGKILL and not worker.stuck:
+        # Beside a load, the loader thread may have ended it, running another
+        # model's code: that model's load is backed off by its own rule
+        # (_load_failed), and the model served is not blamed for it.
+        if key is None or code is None or (code == -signal.SIGKILL or worker.died_loading) \
+                and not worker.stuck:
             return
         stats = self._stats.setdefault(key, ModelStats())
         now = time.monotonic()

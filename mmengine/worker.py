@@ -383,7 +383,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
         try:
             if op == Op.LOAD:
                 with parks:
-                    nbytes, source = logic.load(name, version, params["path"],
+                    nbytes, source = logic.load(name, version, os.fsdecode(params["path"]),
                                                 params.get("host"), params.get("estimate"))
                 model = logic.models.get((name, version))
                 out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),

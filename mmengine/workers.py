@@ -149,6 +149,9 @@ class Worker:
         self.alive = True
         self.stopped_why: str | None = None  # set when the pool ends it: its requests say why
         self.died_serving: tuple[str, int] | None = None  # the inference it died in
+        # ...with a load or publish in flight: then its loader thread, running
+        # another model's code, may have been what ended it.
+        self.died_loading = False
         self.died_with = 0  # the inferences it had not answered when it died
         self.stuck = False  # killed by the engine, stuck in a model's code
         # Its loader thread does one load or publish at a time. The engine
@@ -353,12 +356,14 @@ class Worker:
             self._inferences_done(self._inferring)
         running = pending.get(self.abandoned.serving)  # what took it down, if any did
         self.died_serving = running[6] if running is not None else None
+        self.died_loading = bool(self._loading)
         self.died_with = sum(served is not None and not fut.done()
                              for fut, *_, served in pending.values())
         if self.died_serving is not None and not self.stopped_why:
             # An end of its own: each caller hears what it was running (a
             # restart's reason names it already).
-            why = f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
+            why = (f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
+                   f"{' beside a load' if self.died_loading else ''}")
         self._loading.clear()
         self._sent_ns.clear()
         self._ring_ns = 0

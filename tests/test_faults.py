@@ -25,6 +25,7 @@ from mmengine.client import AsyncClient, Client
 from mmengine.config import Config, ConfigError
 from mmengine.engine import Engine
 from mmengine.errors import BadRequest, LoadFailed, Overloaded, Timeout, WorkerDied
+from mmengine.workers import WorkerPool
 
 DIMS = (16, 64, 8)
 
@@ -1618,3 +1619,86 @@ def test_an_unload_of_a_warming_pin_that_times_out_leaves_the_server_warming(
             assert engine.health()["status"] == "serving"
 
     run(main())
+
+
+ENDS_ITS_LOAD = '''
+import os
+
+def load(path, device):
+    os._exit(3)  # the loader thread ends the process, as a native crash would
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+'''
+
+
+def test_a_load_that_ends_its_worker_is_not_blamed_on_the_inference_beside_it(tmp_path,
+                                                                            own_segments):
+    # Twice within a minute, and the model served on the other thread was
+    # backed off as the cause (a review's finding), where it had done nothing.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "dies-loading", ENDS_ITS_LOAD)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            for _ in range(2):
+                old = engine.pool.workers[0]
+                busy = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([3.0])}))
+                await until(lambda: (engine.pool.workers[0].running() or (0, 0, False))[2],
+                            10, "the inference under way")
+                with pytest.raises(WorkerDied):
+                    await engine.load("dies-loading")
+                with pytest.raises(WorkerDied, match="running slow v1 beside a load"):
+                    await busy
+                await until(lambda: restarted(engine, old), 30, "the restart")
+            out = await engine.infer("slow", {"seconds": np.array([0.0])})
+            return out["y"].tolist(), engine.model_row(("dies-loading", 1))["retry_in_s"]
+
+    answered, backed_off = run(main(), timeout=120)
+    assert answered == [0.0] and backed_off > 0  # the load's own two strikes
+
+
+def test_a_worker_that_dies_during_the_start_after_its_ready_is_restarted(tmp_path,
+                                                                         own_segments,
+                                                                         monkeypatch):
+    # Its death reached an engine with no cache yet, which let it go: the
+    # engine served on with the worker dead for good (a review's finding).
+    write_handler(tmp_path, "echo", "def load(path, device):\n    pass\n\n"
+                                    "def predict(inputs):\n    return {'y': inputs['x']}\n")
+
+    async def main():
+        engine = Engine(config(tmp_path, workers=2))
+        pool_start = WorkerPool.start
+
+        async def start(pool):  # the real start, and then one worker's death
+            await pool_start(pool)
+            first = pool.workers[0]
+            os.kill(first.pid, signal.SIGKILL)
+            await until(lambda: not first.alive, 30, "the death seen")
+
+        monkeypatch.setattr(WorkerPool, "start", start)
+        await engine.start()
+        monkeypatch.undo()
+        try:
+            old = engine.pool.workers[0]
+            await until(lambda: restarted(engine, old), 60, "the restart")
+            return engine.health()["workers_alive"], engine.stats()["totals"]["worker_restarts"]
+        finally:
+            await engine.stop()
+
+    assert run(main(), timeout=120) == (2, 1)
+
+
+def test_a_repository_whose_path_is_no_utf8_serves(tmp_path, own_segments):
+    # Its loads sent the path as a string, which msgpack could not pack:
+    # every model failed with an untyped UnicodeEncodeError and was backed
+    # off (a review's finding). A Linux path is bytes.
+    root = tmp_path / os.fsdecode(b"mod\xe8les")  # "modeles" in latin-1
+    write_handler(root, "echo", "def load(path, device):\n    pass\n\n"
+                                "def predict(inputs):\n    return {'y': inputs['x'] + 1}\n")
+
+    async def main():
+        async with Engine(config(root)) as engine:
+            return (await engine.infer("echo", {"x": np.ones(2, np.float32)}))["y"].tolist()
+
+    assert run(main()) == [2.0, 2.0]
