@@ -850,6 +850,56 @@ def test_a_body_that_waits_an_idle_timeout_for_the_budget_is_told_503(tmp_path):
     assert b"receive budget" in answer, answer
 
 
+def test_a_frame_that_waits_an_idle_timeout_for_the_budget_is_told_overloaded(tmp_path):
+    # As on HTTP above: a frame whose header was read and that waited an
+    # idle timeout for the budget was closed as idle, its bytes unread: a
+    # reset under a client still sending it, and no frame saying why.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+
+    async def main():
+        config = Config(repo=str(tmp_path), workers=1, receive_bytes=RECEIVE_BYTES,
+                        receive_min_rate=0, ring_bytes="32MiB")
+        async with Engine(config) as engine:
+            server = TcpServer(engine, idle_timeout_s=1.0)
+            port = await server.start("127.0.0.1", 0)
+            request = budget_request("tcp", 6 * MiB)
+            holder_r, holder = await asyncio.open_connection("127.0.0.1", port)
+            small_receive_buffer(holder.get_extra_info("socket"))
+            holder.write(big_request("tcp", 16 * MiB) + request[:MiB])
+            await asyncio.sleep(0.5)  # its answer backs up: its frame is not read
+            waiting_r, waiting = await asyncio.open_connection("127.0.0.1", port)
+            waiting.write(request)  # all of it: the server reads its header only
+            header = b""
+            for _ in range(60):  # the holder reads its answer slowly: active, not cut
+                await holder_r.read(4096)
+                try:
+                    header = await asyncio.wait_for(waiting_r.readexactly(4), 0.1)
+                    break
+                except TimeoutError:
+                    pass
+            assert header, "no answer came"
+            answer = protocol.decode(await asyncio.wait_for(
+                waiting_r.readexactly(protocol.LENGTH.unpack(header)[0]), 10))
+            rest = await asyncio.wait_for(waiting_r.read(), 10)  # then the end of the stream
+            holder.close()
+            waiting.close()
+            await server.stop()
+            return answer, rest
+
+    answer, rest = run(main(), timeout=60)
+    assert answer["id"] is None and answer["error"]["name"] == "OVERLOADED", answer
+    assert "receive budget" in answer["error"]["message"], answer
+    assert rest == b"", rest
+
+
 def test_a_holder_that_never_reads_its_answers_is_judged_after_a_while(tmp_path,
                                                                        monkeypatch):
     # Not read while its answers back up, a body is not judged slow: for

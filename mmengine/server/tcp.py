@@ -19,7 +19,8 @@ client that does not read its answers is not read either (once its answers
 back up past the write allowance (listener.py), no frame of it is taken
 until they drain, so what waits for it is its requests in flight); a
 connection with nothing in flight and no bytes for `tcp_idle_timeout_s` is
-closed, and so is one whose frame, once begun, is not complete that long
+closed (one whose frame waits for the receive budget is told OVERLOADED
+first), and so is one whose frame, once begun, is not complete that long
 after its first byte (a TIMEOUT frame with nil id says so first).
 
 A request may carry a `token`: an infer hands it to the engine (the model's
@@ -142,6 +143,12 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._close()
         elif self.tasks:  # requests in flight: the last answer touches it again
             self._arm(now + timeout)
+        elif self.awaiting and now >= self.last_active + timeout:
+            size = self.awaiting
+            self._stop_awaiting()
+            self._end_stream(Overloaded(
+                f"a frame waited {timeout:g} s for the receive budget (receive_bytes), "
+                f"held by other large frames; retry later"), size)
         elif now >= self.last_active + timeout:
             self._close()
         else:
@@ -264,17 +271,23 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         return self.paused or self.write_blocked
 
     def _too_slow(self, error: MMEngineError) -> None:
-        """Ends the stream as _refuse does, the frame's bytes given back at
-        once and what is left of it dropped unread for LINGER_S."""
+        """Ends the stream, the frame's bytes given back at once."""
         size, self.reserved = self.reserved, 0
         self.server.receiving.give(size)
+        self._end_stream(error, size)
+
+    def _end_stream(self, error: MMEngineError, size: int) -> None:
+        """Ends the stream as _refuse does, after `error` (nil id), while a
+        frame of `size` bytes is received: what is left of it is dropped
+        unread for LINGER_S. Closed at once, the connection would be reset
+        under its bytes unread, and the error lost with it."""
         self._send(protocol.error_response(None, error))
         self.flush()
         self.transport.write_eof()
         # No answer goes out from now on (_send): in flight or not, its
         # requests end with the stream. The frame's body is in its
         # LargeFrame, or still after its header in buf (the budget came,
-        # and no read since).
+        # and no read since; or it never came).
         have = len(self.big.buf) if self.big else max(0, len(self.buf) - 4)
         self.discard = max(1, size - have)
         self.big = None
