@@ -581,6 +581,27 @@ def test_a_client_that_sends_a_whole_oversized_frame_reads_too_large(address):
     assert "exceeds the maximum" in response["error"]["message"]
 
 
+def test_an_unfinished_frame_is_cut_its_timeout_after_it_began_with_a_request_in_flight(
+        request, repo):
+    # With a request in flight the timer moved itself a whole timeout from
+    # each tick: a frame begun between two ticks lived up to twice its limit.
+    idle = 2.0
+    _, address = start(request, "--repo", str(repo), "--workers", "1",
+                       env=environ(MMENGINE_TCP_IDLE_TIMEOUT_S=str(idle)))
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(protocol.frame({"id": 0, "op": "health"}))
+        assert read_frame(s)["ok"]  # the idle timer ticks an idle timeout after the connect
+        s.sendall(protocol.frame({"id": 1, "op": "infer", "model": "slow",
+                                  "inputs": protocol.encode_tensors(slow_input(3 * idle))}))
+        time.sleep(idle / 2)
+        t0 = time.monotonic()
+        s.sendall(protocol.LENGTH.pack(100) + b"\x81")  # begun, never finished
+        answer = read_frame(s)
+        took = time.monotonic() - t0
+    assert answer["id"] is None and answer["error"]["name"] == "TIMEOUT", answer
+    assert took < 1.25 * idle, took  # 1.5 idle timeouts before
+
+
 def test_the_sdk_refuses_a_request_past_the_servers_maximum_unsent(address):
     # health says the server's maximum frame; both clients ask it before
     # their first request over 1 MiB, and refuse one past it themselves.

@@ -142,7 +142,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 f"a frame was begun and not finished within {timeout:g} s")))
             self._close()
         elif self.tasks:  # requests in flight: the last answer touches it again
-            self._arm(now + timeout)
+            # (an unfinished frame is still due a timeout after its first bytes)
+            self._arm(self.frame_began + timeout if unfinished else now + timeout)
         elif self.awaiting and now >= self.last_active + timeout:
             size = self.awaiting
             self._stop_awaiting()
