@@ -26,10 +26,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mmengine.errors import BadRequest, ErrorCode, MMEngineError, cannot_carry, error_for
+from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, TooLarge, cannot_carry,
+                             error_for)
 
 OPS = ("infer", "load", "unload", "pin", "unpin", "list", "stats", "health")
 LENGTH = struct.Struct("<I")
+MAX_LENGTH = (1 << 32) - 1  # the longest body LENGTH can say
 DEFAULT_MAX_FRAME = 64 << 20
 
 
@@ -59,7 +61,10 @@ def frame(message: dict) -> bytes:
     body = pack(message)
     if len(body) >= BIG:  # a Packer keeps its largest buffer: not this one
         del _packers.pack
-    return LENGTH.pack(len(body)) + body
+    try:
+        return LENGTH.pack(len(body)) + body
+    except struct.error:
+        raise _too_long(len(body)) from None
 
 
 def frame_parts(message: dict) -> list:
@@ -70,8 +75,16 @@ def frame_parts(message: dict) -> list:
     parts: list = [b""]  # the length, once known
     _pack(message, packer, parts)
     parts.append(packer.bytes())
-    parts[0] = LENGTH.pack(sum(memoryview(part).nbytes for part in parts))
+    size = sum(memoryview(part).nbytes for part in parts)
+    if size > MAX_LENGTH:
+        raise _too_long(size)
+    parts[0] = LENGTH.pack(size)
     return [part for part in parts if len(part)]  # (a frame may end with a bin)
+
+
+def _too_long(size: int) -> TooLarge:
+    return TooLarge(f"a frame of {size} bytes or more cannot be sent: a frame's 4-byte "
+                    f"length says {MAX_LENGTH} at most")
 
 
 def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
@@ -86,6 +99,8 @@ def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
             _pack(value, packer, parts)
     elif isinstance(obj, (bytes, bytearray, memoryview)) and memoryview(obj).nbytes >= BIG:
         view = memoryview(obj).cast("B")  # a C-contiguous buffer (encode_tensors)
+        if view.nbytes > MAX_LENGTH:  # nor can a bin32's length
+            raise _too_long(view.nbytes)
         parts.append(packer.bytes() + _BIN32.pack(0xc6, view.nbytes))
         packer.reset()
         parts.append(view)

@@ -581,6 +581,40 @@ def test_a_client_that_sends_a_whole_oversized_frame_reads_too_large(address):
     assert "exceeds the maximum" in response["error"]["message"]
 
 
+def test_the_largest_frame_is_no_longer_than_a_frames_length_can_say(tmp_path):
+    # A ring of 4 GiB made the limit 2**32 bytes: a length no header can
+    # say, so health promised what no frame can be, and TOO_LARGE could
+    # never be sent. The engine is not started: its rings, written whole
+    # at creation, would take 8 GiB of /dev/shm, and the limit is the
+    # server's own, from the configuration.
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    async def main():
+        server = TcpServer(Engine(Config(repo=str(tmp_path), workers=1, ring_bytes="4GiB")))
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(protocol.frame({"id": 1, "op": "health"}))
+        n = protocol.LENGTH.unpack(await asyncio.wait_for(reader.readexactly(4), 10))[0]
+        health = protocol.decode(await reader.readexactly(n))
+        writer.close()
+        await server.stop()
+        return health
+
+    assert run(main())["max_frame"] == protocol.MAX_LENGTH == (1 << 32) - 1
+
+
+@pytest.mark.parametrize("nbytes", [(1 << 32) - 16, 1 << 32], ids=["frame", "bin"])
+def test_an_answer_longer_than_a_frame_can_say_is_too_large(nbytes):
+    # What a ring of 4 GiB carries: its answer's frame, 2**32 bytes or more,
+    # raised struct.error in the server's callback, and the client never had
+    # an answer. TooLarge is the request's answer now (tcp._on_answer makes
+    # this very call). The output is calloc'd: untouched, it takes no memory.
+    tensors = protocol.encode_tensors({"y": np.zeros(nbytes, np.uint8)})
+    with pytest.raises(TooLarge, match=r"a frame of \d+ bytes or more cannot be sent"):
+        protocol.frames({"id": b"i" * 64, "ok": True, "outputs": tensors}, tensors)
+
+
 def test_an_unfinished_frame_is_cut_its_timeout_after_it_began_with_a_request_in_flight(
         request, repo):
     # With a request in flight the timer moved itself a whole timeout from

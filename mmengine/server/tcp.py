@@ -49,8 +49,11 @@ class TcpServer(Listener):
     def __init__(self, engine: Engine, max_frame: int | None = None,
                  max_connections: int | None = None, idle_timeout_s: float | None = None):
         super().__init__(engine, lambda: _Connection(self), max_connections)
-        self.max_frame = max_frame or max(protocol.DEFAULT_MAX_FRAME,
-                                          engine.config.max_request_bytes)
+        # No longer than a frame's length can say: a ring of 4 GiB or more
+        # would make a limit that no header is above, so never refused.
+        self.max_frame = min(max_frame or max(protocol.DEFAULT_MAX_FRAME,
+                                              engine.config.max_request_bytes),
+                             protocol.MAX_LENGTH)
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
 
 
@@ -371,14 +374,15 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             body, outputs = fut.result()
             try:  # a model may answer what the wire cannot carry: say so
                 tensors = protocol.encode_tensors(outputs, answer=model)
+                response = {"id": rid, "ok": True, "outputs": tensors}
+                if t_submit:
+                    response["timing"] = trace.body_timing(t_submit, body)
+                parts = protocol.frames(response, tensors)  # 4 GiB or more: no frame
             except MMEngineError as error:
                 self.engine.refused(fut, error)
                 self._send(protocol.error_response(rid, error))
                 return
-            response = {"id": rid, "ok": True, "outputs": tensors}
-            if t_submit:
-                response["timing"] = trace.body_timing(t_submit, body)
-            self._send(response, tensors)
+            self._write(parts)
         elif isinstance(e, MMEngineError):
             self._send(protocol.error_response(rid, e))
         else:
@@ -408,9 +412,12 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
     def _send(self, message: dict, tensors: dict | None = None) -> None:
         """Writes an answer; `tensors`, its encoded tensors, if it has any
         (large ones are written from where they lie: protocol.frames)."""
+        self._write(protocol.frames(message, tensors))
+
+    def _write(self, parts: list) -> None:
+        """Writes an answer framed (protocol.frames)."""
         if self.closing or self.discard or self.transport.is_closing():
             return
-        parts = protocol.frames(message, tensors)
         if self.unsent is not None:
             self.unsent += parts
         elif len(self.tasks) > 1:
