@@ -40,7 +40,7 @@ first (DiskCache.estimate then says them).
 
 Scanning is lazy: `names()` lists one directory, `versions(name)` another,
 and only `resolve` opens a model's files (its manifest, a safetensors
-header). Results are cached until `refresh()`; a name never seen before is
+header). Results are cached until `rescan()`; a name never seen before is
 looked up on disk at once, so a model dropped into the root is found by the
 first request that names it. Misses are not cached, so unknown names cannot
 grow the cache.
@@ -237,16 +237,14 @@ class Repository:
         immutable (a change is a new version), but its manifest may be
         edited in place: its tokens rotate so, and a spec read once is read
         again once its manifest changes."""
-        names = tuple(sorted({entry.name for entry in _scandir(self.root)
-                              if is_valid_name(entry.name) and entry.is_dir()}
-                             | set(self._added)))
+        names = self._scan_names()
         versions = {}
         for name in names:
             try:
                 versions[name] = self._scan_versions(name)
             except ModelNotFound:  # no version directory (yet, or any more)
                 versions[name] = ()
-            except LoadFailed:  # unreadable: what is known of it stands
+            except (LoadFailed, OSError):  # unreadable: what is known of it stands
                 pass
         changed = {name for name, known in list(self._versions.items())  # one step: threads
                    if known != versions.get(name)}  # (a name never asked for: no news)
@@ -274,10 +272,13 @@ class Repository:
 
     def names(self) -> tuple[str, ...]:
         if self._names is None:
-            self._names = tuple(sorted({
-                entry.name for entry in _scandir(self.root)
-                if is_valid_name(entry.name) and entry.is_dir()} | set(self._added)))
+            self._names = self._scan_names()
         return self._names
+
+    def _scan_names(self) -> tuple[str, ...]:
+        return tuple(sorted({entry.name for entry in _scandir(self.root)
+                             if is_valid_name(entry.name) and _is_dir(entry)}
+                            | set(self._added)))
 
     def versions(self, name: str) -> tuple[int, ...]:
         """The versions of `name`, ascending; ModelNotFound if it has none."""
@@ -361,7 +362,7 @@ class Repository:
         if name in self._added:
             return (1,)
         found = tuple(sorted(int(entry.name) for entry in _scandir(self.root / name)
-                             if is_version(entry.name) and entry.is_dir()))
+                             if is_version(entry.name) and _is_dir(entry)))
         if not found:
             raise ModelNotFound(f"model {name!r} not found")
         return found
@@ -429,6 +430,38 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
         raise LoadFailed(f"directory {path.name!r} cannot be read ({e.strerror})") from None
 
 
+# DirEntry.is_dir() and is_file() follow a link and swallow only ENOENT: a
+# looping link, one into a folder that may not be searched, a stale NFS
+# handle raise. Such an entry is neither, as to os.path.isdir, so that one
+# bad link cannot hide every other name of its folder.
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _version_files(path: Path) -> tuple[set[str], list[str]]:
+    """The names of the files in version directory `path`, and each entry
+    that cannot be told a file or not, with why."""
+    files, unreadable = set(), []
+    for entry in _scandir(path):
+        try:
+            if entry.is_file():
+                files.add(entry.name)
+        except OSError as e:
+            unreadable.append(f"{entry.name!r} ({e.strerror})")
+    return files, unreadable
+
+
 # -- one version directory -> ModelSpec -------------------------------------
 
 def read_spec(name: str, version: int, path: Path, config: Config | None = None, manifests: Manifests | None = None,
@@ -441,13 +474,15 @@ def read_spec(name: str, version: int, path: Path, config: Config | None = None,
     Nothing is asked of a remote model's source: its estimate is its
     `bytes`, else 0 until the disk cache fetches it (DiskCache.estimate)."""
     where = f"{name} v{version}"
-    files = {entry.name for entry in _scandir(path) if entry.is_file()}
+    files, unreadable = _version_files(path)
     manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
     # Why it cannot be served is for those it would serve to hear: the
     # engine checks a caller's token against these first.
     digests = (_parse_digests(manifest["token_sha256"], where)
                if "token_sha256" in manifest else ())
     try:
+        if unreadable:  # the manifest or the artifact, maybe: no model to serve as it stands
+            raise LoadFailed(f"{where}: cannot be read: {', '.join(sorted(unreadable))}")
         fields = _parse_manifest(manifest, where)
         if digests:
             fields["token_digests"] = digests
@@ -584,7 +619,7 @@ def tree_bytes(path: Path) -> int:
     for entry in _scandir(path):
         if entry.is_dir(follow_symlinks=False):
             total += tree_bytes(Path(entry.path))
-        elif entry.is_file():
+        elif _is_file(entry):
             total += entry.stat().st_size
     return total
 

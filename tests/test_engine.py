@@ -1107,6 +1107,36 @@ def test_a_token_rotated_in_its_manifest_is_taken_while_serving(tmp_path, own_se
     run(main())
 
 
+def test_a_token_revoked_beside_a_looping_link_is_refused(tmp_path, own_segments):
+    # One link that cannot be followed in the root made every scan fail:
+    # the revocation went unseen for as long as the link was there, and
+    # the listing failed (a review's finding).
+    from mmengine import auth
+
+    manifest = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1) / "model.toml"
+    own = manifest.read_text()
+    manifest.write_text(f'token_sha256 = "{auth.digest("old").hex()}"\n' + own)
+    x = x_for(np.random.default_rng(2))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", {"x": x}, token="old")
+            os.symlink("loop", tmp_path / "loop")
+            manifest.write_text(f'token_sha256 = "{auth.digest("new").hex()}"\n' + own)
+            for _ in range(50):
+                try:
+                    await engine.infer("m", {"x": x}, token="old")
+                except Unauthorized:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(Unauthorized):
+                await engine.infer("m", {"x": x}, token="old")
+            await engine.infer("m", {"x": x}, token="new")
+            assert {r["name"] for r in await engine.models()} == {"m"}
+
+    run(main())
+
+
 def test_a_version_asked_for_by_number_is_found_before_the_next_scan(tmp_path, own_segments):
     demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
     x = x_for(np.random.default_rng(2))

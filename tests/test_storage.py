@@ -309,3 +309,24 @@ def test_a_page_of_the_listing_is_of_models_not_of_folders(tmp_path):
     assert [key for key, _ in rows] == [("m01", 1)] and more is None
     with pytest.raises(ValueError):
         repo.listing(limit=0)
+
+
+def test_a_link_that_cannot_be_followed_fails_no_other_model(tmp_path):
+    """DirEntry.is_dir()/is_file() raise for a looping link (not for a
+    missing target): one in the root failed names(), listing() and every
+    rescan, so no change (a token revoked) was seen any more; one in a
+    version directory made resolve raise OSError (a review's finding)."""
+    make_version(tmp_path, "a", 1, {"model.pt": ""})
+    make_version(tmp_path, "b", 1, {"model.pt": ""})
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("2", tmp_path / "a" / "2")
+    os.symlink("notes", tmp_path / "b" / "1" / "notes")
+    repo = Repository(tmp_path)
+    assert repo.names() == ("a", "b") and repo.versions("a") == (1,)
+    with pytest.raises(LoadFailed, match=r"b v1: cannot be read: 'notes' \(Too many levels"):
+        repo.resolve("b")
+    rows, _ = repo.listing()
+    assert [key for key, _ in rows] == [("a", 1), ("b", 1)]
+    assert isinstance(rows[1][1], LoadFailed)
+    make_version(tmp_path, "c", 1, {"model.pt": ""})
+    assert repo.rescan() == {"c"} and repo.names() == ("a", "b", "c")
