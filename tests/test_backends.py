@@ -317,6 +317,24 @@ def test_failed_warmup_is_load_failed(tmp_path):
         load(tmp_path, "m")
 
 
+@pytest.mark.parametrize("rows, error, message", [
+    (1 << 55, Overloaded, "out of memory while warming up: MemoryError"),  # 512 PiB
+    (1 << 62, LoadFailed, "warm-up failed: ValueError: array is too big"),
+])
+def test_a_warmup_input_that_cannot_be_allocated_closes_the_model(tmp_path, rows, error,
+                                                                  message):
+    # np.zeros' MemoryError or ValueError escaped load_model as itself, and
+    # the loaded model was never closed: its handler module stayed in
+    # sys.modules with all its load() kept, one more for every retry.
+    handler_model(tmp_path, "def predict(inputs):\n    return inputs\n",
+                  f'warmup = true\n[[inputs]]\nname = "a"\ndtype = "float32"\n'
+                  f'shape = [{rows}, 4]\n')
+    before = set(sys.modules)
+    with pytest.raises(error, match=f"m v1: {message}"):
+        load(tmp_path, "m")
+    assert set(sys.modules) == before
+
+
 def test_device_the_manifest_requires(tmp_path):
     path = demo.write_mlp(tmp_path / "m", "torchscript", *DIMS, manifest=False)
     (path / "model.toml").write_text('device = "cuda"')

@@ -102,13 +102,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     t2 = time.perf_counter()
     try:
         _warm_up(model)
-    except MMEngineError as e:
+    except BaseException as e:
         model.close()
-        # Out of memory (predict() says the host's as the input's fault: a
-        # warm-up's input is the manifest's, and its load is what failed).
-        if isinstance(e, Overloaded) or isinstance(e.__cause__, OUT_OF_MEMORY):
-            raise Overloaded(f"{where}: out of memory while warming up: {e}") from e
-        raise LoadFailed(f"{where}: warm-up failed: {e}") from e
+        if not isinstance(e, Exception):  # an interrupt of the process's, not the model's
+            raise
+        raise _warm_up_failed(e, where) from e
     model.phases = {"fetch": 0.0, "deserialize": t1 - t0, "copy": t2 - t1,
                     "warmup": time.perf_counter() - t2}
     # A module's own tensors are what evicting it gives back. The allocator's
@@ -128,6 +126,16 @@ def _warm_up(model: LoadedModel) -> None:
     dtypes = {t.name: t.dtype for t in model.spec.inputs}
     if model.spec.warmup:
         model.predict({name: np.zeros(shape, dtypes[name]) for name, shape in model.spec.warmup})
+
+
+def _warm_up_failed(e: Exception, where: str) -> MMEngineError:
+    # Out of memory, the inputs' own allocation's too: predict() says the
+    # host's as the input's fault, but a warm-up's input is the manifest's,
+    # and its load is what failed.
+    why = str(e) if isinstance(e, MMEngineError) else f"{type(e).__name__}: {e}"
+    if isinstance(e, (Overloaded, *OUT_OF_MEMORY)) or isinstance(e.__cause__, OUT_OF_MEMORY):
+        return Overloaded(f"{where}: out of memory while warming up: {why}")
+    return LoadFailed(f"{where}: warm-up failed: {why}")
 
 
 def _bytes_in_use(device: torch.device) -> int:
