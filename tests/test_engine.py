@@ -19,8 +19,8 @@ from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, write
 from mmengine import demo, resources, shm
 from mmengine.config import Config
 from mmengine.engine import Engine
-from mmengine.errors import (BadRequest, LoadFailed, ModelNotFound, Overloaded, PinnedFull,
-                             Timeout, TooLarge, Unauthorized, WorkerDied)
+from mmengine.errors import (BadRequest, InternalError, LoadFailed, ModelNotFound, Overloaded,
+                             PinnedFull, Timeout, TooLarge, Unauthorized, WorkerDied)
 from mmengine.server import metrics
 from mmengine.storage import Repository
 
@@ -244,6 +244,56 @@ def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments
     rows = {r["name"]: r for r in stats["models"]}
     assert rows["corrupt"]["state"] == "failed"
     assert "safetensors" in rows["corrupt"]["last_error"]
+
+
+ANSWERS_THAT_RAISE = """
+import collections.abc, sys
+import numpy as np
+
+class Exits:
+    def __array__(self, dtype=None, copy=None):
+        sys.exit("as it was made an array")
+
+class Keys(collections.abc.Mapping):
+    def __getitem__(self, name):
+        raise KeyError(name)
+    def __iter__(self):
+        return iter(["y"])
+    def __len__(self):
+        return 1
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    if "exit" in inputs:
+        return {"y": Exits()}
+    if "keys" in inputs:
+        return Keys()
+    return {"y": inputs["x"]}
+"""
+
+
+def test_an_answer_that_raises_as_it_is_made_outputs_is_the_models_internal_error(
+        tmp_path, own_segments):
+    # The model's own code runs as its answer is made arrays: its exit()
+    # there ended the worker (WORKER_DIED, every resident model gone), any
+    # other exception was INTERNAL without the model's name (a review's finding).
+    write_handler(tmp_path, "m", ANSWERS_THAT_RAISE)
+    x = np.ones(2, np.float32)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            await engine.infer("m", {"x": x})
+            pid = engine.pool.workers[0].pid
+            for key, message in (("exit", "SystemExit: as it was made an array"),
+                                 ("keys", "KeyError: 'y'")):
+                with pytest.raises(InternalError, match=f"^m: .*{message}"):
+                    await engine.infer("m", {key: x})
+                assert (await engine.infer("m", {"x": x}))["y"].tolist() == [1, 1]
+            assert engine.pool.workers[0].pid == pid
+
+    run(main())
 
 
 def test_each_request_fails_at_its_own_deadline(repo, own_segments):

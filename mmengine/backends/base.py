@@ -71,9 +71,14 @@ class LoadedModel(abc.ABC):
             raise BadRequest(f"{self.spec.name}: {type(e).__name__}: {e}") from e
         try:
             outputs = outputs_to_numpy(raw, self.spec.outputs)
+            check_outputs(self.spec.outputs, outputs)
         except InternalError as e:
             raise InternalError(f"{self.spec.name}: {e}") from None
-        check_outputs(self.spec.outputs, outputs, self.spec.name)
+        except BaseException as e:
+            # The model's own code runs here too (an __array__, a Mapping's
+            # items(), a tensor subclass): its exit() must end no worker.
+            raise InternalError(f"{self.spec.name}: its answer cannot be made outputs: "
+                                f"{type(e).__name__}: {e}") from e
         return outputs
 
     def tensor_bytes(self) -> int:
@@ -231,7 +236,7 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
                              f"(-1: any), not {list(shape)}")
 
 
-def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str) -> None:
+def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs) -> None:
     """A model's answer against its manifest's [[outputs]], which the
     protocols' metadata advertise: a mismatch is the model's fault (or its
     manifest's), an INTERNAL error, never an answer other than promised."""
@@ -241,14 +246,14 @@ def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs, where: str
         return  # the common case, checked without building a message
     missing, unexpected = _names_differ(declared, outputs)
     if missing or unexpected:
-        raise InternalError(f"{where}: its outputs do not match its manifest's: missing "
-                            f"{missing}, unexpected {unexpected}")
+        raise InternalError(f"its outputs do not match its manifest's: missing {missing}, "
+                            f"unexpected {unexpected}")
     for t in declared:
         value = outputs[t.name]
         if not value.dtype.isnative:  # the protocols write the declared values either way
             value = value.view(value.dtype.newbyteorder("="))
         if not _fits(t, value):
-            raise InternalError(f"{where}: output {t.name!r} is {value.dtype} "
+            raise InternalError(f"output {t.name!r} is {value.dtype} "
                                 f"{list(value.shape)}; its manifest declares {t.dtype} "
                                 f"{list(t.shape)} (-1: any)")
 
