@@ -164,6 +164,26 @@ def test_corrupt_export_program_is_load_failed(tmp_path):
         load(tmp_path, "m")
 
 
+@pytest.mark.parametrize("declared, message", [
+    ('name = "features"\ndtype = "float32"\nshape = [-1, 4]',
+     r"\(features float32 \[-1, 4\]\) are not the program's \(x float32 \[-1, 4\]\)"),
+    ('name = "x"\ndtype = "float64"\nshape = [-1, 4]', r"\(x float64 \[-1, 4\]\)"),
+    ('name = "x"\ndtype = "float32"\nshape = [-1, 5]', r"\(x float32 \[-1, 5\]\)"),
+])
+def test_export_inputs_the_program_does_not_take_are_load_failed(tmp_path, declared, message):
+    # Requests are checked against the manifest's inputs and the program is
+    # called by its own names: a name of the manifest's alone loaded fine,
+    # then failed every request as the caller's ("KeyError: 'x'").
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS, manifest=False)
+    (path / "model.toml").write_text(f"[[inputs]]\n{declared}\n")
+    with pytest.raises(LoadFailed, match=f"m v1: the manifest's inputs {message}"):
+        load(tmp_path, "m")
+    (path / "model.toml").write_text('[[inputs]]\nname = "x"\ndtype = "float32"\n'
+                                     'shape = [2, 4]\n')  # fewer than the program takes
+    model = load(tmp_path, "m")
+    assert model.predict({"x": x(2)})["output"].shape == (2, DIMS[2])
+
+
 @pytest.mark.parametrize("source, message", [
     ("def load(path, device):\n    raise OSError('weights gone')\n"
      "def predict(inputs):\n    return inputs\n", "load\\(\\) raised OSError: weights gone"),

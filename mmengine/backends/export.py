@@ -12,7 +12,8 @@ The program may then call only torch's tensor operators (untrusted.py).
 
 Inputs are passed the way the program was exported: positionally for its
 args, by keyword for its kwargs, named as the program names them. Without
-declared inputs, requests are checked against the program's signature.
+declared inputs, requests are checked against the program's signature;
+declared ones must be its names, dtypes and ranks (a load fails else).
 """
 from __future__ import annotations
 
@@ -61,15 +62,18 @@ _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
 class ExportModel(TorchModel):
     def __init__(self, spec: ModelSpec, device: torch.device, program: Any) -> None:
+        where = f"{spec.name} v{spec.version}"
         args_spec, kwargs_spec = program.call_spec.in_spec.children()
         names = list(program.graph_signature.user_inputs)
         if (args_spec.num_leaves != args_spec.num_children
                 or kwargs_spec.num_leaves != kwargs_spec.num_children
                 or len(names) != args_spec.num_children + kwargs_spec.num_children):
-            raise LoadFailed(f"{spec.name} v{spec.version}: the program takes nested "
-                             f"inputs; mmengine passes a flat set of named tensors")
-        super().__init__(spec, device, program.module().to(device),
-                         inputs=_signature(program, names))
+            raise LoadFailed(f"{where}: the program takes nested inputs; mmengine passes a "
+                             f"flat set of named tensors")
+        signature = _signature(program, names)
+        if spec.inputs:
+            _check_declared(spec.inputs, names, signature, where)
+        super().__init__(spec, device, program.module().to(device), inputs=signature)
         self._args = names[:args_spec.num_children]
         self._kwargs = names[args_spec.num_children:]
 
@@ -169,6 +173,29 @@ def _check_expressions(graph: bytes, refuse) -> None:
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
+
+
+def _check_declared(declared: tuple[TensorSpec, ...], names: list[str],
+                    signature: tuple[TensorSpec, ...], where: str) -> None:
+    """LoadFailed unless every request the manifest's [[inputs]] let
+    through is one the program takes: it is called by its own names, so a
+    name of the manifest's alone failed every request as the caller's."""
+    theirs = {t.name: t for t in signature}
+    if sorted(t.name for t in declared) == sorted(names) and all(
+            not theirs or _takes(theirs[t.name], t) for t in declared):
+        return
+    program = ", ".join(map(_describe, signature)) if signature else ", ".join(names)
+    raise LoadFailed(f"{where}: the manifest's inputs ({', '.join(map(_describe, declared))}) "
+                     f"are not the program's ({program})")
+
+
+def _takes(program: TensorSpec, declared: TensorSpec) -> bool:
+    return (declared.dtype == program.dtype and len(declared.shape) == len(program.shape)
+            and all(p in (-1, d) for d, p in zip(declared.shape, program.shape)))
+
+
+def _describe(t: TensorSpec) -> str:
+    return f"{t.name} {t.dtype} {list(t.shape)}"
 
 
 def _signature(program: Any, names: list[str]) -> tuple[TensorSpec, ...]:
