@@ -804,9 +804,11 @@ def test_a_pipelined_request_gets_its_100_continue_once_the_answers_before_it_ar
     assert rest.startswith(b"HTTP/1.1 200 "), bytes(rest[:200])
 
 
-def test_a_body_that_waits_an_idle_timeout_for_the_budget_is_told_503(tmp_path):
+@pytest.mark.parametrize("transport", ["http", "tcp"])
+def test_a_request_that_waits_an_idle_timeout_for_the_budget_is_told_overloaded(tmp_path,
+                                                                              transport):
     # With no pace rule (receive_min_rate 0) a holder whose answers back up
-    # and who reads them slowly keeps the budget; a body waiting for it an
+    # and who reads them slowly keeps the budget; a request waiting for it an
     # idle timeout got a reset (closed with its bytes unread), not an answer.
     import asyncio
 
@@ -815,50 +817,6 @@ def test_a_body_that_waits_an_idle_timeout_for_the_budget_is_told_503(tmp_path):
     from mmengine.engine import Engine
     from mmengine.server import http_routes
     from mmengine.server.http import HttpServer
-
-    write_handler(tmp_path, "slow", SLOW_HANDLER)
-    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
-
-    async def main():
-        config = Config(repo=str(tmp_path), workers=1, receive_bytes=RECEIVE_BYTES,
-                        receive_min_rate=0, ring_bytes="32MiB")
-        async with Engine(config) as engine:
-            server = HttpServer(engine, http_routes(), idle_timeout_s=1.0)
-            port = await server.start("127.0.0.1", 0)
-            request = budget_request("http", 6 * MiB)
-            holder_r, holder = await asyncio.open_connection("127.0.0.1", port)
-            small_receive_buffer(holder.get_extra_info("socket"))
-            holder.write(big_http_request(16 * MiB) + request[:MiB])
-            await asyncio.sleep(0.5)  # its answer backs up: its body is not read
-            waiting_r, waiting = await asyncio.open_connection("127.0.0.1", port)
-            waiting.write(request[:64 << 10])
-            answer = b""
-            for _ in range(60):  # the holder reads its answer slowly: active, not cut
-                await holder_r.read(4096)
-                try:
-                    answer = await asyncio.wait_for(waiting_r.read(4096), 0.1)
-                    break
-                except TimeoutError:
-                    pass
-            holder.close()
-            waiting.close()
-            await server.stop()
-            return answer
-
-    answer = run(main(), timeout=60)
-    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in answer, answer
-    assert b"receive budget" in answer, answer
-
-
-def test_a_frame_that_waits_an_idle_timeout_for_the_budget_is_told_overloaded(tmp_path):
-    # As on HTTP above: a frame whose header was read and that waited an
-    # idle timeout for the budget was closed as idle, its bytes unread: a
-    # reset under a client still sending it, and no frame saying why.
-    import asyncio
-
-    from conftest import run
-    from mmengine.config import Config
-    from mmengine.engine import Engine
     from mmengine.server.tcp import TcpServer
 
     write_handler(tmp_path, "slow", SLOW_HANDLER)
@@ -868,36 +826,43 @@ def test_a_frame_that_waits_an_idle_timeout_for_the_budget_is_told_overloaded(tm
         config = Config(repo=str(tmp_path), workers=1, receive_bytes=RECEIVE_BYTES,
                         receive_min_rate=0, ring_bytes="32MiB")
         async with Engine(config) as engine:
-            server = TcpServer(engine, idle_timeout_s=1.0)
+            server = (HttpServer(engine, http_routes(), idle_timeout_s=1.0)
+                      if transport == "http" else TcpServer(engine, idle_timeout_s=1.0))
             port = await server.start("127.0.0.1", 0)
-            request = budget_request("tcp", 6 * MiB)
+            request = budget_request(transport, 6 * MiB)
             holder_r, holder = await asyncio.open_connection("127.0.0.1", port)
             small_receive_buffer(holder.get_extra_info("socket"))
-            holder.write(big_request("tcp", 16 * MiB) + request[:MiB])
-            await asyncio.sleep(0.5)  # its answer backs up: its frame is not read
+            holder.write(big_request(transport, 16 * MiB) + request[:MiB])
+            await asyncio.sleep(0.5)  # its answer backs up: its request is not read
             waiting_r, waiting = await asyncio.open_connection("127.0.0.1", port)
-            waiting.write(request)  # all of it: the server reads its header only
-            header = b""
+            # A frame all of it, a client still sending it: the server reads its header only.
+            waiting.write(request if transport == "tcp" else request[:64 << 10])
+            answer = b""
             for _ in range(60):  # the holder reads its answer slowly: active, not cut
                 await holder_r.read(4096)
                 try:
-                    header = await asyncio.wait_for(waiting_r.readexactly(4), 0.1)
+                    answer = await asyncio.wait_for(waiting_r.read(4096), 0.1)
                     break
                 except TimeoutError:
                     pass
-            assert header, "no answer came"
-            answer = protocol.decode(await asyncio.wait_for(
-                waiting_r.readexactly(protocol.LENGTH.unpack(header)[0]), 10))
-            rest = await asyncio.wait_for(waiting_r.read(), 10)  # then the end of the stream
+            if transport == "tcp":  # the frame, then the end of the stream
+                answer += await asyncio.wait_for(waiting_r.read(), 10)
             holder.close()
             waiting.close()
             await server.stop()
-            return answer, rest
+            return answer
 
-    answer, rest = run(main(), timeout=60)
-    assert answer["id"] is None and answer["error"]["name"] == "OVERLOADED", answer
-    assert "receive budget" in answer["error"]["message"], answer
-    assert rest == b"", rest
+    answer = run(main(), timeout=60)
+    if transport == "http":
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After" in answer, answer
+        assert b"receive budget" in answer, answer
+        return
+    assert answer, "no answer came"
+    n = protocol.LENGTH.unpack_from(answer)[0]
+    assert len(answer) == 4 + n, answer  # nothing after it: the stream ended
+    error = protocol.decode(answer[4:])
+    assert error["id"] is None and error["error"]["name"] == "OVERLOADED", error
+    assert "receive budget" in error["error"]["message"], error
 
 
 def test_a_holder_that_never_reads_its_answers_is_judged_after_a_while(tmp_path,
