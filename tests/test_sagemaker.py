@@ -59,6 +59,9 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     paths["inside_link"].symlink_to(paths["m3"], target_is_directory=True)
     paths["empty"] = root / "empty"
     paths["empty"].mkdir()
+    paths["looping"] = root / "looping"  # a link to itself: it raised untyped (a review)
+    paths["looping"].mkdir()
+    (paths["looping"] / "loop").symlink_to("loop")
     paths["file"] = paths["m0"] / "model.toml"
     paths["bare"] = demo.write_mlp(root / "bare", "torchscript", *DIMS, seed=4, manifest=False)
     # torch.export in float64, without a manifest: the backend reads its inputs.
@@ -211,6 +214,7 @@ def test_a_load_out_of_memory_is_507(address, disk):
     ("missing", 400, "is not a directory"),
     ("file", 400, "is not a directory"),
     ("empty", 500, "no model file found"),
+    ("looping", 400, "loop cannot be read (Too many levels of symbolic links)"),
 ])
 def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, words):
     url = {
@@ -228,6 +232,7 @@ def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, wo
         "missing": str(disk["root"] / "nope"),
         "file": str(disk["file"]),
         "empty": str(disk["empty"]),
+        "looping": str(disk["looping"]),
     }[case]
     name = f"refused-{case.replace('_', '-')}"
     code, body = add(address, name, url)

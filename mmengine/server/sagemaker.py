@@ -403,8 +403,7 @@ def _check_links(real: str, url: str, model_roots: str) -> None:
         try:
             it = os.scandir(top)
         except OSError as e:  # what cannot be read cannot be vouched for
-            raise BadRequest(f"{url!r}: {os.path.relpath(top, real)} cannot be read "
-                             f"({e.strerror})") from None
+            raise _unreadable(url, os.path.relpath(top, real), e) from None
         with it:
             for entry in it:
                 entries += 1
@@ -413,11 +412,19 @@ def _check_links(real: str, url: str, model_roots: str) -> None:
                 if entry.is_symlink():
                     under_roots(entry.path, model_roots,
                                 f"{url}: {os.path.relpath(entry.path, real)}", _Forbidden)
-                if entry.is_dir():  # through a link too
+                try:
+                    is_dir = entry.is_dir()  # through a link too: a looping one raises
+                except OSError as e:
+                    raise _unreadable(url, os.path.relpath(entry.path, real), e) from None
+                if is_dir:
                     target = os.path.realpath(entry.path)
                     if target not in seen:
                         seen.add(target)
                         stack.append(entry.path)
+
+
+def _unreadable(url: str, where: str, e: OSError) -> BadRequest:
+    return BadRequest(f"{url!r}: {where} cannot be read ({e.strerror})")
 
 
 def _local_path(url: str) -> str:
