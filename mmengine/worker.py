@@ -403,7 +403,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
             elif op == Op.UNLOAD:
                 model = logic.unload(name, version)
                 out.send(rid)  # nothing can reach the model any more
-                logic.close((name, version), model)  # before the next control message: a load may need the room
+                # Before the next control message: a load may need the room.
+                logic.close((name, version), model)
                 del model
             else:
                 raise InternalError(f"op {op!r} on the control ring")

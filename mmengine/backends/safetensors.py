@@ -276,8 +276,9 @@ def load(spec: ModelSpec, device: torch.device, host: str | None = None) -> Modu
 # A model in the host tier is a safetensors file in shared memory (a segment
 # the front-end names and owns, see mmengine/hosttier.py) whose data starts
 # page-aligned. Every worker can map it: a CPU worker runs the model on views
-# of a read-only shared mapping (nothing is copied, and workers share the
-# pages), a GPU worker copies it to the device through its pinned stager.
+# of a private mapping (nothing is copied, and workers share the pages until
+# a model writes one: copied on its write, given back as it closes), a GPU
+# worker copies it to the device, registered as pinned or through its stager.
 
 _HOST_ALIGN = 4096
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
@@ -290,8 +291,8 @@ warnings.filterwarnings("ignore", message=_RO)
 def publish(model: TorchModel, segment: str) -> int:
     """Writes the model's tensor bytes into the host-tier segment `segment`
     (created here; the front-end unlinks it), and on CPU moves the model's
-    weights onto a read-only mapping of it, so that the worker's private
-    copy is freed. Returns the segment's size in bytes. A safetensors model
+    weights onto a private mapping of it, so that the worker's own copy is
+    freed. Returns the segment's size in bytes. A safetensors model
     writes its one region; any other module its tensors one by one (see
     `host_tensors` for which modules can be published)."""
     if model.module is None:
