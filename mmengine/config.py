@@ -324,7 +324,7 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     except ConfigError:
         raise  # parse_size's, which says what a size looks like
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, OverflowError):  # 10**400 is no float
         shown = "its value" if key in SECRET_KEYS else repr(value)
         raise ConfigError(f"{key}: {shown} is not a valid {kind}") from None
 
@@ -453,8 +453,11 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         if not name.startswith(ENV_PREFIX) or name in OTHER_VARS \
                 or name.startswith(TEST_VAR_PREFIX):
             continue
-        key = name[len(ENV_PREFIX):].lower()
-        if key in _FIELDS:
+        suffix = name[len(ENV_PREFIX):]
+        key = suffix.lower()
+        # Its one spelling: MMENGINE_control_token taken as well was
+        # no secret's name, and reached the workers' model code.
+        if key in _FIELDS and suffix == key.upper():
             if value:
                 values[key] = value
                 origin[key] = f"from {name}"

@@ -248,7 +248,7 @@ class Worker:
         fds.append(self.abandoned.fd)
         # Model code runs there: it gets no secret of the front-end's
         # (the control token, set as a variable, would be its to read).
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+        env = {k: v for k, v in os.environ.items() if k.upper() not in SECRET_VARS}
         env.setdefault(*resources.DEVICE_ORDER)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,

@@ -416,6 +416,26 @@ def test_the_control_token_stays_out_of_the_configurations_repr():
     assert CONTROL not in str(e.value)
 
 
+def test_a_variable_is_read_by_its_one_spelling_only(capsys):
+    # MMENGINE_control_token was the control token too, but the workers'
+    # environment was scrubbed of MMENGINE_CONTROL_TOKEN alone: every
+    # model's code could read it (a review's finding).
+    from mmengine.config import load
+
+    config = load(env={"MMENGINE_control_token": CONTROL})
+    assert not config.control_token
+    assert "MMENGINE_control_token is no configuration key; ignored" in capsys.readouterr().err
+    assert load(env={"MMENGINE_CONTROL_TOKEN": CONTROL}).control_token == CONTROL
+
+
+def test_a_number_past_any_float_is_refused_naming_its_key():
+    # 1 and 400 zeros went through float(): an OverflowError's traceback.
+    from mmengine.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="request_timeout_s: .* is not a valid float"):
+        load(env={}, overrides={"request_timeout_s": 10 ** 400})
+
+
 def test_model_code_cannot_read_the_control_token(server):
     # Set as a variable (the documented way), it was in every worker's
     # environment: any model's code could read it, then load, unload and
