@@ -30,7 +30,9 @@ X = np.arange(2 * DIMS[0], dtype=np.float32).reshape(2, DIMS[0]) / 10
 # name -> seed. "locked-*" list MODEL_TOKEN and ROTATED; each cold one is
 # requested cold by exactly one test, so that it is still on storage there.
 SEEDS = {"open": 0, "locked-warm": 1, "locked-cold-tcp": 2, "locked-cold-http": 3,
-         "locked-control": 4, "bad-digest": 5, "locked-broken": 6, "locked-badkey": 7}
+         "locked-control": 4, "bad-digest": 5, "locked-broken": 6, "locked-badkey": 7,
+         "utf8-locked": 8}
+UTF8_TOKEN = "clé-€uro"  # an operator's choice: TCP carries it as UTF-8, and so does curl
 
 
 ENV_READER = '''
@@ -62,6 +64,9 @@ def disk(tmp_path_factory) -> dict[str, Path]:
         if name.startswith("locked"):
             locked(path, both)
     locked(repo / "bad-digest" / "1", '"not a digest"')
+    # (MODEL_TOKEN too: `mmengine bench` below opens every model with it)
+    locked(repo / "utf8-locked" / "1", json.dumps([auth.digest(UTF8_TOKEN).hex(),
+                                                   auth.digest(MODEL_TOKEN).hex()]))
     # Its header cannot be read: the model cannot even be described.
     (repo / "locked-broken" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
     manifest = repo / "locked-badkey" / "1" / "model.toml"  # a key no manifest has
@@ -414,6 +419,28 @@ def test_the_control_token_stays_out_of_the_configurations_repr():
     with pytest.raises(ConfigError, match="control_token: its value has white space") as e:
         load(env={"MMENGINE_CONTROL_TOKEN": CONTROL + "\n"})
     assert CONTROL not in str(e.value)
+
+
+def test_a_token_that_is_no_ascii_opens_its_model_on_every_protocol(server):
+    # HTTP read the header's UTF-8 bytes as latin-1 and hashed that: such a
+    # token worked over TCP and never over HTTP (a review's finding).
+    with Client(server["tcp"], token=UTF8_TOKEN) as c:
+        assert c.infer("utf8-locked", {"x": X})["y"].shape == (2, DIMS[2])
+    status, _, body = kserve_infer(server["http"], "utf8-locked",
+                                   {"Authorization": b"Bearer " + UTF8_TOKEN.encode()})
+    assert status == 200, body
+    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, DIMS[2]),
+                               reference("utf8-locked"), **TOL)
+    assert_401(kserve_infer(server["http"], "utf8-locked",
+                            {"Authorization": b"Bearer " + UTF8_TOKEN.encode("latin-1",
+                                                                             "replace")}))
+
+
+def test_a_control_token_no_header_can_carry_is_refused():
+    from mmengine.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="control_token: its value has a control character"):
+        load(env={"MMENGINE_CONTROL_TOKEN": "a\nb"})
 
 
 def test_a_variable_is_read_by_its_one_spelling_only(capsys):

@@ -86,10 +86,20 @@ class Request:
         scheme, _, token = self.headers.get("authorization", "").strip().partition(" ")
         if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
             return None
-        return token.strip() or None
+        return utf8_header(token.strip()) or None
 
     def json(self) -> Any:
         return loads(self.body or b"null", "the body")
+
+
+def utf8_header(value: str) -> str:
+    """A header's text as its sender wrote it: its bytes are read as latin-1,
+    and a name or a token (as TCP carries it) is UTF-8; one that is not
+    stays as it was read."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 @dataclass

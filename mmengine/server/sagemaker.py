@@ -47,7 +47,7 @@ from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloade
                              cannot_carry)
 from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
                                   error_response, finite, formatted, json_array, json_response,
-                                  parsed, StatusError, submitted, vetted)
+                                  parsed, StatusError, submitted, utf8_header, vetted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -352,11 +352,7 @@ def invocations(server, request: Request) -> Later:
     if not name:
         raise BadRequest("/invocations needs the X-Amzn-SageMaker-Target-Model header "
                          "naming a model loaded with POST /models")
-    try:  # a header's bytes are read as latin-1; a name is UTF-8
-        name = name.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        pass  # not UTF-8: as it was read, and not found
-    return invoke(server, request, name)
+    return invoke(server, request, utf8_header(name))  # not UTF-8: as read, and not found
 
 
 ROUTES = [
