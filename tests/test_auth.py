@@ -99,11 +99,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def call(address, method: str, path: str, body=None, headers=None):
-    """One request on a fresh connection: (status, headers, JSON body or None)."""
+def call(address, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
+    """One request on a fresh connection (`body` as JSON, or `raw` bytes):
+    (status, headers, JSON body or None)."""
     conn = http.client.HTTPConnection(*address, timeout=30)
     try:
-        data = None if body is None else json.dumps(body)
+        data = raw if raw is not None else None if body is None else json.dumps(body)
         conn.request(method, path, body=data,
                      headers={"Content-Type": "application/json", **(headers or {})})
         r = conn.getresponse()
@@ -117,6 +118,11 @@ def kserve_infer(address, name: str, headers=None):
     body = {"inputs": [{"name": "x", "shape": list(X.shape), "datatype": "FP32",
                         "data": X.ravel().tolist()}]}
     return call(address, "POST", f"/v2/models/{name}/infer", body, headers)
+
+
+def raw_infer(address, name: str, headers: dict):
+    """A raw binary infer (the body the input's bytes alone)."""
+    return call(address, "POST", f"/v2/models/{name}/infer", headers=headers, raw=X.tobytes())
 
 
 def assert_401(answer) -> None:
@@ -148,6 +154,12 @@ def test_why_a_protected_model_cannot_be_served_is_told_only_to_its_callers(serv
         with pytest.raises(Unauthorized, match="needs a token"):
             c.infer("locked-broken", {"x": X})
     assert_401(kserve_infer(server["http"], "locked-broken"))
+    # Triton's raw binary request looked the model up first: its failure,
+    # naming the file, went to a caller without the token (a review).
+    raw = {"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"}
+    assert_401(raw_infer(server["http"], "locked-broken", raw))
+    status, _, body = raw_infer(server["http"], "locked-broken", {**raw, **bearer(MODEL_TOKEN)})
+    assert status == 500 and body["code"] == "LOAD_FAILED", body
     with Client(server["tcp"]) as c:  # a manifest that cannot be read, but for its tokens
         with pytest.raises(Unauthorized, match="needs a token"):
             c.infer("locked-badkey", {"x": X})

@@ -29,7 +29,9 @@ from typing import Callable
 import numpy as np
 
 import mmengine
-from mmengine.errors import BadRequest, MMEngineError, ModelNotFound, cannot_carry
+from mmengine import auth
+from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound,
+                             cannot_carry)
 from mmengine.server import metrics
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
                                   formatted, loads, parsed, submitted, vetted)
@@ -226,19 +228,23 @@ def infer(server, request: Request, name: str, version: str | None = None) -> La
                 infer.req, infer.wanted, infer.binary_default, name,
                 version if served is None else str(served), outputs))
     if binary is not None and not header:
-        return _raw_infer(server, name, v, binary, send)
+        return _raw_infer(server, name, v, binary, request.token, send)
     return parsed(len(header), lambda: _parse_infer(header, binary), send)
 
 
 def _raw_infer(server, name: str, version: int | None, body: memoryview,
-               send: Callable[[_Infer], Later]) -> Later:
+               token: str | None, send: Callable[[_Infer], Later]) -> Later:
     """Triton's raw binary request (Inference-Header-Content-Length: 0):
     the whole body is the data of the model's one input, whose name,
     datatype and shape its manifest declares (one -1 is sized by the
     body). The outputs come back binary: a client that sends no JSON
     reads none."""
     async def look_then_send() -> Response:
-        meta = await server.engine.metadata(name, version)
+        try:
+            meta = await server.engine.metadata(name, version)
+        except LoadFailed as e:  # why, only to a caller it would serve (as infer says it)
+            auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
+            raise
         later = send(_Infer({}, _raw_inputs(meta, body), None, True, None))
         return later.finish(await later.future)  # cancelled with this task
     later = Later.of(asyncio.get_running_loop().create_task(look_then_send()))
