@@ -876,6 +876,12 @@ class Engine:
 
     async def _load_from(self, key: Key, spec: ModelSpec, path: Path, t0: float,
                          fetch_s: float) -> None:
+        if spec.warmup_bytes > self.config.max_request_bytes:
+            # No request that large could reach it: a manifest's mistake,
+            # not a lack of memory to retry (it would load on each retry).
+            raise LoadFailed(f"{key[0]} v{key[1]}: its warm-up inputs take "
+                             f"{spec.warmup_bytes} bytes, more than any request can "
+                             f"({self.config.max_request_bytes}, ring_bytes)")
         stats = self._stats.setdefault(key, ModelStats())
         need = stats.measured_bytes or spec.estimated_bytes
         # Room is waited for within load_timeout_s of the files being here

@@ -51,6 +51,7 @@ import bisect
 import collections
 import copy
 import dataclasses
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -124,6 +125,13 @@ class ModelSpec:
     source: str = ""
     files: tuple[tuple[str, str], ...] = ()
     compress: str = ""                 # "" | "zstd"
+
+    @property
+    def warmup_bytes(self) -> int:
+        """The bytes of the warm-up call's inputs (shapes past any memory
+        count as what they say, not an error)."""
+        itemsize = {t.name: np.dtype(t.dtype).itemsize for t in self.inputs}
+        return sum(math.prod(shape) * itemsize[name] for name, shape in self.warmup)
 
 
 def check_name(name: object) -> str:

@@ -198,6 +198,37 @@ def test_a_load_out_of_memory_is_overloaded_for_its_back_off(repo, own_segments)
     assert row["failures"] == 1 and row["state"] == "failed"
 
 
+def test_a_warm_up_larger_than_any_request_fails_without_a_load(tmp_path, own_segments):
+    # No request that large can arrive, so its warm-up is a manifest's mistake.
+    # One past any memory was OVERLOADED, the model loaded and closed again
+    # at every retry; this one, which fits the memory, loaded.
+    huge = tmp_path / "huge" / "1"
+    huge.mkdir(parents=True)
+    (huge / "handler.py").write_text("def load(path, device):\n    pass\n\n"
+                                     "def predict(inputs):\n    return inputs\n")
+    (huge / "model.toml").write_text('warmup = true\n[[inputs]]\nname = "x"\n'
+                                     'dtype = "float32"\nshape = [-1, 1048576]\n')
+    (tmp_path / "huge" / "2").mkdir()
+    (tmp_path / "huge" / "2" / "handler.py").write_text((huge / "handler.py").read_text())
+    (tmp_path / "huge" / "2" / "model.toml").write_text(
+        'warmup = {x = [17, 1048576]}\n[[inputs]]\nname = "x"\n'
+        'dtype = "float32"\nshape = [-1, 1048576]\n')
+
+    async def main():
+        async with Engine(config(tmp_path, ring_bytes=1 << 26)) as engine:
+            await engine.infer("huge", {"x": np.ones((1, 1 << 20), np.float32)}, version=1)
+            for _ in range(2):
+                with pytest.raises(LoadFailed, match=r"^huge v2: its warm-up inputs take "
+                                                     r"71303168 bytes, more than any request "
+                                                     r"can \(67108864, ring_bytes\)$"):
+                    await engine.infer("huge", {"x": np.ones((1, 1 << 20), np.float32)},
+                                       version=2)
+            return engine.model_row(("huge", 2))
+
+    row = run(main(), timeout=30)
+    assert row["loads"] == 0 and row["failures"] == 0
+
+
 # -- load deadlines are not request deadlines ---------------------------------
 
 def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segments):
