@@ -219,8 +219,10 @@ class Config:
 
     @property
     def max_request_bytes(self) -> int:
-        """The largest message a ring takes: its capacity (see ring.py)."""
-        return 1 << (self.ring_bytes - 1).bit_length()
+        """The largest message a ring takes: its capacity (see ring.py), or
+        the largest record a record's size field can say where that is less."""
+        from mmengine.ring import LARGEST_RECORD  # ring.py reads this module
+        return min(1 << (self.ring_bytes - 1).bit_length(), LARGEST_RECORD)
 
     def replace(self, **changes: Any) -> "Config":
         return load(overrides={**dataclasses.asdict(self), **changes}, env={})

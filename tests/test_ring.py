@@ -20,7 +20,8 @@ import pytest
 from conftest import environ
 from mmengine import shm
 from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
-from mmengine.ring import NativeRing, PyRing, record_size
+from mmengine.config import Config, GiB, MiB
+from mmengine.ring import LARGEST_RECORD, NativeRing, PyRing, record_size
 
 IMPLS = [pytest.param(PyRing, id="py")]
 if NativeRing is not None:
@@ -718,3 +719,13 @@ def test_tensors_past_a_records_parts_share_one_and_bad_places_are_refused():
         bad = [d[:3] + place if i == 0 else d for i, d in enumerate(descs)]
         with pytest.raises(BadRequest, match="t0"):
             messages.view(bad, bufs)
+
+
+@pytest.mark.parametrize("ring_bytes, largest", [
+    (3 * MiB, 4 * MiB),  # a ring's capacity is a power of two
+    (4 * GiB, LARGEST_RECORD),
+    (64 * GiB, LARGEST_RECORD),  # a record's size is 32 bits, however large the ring
+])
+def test_the_largest_request_is_what_one_record_of_the_ring_can_hold(ring_bytes, largest):
+    # Past it, a body was read whole and then refused by the ring.
+    assert Config(ring_bytes=ring_bytes).max_request_bytes == largest
