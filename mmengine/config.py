@@ -388,7 +388,7 @@ def _validate(c: Config) -> None:
     need(c.control_token == c.control_token.strip(), "control_token",
          "has white space at an end (a newline from a file?): clients' tokens never would "
          "(HTTP strips it from headers)")
-    need(c.control_token.isprintable(), "control_token",
+    need(not re.search("[\x00-\x08\x0a-\x1f\x7f]", c.control_token), "control_token",
          "has a control character, which no HTTP header can carry")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
     need(c.fetch_min_rate >= 0, "fetch_min_rate", "must be >= 0 (0: any pace)")

@@ -33,6 +33,8 @@ SEEDS = {"open": 0, "locked-warm": 1, "locked-cold-tcp": 2, "locked-cold-http": 
          "locked-control": 4, "bad-digest": 5, "locked-broken": 6, "locked-badkey": 7,
          "utf8-locked": 8}
 UTF8_TOKEN = "clé-€uro"  # an operator's choice: TCP carries it as UTF-8, and so does curl
+# Its last byte, a0, read as latin-1 (as HTTP reads a header), is white space to str.strip().
+ENDS_IN_A0 = "voilà"
 
 
 ENV_READER = '''
@@ -66,6 +68,7 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     locked(repo / "bad-digest" / "1", '"not a digest"')
     # (MODEL_TOKEN too: `mmengine bench` below opens every model with it)
     locked(repo / "utf8-locked" / "1", json.dumps([auth.digest(UTF8_TOKEN).hex(),
+                                                   auth.digest(ENDS_IN_A0).hex(),
                                                    auth.digest(MODEL_TOKEN).hex()]))
     # Its header cannot be read: the model cannot even be described.
     (repo / "locked-broken" / "1" / "model.safetensors").write_bytes(b"\xff" * 64)
@@ -433,13 +436,15 @@ def test_the_control_token_stays_out_of_the_configurations_repr():
     assert CONTROL not in str(e.value)
 
 
-def test_a_token_that_is_no_ascii_opens_its_model_on_every_protocol(server):
+@pytest.mark.parametrize("token", [UTF8_TOKEN, ENDS_IN_A0])
+def test_a_token_that_is_no_ascii_opens_its_model_on_every_protocol(server, token):
     # HTTP read the header's UTF-8 bytes as latin-1 and hashed that: such a
-    # token worked over TCP and never over HTTP (a review's finding).
-    with Client(server["tcp"], token=UTF8_TOKEN) as c:
+    # token worked over TCP and never over HTTP (a review's finding). Then
+    # its strip() cut a last byte 0x85 or 0xa0 off.
+    with Client(server["tcp"], token=token) as c:
         assert c.infer("utf8-locked", {"x": X})["y"].shape == (2, DIMS[2])
     status, _, body = kserve_infer(server["http"], "utf8-locked",
-                                   {"Authorization": b"Bearer " + UTF8_TOKEN.encode()})
+                                   {"Authorization": b"Bearer " + token.encode()})
     assert status == 200, body
     np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, DIMS[2]),
                                reference("utf8-locked"), **TOL)
@@ -448,11 +453,21 @@ def test_a_token_that_is_no_ascii_opens_its_model_on_every_protocol(server):
                                                                              "replace")}))
 
 
-def test_a_control_token_no_header_can_carry_is_refused():
+@pytest.mark.parametrize("token", ["a\nb", "a\x00b", "a\x7fb"])
+def test_a_control_token_no_header_can_carry_is_refused(token):
     from mmengine.config import ConfigError, load
 
     with pytest.raises(ConfigError, match="control_token: its value has a control character"):
-        load(env={"MMENGINE_CONTROL_TOKEN": "a\nb"})
+        load(env={"MMENGINE_CONTROL_TOKEN": token})
+
+
+@pytest.mark.parametrize("token", ["a\u00a0b", "a\tb", "a\u200db", "a\x85b"])
+def test_a_control_token_a_header_can_carry_is_taken(token):
+    # str.isprintable() refused these too, which HTTP carries as any byte
+    # of a UTF-8 character, and a tab as itself.
+    from mmengine.config import load
+
+    assert load(env={"MMENGINE_CONTROL_TOKEN": token}).control_token == token
 
 
 def test_a_variable_is_read_by_its_one_spelling_only(capsys):

@@ -49,6 +49,7 @@ from mmengine.server import codings, listener
 from mmengine.server.listener import RESERVE_ABOVE, BudgetedReading, Listener
 
 MAX_HEADER_BYTES = 64 << 10
+OWS = " \t"  # HTTP's white space about a header's parts (RFC 9110)
 # Requests read ahead of their answers on one connection; past it the
 # connection is not read until half of them are answered.
 MAX_PIPELINED = 64
@@ -83,10 +84,13 @@ class Request:
     def token(self) -> str | None:
         """The bearer token of the Authorization header; None without one
         (or with another scheme, which the engine then treats as none)."""
-        scheme, _, token = self.headers.get("authorization", "").strip().partition(" ")
+        # Only HTTP's white space is stripped: the value is read as latin-1,
+        # where str.strip() also takes the bytes 0x85 and 0xa0, the last byte
+        # of many a UTF-8 character ("à" is c3 a0).
+        scheme, _, token = self.headers.get("authorization", "").strip(OWS).partition(" ")
         if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
             return None
-        return utf8_header(token.strip()) or None
+        return utf8_header(token.strip(OWS)) or None
 
     def json(self) -> Any:
         return loads(self.body or b"null", "the body")
