@@ -76,6 +76,12 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     (paths["complex"] / "handler.py").write_text(
         "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
         "def predict(inputs):\n    return {'z': inputs['x'].astype(np.complex64)}\n")
+    paths["wide"] = root / "wide"  # one more value than a text/csv answer holds
+    paths["wide"].mkdir()
+    (paths["wide"] / "handler.py").write_text(
+        "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n"
+        f"    return {{'y': np.zeros({sagemaker.MAX_CSV_VALUES + 1}, np.float32)}}\n")
     paths["oom"] = root / "oom"
     paths["oom"].mkdir()
     (paths["oom"] / "handler.py").write_text(
@@ -359,6 +365,26 @@ def raw_call(address, path: str, body: bytes, headers: dict) -> tuple[int, str, 
         return response.status, response.getheader("Content-Type"), response.read()
     finally:
         conn.close()
+
+
+def test_an_answer_too_long_for_csv_is_counted_as_the_406_its_client_got(address, disk):
+    # It was counted OK: the size was judged as the answer was written,
+    # after the engine had counted it (a review's finding).
+    assert add(address, "wide", disk["wide"])[0] == 200
+    for accept, status in (("text/csv", 406), ("application/json", 200)):
+        got, _, raw = raw_call(address, "/models/wide/invoke", b'{"inputs": {"x": [1]}}',
+                               {"Content-Type": "application/json", "Accept": accept})
+        assert got == status and (status == 200 or b"more than a text/csv" in raw), raw[:200]
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    counted = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line.startswith("mmengine_requests_total{")}
+    assert counted['mmengine_requests_total{code="BAD_REQUEST",model="wide"}'] == 1
+    assert counted['mmengine_requests_total{code="OK",model="wide"}'] == 1
 
 
 def npy(array: np.ndarray) -> bytes:

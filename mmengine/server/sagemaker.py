@@ -271,13 +271,18 @@ def _only_output(outputs: dict[str, np.ndarray], media: str, model: str) -> np.n
     return arr
 
 
-def _answer_csv(outputs: dict[str, np.ndarray], model: str) -> Response:
-    """One row a line: a batch's first axis; the rest of each row flattened.
-    Made on a parse thread (numpy writes it a row at a time, ~2 us a row)."""
+def _check_csv(outputs: dict[str, np.ndarray], model: str) -> np.ndarray:
     arr = _only_output(outputs, CSV, model)
     if arr.size > MAX_CSV_VALUES:
         raise _NotAcceptable(f"the answer's {arr.size} values are more than a text/csv "
                              f"answer holds ({MAX_CSV_VALUES}); accept {NPY} or {JSON}")
+    return arr
+
+
+def _answer_csv(outputs: dict[str, np.ndarray], model: str) -> Response:
+    """One row a line: a batch's first axis; the rest of each row flattened.
+    Made on a parse thread (numpy writes it a row at a time, ~2 us a row)."""
+    arr = _check_csv(outputs, model)
     rows = (arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim > 1
             else arr.reshape(1, arr.size))
     text = io.StringIO()
@@ -298,7 +303,7 @@ JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 _ANSWERS = {JSON: _answer_json, CSV: _answer_csv, NPY: _answer_npy}
 # Whether an answer can be written as the media type: asked as it comes
 # (http.vetted), so that one that cannot is counted as refused.
-_CHECKS = {JSON: _check_json, CSV: lambda outputs, model: _only_output(outputs, CSV, model),
+_CHECKS = {JSON: _check_json, CSV: _check_csv,
            NPY: lambda outputs, model: _only_output(outputs, NPY, model)}
 #: CSV is for small tables: its parser holds the GIL for each call and
 #: takes ten times the text's bytes, and its writer goes a row at a time.
