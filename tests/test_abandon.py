@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import struct
 import time
@@ -109,6 +110,12 @@ def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
     assert after["y"][0] == 0.0 and pins == 0
     assert 'mmengine_skipped_requests_total{model="slow"} 3.0' in exposed
     assert 'mmengine_late_answers_total{model="slow"} 1.0' in exposed
+    # The late call took its worker's time all the same (the histogram had
+    # only the answered call's).
+    assert 'mmengine_request_compute_seconds_count{model="slow"} 2.0' in exposed
+    compute_s = float(re.search(r'mmengine_request_compute_seconds_sum\{model="slow"\} (\S+)',
+                                exposed)[1])
+    assert compute_s >= RUNNING_S
 
 
 def test_an_http_client_whose_connection_resets_abandons_its_request(tmp_path, own_segments):

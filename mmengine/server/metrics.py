@@ -288,6 +288,14 @@ class Metrics:
             counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
             counts[key] = counts.get(key, 0) + 1
+            worker_ns = f.get("worker_ns")
+            if worker_ns is not None and None not in worker_ns[:2]:
+                # The call took its worker's time all the same: a model whose
+                # calls outlive their deadlines is slow, not missing.
+                m = self._requests.get(f["model"])
+                if m is None:
+                    m = self._requests[f["model"]] = _ModelRequests()
+                m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
         elif kind == "forget":
             self._forget(f["model"], f["version"], f["last"])
 
