@@ -278,6 +278,13 @@ class Repository:
             return version in self._versions[name]
         return self._names is None or name in self._names
 
+    def gone(self, name: str) -> bool:
+        """Whether the last look found no version of `name` (no disk access:
+        a name never looked at is not known to be gone)."""
+        if name in self._versions:
+            return not self._versions[name]
+        return self._names is not None and name not in self._names
+
     def names(self) -> tuple[str, ...]:
         if self._names is None:
             self._names = self._scan_names()

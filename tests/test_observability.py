@@ -409,7 +409,7 @@ def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
         f"worker 0 loads ({n})" for n in range(2, 13)] + ["worker 1", "requests"], tracks
 
 
-def test_metrics_count_load_phases_and_worker_exits():
+def test_metrics_count_load_phases_and_worker_exits(tmp_path):
     """Events the real engine only produces with a worker that reports
     phases, or dies: fed straight to the observer."""
 
@@ -417,6 +417,7 @@ def test_metrics_count_load_phases_and_worker_exits():
         observers: list = []
         cache = None
         config = Config()
+        repo = Repository(tmp_path)
 
         def stats(self):
             return {"models": [], "workers": [], "totals": {
@@ -597,6 +598,50 @@ def test_versions_and_models_gone_from_the_repository_take_their_series(tmp_path
     assert 'model="gone"' not in body
     assert 'mmengine_requests_total{code="OK",model="churn"} 3.0' in body
     assert not re.search(r'model="churn",[^}]*version="[12]"', body), body
+
+
+def test_models_gone_that_never_loaded_take_their_series(tmp_path, own_segments):
+    # The engine forgets a version that had a row of stats: one only ever
+    # refused (a bad token), or one never asked for beside a removed one,
+    # left its model's series in every scrape for good (a review's finding).
+    import shutil
+
+    from mmengine import auth
+    from mmengine.errors import Unauthorized
+
+    x = np.ones((1, DIMS[0]), np.float32)
+    path = demo.write_mlp(tmp_path / "refused", "safetensors", *DIMS)
+    (path / "model.toml").write_text(f'token_sha256 = ["{auth.digest("secret").hex()}"]\n'
+                                     + (path / "model.toml").read_text())
+    demo.write_mlp(tmp_path / "two", "safetensors", *DIMS, version=1)
+
+    async def until_gone(engine, what) -> None:
+        for _ in range(200):
+            if not what(engine.stats()["models"]):
+                return
+            await asyncio.sleep(0.05)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            m = metrics.attach(engine)
+            with pytest.raises(Unauthorized):
+                await engine.infer("refused", {"x": x}, token="wrong")
+            await engine.infer("two", {"x": x})
+            demo.write_mlp(tmp_path / "two", "safetensors", *DIMS, seed=2, version=2)
+            await asyncio.sleep(0.3)  # scanned: version 2 is the default now, never asked for
+            shutil.rmtree(tmp_path / "two" / "1")
+            await until_gone(engine, lambda rows: any(r["name"] == "two" for r in rows))
+            before = m.exposition()[0].decode()
+            shutil.rmtree(tmp_path / "refused")
+            shutil.rmtree(tmp_path / "two")
+            await asyncio.sleep(0.3)  # scanned
+            return before, m.exposition()[0].decode(), m.version_stats()
+
+    before, after, stats = run(main())
+    assert 'mmengine_requests_total{code="UNAUTHORIZED",model="refused"} 1.0' in before
+    assert 'mmengine_requests_total{code="OK",model="two"} 1.0' in before
+    assert 'model="refused"' not in after and 'model="two"' not in after, after
+    assert stats == [], stats
 
 
 def test_a_rollback_to_a_version_never_served_keeps_its_models_series(tmp_path, own_segments):

@@ -309,9 +309,27 @@ class Metrics:
             for key in [k for k in counts if k[:2] == (model, v)]:
                 del counts[key]
         if last:
-            self._requests.pop(model, None)
-            self._late.pop((model,), None)
-            self._skipped.pop((model,), None)
+            self._forget_model(model)
+
+    def _forget_model(self, model: str) -> None:
+        self._requests.pop(model, None)
+        self._late.pop((model,), None)
+        self._skipped.pop((model,), None)
+
+    def _prune(self, rows: list[dict]) -> list[dict]:
+        """Forgets what the engine never will: its "forget" comes for a
+        version that had a row in stats (`rows`: loaded, or failed), and
+        requests refused before any load (a bad token) count a version that
+        had none. Returns `rows`."""
+        counted = {(r["name"], r["version"]) for r in rows}
+        repo = self.engine.repo
+        for key in [k for k in self._versions if k not in counted and not repo.listed(*k)]:
+            self._forget(*key, last=False)
+        names = {name for name, _ in counted}
+        models = {*self._requests, *(k[0] for k in self._late), *(k[0] for k in self._skipped)}
+        for model in [m for m in models if m and m not in names and repo.gone(m)]:
+            self._forget_model(model)
+        return rows
 
     def _count_version(self, model: str, f: dict, worker_ns: tuple | None) -> None:
         version = f["version"]
@@ -348,8 +366,8 @@ class Metrics:
         """What version_stats() reports, copied on the loop for
         triton_stats() to format on any thread: (key, counts, memory)."""
         if keys is None:
-            rows = {(r["name"], r["version"]): r
-                    for r in (self.engine.stats()["models"] if rows is None else rows)}
+            rows = {(r["name"], r["version"]): r for r in self._prune(
+                self.engine.stats()["models"] if rows is None else rows)}
             keys = sorted(set(self._versions) | set(rows))
         else:  # not every model's row for one's (a dashboard asks model by model)
             rows = {key: self.engine.model_row(key) for key in keys}
@@ -372,7 +390,9 @@ class Metrics:
     def snapshot(self) -> "_Scrape":
         """The counts and the engine's state as they are now; on the loop,
         where the observer changes them."""
-        return _Scrape(self, self.engine.stats())
+        stats = self.engine.stats()
+        self._prune(stats["models"])
+        return _Scrape(self, stats)
 
     def collect(self):
         yield from self.snapshot().collect()
@@ -678,7 +698,9 @@ def _scraped(scrapes: dict, content_type: str, made: asyncio.Future) -> None:
 
 async def _scrape(m: Metrics, accept: str | None) -> tuple[bytes, str]:
     """A scrape: copied on the loop, formatted on a thread."""
-    scrape = _Scrape(m, await m.engine.collect_stats())
+    stats = await m.engine.collect_stats()
+    m._prune(stats["models"])
+    scrape = _Scrape(m, stats)
     return await asyncio.get_running_loop().run_in_executor(None, scrape.exposition, accept)
 
 
