@@ -795,12 +795,12 @@ class Engine:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     await asyncio.shield(task)
             except asyncio.CancelledError:
-                if task.cancelled() and self._stopped \
-                        and not asyncio.current_task().cancelling():
-                    # stop() cancelled the load, not this caller's caller
+                if not task.cancelled() or asyncio.current_task().cancelling():
+                    raise  # this caller's own
+                if self._stopped:  # stop() cancelled the load
                     raise Overloaded(f"{key[0]}: the engine shut down before it was "
                                      f"loaded") from None
-                raise
+                continue  # another's task, cancelled: look again
             except TimeoutError:
                 if key in self._short_of_room:  # the truth, and what SageMaker acts on (507)
                     raise self._no_room(key, "it by the request's deadline") from None
@@ -1276,15 +1276,17 @@ class Engine:
                     self.config.low_watermark)
                 if reason != books.OK:
                     continue
-                try:
-                    # Bounded: unloads queue behind loads on the worker, and
-                    # this lock must not be held by a stuck one.
-                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                        await asyncio.gather(*[self._evict(v, "pressure", key)
-                                               for v in victims], return_exceptions=True)
-                except TimeoutError:
-                    raise Overloaded(f"{key[0]}: worker {w.index} did not unload in time "
-                                     f"to make room") from None
+                # Bounded: unloads queue behind loads on the worker, and this
+                # lock must not be held by a stuck one. Not cancelled at the
+                # deadline: each is the unload that its model's requests wait
+                # on, and its entry stays until the worker has answered.
+                evictions = [self._evict(v, "pressure", key) for v in victims]
+                if evictions:
+                    _, pending = await asyncio.wait(
+                        evictions, timeout=max(0.0, deadline - time.monotonic()))
+                    if pending:
+                        raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
+                                         f"time to make room")
                 if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
                         not w.alive:
                     continue  # lost what we made room for; try elsewhere

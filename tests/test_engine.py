@@ -629,6 +629,46 @@ def test_an_unload_during_a_load_waits_for_the_requests_that_waited_for_it(
     assert row["loads"] == 1 and row["state"] == "on storage", row
 
 
+QUICK = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return {'y': inputs['x']}\n"
+
+
+def test_a_load_that_gives_up_on_room_leaves_its_victims_unloads_be(tmp_path, own_segments):
+    # Its evictions queued behind a load longer than its load_timeout_s.
+    # Giving up cancelled them: a request waiting for a victim's unload got
+    # a CancelledError it never asked for (over TCP: "the server is shutting
+    # down"), and the victims left the books while their worker held them.
+    write_handler(tmp_path, "slowload", slow_loading(2.5), "bytes = 1000\n")
+    for name in ("c", "d"):
+        write_handler(tmp_path, name, QUICK, "bytes = 1000\n")
+    write_handler(tmp_path, "x", QUICK, "bytes = 6000\n")
+    one = {"x": np.ones(1)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=10_000,
+                                 load_timeout_s=1.5)) as engine:
+            await engine.infer("c", one)
+            await engine.infer("d", one)
+            slow = asyncio.ensure_future(engine.infer("slowload", one))
+            await asyncio.sleep(0.3)  # its load holds the worker's loader for 2.5 s
+            x = asyncio.ensure_future(engine.infer("x", one))  # evicts c and d
+            await asyncio.sleep(0.1)
+            c = asyncio.ensure_future(engine.infer("c", one, timeout=10))  # waits for c's unload
+            with pytest.raises(Overloaded, match="did not unload in time to make room"):
+                await x
+            books = {key: engine.cache.entry(key).state for key in engine.cache.lru_keys()}
+            c = await c
+            await asyncio.gather(slow, return_exceptions=True)
+            return c, books
+
+    from mmengine.cache import UNLOADING
+
+    c, books = run(main(), timeout=60)
+    np.testing.assert_array_equal(c["y"], np.ones(1))
+    # Still on their worker, behind the long load: still in the books.
+    assert books == {("c", 1): UNLOADING, ("d", 1): UNLOADING,
+                     ("slowload", 1): UNLOADING}, books
+
+
 def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments):
     """With account_requests, each request's account says what the worker's
     loader thread did as the request began: "load" while a load ran (the
