@@ -1899,8 +1899,9 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
-                # Begun, it ends, whether its caller waits or not.
-                await asyncio.shield(self._evict(key, "unload"))
+                # Begun, it ends, whether its caller waits (above: until the
+                # deadline, as it may queue behind another model's load) or not.
+                self._evict(key, "unload")
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)

@@ -669,6 +669,34 @@ def test_a_load_that_gives_up_on_room_leaves_its_victims_unloads_be(tmp_path, ow
                      ("slowload", 1): UNLOADING}, books
 
 
+def test_an_unload_behind_another_models_load_times_out_at_its_deadline(
+        tmp_path, own_segments):
+    # Its eviction queued behind the load on the worker's loader thread, and
+    # unload() returned when that load ended, past its timeout (a review).
+    write_handler(tmp_path, "slowload", slow_loading(3.0))
+    write_handler(tmp_path, "quick", QUICK)
+    one = {"x": np.ones(1)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            await engine.infer("quick", one)
+            slow = asyncio.ensure_future(engine.infer("slowload", one))
+            await asyncio.sleep(0.3)  # its load holds the worker's loader
+            t0 = time.monotonic()
+            with pytest.raises(Timeout, match="quick: its unload was still under way"):
+                await engine.unload("quick", timeout=0.5)
+            took = time.monotonic() - t0
+            await slow
+            for _ in range(100):  # the unload went on, and ends after the load
+                if engine.model_row(("quick", 1))["state"] == "on storage":
+                    break
+                await asyncio.sleep(0.05)
+            return took, engine.model_row(("quick", 1))["state"]
+
+    took, state = run(main(), timeout=60)
+    assert took < 1.5 and state == "on storage", (took, state)
+
+
 def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments):
     """With account_requests, each request's account says what the worker's
     loader thread did as the request began: "load" while a load ran (the
