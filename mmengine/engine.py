@@ -1754,7 +1754,11 @@ class Engine:
                      timeout: float | None = None, keep_host: bool = False) -> None:
         """Unloads a model (dropping an explicit pin), once the requests in
         flight on it have finished, and drops its host-tier copy unless
-        `keep_host` (as an eviction would)."""
+        `keep_host` (as an eviction would). No `version`: every version held
+        here (unload_all), as one pinned before a newer one became the
+        default would otherwise stay."""
+        if version is None and not keep_host:
+            return await self.unload_all(name, timeout)
         deadline = self._deadline(timeout)
         async with self._in_order(name, deadline):
             await self._unload_now(name, version, deadline, keep_host)
@@ -1789,9 +1793,16 @@ class Engine:
             return await self._pin_now(name, version, deadline)
 
     async def unpin(self, name: str, version: int | None = None) -> None:
+        """Makes a pinned model evictable again; no `version`: every pinned
+        version of it (a version pinned before a newer one became the
+        default stayed pinned, and the call answered OK)."""
         self._deadline(None)  # refused as the other calls are: not started, stopped, off its loop
         async with self._in_order(name):
-            self._drop_pin(await self._held_key(name, version))
+            pinned = [key for key in self._pinned if key[0] == name] if version is None else ()
+            for key in pinned:
+                self._drop_pin(key)
+            if not pinned:
+                self._drop_pin(await self._held_key(name, version))
 
     def _holds(self, key: Key) -> bool:
         """Whether a worker has `key`, or loads it, or it is pinned."""
@@ -1808,15 +1819,7 @@ class Engine:
             key = (name, version)
             if self._holds(key):
                 return key
-        try:
-            spec = await self._spec(name, version)
-        except MMEngineError:
-            # A pinned model whose manifest or files cannot be read (a
-            # configured pin keeps the server warming): its one pin, by name.
-            pinned = [key for key in self._pinned if key[0] == name]
-            if version is None and len(pinned) == 1:
-                return pinned[0]
-            raise
+        spec = await self._spec(name, version)
         return spec.name, spec.version
 
     @contextlib.asynccontextmanager

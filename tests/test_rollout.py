@@ -135,6 +135,28 @@ def test_a_pinned_version_removed_goes_with_its_pin(tmp_path, own_segments):
     run(main())
 
 
+@pytest.mark.parametrize("call", ["unpin", "unload"])
+def test_a_call_naming_no_version_reaches_the_one_pinned_before_a_newer_came(
+        tmp_path, own_segments, call):
+    # It acted on the new default version, answered OK, and version 1 stayed
+    # pinned and resident: a pin its operator believed released (a review).
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.pin("m")
+            demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
+            await until(lambda: listed(engine, "m") == (1, 2))
+            check((await engine.infer("m", {"x": X}))["y"], 2)  # the new default
+            await getattr(engine, call)("m")
+            row = next(r for r in engine.stats()["models"] if r["version"] == 1)
+            return row, ("m", 1) in engine._pinned
+
+    row, pinned = run(main())
+    assert not pinned and not row["pinned"]
+    assert row["state"] == ("on storage" if call == "unload" else "resident"), row
+
+
 def test_a_model_whose_last_version_went_is_forgotten_though_its_directory_stays(
         tmp_path, own_segments):
     # The name's directory still listed it, so its copy in host memory and
