@@ -606,7 +606,7 @@ class Engine:
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
                                  f"in flight{ahead}; retry later")
             return worker.call(Op.INFER, key[0], key[1], arrays,
-                               on_done=lambda: self._unpin_request(key, gen),
+                               on_done=lambda: self._unpin_request(key, gen, True),
                                deadline=deadline, then=then)
         except BaseException:
             self._unpin_request(key, gen)
@@ -825,11 +825,14 @@ class Engine:
         busy[1].add_done_callback(done)
         return busy
 
-    def _unpin_request(self, key: Key, gen: int) -> None:
+    def _unpin_request(self, key: Key, gen: int, ran: bool = False) -> None:
         # A request pinned this generation of the entry; if the worker died
         # and the model was loaded again since, the pin died with the old one.
         if self._has_entry(key, gen):
-            self.cache.release(key)
+            if self.cache.release(key) == 0 and ran:
+                # Its last use ends now: idle_unload_s counts from here (a
+                # request longer than it was unloaded at once after).
+                self.cache.touch(key, time.monotonic())
             self._room_changed()
             if self._stale:  # its last request may have ended
                 self._retire_stale()

@@ -183,6 +183,27 @@ def test_idle_models_are_unloaded(repo, own_segments):
     assert row["evictions_by_reason"] == {"idle": 1}
 
 
+def test_a_model_is_idle_from_the_end_of_its_last_request(repo, own_segments):
+    # Idle time counted from the request's start: a model whose request ran
+    # longer than idle_unload_s was unloaded as it ended (a review's finding).
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1, idle_unload_s=1.0)) as engine:
+            await engine.infer("slow", {"seconds": np.array([1.5])})
+            await asyncio.sleep(0.5)
+            after = engine.model_row(("slow", 1))["state"]
+            deadline = time.monotonic() + 10
+            while engine.model_row(("slow", 1))["state"] == "resident":
+                assert time.monotonic() < deadline, "idle model never unloaded"
+                await asyncio.sleep(0.05)
+            return after, engine.model_row(("slow", 1))
+
+    after, row = run(main())
+    assert after == "resident"
+    assert row["evictions_by_reason"] == {"idle": 1}
+
+
 def test_host_memory_watermark_evicts(repo, own_segments):
     root, _ = repo
 
