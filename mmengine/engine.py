@@ -1757,14 +1757,15 @@ class Engine:
                      timeout: float | None = None, keep_host: bool = False) -> None:
         """Unloads a model (dropping an explicit pin), once the requests in
         flight on it have finished, and drops its host-tier copy unless
-        `keep_host` (as an eviction would). No `version`: every version held
-        here (unload_all), as one pinned before a newer one became the
-        default would otherwise stay."""
-        if version is None and not keep_host:
-            return await self.unload_all(name, timeout)
+        `keep_host` (as an eviction would). No `version`: the default one,
+        and any other pinned (pinned before a newer one became the default,
+        it stayed, pinned)."""
         deadline = self._deadline(timeout)
         async with self._in_order(name, deadline):
             await self._unload_now(name, version, deadline, keep_host)
+            pinned = [key for key in self._pinned if key[0] == name] if version is None else ()
+            for key in pinned:
+                await self._unload_now(name, key[1], deadline, keep_host)
 
     async def unload_all(self, name: str, timeout: float | None = None) -> None:
         """Unloads every version of a model held here (on a worker, loading,
@@ -1822,7 +1823,15 @@ class Engine:
             key = (name, version)
             if self._holds(key):
                 return key
-        spec = await self._spec(name, version)
+        try:
+            spec = await self._spec(name, version)
+        except MMEngineError:
+            # A pinned model whose manifest or files cannot be read (a
+            # configured pin keeps the server warming): its one pin, by name.
+            pinned = [key for key in self._pinned if key[0] == name]
+            if version is None and len(pinned) == 1:
+                return pinned[0]
+            raise
         return spec.name, spec.version
 
     @contextlib.asynccontextmanager
