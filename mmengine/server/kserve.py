@@ -299,7 +299,7 @@ def _parse_infer(header: bytes, binary: memoryview | None) -> _Infer:
     if type(req) is not dict:
         raise BadRequest("the inference request must be a JSON object")
     params = _parameters(req, "the inference request")
-    if type(req.get("id", "")) is not str:
+    if type(req.get("id", "")) not in (str, type(None)):  # null: none, as other optional fields
         raise BadRequest("'id' must be a string")
     inputs = _parse_inputs(req.get("inputs"), binary)
     binary_default = _flag(params, "binary_data_output", False)
