@@ -89,15 +89,18 @@ def _too_long(size: int) -> TooLarge:
 
 def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
     if type(obj) is dict:
-        packer.pack_map_header(len(obj))
+        big = [key for key, value in obj.items() if _is_big(value)]
+        packer.pack_map_header(len(obj) + len(big))
         for key, value in obj.items():
+            if big and key in big:
+                _pad_before(key, packer, parts)
             packer.pack(key)
             _pack(value, packer, parts)
     elif type(obj) is list:
         packer.pack_array_header(len(obj))
         for value in obj:
             _pack(value, packer, parts)
-    elif isinstance(obj, (bytes, bytearray, memoryview)) and memoryview(obj).nbytes >= BIG:
+    elif _is_big(obj):
         view = memoryview(obj).cast("B")  # a C-contiguous buffer (encode_tensors)
         if view.nbytes > MAX_LENGTH:  # nor can a bin32's length
             raise _too_long(view.nbytes)
@@ -106,6 +109,28 @@ def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
         parts.append(view)
     else:
         packer.pack(obj)
+
+
+def _is_big(obj: Any) -> bool:
+    return isinstance(obj, (bytes, bytearray, memoryview)) and memoryview(obj).nbytes >= BIG
+
+
+def _pad_before(key: Any, packer: msgpack.Packer, parts: list) -> None:
+    """An entry PAD_KEY: bin of as many zero bytes as make the large bin of
+    `key`, which follows, begin ALIGN-aligned in the frame body. A receiver
+    (LargeFrame: a buffer of its own, malloc's) then views it aligned for
+    any dtype, where numpy's fast paths want it; else where the other keys'
+    lengths put it (decode_tensors copies a misaligned output)."""
+    at = sum(memoryview(part).nbytes for part in parts[1:]) + len(packer.bytes())
+    head = len(_PAD_HEAD) + 2 + len(msgpack.packb(key)) + _BIN32.size  # bin8: 2 bytes
+    packer.pack(PAD_KEY)
+    packer.pack(bytes(-(at + head) % ALIGN))
+
+
+#: Tensor data of a large frame begins aligned to this (frame_parts).
+ALIGN = 16
+PAD_KEY = "pad"
+_PAD_HEAD = msgpack.packb(PAD_KEY)
 
 
 def frames(message: dict, tensors: dict | None = None) -> list:

@@ -216,6 +216,19 @@ def test_one_connection_pipelining_past_its_limit_waits_and_is_never_overloaded(
     assert [float(out["y"][0]) for out in outs] == list(range(count))
 
 
+def test_large_answers_arrive_aligned_and_are_not_copied(address):
+    # Where a tensor's data began in its frame was up to the lengths of the
+    # keys before it (the id's, the shape's): misaligned, it was copied, and
+    # a 40 MB answer took twice its memory (a review). A pad now aligns it.
+    xs = [np.arange(n, dtype=np.float32) for n in range(20_000, 20_004)]
+    xs += [np.arange(20_001, dtype=np.float64), np.ones((3, 7001), np.complex128)]
+    with Client(address) as c:
+        for i, x in enumerate(xs * 2):  # ids of other lengths the second time round
+            y = c.infer("echo", {"x": x})["y"]
+            assert np.array_equal(y, x) and y.flags.aligned
+            assert not y.flags.owndata, (i, x.shape, x.dtype)  # a view of its frame
+
+
 def test_large_tensors_cross_whole_both_ways(address):
     # Tensors of protocol.BIG bytes or more are sent from where they lie
     # and decoded as views of the frame they came in: every size around
