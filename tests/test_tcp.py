@@ -1399,3 +1399,36 @@ def test_the_cli_says_sizes_as_an_operator_reads_them():
     # --device-budget 96KiB was said "0 MiB of models each" (a review's finding).
     assert [_size(n) for n in (500, 96 << 10, 1023 << 20, 11789 << 20)] == \
         ["500 bytes", "96 KiB", "1023 MiB", "11.51 GiB"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+def test_port_0_on_a_name_of_two_addresses_is_one_port_on_both(tmp_path, own_segments):
+    # Each address got a port of its own, and the one announced reached one
+    # of them alone (`--host localhost` where it is 127.0.0.1 and ::1).
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = TcpServer(engine)
+            port = await server.start(["127.0.0.1", "::1"], 0)
+            try:
+                bound = sorted(s.getsockname()[:2] for s in server._server.sockets)
+                for host in ("127.0.0.1", "[::1]"):
+                    async with AsyncClient(f"{host}:{port}") as c:
+                        assert (await c.health())["status"] == "serving"
+                return port, bound
+            finally:
+                await server.stop()
+
+    port, bound = run(main())
+    assert bound == [("127.0.0.1", port), ("::1", port)]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import fcntl
 import struct
 import termios
 import time
 import weakref
-from typing import Callable
+from typing import Callable, Sequence
 
 from mmengine import auth
 from mmengine.engine import Engine
@@ -26,6 +27,7 @@ from mmengine.errors import Timeout
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 << 10
 DRAIN_POLL_S = 0.01  # how often a stopping server looks at unsent answers
+PORT_TRIES = 8  # port 0 on a name of several addresses: ports tried for all of them
 
 
 def allow_writes(transport: asyncio.Transport) -> None:
@@ -123,12 +125,29 @@ class Listener:
         """Unauthorized unless `token` is the control token (if one is set)."""
         auth.check(self.control_digests, token, "a control operation")
 
-    async def start(self, host: str, port: int) -> int:
-        """Listens; returns the bound port (useful with port 0)."""
+    async def start(self, host: str | Sequence[str], port: int) -> int:
+        """Listens on every address of `host`; returns the bound port
+        (useful with port 0: the same on every address)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, host, port,
-                                                reuse_address=True)
-        return self._server.sockets[0].getsockname()[1]
+        for _ in range(PORT_TRIES):
+            self._server = await loop.create_server(self._factory, host, port,
+                                                    reuse_address=True)
+            bound = self._server.sockets[0].getsockname()[1]
+            if port or len({s.getsockname()[1] for s in self._server.sockets}) == 1:
+                return bound
+            # Port 0 gave each address (localhost's 127.0.0.1 and ::1) a port
+            # of its own, and the one announced reached one of them alone:
+            # all on the first's, if it is free on the others.
+            self._server.close()
+            try:
+                self._server = await loop.create_server(self._factory, host, bound,
+                                                        reuse_address=True)
+                return bound
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, f"no port free on every address of {host!r} "
+                                        f"in {PORT_TRIES} tries")
 
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish (to the shutdown
