@@ -560,7 +560,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # The front-end decides when a worker stops: a signal to the whole
     # process group (Ctrl-C; systemd's SIGTERM to every process of a unit)
     # must not end it under the requests the front-end is draining. It ends
-    # when its rings close, or its front-end dies.
+    # when its rings close, or its front-end dies. (A worker the pool starts
+    # ignores them from its first line, workers.WORKER_ENTRY: again here.)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     for stream in ("stdout", "stderr"):

@@ -44,6 +44,7 @@ from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, 
                              WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import Ring
+from mmengine.worker import STOP_SIGNALS
 
 _BURST = 64  # responses handled before the response ring's space is handed back
 # uvloop's clock counts milliseconds: a deadline this close is due now
@@ -53,6 +54,17 @@ CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 #: How long stop() waits for workers to exit of their own however late it
 #: is: an idle one takes milliseconds once its request ring is closed.
 EXIT_GRACE_S = 0.2
+# A worker process's first lines: the stop signals ignored before it imports
+# anything (a second of it), where one sent to the whole process group
+# (Ctrl-C, systemd's stop) killed it and failed the server's start. It
+# begins with them blocked (_start), so that one sent before these lines run
+# waits, and is dropped here. An ignored signal stays ignored in what the
+# worker execs; a blocked one stays blocked: unblocked here.
+_STOP = sorted(int(s) for s in STOP_SIGNALS)
+WORKER_ENTRY = (f"import signal\n"
+                f"for s in {_STOP}: signal.signal(s, signal.SIG_IGN)\n"
+                f"signal.pthread_sigmask(signal.SIG_UNBLOCK, {_STOP})\n"
+                f"from mmengine.worker import run; run()")
 
 
 class _Outlet:
@@ -253,10 +265,15 @@ class Worker:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(mmengine.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
                                                           env.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from mmengine.worker import run; run()"],
-            stdin=subprocess.PIPE,
-            pass_fds=fds, env=env)
+        # Blocked while it starts (the child inherits the mask): a stop
+        # signal meanwhile reaches the front-end as soon as they are
+        # unblocked here, never the worker (WORKER_ENTRY).
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", WORKER_ENTRY],
+                                            stdin=subprocess.PIPE, pass_fds=fds, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         self.pid = self.process.pid
         # A worker needs no secret of the front-end's: it never sees one.
         config = self._config.replace(control_token="") if self._config.control_token \

@@ -861,14 +861,19 @@ def test_a_request_that_loaded_its_model_and_runs_at_the_deadline_hears_why(
 # -- SIGTERM under traffic ----------------------------------------------------------
 
 @contextlib.contextmanager
-def inherited_sighup(disposition):
-    """SIGHUP's disposition for the servers started meanwhile, which they
-    inherit: the tests' own may be nohup's (ignored)."""
-    old = signal.signal(signal.SIGHUP, disposition)
+def inherited(sig, disposition):
+    """`sig`'s disposition for the servers started meanwhile, which they
+    inherit: the tests' own may be ignored (SIGHUP under nohup, SIGINT in a
+    job a shell started in the background)."""
+    old = signal.signal(sig, disposition)
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, old)
+        signal.signal(sig, old)
+
+
+def inherited_sighup(disposition):
+    return inherited(signal.SIGHUP, disposition)
 
 
 def hits(stats: dict, model: str) -> int:
@@ -969,6 +974,54 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo, sig):
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
+
+
+def worker_children(pid: int) -> list[int]:
+    """The worker processes `pid` has started (past their exec)."""
+    pids = []
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    workers = []
+    for child in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"mmengine.worker" in f.read():
+                    workers.append(child)
+    return workers
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_stop_signal_to_the_group_while_workers_start_exits_0(repo, sig):
+    # A worker ignored the stop signals only once it had imported what it
+    # runs (a second): one sent to the whole group meanwhile (systemd's
+    # stop, Ctrl-C) killed it, and the server exited 1, "cannot serve:
+    # WorkerDied ... ended: SIGTERM" (Ctrl-C: with a KeyboardInterrupt
+    # traceback from the worker).
+    with inherited_sighup(signal.SIG_DFL), inherited(signal.SIGINT, signal.SIG_DFL):
+        server = Server("--repo", str(repo), "--workers", "2", "--tcp-port", "0",
+                        "--http-port", "-1", own_group=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while not seen:  # the first worker, just started: still importing
+            assert time.monotonic() < deadline and server.proc.poll() is None, \
+                "".join(server.output)
+            seen.update(worker_children(server.proc.pid))
+            time.sleep(0.005)
+        os.killpg(server.proc.pid, sig)
+        assert server.proc.wait(30) == 0, "".join(server.output)
+        said = "".join(server.output)
+        assert "cannot serve" not in said and "Traceback" not in said, said
+        assert not live_pids(seen)
+        assert not [s for s in shm.list_segments()
+                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        for pid in live_pids(seen):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
