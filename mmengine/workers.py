@@ -930,7 +930,9 @@ class WorkerPool:
         """Close every request ring (workers drain and exit), then wait for
         them against one deadline (time.monotonic(); by default
         shutdown_timeout_s from now); whoever is left is killed (a worker
-        ignores SIGTERM). Leaves no process and no segment behind."""
+        ignores SIGTERM). One not yet READY (starting, or restarting) has
+        nothing to drain: it is killed at once. Leaves no process and no
+        segment behind."""
         if self._forsaken:
             return  # they are the parent's, and go with it
         self._stopping = True
@@ -938,8 +940,14 @@ class WorkerPool:
             deadline = time.monotonic() + self.config.shutdown_timeout_s
         for w in self.workers:
             w.on_death = None
-            if w.alive:
+            if w.up:
                 w.close_requests()
+            elif w.is_running():
+                # Starting (or declared dead): nothing to drain, and nothing
+                # to wait the deadline for (it did). Killed before its rings
+                # go, which it would find gone and log as an error.
+                w.stopped_why = f"the server stopped before worker {w.index} was ready"
+                w.process.kill()
         # A deadline already spent (the servers' drain took it) still lets an
         # idle worker exit of its own, in a few milliseconds.
         deadline = max(deadline, time.monotonic() + EXIT_GRACE_S)

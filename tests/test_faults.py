@@ -1529,6 +1529,38 @@ def test_a_load_sent_to_a_worker_still_starting_is_not_timed_out_by_its_start(
     assert row["failures"] == 0 and row["state"] == "resident"
 
 
+def test_a_stop_kills_a_worker_still_starting_at_once(repo, own_segments, tmp_path,
+                                                    monkeypatch):
+    # An idle engine took its whole shutdown_timeout_s to stop while a
+    # restarted worker had not yet said it was ready: the pool waited the
+    # deadline for it to drain requests it never had.
+    slow_start = tmp_path / "slow-start"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # every interpreter the test starts from now
+        f"import os, time\nif os.path.exists({str(slow_start)!r}):\n    time.sleep(30)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+
+    async def main():
+        engine = Engine(config(repo, shutdown_timeout_s=10))
+        async with engine:
+            await engine.infer("m00", {"x": X})
+            slow_start.touch()  # the next worker takes 30 s to come up
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: engine.pool.workers[0] is not old, 10, "the new worker")
+            new = engine.pool.workers[0]
+            await asyncio.sleep(0.3)  # inside its start-up
+            assert not new.up and new.is_running()
+            t0 = time.monotonic()
+        return time.monotonic() - t0, new.pid
+
+    took, pid = run(main(), timeout=60)
+    assert took < 3, f"the stop took {took:.1f} s"
+    assert not live_pids([pid])
+
+
 def test_pins_that_race_for_the_last_room_are_refused_at_once_not_at_their_deadline(
         tmp_path, own_segments):
     # Pins sent together past what fits: the losers waited for room their
