@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -158,6 +159,39 @@ def _loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
+async def _started(engine, stop: asyncio.Event) -> bool:
+    """Starts `engine`, unless `stop` is set first (its workers may take
+    up to ready_timeout_s to come up): then the start is cancelled (its
+    workers, with nothing to drain, are killed at once) and False is
+    returned, with no port opened. A start that fails once a stop signal
+    has come fails of no fault of the server's: it stops as asked."""
+    starting = asyncio.ensure_future(engine.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not stop.is_set():
+        await starting  # its error, if any, is the server's
+        return True
+    _say("mmengine: shutting down")
+    starting.cancel()
+    await asyncio.wait((starting,))
+    if not starting.cancelled():
+        starting.exception()  # taken: a start the stop cut short failed of it, if it did
+    await engine.stop()  # one that was done as the stop came (else nothing to do)
+    return False
+
+
+@contextlib.asynccontextmanager
+async def _stopping(engine):
+    """A started engine, stopped on the way out (as `async with Engine`)."""
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     from mmengine import worker
     from mmengine.engine import Engine
@@ -180,7 +214,10 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
                                     tuple(fd for fd in (1, 2) if os.isatty(fd)))
         else:
             loop.add_signal_handler(sig, stop.set)
-    async with Engine(config) as engine:
+    engine = Engine(config)
+    if not await _started(engine, stop):
+        return
+    async with _stopping(engine):
         metrics.attach(engine)  # counters from the start, not from the first scrape
         if tracer is not None:
             engine.observers.append(tracer)

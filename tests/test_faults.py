@@ -1024,6 +1024,51 @@ def test_a_stop_signal_to_the_group_while_workers_start_exits_0(repo, sig):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("dies", [False, True], ids=["alone", "as-a-worker-dies"])
+def test_a_stop_signal_while_a_worker_is_slow_to_start_stops_at_once(repo, tmp_path, dies):
+    # SIGTERM during the start waited for every worker to be ready (up to
+    # ready_timeout_s), then the server opened its ports and said
+    # "serving" before it stopped. A start that failed once the stop had
+    # come (a worker dead meanwhile) was "cannot serve", exit 1.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # the workers' only: 30 s to come up
+        "import time\nif b'mmengine.worker' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(30)\n")
+    env = environ()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=env, own_group=True)
+    seen: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not seen:
+            assert time.monotonic() < deadline and server.proc.poll() is None, \
+                "".join(server.output)
+            seen = worker_children(server.proc.pid)
+            time.sleep(0.02)
+        time.sleep(0.5)  # its start-up under way
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        if dies:
+            os.kill(seen[0], signal.SIGKILL)
+        assert server.proc.wait(20) == 0, "".join(server.output)
+        took = time.monotonic() - t0
+        said = "".join(server.output)
+        assert took < 5, f"it stopped {took:.1f} s after SIGTERM:\n{said}"
+        assert "serving" not in said and "shutting down" in said, said
+        assert "cannot serve" not in said and "Traceback" not in said, said
+        assert not live_pids(seen)
+        assert not [s for s in shm.list_segments()
+                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        for pid in live_pids(seen):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
     # The rings tell a worker its front-end died, but only a main thread
     # that gets back to them: one inside a model's predict (or stuck there
