@@ -5,12 +5,25 @@ container's log) can be put in order and told apart."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
+
+
+class _Handler(logging.StreamHandler):
+    """A line that cannot be written (its reader gone: a pipe whose reader
+    ended, as under `| head`; a closed terminal) is dropped: a server goes
+    on without its operator's lines, not with a "--- Logging error ---"
+    traceback on stderr for each."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 def handler(stream, who: str) -> logging.Handler:
     """A handler writing to `stream` as "<time> <LEVEL> <who>: <message>"."""
-    out = logging.StreamHandler(stream)
+    out = _Handler(stream)
     formatter = logging.Formatter(f"%(asctime)s.%(msecs)03dZ %(levelname)s {who}: "
                                   "%(message)s", "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime

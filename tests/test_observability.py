@@ -779,6 +779,39 @@ def test_operator_lines_carry_their_time_level_and_speaker():
     assert not log.propagate
 
 
+def test_an_operator_line_its_reader_is_gone_for_is_dropped(capsys):
+    # `mmengine serve | head -1`: once the reader of stdout was gone, each
+    # line logged added a "--- Logging error --- BrokenPipeError" traceback
+    # on stderr.
+    import logging
+
+    from mmengine import logs
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    log = logging.getLogger("mmengine.test-gone")
+    logs.to(log, Gone(), "mmengine", "info")
+    log.warning("worker %d ended: %s", 0, "SIGKILL")
+    log.info("worker %d is back", 0)
+    assert capsys.readouterr().err == ""
+
+    class Broken:  # what is no I/O error is still told
+        def write(self, text):
+            raise ValueError("not a stream's error")
+
+        def flush(self):
+            pass
+
+    logs.to(log, Broken(), "mmengine", "info")
+    log.warning("said")
+    assert "Logging error" in capsys.readouterr().err
+
+
 def test_the_scrapes_own_writer_says_what_prometheus_client_would(tmp_path):
     """A scrape is written by our own writer (prometheus-client's took ~10 µs
     a line: 1.4 s a scrape at 2,000 models); read back by prometheus-client's
