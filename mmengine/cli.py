@@ -65,19 +65,78 @@ def ensure_demo_repository(root: Path) -> Path:
             raise cfg.ConfigError(f"repo: --demo writes its models under {root.parent}, "
                                   f"which it cannot ({e.strerror or e}): point "
                                   f"XDG_CACHE_HOME at a writable directory") from None
+        import shutil
+
+        from mmengine import worker
+        _remove_stale_demos(root)
         print(f"mmengine: generating {DEMO_MODELS} demo models in {root} (once)...",
               flush=True)
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        subprocess.run([sys.executable, "-c",
-                        "import sys; from mmengine.demo import write_demo_repository; "
-                        "write_demo_repository(sys.argv[1], int(sys.argv[2]))",
-                        str(tmp), str(DEMO_MODELS)], check=True)
-        (tmp / ".complete").write_text("ok\n")
+        try:
+            with _stop_signals_raise():
+                # The generator ignores the stop signals (a Ctrl-C reaches it
+                # too): the server kills it as it stops, and the kernel if
+                # the server dies (PR_SET_PDEATHSIG).
+                subprocess.run([sys.executable, "-c", worker.ignoring_stop_signals(
+                    "import sys\n"
+                    "from mmengine.worker import _die_with_front_end; _die_with_front_end()\n"
+                    "from mmengine.demo import write_demo_repository\n"
+                    "write_demo_repository(sys.argv[1], int(sys.argv[2]))"),
+                                str(tmp), str(DEMO_MODELS)], check=True)
+            (tmp / ".complete").write_text("ok\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if root.exists():  # a half-written one from an interrupted run
-            import shutil
             shutil.rmtree(root)
         tmp.rename(root)
     return root
+
+
+def _remove_stale_demos(root: Path) -> None:
+    """Removes what generators of servers that are gone left beside `root`
+    (root.tmp<pid>: a server killed while it generated); one of our pid
+    is a predecessor's too (pid 1 again in a container)."""
+    import shutil
+    for tmp in root.parent.glob(root.name + ".tmp*"):
+        pid = tmp.name[len(root.name) + 4:]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # generating now
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # another user's, running
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Stopped(Exception):
+    """A stop signal came before the server served."""
+
+
+def _raise_stopped(signum, _frame) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """Meanwhile a stop signal raises _Stopped (as Ctrl-C raises
+    KeyboardInterrupt), so that what runs is undone on the way out; SIGHUP
+    stays ignored under nohup."""
+    from mmengine import worker
+
+    old = {sig: signal.getsignal(sig) for sig in worker.STOP_SIGNALS}
+    try:
+        for sig in worker.STOP_SIGNALS:
+            if not (sig == signal.SIGHUP and old[sig] is signal.SIG_IGN):
+                signal.signal(sig, _raise_stopped)
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _serve_config(args: argparse.Namespace) -> cfg.Config:
@@ -413,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         except cfg.ConfigError as e:
             print(f"mmengine: configuration error: {e}", file=sys.stderr)
             return 2
+        except _Stopped:  # while --demo generated its models: none is left half-made
+            _say("mmengine: shutting down")
+            return 0
         import uvloop
 
         from mmengine import trace, worker

@@ -41,6 +41,18 @@ from mmengine.storage import Manifests, read_spec
 # a server at once, its requests cut off and its shared memory left.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+
+def ignoring_stop_signals(code: str) -> str:
+    """`code` for `python -c`, after lines that ignore the stop signals: a
+    child of the server's (a worker, the demo's generator) is stopped by
+    it, never by one sent to the whole process group. An ignored signal
+    stays ignored in what the child execs; one the server blocked while it
+    started the child (as the pool does) stays blocked: unblocked here,
+    and dropped if it came meanwhile."""
+    stop = sorted(int(s) for s in STOP_SIGNALS)
+    return (f"import signal\nfor s in {stop}: signal.signal(s, signal.SIG_IGN)\n"
+            f"signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop})\n{code}")
+
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
 # A worker that has served nothing this long is idle: its loads may read

@@ -44,7 +44,7 @@ from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, 
                              WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import Ring
-from mmengine.worker import STOP_SIGNALS
+from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
 # uvloop's clock counts milliseconds: a deadline this close is due now
@@ -54,17 +54,12 @@ CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 #: How long stop() waits for workers to exit of their own however late it
 #: is: an idle one takes milliseconds once its request ring is closed.
 EXIT_GRACE_S = 0.2
-# A worker process's first lines: the stop signals ignored before it imports
+# A worker process's first lines ignore the stop signals, before it imports
 # anything (a second of it), where one sent to the whole process group
 # (Ctrl-C, systemd's stop) killed it and failed the server's start. It
-# begins with them blocked (_start), so that one sent before these lines run
-# waits, and is dropped here. An ignored signal stays ignored in what the
-# worker execs; a blocked one stays blocked: unblocked here.
-_STOP = sorted(int(s) for s in STOP_SIGNALS)
-WORKER_ENTRY = (f"import signal\n"
-                f"for s in {_STOP}: signal.signal(s, signal.SIG_IGN)\n"
-                f"signal.pthread_sigmask(signal.SIG_UNBLOCK, {_STOP})\n"
-                f"from mmengine.worker import run; run()")
+# begins with them blocked (_start), so that one sent before those lines
+# run waits, and is dropped there.
+WORKER_ENTRY = ignoring_stop_signals("from mmengine.worker import run; run()")
 
 
 class _Outlet:

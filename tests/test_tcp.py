@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import threading
@@ -924,6 +925,46 @@ def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
     assert not live_pids(pids)
     prefix = f"{shm.PREFIX}{server.proc.pid}-"
     assert not [s for s in shm.list_segments() if s.startswith(prefix)]
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["TERM", "INT-to-group"])
+def test_a_demo_interrupted_while_it_generates_leaves_nothing(tmp_path, sig, group):
+    # SIGTERM while --demo generated its models left the generator running
+    # and a demo-v1.tmp<pid> directory that no later run removed (Ctrl-C:
+    # the directory, and a traceback).
+    cache = tmp_path / "mmengine"
+    cache.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = cache / f"demo-v1.tmp{gone.pid}"  # a server killed while it generated
+    (stale / "m").mkdir(parents=True)
+    proc = subprocess.Popen(command("serve", "--demo", "--tcp-port", "0", "--http-port", "-1"),
+                            env=environ(XDG_CACHE_HOME=str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    generators: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not generators:  # the generator, importing what it runs
+            assert time.monotonic() < deadline and proc.poll() is None
+            generators = [c.pid for c in psutil.Process(proc.pid).children()]
+            time.sleep(0.02)
+        time.sleep(0.5)
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+        deadline = time.monotonic() + 5
+        while live_pids(generators) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not live_pids(generators)
+        assert sorted(os.listdir(cache)) == [], out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in live_pids(generators):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_pooled_connection_the_server_closed_is_replaced(address):
