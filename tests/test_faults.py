@@ -976,6 +976,40 @@ def test_sigterm_to_the_whole_process_group_still_drains(repo, sig):
             server.proc.wait()
 
 
+@contextlib.contextmanager
+def group_server(server: Server, workers: list[int]):
+    """`server` (started in a group of its own) and the worker pids that
+    the test adds to `workers`: killed on the way out if still there."""
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        for pid in live_pids(workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def first_workers(server: Server, timeout: float = 30) -> list[int]:
+    """The worker processes of `server` as soon as there are any."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline and server.proc.poll() is None, \
+            "".join(server.output)
+        workers = worker_children(server.proc.pid)
+        if workers:
+            return workers
+        time.sleep(0.005)
+
+
+def assert_stopped_cleanly(server: Server, workers: list[int]) -> None:
+    said = "".join(server.output)
+    assert "cannot serve" not in said and "Traceback" not in said, said
+    assert not live_pids(workers)
+    assert not [s for s in shm.list_segments()
+                if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
+
+
 def worker_children(pid: int) -> list[int]:
     """The worker processes `pid` has started (past their exec)."""
     pids = []
@@ -1001,27 +1035,12 @@ def test_a_stop_signal_to_the_group_while_workers_start_exits_0(repo, sig):
     with inherited_sighup(signal.SIG_DFL), inherited(signal.SIGINT, signal.SIG_DFL):
         server = Server("--repo", str(repo), "--workers", "2", "--tcp-port", "0",
                         "--http-port", "-1", own_group=True)
-    seen: set[int] = set()
-    try:
-        deadline = time.monotonic() + 30
-        while not seen:  # the first worker, just started: still importing
-            assert time.monotonic() < deadline and server.proc.poll() is None, \
-                "".join(server.output)
-            seen.update(worker_children(server.proc.pid))
-            time.sleep(0.005)
+    seen: list[int] = []
+    with group_server(server, seen):
+        seen += first_workers(server)  # the first worker, just started: still importing
         os.killpg(server.proc.pid, sig)
         assert server.proc.wait(30) == 0, "".join(server.output)
-        said = "".join(server.output)
-        assert "cannot serve" not in said and "Traceback" not in said, said
-        assert not live_pids(seen)
-        assert not [s for s in shm.list_segments()
-                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
-    finally:
-        if server.proc.poll() is None:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
-        for pid in live_pids(seen):
-            os.kill(pid, signal.SIGKILL)
+        assert_stopped_cleanly(server, seen)
 
 
 @pytest.mark.parametrize("dies", [False, True], ids=["alone", "as-a-worker-dies"])
@@ -1040,13 +1059,8 @@ def test_a_stop_signal_while_a_worker_is_slow_to_start_stops_at_once(repo, tmp_p
     server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1", env=env, own_group=True)
     seen: list[int] = []
-    try:
-        deadline = time.monotonic() + 30
-        while not seen:
-            assert time.monotonic() < deadline and server.proc.poll() is None, \
-                "".join(server.output)
-            seen = worker_children(server.proc.pid)
-            time.sleep(0.02)
+    with group_server(server, seen):
+        seen += first_workers(server)
         time.sleep(0.5)  # its start-up under way
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -1057,16 +1071,7 @@ def test_a_stop_signal_while_a_worker_is_slow_to_start_stops_at_once(repo, tmp_p
         said = "".join(server.output)
         assert took < 5, f"it stopped {took:.1f} s after SIGTERM:\n{said}"
         assert "serving" not in said and "shutting down" in said, said
-        assert "cannot serve" not in said and "Traceback" not in said, said
-        assert not live_pids(seen)
-        assert not [s for s in shm.list_segments()
-                    if s.startswith(f"{shm.PREFIX}{server.proc.pid}-")]
-    finally:
-        if server.proc.poll() is None:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
-        for pid in live_pids(seen):
-            os.kill(pid, signal.SIGKILL)
+        assert_stopped_cleanly(server, seen)
 
 
 def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
