@@ -646,11 +646,13 @@ class _AsyncConnection(asyncio.Protocol):
         self.frames = _Frames()
         self.pending: dict[int, asyncio.Future] = {}
         self.lost: Exception | None = None
+        self.received = 0  # bytes, in all: whether a call's connection went silent
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         try:
             responses = self.frames.feed(data)
         except ConnectionError as e:  # fail the waiters, not the loop
@@ -684,6 +686,12 @@ class _AsyncConnection(asyncio.Protocol):
             with contextlib.suppress(AttributeError, OSError):
                 self.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
 
+    def abort(self, error: Exception) -> None:
+        """Ends the connection at once (unsent bytes dropped): each call in
+        flight on it fails with `error`."""
+        self._fail(error)
+        self.transport.abort()
+
     def _fail(self, error: Exception) -> None:
         # The first word stays: a server that refuses a connection says why
         # (OVERLOADED), then closes it, and the close is no news.
@@ -704,9 +712,20 @@ def _lost_with(e: Exception) -> ConnectionError:
     return lost
 
 
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(Timeout("no answer from the server in time"))
+def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, wait: float) -> None:
+    """A call's wait is over: Timeout. If nothing at all came on its
+    connection since the call was sent (`received`, its count then), the
+    connection went silent (a peer that vanished, a dead upstream behind a
+    proxy, no FIN or RST): it is closed, so that the next call connects
+    anew, and the calls in flight on it get ConnectionError (they may have
+    run). The blocking Client closes a connection on any timeout."""
+    if fut.done():
+        return
+    fut.set_exception(Timeout("no answer from the server in time"))
+    if conn.received == received and conn.lost is None:
+        conn.abort(ConnectionError(f"nothing came from the server for {wait:g} s: the "
+                                   f"connection was closed (a request in flight on it "
+                                   f"may have run)"))
 
 
 class AsyncClient:
@@ -833,7 +852,8 @@ class AsyncClient:
         loop = self._loop
         fut = loop.create_future()
         # A timer on the future, not asyncio.timeout(): a third of the cost.
-        timer = None if wait is None else loop.call_later(wait, _expire, fut)
+        timer = None if wait is None else loop.call_later(wait, _expire, fut, conn,
+                                                          conn.received, wait)
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
         try:

@@ -1,0 +1,124 @@
+"""The SDK (mmengine/client.py) against `mmengine serve` as a real process,
+over links that misbehave: a TCP proxy in the test's threads stands for the
+network between them (one gone silent, a slow one, a peer that closes)."""
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SLOW_HANDLER, Server, run, write_handler
+from mmengine.client import AsyncClient
+from mmengine.errors import Timeout
+
+ZERO = {"seconds": np.zeros(1, np.float32)}  # the "slow" model, answering at once
+
+
+@pytest.fixture(scope="module")
+def address(request, tmp_path_factory) -> tuple[str, int]:
+    root = tmp_path_factory.mktemp("repo")
+    write_handler(root, "slow", SLOW_HANDLER)
+    server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1")
+    request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
+    m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    return m.group(1), int(m.group(2))
+
+
+class Proxy:
+    """Forwards the connections made to `address` to `target`, each in a
+    thread of its own. What goes back to the client moves `chunk` bytes at
+    a time at `rate` bytes a second (None: as fast as it comes);
+    `silence()` makes the connections open now silent for good, as a peer
+    that vanished behind a NAT is (their bytes are read and dropped,
+    nothing is closed); connections made later are forwarded. A thread
+    stops within `LIFE_S` whatever happens."""
+
+    LIFE_S = 60.0
+
+    def __init__(self, target: tuple[str, int], rate: float | None = None,
+                 chunk: int = 65536):
+        self.target, self.rate, self.chunk = target, rate, chunk
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address = self.listener.getsockname()[:2]
+        self.accepted = 0
+        self.pairs: list[list] = []  # [client side, server side, silent]
+        self.stopped = False
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self) -> "Proxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped = True
+        for thread in self.threads:
+            thread.join(5)
+        self.listener.close()
+
+    def silence(self) -> None:
+        for pair in self.pairs:
+            pair[2] = True
+
+    def _accept(self) -> None:
+        end = time.monotonic() + self.LIFE_S
+        while not self.stopped and time.monotonic() < end:
+            try:
+                a, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            pair = [a, socket.create_connection(self.target), False]
+            self.pairs.append(pair)
+            self.accepted += 1
+            thread = threading.Thread(target=self._pump, args=(pair,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _pump(self, pair: list) -> None:
+        a, b = pair[0], pair[1]
+        end = time.monotonic() + self.LIFE_S
+        try:
+            while not self.stopped and time.monotonic() < end:
+                readable, _, _ = select.select([a, b], [], [], 0.1)
+                for s in readable:
+                    data = s.recv(65536 if s is a else self.chunk)
+                    if not data:
+                        return
+                    if pair[2]:
+                        continue
+                    (b if s is a else a).sendall(data)
+                    if s is b and self.rate:
+                        time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+
+def test_an_async_connection_gone_silent_is_closed_and_the_next_call_connects_anew(address):
+    # Bytes taken, nothing back, no FIN or RST (a dead upstream behind a
+    # proxy): every later call on it timed out, for good.
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address, timeout=0.2) as c:
+                await c.infer("slow", ZERO)
+                proxy.silence()
+                beside = asyncio.ensure_future(c.infer("slow", ZERO, timeout=30))
+                t0 = time.monotonic()
+                with pytest.raises(Timeout):
+                    await c.infer("slow", ZERO)  # waited 1.2 s
+                assert time.monotonic() - t0 < 5
+                # Its connection is closed: a call in flight beside it fails
+                # now, not at its own wait's end, 31 s on.
+                with pytest.raises(ConnectionError, match="nothing came from the server"):
+                    await asyncio.wait_for(beside, 5)
+                assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                assert proxy.accepted == 2
+    run(main())
