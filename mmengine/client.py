@@ -343,6 +343,7 @@ class _Connection:
         self.frames = _Frames()
         self.moved = 0  # bytes sent and read in this exchange
         self.wait = timeout  # the exchange's wait
+        self.deadline: float | None = None  # the exchange's, before what moved adds
         self.last_used = time.monotonic()
         self.closes = 0  # its client's close() calls when it was made
 
@@ -369,27 +370,30 @@ class _Connection:
         """Sends `frames` (each protocol.frames' list of buffers) and returns
         the answers to `ids` by id, within the socket's timeout in all (not
         each read's: an answer that trickles in is cut off as one that does
-        not come), longer while bytes move (_left). Several requests are sent as the server takes them while
-        their answers are read: the server stops reading a client whose
-        answers back up, so a client that sent a large batch before reading
-        could wait for ever. (One request cannot back up: its answer comes
-        after its last byte.)"""
+        not come), longer while bytes move (_left); of several requests,
+        within the socket's timeout of the last answer too (the server
+        bounds each request: a batch that outlasts one request's wait while
+        its answers keep coming is no stalled server). Several requests are
+        sent as the server takes them while their answers are read: the
+        server stops reading a client whose answers back up, so a client
+        that sent a large batch before reading could wait for ever. (One
+        request cannot back up: its answer comes after its last byte.)"""
         got: dict[int, dict] = {}
         wanted = set(ids)
         self.wait = self.timeout  # each read's bound, at most (the socket's moves below it)
-        deadline = None if self.wait is None else time.monotonic() + self.wait
+        self.deadline = None if self.wait is None else time.monotonic() + self.wait
         self.moved = 0
         if len(ids) == 1 and len(frames[0]) == 1:
             self.sock.sendall(frames[0][0])
         elif len(ids) == 1:
             out = _Outgoing(frames)
             while out:
-                self._left(deadline)
+                self._left()
                 self.moved += out.send(self.sock)
         else:
             out = _Outgoing(frames)
             while out:
-                events = self._ready(select.POLLIN | select.POLLOUT, self._left(deadline))
+                events = self._ready(select.POLLIN | select.POLLOUT, self._left())
                 if not events:
                     raise socket.timeout("timed out")
                 if events & ~select.POLLOUT:  # answers, or the end of the stream
@@ -402,18 +406,18 @@ class _Connection:
                     except BlockingIOError:
                         pass
         while len(got) < len(ids):
-            self._left(deadline)
+            self._left()
             self._receive(got, wanted)
         return got
 
-    def _left(self, deadline: float | None) -> float | None:
+    def _left(self) -> float | None:
         """How long the socket's next operation may wait: the seconds left to
-        `deadline` (None: no limit), extended by what has moved (sent or
-        arrived) at ANSWER_MIN_RATE, and no more than the exchange's wait;
-        socket.timeout once it has passed."""
-        if deadline is None:
+        the exchange's deadline (None: no limit), extended by what has moved
+        (sent or arrived) at ANSWER_MIN_RATE, and no more than the
+        exchange's wait; socket.timeout once it has passed."""
+        if self.deadline is None:
             return None
-        left = deadline + self.moved / ANSWER_MIN_RATE - time.monotonic()
+        left = self.deadline + self.moved / ANSWER_MIN_RATE - time.monotonic()
         if left <= 0:
             raise socket.timeout("timed out")
         # Each read waits what is left, up to the call's wait (what moved
@@ -431,13 +435,17 @@ class _Connection:
         if not data:
             raise ConnectionError("the server closed the connection")
         self.moved += len(data)
-        for response in self.frames.feed(data):
+        answers = self.frames.feed(data)
+        for response in answers:
             rid = response.get("id")
             if rid is None:  # an error about the stream
                 protocol.raise_for(response)
             if rid not in wanted:  # nothing else is in flight on this connection
                 raise _unreadable(f"an answer to id {rid!r}, which was not asked")
             got[rid] = response
+        if answers and self.deadline is not None and len(got) < len(wanted):
+            # The rest of a batch waits the exchange's wait from this answer.
+            self.deadline = max(self.deadline, time.monotonic() + self.wait)
 
 
 class Client:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import SLOW_HANDLER, Server, run, write_handler
-from mmengine.client import AsyncClient
+from mmengine.client import AsyncClient, Client
 from mmengine.errors import Timeout
 
 ZERO = {"seconds": np.zeros(1, np.float32)}  # the "slow" model, answering at once
@@ -122,3 +122,22 @@ def test_an_async_connection_gone_silent_is_closed_and_the_next_call_connects_an
                 assert (await c.infer("slow", ZERO))["y"].shape == (1,)
                 assert proxy.accepted == 2
     run(main())
+
+
+def test_a_batch_whose_answers_keep_coming_is_waited_for_past_one_requests_wait(address):
+    # Every answer comes within the wait of the one before it, over a link
+    # that moves 2 KiB a second: the batch (~2.5 s) outlasts one request's
+    # wait (1.5 s). The batch had that one wait, and raised Timeout with
+    # every answer thrown away.
+    requests = [("slow", {"seconds": np.zeros(1, np.float32) + i * 1e-9}) for i in range(80)]
+    with Proxy(address, rate=2048, chunk=256) as proxy, Client(proxy.address, timeout=0.5) as c:
+        t0 = time.monotonic()
+        outs = c.infer_many(requests)
+        assert time.monotonic() - t0 > 1.5  # past one request's wait: the link was slow
+        assert [float(out["y"][0]) for out in outs] == [
+            float(np.float32(i * 1e-9) * 2) for i in range(80)]
+        proxy.silence()  # a batch whose answers stop is cut off a wait after the last
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c.infer_many(requests)
+        assert time.monotonic() - t0 < 5
