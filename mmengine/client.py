@@ -41,9 +41,9 @@ DEFAULT_PORT = 8081
 # longer, so that the server's typed answer arrives instead of the client
 # giving up at the same instant and dropping the connection.
 ANSWER_GRACE_S = 1.0
-# The blocking client's wait is extended by what moves at this rate: an
+# Both clients' waits are extended by what moves at this rate (_extended): an
 # answer the server made in time is read to its end however large it is
-# (16 MiB at 8 MiB/s), and a large request sent; one that trickles (a
+# (16 MiB at 8 MiB/s), and a large request sent (Client's); one that trickles (a
 # byte a second) is not.
 ANSWER_MIN_RATE = 1 << 20  # bytes per second
 #: A timeout beyond this (11 days) is waited for without a limit: poll()
@@ -210,6 +210,12 @@ def _timeout(timeout: float | None, default: float | None) -> float | None:
         raise ValueError(f"timeout must be a positive number of seconds (or None), "
                          f"not {timeout!r}")  # NaN is not > 0 either
     return float(timeout)  # msgpack writes no numpy scalar
+
+
+def _extended(deadline: float, moved: int) -> float:
+    """`deadline`, later by what has moved on the connection since (bytes)
+    at ANSWER_MIN_RATE: both clients' waits."""
+    return deadline + moved / ANSWER_MIN_RATE
 
 
 def _wait(timeout: float | None) -> float | None:
@@ -417,7 +423,7 @@ class _Connection:
         exchange's wait; socket.timeout once it has passed."""
         if self.deadline is None:
             return None
-        left = self.deadline + self.moved / ANSWER_MIN_RATE - time.monotonic()
+        left = _extended(self.deadline, self.moved) - time.monotonic()
         if left <= 0:
             raise socket.timeout("timed out")
         # Each read waits what is left, up to the call's wait (what moved
@@ -720,14 +726,24 @@ def _lost_with(e: Exception) -> ConnectionError:
     return lost
 
 
-def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, wait: float) -> None:
-    """A call's wait is over: Timeout. If nothing at all came on its
-    connection since the call was sent (`received`, its count then), the
-    connection went silent (a peer that vanished, a dead upstream behind a
-    proxy, no FIN or RST): it is closed, so that the next call connects
-    anew, and the calls in flight on it get ConnectionError (they may have
-    run). The blocking Client closes a connection on any timeout."""
+def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, deadline: float,
+            wait: float, timer: list) -> None:
+    """A call's `deadline` (the loop's time) has come. Bytes that arrived on
+    its connection since it was sent (`received`, its count then) put it
+    off as Client's (_extended): a large answer, the call's own or one
+    ahead of it, is read to its end, and the timer is armed again (its
+    handle in `timer`). Else Timeout; and if nothing at all came on the
+    connection since the call was sent, the connection went silent (a
+    peer that vanished, a dead upstream behind a proxy, no FIN or RST): it
+    is closed, so that the next call connects anew, and the calls in
+    flight on it get ConnectionError (they may have run). The blocking
+    Client closes a connection on any timeout."""
     if fut.done():
+        return
+    loop = fut.get_loop()
+    later = _extended(deadline, conn.received - received)
+    if later > loop.time():
+        timer[0] = loop.call_at(later, _expire, fut, conn, received, deadline, wait, timer)
         return
     fut.set_exception(Timeout("no answer from the server in time"))
     if conn.received == received and conn.lost is None:
@@ -860,8 +876,13 @@ class AsyncClient:
         loop = self._loop
         fut = loop.create_future()
         # A timer on the future, not asyncio.timeout(): a third of the cost.
-        timer = None if wait is None else loop.call_later(wait, _expire, fut, conn,
-                                                          conn.received, wait)
+        # In a list: _expire arms it again while a large answer arrives.
+        timer: list | None = None
+        if wait is not None:
+            deadline = loop.time() + wait
+            timer = [None]
+            timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, deadline,
+                                    wait, timer)
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
         try:
@@ -871,7 +892,7 @@ class AsyncClient:
             raise
         finally:
             if timer is not None:
-                timer.cancel()
+                timer[0].cancel()
         return protocol.raise_for(response)
 
     async def _check_size(self, size: int) -> None:

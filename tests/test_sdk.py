@@ -17,12 +17,23 @@ from mmengine.client import AsyncClient, Client
 from mmengine.errors import Timeout
 
 ZERO = {"seconds": np.zeros(1, np.float32)}  # the "slow" model, answering at once
+# As many float32 ones as "n" asks for.
+ONES_HANDLER = """
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"y": np.ones(int(inputs["n"][0]), np.float32)}
+"""
 
 
 @pytest.fixture(scope="module")
 def address(request, tmp_path_factory) -> tuple[str, int]:
     root = tmp_path_factory.mktemp("repo")
     write_handler(root, "slow", SLOW_HANDLER)
+    write_handler(root, "ones", ONES_HANDLER)
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1")
     request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
@@ -141,3 +152,22 @@ def test_a_batch_whose_answers_keep_coming_is_waited_for_past_one_requests_wait(
         with pytest.raises(Timeout):
             c.infer_many(requests)
         assert time.monotonic() - t0 < 5
+
+
+def test_an_async_call_waits_longer_while_a_large_answer_arrives(address):
+    # 4 MiB over a link of 2 MiB/s: 2 s, past the call's wait (1.1 s), and
+    # the call beside it waits behind it. Both timed out; Client read it.
+    big = {"n": np.array([1 << 20])}
+
+    async def main():
+        with Proxy(address, rate=2 << 20) as proxy:
+            async with AsyncClient(proxy.address, timeout=0.1) as c:
+                t0 = time.monotonic()
+                large = asyncio.ensure_future(c.infer("ones", big))
+                await asyncio.sleep(0.05)
+                small = await c.infer("slow", ZERO)
+                assert time.monotonic() - t0 > 1.1
+                assert (await large)["y"].shape == (1 << 20,)
+                assert small["y"].shape == (1,)
+                assert proxy.accepted == 1
+    run(main())
