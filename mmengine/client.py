@@ -56,10 +56,16 @@ SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are 
 CHECK_FRAMES_ABOVE = 1 << 20
 
 
+ADDRESS_FORMS = '"host:port", "tcp://host:port" or a ("host", port) tuple'
+
+
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """("host", port) from "host:port", "tcp://host:port" or a tuple."""
+    """("host", port) from "host:port", "tcp://host:port" or a tuple;
+    TypeError for another type, ValueError for another form."""
     if isinstance(address, tuple):
-        return address
+        return _address_tuple(address)
+    if not isinstance(address, str):
+        raise TypeError(f"an address is {ADDRESS_FORMS}, not {type(address).__name__}")
     address = address.removeprefix("tcp://")
     if "://" in address:  # an HTTP URL: that port speaks another protocol
         raise ValueError(f"{address!r}: the SDK speaks mmengine's TCP protocol; give the "
@@ -67,16 +73,36 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if address.startswith("["):  # [IPv6] or [IPv6]:port
         host, bracket, rest = address[1:].partition("]")
         if not bracket or rest and not rest.startswith(":"):
-            raise ValueError(f"{address!r} is not host:port")
+            raise ValueError(f"{address!r} is not host:port: an address is {ADDRESS_FORMS}")
         port = rest[1:] if rest else None
     else:
         host, colon, port = address.rpartition(":")
         if not colon or ":" in host:  # no port, or a bare IPv6 address (::1)
             host, port = address, None
-    if not host or port is not None and not (
+    if not _host(host) or port is not None and not (
             port.isascii() and port.isdigit() and int(port) < 65536):
-        raise ValueError(f"{address!r} is not host:port")
+        raise ValueError(f"{address!r} is not host:port: an address is {ADDRESS_FORMS}")
     return host, DEFAULT_PORT if port is None else int(port)
+
+
+def _host(host: str) -> bool:
+    """Whether `host` can name a host: not empty, no white space or
+    control characters (" h" is no host)."""
+    return bool(host) and host.isprintable() and not any(c.isspace() for c in host)
+
+
+def _address_tuple(address: tuple) -> tuple[str, int]:
+    if len(address) != 2:
+        raise ValueError(f"an address tuple is (\"host\", port), not {address!r}")
+    host, port = address
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(
+            port, numbers.Integral):
+        raise TypeError(f"an address tuple is (\"host\", port), a str and an int, "
+                        f"not {address!r}")
+    if not _host(host) or not 0 <= port < 65536:
+        raise ValueError(f"{address!r} is no (\"host\", port): a host name and a port "
+                         f"of 0 to 65535")
+    return host, int(port)
 
 
 def _as_arrays(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -460,14 +486,21 @@ class Client:
     every request that does not carry its own; `timeout`, with every one
     that the server bounds (infer, load, unload, pin) and does not carry its
     own: the server answers TIMEOUT then, and the client waits a grace
-    longer for that answer (None: the server's defaults, and no limit)."""
+    longer for that answer (None: the server's defaults, and no limit).
+    `pool_size`: how many idle connections it keeps (0: none, each call
+    connects anew)."""
 
     def __init__(self, address: str | tuple[str, int] = f"127.0.0.1:{DEFAULT_PORT}",
                  timeout: float = 30.0, pool_size: int = 4, token: str | None = None):
         self.address = parse_address(address)
         self.timeout = _timeout(timeout, None)
         self.token = token
-        self.pool_size = pool_size
+        if isinstance(pool_size, bool) or not isinstance(pool_size, numbers.Integral):
+            raise TypeError(f"pool_size is an int, not {type(pool_size).__name__}")
+        if pool_size < 0:
+            raise ValueError(f"pool_size is how many idle connections to keep, 0 or more "
+                             f"(0: none, each call connects anew), not {pool_size}")
+        self.pool_size = int(pool_size)
         # Idle connections, most recently used last; deque's append and pop
         # are atomic, so threads share it without a lock.
         self._pool: collections.deque[_Connection] = collections.deque()
@@ -519,7 +552,7 @@ class Client:
         conn.last_used = time.monotonic()
         if conn.closes != self._closes:  # the client was closed while it was out
             conn.sock.close()
-        elif self.pool_size <= 0 or len(self._pool) < self.pool_size:  # 0: no bound
+        elif len(self._pool) < self.pool_size:
             self._pool.append(conn)
         else:
             conn.sock.close()

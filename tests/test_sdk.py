@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import SLOW_HANDLER, Server, run, write_handler
-from mmengine.client import AsyncClient, Client
+from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.errors import Timeout
 
 ZERO = {"seconds": np.zeros(1, np.float32)}  # the "slow" model, answering at once
@@ -171,3 +171,46 @@ def test_an_async_call_waits_longer_while_a_large_answer_arrives(address):
                 assert small["y"].shape == (1,)
                 assert proxy.accepted == 1
     run(main())
+
+
+@pytest.mark.parametrize("bad, error", [
+    (["127.0.0.1", 1], TypeError), (b"h:1", TypeError), (None, TypeError), (8081, TypeError),
+    (("h",), ValueError), (("h", 1, 2), ValueError), (("h", "80"), TypeError),
+    (("h", True), TypeError), ((b"h", 80), TypeError), (("h", 70000), ValueError),
+    (("h", -1), ValueError), (("", 80), ValueError), ((" h", 80), ValueError),
+    (" h:6", ValueError), ("h\t:6", ValueError), ("h :6", ValueError)])
+def test_an_address_of_another_type_or_form_is_refused_naming_the_forms(bad, error):
+    # A list, None or an int raised AttributeError, bytes a TypeError of
+    # str's; ("h",), ("h", "80"), ("h", 70000) and " h:6" were taken.
+    with pytest.raises(error, match="host.*port"):
+        parse_address(bad)
+    with pytest.raises(error):
+        Client(bad)
+    with pytest.raises(error):
+        AsyncClient(bad)
+
+
+def test_an_address_tuple_is_read_as_a_str_and_an_int():
+    assert parse_address(("::1", np.int64(8))) == ("::1", 8)
+    assert type(parse_address(("h", np.int64(8)))[1]) is int
+    assert parse_address(("h", 65535)) == ("h", 65535)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError),
+                                        (True, TypeError), ("4", TypeError)])
+def test_a_pool_size_that_is_no_count_of_connections_is_refused(bad, error):
+    with pytest.raises(error, match="pool_size"):
+        Client("h:1", pool_size=bad)
+
+
+def test_a_pool_size_of_0_keeps_no_idle_connection(address):
+    # It kept every one, however many.
+    with Proxy(address) as proxy, Client(proxy.address, pool_size=0) as c:
+        for _ in range(3):
+            assert c.infer("slow", ZERO)["y"].shape == (1,)
+        assert not c._pool
+        assert proxy.accepted == 3
+    with Proxy(address) as proxy, Client(proxy.address, pool_size=1) as c:
+        for _ in range(3):
+            assert c.infer("slow", ZERO)["y"].shape == (1,)
+        assert proxy.accepted == 1
