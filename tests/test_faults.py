@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1551,18 +1552,25 @@ def test_a_look_at_a_broken_models_metadata_is_not_a_failed_load(tmp_path, own_s
     assert asked["failures"] == 1 and asked["retry_in_s"] > 0
 
 
+def slow_starts(tmp_path, monkeypatch, seconds: float) -> Path:
+    """A file whose existence makes every interpreter the test starts from
+    now (a restarted worker) take `seconds` more to come up."""
+    slow_start = tmp_path / "slow-start"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import os, time\nif os.path.exists({str(slow_start)!r}):\n    time.sleep({seconds})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    return slow_start
+
+
 def test_a_load_sent_to_a_worker_still_starting_is_not_timed_out_by_its_start(
         repo, own_segments, tmp_path, monkeypatch):
     # The restarted worker took its place before it was up: a load sent to
     # it counted the worker's start-up in its load_timeout_s, and a healthy
     # model was failed ("load exceeded") and backed off.
-    slow_start = tmp_path / "slow-start"
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(  # every interpreter the test starts from now
-        f"import os, time\nif os.path.exists({str(slow_start)!r}):\n    time.sleep(2.5)\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    slow_start = slow_starts(tmp_path, monkeypatch, 2.5)
 
     async def main():
         async with Engine(config(repo, load_timeout_s=1.0)) as engine:
@@ -1584,13 +1592,7 @@ def test_a_stop_kills_a_worker_still_starting_at_once(repo, own_segments, tmp_pa
     # An idle engine took its whole shutdown_timeout_s to stop while a
     # restarted worker had not yet said it was ready: the pool waited the
     # deadline for it to drain requests it never had.
-    slow_start = tmp_path / "slow-start"
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(  # every interpreter the test starts from now
-        f"import os, time\nif os.path.exists({str(slow_start)!r}):\n    time.sleep(30)\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    slow_start = slow_starts(tmp_path, monkeypatch, 30)
 
     async def main():
         engine = Engine(config(repo, shutdown_timeout_s=10))
