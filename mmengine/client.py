@@ -762,11 +762,13 @@ def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, deadline
     off as Client's (_extended): a large answer, the call's own or one
     ahead of it, is read to its end, and the timer is armed again (its
     handle in `timer`). Else Timeout; and if nothing at all came on the
-    connection since the call was sent, the connection went silent (a
-    peer that vanished, a dead upstream behind a proxy, no FIN or RST): it
-    is closed, so that the next call connects anew, and the calls in
-    flight on it get ConnectionError (they may have run). The blocking
-    Client closes a connection on any timeout."""
+    connection since the call was sent, and no call sent before it still
+    waits, the connection went silent (a peer that vanished, a dead
+    upstream behind a proxy, no FIN or RST): it is closed, so that the
+    next call connects anew, and the calls in flight on it get
+    ConnectionError (they may have run). (A call behind one that still
+    waits may rightly hear nothing: an unpin queued behind a long pin of
+    its model.) The blocking Client closes a connection on any timeout."""
     if fut.done():
         return
     loop = fut.get_loop()
@@ -774,8 +776,9 @@ def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, deadline
     if later > loop.time():
         timer[0] = loop.call_at(later, _expire, fut, conn, received, deadline, wait, timer)
         return
+    oldest = next((f for f in conn.pending.values() if not f.done()), None)
     fut.set_exception(Timeout("no answer from the server in time"))
-    if conn.received == received and conn.lost is None:
+    if conn.received == received and conn.lost is None and oldest is fut:
         conn.abort(ConnectionError(f"nothing came from the server for {wait:g} s: the "
                                    f"connection was closed (a request in flight on it "
                                    f"may have run)"))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, run, write_handler
+from conftest import SLOW_HANDLER, Server, run, slow_loading, write_handler
 from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.errors import Timeout
 
@@ -35,6 +35,7 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
     root = tmp_path_factory.mktemp("repo")
     write_handler(root, "slow", SLOW_HANDLER)
     write_handler(root, "ones", ONES_HANDLER)
+    write_handler(root, "slowload", slow_loading(3.0))
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1")
     request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
@@ -129,10 +130,12 @@ def test_an_async_connection_gone_silent_is_closed_and_the_next_call_connects_an
             async with AsyncClient(proxy.address, timeout=0.2) as c:
                 await c.infer("slow", ZERO)
                 proxy.silence()
-                beside = asyncio.ensure_future(c.infer("slow", ZERO, timeout=30))
                 t0 = time.monotonic()
+                first = asyncio.ensure_future(c.infer("slow", ZERO))  # waits 1.2 s
+                await asyncio.sleep(0.05)
+                beside = asyncio.ensure_future(c.infer("slow", ZERO, timeout=30))
                 with pytest.raises(Timeout):
-                    await c.infer("slow", ZERO)  # waited 1.2 s
+                    await first
                 assert time.monotonic() - t0 < 5
                 # Its connection is closed: a call in flight beside it fails
                 # now, not at its own wait's end, 31 s on.
@@ -141,6 +144,22 @@ def test_an_async_connection_gone_silent_is_closed_and_the_next_call_connects_an
                 assert (await c.infer("slow", ZERO))["y"].shape == (1,)
                 assert proxy.accepted == 2
     run(main())
+
+
+def test_an_async_call_behind_one_that_still_waits_times_out_alone(address):
+    # An unpin waits on the server behind a pin of its model that loads for
+    # seconds, and hears nothing in its wait: the connection was taken for
+    # silent and closed, and the pin beside it failed (a review).
+    async def main():
+        async with AsyncClient(address, timeout=1.0) as c:
+            pin = asyncio.ensure_future(c.pin("slowload", timeout=30))
+            await asyncio.sleep(0.2)
+            with pytest.raises(Timeout):
+                await c.unpin("slowload")
+            row = await asyncio.wait_for(pin, 20)
+            await c.unpin("slowload")
+            return row
+    assert run(main())["state"] == "resident"
 
 
 def test_a_batch_whose_answers_keep_coming_is_waited_for_past_one_requests_wait(address):
