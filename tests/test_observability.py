@@ -644,6 +644,37 @@ def test_models_gone_that_never_loaded_take_their_series(tmp_path, own_segments)
     assert stats == [], stats
 
 
+def test_a_version_asked_for_before_a_scan_lists_it_keeps_its_series(tmp_path, own_segments):
+    # Looked for on disk by number before any scan listed it, and only ever
+    # refused: a scrape took it for gone and forgot its counts (a review).
+    from mmengine import auth
+    from mmengine.errors import Unauthorized
+
+    x = np.ones((1, DIMS[0]), np.float32)
+    locked = f'token_sha256 = ["{auth.digest("secret").hex()}"]\n'
+
+    def publish(version: int) -> None:
+        path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=version,
+                              version=version)
+        (path / "model.toml").write_text(locked + (path / "model.toml").read_text())
+
+    publish(1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0)) as engine:
+            m = metrics.attach(engine)
+            await engine.infer("m", {"x": x}, token="secret", version=1)
+            publish(2)  # after the repository's last look
+            for _ in range(3):
+                with pytest.raises(Unauthorized):
+                    await engine.infer("m", {"x": x}, token="wrong", version=2)
+            return engine.repo.listed("m", 2), m.exposition()[0].decode()
+
+    listed, body = run(main())
+    assert not listed  # no scan since: the case
+    assert 'nv_inference_request_failure{model="m",version="2"} 3.0' in body, body
+
+
 def test_a_rollback_to_a_version_never_served_keeps_its_models_series(tmp_path, own_segments):
     import shutil
 

@@ -323,7 +323,10 @@ class Metrics:
         had none. Returns `rows`."""
         counted = {(r["name"], r["version"]) for r in rows}
         repo = self.engine.repo
-        for key in [k for k in self._versions if k not in counted and not repo.listed(*k)]:
+        # Not listed yet may be there all the same: a version asked for by
+        # number is looked for on disk before a scan lists it.
+        for key in [k for k in self._versions if k not in counted and not repo.listed(*k)
+                    and self.engine.version_of(*k) is None]:
             self._forget(*key, last=False)
         names = {name for name, _ in counted}
         models = {*self._requests, *(k[0] for k in self._late), *(k[0] for k in self._skipped)}
