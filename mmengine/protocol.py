@@ -89,7 +89,9 @@ def _too_long(size: int) -> TooLarge:
 
 def _pack(obj: Any, packer: msgpack.Packer, parts: list) -> None:
     if type(obj) is dict:
-        big = [key for key, value in obj.items() if _is_big(value)]
+        # (A map that has a PAD_KEY of its own is not padded: a tensor's
+        # keys are fixed, and no other map carries large bins.)
+        big = [] if PAD_KEY in obj else [key for key, value in obj.items() if _is_big(value)]
         packer.pack_map_header(len(obj) + len(big))
         for key, value in obj.items():
             if big and key in big:

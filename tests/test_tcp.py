@@ -231,6 +231,20 @@ def test_large_answers_arrive_aligned_and_are_not_copied(address):
             assert not y.flags.owndata, (i, x.shape, x.dtype)  # a view of its frame
 
 
+def test_a_map_with_a_pad_key_of_its_own_keeps_it():
+    # The alignment pad is a second "pad" entry: beside one of the map's
+    # own, the decoder kept the last, and the map's own value was lost.
+    data = bytes(range(256)) * 512  # 128 KiB: a large bin
+    message = {"id": 1, "t": {"pad": b"mine", "data": data}, "u": {"dtype": "uint8",
+                                                                  "shape": [len(data)],
+                                                                  "data": data}}
+    body = b"".join(bytes(part) for part in protocol.frame_parts(message))[4:]
+    got = protocol.decode(bytearray(body))
+    assert got["t"]["pad"] == b"mine" and bytes(got["t"]["data"]) == data
+    assert bytes(got["u"]["data"]) == data and set(got["u"]) == {"dtype", "shape", "data",
+                                                                  "pad"}
+
+
 def test_large_tensors_cross_whole_both_ways(address):
     # Tensors of protocol.BIG bytes or more are sent from where they lie
     # and decoded as views of the frame they came in: every size around
