@@ -385,9 +385,9 @@ def _validate(c: Config) -> None:
     need(c.receive_bytes >= 1 << 20, "receive_bytes", "must be at least 1MiB")
     need(c.receive_min_rate >= 0, "receive_min_rate", "must be >= 0 (0: any pace)")
     need(bool(c.cache_dir.strip()), "cache_dir", "must name a directory")
-    need(c.control_token == c.control_token.strip(), "control_token",
+    need(c.control_token == c.control_token.strip(" \t\r\n"), "control_token",
          "has white space at an end (a newline from a file?): clients' tokens never would "
-         "(HTTP strips it from headers)")
+         "(HTTP strips spaces and tabs from headers)")
     need(not re.search("[\x00-\x08\x0a-\x1f\x7f]", c.control_token), "control_token",
          "has a control character, which no HTTP header can carry")
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
