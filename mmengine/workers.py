@@ -424,7 +424,10 @@ class Worker:
         WorkerDied: none is left waiting for ever."""
         if self.ready is not None and not self.ready.done():
             self.ready.cancel()  # nobody waits for it any more
-        self._died(f"worker {self.index} was stopped")
+        # Why the pool ended it, where it did: its exit's own callback, which
+        # says so too, may not have run yet (the kill and the reaping can
+        # both fall between two turns of the loop).
+        self._died(self.stopped_why or f"worker {self.index} was stopped")
         self._detach()
         for ring in self.rings:
             ring.close()
