@@ -27,6 +27,7 @@ import errno
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,8 +66,6 @@ def ensure_demo_repository(root: Path) -> Path:
             raise cfg.ConfigError(f"repo: --demo writes its models under {root.parent}, "
                                   f"which it cannot ({e.strerror or e}): point "
                                   f"XDG_CACHE_HOME at a writable directory") from None
-        import shutil
-
         from mmengine import worker
         _remove_stale_demos(root)
         print(f"mmengine: generating {DEMO_MODELS} demo models in {root} (once)...",
@@ -97,7 +96,6 @@ def _remove_stale_demos(root: Path) -> None:
     """Removes what generators of servers that are gone left beside `root`
     (root.tmp<pid>: a server killed while it generated); one of our pid
     is a predecessor's too (pid 1 again in a container)."""
-    import shutil
     for tmp in root.parent.glob(root.name + ".tmp*"):
         pid = tmp.name[len(root.name) + 4:]
         if not pid.isdigit():
