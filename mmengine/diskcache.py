@@ -847,6 +847,8 @@ def manifest(spec: ModelSpec) -> str:
                           for t in tensors]
     if spec.warmup:
         table["warmup"] = {name: list(shape) for name, shape in spec.warmup}
+    if spec.max_batch_size:
+        table["max_batch_size"] = spec.max_batch_size
     if spec.options:
         table["options"] = spec.options
     # No token_sha256: tokens are checked against the stub, whose edit

@@ -605,9 +605,11 @@ class Engine:
                          if busiest else "")
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
                                  f"in flight{ahead}; retry later")
+            spec = self._loaded_specs.get(key)
             return worker.call(Op.INFER, key[0], key[1], arrays,
                                on_done=lambda: self._unpin_request(key, gen, True),
-                               deadline=deadline, then=then)
+                               deadline=deadline, then=then,
+                               batch=spec.max_batch_size if spec is not None else 0)
         except BaseException:
             self._unpin_request(key, gen)
             raise
@@ -2192,12 +2194,13 @@ class _ByteGate:
 def _add_ran(fields: dict, ran: dict) -> dict:
     """Adds a worker's account of a request's run to an observer's fields:
     where (worker), when (t_sent, worker_ns: t_recv, t_done, t_read; None
-    where the worker died first) and how (account)."""
+    where the worker died first) and how (account, batch)."""
     fields["version"] = ran.get("version", fields["version"])  # None asks for the default
     fields["worker_ns"] = (ran.get("t_recv"), ran.get("t_done"), ran.get("t_read"))
     fields["t_sent"] = ran.get("t_sent")
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
+    fields["batch"] = ran.get("batch")  # joined with others into one call: how many
     return fields
 
 

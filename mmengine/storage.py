@@ -13,6 +13,8 @@ Manifest keys (all optional):
     device = "cpu"            # the device type the model must run on
     trusted = false           # may pickled data in the artifact be unpickled
     warmup = true             # or a table {input = [concrete shape]}
+    max_batch_size = 8        # join queued requests into calls of up to 8
+                              # rows along the first dimension (0: never)
     token_sha256 = ["…"]      # hex sha256 digests of the tokens that may call
                               # this model (one string or several, for rotation)
     [[inputs]]                # also [[outputs]]
@@ -83,7 +85,7 @@ CODE_BACKENDS = frozenset({"handler", "safetensors"})
 _CODE_SUFFIXES = (".py", ".pyc", ".so", ".pyd")
 _MANIFEST_KEYS = frozenset({"backend", "bytes", "device", "trusted", "warmup", "inputs",
                             "outputs", "options", "token_sha256", "source", "files",
-                            "compress"})
+                            "compress", "max_batch_size"})
 #: The disk cache keeps a compressed artifact as `<artifact>.zst`: one zstd
 #: frame that records its content size (see `open_artifact`).
 ZSTD_SUFFIX = ".zst"
@@ -115,6 +117,9 @@ class ModelSpec:
     trusted: bool = False
     # Concrete input shapes of the warm-up call run after a load; empty: none.
     warmup: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # The most rows a worker joins queued requests into, along their
+    # tensors' first dimension, for one call; 0 or 1: each request alone.
+    max_batch_size: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     # Digests (32 raw bytes each) of the tokens that may run this model;
     # empty: anyone who reaches the server may.
@@ -665,6 +670,8 @@ def _parse_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             fields[key] = _parse_tensors(manifest[key], key, where)
     if "warmup" in manifest:
         fields["warmup"] = _parse_warmup(manifest["warmup"], fields.get("inputs", ()), where)
+    if "max_batch_size" in manifest:
+        fields["max_batch_size"] = _parse_batch(manifest, fields, where)
     if "source" in manifest:
         fields.update(_parse_remote(manifest, where))
     elif "files" in manifest or "compress" in manifest:
@@ -760,6 +767,22 @@ def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
     if len({t.name for t in tensors}) != len(tensors):
         raise LoadFailed(f"{where}: {MANIFEST}: {key!r} repeats a name")
     return tuple(tensors)
+
+
+def _parse_batch(manifest: dict[str, Any], fields: dict[str, Any], where: str) -> int:
+    size = _expect(manifest, "max_batch_size", int, where)
+    if size < 0:
+        raise LoadFailed(f"{where}: {MANIFEST}: 'max_batch_size' must not be negative")
+    if size > 1:
+        # Requests are joined, and answers split, along the first dimension:
+        # a tensor declared with a fixed one could not take a batch.
+        for key in ("inputs", "outputs"):
+            for i, t in enumerate(fields.get(key, ())):
+                if not t.shape or t.shape[0] != -1:
+                    raise LoadFailed(f"{where}: {MANIFEST}: 'max_batch_size' joins requests "
+                                     f"along the first dimension: '{key}[{i}].shape' must "
+                                     f"begin with -1, not {list(t.shape)}")
+    return size
 
 
 def _parse_warmup(value: Any, inputs: tuple[TensorSpec, ...],

@@ -39,7 +39,8 @@ HTTP_HEADER = "x-mmengine-timing"
 
 
 def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
-           t_sent: int | None = None, account: Mapping | None = None) -> dict[str, int]:
+           t_sent: int | None = None, account: Mapping | None = None,
+           batch: int | None = None) -> dict[str, int]:
     """One request's stages in nanoseconds, from the stamps above;
     `worker_ns` is (t_recv, t_done, t_read) as the engine reports it.
 
@@ -57,7 +58,8 @@ def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
     With the worker's `account` (Config.account_requests), compute is
     split further: compute_cpu_ns and compute_runq_ns, its serving
     thread's time on a CPU and runnable off one (not stages: the rest of
-    compute is time it slept).
+    compute is time it slept). `batch`, where the worker joined the
+    request with others into one call (batching.py): how many.
     """
     out = {"total_ns": t_encoded - t_submit}
     t_recv, t_done, t_read = worker_ns if worker_ns else (None, None, None)
@@ -69,6 +71,8 @@ def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
                encode_ns=t_encoded - t_read)
     if account:
         out.update(compute_cpu_ns=account["cpu_ns"], compute_runq_ns=account["runq_ns"])
+    if batch:
+        out["batch"] = batch
     return out
 
 
@@ -77,13 +81,13 @@ def body_timing(t_submit: int, body: Mapping, t_encoded: int | None = None) -> d
     future gives: it carries the worker's stamps, t_read and t_sent)."""
     return timing(t_submit, (body.get("t_recv"), body.get("t_done"), body.get("t_read")),
                   time.monotonic_ns() if t_encoded is None else t_encoded,
-                  body.get("t_sent"), body.get("account"))
+                  body.get("t_sent"), body.get("account"), body.get("batch"))
 
 
 def server_timing(t: Mapping[str, int]) -> str:
     """A `Server-Timing` header value (durations in milliseconds), which
     browsers' developer tools and most HTTP tooling show as they are."""
-    return ", ".join(f"{k[:-3]};dur={v / 1e6:.3f}" for k, v in t.items())
+    return ", ".join(f"{k[:-3]};dur={v / 1e6:.3f}" for k, v in t.items() if k.endswith("_ns"))
 
 
 # -- Chrome trace events -------------------------------------------------------
@@ -159,7 +163,8 @@ class Trace:
         args = {"model": f["model"], "version": f["version"], "code": f["code"]}
         worker_ns = f.get("worker_ns")
         if worker_ns and worker_ns[0] is not None and worker_ns[1] is not None:
-            t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"))
+            t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"),
+                       f.get("batch"))
             args.update(t)
             self._compute_span(f, f["model"])
         if f.get("worker") is not None:

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mmengine import logs, messages, resources
+from mmengine import batching, logs, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
@@ -507,54 +507,174 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             parts = req.get()
         except RingClosed:
             return  # the front-end is shutting down: everything sent is served
-        try:
-            op, rid, name, version, tensors, params = messages.parse_request(parts[0])
-        except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
-            del parts
-            req.release()
-            log.error("dropped a malformed request: %s", e)
-            continue
-        deadline = params.get("deadline")
-        # Said before it looks: the front-end, marking it abandoned, then
-        # reads whether it runs (and counts its time as still ahead).
-        abandoned.serving = rid
-        if rid in abandoned or deadline is not None and \
-                logic.would_miss((name, version), deadline, queued=not req.woke_ns):
-            # Nobody waits for its answer, or nobody will by its end.
-            abandoned.serving = 0
-            del parts
-            req.release()
-            out.send(rid, messages.SKIPPED)
-            continue
-        ran = None  # the request's run in this worker, once it has one
-        try:
-            if op != Op.INFER:
-                raise InternalError(f"op {op!r} on the inference ring")
-            # One clock for every process: timings cross.
-            t0 = logic.serving_since = time.monotonic_ns()
-            start = clock.read() if clock else None
-            loader = logic.loader_state() if clock else ""
-            try:
-                outputs = logic.infer(name, version, messages.view(tensors, parts[1:]))
-            finally:
-                abandoned.serving = 0
-                # Read before t_done: a preemption due during the call lands
-                # at the first system call after it, which must count in it.
-                account = clock.account(req.woke_ns, t0, start, loader) if clock else None
-                t_done = logic.served_at = time.monotonic_ns()
-                logic.serving_since = 0
-                logic.ran((name, version), (t_done - t0) / 1e9, t_done / 1e9)
-                ran = {"t_recv": t0, "t_done": t_done}
-                if account:
-                    ran["account"] = account
-            out.send(rid, body=ran, outputs=outputs, model=name)
-        except Exception as e:  # every failure goes back typed
-            abandoned.serving = 0  # (an op that is no inference never ran)
-            out.fail(rid, e, ran)
-        finally:
-            outputs = None
+        request = _parse(parts)
         del parts
+        if request is not None:
+            model = logic.models.get((request[2], request[3]))
+            if request[0] is Op.INFER and model is not None and model.spec.max_batch_size > 1:
+                _serve_batch(req, out, logic, abandoned, clock, request, model)
+            else:
+                _serve_one(req.woke_ns, out, logic, abandoned, clock, request)
+            request = None
         req.release()
+
+
+def _parse(parts: list) -> tuple | None:
+    """(op, id, model, version, tensors, params, parts) of a record; None,
+    said in the log, for a header that cannot be read."""
+    try:
+        return (*messages.parse_request(parts[0]), parts)
+    except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
+        log.error("dropped a malformed request: %s", e)
+        return None
+
+
+def _skips(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
+           abandoned: messages.Abandoned) -> bool:
+    """Whether nobody waits for inference `rid`'s answer, or nobody will
+    by its end; `queued`: it was in the ring before the worker looked."""
+    deadline = params.get("deadline")
+    return rid in abandoned or deadline is not None and logic.would_miss(key, deadline, queued)
+
+
+def _serve_one(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+               clock: _ThreadClock | None, request: tuple) -> None:
+    op, rid, name, version, tensors, params, parts = request
+    # Said before it looks: the front-end, marking it abandoned, then
+    # reads whether it runs (and counts its time as still ahead).
+    abandoned.serving = rid
+    if _skips(rid, (name, version), params, not woke, logic, abandoned):
+        abandoned.serving = 0
+        out.send(rid, messages.SKIPPED)
+        return
+    try:
+        if op != Op.INFER:
+            raise InternalError(f"op {op!r} on the inference ring")
+        inputs = messages.view(tensors, parts[1:])
+    except Exception as e:  # every failure goes back typed
+        abandoned.serving = 0  # (an op that is no inference never ran)
+        out.fail(rid, e)
+        return
+    _run(woke, out, logic, abandoned, clock, name, version, inputs, [(rid, 0)])
+
+
+def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+                 clock: _ThreadClock | None, head: tuple, model) -> None:
+    """Serves `head`, an inference of a model that takes batches, joined
+    with those of the same model and version queued right behind it
+    (batching.py), up to the model's max_batch_size rows. Each record
+    stays held until the caller releases them all. Requests of another
+    form (batching.form), or past the limit, make calls of their own; the
+    first record that is no such inference is served after them."""
+    from mmengine.backends.base import check_inputs  # torch: workers' alone
+
+    woke, key, limit = req.woke_ns, (head[2], head[3]), model.spec.max_batch_size
+    queued, after = [head], None
+    while len(queued) < limit:
+        parts = req.try_get()
+        if parts is None:
+            break
+        request = _parse(parts)
+        del parts
+        if request is None:
+            continue
+        if request[0] is not Op.INFER or (request[2], request[3]) != key:
+            after = request
+            break
+        if _skips(request[1], key, request[5], True, logic, abandoned):
+            out.send(request[1], messages.SKIPPED)  # takes no place in the batch
+            continue
+        queued.append(request)
+    # Requests of one form join (batching.form), a call's rows within the
+    # limit: [form, rows, [(id, rows, params)], [inputs]] in the order queued.
+    groups, alone = [], []
+    for request in queued:
+        try:
+            arrays = messages.view(request[4], request[6][1:])
+            check_inputs(model.inputs, arrays)
+        except Exception as e:  # its own failure, no other's
+            out.fail(request[1], e)
+            continue
+        shape = batching.form(arrays)
+        if shape is None:
+            alone.append(request)
+            continue
+        n, kinds = shape
+        for group in groups:
+            if group[0] == kinds and group[1] + n <= limit:
+                break
+        else:
+            group = [kinds, 0, [], []]
+            groups.append(group)
+        group[1] += n
+        group[2].append((request[1], n, request[5]))
+        group[3].append(arrays)
+    for _, _, members, inputs in groups:
+        # The call's first is looked at as _serve_one does (the rest were
+        # as they were taken); one skipped leaves the call to the next.
+        while members:
+            rid, _, params = members[0]
+            abandoned.serving = rid
+            first_woke = woke if rid == head[1] else 0
+            if not _skips(rid, key, params, not first_woke, logic, abandoned):
+                break
+            abandoned.serving = 0
+            out.send(rid, messages.SKIPPED)
+            del members[0], inputs[0]
+        if len(members) == 1:
+            _run(first_woke, out, logic, abandoned, clock, *key, inputs[0], [(rid, 0)])
+        elif members:
+            _run(first_woke, out, logic, abandoned, clock, *key, batching.join(inputs),
+                 [(rid, n) for rid, n, _ in members])
+    for request in alone:
+        _serve_one(0, out, logic, abandoned, clock, request)
+    if after is not None:
+        _serve_one(0, out, logic, abandoned, clock, after)
+
+
+def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+         clock: _ThreadClock | None, name: str, version: int, inputs: dict,
+         batch: list[tuple[int, int]]) -> None:
+    """One call of the model, whose serving the front-end was told of
+    (Abandoned.serving), answered to each of `batch`: (id, rows) of the
+    requests its inputs join (one: the rows do not matter)."""
+    ran = None  # the run of the call in this worker, once it has one
+    try:
+        # One clock for every process: timings cross.
+        t0 = logic.serving_since = time.monotonic_ns()
+        start = clock.read() if clock else None
+        loader = logic.loader_state() if clock else ""
+        try:
+            outputs = logic.infer(name, version, inputs)
+        finally:
+            abandoned.serving = 0
+            # Read before t_done: a preemption due during the call lands
+            # at the first system call after it, which must count in it.
+            account = clock.account(woke, t0, start, loader) if clock else None
+            t_done = logic.served_at = time.monotonic_ns()
+            logic.serving_since = 0
+            logic.ran((name, version), (t_done - t0) / 1e9, t_done / 1e9)
+            ran = {"t_recv": t0, "t_done": t_done}
+            if account:
+                ran["account"] = account
+            if len(batch) > 1:
+                ran["batch"] = len(batch)
+        if len(batch) == 1:
+            out.send(batch[0][0], body=ran, outputs=outputs, model=name)
+            return
+        answers = batching.split(outputs, [rows for _, rows in batch], name)
+    except Exception as e:  # every failure goes back typed
+        abandoned.serving = 0
+        for rid, _ in batch:
+            out.fail(rid, e, ran)
+        return
+    finally:
+        outputs = None
+    for (rid, _), answer in zip(batch, answers):
+        try:
+            out.send(rid, body=ran, outputs=answer, model=name)
+        except Exception as e:  # one answer that cannot be sent fails that one alone
+            out.fail(rid, e, ran)
 
 
 def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):

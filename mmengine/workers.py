@@ -443,7 +443,8 @@ class Worker:
     def call(self, op: Op, model: str, version: int, arrays: dict | None = None,
              params: dict | None = None, on_done: Callable | None = None,
              deadline: float = math.inf,
-             then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
+             then: Callable[[asyncio.Future], None] | None = None,
+             batch: int = 0) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
@@ -457,7 +458,10 @@ class Worker:
         `then(future)` runs as the future is done, in the same turn of the
         loop: a server writes the answer out before asyncio would run the
         future's callbacks (a turn later, behind the engine's metrics). It
-        is not run for a future its caller cancels."""
+        is not run for a future its caller cancels.
+
+        `batch`: the model's max_batch_size. Waiting inferences of a model
+        that takes batches go in together, as one call (_send_held)."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -477,7 +481,7 @@ class Worker:
             held = self._held.get(served)
             if held is None:
                 held = self._held[served] = collections.deque()
-            held.append((rid, header, bufs, need))
+            held.append((rid, header, bufs, need, batch))
             self._held_ids.add(rid)
             self._arm_room()
         else:
@@ -551,10 +555,12 @@ class Worker:
             self._send_held(early_ns=int(_CLOCK_S * 1e9))
 
     def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
-                        need: int = 0) -> None:
+                        need: int = 0, joins: bool = False) -> None:
+        """Sends an inference; `joins`: it joins the call of the one sent
+        before it (_send_held), which counted that call's time."""
         self._infer.send(header, bufs, need)
         mean = self._times.expected(served)
-        expected = self._backlog_ns if mean is None else int(mean * 1e9)
+        expected = 0 if joins else self._backlog_ns if mean is None else int(mean * 1e9)
         if not self._sent_ns:
             self._began_ns = time.monotonic_ns()
         self._sent_ns[rid] = expected
@@ -577,30 +583,37 @@ class Worker:
         it: a worker runs a request it waited for whatever its time left,
         since it cannot tell one sent in time from one sent late.)
 
-        `early_ns`: the room due that much from now is taken now."""
+        `early_ns`: the room due that much from now is taken now. A model
+        that takes batches sends up to its max_batch_size at once, the
+        first counted as the call and the rest as joining it (the worker
+        joins them: worker._serve_batch)."""
         now = time.monotonic_ns()
         while self._held and self._ring_has_room(now + early_ns):
             served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
-            held = self._held[served]
-            rid, header, bufs, need = held.popleft()
-            if not held:
-                del self._held[served]
-            self._held_ids.discard(rid)
-            fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
-            # It begins once the ring's calls are done: its time is what is left then.
-            begins = self._ring_left_ns(now) / 1e9
-            if fut.done() or self._times.would_miss(served, deadline - begins, time.monotonic()):
-                del self._pending[rid]
-                self._inferences_done(1)
-                _finish(fut, on_done, self._not_run(t_sent, served), then)
-                if self.on_unserved is not None:
-                    self.on_unserved(served, None, self.index)
-                continue
-            try:
-                self._send_inference(rid, served, header, bufs, need)
-            except WorkerDied as e:
-                self._died(str(e))
-                return
+            sent, batch = 0, 1
+            while sent < batch and served in self._held:
+                held = self._held[served]
+                rid, header, bufs, need, batch = held.popleft()
+                if not held:
+                    del self._held[served]
+                self._held_ids.discard(rid)
+                fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
+                # It begins once the ring's calls are done: its time is what is left then.
+                begins = self._ring_left_ns(now) / 1e9
+                if fut.done() or self._times.would_miss(served, deadline - begins,
+                                                        time.monotonic()):
+                    del self._pending[rid]
+                    self._inferences_done(1)
+                    _finish(fut, on_done, self._not_run(t_sent, served), then)
+                    if self.on_unserved is not None:
+                        self.on_unserved(served, None, self.index)
+                    continue
+                try:
+                    self._send_inference(rid, served, header, bufs, need, joins=sent > 0)
+                except WorkerDied as e:
+                    self._died(str(e))
+                    return
+                sent += 1
             self._poll_answers()  # its answer may come after the window of the last call
         self._arm_room()
 

@@ -106,8 +106,10 @@ async def model_config(server, request: Request, name: str,
                        version: str | None = None) -> Response:
     """Triton's model configuration (tritonclient's get_model_config), for
     the clients and tools that read a model's tensors there: what the
-    metadata says, as Triton writes it. No batching of ours: max_batch_size
-    0, and dims are whole shapes (-1: any size)."""
+    metadata says, as Triton writes it: max_batch_size 0, and dims are
+    whole shapes (-1: any size). A model that takes batches (its manifest's
+    max_batch_size) is joined with others by its worker, out of the
+    client's sight: each request keeps its whole shape."""
     meta = await server.engine.metadata(name, _version(version))
 
     def tensors(ts: list[dict]) -> list[dict]:

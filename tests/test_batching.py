@@ -1,0 +1,262 @@
+"""Requests joined into one call (a manifest's max_batch_size): a real
+server and worker, requests queued together through the SDK, each answer
+checked against its own inputs."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+
+from conftest import Server, environ, run, write_handler
+from mmengine import batching, demo, diskcache, trace
+from mmengine.client import AsyncClient
+from mmengine.errors import BadRequest, InternalError, LoadFailed, Timeout
+from mmengine.storage import read_spec
+
+def _handler(answer: str) -> str:
+    """A handler that sleeps as long as its largest x[:, 0] says, then
+    answers `answer` (of x)."""
+    return ("import time\nimport numpy as np\n\ndef load(path, device):\n    pass\n\n"
+            "def predict(inputs):\n    x = inputs['x']\n    time.sleep(float(x[:, 0].max()))\n"
+            f"    return {answer}\n")
+
+
+# Each row twice its input, and how many rows the call had.
+ROWS_HANDLER = _handler('{"y": x * 2, "rows": np.full(len(x), len(x), np.int64)}')
+# One row for the whole call, however many it was given.
+WHOLE_HANDLER = _handler('{"y": x.sum(axis=0, keepdims=True)}')
+LIMIT = 4
+DIMS = (16, 32, 8)
+
+
+def _manifest(limit: int) -> str:
+    return (f"max_batch_size = {limit}\n"
+            '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, -1]\n')
+
+
+@pytest.fixture(scope="module")
+def address(request, tmp_path_factory) -> tuple[str, int]:
+    root = tmp_path_factory.mktemp("repo")
+    write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
+    write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
+    write_handler(root, "whole", WHOLE_HANDLER, _manifest(LIMIT))
+    mlp = demo.write_mlp(root / "mlp", "safetensors", *DIMS)
+    (mlp / "model.toml").write_text(f"max_batch_size = {LIMIT}\n"
+                                    + (mlp / "model.toml").read_text())
+    # One worker: every request queues behind the one running; and no
+    # bound on the worker's backlog: each goes into its ring at once, so
+    # that what the worker joins does not depend on when the front-end
+    # lets them in (test_waiting_requests_go_in_together).
+    server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0"))
+    request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
+    m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    return m.group(1), int(m.group(2))
+
+
+def x_rows(first: float, n: int, width: int = 3, seed: int = 0) -> np.ndarray:
+    """n rows of `width` distinct values, the first column `first` (the
+    handlers' sleep)."""
+    x = np.random.default_rng(seed).random((n, width), dtype=np.float32) + 10
+    x[:, 0] = first
+    return x
+
+
+async def _behind_one(address, model: str, requests: list, block_s: float = 0.3,
+                      timeout: float = 30.0) -> list:
+    """Sends one request that holds the worker for `block_s`, then
+    `requests` ([inputs, or (inputs, timeout)]) at once behind it: they
+    queue together. Their answers, or the errors they raised."""
+    async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+        await c.infer(model, {"x": x_rows(0.0, 1)})  # loaded: the block is a call alone
+        first = asyncio.ensure_future(c.infer(model, {"x": x_rows(block_s, 1)}))
+        await asyncio.sleep(0.05)  # the worker has begun it
+        calls = []
+        for r in requests:
+            x, timeout = r if isinstance(r, tuple) else (r, None)
+            calls.append(c.infer(model, {"x": x}, timeout=timeout, timing=True))
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        await first
+        return answers
+
+
+def test_queued_requests_are_joined_and_each_gets_its_rows(address):
+    xs = [x_rows(0.0, 1, seed=i) for i in range(10)]
+    answers = run(_behind_one(address, "rows", xs))
+    batches = []
+    for x, out in zip(xs, answers):
+        assert not isinstance(out, BaseException), out
+        np.testing.assert_array_equal(out["y"], x * 2)  # its own row, none other's
+        rows = int(out["rows"][0])
+        assert 1 <= rows <= LIMIT
+        assert out.timing.get("batch", 1) == rows
+        batches.append(rows)
+    # Ten requests queued at once: calls of the limit while they last.
+    assert max(batches) == LIMIT
+
+
+@pytest.fixture(scope="module")
+def bounded(request, tmp_path_factory) -> tuple[str, int]:
+    """A server with the default bound on its worker's backlog: past it,
+    requests wait in the front-end for their turn."""
+    root = tmp_path_factory.mktemp("bounded")
+    write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
+    server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ())
+    request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
+    m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    return m.group(1), int(m.group(2))
+
+
+def test_waiting_requests_go_in_together(bounded):
+    """Requests that wait in the front-end for their turn (the worker's
+    backlog is full) go into its ring as one call's, not one at a time."""
+    xs = [x_rows(0.0, 1, seed=i) for i in range(9)]
+    answers = run(_behind_one(bounded, "rows", xs))
+    for x, out in zip(xs, answers):
+        np.testing.assert_array_equal(out["y"], x * 2)
+    assert max(int(out["rows"][0]) for out in answers) == LIMIT
+
+
+def test_a_model_without_max_batch_size_runs_each_alone(address):
+    answers = run(_behind_one(address, "alone", [x_rows(0.0, 1, seed=i) for i in range(6)]))
+    assert [int(out["rows"][0]) for out in answers] == [1] * 6
+    assert all("batch" not in out.timing for out in answers)
+
+
+def test_rows_count_against_the_limit(address):
+    sizes = [3, 2, 1, 2, 4, 1]
+    xs = [x_rows(0.0, n, seed=i) for i, n in enumerate(sizes)]
+    answers = run(_behind_one(address, "rows", xs))
+    for x, out in zip(xs, answers):
+        np.testing.assert_array_equal(out["y"], x * 2)
+        assert x.shape[0] <= int(out["rows"][0]) <= LIMIT
+
+
+def test_requests_of_another_form_make_calls_of_their_own(address):
+    xs = [x_rows(0.0, 1, width=3), x_rows(0.0, 1, width=5), x_rows(0.0, 1, width=3),
+          x_rows(0.0, 2, width=5)]
+    answers = run(_behind_one(address, "rows", xs))
+    for x, out in zip(xs, answers):
+        np.testing.assert_array_equal(out["y"], x * 2)
+    # (They may reach the worker in any order: the SDK spreads them over
+    # its connections.)
+    assert [int(out["rows"][0]) for out in answers] == [2, 3, 2, 3]
+
+
+def test_a_bad_request_fails_alone(address):
+    bad = x_rows(0.0, 1).astype(np.float64)  # declared float32
+    xs = [x_rows(0.0, 1, seed=1), bad, x_rows(0.0, 1, seed=2)]
+    answers = run(_behind_one(address, "rows", xs))
+    assert isinstance(answers[1], BadRequest) and "float32" in str(answers[1])
+    for i in (0, 2):
+        np.testing.assert_array_equal(answers[i]["y"], xs[i] * 2)
+        assert int(answers[i]["rows"][0]) == 2
+
+
+def test_requests_past_their_deadline_are_skipped_not_joined(address):
+    late = [(x_rows(0.0, 1, seed=i), 0.1) for i in range(3)]
+    kept = [x_rows(0.0, 1, seed=10 + i) for i in range(3)]
+    answers = run(_behind_one(address, "rows", [*late, *kept], block_s=0.6))
+    assert all(isinstance(out, Timeout) for out in answers[:3]), answers[:3]
+    for x, out in zip(kept, answers[3:]):
+        np.testing.assert_array_equal(out["y"], x * 2)
+        assert int(out["rows"][0]) == 3
+
+
+def test_an_answer_that_is_not_row_by_row_fails_the_joined_requests(address):
+    answers = run(_behind_one(address, "whole", [x_rows(0.0, 1, seed=i) for i in range(3)]))
+    for out in answers:
+        assert isinstance(out, InternalError), out
+        assert "max_batch_size" in str(out) and "'y'" in str(out)
+    # A request alone is its whole batch: answered.
+    async def alone():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            return await c.infer("whole", {"x": x_rows(0.0, 1)})
+    assert run(alone())["y"].shape == (1, 3)
+
+
+def test_a_torch_module_answers_joined_requests_as_alone(address):
+    """A safetensors MLP: the joined call's rows are what each request
+    alone would get."""
+    xs = [np.random.default_rng(i).standard_normal((1 + i % 2, DIMS[0])).astype(np.float32)
+          for i in range(8)]
+
+    async def go():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            await c.infer("mlp", {"x": xs[0]})
+            return await asyncio.gather(*(c.infer("mlp", {"x": x}, timing=True) for x in xs))
+    answers = run(go())
+    for x, out in zip(xs, answers):
+        np.testing.assert_allclose(out["y"], demo.reference(x, *DIMS, seed=0), rtol=1e-5, atol=1e-5)
+
+
+def test_other_models_queued_between_are_served(address):
+    """Requests of another model queued among a batch's: each answered."""
+    async def go():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            await asyncio.gather(c.infer("rows", {"x": x_rows(0.0, 1)}),
+                                 c.infer("alone", {"x": x_rows(0.0, 1)}))
+            first = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            xs = [x_rows(0.0, 1, seed=i) for i in range(8)]
+            calls = [c.infer("rows" if i % 3 else "alone", {"x": x}) for i, x in enumerate(xs)]
+            answers = await asyncio.gather(*calls)
+            await first
+            return xs, answers
+    xs, answers = run(go())
+    for x, out in zip(xs, answers):
+        np.testing.assert_array_equal(out["y"], x * 2)
+
+
+# -- the manifest and the helpers ------------------------------------------------
+
+@pytest.mark.parametrize("manifest, message", [
+    ("max_batch_size = -1\n", "must not be negative"),
+    ("max_batch_size = true\n", "must be an integer"),
+    ('max_batch_size = 4\n[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [1, 4]\n',
+     "'inputs[0].shape' must begin with -1"),
+    ('max_batch_size = 4\n[[outputs]]\nname = "y"\ndtype = "float32"\nshape = []\n',
+     "'outputs[0].shape' must begin with -1"),
+])
+def test_a_manifest_that_cannot_batch_is_refused(tmp_path, manifest, message):
+    path = write_handler(tmp_path, "m", ROWS_HANDLER, manifest)
+    with pytest.raises(LoadFailed, match=re.escape(message)):
+        read_spec("m", 1, path)
+
+
+def test_max_batch_size_one_with_a_fixed_first_dimension_is_taken(tmp_path):
+    path = write_handler(tmp_path, "m", ROWS_HANDLER, 'max_batch_size = 1\n[[inputs]]\n'
+                         'name = "x"\ndtype = "float32"\nshape = [1, 4]\n')
+    assert read_spec("m", 1, path).max_batch_size == 1
+
+
+def test_forms_join_and_split():
+    a = {"x": np.ones((2, 3), np.float32), "m": np.zeros((2,), np.int8)}
+    b = {"m": np.ones((1,), np.int8), "x": np.full((1, 3), 2, np.float32)}
+    assert batching.form(a)[0] == 2 and batching.form(a)[1] == batching.form(b)[1]
+    assert batching.form({"x": np.ones((2, 4), np.float32)})[1] != batching.form(a)[1]
+    assert batching.form({"x": np.ones((2, 3)), "m": np.ones((3,))}) is None  # rows disagree
+    assert batching.form({"x": np.float32(1)}) is None and batching.form({}) is None
+    joined = batching.join([a, b])
+    assert joined["x"].shape == (3, 3) and joined["m"].tolist() == [0, 0, 1]
+    parts = batching.split({"y": joined["x"] * 2}, [2, 1], "m")
+    assert parts[0]["y"].shape == (2, 3) and parts[1]["y"].tolist() == [[4, 4, 4]]
+    assert parts[1]["y"].flags.c_contiguous
+    with pytest.raises(InternalError, match="not a row for each of the 3 rows"):
+        batching.split({"y": np.ones(2)}, [2, 1], "m")
+
+
+def test_a_cached_copy_keeps_max_batch_size(tmp_path):
+    """The disk cache writes a copy's manifest from its spec: the key
+    survives it."""
+    spec = read_spec("m", 1, write_handler(tmp_path / "a", "m", ROWS_HANDLER, _manifest(8)))
+    copy = write_handler(tmp_path / "b", "m", ROWS_HANDLER, diskcache.manifest(spec))
+    assert read_spec("m", 1, copy).max_batch_size == 8
+
+
+def test_server_timing_leaves_out_the_batch():
+    assert trace.server_timing({"queue_ns": 1_000_000, "batch": 3}) == "queue;dur=1.000"
+
