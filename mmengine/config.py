@@ -81,7 +81,7 @@ class Config:
     repo: str = ""                       # model repository root
     device: str = "auto"                 # auto (GPUs if any) | cpu | cuda
     workers: int = 2                     # CPU worker processes (GPU: one per GPU)
-    threads_per_worker: int = 0          # torch threads per CPU worker; 0: cores / workers
+    threads_per_worker: int = 0          # torch threads per CPU worker; 0: (cores - 1) / workers
     # Threads that read one model file at once in each worker (the kernel's
     # copy out of the page cache runs on the reading thread, ~5.5 GB/s each
     # here); 0: half the worker's share of the cores while it serves, since

@@ -704,7 +704,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     import torch
 
     if device == "cpu":
-        torch.set_num_threads(config.threads_per_worker or resources.core_share(config, device))
+        torch.set_num_threads(resources.torch_threads(config))
     from mmengine import staging
 
     try:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import Server, environ, run, write_handler
-from mmengine import batching, demo, diskcache, trace
+from mmengine import batching, demo, diskcache, resources, trace
+from mmengine.config import Config
 from mmengine.client import AsyncClient
 from mmengine.errors import BadRequest, InternalError, LoadFailed, Timeout
 from mmengine.storage import read_spec
@@ -27,6 +28,17 @@ def _handler(answer: str) -> str:
 ROWS_HANDLER = _handler('{"y": x * 2, "rows": np.full(len(x), len(x), np.int64)}')
 # One row for the whole call, however many it was given.
 WHOLE_HANDLER = _handler('{"y": x.sum(axis=0, keepdims=True)}')
+# Answers the torch threads of the process it runs in.
+THREADS_HANDLER = '''
+import numpy as np
+import torch
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"y": np.array([torch.get_num_threads()])}
+'''
 LIMIT = 4
 DIMS = (16, 32, 8)
 
@@ -42,6 +54,7 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
     write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
     write_handler(root, "whole", WHOLE_HANDLER, _manifest(LIMIT))
+    write_handler(root, "threads", THREADS_HANDLER)
     mlp = demo.write_mlp(root / "mlp", "safetensors", *DIMS)
     (mlp / "model.toml").write_text(f"max_batch_size = {LIMIT}\n"
                                     + (mlp / "model.toml").read_text())
@@ -260,3 +273,11 @@ def test_a_cached_copy_keeps_max_batch_size(tmp_path):
 def test_server_timing_leaves_out_the_batch():
     assert trace.server_timing({"queue_ns": 1_000_000, "batch": 3}) == "queue;dur=1.000"
 
+
+def test_a_cpu_worker_runs_torch_on_the_cores_the_front_end_leaves(address):
+    """A joined call's ops may go parallel where a lone request's did not:
+    a worker's torch threads leave the front-end its core."""
+    async def go():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            return await c.infer("threads", {"x": np.ones(1, np.float32)})
+    assert int(run(go())["y"][0]) == resources.torch_threads(Config(workers=1))

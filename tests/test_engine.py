@@ -821,6 +821,21 @@ def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
     assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
 
 
+@pytest.mark.parametrize("cores, workers, threads, expected", [
+    (2, 1, 0, 1),     # this machine: one core is the front-end's
+    (1, 1, 0, 1),
+    (16, 1, 0, 15),
+    (16, 4, 0, 3),
+    (16, 32, 0, 1),
+    (2, 1, 2, 2),     # as the operator says
+])
+def test_a_cpu_worker_leaves_the_front_end_a_core(monkeypatch, cores, workers, threads,
+                                                   expected):
+    monkeypatch.setattr(resources, "cores", lambda: cores)
+    assert resources.torch_threads(Config(workers=workers,
+                                          threads_per_worker=threads)) == expected
+
+
 def test_with_account_requests_a_worker_says_how_it_spent_each_request(repo, own_segments):
     """Each answer carries its serving thread's account: woken between the
     request's send and its start, CPU time within the model's wall time."""
