@@ -566,8 +566,6 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
     stays held until the caller releases them all. Requests of another
     form (batching.form), or past the limit, make calls of their own; the
     first record that is no such inference is served after them."""
-    from mmengine.backends.base import check_inputs  # torch: workers' alone
-
     woke, key, limit = req.woke_ns, (head[2], head[3]), model.spec.max_batch_size
     queued, after = [head], None
     while len(queued) < limit:
@@ -585,6 +583,22 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
             out.send(request[1], messages.SKIPPED)  # takes no place in the batch
             continue
         queued.append(request)
+    if len(queued) == 1:  # nothing to join: as any request
+        _serve_one(woke, out, logic, abandoned, clock, head)
+    else:
+        _serve_joined(out, logic, abandoned, clock, model, queued, woke)
+    if after is not None:
+        _serve_one(0, out, logic, abandoned, clock, after)
+
+
+def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+                  clock: _ThreadClock | None, model, queued: list, woke: int) -> None:
+    """_serve_batch's calls of `queued`, inferences of `model`, the first
+    of them taken as woken at `woke`."""
+    from mmengine.backends.base import check_inputs  # torch: workers' alone
+
+    head, limit = queued[0], model.spec.max_batch_size
+    key = (head[2], head[3])
     # Requests of one form join (batching.form), a call's rows within the
     # limit: [form, rows, [(id, rows, params)], [inputs]] in the order queued.
     groups, alone = [], []
@@ -628,8 +642,6 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
                  [(rid, n) for rid, n, _ in members])
     for request in alone:
         _serve_one(0, out, logic, abandoned, clock, request)
-    if after is not None:
-        _serve_one(0, out, logic, abandoned, clock, after)
 
 
 def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
