@@ -4,7 +4,9 @@ checked against its own inputs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import urllib.request
 
 import numpy as np
 import pytest
@@ -49,7 +51,8 @@ def _manifest(limit: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def address(request, tmp_path_factory) -> tuple[str, int]:
+def served(request, tmp_path_factory) -> tuple[tuple[str, int], str]:
+    """The TCP address and the HTTP URL of a server of the models above."""
     root = tmp_path_factory.mktemp("repo")
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
     write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
@@ -63,10 +66,16 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
     # that what the worker joins does not depend on when the front-end
     # lets them in (test_waiting_requests_go_in_together).
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
-                    "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0"))
+                    "--http-port", "0", env=environ(MMENGINE_WORKER_BACKLOG_MS="0"))
     request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
     m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
-    return m.group(1), int(m.group(2))
+    web = server.wait_for(r"HTTP .* on (http://\S+:\d+)", 60)
+    return (m.group(1), int(m.group(2))), web.group(1)
+
+
+@pytest.fixture(scope="module")
+def address(served) -> tuple[str, int]:
+    return served[0]
 
 
 def x_rows(first: float, n: int, width: int = 3, seed: int = 0) -> np.ndarray:
@@ -131,6 +140,22 @@ def test_waiting_requests_go_in_together(bounded):
     for x, out in zip(xs, answers):
         np.testing.assert_array_equal(out["y"], x * 2)
     assert max(int(out["rows"][0]) for out in answers) == LIMIT
+
+
+def _triton_counts(http: str, model: str) -> tuple[int, int]:
+    with urllib.request.urlopen(f"{http}/v2/models/{model}/stats", timeout=10) as r:
+        stats = json.load(r)["model_stats"][0]
+    return stats["inference_count"], stats["execution_count"]
+
+
+def test_triton_counts_a_joined_call_as_one_execution(served):
+    address, http = served
+    before = _triton_counts(http, "rows")
+    answers = run(_behind_one(address, "rows", [x_rows(0.0, 1, seed=i) for i in range(8)]))
+    calls = 2 + round(sum(1 / out.timing.get("batch", 1) for out in answers))  # + warm-up, block
+    inferences, executions = _triton_counts(http, "rows")
+    assert inferences - before[0] == 10
+    assert executions - before[1] == calls < 10
 
 
 def test_a_model_without_max_batch_size_runs_each_alone(address):

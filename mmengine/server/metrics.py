@@ -204,12 +204,15 @@ class _VersionRequests:
     front-end)."""
 
     __slots__ = ("success", "success_ns", "fail", "fail_ns", "queue_ns", "compute_ns",
-                 "return_ns", "last_ns")
+                 "return_ns", "last_ns", "calls")
 
     def __init__(self):
         self.success = self.success_ns = self.fail = self.fail_ns = 0
         self.queue_ns = self.compute_ns = self.return_ns = 0
         self.last_ns = 0  # time.monotonic_ns() of the last OK answer; 0: none
+        # The model's calls that answered OK: each of a joined call's n
+        # requests (batching.py) adds 1/n, a request alone 1.
+        self.calls = 0.0
 
 
 class Metrics:
@@ -350,6 +353,7 @@ class Metrics:
             return
         v.last_ns = end  # as Triton's: the last inference made
         v.success += 1
+        v.calls += 1 / (f.get("batch") or 1)
         v.success_ns += end - f["start_ns"]
         if worker_ns is not None and None not in worker_ns:  # an answer always has them
             v.queue_ns += worker_ns[0] - f["start_ns"]
@@ -385,7 +389,7 @@ class Metrics:
             if row is not None and row["state"] == "resident":
                 memory = (devices.get(row["worker"], "cpu"), row["bytes"])
             out.append((key, (v.success, v.fail, v.success_ns, v.fail_ns, v.queue_ns,
-                              v.compute_ns, v.return_ns, v.last_ns), memory))
+                              v.compute_ns, v.return_ns, v.last_ns, round(v.calls)), memory))
         return out
 
     # -- the collector: once per scrape ------------------------------------------
@@ -423,7 +427,7 @@ class _Scrape:
         self._worker_exits = dict(m._worker_exits)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
         self._versions = {key: (v.success, v.fail, v.success_ns, v.queue_ns, v.compute_ns,
-                                v.return_ns)
+                                v.return_ns, round(v.calls))
                           for key, v in m._versions.items()}
         self._stats = stats
         self._config = m.engine.config  # never changes: read on the formatting thread
@@ -614,10 +618,9 @@ class _Scrape:
 TRITON_METRICS = (
     ("nv_inference_request_success", "Requests answered OK.", 0, 1),
     ("nv_inference_request_failure", "Requests that failed.", 1, 1),
-    ("nv_inference_count", "Inferences performed (no batching of its own: one a "
-     "request answered OK).", 0, 1),
-    ("nv_inference_exec_count", "Model executions (as success: no batching of its "
-     "own).", 0, 1),
+    ("nv_inference_count", "Inferences performed (one a request answered OK).", 0, 1),
+    ("nv_inference_exec_count", "Model executions that answered OK: a call that joined "
+     "requests (a manifest's max_batch_size) counts once.", 6, 1),
     ("nv_inference_request_duration_us", "Cumulative time from submission to answer of "
      "requests answered OK, in microseconds.", 2, 1000),
     ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
@@ -648,7 +651,7 @@ def triton_stats(counts: list[tuple]) -> list[dict]:
         return {"count": count, "ns": ns}
     out = []
     for (name, version), c, memory in counts:
-        success, fail, success_ns, fail_ns, queue_ns, compute_ns, return_ns, last_ns = c
+        success, fail, success_ns, fail_ns, queue_ns, compute_ns, return_ns, last_ns, calls = c
         usage = []
         if memory is not None:
             kind, _, index = memory[0].partition(":")
@@ -657,7 +660,7 @@ def triton_stats(counts: list[tuple]) -> list[dict]:
         out.append({
             "name": name, "version": str(version),
             "last_inference": (last_ns + wall_offset) // 1_000_000 if last_ns else 0,
-            "inference_count": success, "execution_count": success,
+            "inference_count": success, "execution_count": calls,
             "inference_stats": {
                 "success": stat(success, success_ns),
                 "fail": stat(fail, fail_ns),
