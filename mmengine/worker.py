@@ -95,6 +95,8 @@ class WorkerLogic:
         self._torch = torch
         self.device = device
         self.models: dict[Key, object] = {}
+        # The resident models that take batches: their max_batch_size.
+        self.batching: dict[Key, int] = {}
         self._manifests = Manifests()
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
         self.bind_thread()
@@ -159,6 +161,8 @@ class WorkerLogic:
             model = self._on_stream(load_model, spec, self.device)
         elif self._stream is None:
             self._views_of[key] = host
+        if model.spec.max_batch_size > 1:
+            self.batching[key] = model.spec.max_batch_size
         self.models[key] = model  # published only once whole
         return model.nbytes, source
 
@@ -269,7 +273,9 @@ class WorkerLogic:
         (`close`): closing frees its memory, which need not delay the
         answer."""
         self.times.forget((name, version))
-        return self.models.pop((name, version), None)
+        model = self.models.pop((name, version), None)
+        self.batching.pop((name, version), None)
+        return model
 
     def close(self, key: Key, model) -> None:
         """Closes an unloaded model whose unload was already answered (a
@@ -510,9 +516,8 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
         request = _parse(parts)
         del parts
         if request is not None:
-            model = logic.models.get((request[2], request[3]))
-            if request[0] is Op.INFER and model is not None and model.spec.max_batch_size > 1:
-                _serve_batch(req, out, logic, abandoned, clock, request, model)
+            if request[0] is Op.INFER and (request[2], request[3]) in logic.batching:
+                _serve_batch(req, out, logic, abandoned, clock, request)
             else:
                 _serve_one(req.woke_ns, out, logic, abandoned, clock, request)
             request = None
@@ -537,15 +542,23 @@ def _skips(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
     return rid in abandoned or deadline is not None and logic.would_miss(key, deadline, queued)
 
 
+def _begins(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
+            abandoned: messages.Abandoned, out: _Responder) -> bool:
+    """Whether inference `rid` runs now; else it is answered SKIPPED.
+    Said before it looks: the front-end, marking it abandoned, then reads
+    whether it runs (and counts its time as still ahead)."""
+    abandoned.serving = rid
+    if _skips(rid, key, params, queued, logic, abandoned):
+        abandoned.serving = 0
+        out.send(rid, messages.SKIPPED)
+        return False
+    return True
+
+
 def _serve_one(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
                clock: _ThreadClock | None, request: tuple) -> None:
     op, rid, name, version, tensors, params, parts = request
-    # Said before it looks: the front-end, marking it abandoned, then
-    # reads whether it runs (and counts its time as still ahead).
-    abandoned.serving = rid
-    if _skips(rid, (name, version), params, not woke, logic, abandoned):
-        abandoned.serving = 0
-        out.send(rid, messages.SKIPPED)
+    if not _begins(rid, (name, version), params, not woke, logic, abandoned, out):
         return
     try:
         if op != Op.INFER:
@@ -555,21 +568,25 @@ def _serve_one(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messag
         abandoned.serving = 0  # (an op that is no inference never ran)
         out.fail(rid, e)
         return
-    _run(woke, out, logic, abandoned, clock, name, version, inputs, [(rid, 0)])
+    _run(woke, out, logic, abandoned, clock, name, version, inputs, rid)
 
 
 def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
-                 clock: _ThreadClock | None, head: tuple, model) -> None:
+                 clock: _ThreadClock | None, head: tuple) -> None:
     """Serves `head`, an inference of a model that takes batches, joined
     with those of the same model and version queued right behind it
     (batching.py), up to the model's max_batch_size rows. Each record
     stays held until the caller releases them all. Requests of another
     form (batching.form), or past the limit, make calls of their own; the
     first record that is no such inference is served after them."""
-    woke, key, limit = req.woke_ns, (head[2], head[3]), model.spec.max_batch_size
+    woke, key = req.woke_ns, (head[2], head[3])
+    limit = logic.batching.get(key, 0)  # (0: unloaded meanwhile, by the loader thread)
     queued, after = [head], None
     while len(queued) < limit:
-        parts = req.try_get()
+        try:
+            parts = req.try_get()
+        except RingClosed:  # the front-end stops: what is queued is served, then get() ends
+            break
         if parts is None:
             break
         request = _parse(parts)
@@ -580,38 +597,43 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
             after = request
             break
         if _skips(request[1], key, request[5], True, logic, abandoned):
-            out.send(request[1], messages.SKIPPED)  # takes no place in the batch
+            out.send(request[1], messages.SKIPPED)  # takes no place in a call
             continue
         queued.append(request)
     if len(queued) == 1:  # nothing to join: as any request
         _serve_one(woke, out, logic, abandoned, clock, head)
     else:
-        _serve_joined(out, logic, abandoned, clock, model, queued, woke)
+        _serve_joined(out, logic, abandoned, clock, queued, woke, limit)
     if after is not None:
         _serve_one(0, out, logic, abandoned, clock, after)
 
 
 def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
-                  clock: _ThreadClock | None, model, queued: list, woke: int) -> None:
-    """_serve_batch's calls of `queued`, inferences of `model`, the first
-    of them taken as woken at `woke`."""
+                  clock: _ThreadClock | None, queued: list, woke: int, limit: int) -> None:
+    """_serve_batch's calls of `queued`, the first taken as woken at
+    `woke`: in the order of their first requests, as the front-end reads
+    what a worker runs (Worker.running)."""
     from mmengine.backends.base import check_inputs  # torch: workers' alone
 
-    head, limit = queued[0], model.spec.max_batch_size
+    head = queued[0]
     key = (head[2], head[3])
-    # Requests of one form join (batching.form), a call's rows within the
-    # limit: [form, rows, [(id, rows, params)], [inputs]] in the order queued.
-    groups, alone = [], []
+    model = logic.models.get(key)
+    # Each call: [form, rows, [(id, rows, params)], [inputs]]; a request
+    # that cannot join any (batching.form): its record, served alone.
+    calls, groups = [], []
     for request in queued:
+        rid = request[1]
         try:
+            if model is None:
+                raise ModelNotFound(f"{key[0]} v{key[1]} is not resident on this worker")
             arrays = messages.view(request[4], request[6][1:])
             check_inputs(model.inputs, arrays)
         except Exception as e:  # its own failure, no other's
-            out.fail(request[1], e)
+            out.fail(rid, e)
             continue
         shape = batching.form(arrays)
         if shape is None:
-            alone.append(request)
+            calls.append(request)
             continue
         n, kinds = shape
         for group in groups:
@@ -620,37 +642,36 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
         else:
             group = [kinds, 0, [], []]
             groups.append(group)
+            calls.append(group)
         group[1] += n
-        group[2].append((request[1], n, request[5]))
+        group[2].append((rid, n, request[5]))
         group[3].append(arrays)
-    for _, _, members, inputs in groups:
+    for call in calls:
+        if type(call) is tuple:
+            _serve_one(0, out, logic, abandoned, clock, call)
+            continue
+        _, _, members, inputs = call
         # The call's first is looked at as _serve_one does (the rest were
         # as they were taken); one skipped leaves the call to the next.
         while members:
             rid, _, params = members[0]
-            abandoned.serving = rid
             first_woke = woke if rid == head[1] else 0
-            if not _skips(rid, key, params, not first_woke, logic, abandoned):
+            if _begins(rid, key, params, not first_woke, logic, abandoned, out):
                 break
-            abandoned.serving = 0
-            out.send(rid, messages.SKIPPED)
             del members[0], inputs[0]
         if len(members) == 1:
-            _run(first_woke, out, logic, abandoned, clock, *key, inputs[0], [(rid, 0)])
+            _run(first_woke, out, logic, abandoned, clock, *key, inputs[0], members[0][0])
         elif members:
-            _run(first_woke, out, logic, abandoned, clock, *key, batching.join(inputs),
-                 [(rid, n) for rid, n, _ in members])
-    for request in alone:
-        _serve_one(0, out, logic, abandoned, clock, request)
+            _run_joined(first_woke, out, logic, abandoned, clock, key, members, inputs)
 
 
-def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
-         clock: _ThreadClock | None, name: str, version: int, inputs: dict,
-         batch: list[tuple[int, int]]) -> None:
+def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
+          clock: _ThreadClock | None, name: str, version: int, inputs: dict,
+          batch: int = 0) -> tuple:
     """One call of the model, whose serving the front-end was told of
-    (Abandoned.serving), answered to each of `batch`: (id, rows) of the
-    requests its inputs join (one: the rows do not matter)."""
-    ran = None  # the run of the call in this worker, once it has one
+    (Abandoned.serving): (outputs, the run's body, None), or (None, the
+    run's body or None, the exception); `batch`, the requests it joins."""
+    ran = None  # the call's run in this worker, once it has one
     try:
         # One clock for every process: timings cross.
         t0 = logic.serving_since = time.monotonic_ns()
@@ -669,24 +690,61 @@ def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Aba
             ran = {"t_recv": t0, "t_done": t_done}
             if account:
                 ran["account"] = account
-            if len(batch) > 1:
-                ran["batch"] = len(batch)
-        if len(batch) == 1:
-            out.send(batch[0][0], body=ran, outputs=outputs, model=name)
-            return
-        answers = batching.split(outputs, [rows for _, rows in batch], name)
+            if batch:
+                ran["batch"] = batch
+        return outputs, ran, None
     except Exception as e:  # every failure goes back typed
         abandoned.serving = 0
-        for rid, _ in batch:
-            out.fail(rid, e, ran)
-        return
-    finally:
-        outputs = None
-    for (rid, _), answer in zip(batch, answers):
+        return None, ran, e
+
+
+def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+         clock: _ThreadClock | None, name: str, version: int, inputs: dict, rid: int) -> None:
+    """Inference `rid`, begun (_begins), answered."""
+    outputs, ran, error = _call(woke, logic, abandoned, clock, name, version, inputs)
+    if error is None:
         try:
-            out.send(rid, body=ran, outputs=answer, model=name)
-        except Exception as e:  # one answer that cannot be sent fails that one alone
-            out.fail(rid, e, ran)
+            out.send(rid, body=ran, outputs=outputs, model=name)
+            return
+        except Exception as e:  # an answer that cannot be carried
+            error = e
+    out.fail(rid, error, ran)
+
+
+def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
+                abandoned: messages.Abandoned, clock: _ThreadClock | None, key: Key,
+                members: list, inputs: list) -> None:
+    """One call of `members` [(id, rows, params)], the first begun
+    (_begins), their `inputs` joined; each answered its rows. A call that
+    fails is made again request by request: no request's answer depends
+    on the others' (a value that makes the model raise)."""
+    name = key[0]
+    try:
+        joined = batching.join(inputs)
+    except Exception as e:  # noqa: BLE001 - the memory to join them: alone, they may fit
+        joined, error = None, e
+    if joined is not None:
+        outputs, ran, error = _call(woke, logic, abandoned, clock, *key, joined, len(members))
+        joined = None
+        if error is None:
+            try:
+                answers = batching.split(outputs, [rows for _, rows, _ in members], name)
+            except InternalError as e:  # its answer is not row by row: said to each
+                for rid, _, _ in members:
+                    out.fail(rid, e, ran)
+                return
+            for (rid, _, _), answer in zip(members, answers):
+                try:
+                    out.send(rid, body=ran, outputs=answer, model=name)
+                except Exception as e:  # one answer that cannot be carried fails alone
+                    out.fail(rid, e, ran)
+            return
+    abandoned.serving = 0
+    log.info("%s v%d: a call of %d joined requests failed (%s); each runs alone",
+             *key, len(members), error)
+    for (rid, _, params), one in zip(members, inputs):
+        if _begins(rid, key, params, True, logic, abandoned, out):
+            _run(0, out, logic, abandoned, clock, *key, one, rid)
 
 
 def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):

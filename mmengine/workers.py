@@ -37,7 +37,7 @@ from typing import Callable
 
 import mmengine
 
-from mmengine import messages, resources
+from mmengine import batching, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
@@ -311,7 +311,12 @@ class Worker:
         for the worker)."""
         for rid in self._sent_ns:
             *_, deadline, _, _, served = self._pending[rid]
-            return deadline, served, self.abandoned.serving == rid
+            # A batching model's worker may run a later one first (a call
+            # of others it joined): what it runs is what would hang.
+            running = self._pending.get(self.abandoned.serving)
+            if running is not None:
+                return deadline, running[6], True
+            return deadline, served, False
         return None
 
     def busiest(self) -> tuple[tuple[str, int], int] | None:
@@ -481,7 +486,9 @@ class Worker:
             held = self._held.get(served)
             if held is None:
                 held = self._held[served] = collections.deque()
-            held.append((rid, header, bufs, need, batch))
+            # A batching model's: what the worker joins it by (batching.form).
+            form = batching.form(arrays) if batch > 1 else None
+            held.append((rid, header, bufs, need, batch, form))
             self._held_ids.add(rid)
             self._arm_room()
         else:
@@ -584,16 +591,20 @@ class Worker:
         since it cannot tell one sent in time from one sent late.)
 
         `early_ns`: the room due that much from now is taken now. A model
-        that takes batches sends up to its max_batch_size at once, the
-        first counted as the call and the rest as joining it (the worker
-        joins them: worker._serve_batch)."""
+        that takes batches sends what its worker will join into one call
+        at once (the same form, up to its max_batch_size rows: worker.
+        _serve_batch), the first counted as the call and the rest as
+        joining it."""
         now = time.monotonic_ns()
         while self._held and self._ring_has_room(now + early_ns):
             served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
-            sent, batch = 0, 1
-            while sent < batch and served in self._held:
+            sent, rows, kinds = 0, 0, None
+            while served in self._held:
                 held = self._held[served]
-                rid, header, bufs, need, batch = held.popleft()
+                batch, form = held[0][4:]
+                if sent and (form is None or form[1] != kinds or rows + form[0] > batch):
+                    break  # a call of its own
+                rid, header, bufs, need, _, _ = held.popleft()
                 if not held:
                     del self._held[served]
                 self._held_ids.discard(rid)
@@ -613,7 +624,9 @@ class Worker:
                 except WorkerDied as e:
                     self._died(str(e))
                     return
-                sent += 1
+                if form is None:
+                    break  # joins nothing
+                sent, rows, kinds = sent + 1, rows + form[0], form[1]
             self._poll_answers()  # its answer may come after the window of the last call
         self._arm_room()
 

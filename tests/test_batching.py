@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from conftest import Server, environ, run, write_handler
 from mmengine import batching, demo, diskcache, resources, trace
 from mmengine.config import Config
+from mmengine.engine import Engine
 from mmengine.client import AsyncClient
 from mmengine.errors import BadRequest, InternalError, LoadFailed, Timeout
 from mmengine.storage import read_spec
@@ -41,6 +43,9 @@ def load(path, device):
 def predict(inputs):
     return {"y": np.array([torch.get_num_threads()])}
 '''
+# Raises on a NaN among its inputs.
+PICKY_HANDLER = _handler('{"y": x * 2} if not np.isnan(x).any() else '
+                         'exec("raise ValueError(\'not a number\')")')
 LIMIT = 4
 DIMS = (16, 32, 8)
 
@@ -57,6 +62,7 @@ def served(request, tmp_path_factory) -> tuple[tuple[str, int], str]:
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
     write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
     write_handler(root, "whole", WHOLE_HANDLER, _manifest(LIMIT))
+    write_handler(root, "picky", PICKY_HANDLER, _manifest(LIMIT))
     write_handler(root, "threads", THREADS_HANDLER)
     mlp = demo.write_mlp(root / "mlp", "safetensors", *DIMS)
     (mlp / "model.toml").write_text(f"max_batch_size = {LIMIT}\n"
@@ -125,6 +131,7 @@ def bounded(request, tmp_path_factory) -> tuple[str, int]:
     requests wait in the front-end for their turn."""
     root = tmp_path_factory.mktemp("bounded")
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
+    write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1", env=environ())
     request.addfinalizer(lambda: server.proc.poll() is None and server.stop())
@@ -156,6 +163,39 @@ def test_triton_counts_a_joined_call_as_one_execution(served):
     inferences, executions = _triton_counts(http, "rows")
     assert inferences - before[0] == 10
     assert executions - before[1] == calls < 10
+
+
+def test_requests_that_cannot_join_each_count_as_a_call(bounded):
+    """Requests of the batch's whole rows each are each a call of their
+    own: the front-end counts each against the worker's backlog, and a
+    neighbour's request waits for one call at most, not for all of them."""
+    async def go():
+        async with AsyncClient(f"{bounded[0]}:{bounded[1]}") as c:
+            full = x_rows(0.15, LIMIT)  # a call's rows each: none joins another
+            for _ in range(3):
+                await c.infer("rows", {"x": full})  # its calls' time is known
+            await c.infer("alone", {"x": x_rows(0.0, 1)})
+            flood = [asyncio.ensure_future(c.infer("rows", {"x": full})) for _ in range(8)]
+            await asyncio.sleep(0.2)  # one or two calls in: the rest wait their turn
+            t0 = time.monotonic()
+            await c.infer("alone", {"x": x_rows(0.0, 1)})
+            waited = time.monotonic() - t0
+            answers = await asyncio.gather(*flood)
+            return waited, answers
+    waited, answers = run(go())
+    assert all(int(out["rows"][0]) == LIMIT for out in answers)
+    # Behind the call under way (0.15 s), not behind the flood (1.2 s).
+    assert waited < 0.6, waited
+
+
+def test_a_joined_call_that_fails_is_made_again_request_by_request(address):
+    """A value that makes the model raise fails its own request only."""
+    xs = [x_rows(0.0, 1, seed=i) for i in range(4)]
+    xs[2][0, 1] = np.nan  # the handler below raises on it
+    answers = run(_behind_one(address, "picky", xs))
+    assert isinstance(answers[2], BadRequest) and "not a number" in str(answers[2])
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(answers[i]["y"], xs[i] * 2)
 
 
 def test_a_model_without_max_batch_size_runs_each_alone(address):
@@ -306,3 +346,80 @@ def test_a_cpu_worker_runs_torch_on_the_cores_the_front_end_leaves(address):
         async with AsyncClient(f"{address[0]}:{address[1]}") as c:
             return await c.infer("threads", {"x": np.ones(1, np.float32)})
     assert int(run(go())["y"][0]) == resources.torch_threads(Config(workers=1))
+
+
+def test_a_stop_serves_the_requests_queued_for_a_batching_model(tmp_path):
+    """The pool's stop closes a worker's ring behind what it sent: the
+    worker joins what is queued, answers it all and exits."""
+    write_handler(tmp_path, "rows", ROWS_HANDLER, _manifest(LIMIT))
+
+    async def go():
+        async with Engine(Config(repo=str(tmp_path), workers=1, worker_backlog_ms=0)) as engine:
+            await engine.infer("rows", {"x": x_rows(0.0, 1)})
+            block = asyncio.ensure_future(engine.infer("rows", {"x": x_rows(0.4, 1)}))
+            await asyncio.sleep(0.1)
+            xs = [x_rows(0.0, 1, seed=i) for i in range(2)]
+            queued = [asyncio.ensure_future(engine.infer("rows", {"x": x})) for x in xs]
+            await asyncio.sleep(0.05)
+            await engine.pool.stop(time.monotonic() + 10)
+            return xs, await asyncio.gather(block, *queued, return_exceptions=True)
+    xs, answers = run(go())
+    assert not any(isinstance(out, BaseException) for out in answers), answers
+    for x, out in zip(xs, answers[1:]):
+        np.testing.assert_array_equal(out["y"], x * 2)
+
+
+def test_an_artifact_that_fixes_its_first_dimension_cannot_take_batches(tmp_path):
+    """An export whose signature fixes the batch (the inputs derived from
+    the artifact, none declared) is refused at load, naming the key: its
+    requests would pass alone and fail joined."""
+    import torch
+
+    from mmengine.backends import load_model
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    torch.export.save(torch.export.export(Double(), (torch.ones(1, 4),)), str(path / "model.pt2"))
+    (path / "model.toml").write_text("max_batch_size = 4\n")
+    with pytest.raises(LoadFailed, match="'max_batch_size'.*fixes that of its inputs"):
+        load_model(read_spec("m", 1, path))
+    (path / "model.toml").write_text("max_batch_size = 0\n")
+    assert load_model(read_spec("m", 1, path)).predict(
+        {"x": np.ones((1, 4), np.float32)})["output"].tolist() == [[2.0] * 4]
+
+
+# Hangs in a call of more than one row; a 0-d input joins nothing.
+HANGS_JOINED = _handler('x if x.ndim == 0 else {"y": x * 2} if len(x) == 1 else '
+                        'time.sleep(60)').replace("x[:, 0].max()", "0 if x.ndim == 0 else x[:, 0].max()")
+
+
+def test_a_joined_call_that_hangs_is_blamed_on_its_model(tmp_path):
+    """A request that joins nothing, queued ahead of a joined call, is
+    served in its turn; the call that then hangs is what the front-end
+    finds running: its model is blamed (backed off), not taken for a
+    worker that hung between requests."""
+    write_handler(tmp_path, "b", HANGS_JOINED, _manifest(LIMIT))
+    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0",
+                                                     MMENGINE_STUCK_INFERENCE_S="0.5",
+                                                     MMENGINE_MONITOR_INTERVAL_S="0.2"))
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+
+        async def go():
+            async with AsyncClient(f"{m.group(1)}:{m.group(2)}") as c:
+                await c.infer("b", {"x": x_rows(0.0, 1)})
+                block = asyncio.ensure_future(c.infer("b", {"x": x_rows(0.3, 1)}))
+                await asyncio.sleep(0.1)
+                xs = [np.float32(1.0), x_rows(0.0, 1), x_rows(0.0, 1, seed=1)]
+                await asyncio.gather(*(c.infer("b", {"x": x}, timeout=1.0) for x in xs),
+                                     return_exceptions=True)
+                await block
+        run(go())
+        line = server.wait_for(r"worker 0 was restarted: .*", 20).group(0)
+        assert "b v1 ran" in line and "past its request's deadline" in line, line
+    finally:
+        server.stop()

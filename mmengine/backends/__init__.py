@@ -96,6 +96,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
             from e
     except Exception as e:
         raise LoadFailed(f"{where}: {type(e).__name__}: {e}") from e
+    fixed = [t.name for t in model.inputs if not t.shape or t.shape[0] != -1]
+    if spec.max_batch_size > 1 and fixed:  # (a manifest's own are checked as it is read)
+        model.close()
+        raise LoadFailed(f"{where}: 'max_batch_size' joins requests along the first "
+                         f"dimension, and the artifact fixes that of its inputs {fixed}")
     t1 = time.perf_counter()
     if device.type == "cuda":  # host-to-device copies are asynchronous until here
         torch.cuda.current_stream(device).synchronize()
