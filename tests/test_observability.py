@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import run, write_handler
+from conftest import SLOW_HANDLER, run, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -407,6 +407,46 @@ def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
     tracks = [names[tid] for tid in order]
     assert tracks == ["worker 0", "worker 0 loads"] + [
         f"worker 0 loads ({n})" for n in range(2, 13)] + ["worker 1", "requests"], tracks
+
+
+def test_a_late_answers_time_queued_counts_as_its_call_does(tmp_path, own_segments):
+    # One worker: the second request waits behind the first, then runs
+    # past its deadline to its end. Its call was counted (compute), its
+    # wait before it was not: queue seconds read low for a model whose
+    # calls outlive their deadlines.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    ahead_s = 0.4
+
+    def slow(seconds: float) -> dict:
+        return {"seconds": np.array([seconds])}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 request_timeout_s=60)) as engine:
+            m = metrics.attach(engine)
+            late = []
+            engine.observers.append(lambda kind, f: kind == "late" and late.append(f))
+            await engine.load("slow")
+            # The second begins with more time left than the first took:
+            # neither the front-end nor the worker skips it.
+            done = await asyncio.gather(engine.infer("slow", slow(ahead_s), timeout=10),
+                                        engine.infer("slow", slow(1.0), timeout=ahead_s + 0.6),
+                                        return_exceptions=True)
+            for _ in range(250):  # its answer comes after its Timeout
+                if late:
+                    break
+                await asyncio.sleep(0.02)
+            return done, late, m.exposition()[0].decode()
+
+    (first, second), late, body = run(main())
+    assert first["y"][0] == 2 * ahead_s and isinstance(second, Timeout), second
+    assert len(late) == 1, late
+    queued_s = (late[0]["worker_ns"][0] - late[0]["t_sent"]) / 1e9
+    assert queued_s > ahead_s / 2  # behind the first call
+    got = samples(body)
+    model = (("model", "slow"),)
+    assert got["mmengine_request_compute_seconds_count"][model] == 2
+    assert got["mmengine_request_queue_seconds_total"][model] >= queued_s
 
 
 def test_metrics_count_load_phases_and_worker_exits(tmp_path):

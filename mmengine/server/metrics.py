@@ -194,6 +194,12 @@ class _ModelRequests:
         self.compute = _Histogram(REQUEST_BUCKETS)
         self.wait_s = self.queue_s = 0.0
 
+    def ran(self, t_sent: int, t_recv: int, t_done: int) -> None:
+        """Counts a call its worker ran: its time waiting on the worker,
+        behind the worker's other calls, and its own."""
+        self.compute.observe((t_done - t_recv) * 1e-9)
+        self.queue_s += (t_recv - t_sent) * 1e-9
+
 
 class _VersionRequests:
     """One model version's requests as Triton's statistics extension counts
@@ -262,8 +268,7 @@ class Metrics:
                 m.wait_s += (t_sent - f["start_ns"]) * 1e-9
             worker_ns = f.get("worker_ns")
             if worker_ns is not None and worker_ns[1] is not None:
-                m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
-                m.queue_s += (worker_ns[0] - t_sent) * 1e-9
+                m.ran(t_sent, worker_ns[0], worker_ns[1])
             if model:
                 self._count_version(model, f, worker_ns)
         elif kind == "load":
@@ -293,12 +298,13 @@ class Metrics:
             counts[key] = counts.get(key, 0) + 1
             worker_ns = f.get("worker_ns")
             if worker_ns is not None and None not in worker_ns[:2]:
-                # The call took its worker's time all the same: a model whose
-                # calls outlive their deadlines is slow, not missing.
+                # The call took its worker's time all the same, having waited
+                # its turn there as an answered one does: a model whose calls
+                # outlive their deadlines is slow, not missing.
                 m = self._requests.get(f["model"])
                 if m is None:
                     m = self._requests[f["model"]] = _ModelRequests()
-                m.compute.observe((worker_ns[1] - worker_ns[0]) * 1e-9)
+                m.ran(f["t_sent"], worker_ns[0], worker_ns[1])
         elif kind == "forget":
             self._forget(f["model"], f["version"], f["last"])
 
