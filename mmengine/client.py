@@ -43,8 +43,8 @@ DEFAULT_PORT = 8081
 ANSWER_GRACE_S = 1.0
 # Both clients' waits are extended by what moves at this rate (_extended): an
 # answer the server made in time is read to its end however large it is
-# (16 MiB at 8 MiB/s), and a large request sent (Client's); one that trickles (a
-# byte a second) is not.
+# (16 MiB at 8 MiB/s), and a large request sent; one that trickles (a byte a
+# second) is not.
 ANSWER_MIN_RATE = 1 << 20  # bytes per second
 #: A timeout beyond this (11 days) is waited for without a limit: poll()
 #: takes at most 2**31 - 1 ms.
@@ -54,6 +54,7 @@ SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are 
 # (health's max_frame, asked once): one the server would refuse is refused
 # here, before its bytes travel only to be dropped.
 CHECK_FRAMES_ABOVE = 1 << 20
+_PREFIX = protocol.LENGTH.size  # a frame's bytes are its body's and its prefix's
 
 
 ADDRESS_FORMS = '"host:port", "tcp://host:port" or a ("host", port) tuple'
@@ -690,9 +691,16 @@ class _AsyncConnection(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future] = {}
         self.lost: Exception | None = None
         self.received = 0  # bytes, in all: whether a call's connection went silent
+        self.written = 0  # bytes given to the transport, in all (sent(): those it passed on)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def sent(self) -> int:
+        """Bytes the transport has handed to the kernel, in all: those still
+        in its buffer have not moved (a server that stopped reading lets
+        them pile up there)."""
+        return self.written - self.transport.get_write_buffer_size()
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -755,26 +763,27 @@ def _lost_with(e: Exception) -> ConnectionError:
     return lost
 
 
-def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, deadline: float,
-            wait: float, timer: list) -> None:
-    """A call's `deadline` (the loop's time) has come. Bytes that arrived on
-    its connection since it was sent (`received`, its count then) put it
-    off as Client's (_extended): a large answer, the call's own or one
-    ahead of it, is read to its end, and the timer is armed again (its
-    handle in `timer`). Else Timeout; and if nothing at all came on the
-    connection since the call was sent, and no call sent before it still
-    waits, the connection went silent (a peer that vanished, a dead
-    upstream behind a proxy, no FIN or RST): it is closed, so that the
-    next call connects anew, and the calls in flight on it get
-    ConnectionError (they may have run). (A call behind one that still
-    waits may rightly hear nothing: an unpin queued behind a long pin of
-    its model.) The blocking Client closes a connection on any timeout."""
+def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, sent: int,
+            deadline: float, wait: float, timer: list) -> None:
+    """A call's `deadline` (the loop's time) has come. Bytes that moved on
+    its connection since it was sent, either way (`received` and `sent`,
+    its counts then), put it off as Client's (_extended): a large answer
+    or request, the call's own or one ahead of it, moves to its end, and
+    the timer is armed again (its handle in `timer`). Else Timeout; and if
+    nothing at all came on the connection since the call was sent, and no
+    call sent before it still waits, the connection went silent (a peer
+    that vanished, a dead upstream behind a proxy, no FIN or RST): it is
+    closed, so that the next call connects anew, and the calls in flight
+    on it get ConnectionError (they may have run). (A call behind one that
+    still waits may rightly hear nothing: an unpin queued behind a long pin
+    of its model.) The blocking Client closes a connection on any timeout."""
     if fut.done():
         return
     loop = fut.get_loop()
-    later = _extended(deadline, conn.received - received)
+    later = _extended(deadline, conn.received - received + conn.sent() - sent)
     if later > loop.time():
-        timer[0] = loop.call_at(later, _expire, fut, conn, received, deadline, wait, timer)
+        timer[0] = loop.call_at(later, _expire, fut, conn, received, sent, deadline, wait,
+                                timer)
         return
     oldest = next((f for f in conn.pending.values() if not f.done()), None)
     fut.set_exception(Timeout("no answer from the server in time"))
@@ -908,15 +917,16 @@ class AsyncClient:
         loop = self._loop
         fut = loop.create_future()
         # A timer on the future, not asyncio.timeout(): a third of the cost.
-        # In a list: _expire arms it again while a large answer arrives.
+        # In a list: _expire arms it again while a large answer or request moves.
         timer: list | None = None
         if wait is not None:
             deadline = loop.time() + wait
             timer = [None]
-            timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, deadline,
-                                    wait, timer)
+            timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, conn.sent(),
+                                    deadline, wait, timer)
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
+        conn.written += _PREFIX + size
         try:
             response = await fut
         except (Timeout, asyncio.CancelledError):  # its answer, if one comes, is dropped

@@ -1,6 +1,7 @@
 """The SDK (mmengine/client.py) against `mmengine serve` as a real process,
 over links that misbehave: a TCP proxy in the test's threads stands for the
-network between them (one gone silent, a slow one, a peer that closes)."""
+network between them (one gone silent, a slow one either way, a server that
+stops reading, a peer that closes)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,16 @@ def load(path, device):
 def predict(inputs):
     return {"y": np.ones(int(inputs["n"][0]), np.float32)}
 """
+# How many values "x" holds.
+COUNT_HANDLER = """
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"n": np.array([inputs["x"].size])}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +46,7 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
     root = tmp_path_factory.mktemp("repo")
     write_handler(root, "slow", SLOW_HANDLER)
     write_handler(root, "ones", ONES_HANDLER)
+    write_handler(root, "count", COUNT_HANDLER)
     write_handler(root, "slowload", slow_loading(3.0))
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1")
@@ -46,22 +58,25 @@ def address(request, tmp_path_factory) -> tuple[str, int]:
 class Proxy:
     """Forwards the connections made to `address` to `target`, each in a
     thread of its own. What goes back to the client moves `chunk` bytes at
-    a time at `rate` bytes a second (None: as fast as it comes);
-    `silence()` makes the connections open now silent for good, as a peer
-    that vanished behind a NAT is (their bytes are read and dropped,
-    nothing is closed); connections made later are forwarded. A thread
-    stops within `LIFE_S` whatever happens."""
+    a time at `rate` bytes a second (None: as fast as it comes), what goes
+    to the server at `request_rate`; `silence()` makes the connections
+    open now silent for good, as a peer that vanished behind a NAT is
+    (their bytes are read and dropped, nothing is closed); `stall()` makes
+    them stop reading what their clients send, as a server that stopped
+    reading does; connections made later are forwarded. A thread stops
+    within `LIFE_S` whatever happens."""
 
     LIFE_S = 60.0
 
     def __init__(self, target: tuple[str, int], rate: float | None = None,
-                 chunk: int = 65536):
+                 chunk: int = 65536, request_rate: float | None = None):
         self.target, self.rate, self.chunk = target, rate, chunk
+        self.request_rate = request_rate
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)
         self.address = self.listener.getsockname()[:2]
         self.accepted = 0
-        self.pairs: list[list] = []  # [client side, server side, silent]
+        self.pairs: list[list] = []  # [client side, server side, silent, stalled]
         self.stopped = False
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
@@ -79,6 +94,10 @@ class Proxy:
         for pair in self.pairs:
             pair[2] = True
 
+    def stall(self) -> None:
+        for pair in self.pairs:
+            pair[3] = True
+
     def close_clients(self) -> None:
         """Closes the connections open now, toward their clients (a FIN),
         as a server closing them does."""
@@ -93,7 +112,7 @@ class Proxy:
                 a, _ = self.listener.accept()
             except socket.timeout:
                 continue
-            pair = [a, socket.create_connection(self.target), False]
+            pair = [a, socket.create_connection(self.target), False, False]
             self.pairs.append(pair)
             self.accepted += 1
             thread = threading.Thread(target=self._pump, args=(pair,), daemon=True)
@@ -105,7 +124,7 @@ class Proxy:
         end = time.monotonic() + self.LIFE_S
         try:
             while not self.stopped and time.monotonic() < end:
-                readable, _, _ = select.select([a, b], [], [], 0.1)
+                readable, _, _ = select.select([b] if pair[3] else [a, b], [], [], 0.1)
                 for s in readable:
                     data = s.recv(65536 if s is a else self.chunk)
                     if not data:
@@ -115,6 +134,8 @@ class Proxy:
                     (b if s is a else a).sendall(data)
                     if s is b and self.rate:
                         time.sleep(len(data) / self.rate)
+                    elif s is a and self.request_rate:
+                        time.sleep(len(data) / self.request_rate)
         except OSError:
             pass
         finally:
@@ -198,6 +219,53 @@ def test_an_async_call_waits_longer_while_a_large_answer_arrives(address):
                 assert small["y"].shape == (1,)
                 assert proxy.accepted == 1
     run(main())
+
+
+def small_send_buffer(client: AsyncClient) -> None:
+    """Bounds what the kernel takes of the client's requests before the
+    server reads them (autotuned, it takes ~4 MiB on loopback): past that,
+    a request's bytes move only as the server reads them."""
+    for conn in client._conns:
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+
+
+def test_an_async_call_waits_longer_while_a_large_request_is_sent(address):
+    # 8 MiB over a link of 4 MiB/s toward the server: 2 s, past the call's
+    # wait (1.1 s). It timed out with its request still going out, and
+    # its connection was closed (nothing had come back); Client sent it.
+    x = np.zeros(2 << 20, np.float32)
+
+    async def main():
+        with Proxy(address, request_rate=4 << 20) as proxy:
+            async with AsyncClient(proxy.address, timeout=0.1) as c:
+                small_send_buffer(c)
+                t0 = time.monotonic()
+                out = await c.infer("count", {"x": x})
+                assert time.monotonic() - t0 > 1.1  # past the wait: the link was slow
+                assert out["n"][0] == x.size
+                assert proxy.accepted == 1
+    run(main())
+
+
+def test_an_async_call_whose_request_stops_moving_times_out_on_time(address):
+    # The server stops reading: what the kernel took of the request moved,
+    # what the transport still holds did not, and the call's wait (1.1 s)
+    # is put off by the first alone (8 MiB would have put it off 8 s).
+    x = np.zeros(2 << 20, np.float32)
+
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address, timeout=0.1) as c:
+                await c.health()  # the server's maximum frame, asked while it reads
+                small_send_buffer(c)
+                proxy.stall()
+                t0 = time.monotonic()
+                with pytest.raises(Timeout):
+                    await c.infer("count", {"x": x})
+                return time.monotonic() - t0
+    took = run(main())
+    assert 1.09 <= took < 2.1, took
 
 
 @pytest.mark.parametrize("bad, error", [
