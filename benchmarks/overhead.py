@@ -5,7 +5,10 @@
 An MLP 64->32->16 at batch 1, called four ways: directly in this process,
 through an in-process Engine, through the blocking SDK against a server
 subprocess (one request at a time), and through the AsyncClient with 64
-requests in flight over 4 connections. A plain uvloop server exchanging
+requests in flight over 4 connections, in turns with its twin whose
+manifest sets max_batch_size (its worker joins the requests queued together
+into one call: sdk_rps_c64_batched, and batched_vs_alone_rps_c64 the rate
+over the unbatched one's). A plain uvloop server exchanging
 frames of the SDK's request and response sizes gives the floor of a TCP
 round trip; a relay (the same server passing each frame through a ring to
 a worker process that answers it, with the rings' spinning and the
@@ -64,6 +67,7 @@ from mmengine import AsyncClient, Client, protocol  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 MODEL, DIMS = "mlp", (64, 32, 16)
+BATCHED = "mlp-batched"
 # One model lives on one worker; a second one would only compete for the two cores.
 WORKERS = 1
 CONCURRENCY, CONNECTIONS = 64, 4
@@ -384,7 +388,7 @@ def stages_p50_us(address: str, request: dict, n: int) -> dict:
                 buf += chunk
             round_trip = time.perf_counter_ns() - t0
             timing = protocol.decode(buf[4:])["timing"]
-            rows.append({**{k[:-3]: v for k, v in timing.items()},
+            rows.append({**{k[:-3]: v for k, v in timing.items() if k.endswith("_ns")},
                          "outside": round_trip - timing["total_ns"], "round_trip": round_trip})
     rows = rows[n // 10:]
     keys = set.intersection(*(set(r) for r in rows))  # an answer may lack worker stamps
@@ -410,7 +414,7 @@ def client_codec_p50_us(request: dict, response: bytes, n: int) -> float:
     return _p(samples[n // 10:], 50) / 1e3
 
 
-async def _rps(address: str, x: np.ndarray, n: int) -> float:
+async def _rps(address: str, x: np.ndarray, n: int, model: str = MODEL) -> float:
     async with AsyncClient(address, connections=CONNECTIONS) as c:
         left = n
 
@@ -418,7 +422,7 @@ async def _rps(address: str, x: np.ndarray, n: int) -> float:
             nonlocal left
             while left > 0:
                 left -= 1
-                await c.infer(MODEL, {"x": x})
+                await c.infer(model, {"x": x})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
@@ -554,6 +558,10 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmengine-overhead-") as tmp:
         repo = Path(tmp)
         write_mlp(repo / MODEL, "safetensors", *DIMS)
+        # The same model, its queued requests joined into calls (batching.py).
+        batched = write_mlp(repo / BATCHED, "safetensors", *DIMS)
+        (batched / "model.toml").write_text(f"max_batch_size = {CONCURRENCY}\n"
+                                            + (batched / "model.toml").read_text())
         (repo / LARGE / "1").mkdir(parents=True)
         (repo / LARGE / "1" / "handler.py").write_text(IDENTITY_HANDLER)
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
@@ -575,8 +583,13 @@ def run(quick: bool) -> dict:
                 echo[k].append(echo_p50_us(*v, protocol.frame(request), len(response), n))
             stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
-            rps = [cpu_per_request(proc.pid, rps_n, uvloop.run, _rps(address, x, rps_n))
-                   for _ in range(repeats)]
+            uvloop.run(_rps(address, x, CONCURRENCY * 10, BATCHED))
+            rps, rps_batched = [], []
+            for _ in range(repeats):  # in turns: the machine drifts
+                rps.append(cpu_per_request(proc.pid, rps_n, uvloop.run,
+                                           _rps(address, x, rps_n)))
+                rps_batched.append(cpu_per_request(proc.pid, rps_n, uvloop.run,
+                                                   _rps(address, x, rps_n, BATCHED)))
             http = proc.http_address
             json_req, binary_req = kserve_request(x, False), kserve_request(x, True)
             # Warmed up, then alternated: the first thousand requests after
@@ -610,6 +623,7 @@ def run(quick: bool) -> dict:
         "echo_two_cpus_p50_us": echo_two_cpus,
         "relay_p50_us": relay,
         "sdk_rps_c64": med(r[0] for r in rps),
+        "sdk_rps_c64_batched": med(r[0] for r in rps_batched),
         "http_json_p50_us": med(h[0] for h in http_json),
         "http_binary_p50_us": http_binary,
         "http_rps_c32": med(r[0] for r in http_rps),
@@ -627,13 +641,17 @@ def run(quick: bool) -> dict:
         "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
         "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
+        "cpu_us_per_request_c64_batched": {k: med(r[1][k] for r in rps_batched)
+                                           for k in rps_batched[0][1]},
         "cpu_us_per_request_http_json_c1": {k: med(r[1][k] for r in http_json)
                                             for k in http_json[0][1]},
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
         "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
                    "relay_vs_echo": relay / echo,
-                   "large_vs_echo": sdk_large / echo_large},
+                   "large_vs_echo": sdk_large / echo_large,
+                   "batched_vs_alone_rps_c64": med(r[0] for r in rps_batched)
+                   / med(r[0] for r in rps)},
     }
 
 
