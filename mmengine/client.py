@@ -764,11 +764,13 @@ def _lost_with(e: Exception) -> ConnectionError:
 
 
 def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, sent: int,
-            deadline: float, wait: float, timer: list) -> None:
+            end: int, deadline: float, wait: float, timer: list) -> None:
     """A call's `deadline` (the loop's time) has come. Bytes that moved on
     its connection since it was sent, either way (`received` and `sent`,
-    its counts then), put it off as Client's (_extended): a large answer
-    or request, the call's own or one ahead of it, moves to its end, and
+    its counts then; of those sent, only up to `end`, its own request's
+    last byte: the requests of calls made after it are not its), put it
+    off as Client's (_extended): a large answer, or a large request, the
+    call's own or one ahead of it, moves to its end, and
     the timer is armed again (its handle in `timer`). Else Timeout; and if
     nothing at all came on the connection since the call was sent, and no
     call sent before it still waits, the connection went silent (a peer
@@ -780,9 +782,9 @@ def _expire(fut: asyncio.Future, conn: _AsyncConnection, received: int, sent: in
     if fut.done():
         return
     loop = fut.get_loop()
-    later = _extended(deadline, conn.received - received + conn.sent() - sent)
+    later = _extended(deadline, conn.received - received + min(conn.sent(), end) - sent)
     if later > loop.time():
-        timer[0] = loop.call_at(later, _expire, fut, conn, received, sent, deadline, wait,
+        timer[0] = loop.call_at(later, _expire, fut, conn, received, sent, end, deadline, wait,
                                 timer)
         return
     oldest = next((f for f in conn.pending.values() if not f.done()), None)
@@ -923,7 +925,7 @@ class AsyncClient:
             deadline = loop.time() + wait
             timer = [None]
             timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, conn.sent(),
-                                    deadline, wait, timer)
+                                    conn.written + _PREFIX + size, deadline, wait, timer)
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
         conn.written += _PREFIX + size

@@ -647,8 +647,8 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
         group[2].append((rid, n, request[5]))
         group[3].append(arrays)
     for call in calls:
-        if type(call) is tuple:
-            _serve_one(0, out, logic, abandoned, clock, call)
+        if type(call) is tuple:  # (the one it woke for, if it did, is still that)
+            _serve_one(woke if call is head else 0, out, logic, abandoned, clock, call)
             continue
         _, _, members, inputs = call
         # The call's first is looked at as _serve_one does (the rest were
@@ -715,9 +715,10 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
                 abandoned: messages.Abandoned, clock: _ThreadClock | None, key: Key,
                 members: list, inputs: list) -> None:
     """One call of `members` [(id, rows, params)], the first begun
-    (_begins), their `inputs` joined; each answered its rows. A call that
-    fails is made again request by request: no request's answer depends
-    on the others' (a value that makes the model raise)."""
+    (_begins) and taken as woken at `woke`, their `inputs` joined; each
+    answered its rows. A call that fails is made again request by
+    request: no request's answer depends on the others' (a value that
+    makes the model raise)."""
     name = key[0]
     try:
         joined = batching.join(inputs)
@@ -743,8 +744,9 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
     log.info("%s v%d: a call of %d joined requests failed (%s); each runs alone",
              *key, len(members), error)
     for (rid, _, params), one in zip(members, inputs):
-        if _begins(rid, key, params, True, logic, abandoned, out):
-            _run(0, out, logic, abandoned, clock, *key, one, rid)
+        if _begins(rid, key, params, not woke, logic, abandoned, out):
+            _run(woke, out, logic, abandoned, clock, *key, one, rid)
+        woke = 0  # (the first only)
 
 
 def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):

@@ -315,7 +315,7 @@ class Worker:
             # of others it joined): what it runs is what would hang.
             running = self._pending.get(self.abandoned.serving)
             if running is not None:
-                return deadline, running[6], True
+                return running[3], running[6], True
             return deadline, served, False
         return None
 
@@ -609,8 +609,10 @@ class Worker:
                     del self._held[served]
                 self._held_ids.discard(rid)
                 fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
-                # It begins once the ring's calls are done: its time is what is left then.
-                begins = self._ring_left_ns(now) / 1e9
+                if not sent:
+                    # It begins once the ring's calls are done: its time is
+                    # what is left then (the rest join its call: the same).
+                    begins = self._ring_left_ns(now) / 1e9
                 if fut.done() or self._times.would_miss(served, deadline - begins,
                                                         time.monotonic()):
                     del self._pending[rid]

@@ -198,6 +198,55 @@ def test_a_joined_call_that_fails_is_made_again_request_by_request(address):
         np.testing.assert_array_equal(answers[i]["y"], xs[i] * 2)
 
 
+def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):
+    """Two requests waiting behind a call, whose deadline their joined call
+    makes and the second alone would not: both are let in and answered."""
+    write_handler(tmp_path, "rows", ROWS_HANDLER, _manifest(LIMIT))
+
+    async def go():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            for _ in range(4):  # its calls' time is known: 0.3 s
+                await engine.infer("rows", {"x": x_rows(0.3, 1)})
+            block = asyncio.ensure_future(engine.infer("rows", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            # The block ends at ~0.25 s, a call of both at ~0.55 s, the
+            # second alone at ~0.85 s: past their deadline, 0.75 s.
+            answers = await asyncio.gather(*(
+                engine.infer("rows", {"x": x_rows(0.3, 1, seed=i)}, timeout=0.75)
+                for i in range(2)), return_exceptions=True)
+            await block
+            return answers
+    answers = run(go())
+    assert [int(out["rows"][0]) for out in answers] == [2, 2], answers
+
+
+def test_triton_counts_a_joined_call_once_whatever_became_of_its_requests(served):
+    """A joined call one of whose requests timed out (its answer late):
+    still one execution."""
+    address, http = served
+
+    async def go():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            for _ in range(3):  # its fast calls known: the late one is not skipped
+                await c.infer("rows", {"x": x_rows(0.0, 1)})
+            before = _triton_counts(http, "rows")
+            block = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            answers = await asyncio.gather(
+                c.infer("rows", {"x": x_rows(0.3, 1)}, timeout=5, timing=True),
+                c.infer("rows", {"x": x_rows(0.0, 1)}, timeout=0.4), return_exceptions=True)
+            await block
+            for _ in range(50):  # the late answer is read within a turn of the loop
+                after = _triton_counts(http, "rows")
+                if after[1] - before[1] == 2:
+                    break
+                await asyncio.sleep(0.1)
+            return answers, before, after
+    answers, before, after = run(go())
+    assert answers[0].timing["batch"] == 2 and isinstance(answers[1], Timeout), answers
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)  # the block, the joined
+
+
 def test_a_model_without_max_batch_size_runs_each_alone(address):
     answers = run(_behind_one(address, "alone", [x_rows(0.0, 1, seed=i) for i in range(6)]))
     assert [int(out["rows"][0]) for out in answers] == [1] * 6
@@ -421,5 +470,44 @@ def test_a_joined_call_that_hangs_is_blamed_on_its_model(tmp_path):
         run(go())
         line = server.wait_for(r"worker 0 was restarted: .*", 20).group(0)
         assert "b v1 ran" in line and "past its request's deadline" in line, line
+    finally:
+        server.stop()
+
+
+def test_a_hanging_call_is_judged_by_its_own_deadline(tmp_path):
+    """A joined call that runs ahead of an older request (of another
+    form, with a distant deadline) and hangs: its worker is restarted by
+    the deadline of the request it runs, not by the older one's."""
+    write_handler(tmp_path, "b", HANGS_JOINED, _manifest(LIMIT))
+    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0",
+                                                     MMENGINE_STUCK_INFERENCE_S="0.5",
+                                                     MMENGINE_MONITOR_INTERVAL_S="0.2"))
+    try:
+        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+
+        async def go():
+            async with AsyncClient(f"{m.group(1)}:{m.group(2)}") as c:
+                await c.infer("b", {"x": x_rows(0.0, 1)})
+                block = asyncio.ensure_future(c.infer("b", {"x": x_rows(0.3, 1)}))
+                await asyncio.sleep(0.1)
+                # The first is skipped (its deadline passes behind the
+                # block); the third joins the fourth ahead of the second.
+                calls = [c.infer("b", {"x": x_rows(0.0, 1)}, timeout=0.1),
+                         c.infer("b", {"x": x_rows(0.0, 1, width=5)}, timeout=30),
+                         c.infer("b", {"x": x_rows(0.0, 1)}, timeout=1.0),
+                         c.infer("b", {"x": x_rows(0.0, 1, seed=1)}, timeout=1.0)]
+                tasks = [asyncio.ensure_future(call) for call in calls]
+                await block
+                # Its restart fails them all: soon after the joined call's
+                # deadline (1 s), not the second's (30 s).
+                done, waiting = await asyncio.wait(tasks, timeout=15)
+                for task in waiting:
+                    task.cancel()
+                return [task.exception() for task in done], waiting
+        failures, waiting = run(go())
+        assert not waiting and all(failures), failures
+        line = server.wait_for(r"worker 0 was restarted: .*", 5).group(0)
+        assert "b v1 ran" in line, line
     finally:
         server.stop()

@@ -268,6 +268,33 @@ def test_an_async_call_whose_request_stops_moving_times_out_on_time(address):
     assert 1.09 <= took < 2.1, took
 
 
+def test_an_async_calls_wait_is_not_put_off_by_the_requests_of_calls_after_it(address):
+    """A peer that reads and never answers (a proxy whose upstream went):
+    requests of later calls on the same connection keep moving, and the
+    call made before them still times out at its wait."""
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address, connections=1, timeout=0.3) as c:
+                await c.health()
+                proxy.silence()
+                t0 = time.monotonic()
+                first = asyncio.ensure_future(c.infer("count", {"x": np.ones(4, np.float32)}))
+                later = []
+                while not first.done() and time.monotonic() - t0 < 5:
+                    # Under a MiB each: sent without asking the server's
+                    # maximum frame first (CHECK_FRAMES_ABOVE).
+                    later.append(asyncio.ensure_future(
+                        c.infer("count", {"x": np.ones(225_000, np.float32)})))
+                    await asyncio.sleep(0.1)  # ~9 MB/s of later requests
+                with pytest.raises((Timeout, ConnectionError)):
+                    await first
+                took = time.monotonic() - t0
+                await asyncio.gather(*later, return_exceptions=True)
+                return took
+    took = run(main())
+    assert took < 2.5, took  # its wait is 1.3 s
+
+
 @pytest.mark.parametrize("bad, error", [
     (["127.0.0.1", 1], TypeError), (b"h:1", TypeError), (None, TypeError), (8081, TypeError),
     (("h",), ValueError), (("h", 1, 2), ValueError), (("h", "80"), TypeError),

@@ -216,8 +216,8 @@ class _VersionRequests:
         self.success = self.success_ns = self.fail = self.fail_ns = 0
         self.queue_ns = self.compute_ns = self.return_ns = 0
         self.last_ns = 0  # time.monotonic_ns() of the last OK answer; 0: none
-        # The model's calls that answered OK: each of a joined call's n
-        # requests (batching.py) adds 1/n, a request alone 1.
+        # The model's calls: a request alone answered OK adds 1; each of a
+        # joined call's n requests (batching.py), answered or late, 1/n.
         self.calls = 0.0
 
 
@@ -305,6 +305,8 @@ class Metrics:
                 if m is None:
                     m = self._requests[f["model"]] = _ModelRequests()
                 m.ran(f["t_sent"], worker_ns[0], worker_ns[1])
+            if f.get("batch"):  # its joined call's others may have been answered
+                self._version(f["model"], f["version"]).calls += 1 / f["batch"]
         elif kind == "forget":
             self._forget(f["model"], f["version"], f["last"])
 
@@ -349,9 +351,10 @@ class Metrics:
             version = self.engine.version_of(model, version)
             if version is None:
                 return
-        v = self._versions.get((model, version))
-        if v is None:
-            v = self._versions[(model, version)] = _VersionRequests()
+        v = self._version(model, version)
+        batch = f.get("batch")
+        if batch:  # one of a joined call's answers, whatever its code: the call ran
+            v.calls += 1 / batch
         end = f["end_ns"]
         if f["code"] != "OK":
             v.fail += 1
@@ -359,12 +362,19 @@ class Metrics:
             return
         v.last_ns = end  # as Triton's: the last inference made
         v.success += 1
-        v.calls += 1 / (f.get("batch") or 1)
+        if not batch:
+            v.calls += 1
         v.success_ns += end - f["start_ns"]
         if worker_ns is not None and None not in worker_ns:  # an answer always has them
             v.queue_ns += worker_ns[0] - f["start_ns"]
             v.compute_ns += worker_ns[1] - worker_ns[0]
             v.return_ns += worker_ns[2] - worker_ns[1]
+
+    def _version(self, model: str, version: int) -> _VersionRequests:
+        v = self._versions.get((model, version))
+        if v is None:
+            v = self._versions[(model, version)] = _VersionRequests()
+        return v
 
     def version_stats(self, keys: list[tuple[str, int]] | None = None,
                       rows: list[dict] | None = None) -> list[dict]:
@@ -625,8 +635,8 @@ TRITON_METRICS = (
     ("nv_inference_request_success", "Requests answered OK.", 0, 1),
     ("nv_inference_request_failure", "Requests that failed.", 1, 1),
     ("nv_inference_count", "Inferences performed (one a request answered OK).", 0, 1),
-    ("nv_inference_exec_count", "Model executions that answered OK: a call that joined "
-     "requests (a manifest's max_batch_size) counts once.", 6, 1),
+    ("nv_inference_exec_count", "Model executions: one a request answered OK, and one "
+     "a call that joined requests (a manifest's max_batch_size).", 6, 1),
     ("nv_inference_request_duration_us", "Cumulative time from submission to answer of "
      "requests answered OK, in microseconds.", 2, 1000),
     ("nv_inference_queue_duration_us", "Cumulative time from submission until a worker "
