@@ -4,6 +4,7 @@ checked against its own inputs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -445,11 +446,10 @@ HANGS_JOINED = _handler('x if x.ndim == 0 else {"y": x * 2} if len(x) == 1 else 
                         'time.sleep(60)').replace("x[:, 0].max()", "0 if x.ndim == 0 else x[:, 0].max()")
 
 
-def test_a_joined_call_that_hangs_is_blamed_on_its_model(tmp_path):
-    """A request that joins nothing, queued ahead of a joined call, is
-    served in its turn; the call that then hangs is what the front-end
-    finds running: its model is blamed (backed off), not taken for a
-    worker that hung between requests."""
+@contextlib.contextmanager
+def _hanging(tmp_path):
+    """The address of a server of HANGS_JOINED as "b" whose worker is
+    restarted 0.5 s past the deadline of a request it runs; its Server."""
     write_handler(tmp_path, "b", HANGS_JOINED, _manifest(LIMIT))
     server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0",
@@ -457,57 +457,37 @@ def test_a_joined_call_that_hangs_is_blamed_on_its_model(tmp_path):
                                                      MMENGINE_MONITOR_INTERVAL_S="0.2"))
     try:
         m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
-
-        async def go():
-            async with AsyncClient(f"{m.group(1)}:{m.group(2)}") as c:
-                await c.infer("b", {"x": x_rows(0.0, 1)})
-                block = asyncio.ensure_future(c.infer("b", {"x": x_rows(0.3, 1)}))
-                await asyncio.sleep(0.1)
-                xs = [np.float32(1.0), x_rows(0.0, 1), x_rows(0.0, 1, seed=1)]
-                await asyncio.gather(*(c.infer("b", {"x": x}, timeout=1.0) for x in xs),
-                                     return_exceptions=True)
-                await block
-        run(go())
-        line = server.wait_for(r"worker 0 was restarted: .*", 20).group(0)
-        assert "b v1 ran" in line and "past its request's deadline" in line, line
+        yield (m.group(1), int(m.group(2))), server
     finally:
         server.stop()
+
+
+def test_a_joined_call_that_hangs_is_blamed_on_its_model(tmp_path):
+    """A request that joins nothing, queued ahead of a joined call, is
+    served in its turn; the call that then hangs is what the front-end
+    finds running: its model is blamed (backed off), not taken for a
+    worker that hung between requests."""
+    with _hanging(tmp_path) as (address, server):
+        xs = [np.float32(1.0), x_rows(0.0, 1), x_rows(0.0, 1, seed=1)]
+        run(_behind_one(address, "b", [(x, 1.0) for x in xs]))
+        line = server.wait_for(r"worker 0 was restarted: .*", 20).group(0)
+    assert "b v1 ran" in line and "past its request's deadline" in line, line
 
 
 def test_a_hanging_call_is_judged_by_its_own_deadline(tmp_path):
     """A joined call that runs ahead of an older request (of another
     form, with a distant deadline) and hangs: its worker is restarted by
     the deadline of the request it runs, not by the older one's."""
-    write_handler(tmp_path, "b", HANGS_JOINED, _manifest(LIMIT))
-    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
-                    "--http-port", "-1", env=environ(MMENGINE_WORKER_BACKLOG_MS="0",
-                                                     MMENGINE_STUCK_INFERENCE_S="0.5",
-                                                     MMENGINE_MONITOR_INTERVAL_S="0.2"))
-    try:
-        m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
-
-        async def go():
-            async with AsyncClient(f"{m.group(1)}:{m.group(2)}") as c:
-                await c.infer("b", {"x": x_rows(0.0, 1)})
-                block = asyncio.ensure_future(c.infer("b", {"x": x_rows(0.3, 1)}))
-                await asyncio.sleep(0.1)
-                # The first is skipped (its deadline passes behind the
-                # block); the third joins the fourth ahead of the second.
-                calls = [c.infer("b", {"x": x_rows(0.0, 1)}, timeout=0.1),
-                         c.infer("b", {"x": x_rows(0.0, 1, width=5)}, timeout=30),
-                         c.infer("b", {"x": x_rows(0.0, 1)}, timeout=1.0),
-                         c.infer("b", {"x": x_rows(0.0, 1, seed=1)}, timeout=1.0)]
-                tasks = [asyncio.ensure_future(call) for call in calls]
-                await block
-                # Its restart fails them all: soon after the joined call's
-                # deadline (1 s), not the second's (30 s).
-                done, waiting = await asyncio.wait(tasks, timeout=15)
-                for task in waiting:
-                    task.cancel()
-                return [task.exception() for task in done], waiting
-        failures, waiting = run(go())
-        assert not waiting and all(failures), failures
+    with _hanging(tmp_path) as (address, server):
+        # The first is skipped (its deadline passes behind the block); the
+        # third joins the fourth ahead of the second.
+        requests = [(x_rows(0.0, 1), 0.1), (x_rows(0.0, 1, width=5), 30.0),
+                    (x_rows(0.0, 1), 1.0), (x_rows(0.0, 1, seed=1), 1.0)]
+        t0 = time.monotonic()
+        answers = run(_behind_one(address, "b", requests))
+        took = time.monotonic() - t0
         line = server.wait_for(r"worker 0 was restarted: .*", 5).group(0)
-        assert "b v1 ran" in line, line
-    finally:
-        server.stop()
+    assert all(isinstance(out, BaseException) for out in answers), answers
+    # The restart failed them all soon after the joined call's deadline
+    # (1 s), not at the second's (30 s).
+    assert took < 15 and "b v1 ran" in line, (took, line)

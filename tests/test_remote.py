@@ -692,7 +692,7 @@ def test_the_cached_manifest_knows_every_spec_field():
     # A field added to ModelSpec must travel to the cached copy's model.toml
     # (diskcache.manifest), or a model loaded from the cache silently loses it.
     written = {"backend", "estimated_bytes", "trusted", "device", "inputs", "outputs",
-               "warmup", "options"}
+               "warmup", "options", "max_batch_size"}
     # Tokens are checked against the stub: a rotated one keeps the copy.
     not_manifest = {"name", "version", "path", "artifact", "source", "files", "compress",
                     "token_digests"}
