@@ -78,6 +78,7 @@ and the test oracle. MMENGINE_PURE_PYTHON=1 selects PyRing as `Ring`.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import struct
@@ -112,6 +113,11 @@ _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 DEFAULT_SPIN_US = 50.0
 MAX_SPIN_US = 3.6e9  # an hour: spins are bounded (csrc/ring.pyx has the same)
 _PY_MAX_PARK_MS = 5
+# Runs the signal handlers due now. Compiled, PyRing's waits run no
+# bytecode, where CPython would run them: a signal that came between two
+# polls (not during one, which it would interrupt) waited for the wait's
+# end, and a handler that closes the ring did so only once it timed out.
+_run_signal_handlers = ctypes.pythonapi.PyErr_CheckSignals
 
 _OFF_CLOSED_BYTE = {True: 12, False: 13}  # creator?
 _OFF_CAPACITY = 16
@@ -474,10 +480,18 @@ class PyRing(_RingLife):
             pass
 
     def _wait(self, for_read: bool, need: int, deadline: float | None) -> None:
+        try:
+            self._wait_bound(for_read, need, deadline)
+        except ValueError:  # a view a signal's handler released, closing the ring
+            self._check()
+            raise
+
+    def _wait_bound(self, for_read: bool, need: int, deadline: float | None) -> None:
         spin_end = time.monotonic() + self._spin_s
         if deadline is not None:
             spin_end = min(spin_end, deadline)
         while time.monotonic() < spin_end:
+            _run_signal_handlers()
             if self._ready(for_read, need):
                 return
         pidfd = -1
@@ -502,6 +516,7 @@ class PyRing(_RingLife):
             # the re-check, so a wake-up can be missed: never sleep long on it.
             events = poller.poll(_PY_MAX_PARK_MS if left_ms is None
                                  else min(left_ms, _PY_MAX_PARK_MS))
+            _run_signal_handlers()
             self._check()  # a signal's handler may have closed it meanwhile
             self._unpark(for_read)
             if self._ready(for_read, need):
