@@ -63,7 +63,7 @@ import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mmengine import AsyncClient, Client, protocol  # noqa: E402
+from mmengine import AsyncClient, Client, protocol, trace  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 MODEL, DIMS = "mlp", (64, 32, 16)
@@ -388,7 +388,7 @@ def stages_p50_us(address: str, request: dict, n: int) -> dict:
                 buf += chunk
             round_trip = time.perf_counter_ns() - t0
             timing = protocol.decode(buf[4:])["timing"]
-            rows.append({**{k[:-3]: v for k, v in timing.items() if k.endswith("_ns")},
+            rows.append({**trace.durations(timing),
                          "outside": round_trip - timing["total_ns"], "round_trip": round_trip})
     rows = rows[n // 10:]
     keys = set.intersection(*(set(r) for r in rows))  # an answer may lack worker stamps

@@ -921,14 +921,15 @@ class AsyncClient:
         # A timer on the future, not asyncio.timeout(): a third of the cost.
         # In a list: _expire arms it again while a large answer or request moves.
         timer: list | None = None
+        end = conn.written + _PREFIX + size  # its request's last byte, once written
         if wait is not None:
             deadline = loop.time() + wait
             timer = [None]
             timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, conn.sent(),
-                                    conn.written + _PREFIX + size, deadline, wait, timer)
+                                    end, deadline, wait, timer)
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
-        conn.written += _PREFIX + size
+        conn.written = end
         try:
             response = await fut
         except (Timeout, asyncio.CancelledError):  # its answer, if one comes, is dropped

@@ -84,10 +84,16 @@ def body_timing(t_submit: int, body: Mapping, t_encoded: int | None = None) -> d
                   body.get("t_sent"), body.get("account"), body.get("batch"))
 
 
+def durations(t: Mapping[str, int]) -> dict[str, int]:
+    """timing()'s durations by stage name ("queue_ns" -> "queue"), in
+    nanoseconds: not what is no duration (`batch`)."""
+    return {k[:-3]: v for k, v in t.items() if k.endswith("_ns")}
+
+
 def server_timing(t: Mapping[str, int]) -> str:
     """A `Server-Timing` header value (durations in milliseconds), which
     browsers' developer tools and most HTTP tooling show as they are."""
-    return ", ".join(f"{k[:-3]};dur={v / 1e6:.3f}" for k, v in t.items() if k.endswith("_ns"))
+    return ", ".join(f"{k};dur={v / 1e6:.3f}" for k, v in durations(t).items())
 
 
 # -- Chrome trace events -------------------------------------------------------
