@@ -646,13 +646,18 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
         group[1] += n
         group[2].append((rid, n, request[5]))
         group[3].append(arrays)
+    ran = False  # whether a call ahead of this one has run
     for call in calls:
         if type(call) is tuple:  # (the one it woke for, if it did, is still that)
             _serve_one(woke if call is head else 0, out, logic, abandoned, clock, call)
+            ran = True
             continue
         _, _, members, inputs = call
+        if ran:  # looked at as they were taken, before the calls ahead ran: again
+            members, inputs = _still_wanted(key, members, inputs, logic, abandoned, out)
+        ran = True
         # The call's first is looked at as _serve_one does (the rest were
-        # as they were taken); one skipped leaves the call to the next.
+        # just now, or as they were taken); one skipped leaves the call to the next.
         while members:
             rid, _, params = members[0]
             first_woke = woke if rid == head[1] else 0
@@ -663,6 +668,21 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
             _run(first_woke, out, logic, abandoned, clock, *key, inputs[0], members[0][0])
         elif members:
             _run_joined(first_woke, out, logic, abandoned, clock, key, members, inputs)
+
+
+def _still_wanted(key: Key, members: list, inputs: list, logic: WorkerLogic,
+                  abandoned: messages.Abandoned, out: _Responder) -> tuple[list, list]:
+    """The members [(id, rows, params)] of a joined call, and their
+    inputs, less those that nobody waits for now or will by the call's end
+    (each answered SKIPPED): the calls that ran ahead of it took time."""
+    kept_members, kept_inputs = [], []
+    for member, one in zip(members, inputs):
+        if _skips(member[0], key, member[2], True, logic, abandoned):
+            out.send(member[0], messages.SKIPPED)
+        else:
+            kept_members.append(member)
+            kept_inputs.append(one)
+    return kept_members, kept_inputs
 
 
 def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,

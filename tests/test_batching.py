@@ -221,6 +221,36 @@ def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):
     assert [int(out["rows"][0]) for out in answers] == [2, 2], answers
 
 
+def test_a_later_call_leaves_out_requests_that_timed_out_during_the_calls_ahead(tmp_path):
+    """Requests of two forms queued together make two calls, one after the
+    other. One of the second call's requests times out while the first call
+    runs: the second call runs without it."""
+    write_handler(tmp_path, "rows", ROWS_HANDLER, _manifest(LIMIT))
+
+    async def go():
+        # No bound on the worker's backlog: all go into its ring at once,
+        # and the worker takes them together as the block ends.
+        config = Config(repo=str(tmp_path), workers=1, worker_backlog_ms=0)
+        async with Engine(config) as engine:
+            for _ in range(4):  # its fast calls known: none is skipped as it is taken
+                await engine.infer("rows", {"x": x_rows(0.0, 1)})
+            block = asyncio.ensure_future(engine.infer("rows", {"x": x_rows(0.2, 1)}))
+            await asyncio.sleep(0.05)
+            # The block ends at ~0.15 s; the first call (width 3) at
+            # ~0.55 s, past the last request's deadline, 0.35 s.
+            answers = await asyncio.gather(
+                engine.infer("rows", {"x": x_rows(0.4, 1, width=3, seed=1)}),
+                engine.infer("rows", {"x": x_rows(0.4, 1, width=3, seed=2)}),
+                engine.infer("rows", {"x": x_rows(0.0, 1, width=5, seed=3)}),
+                engine.infer("rows", {"x": x_rows(0.0, 1, width=5, seed=4)}, timeout=0.35),
+                return_exceptions=True)
+            await block
+            return answers
+    answers = run(go())
+    assert isinstance(answers[3], Timeout), answers
+    assert [int(out["rows"][0]) for out in answers[:3]] == [2, 2, 1], answers
+
+
 def test_triton_counts_a_joined_call_once_whatever_became_of_its_requests(served):
     """A joined call one of whose requests timed out (its answer late):
     still one execution."""
