@@ -20,7 +20,9 @@ tensors, and the binary tensor extension), and with 32 in flight over 32
 keep-alive connections from a uvloop client of raw asyncio Protocols, whose
 own cost is a few Python lines per response. The breakdown splits the
 SDK's median into the model, the worker and its rings, the engine, the
-client's encoding and the server's front end; `sdk_stages_p50_us` gives the
+client's own work and the server's front end (the client's, as the SDK
+costs more than a raw-socket client of the same server in turns with it:
+client_in_turns; client_codec is the same work warm, in a loop of its own); `sdk_stages_p50_us` gives the
 stages the server itself reports for one request at a time (`"timing":
 true` from a raw-socket client); and it counts each process's CPU time per
 request, one at a time and under load. Last, a 16 MiB tensor
@@ -367,6 +369,37 @@ def sdk_samples_ns(address: str, model: str, x: np.ndarray, n: int) -> list[int]
     return samples[n // 10:]
 
 
+def _answer_ns(sock: socket.socket, frame: bytes) -> int:
+    """One frame sent to the server and its answer read whole, timed."""
+    t0 = time.perf_counter_ns()
+    sock.sendall(frame)
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + protocol.LENGTH.unpack_from(buf)[0]:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    return time.perf_counter_ns() - t0
+
+
+def sdk_and_raw_p50_us(address: str, x: np.ndarray, request: dict, n: int) -> tuple:
+    """The SDK's calls and a raw-socket client's exchanges of the same
+    request, in turns (the machine drifts): what the SDK's own work costs
+    in the round trip, where its caches are cold after the server's turn
+    on the same cores (client_codec times it warm, in a loop of its own)."""
+    frame = protocol.frame(request)
+    host, port = address.rsplit(":", 1)
+    sdk, raw = [], []
+    with Client(address) as c, socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            c.infer(MODEL, {"x": x})
+            sdk.append(time.perf_counter_ns() - t0)
+            raw.append(_answer_ns(sock, frame))
+    return _p(sdk[n // 10:], 50) / 1e3, _p(raw[n // 10:], 50) / 1e3
+
+
 def stages_p50_us(address: str, request: dict, n: int) -> dict:
     """Where one request at a time spends its time, from the server's
     `timing` (docs/observability.md) and a raw-socket client: each stage's
@@ -582,6 +615,7 @@ def run(quick: bool) -> dict:
             for k, v in echoes.items():
                 echo[k].append(echo_p50_us(*v, protocol.frame(request), len(response), n))
             stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
+            in_turns = [sdk_and_raw_p50_us(address, x, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             uvloop.run(_rps(address, x, CONCURRENCY * 10, BATCHED))
             rps, rps_batched = [], []
@@ -613,6 +647,7 @@ def run(quick: bool) -> dict:
                          for _ in range(repeats))
     codec = client_codec_p50_us(request, response, n)
     sdk_p50 = med(_p(s[0], 50) / 1e3 for s in sdk)
+    client = med(t[0] - t[1] for t in in_turns)
     echo, echo_two_cpus = med(echo["one"]), med(echo["two"])
     return {
         "direct_p50_us": direct,
@@ -622,6 +657,7 @@ def run(quick: bool) -> dict:
         "echo_p50_us": echo,
         "echo_two_cpus_p50_us": echo_two_cpus,
         "relay_p50_us": relay,
+        "raw_client_p50_us": med(t[1] for t in in_turns),
         "sdk_rps_c64": med(r[0] for r in rps),
         "sdk_rps_c64_batched": med(r[0] for r in rps_batched),
         "http_json_p50_us": med(h[0] for h in http_json),
@@ -635,8 +671,9 @@ def run(quick: bool) -> dict:
             "worker_and_rings": engine["worker_call"] - engine["compute"],
             "engine": engine["engine"] - engine["worker_call"],
             "client_codec": codec,
+            "client_in_turns": client,
             "tcp_echo": echo,
-            "front_end_rest": sdk_p50 - engine["engine"] - codec - echo,
+            "front_end_rest": sdk_p50 - engine["engine"] - client - echo,
         },
         "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
         "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
