@@ -22,9 +22,10 @@ own cost is a few Python lines per response. The breakdown splits the
 SDK's median into the model, the worker and its rings, the engine, the
 client's own work and the server's front end (the client's, as the SDK
 costs more than a raw-socket client of the same server in turns with it:
-client_in_turns; client_codec is the same work warm, in a loop of its own); `sdk_stages_p50_us` gives the
-stages the server itself reports for one request at a time (`"timing":
-true` from a raw-socket client); and it counts each process's CPU time per
+client_in_turns; client_codec is the same work warm, in a loop of its
+own); `sdk_stages_p50_us` gives the stages the server itself reports for
+one request at a time (`"timing": true` from a raw-socket client); and it
+counts each process's CPU time per
 request, one at a time and under load. Last, a 16 MiB tensor
 through the SDK to a handler that returns it, against the echo server
 exchanging frames of the same sizes (large_vs_echo: what the path adds to
@@ -369,8 +370,9 @@ def sdk_samples_ns(address: str, model: str, x: np.ndarray, n: int) -> list[int]
     return samples[n // 10:]
 
 
-def _answer_ns(sock: socket.socket, frame: bytes) -> int:
-    """One frame sent to the server and its answer read whole, timed."""
+def _answer(sock: socket.socket, frame: bytes) -> tuple[int, bytes]:
+    """One frame sent to the server and its answer read whole: (the
+    round trip in ns, the answer's frame)."""
     t0 = time.perf_counter_ns()
     sock.sendall(frame)
     buf = b""
@@ -379,7 +381,7 @@ def _answer_ns(sock: socket.socket, frame: bytes) -> int:
         if not chunk:
             raise ConnectionError("the server closed the connection")
         buf += chunk
-    return time.perf_counter_ns() - t0
+    return time.perf_counter_ns() - t0, buf
 
 
 def sdk_and_raw_p50_us(address: str, x: np.ndarray, request: dict, n: int) -> tuple:
@@ -396,7 +398,7 @@ def sdk_and_raw_p50_us(address: str, x: np.ndarray, request: dict, n: int) -> tu
             t0 = time.perf_counter_ns()
             c.infer(MODEL, {"x": x})
             sdk.append(time.perf_counter_ns() - t0)
-            raw.append(_answer_ns(sock, frame))
+            raw.append(_answer(sock, frame)[0])
     return _p(sdk[n // 10:], 50) / 1e3, _p(raw[n // 10:], 50) / 1e3
 
 
@@ -411,15 +413,7 @@ def stages_p50_us(address: str, request: dict, n: int) -> dict:
     with socket.create_connection((host, int(port))) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n):
-            t0 = time.perf_counter_ns()
-            sock.sendall(frame)
-            buf = b""
-            while len(buf) < 4 or len(buf) < 4 + protocol.LENGTH.unpack_from(buf)[0]:
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    raise ConnectionError("the server closed the connection")
-                buf += chunk
-            round_trip = time.perf_counter_ns() - t0
+            round_trip, buf = _answer(sock, frame)
             timing = protocol.decode(buf[4:])["timing"]
             rows.append({**trace.durations(timing),
                          "outside": round_trip - timing["total_ns"], "round_trip": round_trip})
