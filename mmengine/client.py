@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mmengine import protocol
+from mmengine import config, protocol
 from mmengine.errors import BadRequest, MMEngineError, Timeout, TooLarge, retrieved
 
 DEFAULT_PORT = 8081
@@ -58,6 +58,13 @@ _PREFIX = protocol.LENGTH.size  # a frame's bytes are its body's and its prefix'
 
 
 ADDRESS_FORMS = '"host:port", "tcp://host:port" or a ("host", port) tuple'
+
+try:  # infer's frames packed and its answers read in C (csrc/wire.pyx)
+    from mmengine import _wire
+except ImportError:  # not built: protocol.py does all
+    _wire = None
+if config.pure_python():
+    _wire = None
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -180,10 +187,12 @@ def _infer_message(model: str, inputs: dict, version: int | None,
 def _outputs(response: dict, t_start: int = 0) -> Outputs:
     """An infer's Outputs; `t_start`, the call's time.monotonic_ns() where it
     asked for timing."""
-    try:
-        out = Outputs(protocol.decode_tensors(response["outputs"], outputs=True))
-    except (KeyError, MMEngineError) as e:  # the server's fault, not the request's
-        raise _unreadable(e) from None
+    out = response.get("outputs")
+    if type(out) is not Outputs:  # not read by _wire.answer: the tensors' maps
+        try:
+            out = Outputs(protocol.decode_tensors(response["outputs"], outputs=True))
+        except (KeyError, MMEngineError) as e:  # the server's fault, not the request's
+            raise _unreadable(e) from None
     if t_start:
         round_trip = time.monotonic_ns() - t_start
         timing = response.get("timing") or {}
@@ -253,6 +262,23 @@ def _wait(timeout: float | None) -> float | None:
     return timeout + ANSWER_GRACE_S
 
 
+def _native_frames(rids: list[int], requests: list[tuple], timeout: float | None,
+                   token: str | None, timing: bool, client_token: str | None) -> list | None:
+    """The infer frames of (model, inputs, version) `requests` as _wire packs
+    them, one buffer for all; None where it does not take each (protocol.py
+    packs them then, or says what is wrong)."""
+    if _wire is None:
+        return None
+    frames = []
+    for rid, (model, inputs, version) in zip(rids, requests):
+        frame = _wire.infer_frame(rid, model, inputs, version, timeout, token, timing,
+                                  client_token)
+        if frame is None:
+            return None
+        frames.append(frame)
+    return [[frames[0] if len(frames) == 1 else b"".join(frames)]]
+
+
 def _model_inputs_version(request: tuple) -> tuple[str, dict, int | None]:
     if len(request) == 2:
         return (*request, None)
@@ -281,6 +307,9 @@ class _Frames:
     def __init__(self):
         self.buf = bytearray()
         self.big: protocol.LargeFrame | None = None
+        # Whether every answer awaited is an infer's whose caller wants
+        # Outputs (infer(), not call()): _wire reads them into arrays.
+        self.arrays = False
 
     def feed(self, data: bytes) -> list[dict]:
         """The answers `data` completes; ConnectionError if the stream
@@ -316,7 +345,10 @@ class _Frames:
                     self.big = protocol.LargeFrame(n, buf[start + 4:])
                     start = len(buf)
                 break
-            out.append(_answer(protocol.decode(buf[start + 4:start + 4 + n])))  # a copy
+            answer = _wire.answer(buf, start + 4, n, Outputs) if self.arrays else None
+            if answer is None:
+                answer = _answer(protocol.decode(buf[start + 4:start + 4 + n]))  # a copy
+            out.append(answer)
             start += 4 + n
         del buf[:start]
         return out
@@ -578,6 +610,14 @@ class Client:
             self._check_size(_body_size(parts))
         if len(frames) > 1 and all(len(parts) == 1 for parts in frames):
             frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
+        return self._exchange(frames, ids, wait, encoded)
+
+    def _exchange(self, frames: list[list], ids: list[int], wait: float | None,
+                  arrays: bool = False) -> list[dict]:
+        """Sends `frames` (each protocol.frames' buffers) on a pooled
+        connection and returns the answers to `ids` in order, waiting `wait`
+        seconds (None: for ever); `arrays`: they are infer()'s, read into
+        Outputs where _wire can."""
         try:
             conn = self._borrow()
         except socket.timeout:
@@ -585,6 +625,7 @@ class Client:
             raise Timeout(f"could not connect to {host}:{port} in time") from None
         try:
             conn.set_timeout(wait)
+            conn.frames.arrays = arrays and _wire is not None
             got = conn.exchange(frames, ids)
         except socket.timeout:
             conn.sock.close()
@@ -614,8 +655,14 @@ class Client:
               timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
         timeout = _timeout(timeout, self.timeout)
-        r = self._call_many([_infer_message(model, inputs, version, timeout, token, timing)],
-                            _wait(timeout), encoded=True)[0]
+        rids = [next(self._ids)]
+        frames = _native_frames(rids, [(model, inputs, version)], timeout, token, timing,
+                                self.token)
+        if frames is not None:
+            r = self._exchange(frames, rids, _wait(timeout), arrays=True)[0]
+        else:
+            r = self._call_many([_infer_message(model, inputs, version, timeout, token,
+                                                timing)], _wait(timeout), encoded=True)[0]
         return _outputs(r, t_start)
 
     def infer_many(self, requests: Iterable[tuple], timeout: float | None = None,
@@ -623,8 +670,15 @@ class Client:
         """Pipelined inference: [(model, inputs), or (model, inputs,
         version), ...] -> [outputs, ...]; `token` goes with each."""
         timeout = _timeout(timeout, self.timeout)
-        rs = self._call_many([_infer_message(*_model_inputs_version(r), timeout, token)
-                              for r in requests], _wait(timeout), encoded=True)
+        requests = [_model_inputs_version(r) for r in requests]
+        rids = [next(self._ids) for _ in requests]
+        frames = _native_frames(rids, requests, timeout, token, False, self.token) \
+            if requests else None
+        if frames is not None:
+            rs = self._exchange(frames, rids, _wait(timeout), arrays=True)
+        else:
+            rs = self._call_many([_infer_message(*r, timeout, token) for r in requests],
+                                 _wait(timeout), encoded=True)
         return [_outputs(r) for r in rs]
 
     # load, unload and pin, as infer, send the server how long this client
@@ -692,6 +746,7 @@ class _AsyncConnection(asyncio.Protocol):
         self.lost: Exception | None = None
         self.received = 0  # bytes, in all: whether a call's connection went silent
         self.written = 0  # bytes given to the transport, in all (sent(): those it passed on)
+        self.raw = 0  # calls in flight that want the protocol's maps (not infer()'s)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -704,6 +759,7 @@ class _AsyncConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.frames.arrays = not self.raw and _wire is not None
         try:
             responses = self.frames.feed(data)
         except ConnectionError as e:  # fail the waiters, not the loop
@@ -909,6 +965,14 @@ class AsyncClient:
         size = _body_size(parts)
         if size > CHECK_FRAMES_ABOVE:
             await self._check_size(size)
+        return await self._exchange(rid, parts, size, wait, encoded)
+
+    async def _exchange(self, rid: int, parts: list, size: int, wait: float | None,
+                        arrays: bool) -> dict:
+        """Sends request `rid`, framed in `parts` (a body of `size` bytes),
+        and returns its answer, waiting `wait` seconds (None: for ever);
+        `arrays`: it is infer()'s, read into Outputs where _wire can (only
+        while no other kind of call waits on its connection)."""
         self._check_loop()
         slot = next(self._next) % self.size
         conn = self._conns[slot]
@@ -930,6 +994,8 @@ class AsyncClient:
         conn.pending[rid] = fut
         conn.transport.writelines(parts)
         conn.written = end
+        if not arrays:
+            conn.raw += 1
         try:
             response = await fut
         except (Timeout, asyncio.CancelledError):  # its answer, if one comes, is dropped
@@ -938,6 +1004,8 @@ class AsyncClient:
         finally:
             if timer is not None:
                 timer[0].cancel()
+            if not arrays:
+                conn.raw -= 1
         return protocol.raise_for(response)
 
     async def _check_size(self, size: int) -> None:
@@ -951,8 +1019,16 @@ class AsyncClient:
                     timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
         timeout = _timeout(timeout, self.timeout)
-        r = await self._call(_infer_message(model, inputs, version, timeout, token, timing),
-                             _wait(timeout), encoded=True)
+        rids = [next(self._ids)]
+        frames = _native_frames(rids, [(model, inputs, version)], timeout, token, timing,
+                                self.token)
+        if frames is not None:
+            frame = frames[0][0]
+            r = await self._exchange(rids[0], [frame], len(frame) - _PREFIX, _wait(timeout),
+                                     True)
+        else:
+            r = await self._call(_infer_message(model, inputs, version, timeout, token,
+                                                timing), _wait(timeout), encoded=True)
         return _outputs(r, t_start)
 
     async def load(self, model: str, version: int | None = None,

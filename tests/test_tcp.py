@@ -1479,3 +1479,33 @@ def test_port_0_on_a_name_of_two_addresses_is_one_port_on_both(tmp_path, own_seg
 
     port, bound = run(main())
     assert bound == [("127.0.0.1", port), ("::1", port)]
+
+
+def test_infer_answers_are_arrays_and_calls_get_the_protocols_maps_on_one_connection(address):
+    # The SDK reads infer()'s answers into arrays in C (csrc/wire.pyx): not
+    # those of call(), even an infer's, sent on the same connection at once.
+    name = MODELS[1]
+    x = np.random.default_rng(3).standard_normal((2, DIMS[0]), dtype=np.float32)
+    want = reference(name, x)
+    message = {"op": "infer", "model": name, "inputs": protocol.encode_tensors({"x": x})}
+
+    def check(outputs, raw) -> None:
+        np.testing.assert_allclose(outputs["y"], want, rtol=1e-5, atol=1e-6)
+        assert raw["outputs"]["y"].keys() == {"dtype", "shape", "data"}
+        np.testing.assert_allclose(protocol.decode_tensors(raw["outputs"])["y"], want,
+                                   rtol=1e-5, atol=1e-6)
+
+    with Client(address, timeout=30, pool_size=1) as c:
+        for _ in range(2):
+            check(c.infer(name, {"x": x}), c.call(message))
+        for outputs in c.infer_many([(name, {"x": x})] * 3):
+            check(outputs, c.call_many([message])[0])
+
+    async def main():
+        async with AsyncClient(address, timeout=30, connections=1) as c:
+            return await asyncio.gather(*(c.infer(name, {"x": x}) if i % 2 else c.call(message)
+                                          for i in range(16)))
+
+    answers = run(main())
+    for outputs, raw in zip(answers[1::2], answers[0::2]):
+        check(outputs, raw)

@@ -1,0 +1,194 @@
+"""csrc/wire.pyx against protocol.py: the SDK's infer frames packed in C
+are the bytes protocol.py packs, and answers read in C are the arrays it
+reads; whatever C does not take (None) goes protocol.py's way, which
+test_sdk.py and test_tcp.py drive through the real server."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mmengine import client, protocol
+from mmengine.client import Outputs
+
+_wire = pytest.importorskip("mmengine._wire", reason="the native core is not built")
+
+SETTINGS = settings(max_examples=300, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+names = st.text(min_size=1, max_size=40)
+arrays = st.sampled_from(list(protocol.DTYPES)).flatmap(
+    lambda dtype: hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=4,
+                                                               min_side=0, max_side=6)))
+inputs = st.dictionaries(names, arrays, min_size=1, max_size=4)
+ints = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+
+
+def python_frame(rid, model, inputs, version, timeout, token, timing, client_token):
+    """What Client sends on protocol.py's path (_call_many's steps)."""
+    message = client._infer_message(model, inputs, version, timeout, token, timing)
+    message["id"] = rid
+    if client_token is not None:
+        message.setdefault("token", client_token)
+    return b"".join(bytes(part) for part in protocol.frames(message, message["inputs"]))
+
+
+@SETTINGS
+@given(rid=st.integers(min_value=1, max_value=(1 << 63) - 1), model=names, inputs=inputs,
+       version=st.none() | ints, timeout=st.none() | st.floats(min_value=1e-9, max_value=1e7),
+       token=st.none() | st.text(max_size=70), timing=st.booleans(),
+       client_token=st.none() | st.text(max_size=300))
+def test_an_infer_frame_is_the_bytes_protocol_packs(rid, model, inputs, version, timeout,
+                                                     token, timing, client_token):
+    args = (rid, model, inputs, version, timeout, token, timing, client_token)
+    frame = _wire.infer_frame(*args)
+    assert frame is not None  # each of these is the fast path's
+    assert frame == python_frame(*args)
+
+
+def test_an_infer_frame_covers_every_length_header():
+    """Each str, bin, array and map length at the edges of msgpack's
+    header sizes, and ints at theirs."""
+    for size in (0, 15, 16, 31, 32, 255, 256, 65535, 65536):
+        text = "é" * (size // 2) + "x" * (size % 2)
+        for rid in (1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32):
+            args = (rid, text or "m", {"x": np.zeros(size // 8, np.uint8)}, -size - 1,
+                    None, text, False, None)
+            assert _wire.infer_frame(*args) == python_frame(*args)
+    many = {f"t{i}": np.zeros(i % 3, np.float32) for i in range(17)}  # a map16
+    args = (1, "m", many, None, 1.5, None, True, "c")
+    assert _wire.infer_frame(*args) == python_frame(*args)
+    args = (1, "m", {"x": np.zeros((1,) * 16, np.int8)}, None, None, None, False, None)
+    assert _wire.infer_frame(*args) == python_frame(*args)  # an array16 shape
+
+
+@pytest.mark.parametrize("value", [
+    np.zeros(protocol.BIG, np.uint8),  # frame_parts lays it out around the array
+    np.zeros((4, 4), np.float32).T,  # not C order
+    np.zeros(3, ">f4"),  # big-endian
+    np.zeros(3, np.float128) if hasattr(np, "float128") else np.zeros(3, "U1"),  # no wire dtype
+    np.zeros(3, "U1"),
+    np.zeros(3, object),
+    np.ma.masked_array([1.0, 2.0], mask=[0, 1]),
+    [1.0, 2.0],
+    np.float32(1.0),
+])
+def test_what_the_fast_path_does_not_take_goes_protocols_way(value):
+    assert _wire.infer_frame(1, "m", {"x": value}, None, None, None, False, None) is None
+
+
+@pytest.mark.parametrize("args", [
+    (1, "m", {}, None, None, None, False, None),  # no inputs: the server's BadRequest
+    (1, "m", {1: np.zeros(1)}, None, None, None, False, None),  # a name that is no str
+    (1, b"m", {"x": np.zeros(1)}, None, None, None, False, None),
+    (1, "m", {"x": np.zeros(1)}, True, None, None, False, None),  # a bool version
+    (1, "m", {"x": np.zeros(1)}, 1 << 63, None, None, False, None),  # past int64
+    (1, "m", {"x": np.zeros(1)}, None, 1, None, False, None),  # a timeout not float
+    (1, "\ud800", {"x": np.zeros(1)}, None, None, None, False, None),  # no UTF-8
+    (1, "m", {"x": np.zeros(1)}, None, None, 5, False, None),
+])
+def test_other_arguments_go_protocols_way(args):
+    assert _wire.infer_frame(*args) is None
+
+
+def python_answer(body: bytes) -> dict:
+    response = protocol.decode(body)
+    return {**response, "outputs": protocol.decode_tensors(response["outputs"], outputs=True)}
+
+
+def native_answer(body: bytes, pad: int = 3):
+    """_wire.answer of `body` lying in the middle of a larger buffer, as a
+    stream's buffer holds it."""
+    buf = bytearray(b"\xc1" * pad + body + b"\xc1" * pad)
+    return _wire.answer(buf, pad, len(body), Outputs)
+
+
+def assert_same(native: dict, python: dict) -> None:
+    assert native.keys() == python.keys() == {"id", "ok", "outputs"}
+    assert (native["id"], native["ok"]) == (python["id"], python["ok"])
+    assert type(native["outputs"]) is Outputs
+    assert list(native["outputs"]) == list(python["outputs"])
+    for name, got in native["outputs"].items():
+        want = python["outputs"][name]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape)
+        assert got.tobytes() == want.tobytes()
+        assert not got.flags.writeable and got.flags.aligned
+
+
+@SETTINGS
+@given(rid=st.integers(min_value=0, max_value=(1 << 63) - 1),
+       outputs=st.dictionaries(names, arrays, max_size=4))
+def test_an_answer_reads_as_protocol_reads_it(rid, outputs):
+    body = protocol.frame({"id": rid, "ok": True,
+                           "outputs": protocol.encode_tensors(outputs)})[4:]
+    assert_same(native_answer(body), python_answer(body))
+    # The same keys in another order.
+    body = msgpack.packb({"outputs": protocol.encode_tensors(outputs), "ok": True, "id": rid})
+    assert_same(native_answer(body), python_answer(body))
+
+
+def _answer_with(**changes) -> bytes:
+    tensor = {"dtype": "float32", "shape": [2], "data": bytes(8)}
+    message = {"id": 7, "ok": True, "outputs": {"y": tensor}}
+    for key, value in changes.items():
+        if key in tensor:
+            tensor[key] = value
+        elif value is None:
+            del message[key]
+        else:
+            message[key] = value
+    return msgpack.packb(message)
+
+
+@pytest.mark.parametrize("body", [
+    _answer_with(timing={"total_ns": 5}),  # another key
+    _answer_with(ok=False),
+    _answer_with(id=None),
+    _answer_with(id=-1),
+    _answer_with(id="7"),
+    _answer_with(outputs=None),
+    _answer_with(outputs=[]),
+    _answer_with(dtype="float128"),
+    _answer_with(dtype=b"float32"),
+    _answer_with(shape=[3]),  # 12 bytes, not 8
+    _answer_with(shape=[-2]),
+    _answer_with(shape=[1 << 62, 0]),
+    _answer_with(shape=2),
+    _answer_with(data="12345678"),
+    _answer_with(dtype="bool", shape=[8], data=bytes([0, 1, 2, 0, 0, 0, 0, 0])),
+    msgpack.packb({"id": 7, "ok": True, "outputs": {"y": {"dtype": "uint8", "shape": [1],
+                                                         "data": b"x", "extra": 1}}}),
+    msgpack.packb({"id": 7, "ok": True, "outputs": {1: {"dtype": "uint8", "shape": [1],
+                                                       "data": b"x"}}}),
+    msgpack.packb({"id": 7, "ok": True, "outputs": {"y": {}}}, use_bin_type=True) + b"\x00",
+    msgpack.packb([7, True]),
+    b"\x83\xa2id\x07\xa2id\x07\xa2ok\xc3",  # a key twice
+    "\x83\xa2id\x07\xa2ok\xc3\xa7outputs\x81\xa1\xff".encode("latin-1"),  # no UTF-8
+])
+def test_any_other_answer_is_left_to_protocol(body):
+    assert native_answer(body) is None
+
+
+def test_a_cut_answer_is_left_to_protocol_wherever_it_is_cut():
+    body = protocol.frame({"id": 300, "ok": True, "outputs": protocol.encode_tensors(
+        {"y": np.arange(6, dtype=np.int64).reshape(2, 3), "z": np.array(True)})})[4:]
+    assert native_answer(body) is not None
+    for end in range(len(body)):
+        assert native_answer(body[:end]) is None, end
+    assert _wire.answer(bytearray(body), 1, len(body), Outputs) is None  # past its end
+
+
+ANSWER = protocol.frame({"id": 300, "ok": True, "outputs": protocol.encode_tensors(
+    {"y": np.arange(6, dtype=np.int16).reshape(2, 3), "ok": np.array([True, False])})})[4:]
+
+
+@SETTINGS
+@given(st.binary(max_size=200) | st.tuples(st.integers(0, len(ANSWER) - 1),
+                                           st.integers(0, 255)).map(
+    lambda change: ANSWER[:change[0]] + bytes([change[1]]) + ANSWER[change[0] + 1:]))
+def test_any_bytes_read_as_protocol_reads_them_or_not_at_all(body):
+    got = native_answer(body)
+    if got is not None:
+        assert_same(got, python_answer(body))
