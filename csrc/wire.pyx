@@ -23,7 +23,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 import numpy as np
@@ -201,6 +201,31 @@ cdef int _tensor(Out *o, object array, Py_ssize_t *total) except -1:
     return 0
 
 
+cdef int _tensors(Out *o, dict arrays, Py_ssize_t *total) except -1:
+    """A map of tensors by name; 1 if one of them is none the fast path
+    takes (see _tensor)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    _head(o, len(arrays), 0x80, 16, 0, 0xde, 0xdf)
+    while PyDict_Next(arrays, &pos, &key, &value):
+        if not PyUnicode_CheckExact(<object>key):
+            return 1
+        _str(o, <str>key)
+        if _tensor(o, <object>value, total):
+            return 1
+    return 0
+
+
+cdef bytes _framed(Out *o):
+    """The frame of what `o` holds after the 4 bytes left for its length."""
+    cdef Py_ssize_t size = o.n - 4
+    cdef int i
+    for i in range(4):  # protocol.LENGTH: little-endian
+        o.p[i] = <char>((size >> (8 * i)) & 0xff)
+    return PyBytes_FromStringAndSize(o.p, o.n)
+
+
 def infer_frame(object rid, object model, object inputs, object version,
                 object timeout, object token, bint timing, object client_token):
     """The frame (length prefix and body) that Client.infer sends for
@@ -208,10 +233,8 @@ def infer_frame(object rid, object model, object inputs, object version,
     client's token (`client_token`, where the call has none) added after;
     None where the fast path does not apply."""
     cdef Out o
-    cdef Py_ssize_t pos = 0, total = 0, size
-    cdef PyObject *key
-    cdef PyObject *value
-    cdef int fields, i
+    cdef Py_ssize_t total = 0
+    cdef int fields
     o.p, o.n, o.cap = o.local, 4, sizeof(o.local)  # the length goes first, once known
     try:
         if not (PyUnicode_CheckExact(model) and PyDict_CheckExact(inputs) and inputs
@@ -232,13 +255,8 @@ def infer_frame(object rid, object model, object inputs, object version,
         _put(&o, b"\xa2op\xa5infer\xa5model", 15)
         _str(&o, model)
         _put(&o, b"\xa6inputs", 7)
-        _head(&o, len(inputs), 0x80, 16, 0, 0xde, 0xdf)
-        while PyDict_Next(inputs, &pos, &key, &value):
-            if not PyUnicode_CheckExact(<object>key):
-                return None
-            _str(&o, <str>key)
-            if _tensor(&o, <object>value, &total):
-                return None
+        if _tensors(&o, inputs, &total):
+            return None
         if version is not None:
             _put(&o, b"\xa7version", 8)
             if _pyint(&o, version):
@@ -257,10 +275,7 @@ def infer_frame(object rid, object model, object inputs, object version,
         if token is None and client_token is not None:
             _put(&o, b"\xa5token", 6)
             _str(&o, client_token)
-        size = o.n - 4
-        for i in range(4):  # protocol.LENGTH: little-endian
-            o.p[i] = <char>((size >> (8 * i)) & 0xff)
-        return PyBytes_FromStringAndSize(o.p, o.n)
+        return _framed(&o)
     except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
         return None
     finally:
@@ -379,6 +394,45 @@ cdef int _uint(In *r, int64_t *v):
     return 0
 
 
+cdef int _int_value(In *r, int64_t *v):
+    """A msgpack int of int64's range (0), or not one (-1)."""
+    cdef uint8_t b
+    cdef int size
+    cdef uint64_t u
+    if _uint(r, v) == 0:
+        return 0
+    if not _has(r, 1):
+        return -1
+    b = r.p[r.at]
+    if b >= 0xe0:  # a negative fixint
+        r.at += 1
+        v[0] = <int8_t>b
+        return 0
+    if b == 0xd0:
+        size = 1
+    elif b == 0xd1:
+        size = 2
+    elif b == 0xd2:
+        size = 4
+    elif b == 0xd3:
+        size = 8
+    else:
+        return -1
+    if not _has(r, 1 + size):
+        return -1
+    r.at += 1
+    u = _take_be(r, size)
+    if size == 1:
+        v[0] = <int8_t>u
+    elif size == 2:
+        v[0] = <int16_t>u
+    elif size == 4:
+        v[0] = <int32_t>u
+    else:
+        v[0] = <int64_t>u
+    return 0
+
+
 cdef object _array_of(In *r):
     """One output tensor's map as a read-only array of its own bytes, or
     None if it is anything but a well-formed tensor of the wire."""
@@ -429,58 +483,201 @@ cdef object _array_of(In *r):
     return _ndarray(shape, dtype, copy)
 
 
+cdef object _arrays(In *r, object arrays):
+    """A map of tensors by name read into `arrays` (a dict, or a subclass),
+    which it returns; None if it is anything but such a map."""
+    cdef Py_ssize_t entries = _map(r), i, n
+    cdef const char *s
+    cdef object array
+    if entries < 0:
+        return None
+    for i in range(entries):
+        s = _raw(r, &n, False)
+        if s == NULL:
+            return None
+        array = _array_of(r)
+        if array is None:
+            return None
+        PyDict_SetItem(arrays, PyUnicode_DecodeUTF8(s, n, NULL), array)
+    return arrays
+
+
+cdef object _str_value(In *r):
+    """The next value as a str, or None if it is not one."""
+    cdef Py_ssize_t n
+    cdef const char *s = _raw(r, &n, False)
+    return None if s == NULL else PyUnicode_DecodeUTF8(s, n, NULL)
+
+
+cdef class _Body:
+    """A frame body in `buf[start:start + size]`, its bytes held while read."""
+    cdef Py_buffer view
+    cdef In r
+
+    def __cinit__(self, object buf, Py_ssize_t start, Py_ssize_t size):
+        PyObject_GetBuffer(buf, &self.view, 0)
+        if start < 0 or size < 0 or start + size > self.view.len:
+            start, size = 0, 0  # no body: reads as nothing
+        self.r.p = <const uint8_t *>self.view.buf + start
+        self.r.n, self.r.at = size, 0
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self.view)
+
+
 def answer(object buf, Py_ssize_t start, Py_ssize_t size, type outputs_type):
     """The answer to an infer in `buf[start:start + size]` (a frame's
     body), as {"id": int, "ok": True, "outputs": outputs_type({name:
-    array})}, its arrays read-only and of bytes of their own; None unless it holds those three
-    keys and no other, each well formed (protocol.py's path reads it then,
-    or says what is wrong)."""
-    cdef Py_buffer view
-    cdef In r
-    cdef Py_ssize_t entries, outputs, i, j, n
+    array})}, its arrays read-only and of bytes of their own; None unless
+    it holds those three keys and no other, each well formed (protocol.py's
+    path reads it then, or says what is wrong)."""
+    cdef _Body body = _Body(buf, start, size)
+    cdef In *r = &body.r
     cdef int64_t rid = 0
     cdef bint ok = False, has_id = False
     cdef object arrays = None
-    cdef const char *s
-    cdef object array, name
-    PyObject_GetBuffer(buf, &view, 0)
+    if _map(r) != 3:
+        return None
     try:
-        if start < 0 or size < 0 or start + size > view.len:
-            return None
-        r.p, r.n, r.at = <const uint8_t *>view.buf + start, size, 0
-        entries = _map(&r)
-        if entries != 3:
-            return None
-        for i in range(3):
-            if _key(&r, "id", 2):
-                if has_id or _uint(&r, &rid) < 0:
+        for _ in range(3):
+            if _key(r, "id", 2):
+                if has_id or _uint(r, &rid) < 0:
                     return None
                 has_id = True
-            elif _key(&r, "ok", 2):
-                if ok or not _has(&r, 1) or r.p[r.at] != 0xc3:
+            elif _key(r, "ok", 2):
+                if ok or not _has(r, 1) or r.p[r.at] != 0xc3:
                     return None
                 r.at += 1
                 ok = True
-            elif _key(&r, "outputs", 7):
-                outputs = _map(&r)
-                if outputs < 0 or arrays is not None:
+            elif _key(r, "outputs", 7):
+                if arrays is not None:
                     return None
-                arrays = outputs_type()
-                for j in range(outputs):
-                    s = _raw(&r, &n, False)
-                    if s == NULL:
-                        return None
-                    name = PyUnicode_DecodeUTF8(s, n, NULL)
-                    array = _array_of(&r)
-                    if array is None:
-                        return None
-                    PyDict_SetItem(arrays, name, array)
+                arrays = _arrays(r, outputs_type())
+                if arrays is None:
+                    return None
             else:
                 return None
-        if r.at != size or not has_id or not ok or arrays is None:
-            return None
-        return {"id": rid, "ok": True, "outputs": arrays}
     except UnicodeDecodeError:  # msgpack's error, on its path
         return None
+    if r.at != r.n or not has_id or not ok:
+        return None
+    return {"id": rid, "ok": True, "outputs": arrays}
+
+
+# A request's keys, as bits: each may come once.
+cdef enum:
+    ID = 1
+    OP = 2
+    MODEL = 4
+    INPUTS = 8
+    VERSION = 16
+    TIMEOUT = 32
+    TOKEN = 64
+    TIMING = 128
+    NEEDED = ID | OP | MODEL | INPUTS
+
+
+def request(object buf, Py_ssize_t start, Py_ssize_t size):
+    """An infer request in `buf[start:start + size]` (a frame's body) as
+    (id, model, inputs, version, timeout, token, timing), as server/tcp.py
+    reads one through protocol.py: its inputs a dict of read-only arrays of
+    bytes of their own; absent keys None (timing False). None unless its
+    keys are the request's (docs/protocol.md), each once and well formed,
+    with a non-negative int id, at least one input, a float timeout above
+    0 and no nil (protocol.py's path reads it then, or says what is
+    wrong)."""
+    cdef _Body body = _Body(buf, start, size)
+    cdef In *r = &body.r
+    cdef Py_ssize_t entries = _map(r), n
+    cdef int64_t rid = 0, version = 0
+    cdef int seen = 0, bit
+    cdef uint64_t bits
+    cdef double timeout = 0
+    cdef const char *s
+    cdef object model = None, inputs = None, token = None
+    cdef bint timing = False
+    if entries < 0 or body.r.n >= _BIG:  # a large one has tcp.py's own limits
+        return None
+    try:
+        for _ in range(entries):
+            if _key(r, "id", 2):
+                bit = ID
+                if _uint(r, &rid) < 0:
+                    return None
+            elif _key(r, "op", 2):
+                bit = OP
+                s = _raw(r, &n, False)
+                if s == NULL or n != 5 or memcmp(s, b"infer", 5) != 0:
+                    return None
+            elif _key(r, "model", 5):
+                bit = MODEL
+                model = _str_value(r)
+                if model is None:
+                    return None
+            elif _key(r, "inputs", 6):
+                bit = INPUTS
+                inputs = _arrays(r, {})
+                if not inputs:
+                    return None
+            elif _key(r, "version", 7):
+                bit = VERSION
+                if _int_value(r, &version) < 0:
+                    return None
+            elif _key(r, "timeout", 7):
+                bit = TIMEOUT
+                if not _has(r, 9) or r.p[r.at] != 0xcb:
+                    return None
+                r.at += 1
+                bits = _take_be(r, 8)
+                memcpy(&timeout, &bits, 8)
+                if not timeout > 0:  # NaN is not either
+                    return None
+            elif _key(r, "token", 5):
+                bit = TOKEN
+                token = _str_value(r)
+                if token is None:
+                    return None
+            elif _key(r, "timing", 6):
+                bit = TIMING
+                if not _has(r, 1) or r.p[r.at] not in (0xc2, 0xc3):
+                    return None
+                timing = r.p[r.at] == 0xc3
+                r.at += 1
+            else:
+                return None
+            if seen & bit:
+                return None
+            seen |= bit
+    except UnicodeDecodeError:  # msgpack's error, on its path
+        return None
+    if r.at != r.n or seen & NEEDED != NEEDED:
+        return None
+    return (rid, model, inputs, version if seen & VERSION else None,
+            timeout if seen & TIMEOUT else None, token, timing)
+
+
+def answer_frame(object rid, object outputs):
+    """The frame (length prefix and body) of infer `rid`'s answer of
+    `outputs` (name -> array) as server/tcp.py sends it through
+    protocol.py, or None where the fast path does not apply (see
+    infer_frame)."""
+    cdef Out o
+    cdef Py_ssize_t pos = 0, total = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    o.p, o.n, o.cap = o.local, 4, sizeof(o.local)
+    try:
+        if not (PyLong_CheckExact(rid) and PyDict_CheckExact(outputs)):
+            return None
+        _put(&o, b"\x83\xa2id", 4)
+        if _pyint(&o, rid):
+            return None
+        _put(&o, b"\xa2ok\xc3\xa7outputs", 12)
+        if _tensors(&o, outputs, &total):
+            return None
+        return _framed(&o)
+    except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
+        return None
     finally:
-        PyBuffer_Release(&view)
+        if o.p != o.local:
+            PyMem_Free(o.p)

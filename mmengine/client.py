@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mmengine import config, protocol
+from mmengine import protocol
 from mmengine.errors import BadRequest, MMEngineError, Timeout, TooLarge, retrieved
 
 DEFAULT_PORT = 8081
@@ -58,13 +58,7 @@ _PREFIX = protocol.LENGTH.size  # a frame's bytes are its body's and its prefix'
 
 
 ADDRESS_FORMS = '"host:port", "tcp://host:port" or a ("host", port) tuple'
-
-try:  # infer's frames packed and its answers read in C (csrc/wire.pyx)
-    from mmengine import _wire
-except ImportError:  # not built: protocol.py does all
-    _wire = None
-if config.pure_python():
-    _wire = None
+_wire = protocol.native  # infer's frames packed and its answers read in C
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from mmengine import config
 from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, TooLarge, cannot_carry,
                              error_for)
 
@@ -432,3 +433,22 @@ def raise_for(response: dict) -> dict:
     if type(err) is not dict:  # a peer that is not quite a server of ours
         raise error_for(ErrorCode.INTERNAL, f"an error answer of no code: {err!r}")
     raise error_for(err.get("code", ErrorCode.INTERNAL), err.get("message", "no message"))
+
+
+# -- the hot frames in C -------------------------------------------------------
+
+#: csrc/wire.pyx: infer requests and their answers packed and read as this
+#: module does them, byte for byte, where they are plain (small, of numpy
+#: arrays); its functions return None for anything else, which goes this
+#: module's way. None where it is not built, or pure Python is asked for.
+def _native():
+    if config.pure_python():
+        return None
+    try:
+        from mmengine import _wire
+    except ImportError:
+        return None
+    return _wire
+
+
+native = _native()

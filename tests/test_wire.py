@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mmengine import client, protocol
+from mmengine.server import tcp
 from mmengine.client import Outputs
 
 _wire = pytest.importorskip("mmengine._wire", reason="the native core is not built")
@@ -192,3 +193,143 @@ def test_any_bytes_read_as_protocol_reads_them_or_not_at_all(body):
     got = native_answer(body)
     if got is not None:
         assert_same(got, python_answer(body))
+
+
+# -- the server's side: requests read, answers packed -------------------------------
+
+def python_request(body: bytes) -> tuple:
+    """An infer request as server/tcp.py reads it through protocol.py."""
+    message = protocol.decode(body)
+    assert message.get("op") == "infer" and message.get("id") is not None
+    model, version = tcp._model_args(message)
+    inputs = protocol.decode_tensors(message.get("inputs"))
+    timing = message.get("timing")
+    assert timing is None or type(timing) is bool
+    return (message["id"], model, inputs, version, tcp._timeout(message), tcp._token(message),
+            bool(timing))
+
+
+def native_request(body: bytes, pad: int = 2):
+    buf = bytearray(b"\x00" * pad + body + b"\x00" * pad)
+    return _wire.request(buf, pad, len(body))
+
+
+def assert_same_request(native: tuple, python: tuple) -> None:
+    assert native[:2] == python[:2] and native[3:] == python[3:]
+    assert type(native[2]) is dict and list(native[2]) == list(python[2])
+    for name, got in native[2].items():
+        want = python[2][name]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape)
+        assert got.tobytes() == want.tobytes()
+        assert not got.flags.writeable
+
+
+@SETTINGS
+@given(rid=st.integers(min_value=0, max_value=(1 << 63) - 1), model=names, inputs=inputs,
+       version=st.none() | ints, timeout=st.none() | st.floats(min_value=1e-9, max_value=1e7),
+       token=st.none() | st.text(max_size=70), timing=st.booleans(),
+       client_token=st.none() | st.text(max_size=300), shuffle=st.randoms())
+def test_a_request_reads_as_the_server_reads_it(rid, model, inputs, version, timeout, token,
+                                                 timing, client_token, shuffle):
+    body = python_frame(rid, model, inputs, version, timeout, token, timing, client_token)[4:]
+    if len(body) < protocol.BIG:
+        assert_same_request(native_request(body), python_request(body))
+    message = protocol.decode(body)
+    keys = list(message)
+    shuffle.shuffle(keys)
+    body = msgpack.packb({key: message[key] for key in keys})
+    if len(body) < protocol.BIG:
+        assert_same_request(native_request(body), python_request(body))
+
+
+def _request_with(**changes) -> bytes:
+    message = {"op": "infer", "model": "m", "id": 3,
+               "inputs": {"x": {"dtype": "int32", "shape": [1], "data": bytes(4)}}}
+    for key, value in changes.items():
+        if value is None:
+            del message[key]
+        else:
+            message[key] = value
+    return msgpack.packb(message)
+
+
+@pytest.mark.parametrize("body", [
+    _request_with(op="load"),
+    _request_with(op=None),
+    _request_with(id=None),
+    _request_with(id=-3),
+    _request_with(id="3"),
+    _request_with(model=None),
+    _request_with(model=5),
+    _request_with(inputs=None),
+    _request_with(inputs={}),
+    _request_with(inputs={"x": {"dtype": "int32", "shape": [2], "data": bytes(4)}}),
+    _request_with(inputs={"x": {"dtype": "int32", "shape": [1], "data": bytes(4), "pad": 0}}),
+    _request_with(version=True),
+    _request_with(version="1"),
+    _request_with(version=1 << 63),
+    _request_with(timeout=5),  # an int: protocol.py's path takes it
+    _request_with(timeout=0.0),
+    _request_with(timeout=-1.0),
+    _request_with(timeout=float("nan")),
+    msgpack.packb({"op": "infer", "model": "m", "id": 3, "timeout": 1.5,
+                   "inputs": {"x": {"dtype": "int32", "shape": [1], "data": bytes(4)}}},
+                  use_single_float=True),
+    _request_with(token=5),
+    _request_with(timing="yes"),
+    _request_with(pad=b"\x00" * 8),  # a key of no request
+    _request_with() + b"\xc0",
+    _request_with(model="m" * protocol.BIG),  # a large one is tcp.py's own
+    b"\x85" + _request_with()[1:] + b"\xa5model\xa1n",  # a key twice
+])
+def test_any_other_request_is_left_to_protocol(body):
+    assert native_request(body) is None
+
+
+def test_a_cut_request_is_left_to_protocol_wherever_it_is_cut():
+    body = python_frame(9, "mlp", {"x": np.ones((2, 3), np.float32), "b": np.array([True])},
+                        4, 1.5, "t", True, None)[4:]
+    assert native_request(body) is not None
+    for end in range(len(body)):
+        assert native_request(body[:end]) is None, end
+
+
+REQUEST = python_frame(9, "mlp", {"x": np.ones((2, 3), np.float32), "b": np.array([True])},
+                       -4, 1.5, "t", True, None)[4:]
+
+
+@SETTINGS
+@given(st.binary(max_size=200) | st.tuples(st.integers(0, len(REQUEST) - 1),
+                                           st.integers(0, 255)).map(
+    lambda change: REQUEST[:change[0]] + bytes([change[1]]) + REQUEST[change[0] + 1:]))
+def test_any_bytes_read_as_the_server_reads_them_or_not_at_all(body):
+    got = native_request(body)
+    if got is not None:
+        assert_same_request(got, python_request(body))
+
+
+@SETTINGS
+@given(rid=st.integers(min_value=0, max_value=(1 << 63) - 1),
+       outputs=st.dictionaries(names, arrays, max_size=4))
+def test_an_answer_frame_is_the_bytes_protocol_packs(rid, outputs):
+    frame = _wire.answer_frame(rid, outputs)
+    tensors = protocol.encode_tensors(outputs)
+    parts = protocol.frames({"id": rid, "ok": True, "outputs": tensors}, tensors)
+    if sum(t["data"].nbytes for t in tensors.values()) >= protocol.BIG:
+        assert frame is None
+    else:
+        assert frame == b"".join(bytes(part) for part in parts)
+
+
+@pytest.mark.parametrize("rid, outputs", [
+    ("7", {"y": np.zeros(2)}),
+    (None, {"y": np.zeros(2)}),
+    (True, {"y": np.zeros(2)}),
+    (7, Outputs(y=np.zeros(2))),  # a dict of another type
+    (7, {"y": np.zeros(2, "U1")}),  # the server's InternalError: protocol.py says it
+    (7, {"y": np.zeros((3, 3))[:, 0]}),
+    (7, {"y": [1.0]}),
+    (7, {5: np.zeros(2)}),
+])
+def test_any_other_answer_frame_is_left_to_protocol(rid, outputs):
+    assert _wire.answer_frame(rid, outputs) is None

@@ -42,6 +42,8 @@ from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloade
 from mmengine.server import listener
 from mmengine.server.listener import Listener
 
+_wire = protocol.native  # infer requests read and their answers packed in C
+
 MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
 
 
@@ -212,8 +214,12 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                     message = protocol.decode(buf[start + 4:start + 4 + n],
                                               protocol.MAX_REQUEST_ENTRIES)
                 else:
-                    with memoryview(buf) as view:
-                        message = protocol.decode(view[start + 4:start + 4 + n])
+                    # An infer, read in C (a tuple), where it is plain; else
+                    # protocol.py's map.
+                    message = _wire.request(buf, start + 4, n) if _wire else None
+                    if message is None:
+                        with memoryview(buf) as view:
+                            message = protocol.decode(view[start + 4:start + 4 + n])
                 start += 4 + n
                 took = True
                 self._take(message)
@@ -234,11 +240,15 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         elif took or not self.frame_began:
             self.frame_began = now
 
-    def _take(self, message: dict) -> None:
+    def _take(self, message: dict | tuple) -> None:
+        """A request: a map, or an infer _wire.request read (a tuple)."""
         if self.reserved:  # the frame is whole: it is the engine's now
             self.server.receiving.give(self.reserved)
             self.reserved = 0
-        self._dispatch(message)
+        if type(message) is tuple:
+            self._infer(*message)
+        else:
+            self._dispatch(message)
 
     def _refuse(self, n: int, have: int) -> None:
         """Refuses a frame longer than the maximum from its header: a
@@ -330,36 +340,52 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._send({"id": rid, "ok": True, **self.engine.health(),
                         "max_frame": self.server.max_frame})
             return
-        if op == "infer":  # the hot path: a future and a callback, no task
+        if op == "infer":
             try:
                 model, version = _model_args(message)
                 inputs = protocol.decode_tensors(message.get("inputs"))
-                # 0: no timing asked for; else the stamp timing() starts from.
                 timing = message.get("timing")
                 if timing is not None and type(timing) is not bool:  # "yes" is not no
                     raise BadRequest("'timing' must be true or false")
-                t_submit = time.monotonic_ns() if timing else 0
-                fut = self.engine.submit(model, inputs, version, _timeout(message),
-                                         _token(message),
-                                         then=functools.partial(self._on_answer, rid, t_submit,
-                                                                model))
+                timeout, token = _timeout(message), _token(message)
             except MMEngineError as e:
                 self._send(protocol.error_response(rid, e))
                 return
-        else:
-            handler = _HANDLERS.get(op) if type(op) is str else None
-            if handler is None:
-                self._send(protocol.error_response(
-                    rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
+            self._infer(rid, model, inputs, version, timeout, token, timing)
+            return
+        handler = _HANDLERS.get(op) if type(op) is str else None
+        if handler is None:
+            self._send(protocol.error_response(
+                rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
+            return
+        if op in _CONTROL:  # refused before a task exists: unauthorized floods stay cheap
+            try:
+                self.server.check_control(_token(message))
+            except MMEngineError as e:
+                self._send(protocol.error_response(rid, e))
                 return
-            if op in _CONTROL:  # refused before a task exists: unauthorized floods stay cheap
-                try:
-                    self.server.check_control(_token(message))
-                except MMEngineError as e:
-                    self._send(protocol.error_response(rid, e))
-                    return
-            fut = asyncio.get_running_loop().create_task(self._run(handler, rid, message))
-        self.tasks[fut] = op == "infer"
+        self._track(asyncio.get_running_loop().create_task(self._run(handler, rid, message)),
+                    False)
+
+    def _infer(self, rid: Any, model: str, inputs: dict, version: int | None,
+               timeout: float | None, token: str | None, timing: bool | None) -> None:
+        """The hot path, once a request is read: a future and a callback,
+        no task."""
+        # 0: no timing asked for; else the stamp timing() starts from.
+        t_submit = time.monotonic_ns() if timing else 0
+        try:
+            fut = self.engine.submit(model, inputs, version, timeout, token,
+                                     then=functools.partial(self._on_answer, rid, t_submit,
+                                                            model))
+        except MMEngineError as e:
+            self._send(protocol.error_response(rid, e))
+            return
+        self._track(fut, True)
+
+    def _track(self, fut: asyncio.Future, infer: bool) -> None:
+        """A request in flight until `fut` is done; past MAX_IN_FLIGHT, the
+        connection is not read."""
+        self.tasks[fut] = infer
         fut.add_done_callback(self._task_done)
         if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
@@ -372,6 +398,10 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         e = fut.exception()
         if e is None:
             body, outputs = fut.result()
+            frame = _wire.answer_frame(rid, outputs) if _wire and not t_submit else None
+            if frame is not None:
+                self._write([frame])
+                return
             try:  # a model may answer what the wire cannot carry: say so
                 tensors = protocol.encode_tensors(outputs, answer=model)
                 response = {"id": rid, "ok": True, "outputs": tensors}
