@@ -362,74 +362,35 @@ cdef bint _key(In *r, const char *name, Py_ssize_t size):
     return False
 
 
-cdef int _uint(In *r, int64_t *v):
-    """A msgpack int of 0..2**63-1 (0), or not one (-1)."""
+cdef int _read_int(In *r, int64_t *v, bint negative):
+    """A msgpack int of 0..2**63-1 (or, `negative`, of int64's range) read
+    into `v` (0), or not one (-1)."""
     cdef uint8_t b
     cdef int size
+    cdef bint signed
     cdef uint64_t u
     if not _has(r, 1):
         return -1
     b = r.p[r.at]
-    if b < 0x80:
-        r.at += 1
-        v[0] = b
-        return 0
-    if b == 0xcc:
-        size = 1
-    elif b == 0xcd:
-        size = 2
-    elif b == 0xce:
-        size = 4
-    elif b == 0xcf:
-        size = 8
-    else:
-        return -1  # a negative one is no id or dimension of ours either
-    if not _has(r, 1 + size):
-        return -1
-    r.at += 1
-    u = _take_be(r, size)
-    if u >> 63:
-        return -1
-    v[0] = <int64_t>u
-    return 0
-
-
-cdef int _int_value(In *r, int64_t *v):
-    """A msgpack int of int64's range (0), or not one (-1)."""
-    cdef uint8_t b
-    cdef int size
-    cdef uint64_t u
-    if _uint(r, v) == 0:
-        return 0
-    if not _has(r, 1):
-        return -1
-    b = r.p[r.at]
-    if b >= 0xe0:  # a negative fixint
+    if b < 0x80 or negative and b >= 0xe0:  # a fixint
         r.at += 1
         v[0] = <int8_t>b
         return 0
-    if b == 0xd0:
-        size = 1
-    elif b == 0xd1:
-        size = 2
-    elif b == 0xd2:
-        size = 4
-    elif b == 0xd3:
-        size = 8
+    if 0xcc <= b <= 0xcf:
+        size, signed = 1 << (b - 0xcc), False
+    elif negative and 0xd0 <= b <= 0xd3:
+        size, signed = 1 << (b - 0xd0), True
     else:
         return -1
     if not _has(r, 1 + size):
         return -1
     r.at += 1
     u = _take_be(r, size)
-    if size == 1:
-        v[0] = <int8_t>u
-    elif size == 2:
-        v[0] = <int16_t>u
-    elif size == 4:
-        v[0] = <int32_t>u
-    else:
-        v[0] = <int64_t>u
+    if signed and size < 8 and u >> (8 * size - 1):
+        u |= ~((<uint64_t>1 << (8 * size)) - 1)  # its sign, extended
+    elif not signed and u >> 63:  # past int64
+        return -1
+    v[0] = <int64_t>u
     return 0
 
 
@@ -459,7 +420,7 @@ cdef object _array_of(In *r):
                 return None
             shape = []
             for _ in range(dims):
-                if _uint(r, &d) < 0 or d >> 40:  # (no product to overflow)
+                if _read_int(r, &d, False) < 0 or d >> 40:  # (no product to overflow)
                     return None
                 shape.append(d)
                 count *= d
@@ -541,7 +502,7 @@ def answer(object buf, Py_ssize_t start, Py_ssize_t size, type outputs_type):
     try:
         for _ in range(3):
             if _key(r, "id", 2):
-                if has_id or _uint(r, &rid) < 0:
+                if has_id or _read_int(r, &rid, False) < 0:
                     return None
                 has_id = True
             elif _key(r, "ok", 2):
@@ -602,7 +563,7 @@ def request(object buf, Py_ssize_t start, Py_ssize_t size):
         for _ in range(entries):
             if _key(r, "id", 2):
                 bit = ID
-                if _uint(r, &rid) < 0:
+                if _read_int(r, &rid, False) < 0:
                     return None
             elif _key(r, "op", 2):
                 bit = OP
@@ -621,7 +582,7 @@ def request(object buf, Py_ssize_t start, Py_ssize_t size):
                     return None
             elif _key(r, "version", 7):
                 bit = VERSION
-                if _int_value(r, &version) < 0:
+                if _read_int(r, &version, True) < 0:
                     return None
             elif _key(r, "timeout", 7):
                 bit = TIMEOUT

@@ -130,9 +130,9 @@ def test_an_answer_reads_as_protocol_reads_it(rid, outputs):
     assert_same(native_answer(body), python_answer(body))
 
 
-def _answer_with(**changes) -> bytes:
-    tensor = {"dtype": "float32", "shape": [2], "data": bytes(8)}
-    message = {"id": 7, "ok": True, "outputs": {"y": tensor}}
+def _changed(message: dict, tensor: dict, changes: dict) -> bytes:
+    """`message`, which holds `tensor`, packed after `changes`: a key of the
+    tensor's set there, any other set in the message, or deleted if None."""
     for key, value in changes.items():
         if key in tensor:
             tensor[key] = value
@@ -141,6 +141,11 @@ def _answer_with(**changes) -> bytes:
         else:
             message[key] = value
     return msgpack.packb(message)
+
+
+def _answer_with(**changes) -> bytes:
+    tensor = {"dtype": "float32", "shape": [2], "data": bytes(8)}
+    return _changed({"id": 7, "ok": True, "outputs": {"y": tensor}}, tensor, changes)
 
 
 @pytest.mark.parametrize("body", [
@@ -243,14 +248,9 @@ def test_a_request_reads_as_the_server_reads_it(rid, model, inputs, version, tim
 
 
 def _request_with(**changes) -> bytes:
-    message = {"op": "infer", "model": "m", "id": 3,
-               "inputs": {"x": {"dtype": "int32", "shape": [1], "data": bytes(4)}}}
-    for key, value in changes.items():
-        if value is None:
-            del message[key]
-        else:
-            message[key] = value
-    return msgpack.packb(message)
+    tensor = {"dtype": "int32", "shape": [1], "data": bytes(4)}
+    return _changed({"op": "infer", "model": "m", "id": 3, "inputs": {"x": tensor}}, tensor,
+                    changes)
 
 
 @pytest.mark.parametrize("body", [
