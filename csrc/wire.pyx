@@ -22,6 +22,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
@@ -397,7 +398,7 @@ cdef int _read_int(In *r, int64_t *v, bint negative):
 cdef object _array_of(In *r):
     """One output tensor's map as a read-only array of its own bytes, or
     None if it is anything but a well-formed tensor of the wire."""
-    cdef Py_ssize_t entries = _map(r), n, size = 0, i, dims = -1, count = 1
+    cdef Py_ssize_t entries = _map(r), n, size = 0, i, dims = -1, count = 1, itemsize
     cdef const char *data = NULL
     cdef const char *s
     cdef object dtype = None
@@ -420,9 +421,11 @@ cdef object _array_of(In *r):
                 return None
             shape = []
             for _ in range(dims):
-                if _read_int(r, &d, False) < 0 or d >> 40:  # (no product to overflow)
+                if _read_int(r, &d, False) < 0:
                     return None
                 shape.append(d)
+                if count and d > PY_SSIZE_T_MAX // count:  # more than memory holds
+                    return None
                 count *= d
         elif _key(r, "data", 4):
             if data != NULL:
@@ -434,14 +437,18 @@ cdef object _array_of(In *r):
             return None
     if dtype is None or shape is None or data == NULL:
         return None
-    if size != count * (<object>dtype).itemsize:  # protocol's path says so
+    itemsize = (<object>dtype).itemsize
+    if size % itemsize or size // itemsize != count:  # protocol's path says so
         return None
     if (<object>dtype).kind == "b":
         for i in range(size):
             if <uint8_t>data[i] > 1:  # protocol's path refuses it
                 return None
     copy = PyBytes_FromStringAndSize(data, size)
-    return _ndarray(shape, dtype, copy)
+    try:
+        return _ndarray(shape, dtype, copy)
+    except ValueError:  # no size numpy takes ([0, 2**62, 2**62]): protocol.py says so
+        return None
 
 
 cdef object _arrays(In *r, object arrays):

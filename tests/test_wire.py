@@ -161,6 +161,8 @@ def _answer_with(**changes) -> bytes:
     _answer_with(shape=[3]),  # 12 bytes, not 8
     _answer_with(shape=[-2]),
     _answer_with(shape=[1 << 62, 0]),
+    _answer_with(shape=[1 << 40, 1 << 40, 0], data=b""),  # a size past memory's
+    _answer_with(shape=[1 << 62, 1 << 62, 1 << 62, 0], data=b""),
     _answer_with(shape=2),
     _answer_with(data="12345678"),
     _answer_with(dtype="bool", shape=[8], data=bytes([0, 1, 2, 0, 0, 0, 0, 0])),
@@ -265,6 +267,8 @@ def _request_with(**changes) -> bytes:
     _request_with(inputs={}),
     _request_with(inputs={"x": {"dtype": "int32", "shape": [2], "data": bytes(4)}}),
     _request_with(inputs={"x": {"dtype": "int32", "shape": [1], "data": bytes(4), "pad": 0}}),
+    _request_with(shape=[1 << 40, 1 << 40, 0], data=b""),
+    _request_with(shape=[0, 1 << 62, 1 << 62], data=b""),
     _request_with(version=True),
     _request_with(version="1"),
     _request_with(version=1 << 63),
