@@ -74,10 +74,23 @@ def run_property(name, strategy, check, examples: int, deadline: float, rng) -> 
         try:
             test()
         except Exception as e:  # noqa: BLE001 - a failed property, reported in the summary
-            failure = {"error": f"{type(e).__name__}: {e}"[:4000],
-                       "traceback": traceback.format_exc()[-4000:]}
+            failure = _failure(e)
         done += counted[0]
     return {"examples": done, "failure": failure}
+
+
+INNER_FRAMES = 12
+
+
+def _failure(e: Exception) -> dict:
+    """A failed property as the summary says it: the error, hypothesis'
+    notes (the smallest example), and the innermost frames, where it was
+    raised. A traceback's last characters were hypothesis' own frames and
+    the strategy's repr that it prints, not the check that failed."""
+    frames = traceback.extract_tb(e.__traceback__)[-INNER_FRAMES:]
+    return {"error": f"{type(e).__name__}: {e}"[:4000],
+            "notes": [note[:4000] for note in getattr(e, "__notes__", [])],
+            "traceback": "".join(traceback.format_list(frames))[-8000:]}
 
 
 def main(argv=None) -> int:
