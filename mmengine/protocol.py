@@ -1,6 +1,9 @@
 """The binary TCP protocol: frames, operations, tensors. docs/protocol.md is
-its specification for other languages; this module is its one implementation,
-used by the server and the SDK alike.
+its specification for other languages; this module is its implementation,
+used by the server and the SDK alike. Its hot frames (an infer request and
+its answer, where they are plain) also have a C twin, `native`
+(csrc/wire.pyx), that packs and reads them as this module does, byte for
+byte, and leaves every other frame to it.
 
 A frame is a 4-byte little-endian unsigned length N, then N bytes of one
 msgpack map. Requests carry an "id" chosen by the client; responses carry the

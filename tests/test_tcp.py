@@ -1509,3 +1509,44 @@ def test_infer_answers_are_arrays_and_calls_get_the_protocols_maps_on_one_connec
     answers = run(main())
     for outputs, raw in zip(answers[1::2], answers[0::2]):
         check(outputs, raw)
+
+
+def read_raw_frame(sock: socket.socket) -> bytes:
+    data = b""
+    while len(data) < 4 or len(data) < 4 + protocol.LENGTH.unpack_from(data)[0]:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-frame"
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(protocol.native is None, reason="the native core is not built")
+def test_a_server_in_pure_python_answers_the_same_bytes(request, repo, address):
+    # The native server reads plain requests and packs their answers in C
+    # (csrc/wire.pyx); one with MMENGINE_PURE_PYTHON=1 does both in
+    # protocol.py. Each answers the same frames with the same bytes.
+    _, pure = start(request, "--repo", str(repo), "--workers", "1",
+                    env=environ(MMENGINE_PURE_PYTHON="1"))
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frames = [
+        {"id": 1, "op": "infer", "model": "echo", "inputs": protocol.encode_tensors({"x": x})},
+        {"id": 2, "op": "infer", "model": "echo", "timeout": 30.0, "version": 1,
+         "inputs": protocol.encode_tensors({"x": np.array([True, False])})},
+        {"id": 3, "op": "infer", "model": "echo", "timeout": 30,  # an int: protocol.py's
+         "inputs": protocol.encode_tensors({"x": x[:, :2]})},
+        {"id": "four", "op": "infer", "model": "echo",  # an id of no int: protocol.py's
+         "inputs": protocol.encode_tensors({"x": x})},
+        {"id": 5, "op": "infer", "model": "echo", "inputs": {}},  # BadRequest
+        {"id": 6, "op": "infer", "model": "nope", "inputs": protocol.encode_tensors({"x": x})},
+        {"id": 7, "op": "infer", "model": "echo",
+         "inputs": {"x": {"dtype": "bool", "shape": [1], "data": b"\x02"}}},
+    ]
+    answers = {}
+    for at in (address, pure):
+        with socket.create_connection(at, timeout=30) as s:
+            answers[at] = []
+            for frame in frames:
+                s.sendall(protocol.frame(frame))
+                answers[at].append(read_raw_frame(s))
+    assert answers[address] == answers[pure]
+    assert [protocol.decode(a[4:])["ok"] for a in answers[pure]] == [True] * 4 + [False] * 3
