@@ -1,19 +1,20 @@
-"""The SDK's hot frames in C: an infer request packed, and its answer read
-into arrays, as protocol.py's msgpack codec does them byte for byte
-(tests/test_wire.py holds the two to each other).
+"""The TCP protocol's hot frames in C (protocol.native): an infer request
+packed by the SDK and read by the front-end, its answer packed by the
+front-end and read into arrays by the SDK, each byte for byte as
+protocol.py's msgpack codec does it (tests/test_wire.py holds the two to
+each other).
 
-Why: in a round trip the client's Python runs on caches that the server's
+Why: in a round trip each process's Python runs on caches that the other
 processes have just used, and there the SDK cost 60-70 us more than a
 raw-socket client of the same server (benchmarks/RESULTS.md, session 31).
 These do in one C call what took tens of Python-level steps.
 
 Only the common case is done here: plain little-endian C-contiguous numpy
-arrays of the wire's dtypes, smaller than protocol.BIG in all, and an
-answer holding nothing but its id, ok and outputs. Anything else returns
+arrays of the wire's dtypes, smaller than protocol.BIG in all, an int id,
+and no key but the request's or the answer's own. Anything else returns
 None, and the caller takes protocol.py's path, which also says what is
 wrong where something is.
 """
-cimport cython
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release,
                              PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -24,7 +25,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 import numpy as np
@@ -396,8 +397,9 @@ cdef int _read_int(In *r, int64_t *v, bint negative):
 
 
 cdef object _array_of(In *r):
-    """One output tensor's map as a read-only array of its own bytes, or
-    None if it is anything but a well-formed tensor of the wire."""
+    """One tensor's map as a read-only array of its own bytes (aligned for
+    any dtype: a bytes object's data is), or None if it is anything but a
+    well-formed tensor of the wire."""
     cdef Py_ssize_t entries = _map(r), n, size = 0, i, dims = -1, count = 1, itemsize
     cdef const char *data = NULL
     cdef const char *s
