@@ -134,6 +134,7 @@ class Trace:
         # group -> a heap of (busy until, tid) over the group's tracks
         self._lanes: dict[str, list[tuple[int, int]]] = {}
         self._next_tid = 1000                               # tids past the workers'
+        self._calls: dict[int, tuple[int, int]] = {}        # worker -> its last joined call
         self._first = True
         self.closed = False
         os.write(self._fd, b"[\n")
@@ -179,11 +180,21 @@ class Trace:
                    "request", f["start_ns"], f["end_ns"], args)
 
     def _compute_span(self, f: dict, name: str) -> None:
-        """The model call on its worker's track, where the worker says when."""
-        worker, worker_ns = f.get("worker"), f.get("worker_ns")
-        if worker is not None and worker_ns and None not in worker_ns[:2]:
-            self._span(self._worker_tid(worker), name, "compute", worker_ns[0], worker_ns[1],
-                       {"model": f["model"]})
+        """The model call on its worker's track, where the worker says when.
+        A call that joined requests (`batch`) is one span, drawn with the
+        first of them to be answered: the worker's calls are serial, so the
+        others' call is the one last drawn there."""
+        worker, worker_ns, batch = f.get("worker"), f.get("worker_ns"), f.get("batch")
+        if worker is None or not worker_ns or None in worker_ns[:2]:
+            return
+        args = {"model": f["model"]}
+        if batch:
+            call = (worker_ns[0], worker_ns[1])
+            if self._calls.get(worker) == call:
+                return
+            self._calls[worker] = call
+            name, args["batch"] = f"{name} x{batch}", batch
+        self._span(self._worker_tid(worker), name, "compute", worker_ns[0], worker_ns[1], args)
 
     def _on_load(self, f: dict) -> None:
         start, end = f["start_ns"], f["end_ns"]

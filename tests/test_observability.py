@@ -385,6 +385,32 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
     assert exit_["tid"] == 1 and exit_["ph"] == "i"
 
 
+def test_a_joined_call_is_one_span_on_its_workers_track(tmp_path):
+    path = tmp_path / "t.json"
+    t = trace.Trace(path)
+    ms = 1_000_000
+    # Three requests joined into one call on worker 0 (one of them answered
+    # late), then one alone; worker 1 ran a call of two at the same time.
+    for i in range(3):
+        t("late" if i == 1 else "request",
+          {"model": "m", "version": 1, "code": "OK", "start_ns": 0, "end_ns": 5 * ms,
+           "worker_ns": (1 * ms, 4 * ms, 5 * ms), "worker": 0, "batch": 3})
+    t("request", {"model": "m", "version": 1, "code": "OK", "start_ns": 5 * ms,
+                  "end_ns": 7 * ms, "worker_ns": (5 * ms, 6 * ms, 7 * ms), "worker": 0})
+    for _ in range(2):
+        t("request", {"model": "n", "version": 1, "code": "OK", "start_ns": 0, "end_ns": 5 * ms,
+                      "worker_ns": (1 * ms, 4 * ms, 5 * ms), "worker": 1, "batch": 2})
+    t.close()
+    events = json.loads(path.read_text())
+    check_tracks(events)
+    calls = [(e["tid"], e["name"], e["ts"], e["args"].get("batch")) for e in events
+             if e.get("cat") == "compute"]
+    assert sorted(calls) == [(0, "m", 5000, None), (0, "m x3", 1000, 3),
+                             (1, "n x2", 1000, 2)]
+    requests = [e["args"].get("batch") for e in events if e.get("cat") == "request"]
+    assert requests == [3, 3, None, 2, 2]  # each request's own span says its call's size
+
+
 def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
     # Ten sort places a worker: its eleventh load track sorted beside the
     # next worker's own, and a viewer mixed the two workers' tracks.
