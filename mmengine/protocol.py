@@ -440,10 +440,6 @@ def raise_for(response: dict) -> dict:
 
 # -- the hot frames in C -------------------------------------------------------
 
-#: csrc/wire.pyx: infer requests and their answers packed and read as this
-#: module does them, byte for byte, where they are plain (small, of numpy
-#: arrays); its functions return None for anything else, which goes this
-#: module's way. None where it is not built, or pure Python is asked for.
 def _native():
     if config.pure_python():
         return None
@@ -454,4 +450,8 @@ def _native():
     return _wire
 
 
+#: csrc/wire.pyx: infer requests and their answers packed and read as this
+#: module does them, byte for byte, where they are plain (small, of numpy
+#: arrays); its functions return None for anything else, which goes this
+#: module's way. None where it is not built, or pure Python is asked for.
 native = _native()
