@@ -602,7 +602,10 @@ class Worker:
             while served in self._held:
                 held = self._held[served]
                 batch, form = held[0][4:]
-                if sent and (form is None or form[1] != kinds or rows + form[0] > batch):
+                # (A call holds max_batch_size requests at most, as the
+                # worker takes them, however few rows they have: none.)
+                if sent and (form is None or form[1] != kinds or rows + form[0] > batch
+                             or sent == batch):
                     break  # a call of its own
                 rid, header, bufs, need, _, _ = held.popleft()
                 if not held:

@@ -521,3 +521,42 @@ def test_a_hanging_call_is_judged_by_its_own_deadline(tmp_path):
     # The restart failed them all soon after the joined call's deadline
     # (1 s), not at the second's (30 s).
     assert took < 15 and "b v1 ran" in line, (took, line)
+
+
+# Sleeps a twentieth of a second a call, whatever its rows (none included).
+STEADY_HANDLER = ("import time\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    time.sleep(0.05)\n    return {'y': inputs['x'] * 2}\n")
+
+
+def test_requests_of_no_rows_count_as_calls_of_max_batch_size_requests(tmp_path):
+    """A worker joins at most max_batch_size requests into a call, rows or
+    none: the front-end counts a flood of requests of no rows as that many
+    calls, and another model's request goes into the ring in its turn, not
+    behind all of them."""
+    write_handler(tmp_path, "zero", STEADY_HANDLER, _manifest(LIMIT))
+    write_handler(tmp_path, "other", STEADY_HANDLER)
+    empty = np.zeros((0, 3), np.float32)
+
+    async def go():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            for _ in range(3):  # both models' calls known: 0.05 s
+                await engine.infer("zero", {"x": empty})
+                await engine.infer("other", {"x": x_rows(0.0, 1)})
+            done = []
+
+            def send(name: str, x: np.ndarray) -> asyncio.Future:
+                task = asyncio.ensure_future(engine.infer(name, {"x": x}))
+                task.add_done_callback(lambda _: done.append(name))
+                return task
+            # The first goes into the ring alone; the rest wait for its end,
+            # then go in together as what the front-end counts as calls.
+            tasks = [send("zero", empty) for _ in range(4 * LIMIT + 1)]
+            await asyncio.sleep(0.08)
+            tasks.append(send("other", x_rows(0.0, 1)))
+            outs = await asyncio.gather(*tasks)
+            return done, outs
+    done, outs = run(go())
+    assert all(out["y"].shape == (0, 3) for out in outs[:-1])
+    # In its turn: after the call in the ring when it came, and one more at
+    # most (the turns go by the models' last calls); not after all four.
+    assert done.index("other") <= 2 * LIMIT, done
