@@ -20,134 +20,25 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release,
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+from packing cimport (Out, be, byte, head, pack_float, pack_int, pack_pyint, pack_str, put,
+                     release, start)
+
 import numpy as np
 
 from mmengine import protocol
-
-cdef extern from "Python.h":
-    const char *PyUnicode_AsUTF8AndSize(object, Py_ssize_t *) except NULL
-
 
 cdef object _ndarray = np.ndarray
 cdef Py_ssize_t _BIG = protocol.BIG
 cdef dict _DTYPES = dict(protocol.DTYPES)  # name -> np.dtype
 
 # -- packing ------------------------------------------------------------------
-
-cdef struct Out:
-    char *p
-    Py_ssize_t n, cap
-    char local[512]
-
-
-cdef int _room(Out *o, Py_ssize_t more) except -1:
-    cdef Py_ssize_t cap
-    cdef char *p
-    if o.n + more <= o.cap:
-        return 0
-    cap = max(2 * o.cap, o.n + more)
-    if o.p == o.local:
-        p = <char *>PyMem_Malloc(cap)
-        if p != NULL:
-            memcpy(p, o.local, o.n)
-    else:
-        p = <char *>PyMem_Realloc(o.p, cap)
-    if p == NULL:
-        raise MemoryError()
-    o.p, o.cap = p, cap
-    return 0
-
-
-cdef inline int _put(Out *o, const void *data, Py_ssize_t size) except -1:
-    _room(o, size)
-    memcpy(o.p + o.n, data, size)
-    o.n += size
-    return 0
-
-
-cdef inline int _byte(Out *o, uint8_t b) except -1:
-    _room(o, 1)
-    o.p[o.n] = <char>b
-    o.n += 1
-    return 0
-
-
-cdef int _be(Out *o, uint8_t head, uint64_t v, int size) except -1:
-    """`head`, then `v` big-endian in `size` bytes."""
-    cdef int i
-    _room(o, 1 + size)
-    o.p[o.n] = <char>head
-    for i in range(size):
-        o.p[o.n + 1 + i] = <char>((v >> (8 * (size - 1 - i))) & 0xff)
-    o.n += 1 + size
-    return 0
-
-
-cdef int _head(Out *o, Py_ssize_t n, uint8_t fix, Py_ssize_t fix_max,
-               uint8_t h8, uint8_t h16, uint8_t h32) except -1:
-    """A length header as msgpack writes the least one (h8 0: there is none)."""
-    if n < fix_max:
-        return _byte(o, fix | <uint8_t>n)
-    if h8 and n < 0x100:
-        return _be(o, h8, n, 1)
-    if n < 0x10000:
-        return _be(o, h16, n, 2)
-    return _be(o, h32, n, 4)
-
-
-cdef int _str(Out *o, str s) except -1:
-    cdef Py_ssize_t size
-    cdef const char *utf8 = PyUnicode_AsUTF8AndSize(s, &size)
-    _head(o, size, 0xa0, 32, 0xd9, 0xda, 0xdb)
-    return _put(o, utf8, size)
-
-
-cdef int _int(Out *o, int64_t v) except -1:
-    if v >= 0:
-        if v < 0x80:
-            return _byte(o, <uint8_t>v)
-        if v < 0x100:
-            return _be(o, 0xcc, v, 1)
-        if v < 0x10000:
-            return _be(o, 0xcd, v, 2)
-        if v < 0x100000000:
-            return _be(o, 0xce, v, 4)
-        return _be(o, 0xcf, v, 8)
-    if v >= -32:
-        return _byte(o, <uint8_t>(v & 0xff))
-    if v >= -0x80:
-        return _be(o, 0xd0, <uint64_t>v, 1)
-    if v >= -0x8000:
-        return _be(o, 0xd1, <uint64_t>v, 2)
-    if v >= -0x80000000:
-        return _be(o, 0xd2, <uint64_t>v, 4)
-    return _be(o, 0xd3, <uint64_t>v, 8)
-
-
-cdef int _pyint(Out *o, object v) except -1:
-    """0 if `v`, an exact int, is written; 1 if it is past int64 (left to
-    msgpack: an uint64, or its error)."""
-    cdef int overflow = 0
-    cdef long long n = PyLong_AsLongLongAndOverflow(v, &overflow)
-    if overflow:
-        return 1
-    _int(o, n)
-    return 0
-
-
-cdef int _float(Out *o, double d) except -1:
-    cdef uint64_t bits
-    memcpy(&bits, &d, 8)
-    return _be(o, 0xcb, bits, 8)
-
 
 def _formats() -> dict:
     """The buffer format (bytes, as numpy exports a native-order array's)
@@ -188,16 +79,16 @@ cdef int _tensor(Out *o, object array, Py_ssize_t *total) except -1:
         total[0] += view.len
         if total[0] >= _BIG:  # frame_parts lays it out around the caller's memory
             return 1
-        _byte(o, 0x83)
-        _put(o, b"\xa5dtype", 6)
-        _str(o, name)
-        _put(o, b"\xa5shape", 6)
-        _head(o, view.ndim, 0x90, 16, 0, 0xdc, 0xdd)
+        byte(o, 0x83)
+        put(o, b"\xa5dtype", 6)
+        pack_str(o, name)
+        put(o, b"\xa5shape", 6)
+        head(o, view.ndim, 0x90, 16, 0, 0xdc, 0xdd)
         for i in range(view.ndim):
-            _int(o, view.shape[i])
-        _put(o, b"\xa4data", 5)
-        _head(o, view.len, 0, 0, 0xc4, 0xc5, 0xc6)
-        _put(o, view.buf, view.len)
+            pack_int(o, view.shape[i])
+        put(o, b"\xa4data", 5)
+        head(o, view.len, 0, 0, 0xc4, 0xc5, 0xc6)
+        put(o, view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
     return 0
@@ -209,11 +100,11 @@ cdef int _tensors(Out *o, dict arrays, Py_ssize_t *total) except -1:
     cdef Py_ssize_t pos = 0
     cdef PyObject *key
     cdef PyObject *value
-    _head(o, len(arrays), 0x80, 16, 0, 0xde, 0xdf)
+    head(o, len(arrays), 0x80, 16, 0, 0xde, 0xdf)
     while PyDict_Next(arrays, &pos, &key, &value):
         if not PyUnicode_CheckExact(<object>key):
             return 1
-        _str(o, <str>key)
+        pack_str(o, <str>key)
         if _tensor(o, <object>value, total):
             return 1
     return 0
@@ -237,7 +128,7 @@ def infer_frame(object rid, object model, object inputs, object version,
     cdef Out o
     cdef Py_ssize_t total = 0
     cdef int fields
-    o.p, o.n, o.cap = o.local, 4, sizeof(o.local)  # the length goes first, once known
+    start(&o, 4)  # the length goes first, once known
     try:
         if not (PyUnicode_CheckExact(model) and PyDict_CheckExact(inputs) and inputs
                 and PyLong_CheckExact(rid)):
@@ -253,36 +144,35 @@ def infer_frame(object rid, object model, object inputs, object version,
                 return None
         fields = 4 + (version is not None) + (timeout is not None) + timing + (
             token is not None or client_token is not None)
-        _byte(&o, 0x80 | fields)
-        _put(&o, b"\xa2op\xa5infer\xa5model", 15)
-        _str(&o, model)
-        _put(&o, b"\xa6inputs", 7)
+        byte(&o, 0x80 | fields)
+        put(&o, b"\xa2op\xa5infer\xa5model", 15)
+        pack_str(&o, model)
+        put(&o, b"\xa6inputs", 7)
         if _tensors(&o, inputs, &total):
             return None
         if version is not None:
-            _put(&o, b"\xa7version", 8)
-            if _pyint(&o, version):
+            put(&o, b"\xa7version", 8)
+            if pack_pyint(&o, version):
                 return None
         if timeout is not None:
-            _put(&o, b"\xa7timeout", 8)
-            _float(&o, PyFloat_AS_DOUBLE(timeout))
+            put(&o, b"\xa7timeout", 8)
+            pack_float(&o, PyFloat_AS_DOUBLE(timeout))
         if token is not None:
-            _put(&o, b"\xa5token", 6)
-            _str(&o, token)
+            put(&o, b"\xa5token", 6)
+            pack_str(&o, token)
         if timing:
-            _put(&o, b"\xa6timing\xc3", 8)
-        _put(&o, b"\xa2id", 3)
-        if _pyint(&o, rid):
+            put(&o, b"\xa6timing\xc3", 8)
+        put(&o, b"\xa2id", 3)
+        if pack_pyint(&o, rid):
             return None
         if token is None and client_token is not None:
-            _put(&o, b"\xa5token", 6)
-            _str(&o, client_token)
+            put(&o, b"\xa5token", 6)
+            pack_str(&o, client_token)
         return _framed(&o)
     except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
         return None
     finally:
-        if o.p != o.local:
-            PyMem_Free(o.p)
+        release(&o)
 
 
 # -- unpacking ----------------------------------------------------------------
@@ -635,19 +525,18 @@ def answer_frame(object rid, object outputs):
     cdef Py_ssize_t pos = 0, total = 0
     cdef PyObject *key
     cdef PyObject *value
-    o.p, o.n, o.cap = o.local, 4, sizeof(o.local)
+    start(&o, 4)
     try:
         if not (PyLong_CheckExact(rid) and PyDict_CheckExact(outputs)):
             return None
-        _put(&o, b"\x83\xa2id", 4)
-        if _pyint(&o, rid):
+        put(&o, b"\x83\xa2id", 4)
+        if pack_pyint(&o, rid):
             return None
-        _put(&o, b"\xa2ok\xc3\xa7outputs", 12)
+        put(&o, b"\xa2ok\xc3\xa7outputs", 12)
         if _tensors(&o, outputs, &total):
             return None
         return _framed(&o)
     except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
         return None
     finally:
-        if o.p != o.local:
-            PyMem_Free(o.p)
+        release(&o)

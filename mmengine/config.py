@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fractions
+import importlib
 import os
 import re
 import sys
@@ -44,6 +45,17 @@ def _default_cache_dir() -> str:
 
 def pure_python() -> bool:
     return _switch(PURE_PYTHON_VAR)
+
+
+def native(name: str):
+    """mmengine._<name>, a module's hot steps in C (csrc/<name>.pyx); None
+    where it is not built, or pure Python is asked for."""
+    if pure_python():
+        return None
+    try:
+        return importlib.import_module(f"mmengine._{name}")
+    except ImportError:
+        return None
 
 
 def run_source() -> bool:

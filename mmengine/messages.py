@@ -63,6 +63,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from mmengine import config
 from mmengine.errors import BadRequest
 from mmengine.ring import MAX_PARTS
 
@@ -129,6 +130,11 @@ def _pack(descs: list, bufs: list) -> tuple[list, list]:
 
 def view(descs: list, parts: list) -> dict[str, np.ndarray]:
     """Arrays viewing `parts` as `descs` describe them; no copy."""
+    arrays = native.view(descs, parts) if native is not None else None
+    return arrays if arrays is not None else _view(descs, parts)
+
+
+def _view(descs: list, parts: list) -> dict[str, np.ndarray]:
     if descs and len(descs[0]) == 5:
         return _view_packed(descs, parts)
     if len(descs) != len(parts):
@@ -156,7 +162,12 @@ def _view_packed(descs: list, parts: list) -> dict[str, np.ndarray]:
 
 def copy_out(descs: list, parts: list) -> dict[str, np.ndarray]:
     """Arrays owning a copy of `parts`: for records about to be released."""
-    return {name: a.copy() for name, a in view(descs, parts).items()}
+    arrays = native.copy_out(descs, parts) if native is not None else None
+    return arrays if arrays is not None else _copy_out(descs, parts)
+
+
+def _copy_out(descs: list, parts: list) -> dict[str, np.ndarray]:
+    return {name: a.copy() for name, a in _view(descs, parts).items()}
 
 
 # -- requests ---------------------------------------------------------------
@@ -164,6 +175,21 @@ def copy_out(descs: list, parts: list) -> dict[str, np.ndarray]:
 def request(op: Op, rid: int, model: str, version: int, tensors: list = (),
             params: dict | None = None) -> bytes:
     return _packb([int(op), rid, model, version, list(tensors), params or {}])
+
+
+def request_record(op: Op, rid: int, model: str, version: int,
+                   arrays: dict[str, np.ndarray] | None = None,
+                   params: dict | None = None) -> tuple[bytes, list]:
+    """A request's header and its tensors' buffers (parts 1..n)."""
+    record = None if native is None else native.request_record(op, rid, model, version,
+                                                                arrays, params)
+    return record if record is not None else _request_record(op, rid, model, version,
+                                                             arrays, params)
+
+
+def _request_record(op, rid, model, version, arrays, params) -> tuple[bytes, list]:
+    descs, bufs = describe(arrays or {})
+    return request(op, rid, model, version, descs, params), bufs
 
 
 _OPS = {int(op): op for op in Op}  # Op(n) costs ~0.5 us a call; a dict lookup ~40 ns
@@ -244,6 +270,22 @@ def response(rid: int, code: int = OK, body: Any = None, tensors: list = ()) -> 
     return _packb([rid, int(code), body, list(tensors)])
 
 
+def plain_response_record(rid: int, code: int, body: Any,
+                          arrays: dict[str, np.ndarray] | None) -> tuple[bytes, list] | None:
+    """A response's header and its tensors' buffers in one C call, where
+    the arrays are plain (C-contiguous numpy arrays of a numeric dtype, as
+    a model's outputs nearly always are); None where they are not, or
+    where the C twin is off: the caller then makes them so, and takes
+    response_record."""
+    return None if native is None else native.response_record(rid, code, body, arrays)
+
+
+def response_record(rid: int, code: int, body: Any,
+                    arrays: dict[str, np.ndarray]) -> tuple[bytes, list]:
+    descs, bufs = describe(arrays)
+    return response(rid, code, body, descs), bufs
+
+
 def ran(body: Any) -> dict | None:
     """The INFER run's body in an answer's or an error's body, else None."""
     return body if type(body) is dict and "t_done" in body else None
@@ -252,3 +294,12 @@ def ran(body: Any) -> dict | None:
 def parse_response(header) -> tuple[int, int, Any, list]:
     rid, code, body, tensors = _unpackb(header)
     return rid, code, body, tensors
+
+
+# -- the hot steps in C --------------------------------------------------------
+
+#: csrc/records.pyx: headers packed with their tensors' descriptors, and
+#: tensors viewed or copied out of records, as this module does them where
+#: they are plain; its functions return None for anything else, which goes
+#: this module's way. None where it is not built, or pure Python is asked for.
+native = config.native("records")

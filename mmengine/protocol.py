@@ -440,18 +440,8 @@ def raise_for(response: dict) -> dict:
 
 # -- the hot frames in C -------------------------------------------------------
 
-def _native():
-    if config.pure_python():
-        return None
-    try:
-        from mmengine import _wire
-    except ImportError:
-        return None
-    return _wire
-
-
 #: csrc/wire.pyx: infer requests and their answers packed and read as this
 #: module does them, byte for byte, where they are plain (small, of numpy
 #: arrays); its functions return None for anything else, which goes this
 #: module's way. None where it is not built, or pure Python is asked for.
-native = _native()
+native = config.native("wire")

@@ -329,13 +329,15 @@ class _Responder:
 
     def send(self, rid: int, code: int = messages.OK, body=None,
              outputs: dict[str, np.ndarray] | None = None, model: str = "") -> None:
-        arrays = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # keeps 0-d
-                  for k, v in (outputs or {}).items()}
-        for k, v in arrays.items():
-            if v.dtype.hasobject or v.dtype.fields is not None:
-                raise cannot_carry("mmengine", k, v.dtype, model)
-        descs, bufs = messages.describe(arrays)
-        header = messages.response(rid, code, body, descs)
+        record = messages.plain_response_record(rid, code, body, outputs)
+        if record is None:
+            arrays = {k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # keeps 0-d
+                      for k, v in (outputs or {}).items()}
+            for k, v in arrays.items():
+                if v.dtype.hasobject or v.dtype.fields is not None:
+                    raise cannot_carry("mmengine", k, v.dtype, model)
+            record = messages.response_record(rid, code, body, arrays)
+        header, bufs = record
         with self._lock:
             try:
                 self._ring.put(header, *bufs)

@@ -472,8 +472,7 @@ class Worker:
         rid = next(self._ids)
         if op == Op.INFER and deadline < math.inf:  # the worker skips what cannot make it
             params = {"deadline": deadline}
-        descs, bufs = messages.describe(arrays or {})
-        header = messages.request(op, rid, model, version, descs, params)
+        header, bufs = messages.request_record(op, rid, model, version, arrays, params)
         t_sent = time.monotonic_ns()  # before: the worker may start it at once
         served = (model, version) if op == Op.INFER else None
         if served is None:

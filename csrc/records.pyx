@@ -1,0 +1,271 @@
+"""The ring records' hot steps in C (messages.native): a record's header
+packed with its tensors' descriptors, and tensors viewed or copied out of a
+record, each as messages.py does it, byte for byte and array for array
+(tests/test_records.py holds the two to each other).
+
+Why: a request crosses the rings twice, and each crossing ran
+messages.py's describe, msgpack's packer, frombuffer and reshape on the
+Python level, ~2 us a step warm and several times that cold; these are one
+C call each.
+
+Only the common case is done here: exact dicts, lists, strs, ints of
+int64, floats, bytes, bools and None in a header; C-contiguous exact numpy
+arrays of a numeric dtype in native order, at least one dimension, fewer
+than a record has parts. Anything else returns None, and the caller takes
+messages.py's path, which also says what is wrong where something is.
+"""
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
+from cpython.list cimport PyList_AsTuple, PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsSsize_t, PyLong_CheckExact
+from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
+from cpython.tuple cimport PyTuple_CheckExact
+from cpython.unicode cimport PyUnicode_CheckExact
+
+from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_str, put, release,
+                      start)
+
+import numpy as np
+
+from mmengine.ring import MAX_PARTS
+
+cdef object _ndarray = np.ndarray
+cdef int _DEPTH = 32  # deeper headers are left to msgpack (none of ours is)
+
+
+def _dtypes():
+    """({buffer format: the dtype's str packed as msgpack}, {dtype str:
+    np.dtype}) for the numeric dtypes in native order: a buffer's format
+    names its dtype without an attribute lookup ("l" and "q" alike)."""
+    formats, dtypes = {}, {}
+    for scalar in set(np.sctypeDict.values()):
+        dtype = np.dtype(scalar)
+        if dtype.kind not in "biufc" or not dtype.isnative:
+            continue
+        fmt = memoryview(np.zeros(0, dtype)).format.encode()
+        formats[fmt] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
+        dtypes[dtype.str] = dtype
+    return formats, dtypes
+
+
+cdef dict _PACKED_DTYPES
+cdef dict _DTYPES
+_PACKED_DTYPES, _DTYPES = _dtypes()
+
+# -- packing ------------------------------------------------------------------
+
+cdef int _value(Out *o, object v, int depth) except -1:
+    """`v` as msgpack's Packer(use_bin_type=True) packs it; 1 if it is
+    anything the fast path leaves to msgpack (nothing useful is written
+    then: the caller drops the header)."""
+    cdef Py_ssize_t pos = 0, i, n
+    cdef PyObject *key
+    cdef PyObject *value
+    if depth > _DEPTH:
+        return 1
+    if v is None:
+        return byte(o, 0xc0)
+    if v is True:
+        return byte(o, 0xc3)
+    if v is False:
+        return byte(o, 0xc2)
+    if PyLong_CheckExact(v):
+        return pack_pyint(o, v)
+    if PyFloat_CheckExact(v):
+        return pack_float(o, PyFloat_AS_DOUBLE(v))
+    if PyUnicode_CheckExact(v):
+        return pack_str(o, <str>v)
+    if PyBytes_CheckExact(v):
+        n = PyBytes_GET_SIZE(v)
+        head(o, n, 0, 0, 0xc4, 0xc5, 0xc6)
+        return put(o, PyBytes_AS_STRING(v), n)
+    if PyDict_CheckExact(v):
+        head(o, len(<dict>v), 0x80, 16, 0, 0xde, 0xdf)
+        while PyDict_Next(v, &pos, &key, &value):
+            if _value(o, <object>key, depth + 1) or _value(o, <object>value, depth + 1):
+                return 1
+        return 0
+    if PyList_CheckExact(v) or PyTuple_CheckExact(v):
+        n = PySequence_Fast_GET_SIZE(v)
+        head(o, n, 0x90, 16, 0, 0xdc, 0xdd)
+        for i in range(n):
+            if _value(o, <object>PySequence_Fast_GET_ITEM(v, i), depth + 1):
+                return 1
+        return 0
+    return 1
+
+
+cdef int _tensors(Out *o, object arrays, list bufs) except -1:
+    """messages.describe's descriptors of `arrays` ([[name, dtype.str,
+    shape], ...]), each array appended to `bufs`; 1 if one of them is
+    none the fast path takes (see the module's docstring)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    cdef Py_buffer view
+    cdef object packed
+    cdef int i
+    if arrays is None:
+        return byte(o, 0x90)
+    if not PyDict_CheckExact(arrays) or len(<dict>arrays) >= MAX_PARTS:  # the header is a part
+        return 1
+    head(o, len(<dict>arrays), 0x90, 16, 0, 0xdc, 0xdd)
+    while PyDict_Next(arrays, &pos, &key, &value):
+        if not PyUnicode_CheckExact(<object>key) or type(<object>value) is not _ndarray:
+            return 1
+        try:
+            PyObject_GetBuffer(<object>value, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+        except (BufferError, TypeError, ValueError):  # not contiguous, or no buffer (objects)
+            return 1
+        try:
+            packed = _PACKED_DTYPES.get(<bytes>view.format)
+            if packed is None or view.ndim == 0:  # describe reshapes a 0-d array
+                return 1
+            byte(o, 0x93)
+            pack_str(o, <str>key)
+            put(o, PyBytes_AS_STRING(packed), PyBytes_GET_SIZE(packed))
+            head(o, view.ndim, 0x90, 16, 0, 0xdc, 0xdd)
+            for i in range(view.ndim):
+                pack_int(o, view.shape[i])
+        finally:
+            PyBuffer_Release(&view)
+        bufs.append(<object>value)
+    return 0
+
+
+cdef object _record(Out *o, list bufs):
+    return PyBytes_FromStringAndSize(o.p, o.n), bufs
+
+
+def request_record(object op, object rid, object model, object version, object arrays,
+                   object params):
+    """(header, buffers) as messages.request_record makes them, or None
+    where the fast path does not apply."""
+    cdef Out o
+    cdef list bufs = []
+    start(&o, 0)
+    try:
+        byte(&o, 0x96)
+        if (pack_pyint(&o, int(op)) or _value(&o, rid, 1) or _value(&o, model, 1)
+                or _value(&o, version, 1) or _tensors(&o, arrays, bufs)
+                or _value(&o, params if params else {}, 1)):
+            return None
+        return _record(&o, bufs)
+    except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
+        return None
+    finally:
+        release(&o)
+
+
+def response_record(object rid, object code, object body, object arrays):
+    """(header, buffers) as messages.response_record makes them, or None
+    where the fast path does not apply."""
+    cdef Out o
+    cdef list bufs = []
+    start(&o, 0)
+    try:
+        byte(&o, 0x94)
+        if (_value(&o, rid, 1) or pack_pyint(&o, int(code)) or _value(&o, body, 1)
+                or _tensors(&o, arrays, bufs)):
+            return None
+        return _record(&o, bufs)
+    except UnicodeEncodeError:
+        return None
+    finally:
+        release(&o)
+
+
+# -- reading ------------------------------------------------------------------
+
+cdef object _shape(object desc, Py_ssize_t *nbytes):
+    """(name, dtype, shape) of a descriptor [name, dtype, shape] whose
+    dtype is one the fast path takes, with its bytes in `nbytes`; None for
+    anything else (a packed record's descriptors among them)."""
+    cdef object name, dtype, shape, d
+    cdef Py_ssize_t i, n, dims, count = 1, itemsize
+    if not PyList_CheckExact(desc) or PyList_GET_SIZE(desc) != 3:
+        return None
+    name = <object>PyList_GET_ITEM(desc, 0)
+    dtype = <object>PyList_GET_ITEM(desc, 1)
+    shape = <object>PyList_GET_ITEM(desc, 2)
+    if not (PyUnicode_CheckExact(name) and PyUnicode_CheckExact(dtype)
+            and PyList_CheckExact(shape)):
+        return None
+    dtype = _DTYPES.get(dtype)
+    if dtype is None:
+        return None
+    dims = PyList_GET_SIZE(shape)
+    for i in range(dims):
+        d = <object>PyList_GET_ITEM(shape, i)
+        if not PyLong_CheckExact(d):
+            return None
+        try:
+            n = PyLong_AsSsize_t(d)
+        except OverflowError:
+            return None
+        if n < 0 or (n and count > PY_SSIZE_T_MAX // n):  # -1 and past memory: numpy's path
+            return None
+        count *= n
+    itemsize = (<object>dtype).itemsize
+    if count > PY_SSIZE_T_MAX // itemsize:
+        return None
+    nbytes[0] = count * itemsize
+    return name, dtype, PyList_AsTuple(shape)  # numpy reads a tuple faster
+
+
+cdef Py_ssize_t _length(object part) except -2:
+    """The bytes of `part`, -1 where it exports none."""
+    cdef Py_buffer view
+    cdef Py_ssize_t size
+    try:
+        PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
+    except (BufferError, TypeError):
+        return -1
+    size = view.len
+    PyBuffer_Release(&view)
+    return size
+
+
+cdef object _read(object descs, object parts, bint copy):
+    cdef dict out = {}
+    cdef Py_ssize_t i, n, nbytes = 0
+    cdef object described, part, array
+    cdef Py_buffer src
+    if not (PyList_CheckExact(descs) and PyList_CheckExact(parts)):
+        return None
+    n = PyList_GET_SIZE(descs)
+    if PyList_GET_SIZE(parts) != n:
+        return None
+    for i in range(n):
+        described = _shape(<object>PyList_GET_ITEM(descs, i), &nbytes)
+        if described is None:
+            return None
+        part = <object>PyList_GET_ITEM(parts, i)
+        if _length(part) != nbytes:  # frombuffer or reshape refuse it, on messages.py's path
+            return None
+        if copy:  # a bytearray's memory is malloc's: aligned for any numeric dtype
+            PyObject_GetBuffer(part, &src, PyBUF_SIMPLE)
+            try:
+                part = PyByteArray_FromStringAndSize(<char *>src.buf, nbytes)
+            finally:
+                PyBuffer_Release(&src)
+        array = _ndarray(described[2], described[1], part)
+        PyDict_SetItem(out, described[0], array)
+    return out
+
+
+def view(object descs, object parts):
+    """messages.view's arrays, or None where the fast path does not apply."""
+    return _read(descs, parts, False)
+
+
+def copy_out(object descs, object parts):
+    """messages.copy_out's arrays, or None where the fast path does not apply."""
+    return _read(descs, parts, True)
