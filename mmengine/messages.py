@@ -51,6 +51,11 @@ Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),
 which numpy reads back without a lookup (dtype.name is computed in Python). A worker views request tensors in place in the
 ring; the front-end copies response tensors out once, since their record
 is released right after.
+
+Where a message's tensors are plain (numeric C-contiguous numpy arrays),
+its header is packed and its tensors viewed or copied out by a C twin of
+these functions, csrc/records.pyx (`native`), byte for byte as here;
+anything else goes this module's way.
 """
 from __future__ import annotations
 
