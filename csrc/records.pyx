@@ -140,46 +140,40 @@ cdef int _tensors(Out *o, object arrays, list bufs) except -1:
     return 0
 
 
-cdef object _record(Out *o, list bufs):
-    return PyBytes_FromStringAndSize(o.p, o.n), bufs
-
-
-def request_record(object op, object rid, object model, object version, object arrays,
-                   object params):
-    """(header, buffers) as messages.request_record makes them, or None
-    where the fast path does not apply."""
+cdef object _record(tuple before, object arrays, tuple after):
+    """(header, buffers): the header an array of `before`, the descriptors
+    of `arrays` and `after`; None where the fast path does not apply."""
     cdef Out o
     cdef list bufs = []
     start(&o, 0)
     try:
-        byte(&o, 0x96)
-        if (pack_pyint(&o, int(op)) or _value(&o, rid, 1) or _value(&o, model, 1)
-                or _value(&o, version, 1) or _tensors(&o, arrays, bufs)
-                or _value(&o, params if params else {}, 1)):
+        head(&o, len(before) + 1 + len(after), 0x90, 16, 0, 0xdc, 0xdd)
+        for value in before:
+            if _value(&o, value, 1):
+                return None
+        if _tensors(&o, arrays, bufs):
             return None
-        return _record(&o, bufs)
+        for value in after:
+            if _value(&o, value, 1):
+                return None
+        return PyBytes_FromStringAndSize(o.p, o.n), bufs
     except UnicodeEncodeError:  # a lone surrogate: msgpack's error, on its path
         return None
     finally:
         release(&o)
 
 
+def request_record(object op, object rid, object model, object version, object arrays,
+                   object params):
+    """(header, buffers) as messages.request_record makes them, or None
+    where the fast path does not apply."""
+    return _record((int(op), rid, model, version), arrays, (params if params else {},))
+
+
 def response_record(object rid, object code, object body, object arrays):
     """(header, buffers) as messages.response_record makes them, or None
     where the fast path does not apply."""
-    cdef Out o
-    cdef list bufs = []
-    start(&o, 0)
-    try:
-        byte(&o, 0x94)
-        if (_value(&o, rid, 1) or pack_pyint(&o, int(code)) or _value(&o, body, 1)
-                or _tensors(&o, arrays, bufs)):
-            return None
-        return _record(&o, bufs)
-    except UnicodeEncodeError:
-        return None
-    finally:
-        release(&o)
+    return _record((rid, int(code), body), arrays, ())
 
 
 # -- reading ------------------------------------------------------------------
