@@ -43,14 +43,21 @@ cdef int _DEPTH = 32  # deeper headers are left to msgpack (none of ours is)
 def _dtypes():
     """({buffer format: the dtype's str packed as msgpack}, {dtype str:
     np.dtype}) for the numeric dtypes in native order: a buffer's format
-    names its dtype without an attribute lookup ("l" and "q" alike)."""
+    names its dtype without an attribute lookup ("l" and "q" alike; "<f",
+    an array's whose dtype spells out the machine's own order, and "f")."""
     formats, dtypes = {}, {}
     for scalar in set(np.sctypeDict.values()):
         dtype = np.dtype(scalar)
         if dtype.kind not in "biufc" or not dtype.isnative:
             continue
-        fmt = memoryview(np.zeros(0, dtype)).format.encode()
-        formats[fmt] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
+        for spelled in (dtype, dtype.newbyteorder("<"), dtype.newbyteorder(">")):
+            if not spelled.isnative:
+                continue
+            try:
+                fmt = memoryview(np.zeros(0, spelled)).format.encode()
+            except ValueError:  # a long double's order spelled out: numpy exports none
+                continue
+            formats[fmt] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
         dtypes[dtype.str] = dtype
     return formats, dtypes
 

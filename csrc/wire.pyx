@@ -43,16 +43,16 @@ cdef dict _DTYPES = dict(protocol.DTYPES)  # name -> np.dtype
 def _formats() -> dict:
     """The buffer format (bytes, as numpy exports a native-order array's)
     of each numpy type that has a wire dtype -> that dtype's name: int64 is
-    "l" and "q" alike, and so on."""
+    "l" and "q" alike, float32 "f" and "<f" (its order spelled out), and
+    so on."""
     formats = {}
     for scalar in set(np.sctypeDict.values()):
-        try:
-            dtype = np.dtype(scalar)
-            fmt = memoryview(np.zeros(0, dtype)).format.encode()
-        except (TypeError, ValueError):  # no buffer: datetimes, objects, strings
+        dtype = np.dtype(scalar)
+        if dtype.name not in protocol.DTYPES or not dtype.isnative:
             continue
-        if dtype.name in protocol.DTYPES and dtype.isnative:
-            formats[fmt] = dtype.name
+        for spelled in (dtype, dtype.newbyteorder("<"), dtype.newbyteorder(">")):
+            if spelled.isnative:  # (the wire has no long double, whose order is not spelled)
+                formats[memoryview(np.zeros(0, spelled)).format.encode()] = dtype.name
     return formats
 
 

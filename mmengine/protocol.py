@@ -383,8 +383,12 @@ def encode_tensors(arrays: dict[str, np.ndarray], answer: str = "") -> dict:
 
 
 #: The dtypes a tensor may have on the wire (docs/protocol.md), little-endian.
+#: Made from their strs ("<f4"): on a little-endian machine numpy takes that
+#: for its own order, and an array of it exports its buffer as any native
+#: array does ("f", not newbyteorder("<")'s "<f"), which is what the C
+#: twins' fast paths (csrc/wire.pyx, csrc/records.pyx) know.
 DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(name).newbyteorder("<")
+    name: np.dtype(np.dtype(name).newbyteorder("<").str)
     for name in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64",
                  "int64", "float16", "float32", "float64", "complex64", "complex128")}
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mmengine import messages
+from mmengine import messages, protocol
 from mmengine.ring import MAX_PARTS
 
 _records = pytest.importorskip("mmengine._records", reason="the native core is not built")
@@ -104,6 +104,28 @@ def test_what_the_fast_path_does_not_take_goes_messages_way(value):
 def test_arrays_the_fast_path_does_not_take_go_messages_way(arrays):
     assert _records.response_record(7, 0, None, arrays) is None
     assert _records.request_record(messages.Op.INFER, 7, "m", 1, arrays, None) is None
+
+
+def test_the_arrays_a_front_end_reads_off_its_sockets_take_the_fast_path():
+    """As the TCP front-end decodes them (protocol.py, and csrc/wire.pyx
+    where built), and with their order spelled out (newbyteorder("<")).
+    The fast path once took none of these: their buffers' format was "<f"
+    where it knew "f", and every request from a socket went messages.py's
+    way."""
+    sent = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.arange(4, dtype=np.int64),
+            "b": np.array([True, False]), "h": np.arange(3, dtype=np.float16)}
+    body = protocol.frame({"op": "infer", "model": "m", "id": 1,
+                           "inputs": protocol.encode_tensors(sent)})[4:]
+    ways = {"protocol.py": protocol.decode_tensors(protocol.decode(body)["inputs"]),
+            "spelled out": {k: v.view(v.dtype.newbyteorder("<")) for k, v in sent.items()}}
+    if protocol.native is not None:
+        ways["wire.pyx"] = protocol.native.request(bytearray(body), 0, len(body))[2]
+    for way, arrays in ways.items():
+        params = {"deadline": 2.5}
+        native = _records.request_record(messages.Op.INFER, 1, "m", 1, arrays, params)
+        assert native is not None, way
+        same_record(native, messages._request_record(messages.Op.INFER, 1, "m", 1, arrays,
+                                                     params))
 
 
 def test_a_worker_answers_arrays_the_fast_path_refuses_through_messages_py():

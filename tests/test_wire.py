@@ -49,6 +49,17 @@ def test_an_infer_frame_is_the_bytes_protocol_packs(rid, model, inputs, version,
     assert frame == python_frame(*args)
 
 
+def test_arrays_whose_order_is_spelled_out_take_the_fast_path():
+    """dtype.newbyteorder("<") on a little-endian machine: its buffer's
+    format is "<f", not "f", and it is the same array."""
+    spelled = np.dtype(np.float32).newbyteorder("<")
+    args = (1, "m", {"x": np.arange(6, dtype=np.float32).view(spelled)}, None, None, None,
+            False, None)
+    frame = _wire.infer_frame(*args)
+    assert frame is not None
+    assert frame == python_frame(*args)
+
+
 def test_an_infer_frame_covers_every_length_header():
     """Each str, bin, array and map length at the edges of msgpack's
     header sizes, and ints at theirs."""
