@@ -448,16 +448,18 @@ class Engine:
         if version is not None:
             _check_version(version)
         spec = self._specs.get((name, version))
-        if spec is not None:  # before anything else: a stranger learns nothing more
+        # Before anything else: a stranger learns nothing more. (Asked only
+        # where there are tokens: the message is a repr and a join.)
+        if spec is not None and spec.token_digests:
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
         arrays = _as_arrays(inputs)
         queued = self._queued.get(name, 0)
         if queued >= self.config.max_queue_per_model:
             raise Overloaded(f"{name}: {queued} requests already queued; retry later")
         fut = None
-        place = _Place(self, name)
+        place = _Place(self, name, version, t_submit, then)
         if then is not None:
-            then = functools.partial(place.leave_then, then)
+            then = place.leave_then
         if spec is not None:
             key = (spec.name, spec.version)
             if key in self.cache and not (self._draining and key in self._draining) \
@@ -473,9 +475,9 @@ class Engine:
             if then is not None:
                 fut.add_done_callback(then)
         self._queued[name] = queued + 1
-        fut.add_done_callback(place.leave)  # if `then` did not, or there is none
-        if self.observers:
-            fut.add_done_callback(lambda f: self._emit_request(name, version, t_submit, f))
+        # One callback (each is a handle of the loop's): the place given
+        # back if `then` did not, or there is none; the observers told.
+        fut.add_done_callback(place.end if self.observers else place.leave)
         return fut
 
     def refused(self, fut: asyncio.Future, error: MMEngineError) -> None:
@@ -2247,13 +2249,16 @@ def _request_fields(name: str, version: int | None, t_submit: int,
 
 class _Place:
     """A request's place in its model's queue (Engine._queued), given back
-    once: before the server's `then` answers, or when the future is done."""
+    once: before the server's `then` answers, or when the future is done;
+    and where the engine has observers, its end told to them then."""
 
-    __slots__ = ("engine", "name")
+    __slots__ = ("engine", "name", "model", "version", "t_submit", "then")
 
-    def __init__(self, engine: Engine, name: str):
+    def __init__(self, engine: Engine, name: str, version: int | None, t_submit: int,
+                 then: Callable[[asyncio.Future], None] | None):
         self.engine = engine
-        self.name: str | None = name
+        self.name: str | None = name  # None once left
+        self.model, self.version, self.t_submit, self.then = name, version, t_submit, then
 
     def leave(self, fut: asyncio.Future | None = None) -> None:
         if self.name is not None:
@@ -2262,9 +2267,13 @@ class _Place:
             if fut is not None and fut.cancelled():
                 self.engine._abandon_cancelled()
 
-    def leave_then(self, then: Callable[[asyncio.Future], None], fut: asyncio.Future) -> None:
+    def leave_then(self, fut: asyncio.Future) -> None:
         self.leave(fut)  # a cold request's task, cancelled: its worker skips it
-        then(fut)
+        self.then(fut)
+
+    def end(self, fut: asyncio.Future) -> None:
+        self.leave(fut)
+        self.engine._emit_request(self.model, self.version, self.t_submit, fut)
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
