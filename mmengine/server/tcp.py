@@ -384,14 +384,23 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
 
     def _track(self, fut: asyncio.Future, infer: bool) -> None:
         """A request in flight until `fut` is done; past MAX_IN_FLIGHT, the
-        connection is not read."""
+        connection is not read. An inference's answer (_on_answer) ends it
+        in the same turn, with no callback: the engine runs `then` however
+        its future is done, but for connection_lost's cancel."""
         self.tasks[fut] = infer
-        fut.add_done_callback(self._task_done)
+        if not infer:
+            fut.add_done_callback(self._task_done)
         if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
             self.transport.pause_reading()
 
     def _on_answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
+        try:
+            self._answer(rid, t_submit, model, fut)
+        finally:  # after the write: _task_done closes a connection that has ended
+            self._task_done(fut)
+
+    def _answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
             self._send(protocol.error_response(rid, errors.cancelled()))
             return
