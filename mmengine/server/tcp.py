@@ -435,7 +435,9 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
                 self._close()
         if self.paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and not self.closing:
             self.paused = False
-            self._go_on()
+            # In a turn of its own: an answer's end runs inside its worker's
+            # drain, which the frames read meanwhile (hundreds) must not hold.
+            self.loop.call_soon(self._go_on)
 
     async def _run(self, handler, rid: Any, message: dict) -> None:
         try:
