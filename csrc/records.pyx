@@ -43,8 +43,8 @@ cdef int _DEPTH = 32  # deeper headers are left to msgpack (none of ours is)
 def _dtypes():
     """({buffer format: the dtype's str packed as msgpack}, {dtype str:
     np.dtype}) for the numeric dtypes in native order: a buffer's format
-    names its dtype without an attribute lookup ("l" and "q" alike; "<f",
-    an array's whose dtype spells out the machine's own order, and "f")."""
+    names its dtype without an attribute lookup ("l" and "q" alike, and "f"
+    and "<f": an array whose dtype spells out the machine's own order)."""
     formats, dtypes = {}, {}
     for scalar in set(np.sctypeDict.values()):
         dtype = np.dtype(scalar)
