@@ -377,6 +377,11 @@ class Engine:
             await asyncio.sleep(0.005)
         await _cancel(self._tasks)
         await self.pool.stop(deadline)
+        # A turn first: the requests whose futures the pool's stop failed
+        # last (WORKER_DIED, with why) take that now. Cancelled in the same
+        # turn, a task whose wake-up is still queued raises CancelledError
+        # instead, and its caller never hears why.
+        await asyncio.sleep(0)
         await _cancel(self._requests)  # any still waiting, for nothing now
         await _cancel(self._tasks)  # begun meanwhile
         for key in list(self.cache.lru_keys()):  # the workers took their models with them
