@@ -268,6 +268,27 @@ def test_an_async_call_whose_request_stops_moving_times_out_on_time(address):
     assert 1.09 <= took < 2.1, took
 
 
+@pytest.mark.parametrize("floats", [1 << 10, 2 << 20], ids=["small", "large"])
+def test_a_blocking_call_whose_request_stops_moving_times_out_on_time(address, floats):
+    # Its sends and reads wait in the kernel (SO_SNDTIMEO, SO_RCVTIMEO on a
+    # blocking socket, not Python's timeout): a request the server stops
+    # reading is bounded as an answer that does not come is. A small one
+    # goes out whole and waits for its answer; of a large one, what moved
+    # puts the wait off.
+    x = np.zeros(floats, np.float32)
+    with Proxy(address) as proxy, Client(proxy.address, timeout=0.1) as c:
+        c.health()  # the server's maximum frame, asked while it reads
+        c._pool[-1].sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        proxy.stall()
+        time.sleep(0.2)  # its pump's wait under way (0.1 s) still read the client
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c.infer("count", {"x": x})
+        took = time.monotonic() - t0
+        assert not c._pool  # a connection that timed out is not used again
+    assert 1.09 <= took < 2.5, took
+
+
 def test_an_async_calls_wait_is_not_put_off_by_the_requests_of_calls_after_it(address):
     """A peer that reads and never answers (a proxy whose upstream went):
     requests of later calls on the same connection keep moving, and the
