@@ -469,19 +469,8 @@ class _Connection:
         request cannot back up: its answer comes after its last byte.)"""
         got: dict[int, dict] = {}
         wanted = set(ids)
-        self.wait = self.timeout  # each read's bound, at most (the socket's moves below it)
-        self.deadline = None if self.wait is None else time.monotonic() + self.wait
-        self.moved = 0
-        if len(ids) == 1 and len(frames[0]) == 1:
-            self.sock.sendall(frames[0][0])
-            self._left()
-            # A small answer is whole in one read, and read with no more ado.
-            data = self.sock.recv(65536)
-            answer = self.frames.whole(data)
-            if answer is not None and answer["id"] == ids[0]:
-                return {ids[0]: answer}
-            self._receive(got, wanted, data)
-        elif len(ids) == 1:
+        self._begin()
+        if len(ids) == 1:
             out = _Outgoing(frames)
             while out:
                 self._left()
@@ -505,6 +494,32 @@ class _Connection:
             self._left()
             self._receive(got, wanted)
         return got
+
+    def exchange_one(self, frame: bytes, rid: int) -> dict:
+        """exchange() of one request in one buffer (infer's, call's): the
+        answer to `rid`. A small answer comes whole in one read, and is
+        read with no more ado."""
+        self._begin()
+        self.sock.sendall(frame)
+        if len(frame) > SEND_CHUNK:  # its sends may have taken a while
+            self._left()
+        data = self.sock.recv(65536)
+        answer = self.frames.whole(data)
+        if answer is not None and answer["id"] == rid:
+            return answer
+        got: dict[int, dict] = {}
+        wanted = {rid}
+        self._receive(got, wanted, data)
+        while not got:
+            self._left()
+            self._receive(got, wanted)
+        return got[rid]
+
+    def _begin(self) -> None:
+        """An exchange's wait begins: the socket's timeout, from now."""
+        self.wait = self.timeout  # each read's bound, at most (the socket's moves below it)
+        self.deadline = None if self.wait is None else time.monotonic() + self.wait
+        self.moved = 0
 
     def _left(self) -> float | None:
         """How long the socket's next operation may wait: the seconds left to
@@ -662,7 +677,8 @@ class Client:
         try:
             conn.set_timeout(wait)
             conn.frames.arrays = arrays and _wire is not None
-            got = conn.exchange(frames, ids)
+            one = len(ids) == 1 and len(frames[0]) == 1
+            got = conn.exchange_one(frames[0][0], ids[0]) if one else conn.exchange(frames, ids)
         except (socket.timeout, BlockingIOError):  # its bound, or the kernel's (set_timeout)
             conn.sock.close()
             raise Timeout("no answer from the server in time") from None
@@ -672,6 +688,8 @@ class Client:
                 self._max_frame = None
             raise
         self._give_back(conn)
+        if one:
+            return [protocol.raise_for(got)]
         return [protocol.raise_for(got[i]) for i in ids]
 
     def call(self, message: dict, timeout: float | None = None) -> dict:
@@ -691,11 +709,11 @@ class Client:
               timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
         timeout = _timeout(timeout, self.timeout)
-        rids = [next(self._ids)]
-        frames = _native_frames(rids, [(model, inputs, version)], timeout, token, timing,
-                                self.token)
-        if frames is not None:
-            r = self._exchange(frames, rids, _wait(timeout), arrays=True)[0]
+        rid = next(self._ids)
+        frame = None if _wire is None else _wire.infer_frame(
+            rid, model, inputs, version, timeout, token, timing, self.token)
+        if frame is not None:
+            r = self._exchange([[frame]], [rid], _wait(timeout), arrays=True)[0]
         else:
             r = self._call_many([_infer_message(model, inputs, version, timeout, token,
                                                 timing)], _wait(timeout), encoded=True)[0]
