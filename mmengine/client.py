@@ -799,17 +799,41 @@ class _AsyncConnection(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future] = {}
         self.lost: Exception | None = None
         self.received = 0  # bytes, in all: whether a call's connection went silent
-        self.written = 0  # bytes given to the transport, in all (sent(): those it passed on)
+        self.written = 0  # bytes of requests sent, in all (sent(): those the kernel took)
         self.raw = 0  # calls in flight that want the protocol's maps (not infer()'s)
+        self.unsent: list | None = None  # this turn's requests, written at its end (send)
+        self.unsent_bytes = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
+    def send(self, parts: list, n: int) -> None:
+        """Writes a request framed in `parts` (`n` bytes). One sent while
+        others are in flight joins the requests of this turn of the loop in
+        one write at its end: many tasks answered together send their next
+        requests together, and a write to a socket costs more than a small
+        request (30% of a client's time at 64 in flight, one each)."""
+        if self.unsent is not None:
+            self.unsent += parts
+            self.unsent_bytes += n
+        elif len(self.pending) > 1:
+            self.unsent = list(parts)
+            self.unsent_bytes = n
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self.transport.writelines(parts)
+        self.written += n
+
+    def _flush(self) -> None:
+        unsent, self.unsent, self.unsent_bytes = self.unsent, None, 0
+        if not self.transport.is_closing():
+            self.transport.writelines(unsent)
+
     def sent(self) -> int:
         """Bytes the transport has handed to the kernel, in all: those still
-        in its buffer have not moved (a server that stopped reading lets
-        them pile up there)."""
-        return self.written - self.transport.get_write_buffer_size()
+        in its buffer, or not yet written to it, have not moved (a server
+        that stopped reading lets them pile up there)."""
+        return self.written - self.transport.get_write_buffer_size() - self.unsent_bytes
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -1046,8 +1070,7 @@ class AsyncClient:
             timer[0] = loop.call_at(deadline, _expire, fut, conn, conn.received, conn.sent(),
                                     end, deadline, wait, timer)
         conn.pending[rid] = fut
-        conn.transport.writelines(parts)
-        conn.written = end
+        conn.send(parts, _PREFIX + size)
         if not arrays:
             conn.raw += 1
         try:
