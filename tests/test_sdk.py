@@ -167,6 +167,29 @@ def test_an_async_connection_gone_silent_is_closed_and_the_next_call_connects_an
     run(main())
 
 
+def test_async_calls_on_one_connection_time_out_each_at_its_own_wait(address):
+    # One timer per connection, armed for the soonest wait: a call with a
+    # short wait, made after one with a long wait, times out at its own.
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address, connections=1) as c:
+                await c.health()
+                proxy.silence()
+                t0 = time.monotonic()
+                long = asyncio.ensure_future(c.infer("slow", ZERO, timeout=2.0))  # waits 3 s
+                await asyncio.sleep(0.05)
+                short = asyncio.ensure_future(c.infer("slow", ZERO, timeout=0.1))  # 1.1 s
+                took = {}
+                for name, call in (("short", short), ("long", long)):
+                    with pytest.raises(Timeout):
+                        await call
+                    took[name] = time.monotonic() - t0
+                return took
+    took = run(main())
+    assert 1.05 <= took["short"] < 2.0, took  # (a due time is a millisecond early at most)
+    assert 2.95 <= took["long"] < 4.5, took
+
+
 def test_an_async_call_behind_one_that_still_waits_times_out_alone(address):
     # An unpin waits on the server behind a pin of its model that loads for
     # seconds, and hears nothing in its wait: the connection was taken for
