@@ -337,7 +337,10 @@ class _Frames:
         taken (feed() reads it then, or says what is wrong)."""
         if self.arrays and not self.buf and self.big is None and len(data) > _PREFIX \
                 and protocol.LENGTH.unpack_from(data)[0] == len(data) - _PREFIX:
-            return _wire.answer(data, _PREFIX, len(data) - _PREFIX, Outputs)
+            try:
+                return _wire.answer(data, _PREFIX, len(data) - _PREFIX, Outputs)
+            except Exception:  # noqa: BLE001 - feed() raises what a bad answer deserves
+                return None
         return None
 
     def _feed(self, data: bytes) -> list[dict]:
