@@ -1128,13 +1128,11 @@ class AsyncClient:
                     timing: bool = False) -> Outputs:
         t_start = time.monotonic_ns() if timing else 0
         timeout = _timeout(timeout, self.timeout)
-        rids = [next(self._ids)]
-        frames = _native_frames(rids, [(model, inputs, version)], timeout, token, timing,
-                                self.token)
-        if frames is not None:
-            frame = frames[0][0]
-            r = await self._exchange(rids[0], [frame], len(frame) - _PREFIX, _wait(timeout),
-                                     True)
+        rid = next(self._ids)
+        frame = None if _wire is None else _wire.infer_frame(
+            rid, model, inputs, version, timeout, token, timing, self.token)
+        if frame is not None:
+            r = await self._exchange(rid, [frame], len(frame) - _PREFIX, _wait(timeout), True)
         else:
             r = await self._call(_infer_message(model, inputs, version, timeout, token,
                                                 timing), _wait(timeout), encoded=True)
