@@ -34,6 +34,7 @@ from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_st
 
 import numpy as np
 
+from mmengine.protocol import buffer_formats
 from mmengine.ring import MAX_PARTS
 
 cdef object _ndarray = np.ndarray
@@ -50,13 +51,7 @@ def _dtypes():
         dtype = np.dtype(scalar)
         if dtype.kind not in "biufc" or not dtype.isnative:
             continue
-        for spelled in (dtype, dtype.newbyteorder("<"), dtype.newbyteorder(">")):
-            if not spelled.isnative:
-                continue
-            try:
-                fmt = memoryview(np.zeros(0, spelled)).format.encode()
-            except ValueError:  # a long double's order spelled out: numpy exports none
-                continue
+        for fmt in buffer_formats(dtype):
             formats[fmt] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
         dtypes[dtype.str] = dtype
     return formats, dtypes

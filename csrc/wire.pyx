@@ -50,9 +50,8 @@ def _formats() -> dict:
         dtype = np.dtype(scalar)
         if dtype.name not in protocol.DTYPES or not dtype.isnative:
             continue
-        for spelled in (dtype, dtype.newbyteorder("<"), dtype.newbyteorder(">")):
-            if spelled.isnative:  # (the wire has no long double, whose order is not spelled)
-                formats[memoryview(np.zeros(0, spelled)).format.encode()] = dtype.name
+        for fmt in protocol.buffer_formats(dtype):
+            formats[fmt] = dtype.name
     return formats
 
 

@@ -2257,18 +2257,18 @@ class _Place:
     once: before the server's `then` answers, or when the future is done;
     and where the engine has observers, its end told to them then."""
 
-    __slots__ = ("engine", "name", "model", "version", "t_submit", "then")
+    __slots__ = ("engine", "name", "version", "t_submit", "then", "left")
 
     def __init__(self, engine: Engine, name: str, version: int | None, t_submit: int,
                  then: Callable[[asyncio.Future], None] | None):
         self.engine = engine
-        self.name: str | None = name  # None once left
-        self.model, self.version, self.t_submit, self.then = name, version, t_submit, then
+        self.name, self.version, self.t_submit, self.then = name, version, t_submit, then
+        self.left = False
 
     def leave(self, fut: asyncio.Future | None = None) -> None:
-        if self.name is not None:
-            name, self.name = self.name, None
-            self.engine._dequeue(name)
+        if not self.left:
+            self.left = True
+            self.engine._dequeue(self.name)
             if fut is not None and fut.cancelled():
                 self.engine._abandon_cancelled()
 
@@ -2278,7 +2278,7 @@ class _Place:
 
     def end(self, fut: asyncio.Future) -> None:
         self.leave(fut)
-        self.engine._emit_request(self.model, self.version, self.t_submit, fut)
+        self.engine._emit_request(self.name, self.version, self.t_submit, fut)
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
