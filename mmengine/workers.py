@@ -15,9 +15,11 @@ timer per worker, armed for the nearest deadline: most requests arm none).
 Past `worker_backlog_ms` of its models' time in the ring, inferences wait
 in a queue per model and go to the worker in turns: a flooded model does
 not keep the others on its worker waiting for its whole queue.
-For `poll_us` after a request the reader polls the response ring once per
-turn of the loop rather than waiting to be woken (not while the worker
-loads, where its cores are few: its load needs them then).
+For `poll_us` after an inference the reader polls the response ring once
+per turn of the loop rather than waiting to be woken (not while the worker
+loads, where its cores are few: its load needs them then). Control calls
+are answered by the worker's loader thread, which parks between them: their
+answers wake the reader.
 """
 from __future__ import annotations
 
@@ -141,8 +143,12 @@ class Worker:
         self.device = device
         rings = []
         try:
-            for size in (config.ring_bytes, CONTROL_RING_BYTES, config.ring_bytes):
-                rings.append(Ring.create(size, spin_us=config.spin_us))
+            # The loader thread reads the control ring: it parks at once, as
+            # control records are rare and a spin there takes a core from
+            # inference for nothing.
+            for size, spin_us in ((config.ring_bytes, config.spin_us), (CONTROL_RING_BYTES, 0),
+                                  (config.ring_bytes, config.spin_us)):
+                rings.append(Ring.create(size, spin_us=spin_us))
             self.abandoned = messages.Abandoned.create()
         except BaseException:
             for ring in rings:
@@ -502,7 +508,10 @@ class Worker:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
-        else:
+        if served is not None:
+            # Polled for: the main thread, spinning, answers in microseconds.
+            # A control op's answer comes from the parked loader thread,
+            # which a poll would keep off this core while it wakes.
             self._poll_answers()
         return fut
 
