@@ -12,7 +12,9 @@ and the safetensors package's load_file (which maps the file and reads
 nothing until a tensor is touched: not a read rate). mmengine loads the model through
 a real Engine with one worker: disk_gb_per_s and load_ms are the worker's
 own load (the phases it reports: read, build, place), engine_load_ms is
-engine.load() as the caller sees it, evict_ms is engine.unload(). A small
+engine.load() as the caller sees it, evict_ms is engine.unload() (done once
+the worker has the unload: its loader frees the model before it reads the
+next control record, so a load sent after it finds the room). A small
 resident model's p99 latency through the same Engine is measured while
 nothing loads, then while the big model is loaded and unloaded over and
 over on the same worker, and last (the baseline of interference) while

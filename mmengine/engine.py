@@ -193,6 +193,10 @@ class Engine:
         # when one is asked for drops it too, rather than demote it (which,
         # for a CPU worker's model, makes room for it by dropping others).
         self._copy_goes: set[Key] = set()
+        # The answers of the host-tier copies being made (_publish): an
+        # unload of the model waits for its copy's, so that the copy it
+        # demotes (or drops) is whole when the unload returns.
+        self._publishing: dict[Key, asyncio.Future] = {}
         # The spec each model on a worker was loaded with (those loaded
         # since the last scan are compared with the repository's at it), and
         # the ones that serve nothing as they are: removed from the
@@ -933,7 +937,8 @@ class Engine:
                 # (and its host copy held) until the unload queued behind it
                 # has answered.
                 self.cache.set_state(key, books.UNLOADING)
-                _, unload = self._start(key, Op.UNLOAD, self._unload(key, worker.index, gen))
+                _, unload = self._start(key, Op.UNLOAD,
+                                        self._unload(key, worker.index, gen, answered=True))
                 self._spawn(self._unstick(worker, key, unload))
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s "
                                f"(load_timeout_s)")
@@ -1085,14 +1090,19 @@ class Engine:
             return
         if resident:
             self.host.set_resident(key, True, time.monotonic(), on_cpu=on_cpu)
+        answer = None
         try:
             # Sent at once, ahead of any unload of the model that comes later.
             _, answer = self._send_to_loader(worker, Op.PUBLISH, key, {"segment": segment})
+            self._publishing[key] = answer
             body, _ = await answer
         except Exception as e:  # noqa: BLE001 - the model is served either way
             self.host.abandon(key, segment)
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
             return
+        finally:
+            if self._publishing.get(key) is answer:
+                del self._publishing[key]
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
     async def _load_on(self, worker: Worker, key: Key, need: int, params: dict) -> dict:
@@ -1375,11 +1385,26 @@ class Engine:
         stats.evictions += 1
         stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
 
-    async def _unload(self, key: Key, index: int, gen: int, drop_host: bool = False) -> None:
+    async def _unload(self, key: Key, index: int, gen: int, drop_host: bool = False,
+                      answered: bool = False) -> None:
+        """Unloads `key` from worker `index`: done once the worker has the
+        unload, or once it has answered it where `answered`. Its loader
+        thread takes control records in order and frees the model before it
+        reads the next, so whatever is sent to it after (a load that needs
+        the room) finds the room made: nobody waits for the round trip."""
         worker = self.pool.workers[index]
         try:
             if worker.alive:
-                await worker.call(Op.UNLOAD, key[0], key[1])
+                fut = worker.call(Op.UNLOAD, key[0], key[1])
+                if answered:
+                    await fut
+                else:
+                    fut.add_done_callback(errors.retrieved)
+                    publishing = self._publishing.get(key)
+                    if publishing is not None:  # its loader answers it first
+                        # (and _publish, awaiting it since before, takes the
+                        # answer before this wait ends: the copy is booked).
+                        await asyncio.wait([publishing])
         except WorkerDied:
             pass  # its memory went with it
         finally:
@@ -1923,9 +1948,9 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
-                # Begun, it ends, whether its caller waits (above: until the
-                # deadline, as it may queue behind another model's load) or not.
-                self._evict(key, "unload")
+                # Begun, it ends, whether its caller waits or not (wait()
+                # cancels nothing); it waits for no answer (_unload): no deadline.
+                await asyncio.wait([self._evict(key, "unload")])
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)
