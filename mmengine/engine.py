@@ -1101,7 +1101,7 @@ class Engine:
             self._stats.setdefault(key, ModelStats()).last_error = f"host tier: {e}"
             return
         finally:
-            if self._publishing.get(key) is answer:
+            if answer is not None and self._publishing.get(key) is answer:
                 del self._publishing[key]
         self.host.published(key, segment, int(body["bytes"]), time.monotonic())
 
@@ -1360,11 +1360,12 @@ class Engine:
     # -- unloads -----------------------------------------------------------------
 
     def _evict(self, key: Key, reason: str, cause: Key | None = None,
-               drop_host: bool = False) -> asyncio.Task:
+               drop_host: bool = False, answered: bool = False) -> asyncio.Task:
         """Starts unloading a resident model that no request holds (to make
         room for `cause`, where one model's load needs it); its copy in the
-        host tier stays (demoted) unless `drop_host`. The state changes at
-        once, so no one else can choose it meanwhile."""
+        host tier stays (demoted) unless `drop_host`; done once the worker
+        has the unload, or has answered it where `answered` (_unload). The
+        state changes at once, so no one else can choose it meanwhile."""
         entry = self.cache.entry(key)
         self.cache.set_state(key, books.UNLOADING)
         event = {"model": key[0], "version": key[1], "worker": entry.worker,
@@ -1378,7 +1379,8 @@ class Engine:
                   entry.device_bytes)
         self._count_eviction(key, reason)
         return self._start(key, Op.UNLOAD,
-                           self._unload(key, entry.worker, self._gen[key], drop_host))[1]
+                           self._unload(key, entry.worker, self._gen[key], drop_host,
+                                        answered))[1]
 
     def _count_eviction(self, key: Key, reason: str) -> None:
         stats = self._stats.setdefault(key, ModelStats())
@@ -1391,7 +1393,10 @@ class Engine:
         unload, or once it has answered it where `answered`. Its loader
         thread takes control records in order and frees the model before it
         reads the next, so whatever is sent to it after (a load that needs
-        the room) finds the room made: nobody waits for the round trip."""
+        the room) finds the room made: nobody waits for the round trip but
+        those who must see the memory freed (the monitor's readings) or the
+        loader free (a load past its deadline: _unstick). Behind the model's
+        own host-tier copy, it waits for that copy to be booked."""
         worker = self.pool.workers[index]
         try:
             if worker.alive:
@@ -1467,7 +1472,10 @@ class Engine:
             # Counted once: on CPU a published model is its host copy's
             # pages (safetensors.publish); what went shows at the next turn.
             short -= max(1, self.cache.entry(victim).device_bytes, self.host.bytes(victim))
-            evictions.append(self._evict(victim, "host_memory", drop_host=True))
+            # Answered: the next reading must not find its memory in use
+            # still, and take more (its worker may be busy with a long load).
+            evictions.append(self._evict(victim, "host_memory", drop_host=True,
+                                         answered=True))
         if evictions:
             await asyncio.gather(*evictions, return_exceptions=True)
 
@@ -1503,7 +1511,7 @@ class Engine:
         self._released.discard(w.index)
         victim = self._least_recent(lambda x: x is w)
         if victim is not None:
-            await self._evict(victim, "gpu_memory")
+            await self._evict(victim, "gpu_memory", answered=True)  # as above
 
     def _restart_stuck(self) -> None:
         """A model's code that never returns holds its worker, and every
@@ -1948,9 +1956,9 @@ class Engine:
                 continue
             entry = self.cache.entry(key)
             if entry.pins == 0 and entry.state == books.READY:
-                # Begun, it ends, whether its caller waits or not (wait()
-                # cancels nothing); it waits for no answer (_unload): no deadline.
-                await asyncio.wait([self._evict(key, "unload")])
+                # Begun, it ends, whether its caller waits (above: until the
+                # deadline, as it may wait for the model's host copy) or not.
+                self._evict(key, "unload")
                 continue
             try:
                 await self._wait_for_room(self._room_version, deadline)
