@@ -22,6 +22,7 @@ the last tensor over it is freed.
 """
 from __future__ import annotations
 
+import array
 import errno
 import io
 import mmap
@@ -34,6 +35,8 @@ from typing import Callable
 from typing import BinaryIO
 
 import torch
+
+from mmengine import config
 
 #: Free arenas kept for reuse, in bytes, at most; the oldest are unmapped first.
 POOL_LIMIT = 2 << 30
@@ -49,7 +52,10 @@ GIVE_WAY_CHUNK = 64 << 10
 #: How long a read may wait for requests before it has read anything, and
 #: how long it sleeps between looks (the timer's slack makes it ~0.1 ms).
 GIVE_WAY_GRACE_NS = 1_000_000
-GIVE_WAY_NAP_S = 20e-6
+GIVE_WAY_NAP_NS = 20_000
+#: A worker that has served nothing for this long is idle: its loads read
+#: in large parts, with all its readers.
+IDLE_NS = 100_000_000
 
 _PAGE = mmap.PAGESIZE
 _HUGE = 2 << 20
@@ -151,37 +157,60 @@ def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
     _fill(memoryview(out.numpy()), lambda part, _: f.readinto(part))
 
 
-def _never() -> bool:
-    return False
+class Serving:
+    """When the request a worker's serving thread runs began (0: none) and
+    when its last one ended, in time.monotonic_ns(): written by that
+    thread, read by its loads' readers between their parts. In an array,
+    so that the readers' C twin (csrc/reads.pyx) reads them with the GIL
+    released."""
+
+    __slots__ = ("marks",)
+
+    def __init__(self) -> None:
+        self.marks = array.array("q", [0, 0])
+
+    def begin(self, now: int) -> None:
+        self.marks[0] = now
+
+    def end(self, now: int) -> None:
+        self.marks[1] = now
+        self.marks[0] = 0
+
+    def busy(self) -> bool:
+        """Whether a request is being served now."""
+        return self.marks[0] != 0
+
+    def idle(self) -> bool:
+        """Whether no request is being served, nor was for IDLE_NS."""
+        return not self.marks[0] and time.monotonic_ns() - self.marks[1] > IDLE_NS
 
 
 class _GiveWay:
     """Sizes each part of one thread's read, called before it. While the
     worker is idle, parts are large (CHUNK). While it serves, they are
-    small (GIVE_WAY_CHUNK), and each waits first while `busy()` says a
-    request is being served, for at most as long, in all, as the read has
-    spent reading (and a head start of GIVE_WAY_GRACE_NS): a request then
-    shares the memory bus with one small part's copy at most, and the load
-    still moves at about half its speed or more however busy the worker is.
-    A nap that overslept (the timer's slack) is a debt the next parts'
-    reading repays before the read waits again."""
+    small (GIVE_WAY_CHUNK), and each waits first while a request is being
+    served, for at most as long, in all, as the read has spent reading (and
+    a head start of GIVE_WAY_GRACE_NS): a request then shares the memory
+    bus with one small part's copy at most, and the load still moves at
+    about half its speed or more however busy the worker is. A nap that
+    overslept (the timer's slack) is a debt the next parts' reading repays
+    before the read waits again. csrc/reads.pyx is its C twin."""
 
-    def __init__(self, idle: Callable[[], bool], busy: Callable[[], bool]) -> None:
-        self.idle = idle
-        self.busy = busy
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
         self.credit = GIVE_WAY_GRACE_NS  # how long the read may still wait
         self.last = time.monotonic_ns()
 
     def __call__(self) -> int:
         now = time.monotonic_ns()
         self.credit += now - self.last  # the part just read
-        if self.idle():
+        if self.serving.idle():
             self.last = now
             return CHUNK
-        if self.credit > 0 and self.busy():
+        if self.credit > 0 and self.serving.busy():
             until = now + self.credit
-            while now < until and self.busy():
-                time.sleep(GIVE_WAY_NAP_S)
+            while now < until and self.serving.busy():
+                time.sleep(GIVE_WAY_NAP_NS / 1e9)
                 now = time.monotonic_ns()
             self.credit = until - now
         self.last = now
@@ -190,11 +219,11 @@ class _GiveWay:
 
 class Readers:
     """Positional reads of one file range by several threads at once:
-    `threads` while the worker serves, `idle_threads` while `idle()` says it
-    has served nothing for a while (a load then takes the cores inference is
-    not using; each read decides when it starts).
+    `threads` while the worker serves, `idle_threads` while `serving` says
+    it has served nothing for a while (a load then takes the cores
+    inference is not using; each read decides when it starts).
 
-    With `busy` (a CPU worker's), each thread's parts are sized as the
+    With `give_way` (a CPU worker's), each thread's parts are sized as the
     read goes (_GiveWay): while the worker serves, small, each after the
     request being served has ended. On two cores a 16 MiB read beside a
     small model's call made the call several times slower, by the copy's
@@ -202,20 +231,20 @@ class Readers:
 
     Reading from the page cache is a copy by the kernel on the reading
     thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
-    Each thread reads its own contiguous part with preadv, which drops the
-    GIL; threads are made by the loader thread and so inherit its nice
-    value: they give way to inference as it does."""
+    Each thread reads its own contiguous part, in C with the GIL released
+    for the whole part where csrc/reads.pyx is built (else preadv, which
+    drops it for each read); threads are made by the loader thread and so
+    inherit its nice value: they give way to inference as it does."""
 
     #: A part smaller than this is not worth a thread's wake-up.
     MIN_PART = 4 << 20
 
     def __init__(self, threads: int = 1, idle_threads: int = 0,
-                 idle: Callable[[], bool] = _never,
-                 busy: Callable[[], bool] | None = None) -> None:
+                 serving: Serving | None = None, give_way: bool = False) -> None:
         self.threads = max(1, threads)
         self.idle_threads = max(self.threads, idle_threads)
-        self.idle = idle
-        self.busy = busy  # None: nothing to give way to
+        self.serving = serving  # None: never idle, nothing to give way to
+        self.give_way = give_way and serving is not None
         self._pool: ThreadPoolExecutor | None = None
         self.reading = False  # read by the serving thread's account of its requests
 
@@ -231,14 +260,20 @@ class Readers:
     def _read(self, fd: int, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.numpy())
         n = len(view)
-        wide = self.idle_threads > self.threads and self.idle()
+        wide = (self.idle_threads > self.threads and self.serving is not None
+                and self.serving.idle())
         k = min(self.idle_threads if wide else self.threads, max(1, n // self.MIN_PART))
+        serving = self.serving if self.give_way else None
 
         def read(view: memoryview, offset: int) -> None:
-            if self.busy is None:
+            if _native is not None:
+                _native.read(fd, view, offset, None if serving is None else serving.marks,
+                             CHUNK, GIVE_WAY_CHUNK, GIVE_WAY_GRACE_NS, GIVE_WAY_NAP_NS,
+                             IDLE_NS)
+            elif serving is None:
                 _pread_into(fd, view, offset)
             else:
-                _pread_into(fd, view, offset, _GiveWay(self.idle, self.busy))
+                _pread_into(fd, view, offset, _GiveWay(serving))
 
         if k == 1:
             read(view, offset)
@@ -265,6 +300,7 @@ def _pread_into(fd: int, view: memoryview, offset: int,
 
 #: The process's readers (a worker's main() replaces them, from its config).
 READERS = Readers()
+_native = config.native("reads")
 
 
 class Stager:

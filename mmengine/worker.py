@@ -55,9 +55,6 @@ def ignoring_stop_signals(code: str) -> str:
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed
-# A worker that has served nothing this long is idle: its loads may read
-# with every core of its share (a request that comes meanwhile shares them).
-IDLE_NS = 100_000_000
 
 log = logging.getLogger("mmengine.worker")
 
@@ -92,6 +89,8 @@ class WorkerLogic:
     def __init__(self, config: Config, device: str):
         import torch  # only workers pay for torch
 
+        from mmengine import staging
+
         self._torch = torch
         self.device = device
         self.models: dict[Key, object] = {}
@@ -100,11 +99,8 @@ class WorkerLogic:
         self._manifests = Manifests()
         self._stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
         self.bind_thread()
-        # monotonic_ns: when the request being served began (0: none), and
-        # when the last one ended. Written by the serving thread, read by
-        # the loader's.
-        self.serving_since = 0
-        self.served_at = 0
+        # Written by the serving thread, read by the loader's and its readers.
+        self.serving = staging.Serving()
         self.times = CallTimes()  # would_miss
         # What the loader thread serves ("idle" or an op's name), for the
         # serving thread's account of its requests; and its readers.
@@ -127,14 +123,6 @@ class WorkerLogic:
         read a file (the GIL free: what the op does besides holds it)."""
         readers = self.readers
         return "read" if readers is not None and readers.reading else self.loader_op
-
-    def serving(self) -> bool:
-        """Whether a request is being served now."""
-        return self.serving_since != 0
-
-    def idle(self) -> bool:
-        """Whether no request is being served, nor was for IDLE_NS."""
-        return not self.serving_since and time.monotonic_ns() - self.served_at > IDLE_NS
 
     def load(self, name: str, version: int, path: str, host: str | None = None,
              estimate: int | None = None) -> tuple[int, str]:
@@ -510,11 +498,15 @@ class _ThreadClock:
 
 def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
                     clock: _ThreadClock | None) -> None:
+    serving = logic.serving
     while True:
         try:
             parts = req.get()
         except RingClosed:
             return  # the front-end is shutting down: everything sent is served
+        # From the record's read to its answer's send: a load's reads wait
+        # it out (staging.Readers), its Python steps included.
+        serving.begin(time.monotonic_ns())
         request = _parse(parts)
         del parts
         if request is not None:
@@ -524,6 +516,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
                 _serve_one(req.woke_ns, out, logic, abandoned, clock, request)
             request = None
         req.release()
+        serving.end(time.monotonic_ns())
 
 
 def _parse(parts: list) -> tuple | None:
@@ -696,7 +689,7 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
     ran = None  # the call's run in this worker, once it has one
     try:
         # One clock for every process: timings cross.
-        t0 = logic.serving_since = time.monotonic_ns()
+        t0 = time.monotonic_ns()
         start = clock.read() if clock else None
         loader = logic.loader_state() if clock else ""
         try:
@@ -706,8 +699,7 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
             # Read before t_done: a preemption due during the call lands
             # at the first system call after it, which must count in it.
             account = clock.account(woke, t0, start, loader) if clock else None
-            t_done = logic.served_at = time.monotonic_ns()
-            logic.serving_since = 0
+            t_done = time.monotonic_ns()
             logic.ran((name, version), (t_done - t0) / 1e9, t_done / 1e9)
             ran = {"t_recv": t0, "t_done": t_done}
             if account:
@@ -814,8 +806,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # Only a CPU worker's loads give way to its requests: there the copy
     # and the model share the cores and the memory bus (staging.Readers).
     staging.READERS = logic.readers = staging.Readers(
-        *resources.load_readers(config, device), logic.idle,
-        logic.serving if device == "cpu" else None)
+        *resources.load_readers(config, device), logic.serving, device == "cpu")
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)

@@ -6,6 +6,8 @@ import json
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -320,13 +322,14 @@ def test_parallel_reads_refuse_a_file_that_ends_early(tmp_path, threads):
 
 
 def test_reads_widen_while_the_worker_is_idle(tmp_path):
-    idle = False
-    readers = staging.Readers(1, 3, lambda: idle)
+    serving = staging.Serving()
+    readers = staging.Readers(1, 3, serving)
     readers.MIN_PART = 4096
     data = np.random.default_rng(9).integers(0, 256, 50_000, dtype=np.uint8)
     path = tmp_path / "blob"
     path.write_bytes(data.tobytes())
     for idle in (False, True):
+        serving.end(0 if idle else time.monotonic_ns())  # the last request: long ago, or now
         out = torch.zeros(len(data), dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
             readers.read(f.fileno(), 0, out)
@@ -336,45 +339,87 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
     assert readers._pool._max_workers == 2
 
 
+@pytest.fixture(params=["native", "python"])
+def twin(request, monkeypatch):
+    """The readers' C twin (csrc/reads.pyx), or their Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(staging, "_native", None)
+    elif staging._native is None:
+        pytest.skip("mmengine._reads is not built")
+    return request.param
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_reads_give_way_to_requests_only_while_the_worker_serves(tmp_path, threads):
-    looks, idle, busy = 0, False, True
-
-    def serving() -> bool:
-        nonlocal looks
-        looks += 1
-        return busy
-
-    readers = staging.Readers(threads, threads, lambda: idle, serving)
+def test_reads_wait_out_the_request_being_served_and_not_an_idle_worker(tmp_path, monkeypatch,
+                                                                        twin, threads):
+    # A head start long enough that a read which gives way waits for the
+    # request to end, however slow the machine: no part is read meanwhile.
+    monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)
+    serving = staging.Serving()
+    readers = staging.Readers(threads, threads, serving, give_way=True)
     readers.MIN_PART = 4096
     n = 8 * staging.GIVE_WAY_CHUNK + 17
     data = np.random.default_rng(threads).integers(0, 256, n, dtype=np.uint8)
     path = tmp_path / "blob"
     path.write_bytes(data.tobytes())
-    for idle, busy in ((False, True), (False, False), (True, True)):
-        looks = 0
+
+    def read() -> tuple[torch.Tensor, threading.Thread]:
         out = torch.zeros(n, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            # A worker that is always serving still gets its load: the read
-            # waits at most as long as it reads.
-            readers.read(f.fileno(), 0, out)
-        assert np.array_equal(out.numpy(), data)
-        # Serving: a look before each part while nothing is being served
-        # (a busy one: looks while waiting, until the read has waited as
-        # long as it read; a nap that overslept, on a loaded machine, is
-        # repaid by parts read without a look); idle: large reads, nothing
-        # to give way to.
-        if idle:
-            assert looks == 0, (idle, busy, looks)
-        else:
-            assert looks >= (1 if busy else 9), (idle, busy, looks)
+
+        def run():
+            with open(path, "rb", buffering=0) as f:
+                readers.read(f.fileno(), 0, out)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return out, thread
+
+    # Idle (nothing served for a while), or between requests: read at once.
+    for last in (0, time.monotonic_ns()):
+        serving.end(last)
+        out, thread = read()
+        thread.join(30)
+        assert not thread.is_alive() and np.array_equal(out.numpy(), data)
+    # A request being served: nothing is read until it ends.
+    serving.begin(time.monotonic_ns())
+    out, thread = read()
+    thread.join(0.3)
+    assert thread.is_alive() and not out.any()
+    serving.end(time.monotonic_ns())
+    thread.join(30)
+    assert not thread.is_alive() and np.array_equal(out.numpy(), data)
+
+
+def test_a_read_that_gives_way_to_requests_ends_all_the_same(tmp_path, twin):
+    # A worker that is always serving still gets its load: the read waits
+    # at most as long as it reads (and a millisecond's head start).
+    serving = staging.Serving()
+    serving.begin(time.monotonic_ns())
+    readers = staging.Readers(1, 1, serving, give_way=True)
+    n = 40 * staging.GIVE_WAY_CHUNK
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * (n // 256))
+    out = torch.zeros(n, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        readers.read(f.fileno(), 0, out)
+    assert out.numpy().tobytes() == path.read_bytes()
+
+
+def test_a_read_that_gives_way_refuses_a_file_that_ends_early(tmp_path, twin):
+    serving = staging.Serving()
+    serving.end(time.monotonic_ns())  # served just now: small parts
+    readers = staging.Readers(1, 1, serving, give_way=True)
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * (3 * staging.GIVE_WAY_CHUNK))
+    with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
+        readers.read(f.fileno(), 0, torch.zeros(4 * staging.GIVE_WAY_CHUNK, dtype=torch.uint8))
 
 
 def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
-    # On a clock of its own: each part takes 12 us to read, and every nap
-    # oversleeps to 0.1 ms (a timer's slack). A worker that is always
-    # serving still gets its load at half speed or more.
-    now = [0]
+    # The Python twin on a clock of its own: each part takes 12 us to read,
+    # and every nap oversleeps to 0.1 ms (a timer's slack). A worker that
+    # is always serving still gets its load at half speed or more.
+    now = [1_000_000_000]
 
     class Clock:
         @staticmethod
@@ -386,16 +431,18 @@ def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
             now[0] += 100_000
 
     monkeypatch.setattr(staging, "time", Clock)
-    idle = False
-    pace = staging._GiveWay(lambda: idle, lambda: True)
+    serving = staging.Serving()
+    serving.begin(now[0])
+    pace = staging._GiveWay(serving)
     reading = 0
     for _ in range(1000):
         assert pace() == staging.GIVE_WAY_CHUNK
         now[0] += 12_000
         reading += 12_000
-    waited = now[0] - reading
+    waited = now[0] - 1_000_000_000 - reading
     assert reading < waited <= reading + staging.GIVE_WAY_GRACE_NS + 100_000
-    idle = True  # nothing served for a while: large parts, no waiting
+    serving.end(now[0])
+    now[0] += staging.IDLE_NS + 1  # nothing served for a while: large parts, no waiting
     before = now[0]
     assert pace() == staging.CHUNK and now[0] == before
 
