@@ -26,7 +26,10 @@ model to shared memory (demote_ms) and whose loads map it from there
 (host_gb_per_s, host_load_ms); the first Engine has no host tier, so each
 of its loads reads the file (disk_gb_per_s, load_ms, evict_ms).
 MMENGINE_* variables set the engines' other keys, as for a server
-(MMENGINE_LOAD_THREADS=1, say). Prints one JSON object (the last line)
+(MMENGINE_LOAD_THREADS=1, say). MMENGINE_ACCOUNT_REQUESTS=1 splits the
+slowest requests' stages (hot_slowest_stages_us), but the system calls it
+makes in each request change how the worker's threads take turns: take the
+other figures from a run without it. Prints one JSON object (the last line)
 with --json.
 """
 from __future__ import annotations
