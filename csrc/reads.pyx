@@ -2,7 +2,7 @@
 (staging.Readers; its pure twin is staging._pread_into paced by _GiveWay).
 
 Why: a CPU worker's load reads in 64 KiB parts while the worker serves, and
-waits out each model call before the next part. In Python every part took
+waits out each request before the next part. In Python every part took
 the GIL back, and every look at the serving thread took it once more: the
 serving thread then handed the GIL over and waited for it again in each
 request, by futex wake-ups that cost tens of microseconds on a virtual
@@ -22,12 +22,11 @@ import os
 
 cdef extern from *:
     """
-    #include <stdint.h>
-    static inline int64_t mm_read_mark(const int64_t *mark) {
+    static inline long long mm_read_mark(const long long *mark) {
         return __atomic_load_n(mark, __ATOMIC_RELAXED);
     }
     """
-    int64_t mm_read_mark(const int64_t *mark) nogil
+    long long mm_read_mark(const long long *mark) nogil
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -36,7 +35,7 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-def read(int fd, unsigned char[::1] out not None, int64_t offset, const int64_t[::1] marks,
+def read(int fd, unsigned char[::1] out not None, int64_t offset, const long long[::1] marks,
          int64_t chunk, int64_t small, int64_t grace_ns, int64_t nap_ns, int64_t idle_ns):
     """Fills `out` from `fd` at `offset` in parts of `chunk` bytes. With
     `marks` (staging.Serving's: when the request being served began, 0 for
@@ -47,11 +46,13 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const int64_t[
     is a debt the next parts repay). ValueError if the file ends first."""
     cdef Py_ssize_t n = out.shape[0], done = 0, want
     cdef ssize_t got = 0
-    cdef const int64_t *serving = NULL
-    cdef const int64_t *served_at = NULL
+    cdef const long long *serving = NULL
+    cdef const long long *served_at = NULL
     cdef int64_t credit = grace_ns, last, now, until, part
     cdef timespec nap
     cdef int error = 0
+    if chunk <= 0 or small <= 0 or nap_ns < 0:
+        raise ValueError("parts of at least a byte, naps of no negative length")
     if marks is not None:
         if marks.shape[0] != 2:
             raise ValueError("marks: (serving since, served at)")

@@ -507,16 +507,18 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
         # From the record's read to its answer's send: a load's reads wait
         # it out (staging.Readers), its Python steps included.
         serving.begin(time.monotonic_ns())
-        request = _parse(parts)
-        del parts
-        if request is not None:
-            if request[0] is Op.INFER and (request[2], request[3]) in logic.batching:
-                _serve_batch(req, out, logic, abandoned, clock, request)
-            else:
-                _serve_one(req.woke_ns, out, logic, abandoned, clock, request)
-            request = None
-        req.release()
-        serving.end(time.monotonic_ns())
+        try:
+            request = _parse(parts)
+            del parts
+            if request is not None:
+                if request[0] is Op.INFER and (request[2], request[3]) in logic.batching:
+                    _serve_batch(req, out, logic, abandoned, clock, request)
+                else:
+                    _serve_one(req.woke_ns, out, logic, abandoned, clock, request)
+                request = None
+            req.release()
+        finally:
+            serving.end(time.monotonic_ns())
 
 
 def _parse(parts: list) -> tuple | None:

@@ -292,9 +292,19 @@ def test_loads_in_flight_are_bounded_by_bytes(tmp_path, monkeypatch, limit, over
     assert (events[1][0] == "start") == overlap, events
 
 
+@pytest.fixture(params=["native", "python"])
+def twin(request, monkeypatch):
+    """The readers' C twin (csrc/reads.pyx), or their Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(staging, "_native", None)
+    elif staging._native is None:
+        pytest.skip("mmengine._reads is not built")
+    return request.param
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [0, 5, 3 * 4096 + 17, 50_000])
-def test_parallel_reads_put_every_byte_in_its_place(tmp_path, threads, n):
+def test_parallel_reads_put_every_byte_in_its_place(tmp_path, twin, threads, n):
     readers = staging.Readers(threads)
     readers.MIN_PART = 4096  # parts of a few pages: several threads even for small n
     data = np.random.default_rng(n + threads).integers(0, 256, n, dtype=np.uint8)
@@ -312,7 +322,7 @@ def test_parallel_reads_put_every_byte_in_its_place(tmp_path, threads, n):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_parallel_reads_refuse_a_file_that_ends_early(tmp_path, threads):
+def test_parallel_reads_refuse_a_file_that_ends_early(tmp_path, twin, threads):
     readers = staging.Readers(threads)
     readers.MIN_PART = 4096
     path = tmp_path / "short"
@@ -329,7 +339,10 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data.tobytes())
     for idle in (False, True):
-        serving.end(0 if idle else time.monotonic_ns())  # the last request: long ago, or now
+        if idle:
+            serving.end(0)  # the last request long ago, none now
+        else:
+            serving.begin(time.monotonic_ns())  # (these readers do not give way)
         out = torch.zeros(len(data), dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
             readers.read(f.fileno(), 0, out)
@@ -337,16 +350,6 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
         # Serving: this thread alone, no pool. Idle: a pool of two helpers.
         assert (readers._pool is not None) == idle
     assert readers._pool._max_workers == 2
-
-
-@pytest.fixture(params=["native", "python"])
-def twin(request, monkeypatch):
-    """The readers' C twin (csrc/reads.pyx), or their Python one."""
-    if request.param == "python":
-        monkeypatch.setattr(staging, "_native", None)
-    elif staging._native is None:
-        pytest.skip("mmengine._reads is not built")
-    return request.param
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -400,9 +403,43 @@ def test_a_read_that_gives_way_to_requests_ends_all_the_same(tmp_path, twin):
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * (n // 256))
     out = torch.zeros(n, dtype=torch.uint8)
+
+    def run():
+        with open(path, "rb", buffering=0) as f:
+            readers.read(f.fileno(), 0, out)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and out.numpy().tobytes() == path.read_bytes()
+
+
+def _reads_made() -> int:
+    """The read system calls this thread has made."""
+    with open("/proc/thread-self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
+
+
+def test_reads_are_small_parts_only_while_the_worker_serves(tmp_path, monkeypatch, twin):
+    monkeypatch.setattr(staging, "CHUNK", 1 << 20)
+    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 64 << 10)
+    n = 4 << 20
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(n))
+    serving = staging.Serving()
+    out = torch.zeros(n, dtype=torch.uint8)
+    looking = -_reads_made() + _reads_made()  # what a look itself reads
     with open(path, "rb", buffering=0) as f:
-        readers.read(f.fileno(), 0, out)
-    assert out.numpy().tobytes() == path.read_bytes()
+        for readers, last, parts in (
+                (staging.Readers(1, 1), None, 4),  # nothing to give way to
+                (staging.Readers(1, 1, serving, give_way=True), 0, 4),  # idle for long
+                # Served just now: small parts (the head start covers any wait).
+                (staging.Readers(1, 1, serving, give_way=True), time.monotonic_ns(), 64)):
+            if last is not None:
+                serving.end(last)
+            before = _reads_made()
+            readers.read(f.fileno(), 0, out)  # on this thread: one part, read here
+            assert _reads_made() - before - looking == parts, (last, parts)
 
 
 def test_a_read_that_gives_way_refuses_a_file_that_ends_early(tmp_path, twin):
@@ -413,6 +450,43 @@ def test_a_read_that_gives_way_refuses_a_file_that_ends_early(tmp_path, twin):
     path.write_bytes(b"x" * (3 * staging.GIVE_WAY_CHUNK))
     with open(path, "rb", buffering=0) as f, pytest.raises(ValueError, match="ends inside"):
         readers.read(f.fileno(), 0, torch.zeros(4 * staging.GIVE_WAY_CHUNK, dtype=torch.uint8))
+
+
+_MARKS_HANDLER = '''
+import numpy as np
+from mmengine import staging
+
+def load(path, device):
+    return None
+
+def predict(inputs):
+    marks = staging.READERS.serving.marks  # the worker's: what its loads' reads look at
+    return {"serving_since": np.array([marks[0]]), "served_at": np.array([marks[1]])}
+'''
+
+
+def test_a_worker_marks_itself_serving_for_its_loads_while_it_serves(tmp_path):
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    (tmp_path / "repo" / "m" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "m" / "1" / "handler.py").write_text(_MARKS_HANDLER)
+    x = {"x": np.zeros(1, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
+            t0 = time.monotonic_ns()
+            first = await engine.infer("m", x)
+            t1 = time.monotonic_ns()
+            second = await engine.infer("m", x)
+            return t0, first, t1, second
+
+    t0, first, t1, second = run(main())
+    # Marked busy from before its model is called (one clock for every
+    # process), and marked done when its answer is sent, before the next.
+    assert t0 <= first["serving_since"][0] <= t1
+    assert t0 <= second["served_at"][0] <= second["serving_since"][0]
 
 
 def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
