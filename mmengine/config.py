@@ -110,11 +110,13 @@ class Config:
     # beside a load 3-30x its idle p99, sleeping 1.1-2x). "on" | "off".
     spin_during_loads: str = "auto"
     # How long a worker's loader thread may hold the GIL while its serving
-    # thread waits for it (sys.setswitchinterval in each worker). A reload's
-    # Python runs under the GIL: at CPython's 5 ms a small model's p99 during
-    # such loads was ~6x its idle p99. 50 halved the slowest requests' waits
-    # for the GIL on 2 cores (session 10), with their p99 within the noise.
-    gil_switch_us: float = 500.0
+    # thread waits for it (sys.setswitchinterval in each worker), and the
+    # front-end's threads while its loop waits. A load's Python runs under
+    # the GIL: at CPython's 5 ms a small model's p99 during loads was ~6x its
+    # idle p99. Once a load's reads took the GIL no more (session 37), that
+    # p99 was 470-780 us at 500 and 360-400 at 50 on 2 cores, the loads as
+    # fast, the front-end's requests beside scrapes no slower (beside.py).
+    gil_switch_us: float = 50.0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
                                          # memory, or half the host's split over CPU workers

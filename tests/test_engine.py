@@ -1468,10 +1468,10 @@ def test_a_workers_gil_switch_interval_is_the_configs(tmp_path, own_segments):
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=1 << 24,
-                                 gil_switch_us=50)) as engine:
+                                 gil_switch_us=200)) as engine:  # not the default
             return (await engine.infer("switch", {"x": np.zeros(1, np.float32)}))["s"][0]
 
-    assert run(main()) == pytest.approx(50e-6)
+    assert run(main()) == pytest.approx(200e-6)
     with pytest.raises(ValueError, match="gil_switch_us"):
         Config(gil_switch_us=0)
 
