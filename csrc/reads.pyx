@@ -38,8 +38,8 @@ cdef inline int64_t _now_ns() noexcept nogil:
 def read(int fd, unsigned char[::1] out not None, int64_t offset, const long long[::1] marks,
          int64_t chunk, int64_t small, int64_t grace_ns, int64_t nap_ns, int64_t idle_ns):
     """Fills `out` from `fd` at `offset` in parts of `chunk` bytes. With
-    `marks` (staging.Serving's: when the request being served began, 0 for
-    none, and when the last one ended), while the worker has served within
+    `marks` (staging.Serving's: nonzero while a request is being served,
+    and when the last one ended), while the worker has served within
     `idle_ns` the parts are `small`, and before each the read waits, in
     naps of `nap_ns`, while a request is being served: for at most as long,
     in all, as it has spent reading, plus `grace_ns` (a nap that overslept
@@ -55,7 +55,7 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
         raise ValueError("parts of at least a byte, naps of no negative length")
     if marks is not None:
         if marks.shape[0] != 2:
-            raise ValueError("marks: (serving since, served at)")
+            raise ValueError("marks: (serving, served at)")
         serving, served_at = &marks[0], &marks[1]
     nap.tv_sec, nap.tv_nsec = nap_ns // 1000000000, nap_ns % 1000000000
     if n == 0:

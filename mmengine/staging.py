@@ -158,19 +158,19 @@ def _fill_from(f: BinaryIO, out: torch.Tensor) -> None:
 
 
 class Serving:
-    """When the request a worker's serving thread runs began (0: none) and
-    when its last one ended, in time.monotonic_ns(): written by that
-    thread, read by its loads' readers between their parts. In an array,
-    so that the readers' C twin (csrc/reads.pyx) reads them with the GIL
-    released."""
+    """Whether a worker's serving thread is serving a request (1) or not
+    (0), and when its last one ended, in time.monotonic_ns(): written by
+    that thread, read by its loads' readers between their parts. In an
+    array, so that the readers' C twin (csrc/reads.pyx) reads them with the
+    GIL released."""
 
     __slots__ = ("marks",)
 
     def __init__(self) -> None:
         self.marks = array.array("q", [0, 0])
 
-    def begin(self, now: int) -> None:
-        self.marks[0] = now
+    def begin(self) -> None:
+        self.marks[0] = 1
 
     def end(self, now: int) -> None:
         self.marks[1] = now

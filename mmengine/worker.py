@@ -506,7 +506,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             return  # the front-end is shutting down: everything sent is served
         # From the record's read to its answer's send: a load's reads wait
         # it out (staging.Readers), its Python steps included.
-        serving.begin(time.monotonic_ns())
+        serving.begin()
         try:
             request = _parse(parts)
             del parts

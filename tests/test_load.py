@@ -343,7 +343,7 @@ def test_reads_widen_while_the_worker_is_idle(tmp_path):
         if idle:
             serving.end(0)  # the last request long ago, none now
         else:
-            serving.begin(time.monotonic_ns())  # (these readers do not give way)
+            serving.begin()  # (these readers do not give way)
         out = torch.zeros(len(data), dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
             readers.read(f.fileno(), 0, out)
@@ -385,7 +385,7 @@ def test_reads_wait_out_the_request_being_served_and_not_an_idle_worker(tmp_path
         thread.join(30)
         assert not thread.is_alive() and np.array_equal(out.numpy(), data)
     # A request being served: nothing is read until it ends.
-    serving.begin(time.monotonic_ns())
+    serving.begin()
     out, thread = read()
     thread.join(0.3)
     assert thread.is_alive() and not out.any()
@@ -398,7 +398,7 @@ def test_a_read_that_gives_way_to_requests_ends_all_the_same(tmp_path, twin):
     # A worker that is always serving still gets its load: the read waits
     # at most as long as it reads (and a millisecond's head start).
     serving = staging.Serving()
-    serving.begin(time.monotonic_ns())
+    serving.begin()
     readers = staging.Readers(1, 1, serving, give_way=True)
     n = 40 * staging.GIVE_WAY_CHUNK
     path = tmp_path / "blob"
@@ -464,7 +464,7 @@ def load(path, device):
 
 def predict(inputs):
     marks = staging.READERS.serving.marks  # the worker's: what its loads' reads look at
-    return {"serving_since": np.array([marks[0]]), "served_at": np.array([marks[1]])}
+    return {"serving": np.array([marks[0]]), "served_at": np.array([marks[1]])}
 '''
 
 
@@ -481,15 +481,14 @@ def test_a_worker_marks_itself_serving_for_its_loads_while_it_serves(tmp_path):
         async with Engine(Config(repo=str(tmp_path / "repo"), workers=1)) as engine:
             t0 = time.monotonic_ns()
             first = await engine.infer("m", x)
-            t1 = time.monotonic_ns()
             second = await engine.infer("m", x)
-            return t0, first, t1, second
+            return t0, first, second, time.monotonic_ns()
 
-    t0, first, t1, second = run(main())
-    # Marked busy from before its model is called (one clock for every
-    # process), and marked done when its answer is sent, before the next.
-    assert t0 <= first["serving_since"][0] <= t1
-    assert t0 <= second["served_at"][0] <= second["serving_since"][0]
+    t0, first, second, t1 = run(main())
+    # Marked busy while its model is called, and marked done (when, on one
+    # clock for every process) once its answer is sent, before the next.
+    assert first["serving"][0] == second["serving"][0] == 1
+    assert first["served_at"][0] < t0 <= second["served_at"][0] <= t1
 
 
 def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
@@ -509,7 +508,7 @@ def test_giving_way_waits_at_most_as_long_as_the_read_reads(monkeypatch):
 
     monkeypatch.setattr(staging, "time", Clock)
     serving = staging.Serving()
-    serving.begin(now[0])
+    serving.begin()
     pace = staging._GiveWay(serving)
     reading = 0
     for _ in range(1000):
