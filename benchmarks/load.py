@@ -19,7 +19,11 @@ resident model's p99 latency through the same Engine is measured while
 nothing loads, then while the big model is loaded and unloaded over and
 over on the same worker, and last (the baseline of interference) while
 another process only copies as many bytes as each load, as often, with no
-load at all (copy_interference). Medians of repeated runs.
+load at all (copy_interference). busy_load_ms is engine.load() of the big
+model while the small one's requests run (busy_load_vs_load: against
+engine_load_ms, with nothing else running): what a load's giving way to
+requests costs it, so that interference cannot be bought by starving loads.
+Medians of repeated runs.
 
 The host tier is measured by a second Engine, whose evictions demote the
 model to shared memory (demote_ms) and whose loads map it from there
@@ -258,11 +262,15 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
         idle = await hot(idle_n)
         done, started = asyncio.Event(), asyncio.Event()
 
+        busy_load_ms = []  # the big model's loads beside the small one's requests
+
         async def churn():  # at least `cycles`, and for as long as the samples take
             n = 0
             while n < cycles or not enough.is_set():
                 t0 = time.perf_counter()
                 await engine.load(BIG)
+                if started.is_set():  # the first began before the requests
+                    busy_load_ms.append((time.perf_counter() - t0) * 1e3)
                 started.set()
                 await engine.unload(BIG, keep_host=host)
                 n += 1
@@ -297,6 +305,7 @@ async def _engine(root: Path, repeats: int, idle_n: int, cycles: int, host: bool
     return {"worker_load_ms": statistics.median(sum(p.values()) for p in loads) * 1e3,
             "phases_ms": phases,
             "engine_load_ms": statistics.median(engine_ms),
+            "busy_load_ms": statistics.median(busy_load_ms),
             "evict_ms": statistics.median(evict_ms),
             "hot_p99_idle_us": float(np.percentile(idle, 99)),
             "hot_p50_idle_us": float(np.percentile(idle, 50)),
@@ -421,6 +430,8 @@ def run(quick: bool) -> dict:
         "load_ms": eng["worker_load_ms"],
         "host_load_ms": tier["worker_load_ms"],
         "engine_load_ms": eng["engine_load_ms"],
+        "busy_load_ms": eng["busy_load_ms"],
+        "host_busy_load_ms": tier["busy_load_ms"],
         "load_phases_ms": eng["phases_ms"],
         "evict_ms": eng["evict_ms"],
         "demote_ms": tier["evict_ms"],
@@ -442,6 +453,7 @@ def run(quick: bool) -> dict:
             "vs_torch_load": disk / (gb / torch_load),
             "evict_vs_load": eng["evict_ms"] / eng["worker_load_ms"],
             "interference": eng["hot_p99_during_loads_us"] / eng["hot_p99_idle_us"],
+            "busy_load_vs_load": eng["busy_load_ms"] / eng["engine_load_ms"],
             "host_interference": tier["hot_p99_during_loads_us"] / tier["hot_p99_idle_us"],
             "copy_interference": eng["hot_p99_beside_copies_us"] / eng["hot_p99_idle_us"],
         },
