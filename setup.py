@@ -43,7 +43,7 @@ def native(name):
         extra_compile_args=CFLAGS,
         define_macros=MACROS,
         depends=[path for path in (f"csrc/{name}.h", f"csrc/{name}.pxd", "csrc/debug.h",
-                                   "csrc/packing.pxd")
+                                   "csrc/packing.pxd", "csrc/readjob.h")
                  if os.path.exists(path)],
     )
 

@@ -11,12 +11,16 @@ and the naps run with no GIL at all.
 
 The serving thread's two marks (staging.Serving) are read as it writes
 them, with no lock: a look that is a moment late only sizes one part.
+
+A read given a Slot is also put there for the serving thread itself to
+help with while it waits for requests (csrc/readjob.h): on cores that
+serving keeps busy, the gaps between requests are the load's best time,
+and a reader thread could only run by taking a core from a request.
 """
-from libc.errno cimport EINTR, errno
+from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int64_t
+from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
-from posix.types cimport off_t
-from posix.unistd cimport pread
 
 import os
 
@@ -35,38 +39,93 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef extern from "readjob.h" nogil:
+    ctypedef struct mm_readjob:
+        int active
+        int stepping
+        int fd
+        unsigned char *out
+        int64_t n
+        int64_t offset
+        int64_t part
+        int64_t next
+        int64_t finished
+        int error
+        int64_t helped_at
+        int64_t helped
+    int64_t mm_readjob_claim(mm_readjob *j, int64_t want, int64_t *got)
+    void mm_readjob_fill(mm_readjob *j, int64_t at, int64_t want)
+    void mm_readjob_open(mm_readjob *j)
+    void mm_readjob_close(mm_readjob *j)
+    int64_t mm_readjob_helped_at(mm_readjob *j)
+    int mm_readjob_error(mm_readjob *j)
+    int64_t mm_readjob_helped(mm_readjob *j)
+
+
+cdef class Slot:
+    """A worker's one read slot that its serving thread helps with while it
+    waits for requests (csrc/readjob.h; NativeRing.help_reads)."""
+    cdef mm_readjob job
+    cdef readonly object capsule
+
+    def __cinit__(self):
+        memset(&self.job, 0, sizeof(self.job))
+        self.capsule = PyCapsule_New(&self.job, b"mmengine.readjob", NULL)
+
+    @property
+    def helped(self):
+        """The bytes that waiting serving threads have read, over all reads."""
+        return mm_readjob_helped(&self.job)
+
+
 def read(int fd, unsigned char[::1] out not None, int64_t offset, const long long[::1] marks,
-         int64_t chunk, int64_t small, int64_t grace_ns, int64_t nap_ns, int64_t idle_ns):
+         int64_t chunk, int64_t small, int64_t grace_ns, int64_t nap_ns, int64_t idle_ns,
+         Slot slot=None, int64_t help_ns=0, int64_t help_nap_ns=0):
     """Fills `out` from `fd` at `offset` in parts of `chunk` bytes. With
     `marks` (staging.Serving's: nonzero while a request is being served,
     and when the last one ended), while the worker has served within
     `idle_ns` the parts are `small`, and before each the read waits, in
     naps of `nap_ns`, while a request is being served: for at most as long,
     in all, as it has spent reading, plus `grace_ns` (a nap that overslept
-    is a debt the next parts repay). ValueError if the file ends first."""
-    cdef Py_ssize_t n = out.shape[0], done = 0, want
-    cdef ssize_t got = 0
+    is a debt the next parts repay). With `slot` as well, the read is put
+    there for the serving thread to help with between its requests, in
+    parts of `small`; while it has helped within `help_ns`, this thread
+    claims nothing and naps `help_nap_ns`. ValueError if the file ends
+    first."""
+    cdef Py_ssize_t n = out.shape[0]
     cdef const long long *serving = NULL
     cdef const long long *served_at = NULL
-    cdef int64_t credit = grace_ns, last, now, until, part
-    cdef timespec nap
+    cdef int64_t credit = grace_ns, last, now, until, part, at, want = 0
+    cdef timespec nap, help_nap
     cdef int error = 0
-    if chunk <= 0 or small <= 0 or nap_ns < 0:
+    cdef mm_readjob local
+    cdef mm_readjob *job = &local
+    if chunk <= 0 or small <= 0 or nap_ns < 0 or help_nap_ns < 0:
         raise ValueError("parts of at least a byte, naps of no negative length")
     if marks is not None:
         if marks.shape[0] != 2:
             raise ValueError("marks: (serving, served at)")
         serving, served_at = &marks[0], &marks[1]
+        if slot is not None and not slot.job.active:  # (one read at a time uses it)
+            job = &slot.job
     nap.tv_sec, nap.tv_nsec = nap_ns // 1000000000, nap_ns % 1000000000
+    help_nap.tv_sec, help_nap.tv_nsec = help_nap_ns // 1000000000, help_nap_ns % 1000000000
     if n == 0:
         return
+    memset(&local, 0, sizeof(local))
+    job.fd, job.out, job.n, job.offset, job.part = fd, &out[0], n, offset, small
     with nogil:
+        mm_readjob_open(job)
         last = _now_ns()
-        while done < n:
+        while True:
             part = chunk
             if serving != NULL:
                 now = _now_ns()
                 credit += now - last  # the part just read
+                if job != &local and now - mm_readjob_helped_at(job) <= help_ns:
+                    nanosleep(&help_nap, NULL)  # the serving thread reads meanwhile
+                    last = _now_ns()
+                    continue
                 if mm_read_mark(serving) != 0 or now - mm_read_mark(served_at) <= idle_ns:
                     if credit > 0 and mm_read_mark(serving) != 0:
                         until = now + credit
@@ -76,17 +135,15 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
                         credit = until - now
                     part = small
                 last = now
-            want = n - done if n - done < part else part
-            got = pread(fd, &out[done], want, <off_t>(offset + done))
-            if got < 0:
-                if errno == EINTR:
-                    continue
-                error = errno
+            at = mm_readjob_claim(job, part, &want)
+            if at < 0:
                 break
-            if got == 0:
+            mm_readjob_fill(job, at, want)
+            if mm_readjob_error(job):
                 break
-            done += got
-    if error:
+        mm_readjob_close(job)
+        error = mm_readjob_error(job)
+    if error > 0:
         raise OSError(error, os.strerror(error))
-    if done < n:
+    if error:
         raise ValueError("file ends inside its tensor data")

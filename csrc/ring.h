@@ -92,6 +92,11 @@ typedef struct {
      * across cores on every record, only when its owner's news is needed. */
     uint64_t head_seen; /* producer */
     uint64_t tail_seen; /* consumer */
+    /* Work a waiter may do between its looks (a worker's serving thread:
+     * the part of a load, csrc/readjob.h): 1 if it did some. Set before
+     * the ring is waited on; NULL: none. */
+    int (*idle_step)(void *);
+    void *idle_arg;
 } mm_ring;
 
 static inline uint64_t mm_align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
@@ -163,6 +168,8 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->peer_closed_bit = is_creator ? MM_RING_ATTACHER_CLOSED : MM_RING_CREATOR_CLOSED;
     r->held = 0;
     r->spin_ns = spin_ns;
+    r->idle_step = NULL;
+    r->idle_arg = NULL;
     r->head_seen = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
     r->tail_seen = atomic_load_explicit(&r->hdr->tail, memory_order_acquire);
 }
@@ -347,6 +354,13 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     int here = mm_ring_peer_here(r, for_read);
     for (unsigned i = 1;; i++) {
         if (MM_READY()) return MM_RING_OK;
+        if (r->idle_step != NULL && r->idle_step(r->idle_arg)) {
+            /* Time spent working is not spinning: the spin starts over. */
+            uint64_t now = mm_now_ns();
+            spin_end = now + spin_ns;
+            yield_after = now + spin_ns / 8;
+            continue;
+        }
         if (here || (i & 63u) == 0) {
             uint64_t now = mm_now_ns();
             if (now >= spin_end) break;

@@ -42,6 +42,8 @@ cdef extern from "ring.h" nogil:
         uint32_t peer_closed_bit
         uint64_t held
         uint64_t spin_ns
+        int (*idle_step)(void *) noexcept nogil
+        void *idle_arg
 
     uint64_t mm_align8(uint64_t n)
     uint64_t mm_ring_spin(const mm_ring *r)
@@ -61,3 +63,7 @@ cdef extern from "ring.h" nogil:
     void mm_ring_unpark(mm_ring *r, int for_read)
     int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t timeout_ns,
                      int peer_pidfd)
+
+
+cdef extern from "readjob.h" nogil:
+    int mm_readjob_step(void *arg) noexcept

@@ -4,6 +4,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
@@ -90,6 +91,7 @@ cdef class RingCore:
     # taken back (0: it found its record without waiting): a waiter's
     # wake-up and its wait for the GIL can then be told apart.
     cdef readonly uint64_t woke_ns
+    cdef object helped     # the read slot a waiter helps with (mmengine._reads.Slot)
 
     def _bind_ops(self, mapping, int data_fd, int space_fd, bint is_creator, double spin_us):
         PyObject_GetBuffer(mapping, &self.buf, PyBUF_SIMPLE)
@@ -257,6 +259,16 @@ cdef class RingCore:
         if not 0 <= us < _MAX_SPIN_US:
             raise ValueError(f"spin_us must be >= 0 and < {_MAX_SPIN_US:g}")
         mm_ring_set_spin(&self.r, <uint64_t>(us * 1000.0))
+
+    def help_reads(self, slot):
+        """While this side waits to get a record, it reads parts of the
+        load in `slot` (mmengine._reads.Slot) when one is under way: a
+        worker's serving thread, between requests (csrc/readjob.h). Set
+        before the ring is waited on."""
+        self._check()
+        self.r.idle_arg = PyCapsule_GetPointer(slot.capsule, b"mmengine.readjob")
+        self.r.idle_step = mm_readjob_step
+        self.helped = slot
 
     @property
     def held(self):

@@ -14,7 +14,7 @@ import os
 import psutil
 
 from mmengine import cgroup
-from mmengine.config import Config, ConfigError
+from mmengine.config import Config, ConfigError, native
 
 #: What each process of the server holds besides models and rings, which
 #: the automatic sizes leave it: the interpreter, torch, its allocator (a
@@ -160,12 +160,23 @@ def load_readers(config: Config, device: str) -> tuple[int, int]:
             config.load_threads or max(1, min(4, share)))
 
 
+def helps_loads(device: str) -> bool:
+    """Whether a worker's serving thread reads its loads' parts while it
+    waits for requests (csrc/readjob.h): a CPU worker's, where the rings
+    and the reads are built in C."""
+    return device == "cpu" and native("ring") is not None and native("reads") is not None
+
+
 def spins_during_loads(config: Config, device: str) -> bool:
     """Whether a worker's serving thread spins, and the front-end polls its
-    answers, while the worker loads (config.spin_during_loads)."""
+    answers, while the worker loads (config.spin_during_loads): where the
+    serving thread helps with the load (its spinning is the load's reading
+    then), or where its share of the cores holds its load's readers, the
+    spinning thread and one core more."""
     if config.spin_during_loads != "auto":
         return config.spin_during_loads == "on"
-    return core_share(config, device) >= load_readers(config, device)[0] + 2
+    return (helps_loads(device)
+            or core_share(config, device) >= load_readers(config, device)[0] + 2)
 
 
 def device_budget(config: Config, device: str) -> int:

@@ -56,6 +56,11 @@ GIVE_WAY_NAP_NS = 20_000
 #: A worker that has served nothing for this long is idle: its loads read
 #: in large parts, with all its readers.
 IDLE_NS = 100_000_000
+#: While the serving thread has read a part of the load within this long
+#: (between its requests: Readers.slot), the reader thread claims none and
+#: sleeps this long between looks.
+HELP_NS = 200_000
+HELP_NAP_NS = 1_000_000
 
 _PAGE = mmap.PAGESIZE
 _HUGE = 2 << 20
@@ -229,6 +234,14 @@ class Readers:
     small model's call made the call several times slower, by the copy's
     traffic through the caches and memory, whatever the threads' priorities.
 
+    With `slot` (a CPU worker's, where csrc/reads.pyx is built), a read by
+    one thread is also put where the worker's serving thread, waiting for
+    its next request, reads parts of it (NativeRing.help_reads,
+    csrc/readjob.h): the load moves in the gaps between requests without
+    taking a core from them, and this thread sleeps while that help comes.
+    Without help (the serving thread busy, or asleep on an idle worker) it
+    reads every part itself.
+
     Reading from the page cache is a copy by the kernel on the reading
     thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
     Each thread reads its own contiguous part, in C with the GIL released
@@ -246,6 +259,9 @@ class Readers:
         self.serving = serving  # None: never idle, nothing to give way to
         self.give_way = give_way and serving is not None
         self._pool: ThreadPoolExecutor | None = None
+        # Where a load's read waits for the serving thread's help, which
+        # reads its parts between requests (NativeRing.help_reads).
+        self.slot = _native.Slot() if self.give_way and _native is not None else None
         self.reading = False  # read by the serving thread's account of its requests
 
     def read(self, fd: int, offset: int, out: torch.Tensor) -> None:
@@ -264,12 +280,13 @@ class Readers:
                 and self.serving.idle())
         k = min(self.idle_threads if wide else self.threads, max(1, n // self.MIN_PART))
         serving = self.serving if self.give_way else None
+        slot = self.slot if k == 1 else None
 
         def read(view: memoryview, offset: int) -> None:
             if _native is not None:
                 _native.read(fd, view, offset, None if serving is None else serving.marks,
                              CHUNK, GIVE_WAY_CHUNK, GIVE_WAY_GRACE_NS, GIVE_WAY_NAP_NS,
-                             IDLE_NS)
+                             IDLE_NS, slot, HELP_NS, HELP_NAP_NS)
             elif serving is None:
                 _pread_into(fd, view, offset)
             else:

@@ -351,7 +351,9 @@ def _main_thread_parks(req) -> Iterator[None]:
     """While the loader works, the main thread parks as soon as it has no
     request instead of spinning (where cores are few): a spinning thread is
     never woken, so it does not preempt the loader when a request comes, and
-    waits for the end of the loader's time slice (milliseconds)."""
+    waits for the end of the loader's time slice (milliseconds). A thread
+    that helps with the load's reads (Readers.slot) still reads its parts
+    before it parks."""
     spin = req.spin_us
     req.spin_us = 0
     try:
@@ -809,6 +811,10 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # and the model share the cores and the memory bus (staging.Readers).
     staging.READERS = logic.readers = staging.Readers(
         *resources.load_readers(config, device), logic.serving, device == "cpu")
+    if resources.helps_loads(device):
+        # Between requests the serving thread reads the load's parts instead
+        # of only spinning (csrc/readjob.h); the front-end polls meanwhile.
+        req.help_reads(logic.readers.slot)
     quiet = not resources.spins_during_loads(config, device)
     loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
                               name=f"mmengine-loader-{index}", daemon=True)

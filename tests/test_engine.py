@@ -17,7 +17,7 @@ import pytest
 from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, write_handler,
                       write_problem_models)
 from mmengine import demo, resources, shm
-from mmengine.config import Config
+from mmengine.config import Config, native
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, LoadFailed, ModelNotFound, Overloaded,
                              PinnedFull, Timeout, TooLarge, Unauthorized, WorkerDied)
@@ -819,9 +819,15 @@ def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_s
 ])
 def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
         monkeypatch, cores, workers, threads, spins):
+    """...unless its serving thread helps with the load (a CPU worker's,
+    where the C rings and reads are built): then its spinning is reading."""
     monkeypatch.setattr(resources, "cores", lambda: cores)
     c = Config(workers=workers, load_threads=threads)
     assert resources.core_share(c, "cpu") == max(1, cores // workers)
+    assert resources.helps_loads("cpu") is (native("ring") is not None
+                                            and native("reads") is not None)
+    assert resources.spins_during_loads(c, "cpu") is (spins or resources.helps_loads("cpu"))
+    monkeypatch.setattr(resources, "helps_loads", lambda device: False)
     assert resources.spins_during_loads(c, "cpu") is spins
     assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu")
     assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
@@ -1781,7 +1787,7 @@ FORKING_APP = """
 import asyncio, os, sys, threading
 import numpy as np
 from mmengine import shm
-from mmengine.config import Config
+from mmengine.config import Config, native
 from mmengine.engine import Engine
 
 loop = asyncio.new_event_loop()
@@ -1829,7 +1835,7 @@ def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
 FORKING_ON_THE_LOOP = """
 import asyncio, os, sys
 import numpy as np
-from mmengine.config import Config
+from mmengine.config import Config, native
 from mmengine.engine import Engine
 
 async def main():

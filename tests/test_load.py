@@ -455,6 +455,103 @@ def test_a_read_that_gives_way_refuses_a_file_that_ends_early(tmp_path, twin):
         readers.read(f.fileno(), 0, torch.zeros(4 * staging.GIVE_WAY_CHUNK, dtype=torch.uint8))
 
 
+def _helped_read(tmp_path, monkeypatch, data: bytes, n: int, then=None):
+    """A load's read of `data` into n bytes while, marked busy, the reader
+    waits out a request, and a thread waiting for a record on a ring whose
+    waits help with the worker's reads (the serving thread's place) reads
+    its parts meanwhile. `then(producer, slot)` runs while the reader still
+    waits. Returns (out, the reader's failure or None, the waiter's record,
+    the bytes it helped with)."""
+    from mmengine.ring import NativeRing
+
+    if staging._native is None or NativeRing is None:
+        pytest.skip("mmengine._reads or mmengine._ring is not built")
+    # A head start that outlasts the test: the reader reads nothing itself
+    # until the request ends.
+    monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    serving = staging.Serving()
+    serving.begin()  # a request being served: the reader itself waits
+    readers = staging.Readers(1, 1, serving, give_way=True)
+    producer = NativeRing.create(4096)
+    waiter = NativeRing.attach(producer.handle)
+    waiter.spin_us = 30e6  # spins (and so helps) however late the read starts
+    waiter.help_reads(readers.slot)
+    out = torch.zeros(n, dtype=torch.uint8)
+    failed, got = [], []
+
+    def read():
+        try:
+            with open(path, "rb", buffering=0) as f:
+                readers.read(f.fileno(), 0, out)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            failed.append(e)
+
+    def wait():
+        record = waiter.get(timeout=30)
+        got.append(bytes(record[0]))
+        waiter.release()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    helper = threading.Thread(target=wait, daemon=True)
+    helper.start()
+    try:
+        if then is not None:
+            then(producer, readers.slot)
+        deadline = time.monotonic() + 30
+        while readers.slot.helped < n and helper.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        helped = readers.slot.helped
+        serving.end(time.monotonic_ns())  # the request ends: the reader takes what is left
+        reader.join(30)
+        assert not reader.is_alive()
+        if helper.is_alive():
+            producer.put(b"request")
+        helper.join(30)
+        assert not helper.is_alive()
+    finally:
+        waiter.close()
+        producer.close()
+    return out, (failed or [None])[0], got[0], helped
+
+
+def test_a_serving_thread_waiting_for_requests_reads_the_load_meanwhile(tmp_path, monkeypatch):
+    n = 40 * staging.GIVE_WAY_CHUNK + 17
+    data = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8).tobytes()
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, n)
+    # The reader waited out the request throughout: every part was read by
+    # the thread that waited for its next one, and it still gets that one.
+    assert failed is None and helped == n
+    assert out.numpy().tobytes() == data and record == b"request"
+
+
+def test_a_request_ends_the_help_and_the_reader_reads_the_rest(tmp_path, monkeypatch):
+    n = 1024 * staging.GIVE_WAY_CHUNK  # 64 MiB: the request comes long before its end
+    data = bytes(range(256)) * (n // 256)
+
+    def request(producer, slot):
+        deadline = time.monotonic() + 30
+        while not slot.helped and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        producer.put(b"first")
+
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, n, then=request)
+    assert record == b"first" and failed is None
+    assert 0 < helped < n  # it stopped for the request, mid-read
+    assert out.numpy().tobytes() == data  # what the waiter left, the reader read
+
+
+def test_a_file_that_ends_early_fails_the_read_a_serving_thread_helps_with(tmp_path,
+                                                                             monkeypatch):
+    n = 8 * staging.GIVE_WAY_CHUNK
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, b"x" * (3 * staging.GIVE_WAY_CHUNK),
+                                                 n)
+    assert isinstance(failed, ValueError) and "ends inside" in str(failed)
+    assert record == b"request" and helped == n  # claimed, the missing parts included
+
+
 _MARKS_HANDLER = '''
 import numpy as np
 from mmengine import staging
