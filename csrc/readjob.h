@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 typedef struct {
+    _Atomic int owned;         /* a read has the slot (mm_readjob_take) */
     _Atomic int active;        /* a read is under way: its fields are set */
     _Atomic int stepping;      /* helpers inside mm_readjob_step */
     int fd;
@@ -66,8 +67,10 @@ static inline void mm_readjob_fill(mm_readjob *j, int64_t at, int64_t want) {
     atomic_fetch_add(&j->finished, want);
 }
 
-/* Claims `want` bytes of the job: their start, or -1 when all is claimed. */
+/* Claims `want` bytes of the job: their start, or -1 when all is claimed
+ * or a part has failed (nothing more is worth reading). */
 static inline int64_t mm_readjob_claim(mm_readjob *j, int64_t want, int64_t *got) {
+    if (atomic_load_explicit(&j->error, memory_order_relaxed)) return -1;
     int64_t at = atomic_fetch_add(&j->next, want);
     if (at >= j->n) return -1;
     *got = j->n - at < want ? j->n - at : want;
@@ -82,7 +85,8 @@ static inline int mm_readjob_step(void *arg) {
     if (!atomic_load_explicit(&j->active, memory_order_relaxed)) return 0;
     int did = 0, saved = errno;
     atomic_fetch_add(&j->stepping, 1);
-    if (atomic_load(&j->active)) {
+    /* Nothing left to claim: no claim, so `next` stops growing. */
+    if (atomic_load(&j->active) && atomic_load_explicit(&j->next, memory_order_relaxed) < j->n) {
         int64_t want = 0, at = mm_readjob_claim(j, j->part, &want);
         if (at >= 0) {
             atomic_store_explicit(&j->helped_at, mm_readjob_now(), memory_order_relaxed);
@@ -95,6 +99,15 @@ static inline int mm_readjob_step(void *arg) {
     errno = saved;
     return did;
 }
+
+/* Whether the calling read may use the slot (one read at a time does);
+ * mm_readjob_give hands it back after mm_readjob_close. */
+static inline int mm_readjob_take(mm_readjob *j) {
+    int expected = 0;
+    return atomic_compare_exchange_strong(&j->owned, &expected, 1);
+}
+
+static inline void mm_readjob_give(mm_readjob *j) { atomic_store(&j->owned, 0); }
 
 /* The owner's: a read is under way from now on (its fields are set). */
 static inline void mm_readjob_open(mm_readjob *j) {

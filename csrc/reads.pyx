@@ -41,6 +41,7 @@ cdef inline int64_t _now_ns() noexcept nogil:
 
 cdef extern from "readjob.h" nogil:
     ctypedef struct mm_readjob:
+        int owned
         int active
         int stepping
         int fd
@@ -60,6 +61,8 @@ cdef extern from "readjob.h" nogil:
     int64_t mm_readjob_helped_at(mm_readjob *j)
     int mm_readjob_error(mm_readjob *j)
     int64_t mm_readjob_helped(mm_readjob *j)
+    int mm_readjob_take(mm_readjob *j)
+    void mm_readjob_give(mm_readjob *j)
 
 
 cdef class Slot:
@@ -106,11 +109,13 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
         if marks.shape[0] != 2:
             raise ValueError("marks: (serving, served at)")
         serving, served_at = &marks[0], &marks[1]
-        if slot is not None and not slot.job.active:  # (one read at a time uses it)
+        if slot is not None and mm_readjob_take(&slot.job):  # one read at a time uses it
             job = &slot.job
     nap.tv_sec, nap.tv_nsec = nap_ns // 1000000000, nap_ns % 1000000000
     help_nap.tv_sec, help_nap.tv_nsec = help_nap_ns // 1000000000, help_nap_ns % 1000000000
     if n == 0:
+        if job != &local:
+            mm_readjob_give(job)
         return
     memset(&local, 0, sizeof(local))
     job.fd, job.out, job.n, job.offset, job.part = fd, &out[0], n, offset, small
@@ -122,14 +127,16 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
             if serving != NULL:
                 now = _now_ns()
                 credit += now - last  # the part just read
-                if job != &local and now - mm_readjob_helped_at(job) <= help_ns:
+                if (job != &local and now - mm_readjob_helped_at(job) <= help_ns
+                        and not mm_readjob_error(job)):
                     nanosleep(&help_nap, NULL)  # the serving thread reads meanwhile
                     last = _now_ns()
                     continue
                 if mm_read_mark(serving) != 0 or now - mm_read_mark(served_at) <= idle_ns:
                     if credit > 0 and mm_read_mark(serving) != 0:
                         until = now + credit
-                        while now < until and mm_read_mark(serving) != 0:
+                        while (now < until and mm_read_mark(serving) != 0
+                               and not mm_readjob_error(job)):
                             nanosleep(&nap, NULL)
                             now = _now_ns()
                         credit = until - now
@@ -143,6 +150,8 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
                 break
         mm_readjob_close(job)
         error = mm_readjob_error(job)
+        if job != &local:
+            mm_readjob_give(job)
     if error > 0:
         raise OSError(error, os.strerror(error))
     if error:

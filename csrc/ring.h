@@ -355,10 +355,12 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     for (unsigned i = 1;; i++) {
         if (MM_READY()) return MM_RING_OK;
         if (r->idle_step != NULL && r->idle_step(r->idle_arg)) {
-            /* Time spent working is not spinning: the spin starts over. */
             uint64_t now = mm_now_ns();
+            if (timeout_ns >= 0 && now - start >= (uint64_t)timeout_ns) break; /* still bounded */
+            /* Time spent working is not spinning: the spin starts over. */
             spin_end = now + spin_ns;
             yield_after = now + spin_ns / 8;
+            if (mm_ring_peer_here(r, for_read)) sched_yield();
             continue;
         }
         if (here || (i & 63u) == 0) {

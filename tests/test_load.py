@@ -455,24 +455,27 @@ def test_a_read_that_gives_way_refuses_a_file_that_ends_early(tmp_path, twin):
         readers.read(f.fileno(), 0, torch.zeros(4 * staging.GIVE_WAY_CHUNK, dtype=torch.uint8))
 
 
-def _helped_read(tmp_path, monkeypatch, data: bytes, n: int, then=None):
-    """A load's read of `data` into n bytes while, marked busy, the reader
-    waits out a request, and a thread waiting for a record on a ring whose
-    waits help with the worker's reads (the serving thread's place) reads
-    its parts meanwhile. `then(producer, slot)` runs while the reader still
-    waits. Returns (out, the reader's failure or None, the waiter's record,
-    the bytes it helped with)."""
+def _helped_read(tmp_path, monkeypatch, data: bytes, n: int, then=None, busy: bool = True):
+    """A load's read of `data` into n bytes beside a thread waiting for a
+    record on a ring whose waits help with the worker's reads (the serving
+    thread's place), which reads its parts meanwhile. `busy`: the reader
+    waits out a request being served all along (it reads nothing itself
+    until the test ends it); else one was served just now, and the reader
+    reads what the waiter does not. `then(producer, slot)` runs while the
+    read is under way. Returns (out, the reader's failure or None, the
+    waiter's record, the bytes it helped with)."""
     from mmengine.ring import NativeRing
 
     if staging._native is None or NativeRing is None:
         pytest.skip("mmengine._reads or mmengine._ring is not built")
-    # A head start that outlasts the test: the reader reads nothing itself
-    # until the request ends.
-    monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)
+    monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)  # outlasts the test
     path = tmp_path / "blob"
     path.write_bytes(data)
     serving = staging.Serving()
-    serving.begin()  # a request being served: the reader itself waits
+    if busy:
+        serving.begin()
+    else:
+        serving.end(time.monotonic_ns())
     readers = staging.Readers(1, 1, serving, give_way=True)
     producer = NativeRing.create(4096)
     waiter = NativeRing.attach(producer.handle)
@@ -489,32 +492,40 @@ def _helped_read(tmp_path, monkeypatch, data: bytes, n: int, then=None):
             failed.append(e)
 
     def wait():
-        record = waiter.get(timeout=30)
-        got.append(bytes(record[0]))
-        waiter.release()
+        try:
+            record = waiter.get(timeout=30)
+            got.append(bytes(record[0]))
+            waiter.release()
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            got.append(e)
 
+    helper = threading.Thread(target=wait, daemon=True)
+    helper.start()  # waiting (and spinning) before the read begins
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    helper = threading.Thread(target=wait, daemon=True)
-    helper.start()
     try:
         if then is not None:
             then(producer, readers.slot)
         deadline = time.monotonic() + 30
-        while readers.slot.helped < n and helper.is_alive() and time.monotonic() < deadline:
+        while (readers.slot.helped < n and helper.is_alive() and reader.is_alive()
+               and time.monotonic() < deadline):
             time.sleep(0.001)
         helped = readers.slot.helped
         serving.end(time.monotonic_ns())  # the request ends: the reader takes what is left
         reader.join(30)
         assert not reader.is_alive()
-        if helper.is_alive():
-            producer.put(b"request")
-        helper.join(30)
-        assert not helper.is_alive()
     finally:
-        waiter.close()
-        producer.close()
+        if helper.is_alive():  # not closed under a thread that waits on it
+            producer.put(b"request")
+            helper.join(30)
+        if not helper.is_alive():
+            waiter.close()
+            producer.close()
     return out, (failed or [None])[0], got[0], helped
+
+
+# 64 MiB in 4 KiB parts: a helper takes tens of milliseconds over them all.
+_LONG_READ = 16384 * 4096
 
 
 def test_a_serving_thread_waiting_for_requests_reads_the_load_meanwhile(tmp_path, monkeypatch):
@@ -527,9 +538,20 @@ def test_a_serving_thread_waiting_for_requests_reads_the_load_meanwhile(tmp_path
     assert out.numpy().tobytes() == data and record == b"request"
 
 
+def test_a_read_the_serving_thread_helps_with_between_requests_ends_whole(tmp_path, monkeypatch):
+    # No request in flight: the reader reads too, and sleeps while the help
+    # comes; the two put every byte in its place.
+    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    n = _LONG_READ + 5  # help comes long before the end
+    data = np.random.default_rng(6).integers(0, 256, n, dtype=np.uint8).tobytes()
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, n, busy=False)
+    assert failed is None and 0 < helped <= n
+    assert out.numpy().tobytes() == data and record == b"request"
+
+
 def test_a_request_ends_the_help_and_the_reader_reads_the_rest(tmp_path, monkeypatch):
-    n = 1024 * staging.GIVE_WAY_CHUNK  # 64 MiB: the request comes long before its end
-    data = bytes(range(256)) * (n // 256)
+    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    data = bytes(range(256)) * (_LONG_READ // 256)
 
     def request(producer, slot):
         deadline = time.monotonic() + 30
@@ -537,19 +559,58 @@ def test_a_request_ends_the_help_and_the_reader_reads_the_rest(tmp_path, monkeyp
             time.sleep(0.0005)
         producer.put(b"first")
 
-    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, n, then=request)
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, _LONG_READ,
+                                               then=request)
     assert record == b"first" and failed is None
-    assert 0 < helped < n  # it stopped for the request, mid-read
+    assert 0 < helped < _LONG_READ  # it stopped for the request, mid-read
     assert out.numpy().tobytes() == data  # what the waiter left, the reader read
+
+
+def test_a_wait_that_helps_with_a_read_still_ends_at_its_timeout(tmp_path, monkeypatch):
+    from mmengine.ring import NativeRing, RingTimeout
+
+    if staging._native is None or NativeRing is None:
+        pytest.skip("mmengine._reads or mmengine._ring is not built")
+    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * (_LONG_READ // 256))
+    serving = staging.Serving()
+    serving.begin()  # the reader waits it out: only the waiter below reads
+    readers = staging.Readers(1, 1, serving, give_way=True)
+    out = torch.zeros(_LONG_READ, dtype=torch.uint8)
+
+    def read():
+        with open(path, "rb", buffering=0) as f:
+            readers.read(f.fileno(), 0, out)
+
+    reader = threading.Thread(target=read, daemon=True)
+    with NativeRing.create(4096) as producer, NativeRing.attach(producer.handle) as waiter:
+        waiter.help_reads(readers.slot)
+        reader.start()
+        took = []
+        deadline = time.monotonic() + 30
+        while not readers.slot.helped and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            with pytest.raises(RingTimeout):
+                waiter.get(timeout=0.001)
+            took.append(time.monotonic() - t0)
+        helped = readers.slot.helped
+        serving.end(time.monotonic_ns())
+        reader.join(30)
+    assert not reader.is_alive() and out.numpy().tobytes() == path.read_bytes()
+    # It helped, and its last wait ended at its bound, long before the read's end.
+    assert 0 < helped < _LONG_READ and took[-1] < 1.0
 
 
 def test_a_file_that_ends_early_fails_the_read_a_serving_thread_helps_with(tmp_path,
                                                                              monkeypatch):
     n = 8 * staging.GIVE_WAY_CHUNK
-    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, b"x" * (3 * staging.GIVE_WAY_CHUNK),
-                                                 n)
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch,
+                                               b"x" * (3 * staging.GIVE_WAY_CHUNK), n)
     assert isinstance(failed, ValueError) and "ends inside" in str(failed)
-    assert record == b"request" and helped == n  # claimed, the missing parts included
+    # Nothing is claimed past the part that failed.
+    assert record == b"request" and 3 * staging.GIVE_WAY_CHUNK < helped < n
 
 
 _MARKS_HANDLER = '''
