@@ -234,13 +234,14 @@ class Readers:
     small model's call made the call several times slower, by the copy's
     traffic through the caches and memory, whatever the threads' priorities.
 
-    With `slot` (a CPU worker's, where csrc/reads.pyx is built), a read by
-    one thread is also put where the worker's serving thread, waiting for
-    its next request, reads parts of it (NativeRing.help_reads,
-    csrc/readjob.h): the load moves in the gaps between requests without
-    taking a core from them, and this thread sleeps while that help comes.
-    Without help (the serving thread busy, or asleep on an idle worker) it
-    reads every part itself.
+    With `slot` (a CPU worker's, where csrc/reads.pyx is built), the read
+    of the calling thread (the whole file, or the first thread's part) is
+    also put where the worker's serving thread, waiting for its next
+    request, reads parts of it (NativeRing.help_reads, csrc/readjob.h): the
+    load moves in the gaps between requests without taking a core from
+    them, and this thread sleeps while that help comes. Without help (the
+    serving thread busy, or asleep on an idle worker) it reads every part
+    itself.
 
     Reading from the page cache is a copy by the kernel on the reading
     thread: one thread moves ~5.5 GB/s here, two ~9.5 (as fast as memcpy).
@@ -280,9 +281,8 @@ class Readers:
                 and self.serving.idle())
         k = min(self.idle_threads if wide else self.threads, max(1, n // self.MIN_PART))
         serving = self.serving if self.give_way else None
-        slot = self.slot if k == 1 else None
 
-        def read(view: memoryview, offset: int) -> None:
+        def read(view: memoryview, offset: int, slot=None) -> None:
             if _native is not None:
                 _native.read(fd, view, offset, None if serving is None else serving.marks,
                              CHUNK, GIVE_WAY_CHUNK, GIVE_WAY_GRACE_NS, GIVE_WAY_NAP_NS,
@@ -293,7 +293,7 @@ class Readers:
                 _pread_into(fd, view, offset, _GiveWay(serving))
 
         if k == 1:
-            read(view, offset)
+            read(view, offset, self.slot)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.idle_threads - 1, "mmengine-reader")
@@ -301,7 +301,9 @@ class Readers:
         parts = [self._pool.submit(read, view[a:b], offset + a)
                  for a, b in zip(cuts[1:-1], cuts[2:])]
         try:
-            read(view[:cuts[1]], offset)  # this thread reads the first part
+            # This thread reads the first part, which the serving thread
+            # helps with once requests come (the slot takes one read).
+            read(view[:cuts[1]], offset, self.slot)
         finally:
             # Every part finished, failed or not, before the caller may close
             # fd or reuse `out` (a pinned staging buffer is the next chunk's).
