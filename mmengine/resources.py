@@ -167,15 +167,16 @@ def helps_loads(device: str) -> bool:
     return device == "cpu" and native("ring") is not None and native("reads") is not None
 
 
-def spins_during_loads(config: Config, device: str) -> bool:
+def spins_during_loads(config: Config, device: str, reads: bool) -> bool:
     """Whether a worker's serving thread spins, and the front-end polls its
-    answers, while the worker loads (config.spin_during_loads): where the
-    serving thread helps with the load (its spinning is the load's reading
-    then), or where its share of the cores holds its load's readers, the
-    spinning thread and one core more."""
+    answers, while the worker runs a heavy op (config.spin_during_loads):
+    one that `reads` a model's files where the serving thread helps with
+    such reads (its spinning is the load's reading then), or any where the
+    worker's share of the cores holds its load's readers, the spinning
+    thread and one core more."""
     if config.spin_during_loads != "auto":
         return config.spin_during_loads == "on"
-    return (helps_loads(device)
+    return (reads and helps_loads(device)
             or core_share(config, device) >= load_readers(config, device)[0] + 2)
 
 

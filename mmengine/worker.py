@@ -362,9 +362,10 @@ def _main_thread_parks(req) -> Iterator[None]:
         req.spin_us = spin
 
 
-def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -> None:
+def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -> None:
     """The loader thread: loads and unloads from the control ring; while
-    it loads, the main thread parks if `quiet`."""
+    it runs a heavy op, the main thread parks unless `spins` says otherwise
+    for one that reads files or not (resources.spins_during_loads)."""
     # A load's copies must not take the CPU from inference: at a higher nice
     # value the kernel lets the main thread preempt this one (a small
     # model's p99 during loads: 6.8 ms -> ~0.5 ms on 2 cores, loads as fast).
@@ -387,7 +388,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, quiet: bool) -
         finally:
             del parts
             ctl.release()
-        parks = (_main_thread_parks(req) if quiet and op in messages.HEAVY_OPS
+        parks = (_main_thread_parks(req)
+                 if op in messages.HEAVY_OPS and not spins[messages.reads_files(op, params)]
                  else contextlib.nullcontext())
         logic.loader_op = op.name.lower()
         try:
@@ -815,8 +817,8 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         # Between requests the serving thread reads the load's parts instead
         # of only spinning (csrc/readjob.h); the front-end polls meanwhile.
         req.help_reads(logic.readers.slot)
-    quiet = not resources.spins_during_loads(config, device)
-    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, quiet),
+    spins = {reads: resources.spins_during_loads(config, device, reads) for reads in (False, True)}
+    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, spins),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})

@@ -197,9 +197,11 @@ class Worker:
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
         self._loading: set[int] = set()  # ids of loads and publishes in flight
-        # Whether polling stops while it loads (its cores are few: see
-        # Config.spin_during_loads).
-        self._quiet_loads = not resources.spins_during_loads(config, device)
+        # Those of them during which polling stops (its cores are few, and
+        # nothing helps its loader: resources.spins_during_loads).
+        self._quiet: set[int] = set()
+        self._spins = {reads: resources.spins_during_loads(config, device, reads)
+                       for reads in (False, True)}
         # Busy: one inference or more in flight on it. busy_ns counts the
         # busy spells that ended, _busy_from is when the one under way began;
         # busy_share, the share of the time between the engine monitor's last
@@ -388,6 +390,7 @@ class Worker:
             why = (f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
                    f"{' beside a load' if self.died_loading else ''}")
         self._loading.clear()
+        self._quiet.clear()
         self._sent_ns.clear()
         self._ring_ns = 0
         self._finish_ns.clear()
@@ -508,6 +511,8 @@ class Worker:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
+            if not self._spins[messages.reads_files(op, params)]:
+                self._quiet.add(rid)
         if served is not None:
             # Polled for: the main thread, spinning, answers in microseconds.
             # A control op's answer comes from the parked loader thread,
@@ -518,7 +523,7 @@ class Worker:
     def _poll_answers(self) -> None:
         """Polls the answers for poll_us from now, where they come by
         polling (not while it loads where its cores are few)."""
-        if self._poll_s and not (self._loading and self._quiet_loads):
+        if self._poll_s and not self._quiet:
             self._poll_until = time.monotonic() + self._poll_s
             if not self._polling:
                 self._polling = True
@@ -770,7 +775,7 @@ class Worker:
         soon as it is woken."""
         if not self.alive or not self._drain():
             return
-        if (self._pending and not (self._loading and self._quiet_loads)
+        if (self._pending and not self._quiet
                 and time.monotonic() < self._poll_until):
             self.loop.call_soon(self._poll)
             return
@@ -813,6 +818,7 @@ class Worker:
             self._ring_ns -= self._sent_ns.pop(rid, 0)
             self._began_ns = time.monotonic_ns()  # the next one's, if any
         self._loading.discard(rid)
+        self._quiet.discard(rid)
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
             ran = messages.ran(body)

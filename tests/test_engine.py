@@ -16,7 +16,7 @@ import pytest
 
 from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, write_handler,
                       write_problem_models)
-from mmengine import demo, resources, shm
+from mmengine import demo, messages, resources, shm
 from mmengine.config import Config, native
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, LoadFailed, ModelNotFound, Overloaded,
@@ -762,12 +762,18 @@ def test_an_account_says_what_the_loader_thread_was_doing(tmp_path, own_segments
     run(main())
 
 
-@pytest.mark.parametrize("quiet", [True, False])
+@pytest.mark.parametrize("spins, quiet", [
+    ({False: False, True: False}, True),   # cores are few, nothing helps
+    ({False: True, True: True}, False),    # cores to spare
+    ({False: False, True: True}, False),   # few, but it helps to read the files (this machine)
+])
 def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_spare(
-        tmp_path, quiet):
+        tmp_path, spins, quiet):
     """The loader thread stops the serving thread's spinning (spin_us 0)
     for the length of a load where cores are few (quiet), and gives it back
-    after; with cores to spare it leaves it alone. Real rings, in-process."""
+    after; with cores to spare, or where the serving thread helps to read
+    the load's files (`spins` of an op that reads files: resources.
+    spins_during_loads), it leaves it alone. Real rings, in-process."""
     import threading
 
     from mmengine import messages, worker
@@ -783,7 +789,7 @@ def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_s
     (ctl, ctl_in), (req, req_in), (resp, resp_out) = zip(rings, ends)
     logic = worker.WorkerLogic(Config(repo=str(tmp_path)), "cpu")
     loader = threading.Thread(target=worker._serve_control,
-                              args=(ctl_in, req_in, worker._Responder(resp_out), logic, quiet))
+                              args=(ctl_in, req_in, worker._Responder(resp_out), logic, spins))
     loader.start()
     try:
         ctl.put(messages.request(messages.Op.LOAD, 7, "slowload", 1, [],
@@ -819,18 +825,24 @@ def test_while_it_loads_a_workers_serving_thread_spins_only_where_cores_are_to_s
 ])
 def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
         monkeypatch, cores, workers, threads, spins):
-    """...unless its serving thread helps with the load (a CPU worker's,
-    where the C rings and reads are built): then its spinning is reading."""
+    """...unless it reads a model's files and its serving thread helps with
+    the reads (a CPU worker's, where the C rings and reads are built): then
+    its spinning is reading. A load from the host tier reads no file."""
     monkeypatch.setattr(resources, "cores", lambda: cores)
     c = Config(workers=workers, load_threads=threads)
     assert resources.core_share(c, "cpu") == max(1, cores // workers)
-    assert resources.helps_loads("cpu") is (native("ring") is not None
-                                            and native("reads") is not None)
-    assert resources.spins_during_loads(c, "cpu") is (spins or resources.helps_loads("cpu"))
+    helps = native("ring") is not None and native("reads") is not None
+    assert resources.helps_loads("cpu") is helps and not resources.helps_loads("cuda:0")
+    assert resources.spins_during_loads(c, "cpu", reads=True) is (spins or helps)
+    assert resources.spins_during_loads(c, "cpu", reads=False) is spins
     monkeypatch.setattr(resources, "helps_loads", lambda device: False)
-    assert resources.spins_during_loads(c, "cpu") is spins
-    assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu")
-    assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu")
+    assert resources.spins_during_loads(c, "cpu", reads=True) is spins
+    for reads in (False, True):
+        assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu", reads)
+        assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu", reads)
+    assert messages.reads_files(messages.Op.LOAD, {"path": b"/m", "host": None})
+    assert not messages.reads_files(messages.Op.LOAD, {"path": b"/m", "host": "mmengine-host-1"})
+    assert not messages.reads_files(messages.Op.PUBLISH, {"segment": "mmengine-host-1"})
 
 
 @pytest.mark.parametrize("cores, workers, threads, expected", [
@@ -1787,7 +1799,7 @@ FORKING_APP = """
 import asyncio, os, sys, threading
 import numpy as np
 from mmengine import shm
-from mmengine.config import Config, native
+from mmengine.config import Config
 from mmengine.engine import Engine
 
 loop = asyncio.new_event_loop()
@@ -1835,7 +1847,7 @@ def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
 FORKING_ON_THE_LOOP = """
 import asyncio, os, sys
 import numpy as np
-from mmengine.config import Config, native
+from mmengine.config import Config
 from mmengine.engine import Engine
 
 async def main():
