@@ -83,7 +83,7 @@ cdef class Slot:
 
 def read(int fd, unsigned char[::1] out not None, int64_t offset, const long long[::1] marks,
          int64_t chunk, int64_t small, int64_t grace_ns, int64_t nap_ns, int64_t idle_ns,
-         Slot slot=None, int64_t help_ns=0, int64_t help_nap_ns=0):
+         Slot slot=None, int64_t help_part=0, int64_t help_ns=0, int64_t help_nap_ns=0):
     """Fills `out` from `fd` at `offset` in parts of `chunk` bytes. With
     `marks` (staging.Serving's: nonzero while a request is being served,
     and when the last one ended), while the worker has served within
@@ -92,7 +92,7 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
     in all, as it has spent reading, plus `grace_ns` (a nap that overslept
     is a debt the next parts repay). With `slot` as well, the read is put
     there for the serving thread to help with between its requests, in
-    parts of `small`; while it has helped within `help_ns`, this thread
+    parts of `help_part`; while it has helped within `help_ns`, this thread
     claims nothing and naps `help_nap_ns`. ValueError if the file ends
     first."""
     cdef Py_ssize_t n = out.shape[0]
@@ -103,7 +103,7 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
     cdef int error = 0
     cdef mm_readjob local
     cdef mm_readjob *job = &local
-    if chunk <= 0 or small <= 0 or nap_ns < 0 or help_nap_ns < 0:
+    if chunk <= 0 or small <= 0 or nap_ns < 0 or help_nap_ns < 0 or (slot and help_part <= 0):
         raise ValueError("parts of at least a byte, naps of no negative length")
     if marks is not None:
         if marks.shape[0] != 2:
@@ -118,7 +118,7 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
             mm_readjob_give(job)
         return
     memset(&local, 0, sizeof(local))
-    job.fd, job.out, job.n, job.offset, job.part = fd, &out[0], n, offset, small
+    job.fd, job.out, job.n, job.offset, job.part = fd, &out[0], n, offset, help_part
     with nogil:
         mm_readjob_open(job)
         last = _now_ns()

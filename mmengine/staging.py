@@ -56,9 +56,15 @@ GIVE_WAY_NAP_NS = 20_000
 #: A worker that has served nothing for this long is idle: its loads read
 #: in large parts, with all its readers.
 IDLE_NS = 100_000_000
-#: While the serving thread has read a part of the load within this long
-#: (between its requests: Readers.slot), the reader thread claims none and
-#: sleeps this long between looks.
+#: The part the serving thread reads between its requests (Readers.slot):
+#: a request that comes meanwhile waits for it (~5 µs here). Smaller parts
+#: steal less of the requests' time and leave the load less of the gaps:
+#: beside a small model's requests, 16 KiB parts gave its p99 1.2 times its
+#: idle p99 and loads 1.45 times as long as 64 KiB parts, which gave 1.2-1.6
+#: (benchmarks/RESULTS.md, Loads, session 38).
+HELP_CHUNK = 32 << 10
+#: While the serving thread has read a part of the load within this long,
+#: the reader thread claims none and sleeps this long between looks.
 HELP_NS = 200_000
 HELP_NAP_NS = 1_000_000
 
@@ -286,7 +292,7 @@ class Readers:
             if _native is not None:
                 _native.read(fd, view, offset, None if serving is None else serving.marks,
                              CHUNK, GIVE_WAY_CHUNK, GIVE_WAY_GRACE_NS, GIVE_WAY_NAP_NS,
-                             IDLE_NS, slot, HELP_NS, HELP_NAP_NS)
+                             IDLE_NS, slot, HELP_CHUNK, HELP_NS, HELP_NAP_NS)
             elif serving is None:
                 _pread_into(fd, view, offset)
             else:

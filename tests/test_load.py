@@ -541,7 +541,7 @@ def test_a_serving_thread_waiting_for_requests_reads_the_load_meanwhile(tmp_path
 def test_a_read_the_serving_thread_helps_with_between_requests_ends_whole(tmp_path, monkeypatch):
     # No request in flight: the reader reads too, and sleeps while the help
     # comes; the two put every byte in its place.
-    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    monkeypatch.setattr(staging, "HELP_CHUNK", 4096)
     n = _LONG_READ + 5  # help comes long before the end
     data = np.random.default_rng(6).integers(0, 256, n, dtype=np.uint8).tobytes()
     out, failed, record, helped = _helped_read(tmp_path, monkeypatch, data, n, busy=False)
@@ -550,7 +550,7 @@ def test_a_read_the_serving_thread_helps_with_between_requests_ends_whole(tmp_pa
 
 
 def test_a_request_ends_the_help_and_the_reader_reads_the_rest(tmp_path, monkeypatch):
-    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    monkeypatch.setattr(staging, "HELP_CHUNK", 4096)
     data = bytes(range(256)) * (_LONG_READ // 256)
 
     def request(producer, slot):
@@ -571,7 +571,7 @@ def test_a_wait_that_helps_with_a_read_still_ends_at_its_timeout(tmp_path, monke
 
     if staging._native is None or NativeRing is None:
         pytest.skip("mmengine._reads or mmengine._ring is not built")
-    monkeypatch.setattr(staging, "GIVE_WAY_CHUNK", 4096)
+    monkeypatch.setattr(staging, "HELP_CHUNK", 4096)
     monkeypatch.setattr(staging, "GIVE_WAY_GRACE_NS", 60_000_000_000)
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * (_LONG_READ // 256))
@@ -605,12 +605,12 @@ def test_a_wait_that_helps_with_a_read_still_ends_at_its_timeout(tmp_path, monke
 
 def test_a_file_that_ends_early_fails_the_read_a_serving_thread_helps_with(tmp_path,
                                                                              monkeypatch):
-    n = 8 * staging.GIVE_WAY_CHUNK
-    out, failed, record, helped = _helped_read(tmp_path, monkeypatch,
-                                               b"x" * (3 * staging.GIVE_WAY_CHUNK), n)
+    part = staging.HELP_CHUNK
+    n = 16 * part
+    out, failed, record, helped = _helped_read(tmp_path, monkeypatch, b"x" * (6 * part), n)
     assert isinstance(failed, ValueError) and "ends inside" in str(failed)
-    # Nothing is claimed past the part that failed.
-    assert record == b"request" and 3 * staging.GIVE_WAY_CHUNK < helped < n
+    # Nothing is claimed past the part that failed (the seventh).
+    assert record == b"request" and helped == 7 * part
 
 
 _MARKS_HANDLER = '''
