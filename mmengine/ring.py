@@ -65,7 +65,10 @@ polls a pidfd of the peer process, so a peer that dies (SIGKILL included)
 raises PeerDied at once rather than leaving the waiter hanging. `woke_ns`
 is when the last get()'s wait ended (time.monotonic_ns(); the native ring
 takes it before the GIL is taken back), 0 if it found its record at once:
-a waiter's wake-up and its wait for the GIL can then be told apart.
+a waiter's wake-up and its wait for the GIL can then be told apart. A
+native waiter can be given work to do between its looks (help_reads: a CPU
+worker's serving thread reads its load's parts, csrc/readjob.h): it works
+instead of spinning while there is work, and its wait keeps its timeout.
 
 Ownership: only the creator unlinks the segment (at close, or through a
 finalizer); a creator that died is reclaimed by the next process that creates
