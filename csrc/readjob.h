@@ -11,11 +11,11 @@
  * that never changed hands.
  *
  * One slot per worker, never freed. The reader thread owns it: it fills in
- * a read, sets `active`, claims parts itself as well, waits until every
- * claimed part is finished, clears `active`, and then waits until no helper
- * is inside a step before the memory or the descriptor may go. A helper
- * counts itself in `stepping` before it looks at `active` (both seq_cst), so
- * the owner's two steps never miss a helper that saw the read.
+ * a read, sets `active`, claims parts itself as well, clears `active`, and
+ * then waits until no helper is inside a step (a helper's claimed part is
+ * read within its step) before the memory or the descriptor may go. A
+ * helper counts itself in `stepping` before it looks at `active` (both
+ * seq_cst), so the owner's two steps never miss a helper that saw the read.
  */
 #ifndef MMENGINE_READJOB_H
 #define MMENGINE_READJOB_H
@@ -37,7 +37,6 @@ typedef struct {
     int64_t offset;            /* of out[0] in the file */
     int64_t part;              /* a helper's claim, in bytes */
     _Atomic int64_t next;      /* the first byte nobody has claimed */
-    _Atomic int64_t finished;  /* bytes of claims read (or failed) */
     _Atomic int error;         /* the first failure: an errno, or -1: the file ended */
     _Atomic int64_t helped_at; /* CLOCK_MONOTONIC ns of a helper's last claim */
     _Atomic int64_t helped;    /* bytes helpers have claimed, over all reads */
@@ -49,8 +48,8 @@ static inline int64_t mm_readjob_now(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Reads the claim [at, at + want) of the job's range; counts it finished,
- * failed or not, so that the owner's wait ends. */
+/* Reads the claim [at, at + want) of the job's range; a failure is the
+ * job's error. */
 static inline void mm_readjob_fill(mm_readjob *j, int64_t at, int64_t want) {
     int64_t done = 0;
     while (done < want) {
@@ -64,7 +63,6 @@ static inline void mm_readjob_fill(mm_readjob *j, int64_t at, int64_t want) {
         }
         done += got;
     }
-    atomic_fetch_add(&j->finished, want);
 }
 
 /* Claims `want` bytes of the job: their start, or -1 when all is claimed
@@ -112,18 +110,15 @@ static inline void mm_readjob_give(mm_readjob *j) { atomic_store(&j->owned, 0); 
 /* The owner's: a read is under way from now on (its fields are set). */
 static inline void mm_readjob_open(mm_readjob *j) {
     atomic_store(&j->next, 0);
-    atomic_store(&j->finished, 0);
     atomic_store(&j->error, 0);
     atomic_store(&j->helped_at, 0);
     atomic_store(&j->active, 1);
 }
 
-/* The owner's, once nothing is left to claim: waits out every claimed part,
- * then every helper inside a step; after it the memory and the descriptor
- * may go. */
+/* The owner's, once it claims nothing more: waits out every helper inside a
+ * step, and so every part a helper claimed; after it the memory and the
+ * descriptor may go. */
 static inline void mm_readjob_close(mm_readjob *j) {
-    int64_t next = atomic_load(&j->next);
-    while (atomic_load(&j->finished) < (next < j->n ? next : j->n)) sched_yield();
     atomic_store(&j->active, 0);
     while (atomic_load(&j->stepping)) sched_yield();
 }

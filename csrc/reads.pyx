@@ -20,7 +20,7 @@ and a reader thread could only run by taking a core from a request.
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int64_t
 from libc.string cimport memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.time cimport nanosleep, timespec
 
 import os
 
@@ -31,12 +31,6 @@ cdef extern from *:
     }
     """
     long long mm_read_mark(const long long *mark) nogil
-
-
-cdef inline int64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef extern from "readjob.h" nogil:
@@ -50,10 +44,10 @@ cdef extern from "readjob.h" nogil:
         int64_t offset
         int64_t part
         int64_t next
-        int64_t finished
         int error
         int64_t helped_at
         int64_t helped
+    int64_t mm_readjob_now()
     int64_t mm_readjob_claim(mm_readjob *j, int64_t want, int64_t *got)
     void mm_readjob_fill(mm_readjob *j, int64_t at, int64_t want)
     void mm_readjob_open(mm_readjob *j)
@@ -121,16 +115,16 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
     job.fd, job.out, job.n, job.offset, job.part = fd, &out[0], n, offset, help_part
     with nogil:
         mm_readjob_open(job)
-        last = _now_ns()
+        last = mm_readjob_now()
         while True:
             part = chunk
             if serving != NULL:
-                now = _now_ns()
+                now = mm_readjob_now()
                 credit += now - last  # the part just read
                 if (job != &local and now - mm_readjob_helped_at(job) <= help_ns
                         and not mm_readjob_error(job)):
                     nanosleep(&help_nap, NULL)  # the serving thread reads meanwhile
-                    last = _now_ns()
+                    last = mm_readjob_now()
                     continue
                 if mm_read_mark(serving) != 0 or now - mm_read_mark(served_at) <= idle_ns:
                     if credit > 0 and mm_read_mark(serving) != 0:
@@ -138,7 +132,7 @@ def read(int fd, unsigned char[::1] out not None, int64_t offset, const long lon
                         while (now < until and mm_read_mark(serving) != 0
                                and not mm_readjob_error(job)):
                             nanosleep(&nap, NULL)
-                            now = _now_ns()
+                            now = mm_readjob_now()
                         credit = until - now
                     part = small
                 last = now

@@ -167,17 +167,17 @@ def helps_loads(device: str) -> bool:
     return device == "cpu" and native("ring") is not None and native("reads") is not None
 
 
-def spins_during_loads(config: Config, device: str, reads: bool) -> bool:
+def spins_during_loads(config: Config, device: str) -> dict[bool, bool]:
     """Whether a worker's serving thread spins, and the front-end polls its
-    answers, while the worker runs a heavy op (config.spin_during_loads):
-    one that `reads` a model's files where the serving thread helps with
-    such reads (its spinning is the load's reading then), or any where the
-    worker's share of the cores holds its load's readers, the spinning
-    thread and one core more."""
+    answers, while the worker runs a heavy op (config.spin_during_loads),
+    by whether the op reads a model's files (messages.reads_files): one
+    that does where the serving thread helps with such reads (its spinning
+    is the load's reading then), or any where the worker's share of the
+    cores holds its load's readers, the spinning thread and one core more."""
     if config.spin_during_loads != "auto":
-        return config.spin_during_loads == "on"
-    return (reads and helps_loads(device)
-            or core_share(config, device) >= load_readers(config, device)[0] + 2)
+        return dict.fromkeys((False, True), config.spin_during_loads == "on")
+    spare = core_share(config, device) >= load_readers(config, device)[0] + 2
+    return {False: spare, True: spare or helps_loads(device)}
 
 
 def device_budget(config: Config, device: str) -> int:

@@ -817,8 +817,9 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
         # Between requests the serving thread reads the load's parts instead
         # of only spinning (csrc/readjob.h); the front-end polls meanwhile.
         req.help_reads(logic.readers.slot)
-    spins = {reads: resources.spins_during_loads(config, device, reads) for reads in (False, True)}
-    loader = threading.Thread(target=_serve_control, args=(ctl, req, out, logic, spins),
+    loader = threading.Thread(target=_serve_control,
+                              args=(ctl, req, out, logic,
+                                    resources.spins_during_loads(config, device)),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})

@@ -200,8 +200,7 @@ class Worker:
         # Those of them during which polling stops (its cores are few, and
         # nothing helps its loader: resources.spins_during_loads).
         self._quiet: set[int] = set()
-        self._spins = {reads: resources.spins_during_loads(config, device, reads)
-                       for reads in (False, True)}
+        self._spins = resources.spins_during_loads(config, device)
         # Busy: one inference or more in flight on it. busy_ns counts the
         # busy spells that ended, _busy_from is when the one under way began;
         # busy_share, the share of the time between the engine monitor's last

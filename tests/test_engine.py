@@ -833,13 +833,14 @@ def test_a_worker_spins_during_loads_only_where_its_cores_hold_its_readers(
     assert resources.core_share(c, "cpu") == max(1, cores // workers)
     helps = native("ring") is not None and native("reads") is not None
     assert resources.helps_loads("cpu") is helps and not resources.helps_loads("cuda:0")
-    assert resources.spins_during_loads(c, "cpu", reads=True) is (spins or helps)
-    assert resources.spins_during_loads(c, "cpu", reads=False) is spins
+    # By whether the op reads files: False, True.
+    assert resources.spins_during_loads(c, "cpu") == {False: spins, True: spins or helps}
     monkeypatch.setattr(resources, "helps_loads", lambda device: False)
-    assert resources.spins_during_loads(c, "cpu", reads=True) is spins
-    for reads in (False, True):
-        assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu", reads)
-        assert not resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu", reads)
+    assert resources.spins_during_loads(c, "cpu") == {False: spins, True: spins}
+    assert resources.spins_during_loads(c.replace(spin_during_loads="on"), "cpu") == {
+        False: True, True: True}
+    assert resources.spins_during_loads(c.replace(spin_during_loads="off"), "cpu") == {
+        False: False, True: False}
     assert messages.reads_files(messages.Op.LOAD, {"path": b"/m", "host": None})
     assert not messages.reads_files(messages.Op.LOAD, {"path": b"/m", "host": "mmengine-host-1"})
     assert not messages.reads_files(messages.Op.PUBLISH, {"segment": "mmengine-host-1"})
