@@ -445,6 +445,7 @@ def run(quick: bool) -> dict:
         "hot_p99_beside_copies_us": eng["hot_p99_beside_copies_us"],
         "hot_slowest_stages_us": eng["hot_slowest_stages_us"],
         "hot_loader_states": eng["hot_loader_states"],
+        "hot_host_slowest_stages_us": tier["hot_slowest_stages_us"],
         "hot_host_loader_states": tier["hot_loader_states"],
         "ratios": {
             "host_vs_memcpy": host / (gb / memcpy),
