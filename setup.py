@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 DEBUG = os.environ.get("MMENGINE_BUILD_DEBUG", "0") not in ("", "0")
 # MMENGINE_BUILD_ONLY=cache builds one extension while working on it
 # ("compiled": only the compiled Python modules).
-MODULES = os.environ.get("MMENGINE_BUILD_ONLY", "ring,cache,wire,records,reads,compiled").split(",")
+MODULES = os.environ.get("MMENGINE_BUILD_ONLY", "ring,cache,wire,records,reads,guard,compiled").split(",")
 # Every per-request line of the front-end, the worker and the client.
 COMPILED = [
     "calltimes", "client", "engine", "messages", "protocol", "ring", "cache", "trace", "workers",

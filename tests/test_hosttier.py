@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mmengine import demo, shm, staging
+from mmengine.backends import safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
 from tests.conftest import Server, environ, live_pids, run
 
+ROOT = Path(__file__).resolve().parent.parent
 DIMS = (64, 256, 16)   # 83,008 bytes of weights per model
 X = {"x": np.random.default_rng(0).standard_normal((3, DIMS[0]), dtype=np.float32)}
 
@@ -539,3 +544,65 @@ def test_a_model_that_writes_its_tensors_runs_on_its_host_copy(tmp_path, own_seg
             assert engine.stats()["totals"]["worker_restarts"] == 0
 
     run(main())
+
+
+@pytest.mark.skipif(safetensors._guard is None, reason="the write guard is not built")
+def test_a_guarded_mapping_is_walked_only_after_a_write(own_segments):
+    """A CPU worker's mapping of a copy stays read-only until a model
+    writes to it (csrc/guard.h): the write goes through, to a page of its
+    own, and is noted; an eviction gives it back and makes the mapping
+    read-only again. One nobody wrote to is not walked at all."""
+    segment = f"{shm.PREFIX}{os.getpid()}-host-guarded"
+    weights = torch.arange(4096, dtype=torch.float32)
+    entries = [("w", "F32", [4096], 0, weights.numel() * 4)]
+    safetensors._write_segment(segment, entries, [(0, weights.view(torch.uint8))])
+    maps = safetensors.HostMaps()
+    try:
+        flat, _, _ = maps.get(segment, "guarded", torch.device("cpu"))
+        w = flat.view(torch.float32)
+        guard = maps._guards[segment]
+        assert not safetensors._guard.written(guard)
+        maps.revert(segment)  # nothing written: nothing to give back
+        assert torch.equal(w, weights)
+
+        w[5] = -1.0  # faults once, then runs on a copy of its page
+        w[4000] = -2.0
+        assert safetensors._guard.written(guard) and w[5] == -1.0 and w[4000] == -2.0
+        again, _ = safetensors._map_host(segment, "another worker's")
+        assert torch.equal(again.view(torch.float32), weights)  # the segment is as it was
+        del again
+
+        maps.revert(segment)
+        assert torch.equal(w, weights) and not safetensors._guard.written(guard)
+        w[7] = -3.0  # read-only again: noted anew
+        assert safetensors._guard.written(guard)
+        maps.revert(segment)
+        assert torch.equal(w, weights)
+        del w, flat
+    finally:
+        maps.forget(segment)
+        os.unlink(os.path.join(shm.SHM_DIR, segment))
+    assert segment not in maps._guards
+
+
+@pytest.mark.skipif(safetensors._guard is None, reason="the write guard is not built")
+def test_a_fault_outside_every_guard_still_kills_the_process():
+    # The handler passes what is not its own to the one before it: here
+    # the default, and the process dies of SIGSEGV as it would have.
+    code = """if True:
+        import ctypes, mmap
+        from mmengine import _guard
+        ro = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ)
+        import numpy as np
+        a = np.frombuffer(ro, np.uint8)
+        start = a.__array_interface__["data"][0]
+        assert _guard.add(start, mmap.PAGESIZE) is not None  # the first page only
+        (ctypes.c_uint8 * 1).from_address(start)[0] = 1  # guarded: goes through
+        print("guarded write", flush=True)
+        (ctypes.c_uint8 * 1).from_address(start + mmap.PAGESIZE)[0] = 1
+        print("unreachable", flush=True)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == -signal.SIGSEGV, r.stderr
+    assert r.stdout == "guarded write\n"

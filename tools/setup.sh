@@ -31,6 +31,6 @@ if ! "$VENV/bin/python" setup.py -q build_ext --inplace -j "$(nproc)" >"$log" 2>
     echo "setup: building the native core failed (log above)" >&2
     exit 1
 fi
-"$VENV/bin/python" -c 'import mmengine._ring, mmengine._cache, mmengine._wire, mmengine._records, mmengine._reads, mmengine.engine as e
+"$VENV/bin/python" -c 'import mmengine._ring, mmengine._cache, mmengine._wire, mmengine._records, mmengine._reads, mmengine._guard, mmengine.engine as e
 from mmengine import _source
 assert _source.compiled(e), "setup: the compiled modules did not build"'
