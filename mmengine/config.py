@@ -103,11 +103,11 @@ class Config:
     load_threads: int = 0
     # While a worker loads, does its serving thread keep spinning for
     # requests (spin_us) and the front-end keep polling its answers
-    # (poll_us)? "auto": only where the worker's share of the cores holds
-    # its readers, the spinning thread and one core more; elsewhere they
-    # would take the cores the load needs, and a request that comes wakes
-    # the worker instead (on 2 cores spinning made a small model's p99
-    # beside a load 3-30x its idle p99, sleeping 1.1-2x). "on" | "off".
+    # (poll_us)? "auto": where the worker's share of the cores holds its
+    # readers, the spinning thread and one core more; elsewhere they would
+    # take the cores the load needs, and a request that comes wakes the
+    # worker instead, unless the serving thread helps with the load (a CPU
+    # worker's loads: resources.spins_during_loads). "on" | "off".
     spin_during_loads: str = "auto"
     # How long a worker's loader thread may hold the GIL while its serving
     # thread waits for it (sys.setswitchinterval in each worker), and the

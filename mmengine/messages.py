@@ -87,19 +87,11 @@ class Op(enum.IntEnum):
 
 
 # The operations that keep a worker's loader busy for long: where the
-# worker's cores are few, while one runs the worker's main thread parks
-# instead of spinning, and the front-end does not poll that worker's answers
-# (both would take the loader's CPU), unless it reads files that the main
-# thread helps to read (reads_files). The others are answered within
-# microseconds.
+# worker's cores are few, while one runs, the worker's main thread may park
+# instead of spinning, and the front-end not poll that worker's answers
+# (resources.spins_during_loads says for each). The others are answered
+# within microseconds.
 HEAVY_OPS = frozenset({Op.LOAD, Op.PUBLISH})
-
-
-def reads_files(op: Op, params: dict | None) -> bool:
-    """Whether a heavy op reads a model's files: a load that does not map
-    the host tier. A CPU worker's serving thread reads parts of them
-    between its requests (README, "Latency"), spinning as it would."""
-    return op is Op.LOAD and not (params or {}).get("host")
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack

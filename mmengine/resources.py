@@ -15,6 +15,7 @@ import psutil
 
 from mmengine import cgroup
 from mmengine.config import Config, ConfigError, native
+from mmengine.messages import HEAVY_OPS, Op
 
 #: What each process of the server holds besides models and rings, which
 #: the automatic sizes leave it: the interpreter, torch, its allocator (a
@@ -167,17 +168,21 @@ def helps_loads(device: str) -> bool:
     return device == "cpu" and native("ring") is not None and native("reads") is not None
 
 
-def spins_during_loads(config: Config, device: str) -> dict[bool, bool]:
+def spins_during_loads(config: Config, device: str) -> dict[Op, bool]:
     """Whether a worker's serving thread spins, and the front-end polls its
-    answers, while the worker runs a heavy op (config.spin_during_loads),
-    by whether the op reads a model's files (messages.reads_files): one
-    that does where the serving thread helps with such reads (its spinning
-    is the load's reading then), or any where the worker's share of the
-    cores holds its load's readers, the spinning thread and one core more."""
+    answers, while the worker runs each heavy op (messages.HEAVY_OPS;
+    config.spin_during_loads): any where the worker's share of the cores
+    holds its load's readers, the spinning thread and one core more; else
+    a load where the serving thread helps with its reads (its spinning is
+    the load's reading then). A load from the host tier reads nothing: it
+    is ~0.3 ms of Python on the loader thread, beside which parking cost
+    each request two wake-ups, on one core (benchmarks/RESULTS.md, Loads,
+    session 39). A copy to the host tier is one long copy on the loader
+    thread, which needs the core."""
     if config.spin_during_loads != "auto":
-        return dict.fromkeys((False, True), config.spin_during_loads == "on")
+        return dict.fromkeys(HEAVY_OPS, config.spin_during_loads == "on")
     spare = core_share(config, device) >= load_readers(config, device)[0] + 2
-    return {False: spare, True: spare or helps_loads(device)}
+    return {Op.LOAD: spare or helps_loads(device), Op.PUBLISH: spare}
 
 
 def device_budget(config: Config, device: str) -> int:

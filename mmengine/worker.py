@@ -365,7 +365,7 @@ def _main_thread_parks(req) -> Iterator[None]:
 def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -> None:
     """The loader thread: loads and unloads from the control ring; while
     it runs a heavy op, the main thread parks unless `spins` says otherwise
-    for one that reads files or not (resources.spins_during_loads)."""
+    for that op (resources.spins_during_loads)."""
     # A load's copies must not take the CPU from inference: at a higher nice
     # value the kernel lets the main thread preempt this one (a small
     # model's p99 during loads: 6.8 ms -> ~0.5 ms on 2 cores, loads as fast).
@@ -389,7 +389,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
             del parts
             ctl.release()
         parks = (_main_thread_parks(req)
-                 if op in messages.HEAVY_OPS and not spins[messages.reads_files(op, params)]
+                 if op in messages.HEAVY_OPS and not spins[op]
                  else contextlib.nullcontext())
         logic.loader_op = op.name.lower()
         try:

@@ -197,8 +197,8 @@ class Worker:
         self._poll_until = 0.0  # time.monotonic(): polling the answers until then
         self._polling = False
         self._loading: set[int] = set()  # ids of loads and publishes in flight
-        # Those of them during which polling stops (its cores are few, and
-        # nothing helps its loader: resources.spins_during_loads).
+        # Those of them during which polling stops (its cores are few:
+        # resources.spins_during_loads).
         self._quiet: set[int] = set()
         self._spins = resources.spins_during_loads(config, device)
         # Busy: one inference or more in flight on it. busy_ns counts the
@@ -510,7 +510,7 @@ class Worker:
             self._arm_deadline(deadline)
         if op in messages.HEAVY_OPS:
             self._loading.add(rid)
-            if not self._spins[messages.reads_files(op, params)]:
+            if not self._spins[op]:
                 self._quiet.add(rid)
         if served is not None:
             # Polled for: the main thread, spinning, answers in microseconds.
