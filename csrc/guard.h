@@ -14,7 +14,9 @@
  * written, and returns, so that the write runs again (on a private copy of
  * its page). An eviction walks the page table only where a write came. A
  * fault outside every guard goes to the handler that was there before
- * (the default one: the process dies of it, as it would have).
+ * (the default one: the process dies of it, as it would have). Installed
+ * once: a library that later puts in a handler of its own that does not
+ * pass faults on would make a guarded write fatal (torch puts in none).
  *
  * A fixed table, filled and emptied by the loader thread while no model
  * runs on the range; the handler only reads it.
