@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from mmengine import shm, staging, tensorfile
-from mmengine.config import native
 from mmengine.backends.base import TorchModel, forget_module, import_file
+from mmengine.config import native
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec, open_artifact
 from mmengine.tensorfile import ITEMSIZE, parse_header
@@ -503,6 +503,7 @@ class HostMaps:
         return len(self._maps)
 
 
+#: HostMaps's write guards (csrc/guard.pyx); None where not built.
 _guard = native("guard")
 #: The process's mappings (a worker loads on one loader thread).
 HOST_MAPS = HostMaps()
