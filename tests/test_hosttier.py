@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +16,8 @@ from mmengine import demo, shm, staging
 from mmengine.backends import safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
-from tests.conftest import Server, environ, live_pids, run
+from tests.conftest import ROOT, Server, environ, live_pids, run
 
-ROOT = Path(__file__).resolve().parent.parent
 DIMS = (64, 256, 16)   # 83,008 bytes of weights per model
 X = {"x": np.random.default_rng(0).standard_normal((3, DIMS[0]), dtype=np.float32)}
 
