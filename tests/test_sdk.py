@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
+import signal
 import socket
 import threading
 import time
@@ -392,3 +393,48 @@ def test_a_pooled_connection_closed_a_moment_after_its_last_call_is_replaced(add
             assert select.select([c._pool[0].sock], [], [], 2)[0]  # its FIN is in
             assert c.infer("slow", ZERO)["y"].shape == (1,)
         assert proxy.accepted == 4
+
+
+def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
+    # The blocking client sends and reads in one C call (_wire.exchange);
+    # an answer its first read did not bring whole is read on from there.
+    with Proxy(address, rate=8000, chunk=5) as proxy, Client(proxy.address) as c:
+        for i in range(3):
+            seconds = np.full(1, i * 1e-6, np.float32)
+            assert c.infer("slow", {"seconds": seconds})["y"].tolist() == (seconds * 2).tolist()
+        assert c.call({"op": "health"})["ok"]
+        assert proxy.accepted == 1  # each answer read to its end: the connection went on
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raises", [True, False], ids=["raises", "returns"])
+def test_a_signal_during_a_blocking_call_runs_its_handler(address, raises):
+    # As Python's sockets do (PEP 475): a handler that raises ends the call
+    # with its exception; one that returns lets the call go on to its answer.
+    handled = []
+
+    def handler(signum, frame):
+        handled.append(signum)
+        if raises:
+            raise Interrupted()
+
+    before = signal.signal(signal.SIGALRM, handler)
+    try:
+        with Client(address) as c:
+            c.infer("slow", ZERO)  # connected, pooled: the call below waits in its read
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            if raises:
+                with pytest.raises(Interrupted):
+                    c.infer("slow", {"seconds": np.ones(1, np.float32)})
+                assert time.monotonic() - t0 < 0.9  # not after its answer (1 s)
+            else:
+                out = c.infer("slow", {"seconds": np.full(1, 0.5, np.float32)})
+                assert out["y"].tolist() == [1.0]
+            assert handled == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
