@@ -396,8 +396,9 @@ def test_a_pooled_connection_closed_a_moment_after_its_last_call_is_replaced(add
 
 
 def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
-    # The blocking client sends and reads in one C call (_wire.exchange);
-    # an answer its first read did not bring whole is read on from there.
+    # The blocking client reads a small answer whole from its first read
+    # (_Connection.exchange_one); one that read did not bring whole is read
+    # on from there, on the same connection.
     with Proxy(address, rate=8000, chunk=5) as proxy, Client(proxy.address) as c:
         for i in range(3):
             seconds = np.full(1, i * 1e-6, np.float32)
