@@ -131,6 +131,13 @@ class Engine:
         self._load_gate = _ByteGate(self.config.load_bytes_in_flight)
         self._specs: dict[tuple[str, Any], ModelSpec] = {}
         self._busy: dict[Key, tuple[Op, asyncio.Task]] = {}  # a load or unload under way
+        # The requests waiting for each load task, and the pin that a load
+        # which ended holds for them: a waiter resumes turns of the loop
+        # after its load, and meanwhile another load's room was made of the
+        # model it waited for (a second load for the same miss), whenever
+        # every other model was in use. The last waiter to resume drops it.
+        self._load_waiters: collections.Counter[asyncio.Task] = collections.Counter()
+        self._handed: dict[asyncio.Task, tuple[Key, int]] = {}
         # Each entry's generation, from one count for all: unique, so that
         # a forgotten model's is dropped (_forget_stats) and never matched again.
         self._gen: dict[Key, int] = {}
@@ -804,6 +811,7 @@ class Engine:
             op, task = busy
             if op == Op.LOAD:
                 waited = self._waits(waited, request)
+                self._load_waiters[task] += 1
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     await asyncio.shield(task)
@@ -823,6 +831,11 @@ class Engine:
                     raise  # the load failed: every waiter hears why
             else:
                 loaded = op == Op.LOAD
+            finally:
+                if op == Op.LOAD:
+                    # Safe to drop before this request pins it: nothing
+                    # awaits between here and its look.
+                    self._stop_waiting(task)
             # loaded or unloaded: look again (it may have gone meanwhile)
 
     def _start(self, key: Key, op: Op, coro) -> tuple[Op, asyncio.Task]:
@@ -837,6 +850,24 @@ class Engine:
 
         busy[1].add_done_callback(done)
         return busy
+
+    def _hand_over(self, key: Key) -> None:
+        """At the end of a load that made `key` resident, pins it for the
+        requests waiting for it until they have looked (_load_waiters)."""
+        task = asyncio.current_task()
+        if self._load_waiters[task] and key in self.cache:
+            self.cache.pin(key)
+            self._handed[task] = key, self._gen[key]
+
+    def _stop_waiting(self, task: asyncio.Task) -> None:
+        left = self._load_waiters[task] - 1
+        if left:
+            self._load_waiters[task] = left
+            return
+        del self._load_waiters[task]
+        handed = self._handed.pop(task, None)
+        if handed is not None:
+            self._unpin_request(*handed)
 
     def _unpin_request(self, key: Key, gen: int, ran: bool = False) -> None:
         # A request pinned this generation of the entry; if the worker died
@@ -883,6 +914,8 @@ class Engine:
             # from the host tier: its worker read the files and failed.
             unloadable = getattr(e, "from_files", False)
             raise
+        else:
+            self._hand_over(key)
         finally:
             if spec.source:  # the worker is done with the disk cache's copy
                 self.disk.release(path)

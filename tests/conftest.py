@@ -40,6 +40,15 @@ def slow_loading(seconds: float) -> str:
             f"def predict(inputs):\n    return {{'y': inputs['x']}}\n")
 
 
+async def until(condition, timeout: float = 20.0, what: str = "the condition") -> None:
+    """Polls `condition` on the running loop until it holds; AssertionError
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     """Runs `coro` on a fresh uvloop with a deadline. Fails if anything
     reached the loop's exception handler (a callback that raised, a task

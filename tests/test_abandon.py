@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, run, write_handler
+from conftest import SLOW_HANDLER, run, until, write_handler
 from mmengine import protocol
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
@@ -47,15 +47,6 @@ def recorder(engine: Engine) -> dict[str, list]:
             seen["codes"].append(f["code"])
     engine.observers.append(observe)
     return seen
-
-
-async def until(condition, seconds: float = 10.0) -> None:
-    """Waits (bounded) for the workers' answers that observers hear of."""
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the observers never heard what the test waited for")
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

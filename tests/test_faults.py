@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, command, environ, live_pids, run, write_handler
+from conftest import (SLOW_HANDLER, Server, command, environ, live_pids, run, until,
+                      write_handler)
 from mmengine import demo, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config, ConfigError
@@ -113,13 +114,6 @@ def restarted(engine: Engine, old) -> bool:
     """Whether worker 0 is a new one, up, in the place of `old`."""
     w = engine.pool.workers[0]
     return w is not old and w.ready.done() and w.alive
-
-
-async def until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 # -- models that fail to load -------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import run, until
 from mmengine import demo
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -24,13 +24,6 @@ X = np.random.default_rng(0).standard_normal((2, DIMS[0])).astype(np.float32)
 
 def check(y: np.ndarray, seed: int) -> None:
     np.testing.assert_allclose(y, demo.reference(X, *DIMS, seed=seed), rtol=1e-5, atol=1e-5)
-
-
-async def until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within the timeout"
-        await asyncio.sleep(0.05)
 
 
 def held(engine: Engine, key) -> bool:
