@@ -29,7 +29,9 @@ counts each process's CPU time per
 request, one at a time and under load. Last, a 16 MiB tensor
 through the SDK to a handler that returns it, against the echo server
 exchanging frames of the same sizes (large_vs_echo: what the path adds to
-moving the bytes).
+moving the bytes). `front_end_gc`: the server's garbage collections from
+the SDK's first call to the HTTP rates' end, by generation, and the
+milliseconds the loop stood still for them (its /metrics).
 
 The echo's client and server are pinned to one CPU (`echo_p50_us`, the
 bare round trip at its fastest, the unit of sdk_vs_echo) and to two
@@ -56,11 +58,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import psutil
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 import report  # benchmarks/report.py: the script's own folder is on sys.path
 
@@ -477,6 +481,18 @@ def cpu_per_request(server_pid: int, n: int, fn, *args):
 
 # -- KServe v2 over HTTP --------------------------------------------------------
 
+def front_end_gc(http: str) -> tuple[list[float], float]:
+    """The server's garbage collections so far, by generation, and the
+    seconds they took (its /metrics: the front-end's)."""
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    got = {s.name + s.labels.get("generation", ""): s.value
+           for family in text_string_to_metric_families(text) for s in family.samples
+           if s.name.startswith("mmengine_front_end_gc_")}
+    return ([got[f"mmengine_front_end_gc_collections_total{g}"] for g in "012"],
+            sum(got[f"mmengine_front_end_gc_pause_seconds_total{g}"] for g in "012"))
+
+
 def kserve_request(x: np.ndarray, binary: bool) -> bytes:
     """One whole HTTP request for MODEL, as tritonclient would send it."""
     tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
@@ -605,6 +621,7 @@ def run(quick: bool) -> dict:
             # CPU, is the unit of sdk_vs_echo; on two, it is reported too.
             # Each before and after the SDK's: the machine drifts.
             echoes = {"one": (beside, cpus[0]), "two": (apart, cpus[0])}
+            gc_before = front_end_gc(proc.http_address)
             echo = {k: [echo_p50_us(*v, protocol.frame(request), len(response), n)]
                     for k, v in echoes.items()}
             sdk = [cpu_per_request(proc.pid, n, sdk_samples_ns, address, MODEL, x, n)
@@ -637,6 +654,7 @@ def run(quick: bool) -> dict:
             http_rps = [cpu_per_request(proc.pid, rps_n, uvloop.run,
                                         _http_rps(http, binary_req, rps_n))
                         for _ in range(repeats)]
+            gc_after = front_end_gc(proc.http_address)  # before the large tensors
             sdk_large = med(sdk_large_ms(address, big, large_n) for _ in range(repeats))
         relay = med(baseline_p50_us(protocol.frame(request), len(response), n, "relay")
                     for _ in range(repeats))
@@ -663,6 +681,8 @@ def run(quick: bool) -> dict:
         "large_mib": LARGE_MIB,
         "sdk_large_p50_ms": sdk_large,
         "echo_large_p50_ms": echo_large,
+        "front_end_gc": {"collections": [a - b for a, b in zip(gc_after[0], gc_before[0])],
+                         "pause_ms": (gc_after[1] - gc_before[1]) * 1e3},
         "breakdown_p50_us": {
             "model_compute": engine["compute"],
             "worker_and_rings": engine["worker_call"] - engine["compute"],

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from mmengine import config as cfg
-from mmengine import logs
+from mmengine import heap, logs
 
 DEMO_MODELS = 64
 DEMO_VERSION = 1  # bump when the demo repository's contents change
@@ -287,6 +287,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         if not config.control_token and not _loopback(config.host):
             log.warning("listening on %s with no control_token: anyone who reaches it may "
                         "load, unload and pin models (mmengine token prints one)", config.host)
+        heap.settle(heap.FRONT_END_YOUNG)  # started: what exists now lives as long as it
         n, workers = len(engine.repo.names()), len(engine.pool.workers)
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
         _say(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "

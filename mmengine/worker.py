@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mmengine import batching, logs, messages, resources
+from mmengine import batching, heap, logs, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
@@ -822,6 +822,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
                                     resources.spins_during_loads(config, device)),
                               name=f"mmengine-loader-{index}", daemon=True)
     loader.start()
+    heap.settle()  # started: torch's objects and ours live as long as the process
     out.send(messages.READY_ID, body={"pid": os.getpid(), "device": device})
     threading.Thread(target=_warm, args=(config.repo,), name=f"mmengine-warm-{index}",
                      daemon=True).start()

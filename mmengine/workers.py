@@ -39,7 +39,7 @@ from typing import Callable
 
 import mmengine
 
-from mmengine import batching, messages, resources
+from mmengine import batching, heap, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
@@ -61,7 +61,8 @@ EXIT_GRACE_S = 0.2
 # (Ctrl-C, systemd's stop) killed it and failed the server's start. It
 # begins with them blocked (_start), so that one sent before those lines
 # run waits, and is dropped there.
-WORKER_ENTRY = ignoring_stop_signals("from mmengine.worker import run; run()")
+WORKER_ENTRY = ignoring_stop_signals(
+    heap.OFF_UNTIL_SETTLED + "from mmengine.worker import run; run()")
 
 
 class _Outlet:

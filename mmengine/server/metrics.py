@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import gc
 import math
 import time
 
@@ -42,7 +43,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from mmengine import resources
+from mmengine import heap, resources
 from mmengine.engine import STATES, Engine
 from mmengine.errors import ErrorCode
 from mmengine.server.http import Response
@@ -447,10 +448,13 @@ class _Scrape:
                           for key, v in m._versions.items()}
         self._stats = stats
         self._config = m.engine.config  # never changes: read on the formatting thread
+        self._collections = [g["collections"] for g in gc.get_stats()]
+        self._paused_s = heap.paused_s()
+        self._frozen = gc.get_freeze_count()
 
     def families(self) -> list[_Family]:
         return [*self._collect_events(), *self._collect_state(self._stats),
-                *self._collect_triton()]
+                *self._collect_triton(), *self._collect_heap()]
 
     def collect(self):
         """As prometheus-client's collectors do (a registry's own scrape)."""
@@ -536,6 +540,18 @@ class _Scrape:
                 value = 0 if index is None else values[index]
                 family.add((model, str(version)), value // divisor)
             yield family
+
+    def _collect_heap(self):
+        """The front-end process's garbage collector (mmengine/heap.py)."""
+        generations = {(str(g),): n for g, n in enumerate(self._collections)}
+        yield _counter("mmengine_front_end_gc_collections", "The front-end's garbage "
+                       "collections, by generation (2: full).", ["generation"], generations)
+        yield _counter("mmengine_front_end_gc_pause_seconds", "Seconds the front-end "
+                       "stood still in garbage collections, by generation.", ["generation"],
+                       {(str(g),): s for g, s in enumerate(self._paused_s)})
+        yield _Family("mmengine_front_end_gc_frozen_objects", GAUGE, "Objects of the "
+                      "front-end's start, out of every collection's walk.",
+                      value=self._frozen)
 
     def _collect_state(self, stats: dict):
         totals = stats["totals"]
@@ -697,6 +713,7 @@ def attach(engine: Engine) -> Metrics:
             return observer
     metrics = Metrics(engine)
     engine.observers.append(metrics)
+    heap.watch()  # the collector's pauses, from now on
     return metrics
 
 
