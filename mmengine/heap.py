@@ -15,10 +15,10 @@ from __future__ import annotations
 import gc
 import time
 
-# The first line of a worker's process (workers.WORKER_ENTRY): no collection
-# until settle(). A start's imports are objects that live as long as the
-# process, and torch's cost a worker's start ~180 ms of collections here,
-# three of them full.
+# A worker process's first lines after its signals' (workers.WORKER_ENTRY):
+# no collection until settle(). A start's imports are objects that live as
+# long as the process, and torch's cost a worker's start ~180 ms of
+# collections here, three of them full.
 OFF_UNTIL_SETTLED = "import gc\ngc.disable()\n"
 
 # The front-end's allocations of containers between two young collections
