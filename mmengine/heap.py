@@ -46,7 +46,9 @@ def settle(young: int | None = None) -> None:
     watch()
 
 
-_paused_ns = [0] * len(gc.get_stats())  # by generation, since watch()
+# By generation, since watch(): collections, and the ns they took.
+_collections = [0] * len(gc.get_stats())
+_paused_ns = [0] * len(gc.get_stats())
 _began_ns = 0
 
 
@@ -56,16 +58,17 @@ def _timed(phase: str, info: dict) -> None:
     if phase == "start":
         _began_ns = time.perf_counter_ns()
     else:
+        _collections[info["generation"]] += 1
         _paused_ns[info["generation"]] += time.perf_counter_ns() - _began_ns
 
 
 def watch() -> None:
-    """Times this process's collections from now on (paused_s), once."""
+    """Counts and times this process's collections from now on, once."""
     if _timed not in gc.callbacks:
         gc.callbacks.append(_timed)
 
 
-def paused_s() -> list[float]:
-    """Seconds spent in collections since watch(), by generation: all the
-    process's threads stood still for them."""
-    return [ns / 1e9 for ns in _paused_ns]
+def collections() -> tuple[list[int], list[float]]:
+    """The collections since watch(), by generation, and the seconds they
+    took: all the process's threads stood still for them."""
+    return list(_collections), [ns / 1e9 for ns in _paused_ns]

@@ -91,5 +91,8 @@ def test_the_front_end_freezes_its_start_and_counts_its_collections(served):
         got = samples(answer.read().decode())
     assert got["mmengine_front_end_gc_frozen_objects"][()] > 1000  # its imports', at least
     generations = {(("generation", g),) for g in "012"}
-    assert set(got["mmengine_front_end_gc_collections_total"]) == generations
-    assert set(got["mmengine_front_end_gc_pause_seconds_total"]) == generations
+    counts = got["mmengine_front_end_gc_collections_total"]
+    paused = got["mmengine_front_end_gc_pause_seconds_total"]
+    assert set(counts) == set(paused) == generations
+    for g in generations:  # counted from one moment: no pause without its collection
+        assert (counts[g] > 0) == (paused[g] > 0), (counts, paused)

@@ -448,8 +448,7 @@ class _Scrape:
                           for key, v in m._versions.items()}
         self._stats = stats
         self._config = m.engine.config  # never changes: read on the formatting thread
-        self._collections = [g["collections"] for g in gc.get_stats()]
-        self._paused_s = heap.paused_s()
+        self._collections, self._paused_s = heap.collections()
         self._frozen = gc.get_freeze_count()
 
     def families(self) -> list[_Family]:
@@ -545,7 +544,8 @@ class _Scrape:
         """The front-end process's garbage collector (mmengine/heap.py)."""
         generations = {(str(g),): n for g, n in enumerate(self._collections)}
         yield _counter("mmengine_front_end_gc_collections", "The front-end's garbage "
-                       "collections, by generation (2: full).", ["generation"], generations)
+                       "collections since the metrics began, by generation (2: full).",
+                       ["generation"], generations)
         yield _counter("mmengine_front_end_gc_pause_seconds", "Seconds the front-end "
                        "stood still in garbage collections, by generation.", ["generation"],
                        {(str(g),): s for g, s in enumerate(self._paused_s)})
