@@ -5,8 +5,8 @@ Engine: its heap is its own).
 Why: the objects of the requests in flight when a young collection runs
 (futures, buffers, answers on their way) are promoted, die old, and count
 toward a full collection, which walks every object of the process. Under
-HTTP load the front-end made six of them in six seconds, each 18-24 ms on
-the loop, walking the 41,000 objects of its imports; a worker's walk of
+HTTP load the front-end made eight of them in nine seconds, 13-28 ms each
+on the loop, walking the 41,000 objects of its imports; a worker's walk of
 torch's 175,000 takes 74 ms on its serving thread (benchmarks/RESULTS.md,
 session 40).
 """

@@ -547,7 +547,7 @@ class _Scrape:
                        "collections since the metrics began, by generation (2: full).",
                        ["generation"], generations)
         yield _counter("mmengine_front_end_gc_pause_seconds", "Seconds the front-end "
-                       "stood still in garbage collections, by generation.", ["generation"],
+                       "stood still in those collections, by generation.", ["generation"],
                        {(str(g),): s for g, s in enumerate(self._paused_s)})
         yield _Family("mmengine_front_end_gc_frozen_objects", GAUGE, "Objects of the "
                       "front-end's start, out of every collection's walk.",
