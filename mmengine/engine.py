@@ -855,7 +855,8 @@ class Engine:
         """At the end of a load that made `key` resident, pins it for the
         requests waiting for it until they have looked (_load_waiters)."""
         task = asyncio.current_task()
-        if self._load_waiters[task] and key in self.cache:
+        if self._load_waiters[task] and key in self.cache \
+                and self.cache.entry(key).state == books.READY:
             self.cache.pin(key)
             self._handed[task] = key, self._gen[key]
 
