@@ -652,7 +652,9 @@ def test_a_model_just_loaded_is_held_for_its_waiters_until_they_have_taken_it(
     # in use, and each of them waited for a second load (~300 of the 2,000
     # requests of test_random_traffic_is_correct_and_stays_in_budget). The
     # load hands them one pin, which the last to resume drops: none stays.
-    write_handler(tmp_path, "slowload", slow_loading(0.5))
+    # A load far longer than its waiters' 0.2 s and than a stall of the loop
+    # (run() allows 1 s), so that the test finds the load under way.
+    write_handler(tmp_path, "slowload", slow_loading(1.5))
     x = {"x": np.arange(3, dtype=np.float32)}
     key = ("slowload", 1)
 
