@@ -853,7 +853,8 @@ class Engine:
 
     def _hand_over(self, key: Key) -> None:
         """At the end of a load that made `key` resident, pins it for the
-        requests waiting for it until they have looked (_load_waiters)."""
+        requests waiting for it until they have looked (_load_waiters).
+        Run by _load itself: its task is the one they wait on (_start's)."""
         task = asyncio.current_task()
         if self._load_waiters[task] and key in self.cache \
                 and self.cache.entry(key).state == books.READY:
