@@ -62,6 +62,12 @@ STATES = ("on storage", "fetching", "on disk", "in host memory", "loading", "res
 # How long a load past its deadline may still take before its worker is
 # taken for stuck and restarted (_unstick).
 STUCK_LOAD_GRACE_S = 5.0
+# A worker's loader runs one load at a time. Room is made for the load it
+# runs and the next (ready when its turn comes), not for every load queued
+# behind them: those held their bytes from the start of their wait, and
+# under Zipf traffic half a worker's budget was loads waiting their turn,
+# its hot models evicted for them (benchmarks/RESULTS.md, Zipf, session 41).
+LOADS_AHEAD = 2
 # A model whose requests end their worker twice within this is backed off (_blame).
 CRASH_WINDOW_S = 60.0
 # A model that has not ended a worker for this long after its last crash
@@ -889,14 +895,15 @@ class Engine:
             self._room.set()
             self._room = asyncio.Event()
 
-    async def _wait_for_room(self, version: int, deadline: float) -> None:
+    async def _wait_for_room(self, version: int, deadline: float | None) -> None:
         """Until the room changes after `_room_version` was `version` (at
-        once if it already has); TimeoutError at the deadline."""
+        once if it already has); TimeoutError at the deadline, if any."""
         if self._room_version != version:
             return
         self._room_waiters += 1
         try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+            async with asyncio.timeout_at(
+                    None if deadline is None else self._loop_deadline(deadline)):
                 await self._room.wait()
         finally:
             self._room_waiters -= 1
@@ -1156,6 +1163,7 @@ class Engine:
             if not turn.done():
                 turn.set_result(None)
                 worker.load_turns.remove(turn)
+                self._room_changed()  # a load waiting for its turn to reserve (LOADS_AHEAD)
         sent = False
         try:
             if ahead:
@@ -1305,6 +1313,13 @@ class Engine:
                 if worker is not None:
                     return worker
                 self._check_pinned_full(key, need, caps)
+                if any(len(w.load_turns) >= LOADS_AHEAD for w in self.pool.workers
+                       if w.alive):
+                    # Its turn, which is no part of its deadline (as the
+                    # loads ahead of it on the loader are not: _load_on).
+                    await self._wait_for_room(version, None)
+                    deadline = max(deadline, time.monotonic() + self.config.load_timeout_s)
+                    continue
                 # Every worker's room is held by models in use: wait for a
                 # request to finish (or a worker to come back), up to the
                 # load's deadline.
@@ -1328,6 +1343,8 @@ class Engine:
             # One reservation at a time per worker: its victims are chosen
             # against books that no other reservation is changing.
             async with self._locks[w.index]:
+                if len(w.load_turns) >= LOADS_AHEAD:
+                    continue  # its loader has enough to do (its turns end with a room change)
                 victims, reason = self.cache.victims(
                     books.DEVICE, w.index, need, self.config.high_watermark,
                     self.config.low_watermark)

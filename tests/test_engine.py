@@ -689,6 +689,47 @@ def test_a_model_just_loaded_is_held_for_its_waiters_until_they_have_taken_it(
 QUICK = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return {'y': inputs['x']}\n"
 
 
+def test_a_load_queued_behind_two_makes_no_room_until_its_turn_is_near(tmp_path, own_segments):
+    # A worker's loader runs one load at a time: a load with two ahead of it
+    # evicts nothing yet (it used to evict as it was asked for, and a queue
+    # of loads held half a budget, its hot models evicted for them). Once
+    # the first of the two ends, it makes its room and loads.
+    write_handler(tmp_path, "slowload", slow_loading(1.5), "bytes = 1000\n")
+    write_handler(tmp_path, "b", QUICK, "bytes = 1000\n")
+    for name in ("c", "d"):
+        write_handler(tmp_path, name, QUICK, "bytes = 3000\n")
+    write_handler(tmp_path, "x", QUICK, "bytes = 4000\n")
+    one = {"x": np.ones(1)}
+
+    def state(engine, name):
+        key = (name, 1)
+        return engine.cache.entry(key).state if key in engine.cache else None
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=10_000)) as engine:
+            await engine.infer("c", one)
+            await engine.infer("d", one)
+            worker = engine.pool.workers[0]
+            slow = asyncio.ensure_future(engine.infer("slowload", one, timeout=20))
+            await until(lambda: len(worker.load_turns) == 1)
+            b = asyncio.ensure_future(engine.infer("b", one, timeout=20))  # fits beside them
+            await until(lambda: len(worker.load_turns) == 2)
+            x = asyncio.ensure_future(engine.infer("x", one, timeout=20))  # needs c's or d's room
+            await asyncio.sleep(0.5)
+            waiting = (state(engine, "c"), state(engine, "d"), state(engine, "x"))
+            outs = await asyncio.gather(slow, b, x)
+            return waiting, outs, engine.model_row(("x", 1))
+
+    from mmengine.cache import READY
+
+    waiting, outs, row = run(main(), timeout=60)
+    assert waiting == (READY, READY, None)  # nothing evicted, nothing reserved for x yet
+    for out in outs:
+        np.testing.assert_array_equal(out["y"], np.ones(1))
+    assert row["loads"] == 1 and row["state"] == "resident", row
+
+
 def test_evictions_behind_a_long_load_make_room_at_once_for_the_loads_behind_them(
         tmp_path, own_segments):
     # The worker's loader takes control records in order and frees a model
