@@ -1291,7 +1291,9 @@ class Engine:
         """Makes room for `need` bytes and reserves them under a new LOADING
         entry: on the least busy worker where they fit as it stands (fewest
         requests and loads in flight, then the lowest busy share), else on
-        the one with the most free budget (evicting there)."""
+        the one with the most free budget (evicting there). Only on a worker
+        with fewer than LOADS_AHEAD loads to do: while the others have no
+        room, it waits for one, with no deadline."""
         caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
         if need > max(caps):
             raise TooLarge(f"{key[0]}: needs {need} bytes, more than a worker's "
