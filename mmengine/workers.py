@@ -813,35 +813,37 @@ class Worker:
         fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
-        if served is not None:
-            self._inferences_done(1)
-            self._ring_ns -= self._sent_ns.pop(rid, 0)
-            self._began_ns = time.monotonic_ns()  # the next one's, if any
-        self._loading.discard(rid)
-        self._quiet.discard(rid)
+        t_read = time.monotonic_ns()
         late, ran = fut.done(), None  # done: its deadline (or its caller) came first
         try:
             ran = messages.ran(body)
             if ran is not None:
-                ran["t_read"] = time.monotonic_ns()
+                ran["t_read"] = t_read
                 ran["t_sent"] = t_sent
                 ran["worker"] = self.index
                 ran["version"] = served[1]  # the one served, asked for or not
-                if code == messages.OK and "t_done" in ran and "t_recv" in ran:
-                    self._times.ran(served, (ran["t_done"] - ran["t_recv"]) / 1e9,
-                                    time.monotonic())
             if code == messages.SKIPPED:  # its future is done, or due to fail
                 result = self._not_run(t_sent, served)
             elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran
-            elif fut.done():
+            elif late:
                 result = None  # its caller gave up (timeout): nothing to copy
             else:
                 result = (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
+        # The answer first (a server writes it out in `then`), the books
+        # after: nothing below changes what its caller gets.
         _finish(fut, on_done, result, then)
+        if served is not None:
+            self._inferences_done(1)
+            self._ring_ns -= self._sent_ns.pop(rid, 0)
+            self._began_ns = t_read  # the next one's, if any
+            if code == messages.OK and ran is not None and "t_recv" in ran:
+                self._times.ran(served, (ran["t_done"] - ran["t_recv"]) / 1e9, t_read / 1e9)
+        self._loading.discard(rid)
+        self._quiet.discard(rid)
         if (code == messages.SKIPPED or late and ran is not None) \
                 and self.on_unserved is not None:
             self.on_unserved(served, ran, self.index)
@@ -853,13 +855,14 @@ _NOT_PENDING = (None, None, 0, math.inf, "", None, None)
 
 
 def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None:
-    """Completes one request: its on_done first (pins are released whatever
-    happens), then its future, with a result or an exception."""
+    """Completes one request: its future, with a result or an exception
+    (its `then` answers the caller at once), then its on_done (which runs
+    whatever happens: pins are released)."""
     try:
+        _settle(fut, result, then)
+    finally:
         if on_done is not None:
             on_done()
-    finally:
-        _settle(fut, result, then)
 
 
 def _settle(fut: asyncio.Future, result, then) -> None:
