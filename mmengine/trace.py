@@ -113,7 +113,7 @@ class Trace:
         trace = Trace("serve.trace.json")
         engine.observers.append(trace)
         ...
-        engine.observers.remove(trace); trace.close()
+        engine.flush_observations(); engine.observers.remove(trace); trace.close()
 
     A track ("thread") holds spans that never overlap, as the viewers
     require: the calls of worker i are serial on its main thread and go to

@@ -18,7 +18,7 @@ from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, until
                       write_handler, write_problem_models)
 from mmengine import demo, messages, resources, shm
 from mmengine.config import Config, native
-from mmengine.engine import Engine
+from mmengine.engine import OBSERVE_WITHIN_S, Engine
 from mmengine.errors import (BadRequest, InternalError, LoadFailed, ModelNotFound, Overloaded,
                              PinnedFull, Timeout, TooLarge, Unauthorized, WorkerDied)
 from mmengine.server import metrics
@@ -1093,6 +1093,55 @@ def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_s
     np.testing.assert_allclose(after["y"], models["m05"].reference(x), rtol=1e-5, atol=1e-5)
     assert stats["totals"]["worker_restarts"] == 0
     assert all(r["pins"] == 0 for r in stats["models"])
+
+
+def test_a_servers_answer_is_told_to_the_observers_while_the_next_request_runs(repo,
+                                                                              own_segments):
+    # A request answered through `then` (a server's) is told to the
+    # observers at the next request sent to a worker, or within
+    # OBSERVE_WITHIN_S if none comes, and before a reader of the metrics
+    # reads them; with the time it was answered, not the time it was told.
+    root, _ = repo
+    x = x_for(np.random.default_rng(4))
+
+    async def main():
+        seen, told = [], []
+
+        def observe(kind, f):
+            if kind == "request":
+                seen.append(f)
+                told.append(time.monotonic_ns())
+
+        async with Engine(config(root, workers=1)) as engine:
+            engine.observers.append(observe)
+            await engine.infer("m05", {"x": x})  # loaded; awaited, so told at once
+            told_at_once = len(seen)
+            answered: list = []
+            await engine.submit("m05", {"x": x}, then=lambda f: answered.append(
+                time.monotonic_ns()))
+            await asyncio.sleep(0)  # its done callbacks have run
+            before_next = len(seen)
+            nxt = engine.submit("m05", {"x": x}, then=lambda f: None)
+            as_next_sent = len(seen)
+            await nxt
+            await asyncio.sleep(0)
+            before_timer = len(seen)
+            await asyncio.sleep(OBSERVE_WITHIN_S * 5)
+            after_timer = len(seen)
+            await engine.submit("m05", {"x": x}, then=lambda f: None)
+            await asyncio.sleep(0)
+            before_read = len(seen)
+            metrics.attach(engine)
+            return told_at_once, before_next, as_next_sent, before_timer, after_timer, \
+                before_read, len(seen), answered, seen, told
+
+    once, before_next, as_next, before_timer, after_timer, before_read, after_read, answered, \
+        seen, told = run(main())
+    assert (once, before_next, as_next) == (1, 1, 2)
+    assert (before_timer, after_timer) == (2, 3)
+    assert (before_read, after_read) == (3, 4)
+    assert all(f["code"] == "OK" and f["worker"] == 0 for f in seen)
+    assert seen[1]["start_ns"] < answered[0] <= seen[1]["end_ns"] < told[1]
 
 
 def test_stopping_during_a_restart_reports_nothing_to_the_loop(repo, own_segments):

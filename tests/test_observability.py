@@ -489,6 +489,9 @@ def test_metrics_count_load_phases_and_worker_exits(tmp_path):
             return {"models": [], "workers": [], "totals": {
                 "hits": 0, "misses": 0, "resident_models": 0, "resident_bytes": 0}}
 
+        def flush_observations(self):
+            pass  # the events come straight to the observer
+
     engine = FakeEngine()
     m = metrics.attach(engine)
     m("load", {"model": "a", "version": 1, "worker": 0, "start_ns": 0, "end_ns": 2 * 10**9,

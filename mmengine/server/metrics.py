@@ -708,6 +708,7 @@ def triton_stats(counts: list[tuple]) -> list[dict]:
 def attach(engine: Engine) -> Metrics:
     """The engine's Metrics: the one among its observers, added on the
     first call."""
+    engine.flush_observations()  # what was answered before this asked
     for observer in engine.observers:
         if isinstance(observer, Metrics):
             return observer
