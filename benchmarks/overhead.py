@@ -94,15 +94,17 @@ def predict(inputs):
 # -- the server subprocess (zipf.py uses it too) -----------------------------
 
 @contextlib.contextmanager
-def server(repo: Path, *flags: str, start_timeout: float = 120.0):
-    """`mmengine serve` on free ports; yields ("host:port", proc), with the
-    HTTP server's "host:port" as proc.http_address; stops it with SIGTERM.
-    Its output goes to our stderr."""
+def server(repo: Path, *flags: str, start_timeout: float = 120.0, root: Path = ROOT):
+    """`mmengine serve` of the checkout `root` (its compiled modules built)
+    on free ports; yields ("host:port", proc), with the HTTP server's
+    "host:port" as proc.http_address; stops it with SIGTERM. Its output
+    goes to our stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    # In `root`: `python -m` puts the working directory first on sys.path.
     proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo",
                              str(repo), "--tcp-port", "0", "--http-port", "0", *flags],
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=root)
     hung = threading.Timer(start_timeout, proc.kill)
     hung.start()
     try:

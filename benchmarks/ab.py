@@ -1,0 +1,143 @@
+"""Two or more checkouts' servers, timed in turns: an A/B of the serving path.
+
+    python benchmarks/ab.py [--json] [--quick] [--unpinned] [--rps] BASE TREE [TREE ...]
+
+Each argument is a checkout of mmengine with its compiled modules built (a
+`git worktree` of another commit, built with `python setup.py build_ext
+--inplace`); the first is the baseline. Every tree's `mmengine serve` runs
+the same tiny MLP (64->32->16, one CPU worker) at once, and a raw-socket
+client (one prebuilt frame, the answer read whole: no SDK work) sends each
+server a round of requests in turn, one at a time, so that the machine's
+drift falls on every tree alike. On these noisy two-core machines
+overhead.py's runs, one server after another, moved by more than what a
+change of a few microseconds does; in turns, two servers of one tree agreed
+within 0.3-1.4 µs (0.5-2.6%): a difference smaller than that is noise.
+
+Pinned by default: the client and the front-ends on the first CPU, the
+workers on the last, where a client shares the front-end's CPU (anything
+the front-end does after an answer, the client's next request waits for).
+--unpinned leaves them to the scheduler. --rps adds requests per second
+with 64 in flight over 4 connections (the AsyncClient), in turns too.
+
+Keys: per tree (by its path), `p50_us`, `p90_us` and `round_p50s_us` (each
+round's median); `ratios` = each tree's p50 (and rps) over the baseline's.
+Prints one JSON object (the last line) with --json.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import uvloop
+
+import report  # benchmarks/report.py: the script's own folder is on sys.path
+from overhead import DIMS, MODEL, _p, _rps, server  # it also puts the project on sys.path
+
+from mmengine import protocol  # noqa: E402
+from mmengine.demo import write_mlp  # noqa: E402
+
+
+def pin(proc, front_cpu: int, worker_cpu: int) -> None:
+    """Every thread of the server `proc` on front_cpu, its workers' on worker_cpu."""
+    front = psutil.Process(proc.pid)
+    for thread in front.threads():
+        os.sched_setaffinity(thread.id, {front_cpu})
+    for child in front.children(recursive=True):
+        for thread in child.threads():
+            os.sched_setaffinity(thread.id, {worker_cpu})
+
+
+def exchange_ns(sock: socket.socket, frame: bytes, buf: bytearray) -> int:
+    t0 = time.perf_counter_ns()
+    sock.sendall(frame)
+    got = sock.recv_into(buf)
+    need = 4 + protocol.LENGTH.unpack_from(buf)[0]
+    with memoryview(buf) as view:
+        while got < need:
+            got += sock.recv_into(view[got:])
+    return time.perf_counter_ns() - t0
+
+
+def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
+    rounds, per_round = (8, 500) if quick else (24, 1000)
+    x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
+    frame = protocol.frame({"op": "infer", "model": MODEL, "id": 1,
+                            "inputs": protocol.encode_tensors({"x": x})})
+    cpus = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="mmengine-ab-") as tmp, \
+            contextlib.ExitStack() as stack:
+        repo = Path(tmp)
+        write_mlp(repo / MODEL, "safetensors", *DIMS)
+        servers = [stack.enter_context(server(repo, "--workers", "1", root=tree))
+                   for tree in trees]
+        socks = []
+        for address, proc in servers:
+            if pinned:
+                pin(proc, cpus[0], cpus[-1])
+            host, port = address.rsplit(":", 1)
+            sock = stack.enter_context(socket.create_connection((host, int(port))))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(sock)
+        if pinned:
+            os.sched_setaffinity(0, {cpus[0]})
+        buf = bytearray(1 << 16)
+        samples: list[list[int]] = [[] for _ in trees]
+        for sock in socks:  # warm: the model loaded, the paths taken
+            for _ in range(per_round):
+                exchange_ns(sock, frame, buf)
+        for _ in range(rounds):
+            for sock, got in zip(socks, samples):
+                got += [exchange_ns(sock, frame, buf) for _ in range(per_round)]
+        rates: list[list[float]] = [[] for _ in trees]
+        if rps:
+            os.sched_setaffinity(0, set(cpus))
+            for address, _ in servers:
+                uvloop.run(_rps(address, x, 2_000))
+            for _ in range(3 if quick else 6):
+                for (address, _), got in zip(servers, rates):
+                    got.append(uvloop.run(_rps(address, x, 5_000)))
+    out: dict = {"pinned": pinned, "rounds": rounds, "requests_per_round": per_round}
+    base = None
+    ratios = {}
+    for tree, got, rate in zip(trees, samples, rates):
+        p50 = _p(got, 50) / 1e3
+        row = {"p50_us": p50, "p90_us": _p(got, 90) / 1e3,
+               "round_p50s_us": [round(statistics.median(got[i:i + per_round]) / 1e3, 2)
+                                 for i in range(0, len(got), per_round)]}
+        if rate:
+            row["rps_c64"] = statistics.median(rate)
+        if base is None:
+            base = row
+        else:
+            ratios[str(tree)] = {"p50": p50 / base["p50_us"]}
+            if rate:
+                ratios[str(tree)]["rps_c64"] = row["rps_c64"] / base["rps_c64"]
+        out[str(tree)] = row
+    out["ratios"] = ratios
+    return out
+
+
+def main() -> None:
+    ap = report.arguments(__doc__)
+    ap.add_argument("--unpinned", action="store_true",
+                    help="leave the client, front-ends and workers to the scheduler")
+    ap.add_argument("--rps", action="store_true", help="also 64 in flight, in turns")
+    ap.add_argument("trees", nargs="+", type=Path, help="checkouts, the baseline first")
+    args = ap.parse_args()
+    trees = [t.resolve() for t in args.trees]
+    for tree in trees:
+        if not (tree / "mmengine" / "__init__.py").is_file():
+            sys.exit(f"{tree}: not a checkout of mmengine")
+    report.emit(run(trees, args.quick, not args.unpinned, args.rps), args.json)
+
+
+if __name__ == "__main__":
+    main()
