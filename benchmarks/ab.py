@@ -31,7 +31,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ import psutil
 import uvloop
 
 import report  # benchmarks/report.py: the script's own folder is on sys.path
-from overhead import DIMS, MODEL, _p, _rps, server  # it also puts the project on sys.path
+from overhead import DIMS, MODEL, _answer, _p, _rps, server  # it also puts the project on sys.path
 
 from mmengine import protocol  # noqa: E402
 from mmengine.demo import write_mlp  # noqa: E402
@@ -53,17 +52,6 @@ def pin(proc, front_cpu: int, worker_cpu: int) -> None:
     for child in front.children(recursive=True):
         for thread in child.threads():
             os.sched_setaffinity(thread.id, {worker_cpu})
-
-
-def exchange_ns(sock: socket.socket, frame: bytes, buf: bytearray) -> int:
-    t0 = time.perf_counter_ns()
-    sock.sendall(frame)
-    got = sock.recv_into(buf)
-    need = 4 + protocol.LENGTH.unpack_from(buf)[0]
-    with memoryview(buf) as view:
-        while got < need:
-            got += sock.recv_into(view[got:])
-    return time.perf_counter_ns() - t0
 
 
 def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
@@ -88,14 +76,13 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
             socks.append(sock)
         if pinned:
             os.sched_setaffinity(0, {cpus[0]})
-        buf = bytearray(1 << 16)
         samples: list[list[int]] = [[] for _ in trees]
         for sock in socks:  # warm: the model loaded, the paths taken
             for _ in range(per_round):
-                exchange_ns(sock, frame, buf)
+                _answer(sock, frame)
         for _ in range(rounds):
             for sock, got in zip(socks, samples):
-                got += [exchange_ns(sock, frame, buf) for _ in range(per_round)]
+                got += [_answer(sock, frame)[0] for _ in range(per_round)]
         rates: list[list[float]] = [[] for _ in trees]
         if rps:
             os.sched_setaffinity(0, set(cpus))

@@ -1354,8 +1354,7 @@ class Engine:
                 if worker is not None:
                     return worker
                 self._check_pinned_full(key, need, caps)
-                if any(len(w.load_turns) >= LOADS_AHEAD for w in self.pool.workers
-                       if w.alive):
+                if any(_loads_ahead(w) for w in self.pool.workers if w.alive):
                     # Its turn, which is no part of its deadline (as the
                     # loads ahead of it on the loader are not: _load_on).
                     await self._wait_for_room(version, None)
@@ -1384,7 +1383,7 @@ class Engine:
             # One reservation at a time per worker: its victims are chosen
             # against books that no other reservation is changing.
             async with self._locks[w.index]:
-                if len(w.load_turns) >= LOADS_AHEAD:
+                if _loads_ahead(w):
                     continue  # its loader has enough to do (its turns end with a room change)
                 victims, reason = self.cache.victims(
                     books.DEVICE, w.index, need, self.config.high_watermark,
@@ -2367,6 +2366,12 @@ def _load_ran(key: Key, worker: int) -> dict:
     never reached the worker's ring, but observers learn which version and
     worker it waited for."""
     return {"version": key[1], "worker": worker}
+
+
+def _loads_ahead(worker: Worker) -> bool:
+    """Whether `worker`'s loader has LOADS_AHEAD loads to do: no room is
+    made there for another until one ends."""
+    return len(worker.load_turns) >= LOADS_AHEAD
 
 
 def _request_fields(name: str, version: int | None, t_submit: int,
