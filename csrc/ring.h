@@ -16,7 +16,9 @@
 #define MMENGINE_RING_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -66,13 +68,36 @@ typedef struct {
     _Atomic uint32_t consumer_cpu; /* 1 + the CPU of its last release; 0: unknown */
     uint8_t _pad2[52];
     _Atomic uint32_t consumer_parked;
-    uint8_t _pad3[60];
+    _Atomic uint32_t consumer_backoffs; /* mm_ring_preempted's count, consumer's */
+    uint8_t _pad3[56];
     _Atomic uint32_t producer_parked;
-    uint8_t _pad4[60];
+    _Atomic uint32_t producer_backoffs;
+    uint8_t _pad4[56];
 } mm_ring_header;
 _Static_assert(offsetof(mm_ring_header, tail) == 64 && offsetof(mm_ring_header, head) == 128 &&
                    offsetof(mm_ring_header, producer_parked) == 256,
                "the layout mmengine/ring.py specifies");
+
+/* A waiter that waited this long for a CPU while runnable since its last
+ * wait began shares its CPU with another busy process: between two waits
+ * a neighbour's time slice takes that long (4 ms here). The turns of its
+ * own peers, where a client, a front-end and a worker share two cores,
+ * came to 250 us about once in 700 waits, and to this twice at most in
+ * 20,000.
+ * Spinning, a waiter is runnable but never woken when its record comes,
+ * and waits behind that process for the rest of its time slice; and
+ * having spun, it is the one the scheduler preempts, in the middle of
+ * its next call too. Parked, it is woken, and the kernel runs a woken
+ * sleeper ahead of a busy process. */
+#define MM_RING_PREEMPTED_NS 1000000ull
+/* Taken twice within this many spinning waits, the CPU is contended (once
+ * is a blip: a daemon's burst, the neighbour of a moment). */
+#define MM_RING_CONTENDED_WITHIN 64u
+/* How long it then parks at once instead of spinning: the first time,
+ * and doubled each time it finds the CPU taken again during a back-off or
+ * within its length after, up to the most. */
+#define MM_RING_BACKOFF_NS 50000000ull
+#define MM_RING_MAX_BACKOFF_NS 1000000000ull
 
 /* One process's view of a ring: its mapping, its eventfds, its role. */
 typedef struct {
@@ -97,6 +122,20 @@ typedef struct {
      * the ring is waited on; NULL: none. */
     int (*idle_step)(void *);
     void *idle_arg;
+    /* The waiter's back-off (mm_ring_preempted): it spins again from
+     * spin_from (mm_now_ns()); backoff_ns, the last one's length; its
+     * waits that spun, and how many it had when its CPU was last taken. */
+    uint64_t spin_from;
+    uint64_t backoff_ns;
+    uint64_t spun;
+    uint64_t spun_taken;
+    /* Its looks (mm_ring_cpu_taken): whether it has looked, its time
+     * waiting for a CPU then, and its thread's scheduler statistics (an
+     * open file: -1 none yet, -2 none to be had) and that thread's id. */
+    int looked;
+    uint64_t runq_ns;
+    int schedstat_fd;
+    pid_t schedstat_tid;
 } mm_ring;
 
 static inline uint64_t mm_align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
@@ -170,6 +209,14 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->spin_ns = spin_ns;
     r->idle_step = NULL;
     r->idle_arg = NULL;
+    r->spin_from = 0;
+    r->backoff_ns = 0;
+    r->spun = 0;
+    r->spun_taken = 0;
+    r->looked = 0;
+    r->runq_ns = 0;
+    r->schedstat_fd = -1;
+    r->schedstat_tid = 0;
     r->head_seen = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
     r->tail_seen = atomic_load_explicit(&r->hdr->tail, memory_order_acquire);
 }
@@ -333,17 +380,90 @@ static inline void mm_ring_unpark(mm_ring *r, int for_read) {
     mm_efd_drain(for_read ? r->data_fd : r->space_fd);
 }
 
+/* The waiter found its CPU taken (MM_RING_PREEMPTED_NS): whether it backs
+ * off. Taken again within MM_RING_CONTENDED_WITHIN of its spinning waits
+ * (or while it backs off), it parks at once for a while, longer each time
+ * it finds it taken again during or soon after a back-off, and counts it
+ * in the shared header, where the other side can read it; else it goes on
+ * spinning. */
+static inline int mm_ring_preempted(mm_ring *r, int for_read, uint64_t now) {
+    int contended = r->spun_taken && r->spun - r->spun_taken < MM_RING_CONTENDED_WITHIN;
+    r->spun_taken = r->spun;
+    if (!contended) return 0;
+    int again = r->backoff_ns && (now < r->spin_from || now - r->spin_from < r->backoff_ns);
+    r->backoff_ns = !again ? MM_RING_BACKOFF_NS
+                    : r->backoff_ns >= MM_RING_MAX_BACKOFF_NS / 2 ? MM_RING_MAX_BACKOFF_NS
+                    : 2 * r->backoff_ns;
+    r->spin_from = now + r->backoff_ns;
+    atomic_fetch_add_explicit(for_read ? &r->hdr->consumer_backoffs : &r->hdr->producer_backoffs,
+                              1u, memory_order_relaxed);
+    return 1;
+}
+
+/* The calling thread's time runnable but waiting for a CPU, in ns: the
+ * scheduler's statistics, from a file of the thread's own that r keeps
+ * open (opened again by another thread, or in a forked child); 0 where
+ * the kernel keeps none. Not its sleeps (a park, the GIL's), nor a stall
+ * of the hypervisor's (here 250-450 us about once a second), which no
+ * back-off helps: the kernel counts those as run. */
+static inline uint64_t mm_ring_runq_ns(mm_ring *r) {
+    pid_t tid = gettid();
+    if (r->schedstat_tid != tid && r->schedstat_fd != -2) {
+        if (r->schedstat_fd >= 0) close(r->schedstat_fd);
+        r->schedstat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+        if (r->schedstat_fd < 0) r->schedstat_fd = -2;
+        r->schedstat_tid = tid;
+    }
+    if (r->schedstat_fd < 0) return 0;
+    char buf[96];
+    ssize_t n = pread(r->schedstat_fd, buf, sizeof(buf) - 1, 0);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *waited = strchr(buf, ' '); /* "ran waited slices" */
+    return waited ? strtoull(waited + 1, NULL, 10) : 0;
+}
+
+/* Whether another thread took the waiter's CPU for MM_RING_PREEMPTED_NS
+ * since its last wait began, in its spin or in its work since: a wait
+ * that begins looks (one read of its statistics, ~1 us, while it has
+ * nothing to do). */
+static inline int mm_ring_cpu_taken(mm_ring *r) {
+    uint64_t runq = mm_ring_runq_ns(r);
+    int taken = r->looked && runq - r->runq_ns >= MM_RING_PREEMPTED_NS;
+    r->looked = 1;
+    r->runq_ns = runq;
+    return taken;
+}
+
+/* Closes what mm_ring_runq_ns opened. */
+static inline void mm_ring_unbind(mm_ring *r) {
+    if (r->schedstat_fd >= 0) close(r->schedstat_fd);
+    r->schedstat_fd = -1;
+    r->schedstat_tid = 0;
+}
+
+/* The consumer's back-offs (for_read) or the producer's, modulo 2**32. */
+static inline uint32_t mm_ring_backoffs(const mm_ring *r, int for_read) {
+    return atomic_load_explicit(for_read ? &r->hdr->consumer_backoffs : &r->hdr->producer_backoffs,
+                                memory_order_relaxed);
+}
+
 /* Blocks until the ring is readable (for_read) or has `need` free bytes, for
  * at most timeout_ns (negative: no limit). Spins for spin_ns first, then
  * parks on the eventfd; a peer pidfd (or -1) turns the peer's exit into
- * MM_RING_PEER_DIED instead of a hang. Safe to call without the GIL. */
+ * MM_RING_PEER_DIED instead of a hang. A waiter that spins looks first
+ * whether its CPU was taken (mm_ring_cpu_taken); while it backs off
+ * (mm_ring_preempted) it parks at once. Safe to call without the GIL. */
 static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t timeout_ns,
                                int peer_pidfd) {
 #define MM_READY() (for_read ? mm_ring_readable(r) : mm_ring_writable(r, need))
     if (MM_READY()) return MM_RING_OK;
     uint64_t start = mm_now_ns();
     uint64_t spin_ns = mm_ring_spin(r);
+    if (spin_ns && mm_ring_cpu_taken(r)) mm_ring_preempted(r, for_read, start);
+    if (start < r->spin_from) spin_ns = 0;
     if (timeout_ns >= 0 && spin_ns > (uint64_t)timeout_ns) spin_ns = (uint64_t)timeout_ns;
+    if (spin_ns) r->spun++;
     uint64_t spin_end = start + spin_ns;
     uint64_t yield_after = start + spin_ns / 8;
     /* Two processes of a ring can share one core on a small machine: then

@@ -30,7 +30,9 @@ cdef extern from "ring.h" nogil:
         uint64_t tail              # _Atomic, own cache line: bytes published
         uint64_t head              # _Atomic, own cache line: bytes released
         uint32_t consumer_parked   # _Atomic, own cache line
+        uint32_t consumer_backoffs # _Atomic, the consumer's line
         uint32_t producer_parked   # _Atomic, own cache line
+        uint32_t producer_backoffs # _Atomic, the producer's line
 
     ctypedef struct mm_ring:
         mm_ring_header *hdr
@@ -48,7 +50,14 @@ cdef extern from "ring.h" nogil:
     uint64_t mm_align8(uint64_t n)
     uint64_t mm_ring_spin(const mm_ring *r)
     void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns)
+    uint32_t mm_ring_backoffs(const mm_ring *r, int for_read)
+    void mm_ring_unbind(mm_ring *r)
     uint64_t mm_now_ns()
+    enum:
+        MM_RING_PREEMPTED_NS
+        MM_RING_CONTENDED_WITHIN
+        MM_RING_BACKOFF_NS
+        MM_RING_MAX_BACKOFF_NS
     uint64_t mm_ring_record_size(uint32_t nparts, const uint64_t *lens)
     void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_fd,
                       int is_creator, uint64_t spin_ns)

@@ -26,6 +26,11 @@ _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 
 HEADER_BYTES = MM_RING_HEADER_BYTES
 MAX_PARTS = MM_RING_MAX_PARTS
+# mm_ring_preempted's rule (mmengine.ring.BackOff has the same).
+PREEMPTED_NS = MM_RING_PREEMPTED_NS
+CONTENDED_WITHIN = MM_RING_CONTENDED_WITHIN
+BACKOFF_NS = MM_RING_BACKOFF_NS
+MAX_BACKOFF_NS = MM_RING_MAX_BACKOFF_NS
 
 # A record's first part (its header) up to this size comes out of get() as
 # bytes: copying it costs less than making a view (mmengine/ring.py says the
@@ -104,6 +109,7 @@ cdef class RingCore:
     def _unbind(self):
         if self.bound:
             self.bound = False
+            mm_ring_unbind(&self.r)
             _release_view(self.view)
             self.view = None
             PyBuffer_Release(&self.buf)
@@ -111,6 +117,7 @@ cdef class RingCore:
 
     def __dealloc__(self):
         if self.bound:
+            mm_ring_unbind(&self.r)
             PyBuffer_Release(&self.buf)
 
     cdef inline int _check(self) except -1:
@@ -269,6 +276,13 @@ cdef class RingCore:
         self.r.idle_arg = PyCapsule_GetPointer(slot.capsule, b"mmengine.readjob")
         self.r.idle_step = mm_readjob_step
         self.helped = slot
+
+    @property
+    def backoffs(self):
+        """The consumer's back-offs and the producer's (mm_ring_preempted),
+        modulo 2**32."""
+        self._check()
+        return mm_ring_backoffs(&self.r, 1), mm_ring_backoffs(&self.r, 0)
 
     @property
     def held(self):

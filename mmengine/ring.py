@@ -17,7 +17,9 @@ A ring is one shared-memory segment (mmengine.shm) plus two eventfds::
        128     8  head              consumer: bytes ever released   (line 2)
        136     4  consumer_cpu      consumer: 1 + its CPU at its last release (*)
        192     4  consumer_parked   consumer: 1 while it sleeps     (line 3)
+       196     4  consumer_backoffs consumer: its back-offs (**)
        256     4  producer_parked   producer: 1 while it sleeps     (line 4)
+       260     4  producer_backoffs producer: its back-offs (**)
       4096   cap  data area         records, at offset (counter % capacity)
 
 (*) 0: not known. A hint for a waiter: where the other side last ran on
@@ -25,6 +27,9 @@ the waiter's own CPU, spinning only holds it off, so the waiter yields at
 once (the two processes of a ring share one core on a small machine, or
 where the scheduler puts them so). This twin writes none: Python cannot
 ask which CPU it runs on.
+
+(**) How many times that side, spinning, backed off (BackOff): counted
+where the other side can read it (`backoffs`), modulo 2**32.
 
 tail and head only grow; tail - head is the bytes in use. Each record is
 8-byte aligned and never wraps around the end of the data area::
@@ -58,7 +63,14 @@ it raises.
 Waking: a waiting side spins for `spin_us`, then stores its parked flag,
 fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
 space_fd for the producer). The other side writes the eventfd only when the
-flag is set, so a busy ring makes no system call per record. An asyncio
+flag is set, so a busy ring makes no system call per record. A waiter that
+waited for a CPU, runnable, for PREEMPTED_NS since its last wait began
+(CpuTaken), twice within CONTENDED_WITHIN spinning waits, shares the CPU
+with another busy process: it sleeps without spinning for a while
+(BackOff). Spinning on, it would be runnable but never woken when its
+record came, and wait for that process's time slice to end
+(milliseconds), where the kernel runs a woken sleeper ahead of a busy
+process at once. An asyncio
 consumer gives `readable_fd` to loop.add_reader and calls arm_read() before it
 returns to the loop, disarm_read() when the reader fires. A blocking wait also
 polls a pidfd of the peer process, so a peer that dies (SIGKILL included)
@@ -85,6 +97,7 @@ import ctypes
 import os
 import select
 import struct
+import threading
 import time
 import weakref
 from multiprocessing import reduction
@@ -130,7 +143,115 @@ _Q_TAIL = 64 // 8
 _Q_HEAD = 128 // 8
 _W_CLOSED = 12 // 4
 _W_CONSUMER_PARKED = 192 // 4
+_W_CONSUMER_BACKOFFS = 196 // 4
 _W_PRODUCER_PARKED = 256 // 4
+_W_PRODUCER_BACKOFFS = 260 // 4
+# BackOff's rule, which csrc/ring.h's mm_ring_preempted follows too (its
+# MM_RING_* constants are these).
+PREEMPTED_NS = 1_000_000
+CONTENDED_WITHIN = 64
+BACKOFF_NS = 50_000_000
+MAX_BACKOFF_NS = 1_000_000_000
+
+
+class CpuTaken:
+    """Whether another thread took the calling thread's CPU for
+    PREEMPTED_NS or more since it last looked (a waiter: since its last
+    wait began): the time it waited for a CPU while runnable, from the
+    scheduler's statistics (never where the kernel keeps none). Between two
+    waits a neighbour's time slice takes that long, its own peers' turns
+    hardly ever (csrc/ring.h, MM_RING_PREEMPTED_NS). Not its sleeps (a
+    park, the GIL's), nor a stall of the hypervisor's (250-450 us about
+    once a second on these machines), which no back-off helps: the kernel
+    counts those as run. (csrc/ring.h's mm_ring_cpu_taken)"""
+
+    __slots__ = ("looked", "runq")
+
+    def __init__(self) -> None:
+        self.looked = False
+        self.runq = 0
+
+    def look(self) -> bool:
+        runq = _runq_ns()
+        taken = self.looked and runq - self.runq >= PREEMPTED_NS
+        self.looked, self.runq = True, runq
+        return taken
+
+
+class _Schedstat:
+    """A thread's scheduler statistics, a file of its own: held by a
+    thread-local, closed with the thread; opened again in a forked child."""
+
+    __slots__ = ("pid", "fd")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = -1
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+_schedstats = threading.local()
+
+
+def _runq_ns() -> int:
+    """The calling thread's time runnable but waiting for a CPU, in ns; 0
+    where the kernel keeps no scheduler statistics."""
+    own = getattr(_schedstats, "file", None)
+    if own is None or own.pid != os.getpid():
+        own = _schedstats.file = _Schedstat()
+    if own.fd < 0:
+        return 0
+    try:
+        return int(os.pread(own.fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class BackOff:
+    """A spinning waiter's back-off. Its CPU taken (CpuTaken) twice
+    within CONTENDED_WITHIN spinning waits, or while it backs off, it
+    shares the CPU with another busy process (once is a blip: a daemon's
+    burst, the neighbour of a moment). Then it waits without spinning for
+    BACKOFF_NS, and twice as long each time it finds its CPU taken again
+    during a back-off or within its length after, up to MAX_BACKOFF_NS.
+    (csrc/ring.h's mm_ring_preempted; time.monotonic_ns())"""
+
+    __slots__ = ("spin_from", "length", "count", "spun", "spun_taken")
+
+    def __init__(self) -> None:
+        self.spin_from = 0  # spins again from then
+        self.length = 0  # the last back-off's
+        self.count = 0  # back-offs
+        self.spun = 0  # waits that spun
+        self.spun_taken = 0  # spun when the CPU was last found taken
+
+    def spins(self, now: int) -> bool:
+        """Whether a wait beginning `now` spins; one that does counts."""
+        if now < self.spin_from:
+            return False
+        self.spun += 1
+        return True
+
+    def preempted(self, now: int) -> bool:
+        """Its CPU was found taken at `now`: whether it backs off (else
+        it goes on spinning)."""
+        contended = self.spun_taken and self.spun - self.spun_taken < CONTENDED_WITHIN
+        self.spun_taken = self.spun
+        if contended:
+            self.back_off(now)
+        return bool(contended)
+
+    def back_off(self, now: int) -> None:
+        again = self.length and now - self.spin_from < self.length  # (< 0: backing off)
+        self.length = min(2 * self.length, MAX_BACKOFF_NS) if again else BACKOFF_NS
+        self.spin_from = now + self.length
+        self.count += 1
 
 
 def _align8(n: int) -> int:
@@ -319,6 +440,8 @@ class PyRing(_RingLife):
         self._mask = self.capacity - 1
         self._held = 0
         self._spin_s = spin_us / 1e6
+        self._backoff = BackOff()
+        self._cpu = CpuTaken()
         self.woke_ns = 0
         self._bound = True
 
@@ -407,6 +530,12 @@ class PyRing(_RingLife):
         self._spin_s = us / 1e6
 
     @property
+    def backoffs(self) -> tuple[int, int]:
+        """The consumer's back-offs and the producer's (BackOff), modulo 2**32."""
+        self._check()
+        return self._w[_W_CONSUMER_BACKOFFS], self._w[_W_PRODUCER_BACKOFFS]
+
+    @property
     def held(self) -> int:
         return self._held
 
@@ -490,7 +619,13 @@ class PyRing(_RingLife):
             raise
 
     def _wait_bound(self, for_read: bool, need: int, deadline: float | None) -> None:
-        spin_end = time.monotonic() + self._spin_s
+        now, spin_end = time.monotonic_ns(), 0.0
+        if self._spin_s:
+            if self._cpu.look() and self._backoff.preempted(now):
+                word = _W_CONSUMER_BACKOFFS if for_read else _W_PRODUCER_BACKOFFS
+                self._w[word] = (self._w[word] + 1) & 0xFFFFFFFF  # its side's alone
+            if self._backoff.spins(now):
+                spin_end = now / 1e9 + self._spin_s
         if deadline is not None:
             spin_end = min(spin_end, deadline)
         while time.monotonic() < spin_end:
