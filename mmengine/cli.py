@@ -381,13 +381,22 @@ def _print_stats(args: argparse.Namespace) -> None:
         print(f"worker {w['index']} ({w['device']}, {state}, pid {w['pid']}): "
               f"{w['in_flight']} in flight ({w.get('waiting_turn', 0)} waiting a turn), "
               f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
-              f"{w['budget_bytes']:,} bytes")
+              f"{w['budget_bytes']:,} bytes" + _backoffs(w.get("spin_backoffs") or {}))
     for r in rows:  # what failed, and why: the state says so only during a back-off
         if r["failures"]:
             retry = r.get("retry_in_s", 0.0)
             print(f"{r['name']} v{r['version']}: {r['failures']} failed "
                   f"load{'s' * (r['failures'] > 1)}, the last: {r['last_error']}"
                   + (f" (tried again in {retry:g} s)" if r["state"] == "failed" else ""))
+
+
+def _backoffs(counts: dict) -> str:
+    """A worker's spin back-offs, where it had any: the sign of busy
+    neighbours on its cores (docs/observability.md)."""
+    if not any(counts.values()):
+        return ""
+    return (f"; its spins backed off beside busy processes {counts.get('worker', 0)} "
+            f"times, the front-end's polls {counts.get('front_end', 0)}")
 
 
 def _print_token() -> None:

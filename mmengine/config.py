@@ -168,10 +168,13 @@ class Config:
     # parks. Long enough to span the gap between a client's requests: on a
     # virtual machine a parked process wakes slowly and then runs its first
     # request cold (a tiny model's SDK p50: 213-247 us at 50, 134-199 at 300).
-    # It yields its core to anyone runnable after an eighth of it. On a
-    # machine shared with other busy processes, 0 here and in poll_us gives
-    # the cores back at once (a small model's p99 beside a process copying
-    # memory on 2 cores: 1.1-2x its idle p99 at 0, 3-20x at the defaults).
+    # It yields its core to anyone runnable after an eighth of it; where
+    # other busy processes keep taking the core, it stops spinning for a
+    # while (ring.BackOff; its front-end's polls too): a spinner is
+    # runnable but never woken, and waits for their time slices. 0 here
+    # and in poll_us gives the cores back at once (a small model's p99
+    # beside a process copying memory on 2 cores: 1.1-2x its idle p99 at
+    # 0, 3-20x at the defaults, measured before the back-off).
     spin_us: float = 300.0
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its

@@ -2261,6 +2261,7 @@ class Engine:
                 "in_flight": w.in_flight,
                 "waiting_turn": w.waiting_turn,
                 "busy": round(w.busy_share, 3),
+                "spin_backoffs": w.spin_backoffs,
                 "restart_delay_s": self.pool.restart_delays.get(w.index, 0.0),
                 # `is not None`: a Cache with no entries is falsy (it has a len).
                 "used_bytes": (self.cache.used(books.DEVICE, w.index)

@@ -45,7 +45,7 @@ from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
                              WorkerDied, error_for)
 from mmengine.messages import Op
-from mmengine.ring import Ring
+from mmengine.ring import PREEMPTED_NS, BackOff, Ring
 from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
@@ -194,9 +194,14 @@ class Worker:
         # worker (its index) skipped it (ran None): abandoned, or its
         # deadline would pass before it could finish.
         self.on_unserved: Callable[[tuple, dict | None, int], None] | None = None
-        self._poll_s = config.poll_us / 1e6
-        self._poll_until = 0.0  # time.monotonic(): polling the answers until then
+        self._poll_ns = int(config.poll_us * 1e3)
+        self._poll_until = 0  # time.monotonic_ns(): polling the answers until then
         self._polling = False
+        # The last poll's look (time.monotonic_ns(), time.thread_time_ns()),
+        # and the polls' back-off (_poll): as a ring waiter's (ring.py).
+        self._looked = (0, 0)
+        self._poll_backoff = BackOff()
+        self._worker_backoffs = 0  # the worker's, as the polls last saw them
         self._loading: set[int] = set()  # ids of loads and publishes in flight
         # Those of them during which polling stops (its cores are few:
         # resources.spins_during_loads).
@@ -522,11 +527,22 @@ class Worker:
 
     def _poll_answers(self) -> None:
         """Polls the answers for poll_us from now, where they come by
-        polling (not while it loads where its cores are few)."""
-        if self._poll_s and not self._quiet:
-            self._poll_until = time.monotonic() + self._poll_s
+        polling (not while it loads where its cores are few, nor while the
+        polls back off)."""
+        if self._poll_ns and not self._quiet:
+            now = time.monotonic_ns()
+            # Its worker found its CPU taken: no core is spare, and polling
+            # takes one from the worker and its neighbours alike.
+            backoffs = self.req.backoffs[0]
+            if backoffs != self._worker_backoffs:
+                self._worker_backoffs = backoffs
+                self._poll_backoff.back_off(now)
+            if not self._poll_backoff.spins(now):
+                return
+            self._poll_until = now + self._poll_ns
             if not self._polling:
                 self._polling = True
+                self._looked = (now, time.thread_time_ns())
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
 
@@ -772,16 +788,39 @@ class Worker:
         sleeping process, and the loop still serves every socket between
         turns. Not while the worker loads where its cores are few: its
         loader needs the CPU this would take, and the worker answers as
-        soon as it is woken."""
+        soon as it is woken.
+
+        Polling, the loop is runnable all along (it never sleeps, nor
+        yields): time off its CPU between two polls is time another busy
+        process had it (or a thread of its own, the GIL), and an answer
+        waits for that process's time slice to end. Found so (PREEMPTED_NS) twice soon after, the polls back
+        off as a ring waiter's spin does (ring.BackOff): the loop sleeps
+        until woken, and the kernel runs a woken sleeper first."""
         if not self.alive or not self._drain():
             return
-        if (self._pending and not self._quiet
-                and time.monotonic() < self._poll_until):
-            self.loop.call_soon(self._poll)
-            return
+        if self._pending and not self._quiet:
+            now = time.monotonic_ns()
+            looked, self._looked = self._looked, (now, time.thread_time_ns())
+            off_cpu = now - looked[0] - (self._looked[1] - looked[1])
+            backs_off = off_cpu >= PREEMPTED_NS and self._poll_backoff.preempted(now)
+            if now < self._poll_until and not backs_off:
+                self.loop.call_soon(self._poll)
+                return
         self._polling = False
         if not self.resp.arm_read():
             self.loop.call_soon(self._on_readable)
+
+    @property
+    def spin_backoffs(self) -> dict[str, int]:
+        """How many times each side's wait for the other found its CPU
+        taken by another busy process and began or lengthened a back-off
+        (ring.BackOff): the worker's for requests (modulo 2**32), the
+        front-end's polls for answers."""
+        try:
+            worker = self.req.backoffs[0]
+        except ValueError:  # closed with the worker
+            worker = 0
+        return {"worker": worker, "front_end": self._poll_backoff.count}
 
     def _drain(self) -> bool:
         """Handles every answer in the response ring; False if the worker

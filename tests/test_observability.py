@@ -228,6 +228,10 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert got["mmengine_worker_in_flight"][wl] == 0
     assert 0.0 <= got["mmengine_worker_busy_ratio"][wl] <= 1.0  # sampled by the monitor
     assert got["mmengine_worker_up"][wl] == 1
+    assert set(w["spin_backoffs"]) == {"worker", "front_end"}
+    for waiter, n in w["spin_backoffs"].items():  # both sides, from zero; stats() came after
+        key = (("device", w["device"]), ("waiter", waiter), ("worker", "0"))
+        assert 0 <= got["mmengine_spin_backoffs_total"][key] <= n
     assert got["mmengine_worker_exits_total"] == {(("worker", "0"),): 0}  # from zero
     assert got["mmengine_tier_bytes"][(("tier", "device"),)] == w["used_bytes"]
     assert (("tier", "host"),) in got["mmengine_tier_bytes"]

@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -529,6 +530,47 @@ def test_both_clients_take_any_positive_timeout_and_refuse_the_rest(address):
 
 # -- typed errors ------------------------------------------------------------------
 
+def test_a_worker_beside_a_busy_process_stops_spinning_and_says_so(request, repo):
+    # A worker spinning for requests on a CPU that a busy process shares
+    # is runnable but never woken: each request waits out the other's time
+    # slice. It backs off (ring.BackOff), and so do the front-end's polls;
+    # stats and /metrics count both.
+    server, address = start(request, "--repo", str(repo), "--workers", "1")
+    cpu = max(os.sched_getaffinity(0))
+    x = x_for(np.random.default_rng(5))
+    with Client(address) as client:
+        for _ in range(2):  # its load (its loader took the CPU too), and one more
+            np.testing.assert_allclose(client.infer("m00", {"x": x})["y"],
+                                       reference("m00", x), **TOL)
+        (worker,) = client.stats()["workers"]
+        before = worker["spin_backoffs"]
+        for thread in psutil.Process(worker["pid"]).threads():
+            os.sched_setaffinity(thread.id, {cpu})
+        hog = subprocess.Popen([sys.executable, "-c", "import os\n"
+                                f"os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+        try:
+            deadline, backoffs = time.monotonic() + 30, before
+            for _ in range(300):  # ~4 ms each until it backs off
+                np.testing.assert_allclose(client.infer("m00", {"x": x})["y"],
+                                           reference("m00", x), **TOL)
+                last, backoffs = backoffs, client.stats()["workers"][0]["spin_backoffs"]
+                if backoffs["worker"] > before["worker"] or time.monotonic() > deadline:
+                    break
+            assert backoffs["worker"] > before["worker"], (before, backoffs)
+            # The front-end's polls follow at the next request it sends,
+            # which may have been the last one already.
+            client.infer("m00", {"x": x})
+            after = client.stats()["workers"][0]["spin_backoffs"]
+        finally:
+            hog.kill()
+            hog.wait()
+    assert after["front_end"] > last["front_end"], (last, backoffs, after)
+    said = subprocess.run(command("stats", "--url", "%s:%d" % address), env=environ(),
+                          capture_output=True, text=True, timeout=60)
+    assert re.search(r"its spins backed off beside busy processes (\d+) times, the "
+                     r"front-end's polls (\d+)", said.stdout), said.stdout
+
+
 def test_every_typed_error_reaches_the_sdk_as_its_class(served, address):
     rng = np.random.default_rng(3)
     x = x_for(rng)
@@ -745,7 +787,9 @@ def test_stats_prints_the_table(address):
     assert len(workers) == 2 and all(
         re.fullmatch(r"worker \d \(cpu, up, pid \d+\): \d+ in flight \(\d+ waiting a turn\), "
                      r"busy \d+%, "
-                     r"[\d,]+ of [\d,]+ bytes", row) for row in workers), workers
+                     r"[\d,]+ of [\d,]+ bytes"
+                     r"(; its spins backed off beside busy processes \d+ times, "
+                     r"the front-end's polls \d+)?", row) for row in workers), workers
     with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
         unused.bind(("127.0.0.1", 0))
         down = subprocess.run(command("stats", "--url", "127.0.0.1:%d" % unused.getsockname()[1]),

@@ -576,6 +576,12 @@ class _Scrape:
         busy = _Family("mmengine_worker_busy_ratio", GAUGE, "Share of the last monitor "
                        "interval each worker spent running inferences.", labels)
         up = _Family("mmengine_worker_up", GAUGE, "1 while a worker's process serves.", labels)
+        backoffs = _Family("mmengine_spin_backoffs", COUNTER, "Times a spinning wait "
+                           "between the front-end and a worker found its CPU taken by "
+                           "another busy process and began or lengthened a back-off (it "
+                           "sleeps until woken meanwhile), by worker and by the side that "
+                           "waited (worker: for requests; front_end: for answers).",
+                           labels + ("waiter",))
         for w in stats["workers"]:
             values = (str(w["index"]), w["device"])
             used.add(values, w["used_bytes"])
@@ -584,7 +590,9 @@ class _Scrape:
             waiting.add(values, w["waiting_turn"])
             busy.add(values, w["busy"])
             up.add(values, int(w["alive"]))
-        yield from (used, budget, in_flight, waiting, busy, up)
+            for waiter, n in w["spin_backoffs"].items():
+                backoffs.add((*values, waiter), n)
+        yield from (used, budget, in_flight, waiting, busy, up, backoffs)
 
         tier_used = _Family("mmengine_tier_bytes", GAUGE, "Bytes of models in each tier "
                             "(device: all workers together).", ("tier",))
