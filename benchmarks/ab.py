@@ -18,9 +18,14 @@ workers on the last, where a client shares the front-end's CPU (anything
 the front-end does after an answer, the client's next request waits for).
 --unpinned leaves them to the scheduler. --rps adds requests per second
 with 64 in flight over 4 connections (the AsyncClient), in turns too.
+--hogs N runs N busy processes (a Python loop each, left to the
+scheduler), started before the servers: a machine shared with busy
+neighbours.
 
-Keys: per tree (by its path), `p50_us`, `p90_us` and `round_p50s_us` (each
-round's median); `ratios` = each tree's p50 (and rps) over the baseline's.
+Keys: per tree (by its path), `p50_us`, `p90_us`, `p99_us` and
+`round_p50s_us` (each round's median), and `spin_backoffs` where its
+server counts them (its worker's `stats`); `ratios` = each tree's p50 (and
+rps) over the baseline's.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +47,7 @@ import report  # benchmarks/report.py: the script's own folder is on sys.path
 from overhead import DIMS, MODEL, _answer, _p, _rps, server  # it also puts the project on sys.path
 
 from mmengine import protocol  # noqa: E402
+from mmengine.client import Client  # noqa: E402
 from mmengine.demo import write_mlp  # noqa: E402
 
 
@@ -54,7 +61,19 @@ def pin(proc, front_cpu: int, worker_cpu: int) -> None:
             os.sched_setaffinity(thread.id, {worker_cpu})
 
 
-def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
+@contextlib.contextmanager
+def hogs(n: int):
+    """`n` busy processes while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0) -> dict:
     rounds, per_round = (8, 500) if quick else (24, 1000)
     x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
     frame = protocol.frame({"op": "infer", "model": MODEL, "id": 1,
@@ -62,6 +81,7 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="mmengine-ab-") as tmp, \
             contextlib.ExitStack() as stack:
+        stack.enter_context(hogs(busy))
         repo = Path(tmp)
         write_mlp(repo / MODEL, "safetensors", *DIMS)
         servers = [stack.enter_context(server(repo, "--workers", "1", root=tree))
@@ -91,16 +111,22 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool) -> dict:
             for _ in range(3 if quick else 6):
                 for (address, _), got in zip(servers, rates):
                     got.append(uvloop.run(_rps(address, x, 5_000)))
+        backoffs = []
+        for address, _ in servers:
+            with Client(address) as client:
+                backoffs.append(client.stats()["workers"][0].get("spin_backoffs"))
     out: dict = {"pinned": pinned, "rounds": rounds, "requests_per_round": per_round}
     base = None
     ratios = {}
-    for tree, got, rate in zip(trees, samples, rates):
+    for tree, got, rate, backoff in zip(trees, samples, rates, backoffs):
         p50 = _p(got, 50) / 1e3
-        row = {"p50_us": p50, "p90_us": _p(got, 90) / 1e3,
+        row = {"p50_us": p50, "p90_us": _p(got, 90) / 1e3, "p99_us": _p(got, 99) / 1e3,
                "round_p50s_us": [round(statistics.median(got[i:i + per_round]) / 1e3, 2)
                                  for i in range(0, len(got), per_round)]}
         if rate:
             row["rps_c64"] = statistics.median(rate)
+        if backoff is not None:
+            row["spin_backoffs"] = backoff
         if base is None:
             base = row
         else:
@@ -117,13 +143,15 @@ def main() -> None:
     ap.add_argument("--unpinned", action="store_true",
                     help="leave the client, front-ends and workers to the scheduler")
     ap.add_argument("--rps", action="store_true", help="also 64 in flight, in turns")
+    ap.add_argument("--hogs", type=int, default=0, metavar="N",
+                    help="N busy processes while the rounds run")
     ap.add_argument("trees", nargs="+", type=Path, help="checkouts, the baseline first")
     args = ap.parse_args()
     trees = [t.resolve() for t in args.trees]
     for tree in trees:
         if not (tree / "mmengine" / "__init__.py").is_file():
             sys.exit(f"{tree}: not a checkout of mmengine")
-    report.emit(run(trees, args.quick, not args.unpinned, args.rps), args.json)
+    report.emit(run(trees, args.quick, not args.unpinned, args.rps, args.hogs), args.json)
 
 
 if __name__ == "__main__":
