@@ -586,6 +586,49 @@ def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_s
     run(main())
 
 
+def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_segments):
+    """The front-end's loop, polling for an answer, is runnable all along:
+    beside a busy process on its CPU, an answer waits out the other's time
+    slice. Found off its CPU a millisecond between two polls, twice, its
+    polls back off (ring.BackOff), on their own: the worker never spins
+    here, so never backs off for them to follow."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
+    write_handler(tmp_path, "slow", "import time\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    time.sleep(0.003)\n    return {'y': inputs['x']}\n")
+    x = {"x": np.ones(3, np.float32)}
+
+    async def main():
+        # Polled for the whole call (3 ms), where a preemption lands.
+        async with Engine(Config(repo=str(tmp_path), workers=1, poll_us=20_000,
+                                 spin_us=0)) as engine:
+            worker = engine.pool.workers[0]
+            await engine.infer("slow", x)
+            before = worker.spin_backoffs
+            hog = subprocess.Popen([sys.executable, "-c", "import os\n"
+                                    f"os.sched_setaffinity(0, {{{cpus[0]}}})\nwhile True: pass"])
+            loop_cpus = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
+            try:
+                deadline = time.monotonic() + 20
+                for _ in range(300):
+                    out = await engine.infer("slow", x)
+                    np.testing.assert_array_equal(out["y"], x["x"])
+                    if worker.spin_backoffs["front_end"] > before["front_end"] \
+                            or time.monotonic() > deadline:
+                        break
+            finally:
+                os.sched_setaffinity(0, loop_cpus)
+                hog.kill()
+                hog.wait()
+            return before, worker.spin_backoffs
+
+    before, after = run(main())
+    assert after["front_end"] > before["front_end"], (before, after)
+    assert after["worker"] == before["worker"] == 0, (before, after)
+
+
 @pytest.mark.parametrize("spin", ["off", "on"])
 def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spare(
         tmp_path, own_segments, spin):
