@@ -3,6 +3,7 @@ reached its exception handler, and model repositories made of real files."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -136,6 +137,19 @@ def own_segments():
 
 
 # -- `mmengine serve` in a subprocess ------------------------------------------
+
+@contextlib.contextmanager
+def busy_process(cpu: int):
+    """A process that spins on `cpu` while the block runs: a busy
+    neighbour, for the spin back-offs (ring.BackOff)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import os\n"
+                             f"os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
 
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmengine.cli", *args]

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (SLOW_HANDLER, environ, live_pids, run, slow_loading, until,
-                      write_handler, write_problem_models)
+from conftest import (SLOW_HANDLER, busy_process, environ, live_pids, run, slow_loading,
+                      until, write_handler, write_problem_models)
 from mmengine import demo, messages, resources, shm
 from mmengine.config import Config, native
 from mmengine.engine import OBSERVE_WITHIN_S, Engine
@@ -606,22 +606,19 @@ def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_se
             worker = engine.pool.workers[0]
             await engine.infer("slow", x)
             before = worker.spin_backoffs
-            hog = subprocess.Popen([sys.executable, "-c", "import os\n"
-                                    f"os.sched_setaffinity(0, {{{cpus[0]}}})\nwhile True: pass"])
             loop_cpus = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
             try:
-                deadline = time.monotonic() + 20
-                for _ in range(300):
-                    out = await engine.infer("slow", x)
-                    np.testing.assert_array_equal(out["y"], x["x"])
-                    if worker.spin_backoffs["front_end"] > before["front_end"] \
-                            or time.monotonic() > deadline:
-                        break
+                with busy_process(cpus[0]):
+                    deadline = time.monotonic() + 20
+                    for _ in range(300):
+                        out = await engine.infer("slow", x)
+                        np.testing.assert_array_equal(out["y"], x["x"])
+                        if worker.spin_backoffs["front_end"] > before["front_end"] \
+                                or time.monotonic() > deadline:
+                            break
             finally:
                 os.sched_setaffinity(0, loop_cpus)
-                hog.kill()
-                hog.wait()
             return before, worker.spin_backoffs
 
     before, after = run(main())

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import environ
+from conftest import busy_process, environ
 from mmengine import shm
 from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
 from mmengine.config import Config, GiB, MiB
@@ -310,23 +310,20 @@ def test_a_spinning_waiter_whose_cpu_another_process_takes_backs_off_and_says_so
     # takes 50 us). Found so twice, it sleeps instead, and says so in the
     # header, where its peer reads it.
     cpu = max(os.sched_getaffinity(0))
-    hog = subprocess.Popen([sys.executable, "-c", "import os\n"
-                            f"os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
     ring = Ring.create(4096)
     queue = SPAWN.Queue()
     child = SPAWN.Process(target=_spin_beside_a_hog, args=(_name(Ring), ring.handle, cpu, queue))
     try:
-        child.start()
-        assert queue.get(timeout=60) == "waited"
-        consumer, producer = ring.backoffs
-        assert consumer >= 1 and producer == 0
-        ring.put(b"wake")
-        assert queue.get(timeout=30) == b"wake"
-        child.join(30)
-        assert child.exitcode == 0
+        with busy_process(cpu):
+            child.start()
+            assert queue.get(timeout=60) == "waited"
+            consumer, producer = ring.backoffs
+            assert consumer >= 1 and producer == 0
+            ring.put(b"wake")
+            assert queue.get(timeout=30) == b"wake"
+            child.join(30)
+            assert child.exitcode == 0
     finally:
-        hog.kill()
-        hog.wait()
         if child.is_alive():
             child.kill()
         ring.close()

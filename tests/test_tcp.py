@@ -10,7 +10,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -21,8 +20,8 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import (Server, command, environ, live_pids, run, slow_loading, write_handler,
-                      write_problem_models)
+from conftest import (Server, busy_process, command, environ, live_pids, run, slow_loading,
+                      write_handler, write_problem_models)
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.config import Config
@@ -546,9 +545,7 @@ def test_a_worker_beside_a_busy_process_stops_spinning_and_says_so(request, repo
         before = worker["spin_backoffs"]
         for thread in psutil.Process(worker["pid"]).threads():
             os.sched_setaffinity(thread.id, {cpu})
-        hog = subprocess.Popen([sys.executable, "-c", "import os\n"
-                                f"os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-        try:
+        with busy_process(cpu):
             deadline, backoffs = time.monotonic() + 30, before
             for _ in range(300):  # ~4 ms each until it backs off
                 np.testing.assert_allclose(client.infer("m00", {"x": x})["y"],
@@ -561,9 +558,6 @@ def test_a_worker_beside_a_busy_process_stops_spinning_and_says_so(request, repo
             # which may have been the last one already.
             client.infer("m00", {"x": x})
             after = client.stats()["workers"][0]["spin_backoffs"]
-        finally:
-            hog.kill()
-            hog.wait()
     assert after["front_end"] > last["front_end"], (last, backoffs, after)
     said = subprocess.run(command("stats", "--url", "%s:%d" % address), env=environ(),
                           capture_output=True, text=True, timeout=60)
