@@ -793,9 +793,10 @@ class Worker:
         Polling, the loop is runnable all along (it never sleeps, nor
         yields): time off its CPU between two polls is time another busy
         process had it (or a thread of its own, the GIL), and an answer
-        waits for that process's time slice to end. Found so (PREEMPTED_NS) twice soon after, the polls back
-        off as a ring waiter's spin does (ring.BackOff): the loop sleeps
-        until woken, and the kernel runs a woken sleeper first."""
+        waits for that process's time slice to end. Found so (PREEMPTED_NS)
+        twice soon after, the polls back off as a ring waiter's spin does
+        (ring.BackOff): the loop sleeps until woken, and the kernel runs a
+        woken sleeper first."""
         if not self.alive or not self._drain():
             return
         if self._pending and not self._quiet:
