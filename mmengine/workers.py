@@ -45,7 +45,7 @@ from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
                              WorkerDied, error_for)
 from mmengine.messages import Op
-from mmengine.ring import PREEMPTED_NS, BackOff, Ring
+from mmengine.ring import BackOff, Ring
 from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
@@ -197,9 +197,7 @@ class Worker:
         self._poll_ns = int(config.poll_us * 1e3)
         self._poll_until = 0  # time.monotonic_ns(): polling the answers until then
         self._polling = False
-        # The last poll's look (time.monotonic_ns(), time.thread_time_ns()),
-        # and the polls' back-off (_poll): as a ring waiter's (ring.py).
-        self._looked = (0, 0)
+        # The polls' back-off (_poll_answers): as a ring waiter's (ring.py).
         self._poll_backoff = BackOff()
         self._worker_backoffs = 0  # the worker's, as the polls last saw them
         self._loading: set[int] = set()  # ids of loads and publishes in flight
@@ -528,21 +526,32 @@ class Worker:
     def _poll_answers(self) -> None:
         """Polls the answers for poll_us from now, where they come by
         polling (not while it loads where its cores are few, nor while the
-        polls back off)."""
+        polls back off).
+
+        Polling, the loop is runnable all along (it never sleeps): beside
+        another busy process on its CPU, an answer waits out that process's
+        time slice. So the polls back off as a ring waiter's spin does
+        (ring.BackOff), and the loop sleeps until woken (the kernel runs a
+        woken sleeper first), where their worker's waits back off (no core
+        is spare, and polling takes one from the worker and its neighbours
+        alike), and where the loop finds its own CPU taken (ring.CpuTaken)
+        as an inference is sent: since the last was, polling or not. (Not
+        between two polls: the answer of a window it was preempted in is
+        there when it runs again, and that window ends at once.)"""
         if self._poll_ns and not self._quiet:
             now = time.monotonic_ns()
-            # Its worker found its CPU taken: no core is spare, and polling
-            # takes one from the worker and its neighbours alike.
+            backoff = self._poll_backoff
             backoffs = self.req.backoffs[0]
             if backoffs != self._worker_backoffs:
                 self._worker_backoffs = backoffs
-                self._poll_backoff.back_off(now)
-            if not self._poll_backoff.spins(now):
+                backoff.back_off(now)
+            if self.resp.cpu_taken():
+                backoff.preempted(now)
+            if not backoff.spins(now):
                 return
             self._poll_until = now + self._poll_ns
             if not self._polling:
                 self._polling = True
-                self._looked = (now, time.thread_time_ns())
                 self.resp.disarm_read()  # answers come by polling: no wake-ups
                 self.loop.call_soon(self._poll)
 
@@ -788,25 +797,13 @@ class Worker:
         sleeping process, and the loop still serves every socket between
         turns. Not while the worker loads where its cores are few: its
         loader needs the CPU this would take, and the worker answers as
-        soon as it is woken.
-
-        Polling, the loop is runnable all along (it never sleeps, nor
-        yields): time off its CPU between two polls is time another busy
-        process had it (or a thread of its own, the GIL), and an answer
-        waits for that process's time slice to end. Found so (PREEMPTED_NS)
-        twice soon after, the polls back off as a ring waiter's spin does
-        (ring.BackOff): the loop sleeps until woken, and the kernel runs a
-        woken sleeper first."""
+        soon as it is woken; nor while the polls back off
+        (_poll_answers)."""
         if not self.alive or not self._drain():
             return
-        if self._pending and not self._quiet:
-            now = time.monotonic_ns()
-            looked, self._looked = self._looked, (now, time.thread_time_ns())
-            off_cpu = now - looked[0] - (self._looked[1] - looked[1])
-            backs_off = off_cpu >= PREEMPTED_NS and self._poll_backoff.preempted(now)
-            if now < self._poll_until and not backs_off:
-                self.loop.call_soon(self._poll)
-                return
+        if self._pending and not self._quiet and time.monotonic_ns() < self._poll_until:
+            self.loop.call_soon(self._poll)
+            return
         self._polling = False
         if not self.resp.arm_read():
             self.loop.call_soon(self._on_readable)

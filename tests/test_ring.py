@@ -329,6 +329,30 @@ def test_a_spinning_waiter_whose_cpu_another_process_takes_backs_off_and_says_so
         ring.close()
 
 
+def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked(Ring):
+    # The front-end polls rather than waits (workers._poll_answers): it
+    # asks the ring as it sends. Beside a busy process on its CPU, 50 ms
+    # of work is runnable half of the time, off its CPU for time slices.
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("the kernel keeps no scheduler statistics")
+    cpu, before = max(os.sched_getaffinity(0)), os.sched_getaffinity(0)
+    ring = Ring.create(4096)
+    try:
+        assert not ring.cpu_taken()  # its first look: nothing to compare
+        assert not ring.cpu_taken()  # nothing in between
+        os.sched_setaffinity(0, {cpu})
+        with busy_process(cpu):
+            time.sleep(0.1)  # the other runs (started, pinned)
+            ring.cpu_taken()
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end:
+                pass
+            assert ring.cpu_taken()
+    finally:
+        os.sched_setaffinity(0, before)
+        ring.close()
+
+
 def _publish_from(handle, cpu):
     os.sched_setaffinity(0, {cpu})
     ring = NativeRing.attach(handle)
