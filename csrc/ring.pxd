@@ -51,7 +51,6 @@ cdef extern from "ring.h" nogil:
     uint64_t mm_ring_spin(const mm_ring *r)
     void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns)
     uint32_t mm_ring_backoffs(const mm_ring *r, int for_read)
-    int mm_ring_cpu_taken(mm_ring *r)
     void mm_ring_unbind(mm_ring *r)
     uint64_t mm_now_ns()
     enum:

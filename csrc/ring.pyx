@@ -284,13 +284,6 @@ cdef class RingCore:
         self._check()
         return mm_ring_backoffs(&self.r, 1), mm_ring_backoffs(&self.r, 0)
 
-    def cpu_taken(self):
-        """Whether another thread took the calling thread's CPU for
-        PREEMPTED_NS or more since it last looked (mm_ring_cpu_taken): a
-        waiter that never waits here, polling, looks for itself."""
-        self._check()
-        return bool(mm_ring_cpu_taken(&self.r))
-
     @property
     def held(self):
         """Bytes of the records got and not yet released."""

@@ -535,13 +535,6 @@ class PyRing(_RingLife):
         self._check()
         return self._w[_W_CONSUMER_BACKOFFS], self._w[_W_PRODUCER_BACKOFFS]
 
-    def cpu_taken(self) -> bool:
-        """Whether another thread took the calling thread's CPU for
-        PREEMPTED_NS or more since it last looked (CpuTaken): a waiter that
-        never waits here, polling, looks for itself."""
-        self._check()
-        return self._cpu.look()
-
     @property
     def held(self) -> int:
         return self._held

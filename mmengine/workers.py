@@ -45,7 +45,7 @@ from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
                              WorkerDied, error_for)
 from mmengine.messages import Op
-from mmengine.ring import BackOff, Ring
+from mmengine.ring import BackOff, CpuTaken, Ring
 from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
@@ -197,8 +197,11 @@ class Worker:
         self._poll_ns = int(config.poll_us * 1e3)
         self._poll_until = 0  # time.monotonic_ns(): polling the answers until then
         self._polling = False
-        # The polls' back-off (_poll_answers): as a ring waiter's (ring.py).
+        # The polls' back-off (_poll_answers): as a ring waiter's (ring.py);
+        # and the loop thread's looks whether its CPU was taken (first in
+        # start(): its statistics are open from then on, one file a thread).
         self._poll_backoff = BackOff()
+        self._cpu_taken = CpuTaken()
         self._worker_backoffs = 0  # the worker's, as the polls last saw them
         self._loading: set[int] = set()  # ids of loads and publishes in flight
         # Those of them during which polling stops (its cores are few:
@@ -291,6 +294,7 @@ class Worker:
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self.resp.readable_fd, self._on_readable)
         loop.add_reader(self._pidfd, self._on_exit)
+        self._cpu_taken.look()
         if self.resp.arm_read() is False:
             loop.call_soon(self._on_readable)
 
@@ -535,9 +539,11 @@ class Worker:
         woken sleeper first), where their worker's waits back off (no core
         is spare, and polling takes one from the worker and its neighbours
         alike), and where the loop finds its own CPU taken (ring.CpuTaken)
-        as an inference is sent: since the last was, polling or not. (Not
-        between two polls: the answer of a window it was preempted in is
-        there when it runs again, and that window ends at once.)"""
+        as a window of polls begins: since the last began, polling or not.
+        (Not between two polls: the answer of a window it was preempted in
+        is there when it runs again, and that window ends at once. Nor as
+        each inference is sent within a window: a loop that polls on
+        without a gap has work all along, and would not sleep anyway.)"""
         if self._poll_ns and not self._quiet:
             now = time.monotonic_ns()
             backoff = self._poll_backoff
@@ -545,7 +551,7 @@ class Worker:
             if backoffs != self._worker_backoffs:
                 self._worker_backoffs = backoffs
                 backoff.back_off(now)
-            if self.resp.cpu_taken():
+            if not self._polling and self._cpu_taken.look():
                 backoff.preempted(now)
             if not backoff.spins(now):
                 return

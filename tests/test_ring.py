@@ -21,7 +21,7 @@ from conftest import busy_process, environ
 from mmengine import shm
 from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
 from mmengine.config import Config, GiB, MiB
-from mmengine.ring import LARGEST_RECORD, NativeRing, PyRing, record_size
+from mmengine.ring import LARGEST_RECORD, CpuTaken, NativeRing, PyRing, record_size
 
 IMPLS = [pytest.param(PyRing, id="py")]
 if NativeRing is not None:
@@ -329,28 +329,27 @@ def test_a_spinning_waiter_whose_cpu_another_process_takes_backs_off_and_says_so
         ring.close()
 
 
-def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked(Ring):
+def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked():
     # The front-end polls rather than waits (workers._poll_answers): it
-    # asks the ring as it sends. Beside a busy process on its CPU, 50 ms
-    # of work is runnable half of the time, off its CPU for time slices.
+    # looks for itself. Beside a busy process on its CPU, 50 ms of work is
+    # runnable all along, and off its CPU for the other's time slices.
     if not os.path.exists("/proc/thread-self/schedstat"):
         pytest.skip("the kernel keeps no scheduler statistics")
     cpu, before = max(os.sched_getaffinity(0)), os.sched_getaffinity(0)
-    ring = Ring.create(4096)
+    taken = CpuTaken()
     try:
-        assert not ring.cpu_taken()  # its first look: nothing to compare
-        assert not ring.cpu_taken()  # nothing in between
+        assert not taken.look()  # its first look: nothing to compare
+        assert not taken.look()  # nothing in between
         os.sched_setaffinity(0, {cpu})
         with busy_process(cpu):
             time.sleep(0.1)  # the other runs (started, pinned)
-            ring.cpu_taken()
+            taken.look()
             end = time.monotonic() + 0.05
             while time.monotonic() < end:
                 pass
-            assert ring.cpu_taken()
+            assert taken.look()
     finally:
         os.sched_setaffinity(0, before)
-        ring.close()
 
 
 def _publish_from(handle, cpu):
