@@ -589,11 +589,11 @@ def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_s
 def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_segments):
     """The front-end's loop, polling for an answer, is runnable all along:
     beside a busy process on its CPU, an answer waits out the other's time
-    slice. Its CPU found taken a millisecond as inferences are sent, twice,
-    its polls back off (ring.BackOff), on their own: the worker never spins
-    here, so never backs off for them to follow. (Preempted while polling,
-    it finds the answer there when it runs again: the window it would have
-    looked in next is over.)"""
+    slice. Its CPU found taken a millisecond as windows of polls begin,
+    twice, its polls back off (ring.BackOff), on their own: the worker
+    never spins here, so never backs off for them to follow. (Preempted
+    while polling, it finds the answer there when it runs again, and that
+    window ends: a look between two polls missed it.)"""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
