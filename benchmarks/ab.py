@@ -1,6 +1,7 @@
 """Two or more checkouts' servers, timed in turns: an A/B of the serving path.
 
-    python benchmarks/ab.py [--json] [--quick] [--unpinned] [--rps] BASE TREE [TREE ...]
+    python benchmarks/ab.py [--json] [--quick] [--unpinned | --beside-worker] [--rps]
+        [--hogs N] BASE TREE [TREE ...]
 
 Each argument is a checkout of mmengine with its compiled modules built (a
 `git worktree` of another commit, built with `python setup.py build_ext
@@ -16,7 +17,9 @@ within 0.3-1.4 µs (0.5-2.6%): a difference smaller than that is noise.
 Pinned by default: the client and the front-ends on the first CPU, the
 workers on the last, where a client shares the front-end's CPU (anything
 the front-end does after an answer, the client's next request waits for).
---unpinned leaves them to the scheduler. --rps adds requests per second
+--beside-worker pins the client to the workers' CPU instead (where the
+front-end, alone on its CPU, would sleep between requests: the scheduler's
+other choice). --unpinned leaves them to the scheduler. --rps adds requests per second
 with 64 in flight over 4 connections (the AsyncClient), in turns too.
 --hogs N runs N busy processes (a Python loop each, left to the
 scheduler), started before the servers: a machine shared with busy
@@ -73,7 +76,8 @@ def hogs(n: int):
             proc.wait()
 
 
-def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0) -> dict:
+def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
+        beside_worker: bool = False) -> dict:
     rounds, per_round = (8, 500) if quick else (24, 1000)
     x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
     frame = protocol.frame({"op": "infer", "model": MODEL, "id": 1,
@@ -95,7 +99,7 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0) 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
         if pinned:
-            os.sched_setaffinity(0, {cpus[0]})
+            os.sched_setaffinity(0, {cpus[-1] if beside_worker else cpus[0]})
         samples: list[list[int]] = [[] for _ in trees]
         for sock in socks:  # warm: the model loaded, the paths taken
             for _ in range(per_round):
@@ -116,6 +120,8 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0) 
             with Client(address) as client:
                 backoffs.append(client.stats()["workers"][0].get("spin_backoffs"))
     out: dict = {"pinned": pinned, "rounds": rounds, "requests_per_round": per_round}
+    if pinned:
+        out["client"] = "beside the worker" if beside_worker else "beside the front-end"
     base = None
     ratios = {}
     for tree, got, rate, backoff in zip(trees, samples, rates, backoffs):
@@ -140,8 +146,11 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0) 
 
 def main() -> None:
     ap = report.arguments(__doc__)
-    ap.add_argument("--unpinned", action="store_true",
-                    help="leave the client, front-ends and workers to the scheduler")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--unpinned", action="store_true",
+                       help="leave the client, front-ends and workers to the scheduler")
+    where.add_argument("--beside-worker", action="store_true",
+                       help="pin the client to the workers' CPU, not the front-ends'")
     ap.add_argument("--rps", action="store_true", help="also 64 in flight, in turns")
     ap.add_argument("--hogs", type=int, default=0, metavar="N",
                     help="N busy processes while the rounds run")
@@ -151,7 +160,8 @@ def main() -> None:
     for tree in trees:
         if not (tree / "mmengine" / "__init__.py").is_file():
             sys.exit(f"{tree}: not a checkout of mmengine")
-    report.emit(run(trees, args.quick, not args.unpinned, args.rps, args.hogs), args.json)
+    report.emit(run(trees, args.quick, not args.unpinned, args.rps, args.hogs,
+                    args.beside_worker), args.json)
 
 
 if __name__ == "__main__":

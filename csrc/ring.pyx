@@ -13,6 +13,33 @@ from ring cimport *
 from mmengine.errors import (InternalError, PeerDied, RecordTooLarge,
                              RingClosed, RingTimeout)
 
+cdef extern from "<sched.h>" nogil:
+    int sched_getcpu()
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
+    enum:
+        SOL_SOCKET
+        SO_INCOMING_CPU
+
+
+def this_cpu():
+    """The CPU the calling thread runs on; -1 where it cannot be told
+    (glibc reads it from rseq or the vDSO, without a system call)."""
+    return sched_getcpu()
+
+
+def incoming_cpu(int fd):
+    """The CPU that last took in what came to socket `fd` (SO_INCOMING_CPU:
+    over loopback, the sender's); -1 where it cannot be told."""
+    cdef int cpu = -1
+    cdef socklen_t length = sizeof(cpu)
+    if getsockopt(fd, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &length) != 0:
+        return -1
+    return cpu
+
+
 def _release_view(view):
     try:
         view.release()

@@ -178,7 +178,9 @@ class Config:
     spin_us: float = 300.0
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its
-    # sockets in between; not while that worker loads); 0: always sleep.
+    # sockets in between; not while that worker loads), and turns this long
+    # after answering a TCP client that runs on another CPU, for its next
+    # request (server/tcp.py, linger); 0: always sleep.
     poll_us: float = 200.0
     # -- serving (the servers read these)
     host: str = "127.0.0.1"

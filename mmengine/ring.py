@@ -96,6 +96,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -705,13 +706,36 @@ def _deadline(timeout) -> float | None:
     return time.monotonic() + timeout
 
 
+def _py_this_cpu(getcpu=ctypes.CDLL(None).sched_getcpu) -> int:
+    """The CPU the calling thread runs on; -1 where it cannot be told."""
+    return getcpu()
+
+
+def _py_incoming_cpu(fd: int) -> int:
+    """The CPU that last took in what came to socket `fd` (SO_INCOMING_CPU:
+    over loopback, the sender's); -1 where it cannot be told."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
+    except OSError:
+        return -1
+    finally:
+        sock.detach()
+
+
 try:
     from mmengine._ring import RingCore as _RingCore
+    from mmengine._ring import incoming_cpu as _native_incoming_cpu
+    from mmengine._ring import this_cpu as _native_this_cpu
 
     class NativeRing(_RingCore, _RingLife):
         """The native ring: csrc/ring.h under the shared life cycle."""
 
 except ImportError:  # not built: only the pure twin is available
-    NativeRing = None
+    NativeRing = _native_this_cpu = _native_incoming_cpu = None
 
 Ring = PyRing if config.pure_python() or NativeRing is None else NativeRing
+# Where a process runs beside the peer it waits for (the front-end beside
+# its clients: server/tcp.py).
+this_cpu, incoming_cpu = (_py_this_cpu, _py_incoming_cpu) if Ring is PyRing \
+    else (_native_this_cpu, _native_incoming_cpu)

@@ -1588,3 +1588,58 @@ def test_a_server_in_pure_python_answers_the_same_bytes(request, repo, address):
                 answers[at].append(read_raw_frame(s))
     assert answers[address] == answers[pure]
     assert [protocol.decode(a[4:])["ok"] for a in answers[pure]] == [True] * 4 + [False] * 3
+
+
+def _calls_from(cpu: int, port: int, n: int) -> None:
+    """n calls of the SDK's, from a thread pinned to `cpu`, one at a time
+    with a pause between (each answer's linger ends before the next)."""
+    os.sched_setaffinity(0, {cpu})  # this thread only
+    x = {"x": np.ones(3, np.float32)}
+    with Client(f"127.0.0.1:{port}") as client:
+        for _ in range(n):
+            np.testing.assert_array_equal(client.infer("echo", x)["y"], x["x"])
+            time.sleep(0.005)
+
+
+def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_path,
+                                                                          own_segments):
+    """A client on another CPU: the loop turns on after its answer instead
+    of sleeping (a sleeping CPU wakes slowly on a virtual machine), once an
+    answer. On the loop's own CPU it sleeps: turning, it would only hold
+    the client off."""
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the loop's and another")
+    write_handler(tmp_path, "echo", "def load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    return {'y': inputs['x']}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            loop_cpus = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
+            try:
+                await engine.load("echo")
+                lingers = {}
+                for where in ("other", "own"):
+                    before = server.lingers
+                    calls = threading.Thread(target=_calls_from, args=(
+                        cpus[-1] if where == "other" else cpus[0], port, 20))
+                    calls.start()
+                    while calls.is_alive():
+                        await asyncio.sleep(0.01)
+                    lingers[where] = server.lingers - before
+                return lingers
+            finally:
+                os.sched_setaffinity(0, loop_cpus)
+                await server.stop()
+
+    lingers = run(main(), timeout=60)
+    # Each answer, but while the linger backs off (its CPU found taken:
+    # busy neighbours, where the test runs among them).
+    assert lingers["other"] >= 1, lingers
+    assert lingers["own"] == 0, lingers

@@ -35,7 +35,7 @@ import math
 import time
 from typing import Any
 
-from mmengine import errors, protocol, trace
+from mmengine import errors, protocol, ring, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
                              TooLarge)
@@ -57,6 +57,49 @@ class TcpServer(Listener):
                                               engine.config.max_request_bytes),
                              protocol.MAX_LENGTH)
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
+        # The loop's linger after an answer (linger): until then, and its
+        # back-off, as the workers' polls have theirs (workers.py).
+        self._linger_ns = int(engine.config.poll_us * 1e3)
+        self._linger_until = 0
+        self._lingering = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._linger_backoff = ring.BackOff()
+        self._cpu_taken = ring.CpuTaken()
+        self.lingers = 0  # times the loop began to linger
+
+    def linger(self, fd: int) -> None:
+        """After an answer that leaves its connection with nothing in
+        flight: where the client runs on another CPU, the loop turns on
+        without sleeping for poll_us, so that its next request is read
+        without waking this CPU. On a virtual machine a sleeping CPU wakes
+        slowly (the echo across two CPUs: 66-98 us, on one: 8-19), and the
+        front-end would sleep between every two requests of a client that
+        the scheduler put beside the spinning worker. On the client's own
+        CPU it sleeps: a turning loop only holds the client off. Where the
+        client runs, the kernel says (SO_INCOMING_CPU: over loopback, the
+        CPU of its last send). Not while it backs off, as the workers'
+        polls do (ring.BackOff): its CPU found taken as a linger begins."""
+        if not self._linger_ns or self.stopping:
+            return
+        if ring.incoming_cpu(fd) == ring.this_cpu():
+            return
+        now = time.monotonic_ns()
+        if not self._lingering and self._cpu_taken.look():
+            self._linger_backoff.preempted(now)
+        if not self._linger_backoff.spins(now):
+            return
+        self._linger_until = now + self._linger_ns
+        if not self._lingering:
+            self._lingering = True
+            self.lingers += 1
+            self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        if time.monotonic_ns() < self._linger_until and not self.stopping:
+            self._loop.call_soon(self._turn)
+        else:
+            self._lingering = False
 
 
 class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
@@ -64,6 +107,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.server = server
         self.engine = server.engine
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's, where linger reads where the client runs
         self.buf = bytearray()
         # What is in flight -> whether it is an inference: a client that goes
         # away cancels those (a load or a pin it asked for completes).
@@ -91,6 +135,7 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             transport.close()
             return
         listener.allow_writes(transport)
+        self.fd = transport.get_extra_info("socket").fileno()
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self._arm(self.last_active + self.server.idle_timeout_s)
@@ -399,6 +444,8 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
             self._answer(rid, t_submit, model, fut)
         finally:  # after the write: _task_done closes a connection that has ended
             self._task_done(fut)
+            if not self.tasks and not self.closing:
+                self.server.linger(self.fd)
 
     def _answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
