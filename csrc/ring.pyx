@@ -31,8 +31,9 @@ def this_cpu():
 
 
 def incoming_cpu(int fd):
-    """The CPU that last took in what came to socket `fd` (SO_INCOMING_CPU:
-    over loopback, the sender's); -1 where it cannot be told."""
+    """The CPU that last took in a segment that came to socket `fd`
+    (SO_INCOMING_CPU: over loopback, the sender's); -1 where it cannot be
+    told."""
     cdef int cpu = -1
     cdef socklen_t length = sizeof(cpu)
     if getsockopt(fd, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &length) != 0:

@@ -170,8 +170,8 @@ class Config:
     # request cold (a tiny model's SDK p50: 213-247 us at 50, 134-199 at 300).
     # It yields its core to anyone runnable after an eighth of it; where
     # other busy processes keep taking the core, it stops spinning for a
-    # while (ring.BackOff; its front-end's polls too): a spinner is
-    # runnable but never woken, and waits for their time slices. 0 here
+    # while (ring.BackOff; its front-end's polls and TCP linger too): a
+    # spinner is runnable but never woken, and waits for their time slices. 0 here
     # and in poll_us gives the cores back at once (a small model's p99
     # beside a process copying memory on 2 cores: 1.1-2x its idle p99 at
     # 0, 3-20x at the defaults, measured before the back-off).

@@ -706,15 +706,24 @@ def _deadline(timeout) -> float | None:
     return time.monotonic() + timeout
 
 
-def _py_this_cpu(getcpu=ctypes.CDLL(None).sched_getcpu) -> int:
+# glibc's, called holding the GIL (PyDLL): a call per answer must not
+# hand the loop's GIL to another thread.
+_sched_getcpu = getattr(ctypes.PyDLL(None), "sched_getcpu", None)
+
+
+def _py_this_cpu() -> int:
     """The CPU the calling thread runs on; -1 where it cannot be told."""
-    return getcpu()
+    return _sched_getcpu() if _sched_getcpu is not None else -1
 
 
 def _py_incoming_cpu(fd: int) -> int:
-    """The CPU that last took in what came to socket `fd` (SO_INCOMING_CPU:
-    over loopback, the sender's); -1 where it cannot be told."""
-    sock = socket.socket(fileno=fd)
+    """The CPU that last took in a segment that came to socket `fd`
+    (SO_INCOMING_CPU: over loopback, the sender's); -1 where it cannot be
+    told."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fd)
+    except (OSError, ValueError):
+        return -1
     try:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU)
     except OSError:

@@ -539,7 +539,7 @@ class Worker:
         woken sleeper first), where their worker's waits back off (no core
         is spare, and polling takes one from the worker and its neighbours
         alike), and where the loop finds its own CPU taken (ring.CpuTaken)
-        as a window of polls begins: since the last began, polling or not.
+        as a window of polls begins: since its last look, polling or not.
         (Not between two polls: the answer of a window it was preempted in
         is there when it runs again, and that window ends at once. Nor as
         each inference is sent within a window: a loop that polls on

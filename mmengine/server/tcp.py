@@ -75,25 +75,32 @@ class TcpServer(Listener):
         slowly (the echo across two CPUs: 66-98 us, on one: 8-19), and the
         front-end would sleep between every two requests of a client that
         the scheduler put beside the spinning worker. On the client's own
-        CPU it sleeps: a turning loop only holds the client off. Where the
-        client runs, the kernel says (SO_INCOMING_CPU: over loopback, the
-        CPU of its last send). Not while it backs off, as the workers'
-        polls do (ring.BackOff): its CPU found taken as a linger begins."""
+        CPU it sleeps: a turning loop only holds the client off; and where
+        that cannot be told. The kernel says which CPU took in the last
+        segment that came (SO_INCOMING_CPU): over loopback, the client's
+        own, where it sent from (a bare ACK now and then excepted, which
+        errs towards sleeping); from another machine, the one that took in
+        the network card's packets, whose wake-up the linger spares too.
+        Not while it backs off, as the workers' polls do (ring.BackOff):
+        its CPU found taken as a linger begins."""
         if not self._linger_ns or self.stopping:
             return
-        if ring.incoming_cpu(fd) == ring.this_cpu():
+        client_cpu = ring.incoming_cpu(fd)
+        if client_cpu < 0 or client_cpu == ring.this_cpu():
             return
         now = time.monotonic_ns()
-        if not self._lingering and self._cpu_taken.look():
+        loop = asyncio.get_running_loop()
+        lingering = self._lingering and self._loop is loop  # (a chain dies with its loop)
+        if not lingering and self._cpu_taken.look():
             self._linger_backoff.preempted(now)
         if not self._linger_backoff.spins(now):
             return
         self._linger_until = now + self._linger_ns
-        if not self._lingering:
+        if not lingering:
             self._lingering = True
             self.lingers += 1
-            self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._turn)
+            self._loop = loop
+            loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         if time.monotonic_ns() < self._linger_until and not self.stopping:
