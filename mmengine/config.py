@@ -170,7 +170,7 @@ class Config:
     # request cold (a tiny model's SDK p50: 213-247 us at 50, 134-199 at 300).
     # It yields its core to anyone runnable after an eighth of it; where
     # other busy processes keep taking the core, it stops spinning for a
-    # while (ring.BackOff; its front-end's polls and TCP linger too): a
+    # while (ring.BackOff; its front-end's polls and linger too): a
     # spinner is runnable but never woken, and waits for their time slices. 0 here
     # and in poll_us gives the cores back at once (a small model's p99
     # beside a process copying memory on 2 cores: 1.1-2x its idle p99 at
@@ -179,8 +179,8 @@ class Config:
     # The front-end polls a worker's answers this long after its last
     # request instead of sleeping until woken (the loop still serves its
     # sockets in between; not while that worker loads), and turns this long
-    # after answering a TCP client that runs on another CPU, for its next
-    # request (server/tcp.py, linger); 0: always sleep.
+    # after answering a client (TCP, HTTP) that runs on another CPU, for its
+    # next request (server/listener.py, linger); 0: always sleep.
     poll_us: float = 200.0
     # -- serving (the servers read these)
     host: str = "127.0.0.1"

@@ -1590,24 +1590,46 @@ def test_a_server_in_pure_python_answers_the_same_bytes(request, repo, address):
     assert [protocol.decode(a[4:])["ok"] for a in answers[pure]] == [True] * 4 + [False] * 3
 
 
-def _calls_from(cpu: int, port: int, n: int) -> None:
-    """n calls of the SDK's, from a thread pinned to `cpu`, one at a time
-    with a pause between (each answer's linger ends before the next)."""
+def _calls_from(cpu: int, port: int, n: int, transport: str) -> None:
+    """n calls, from a thread pinned to `cpu`, one at a time with a pause
+    between (each answer's linger ends before the next): the SDK's, or
+    KServe v2 over a keep-alive HTTP connection."""
+    import http.client
+    import json
+
     os.sched_setaffinity(0, {cpu})  # this thread only
     x = {"x": np.ones(3, np.float32)}
-    with Client(f"127.0.0.1:{port}") as client:
+    body = json.dumps({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32",
+                                   "data": [1.0, 1.0, 1.0]}]})
+    with contextlib.ExitStack() as stack:
+        if transport == "tcp":
+            client = stack.enter_context(Client(f"127.0.0.1:{port}"))
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            stack.callback(conn.close)
         for _ in range(n):
-            np.testing.assert_array_equal(client.infer("echo", x)["y"], x["x"])
+            if transport == "tcp":
+                np.testing.assert_array_equal(client.infer("echo", x)["y"], x["x"])
+            else:
+                conn.request("POST", "/v2/models/echo/infer", body,
+                             {"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                assert answer.status == 200 and json.loads(answer.read())["outputs"][0]["data"] \
+                    == [1.0, 1.0, 1.0]
             time.sleep(0.005)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "http"])
 def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_path,
-                                                                          own_segments):
+                                                                          own_segments,
+                                                                          transport):
     """A client on another CPU: the loop turns on after its answer instead
     of sleeping (a sleeping CPU wakes slowly on a virtual machine), once an
     answer. On the loop's own CPU it sleeps: turning, it would only hold
     the client off."""
     from mmengine.engine import Engine
+    from mmengine.server import kserve
+    from mmengine.server.http import HttpServer
     from mmengine.server.tcp import TcpServer
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -1618,20 +1640,30 @@ def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_p
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
-            server = TcpServer(engine)
+            server = TcpServer(engine) if transport == "tcp" \
+                else HttpServer(engine, kserve.ROUTES)
             port = await server.start("127.0.0.1", 0)
             loop_cpus = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
             try:
                 await engine.load("echo")
-                lingers = {}
+                lingers, failed = {}, []
+
+                def calls_from(cpu):
+                    try:
+                        _calls_from(cpu, port, 20, transport)
+                    except BaseException as e:  # noqa: BLE001 - the test's to raise
+                        failed.append(e)
+
                 for where in ("other", "own"):
                     before = server.lingers
-                    calls = threading.Thread(target=_calls_from, args=(
-                        cpus[-1] if where == "other" else cpus[0], port, 20))
+                    calls = threading.Thread(target=calls_from, args=(
+                        cpus[-1] if where == "other" else cpus[0],))
                     calls.start()
                     while calls.is_alive():
                         await asyncio.sleep(0.01)
+                    if failed:
+                        raise failed[0]
                     lingers[where] = server.lingers - before
                 return lingers
             finally:

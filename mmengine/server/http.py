@@ -482,6 +482,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | MMEngineError] = collections.deque()
         self.answering: Later | None = None  # the request being answered
+        self.fd = -1  # the socket's, where the server's linger reads where the client runs
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
@@ -519,6 +520,7 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             transport.close()
             return
         listener.allow_writes(transport)
+        self.fd = transport.get_extra_info("socket").fileno()
         self._touch()
 
     def pending(self) -> list:
@@ -989,6 +991,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
             self._close()
             return False
         self._write(response, keep_alive=True, body=body)
+        if not self.queue:
+            self.server.linger(self.fd)
         return True
 
     def _write(self, r: Response, keep_alive: bool, body: bool = True) -> None:

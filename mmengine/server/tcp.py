@@ -35,7 +35,7 @@ import math
 import time
 from typing import Any
 
-from mmengine import errors, protocol, ring, trace
+from mmengine import errors, protocol, trace
 from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
                              TooLarge)
@@ -57,56 +57,6 @@ class TcpServer(Listener):
                                               engine.config.max_request_bytes),
                              protocol.MAX_LENGTH)
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
-        # The loop's linger after an answer (linger): until then, and its
-        # back-off, as the workers' polls have theirs (workers.py).
-        self._linger_ns = int(engine.config.poll_us * 1e3)
-        self._linger_until = 0
-        self._lingering = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._linger_backoff = ring.BackOff()
-        self._cpu_taken = ring.CpuTaken()
-        self.lingers = 0  # times the loop began to linger
-
-    def linger(self, fd: int) -> None:
-        """After an answer that leaves its connection with nothing in
-        flight: where the client runs on another CPU, the loop turns on
-        without sleeping for poll_us, so that its next request is read
-        without waking this CPU. On a virtual machine a sleeping CPU wakes
-        slowly (the echo across two CPUs: 66-98 us, on one: 8-19), and the
-        front-end would sleep between every two requests of a client that
-        the scheduler put beside the spinning worker. On the client's own
-        CPU it sleeps: a turning loop only holds the client off; and where
-        that cannot be told. The kernel says which CPU took in the last
-        segment that came (SO_INCOMING_CPU): over loopback, the client's
-        own, where it sent from (a bare ACK now and then excepted, which
-        errs towards sleeping); from another machine, the one that took in
-        the network card's packets, whose wake-up the linger spares too.
-        Not while it backs off, as the workers' polls do (ring.BackOff):
-        its CPU found taken as a linger begins."""
-        if not self._linger_ns or self.stopping:
-            return
-        client_cpu = ring.incoming_cpu(fd)
-        if client_cpu < 0 or client_cpu == ring.this_cpu():
-            return
-        now = time.monotonic_ns()
-        loop = asyncio.get_running_loop()
-        lingering = self._lingering and self._loop is loop  # (a chain dies with its loop)
-        if not lingering and self._cpu_taken.look():
-            self._linger_backoff.preempted(now)
-        if not self._linger_backoff.spins(now):
-            return
-        self._linger_until = now + self._linger_ns
-        if not lingering:
-            self._lingering = True
-            self.lingers += 1
-            self._loop = loop
-            loop.call_soon(self._turn)
-
-    def _turn(self) -> None:
-        if time.monotonic_ns() < self._linger_until and not self.stopping:
-            self._loop.call_soon(self._turn)
-        else:
-            self._lingering = False
 
 
 class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
