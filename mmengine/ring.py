@@ -239,6 +239,13 @@ class BackOff:
         self.spun += 1
         return True
 
+    def spins_looking(self, now: int, cpu: CpuTaken | None) -> bool:
+        """Whether a wait beginning `now` spins, having looked first
+        whether its CPU was taken (`cpu`; None: no look this time)."""
+        if cpu is not None and cpu.look():
+            self.preempted(now)
+        return self.spins(now)
+
     def preempted(self, now: int) -> bool:
         """Its CPU was found taken at `now`: whether it backs off (else
         it goes on spinning)."""

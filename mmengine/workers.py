@@ -551,9 +551,7 @@ class Worker:
             if backoffs != self._worker_backoffs:
                 self._worker_backoffs = backoffs
                 backoff.back_off(now)
-            if not self._polling and self._cpu_taken.look():
-                backoff.preempted(now)
-            if not backoff.spins(now):
+            if not backoff.spins_looking(now, None if self._polling else self._cpu_taken):
                 return
             self._poll_until = now + self._poll_ns
             if not self._polling:

@@ -145,9 +145,7 @@ class Listener:
         now = time.monotonic_ns()
         loop = asyncio.get_running_loop()
         lingering = self._lingering and self._loop is loop  # (a chain dies with its loop)
-        if not lingering and self._cpu_taken.look():
-            self._linger_backoff.preempted(now)
-        if not self._linger_backoff.spins(now):
+        if not self._linger_backoff.spins_looking(now, None if lingering else self._cpu_taken):
             return
         self._linger_until = now + self._linger_ns
         if not lingering:
