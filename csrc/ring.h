@@ -109,6 +109,10 @@ typedef struct {
     int space_fd;  /* written by the consumer to wake a parked producer */
     uint32_t peer_closed_bit;
     uint64_t held;  /* bytes of the records get() handed out, not yet released */
+    /* Bytes the producer wrote after `tail` and holds back (a put with
+     * `hold`) until a put without it, a publish, or a put that finds no
+     * room: records meant to be read together appear together. */
+    uint64_t unpublished;
     uint64_t spin_ns;
     /* The other side's counter as last read: a lower bound, since counters
      * only grow. The producer reads `head` again only when this bound shows
@@ -206,6 +210,7 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->space_fd = space_fd;
     r->peer_closed_bit = is_creator ? MM_RING_ATTACHER_CLOSED : MM_RING_CREATOR_CLOSED;
     r->held = 0;
+    r->unpublished = 0;
     r->spin_ns = spin_ns;
     r->idle_step = NULL;
     r->idle_arg = NULL;
@@ -253,34 +258,64 @@ static inline int mm_ring_has_room(mm_ring *r, uint64_t tail, uint64_t need) {
     return r->cap - (tail - r->head_seen) >= need;
 }
 
+/* Publishes `tail` (the records written up to it) and wakes a parked
+ * consumer. */
+static inline void mm_ring_publish_to(mm_ring *r, uint64_t tail) {
+    mm_ring_header *h = r->hdr;
+    r->unpublished = 0;
+    /* The release store orders every byte written before it. */
+    atomic_store_explicit(&h->producer_cpu, mm_this_cpu(), memory_order_relaxed);
+    atomic_store_explicit(&h->tail, tail, memory_order_release);
+    mm_ring_wake(&h->consumer_parked, r->data_fd);
+}
+
+/* Publishes the records that puts with `hold` wrote, if any. */
+static inline void mm_ring_publish(mm_ring *r) {
+    if (r->unpublished)
+        mm_ring_publish_to(r, atomic_load_explicit(&r->hdr->tail, memory_order_relaxed) +
+                                  r->unpublished);
+}
+
+/* No room: what is held back is published first, since only the consumer,
+ * reading it, can make the room (a producer waiting on held records would
+ * wait for good). */
+static inline int mm_ring_no_room(mm_ring *r) {
+    mm_ring_publish(r);
+    return MM_RING_AGAIN;
+}
+
 /* Writes one record made of `nparts` buffers, copying each once. Never
  * blocks. A record that does not fit contiguously before the end of the
- * data area is preceded by a wrap marker, which is published on its own so
- * that a record as large as the whole ring can always make progress. */
+ * data area is preceded by a wrap marker, which is published on its own
+ * (unless held) so that a record as large as the whole ring can always make
+ * progress. `hold`: the record is written but not yet published
+ * (mm_ring_publish), with any held before it. */
 static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *const *parts,
-                                  const uint64_t *lens) {
+                                  const uint64_t *lens, int hold) {
     if (nparts > MM_RING_MAX_PARTS) return MM_RING_TOO_BIG;
     uint64_t size = mm_ring_record_size(nparts, lens);
     if (size > r->cap || size > 0xfffffff8ull) return MM_RING_TOO_BIG;
     if (mm_ring_peer_closed(r)) return MM_RING_CLOSED;
 
     mm_ring_header *h = r->hdr;
-    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed) + r->unpublished;
     uint64_t pos = tail & r->mask;
     if (pos + size > r->cap) {
         uint64_t pad = r->cap - pos;
-        if (!mm_ring_has_room(r, tail, pad)) return MM_RING_AGAIN;
+        if (!mm_ring_has_room(r, tail, pad)) return mm_ring_no_room(r);
         uint32_t *marker = (uint32_t *)(r->data + pos);
         marker[0] = (uint32_t)pad;
         marker[1] = MM_RING_WRAP;
         tail += pad;
-        /* Published and signalled on its own: the producer may now wait for
-         * room that only the consumer's skipping of this marker makes. */
-        atomic_store_explicit(&h->tail, tail, memory_order_release);
-        mm_ring_wake(&h->consumer_parked, r->data_fd);
+        /* The producer may now wait for room that only the consumer's
+         * skipping of this marker makes. */
+        if (hold)
+            r->unpublished += pad;
+        else
+            mm_ring_publish_to(r, tail);
         pos = 0;
     }
-    if (!mm_ring_has_room(r, tail, size)) return MM_RING_AGAIN;
+    if (!mm_ring_has_room(r, tail, size)) return mm_ring_no_room(r);
 
     uint8_t *p = r->data + pos;
     uint32_t *words = (uint32_t *)p;
@@ -293,10 +328,10 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
         dst += mm_align8(lens[i]);
     }
     MM_ASSERT((uint64_t)(dst - p) == size);
-    /* Publish after the payload: the release store orders every byte above. */
-    atomic_store_explicit(&h->producer_cpu, mm_this_cpu(), memory_order_relaxed);
-    atomic_store_explicit(&h->tail, tail + size, memory_order_release);
-    mm_ring_wake(&h->consumer_parked, r->data_fd);
+    if (hold)
+        r->unpublished += size;
+    else
+        mm_ring_publish_to(r, tail + size);
     return MM_RING_OK;
 }
 

@@ -62,7 +62,8 @@ cdef extern from "ring.h" nogil:
     void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_fd,
                       int is_creator, uint64_t spin_ns)
     int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *const *parts,
-                        const uint64_t *lens)
+                        const uint64_t *lens, int hold)
+    void mm_ring_publish(mm_ring *r)
     int mm_ring_try_get(mm_ring *r, const uint8_t **rec)
     void mm_ring_release(mm_ring *r)
     void mm_cpu_relax()

@@ -155,7 +155,7 @@ cdef class RingCore:
 
     # -- producer ----------------------------------------------------------
 
-    cdef int _put(self, object header, tuple buffers, int64_t timeout_ns) except -1:
+    cdef int _put(self, object header, tuple buffers, int64_t timeout_ns, bint hold) except -1:
         cdef Py_buffer views[MM_RING_MAX_PARTS]
         cdef bint exported[MM_RING_MAX_PARTS]
         cdef const uint8_t *ptrs[MM_RING_MAX_PARTS]
@@ -187,9 +187,9 @@ cdef class RingCore:
             while True:
                 if size >= NOGIL_COPY_BYTES:
                     with nogil:
-                        status = mm_ring_try_put(&self.r, nparts, ptrs, lens)
+                        status = mm_ring_try_put(&self.r, nparts, ptrs, lens, hold)
                 else:
-                    status = mm_ring_try_put(&self.r, nparts, ptrs, lens)
+                    status = mm_ring_try_put(&self.r, nparts, ptrs, lens, hold)
                 if status != MM_RING_AGAIN:
                     break
                 if timeout_ns == 0:
@@ -206,16 +206,24 @@ cdef class RingCore:
                 if exported[i]:
                     PyBuffer_Release(&views[i])
 
-    def try_put(self, header, *buffers):
-        """Writes one record if there is room now; returns whether it did."""
-        return self._put(header, buffers, 0) == 1
+    def try_put(self, header, *buffers, bint hold=False):
+        """Writes one record if there is room now; returns whether it did.
+        `hold`: the consumer sees it only at the next put without hold,
+        publish(), or a put that finds no room (which publishes what is
+        held: only the consumer can make room)."""
+        return self._put(header, buffers, 0, hold) == 1
+
+    def publish(self):
+        """Lets the consumer see the records put with `hold`."""
+        self._check()
+        mm_ring_publish(&self.r)
 
     def put(self, header, *buffers, timeout=None):
         """Writes one record, waiting up to `timeout` seconds for room."""
         cdef int64_t t = _timeout_ns(timeout)
         if t == 0:
             t = 1  # zero means "wait not at all" inside _put; keep one attempt
-        self._put(header, buffers, t)
+        self._put(header, buffers, t, False)
 
     def record_size(self, *lengths):
         """Bytes a record of parts with these lengths takes in the ring."""

@@ -48,7 +48,12 @@ always makes progress. A record larger than the capacity, or with more than
 
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
-it reads, and stores head (release) when it releases the record. A record
+it reads, and stores head (release) when it releases the record. A put with
+`hold` writes its record but stores no tail: the records so held appear to
+the consumer at once, at the next put without hold or publish() (a sender's
+requests that the worker should take together: none is read before the
+last is in). A put that finds no room publishes what is held first, since
+only the consumer, reading it, can make the room. A record
 returned by get() is a list of its parts: memoryviews into the segment, so
 that tensors are viewed in place, never copied out, except that the first
 part (a message's header) comes as bytes when it is at most
@@ -447,6 +452,7 @@ class PyRing(_RingLife):
         self._peer_bit = ATTACHER_CLOSED if creator else CREATOR_CLOSED
         self._mask = self.capacity - 1
         self._held = 0
+        self._unpublished = 0
         self._spin_s = spin_us / 1e6
         self._backoff = BackOff()
         self._cpu = CpuTaken()
@@ -468,7 +474,7 @@ class PyRing(_RingLife):
 
     # -- producer ----------------------------------------------------------
 
-    def _try_put(self, parts) -> bool:
+    def _try_put(self, parts, hold: bool = False) -> bool:
         views = [_bytes(p) for p in parts]
         lens = [v.nbytes for v in views]
         if len(views) > MAX_PARTS:
@@ -479,38 +485,56 @@ class PyRing(_RingLife):
         if self._peer_closed():
             raise RingClosed("put: the peer closed the ring")
         cap = self.capacity
-        tail = self._q[_Q_TAIL]
+        tail = self._q[_Q_TAIL] + self._unpublished
         head = self._q[_Q_HEAD]
         pos = tail & self._mask
         base = HEADER_BYTES
         if pos + size > cap:
             pad = cap - pos
             if cap - (tail - head) < pad:
-                return False
+                return self._no_room()
             struct.pack_into("<II", self._m, base + pos, pad, WRAP)
             tail += pad
-            self._q[_Q_TAIL] = tail
-            self._wake(_W_CONSUMER_PARKED, self._data_fd)
+            if hold:
+                self._unpublished += pad
+            else:
+                self._publish_to(tail)
             pos = 0
         if cap - (tail - head) < size:
-            return False
+            return self._no_room()
         off = base + pos
         struct.pack_into(f"<II{len(lens)}I", self._m, off, size, len(lens), *lens)
         off += 8 + _align8(4 * len(lens))
         for v, n in zip(views, lens):
             self._view[off:off + n] = v
             off += _align8(n)
-        self._q[_Q_TAIL] = tail + size
-        self._wake(_W_CONSUMER_PARKED, self._data_fd)
+        if hold:
+            self._unpublished += size
+        else:
+            self._publish_to(tail + size)
         return True
+
+    def _publish_to(self, tail: int) -> None:
+        self._unpublished = 0
+        self._q[_Q_TAIL] = tail
+        self._wake(_W_CONSUMER_PARKED, self._data_fd)
+
+    def _no_room(self) -> bool:
+        self.publish()  # only the consumer, reading what is held, makes room
+        return False
+
+    def publish(self) -> None:
+        self._check()
+        if self._unpublished:
+            self._publish_to(self._q[_Q_TAIL] + self._unpublished)
 
     def _wake(self, parked: int, fd: int) -> None:
         if self._w[parked]:
             os.eventfd_write(fd, 1)
 
-    def try_put(self, header, *buffers) -> bool:
+    def try_put(self, header, *buffers, hold: bool = False) -> bool:
         self._check()
-        return self._try_put((header,) + buffers)
+        return self._try_put((header,) + buffers, hold)
 
     def put(self, header, *buffers, timeout=None) -> None:
         self._check()

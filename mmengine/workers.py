@@ -83,18 +83,24 @@ class _Outlet:
             raise TooLarge(f"request of {need} bytes exceeds the ring's {self.ring.max_record}")
         return need
 
-    def send(self, header: bytes, bufs: list, need: int = 0) -> None:
+    def send(self, header: bytes, bufs: list, need: int = 0, hold: bool = False) -> None:
         """Writes a record, or queues it behind those waiting for room;
-        `need`, its size() where the caller has it."""
+        `need`, its size() where the caller has it. `hold`: the worker sees
+        it at the next send without hold or publish(), with the others
+        held: a call's requests are there together when it takes the
+        first, none left behind for the next call."""
         need = need or self.size(header, bufs)
-        if self._outbox or not self._try_put(header, bufs):
+        if self._outbox or not self._try_put(header, bufs, hold):
             self._outbox.append((header, bufs, need))
             if not self._waiting:
                 self._wait_for_room()
 
-    def _try_put(self, header: bytes, bufs: list) -> bool:
+    def publish(self) -> None:
+        self.ring.publish()
+
+    def _try_put(self, header: bytes, bufs: list, hold: bool = False) -> bool:
         try:
-            return self.ring.try_put(header, *bufs)
+            return self.ring.try_put(header, *bufs, hold=hold)
         except RingClosed:
             raise WorkerDied(f"worker {self._worker.index} closed its ring") from None
 
@@ -113,12 +119,16 @@ class _Outlet:
         _remove_reader(self._worker.loop, self.ring.writable_fd)
         self.ring.disarm_write()
         try:
+            # Held, and published together: one call's requests waiting
+            # here go in as they would have (a put that finds no room
+            # publishes those before it).
             while self._outbox:
                 header, bufs, _ = self._outbox[0]
-                if not self._try_put(header, bufs):
+                if not self._try_put(header, bufs, hold=True):
                     self._wait_for_room()
                     return
                 self._outbox.popleft()
+            self.ring.publish()
         except WorkerDied as e:
             self._worker._died(str(e))
 
@@ -604,10 +614,11 @@ class Worker:
             self._send_held(early_ns=int(_CLOCK_S * 1e9))
 
     def _send_inference(self, rid: int, served: tuple, header: bytes, bufs: list,
-                        need: int = 0, joins: bool = False) -> None:
+                        need: int = 0, joins: bool = False, hold: bool = False) -> None:
         """Sends an inference; `joins`: it joins the call of the one sent
-        before it (_send_held), which counted that call's time."""
-        self._infer.send(header, bufs, need)
+        before it (_send_held), which counted that call's time; `hold`: the
+        worker sees it with the rest of its call (_Outlet.send)."""
+        self._infer.send(header, bufs, need, hold)
         mean = self._times.expected(served)
         expected = 0 if joins else self._backlog_ns if mean is None else int(mean * 1e9)
         if not self._sent_ns:
@@ -667,13 +678,15 @@ class Worker:
                         self.on_unserved(served, None, self.index)
                     continue
                 try:
-                    self._send_inference(rid, served, header, bufs, need, joins=sent > 0)
+                    self._send_inference(rid, served, header, bufs, need, joins=sent > 0,
+                                         hold=True)
                 except WorkerDied as e:
                     self._died(str(e))
                     return
                 if form is None:
                     break  # joins nothing
                 sent, rows, kinds = sent + 1, rows + form[0], form[1]
+            self._infer.publish()  # the call's requests, together
             self._poll_answers()  # its answer may come after the window of the last call
         self._arm_room()
 

@@ -228,6 +228,45 @@ def test_records_got_together_are_released_together(pair):
         b.release()
 
 
+def test_held_records_appear_together_at_a_publish_or_when_room_runs_out(pair):
+    a, b = pair
+    assert a.try_put(b"0", bytes(100), hold=True) and a.try_put(b"1", hold=True)
+    assert b.try_get() is None  # written, not yet published
+    a.publish()
+    assert [bytes(b.get(timeout=1)[0]) for _ in range(2)] == [b"0", b"1"]
+    b.release()
+    a.publish()  # nothing held: nothing happens
+    assert b.try_get() is None
+    # A put without hold publishes those held before it, in order.
+    a.try_put(b"2", hold=True)
+    a.try_put(b"3")
+    assert [bytes(b.get(timeout=1)[0]) for _ in range(2)] == [b"2", b"3"]
+    b.release()
+    # Held across the end of the data area: the wrap marker is held too.
+    n = 0
+    while a.try_put(b"%d" % n, bytes(300), hold=True):
+        n += 1
+    # The put that found no room published the rest: the consumer, the
+    # only one who can make room, sees them all.
+    got = [bytes(b.get(timeout=1)[0]) for _ in range(n)]
+    assert got == [b"%d" % i for i in range(n)] and b.try_get() is None
+    b.release()
+    assert a.try_put(b"after", hold=True)
+    a.publish()
+    assert bytes(b.get(timeout=1)[0]) == b"after"
+    b.release()
+
+
+def test_a_parked_consumer_wakes_at_the_publish_of_held_records(pair):
+    a, b = pair
+    a.try_put(b"held", hold=True)
+    threading.Timer(0.1, a.publish).start()
+    t0 = time.monotonic()
+    assert bytes(b.get(timeout=5)[0]) == b"held"
+    assert 0.05 < time.monotonic() - t0 < 2.0
+    b.release()
+
+
 def test_close_wakes_the_waiting_peer(pair):
     a, b = pair
     a.put(b"last")
