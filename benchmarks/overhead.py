@@ -39,6 +39,13 @@ bare round trip at its fastest, the unit of sdk_vs_echo) and to two
 against 66-98 µs here); unpinned, a run got either, and the ratio moved
 from 1 to 15 with no change to mmengine. Each is measured before and after
 the SDK's calls.
+
+On these virtual CPUs a path that went untouched for 50 µs or more runs about
+twice as slow as back to back, whatever the process did meanwhile (spun in
+C, spun on the clock, slept): the MLP's call 15 -> 30 µs (a scratch timing,
+RESULTS.md, session 45). In the server every process's path waits that long
+for the others': direct_after_gap_p50_us calls the model GAP_US apart, and
+sdk_vs_echo_after_gap measures the overhead from there.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -77,6 +84,9 @@ MODEL, DIMS = "mlp", (64, 32, 16)
 BATCHED = "mlp-batched"
 # One model lives on one worker; a second one would only compete for the two cores.
 WORKERS = 1
+# A worker's model is called after the rest of the round trip, ~100 µs of
+# other processes' work: direct_after_gap_p50_us calls it that long apart.
+GAP_US = 100
 CONCURRENCY, CONNECTIONS = 64, 4
 HTTP_CONCURRENCY = 32  # one request in flight on each of this many connections
 # A large tensor through the SDK and back (a handler that returns its input),
@@ -313,7 +323,9 @@ def _p(samples, q: float) -> float:
     return float(np.percentile(samples, q))
 
 
-def direct_p50_us(x: np.ndarray, n: int) -> float:
+def direct_p50_us(x: np.ndarray, n: int, gap_us: float = 0) -> float:
+    """The model's call in this process, back to back; or each after
+    `gap_us` of this process busy with other work (a spin on the clock)."""
     import torch
 
     from mmengine.demo import mlp
@@ -322,6 +334,9 @@ def direct_p50_us(x: np.ndarray, n: int) -> float:
     model = mlp(*DIMS, seed=0)
     samples = []
     for _ in range(n):
+        end = time.perf_counter_ns() + gap_us * 1e3
+        while time.perf_counter_ns() < end:
+            pass
         t0 = time.perf_counter_ns()
         with torch.inference_mode():
             model(torch.from_numpy(x)).numpy()
@@ -615,6 +630,7 @@ def run(quick: bool) -> dict:
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
         engine = {k: med(e[k] for e in engine) for k in engine[0]}
         direct = med(direct_p50_us(x, n) for _ in range(repeats))
+        direct_after_gap = med(direct_p50_us(x, n, GAP_US) for _ in range(repeats))
         cpus = sorted(os.sched_getaffinity(0))
         with server(repo, "--workers", str(WORKERS)) as (address, proc), \
                 baseline("echo", len(response), cpus[0]) as beside, \
@@ -668,6 +684,7 @@ def run(quick: bool) -> dict:
     echo, echo_two_cpus = med(echo["one"]), med(echo["two"])
     return {
         "direct_p50_us": direct,
+        "direct_after_gap_p50_us": direct_after_gap,
         "engine_p50_us": engine["engine"],
         "sdk_p50_us": sdk_p50,
         "sdk_p99_us": med(_p(s[0], 99) / 1e3 for s in sdk),
@@ -704,6 +721,7 @@ def run(quick: bool) -> dict:
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
         "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
+                   "sdk_vs_echo_after_gap": (sdk_p50 - direct_after_gap) / echo,
                    "relay_vs_echo": relay / echo,
                    "large_vs_echo": sdk_large / echo_large,
                    "batched_vs_alone_rps_c64": med(r[0] for r in rps_batched)
