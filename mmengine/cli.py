@@ -382,6 +382,10 @@ def _print_stats(args: argparse.Namespace) -> None:
               f"{w['in_flight']} in flight ({w.get('waiting_turn', 0)} waiting a turn), "
               f"busy {w.get('busy', 0.0):.0%}, {w['used_bytes']:,} of "
               f"{w['budget_bytes']:,} bytes" + _backoffs(w.get("spin_backoffs") or {}))
+    for srv in stats.get("servers", []):
+        print(f"{srv['server']} server on port {srv['port']}: {srv['connections']} of "
+              f"{srv['max_connections']} connections open, {srv['refused']} refused, "
+              f"{srv['lingers']} lingers")
     for r in rows:  # what failed, and why: the state says so only during a back-off
         if r["failures"]:
             retry = r.get("retry_in_s", 0.0)

@@ -231,6 +231,9 @@ class Engine:
         # from the repository and from every tier: `last` when its model has
         # no other) (metrics, traces); they must not raise nor block.
         self.observers: list = []
+        # The servers listening for it (server/listener.py), whose counts
+        # stats() reports: added as each listens, gone as it closes.
+        self.servers: weakref.WeakSet = weakref.WeakSet()
         # Requests that ended with a server's answer, told to the observers
         # later (flush_observations): [(place, future, end_ns)].
         self._unobserved: list = []
@@ -2289,6 +2292,8 @@ class Engine:
                 "loads_from_host": sum(s.host_loads for s in counts)
                 + self._forgotten["loads_from_host"],
             },
+            "servers": sorted((s.stats() for s in self.servers),
+                              key=lambda s: (s["server"], s["port"])),
             "host_tier": self.host.stats(),
             "disk_cache": {**(self.disk.stats() if self.disk is not None else {}),
                            "budget_bytes": self.config.disk_cache_bytes},

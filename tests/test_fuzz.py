@@ -13,6 +13,7 @@ import gzip
 import http.client
 import itertools
 import json
+import re
 import socket
 import struct
 import time
@@ -629,6 +630,19 @@ def test_connections_past_the_maximum_are_refused(target):
         assert refused is not None, "no connection was refused"
         assert refused["error"]["code"] == ErrorCode.OVERLOADED
         assert MAX_CONNECTIONS - 2 <= len(opened) <= MAX_CONNECTIONS
+        # Counted, in stats and in /metrics.
+        opened[0].sendall(protocol.frame({"id": 99, "op": "stats", "limit": 0}))
+        servers = {s["server"]: s for s in read_frame(opened[0])["stats"]["servers"]}
+        tcp = servers["tcp"]
+        assert (tcp["port"], tcp["max_connections"]) == (target.tcp[1], MAX_CONNECTIONS)
+        assert len(opened) <= tcp["connections"] <= MAX_CONNECTIONS and tcp["refused"] >= 1
+        assert servers["http"]["port"] == target.http[1]
+        _, _, body = http_call(target.http, b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+                                            b"Connection: close\r\n\r\n")
+        series = f'{{port="{target.tcp[1]}",server="tcp"}} '
+        refused_total = re.search(r"^mmengine_server_connections_refused_total"
+                                  + re.escape(series) + r"(\S+)$", body.decode(), re.M)
+        assert refused_total and float(refused_total.group(1)) >= tcp["refused"]
         # HTTP has its own count; TCP's full does not refuse it.
         status, _, _ = http_call(target.http, b"GET /ping HTTP/1.1\r\nHost: x\r\n"
                                               b"Connection: close\r\n\r\n")

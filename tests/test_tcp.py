@@ -1655,8 +1655,13 @@ def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_p
                     except BaseException as e:  # noqa: BLE001 - the test's to raise
                         failed.append(e)
 
+                def counted():  # as stats() and /metrics say
+                    (srv,) = engine.stats()["servers"]
+                    assert srv["server"] == transport and srv["lingers"] == server.lingers
+                    return srv["lingers"]
+
                 for where in ("other", "own"):
-                    before = server.lingers
+                    before = counted()
                     calls = threading.Thread(target=calls_from, args=(
                         cpus[-1] if where == "other" else cpus[0],))
                     calls.start()
@@ -1664,11 +1669,12 @@ def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_p
                         await asyncio.sleep(0.01)
                     if failed:
                         raise failed[0]
-                    lingers[where] = server.lingers - before
+                    lingers[where] = counted() - before
                 return lingers
             finally:
                 os.sched_setaffinity(0, loop_cpus)
                 await server.stop()
+                assert engine.stats()["servers"] == []  # closed: no longer counted
 
     lingers = run(main(), timeout=60)
     # Each answer, but while the linger backs off (its CPU found taken:

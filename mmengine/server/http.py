@@ -461,6 +461,8 @@ class _MethodNotAllowed(BadRequest):
 
 
 class HttpServer(Listener):
+    KIND = "http"
+
     def __init__(self, engine: Engine, routes: list[tuple[str, str, Handler]],
                  max_body: int | None = None, max_header: int = MAX_HEADER_BYTES,
                  idle_timeout_s: float = IDLE_TIMEOUT_S, max_connections: int | None = None):

@@ -96,7 +96,13 @@ class Listener:
     Control operations (loading, unloading, pinning) call `check_control`
     with the token the request carries. Reading operations (list, stats,
     health, metadata, /metrics, /ping) need no token: they change nothing,
-    and health checks and metric scrapers must reach them without a secret."""
+    and health checks and metric scrapers must reach them without a secret.
+
+    Once listening it is among the engine's `servers`, whose counts
+    (`stats`) the engine's stats() and /metrics report."""
+
+    #: What stats() and /metrics call this kind of server.
+    KIND = ""
 
     def __init__(self, engine: Engine, factory: Callable[[], asyncio.Protocol],
                  max_connections: int | None = None):
@@ -120,6 +126,14 @@ class Listener:
         self._linger_backoff = ring.BackOff()
         self._cpu_taken = ring.CpuTaken()
         self.lingers = 0  # times the loop began to linger
+        self.port = 0  # once listening
+
+    def stats(self) -> dict:
+        """What it counts: its connections open now, those refused past
+        max_connections, and the lingers its answers began."""
+        return {"server": self.KIND, "port": self.port, "connections": len(self.connections),
+                "max_connections": self.max_connections, "refused": self.refused,
+                "lingers": self.lingers}
 
     def linger(self, fd: int) -> None:
         """After an answer that leaves its connection (socket `fd`) with
@@ -182,7 +196,7 @@ class Listener:
                                                     reuse_address=True)
             bound = self._server.sockets[0].getsockname()[1]
             if port or len({s.getsockname()[1] for s in self._server.sockets}) == 1:
-                return bound
+                return self._listening(bound)
             # Port 0 gave each address (localhost's 127.0.0.1 and ::1) a port
             # of its own, and the one announced reached one of them alone:
             # all on the first's, if it is free on the others.
@@ -190,12 +204,17 @@ class Listener:
             try:
                 self._server = await loop.create_server(self._factory, host, bound,
                                                         reuse_address=True)
-                return bound
+                return self._listening(bound)
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
         raise OSError(errno.EADDRINUSE, f"no port free on every address of {host!r} "
                                         f"in {PORT_TRIES} tries")
+
+    def _listening(self, port: int) -> int:
+        self.port = port
+        self.engine.servers.add(self)
+        return port
 
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish (to the shutdown
@@ -237,6 +256,7 @@ class Listener:
         for c in list(self.connections):
             (c.transport.abort if c.transport.get_write_buffer_size() else c.transport.close)()
         await self._server.wait_closed()
+        self.engine.servers.discard(self)
 
 
 #: A request body at least this large is received only against the budget;

@@ -594,6 +594,22 @@ class _Scrape:
                 backoffs.add((*values, waiter), n)
         yield from (used, budget, in_flight, waiting, busy, up, backoffs)
 
+        # Each server's counts (Listener.stats), by its key there.
+        by_key = {key: _Family(name, kind, doc, ("server", "port")) for key, name, kind, doc in (
+            ("connections", "mmengine_server_connections", GAUGE,
+             "Connections open to each server."),
+            ("max_connections", "mmengine_server_max_connections", GAUGE,
+             "Connections each server takes at most (max_connections)."),
+            ("refused", "mmengine_server_connections_refused", COUNTER,
+             "Connections each server refused, max_connections being open."),
+            ("lingers", "mmengine_server_lingers", COUNTER,
+             "Times the loop turned on for up to poll_us after an answer, instead of "
+             "sleeping, for a client that sent from another CPU."))}
+        for srv in stats.get("servers", ()):
+            for key, family in by_key.items():
+                family.add((srv["server"], str(srv["port"])), srv[key])
+        yield from by_key.values()
+
         tier_used = _Family("mmengine_tier_bytes", GAUGE, "Bytes of models in each tier "
                             "(device: all workers together).", ("tier",))
         tier_budget = _Family("mmengine_tier_budget_bytes", GAUGE, "Each tier's budget "

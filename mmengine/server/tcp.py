@@ -48,6 +48,8 @@ MAX_IN_FLIGHT = 1024  # per connection; past it the server stops reading
 
 
 class TcpServer(Listener):
+    KIND = "tcp"
+
     def __init__(self, engine: Engine, max_frame: int | None = None,
                  max_connections: int | None = None, idle_timeout_s: float | None = None):
         super().__init__(engine, lambda: _Connection(self), max_connections)
