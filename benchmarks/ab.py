@@ -1,7 +1,7 @@
 """Two or more checkouts' servers, timed in turns: an A/B of the serving path.
 
     python benchmarks/ab.py [--json] [--quick] [--unpinned | --beside-worker] [--rps]
-        [--hogs N] BASE TREE [TREE ...]
+        [--hogs N] [--http] BASE TREE [TREE ...]
 
 Each argument is a checkout of mmengine with its compiled modules built (a
 `git worktree` of another commit, built with `python setup.py build_ext
@@ -23,7 +23,8 @@ other choice). --unpinned leaves them to the scheduler. --rps adds requests per 
 with 64 in flight over 4 connections (the AsyncClient), in turns too.
 --hogs N runs N busy processes (a Python loop each, left to the
 scheduler), started before the servers: a machine shared with busy
-neighbours.
+neighbours. --http times KServe v2 over HTTP instead (the binary tensor
+extension over a keep-alive connection, as overhead.py's http_binary).
 
 Keys: per tree (by its path), `p50_us`, `p90_us`, `p99_us` and
 `round_p50s_us` (each round's median), and `spin_backoffs` where its
@@ -40,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,9 @@ import psutil
 import uvloop
 
 import report  # benchmarks/report.py: the script's own folder is on sys.path
-from overhead import DIMS, MODEL, _answer, _p, _rps, server  # it also puts the project on sys.path
+# overhead also puts the project on sys.path.
+from overhead import (DIMS, MODEL, _answer, _cut_response, _p, _rps, kserve_request,
+                      server)
 
 from mmengine import protocol  # noqa: E402
 from mmengine.client import Client  # noqa: E402
@@ -76,12 +80,30 @@ def hogs(n: int):
             proc.wait()
 
 
+def _http_answer(sock: socket.socket, request: bytes) -> tuple[int, None]:
+    """As overhead._answer, over HTTP/1.1 keep-alive: one whole request
+    sent, its response read whole."""
+    t0 = time.perf_counter_ns()
+    sock.sendall(request)
+    buf = bytearray()
+    while not _cut_response(buf):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    return time.perf_counter_ns() - t0, None
+
+
 def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
-        beside_worker: bool = False) -> dict:
+        beside_worker: bool = False, http: bool = False) -> dict:
     rounds, per_round = (8, 500) if quick else (24, 1000)
     x = np.random.default_rng(0).standard_normal((1, DIMS[0]), dtype=np.float32)
-    frame = protocol.frame({"op": "infer", "model": MODEL, "id": 1,
-                            "inputs": protocol.encode_tensors({"x": x})})
+    if http:
+        frame, exchange = kserve_request(x, binary=True), _http_answer
+    else:
+        frame = protocol.frame({"op": "infer", "model": MODEL, "id": 1,
+                                "inputs": protocol.encode_tensors({"x": x})})
+        exchange = _answer
     cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="mmengine-ab-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -94,7 +116,7 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         for address, proc in servers:
             if pinned:
                 pin(proc, cpus[0], cpus[-1])
-            host, port = address.rsplit(":", 1)
+            host, port = (proc.http_address if http else address).rsplit(":", 1)
             sock = stack.enter_context(socket.create_connection((host, int(port))))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
@@ -103,10 +125,10 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         samples: list[list[int]] = [[] for _ in trees]
         for sock in socks:  # warm: the model loaded, the paths taken
             for _ in range(per_round):
-                _answer(sock, frame)
+                exchange(sock, frame)
         for _ in range(rounds):
             for sock, got in zip(socks, samples):
-                got += [_answer(sock, frame)[0] for _ in range(per_round)]
+                got += [exchange(sock, frame)[0] for _ in range(per_round)]
         rates: list[list[float]] = [[] for _ in trees]
         if rps:
             os.sched_setaffinity(0, set(cpus))
@@ -119,7 +141,8 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         for address, _ in servers:
             with Client(address) as client:
                 backoffs.append(client.stats()["workers"][0].get("spin_backoffs"))
-    out: dict = {"pinned": pinned, "rounds": rounds, "requests_per_round": per_round}
+    out: dict = {"pinned": pinned, "rounds": rounds, "requests_per_round": per_round,
+                 "protocol": "http" if http else "tcp"}
     if pinned:
         out["client"] = "beside the worker" if beside_worker else "beside the front-end"
     base = None
@@ -154,6 +177,8 @@ def main() -> None:
     ap.add_argument("--rps", action="store_true", help="also 64 in flight, in turns")
     ap.add_argument("--hogs", type=int, default=0, metavar="N",
                     help="N busy processes while the rounds run")
+    ap.add_argument("--http", action="store_true",
+                    help="time KServe v2 over HTTP keep-alive, not the TCP protocol")
     ap.add_argument("trees", nargs="+", type=Path, help="checkouts, the baseline first")
     args = ap.parse_args()
     trees = [t.resolve() for t in args.trees]
@@ -161,7 +186,7 @@ def main() -> None:
         if not (tree / "mmengine" / "__init__.py").is_file():
             sys.exit(f"{tree}: not a checkout of mmengine")
     report.emit(run(trees, args.quick, not args.unpinned, args.rps, args.hogs,
-                    args.beside_worker), args.json)
+                    args.beside_worker, args.http), args.json)
 
 
 if __name__ == "__main__":
