@@ -24,7 +24,8 @@ with 64 in flight over 4 connections (the AsyncClient), in turns too.
 --hogs N runs N busy processes (a Python loop each, left to the
 scheduler), started before the servers: a machine shared with busy
 neighbours. --http times KServe v2 over HTTP instead (the binary tensor
-extension over a keep-alive connection, as overhead.py's http_binary).
+extension over a keep-alive connection, as overhead.py's http_binary);
+--rps stays on the TCP protocol.
 
 Keys: per tree (by its path), `p50_us`, `p90_us`, `p99_us` and
 `round_p50s_us` (each round's median), and `spin_backoffs` where its

@@ -208,9 +208,10 @@ cdef class RingCore:
 
     def try_put(self, header, *buffers, bint hold=False):
         """Writes one record if there is room now; returns whether it did.
-        `hold`: the consumer sees it only at the next put without hold,
-        publish(), or a put that finds no room (which publishes what is
-        held: only the consumer can make room)."""
+        `hold`: the consumer sees it only at publish(), close(), the next
+        put without hold that writes its record, or a put that finds no
+        room (which publishes what is held: only the consumer can make
+        room)."""
         return self._put(header, buffers, 0, hold) == 1
 
     def publish(self):

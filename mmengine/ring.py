@@ -42,15 +42,16 @@ tail and head only grow; tail - head is the bytes in use. Each record is
 
 A record that does not fit before the end of the data area is preceded by a
 wrap marker whose size is the rest of the area; the consumer skips it. The
-marker is published on its own, so a record as large as the whole capacity
-always makes progress. A record larger than the capacity, or with more than
+marker is published on its own (unless held), so a record as large as the
+whole capacity always makes progress. A record larger than the capacity, or with more than
 64 parts, raises RecordTooLarge and writes nothing.
 
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
 it reads, and stores head (release) when it releases the record. A put with
 `hold` writes its record but stores no tail: the records so held appear to
-the consumer at once, at the next put without hold or publish() (a sender's
+the consumer at once, at publish(), close(), or the next put without hold
+that writes its record (a sender's
 requests that the worker should take together: none is read before the
 last is in). A put that finds no room publishes what is held first, since
 only the consumer, reading it, can make the room. A record
@@ -406,6 +407,7 @@ class _RingLife:
         first)."""
         if not self._finalizer.alive:
             return
+        self.publish()  # records held back are sent too (nothing, on a consumer's end)
         self._seg.map[_OFF_CLOSED_BYTE[self.creator]] = 1
         for fd in (self._handle.data_fd, self._handle.space_fd):
             try:

@@ -96,7 +96,9 @@ class _Outlet:
                 self._wait_for_room()
 
     def publish(self) -> None:
-        self.ring.publish()
+        """Lets the worker see the records sent with `hold`."""
+        if self._worker.alive:  # (else its ring is closed, and nobody reads it)
+            self.ring.publish()
 
     def _try_put(self, header: bytes, bufs: list, hold: bool = False) -> bool:
         try:
@@ -128,9 +130,10 @@ class _Outlet:
                     self._wait_for_room()
                     return
                 self._outbox.popleft()
-            self.ring.publish()
         except WorkerDied as e:
             self._worker._died(str(e))
+        finally:
+            self.publish()
 
     def clear(self) -> None:
         self._outbox.clear()
@@ -651,44 +654,53 @@ class Worker:
         now = time.monotonic_ns()
         while self._held and self._ring_has_room(now + early_ns):
             served = min(self._held, key=lambda m: self._finish_ns.get(m, 0))
-            sent, rows, kinds = 0, 0, None
-            while served in self._held:
-                held = self._held[served]
-                batch, form = held[0][4:]
-                # (A call holds max_batch_size requests at most, as the
-                # worker takes them, however few rows they have: none.)
-                if sent and (form is None or form[1] != kinds or rows + form[0] > batch
-                             or sent == batch):
-                    break  # a call of its own
-                rid, header, bufs, need, _, _ = held.popleft()
-                if not held:
-                    del self._held[served]
-                self._held_ids.discard(rid)
-                fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
-                if not sent:
-                    # It begins once the ring's calls are done: its time is
-                    # what is left then (the rest join its call: the same).
-                    begins = self._ring_left_ns(now) / 1e9
-                if fut.done() or self._times.would_miss(served, deadline - begins,
-                                                        time.monotonic()):
-                    del self._pending[rid]
-                    self._inferences_done(1)
-                    _finish(fut, on_done, self._not_run(t_sent, served), then)
-                    if self.on_unserved is not None:
-                        self.on_unserved(served, None, self.index)
-                    continue
-                try:
-                    self._send_inference(rid, served, header, bufs, need, joins=sent > 0,
-                                         hold=True)
-                except WorkerDied as e:
-                    self._died(str(e))
-                    return
-                if form is None:
-                    break  # joins nothing
-                sent, rows, kinds = sent + 1, rows + form[0], form[1]
-            self._infer.publish()  # the call's requests, together
+            try:
+                self._send_call(served, now)
+            finally:  # (a callback that raised must not leave them unseen)
+                self._infer.publish()  # the call's requests, together
+            if not self.alive:
+                return
             self._poll_answers()  # its answer may come after the window of the last call
         self._arm_room()
+
+    def _send_call(self, served: tuple, now: int) -> None:
+        """_send_held's sends of one call of `served`'s held requests, with
+        `hold`: the worker sees them once the caller publishes them."""
+        sent, rows, kinds = 0, 0, None
+        while served in self._held:
+            held = self._held[served]
+            batch, form = held[0][4:]
+            # (A call holds max_batch_size requests at most, as the
+            # worker takes them, however few rows they have: none.)
+            if sent and (form is None or form[1] != kinds or rows + form[0] > batch
+                         or sent == batch):
+                return  # a call of its own
+            rid, header, bufs, need, _, _ = held.popleft()
+            if not held:
+                del self._held[served]
+            self._held_ids.discard(rid)
+            fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
+            if not sent:
+                # It begins once the ring's calls are done: its time is
+                # what is left then (the rest join its call: the same).
+                begins = self._ring_left_ns(now) / 1e9
+            if fut.done() or self._times.would_miss(served, deadline - begins,
+                                                    time.monotonic()):
+                del self._pending[rid]
+                self._inferences_done(1)
+                _finish(fut, on_done, self._not_run(t_sent, served), then)
+                if self.on_unserved is not None:
+                    self.on_unserved(served, None, self.index)
+                continue
+            try:
+                self._send_inference(rid, served, header, bufs, need, joins=sent > 0,
+                                     hold=True)
+            except WorkerDied as e:
+                self._died(str(e))
+                return
+            if form is None:
+                return  # joins nothing
+            sent, rows, kinds = sent + 1, rows + form[0], form[1]
 
     def _arm_deadline(self, deadline: float) -> None:
         if self._deadline_timer is not None:

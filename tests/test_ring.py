@@ -257,6 +257,31 @@ def test_held_records_appear_together_at_a_publish_or_when_room_runs_out(pair):
     b.release()
 
 
+def test_records_held_behind_a_held_wrap_marker_are_read_past_it(pair):
+    a, b = pair
+    a.put(bytes(3000))  # the write position moves near the end of the data area
+    b.get(timeout=1)
+    b.release()
+    assert record_size(3000) + record_size(1, 1100) > a.capacity  # the next one wraps
+    assert a.try_put(b"x", bytes(1100), hold=True) and a.try_put(b"y", hold=True)
+    assert b.try_get() is None  # the marker too is held
+    a.publish()
+    got = [b.get(timeout=1) for _ in range(2)]
+    assert [bytes(parts[0]) for parts in got] == [b"x", b"y"] and len(got[0][1]) == 1100
+    del got
+    b.release()
+
+
+def test_a_producer_that_closes_sends_what_it_held(pair):
+    a, b = pair
+    a.try_put(b"last", hold=True)
+    a.close()
+    assert bytes(b.get(timeout=1)[0]) == b"last"
+    b.release()
+    with pytest.raises(RingClosed):
+        b.get(timeout=1)
+
+
 def test_a_parked_consumer_wakes_at_the_publish_of_held_records(pair):
     a, b = pair
     a.try_put(b"held", hold=True)

@@ -243,6 +243,7 @@ class Listener:
         `deadline`."""
         if self._server is None:
             return
+        self.engine.servers.discard(self)  # closing: no longer one of its servers
         # Answers still unsent go out while their clients read them (the
         # loop would stop under a closing transport before it flushed);
         # past the deadline, those nobody has read are dropped.
@@ -256,7 +257,6 @@ class Listener:
         for c in list(self.connections):
             (c.transport.abort if c.transport.get_write_buffer_size() else c.transport.close)()
         await self._server.wait_closed()
-        self.engine.servers.discard(self)
 
 
 #: A request body at least this large is received only against the budget;
