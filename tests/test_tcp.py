@@ -784,6 +784,11 @@ def test_stats_prints_the_table(address):
                      r"[\d,]+ of [\d,]+ bytes"
                      r"(; its spins backed off beside busy processes \d+ times, "
                      r"the front-end's polls \d+)?", row) for row in workers), workers
+    # Each server, with this connection among those open.
+    tcp = [row for row in rows if row.startswith("tcp server ")]
+    assert len(tcp) == 1 and re.fullmatch(
+        r"tcp server on port %d: [1-9]\d* of \d+ connections open, \d+ refused, \d+ lingers"
+        % address[1], tcp[0]), rows
     with socket.socket() as unused:  # a port nobody listens on: one line, exit 1
         unused.bind(("127.0.0.1", 0))
         down = subprocess.run(command("stats", "--url", "127.0.0.1:%d" % unused.getsockname()[1]),
