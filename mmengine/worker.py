@@ -286,6 +286,13 @@ class WorkerLogic:
         (time.monotonic()): CallTimes.ran."""
         self.times.ran(key, seconds, now)
 
+    def noted(self, key: Key, ran: dict | None) -> None:
+        """ran() of a call by its run's body (t_recv, t_done; None: it never
+        began). Called once its answers are out: the client waits for the
+        front-end, not for these books."""
+        if ran is not None:
+            self.ran(key, (ran["t_done"] - ran["t_recv"]) / 1e9, ran["t_done"] / 1e9)
+
     def would_miss(self, key: Key, deadline: float, queued: bool) -> bool:
         """Whether a call of `key` begun now would end past its request's
         `deadline` (time.monotonic()): then nobody gets its answer, and the
@@ -705,9 +712,7 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
             # Read before t_done: a preemption due during the call lands
             # at the first system call after it, which must count in it.
             account = clock.account(woke, t0, start, loader) if clock else None
-            t_done = time.monotonic_ns()
-            logic.ran((name, version), (t_done - t0) / 1e9, t_done / 1e9)
-            ran = {"t_recv": t0, "t_done": t_done}
+            ran = {"t_recv": t0, "t_done": time.monotonic_ns()}  # (its books: the caller's)
             if account:
                 ran["account"] = account
             if batch:
@@ -722,13 +727,16 @@ def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Aba
          clock: _ThreadClock | None, name: str, version: int, inputs: dict, rid: int) -> None:
     """Inference `rid`, begun (_begins), answered."""
     outputs, ran, error = _call(woke, logic, abandoned, clock, name, version, inputs)
-    if error is None:
-        try:
-            out.send(rid, body=ran, outputs=outputs, model=name)
-            return
-        except Exception as e:  # an answer that cannot be carried
-            error = e
-    out.fail(rid, error, ran)
+    try:
+        if error is None:
+            try:
+                out.send(rid, body=ran, outputs=outputs, model=name)
+                return
+            except Exception as e:  # an answer that cannot be carried
+                error = e
+        out.fail(rid, error, ran)
+    finally:
+        logic.noted((name, version), ran)
 
 
 def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
@@ -747,19 +755,12 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
     if joined is not None:
         outputs, ran, error = _call(woke, logic, abandoned, clock, *key, joined, len(members))
         joined = None
-        if error is None:
-            try:
-                answers = batching.split(outputs, [rows for _, rows, _ in members], name)
-            except InternalError as e:  # its answer is not row by row: said to each
-                for rid, _, _ in members:
-                    out.fail(rid, e, ran)
+        try:
+            if error is None:
+                _answer_joined(out, name, members, outputs, ran)
                 return
-            for (rid, _, _), answer in zip(members, answers):
-                try:
-                    out.send(rid, body=ran, outputs=answer, model=name)
-                except Exception as e:  # one answer that cannot be carried fails alone
-                    out.fail(rid, e, ran)
-            return
+        finally:
+            logic.noted(key, ran)
     abandoned.serving = 0
     log.info("%s v%d: a call of %d joined requests failed (%s); each runs alone",
              *key, len(members), error)
@@ -767,6 +768,21 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
         if _begins(rid, key, params, not woke, logic, abandoned, out):
             _run(woke, out, logic, abandoned, clock, *key, one, rid)
         woke = 0  # (the first only)
+
+
+def _answer_joined(out: _Responder, name: str, members: list, outputs: dict, ran: dict) -> None:
+    """Each of a joined call's `members` answered its rows of `outputs`."""
+    try:
+        answers = batching.split(outputs, [rows for _, rows, _ in members], name)
+    except InternalError as e:  # its answer is not row by row: said to each
+        for rid, _, _ in members:
+            out.fail(rid, e, ran)
+        return
+    for (rid, _, _), answer in zip(members, answers):
+        try:
+            out.send(rid, body=ran, outputs=answer, model=name)
+        except Exception as e:  # one answer that cannot be carried fails alone
+            out.fail(rid, e, ran)
 
 
 def _attach(name: str, data_fd: int, space_fd: int, spin_us: float):
