@@ -258,10 +258,12 @@ static inline int mm_ring_has_room(mm_ring *r, uint64_t tail, uint64_t need) {
     return r->cap - (tail - r->head_seen) >= need;
 }
 
-/* Publishes `tail` (the records written up to it) and wakes a parked
- * consumer. */
-static inline void mm_ring_publish_to(mm_ring *r, uint64_t tail) {
+/* Publishes the records written and not yet published (those of puts with
+ * `hold`, and a wrap marker), if any, and wakes a parked consumer. */
+static inline void mm_ring_publish(mm_ring *r) {
+    if (!r->unpublished) return;
     mm_ring_header *h = r->hdr;
+    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed) + r->unpublished;
     r->unpublished = 0;
     /* The release store orders every byte written before it. */
     atomic_store_explicit(&h->producer_cpu, mm_this_cpu(), memory_order_relaxed);
@@ -269,27 +271,20 @@ static inline void mm_ring_publish_to(mm_ring *r, uint64_t tail) {
     mm_ring_wake(&h->consumer_parked, r->data_fd);
 }
 
-/* Publishes the records that puts with `hold` wrote, if any. */
-static inline void mm_ring_publish(mm_ring *r) {
-    if (r->unpublished)
-        mm_ring_publish_to(r, atomic_load_explicit(&r->hdr->tail, memory_order_relaxed) +
-                                  r->unpublished);
-}
-
-/* No room: what is held back is published first, since only the consumer,
- * reading it, can make the room (a producer waiting on held records would
- * wait for good). */
+/* No room: what is held back (a wrap marker too) is published first, since
+ * only the consumer, reading it, can make the room (a producer waiting on
+ * held records would wait for good). */
 static inline int mm_ring_no_room(mm_ring *r) {
     mm_ring_publish(r);
     return MM_RING_AGAIN;
 }
 
-/* Writes one record made of `nparts` buffers, copying each once. Never
- * blocks. A record that does not fit contiguously before the end of the
- * data area is preceded by a wrap marker, which is published on its own
- * (unless held) so that a record as large as the whole ring can always make
- * progress. `hold`: the record is written but not yet published
- * (mm_ring_publish), with any held before it. */
+/* Writes one record made of `nparts` buffers, copying each once, and
+ * publishes it with any held before it; `hold`: not yet (mm_ring_publish).
+ * Never blocks. A record that does not fit contiguously before the end of
+ * the data area is preceded by a wrap marker, published with it, or on its
+ * own when the record then finds no room (mm_ring_no_room): so a record as
+ * large as the whole ring can always make progress. */
 static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *const *parts,
                                   const uint64_t *lens, int hold) {
     if (nparts > MM_RING_MAX_PARTS) return MM_RING_TOO_BIG;
@@ -307,12 +302,7 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
         marker[0] = (uint32_t)pad;
         marker[1] = MM_RING_WRAP;
         tail += pad;
-        /* The producer may now wait for room that only the consumer's
-         * skipping of this marker makes. */
-        if (hold)
-            r->unpublished += pad;
-        else
-            mm_ring_publish_to(r, tail);
+        r->unpublished += pad;
         pos = 0;
     }
     if (!mm_ring_has_room(r, tail, size)) return mm_ring_no_room(r);
@@ -328,10 +318,8 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
         dst += mm_align8(lens[i]);
     }
     MM_ASSERT((uint64_t)(dst - p) == size);
-    if (hold)
-        r->unpublished += size;
-    else
-        mm_ring_publish_to(r, tail + size);
+    r->unpublished += size;
+    if (!hold) mm_ring_publish(r);
     return MM_RING_OK;
 }
 

@@ -42,19 +42,20 @@ tail and head only grow; tail - head is the bytes in use. Each record is
 
 A record that does not fit before the end of the data area is preceded by a
 wrap marker whose size is the rest of the area; the consumer skips it. The
-marker is published on its own (unless held), so a record as large as the
-whole capacity always makes progress. A record larger than the capacity, or with more than
-64 parts, raises RecordTooLarge and writes nothing.
+marker is published with its record, or on its own when the record then
+finds no room, so a record as large as the whole capacity always makes
+progress. A record larger than the capacity, or with more than 64 parts,
+raises RecordTooLarge and writes nothing.
 
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
 it reads, and stores head (release) when it releases the record. A put with
 `hold` writes its record but stores no tail: the records so held appear to
 the consumer at once, at publish(), close(), or the next put without hold
-that writes its record (a sender's
-requests that the worker should take together: none is read before the
-last is in). A put that finds no room publishes what is held first, since
-only the consumer, reading it, can make the room. A record
+that writes its record (a sender's requests that the worker should take
+together: none is read before the last is in). A put that finds no room
+publishes what is held first, since only the consumer, reading it, can make
+the room. A record
 returned by get() is a list of its parts: memoryviews into the segment, so
 that tensors are viewed in place, never copied out, except that the first
 part (a message's header) comes as bytes when it is at most
@@ -497,10 +498,7 @@ class PyRing(_RingLife):
                 return self._no_room()
             struct.pack_into("<II", self._m, base + pos, pad, WRAP)
             tail += pad
-            if hold:
-                self._unpublished += pad
-            else:
-                self._publish_to(tail)
+            self._unpublished += pad
             pos = 0
         if cap - (tail - head) < size:
             return self._no_room()
@@ -510,16 +508,10 @@ class PyRing(_RingLife):
         for v, n in zip(views, lens):
             self._view[off:off + n] = v
             off += _align8(n)
-        if hold:
-            self._unpublished += size
-        else:
-            self._publish_to(tail + size)
+        self._unpublished += size
+        if not hold:
+            self.publish()
         return True
-
-    def _publish_to(self, tail: int) -> None:
-        self._unpublished = 0
-        self._q[_Q_TAIL] = tail
-        self._wake(_W_CONSUMER_PARKED, self._data_fd)
 
     def _no_room(self) -> bool:
         self.publish()  # only the consumer, reading what is held, makes room
@@ -528,7 +520,9 @@ class PyRing(_RingLife):
     def publish(self) -> None:
         self._check()
         if self._unpublished:
-            self._publish_to(self._q[_Q_TAIL] + self._unpublished)
+            self._q[_Q_TAIL] += self._unpublished  # (one aligned store: the producer's own)
+            self._unpublished = 0
+            self._wake(_W_CONSUMER_PARKED, self._data_fd)
 
     def _wake(self, parked: int, fd: int) -> None:
         if self._w[parked]:
