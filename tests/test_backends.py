@@ -111,6 +111,54 @@ def test_inputs_in_any_layout(models):
                                        rtol=1e-5, atol=1e-6)
 
 
+
+def test_a_torch_model_answers_in_inference_mode_as_it_does_outside(models):
+    # A worker calls its models in inference mode, where a CPU model with
+    # declared tensors answers in one pass (base._Plain): what that pass
+    # takes, and what it leaves to the general way, answer alike.
+    from mmengine.backends.base import LoadedModel
+
+    reversed_rows = x()[::-1]  # negative strides: torch cannot wrap them
+    for value, rows in ((x(), x()), (x(1), x(1)), (reversed_rows, reversed_rows),
+                        (np.asfortranarray(x()), x()), (x().astype(">f4"), x()),
+                        (torch.from_numpy(x()), x())):
+        expected = demo.reference(np.ascontiguousarray(rows), *DIMS, 3)
+        for name in ("declared", "derived", "unchecked"):
+            model = models[name]
+            with torch.inference_mode():
+                fast = model.predict({"x": value})
+                general = LoadedModel.predict(model, {"x": value})
+            outside = model.predict({"x": value})
+            for out in (fast, general, outside):
+                assert list(out) == list(outside)
+                np.testing.assert_allclose(next(iter(out.values())), expected,
+                                           rtol=1e-5, atol=1e-6)
+    for inputs, message in (({"x": x(3, 5)}, "shape"), ({"x": x().astype(np.float64)},
+                                                        "float32, not float64")):
+        with torch.inference_mode(), pytest.raises(BadRequest, match=message):
+            models["declared"].predict(inputs)
+
+
+@pytest.mark.parametrize("declared, message", [
+    ('dtype = "float64"\nshape = [-1, 2]', r"output 'y' is float32 \[3, 2\]; its manifest "
+                                            r"declares float64 \[-1, 2\]"),
+    ('dtype = "float32"\nshape = [-1, 3]', r"output 'y' is float32 \[3, 2\]; its manifest "
+                                            r"declares float32 \[-1, 3\]"),
+    ('dtype = "float32"\nshape = [2]', r"output 'y' is float32 \[3, 2\]"),
+])
+def test_a_torch_models_undeclared_answer_is_internal_in_inference_mode(tmp_path, declared,
+                                                                         message):
+    path = demo.write_mlp(tmp_path / "m", "safetensors", *DIMS)
+    toml = path / "model.toml"
+    toml.write_text(toml.read_text().replace('dtype = "float32"\nshape = [-1, 2]', declared))
+    model = load(tmp_path, "m")
+    try:
+        with torch.inference_mode(), pytest.raises(InternalError, match=message):
+            model.predict({"x": x()})
+    finally:
+        model.close()
+
+
 # -- load failures ----------------------------------------------------------
 
 def test_corrupt_safetensors_is_load_failed(tmp_path):
