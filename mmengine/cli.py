@@ -72,16 +72,16 @@ def ensure_demo_repository(root: Path) -> Path:
               flush=True)
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         try:
-            with _stop_signals_raise():
-                # The generator ignores the stop signals (a Ctrl-C reaches it
-                # too): the server kills it as it stops, and the kernel if
-                # the server dies (PR_SET_PDEATHSIG).
-                subprocess.run([sys.executable, "-c", worker.ignoring_stop_signals(
-                    "import sys\n"
-                    "from mmengine.worker import _die_with_front_end; _die_with_front_end()\n"
-                    "from mmengine.demo import write_demo_repository\n"
-                    "write_demo_repository(sys.argv[1], int(sys.argv[2]))"),
-                                str(tmp), str(DEMO_MODELS)], check=True)
+            # The generator ignores the stop signals (a Ctrl-C reaches it
+            # too): a stop signal raises _Stopped here (main), and run() kills
+            # it on the way out; the kernel does if the server dies
+            # (PR_SET_PDEATHSIG).
+            subprocess.run([sys.executable, "-c", worker.ignoring_stop_signals(
+                "import sys\n"
+                "from mmengine.worker import _die_with_front_end; _die_with_front_end()\n"
+                "from mmengine.demo import write_demo_repository\n"
+                "write_demo_repository(sys.argv[1], int(sys.argv[2]))"),
+                            str(tmp), str(DEMO_MODELS)], check=True)
             (tmp / ".complete").write_text("ok\n")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -119,22 +119,22 @@ def _raise_stopped(signum, _frame) -> None:
     raise _Stopped(signal.Signals(signum).name)
 
 
-@contextlib.contextmanager
-def _stop_signals_raise():
-    """Meanwhile a stop signal raises _Stopped (as Ctrl-C raises
+def _raise_at_stop_signals() -> None:
+    """From now a stop signal raises _Stopped (as Ctrl-C raises
     KeyboardInterrupt), so that what runs is undone on the way out; SIGHUP
-    stays ignored under nohup."""
+    stays ignored under nohup. The loop's handlers replace these (_serve)."""
     from mmengine import worker
 
-    old = {sig: signal.getsignal(sig) for sig in worker.STOP_SIGNALS}
-    try:
-        for sig in worker.STOP_SIGNALS:
-            if not (sig == signal.SIGHUP and old[sig] is signal.SIG_IGN):
-                signal.signal(sig, _raise_stopped)
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    for sig in worker.STOP_SIGNALS:
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN):
+            signal.signal(sig, _raise_stopped)
+
+
+def _ignore_stop_signals() -> None:
+    from mmengine import worker
+
+    for sig in worker.STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _serve_config(args: argparse.Namespace) -> cfg.Config:
@@ -427,6 +427,43 @@ def _resolve_token(args: argparse.Namespace) -> None:
         args.token = sys.stdin.readline().strip() or None
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    """`mmengine serve`; a stop signal before the loop's handlers exist
+    raises _Stopped (_raise_at_stop_signals)."""
+    try:
+        config = _serve_config(args)
+    except cfg.ConfigError as e:
+        print(f"mmengine: configuration error: {e}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from mmengine import trace
+    from mmengine.errors import MMEngineError
+    tracer = None
+    if config.trace_file:
+        try:
+            tracer = trace.Trace(config.trace_file)
+        except OSError as e:
+            print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
+            return 2
+    try:
+        uvloop.run(_serve(config, args.demo, tracer))
+    except cfg.ConfigError as e:  # one the repository decides: a pinned model it lacks
+        print(f"mmengine: configuration error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
+        where = f"host {config.host!r}: " if isinstance(e, socket.gaierror) else ""
+        print(f"mmengine: cannot serve: {where}{e}", file=sys.stderr)
+        return 1
+    except MMEngineError as e:  # a worker that could not start: one line too
+        print(f"mmengine: cannot serve: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if tracer is not None:  # after the engine stopped: every event is in
+            tracer.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mmengine", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -480,44 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     _resolve_token(args)
     if args.command == "serve":
         try:
-            config = _serve_config(args)
-        except cfg.ConfigError as e:
-            print(f"mmengine: configuration error: {e}", file=sys.stderr)
-            return 2
-        except _Stopped:  # while --demo generated its models: none is left half-made
+            # From here, until the loop's handlers take over: a stop signal
+            # during the imports and the start-up (~0.6 s) ended the process
+            # by its default action (exit 143), or with a traceback (Ctrl-C).
+            _raise_at_stop_signals()
+            return _serve_command(args)
+        except _Stopped:  # before the engine started: nothing of it is left
+            _ignore_stop_signals()
             _say("mmengine: shutting down")
             return 0
-        import uvloop
-
-        from mmengine import trace, worker
-        from mmengine.errors import MMEngineError
-        tracer = None
-        if config.trace_file:
-            try:
-                tracer = trace.Trace(config.trace_file)
-            except OSError as e:
-                print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
-                return 2
-        try:
-            uvloop.run(_serve(config, args.demo, tracer))
-        except cfg.ConfigError as e:  # one the repository decides: a pinned model it lacks
-            print(f"mmengine: configuration error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
-            where = f"host {config.host!r}: " if isinstance(e, socket.gaierror) else ""
-            print(f"mmengine: cannot serve: {where}{e}", file=sys.stderr)
-            return 1
-        except MMEngineError as e:  # a worker that could not start: one line too
-            print(f"mmengine: cannot serve: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
         finally:
             # Stopped: the loop's handlers are gone, and a signal repeated
             # during the interpreter's teardown would end it with -15, not 0.
-            for sig in worker.STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
-            if tracer is not None:  # after the engine stopped: every event is in
-                tracer.close()
-        return 0
+            _ignore_stop_signals()
     if args.command == "stats":
         # Piped into head: stop quietly when the reader does, as ls does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

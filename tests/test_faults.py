@@ -1069,6 +1069,38 @@ def test_a_stop_signal_while_a_worker_is_slow_to_start_stops_at_once(repo, tmp_p
         assert_stopped_cleanly(server, seen)
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler for `sig` (its status's SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_before_the_loop_exists_stops_cleanly(repo, tmp_path, sig):
+    # The loop's handlers came ~0.6 s after the start, after the imports
+    # and the configuration: a SIGTERM before them ended the server by its
+    # default action (exit 143), a Ctrl-C with a traceback. Here the start
+    # stops before the loop for good, opening a trace file that is a FIFO
+    # nobody reads; SIGTERM's handler is there once the command is known.
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    server = Server("--repo", str(repo), "--trace", str(fifo), "--tcp-port", "0",
+                    "--http-port", "-1")
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches(server.proc.pid, signal.SIGTERM):
+            assert server.proc.poll() is None, "".join(server.output)
+            assert time.monotonic() < deadline, "no handler of SIGTERM before the loop"
+            time.sleep(0.01)
+        server.proc.send_signal(sig)
+        assert server.proc.wait(20) == 0, "".join(server.output)
+        server.wait_for("shutting down", 10)
+        assert not any("serving" in line for line in server.output), server.output
+    finally:
+        server.kill()
+
+
 def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
     # The rings tell a worker its front-end died, but only a main thread
     # that gets back to them: one inside a model's predict (or stuck there
