@@ -42,8 +42,8 @@ import mmengine
 from mmengine import batching, heap, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import SECRET_VARS, Config
-from mmengine.errors import (InternalError, MMEngineError, RingClosed, Timeout, TooLarge,
-                             WorkerDied, error_for)
+from mmengine.errors import (InternalError, MMEngineError, RecordTooLarge, RingClosed,
+                             Timeout, TooLarge, WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import BackOff, CpuTaken, Ring
 from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
@@ -89,11 +89,16 @@ class _Outlet:
         it at the next send without hold or publish(), with the others
         held: a call's requests are there together when it takes the
         first, none left behind for the next call."""
-        need = need or self.size(header, bufs)
-        if self._outbox or not self._try_put(header, bufs, hold):
-            self._outbox.append((header, bufs, need))
-            if not self._waiting:
-                self._wait_for_room()
+        if not self._outbox:
+            try:
+                if self._try_put(header, bufs, hold):
+                    return  # the common case, with no size() first: it cost as much as the put
+            except RecordTooLarge:
+                self.size(header, bufs)  # TooLarge, saying how large
+                raise
+        self._outbox.append((header, bufs, need or self.size(header, bufs)))
+        if not self._waiting:
+            self._wait_for_room()
 
     def publish(self) -> None:
         """Lets the worker see the records sent with `hold`."""
