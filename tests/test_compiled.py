@@ -84,3 +84,55 @@ def test_a_setup_command_that_builds_nothing_vouches_for_nothing(tmp_path):
     assert setup.returncode == 0, setup.stderr
     got, err = _report(tmp_path)
     assert got["mmengine.trace"] is False and "mmengine.trace is not known" in err
+
+
+def _profile_tool():
+    import importlib.util
+
+    path = PACKAGE.parent / "tools" / "profile.py"
+    spec = importlib.util.spec_from_file_location("mmengine_profile_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _named(dotted: str):
+    """What a dotted name names: its module, then attributes; a function
+    defined in another (no attribute of it) as the one it is defined in."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if callable(obj) and not isinstance(obj, type) and not hasattr(obj, attr):
+                return obj
+            obj = getattr(obj, attr)
+        return obj
+    raise LookupError(dotted)
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm to list the symbols")
+def test_the_profiler_names_every_compiled_function_by_its_python_name():
+    # tools/profile.py reads perf's symbols: Cython's names, whose numbers
+    # are a length before a module or class and an index before a function.
+    tool = _profile_tool()
+    assert tool.python_name("__pyx_pw_8mmengine_6engine_6_Place_5leave_then") \
+        == "mmengine.engine._Place.leave_then"  # 5 is leave's length too
+    assert tool.python_name("__pyx_f_8mmengine_5_ring_8RingCore__wait") \
+        == "mmengine._ring.RingCore._wait"  # a cdef method: no attribute says so
+    assert tool.python_name("malloc") is None
+    for module in ("workers", "engine", "worker"):
+        so = next(PACKAGE.glob(f"{module}.cpython-*.so"))
+        symbols = subprocess.run(["nm", str(so)], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        functions = [s for s in symbols if s.startswith(f"__pyx_pw_8mmengine_{len(module)}"
+                                                        f"{module}_") and "lambda" not in s
+                     and "genexpr" not in s]
+        assert len(functions) > 20, module
+        for symbol in functions:
+            name = tool.python_name(symbol)
+            assert name is not None and _named(name) is not None, symbol  # (else it raises)
