@@ -90,6 +90,11 @@ _Static_assert(offsetof(mm_ring_header, tail) == 64 && offsetof(mm_ring_header, 
  * its next call too. Parked, it is woken, and the kernel runs a woken
  * sleeper ahead of a busy process. */
 #define MM_RING_PREEMPTED_NS 1000000ull
+/* ...and for a 1/MM_RING_TAKEN_SHARE share or more of the time since it
+ * last looked: a neighbour's slices take half of it or more, where the
+ * waits of a thread that slept for seconds between two looks (a timer's
+ * turn now and then) add up to a millisecond of a long while. */
+#define MM_RING_TAKEN_SHARE 4u
 /* Taken twice within this many spinning waits, the CPU is contended (once
  * is a blip: a daemon's burst, the neighbour of a moment). */
 #define MM_RING_CONTENDED_WITHIN 64u
@@ -133,10 +138,11 @@ typedef struct {
     uint64_t backoff_ns;
     uint64_t spun;
     uint64_t spun_taken;
-    /* Its looks (mm_ring_cpu_taken): whether it has looked, its time
+    /* Its looks (mm_ring_cpu_taken): whether it has looked, when, its time
      * waiting for a CPU then, and its thread's scheduler statistics (an
      * open file: -1 none yet, -2 none to be had) and that thread's id. */
     int looked;
+    uint64_t looked_ns;
     uint64_t runq_ns;
     int schedstat_fd;
     pid_t schedstat_tid;
@@ -219,6 +225,7 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->spun = 0;
     r->spun_taken = 0;
     r->looked = 0;
+    r->looked_ns = 0;
     r->runq_ns = 0;
     r->schedstat_fd = -1;
     r->schedstat_tid = 0;
@@ -447,13 +454,15 @@ static inline uint64_t mm_ring_runq_ns(mm_ring *r) {
 }
 
 /* Whether another thread took the waiter's CPU for MM_RING_PREEMPTED_NS
- * since its last wait began, in its spin or in its work since: a wait
- * that begins looks (one read of its statistics, ~0.4 us, while it has
- * nothing to do). */
-static inline int mm_ring_cpu_taken(mm_ring *r) {
-    uint64_t runq = mm_ring_runq_ns(r);
-    int taken = r->looked && runq - r->runq_ns >= MM_RING_PREEMPTED_NS;
+ * and MM_RING_TAKEN_SHARE of the time since its last wait began (`now`),
+ * in its spin or in its work since: a wait that begins looks (one read of
+ * its statistics, ~0.4 us, while it has nothing to do). */
+static inline int mm_ring_cpu_taken(mm_ring *r, uint64_t now) {
+    uint64_t runq = mm_ring_runq_ns(r), waited = runq - r->runq_ns;
+    int taken = r->looked && waited >= MM_RING_PREEMPTED_NS
+                && waited * MM_RING_TAKEN_SHARE >= now - r->looked_ns;
     r->looked = 1;
+    r->looked_ns = now;
     r->runq_ns = runq;
     return taken;
 }
@@ -483,7 +492,7 @@ static inline int mm_ring_wait(mm_ring *r, int for_read, uint64_t need, int64_t 
     if (MM_READY()) return MM_RING_OK;
     uint64_t start = mm_now_ns();
     uint64_t spin_ns = mm_ring_spin(r);
-    if (spin_ns && mm_ring_cpu_taken(r)) mm_ring_preempted(r, for_read, start);
+    if (spin_ns && mm_ring_cpu_taken(r, start)) mm_ring_preempted(r, for_read, start);
     if (start < r->spin_from) spin_ns = 0;
     if (timeout_ns >= 0 && spin_ns > (uint64_t)timeout_ns) spin_ns = (uint64_t)timeout_ns;
     if (spin_ns) r->spun++;

@@ -55,6 +55,7 @@ cdef extern from "ring.h" nogil:
     uint64_t mm_now_ns()
     enum:
         MM_RING_PREEMPTED_NS
+        MM_RING_TAKEN_SHARE
         MM_RING_CONTENDED_WITHIN
         MM_RING_BACKOFF_NS
         MM_RING_MAX_BACKOFF_NS

@@ -71,9 +71,10 @@ Waking: a waiting side spins for `spin_us`, then stores its parked flag,
 fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
 space_fd for the producer). The other side writes the eventfd only when the
 flag is set, so a busy ring makes no system call per record. A waiter that
-waited for a CPU, runnable, for PREEMPTED_NS since its last wait began
-(CpuTaken), twice within CONTENDED_WITHIN spinning waits, shares the CPU
-with another busy process: it sleeps without spinning for a while
+waited for a CPU, runnable, for PREEMPTED_NS and a TAKEN_SHARE-th of the
+time since its last wait began (CpuTaken), twice within CONTENDED_WITHIN
+spinning waits, shares the CPU with another busy process: it sleeps without
+spinning for a while
 (BackOff). Spinning on, it would be runnable but never woken when its
 record came, and wait for that process's time slice to end
 (milliseconds), where the kernel runs a woken sleeper ahead of a busy
@@ -157,6 +158,7 @@ _W_PRODUCER_BACKOFFS = 260 // 4
 # BackOff's rule, which csrc/ring.h's mm_ring_preempted follows too (its
 # MM_RING_* constants are these).
 PREEMPTED_NS = 1_000_000
+TAKEN_SHARE = 4
 CONTENDED_WITHIN = 64
 BACKOFF_NS = 50_000_000
 MAX_BACKOFF_NS = 1_000_000_000
@@ -164,25 +166,31 @@ MAX_BACKOFF_NS = 1_000_000_000
 
 class CpuTaken:
     """Whether another thread took the calling thread's CPU for
-    PREEMPTED_NS or more since it last looked (a waiter: since its last
-    wait began): the time it waited for a CPU while runnable, from the
-    scheduler's statistics (never where the kernel keeps none). Between two
-    waits a neighbour's time slice takes that long, its own peers' turns
-    hardly ever (csrc/ring.h, MM_RING_PREEMPTED_NS). Not its sleeps (a
-    park, the GIL's), nor a stall of the hypervisor's (250-450 us about
-    once a second on these machines), which no back-off helps: the kernel
-    counts those as run. (csrc/ring.h's mm_ring_cpu_taken)"""
+    PREEMPTED_NS or more, and for 1/TAKEN_SHARE of the time or more, since
+    it last looked (a waiter: since its last wait began): the time it
+    waited for a CPU while runnable, from the scheduler's statistics (never
+    where the kernel keeps none). Between two waits a neighbour's time
+    slices take that long and half the time or more, its own peers' turns
+    hardly ever; between two looks seconds apart, the waits of the turns
+    it woke for meanwhile add up to a millisecond, but of a long while
+    (csrc/ring.h, MM_RING_PREEMPTED_NS). Not its sleeps (a park, the
+    GIL's), nor a stall of the hypervisor's (250-450 us about once a
+    second on these machines), which no back-off helps: the kernel counts
+    those as run. (csrc/ring.h's mm_ring_cpu_taken)"""
 
-    __slots__ = ("looked", "runq")
+    __slots__ = ("looked", "at", "runq")
 
     def __init__(self) -> None:
         self.looked = False
-        self.runq = 0
+        self.at = self.runq = 0
 
-    def look(self) -> bool:
+    def look(self, now: int | None = None) -> bool:
+        """`now`: time.monotonic_ns(), where the caller has it."""
+        now = time.monotonic_ns() if now is None else now
         runq = _runq_ns()
-        taken = self.looked and runq - self.runq >= PREEMPTED_NS
-        self.looked, self.runq = True, runq
+        waited = runq - self.runq
+        taken = self.looked and waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= now - self.at
+        self.looked, self.at, self.runq = True, now, runq
         return taken
 
 
@@ -249,7 +257,7 @@ class BackOff:
     def spins_looking(self, now: int, cpu: CpuTaken | None) -> bool:
         """Whether a wait beginning `now` spins, having looked first
         whether its CPU was taken (`cpu`; None: no look this time)."""
-        if cpu is not None and cpu.look():
+        if cpu is not None and cpu.look(now):
             self.preempted(now)
         return self.spins(now)
 
@@ -649,7 +657,7 @@ class PyRing(_RingLife):
     def _wait_bound(self, for_read: bool, need: int, deadline: float | None) -> None:
         now, spin_end = time.monotonic_ns(), 0.0
         if self._spin_s:
-            if self._cpu.look() and self._backoff.preempted(now):
+            if self._cpu.look(now) and self._backoff.preempted(now):
                 word = _W_CONSUMER_BACKOFFS if for_read else _W_PRODUCER_BACKOFFS
                 self._w[word] = (self._w[word] + 1) & 0xFFFFFFFF  # its side's alone
             if self._backoff.spins(now):

@@ -313,9 +313,10 @@ def test_implementations_share_one_layout():
     assert (_ring.HEADER_BYTES, _ring.MAX_PARTS, _ring.COPY_HEADER_BYTES) == (
         ring.HEADER_BYTES, ring.MAX_PARTS, ring.COPY_HEADER_BYTES)
     # ...and one back-off rule (ring.BackOff, mm_ring_preempted).
-    assert (_ring.PREEMPTED_NS, _ring.CONTENDED_WITHIN, _ring.BACKOFF_NS,
-            _ring.MAX_BACKOFF_NS) == (ring.PREEMPTED_NS, ring.CONTENDED_WITHIN,
-                                      ring.BACKOFF_NS, ring.MAX_BACKOFF_NS)
+    assert (_ring.PREEMPTED_NS, _ring.TAKEN_SHARE, _ring.CONTENDED_WITHIN, _ring.BACKOFF_NS,
+            _ring.MAX_BACKOFF_NS) == (ring.PREEMPTED_NS, ring.TAKEN_SHARE,
+                                      ring.CONTENDED_WITHIN, ring.BACKOFF_NS,
+                                      ring.MAX_BACKOFF_NS)
     for Producer, Consumer in ((NativeRing, PyRing), (PyRing, NativeRing)):
         a = Producer.create(1024)
         b = Consumer.attach(a.handle)
@@ -392,6 +393,32 @@ def test_a_spinning_waiter_whose_cpu_another_process_takes_backs_off_and_says_so
         if child.is_alive():
             child.kill()
         ring.close()
+
+
+def test_waits_for_a_cpu_that_are_a_small_share_of_a_long_while_are_no_contention(pair):
+    # Between two looks seconds apart, the waits of the turns a thread woke
+    # for meanwhile add up to a millisecond: a front-end serving a request
+    # a second found its CPU "taken" at most of them and stopped polling for
+    # its answers (session 46). What counts is their share of the while.
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("the kernel keeps no scheduler statistics")
+    _, consumer = pair
+    consumer.spin_us = 1000
+    cpu, before = max(os.sched_getaffinity(0)), os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for _ in range(3):  # a look, then two more with the same waits behind each
+            with pytest.raises(RingTimeout):
+                consumer.get(timeout=0.002)
+            with busy_process(cpu):
+                time.sleep(0.1)  # the other runs (started, pinned)
+                end = time.monotonic() + 0.03  # ~15 ms of it waiting for the CPU
+                while time.monotonic() < end:
+                    pass
+            time.sleep(1.0)
+        assert consumer.backoffs == (0, 0)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked():
