@@ -459,7 +459,8 @@ static inline uint64_t mm_ring_runq_ns(mm_ring *r) {
  * its statistics, ~0.4 us, while it has nothing to do). */
 static inline int mm_ring_cpu_taken(mm_ring *r, uint64_t now) {
     uint64_t runq = mm_ring_runq_ns(r), waited = runq - r->runq_ns;
-    int taken = r->looked && waited >= MM_RING_PREEMPTED_NS
+    /* (Less than before: another thread's statistics, or none read.) */
+    int taken = r->looked && runq >= r->runq_ns && waited >= MM_RING_PREEMPTED_NS
                 && waited * MM_RING_TAKEN_SHARE >= now - r->looked_ns;
     r->looked = 1;
     r->looked_ns = now;

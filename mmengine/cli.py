@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -115,7 +116,12 @@ class _Stopped(Exception):
     """A stop signal came before the server served."""
 
 
-def _raise_stopped(signum, _frame) -> None:
+def _raise_stopped(terminals: tuple[int, ...], signum, _frame) -> None:
+    """Once: the stop signals are ignored from here, so that a second one
+    cuts short no undoing on the way out."""
+    _ignore_stop_signals()
+    if signum == signal.SIGHUP:
+        _quiet_closed_terminals(terminals)
     raise _Stopped(signal.Signals(signum).name)
 
 
@@ -125,9 +131,10 @@ def _raise_at_stop_signals() -> None:
     stays ignored under nohup. The loop's handlers replace these (_serve)."""
     from mmengine import worker
 
+    handler = functools.partial(_raise_stopped, _terminals())
     for sig in worker.STOP_SIGNALS:
         if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN):
-            signal.signal(sig, _raise_stopped)
+            signal.signal(sig, handler)
 
 
 def _ignore_stop_signals() -> None:
@@ -177,17 +184,27 @@ def _say(text: str) -> None:
 
 
 def _hung_up(stop: asyncio.Event, terminals: tuple[int, ...]) -> None:
-    """SIGHUP: the server stops as on SIGTERM. If it was a closed terminal,
-    the descriptors that were on it (`terminals`, at start) now fail every
-    write (EIO; and are no terminal any more), the interpreter's last flush
-    too, which would end the process with 120: they write to nothing from
-    here on. (A terminal still open keeps them; a file or a pipe too.)"""
+    """SIGHUP: the server stops as on SIGTERM (_quiet_closed_terminals)."""
+    _quiet_closed_terminals(terminals)
+    stop.set()
+
+
+def _terminals() -> tuple[int, ...]:
+    """Which of stdout and stderr are on a terminal now."""
+    return tuple(fd for fd in (1, 2) if os.isatty(fd))
+
+
+def _quiet_closed_terminals(terminals: tuple[int, ...]) -> None:
+    """After a SIGHUP: if it was a closed terminal, the descriptors that
+    were on it (`terminals`, at start) now fail every write (EIO; and are
+    no terminal any more), the interpreter's last flush too, which would
+    end the process with 120: they write to nothing from here on. (A
+    terminal still open keeps them; a file or a pipe too.)"""
     for fd in terminals:
         if not os.isatty(fd):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, fd)
             os.close(devnull)
-    stop.set()
 
 
 async def _say_when_warm(engine, t_start: float) -> None:
@@ -267,8 +284,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         if sig == signal.SIGHUP:
             if signal.getsignal(sig) is signal.SIG_IGN:  # nohup's: no terminal to close
                 continue
-            loop.add_signal_handler(sig, _hung_up, stop,
-                                    tuple(fd for fd in (1, 2) if os.isatty(fd)))
+            loop.add_signal_handler(sig, _hung_up, stop, _terminals())
         else:
             loop.add_signal_handler(sig, stop.set)
     engine = Engine(config)
@@ -440,13 +456,13 @@ def _serve_command(args: argparse.Namespace) -> int:
     from mmengine import trace
     from mmengine.errors import MMEngineError
     tracer = None
-    if config.trace_file:
-        try:
-            tracer = trace.Trace(config.trace_file)
-        except OSError as e:
-            print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
-            return 2
     try:
+        if config.trace_file:
+            try:
+                tracer = trace.Trace(config.trace_file)
+            except OSError as e:
+                print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
+                return 2
         uvloop.run(_serve(config, args.demo, tracer))
     except cfg.ConfigError as e:  # one the repository decides: a pinned model it lacks
         print(f"mmengine: configuration error: {e}", file=sys.stderr)
@@ -459,6 +475,10 @@ def _serve_command(args: argparse.Namespace) -> int:
         print(f"mmengine: cannot serve: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
+        # Stopped: the loop's handlers are gone (the defaults are back), and
+        # a signal repeated now would end the process with -15, not 0, and
+        # the trace unclosed.
+        _ignore_stop_signals()
         if tracer is not None:  # after the engine stopped: every event is in
             tracer.close()
     return 0
@@ -523,12 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             _raise_at_stop_signals()
             return _serve_command(args)
         except _Stopped:  # before the engine started: nothing of it is left
-            _ignore_stop_signals()
             _say("mmengine: shutting down")
             return 0
-        finally:
-            # Stopped: the loop's handlers are gone, and a signal repeated
-            # during the interpreter's teardown would end it with -15, not 0.
+        finally:  # (a signal during the interpreter's teardown: -15, not 0)
             _ignore_stop_signals()
     if args.command == "stats":
         # Piped into head: stop quietly when the reader does, as ls does.

@@ -111,7 +111,6 @@ def test_inputs_in_any_layout(models):
                                        rtol=1e-5, atol=1e-6)
 
 
-
 def test_a_torch_model_answers_in_inference_mode_as_it_does_outside(models):
     # A worker calls its models in inference mode, where a CPU model with
     # declared tensors answers in one pass (base._Plain): what that pass
@@ -137,6 +136,33 @@ def test_a_torch_model_answers_in_inference_mode_as_it_does_outside(models):
                                                         "float32, not float64")):
         with torch.inference_mode(), pytest.raises(BadRequest, match=message):
             models["declared"].predict(inputs)
+
+
+def test_a_torch_model_gets_its_inputs_in_the_callers_order_either_way(tmp_path):
+    # A forward(**inputs) may go by their order: the one pass keeps the
+    # caller's, as the general way does (not the manifest's).
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(
+        "import torch\n\nclass Cat(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.register_buffer('unused', torch.zeros(1))\n\n"
+        "    def forward(self, **inputs):\n"
+        "        return torch.cat(list(inputs.values()), dim=1)\n")
+    save_file({"unused": torch.zeros(1)}, version / "model.safetensors")
+    (version / "model.toml").write_text(
+        'backend = "safetensors"\n[options]\nmodule = "Cat"\n'
+        + "".join(f'[[inputs]]\nname = "{n}"\ndtype = "float32"\nshape = [-1, 1]\n'
+                  for n in "ab")
+        + '[[outputs]]\nname = "y"\ndtype = "float32"\nshape = [-1, 2]\n')
+    model = load(tmp_path, "m")
+    a, b = np.zeros((1, 1), np.float32), np.ones((1, 1), np.float32)
+    try:
+        with torch.inference_mode():
+            np.testing.assert_array_equal(model.predict({"b": b, "a": a})["y"], [[1, 0]])
+            np.testing.assert_array_equal(model.predict({"a": a, "b": b})["y"], [[0, 1]])
+    finally:
+        model.close()
 
 
 @pytest.mark.parametrize("declared, message", [

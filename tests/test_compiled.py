@@ -89,7 +89,7 @@ def test_a_setup_command_that_builds_nothing_vouches_for_nothing(tmp_path):
 def _profile_tool():
     import importlib.util
 
-    path = PACKAGE.parent / "tools" / "profile.py"
+    path = PACKAGE.parent / "tools" / "perf_profile.py"
     spec = importlib.util.spec_from_file_location("mmengine_profile_tool", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -117,7 +117,7 @@ def _named(dotted: str):
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="no nm to list the symbols")
 def test_the_profiler_names_every_compiled_function_by_its_python_name():
-    # tools/profile.py reads perf's symbols: Cython's names, whose numbers
+    # tools/perf_profile.py reads perf's symbols: Cython's names, whose numbers
     # are a length before a module or class and an index before a function.
     tool = _profile_tool()
     assert tool.python_name("__pyx_pw_8mmengine_6engine_6_Place_5leave_then") \

@@ -1076,7 +1076,8 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return bool(int(caught, 16) >> (sig - 1) & 1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_stop_signal_before_the_loop_exists_stops_cleanly(repo, tmp_path, sig):
     # The loop's handlers came ~0.6 s after the start, after the imports
     # and the configuration: a SIGTERM before them ended the server by its
@@ -1085,8 +1086,9 @@ def test_a_stop_signal_before_the_loop_exists_stops_cleanly(repo, tmp_path, sig)
     # nobody reads; SIGTERM's handler is there once the command is known.
     fifo = tmp_path / "trace.fifo"
     os.mkfifo(fifo)
-    server = Server("--repo", str(repo), "--trace", str(fifo), "--tcp-port", "0",
-                    "--http-port", "-1")
+    with inherited_sighup(signal.SIG_DFL), inherited(signal.SIGINT, signal.default_int_handler):
+        server = Server("--repo", str(repo), "--trace", str(fifo), "--tcp-port", "0",
+                        "--http-port", "-1")
     try:
         deadline = time.monotonic() + 20
         while not _catches(server.proc.pid, signal.SIGTERM):

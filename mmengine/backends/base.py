@@ -119,9 +119,10 @@ class TorchModel(LoadedModel):
         self._plain: _Plain | None = None
 
     def predict(self, inputs: Inputs) -> Outputs:
-        # A CPU model whose manifest declares its tensors, called as a
-        # worker calls it, in one pass: the checks below are those of the
-        # general way for what passes them, and what does not goes that way.
+        # A CPU model whose tensors are declared (by its manifest, or its
+        # artifact), called as a worker calls it, in one pass: the checks
+        # below are those of the general way for what passes them, and what
+        # does not goes that way.
         # ~4 µs of a tiny model's ~30, warm (benchmarks/RESULTS.md, session 46).
         plain = self._plain
         if plain is None or plain.spec is not self.spec:
@@ -133,6 +134,7 @@ class TorchModel(LoadedModel):
         return plain.outputs(raw) or self._outputs(raw)
 
     def _call(self, inputs: Inputs) -> Any:
+        # (A subclass that changes it takes no request in one pass: _Plain.)
         return self._on_tensors(as_tensors(inputs, self.device))
 
     def _on_tensors(self, tensors: dict[str, torch.Tensor]) -> Any:
@@ -172,7 +174,8 @@ class _Plain:
     `spec`: numpy arrays of exactly the declared names, dtypes and shapes
     in, one CPU tensor of the one declared output out. `inputs` is empty
     where the model takes no such request (a device other than the CPU,
-    tensors undeclared, a bool output: its bytes need a look)."""
+    tensors undeclared, a bool output: its bytes need a look; a `_call` of
+    a subclass's own)."""
 
     __slots__ = ("spec", "inputs", "output")
 
@@ -180,22 +183,22 @@ class _Plain:
         self.spec = spec = model.spec
         declared, out = model.inputs, spec.outputs
         plain = (model.device.type == "cpu" and declared and len(out) == 1
-                 and out[0].dtype != "bool")
+                 and out[0].dtype != "bool" and type(model)._call is TorchModel._call)
         # np.dtype of a name is one object (the builtin dtypes are singletons),
         # as is the dtype of an array of it in native byte order.
-        self.inputs = tuple((t.name, np.dtype(t.dtype), t.shape) for t in declared) \
-            if plain else ()
+        self.inputs = {t.name: (np.dtype(t.dtype), t.shape) for t in declared} if plain else {}
         self.output = (out[0].name, np.dtype(out[0].dtype), out[0].shape) if plain else None
 
     def tensors(self, inputs: Any) -> dict[str, torch.Tensor] | None:
-        """`inputs` as tensors, where they are the common case; else None."""
+        """`inputs` as tensors, in their order (a forward(**inputs) may go
+        by it), where they are the common case; else None."""
         if type(inputs) is not dict or len(inputs) != len(self.inputs):
             return None
         tensors = {}
-        for name, dtype, dims in self.inputs:
-            value = inputs.get(name)
-            if type(value) is not np.ndarray or value.dtype is not dtype \
-                    or not _dims_fit(value.shape, dims):
+        for name, value in inputs.items():
+            declared = self.inputs.get(name)
+            if declared is None or type(value) is not np.ndarray \
+                    or value.dtype is not declared[0] or not _dims_fit(value.shape, declared[1]):
                 return None
             try:
                 tensors[name] = torch.from_numpy(value)
@@ -205,16 +208,16 @@ class _Plain:
 
     def outputs(self, raw: Any) -> Outputs | None:
         """The model's answer `raw` as its outputs, where it is the common
-        case; else None."""
-        if type(raw) is not torch.Tensor or not raw.is_cpu or raw.requires_grad:
-            return None
+        case; else None (and the general way says what is wrong with it)."""
         try:
+            if type(raw) is not torch.Tensor or not raw.is_cpu or raw.requires_grad:
+                return None
             array = raw.numpy()
-        except (RuntimeError, TypeError):  # a conjugate or negative view: the general way
+        except BaseException:  # noqa: BLE001 - a model's torch mode runs Python here too
             return None
         name, dtype, dims = self.output
         if array.dtype is not dtype or not _dims_fit(array.shape, dims):
-            return None  # the general way says what is wrong with it
+            return None
         return {name: array}
 
 
@@ -307,7 +310,7 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
         if dtype != t.dtype:
             raise BadRequest(f"input {t.name!r} must be {t.dtype}, not {dtype}")
         shape = tuple(value.shape)
-        if len(shape) != len(t.shape) or any(d not in (-1, s) for s, d in zip(shape, t.shape)):
+        if not _dims_fit(shape, t.shape):
             raise BadRequest(f"input {t.name!r} must have shape {list(t.shape)} "
                              f"(-1: any), not {list(shape)}")
 

@@ -1,6 +1,6 @@
 """Where the front-end's or a worker's CPU goes for one request at a time, by function.
 
-    python tools/profile.py [--process front-end|worker] [--seconds 4] [--focus NAME ...]
+    python tools/perf_profile.py [--process front-end|worker] [--seconds 4] [--focus NAME ...]
                             [--json]
 
 Serves the tiny MLP of benchmarks/overhead.py (one worker, as `mmengine serve`
@@ -37,9 +37,6 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import overhead  # noqa: E402  (benchmarks/overhead.py: the server and its model)
-from mmengine import Client  # noqa: E402
 
 WARM_UP = 2_000  # requests before perf starts
 # Frames other than our functions that are worth a name: the socket's write
@@ -125,10 +122,14 @@ def shares(samples: list[list[str]], focus: list[str]) -> dict:
 
 def record(process: str, seconds: float, frequency: int, data: Path) -> float:
     """Requests a second under perf, one at a time."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    import overhead  # benchmarks/overhead.py: the server and its model
+
+    from mmengine import Client
+    from mmengine.demo import write_mlp
+
     x = np.random.default_rng(0).standard_normal((1, overhead.DIMS[0]), dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="mmengine-profile-") as tmp:
-        from mmengine.demo import write_mlp
-
         write_mlp(Path(tmp) / overhead.MODEL, "safetensors", *overhead.DIMS)
         with overhead.server(Path(tmp), "--workers", "1") as (address, proc), \
                 Client(address) as client:
@@ -159,7 +160,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if shutil.which("perf") is None:
-        sys.exit("profile.py: perf is not installed (apt-get install linux-perf)")
+        sys.exit("perf_profile.py: perf is not installed (apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="mmengine-perf-") as tmp:
         data = Path(tmp) / "perf.data"
         rate = record(args.process, args.seconds, args.frequency, data)
