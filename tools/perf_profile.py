@@ -1,12 +1,13 @@
-"""Where the front-end's or a worker's CPU goes for one request at a time, by function.
+"""Where a process's CPU goes for one request at a time, by function.
 
-    python tools/perf_profile.py [--process front-end|worker] [--seconds 4] [--focus NAME ...]
-                            [--json]
+    python tools/perf_profile.py [--process front-end|worker|client] [--seconds 4]
+                                 [--focus NAME ...] [--json]
 
 Serves the tiny MLP of benchmarks/overhead.py (one worker, as `mmengine serve`
-runs it), sends it one SDK request at a time, and records one of its processes
-with `perf record --call-graph dwarf` on the cpu-clock (virtual machines
-without hardware counters have it; perf must be installed). The compiled
+runs it), sends it one SDK request at a time, and records one of its processes,
+or the client (this one, the blocking SDK), with `perf record --call-graph
+dwarf` on the cpu-clock (virtual machines without hardware counters have
+it; perf must be installed). The compiled
 modules' functions carry their Cython names, so each one's share of the
 process's samples is known: inclusive (it and all it calls) and its own.
 `--focus NAME` (a substring of a function's name, `Worker.call`) also
@@ -25,6 +26,7 @@ import collections
 import functools
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -136,7 +138,7 @@ def record(process: str, seconds: float, frequency: int, data: Path) -> float:
             for _ in range(WARM_UP):  # the model loaded, every path warm
                 client.infer(overhead.MODEL, {"x": x})
             workers = psutil.Process(proc.pid).children()
-            pid = proc.pid if process == "front-end" else workers[0].pid
+            pid = {"front-end": proc.pid, "worker": workers[0].pid, "client": os.getpid()}[process]
             perf = subprocess.Popen(["perf", "record", "-q", "-F", str(frequency), "-e",
                                      "cpu-clock", "--call-graph", "dwarf,8192", "-o", str(data),
                                      "-p", str(pid)], stderr=subprocess.DEVNULL)
@@ -153,7 +155,8 @@ def record(process: str, seconds: float, frequency: int, data: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--process", choices=("front-end", "worker"), default="front-end")
+    ap.add_argument("--process", choices=("front-end", "worker", "client"),
+                    default="front-end")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--frequency", type=int, default=4000, help="samples a second")
     ap.add_argument("--focus", action="append", default=[], metavar="NAME")
