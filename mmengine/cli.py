@@ -446,17 +446,13 @@ def _resolve_token(args: argparse.Namespace) -> None:
 def _serve_command(args: argparse.Namespace) -> int:
     """`mmengine serve`; a stop signal before the loop's handlers exist
     raises _Stopped (_raise_at_stop_signals)."""
-    try:
-        config = _serve_config(args)
-    except cfg.ConfigError as e:
-        print(f"mmengine: configuration error: {e}", file=sys.stderr)
-        return 2
     import uvloop
 
     from mmengine import trace
     from mmengine.errors import MMEngineError
-    tracer = None
+    tracer = config = None
     try:
+        config = _serve_config(args)
         if config.trace_file:
             try:
                 tracer = trace.Trace(config.trace_file)
@@ -464,19 +460,21 @@ def _serve_command(args: argparse.Namespace) -> int:
                 print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
                 return 2
         uvloop.run(_serve(config, args.demo, tracer))
-    except cfg.ConfigError as e:  # one the repository decides: a pinned model it lacks
+    except cfg.ConfigError as e:  # a bad key, or one the repository decides (a pinned model)
         print(f"mmengine: configuration error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a port in use, a full /dev/shm: one line, not a traceback
-        where = f"host {config.host!r}: " if isinstance(e, socket.gaierror) else ""
+        where = f"host {config.host!r}: " \
+            if isinstance(e, socket.gaierror) and config is not None else ""
         print(f"mmengine: cannot serve: {where}{e}", file=sys.stderr)
         return 1
     except MMEngineError as e:  # a worker that could not start: one line too
         print(f"mmengine: cannot serve: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
-        # Stopped: the loop's handlers are gone (the defaults are back), and
-        # a signal repeated now would end the process with -15, not 0, and
+        # Stopped, or never started: the loop's handlers are gone (the
+        # defaults are back), and a signal repeated now, or during the
+        # interpreter's teardown, would end the process with -15, not 0, and
         # the trace unclosed.
         _ignore_stop_signals()
         if tracer is not None:  # after the engine stopped: every event is in
@@ -543,10 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             _raise_at_stop_signals()
             return _serve_command(args)
         except _Stopped:  # before the engine started: nothing of it is left
-            _say("mmengine: shutting down")
+            _say("mmengine: shutting down")  # (its handler ignores the signals now)
             return 0
-        finally:  # (a signal during the interpreter's teardown: -15, not 0)
-            _ignore_stop_signals()
     if args.command == "stats":
         # Piped into head: stop quietly when the reader does, as ls does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
