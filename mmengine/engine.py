@@ -1660,7 +1660,8 @@ class Engine:
                 log.exception("reading the repository")
 
     async def _rescan(self) -> None:
-        changed = await asyncio.get_running_loop().run_in_executor(None, self.repo.rescan)
+        scan = await asyncio.get_running_loop().run_in_executor(None, self.repo.scan)
+        changed = self.repo.take(scan)  # with what follows, in one step of the loop
         if changed:
             self._names_changed(changed)
         for key in [k for k in self._pinned if not self.repo.listed(*k)]:

@@ -198,6 +198,14 @@ def page(names: Sequence[str], after: str | None, limit: int | None
     return names[first:last], (names[last - 1] if last < len(names) else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """What one read of a repository's directories found (Repository.scan)."""
+    names: tuple[str, ...]
+    versions: dict[str, tuple[int, ...]]
+    edited: set[str]  # names whose manifests changed since their specs were read
+
+
 class Repository:
     """A local model repository. Safe to share between threads: every
     cached value is computed whole and then stored with one assignment."""
@@ -243,13 +251,16 @@ class Repository:
         self._specs.pop((name, 1), None)
 
     def rescan(self) -> set[str]:
+        """take(scan()): the repository read again and taken at once."""
+        return self.take(self.scan())
+
+    def scan(self) -> Scan:
         """Reads the repository's directories again (a thread's work: one
-        scandir per model, one stat per manifest read) and returns the names
-        whose versions changed (a model or a version added or removed) or
-        whose manifests were edited. A version's files are taken to be
-        immutable (a change is a new version), but its manifest may be
-        edited in place: its tokens rotate so, and a spec read once is read
-        again once its manifest changes."""
+        scandir per model, one stat per manifest read) and changes nothing:
+        `take` makes what it found the repository's view. A version's files
+        are taken to be immutable (a change is a new version), but its
+        manifest may be edited in place: its tokens rotate so, and a spec
+        read once is read again once its manifest changes."""
         names = self._scan_names()
         versions = {}
         for name in names:
@@ -259,15 +270,25 @@ class Repository:
                 versions[name] = ()
             except (LoadFailed, OSError):  # unreadable: what is known of it stands
                 pass
-        changed = {name for name, known in list(self._versions.items())  # one step: threads
-                   if known != versions.get(name)}  # (a name never asked for: no news)
-        changed |= set(names) ^ set(self._names or names)
         specs = list(self._specs.items())  # one step: another thread may add to it
-        changed |= {key[0] for key, (spec, seen) in specs
-                    if _signature(spec.path / MANIFEST) != seen}
-        self._versions = versions
-        self._names = names
-        for key, _ in specs:  # in place: a spec another thread adds meanwhile stays
+        edited = {key[0] for key, (spec, seen) in specs
+                  if _signature(spec.path / MANIFEST) != seen}
+        return Scan(names, versions, edited)
+
+    def take(self, scan: Scan) -> set[str]:
+        """Makes `scan` the repository's view and returns the names whose
+        versions changed (a model or a version added or removed) or whose
+        manifests were edited. Cheap, no disk access: the engine takes a
+        scan on its loop, in the same step as it forgets what it read of
+        those names, so no request sees the new versions listed and is
+        served the old default."""
+        changed = {name for name, known in list(self._versions.items())  # one step: threads
+                   if known != scan.versions.get(name)}  # (a name never asked for: no news)
+        changed |= set(scan.names) ^ set(self._names or scan.names)
+        changed |= scan.edited
+        self._versions = scan.versions
+        self._names = scan.names
+        for key in list(self._specs):  # in place: a spec another thread adds meanwhile stays
             if key[0] in changed:
                 self._specs.pop(key, None)
         return changed

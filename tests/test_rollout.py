@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -108,6 +109,33 @@ def test_a_version_removed_while_resident_is_unloaded_and_its_successor_serves(
             check((await engine.infer("m", {"x": X}))["y"], 22)
 
     run(main())
+
+
+def test_a_new_version_is_the_default_from_the_moment_it_is_listed(tmp_path, own_segments):
+    # The scan ran in a thread and made the repository list the new version
+    # there; the engine forgot its old default once the loop had its turn.
+    # A request in between was listed the new version and served the old
+    # (about one version in ten here, with the threads taking turns often).
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.01)) as engine:
+            check((await engine.infer("m", {"x": X}))["y"], 1)
+            for version in range(2, 22):
+                demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=version,
+                               version=version)
+                deadline = time.monotonic() + 10
+                while listed(engine, "m")[-1] != version:  # each turn of the loop looks
+                    assert time.monotonic() < deadline, f"version {version} was never listed"
+                    await asyncio.sleep(0)
+                check((await engine.infer("m", {"x": X}))["y"], version)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns often: a window shows
+    try:
+        run(main())
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_a_pinned_version_removed_goes_with_its_pin(tmp_path, own_segments):

@@ -236,6 +236,21 @@ def test_scan_is_cached_until_rescan(tmp_path):
     assert repo.rescan() == set()
 
 
+def test_a_scan_changes_nothing_until_it_is_taken(tmp_path):
+    # The engine scans in a thread and takes the scan on its loop, in the
+    # step that forgets what it read of the changed names.
+    make_version(tmp_path, "m", 1, {"model.pt": ""})
+    repo = Repository(tmp_path)
+    assert repo.resolve("m").version == 1
+    make_version(tmp_path, "m", 2, {"model.pt": ""})
+    scan = repo.scan()
+    assert scan.versions["m"] == (1, 2)
+    assert repo.versions("m") == (1,) and repo.resolve("m").version == 1
+    assert repo.take(scan) == {"m"}
+    assert repo.versions("m") == (1, 2) and repo.resolve("m").version == 2
+    assert repo.take(repo.scan()) == set()
+
+
 def test_estimated_bytes(tmp_path):
     make_version(tmp_path, "declared", 1, {"model.pt": "x" * 100, "model.toml": "bytes = 7"})
     make_version(tmp_path, "files", 1, {"model.pt": "x" * 100, "extra/more.bin": b"y" * 50})
