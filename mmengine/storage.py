@@ -53,6 +53,7 @@ import bisect
 import collections
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import tomllib
@@ -201,8 +202,11 @@ def page(names: Sequence[str], after: str | None, limit: int | None
 @dataclasses.dataclass(frozen=True)
 class Scan:
     """What one read of a repository's directories found (Repository.scan)."""
+    since: int  # the repository's clock as it read the names
+    added: frozenset[str]  # the models added at run time as it began
     names: tuple[str, ...]
     versions: dict[str, tuple[int, ...]]
+    read_at: dict[str, int]  # the clock as it read each name's versions
     edited: set[str]  # names whose manifests changed since their specs were read
 
 
@@ -220,6 +224,11 @@ class Repository:
         # Models added at run time (the SageMaker contract's POST /models):
         # a directory holding one model, served as version 1.
         self._added: dict[str, Path] = {}
+        # The looks at a name's versions on the disk outside a scan, by the
+        # clock before each read, with what it found: of a look and a scan's
+        # read of the same name, `take` keeps the one that began later.
+        self._clock = itertools.count(1)  # next() is one step: threads share it
+        self._looks: dict[str, tuple[int, tuple[int, ...] | None]] = {}
 
     def add(self, name: str, path: str | os.PathLike[str]) -> None:
         """Serves the model in directory `path` as `name` (version 1).
@@ -230,6 +239,7 @@ class Repository:
         path = Path(path)
         if not path.is_dir():
             raise BadRequest(f"{str(path)!r} is not a directory")
+        self._looks[name] = (next(self._clock), (1,))
         self._added[name] = path
         self._names = None
         try:
@@ -246,6 +256,7 @@ class Repository:
         """Forgets a model added with `add`; ModelNotFound for any other."""
         if self._added.pop(name, None) is None:
             raise ModelNotFound(f"model {name!r} was not added at run time")
+        self._looks[name] = (next(self._clock), None)
         self._names = None
         self._versions.pop(name, None)
         self._specs.pop((name, 1), None)
@@ -261,9 +272,11 @@ class Repository:
         are taken to be immutable (a change is a new version), but its
         manifest may be edited in place: its tokens rotate so, and a spec
         read once is read again once its manifest changes."""
+        since, added = next(self._clock), frozenset(self._added)
         names = self._scan_names()
-        versions = {}
+        versions, read_at = {}, {}
         for name in names:
+            read_at[name] = next(self._clock)
             try:
                 versions[name] = self._scan_versions(name)
             except ModelNotFound:  # no version directory (yet, or any more)
@@ -273,7 +286,7 @@ class Repository:
         specs = list(self._specs.items())  # one step: another thread may add to it
         edited = {key[0] for key, (spec, seen) in specs
                   if _signature(spec.path / MANIFEST) != seen}
-        return Scan(names, versions, edited)
+        return Scan(since, added, names, versions, read_at, edited)
 
     def take(self, scan: Scan) -> set[str]:
         """Makes `scan` the repository's view and returns the names whose
@@ -281,13 +294,25 @@ class Repository:
         manifests were edited. Cheap, no disk access: the engine takes a
         scan on its loop, in the same step as it forgets what it read of
         those names, so no request sees the new versions listed and is
-        served the old default."""
+        served the old default. A name that a request looked at on the disk
+        after the scan read it is taken as the request found it (a version
+        published and asked for by number meanwhile stays listed, and so
+        does its pin; one found gone by a failed load stays gone)."""
+        looks, self._looks = self._looks, {}  # the older ones: this scan is fresher
+        versions = dict(scan.versions)
+        for name, (at, found) in list(looks.items()):  # one step: threads
+            if at > scan.read_at.get(name, scan.since):
+                if found is None:  # an added model removed
+                    versions.pop(name, None)
+                else:
+                    versions[name] = found
         changed = {name for name, known in list(self._versions.items())  # one step: threads
-                   if known != scan.versions.get(name)}  # (a name never asked for: no news)
+                   if known != versions.get(name)}  # (a name never asked for: no news)
         changed |= set(scan.names) ^ set(self._names or scan.names)
         changed |= scan.edited
-        self._versions = scan.versions
-        self._names = scan.names
+        self._versions = versions
+        # A model added or removed meanwhile: the names are read at the next look.
+        self._names = scan.names if frozenset(self._added) == scan.added else None
         for key in list(self._specs):  # in place: a spec another thread adds meanwhile stays
             if key[0] in changed:
                 self._specs.pop(key, None)
@@ -326,7 +351,20 @@ class Repository:
         check_name(name)
         found = self._versions.get(name)
         if not found:  # never read, or none at the last scan: looked for now
-            found = self._versions[name] = self._scan_versions(name)
+            found = self._versions[name] = self._look(name)
+        return found
+
+    def _look(self, name: str, gone_ok: bool = False) -> tuple[int, ...]:
+        """_scan_versions (() for a name with none, if `gone_ok`), outside a
+        scan: noted, for the scan read meanwhile to be taken with care."""
+        at = next(self._clock)
+        try:
+            found = self._scan_versions(name)
+        except ModelNotFound:
+            if not gone_ok:
+                raise
+            found = ()
+        self._looks[name] = (at, found)
         return found
 
     def look_again(self, name: str, version: int) -> bool:
@@ -335,10 +373,7 @@ class Repository:
         removed it since the last scan). If it is not, the name's versions
         are taken as they are now, and the caller forgets what it read of
         the name; else nothing changes (the next scan tells of the rest)."""
-        try:
-            found = self._scan_versions(name)
-        except ModelNotFound:
-            found = ()
+        found = self._look(name, gone_ok=True)
         if version in found:
             return True
         self._versions[name] = found
@@ -382,10 +417,11 @@ class Repository:
         lists it)."""
         versions = self.versions(name)
         version = parse_version(version)
-        if version not in versions and (name in self._added
-                                        or version not in self._scan_versions(name)):
-            raise ModelNotFound(f"model {name!r} has no version {version}")
-        return version
+        if version in versions:
+            return version
+        if name not in self._added and version in self._look(name):
+            return version
+        raise ModelNotFound(f"model {name!r} has no version {version}")
 
     def holds(self, name: str) -> bool:
         """Whether `name` is a model here: added, or a directory holding a

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,37 @@ def test_a_scan_changes_nothing_until_it_is_taken(tmp_path):
     assert repo.versions("m") == (1,) and repo.resolve("m").version == 1
     assert repo.take(scan) == {"m"}
     assert repo.versions("m") == (1, 2) and repo.resolve("m").version == 2
+    assert repo.take(repo.scan()) == set()
+
+
+def test_a_look_at_the_disk_during_a_scan_is_not_undone_by_taking_it(tmp_path):
+    # A scan is read in one thread while requests look at the disk in
+    # others; taken whole, it put back what it had read before them.
+    root = tmp_path / "repo"
+    for name in ("m", "r"):
+        make_version(root, name, 1, {"model.pt": ""})
+    make_version(root, "r", 2, {"model.pt": ""})
+    repo = Repository(root)
+    assert repo.versions("m") == (1,) and repo.versions("r") == (1, 2)
+    scan = repo.scan()
+    make_version(root, "m", 2, {"model.pt": ""})  # published, and asked for by number
+    assert repo.check_version("m", 2) == 2
+    shutil.rmtree(root / "r" / "2")  # rolled back, and found gone by a failed load
+    assert not repo.look_again("r", 2)
+    assert repo.take(scan) == {"m"}  # ("r": its failed load forgot what was read of it)
+    assert repo.listed("m", 2) and repo.versions("m") == (1, 2)  # its pin stays
+    assert repo.resolve("m").version == 2
+    assert not repo.listed("r", 2) and repo.versions("r") == (1,)
+    # A model added at run time while a scan read the root, and removed.
+    added = make_version(tmp_path, "added", 1, {"model.pt": ""})
+    scan = repo.scan()
+    repo.add("x", added)
+    repo.take(scan)
+    assert repo.listed("x", 1) and not repo.gone("x") and "x" in repo.names()
+    scan = repo.scan()
+    repo.remove("x")
+    repo.take(scan)
+    assert "x" not in repo.names()
     assert repo.take(repo.scan()) == set()
 
 
