@@ -351,7 +351,9 @@ class Repository:
         check_name(name)
         found = self._versions.get(name)
         if not found:  # never read, or none at the last scan: looked for now
-            found = self._versions[name] = self._look(name)
+            found = self._look(name)
+            if not self._versions.get(name):  # a scan taken meanwhile may know better
+                self._versions[name] = found
         return found
 
     def _look(self, name: str, gone_ok: bool = False) -> tuple[int, ...]:

@@ -283,6 +283,24 @@ def test_a_look_at_the_disk_during_a_scan_is_not_undone_by_taking_it(tmp_path):
     assert repo.take(repo.scan()) == set()
 
 
+def test_a_look_that_read_the_disk_before_a_scan_was_taken_keeps_the_scan(tmp_path):
+    make_version(tmp_path, "m", 1, {"model.pt": ""})
+    repo = Repository(tmp_path)
+    read = repo._scan_versions
+
+    def read_then_a_scan_is_taken(name):  # the look's thread loses the CPU after its read
+        found = read(name)
+        repo._scan_versions = read
+        make_version(tmp_path, "m", 2, {"model.pt": ""})
+        repo.take(repo.scan())
+        return found
+
+    repo._scan_versions = read_then_a_scan_is_taken
+    assert repo.versions("m") == (1,)  # what it read
+    assert repo.listed("m", 2) and repo.resolve("m").version == 2  # what the scan read after
+    assert repo.take(repo.scan()) == set()
+
+
 def test_estimated_bytes(tmp_path):
     make_version(tmp_path, "declared", 1, {"model.pt": "x" * 100, "model.toml": "bytes = 7"})
     make_version(tmp_path, "files", 1, {"model.pt": "x" * 100, "extra/more.bin": b"y" * 50})
