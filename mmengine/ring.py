@@ -137,7 +137,10 @@ MIN_CAPACITY = 64
 _WAIT_HOLDING = "get: release() the records you hold before waiting for more"
 DEFAULT_SPIN_US = 50.0
 MAX_SPIN_US = 3.6e9  # an hour: spins are bounded (csrc/ring.pyx has the same)
-_PY_MAX_PARK_MS = 5
+# PyRing's polls while parked: 5 ms after the flag goes up (a wake-up missed
+# then costs no more; see _wait_bound), each after it twice the last, up to
+# 200 ms. Polling every 5 ms for good cost a parked consumer 4 % of a CPU here.
+_PY_FIRST_PARK_MS, _PY_LAST_PARK_MS = 5, 200
 # Runs the signal handlers due now. Compiled, PyRing's waits run no
 # bytecode, where CPython would run them: a signal that came between two
 # polls (not during one, which it would interrupt) waited for the wait's
@@ -668,7 +671,7 @@ class PyRing(_RingLife):
             _run_signal_handlers()
             if self._ready(for_read, need):
                 return
-        pidfd = -1
+        pidfd, parked, park_ms = -1, False, _PY_FIRST_PARK_MS
         poller = select.poll()
         poller.register(self._data_fd if for_read else self._space_fd, select.POLLIN)
         while True:
@@ -680,20 +683,31 @@ class PyRing(_RingLife):
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if parked:
+                        self._unpark(for_read)
                     if self._ready(for_read, need):
                         return
                     raise RingTimeout(f"{'get' if for_read else 'put'}: timed out")
                 left_ms = max(1, int(left * 1000 + 0.999))
-            if not self._park(for_read, need):
-                return
-            # Python stores give no full fence between the parked flag and
-            # the re-check, so a wake-up can be missed: never sleep long on it.
-            events = poller.poll(_PY_MAX_PARK_MS if left_ms is None
-                                 else min(left_ms, _PY_MAX_PARK_MS))
+            if not parked:
+                if not self._park(for_read, need):
+                    return
+                parked, park_ms = True, _PY_FIRST_PARK_MS
+            # Python's stores give no full fence between the parked flag and
+            # the re-check, so the other side may miss the flag as it goes up:
+            # the first poll is short. It stays up through the polls after
+            # (a side that puts sees it then, and writes the eventfd), which
+            # grow longer: a parked side wakes a few times a second.
+            events = poller.poll(park_ms if left_ms is None else min(left_ms, park_ms))
+            park_ms = min(park_ms * 2, _PY_LAST_PARK_MS)
             _run_signal_handlers()
             self._check()  # a signal's handler may have closed it meanwhile
-            self._unpark(for_read)
+            if events:
+                self._unpark(for_read)
+                parked = False
             if self._ready(for_read, need):
+                if parked:
+                    self._unpark(for_read)
                 return
             if any(fd == pidfd for fd, _ in events):
                 raise PeerDied(f"ring {self.name}: the process at the other end exited")

@@ -855,6 +855,28 @@ def test_a_parked_consumer_costs_no_cpu(Ring):
     ring.close()
 
 
+def test_a_consumer_parked_for_long_wakes_at_the_put_not_at_its_next_poll(pair):
+    # PyRing's polls while parked grow to 200 ms apart: a put must wake the
+    # consumer through its eventfd at once, not leave it to the next poll.
+    producer, consumer = pair
+    for _ in range(3):
+        woke = []
+
+        def consume():
+            parts = consumer.get(timeout=10)
+            woke.append((time.monotonic(), bytes(parts[0])))
+            consumer.release()
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        time.sleep(1.0)
+        put_at = time.monotonic()
+        producer.put(b"wake")
+        thread.join(10)
+        assert woke and woke[0][1] == b"wake"
+        assert woke[0][0] - put_at < 0.05, f"woke {woke[0][0] - put_at:.3f} s after the put"
+
+
 def test_a_signal_during_a_wait_runs_its_handler_and_the_wait_goes_on(pair):
     _, b = pair
     caught = []
