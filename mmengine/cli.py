@@ -38,6 +38,7 @@ from pathlib import Path
 
 from mmengine import config as cfg
 from mmengine import heap, logs
+from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals
 
 DEMO_MODELS = 64
 DEMO_VERSION = 1  # bump when the demo repository's contents change
@@ -67,7 +68,6 @@ def ensure_demo_repository(root: Path) -> Path:
             raise cfg.ConfigError(f"repo: --demo writes its models under {root.parent}, "
                                   f"which it cannot ({e.strerror or e}): point "
                                   f"XDG_CACHE_HOME at a writable directory") from None
-        from mmengine import worker
         _remove_stale_demos(root)
         print(f"mmengine: generating {DEMO_MODELS} demo models in {root} (once)...",
               flush=True)
@@ -77,7 +77,7 @@ def ensure_demo_repository(root: Path) -> Path:
             # too): a stop signal raises _Stopped here (main), and run() kills
             # it on the way out; the kernel does if the server dies
             # (PR_SET_PDEATHSIG).
-            subprocess.run([sys.executable, "-c", worker.ignoring_stop_signals(
+            subprocess.run([sys.executable, "-c", ignoring_stop_signals(
                 "import sys\n"
                 "from mmengine.worker import _die_with_front_end; _die_with_front_end()\n"
                 "from mmengine.demo import write_demo_repository\n"
@@ -112,8 +112,10 @@ def _remove_stale_demos(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _Stopped(Exception):
-    """A stop signal came before the server served."""
+class _Stopped(BaseException):
+    """A stop signal came before the server served: as KeyboardInterrupt,
+    no `except Exception` on the way (a library's, around its own
+    look-ups) may take it for its own failure and go on."""
 
 
 def _raise_stopped(terminals: tuple[int, ...], signum, _frame) -> None:
@@ -128,19 +130,18 @@ def _raise_stopped(terminals: tuple[int, ...], signum, _frame) -> None:
 def _raise_at_stop_signals() -> None:
     """From now a stop signal raises _Stopped (as Ctrl-C raises
     KeyboardInterrupt), so that what runs is undone on the way out; SIGHUP
-    stays ignored under nohup. The loop's handlers replace these (_serve)."""
-    from mmengine import worker
-
+    stays ignored under nohup. The loop's handlers replace these (_serve).
+    Then unblocked (main blocked them): one that came meanwhile raises
+    here."""
     handler = functools.partial(_raise_stopped, _terminals())
-    for sig in worker.STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN):
             signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _ignore_stop_signals() -> None:
-    from mmengine import worker
-
-    for sig in worker.STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -267,7 +268,6 @@ async def _stopping(engine):
 
 
 async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
-    from mmengine import worker
     from mmengine.engine import Engine
     from mmengine.server import http_routes, metrics
     from mmengine.server.http import HttpServer
@@ -280,7 +280,7 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
     logs.to(log, sys.stdout, "mmengine", config.log_level)  # beside what serve prints
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in worker.STOP_SIGNALS:  # each as Ctrl-C
+    for sig in STOP_SIGNALS:  # each as Ctrl-C
         if sig == signal.SIGHUP:
             if signal.getsignal(sig) is signal.SIG_IGN:  # nohup's: no terminal to close
                 continue
@@ -483,6 +483,19 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Blocked before the imports start threads (numpy's), which inherit the
+    # mask: a stop signal reaches this thread alone, the one that undoes a
+    # start, even while it blocks in a system call (open(2) of a FIFO)
+    # that a signal taken by another thread would never interrupt. `serve`
+    # unblocks it once its handlers are in; the other commands at once.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return _main(argv, unblocked)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+
+
+def _main(argv: list[str] | None, unblocked: set[signal.Signals]) -> int:
     ap = argparse.ArgumentParser(prog="mmengine", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -532,10 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                    "for the server's control_token, whose digest it keeps)")
 
     args = ap.parse_args(argv)
-    _resolve_token(args)
     if args.command == "serve":
         try:
-            # From here, until the loop's handlers take over: a stop signal
+            # Until the loop's handlers take over, a stop signal raises: one
             # during the imports and the start-up (~0.6 s) ended the process
             # by its default action (exit 143), or with a traceback (Ctrl-C).
             _raise_at_stop_signals()
@@ -543,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         except _Stopped:  # before the engine started: nothing of it is left
             _say("mmengine: shutting down")  # (its handler ignores the signals now)
             return 0
+    signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # Ctrl-C as ever (KeyboardInterrupt)
+    _resolve_token(args)  # (serve has no --token: it reads the tokens' digests)
     if args.command == "stats":
         # Piped into head: stop quietly when the reader does, as ls does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

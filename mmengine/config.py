@@ -18,7 +18,6 @@ import sys
 import tomllib
 from typing import Any, Mapping
 
-from mmengine import fetch
 
 #: Set to 1 to run the pure-Python twins of the native core (the test
 #: oracle) instead of the Cython/C extensions, and every module's source.
@@ -412,6 +411,8 @@ def _validate(c: Config) -> None:
     need(c.disk_cache_bytes >= 0, "disk_cache_bytes", "must be >= 0")
     need(c.fetch_min_rate >= 0, "fetch_min_rate", "must be >= 0 (0: any pace)")
     need(0 < c.disk_watermark <= 1, "disk_watermark", "must be in (0, 1]")
+    from mmengine import fetch  # here: ssl and http.client are a server's, not every import's
+
     try:
         fetch.parse_allowed_hosts(c.allowed_hosts)
     except ValueError as e:

@@ -34,24 +34,8 @@ from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotF
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
+from mmengine.stop_signals import STOP_SIGNALS
 from mmengine.storage import Manifests, read_spec
-
-# The signals that stop a server (its front-end's to handle): Ctrl-C,
-# SIGTERM, and SIGHUP, a closed terminal or ssh session, which would kill
-# a server at once, its requests cut off and its shared memory left.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def ignoring_stop_signals(code: str) -> str:
-    """`code` for `python -c`, after lines that ignore the stop signals: a
-    child of the server's (a worker, the demo's generator) is stopped by
-    it, never by one sent to the whole process group. An ignored signal
-    stays ignored in what the child execs; one the server blocked while it
-    started the child (as the pool does) stays blocked: unblocked here,
-    and dropped if it came meanwhile."""
-    stop = sorted(int(s) for s in STOP_SIGNALS)
-    return (f"import signal\nfor s in {stop}: signal.signal(s, signal.SIG_IGN)\n"
-            f"signal.pthread_sigmask(signal.SIG_UNBLOCK, {stop})\n{code}")
 
 Key = tuple[str, int]
 LOADER_NICE = 10  # 19 starves loads; 10 yields to inference and still loads at speed

@@ -46,7 +46,7 @@ from mmengine.errors import (InternalError, MMEngineError, RecordTooLarge, RingC
                              Timeout, TooLarge, WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import BackOff, CpuTaken, Ring
-from mmengine.worker import STOP_SIGNALS, ignoring_stop_signals
+from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
 # uvloop's clock counts milliseconds: a deadline this close is due now
