@@ -239,7 +239,6 @@ class Repository:
         path = Path(path)
         if not path.is_dir():
             raise BadRequest(f"{str(path)!r} is not a directory")
-        self._looks[name] = (next(self._clock), (1,))
         self._added[name] = path
         self._names = None
         try:
