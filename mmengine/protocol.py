@@ -202,8 +202,8 @@ def decode(body, max_entries: int | None = None) -> dict:
         # _TooMany, or one map or array past the limit
         if isinstance(e, _TooMany) or limits and "exceeds max_" in str(e):
             raise BadRequest(f"a frame of {len(body)} bytes holds more than {max_entries} "
-                             f"msgpack values (a request holds tens; tensor data are "
-                             f"bins)") from None
+                             f"entries (a map's keys and values, an array's items): a "
+                             f"request holds tens, and tensor data are bins") from None
         why = str(e) or "not msgpack"  # some of them say nothing more
         raise BadRequest(f"malformed frame: {type(e).__name__}: {why}") from None
     if not isinstance(message, dict):
@@ -217,18 +217,27 @@ class _TooMany(Exception):
 
 def _limits(max_entries: int) -> dict:
     """msgpack.unpackb's keywords that stop it once the maps and arrays it
-    has built hold more than `max_entries` entries in all (each is counted
-    when it ends, so no one of them may be longer than that either)."""
+    has built hold more than `max_entries` entries in all: a map's keys and
+    values (its pairs as sent, duplicates too), an array's items. A nested
+    container is one entry of its parent; each is counted when it ends, so
+    no one of them may be longer than the limit either."""
     left = max_entries
 
-    def count(container):
+    def take(n: int) -> None:
         nonlocal left
-        left -= len(container) + 1  # its entries, and itself in its parent
+        left -= n
         if left < 0:
             raise _TooMany
-        return container
-    return {"object_hook": count, "list_hook": count,
-            "max_array_len": max_entries, "max_map_len": max_entries}
+
+    def array(items):
+        take(len(items))
+        return items
+
+    def map_(pairs):
+        take(2 * len(pairs))
+        return dict(pairs)
+    return {"object_pairs_hook": map_, "list_hook": array,
+            "max_array_len": max_entries, "max_map_len": max_entries // 2}
 
 
 class _Unviewable(Exception):

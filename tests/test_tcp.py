@@ -751,6 +751,29 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
 
 
+@pytest.mark.parametrize("pad, entries", [([0] * 65_530, 65_536), ([0] * 65_531, 65_537),
+                                          ([{}] * 65_530, 65_536),
+                                          ([{"a": 0}] * 21_844, 65_538)],
+                         ids=["items-at-limit", "items-past", "maps-at-limit", "pairs-past"])
+def test_a_large_frames_entries_are_its_maps_keys_and_values_and_its_arrays_items(
+        address, pad, entries):
+    # As docs/protocol.md counts them: a nested container is one entry of
+    # its parent, not two (it was counted once more for itself, so a frame
+    # of 65,536 empty maps counted twice that), and a map's pair is two.
+    body = msgpack.packb({"id": 1, "op": "health", "pad": pad})
+    assert len(body) >= protocol.BIG
+    assert 6 + len(pad) + sum(2 * len(item) for item in pad if item != 0) == entries
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(protocol.LENGTH.pack(len(body)) + body)
+        response = read_frame(s)
+        if entries <= protocol.MAX_REQUEST_ENTRIES:
+            assert response["id"] == 1 and response["ok"], response
+            return
+        assert response["id"] is None and response["error"]["code"] == ErrorCode.BAD_REQUEST
+        assert "more than 65536 entries" in response["error"]["message"]
+        assert_closed(s)
+
+
 # -- the command line ----------------------------------------------------------------
 
 def test_stats_prints_the_table(address):
@@ -1459,7 +1482,7 @@ def test_a_frame_the_server_refuses_fails_the_other_calls_as_lost_not_as_its_own
             got = await asyncio.gather(bad, slow, return_exceptions=True)
             assert all(type(e) is ConnectionError for e in got), got
             assert all(isinstance(e.__cause__, BadRequest) for e in got), got
-            with pytest.raises(BadRequest, match="msgpack values"):  # alone: its own error
+            with pytest.raises(BadRequest, match="more than 65536 entries"):  # alone: its own error
                 await c.call({"op": "health", "pad": [0] * 70_000})
             assert (await c.health())["status"] == "serving"  # on a new connection
 
