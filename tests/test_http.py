@@ -359,6 +359,12 @@ def test_repository_index_load_unload(client, address):
         client.load_model("nope")
     with pytest.raises(InferenceServerException, match="not supported"):
         client.load_model("m02", config="{}")
+    # null parameters are no parameters, as in an infer request (400 before).
+    status, _, body = call(address, "POST", "/v2/repository/models/m02/load",
+                           {"parameters": None})
+    assert status == 200 and client.is_model_ready("m02"), body
+    status, _, body = call(address, "POST", "/v2/repository/models/m02/load", {"parameters": 5})
+    assert status == 400, body
 
 
 # -- raw HTTP: the protocol's edges ----------------------------------------------

@@ -82,6 +82,17 @@ def disk(tmp_path_factory) -> dict[str, Path]:
         "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
         "def predict(inputs):\n"
         f"    return {{'y': np.zeros({sagemaker.MAX_CSV_VALUES + 1}, np.float32)}}\n")
+    for dtype, shape in (("int64", [-1, -1]), ("uint64", [-1, -1]), ("float16", [-1, -1]),
+                         ("float32", [-1])):
+        # A handler that answers its input, declared: what JSON and CSV cast to.
+        paths[f"echo_{dtype}"] = root / f"echo-{dtype}"
+        paths[f"echo_{dtype}"].mkdir()
+        (paths[f"echo_{dtype}"] / "model.toml").write_text(
+            f'backend = "handler"\n[[inputs]]\nname = "x"\ndtype = "{dtype}"\n'
+            f'shape = {shape}\n')
+        (paths[f"echo_{dtype}"] / "handler.py").write_text(
+            "def load(path, device):\n    pass\n\n"
+            "def predict(inputs):\n    return {'y': inputs['x']}\n")
     paths["oom"] = root / "oom"
     paths["oom"].mkdir()
     (paths["oom"] / "handler.py").write_text(
@@ -178,6 +189,8 @@ def test_concurrent_loads_of_one_name_load_it_once(address, disk):
 def test_file_urls_and_symlinks_inside_the_root_load(address, disk):
     url = "file://" + str(disk["m1"])
     assert add(address, "load-file", url) == (200, {"modelName": "load-file", "modelUrl": url})
+    url = "file://LocalHost" + str(disk["m2"])  # a host's name has no case (RFC 3986)
+    assert add(address, "load-file-host", url)[0] == 200
     assert add(address, "load-alias", disk["inside_link"])[0] == 200
     x = x_for(0)
     status, body = call(address, "POST", "/models/load-alias/invoke", x.tolist())
@@ -215,6 +228,7 @@ def test_a_load_out_of_memory_is_507(address, disk):
     ("http", 400, "only local paths and file:// URLs"),
     ("s3", 400, "only local paths and file:// URLs"),
     ("file_host", 400, "must name a local path"),
+    ("bracket", 400, "is not a URL"),  # urlsplit's ValueError: it was a 500
     ("relative", 400, "must be absolute"),
     ("nul", 400, "NUL character"),
     ("missing", 400, "is not a directory"),
@@ -233,6 +247,7 @@ def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, wo
         "http": "http://127.0.0.1:1/model.tar.gz",
         "s3": "s3://bucket/models/m0",
         "file_host": "file://elsewhere" + str(disk["m0"]),
+        "bracket": "file://[::1" + str(disk["m0"]),
         "relative": os.path.relpath(disk["m0"]),
         "nul": "file://" + str(disk["root"]) + "/m0%00/1",
         "missing": str(disk["root"] / "nope"),
@@ -367,6 +382,62 @@ def raw_call(address, path: str, body: bytes, headers: dict) -> tuple[int, str, 
         conn.close()
 
 
+def test_a_vectors_csv_is_a_value_a_line(address, disk):
+    # docs/sagemaker.md: a row a line, its first axis; a batch of scalars is
+    # a record each (as SageMaker's toolkit writes one), not one row.
+    assert add(address, "vector", disk["echo_float32"])[0] == 200
+    status, content_type, raw = raw_call(address, "/models/vector/invoke", b"[0, 2.5, 3]",
+                                         {"Content-Type": "application/json",
+                                          "Accept": "text/csv"})
+    assert (status, content_type, raw) == (200, "text/csv", b"0\n2.5\n3\n")
+    # No rows: an empty body, still of its type.
+    status, content_type, raw = raw_call(address, "/models/vector/invoke",
+                                         npy(np.zeros(0, np.float32)),
+                                         {"Content-Type": "application/x-npy",
+                                          "Accept": "text/csv"})
+    assert (status, content_type, raw) == (200, "text/csv", b"")
+
+
+def test_whole_numbers_reach_integer_models_exactly(address, disk):
+    # Past 2^53 a float64 rounds them: JSON's beside larger ones, and CSV's,
+    # were read as floats, and refused (or, undeclared, served as floats).
+    for dtype in ("int64", "uint64"):
+        assert add(address, f"exact-{dtype}", disk[f"echo_{dtype}"])[0] == 200
+    assert add(address, "undeclared", disk["complex"])[0] == 200
+    big = 2 ** 53 + 1
+    for name, raw, media, expected in (
+            ("exact-uint64", f"[[{2 ** 63}, 1]]", "application/json", [[2 ** 63, 1]]),
+            ("exact-uint64", f"{2 ** 64 - 1},{big}\n", "text/csv", [[2 ** 64 - 1, big]]),
+            ("exact-int64", f"{big},-1\n2,3\n", "text/csv", [[big, -1], [2, 3]]),
+            ("exact-int64", "1.0,2e3\n", "text/csv", [[1, 2000]])):  # whole, as floats
+        status, _, answer = raw_call(address, f"/models/{name}/invoke", raw.encode(),
+                                     {"Content-Type": media})
+        assert status == 200, (name, raw, answer)
+        assert json.loads(answer)["outputs"]["y"] == expected, (name, raw, answer)
+    for name, raw, media, words in (
+            ("exact-int64", f"[[{2 ** 63}, 1]]", "application/json", "out of range for int64"),
+            ("exact-int64", f"{2 ** 63},1\n", "text/csv", "out of range for int64"),
+            ("exact-uint64", "-1,1\n", "text/csv", "out of range for uint64"),
+            ("exact-int64", "1.5\n", "text/csv", "must be int64"),
+            ("undeclared", json.dumps({"inputs": {"x": [2 ** 63, 1]}}), "application/json",
+             "beyond int64's range")):  # undeclared: it was served as float32
+        status, _, answer = raw_call(address, f"/models/{name}/invoke", raw.encode(),
+                                     {"Content-Type": media})
+        assert status == 400 and words in json.loads(answer)["error"], (name, raw, answer)
+
+
+def test_int64s_least_is_out_of_a_float16s_range(address, disk):
+    # Its absolute value, in numpy, is itself: below zero, so in range, and
+    # it was served as -inf.
+    assert add(address, "half", disk["echo_float16"])[0] == 200
+    for value, status in ((-2 ** 63, 400), (-(2 ** 63 - 1), 400), (-60000, 200)):
+        got, _, answer = raw_call(address, "/models/half/invoke", f"[[{value}]]".encode(),
+                                  {"Content-Type": "application/json"})
+        assert got == status, (value, answer)
+        if status == 400:
+            assert "out of range for float16" in json.loads(answer)["error"], answer
+
+
 def test_an_answer_too_long_for_csv_is_counted_as_the_406_its_client_got(address, disk):
     # It was counted OK: the size was judged as the answer was written,
     # after the engine had counted it (a review's finding).
@@ -436,7 +507,8 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
     status, content_type, raw = raw_call(
         address, "/models/inv-csv/invoke", npy(np.zeros((0, 4), np.float32)),
         {"Content-Type": "application/x-npy", "Accept": "text/csv"})
-    assert (status, content_type, raw) == (200, None, b""), raw  # no body, no type
+    # An empty table, of its type: a client that branches on it finds it.
+    assert (status, content_type, raw) == (200, "text/csv", b""), raw
     # q=0 refuses a type for the wildcards too, whatever the case of its q;
     # otherwise the highest q wins, from the most specific range (RFC 9110).
     for accept, answer_type in (("application/json;q=0, */*", "text/csv"),

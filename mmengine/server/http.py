@@ -169,16 +169,22 @@ def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray
     """A tensor's JSON data (a nested list, or one number) as an array of
     `dtype` (None: numpy's own choice), by json_array and cast_json_array."""
     array = json_array(what, value)
-    if array.dtype.kind == "f" and dtype is not None and dtype.kind in "iu" and array.size:
+    if array.dtype.kind == "f" and (dtype is None or dtype.kind in "iu") and array.size \
+            and np.abs(array).max() >= 2.0 ** 63:
         # Integers past int64's range beside smaller ones: numpy reads floats
-        # (for a uint64, values; for an int64, one out of its range).
+        # (for a uint64, values; for an int64, one out of its range; with no
+        # dtype, the uint64 they are if they are one).
         exact = np.array(value, dtype=object)
         if all(type(v) is int for v in exact.flat):
             try:
-                return exact.astype(dtype)
+                return exact.astype(dtype or _UINT64)
             except OverflowError:
-                raise BadRequest(f"{what}: a value is out of range for {dtype.name}") from None
+                raise BadRequest(f"{what}: a value is out of range for "
+                                 f"{dtype.name if dtype else '64 bits'}") from None
     return cast_json_array(what, array, dtype)
+
+
+_UINT64 = np.dtype(np.uint64)
 
 
 def json_array(what: str, value: Any) -> np.ndarray:
@@ -225,7 +231,9 @@ def cast_json_array(what: str, array: np.ndarray, dtype: np.dtype | None) -> np.
         elif not np.can_cast(array.dtype, dtype, "same_kind") or kinds[0] == "b" != kinds[1]:
             raise BadRequest(f"{what} must be {dtype.name}, not {array.dtype.name} values")
         elif dtype.kind == "f" and dtype.itemsize < array.dtype.itemsize \
-                and np.abs(array).max() > np.finfo(dtype).max:  # JSON has no infinities
+                and max(-float(array.min()), float(array.max())) > float(np.finfo(dtype).max):
+            # JSON has no infinities. In Python's floats: numpy's abs or minus
+            # of int64's least is itself, below zero.
             raise BadRequest(f"{what}: a value is out of range for {dtype.name}")
     return array.astype(dtype)
 
@@ -1006,8 +1014,8 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
                 f"Date: {_date()}",
                 f"Content-Length: {length}",
                 "Connection: keep-alive" if keep_alive else "Connection: close"]
-        if length:  # an empty body is no JSON
-            head.append(f"Content-Type: {r.content_type}")
+        if length or r.content_type != Response.content_type:  # an empty body is no JSON,
+            head.append(f"Content-Type: {r.content_type}")  # but is an empty table's CSV
         head += [f"{k}: {v}" for k, v in r.headers]
         head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         # One system call per response (uvloop: one writev, no copy).

@@ -204,9 +204,14 @@ def _load_params(request: Request) -> dict:
     body = request.json()
     if body is None:
         return {}
-    if not isinstance(body, dict) or not isinstance(body.get("parameters", {}), dict):
+    if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object, with 'parameters' an object")
-    return {k: v for k, v in body.get("parameters", {}).items() if k != "unload_dependents"}
+    parameters = body.get("parameters")
+    if parameters is None:  # absent, or null: as in an infer request
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("the body must be a JSON object, with 'parameters' an object")
+    return {k: v for k, v in parameters.items() if k != "unload_dependents"}
 
 
 # -- infer: the hot path ----------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import dataclasses
 import functools
@@ -45,8 +46,8 @@ from mmengine.engine import Engine
 from mmengine.engine import log as engine_log
 from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
                              cannot_carry)
-from mmengine.server.http import (Later, Request, Response, cast_json_array, dumps,
-                                  error_response, finite, formatted, json_array, json_response,
+from mmengine.server.http import (Later, Request, Response, array_from_json, cast_json_array,
+                                  dumps, error_response, finite, formatted, json_response,
                                   parsed, StatusError, submitted, utf8_header, vetted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
@@ -283,8 +284,9 @@ def _answer_csv(outputs: dict[str, np.ndarray], model: str) -> Response:
     """One row a line: a batch's first axis; the rest of each row flattened.
     Made on a parse thread (numpy writes it a row at a time, ~2 us a row)."""
     arr = _check_csv(outputs, model)
-    rows = (arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim > 1
-            else arr.reshape(1, arr.size))
+    # A vector is a value a line (a batch of scalars: a record each, as
+    # SageMaker's Batch Transform joins lines); a scalar, one line.
+    rows = arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim else arr.reshape(1, 1)
     text = io.StringIO()
     # Enough digits for each float type to read back as itself.
     fmt = {2: "%.5g", 4: "%.9g", 8: "%.17g"}[arr.itemsize] if arr.dtype.kind == "f" else "%d"
@@ -429,22 +431,29 @@ def _unreadable(url: str, where: str, e: OSError) -> BadRequest:
 
 
 def _local_path(url: str) -> str:
-    parts = urlsplit(url)
+    if url.startswith("/"):
+        return _absolute(url)  # a plain path is taken literally: no %-decoding
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "file://[::1/x": a bracket left open
+        raise BadRequest(f"{url!r} is not a URL: {e}") from None
     if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
+        if parts.netloc.lower() not in ("", "localhost"):  # a host's name has no case
             raise BadRequest(f"{url!r}: a file:// URL must name a local path (file:///...)")
         if parts.query or parts.fragment:
             raise BadRequest(f"{url!r}: a file:// URL takes no query or fragment")
-        path = unquote(parts.path)
-    elif parts.scheme == "":
-        path = url  # a plain path is taken literally: no %-decoding
-    else:
-        raise BadRequest(f"{url!r}: only local paths and file:// URLs can be loaded, "
-                         f"not {parts.scheme}:// (remote storage is not supported)")
+        return _absolute(unquote(parts.path), url)
+    if parts.scheme == "":
+        return _absolute(url)
+    raise BadRequest(f"{url!r}: only local paths and file:// URLs can be loaded, "
+                     f"not {parts.scheme}:// (remote storage is not supported)")
+
+
+def _absolute(path: str, url: str | None = None) -> str:
     if "\0" in path:  # as sent, or %00
         raise BadRequest("the url contains a NUL character")
     if not os.path.isabs(path):
-        raise BadRequest(f"{url!r}: the path must be absolute")
+        raise BadRequest(f"{url or path!r}: the path must be absolute")
     return path
 
 
@@ -495,10 +504,19 @@ def _parse_inputs(request: Request, media: str, name: str,
         if media == NPY:  # typed already: the engine refuses a dtype that does not match
             return {key: _from_npy(request.body)}
         # Numbers in text, as JSON's are: cast as those are, or refused.
-        array = _from_csv(request.body)
-        if dtype.kind in "iu" and np.array_equal(array, np.trunc(array)) \
-                and np.abs(array).max(initial=0) < 2 ** 53:  # whole, and exact in a float64
-            array = array.astype(np.int64)
+        array = None
+        if dtype.kind in "iu":  # whole numbers read whole: a float64 holds 53 bits
+            # The other 64-bit type reads what is out of this one's range, and
+            # the cast says so. A fraction or "1e3" is for float64 below.
+            for whole in (_INTS if dtype.kind == "i" else _INTS[::-1]):
+                with contextlib.suppress(BadRequest):
+                    array = _from_csv(request.body, whole)
+                    break
+        if array is None:
+            array = _from_csv(request.body)
+            if dtype.kind in "iu" and np.array_equal(array, np.trunc(array)) \
+                    and np.abs(array).max(initial=0) < 2 ** 53:  # whole, and exact in a float64
+                array = array.astype(np.int64)
         return {key: cast_json_array(f"input {key!r}", array, dtype)}
     body = request.json()
     if isinstance(body, list):
@@ -517,23 +535,26 @@ def _parse_inputs(request: Request, media: str, name: str,
         if declared and key not in declared:
             raise BadRequest(f"{name} has no input {key!r} (inputs: {sorted(declared)})")
         what = f"input {key!r}"
-        array = json_array(what, value)
         dtype = declared.get(key)
-        if dtype is None and array.dtype.kind == "u":  # past int64: torch.tensor() refuses it
+        if dtype is not None:
+            arrays[key] = array_from_json(what, value, np.dtype(dtype))
+            continue
+        array = array_from_json(what, value, None)
+        if array.dtype.kind == "u":  # past int64: torch.tensor() refuses it
             raise BadRequest(f"{what}: an integer beyond int64's range")
         # Undeclared, fractions become float32 (as torch.tensor() makes them,
         # and SageMaker's PyTorch container): numpy's float64 fits no float32
         # model. Integers stay int64, booleans bool.
-        arrays[key] = cast_json_array(what, array, np.dtype(dtype) if dtype is not None
-                                      else _FLOAT32 if array.dtype.kind == "f" else None)
+        arrays[key] = cast_json_array(what, array, _FLOAT32 if array.dtype.kind == "f" else None)
     return arrays
 
 
 _FLOAT32 = np.dtype(np.float32)
+_INTS = (np.dtype(np.int64), np.dtype(np.uint64))
 
 
-def _from_csv(body: bytes) -> np.ndarray:
-    """Numbers separated by commas, a row a line: a 2-D float64 array,
+def _from_csv(body: bytes, dtype=np.float64) -> np.ndarray:
+    """Numbers separated by commas, a row a line: a 2-D array of `dtype`,
     parsed CSV_CHUNK of lines at a time."""
     if len(body) > MAX_CSV_BYTES:
         raise TooLarge(f"a text/csv body is at most {MAX_CSV_BYTES} bytes, not {len(body)}; "
@@ -553,12 +574,12 @@ def _from_csv(body: bytes) -> np.ndarray:
                 text.rfind("\n", at, at + CSV_CHUNK) + 1
             if not end:
                 end = text.find("\n", at + CSV_CHUNK) + 1 or len(text)
-                parts.append(_long_row(text[at:end]))
+                parts.append(_long_row(text[at:end], dtype))
             elif text[at:end].strip():
                 with warnings.catch_warnings():  # of a chunk of comments: no rows
                     warnings.simplefilter("ignore", UserWarning)
                     part = np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
-                                      dtype=np.float64, ndmin=2)
+                                      dtype=dtype, ndmin=2)
                 if part.size:
                     parts.append(part)
             at = end
@@ -573,7 +594,7 @@ def _from_csv(body: bytes) -> np.ndarray:
     return array
 
 
-def _long_row(line: str) -> np.ndarray:
+def _long_row(line: str, dtype) -> np.ndarray:
     """One row of a line longer than CSV_CHUNK, parsed a piece of up to
     CSV_CHUNK at a time, each piece cut at a comma."""
     line = line.partition("#")[0].rstrip("\r\n")  # a comment, as np.loadtxt reads one
@@ -583,7 +604,7 @@ def _long_row(line: str) -> np.ndarray:
         end = len(line) if at + CSV_CHUNK >= len(line) else line.rfind(",", at, at + CSV_CHUNK)
         if end < at:
             raise ValueError(f"a field longer than {CSV_CHUNK} characters")
-        pieces.append(np.loadtxt(io.StringIO(line[at:end]), delimiter=",", dtype=np.float64,
+        pieces.append(np.loadtxt(io.StringIO(line[at:end]), delimiter=",", dtype=dtype,
                                  ndmin=1))
         at = end + 1
     return np.concatenate(pieces)[None, :]
