@@ -272,6 +272,11 @@ class Repository:
         manifest may be edited in place: its tokens rotate so, and a spec
         read once is read again once its manifest changes."""
         since, added = next(self._clock), frozenset(self._added)
+        if not self.root.is_dir():
+            # A mount gone for a moment, a swap that is not atomic: not "remove
+            # every model", which would unload them all and drop their pins.
+            raise LoadFailed(f"the repository {str(self.root)!r} is not a directory (any "
+                             f"more): serving the models known until it is back")
         names = self._scan_names()
         versions, read_at = {}, {}
         for name in names:
@@ -535,6 +540,10 @@ def _version_files(path: Path) -> tuple[set[str], list[str]]:
         try:
             if entry.is_file():
                 files.add(entry.name)
+            elif entry.name == MANIFEST:
+                # A broken link (a ConfigMap's mount gone), a directory: not
+                # no manifest, whose model would be served with no tokens.
+                unreadable.append(f"{MANIFEST!r} (not a file, or a link to none)")
         except OSError as e:
             unreadable.append(f"{entry.name!r} ({e.strerror})")
     return files, unreadable

@@ -156,6 +156,31 @@ def test_a_pinned_version_removed_goes_with_its_pin(tmp_path, own_segments):
     run(main())
 
 
+def test_a_repository_gone_for_a_while_keeps_its_models_and_their_pins(tmp_path, own_segments,
+                                                                       caplog):
+    """A mount gone for a moment read as a repository of no models: every
+    model was unloaded and its pin dropped for good, and nothing was said
+    (a review's finding)."""
+    root = tmp_path / "repo"
+    demo.write_mlp(root / "m", "safetensors", *DIMS, seed=1)
+
+    async def main():
+        async with Engine(Config(repo=str(root), workers=1, repo_scan_s=0.05)) as engine:
+            await engine.pin("m", 1)
+            os.rename(root, tmp_path / "away")
+            await until(lambda: "is not a directory (any more)" in caplog.text)
+            await asyncio.sleep(0.2)  # scans that found nothing
+            assert ("m", 1) in engine._pinned and held(engine, ("m", 1))
+            check((await engine.infer("m", {"x": X}))["y"], 1)
+            os.rename(tmp_path / "away", root)
+            demo.write_mlp(root / "m", "safetensors", *DIMS, seed=2, version=2)
+            await until(lambda: listed(engine, "m") == (1, 2))  # scanning again
+            assert ("m", 1) in engine._pinned
+            check((await engine.infer("m", {"x": X}))["y"], 2)
+
+    run(main())
+
+
 @pytest.mark.parametrize("call", ["unpin", "unload"])
 def test_a_call_naming_no_version_reaches_the_one_pinned_before_a_newer_came(
         tmp_path, own_segments, call):

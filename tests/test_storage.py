@@ -395,3 +395,33 @@ def test_a_link_that_cannot_be_followed_fails_no_other_model(tmp_path):
     assert isinstance(rows[1][1], LoadFailed)
     make_version(tmp_path, "c", 1, {"model.pt": ""})
     assert repo.rescan() == {"c"} and repo.names() == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "directory"])
+def test_a_manifest_that_is_no_file_fails_its_model(tmp_path, kind):
+    """Read as no manifest, it served its model to every client: a model
+    whose tokens lay behind a link (a ConfigMap's mount) lost them when the
+    link broke (a review's finding)."""
+    path = make_version(tmp_path, "m", 1, {"model.pt": ""})
+    if kind == "dangling-link":
+        os.symlink(tmp_path / "gone.toml", path / "model.toml")
+    else:
+        (path / "model.toml").mkdir()
+    repo = Repository(tmp_path)
+    assert repo.names() == ("m",)
+    with pytest.raises(LoadFailed, match=r"m v1: cannot be read: 'model.toml' \(not a file"):
+        repo.resolve("m")
+
+
+def test_a_root_gone_is_an_error_of_the_scan_not_an_empty_repository(tmp_path):
+    root = tmp_path / "repo"
+    make_version(root, "a", 1, {"model.pt": ""})
+    repo = Repository(root)
+    assert repo.names() == ("a",) and repo.versions("a") == (1,)
+    os.rename(root, tmp_path / "away")
+    with pytest.raises(LoadFailed, match="is not a directory"):
+        repo.scan()
+    assert repo.names() == ("a",) and repo.versions("a") == (1,)  # what is known stands
+    os.rename(tmp_path / "away", root)
+    make_version(root, "b", 1, {"model.pt": ""})
+    assert repo.rescan() == {"b"} and repo.names() == ("a", "b")
