@@ -87,7 +87,9 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int]:
         if args.models > len(names):
             print(f"mmengine bench: --models {args.models}: the server has "
                   f"{len(names)} that can be sent; using those", file=sys.stderr)
-        weights = [1 / k ** args.zipf for k in range(1, len(names) + 1)]
+        # k ** -s, not 1 / k ** s: a steep s underflows to 0, where k ** s
+        # overflowed (--zipf 2000 ended in a traceback).
+        weights = [k ** -args.zipf for k in range(1, len(names) + 1)]
         schedule = iter(random.Random(args.seed).choices(names, weights, k=args.requests))
 
         before = (await client.stats(limit=0))["totals"]  # the totals alone

@@ -284,11 +284,18 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _close_key(key: str) -> str | None:
-    """The key that `key` most likely means: a flag's name (pin for
-    pin_models, idle_unload for idle_unload_s), or one spelled alike."""
-    close = [k for k in _FIELDS if k.startswith(key + "_")]
-    close = close or difflib.get_close_matches(key, _FIELDS, 1)
-    return close[0] if close else None
+    """The key that `key` most likely means: the shortest that it begins (a
+    flag's name: pin for pin_models, idle_unload for idle_unload_s; worker
+    for workers, not worker_backlog_ms), its plural's (pins), the key it
+    ends (token for control_token), or one spelled alike."""
+    stem = key.removesuffix("s")
+    for close in ([k for k in _FIELDS if k.startswith(key)],
+                  [k for k in _FIELDS if k.startswith(stem + "_")],
+                  [k for k in _FIELDS if k.endswith("_" + key)],
+                  difflib.get_close_matches(key, _FIELDS, 1)):
+        if close:
+            return min(close, key=len)
+    return None
 
 
 def parse_size(value: Any, key: str = "size") -> int:

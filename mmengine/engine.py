@@ -979,9 +979,13 @@ class Engine:
         if spec.warmup_bytes > self.config.max_request_bytes:
             # No request that large could reach it: a manifest's mistake,
             # not a lack of memory to retry (it would load on each retry).
-            raise LoadFailed(f"{key[0]} v{key[1]}: its warm-up inputs take "
-                             f"{spec.warmup_bytes} bytes, more than any request can "
-                             f"({self.config.max_request_bytes}, ring_bytes)")
+            # Counted, said and backed off as any failed load: an operator
+            # saw no line, no row and no metric of it.
+            e = LoadFailed(f"{key[0]} v{key[1]}: its warm-up inputs take "
+                           f"{spec.warmup_bytes} bytes, more than any request can "
+                           f"({self.config.max_request_bytes}, ring_bytes)")
+            self._load_failed(key, e, None, t0)
+            raise e
         stats = self._stats.setdefault(key, ModelStats())
         need = stats.measured_bytes or spec.estimated_bytes
         # Room is waited for within load_timeout_s of the files being here

@@ -811,6 +811,9 @@ def _expect_choice(table: dict[str, Any], key: str, choices, where: str) -> str:
     return value
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(value, list):
         raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be an array of tables")
@@ -826,10 +829,12 @@ def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
         if type(dtype) is not str or dtype not in DTYPES:
             raise LoadFailed(f"{where}: {MANIFEST}: '{at}.dtype' must be one of "
                              f"{sorted(DTYPES)}, not {dtype!r}")
+        # A size is an int64, as numpy's and the protocol's are: one past it
+        # made every listing of the repository unsendable.
         if not isinstance(shape, list) or not all(
-                type(d) is int and d >= -1 for d in shape):
+                type(d) is int and -1 <= d <= _INT64.max for d in shape):
             raise LoadFailed(f"{where}: {MANIFEST}: '{at}.shape' must be a list of "
-                             f"sizes (-1: any), not {shape!r}")
+                             f"sizes (-1: any; at most 2^63 - 1), not {shape!r}")
         tensors.append(TensorSpec(name, str(np.dtype(dtype)), tuple(shape)))
     if len({t.name for t in tensors}) != len(tensors):
         raise LoadFailed(f"{where}: {MANIFEST}: {key!r} repeats a name")

@@ -930,8 +930,13 @@ def test_a_misspelled_key_in_a_file_is_refused_with_the_key_it_may_mean(tmp_path
     # A flag's name in a file (idle_unload for --idle-unload) was refused
     # with no hint, where a variable of that name got one.
     toml = tmp_path / "c.toml"
+    # worker meant workers, not worker_backlog_ms; pins, pin_models, not
+    # spin_us; token, control_token, not nothing (an operations review).
     for text, key, meant in (("idle_unload = 5\n", "idle_unload", "idle_unload_s"),
-                             ("wrokers = 2\n", "wrokers", "workers")):
+                             ("wrokers = 2\n", "wrokers", "workers"),
+                             ("worker = 2\n", "worker", "workers"),
+                             ('pins = ["a"]\n', "pins", "pin_models"),
+                             ('token = "t"\n', "token", "control_token")):
         toml.write_text(text)
         with pytest.raises(config_mod.ConfigError,
                            match=rf"^{key}: unknown key in .* \(did you mean {meant}\?\)$"):

@@ -125,6 +125,9 @@ X = '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 4]\n'
     ('[[inputs]]\nname = "x"\nshape = [1]\n', "inputs[0]"),
     ('[[inputs]]\nname = "x"\ndtype = "float8"\nshape = [1]\n', "inputs[0].dtype"),
     ('[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-2]\n', "inputs[0].shape"),
+    # tomllib reads any int; the list op could not carry this one.
+    (f'[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, {2 ** 63}]\n',
+     "inputs[0].shape"),
     ('[[outputs]]\nname = ""\ndtype = "float32"\nshape = [1]\n', "outputs[0].name"),
     (X + X, "inputs"),
     ("warmup = true", "warmup"),

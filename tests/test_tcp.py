@@ -885,6 +885,18 @@ def test_bench_prints_its_table(address):
     assert "200/200 requests" in r.stderr  # the progress bar's last state
 
 
+def test_bench_takes_a_steep_zipf(address):
+    # 1 / k ** 2000 overflowed: a traceback, not a run (an operations review).
+    r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "20",
+                               "--concurrency", "2", "--zipf", "2000", "--timeout", "20"),
+                       env=environ(), capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in r.stderr, r.stderr
+    table = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines())
+    assert "zipf s=2000" in table["models"]
+    ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed of 20", table["requests"]).groups())
+    assert ok + failed == 20
+
+
 def test_bench_refuses_bad_arguments_before_it_connects():
     # --seed -1 connected, then failed on numpy's "expected non-negative integer".
     for args in (["--seed", "-1"], ["--requests", "0"], ["--zipf", "nan"]):
