@@ -357,12 +357,16 @@ class _Frames:
             n = protocol.LENGTH.unpack_from(buf, start)[0]
             if len(buf) - start - 4 < n:
                 # "HTTP" read as a length is 1.3 GB that never comes (and a
-                # buffer that large, made for it): a frame's body begins
-                # with a map, never "/", so a large one waits for that byte.
-                if buf.startswith(b"HTTP/", start):
-                    raise ConnectionError("the server answered in HTTP: give the SDK the "
-                                          "server's TCP port (8081 by default), not its "
-                                          "HTTP port")
+                # buffer that large, made for it); so is an SSH or SMTP
+                # greeting. A frame's body begins with a map: a large one
+                # waits for that byte, not for the rest.
+                if len(buf) - start > 4 and not _begins_a_map(buf[start + 4]):
+                    if buf.startswith(b"HTTP/", start):
+                        raise ConnectionError("the server answered in HTTP: give the SDK the "
+                                              "server's TCP port (8081 by default), not its "
+                                              "HTTP port")
+                    raise ConnectionError(f"the peer is no mmengine server: it sent "
+                                          f"{bytes(buf[start:start + 16])!r}, no frame")
                 if n >= protocol.BIG and len(buf) - start > 4:
                     self.big = protocol.LargeFrame(n, buf[start + 4:])
                     start = len(buf)
@@ -374,6 +378,22 @@ class _Frames:
             start += 4 + n
         del buf[:start]
         return out
+
+
+def _frames(message: dict, encoded: bool) -> list:
+    """protocol.frames of a request (`encoded`: an infer's, its inputs as
+    encode_tensors made them); BadRequest for what msgpack cannot carry (a
+    name with a lone surrogate, an int past 64 bits), not its own error."""
+    try:
+        return protocol.frames(message, message["inputs"] if encoded else None)
+    except (UnicodeEncodeError, OverflowError) as e:
+        raise BadRequest(f"the request cannot be sent: {type(e).__name__}: {e}") from None
+
+
+def _begins_a_map(byte: int) -> bool:
+    """Whether a msgpack value beginning with `byte` is a map (fixmap,
+    map 16, map 32): every frame's body is one."""
+    return byte >> 4 == 0x8 or byte in (0xDE, 0xDF)
 
 
 class _Outgoing:
@@ -620,14 +640,14 @@ class Client:
         for conn in pool:
             conn.sock.close()
 
-    def _borrow(self) -> "_Connection":
+    def _borrow(self, wait: float | None) -> "_Connection":
         """A pooled connection the server has not closed meanwhile (it closes
-        idle ones), else a new one."""
+        idle ones), else a new one, made within the call's `wait`."""
         while True:
             try:
                 conn = self._pool.pop()
             except IndexError:
-                conn = _Connection(self.address, _wait(self.timeout))
+                conn = _Connection(self.address, wait)
                 conn.closes = self._closes
                 return conn
             if conn.alive():
@@ -662,7 +682,7 @@ class Client:
             if self.token is not None:
                 m.setdefault("token", self.token)
             ids.append(m["id"])
-        frames = [protocol.frames(m, m["inputs"] if encoded else None) for m in messages]
+        frames = [_frames(m, encoded) for m in messages]
         for parts in frames:
             self._check_size(_body_size(parts))
         if len(frames) > 1 and all(len(parts) == 1 for parts in frames):
@@ -676,7 +696,7 @@ class Client:
         seconds (None: for ever); `arrays`: they are infer()'s, read into
         Outputs where _wire can."""
         try:
-            conn = self._borrow()
+            conn = self._borrow(wait)
         except socket.timeout:
             host, port = self.address
             raise Timeout(f"could not connect to {host}:{port} in time") from None
@@ -1026,7 +1046,12 @@ class AsyncClient:
         if opening is None:
             opening = self._opening[i] = asyncio.ensure_future(self._reopen(i, conns))
             opening.add_done_callback(retrieved)  # if all its callers have gone
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if opening.cancelled() and not asyncio.current_task().cancelling():
+                raise ConnectionError("the client was closed") from None  # close() ended it
+            raise
 
     async def _reopen(self, i: int, conns: list) -> _AsyncConnection:
         me, openings = asyncio.current_task(), self._opening
@@ -1050,7 +1075,9 @@ class AsyncClient:
 
     async def close(self) -> None:
         conns, self._conns = self._conns, [None] * self.size
-        self._opening = {}  # those under way find themselves closed
+        openings, self._opening = self._opening, {}
+        for opening in openings.values():  # one a timed-out call left going on
+            opening.cancel()
         for conn in conns:
             if conn is not None:
                 conn.close()
@@ -1073,7 +1100,7 @@ class AsyncClient:
         message["id"] = rid  # this client's own (call copies its caller's)
         if self.token is not None:
             message.setdefault("token", self.token)
-        parts = protocol.frames(message, message["inputs"] if encoded else None)
+        parts = _frames(message, encoded)
         if len(parts) > 1:
             # The caller's arrays may change once this yields (the size
             # check, a write the socket does not take whole): sent as they
@@ -1095,7 +1122,11 @@ class AsyncClient:
         slot = next(self._next) % self.size
         conn = self._conns[slot]
         if conn is None or conn.lost is not None:  # not yet open, or the server dropped it
-            conn = await self._slot(slot, self._conns)
+            try:  # within this call's wait: the opening, shared, goes on for the others
+                conn = await asyncio.wait_for(self._slot(slot, self._conns), wait)
+            except TimeoutError:
+                raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
+                              f"in time") from None
             if conn.lost is not None:  # lost again before this call could use it
                 raise conn.lost
         loop = self._loop

@@ -987,6 +987,49 @@ def test_stats_says_when_its_address_is_no_mmengine_tcp_port(request, repo):
         silent.close()
 
 
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_8.9\r\n", b"220 mail ESMTP\r\n",
+                                      b"+OK POP3 ready\r\n"])
+def test_both_clients_say_at_once_that_a_peer_that_greets_is_no_server(greeting):
+    # Its greeting read as a length is hundreds of MB that never come: each
+    # call waited its whole timeout and raised Timeout (an SDK review).
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    held, over = [], threading.Event()
+
+    def greet():
+        # Each connection greets as it is made: one the AsyncClient opened
+        # fails at its greeting, and is opened again, before a call is sent.
+        while not over.is_set() and len(held) < 6:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            conn.sendall(greeting)
+            held.append(conn)  # and says no more
+    thread = threading.Thread(target=greet, daemon=True)
+    thread.start()
+    address = listener.getsockname()
+
+    async def main():
+        async with AsyncClient(address, timeout=30) as c:
+            with pytest.raises(ConnectionError, match="no mmengine server"):
+                await c.health()
+
+    try:
+        t0 = time.monotonic()
+        with Client(address, timeout=30) as c:
+            with pytest.raises(ConnectionError, match="no mmengine server"):
+                c.health()
+        run(main(), timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        over.set()
+        thread.join(10)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
 @pytest.mark.parametrize("host, loopback", [
     ("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
     ("LOCALHOST", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", False), ("::", False),
@@ -1373,24 +1416,55 @@ def test_both_clients_connect_within_their_timeout():
     listener.listen(0)
     filler = socket.create_connection(listener.getsockname(), timeout=5)
 
-    async def main():
-        client = AsyncClient(listener.getsockname(), timeout=0.5)
+    # And within a call's own, shorter timeout: the connection was made
+    # within the client's (an SDK review's finding).
+    async def main(client_timeout, call_timeout):
+        client = AsyncClient(listener.getsockname(), timeout=client_timeout)
         t0 = time.monotonic()
         with pytest.raises(Timeout, match="could not connect"):
-            await client.health()
-        return time.monotonic() - t0
+            await client.call({"op": "health"}, timeout=call_timeout)
+        took = time.monotonic() - t0
+        await client.close()  # and its opening, left going on within the client's timeout
+        return took
 
+    took = []
     try:
-        took = [run(main(), timeout=20)]
-        t0 = time.monotonic()
-        with Client(listener.getsockname(), timeout=0.5) as c:
-            with pytest.raises(Timeout, match="could not connect"):
-                c.health()
-        took.append(time.monotonic() - t0)
+        for client_timeout, call_timeout in ((0.5, None), (10, 0.5)):
+            took.append(run(main(client_timeout, call_timeout), timeout=20))
+            t0 = time.monotonic()
+            with Client(listener.getsockname(), timeout=client_timeout) as c:
+                with pytest.raises(Timeout, match="could not connect"):
+                    c.call({"op": "health"}, timeout=call_timeout)
+            took.append(time.monotonic() - t0)
     finally:
         filler.close()
         listener.close()
     assert max(took) < 5, took  # the timeout, and the grace for the server's answer
+
+
+def test_an_async_call_waiting_for_its_connection_when_the_client_closes_is_told_so():
+    # close() ends the openings under way (one a timed-out call left behind
+    # outlived its loop): a call still waiting for one gets ConnectionError,
+    # not the opening's CancelledError.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)
+
+    async def main():
+        client = AsyncClient(listener.getsockname(), timeout=10)
+        call = asyncio.ensure_future(client.health())
+        await asyncio.sleep(0.2)
+        assert not call.done()
+        await client.close()
+        with pytest.raises(ConnectionError, match="the client was closed"):
+            await call
+
+    try:
+        run(main(), timeout=20)
+    finally:
+        filler.close()
+        listener.close()
 
 
 def test_both_clients_hear_why_a_server_refused_their_connection():
@@ -1499,6 +1573,26 @@ def test_a_frame_the_server_refuses_fails_the_other_calls_as_lost_not_as_its_own
             assert (await c.health())["status"] == "serving"  # on a new connection
 
     run(main(), timeout=60)
+
+
+@pytest.mark.parametrize("model, version", [("\ud800", None), ("m00", 2 ** 70)],
+                         ids=["lone-surrogate", "version-past-64-bits"])
+def test_what_msgpack_cannot_carry_is_a_bad_request_of_the_sdk(address, model, version):
+    # msgpack's UnicodeEncodeError and OverflowError reached the caller as
+    # they were (an SDK review); the Engine said ModelNotFound.
+    x = x_for(np.random.default_rng(5))
+    with Client(address) as c:
+        with pytest.raises(BadRequest, match="cannot be sent"):
+            c.infer(model, {"x": x}, version=version)
+        np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
+
+    async def main():
+        async with AsyncClient(address) as c:
+            with pytest.raises(BadRequest, match="cannot be sent"):
+                await c.infer(model, {"x": x}, version=version)
+            assert (await c.health())["status"] == "serving"
+
+    run(main())
 
 
 def test_the_sdk_takes_numpy_integers_and_refuses_masked_arrays(address):
