@@ -437,8 +437,10 @@ def parse_pins(text: str) -> tuple[tuple[str, int | None], ...]:
         name, colon, version = item.rpartition(":")
         if not colon or not version.isdigit():  # a colon in a name, and no version
             name, version = item, None
-        elif not (version.isascii() and 0 < int(version) < 1 << 63):
-            raise ConfigError(f"pin_models: {item!r}: a version is a positive integer")
+        elif not (version.isascii() and str(int(version)) == version
+                  and 0 < int(version) < 1 << 63):  # "01" is no version's directory
+            raise ConfigError(f"pin_models: {item!r}: a version is a positive integer, "
+                              f"with no leading zeros")
         pin = (name, None if version is None else int(version))
         if pin in pins:
             raise ConfigError(f"pin_models: {item!r} is named twice")

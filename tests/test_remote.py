@@ -889,7 +889,8 @@ def test_pinned_models_are_names_with_an_optional_version(tmp_path):
     toml.write_text('pin_models = ["a", "b:3"]\n')  # a TOML list is taken too
     assert config_mod.load(toml, env={}).pin_models == "a,b:3"
     for bad, why in (("a:0", "positive integer"), ("a, a", "named twice"),
-                     ("a:99999999999999999999", "positive integer")):
+                     ("a:99999999999999999999", "positive integer"),
+                     ("a:01", "no leading zeros")):  # taken as v1 (an operations review)
         with pytest.raises(config_mod.ConfigError, match=f"^pin_models: .*{why}"):
             config_mod.Config(pin_models=bad)
 

@@ -655,9 +655,10 @@ class _Scrape:
         yield by_state
 
         watermarks = _Family(
-            "mmengine_watermark_ratio", GAUGE, "Where eviction begins: device_budget (a "
-            "worker's bytes of its budget), host_memory (the memory in use: the container's "
-            "where it has a limit), disk (the disk cache's disk in use).", ("resource",))
+            "mmengine_watermark_ratio", GAUGE, "Where eviction begins, the configured "
+            "fraction of: device_budget (each worker's budget, high_watermark), host_memory "
+            "(the memory the server may have: the container's where it has a limit), disk "
+            "(the disk cache's disk).", ("resource",))
         c = self._config
         for resource, ratio in (("device_budget", c.high_watermark),
                                 ("host_memory", c.host_memory_watermark),
