@@ -642,12 +642,15 @@ class Client:
 
     def _borrow(self, wait: float | None) -> "_Connection":
         """A pooled connection the server has not closed meanwhile (it closes
-        idle ones), else a new one, made within the call's `wait`."""
+        idle ones), else a new one, made within the call's `wait` or the
+        client's, the shorter (as AsyncClient's)."""
         while True:
             try:
                 conn = self._pool.pop()
             except IndexError:
-                conn = _Connection(self.address, wait)
+                client = _wait(self.timeout)
+                conn = _Connection(self.address, wait if client is None
+                                   else client if wait is None else min(wait, client))
                 conn.closes = self._closes
                 return conn
             if conn.alive():
@@ -1077,7 +1080,8 @@ class AsyncClient:
         conns, self._conns = self._conns, [None] * self.size
         openings, self._opening = self._opening, {}
         for opening in openings.values():  # one a timed-out call left going on
-            opening.cancel()
+            with contextlib.suppress(RuntimeError):  # its loop closed: it is gone with it
+                opening.cancel()
         for conn in conns:
             if conn is not None:
                 conn.close()

@@ -272,11 +272,7 @@ class Repository:
         manifest may be edited in place: its tokens rotate so, and a spec
         read once is read again once its manifest changes."""
         since, added = next(self._clock), frozenset(self._added)
-        if not self.root.is_dir():
-            # A mount gone for a moment, a swap that is not atomic: not "remove
-            # every model", which would unload them all and drop their pins.
-            raise LoadFailed(f"the repository {str(self.root)!r} is not a directory (any "
-                             f"more): serving the models known until it is back")
+        self._check_root()
         names = self._scan_names()
         versions, read_at = {}, {}
         for name in names:
@@ -290,7 +286,15 @@ class Repository:
         specs = list(self._specs.items())  # one step: another thread may add to it
         edited = {key[0] for key, (spec, seen) in specs
                   if _signature(spec.path / MANIFEST) != seen}
+        self._check_root()  # gone as the models were read: they read as gone too
         return Scan(since, added, names, versions, read_at, edited)
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            # A swap that is not atomic, a mount point gone: not "remove every
+            # model", which would unload them all and drop their pins.
+            raise LoadFailed(f"the repository {str(self.root)!r} is not a directory (any "
+                             f"more): serving the models known until it is back")
 
     def take(self, scan: Scan) -> set[str]:
         """Makes `scan` the repository's view and returns the names whose

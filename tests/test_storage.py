@@ -428,3 +428,26 @@ def test_a_root_gone_is_an_error_of_the_scan_not_an_empty_repository(tmp_path):
     os.rename(tmp_path / "away", root)
     make_version(root, "b", 1, {"model.pt": ""})
     assert repo.rescan() == {"b"} and repo.names() == ("a", "b")
+
+
+def test_a_root_gone_as_a_scan_reads_its_models_is_an_error_of_that_scan(tmp_path,
+                                                                          monkeypatch):
+    # Checked only as the scan began, the models read after it went read as
+    # removed (a review's finding).
+    root = tmp_path / "repo"
+    for name in ("a", "b"):
+        make_version(root, name, 1, {"model.pt": ""})
+    repo = Repository(root)
+    assert repo.versions("a") == (1,) and repo.versions("b") == (1,)
+    scandir = os.scandir
+
+    def going(path):
+        if Path(path) == root / "a":  # the first model read: the root goes after it
+            os.rename(root, tmp_path / "away")
+            return scandir(tmp_path / "away" / "a")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", going)
+    with pytest.raises(LoadFailed, match="is not a directory"):
+        repo.scan()
+    assert repo.versions("b") == (1,)

@@ -751,18 +751,17 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
 
 
-@pytest.mark.parametrize("pad, entries", [([0] * 65_530, 65_536), ([0] * 65_531, 65_537),
-                                          ([{}] * 65_530, 65_536),
-                                          ([{"a": 0}] * 21_844, 65_538)],
-                         ids=["items-at-limit", "items-past", "maps-at-limit", "pairs-past"])
-def test_a_large_frames_entries_are_its_maps_keys_and_values_and_its_arrays_items(
-        address, pad, entries):
-    # As docs/protocol.md counts them: a nested container is one entry of
-    # its parent, not two (it was counted once more for itself, so a frame
-    # of 65,536 empty maps counted twice that), and a map's pair is two.
+@pytest.mark.parametrize("pad, entries", [([0] * 65_528, 65_536), ([0] * 65_529, 65_537),
+                                          ([{"a": 0}] * 16_382, 65_536),
+                                          ([{"a": 0}] * 16_383, 65_540)],
+                         ids=["items-at-limit", "items-past", "maps-at-limit", "maps-past"])
+def test_a_large_frames_entries_are_counted_as_the_protocol_says(address, pad, entries):
+    # docs/protocol.md: each map's keys and values, each array's items, and
+    # each map or array once more for itself (said otherwise before, and
+    # counted otherwise: a map's pair as one entry).
     body = msgpack.packb({"id": 1, "op": "health", "pad": pad})
     assert len(body) >= protocol.BIG
-    assert 6 + len(pad) + sum(2 * len(item) for item in pad if item != 0) == entries
+    assert 8 + len(pad) + sum(1 + 2 * len(item) for item in pad if item != 0) == entries
     with socket.create_connection(address, timeout=10) as s:
         s.sendall(protocol.LENGTH.pack(len(body)) + body)
         response = read_frame(s)
@@ -772,6 +771,25 @@ def test_a_large_frames_entries_are_its_maps_keys_and_values_and_its_arrays_item
         assert response["id"] is None and response["error"]["code"] == ErrorCode.BAD_REQUEST
         assert "more than 65536 entries" in response["error"]["message"]
         assert_closed(s)
+
+
+def test_empty_maps_in_arrays_nested_deep_are_counted_as_they_are_built():
+    # Counted only as their parent's items, they cost nothing until it
+    # ended: 16 nested arrays of 65,535 empty maps each built 1 M maps
+    # before the frame was refused (a 64 MiB frame, 64 M: ~4.8 GB).
+    import tracemalloc
+    body = b"\x81\xa3pad"  # {"pad": [{} * 65535, [{} * 65535, [...]]]}
+    for _ in range(16):
+        body += b"\xdc\xff\xff" + b"\x80" * 65_534  # an array: 65,534 maps, then the next
+    body += b"\x80" * 16
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRequest, match="more than 65536 entries"):
+            protocol.decode(body, protocol.MAX_REQUEST_ENTRIES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak  # 65,536 maps, not a million
 
 
 # -- the command line ----------------------------------------------------------------
@@ -1465,6 +1483,31 @@ def test_an_async_call_waiting_for_its_connection_when_the_client_closes_is_told
     finally:
         filler.close()
         listener.close()
+
+
+def test_an_async_client_closes_after_the_loop_of_a_connection_it_was_opening():
+    # close() cancelled the opening a timed-out call left going, and a task
+    # of a closed loop raised "Event loop is closed" (a review's finding).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)
+    client = AsyncClient(listener.getsockname(), timeout=10)
+
+    async def times_out():
+        with pytest.raises(Timeout, match="could not connect"):
+            await client.call({"op": "health"}, timeout=0.2)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(times_out())  # its opening still under way
+    finally:
+        loop.close()
+        filler.close()
+        listener.close()
+    with warnings.catch_warnings():  # the opening, destroyed pending with its loop
+        warnings.simplefilter("ignore")
+        run(client.close())
 
 
 def test_both_clients_hear_why_a_server_refused_their_connection():
