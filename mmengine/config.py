@@ -287,11 +287,12 @@ def _close_key(key: str) -> str | None:
     """The key that `key` most likely means: the shortest that it begins (a
     flag's name: pin for pin_models, idle_unload for idle_unload_s; worker
     for workers, not worker_backlog_ms), its plural's (pins), the key it
-    ends (token for control_token), or one spelled alike."""
+    ends, or its plural does (token, tokens for control_token), or one
+    spelled alike."""
     stem = key.removesuffix("s")
     for close in ([k for k in _FIELDS if k.startswith(key)],
                   [k for k in _FIELDS if k.startswith(stem + "_")],
-                  [k for k in _FIELDS if k.endswith("_" + key)],
+                  [k for k in _FIELDS if k.endswith(("_" + key, "_" + stem))],
                   difflib.get_close_matches(key, _FIELDS, 1)):
         if close:
             return min(close, key=len)

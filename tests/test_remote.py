@@ -937,7 +937,8 @@ def test_a_misspelled_key_in_a_file_is_refused_with_the_key_it_may_mean(tmp_path
                              ("wrokers = 2\n", "wrokers", "workers"),
                              ("worker = 2\n", "worker", "workers"),
                              ('pins = ["a"]\n', "pins", "pin_models"),
-                             ('token = "t"\n', "token", "control_token")):
+                             ('token = "t"\n', "token", "control_token"),
+                             ('tokens = "t"\n', "tokens", "control_token")):
         toml.write_text(text)
         with pytest.raises(config_mod.ConfigError,
                            match=rf"^{key}: unknown key in .* \(did you mean {meant}\?\)$"):
