@@ -262,6 +262,15 @@ def _wait(timeout: float | None) -> float | None:
     return timeout + ANSWER_GRACE_S
 
 
+def _shorter(a: float | None, b: float | None) -> float | None:
+    """The shorter of two waits (None: for ever)."""
+    return a if b is None else b if a is None else min(a, b)
+
+
+def _not_connected(address: tuple[str, int]) -> Timeout:
+    return Timeout(f"could not connect to {address[0]}:{address[1]} in time")
+
+
 def _timeval(timeout: float | None) -> bytes:
     """A socket option's struct timeval for a wait of `timeout` seconds
     (None: for ever, which the kernel spells 0); at least a microsecond,
@@ -648,9 +657,7 @@ class Client:
             try:
                 conn = self._pool.pop()
             except IndexError:
-                client = _wait(self.timeout)
-                conn = _Connection(self.address, wait if client is None
-                                   else client if wait is None else min(wait, client))
+                conn = _Connection(self.address, _shorter(wait, _wait(self.timeout)))
                 conn.closes = self._closes
                 return conn
             if conn.alive():
@@ -701,8 +708,7 @@ class Client:
         try:
             conn = self._borrow(wait)
         except socket.timeout:
-            host, port = self.address
-            raise Timeout(f"could not connect to {host}:{port} in time") from None
+            raise _not_connected(self.address) from None
         try:
             conn.set_timeout(wait)
             conn.frames.arrays = arrays and _wire is not None
@@ -1070,8 +1076,7 @@ class AsyncClient:
             self._max_frame = None  # a server that restarted may take less, or more
             return conn
         except TimeoutError:
-            raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
-                          f"in time") from None
+            raise _not_connected(self.address) from None
         finally:
             if openings.get(i) is me:  # not a newer one, after a close()
                 del openings[i]
@@ -1129,8 +1134,7 @@ class AsyncClient:
             try:  # within this call's wait: the opening, shared, goes on for the others
                 conn = await asyncio.wait_for(self._slot(slot, self._conns), wait)
             except TimeoutError:
-                raise Timeout(f"could not connect to {self.address[0]}:{self.address[1]} "
-                              f"in time") from None
+                raise _not_connected(self.address) from None
             if conn.lost is not None:  # lost again before this call could use it
                 raise conn.lost
         loop = self._loop

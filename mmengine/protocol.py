@@ -202,8 +202,9 @@ def decode(body, max_entries: int | None = None) -> dict:
         # _TooMany, or one map or array past the limit
         if isinstance(e, _TooMany) or limits and "exceeds max_" in str(e):
             raise BadRequest(f"a frame of {len(body)} bytes holds more than {max_entries} "
-                             f"entries (a map's keys and values, an array's items): a "
-                             f"request holds tens, and tensor data are bins") from None
+                             f"entries (a map's keys and values, an array's items, each "
+                             f"map and array itself): a request holds tens, and tensor data "
+                             f"are bins") from None
         why = str(e) or "not msgpack"  # some of them say nothing more
         raise BadRequest(f"malformed frame: {type(e).__name__}: {why}") from None
     if not isinstance(message, dict):

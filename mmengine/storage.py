@@ -63,6 +63,7 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 
 from mmengine import fetch, protocol, tensorfile
+from mmengine.cache import INT64_MAX
 from mmengine.config import Config
 from mmengine.errors import BadRequest, LoadFailed, MMEngineError, ModelNotFound
 
@@ -173,7 +174,7 @@ def is_version(text: str) -> bool:
             and str(int(text)) == text and 1 <= int(text) <= MAX_VERSION)
 
 
-MAX_VERSION = (1 << 63) - 1
+MAX_VERSION = INT64_MAX  # msgpack's signed ints stop there
 
 
 def parse_version(version: object) -> int:
@@ -815,9 +816,6 @@ def _expect_choice(table: dict[str, Any], key: str, choices, where: str) -> str:
     return value
 
 
-_INT64 = np.iinfo(np.int64)
-
-
 def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(value, list):
         raise LoadFailed(f"{where}: {MANIFEST}: {key!r} must be an array of tables")
@@ -836,7 +834,7 @@ def _parse_tensors(value: Any, key: str, where: str) -> tuple[TensorSpec, ...]:
         # A size is an int64, as numpy's and the protocol's are: one past it
         # made every listing of the repository unsendable.
         if not isinstance(shape, list) or not all(
-                type(d) is int and -1 <= d <= _INT64.max for d in shape):
+                type(d) is int and -1 <= d <= INT64_MAX for d in shape):
             raise LoadFailed(f"{where}: {MANIFEST}: '{at}.shape' must be a list of "
                              f"sizes (-1: any; at most 2^63 - 1), not {shape!r}")
         tensors.append(TensorSpec(name, str(np.dtype(dtype)), tuple(shape)))
