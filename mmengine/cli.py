@@ -304,7 +304,8 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
             log.warning("listening on %s with no control_token: anyone who reaches it may "
                         "load, unload and pin models (mmengine token prints one)", config.host)
         heap.settle(heap.FRONT_END_YOUNG)  # started: what exists now lives as long as it
-        n, workers = len(engine.repo.names()), len(engine.pool.workers)
+        n = await loop.run_in_executor(None, _models_with_a_version, engine.repo)
+        workers = len(engine.pool.workers)
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6, as URLs say
         _say(f"mmengine: serving {n} model{'s' * (n != 1)} from {config.repo} on "
              f"tcp://{host}:{port} with {workers} worker{'s' * (workers != 1)} "
@@ -335,6 +336,17 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         await engine.stop(deadline)
         flushed = max(deadline, time.monotonic() + FLUSH_AFTER_STOP_S)
         await asyncio.gather(*(s.close(flushed) for s in servers))
+
+
+def _models_with_a_version(repo) -> int:
+    """How many of the repository's folders are models (a thread's work):
+    a folder with no version directory serves nothing."""
+    from mmengine.errors import LoadFailed
+
+    try:
+        return sum(1 for found in repo.scan().versions.values() if found)
+    except LoadFailed:  # the root is gone meanwhile: what start() found
+        return len(repo.names())
 
 
 _DEMO_USAGE = """

@@ -153,6 +153,15 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, np.integer) else value
 
 
+def _count(name: str, value: Any, least: int, meaning: str) -> int:
+    """A count the caller gives (a numpy integer is one; True is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} is an int, not {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} is {meaning}, not {value}")
+    return int(value)
+
+
 def _page_message(op: str, after: str | None, limit: int | None) -> dict:
     message: dict[str, Any] = {"op": op}
     if after is not None:
@@ -611,12 +620,8 @@ class Client:
         self.address = parse_address(address)
         self.timeout = _timeout(timeout, None)
         self.token = token
-        if isinstance(pool_size, bool) or not isinstance(pool_size, numbers.Integral):
-            raise TypeError(f"pool_size is an int, not {type(pool_size).__name__}")
-        if pool_size < 0:
-            raise ValueError(f"pool_size is how many idle connections to keep, 0 or more "
-                             f"(0: none, each call connects anew), not {pool_size}")
-        self.pool_size = int(pool_size)
+        self.pool_size = _count("pool_size", pool_size, 0, "how many idle connections to keep, "
+                                "0 or more (0: none, each call connects anew)")
         # Idle connections, most recently used last; deque's append and pop
         # are atomic, so threads share it without a lock.
         self._pool: collections.deque[_Connection] = collections.deque()
@@ -1008,10 +1013,8 @@ class AsyncClient:
         self.address = parse_address(address)
         self.timeout = _timeout(timeout, None)
         self.token = token
-        if not (isinstance(connections, int) and connections >= 1):
-            raise ValueError(f"connections must be an int of 1 or more, not {connections!r}")
-        self.size = connections
-        self._conns: list[_AsyncConnection | None] = [None] * connections
+        self.size = _count("connections", connections, 1, "how many connections to use, 1 or more")
+        self._conns: list[_AsyncConnection | None] = [None] * self.size
         self._opening: dict[int, asyncio.Future] = {}  # slot -> its connection being opened
         self._loop: asyncio.AbstractEventLoop | None = None  # the connections'
         self._ids = itertools.count(1)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import fractions
 import importlib
+import math
 import os
 import re
 import sys
@@ -363,6 +364,9 @@ def _validate(c: Config) -> None:
             shown = "its value" if key in SECRET_KEYS else repr(getattr(c, key))
             raise ConfigError(f"{key}: {shown} {why}")
 
+    for key, field in _FIELDS.items():  # inf, as no deadline, reached timers and joins
+        if field.type == "float":
+            need(math.isfinite(getattr(c, key)), key, "must be a finite number")
     need(c.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     # An empty host is every interface to asyncio, where a variable's empty
     # value is the default's 127.0.0.1: said, never taken by accident.

@@ -483,7 +483,7 @@ class Engine:
         if type(name) is not str:  # None would be queued under None, for good
             raise BadRequest(f"a model name is a string, not {type(name).__name__}")
         if version is not None:
-            _check_version(version)
+            version = _version(version)
         spec = self._specs.get((name, version))
         # Before anything else: a stranger learns nothing more. (Asked only
         # where there are tokens: the message is a repr and a join.)
@@ -691,14 +691,17 @@ class Engine:
             raise RuntimeError("the engine has not started: await engine.start(), or use "
                                "`async with Engine(...)`")
         self._check_loop()
-        if self._closing:
-            raise Overloaded("the engine is shutting down; retry on another instance")
+        self._check_open()
         if timeout is None:
             return time.monotonic() + self.config.request_timeout_s
         if isinstance(timeout, bool) or not (isinstance(timeout, (int, float))
                                              and timeout > 0):  # NaN is no deadline
             raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
         return time.monotonic() + timeout
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Overloaded("the engine is shutting down; retry on another instance")
 
     def _check_loop(self) -> None:
         """Futures, locks and the workers' readers belong to the loop that
@@ -718,7 +721,7 @@ class Engine:
         """The model's spec, read once; a model that cannot be served is a
         failed load (`record`: a listing only looks, and counts nothing)."""
         if version is not None:  # before the look-up: (name, True) finds (name, 1)
-            _check_version(version)
+            version = _version(version)
         spec = self._specs.get((name, version))
         if spec is None:
             bad = self._bad_specs.get((name, version))
@@ -1961,7 +1964,7 @@ class Engine:
         repository no longer lists it: a pin on a removed version was
         released by nothing but a restart."""
         if version is not None:
-            _check_version(version)
+            version = _version(version)
             key = (name, version)
             if self._holds(key):
                 return key
@@ -2094,8 +2097,10 @@ class Engine:
     async def add_model(self, name: str, path: str) -> None:
         """Serves the model in directory `path` as `name` (version 1); it
         loads on its first request. The caller checks that `path` may be
-        served (allowed roots); BadRequest if the name is taken."""
+        served (allowed roots); BadRequest if the name is taken; OVERLOADED
+        once the engine is shutting down, as a request is."""
         self._check_loop()
+        self._check_open()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.repo.add, name, path)
 
@@ -2367,9 +2372,14 @@ def _declared(spec: ModelSpec) -> tuple:
             spec.warmup, spec.options, spec.source, spec.files, spec.compress)
 
 
-def _check_version(version: object) -> None:
+def _version(version: object) -> int:
+    """A request's version as the int the engine keys by: a numpy integer
+    (read from an array) is taken, as the SDK takes it."""
+    if isinstance(version, np.integer):
+        version = int(version)
     if type(version) is not int or version < 1:  # True is 1: refused with the rest
         raise BadRequest(f"version must be a positive integer, not {version!r}")
+    return version
 
 
 def _load_ran(key: Key, worker: int) -> dict:

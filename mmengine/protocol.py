@@ -30,8 +30,8 @@ import msgpack
 import numpy as np
 
 from mmengine import config
-from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, TooLarge, cannot_carry,
-                             error_for)
+from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, Overloaded, TooLarge,
+                             cannot_carry, error_for)
 
 OPS = ("infer", "load", "unload", "pin", "unpin", "list", "stats", "health")
 LENGTH = struct.Struct("<I")
@@ -455,8 +455,12 @@ def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]
 # -- errors ------------------------------------------------------------------
 
 def error_response(rid: Any, e: MMEngineError) -> dict:
-    return {"id": rid, "ok": False,
-            "error": {"code": int(e.code), "name": e.code.name, "message": str(e)}}
+    error = {"code": int(e.code), "name": e.code.name, "message": str(e)}
+    # OVERLOADED's wait, as HTTP's Retry-After: none where waiting alone
+    # does not help (pinned models hold every budget).
+    if isinstance(e, Overloaded) and e.retry_after_s is not None:
+        error["retry_after_s"] = e.retry_after_s
+    return {"id": rid, "ok": False, "error": error}
 
 
 def raise_for(response: dict) -> dict:
@@ -466,7 +470,11 @@ def raise_for(response: dict) -> dict:
     err = response.get("error") or {}
     if type(err) is not dict:  # a peer that is not quite a server of ours
         raise error_for(ErrorCode.INTERNAL, f"an error answer of no code: {err!r}")
-    raise error_for(err.get("code", ErrorCode.INTERNAL), err.get("message", "no message"))
+    e = error_for(err.get("code", ErrorCode.INTERNAL), err.get("message", "no message"))
+    if isinstance(e, Overloaded):  # the server's wait, or none
+        retry = err.get("retry_after_s")
+        e.retry_after_s = retry if type(retry) is int and retry >= 0 else None
+    raise e
 
 
 # -- the hot frames in C -------------------------------------------------------

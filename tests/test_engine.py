@@ -1510,9 +1510,15 @@ def test_a_version_asked_for_by_number_is_found_before_the_next_scan(tmp_path, o
             await engine.metadata("m", 1)
             for call in (engine.load, engine.pin, engine.unload, engine.unpin,
                          engine.metadata):
-                for version in (0, "1", True, 1.0):
+                for version in (0, "1", True, 1.0, np.int64(0)):
                     with pytest.raises(BadRequest, match="positive integer"):
                         await call("m", version)
+            # A numpy integer (read from an array) is its number, as the SDK takes it.
+            np.testing.assert_array_equal((await engine.infer("m", {"x": x}, np.int64(2)))["y"], v2)
+            await engine.pin("m", np.uint8(2))
+            assert engine.model_row(("m", 2))["pinned"]
+            await engine.unpin("m", np.int32(2))
+            assert not engine.model_row(("m", 2))["pinned"]
             return v2, default
 
     v2, default = run(main())
@@ -1877,6 +1883,9 @@ def test_an_engine_starts_once_and_only_with_a_repository(tmp_path, own_segments
             await engine.start()
         with pytest.raises(Overloaded, match="shutting down"):  # it returned nothing before
             await engine.unpin("m")
+        with pytest.raises(Overloaded, match="shutting down"):  # it added one before
+            await engine.add_model("late", str(tmp_path / "m" / "1"))
+        assert not engine.repo.added("late")
         return pids
 
     pids = run(main())

@@ -185,6 +185,8 @@ def test_a_tcp_burst_is_refused_at_once_and_memory_stays_bounded(server):
         assert protocol.decode_tensors(a["outputs"])["y"][0] == 2 * SLOW_S
     assert all(a["error"]["code"] == ErrorCode.OVERLOADED for _, a in refused), \
         {a["error"]["name"] for _, a in refused}
+    # When to try again, as HTTP's Retry-After says it.
+    assert all(a["error"]["retry_after_s"] == 1 for _, a in refused), refused[:3]
     # The queue took what it holds (plus what finished while the burst was
     # still being sent); everything else was refused.
     assert MAX_QUEUE <= len(ok) <= MAX_QUEUE + 2, len(ok)

@@ -745,6 +745,9 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     # machine's raised OverflowError, or killed the worker, with a traceback.
     ("host", ""), ("host", " "), ("workers", 10 ** 20), ("threads_per_worker", 3_000_000_000),
     ("load_threads", 10 ** 6), ("device_budget", "10000000TiB"), ("ring_bytes", 1 << 63),
+    # No time is infinite (a shutdown that never ends is not one), nor NaN.
+    ("shutdown_timeout_s", float("inf")), ("request_timeout_s", "inf"),
+    ("idle_unload_s", float("inf")), ("monitor_interval_s", float("nan")),
 ])
 def test_config_keys_are_validated(key, value):
     with pytest.raises(config_mod.ConfigError, match=key):

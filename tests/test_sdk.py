@@ -379,6 +379,10 @@ def test_an_address_tuple_is_read_as_a_str_and_an_int():
 def test_a_pool_size_that_is_no_count_of_connections_is_refused(bad, error):
     with pytest.raises(error, match="pool_size"):
         Client("h:1", pool_size=bad)
+    # AsyncClient's count of connections alike (True was taken as 1).
+    with pytest.raises(error, match="connections"):
+        AsyncClient("h:1", connections=bad + 1 if bad == -1 else bad)
+    assert AsyncClient("h:1", connections=np.int64(2)).size == 2
 
 
 def test_a_pool_size_of_0_keeps_no_idle_connection(address):

@@ -1079,6 +1079,16 @@ def test_serve_demo_serves_and_shuts_down_cleanly(request, tmp_path):
     assert not [s for s in shm.list_segments() if s.startswith(prefix)]
 
 
+def test_the_start_line_counts_models_not_folders(request, tmp_path):
+    # A folder with no version directory serves nothing: it was counted.
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=0)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unversioned" / "notes").mkdir(parents=True)
+    server, _ = start(request, "--repo", str(tmp_path), "--workers", "1")
+    line = next(line for line in server.output if "on tcp://" in line)
+    assert f"serving 1 model from {tmp_path} on" in line, line
+
+
 @pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["TERM", "INT-to-group"])
 def test_a_demo_interrupted_while_it_generates_leaves_nothing(tmp_path, sig, group):
@@ -1537,6 +1547,28 @@ def test_both_clients_hear_why_a_server_refused_their_connection():
             server.close()
 
     run(main(), timeout=30)
+
+
+def test_an_overloaded_answer_says_when_to_retry():
+    # Over TCP OVERLOADED said nothing of when to retry, where HTTP says
+    # Retry-After (none where only an unpin makes room: PinnedFull). The
+    # answers as they cross the wire, read as both clients read them.
+    from mmengine.errors import PinnedFull
+    backed_off = Overloaded("out of memory while loading; next try in 3 s")
+    backed_off.retry_after_s = 3
+    for refusal, want in ((Overloaded("busy"), 1), (PinnedFull("pinned: unpin one"), None),
+                          (backed_off, 3)):
+        frame = b"".join(protocol.frames(protocol.error_response(1, refusal)))
+        answer = protocol.decode(frame[4:])
+        assert answer["error"].get("retry_after_s") == want, answer
+        with pytest.raises(Overloaded) as raised:
+            protocol.raise_for(answer)
+        assert raised.value.retry_after_s == want
+    # A peer's value that is no count of seconds is no advice.
+    with pytest.raises(Overloaded) as raised:
+        protocol.raise_for({"id": 1, "ok": False, "error": {"code": 4, "message": "x",
+                                                            "retry_after_s": "soon"}})
+    assert raised.value.retry_after_s is None
 
 
 def test_a_message_sent_twice_is_two_requests_and_stays_the_callers(address):
