@@ -51,6 +51,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -67,7 +68,10 @@ import psutil
 from mmengine import fetch
 from mmengine.config import Config, ConfigError
 from mmengine.errors import LoadFailed
-from mmengine.storage import MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, tree_bytes
+from mmengine.storage import (MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, tree_bytes,
+                              zstd_reader)
+
+log = logging.getLogger("mmengine")
 
 PARTIAL = ".partial"
 Key = tuple[str, int]
@@ -93,6 +97,10 @@ class _Entry:
     users: int = 0  # loads that were handed its path and have not released it
     fd: int | None = None  # its folder's, flock'ed shared while it has users
     unmovable: bool = False  # its removal failed (not ours to move): never a victim
+    # Its files checked against their digests by this cache: fetched here,
+    # or found (at start, another server's) and read whole before its first
+    # load. A copy found is trusted no further than its bytes.
+    verified: bool = False
 
 
 class _Flight:
@@ -123,6 +131,7 @@ class DiskCache:
         self._closed = False
         _CACHES.add(self)
         self.hits = self.fetches = self.evictions = self.failures = 0
+        self.damaged = 0  # copies found on disk whose files did not match their digests
         try:
             self._scan()
         except OSError as e:  # there, and unreadable: the operator's to mend
@@ -139,7 +148,7 @@ class DiskCache:
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             entry = self._current(spec, key, fp)
-            if entry is None:
+            if entry is None or not entry.verified:  # checked by ensure, in a thread
                 return None
             if not self._hold(entry):  # removed by another server sharing cache_dir
                 if self._entries.get(key) is entry:
@@ -231,8 +240,8 @@ class DiskCache:
                                      f"fetched; retry")
                 self.hits += 1
             return flight.path
-        try:
-            flight.path = self._fetch(spec, key, fp, where)  # held for this caller
+        try:  # held for this caller
+            flight.path = self._checked(spec, key, fp, where) or self._fetch(spec, key, fp, where)
             return flight.path
         except LoadFailed as e:
             flight.error = e
@@ -283,9 +292,41 @@ class DiskCache:
             self._prune()
             return {"bytes": self._bytes(), "models": len(self._entries), "hits": self.hits,
                     "fetches": self.fetches, "evictions": self.evictions,
-                    "failures": self.failures}
+                    "failures": self.failures, "damaged": self.damaged}
 
     # -- fetching --------------------------------------------------------------------
+
+    def _checked(self, spec: ModelSpec, key: Key, fp: str, where: str,
+                 held: _Entry | None = None) -> Path | None:
+        """The copy of `spec` found on disk (at start, or another server's),
+        held for the caller once its files match their digests; None where
+        there is none to check (`held`: the copy, held already). A damaged
+        copy is evicted, to be fetched anew; LoadFailed if it cannot go
+        (another server reads it)."""
+        entry = held
+        if entry is None:
+            with self._lock:
+                entry = self._current(spec, key, fp)
+                if entry is None or entry.verified or not self._hold(entry):
+                    return None
+        damaged = None if entry.verified else _damaged(entry.path, spec)
+        if damaged is None:
+            with self._lock:
+                entry.verified = True
+                self.hits += 1
+            return entry.path
+        self.release(entry.path)
+        with self._lock:
+            self.damaged += 1
+            if self._entries.get(key) is entry:
+                self._evict(key)
+            gone = self._entries.get(key) is not entry
+        self._empty_trash()
+        if not gone:
+            raise LoadFailed(f"{where}: its disk cache copy is damaged ({damaged}) and another "
+                             f"server reads it; retry once that is done")
+        log.warning("%s: its disk cache copy was damaged (%s): fetched anew", where, damaged)
+        return None
 
     def _fetch(self, spec: ModelSpec, key: Key, fp: str, where: str) -> Path:
         # The files take what the source says they take (a stat or a HEAD
@@ -304,30 +345,38 @@ class DiskCache:
         # The copy's manifest is written beside the files: its bytes count too.
         own = manifest(dataclasses.replace(spec, estimated_bytes=estimate)).encode()
         need = (spec.estimated_bytes if limit is None else limit) + len(own)
+        unchecked = None
         try:
             with self._lock:
                 # Made meanwhile (by another server sharing cache_dir) and
-                # found by another load here: this one reads it as well.
+                # found by another load here: this one reads it as well,
+                # checked first where this cache has not read it whole.
                 found = self._current(spec, key, fp)
                 if found is not None and self._hold(found):
-                    self.hits += 1
-                    return found.path
-                partial = self._partial(where)
-                stale = self._entries.get(key)
-                if stale is not None and stale is found:  # it could not be held: going
-                    del self._entries[key]
-                elif stale is not None:  # the stub changed
-                    self._evict(key)
-                    # Read by another server's load: its to remove, not this one's.
-                    self._entries.pop(key, None)
-                room = self._make_room(need, where)
-                # One of no known size may take all the room there is: it
-                # holds all of it, or two beside each other would overfill.
-                if limit is None:
-                    need = room
-                self._reserved += need
+                    if found.verified:
+                        self.hits += 1
+                        return found.path
+                    unchecked = found
+                else:
+                    partial = self._partial(where)
+                    stale = self._entries.get(key)
+                    if stale is not None and stale is found:  # it could not be held: going
+                        del self._entries[key]
+                    elif stale is not None:  # the stub changed
+                        self._evict(key)
+                        # Read by another server's load: its to remove, not this one's.
+                        self._entries.pop(key, None)
+                    room = self._make_room(need, where)
+                    # One of no known size may take all the room there is: it
+                    # holds all of it, or two beside each other would overfill.
+                    if limit is None:
+                        need = room
+                    self._reserved += need
         finally:
             self._empty_trash()
+        if unchecked is not None:  # damaged, it is gone: fetched after all
+            return self._checked(spec, key, fp, where, held=unchecked) \
+                or self._fetch(spec, key, fp, where)
         final = _copy_path(self.root, key, fp)
         tmp = None
         try:
@@ -338,7 +387,8 @@ class DiskCache:
                 self._download(spec, tmp, room if limit is None else limit, where)
                 _write_synced(tmp / MANIFEST, own)
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
-                entry = _Entry(final, fp, tree_bytes(tmp), estimate, _ident(os.stat(tmp)))
+                entry = _Entry(final, fp, tree_bytes(tmp), estimate, _ident(os.stat(tmp)),
+                               verified=True)  # as it streamed in
                 with self._lock:
                     placed = self._place(tmp, key, entry)
             except BaseException:
@@ -812,6 +862,28 @@ def _made_for(path: Path) -> int | None:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     return made_for if type(made_for) is int else None
+
+
+def _damaged(path: Path, spec: ModelSpec) -> str | None:
+    """What of the copy at `path` is not what `spec`'s digests say (the
+    compressed artifact read as its source sent it); None if all is."""
+    for file, digest in spec.files:
+        if not digest:  # not checked as it was fetched either
+            continue
+        compressed = spec.compress == "zstd" and file == spec.artifact
+        name = file + ZSTD_SUFFIX if compressed else file
+        sha = hashlib.sha256()
+        try:
+            with open(path / name, "rb") as raw:
+                reader = zstd_reader(raw)[0] if compressed else raw
+                with reader:
+                    while chunk := reader.read(1 << 20):
+                        sha.update(chunk)
+        except Exception as e:  # noqa: BLE001 - unreadable, or no zstd frame: damaged
+            return f"{name}: {type(e).__name__}: {e}"
+        if sha.hexdigest() != digest:
+            return f"{name}: sha256 {sha.hexdigest()}, where its manifest says {digest}"
+    return None
 
 
 def _made_from(entry: _Entry, spec: ModelSpec, fp: str) -> bool:

@@ -760,7 +760,11 @@ class Engine:
                 except MMEngineError:  # its directory cannot be read: no version is known
                     latest = 1
                 bad = (name, version or latest)
-                self._bad_specs[(name, version)] = (bad, getattr(e, "token_digests", ()))
+                # Under each way to ask for it: a request for it by number
+                # after one for the default read it again.
+                asked_as = {(name, version), bad} | ({(name, None)} if bad[1] == latest else set())
+                for asked in asked_as:
+                    self._bad_specs[asked] = (bad, getattr(e, "token_digests", ()))
                 self._load_failed(bad, e)
                 raise
             self._bad_specs.pop((name, version), None)
@@ -1151,6 +1155,9 @@ class Engine:
         try:
             path = self.disk.cached(spec)  # a hit waits behind no download
             if path is None:
+                # Its room is made of the least recently used copies: the
+                # models used since the monitor's last look are not those.
+                self._touch_disk_copies()
                 fetched = loop.run_in_executor(self._fetchers, self.disk.ensure, spec)
                 self._fetching.add(key)
                 try:
@@ -1670,7 +1677,7 @@ class Engine:
         scan = await asyncio.get_running_loop().run_in_executor(None, self.repo.scan)
         changed = self.repo.take(scan)  # with what follows, in one step of the loop
         if changed:
-            self._names_changed(changed)
+            self._names_changed(changed, keep_backed_off=True)
         for key in [k for k in self._pinned if not self.repo.listed(*k)]:
             self._drop_pin(key)  # resident or not: nothing can load it again
         # A load that began before an edit may have read the old manifest.
@@ -1727,13 +1734,29 @@ class Engine:
                 # its copy serves nothing again.
                 self._evict(key, self._stale.pop(key), drop_host=True)
 
-    def _names_changed(self, names: set[str]) -> None:
+    def _names_changed(self, names: set[str], keep_backed_off: bool = False) -> None:
         """What was read of these names is read anew at the next look, and
-        a request that read it before loads nothing from it (_acquire)."""
+        a request that read it before loads nothing from it (_acquire).
+        `keep_backed_off` (a scan's news): a version read as unservable
+        stays so for the rest of its back-off where the scan still lists it
+        as the one asked for (a model's first scan read it again, and
+        counted a second failure, within the first's back-off)."""
         self._name_changes.update(names)
         self._specs = {k: v for k, v in self._specs.items() if k[0] not in names}
-        self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] not in names}
+        self._bad_specs = {k: v for k, v in self._bad_specs.items() if k[0] not in names
+                           or keep_backed_off and self._still_backed_off(k, v[0])}
         self._resolving = {k: v for k, v in self._resolving.items() if k[0] not in names}
+
+    def _still_backed_off(self, asked: tuple[str, int | None], bad: Key) -> bool:
+        """Whether `bad`, read as unservable for a request of `asked`, is in
+        its back-off still and is what `asked` names now (no disk access)."""
+        stats = self._stats.get(bad)
+        if stats is None or stats.retry_at <= time.monotonic() or not self.repo.listed(*bad):
+            return False
+        try:
+            return asked[1] is not None or self.repo.versions(bad[0])[-1] == bad[1]
+        except MMEngineError:  # no version of it now
+            return False
 
     def _forget_stats(self, key: Key) -> None:
         stats = self._stats.pop(key)

@@ -271,7 +271,7 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
     `digest`: the hex sha256 the bytes must have ("": not checked).
     `limit`: the most bytes the file may hold. With `compress`, `dest` is
     written as one zstd frame (level 3) that records the content size,
-    which a reader needs before it reads (storage._zstd_reader): from a
+    which a reader needs before it reads (storage.zstd_reader): from a
     source that does not say its size, the file lands whole first and is
     compressed from there. LoadFailed for every failure; `dest` then does
     not exist and no temporary file is left."""

@@ -658,11 +658,11 @@ def open_artifact(path: Path) -> tuple[BinaryIO, int]:
             raw = open(path.with_name(path.name + ZSTD_SUFFIX), "rb", buffering=0)
         except FileNotFoundError:
             raise missing from None
-        return _zstd_reader(raw)
+        return zstd_reader(raw)
     return f, os.fstat(f.fileno()).st_size
 
 
-def _zstd_reader(raw: BinaryIO) -> tuple[BinaryIO, int]:
+def zstd_reader(raw: BinaryIO) -> tuple[BinaryIO, int]:
     import zstandard  # only workers that load a compressed model need it
     try:
         try:

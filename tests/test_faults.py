@@ -170,6 +170,40 @@ def test_failed_loads_say_why_back_off_and_harm_no_other_model(repo, own_segment
     assert stats["workers"][0]["alive"]
 
 
+def test_a_model_first_read_unservable_stays_backed_off_when_a_scan_finds_it(tmp_path,
+                                                                             own_segments):
+    # Its manifest read by a request before the repository's scan listed its
+    # name: the scan's news of the name (new) had its files read again at
+    # the next request, in the back-off, and a second failure counted.
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+
+    async def main():
+        async with Engine(config(tmp_path, repo_scan_s=0.1, load_failure_backoff_s=30.0)
+                          ) as engine:
+            await engine.models()  # the names as they are: "h" is new to the next scan
+            (tmp_path / "h" / "1").mkdir(parents=True)
+            (tmp_path / "h" / "1" / "model.toml").write_text("this is [not toml\n")
+            for asked in (None, 1):
+                with pytest.raises(LoadFailed, match="model.toml"):
+                    await engine.infer("h", {"x": X}, asked)
+            await until(lambda: engine.repo.lists("h"), 5, "the scan")
+            await asyncio.sleep(0.3)  # scans past the one that found it
+            for asked in (None, 1):
+                with pytest.raises(LoadFailed, match=r"failed 1 time in a row"):
+                    await engine.infer("h", {"x": X}, asked)
+            failures = engine.model_row(("h", 1))["failures"]
+            # A new version is no longer the one the default names: read at once.
+            demo.write_mlp(tmp_path / "h", "safetensors", *DIMS, seed=5, version=2)
+            await until(lambda: engine.repo.listed("h", 2), 5, "the scan")
+            await asyncio.sleep(0.3)
+            out = await engine.infer("h", {"x": X})
+            return failures, out["y"]
+
+    failures, y = run(main(), timeout=60)
+    assert failures == 1
+    np.testing.assert_allclose(y, demo.reference(X, *DIMS, seed=5), rtol=1e-5, atol=1e-5)
+
+
 def test_a_load_out_of_memory_is_overloaded_for_its_back_off(repo, own_segments):
     # Out of memory is the machine's state, not the model's fault: OVERLOADED
     # (SageMaker's 507). It is backed off as any failed load (tried at every

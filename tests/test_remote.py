@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import os
+import shutil
 import socket
 import threading
 import time
@@ -190,7 +191,7 @@ def test_fetch_verify_and_load(tmp_path, server):
     assert sum(n for (method, _), n in server.requests.items() if method == "GET") == gets
     stats = disk.stats()
     assert stats == {"bytes": sum(p.stat().st_size for p in path.iterdir()), "models": 1,
-                     "hits": 1, "fetches": 1, "evictions": 0, "failures": 0}
+                     "hits": 1, "fetches": 1, "evictions": 0, "failures": 0, "damaged": 0}
 
 
 def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
@@ -630,7 +631,7 @@ def test_copies_fingerprinted_with_their_sources_sizes_still_serve(tmp_path, ser
     server.shutdown()
     server.server_close()  # the source is gone
     again = DiskCache(config)
-    assert again.cached(spec) == old and again.estimate("mlp", 1) == size
+    assert again.ensure(spec) == old and again.estimate("mlp", 1) == size  # checked, not fetched
 
 
 def test_restart_keeps_entries_and_their_order(tmp_path, server):
@@ -649,6 +650,52 @@ def test_restart_keeps_entries_and_their_order(tmp_path, server):
     assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
     again.ensure(specs["c"])
     assert not paths["b"].exists() and paths["a"].is_dir()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_a_copy_found_on_disk_is_checked_against_its_digests_before_it_serves(
+        tmp_path, server, compress):
+    # A copy found at start was trusted whole: bytes damaged past its
+    # header served NaNs, and a model.py edited there ran, though the stub
+    # names the digest of each.
+    model_dir = publish(server, "mlp")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+               top='compress = "zstd"' if compress else "")
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    gets = lambda: sum(n for (m, _), n in server.requests.items() if m == "GET")  # noqa: E731
+    disk = DiskCache(config)
+    path = disk.ensure(spec)  # fetched: checked as it came
+    assert gets() == 2
+    disk.release(path)
+    disk.close()
+
+    again = DiskCache(config)  # a restart: the copy is found, unchecked
+    assert again.cached(spec) is None  # not on the loop: ensure reads it, in a thread
+    assert again.ensure(spec) == path and gets() == 2  # whole: served, not fetched again
+    again.release(path)
+    assert again.cached(spec) == path  # checked once, a hit from then on
+    again.release(path)
+    again.close()
+
+    artifact = path / (spec.artifact + (".zst" if compress else ""))
+    data = bytearray(artifact.read_bytes())
+    data[-64:] = bytes(64) if compress else b"\xff" * 64  # the header intact
+    artifact.write_bytes(bytes(data))
+    (path / "model.py").write_text((model_dir / "model.py").read_text() + "\nBAD = 1\n")
+    third = DiskCache(config)
+    fresh = third.ensure(spec)
+    assert gets() == 4  # fetched anew, both files
+    assert third.stats()["damaged"] == 1 and third.stats()["models"] == 1
+    assert (fresh / "model.py").read_bytes() == (model_dir / "model.py").read_bytes()
+    model = load_model(read_spec("mlp", 1, fresh))
+    try:
+        np.testing.assert_allclose(model.predict({"x": x()})["y"], demo.reference(x(), 4, 8, 2, 0),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        model.close()
+        third.release(fresh)
+        third.close()
 
 
 def test_interrupted_download_leftovers_are_removed_at_start(tmp_path, server):
@@ -1155,6 +1202,19 @@ def test_the_disk_cache_keeps_the_copies_of_the_models_in_use(tmp_path, server, 
 
     assert run(main(), timeout=60) == (True, False)
 
+    # With no turn of the monitor between the use and the download (a
+    # review's finding: the copy used a moment ago went first).
+    shutil.rmtree(tmp_path / "cache")
+    config = dataclasses.replace(config, monitor_interval_s=60.0)
+
+    async def at_once():
+        async with Engine(config) as engine:
+            for name in ("a", "b", "a", "c"):
+                await engine.infer(name, {"x": x(features=4)})
+            return engine.disk.has("a", 1), engine.disk.has("b", 1)
+
+    assert run(at_once(), timeout=60) == (True, False)
+
 
 def test_the_room_under_the_watermark_is_never_more_than_is_free(tmp_path):
     # Measured against the disk's capacity alone, the room counted blocks
@@ -1184,8 +1244,10 @@ def test_servers_sharing_a_cache_dir_keep_each_others_copies(tmp_path, server):
     server.delay = 0.0
     gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
 
-    # The second takes the copy the first fetched as it finds it.
-    assert second.cached(specs["a"]) == path
+    # The second takes the copy the first fetched as it finds it (read
+    # whole first, not on the event loop: cached() leaves it to ensure()).
+    assert second.cached(specs["a"]) is None
+    assert second.ensure(specs["a"]) == path
     assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
     second.release(path)
     # A copy the first server's load reads stays; once let go, it may go.
@@ -1225,10 +1287,11 @@ def test_a_copy_adopted_while_its_fetch_is_under_way_is_read_and_let_go_once(tmp
     theirs = second.ensure(specs["a"])
     second.release(theirs)
     gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
-    assert first.cached(specs["a"]) == theirs  # another load here finds it
+    assert first.cached(specs["a"]) is None  # unchecked: not handed out on the loop
     go.set()
-    assert fetching.result(timeout=10) == theirs
+    assert fetching.result(timeout=10) == theirs  # found by the fetch, checked, read
     assert sum(n for (m, _), n in server.requests.items() if m == "GET") == gets
+    assert first.cached(specs["a"]) == theirs  # checked once: a hit from then on
     first.release(theirs)
     first.release(theirs)
     assert second.evict("a", 1) > 0 and not theirs.exists()
@@ -1329,7 +1392,7 @@ def test_room_held_by_another_servers_loads_is_waited_for(tmp_path, server):
     first, second = DiskCache(config), DiskCache(config)
     for n in "ab":
         first.release(first.ensure(specs[n]))
-    held = [second.cached(specs[n]) for n in "ab"]
+    held = [second.ensure(specs[n]) for n in "ab"]
     threading.Timer(0.5, lambda: [second.release(p) for p in held]).start()
     t0 = time.monotonic()
     first.ensure(specs["c"])
