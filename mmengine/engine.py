@@ -42,6 +42,7 @@ from mmengine import auth
 from mmengine import cache as books
 from mmengine import errors, fetch, hosttier, resources, shm, storage
 from mmengine.config import Config, ConfigError, check_paths, parse_pins
+from mmengine.declared import check_inputs
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
                              PinnedFull, Timeout, TooLarge, WorkerDied)
@@ -646,6 +647,9 @@ class Engine:
                 raise Timeout(f"{name}: its manifest was not read within the request's "
                               f"deadline") from None
             auth.check(spec.token_digests, token, f"model {spec.name!r}")
+            # Before a load: a request its model would refuse loads nothing
+            # for it (and evicts nothing).
+            check_inputs(spec.inputs, arrays)
             return spec
 
         try:
@@ -1273,7 +1277,7 @@ class Engine:
         return busy, answer
 
     def _load_failed(self, key: Key, e: BaseException, worker: int | None = None,
-                     t0: float | None = None) -> None:
+                     t0: float | None = None, at_least: float = 0.0) -> None:
         """Counts a failed load, tells observers (one that began at `t0`,
         time.monotonic(), on `worker`; else one that failed as it was asked
         for: a spec that cannot be read, a model that crashes its worker),
@@ -1282,7 +1286,8 @@ class Engine:
         again and again. The back-off doubles with each failure in a row. A
         worker that died during a load may have died of something else:
         that backs off only if the model's previous load failed too (a model
-        that kills its worker twice is the cause)."""
+        that kills its worker twice is the cause). `at_least`: the least
+        back-off, in seconds (a crash's, which doubles by its own count)."""
         now = time.monotonic_ns()
         self._emit("load", {"model": key[0], "version": key[1], "worker": worker,
                             "start_ns": now if t0 is None else int(t0 * 1e9), "end_ns": now,
@@ -1300,8 +1305,8 @@ class Engine:
         # does not double the next.
         stats.backoffs_in_a_row += 1
         doublings = min(stats.backoffs_in_a_row - 1, 30)
-        delay = min(self.config.load_failure_backoff_s * 2 ** doublings,
-                    self.config.load_failure_backoff_max_s)
+        delay = max(min(self.config.load_failure_backoff_s * 2 ** doublings,
+                        self.config.load_failure_backoff_max_s), at_least)
         stats.retry_at = time.monotonic() + delay
         # One line a failure: the back-off bounds how often a model can fail
         # (and how often one that runs out of memory makes room for nothing).
@@ -1626,18 +1631,20 @@ class Engine:
         """A model's code that never returns holds its worker, and every
         request behind it times out, for good: a worker whose running
         inference is unanswered stuck_inference_s past its request's
-        deadline is killed, and comes back as a dead worker does."""
+        deadline (one with none: the earliest of those it holds up) is
+        killed, and comes back as a dead worker does."""
         now = time.monotonic()
         for w in self.pool.workers:
             running = w.running() if w.alive and w.stopped_why is None else None
             if running is None or now < running[0] + self.config.stuck_inference_s:
                 continue  # (a worker killed a turn ago is not killed, nor said, again)
-            (name, version), late, begun = running[1], now - running[0], running[2]
+            (name, version), late, begun, held_up = running[1], now - running[0], *running[2:]
+            past = ("the deadline of a request it held up" if held_up
+                    else "its request's deadline" if begun else "its deadline")
             # One that never began it hangs outside any model's code (a
             # SIGSTOP, say): restarted all the same, blaming no model.
-            what = (f"{name} v{version} ran {late:.0f} s past its request's deadline"
-                    if begun else f"it has not begun a request of {name} v{version} "
-                    f"{late:.0f} s past its deadline")
+            what = (f"{name} v{version} ran {late:.0f} s past {past}" if begun
+                    else f"it has not begun a request of {name} v{version} {late:.0f} s past {past}")
             w.stopped_why = (f"worker {w.index} was restarted: {what} "
                              f"(stuck_inference_s={self.config.stuck_inference_s:g})")
             log.error("%s", w.stopped_why)
@@ -1826,14 +1833,13 @@ class Engine:
                    "worker was restarted" if worker.stuck else
                    f"its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
                    f"({worker.exit_status()})")
-            self._load_failed(key, LoadFailed(f"{key[0]}: {why}"), worker.index)
             # Its loads succeed, and a successful load ends a run of failed
             # ones: the back-off doubles with each crash's in a row instead.
             quiet = now - stats.crash_backoff_until > CRASH_QUIET_S
             stats.crash_backoffs = 1 if quiet else stats.crash_backoffs + 1
-            delay = self.config.load_failure_backoff_s * 2 ** min(stats.crash_backoffs - 1, 30)
-            stats.retry_at = max(stats.retry_at,
-                                 now + min(delay, self.config.load_failure_backoff_max_s))
+            delay = min(self.config.load_failure_backoff_s * 2 ** min(stats.crash_backoffs - 1, 30),
+                        self.config.load_failure_backoff_max_s)
+            self._load_failed(key, LoadFailed(f"{key[0]}: {why}"), worker.index, at_least=delay)
             stats.crash_backoff_until = stats.retry_at
 
     async def _revive(self, index: int) -> None:

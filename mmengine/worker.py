@@ -30,6 +30,7 @@ import numpy as np
 from mmengine import batching, heap, logs, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
+from mmengine.declared import check_inputs
 from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
                              RecordTooLarge, RingClosed, TooLarge, cannot_carry)
 from mmengine.messages import Op
@@ -605,8 +606,6 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
     """_serve_batch's calls of `queued`, the first taken as woken at
     `woke`: in the order of their first requests, as the front-end reads
     what a worker runs (Worker.running)."""
-    from mmengine.backends.base import check_inputs  # torch: workers' alone
-
     head = queued[0]
     key = (head[2], head[3])
     model = logic.models.get(key)
@@ -677,6 +676,25 @@ def _still_wanted(key: Key, members: list, inputs: list, logic: WorkerLogic,
     return kept_members, kept_inputs
 
 
+_forked = False  # this process is a child that a model's call forked
+
+
+def _note_forked() -> None:
+    global _forked
+    _forked = True
+
+
+def _leave_forked() -> None:
+    """A model's call that forked returns twice: the child's return (or its
+    exit(), which the call answers as an error) ends the child. Else it went
+    on as a second worker on this one's rings, and the first waited for it."""
+    error = sys.exc_info()[1]
+    cause = getattr(error, "__cause__", None)
+    if not isinstance(cause, SystemExit):
+        os._exit(0 if error is None else 1)
+    os._exit(0 if cause.code is None else cause.code if type(cause.code) is int else 1)
+
+
 def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
           clock: _ThreadClock | None, name: str, version: int, inputs: dict,
           batch: int = 0) -> tuple:
@@ -692,6 +710,8 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
         try:
             outputs = logic.infer(name, version, inputs)
         finally:
+            if _forked:
+                _leave_forked()
             abandoned.serving = 0
             # Read before t_done: a preemption due during the call lands
             # at the first system call after it, which must count in it.
@@ -788,6 +808,7 @@ def main(config: Config, device: str, index: int, req_handle: tuple, ctl_handle:
     # ignores them from its first line, workers.WORKER_ENTRY: again here.)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=_note_forked)
     for stream in ("stdout", "stderr"):
         if getattr(sys, stream).isatty():
             setattr(sys, stream, _Terminal(getattr(sys, stream)))

@@ -337,19 +337,24 @@ class Worker:
         in the ring (Config.worker_backlog_ms)."""
         return len(self._held_ids)
 
-    def running(self) -> tuple[float, tuple[str, int], bool] | None:
+    def running(self) -> tuple[float, tuple[str, int], bool, bool] | None:
         """The deadline and (model, version) of the oldest inference sent
         to it (it runs them in the order sent; one may wait its turn in the
-        front-end still), and whether it is running it (one not begun waits
-        for the worker)."""
+        front-end still), whether it is running it (one not begun waits
+        for the worker), and whether the deadline is another request's: one
+        that asked for none (timeout=inf) is judged by the earliest deadline
+        of the requests it holds up, or a hang held the worker for good."""
         for rid in self._sent_ns:
             *_, deadline, _, _, served = self._pending[rid]
             # A batching model's worker may run a later one first (a call
             # of others it joined): what it runs is what would hang.
             running = self._pending.get(self.abandoned.serving)
-            if running is not None:
-                return running[3], running[6], True
-            return deadline, served, False
+            begun = running is not None
+            if begun:
+                deadline, served = running[3], running[6]
+            if deadline != math.inf:
+                return deadline, served, begun, False
+            return min(p[3] for p in self._pending.values()), served, begun, True
         return None
 
     def busiest(self) -> tuple[tuple[str, int], int] | None:

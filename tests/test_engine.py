@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -243,6 +244,15 @@ def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments
     async def main():
         async with Engine(config(root)) as engine:
             x = x_for(np.random.default_rng(5))
+            # What its manifest declares is checked before a load: a request
+            # the model would refuse loaded it (and could evict another).
+            for bad, words in (({"x": x.astype(np.float64)}, "must be float32, not float64"),
+                               ({"x": x[:, :3]}, "must have shape"),
+                               ({"z": x}, "missing ['x'], unexpected ['z']")):
+                with pytest.raises(BadRequest, match=re.escape(words)):
+                    await engine.infer("m01", bad)
+            assert engine.model_row(("m01", 1))["loads"] == 0
+            assert engine.model_row(("m01", 1))["state"] == "on storage"
             cases = [
                 (ModelNotFound, engine.infer("no-such-model", {"x": x})),
                 (ModelNotFound, engine.infer("../m00", {"x": x})),

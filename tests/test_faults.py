@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import pty
 import re
@@ -449,16 +450,27 @@ def test_a_pinned_model_whose_files_cannot_be_read_keeps_the_engine_warming(
     run(main(), timeout=60)
 
 
+async def hang_beside_m00(engine: Engine, seconds: float, timeout: float):
+    """"slow" and "m00" loaded on worker 0, which then runs "slow" for
+    `seconds` (a future of its answer): the worker's pid, the future."""
+    for name in ("slow", "m00"):
+        await engine.load(name)
+    return engine.pool.workers[0].pid, asyncio.ensure_future(
+        engine.infer("slow", {"seconds": np.array([seconds])}, timeout=timeout))
+
+
+async def served_by_a_new_worker(engine: Engine, victim: int) -> None:
+    out = await engine.infer("m00", {"x": X})
+    np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+    assert engine.pool.workers[0].pid != victim
+
+
 def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
     # A predict that never returns held its worker for good: every request
     # behind it timed out, and only a restart cleared it.
     async def main():
         async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
-            for name in ("slow", "m00"):
-                await engine.load(name)
-            victim = engine.pool.workers[0].pid
-            stuck = asyncio.ensure_future(
-                engine.infer("slow", {"seconds": np.array([60.0])}, timeout=0.3))
+            victim, stuck = await hang_beside_m00(engine, 60.0, timeout=0.3)
             await asyncio.sleep(0.1)
             behind = asyncio.ensure_future(engine.infer("m00", {"x": X}, timeout=20))
             with pytest.raises(Timeout):
@@ -466,15 +478,77 @@ def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
             with pytest.raises(WorkerDied, match=r"worker 0 was restarted: slow v1 ran \d+ s "
                                                  r"past its request's deadline"):
                 await behind
-            out = await engine.infer("m00", {"x": X})  # the new worker serves
-            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
-            assert engine.pool.workers[0].pid != victim
+            await served_by_a_new_worker(engine, victim)
             # Backed off, as a model that crashes its worker is: each of its
             # calls took its worker, and its neighbours' requests, down.
             with pytest.raises(LoadFailed, match="ran stuck_inference_s past its deadline"):
                 await engine.infer("slow", {"seconds": np.array([0.0])})
 
     run(main(), timeout=60)
+
+
+def test_a_stuck_request_with_no_deadline_is_judged_by_those_it_holds_up(repo, own_segments):
+    # timeout=inf set no deadline to be stuck_inference_s past: a hang held
+    # its worker, and every model there, for good (a review's finding).
+    async def main():
+        async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
+            victim, stuck = await hang_beside_m00(engine, 3.0, timeout=math.inf)
+            await asyncio.sleep(1.0)  # alone, it runs on past any stuck_inference_s
+            assert engine.pool.workers[0].pid == victim
+            behind = asyncio.ensure_future(engine.infer("m00", {"x": X}, timeout=0.3))
+            with pytest.raises(WorkerDied, match=r"worker 0 was restarted: slow v1 ran \d+ s "
+                                                 r"past the deadline of a request it held up"):
+                await stuck
+            with pytest.raises((Timeout, WorkerDied)):
+                await behind
+            await served_by_a_new_worker(engine, victim)
+
+    run(main(), timeout=60)
+
+
+FORKING_HANDLER = """
+import os, sys
+import numpy as np
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    how = int(inputs["how"][0])
+    pid = os.fork()
+    if pid == 0:  # the child: exit(), return, raise
+        if how == 0:
+            sys.exit(0)
+        if how == 1:
+            return {"y": np.array([-1])}
+        raise ValueError("the child's")
+    _, status = os.waitpid(pid, 0)
+    return {"y": np.array([os.waitstatus_to_exitcode(status)])}
+"""
+
+
+def test_a_child_a_models_call_forks_ends_and_never_serves(tmp_path, own_segments):
+    # The child's exit() was answered as the call's error, and the child
+    # went on as a second worker on the same rings while the worker waited
+    # for it (a review's finding): each call left one more process.
+    import psutil
+
+    write_handler(tmp_path, "forks", FORKING_HANDLER)
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+
+    async def main():
+        async with Engine(config(tmp_path)) as engine:
+            pid = engine.pool.workers[0].pid
+            codes = [int((await engine.infer("forks", {"how": np.array([how])},
+                                             timeout=20))["y"][0]) for how in (0, 1, 2)]
+            out = await engine.infer("m00", {"x": X}, timeout=20)
+            assert engine.pool.workers[0].pid == pid
+            return codes, out["y"], psutil.Process(pid).children()
+
+    codes, y, children = run(main(), timeout=60)
+    assert codes == [0, 0, 1]  # each child ended, as its own code said
+    np.testing.assert_allclose(y, reference("m00"), rtol=1e-5, atol=1e-5)
+    assert children == []
 
 
 def test_a_worker_stopped_between_requests_is_restarted_blaming_no_model(repo, own_segments):
@@ -1481,7 +1555,7 @@ def test_a_models_error_that_is_no_utf8_is_answered_and_its_worker_goes_on(
     assert {r["name"]: r["loads"] for r in stats["models"]}["m00"] == 1
 
 
-def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments):
+def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments, caplog):
     # Each request for it took its worker down, and the requests of every
     # model there with it; the second time within a minute it is backed
     # off as a failed load: refused at once, the worker left alone.
@@ -1527,6 +1601,10 @@ def test_a_model_that_ends_its_worker_twice_is_backed_off(tmp_path, own_segments
             return engine.stats()["totals"]["worker_restarts"]
 
     assert run(main(), timeout=90) == 3
+    # The operator's line says the back-off the refusals say (it said the
+    # failed loads' own, 3 s, for the second).
+    said = [r.getMessage() for r in caplog.records if "fail at once for" in r.getMessage()]
+    assert [re.search(r"fail at once for (\S+) s", m)[1] for m in said] == ["3", "6"], said
 
 
 def test_a_device_over_its_watermark_gives_back_cached_memory_before_models(repo,

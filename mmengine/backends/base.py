@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import functools
 import importlib.machinery
 import importlib.util
 import itertools
@@ -26,6 +25,7 @@ import torch
 
 from mmengine import protocol
 from mmengine.errors import BadRequest, InternalError, LoadFailed, MMEngineError, Overloaded
+from mmengine.declared import check_inputs, check_outputs, dims_fit
 from mmengine.storage import ModelSpec, TensorSpec
 
 # Request tensors are views of the shared-memory ring, which the worker may
@@ -198,7 +198,7 @@ class _Plain:
         for name, value in inputs.items():
             declared = self.inputs.get(name)
             if declared is None or type(value) is not np.ndarray \
-                    or value.dtype is not declared[0] or not _dims_fit(value.shape, declared[1]):
+                    or value.dtype is not declared[0] or not dims_fit(value.shape, declared[1]):
                 return None
             try:
                 tensors[name] = torch.from_numpy(value)
@@ -216,7 +216,7 @@ class _Plain:
         except BaseException:  # noqa: BLE001 - a model's torch mode runs Python here too
             return None
         name, dtype, dims = self.output
-        if array.dtype is not dtype or not _dims_fit(array.shape, dims):
+        if array.dtype is not dtype or not dims_fit(array.shape, dims):
             return None
         return {name: array}
 
@@ -285,96 +285,6 @@ def artifact_key(spec: ModelSpec, device: torch.device) -> tuple | None:
         return None
     return (str(spec.path / spec.artifact), st.st_mtime_ns, st.st_size, st.st_ino,
             str(device), spec.trusted)
-
-
-def check_inputs(declared: tuple[TensorSpec, ...], inputs: Inputs) -> None:
-    if not declared:
-        return
-    if _all_fit(declared, inputs):
-        return  # the common case, checked without building a message
-    missing, unexpected = _names_differ(declared, inputs)
-    if missing or unexpected:
-        raise BadRequest(f"inputs do not match the model's: missing {missing}, "
-                         f"unexpected {unexpected}")
-    for t in declared:
-        value = inputs[t.name]
-        if isinstance(value, np.ndarray):
-            # Comparing dtype objects is cheap; dtype.name is not (it is
-            # computed in Python on every access), and this runs per request.
-            dtype = t.dtype if value.dtype == _np_dtype(t.dtype) else value.dtype.name
-        elif isinstance(value, torch.Tensor):
-            dtype = str(value.dtype).removeprefix("torch.")
-        else:
-            raise BadRequest(f"input {t.name!r} must be a numpy array or a torch tensor, "
-                             f"not {type(value).__name__}")
-        if dtype != t.dtype:
-            raise BadRequest(f"input {t.name!r} must be {t.dtype}, not {dtype}")
-        shape = tuple(value.shape)
-        if not _dims_fit(shape, t.shape):
-            raise BadRequest(f"input {t.name!r} must have shape {list(t.shape)} "
-                             f"(-1: any), not {list(shape)}")
-
-
-def check_outputs(declared: tuple[TensorSpec, ...], outputs: Outputs) -> None:
-    """A model's answer against its manifest's [[outputs]], which the
-    protocols' metadata advertise: a mismatch is the model's fault (or its
-    manifest's), an INTERNAL error, never an answer other than promised."""
-    if not declared:
-        return
-    if _all_fit(declared, outputs):
-        return  # the common case, checked without building a message
-    missing, unexpected = _names_differ(declared, outputs)
-    if missing or unexpected:
-        raise InternalError(f"its outputs do not match its manifest's: missing {missing}, "
-                            f"unexpected {unexpected}")
-    for t in declared:
-        value = outputs[t.name]
-        if not value.dtype.isnative:  # the protocols write the declared values either way
-            value = value.view(value.dtype.newbyteorder("="))
-        if not _fits(t, value):
-            raise InternalError(f"output {t.name!r} is {value.dtype} "
-                                f"{list(value.shape)}; its manifest declares {t.dtype} "
-                                f"{list(t.shape)} (-1: any)")
-
-
-def _names_differ(declared: tuple[TensorSpec, ...],
-                  arrays: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(declared names missing from `arrays`, names in it not declared), sorted."""
-    names = {t.name for t in declared}
-    return (sorted(n for n in names if n not in arrays),
-            sorted(str(n) for n in arrays if n not in names))
-
-
-def _all_fit(declared: tuple[TensorSpec, ...], arrays: Mapping[str, Any]) -> bool:
-    """Whether `arrays` are exactly the declared tensors. Plain loops: this
-    runs twice per request, and generators cost a microsecond here."""
-    if len(arrays) != len(declared):
-        return False
-    for t in declared:
-        value = arrays.get(t.name)
-        if value is None or not _fits(t, value):
-            return False
-    return True
-
-
-def _fits(t: TensorSpec, value: Any) -> bool:
-    return type(value) is np.ndarray and value.dtype == _np_dtype(t.dtype) \
-        and _dims_fit(value.shape, t.shape)
-
-
-def _dims_fit(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-    """Whether `shape` is of the `declared` one (-1: any size)."""
-    if len(shape) != len(declared):
-        return False
-    for s, d in zip(shape, declared):
-        if d != s and d != -1:
-            return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(name)
 
 
 def as_tensors(inputs: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
