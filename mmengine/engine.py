@@ -581,22 +581,31 @@ class Engine:
     def version_of(self, name: str, version: Any) -> int | None:
         """The version of `name` that a request asking for `version` (None:
         the default) is for, if the engine has looked it up and the
-        repository has it, servable or not; None otherwise (not looked up
-        now: a request refused before its look-up may name anything)."""
+        repository has it, servable or not, or the last scan listed it;
+        None otherwise (a request refused before its look-up may name
+        anything)."""
         if version is not None and type(version) is not int:  # (name, True) finds (name, 1)
             return None
         spec = self._specs.get((name, version))
         if spec is not None:
             return spec.version
         bad = self._bad_specs.get((name, version))
-        return None if bad is None else bad[0][1]
+        if bad is not None:
+            return bad[0][1]
+        if not self.repo.lists(name):  # as the last scan saw it (no disk access)
+            return None
+        if version is None:
+            return self.repo.versions(name)[-1]
+        return version if self.repo.listed(name, version) else None
 
     def _looked_up(self, name: str, version: int | None) -> bool:
-        """Whether the repository was asked for `name` (by this version, or
-        its default) and had it, servable or not: without a look on the
-        loop (a request that timed out before its look is nobody's)."""
+        """Whether `name` is a model: the repository was asked for it (by
+        this version, or its default) and had it, servable or not, or its
+        last scan listed it; without a look on the loop (a request refused
+        before its look is a stranger's only where no scan knows the name)."""
         return ((name, version) in self._specs or (name, None) in self._specs
-                or (name, version) in self._bad_specs or (name, None) in self._bad_specs)
+                or (name, version) in self._bad_specs or (name, None) in self._bad_specs
+                or self.repo.lists(name))
 
     def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
         """An inference whose answer nobody got. If it ran (`ran`), it did

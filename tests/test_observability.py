@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SLOW_HANDLER, run, write_handler
+from conftest import SLOW_HANDLER, run, until, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -172,6 +172,9 @@ def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     assert wait > 0 and queued > 0
     assert abs((wait + queued) * 1e6 - got["nv_inference_queue_duration_us"][m03]) < 2
     assert (("model", ""),) not in got["mmengine_request_load_wait_seconds_total"]
+    # A cold start that ended in its load's failure waited all its life
+    # (it was left out, and the mean wait read lowest when loads failed).
+    assert got["mmengine_request_load_wait_seconds_total"][(("model", "broken"),)] > 0
     # Durations of the requests answered OK only, as Triton's: over the
     # success count, their mean (a failure's time would raise it).
     assert got["nv_inference_request_duration_us"][(("model", "broken"), ("version", "1"))] == 0
@@ -301,6 +304,32 @@ def check_tracks(events: list[dict]) -> None:
             end = ts - neg_dur
             assert not open_ends or end <= open_ends[-1] + 1e-3, (tid, e)
             open_ends.append(end)
+
+
+def test_a_model_refused_before_its_look_up_is_counted_under_its_name(repo, own_segments):
+    # Refused before the engine had looked it up (bad inputs; a full queue),
+    # a model's request was counted as a stranger's: model="", and in none
+    # of its nv_* series (a review's finding). A scan's listing names it.
+    async def main():
+        async with Engine(Config(repo=str(repo), workers=1, repo_scan_s=0.1)) as engine:
+            metrics.attach(engine)
+            await until(lambda: engine.repo.lists("m01"), 10, "a scan")
+            with pytest.raises(BadRequest):
+                await engine.infer("m01", {})
+            with pytest.raises(BadRequest):
+                await engine.infer("stranger", {})
+            server = HttpServer(engine, metrics.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                return samples((await scrape(port))[1])
+            finally:
+                await server.stop()
+
+    got = run(main(), timeout=60)
+    requests = got["mmengine_requests_total"]
+    assert requests[(("code", "BAD_REQUEST"), ("model", "m01"))] == 1
+    assert requests[(("code", "BAD_REQUEST"), ("model", ""))] == 1  # the stranger's
+    assert got["nv_inference_request_failure"][(("model", "m01"), ("version", "1"))] == 1
 
 
 def test_timing_splits_a_request_into_stages():
