@@ -625,6 +625,25 @@ def test_an_untrusted_torchscript_program_runs_nothing_as_it_loads(tmp_path, cha
     assert marker.exists()
 
 
+def test_an_untrusted_torchscripts_code_names_no_refused_operator_even_in_a_string(tmp_path):
+    # The backstop behind the names read from its code: a spelling that
+    # reading misses is refused by the word itself (generated code never
+    # has it; an operator vouches for one that does with trusted = true).
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    torch.jit.script(Saves(str(tmp_path / "written"))).save(str(path / "model.pt"))
+    with zipfile.ZipFile(path / "model.pt") as archive:
+        members = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    assert any(b"torch.save(w, name)" in data for _, data in members)
+    with zipfile.ZipFile(path / "model.pt", "w") as archive:
+        for name, data in members:
+            archive.writestr(name, data.replace(b"torch.save(w, name)", b'print("save")'))
+    with pytest.raises(LoadFailed, match=r"calls a refused operator's name \('save'\)"):
+        load(tmp_path, "m")
+    (path / "model.toml").write_text("trusted = true\n")
+    load(tmp_path, "m")
+
+
 def test_an_untrusted_export_program_reads_no_file(tmp_path):
     # A pt2 archive holds no pickle and passes the audit of its members,
     # but its graph may name any operator: this one's first node is

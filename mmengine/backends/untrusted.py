@@ -20,6 +20,7 @@ it is no sandbox against a flaw in an operator's own code.
 from __future__ import annotations
 
 import ast
+import re
 import zipfile
 from typing import Any, Iterator
 
@@ -40,6 +41,8 @@ REFUSED = frozenset({
 _REFUSED_NAMES = frozenset({"rpc_async", "rpc_sync", "remote"})
 _REFUSED_OPS = frozenset(name.partition("::")[2] for name in REFUSED
                          if name.startswith("aten::"))
+_REFUSED_WORDS = re.compile(rb"(?<![A-Za-z0-9_])(%s)(?![A-Za-z0-9_])" % b"|".join(
+    sorted(name.encode() for name in _REFUSED_OPS | _REFUSED_NAMES)))
 #: Classes registered with torch whose methods a program may call: the
 #: packed weights of quantized modules and RNNs, and the profiler's marks.
 _TORCH_CLASSES = frozenset({"quantized", "rnn", "profiler"})
@@ -71,6 +74,12 @@ def check_script_source(archive_file, where: str) -> None:
             name = _source_name(node)
             if name is not None and not _allowed(name):
                 raise _refused(name, where)
+        # A backstop for what the names read above miss (a spelling torch
+        # resolves that this reading does not, or that parses otherwise
+        # here): the refused operators' names appear nowhere in the code,
+        # as words, not even in a string. Generated code never has them.
+        if word := _REFUSED_WORDS.search(source):
+            raise _refused(f"a refused operator's name ({word[1].decode()!r})", where)
 
 
 class _Getattrs(ast.NodeTransformer):
