@@ -2407,7 +2407,8 @@ def _declared(spec: ModelSpec) -> tuple:
     front-end checks those at each request) nor its size estimate (a
     directory's size, the manifest's own bytes included)."""
     return (spec.backend, spec.artifact, spec.inputs, spec.outputs, spec.device, spec.trusted,
-            spec.warmup, spec.options, spec.source, spec.files, spec.compress)
+            spec.warmup, spec.options, spec.source, spec.files, spec.compress,
+            spec.max_batch_size)
 
 
 def _version(version: object) -> int:

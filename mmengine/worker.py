@@ -571,8 +571,24 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
     (batching.py), up to the model's max_batch_size rows. Each record
     stays held until the caller releases them all. Requests of another
     form (batching.form), or past the limit, make calls of their own; the
-    first record that is no such inference is served after them."""
-    woke, key = req.woke_ns, (head[2], head[3])
+    first record that is no such inference is served after them: as the
+    head of its own joined call where its model takes batches too (it ran
+    alone, its own batch queued behind it), while what is held leaves the
+    front-end half the ring to go on sending into."""
+    woke = req.woke_ns
+    while head is not None:
+        head = _serve_batch_from(req, out, logic, abandoned, clock, head, woke)
+        woke = 0
+        if head is not None and req.held > req.capacity // 2:
+            _serve_one(0, out, logic, abandoned, clock, head)
+            return
+
+
+def _serve_batch_from(req, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
+                      clock: _ThreadClock | None, head: tuple, woke: int) -> tuple | None:
+    """_serve_batch's call of `head` and what joins it; the record after
+    them where it heads a batch in its turn (else it is served here)."""
+    key = (head[2], head[3])
     limit = logic.batching.get(key, 0)  # (0: unloaded meanwhile, by the loader thread)
     queued, after = [head], None
     while len(queued) < limit:
@@ -597,8 +613,12 @@ def _serve_batch(req, out: _Responder, logic: WorkerLogic, abandoned: messages.A
         _serve_one(woke, out, logic, abandoned, clock, head)
     else:
         _serve_joined(out, logic, abandoned, clock, queued, woke, limit)
-    if after is not None:
-        _serve_one(0, out, logic, abandoned, clock, after)
+    if after is None:
+        return None
+    if after[0] is Op.INFER and (after[2], after[3]) in logic.batching:
+        return after
+    _serve_one(0, out, logic, abandoned, clock, after)
+    return None
 
 
 def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,

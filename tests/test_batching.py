@@ -61,6 +61,7 @@ def served(request, tmp_path_factory) -> tuple[tuple[str, int], str]:
     """The TCP address and the HTTP URL of a server of the models above."""
     root = tmp_path_factory.mktemp("repo")
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
+    write_handler(root, "rows2", ROWS_HANDLER, _manifest(LIMIT))
     write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
     write_handler(root, "whole", WHOLE_HANDLER, _manifest(LIMIT))
     write_handler(root, "picky", PICKY_HANDLER, _manifest(LIMIT))
@@ -132,6 +133,7 @@ def bounded(request, tmp_path_factory) -> tuple[str, int]:
     requests wait in the front-end for their turn."""
     root = tmp_path_factory.mktemp("bounded")
     write_handler(root, "rows", ROWS_HANDLER, _manifest(LIMIT))
+    write_handler(root, "rows2", ROWS_HANDLER, _manifest(LIMIT))
     write_handler(root, "alone", ROWS_HANDLER, _manifest(0))
     server = Server("--repo", str(root), "--workers", "1", "--tcp-port", "0",
                     "--http-port", "-1", env=environ())
@@ -369,6 +371,26 @@ def test_other_models_queued_between_are_served(address):
         np.testing.assert_array_equal(out["y"], x * 2)
 
 
+def test_a_batching_models_requests_behind_anothers_call_are_joined_too(address):
+    """The first request of another batching model, found behind a joined
+    call, ran alone with its own batch queued behind it (a review's
+    finding): it heads a joined call of its own."""
+    async def go():
+        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+            await asyncio.gather(c.infer("rows", {"x": x_rows(0.0, 1)}),
+                                 c.infer("rows2", {"x": x_rows(0.0, 1)}))
+            first = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            # Fewer than the limit: the first joined call reads on into rows2's.
+            calls = [c.infer(model, {"x": x_rows(0.0, 1, seed=i)})
+                     for model, n in (("rows", LIMIT - 1), ("rows2", LIMIT)) for i in range(n)]
+            answers = await asyncio.gather(*calls)
+            await first
+            return answers
+    answers = run(go())
+    assert [int(out["rows"][0]) for out in answers] == [LIMIT - 1] * (LIMIT - 1) + [LIMIT] * LIMIT
+
+
 # -- the manifest and the helpers ------------------------------------------------
 
 @pytest.mark.parametrize("manifest, message", [
@@ -413,6 +435,27 @@ def test_a_cached_copy_keeps_max_batch_size(tmp_path):
     spec = read_spec("m", 1, write_handler(tmp_path / "a", "m", ROWS_HANDLER, _manifest(8)))
     copy = write_handler(tmp_path / "b", "m", ROWS_HANDLER, diskcache.manifest(spec))
     assert read_spec("m", 1, copy).max_batch_size == 8
+
+
+def test_an_edited_max_batch_size_takes_effect_at_the_next_scan(tmp_path):
+    """A resident model's max_batch_size edited in its manifest changed
+    nothing until the model happened to load again (a review's finding:
+    an operator's "set it to 0" for a model failing joined calls)."""
+    version = write_handler(tmp_path, "rows", ROWS_HANDLER, _manifest(LIMIT))
+
+    async def go():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("rows", {"x": x_rows(0.0, 1)})
+            assert engine._loaded_specs[("rows", 1)].max_batch_size == LIMIT
+            (version / "model.toml").write_text(_manifest(0))
+            for _ in range(100):  # bounded: the scan marks it stale, its next request loads it
+                await asyncio.sleep(0.05)
+                await engine.infer("rows", {"x": x_rows(0.0, 1)})
+                if engine.model_row(("rows", 1))["loads"] == 2:
+                    break
+            return engine._loaded_specs[("rows", 1)].max_batch_size
+
+    assert run(go()) == 0
 
 
 def test_server_timing_leaves_out_the_batch():
