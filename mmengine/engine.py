@@ -1652,8 +1652,8 @@ class Engine:
                     else "its request's deadline" if begun else "its deadline")
             # One that never began it hangs outside any model's code (a
             # SIGSTOP, say): restarted all the same, blaming no model.
-            what = (f"{name} v{version} ran {late:.0f} s past {past}" if begun
-                    else f"it has not begun a request of {name} v{version} {late:.0f} s past {past}")
+            what = (f"{name} v{version} ran {late:.0f} s past {past}" if begun else
+                    f"it has not begun a request of {name} v{version} {late:.0f} s past {past}")
             w.stopped_why = (f"worker {w.index} was restarted: {what} "
                              f"(stuck_inference_s={self.config.stuck_inference_s:g})")
             log.error("%s", w.stopped_why)

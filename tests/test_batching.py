@@ -353,20 +353,24 @@ def test_a_torch_module_answers_joined_requests_as_alone(address):
         np.testing.assert_allclose(out["y"], demo.reference(x, *DIMS, seed=0), rtol=1e-5, atol=1e-5)
 
 
+async def _queued_behind_a_call(address, requests: list[tuple[str, np.ndarray]]) -> list:
+    """The answers to `requests` ((model, x)), sent at once behind a call
+    of "rows" that holds the worker for 0.3 s, their models loaded first."""
+    async with AsyncClient(f"{address[0]}:{address[1]}") as c:
+        models = {"rows", *dict(requests)}
+        await asyncio.gather(*(c.infer(m, {"x": x_rows(0.0, 1)}) for m in models))
+        first = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
+        await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*(c.infer(m, {"x": x}) for m, x in requests))
+        await first
+        return answers
+
+
 def test_other_models_queued_between_are_served(address):
     """Requests of another model queued among a batch's: each answered."""
-    async def go():
-        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
-            await asyncio.gather(c.infer("rows", {"x": x_rows(0.0, 1)}),
-                                 c.infer("alone", {"x": x_rows(0.0, 1)}))
-            first = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
-            await asyncio.sleep(0.05)
-            xs = [x_rows(0.0, 1, seed=i) for i in range(8)]
-            calls = [c.infer("rows" if i % 3 else "alone", {"x": x}) for i, x in enumerate(xs)]
-            answers = await asyncio.gather(*calls)
-            await first
-            return xs, answers
-    xs, answers = run(go())
+    xs = [x_rows(0.0, 1, seed=i) for i in range(8)]
+    answers = run(_queued_behind_a_call(
+        address, [("rows" if i % 3 else "alone", x) for i, x in enumerate(xs)]))
     for x, out in zip(xs, answers):
         np.testing.assert_array_equal(out["y"], x * 2)
 
@@ -375,19 +379,10 @@ def test_a_batching_models_requests_behind_anothers_call_are_joined_too(address)
     """The first request of another batching model, found behind a joined
     call, ran alone with its own batch queued behind it (a review's
     finding): it heads a joined call of its own."""
-    async def go():
-        async with AsyncClient(f"{address[0]}:{address[1]}") as c:
-            await asyncio.gather(c.infer("rows", {"x": x_rows(0.0, 1)}),
-                                 c.infer("rows2", {"x": x_rows(0.0, 1)}))
-            first = asyncio.ensure_future(c.infer("rows", {"x": x_rows(0.3, 1)}))
-            await asyncio.sleep(0.05)
-            # Fewer than the limit: the first joined call reads on into rows2's.
-            calls = [c.infer(model, {"x": x_rows(0.0, 1, seed=i)})
-                     for model, n in (("rows", LIMIT - 1), ("rows2", LIMIT)) for i in range(n)]
-            answers = await asyncio.gather(*calls)
-            await first
-            return answers
-    answers = run(go())
+    # Fewer than the limit: the first joined call reads on into rows2's.
+    answers = run(_queued_behind_a_call(address, [
+        (model, x_rows(0.0, 1, seed=i)) for model, n in (("rows", LIMIT - 1), ("rows2", LIMIT))
+        for i in range(n)]))
     assert [int(out["rows"][0]) for out in answers] == [LIMIT - 1] * (LIMIT - 1) + [LIMIT] * LIMIT
 
 
