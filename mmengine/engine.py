@@ -1647,7 +1647,8 @@ class Engine:
             running = w.running() if w.alive and w.stopped_why is None else None
             if running is None or now < running[0] + self.config.stuck_inference_s:
                 continue  # (a worker killed a turn ago is not killed, nor said, again)
-            (name, version), late, begun, held_up = running[1], now - running[0], *running[2:]
+            deadline, (name, version), begun, held_up = running
+            late = now - deadline
             past = ("the deadline of a request it held up" if held_up
                     else "its request's deadline" if begun else "its deadline")
             # One that never began it hangs outside any model's code (a
