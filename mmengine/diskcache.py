@@ -101,6 +101,7 @@ class _Entry:
     # or found (at start, another server's) and read whole before its first
     # load. A copy found is trusted no further than its bytes.
     verified: bool = False
+    damaged: str | None = None  # what of it did not match, where it could not go
 
 
 class _Flight:
@@ -309,7 +310,7 @@ class DiskCache:
                 entry = self._current(spec, key, fp)
                 if entry is None or entry.verified or not self._hold(entry):
                     return None
-        damaged = None if entry.verified else _damaged(entry.path, spec)
+        damaged = entry.damaged or (None if entry.verified else _damaged(entry.path, spec))
         if damaged is None:
             with self._lock:
                 entry.verified = True
@@ -317,14 +318,16 @@ class DiskCache:
             return entry.path
         self.release(entry.path)
         with self._lock:
-            self.damaged += 1
+            self.damaged += entry.damaged is None  # read once: not read again while it stays
+            entry.damaged = damaged
             if self._entries.get(key) is entry:
                 self._evict(key)
             gone = self._entries.get(key) is not entry
         self._empty_trash()
         if not gone:
-            raise LoadFailed(f"{where}: its disk cache copy is damaged ({damaged}) and another "
-                             f"server reads it; retry once that is done")
+            why = ("cannot be moved away (not ours to move: remove it)" if entry.unmovable
+                   else "another server reads it; retry once that is done")
+            raise LoadFailed(f"{where}: its disk cache copy is damaged ({damaged}) and {why}")
         log.warning("%s: its disk cache copy was damaged (%s): fetched anew", where, damaged)
         return None
 
@@ -390,7 +393,7 @@ class DiskCache:
                 entry = _Entry(final, fp, tree_bytes(tmp), estimate, _ident(os.stat(tmp)),
                                verified=True)  # as it streamed in
                 with self._lock:
-                    placed = self._place(tmp, key, entry)
+                    theirs = self._place(tmp, key, entry)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -399,29 +402,31 @@ class DiskCache:
                 self._reserved -= need
                 self._downloads.pop(tmp, None)
                 self._let_go.notify_all()
-        if not placed:  # another server's copy came first, and is read instead
+        if theirs is not None:  # another server's copy came first: read instead, checked
             shutil.rmtree(tmp, ignore_errors=True)
+            return self._checked(spec, key, fp, where, held=theirs) \
+                or self._fetch(spec, key, fp, where)
         try:
             fetch.fsync_dir(final.parent)
         except OSError:  # durability only: the copy is whole, and held for its caller
             pass
         return final
 
-    def _place(self, tmp: Path, key: Key, entry: _Entry) -> bool:
+    def _place(self, tmp: Path, key: Key, entry: _Entry) -> _Entry | None:
         """Holds the lock. Puts a download in place as `entry`, or, where
         another server's copy came first, that copy; held for the caller
-        either way. True if the download was placed; LoadFailed if neither
-        stays put (each went as soon as it came)."""
+        either way. None if the download was placed, else theirs;
+        LoadFailed if neither stays put (each went as soon as it came)."""
         if self._closed:
             raise LoadFailed(f"{key[0]} v{key[1]}: the disk cache is closed (the server is "
                              f"stopping)")
         for _ in range(3):
             if self._rename_into_place(tmp, key, entry):
                 self.fetches += 1
-                return True
+                return None
             theirs = self._adopt(key, entry.fingerprint)
             if theirs is not None and self._hold(theirs):
-                return False
+                return theirs
             if theirs is None and _made_for(entry.path / MANIFEST) is None:
                 self._clear_leftover(entry.path)
             # Theirs went as it came: the name may be free for this one now.

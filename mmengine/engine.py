@@ -584,6 +584,8 @@ class Engine:
         repository has it, servable or not, or the last scan listed it;
         None otherwise (a request refused before its look-up may name
         anything)."""
+        if isinstance(version, np.integer):  # as _version takes it
+            version = int(version)
         if version is not None and type(version) is not int:  # (name, True) finds (name, 1)
             return None
         spec = self._specs.get((name, version))
@@ -780,7 +782,9 @@ class Engine:
                     self._bad_specs[asked] = (bad, getattr(e, "token_digests", ()))
                 self._load_failed(bad, e)
                 raise
-            self._bad_specs.pop((name, version), None)
+            if self._bad_specs:  # each way it was asked for: it reads well now
+                self._bad_specs = {k: v for k, v in self._bad_specs.items()
+                                   if v[0] != (spec.name, spec.version)}
             if self._name_changes[name] == changes:  # else it may be the old manifest's
                 self._specs[(name, version)] = spec
         return spec
@@ -1768,7 +1772,8 @@ class Engine:
         """Whether `bad`, read as unservable for a request of `asked`, is in
         its back-off still and is what `asked` names now (no disk access)."""
         stats = self._stats.get(bad)
-        if stats is None or stats.retry_at <= time.monotonic() or not self.repo.listed(*bad):
+        if stats is None or stats.retry_at <= time.monotonic() or not self.repo.lists(bad[0]) \
+                or not self.repo.listed(*bad):  # (lists first: listed may take an unread name)
             return False
         try:
             return asked[1] is not None or self.repo.versions(bad[0])[-1] == bad[1]
@@ -1839,7 +1844,8 @@ class Engine:
         again = worker.stuck or now - stats.crashed_at < CRASH_WINDOW_S
         stats.crashed_at = now
         if again:
-            why = ("a request of it ran stuck_inference_s past its deadline, and its "
+            why = ("a request of it ran stuck_inference_s past its deadline (one with "
+                   "none: that of a request it held up), and its "
                    "worker was restarted" if worker.stuck else
                    f"its requests ended its worker twice within {CRASH_WINDOW_S:g} s "
                    f"({worker.exit_status()})")

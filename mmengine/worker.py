@@ -386,7 +386,7 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
         logic.loader_op = op.name.lower()
         try:
             if op == Op.LOAD:
-                with parks:
+                with parks, _ends_a_forked_child():  # a load runs the model's code
                     nbytes, source = logic.load(name, version, os.fsdecode(params["path"]),
                                                 params.get("host"), params.get("estimate"))
                 model = logic.models.get((name, version))
@@ -408,7 +408,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
                 model = logic.unload(name, version)
                 out.send(rid)  # nothing can reach the model any more
                 # Before the next control message: a load may need the room.
-                logic.close((name, version), model)
+                with _ends_a_forked_child():
+                    logic.close((name, version), model)
                 del model
             else:
                 raise InternalError(f"op {op!r} on the control ring")
@@ -704,15 +705,35 @@ def _note_forked() -> None:
     _forked = True
 
 
-def _leave_forked() -> None:
-    """A model's call that forked returns twice: the child's return (or its
-    exit(), which the call answers as an error) ends the child. Else it went
-    on as a second worker on this one's rings, and the first waited for it."""
-    error = sys.exc_info()[1]
-    cause = getattr(error, "__cause__", None)
-    if not isinstance(cause, SystemExit):
-        os._exit(0 if error is None else 1)
-    os._exit(0 if cause.code is None else cause.code if type(cause.code) is int else 1)
+@contextlib.contextmanager
+def _ends_a_forked_child():
+    """Around a model's code on the loader thread (its load, its warm-up,
+    its close): a child it forked ends as it comes out (_call's own check
+    is inline: a context costs the request path half a microsecond)."""
+    try:
+        yield
+    except BaseException as e:
+        if _forked:
+            _leave_forked(e)
+        raise
+    if _forked:
+        _leave_forked(None)
+
+
+def _leave_forked(error: BaseException | None) -> None:
+    """A model's code that forked returns twice: the child's return (or its
+    exit(), which the call answers as an error: `error`) ends the child.
+    Else it went on as a second worker on this one's rings (a call's on the
+    serving thread, a load's on the loader's), and the first waited for it."""
+    try:
+        cause = error if isinstance(error, SystemExit) else getattr(error, "__cause__", None)
+        if isinstance(cause, SystemExit):
+            code = 0 if cause.code is None else cause.code if type(cause.code) is int else 1
+        else:
+            code = 0 if error is None else 1
+        os._exit(code & 0xFF)  # as the kernel keeps it: sys.exit(256) is 0
+    finally:
+        os._exit(1)  # nothing of it may go on
 
 
 def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
@@ -727,11 +748,15 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
         t0 = time.monotonic_ns()
         start = clock.read() if clock else None
         loader = logic.loader_state() if clock else ""
+        raised = None
         try:
             outputs = logic.infer(name, version, inputs)
+        except BaseException as e:
+            raised = e
+            raise
         finally:
-            if _forked:
-                _leave_forked()
+            if _forked:  # first: the table is the worker's, and it is still serving
+                _leave_forked(raised)
             abandoned.serving = 0
             # Read before t_done: a preemption due during the call lands
             # at the first system call after it, which must count in it.

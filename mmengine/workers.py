@@ -343,7 +343,8 @@ class Worker:
         front-end still), whether it is running it (one not begun waits
         for the worker), and whether the deadline is another request's: one
         that asked for none (timeout=inf) is judged by the earliest deadline
-        of the requests it holds up, or a hang held the worker for good."""
+        of the other models' inferences it holds up (its own model's may be
+        its joined call's), or a hang held the worker for good."""
         for rid in self._sent_ns:
             *_, deadline, _, _, served = self._pending[rid]
             # A batching model's worker may run a later one first (a call
@@ -354,7 +355,9 @@ class Worker:
                 deadline, served = running[3], running[6]
             if deadline != math.inf:
                 return deadline, served, begun, False
-            return min(p[3] for p in self._pending.values()), served, begun, True
+            held_up = min((p[3] for p in self._pending.values()
+                           if p[6] is not None and p[6] != served), default=math.inf)
+            return held_up, served, begun, True
         return None
 
     def busiest(self) -> tuple[tuple[str, int], int] | None:

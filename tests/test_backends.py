@@ -638,10 +638,23 @@ def test_an_untrusted_torchscripts_code_names_no_refused_operator_even_in_a_stri
     with zipfile.ZipFile(path / "model.pt", "w") as archive:
         for name, data in members:
             archive.writestr(name, data.replace(b"torch.save(w, name)", b'print("save")'))
-    with pytest.raises(LoadFailed, match=r"calls a refused operator's name \('save'\)"):
+    with pytest.raises(LoadFailed, match=r"calls the word 'save' \(a refused operator's name"):
         load(tmp_path, "m")
     (path / "model.toml").write_text("trusted = true\n")
     load(tmp_path, "m")
+
+
+def test_untrusted_code_nested_past_pythons_stack_is_refused_as_unreadable():
+    # Its reading recursed past the stack (a chain of 2,000 terms): a
+    # RecursionError, where a LoadFailed says why.
+    from mmengine.backends.untrusted import check_script_source
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("m/code/__torch__/m.py", "def f(y):\n    return " + "+".join(["y"] * 2000))
+    archive.seek(0)
+    with pytest.raises(LoadFailed, match="its program's code cannot be read"):
+        check_script_source(archive, "m v1")
 
 
 def test_an_untrusted_export_program_reads_no_file(tmp_path):

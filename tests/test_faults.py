@@ -492,8 +492,13 @@ def test_a_stuck_request_with_no_deadline_is_judged_by_those_it_holds_up(repo, o
     # its worker, and every model there, for good (a review's finding).
     async def main():
         async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
-            victim, stuck = await hang_beside_m00(engine, 3.0, timeout=math.inf)
-            await asyncio.sleep(1.0)  # alone, it runs on past any stuck_inference_s
+            victim, stuck = await hang_beside_m00(engine, 4.0, timeout=math.inf)
+            await asyncio.sleep(0.1)  # it runs
+            # Its own model's requests behind it are not judged by (they may
+            # be of its joined call): it runs on past their deadlines too.
+            with pytest.raises(Timeout):
+                await engine.infer("slow", {"seconds": np.array([0.0])}, timeout=0.3)
+            await asyncio.sleep(0.9)  # past any stuck_inference_s
             assert engine.pool.workers[0].pid == victim
             behind = asyncio.ensure_future(engine.infer("m00", {"x": X}, timeout=0.3))
             with pytest.raises(WorkerDied, match=r"worker 0 was restarted: slow v1 ran \d+ s "
@@ -516,11 +521,13 @@ def load(path, device):
 def predict(inputs):
     how = int(inputs["how"][0])
     pid = os.fork()
-    if pid == 0:  # the child: exit(), return, raise
+    if pid == 0:  # the child: exit(), return, raise, exit() past a byte
         if how == 0:
             sys.exit(0)
         if how == 1:
             return {"y": np.array([-1])}
+        if how == 3:
+            sys.exit(1 << 40 | 5)
         raise ValueError("the child's")
     _, status = os.waitpid(pid, 0)
     return {"y": np.array([os.waitstatus_to_exitcode(status)])}
@@ -534,19 +541,28 @@ def test_a_child_a_models_call_forks_ends_and_never_serves(tmp_path, own_segment
     import psutil
 
     write_handler(tmp_path, "forks", FORKING_HANDLER)
+    # Its load forks, on the loader thread: the child returned into the
+    # loader's loop, a second reader of the control ring (a review's finding).
+    write_handler(tmp_path, "forks-loading", "import os\n\ndef load(path, device):\n"
+                  "    pid = os.fork()\n    if pid:\n        os.waitpid(pid, 0)\n\n"
+                  "def predict(inputs):\n    return {'y': inputs['x'] * 2}\n")
     demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
 
     async def main():
         async with Engine(config(tmp_path)) as engine:
             pid = engine.pool.workers[0].pid
             codes = [int((await engine.infer("forks", {"how": np.array([how])},
-                                             timeout=20))["y"][0]) for how in (0, 1, 2)]
+                                             timeout=20))["y"][0]) for how in (0, 1, 2, 3)]
+            twice = await engine.infer("forks-loading", {"x": np.ones(2, np.float32)}, timeout=20)
+            np.testing.assert_array_equal(twice["y"], [2, 2])
+            await engine.unload("forks-loading")
+            await engine.infer("forks-loading", {"x": np.ones(2, np.float32)}, timeout=20)
             out = await engine.infer("m00", {"x": X}, timeout=20)
             assert engine.pool.workers[0].pid == pid
             return codes, out["y"], psutil.Process(pid).children()
 
     codes, y, children = run(main(), timeout=60)
-    assert codes == [0, 0, 1]  # each child ended, as its own code said
+    assert codes == [0, 0, 1, 5]  # each child ended, as its own code said (a byte of it)
     np.testing.assert_allclose(y, reference("m00"), rtol=1e-5, atol=1e-5)
     assert children == []
 

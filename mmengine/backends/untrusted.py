@@ -68,7 +68,7 @@ def check_script_source(archive_file, where: str) -> None:
     for source in sources:
         try:
             tree = _Getattrs().visit(ast.parse(source))
-        except (SyntaxError, ValueError) as e:
+        except (SyntaxError, ValueError, RecursionError) as e:  # (nested past Python's stack)
             raise LoadFailed(f"{where}: its program's code cannot be read: {e}") from e
         for node in ast.walk(tree):
             name = _source_name(node)
@@ -76,10 +76,13 @@ def check_script_source(archive_file, where: str) -> None:
                 raise _refused(name, where)
         # A backstop for what the names read above miss (a spelling torch
         # resolves that this reading does not, or that parses otherwise
-        # here): the refused operators' names appear nowhere in the code,
-        # as words, not even in a string. Generated code never has them.
+        # here): the refused operators' names appear nowhere in the code as
+        # words. Generated code keeps a model's own names and strings (an
+        # assert's message): one with these words is refused, though it
+        # may be harmless, until its manifest vouches for it (trusted).
         if word := _REFUSED_WORDS.search(source):
-            raise _refused(f"a refused operator's name ({word[1].decode()!r})", where)
+            raise _refused(f"the word {word[1].decode()!r} (a refused operator's name, "
+                           f"as a name or in a string)", where)
 
 
 class _Getattrs(ast.NodeTransformer):
