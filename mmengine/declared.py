@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from mmengine.errors import BadRequest, InternalError
+from mmengine.errors import InputsRefused, InternalError
 from mmengine.storage import TensorSpec
 
 
 def check_inputs(declared: tuple[TensorSpec, ...], inputs: Mapping[str, Any]) -> None:
     """A request's inputs against what its model declares: a mismatch is
     the caller's (BAD_REQUEST), told before the model runs."""
-    if _fit(declared, inputs, BadRequest, "inputs do not match the model's"):
+    if _fit(declared, inputs, InputsRefused, "inputs do not match the model's"):
         return
     torch = sys.modules.get("torch")  # a tensor is torch's: imported where there are any
     for t in declared:
@@ -30,13 +30,13 @@ def check_inputs(declared: tuple[TensorSpec, ...], inputs: Mapping[str, Any]) ->
         elif torch is not None and isinstance(value, torch.Tensor):
             dtype = str(value.dtype).removeprefix("torch.")
         else:
-            raise BadRequest(f"input {t.name!r} must be a numpy array or a torch tensor, "
+            raise InputsRefused(f"input {t.name!r} must be a numpy array or a torch tensor, "
                              f"not {type(value).__name__}")
         if dtype != t.dtype:
-            raise BadRequest(f"input {t.name!r} must be {t.dtype}, not {dtype}")
+            raise InputsRefused(f"input {t.name!r} must be {t.dtype}, not {dtype}")
         shape = tuple(value.shape)
         if not dims_fit(shape, t.shape):
-            raise BadRequest(f"input {t.name!r} must have shape {list(t.shape)} "
+            raise InputsRefused(f"input {t.name!r} must have shape {list(t.shape)} "
                              f"(-1: any), not {list(shape)}")
 
 

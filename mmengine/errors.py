@@ -61,6 +61,11 @@ class BadRequest(MMEngineError):
     code = ErrorCode.BAD_REQUEST
 
 
+class InputsRefused(BadRequest):
+    """A request's inputs refused before its model ran (its call took none
+    of the model's time, and is not one of its calls)."""
+
+
 class TooLarge(MMEngineError):
     code = ErrorCode.TOO_LARGE
 

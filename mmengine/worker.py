@@ -31,8 +31,9 @@ from mmengine import batching, heap, logs, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.declared import check_inputs
-from mmengine.errors import (InternalError, LoadFailed, MMEngineError, ModelNotFound, PeerDied,
-                             RecordTooLarge, RingClosed, TooLarge, cannot_carry)
+from mmengine.errors import (InputsRefused, InternalError, LoadFailed, MMEngineError,
+                             ModelNotFound, PeerDied, RecordTooLarge, RingClosed, TooLarge,
+                             cannot_carry)
 from mmengine.messages import Op
 from mmengine.ring import Ring, RingHandle
 from mmengine.stop_signals import STOP_SIGNALS
@@ -275,7 +276,7 @@ class WorkerLogic:
         """ran() of a call by its run's body (t_recv, t_done; None: it never
         began). Called once its answers are out: the client waits for the
         front-end, not for these books."""
-        if ran is not None:
+        if ran is not None and "t_done" in ran:  # (none: its inputs were refused)
             self.ran(key, (ran["t_done"] - ran["t_recv"]) / 1e9, ran["t_done"] / 1e9)
 
     def would_miss(self, key: Key, deadline: float, queued: bool) -> bool:
@@ -769,6 +770,8 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
         return outputs, ran, None
     except Exception as e:  # every failure goes back typed
         abandoned.serving = 0
+        if ran is not None and isinstance(e, InputsRefused):
+            del ran["t_done"]  # the model never ran: no call, to count or to time
         return None, ran, e
 
 

@@ -332,6 +332,32 @@ def test_a_model_refused_before_its_look_up_is_counted_under_its_name(repo, own_
     assert got["nv_inference_request_failure"][(("model", "m01"), ("version", "1"))] == 1
 
 
+def test_inputs_a_worker_refuses_are_no_call_of_the_model(repo, own_segments):
+    # Refused by the worker's check before the model ran, a request was
+    # counted in the compute histogram and traced as a call (a review's
+    # finding), and its microseconds taught the worker the model was fast.
+    x = np.ones((2, DIMS[0]), np.float32)
+
+    async def main():
+        async with Engine(Config(repo=str(repo), workers=1)) as engine:
+            metrics.attach(engine)
+            for _ in range(2):
+                await engine.infer("m02", {"x": x})
+            for bad in ({"x": x.astype(np.float64)}, {"x": x[:, :3]}, {"z": x}):
+                with pytest.raises(BadRequest):
+                    await engine.infer("m02", bad)  # resident: the worker's to refuse
+            server = HttpServer(engine, metrics.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                return samples((await scrape(port))[1])
+            finally:
+                await server.stop()
+
+    got = run(main(), timeout=60)
+    assert got["mmengine_requests_total"][(("code", "BAD_REQUEST"), ("model", "m02"))] == 3
+    assert got["mmengine_request_compute_seconds_count"][(("model", "m02"),)] == 2
+
+
 def test_timing_splits_a_request_into_stages():
     t = trace.timing(1_000, (1_500, 4_500, 4_800), 5_000, t_sent=1_200)
     assert t == {"total_ns": 4_000, "load_wait_ns": 200, "queue_ns": 300,

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from mmengine import protocol
-from mmengine.errors import BadRequest, InternalError, LoadFailed, MMEngineError, Overloaded
+from mmengine.errors import (BadRequest, InputsRefused, InternalError, LoadFailed, MMEngineError,
+                             Overloaded)
 from mmengine.declared import check_inputs, check_outputs, dims_fit
 from mmengine.storage import ModelSpec, TensorSpec
 
@@ -57,7 +58,7 @@ class LoadedModel(abc.ABC):
 
     def predict(self, inputs: Inputs) -> Outputs:
         if not (type(inputs) is dict or isinstance(inputs, Mapping)):  # dict: the fast way
-            raise BadRequest(f"{self.spec.name}: inputs must be a mapping of name to array")
+            raise InputsRefused(f"{self.spec.name}: inputs must be a mapping of name to array")
         check_inputs(self.inputs, inputs)
         return self._outputs(self._run(self._call, inputs))
 
@@ -300,9 +301,9 @@ def as_tensors(inputs: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
             try:
                 value = torch.from_numpy(value)
             except TypeError as e:
-                raise BadRequest(f"input {name!r}: {e}") from e
+                raise InputsRefused(f"input {name!r}: {e}") from e
         elif not isinstance(value, torch.Tensor):
-            raise BadRequest(f"input {name!r} must be a numpy array or a torch tensor, "
+            raise InputsRefused(f"input {name!r} must be a numpy array or a torch tensor, "
                              f"not {type(value).__name__}")
         out[name] = value if value.device == device else value.to(device, non_blocking=True)
     return out
