@@ -78,6 +78,16 @@ def samples(text: str) -> dict[str, dict[tuple, float]]:
     return out
 
 
+async def scraped(engine: Engine) -> dict[str, dict[tuple, float]]:
+    """samples() of one scrape of `engine`'s /metrics (metrics attached)."""
+    server = HttpServer(engine, metrics.ROUTES)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        return samples((await scrape(port))[1])
+    finally:
+        await server.stop()
+
+
 def test_metrics_and_trace_follow_the_engine(repo, tmp_path, own_segments):
     nbytes = Repository(repo).resolve("m00").estimated_bytes
     # One worker that holds two of the four models: a round over them evicts.
@@ -318,12 +328,7 @@ def test_a_model_refused_before_its_look_up_is_counted_under_its_name(repo, own_
                 await engine.infer("m01", {})
             with pytest.raises(BadRequest):
                 await engine.infer("stranger", {})
-            server = HttpServer(engine, metrics.ROUTES)
-            port = await server.start("127.0.0.1", 0)
-            try:
-                return samples((await scrape(port))[1])
-            finally:
-                await server.stop()
+            return await scraped(engine)
 
     got = run(main(), timeout=60)
     requests = got["mmengine_requests_total"]
@@ -346,12 +351,7 @@ def test_inputs_a_worker_refuses_are_no_call_of_the_model(repo, own_segments):
             for bad in ({"x": x.astype(np.float64)}, {"x": x[:, :3]}, {"z": x}):
                 with pytest.raises(BadRequest):
                     await engine.infer("m02", bad)  # resident: the worker's to refuse
-            server = HttpServer(engine, metrics.ROUTES)
-            port = await server.start("127.0.0.1", 0)
-            try:
-                return samples((await scrape(port))[1])
-            finally:
-                await server.stop()
+            return await scraped(engine)
 
     got = run(main(), timeout=60)
     assert got["mmengine_requests_total"][(("code", "BAD_REQUEST"), ("model", "m02"))] == 3
