@@ -940,6 +940,10 @@ def test_a_trickled_request_is_answered_408_and_closed(address, start):
 def test_path_is_percent_decoded_once(address):
     assert call(address, "GET", "/v2/models/m%30%30")[0] == 200       # "m00"
     assert call(address, "GET", "/v2/models/m0%2530")[0] == 404       # "m0%30", not "m00"
+    # A route's own words escaped are those words (RFC 3986 6.2.2.2): 404 before.
+    assert call(address, "GET", "/v2/%68ealth/%72eady")[0] == 200
+    assert call(address, "GET", "/v2/models/m00/%52EADY")[0] == 404   # case is not escaping's
+    assert call(address, "GET", "/v2/models%2Fm00")[0] == 404         # "/" stays a name's
 
 
 def test_an_overloaded_answer_says_when_to_retry():

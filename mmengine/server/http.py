@@ -405,6 +405,12 @@ async def _on_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], Any]) -
 
 
 Handler = Callable[..., Awaitable[Response] | Response | Later]
+# An escaped character that needs none: a route's words may come so.
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+
+
+def _unescaped(m: re.Match) -> str:
+    return chr(int(m[1], 16))
 
 
 class Router:
@@ -423,6 +429,8 @@ class Router:
         inside its parameter; HEAD is answered as GET, without the body."""
         allowed = []
         wanted = "GET" if method == "HEAD" else method
+        if "%" in path:  # "%69nfer" is "infer" (RFC 3986 6.2.2.2); "%2F" stays as sent
+            path = _UNRESERVED_ESCAPE.sub(_unescaped, path)
         for m, regex, handler, is_async in self._routes:
             found = regex.match(path) if path != "*" else None
             if found:
