@@ -77,7 +77,7 @@ import report  # benchmarks/report.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mmengine import AsyncClient, Client, protocol, trace  # noqa: E402
+from mmengine import AsyncClient, Client, protocol, resources, trace  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 MODEL, DIMS = "mlp", (64, 32, 16)
@@ -330,7 +330,7 @@ def direct_p50_us(x: np.ndarray, n: int, gap_us: float = 0) -> float:
 
     from mmengine.demo import mlp
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))  # as the worker does
+    torch.set_num_threads(resources.torch_threads(Config(workers=WORKERS)))  # the worker's
     model = mlp(*DIMS, seed=0)
     samples = []
     for _ in range(n):
@@ -614,8 +614,9 @@ def run(quick: bool) -> dict:
                                   "inputs": protocol.encode_tensors({"x": big})})
     big_response = len(protocol.frame({"outputs": protocol.encode_tensors({"y": big}),
                                        "id": 1000, "ok": True}))
+    # As the SDK's Client writes it, its timeout included (30 s, its default).
     request = {"op": "infer", "model": MODEL, "inputs": protocol.encode_tensors({"x": x}),
-               "id": 1000}
+               "id": 1000, "timeout": 30.0}
     response = protocol.frame({"outputs": protocol.encode_tensors({"y": y}), "id": 1000,
                                "ok": True})
     with tempfile.TemporaryDirectory(prefix="mmengine-overhead-") as tmp:
