@@ -493,9 +493,10 @@ static int mm_pick_cmp(const void *a, const void *b)
  * answer is c->picks[0 .. *n), the reason goes to *reason. LRU walks from
  * the LRU end and costs O(victims + skipped entries); GDSF gathers every
  * candidate and sorts them by (H, LRU position), O(n log n). Changes
- * nothing except GDSF's inflation L, raised to the largest H evicted. */
+ * nothing except GDSF's inflation L, raised to the largest H evicted, and
+ * not that when `peek` (a caller comparing workers before it picks one). */
 static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
-                             int64_t need, double high, double low,
+                             int64_t need, double high, double low, int peek,
                              int32_t *n, int32_t *reason)
 {
     int32_t k = mm_counter(c, tier, worker);
@@ -544,7 +545,7 @@ static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
         *reason = MM_PINNED;
         return MM_EOK;
     }
-    if (c->policy == MM_GDSF && m > 0 && c->picks[m - 1].h > c->inflation)
+    if (c->policy == MM_GDSF && !peek && m > 0 && c->picks[m - 1].h > c->inflation)
         c->inflation = c->picks[m - 1].h;
     *n = m;
     return MM_EOK;

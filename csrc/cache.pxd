@@ -45,7 +45,7 @@
 #   watermark, else candidates in policy order until it is under the low
 #   one. LRU walks from the head; GDSF sorts the candidates by
 #   H = L + (hits + 1) * cost / max(size, 1), ties by LRU position, and
-#   raises L to the largest H it answers.
+#   raises L to the largest H it answers (not when it only peeks).
 #
 # The request path
 #   A request is one call each way: mm_acquire pins, touches and counts a
@@ -183,7 +183,7 @@ cdef extern from "cache.h" nogil:
     # Walks; the answer is c.picks[0 .. n). victims: O(victims + skipped)
     # under LRU, O(n log n) under GDSF. idle: O(answer).
     int mm_victims(mm_cache *c, int32_t tier, int32_t worker, int64_t need,
-                   double high, double low, int32_t *n, int32_t *reason)
+                   double high, double low, int peek, int32_t *n, int32_t *reason)
     int32_t mm_idle(mm_cache *c, double now, double idle_s)
 
     # O(n): every link, slot, bucket and counter against the entries.

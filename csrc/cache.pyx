@@ -231,10 +231,11 @@ cdef class NativeCache:
     def idle(self, double now, double idle_s):
         return self._answer(mm_idle(&self.c, now, idle_s))
 
-    def victims(self, tier, worker, bytes_needed, double high, double low):
+    def victims(self, tier, worker, bytes_needed, double high, double low,
+                bint peek=False):
         cdef int32_t n, reason
         _check(mm_victims(&self.c, _int32(tier), _int32(worker),
-                          _nbytes(bytes_needed), high, low, &n, &reason))
+                          _nbytes(bytes_needed), high, low, peek, &n, &reason))
         return self._answer(n), reason
 
     # -- the whole --------------------------------------------------------

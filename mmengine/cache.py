@@ -8,7 +8,9 @@ and run through the same tests; `PyCache` is the oracle.
 
 The cache only keeps books. The engine decides policy: it inserts an entry
 before a load, reserves bytes with `set_bytes`, pins while requests are in
-flight, and unloads what `victims` and `idle` name. A request takes one
+flight, and unloads what `victims` and `idle` name (`victims` with
+`peek=True` names the same and changes nothing, not even GDSF's L: for
+comparing workers before one is picked). A request takes one
 call each way: `acquire(key, now)` pins, touches and counts a hit of a
 READY entry (`touch` alone counts nothing) and returns its worker (else
 returns -1 and changes nothing), `release(key)` (= unpin) lets it go.
@@ -277,7 +279,7 @@ class PyCache:
         return keys
 
     def victims(self, tier: int, worker: int, bytes_needed: int,
-                high: float, low: float) -> tuple[list, int]:
+                high: float, low: float, peek: bool = False) -> tuple[list, int]:
         need = _nbytes(bytes_needed)
         k = self._counter(tier, worker)
         high, low = float(high), float(low)
@@ -306,7 +308,7 @@ class PyCache:
         else:
             if used - freed > cap - need:
                 return [], PINNED
-        if self._policy == GDSF and keys:
+        if self._policy == GDSF and keys and not peek:
             self._inflation = max(self._inflation,
                                   self._lru[keys[-1]].priority())
         return keys, OK

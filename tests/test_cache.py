@@ -400,6 +400,9 @@ def test_victims_gdsf(impl):
     ready(c, "costly", host=400)
     c.set_cost("costly", 100.0)             # H = 1 * 100 / 400
     assert c.priority("big") == 1 / 400
+    # A peek names the same victims and leaves L as it was.
+    assert c.victims(HOST, 0, 500, 0.8, 0.5, peek=True) == (["big", "small", "costly"], OK)
+    assert c.stats()["inflation"] == 0.0
     victims = c.victims(HOST, 0, 500, 0.8, 0.5)
     assert victims == (["big", "small", "costly"], OK)
     # L rose to the last victim's H; a touch or a hit now starts from there.

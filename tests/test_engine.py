@@ -1831,6 +1831,33 @@ def test_a_model_is_placed_beside_the_idle_worker_not_the_busy_one(tmp_path, own
     assert placed == 1
 
 
+def test_room_is_made_where_the_evicted_were_used_least_recently(tmp_path, own_segments):
+    # Each worker's budget evicts on its own, but the two should lose what
+    # one pooled LRU cache would: "old" (used first) goes, though its
+    # worker has less free room than the one "recent" holds. Budgets of
+    # 10 MiB evict past 8: "c" fits on neither as they stand.
+    echo = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return inputs\n"
+    for name, mib in (("old", 7), ("recent", 5), ("c", 4)):
+        write_handler(tmp_path, name, echo, f"bytes = {mib << 20}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=2,
+                                 device_budget=10 << 20)) as engine:
+            await engine.infer("old", {"x": np.ones(1)})
+            await engine.infer("recent", {"x": np.ones(1)})
+            def placed():
+                return {r["name"]: r["worker"] for r in engine.stats()["models"]
+                        if r["worker"] is not None}
+
+            before = placed()
+            await engine.infer("c", {"x": np.ones(1)})
+            return before, placed()
+
+    before, after = run(main())
+    assert before == {"old": 0, "recent": 1}, before
+    assert after == {"recent": 1, "c": 0}, after
+
+
 def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments):
     # A worker's loads run one at a time: "fast", asked for while "slowload"
     # loads on the roomier worker, goes beside the pinned "ballast" instead
