@@ -39,7 +39,8 @@ Response header (worker -> front-end):
                READY (id 0): {"pid", "device"}; error: the message (str),
                or, where an INFER failed once the worker had taken it (its
                inputs refused, its model raised, its answer refused), the
-               INFER body with "message" added
+               INFER body with "message" added (with no "t_done" where its
+               inputs were refused: its model never ran)
       tensors  [[name, dtype, shape], ...] describing parts 1..n (INFER)
 
 A response whose code is SKIPPED (not an ErrorCode) answers an INFER the
@@ -294,7 +295,7 @@ def response_record(rid: int, code: int, body: Any,
 
 def ran(body: Any) -> dict | None:
     """The INFER run's body in an answer's or an error's body, else None."""
-    return body if type(body) is dict and "t_done" in body else None
+    return body if type(body) is dict and "t_recv" in body else None
 
 
 def parse_response(header) -> tuple[int, int, Any, list]:

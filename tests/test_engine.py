@@ -270,6 +270,13 @@ def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments
                 out = await engine.infer("m00", {"x": x})  # still serving
                 np.testing.assert_allclose(out["y"], models["m00"].reference(x),
                                            rtol=1e-5, atol=1e-5)
+            # Refused by the worker that holds it: the check's own words (it
+            # said the run's account, a dict, as its message), and where.
+            with pytest.raises(BadRequest) as refused:
+                await engine.infer("m00", {"x": x[:, :3]})
+            assert str(refused.value) == "input 'x' must have shape [-1, 16] (-1: any), " \
+                                         "not [2, 3]", refused.value
+            assert refused.value.ran["worker"] == 0 and "t_done" not in refused.value.ran
             return engine.stats()
 
     stats = run(main())
