@@ -300,15 +300,20 @@ class Engine:
         for w in self.pool.workers:
             self.cache.set_capacity(books.DEVICE, w.index, budgets[w.device])
         self._locks = [asyncio.Lock() for _ in self.pool.workers]
-        biggest = max(self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers)
-        too_large = [s for s in pins if s.estimated_bytes > biggest]
-        if too_large:  # it could never be resident: the server would never be ready
+        caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
+        too_large = [s for s in pins if s.estimated_bytes > max(caps)]
+        if too_large or not _fit_together([s.estimated_bytes for s in pins], caps):
+            # They could never all be resident: the server would never be ready.
             await self.pool.stop()
             self.pool, self.cache, self._started = None, None, False
-            s = too_large[0]
-            raise ConfigError(f"pin_models: {s.name} v{s.version} needs {s.estimated_bytes} "
-                              f"bytes, more than a worker's whole budget ({biggest}, "
-                              f"device_budget)")
+            if too_large:
+                s = too_large[0]
+                raise ConfigError(f"pin_models: {s.name} v{s.version} needs "
+                                  f"{s.estimated_bytes} bytes, more than a worker's whole "
+                                  f"budget ({max(caps)}, device_budget)")
+            named = ", ".join(f"{s.name} v{s.version} ({s.estimated_bytes})" for s in pins)
+            raise ConfigError(f"pin_models: {named} do not fit together in the workers' "
+                              f"budgets ({', '.join(map(str, caps))} bytes, device_budget)")
         self._spawn(self._monitor())
         for w in self.pool.workers:
             if not w.alive:  # died after its READY, while there was no cache to tell
@@ -1938,7 +1943,7 @@ class Engine:
             # A failed load's was said, and kept, by _load_failed (its
             # message carries the back-off: kept, it would be said at every
             # try and carry a stale back-off in the next refusal).
-            failure = getattr(e, "failure", str(e))
+            failure = e.failure or str(e)  # set on a refusal during a back-off only
             if failure != stats.last_error:  # once, not every interval of a retry
                 log.warning("pinned model %s v%d is not resident: %s; trying again",
                             key[0], key[1], e)
@@ -2452,6 +2457,31 @@ def _load_ran(key: Key, worker: int) -> dict:
     never reached the worker's ring, but observers learn which version and
     worker it waited for."""
     return {"version": key[1], "worker": worker}
+
+
+def _fit_together(sizes: list[int], caps: list[int], tries: int = 100_000) -> bool:
+    """Whether models of these sizes can all be placed at once in workers of
+    these budgets: a search, biggest first, that says yes when it gives up
+    after `tries` placements (only a sure no refuses a configuration)."""
+    if sum(sizes) > sum(caps):
+        return False
+    sizes, room, left_to_try = sorted(sizes, reverse=True), list(caps), [tries]
+
+    def place(i: int) -> bool:
+        if i == len(sizes) or left_to_try[0] <= 0:
+            return True
+        tried = set()
+        for w, left in enumerate(room):
+            if sizes[i] <= left and left not in tried:  # equal rooms are one choice
+                tried.add(left)
+                left_to_try[0] -= 1
+                room[w] -= sizes[i]
+                if place(i + 1):
+                    return True
+                room[w] += sizes[i]
+        return False
+
+    return place(0)
 
 
 def _loads_ahead(worker: Worker) -> bool:

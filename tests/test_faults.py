@@ -647,6 +647,54 @@ def test_a_pinned_model_the_repository_lacks_or_no_worker_holds_is_a_configurati
     run(main())
 
 
+def test_pinned_models_that_cannot_be_resident_together_are_a_configuration_error(
+        repo, own_segments):
+    # Each fits a worker's budget, not both one worker's: the server warmed
+    # for good (a review's finding). On two workers they fit.
+    for name in ("hot-a", "hot-b"):
+        moody(repo, name, "ok")
+        (repo / name / "1" / "model.toml").write_text(f"bytes = {10 << 20}\n")
+
+    async def main():
+        engine = Engine(config(repo, pin_models="hot-a,hot-b"))
+        with pytest.raises(ConfigError, match=r"^pin_models: hot-a v1 \(10485760\), hot-b v1 "
+                                              r"\(10485760\) do not fit together in the "
+                                              r"workers' budgets \(16777216 bytes"):
+            await engine.start()
+        assert engine.pool is None  # its workers were stopped
+        async with Engine(config(repo, pin_models="hot-a,hot-b", workers=2)) as engine:
+            await asyncio.wait_for(engine.warmed(), 30)
+
+    run(main(), timeout=90)
+
+
+def test_a_pinned_model_that_finds_no_room_says_why_in_its_row(tmp_path, own_segments):
+    # Their manifests say 1,000 bytes; each takes ~60% of the budget once
+    # loaded. Loaded again after their worker dies, as measured, the second
+    # finds the first, pinned, holding its room. Its row said last_error
+    # None: the error's `failure` (set only on a refusal during a back-off)
+    # was taken for its message.
+    for name in ("big-a", "big-b"):
+        path = demo.write_mlp(tmp_path / name, "safetensors", 64, 2000, 16)
+        (path / "model.toml").write_text("bytes = 1000\n" + (path / "model.toml").read_text())
+    budget = int(4 * (64 * 2000 + 2000 + 2000 * 16 + 16) / 0.6)  # float32 weights and biases
+
+    async def main():
+        async with Engine(config(tmp_path, pin_models="big-a,big-b",
+                                 device_budget=budget)) as engine:
+            await asyncio.wait_for(engine.warmed(), 30)
+            os.kill(engine.pool.workers[0].pid, signal.SIGKILL)
+            errors = lambda: [(engine.model_row((n, 1)) or {}).get("last_error")  # noqa: E731
+                              for n in ("big-a", "big-b")]
+            await until(lambda: "pinned models hold" in "".join(e or "" for e in errors()),
+                        30, "a pinned model's error")
+            await asyncio.sleep(0.5)  # the monitor tries it again: its error stays
+            return errors()
+
+    errors = run(main(), timeout=90)
+    assert any("pinned models hold every worker's budget" in (e or "") for e in errors), errors
+
+
 def test_a_configured_pin_that_cannot_be_read_is_unpinned_by_its_name(repo, own_segments):
     # Its version was looked up in a manifest that cannot be read: only
     # unpin(name, version) released it, and the server stayed warming (a
