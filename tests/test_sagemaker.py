@@ -76,6 +76,11 @@ def disk(tmp_path_factory) -> dict[str, Path]:
     (paths["complex"] / "handler.py").write_text(
         "import numpy as np\n\ndef load(path, device):\n    pass\n\n"
         "def predict(inputs):\n    return {'z': inputs['x'].astype(np.complex64)}\n")
+    paths["echo"] = root / "echo"  # its input, undeclared: as JSON's are read
+    paths["echo"].mkdir()
+    (paths["echo"] / "handler.py").write_text(
+        "def load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n    return {'y': inputs['x']}\n")
     paths["wide"] = root / "wide"  # one more value than a text/csv answer holds
     paths["wide"].mkdir()
     (paths["wide"] / "handler.py").write_text(
@@ -420,10 +425,22 @@ def test_whole_numbers_reach_integer_models_exactly(address, disk):
             ("exact-uint64", "-1,1\n", "text/csv", "out of range for uint64"),
             ("exact-int64", "1.5\n", "text/csv", "must be int64"),
             ("undeclared", json.dumps({"inputs": {"x": [2 ** 63, 1]}}), "application/json",
-             "beyond int64's range")):  # undeclared: it was served as float32
+             "beyond int64's range"),  # undeclared: it was served as float32
+            # Past 64 bits orjson reads floats: they were served as float32.
+            ("undeclared", json.dumps({"inputs": {"x": [10 ** 20]}}), "application/json",
+             "beyond int64's range"),
+            ("undeclared", json.dumps({"inputs": {"x": [[1], [-2 ** 63 - 1]]}}),
+             "application/json", "beyond int64's range")):
         status, _, answer = raw_call(address, f"/models/{name}/invoke", raw.encode(),
                                      {"Content-Type": media})
         assert status == 400 and words in json.loads(answer)["error"], (name, raw, answer)
+    # A float that large is a float (as torch.tensor() reads it), among
+    # integers too.
+    assert add(address, "undeclared-echo", disk["echo"])[0] == 200
+    for raw in ('{"inputs": {"x": [1e20]}}', '{"inputs": {"x": [1.5, %d]}}' % 10 ** 20):
+        status, _, answer = raw_call(address, "/models/undeclared-echo/invoke", raw.encode(),
+                                     {"Content-Type": "application/json"})
+        assert status == 200 and json.loads(answer)["outputs"]["y"][-1] == 1e20, (raw, answer)
 
 
 def test_int64s_least_is_out_of_a_float16s_range(address, disk):

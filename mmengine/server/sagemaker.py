@@ -32,6 +32,7 @@ import binascii
 import dataclasses
 import functools
 import io
+import json
 import math
 import os
 import warnings
@@ -540,13 +541,24 @@ def _parse_inputs(request: Request, media: str, name: str,
             arrays[key] = array_from_json(what, value, np.dtype(dtype))
             continue
         array = array_from_json(what, value, None)
-        if array.dtype.kind == "u":  # past int64: torch.tensor() refuses it
+        if array.dtype.kind == "u" or _past_64_bits(request, body, key, array):
+            # torch.tensor() refuses integers past int64 (beside no fraction)
             raise BadRequest(f"{what}: an integer beyond int64's range")
         # Undeclared, fractions become float32 (as torch.tensor() makes them,
         # and SageMaker's PyTorch container): numpy's float64 fits no float32
         # model. Integers stay int64, booleans bool.
         arrays[key] = cast_json_array(what, array, _FLOAT32 if array.dtype.kind == "f" else None)
     return arrays
+
+
+def _past_64_bits(request: Request, body: Any, key: str, array: np.ndarray) -> bool:
+    """Whether `array`, JSON's numbers for input `key` read as floats, were
+    written as integers: orjson reads one past 64 bits as a float."""
+    if array.dtype.kind != "f" or not array.size or np.abs(array).max() < 2.0 ** 63:
+        return False
+    exact = json.loads(request.body)  # a rare body, read again as written
+    exact = np.array(exact if isinstance(body, list) else exact["inputs"][key], dtype=object)
+    return all(type(v) is int for v in exact.flat)
 
 
 _FLOAT32 = np.dtype(np.float32)
