@@ -1602,6 +1602,13 @@ class Engine:
                     self._evict(key, "idle")
         await self._relieve_host_memory()
         for w in self.pool.workers:
+            # Past its high watermark only where loads measured more than
+            # their estimates while the models that would make the room were
+            # in use: the load's own _shrink found none to evict.
+            if w.alive and self.cache.used(books.DEVICE, w.index) > \
+                    self.config.high_watermark * self.cache.capacity(books.DEVICE, w.index):
+                await self._shrink(w.index, "pressure")
+        for w in self.pool.workers:
             memory = resources.gpu_memory(int(w.device.split(":")[1])) \
                 if w.device.startswith("cuda") else None
             if memory is not None:  # (None: NVML will not say; the budget still holds)
@@ -1827,13 +1834,15 @@ class Engine:
         how = worker.exit_status()
         self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
                                    "at_ns": time.monotonic_ns()})
-        serving = worker.died_serving
+        serving, going = worker.died_serving, self._closing or self.pool.stopping
         log.warning("worker %d (pid %s) ended: %s%s; %d inferences failed (WORKER_DIED)%s",
                     worker.index, worker.pid, how,
                     f", running {serving[0]} v{serving[1]}" if serving else "",
-                    worker.died_with, "" if self._closing else "; restarting it")
+                    worker.died_with, "" if going else "; restarting it")
         self._blame(worker)
-        for key in self.cache.lru_keys():
+        # Each demoted copy may need room in the host tier, and the last to
+        # come are kept: the pinned models', loaded again at once, last.
+        for key in sorted(self.cache.lru_keys(), key=self._pinned.__contains__):
             entry = self.cache.entry(key)
             if entry.worker == worker.index:
                 self.host.set_resident(key, False)  # its host copy serves the reload
@@ -1844,7 +1853,7 @@ class Engine:
                                          "start_ns": time.monotonic_ns()})
                     self._count_eviction(key, "worker_exit")
                 self._forget(key, self._gen[key])
-        if not self._closing:
+        if not going:
             self._spawn(self._revive(worker.index))
 
     def _blame(self, worker: Worker) -> None:
@@ -1889,7 +1898,7 @@ class Engine:
                 log.info("worker %d is back (pid %s)", index, self.pool.workers[index].pid)
                 break
             except (WorkerDied, OSError) as e:  # it died at start, or could not start
-                if self._closing:
+                if self._closing or self.pool.stopping:
                     return
                 log.warning("worker %d did not come back (%s); trying again", index, e)
                 if isinstance(e, OSError) and e.errno == errno.ENOSPC:

@@ -33,6 +33,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from typing import Callable
@@ -977,8 +978,19 @@ class WorkerPool:
         self.restart_delays: dict[int, float] = {}  # index -> the last restart's back-off
         self._stopping = False
         self._forsaken = False  # a forked child's copy (_after_fork_in_child)
-        self._finalizer = weakref.finalize(self, _kill_all, self.workers, os.getpid())
+        # Set by the finalizer, which holds no reference to the pool: a
+        # program that exits without stop() (its loop still running on a
+        # thread) saw the workers it killed restarted, their rings leaked.
+        self._exiting = threading.Event()
+        self._finalizer = weakref.finalize(self, _kill_all, self.workers, os.getpid(),
+                                           self._exiting)
         _POOLS.add(self)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether its workers are going for good (stop(), or the exit of a
+        program that never called it): a death is no worker to restart."""
+        return self._stopping or self._exiting.is_set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1032,7 +1044,7 @@ class WorkerPool:
         delay = min(30.0, 0.1 * 2 ** len(recent)) if recent else 0.0
         self.restart_delays[index] = delay
         await asyncio.sleep(delay)
-        if self._stopping:
+        if self.stopping:
             raise WorkerDied(f"worker {index}: not restarted, the pool is stopping")
         w = Worker(index, old.device, self.config)
         w.on_unserved = self._on_unserved
@@ -1125,10 +1137,11 @@ async def _reaped(process: subprocess.Popen | None, timeout: float) -> bool:
     return True
 
 
-def _kill_all(workers: list[Worker], pid: int) -> None:
+def _kill_all(workers: list[Worker], pid: int, exiting: threading.Event) -> None:
     """Last resort for a pool that was never stopped: no orphans, no segments."""
     if os.getpid() != pid:  # a forked child, exiting: they are its parent's
         return
+    exiting.set()  # before the kills: their deaths are no workers to restart
     for w in workers:
         if w.process is not None and w.process.poll() is None:
             w.process.kill()

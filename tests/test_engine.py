@@ -1865,6 +1865,68 @@ def test_room_is_made_where_the_evicted_were_used_least_recently(tmp_path, own_s
     assert after == {"recent": 1, "c": 0}, after
 
 
+def test_a_worker_past_its_budget_with_models_no_longer_in_use_comes_back_under_it(
+        tmp_path, own_segments):
+    # Their manifests say 1,000 bytes; each takes 40% of the budget once
+    # loaded. Pinned, none could make room for the next as it loaded; once
+    # unpinned they stayed past the budget until another load came (a
+    # review's finding): the monitor now makes the room.
+    for i in range(3):
+        path = demo.write_mlp(tmp_path / f"u{i}", "safetensors", 64, 2000, 16, seed=i)
+        (path / "model.toml").write_text("bytes = 1000\n" + (path / "model.toml").read_text())
+    budget = int(4 * (64 * 2000 + 2000 + 2000 * 16 + 16) / 0.4)  # float32 weights and biases
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=budget,
+                                 monitor_interval_s=0.1)) as engine:
+            for i in range(3):
+                await engine.pin(f"u{i}")
+            used = lambda: engine.stats()["workers"][0]["used_bytes"]  # noqa: E731
+            over = used()
+            for i in range(3):
+                await engine.unpin(f"u{i}")
+            await until(lambda: used() <= 0.8 * budget, 10, "the worker under its watermark")
+            await asyncio.sleep(0.3)  # and no further than the low one
+            rows = {r["name"]: r["state"] for r in engine.stats()["models"]}
+            return over, used(), rows
+
+    over, under, rows = run(main())
+    assert over > budget, over
+    assert 0.3 * budget < under <= 0.7 * budget, under  # down to the low watermark
+    assert rows == {"u0": "in host memory", "u1": "in host memory", "u2": "resident"}, rows
+
+
+def test_a_dead_workers_pinned_model_keeps_its_copy_in_a_tight_host_tier(tmp_path,
+                                                                          own_segments):
+    # Its models, demoted as it dies, each need room in a tier that holds
+    # two: the pinned one, least recently used, went first, and loaded from
+    # its files again (a review's finding). Now it is demoted last.
+    for name in ("hot", "a", "b", "c"):
+        demo.write_mlp(tmp_path / name, "safetensors", 64, 2000, 16)
+    size = 4 * (64 * 2000 + 2000 + 2000 * 16 + 16)  # float32 weights and biases
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=6 * size,
+                                 host_tier_bytes=int(3.5 * size), pin_models="hot",
+                                 monitor_interval_s=0.1)) as engine:
+            await engine.warmed()
+            for name in ("a", "b", "c"):
+                await engine.infer(name, {"x": np.ones((1, 64), np.float32)})
+            await until(lambda: engine.stats()["host_tier"]["models"] == 4, 10,
+                        "the copies made")
+            os.kill(engine.pool.workers[0].pid, signal.SIGKILL)
+            await until(lambda: engine.model_row(("hot", 1))["loads"] == 2 and
+                        engine.model_row(("hot", 1))["state"] == "resident", 30,
+                        "the pinned model back")
+            return {n: engine.model_row((n, 1)) for n in ("hot", "a", "b", "c")}
+
+    rows = run(main())
+    assert rows["hot"]["loads_from_host"] == 1, rows
+    # Two copies fit past the high watermark: "c", the most recent, stayed.
+    assert [rows[n]["state"] for n in "abc"] == ["on storage", "on storage",
+                                                 "in host memory"], rows
+
+
 def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments):
     # A worker's loads run one at a time: "fast", asked for while "slowload"
     # loads on the roomier worker, goes beside the pinned "ballast" instead
@@ -2072,6 +2134,38 @@ def test_a_forked_child_ending_leaves_the_engine_its_memory(tmp_path):
     counted, same, from_host = done.stdout.split("\n")[0].split()
     assert int(counted) >= 4 and same == "True" and from_host == "1", done.stdout
     assert done.stdout.split("\n")[1] == "stopped []", done.stdout
+
+
+EXITING_APP = """
+import asyncio, os, sys, threading, time
+import numpy as np
+from mmengine.config import Config
+from mmengine.engine import Engine
+
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, daemon=True).start()
+engine = Engine(Config(repo=sys.argv[1], workers=2))
+asyncio.run_coroutine_threadsafe(engine.start(), loop).result(60)
+x = np.ones((1, 16), np.float32)
+asyncio.run_coroutine_threadsafe(engine.infer("m", {"x": x}), loop).result(60)
+print(os.getpid(), flush=True)
+# It returns without engine.stop(), its loop still running on the thread.
+"""
+
+
+def test_a_program_that_exits_without_stopping_restarts_no_worker(tmp_path):
+    # The pool's finalizer killed the workers while the loop thread still
+    # ran: the engine took their deaths for crashes and restarted them as
+    # the interpreter went, their rings sometimes left behind (a review).
+    demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", EXITING_APP, str(tmp_path)],
+                              env=environ(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "restarting" not in done.stderr and "rings are gone" not in done.stderr, \
+            done.stderr[-2000:]
+        pid = done.stdout.split()[0]
+        assert not [s for s in shm.list_segments() if s.startswith(f"{shm.PREFIX}{pid}-")]
 
 
 FORKING_ON_THE_LOOP = """
