@@ -28,6 +28,7 @@ import functools
 import itertools
 import logging
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -714,10 +715,10 @@ class Engine:
         self._check_open()
         if timeout is None:
             return time.monotonic() + self.config.request_timeout_s
-        if isinstance(timeout, bool) or not (isinstance(timeout, (int, float))
+        if isinstance(timeout, bool) or not (isinstance(timeout, numbers.Real)
                                              and timeout > 0):  # NaN is no deadline
             raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
-        return time.monotonic() + timeout
+        return time.monotonic() + float(timeout)  # numpy's scalars too, as the SDK takes
 
     def _check_open(self) -> None:
         if self._closing:

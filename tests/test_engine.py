@@ -277,6 +277,11 @@ def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments
             assert str(refused.value) == "input 'x' must have shape [-1, 16] (-1: any), " \
                                          "not [2, 3]", refused.value
             assert refused.value.ran["worker"] == 0 and "t_done" not in refused.value.ran
+            # A timeout is any real number of seconds, numpy's too (as the SDK takes it).
+            await engine.infer("m00", {"x": x}, timeout=np.float32(5))
+            for bad in (np.float32("nan"), np.int64(0), True):
+                with pytest.raises(BadRequest, match="timeout must be a positive number"):
+                    await engine.infer("m00", {"x": x}, timeout=bad)
             return engine.stats()
 
     stats = run(main())
