@@ -551,8 +551,9 @@ static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
     return MM_EOK;
 }
 
-/* READY, unpinned entries holding bytes and unused since now - idle_s,
- * into c->picks[0 .. *n), least recent first. Stops at the first entry used
+/* READY, unpinned entries holding bytes or a worker (a model that measured
+ * 0 bytes is still loaded there) and unused since now - idle_s, into
+ * c->picks[0 .. *n), least recent first. Stops at the first entry used
  * later than that: callers touch with a clock that does not go back. */
 static inline int32_t mm_idle(mm_cache *c, double now, double idle_s)
 {
@@ -564,7 +565,8 @@ static inline int32_t mm_idle(mm_cache *c, double now, double idle_s)
         if (n->last_use > since)
             break;
         if (n->state == MM_READY && n->pins == 0
-            && (e->bytes[MM_HOST] | e->bytes[MM_DISK] | e->bytes[MM_DEVICE]))
+            && (e->bytes[MM_HOST] | e->bytes[MM_DISK] | e->bytes[MM_DEVICE]
+                || n->worker != MM_NIL))
             c->picks[m++].slot = s;
     }
     return m;

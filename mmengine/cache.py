@@ -274,7 +274,7 @@ class PyCache:
         for key, e in self._lru.items():
             if e.last_use > since:
                 break
-            if e.state == READY and e.pins == 0 and any(e.bytes):
+            if e.state == READY and e.pins == 0 and (any(e.bytes) or e.worker >= 0):
                 keys.append(key)
         return keys
 

@@ -438,6 +438,9 @@ def test_idle(impl):
     assert c.idle(10.0, 9.5) == []
     c.unpin("c")
     assert c.idle(10.0, 7.0) == ["a", "c"]
+    # No bytes, but on a worker: a model that measured 0 is loaded there.
+    c.set_worker("b", 0)
+    assert c.idle(10.0, 6.0) == ["a", "b", "c", "d"]
 
 
 def test_stats_and_verify(impl):
