@@ -715,6 +715,8 @@ class Engine:
         self._check_open()
         if timeout is None:
             return time.monotonic() + self.config.request_timeout_s
+        if type(timeout) is float and timeout > 0:  # the usual case: no ABC check
+            return time.monotonic() + timeout
         if isinstance(timeout, bool) or not (isinstance(timeout, numbers.Real)
                                              and timeout > 0):  # NaN is no deadline
             raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
