@@ -163,6 +163,8 @@ def _table(names: list[str], args: argparse.Namespace, latencies: list[float],
                  ("latency p99", f"{ms[2]:.2f} ms"), ("latency max", f"{ms[3]:.2f} ms")]
     rows += [("throughput", f"{len(latencies) / elapsed:,.1f} req/s"),
              ("hit rate", hit_rate), ("loads", str(loads)), ("evictions", str(evictions))]
+    # Always there, 0 included: a reader (or a script) looks for the row by name.
+    rows += [("errors", str(sum(errors.values())))]
     rows += [(f"errors {name}", str(n)) for name, n in sorted(errors.items())]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -893,7 +893,7 @@ def test_bench_prints_its_table(address):
     assert table["models"].startswith(f"{len(MODELS) + 1} ")  # with "huge"
     ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed of 200", table["requests"]).groups())
     assert ok + failed == 200 and ok > 0
-    assert failed == int(table.get("errors TooLarge", 0))  # only "huge" fails
+    assert failed == int(table["errors"]) == int(table.get("errors TooLarge", 0))  # "huge"
     assert r.returncode == (1 if failed else 0), r.stderr  # failures: a failed run
     for key in ("latency p50", "latency p90", "latency p99", "latency max"):
         assert table[key].endswith(" ms")
