@@ -80,6 +80,9 @@ ROWS_PER_TURN = 128
 # A request answered through a server is told to the observers at the next
 # request sent to a worker, or within this (Engine.flush_observations).
 OBSERVE_WITHIN_S = 0.01
+# pin_models that first fit does not place are searched for a placement up to
+# this many (the search recurses once a pin).
+SEARCHED_PINS = 64
 
 
 @dataclasses.dataclass
@@ -174,6 +177,7 @@ class Engine:
         self._pinned: dict[Key, int] = {}
         # Models pinned by configuration (pin_models) that have not been
         # resident since start: the engine is not ready while any is left.
+        self._shrinking: set[int] = set()  # workers the monitor makes room on (_monitor_once)
         self._warming: set[Key] = set()
         self._warmed = asyncio.Event()
         self._rewarming: set[Key] = set()  # pinned models _keep_pinned_warm is loading
@@ -302,6 +306,7 @@ class Engine:
             self.cache.set_capacity(books.DEVICE, w.index, budgets[w.device])
         self._locks = [asyncio.Lock() for _ in self.pool.workers]
         caps = [self.cache.capacity(books.DEVICE, w.index) for w in self.pool.workers]
+        pins = list({(s.name, s.version): s for s in pins}.values())  # "m" and "m:1" are one
         too_large = [s for s in pins if s.estimated_bytes > max(caps)]
         if too_large or not _fit_together([s.estimated_bytes for s in pins], caps):
             # They could never all be resident: the server would never be ready.
@@ -1427,10 +1432,10 @@ class Engine:
         victims, reason = self.cache.victims(
             books.DEVICE, index, need, self.config.high_watermark,
             self.config.low_watermark, peek=True)
-        if reason != books.OK:
-            return math.inf  # pinned or in use: no room to make there now
-        if not victims:
-            return -math.inf
+        if reason != books.OK or not victims:
+            # Pinned or in use: no room to make there now, or none but
+            # past the watermark, beside models in use: where others have none.
+            return math.inf
         last = victims[-1]  # the policy's order: the one it would keep longest
         if self.config.policy == "gdsf":
             return self.cache.priority(last)
@@ -1582,6 +1587,13 @@ class Engine:
             await asyncio.gather(*[self._evict(v, reason, cause) for v in victims],
                                  return_exceptions=True)
 
+    async def _back_within_budget(self, index: int) -> None:
+        # Spawned: its unloads may wait behind a load, the monitor must not.
+        try:
+            await self._shrink(index, "pressure")
+        finally:
+            self._shrinking.discard(index)
+
     async def _monitor(self) -> None:
         """Idle unloads and memory watermarks, once per interval."""
         while True:
@@ -1605,12 +1617,15 @@ class Engine:
                     self._evict(key, "idle")
         await self._relieve_host_memory()
         for w in self.pool.workers:
-            # Past its high watermark only where loads measured more than
+            # Past its whole budget only where loads measured more than
             # their estimates while the models that would make the room were
-            # in use: the load's own _shrink found none to evict.
-            if w.alive and self.cache.used(books.DEVICE, w.index) > \
-                    self.config.high_watermark * self.cache.capacity(books.DEVICE, w.index):
-                await self._shrink(w.index, "pressure")
+            # in use: the load's own _shrink found none to evict. (Between
+            # the watermark and the budget it stays: README, "Device".)
+            if w.alive and w.index not in self._shrinking and \
+                    self.cache.used(books.DEVICE, w.index) > \
+                    self.cache.capacity(books.DEVICE, w.index):
+                self._shrinking.add(w.index)
+                self._spawn(self._back_within_budget(w.index))
         for w in self.pool.workers:
             memory = resources.gpu_memory(int(w.device.split(":")[1])) \
                 if w.device.startswith("cuda") else None
@@ -2473,11 +2488,22 @@ def _load_ran(key: Key, worker: int) -> dict:
 
 def _fit_together(sizes: list[int], caps: list[int], tries: int = 100_000) -> bool:
     """Whether models of these sizes can all be placed at once in workers of
-    these budgets: a search, biggest first, that says yes when it gives up
-    after `tries` placements (only a sure no refuses a configuration)."""
+    these budgets: first fit, biggest first, then (for up to SEARCHED_PINS
+    of them) a search that says yes when it gives up after `tries`
+    placements: only a sure no refuses a configuration."""
     if sum(sizes) > sum(caps):
         return False
     sizes, room, left_to_try = sorted(sizes, reverse=True), list(caps), [tries]
+    for size in sizes:
+        fits = next((w for w, left in enumerate(room) if size <= left), None)
+        if fits is None:
+            break
+        room[fits] -= size
+    else:
+        return True
+    if len(sizes) > SEARCHED_PINS:  # a recursion this deep: no sure no
+        return True
+    room = list(caps)
 
     def place(i: int) -> bool:
         if i == len(sizes) or left_to_try[0] <= 0:

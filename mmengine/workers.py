@@ -1050,6 +1050,9 @@ class WorkerPool:
         w.on_unserved = self._on_unserved
         w.start(asyncio.get_running_loop())
         self.workers[index] = w  # from here on stop() owns it, whatever happens
+        if self._exiting.is_set():  # the exit's finalizer ran since the look above
+            w.process.kill()
+            raise WorkerDied(f"worker {index}: not restarted, the program is exiting")
         await self._await_ready([w])
         # Watched only once up: a death in the handshake is this call's
         # failure, not a second restart running beside this one.

@@ -1931,6 +1931,29 @@ def test_a_dead_workers_pinned_model_keeps_its_copy_in_a_tight_host_tier(tmp_pat
     assert [rows[n]["state"] for n in "ab"] == ["on storage", "on storage"], rows
 
 
+def test_a_worker_between_its_watermark_and_its_budget_keeps_its_models(tmp_path,
+                                                                        own_segments):
+    # "small" loads beside the pinned "big" past the high watermark, within
+    # the budget: the monitor left it alone until a review's fix for loads
+    # past the budget evicted it at each turn (README, "Device": tried, it
+    # bought nothing but reloads).
+    echo = "def load(path, device):\n    pass\n\ndef predict(inputs):\n    return inputs\n"
+    write_handler(tmp_path, "big", echo, f"bytes = {9 << 20}\n")
+    write_handler(tmp_path, "small", echo, f"bytes = {1 << 19}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=10 << 20,
+                                 pin_models="big", monitor_interval_s=0.05)) as engine:
+            await engine.warmed()
+            for _ in range(3):
+                await engine.infer("small", {"x": np.ones(1)})
+                await asyncio.sleep(0.3)  # six of the monitor's turns
+            return engine.model_row(("small", 1))
+
+    row = run(main())
+    assert (row["state"], row["loads"]) == ("resident", 1), row
+
+
 def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments):
     # A worker's loads run one at a time: "fast", asked for while "slowload"
     # loads on the roomier worker, goes beside the pinned "ballast" instead

@@ -664,8 +664,22 @@ def test_pinned_models_that_cannot_be_resident_together_are_a_configuration_erro
         assert engine.pool is None  # its workers were stopped
         async with Engine(config(repo, pin_models="hot-a,hot-b", workers=2)) as engine:
             await asyncio.wait_for(engine.warmed(), 30)
+        # One model named twice is one pin (its bytes were counted twice).
+        async with Engine(config(repo, pin_models="hot-a,hot-a:1")) as engine:
+            await asyncio.wait_for(engine.warmed(), 30)
 
     run(main(), timeout=90)
+
+
+def test_pins_fit_together_where_a_placement_exists_and_only_there():
+    from mmengine.engine import _fit_together
+
+    assert _fit_together([5, 4, 4, 3, 2, 2], [10, 10])  # first fit fails: 5+4, 4+3+2, 2
+    assert not _fit_together([6, 6, 6], [9, 9])  # 18 bytes in 18, and no placement
+    assert not _fit_together([7, 7], [13])
+    assert _fit_together([1] * 100_000, [100_000])  # first fit, no recursion
+    # Past SEARCHED_PINS pins that first fit cannot place: no sure no, so yes.
+    assert _fit_together([6, 6, 6] * 30, [9, 9] * 30)
 
 
 def test_a_pinned_model_that_finds_no_room_says_why_in_its_row(tmp_path, own_segments):

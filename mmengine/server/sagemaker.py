@@ -531,7 +531,7 @@ def _parse_inputs(request: Request, media: str, name: str,
     else:
         raise BadRequest('the body must be {"inputs": {name: nested list}}, or a bare '
                          'nested list for a model with one input')
-    arrays = {}
+    arrays, exact = {}, []  # exact: the body read again as written, once (_past_64_bits)
     for key, value in values.items():
         if declared and key not in declared:
             raise BadRequest(f"{name} has no input {key!r} (inputs: {sorted(declared)})")
@@ -541,7 +541,7 @@ def _parse_inputs(request: Request, media: str, name: str,
             arrays[key] = array_from_json(what, value, np.dtype(dtype))
             continue
         array = array_from_json(what, value, None)
-        if array.dtype.kind == "u" or _past_64_bits(request, body, key, array):
+        if array.dtype.kind == "u" or _past_64_bits(request, body, key, array, exact):
             # torch.tensor() refuses integers past int64 (beside no fraction)
             raise BadRequest(f"{what}: an integer beyond int64's range")
         # Undeclared, fractions become float32 (as torch.tensor() makes them,
@@ -551,14 +551,20 @@ def _parse_inputs(request: Request, media: str, name: str,
     return arrays
 
 
-def _past_64_bits(request: Request, body: Any, key: str, array: np.ndarray) -> bool:
+def _past_64_bits(request: Request, body: Any, key: str, array: np.ndarray,
+                  exact: list) -> bool:
     """Whether `array`, JSON's numbers for input `key` read as floats, were
-    written as integers: orjson reads one past 64 bits as a float."""
+    written as integers: orjson reads one past 64 bits as a float. `exact`
+    keeps the body read as written (by json, a rare body's second read)."""
     if array.dtype.kind != "f" or not array.size or np.abs(array).max() < 2.0 ** 63:
         return False
-    exact = json.loads(request.body)  # a rare body, read again as written
-    exact = np.array(exact if isinstance(body, list) else exact["inputs"][key], dtype=object)
-    return all(type(v) is int for v in exact.flat)
+    if not exact:
+        try:
+            exact.append(json.loads(request.body))
+        except RecursionError:  # orjson reads deeper than json
+            raise BadRequest("the body's JSON is nested too deeply") from None
+    value = exact[0] if isinstance(body, list) else exact[0]["inputs"][key]
+    return all(type(v) is int for v in np.array(value, dtype=object).flat)
 
 
 _FLOAT32 = np.dtype(np.float32)
