@@ -80,9 +80,6 @@ ROWS_PER_TURN = 128
 # A request answered through a server is told to the observers at the next
 # request sent to a worker, or within this (Engine.flush_observations).
 OBSERVE_WITHIN_S = 0.01
-# pin_models that first fit does not place are searched for a placement up to
-# this many (the search recurses once a pin).
-SEARCHED_PINS = 64
 
 
 @dataclasses.dataclass
@@ -1589,8 +1586,15 @@ class Engine:
 
     async def _back_within_budget(self, index: int) -> None:
         # Spawned: its unloads may wait behind a load, the monitor must not.
+        # Under the worker's reservation lock, and looked at again there: a
+        # reservation's evictions (or an idle unload's) may have made the room.
         try:
-            await self._shrink(index, "pressure")
+            async with self._locks[index]:
+                if self.cache.used(books.DEVICE, index) > \
+                        self.cache.capacity(books.DEVICE, index):
+                    await self._shrink(index, "pressure")
+        except Exception as e:  # noqa: BLE001 - the monitor's own, told as its others are
+            log.error("monitor: making room on worker %d: %r", index, e)
         finally:
             self._shrinking.discard(index)
 
@@ -2488,12 +2492,12 @@ def _load_ran(key: Key, worker: int) -> dict:
 
 def _fit_together(sizes: list[int], caps: list[int], tries: int = 100_000) -> bool:
     """Whether models of these sizes can all be placed at once in workers of
-    these budgets: first fit, biggest first, then (for up to SEARCHED_PINS
-    of them) a search that says yes when it gives up after `tries`
-    placements: only a sure no refuses a configuration."""
+    these budgets: first fit, biggest first, then a search that says yes
+    when it gives up after `tries` placements: only a sure no refuses a
+    configuration."""
     if sum(sizes) > sum(caps):
         return False
-    sizes, room, left_to_try = sorted(sizes, reverse=True), list(caps), [tries]
+    sizes, room = sorted((n for n in sizes if n), reverse=True), list(caps)
     for size in sizes:
         fits = next((w for w, left in enumerate(room) if size <= left), None)
         if fits is None:
@@ -2501,25 +2505,36 @@ def _fit_together(sizes: list[int], caps: list[int], tries: int = 100_000) -> bo
         room[fits] -= size
     else:
         return True
-    if len(sizes) > SEARCHED_PINS:  # a recursion this deep: no sure no
-        return True
-    room = list(caps)
-
-    def place(i: int) -> bool:
-        if i == len(sizes) or left_to_try[0] <= 0:
+    # Depth first, with a stack (pins may be many): choices[i] holds the
+    # workers left to try for sizes[i], one per distinct room.
+    room, chosen, choices = list(caps), [], [_rooms_for(sizes[0], caps)]
+    while choices:
+        if not choices[-1]:  # none left for this one: undo the one before
+            choices.pop()
+            if chosen:
+                w = chosen.pop()
+                room[w] += sizes[len(chosen)]
+            continue
+        tries -= 1
+        if tries < 0:
             return True
-        tried = set()
-        for w, left in enumerate(room):
-            if sizes[i] <= left and left not in tried:  # equal rooms are one choice
-                tried.add(left)
-                left_to_try[0] -= 1
-                room[w] -= sizes[i]
-                if place(i + 1):
-                    return True
-                room[w] += sizes[i]
-        return False
+        w = choices[-1].pop()
+        room[w] -= sizes[len(chosen)]
+        chosen.append(w)
+        if len(chosen) == len(sizes):
+            return True
+        choices.append(_rooms_for(sizes[len(chosen)], room))
+    return False
 
-    return place(0)
+
+def _rooms_for(size: int, room: list[int]) -> list[int]:
+    """The workers that `size` fits in, one per distinct room left (equal
+    rooms are one choice), the first last: popped first."""
+    first: dict[int, int] = {}
+    for w, left in enumerate(room):
+        if size <= left:
+            first.setdefault(left, w)
+    return sorted(first.values(), reverse=True)
 
 
 def _loads_ahead(worker: Worker) -> bool:

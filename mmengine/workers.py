@@ -1052,6 +1052,8 @@ class WorkerPool:
         self.workers[index] = w  # from here on stop() owns it, whatever happens
         if self._exiting.is_set():  # the exit's finalizer ran since the look above
             w.process.kill()
+            await _reaped(w.process, 5.0)
+            w.release()
             raise WorkerDied(f"worker {index}: not restarted, the program is exiting")
         await self._await_ready([w])
         # Watched only once up: a death in the handshake is this call's

@@ -678,8 +678,11 @@ def test_pins_fit_together_where_a_placement_exists_and_only_there():
     assert not _fit_together([6, 6, 6], [9, 9])  # 18 bytes in 18, and no placement
     assert not _fit_together([7, 7], [13])
     assert _fit_together([1] * 100_000, [100_000])  # first fit, no recursion
-    # Past SEARCHED_PINS pins that first fit cannot place: no sure no, so yes.
-    assert _fit_together([6, 6, 6] * 30, [9, 9] * 30)
+    assert not _fit_together([6, 6, 6] * 300, [9, 9] * 300)  # searched, with no recursion
+    assert not _fit_together([5] * 65, [9] * 64)
+    assert _fit_together([0, 0, 7], [7])  # (a remote model before its fetch: 0 bytes)
+    # A search that gives up is no sure no: yes.
+    assert _fit_together([3] * 12 + [2, 2], [10, 10, 10, 10], tries=3)
 
 
 def test_a_pinned_model_that_finds_no_room_says_why_in_its_row(tmp_path, own_segments):

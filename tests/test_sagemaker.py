@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -441,11 +442,15 @@ def test_whole_numbers_reach_integer_models_exactly(address, disk):
         status, _, answer = raw_call(address, "/models/undeclared-echo/invoke", raw.encode(),
                                      {"Content-Type": "application/json"})
         assert status == 200 and json.loads(answer)["outputs"]["y"][-1] == 1e20, (raw, answer)
-    # Read again as written, by json, which nests less deep than orjson: a 400, not a 500.
+    # Read again as written, by json: before 3.12 it nests less deep than
+    # orjson (a 400, not a 500); from 3.12 it reads whatever orjson does.
     deep = '{"inputs": {"x": [1e20]}, "j": %s1%s}' % ("[" * 1020, "]" * 1020)
     status, _, answer = raw_call(address, "/models/undeclared-echo/invoke", deep.encode(),
                                  {"Content-Type": "application/json"})
-    assert status == 400 and "nested too deeply" in json.loads(answer)["error"], answer
+    if sys.version_info < (3, 12):
+        assert status == 400 and "nested too deeply" in json.loads(answer)["error"], answer
+    else:
+        assert status == 200, answer
 
 
 def test_int64s_least_is_out_of_a_float16s_range(address, disk):
