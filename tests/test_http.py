@@ -526,6 +526,8 @@ def test_bad_infer_requests_answer_400(address, body, headers, fragment):
     ([2 ** 63], "INT64", "out of range for int64"),
     ([-1, 2 ** 64 - 1], "INT64", "out of range for int64"),  # numpy read floats
     ([2.0], "INT64", "must be int64, not float64"),
+    ([1, 1e20], "INT64", "out of range for int64"),  # orjson's 100000000000000000000
+    ([1.5, 1e20], "INT64", "must be int64, not float64"),
     ([70000.0], "FP16", "out of range for float16"),
     ([1e300], "FP32", "out of range for float32"),
     ([1, 0], "BOOL", "must be bool, not int64"),

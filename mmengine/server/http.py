@@ -181,6 +181,10 @@ def array_from_json(what: str, value: Any, dtype: np.dtype | None) -> np.ndarray
             except OverflowError:
                 raise BadRequest(f"{what}: a value is out of range for "
                                  f"{dtype.name if dtype else '64 bits'}") from None
+        if dtype is not None and np.array_equal(array, np.trunc(array)):
+            # Whole, and past 64 bits: orjson reads such an integer as a
+            # float, and "must be int64, not float64" misled its sender.
+            raise BadRequest(f"{what}: a value is out of range for {dtype.name}")
     return cast_json_array(what, array, dtype)
 
 
