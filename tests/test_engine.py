@@ -1954,30 +1954,6 @@ def test_a_worker_between_its_watermark_and_its_budget_keeps_its_models(tmp_path
     assert (row["state"], row["loads"]) == ("resident", 1), row
 
 
-def test_a_handler_is_measured_by_what_it_took_as_it_loaded(tmp_path, own_segments):
-    # Its tensors cannot be seen: it counted as its file's few hundred bytes,
-    # so five handlers of 24 MiB each sat in a 40 MiB budget (a review).
-    heavy = ("import numpy as np\n\nSTATE = {}\n\ndef load(path, device):\n"
-             "    STATE['w'] = np.ones(24 << 20, np.uint8)\n\n"
-             "def predict(inputs):\n    return inputs\n")
-    for i in range(3):
-        write_handler(tmp_path, f"h{i}", heavy)
-
-    async def main():
-        async with Engine(Config(repo=str(tmp_path), workers=1,
-                                 device_budget=40 << 20)) as engine:
-            rows = []
-            for i in range(3):
-                await engine.infer(f"h{i}", {"x": np.ones(1)})
-                rows.append(engine.model_row((f"h{i}", 1)))
-            return rows, engine.stats()["workers"][0]["used_bytes"]
-
-    rows, used = run(main())
-    assert all(r["bytes"] > 23 << 20 for r in rows), [r["bytes"] for r in rows]
-    assert used <= 40 << 20, used  # each evicted the one before
-    assert [r["state"] for r in rows] == ["resident"] * 3  # (each as it was read)
-
-
 def test_a_model_is_not_placed_behind_another_models_load(tmp_path, own_segments):
     # A worker's loads run one at a time: "fast", asked for while "slowload"
     # loads on the roomier worker, goes beside the pinned "ballast" instead

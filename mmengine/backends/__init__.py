@@ -7,7 +7,6 @@ backend module is imported on first use, so an optional runtime
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import time
 from collections.abc import Callable
@@ -81,7 +80,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     if spec.device is not None and spec.device != device.type:
         raise LoadFailed(f"{where}: the manifest requires device {spec.device!r}, "
                          f"not {device.type!r}")
-    before = _bytes_in_use(device) if device.type == "cuda" else _heap_in_use()
+    before = _bytes_in_use(device) if device.type == "cuda" else 0
     t0 = time.perf_counter()
     try:
         if host is None:
@@ -120,16 +119,11 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     # inference allocates meanwhile on the other thread, and what CUDA
     # allocates once per thread and stream. Only a backend whose tensors
     # cannot be seen (a handler) is measured by it, and by no less than its
-    # estimate: on a GPU CUDA's, on CPU the C heap's bytes in use (malloc's
-    # count, not pages: an RSS delta missed freed pages reused, and took in
-    # the modules the first model of a backend imports; Python's small
-    # objects live in its own arenas, which this leaves out). Unmeasured,
-    # a handler's 60 MiB counted as its file's bytes against the budget.
+    # estimate. (An RSS delta on CPU is worse still: the first model of a
+    # backend pays for the modules it imports, and freed pages are reused.)
     model.nbytes = model.tensor_bytes()
-    if not isinstance(model, TorchModel):
-        after = _bytes_in_use(device) if device.type == "cuda" else _heap_in_use()
-        if after is not None and before is not None:
-            model.nbytes = max(model.nbytes, after - before)
+    if device.type == "cuda" and not isinstance(model, TorchModel):
+        model.nbytes = max(model.nbytes, _bytes_in_use(device) - before)
     return model
 
 
@@ -151,30 +145,3 @@ def _warm_up_failed(e: Exception, where: str) -> MMEngineError:
 
 def _bytes_in_use(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]
-
-
-def _mallinfo2():
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc 2.33 and later
-    except (AttributeError, OSError):
-        return None
-    mallinfo2.restype = _Mallinfo2
-    return mallinfo2
-
-
-_MALLINFO2 = _mallinfo2()
-
-
-def _heap_in_use() -> int | None:
-    """The C heap's bytes in use, mmap'd blocks included (None where the
-    C library cannot say)."""
-    if _MALLINFO2 is None:
-        return None
-    info = _MALLINFO2()
-    return info.uordblks + info.hblkhd
