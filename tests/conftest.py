@@ -95,6 +95,27 @@ def write_handler(root: Path, name: str, source: str, manifest: str = "") -> Pat
     return version
 
 
+def write_sparse_model(version: Path):
+    """A TorchScript model.pt in `version` whose module keeps a sparse
+    buffer (4 values, 8 indices) beside a Linear(4, 2) (40 bytes); returns
+    the module."""
+    import torch
+
+    class WithSparse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.register_buffer("adjacency", torch.eye(4).to_sparse())
+
+        def forward(self, x):
+            return self.linear(torch.sparse.mm(self.adjacency, x.T).T)
+
+    module = WithSparse()
+    version.mkdir(parents=True)
+    torch.jit.script(module).save(str(version / "model.pt"))
+    return module
+
+
 def write_problem_models(root) -> None:
     """Beside the good models of a test repository: "slow" (SLOW_HANDLER),
     "corrupt" (a safetensors file that is not one) and "huge" (a manifest

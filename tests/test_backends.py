@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_sparse_model
 from mmengine import backends, demo
 from mmengine.backends import load_model
 from mmengine.backends.base import SKELETONS, module_bytes
+from mmengine.backends.handler import held_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
 from mmengine.errors import BadRequest, InternalError, LoadFailed, Overloaded
 from mmengine.storage import Repository
@@ -814,6 +816,83 @@ def test_nbytes_covers_the_weights(tmp_path, backend):
     assert model.nbytes >= weights
     if backend != "handler":
         assert model.tensor_bytes() == weights
+    else:  # its arrays, by what its globals reach, and their dict's few objects
+        held = held_bytes(model.handler, torch.device("cpu"))
+        assert weights <= held < weights + (4 << 10)
+        assert model.tensor_bytes() == max(held, model.spec.estimated_bytes)  # its file's
+
+
+def test_a_handler_is_measured_by_what_its_globals_reach(tmp_path):
+    # A handler counted its file's bytes: five that each kept 60 MiB sat in
+    # a budget of 100 MiB as 910 bytes. Each buffer counts once, through
+    # views and torch.from_numpy; its own classes' and functions' state
+    # counts; a file it maps into memory, the modules it imports and what
+    # another model holds do not.
+    np.save(tmp_path / "mapped.npy", np.zeros(1 << 20, np.float64))  # 8 MiB on disk
+    handler_model(tmp_path, f"""
+import torch
+weights = view = shared = net = scratch = mapped = None
+class Cache:
+    rows = None
+def scaled(x, by=np.ones(1000, np.float32)):  # 4,000 bytes
+    return x * by
+def load(path, device):
+    global weights, view, shared, net, scratch, mapped
+    weights = np.zeros((1024, 1024), np.float32)                 # 4 MiB
+    view, shared = weights[:10], torch.from_numpy(weights)       # the same 4 MiB
+    shared = [torch.from_numpy(weights[512:]), shared]           # and its second half
+    net = torch.nn.Linear(256, 1000)                             # 1,028,000 bytes
+    scratch = {{"rows": [np.ones(2500, np.float64) for _ in range(4)]}}  # 80,000 bytes
+    Cache.rows = torch.zeros(50_000, dtype=torch.int16)          # 100,000 bytes
+    mapped = np.load({str(tmp_path / "mapped.npy")!r}, mmap_mode="r")
+def predict(inputs):
+    return inputs
+""")
+    model = load(tmp_path, "m")
+    held = (4 << 20) + 1_028_000 + 80_000 + 100_000 + 4_000
+    assert held <= model.nbytes < held + (16 << 10)
+    assert model.nbytes == model.tensor_bytes()
+    model.close()
+
+
+def test_a_handler_walk_finds_the_arrays_first_and_never_fails_a_load(tmp_path):
+    # Depth first, a list of 250,000 strings met first took the whole walk
+    # and a 40 MiB array beside it was not counted; an object that cannot
+    # say its size (or a sparse tensor, which has no storage) failed the load,
+    # and the loaded handler was never closed.
+    handler_model(tmp_path, """
+import torch
+class Odd:
+    def __sizeof__(self):
+        raise RuntimeError("no size")
+def load(path, device):
+    global words, weights, odd, adjacency, vocabulary
+    words = [f"token{i}" for i in range(250_000)]
+    weights = np.zeros(10 << 20, np.float32)                     # 40 MiB
+    odd = Odd()
+    adjacency = torch.eye(1000).to_sparse()                      # 1,000 values, 2,000 indices
+    vocabulary = {"a" * 1000: 1}                                 # str keys: gc gives none
+def predict(inputs):
+    return inputs
+""")
+    model = load(tmp_path, "m")
+    assert model.nbytes >= (40 << 20) + 1_000 * 4 + 2_000 * 8 + 1_000
+    model.close()
+
+
+def test_a_handler_counts_no_less_than_its_manifest_says(tmp_path):
+    handler_model(tmp_path, "def predict(inputs):\n    return inputs\n", f"bytes = {50 << 20}\n")
+    assert load(tmp_path, "m").nbytes == 50 << 20
+
+
+def test_a_module_with_a_sparse_tensor_is_measured_by_its_parts(tmp_path):
+    # A sparse tensor has no storage: counting its module's bytes raised
+    # NotImplementedError out of load_model, and again as it closed.
+    write_sparse_model(tmp_path / "s" / "1")
+    model = load(tmp_path, "s")
+    assert model.nbytes == module_bytes(model.module) == 40 + 4 * 4 + 8 * 8
+    assert model.predict({"x": np.ones((1, 4), np.float32)})["output"].shape == (1, 2)
+    model.close()
 
 
 class _WithConstant(torch.nn.Module):

@@ -14,9 +14,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import (SLOW_HANDLER, busy_process, environ, live_pids, run, slow_loading,
-                      until, write_handler, write_problem_models)
+                      until, write_handler, write_problem_models, write_sparse_model)
 from mmengine import demo, messages, resources, shm
 from mmengine.config import Config, native
 from mmengine.engine import OBSERVE_WITHIN_S, Engine
@@ -409,8 +410,6 @@ def test_every_backend_loads_and_answers(repo, own_segments):
 
 
 def test_torch_inputs_are_accepted(repo, own_segments):
-    import torch
-
     root, models = repo
 
     async def main():
@@ -1728,6 +1727,57 @@ def test_no_room_behind_pinned_models_is_overloaded_at_once(tmp_path, own_segmen
     np.testing.assert_array_equal(out["y"], x["x"])
     rows = {r["name"]: r for r in stats["models"]}
     assert rows["big1"]["state"] == "on storage" and rows["big2"]["pinned"]
+
+
+def test_handlers_that_keep_more_than_their_files_are_placed_by_what_they_keep(tmp_path,
+                                                                              own_segments):
+    # Each handler keeps 24 MiB it makes in load(), in a file of a few
+    # hundred bytes: counted by its file, all three sat in a worker's 40 MiB.
+    for name in ("a", "b", "c"):
+        write_handler(tmp_path, name, "import numpy as np\n\nkept = None\n\n"
+                      "def load(path, device):\n    global kept\n"
+                      "    kept = np.ones(24 << 20, np.uint8)\n\n"
+                      "def predict(inputs):\n    return {'y': inputs['x'] + kept[0]}\n")
+    x = {"x": np.ones(2, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1,
+                                 device_budget=40 << 20)) as engine:
+            for name in ("a", "b", "c"):
+                np.testing.assert_array_equal((await engine.infer(name, x))["y"], x["x"] + 1)
+            return engine.stats()
+
+    stats = run(main())
+    rows = {r["name"]: r for r in stats["models"]}
+    assert rows["c"]["state"] == "resident" and rows["c"]["bytes"] >= 24 << 20, rows["c"]
+    for name in "ab":  # each made way for the next
+        assert rows[name]["state"] == "on storage", rows[name]
+        assert rows[name]["evictions_by_reason"] == {"pressure": 1}, rows[name]
+    assert stats["workers"][0]["used_bytes"] <= 40 << 20
+
+
+def test_a_model_with_a_sparse_tensor_is_served_and_kept_off_the_host_tier(tmp_path,
+                                                                           own_segments):
+    # Its bytes were counted through a storage that a sparse tensor has not:
+    # every load failed (NotImplementedError), and so did asking whether it
+    # could go to the host tier.
+    module = write_sparse_model(tmp_path / "s" / "1")
+    x = np.ones((1, 4), np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            first = await engine.infer("s", {"x": x})
+            await engine.unload("s")
+            return first, await engine.infer("s", {"x": x}), engine.stats()
+
+    first, again, stats = run(main())
+    np.testing.assert_allclose(first["output"], want, rtol=1e-6)
+    np.testing.assert_allclose(again["output"], want, rtol=1e-6)
+    row, = stats["models"]
+    assert row["loads"] == 2 and row["loads_from_host"] == 0 and row["failures"] == 0, row
+    assert row["bytes"] == 40 + 4 * 4 + 8 * 8, row  # the linear's, the sparse values' and indices'
 
 
 def test_no_room_behind_models_in_use_until_the_deadline_is_overloaded(tmp_path, own_segments):

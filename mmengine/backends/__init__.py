@@ -121,7 +121,12 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     # cannot be seen (a handler) is measured by it, and by no less than its
     # estimate. (An RSS delta on CPU is worse still: the first model of a
     # backend pays for the modules it imports, and freed pages are reused.)
-    model.nbytes = model.tensor_bytes()
+    try:
+        model.nbytes = model.tensor_bytes()
+    except Exception as e:  # a module's tensors of a kind that has no storage to count
+        model.close()
+        raise LoadFailed(f"{where}: its size cannot be measured: {type(e).__name__}: {e}") \
+            from e
     if device.type == "cuda" and not isinstance(model, TorchModel):
         model.nbytes = max(model.nbytes, _bytes_in_use(device) - before)
     return model

@@ -160,10 +160,13 @@ class TorchModel(LoadedModel):
             from mmengine.backends import safetensors  # the host tier's format
 
             held = module_bytes(module)
-            safetensors.strip(safetensors.module_tensors(module))
+            tensors = safetensors.module_tensors(module)
             # Kept only if its state dict held all its bytes: a module that
             # keeps tensors elsewhere (torch.export's constants, a frozen
-            # graph's) would keep them, on the device, after its eviction.
+            # graph's) would keep them, on the device, after its eviction;
+            # a sparse tensor cannot be emptied in place.
+            if all(t.layout == torch.strided for t in tensors.values()):
+                safetensors.strip(tensors)
             if held and not module_bytes(module):
                 SKELETONS.give(key, self)
                 return
@@ -374,16 +377,56 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def module_bytes(module: Any) -> int:
-    """Bytes of the distinct storages behind a module's tensors: parameters,
-    buffers, and tensors kept as plain attributes (torch.export's lifted
-    constants)."""
-    seen = {}
+    """Bytes of the storages behind a module's tensors, each byte once:
+    parameters, buffers, and tensors kept as plain attributes (torch.export's
+    lifted constants); a sparse tensor's by its dense parts."""
+    spans: list[Span] = []
     attributes = (v for m in module.modules() for v in vars(m).values()
                   if isinstance(v, torch.Tensor))
-    for t in itertools.chain(module.parameters(), module.buffers(), attributes):
-        storage = t.untyped_storage()
-        seen[(storage.device, storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
+    todo = [*module.parameters(), *module.buffers(), *attributes]
+    while todo:
+        todo.extend(tensor_span(todo.pop(), None, spans))
+    return covered_bytes(spans)
+
+
+#: A buffer's place: (device, first address, address past its end).
+Span = tuple[str, int, int]
+
+
+def tensor_span(t: torch.Tensor, device: torch.device | None,
+                spans: list[Span]) -> tuple[torch.Tensor, ...]:
+    """Adds the span of `t`'s storage to `spans` where it is on `device`
+    (None: any); answers a sparse tensor's dense parts instead (it has no
+    storage of its own), and its gradient, if any: the tensors to count
+    in turn."""
+    if t.layout == torch.sparse_coo:
+        parts: tuple[torch.Tensor, ...] = (t._indices(), t._values())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    else:
+        parts = ()
+        on = t.device
+        if device is None or (on.type == device.type
+                              and (device.index is None or on.index == device.index)):
+            storage = t.untyped_storage()
+            start = storage.data_ptr()
+            spans.append((str(on), start, start + storage.nbytes()))
+    grad = t.grad if t.is_leaf else None  # (a non-leaf's is None, with a warning)
+    return parts if grad is None else (*parts, grad)
+
+
+def covered_bytes(spans: list[Span]) -> int:
+    """Bytes the spans cover: each byte once, however many views share it."""
+    total, device, end = 0, None, 0
+    for on, start, stop in sorted(spans):
+        if on != device:
+            device, end = on, 0
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 _module_ids = itertools.count()

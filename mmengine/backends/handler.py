@@ -6,16 +6,27 @@ called per request with a dict of numpy arrays; it returns a dict of arrays
 (or tensors), a tuple/list, or one array. Each load imports the file as a
 fresh module, so module globals hold one loaded model's state. The handler
 is the operator's code: it runs with the worker's rights.
+
+What a handler holds is measured by what its module reaches
+(`held_bytes`), as a module's tensors are counted for the other backends:
+the process's own counts (its heap, its RSS) take in what other threads
+allocate meanwhile, and what imports keep for every model.
 """
 from __future__ import annotations
 
+import builtins
+import collections
+import gc
+import itertools
+import sys
 import types
-from typing import Any
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 
-from mmengine.backends.base import (OUT_OF_MEMORY, Inputs, LoadedModel, as_arrays,
-                                    forget_module, import_file)
+from mmengine.backends.base import (OUT_OF_MEMORY, Inputs, LoadedModel, Span, as_arrays,
+                                    covered_bytes, forget_module, import_file, tensor_span)
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec
 
@@ -30,6 +41,10 @@ class HandlerModel(LoadedModel):
         # written, autograd included.
         with torch.inference_mode(False):
             return self.handler.predict(as_arrays(inputs))
+
+    def tensor_bytes(self) -> int:
+        held = 0 if self.handler is None else held_bytes(self.handler, self.device)
+        return max(held, self.spec.estimated_bytes)
 
     def close(self) -> None:
         forget_module(self.handler)
@@ -54,3 +69,90 @@ def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
         forget_module(handler)
         raise
     return HandlerModel(spec, device, handler)
+
+
+#: What the walk does not enter: the process's own, which every model
+#: shares (other modules, builtins, and classes and functions not the
+#: handler's).
+_SHARED = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, types.CodeType, types.FrameType)
+#: The most objects a walk takes in: past them, what it counted is a floor.
+#: (~0.1 s of the loader's, which holds the GIL as it walks.)
+WALK_LIMIT = 100_000
+
+
+def held_bytes(handler: types.ModuleType, device: torch.device) -> int:
+    """Bytes of what `handler`'s globals reach: on `device`, the buffers of
+    its tensors (and, on a CPU, of its numpy arrays, and the Python objects
+    that hold them), a byte that views or torch.from_numpy share counted
+    once. Classes and functions the handler defines are walked (their
+    class attributes, closures, defaults); the modules it imports, and what
+    it did not define, are not. A numpy memory map's pages are the page
+    cache's, not counted. Breadth first, so that what the globals hold
+    comes before what a large container of theirs holds, up to WALK_LIMIT
+    objects. An object that cannot be measured counts nothing: this never
+    raises for what a handler keeps."""
+    on_cpu = device.type == "cpu"
+    spans: list[Span] = []
+    objects = 0  # the Python objects' own bytes (a CPU's only)
+    globals_ = vars(handler)
+    # Its functions' __globals__ (walked once, without its dunders) and
+    # __builtins__ (the process's).
+    seen = {id(globals_), id(builtins.__dict__)}
+    todo = collections.deque(v for k, v in globals_.items()
+                             if not (k.startswith("__") and k.endswith("__")))
+    room = WALK_LIMIT - len(todo)  # what may still join the walk
+    while todo:
+        obj = todo.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        try:
+            if isinstance(obj, _SHARED) and getattr(obj, "__module__", None) != handler.__name__:
+                continue
+            if isinstance(obj, torch.Tensor):
+                inside = iter(tensor_span(obj, device, spans))
+            elif isinstance(obj, np.ndarray):
+                inside = _array(obj, on_cpu, spans)
+            else:
+                if isinstance(obj, torch.nn.Module):  # a scripted one's are no attributes
+                    tensors = [*obj.parameters(), *obj.buffers()]
+                    while tensors:
+                        tensors.extend(tensor_span(tensors.pop(), device, spans))
+                if on_cpu:
+                    objects += sys.getsizeof(obj)
+                inside = _contents(obj)
+        except Exception:  # noqa: BLE001 - an operator's object, measured as far as it goes
+            continue
+        if room > 0:
+            taken = list(itertools.islice(inside, room))
+            todo.extend(taken)
+            room -= len(taken)
+    return objects + covered_bytes(spans)
+
+
+def _contents(obj: Any) -> Iterable[Any]:
+    """What `obj` holds. A dict's keys too (gc does not give the str keys
+    of a dict of only those); a list's, a tuple's or a dict's items one by
+    one, so that a walk takes no more of a large one than it has room for."""
+    kind = type(obj)
+    if kind is dict:
+        return itertools.chain.from_iterable(obj.items())
+    if kind is list or kind is tuple:
+        return iter(obj)
+    return iter(gc.get_referents(obj))
+
+
+def _array(a: np.ndarray, on_cpu: bool, spans: list[Span]) -> Iterable[Any]:
+    """Counts the buffer `a` views, where the array that owns it is the
+    walk's to count; what else of it the walk goes on to: an object
+    array's objects, a buffer another object owns (a bytes object's is
+    counted as that object; an mmap's pages are not)."""
+    owner = a
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.base is None and on_cpu:
+        start = owner.ctypes.data
+        spans.append(("cpu", start, start + owner.nbytes))
+    inside = iter(() if owner.base is None else (owner.base,))
+    return itertools.chain(inside, a.flat) if a.dtype.hasobject else inside

@@ -354,6 +354,9 @@ def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]
     tensors = module_tensors(module)
     storages = set()
     for name, t in tensors.items():
+        if t.layout != torch.strided:  # a sparse tensor: no storage of its own
+            raise LoadFailed(f"{where}: tensor {name!r} is {t.layout}; the model cannot go "
+                             f"to the host tier")
         storage = t.untyped_storage()
         if (not t.is_contiguous() or t.storage_offset() or storage.nbytes() != t.nbytes
                 or storage.data_ptr() in storages and t.nbytes
