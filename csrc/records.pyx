@@ -252,7 +252,10 @@ cdef object _read(object descs, object parts, bint copy):
                 part = PyByteArray_FromStringAndSize(<char *>src.buf, nbytes)
             finally:
                 PyBuffer_Release(&src)
-        array = _ndarray(described[2], described[1], part)
+        try:
+            array = _ndarray(described[2], described[1], part)
+        except ValueError:  # a shape numpy refuses: messages.py's path says it, typed
+            return None
         PyDict_SetItem(out, described[0], array)
     return out
 

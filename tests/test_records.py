@@ -182,6 +182,7 @@ def test_views_and_copies_are_the_arrays_messages_makes(arrays):
     ([["x", "<f4", [-1]]], [16]),              # reshape's -1: numpy's path takes it
     ([["x", "<f4", [1 << 62, 1 << 62]]], [0]),  # past memory
     ([["x", "<f4", [1 << 70]]], [0]),
+    ([["x", "<f4", [0, 1 << 62, 1 << 62]]], [0]),  # no bytes, a size past numpy's
     ([["x", ">f4", [4]]], [16]),               # not native order: numpy's path takes it
     ([["x", "<f4", [4], 0, 0]], [16]),         # a packed record's descriptor
     ([["x", "<f4", [4]]], [16, 16]),           # more parts than descriptors
