@@ -49,6 +49,7 @@ enum mm_ring_status {
     MM_RING_TIMEOUT = 4,
     MM_RING_PEER_DIED = 5, /* the peer's pidfd reported its exit */
     MM_RING_ERRNO = 6,     /* a system call failed; see errno */
+    MM_RING_CORRUPT = 7,   /* the peer wrote what is no record: nothing more can be read */
 };
 
 /* The shared header. Each counter and each parked flag has a cache line of
@@ -126,6 +127,10 @@ typedef struct {
      * across cores on every record, only when its owner's news is needed. */
     uint64_t head_seen; /* producer */
     uint64_t tail_seen; /* consumer */
+    /* The parts of the record mm_ring_try_get() last handed out, as it
+     * checked them: the peer may write the shared copy again meanwhile. */
+    uint32_t rec_nparts;
+    uint32_t rec_lens[MM_RING_MAX_PARTS];
     /* Work a waiter may do between its looks (a worker's serving thread:
      * the part of a load, csrc/readjob.h): 1 if it did some. Set before
      * the ring is waited on; NULL: none. */
@@ -160,9 +165,13 @@ static inline void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns) {
     __atomic_store_n(&r->spin_ns, spin_ns, __ATOMIC_RELAXED);
 }
 
+/* UINT64_MAX for parts whose sum no ring could hold (nor a u64). */
 static inline uint64_t mm_ring_record_size(uint32_t nparts, const uint64_t *lens) {
     uint64_t size = 8u + mm_align8(4u * (uint64_t)nparts);
-    for (uint32_t i = 0; i < nparts; i++) size += mm_align8(lens[i]);
+    for (uint32_t i = 0; i < nparts; i++) {
+        if (lens[i] > 0xfffffff8ull) return UINT64_MAX; /* a record's size is a u32 */
+        size += mm_align8(lens[i]);
+    }
     return size;
 }
 
@@ -253,6 +262,15 @@ static inline void mm_ring_wake(_Atomic uint32_t *parked, int fd) {
     if (atomic_load_explicit(parked, memory_order_relaxed)) mm_efd_signal(fd);
 }
 
+/* Closes this side's end after every record it published (release): a
+ * peer that sees it closed sees those records too. Each side stores only
+ * its own byte of `closed`, so closing needs no read-modify-write. */
+static inline void mm_ring_close_end(mm_ring *r) {
+    int is_creator = r->peer_closed_bit == MM_RING_ATTACHER_CLOSED;
+    uint8_t *own = (uint8_t *)&r->hdr->closed + (is_creator ? 0 : 1); /* little-endian */
+    __atomic_store_n(own, (uint8_t)1, __ATOMIC_RELEASE);
+}
+
 static inline int mm_ring_peer_closed(const mm_ring *r) {
     return (atomic_load_explicit(&r->hdr->closed, memory_order_acquire) & r->peer_closed_bit) != 0;
 }
@@ -330,10 +348,30 @@ static inline int mm_ring_try_put(mm_ring *r, uint32_t nparts, const uint8_t *co
     return MM_RING_OK;
 }
 
+/* Whether the record of `size` bytes (no more than were published) at
+ * `pos` of the data area is one a producer could have written: inside the
+ * data area, its parts' lengths adding up to its size, each read from the
+ * shared copy once and kept in r->rec_lens. A peer that
+ * writes anything else (a bug, a native library run amok in a worker) must
+ * not make its consumer loop, or read past the mapping. */
+static inline int mm_ring_record_fits(mm_ring *r, const uint32_t *words, uint64_t pos,
+                                      uint32_t size, uint32_t nparts) {
+    uint64_t need = 8u + mm_align8(4u * (uint64_t)nparts);
+    if (nparts > MM_RING_MAX_PARTS || need > size || pos + size > r->cap) return 0;
+    for (uint32_t i = 0; i < nparts; i++) {
+        uint32_t len = __atomic_load_n(&words[2 + i], __ATOMIC_RELAXED);
+        r->rec_lens[i] = len;
+        need += mm_align8(len);
+    }
+    r->rec_nparts = nparts;
+    return need == size;
+}
+
 /* Finds the next record after those already held, skipping wrap markers,
  * and holds it too: the bytes of every held record stay valid until
  * mm_ring_release() hands them all back at once, so a consumer that drains
- * a burst pays for one release (one store, one fence) instead of one each. */
+ * a burst pays for one release (one store, one fence) instead of one each.
+ * MM_RING_CORRUPT where the peer wrote what is not a record. */
 static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
     mm_ring_header *h = r->hdr;
     uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
@@ -348,20 +386,26 @@ static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
                 if (next == r->tail_seen) return MM_RING_CLOSED;
             }
         }
-        const uint8_t *p = r->data + (next & r->mask);
+        uint64_t avail = r->tail_seen - next, pos = next & r->mask;
+        if (avail > r->cap || avail < 8u || (next & 7u)) return MM_RING_CORRUPT;
+        const uint8_t *p = r->data + pos;
         const uint32_t *words = (const uint32_t *)p;
-        MM_ASSERT(words[0] >= 8u && words[0] <= r->tail_seen - next);
-        if (words[1] == MM_RING_WRAP) {
+        uint32_t size = __atomic_load_n(&words[0], __ATOMIC_RELAXED);
+        uint32_t nparts = __atomic_load_n(&words[1], __ATOMIC_RELAXED);
+        if (size < 8u || (size & 7u) || size > avail) return MM_RING_CORRUPT;
+        if (nparts == MM_RING_WRAP) {
+            if (size != r->cap - pos) return MM_RING_CORRUPT; /* it pads to the end */
             if (r->held) {
-                r->held += words[0]; /* freed with the records before it */
+                r->held += size; /* freed with the records before it */
                 continue;
             }
-            head += words[0];
+            head += size;
             atomic_store_explicit(&h->head, head, memory_order_release);
             mm_ring_wake(&h->producer_parked, r->space_fd);
             continue;
         }
-        r->held += words[0];
+        if (!mm_ring_record_fits(r, words, pos, size, nparts)) return MM_RING_CORRUPT;
+        r->held += size;
         *rec = p;
         return MM_RING_OK;
     }

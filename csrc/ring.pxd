@@ -19,6 +19,7 @@ cdef extern from "ring.h" nogil:
         MM_RING_TIMEOUT
         MM_RING_PEER_DIED    # the peer's pidfd reported its exit
         MM_RING_ERRNO        # a system call failed; errno says which
+        MM_RING_CORRUPT      # the peer wrote what is no record
 
     ctypedef struct mm_ring_header:
         uint64_t magic
@@ -44,6 +45,8 @@ cdef extern from "ring.h" nogil:
         uint32_t peer_closed_bit
         uint64_t held
         uint64_t spin_ns
+        uint32_t rec_nparts        # the last record got, as checked
+        uint32_t rec_lens[MM_RING_MAX_PARTS]
         int (*idle_step)(void *) noexcept nogil
         void *idle_arg
 
@@ -52,6 +55,7 @@ cdef extern from "ring.h" nogil:
     void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns)
     uint32_t mm_ring_backoffs(const mm_ring *r, int for_read)
     void mm_ring_unbind(mm_ring *r)
+    void mm_ring_close_end(mm_ring *r)
     uint64_t mm_now_ns()
     enum:
         MM_RING_PREEMPTED_NS

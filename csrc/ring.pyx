@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from ring cimport *
 
 from mmengine.errors import (InternalError, PeerDied, RecordTooLarge,
-                             RingClosed, RingTimeout)
+                             RingClosed, RingCorrupt, RingTimeout)
 
 cdef extern from "<sched.h>" nogil:
     int sched_getcpu()
@@ -85,6 +85,8 @@ cdef int raise_status(int status, str what) except -1:
         raise PeerDied(f"{what}: the process at the other end exited")
     if status == MM_RING_ERRNO:
         raise OSError(errno, f"{what}: system call failed")
+    if status == MM_RING_CORRUPT:
+        raise RingCorrupt(f"{what}: the peer wrote what is no record")
     raise InternalError(f"{what}: ring status {status}")
 
 
@@ -220,6 +222,11 @@ cdef class RingCore:
         self._check()
         mm_ring_publish(&self.r)
 
+    def _mark_closed(self):
+        """Says this end is closed, ordered after every record it published."""
+        self._check()
+        mm_ring_close_end(&self.r)
+
     def put(self, header, *buffers, timeout=None):
         """Writes one record, waiting up to `timeout` seconds for room."""
         cdef int64_t t = _timeout_ns(timeout)
@@ -239,14 +246,14 @@ cdef class RingCore:
     # -- consumer ----------------------------------------------------------
 
     cdef list _parts(self, const uint8_t *rec):
-        cdef const uint32_t *words = <const uint32_t *>rec
-        cdef uint32_t n = words[1], i
+        # The lengths as mm_ring_try_get checked them, not the shared copy.
+        cdef uint32_t n = self.r.rec_nparts, i
         cdef Py_ssize_t off = (rec - <const uint8_t *>self.buf.buf) + 8 + mm_align8(4 * n)
         cdef Py_ssize_t ln
         cdef list parts = []
         cdef const char *base = <const char *>self.buf.buf
         for i in range(n):
-            ln = words[2 + i]
+            ln = self.r.rec_lens[i]
             if i == 0 and ln <= _COPY_HEADER_BYTES:
                 parts.append(PyBytes_FromStringAndSize(base + off, ln))
             else:

@@ -126,6 +126,11 @@ class RingClosed(WorkerDied):
     """The other end closed the ring."""
 
 
+class RingCorrupt(WorkerDied):
+    """The other end wrote what is no record (a size or a part outside what
+    it published, or past the ring): nothing more of the ring can be read."""
+
+
 _BY_CODE = {
     ErrorCode.MODEL_NOT_FOUND: ModelNotFound,
     ErrorCode.BAD_REQUEST: BadRequest,

@@ -45,7 +45,11 @@ wrap marker whose size is the rest of the area; the consumer skips it. The
 marker is published with its record, or on its own when the record then
 finds no room, so a record as large as the whole capacity always makes
 progress. A record larger than the capacity, or with more than 64 parts,
-raises RecordTooLarge and writes nothing.
+raises RecordTooLarge and writes nothing. The consumer reads nothing it has
+not checked: a size, a part or a tail outside what was published or past
+the data area (a peer that writes garbage: a bug, a native library run amok
+in a worker) raises RingCorrupt, and the ring is not read on; the parts'
+lengths are read from the segment once, as checked.
 
 Publication order: the producer writes the record's bytes, then stores tail
 with release semantics; the consumer loads tail with acquire semantics before
@@ -113,7 +117,7 @@ from multiprocessing import reduction
 
 from mmengine import config, shm
 from mmengine.errors import (InternalError, PeerDied, RecordTooLarge, RingClosed,
-                             RingTimeout)
+                             RingCorrupt, RingTimeout)
 
 HEADER_BYTES = 4096
 MAX_PARTS = 64
@@ -420,7 +424,7 @@ class _RingLife:
         if not self._finalizer.alive:
             return
         self.publish()  # records held back are sent too (nothing, on a consumer's end)
-        self._seg.map[_OFF_CLOSED_BYTE[self.creator]] = 1
+        self._mark_closed()
         for fd in (self._handle.data_fd, self._handle.space_fd):
             try:
                 os.eventfd_write(fd, 1)
@@ -439,6 +443,21 @@ class _RingLife:
 def _finalize(seg: shm.Segment, data_fd: int, space_fd: int, pidfd_box: list) -> None:
     _close_fds(data_fd, space_fd, *[fd for fd in pidfd_box if fd >= 0])
     seg.close()
+
+
+_NO_RECORD = "get: the peer wrote what is no record"
+
+
+def _record_lens(m, off: int, pos: int, size: int, nparts: int, cap: int) -> tuple[int, ...]:
+    """The lengths of the parts of the record of `size` bytes at `pos` of
+    the data area (`off` in the mapping), if it is one a producer could
+    have written (csrc/ring.h, mm_ring_record_fits); RingCorrupt if not."""
+    need = 8 + _align8(4 * nparts)
+    if nparts <= MAX_PARTS and need <= size and pos + size <= cap:
+        lens = struct.unpack_from(f"<{nparts}I", m, off + 8)
+        if need + sum(_align8(n) for n in lens) == size:
+            return lens
+    raise RingCorrupt(_NO_RECORD)
 
 
 def _init_header(m, cap: int, pid: int) -> None:
@@ -485,6 +504,11 @@ class PyRing(_RingLife):
 
     def _peer_closed(self) -> bool:
         return bool(self._w[_W_CLOSED] & self._peer_bit)
+
+    def _mark_closed(self) -> None:
+        # A plain store: Python has no release store. On x86-64 every store
+        # is one (the native ring's is ordered on any CPU).
+        self._seg.map[_OFF_CLOSED_BYTE[self.creator]] = 1
 
     # -- producer ----------------------------------------------------------
 
@@ -588,16 +612,23 @@ class PyRing(_RingLife):
                 if self._q[_Q_TAIL] == nxt:  # the peer closes after its last put
                     raise RingClosed("get: the peer closed the ring")
                 continue
-            off = HEADER_BYTES + (nxt & self._mask)
+            avail, pos = self._q[_Q_TAIL] - nxt, nxt & self._mask
+            if avail > self.capacity or avail < 8 or nxt % 8:
+                raise RingCorrupt(_NO_RECORD)
+            off = HEADER_BYTES + pos
             size, nparts = struct.unpack_from("<II", self._m, off)
+            if size < 8 or size % 8 or size > avail:
+                raise RingCorrupt(_NO_RECORD)
             if nparts == WRAP:
+                if size != self.capacity - pos:  # it pads to the end
+                    raise RingCorrupt(_NO_RECORD)
                 if self._held:
                     self._held += size  # freed with the records before it
                     continue
                 self._q[_Q_HEAD] += size
                 self._wake(_W_PRODUCER_PARKED, self._space_fd)
                 continue
-            lens = struct.unpack_from(f"<{nparts}I", self._m, off + 8)
+            lens = _record_lens(self._m, off, pos, size, nparts, self.capacity)
             self._held += size
             off += 8 + _align8(4 * nparts)
             parts = []

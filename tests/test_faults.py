@@ -567,6 +567,49 @@ def test_a_child_a_models_call_forks_ends_and_never_serves(tmp_path, own_segment
     assert children == []
 
 
+SCRIBBLING_HANDLER = """\
+import gc, struct
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    # Publishes a wrap marker of 0 bytes in its worker's response ring: what
+    # a native library run amok in the worker could write there.
+    gc.unfreeze()  # the worker froze what it made at its start
+    responder, = [o for o in gc.get_objects() if type(o).__name__ == "_Responder"]
+    ring = responder._ring
+    m = ring._seg.map
+    tail = struct.unpack_from("<Q", m, 64)[0]
+    struct.pack_into("<II", m, 4096 + (tail & (ring.capacity - 1)), 0, 0xffffffff)
+    struct.pack_into("<Q", m, 64, tail + 8)
+    return {"y": inputs["x"]}
+"""
+
+
+def test_a_worker_that_writes_garbage_into_its_ring_is_restarted_and_the_rest_served(
+        tmp_path, request):
+    # The front-end read the marker's size (0) as the next record's place,
+    # for ever, in C with the GIL held: every model and every socket of the
+    # server hung. Now what is no record ends that worker as a death would.
+    write_handler(tmp_path, "scribbles", SCRIBBLING_HANDLER)
+    demo.write_mlp(tmp_path / "m00", "safetensors", *DIMS, seed=0)
+    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "-1")
+    request.addfinalizer(server.kill)
+    m = server.wait_for(r"serving .* on tcp://(\S+):(\d+)", 60)
+    with Client(f"{m.group(1)}:{m.group(2)}", timeout=30) as client:
+        np.testing.assert_allclose(client.infer("m00", {"x": X})["y"], reference("m00"),
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(WorkerDied, match="RingCorrupt.*wrote what is no record"):
+            client.infer("scribbles", {"x": np.ones(2, np.float32)})
+        np.testing.assert_allclose(client.infer("m00", {"x": X})["y"], reference("m00"),
+                                   rtol=1e-5, atol=1e-5)
+        totals = client.stats()["totals"]
+    assert totals["worker_restarts"] == 1, totals
+    assert server.stop() == 0
+
+
 def test_a_worker_stopped_between_requests_is_restarted_blaming_no_model(repo, own_segments):
     # Its oldest request in flight was taken for the one it ran: that model
     # was backed off (LOAD_FAILED) for a request it never began.

@@ -330,6 +330,70 @@ def test_implementations_share_one_layout():
         a.close()
 
 
+# A consumer of what a peer wrote into the shared segment, garbage in place
+# of its records: each case writes (tail, head) and the words at a place of
+# the data area; the consumer must say RingCorrupt, neither loop in C with
+# the GIL held, nor read past the mapping, nor hand out a record twice.
+_CORRUPT_CASES = {
+    "a wrap marker of 0 bytes": (8, 0, 0, [0, 0xffffffff]),
+    "a record of 0 bytes": (8, 0, 0, [0, 1]),
+    "a size not 8-aligned": (16, 0, 0, [12, 1, 0]),
+    "more bytes than published": (16, 0, 0, [24, 1, 8]),
+    "more parts than a record has": (16, 0, 0, [16, 0x7fffffff]),
+    "a part past the end of the ring": (4096, 4080, 4080, [16, 1, 200]),
+    "a wrap marker short of the end": (4096, 4080, 4080, [8, 0xffffffff]),
+    "a tail past the capacity": (8192, 0, 0, [16, 1, 8]),
+}
+_CORRUPT_SCRIPT = """
+import struct, sys
+from mmengine.errors import RingCorrupt
+from mmengine.ring import NativeRing, PyRing, HEADER_BYTES
+Ring = {"native": NativeRing, "py": PyRing}[sys.argv[1]]
+for name, (tail, head, at, words) in %r.items():
+    a = Ring.create(4096)
+    b = Ring.attach(a.handle)
+    m = a._seg.map
+    struct.pack_into("<Q", m, 64, tail)
+    struct.pack_into("<Q", m, 128, head)
+    struct.pack_into(f"<{len(words)}I", m, HEADER_BYTES + at, *words)
+    try:
+        b.try_get()
+        print(name, "read", flush=True)
+    except RingCorrupt as e:
+        print(name, "RingCorrupt", e, flush=True)
+    b.close()
+    a.close()
+"""
+
+
+def test_a_consumer_refuses_what_is_no_record_whatever_the_peer_wrote(Ring):
+    # Before: the wrap marker of 0 bytes looped for ever in C, holding the
+    # GIL; the record of 0 bytes was handed out again and again; a part
+    # count or length past the ring read past the mapping (SIGBUS, or
+    # another mapping's bytes handed out).
+    done = subprocess.run([sys.executable, "-c", _CORRUPT_SCRIPT % (_CORRUPT_CASES,),
+                           _name(Ring)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = dict(line.split(" RingCorrupt ") for line in done.stdout.splitlines()
+                if " RingCorrupt " in line)
+    assert set(said) == set(_CORRUPT_CASES), done.stdout
+    assert all(why == "get: the peer wrote what is no record" for why in said.values())
+
+
+def test_parts_that_no_record_could_hold_are_refused_whole():
+    # Four parts of 2**62 bytes summed to 0 (mod 2**64): the native put
+    # (whose size this is) took them for a record of 48 bytes, and copied.
+    if NativeRing is None:
+        pytest.skip("native ring not built")
+    ring = NativeRing.create(4096)
+    try:
+        assert ring.record_size(1 << 62, 1 << 62, 1 << 62, 1 << 62) == (1 << 64) - 1
+        assert ring.record_size(1 << 32) == (1 << 64) - 1  # a record's size is a u32
+        assert ring.record_size(8, 16) == record_size(8, 16) == 8 + 8 + 8 + 16
+    finally:
+        ring.close()
+
+
 def test_the_back_off_rule():
     from mmengine.ring import BACKOFF_NS, CONTENDED_WITHIN, MAX_BACKOFF_NS, BackOff
 
