@@ -131,6 +131,7 @@ typedef struct {
      * checked them: the peer may write the shared copy again meanwhile. */
     uint32_t rec_nparts;
     uint32_t rec_lens[MM_RING_MAX_PARTS];
+    int corrupt; /* the consumer found what is no record: it reads no more */
     /* Work a waiter may do between its looks (a worker's serving thread:
      * the part of a load, csrc/readjob.h): 1 if it did some. Set before
      * the ring is waited on; NULL: none. */
@@ -226,6 +227,7 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->peer_closed_bit = is_creator ? MM_RING_ATTACHER_CLOSED : MM_RING_CREATOR_CLOSED;
     r->held = 0;
     r->unpublished = 0;
+    r->corrupt = 0;
     r->spin_ns = spin_ns;
     r->idle_step = NULL;
     r->idle_arg = NULL;
@@ -367,12 +369,18 @@ static inline int mm_ring_record_fits(mm_ring *r, const uint32_t *words, uint64_
     return need == size;
 }
 
+static inline int mm_ring_corrupt(mm_ring *r) {
+    r->corrupt = 1;
+    return MM_RING_CORRUPT;
+}
+
 /* Finds the next record after those already held, skipping wrap markers,
  * and holds it too: the bytes of every held record stay valid until
  * mm_ring_release() hands them all back at once, so a consumer that drains
  * a burst pays for one release (one store, one fence) instead of one each.
  * MM_RING_CORRUPT where the peer wrote what is not a record. */
 static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
+    if (r->corrupt) return MM_RING_CORRUPT;
     mm_ring_header *h = r->hdr;
     uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
     for (;;) {
@@ -386,15 +394,19 @@ static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
                 if (next == r->tail_seen) return MM_RING_CLOSED;
             }
         }
+        /* What was published past the records held, and all of it from
+         * head: a producer never has more than the capacity in use. */
         uint64_t avail = r->tail_seen - next, pos = next & r->mask;
-        if (avail > r->cap || avail < 8u || (next & 7u)) return MM_RING_CORRUPT;
+        if (r->tail_seen - head > r->cap || avail > r->cap || avail < 8u || (next & 7u))
+            return mm_ring_corrupt(r);
         const uint8_t *p = r->data + pos;
         const uint32_t *words = (const uint32_t *)p;
         uint32_t size = __atomic_load_n(&words[0], __ATOMIC_RELAXED);
         uint32_t nparts = __atomic_load_n(&words[1], __ATOMIC_RELAXED);
-        if (size < 8u || (size & 7u) || size > avail) return MM_RING_CORRUPT;
+        if (size < 8u || (size & 7u) || size > avail) return mm_ring_corrupt(r);
         if (nparts == MM_RING_WRAP) {
-            if (size != r->cap - pos) return MM_RING_CORRUPT; /* it pads to the end */
+            /* It pads to the end, from anywhere but the start. */
+            if (size != r->cap - pos || pos == 0) return mm_ring_corrupt(r);
             if (r->held) {
                 r->held += size; /* freed with the records before it */
                 continue;
@@ -404,7 +416,7 @@ static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
             mm_ring_wake(&h->producer_parked, r->space_fd);
             continue;
         }
-        if (!mm_ring_record_fits(r, words, pos, size, nparts)) return MM_RING_CORRUPT;
+        if (!mm_ring_record_fits(r, words, pos, size, nparts)) return mm_ring_corrupt(r);
         r->held += size;
         *rec = p;
         return MM_RING_OK;

@@ -6,7 +6,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 
 from ring cimport *
 
@@ -241,7 +241,10 @@ cdef class RingCore:
             raise RecordTooLarge(f"at most {MM_RING_MAX_PARTS} parts in a record")
         for i, n in enumerate(lengths):
             lens[i] = n
-        return mm_ring_record_size(len(lengths), lens)
+        cdef uint64_t size = mm_ring_record_size(len(lengths), lens)
+        if size == UINT64_MAX:  # no record holds it: its exact size all the same, as the twin's
+            return 8 + mm_align8(4 * len(lengths)) + sum((n + 7) & ~7 for n in lengths)
+        return size
 
     # -- consumer ----------------------------------------------------------
 

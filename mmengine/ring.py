@@ -485,6 +485,7 @@ class PyRing(_RingLife):
         self._peer_bit = ATTACHER_CLOSED if creator else CREATOR_CLOSED
         self._mask = self.capacity - 1
         self._held = 0
+        self._corrupt = False  # it found what is no record: it reads no more
         self._unpublished = 0
         self._spin_s = spin_us / 1e6
         self._backoff = BackOff()
@@ -604,6 +605,15 @@ class PyRing(_RingLife):
 
     def try_get(self):
         self._check()
+        if self._corrupt:
+            raise RingCorrupt(_NO_RECORD)
+        try:
+            return self._try_get()
+        except RingCorrupt:
+            self._corrupt = True
+            raise
+
+    def _try_get(self):
         while True:
             nxt = self._q[_Q_HEAD] + self._held
             if nxt == self._q[_Q_TAIL]:
@@ -612,15 +622,19 @@ class PyRing(_RingLife):
                 if self._q[_Q_TAIL] == nxt:  # the peer closes after its last put
                     raise RingClosed("get: the peer closed the ring")
                 continue
-            avail, pos = self._q[_Q_TAIL] - nxt, nxt & self._mask
-            if avail > self.capacity or avail < 8 or nxt % 8:
+            # What was published past the records held, and all of it from
+            # head: a producer never has more than the capacity in use.
+            tail = self._q[_Q_TAIL]
+            avail, pos = tail - nxt, nxt & self._mask
+            if (tail - self._q[_Q_HEAD] > self.capacity or avail > self.capacity or avail < 8
+                    or nxt % 8):
                 raise RingCorrupt(_NO_RECORD)
             off = HEADER_BYTES + pos
             size, nparts = struct.unpack_from("<II", self._m, off)
             if size < 8 or size % 8 or size > avail:
                 raise RingCorrupt(_NO_RECORD)
             if nparts == WRAP:
-                if size != self.capacity - pos:  # it pads to the end
+                if size != self.capacity - pos or pos == 0:  # to the end, from past the start
                     raise RingCorrupt(_NO_RECORD)
                 if self._held:
                     self._held += size  # freed with the records before it

@@ -15,7 +15,7 @@ import torch
 from conftest import write_sparse_model
 from mmengine import backends, demo
 from mmengine.backends import load_model
-from mmengine.backends.base import SKELETONS, module_bytes
+from mmengine.backends.base import SKELETONS, TorchModel, module_bytes
 from mmengine.backends.handler import held_bytes
 from mmengine.backends.safetensors import DTYPES, load_file, save_file
 from mmengine.errors import BadRequest, InternalError, LoadFailed, Overloaded
@@ -880,6 +880,29 @@ def predict(inputs):
     model.close()
 
 
+def test_a_handler_walk_counts_what_bound_methods_and_shared_buffers_hold_once():
+    # Found by a review of the walk: a bound method hid the object it is
+    # bound to (0 bytes); a buffer viewed through bytes and a tensor was
+    # counted twice; a sparse tensor's parts, made by the walk and freed,
+    # left their addresses to the next one's, which passed for seen.
+    import types
+
+    def sparse():  # 1,000 values, 2,000 indices: 20,000 bytes
+        return torch.eye(1000).to_sparse()
+
+    handler = types.ModuleType("a_handler")
+    handler.forward = torch.nn.Linear(1000, 1000).forward       # 4,004,000 bytes
+    handler.lookup = {i: float(i) for i in range(1000)}.get
+    blob = bytearray(1 << 20)
+    handler.array = np.frombuffer(blob, np.uint8)
+    handler.tensor = torch.frombuffer(blob, dtype=torch.uint8)
+    handler.first, handler.box = sparse(), [sparse()]
+    held = held_bytes(handler, torch.device("cpu"))
+    lookup = 1000 * (28 + 24) + 36_000  # its keys and values, and the dict
+    wanted = 4_004_000 + (1 << 20) + 2 * 20_000 + lookup
+    assert wanted <= held < wanted + (16 << 10), (held, wanted)
+
+
 def test_a_handler_counts_no_less_than_its_manifest_says(tmp_path):
     handler_model(tmp_path, "def predict(inputs):\n    return inputs\n", f"bytes = {50 << 20}\n")
     assert load(tmp_path, "m").nbytes == 50 << 20
@@ -893,6 +916,22 @@ def test_a_module_with_a_sparse_tensor_is_measured_by_its_parts(tmp_path):
     assert model.nbytes == module_bytes(model.module) == 40 + 4 * 4 + 8 * 8
     assert model.predict({"x": np.ones((1, 4), np.float32)})["output"].shape == (1, 2)
     model.close()
+
+
+def test_a_module_whose_tensors_cannot_be_measured_is_dropped_as_it_closes(tmp_path):
+    # An mkldnn tensor has no storage to count: a TorchScript or export
+    # model (which keeps a skeleton's key) raised again as it closed, and
+    # kept its module, where load_model says LoadFailed.
+    demo.write_mlp(tmp_path / "m", "torchscript", *DIMS)
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.randn(4, 4).to_mkldnn())
+    model = TorchModel(Repository(tmp_path).resolve("m", None), torch.device("cpu"), module)
+    model.skeleton_key = ("m", 1)
+    with pytest.raises(NotImplementedError):
+        model.tensor_bytes()
+    kept = len(SKELETONS)
+    model.close()
+    assert model.module is None and len(SKELETONS) == kept
 
 
 class _WithConstant(torch.nn.Module):

@@ -334,24 +334,29 @@ def test_implementations_share_one_layout():
 # of its records: each case writes (tail, head) and the words at a place of
 # the data area; the consumer must say RingCorrupt, neither loop in C with
 # the GIL held, nor read past the mapping, nor hand out a record twice.
-_CORRUPT_CASES = {
-    "a wrap marker of 0 bytes": (8, 0, 0, [0, 0xffffffff]),
-    "a record of 0 bytes": (8, 0, 0, [0, 1]),
-    "a size not 8-aligned": (16, 0, 0, [12, 1, 0]),
-    "more bytes than published": (16, 0, 0, [24, 1, 8]),
-    "more parts than a record has": (16, 0, 0, [16, 0x7fffffff]),
-    "a part past the end of the ring": (4096, 4080, 4080, [16, 1, 200]),
-    "a wrap marker short of the end": (4096, 4080, 4080, [8, 0xffffffff]),
-    "a tail past the capacity": (8192, 0, 0, [16, 1, 8]),
+_CORRUPT_CASES = {  # (a record of 24 bytes got and held first?, tail, head, at, words)
+    "a wrap marker of 0 bytes": (False, 8, 0, 0, [0, 0xffffffff]),
+    "a record of 0 bytes": (False, 8, 0, 0, [0, 1]),
+    "a size not 8-aligned": (False, 16, 0, 0, [12, 1, 0]),
+    "more bytes than published": (False, 16, 0, 0, [24, 1, 8]),
+    "more parts than a record has": (False, 16, 0, 0, [16, 0x7fffffff]),
+    "a part past the end of the ring": (False, 4096, 4080, 4080, [16, 1, 200]),
+    "a wrap marker short of the end": (False, 4096, 4080, 4080, [8, 0xffffffff]),
+    "a wrap marker from the start": (False, 4096, 0, 0, [4096, 0xffffffff]),
+    "a tail past the capacity": (False, 8192, 0, 0, [24, 1, 8]),
+    "a record over one held": (True, 24 + 4096, 0, 24, [24, 1, 8]),
 }
 _CORRUPT_SCRIPT = """
 import struct, sys
 from mmengine.errors import RingCorrupt
 from mmengine.ring import NativeRing, PyRing, HEADER_BYTES
 Ring = {"native": NativeRing, "py": PyRing}[sys.argv[1]]
-for name, (tail, head, at, words) in %r.items():
+for name, (held, tail, head, at, words) in %r.items():
     a = Ring.create(4096)
     b = Ring.attach(a.handle)
+    if held:
+        a.put(bytes(8))
+        assert b.try_get() is not None
     m = a._seg.map
     struct.pack_into("<Q", m, 64, tail)
     struct.pack_into("<Q", m, 128, head)
@@ -360,7 +365,13 @@ for name, (tail, head, at, words) in %r.items():
         b.try_get()
         print(name, "read", flush=True)
     except RingCorrupt as e:
-        print(name, "RingCorrupt", e, flush=True)
+        # Nothing more is read, whatever comes: here, the ring made empty again.
+        struct.pack_into("<Q", m, 64, head + 24 * held)
+        try:
+            b.try_get()
+            print(name, "read after", flush=True)
+        except RingCorrupt:
+            print(name, "RingCorrupt", e, flush=True)
     b.close()
     a.close()
 """
@@ -370,7 +381,8 @@ def test_a_consumer_refuses_what_is_no_record_whatever_the_peer_wrote(Ring):
     # Before: the wrap marker of 0 bytes looped for ever in C, holding the
     # GIL; the record of 0 bytes was handed out again and again; a part
     # count or length past the ring read past the mapping (SIGBUS, or
-    # another mapping's bytes handed out).
+    # another mapping's bytes handed out); a record over one held was
+    # handed out, overwriting it.
     done = subprocess.run([sys.executable, "-c", _CORRUPT_SCRIPT % (_CORRUPT_CASES,),
                            _name(Ring)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -387,9 +399,9 @@ def test_parts_that_no_record_could_hold_are_refused_whole():
         pytest.skip("native ring not built")
     ring = NativeRing.create(4096)
     try:
-        assert ring.record_size(1 << 62, 1 << 62, 1 << 62, 1 << 62) == (1 << 64) - 1
-        assert ring.record_size(1 << 32) == (1 << 64) - 1  # a record's size is a u32
-        assert ring.record_size(8, 16) == record_size(8, 16) == 8 + 8 + 8 + 16
+        for lengths in ([1 << 62] * 4, [1 << 32], [8, 16]):
+            assert ring.record_size(*lengths) == record_size(*lengths)  # the twin's, exact
+        assert record_size(*[1 << 62] * 4) == 8 + 16 + (1 << 64) > LARGEST_RECORD
     finally:
         ring.close()
 

@@ -156,21 +156,30 @@ class TorchModel(LoadedModel):
     def close(self) -> None:
         key, module = self.skeleton_key, self.module
         self.skeleton_key = None
-        if key is not None and module is not None:
-            from mmengine.backends import safetensors  # the host tier's format
-
-            held = module_bytes(module)
-            tensors = safetensors.module_tensors(module)
-            # Kept only if its state dict held all its bytes: a module that
-            # keeps tensors elsewhere (torch.export's constants, a frozen
-            # graph's) would keep them, on the device, after its eviction;
-            # a sparse tensor cannot be emptied in place.
-            if all(t.layout == torch.strided for t in tensors.values()):
-                safetensors.strip(tensors)
-            if held and not module_bytes(module):
-                SKELETONS.give(key, self)
-                return
+        if key is not None and module is not None and _emptied(module):
+            SKELETONS.give(key, self)
+            return
         self.module = None
+
+
+def _emptied(module: Any) -> bool:
+    """Empties a closing module's tensors in place, where its state dict
+    holds all its bytes, so that it can be kept as a skeleton; False where
+    it does not: a module that keeps tensors elsewhere (torch.export's
+    constants, a frozen graph's) would keep them, on the device, after its
+    eviction; a sparse tensor cannot be emptied in place; tensors of a
+    kind that cannot be measured are not kept either."""
+    from mmengine.backends import safetensors  # the host tier's format
+
+    try:
+        held = module_bytes(module)
+        tensors = safetensors.module_tensors(module)
+        if not all(t.layout == torch.strided for t in tensors.values()):
+            return False
+        safetensors.strip(tensors)
+        return bool(held) and not module_bytes(module)
+    except Exception:  # noqa: BLE001 - a model dropped, not kept, whatever its tensors
+        return False
 
 
 class _Plain:

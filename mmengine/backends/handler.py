@@ -74,8 +74,7 @@ def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
 #: What the walk does not enter: the process's own, which every model
 #: shares (other modules, builtins, and classes and functions not the
 #: handler's).
-_SHARED = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType,
-           types.MethodType, types.CodeType, types.FrameType)
+_SHARED = (types.ModuleType, type, types.FunctionType, types.CodeType, types.FrameType)
 #: The most objects a walk takes in: past them, what it counted is a floor.
 #: (~0.1 s of the loader's, which holds the GIL as it walks.)
 WALK_LIMIT = 100_000
@@ -86,19 +85,21 @@ def held_bytes(handler: types.ModuleType, device: torch.device) -> int:
     its tensors (and, on a CPU, of its numpy arrays, and the Python objects
     that hold them), a byte that views or torch.from_numpy share counted
     once. Classes and functions the handler defines are walked (their
-    class attributes, closures, defaults); the modules it imports, and what
-    it did not define, are not. A numpy memory map's pages are the page
-    cache's, not counted. Breadth first, so that what the globals hold
-    comes before what a large container of theirs holds, up to WALK_LIMIT
-    objects. An object that cannot be measured counts nothing: this never
-    raises for what a handler keeps."""
-    on_cpu = device.type == "cpu"
+    class attributes, closures, defaults), and the object a method is bound
+    to; the modules it imports, and what it did not define, are not. A
+    numpy memory map's pages are the page cache's, not counted. Breadth
+    first, so that what the globals hold comes before what a large
+    container of theirs holds, up to WALK_LIMIT objects. An object that
+    cannot be measured counts nothing: this never raises for what a
+    handler keeps."""
     spans: list[Span] = []
     objects = 0  # the Python objects' own bytes (a CPU's only)
     globals_ = vars(handler)
     # Its functions' __globals__ (walked once, without its dunders) and
-    # __builtins__ (the process's).
-    seen = {id(globals_), id(builtins.__dict__)}
+    # __builtins__ (the process's). Each object seen is kept until the walk
+    # ends: one made on the way (a sparse tensor's parts) and freed could
+    # leave its address to another, which would pass for seen.
+    seen = {id(globals_): globals_, id(builtins.__dict__): builtins.__dict__}
     todo = collections.deque(v for k, v in globals_.items()
                              if not (k.startswith("__") and k.endswith("__")))
     room = WALK_LIMIT - len(todo)  # what may still join the walk
@@ -106,29 +107,62 @@ def held_bytes(handler: types.ModuleType, device: torch.device) -> int:
         obj = todo.popleft()
         if id(obj) in seen:
             continue
-        seen.add(id(obj))
+        seen[id(obj)] = obj
         try:
-            if isinstance(obj, _SHARED) and getattr(obj, "__module__", None) != handler.__name__:
+            measured = _measure(obj, handler.__name__, device, spans)
+            if measured is None:
                 continue
-            if isinstance(obj, torch.Tensor):
-                inside = iter(tensor_span(obj, device, spans))
-            elif isinstance(obj, np.ndarray):
-                inside = _array(obj, on_cpu, spans)
-            else:
-                if isinstance(obj, torch.nn.Module):  # a scripted one's are no attributes
-                    tensors = [*obj.parameters(), *obj.buffers()]
-                    while tensors:
-                        tensors.extend(tensor_span(tensors.pop(), device, spans))
-                if on_cpu:
-                    objects += sys.getsizeof(obj)
-                inside = _contents(obj)
+            own, inside = measured
+            objects += own
+            if room > 0:
+                taken = list(itertools.islice(inside, room))
+                todo.extend(taken)
+                room -= len(taken)
         except Exception:  # noqa: BLE001 - an operator's object, measured as far as it goes
+            # (one that another thread changes as it is walked included)
             continue
-        if room > 0:
-            taken = list(itertools.islice(inside, room))
-            todo.extend(taken)
-            room -= len(taken)
     return objects + covered_bytes(spans)
+
+
+def _measure(obj: Any, handler: str, device: torch.device,
+             spans: list[Span]) -> tuple[int, Iterable[Any]] | None:
+    """Adds the spans of `obj`'s buffers; answers its own bytes beside them
+    (a Python object's, on a CPU) and what the walk goes on to in it, or
+    None where it is the process's (a module, what the handler did not
+    define)."""
+    on_cpu = device.type == "cpu"
+    if isinstance(obj, (types.MethodType, types.BuiltinFunctionType)):
+        # Whoever's method it is, the object it is bound to is what it keeps.
+        bound = getattr(obj, "__self__", None)
+        return None if bound is None or isinstance(bound, types.ModuleType) else (0, (bound,))
+    if isinstance(obj, _SHARED) and getattr(obj, "__module__", None) != handler:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return 0, tensor_span(obj, device, spans)
+    if isinstance(obj, np.ndarray):
+        return 0, _array(obj, on_cpu, spans)
+    if isinstance(obj, torch.nn.Module):  # a scripted one's are no attributes
+        tensors = [*obj.parameters(), *obj.buffers()]
+        while tensors:
+            tensors.extend(tensor_span(tensors.pop(), device, spans))
+    own = sys.getsizeof(obj) - _buffer(obj, spans) if on_cpu else 0
+    return own, _contents(obj)
+
+
+#: Below this, a bytes object's buffer is only counted as part of the
+#: object (no address is taken: tensors and arrays share no small ones).
+_SHARED_BUFFER_BYTES = 4096
+
+
+def _buffer(obj: Any, spans: list[Span]) -> int:
+    """Where `obj` is a bytes or a bytearray of a size that an array or a
+    tensor may view (np.frombuffer, torch.frombuffer), its buffer's span,
+    and that buffer's bytes, which its size no longer counts; else 0."""
+    if type(obj) not in (bytes, bytearray) or len(obj) < _SHARED_BUFFER_BYTES:
+        return 0
+    start = np.frombuffer(obj, np.uint8).ctypes.data
+    spans.append(("cpu", start, start + len(obj)))
+    return len(obj)
 
 
 def _contents(obj: Any) -> Iterable[Any]:
