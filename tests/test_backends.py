@@ -880,9 +880,11 @@ def predict(inputs):
     model.close()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # mkldnn's
 def test_a_handler_walk_counts_what_bound_methods_and_shared_buffers_hold_once():
     # Found by a review of the walk: a bound method hid the object it is
-    # bound to (0 bytes); a buffer viewed through bytes and a tensor was
+    # bound to (0 bytes); an mkldnn module's tensors (no storage) counted
+    # nothing; a buffer viewed through bytes and a tensor was
     # counted twice; a sparse tensor's parts, made by the walk and freed,
     # left their addresses to the next one's, which passed for seen.
     import types
@@ -890,8 +892,11 @@ def test_a_handler_walk_counts_what_bound_methods_and_shared_buffers_hold_once()
     def sparse():  # 1,000 values, 2,000 indices: 20,000 bytes
         return torch.eye(1000).to_sparse()
 
+    from torch.utils import mkldnn
+
     handler = types.ModuleType("a_handler")
     handler.forward = torch.nn.Linear(1000, 1000).forward       # 4,004,000 bytes
+    handler.fast = mkldnn.to_mkldnn(torch.nn.Linear(100, 100))  # 40,400 bytes, opaque
     handler.lookup = {i: float(i) for i in range(1000)}.get
     blob = bytearray(1 << 20)
     handler.array = np.frombuffer(blob, np.uint8)
@@ -899,7 +904,7 @@ def test_a_handler_walk_counts_what_bound_methods_and_shared_buffers_hold_once()
     handler.first, handler.box = sparse(), [sparse()]
     held = held_bytes(handler, torch.device("cpu"))
     lookup = 1000 * (28 + 24) + 36_000  # its keys and values, and the dict
-    wanted = 4_004_000 + (1 << 20) + 2 * 20_000 + lookup
+    wanted = 4_004_000 + 40_400 + (1 << 20) + 2 * 20_000 + lookup
     assert wanted <= held < wanted + (16 << 10), (held, wanted)
 
 
@@ -918,16 +923,35 @@ def test_a_module_with_a_sparse_tensor_is_measured_by_its_parts(tmp_path):
     model.close()
 
 
-def test_a_module_whose_tensors_cannot_be_measured_is_dropped_as_it_closes(tmp_path):
-    # An mkldnn tensor has no storage to count: a TorchScript or export
-    # model (which keeps a skeleton's key) raised again as it closed, and
-    # kept its module, where load_model says LoadFailed.
+class _Hollow(torch.Tensor):
+    """A tensor subclass with no storage behind it (a wrapper of nothing)."""
+
+    @staticmethod
+    def __new__(cls):
+        return torch.Tensor._make_wrapper_subclass(cls, (4,), dtype=torch.float32)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # mkldnn's
+def test_an_opaque_tensor_counts_its_elements_and_one_without_storage_is_dropped(tmp_path):
+    # An mkldnn tensor (torch.utils.mkldnn's CPU modules) has no storage:
+    # counting its bytes raised. And a tensor of no storage at all, in a
+    # TorchScript or export model (which keeps a skeleton's key), raised
+    # again as its model closed, and the model kept its module, where
+    # load_model says LoadFailed.
+    from torch.utils import mkldnn
+
+    opaque = mkldnn.to_mkldnn(torch.nn.Linear(256, 256))
+    assert module_bytes(opaque) == (256 * 256 + 256) * 4
     demo.write_mlp(tmp_path / "m", "torchscript", *DIMS)
     module = torch.nn.Module()
-    module.register_buffer("w", torch.randn(4, 4).to_mkldnn())
+    module.register_buffer("w", _Hollow())
     model = TorchModel(Repository(tmp_path).resolve("m", None), torch.device("cpu"), module)
     model.skeleton_key = ("m", 1)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(RuntimeError, match="invalid python storage"):
         model.tensor_bytes()
     kept = len(SKELETONS)
     model.close()

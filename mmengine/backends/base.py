@@ -407,7 +407,9 @@ def tensor_span(t: torch.Tensor, device: torch.device | None,
     """Adds the span of `t`'s storage to `spans` where it is on `device`
     (None: any); answers a sparse tensor's dense parts instead (it has no
     storage of its own), and its gradient, if any: the tensors to count
-    in turn."""
+    in turn. An opaque tensor (mkldnn's, as torch.utils.mkldnn makes a
+    CPU module's) has no address: its elements' bytes, once per tensor
+    object."""
     if t.layout == torch.sparse_coo:
         parts: tuple[torch.Tensor, ...] = (t._indices(), t._values())
     elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
@@ -419,11 +421,17 @@ def tensor_span(t: torch.Tensor, device: torch.device | None,
         on = t.device
         if device is None or (on.type == device.type
                               and (device.index is None or on.index == device.index)):
-            storage = t.untyped_storage()
-            start = storage.data_ptr()
-            spans.append((str(on), start, start + storage.nbytes()))
+            spans.append(_storage_span(t))
     grad = t.grad if t.is_leaf else None  # (a non-leaf's is None, with a warning)
     return parts if grad is None else (*parts, grad)
+
+
+def _storage_span(t: torch.Tensor) -> Span:
+    if t.is_mkldnn:  # opaque: a place of its own, as no other tensor can share it
+        return f"{t.device} opaque {id(t)}", 0, t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    start = storage.data_ptr()
+    return str(t.device), start, start + storage.nbytes()
 
 
 def covered_bytes(spans: list[Span]) -> int:
