@@ -2492,21 +2492,18 @@ def _load_ran(key: Key, worker: int) -> dict:
 
 def _fit_together(sizes: list[int], caps: list[int], tries: int = 100_000) -> bool:
     """Whether models of these sizes can all be placed at once in workers of
-    these budgets: first fit, biggest first, then a search that says yes
-    when it gives up after `tries` placements: only a sure no refuses a
-    configuration."""
+    these budgets: a search, biggest first, whose first descent is first
+    fit, and which says yes when it gives up after `tries` placements past
+    that descent's: only a sure no refuses a configuration."""
     if sum(sizes) > sum(caps):
         return False
-    sizes, room = sorted((n for n in sizes if n), reverse=True), list(caps)
-    for size in sizes:
-        fits = next((w for w, left in enumerate(room) if size <= left), None)
-        if fits is None:
-            break
-        room[fits] -= size
-    else:
+    sizes = sorted((n for n in sizes if n), reverse=True)
+    if not sizes:
         return True
+    tries += len(sizes)  # the first descent's placements are no part of the budget
     # Depth first, with a stack (pins may be many): choices[i] holds the
-    # workers left to try for sizes[i], one per distinct room.
+    # workers left to try for sizes[i], one per distinct room, the first
+    # worker's last (popped first: first fit).
     room, chosen, choices = list(caps), [], [_rooms_for(sizes[0], caps)]
     while choices:
         if not choices[-1]:  # none left for this one: undo the one before

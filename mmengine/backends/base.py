@@ -390,12 +390,19 @@ def module_bytes(module: Any) -> int:
     parameters, buffers, and tensors kept as plain attributes (torch.export's
     lifted constants); a sparse tensor's by its dense parts."""
     spans: list[Span] = []
+    module_spans(module, None, spans)
+    return covered_bytes(spans)
+
+
+def module_spans(module: Any, device: torch.device | None, spans: list[Span]) -> None:
+    """Adds the spans of a module's tensors on `device` (None: any) to
+    `spans`: module_bytes's, and a handler's modules' (a scripted one's
+    tensors are no attributes that a walk of its objects would find)."""
     attributes = (v for m in module.modules() for v in vars(m).values()
                   if isinstance(v, torch.Tensor))
     todo = [*module.parameters(), *module.buffers(), *attributes]
     while todo:
-        todo.extend(tensor_span(todo.pop(), None, spans))
-    return covered_bytes(spans)
+        todo.extend(tensor_span(todo.pop(), device, spans))
 
 
 #: A buffer's place: (device, first address, address past its end).

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from mmengine.backends.base import (OUT_OF_MEMORY, Inputs, LoadedModel, Span, as_arrays,
-                                    covered_bytes, forget_module, import_file, tensor_span)
+                                    covered_bytes, forget_module, import_file, module_spans,
+                                    tensor_span)
 from mmengine.errors import LoadFailed
 from mmengine.storage import ModelSpec
 
@@ -141,10 +142,8 @@ def _measure(obj: Any, handler: str, device: torch.device,
         return 0, tensor_span(obj, device, spans)
     if isinstance(obj, np.ndarray):
         return 0, _array(obj, on_cpu, spans)
-    if isinstance(obj, torch.nn.Module):  # a scripted one's are no attributes
-        tensors = [*obj.parameters(), *obj.buffers()]
-        while tensors:
-            tensors.extend(tensor_span(tensors.pop(), device, spans))
+    if isinstance(obj, torch.nn.Module):
+        module_spans(obj, device, spans)
     own = sys.getsizeof(obj) - _buffer(obj, spans) if on_cpu else 0
     return own, _contents(obj)
 
