@@ -67,7 +67,12 @@ typedef struct {
     uint8_t _pad1[52];
     _Atomic uint64_t head; /* bytes ever released; consumer's line */
     _Atomic uint32_t consumer_cpu; /* 1 + the CPU of its last release; 0: unknown */
-    uint8_t _pad2[52];
+    uint8_t _pad2a[4];
+    /* Records ever handed out (not wrap markers): where a dead consumer
+     * stopped reading, so that its producer knows which records it never
+     * saw (a worker's front-end sends those again elsewhere). */
+    _Atomic uint64_t taken;
+    uint8_t _pad2[40];
     _Atomic uint32_t consumer_parked;
     _Atomic uint32_t consumer_backoffs; /* mm_ring_preempted's count, consumer's */
     uint8_t _pad3[56];
@@ -76,6 +81,8 @@ typedef struct {
     uint8_t _pad4[56];
 } mm_ring_header;
 _Static_assert(offsetof(mm_ring_header, tail) == 64 && offsetof(mm_ring_header, head) == 128 &&
+                   offsetof(mm_ring_header, taken) == 144 &&
+                   offsetof(mm_ring_header, consumer_parked) == 192 &&
                    offsetof(mm_ring_header, producer_parked) == 256,
                "the layout mmengine/ring.py specifies");
 
@@ -418,6 +425,9 @@ static inline int mm_ring_try_get(mm_ring *r, const uint8_t **rec) {
         }
         if (!mm_ring_record_fits(r, words, pos, size, nparts)) return mm_ring_corrupt(r);
         r->held += size;
+        /* The consumer alone writes it: no read-modify-write needed. */
+        atomic_store_explicit(&h->taken, atomic_load_explicit(&h->taken, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
         *rec = p;
         return MM_RING_OK;
     }
@@ -529,6 +539,12 @@ static inline void mm_ring_unbind(mm_ring *r) {
     if (r->schedstat_fd >= 0) close(r->schedstat_fd);
     r->schedstat_fd = -1;
     r->schedstat_tid = 0;
+}
+
+/* Records the consumer has got. Read by the producer once the consumer's
+ * process has exited (nothing to order it against then). */
+static inline uint64_t mm_ring_taken(const mm_ring *r) {
+    return atomic_load_explicit(&r->hdr->taken, memory_order_relaxed);
 }
 
 /* The consumer's back-offs (for_read) or the producer's, modulo 2**32. */

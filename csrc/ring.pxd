@@ -30,6 +30,7 @@ cdef extern from "ring.h" nogil:
         int32_t attacher_pid       # _Atomic
         uint64_t tail              # _Atomic, own cache line: bytes published
         uint64_t head              # _Atomic, own cache line: bytes released
+        uint64_t taken             # _Atomic, the consumer's line: records got
         uint32_t consumer_parked   # _Atomic, own cache line
         uint32_t consumer_backoffs # _Atomic, the consumer's line
         uint32_t producer_parked   # _Atomic, own cache line
@@ -54,6 +55,7 @@ cdef extern from "ring.h" nogil:
     uint64_t mm_ring_spin(const mm_ring *r)
     void mm_ring_set_spin(mm_ring *r, uint64_t spin_ns)
     uint32_t mm_ring_backoffs(const mm_ring *r, int for_read)
+    uint64_t mm_ring_taken(const mm_ring *r)
     void mm_ring_unbind(mm_ring *r)
     void mm_ring_close_end(mm_ring *r)
     uint64_t mm_now_ns()

@@ -333,6 +333,14 @@ cdef class RingCore:
         return mm_ring_backoffs(&self.r, 1), mm_ring_backoffs(&self.r, 0)
 
     @property
+    def taken(self):
+        """Records the consumer has got so far (wrap markers aside),
+        whichever side asks: the producer learns from it which of its
+        records a consumer that died never read."""
+        self._check()
+        return mm_ring_taken(&self.r)
+
+    @property
     def held(self):
         """Bytes of the records got and not yet released."""
         return self.r.held

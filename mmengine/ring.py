@@ -16,6 +16,7 @@ A ring is one shared-memory segment (mmengine.shm) plus two eventfds::
         72     4  producer_cpu      producer: 1 + its CPU at its last publish (*)
        128     8  head              consumer: bytes ever released   (line 2)
        136     4  consumer_cpu      consumer: 1 + its CPU at its last release (*)
+       144     8  taken             consumer: records ever got (wrap markers aside)
        192     4  consumer_parked   consumer: 1 while it sleeps     (line 3)
        196     4  consumer_backoffs consumer: its back-offs (**)
        256     4  producer_parked   producer: 1 while it sleeps     (line 4)
@@ -157,6 +158,7 @@ _OFF_CREATOR_PID = 24
 _OFF_ATTACHER_PID = 28
 _Q_TAIL = 64 // 8
 _Q_HEAD = 128 // 8
+_Q_TAKEN = 144 // 8
 _W_CLOSED = 12 // 4
 _W_CONSUMER_PARKED = 192 // 4
 _W_CONSUMER_BACKOFFS = 196 // 4
@@ -600,6 +602,12 @@ class PyRing(_RingLife):
         return self._w[_W_CONSUMER_BACKOFFS], self._w[_W_PRODUCER_BACKOFFS]
 
     @property
+    def taken(self) -> int:
+        """Records the consumer has got so far (wrap markers aside)."""
+        self._check()
+        return self._q[_Q_TAKEN]
+
+    @property
     def held(self) -> int:
         return self._held
 
@@ -644,6 +652,7 @@ class PyRing(_RingLife):
                 continue
             lens = _record_lens(self._m, off, pos, size, nparts, self.capacity)
             self._held += size
+            self._q[_Q_TAKEN] += 1
             off += 8 + _align8(4 * nparts)
             parts = []
             for n in lens:

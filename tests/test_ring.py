@@ -272,6 +272,25 @@ def test_records_held_behind_a_held_wrap_marker_are_read_past_it(pair):
     b.release()
 
 
+def test_taken_counts_the_records_handed_out_as_both_sides_see_it(pair):
+    # What a worker's front-end reads from a dead worker's ring: how many of
+    # its records the consumer ever got (held or released, wrap markers
+    # aside), so that the ones it never got are known.
+    a, b = pair
+    assert a.taken == b.taken == 0
+    for i in range(12):  # sizes that wrap the 4 KiB ring several times
+        a.put(b"h", bytes(700 + 90 * i), timeout=1)
+        b.get(timeout=1)
+        assert a.taken == b.taken == i + 1
+        b.release()
+    assert a.try_put(b"x", hold=True) and a.try_put(b"y")
+    assert b.try_get() is not None and a.taken == 13  # one of the two got, held
+    assert a.try_put(b"z")
+    assert b.try_get() is not None and b.try_get() is not None and b.try_get() is None
+    assert a.taken == b.taken == 15  # an empty ring counts nothing
+    b.release()
+
+
 def test_a_producer_that_closes_sends_what_it_held(pair):
     a, b = pair
     a.try_put(b"last", hold=True)
@@ -326,6 +345,7 @@ def test_implementations_share_one_layout():
             assert bytes(parts[1]) == bytes([i % 256]) * (i % 200)
             del parts
             b.release()
+        assert a.taken == b.taken == 300  # each reads the other's count
         b.close()
         a.close()
 
