@@ -50,7 +50,7 @@ from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFoun
 from mmengine.messages import Op
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
-from mmengine.workers import CONTROL_RING_BYTES, Worker, WorkerPool
+from mmengine.workers import CONTROL_RING_BYTES, Worker, WorkerPool, settle
 
 Key = tuple[str, int]
 # What an operator is told (a failed load, a worker's end): `mmengine serve`
@@ -654,31 +654,37 @@ class Engine:
                 log.error("observer %r failed on %s: %r", observer, kind, e)
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
-                          deadline: float, token: str | None) -> tuple[dict, dict]:
+                          deadline: float, token: str | None,
+                          resent: bool = False) -> tuple[dict, dict]:
+        """`resent`: sent again after its worker died (_resend): its token
+        was checked, and its hit or miss counted, when it was first sent."""
         async def look(name: str, version: int | None) -> ModelSpec:
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     spec = await self._spec(name, version)
             except LoadFailed as e:  # why, only to a caller it would serve
-                auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
+                if not resent:
+                    auth.check(getattr(e, "token_digests", ()), token, f"model {name!r}")
                 raise
             except TimeoutError:  # the look goes on, for the next request
                 raise Timeout(f"{name}: its manifest was not read within the request's "
                               f"deadline") from None
-            auth.check(spec.token_digests, token, f"model {spec.name!r}")
+            if not resent:
+                auth.check(spec.token_digests, token, f"model {spec.name!r}")
             # Before a load: a request its model would refuse loads nothing
             # for it (and evicts nothing).
             check_inputs(spec.inputs, arrays)
             return spec
 
         try:
-            key, worker = await self._acquire_named(name, version, deadline, look=look)
+            key, worker = await self._acquire_named(name, version, deadline,
+                                                    request=not resent, look=look)
+            return await self._send_infer(key, worker, arrays, deadline)
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
                 raise Overloaded(f"{name}: the engine shut down before this request "
                                  f"was served") from None
             raise
-        return await self._send_infer(key, worker, arrays, deadline)
 
     def _send_infer(self, key: Key, worker: Worker, arrays: dict, deadline: float,
                     then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
@@ -1854,13 +1860,18 @@ class Engine:
         if self.cache is None:  # died during start(): start() raises
             return
         how = worker.exit_status()
-        self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
-                                   "at_ns": time.monotonic_ns()})
         serving, going = worker.died_serving, self._closing or self.pool.stopping
-        log.warning("worker %d (pid %s) ended: %s%s; %d inferences failed (WORKER_DIED)%s",
+        # What it never read is sent again once its models are forgotten
+        # below; left to fail with the rest where nothing will serve it.
+        resent = 0 if going else len(worker.orphans)
+        self._emit("worker_exit", {"worker": worker.index, "pid": worker.pid, "exit": how,
+                                   "resent": resent, "at_ns": time.monotonic_ns()})
+        log.warning("worker %d (pid %s) ended: %s%s; %d inferences failed (WORKER_DIED)%s%s",
                     worker.index, worker.pid, how,
                     f", running {serving[0]} v{serving[1]}" if serving else "",
-                    worker.died_with, "" if going else "; restarting it")
+                    worker.died_with + len(worker.orphans) - resent,
+                    f", {resent} it never read sent again" if resent else "",
+                    "" if going else "; restarting it")
         self._blame(worker)
         # Each demoted copy may need room in the host tier, and the last to
         # come are kept: the pinned models', loaded again at once, last.
@@ -1876,7 +1887,21 @@ class Engine:
                     self._count_eviction(key, "worker_exit")
                 self._forget(key, self._gen[key])
         if not going:
+            for orphan in worker.take_orphans():
+                self._resend(*orphan)
             self._spawn(self._revive(worker.index))
+
+    def _resend(self, fut: asyncio.Future, deadline: float, served: Key, inputs: dict,
+                then: Callable[[asyncio.Future], None] | None) -> None:
+        """Sends again an inference whose worker died before reading it (it
+        cannot have begun): as a request for a model not resident, loaded
+        on the dead one's replacement or another worker, its token checked
+        already. Its caller's future gets the answer; cancelled, it
+        cancels the resend."""
+        resend = self._spawn(self._infer_cold(*served, inputs, deadline, None, resent=True),
+                             self._requests)
+        resend.add_done_callback(functools.partial(_answer_resent, fut, then))
+        fut.add_done_callback(lambda _: resend.cancel())
 
     def _blame(self, worker: Worker) -> None:
         """A worker that ended itself while running a model's request (an
@@ -2581,6 +2606,16 @@ class _Place:
     def end_later(self, fut: asyncio.Future) -> None:
         self.leave(fut)
         self.engine._observe_later(self, fut)
+
+
+def _answer_resent(fut: asyncio.Future, then: Callable[[asyncio.Future], None] | None,
+                   resend: asyncio.Task) -> None:
+    """The answer of a resent inference (Engine._resend), to its caller."""
+    if resend.cancelled():  # its caller's future was done first, or the engine stopped
+        result = errors.cancelled()
+    else:
+        result = resend.exception() or resend.result()
+    settle(fut, result, then)
 
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -164,7 +164,7 @@ class Trace:
         elif kind == "worker_exit":
             self._instant(self._worker_tid(f["worker"]), "worker exit", "worker",
                           f["at_ns"], {"worker": f["worker"], "pid": f["pid"],
-                                       "exit": f.get("exit")})
+                                       "exit": f.get("exit"), "resent": f.get("resent", 0)})
 
     def _on_request(self, f: dict) -> None:
         args = {"model": f["model"], "version": f["version"], "code": f["code"]}

@@ -76,6 +76,9 @@ class _Outlet:
         self._worker = worker
         self._outbox: collections.deque = collections.deque()
         self._waiting = False
+        # Records sent, into the ring or its outbox, which keeps their
+        # order: against the ring's `taken`, which of them the worker read.
+        self.sent = 0
 
     def size(self, header: bytes, bufs: list) -> int:
         """The record's bytes in the ring; TooLarge if it can never fit."""
@@ -93,11 +96,13 @@ class _Outlet:
         if not self._outbox:
             try:
                 if self._try_put(header, bufs, hold):
+                    self.sent += 1
                     return  # the common case, with no size() first: it cost as much as the put
             except RecordTooLarge:
                 self.size(header, bufs)  # TooLarge, saying how large
                 raise
         self._outbox.append((header, bufs, need or self.size(header, bufs)))
+        self.sent += 1
         if not self._waiting:
             self._wait_for_room()
 
@@ -185,7 +190,13 @@ class Worker:
         # ...with a load or publish in flight: then its loader thread, running
         # another model's code, may have been what ended it.
         self.died_loading = False
-        self.died_with = 0  # the inferences it had not answered when it died
+        self.died_with = 0  # the inferences it failed when it died (orphans aside)
+        self.died_why = ""  # what its failed requests say
+        # The inferences of other models than the one it died in that it
+        # never read (they waited their turn, or were in its ring still),
+        # as _pending's entries, their on_done run: the engine sends them
+        # again (take_orphans); any it does not take fail as the rest.
+        self.orphans: list[tuple] = []
         self.stuck = False  # killed by the engine, stuck in a model's code
         # Its loader thread does one load or publish at a time. The engine
         # sends loads in turn (a future per load, from when it waits to when
@@ -197,10 +208,12 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        # id -> (future, on_done, t_sent, deadline, model, then, served):
-        # on_done runs when the worker is finished with the request (answered,
-        # or dead), even if the caller gave up; then, when the future is done;
-        # served is (model, version) for an inference, else None.
+        # id -> (future, on_done, t_sent, deadline, model, then, served,
+        # inputs): on_done runs when the worker is finished with the request
+        # (answered, or dead), even if the caller gave up; then, when the
+        # future is done; served is (model, version) for an inference, else
+        # None; inputs, an inference's arrays (held, not copied: sent again
+        # elsewhere if the worker dies before it reads them: orphans).
         self._pending: dict[int, tuple] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline it is armed for
@@ -347,7 +360,8 @@ class Worker:
         of the other models' inferences it holds up (its own model's may be
         its joined call's), or a hang held the worker for good."""
         for rid in self._sent_ns:
-            *_, deadline, _, _, served = self._pending[rid]
+            entry = self._pending[rid]
+            deadline, served = entry[3], entry[6]
             # A batching model's worker may run a later one first (a call
             # of others it joined): what it runs is what would hang.
             running = self._pending.get(self.abandoned.serving)
@@ -365,8 +379,8 @@ class Worker:
         """The (model, version) with the most inferences in flight here,
         and how many: the one that floods it (a scan, made only to say who
         filled it)."""
-        counts = collections.Counter(entry[-1] for entry in self._pending.values()
-                                     if entry[-1] is not None)
+        counts = collections.Counter(entry[6] for entry in self._pending.values()
+                                     if entry[6] is not None)
         return counts.most_common(1)[0] if counts else None
 
     def sample_busy(self) -> None:
@@ -410,19 +424,19 @@ class Worker:
         self._detach()
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
+        unread = self._unread()  # before the books it reads from are cleared
         pending, self._pending = self._pending, {}
         if self._inferring:
             self._inferences_done(self._inferring)
         running = pending.get(self.abandoned.serving)  # what took it down, if any did
         self.died_serving = running[6] if running is not None else None
         self.died_loading = bool(self._loading)
-        self.died_with = sum(served is not None and not fut.done()
-                             for fut, *_, served in pending.values())
         if self.died_serving is not None and not self.stopped_why:
             # An end of its own: each caller hears what it was running (a
             # restart's reason names it already).
             why = (f"{why}, running {self.died_serving[0]} v{self.died_serving[1]}"
                    f"{' beside a load' if self.died_loading else ''}")
+        self.died_why = why
         self._loading.clear()
         self._quiet.clear()
         self._sent_ns.clear()
@@ -434,7 +448,15 @@ class Worker:
         if self._room_timer is not None:
             self._room_timer.cancel()
             self._room_timer = None
-        for fut, on_done, t_sent, _, _, then, served in pending.values():
+        self.died_with = 0
+        for rid, entry in pending.items():
+            fut, on_done, t_sent, _, _, then, served, _ = entry
+            if rid in unread and served != self.died_serving and not fut.done():
+                self.orphans.append(entry)
+                if on_done is not None:  # the pin on this worker's model
+                    on_done()
+                continue
+            self.died_with += served is not None and not fut.done()
             died = self._unanswered(WorkerDied(why), t_sent, served)
             # Their `then` runs after on_death below, as a done callback
             # would: a server's next request finds the pool's view of the
@@ -443,8 +465,42 @@ class Worker:
                     then and functools.partial(self.loop.call_soon, then))
         self._infer.clear()
         self._control.clear()
-        if self.on_death is not None:
-            self.on_death(self)
+        try:
+            if self.on_death is not None:
+                self.on_death(self)
+        finally:
+            self._fail_orphans()  # those the engine did not send again: none waits for good
+
+    def _unread(self) -> set[int]:
+        """The inferences it has never read, which it cannot have begun:
+        those waiting their turn in the front-end, and the last of those
+        sent that its ring's count of records taken falls short of (not
+        while its process runs: declared dead for what it wrote, it may
+        read on until it is killed; nor where the count is past belief)."""
+        unread = set(self._held_ids)
+        if self.process is None or self.process.poll() is None:
+            return unread
+        try:
+            left = self._infer.sent - self.req.taken
+        except (ValueError, RingClosed):  # its ring is closed: the pool is stopping
+            return unread
+        if 0 < left <= len(self._sent_ns):  # (in the order sent, the answered gone)
+            unread.update(itertools.islice(reversed(self._sent_ns), left))
+        return unread
+
+    def take_orphans(self) -> list[tuple[asyncio.Future, float, tuple, dict, Callable | None]]:
+        """The inferences it never read, to be sent again elsewhere: each
+        (future, deadline, (model, version), inputs, then). Whoever takes
+        them settles their futures, and runs `then` as it does."""
+        orphans, self.orphans = self.orphans, []
+        return [(fut, deadline, served, inputs, then)
+                for fut, _, _, deadline, _, then, served, inputs in orphans]
+
+    def _fail_orphans(self) -> None:
+        for fut, _, t_sent, _, _, then, served, _ in self.orphans:
+            _finish(fut, None, self._unanswered(WorkerDied(self.died_why), t_sent, served),
+                    then and functools.partial(self.loop.call_soon, then))
+        self.orphans = []
 
     def _detach(self) -> None:
         if self.loop is None or self.loop.is_closed():
@@ -536,7 +592,8 @@ class Worker:
         else:
             self._send_inference(rid, served, header, bufs)
         fut = self.loop.create_future()
-        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then, served)
+        self._pending[rid] = (fut, on_done, t_sent, deadline, model, then, served,
+                              arrays if served is not None else None)
         if op == Op.INFER:
             if not self._inferring:
                 self._busy_from = t_sent
@@ -693,7 +750,7 @@ class Worker:
             if not held:
                 del self._held[served]
             self._held_ids.discard(rid)
-            fut, on_done, t_sent, deadline, _, then, _ = self._pending[rid]
+            fut, on_done, t_sent, deadline, _, then, _, _ = self._pending[rid]
             if not sent:
                 # It begins once the ring's calls are done: its time is
                 # what is left then (the rest join its call: the same).
@@ -737,7 +794,7 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
-        for rid, (fut, _, t_sent, deadline, model, then, served) in self._pending.items():
+        for rid, (fut, _, t_sent, deadline, model, then, served, _) in self._pending.items():
             if fut.done():
                 continue
             if deadline <= due:
@@ -753,7 +810,7 @@ class Worker:
         waiting = {rid for rid, *_ in expired if rid in self._held_ids}
         for _, fut, model, then, t_sent, served in expired:
             late = Timeout(f"{model}: no answer within the request's deadline")
-            _settle(fut, self._unanswered(late, t_sent, served), then)
+            settle(fut, self._unanswered(late, t_sent, served), then)
         self._drop_waiting(waiting)
         self._use_room()
 
@@ -772,7 +829,7 @@ class Worker:
                 self._held[served] = kept
         self._held_ids -= rids
         for rid in rids:
-            fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid)
+            fut, on_done, t_sent, _, _, then, served, _ = self._pending.pop(rid)
             self._inferences_done(1)
             _finish(fut, on_done, error and self._unanswered(error, t_sent, served), then)
             if self.on_unserved is not None:
@@ -890,7 +947,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent, _, _, then, served = self._pending.pop(rid, _NOT_PENDING)
+        fut, on_done, t_sent, _, _, then, served, _ = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         t_read = time.monotonic_ns()
@@ -931,7 +988,7 @@ class Worker:
             self._send_held()
 
 
-_NOT_PENDING = (None, None, 0, math.inf, "", None, None)
+_NOT_PENDING = (None, None, 0, math.inf, "", None, None, None)
 
 
 def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None:
@@ -939,13 +996,13 @@ def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None
     (its `then` answers the caller at once), then its on_done (which runs
     whatever happens: pins are released)."""
     try:
-        _settle(fut, result, then)
+        settle(fut, result, then)
     finally:
         if on_done is not None:
             on_done()
 
 
-def _settle(fut: asyncio.Future, result, then) -> None:
+def settle(fut: asyncio.Future, result, then) -> None:
     """Completes a future not done yet (a deadline, or its caller, may
     have been first) and runs its `then`; a failing `then` is reported as
     a failing callback would be, and stops nothing else."""

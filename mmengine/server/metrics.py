@@ -239,6 +239,7 @@ class Metrics:
         self._evictions: dict[tuple[str, str, str], int] = {}    # (model, version, reason)
         self._evicted_bytes: dict[str, int] = {}                 # reason
         self._worker_exits: dict[str, int] = {}                  # worker
+        self._resent: dict[str, int] = {}                        # worker
         self._late: dict[tuple[str], int] = {}                   # (model,)
         self._skipped: dict[tuple[str], int] = {}                # (model,)
         # The scrape being made, by content type: scrapers that come while
@@ -298,6 +299,7 @@ class Metrics:
         elif kind == "worker_exit":
             worker = str(f["worker"])
             self._worker_exits[worker] = self._worker_exits.get(worker, 0) + 1
+            self._resent[worker] = self._resent.get(worker, 0) + f.get("resent", 0)
         elif kind == "late" or kind == "skipped":
             counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
@@ -446,7 +448,7 @@ class _Scrape:
         self._load_seconds = m._load_seconds.copy()
         self._phase_seconds = {p: h.copy() for p, h in m._phase_seconds.items()}
         self._evictions, self._evicted_bytes = dict(m._evictions), dict(m._evicted_bytes)
-        self._worker_exits = dict(m._worker_exits)
+        self._worker_exits, self._resent = dict(m._worker_exits), dict(m._resent)
         self._late, self._skipped = dict(m._late), dict(m._skipped)
         self._versions = {key: (v.success, v.fail, v.success_ns, v.queue_ns, v.compute_ns,
                                 v.return_ns, round(v.calls))
@@ -526,6 +528,11 @@ class _Scrape:
         exits.update({(k,): v for k, v in self._worker_exits.items()})
         yield _counter("mmengine_worker_exits", "Worker processes that exited while "
                        "serving (each is restarted), by worker.", ["worker"], exits)
+        resent = {k: 0 for k in exits}
+        resent.update({(k,): v for k, v in self._resent.items()})
+        yield _counter("mmengine_resent_requests", "Inferences a worker that exited had "
+                       "never read, sent again to be served elsewhere (of other models "
+                       "than the one it died running), by worker.", ["worker"], resent)
         yield _counter("mmengine_late_answers", "Inferences a worker ran to the end after "
                        "their request had failed (timed out, or cancelled): work nobody "
                        "got, by model.", ["model"], self._late)
