@@ -679,7 +679,8 @@ class Engine:
         try:
             key, worker = await self._acquire_named(name, version, deadline,
                                                     request=not resent, look=look)
-            return await self._send_infer(key, worker, arrays, deadline)
+            return await self._send_infer(key, worker, arrays, deadline,
+                                          resendable=not resent)
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
                 raise Overloaded(f"{name}: the engine shut down before this request "
@@ -687,10 +688,12 @@ class Engine:
             raise
 
     def _send_infer(self, key: Key, worker: Worker, arrays: dict, deadline: float,
-                    then: Callable[[asyncio.Future], None] | None = None) -> asyncio.Future:
+                    then: Callable[[asyncio.Future], None] | None = None,
+                    resendable: bool = True) -> asyncio.Future:
         """Sends a request for a model the caller has pinned. The pin is
         dropped when the worker is done with the request (ran it, or skipped
-        it as abandoned), not when the caller stops waiting."""
+        it as abandoned), not when the caller stops waiting. `resendable`:
+        sent again if its worker dies before reading it (Worker.call)."""
         gen = self._gen[key]
         try:
             if worker.in_flight >= self.config.max_queue_per_worker:
@@ -704,7 +707,8 @@ class Engine:
             return worker.call(Op.INFER, key[0], key[1], arrays,
                                on_done=lambda: self._unpin_request(key, gen, True),
                                deadline=deadline, then=then,
-                               batch=spec.max_batch_size if spec is not None else 0)
+                               batch=spec.max_batch_size if spec is not None else 0,
+                               resendable=resendable)
         except BaseException:
             self._unpin_request(key, gen)
             raise
@@ -1896,8 +1900,9 @@ class Engine:
         """Sends again an inference whose worker died before reading it (it
         cannot have begun): as a request for a model not resident, loaded
         on the dead one's replacement or another worker, its token checked
-        already. Its caller's future gets the answer; cancelled, it
-        cancels the resend."""
+        already; once: if that worker dies too, it fails (a crash loop
+        fails it at once, as before, rather than at its deadline). Its
+        caller's future gets the answer; cancelled, it cancels the resend."""
         resend = self._spawn(self._infer_cold(*served, inputs, deadline, None, resent=True),
                              self._requests)
         resend.add_done_callback(functools.partial(_answer_resent, fut, then))

@@ -213,7 +213,8 @@ class Worker:
         # (answered, or dead), even if the caller gave up; then, when the
         # future is done; served is (model, version) for an inference, else
         # None; inputs, an inference's arrays (held, not copied: sent again
-        # elsewhere if the worker dies before it reads them: orphans).
+        # elsewhere if the worker dies before it reads them: orphans), or
+        # None where it is no inference or was sent again once already.
         self._pending: dict[int, tuple] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline it is armed for
@@ -451,7 +452,8 @@ class Worker:
         self.died_with = 0
         for rid, entry in pending.items():
             fut, on_done, t_sent, _, _, then, served, _ = entry
-            if rid in unread and served != self.died_serving and not fut.done():
+            if rid in unread and served != self.died_serving and entry[7] is not None \
+                    and not fut.done():
                 self.orphans.append(entry)
                 if on_done is not None:  # the pin on this worker's model
                     on_done()
@@ -548,7 +550,7 @@ class Worker:
              params: dict | None = None, on_done: Callable | None = None,
              deadline: float = math.inf,
              then: Callable[[asyncio.Future], None] | None = None,
-             batch: int = 0) -> asyncio.Future:
+             batch: int = 0, resendable: bool = True) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
@@ -565,7 +567,9 @@ class Worker:
         is not run for a future its caller cancels.
 
         `batch`: the model's max_batch_size. Waiting inferences of a model
-        that takes batches go in together, as one call (_send_held)."""
+        that takes batches go in together, as one call (_send_held).
+        `resendable`: an inference the worker dies before reading may be
+        sent again elsewhere (an orphan): not one that is such a resend."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -593,7 +597,7 @@ class Worker:
             self._send_inference(rid, served, header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent, deadline, model, then, served,
-                              arrays if served is not None else None)
+                              arrays if served is not None and resendable else None)
         if op == Op.INFER:
             if not self._inferring:
                 self._busy_from = t_sent

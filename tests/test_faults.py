@@ -1704,6 +1704,32 @@ def test_requests_a_dying_worker_never_read_are_served_by_its_replacement(
     assert [f["resent"] for f in exits] == [6]
 
 
+def test_a_request_is_sent_again_once_and_only_if_its_worker_never_read_it(repo, own_segments):
+    # A resend is sent so that its worker's death fails it (resendable
+    # False): a worker that dies again and again fails it at once, not at
+    # its deadline. What the worker read (the call it died in) fails.
+    from mmengine.messages import Op
+
+    async def main():
+        async with Engine(config(repo, worker_backlog_ms=0)) as engine:
+            for name in ("slow", "m00"):
+                await engine.load(name)
+            worker = engine.pool.workers[0]
+            running = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([5.0])}))
+            await until(lambda: worker.abandoned.serving != 0, 10, "the slow call")
+            once = worker.call(Op.INFER, "m00", 1, {"x": X}, resendable=False)
+            again = worker.call(Op.INFER, "m00", 1, {"x": X})
+            os.kill(worker.pid, signal.SIGKILL)
+            with pytest.raises(WorkerDied, match="SIGKILL, running slow v1"):
+                await running
+            with pytest.raises(WorkerDied, match="SIGKILL, running slow v1"):
+                await once
+            _, outputs = await asyncio.wait_for(again, 30)
+            np.testing.assert_allclose(outputs["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+
+    run(main(), timeout=60)
+
+
 def test_a_tcp_clients_requests_behind_a_crash_are_answered_and_counted(tmp_path,
                                                                         own_segments):
     # The same through the TCP server, whose answers are written from the
