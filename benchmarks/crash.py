@@ -20,7 +20,7 @@ session 52 each failed WORKER_DIED with its worker); fast's latency and
 rate beside the crashes (`beside_p50_ms`, `beside_p99_ms`, `beside_rps`,
 with its slowest request, `beside_max_ms`: the restart and the reload it
 waited out) and `recovery_ms` (from each crash's WORKER_DIED to the next
-answer of fast, median: the restart and fast's reload). Ratios: `failed_of_resent` (0),
+answer of fast, median: the restart, its back-off and fast's reload). Ratios: `failed_of_resent` (0),
 `p50_beside_vs_alone`, `rps_beside_vs_alone`.
 """
 from __future__ import annotations

@@ -1891,7 +1891,7 @@ class Engine:
                     self._count_eviction(key, "worker_exit")
                 self._forget(key, self._gen[key])
         if not going:
-            for orphan in worker.take_orphans():
+            while (orphan := worker.take_orphan()) is not None:
                 self._resend(*orphan)
             self._spawn(self._revive(worker.index))
 

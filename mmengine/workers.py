@@ -195,7 +195,7 @@ class Worker:
         # The inferences of other models than the one it died in that it
         # never read (they waited their turn, or were in its ring still),
         # as _pending's entries, their on_done run: the engine sends them
-        # again (take_orphans); any it does not take fail as the rest.
+        # again (take_orphan); any it does not take fail as the rest.
         self.orphans: list[tuple] = []
         self.stuck = False  # killed by the engine, stuck in a model's code
         # Its loader thread does one load or publish at a time. The engine
@@ -490,13 +490,16 @@ class Worker:
             unread.update(itertools.islice(reversed(self._sent_ns), left))
         return unread
 
-    def take_orphans(self) -> list[tuple[asyncio.Future, float, tuple, dict, Callable | None]]:
-        """The inferences it never read, to be sent again elsewhere: each
-        (future, deadline, (model, version), inputs, then). Whoever takes
-        them settles their futures, and runs `then` as it does."""
-        orphans, self.orphans = self.orphans, []
-        return [(fut, deadline, served, inputs, then)
-                for fut, _, _, deadline, _, then, served, inputs in orphans]
+    def take_orphan(self) -> tuple[asyncio.Future, float, tuple, dict, Callable | None] | None:
+        """The next inference it never read, to be sent again elsewhere:
+        (future, deadline, (model, version), inputs, then); None when none
+        is left. Whoever takes one settles its future, and runs `then` as
+        it does; one at a time, so that what a failure leaves is failed
+        by _died as the rest."""
+        if not self.orphans:
+            return None
+        fut, _, _, deadline, _, then, served, inputs = self.orphans.pop(0)
+        return fut, deadline, served, inputs, then
 
     def _fail_orphans(self) -> None:
         for fut, _, t_sent, _, _, then, served, _ in self.orphans:

@@ -1637,33 +1637,39 @@ def predict(inputs):
 '''
 
 
-# Ends its worker (os._exit) once it has slept inputs["seconds"].
+# Ends its worker (os._exit) once the file "go" beside it exists (20 s at
+# most): a test writes it once what it sends behind the call is in flight.
 LATE_CRASH_HANDLER = '''
 import os
 import time
 
 def load(path, device):
-    pass
+    global GO
+    GO = os.path.join(path, "go")
 
 def predict(inputs):
-    time.sleep(float(inputs["seconds"][0]))
+    end = time.monotonic() + 20
+    while not os.path.exists(GO) and time.monotonic() < end:
+        time.sleep(0.005)
     os._exit(3)
 '''
 
 
-def _crash_with_requests_behind(engine: Engine, infer, behind: int) -> tuple:
-    """Sends a request that ends worker 0 after 0.5 s, then, while it
-    runs, `behind` requests for m00 and one more for the crashing model;
-    (the crash, m00's, the crashing model's next) as futures of `infer`."""
-    async def sent():
-        crash = asyncio.ensure_future(infer("crashes-late", {"seconds": np.array([0.5])}))
-        await until(lambda: engine.pool.workers[0].abandoned.serving != 0, 10,
-                    "the crashing call")
-        others = [asyncio.ensure_future(infer("m00", {"x": X * i})) for i in range(behind)]
-        same = asyncio.ensure_future(infer("crashes-late", {"seconds": np.array([0.0])}))
-        await until(lambda: engine.pool.workers[0].in_flight == behind + 2, 5, "the sends")
-        return crash, others, same
-    return sent()
+async def _crash_with_requests_behind(engine: Engine, root: Path, infer, behind: int,
+                                      model: str = "m00", inputs=lambda i: {"x": X * i}
+                                      ) -> tuple:
+    """Sends a request of "crashes-late" (under `root`), then, while worker
+    0 runs it, `behind` requests for `model` (the i-th with inputs(i)) and
+    one more for crashes-late, then lets it end the worker; (the crash,
+    the others, crashes-late's next) as futures of `infer`."""
+    worker = engine.pool.workers[0]
+    crash = asyncio.ensure_future(infer("crashes-late", {"x": X}))
+    await until(lambda: worker.abandoned.serving != 0, 10, "the crashing call")
+    others = [asyncio.ensure_future(infer(model, inputs(i))) for i in range(behind)]
+    same = asyncio.ensure_future(infer("crashes-late", {"x": X}))
+    await until(lambda: worker.in_flight == behind + 2, 10, "the sends behind it")
+    (root / "crashes-late" / "1" / "go").write_text("")
+    return crash, others, same
 
 
 @pytest.mark.parametrize("backlog_ms", [0.0, 2.0], ids=["in_its_ring", "waiting_their_turn"])
@@ -1684,7 +1690,8 @@ def test_requests_a_dying_worker_never_read_are_served_by_its_replacement(
             await engine.infer("m00", {"x": X})
             await engine.load("crashes-late")
             old = engine.pool.workers[0]
-            crash, others, same = await _crash_with_requests_behind(engine, engine.infer, 6)
+            crash, others, same = await _crash_with_requests_behind(engine, tmp_path,
+                                                                    engine.infer, 6)
             assert (old.waiting_turn > 0) == (backlog_ms > 0)
             with pytest.raises(WorkerDied, match="running crashes-late v1"):
                 await crash
@@ -1730,6 +1737,38 @@ def test_a_request_is_sent_again_once_and_only_if_its_worker_never_read_it(repo,
     run(main(), timeout=60)
 
 
+def test_a_resend_is_sent_so_that_a_death_of_its_worker_fails_it(tmp_path, own_segments):
+    # Sent again once: a resend whose worker dies too fails WORKER_DIED (a
+    # worker that dies again and again fails it at once, not at its
+    # deadline). Seen in the replacement's books: it keeps no inputs.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "crashes-late", LATE_CRASH_HANDLER)
+
+    async def main():
+        async with Engine(config(tmp_path, worker_backlog_ms=0)) as engine:
+            await engine.load("slow")
+            await engine.load("crashes-late")
+            old = engine.pool.workers[0]
+            crash, (behind,), same = await _crash_with_requests_behind(
+                engine, tmp_path, engine.infer, 1, "slow",
+                lambda i: {"seconds": np.array([1.0])})
+            for call in (crash, same):
+                with pytest.raises(WorkerDied):
+                    await call
+
+            def resent() -> list:
+                w = engine.pool.workers[0]
+                return [] if w is old else [e for e in w._pending.values()
+                                            if e[6] == ("slow", 1)]
+
+            await until(resent, 30, "the resend on the replacement")
+            assert [e[7] for e in resent()] == [None]
+            out = await asyncio.wait_for(behind, 30)
+            assert out["y"][0] == 2.0
+
+    run(main(), timeout=60)
+
+
 def test_a_tcp_clients_requests_behind_a_crash_are_answered_and_counted(tmp_path,
                                                                         own_segments):
     # The same through the TCP server, whose answers are written from the
@@ -1749,7 +1788,8 @@ def test_a_tcp_clients_requests_behind_a_crash_are_answered_and_counted(tmp_path
             port = await server.start("127.0.0.1", 0)
             try:
                 async with AsyncClient(f"127.0.0.1:{port}") as c:
-                    crash, others, same = await _crash_with_requests_behind(engine, c.infer, 4)
+                    crash, others, same = await _crash_with_requests_behind(
+                        engine, tmp_path, c.infer, 4)
                     with pytest.raises(WorkerDied):
                         await crash
                     with pytest.raises(WorkerDied):
