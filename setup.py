@@ -57,10 +57,17 @@ def _module(name):  # "server/tcp" -> "mmengine.server.tcp"
 
 
 def _digests():
+    """Each compiled module's sha256: of its source, then of the .pxd
+    beside it where it has one (its classes' declarations), as
+    mmengine/_source.py's digest() computes it."""
     digests = {}
     for name in COMPILED:
-        with open(f"mmengine/{name}.py", "rb") as f:
-            digests[_module(name)] = hashlib.sha256(f.read()).hexdigest()
+        sha = hashlib.sha256()
+        for path in (f"mmengine/{name}.py", f"mmengine/{name}.pxd"):
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    sha.update(f.read())
+        digests[_module(name)] = sha.hexdigest()
     return digests
 
 

@@ -67,6 +67,33 @@ def test_a_source_changed_since_the_build_runs_as_source(tmp_path):
     assert got == {"mmengine.engine": False, "mmengine.trace": False, "mmengine.worker": False}
 
 
+def test_a_declaration_changed_since_the_build_runs_its_module_as_source(tmp_path):
+    # engine.pxd declares engine.py's classes as extension types: the build
+    # vouches for the pair, and a declaration edited since is not the one
+    # the module was compiled with.
+    copy = tmp_path / "mmengine"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.c", "__pycache__"))
+    declarations = copy / "engine.pxd"
+    assert "cdef class Engine" in declarations.read_text()
+    declarations.write_text(declarations.read_text() + "\n# edited\n")
+    got, err = _report(tmp_path)
+    assert got == {"mmengine.engine": False, "mmengine.trace": True, "mmengine.worker": True}
+    assert "mmengine.engine is not known to be compiled" in err
+
+
+def test_the_request_paths_classes_are_extension_types():
+    """What their .pxd files declare: attributes in slots, not in an
+    instance dict (a class of Python's is a heap type; an extension type
+    is not)."""
+    from mmengine import engine, workers
+
+    if not (_source.compiled(engine) and _source.compiled(workers)):
+        pytest.skip("they run as source here")
+    heap_type = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+    for cls in (engine.Engine, engine._Place, workers.Worker, workers._Outlet):
+        assert not cls.__flags__ & heap_type, f"{cls.__name__} is a Python class"
+
+
 def test_a_setup_command_that_builds_nothing_vouches_for_nothing(tmp_path):
     """What `pip install .`, `pip wheel .` and `python -m build` run in the
     tree must not record an edited source as the compiled one."""
