@@ -85,13 +85,21 @@ def test_the_request_paths_classes_are_extension_types():
     """What their .pxd files declare: attributes in slots, not in an
     instance dict (a class of Python's is a heap type; an extension type
     is not)."""
-    from mmengine import engine, workers
+    from mmengine import client, engine, workers
+    from mmengine.server import http, listener, tcp
 
-    if not (_source.compiled(engine) and _source.compiled(workers)):
+    modules = (client, engine, workers, listener, tcp)
+    if not all(_source.compiled(m) for m in modules):
         pytest.skip("they run as source here")
     heap_type = 1 << 9  # Py_TPFLAGS_HEAPTYPE
-    for cls in (engine.Engine, engine._Place, workers.Worker, workers._Outlet):
+    for cls in (engine.Engine, engine._Place, workers.Worker, workers._Outlet,
+                listener.Listener, listener.BudgetedReading, tcp._Connection,
+                client.Client, client._Connection, client._Frames):
         assert not cls.__flags__ & heap_type, f"{cls.__name__} is a Python class"
+    # The HTTP connection stays a Python class, on the TCP one's extension
+    # bases and asyncio's Protocol.
+    assert http._HttpConnection.__mro__[1:3] == (listener.BudgetedReading,
+                                                 listener.WatchedWrites)
 
 
 def test_a_setup_command_that_builds_nothing_vouches_for_nothing(tmp_path):

@@ -495,12 +495,11 @@ class HttpServer(Listener):
         self.idle_timeout_s = idle_timeout_s
 
 
-class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
+class _HttpConnection(BudgetedReading, asyncio.Protocol):
     """One connection: parses with httptools, answers requests in order."""
 
     def __init__(self, server: HttpServer):
-        self.server = server
-        self.transport: asyncio.Transport | None = None
+        super().__init__(server)
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request | MMEngineError] = collections.deque()
         self.answering: Later | None = None  # the request being answered
@@ -508,7 +507,6 @@ class _HttpConnection(BudgetedReading, listener.WatchedWrites, asyncio.Protocol)
         self.idle: asyncio.TimerHandle | None = None
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
-        self.awaiting = 0         # a large body's bytes, waiting (unread) for the budget
         self.pipeline_full = False  # MAX_PIPELINED requests await answers: not read
         self.write_blocked = False  # answers backed up: not read, nothing more answered
         self._reset()

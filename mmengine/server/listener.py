@@ -42,12 +42,14 @@ class WatchedWrites:
     protocol calls `_note_reading(now)` on each tick of its idle timer (and
     `_watch_closed` once it has closed), defines `_arm(when)`, which arms
     that timer, and `flush()`, which writes what it holds back until the end
-    of a turn of the loop (nothing, unless it coalesces its writes)."""
+    of a turn of the loop (nothing, unless it coalesces its writes). Its
+    `transport` is the protocol's, from connection_made on; `last_active`,
+    the loop time its client was last active."""
 
-    transport: asyncio.Transport
-    last_active = 0.0
-    unsent_seen = 0  # the unsent bytes at the last tick
-    _arm: Callable[[float], None]  # the protocol's: arms its idle timer for then
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.last_active = 0.0
+        self.unsent_seen = 0  # the unsent bytes at the last tick
 
     def flush(self) -> None:
         pass
@@ -359,7 +361,7 @@ class ReceiveBudget:
             callback()
 
 
-class BudgetedReading:
+class BudgetedReading(WatchedWrites):
     """A connection's side of the receive budget, for the protocols of both
     servers: `reserved`, the bytes its large body being received holds, or
     `awaiting`, the bytes it waits for, not reading meanwhile. The protocol
@@ -369,15 +371,16 @@ class BudgetedReading:
     `_received()`, the bytes of it read so far, `_served_first()`, whether
     it is not read while the server answers its requests, and
     `_too_slow(error)`, which gives its bytes back and ends the stream
-    with `error`."""
+    with `error`. Its answers are watched as WatchedWrites says."""
 
-    server: "Listener"
-    transport: asyncio.Transport
-    reserved = 0
-    awaiting = 0
-    paced_from = 0.0  # loop time the pace of the body holding `reserved` counts from
-    paced_base = 0    # its bytes read by then
-    served_since = 0.0  # loop time it has not been read for its own requests since; 0: read
+    def __init__(self, server: "Listener") -> None:
+        super().__init__()
+        self.server = server
+        self.reserved = 0
+        self.awaiting = 0
+        self.paced_from = 0.0  # loop time the pace of the body holding `reserved` counts from
+        self.paced_base = 0    # its bytes read by then
+        self.served_since = 0.0  # loop time it was not read for its own requests since; 0: read
 
     def _reserve(self, nbytes: int) -> None:
         """Takes the budget for a large body that has begun, or stops

@@ -40,7 +40,7 @@ from mmengine.engine import Engine
 from mmengine.errors import (BadRequest, InternalError, MMEngineError, Overloaded, Timeout,
                              TooLarge)
 from mmengine.server import listener
-from mmengine.server.listener import Listener
+from mmengine.server.listener import BudgetedReading, Listener
 
 _wire = protocol.native  # infer requests read and their answers packed in C
 
@@ -61,11 +61,15 @@ class TcpServer(Listener):
         self.idle_timeout_s = idle_timeout_s or engine.config.tcp_idle_timeout_s
 
 
-class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Protocol):
+class _Connection(BudgetedReading):
+    """One connection's protocol (asyncio's Protocol interface: an
+    extension type where compiled, tcp.pxd, which cannot derive from
+    asyncio.Protocol, a Python class)."""
+
     def __init__(self, server: TcpServer):
-        self.server = server
+        super().__init__(server)
         self.engine = server.engine
-        self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.fd = -1  # the socket's, where linger reads where the client runs
         self.buf = bytearray()
         # What is in flight -> whether it is an inference: a client that goes
@@ -73,11 +77,11 @@ class _Connection(listener.BudgetedReading, listener.WatchedWrites, asyncio.Prot
         self.tasks: dict[asyncio.Future, bool] = {}
         self.paused = False      # too many requests in flight: not read until fewer
         self.write_blocked = False  # answers backed up: not read, no frame taken
-        self.reserved = 0        # bytes of the frame being received, held in the budget
-        self.awaiting = 0        # bytes of a frame waiting for the budget, unread
+        # (reserved: bytes of the frame being received, held in the budget;
+        # awaiting: bytes of a frame waiting for the budget, unread;
+        # last_active: loop time of the last bytes read or last answer.)
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
-        self.last_active = 0.0   # loop time of the last bytes read or last answer
         self.frame_began = 0.0   # loop time the unfinished frame in buf began; 0: none
         self.eof = False         # the client half-closed: close once its answers are out
         self.unsent: list[bytes] | None = None  # answers to write at the end of this turn
