@@ -1,18 +1,22 @@
 """Builds the native core in csrc/ as extensions of the mmengine package,
 and compiles the Python modules on the request path with Cython.
 
-The compiled modules are their .py files unchanged (no types declared): the
-interpreter's dispatch is what they save. Once they are built, each
-source's sha256 goes into _compiled.json beside them, so that a source
-edited since runs as source (mmengine/_source.py).
+The compiled modules are their .py files unchanged: the interpreter's
+dispatch is what they save, and where a .pxd beside a module declares its
+classes as extension types, their attributes' lookups too. Once they are
+built, each module's digest of what it was compiled from (its source, its
+.pxd and those that .pxd cimports: mmengine/_digest.py) goes into
+_compiled.json beside them, so that a module edited since runs as source
+(mmengine/_source.py).
 
 Build-time switches (read here, not by mmengine at run time):
 MMENGINE_BUILD_DEBUG=1 compiles the internal asserts of csrc/debug.h in and
 turns on Cython's bounds checks; the default build is -O3 with both out.
 """
-import hashlib
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -49,7 +53,7 @@ def native(name):
     )
 
 
-RECORD = "_compiled.json"  # in the package: {module: sha256 of the source compiled}
+RECORD = "_compiled.json"  # in the package: {module: digest of what it was compiled from}
 
 
 def _module(name):  # "server/tcp" -> "mmengine.server.tcp"
@@ -57,18 +61,13 @@ def _module(name):  # "server/tcp" -> "mmengine.server.tcp"
 
 
 def _digests():
-    """Each compiled module's sha256: of its source, then of the .pxd
-    beside it where it has one (its classes' declarations), as
-    mmengine/_source.py's digest() computes it."""
-    digests = {}
-    for name in COMPILED:
-        sha = hashlib.sha256()
-        for path in (f"mmengine/{name}.py", f"mmengine/{name}.pxd"):
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    sha.update(f.read())
-        digests[_module(name)] = sha.hexdigest()
-    return digests
+    """Each compiled module's digest of what it is compiled from
+    (mmengine/_digest.py, loaded by its path: the package cannot be
+    imported before it is built)."""
+    spec = importlib.util.spec_from_file_location("_mmengine_digest", "mmengine/_digest.py")
+    digest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digest)
+    return {_module(name): digest.digest(Path(f"mmengine/{name}.py")) for name in COMPILED}
 
 
 def compiled(digests):

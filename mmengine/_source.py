@@ -10,14 +10,14 @@ installed first by mmengine/__init__.py, prefers the source where
   without --native, see the source's functions), or MMENGINE_PURE_PYTHON
   (which also runs the native core's Python twins), or
 - the source is not the one that was compiled: a build that succeeds
-  records each source's sha256 (with its .pxd's) in BUILD_RECORD beside the compiled modules
+  records each module's digest (mmengine/_digest.py: its source, its .pxd
+  and those its .pxd cimports) in BUILD_RECORD beside the compiled modules
   (setup.py), and an edited or checked-out source, or a build that failed
   or was killed, runs the source as it is now, never a stale build of it (a
   warning says to rebuild).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -25,20 +25,12 @@ import sys
 from pathlib import Path
 
 from mmengine import config
+from mmengine._digest import digest
 
 PACKAGE = Path(__file__).resolve().parent
-BUILD_RECORD = "_compiled.json"  # {module name: sha256 of the source compiled}
+BUILD_RECORD = "_compiled.json"  # {module name: digest of what it was compiled from}
 
 
-def digest(path: Path) -> str:
-    """The sha256 of a module's source `path`, then of the .pxd beside it
-    where it has one (the declarations its classes were compiled with), as
-    setup.py records it: a .pxd edited since runs the source too."""
-    sha = hashlib.sha256(path.read_bytes())
-    pxd = path.with_suffix(".pxd")
-    if pxd.is_file():
-        sha.update(pxd.read_bytes())
-    return sha.hexdigest()
 
 
 class _SourceFirst:

@@ -81,6 +81,26 @@ def test_a_declaration_changed_since_the_build_runs_its_module_as_source(tmp_pat
     assert "mmengine.engine is not known to be compiled" in err
 
 
+def test_a_module_edited_since_the_build_runs_those_built_against_it_as_source(tmp_path):
+    """tcp.pxd cimports listener's BudgetedReading: tcp's extension type is
+    built against its C layout, and beside listener's source (a Python
+    class of another size) it would not import at all."""
+    copy = tmp_path / "mmengine"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.c", "__pycache__"))
+    listener = copy / "server" / "listener.py"
+    listener.write_text(listener.read_text() + "\nEDITED = True\n")
+    report = ("import json; from mmengine import _source; from mmengine.server import "
+              "listener, tcp, http; print(json.dumps([_source.compiled(m) for m in "
+              "(listener, tcp, http)]))")
+    env = {**{k: v for k, v in os.environ.items() if k != "MMENGINE_PURE_PYTHON"},
+           "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", report], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == [False, False, True]
+    assert "mmengine.server.tcp is not known to be compiled" in run.stderr
+
+
 def test_the_request_paths_classes_are_extension_types():
     """What their .pxd files declare: attributes in slots, not in an
     instance dict (a class of Python's is a heap type; an extension type
