@@ -5,6 +5,9 @@
 # method lookups were a quarter of the front-end's time on a tiny model's
 # call.) The source runs unchanged where it is not compiled.
 
+from mmengine.calltimes cimport CallTimes
+
+
 cdef class _Outlet:
     cdef public object ring, _worker, _outbox, _waiting, sent
     cpdef send(self, header, bufs, need=*, hold=*)
@@ -18,7 +21,8 @@ cdef class Worker:
     cdef public object _deadline_timer, _timer_at, _infer, _control, on_death, on_unserved
     cdef public object _poll_ns, _poll_until, _polling, _poll_backoff, _cpu_taken
     cdef public object _worker_backoffs, _spins, _inferring, _busy_from, _backlog_ns
-    cdef public object _ring_ns, _began_ns, _room_timer, _room_at, _virtual_ns, _times
+    cdef public object _ring_ns, _began_ns, _room_timer, _room_at, _virtual_ns
+    cdef public CallTimes _times
     cdef public object busy_ns, busy_share, _sampled
     cdef public dict _pending, _sent_ns, _finish_ns, _held
     cdef public set _held_ids, _loading, _quiet

@@ -105,16 +105,17 @@ def test_the_request_paths_classes_are_extension_types():
     """What their .pxd files declare: attributes in slots, not in an
     instance dict (a class of Python's is a heap type; an extension type
     is not)."""
-    from mmengine import client, engine, workers
+    from mmengine import calltimes, client, engine, worker, workers
     from mmengine.server import http, listener, tcp
 
-    modules = (client, engine, workers, listener, tcp)
+    modules = (calltimes, client, engine, worker, workers, listener, tcp)
     if not all(_source.compiled(m) for m in modules):
         pytest.skip("they run as source here")
     heap_type = 1 << 9  # Py_TPFLAGS_HEAPTYPE
     for cls in (engine.Engine, engine._Place, workers.Worker, workers._Outlet,
                 listener.Listener, listener.BudgetedReading, tcp._Connection,
-                client.Client, client._Connection, client._Frames):
+                client.Client, client._Connection, client._Frames, worker.WorkerLogic,
+                worker._Responder, calltimes.CallTimes):
         assert not cls.__flags__ & heap_type, f"{cls.__name__} is a Python class"
     # The HTTP connection stays a Python class, on the TCP one's extension
     # bases and asyncio's Protocol.
