@@ -24,10 +24,12 @@ cdef class _Responder:
     cpdef fail(self, rid, e, ran=*)
 
 
-cpdef _serve_requests(req, out, logic, abandoned, clock)
+# Typed where each is always given: their methods are C calls too.
+cpdef _serve_requests(req, _Responder out, WorkerLogic logic, abandoned, clock)
 cpdef _parse(parts)
-cpdef _skips(rid, key, params, queued, logic, abandoned)
-cpdef _begins(rid, key, params, queued, logic, abandoned, out)
-cpdef _serve_one(woke, out, logic, abandoned, clock, request)
-cpdef _call(woke, logic, abandoned, clock, name, version, inputs, batch=*)
-cpdef _run(woke, out, logic, abandoned, clock, name, version, inputs, rid)
+cpdef _skips(rid, key, params, queued, WorkerLogic logic, abandoned)
+cpdef _begins(rid, key, params, queued, WorkerLogic logic, abandoned, _Responder out)
+cpdef _serve_one(woke, _Responder out, WorkerLogic logic, abandoned, clock, request)
+cpdef _call(woke, WorkerLogic logic, abandoned, clock, name, version, inputs, batch=*)
+cpdef _run(woke, _Responder out, WorkerLogic logic, abandoned, clock, name, version, inputs,
+           rid)
