@@ -785,10 +785,12 @@ class PyRing(_RingLife):
 
 def _bytes(part) -> memoryview:
     """A part's bytes as the native ring takes them: a simple buffer,
-    whatever its items (numpy cannot describe datetime64 to a memoryview)."""
+    whatever its items (numpy cannot describe datetime64 to a memoryview:
+    ValueError) and whatever its shape (an empty one of two dimensions or
+    more cannot be cast: TypeError)."""
     try:
         return memoryview(part).cast("B")
-    except ValueError:
+    except (ValueError, TypeError):
         import numpy as np
 
         return memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
