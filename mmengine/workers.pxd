@@ -26,6 +26,7 @@ cdef class Worker:
     cdef public object busy_ns, busy_share, _sampled
     cdef public dict _pending, _sent_ns, _finish_ns, _held
     cdef public set _held_ids, _loading, _quiet
+    cdef public list _unbooked
     cdef object __weakref__
     cpdef _inferences_done(self, n)
     cpdef _poll_answers(self)
@@ -36,6 +37,8 @@ cdef class Worker:
     cpdef _poll(self)
     cpdef _drain(self)
     cpdef _on_response(self, parts)
+    cpdef _book(self, on_done, served, seconds, t_read)
+    cpdef _keep_books(self)
 
 
 cpdef _finish(fut, on_done, result, then)

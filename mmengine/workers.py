@@ -230,6 +230,10 @@ class Worker:
         self._poll_ns = int(config.poll_us * 1e3)
         self._poll_until = 0  # time.monotonic_ns(): polling the answers until then
         self._polling = False
+        # The books of the inferences whose answers their server wrote out
+        # (`then`), kept in the loop's next turn (_keep_books): [(on_done,
+        # served, the call's seconds or None, t_read)].
+        self._unbooked: list = []
         # The polls' back-off (_poll_answers): as a ring waiter's (ring.py);
         # and the loop thread's looks whether its CPU was taken (first in
         # start(): its statistics are open from then on, one file a thread).
@@ -422,6 +426,7 @@ class Worker:
         if not self.alive:
             return
         self.alive = False
+        self._keep_books()
         self._detach()
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(WorkerDied(why))
@@ -895,20 +900,26 @@ class Worker:
         ring.disarm_read()
         while self._drain() and not self._polling:
             if ring.arm_read():
-                return
+                break
+        if self._unbooked and not self._polling:  # (polling, _poll keeps them)
+            self.loop.call_soon(self._keep_books)
 
     def _poll(self) -> None:
         """Drains the response ring without being woken, once per turn of
-        the loop, until nothing is in flight or the poll window closes; then
+        the loop, until nothing is in flight or the poll window closes (and
+        a turn after answers their servers wrote: their books); then
         sleeps until woken. A turn of the loop costs less than waking a
         sleeping process, and the loop still serves every socket between
         turns. Not while the worker loads where its cores are few: its
         loader needs the CPU this would take, and the worker answers as
         soon as it is woken; nor while the polls back off
         (_poll_answers)."""
+        if self._unbooked:  # the last turn's answers': its I/O is read
+            self._keep_books()
         if not self.alive or not self._drain():
             return
-        if self._pending and not self._quiet and time.monotonic_ns() < self._poll_until:
+        if self._unbooked or self._pending and not self._quiet \
+                and time.monotonic_ns() < self._poll_until:
             self.loop.call_soon(self._poll)
             return
         self._polling = False
@@ -979,13 +990,25 @@ class Worker:
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         # The answer first (a server writes it out in `then`), the books
         # after: nothing below changes what its caller gets.
-        _finish(fut, on_done, result, then)
+        seconds = (ran["t_done"] - ran["t_recv"]) / 1e9 \
+            if code == messages.OK and ran is not None and "t_recv" in ran else None
+        try:
+            settle(fut, result, then)
+        finally:
+            if then is None:
+                self._book(on_done, served, seconds, t_read)
+            else:
+                # A server's answer, written: the pin and the call's time
+                # wait for the loop's next turn. There the client's next
+                # request, come meanwhile, has gone to its worker, whose run
+                # leaves the loop the time; kept now, they would come between
+                # the answer and that request (a client on this CPU runs
+                # within the answer's write).
+                self._unbooked.append((on_done, served, seconds, t_read))
         if served is not None:
             self._inferences_done(1)
             self._ring_ns -= self._sent_ns.pop(rid, 0)
             self._began_ns = t_read  # the next one's, if any
-            if code == messages.OK and ran is not None and "t_recv" in ran:
-                self._times.ran(served, (ran["t_done"] - ran["t_recv"]) / 1e9, t_read / 1e9)
         self._loading.discard(rid)
         self._quiet.discard(rid)
         if (code == messages.SKIPPED or late and ran is not None) \
@@ -993,6 +1016,30 @@ class Worker:
             self.on_unserved(served, ran, self.index)
         if self._held:
             self._send_held()
+
+    def _book(self, on_done: Callable | None, served: tuple | None, seconds: float | None,
+              t_read: int) -> None:
+        """An answered request's books: its on_done (the pin on its model
+        given back), and an inference's call time (`seconds`, where it ran)."""
+        try:
+            if on_done is not None:
+                on_done()
+        finally:
+            if seconds is not None:
+                self._times.ran(served, seconds, t_read / 1e9)
+
+    def _keep_books(self) -> None:
+        """The books of the answers their servers wrote out (_unbooked).
+        A failing one is reported as a failing callback would be, and
+        stops nothing else."""
+        unbooked, self._unbooked = self._unbooked, []
+        for on_done, served, seconds, t_read in unbooked:
+            try:
+                self._book(on_done, served, seconds, t_read)
+            except Exception as e:  # noqa: BLE001 - one request's books must not stop the rest
+                self.loop.call_exception_handler(
+                    {"message": f"worker {self.index}: a request's books failed",
+                     "exception": e})
 
 
 _NOT_PENDING = (None, None, 0, math.inf, "", None, None, None)

@@ -404,6 +404,26 @@ def test_pipelined_control_operations_take_effect_in_order(address):
             assert (state["state"] == "resident") == (ops[-1] == "load"), (ops, state)
 
 
+
+def test_each_answer_gives_its_pin_back_before_the_clients_next_request(address):
+    # The server keeps an inference's books (the pin on its model, its call
+    # time) in the loop's turn after the answer goes out, where the
+    # client's next request has been read (workers.Worker._keep_books):
+    # that request, and any later, finds them kept. A pin never given back
+    # would keep the model from its unload.
+    name = MODELS[2]
+    x = x_for(np.random.default_rng(5))
+    with Client(address, timeout=30) as c:
+        for _ in range(10):
+            np.testing.assert_allclose(c.infer(name, {"x": x})["y"], reference(name, x),
+                                       rtol=1e-5, atol=1e-6)
+            row = next(r for r in c.stats()["models"] if r["name"] == name)
+            assert row["pins"] == 0 and row["state"] == "resident", row
+        c.infer(name, {"x": x})
+        c.unload(name)
+        row = next(r for r in c.stats()["models"] if r["name"] == name)
+        assert row["state"] != "resident" and row["pins"] == 0, row
+
 def test_async_client_many_in_flight(address):
     with Client(address) as c:
         fast = fast_model_beside_slow(c)
