@@ -40,15 +40,25 @@ CFLAGS = ["-std=c11", "-O0" if DEBUG else "-O3", "-g" if DEBUG else "-g0",
 MACROS = [("MMENGINE_DEBUG", "1" if DEBUG else "0"), ("_GNU_SOURCE", "1")]
 
 
+# The extensions that make arrays through numpy's C API (csrc/arrays.pxd).
+NUMPY_API = {"wire", "records"}
+
+
 def native(name):
+    includes, macros = ["csrc"], MACROS
+    if name in NUMPY_API:
+        import numpy  # a build requirement (pyproject.toml): only these need it
+
+        includes.append(numpy.get_include())
+        macros = MACROS + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     return Extension(
         f"mmengine._{name}",
         sources=[f"csrc/{name}.pyx"],
-        include_dirs=["csrc"],
+        include_dirs=includes,
         extra_compile_args=CFLAGS,
-        define_macros=MACROS,
+        define_macros=macros,
         depends=[path for path in (f"csrc/{name}.h", f"csrc/{name}.pxd", "csrc/debug.h",
-                                   "csrc/packing.pxd", "csrc/readjob.h")
+                                   "csrc/packing.pxd", "csrc/arrays.pxd", "csrc/readjob.h")
                  if os.path.exists(path)],
     )
 

@@ -16,23 +16,34 @@ messages.py's path, which also says what is wrong where something is.
 """
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release,
                              PyObject_GetBuffer)
-from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
-from cpython.list cimport PyList_AsTuple, PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsSsize_t, PyLong_CheckExact
+from cpython.memoryview cimport PyMemoryView_Check
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.tuple cimport PyTuple_CheckExact
 from cpython.unicode cimport PyUnicode_CheckExact
 
+cimport numpy as cnp
+from arrays cimport MAX_DIMS, array_over
 from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_str, put, release,
                       start)
 
 import numpy as np
+
+cnp.import_array()
+
+
+cdef extern from "Python.h":
+    # The object a memoryview's memory is (numpy's constructor makes it an
+    # array's base); NULL where it was made from bare memory.
+    PyObject *_memoryview_base "PyMemoryView_GET_BASE" (object view)
 
 from mmengine.protocol import buffer_formats
 from mmengine.ring import MAX_PARTS
@@ -180,12 +191,13 @@ def response_record(object rid, object code, object body, object arrays):
 
 # -- reading ------------------------------------------------------------------
 
-cdef object _shape(object desc, Py_ssize_t *nbytes):
-    """(name, dtype, shape) of a descriptor [name, dtype, shape] whose
-    dtype is one the fast path takes, with its bytes in `nbytes`; None for
-    anything else (a packed record's descriptors among them)."""
+cdef object _shape(object desc, Py_ssize_t *nbytes, cnp.npy_intp *dims, int *nd):
+    """(name, dtype) of a descriptor [name, dtype, shape] whose dtype is
+    one the fast path takes, its shape in dims[:nd] and its bytes in
+    `nbytes`; None for anything else (a packed record's descriptors among
+    them)."""
     cdef object name, dtype, shape, d
-    cdef Py_ssize_t i, n, dims, count = 1, itemsize
+    cdef Py_ssize_t i, n, count = 1, itemsize
     if not PyList_CheckExact(desc) or PyList_GET_SIZE(desc) != 3:
         return None
     name = <object>PyList_GET_ITEM(desc, 0)
@@ -195,10 +207,10 @@ cdef object _shape(object desc, Py_ssize_t *nbytes):
             and PyList_CheckExact(shape)):
         return None
     dtype = _DTYPES.get(dtype)
-    if dtype is None:
+    if dtype is None or PyList_GET_SIZE(shape) > MAX_DIMS:
         return None
-    dims = PyList_GET_SIZE(shape)
-    for i in range(dims):
+    nd[0] = PyList_GET_SIZE(shape)
+    for i in range(nd[0]):
         d = <object>PyList_GET_ITEM(shape, i)
         if not PyLong_CheckExact(d):
             return None
@@ -208,52 +220,56 @@ cdef object _shape(object desc, Py_ssize_t *nbytes):
             return None
         if n < 0 or (n and count > PY_SSIZE_T_MAX // n):  # -1 and past memory: numpy's path
             return None
+        dims[i] = n
         count *= n
-    itemsize = (<object>dtype).itemsize
+    itemsize = (<cnp.dtype>dtype).itemsize
     if count > PY_SSIZE_T_MAX // itemsize:
         return None
     nbytes[0] = count * itemsize
-    return name, dtype, PyList_AsTuple(shape)  # numpy reads a tuple faster
-
-
-cdef Py_ssize_t _length(object part) except -2:
-    """The bytes of `part`, -1 where it exports none."""
-    cdef Py_buffer view
-    cdef Py_ssize_t size
-    try:
-        PyObject_GetBuffer(part, &view, PyBUF_SIMPLE)
-    except (BufferError, TypeError):
-        return -1
-    size = view.len
-    PyBuffer_Release(&view)
-    return size
+    return name, dtype
 
 
 cdef object _read(object descs, object parts, bint copy):
+    """Arrays of the parts, each viewing its part (`copy`: a bytearray of
+    its own) as numpy's constructor would: writable where the part is,
+    its base the object the part's memory is."""
     cdef dict out = {}
     cdef Py_ssize_t i, n, nbytes = 0
-    cdef object described, part, array
+    cdef object described, part, owner
     cdef Py_buffer src
+    cdef cnp.npy_intp dims[MAX_DIMS]
+    cdef int nd = 0
+    cdef char *data
+    cdef bint writeable
     if not (PyList_CheckExact(descs) and PyList_CheckExact(parts)):
         return None
     n = PyList_GET_SIZE(descs)
     if PyList_GET_SIZE(parts) != n:
         return None
     for i in range(n):
-        described = _shape(<object>PyList_GET_ITEM(descs, i), &nbytes)
+        described = _shape(<object>PyList_GET_ITEM(descs, i), &nbytes, dims, &nd)
         if described is None:
             return None
         part = <object>PyList_GET_ITEM(parts, i)
-        if _length(part) != nbytes:  # frombuffer or reshape refuse it, on messages.py's path
-            return None
-        if copy:  # a bytearray's memory is malloc's: aligned for any numeric dtype
-            PyObject_GetBuffer(part, &src, PyBUF_SIMPLE)
-            try:
-                part = PyByteArray_FromStringAndSize(<char *>src.buf, nbytes)
-            finally:
-                PyBuffer_Release(&src)
         try:
-            array = _ndarray(described[2], described[1], part)
+            PyObject_GetBuffer(part, &src, PyBUF_SIMPLE)
+        except (BufferError, TypeError):  # it exports none: messages.py's path says so
+            return None
+        try:
+            if src.len != nbytes:  # frombuffer or reshape refuse it, on messages.py's path
+                return None
+            if copy:  # a bytearray's memory is malloc's: aligned for any numeric dtype
+                owner = PyByteArray_FromStringAndSize(<char *>src.buf, nbytes)
+                data, writeable = PyByteArray_AS_STRING(owner), True
+            else:
+                data, writeable = <char *>src.buf, not src.readonly
+                owner = part
+                if PyMemoryView_Check(part) and _memoryview_base(part) != NULL:
+                    owner = <object>_memoryview_base(part)  # as numpy's: what it views
+        finally:
+            PyBuffer_Release(&src)
+        try:
+            array = array_over(described[1], nd, dims, data, owner, writeable)
         except ValueError:  # a shape numpy refuses: messages.py's path says it, typed
             return None
         PyDict_SetItem(out, described[0], array)

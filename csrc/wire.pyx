@@ -17,7 +17,7 @@ wrong where something is.
 """
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release,
                              PyObject_GetBuffer)
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
@@ -27,10 +27,14 @@ from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+cimport numpy as cnp
+from arrays cimport MAX_DIMS, array_over
 from packing cimport (Out, be, byte, head, pack_float, pack_int, pack_pyint, pack_str, put,
                      release, start)
 
 import numpy as np
+
+cnp.import_array()
 
 from mmengine import protocol
 
@@ -289,12 +293,12 @@ cdef object _array_of(In *r):
     """One tensor's map as a read-only array of its own bytes (aligned for
     any dtype: a bytes object's data is), or None if it is anything but a
     well-formed tensor of the wire."""
-    cdef Py_ssize_t entries = _map(r), n, size = 0, i, dims = -1, count = 1, itemsize
+    cdef Py_ssize_t entries = _map(r), n, size = 0, i, j, dims = -1, count = 1, itemsize
     cdef const char *data = NULL
     cdef const char *s
     cdef object dtype = None
     cdef int64_t d
-    cdef list shape = None
+    cdef cnp.npy_intp shape[MAX_DIMS]
     cdef bytes copy
     if entries != 3:
         return None
@@ -307,14 +311,15 @@ cdef object _array_of(In *r):
             if dtype is None:
                 return None
         elif _key(r, "shape", 5):
-            dims = _array(r)
-            if dims < 0 or shape is not None:
+            if dims >= 0:
                 return None
-            shape = []
-            for _ in range(dims):
+            dims = _array(r)
+            if dims < 0 or dims > MAX_DIMS:
+                return None
+            for j in range(dims):
                 if _read_int(r, &d, False) < 0:
                     return None
-                shape.append(d)
+                shape[j] = d
                 if count and d > PY_SSIZE_T_MAX // count:  # more than memory holds
                     return None
                 count *= d
@@ -326,18 +331,18 @@ cdef object _array_of(In *r):
                 return None
         else:
             return None
-    if dtype is None or shape is None or data == NULL:
+    if dtype is None or dims < 0 or data == NULL:
         return None
-    itemsize = (<object>dtype).itemsize
+    itemsize = (<cnp.dtype>dtype).itemsize
     if size % itemsize or size // itemsize != count:  # protocol's path says so
         return None
-    if (<object>dtype).kind == "b":
+    if (<cnp.dtype>dtype).kind == c'b':
         for i in range(size):
             if <uint8_t>data[i] > 1:  # protocol's path refuses it
                 return None
     copy = PyBytes_FromStringAndSize(data, size)
     try:
-        return _ndarray(shape, dtype, copy)
+        return array_over(dtype, dims, shape, PyBytes_AS_STRING(copy), copy, False)
     except ValueError:  # no size numpy takes ([0, 2**62, 2**62]): protocol.py says so
         return None
 

@@ -1,0 +1,31 @@
+# Arrays made in C, through numpy's own API, for the records' and the
+# wire's reads: np.ndarray(shape, dtype, buffer) parses its arguments and
+# asks for the buffer on the Python level, ~0.25 us an array, several
+# arrays a round trip. A module that cimports this calls
+# numpy.import_array() as it is imported.
+cimport numpy as cnp
+from cpython.ref cimport Py_INCREF
+
+
+cdef extern from "numpy/arrayobject.h":
+    # (numpy's Cython declarations leave it out: it takes `descr`'s reference.)
+    object PyArray_NewFromDescr(type subtype, cnp.dtype descr, int nd, cnp.npy_intp *dims,
+                                cnp.npy_intp *strides, void *data, int flags, object obj)
+
+
+cdef enum:
+    MAX_DIMS = 32  # more go numpy's Python way (numpy 1 took no more)
+
+
+cdef inline object array_over(cnp.dtype dtype, int nd, cnp.npy_intp *dims, char *data,
+                              object owner, bint writeable):
+    """A C-contiguous array of `dtype` and shape dims[:nd] over `data`,
+    memory that `owner` holds and keeps alive (its base, as numpy's own
+    constructor makes it); read-only unless `writeable`. ValueError where
+    numpy takes no such size."""
+    Py_INCREF(dtype)  # taken by PyArray_NewFromDescr, even where it fails
+    cdef cnp.ndarray array = PyArray_NewFromDescr(
+        cnp.ndarray, dtype, nd, dims, NULL, data,
+        cnp.NPY_ARRAY_C_CONTIGUOUS | (cnp.NPY_ARRAY_WRITEABLE if writeable else 0), None)
+    cnp.set_array_base(array, owner)
+    return array
