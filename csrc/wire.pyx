@@ -15,15 +15,18 @@ and no key but the request's or the answer's own. Anything else returns
 None, and the caller takes protocol.py's path, which also says what is
 wrong where something is.
 """
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release,
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release,
                              PyObject_GetBuffer)
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -544,3 +547,73 @@ def answer_frame(object rid, object outputs):
         return None
     finally:
         release(&o)
+
+
+# -- the blocking client's exchange -----------------------------------------------
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+
+cdef int _raise_errno(int err) except -1:
+    """The socket module's error for `err` (OSError's subclass by errno);
+    after EINTR, whatever a signal's handler raised (0 if none did)."""
+    if err == EINTR:
+        return PyErr_CheckSignals()
+    errno = err
+    PyErr_SetFromErrno(OSError)
+    return -1
+
+
+def readable(int fd):
+    """Whether socket `fd` has bytes to read or its peer closed it, looked
+    at without waiting: select.poll()'s poll(0) with no object between."""
+    cdef pollfd p
+    cdef int n
+    p.fd, p.events, p.revents = fd, POLLIN, 0
+    while True:
+        n = poll(&p, 1, 0)  # with the GIL: it does not wait
+        if n >= 0:
+            return n > 0
+        _raise_errno(errno)
+
+
+def exchange(int fd, object frame, bytearray inbox):
+    """Sends all of `frame` on blocking socket `fd`, then reads what has
+    come, up to len(inbox) bytes, through `inbox`: as sock.sendall(frame)
+    then sock.recv(len(inbox)) do, errors and signals alike, with no
+    socket object between (one round trip's Python, on caches the server
+    just used, costs more than its system calls)."""
+    cdef Py_buffer out
+    cdef char *buf = PyByteArray_AS_STRING(inbox)
+    cdef size_t size = PyByteArray_GET_SIZE(inbox)
+    cdef ssize_t n, sent = 0
+    cdef int err
+    PyObject_GetBuffer(frame, &out, PyBUF_SIMPLE)
+    try:
+        while sent < out.len:
+            with nogil:
+                n = send(fd, <char *>out.buf + sent, out.len - sent, 0)
+                err = errno
+            if n < 0:
+                _raise_errno(err)
+            else:
+                sent += n
+    finally:
+        PyBuffer_Release(&out)
+    while True:
+        with nogil:
+            n = recv(fd, buf, size, 0)
+            err = errno
+        if n >= 0:
+            return PyBytes_FromStringAndSize(buf, n)
+        _raise_errno(err)

@@ -11,6 +11,8 @@ cdef class _Frames:
 
 cdef class _Connection:
     cdef public object sock, timeout, frames, moved, wait, deadline, closes, _closed_poll
+    cdef public int fd
+    cdef public bytearray inbox
     cpdef alive(self)
     cpdef set_timeout(self, timeout)
     cpdef exchange_one(self, frame, rid)

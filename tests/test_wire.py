@@ -4,6 +4,11 @@ reads; whatever C does not take (None) goes protocol.py's way, which
 test_sdk.py and test_tcp.py drive through the real server."""
 from __future__ import annotations
 
+import signal
+import socket
+import struct
+import threading
+
 import msgpack
 import numpy as np
 import pytest
@@ -351,3 +356,61 @@ def test_an_answer_frame_is_the_bytes_protocol_packs(rid, outputs):
 ])
 def test_any_other_answer_frame_is_left_to_protocol(rid, outputs):
     assert _wire.answer_frame(rid, outputs) is None
+
+
+# -- the blocking client's exchange ------------------------------------------------
+
+def test_exchange_sends_the_frame_whole_and_returns_what_came_as_a_read_would():
+    a, b = socket.socketpair()
+    with a, b:
+        inbox = bytearray(16)
+        frame = bytes(range(256)) * 1000  # more than one send of a socketpair's buffer
+        got = bytearray()
+
+        def peer():
+            while len(got) < len(frame):
+                got.extend(b.recv(1 << 16))
+            b.sendall(b"answer, longer than the inbox")
+
+        t = threading.Thread(target=peer)
+        t.start()
+        assert _wire.exchange(a.fileno(), frame, inbox) == b"answer, longer t"  # a read's worth
+        t.join(10)
+        assert bytes(got) == frame
+        assert _wire.exchange(a.fileno(), b"", inbox) == b"han the inbox"  # the rest, as recv
+        assert not _wire.readable(a.fileno())
+        b.shutdown(socket.SHUT_WR)
+        assert _wire.readable(a.fileno())  # its peer closed it
+        assert _wire.exchange(a.fileno(), b"x", inbox) == b""  # the end, as recv says it
+
+
+def test_exchange_raises_the_socket_modules_errors():
+    a, b = socket.socketpair()
+    with a:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 20_000))
+        with pytest.raises(BlockingIOError):  # the kernel's bound (Client.set_timeout)
+            _wire.exchange(a.fileno(), b"ping", bytearray(8))
+        assert b.recv(8) == b"ping"
+        b.close()
+        with pytest.raises(BrokenPipeError):
+            _wire.exchange(a.fileno(), b"x" * 100_000, bytearray(8))
+
+
+def test_a_signals_handler_runs_during_an_exchanges_wait_and_its_error_ends_it():
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    before = signal.signal(signal.SIGALRM, handler)
+    a, b = socket.socketpair()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            _wire.exchange(a.fileno(), b"ping", bytearray(8))  # no answer comes
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        a.close()
+        b.close()
