@@ -14,12 +14,11 @@ arrays of a numeric dtype in native order, at least one dimension, fewer
 than a record has parts. Anything else returns None, and the caller takes
 messages.py's path, which also says what is wrong where something is.
 """
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release,
-                             PyObject_GetBuffer)
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
-from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_CheckExact, PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_AsSsize_t, PyLong_CheckExact
@@ -45,7 +44,6 @@ cdef extern from "Python.h":
     # array's base); NULL where it was made from bare memory.
     PyObject *_memoryview_base "PyMemoryView_GET_BASE" (object view)
 
-from mmengine.protocol import buffer_formats
 from mmengine.ring import MAX_PARTS
 
 cdef object _ndarray = np.ndarray
@@ -53,24 +51,51 @@ cdef int _DEPTH = 32  # deeper headers are left to msgpack (none of ours is)
 
 
 def _dtypes():
-    """({buffer format: the dtype's str packed as msgpack}, {dtype str:
-    np.dtype}) for the numeric dtypes in native order: a buffer's format
-    names its dtype without an attribute lookup ("l" and "q" alike, and "f"
-    and "<f": an array whose dtype spells out the machine's own order)."""
-    formats, dtypes = {}, {}
+    """({numpy type number: the dtype's str packed as msgpack}, {dtype
+    str: np.dtype}) for the numeric dtypes in native order: an array's
+    type number names its dtype without an attribute lookup (the "l" and
+    "q" of int64 alike)."""
+    packed, dtypes = {}, {}
     for scalar in set(np.sctypeDict.values()):
         dtype = np.dtype(scalar)
         if dtype.kind not in "biufc" or not dtype.isnative:
             continue
-        for fmt in buffer_formats(dtype):
-            formats[fmt] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
+        packed[dtype.num] = bytes([0xa0 | len(dtype.str)]) + dtype.str.encode()
         dtypes[dtype.str] = dtype
-    return formats, dtypes
+    return packed, dtypes
 
 
 cdef dict _PACKED_DTYPES
 cdef dict _DTYPES
 _PACKED_DTYPES, _DTYPES = _dtypes()
+
+
+cdef object _packed_dtype(object value):
+    """The packed dtype str of `value` where it is an array the fast path
+    takes: exact, C-contiguous, of a numeric dtype in native order; else
+    None."""
+    if type(value) is not _ndarray:
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>value
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISNOTSWAPPED(a)):
+        return None
+    return _PACKED_DTYPES.get(cnp.PyArray_TYPE(a))
+
+
+def plain_arrays(object inputs):
+    """A copy of `inputs` where it is a non-empty dict of str to arrays
+    the fast path takes (_packed_dtype, 0-d ones too), which Engine's
+    inputs keep as they are; None for anything else (its way says what)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    if not PyDict_CheckExact(inputs) or not inputs:
+        return None
+    while PyDict_Next(inputs, &pos, &key, &value):
+        if not PyUnicode_CheckExact(<object>key) or _packed_dtype(<object>value) is None:
+            return None
+    return PyDict_Copy(inputs)
+
 
 # -- packing ------------------------------------------------------------------
 
@@ -122,8 +147,8 @@ cdef int _tensors(Out *o, object arrays, list bufs) except -1:
     cdef Py_ssize_t pos = 0
     cdef PyObject *key
     cdef PyObject *value
-    cdef Py_buffer view
     cdef object packed
+    cdef cnp.ndarray a
     cdef int i
     if arrays is None:
         return byte(o, 0x90)
@@ -131,24 +156,20 @@ cdef int _tensors(Out *o, object arrays, list bufs) except -1:
         return 1
     head(o, len(<dict>arrays), 0x90, 16, 0, 0xdc, 0xdd)
     while PyDict_Next(arrays, &pos, &key, &value):
-        if not PyUnicode_CheckExact(<object>key) or type(<object>value) is not _ndarray:
+        if not PyUnicode_CheckExact(<object>key):
             return 1
-        try:
-            PyObject_GetBuffer(<object>value, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
-        except (BufferError, TypeError, ValueError):  # not contiguous, or no buffer (objects)
+        packed = _packed_dtype(<object>value)
+        if packed is None:
             return 1
-        try:
-            packed = _PACKED_DTYPES.get(<bytes>view.format)
-            if packed is None or view.ndim == 0:  # describe reshapes a 0-d array
-                return 1
-            byte(o, 0x93)
-            pack_str(o, <str>key)
-            put(o, PyBytes_AS_STRING(packed), PyBytes_GET_SIZE(packed))
-            head(o, view.ndim, 0x90, 16, 0, 0xdc, 0xdd)
-            for i in range(view.ndim):
-                pack_int(o, view.shape[i])
-        finally:
-            PyBuffer_Release(&view)
+        a = <cnp.ndarray>value
+        if cnp.PyArray_NDIM(a) == 0:  # describe reshapes a 0-d array
+            return 1
+        byte(o, 0x93)
+        pack_str(o, <str>key)
+        put(o, PyBytes_AS_STRING(packed), PyBytes_GET_SIZE(packed))
+        head(o, cnp.PyArray_NDIM(a), 0x90, 16, 0, 0xdc, 0xdd)
+        for i in range(cnp.PyArray_NDIM(a)):
+            pack_int(o, cnp.PyArray_DIMS(a)[i])
         bufs.append(<object>value)
     return 0
 

@@ -2,6 +2,9 @@
 # is compiled (setup.py), as workers.pxd does the workers'. The source runs
 # unchanged where it is not compiled.
 
+from mmengine.workers cimport Worker
+
+
 cdef class Engine:
     cdef public object _abandoning, _busy, _closing, _control_order, _copy_goes
     cdef public object _derived_inputs, _fetchers, _fetching, _forgotten, _gens, _handed
@@ -16,6 +19,7 @@ cdef class Engine:
     cdef public list _unobserved
     cdef object __weakref__
     cpdef _submit(self, name, inputs, version, timeout, token, then, t_submit)
+    cpdef _send_infer(self, key, Worker worker, arrays, deadline, then=*, resendable=*)
     cpdef flush_observations(self)
     cpdef _observe_later(self, place, fut)
     cpdef _dequeue(self, name)

@@ -48,6 +48,7 @@ from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
                              PinnedFull, Timeout, TooLarge, WorkerDied)
 from mmengine.messages import Op
+from mmengine.messages import native as _records
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
 from mmengine.workers import CONTROL_RING_BYTES, Worker, WorkerPool, settle
@@ -704,11 +705,12 @@ class Engine:
                 raise Overloaded(f"worker {worker.index} has {worker.in_flight} requests "
                                  f"in flight{ahead}; retry later")
             spec = self._loaded_specs.get(key)
-            return worker.call(Op.INFER, key[0], key[1], arrays,
-                               on_done=lambda: self._unpin_request(key, gen, True),
-                               deadline=deadline, then=then,
-                               batch=spec.max_batch_size if spec is not None else 0,
-                               resendable=resendable)
+            # (Positional: compiled, it is a C call, which takes no keyword
+            # past a default it skips.)
+            return worker.call(Op.INFER, key[0], key[1], arrays, None,
+                               functools.partial(self._unpin_request, key, gen, True),
+                               deadline, then, spec.max_batch_size if spec is not None else 0,
+                               resendable)
         except BaseException:
             self._unpin_request(key, gen)
             raise
@@ -2625,6 +2627,9 @@ def _answer_resent(fut: asyncio.Future, then: Callable[[asyncio.Future], None] |
 
 def _as_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Contiguous native-order numpy arrays, copied only where they are not."""
+    plain = _records.plain_arrays(inputs) if _records is not None else None
+    if plain is not None:  # numeric numpy arrays already: looked at in C
+        return plain
     # type() first: an isinstance() against the Mapping ABC costs a microsecond.
     if not (type(inputs) is dict or isinstance(inputs, Mapping)) or not inputs:
         raise BadRequest("inputs must be a non-empty mapping of name to array")

@@ -28,6 +28,8 @@ cdef class Worker:
     cdef public set _held_ids, _loading, _quiet
     cdef public list _unbooked
     cdef object __weakref__
+    cpdef call(self, op, model, version, arrays=*, params=*, on_done=*, deadline=*, then=*,
+               batch=*, resendable=*)
     cpdef _inferences_done(self, n)
     cpdef _poll_answers(self)
     cpdef _ring_left_ns(self, now)

@@ -194,3 +194,33 @@ def test_records_the_fast_path_does_not_read_go_messages_way(descs, sizes):
     parts = [memoryview(bytearray(n)) for n in sizes]
     assert _records.view(descs, parts) is None
     assert _records.copy_out(descs, parts) is None
+
+
+@SETTINGS
+@given(arrays=tensors, scalar=st.sampled_from(NUMERIC))
+def test_plain_inputs_are_taken_as_they_are_in_a_dict_of_their_own(arrays, scalar):
+    # Engine._as_arrays keeps C-contiguous numeric arrays in native order as
+    # they are, 0-d ones too: the fast path tells those in C.
+    arrays = {**arrays, "0-d": np.zeros((), scalar)}
+    plain = _records.plain_arrays(arrays)
+    assert plain == arrays and plain is not arrays
+    assert all(plain[name] is arrays[name] for name in arrays)
+
+
+@pytest.mark.parametrize("inputs", [
+    {"x": np.zeros(3, ">f4")},                                     # not native order
+    {"x": np.zeros((4, 4), np.float32)[:, ::2]},                   # not contiguous
+    {"x": np.zeros((4, 4), np.float32).T},                         # Fortran order
+    {"x": np.array(["a"], object)},                                # objects
+    {"x": np.zeros(2, [("a", "<f4")])},                            # structured
+    {"x": np.zeros(2, "<M8[s]")},                                  # not numeric
+    {"x": np.zeros(2, "S3")},
+    {"x": np.zeros(2, np.float32).view(np.recarray)},              # a subclass
+    {"x": np.float32(3)},                                          # a scalar, no array
+    {"x": [1.0, 2.0]},
+    {1: np.zeros(2, np.float32)},                                  # a name that is not a str
+    {},
+    [("x", np.zeros(2, np.float32))],                              # not a dict
+])
+def test_any_other_inputs_go_the_engines_way(inputs):
+    assert _records.plain_arrays(inputs) is None
