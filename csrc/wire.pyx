@@ -15,12 +15,11 @@ and no key but the request's or the answer's own. Anything else returns
 None, and the caller takes protocol.py's path, which also says what is
 wrong where something is.
 """
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release,
-                             PyObject_GetBuffer)
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
@@ -28,7 +27,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, strerror
 
 cimport numpy as cnp
 from arrays cimport MAX_DIMS, array_over
@@ -569,9 +568,7 @@ cdef int _raise_errno(int err) except -1:
     after EINTR, whatever a signal's handler raised (0 if none did)."""
     if err == EINTR:
         return PyErr_CheckSignals()
-    errno = err
-    PyErr_SetFromErrno(OSError)
-    return -1
+    raise OSError(err, strerror(err).decode())
 
 
 def readable(int fd):
@@ -587,15 +584,13 @@ def readable(int fd):
         _raise_errno(errno)
 
 
-def exchange(int fd, object frame, bytearray inbox):
+def exchange(int fd, object frame, bytearray inbox not None):
     """Sends all of `frame` on blocking socket `fd`, then reads what has
     come, up to len(inbox) bytes, through `inbox`: as sock.sendall(frame)
     then sock.recv(len(inbox)) do, errors and signals alike, with no
     socket object between (one round trip's Python, on caches the server
     just used, costs more than its system calls)."""
-    cdef Py_buffer out
-    cdef char *buf = PyByteArray_AS_STRING(inbox)
-    cdef size_t size = PyByteArray_GET_SIZE(inbox)
+    cdef Py_buffer out, into
     cdef ssize_t n, sent = 0
     cdef int err
     PyObject_GetBuffer(frame, &out, PyBUF_SIMPLE)
@@ -608,12 +603,18 @@ def exchange(int fd, object frame, bytearray inbox):
                 _raise_errno(err)
             else:
                 sent += n
+                if sent < out.len:  # cut short by a signal: its handler runs, as sendall's
+                    PyErr_CheckSignals()
     finally:
         PyBuffer_Release(&out)
-    while True:
-        with nogil:
-            n = recv(fd, buf, size, 0)
-            err = errno
-        if n >= 0:
-            return PyBytes_FromStringAndSize(buf, n)
-        _raise_errno(err)
+    PyObject_GetBuffer(inbox, &into, PyBUF_WRITABLE)  # (held: no resize while it reads)
+    try:
+        while True:
+            with nogil:
+                n = recv(fd, into.buf, into.len, 0)
+                err = errno
+            if n >= 0:
+                return PyBytes_FromStringAndSize(<char *>into.buf, n)
+            _raise_errno(err)
+    finally:
+        PyBuffer_Release(&into)

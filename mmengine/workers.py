@@ -914,7 +914,7 @@ class Worker:
         loader needs the CPU this would take, and the worker answers as
         soon as it is woken; nor while the polls back off
         (_poll_answers)."""
-        if self._unbooked:  # the last turn's answers': its I/O is read
+        if self._unbooked:  # the last turn's answers': the I/O since is read
             self._keep_books()
         if not self.alive or not self._drain():
             return
@@ -969,7 +969,7 @@ class Worker:
         if fut is None:
             return
         t_read = time.monotonic_ns()
-        late, ran = fut.done(), None  # done: its deadline (or its caller) came first
+        late, ran, seconds = fut.done(), None, None  # done: its deadline (or its caller) came first
         try:
             ran = messages.ran(body)
             if ran is not None:
@@ -982,28 +982,28 @@ class Worker:
             elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran
-            elif late:
-                result = None  # its caller gave up (timeout): nothing to copy
             else:
-                result = (body, messages.copy_out(descs, parts[1:]))
+                if ran is not None and "t_recv" in ran:  # its call's time, for its books
+                    seconds = (ran["t_done"] - ran["t_recv"]) / 1e9
+                # Late: its caller gave up (timeout): nothing to copy.
+                result = None if late else (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         # The answer first (a server writes it out in `then`), the books
         # after: nothing below changes what its caller gets.
-        seconds = (ran["t_done"] - ran["t_recv"]) / 1e9 \
-            if code == messages.OK and ran is not None and "t_recv" in ran else None
         try:
             settle(fut, result, then)
         finally:
             if then is None:
                 self._book(on_done, served, seconds, t_read)
             else:
-                # A server's answer, written: the pin and the call's time
-                # wait for the loop's next turn. There the client's next
-                # request, come meanwhile, has gone to its worker, whose run
-                # leaves the loop the time; kept now, they would come between
-                # the answer and that request (a client on this CPU runs
-                # within the answer's write).
+                # A server's answer, written: its pin and its call's time wait
+                # for a later turn of the loop. Polled (_poll), that turn
+                # comes after the I/O that reads the client's next request
+                # and sends it to its worker, whose run leaves the loop the
+                # time; kept now, they would come between the answer and
+                # that request (a client on this CPU runs within the
+                # answer's write). Woken (_on_readable), it is the next.
                 self._unbooked.append((on_done, served, seconds, t_read))
         if served is not None:
             self._inferences_done(1)

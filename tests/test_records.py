@@ -176,6 +176,19 @@ def test_views_and_copies_are_the_arrays_messages_makes(arrays):
         assert not any(np.shares_memory(copies[name], np.frombuffer(p, np.uint8)) for p in parts)
 
 
+
+def test_views_are_what_numpys_constructor_makes_of_their_parts():
+    # Read-only where the part is, writable where it is; the array's base
+    # the object the part's memory is (a memoryview's underlying one).
+    descs = [["x", "<f4", [2, 2]]]
+    for part in (memoryview(bytes(16)), memoryview(bytearray(16)), bytearray(16), bytes(16),
+                 memoryview(bytearray(32))[8:24]):
+        view = _records.view(descs, [part])["x"]
+        numpy_s = np.ndarray((2, 2), np.float32, part)
+        assert view.flags.writeable == numpy_s.flags.writeable, part
+        assert view.base is numpy_s.base, part
+        assert np.shares_memory(view, numpy_s)
+
 @pytest.mark.parametrize("descs, sizes", [
     ([["x", "<f4", [2, 2]]], [15]),            # fewer bytes than the shape's
     ([["x", "<f4", [2, 2]]], [17]),            # more

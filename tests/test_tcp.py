@@ -404,14 +404,7 @@ def test_pipelined_control_operations_take_effect_in_order(address):
             assert (state["state"] == "resident") == (ops[-1] == "load"), (ops, state)
 
 
-
-def test_each_answer_gives_its_pin_back_before_the_clients_next_request(address):
-    # The server keeps an inference's books (the pin on its model, its call
-    # time) in the loop's turn after the answer goes out, where the
-    # client's next request has been read (workers.Worker._keep_books):
-    # that request, and any later, finds them kept. A pin never given back
-    # would keep the model from its unload.
-    name = MODELS[2]
+def assert_each_answer_gives_its_pin_back(address: tuple[str, int], name: str) -> None:
     x = x_for(np.random.default_rng(5))
     with Client(address, timeout=30) as c:
         for _ in range(10):
@@ -423,6 +416,24 @@ def test_each_answer_gives_its_pin_back_before_the_clients_next_request(address)
         c.unload(name)
         row = next(r for r in c.stats()["models"] if r["name"] == name)
         assert row["state"] != "resident" and row["pins"] == 0, row
+
+
+def test_each_answer_gives_its_pin_back_by_the_clients_next_operation(address):
+    # The server keeps an answered inference's books (the pin on its
+    # model, its call time) in a later turn of the loop than the answer's
+    # write (workers.Worker._keep_books): an operation that comes after
+    # finds them kept. A pin never given back would keep the model from
+    # its unload.
+    assert_each_answer_gives_its_pin_back(address, MODELS[2])
+
+
+def test_answers_read_when_the_worker_wakes_the_loop_give_their_pins_back(request, repo):
+    # Not polled for (poll_us 0): the loop drains the answers as the worker
+    # wakes it, and keeps their books in the next turn.
+    _, address = start(request, "--repo", str(repo), "--workers", "1",
+                       env=environ(MMENGINE_POLL_US="0"))
+    assert_each_answer_gives_its_pin_back(address, MODELS[0])
+
 
 def test_async_client_many_in_flight(address):
     with Client(address) as c:

@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -414,3 +415,34 @@ def test_a_signals_handler_runs_during_an_exchanges_wait_and_its_error_ends_it()
         signal.signal(signal.SIGALRM, before)
         a.close()
         b.close()
+
+
+def test_an_exchange_cut_short_by_signals_sends_the_rest_and_reads_on():
+    # A handler that returns: each send a signal cuts short (EINTR, or a
+    # part sent) goes on from where it stopped, and so does the read.
+    hits = []
+    before = signal.signal(signal.SIGALRM, lambda signum, frame: hits.append(signum))
+    a, b = socket.socketpair()
+    frame = bytes(range(256)) * (16 << 10)  # 4 MiB: many times a socketpair's buffer
+    got = bytearray()
+
+    def peer():
+        while len(got) < len(frame):
+            got.extend(b.recv(1 << 16))
+            time.sleep(0.0005)  # slowly: the sends wait, and signals come meanwhile
+        time.sleep(0.05)  # and the read waits too
+        b.sendall(b"done")
+
+    t = threading.Thread(target=peer)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+        t.start()
+        assert _wire.exchange(a.fileno(), frame, bytearray(8)) == b"done"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        t.join(30)
+        a.close()
+        b.close()
+    assert bytes(got) == frame
+    assert len(hits) > 10  # the signals came during the exchange, and their handler ran
