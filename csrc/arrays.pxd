@@ -1,5 +1,6 @@
-# Arrays made in C, through numpy's own API, for the records' and the
-# wire's reads: np.ndarray(shape, dtype, buffer) parses its arguments and
+# numpy's C API for the records' and the wire's fast paths: which arrays
+# they take as they lie (plain_type), and the arrays their reads make
+# (array_over): np.ndarray(shape, dtype, buffer) parses its arguments and
 # asks for the buffer on the Python level, ~0.25 us an array, several
 # arrays a round trip. A module that cimports this calls
 # numpy.import_array() as it is imported.
@@ -29,3 +30,17 @@ cdef inline object array_over(cnp.dtype dtype, int nd, cnp.npy_intp *dims, char 
         cnp.NPY_ARRAY_C_CONTIGUOUS | (cnp.NPY_ARRAY_WRITEABLE if writeable else 0), None)
     cnp.set_array_base(array, owner)
     return array
+
+
+cdef inline int plain_type(object value):
+    """The numpy type number of `value` where it is an array the fast paths
+    take as it lies (an exact ndarray, C-contiguous, in native order), each
+    then asking its own table whether they carry that type; -1 for anything
+    else. Read off the array, not off a buffer's format string, which numpy
+    builds per export."""
+    if type(value) is not cnp.ndarray:
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>value
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISNOTSWAPPED(a)):
+        return -1
+    return cnp.PyArray_TYPE(a)

@@ -30,7 +30,7 @@ from cpython.tuple cimport PyTuple_CheckExact
 from cpython.unicode cimport PyUnicode_CheckExact
 
 cimport numpy as cnp
-from arrays cimport MAX_DIMS, array_over
+from arrays cimport MAX_DIMS, array_over, plain_type
 from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_str, put, release,
                       start)
 
@@ -46,7 +46,6 @@ cdef extern from "Python.h":
 
 from mmengine.ring import MAX_PARTS
 
-cdef object _ndarray = np.ndarray
 cdef int _DEPTH = 32  # deeper headers are left to msgpack (none of ours is)
 
 
@@ -72,14 +71,8 @@ _PACKED_DTYPES, _DTYPES = _dtypes()
 
 cdef object _packed_dtype(object value):
     """The packed dtype str of `value` where it is an array the fast path
-    takes: exact, C-contiguous, of a numeric dtype in native order; else
-    None."""
-    if type(value) is not _ndarray:
-        return None
-    cdef cnp.ndarray a = <cnp.ndarray>value
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISNOTSWAPPED(a)):
-        return None
-    return _PACKED_DTYPES.get(cnp.PyArray_TYPE(a))
+    takes (plain_type) of a numeric dtype; else None."""
+    return _PACKED_DTYPES.get(plain_type(value))
 
 
 def plain_arrays(object inputs):

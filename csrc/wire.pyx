@@ -15,8 +15,7 @@ and no key but the request's or the answer's own. Anything else returns
 None, and the caller takes protocol.py's path, which also says what is
 wrong where something is.
 """
-from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_WRITABLE,
-                             PyBuffer_Release, PyObject_GetBuffer)
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_CheckExact, PyDict_Next, PyDict_SetItem
 from cpython.exc cimport PyErr_CheckSignals
@@ -30,7 +29,7 @@ from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy, strerror
 
 cimport numpy as cnp
-from arrays cimport MAX_DIMS, array_over
+from arrays cimport MAX_DIMS, array_over, plain_type
 from packing cimport (Out, be, byte, head, pack_float, pack_int, pack_pyint, pack_str, put,
                      release, start)
 
@@ -40,62 +39,48 @@ cnp.import_array()
 
 from mmengine import protocol
 
-cdef object _ndarray = np.ndarray
 cdef Py_ssize_t _BIG = protocol.BIG
 cdef dict _DTYPES = dict(protocol.DTYPES)  # name -> np.dtype
 
 # -- packing ------------------------------------------------------------------
 
-def _formats() -> dict:
-    """The buffer format (bytes, as numpy exports a native-order array's)
-    of each numpy type that has a wire dtype -> that dtype's name: int64 is
-    "l" and "q" alike, float32 "f" and "<f" (its order spelled out), and
-    so on."""
-    formats = {}
+def _names() -> dict:
+    """The numpy type number of each numpy type that has a wire dtype ->
+    that dtype's name (int64's "l" and "q" alike)."""
+    names = {}
     for scalar in set(np.sctypeDict.values()):
         dtype = np.dtype(scalar)
-        if dtype.name not in protocol.DTYPES or not dtype.isnative:
-            continue
-        for fmt in protocol.buffer_formats(dtype):
-            formats[fmt] = dtype.name
-    return formats
+        if dtype.name in protocol.DTYPES and dtype.isnative:
+            names[dtype.num] = dtype.name
+    return names
 
 
-cdef dict _FORMATS = _formats()
+cdef dict _NAMES = _names()
 
 
 cdef int _tensor(Out *o, object array, Py_ssize_t *total) except -1:
     """One tensor map ({"dtype", "shape", "data"}, encode_tensors' order);
     1 if `array` is none the fast path takes (nothing is written then:
     the caller drops the frame)."""
-    cdef Py_buffer view
     cdef int i
-    cdef str name
-    if type(array) is not _ndarray:
+    cdef str name = _NAMES.get(plain_type(array))
+    if name is None:
         return 1
-    try:
-        PyObject_GetBuffer(array, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
-    except (BufferError, TypeError, ValueError):  # not contiguous, or no buffer (objects)
+    cdef cnp.ndarray a = <cnp.ndarray>array
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(a)
+    total[0] += nbytes
+    if total[0] >= _BIG:  # frame_parts lays it out around the caller's memory
         return 1
-    try:
-        name = _FORMATS.get(<bytes>view.format)
-        if name is None:
-            return 1
-        total[0] += view.len
-        if total[0] >= _BIG:  # frame_parts lays it out around the caller's memory
-            return 1
-        byte(o, 0x83)
-        put(o, b"\xa5dtype", 6)
-        pack_str(o, name)
-        put(o, b"\xa5shape", 6)
-        head(o, view.ndim, 0x90, 16, 0, 0xdc, 0xdd)
-        for i in range(view.ndim):
-            pack_int(o, view.shape[i])
-        put(o, b"\xa4data", 5)
-        head(o, view.len, 0, 0, 0xc4, 0xc5, 0xc6)
-        put(o, view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
+    byte(o, 0x83)
+    put(o, b"\xa5dtype", 6)
+    pack_str(o, name)
+    put(o, b"\xa5shape", 6)
+    head(o, cnp.PyArray_NDIM(a), 0x90, 16, 0, 0xdc, 0xdd)
+    for i in range(cnp.PyArray_NDIM(a)):
+        pack_int(o, cnp.PyArray_DIMS(a)[i])
+    put(o, b"\xa4data", 5)
+    head(o, nbytes, 0, 0, 0xc4, 0xc5, 0xc6)
+    put(o, <const char *>cnp.PyArray_DATA(a), nbytes)
     return 0
 
 

@@ -394,26 +394,10 @@ def encode_tensors(arrays: dict[str, np.ndarray], answer: str = "") -> dict:
     return out
 
 
-def buffer_formats(dtype: np.dtype) -> list[bytes]:
-    """The buffer formats an array of `dtype`, in the machine's own order,
-    may export: its own ("f"), and with that order spelled out ("<f"),
-    where numpy writes one (not for a long double). The C twins' fast
-    paths (csrc/wire.pyx, csrc/records.pyx) know a dtype by them."""
-    formats = []
-    for spelled in (dtype, dtype.newbyteorder("<"), dtype.newbyteorder(">")):
-        if spelled.isnative:
-            try:
-                formats.append(memoryview(np.zeros(0, spelled)).format.encode())
-            except ValueError:  # a long double's order spelled out: numpy exports none
-                continue
-    return formats
-
-
 #: The dtypes a tensor may have on the wire (docs/protocol.md), little-endian.
 #: Made from their strs ("<f4"): on a little-endian machine numpy takes that
-#: for its own order, and an array of it exports its buffer as any native
-#: array does ("f", not newbyteorder("<")'s "<f"), which is what the C
-#: twins' fast paths (csrc/wire.pyx, csrc/records.pyx) know.
+#: for its own order, so an array of it is native, as the C twins' fast
+#: paths take it (csrc/arrays.pxd's plain_type).
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(np.dtype(name).newbyteorder("<").str)
     for name in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64",
