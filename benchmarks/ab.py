@@ -46,27 +46,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import uvloop
 
 import report  # benchmarks/report.py: the script's own folder is on sys.path
 # overhead also puts the project on sys.path.
 from overhead import (DIMS, MODEL, _answer, _cut_response, _p, _rps, kserve_request,
-                      server)
+                      pin_server, server)
 
 from mmengine import protocol  # noqa: E402
 from mmengine.client import Client  # noqa: E402
 from mmengine.demo import write_mlp  # noqa: E402
-
-
-def pin(proc, front_cpu: int, worker_cpu: int) -> None:
-    """Every thread of the server `proc` on front_cpu, its workers' on worker_cpu."""
-    front = psutil.Process(proc.pid)
-    for thread in front.threads():
-        os.sched_setaffinity(thread.id, {front_cpu})
-    for child in front.children(recursive=True):
-        for thread in child.threads():
-            os.sched_setaffinity(thread.id, {worker_cpu})
 
 
 @contextlib.contextmanager
@@ -116,7 +105,7 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         socks = []
         for address, proc in servers:
             if pinned:
-                pin(proc, cpus[0], cpus[-1])
+                pin_server(proc.pid, cpus[0], cpus[-1])
             host, port = (proc.http_address if http else address).rsplit(":", 1)
             sock = stack.enter_context(socket.create_connection((host, int(port))))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -40,6 +40,15 @@ against 66-98 µs here); unpinned, a run got either, and the ratio moved
 from 1 to 15 with no change to mmengine. Each is measured before and after
 the SDK's calls.
 
+The SDK's calls one at a time are timed the same way, the client beside
+its server: the front-end and the client on one CPU, the worker on the
+other (`sdk_p50_us`, sdk_vs_echo's), as ab.py times its servers. Unpinned, the
+kernel kept the client on whichever CPU it ran on first, and a run got
+either 40 or 55 µs (RESULTS.md, session 55). The other placement is timed
+too (`sdk_beside_worker_p50_us`, and sdk_beside_worker_vs_echo): there an
+answer waits for the spinning worker to yield its CPU, or for the
+interrupt that preempts it, which takes ~16 µs on these virtual CPUs.
+
 On these virtual CPUs a path that went untouched for 50 µs or more runs about
 twice as slow as back to back, whatever the process did meanwhile (spun in
 C, spun on the clock, slept): the MLP's call 15 -> 30 µs (a scratch timing,
@@ -276,7 +285,7 @@ def relay_server(response_bytes: int) -> None:
 def baseline(kind: str, response_bytes: int, cpu: int | None = None):
     """The `kind` server ("echo" or "relay") answering frames with frames
     of `response_bytes`, in a subprocess (on `cpu` alone, if given);
-    yields a blocking, connected socket to it."""
+    yields a blocking, connected socket to it and the subprocess's id."""
     pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     proc = subprocess.Popen([sys.executable, __file__, f"--{kind}-server", str(response_bytes)],
                             stdout=subprocess.PIPE, text=True, preexec_fn=pin)
@@ -284,7 +293,7 @@ def baseline(kind: str, response_bytes: int, cpu: int | None = None):
         port = int(proc.stdout.readline())
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            yield sock
+            yield sock, proc.pid
     finally:
         proc.terminate()
         try:
@@ -311,10 +320,16 @@ def exchanges_p50_us(sock: socket.socket, request: bytes, response_bytes: int, n
     return _p(samples[n // 10:], 50) / 1e3
 
 
-def baseline_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo") -> float:
-    """The p50 of a blocking client's exchanges with the `kind` server."""
-    with baseline(kind, response_bytes) as sock:
-        return exchanges_p50_us(sock, request, response_bytes, n)
+def baseline_p50_us(request: bytes, response_bytes: int, n: int, kind: str = "echo",
+                    cpus: list[int] | None = None) -> float:
+    """The p50 of a blocking client's exchanges with the `kind` server;
+    with `cpus`, arranged as the SDK's calls are (the server and the
+    client on the first, the relay's worker on the last)."""
+    with baseline(kind, response_bytes) as (sock, pid):
+        if cpus is None:
+            return exchanges_p50_us(sock, request, response_bytes, n)
+        with arranged(pid, cpus[0], cpus[-1]):
+            return on_cpu(cpus[0], exchanges_p50_us, sock, request, response_bytes, n)
 
 
 # -- the model, the engine, the SDK --------------------------------------------
@@ -344,16 +359,55 @@ def direct_p50_us(x: np.ndarray, n: int, gap_us: float = 0) -> float:
     return _p(samples[n // 10:], 50) / 1e3
 
 
+@contextlib.contextmanager
+def pinned(cpu: int):
+    """The calling thread on `cpu` alone, then back where it was allowed."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pin_server(pid: int, front_end_cpu: int, worker_cpu: int) -> dict[int, set[int]]:
+    """Every thread of server `pid` on front_end_cpu, its workers' (its
+    child processes') on worker_cpu; returns where each was allowed before."""
+    front = psutil.Process(pid)
+    places = [(thread.id, front_end_cpu) for thread in front.threads()]
+    places += [(thread.id, worker_cpu) for child in front.children(recursive=True)
+               for thread in child.threads()]
+    before = {}
+    for tid, cpu in places:
+        before[tid] = os.sched_getaffinity(tid)
+        os.sched_setaffinity(tid, {cpu})
+    return before
+
+
+@contextlib.contextmanager
+def arranged(pid: int, front_end_cpu: int, worker_cpu: int):
+    """Server `pid` pinned (pin_server) while calls are timed one at a
+    time, then allowed where it was before."""
+    before = pin_server(pid, front_end_cpu, worker_cpu)
+    try:
+        yield
+    finally:
+        for tid, cpus in before.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def on_cpu(cpu: int, fn, *args):
+    """fn(*args) with the calling thread on `cpu` alone."""
+    with pinned(cpu):
+        return fn(*args)
+
+
 def echo_p50_us(sock: socket.socket, cpu: int, request: bytes, response_bytes: int,
                 n: int) -> float:
     """A blocking client's exchanges with an echo server, the client on
     `cpu` alone (the server is pinned by baseline())."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        return exchanges_p50_us(sock, request, response_bytes, n)
-    finally:
-        os.sched_setaffinity(0, before)
+    return on_cpu(cpu, exchanges_p50_us, sock, request, response_bytes, n)
 
 
 async def _engine(repo: Path, x: np.ndarray, n: int) -> dict:
@@ -634,8 +688,8 @@ def run(quick: bool) -> dict:
         direct_after_gap = med(direct_p50_us(x, n, GAP_US) for _ in range(repeats))
         cpus = sorted(os.sched_getaffinity(0))
         with server(repo, "--workers", str(WORKERS)) as (address, proc), \
-                baseline("echo", len(response), cpus[0]) as beside, \
-                baseline("echo", len(response), cpus[-1]) as apart:
+                baseline("echo", len(response), cpus[0]) as (beside, _), \
+                baseline("echo", len(response), cpus[-1]) as (apart, _):
             # The bare round trip at its fastest, client and server on one
             # CPU, is the unit of sdk_vs_echo; on two, it is reported too.
             # Each before and after the SDK's: the machine drifts.
@@ -643,12 +697,20 @@ def run(quick: bool) -> dict:
             gc_before = front_end_gc(proc.http_address)
             echo = {k: [echo_p50_us(*v, protocol.frame(request), len(response), n)]
                     for k, v in echoes.items()}
-            sdk = [cpu_per_request(proc.pid, n, sdk_samples_ns, address, MODEL, x, n)
-                   for _ in range(repeats)]
+            # As the echo's client beside its server: the SDK's beside the
+            # front-end, the worker on the other CPU (and, for what the
+            # other placement costs, beside the worker).
+            with arranged(proc.pid, cpus[0], cpus[-1]):
+                sdk = [cpu_per_request(proc.pid, n, on_cpu, cpus[0], sdk_samples_ns, address,
+                                       MODEL, x, n) for _ in range(repeats)]
+                beside_worker = [on_cpu(cpus[-1], sdk_samples_ns, address, MODEL, x, n)
+                                 for _ in range(repeats)]
+                stages = [on_cpu(cpus[0], stages_p50_us, address, request, n)
+                          for _ in range(repeats)]
+                in_turns = [on_cpu(cpus[0], sdk_and_raw_p50_us, address, x, request, n)
+                            for _ in range(repeats)]
             for k, v in echoes.items():
                 echo[k].append(echo_p50_us(*v, protocol.frame(request), len(response), n))
-            stages = [stages_p50_us(address, request, n) for _ in range(repeats)]
-            in_turns = [sdk_and_raw_p50_us(address, x, request, n) for _ in range(repeats)]
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             uvloop.run(_rps(address, x, CONCURRENCY * 10, BATCHED))
             rps, rps_batched = [], []
@@ -675,12 +737,13 @@ def run(quick: bool) -> dict:
                         for _ in range(repeats)]
             gc_after = front_end_gc(proc.http_address)  # before the large tensors
             sdk_large = med(sdk_large_ms(address, big, large_n) for _ in range(repeats))
-        relay = med(baseline_p50_us(protocol.frame(request), len(response), n, "relay")
+        relay = med(baseline_p50_us(protocol.frame(request), len(response), n, "relay", cpus)
                     for _ in range(repeats))
         echo_large = med(baseline_p50_us(big_request, big_response, large_n) / 1e3
                          for _ in range(repeats))
     codec = client_codec_p50_us(x, response, n)
     sdk_p50 = med(_p(s[0], 50) / 1e3 for s in sdk)
+    sdk_beside_worker = med(_p(s, 50) / 1e3 for s in beside_worker)
     client = med(t[0] - t[1] for t in in_turns)
     echo, echo_two_cpus = med(echo["one"]), med(echo["two"])
     return {
@@ -689,6 +752,7 @@ def run(quick: bool) -> dict:
         "engine_p50_us": engine["engine"],
         "sdk_p50_us": sdk_p50,
         "sdk_p99_us": med(_p(s[0], 99) / 1e3 for s in sdk),
+        "sdk_beside_worker_p50_us": sdk_beside_worker,
         "echo_p50_us": echo,
         "echo_two_cpus_p50_us": echo_two_cpus,
         "relay_p50_us": relay,
@@ -722,6 +786,7 @@ def run(quick: bool) -> dict:
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
         "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
+                   "sdk_beside_worker_vs_echo": (sdk_beside_worker - direct) / echo,
                    "sdk_vs_echo_after_gap": (sdk_p50 - direct_after_gap) / echo,
                    "relay_vs_echo": relay / echo,
                    "large_vs_echo": sdk_large / echo_large,
