@@ -495,8 +495,9 @@ class HttpServer(Listener):
         self.idle_timeout_s = idle_timeout_s
 
 
-class _HttpConnection(BudgetedReading, asyncio.Protocol):
-    """One connection: parses with httptools, answers requests in order."""
+class _HttpConnection(BudgetedReading):
+    """One connection: parses with httptools, answers requests in order
+    (an asyncio protocol by its methods: the loop calls them)."""
 
     def __init__(self, server: HttpServer):
         super().__init__(server)
@@ -1012,8 +1013,17 @@ class _HttpConnection(BudgetedReading, asyncio.Protocol):
             return False
         self._write(response, keep_alive=True, body=body)
         if not self.queue:
-            self.server.linger(self.fd)
+            # Asked in the loop's next turn, as the TCP connection asks: a
+            # client on this CPU runs within the answer's write and has sent
+            # its next request by then, read in between; a loop with a
+            # request to answer has no need.
+            asyncio.get_running_loop().call_soon(self._loop_linger)
         return True
+
+    def _loop_linger(self) -> None:
+        if not self.queue and self.answering is None and not self.dead \
+                and not self.transport.is_closing():
+            self.server.linger(self.fd)
 
     def _write(self, r: Response, keep_alive: bool, body: bool = True) -> None:
         if self.transport is None or self.transport.is_closing():
