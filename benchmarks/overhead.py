@@ -44,7 +44,7 @@ The SDK's calls one at a time are timed the same way, the client beside
 its server: the front-end and the client on one CPU, the worker on the
 other (`sdk_p50_us`, sdk_vs_echo's), as ab.py times its servers. Unpinned, the
 kernel kept the client on whichever CPU it ran on first, and a run got
-either 40 or 55 µs (RESULTS.md, session 55). The other placement is timed
+either ~41 or 55-60 µs (RESULTS.md, session 55). The other placement is timed
 too (`sdk_beside_worker_p50_us`, and sdk_beside_worker_vs_echo): there an
 answer waits for the spinning worker to yield its CPU, or for the
 interrupt that preempts it, which takes ~16 µs on these virtual CPUs.
@@ -371,30 +371,38 @@ def pinned(cpu: int):
 
 
 def pin_server(pid: int, front_end_cpu: int, worker_cpu: int) -> dict[int, set[int]]:
-    """Every thread of server `pid` on front_end_cpu, its workers' (its
-    child processes') on worker_cpu; returns where each was allowed before."""
+    """Every thread of server `pid` on front_end_cpu, its child processes'
+    (its workers') on worker_cpu; returns where each process was allowed
+    before (its main thread's CPUs), by id. A thread or a process that
+    ends meanwhile is passed over."""
     front = psutil.Process(pid)
-    places = [(thread.id, front_end_cpu) for thread in front.threads()]
-    places += [(thread.id, worker_cpu) for child in front.children(recursive=True)
-               for thread in child.threads()]
     before = {}
-    for tid, cpu in places:
-        before[tid] = os.sched_getaffinity(tid)
-        os.sched_setaffinity(tid, {cpu})
+    for proc, cpu in [(front, front_end_cpu)] + [(child, worker_cpu) for child in
+                                                 front.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            before[proc.pid] = os.sched_getaffinity(proc.pid)
+            _place(proc, {cpu})
     return before
+
+
+def _place(proc: psutil.Process, cpus: set[int]) -> None:
+    for thread in proc.threads():
+        with contextlib.suppress(ProcessLookupError):  # (ended since)
+            os.sched_setaffinity(thread.id, cpus)
 
 
 @contextlib.contextmanager
 def arranged(pid: int, front_end_cpu: int, worker_cpu: int):
     """Server `pid` pinned (pin_server) while calls are timed one at a
-    time, then allowed where it was before."""
+    time, then every thread of its processes, those started meanwhile too
+    (a load's readers), allowed where its process was before."""
     before = pin_server(pid, front_end_cpu, worker_cpu)
     try:
         yield
     finally:
-        for tid, cpus in before.items():
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(tid, cpus)
+        for proc_pid, cpus in before.items():
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                _place(psutil.Process(proc_pid), cpus)
 
 
 def on_cpu(cpu: int, fn, *args):
