@@ -1377,7 +1377,7 @@ class Engine:
                 what = "backed off for crashes" if crashes else "failed"
                 error = Overloaded if stats.out_of_memory and not crashes else LoadFailed
                 refused = error(f"{stats.last_error} ({what} {n} time{'s' * (n > 1)} in a "
-                                f"row; next try in {left:.1f} s)")
+                                f"row; next try in {math.ceil(left * 10) / 10:.1f} s)")
                 refused.failure = stats.last_error
                 if error is Overloaded:
                     refused.retry_after_s = math.ceil(left)  # HTTP's Retry-After
@@ -2326,7 +2326,9 @@ class Engine:
                "last_load_time": stats.last_load_time,
                "load_duration_s": stats.load_duration_s,
                "loads_from_host": stats.host_loads,
-               "retry_in_s": round(backoff_left, 3), "host_bytes": self.host.bytes(key),
+               # Rounded up: 0 only where a request for it is no longer refused.
+               "retry_in_s": math.ceil(backoff_left * 1e3) / 1e3,
+               "host_bytes": self.host.bytes(key),
                # By name, as max_queue_per_model bounds it: all its versions.
                "queued": self._queued.get(key[0], 0)}
         cached = self.cache is not None and key in self.cache
