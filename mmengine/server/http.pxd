@@ -17,4 +17,4 @@ cdef class _HttpConnection(BudgetedReading):
     cpdef _kick(self)
     cpdef _start(self, request)
     cpdef _respond(self, request, response)
-    cpdef _loop_linger(self)
+    cpdef quiet(self)

@@ -1013,17 +1013,13 @@ class _HttpConnection(BudgetedReading):
             return False
         self._write(response, keep_alive=True, body=body)
         if not self.queue:
-            # Asked in the loop's next turn, as the TCP connection asks: a
-            # client on this CPU runs within the answer's write and has sent
-            # its next request by then, read in between; a loop with a
-            # request to answer has no need.
-            asyncio.get_running_loop().call_soon(self._loop_linger)
+            self.server.linger(self)
         return True
 
-    def _loop_linger(self) -> None:
-        if not self.queue and self.answering is None and not self.dead \
-                and not self.transport.is_closing():
-            self.server.linger(self.fd)
+    def quiet(self) -> bool:
+        """Nothing to answer, and open (the listener's linger asks)."""
+        return not self.queue and self.answering is None and not self.dead \
+            and not self.transport.is_closing()
 
     def _write(self, r: Response, keep_alive: bool, body: bool = True) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -21,5 +21,6 @@ cdef class Listener:
     cdef public object stopping, control_digests, receiving, _linger_ns, _linger_until
     cdef public object _lingering, _loop, _linger_backoff, _cpu_taken, lingers, port
     cdef object __weakref__
-    cpdef linger(self, fd)
+    cpdef linger(self, connection)
+    cpdef _look(self, connection)
     cpdef _turn(self)

@@ -137,9 +137,9 @@ class Listener:
                 "max_connections": self.max_connections, "refused": self.refused,
                 "lingers": self.lingers}
 
-    def linger(self, fd: int) -> None:
-        """After an answer that leaves its connection (socket `fd`) with
-        nothing in flight: where the client runs on another CPU, the loop
+    def linger(self, connection) -> None:
+        """After an answer that leaves `connection` with nothing in flight:
+        where the client runs on another CPU, the loop
         turns on without sleeping for poll_us, so that its next request is
         read without waking this CPU. On a virtual machine a sleeping CPU wakes
         slowly (the echo across two CPUs: 66-98 us, on one: 8-19), and the
@@ -152,10 +152,21 @@ class Listener:
         errs towards sleeping); from another machine, the one that took in
         the network card's packets, whose wake-up the linger spares too.
         Not while it backs off, as the workers' polls do (ring.BackOff):
-        its CPU found taken as a linger begins."""
-        if not self._linger_ns or self.stopping:
+        its CPU found taken as a linger begins.
+
+        Asked in the loop's next turn, of a connection still quiet then
+        (its `quiet()`: nothing to answer, and open): where the answer came
+        by a poll, that turn comes after the I/O that reads the client's
+        next request, which a client on this CPU has sent by then (it runs
+        within the answer's write); a loop with a request in flight has no
+        need."""
+        if self._linger_ns and not self.stopping:
+            asyncio.get_running_loop().call_soon(self._look, connection)
+
+    def _look(self, connection) -> None:
+        if self.stopping or not connection.quiet():
             return
-        client_cpu = ring.incoming_cpu(fd)
+        client_cpu = ring.incoming_cpu(connection.fd)
         if client_cpu < 0 or client_cpu == ring.this_cpu():
             return
         now = time.monotonic_ns()

@@ -16,7 +16,7 @@ cdef class _Connection(BudgetedReading):
     cpdef _infer(self, rid, model, inputs, version, timeout, token, timing)
     cpdef _track(self, fut, infer)
     cpdef _on_answer(self, rid, t_submit, model, fut)
-    cpdef _linger(self)
+    cpdef quiet(self)
     cpdef _answer(self, rid, t_submit, model, fut)
     cpdef _task_done(self, fut)
     cpdef _write(self, parts)

@@ -408,16 +408,11 @@ class _Connection(BudgetedReading):
         finally:  # after the write: _task_done closes a connection that has ended
             self._task_done(fut)
             if not self.tasks and not self.closing:
-                # Asked in the loop's next turn: where the answer came by a
-                # poll, after the I/O that reads the client's next request,
-                # which a client on this CPU has sent by then (it runs within
-                # the answer's write); a loop with a request in flight has no
-                # need.
-                self.loop.call_soon(self._linger)
+                self.server.linger(self)
 
-    def _linger(self) -> None:
-        if not self.tasks and not self.closing and not self.transport.is_closing():
-            self.server.linger(self.fd)
+    def quiet(self) -> bool:
+        """Nothing in flight, and open (the listener's linger asks)."""
+        return not self.tasks and not self.closing and not self.transport.is_closing()
 
     def _answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
