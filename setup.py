@@ -58,7 +58,8 @@ def native(name):
         extra_compile_args=CFLAGS,
         define_macros=macros,
         depends=[path for path in (f"csrc/{name}.h", f"csrc/{name}.pxd", "csrc/debug.h",
-                                   "csrc/packing.pxd", "csrc/arrays.pxd", "csrc/readjob.h")
+                                   "csrc/packing.pxd", "csrc/unpacking.pxd", "csrc/arrays.pxd",
+                                   "csrc/readjob.h")
                  if os.path.exists(path)],
     )
 

@@ -1,7 +1,8 @@
 """The ring records' hot steps in C (messages.native): a record's header
-packed with its tensors' descriptors, and tensors viewed or copied out of a
-record, each as messages.py does it, byte for byte and array for array
-(tests/test_records.py holds the two to each other).
+packed with its tensors' descriptors, a header read, and tensors viewed or
+copied out of a record, each as messages.py does it, byte for byte, value
+for value and array for array (tests/test_records.py holds the two to each
+other).
 
 Why: a request crosses the rings twice, and each crossing ran
 messages.py's describe, msgpack's packer, frombuffer and reshape on the
@@ -9,7 +10,8 @@ Python level, ~2 us a step warm and several times that cold; these are one
 C call each.
 
 Only the common case is done here: exact dicts, lists, strs, ints of
-int64, floats, bytes, bools and None in a header; C-contiguous exact numpy
+int64, floats, bytes, bools and None in a header (read: any msgpack but an
+extension type); C-contiguous exact numpy
 arrays of a numeric dtype in native order, at least one dimension, fewer
 than a record has parts. Anything else returns None, and the caller takes
 messages.py's path, which also says what is wrong where something is.
@@ -20,19 +22,24 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
                             PyBytes_GET_SIZE)
 from cpython.dict cimport PyDict_CheckExact, PyDict_Copy, PyDict_Next, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
-from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport (PyList_AsTuple, PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE,
+                           PyList_New, PyList_SET_ITEM)
 from cpython.long cimport PyLong_AsSsize_t, PyLong_CheckExact
 from cpython.memoryview cimport PyMemoryView_Check
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
+from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_CheckExact
-from cpython.unicode cimport PyUnicode_CheckExact
+from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 from arrays cimport MAX_DIMS, array_over, plain_type
 from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_str, put, release,
                       start)
+from unpacking cimport In, has, read_length, read_raw, take_be
 
 import numpy as np
 
@@ -298,3 +305,121 @@ def view(object descs, object parts):
 def copy_out(object descs, object parts):
     """messages.copy_out's arrays, or None where the fast path does not apply."""
     return _read(descs, parts, True)
+
+
+# -- headers ------------------------------------------------------------------
+
+cdef object _NOT = object()  # what _unpacked leaves to msgpack
+
+
+cdef object _unpacked(In *r, int depth):
+    """The next value as messages._unpackb reads it (msgpack's unpackb,
+    raw=False, strict_map_key=False); _NOT for an extension type, a value
+    cut short, or one deeper than _DEPTH. A str that is no UTF-8, or a
+    map's key that hashes not, raises msgpack's error."""
+    cdef uint8_t b
+    cdef Py_ssize_t n, i
+    cdef const char *s
+    cdef uint64_t u
+    cdef uint32_t u32
+    cdef float f
+    cdef double d
+    cdef object value, key, out
+    if depth > _DEPTH or not has(r, 1):
+        return _NOT
+    b = r.p[r.at]
+    if b < 0x80 or b >= 0xe0:  # a fixint
+        r.at += 1
+        return <int8_t>b
+    if 0xcc <= b <= 0xd3:  # uint8..64, int8..64
+        n = 1 << ((b - 0xcc) & 3)
+        if not has(r, 1 + n):
+            return _NOT
+        r.at += 1
+        u = take_be(r, n)
+        if b <= 0xcf:
+            return u
+        if n < 8 and u >> (8 * n - 1):
+            u |= ~((<uint64_t>1 << (8 * n)) - 1)  # its sign, extended
+        return <int64_t>u
+    if b == 0xc0 or b == 0xc2 or b == 0xc3:
+        r.at += 1
+        return None if b == 0xc0 else b == 0xc3
+    if b == 0xca or b == 0xcb:
+        n = 4 if b == 0xca else 8
+        if not has(r, 1 + n):
+            return _NOT
+        r.at += 1
+        u = take_be(r, n)
+        if n == 4:
+            u32 = <uint32_t>u
+            memcpy(&f, &u32, 4)
+            return <double>f
+        memcpy(&d, &u, 8)
+        return d
+    s = read_raw(r, &n, False)
+    if s != NULL:
+        return PyUnicode_DecodeUTF8(s, n, NULL)
+    s = read_raw(r, &n, True)
+    if s != NULL:
+        return PyBytes_FromStringAndSize(s, n)
+    n = read_length(r, 0x90, 0x0f, 0, 0xdc, 0xdd)
+    if n >= 0:
+        if not has(r, n):  # each value takes a byte at least: cut short
+            return _NOT
+        out = PyList_New(n)
+        for i in range(n):
+            value = _unpacked(r, depth + 1)
+            if value is _NOT:
+                return _NOT
+            Py_INCREF(value)
+            PyList_SET_ITEM(out, i, value)
+        return out
+    n = read_length(r, 0x80, 0x0f, 0, 0xde, 0xdf)
+    if n >= 0:
+        if not has(r, 2 * n):
+            return _NOT
+        out = {}
+        for i in range(n):
+            key = _unpacked(r, depth + 1)
+            if key is _NOT:
+                return _NOT
+            value = _unpacked(r, depth + 1)
+            if value is _NOT:
+                return _NOT
+            PyDict_SetItem(out, key, value)
+        return out
+    return _NOT  # an extension type, or no msgpack at all
+
+
+cdef object _header(object header, Py_ssize_t fields):
+    """The array of `fields` values that `header` (bytes, or a record's
+    part) holds and nothing after it, as a tuple; None where the fast path
+    does not read it."""
+    cdef Py_buffer view
+    cdef In r
+    cdef object value
+    PyObject_GetBuffer(header, &view, PyBUF_SIMPLE)
+    try:
+        r.p, r.n, r.at = <const uint8_t *>view.buf, view.len, 0
+        value = _unpacked(&r, 0)
+    except (UnicodeDecodeError, TypeError):  # msgpack's errors, on its path
+        return None
+    finally:
+        PyBuffer_Release(&view)
+    if value is _NOT or r.at != r.n or not PyList_CheckExact(value) \
+            or PyList_GET_SIZE(value) != fields:
+        return None
+    return PyList_AsTuple(value)
+
+
+def parse_request(object header):
+    """(op as an int, id, model, version, tensors, params) of a request's
+    header, or None where the fast path does not read it."""
+    return _header(header, 6)
+
+
+def parse_response(object header):
+    """(id, code, body, tensors) of a response's header, or None where the
+    fast path does not read it."""
+    return _header(header, 4)

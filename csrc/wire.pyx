@@ -32,6 +32,8 @@ cimport numpy as cnp
 from arrays cimport MAX_DIMS, array_over, plain_type
 from packing cimport (Out, be, byte, head, pack_float, pack_int, pack_pyint, pack_str, put,
                      release, start)
+from unpacking cimport (In, has, read_array, read_int, read_key, read_map, read_raw, read_str,
+                        take_be)
 
 import numpy as np
 
@@ -167,120 +169,11 @@ def infer_frame(object rid, object model, object inputs, object version,
 
 # -- unpacking ----------------------------------------------------------------
 
-cdef struct In:
-    const uint8_t *p
-    Py_ssize_t n, at
-
-
-cdef inline bint _has(In *r, Py_ssize_t size):
-    return r.n - r.at >= size
-
-
-cdef uint64_t _take_be(In *r, int size):
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(size):
-        v = (v << 8) | r.p[r.at + i]
-    r.at += size
-    return v
-
-
-cdef Py_ssize_t _length(In *r, uint8_t fix, uint8_t fix_mask, uint8_t h8, uint8_t h16,
-                        uint8_t h32):
-    """The length a header of this kind says (and the header read); -1 if
-    the next value is none of them, or is cut short."""
-    cdef uint8_t b
-    cdef int size
-    if not _has(r, 1):
-        return -1
-    b = r.p[r.at]
-    if fix_mask and (b & ~fix_mask) == fix:
-        r.at += 1
-        return b & fix_mask
-    if h8 and b == h8:
-        size = 1
-    elif b == h16:
-        size = 2
-    elif b == h32:
-        size = 4
-    else:
-        return -1
-    if not _has(r, 1 + size):
-        return -1
-    r.at += 1
-    return <Py_ssize_t>_take_be(r, size)
-
-
-cdef inline Py_ssize_t _map(In *r):
-    return _length(r, 0x80, 0x0f, 0, 0xde, 0xdf)
-
-
-cdef inline Py_ssize_t _array(In *r):
-    return _length(r, 0x90, 0x0f, 0, 0xdc, 0xdd)
-
-
-cdef const char *_raw(In *r, Py_ssize_t *size, bint binary):
-    """A str's (or, `binary`, a bin's) bytes in place; NULL if the next
-    value is not one, or is cut short."""
-    cdef Py_ssize_t n
-    if binary:
-        n = _length(r, 0, 0, 0xc4, 0xc5, 0xc6)
-    else:
-        n = _length(r, 0xa0, 0x1f, 0xd9, 0xda, 0xdb)
-    if n < 0 or not _has(r, n):
-        return NULL
-    size[0] = n
-    r.at += n
-    return <const char *>(r.p + r.at - n)
-
-
-cdef bint _key(In *r, const char *name, Py_ssize_t size):
-    """Whether the next value is the str `name` (read if it is)."""
-    cdef Py_ssize_t at = r.at, n
-    cdef const char *s = _raw(r, &n, False)
-    if s != NULL and n == size and memcmp(s, name, size) == 0:
-        return True
-    r.at = at
-    return False
-
-
-cdef int _read_int(In *r, int64_t *v, bint negative):
-    """A msgpack int of 0..2**63-1 (or, `negative`, of int64's range) read
-    into `v` (0), or not one (-1)."""
-    cdef uint8_t b
-    cdef int size
-    cdef bint signed
-    cdef uint64_t u
-    if not _has(r, 1):
-        return -1
-    b = r.p[r.at]
-    if b < 0x80 or negative and b >= 0xe0:  # a fixint
-        r.at += 1
-        v[0] = <int8_t>b
-        return 0
-    if 0xcc <= b <= 0xcf:
-        size, signed = 1 << (b - 0xcc), False
-    elif negative and 0xd0 <= b <= 0xd3:
-        size, signed = 1 << (b - 0xd0), True
-    else:
-        return -1
-    if not _has(r, 1 + size):
-        return -1
-    r.at += 1
-    u = _take_be(r, size)
-    if signed and size < 8 and u >> (8 * size - 1):
-        u |= ~((<uint64_t>1 << (8 * size)) - 1)  # its sign, extended
-    elif not signed and u >> 63:  # past int64
-        return -1
-    v[0] = <int64_t>u
-    return 0
-
-
 cdef object _array_of(In *r):
     """One tensor's map as a read-only array of its own bytes (aligned for
     any dtype: a bytes object's data is), or None if it is anything but a
     well-formed tensor of the wire."""
-    cdef Py_ssize_t entries = _map(r), n, size = 0, i, j, dims = -1, count = 1, itemsize
+    cdef Py_ssize_t entries = read_map(r), n, size = 0, i, j, dims = -1, count = 1, itemsize
     cdef const char *data = NULL
     cdef const char *s
     cdef object dtype = None
@@ -290,30 +183,30 @@ cdef object _array_of(In *r):
     if entries != 3:
         return None
     for i in range(3):
-        if _key(r, "dtype", 5):
-            s = _raw(r, &n, False)
+        if read_key(r, "dtype", 5):
+            s = read_raw(r, &n, False)
             if s == NULL or dtype is not None:
                 return None
             dtype = _DTYPES.get(PyUnicode_DecodeUTF8(s, n, NULL))
             if dtype is None:
                 return None
-        elif _key(r, "shape", 5):
+        elif read_key(r, "shape", 5):
             if dims >= 0:
                 return None
-            dims = _array(r)
+            dims = read_array(r)
             if dims < 0 or dims > MAX_DIMS:
                 return None
             for j in range(dims):
-                if _read_int(r, &d, False) < 0:
+                if read_int(r, &d, False) < 0:
                     return None
                 shape[j] = d
                 if count and d > PY_SSIZE_T_MAX // count:  # more than memory holds
                     return None
                 count *= d
-        elif _key(r, "data", 4):
+        elif read_key(r, "data", 4):
             if data != NULL:
                 return None
-            data = _raw(r, &size, True)
+            data = read_raw(r, &size, True)
             if data == NULL:
                 return None
         else:
@@ -337,13 +230,13 @@ cdef object _array_of(In *r):
 cdef object _arrays(In *r, object arrays):
     """A map of tensors by name read into `arrays` (a dict, or a subclass),
     which it returns; None if it is anything but such a map."""
-    cdef Py_ssize_t entries = _map(r), i, n
+    cdef Py_ssize_t entries = read_map(r), i, n
     cdef const char *s
     cdef object array
     if entries < 0:
         return None
     for i in range(entries):
-        s = _raw(r, &n, False)
+        s = read_raw(r, &n, False)
         if s == NULL:
             return None
         array = _array_of(r)
@@ -351,13 +244,6 @@ cdef object _arrays(In *r, object arrays):
             return None
         PyDict_SetItem(arrays, PyUnicode_DecodeUTF8(s, n, NULL), array)
     return arrays
-
-
-cdef object _str_value(In *r):
-    """The next value as a str, or None if it is not one."""
-    cdef Py_ssize_t n
-    cdef const char *s = _raw(r, &n, False)
-    return None if s == NULL else PyUnicode_DecodeUTF8(s, n, NULL)
 
 
 cdef class _Body:
@@ -387,20 +273,20 @@ def answer(object buf, Py_ssize_t start, Py_ssize_t size, type outputs_type):
     cdef int64_t rid = 0
     cdef bint ok = False, has_id = False
     cdef object arrays = None
-    if _map(r) != 3:
+    if read_map(r) != 3:
         return None
     try:
         for _ in range(3):
-            if _key(r, "id", 2):
-                if has_id or _read_int(r, &rid, False) < 0:
+            if read_key(r, "id", 2):
+                if has_id or read_int(r, &rid, False) < 0:
                     return None
                 has_id = True
-            elif _key(r, "ok", 2):
-                if ok or not _has(r, 1) or r.p[r.at] != 0xc3:
+            elif read_key(r, "ok", 2):
+                if ok or not has(r, 1) or r.p[r.at] != 0xc3:
                     return None
                 r.at += 1
                 ok = True
-            elif _key(r, "outputs", 7):
+            elif read_key(r, "outputs", 7):
                 if arrays is not None:
                     return None
                 arrays = _arrays(r, outputs_type())
@@ -439,7 +325,7 @@ def request(object buf, Py_ssize_t start, Py_ssize_t size):
     wrong)."""
     cdef _Body body = _Body(buf, start, size)
     cdef In *r = &body.r
-    cdef Py_ssize_t entries = _map(r), n
+    cdef Py_ssize_t entries = read_map(r), n
     cdef int64_t rid = 0, version = 0
     cdef int seen = 0, bit
     cdef uint64_t bits
@@ -451,46 +337,46 @@ def request(object buf, Py_ssize_t start, Py_ssize_t size):
         return None
     try:
         for _ in range(entries):
-            if _key(r, "id", 2):
+            if read_key(r, "id", 2):
                 bit = ID
-                if _read_int(r, &rid, False) < 0:
+                if read_int(r, &rid, False) < 0:
                     return None
-            elif _key(r, "op", 2):
+            elif read_key(r, "op", 2):
                 bit = OP
-                s = _raw(r, &n, False)
+                s = read_raw(r, &n, False)
                 if s == NULL or n != 5 or memcmp(s, b"infer", 5) != 0:
                     return None
-            elif _key(r, "model", 5):
+            elif read_key(r, "model", 5):
                 bit = MODEL
-                model = _str_value(r)
+                model = read_str(r)
                 if model is None:
                     return None
-            elif _key(r, "inputs", 6):
+            elif read_key(r, "inputs", 6):
                 bit = INPUTS
                 inputs = _arrays(r, {})
                 if not inputs:
                     return None
-            elif _key(r, "version", 7):
+            elif read_key(r, "version", 7):
                 bit = VERSION
-                if _read_int(r, &version, True) < 0:
+                if read_int(r, &version, True) < 0:
                     return None
-            elif _key(r, "timeout", 7):
+            elif read_key(r, "timeout", 7):
                 bit = TIMEOUT
-                if not _has(r, 9) or r.p[r.at] != 0xcb:
+                if not has(r, 9) or r.p[r.at] != 0xcb:
                     return None
                 r.at += 1
-                bits = _take_be(r, 8)
+                bits = take_be(r, 8)
                 memcpy(&timeout, &bits, 8)
                 if not timeout > 0:  # NaN is not either
                     return None
-            elif _key(r, "token", 5):
+            elif read_key(r, "token", 5):
                 bit = TOKEN
-                token = _str_value(r)
+                token = read_str(r)
                 if token is None:
                     return None
-            elif _key(r, "timing", 6):
+            elif read_key(r, "timing", 6):
                 bit = TIMING
-                if not _has(r, 1) or r.p[r.at] not in (0xc2, 0xc3):
+                if not has(r, 1) or r.p[r.at] not in (0xc2, 0xc3):
                     return None
                 timing = r.p[r.at] == 0xc3
                 r.at += 1

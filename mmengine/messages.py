@@ -203,7 +203,8 @@ _OPS = {int(op): op for op in Op}  # Op(n) costs ~0.5 us a call; a dict lookup ~
 
 
 def parse_request(header) -> tuple[Op, int, str, int, list, dict]:
-    op, rid, model, version, tensors, params = _unpackb(header)
+    parsed = None if native is None else native.parse_request(header)
+    op, rid, model, version, tensors, params = _unpackb(header) if parsed is None else parsed
     try:
         op = _OPS[op]
     except (KeyError, TypeError):
@@ -299,6 +300,9 @@ def ran(body: Any) -> dict | None:
 
 
 def parse_response(header) -> tuple[int, int, Any, list]:
+    parsed = None if native is None else native.parse_response(header)
+    if parsed is not None:
+        return parsed
     rid, code, body, tensors = _unpackb(header)
     return rid, code, body, tensors
 

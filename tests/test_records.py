@@ -5,6 +5,7 @@ whatever C does not take (None) goes messages.py's way, which the engine's
 tests drive through real workers."""
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -69,6 +70,59 @@ def test_every_length_header_packs_as_msgpack_does():
         arrays = {text: np.zeros((size // 8,), np.uint8)}
         same_record(_records.response_record(size, 0, body, arrays),
                     messages.response_record(size, 0, body, arrays))
+
+
+@SETTINGS
+@given(op=st.sampled_from(list(messages.Op)), rid=ints, model=st.text(max_size=300),
+       version=ints, arrays=st.none() | tensors,
+       params=st.none() | st.dictionaries(st.text(max_size=20), values, max_size=5))
+def test_a_request_header_read_in_c_is_what_msgpack_reads(op, rid, model, version, arrays,
+                                                          params):
+    header = messages._request_record(op, rid, model, version, arrays, params)[0]
+    read = _records.parse_request(memoryview(bytearray(header)))  # as a ring hands it over
+    assert read == tuple(messages._unpackb(header))
+    assert messages.parse_request(header) == (op, *read[1:])
+
+
+@SETTINGS
+@given(rid=ints, code=st.sampled_from([messages.OK, messages.SKIPPED, 400, 503]), body=values,
+       arrays=tensors)
+def test_a_response_header_read_in_c_is_what_msgpack_reads(rid, code, body, arrays):
+    header = messages.response_record(rid, code, body, arrays)[0]
+    read = _records.parse_response(header)
+    assert read == tuple(messages._unpackb(header))
+    # Value for value: a float stays a float, an int an int (1.0 == 1 == True).
+    assert repr(read) == repr(tuple(messages._unpackb(header)))
+
+
+@SETTINGS
+@given(data=st.binary(max_size=64))
+def test_a_header_c_cannot_read_goes_msgpacks_way(data):
+    # Anything: what C reads is what msgpack reads; the rest is msgpack's to
+    # read or to refuse (None).
+    for fields, parse in ((6, _records.parse_request), (4, _records.parse_response)):
+        read = parse(data)
+        if read is not None:
+            assert len(read) == fields and read == tuple(messages._unpackb(data))
+
+
+@pytest.mark.parametrize("header", [
+    msgpack.packb([1, 2, 3, msgpack.ExtType(5, b"x")]),       # an extension type
+    msgpack.packb([1, 2, {"t": msgpack.Timestamp(1)}, []]),    # the timestamp one too
+    b"\x94\x01\x02\xa1\xff\x90",                              # a str that is no UTF-8
+    msgpack.packb([1, 2, {(1,): 2}, []])[:-1],                 # cut short
+    msgpack.packb([1, 2, 3, []]) + b"\x00",                   # something after it
+    msgpack.packb([1, 2, 3]),                                  # not its fields
+    msgpack.packb({"a": 1}),
+])
+def test_headers_the_fast_path_does_not_read_go_msgpacks_way(header):
+    assert _records.parse_response(header) is None
+
+
+def test_a_str_that_is_no_utf8_is_msgpacks_error_either_way():
+    header = b"\x94\x01\x02\xa1\xff\x90"  # [1, 2, "\xff", []]
+    with pytest.raises(UnicodeDecodeError):
+        messages.parse_response(header)
 
 
 DEEP = 0
