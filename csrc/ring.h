@@ -103,6 +103,13 @@ _Static_assert(offsetof(mm_ring_header, tail) == 64 && offsetof(mm_ring_header, 
  * waits of a thread that slept for seconds between two looks (a timer's
  * turn now and then) add up to a millisecond of a long while. */
 #define MM_RING_TAKEN_SHARE 4u
+/* ...in waits of this long or more, on average, each time it got the CPU
+ * back: a busy neighbour's time slices, milliseconds each. Not the turns
+ * of a peer it woke, a client beside a front-end that answered it (10-20
+ * us each, a quarter of a polling front-end's time or more), nor those of
+ * a daemon that wakes often and runs briefly: the front-end's answer waits
+ * out such a turn, not a time slice, and sleeping would only add a wake-up. */
+#define MM_RING_TURN_NS 100000ull
 /* Taken twice within this many spinning waits, the CPU is contended (once
  * is a blip: a daemon's burst, the neighbour of a moment). */
 #define MM_RING_CONTENDED_WITHIN 64u
@@ -157,6 +164,7 @@ typedef struct {
     int looked;
     uint64_t looked_ns;
     uint64_t runq_ns;
+    uint64_t slices;
     int schedstat_fd;
     pid_t schedstat_tid;
 } mm_ring;
@@ -245,6 +253,7 @@ static inline void mm_ring_bind(mm_ring *r, void *base, int data_fd, int space_f
     r->looked = 0;
     r->looked_ns = 0;
     r->runq_ns = 0;
+    r->slices = 0;
     r->schedstat_fd = -1;
     r->schedstat_tid = 0;
     r->head_seen = atomic_load_explicit(&r->hdr->head, memory_order_acquire);
@@ -496,13 +505,14 @@ static inline int mm_ring_preempted(mm_ring *r, int for_read, uint64_t now) {
     return 1;
 }
 
-/* The calling thread's time runnable but waiting for a CPU, in ns: the
- * scheduler's statistics, from a file of the thread's own that r keeps
+/* The calling thread's time runnable but waiting for a CPU, in ns, and in
+ * `slices` the times it got a CPU (its time slices): the scheduler's
+ * statistics, from a file of the thread's own that r keeps
  * open (opened again by another thread, or in a forked child); 0 where
  * the kernel keeps none. Not its sleeps (a park, the GIL's), nor a stall
  * of the hypervisor's (here 250-450 us about once a second), which no
  * back-off helps: the kernel counts those as run. */
-static inline uint64_t mm_ring_runq_ns(mm_ring *r) {
+static inline uint64_t mm_ring_runq_ns(mm_ring *r, uint64_t *slices) {
     pid_t tid = gettid();
     if (r->schedstat_tid != tid && r->schedstat_fd != -2) {
         if (r->schedstat_fd >= 0) close(r->schedstat_fd);
@@ -510,27 +520,36 @@ static inline uint64_t mm_ring_runq_ns(mm_ring *r) {
         if (r->schedstat_fd < 0) r->schedstat_fd = -2;
         r->schedstat_tid = tid;
     }
+    *slices = 0;
     if (r->schedstat_fd < 0) return 0;
     char buf[96];
     ssize_t n = pread(r->schedstat_fd, buf, sizeof(buf) - 1, 0);
     if (n <= 0) return 0;
     buf[n] = 0;
+    char *end;
     const char *waited = strchr(buf, ' '); /* "ran waited slices" */
-    return waited ? strtoull(waited + 1, NULL, 10) : 0;
+    if (!waited) return 0;
+    uint64_t runq = strtoull(waited + 1, &end, 10);
+    *slices = strtoull(end, NULL, 10);
+    return runq;
 }
 
-/* Whether another thread took the waiter's CPU for MM_RING_PREEMPTED_NS
- * and MM_RING_TAKEN_SHARE of the time since its last wait began (`now`),
- * in its spin or in its work since: a wait that begins looks (one read of
- * its statistics, ~0.4 us, while it has nothing to do). */
+/* Whether another thread took the waiter's CPU for MM_RING_PREEMPTED_NS,
+ * MM_RING_TAKEN_SHARE of the time and MM_RING_TURN_NS a slice since its
+ * last wait began (`now`), in its spin or in its work since: a wait that
+ * begins looks (one read of its statistics, ~0.4 us, while it has nothing
+ * to do). */
 static inline int mm_ring_cpu_taken(mm_ring *r, uint64_t now) {
-    uint64_t runq = mm_ring_runq_ns(r), waited = runq - r->runq_ns;
+    uint64_t slices, runq = mm_ring_runq_ns(r, &slices), waited = runq - r->runq_ns;
+    uint64_t got_back = slices > r->slices ? slices - r->slices : 1;
     /* (Less than before: another thread's statistics, or none read.) */
     int taken = r->looked && runq >= r->runq_ns && waited >= MM_RING_PREEMPTED_NS
-                && waited * MM_RING_TAKEN_SHARE >= now - r->looked_ns;
+                && waited * MM_RING_TAKEN_SHARE >= now - r->looked_ns
+                && waited >= MM_RING_TURN_NS * got_back;
     r->looked = 1;
     r->looked_ns = now;
     r->runq_ns = runq;
+    r->slices = slices;
     return taken;
 }
 

@@ -62,6 +62,7 @@ cdef extern from "ring.h" nogil:
     enum:
         MM_RING_PREEMPTED_NS
         MM_RING_TAKEN_SHARE
+        MM_RING_TURN_NS
         MM_RING_CONTENDED_WITHIN
         MM_RING_BACKOFF_NS
         MM_RING_MAX_BACKOFF_NS

@@ -77,7 +77,8 @@ fences, re-checks, and sleeps on its eventfd (data_fd for the consumer,
 space_fd for the producer). The other side writes the eventfd only when the
 flag is set, so a busy ring makes no system call per record. A waiter that
 waited for a CPU, runnable, for PREEMPTED_NS and a TAKEN_SHARE-th of the
-time since its last wait began (CpuTaken), twice within CONTENDED_WITHIN
+time since its last wait began, in turns of TURN_NS or more on average
+(CpuTaken), twice within CONTENDED_WITHIN
 spinning waits, shares the CPU with another busy process: it sleeps without
 spinning for a while
 (BackOff). Spinning on, it would be runnable but never woken when its
@@ -168,6 +169,7 @@ _W_PRODUCER_BACKOFFS = 260 // 4
 # MM_RING_* constants are these).
 PREEMPTED_NS = 1_000_000
 TAKEN_SHARE = 4
+TURN_NS = 100_000
 CONTENDED_WITHIN = 64
 BACKOFF_NS = 50_000_000
 MAX_BACKOFF_NS = 1_000_000_000
@@ -175,31 +177,36 @@ MAX_BACKOFF_NS = 1_000_000_000
 
 class CpuTaken:
     """Whether another thread took the calling thread's CPU for
-    PREEMPTED_NS or more, and for 1/TAKEN_SHARE of the time or more, since
-    it last looked (a waiter: since its last wait began): the time it
-    waited for a CPU while runnable, from the scheduler's statistics (never
-    where the kernel keeps none). Between two waits a neighbour's time
-    slices take that long and half the time or more, its own peers' turns
-    hardly ever; between two looks seconds apart, the waits of the turns
-    it woke for meanwhile add up to a millisecond, but of a long while
-    (csrc/ring.h, MM_RING_PREEMPTED_NS). Not its sleeps (a park, the
-    GIL's), nor a stall of the hypervisor's (250-450 us about once a
-    second on these machines), which no back-off helps: the kernel counts
-    those as run. (csrc/ring.h's mm_ring_cpu_taken)"""
+    PREEMPTED_NS or more, for 1/TAKEN_SHARE of the time or more, and for
+    TURN_NS or more on average each time the thread got it back, since it
+    last looked (a waiter: since its last wait began): the time it waited
+    for a CPU while runnable, from the scheduler's statistics (never where
+    the kernel keeps none). Between two waits a neighbour's time slices
+    take that long and half the time or more, its own peers' turns hardly
+    ever; between two looks seconds apart, the waits of the turns it woke
+    for meanwhile add up to a millisecond, but of a long while
+    (csrc/ring.h, MM_RING_PREEMPTED_NS). A client beside a polling
+    front-end takes a quarter of its time or more, but in turns of 10-20 us
+    (MM_RING_TURN_NS): waiting those out is not what a back-off spares. Not
+    its sleeps (a park, the GIL's), nor a stall of the hypervisor's
+    (250-450 us about once a second on these machines), which no back-off
+    helps: the kernel counts those as run. (csrc/ring.h's
+    mm_ring_cpu_taken)"""
 
-    __slots__ = ("looked", "at", "runq")
+    __slots__ = ("looked", "at", "runq", "slices")
 
     def __init__(self) -> None:
         self.looked = False
-        self.at = self.runq = 0
+        self.at = self.runq = self.slices = 0
 
     def look(self, now: int | None = None) -> bool:
         """`now`: time.monotonic_ns(), where the caller has it."""
         now = time.monotonic_ns() if now is None else now
-        runq = _runq_ns()
+        runq, slices = _sched()
         waited = runq - self.runq
-        taken = self.looked and waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= now - self.at
-        self.looked, self.at, self.runq = True, now, runq
+        taken = (self.looked and waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= now - self.at
+                 and waited >= TURN_NS * max(slices - self.slices, 1))
+        self.looked, self.at, self.runq, self.slices = True, now, runq, slices
         return taken
 
 
@@ -224,18 +231,20 @@ class _Schedstat:
 _schedstats = threading.local()
 
 
-def _runq_ns() -> int:
-    """The calling thread's time runnable but waiting for a CPU, in ns; 0
-    where the kernel keeps no scheduler statistics."""
+def _sched() -> tuple[int, int]:
+    """The calling thread's time runnable but waiting for a CPU, in ns, and
+    the times it got a CPU (its time slices); 0s where the kernel keeps no
+    scheduler statistics."""
     own = getattr(_schedstats, "file", None)
     if own is None or own.pid != os.getpid():
         own = _schedstats.file = _Schedstat()
     if own.fd < 0:
-        return 0
+        return 0, 0
     try:
-        return int(os.pread(own.fd, 128, 0).split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+        _, runq, slices = os.pread(own.fd, 128, 0).split()[:3]
+        return int(runq), int(slices)
+    except (OSError, ValueError):
+        return 0, 0
 
 
 class BackOff:

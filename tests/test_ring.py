@@ -22,7 +22,8 @@ from conftest import busy_process, environ
 from mmengine import shm
 from mmengine.errors import PeerDied, RecordTooLarge, RingClosed, RingTimeout, WorkerDied
 from mmengine.config import Config, GiB, MiB
-from mmengine.ring import LARGEST_RECORD, CpuTaken, NativeRing, PyRing, record_size
+from mmengine.ring import (LARGEST_RECORD, PREEMPTED_NS, TAKEN_SHARE, TURN_NS, CpuTaken,
+                           NativeRing, PyRing, record_size)
 
 IMPLS = [pytest.param(PyRing, id="py")]
 if NativeRing is not None:
@@ -346,10 +347,10 @@ def test_implementations_share_one_layout():
     assert (_ring.HEADER_BYTES, _ring.MAX_PARTS, _ring.COPY_HEADER_BYTES) == (
         ring.HEADER_BYTES, ring.MAX_PARTS, ring.COPY_HEADER_BYTES)
     # ...and one back-off rule (ring.BackOff, mm_ring_preempted).
-    assert (_ring.PREEMPTED_NS, _ring.TAKEN_SHARE, _ring.CONTENDED_WITHIN, _ring.BACKOFF_NS,
-            _ring.MAX_BACKOFF_NS) == (ring.PREEMPTED_NS, ring.TAKEN_SHARE,
-                                      ring.CONTENDED_WITHIN, ring.BACKOFF_NS,
-                                      ring.MAX_BACKOFF_NS)
+    assert (_ring.PREEMPTED_NS, _ring.TAKEN_SHARE, _ring.TURN_NS, _ring.CONTENDED_WITHIN,
+            _ring.BACKOFF_NS, _ring.MAX_BACKOFF_NS) == (
+                ring.PREEMPTED_NS, ring.TAKEN_SHARE, ring.TURN_NS, ring.CONTENDED_WITHIN,
+                ring.BACKOFF_NS, ring.MAX_BACKOFF_NS)
     for Producer, Consumer in ((NativeRing, PyRing), (PyRing, NativeRing)):
         a = Producer.create(1024)
         b = Consumer.attach(a.handle)
@@ -531,26 +532,127 @@ def test_waits_for_a_cpu_that_are_a_small_share_of_a_long_while_are_no_contentio
         os.sched_setaffinity(0, before)
 
 
-def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked():
-    # The front-end polls rather than waits (workers._poll_answers): it
-    # looks for itself. Beside a busy process on its CPU, 50 ms of work is
-    # runnable all along, and off its CPU for the other's time slices.
+@pytest.fixture
+def one_cpu():
+    """The test's thread on one CPU (the last), given back after; skipped
+    where the kernel keeps no scheduler statistics (CpuTaken reads them)."""
     if not os.path.exists("/proc/thread-self/schedstat"):
         pytest.skip("the kernel keeps no scheduler statistics")
     cpu, before = max(os.sched_getaffinity(0)), os.sched_getaffinity(0)
-    taken = CpuTaken()
     try:
-        assert not taken.look()  # its first look: nothing to compare
-        os.sched_setaffinity(0, {cpu})
-        with busy_process(cpu):
-            time.sleep(0.1)  # the other runs (started, pinned)
-            taken.look()
-            end = time.monotonic() + 0.05
-            while time.monotonic() < end:
-                pass
-            assert taken.look()
+        yield cpu
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_a_poller_looks_whether_its_cpu_was_taken_since_it_last_looked(one_cpu):
+    # The front-end polls rather than waits (workers._poll_answers): it
+    # looks for itself. Beside a busy process on its CPU, 50 ms of work is
+    # runnable all along, and off its CPU for the other's time slices.
+    taken = CpuTaken()
+    assert not taken.look()  # its first look: nothing to compare
+    os.sched_setaffinity(0, {one_cpu})
+    with busy_process(one_cpu):
+        time.sleep(0.1)  # the other runs (started, pinned)
+        taken.look()
+        end = time.monotonic() + 0.05
+        while time.monotonic() < end:
+            pass
+        assert taken.look()
+
+
+# A peer that takes short turns on the CPU: 40 us of work each time it is
+# woken, by a byte on a pipe (all the bytes come: one turn however many) or
+# at the end of a 20 us sleep (`paced`: some 60-80 us on these machines).
+SHORT_TURNS = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+r, paced = int(sys.argv[2]), sys.argv[3] == "paced"
+while paced or os.read(r, 4096):
+    if paced:
+        time.sleep(20e-6)
+    end = time.perf_counter_ns() + 40_000
+    while time.perf_counter_ns() < end:
+        pass
+"""
+
+
+@contextlib.contextmanager
+def short_turns(cpu: int, paced: bool = False):
+    """A process on `cpu` that takes short turns, woken by a byte written
+    to the pipe it yields (paced: by its own sleeps)."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", SHORT_TURNS, str(cpu), str(r),
+                             "paced" if paced else "woken"], pass_fds=(r,))
+    os.close(r)
+    try:
+        time.sleep(0.3)  # started, pinned
+        yield w
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(w)
+
+
+def _waited() -> tuple[int, int]:
+    _, runq, slices = open("/proc/thread-self/schedstat").read().split()[:3]
+    return int(runq), int(slices)
+
+
+def test_a_poller_beside_a_peer_it_wakes_for_short_turns_is_not_taken(one_cpu):
+    # A client beside a polling front-end: answered, it runs at once (the
+    # kernel runs a woken sleeper first) for 10-20 us. Its turns took a
+    # quarter of the front-end's time or more, which then backed off and
+    # slept for 50 ms to 1 s, each of its answers paying a CPU's wake-up
+    # (session 56: SDK calls of 57-59 us against 44 us). What tells a busy
+    # neighbour's time slices from those turns is their length.
+    taken = CpuTaken()
+    os.sched_setaffinity(0, {one_cpu})
+    with short_turns(one_cpu) as wake:
+        taken.look()
+        runq, slices = _waited()
+        t0 = time.monotonic_ns()
+        while time.monotonic_ns() - t0 < 100_000_000:  # 100 ms of answers
+            os.write(wake, b"x")
+            end = time.perf_counter_ns() + 40_000
+            while time.perf_counter_ns() < end:
+                pass
+        waited, got_back = (a - b for a, b in zip(_waited(), (runq, slices)))
+        elapsed = time.monotonic_ns() - t0
+        # What the rule before it took for a neighbour's...
+        assert waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= elapsed
+        assert not taken.look()  # ...in turns of under TURN_NS each
+        assert waited < TURN_NS * got_back
+
+
+def _spin_beside_short_turns(impl, handle, cpu, queue):
+    os.sched_setaffinity(0, {cpu})
+    ring = _impl(impl).attach(handle)
+    ring.spin_us = 1e5  # a spinner: 100 ms, longer than each wait
+    for _ in range(20):  # 1 s
+        with contextlib.suppress(RingTimeout):
+            ring.get(timeout=0.05)
+    queue.put(ring.backoffs)
+
+
+def test_a_spinning_waiter_beside_a_peer_that_takes_short_turns_spins_on(Ring, one_cpu):
+    # As a worker beside its client (the scheduler's other placement): the
+    # turns take a third of its waits, but none is a time slice.
+    cpu = one_cpu  # (the waiter's, in its own process)
+    ring = Ring.create(4096)
+    queue = SPAWN.Queue()
+    child = SPAWN.Process(target=_spin_beside_short_turns,
+                          args=(_name(Ring), ring.handle, cpu, queue))
+    try:
+        with short_turns(cpu, paced=True):
+            child.start()
+            assert queue.get(timeout=60) == (0, 0)
+            child.join(30)
+            assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+        ring.close()
 
 
 def test_where_a_socket_took_in_its_last_segment_and_this_thread_runs_twins_agree():
