@@ -124,7 +124,7 @@ class Listener:
         self._linger_ns = int(engine.config.poll_us * 1e3)
         self._linger_until = 0
         self._lingering = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it listens on (start)
         self._linger_backoff = ring.BackOff()
         self._cpu_taken = ring.CpuTaken()
         self.lingers = 0  # times the loop began to linger
@@ -161,7 +161,9 @@ class Listener:
         within the answer's write); a loop with a request in flight has no
         need."""
         if self._linger_ns and not self.stopping:
-            asyncio.get_running_loop().call_soon(self._look, connection)
+            # (Its own loop, not asyncio's running one: that look-up is a
+            # getpid() call, a system call after each answer.)
+            self._loop.call_soon(self._look, connection)
 
     def _look(self, connection) -> None:
         if self.stopping or not connection.quiet():
@@ -170,16 +172,14 @@ class Listener:
         if client_cpu < 0 or client_cpu == ring.this_cpu():
             return
         now = time.monotonic_ns()
-        loop = asyncio.get_running_loop()
-        lingering = self._lingering and self._loop is loop  # (a chain dies with its loop)
+        lingering = self._lingering
         if not self._linger_backoff.spins_looking(now, None if lingering else self._cpu_taken):
             return
         self._linger_until = now + self._linger_ns
         if not lingering:
             self._lingering = True
             self.lingers += 1
-            self._loop = loop
-            loop.call_soon(self._turn)
+            self._loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         if time.monotonic_ns() < self._linger_until and not self.stopping:
@@ -204,6 +204,7 @@ class Listener:
         """Listens on every address of `host`; returns the bound port
         (useful with port 0: the same on every address)."""
         loop = asyncio.get_running_loop()
+        self._loop, self._lingering = loop, False  # (a chain of another loop died with it)
         for _ in range(PORT_TRIES):
             self._server = await loop.create_server(self._factory, host, port,
                                                     reuse_address=True)
