@@ -99,8 +99,7 @@ class _Outlet:
                     self.sent += 1
                     return  # the common case, with no size() first: it cost as much as the put
             except RecordTooLarge:
-                self.size(header, bufs)  # TooLarge, saying how large
-                raise
+                need = 0  # size(), below, raises TooLarge saying how large (no ring error chained)
         self._outbox.append((header, bufs, need or self.size(header, bufs)))
         self.sent += 1
         if not self._waiting:

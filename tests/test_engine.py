@@ -1105,6 +1105,25 @@ def test_an_answer_too_large_for_its_ring_still_says_where_it_ran(tmp_path, own_
     assert f["t_sent"] <= f["worker_ns"][0] <= f["worker_ns"][1] <= f["worker_ns"][2]
 
 
+def test_a_request_too_large_for_its_ring_is_refused_typed_and_serving_goes_on(tmp_path,
+                                                                              own_segments):
+    d = tmp_path / "echo" / "1"
+    d.mkdir(parents=True)
+    (d / "handler.py").write_text("def load(path, device):\n    pass\n\n"
+                                  "def predict(inputs):\n    return {'y': inputs['x'][:1]}\n")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, ring_bytes=1 << 20)) as engine:
+            with pytest.raises(TooLarge, match=r"request of \d+ bytes exceeds the ring's") as e:
+                await engine.infer("echo", {"x": np.ones(1 << 19, np.float32)})  # 2 MiB
+            # The typed error alone: the ring's own, which it replaces, not chained to it.
+            assert e.value.__context__ is None and e.value.__cause__ is None
+            out = await engine.infer("echo", {"x": np.full(4, 2, np.float32)})
+            assert out["y"].tolist() == [2.0]
+
+    run(main())
+
+
 def test_then_runs_once_as_the_answer_is_read_before_the_bookkeeping(repo, own_segments):
     # Engine.submit's `then` is how the servers write answers: once per
     # request, however it ends (answer, deadline, a cold load), ahead of
