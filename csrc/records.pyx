@@ -32,14 +32,14 @@ from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_CheckExact
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 cimport numpy as cnp
 from arrays cimport MAX_DIMS, array_over, plain_type
 from packing cimport (Out, byte, head, pack_float, pack_int, pack_pyint, pack_str, put, release,
                       start)
-from unpacking cimport In, has, read_length, read_raw, take_be
+from unpacking cimport In, has, read_any_int, read_array, read_map, read_raw, take_be
 
 import numpy as np
 
@@ -318,6 +318,7 @@ cdef object _unpacked(In *r, int depth):
     cut short, or one deeper than _DEPTH. A str that is no UTF-8, or a
     map's key that hashes not, raises msgpack's error."""
     cdef uint8_t b
+    cdef int signed
     cdef Py_ssize_t n, i
     cdef const char *s
     cdef uint64_t u
@@ -327,21 +328,12 @@ cdef object _unpacked(In *r, int depth):
     cdef object value, key, out
     if depth > _DEPTH or not has(r, 1):
         return _NOT
-    b = r.p[r.at]
-    if b < 0x80 or b >= 0xe0:  # a fixint
-        r.at += 1
-        return <int8_t>b
-    if 0xcc <= b <= 0xd3:  # uint8..64, int8..64
-        n = 1 << ((b - 0xcc) & 3)
-        if not has(r, 1 + n):
-            return _NOT
-        r.at += 1
-        u = take_be(r, n)
-        if b <= 0xcf:
-            return u
-        if n < 8 and u >> (8 * n - 1):
-            u |= ~((<uint64_t>1 << (8 * n)) - 1)  # its sign, extended
+    signed = read_any_int(r, &u)
+    if signed == 1:
         return <int64_t>u
+    if signed == 0:
+        return u
+    b = r.p[r.at]
     if b == 0xc0 or b == 0xc2 or b == 0xc3:
         r.at += 1
         return None if b == 0xc0 else b == 0xc3
@@ -363,7 +355,7 @@ cdef object _unpacked(In *r, int depth):
     s = read_raw(r, &n, True)
     if s != NULL:
         return PyBytes_FromStringAndSize(s, n)
-    n = read_length(r, 0x90, 0x0f, 0, 0xdc, 0xdd)
+    n = read_array(r)
     if n >= 0:
         if not has(r, n):  # each value takes a byte at least: cut short
             return _NOT
@@ -375,7 +367,7 @@ cdef object _unpacked(In *r, int depth):
             Py_INCREF(value)
             PyList_SET_ITEM(out, i, value)
         return out
-    n = read_length(r, 0x80, 0x0f, 0, 0xde, 0xdf)
+    n = read_map(r)
     if n >= 0:
         if not has(r, 2 * n):
             return _NOT

@@ -64,12 +64,13 @@ cdef inline Py_ssize_t read_array(In *r):
 cdef inline const char *read_raw(In *r, Py_ssize_t *size, bint binary):
     """A str's (or, `binary`, a bin's) bytes in place; NULL if the next
     value is not one, or is cut short."""
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, at = r.at
     if binary:
         n = read_length(r, 0, 0, 0xc4, 0xc5, 0xc6)
     else:
         n = read_length(r, 0xa0, 0x1f, 0xd9, 0xda, 0xdb)
     if n < 0 or not has(r, n):
+        r.at = at
         return NULL
     size[0] = n
     r.at += n
@@ -86,33 +87,41 @@ cdef inline bint read_key(In *r, const char *name, Py_ssize_t size):
     return False
 
 
-cdef inline int read_int(In *r, int64_t *v, bint negative):
-    """A msgpack int of 0..2**63-1 (or, `negative`, of int64's range) read
-    into `v` (0), or not one (-1)."""
+cdef inline int read_any_int(In *r, uint64_t *u):
+    """A msgpack int's bits into `u`: 0 where it is unsigned (a positive
+    fixint, uint8..64), 1 where it is signed (a negative fixint, int8..64:
+    int64's bits); -1 if the next value is none, or is cut short."""
     cdef uint8_t b
     cdef int size
-    cdef bint signed
-    cdef uint64_t u
     if not has(r, 1):
         return -1
     b = r.p[r.at]
-    if b < 0x80 or negative and b >= 0xe0:  # a fixint
+    if b < 0x80 or b >= 0xe0:  # a fixint
         r.at += 1
-        v[0] = <int8_t>b
-        return 0
-    if 0xcc <= b <= 0xcf:
-        size, signed = 1 << (b - 0xcc), False
-    elif negative and 0xd0 <= b <= 0xd3:
-        size, signed = 1 << (b - 0xd0), True
-    else:
+        u[0] = <uint64_t><int64_t><int8_t>b
+        return b >= 0xe0
+    if not 0xcc <= b <= 0xd3:
         return -1
+    size = 1 << ((b - 0xcc) & 3)
     if not has(r, 1 + size):
         return -1
     r.at += 1
-    u = take_be(r, size)
-    if signed and size < 8 and u >> (8 * size - 1):
-        u |= ~((<uint64_t>1 << (8 * size)) - 1)  # its sign, extended
-    elif not signed and u >> 63:  # past int64
+    u[0] = take_be(r, size)
+    if b <= 0xcf:
+        return 0
+    if size < 8 and u[0] >> (8 * size - 1):
+        u[0] |= ~((<uint64_t>1 << (8 * size)) - 1)  # its sign, extended
+    return 1
+
+
+cdef inline int read_int(In *r, int64_t *v, bint negative):
+    """A msgpack int of 0..2**63-1 (or, `negative`, of int64's range) read
+    into `v` (0), or not one (-1)."""
+    cdef Py_ssize_t at = r.at
+    cdef uint64_t u
+    cdef int signed = read_any_int(r, &u)
+    if signed < 0 or signed and not negative or not signed and u >> 63:  # (past int64)
+        r.at = at
         return -1
     v[0] = <int64_t>u
     return 0

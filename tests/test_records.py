@@ -96,14 +96,35 @@ def test_a_response_header_read_in_c_is_what_msgpack_reads(rid, code, body, arra
 
 
 @SETTINGS
-@given(data=st.binary(max_size=64))
-def test_a_header_c_cannot_read_goes_msgpacks_way(data):
-    # Anything: what C reads is what msgpack reads; the rest is msgpack's to
-    # read or to refuse (None).
-    for fields, parse in ((6, _records.parse_request), (4, _records.parse_response)):
-        read = parse(data)
-        if read is not None:
-            assert len(read) == fields and read == tuple(messages._unpackb(data))
+@given(body=values, cut=st.integers(min_value=0), edit=st.integers(min_value=0),
+       byte=st.integers(min_value=0, max_value=255))
+def test_a_header_c_cannot_read_goes_msgpacks_way(body, cut, edit, byte):
+    # A header cut short or with a byte changed: what C reads is what
+    # msgpack reads; the rest is msgpack's to read or to refuse (None).
+    header = bytearray(messages.response(7, 0, body, []))
+    header[edit % len(header)] = byte
+    for data in (bytes(header), bytes(header[:cut % len(header)])):
+        for fields, parse in ((6, _records.parse_request), (4, _records.parse_response)):
+            read = parse(data)
+            if read is not None:
+                assert len(read) == fields and read == tuple(messages._unpackb(data))
+
+
+def test_every_cut_of_a_header_is_msgpacks_to_refuse():
+    header = messages.response(7, 0, {"s": "text", "b": b"bytes", "i": 1 << 40, "f": 0.5},
+                               [["y", "<f4", [1, 16]]])
+    for cut in range(len(header)):
+        assert _records.parse_response(header[:cut]) is None
+
+
+@pytest.mark.parametrize("header", [
+    msgpack.packb([1, 2, {"f": 0.1, "g": [1.5, -2.25]}, []], use_single_float=True),
+    msgpack.packb([(1 << 64) - 1, 2, (1 << 63), [-(1 << 63), -1, -33, 127, 255]]),
+    msgpack.packb([1, 2, {1: "int key", None: 0, 2.5: b"x", True: [], -7: {}}, []]),
+])
+def test_what_no_packer_of_ours_writes_reads_as_msgpack_reads_it(header):
+    read = _records.parse_response(header)
+    assert repr(read) == repr(tuple(messages._unpackb(header)))
 
 
 @pytest.mark.parametrize("header", [
