@@ -159,8 +159,9 @@ typedef struct {
     uint64_t spun;
     uint64_t spun_taken;
     /* Its looks (mm_ring_cpu_taken): whether it has looked, when, its time
-     * waiting for a CPU then, and its thread's scheduler statistics (an
-     * open file: -1 none yet, -2 none to be had) and that thread's id. */
+     * waiting for a CPU then and its time slices, and its thread's
+     * scheduler statistics (an open file: -1 none yet, -2 none to be had)
+     * and that thread's id. */
     int looked;
     uint64_t looked_ns;
     uint64_t runq_ns;
@@ -505,47 +506,50 @@ static inline int mm_ring_preempted(mm_ring *r, int for_read, uint64_t now) {
     return 1;
 }
 
-/* The calling thread's time runnable but waiting for a CPU, in ns, and in
- * `slices` the times it got a CPU (its time slices): the scheduler's
- * statistics, from a file of the thread's own that r keeps
- * open (opened again by another thread, or in a forked child); 0 where
- * the kernel keeps none. Not its sleeps (a park, the GIL's), nor a stall
- * of the hypervisor's (here 250-450 us about once a second), which no
- * back-off helps: the kernel counts those as run. */
-static inline uint64_t mm_ring_runq_ns(mm_ring *r, uint64_t *slices) {
+/* The calling thread's time runnable but waiting for a CPU, in ns, into
+ * `runq`, and the times it got a CPU (its time slices) into `slices`: the
+ * scheduler's statistics, from a file of the thread's own that r keeps
+ * open (opened again by another thread, or in a forked child: its looks
+ * start over); -1 where they cannot be read (the kernel keeps none). Not
+ * its sleeps (a park, the GIL's), nor a stall of the hypervisor's (here
+ * 250-450 us about once a second), which no back-off helps: the kernel
+ * counts those as run. */
+static inline int mm_ring_sched(mm_ring *r, uint64_t *runq, uint64_t *slices) {
     pid_t tid = gettid();
     if (r->schedstat_tid != tid && r->schedstat_fd != -2) {
         if (r->schedstat_fd >= 0) close(r->schedstat_fd);
         r->schedstat_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
         if (r->schedstat_fd < 0) r->schedstat_fd = -2;
         r->schedstat_tid = tid;
+        r->looked = 0; /* another thread's figures: nothing to compare */
     }
-    *slices = 0;
-    if (r->schedstat_fd < 0) return 0;
-    char buf[96];
+    if (r->schedstat_fd < 0) return -1;
+    char buf[96], *end;
     ssize_t n = pread(r->schedstat_fd, buf, sizeof(buf) - 1, 0);
-    if (n <= 0) return 0;
+    if (n <= 0) return -1;
     buf[n] = 0;
-    char *end;
     const char *waited = strchr(buf, ' '); /* "ran waited slices" */
-    if (!waited) return 0;
-    uint64_t runq = strtoull(waited + 1, &end, 10);
-    *slices = strtoull(end, NULL, 10);
-    return runq;
+    if (!waited) return -1;
+    *runq = strtoull(waited + 1, &end, 10);
+    *slices = strtoull(end, &end, 10);
+    return *end == '\n' || *end == 0 ? 0 : -1;
 }
 
 /* Whether another thread took the waiter's CPU for MM_RING_PREEMPTED_NS,
  * MM_RING_TAKEN_SHARE of the time and MM_RING_TURN_NS a slice since its
  * last wait began (`now`), in its spin or in its work since: a wait that
  * begins looks (one read of its statistics, ~0.4 us, while it has nothing
- * to do). */
+ * to do). A look whose figures cannot be read starts the looks over. */
 static inline int mm_ring_cpu_taken(mm_ring *r, uint64_t now) {
-    uint64_t slices, runq = mm_ring_runq_ns(r, &slices), waited = runq - r->runq_ns;
-    uint64_t got_back = slices > r->slices ? slices - r->slices : 1;
-    /* (Less than before: another thread's statistics, or none read.) */
-    int taken = r->looked && runq >= r->runq_ns && waited >= MM_RING_PREEMPTED_NS
+    uint64_t runq, slices;
+    if (mm_ring_sched(r, &runq, &slices) < 0) {
+        r->looked = 0;
+        return 0;
+    }
+    uint64_t waited = runq - r->runq_ns, got_back = slices - r->slices;
+    int taken = r->looked && waited >= MM_RING_PREEMPTED_NS
                 && waited * MM_RING_TAKEN_SHARE >= now - r->looked_ns
-                && waited >= MM_RING_TURN_NS * got_back;
+                && waited >= MM_RING_TURN_NS * (got_back ? got_back : 1);
     r->looked = 1;
     r->looked_ns = now;
     r->runq_ns = runq;
@@ -553,7 +557,7 @@ static inline int mm_ring_cpu_taken(mm_ring *r, uint64_t now) {
     return taken;
 }
 
-/* Closes what mm_ring_runq_ns opened. */
+/* Closes what mm_ring_sched opened. */
 static inline void mm_ring_unbind(mm_ring *r) {
     if (r->schedstat_fd >= 0) close(r->schedstat_fd);
     r->schedstat_fd = -1;

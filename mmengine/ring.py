@@ -193,20 +193,25 @@ class CpuTaken:
     helps: the kernel counts those as run. (csrc/ring.h's
     mm_ring_cpu_taken)"""
 
-    __slots__ = ("looked", "at", "runq", "slices")
+    __slots__ = ("looked", "at", "runq", "slices", "source")
 
     def __init__(self) -> None:
         self.looked = False
         self.at = self.runq = self.slices = 0
+        self.source = None  # whose figures it looked at last (a thread's _Schedstat)
 
     def look(self, now: int | None = None) -> bool:
-        """`now`: time.monotonic_ns(), where the caller has it."""
+        """`now`: time.monotonic_ns(), where the caller has it. A look
+        whose figures cannot be read, or are another thread's, starts the
+        looks over."""
         now = time.monotonic_ns() if now is None else now
-        runq, slices = _sched()
+        source, runq, slices = _sched()
         waited = runq - self.runq
-        taken = (self.looked and waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= now - self.at
+        taken = (self.looked and source is self.source and source is not None
+                 and waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= now - self.at
                  and waited >= TURN_NS * max(slices - self.slices, 1))
         self.looked, self.at, self.runq, self.slices = True, now, runq, slices
+        self.source = source
         return taken
 
 
@@ -231,20 +236,21 @@ class _Schedstat:
 _schedstats = threading.local()
 
 
-def _sched() -> tuple[int, int]:
+def _sched() -> tuple[_Schedstat | None, int, int]:
     """The calling thread's time runnable but waiting for a CPU, in ns, and
-    the times it got a CPU (its time slices); 0s where the kernel keeps no
-    scheduler statistics."""
+    the times it got a CPU (its time slices), with the thread's file they
+    came from; (None, 0, 0) where they cannot be read (the kernel keeps no
+    scheduler statistics)."""
     own = getattr(_schedstats, "file", None)
     if own is None or own.pid != os.getpid():
         own = _schedstats.file = _Schedstat()
     if own.fd < 0:
-        return 0, 0
+        return None, 0, 0
     try:
-        _, runq, slices = os.pread(own.fd, 128, 0).split()[:3]
-        return int(runq), int(slices)
+        _, runq, slices = os.pread(own.fd, 128, 0).split()
+        return own, int(runq), int(slices)
     except (OSError, ValueError):
-        return 0, 0
+        return None, 0, 0
 
 
 class BackOff:

@@ -629,10 +629,12 @@ def _spin_beside_short_turns(impl, handle, cpu, queue):
     os.sched_setaffinity(0, {cpu})
     ring = _impl(impl).attach(handle)
     ring.spin_us = 1e5  # a spinner: 100 ms, longer than each wait
+    before, t0 = _waited(), time.monotonic_ns()
     for _ in range(20):  # 1 s
         with contextlib.suppress(RingTimeout):
             ring.get(timeout=0.05)
-    queue.put(ring.backoffs)
+    waited, got_back = (a - b for a, b in zip(_waited(), before))
+    queue.put((ring.backoffs, waited, got_back, time.monotonic_ns() - t0))
 
 
 def test_a_spinning_waiter_beside_a_peer_that_takes_short_turns_spins_on(Ring, one_cpu):
@@ -646,7 +648,11 @@ def test_a_spinning_waiter_beside_a_peer_that_takes_short_turns_spins_on(Ring, o
     try:
         with short_turns(cpu, paced=True):
             child.start()
-            assert queue.get(timeout=60) == (0, 0)
+            backoffs, waited, got_back, elapsed = queue.get(timeout=60)
+            # What the rule before it took for a neighbour's, in turns
+            # of under TURN_NS each: no back-off.
+            assert waited * TAKEN_SHARE >= elapsed and waited < TURN_NS * got_back
+            assert backoffs == (0, 0)
             child.join(30)
             assert child.exitcode == 0
     finally:
