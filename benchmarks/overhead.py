@@ -37,17 +37,26 @@ The echo's client and server are pinned to one CPU (`echo_p50_us`, the
 bare round trip at its fastest, the unit of sdk_vs_echo) and to two
 (`echo_two_cpus_p50_us`, where the server's sleeping CPU must wake: 19
 against 66-98 µs here); unpinned, a run got either, and the ratio moved
-from 1 to 15 with no change to mmengine. Each is measured before and after
-the SDK's calls.
+from 1 to 15 with no change to mmengine.
 
 The SDK's calls one at a time are timed the same way, the client beside
 its server: the front-end and the client on one CPU, the worker on the
-other (`sdk_p50_us`, sdk_vs_echo's), as ab.py times its servers. Unpinned, the
-kernel kept the client on whichever CPU it ran on first, and a run got
-either ~41 or 55-60 µs (RESULTS.md, session 55). The other placement is timed
-too (`sdk_beside_worker_p50_us`, and sdk_beside_worker_vs_echo): there an
-answer waits for the spinning worker to yield its CPU, or for the
+other (`sdk_p50_us`, sdk_vs_echo's), as ab.py times its servers. Unpinned,
+the kernel kept the client on whichever CPU it ran on first, and a run got
+either ~41 or 55-60 µs (RESULTS.md, session 55). The other placement is
+timed too (`sdk_beside_worker_p50_us`, and sdk_beside_worker_vs_echo):
+there an answer waits for the spinning worker to yield its CPU, or for the
 interrupt that preempts it, which takes ~16 µs on these virtual CPUs.
+
+The direct call (on the worker's CPU), the echo on one CPU and the SDK's
+calls go in rounds, a block of each in turn (15 rounds of 2,000 calls
+each; --quick 5 of 600): sdk_vs_echo is the median of the rounds' own
+ratios, listed in `sdk_vs_echo_rounds`, with the direct call's p50 of each
+round in `direct_rounds_us`. The host slows each virtual CPU on its own,
+for seconds at a time (the MLP's call 13 or 21 µs, pinned to one CPU and
+then the other): measured one after another, on the client's CPU, a slow
+spell of the worker's CPU alone put a run's sdk_vs_echo at 2.7 where the
+runs beside it gave 1.9 (RESULTS.md, session 56).
 
 On these virtual CPUs a path that went untouched for 50 µs or more runs about
 twice as slow as back to back, whatever the process did meanwhile (spun in
@@ -338,15 +347,22 @@ def _p(samples, q: float) -> float:
     return float(np.percentile(samples, q))
 
 
-def direct_p50_us(x: np.ndarray, n: int, gap_us: float = 0) -> float:
-    """The model's call in this process, back to back; or each after
-    `gap_us` of this process busy with other work (a spin on the clock)."""
+def direct_model():
+    """The MLP as the worker serves it, in this process, with the worker's
+    torch threads."""
     import torch
 
     from mmengine.demo import mlp
 
     torch.set_num_threads(resources.torch_threads(Config(workers=WORKERS)))  # the worker's
-    model = mlp(*DIMS, seed=0)
+    return mlp(*DIMS, seed=0)
+
+
+def direct_p50_us(model, x: np.ndarray, n: int, gap_us: float = 0) -> float:
+    """The model's call in this process, back to back; or each after
+    `gap_us` of this process busy with other work (a spin on the clock)."""
+    import torch
+
     samples = []
     for _ in range(n):
         end = time.perf_counter_ns() + gap_us * 1e3
@@ -451,6 +467,48 @@ def sdk_samples_ns(address: str, model: str, x: np.ndarray, n: int) -> list[int]
             c.infer(model, {"x": x})
             samples.append(time.perf_counter_ns() - t0)
     return samples[n // 10:]
+
+
+def in_rounds(rounds: int, n: int, model, x: np.ndarray, echo: socket.socket,
+              request: bytes, response_bytes: int, address: str, pid: int,
+              cpus: list[int]) -> dict:
+    """The model called directly, the echo and the SDK's calls one at a
+    time, a block of `n` each in every round (in an order that turns round
+    by round): the clients on the front-end's CPU (cpus[0]), the model on
+    the worker's (cpus[-1]), where the worker calls it. The machine drifts,
+    and a burst of the host's noise lands on one round of all three, not on
+    one of them; and the host slows each virtual CPU on its own (the MLP's
+    call 13 or 21 us, on one CPU and not the other, seconds apart), which
+    the model's call on the worker's CPU counts as the worker's. Each
+    one's median over the rounds of its blocks' p50, sdk_vs_echo the median
+    of the rounds' own (their list in `sdk_vs_echo_rounds`, and the direct
+    call's in `direct_rounds_us`: the host's speed, round by round), the
+    SDK's p99 over all its calls, and its CPU time per request
+    (cpu_per_request) over its blocks."""
+    sdk_all, cpu_us = [], []
+
+    def sdk() -> float:
+        samples, used = cpu_per_request(pid, n, sdk_samples_ns, address, MODEL, x, n)
+        sdk_all.extend(samples)
+        cpu_us.append(used)
+        return _p(samples, 50) / 1e3
+
+    steps = [(0, cpus[-1], direct_p50_us, (model, x, n)),
+             (1, cpus[0], exchanges_p50_us, (echo, request, response_bytes, n)),
+             (2, cpus[0], sdk, ())]
+    rows = []
+    for i in range(rounds):
+        row = [0.0] * 3
+        for at, cpu, step, args in steps[i % 3:] + steps[:i % 3]:
+            row[at] = on_cpu(cpu, step, *args)
+        rows.append(row)
+    med = statistics.median
+    ratios = [(sdk_p50 - direct_p50) / echo_p50 for direct_p50, echo_p50, sdk_p50 in rows]
+    return {"direct": med(r[0] for r in rows), "echo": med(r[1] for r in rows),
+            "sdk": med(r[2] for r in rows), "sdk_p99": _p(sdk_all, 99) / 1e3,
+            "sdk_vs_echo": med(ratios), "sdk_vs_echo_rounds": [round(r, 3) for r in ratios],
+            "direct_rounds_us": [round(r[0], 2) for r in rows],
+            "cpu_us": {k: statistics.fmean(c[k] for c in cpu_us) for k in cpu_us[0]}}
 
 
 def _answer(sock: socket.socket, frame: bytes) -> tuple[int, bytes]:
@@ -665,6 +723,7 @@ def run(quick: bool) -> dict:
     from mmengine.demo import write_mlp
 
     n = 2_000 if quick else 10_000
+    rounds, block = (5, 600) if quick else (15, 2_000)  # in_rounds
     rps_n = 5_000 if quick else 30_000
     repeats = 1 if quick else 3
     med = statistics.median
@@ -692,33 +751,33 @@ def run(quick: bool) -> dict:
         (repo / LARGE / "1" / "handler.py").write_text(IDENTITY_HANDLER)
         engine = [uvloop.run(_engine(repo, x, n)) for _ in range(repeats)]
         engine = {k: med(e[k] for e in engine) for k in engine[0]}
-        direct = med(direct_p50_us(x, n) for _ in range(repeats))
-        direct_after_gap = med(direct_p50_us(x, n, GAP_US) for _ in range(repeats))
+        model = direct_model()
         cpus = sorted(os.sched_getaffinity(0))
+        # On the worker's CPU, as in_rounds calls it directly.
+        direct_after_gap = med(on_cpu(cpus[-1], direct_p50_us, model, x, n, GAP_US)
+                               for _ in range(repeats))
         with server(repo, "--workers", str(WORKERS)) as (address, proc), \
                 baseline("echo", len(response), cpus[0]) as (beside, _), \
                 baseline("echo", len(response), cpus[-1]) as (apart, _):
             # The bare round trip at its fastest, client and server on one
-            # CPU, is the unit of sdk_vs_echo; on two, it is reported too.
-            # Each before and after the SDK's: the machine drifts.
-            echoes = {"one": (beside, cpus[0]), "two": (apart, cpus[0])}
+            # CPU, is the unit of sdk_vs_echo (in_rounds); on two, it is
+            # reported too, before and after the SDK's: the machine drifts.
+            two_cpus = [echo_p50_us(apart, cpus[0], protocol.frame(request), len(response), n)]
             gc_before = front_end_gc(proc.http_address)
-            echo = {k: [echo_p50_us(*v, protocol.frame(request), len(response), n)]
-                    for k, v in echoes.items()}
             # As the echo's client beside its server: the SDK's beside the
             # front-end, the worker on the other CPU (and, for what the
             # other placement costs, beside the worker).
             with arranged(proc.pid, cpus[0], cpus[-1]):
-                sdk = [cpu_per_request(proc.pid, n, on_cpu, cpus[0], sdk_samples_ns, address,
-                                       MODEL, x, n) for _ in range(repeats)]
+                ones = in_rounds(rounds, block, model, x, beside, protocol.frame(request),
+                                 len(response), address, proc.pid, cpus)
                 beside_worker = [on_cpu(cpus[-1], sdk_samples_ns, address, MODEL, x, n)
                                  for _ in range(repeats)]
                 stages = [on_cpu(cpus[0], stages_p50_us, address, request, n)
                           for _ in range(repeats)]
                 in_turns = [on_cpu(cpus[0], sdk_and_raw_p50_us, address, x, request, n)
                             for _ in range(repeats)]
-            for k, v in echoes.items():
-                echo[k].append(echo_p50_us(*v, protocol.frame(request), len(response), n))
+            two_cpus.append(echo_p50_us(apart, cpus[0], protocol.frame(request), len(response),
+                                        n))
             uvloop.run(_rps(address, x, CONCURRENCY * 10))  # warm up
             uvloop.run(_rps(address, x, CONCURRENCY * 10, BATCHED))
             rps, rps_batched = [], []
@@ -750,19 +809,18 @@ def run(quick: bool) -> dict:
         echo_large = med(baseline_p50_us(big_request, big_response, large_n) / 1e3
                          for _ in range(repeats))
     codec = client_codec_p50_us(x, response, n)
-    sdk_p50 = med(_p(s[0], 50) / 1e3 for s in sdk)
+    direct, echo, sdk_p50 = ones["direct"], ones["echo"], ones["sdk"]
     sdk_beside_worker = med(_p(s, 50) / 1e3 for s in beside_worker)
     client = med(t[0] - t[1] for t in in_turns)
-    echo, echo_two_cpus = med(echo["one"]), med(echo["two"])
     return {
         "direct_p50_us": direct,
         "direct_after_gap_p50_us": direct_after_gap,
         "engine_p50_us": engine["engine"],
         "sdk_p50_us": sdk_p50,
-        "sdk_p99_us": med(_p(s[0], 99) / 1e3 for s in sdk),
+        "sdk_p99_us": ones["sdk_p99"],
         "sdk_beside_worker_p50_us": sdk_beside_worker,
         "echo_p50_us": echo,
-        "echo_two_cpus_p50_us": echo_two_cpus,
+        "echo_two_cpus_p50_us": med(two_cpus),
         "relay_p50_us": relay,
         "raw_client_p50_us": med(t[1] for t in in_turns),
         "sdk_rps_c64": med(r[0] for r in rps),
@@ -785,7 +843,7 @@ def run(quick: bool) -> dict:
             "front_end_rest": sdk_p50 - engine["engine"] - client - echo,
         },
         "sdk_stages_p50_us": {k: med(st[k] for st in stages) for k in stages[0]},
-        "cpu_us_per_request_c1": {k: med(r[1][k] for r in sdk) for k in sdk[0][1]},
+        "cpu_us_per_request_c1": ones["cpu_us"],
         "cpu_us_per_request_c64": {k: med(r[1][k] for r in rps) for k in rps[0][1]},
         "cpu_us_per_request_c64_batched": {k: med(r[1][k] for r in rps_batched)
                                            for k in rps_batched[0][1]},
@@ -793,7 +851,9 @@ def run(quick: bool) -> dict:
                                             for k in http_json[0][1]},
         "cpu_us_per_request_http_c32": {k: med(r[1][k] for r in http_rps)
                                         for k in http_rps[0][1]},
-        "ratios": {"sdk_vs_echo": (sdk_p50 - direct) / echo,
+        "sdk_vs_echo_rounds": ones["sdk_vs_echo_rounds"],
+        "direct_rounds_us": ones["direct_rounds_us"],
+        "ratios": {"sdk_vs_echo": ones["sdk_vs_echo"],
                    "sdk_beside_worker_vs_echo": (sdk_beside_worker - direct) / echo,
                    "sdk_vs_echo_after_gap": (sdk_p50 - direct_after_gap) / echo,
                    "relay_vs_echo": relay / echo,
