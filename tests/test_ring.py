@@ -594,6 +594,17 @@ def short_turns(cpu: int, paced: bool = False):
         os.close(w)
 
 
+def _short_turns_taken_a_share(waited: int, got_back: int, elapsed: int) -> None:
+    """Skips the test where the peer's turns were not what the rule before
+    TURN_NS took for a neighbour's (a millisecond and a quarter of the
+    time: a scheduler that does not run a woken peer at once), or were not
+    short: there is nothing to tell apart then."""
+    if not (waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= elapsed
+            and waited < TURN_NS * got_back):
+        pytest.skip(f"the peer's turns here: {waited / 1e6:.1f} ms of {elapsed / 1e6:.0f} "
+                    f"in {got_back} turns")
+
+
 def _waited() -> tuple[int, int]:
     _, runq, slices = open("/proc/thread-self/schedstat").read().split()[:3]
     return int(runq), int(slices)
@@ -619,10 +630,8 @@ def test_a_poller_beside_a_peer_it_wakes_for_short_turns_is_not_taken(one_cpu):
                 pass
         waited, got_back = (a - b for a, b in zip(_waited(), (runq, slices)))
         elapsed = time.monotonic_ns() - t0
-        # What the rule before it took for a neighbour's...
-        assert waited >= PREEMPTED_NS and waited * TAKEN_SHARE >= elapsed
-        assert not taken.look()  # ...in turns of under TURN_NS each
-        assert waited < TURN_NS * got_back
+        _short_turns_taken_a_share(waited, got_back, elapsed)
+        assert not taken.look()
 
 
 def _spin_beside_short_turns(impl, handle, cpu, queue):
@@ -649,9 +658,7 @@ def test_a_spinning_waiter_beside_a_peer_that_takes_short_turns_spins_on(Ring, o
         with short_turns(cpu, paced=True):
             child.start()
             backoffs, waited, got_back, elapsed = queue.get(timeout=60)
-            # What the rule before it took for a neighbour's, in turns
-            # of under TURN_NS each: no back-off.
-            assert waited * TAKEN_SHARE >= elapsed and waited < TURN_NS * got_back
+            _short_turns_taken_a_share(waited, got_back, elapsed)
             assert backoffs == (0, 0)
             child.join(30)
             assert child.exitcode == 0
