@@ -51,12 +51,15 @@ interrupt that preempts it, which takes ~16 µs on these virtual CPUs.
 The direct call (on the worker's CPU), the echo on one CPU and the SDK's
 calls go in rounds, a block of each in turn (15 rounds of 2,000 calls
 each; --quick 5 of 600): sdk_vs_echo is the median of the rounds' own
-ratios, listed in `sdk_vs_echo_rounds`, with the direct call's p50 of each
-round in `direct_rounds_us`. The host slows each virtual CPU on its own,
-for seconds at a time (the MLP's call 13 or 21 µs, pinned to one CPU and
-then the other): measured one after another, on the client's CPU, a slow
-spell of the worker's CPU alone put a run's sdk_vs_echo at 2.7 where the
-runs beside it gave 1.9 (RESULTS.md, session 56).
+ratios, listed in `sdk_vs_echo_rounds`, with the direct call's and the
+echo's p50 of each round in `direct_rounds_us` and `echo_rounds_us`. The
+host slows each virtual CPU on its own, for seconds at a time (the MLP's
+call 13 or 21 µs, pinned to one CPU and then the other): measured one
+after another, a slow spell during the SDK's calls alone put a run's
+sdk_vs_echo at 2.74 where the next run gave 1.97 (RESULTS.md, session 56).
+sdk_vs_echo_after_gap and sdk_beside_worker_vs_echo are measured outside
+the rounds (the gapped direct call before the server starts, the SDK
+beside the worker after the rounds), against the rounds' medians.
 
 On these virtual CPUs a path that went untouched for 50 µs or more runs about
 twice as slow as back to back, whatever the process did meanwhile (spun in
@@ -482,9 +485,9 @@ def in_rounds(rounds: int, n: int, model, x: np.ndarray, echo: socket.socket,
     the model's call on the worker's CPU counts as the worker's. Each
     one's median over the rounds of its blocks' p50, sdk_vs_echo the median
     of the rounds' own (their list in `sdk_vs_echo_rounds`, and the direct
-    call's in `direct_rounds_us`: the host's speed, round by round), the
-    SDK's p99 over all its calls, and its CPU time per request
-    (cpu_per_request) over its blocks."""
+    call's and the echo's in `direct_rounds_us` and `echo_rounds_us`: each
+    CPU's speed, round by round), the SDK's p99 over all its calls, and its
+    CPU time per request (cpu_per_request) the mean over its blocks."""
     sdk_all, cpu_us = [], []
 
     def sdk() -> float:
@@ -508,6 +511,7 @@ def in_rounds(rounds: int, n: int, model, x: np.ndarray, echo: socket.socket,
             "sdk": med(r[2] for r in rows), "sdk_p99": _p(sdk_all, 99) / 1e3,
             "sdk_vs_echo": med(ratios), "sdk_vs_echo_rounds": [round(r, 3) for r in ratios],
             "direct_rounds_us": [round(r[0], 2) for r in rows],
+            "echo_rounds_us": [round(r[1], 2) for r in rows],
             "cpu_us": {k: statistics.fmean(c[k] for c in cpu_us) for k in cpu_us[0]}}
 
 
@@ -853,6 +857,7 @@ def run(quick: bool) -> dict:
                                         for k in http_rps[0][1]},
         "sdk_vs_echo_rounds": ones["sdk_vs_echo_rounds"],
         "direct_rounds_us": ones["direct_rounds_us"],
+        "echo_rounds_us": ones["echo_rounds_us"],
         "ratios": {"sdk_vs_echo": ones["sdk_vs_echo"],
                    "sdk_beside_worker_vs_echo": (sdk_beside_worker - direct) / echo,
                    "sdk_vs_echo_after_gap": (sdk_p50 - direct_after_gap) / echo,
