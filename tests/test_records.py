@@ -106,8 +106,8 @@ def test_a_header_c_cannot_read_goes_msgpacks_way(body, cut, edit, byte):
     for data in (bytes(header), bytes(header[:cut % len(header)])):
         for fields, parse in ((6, _records.parse_request), (4, _records.parse_response)):
             read = parse(data)
-            if read is not None:
-                assert len(read) == fields and read == tuple(messages._unpackb(data))
+            if read is not None:  # (by repr: a changed byte may make a NaN)
+                assert len(read) == fields and repr(read) == repr(tuple(messages._unpackb(data)))
 
 
 def test_every_cut_of_a_header_is_msgpacks_to_refuse():
