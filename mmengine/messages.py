@@ -301,9 +301,7 @@ def ran(body: Any) -> dict | None:
 
 def parse_response(header) -> tuple[int, int, Any, list]:
     parsed = None if native is None else native.parse_response(header)
-    if parsed is not None:
-        return parsed
-    rid, code, body, tensors = _unpackb(header)
+    rid, code, body, tensors = _unpackb(header) if parsed is None else parsed
     return rid, code, body, tensors
 
 
