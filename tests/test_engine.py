@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import uvloop
 
 from conftest import (SLOW_HANDLER, busy_process, environ, live_pids, run, slow_loading,
                       until, write_handler, write_problem_models, write_sparse_model)
@@ -1653,6 +1654,29 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
             assert engine.model_row(("m01", 1))["failures"] == 0
 
     run(main(), max_stall=2.0)
+
+
+def test_a_call_from_another_loop_of_the_engines_own_thread_is_refused(repo, own_segments):
+    # _check_loop tells the engine's loop by its thread and its running:
+    # a second loop run in that thread, the engine's standing still, is
+    # another loop all the same.
+    root, models = repo
+    x = x_for(np.random.default_rng(7))
+    home = uvloop.new_event_loop()
+    engine = home.run_until_complete(Engine(config(root, workers=1)).start())
+    try:
+        other = uvloop.new_event_loop()
+        try:
+            for call in (lambda: engine.infer("m01", {"x": x}), lambda: engine.models()):
+                with pytest.raises(RuntimeError, match="event loop that started it"):
+                    other.run_until_complete(call())
+        finally:
+            other.close()
+        y = home.run_until_complete(engine.infer("m01", {"x": x}))
+        np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        home.run_until_complete(engine.stop())
+        home.close()
 
 
 def test_a_request_cut_off_by_stop_is_observed_as_its_client_hears_it(tmp_path, own_segments):
