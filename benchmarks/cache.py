@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import os
 import random
 import statistics
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from mmengine.cache import HOST, OK, PINNED, READY, PyCache  # noqa: E402
+from report import emit  # noqa: E402 - benchmarks/report.py: the script's own folder
 
 ENTRIES = 10_000
 MIX = {"request": 0.85, "pin": 0.04, "unpin": 0.04, "churn": 0.05,
@@ -274,7 +274,7 @@ def main(argv=None):
                        touch_rates[NativeCache] / touch_rates[ODCache], 2)},
     }
     if args.json:
-        print(json.dumps(report))
+        emit(report, True)
         return
     print(f"{report['calls']:,} ops ({report['requests']:,} requests) over "
           f"{ENTRIES:,} entries, median of "

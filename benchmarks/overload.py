@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmengine import Config, Engine  # noqa: E402
 from mmengine.errors import Overloaded, Timeout  # noqa: E402
+from report import emit  # noqa: E402 - benchmarks/report.py: the script's own folder
 
 SERVICE_MS = 5.0
 TIMEOUT_MS = 50.0
@@ -115,11 +115,7 @@ def main() -> None:
         version.mkdir(parents=True)
         (version / "handler.py").write_text(HANDLER)
         result = uvloop.run(measure(Path(tmp), 3.0 if args.quick else 10.0))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>20}: {value}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
