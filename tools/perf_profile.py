@@ -1,11 +1,13 @@
 """Where a process's CPU goes for one request at a time, by function.
 
-    python tools/perf_profile.py [--process front-end|worker|client] [--seconds 4]
-                                 [--focus NAME ...] [--json]
+    python tools/perf_profile.py [--process front-end|worker|client] [--http]
+                                 [--seconds 4] [--focus NAME ...] [--json]
 
 Serves the tiny MLP of benchmarks/overhead.py (one worker, as `mmengine serve`
-runs it), sends it one SDK request at a time, and records one of its processes,
-or the client (this one, the blocking SDK), with `perf record --call-graph
+runs it), sends it one SDK request at a time (with --http, one KServe v2
+request at a time over a keep-alive connection, its tensors in the binary
+extension, as overhead.py's http_binary), and records one of its processes,
+or the client (this one), with `perf record --call-graph
 dwarf` on the cpu-clock (virtual machines without hardware counters have
 it; perf must be installed). The compiled
 modules' functions carry their Cython names, so each one's share of the
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import importlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -122,7 +126,7 @@ def shares(samples: list[list[str]], focus: list[str]) -> dict:
             "callees_pct": {f: pct(c, 12) for f, c in callees.items()}}
 
 
-def record(process: str, seconds: float, frequency: int, data: Path) -> float:
+def record(process: str, seconds: float, frequency: int, data: Path, http: bool) -> float:
     """Requests a second under perf, one at a time."""
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     import overhead  # benchmarks/overhead.py: the server and its model
@@ -134,9 +138,24 @@ def record(process: str, seconds: float, frequency: int, data: Path) -> float:
     with tempfile.TemporaryDirectory(prefix="mmengine-profile-") as tmp:
         write_mlp(Path(tmp) / overhead.MODEL, "safetensors", *overhead.DIMS)
         with overhead.server(Path(tmp), "--workers", "1") as (address, proc), \
-                Client(address) as client:
+                contextlib.ExitStack() as stack:
+            if http:
+                host, port = proc.http_address.rsplit(":", 1)
+                sock = stack.enter_context(socket.create_connection((host, int(port))))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                request, buf = overhead.kserve_request(x, binary=True), bytearray()
+
+                def call():
+                    sock.sendall(request)
+                    while not overhead._cut_response(buf):
+                        buf.extend(sock.recv(65536))
+            else:
+                client = stack.enter_context(Client(address))
+
+                def call():
+                    client.infer(overhead.MODEL, {"x": x})
             for _ in range(WARM_UP):  # the model loaded, every path warm
-                client.infer(overhead.MODEL, {"x": x})
+                call()
             workers = psutil.Process(proc.pid).children()
             pid = {"front-end": proc.pid, "worker": workers[0].pid, "client": os.getpid()}[process]
             perf = subprocess.Popen(["perf", "record", "-q", "-F", str(frequency), "-e",
@@ -145,7 +164,7 @@ def record(process: str, seconds: float, frequency: int, data: Path) -> float:
             time.sleep(0.5)  # perf attached
             n, t0 = 0, time.monotonic()
             while time.monotonic() - t0 < seconds:
-                client.infer(overhead.MODEL, {"x": x})
+                call()
                 n += 1
             rate = n / (time.monotonic() - t0)
             perf.send_signal(2)
@@ -157,6 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--process", choices=("front-end", "worker", "client"),
                     default="front-end")
+    ap.add_argument("--http", action="store_true", help="KServe v2 over HTTP, not the SDK")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--frequency", type=int, default=4000, help="samples a second")
     ap.add_argument("--focus", action="append", default=[], metavar="NAME")
@@ -166,8 +186,9 @@ def main() -> None:
         sys.exit("perf_profile.py: perf is not installed (apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="mmengine-perf-") as tmp:
         data = Path(tmp) / "perf.data"
-        rate = record(args.process, args.seconds, args.frequency, data)
-        result = {"process": args.process, "requests_per_s_under_perf": round(rate),
+        rate = record(args.process, args.seconds, args.frequency, data, args.http)
+        result = {"process": args.process, "http": args.http,
+                  "requests_per_s_under_perf": round(rate),
                   **shares(stacks(data), args.focus)}
     if args.json:
         print(json.dumps(result))

@@ -845,6 +845,7 @@ class _HttpConnection(BudgetedReading):
         except httptools.HttpParserInvalidURLError:  # CONNECT's authority, say
             url, self.doomed = None, self.doomed or BadRequest(
                 f"request target {bytes(self.url)[:100]!r} is not a path")
+        encoding = self.headers.get("content-encoding")
         request = Request(
             method=self.parser.get_method().decode(),
             # An absolute form's empty path is "/" (RFC 9112 3.2.2).
@@ -860,7 +861,7 @@ class _HttpConnection(BudgetedReading):
                 "transfer-encoding" in self.headers and self.parser.get_http_version() == "1.0"),
             reserved=self._keep_received(),
             refused=self.doomed,
-            coded=tuple(codings.codings(self.headers.get("content-encoding", ""))),
+            coded=tuple(codings.codings(encoding)) if encoding else (),
             t_received=time.monotonic_ns() if self.headers.get(trace.HTTP_HEADER) == "1"
             else 0)
         if self._stop_awaiting():  # the whole body came in the read that announced it
@@ -873,25 +874,33 @@ class _HttpConnection(BudgetedReading):
         self._kick()
 
     def _refused_by_head(self) -> MMEngineError | None:
-        """Why a request is answered with an error whatever its body, if it is."""
-        applied = codings.codings(self.headers.get("content-encoding", ""))
-        if self.parser.get_http_version() not in ("1.0", "1.1"):
-            return _VersionNotSupported(
-                f"HTTP/{self.parser.get_http_version()} is not served: HTTP/1.1 or 1.0")
-        if "host" not in self.headers and self.parser.get_http_version() == "1.1":
-            return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
-        if "," in self.headers.get("host", ""):
+        """Why a request is answered with an error whatever its body, if it is.
+        (Each header looked at once, the codings only where there are any:
+        this runs for every request.)"""
+        headers = self.headers
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            return _VersionNotSupported(f"HTTP/{version} is not served: HTTP/1.1 or 1.0")
+        host = headers.get("host")
+        if host is None:
+            if version == "1.1":
+                return BadRequest("an HTTP/1.1 request must carry a Host header (RFC 9112)")
+        elif "," in host:
             return BadRequest("a request carries one Host header (RFC 9112 3.2)")
-        if set(applied) - codings.DECODED - {"identity"}:
-            return _UnsupportedEncoding(
-                f"Content-Encoding {self.headers['content-encoding']!r} is not supported; "
-                f"send the body as {codings.ACCEPTED}")
-        if codings.layers(applied) > codings.MAX_LAYERS:
-            return _UnsupportedEncoding(
-                f"a body compressed {codings.layers(applied)} times is not taken: "
-                f"{codings.MAX_LAYERS} codings at most")
-        if set(codings.codings(self.headers.get("transfer-encoding", ""))) - {"chunked"}:
-            return _NotImplemented(f"Transfer-Encoding {self.headers['transfer-encoding']!r}"
+        encoding = headers.get("content-encoding")
+        if encoding:
+            applied = codings.codings(encoding)
+            if set(applied) - codings.DECODED - {"identity"}:
+                return _UnsupportedEncoding(
+                    f"Content-Encoding {encoding!r} is not supported; "
+                    f"send the body as {codings.ACCEPTED}")
+            if codings.layers(applied) > codings.MAX_LAYERS:
+                return _UnsupportedEncoding(
+                    f"a body compressed {codings.layers(applied)} times is not taken: "
+                    f"{codings.MAX_LAYERS} codings at most")
+        transfer = headers.get("transfer-encoding")
+        if transfer and set(codings.codings(transfer)) - {"chunked"}:
+            return _NotImplemented(f"Transfer-Encoding {transfer!r}"
                                    f" is not supported: only chunked (RFC 9112 6.1)")
         return None
 
