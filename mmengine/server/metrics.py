@@ -252,32 +252,7 @@ class Metrics:
 
     def __call__(self, kind: str, f: dict) -> None:
         if kind == "request":
-            code = f["code"]
-            # A name that is not a model is the client's to choose: it must
-            # not become a series of its own.
-            model = "" if code == "MODEL_NOT_FOUND" else f["model"]
-            m = self._requests.get(model)
-            if m is None:
-                m = self._requests[model] = _ModelRequests()
-            m.codes[code] = m.codes.get(code, 0) + 1
-            self._responses[code] = self._responses.get(code, 0) + 1
-            latency = m.latency.get(code)
-            if latency is None:
-                latency = m.latency[code] = _Histogram(REQUEST_BUCKETS)
-            latency.observe((f["end_ns"] - f["start_ns"]) * 1e-9)
-            t_sent = f.get("t_sent")
-            if t_sent is not None:  # a worker was sent it
-                m.wait_s += (t_sent - f["start_ns"]) * 1e-9
-            elif model and code != "CANCELLED":  # (one cancelled may have been sent)
-                # Never sent: all its time was before a worker (a cold start
-                # that ended in its TIMEOUT, its load's failure): left out, the
-                # mean wait read lowest when cold starts went worst.
-                m.wait_s += (f["end_ns"] - f["start_ns"]) * 1e-9
-            worker_ns = f.get("worker_ns")
-            if worker_ns is not None and worker_ns[1] is not None:
-                m.ran(t_sent, worker_ns[0], worker_ns[1])
-            if model:
-                self._count_version(model, f, worker_ns)
+            self._request(f)
         elif kind == "load":
             key = (f["model"], str(f["version"]))
             if "error" in f:
@@ -314,9 +289,38 @@ class Metrics:
                     m = self._requests[f["model"]] = _ModelRequests()
                 m.ran(f["t_sent"], worker_ns[0], worker_ns[1])
             if f.get("batch"):  # its joined call's others may have been answered
-                self._version(f["model"], f["version"]).calls += 1 / f["batch"]
+                v = self._version(f["model"], f["version"])
+                v.calls += 1 / f["batch"]
         elif kind == "forget":
             self._forget(f["model"], f["version"], f["last"])
+
+    def _request(self, f: dict) -> None:
+        code = f["code"]
+        # A name that is not a model is the client's to choose: it must
+        # not become a series of its own.
+        model = "" if code == "MODEL_NOT_FOUND" else f["model"]
+        m = self._requests.get(model)
+        if m is None:
+            m = self._requests[model] = _ModelRequests()
+        m.codes[code] = m.codes.get(code, 0) + 1
+        self._responses[code] = self._responses.get(code, 0) + 1
+        latency = m.latency.get(code)
+        if latency is None:
+            latency = m.latency[code] = _Histogram(REQUEST_BUCKETS)
+        latency.observe((f["end_ns"] - f["start_ns"]) * 1e-9)
+        t_sent = f.get("t_sent")
+        if t_sent is not None:  # a worker was sent it
+            m.wait_s += (t_sent - f["start_ns"]) * 1e-9
+        elif model and code != "CANCELLED":  # (one cancelled may have been sent)
+            # Never sent: all its time was before a worker (a cold start
+            # that ended in its TIMEOUT, its load's failure): left out, the
+            # mean wait read lowest when cold starts went worst.
+            m.wait_s += (f["end_ns"] - f["start_ns"]) * 1e-9
+        worker_ns = f.get("worker_ns")
+        if worker_ns is not None and worker_ns[1] is not None:
+            m.ran(t_sent, worker_ns[0], worker_ns[1])
+        if model:
+            self._count_version(model, f, worker_ns)
 
     def _forget(self, model: str, version: int, last: bool) -> None:
         """A version gone for good takes its series with it (every version
