@@ -2,6 +2,8 @@
 # is compiled (setup.py), as workers.pxd does the workers'. The source runs
 # unchanged where it is not compiled.
 
+cimport cython
+
 from mmengine.workers cimport Worker
 
 
@@ -23,6 +25,7 @@ cdef class Engine:
     cpdef flush_observations(self)
     cpdef _observe_later(self, place, fut)
     cpdef _dequeue(self, name)
+    @cython.locals(fields=dict)
     cpdef _emit_request(self, name, version, t_submit, fut, end_ns=*)
     cpdef _looked_up(self, name, version)
     cpdef _emit(self, kind, fields)
@@ -37,3 +40,7 @@ cdef class Engine:
 cdef class _Place:
     cdef public object engine, name, version, t_submit, then, left
     cpdef leave(self, fut=*)
+
+
+cpdef dict _add_ran(dict fields, dict ran)
+cpdef dict _request_fields(name, version, t_submit, e, end_ns=*)

@@ -1,13 +1,15 @@
 """Where a process's CPU goes for one request at a time, by function.
 
     python tools/perf_profile.py [--process front-end|worker|client] [--http]
-                                 [--seconds 4] [--focus NAME ...] [--json]
+                                 [--unpinned] [--seconds 4] [--focus NAME ...] [--json]
 
 Serves the tiny MLP of benchmarks/overhead.py (one worker, as `mmengine serve`
 runs it), sends it one SDK request at a time (with --http, one KServe v2
 request at a time over a keep-alive connection, its tensors in the binary
-extension, as overhead.py's http_binary), and records one of its processes,
-or the client (this one), with `perf record --call-graph
+extension, as overhead.py's http_binary), the client and the front-end on
+the first CPU and the worker on the last as overhead.py and ab.py time them
+(--unpinned: where the scheduler puts them), and records one of its
+processes, or the client (this one), with `perf record --call-graph
 dwarf` on the cpu-clock (virtual machines without hardware counters have
 it; perf must be installed). The compiled
 modules' functions carry their Cython names, so each one's share of the
@@ -126,7 +128,8 @@ def shares(samples: list[list[str]], focus: list[str]) -> dict:
             "callees_pct": {f: pct(c, 12) for f, c in callees.items()}}
 
 
-def record(process: str, seconds: float, frequency: int, data: Path, http: bool) -> float:
+def record(process: str, seconds: float, frequency: int, data: Path, http: bool,
+           pinned: bool) -> float:
     """Requests a second under perf, one at a time."""
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     import overhead  # benchmarks/overhead.py: the server and its model
@@ -157,10 +160,17 @@ def record(process: str, seconds: float, frequency: int, data: Path, http: bool)
             for _ in range(WARM_UP):  # the model loaded, every path warm
                 call()
             workers = psutil.Process(proc.pid).children()
+            away = None  # perf's own CPU: not the recorded process's, where it can
+            if pinned:  # as overhead.py and ab.py time it
+                cpus = sorted(os.sched_getaffinity(0))
+                stack.enter_context(overhead.arranged(proc.pid, cpus[0], cpus[-1]))
+                stack.enter_context(overhead.pinned(cpus[0]))
+                away = {cpus[0] if process == "worker" else cpus[-1]}
             pid = {"front-end": proc.pid, "worker": workers[0].pid, "client": os.getpid()}[process]
             perf = subprocess.Popen(["perf", "record", "-q", "-F", str(frequency), "-e",
                                      "cpu-clock", "--call-graph", "dwarf,8192", "-o", str(data),
-                                     "-p", str(pid)], stderr=subprocess.DEVNULL)
+                                     "-p", str(pid)], stderr=subprocess.DEVNULL,
+                                    preexec_fn=away and (lambda: os.sched_setaffinity(0, away)))
             time.sleep(0.5)  # perf attached
             n, t0 = 0, time.monotonic()
             while time.monotonic() - t0 < seconds:
@@ -177,6 +187,9 @@ def main() -> None:
     ap.add_argument("--process", choices=("front-end", "worker", "client"),
                     default="front-end")
     ap.add_argument("--http", action="store_true", help="KServe v2 over HTTP, not the SDK")
+    ap.add_argument("--unpinned", action="store_true",
+                    help="leave the processes to the scheduler (default: the client and the "
+                         "front-end on the first CPU, the worker on the last)")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--frequency", type=int, default=4000, help="samples a second")
     ap.add_argument("--focus", action="append", default=[], metavar="NAME")
@@ -186,7 +199,8 @@ def main() -> None:
         sys.exit("perf_profile.py: perf is not installed (apt-get install linux-perf)")
     with tempfile.TemporaryDirectory(prefix="mmengine-perf-") as tmp:
         data = Path(tmp) / "perf.data"
-        rate = record(args.process, args.seconds, args.frequency, data, args.http)
+        rate = record(args.process, args.seconds, args.frequency, data, args.http,
+                      not args.unpinned)
         result = {"process": args.process, "http": args.http,
                   "requests_per_s_under_perf": round(rate),
                   **shares(stacks(data), args.focus)}

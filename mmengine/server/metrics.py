@@ -31,11 +31,11 @@ does; Prometheus' rate() handles the reset of a restarted server.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import gc
 import math
 import time
+from bisect import bisect_left as _bisect_left  # once per request: no attribute look-up
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, UnknownMetricFamily)
@@ -72,7 +72,7 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[_bisect_left(self.bounds, value)] += 1
         self.sum += value
 
     def copy(self) -> "_Histogram":
