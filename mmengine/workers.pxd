@@ -5,7 +5,10 @@
 # method lookups were a quarter of the front-end's time on a tiny model's
 # call.) The source runs unchanged where it is not compiled.
 
+cimport cython
+
 from mmengine.calltimes cimport CallTimes
+from mmengine.ring cimport BackOff, CpuTaken
 
 
 cdef class _Outlet:
@@ -19,7 +22,9 @@ cdef class Worker:
     cdef public object pid, alive, stopped_why, died_serving, died_loading, died_with
     cdef public object died_why, orphans, stuck, load_turns, loader_busy, ready, loop, _ids
     cdef public object _deadline_timer, _timer_at, _infer, _control, on_death, on_unserved
-    cdef public object _poll_ns, _poll_until, _polling, _poll_backoff, _cpu_taken
+    cdef public object _poll_ns, _poll_until, _polling
+    cdef public BackOff _poll_backoff
+    cdef public CpuTaken _cpu_taken
     cdef public object _worker_backoffs, _spins, _inferring, _busy_from, _backlog_ns
     cdef public object _ring_ns, _began_ns, _room_timer, _room_at, _virtual_ns
     cdef public CallTimes _times
@@ -31,6 +36,7 @@ cdef class Worker:
     cpdef call(self, op, model, version, arrays=*, params=*, on_done=*, deadline=*, then=*,
                batch=*, resendable=*)
     cpdef _inferences_done(self, n)
+    @cython.locals(backoff=BackOff)
     cpdef _poll_answers(self)
     cpdef _ring_left_ns(self, now)
     cpdef _ring_has_room(self, now)
