@@ -30,13 +30,18 @@ extension over a keep-alive connection, as overhead.py's http_binary);
 Keys: per tree (by its path), `p50_us`, `p90_us`, `p99_us` and
 `round_p50s_us` (each round's median), and `spin_backoffs` where its
 server counts them (its worker's `stats`); `ratios` = each tree's p50 (and
-rps) over the baseline's.
+rps) over the baseline's, and `p50_paired`: the median of its rounds' p50s
+over the baseline's in the same round (each pair ran a moment apart), with
+`p50_paired_ci95`, a bootstrap 95% interval of that median. On these hosts
+one run's p50 ratio moved by ±3% from run to run with no change (session
+57): a change is shown where the interval leaves out 1.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -149,12 +154,24 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         if base is None:
             base = row
         else:
-            ratios[str(tree)] = {"p50": p50 / base["p50_us"]}
+            paired = [a / b for a, b in zip(row["round_p50s_us"], base["round_p50s_us"])]
+            ratios[str(tree)] = {"p50": p50 / base["p50_us"],
+                                 "p50_paired": statistics.median(paired),
+                                 "p50_paired_ci95": median_ci95(paired)}
             if rate:
                 ratios[str(tree)]["rps_c64"] = row["rps_c64"] / base["rps_c64"]
         out[str(tree)] = row
     out["ratios"] = ratios
     return out
+
+
+def median_ci95(values: list[float], resamples: int = 2_000) -> list[float]:
+    """A bootstrap 95% interval of the median of `values` (seeded: the
+    same rounds give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples)], 4)]
 
 
 def main() -> None:
