@@ -32,9 +32,11 @@ Keys: per tree (by its path), `p50_us`, `p90_us`, `p99_us` and
 server counts them (its worker's `stats`); `ratios` = each tree's p50 (and
 rps) over the baseline's, and `p50_paired`: the median of its rounds' p50s
 over the baseline's in the same round (each pair ran a moment apart), with
-`p50_paired_ci95`, a bootstrap 95% interval of that median. On these hosts
-one run's p50 ratio moved by ±3% from run to run with no change (session
-57): a change is shown where the interval leaves out 1.
+`p50_paired_ci95`, a bootstrap 95% interval of that median (rough with
+--quick's 8 rounds). The trees take the rounds in an order that turns, so
+that none is always first. On these hosts one run's p50 ratio moved by ±3%
+from run to run with no change (session 57): a change is shown where the
+interval leaves out 1.
 Prints one JSON object (the last line) with --json.
 """
 from __future__ import annotations
@@ -121,8 +123,10 @@ def run(trees: list[Path], quick: bool, pinned: bool, rps: bool, busy: int = 0,
         for sock in socks:  # warm: the model loaded, the paths taken
             for _ in range(per_round):
                 exchange(sock, frame)
-        for _ in range(rounds):
-            for sock, got in zip(socks, samples):
+        pairs = list(zip(socks, samples))
+        for r in range(rounds):  # in an order that turns: none always first
+            turn = r % len(pairs)
+            for sock, got in pairs[turn:] + pairs[:turn]:
                 got += [exchange(sock, frame)[0] for _ in range(per_round)]
         rates: list[list[float]] = [[] for _ in trees]
         if rps:

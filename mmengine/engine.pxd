@@ -8,7 +8,7 @@ from mmengine.workers cimport Worker
 
 
 cdef class Engine:
-    cdef public object _abandoning, _busy, _closing, _loop_thread, _control_order, _copy_goes
+    cdef public object _abandoning, _busy, _closing, _control_order, _copy_goes
     cdef public object _derived_inputs, _fetchers, _fetching, _forgotten, _gens, _handed
     cdef public object _hits, _load_gate, _load_waiters, _loaded_since_scan, _locks, _loop
     cdef public object _misses, _name_changes, _observe_timer, _publishing, _refused

@@ -32,7 +32,6 @@ import numbers
 import os
 import shutil
 import signal
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -109,7 +108,6 @@ class ModelStats:
 _NEVER_LOADED = ModelStats()  # model_row's, read only
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # started, in this process
 _FORKED = object()  # Engine._loop in a child forked while it ran: none of its own
-_thread_id = threading.get_ident
 
 
 def _after_fork_in_child() -> None:
@@ -205,7 +203,6 @@ class Engine:
         self._starting: asyncio.Future | None = None  # done once start() has ended
         self._stopping: asyncio.Task | None = None  # the one shutdown, which stop() awaits
         self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
-        self._loop_thread = 0  # the thread it runs in (_check_loop)
         # Inputs a backend read from an artifact whose manifest declares none
         # (torch.export, ONNX), known once it has loaded: metadata shows them.
         self._derived_inputs: dict[Key, tuple[TensorSpec, ...]] = {}
@@ -269,7 +266,6 @@ class Engine:
             log.warning("%s", too_much)
         self._started = True  # before the first await: a second start() is refused too
         loop = self._loop = asyncio.get_running_loop()
-        self._loop_thread = _thread_id()
         _ENGINES.add(self)
         self._starting = loop.create_future()
         try:
@@ -749,15 +745,12 @@ class Engine:
         started the engine: a call from another would break them (a load
         begun there fails, and its model stays backed off; a model whose
         directory it read is left with a future of that loop, and fails on
-        this one ever after).
-
-        Told by the thread and the loop's running, not by asyncio's running
-        loop: that look-up is a getpid() system call (CPython 3.11), once
-        per request. As exact: a thread runs one loop at a time, so where
-        the engine's is running in this thread, it is the one running here."""
+        this one ever after). (asyncio's running loop, a getpid() system
+        call in CPython 3.11: the thread the engine started in and its loop's
+        running would not say which loop runs here once the loop moved to
+        another thread.)"""
         loop = self._loop
-        if loop is not None and (loop is _FORKED or _thread_id() != self._loop_thread
-                                 or not loop.is_running()):
+        if loop is not None and asyncio._get_running_loop() is not loop:
             if loop is _FORKED:
                 raise RuntimeError("this Engine is the process's that forked this one: a "
                                    "forked child cannot use it; make a new Engine here")

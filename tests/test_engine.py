@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1657,9 +1658,8 @@ def test_a_call_from_another_event_loop_is_refused_and_breaks_nothing(repo, own_
 
 
 def test_a_call_from_another_loop_of_the_engines_own_thread_is_refused(repo, own_segments):
-    # _check_loop tells the engine's loop by its thread and its running:
-    # a second loop run in that thread, the engine's standing still, is
-    # another loop all the same.
+    # A second loop run in the thread the engine started in, the engine's
+    # standing still, is another loop all the same.
     root, models = repo
     x = x_for(np.random.default_rng(7))
     home = uvloop.new_event_loop()
@@ -1676,6 +1676,37 @@ def test_a_call_from_another_loop_of_the_engines_own_thread_is_refused(repo, own
         np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
     finally:
         home.run_until_complete(engine.stop())
+        home.close()
+
+
+def test_an_engine_whose_loop_moved_to_another_thread_serves_there_alone(repo, own_segments):
+    # Started by run_until_complete in one thread, its loop then run in
+    # another (the pattern run_coroutine_threadsafe serves): calls made
+    # there are the engine's loop's; one from the first thread, running a
+    # loop of its own meanwhile, is refused (a check by the thread the
+    # engine started in and its loop's running told neither: a review's
+    # finding).
+    root, models = repo
+    x = x_for(np.random.default_rng(8))
+    home = uvloop.new_event_loop()
+    engine = home.run_until_complete(Engine(config(root, workers=1)).start())
+    runner = threading.Thread(target=home.run_forever, daemon=True)
+    runner.start()
+    try:
+        y = asyncio.run_coroutine_threadsafe(engine.infer("m01", {"x": x}), home).result(60)
+        np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
+        other = uvloop.new_event_loop()
+        try:
+            with pytest.raises(RuntimeError, match="event loop that started it"):
+                other.run_until_complete(engine.infer("m01", {"x": x}))
+        finally:
+            other.close()
+        y = asyncio.run_coroutine_threadsafe(engine.infer("m01", {"x": x}), home).result(60)
+        np.testing.assert_allclose(y["y"], models["m01"].reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        asyncio.run_coroutine_threadsafe(engine.stop(), home).result(60)
+        home.call_soon_threadsafe(home.stop)
+        runner.join(30)
         home.close()
 
 

@@ -151,7 +151,10 @@ def record(process: str, seconds: float, frequency: int, data: Path, http: bool,
                 def call():
                     sock.sendall(request)
                     while not overhead._cut_response(buf):
-                        buf.extend(sock.recv(65536))
+                        data = sock.recv(65536)
+                        if not data:
+                            raise ConnectionError("the server closed the connection")
+                        buf.extend(data)
             else:
                 client = stack.enter_context(Client(address))
 
@@ -165,12 +168,14 @@ def record(process: str, seconds: float, frequency: int, data: Path, http: bool,
                 cpus = sorted(os.sched_getaffinity(0))
                 stack.enter_context(overhead.arranged(proc.pid, cpus[0], cpus[-1]))
                 stack.enter_context(overhead.pinned(cpus[0]))
-                away = {cpus[0] if process == "worker" else cpus[-1]}
+                if shutil.which("taskset"):
+                    away = cpus[0] if process == "worker" else cpus[-1]
             pid = {"front-end": proc.pid, "worker": workers[0].pid, "client": os.getpid()}[process]
-            perf = subprocess.Popen(["perf", "record", "-q", "-F", str(frequency), "-e",
+            # (taskset, not a preexec_fn: this process has threads by now)
+            perf = subprocess.Popen([*(["taskset", "-c", str(away)] if away is not None else []),
+                                     "perf", "record", "-q", "-F", str(frequency), "-e",
                                      "cpu-clock", "--call-graph", "dwarf,8192", "-o", str(data),
-                                     "-p", str(pid)], stderr=subprocess.DEVNULL,
-                                    preexec_fn=away and (lambda: os.sched_setaffinity(0, away)))
+                                     "-p", str(pid)], stderr=subprocess.DEVNULL)
             time.sleep(0.5)  # perf attached
             n, t0 = 0, time.monotonic()
             while time.monotonic() - t0 < seconds:
