@@ -57,7 +57,7 @@ import uvloop
 
 import report  # benchmarks/report.py: the script's own folder is on sys.path
 # overhead also puts the project on sys.path.
-from overhead import (DIMS, MODEL, _answer, _cut_response, _p, _rps, kserve_request,
+from overhead import (DIMS, MODEL, _answer, _p, _rps, http_exchange, kserve_request,
                       pin_server, server)
 
 from mmengine import protocol  # noqa: E402
@@ -81,13 +81,7 @@ def _http_answer(sock: socket.socket, request: bytes) -> tuple[int, None]:
     """As overhead._answer, over HTTP/1.1 keep-alive: one whole request
     sent, its response read whole."""
     t0 = time.perf_counter_ns()
-    sock.sendall(request)
-    buf = bytearray()
-    while not _cut_response(buf):
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        buf += chunk
+    http_exchange(sock, request, bytearray())
     return time.perf_counter_ns() - t0, None
 
 

@@ -664,6 +664,17 @@ def _cut_response(buf: bytearray) -> bool:
     return True
 
 
+def http_exchange(sock: socket.socket, request: bytes, buf: bytearray) -> None:
+    """One whole HTTP request sent over keep-alive and its response read
+    whole (cut from `buf`, which keeps what comes after it)."""
+    sock.sendall(request)
+    while not _cut_response(buf):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+
+
 def http_latency_us(address: str, request: bytes, n: int) -> float:
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
@@ -671,9 +682,7 @@ def http_latency_us(address: str, request: bytes, n: int) -> float:
         buf, samples = bytearray(), []
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            sock.sendall(request)
-            while not _cut_response(buf):
-                buf += sock.recv(65536)
+            http_exchange(sock, request, buf)
             samples.append(time.perf_counter_ns() - t0)
     return _p(samples[n // 10:], 50) / 1e3
 

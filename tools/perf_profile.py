@@ -149,12 +149,7 @@ def record(process: str, seconds: float, frequency: int, data: Path, http: bool,
                 request, buf = overhead.kserve_request(x, binary=True), bytearray()
 
                 def call():
-                    sock.sendall(request)
-                    while not overhead._cut_response(buf):
-                        data = sock.recv(65536)
-                        if not data:
-                            raise ConnectionError("the server closed the connection")
-                        buf.extend(data)
+                    overhead.http_exchange(sock, request, buf)
             else:
                 client = stack.enter_context(Client(address))
 
