@@ -28,8 +28,8 @@ DEBUG = os.environ.get("MMENGINE_BUILD_DEBUG", "0") not in ("", "0")
 MODULES = os.environ.get("MMENGINE_BUILD_ONLY", "ring,cache,wire,records,reads,guard,compiled").split(",")
 # Every per-request line of the front-end, the worker and the client.
 COMPILED = [
-    "calltimes", "client", "declared", "engine", "messages", "protocol", "ring", "cache", "trace",
-    "workers",
+    "batching", "calltimes", "client", "declared", "engine", "messages", "protocol", "ring",
+    "cache", "trace", "workers",
     "worker", "backends/base", "backends/safetensors",
     "server/listener", "server/tcp", "server/http", "server/kserve", "server/sagemaker",
     "server/metrics",
