@@ -745,10 +745,10 @@ class Engine:
         started the engine: a call from another would break them (a load
         begun there fails, and its model stays backed off; a model whose
         directory it read is left with a future of that loop, and fails on
-        this one ever after). (asyncio's running loop, a getpid() system
-        call in CPython 3.11: the thread the engine started in and its loop's
-        running would not say which loop runs here once the loop moved to
-        another thread.)"""
+        this one ever after). Asked of asyncio's running loop, though that
+        costs a getpid() system call in CPython 3.11: the thread the engine
+        started in, with its loop running, cannot stand in for it, as the
+        loop may have moved to another thread since."""
         loop = self._loop
         if loop is not None and asyncio._get_running_loop() is not loop:
             if loop is _FORKED:

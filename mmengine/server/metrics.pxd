@@ -42,4 +42,5 @@ cdef class Metrics:
     @cython.locals(v=_VersionRequests)
     cpdef _count_version(self, model, dict f, worker_ns)
 
+    cpdef _ModelRequests _model(self, model)
     cpdef _VersionRequests _version(self, model, version)

@@ -284,10 +284,7 @@ class Metrics:
                 # The call took its worker's time all the same, having waited
                 # its turn there as an answered one does: a model whose calls
                 # outlive their deadlines is slow, not missing.
-                m = self._requests.get(f["model"])
-                if m is None:
-                    m = self._requests[f["model"]] = _ModelRequests()
-                m.ran(f["t_sent"], worker_ns[0], worker_ns[1])
+                self._model(f["model"]).ran(f["t_sent"], worker_ns[0], worker_ns[1])
             if f.get("batch"):  # its joined call's others may have been answered
                 v = self._version(f["model"], f["version"])
                 v.calls += 1 / f["batch"]
@@ -299,9 +296,7 @@ class Metrics:
         # A name that is not a model is the client's to choose: it must
         # not become a series of its own.
         model = "" if code == "MODEL_NOT_FOUND" else f["model"]
-        m = self._requests.get(model)
-        if m is None:
-            m = self._requests[model] = _ModelRequests()
+        m = self._model(model)
         m.codes[code] = m.codes.get(code, 0) + 1
         self._responses[code] = self._responses.get(code, 0) + 1
         latency = m.latency.get(code)
@@ -381,6 +376,12 @@ class Metrics:
             v.queue_ns += worker_ns[0] - f["start_ns"]
             v.compute_ns += worker_ns[1] - worker_ns[0]
             v.return_ns += worker_ns[2] - worker_ns[1]
+
+    def _model(self, model: str) -> _ModelRequests:
+        m = self._requests.get(model)
+        if m is None:
+            m = self._requests[model] = _ModelRequests()
+        return m
 
     def _version(self, model: str, version: int) -> _VersionRequests:
         v = self._versions.get((model, version))
