@@ -46,7 +46,7 @@ from mmengine.config import Config, ConfigError, check_paths, parse_pins
 from mmengine.declared import check_inputs
 from mmengine.diskcache import DiskCache
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound, Overloaded,
-                             PinnedFull, Timeout, TooLarge, WorkerDied)
+                             PinnedFull, ShuttingDown, Timeout, TooLarge, WorkerDied)
 from mmengine.messages import Op
 from mmengine.messages import native as _records
 from mmengine.protocol import from_torch
@@ -684,7 +684,7 @@ class Engine:
                                           resendable=not resent)
         except asyncio.CancelledError:
             if self._stopped:  # cancelled by stop() at its deadline: say so
-                raise Overloaded(f"{name}: the engine shut down before this request "
+                raise ShuttingDown(f"{name}: the engine shut down before this request "
                                  f"was served") from None
             raise
 
@@ -738,7 +738,7 @@ class Engine:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise Overloaded("the engine is shutting down; retry on another instance")
+            raise ShuttingDown("the engine is shutting down; retry on another instance")
 
     def _check_loop(self) -> None:
         """Futures, locks and the workers' readers belong to the loop that
@@ -890,7 +890,7 @@ class Engine:
             busy = self._busy.get(key)
             if busy is None or busy[1].done():  # done: its callback has not run yet
                 if self._stopped:  # nothing begins once the engine stops
-                    raise Overloaded(f"{key[0]}: the engine shut down before it was "
+                    raise ShuttingDown(f"{key[0]}: the engine shut down before it was "
                                      f"loaded")
                 if self._name_changes[key[0]] != changes:
                     # Removed (SageMaker's DELETE) or changed while this
@@ -917,7 +917,7 @@ class Engine:
                 if not task.cancelled() or asyncio.current_task().cancelling():
                     raise  # this caller's own
                 if self._stopped:  # stop() cancelled the load
-                    raise Overloaded(f"{key[0]}: the engine shut down before it was "
+                    raise ShuttingDown(f"{key[0]}: the engine shut down before it was "
                                      f"loaded") from None
                 continue  # another's task, cancelled: look again
             except TimeoutError:

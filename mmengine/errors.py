@@ -77,6 +77,11 @@ class Overloaded(MMEngineError):
     retry_after_s: int | None = 1
 
 
+class ShuttingDown(Overloaded):
+    """The server is stopping: it takes no new request, and waiting for
+    it does not help (another instance will serve)."""
+
+
 class PinnedFull(Overloaded):
     """No room for a model, and none will come until a pinned model is
     unpinned: retrying later does not help by itself."""
@@ -151,10 +156,10 @@ def cannot_carry(protocol: str, name: str, dtype, model: str) -> InternalError:
                          f"cannot carry")
 
 
-def cancelled() -> Overloaded:
+def cancelled() -> ShuttingDown:
     """The answer to a request whose future was cancelled under it: only a
     stopping engine cancels, so the client should retry elsewhere."""
-    return Overloaded("the request was cancelled: the server is shutting down")
+    return ShuttingDown("the request was cancelled: the server is shutting down")
 
 
 def error_for(code: int, message: str) -> MMEngineError:

@@ -198,6 +198,10 @@ def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address
                           {"Content-Encoding": "identity",
                            "Inference-Header-Content-Length": f"{len(body)} \t"})
     assert status == 200, raw
+    # Nor do leading zeros make a length longer than it is.
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,
+                          {"Inference-Header-Content-Length": "0" * 20 + str(len(body))})
+    assert status == 200, raw
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
@@ -703,6 +707,54 @@ def test_a_header_block_of_many_short_lines_in_one_read_is_431(address):
                   + b"\r\n")
         raw = recv_all(s)
     assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
+
+
+def test_a_trailer_line_that_never_ends_is_431_and_others_are_served(address):
+    # A chunked body's trailer line was held unbounded, and not counted:
+    # hundreds of MiB went in, and the loop stood still for seconds.
+    started = time.monotonic()
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Big: ")
+        for _ in range(100):  # 400 KiB: past the 64 KiB limit
+            try:
+                s.sendall(b"a" * 4096)
+            except OSError:  # refused and closed under us: the answer is read below
+                break
+            time.sleep(0.001)
+        raw = recv_all(s)
+        assert raw.startswith(b"HTTP/1.1 431 ") and b"trailers" in raw, raw[:200]
+    assert time.monotonic() - started < 10
+    assert call(address, "GET", "/v2/health/live")[0] == 200
+
+
+def test_trailers_do_not_change_what_the_head_said(address):
+    body = gzip.compress(json.dumps(infer_body(x_for(5))).encode())
+    head = (b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n"
+            % (len(body), body))
+    # A trailer that would have made the body brotli (or gzip five times
+    # over, past the layers allowed) is no part of the head: the body is
+    # read as the head said.
+    for trailer in (b"Content-Encoding: br\r\n", b"Content-Encoding: gzip, gzip, gzip, gzip\r\n"):
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(head + trailer + b"\r\n")
+            raw = recv_all(s)
+        assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+        np.testing.assert_allclose(_json_output(raw), reference("m00", x_for(5)).ravel(), **TOL)
+
+
+def test_white_space_after_a_header_value_is_no_part_of_it(address):
+    body = json.dumps(infer_body(x_for(6))).encode()
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Expect: 100-continue \t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                  % len(body))
+        interim = s.recv(4096)  # the body is not sent until this comes
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        s.sendall(body)
+        raw = recv_all(s)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
 
 
 @pytest.mark.parametrize("head, status, words", [

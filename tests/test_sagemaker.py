@@ -7,8 +7,12 @@ import http.client
 import io
 import json
 import os
+import re
+import signal
+import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +332,9 @@ def test_list_walks_pages_to_the_end(address, disk):
         assert list_all(address, size) == whole
     status, body = call(address, "GET", "/models?max_results=" + "9" * 5000)  # past int()'s
     assert status == 200 and body["models"] == whole[:len(body["models"])], body
+    # Leading zeros say nothing of a number's size: 1, not "no limit".
+    status, body = call(address, "GET", "/models?max_results=" + "0" * 20 + "1")
+    assert status == 200 and body["models"] == whole[:1] and "nextPageToken" in body, body
 
 
 def test_list_refuses_bad_parameters(address):
@@ -624,6 +631,15 @@ def test_invocations_names_a_model_in_utf_8(address, disk):
     np.testing.assert_allclose(answer["outputs"]["y"], reference(1, x), **TOL)
 
 
+def test_a_target_model_header_names_its_model_without_trailing_white_space(address, disk):
+    assert add(address, "spaced", disk["m2"])[0] == 200
+    x = x_for(7)
+    status, answer = call(address, "POST", "/invocations", x.tolist(),
+                          headers={TARGET: "spaced \t"})
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"]["y"], reference(2, x), **TOL)
+
+
 def test_invoke_unknown_model_is_404(address):
     x = x_for(2).tolist()
     assert call(address, "POST", "/models/never-added/invoke", x)[0] == 404
@@ -709,3 +725,52 @@ def test_csv_long_lines_refused_as_short_ones_are(monkeypatch, body, why):
     monkeypatch.setattr(sagemaker, "CSV_CHUNK", 16)
     with pytest.raises(BadRequest, match=why):
         sagemaker._from_csv(body)
+
+
+SLOW_HANDLER = """
+import time
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    time.sleep(float(inputs["x"].reshape(-1)[0]))
+    return {"y": inputs["x"]}
+"""
+
+
+def test_a_load_asked_of_a_stopping_server_is_503_not_507(tmp_path, disk):
+    # 507 tells SageMaker to unload models and try again here; a server
+    # that is shutting down has room, and says 503, as its /ping does.
+    root = tmp_path / "root"
+    (root / "slow").mkdir(parents=True)
+    (root / "slow" / "handler.py").write_text(SLOW_HANDLER)
+    proc = Server("--repo", str(disk["repo"]), "--tcp-port", "0", "--http-port", "0",
+                  "--workers", "1", env=environ(MMENGINE_MODEL_ROOTS=str(root),
+                                                MMENGINE_SHUTDOWN_TIMEOUT_S="30"))
+    try:
+        web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60)
+        address = (web[1], int(web[2]))
+        assert add(address, "slow", root / "slow")[0] == 200
+        invoke = b'{"inputs": {"x": [2.0]}}'
+        load = json.dumps({"model_name": "late", "url": str(root / "slow")}).encode()
+        with socket.create_connection(address, timeout=30) as s:
+            # Pipelined: the load is taken once the slow call is answered,
+            # after the stop began (its connection, busy, stays open).
+            s.sendall(b"POST /models/slow/invoke HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                      b"POST /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(invoke), invoke, len(load), load))
+            time.sleep(1.0)
+            proc.proc.send_signal(signal.SIGTERM)
+            s.settimeout(30)
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+        assert statuses == [b"200", b"503"], raw
+        assert b'"code":"OVERLOADED"' in raw.replace(b" ", b""), raw
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.kill()

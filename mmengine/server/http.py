@@ -516,7 +516,8 @@ class _HttpConnection(BudgetedReading):
         self.began = 0.0  # loop time the request being received began; 0: none
         self.url = b""
         self.in_head = False     # between on_message_begin and on_headers_complete
-        self.head_raw = 0        # bytes fed while in a header block, from its second read on
+        self.head_raw = 0        # bytes fed while in a header block, from its second read
+        # on; after it, in the reads in a row that gave nothing (trailers)
         self.headers: dict[str, str] = {}
         self.header_bytes = 0
         self.body: list[bytes] = []
@@ -583,6 +584,9 @@ class _HttpConnection(BudgetedReading):
             return
         self._touch()
         continued = self.in_head
+        # What this read finds, known without a callback of its own (the
+        # body's list is a new one for each request).
+        heard = (self.body, self.body_bytes, self.header_bytes)
         try:
             while True:
                 try:
@@ -598,11 +602,24 @@ class _HttpConnection(BudgetedReading):
         # httptools holds a header line until it ends, before on_header can
         # count it: bound what it holds by counting the reads of an
         # unfinished header block (its first read is at most one read more).
-        if self.in_head and continued:
+        if self.in_head:
+            if continued:
+                self.head_raw += len(data)
+                if self.head_raw > self.server.max_header:
+                    self._fail(_HeaderTooLarge(
+                        f"request headers exceed {self.server.max_header} bytes"))
+        elif self.began and heard[0] is self.body and heard[1] == self.body_bytes \
+                and heard[2] == self.header_bytes:
+            # After the head, a read that gave nothing: a chunked body's
+            # trailer line (or a chunk's size line) that has not ended,
+            # which httptools holds, as it does a header line. Bounded as
+            # the head is; a read that gives anything starts the count again.
             self.head_raw += len(data)
             if self.head_raw > self.server.max_header:
                 self._fail(_HeaderTooLarge(
-                    f"request headers exceed {self.server.max_header} bytes"))
+                    f"request trailers exceed {self.server.max_header} bytes"))
+        else:
+            self.head_raw = 0
 
     def _without_upgrade(self, rest: bytes) -> bytes | None:
         """The request whose head asked for another protocol (curl
@@ -716,7 +733,14 @@ class _HttpConnection(BudgetedReading):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header(len(name) + len(value) + 3)  # its line: with ":" and CRLF
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if not self.in_head:
+            # A chunked body's trailer: counted with the head, not merged
+            # into it (RFC 9110 6.5.1), where checks made at the head's end
+            # (Content-Encoding's codings) would miss it.
+            return
+        # llhttp strips the white space before a value, not after it,
+        # which is no part of it either (RFC 9110 5.5): "m0 " names m0.
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1").rstrip(OWS)
         if key in _LIST_FIELDS and key in self.headers:  # repeated: one list (RFC 9110 5.3)
             text = f"{self.headers[key]}, {text}"
         self.headers[key] = text

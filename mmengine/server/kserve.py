@@ -341,7 +341,7 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
     if length is None:
         return body, None
     length = length.strip(" \t")  # a field's value has none around it (RFC 9110 5.5)
-    if not (length.isascii() and length.isdigit() and len(length) <= 19) \
+    if not (length.isascii() and length.isdigit() and len(length.lstrip("0")) <= 19) \
             or int(length) > len(body):
         raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
                          f"within the body of {len(body)} bytes")

@@ -45,8 +45,8 @@ import numpy as np
 
 from mmengine.engine import Engine
 from mmengine.engine import log as engine_log
-from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded, TooLarge,
-                             cannot_carry)
+from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded,
+                             ShuttingDown, TooLarge, cannot_carry)
 from mmengine.server.http import (Later, Request, Response, array_from_json, cast_json_array,
                                   dumps, error_response, finite, formatted, json_response,
                                   parsed, StatusError, submitted, utf8_header, vetted)
@@ -179,6 +179,8 @@ async def load_model(server, request: Request) -> Response:
             raise
         registry.models[name] = _Added(
             url, path, tuple((t["name"], t["dtype"]) for t in metadata["inputs"]))
+    except ShuttingDown:  # no room is not the trouble: 503, as /ping says
+        raise
     except (Overloaded, TooLarge) as e:
         return _insufficient_storage(e)
     finally:
@@ -193,7 +195,8 @@ async def list_models(server, request: Request) -> Response:
     elif not (limit.isascii() and limit.isdigit()) or not limit.strip("0"):
         raise BadRequest(f"max_results must be a positive integer, not {limit!r}")
     else:  # a limit past int64's is no limit (slices take ssize_t)
-        limit = int(limit) if len(limit) <= 18 else sys.maxsize
+        digits = limit.lstrip("0")  # "0001" is 1: its length says nothing
+        limit = int(digits) if len(digits) <= 18 else sys.maxsize
     token = _query_one(request, "next_page_token")
     # The token is the last name of the previous page: a page never repeats
     # or skips a model that stayed added while the caller walked the pages.
