@@ -221,6 +221,15 @@ def _answer(message: dict) -> dict:
     return message
 
 
+def _readable(fd: int) -> bool:
+    """Whether socket `fd` has bytes, or its end, to read now."""
+    if _wire is not None:
+        return _wire.readable(fd)
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))
+
+
 def _unreadable(e: Exception) -> ConnectionError:
     """A server's answer that is not the protocol's: neither the request's
     fault (BadRequest) nor one to retry on this connection."""
@@ -605,7 +614,12 @@ class _Connection:
         for response in answers:
             rid = response.get("id")
             if rid is None:  # an error about the stream
-                protocol.raise_for(response)
+                try:
+                    protocol.raise_for(response)
+                except (BadRequest, TooLarge) as e:  # over one frame: whose, if several?
+                    if len(wanted) - len(got) > 1:
+                        raise _lost_with(e)  # noqa: B904 - its cause is set
+                    raise
             if rid not in wanted:  # nothing else is in flight on this connection
                 raise _unreadable(f"an answer to id {rid!r}, which was not asked")
             got[rid] = response
@@ -733,7 +747,9 @@ class Client:
             raise Timeout("no answer from the server in time") from None
         except BaseException as e:
             conn.sock.close()
-            if isinstance(e, TooLarge):  # the stream's (nil id): its maximum, asked again
+            # The stream's (nil id), alone or as several requests' cause
+            # (_lost_with): its maximum, asked again.
+            if isinstance(e, TooLarge) or isinstance(e.__cause__, TooLarge):
                 self._max_frame = None
             raise
         self._give_back(conn)
@@ -844,6 +860,7 @@ os.register_at_fork(after_in_child=_after_fork)
 class _AsyncConnection(asyncio.Protocol):
     def __init__(self):
         self.transport = None
+        self.fd = -1
         self.frames = _Frames()
         self.pending: dict[int, asyncio.Future] = {}
         self.lost: Exception | None = None
@@ -861,6 +878,20 @@ class _AsyncConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
+
+    def closed_idle(self) -> bool:
+        """Whether the server closed it while nothing was in flight on it,
+        which the loop may not have read yet (a caller held the loop):
+        readable with nothing in flight is its end, as Client.alive() reads
+        it. Found so, it is lost (no request's error): a call opens another."""
+        if self.pending or self.lost is not None:
+            return False
+        if not self.transport.is_closing() and not _readable(self.fd):
+            return False
+        self._fail(ConnectionError("the server closed the connection while it was idle"))
+        self.transport.abort()
+        return True
 
     def send(self, parts: list, n: int) -> None:
         """Writes a request framed in `parts` (`n` bytes). One sent while
@@ -1142,7 +1173,8 @@ class AsyncClient:
         self._check_loop()
         slot = next(self._next) % self.size
         conn = self._conns[slot]
-        if conn is None or conn.lost is not None:  # not yet open, or the server dropped it
+        # Not yet open, or the server dropped it (the loop has read so, or not yet).
+        if conn is None or conn.lost is not None or conn.closed_idle():
             try:  # within this call's wait: the opening, shared, goes on for the others
                 conn = await asyncio.wait_for(self._slot(slot, self._conns), wait)
             except TimeoutError:

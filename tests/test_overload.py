@@ -596,6 +596,48 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
     run(main(), timeout=60)
 
 
+def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_path):
+    # A client half-closes with a large frame begun and an answer that it
+    # does not read: the server closes its side once the answer is written,
+    # and the frame, which can never be taken now, held its budget until
+    # the unread answer went (an idle timeout later: 300 s by default).
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server.listener import RESERVE_ABOVE, receive_budget
+    from mmengine.server.tcp import TcpServer
+
+    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            begun = 2 * RESERVE_ABOVE  # a large frame's length, and a few of its bytes
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            small_receive_buffer(writer.get_extra_info("socket"))
+            writer.write(big_request("tcp", 8 * MiB) + protocol.LENGTH.pack(begun) + b"\x85")
+            await writer.drain()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while budget.held < begun:  # the frame's budget is taken
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            writer.write_eof()  # answered, it is closed
+            while budget.held:
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            # The answer is still there to read: the connection was not lost.
+            assert len(await reader.readexactly(MiB)) == MiB
+            writer.close()
+            await server.stop()
+
+    run(main(), timeout=60)
+
+
 def test_a_refused_large_body_gives_its_budget_back_at_once(budget_server):
     # A body within the limits, fully received, then refused (a URL that
     # cannot be parsed): its answer is sent while the connection lingers,

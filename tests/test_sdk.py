@@ -410,6 +410,24 @@ def test_a_pooled_connection_closed_a_moment_after_its_last_call_is_replaced(add
         assert proxy.accepted == 4
 
 
+def test_an_async_connection_closed_while_its_loop_was_held_is_replaced(address):
+    # The loop, held by its caller, had not read the server's close: the
+    # next call went on the closed connection and failed.
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address) as c:
+                for _ in range(3):
+                    assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                    proxy.close_clients()
+                    conn = c._conns[0]
+                    sock = conn.transport.get_extra_info("socket")
+                    assert select.select([sock], [], [], 2)[0]  # its FIN is in, unread
+                    assert conn.lost is None
+                    assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                assert proxy.accepted == 4
+    run(main())
+
+
 def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
     # The blocking client reads a small answer whole from its first read
     # (_Connection.exchange_one); one that read did not bring whole is read

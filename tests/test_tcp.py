@@ -782,6 +782,28 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
 
 
+def nested(depth: int, inner: object) -> object:
+    for _ in range(depth):
+        inner = [inner]
+    return inner
+
+
+@pytest.mark.parametrize("field", ["op", "dtype"])
+def test_a_value_nested_as_deep_as_the_protocol_allows_is_a_bad_request(address, field):
+    # repr() of a value nested ~1,000 deep is past Python's recursion: the
+    # error was INTERNAL, with a nil id, and the connection closed.
+    value = nested(1000, 1)
+    message = {"id": 7, "op": value} if field == "op" else {
+        "id": 7, "op": "infer", "model": "m00",
+        "inputs": {"x": {"dtype": value, "shape": [1], "data": b"\0" * 4}}}
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(protocol.frame(message) + protocol.frame({"id": 8, "op": "health"}))
+        response = read_frame(s)
+        assert response["id"] == 7, response
+        assert response["error"]["code"] == ErrorCode.BAD_REQUEST, response
+        assert read_frame(s)["id"] == 8  # the connection goes on
+
+
 @pytest.mark.parametrize("pad, entries", [([0] * 65_528, 65_536), ([0] * 65_529, 65_537),
                                           ([{"a": 0}] * 16_382, 65_536),
                                           ([{"a": 0}] * 16_383, 65_540)],
@@ -1679,6 +1701,20 @@ def test_a_frame_the_server_refuses_fails_the_other_calls_as_lost_not_as_its_own
             assert (await c.health())["status"] == "serving"  # on a new connection
 
     run(main(), timeout=60)
+
+
+def test_a_frame_the_server_refuses_in_a_blocking_batch_fails_it_as_lost(address):
+    # The blocking client's twin of the above: its batch got the refused
+    # frame's BadRequest.
+    with Client(address, timeout=20) as c:
+        with pytest.raises(ConnectionError) as e:
+            c.call_many([{"op": "infer", "model": "slow",
+                          "inputs": protocol.encode_tensors(slow_input(0.5))},
+                         {"op": "health", "pad": [0] * 70_000}])
+        assert isinstance(e.value.__cause__, BadRequest), e.value
+        with pytest.raises(BadRequest, match="more than 65536 entries"):  # alone: its own error
+            c.call({"op": "health", "pad": [0] * 70_000})
+        assert c.health()["status"] == "serving"
 
 
 @pytest.mark.parametrize("model, version", [("\ud800", None), ("m00", 2 ** 70)],

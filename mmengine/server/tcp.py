@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import reprlib
 import time
 from typing import Any
 
@@ -364,7 +365,8 @@ class _Connection(BudgetedReading):
         handler = _HANDLERS.get(op) if type(op) is str else None
         if handler is None:
             self._send(protocol.error_response(
-                rid, BadRequest(f"unknown op {op!r}; one of {', '.join(protocol.OPS)}")))
+                rid, BadRequest(f"unknown op {reprlib.repr(op)}; "  # (protocol.decode_tensors)
+                                f"one of {', '.join(protocol.OPS)}")))
             return
         if op in _CONTROL:  # refused before a task exists: unauthorized floods stay cheap
             try:
@@ -497,6 +499,13 @@ class _Connection(BudgetedReading):
             return
         self.flush()
         self.closing = True
+        # A frame being received is taken no more: the budget it holds, or
+        # waits for, is others' now, not once the answers written are read.
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
+        self.big = None
         self.transport.close()
         if self.idle is None:
             self._arm(self.last_active + self.server.idle_timeout_s)
