@@ -531,7 +531,7 @@ class DiskCache:
             # Other servers' loads let go of their copies without a word to
             # this one: look again shortly, as for this one's own.
             self._let_go.wait(min(left, OTHERS_POLL_S) if elsewhere else left)
-        room = self._room()
+        room = max(self._room(), 0)
         raise LoadFailed(
             f"{where}: the disk cache has no room for {need} bytes "
             f"({room} free under disk_cache_bytes={self.config.disk_cache_bytes} "
@@ -539,6 +539,7 @@ class DiskCache:
             f"set cache_dir to a larger disk)")
 
     def _room(self) -> int:
+        """The bytes that fit under both limits now; below 0 past them."""
         usage = psutil.disk_usage(str(self.root))
         # What was evicted is free as far as room goes: its files are
         # deleted once the lock is let go. And no more than is free: blocks
@@ -552,7 +553,10 @@ class DiskCache:
                    usage.free + self._trash_bytes + written) - self._reserved
         if self.config.disk_cache_bytes:
             room = min(room, self.config.disk_cache_bytes - self._bytes() - self._reserved)
-        return max(room, 0)
+        # Below 0 where the disk is past its watermark already (another
+        # tenant's files, a budget lowered under what is cached): evicting
+        # all then may still not make the room, and _make_room must know.
+        return room
 
     def _prune(self) -> None:
         """Holds the lock. Forgets the copies another server sharing

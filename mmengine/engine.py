@@ -973,9 +973,10 @@ class Engine:
         # A request pinned this generation of the entry; if the worker died
         # and the model was loaded again since, the pin died with the old one.
         if self._has_entry(key, gen):
-            if self.cache.release(key) == 0 and ran:
+            if self.cache.release(key) == 0 and ran or ran and key in self._pinned:
                 # Its last use ends now: idle_unload_s counts from here (a
-                # request longer than it was unloaded at once after).
+                # request longer than it was unloaded at once after; and,
+                # once unpinned, one that ran while its model was pinned).
                 self.cache.touch(key, time.monotonic())
             self._room_changed()
             if self._stale:  # its last request may have ended
@@ -2168,8 +2169,13 @@ class Engine:
                 if warming:  # the server waits for it again, as before
                     self._warming.add(key)
                     self._warmed.clear()
-                if key in self.cache and self._gen.get(key) == pinned:
+                # Its entry carries the pin again; or one that loaded while
+                # the pin was dropped does now, as a load's would (_load).
+                if key in self.cache and (self._gen.get(key) == pinned
+                                          or self.cache.entry(key).state == books.READY):
                     self.cache.pin(key)
+                    self._pinned[key] = self._gen[key]
+                    self._warm_now(key)
                 if key in self._stale:  # marked meanwhile: the pin is not its to hold
                     self._mark_stale(key, self._stale[key])
             raise

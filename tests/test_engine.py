@@ -209,6 +209,24 @@ def test_a_model_is_idle_from_the_end_of_its_last_request(repo, own_segments):
     assert row["evictions_by_reason"] == {"idle": 1}
 
 
+def test_a_model_unpinned_after_its_request_is_idle_from_that_requests_end(repo,
+                                                                             own_segments):
+    # Pinned, its request's end touched nothing (a pin was left): unpinned
+    # at once after a request longer than idle_unload_s, it was unloaded
+    # at once (a review's finding).
+    root, _ = repo
+
+    async def main():
+        async with Engine(config(root, workers=1, idle_unload_s=1.0)) as engine:
+            await engine.pin("slow")
+            await engine.infer("slow", {"seconds": np.array([1.5])})
+            await engine.unpin("slow")
+            await asyncio.sleep(0.5)
+            return engine.model_row(("slow", 1))["state"]
+
+    assert run(main()) == "resident"
+
+
 def test_host_memory_watermark_evicts(repo, own_segments):
     root, _ = repo
 

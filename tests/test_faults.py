@@ -2259,6 +2259,41 @@ def test_an_unload_of_a_warming_pin_that_times_out_leaves_the_server_warming(
     run(main())
 
 
+SLOW_TO_LOAD_AND_TO_ANSWER = '''
+import time
+
+def load(path, device):
+    time.sleep(1.0)
+
+def predict(inputs):
+    time.sleep(1.5)
+    return {"y": inputs["x"]}
+'''
+
+
+def test_an_unload_that_times_out_after_the_load_ended_pins_what_loaded(tmp_path,
+                                                                      own_segments):
+    # The load ended while the unload waited for a request on it: the pin
+    # came back to the entry before it (none), not to the one loaded, which
+    # could be evicted, and the server said "warming" for good (a review's
+    # finding).
+    write_handler(tmp_path, "slow-both", SLOW_TO_LOAD_AND_TO_ANSWER)
+    key = ("slow-both", 1)
+
+    async def main():
+        async with Engine(config(tmp_path, pin_models="slow-both")) as engine:
+            await until(lambda: engine.model_row(key)["state"] == "loading", 10, "its load")
+            busy = asyncio.ensure_future(engine.infer("slow-both", {"x": X}))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Timeout):  # the load ends at ~1 s, the request at ~2.5
+                await engine.unload("slow-both", timeout=1.6)
+            await busy
+            row = engine.model_row(key)
+            return row["state"], row["pinned"], row["pins"], engine.health()["status"]
+
+    assert run(main()) == ("resident", True, 1, "serving")
+
+
 ENDS_ITS_LOAD = '''
 import os
 

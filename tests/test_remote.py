@@ -622,6 +622,32 @@ def test_under_the_watermark_an_eviction_counts_as_room_at_once(tmp_path, server
     assert not disk.has("a", 1) and disk.has("b", 1)
 
 
+def test_past_the_watermark_already_a_fetch_that_cannot_fit_evicts_nothing(tmp_path, server,
+                                                                           monkeypatch):
+    # Another tenant's files took the disk past the watermark: evicting every
+    # copy could not make the room, yet every copy was evicted, then the
+    # fetch refused (the room read as 0, not as below it: a review's finding).
+    from mmengine import diskcache
+    from mmengine.storage import tree_bytes
+
+    config, specs = _three_models(tmp_path, server)
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_watermark=0.5)
+    total, others = 10 ** 9, [0]
+
+    def usage(path):  # what DiskCache reads of psutil's answer
+        used = tree_bytes(tmp_path / "cache") + others[0]
+        return types.SimpleNamespace(total=total, used=used, free=total - used)
+    monkeypatch.setattr(diskcache.psutil, "disk_usage", usage)
+    disk = DiskCache(config)
+    for n in "ab":
+        disk.release(disk.ensure(specs[n]))
+    others[0] = total // 2 + 10 ** 8  # 100 MB past the watermark
+    with pytest.raises(LoadFailed, match="no room"):
+        disk.ensure(specs["c"])
+    assert disk.stats()["models"] == 2 and disk.stats()["evictions"] == 0
+    assert disk.has("a", 1) and disk.has("b", 1)  # they serve loads that need no room
+
+
 def test_copies_fingerprinted_with_their_sources_sizes_still_serve(tmp_path, server):
     # Before sizes were asked only at fetch time, a stub without `bytes`
     # resolved to its files' sizes, and its copy was fingerprinted so.
