@@ -56,16 +56,26 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        report, failed = uvloop.run(_bench(args))
+        report, failed, stopped = uvloop.run(_bench(args))
+    except KeyboardInterrupt:  # before the traffic began, or a second Ctrl-C
+        print("\nmmengine bench: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError, MMEngineError) as e:
         print(f"mmengine bench: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(report)
-    return 1 if failed else 0  # a script that runs it learns that requests failed
+    if stopped == INTERRUPTED:
+        return 130  # as a shell's Ctrl-C, after the report of what was done
+    return 1 if failed or stopped else 0  # a script that runs it learns that requests failed
 
 
-async def _bench(args: argparse.Namespace) -> tuple[str, int]:
-    """The report's table, and how many requests failed."""
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
+async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
+    """The report's table, how many requests failed, and why the traffic
+    stopped short of its count, if it did: Ctrl-C (the loop cancels this
+    task; what finished is reported all the same) or a server gone away."""
     connections = min(args.concurrency, MAX_CONNECTIONS)
     async with AsyncClient(args.url, timeout=args.timeout, connections=connections,
                            token=getattr(args, "token", None)) as client:
@@ -96,16 +106,20 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int]:
         latencies: list[float] = []
         errors: collections.Counter[str] = collections.Counter()
         deadline = time.monotonic() + args.duration
+        stopped: list[str] = []
 
         async def sender() -> None:
             for name in schedule:  # one shared iterator: each request is sent once
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or stopped:
                     return
                 t0 = time.perf_counter()
                 try:
                     await client.infer(name, inputs[name], timeout=args.timeout)
-                except (MMEngineError, ConnectionError) as e:
+                except (MMEngineError, OSError) as e:  # ConnectionError is an OSError
                     errors[type(e).__name__] += 1
+                    if isinstance(e, ConnectionRefusedError) and not stopped:
+                        # Nothing listens there now: the rest would fail as fast.
+                        stopped.append(f"the server went away ({e})")
                 else:
                     latencies.append(time.perf_counter() - t0)
 
@@ -113,13 +127,19 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int]:
         progress = asyncio.ensure_future(_progress(latencies, errors, args.requests, t0))
         try:
             await asyncio.gather(*(sender() for _ in range(args.concurrency)))
+        except asyncio.CancelledError:  # Ctrl-C (asyncio.Runner cancels this task)
+            stopped.insert(0, INTERRUPTED)
         finally:
             progress.cancel()
         elapsed = time.perf_counter() - t0
         _draw(len(latencies), sum(errors.values()), args.requests, elapsed, final=True)
-        after = (await client.stats(limit=0))["totals"]
-    return (_table(names, args, latencies, errors, elapsed, before, after),
-            sum(errors.values()))
+        try:
+            after = (await client.stats(limit=0))["totals"]
+        except (MMEngineError, OSError):  # gone: the rest of the report stands
+            after = None
+    why = stopped[0] if stopped else None
+    return (_table(names, args, latencies, errors, elapsed, before, after, why),
+            sum(errors.values()), why)
 
 
 def _array(dtype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -147,22 +167,29 @@ def _draw(done: int, failed: int, total: int, elapsed: float, final: bool = Fals
 
 
 def _table(names: list[str], args: argparse.Namespace, latencies: list[float],
-           errors: collections.Counter, elapsed: float, before: dict, after: dict) -> str:
-    hits = after["hits"] - before["hits"]  # served without waiting for a load
-    misses = after["misses"] - before["misses"]
-    loads = after["loads"] - before["loads"]
-    evictions = after["evictions"] - before["evictions"]
-    hit_rate = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+           errors: collections.Counter, elapsed: float, before: dict, after: dict | None,
+           stopped: str | None = None) -> str:
+    """`after`: the server's totals at the end; None if it did not answer."""
+    if after is None:
+        hit_rate = loads = evictions = "- (the server did not answer for its totals)"
+    else:
+        hits = after["hits"] - before["hits"]  # served without waiting for a load
+        misses = after["misses"] - before["misses"]
+        loads = str(after["loads"] - before["loads"])
+        evictions = str(after["evictions"] - before["evictions"])
+        hit_rate = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
     rows = [("models", f"{len(names)} (zipf s={args.zipf:g})"),
             ("requests", f"{len(latencies)} ok, {sum(errors.values())} failed "
                          f"of {args.requests}, concurrency {args.concurrency}"),
             ("duration", f"{elapsed:.2f} s")]
+    if stopped:
+        rows.append(("stopped", stopped))
     if latencies:
         ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 99, 100])
         rows += [("latency p50", f"{ms[0]:.2f} ms"), ("latency p90", f"{ms[1]:.2f} ms"),
                  ("latency p99", f"{ms[2]:.2f} ms"), ("latency max", f"{ms[3]:.2f} ms")]
     rows += [("throughput", f"{len(latencies) / elapsed:,.1f} req/s"),
-             ("hit rate", hit_rate), ("loads", str(loads)), ("evictions", str(evictions))]
+             ("hit rate", hit_rate), ("loads", loads), ("evictions", evictions)]
     # Always there, 0 included: a reader (or a script) looks for the row by name.
     rows += [("errors", str(sum(errors.values())))]
     rows += [(f"errors {name}", str(n)) for name, n in sorted(errors.items())]

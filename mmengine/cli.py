@@ -50,8 +50,7 @@ log = logging.getLogger("mmengine")
 
 
 def demo_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mmengine" / f"demo-v{DEMO_VERSION}"
+    return Path(cfg.cache_home()) / "mmengine" / f"demo-v{DEMO_VERSION}"
 
 
 def ensure_demo_repository(root: Path) -> Path:
@@ -162,9 +161,7 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
         # over all of them loads and evicts (unless the file, a variable or a
         # flag says otherwise).
         defaults["device_budget"] = "4MiB"
-    config = cfg.load(args.config, overrides=overrides, defaults=defaults)
-    cfg.check_paths(config)
-    return config
+    return cfg.load(args.config, overrides=overrides, defaults=defaults, serving=True)
 
 
 def _size(nbytes: int) -> str:
@@ -573,11 +570,17 @@ def _main(argv: list[str] | None, unblocked: set[signal.Signals]) -> int:
         # Piped into head: stop quietly when the reader does, as ls does.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         from mmengine.errors import MMEngineError
+        if not args.timeout > 0:  # a usage error (2), as bench's, not a server down (1)
+            print("mmengine stats: --timeout must be > 0", file=sys.stderr)
+            return 2
         try:
             _print_stats(args)
         except (OSError, ValueError, MMEngineError) as e:  # down, or a bad --url: as bench
             print(f"mmengine stats: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C while it waits: as a shell's, no traceback
+            print("\nmmengine stats: interrupted", file=sys.stderr)
+            return 130
         return 0
     if args.command == "token":
         _print_token()

@@ -36,11 +36,16 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
-def _default_cache_dir() -> str:
+def cache_home() -> str:
+    """XDG's cache directory: $XDG_CACHE_HOME, or ~/.cache."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec ignores a relative value
         base = os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mmengine", "models")
+    return base
+
+
+def _default_cache_dir() -> str:
+    return os.path.join(cache_home(), "mmengine", "models")
 
 
 def pure_python() -> bool:
@@ -455,10 +460,11 @@ def parse_pins(text: str) -> tuple[tuple[str, int | None], ...]:
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
          overrides: Mapping[str, Any] | None = None,
-         defaults: Mapping[str, Any] | None = None) -> Config:
+         defaults: Mapping[str, Any] | None = None, serving: bool = False) -> Config:
     """A validated Config: Config's defaults < `defaults` < TOML file <
     MMENGINE_* variables < overrides (None values in overrides are ignored;
-    an empty variable is unset). A bad value's error says where it came from."""
+    an empty variable is unset). A bad value's error says where it came
+    from. `serving`: its paths are checked too (check_paths), as a server's."""
     unknown = set(defaults or {}) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown configuration key")
@@ -512,7 +518,10 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             values[key] = value
             origin.pop(key, None)  # a flag, or the embedding program's own value
     try:
-        return Config(**values)  # taken and checked as it is made
+        config = Config(**values)  # taken and checked as it is made
+        if serving:
+            check_paths(config)
+        return config
     except ConfigError as e:
         # Every message begins with its key; a check across keys names the
         # others after it, and each may have come from somewhere else.

@@ -480,6 +480,12 @@ class Engine:
             return self._submit(name, inputs, version, timeout, token, then, t_submit)
         except MMEngineError as e:  # refused at once: observed as any answer is
             if self.observers:
+                # A version that is no integer (a list, refused for it) is
+                # none the books can key: the model's default stands in.
+                if isinstance(version, np.integer):
+                    version = int(version)
+                if type(version) is not int:
+                    version = None
                 # Named only if it is a model: a stranger's names make no series.
                 known = type(name) is str and self._looked_up(name, version)
                 self._emit("request", _request_fields(name if known else "", version,

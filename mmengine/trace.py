@@ -33,6 +33,9 @@ from typing import Any, Mapping
 
 #: The stages of `timing()`, in the order they happen; they sum to total_ns.
 STAGES = ("load_wait_ns", "queue_ns", "compute_ns", "ring_ns", "encode_ns")
+#: The joined calls of a worker remembered as drawn: far more than come
+#: between the first and the last of one call's requests told.
+JOINED_CALLS_KEPT = 256
 #: An HTTP request with this header set to 1 gets a Server-Timing header back
 #: (lower case, as the HTTP core keeps header names).
 HTTP_HEADER = "x-mmengine-timing"
@@ -134,7 +137,7 @@ class Trace:
         # group -> a heap of (busy until, tid) over the group's tracks
         self._lanes: dict[str, list[tuple[int, int]]] = {}
         self._next_tid = 1000                               # tids past the workers'
-        self._calls: dict[int, tuple[int, int]] = {}        # worker -> its last joined call
+        self._calls: dict[int, dict[tuple[int, int], None]] = {}  # worker -> joined calls drawn
         self._first = True
         self.closed = False
         os.write(self._fd, b"[\n")
@@ -181,19 +184,25 @@ class Trace:
 
     def _compute_span(self, f: dict, name: str) -> None:
         """The model call on its worker's track, where the worker says when.
-        A call that joined requests (`batch`) is one span, drawn with the
-        first of them to be answered: the worker's calls are serial, so the
-        others' call is the one last drawn there."""
+        A call that joined requests (`batch`) is one span, `model xN`, drawn
+        with the first of them told here, late or not (each request's own
+        end is on the requests' tracks). Its requests are told apart in
+        time (a late one at once, an answered one later, OBSERVE_WITHIN_S
+        at most), and another call's between them: the calls drawn are
+        remembered, the last JOINED_CALLS_KEPT of each worker."""
         worker, worker_ns, batch = f.get("worker"), f.get("worker_ns"), f.get("batch")
         if worker is None or not worker_ns or None in worker_ns[:2]:
             return
         args = {"model": f["model"]}
         if batch:
             call = (worker_ns[0], worker_ns[1])
-            if self._calls.get(worker) == call:
+            drawn = self._calls.setdefault(worker, {})
+            if call in drawn:
                 return
-            self._calls[worker] = call
-            name, args["batch"] = f"{name} x{batch}", batch
+            drawn[call] = None
+            if len(drawn) > JOINED_CALLS_KEPT:
+                del drawn[next(iter(drawn))]  # the oldest (a dict keeps their order)
+            name, args["batch"] = f"{f['model']} x{batch}", batch
         self._span(self._worker_tid(worker), name, "compute", worker_ns[0], worker_ns[1], args)
 
     def _on_load(self, f: dict) -> None:

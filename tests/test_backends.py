@@ -752,6 +752,42 @@ def test_an_untrusted_export_programs_sizes_run_no_python(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("how", ["octal-escapes", "fullwidth-attribute"])
+def test_an_untrusted_export_programs_sizes_hide_no_python(tmp_path, how):
+    # The audit read the text's letters: a string of octal escapes, which
+    # floor() hands to sympify again, had none, and a fullwidth attribute
+    # name (which Python folds to ASCII) no ASCII one (a review's finding).
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    marker = tmp_path / "pwned"
+    code = f"(__import__('os').system('touch {marker}'), Integer(0))[1]"
+    octal = "".join("\\%03o" % ord(c) for c in code)
+    if how == "octal-escapes":
+        prefix = f"floor('{octal}') + "
+    else:  # .subs, in fullwidth letters: a method that evaluates its string
+        prefix = f"Integer(0).\uff53\uff55\uff42\uff53('{octal}', 0) + "
+
+    def change(name, data):
+        if name.endswith("models/model.json"):
+            graph = json.loads(data)
+            pending, done = [graph], False
+            while pending and not done:  # the first size expression
+                value = pending.pop()
+                if isinstance(value, dict):
+                    if isinstance(value.get("expr_str"), str):
+                        value["expr_str"] = prefix + value["expr_str"]
+                        done = True
+                    pending.extend(value.values())
+                elif isinstance(value, list):
+                    pending.extend(value)
+            assert done  # its batch size is symbolic
+            return json.dumps(graph).encode()
+        return data
+    rewrite_pt2(path, change)
+    with pytest.raises(LoadFailed, match="size expression that is not one"):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
 def test_an_untrusted_export_program_with_a_member_twice_is_refused(tmp_path):
     # Python's zipfile reads the last of two members of one name, torch's
     # reader the first: a pickling config first and a plain one last ran

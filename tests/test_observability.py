@@ -470,6 +470,24 @@ def test_a_joined_call_is_one_span_on_its_workers_track(tmp_path):
     assert requests == [3, 3, None, 2, 2]  # each request's own span says its call's size
 
 
+def test_joined_calls_told_out_of_order_are_each_drawn_once(tmp_path):
+    # A late request is told at once, an answered one later: two calls'
+    # requests came as B, D (late), then A, C, and each call was drawn
+    # twice, named "(late)" by its late member (a review's finding).
+    path = tmp_path / "t.json"
+    t = trace.Trace(path)
+    ms = 1_000_000
+    calls = {1: (1 * ms, 4 * ms, 5 * ms), 2: (5 * ms, 8 * ms, 9 * ms)}
+    for kind, call in (("late", 1), ("late", 2), ("request", 1), ("request", 2)):
+        t(kind, {"model": "m", "version": 1, "code": "OK", "start_ns": 0,
+                 "end_ns": calls[call][2], "worker_ns": calls[call], "worker": 0, "batch": 2})
+    t.close()
+    events = json.loads(path.read_text())
+    check_tracks(events)
+    drawn = [(e["name"], e["ts"]) for e in events if e.get("cat") == "compute"]
+    assert sorted(drawn) == [("m x2", 1000), ("m x2", 5000)]
+
+
 def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
     # Ten sort places a worker: its eleventh load track sorted beside the
     # next worker's own, and a viewer mixed the two workers' tracks.
@@ -492,6 +510,26 @@ def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
     tracks = [names[tid] for tid in order]
     assert tracks == ["worker 0", "worker 0 loads"] + [
         f"worker 0 loads ({n})" for n in range(2, 13)] + ["worker 1", "requests"], tracks
+
+
+def test_a_version_of_no_integer_is_a_bad_request_counted_with_metrics_attached(
+        tmp_path, own_segments):
+    # Observed, the refused request's version was looked up as it came:
+    # a list raised TypeError (unhashable) in place of BadRequest, and the
+    # request went uncounted (a review's finding).
+    demo.write_mlp(tmp_path / "m", "safetensors", 4, 8, 2)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            m = metrics.attach(engine)
+            for version in ([1], {"a": 1}, 1.5):
+                with pytest.raises(BadRequest, match="version"):
+                    await engine.infer("m", {"x": np.zeros((1, 4), np.float32)},
+                                       version=version)
+            return m.exposition()[0].decode()
+
+    text = run(main())
+    assert re.search(r'mmengine_requests_total\{[^}]*code="BAD_REQUEST"[^}]*\} 3', text), text
 
 
 def test_a_late_answers_time_queued_counts_as_its_call_does(tmp_path, own_segments):

@@ -846,6 +846,28 @@ def test_config_defaults_and_sizes(monkeypatch, tmp_path):
     assert config_mod.load(env={"MMENGINE_LOG_LEVEL": " DEBUG"}).log_level == "debug"
 
 
+def test_a_servers_paths_are_refused_saying_where_they_came_from(monkeypatch, tmp_path):
+    # Checked after load() had returned, their errors named no source.
+    missing = str(tmp_path / "missing")
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^repo: .* is not a directory \(from MMENGINE_REPO\)$"):
+        config_mod.load(env={"MMENGINE_REPO": missing}, serving=True)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"repo = {str(tmp_path)!r}\nmodel_roots = {missing!r}\n")
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^model_roots: .* is not a directory \(in '.*c\.toml'\)$"):
+        config_mod.load(toml, env={}, serving=True)
+    assert config_mod.load(toml, env={}).model_roots == missing  # not serving: not checked
+
+
+def test_a_relative_xdg_cache_home_is_ignored_by_the_demo_too(monkeypatch):
+    from mmengine import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert cli.demo_root().is_absolute()
+    assert os.path.isabs(config_mod.load(env={}).cache_dir)
+
+
 # -- through a real server -----------------------------------------------------------
 
 def test_a_served_remote_model_is_fetched_once_and_reloads_from_the_disk_cache(tmp_path,

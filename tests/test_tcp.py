@@ -956,6 +956,72 @@ def test_bench_prints_its_table(address):
     assert "200/200 requests" in r.stderr  # the progress bar's last state
 
 
+def bench_table(stdout: str) -> dict[str, str]:
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.splitlines())
+
+
+def test_bench_interrupted_reports_what_it_did(address):
+    # Ctrl-C: a traceback, and the requests done so far went unreported.
+    bench = subprocess.Popen(command("bench", "--url", "%s:%d" % address, "--requests", "1000000",
+                                     "--concurrency", "4", "--timeout", "20"),
+                             env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        time.sleep(4.0)  # its imports, its list, then some traffic
+        bench.send_signal(signal.SIGINT)
+        out, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    assert bench.returncode == 130 and "Traceback" not in err, err
+    table = bench_table(out)
+    assert table["stopped"] == "interrupted (Ctrl-C)"
+    ok = int(re.match(r"(\d+) ok", table["requests"])[1])
+    assert ok > 0 and table["latency p50"].endswith(" ms")
+
+
+def test_bench_reports_what_it_did_when_the_server_goes_away(request, repo):
+    # It ran through the rest of its requests, each refused at once, then
+    # printed only "ConnectionRefusedError" (the server's totals failed).
+    server, address = start(request, "--repo", str(repo), "--workers", "1")
+    bench = subprocess.Popen(command("bench", "--url", "%s:%d" % address, "--requests", "1000000",
+                                     "--concurrency", "4", "--timeout", "20"),
+                             env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        time.sleep(4.0)
+        assert server.stop() == 0
+        out, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    assert bench.returncode == 1 and "Traceback" not in err, err
+    table = bench_table(out)
+    assert table["stopped"].startswith("the server went away"), table
+    ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed", table["requests"]).groups())
+    assert ok > 0 and ok + failed < 1_000_000
+    assert table["loads"].startswith("- (the server did not answer")
+
+
+def test_stats_interrupted_or_misused_says_one_line(address):
+    with socket.socket() as silent:  # listens, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        stats = subprocess.Popen(command("stats", "--url", "127.0.0.1:%d" % silent.getsockname()[1],
+                                         "--timeout", "60"),
+                                 env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            time.sleep(3.0)
+            stats.send_signal(signal.SIGINT)
+            _, err = stats.communicate(timeout=30)
+        finally:
+            stats.kill()
+    assert stats.returncode == 130 and "Traceback" not in err, err
+    # A bad --timeout is a usage error (2), not a server down (1).
+    r = subprocess.run(command("stats", "--url", "%s:%d" % address, "--timeout", "nan"),
+                       env=environ(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--timeout" in r.stderr, r.stderr
+
+
 def test_bench_takes_a_steep_zipf(address):
     # 1 / k ** 2000 overflowed: a traceback, not a run (an operations review).
     r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "20",

@@ -17,6 +17,7 @@ declared ones must be its names, dtypes and ranks (a load fails else).
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -49,15 +50,17 @@ _GRAPH = re.compile(r"[^/]+/models/[^/]+\.json")
 # the program loaded). Symbols are a letter or few and digits (s77, u0).
 _SIZE_NAMES = frozenset("""
     Symbol Integer Rational Float Number Mul Add Pow Mod Max Min Abs Eq Ne Lt Le Gt Ge
-    And Or Not floor ceiling sqrt oo nan zoo true false True False None
-    positive negative integer nonnegative nonpositive real finite zero even odd
+    And Or Not floor ceiling sqrt oo nan zoo true false
     FloorDiv CleanDiv CeilDiv ModularIndexing PythonMod Where LShift RShift
     PowByNatural FloatPow FloatTrueDiv IntTrueDiv CeilToInt FloorToInt TruncToInt
     TruncToFloat RoundToInt RoundDecimal ToFloat Identity BitwiseFn_bitwise_and
     BitwiseFn_bitwise_or IsNonOverlappingAndDenseIndicator
 """.split())
+_ASSUMPTIONS = frozenset("""
+    positive negative integer nonnegative nonpositive real finite zero even odd
+""".split())
 _SYMBOL = re.compile(r"[a-z]{1,3}\d+")
-_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+MAX_SIZE_EXPRESSION = 1 << 16  # characters: torch writes tens
 
 
 class ExportModel(TorchModel):
@@ -164,15 +167,56 @@ def _check_expressions(graph: bytes, refuse) -> None:
         value = pending.pop()
         if isinstance(value, dict):
             text = value.get("expr_str")
-            if isinstance(text, str) and ("__" in text or re.search(r"[A-Za-z_]\w*\s*\.", text)
-                                          or any(name not in _SIZE_NAMES
-                                                 and not _SYMBOL.fullmatch(name)
-                                                 for name in _IDENTIFIER.findall(text))):
+            if isinstance(text, str) and not _size_expression(text):
                 raise refuse(f"has a size expression that is not one ({text[:80]!r}), "
                              f"which torch would evaluate as Python")
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
+
+
+def _size_expression(text: str) -> bool:
+    """Whether `text` is sympy arithmetic over sizes, read as the Python
+    that sympify evaluates: calls of _SIZE_NAMES (keywords only the
+    assumptions, True or False), those names and symbols, numbers and
+    operators. A string only as Symbol's name: sympy evaluates a string
+    argument again (floor('...') is eval of what the text's escapes
+    spell), so the text's letters alone told nothing. ASCII only: Python
+    folds other letters into names (.ｓｕｂｓ is .subs)."""
+    if not text.isascii() or len(text) > MAX_SIZE_EXPRESSION:
+        return False
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    names = set()  # Symbol's name constants, the only strings
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp,
+                             ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.Load)):
+            continue
+        if isinstance(node, ast.Name):
+            if node.id not in _SIZE_NAMES and not _SYMBOL.fullmatch(node.id):
+                return False
+        elif isinstance(node, ast.Constant):
+            if type(node.value) is str:
+                if id(node) not in names:
+                    return False
+            elif type(node.value) not in (int, float, bool) and node.value is not None:
+                return False
+        elif isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _SIZE_NAMES):
+                return False
+            if any(k.arg not in _ASSUMPTIONS or not (isinstance(k.value, ast.Constant)
+                                                     and type(k.value.value) is bool)
+                   for k in node.keywords):
+                return False
+            first = node.args[0] if node.args else None
+            if node.func.id == "Symbol" and isinstance(first, ast.Constant) \
+                    and type(first.value) is str and _SYMBOL.fullmatch(first.value):
+                names.add(id(first))
+        elif not isinstance(node, ast.keyword):  # (a call's: checked with it)
+            return False
+    return True
 
 
 def _check_declared(declared: tuple[TensorSpec, ...], names: list[str],
