@@ -884,7 +884,9 @@ class _AsyncConnection(asyncio.Protocol):
         """Whether the server closed it while nothing was in flight on it,
         which the loop may not have read yet (a caller held the loop):
         readable with nothing in flight is its end, as Client.alive() reads
-        it. Found so, it is lost (no request's error): a call opens another."""
+        it (or the answer to a call that timed out, come since: no loss
+        but a new connection). Found so, it is lost (no request's error):
+        a call opens another."""
         if self.pending or self.lost is not None:
             return False
         if not self.transport.is_closing() and not _readable(self.fd):

@@ -233,6 +233,9 @@ class Worker:
         # (`then`), kept in the loop's next turn (_keep_books): [(on_done,
         # served, the call's seconds or None, t_read)].
         self._unbooked: list = []
+        # The last joined call booked ((model, version), its t_recv): each of
+        # its requests' answers carries the call's time, which counts once.
+        self._joined: tuple | None = None
         # The polls' back-off (_poll_answers): as a ring waiter's (ring.py);
         # and the loop thread's looks whether its CPU was taken (first in
         # start(): its statistics are open from then on, one file a thread).
@@ -539,7 +542,9 @@ class Worker:
             self.ready.cancel()  # nobody waits for it any more
         # Why the pool ended it, where it did: its exit's own callback, which
         # says so too, may not have run yet (the kill and the reaping can
-        # both fall between two turns of the loop).
+        # both fall between two turns of the loop). The answers it wrote
+        # before it exited go to their callers first, as there (_on_exit).
+        self._on_readable()
         self._died(self.stopped_why or f"worker {self.index} was stopped")
         self._detach()
         for ring in self.rings:
@@ -983,7 +988,13 @@ class Worker:
                 result.ran = ran
             else:
                 if ran is not None and "t_recv" in ran:  # its call's time, for its books
-                    seconds = (ran["t_done"] - ran["t_recv"]) / 1e9
+                    # A joined call's (batching) once: its answers come one
+                    # after another, and a warm-up counted twice was taken
+                    # for the model's time (CallTimes skips one first call).
+                    call = (served, ran["t_recv"]) if ran.get("batch") else None
+                    if call is None or call != self._joined:
+                        self._joined = call or self._joined
+                        seconds = (ran["t_done"] - ran["t_recv"]) / 1e9
                 # Late: its caller gave up (timeout): nothing to copy.
                 result = None if late else (body, messages.copy_out(descs, parts[1:]))
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request

@@ -1071,6 +1071,35 @@ def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segment
     assert not live_pids([pid])
 
 
+def test_an_answer_written_as_the_worker_exits_at_stop_reaches_its_caller(repo, own_segments):
+    # The pool reaped the exited worker and failed what was in flight
+    # (WorkerDied) without reading the answers it wrote first, where the
+    # loop, held up, had not read them yet (a review's finding).
+    async def main():
+        engine = await Engine(config(repo)).start()
+        try:
+            await engine.infer("slow", {"seconds": np.array([0.0])})
+            fut = engine.submit("slow", {"seconds": np.array([0.1])})
+            await asyncio.sleep(0.01)
+            loop = asyncio.get_running_loop()
+            a, b = socket.socketpair()
+
+            def held() -> None:  # a callback that holds the loop: the answer, the exit
+                a.recv(1)
+                time.sleep(0.6)
+                loop.remove_reader(a.fileno())
+            loop.add_reader(a.fileno(), held)
+            loop.call_later(0.02, b.send, b"x")
+            await engine.pool.stop(time.monotonic())  # the rings close at once
+            a.close()
+            b.close()
+            return (await fut)[1]["y"].tolist()
+        finally:
+            await engine.stop()
+
+    assert run(main(), timeout=60) == [0.2]
+
+
 def test_a_request_that_loaded_its_model_and_runs_at_the_deadline_hears_why(
         repo, own_segments):
     # It waited for its model's load in a task of its own, which the stop
