@@ -752,17 +752,20 @@ def test_an_untrusted_export_programs_sizes_run_no_python(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("how", ["octal-escapes", "fullwidth-attribute"])
+@pytest.mark.parametrize("how", ["octal-escapes", "fullwidth-attribute", "power-tower"])
 def test_an_untrusted_export_programs_sizes_hide_no_python(tmp_path, how):
     # The audit read the text's letters: a string of octal escapes, which
     # floor() hands to sympify again, had none, and a fullwidth attribute
     # name (which Python folds to ASCII) no ASCII one (a review's finding).
+    # Nor may a size take the loader's memory: 10 ** 10 ** 10 is 4 GB.
     path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
     marker = tmp_path / "pwned"
     code = f"(__import__('os').system('touch {marker}'), Integer(0))[1]"
     octal = "".join("\\%03o" % ord(c) for c in code)
     if how == "octal-escapes":
         prefix = f"floor('{octal}') + "
+    elif how == "power-tower":
+        prefix = "Pow(Integer(10), Pow(Integer(10), Integer(10))) + "
     else:  # .subs, in fullwidth letters: a method that evaluates its string
         prefix = f"Integer(0).\uff53\uff55\uff42\uff53('{octal}', 0) + "
 

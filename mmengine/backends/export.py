@@ -61,6 +61,8 @@ _ASSUMPTIONS = frozenset("""
 """.split())
 _SYMBOL = re.compile(r"[a-z]{1,3}\d+")
 MAX_SIZE_EXPRESSION = 1 << 16  # characters: torch writes tens
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow"})
+MAX_EXPONENT = 64
 
 
 class ExportModel(TorchModel):
@@ -191,6 +193,9 @@ def _size_expression(text: str) -> bool:
         return False
     names = set()  # Symbol's name constants, the only strings
     for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) \
+                and not _small_exponent(node.right):
+            return False
         if isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp,
                              ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.Load)):
             continue
@@ -206,6 +211,9 @@ def _size_expression(text: str) -> bool:
         elif isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _SIZE_NAMES):
                 return False
+            if node.func.id in _POWERS and len(node.args) == 2 \
+                    and not _small_exponent(node.args[1]):
+                return False
             if any(k.arg not in _ASSUMPTIONS or not (isinstance(k.value, ast.Constant)
                                                      and type(k.value.value) is bool)
                    for k in node.keywords):
@@ -217,6 +225,26 @@ def _size_expression(text: str) -> bool:
         elif not isinstance(node, ast.keyword):  # (a call's: checked with it)
             return False
     return True
+
+
+def _small_exponent(node: ast.AST) -> bool:
+    """A power's exponent that sympy can evaluate at load: a size symbol,
+    or a number (Integer(n) as torch writes it) of at most MAX_EXPONENT;
+    10 ** 10 ** 10 is 4 GB of digits, computed as the program loads."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id == "Symbol":  # (its name checked with the rest)
+            return True
+        if node.func.id not in ("Integer", "Float") or len(node.args) != 1:
+            return False
+        node = node.args[0]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            node = node.operand
+    if isinstance(node, ast.Name):
+        return bool(_SYMBOL.fullmatch(node.id))
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float) \
+        and abs(node.value) <= MAX_EXPONENT  # (NaN is not <=)
 
 
 def _check_declared(declared: tuple[TensorSpec, ...], names: list[str],
