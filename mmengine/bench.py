@@ -128,6 +128,7 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
         try:
             await asyncio.gather(*(sender() for _ in range(args.concurrency)))
         except asyncio.CancelledError:  # Ctrl-C (asyncio.Runner cancels this task)
+            asyncio.current_task().uncancel()  # taken: what follows is not cancelled
             stopped.insert(0, INTERRUPTED)
         finally:
             progress.cancel()

@@ -222,7 +222,8 @@ def _answer(message: dict) -> dict:
 
 
 def _readable(fd: int) -> bool:
-    """Whether socket `fd` has bytes, or its end, to read now."""
+    """Whether socket `fd` has bytes, or its end, to read now (a poll:
+    0.3 us in C, 1 us where _wire is not built)."""
     if _wire is not None:
         return _wire.readable(fd)
     poll = select.poll()
@@ -478,12 +479,6 @@ class _Connection:
         self.closes = 0  # its client's close() calls when it was made
         self.fd = self.sock.fileno()
         self.inbox = bytearray(RECV_BYTES)  # _wire.exchange's reads
-        # alive()'s where _wire is not built (_wire's poll, 0.3 us), made
-        # once: a poll object per look took 1.0 us, this 0.6.
-        self._closed_poll = None
-        if _wire is None:
-            self._closed_poll = select.poll()
-            self._closed_poll.register(self.sock, select.POLLIN)
 
     def alive(self) -> bool:
         """Whether the server has not closed it (a pooled connection: nothing
@@ -492,7 +487,7 @@ class _Connection:
         trip of hundreds): a request sent on a connection found closed
         after it was sent fails with ConnectionError, since it may have
         run, where this one never left."""
-        return not (_wire.readable(self.fd) if _wire is not None else self._closed_poll.poll(0))
+        return not _readable(self.fd)
 
     def _ready(self, events: int, timeout: float | None) -> int:
         """The poll events of `events` that the socket has, waiting up to

@@ -526,6 +526,7 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         # Every message begins with its key; a check across keys names the
         # others after it, and each may have come from somewhere else.
         key, _, rest = str(e).partition(":")
+        rest = re.sub(r"'[^']*'", "", rest)  # a value quoted ('/data/repo') names no key
         named = [key] + [k for k in origin if k != key and re.search(rf"\b{k}\b", rest)]
         said = [k for k in named if k in origin]
         if not said:

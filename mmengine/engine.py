@@ -482,9 +482,9 @@ class Engine:
             if self.observers:
                 # A version that is no integer (a list, refused for it) is
                 # none the books can key: the model's default stands in.
-                if isinstance(version, np.integer):
-                    version = int(version)
-                if type(version) is not int:
+                try:
+                    version = None if version is None else _version(version)
+                except BadRequest:
                     version = None
                 # Named only if it is a model: a stranger's names make no series.
                 known = type(name) is str and self._looked_up(name, version)

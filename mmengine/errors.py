@@ -8,6 +8,7 @@ back to the same class with `error_for`.
 from __future__ import annotations
 
 import enum
+import reprlib
 
 
 class ErrorCode(enum.IntEnum):
@@ -81,6 +82,8 @@ class ShuttingDown(Overloaded):
     """The server is stopping: it takes no new request, and waiting for
     it does not help (another instance will serve)."""
 
+    retry_after_s = None
+
 
 class PinnedFull(Overloaded):
     """No room for a model, and none will come until a pinned model is
@@ -147,6 +150,13 @@ _BY_CODE = {
     ErrorCode.UNAUTHORIZED: Unauthorized,
     ErrorCode.INTERNAL: InternalError,
 }
+
+
+def shown(value) -> str:
+    """A caller's value in an error message: its repr, shortened. A value
+    nested as deep as JSON and msgpack allow (a thousand) is past repr()'s
+    recursion, which made a bad request's error an INTERNAL one."""
+    return reprlib.repr(value)
 
 
 def cannot_carry(protocol: str, name: str, dtype, model: str) -> InternalError:

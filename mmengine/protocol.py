@@ -21,7 +21,6 @@ and decode() gives them back as views of the frame they came in.
 """
 from __future__ import annotations
 
-import reprlib
 import struct
 import sys
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 
 from mmengine import config
 from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, Overloaded, TooLarge,
-                             cannot_carry, error_for)
+                             cannot_carry, error_for, shown)
 
 OPS = ("infer", "load", "unload", "pin", "unpin", "list", "stats", "health")
 LENGTH = struct.Struct("<I")
@@ -419,9 +418,7 @@ def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]
         try:
             dtype, shape, data = t["dtype"], t["shape"], t["data"]
             if type(dtype) is not str or dtype not in DTYPES:
-                # (reprlib: a client's value nested a thousand deep is
-                # past repr()'s recursion, not its dtype's error)
-                raise TypeError(f"dtype {reprlib.repr(dtype)} is not one of {', '.join(DTYPES)}")
+                raise TypeError(f"dtype {shown(dtype)} is not one of {', '.join(DTYPES)}")
             if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
                 raise TypeError("shape must be a list of non-negative integers")
             if not isinstance(data, (bytes, memoryview)):  # a view: a large one (decode)

@@ -752,7 +752,8 @@ def test_an_untrusted_export_programs_sizes_run_no_python(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("how", ["octal-escapes", "fullwidth-attribute", "power-tower"])
+@pytest.mark.parametrize("how", ["octal-escapes", "fullwidth-attribute", "power-tower",
+                                 "left-tower", "xor-tower", "huge-float"])
 def test_an_untrusted_export_programs_sizes_hide_no_python(tmp_path, how):
     # The audit read the text's letters: a string of octal escapes, which
     # floor() hands to sympify again, had none, and a fullwidth attribute
@@ -764,8 +765,11 @@ def test_an_untrusted_export_programs_sizes_hide_no_python(tmp_path, how):
     octal = "".join("\\%03o" % ord(c) for c in code)
     if how == "octal-escapes":
         prefix = f"floor('{octal}') + "
-    elif how == "power-tower":
-        prefix = "Pow(Integer(10), Pow(Integer(10), Integer(10))) + "
+    elif how in ("power-tower", "left-tower", "xor-tower", "huge-float"):
+        prefix = {"power-tower": "Pow(Integer(10), Pow(Integer(10), Integer(10)))",
+                  "left-tower": "((((10**64)**64)**64)**64)**64",
+                  "xor-tower": "10^10^10",  # sympify reads ^ as **
+                  "huge-float": "floor(1e1000000)"}[how] + " + "
     else:  # .subs, in fullwidth letters: a method that evaluates its string
         prefix = f"Integer(0).\uff53\uff55\uff42\uff53('{octal}', 0) + "
 

@@ -222,9 +222,14 @@ def test_a_model_unpinned_after_its_request_is_idle_from_that_requests_end(repo,
             await engine.infer("slow", {"seconds": np.array([1.5])})
             await engine.unpin("slow")
             await asyncio.sleep(0.5)
-            return engine.model_row(("slow", 1))["state"]
+            after = engine.model_row(("slow", 1))["state"]
+            deadline = time.monotonic() + 10
+            while engine.model_row(("slow", 1))["state"] == "resident":  # idle, it goes
+                assert time.monotonic() < deadline, "idle model never unloaded"
+                await asyncio.sleep(0.05)
+            return after, engine.model_row(("slow", 1))["evictions_by_reason"]
 
-    assert run(main()) == "resident"
+    assert run(main()) == ("resident", {"idle": 1})
 
 
 def test_host_memory_watermark_evicts(repo, own_segments):

@@ -198,10 +198,12 @@ def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address
                           {"Content-Encoding": "identity",
                            "Inference-Header-Content-Length": f"{len(body)} \t"})
     assert status == 200, raw
-    # Nor do leading zeros make a length longer than it is.
-    status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,
-                          {"Inference-Header-Content-Length": "0" * 20 + str(len(body))})
-    assert status == 200, raw
+    # Nor do leading zeros make a length longer than it is (past int()'s
+    # 4,300 digits, too).
+    for zeros in (20, 5000):
+        status, _, raw = call(address, "POST", "/v2/models/m00/infer", body,
+                              {"Inference-Header-Content-Length": "0" * zeros + str(len(body))})
+        assert status == 200, raw
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
@@ -742,6 +744,31 @@ def test_trailers_do_not_change_what_the_head_said(address):
             raw = recv_all(s)
         assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
         np.testing.assert_allclose(_json_output(raw), reference("m00", x_for(5)).ravel(), **TOL)
+
+
+@pytest.mark.parametrize("where", ["datatype", "parameter", "binary_data_size", "ready"])
+def test_a_value_nested_as_deep_as_json_allows_is_a_bad_request(address, where):
+    # repr() of a value nested ~1,000 deep is past Python's recursion: the
+    # answer was 500 INTERNAL, not 400.
+    value = "NESTED"  # in the text below: json.dumps() has the recursion limit too
+    x = x_for(8)
+    body = infer_body(x)
+    if where == "datatype":
+        body["inputs"][0]["datatype"] = value
+    elif where == "parameter":
+        body["parameters"] = {"binary_data_output": value}
+    elif where == "binary_data_size":
+        del body["inputs"][0]["data"]
+        body["inputs"][0]["parameters"] = {"binary_data_size": value}
+    path = "/v2/repository/index" if where == "ready" else "/v2/models/m00/infer"
+    payload = json.dumps({"ready": value} if where == "ready" else body).encode().replace(
+        b'"NESTED"', b"[" * 1000 + b"1" + b"]" * 1000)
+    headers = {"Content-Type": "application/json"}
+    if where == "binary_data_size":
+        payload += b"\0" * 4
+        headers["Inference-Header-Content-Length"] = str(len(payload) - 4)
+    status, _, raw = call(address, "POST", path, payload, headers)
+    assert status == 400 and json.loads(raw)["code"] == "BAD_REQUEST", raw[:300]
 
 
 def test_white_space_after_a_header_value_is_no_part_of_it(address):

@@ -858,6 +858,11 @@ def test_a_servers_paths_are_refused_saying_where_they_came_from(monkeypatch, tm
                        match=r"^model_roots: .* is not a directory \(in '.*c\.toml'\)$"):
         config_mod.load(toml, env={}, serving=True)
     assert config_mod.load(toml, env={}).model_roots == missing  # not serving: not checked
+    # A path that holds a key's name ("repo") says nothing of where that key came from.
+    toml.write_text(f"model_roots = {str(tmp_path / 'repo-gone')!r}\n")
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(toml, env={"MMENGINE_REPO": str(tmp_path)}, serving=True)
+    assert "MMENGINE_REPO" not in str(e.value) and str(e.value).endswith(f"(in {str(toml)!r})")
 
 
 def test_a_relative_xdg_cache_home_is_ignored_by_the_demo_too(monkeypatch):

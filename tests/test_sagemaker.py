@@ -771,6 +771,7 @@ def test_a_load_asked_of_a_stopping_server_is_503_not_507(tmp_path, disk):
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
         assert statuses == [b"200", b"503"], raw
         assert b'"code":"OVERLOADED"' in raw.replace(b" ", b""), raw
+        assert b"Retry-After" not in raw.partition(b"HTTP/1.1 503")[2], raw  # not here: elsewhere
         assert proc.proc.wait(30) == 0
     finally:
         proc.kill()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import re
 import zipfile
 from typing import Any
@@ -61,7 +62,11 @@ _ASSUMPTIONS = frozenset("""
 """.split())
 _SYMBOL = re.compile(r"[a-z]{1,3}\d+")
 MAX_SIZE_EXPRESSION = 1 << 16  # characters: torch writes tens
-_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow"})
+# What raises a number to (or shifts it by) its second argument, and the
+# operators of Python's that an expression may use (not ^, which sympify
+# reads as **, nor shifts).
+_GROWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
+_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
 MAX_EXPONENT = 64
 
 
@@ -180,11 +185,14 @@ def _check_expressions(graph: bytes, refuse) -> None:
 def _size_expression(text: str) -> bool:
     """Whether `text` is sympy arithmetic over sizes, read as the Python
     that sympify evaluates: calls of _SIZE_NAMES (keywords only the
-    assumptions, True or False), those names and symbols, numbers and
-    operators. A string only as Symbol's name: sympy evaluates a string
-    argument again (floor('...') is eval of what the text's escapes
-    spell), so the text's letters alone told nothing. ASCII only: Python
-    folds other letters into names (.ｓｕｂｓ is .subs)."""
+    assumptions, True or False), those names and symbols, finite numbers,
+    arithmetic and comparisons. A string only as Symbol's name: sympy
+    evaluates a string argument again (floor('...') is eval of what the
+    text's escapes spell), so the text's letters alone told nothing.
+    ASCII only: Python folds other letters into names (.ｓｕｂｓ is .subs).
+    No ^ (sympify reads it as **) or shift operators, and powers bounded
+    (_bounded_power): a number evaluated as the program loads must not
+    take the loader's memory."""
     if not text.isascii() or len(text) > MAX_SIZE_EXPRESSION:
         return False
     try:
@@ -193,26 +201,33 @@ def _size_expression(text: str) -> bool:
         return False
     names = set()  # Symbol's name constants, the only strings
     for node in ast.walk(tree):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) \
-                and not _small_exponent(node.right):
-            return False
-        if isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp,
-                             ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.Load)):
-            continue
-        if isinstance(node, ast.Name):
+        if isinstance(node, ast.BinOp):
+            if not isinstance(node.op, _OPERATORS) or isinstance(node.op, ast.Pow) \
+                    and not _bounded_power(node.left, node.right):
+                return False
+        elif isinstance(node, ast.operator):
+            if not isinstance(node, _OPERATORS):
+                return False
+        elif isinstance(node, (ast.Expression, ast.UnaryOp, ast.Compare, ast.BoolOp,
+                               ast.unaryop, ast.cmpop, ast.boolop, ast.Load, ast.keyword)):
+            continue  # (a keyword: checked with its call)
+        elif isinstance(node, ast.Name):
             if node.id not in _SIZE_NAMES and not _SYMBOL.fullmatch(node.id):
                 return False
         elif isinstance(node, ast.Constant):
             if type(node.value) is str:
                 if id(node) not in names:
                     return False
-            elif type(node.value) not in (int, float, bool) and node.value is not None:
+            elif type(node.value) is float:
+                if not math.isfinite(node.value):  # 1e1000000 parses as inf; sympy reads it whole
+                    return False
+            elif type(node.value) not in (int, bool) and node.value is not None:
                 return False
         elif isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _SIZE_NAMES):
                 return False
-            if node.func.id in _POWERS and len(node.args) == 2 \
-                    and not _small_exponent(node.args[1]):
+            if node.func.id in _GROWERS and (len(node.args) != 2
+                                             or not _bounded_power(*node.args)):
                 return False
             if any(k.arg not in _ASSUMPTIONS or not (isinstance(k.value, ast.Constant)
                                                      and type(k.value.value) is bool)
@@ -222,29 +237,42 @@ def _size_expression(text: str) -> bool:
             if node.func.id == "Symbol" and isinstance(first, ast.Constant) \
                     and type(first.value) is str and _SYMBOL.fullmatch(first.value):
                 names.add(id(first))
-        elif not isinstance(node, ast.keyword):  # (a call's: checked with it)
+        else:
             return False
     return True
 
 
-def _small_exponent(node: ast.AST) -> bool:
-    """A power's exponent that sympy can evaluate at load: a size symbol,
-    or a number (Integer(n) as torch writes it) of at most MAX_EXPONENT;
-    10 ** 10 ** 10 is 4 GB of digits, computed as the program loads."""
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+def _bounded_power(base: ast.AST, exponent: ast.AST) -> bool:
+    """Whether base ** exponent (or a shift by it) is bounded as sympy
+    evaluates it at load: no power in either (towers: (10**64)**64... is
+    10**(64**k)), and an exponent that holds a size (not known at load,
+    so not evaluated then) or is a number of at most MAX_EXPONENT."""
+    if any(_is_power(node) for part in (base, exponent) for node in ast.walk(part)):
+        return False
+    if any(isinstance(node, ast.Name) and _SYMBOL.fullmatch(node.id)
+           or isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+           and node.func.id == "Symbol" for node in ast.walk(exponent)):
+        return True
+    number = _number(exponent)
+    return number is not None and abs(number) <= MAX_EXPONENT
+
+
+def _is_power(node: ast.AST) -> bool:
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) \
+        or isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+        and node.func.id in _GROWERS
+
+
+def _number(node: ast.AST) -> int | float | None:
+    """The number `node` writes (-3, Integer(3), Integer(-3)), if it is one."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         node = node.operand
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        if node.func.id == "Symbol":  # (its name checked with the rest)
-            return True
-        if node.func.id not in ("Integer", "Float") or len(node.args) != 1:
-            return False
-        node = node.args[0]
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            node = node.operand
-    if isinstance(node, ast.Name):
-        return bool(_SYMBOL.fullmatch(node.id))
-    return isinstance(node, ast.Constant) and type(node.value) in (int, float) \
-        and abs(node.value) <= MAX_EXPONENT  # (NaN is not <=)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+            and node.func.id in ("Integer", "Float") and len(node.args) == 1:
+        return _number(node.args[0])
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    return None
 
 
 def _check_declared(declared: tuple[TensorSpec, ...], names: list[str],

@@ -586,7 +586,7 @@ class _HttpConnection(BudgetedReading):
         continued = self.in_head
         # What this read finds, known without a callback of its own (the
         # body's list is a new one for each request).
-        heard = (self.body, self.body_bytes, self.header_bytes)
+        body, heard = self.body, self.body_bytes + self.header_bytes
         try:
             while True:
                 try:
@@ -608,8 +608,7 @@ class _HttpConnection(BudgetedReading):
                 if self.head_raw > self.server.max_header:
                     self._fail(_HeaderTooLarge(
                         f"request headers exceed {self.server.max_header} bytes"))
-        elif self.began and heard[0] is self.body and heard[1] == self.body_bytes \
-                and heard[2] == self.header_bytes:
+        elif self.began and body is self.body and heard == self.body_bytes + self.header_bytes:
             # After the head, a read that gave nothing: a chunked body's
             # trailer line (or a chunk's size line) that has not ended,
             # which httptools holds, as it does a header line. Bounded as
@@ -754,6 +753,7 @@ class _HttpConnection(BudgetedReading):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.head_raw = 0  # from here, the count of reads that give nothing (data_received)
         if self.parser.should_upgrade():  # read again without it (_without_upgrade)
             self.upgrade = True
             return

@@ -31,7 +31,7 @@ import numpy as np
 import mmengine
 from mmengine import auth
 from mmengine.errors import (BadRequest, LoadFailed, MMEngineError, ModelNotFound,
-                             cannot_carry)
+                             cannot_carry, shown)
 from mmengine.server import metrics
 from mmengine.server.http import (Later, Request, Response, array_from_json, dumps, finite,
                                   formatted, loads, parsed, submitted, vetted)
@@ -171,7 +171,7 @@ async def repository_index(server, request: Request) -> Response:
         raise BadRequest("the body must be a JSON object, e.g. {\"ready\": true}")
     only_ready = (body or {}).get("ready", False)
     if type(only_ready) is not bool:  # "false" is true to bool()
-        raise BadRequest(f"'ready' must be true or false, not {only_ready!r}")
+        raise BadRequest(f"'ready' must be true or false, not {shown(only_ready)}")
     rows = []
     for row in await server.engine.models():
         state = _STATES.get(row["state"], "UNAVAILABLE")
@@ -330,7 +330,7 @@ def _flag(params: dict, key: str, default: bool) -> bool:
     if value is None:  # absent, or null: as "parameters" themselves
         return default
     if type(value) is not bool:
-        raise BadRequest(f"parameter {key!r} must be true or false, not {value!r}")
+        raise BadRequest(f"parameter {key!r} must be true or false, not {shown(value)}")
     return value
 
 
@@ -341,11 +341,12 @@ def _split_body(request: Request) -> tuple[bytes, memoryview | None]:
     if length is None:
         return body, None
     length = length.strip(" \t")  # a field's value has none around it (RFC 9110 5.5)
-    if not (length.isascii() and length.isdigit() and len(length.lstrip("0")) <= 19) \
-            or int(length) > len(body):
-        raise BadRequest(f"Inference-Header-Content-Length {length!r} is not a length "
+    digits = length.lstrip("0") or "0"  # "0074" is 74: leading zeros say nothing of its size
+    if not (length.isascii() and length.isdigit() and len(digits) <= 19) \
+            or int(digits) > len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {length[:40]!r} is not a length "
                          f"within the body of {len(body)} bytes")
-    n = int(length)
+    n = int(digits)
     return body[:n], memoryview(body)[n:]  # n = 0: a raw binary request (_raw_infer)
 
 
@@ -372,7 +373,7 @@ def _parse_inputs(tensors, binary: memoryview | None) -> dict[str, np.ndarray]:
                 raise BadRequest(f"input {name!r} has binary_data_size but the request has "
                                  f"no Inference-Header-Content-Length header")
             if type(size) is not int or size != count * dtype.itemsize:
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r} is not "
+                raise BadRequest(f"input {name!r}: binary_data_size {shown(size)} is not "
                                  f"{count} x {dtype.itemsize} bytes of shape {shape}")
             if offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: the body ends before its binary data")
@@ -403,7 +404,7 @@ def _tensor_header(t: dict) -> tuple[str, list, np.dtype]:
         if type(datatype) is str and datatype in _UNSUPPORTED:
             raise BadRequest(f"input {name!r}: datatype {datatype} is not supported; "
                              f"mmengine's models take numeric tensors only")
-        raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}; one of "
+        raise BadRequest(f"input {name!r}: unknown datatype {shown(datatype)}; one of "
                          f"{', '.join(DATATYPES)}")
     return name, shape, dtype
 

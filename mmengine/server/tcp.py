@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import reprlib
 import time
 from typing import Any
 
@@ -365,7 +364,7 @@ class _Connection(BudgetedReading):
         handler = _HANDLERS.get(op) if type(op) is str else None
         if handler is None:
             self._send(protocol.error_response(
-                rid, BadRequest(f"unknown op {reprlib.repr(op)}; "  # (protocol.decode_tensors)
+                rid, BadRequest(f"unknown op {errors.shown(op)}; "
                                 f"one of {', '.join(protocol.OPS)}")))
             return
         if op in _CONTROL:  # refused before a task exists: unauthorized floods stay cheap
