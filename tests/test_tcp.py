@@ -956,6 +956,13 @@ def test_bench_prints_its_table(address):
     assert "200/200 requests" in r.stderr  # the progress bar's last state
 
 
+def interruptible() -> None:
+    """A child's Ctrl-C as a terminal's: the tests' own SIGINT may be
+    ignored (a job a shell started in the background), and a child
+    inherits that, so that no KeyboardInterrupt comes (preexec_fn)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def bench_table(stdout: str) -> dict[str, str]:
     return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.splitlines())
 
@@ -965,7 +972,7 @@ def test_bench_interrupted_reports_what_it_did(address):
     bench = subprocess.Popen(command("bench", "--url", "%s:%d" % address, "--requests", "1000000",
                                      "--concurrency", "4", "--timeout", "20"),
                              env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=interruptible)
     try:
         time.sleep(4.0)  # its imports, its list, then some traffic
         bench.send_signal(signal.SIGINT)
@@ -1008,7 +1015,7 @@ def test_stats_interrupted_or_misused_says_one_line(address):
         stats = subprocess.Popen(command("stats", "--url", "127.0.0.1:%d" % silent.getsockname()[1],
                                          "--timeout", "60"),
                                  env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+                                 text=True, preexec_fn=interruptible)
         try:
             time.sleep(3.0)
             stats.send_signal(signal.SIGINT)
