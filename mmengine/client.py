@@ -231,6 +231,20 @@ def _readable(fd: int) -> bool:
     return bool(poll.poll(0))
 
 
+def _ended(fd: int) -> bool:
+    """Whether socket `fd`, found readable, holds its end first, not bytes:
+    a look that takes nothing from it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # read meanwhile
+        return False
+    except OSError:  # reset: ended too
+        return True
+    finally:
+        sock.detach()  # the descriptor stays the transport's
+
+
 def _unreadable(e: Exception) -> ConnectionError:
     """A server's answer that is not the protocol's: neither the request's
     fault (BadRequest) nor one to retry on this connection."""
@@ -858,6 +872,9 @@ class _AsyncConnection(asyncio.Protocol):
         self.fd = -1
         self.frames = _Frames()
         self.pending: dict[int, asyncio.Future] = {}
+        # Ids of calls that stopped waiting (timed out, cancelled) whose
+        # answers may still come: bytes to read, not the connection's end.
+        self.dropped: set[int] = set()
         self.lost: Exception | None = None
         self.received = 0  # bytes, in all: whether a call's connection went silent
         self.written = 0  # bytes of requests sent, in all (sent(): those the kernel took)
@@ -879,13 +896,14 @@ class _AsyncConnection(asyncio.Protocol):
         """Whether the server closed it while nothing was in flight on it,
         which the loop may not have read yet (a caller held the loop):
         readable with nothing in flight is its end, as Client.alive() reads
-        it (or the answer to a call that timed out, come since: no loss
-        but a new connection). Found so, it is lost (no request's error):
-        a call opens another."""
+        it, unless a call that stopped waiting may still be answered: then
+        what is there is looked at. Found so, it is lost (no request's
+        error): a call opens another."""
         if self.pending or self.lost is not None:
             return False
-        if not self.transport.is_closing() and not _readable(self.fd):
-            return False
+        if not self.transport.is_closing():
+            if not _readable(self.fd) or self.dropped and not _ended(self.fd):
+                return False
         self._fail(ConnectionError("the server closed the connection while it was idle"))
         self.transport.abort()
         return True
@@ -958,6 +976,8 @@ class _AsyncConnection(asyncio.Protocol):
             fut = self.pending.pop(response.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(response)
+            elif fut is None and self.dropped:
+                self.dropped.discard(response.get("id"))
             elif response.get("id") is None:  # an error about the whole stream
                 try:
                     protocol.raise_for(response)
@@ -1189,7 +1209,8 @@ class AsyncClient:
         try:
             response = await fut
         except (Timeout, asyncio.CancelledError):  # its answer, if one comes, is dropped
-            conn.pending.pop(rid, None)
+            if conn.pending.pop(rid, None) is not None and conn.lost is None:
+                conn.dropped.add(rid)
             raise
         finally:
             conn.waits.pop(rid, None)

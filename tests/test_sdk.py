@@ -428,6 +428,29 @@ def test_an_async_connection_closed_while_its_loop_was_held_is_replaced(address)
     run(main())
 
 
+def test_a_late_answer_read_while_the_loop_was_held_keeps_its_connection(address):
+    # A call's caller stopped waiting; its answer came while the caller held
+    # the loop. Readable with nothing in flight was read as the server's
+    # close, and the next call opened a new connection.
+    async def main():
+        with Proxy(address) as proxy:
+            async with AsyncClient(proxy.address) as c:
+                assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                with pytest.raises(TimeoutError):  # cancelled: the server runs it
+                    await asyncio.wait_for(
+                        c.infer("slow", {"seconds": np.full(1, 0.3, np.float32)}), 0.05)
+                sock = c._conns[0].transport.get_extra_info("socket")
+                assert select.select([sock], [], [], 5)[0]  # the answer is in, unread
+                assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                assert c._conns[0].lost is None and not c._conns[0].dropped
+                # Its end, after such an answer, is still read as one.
+                proxy.close_clients()
+                assert select.select([sock], [], [], 2)[0]
+                assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                return proxy.accepted
+    assert run(main()) == 2
+
+
 def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
     # The blocking client reads a small answer whole from its first read
     # (_Connection.exchange_one); one that read did not bring whole is read
