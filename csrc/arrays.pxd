@@ -21,11 +21,14 @@ cdef enum:
 cdef inline object array_over(cnp.dtype dtype, int nd, cnp.npy_intp *dims, char *data,
                               object owner, bint writeable):
     """A C-contiguous array of `dtype` and shape dims[:nd] over `data`,
-    memory that `owner` holds and keeps alive (its base, as numpy's own
-    constructor makes it); read-only unless `writeable`. ValueError where
-    numpy takes no such size."""
+    memory that `owner` holds and keeps alive (its base); read-only unless
+    `writeable`. With `data` NULL, over memory of its own (uninitialised;
+    no base). ValueError where numpy takes no such size."""
     Py_INCREF(dtype)  # taken by PyArray_NewFromDescr, even where it fails
-    cdef cnp.ndarray array = PyArray_NewFromDescr(
+    cdef cnp.ndarray array
+    if data == NULL:  # (its flags then mean Fortran order: 0, C's, writable)
+        return PyArray_NewFromDescr(cnp.ndarray, dtype, nd, dims, NULL, NULL, 0, None)
+    array = PyArray_NewFromDescr(
         cnp.ndarray, dtype, nd, dims, NULL, data,
         cnp.NPY_ARRAY_C_CONTIGUOUS | (cnp.NPY_ARRAY_WRITEABLE if writeable else 0), None)
     cnp.set_array_base(array, owner)

@@ -17,7 +17,6 @@ than a record has parts. Anything else returns None, and the caller takes
 messages.py's path, which also says what is wrong where something is.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.dict cimport PyDict_CheckExact, PyDict_Copy, PyDict_Next, PyDict_SetItem
@@ -25,7 +24,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.list cimport (PyList_AsTuple, PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE,
                            PyList_New, PyList_SET_ITEM)
 from cpython.long cimport PyLong_AsSsize_t, PyLong_CheckExact
-from cpython.memoryview cimport PyMemoryView_Check
+from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
@@ -45,11 +44,6 @@ import numpy as np
 
 cnp.import_array()
 
-
-cdef extern from "Python.h":
-    # The object a memoryview's memory is (numpy's constructor makes it an
-    # array's base); NULL where it was made from bare memory.
-    PyObject *_memoryview_base "PyMemoryView_GET_BASE" (object view)
 
 from mmengine.ring import MAX_PARTS
 
@@ -251,17 +245,14 @@ cdef object _shape(object desc, Py_ssize_t *nbytes, cnp.npy_intp *dims, int *nd)
 
 
 cdef object _read(object descs, object parts, bint copy):
-    """Arrays of the parts, each viewing its part (`copy`: a bytearray of
-    its own) as numpy's constructor would: writable where the part is,
-    its base the object the part's memory is."""
+    """Arrays of the parts, each viewing its part as np.frombuffer would
+    (`copy`: a copy of its own, as a.copy()): writable where the part is."""
     cdef dict out = {}
     cdef Py_ssize_t i, n, nbytes = 0
     cdef object described, part, owner
     cdef Py_buffer src
     cdef cnp.npy_intp dims[MAX_DIMS]
     cdef int nd = 0
-    cdef char *data
-    cdef bint writeable
     if not (PyList_CheckExact(descs) and PyList_CheckExact(parts)):
         return None
     n = PyList_GET_SIZE(descs)
@@ -279,20 +270,19 @@ cdef object _read(object descs, object parts, bint copy):
         try:
             if src.len != nbytes:  # frombuffer or reshape refuse it, on messages.py's path
                 return None
-            if copy:  # a bytearray's memory is malloc's: aligned for any numeric dtype
-                owner = PyByteArray_FromStringAndSize(<char *>src.buf, nbytes)
-                data, writeable = PyByteArray_AS_STRING(owner), True
-            else:
-                data, writeable = <char *>src.buf, not src.readonly
-                owner = part
-                if PyMemoryView_Check(part) and _memoryview_base(part) != NULL:
-                    owner = <object>_memoryview_base(part)  # as numpy's: what it views
+            try:
+                if copy:  # an array of its own, as a.copy() is: its base None
+                    array = array_over(described[1], nd, dims, NULL, None, True)
+                    memcpy(cnp.PyArray_DATA(array), src.buf, nbytes)
+                else:  # as frombuffer's: its base holds an export of the memory (a
+                    # ring's mapping stays mapped, a bytearray keeps its size)
+                    owner = part if PyBytes_CheckExact(part) else PyMemoryView_FromObject(part)
+                    array = array_over(described[1], nd, dims, <char *>src.buf, owner,
+                                       not src.readonly)
+            except ValueError:  # a shape numpy refuses: messages.py's path says it, typed
+                return None
         finally:
             PyBuffer_Release(&src)
-        try:
-            array = array_over(described[1], nd, dims, data, owner, writeable)
-        except ValueError:  # a shape numpy refuses: messages.py's path says it, typed
-            return None
         PyDict_SetItem(out, described[0], array)
     return out
 

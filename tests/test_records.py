@@ -5,6 +5,8 @@ whatever C does not take (None) goes messages.py's way, which the engine's
 tests drive through real workers."""
 from __future__ import annotations
 
+import mmap
+
 import msgpack
 import numpy as np
 import pytest
@@ -248,21 +250,45 @@ def test_views_and_copies_are_the_arrays_messages_makes(arrays):
     assert_same_arrays(copies, messages._copy_out(descs, parts))
     for name in copies:
         assert copies[name].flags.writeable and copies[name].flags.aligned
+        assert copies[name].base is None
         assert not any(np.shares_memory(copies[name], np.frombuffer(p, np.uint8)) for p in parts)
 
 
 
-def test_views_are_what_numpys_constructor_makes_of_their_parts():
-    # Read-only where the part is, writable where it is; the array's base
-    # the object the part's memory is (a memoryview's underlying one).
+def test_views_are_what_frombuffer_makes_of_their_parts():
+    # Read-only where the part is, writable where it is, and the part's
+    # memory kept while the array lives, as frombuffer's base keeps it.
     descs = [["x", "<f4", [2, 2]]]
     for part in (memoryview(bytes(16)), memoryview(bytearray(16)), bytearray(16), bytes(16),
                  memoryview(bytearray(32))[8:24]):
         view = _records.view(descs, [part])["x"]
-        numpy_s = np.ndarray((2, 2), np.float32, part)
+        numpy_s = np.frombuffer(part, np.float32).reshape(2, 2)
         assert view.flags.writeable == numpy_s.flags.writeable, part
-        assert view.base is numpy_s.base, part
         assert np.shares_memory(view, numpy_s)
+    grown = bytearray(16)
+    view = _records.view(descs, [grown])["x"]
+    with pytest.raises(BufferError):
+        grown.extend(b"more")  # would move the memory under the array
+    # The base was the mmap itself, which holds no export: a worker's ring
+    # closed at exit unmapped the memory of inputs a model had kept (a
+    # review read one after and crashed).
+    mapping = mmap.mmap(-1, 4096)
+    part = memoryview(mapping)[64:80]
+    view = _records.view(descs, [part])["x"]
+    del part
+    with pytest.raises(BufferError):
+        mapping.close()
+    del view
+    mapping.close()
+
+
+def test_copies_own_their_memory():
+    # Over a bytearray that was their base, which anyone could resize.
+    descs = [["x", "<f4", [2, 2]]]
+    copy = _records.copy_out(descs, [memoryview(np.arange(4, dtype=np.float32))])["x"]
+    assert copy.base is None and copy.flags.owndata
+    assert copy.tolist() == [[0, 1], [2, 3]]
+
 
 @pytest.mark.parametrize("descs, sizes", [
     ([["x", "<f4", [2, 2]]], [15]),            # fewer bytes than the shape's
