@@ -67,9 +67,9 @@ import psutil
 
 from mmengine import fetch
 from mmengine.config import Config, ConfigError
-from mmengine.errors import LoadFailed
-from mmengine.storage import (MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, tree_bytes,
-                              zstd_reader)
+from mmengine.errors import LoadFailed, Overloaded
+from mmengine.storage import (MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, is_version,
+                              tree_bytes, zstd_reader)
 
 log = logging.getLogger("mmengine")
 
@@ -213,7 +213,8 @@ class DiskCache:
         cached copy, or one fetched now; in use (never evicted) until
         `release`. Blocking: run it in an executor. LoadFailed if the model
         cannot be fetched (a source not allowed, unreachable, a digest that
-        does not match, no room); nothing of a failed fetch stays on disk.
+        does not match, no room), Overloaded if the room is held by copies
+        other loads read; nothing of a failed fetch stays on disk.
         A local spec is its own directory (and needs no release)."""
         if not spec.source:
             return spec.path
@@ -232,8 +233,8 @@ class DiskCache:
             flight.done.wait()  # the leader's fetch is bounded by its timeouts
             if flight.fingerprint != fp:  # a download for the stub as it was: this one next
                 return self.ensure(spec)
-            if flight.error is not None:
-                raise LoadFailed(str(flight.error))
+            if flight.error is not None:  # LoadFailed, or Overloaded (room to come)
+                raise type(flight.error)(str(flight.error))
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None or entry.path != flight.path or not self._hold(entry):
@@ -244,7 +245,7 @@ class DiskCache:
         try:  # held for this caller
             flight.path = self._checked(spec, key, fp, where) or self._fetch(spec, key, fp, where)
             return flight.path
-        except LoadFailed as e:
+        except (LoadFailed, Overloaded) as e:
             flight.error = e
             raise
         except OSError as e:
@@ -387,7 +388,8 @@ class DiskCache:
             with self._lock:
                 self._downloads[tmp] = need
             try:
-                self._download(spec, tmp, room if limit is None else limit, where)
+                self._download(spec, tmp, room if limit is None else limit,
+                               limit is not None, where)
                 _write_synced(tmp / MANIFEST, own)
                 fetch.fsync_dir(tmp)  # every file was synced as it was renamed
                 entry = _Entry(final, fp, tree_bytes(tmp), estimate, _ident(os.stat(tmp)),
@@ -481,7 +483,12 @@ class DiskCache:
         except LoadFailed as e:
             raise LoadFailed(f"{where}: {e}") from e
 
-    def _download(self, spec: ModelSpec, tmp: Path, limit: int, where: str) -> None:
+    def _download(self, spec: ModelSpec, tmp: Path, limit: int, sized: bool,
+                  where: str) -> None:
+        """Fetches `spec`'s files into `tmp`, `limit` bytes in all: the sum
+        of their sizes as the source said them (`sized`), each file held to
+        what the others left of it; else the room there is, which each file
+        takes from on disk."""
         left = limit
         for file, digest in spec.files:
             dest = tmp / file
@@ -489,12 +496,18 @@ class DiskCache:
             compress = spec.compress == "zstd" and file == spec.artifact
             if compress:
                 dest = dest.with_name(dest.name + ZSTD_SUFFIX)
+            # Of no known size, the file lands whole before it is compressed
+            # beside it: both fit in the room (fetch_file), the copy hardly
+            # larger than the file.
+            most = left if sized or not compress else left // 2
             try:
-                fetch.fetch_file(fetch.file_url(spec.source, file), dest, digest,
-                                 self.config, left, compress)
+                got = fetch.fetch_file(fetch.file_url(spec.source, file), dest, digest,
+                                       self.config, most, compress)
             except LoadFailed as e:
                 raise LoadFailed(f"{where}: {e}") from e
-            left -= dest.stat().st_size
+            # A compressed copy of bytes that do not compress is a little
+            # larger than they: the source's size is the one that was said.
+            left -= got if sized else dest.stat().st_size
 
     # -- room ------------------------------------------------------------------------
 
@@ -502,7 +515,9 @@ class DiskCache:
         """Evicts least recently used entries until `need` more bytes fit
         under both limits; the room there then is. If that takes copies in
         use too (being fetched, or read by a load), waits for them to be let
-        go, ROOM_WAIT_S at most. Holds the lock (the wait lets go of it)."""
+        go, ROOM_WAIT_S at most: then Overloaded (the room comes back);
+        LoadFailed where it would not fit if they went. Holds the lock (the
+        wait lets go of it)."""
         deadline = time.monotonic() + ROOM_WAIT_S
         self._prune()
         while True:
@@ -526,8 +541,13 @@ class DiskCache:
                     return room
             held = self._reserved + elsewhere + sum(
                 e.nbytes for key, e in self._entries.items() if key in self._flights or e.users)
-            if not held or self._room() + freeable + held < need or left <= 0:
+            if not held or self._room() + freeable + held < need:
                 break  # evicting all would not do: evict none
+            if left <= 0:  # the room is there once other loads let go of it
+                raise Overloaded(
+                    f"{where}: the disk cache has no room for {need} bytes now: {held} "
+                    f"bytes of it are copies in use (being fetched, or read by loads); "
+                    f"retry once they are let go")
             # Other servers' loads let go of their copies without a word to
             # this one: look again shortly, as for this one's own.
             self._let_go.wait(min(left, OTHERS_POLL_S) if elsewhere else left)
@@ -747,13 +767,12 @@ class DiskCache:
             for path in _subdirs(name_dir):
                 version, _, fp = path.name.partition("-")
                 estimate = _made_for(path / MANIFEST)
-                if (version.isdigit() and str(int(version)) == version
-                        and len(fp) == 16 and estimate is not None):
+                if is_version(version) and len(fp) == 16 and estimate is not None:
                     try:
                         st = path.stat()
                         entry = _Entry(path, fp, tree_bytes(path), estimate, _ident(st))
-                    except OSError:  # evicted as it was read, by another server
-                        continue
+                    except (OSError, LoadFailed):  # evicted as it was read, by another
+                        continue  # server; or a folder of it unreadable: not a copy
                     found.append((st.st_mtime, (name_dir.name, int(version)), entry))
         for _, key, entry in sorted(found, key=lambda f: f[0]):
             if key in self._entries:  # two copies of one model: the newer stays

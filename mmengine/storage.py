@@ -578,7 +578,10 @@ def read_spec(name: str, version: int, path: Path, config: Config | None = None,
         fields = _parse_manifest(manifest, where)
         if digests:
             fields["token_digests"] = digests
-        return _read_spec(name, version, path, files, fields, config, estimate, where)
+        try:
+            return _read_spec(name, version, path, files, fields, config, estimate, where)
+        except OSError as e:  # its files changed as they were read (a rollback)
+            raise LoadFailed(f"{where}: cannot be read ({e.strerror or type(e).__name__})") from None
     except LoadFailed as e:
         e.token_digests = digests
         raise
@@ -712,7 +715,10 @@ def tree_bytes(path: Path) -> int:
         if entry.is_dir(follow_symlinks=False):
             total += tree_bytes(Path(entry.path))
         elif _is_file(entry):
-            total += entry.stat().st_size
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:  # removed since the folder was listed
+                pass
     return total
 
 

@@ -1,8 +1,11 @@
 """The model repository: layout, detection, manifests, names and versions."""
 from __future__ import annotations
 
+import collections
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from mmengine import demo
 from mmengine.backends.safetensors import save_file
-from mmengine.errors import LoadFailed, ModelNotFound
+from mmengine.errors import LoadFailed, MMEngineError, ModelNotFound
 from mmengine.storage import ModelSpec, Repository, TensorSpec, check_name
 
 
@@ -451,3 +454,39 @@ def test_a_root_gone_as_a_scan_reads_its_models_is_an_error_of_that_scan(tmp_pat
     with pytest.raises(LoadFailed, match="is not a directory"):
         repo.scan()
     assert repo.versions("b") == (1,)
+
+
+def test_a_version_whose_files_change_as_it_is_read_fails_typed(tmp_path):
+    # A file removed between the folder's listing and its stat (a rollback,
+    # an rm -rf) escaped as a bare FileNotFoundError: a 500 that named the
+    # server's path, a listing page failed, a rescan cut short (a review).
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"x")  # sized by its files, not a header
+    names = [version / f"f{i}" for i in range(300)]
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for p in names:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    p.touch()
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    outcomes = collections.Counter()
+    try:
+        deadline = time.monotonic() + 3
+        for _ in range(5000):
+            if time.monotonic() > deadline:
+                break
+            try:
+                Repository(tmp_path).resolve("m", 1)
+                outcomes["ok"] += 1
+            except MMEngineError as e:
+                outcomes[type(e).__name__] += 1
+    finally:
+        stop.set()
+        thread.join(5)
+    assert outcomes["ok"] > 0, outcomes
