@@ -7,8 +7,10 @@
     mmengine bench [--url ...] [--models N] [--zipf S] [--requests M] [--concurrency C]
     mmengine token                        # a new token, and its line for a model.toml
 
-Every serve option is also a key of the TOML file given with --config and an
-MMENGINE_<KEY> environment variable; flags win over both. Bad values are
+Every serve option but --config and --demo is also a key of the TOML file
+given with --config and an MMENGINE_<KEY> environment variable (--idle-unload,
+--trace and --pin are idle_unload_s, trace_file and pin_models); flags win
+over both. Bad values are
 refused at start with a message that names the key.
 
 `--token T` of stats and bench is sent with every request (a model whose

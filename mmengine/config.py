@@ -124,13 +124,15 @@ class Config:
     gil_switch_us: float = 50.0
     # -- memory
     device_budget: int = 0               # bytes of models per worker; 0: a GPU's total
-                                         # memory, or half the host's split over CPU workers
+                                         # memory, or half of resources.memory_for_models
+                                         # split over CPU workers
     high_watermark: float = 0.80         # evict when usage would pass this fraction...
     low_watermark: float = 0.70          # ...down to this one
     host_memory_watermark: float = 0.80  # system memory fraction that forces eviction
     # Bytes of models kept in shared memory for every worker to map (the
     # host tier): evicted models are demoted there, and reload from there.
-    # "auto" (-1): a quarter of the memory the server may have (resources.host_memory); 0: none.
+    # "auto" (-1): a quarter of resources.memory_for_models (the memory the server
+    # may have, less its rings and processes); 0: none.
     host_tier_bytes: int = -1
     # Loads in flight at once (different models, different workers) may
     # move this many bytes together; a larger model loads alone. 0: no bound.
@@ -245,8 +247,8 @@ class Config:
     def max_request_bytes(self) -> int:
         """The largest message a ring takes: its capacity (see ring.py), or
         the largest record a record's size field can say where that is less."""
-        from mmengine.ring import LARGEST_RECORD  # ring.py reads this module
-        return min(1 << (self.ring_bytes - 1).bit_length(), LARGEST_RECORD)
+        from mmengine.ring import LARGEST_RECORD, rounded_capacity  # ring.py reads this module
+        return min(rounded_capacity(self.ring_bytes), LARGEST_RECORD)
 
     def replace(self, **changes: Any) -> "Config":
         return load(overrides={**dataclasses.asdict(self), **changes}, env={})

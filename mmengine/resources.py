@@ -13,7 +13,7 @@ import os
 
 import psutil
 
-from mmengine import cgroup
+from mmengine import cgroup, ring
 from mmengine.config import Config, ConfigError, native
 from mmengine.messages import HEAVY_OPS, Op
 
@@ -211,7 +211,8 @@ def memory_for_models(config: Config, key: str) -> int:
     if total <= fixed:
         raise ConfigError(
             f"{key}: automatic, but the memory the server may have ({total >> 20} MiB) "
-            f"leaves none for models after {workers} workers' rings (2 x ring_bytes each) "
+            f"leaves none for models after {workers} workers' rings (2 x ring_bytes each, "
+            f"rounded up to a power of two) "
             f"and {workers + 1} processes (~{PROCESS_BYTES >> 20} MiB each): give it more "
             f"memory, or fewer workers, a smaller ring_bytes, or set device_budget and "
             f"host_tier_bytes")
@@ -221,7 +222,7 @@ def memory_for_models(config: Config, key: str) -> int:
 def own_memory(config: Config, workers: int) -> int:
     """What a server of `workers` workers holds whatever it serves: their
     data rings and every process's PROCESS_BYTES."""
-    return workers * 2 * config.ring_bytes + (workers + 1) * PROCESS_BYTES
+    return workers * 2 * ring.segment_bytes(config.ring_bytes) + (workers + 1) * PROCESS_BYTES
 
 
 def overcommitted(config: Config, budgets: list[int], host_bytes: int) -> str | None:

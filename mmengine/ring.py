@@ -133,6 +133,19 @@ COPY_HEADER_BYTES = 256  # csrc/ring.pyx has the same
 MAGIC = 0x31304752494D4D4D
 VERSION = 1
 WRAP = 0xFFFFFFFF
+
+
+def rounded_capacity(asked: int) -> int:
+    """The data area of a ring made for `asked` bytes: the power of two at
+    or above it (a position is then a mask away)."""
+    return 1 << (asked - 1).bit_length()
+
+
+def segment_bytes(asked: int) -> int:
+    """The shared memory a ring made for `asked` bytes takes."""
+    return HEADER_BYTES + rounded_capacity(asked)
+
+
 # The two closed bytes read as one little-endian u32 (each side writes only
 # its own byte, so closing needs no read-modify-write).
 CREATOR_CLOSED = 0x1
@@ -356,7 +369,7 @@ class _RingLife:
             raise ValueError(f"ring capacity must be >= {MIN_CAPACITY} bytes")
         if not 0 <= spin_us < MAX_SPIN_US:  # as the setter says (NaN included)
             raise ValueError(f"spin_us must be >= 0 and < {MAX_SPIN_US:g}")
-        cap = 1 << (capacity - 1).bit_length()
+        cap = rounded_capacity(capacity)
         data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
