@@ -50,6 +50,16 @@ async def until(condition, timeout: float = 20.0, what: str = "the condition") -
         await asyncio.sleep(0.02)
 
 
+async def eventually(check, timeout: float = 20.0, what: str = "the condition") -> None:
+    """until() for a check that is a coroutine function (one that asks the
+    engine): awaited until it returns true; AssertionError after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def run(coro, timeout: float = 120.0, max_stall: float = 1.0):
     """Runs `coro` on a fresh uvloop with a deadline. Fails if anything
     reached the loop's exception handler (a callback that raised, a task

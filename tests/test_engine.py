@@ -18,8 +18,9 @@ import pytest
 import torch
 import uvloop
 
-from conftest import (SLOW_HANDLER, busy_process, environ, live_pids, run, slow_loading,
-                      until, write_handler, write_problem_models, write_sparse_model)
+from conftest import (SLOW_HANDLER, busy_process, environ, eventually, live_pids, run,
+                      slow_loading, until, write_handler, write_problem_models,
+                      write_sparse_model)
 from mmengine import demo, messages, resources, shm
 from mmengine.config import Config, native
 from mmengine.engine import OBSERVE_WITHIN_S, Engine
@@ -144,7 +145,8 @@ def test_busy_and_pinned_models_survive_pressure(repo, own_segments):
             rng = np.random.default_rng(2)
             slow = asyncio.ensure_future(
                 engine.infer("slow", {"seconds": np.array([4.0])}))
-            await asyncio.sleep(0.3)
+            await until(lambda: (engine.pool.workers[0].running() or (0, 0, False))[2], 20,
+                        "the slow call")
             assert engine.model_row(("slow", 1))["state"] == "resident"
             # Loads run beside inference on the worker's loader thread, so
             # they pile pressure on while the slow request holds its model.
@@ -469,7 +471,7 @@ def test_a_killed_worker_fails_its_requests_and_comes_back(repo, own_segments):
             with pytest.raises(WorkerDied, match=rf"^worker 0 \(pid {victim}\) ended: SIGKILL, "
                                                  rf"running slow v1$"):
                 await slow
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 3.0  # at its death, not at the call's end (5 s)
             x = x_for(np.random.default_rng(8))
             deadline = time.monotonic() + 30
             while True:  # the restarted worker serves again
@@ -585,10 +587,9 @@ def test_a_full_queue_answers_overloaded_at_once(repo, own_segments):
             slow = [asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([1.0])}))
                     for _ in range(2)]
             await asyncio.sleep(0)
-            t0 = time.monotonic()
             with pytest.raises(Overloaded):
                 await engine.infer("slow", {"seconds": np.array([0.0])})
-            assert time.monotonic() - t0 < 0.5  # refused, not queued
+            assert not any(f.done() for f in slow)  # refused at once, not queued behind them
             await asyncio.gather(*slow)
             # Answered requests leave the queue: the model takes requests again.
             out = await engine.infer("slow", {"seconds": np.array([0.0])})
@@ -1437,8 +1438,10 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
                                        rtol=1e-5, atol=1e-5)
             demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=2, version=2)
             demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3)
-            await asyncio.sleep(0.5)
-            assert {("m", 1), ("m", 2), ("new", 1)} <= await listed(engine)
+
+            async def added():
+                return {("m", 1), ("m", 2), ("new", 1)} <= await listed(engine)
+            await eventually(added, 10, "a scan")
             np.testing.assert_allclose((await engine.infer("m", {"x": x}))["y"], ref(2),
                                        rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose((await engine.infer("m", {"x": x}, version=1))["y"],
@@ -1448,8 +1451,10 @@ def test_models_and_versions_added_or_removed_while_serving(tmp_path, own_segmen
             await engine.unload("new", keep_host=True)  # its copy in host memory stays
             assert engine.model_row(("new", 1))["state"] == "in host memory"
             shutil.rmtree(tmp_path / "new")
-            await asyncio.sleep(0.5)
-            assert ("new", 1) not in await listed(engine)
+
+            async def removed():
+                return ("new", 1) not in await listed(engine)
+            await eventually(removed, 10, "a scan")
             with pytest.raises(ModelNotFound):
                 await engine.infer("new", {"x": x})
             # The removed model's copy in host memory goes: it serves nothing.
@@ -1498,12 +1503,19 @@ def test_a_token_rotated_in_its_manifest_is_taken_while_serving(tmp_path, own_se
         async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
             await engine.infer("m", {"x": x}, token="old")
             tokens("old", "new")
-            await asyncio.sleep(0.5)
-            await engine.infer("m", {"x": x}, token="new")
+
+            async def taken(token):
+                try:
+                    await engine.infer("m", {"x": x}, token=token)
+                    return True
+                except Unauthorized:
+                    return False
+            await eventually(lambda: taken("new"), 10, "the new token")
             tokens("new")
-            await asyncio.sleep(0.5)
-            with pytest.raises(Unauthorized):
-                await engine.infer("m", {"x": x}, token="old")
+
+            async def refused(token):
+                return not await taken(token)
+            await eventually(lambda: refused("old"), 10, "the old token's revocation")
             await engine.infer("m", {"x": x}, token="new")
             assert engine.model_row(("m", 1))["loads"] == 1  # the model stayed resident
 
@@ -2547,10 +2559,11 @@ def test_the_repository_watch_goes_on_after_a_scan_fails(tmp_path, own_segments,
     import errno
 
     demo.write_mlp(tmp_path / "m", "safetensors", *DIMS, seed=1)
-    scandir, failing = os.scandir, [True]
+    scandir, failing, failed = os.scandir, [True], [0]
 
     def flaky(path):
         if failing[0] and os.fspath(path) == str(tmp_path):
+            failed[0] += 1
             raise OSError(errno.EMFILE, "Too many open files")
         return scandir(path)
 
@@ -2558,13 +2571,15 @@ def test_the_repository_watch_goes_on_after_a_scan_fails(tmp_path, own_segments,
         async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
             await engine.models()
             monkeypatch.setattr(os, "scandir", flaky)
-            await asyncio.sleep(0.35)  # scans that fail
+            await until(lambda: failed[0] >= 2, 10, "scans that fail")
             failing[0] = False
             demo.write_mlp(tmp_path / "new", "safetensors", *DIMS, seed=3)
-            await asyncio.sleep(0.5)
-            return {r["name"] for r in await engine.models()}
 
-    assert run(main()) == {"m", "new"}
+            async def seen():
+                return {r["name"] for r in await engine.models()} == {"m", "new"}
+            await eventually(seen, 10, "a scan after the failed ones")
+
+    run(main())
 
 
 def test_a_model_removed_while_a_request_reads_its_manifest_is_not_loaded_by_it(
@@ -2865,8 +2880,8 @@ def test_a_request_whose_turn_comes_too_late_is_dropped_then(tmp_path, own_segme
             return failed, await asyncio.gather(*ahead)
 
     (error, at), ahead = run(main())
-    assert "could not have finished" in str(error)
-    assert 0.37 < at < 0.47, at
+    assert "could not have finished" in str(error)  # said at its turn only (workers.py)
+    assert 0.2 < at < 0.5, at  # behind the first call, before its deadline
     assert [float(a["y"][0]) for a in ahead] == [np.float32(0.4)] * 2
 
 

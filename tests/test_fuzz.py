@@ -242,15 +242,19 @@ class Target:
                         MMENGINE_TCP_IDLE_TIMEOUT_S=str(TCP_IDLE_S),
                         MMENGINE_HTTP_IDLE_TIMEOUT_S="5",
                         MMENGINE_MODEL_ROOTS=str(roots), **env))
-        m = self.server.wait_for(r"on tcp://(\S+):(\d+)", 60)
-        self.tcp = m.group(1), int(m.group(2))
-        m = self.server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 30)
-        self.http = m.group(1), int(m.group(2))
-        self.process = psutil.Process(self.server.proc.pid)
-        self.ids = itertools.count(1)
-        self.stats = {"frames": 0, "errors": {}, "closed": 0, "http": {}}
-        self.assert_serving()
-        self.rss0 = self.rss()
+        try:  # a server that never came up is not left running
+            m = self.server.wait_for(r"on tcp://(\S+):(\d+)", 60)
+            self.tcp = m.group(1), int(m.group(2))
+            m = self.server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 30)
+            self.http = m.group(1), int(m.group(2))
+            self.process = psutil.Process(self.server.proc.pid)
+            self.ids = itertools.count(1)
+            self.stats = {"frames": 0, "errors": {}, "closed": 0, "http": {}}
+            self.assert_serving()
+            self.rss0 = self.rss()
+        except BaseException:
+            self.server.kill()
+            raise
 
     def rss(self) -> int:
         return self.process.memory_info().rss

@@ -5,20 +5,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SLOW_HANDLER, run, until, write_handler
+from conftest import SLOW_HANDLER, Server, run, until, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -655,33 +650,20 @@ def test_tcp_answers_with_timing_when_asked(repo, own_segments, account):
 
 
 def test_serve_writes_a_trace_and_closes_it_on_sigterm(repo, tmp_path):
+    from mmengine.client import Client
+
     path = tmp_path / "serve.json"
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMENGINE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "mmengine.cli", "serve", "--repo", str(repo),
-                             "--workers", "1", "--tcp-port", "0", "--http-port", "-1",
-                             "--trace", str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    server = Server("--repo", str(repo), "--workers", "1", "--tcp-port", "0", "--http-port",
+                    "-1", "--trace", str(path))
     try:
-        port = None
-        for line in proc.stdout:
-            found = re.search(r"tcp://[\d.]+:(\d+)", line)
-            if found:
-                port = int(found.group(1))
-            if "writing a trace" in line:
-                break
-        assert port, "the server did not say its port"
-        from mmengine.client import Client
+        port = int(server.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
+        server.wait_for("writing a trace", 30)
         with Client(f"127.0.0.1:{port}") as c:
             for name in MODELS:
                 c.infer(name, {"x": np.ones((2, DIMS[0]), np.float32)})
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert server.stop(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        server.kill()
     events = json.loads(path.read_text())  # valid JSON: closed at shutdown
     check_tracks(events)
     assert sum(e.get("cat") == "request" for e in events) == len(MODELS)

@@ -424,6 +424,7 @@ def test_a_slow_reader_gets_its_whole_answer_past_the_idle_timeout(impatient, pr
             assert data, f"the server closed the connection after {got} bytes"
             got += len(data)
             time.sleep(1 / 16)
+    assert got >= 16 * MiB, f"{got} bytes in 60 s"  # (the answer's framing is more)
     assert time.monotonic() - t0 > 2 * IDLE_S
 
 

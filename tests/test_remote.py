@@ -989,8 +989,9 @@ def test_a_served_remote_model_is_fetched_once_and_reloads_from_the_disk_cache(t
                                 "/mlp/1/model.py", "/mlp/1/model.safetensors"]
         assert stats["disk_cache"]["fetches"] == 1 and stats["disk_cache"]["hits"] == 1
         assert {r["name"]: r["loads"] for r in stats["models"]}["mlp"] == 2
-    finally:
         assert proc.stop() == 0
+    finally:
+        proc.kill()  # (a failure above stays the test's)
 
 
 def test_config_file_values_of_the_wrong_kind_are_refused_or_taken(tmp_path):
@@ -1230,6 +1231,7 @@ def test_serve_exits_within_its_shutdown_timeout_while_a_fetch_stalls(tmp_path):
         # The fetch stalls for fetch.TIMEOUT_S (30 s); the server must not.
         assert proc.stop(timeout=15) == 0
     finally:
+        proc.kill()
         hole.close()
 
 

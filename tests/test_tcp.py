@@ -967,14 +967,33 @@ def bench_table(stdout: str) -> dict[str, str]:
     return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in stdout.splitlines())
 
 
+def requests_taken(address) -> int:
+    """The inference requests the server at `address` has taken, in all."""
+    with Client(address) as c:
+        totals = c.stats()["totals"]
+    return totals["hits"] + totals["misses"]
+
+
+def wait_for_requests(address, more: int, since: int,
+                      proc: subprocess.Popen | None = None) -> None:
+    """Until the server has taken `more` requests after `since` (a child
+    `proc`'s, which is then past its start-up), 60 s at most."""
+    deadline = time.monotonic() + 60
+    while requests_taken(address) < since + more:
+        assert proc is None or proc.poll() is None, "it ended first"
+        assert time.monotonic() < deadline, "no requests came"
+        time.sleep(0.05)
+
+
 def test_bench_interrupted_reports_what_it_did(address):
     # Ctrl-C: a traceback, and the requests done so far went unreported.
+    before = requests_taken(address)
     bench = subprocess.Popen(command("bench", "--url", "%s:%d" % address, "--requests", "1000000",
                                      "--concurrency", "4", "--timeout", "20"),
                              env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, preexec_fn=interruptible)
     try:
-        time.sleep(4.0)  # its imports, its list, then some traffic
+        wait_for_requests(address, 20, before, bench)
         bench.send_signal(signal.SIGINT)
         out, err = bench.communicate(timeout=60)
     finally:
@@ -995,7 +1014,7 @@ def test_bench_reports_what_it_did_when_the_server_goes_away(request, repo):
                              env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
-        time.sleep(4.0)
+        wait_for_requests(address, 20, 0, bench)
         assert server.stop() == 0
         out, err = bench.communicate(timeout=60)
     finally:
@@ -1017,7 +1036,8 @@ def test_stats_interrupted_or_misused_says_one_line(address):
                                  env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, preexec_fn=interruptible)
         try:
-            time.sleep(3.0)
+            silent.settimeout(60)
+            silent.accept()  # it waits for the answer now, past its start-up
             stats.send_signal(signal.SIGINT)
             _, err = stats.communicate(timeout=30)
         finally:
@@ -1268,11 +1288,15 @@ def test_a_pooled_connection_the_server_closed_is_replaced(address):
 def test_a_connection_in_use_when_its_client_closes_is_closed_as_its_call_ends(address):
     # It went back to the pool of the closed client, open, for good.
     c = Client(address)
-    slow = threading.Thread(target=c.infer, args=("slow", {"seconds": np.array([0.5])}))
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(
+        c.infer("slow", {"seconds": np.array([0.5])})["y"].tolist()))
+    before = requests_taken(address)
     slow.start()
-    time.sleep(0.2)
+    wait_for_requests(address, 1, before)
     c.close()
     slow.join(10)
+    assert answers == [[1.0]]  # the call in flight ends as ever
     assert not slow.is_alive() and len(c._pool) == 0
     c.infer("m00", {"x": x_for(np.random.default_rng(3))})  # a later call connects anew
     assert len(c._pool) == 1
