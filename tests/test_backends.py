@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -653,6 +654,7 @@ def test_untrusted_code_nested_past_pythons_stack_is_refused_as_unreadable():
 
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("m/version", "3\n")  # (torch's reader opens no archive without it)
         z.writestr("m/code/__torch__/m.py", "def f(y):\n    return " + "+".join(["y"] * 2000))
     archive.seek(0)
     with pytest.raises(LoadFailed, match="its program's code cannot be read"):
@@ -728,6 +730,74 @@ def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
         change = lambda name, data: data  # noqa: E731
     rewrite_pt2(path, change)
     with pytest.raises(LoadFailed, match=message):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
+def two_faced(for_torch: bytes, for_zipfile: bytes) -> bytes:
+    """One file holding two zip archives: torch's reader (miniz) takes the
+    central directory the end record points at, `for_torch`'s; Python's
+    zipfile, finding another just before the end record, takes the bytes
+    between for data put before an archive and reads `for_zipfile`'s."""
+    def split(z: bytes) -> tuple[bytes, list[bytearray], int]:
+        end = z.rfind(b"PK\x05\x06")
+        n, size, at = struct.unpack("<HII", z[end + 10:end + 20])
+        entries, p = [], at
+        while p < at + size:
+            name, extra, comment = struct.unpack("<HHH", z[p + 28:p + 34])
+            entries.append(bytearray(z[p:p + 46 + name + extra + comment]))
+            p += 46 + name + extra + comment
+        return z[:at], entries, n
+
+    def padded(entries: list[bytearray], to: int) -> bytes:
+        short = to - sum(map(len, entries))  # a comment on the last entry
+        last = entries[-1]
+        last[32:34] = struct.pack("<H", struct.unpack("<H", last[32:34])[0] + short)
+        return b"".join(entries) + b" " * short
+
+    local_t, dir_t, n = split(for_torch)
+    local_z, dir_z, _ = split(for_zipfile)
+    size = max(sum(map(len, dir_t)), sum(map(len, dir_z)))
+    for entry in dir_z:  # zipfile adds what it took for prepended data: `size`
+        at = struct.unpack("<I", entry[42:46])[0]
+        entry[42:46] = struct.pack("<I", at + len(local_t) - size)
+    return (local_t + local_z + padded(dir_t, size) + padded(dir_z, size) + b"PK\x05\x06"
+            + struct.pack("<HHHHIIH", 0, 0, n, n, size, len(local_t) + len(local_z), 0))
+
+
+def test_an_untrusted_torchscript_is_audited_as_torch_reads_it(tmp_path):
+    # Its code was read through zipfile, which one file can show another
+    # archive than torch reads: the audit read a harmless program, and the
+    # one that loaded wrote a file as it was unpickled (a review).
+    marker = tmp_path / "written"
+    torch.jit.script(Saves(str(marker))).save(str(tmp_path / "saves.pt"))
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "harmless.pt"))
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.pt").write_bytes(two_faced((tmp_path / "saves.pt").read_bytes(),
+                                              (tmp_path / "harmless.pt").read_bytes()))
+    with zipfile.ZipFile(path / "model.pt") as archive:  # what zipfile shows
+        assert not any(b"save" in archive.read(n) for n in archive.namelist()
+                       if n.endswith(".py"))
+    with pytest.raises(LoadFailed, match="calls aten::save, which a model not marked"):
+        load(tmp_path, "m")
+    assert not marker.exists()
+
+
+def test_an_untrusted_export_program_is_audited_as_torch_reads_it(tmp_path):
+    # As the TorchScript above: zipfile read a program of plain weights,
+    # torch one whose weights are a pickle, which it unpickled (a review).
+    marker = tmp_path / "pwned"
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    harmless = path.read_bytes()
+
+    def evil(name, data):
+        if "/data/weights/weight_" in name:
+            return pickled(Evil(marker))
+        return pickled_weights(name, data)
+    rewrite_pt2(path, evil)
+    path.write_bytes(two_faced(path.read_bytes(), harmless))
+    with pytest.raises(LoadFailed, match="pickled payloads"):
         load(tmp_path, "m")
     assert not marker.exists()
 

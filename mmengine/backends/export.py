@@ -22,7 +22,6 @@ import io
 import json
 import math
 import re
-import zipfile
 from typing import Any
 
 import torch
@@ -32,9 +31,10 @@ from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
 from mmengine.errors import LoadFailed
 from mmengine.storage import DTYPES, ModelSpec, TensorSpec, open_artifact
 
-# Members of a pt2 archive (under its one root folder) that hold no pickle,
-# except the sample inputs, which are checked with weights_only=True.
-_PLAIN_MEMBER = re.compile(r"""[^/]+/(?:
+# Records of a pt2 archive (under its one root folder, which torch's reader
+# leaves out of their names) that hold no pickle, except the sample inputs,
+# which are checked with weights_only=True.
+_PLAIN_MEMBER = re.compile(r"""(?:
       archive_format | archive_version | byteorder | \.data/version | \.data/serialization_id
     | models/[^/]+\.json
     | data/weights/(?:weight_\d+ | [^/]+_weights_config\.json)
@@ -42,10 +42,10 @@ _PLAIN_MEMBER = re.compile(r"""[^/]+/(?:
     | data/sample_inputs/[^/]+\.pt
     | extra/[^/]+
 )""", re.X)
-_PAYLOAD_CONFIG = re.compile(r"[^/]+/data/(?:weights|constants)/[^/]+_config\.json")
-_SAMPLE_INPUTS = re.compile(r"[^/]+/data/sample_inputs/[^/]+\.pt")
+_PAYLOAD_CONFIG = re.compile(r"data/(?:weights|constants)/[^/]+_config\.json")
+_SAMPLE_INPUTS = re.compile(r"data/sample_inputs/[^/]+\.pt")
 _PLAIN_PAYLOAD = re.compile(r"weight_\d+|tensor_\d+")  # a payload config's path_name
-_GRAPH = re.compile(r"[^/]+/models/[^/]+\.json")
+_GRAPH = re.compile(r"models/[^/]+\.json")
 # What a symbolic size's expression may name: torch.export.load hands each
 # to sympy.sympify, which is eval (a size rewritten to run os.system ran as
 # the program loaded). Symbols are a letter or few and digits (s77, u0).
@@ -126,41 +126,38 @@ def _audit(data: bytes, where: str) -> None:
                           f"it is not unpickled (set trusted = true in model.toml "
                           f"only for a source you trust)")
 
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as e:
+    try:  # as torch.export.load reads it (untrusted.torch_records: not zipfile)
+        archive, members = untrusted.torch_records(io.BytesIO(data))
+    except RuntimeError as e:
         raise LoadFailed(f"{where}: model.pt2 is not a pt2 archive: {e}") from e
-    with archive:
-        # Each member is read as itself (by its entry, not its name): two
-        # entries of one name are refused, since zipfile would read the
-        # last and torch's reader the first, and only one would be audited.
-        seen = set()
-        for info in archive.infolist():
-            member = info.filename
-            if member.casefold() in seen:
-                raise refuse(f"holds {member!r} twice")
-            seen.add(member.casefold())
-            if not _PLAIN_MEMBER.fullmatch(member):
-                raise refuse(f"holds {member!r}, which may be pickled")
-            if _PAYLOAD_CONFIG.fullmatch(member):
-                try:
-                    config = json.loads(archive.read(info))["config"]
-                    entries = [(e.get("use_pickle"), e.get("path_name")) for e in config.values()]
-                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                    raise refuse(f"has a payload config that is not one ({member})") from None
-                # torch unpickles what use_pickle marks, and any payload
-                # whose file name is not a plain tensor's.
-                if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
-                       for pickled, name in entries):
-                    raise refuse(f"stores pickled payloads ({member})")
-            elif _GRAPH.fullmatch(member):
-                _check_expressions(archive.read(info), refuse)
-            elif _SAMPLE_INPUTS.fullmatch(member):
-                try:
-                    torch.load(io.BytesIO(archive.read(info)), weights_only=True)
-                except Exception as e:
-                    raise refuse(f"has sample inputs that are not plain tensors "
-                                 f"({type(e).__name__})") from e
+    # A record is found by its name without regard to case, the first of
+    # that name: two are refused, as one of them would go unread here.
+    seen = set()
+    for member in members:
+        if member.casefold() in seen:
+            raise refuse(f"holds {member!r} twice")
+        seen.add(member.casefold())
+        if not _PLAIN_MEMBER.fullmatch(member):
+            raise refuse(f"holds {member!r}, which may be pickled")
+        if _PAYLOAD_CONFIG.fullmatch(member):
+            try:
+                config = json.loads(archive.get_record(member))["config"]
+                entries = [(e.get("use_pickle"), e.get("path_name")) for e in config.values()]
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                raise refuse(f"has a payload config that is not one ({member})") from None
+            # torch unpickles what use_pickle marks, and any payload whose
+            # file name is not a plain tensor's.
+            if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
+                   for pickled, name in entries):
+                raise refuse(f"stores pickled payloads ({member})")
+        elif _GRAPH.fullmatch(member):
+            _check_expressions(archive.get_record(member), refuse)
+        elif _SAMPLE_INPUTS.fullmatch(member):
+            try:
+                torch.load(io.BytesIO(archive.get_record(member)), weights_only=True)
+            except Exception as e:
+                raise refuse(f"has sample inputs that are not plain tensors "
+                             f"({type(e).__name__})") from e
 
 
 def _check_expressions(graph: bytes, refuse) -> None:

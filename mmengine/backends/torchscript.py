@@ -34,12 +34,12 @@ def _parse(spec: ModelSpec, device: torch.device) -> TorchModel:
             # read first: loading runs the program's __setstate__. (One who
             # could swap the file in between could as well have put a handler
             # beside it: the repository and the cache are the operator's.)
-            source = f if f.seekable() else io.BytesIO(f.read())
+            source = str(path) if f.seekable() else io.BytesIO(f.read())
             if not spec.trusted:
                 untrusted.check_script_source(source, where)
-                source.seek(0)
-            module = torch.jit.load(str(path) if f.seekable() else source,
-                                    map_location=device)
+                if not f.seekable():
+                    source.seek(0)
+            module = torch.jit.load(source, map_location=device)
     except (LoadFailed, *OUT_OF_MEMORY):  # out of memory: said as such by load_model
         raise
     except Exception as e:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import re
-import zipfile
 from typing import Any, Iterator
 
 import torch
@@ -53,18 +52,31 @@ ALLOWED_HIGHER_ORDER = frozenset({"cond", "while_loop", "map_impl", "scan",
 _PLAIN_MODULES = frozenset({"_operator", "operator", "math"})
 
 
-def check_script_source(archive_file, where: str) -> None:
-    """LoadFailed unless the code of the TorchScript archive read from
-    `archive_file` (a binary file that seeks) names
-    only allowed operators: `torch.<op>` (aten's and prim's), `ops.<ns>.<op>`,
-    and no RPC. Every name counts, called or not (a function may be
-    assigned before it is called). An archive that is none raises as
-    zipfile does."""
-    with zipfile.ZipFile(archive_file) as archive:
-        # Every member that could be code: torch finds records by name
-        # without regard to case (CODE/ and .PY are read as code/ and .py).
-        sources = [archive.read(info) for info in archive.infolist()
-                   if info.filename.lower().endswith(".py")]
+def torch_records(archive) -> tuple[Any, list[str]]:
+    """torch's own reader of zip archive `archive` (a path, or a binary
+    file that seeks) and the names of its records (under the archive's
+    folder): what torch.jit.load and torch.export.load read, each record
+    found by name as they find it (get_record, without regard to case).
+    Python's zipfile is no stand-in: one file can hold two archives, each
+    reader finding its own (a second central directory, which zipfile
+    takes the first for data before the archive), and an audit through
+    zipfile then reads another program than torch loads. RuntimeError
+    for what is no archive."""
+    reader = torch._C.PyTorchFileReader(archive)
+    return reader, reader.get_all_records()
+
+
+def check_script_source(archive, where: str) -> None:
+    """LoadFailed unless the code of TorchScript archive `archive` (a path,
+    or a binary file that seeks), read as torch reads it (torch_records),
+    names only allowed operators: `torch.<op>` (aten's and prim's),
+    `ops.<ns>.<op>`, and no RPC. Every name counts, called or not (a
+    function may be assigned before it is called). An archive that is
+    none raises RuntimeError."""
+    reader, names = torch_records(archive)
+    # Every record that could be code: torch finds records by name without
+    # regard to case (CODE/ and .PY are read as code/ and .py).
+    sources = [reader.get_record(name) for name in names if name.lower().endswith(".py")]
     for source in sources:
         try:
             tree = _Getattrs().visit(ast.parse(source))
