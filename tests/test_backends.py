@@ -802,6 +802,31 @@ def test_an_untrusted_export_program_is_audited_as_torch_reads_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("stored", ["none", "one value"])
+def test_an_untrusted_export_program_makes_no_tensor_larger_than_its_bytes(tmp_path, stored):
+    # A 4 KB archive whose weight's record is empty while its config says
+    # 64M values: torch made them as zeros, 256 MiB past what the load had
+    # reserved (the file's size); one value spread by a stride of 0 is as
+    # large once copied to a GPU (a review).
+    path = demo.write_mlp(tmp_path / "m", "export", *DIMS) / "model.pt2"
+    values = 1 << 26
+
+    def change(name, data):
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            entry = next(iter(config["config"].values()))
+            entry["tensor_meta"]["sizes"] = [{"as_int": values}]
+            entry["tensor_meta"]["strides"] = [{"as_int": 0 if stored == "one value" else 1}]
+            return json.dumps(config).encode()
+        if name.endswith("/data/weights/weight_0"):
+            return b"" if stored == "none" else data[:4]
+        return data
+    rewrite_pt2(path, change)
+    with pytest.raises(LoadFailed, match=rf"declares '.*' of {4 * values} bytes, over "
+                                         rf"{0 if stored == 'none' else 4} in its record"):
+        load(tmp_path, "m")
+
+
 def test_an_untrusted_export_programs_sizes_run_no_python(tmp_path):
     # torch.export.load hands each symbolic size's expression to
     # sympy.sympify, which is eval: one rewritten to call os.system ran it

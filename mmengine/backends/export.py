@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE as _DTYPES
+
 from mmengine.backends import untrusted
 from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
 from mmengine.errors import LoadFailed
@@ -120,10 +122,11 @@ def _parse(spec: ModelSpec, device: torch.device) -> ExportModel:
 
 
 def _audit(data: bytes, where: str) -> None:
-    """LoadFailed unless loading `data` can unpickle nothing but tensors."""
+    """LoadFailed unless loading `data` can unpickle nothing but tensors,
+    and makes none larger than its bytes."""
     def refuse(why: str) -> LoadFailed:
         return LoadFailed(f"{where}: model.pt2 {why}; it is not marked trusted, so "
-                          f"it is not unpickled (set trusted = true in model.toml "
+                          f"it is not loaded (set trusted = true in model.toml "
                           f"only for a source you trust)")
 
     try:  # as torch.export.load reads it (untrusted.torch_records: not zipfile)
@@ -150,6 +153,7 @@ def _audit(data: bytes, where: str) -> None:
             if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
                    for pickled, name in entries):
                 raise refuse(f"stores pickled payloads ({member})")
+            _check_payload_sizes(archive, member, config, refuse)
         elif _GRAPH.fullmatch(member):
             _check_expressions(archive.get_record(member), refuse)
         elif _SAMPLE_INPUTS.fullmatch(member):
@@ -158,6 +162,29 @@ def _audit(data: bytes, where: str) -> None:
             except Exception as e:
                 raise refuse(f"has sample inputs that are not plain tensors "
                              f"({type(e).__name__})") from e
+
+
+def _check_payload_sizes(archive: Any, member: str, config: dict, refuse) -> None:
+    """Refuses a payload whose tensor, as its config describes it, takes
+    more bytes than its record holds: torch makes an empty record's tensor
+    as zeros of the size said, and a stride of 0 spreads a few bytes over
+    any size (a copy to a GPU makes it whole): memory that the bytes
+    reserved for the model's load (its file's) leave out."""
+    folder = member.rpartition("/")[0]
+    for key, entry in config.items():
+        try:
+            meta = entry["tensor_meta"]
+            sizes = [size["as_int"] for size in meta["sizes"]]
+            dtype = _DTYPES[meta["dtype"]]
+            record = f"{folder}/{entry['path_name']}"
+        except (KeyError, TypeError, AttributeError):
+            raise refuse(f"has a payload config that is not one ({member})") from None
+        if not all(type(n) is int and n >= 0 for n in sizes):
+            raise refuse(f"declares {key!r} of sizes {sizes}")
+        whole = math.prod(sizes) * dtype.itemsize
+        held = archive.get_record_size(record) if archive.has_record(record) else 0
+        if whole > held:
+            raise refuse(f"declares {key!r} of {whole} bytes, over {held} in its record")
 
 
 def _check_expressions(graph: bytes, refuse) -> None:
