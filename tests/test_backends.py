@@ -1131,6 +1131,36 @@ def test_nbytes_counts_what_no_state_dict_holds(tmp_path):
 
 # -- the safetensors format ---------------------------------------------------
 
+def test_a_module_with_buffers_not_in_its_file_keeps_the_files_tensors(tmp_path):
+    # Built for real (its buffer is no file's), the module copied the file
+    # into float32 weights of its own: the model held the file's bytes and
+    # the copy, and read float16 weights as float32 until its host-tier
+    # copy rebound them as they are (its requests failed then: a review).
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    (path / "model.py").write_text(
+        "import torch\n\n"
+        "class Model(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(256, 256)\n"
+        "        self.register_buffer('scale', torch.full((1,), 2.0), persistent=False)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x) * self.scale\n")
+    weights = {"lin.weight": torch.randn(256, 256).half(), "lin.bias": torch.zeros(256).half()}
+    save_file(weights, path / "model.safetensors")
+    model = load_model(Repository(tmp_path).resolve("m"), "cpu")
+    try:
+        assert model.module.lin.weight.dtype == torch.float16
+        assert model.nbytes < 1.5 * sum(t.nbytes for t in weights.values())  # not twice
+        x = np.ones((1, 256), np.float16)
+        np.testing.assert_allclose(model.predict({"x": x})["output"],
+                                   2 * x.astype(np.float32) @ weights["lin.weight"].float()
+                                   .numpy().T, rtol=1e-2, atol=1e-1)
+    finally:
+        model.close()
+
+
 def test_safetensors_round_trip(tmp_path):
     tensors = {f"t_{name}": (torch.arange(6) % 2).to(dtype).reshape(2, 3)
                for name, dtype in DTYPES.items()}

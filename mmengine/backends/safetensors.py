@@ -612,9 +612,11 @@ def _build(source: Any, class_name: str, kwargs: dict[str, Any],
                          f"model.toml's [options.module_kwargs])") from e
     module.load_state_dict(state, strict=True, assign=True)
     if any(b.is_meta for b in module.buffers()):
-        # Non-persistent buffers are not in the file: build it for real.
+        # Non-persistent buffers are not in the file: build it for real,
+        # its tensors then the file's as they are (assign: their dtype, and
+        # no copy beside the file's bytes, which the model holds).
         module = cls(**kwargs)
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=True)
         return module, False
     # One registered empty (None) and filled by forward is not in the file
     # either: a kept module would keep it, or lose it to the meta device.
