@@ -15,6 +15,7 @@ cdef class Engine:
     cdef public object _released, _requests, _resolving, _rewarm_after, _rewarming, _room
     cdef public object _room_version, _room_waiters, _short_of_room, _shrinking, _started
     cdef public object _starting, _stats, _stopped, _stopping, _tasks, _used_since, _warmed
+    cdef public object _cut_off
     cdef public object _warming, cache, config, disk, host, observers, pool, repo, servers
     cdef public dict _specs, _bad_specs, _gen, _pinned, _draining, _loaded_specs, _stale
     cdef public dict _queued

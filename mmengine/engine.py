@@ -200,6 +200,7 @@ class Engine:
         self._closing = False  # refusing new requests (shutting down)
         self._started = False
         self._stopped = False  # stop() was called
+        self._cut_off = False  # stop() cancels the requests left at its deadline
         self._starting: asyncio.Future | None = None  # done once start() has ended
         self._stopping: asyncio.Task | None = None  # the one shutdown, which stop() awaits
         self._loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on
@@ -419,6 +420,7 @@ class Engine:
         # turn, a task whose wake-up is still queued raises CancelledError
         # instead, and its caller never hears why.
         await asyncio.sleep(0)
+        self._cut_off = True
         await _cancel(self._requests)  # any still waiting, for nothing now
         await _cancel(self._tasks)  # begun meanwhile
         await asyncio.sleep(0)  # the done callbacks of the last
@@ -689,7 +691,9 @@ class Engine:
             return await self._send_infer(key, worker, arrays, deadline,
                                           resendable=not resent)
         except asyncio.CancelledError:
-            if self._stopped:  # cancelled by stop() at its deadline: say so
+            # Cancelled by stop() at its deadline: say so. (By its caller,
+            # though stop() has begun: cancelled, so that its worker skips it.)
+            if self._cut_off:
                 raise ShuttingDown(f"{name}: the engine shut down before this request "
                                  f"was served") from None
             raise

@@ -525,9 +525,9 @@ class Worker:
         """No more requests: the worker serves what it has, then exits.
         Those waiting their turn fail now (the server's drain has given
         them its time already)."""
-        self._drop_waiting(set(self._held_ids), WorkerDied(
-            f"the server stopped before worker {self.index} ran this request (it was "
-            f"waiting its turn)"))
+        why = (f"the server stopped before worker {self.index} ran this request (it was "
+               f"waiting its turn)")
+        self._drop_waiting(set(self._held_ids), lambda: WorkerDied(why))
         if self.loop is not None and not self.loop.is_closed():
             for ring in (self.req, self.ctl):  # before their descriptors close
                 _remove_reader(self.loop, ring.writable_fd)
@@ -830,11 +830,13 @@ class Worker:
         self._drop_waiting(waiting)
         self._use_room()
 
-    def _drop_waiting(self, rids: set, error: MMEngineError | None = None) -> None:
+    def _drop_waiting(self, rids: set,
+                      error: Callable[[], MMEngineError] | None = None) -> None:
         """Takes `rids`, inferences waiting their turn, out of their queues
         unsent: each is done (its on_done runs: its pin goes), failing with
-        `error` where its future is not done yet (without one, each must
-        be), and observers hear that it was skipped."""
+        an error `error` makes, one each (it says where the request was),
+        where its future is not done yet (without one, each must be), and
+        observers hear that it was skipped."""
         if not rids:
             return
         for served, held in list(self._held.items()):
@@ -847,7 +849,7 @@ class Worker:
         for rid in rids:
             fut, on_done, t_sent, _, _, then, served, _ = self._pending.pop(rid)
             self._inferences_done(1)
-            _finish(fut, on_done, error and self._unanswered(error, t_sent, served), then)
+            _finish(fut, on_done, error and self._unanswered(error(), t_sent, served), then)
             if self.on_unserved is not None:
                 self.on_unserved(served, None, self.index)
 

@@ -2974,3 +2974,77 @@ def test_a_reloaded_models_first_call_is_a_warm_up_again(tmp_path, own_segments)
 
     last, ahead = run(main())
     assert [float(r["y"][0]) for r in [last, *ahead]] == [np.float32(0.1)] * 3
+
+
+def test_a_request_its_caller_cancels_while_the_engine_stops_is_cancelled(tmp_path,
+                                                                         own_segments):
+    # A cold request (it waited for its model's load) cancelled by its
+    # caller (a client gone) while stop() drained ended as ShuttingDown, not
+    # cancelled: its worker was not told to skip it, the drain waited for
+    # its 3 s call, and it counted OVERLOADED (a review).
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+
+    async def main():
+        seen = []
+        async with Engine(Config(repo=str(tmp_path), workers=1, worker_backlog_ms=0)) as engine:
+            engine.observers.append(lambda kind, f: seen.append((kind, f.get("code"))))
+            worker = engine.pool.workers[0]
+            first = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([1.0])}))
+            second = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([3.0])}))
+            await until(lambda: worker.in_flight == 2, 20, "both sent")
+            stopping = asyncio.ensure_future(engine.stop())
+            await asyncio.sleep(0.05)
+            second.cancel()
+            await stopping
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert (await first)["y"][0] == 2.0
+        return seen
+
+    seen = run(main())
+    assert ("request", "CANCELLED") in seen and ("skipped", None) in seen, seen
+    assert ("late", None) not in seen and ("request", "OVERLOADED") not in seen, seen
+
+
+ECHO_HANDLER = """
+def load(path, device):
+    pass
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+"""
+
+
+def test_requests_cut_off_at_stop_each_say_where_they_were(tmp_path, own_segments):
+    # Those waiting their turn at the deadline shared one WorkerDied: each
+    # said the last one's version and send time, to observers too (a
+    # version its model does not have: a review).
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    for name, version in (("echo-a", 1), ("echo-b", 7)):
+        (tmp_path / name / str(version)).mkdir(parents=True)
+        (tmp_path / name / str(version) / "handler.py").write_text(ECHO_HANDLER)
+
+    async def main():
+        seen = []
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            engine.observers.append(lambda kind, f: kind == "request" and seen.append(f))
+            for name in ("slow", "echo-a", "echo-b"):
+                await engine.load(name)
+            for seconds in (0.3, 1.0):  # its calls' time: ~1 s (the first is not counted)
+                await engine.infer("slow", {"seconds": np.array([seconds])})
+            worker = engine.pool.workers[0]
+            running = asyncio.ensure_future(engine.infer("slow", {"seconds": np.array([3.0])}))
+            await until(lambda: (worker.running() or (0, 0, False))[2], 20, "the slow call")
+            waiting = [asyncio.ensure_future(engine.infer(name, {"x": np.ones(2, np.float32)}))
+                       for name in ("echo-a", "echo-b")]
+            await until(lambda: worker.waiting_turn == 2, 20, "both waiting their turn")
+            await engine.stop(deadline=time.monotonic() + 0.3)
+        errors = [f.exception() for f in waiting]
+        assert running.exception() is not None
+        return errors, seen
+
+    errors, seen = run(main())
+    assert all(isinstance(e, WorkerDied) for e in errors) and errors[0] is not errors[1]
+    assert [e.ran["version"] for e in errors] == [1, 7]
+    versions = {f["model"]: f["version"] for f in seen if f["code"] == "WORKER_DIED"}
+    assert versions.get("echo-a") == 1 and versions.get("echo-b") == 7, seen
