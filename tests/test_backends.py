@@ -734,6 +734,35 @@ def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
     assert not marker.exists()
 
 
+class WithConstants(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.shift = torch.nn.Linear(4, 2), torch.ones(2)  # (no parameter or buffer)
+
+    def forward(self, x):
+        return self.lin(x) + self.shift + torch.tensor([1.0, 2.0])
+
+
+def test_an_export_programs_constants_go_to_its_device(tmp_path):
+    # module().to(device) moved its parameters and buffers, not its
+    # constants (a tensor made in forward, one that is neither): on a GPU
+    # every call failed on them. The meta device stands in for a GPU here.
+    from mmengine.backends.export import ExportModel
+
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    eager = WithConstants()
+    torch.export.save(torch.export.export(eager, (torch.ones(3, 4),)), str(path / "model.pt2"))
+    spec = Repository(tmp_path).resolve("m")
+    model = ExportModel(spec, torch.device("meta"), torch.export.load(str(path / "model.pt2")))
+    tensors = [v for m in model.module.modules() for v in vars(m).values()
+               if isinstance(v, torch.Tensor)] + list(model.module.state_dict().values())
+    assert len(tensors) >= 4 and all(t.is_meta for t in tensors)
+    model = load(tmp_path, "m")  # and on the CPU, as it was
+    (got,) = model.predict({"x": np.ones((3, 4), np.float32)}).values()
+    np.testing.assert_allclose(got, eager(torch.ones(3, 4)).detach().numpy(), rtol=1e-6)
+
+
 def two_faced(for_torch: bytes, for_zipfile: bytes) -> bytes:
     """One file holding two zip archives: torch's reader (miniz) takes the
     central directory the end record points at, `for_torch`'s; Python's

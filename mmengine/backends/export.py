@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE as _DTYPES
+from torch.export.passes import move_to_device_pass
 
 from mmengine.backends import untrusted
 from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
@@ -85,7 +86,11 @@ class ExportModel(TorchModel):
         signature = _signature(program, names)
         if spec.inputs:
             _check_declared(spec.inputs, names, signature, where)
-        super().__init__(spec, device, program.module().to(device), inputs=signature)
+        # The pass moves its constants too (a tensor made in forward, or one
+        # that is no parameter or buffer), which module().to() leaves where
+        # they were loaded: every call on a GPU failed on them.
+        module = move_to_device_pass(program, device).module()
+        super().__init__(spec, device, module, inputs=signature)
         self._args = names[:args_spec.num_children]
         self._kwargs = names[args_spec.num_children:]
 
