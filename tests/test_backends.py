@@ -734,6 +734,33 @@ def test_untrusted_export_program_unpickles_nothing(tmp_path, change, message):
     assert not marker.exists()
 
 
+class WithAttributes(torch.nn.Module):
+    """Tensors a scripted module keeps as plain attributes: no parameter,
+    buffer or state dict entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+        self.mean = torch.ones(1 << 18)  # 1 MiB
+        self.table = [torch.ones(1 << 16), torch.ones(1 << 16)]  # 512 KiB
+
+    def forward(self, x):
+        return self.lin(x) + self.mean[0] + self.table[1][0]
+
+
+def test_a_torchscripts_tensor_attributes_count_and_are_not_kept_after_it(tmp_path):
+    # They went uncounted (the model said 40 bytes), and stayed in memory
+    # (a GPU's) after its eviction, in the skeleton kept for its next load.
+    path = tmp_path / "m" / "1"
+    path.mkdir(parents=True)
+    torch.jit.script(WithAttributes()).save(str(path / "model.pt"))
+    model = load(tmp_path, "m")
+    assert model.nbytes >= (1 << 20) + (1 << 19)
+    kept = len(SKELETONS)
+    model.close()
+    assert len(SKELETONS) == kept
+
+
 class WithConstants(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -400,9 +400,32 @@ def module_spans(module: Any, device: torch.device | None, spans: list[Span]) ->
     tensors are no attributes that a walk of its objects would find)."""
     attributes = (v for m in module.modules() for v in vars(m).values()
                   if isinstance(v, torch.Tensor))
-    todo = [*module.parameters(), *module.buffers(), *attributes]
+    todo = [*module.parameters(), *module.buffers(), *attributes,
+            *_scripted_attributes(module)]
     while todo:
         todo.extend(tensor_span(todo.pop(), device, spans))
+
+
+def _scripted_attributes(module: Any) -> list[torch.Tensor]:
+    """A scripted module's tensors kept as plain attributes (`self.mean =
+    torch.tensor(...)`, a list of tensors): no parameter, buffer or state
+    dict entry, and no Python attribute of its objects."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return []
+    try:
+        named = torch._C._jit_debug_module_iterators(module._c)["named_attributes_r"]
+    except (AttributeError, KeyError, RuntimeError):  # another torch's internals
+        return []
+    found, todo = [], [value for _, value in named]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            todo.extend(value)
+        elif isinstance(value, dict):
+            todo.extend(value.values())
+    return found
 
 
 #: A buffer's place: (device, first address, address past its end).
