@@ -28,6 +28,7 @@ import torch
 
 from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE as _DTYPES
 from torch.export.passes import move_to_device_pass
+from torch.export.pt2_archive._package import load_pt2
 
 from mmengine.backends import untrusted
 from mmengine.backends.base import OUT_OF_MEMORY, TorchModel, load_kept
@@ -109,15 +110,19 @@ def _parse(spec: ModelSpec, device: torch.device) -> ExportModel:
     try:
         f, _ = open_artifact(path)
         with f:
-            if spec.trusted and f.seekable():
-                program = torch.export.load(f)
-            else:  # a compressed copy in the disk cache cannot seek: read it whole
+            if spec.trusted:  # (a compressed copy in the disk cache cannot seek)
+                program = torch.export.load(f if f.seekable() else io.BytesIO(f.read()))
+            else:
                 data = f.read()
-                if not spec.trusted:
-                    _audit(data, where)
-                program = torch.export.load(io.BytesIO(data))
-                if not spec.trusted:
-                    untrusted.check_export(program, where)
+                _audit(data, where)
+                # Not torch.export.load: where its reader fails, it reads
+                # the bytes again as the old format, through zipfile, and
+                # unpickles its weights (the audit's reader is its new one).
+                program = load_pt2(io.BytesIO(data)).exported_programs.get("model")
+                if program is None:
+                    raise LoadFailed(f"{where}: model.pt2 holds no program named 'model' "
+                                     f"(torch.export.save's)")
+                untrusted.check_export(program, where)
     except (LoadFailed, *OUT_OF_MEMORY):  # out of memory: said as such by load_model
         raise
     except Exception as e:
@@ -138,6 +143,15 @@ def _audit(data: bytes, where: str) -> None:
         archive, members = untrusted.torch_records(io.BytesIO(data))
     except RuntimeError as e:
         raise LoadFailed(f"{where}: model.pt2 is not a pt2 archive: {e}") from e
+    # What the archive's tensors take: the load reserved the file's size.
+    # Its records as they are read (one stored compressed is larger), and
+    # each tensor whole (a copy to a GPU makes one spread over a stride of
+    # 0 whole), each record's once (tied weights share one).
+    records = sum(archive.get_record_size(member) for member in members)
+    if records > len(data):
+        raise refuse(f"holds {records} bytes of records in a file of {len(data)} "
+                     f"(compressed)")
+    tensors: dict[str, int] = {}
     # A record is found by its name without regard to case, the first of
     # that name: two are refused, as one of them would go unread here.
     seen = set()
@@ -158,7 +172,7 @@ def _audit(data: bytes, where: str) -> None:
             if any(pickled or not (isinstance(name, str) and _PLAIN_PAYLOAD.fullmatch(name))
                    for pickled, name in entries):
                 raise refuse(f"stores pickled payloads ({member})")
-            _check_payload_sizes(archive, member, config, refuse)
+            _check_payload_sizes(archive, member, config, refuse, tensors)
         elif _GRAPH.fullmatch(member):
             _check_expressions(archive.get_record(member), refuse)
         elif _SAMPLE_INPUTS.fullmatch(member):
@@ -167,29 +181,38 @@ def _audit(data: bytes, where: str) -> None:
             except Exception as e:
                 raise refuse(f"has sample inputs that are not plain tensors "
                              f"({type(e).__name__})") from e
+    if sum(tensors.values()) > len(data):
+        raise refuse(f"has tensors of {sum(tensors.values())} bytes in a file of "
+                     f"{len(data)} (spread over strides of 0)")
 
 
-def _check_payload_sizes(archive: Any, member: str, config: dict, refuse) -> None:
-    """Refuses a payload whose tensor, as its config describes it, takes
-    more bytes than its record holds: torch makes an empty record's tensor
-    as zeros of the size said, and a stride of 0 spreads a few bytes over
-    any size (a copy to a GPU makes it whole): memory that the bytes
-    reserved for the model's load (its file's) leave out."""
+def _check_payload_sizes(archive: Any, member: str, config: dict, refuse,
+                         tensors: dict[str, int]) -> None:
+    """Refuses a payload whose tensor, as its config describes it, reaches
+    past its record: torch makes an empty record's tensor as zeros of the
+    size said, memory that the load's reservation (the file's size) leaves
+    out. Adds each record's tensor bytes, whole, to `tensors`."""
     folder = member.rpartition("/")[0]
     for key, entry in config.items():
         try:
             meta = entry["tensor_meta"]
             sizes = [size["as_int"] for size in meta["sizes"]]
+            strides = [stride["as_int"] for stride in meta["strides"]]
+            offset = meta["storage_offset"]["as_int"]
             dtype = _DTYPES[meta["dtype"]]
             record = f"{folder}/{entry['path_name']}"
         except (KeyError, TypeError, AttributeError):
             raise refuse(f"has a payload config that is not one ({member})") from None
-        if not all(type(n) is int and n >= 0 for n in sizes):
-            raise refuse(f"declares {key!r} of sizes {sizes}")
-        whole = math.prod(sizes) * dtype.itemsize
+        numbers = [*sizes, *strides, offset]
+        if not all(type(n) is int and n >= 0 for n in numbers) or len(strides) != len(sizes):
+            raise refuse(f"declares {key!r} of sizes {sizes}, strides {strides}, offset "
+                         f"{offset}")
+        reach = 0 if 0 in sizes else (
+            offset + sum((n - 1) * s for n, s in zip(sizes, strides)) + 1) * dtype.itemsize
         held = archive.get_record_size(record) if archive.has_record(record) else 0
-        if whole > held:
-            raise refuse(f"declares {key!r} of {whole} bytes, over {held} in its record")
+        if reach > held:
+            raise refuse(f"declares {key!r} over {reach} bytes, past the {held} of its record")
+        tensors[record] = max(tensors.get(record, 0), math.prod(sizes) * dtype.itemsize)
 
 
 def _check_expressions(graph: bytes, refuse) -> None:
