@@ -879,7 +879,7 @@ def test_an_untrusted_export_program_makes_no_tensor_larger_than_its_bytes(tmp_p
         return data
     rewrite_pt2(path, change)
     said = (rf"declares '.*' over {4 * values} bytes, past the 0 of its record"
-            if stored == "none" else rf"has tensors of \d+ bytes in a file of \d+ \(spread")
+            if stored == "none" else r"has tensors of \d+ bytes in a file of \d+ \(spread")
     with pytest.raises(LoadFailed, match=said):
         load(tmp_path, "m")
 
