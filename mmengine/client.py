@@ -55,6 +55,9 @@ SEND_CHUNK = 256 << 10  # bytes offered to the kernel at once while answers are 
 # Bytes a read takes at most. Not 1 MiB: a buffer past malloc's mmap
 # threshold costs an mmap and a munmap per call.
 RECV_BYTES = 1 << 16
+# Reads an idle connection's look takes at most (_read_late): late answers
+# are small; past this many the loop reads on, and the connection is used.
+_LATE_READS = 16
 # A frame larger than this is first checked against the server's maximum
 # (health's max_frame, asked once): one the server would refuse is refused
 # here, before its bytes travel only to be dropped.
@@ -229,20 +232,6 @@ def _readable(fd: int) -> bool:
     poll = select.poll()
     poll.register(fd, select.POLLIN)
     return bool(poll.poll(0))
-
-
-def _ended(fd: int) -> bool:
-    """Whether socket `fd`, found readable, holds its end first, not bytes:
-    a look that takes nothing from it."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:  # read meanwhile
-        return False
-    except OSError:  # reset: ended too
-        return True
-    finally:
-        sock.detach()  # the descriptor stays the transport's
 
 
 def _unreadable(e: Exception) -> ConnectionError:
@@ -897,16 +886,40 @@ class _AsyncConnection(asyncio.Protocol):
         which the loop may not have read yet (a caller held the loop):
         readable with nothing in flight is its end, as Client.alive() reads
         it, unless a call that stopped waiting may still be answered: then
-        what is there is looked at. Found so, it is lost (no request's
-        error): a call opens another."""
+        what is there is read (_read_late). Found so, it is lost (no
+        request's error): a call opens another."""
         if self.pending or self.lost is not None:
             return False
         if not self.transport.is_closing():
-            if not _readable(self.fd) or self.dropped and not _ended(self.fd):
+            if not _readable(self.fd):
+                return False
+            # (What was read may have been an error about the connection.)
+            if self.dropped and not self._read_late() and self.lost is None:
                 return False
         self._fail(ConnectionError("the server closed the connection while it was idle"))
         self.transport.abort()
         return True
+
+    def _read_late(self) -> bool:
+        """Reads what has come on the socket, here and now, as the loop
+        would (the late answers of calls that stopped waiting, dropped),
+        up to the connection's end; whether it ended. A look at the first
+        bytes alone would not see an end behind them."""
+        sock = socket.socket(fileno=self.fd)
+        try:
+            for _ in range(_LATE_READS):
+                try:
+                    data = sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError:  # reset
+                    return True
+                if not data:
+                    return True
+                self.data_received(data)
+            return False  # more yet: the loop reads on
+        finally:
+            sock.detach()  # the descriptor stays the transport's
 
     def send(self, parts: list, n: int) -> None:
         """Writes a request framed in `parts` (`n` bytes). One sent while
@@ -973,18 +986,19 @@ class _AsyncConnection(asyncio.Protocol):
             self.transport.close()
             return
         for response in responses:
-            fut = self.pending.pop(response.get("id"), None)
+            rid = response.get("id")
+            fut = self.pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(response)
-            elif fut is None and self.dropped:
-                self.dropped.discard(response.get("id"))
-            elif response.get("id") is None:  # an error about the whole stream
+            elif rid is None:  # an error about the whole stream
                 try:
                     protocol.raise_for(response)
                 except (BadRequest, TooLarge) as e:  # over one frame: whose?
                     self._fail(e if len(self.pending) <= 1 else _lost_with(e))
                 except Exception as e:  # noqa: BLE001 - the connection's (OVERLOADED): all's
                     self._fail(e)
+            elif fut is None:  # a late answer, dropped
+                self.dropped.discard(rid)
 
     def connection_lost(self, exc) -> None:
         self._fail(ConnectionError("the connection to the server was closed" if exc is None

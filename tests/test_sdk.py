@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import SLOW_HANDLER, Server, run, slow_loading, write_handler
+from mmengine import protocol
 from mmengine.client import AsyncClient, Client, parse_address
-from mmengine.errors import Timeout
+from mmengine.errors import Overloaded, Timeout
 
 ZERO = {"seconds": np.zeros(1, np.float32)}  # the "slow" model, answering at once
 # As many float32 ones as "n" asks for.
@@ -447,8 +448,51 @@ def test_a_late_answer_read_while_the_loop_was_held_keeps_its_connection(address
                 proxy.close_clients()
                 assert select.select([sock], [], [], 2)[0]
                 assert (await c.infer("slow", ZERO))["y"].shape == (1,)
+                # And so is an end right behind such an answer, both unread:
+                # a look at the answer's first bytes took it for no end.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        c.infer("slow", {"seconds": np.full(1, 0.3, np.float32)}), 0.05)
+                sock = c._conns[0].transport.get_extra_info("socket")
+                assert select.select([sock], [], [], 5)[0]  # the answer is in, unread
+                proxy.close_clients()
+                time.sleep(0.2)  # its end follows it
+                assert (await c.infer("slow", ZERO))["y"].shape == (1,)
                 return proxy.accepted
-    assert run(main()) == 2
+    assert run(main()) == 3
+
+
+def test_an_error_about_the_connection_fails_its_calls_while_a_late_answer_is_owed(address):
+    # An error frame of no id (the server's word on the whole connection)
+    # was taken for the late answer of a call that had stopped waiting, and
+    # dropped: the calls in flight waited out their timeouts.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def peer():
+        conn, _ = listener.accept()
+        with conn:
+            frames = b""
+            while frames.count(b"health") < 2:  # both requests, unanswered
+                frames += conn.recv(1 << 16)
+            conn.sendall(protocol.frame(protocol.error_response(None, Overloaded("full"))))
+            conn.recv(1)  # until the client closes
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+
+    async def main():
+        async with AsyncClient(listener.getsockname(), connections=1) as c:
+            with pytest.raises(TimeoutError):  # cancelled: its answer is owed
+                await asyncio.wait_for(c.health(), 0.2)
+            with pytest.raises(Overloaded, match="full"):
+                await c.health()  # (its wait: the client's 30 s)
+    t0 = time.monotonic()
+    try:
+        run(main())
+    finally:
+        listener.close()
+        thread.join(10)
+    assert time.monotonic() - t0 < 20  # failed by the error, not after its wait
 
 
 def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
