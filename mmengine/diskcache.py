@@ -496,13 +496,9 @@ class DiskCache:
             compress = spec.compress == "zstd" and file == spec.artifact
             if compress:
                 dest = dest.with_name(dest.name + ZSTD_SUFFIX)
-            # Of no known size, the file lands whole before it is compressed
-            # beside it: both fit in the room (fetch_file), the copy hardly
-            # larger than the file.
-            most = left if sized or not compress else left // 2
             try:
                 got = fetch.fetch_file(fetch.file_url(spec.source, file), dest, digest,
-                                       self.config, most, compress)
+                                       self.config, left, compress, room=not sized)
             except LoadFailed as e:
                 raise LoadFailed(f"{where}: {e}") from e
             # A compressed copy of bytes that do not compress is a little

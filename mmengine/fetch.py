@@ -265,7 +265,8 @@ class _Cutoff:
 
 
 def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
-               compress: bool = False, timeout: float | None = None) -> int:
+               compress: bool = False, timeout: float | None = None,
+               room: bool = False) -> int:
     """Fetches `url` to `dest` (its directory exists); returns the bytes read.
 
     `digest`: the hex sha256 the bytes must have ("": not checked).
@@ -273,11 +274,15 @@ def fetch_file(url: str, dest: Path, digest: str, config: Config, limit: int,
     written as one zstd frame (level 3) that records the content size,
     which a reader needs before it reads (storage.zstd_reader): from a
     source that does not say its size, the file lands whole first and is
-    compressed from there. LoadFailed for every failure; `dest` then does
-    not exist and no temporary file is left."""
+    compressed from there, beside it; `room`: `limit` is the room there is
+    on disk (not the file's size, as its source said it), which both must
+    fit then. LoadFailed for every failure; `dest` then does not exist and
+    no temporary file is left."""
     stream, size = _open(url, config, timeout or TIMEOUT_S)
     tmp = dest.with_name(f".{uuid.uuid4().hex}.part")
     raw = tmp.with_suffix(".raw") if compress and size is None else None
+    if raw is not None and room:  # the copy is hardly larger than the file
+        limit //= 2
     try:
         with stream:
             if size is not None and size > limit:

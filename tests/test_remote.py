@@ -423,18 +423,22 @@ def test_an_artifact_that_does_not_compress_leaves_the_next_file_its_size(tmp_pa
     assert (path / "vocab.txt").read_bytes() == b"a" * 1000
 
 
-def test_a_compressed_download_of_no_stated_size_fits_beside_its_raw_bytes(tmp_path,
-                                                                          server):
+@pytest.mark.parametrize("get_says_its_size", [False, True])
+def test_a_compressed_download_of_no_stated_size_fits_beside_its_raw_bytes(
+        tmp_path, server, get_says_its_size):
     # Of no known size, the artifact lands whole and is compressed beside
     # it: both must fit in the room. It was held to the room alone, and
-    # the two took up to twice it, past the budget and the watermark.
+    # the two took up to twice it, past the budget and the watermark. (A
+    # GET that says its size, after a HEAD refused, streams compressed: it
+    # takes the room alone.)
     model_dir = _incompressible(server, "rnd", 1 << 18)
     write_stub(tmp_path / "repo", "rnd", server.url + "rnd/1/", model_dir,
                top='compress = "zstd"\nbytes = 1000')
     for f in model_dir.iterdir():
         server.head_refused.add(f"/rnd/1/{f.name}")
-        server.unsized.add(f"/rnd/1/{f.name}")
-    for budget, fits in ((int(1.5 * (1 << 18)), False), (3 << 18, True)):
+        if not get_says_its_size:
+            server.unsized.add(f"/rnd/1/{f.name}")
+    for budget, fits in ((int(1.5 * (1 << 18)), get_says_its_size), (3 << 18, True)):
         config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=budget)
         spec = Repository(tmp_path / "repo", config=config).resolve("rnd")
         disk = DiskCache(config)
