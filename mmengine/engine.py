@@ -51,7 +51,7 @@ from mmengine.messages import Op
 from mmengine.messages import native as _records
 from mmengine.protocol import from_torch
 from mmengine.storage import ModelSpec, Repository, TensorSpec
-from mmengine.workers import CONTROL_RING_BYTES, Worker, WorkerPool, settle
+from mmengine.workers import Worker, WorkerPool, settle
 
 Key = tuple[str, int]
 # What an operator is told (a failed load, a worker's end): `mmengine serve`
@@ -1980,7 +1980,7 @@ class Engine:
         of models no worker holds (demoted) go, least recently used first,
         until the rings fit. A worker serves; a copy only speeds a reload
         (the dead one stayed down for good while they held the room)."""
-        self._drop_demoted(2 * self.config.ring_bytes + CONTROL_RING_BYTES
+        self._drop_demoted(resources.rings_bytes(self.config)
                            - shutil.disk_usage(shm.SHM_DIR).free,
                            log.warning, "a worker's rings need the room")
 

@@ -221,8 +221,15 @@ def memory_for_models(config: Config, key: str) -> int:
 
 def own_memory(config: Config, workers: int) -> int:
     """What a server of `workers` workers holds whatever it serves: their
-    data rings and every process's PROCESS_BYTES."""
-    return workers * 2 * ring.segment_bytes(config.ring_bytes) + (workers + 1) * PROCESS_BYTES
+    rings and every process's PROCESS_BYTES."""
+    return workers * rings_bytes(config) + (workers + 1) * PROCESS_BYTES
+
+
+def rings_bytes(config: Config) -> int:
+    """The shared memory one worker's rings take (/dev/shm): two data rings
+    of ring_bytes and a control ring, each rounded up to a power of two,
+    with its header."""
+    return 2 * ring.segment_bytes(config.ring_bytes) + ring.segment_bytes(ring.CONTROL_BYTES)
 
 
 def overcommitted(config: Config, budgets: list[int], host_bytes: int) -> str | None:

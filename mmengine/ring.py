@@ -130,6 +130,7 @@ LONGEST_WAIT_S = 1e9
 # no larger one.
 LARGEST_RECORD = 0xFFFFFFF8
 COPY_HEADER_BYTES = 256  # csrc/ring.pyx has the same
+CONTROL_BYTES = 1 << 16  # a worker's control ring: loads and unloads, small headers only
 MAGIC = 0x31304752494D4D4D
 VERSION = 1
 WRAP = 0xFFFFFFFF

@@ -46,14 +46,13 @@ from mmengine.config import SECRET_VARS, Config
 from mmengine.errors import (InternalError, MMEngineError, RecordTooLarge, RingClosed,
                              Timeout, TooLarge, WorkerDied, error_for)
 from mmengine.messages import Op
-from mmengine.ring import BackOff, CpuTaken, Ring
+from mmengine.ring import CONTROL_BYTES, BackOff, CpuTaken, Ring
 from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals
 
 _BURST = 64  # responses handled before the response ring's space is handed back
 # uvloop's clock counts milliseconds: a deadline this close is due now
 # (else its timer, firing a hair early, would be armed again and again).
 _CLOCK_S = 1e-3
-CONTROL_RING_BYTES = 1 << 16  # loads and unloads: small headers only
 #: How long stop() waits for workers to exit of their own however late it
 #: is: an idle one takes milliseconds once its request ring is closed.
 EXIT_GRACE_S = 0.2
@@ -170,7 +169,7 @@ class Worker:
             # The loader thread reads the control ring: it parks at once, as
             # control records are rare and a spin there takes a core from
             # inference for nothing.
-            for size, spin_us in ((config.ring_bytes, config.spin_us), (CONTROL_RING_BYTES, 0),
+            for size, spin_us in ((config.ring_bytes, config.spin_us), (CONTROL_BYTES, 0),
                                   (config.ring_bytes, config.spin_us)):
                 rings.append(Ring.create(size, spin_us=spin_us))
             self.abandoned = messages.Abandoned.create()

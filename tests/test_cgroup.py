@@ -139,7 +139,8 @@ def test_the_automatic_sizes_and_the_cores_come_from_the_container(tmp_path, mon
     assert resources.host_memory_fraction() == 0.5
     # The server's own first (two workers' rings, three processes), then
     # half of the rest for the workers' models, a quarter for the host tier.
-    left = 4 * GiB - 2 * 2 * (c.ring_bytes + ring.HEADER_BYTES) - 3 * resources.PROCESS_BYTES
+    rings = 2 * (c.ring_bytes + ring.HEADER_BYTES) + ring.CONTROL_BYTES + ring.HEADER_BYTES
+    left = 4 * GiB - 2 * rings - 3 * resources.PROCESS_BYTES
     assert resources.device_budget(c, "cpu") == left // 2 // 2
     # A ring's data area is a power of two: one asked for 40 MiB takes 64.
     assert resources.device_budget(c.replace(ring_bytes="40MiB"), "cpu") == left // 2 // 2

@@ -1975,7 +1975,7 @@ def test_a_worker_short_of_dev_shm_for_its_rings_gets_the_room_of_demoted_copies
     import errno
     import shutil
 
-    from mmengine.workers import CONTROL_RING_BYTES
+    from mmengine import resources
 
     create, refusals = shm.Segment.create.__func__, [1]
 
@@ -1991,7 +1991,7 @@ def test_a_worker_short_of_dev_shm_for_its_rings_gets_the_room_of_demoted_copies
                 await engine.infer(name, {"x": X})
                 await until(lambda: engine.model_row((name, 1))["host_bytes"], 10, "the copy")
                 await engine.unload(name, keep_host=True)
-            need = 2 * engine.config.ring_bytes + CONTROL_RING_BYTES
+            need = resources.rings_bytes(engine.config)
             usage = shutil.disk_usage(shm.SHM_DIR)
             monkeypatch.setattr(shutil, "disk_usage",  # one byte short
                                 lambda path: usage._replace(free=need - 1))
