@@ -277,6 +277,22 @@ def test_broken_handler_is_load_failed(tmp_path, source, message):
     assert set(sys.modules) == before
 
 
+def test_a_handler_that_exits_as_it_is_measured_is_closed(tmp_path):
+    # Measured after its load, an object of its own raised SystemExit: the
+    # exit went on (the worker's loader answers LOAD_FAILED), and the
+    # handler's module stayed imported, for good (a review).
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "handler.py").write_text(
+        "class Exits:\n    def __sizeof__(self):\n        raise SystemExit(3)\n\n"
+        "held = Exits()\n\n"
+        "def load(path, device):\n    pass\n\n"
+        "def predict(inputs):\n    return inputs\n")
+    before = set(sys.modules)
+    with pytest.raises(SystemExit):
+        load(tmp_path, "m")
+    assert set(sys.modules) == before
+
+
 def handler_model(tmp_path: Path, source: str, manifest: str = "") -> Path:
     path = tmp_path / "m" / "1"
     path.mkdir(parents=True)

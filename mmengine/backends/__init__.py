@@ -123,8 +123,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     # backend pays for the modules it imports, and freed pages are reused.)
     try:
         model.nbytes = model.tensor_bytes()
-    except Exception as e:  # a module's tensors of a kind that has no storage to count
+    except BaseException as e:  # a module's tensors of a kind that has no storage to count
         model.close()
+        if not isinstance(e, Exception):  # as at warm-up: closed, and raised as it is
+            raise
         raise LoadFailed(f"{where}: its size cannot be measured: {type(e).__name__}: {e}") \
             from e
     if device.type == "cuda" and not isinstance(model, TorchModel):
