@@ -533,6 +533,20 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
     status, _, raw = raw_call(address, "/models/inv-csv/invoke", csv,
                               {"Content-Type": "text/csv", "Accept": "image/png"})
     assert status == 406 and b"text/csv" in raw, raw  # before the model runs
+    # Accept on two lines is one list (RFC 9110 5.3): the last line hid the
+    # first, and the answer came as CSV where .npy weighed more.
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.putrequest("POST", "/models/inv-csv/invoke")
+        for name, value in (("Content-Type", "text/csv"), ("Content-Length", str(len(csv))),
+                            ("Accept", "application/x-npy"), ("Accept", "text/csv;q=0.5")):
+            conn.putheader(name, value)
+        conn.endheaders(csv)
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Content-Type")) == (200, "application/x-npy")
+        response.read()
+    finally:
+        conn.close()
     # A spreadsheet's byte-order mark is no number; an empty batch answers
     # an empty table; q=0 is "not this one".
     status, _, raw = raw_call(address, "/models/inv-csv/invoke", b"\xef\xbb\xbf" + csv,

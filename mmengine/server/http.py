@@ -1108,7 +1108,7 @@ class _RequestTimeout(StatusError):
 # (Host: twice is refused; kept as a list, it is told by its comma.)
 # (A repeated Inference-Header-Content-Length is a list, no length: 400.)
 _LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host",
-                          "inference-header-content-length"})
+                          "inference-header-content-length", "accept"})
 
 
 class _VersionNotSupported(StatusError):
