@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -751,6 +752,49 @@ def predict(inputs):
     time.sleep(float(inputs["x"].reshape(-1)[0]))
     return {"y": inputs["x"]}
 """
+
+
+def test_a_model_added_while_its_delete_runs_is_loaded_after_it(tmp_path, disk):
+    # The POST came while the DELETE waited for the model's call in flight:
+    # 409, "already loaded", and SageMaker took it as loaded, sending it
+    # requests that were each a 404 once the DELETE ended (a review).
+    root = tmp_path / "root"
+    (root / "slow").mkdir(parents=True)
+    started = tmp_path / "started"
+    (root / "slow" / "handler.py").write_text(
+        SLOW_HANDLER.replace("def predict(inputs):\n",
+                             f"def predict(inputs):\n    open({str(started)!r}, 'w').close()\n"))
+    proc = Server("--repo", str(disk["repo"]), "--tcp-port", "0", "--http-port", "0",
+                  "--workers", "1", env=environ(MMENGINE_MODEL_ROOTS=str(root)))
+    try:
+        web = proc.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60)
+        address = (web[1], int(web[2]))
+        assert add(address, "slow", root / "slow")[0] == 200
+        results = {}
+        invoking = threading.Thread(target=lambda: results.setdefault(
+            "invoke", call(address, "POST", "/models/slow/invoke", {"inputs": {"x": [2.0]}})))
+        invoking.start()
+        deadline = time.monotonic() + 30
+        while not started.exists():  # its call runs: the DELETE waits for it
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        deleting = threading.Thread(target=lambda: results.setdefault(
+            "delete", call(address, "DELETE", "/models/slow")))
+        deleting.start()
+        while call(address, "GET", "/models/slow")[0] != 404:  # the DELETE is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not results  # (both still wait for the call)
+        assert add(address, "slow", root / "slow")[0] == 200
+        invoking.join(30)
+        deleting.join(30)
+        assert results["invoke"][0] == 200 and results["delete"][0] == 200, results
+        assert call(address, "GET", "/models/slow")[0] == 200  # loaded, as the 200 said
+        status, body = call(address, "POST", "/models/slow/invoke", {"inputs": {"x": [0.0]}})
+        assert status == 200, body
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
 
 
 def test_a_load_asked_of_a_stopping_server_is_503_not_507(tmp_path, disk):

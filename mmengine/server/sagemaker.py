@@ -68,12 +68,14 @@ class _Added:
 
 class _Registry:
     """What SageMaker added. A name is `pending` while its POST /models
-    loads it or its DELETE unloads it: a POST of the name meanwhile is a
-    conflict, and the routes that serve models do not see it."""
+    loads it: a POST of the name meanwhile is a conflict, and the routes
+    that serve models do not see it. One `unloading` (its DELETE under
+    way) is no model either: a POST of it waits for the DELETE to end."""
 
     def __init__(self) -> None:
         self.models: dict[str, _Added] = {}
         self.pending: set[str] = set()
+        self.unloading: dict[str, asyncio.Future] = {}
 
 
 # One registry per engine: every HTTP server over an engine shares its repository.
@@ -153,9 +155,14 @@ async def load_model(server, request: Request) -> Response:
     except ModelNotFound as e:
         raise BadRequest(str(e)) from None
     registry = _registry(server)
+    unloading = registry.unloading.get(name)
+    if unloading is not None:
+        # 409 would say it is loaded, where it is going: SageMaker would
+        # send it requests, and each would be a 404.
+        await asyncio.shield(unloading)
     if name in registry.models or name in registry.pending:
         raise _Conflict(f"model {name!r} is already loaded"
-                        + (" (or being loaded or unloaded)" if name in registry.pending else ""))
+                        + (" (or being loaded)" if name in registry.pending else ""))
     engine: Engine = server.engine
     registry.pending.add(name)
     try:
@@ -222,10 +229,10 @@ async def unload_model(server, request: Request, name: str) -> Response:
     registry = _registry(server)
     model = _added(server, name)
     # Gone from the registry first: no new request reaches it while it
-    # unloads (the engine lets the ones in flight finish), and pending: a
-    # POST /models of the name meanwhile is a conflict.
+    # unloads (the engine lets the ones in flight finish); a POST /models
+    # of the name meanwhile waits for the unload.
     del registry.models[name]
-    registry.pending.add(name)
+    registry.unloading[name] = done = asyncio.get_running_loop().create_future()
     try:
         await server.engine.remove_model(name)
     except ModelNotFound:
@@ -234,7 +241,8 @@ async def unload_model(server, request: Request, name: str) -> Response:
         registry.models[name] = model  # still there: still served
         raise
     finally:
-        registry.pending.discard(name)
+        del registry.unloading[name]
+        done.set_result(None)
     return json_response({"modelName": name})
 
 
