@@ -9,7 +9,7 @@ from mmengine.calltimes cimport CallTimes
 
 cdef class WorkerLogic:
     cdef public object _torch, device, models, batching, _manifests, _stream, serving
-    cdef public object loader_op, readers, _views_of
+    cdef public object loader_op, readers, _views_of, retired
     cdef public CallTimes times
     cpdef loader_state(self)
     cpdef ran(self, key, seconds, now)

@@ -95,6 +95,9 @@ class WorkerLogic:
         # On CPU, the host-tier segment whose private mapping a resident
         # model's weights view: what it writes is given back as it closes.
         self._views_of: dict[Key, str] = {}
+        # Storages a publish moved weights off while a call ran: the
+        # serving thread lets them go between calls.
+        self.retired: list = []
 
     def bind_thread(self) -> None:
         """Makes the worker's GPU the calling thread's current device. CUDA
@@ -237,9 +240,17 @@ class WorkerLogic:
         if not isinstance(model, TorchModel):
             raise LoadFailed(f"{name} v{version}: not resident, or not a model the host "
                              f"tier can hold")
-        size = self._on_stream(safetensors.publish, model, segment)
+        retired: list = []
+        size = self._on_stream(safetensors.publish, model, segment, retired)
         if self._stream is None:  # its weights moved onto the mapping
             self._views_of[(name, version)] = segment
+        # Its call may run on the storages its weights left: they go once
+        # the serving thread is between calls (_serve_requests), not while
+        # a kernel reads them (freed under it, a call crashed the worker).
+        if self.serving.busy():
+            self.retired.append(retired)
+            if not self.serving.busy():  # its call ended as this was said
+                self.retired.clear()
         return size
 
     def unload(self, name: str, version: int):
@@ -260,12 +271,13 @@ class WorkerLogic:
             return
         try:
             model.close()
-        except Exception as e:  # noqa: BLE001 - a backend bug must not kill the worker
-            log.error("closing %s failed: %r", model.spec.name, e)
-        if segment is not None:
-            from mmengine.backends import safetensors
+        except BaseException as e:  # noqa: BLE001 - a backend bug, a module's sys.exit():
+            log.error("closing %s failed: %r", model.spec.name, e)  # the worker goes on
+        finally:
+            if segment is not None:
+                from mmengine.backends import safetensors
 
-            safetensors.HOST_MAPS.revert(segment)
+                safetensors.HOST_MAPS.revert(segment)
 
     def ran(self, key: Key, seconds: float, now: float) -> None:
         """Notes that a call of `key` took `seconds`, ending at `now`
@@ -517,6 +529,8 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
             req.release()
         finally:
             serving.end(time.monotonic_ns())
+            if logic.retired:  # between calls: nothing runs on them now
+                logic.retired.clear()
 
 
 def _parse(parts: list) -> tuple | None:

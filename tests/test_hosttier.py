@@ -16,7 +16,7 @@ from mmengine import demo, shm, staging
 from mmengine.backends import safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
-from tests.conftest import ROOT, Server, environ, live_pids, run
+from tests.conftest import ROOT, Server, environ, live_pids, run, until
 
 DIMS = (64, 256, 16)   # 83,008 bytes of weights per model
 X = {"x": np.random.default_rng(0).standard_normal((3, DIMS[0]), dtype=np.float32)}
@@ -604,3 +604,37 @@ def test_a_fault_outside_every_guard_still_kills_the_process():
                        timeout=60, cwd=ROOT)
     assert r.returncode == -signal.SIGSEGV, r.stderr
     assert r.stdout == "guarded write\n"
+
+
+class MatMul(torch.nn.Module):
+    """Reads its weight in place, as mm does (a Linear reads a view)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((n, n), 1.0 / n), requires_grad=False)
+
+    def forward(self, x):
+        return torch.mm(x, self.w)
+
+
+def test_a_model_moved_onto_its_host_copy_as_it_runs_is_not_freed_under_it(tmp_path,
+                                                                          own_segments):
+    # Published to the host tier as its first requests ran (the loader
+    # thread, right after the load's answer), a TorchScript model's weights
+    # were moved onto the host copy's mapping and their own memory freed
+    # while a call's kernel read it: the worker died of SIGSEGV (a review).
+    path = tmp_path / "mm" / "1"
+    path.mkdir(parents=True)
+    torch.jit.script(MatMul(2048)).save(str(path / "model.pt"))
+    x = np.ones((512, 2048), np.float32)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            answers = await asyncio.gather(*(engine.infer("mm", {"x": x}) for _ in range(6)))
+            await until(lambda: engine.model_row(("mm", 1))["host_bytes"], 20, "the copy")
+            return answers, engine.stats()["totals"]
+
+    answers, totals = run(main())
+    assert totals["worker_restarts"] == 0
+    for answer in answers:
+        np.testing.assert_allclose(answer["output"], 1.0, rtol=1e-4)

@@ -289,13 +289,15 @@ _RO = "The given buffer is not writable"
 warnings.filterwarnings("ignore", message=_RO)
 
 
-def publish(model: TorchModel, segment: str) -> int:
+def publish(model: TorchModel, segment: str, retired: list) -> int:
     """Writes the model's tensor bytes into the host-tier segment `segment`
     (created here; the front-end unlinks it), and on CPU moves the model's
     weights onto a private mapping of it, so that the worker's own copy is
-    freed. Returns the segment's size in bytes. A safetensors model
-    writes its one region; any other module its tensors one by one (see
-    `host_tensors` for which modules can be published)."""
+    freed: the storages they leave are added to `retired`, for the caller
+    to free once no call runs on them (another thread's, with the GIL let
+    go, reads them to its end). Returns the segment's size in bytes. A
+    safetensors model writes its one region; any other module its tensors
+    one by one (see `host_tensors` for which modules can be published)."""
     if model.module is None:
         raise LoadFailed(f"{model.spec.name}: not resident, nothing to publish")
     if isinstance(model, ModuleModel):
@@ -314,9 +316,11 @@ def publish(model: TorchModel, segment: str) -> int:
         for begin, src in on_device:
             shared[begin:begin + src.numel()].copy_(src)
     elif isinstance(model, ModuleModel):
+        retired.append(model.flat)
         model.module.load_state_dict(_views(shared, entries), strict=True, assign=True)
         model.flat = shared  # the private arena goes back to the pool
     else:
+        retired.extend(t.untyped_storage() for t in tensors.values())
         _rebind(tensors, shared, entries, model.spec.name)
     return size
 
