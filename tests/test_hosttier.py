@@ -135,8 +135,9 @@ def test_resident_models_are_never_dropped_and_the_lru_demoted_one_goes_first(tm
     async def main():
         # A copy is 87,104 bytes (83,008 of weights, a page of header): two
         # fit under the high watermark (0.8 x 280,000), three do not, and
-        # making room down to the low one (0.7) drops one.
-        async with Engine(config(root, host_tier_bytes=280_000)) as engine:
+        # making room down to the low one (0.7) drops one. (A CPU worker's
+        # books: gpu_check.sh runs this file where workers are GPUs.)
+        async with Engine(config(root, host_tier_bytes=280_000, device="cpu")) as engine:
             await load_in_turn(engine, 3)
             # m2 is resident (pinned in the tier), and its CPU worker runs on
             # its copy: charged to the worker, not here, so the two demoted
@@ -196,8 +197,8 @@ def test_a_reload_from_the_tier_and_an_unload_drop_no_other_copy(tmp_path, own_s
     # it, making room for it by dropping the least recently used other copy.
     root = repo(tmp_path, 3)
 
-    async def main():
-        async with Engine(config(root, host_tier_bytes=280_000)) as engine:
+    async def main():  # (a CPU worker's books, as above)
+        async with Engine(config(root, host_tier_bytes=280_000, device="cpu")) as engine:
             await load_in_turn(engine, 3)
             y = await engine.infer("m0", X)  # m2 demoted beside m1; m0 mapped
             np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
