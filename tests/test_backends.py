@@ -909,6 +909,9 @@ class Broadcast(torch.nn.Module):
         return x + self.bias
 
 
+# torch's loader, of a buffer that views less than its storage's whole: its
+# own note, not mmengine's.
+@pytest.mark.filterwarnings("ignore:No complete tensor found in the group:UserWarning")
 def test_an_untrusted_export_program_of_a_small_broadcast_buffer_loads(tmp_path):
     path = tmp_path / "m" / "1"
     path.mkdir(parents=True)
