@@ -181,9 +181,10 @@ def _audit(data: bytes, where: str) -> None:
             except Exception as e:
                 raise refuse(f"has sample inputs that are not plain tensors "
                              f"({type(e).__name__})") from e
-    if sum(tensors.values()) > len(data):
-        raise refuse(f"has tensors of {sum(tensors.values())} bytes in a file of "
-                     f"{len(data)} (spread over strides of 0)")
+    whole = sum(tensors.values())
+    if whole > len(data):
+        raise refuse(f"has tensors of {whole} bytes in a file of {len(data)} (spread over "
+                     f"strides of 0)")
 
 
 def _check_payload_sizes(archive: Any, member: str, config: dict, refuse,
