@@ -1057,11 +1057,7 @@ class Engine:
             self.host.drop(key)  # made from what the manifest no longer says: it would serve that
         # Its host copy is held from here: the room made for the load (the
         # models it evicts, demoted, need room in the tier) never drops it.
-        # On CPU workers (a pool's are all CPU or all GPU: plan_devices) the
-        # worker will run on its pages, charged to it, not to the tier.
-        segment = self.host.segment(key)
-        self.host.set_resident(key, True, time.monotonic(), on_cpu=(
-            segment is not None and self.pool.workers[0].device == "cpu"))
+        self.host.set_resident(key, True, time.monotonic())
         try:
             worker = await self._reserve(key, need, deadline)
         except BaseException:
@@ -1481,6 +1477,11 @@ class Engine:
                     self.config.low_watermark)
                 if reason != books.OK:
                     continue
+                # A CPU worker runs on the model's host copy: charged to it,
+                # not to the tier, from the reservation on (its victims,
+                # demoted, take the tier's room it leaves); while the load
+                # waits for room, the tier's (its room is no one else's).
+                self.host.run_on(key, w.device == "cpu")
                 # Bounded: unloads queue behind loads on the worker, and this
                 # lock must not be held by a stuck one. Not cancelled at the
                 # deadline: each is the unload that its model's requests wait
@@ -1490,10 +1491,12 @@ class Engine:
                     _, pending = await asyncio.wait(
                         evictions, timeout=max(0.0, deadline - time.monotonic()))
                     if pending:
+                        self.host.run_on(key, False)
                         raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
                                          f"time to make room")
                 if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
                         not w.alive:
+                    self.host.run_on(key, False)
                     continue  # lost what we made room for; try elsewhere
                 self._gen[key] = next(self._gens)
                 self.cache.insert(key, books.LOADING, w.index)

@@ -414,6 +414,42 @@ class Tied(nn.Module):
 '''
 
 
+def test_a_copy_stays_charged_to_the_tier_while_its_load_waits_for_room(tmp_path,
+                                                                         own_segments):
+    # A CPU worker runs on a model's host copy, so the copy is charged to
+    # the worker once loaded. It was uncharged as soon as the load began,
+    # while the load waited for room: other copies were demoted into what it
+    # seemed to free, past the tier's budget (a review's finding).
+    root = repo(tmp_path, 1)
+    from tests.conftest import SLOW_HANDLER, write_handler
+    write_handler(root, "slow", SLOW_HANDLER, "bytes = 90000\n")  # the worker's room, held
+
+    async def main():
+        async with Engine(config(root, host_tier_bytes=64 << 20, device="cpu")) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            await engine.unload("m0", keep_host=True)
+            copy = row(engine, "m0")["host_bytes"]
+            assert engine.stats()["host_tier"]["bytes"] == copy > 0
+            busy = asyncio.ensure_future(
+                engine.infer("slow", {"seconds": np.array([1.5], np.float32)}))
+            await until(lambda: any(r["name"] == "slow" and r["state"] == "resident"
+                                    for r in engine.stats()["models"]), 20, "slow's load")
+            waiting = asyncio.ensure_future(engine.infer("m0", X))  # no room till slow ends
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            host = engine.stats()["host_tier"]
+            assert (host["bytes"], host["cpu_worker_bytes"]) == (copy, 0)
+            await busy
+            y = await waiting
+            np.testing.assert_allclose(y["y"], expected(0), rtol=1e-5, atol=1e-6)
+            host = engine.stats()["host_tier"]
+            assert (host["bytes"], host["cpu_worker_bytes"]) == (0, copy)
+            assert row(engine, "m0")["loads_from_host"] == 1
+
+    run(main(), timeout=60)
+
+
 def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_path,
                                                                         own_segments):
     import importlib.util
