@@ -563,6 +563,7 @@ class _Connection:
             data = _wire.exchange(self.fd, frame, self.inbox)
         else:
             self.sock.sendall(frame)
+            self.moved += len(frame)  # what it sent buys time for the answer, as exchange()'s
             if len(frame) > SEND_CHUNK:  # its sends may have taken a while
                 self._left()
             data = self.sock.recv(RECV_BYTES)
@@ -694,6 +695,10 @@ class Client:
     def _give_back(self, conn: "_Connection") -> None:
         if conn.closes != self._closes:  # the client was closed while it was out
             conn.sock.close()
+        elif conn.frames.buf or conn.frames.big is not None:
+            # More came than the answers asked for: no call of ours sent
+            # it, and the next one's answer would be read behind it.
+            conn.sock.close()
         elif len(self._pool) < self.pool_size:
             self._pool.append(conn)
         else:
@@ -740,8 +745,10 @@ class Client:
             conn.frames.arrays = arrays and _wire is not None
             one = len(ids) == 1 and len(frames[0]) == 1
             got = conn.exchange_one(frames[0][0], ids[0]) if one else conn.exchange(frames, ids)
-        except (socket.timeout, BlockingIOError):  # its bound, or the kernel's (set_timeout)
+        except (socket.timeout, BlockingIOError) as e:  # its bound, or the kernel's (set_timeout)
             conn.sock.close()
+            if isinstance(e, Timeout):  # the server's own, about the stream: its words stay
+                raise
             raise Timeout("no answer from the server in time") from None
         except BaseException as e:
             conn.sock.close()

@@ -1486,21 +1486,25 @@ def test_the_sdk_takes_torch_views_and_sparse_tensors_and_refuses_what_cannot_tr
 
 
 def peer_answering(answer) -> socket.socket:
-    """A listener whose one connection is answered `answer(request)` (the
-    pieces of bytes to send, as it makes them) for each request it reads;
-    closed with the listener."""
+    """A listener whose connections are each answered `answer(request)`
+    (the pieces of bytes to send, as it makes them) for each request it
+    reads; closed with the listener."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(30)
 
-    def serve():
-        with contextlib.suppress(OSError, AssertionError):
-            conn, _ = listener.accept()
-            with conn:
-                while True:
-                    for piece in answer(read_frame(conn)):
-                        conn.sendall(piece)
+    def serve(conn):
+        with conn, contextlib.suppress(OSError, AssertionError):
+            while True:
+                for piece in answer(read_frame(conn)):
+                    conn.sendall(piece)
 
-    threading.Thread(target=serve, daemon=True).start()
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],),
+                                 daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
     return listener
 
 
@@ -1519,6 +1523,67 @@ def test_a_blocking_clients_timeout_bounds_an_answer_that_trickles_in():
             c.infer("m", {"x": np.ones(1)})
         took = time.monotonic() - t0
     assert took < 6, took  # the timeout and the answer's grace (2 s); it took 21
+
+
+def test_the_servers_own_timeout_of_a_connection_keeps_its_words():
+    # The blocking client's own "no answer in time" stood in for it: the
+    # server's Timeout is a socket.timeout too.
+    said = "a frame was begun and not finished within 300 s"
+
+    def stream_timeout(request):
+        yield protocol.frame(protocol.error_response(None, Timeout(said)))
+
+    with peer_answering(stream_timeout) as listener, \
+            Client(listener.getsockname(), timeout=5) as c, pytest.raises(Timeout, match=said):
+        c.health()
+
+
+def test_a_connection_with_bytes_past_its_answer_is_never_used_again():
+    # The extra bytes stayed in the pooled connection's buffer, and the next
+    # call read them as the head of its answer: ConnectionError.
+    connections = []
+
+    def extra_after_the_first(request):
+        connections.append(request["id"])
+        frame = protocol.frame({"id": request["id"], "ok": True, "status": "serving"})
+        yield frame + (protocol.LENGTH.pack(16) if len(connections) == 1 else b"")
+
+    with peer_answering(extra_after_the_first) as listener, \
+            Client(listener.getsockname(), timeout=5) as c:
+        assert c.health()["status"] == "serving"
+        assert c.health()["status"] == "serving"
+
+
+def test_a_large_request_sent_in_one_buffer_has_the_time_its_bytes_took():
+    # An upload longer than the call's wait timed out once its last byte was
+    # sent, though the server had it all: the time its bytes bought (1 MiB a
+    # second) was counted for a request in several buffers alone.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+
+    def slow_reader():
+        with contextlib.suppress(OSError), listener.accept()[0] as conn:
+            while True:  # the client asks for max_frame first (health)
+                head = b""
+                while len(head) < 4:
+                    head += conn.recv(4 - len(head))
+                left = protocol.LENGTH.unpack(head)[0]
+                body = bytearray()
+                while left:
+                    chunk = conn.recv(min(left, 1 << 20))
+                    body += chunk
+                    left -= len(chunk)
+                    if len(body) > 1 << 20:
+                        time.sleep(0.25)  # ~4 MiB a second
+                rid = msgpack.unpackb(bytes(body))["id"]
+                conn.sendall(protocol.frame({"id": rid, "ok": True, "status": "serving",
+                                             "max_frame": 1 << 30}))
+
+    threading.Thread(target=slow_reader, daemon=True).start()
+    with listener, Client(listener.getsockname(), timeout=0.5) as c:
+        t0 = time.monotonic()
+        assert c.call({"op": "health", "pad": bytes(12 << 20)})["status"] == "serving"
+    assert time.monotonic() - t0 > 1.5  # past the call's wait (0.5 s and 1 s of grace)
 
 
 def test_a_large_answer_made_in_time_is_read_to_its_end_past_the_timeout():
