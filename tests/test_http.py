@@ -618,6 +618,39 @@ def test_expect_100_continue_is_answered_before_the_body(address):
     assert raw.startswith(b"HTTP/1.1 415 ") and b"Connection: close" in raw, raw[:300]
 
 
+def test_a_request_whose_100_continue_is_owed_waits_for_it_past_the_idle_timeout(tmp_path):
+    # Pipelined behind an answer slower than the idle timeout, its body
+    # (which its client sends only once told to) counted as late: 408.
+    from conftest import SLOW_HANDLER, write_handler
+
+    def slow(seconds: float) -> bytes:
+        return json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                       "data": [seconds]}]}).encode()
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "0", env=environ(MMENGINE_HTTP_IDLE_TIMEOUT_S="1"))
+    try:
+        host, port = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60).groups()
+        head = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        with socket.create_connection((host, int(port)), timeout=15) as s:
+            s.sendall(head % len(slow(2.5)) + b"\r\n" + slow(2.5)
+                      + head % len(slow(0.0)) + b"Expect: 100-continue\r\n\r\n")
+            seen = b""
+            while b"100 Continue" not in seen:  # bounded by the socket's timeout
+                chunk = s.recv(65536)
+                assert chunk and b" 408 " not in seen + chunk, seen + chunk
+                seen += chunk
+            assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]
+            s.sendall(slow(0.0))
+            rest = seen.partition(b"100 Continue\r\n\r\n")[2]
+            while b"\r\n\r\n" not in rest:
+                rest += s.recv(65536)
+        assert rest.startswith(b"HTTP/1.1 200 "), rest[:200]
+    finally:
+        server.stop()
+
+
 def _json_output(raw: bytes) -> np.ndarray:
     return np.array(json.loads(raw.partition(b"\r\n\r\n")[2])["outputs"][0]["data"])
 
@@ -990,6 +1023,25 @@ def test_partial_request_is_closed_when_idle(address):
     with socket.create_connection(address, timeout=10) as s:
         s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
         assert recv_all(s).startswith(b"HTTP/1.1 408 ")  # said, then closed
+
+
+def test_blank_lines_between_requests_keep_no_connection_open(address):
+    # The parser skips them, so no request began (and none timed out), and
+    # each counted as activity: a CRLF now and then held the connection.
+    with socket.create_connection(address, timeout=10) as s:
+        s.settimeout(IDLE_TIMEOUT_S / 4)
+        t0 = time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < IDLE_TIMEOUT_S * 5 and not closed:
+            try:
+                s.sendall(b"\r\n")
+                closed = s.recv(65536) == b""
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        waited = time.monotonic() - t0
+    assert closed and waited < IDLE_TIMEOUT_S * 3, waited
 
 
 @pytest.mark.parametrize("start", [b"GET /v2/health/live HTTP/1.1\r\nHo",

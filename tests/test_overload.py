@@ -6,6 +6,7 @@ front-end's memory follows the queue limit and not the burst."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import re
@@ -847,6 +848,60 @@ def test_a_pipelined_request_gets_its_100_continue_once_the_answers_before_it_ar
             assert chunk, seen
             seen += chunk
         assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]  # after the first answer
+        s.sendall(body)
+        rest = bytearray(seen.partition(b"100 Continue\r\n\r\n")[2])
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 200 "), bytes(rest[:200])
+
+
+def test_short_bodies_queued_behind_an_answer_stop_the_reading_past_a_mebibyte(budget_server):
+    # Each too short to hold the receive budget, bodies of 1 MiB less a byte
+    # queued behind one slow answer were all read and held: 64 a connection
+    # (MAX_PIPELINED), ~64 MiB that no budget counted.
+    def request(seconds: float, pad: int = 0) -> bytes:
+        body = json.dumps({"inputs": [{"name": "seconds", "shape": [1], "datatype": "FP64",
+                                       "data": [seconds]}]}).encode()
+        body += b" " * max(0, pad - len(body))
+        return (b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                b"\r\n" % len(body)) + body
+
+    queued = request(0.0, MiB - 1) * 59
+    queued += request(0.0, MiB - 1).replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+    with socket.create_connection(budget_server["http"], timeout=15) as s:
+        s.sendall(request(2.0))
+        time.sleep(0.3)
+        s.settimeout(0.2)
+        sent, t0 = 0, time.monotonic()
+        while sent < len(queued) and time.monotonic() - t0 < 1.0:
+            with contextlib.suppress(socket.timeout):
+                sent += s.send(queued[sent:sent + MiB])
+        # The kernel's buffers hold some (a few MiB on loopback); the server
+        # stopped reading at one.
+        assert sent < 24 * MiB, sent
+        s.settimeout(30)
+        s.sendall(queued[sent:])
+        assert read_answers(s, "http", 61) == [200] * 61
+
+
+def test_a_100_continue_owed_for_the_budget_goes_out_after_the_answer_that_held_it(
+        budget_server):
+    # The answer that gave the budget back gave it before it was written:
+    # the request behind it, waiting for it, had its 100 sent first, which
+    # its client read as the first request's answer.
+    first = budget_request("http", 6 * MiB, seconds=0.5)
+    head, _, body = budget_request("http", 6 * MiB).partition(b"\r\n\r\n")
+    with socket.create_connection(budget_server["http"], timeout=15) as s:
+        s.sendall(first)
+        time.sleep(0.2)  # its body received: it holds 6 of the 8 MiB
+        s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"
+                               b"Connection: close\r\n", 1) + b"\r\n\r\n")
+        seen = b""
+        while b"100 Continue" not in seen:  # bounded by the socket's timeout
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]
         s.sendall(body)
         rest = bytearray(seen.partition(b"100 Continue\r\n\r\n")[2])
         while chunk := s.recv(65536):

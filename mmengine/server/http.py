@@ -12,7 +12,8 @@ pipelining client gets its answers in the order it asked). Limits are
 applied before anything is buffered: the header block (431), the declared
 body length (413), a large body past the servers' receive budget waits
 unread (listener.py), a connection with MAX_PIPELINED requests unanswered
-is not read, one whose client does not read its answers (they back up past
+(or MAX_QUEUED_BYTES of their bodies, each too short to hold the budget) is
+not read, one whose client does not read its answers (they back up past
 the connection's write allowance) is neither read nor answered further
 until they drain, and an idle connection is closed. Past `max_connections`
 open connections a new one is answered 503 (Retry-After) and closed before
@@ -53,6 +54,11 @@ OWS = " \t"  # HTTP's white space about a header's parts (RFC 9110)
 # Requests read ahead of their answers on one connection; past it the
 # connection is not read until half of them are answered.
 MAX_PIPELINED = 64
+#: Nor one whose queued requests' bodies, each too short to hold the receive
+#: budget (listener.RESERVE_ABOVE), add up to this: 64 of 1 MiB less a byte,
+#: behind one slow answer, were held by no budget (~64 GiB at the default
+#: max_connections).
+MAX_QUEUED_BYTES = RESERVE_ABOVE
 #: Body pieces smaller than this (a chunked body's chunks) are gathered into
 #: one buffer as they come, not kept a bytes object each.
 COALESCE_BELOW = 64 << 10
@@ -509,6 +515,8 @@ class _HttpConnection(BudgetedReading):
         self.dead = False
         self.eof = False  # the client half-closed: close once its answers are out
         self.pipeline_full = False  # MAX_PIPELINED requests await answers: not read
+        # (or their bodies, none held by the receive budget, take MAX_QUEUED_BYTES)
+        self.queued_bytes = 0  # of the queued requests' bodies that hold no budget
         self.write_blocked = False  # answers backed up: not read, nothing more answered
         self._reset()
 
@@ -558,6 +566,7 @@ class _HttpConnection(BudgetedReading):
         # The request being answered gives its own back when it is done.
         held = self.reserved + sum(r.reserved for r in self.queue if isinstance(r, Request))
         self.queue.clear()
+        self.queued_bytes = 0
         self.reserved = 0
         if held:
             self.server.receiving.give(held)
@@ -582,7 +591,11 @@ class _HttpConnection(BudgetedReading):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
-        self._touch()
+        if self.began or self.in_head or data.strip(b"\r\n"):
+            # Blank lines between requests, which the parser skips (RFC
+            # 9112 2.2), are no activity: a CRLF a minute held a
+            # connection for ever.
+            self._touch()
         continued = self.in_head
         # What this read finds, known without a callback of its own (the
         # body's list is a new one for each request).
@@ -666,7 +679,8 @@ class _HttpConnection(BudgetedReading):
         # read: one waiting for the receive budget, or behind answers, is not
         # the client's slow request (and each resume starts it anew).
         unfinished = self.began and not (self.awaiting or self.pipeline_full
-                                         or self.write_blocked or self.dead)
+                                         or self.write_blocked or self.dead
+                                         or self.continue_owed)
         if unfinished and now >= self.began + timeout:
             self._fail(_RequestTimeout(f"the request was not received whole within "
                                        f"{timeout:g} s"))
@@ -802,7 +816,8 @@ class _HttpConnection(BudgetedReading):
         return self.body_bytes
 
     def _served_first(self) -> bool:
-        return self.pipeline_full or self.write_blocked
+        # (A body whose 100 Continue is owed does not come until it is sent.)
+        return self.pipeline_full or self.write_blocked or self.continue_owed
 
     def _too_slow(self, error: MMEngineError) -> None:
         self.server.receiving.give(self.reserved)
@@ -892,7 +907,10 @@ class _HttpConnection(BudgetedReading):
             self._resume()
         self._reset()
         self.queue.append(request)
-        if len(self.queue) >= MAX_PIPELINED and not self.pipeline_full:
+        if not request.reserved:
+            self.queued_bytes += len(request.body)
+        if not self.pipeline_full and (len(self.queue) >= MAX_PIPELINED
+                                       or self.queued_bytes >= MAX_QUEUED_BYTES):
             self.pipeline_full = True
             self.transport.pause_reading()
         self._kick()
@@ -936,7 +954,10 @@ class _HttpConnection(BudgetedReading):
         while self.answering is None and self.queue and not self.write_blocked \
                 and not self.transport.is_closing():
             item = self.queue.popleft()
-            if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2:
+            if isinstance(item, Request) and not item.reserved:
+                self.queued_bytes -= len(item.body)
+            if self.pipeline_full and len(self.queue) < MAX_PIPELINED // 2 \
+                    and self.queued_bytes < MAX_QUEUED_BYTES // 2:
                 self.pipeline_full = False
                 self._resume()
             if isinstance(item, MMEngineError):  # the stream is unusable
@@ -960,6 +981,8 @@ class _HttpConnection(BudgetedReading):
                 self._continue()
                 if self.began:  # its body may come from now: its time counts from now
                     self.began = asyncio.get_running_loop().time()
+                if self.reserved:  # and so does its pace
+                    self._pace_from_now()
 
     def _start(self, request: Request) -> Response | Later:
         if request.refused is not None:
@@ -1033,8 +1056,6 @@ class _HttpConnection(BudgetedReading):
 
     def _respond(self, request: Request, response: Response) -> bool:
         """Writes a request's answer; False when the connection ends with it."""
-        if request.reserved:
-            self.server.receiving.give(request.reserved)
         self._touch()
         body = request.method != "HEAD"
         # A stopping server says so with its last answer on each connection,
@@ -1043,11 +1064,21 @@ class _HttpConnection(BudgetedReading):
             self._write(response, keep_alive=False, body=body)
             self.dead = True
             self._close()
+            self._give_back(request)
             return False
         self._write(response, keep_alive=True, body=body)
+        self._give_back(request)
         if not self.queue:
             self.server.linger(self)
         return True
+
+    def _give_back(self, request: Request) -> None:
+        """The receive budget `request`'s body held, given back once its
+        answer is written: the budget may come to a request of this
+        connection waiting for it, whose 100 Continue would go out ahead of
+        the answer, and read as its (RFC 9110 15.2)."""
+        if request.reserved:
+            self.server.receiving.give(request.reserved)
 
     def quiet(self) -> bool:
         """Nothing to answer, and open (the listener's linger asks)."""
