@@ -299,6 +299,8 @@ async def _serve(config: cfg.Config, demo: bool, tracer=None) -> None:
         if config.http_port >= 0:
             http = HttpServer(engine, http_routes(), idle_timeout_s=config.http_idle_timeout_s)
             http_port = await _listen(http, config.host, config.http_port, "http_port")
+        if tracer is not None:  # not before: a start that fails on a port in use leaves
+            tracer.begin()      # alone the file of the server that has it
         if not config.control_token and not _loopback(config.host):
             log.warning("listening on %s with no control_token: anyone who reaches it may "
                         "load, unload and pin models (mmengine token prints one)", config.host)
@@ -466,7 +468,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         config = _serve_config(args)
         if config.trace_file:
             try:
-                tracer = trace.Trace(config.trace_file)
+                tracer = trace.Trace(config.trace_file, begin=False)  # _serve begins it
             except OSError as e:
                 print(f"mmengine: configuration error: trace_file: {e}", file=sys.stderr)
                 return 2

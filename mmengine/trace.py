@@ -28,6 +28,7 @@ import asyncio
 import heapq
 import json
 import os
+import stat
 import time
 from typing import Any, Mapping
 
@@ -128,10 +129,14 @@ class Trace:
     tool for profiling sessions, not for every server.
     """
 
-    def __init__(self, path: str | os.PathLike, pid: int | None = None):
+    def __init__(self, path: str | os.PathLike, pid: int | None = None, begin: bool = True):
+        """`begin=False`: `path` is opened (what is wrong with it raised
+        here) and left as it is, the events kept, until begin(). A server
+        begins once its ports are bound: a start that fails on them leaves
+        alone the file of the server that has them."""
         self.path = os.fspath(path)
         self.pid = os.getpid() if pid is None else pid
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)  # begin() empties it
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         # group -> a heap of (busy until, tid) over the group's tracks
@@ -139,10 +144,20 @@ class Trace:
         self._next_tid = 1000                               # tids past the workers'
         self._calls: dict[int, dict[tuple[int, int], None]] = {}  # worker -> joined calls drawn
         self._first = True
+        self._begun = False
         self.closed = False
-        os.write(self._fd, b"[\n")
         self._add({"ph": "M", "name": "process_name", "pid": self.pid, "tid": 0,
                    "args": {"name": "mmengine"}})
+        if begin:
+            self.begin()
+
+    def begin(self) -> None:
+        """Empties the file and writes the events so far."""
+        if stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO or a terminal has none to empty
+            os.ftruncate(self._fd, 0)
+        os.write(self._fd, b"[\n")
+        self._begun = True
+        self.flush()
 
     # -- the observer ------------------------------------------------------------
 
@@ -292,20 +307,22 @@ class Trace:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending and self._fd >= 0:
+        if self._pending and self._begun and self._fd >= 0:
             data = "".join(self._pending).encode()
             self._pending.clear()
             while data:  # a regular file takes it all at once, short of a full disk
                 data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        """Writes the rest and the closing bracket: a valid JSON file."""
+        """Writes the rest and the closing bracket: a valid JSON file (one
+        never begun is left as it was)."""
         if self.closed:
             return
         self.closed = True
-        self.flush()
         try:
-            os.write(self._fd, b"\n]\n")
+            if self._begun:
+                self.flush()
+                os.write(self._fd, b"\n]\n")
         finally:
             os.close(self._fd)
             self._fd = -1

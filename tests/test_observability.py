@@ -6,14 +6,16 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SLOW_HANDLER, Server, run, until, write_handler
+from conftest import SLOW_HANDLER, Server, command, environ, run, until, write_handler
 from mmengine import demo, protocol, trace
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -669,6 +671,34 @@ def test_serve_writes_a_trace_and_closes_it_on_sigterm(repo, tmp_path):
     assert sum(e.get("cat") == "request" for e in events) == len(MODELS)
     assert sum(e.get("cat") == "compute" and e["tid"] == 0 for e in events) == len(MODELS)
     assert sum(e["name"].startswith("load ") for e in events) == len(MODELS)
+
+
+def test_a_second_serve_that_fails_to_start_leaves_the_first_ones_trace_alone(repo, tmp_path):
+    # The second emptied the file before it failed on the port: the first
+    # server wrote on at its own offset, and its trace was no JSON.
+    from mmengine.client import Client
+
+    path = tmp_path / "serve.json"
+    args = ("--repo", str(repo), "--workers", "1", "--http-port", "-1", "--trace", str(path))
+    first = Server(*args, "--tcp-port", "0")
+    try:
+        port = int(first.wait_for(r"tcp://[\d.]+:(\d+)", 60).group(1))
+        first.wait_for("writing a trace", 30)
+        with Client(f"127.0.0.1:{port}") as c:
+            c.infer("m00", {"x": np.ones((2, DIMS[0]), np.float32)})
+            deadline = time.monotonic() + 10
+            while b'"cat":"request"' not in path.read_bytes():  # written (within _FLUSH_S)
+                assert time.monotonic() < deadline, path.read_bytes()
+                time.sleep(0.05)
+            second = subprocess.run(command("serve", *args, "--tcp-port", str(port)),
+                                    env=environ(), capture_output=True, text=True, timeout=60)
+            assert second.returncode == 1 and "in use" in second.stderr, second.stderr
+            c.infer("m01", {"x": np.ones((2, DIMS[0]), np.float32)})
+        assert first.stop(30) == 0
+    finally:
+        first.kill()
+    events = json.loads(path.read_text())
+    assert sum(e.get("cat") == "request" for e in events) == 2
 
 
 def test_kserve_answers_with_server_timing_when_asked(repo, own_segments):
