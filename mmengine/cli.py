@@ -78,12 +78,17 @@ def ensure_demo_repository(root: Path) -> Path:
             # too): a stop signal raises _Stopped here (main), and run() kills
             # it on the way out; the kernel does if the server dies
             # (PR_SET_PDEATHSIG).
-            subprocess.run([sys.executable, "-c", ignoring_stop_signals(
+            generator = subprocess.run([sys.executable, "-c", ignoring_stop_signals(
                 "import sys\n"
                 "from mmengine.worker import _die_with_front_end; _die_with_front_end()\n"
                 "from mmengine.demo import write_demo_repository\n"
                 "write_demo_repository(sys.argv[1], int(sys.argv[2]))"),
-                            str(tmp), str(DEMO_MODELS)], check=True)
+                str(tmp), str(DEMO_MODELS)])
+            if generator.returncode:  # a full disk, no torch: it printed why
+                raise cfg.ConfigError(f"repo: --demo could not generate its models in "
+                                      f"{root.parent}: the generator ended with "
+                                      f"{_exit_status(generator.returncode)} (its error, "
+                                      f"if it said one, is above)")
             (tmp / ".complete").write_text("ok\n")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +97,16 @@ def ensure_demo_repository(root: Path) -> Path:
             shutil.rmtree(root)
         tmp.rename(root)
     return root
+
+
+def _exit_status(code: int) -> str:
+    """A child's exit status, in words: "exit code 1", "SIGKILL"."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def _remove_stale_demos(root: Path) -> None:

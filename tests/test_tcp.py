@@ -1109,6 +1109,23 @@ def test_a_demo_that_cannot_be_written_is_one_line_not_a_traceback():
     assert "XDG_CACHE_HOME" in r.stderr
 
 
+def test_demo_models_that_fail_to_generate_are_one_line_not_a_traceback(tmp_path):
+    # A full disk (or no torch): the generator said why, and the server's
+    # CalledProcessError followed it as a traceback of its own.
+    def small_files():  # as a full disk: a write past 4 KiB fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    r = subprocess.run(command("serve", "--demo", "--tcp-port", "0", "--http-port", "-1"),
+                       env=environ(XDG_CACHE_HOME=str(tmp_path)), capture_output=True,
+                       text=True, timeout=60, preexec_fn=small_files)
+    assert r.returncode == 2, r.stderr
+    said = r.stderr.rstrip("\n").rpartition("\n")[2]
+    assert said.startswith("mmengine: configuration error: repo: --demo could not generate "
+                           "its models in "), r.stderr
+    assert "CalledProcessError" not in r.stderr, r.stderr
+    assert os.listdir(tmp_path / "mmengine") == []  # no half-written repository
+
+
 def test_a_port_in_use_is_one_line_not_a_traceback(repo):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
