@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import random
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import uvloop
@@ -27,6 +29,7 @@ from mmengine.client import AsyncClient
 from mmengine.errors import BadRequest, MMEngineError
 
 MAX_CONNECTIONS = 4
+SCHEDULE_CHUNK = 4096  # names drawn at a time (_schedule)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,10 +100,7 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
         if args.models > len(names):
             print(f"mmengine bench: --models {args.models}: the server has "
                   f"{len(names)} that can be sent; using those", file=sys.stderr)
-        # k ** -s, not 1 / k ** s: a steep s underflows to 0, where k ** s
-        # overflowed (--zipf 2000 ended in a traceback).
-        weights = [k ** -args.zipf for k in range(1, len(names) + 1)]
-        schedule = iter(random.Random(args.seed).choices(names, weights, k=args.requests))
+        schedule = _schedule(names, args.zipf, args.seed, args.requests)
 
         before = (await client.stats(limit=0))["totals"]  # the totals alone
         latencies: list[float] = []
@@ -141,6 +141,20 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
     why = stopped[0] if stopped else None
     return (_table(names, args, latencies, errors, elapsed, before, after, why),
             sum(errors.values()), why)
+
+
+def _schedule(names: list[str], zipf: float, seed: int, n: int) -> Iterator[str]:
+    """`n` names drawn by Zipf weights, a chunk at a time as they are sent:
+    drawn all at once, a billion took minutes and gigabytes before the
+    first request, whatever --duration said. Each name takes one random()
+    of the seeded generator, in order, so that a seed draws the same names
+    as one choices() over all `n` would."""
+    # k ** -s, not 1 / k ** s: a steep s underflows to 0, where k ** s
+    # overflowed (--zipf 2000 ended in a traceback).
+    cum_weights = list(itertools.accumulate(k ** -zipf for k in range(1, len(names) + 1)))
+    rng = random.Random(seed)
+    for start in range(0, n, SCHEDULE_CHUNK):
+        yield from rng.choices(names, cum_weights=cum_weights, k=min(SCHEDULE_CHUNK, n - start))
 
 
 def _array(dtype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:

@@ -1064,6 +1064,19 @@ def test_bench_takes_a_steep_zipf(address):
     assert ok + failed == 20
 
 
+def test_bench_with_a_huge_request_count_is_bounded_by_its_duration(address):
+    # It drew its whole schedule before the first request: a billion of
+    # them took minutes and gigabytes, whatever --duration said.
+    t0 = time.monotonic()
+    r = subprocess.run(command("bench", "--url", "%s:%d" % address, "--requests", "1000000000",
+                               "--concurrency", "2", "--duration", "1", "--timeout", "20"),
+                       env=environ(), capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 15, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    ok = int(re.match(r"(\d+) ok", bench_table(r.stdout)["requests"])[1])
+    assert 0 < ok < 1_000_000_000
+
+
 def test_bench_refuses_bad_arguments_before_it_connects():
     # --seed -1 connected, then failed on numpy's "expected non-negative integer".
     for args in (["--seed", "-1"], ["--requests", "0"], ["--zipf", "nan"]):
