@@ -1100,9 +1100,19 @@ class AsyncClient:
         self._max_frame: int | None = None  # as Client's
 
     async def connect(self) -> "AsyncClient":
+        """Opens every connection; on an error, the first one's, the client
+        is closed (`async with` closes no client whose connect failed)."""
         self._check_loop()
         conns = self._conns
-        await asyncio.gather(*(self._slot(i, conns) for i in range(self.size)))
+        # Every connect ends before the error is raised: the others, left
+        # going, were cancelled at the loop's end inside uvloop's
+        # create_connection, which logged their errors as never retrieved.
+        opened = await asyncio.gather(*(self._slot(i, conns) for i in range(self.size)),
+                                      return_exceptions=True)
+        failed = next((e for e in opened if isinstance(e, BaseException)), None)
+        if failed is not None:
+            await self.close()
+            raise failed
         return self
 
     def _check_loop(self) -> None:

@@ -1077,6 +1077,17 @@ def test_bench_with_a_huge_request_count_is_bounded_by_its_duration(address):
     assert 0 < ok < 1_000_000_000
 
 
+def test_bench_against_a_host_that_does_not_resolve_says_one_line():
+    # Each of its connections failed to resolve the name; the first error
+    # ended the connect, and the others, cancelled inside uvloop's
+    # create_connection, were logged as "Future exception was never
+    # retrieved", with their tracebacks, above the one line.
+    r = subprocess.run(command("bench", "--url", "nosuchhost.invalid:8081", "--concurrency", "4"),
+                       env=environ(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("mmengine bench: ") and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_bench_refuses_bad_arguments_before_it_connects():
     # --seed -1 connected, then failed on numpy's "expected non-negative integer".
     for args in (["--seed", "-1"], ["--requests", "0"], ["--zipf", "nan"]):
