@@ -26,6 +26,7 @@ cdef class Worker:
     cdef public BackOff _poll_backoff
     cdef public CpuTaken _cpu_taken
     cdef public object _worker_backoffs, _spins, _inferring, _busy_from, _backlog_ns
+    cdef public object _backoffs_seen, backoffs_before
     cdef public object _ring_ns, _began_ns, _room_timer, _room_at, _virtual_ns
     cdef public CallTimes _times
     cdef public object busy_ns, busy_share, _sampled

@@ -241,6 +241,11 @@ class Worker:
         self._poll_backoff = BackOff()
         self._cpu_taken = CpuTaken()
         self._worker_backoffs = 0  # the worker's, as the polls last saw them
+        # spin_backoffs' counts never go down: the worker's as last read,
+        # past its wraps (its ring counts modulo 2**32), and both sides'
+        # counts of the workers that died in this place before it (restart).
+        self._backoffs_seen = 0
+        self.backoffs_before = {"worker": 0, "front_end": 0}
         self._loading: set[int] = set()  # ids of loads and publishes in flight
         # Those of them during which polling stops (its cores are few:
         # resources.spins_during_loads).
@@ -935,13 +940,16 @@ class Worker:
     def spin_backoffs(self) -> dict[str, int]:
         """How many times each side's wait for the other found its CPU
         taken by another busy process and began or lengthened a back-off
-        (ring.BackOff): the worker's for requests (modulo 2**32), the
-        front-end's polls for answers."""
+        (ring.BackOff): the worker's for requests, the front-end's polls for
+        answers; counted on from the workers before it in its place."""
         try:
             worker = self.req.backoffs[0]
-        except ValueError:  # closed with the worker
-            worker = 0
-        return {"worker": worker, "front_end": self._poll_backoff.count}
+        except ValueError:  # closed with the worker: its last count stands
+            worker = self._backoffs_seen & 0xFFFFFFFF
+        self._backoffs_seen += (worker - self._backoffs_seen) & 0xFFFFFFFF
+        before = self.backoffs_before
+        return {"worker": before["worker"] + self._backoffs_seen,
+                "front_end": before["front_end"] + self._poll_backoff.count}
 
     def _drain(self) -> bool:
         """Handles every answer in the response ring; False if the worker
@@ -1158,6 +1166,7 @@ class WorkerPool:
         if old.is_running():  # declared dead but still running (a bad answer)
             old.process.kill()
         await _reaped(old.process, 5.0)
+        backoffs = old.spin_backoffs  # read while its ring is there
         old.release()
         now = time.monotonic()
         recent = [t for t in self._restarts[index] if now - t < 60]
@@ -1169,6 +1178,7 @@ class WorkerPool:
         if self.stopping:
             raise WorkerDied(f"worker {index}: not restarted, the pool is stopping")
         w = Worker(index, old.device, self.config)
+        w.backoffs_before = backoffs
         w.on_unserved = self._on_unserved
         w.start(asyncio.get_running_loop())
         self.workers[index] = w  # from here on stop() owns it, whatever happens

@@ -675,6 +675,43 @@ def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_se
     assert after["worker"] == before["worker"] == 0, (before, after)
 
 
+def test_the_spin_back_offs_count_on_across_a_workers_restart(tmp_path, own_segments):
+    # They were the new worker's alone, from 0: a counter that went down,
+    # which Prometheus reads as a reset (and read 0 while it was dead).
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
+    write_handler(tmp_path, "slow", "import time\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    time.sleep(0.003)\n    return {'y': inputs['x']}\n")
+    x = {"x": np.ones(3, np.float32)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, poll_us=20_000,
+                                 spin_us=0)) as engine:
+            first = engine.pool.workers[0]
+            await engine.infer("slow", x)
+            loop_cpus = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
+            try:
+                with busy_process(cpus[0]):
+                    deadline = time.monotonic() + 20
+                    while not first.spin_backoffs["front_end"] \
+                            and time.monotonic() < deadline:
+                        await engine.infer("slow", x)
+            finally:
+                os.sched_setaffinity(0, loop_cpus)
+            counted = first.spin_backoffs
+            assert counted["front_end"] > 0, counted
+            os.kill(first.pid, signal.SIGKILL)
+            await until(lambda: engine.pool.workers[0] is not first
+                        and engine.pool.workers[0].alive, 30, "the restart")
+            await engine.infer("slow", x)
+            return counted, engine.stats()["workers"][0]["spin_backoffs"]
+
+    counted, after = run(main(), timeout=90)
+    assert after["front_end"] >= counted["front_end"] and after["worker"] >= counted["worker"]
+
+
 @pytest.mark.parametrize("spin", ["off", "on"])
 def test_while_a_worker_loads_the_front_end_polls_it_only_where_cores_are_to_spare(
         tmp_path, own_segments, spin):
