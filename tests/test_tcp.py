@@ -1627,6 +1627,32 @@ def test_a_large_request_sent_in_one_buffer_has_the_time_its_bytes_took():
     assert time.monotonic() - t0 > 1.5  # past the call's wait (0.5 s and 1 s of grace)
 
 
+def test_an_async_call_never_answered_times_out_while_other_answers_stream_in():
+    # Every byte that came on its connection put its wait off: 2 MiB
+    # answers to other calls every half second kept a call the server
+    # never answered waiting for ever.
+    def answer_all_but_stats(request):
+        if request.get("op") != "stats":
+            yield protocol.frame({"id": request["id"], "ok": True, "status": "serving",
+                                  "pad": bytes(2 << 20)})
+
+    async def main(address):
+        async with AsyncClient(address, timeout=1.0, connections=1) as c:
+            lost = asyncio.ensure_future(c.stats())
+            t0 = time.monotonic()
+            while not lost.done() and time.monotonic() - t0 < 15:
+                await c.health()
+                await asyncio.sleep(0.5)
+            assert lost.done(), "the call never answered still waits"
+            with pytest.raises(Timeout):
+                lost.result()
+            return time.monotonic() - t0
+
+    with peer_answering(answer_all_but_stats) as listener:
+        took = run(main(listener.getsockname()), timeout=30)
+    assert took < 8, took  # its wait (2 s) and one more for the answers that came
+
+
 def test_a_large_answer_made_in_time_is_read_to_its_end_past_the_timeout():
     # The whole-call deadline must not cut off an answer the server made in
     # time: 16 MiB begun at 1.5 s of 2, arriving at 8 MiB/s, with a pause of
