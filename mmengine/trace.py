@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import logging
 import os
 import stat
 import time
@@ -102,6 +103,8 @@ def server_timing(t: Mapping[str, int]) -> str:
 
 # -- Chrome trace events -------------------------------------------------------
 
+log = logging.getLogger("mmengine")
+
 _FLUSH_EVENTS = 512      # write at least this often...
 _FLUSH_S = 1.0           # ...and at most this long after an event arrived
 # Track order: worker i's tracks sort from i * _TRACKS (its own, then its
@@ -145,6 +148,7 @@ class Trace:
         self._calls: dict[int, dict[tuple[int, int], None]] = {}  # worker -> joined calls drawn
         self._first = True
         self._begun = False
+        self._whole = 0  # the file's length up to its last whole event
         self.closed = False
         self._add({"ph": "M", "name": "process_name", "pid": self.pid, "tid": 0,
                    "args": {"name": "mmengine"}})
@@ -155,8 +159,8 @@ class Trace:
         """Empties the file and writes the events so far."""
         if stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO or a terminal has none to empty
             os.ftruncate(self._fd, 0)
-        os.write(self._fd, b"[\n")
         self._begun = True
+        self._write(b"[\n")
         self.flush()
 
     # -- the observer ------------------------------------------------------------
@@ -310,20 +314,48 @@ class Trace:
         if self._pending and self._begun and self._fd >= 0:
             data = "".join(self._pending).encode()
             self._pending.clear()
-            while data:  # a regular file takes it all at once, short of a full disk
-                data = data[os.write(self._fd, data):]
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Writes `data` whole. A write that fails (a full disk, a file size
+        limit) ends the trace, said once: the file is cut back to its last
+        whole event and closed, so that it still opens."""
+        written = 0
+        try:
+            while written < len(data):  # a regular file takes it all at once, short of a full disk
+                written += os.write(self._fd, data[written:])
+        except OSError as e:
+            self._give_up(e)
+            return
+        self._whole += written
+
+    def _give_up(self, e: OSError) -> None:
+        log.error("trace_file %s: %s: tracing stopped, the file keeps what came before",
+                  self.path, e)
+        self.closed = True
+        self._pending.clear()
+        try:
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.ftruncate(self._fd, self._whole)
+                if self._whole:  # (its "[" is there)
+                    os.pwrite(self._fd, b"\n]\n", self._whole)  # room: the cut gave some back
+        except OSError:
+            pass  # still the events' file: read() takes one cut short
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def close(self) -> None:
         """Writes the rest and the closing bracket: a valid JSON file (one
         never begun is left as it was)."""
         if self.closed:
             return
-        self.closed = True
-        try:
-            if self._begun:
-                self.flush()
-                os.write(self._fd, b"\n]\n")
-        finally:
+        if self._begun:
+            self.flush()
+            if not self.closed:  # (a write that failed closed it)
+                self._write(b"\n]\n")
+        if not self.closed:
+            self.closed = True
             os.close(self._fd)
             self._fd = -1
 

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -483,6 +484,34 @@ def test_joined_calls_told_out_of_order_are_each_drawn_once(tmp_path):
     check_tracks(events)
     drawn = [(e["name"], e["ts"]) for e in events if e.get("cat") == "compute"]
     assert sorted(drawn) == [("m x2", 1000), ("m x2", 5000)]
+
+
+TRACE_PAST_A_SIZE_LIMIT = """
+import resource, sys
+from mmengine import trace
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+t = trace.Trace(sys.argv[1], pid=7)
+for i in range(2000):  # ~200 KB of events, flushed 512 at a time
+    t("request", {"model": f"m{i}", "version": None, "code": "OK", "start_ns": i * 1000,
+                  "end_ns": i * 1000 + 500})
+t.close()
+print("closed", t.closed)
+"""
+
+
+def test_a_trace_past_what_its_disk_takes_stops_once_and_stays_readable(tmp_path):
+    # A full disk (here a file size limit) cut an event in two, logged an
+    # error every 512 events, and raised from close(): at Ctrl-C a
+    # traceback, and exit status 1.
+    path = tmp_path / "t.json"
+    done = subprocess.run([sys.executable, "-c", TRACE_PAST_A_SIZE_LIMIT, str(path)],
+                          capture_output=True, text=True, timeout=60, env=environ())
+    assert done.returncode == 0 and done.stdout == "closed True\n", done.stderr
+    assert done.stderr.count("tracing stopped") == 1 and "Traceback" not in done.stderr, \
+        done.stderr
+    events = json.loads(path.read_text())  # whole events, and the bracket that ends them
+    assert 0 < len(events) < 2000 and path.stat().st_size <= 20_000
+    assert all(e["name"].startswith("m") for e in events if e["ph"] == "X")
 
 
 def test_trace_tracks_sort_by_worker_however_many_loads_overlap(tmp_path):
