@@ -14,7 +14,8 @@
  * written, and returns, so that the write runs again (on a private copy of
  * its page). An eviction walks the page table only where a write came. A
  * fault outside every guard goes to the handler that was there before
- * (the default one: the process dies of it, as it would have). Installed
+ * (the default one: the process dies of it, as it would have), and so does
+ * a SIGSEGV sent by kill() or raise(), which is no fault. Installed
  * once: a library that later puts in a handler of its own that does not
  * pass faults on would make a guarded write fatal (torch puts in none).
  *
@@ -43,8 +44,11 @@ static struct sigaction mm_guard_previous;
 static int mm_guard_installed;
 
 static void mm_guard_on_fault(int sig, siginfo_t *info, void *context) {
+    /* The kernel's (a fault) or sent (kill, raise: si_code <= 0, and what
+     * stands where a fault has its address is the sender's pid and uid). */
+    int fault = info->si_code > 0;
     uintptr_t at = (uintptr_t)info->si_addr;
-    for (int i = 0; i < MM_GUARDS; i++) {
+    for (int i = 0; fault && i < MM_GUARDS; i++) {
         uintptr_t start = atomic_load_explicit(&mm_guards[i].start, memory_order_acquire);
         if (start == 0 || at < start || at >= mm_guards[i].end) continue;
         /* Two threads may both fault here: both make it writable. */
@@ -55,8 +59,13 @@ static void mm_guard_on_fault(int sig, siginfo_t *info, void *context) {
     }
     if (mm_guard_previous.sa_flags & SA_SIGINFO) {
         mm_guard_previous.sa_sigaction(sig, info, context);
-    } else if (mm_guard_previous.sa_handler == SIG_DFL || mm_guard_previous.sa_handler == SIG_IGN) {
-        signal(sig, SIG_DFL); /* the fault comes again, and kills as it would have */
+    } else if (mm_guard_previous.sa_handler == SIG_IGN) {
+        if (fault) /* ignored, it would come again for ever: it kills, as the kernel has it */
+            signal(sig, SIG_DFL);
+    } else if (mm_guard_previous.sa_handler == SIG_DFL) {
+        signal(sig, SIG_DFL); /* a fault comes again, and kills as it would have; */
+        if (!fault)           /* one sent comes once: its default action, at this return */
+            raise(sig);
     } else {
         mm_guard_previous.sa_handler(sig);
     }

@@ -132,8 +132,17 @@ class WorkerLogic:
         if host is not None:
             try:
                 model, source = self._on_stream(load_model, spec, self.device, host), "host"
-            except LoadFailed as e:  # the segment went: the files still serve
-                log.warning("%s; loading from the files", e)
+            except BaseException as e:
+                if self._stream is None:
+                    # Its model (closed) may have written to its private
+                    # mapping of the copy, a warm-up's buffers: given back,
+                    # as close() does, or the next load of it starts there.
+                    from mmengine.backends import safetensors
+
+                    safetensors.HOST_MAPS.revert(host)
+                if not isinstance(e, LoadFailed):
+                    raise
+                log.warning("%s; loading from the files", e)  # the files may still serve
         if model is None:
             model = self._on_stream(load_model, spec, self.device)
         elif self._stream is None:

@@ -3,6 +3,7 @@ from it, on real workers; the staging pipeline's logic on CPU."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from mmengine import demo, shm, staging
 from mmengine.backends import safetensors
 from mmengine.config import Config
 from mmengine.engine import Engine
+from mmengine.errors import LoadFailed
 from tests.conftest import ROOT, Server, environ, live_pids, run, until
 
 DIMS = (64, 256, 16)   # 83,008 bytes of weights per model
@@ -450,6 +452,66 @@ def test_a_copy_stays_charged_to_the_tier_while_its_load_waits_for_room(tmp_path
     run(main(), timeout=60)
 
 
+FLAKY_WARMUP = """
+import os
+import torch
+from torch import nn
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+        self.register_buffer("count", torch.zeros(1024))
+
+    def forward(self, x):
+        self.count += 1  # a model that writes its own tensors, as its warm-up runs too
+        if os.path.exists(os.path.join(os.path.dirname(__file__), "fail")):
+            raise RuntimeError("a flaky warm-up")
+        return {"y": x * self.w}
+"""
+
+
+def test_a_failed_load_from_the_host_tier_gives_back_what_it_wrote(tmp_path, own_segments):
+    # Only a loaded model's close gave the pages it wrote back to the copy:
+    # a load that failed after its warm-up wrote left them, and the next
+    # load of the copy began from the failed one's state (a review's finding).
+    from mmengine.worker import WorkerLogic
+
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(FLAKY_WARMUP)
+    safetensors.save_file({"w": torch.ones(4), "count": torch.zeros(1024)},
+                          version / "model.safetensors")
+    (version / "model.toml").write_text(
+        'backend = "safetensors"\nwarmup = true\n'
+        '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 4]\n'
+        '[[outputs]]\nname = "y"\ndtype = "float32"\nshape = [-1, 4]\n')
+    logic = WorkerLogic(Config(repo=str(tmp_path)), "cpu")
+    segment = shm.new_name("host")
+    key = ("m", 1)
+
+    def load_from_the_copy() -> float:
+        assert logic.load("m", 1, str(version), host=segment)[1] == "host"
+        count = float(logic.models[key].module.count[0])
+        logic.close(key, logic.unload("m", 1))
+        return count
+
+    try:
+        logic.load("m", 1, str(version))
+        logic.publish("m", 1, segment)
+        logic.close(key, logic.unload("m", 1))
+        first = load_from_the_copy()
+        (version / "fail").touch()
+        with pytest.raises(LoadFailed, match="flaky"):
+            logic.load("m", 1, str(version), host=segment)
+        (version / "fail").unlink()
+        assert load_from_the_copy() == first
+    finally:
+        safetensors.HOST_MAPS.forget(segment)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(shm.SHM_DIR, segment))
+
+
 def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_path,
                                                                         own_segments):
     import importlib.util
@@ -640,6 +702,28 @@ def test_a_fault_outside_every_guard_still_kills_the_process():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == -signal.SIGSEGV, r.stderr
+    assert r.stdout == "guarded write\n"
+
+
+def test_a_sigsegv_sent_to_a_guarded_process_kills_it_as_it_would_have():
+    # The handler took a sent SIGSEGV (no fault, no address of its own) as
+    # a fault outside every guard: it put the default handler back and
+    # returned, so the process lived on, and its next guarded write killed it.
+    code = """if True:
+        import ctypes, mmap, os, signal
+        from mmengine import _guard
+        ro = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ)
+        import numpy as np
+        start = np.frombuffer(ro, np.uint8).__array_interface__["data"][0]
+        assert _guard.add(start, mmap.PAGESIZE) is not None
+        (ctypes.c_uint8 * 1).from_address(start)[0] = 1  # guarded: goes through
+        print("guarded write", flush=True)
+        os.kill(os.getpid(), signal.SIGSEGV)
+        print("unreachable", flush=True)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stdout, r.stderr)
     assert r.stdout == "guarded write\n"
 
 
