@@ -665,7 +665,8 @@ def _serve_joined(out: _Responder, logic: WorkerLogic, abandoned: messages.Aband
             arrays = messages.view(request[4], request[6][1:])
             check_inputs(model.inputs, arrays)
         except Exception as e:  # its own failure, no other's
-            out.fail(rid, e)
+            # Its run, as alone (_call): taken, and no call made for it.
+            out.fail(rid, e, {"t_recv": time.monotonic_ns()})
             continue
         shape = batching.form(arrays)
         if shape is None:

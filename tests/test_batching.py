@@ -223,6 +223,33 @@ def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):
     assert [int(out["rows"][0]) for out in answers] == [2, 2], answers
 
 
+def test_a_request_refused_as_its_call_is_joined_is_told_as_one_refused_alone(tmp_path):
+    """Refused while its call was joined, a request's error carried no run:
+    its request's observation had no worker and no timing (a review's
+    finding). Alone it has both."""
+    write_handler(tmp_path, "rows", ROWS_HANDLER, f"max_batch_size = {LIMIT}\n"
+                  '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 3]\n')
+    bad = {"x": np.zeros((1, 4), np.float32)}
+
+    async def go():
+        async with Engine(Config(repo=str(tmp_path), workers=1, worker_backlog_ms=0)) as engine:
+            await engine.infer("rows", {"x": np.zeros((1, 3), np.float32)})
+            with pytest.raises(BadRequest) as alone:
+                await engine.infer("rows", bad)
+            block = asyncio.ensure_future(engine.infer("rows", {"x": x_rows(0.3, 1)[:, :3]}))
+            await asyncio.sleep(0.05)
+            answers = await asyncio.gather(
+                engine.infer("rows", {"x": np.zeros((1, 3), np.float32)}),
+                engine.infer("rows", bad), return_exceptions=True)
+            await block
+            return alone.value, answers
+    alone, (good, joined) = run(go())
+    assert int(good["rows"][0]) == 1 and isinstance(joined, BadRequest), (good, joined)
+    for error in (alone, joined):
+        assert error.ran is not None and error.ran["worker"] == 0 and "t_recv" in error.ran, \
+            error.ran
+
+
 def test_a_joined_first_call_counts_once_in_its_models_time(tmp_path):
     """A model's first call, a warm-up, is left out of its time; joined,
     each of its requests' answers counted it, and the second taken for the
