@@ -304,12 +304,21 @@ class Readers:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.idle_threads - 1, "mmengine-reader")
         cuts = [n * i // k // _PAGE * _PAGE for i in range(k)] + [n]
-        parts = [self._pool.submit(read, view[a:b], offset + a)
-                 for a, b in zip(cuts[1:-1], cuts[2:])]
+        parts = []
         try:
+            for a, b in zip(cuts[1:-1], cuts[2:]):
+                parts.append(self._pool.submit(read, view[a:b], offset + a))
             # This thread reads the first part, which the serving thread
             # helps with once requests come (the slot takes one read).
             read(view[:cuts[1]], offset, self.slot)
+        except BaseException:
+            if len(parts) < k - 1:
+                # A submit failed (no thread could start: a container's
+                # pids limit) with its part queued, and no future to wait
+                # for: the pool's end waits for it.
+                pool, self._pool = self._pool, None
+                pool.shutdown(wait=True)
+            raise
         finally:
             # Every part finished, failed or not, before the caller may close
             # fd or reuse `out` (a pinned staging buffer is the next chunk's).

@@ -362,6 +362,44 @@ def test_the_stager_moves_every_byte_in_order(n, staged, tmp_path):
     assert stager.chunks == (2 * -(-n // 1000) if staged else 0)
 
 
+NO_THREAD_FOR_A_PART = """
+import os, sys, threading, torch
+from mmengine import staging
+
+start = threading.Thread.start
+made = []
+
+def start_or_fail(thread):  # as where a container's pids limit is reached
+    if thread.name.startswith("mmengine-reader"):
+        made.append(thread)
+        if len(made) == 2:
+            raise RuntimeError("can't start new thread")
+    return start(thread)
+
+threading.Thread.start = start_or_fail
+out = torch.empty(48 << 20, dtype=torch.uint8)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    staging.Readers(threads=3).read(fd, 0, out)
+except RuntimeError as e:
+    print("raised:", e)
+print("readers left:", sum(t.is_alive() for t in made))
+"""
+
+
+def test_a_read_whose_part_gets_no_thread_leaves_no_reader_behind(tmp_path):
+    # The parts begun kept reading into `out` after read() raised, and the
+    # part whose thread failed to start was queued with no future: its
+    # caller freed `out` (a staging buffer: the next chunk's) and closed
+    # the file under them (a review's finding).
+    path = tmp_path / "f"
+    path.write_bytes(bytes(48 << 20))
+    done = subprocess.run([sys.executable, "-c", NO_THREAD_FOR_A_PART, str(path)],
+                          capture_output=True, text=True, timeout=60, env=environ(), cwd=ROOT)
+    assert done.stdout == "raised: can't start new thread\nreaders left: 0\n", \
+        (done.stdout, done.stderr)
+
+
 def test_the_stager_refuses_a_file_that_ends_early(tmp_path):
     path = tmp_path / "short"
     path.write_bytes(b"x" * 100)
