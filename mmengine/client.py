@@ -1056,8 +1056,8 @@ def _expire(conn: _AsyncConnection, rid: int, w: list, now: float) -> None:
     sent, only up to its own request's last byte: the requests of calls
     made after it are not its), put it off as Client's (_extended): a large
     answer, or a large request, the call's own or one ahead of it, moves to
-    its end, and it is due again then (answers received whole while none is
-    coming in buy one wait at most). Else Timeout; and if nothing at all
+    its end, and it is due again then (answers received whole buy one wait
+    at most: only the one coming in puts it off for as long as it comes). Else Timeout; and if nothing at all
     came on the connection since the call was sent, and no call sent before
     it still waits, the connection went silent (a peer that vanished, a
     dead upstream behind a proxy, no FIN or RST): it is closed, so that the
@@ -1070,11 +1070,13 @@ def _expire(conn: _AsyncConnection, rid: int, w: list, now: float) -> None:
         del conn.waits[rid]
         return
     came = conn.received - received
-    if not (conn.frames.buf or conn.frames.big is not None):
-        # No answer is coming in now: what came whole answered other calls
-        # (later ones, as the server may), and buys one wait at most; else
-        # a stream of them put off for ever a call the server never answered.
-        came = min(came, int(wait * ANSWER_MIN_RATE))
+    # What came of the answer coming in now (the call's own, maybe) puts it
+    # off; what came whole answered other calls (later ones, as the server
+    # may), and buys one wait at most: a stream of them put off for ever a
+    # call the server never answered.
+    big = conn.frames.big
+    coming = min(came, len(conn.frames.buf) + (0 if big is None else len(big.buf)))
+    came = coming + min(came - coming, int(wait * ANSWER_MIN_RATE))
     later = _extended(deadline, came + min(conn.sent(), end) - sent)
     if later > now:
         w[0] = later
