@@ -151,15 +151,19 @@ class HostTier:
 
     def run_on(self, key: Key, on_cpu: bool) -> None:
         """Whether a resident copy is charged to the CPU worker that runs on
-        it (`on_cpu`) or to the tier. Charged here again, it takes its room
-        back over the watermarks: it is none of the victims, and the next
-        copy that needs room makes it."""
-        if key in self._resident and (key in self._on_cpu) != on_cpu:
-            if on_cpu:
-                self._on_cpu.add(key)
-            else:
-                self._on_cpu.discard(key)
-            self._charge(key)
+        it (`on_cpu`) or to the tier. Charged here again, it needs room
+        here, as a demoted one: made, or the copy goes (the worker would
+        read the files)."""
+        if key not in self._resident or (key in self._on_cpu) == on_cpu:
+            return
+        if not on_cpu and not self._make_room(self._sizes[key]):
+            self.drop(key)
+            return
+        if on_cpu:
+            self._on_cpu.add(key)
+        else:
+            self._on_cpu.discard(key)
+        self._charge(key)
 
     def _make_room(self, nbytes: int) -> bool:
         """Drops the least recently used demoted copies until `nbytes` more

@@ -490,6 +490,29 @@ def test_a_copy_stays_charged_to_the_tier_while_its_load_waits_for_room(tmp_path
     run(main(), timeout=60)
 
 
+def test_a_copy_charged_back_to_the_tier_after_a_failed_reservation_needs_room(own_segments):
+    # A reservation that failed after its victims were demoted charged the
+    # loading copy back to the tier on top of them: past its budget, and
+    # no room made (a review's finding). Room is made, or the copy goes.
+    from mmengine import cache as books
+    from mmengine import hosttier
+
+    config = Config(repo=".", host_tier_bytes=1000)
+    tier = hosttier.HostTier(config)
+    tier.size(config)
+    try:
+        for key, on_cpu in ((("loading", 1), False), (("victim", 1), True)):
+            tier.published(key, tier.reserve(key, 600, on_cpu=on_cpu), 600, 1.0)
+        tier.set_resident(("loading", 1), True, 2.0)  # its load waits for room
+        tier.run_on(("loading", 1), True)  # a CPU worker's room, chosen
+        tier.set_resident(("victim", 1), False, 3.0)  # evicted for it: demoted
+        tier.run_on(("loading", 1), False)  # the reservation failed after all
+        assert tier.book.used(books.HOST, 0) <= 0.8 * 1000
+        assert tier.keys() == [("loading", 1)]  # the demoted one went for it
+    finally:
+        tier.clear()
+
+
 FLAKY_WARMUP = """
 import os
 import torch
