@@ -25,6 +25,7 @@ parses one too. After a clean stop (`close()`) the file is valid JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
@@ -139,7 +140,12 @@ class Trace:
         alone the file of the server that has them."""
         self.path = os.fspath(path)
         self.pid = os.getpid() if pid is None else pid
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)  # begin() empties it
+        try:  # made here: a trace never begun leaves no file (close)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._made = True
+        except FileExistsError:  # begin() empties it
+            self._fd = os.open(self.path, os.O_WRONLY, 0o644)
+            self._made = False
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         # group -> a heap of (busy until, tid) over the group's tracks
@@ -347,7 +353,7 @@ class Trace:
 
     def close(self) -> None:
         """Writes the rest and the closing bracket: a valid JSON file (one
-        never begun is left as it was)."""
+        never begun is left as it was, or not made)."""
         if self.closed:
             return
         if self._begun:
@@ -358,6 +364,9 @@ class Trace:
             self.closed = True
             os.close(self._fd)
             self._fd = -1
+            if not self._begun and self._made:  # an empty file is no trace
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -730,6 +730,22 @@ def test_a_second_serve_that_fails_to_start_leaves_the_first_ones_trace_alone(re
     assert sum(e.get("cat") == "request" for e in events) == 2
 
 
+def test_a_serve_that_fails_to_start_makes_no_trace_file(repo, tmp_path):
+    # It left an empty file where none was: no JSON, and read() refused it.
+    import socket
+
+    path = tmp_path / "never.json"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        failed = subprocess.run(command("serve", "--repo", str(repo), "--workers", "1",
+                                        "--http-port", "-1", "--trace", str(path),
+                                        "--tcp-port", str(taken.getsockname()[1])),
+                                env=environ(), capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "in use" in failed.stderr, failed.stderr
+    assert not path.exists()
+
+
 def test_kserve_answers_with_server_timing_when_asked(repo, own_segments):
     from mmengine.server import kserve
 
