@@ -78,7 +78,8 @@ INTERRUPTED = "interrupted (Ctrl-C)"
 async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
     """The report's table, how many requests failed, and why the traffic
     stopped short of its count, if it did: Ctrl-C (the loop cancels this
-    task; what finished is reported all the same) or a server gone away."""
+    task; what finished is reported all the same) or a server gone away.
+    A stop at --duration is the table's alone: that bound is no failure."""
     connections = min(args.concurrency, MAX_CONNECTIONS)
     async with AsyncClient(args.url, timeout=args.timeout, connections=connections,
                            token=getattr(args, "token", None)) as client:
@@ -139,7 +140,11 @@ async def _bench(args: argparse.Namespace) -> tuple[str, int, str | None]:
         except (MMEngineError, OSError):  # gone: the rest of the report stands
             after = None
     why = stopped[0] if stopped else None
-    return (_table(names, args, latencies, errors, elapsed, before, after, why),
+    sent = len(latencies) + sum(errors.values())
+    shown = why
+    if why is None and sent < args.requests:
+        shown = f"by --duration after {args.duration:g} s: {sent} of {args.requests} sent"
+    return (_table(names, args, latencies, errors, elapsed, before, after, shown),
             sum(errors.values()), why)
 
 

@@ -1073,8 +1073,12 @@ def test_bench_with_a_huge_request_count_is_bounded_by_its_duration(address):
                        env=environ(), capture_output=True, text=True, timeout=60)
     assert time.monotonic() - t0 < 15, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
-    ok = int(re.match(r"(\d+) ok", bench_table(r.stdout)["requests"])[1])
+    table = bench_table(r.stdout)
+    ok, failed = map(int, re.match(r"(\d+) ok, (\d+) failed", table["requests"]).groups())
     assert 0 < ok < 1_000_000_000
+    # The stop was not said: "of 1000000000" read as requests gone missing.
+    assert table["stopped"] == f"by --duration after 1 s: {ok + failed} of 1000000000 sent"
+    assert r.returncode == (1 if failed else 0), r.stderr  # the bound is no failure
 
 
 def test_bench_against_a_host_that_does_not_resolve_says_one_line():
