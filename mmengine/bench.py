@@ -171,6 +171,8 @@ def _array(dtype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray
 
 async def _progress(latencies: list, errors: collections.Counter, total: int,
                     t0: float) -> None:
+    if not sys.stderr.isatty():  # a log's (CI): each redraw would be a line of its own
+        return
     while True:
         _draw(len(latencies), sum(errors.values()), total, time.perf_counter() - t0)
         await asyncio.sleep(0.2)

@@ -954,6 +954,31 @@ def test_bench_prints_its_table(address):
     assert table["hit rate"].endswith("%")
     assert int(table["loads"]) >= 0 and int(table["evictions"]) >= 0
     assert "200/200 requests" in r.stderr  # the progress bar's last state
+    # Redrawn every 0.2 s into a pipe too: a line each in a CI log.
+    assert r.stderr.count("/200 requests") == 1, r.stderr
+
+
+def test_bench_draws_its_progress_on_a_terminal(address):
+    master, slave = os.openpty()
+    try:
+        try:
+            bench = subprocess.Popen(command("bench", "--url", "%s:%d" % address, "--requests",
+                                             "2000", "--concurrency", "2", "--timeout", "20",
+                                             "--duration", "20"),  # the reads end
+                                     env=environ(), stdout=subprocess.PIPE, stderr=slave,
+                                     text=True)
+        finally:
+            os.close(slave)  # the child's is then the only one: its end ends the reads
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO: the child's end is closed
+            while chunk := os.read(master, 65536):
+                drawn += chunk
+        bench.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert b"Traceback" not in drawn, drawn
+    # Redrawn as it went, over itself, then its last state.
+    assert drawn.count(b"\r[") >= 2 and b"2000/2000 requests" in drawn, drawn
 
 
 def interruptible() -> None:
