@@ -168,17 +168,23 @@ def _serve_config(args: argparse.Namespace) -> cfg.Config:
                  "idle_unload_s": args.idle_unload, "trace_file": args.trace,
                  "log_level": args.log_level,
                  "pin_models": ",".join(args.pin) if args.pin else None}
-    defaults = {}
-    if args.demo:
-        if args.repo is not None:
-            raise cfg.ConfigError("repo: --demo serves the demo repository; drop --repo, "
-                                  "or --demo to serve it")
-        overrides["repo"] = str(ensure_demo_repository(demo_root()))
-        # A budget that holds a fraction of the demo models, so that traffic
-        # over all of them loads and evicts (unless the file, a variable or a
-        # flag says otherwise).
-        defaults["device_budget"] = "4MiB"
-    return cfg.load(args.config, overrides=overrides, defaults=defaults, serving=True)
+    if not args.demo:
+        return cfg.load(args.config, overrides=overrides, serving=True)
+    if args.repo is not None:
+        raise cfg.ConfigError("repo: --demo serves the demo repository; drop --repo, "
+                              "or --demo to serve it")
+    overrides["repo"] = str(demo_root())
+    # A budget that holds a fraction of the demo models, so that traffic
+    # over all of them loads and evicts (unless the file, a variable or a
+    # flag says otherwise).
+    defaults = {"device_budget": "4MiB"}
+    claimed = {"repo": "--demo serves the demo repository; drop repo, or --demo to serve it"}
+    # Its paths checked once the repository is there; the rest refused
+    # before it is generated (once, seconds).
+    config = cfg.load(args.config, overrides=overrides, defaults=defaults, claimed=claimed)
+    ensure_demo_repository(demo_root())
+    cfg.check_paths(config)
+    return config
 
 
 def _size(nbytes: int) -> str:

@@ -462,11 +462,15 @@ def parse_pins(text: str) -> tuple[tuple[str, int | None], ...]:
 
 def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
          overrides: Mapping[str, Any] | None = None,
-         defaults: Mapping[str, Any] | None = None, serving: bool = False) -> Config:
+         defaults: Mapping[str, Any] | None = None, serving: bool = False,
+         claimed: Mapping[str, str] | None = None) -> Config:
     """A validated Config: Config's defaults < `defaults` < TOML file <
     MMENGINE_* variables < overrides (None values in overrides are ignored;
     an empty variable is unset). A bad value's error says where it came
-    from. `serving`: its paths are checked too (check_paths), as a server's."""
+    from. `serving`: its paths are checked too (check_paths), as a server's.
+    `claimed`: keys that the caller sets in `overrides` whatever the file
+    and the variables say (--demo's repo), each with the message that
+    refuses a value from either, which would otherwise go unsaid."""
     unknown = set(defaults or {}) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown configuration key")
@@ -513,6 +517,9 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
             if key == "config":
                 hint = " (a configuration file is named with --config only)"
             print(f"mmengine: {name} is no configuration key; ignored{hint}", file=sys.stderr)
+    for key, why in (claimed or {}).items():
+        if key in origin:  # overridden, it went without a word
+            raise ConfigError(f"{key}: {why} ({origin[key]})")
     for key, value in (overrides or {}).items():
         if key not in _FIELDS:
             raise ConfigError(f"{key}: unknown configuration key")

@@ -1152,6 +1152,32 @@ def test_configuration_errors_are_refused_at_start(tmp_path, repo):
                 proc.wait()
 
 
+def test_a_demo_refuses_a_repository_from_the_file_or_a_variable(tmp_path, repo):
+    # --demo --repo DIR was refused, where the file's repo or MMENGINE_REPO
+    # was dropped without a word. A cache it cannot write: the refusal
+    # comes before the demo would be generated.
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"repo = {str(repo)!r}\n")
+    cases = [(["--config", str(toml)], {}, f"in {str(toml)!r}"),
+             ([], {"MMENGINE_REPO": str(repo)}, "from MMENGINE_REPO")]
+    procs = [subprocess.Popen(command("serve", "--demo", "--tcp-port", "0", "--http-port", "-1",
+                                      *args),
+                              env=environ(XDG_CACHE_HOME="/proc/no-such-dir", **env),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args, env, _ in cases]
+    try:
+        for proc, (_, _, where) in zip(procs, cases):
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 2, out + err
+            assert err == ("mmengine: configuration error: repo: --demo serves the demo "
+                           f"repository; drop repo, or --demo to serve it ({where})\n"), err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_a_demo_that_cannot_be_written_is_one_line_not_a_traceback():
     # HOME read-only or unset, as in a container: two tracebacks, it was.
     r = subprocess.run(command("serve", "--demo", "--tcp-port", "0", "--http-port", "-1"),
