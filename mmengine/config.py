@@ -275,7 +275,8 @@ MAX_THREADS = 4096
 _SIZE_KEYS = {"device_budget", "ring_bytes", "host_tier_bytes", "disk_cache_bytes",
               "load_bytes_in_flight", "receive_bytes", "receive_min_rate", "fetch_min_rate"}
 _AUTO_SIZE_KEYS = {"host_tier_bytes"}  # -1 or "auto": sized from the machine
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+# [0-9], not \d: that is a digit of any script ("٣GiB" was 3 GiB).
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 # K, M, G, T (with or without B) are powers of 1000; Ki, Mi, Gi, Ti of 1024.
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KI": 1 << 10, "KIB": 1 << 10, "M": 10**6,
           "MB": 10**6, "MI": 1 << 20, "MIB": 1 << 20, "G": 10**9, "GB": 10**9, "GI": 1 << 30,
@@ -313,7 +314,8 @@ def parse_size(value: Any, key: str = "size") -> int:
     that "0.5" does not become 0, which some keys read as "auto")."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:  # TOML's 1e9
+    # TOML's 1e9; and -1.0 as -1, as an int key takes 2.0 (the caller judges the sign).
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     m = _SIZE.match(str(value))
     if not m:
@@ -327,10 +329,15 @@ def parse_size(value: Any, key: str = "size") -> int:
 def _coerce(key: str, value: Any) -> Any:
     kind = _FIELDS[key].type
     try:
-        if key in _AUTO_SIZE_KEYS and str(value).strip().lower() in ("auto", "-1"):
+        # A number, -1.0 as well, is parse_size's.
+        if key in _AUTO_SIZE_KEYS and isinstance(value, str) and \
+                value.strip().lower() in ("auto", "-1"):
             return -1
         if key in _SIZE_KEYS:
             return parse_size(value, key)
+        if kind in ("int", "float") and isinstance(value, str) and \
+                (not value.isascii() or "_" in value):
+            raise ValueError  # Python's spellings: int() takes "1_0" as 10, "٣" as 3
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

@@ -1036,6 +1036,24 @@ def test_sizes_are_exact_and_none_past_a_machine_or_under_a_byte_is_taken(tmp_pa
         config_mod.load(env={}, overrides={"device_budget": "0.5"})
 
 
+def test_numbers_are_ascii_digits_and_a_whole_float_is_an_integer(tmp_path):
+    # int() took Python's spellings ("1_0" as 10, an Arabic-Indic "٣" as 3)
+    # and the size pattern's \d digits of any script; TOML's -1.0 for
+    # host_tier_bytes was "not a size" where -1 and 2.0 for workers were taken.
+    toml = tmp_path / "c.toml"
+    toml.write_text("host_tier_bytes = -1.0\nworkers = 2.0\n")
+    c = config_mod.load(toml, env={})
+    assert c.host_tier_bytes == -1 and c.workers == 2
+    toml.write_text("device_budget = -5.0\n")  # judged as -5 is, not "not a size"
+    with pytest.raises(config_mod.ConfigError, match=r"^device_budget: -5 must be >= 0 \(in "):
+        config_mod.load(toml, env={})
+    for key, text in (("workers", "1_0"), ("workers", "\u0663"), ("request_timeout_s", "1_0"),
+                      ("request_timeout_s", "\u0663"), ("device_budget", "\u0663GiB")):
+        with pytest.raises(config_mod.ConfigError,
+                           match=rf"^{key}: '{text}' is not a .* \(from MMENGINE_{key.upper()}\)$"):
+            config_mod.load(env={f"MMENGINE_{key.upper()}": text})
+
+
 def test_a_bad_value_says_where_it_came_from(tmp_path):
     with pytest.raises(config_mod.ConfigError, match=r"^workers: .* \(from MMENGINE_WORKERS\)$"):
         config_mod.load(env={"MMENGINE_WORKERS": "0"})
