@@ -591,7 +591,7 @@ class _HttpConnection(BudgetedReading):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
-        if self.began or self.in_head or data.strip(b"\r\n"):
+        if self.began or self.in_head or data[0] not in b"\r\n" or data.strip(b"\r\n"):
             # Blank lines between requests, which the parser skips (RFC
             # 9112 2.2), are no activity: a CRLF a minute held a
             # connection for ever.
