@@ -85,9 +85,11 @@ def ensure_demo_repository(root: Path) -> Path:
                 "write_demo_repository(sys.argv[1], int(sys.argv[2]))"),
                 str(tmp), str(DEMO_MODELS)])
             if generator.returncode:  # a full disk, no torch: it printed why
+                from mmengine.workers import exit_words
+
                 raise cfg.ConfigError(f"repo: --demo could not generate its models in "
                                       f"{root.parent}: the generator ended with "
-                                      f"{_exit_status(generator.returncode)} (its error, "
+                                      f"{exit_words(generator.returncode)} (its error, "
                                       f"if it said one, is above)")
             (tmp / ".complete").write_text("ok\n")
         except BaseException:
@@ -97,16 +99,6 @@ def ensure_demo_repository(root: Path) -> Path:
             shutil.rmtree(root)
         tmp.rename(root)
     return root
-
-
-def _exit_status(code: int) -> str:
-    """A child's exit status, in words: "exit code 1", "SIGKILL"."""
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 def _remove_stale_demos(root: Path) -> None:

@@ -421,12 +421,7 @@ class Worker:
         code = self.process.poll() if self.process is not None else None
         if code is None:
             return "its rings broke"  # declared dead while its process still ran
-        if code < 0:
-            try:
-                return signal.Signals(-code).name
-            except ValueError:
-                return f"signal {-code}"
-        return f"exit code {code}"
+        return exit_words(code)
 
     def _died(self, why: str) -> None:
         if not self.alive:
@@ -1286,3 +1281,13 @@ def _kill_all(workers: list[Worker], pid: int, exiting: threading.Event) -> None
         for ring in w.rings:
             ring.close()
 
+
+def exit_words(code: int) -> str:
+    """A child process's exit status (Popen's returncode), in words:
+    "exit code 3", "SIGKILL"."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"

@@ -633,6 +633,41 @@ def test_answers_arrive_polled_or_woken_and_an_idle_front_end_sleeps(repo, own_s
     run(main())
 
 
+def _polled_model(tmp_path) -> tuple[Config, dict, list[int]]:
+    """A model polled for the whole of its calls (3 ms), where a preemption
+    lands: its engine's config, its input, and the CPUs (the loop's
+    first)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
+    write_handler(tmp_path, "slow", "import time\n\ndef load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    time.sleep(0.003)\n    return {'y': inputs['x']}\n")
+    config = Config(repo=str(tmp_path), workers=1, poll_us=20_000, spin_us=0)
+    return config, {"x": np.ones(3, np.float32)}, cpus
+
+
+async def _until_polls_back_off(engine: Engine, x: dict, cpu: int) -> dict:
+    """Calls "slow" with a busy process on the loop's CPU until the
+    front-end's polls back off (20 s, 300 calls at most): the worker's
+    spin_backoffs before."""
+    worker = engine.pool.workers[0]
+    before = worker.spin_backoffs
+    loop_cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # this thread: the loop's
+    try:
+        with busy_process(cpu):
+            deadline = time.monotonic() + 20
+            for _ in range(300):
+                out = await engine.infer("slow", x)
+                np.testing.assert_array_equal(out["y"], x["x"])
+                if worker.spin_backoffs["front_end"] > before["front_end"] \
+                        or time.monotonic() > deadline:
+                    break
+    finally:
+        os.sched_setaffinity(0, loop_cpus)
+    return before
+
+
 def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_segments):
     """The front-end's loop, polling for an answer, is runnable all along:
     beside a busy process on its CPU, an answer waits out the other's time
@@ -641,34 +676,13 @@ def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_se
     never spins here, so never backs off for them to follow. (Preempted
     while polling, it finds the answer there when it runs again, and that
     window ends: a look between two polls missed it.)"""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
-    write_handler(tmp_path, "slow", "import time\n\ndef load(path, device):\n    pass\n\n"
-                  "def predict(inputs):\n    time.sleep(0.003)\n    return {'y': inputs['x']}\n")
-    x = {"x": np.ones(3, np.float32)}
+    config, x, cpus = _polled_model(tmp_path)
 
     async def main():
-        # Polled for the whole call (3 ms), where a preemption lands.
-        async with Engine(Config(repo=str(tmp_path), workers=1, poll_us=20_000,
-                                 spin_us=0)) as engine:
-            worker = engine.pool.workers[0]
+        async with Engine(config) as engine:
             await engine.infer("slow", x)
-            before = worker.spin_backoffs
-            loop_cpus = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
-            try:
-                with busy_process(cpus[0]):
-                    deadline = time.monotonic() + 20
-                    for _ in range(300):
-                        out = await engine.infer("slow", x)
-                        np.testing.assert_array_equal(out["y"], x["x"])
-                        if worker.spin_backoffs["front_end"] > before["front_end"] \
-                                or time.monotonic() > deadline:
-                            break
-            finally:
-                os.sched_setaffinity(0, loop_cpus)
-            return before, worker.spin_backoffs
+            before = await _until_polls_back_off(engine, x, cpus[0])
+            return before, engine.pool.workers[0].spin_backoffs
 
     before, after = run(main())
     assert after["front_end"] > before["front_end"], (before, after)
@@ -678,28 +692,13 @@ def test_polls_that_a_busy_process_keeps_off_their_cpu_back_off(tmp_path, own_se
 def test_the_spin_back_offs_count_on_across_a_workers_restart(tmp_path, own_segments):
     # They were the new worker's alone, from 0: a counter that went down,
     # which Prometheus reads as a reset (and read 0 while it was dead).
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("needs two CPUs: the loop's, shared, and the worker's")
-    write_handler(tmp_path, "slow", "import time\n\ndef load(path, device):\n    pass\n\n"
-                  "def predict(inputs):\n    time.sleep(0.003)\n    return {'y': inputs['x']}\n")
-    x = {"x": np.ones(3, np.float32)}
+    config, x, cpus = _polled_model(tmp_path)
 
     async def main():
-        async with Engine(Config(repo=str(tmp_path), workers=1, poll_us=20_000,
-                                 spin_us=0)) as engine:
+        async with Engine(config) as engine:
             first = engine.pool.workers[0]
             await engine.infer("slow", x)
-            loop_cpus = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {cpus[0]})  # this thread: the loop's
-            try:
-                with busy_process(cpus[0]):
-                    deadline = time.monotonic() + 20
-                    while not first.spin_backoffs["front_end"] \
-                            and time.monotonic() < deadline:
-                        await engine.infer("slow", x)
-            finally:
-                os.sched_setaffinity(0, loop_cpus)
+            await _until_polls_back_off(engine, x, cpus[0])
             counted = first.spin_backoffs
             assert counted["front_end"] > 0, counted
             os.kill(first.pid, signal.SIGKILL)

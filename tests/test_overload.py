@@ -829,6 +829,24 @@ def read_answer_after_sending(sock: socket.socket, rest: bytes) -> tuple[int, st
     return read_answer(sock, "tcp")
 
 
+def answers_around_100_continue(sock: socket.socket, body: bytes) -> list[int]:
+    """The statuses of the answer a connection gets before its last
+    request's 100 Continue, and of that request's answer once `body`, its
+    body, is sent after the 100 (the request asks for the close)."""
+    seen = b""
+    while b"100 Continue" not in seen:  # bounded by the socket's timeout
+        chunk = sock.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    before, _, rest = seen.partition(b"HTTP/1.1 100 Continue\r\n\r\n")
+    sock.sendall(body)
+    rest = bytearray(rest)
+    while chunk := sock.recv(65536):
+        rest += chunk
+    return [int(before.split(b" ", 2)[1]) if before else 0,
+            int(bytes(rest).split(b" ", 2)[1]) if rest else 0]
+
+
 def test_a_pipelined_request_gets_its_100_continue_once_the_answers_before_it_are_out(
         budget_server):
     # Sent behind a request still being answered, its 100 would read as
@@ -842,17 +860,7 @@ def test_a_pipelined_request_gets_its_100_continue_once_the_answers_before_it_ar
                   % len(slow) + slow
                   + head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"
                                  b"Connection: close\r\n", 1) + b"\r\n\r\n")
-        seen = b""
-        while b"100 Continue" not in seen:  # bounded by the socket's timeout
-            chunk = s.recv(65536)
-            assert chunk, seen
-            seen += chunk
-        assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]  # after the first answer
-        s.sendall(body)
-        rest = bytearray(seen.partition(b"100 Continue\r\n\r\n")[2])
-        while chunk := s.recv(65536):
-            rest += chunk
-    assert rest.startswith(b"HTTP/1.1 200 "), bytes(rest[:200])
+        assert answers_around_100_continue(s, body) == [200, 200]
 
 
 def test_short_bodies_queued_behind_an_answer_stop_the_reading_past_a_mebibyte(budget_server):
@@ -897,17 +905,7 @@ def test_a_100_continue_owed_for_the_budget_goes_out_after_the_answer_that_held_
         time.sleep(0.2)  # its body received: it holds 6 of the 8 MiB
         s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"
                                b"Connection: close\r\n", 1) + b"\r\n\r\n")
-        seen = b""
-        while b"100 Continue" not in seen:  # bounded by the socket's timeout
-            chunk = s.recv(65536)
-            assert chunk, seen
-            seen += chunk
-        assert seen.startswith(b"HTTP/1.1 200 "), seen[:100]
-        s.sendall(body)
-        rest = bytearray(seen.partition(b"100 Continue\r\n\r\n")[2])
-        while chunk := s.recv(65536):
-            rest += chunk
-    assert rest.startswith(b"HTTP/1.1 200 "), bytes(rest[:200])
+        assert answers_around_100_continue(s, body) == [200, 200]
 
 
 @pytest.mark.parametrize("transport", ["http", "tcp"])
