@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mmengine import protocol
-from mmengine.errors import BadRequest, MMEngineError, Timeout, TooLarge, retrieved
+from mmengine.errors import BadRequest, MMEngineError, Timeout, TooLarge, retrieved, shown
 
 DEFAULT_PORT = 8081
 # A request's timeout is enforced by the server; the client waits this much
@@ -177,8 +177,17 @@ def _page_message(op: str, after: str | None, limit: int | None) -> dict:
     return message
 
 
+def _field(answer: dict, key: str, kind: type) -> Any:
+    """`answer[key]`, a `kind`: an answer without it is the server's fault,
+    not the caller's (ConnectionError, as any answer the SDK cannot read)."""
+    value = answer.get(key)
+    if not isinstance(value, kind):
+        raise _unreadable(f"its {key!r} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
 def _models(answer: dict) -> Models:
-    rows = Models(answer["models"])
+    rows = Models(_field(answer, "models", list))
     rows.next = answer.get("next")
     return rows
 
@@ -211,8 +220,10 @@ def _outputs(response: dict, t_start: int = 0) -> Outputs:
     if t_start:
         round_trip = time.monotonic_ns() - t_start
         timing = response.get("timing") or {}
-        out.timing = {**timing, "round_trip_ns": round_trip,
-                      "outside_ns": round_trip - timing.get("total_ns", 0)}
+        total = timing.get("total_ns", 0) if isinstance(timing, dict) else None
+        if type(total) is not int:  # the server's fault, not the request's
+            raise _unreadable(f"its timing is {shown(timing)}")
+        out.timing = {**timing, "round_trip_ns": round_trip, "outside_ns": round_trip - total}
     return out
 
 
@@ -812,7 +823,7 @@ class Client:
 
     def load(self, model: str, version: int | None = None, token: str | None = None,
              timeout: float | None = None) -> dict:
-        return self._model_op("load", model, version, token, timeout)["model"]
+        return _field(self._model_op("load", model, version, token, timeout), "model", dict)
 
     def unload(self, model: str, version: int | None = None,
                token: str | None = None, timeout: float | None = None) -> None:
@@ -820,7 +831,7 @@ class Client:
 
     def pin(self, model: str, version: int | None = None, token: str | None = None,
             timeout: float | None = None) -> dict:
-        return self._model_op("pin", model, version, token, timeout)["model"]
+        return _field(self._model_op("pin", model, version, token, timeout), "model", dict)
 
     def _model_op(self, op: str, model: str, version: int | None, token: str | None,
                   timeout: float | None) -> dict:
@@ -843,7 +854,7 @@ class Client:
         """The server's counts: totals, workers, tiers and a row per model
         version counted, paged as list() pages (then with "next"); `limit=0`:
         no rows."""
-        return self.call(_page_message("stats", after, limit))["stats"]
+        return _field(self.call(_page_message("stats", after, limit)), "stats", dict)
 
     def health(self) -> dict:
         return self.call({"op": "health"})
@@ -1281,7 +1292,8 @@ class AsyncClient:
 
     async def load(self, model: str, version: int | None = None,
                    token: str | None = None, timeout: float | None = None) -> dict:
-        return (await self._model_op("load", model, version, token, timeout))["model"]
+        return _field(await self._model_op("load", model, version, token, timeout), "model",
+                      dict)
 
     async def unload(self, model: str, version: int | None = None,
                      token: str | None = None, timeout: float | None = None) -> None:
@@ -1289,7 +1301,8 @@ class AsyncClient:
 
     async def pin(self, model: str, version: int | None = None,
                   token: str | None = None, timeout: float | None = None) -> dict:
-        return (await self._model_op("pin", model, version, token, timeout))["model"]
+        return _field(await self._model_op("pin", model, version, token, timeout), "model",
+                      dict)
 
     async def _model_op(self, op: str, model: str, version: int | None, token: str | None,
                         timeout: float | None) -> dict:
@@ -1307,7 +1320,7 @@ class AsyncClient:
 
     async def stats(self, after: str | None = None, limit: int | None = None) -> dict:
         """Client.stats()."""
-        return (await self.call(_page_message("stats", after, limit)))["stats"]
+        return _field(await self.call(_page_message("stats", after, limit)), "stats", dict)
 
     async def health(self) -> dict:
         return await self.call({"op": "health"})

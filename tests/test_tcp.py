@@ -1756,6 +1756,36 @@ def test_an_answer_that_is_not_the_protocols_is_a_connection_error(answer, async
         run(main(listener.getsockname()), timeout=20)
 
 
+@pytest.mark.parametrize("call, answer", [
+    (lambda c: c.load("m"), {"ok": True}),
+    (lambda c: c.pin("m"), {"ok": True, "model": "m"}),
+    (lambda c: c.stats(), {"ok": True, "stats": [1]}),
+    (lambda c: c.list(), {"ok": True, "models": {}}),
+    (lambda c: c.infer("m", {"x": np.ones(1)}, timing=True),
+     {"ok": True, "outputs": {}, "timing": [1]}),
+    (lambda c: c.infer("m", {"x": np.ones(1)}, timing=True),
+     {"ok": True, "outputs": {}, "timing": {"total_ns": "soon"}}),
+], ids=["load-without-model", "pin-model-a-str", "stats-a-list", "models-a-map",
+        "timing-a-list", "total-a-str"])
+def test_an_answer_without_what_its_call_reads_is_a_connection_error(call, answer):
+    # KeyError, TypeError: a server that says nonsense is the connection's
+    # fault, not the caller's bug.
+    def reply(request):
+        yield protocol.frame({"id": request["id"], **answer})
+
+    with peer_answering(reply) as listener, Client(listener.getsockname(), timeout=2) as c, \
+            pytest.raises(ConnectionError, match="unreadable answer"):
+        call(c)
+
+    async def main(address):
+        async with AsyncClient(address, timeout=2) as c:
+            await call(c)
+
+    with peer_answering(reply) as listener, \
+            pytest.raises(ConnectionError, match="unreadable answer"):
+        run(main(listener.getsockname()), timeout=20)
+
+
 def test_an_error_answer_that_is_not_a_map_is_still_an_error():
     with peer_answering(lambda r: [protocol.frame({"id": r["id"], "ok": False,
                                                    "error": "it broke"})]) as listener, \
