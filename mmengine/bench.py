@@ -26,6 +26,7 @@ import numpy as np
 import uvloop
 
 from mmengine.client import AsyncClient
+from mmengine.config import integer, number
 from mmengine.errors import BadRequest, MMEngineError
 
 MAX_CONNECTIONS = 4
@@ -35,19 +36,19 @@ SCHEDULE_CHUNK = 4096  # names drawn at a time (_schedule)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8081",
                         help="the server's TCP address (default 127.0.0.1:8081)")
-    parser.add_argument("--models", type=int, default=0, metavar="N",
+    parser.add_argument("--models", type=integer, default=0, metavar="N",
                         help="use the first N models of the server's list (default: all)")
-    parser.add_argument("--zipf", type=float, default=1.0, metavar="S",
+    parser.add_argument("--zipf", type=number, default=1.0, metavar="S",
                         help="Zipf exponent of model popularity (default 1.0; 0: uniform)")
-    parser.add_argument("--requests", type=int, default=2000, metavar="M",
+    parser.add_argument("--requests", type=integer, default=2000, metavar="M",
                         help="requests to send (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=16, metavar="C",
+    parser.add_argument("--concurrency", type=integer, default=16, metavar="C",
                         help="requests in flight at once (default 16)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=integer, default=0,
                         help="seed of the traffic's order and of the inputs (default 0)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    parser.add_argument("--timeout", type=number, default=30.0, metavar="S",
                         help="deadline of each request, in seconds (default 30)")
-    parser.add_argument("--duration", type=float, default=600.0, metavar="S",
+    parser.add_argument("--duration", type=number, default=600.0, metavar="S",
                         help="stop sending new requests after S seconds (default 600)")
 
 

@@ -536,13 +536,13 @@ def _main(argv: list[str] | None, unblocked: set[signal.Signals]) -> int:
     serve.add_argument("--demo", action="store_true",
                        help="serve a generated repository of demo models")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--tcp-port", type=int,
+    serve.add_argument("--tcp-port", type=cfg.integer,
                        help="binary protocol port (default 8081; 0: any free)")
-    serve.add_argument("--http-port", type=int,
+    serve.add_argument("--http-port", type=cfg.integer,
                        help="HTTP port (default 8080; 0: any free; -1: no HTTP)")
-    serve.add_argument("--workers", type=int, help="CPU worker processes")
+    serve.add_argument("--workers", type=cfg.integer, help="CPU worker processes")
     serve.add_argument("--device-budget", help="bytes of models per worker, e.g. 2GiB")
-    serve.add_argument("--idle-unload", type=float, metavar="S",
+    serve.add_argument("--idle-unload", type=cfg.number, metavar="S",
                        help="unload models unused for S seconds")
     serve.add_argument("--trace", metavar="FILE",
                        help="write Chrome trace events of requests, loads and evictions "
@@ -558,7 +558,7 @@ def _main(argv: list[str] | None, unblocked: set[signal.Signals]) -> int:
     stats = sub.add_parser("stats", help="a running server's per-model table")
     stats.add_argument("--url", default="127.0.0.1:8081",
                        help="the server's TCP address, host:port (default 127.0.0.1:8081)")
-    stats.add_argument("--timeout", type=float, default=10.0,
+    stats.add_argument("--timeout", type=cfg.number, default=10.0,
                        help="seconds to wait for the server's answer (default 10)")
     add_token_argument(stats)
 

@@ -326,6 +326,26 @@ def parse_size(value: Any, key: str = "size") -> int:
     return int(exact)
 
 
+def _plain(text: str) -> None:
+    """ValueError unless `text` is a number in ASCII, without underscores:
+    int() and float() take Python's spellings too ("1_0" as 10, "٣" as 3)."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(f"not a plain number: {text!r}")
+
+
+def integer(text: str) -> int:
+    """An int as the flags write one (argparse's type): as a string in the
+    file or a variable is read."""
+    _plain(text)
+    return int(text)
+
+
+def number(text: str) -> float:
+    """A float as the flags write one (argparse's type), as `integer`."""
+    _plain(text)
+    return float(text)
+
+
 def _coerce(key: str, value: Any) -> Any:
     kind = _FIELDS[key].type
     try:
@@ -335,9 +355,8 @@ def _coerce(key: str, value: Any) -> Any:
             return -1
         if key in _SIZE_KEYS:
             return parse_size(value, key)
-        if kind in ("int", "float") and isinstance(value, str) and \
-                (not value.isascii() or "_" in value):
-            raise ValueError  # Python's spellings: int() takes "1_0" as 10, "٣" as 3
+        if kind in ("int", "float") and isinstance(value, str):
+            _plain(value)
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

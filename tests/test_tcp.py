@@ -1786,6 +1786,18 @@ def test_an_answer_without_what_its_call_reads_is_a_connection_error(call, answe
         run(main(listener.getsockname()), timeout=20)
 
 
+@pytest.mark.parametrize("args", [("serve", "--repo", ".", "--workers", "1_0"),
+                                  ("serve", "--repo", ".", "--idle-unload", "\u0663"),
+                                  ("bench", "--requests", "\u0663"),
+                                  ("bench", "--duration", "1_0")])
+def test_a_flags_number_is_ascii_digits_as_the_files_and_the_variables_are(args):
+    # argparse's int() and float() took "1_0" as 10 and "٣" as 3, where the
+    # same value in the file or a variable is refused.
+    done = subprocess.run(command(*args), env=environ(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and f"argument {args[-2]}: invalid" in done.stderr, done.stderr
+
+
 def test_an_error_answer_that_is_not_a_map_is_still_an_error():
     with peer_answering(lambda r: [protocol.frame({"id": r["id"], "ok": False,
                                                    "error": "it broke"})]) as listener, \
