@@ -10,7 +10,7 @@ cdef class _Frames:
 
 
 cdef class _Connection:
-    cdef public object sock, timeout, frames, moved, wait, deadline, closes
+    cdef public object sock, timeout, frames, moved, wait, deadline, closes, sent, heard, ends
     cdef public int fd
     cdef public bytearray inbox
     cpdef alive(self)

@@ -476,6 +476,15 @@ class _Outgoing:
 
 # -- blocking ------------------------------------------------------------------
 
+def _ends(frames: list[list], ids: list[int]) -> dict[int, int]:
+    """Where each request (`ids`) ends in the bytes `frames` send: of
+    several joined in one buffer (small, _call_many), all at its end."""
+    if len(frames) != len(ids):
+        return dict.fromkeys(ids, len(frames[0][0]))
+    sizes = (protocol.LENGTH.size + _body_size(parts) for parts in frames)
+    return dict(zip(ids, itertools.accumulate(sizes)))
+
+
 class _Connection:
     """One socket of the blocking client, with its frame buffer."""
 
@@ -490,6 +499,14 @@ class _Connection:
         self.moved = 0  # bytes sent and read in this exchange
         self.wait = timeout  # the exchange's wait
         self.deadline: float | None = None  # the exchange's, before what moved adds
+        # Of a large exchange (small ones leave them 0): the bytes sent, and
+        # how many of them an answer shows the server has read (an answer
+        # comes after its request's last byte, `ends`). The rest, the server
+        # may still be reading from the kernel's buffers (megabytes on
+        # loopback), and its silence while it does is no silent server's.
+        self.sent = 0
+        self.heard = 0
+        self.ends: dict[int, int] = {}  # id: where its request ends in what is sent
         self.closes = 0  # its client's close() calls when it was made
         self.fd = self.sock.fileno()
         self.inbox = bytearray(RECV_BYTES)  # _wire.exchange's reads
@@ -540,11 +557,12 @@ class _Connection:
         got: dict[int, dict] = {}
         wanted = set(ids)
         self._begin()
+        self.ends = _ends(frames, ids)
         if len(ids) == 1:
             out = _Outgoing(frames)
             while out:
                 self._left()
-                self.moved += out.send(self.sock)
+                self._sent(out.send(self.sock))
         else:
             out = _Outgoing(frames)
             while out:
@@ -557,7 +575,7 @@ class _Connection:
                     # MSG_DONTWAIT: a blocking socket (timeout None) must not
                     # wait here while answers wait to be read.
                     try:
-                        self.moved += out.send(self.sock, SEND_CHUNK, socket.MSG_DONTWAIT)
+                        self._sent(out.send(self.sock, SEND_CHUNK, socket.MSG_DONTWAIT))
                     except BlockingIOError:
                         pass
         while len(got) < len(ids):
@@ -574,9 +592,12 @@ class _Connection:
             data = _wire.exchange(self.fd, frame, self.inbox)
         else:
             self.sock.sendall(frame)
-            self.moved += len(frame)  # what it sent buys time for the answer, as exchange()'s
             if len(frame) > SEND_CHUNK:  # its sends may have taken a while
+                self.ends = {rid: len(frame)}
+                self._sent(len(frame))
                 self._left()
+            else:
+                self.moved += len(frame)  # what it sent buys time for the answer, as exchange()'s
             data = self.sock.recv(RECV_BYTES)
         answer = self.frames.whole(data)
         if answer is not None and answer["id"] == rid:
@@ -594,6 +615,12 @@ class _Connection:
         self.wait = self.timeout  # each read's bound, at most (the socket's moves below it)
         self.deadline = None if self.wait is None else time.monotonic() + self.wait
         self.moved = 0
+        self.sent = self.heard = 0
+
+    def _sent(self, count: int) -> None:
+        """`count` more bytes of a large exchange have gone."""
+        self.moved += count
+        self.sent += count
 
     def _left(self) -> float | None:
         """How long the socket's next operation may wait: the seconds left to
@@ -606,9 +633,10 @@ class _Connection:
         if left <= 0:
             raise socket.timeout("timed out")
         # Each read waits what is left, up to the call's wait (what moved
-        # buys time for what follows, not a longer wait for a silent server),
-        # the socket's timeout set only where it is 10 ms off (a system call).
-        bound = min(left, self.wait)
+        # buys time for what follows, not a longer wait for a silent server)
+        # and the time the bytes the server may still be reading bought; the
+        # socket's timeout set only where it is 10 ms off (a system call).
+        bound = min(left, self.wait + (self.sent - self.heard) / ANSWER_MIN_RATE)
         if abs(bound - self.timeout) > 0.01:
             self.set_timeout(bound)
         return bound
@@ -633,6 +661,8 @@ class _Connection:
             if rid not in wanted:  # nothing else is in flight on this connection
                 raise _unreadable(f"an answer to id {rid!r}, which was not asked")
             got[rid] = response
+            if self.sent:
+                self.heard = max(self.heard, self.ends[rid])
         if answers and self.deadline is not None and len(got) < len(wanted):
             # The rest of a batch waits the exchange's wait from this answer.
             self.deadline = max(self.deadline, time.monotonic() + self.wait)
@@ -737,7 +767,8 @@ class Client:
         frames = [_frames(m, encoded) for m in messages]
         for parts in frames:
             self._check_size(_body_size(parts))
-        if len(frames) > 1 and all(len(parts) == 1 for parts in frames):
+        if (len(frames) > 1 and all(len(parts) == 1 for parts in frames)
+                and sum(len(parts[0]) for parts in frames) <= SEND_CHUNK):
             frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
         return self._exchange(frames, ids, wait, encoded)
 
