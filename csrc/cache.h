@@ -7,7 +7,9 @@
  * index and the node, relinks it, and reads no entry. The links make a
  * doubly linked list in LRU order (head = least recently used); free slots
  * are chained through `next`. Byte counters are kept per tier: host, disk,
- * then one device counter per worker.
+ * then one device counter per worker; and per worker, the device bytes of
+ * its UNLOADING entries (`leaving`): their unloads are on their way to the
+ * worker, ahead of any load sent after, so making room counts them gone.
  *
  * The index maps keys to slots: open addressing with linear probing over
  * 8-byte buckets {tag, slot}, at most 3/4 full, deletion by backward shift
@@ -88,6 +90,7 @@ typedef struct {
     uint32_t mask, shift;     /* home of a tag: (tag * MM_GOLDEN) >> shift */
     mm_pick *picks;           /* n_slots long, so an answer always fits */
     int64_t *used, *cap;      /* [host, disk, device of worker 0, 1, ...] */
+    int64_t *leaving;         /* [worker 0, 1, ...]: UNLOADING device bytes */
     double inflation;         /* GDSF L: the largest H evicted so far */
     int32_t n_slots, count;
     int32_t head, tail, free;
@@ -105,8 +108,9 @@ static inline int mm_cache_init(mm_cache *c, int32_t workers, int32_t policy)
     c->policy = policy;
     c->used = calloc((size_t)workers + 2, sizeof(int64_t));
     c->cap = calloc((size_t)workers + 2, sizeof(int64_t));
+    c->leaving = calloc((size_t)workers + 1, sizeof(int64_t));
     c->index = malloc(MM_INDEX_MIN * sizeof(mm_bucket));
-    if (!c->used || !c->cap || !c->index)
+    if (!c->used || !c->cap || !c->leaving || !c->index)
         return MM_ENOMEM;
     for (uint32_t i = 0; i < MM_INDEX_MIN; i++)
         c->index[i] = (mm_bucket){.slot = MM_NIL};
@@ -123,6 +127,7 @@ static inline void mm_cache_free(mm_cache *c)
     free(c->index);
     free(c->used);
     free(c->cap);
+    free(c->leaving);
     *c = (mm_cache){.head = MM_NIL, .tail = MM_NIL, .free = MM_NIL};
 }
 
@@ -143,6 +148,18 @@ static inline int32_t mm_entry_counter(const mm_cache *c, int32_t s,
                                        int32_t tier)
 {
     return tier == MM_DEVICE ? MM_DEVICE + c->node[s].worker : tier;
+}
+
+/* Adds `sign` times slot s's device bytes to its worker's leaving count,
+ * if it is UNLOADING: before (-1) and after (+1) a change of its state,
+ * worker or device bytes. */
+static inline void mm_leave(mm_cache *c, int32_t s, int64_t sign)
+{
+    const mm_node *n = &c->node[s];
+    if (n->state == MM_UNLOADING && n->worker != MM_NIL) {
+        c->leaving[n->worker] += sign * c->e[s].bytes[MM_DEVICE];
+        MM_ASSERT(c->leaving[n->worker] >= 0);
+    }
 }
 
 static inline int64_t mm_entry_size(const mm_entry *e)
@@ -353,6 +370,7 @@ static inline void mm_remove(mm_cache *c, int32_t s)
     mm_entry *e = &c->e[s];
     mm_node *n = &c->node[s];
     MM_ASSERT(n->state != MM_FREE);
+    mm_leave(c, s, -1);
     for (int32_t t = 0; t < MM_NTIERS; t++) {
         if (e->bytes[t] == 0)
             continue;
@@ -408,7 +426,9 @@ static inline int mm_set_state(mm_cache *c, int32_t s, int32_t state)
 {
     if (state < MM_LOADING || state > MM_FAILED)
         return MM_ESTATE;
+    mm_leave(c, s, -1);
     c->node[s].state = state;
+    mm_leave(c, s, +1);
     return MM_EOK;
 }
 
@@ -435,10 +455,12 @@ static inline int mm_set_worker(mm_cache *c, int32_t s, int32_t worker)
     int64_t *to = &c->used[MM_DEVICE + worker];
     if (*to > INT64_MAX - n)
         return MM_EOVERFLOW;
+    mm_leave(c, s, -1);
     c->used[MM_DEVICE + e->worker] -= n;
     MM_ASSERT(c->used[MM_DEVICE + e->worker] >= 0);
     *to += n;
     e->worker = worker;
+    mm_leave(c, s, +1);
     return MM_EOK;
 }
 
@@ -456,8 +478,10 @@ static inline int mm_set_bytes(mm_cache *c, int32_t s, int32_t tier, int64_t n)
     MM_ASSERT(rest >= 0);
     if (rest > INT64_MAX - n)
         return MM_EOVERFLOW;
+    mm_leave(c, s, -1);
     *u = rest + n;
     e->bytes[tier] = n;
+    mm_leave(c, s, +1);
     return MM_EOK;
 }
 
@@ -509,6 +533,8 @@ static inline int mm_victims(mm_cache *c, int32_t tier, int32_t worker,
     if (!(low >= 0.0 && low <= high) || isinf(high))
         return MM_EWATERMARK;
     int64_t used = c->used[k], cap = c->cap[k], freed = 0;
+    if (tier == MM_DEVICE)
+        used -= c->leaving[worker]; /* gone by the time a load sent now runs */
     if (need > cap) {
         *reason = MM_TOO_LARGE;
         return MM_EOK;
@@ -578,8 +604,12 @@ static inline int mm_verify(const mm_cache *c)
 {
     int32_t seen = 0, prev = MM_NIL, err = MM_ECORRUPT;
     int64_t *sums = calloc((size_t)c->workers + 2, sizeof(int64_t));
-    if (!sums)
+    int64_t *leaving = calloc((size_t)c->workers + 1, sizeof(int64_t));
+    if (!sums || !leaving) {
+        free(sums);
+        free(leaving);
         return MM_ENOMEM;
+    }
     for (int32_t s = c->head; s != MM_NIL; prev = s, s = c->node[s].next) {
         const mm_entry *e = &c->e[s];
         const mm_node *n = &c->node[s];
@@ -595,6 +625,8 @@ static inline int mm_verify(const mm_cache *c)
             if (e->bytes[t])
                 sums[mm_entry_counter(c, s, t)] += e->bytes[t];
         }
+        if (n->state == MM_UNLOADING && n->worker != MM_NIL)
+            leaving[n->worker] += e->bytes[MM_DEVICE];
     }
     if (seen != c->count || prev != c->tail)
         goto out;
@@ -638,8 +670,12 @@ static inline int mm_verify(const mm_cache *c)
     for (int32_t k = 0; k < MM_DEVICE + c->workers; k++)
         if (sums[k] != c->used[k])
             err = MM_ECORRUPT;
+    for (int32_t w = 0; w < c->workers; w++)
+        if (leaving[w] != c->leaving[w])
+            err = MM_ECORRUPT;
 out:
     free(sums);
+    free(leaving);
     return err;
 }
 

@@ -37,13 +37,18 @@
 #   counter per worker. An entry holds bytes on each tier; its device bytes
 #   count on its worker, so an entry without a worker holds none there.
 #   Every change to an entry's bytes changes its counter in the same call.
+#   Per worker, `leaving` counts the device bytes of its UNLOADING entries
+#   (kept by every call that changes an entry's state, worker or device
+#   bytes): their unloads are sent, and the worker's loader frees a model
+#   before it reads the next record, so a load sent now finds them gone.
 #
 # Eviction
 #   A candidate is READY, unpinned and holds bytes on the tier (the worker
 #   for the device tier). Pins count explicit pins and requests in flight.
 #   mm_victims answers nothing when the tier stays under its high
 #   watermark, else candidates in policy order until it is under the low
-#   one. LRU walks from the head; GDSF sorts the candidates by
+#   one (on a device, its leaving bytes counted gone: two evictors, one
+#   after the other, each evict for the same room otherwise). LRU walks from the head; GDSF sorts the candidates by
 #   H = L + (hits + 1) * cost / max(size, 1), ties by LRU position, and
 #   raises L to the largest H it answers (not when it only peeks).
 #
@@ -140,6 +145,7 @@ cdef extern from "cache.h" nogil:
         mm_pick *picks      # n_slots long, so any answer fits
         int64_t *used       # [host, disk, device of worker 0, 1, ...]
         int64_t *cap        # same layout as used
+        int64_t *leaving    # [worker 0, 1, ...]: UNLOADING device bytes
         double inflation    # GDSF L
         int32_t n_slots     # allocated slots
         int32_t count       # live entries

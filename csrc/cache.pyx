@@ -120,6 +120,11 @@ cdef class NativeCache:
         _check(-k if k < 0 else 0)
         return self.c.used[k]
 
+    def leaving(self, worker):
+        cdef int32_t k = mm_counter(&self.c, MM_DEVICE, _int32(worker))
+        _check(-k if k < 0 else 0)
+        return self.c.leaving[k - MM_DEVICE]
+
     # -- entries ------------------------------------------------------
 
     def insert(self, key, state=MM_LOADING, worker=MM_NIL):

@@ -117,6 +117,7 @@ class PyCache:
         self._lru: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._used = [0] * (2 + workers)  # host, disk, device per worker
         self._cap = [0] * (2 + workers)
+        self._leaving = [0] * workers  # per worker: its UNLOADING entries' device bytes
         self._inflation = 0.0
 
     # -- counters -----------------------------------------------------
@@ -141,6 +142,18 @@ class PyCache:
     def used(self, tier: int, worker: int) -> int:
         return self._used[self._counter(tier, worker)]
 
+    def leaving(self, worker: int) -> int:
+        """The device bytes of worker `worker`'s UNLOADING entries: their
+        unloads are on their way to it, ahead of any load sent after, so
+        `victims` counts them gone."""
+        return self._leaving[self._counter(DEVICE, worker) - DEVICE]
+
+    def _leave(self, e: _Entry, sign: int) -> None:
+        # Before (-1) and after (+1) a change of an entry's state, worker
+        # or device bytes (mm_leave).
+        if e.state == UNLOADING and e.worker != -1:
+            self._leaving[e.worker] += sign * e.bytes[DEVICE]
+
     # -- entries ------------------------------------------------------
 
     def insert(self, key: Hashable, state: int = LOADING,
@@ -152,6 +165,7 @@ class PyCache:
 
     def remove(self, key: Hashable) -> None:
         e = self._lru.pop(key)
+        self._leave(e, -1)
         for tier, n in enumerate(e.bytes):
             if n:
                 self._used[DEVICE + e.worker if tier == DEVICE else tier] -= n
@@ -206,7 +220,10 @@ class PyCache:
     def set_state(self, key: Hashable, state: int) -> None:
         self._lru[key]
         state = _check_state(state)
-        self._lru[key].state = state
+        e = self._lru[key]
+        self._leave(e, -1)
+        e.state = state
+        self._leave(e, +1)
 
     def set_worker(self, key: Hashable, worker: int) -> None:
         self._lru[key]
@@ -218,9 +235,13 @@ class PyCache:
                 raise convert_error(E_DEVICE_BYTES)
             if self._used[DEVICE + worker] > INT64_MAX - n:
                 raise convert_error(E_OVERFLOW)
+            self._leave(e, -1)
             self._used[DEVICE + e.worker] -= n
             self._used[DEVICE + worker] += n
-        e.worker = worker
+            e.worker = worker
+            self._leave(e, +1)
+        else:
+            e.worker = worker
 
     def set_bytes(self, key: Hashable, tier: int, nbytes: int) -> None:
         self._lru[key]
@@ -237,8 +258,10 @@ class PyCache:
         rest = self._used[k] - e.bytes[tier]
         if rest > INT64_MAX - nbytes:
             raise convert_error(E_OVERFLOW)
+        self._leave(e, -1)
         self._used[k] = rest + nbytes
         e.bytes[tier] = nbytes
+        self._leave(e, +1)
 
     def set_cost(self, key: Hashable, cost: float) -> None:
         e = self._lru[key]
@@ -286,6 +309,8 @@ class PyCache:
         if not (low >= 0.0 and low <= high) or math.isinf(high):
             raise convert_error(E_WATERMARK)
         used, cap = self._used[k], self._cap[k]
+        if k >= DEVICE:
+            used -= self._leaving[k - DEVICE]  # gone by the time a load sent now runs
         if need > cap:
             return [], TOO_LARGE
         if not _over(used, need, high, cap):
@@ -329,12 +354,14 @@ class PyCache:
     def verify(self) -> None:
         """Checks every counter against the entries, O(n); raises
         InternalError if they disagree."""
-        sums = [0] * len(self._used)
+        sums, leaving = [0] * len(self._used), [0] * self._workers
         for e in self._lru.values():
             for tier, n in enumerate(e.bytes):
                 if n:
                     sums[DEVICE + e.worker if tier == DEVICE else tier] += n
-        if sums != self._used:
+            if e.state == UNLOADING and e.worker != -1:
+                leaving[e.worker] += e.bytes[DEVICE]
+        if sums != self._used or leaving != self._leaving:
             raise convert_error(E_CORRUPT)
 
 

@@ -1082,8 +1082,8 @@ class Engine:
                 # (and its host copy held) until the unload queued behind it
                 # has answered.
                 self.cache.set_state(key, books.UNLOADING)
-                _, unload = self._start(key, Op.UNLOAD,
-                                        self._unload(key, worker.index, gen, answered=True))
+                _, unload = self._start(key, Op.UNLOAD, self._unload(
+                    key, gen, self._send_unload(key, worker.index), answered=True))
                 self._spawn(self._unstick(worker, key, unload))
                 e = LoadFailed(f"{key[0]}: load exceeded {self.config.load_timeout_s} s "
                                f"(load_timeout_s)")
@@ -1410,7 +1410,7 @@ class Engine:
             # A worker runs its inferences one at a time, and its loads one
             # at a time: a model placed beside busy ones waits behind them.
             # What it has in flight now, then how busy it was of late.
-            free = caps[w.index] - self.cache.used(books.DEVICE, w.index)
+            free = caps[w.index] - self._staying(w.index)
             if need <= free - (1 - self.config.high_watermark) * caps[w.index]:
                 return (False, w.in_flight, w.busy_share, -free)
             return (True, self._worth_of_victims(w.index, need), -free)
@@ -1494,8 +1494,7 @@ class Engine:
                         self.host.run_on(key, False)
                         raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
                                          f"time to make room")
-                if self.cache.used(books.DEVICE, w.index) + need > caps[w.index] or \
-                        not w.alive:
+                if self._staying(w.index) + need > caps[w.index] or not w.alive:
                     self.host.run_on(key, False)
                     continue  # lost what we made room for; try elsewhere
                 self._gen[key] = next(self._gens)
@@ -1504,6 +1503,12 @@ class Engine:
                 self.cache.touch(key, time.monotonic())
                 return w
         return None
+
+    def _staying(self, index: int) -> int:
+        """The device bytes booked on worker `index` less those of models
+        being evicted: their unloads are sent, and its loader frees each
+        before it reads the next record (cache.victims counts them so)."""
+        return self.cache.used(books.DEVICE, index) - self.cache.leaving(index)
 
     def _no_room(self, key: Key, what: str) -> Overloaded:
         """OVERLOADED for a load that waited for room in vain."""
@@ -1565,32 +1570,46 @@ class Engine:
                   entry.device_bytes)
         self._count_eviction(key, reason)
         return self._start(key, Op.UNLOAD,
-                           self._unload(key, entry.worker, self._gen[key], drop_host,
-                                        answered))[1]
+                           self._unload(key, self._gen[key],
+                                        self._send_unload(key, entry.worker),
+                                        drop_host, answered))[1]
 
     def _count_eviction(self, key: Key, reason: str) -> None:
         stats = self._stats.setdefault(key, ModelStats())
         stats.evictions += 1
         stats.evictions_by_reason[reason] = stats.evictions_by_reason.get(reason, 0) + 1
 
-    async def _unload(self, key: Key, index: int, gen: int, drop_host: bool = False,
-                      answered: bool = False) -> None:
-        """Unloads `key` from worker `index`: done once the worker has the
-        unload, or once it has answered it where `answered`. Its loader
-        thread takes control records in order and frees the model before it
-        reads the next, so whatever is sent to it after (a load that needs
-        the room) finds the room made: nobody waits for the round trip but
-        those who must see the memory freed (the monitor's readings) or the
-        loader free (a load past its deadline: _unstick). Behind the model's
-        own host-tier copy, it waits for that copy to be booked."""
+    def _send_unload(self, key: Key, index: int) -> asyncio.Future | None:
+        """Sends `key`'s unload to worker `index` now, in the same turn as its
+        state becomes UNLOADING: from then on the books count its bytes gone
+        (cache.leaving), so no load may be sent to the worker ahead of it.
+        None where the worker is gone (its memory went with it)."""
         worker = self.pool.workers[index]
+        if not worker.alive:
+            return None
         try:
-            if worker.alive:
-                fut = worker.call(Op.UNLOAD, key[0], key[1])
+            fut = worker.call(Op.UNLOAD, key[0], key[1])
+        except WorkerDied:
+            return None
+        fut.add_done_callback(errors.retrieved)  # awaited only where answered
+        return fut
+
+    async def _unload(self, key: Key, gen: int, sent: asyncio.Future | None,
+                      drop_host: bool = False, answered: bool = False) -> None:
+        """Ends the unload of `key` that _send_unload sent (`sent`): done at
+        once, or once the worker has answered it where `answered`. Its
+        loader thread takes control records in order and frees the model
+        before it reads the next, so whatever is sent to it after (a load
+        that needs the room) finds the room made: nobody waits for the round
+        trip but those who must see the memory freed (the monitor's
+        readings) or the loader free (a load past its deadline: _unstick).
+        Behind the model's own host-tier copy, it waits for that copy to be
+        booked."""
+        try:
+            if sent is not None:
                 if answered:
-                    await fut
+                    await sent
                 else:
-                    fut.add_done_callback(errors.retrieved)
                     publishing = self._publishing.get(key)
                     if publishing is not None:  # its loader answers it first
                         # (and _publish, awaiting it since before, takes the
@@ -1620,8 +1639,7 @@ class Engine:
         # reservation's evictions (or an idle unload's) may have made the room.
         try:
             async with self._locks[index]:
-                if self.cache.used(books.DEVICE, index) > \
-                        self.cache.capacity(books.DEVICE, index):
+                if self._staying(index) > self.cache.capacity(books.DEVICE, index):
                     await self._shrink(index, "pressure")
         except Exception as e:  # noqa: BLE001 - the monitor's own, told as its others are
             log.error("monitor: making room on worker %d: %r", index, e)
@@ -1656,8 +1674,7 @@ class Engine:
             # in use: the load's own _shrink found none to evict. (Between
             # the watermark and the budget it stays: README, "Device".)
             if w.alive and w.index not in self._shrinking and \
-                    self.cache.used(books.DEVICE, w.index) > \
-                    self.cache.capacity(books.DEVICE, w.index):
+                    self._staying(w.index) > self.cache.capacity(books.DEVICE, w.index):
                 self._shrinking.add(w.index)
                 self._spawn(self._back_within_budget(w.index))
         for w in self.pool.workers:

@@ -384,6 +384,39 @@ def test_victims_device_is_per_worker(impl):
         c.victims(DEVICE, 2, 30, 0.8, 0.5)
 
 
+def test_victims_count_a_workers_leaving_bytes_gone(impl):
+    # Two evictors one after the other (a load's reservation, then the
+    # monitor or a load that measured more than its estimate) each evicted
+    # for the same room: the first's victims, UNLOADING until their workers
+    # have the unloads, still counted as used.
+    c = impl(2)
+    for w in (0, 1):
+        c.set_capacity(DEVICE, w, 100)
+    for i, k in enumerate("abc"):
+        ready(c, k, device=30, worker=0, now=i)
+    ready(c, "z", device=30, worker=1)
+    assert c.victims(DEVICE, 0, 20, 0.8, 0.6) == (["a", "b"], OK)
+    c.set_state("a", UNLOADING)
+    assert c.leaving(0) == 30 and c.leaving(1) == 0 and c.used(DEVICE, 0) == 90
+    assert c.victims(DEVICE, 0, 20, 0.8, 0.6) == ([], OK)  # 60 + 20: under 80
+    assert c.victims(DEVICE, 0, 25, 0.8, 0.6) == (["b"], OK)  # 85: down to 55
+    assert c.victims(HOST, 0, 0, 0.8, 0.6) == ([], OK)  # a device's alone
+    # It follows the entry's bytes, worker and state, and its removal.
+    c.set_bytes("a", DEVICE, 50)
+    assert c.leaving(0) == 50
+    c.set_worker("a", 1)
+    assert (c.leaving(0), c.leaving(1)) == (0, 50)
+    c.verify()
+    c.set_state("a", READY)
+    assert c.leaving(1) == 0
+    c.set_state("a", UNLOADING)
+    c.remove("a")
+    assert c.leaving(1) == 0
+    c.verify()
+    with pytest.raises(ValueError):
+        c.leaving(2)
+
+
 @pytest.mark.parametrize("high, low", [(0.5, 0.8), (-0.1, -0.2),
                                        (float("inf"), 0.5),
                                        (float("nan"), 0.5)])
@@ -496,6 +529,7 @@ def books(cache, workers):
     keys = cache.lru_keys()
     counters = [(cache.used(t, w), cache.capacity(t, w))
                 for t in (HOST, DISK, DEVICE) for w in range(workers)]
+    counters += [cache.leaving(w) for w in range(workers)]
     return (keys, [cache.entry(k) for k in keys],
             [cache.priority(k) for k in keys], counters, cache.stats(),
             len(cache))
@@ -608,6 +642,7 @@ class Twins(RuleBasedStateMachine):
         assert books(self.native, self.workers) == books(
             self.twin, self.workers)
         self.native.verify()
+        self.twin.verify()
 
 
 TestTwins = pytest.mark.skipif(
@@ -661,6 +696,7 @@ def test_native_matches_twin_under_load(policy, seed):
                 native.remove(key)
     assert books(native, 2) == books(twin, 2)
     native.verify()
+    twin.verify()
 
 
 @pytest.mark.parametrize("call", ["set_bytes", "set_worker", "set_state"])

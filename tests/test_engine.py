@@ -901,6 +901,37 @@ def test_evictions_behind_a_long_load_make_room_at_once_for_the_loads_behind_the
     assert books == {("slowload", 1): LOADING, ("x", 1): LOADING}, books
 
 
+def test_room_that_an_unload_on_its_way_frees_is_not_made_again(tmp_path, own_segments):
+    # A model being unloaded (a load past its deadline, its bytes held until
+    # its worker answers the unload queued behind it) is gone by the time a
+    # load sent after it runs; its bytes were still counted as staying, and
+    # x's load evicted a and b for room that was on its way.
+    for name in ("a", "b"):
+        write_handler(tmp_path, name, QUICK, "bytes = 1000\n")
+    write_handler(tmp_path, "slowload", slow_loading(3.0), "bytes = 4000\n")
+    write_handler(tmp_path, "x", QUICK, "bytes = 4000\n")
+    one = {"x": np.ones(1)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=10_000,
+                                 load_timeout_s=1.0)) as engine:
+            await engine.infer("a", one)
+            await engine.infer("b", one)
+            slow = asyncio.ensure_future(engine.infer("slowload", one))
+            await until(lambda: ("slowload", 1) in engine.cache and engine.cache.entry(
+                ("slowload", 1)).state == UNLOADING, what="the load past its deadline")
+            x = await engine.infer("x", one, timeout=20)
+            await asyncio.gather(slow, return_exceptions=True)
+            rows = {m: engine.model_row((m, 1)) for m in ("a", "b")}
+            return x, {m: (row["state"], row["evictions"]) for m, row in rows.items()}
+
+    from mmengine.cache import UNLOADING
+
+    x, rows = run(main(), timeout=60)
+    np.testing.assert_array_equal(x["y"], np.ones(1))
+    assert rows == {"a": ("resident", 0), "b": ("resident", 0)}, rows
+
+
 def test_an_unload_behind_another_models_load_returns_at_once_and_frees_after_it(
         tmp_path, own_segments):
     # Its eviction queued behind the load on the worker's loader thread: the
