@@ -890,6 +890,43 @@ def test_an_http_1_0_request_with_transfer_encoding_closes_after_its_answer(addr
     assert b"Connection: close" in answers[0][0], answers[0][0]
 
 
+def send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
+    """Sends `data` on a thread, as a client that pipelines does while it
+    reads; the server may end the connection under it (OSError: ignored)."""
+    def send() -> None:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+@pytest.mark.parametrize("last", [b"HTTP/1.1\r\nHost: x\r\nConnection: close",
+                                  b"HTTP/1.0"])
+def test_the_answer_that_ends_a_connection_is_read_whole_whatever_follows_it(address, last):
+    """A connection's last answer (Connection: close, or HTTP/1.0 without
+    keep-alive) was followed by a close with the client's next bytes
+    unread, and the kernel answered them with a reset: its client read
+    ECONNRESET after the answer (or in place of it, when it was still in
+    flight), not the end of the stream. (Whether bytes are unread at that
+    close depends on the reads' timing: a few tries, each of which met it
+    most times.)"""
+    body = b"x" * (2 << 20)  # more than one read of the server's
+    for _ in range(5):
+        with socket.create_connection(address, timeout=10) as s:
+            sender = send_in_background(s, b"GET /v2/health/live %s\r\n\r\n" % last
+                                        + b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            answers = split_answers(recv_all(s))  # a reset: ConnectionResetError
+            sender.join(10)
+        assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 "), answers
+        assert b"Connection: close" in answers[0][0]
+        assert json.loads(answers[0][1]) == {"live": True}
+
+
 def test_a_body_of_many_tiny_chunks_arrives_whole(address):
     # Each chunk was kept as a bytes object of its own (~28 times its size;
     # a 64 MB body of 2-byte chunks took 1.8 GB and held the loop 8 s to join).

@@ -564,12 +564,10 @@ class _HttpConnection(BudgetedReading):
         # Nobody is left to read the answers of the requests still queued:
         # they are dropped, and their bytes go back with the one being read.
         # The request being answered gives its own back when it is done.
-        held = self.reserved + sum(r.reserved for r in self.queue if isinstance(r, Request))
-        self.queue.clear()
-        self.queued_bytes = 0
-        self.reserved = 0
-        if held:
-            self.server.receiving.give(held)
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._drop_queued()
         self._stop_awaiting()
         answering = self.answering
         if answering is not None and answering.inference:
@@ -579,6 +577,15 @@ class _HttpConnection(BudgetedReading):
                 # cancels: the answer (with nowhere to go) gives its
                 # bytes back here.
                 answering.done(answering.future)
+
+    def _drop_queued(self) -> None:
+        """Forgets the requests queued, unanswered, giving back the budget
+        their bodies hold."""
+        held = sum(r.reserved for r in self.queue if isinstance(r, Request))
+        self.queue.clear()
+        self.queued_bytes = 0
+        if held:
+            self.server.receiving.give(held)
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
@@ -610,7 +617,8 @@ class _HttpConnection(BudgetedReading):
                     if data is None:
                         return
         except httptools.HttpParserError as e:
-            self._fail(self.refused or BadRequest(f"malformed HTTP request: {e}"))
+            if not self.dead:  # (dead: its last answer came within this read)
+                self._fail(self.refused or BadRequest(f"malformed HTTP request: {e}"))
             return
         # httptools holds a header line until it ends, before on_header can
         # count it: bound what it holds by counting the reads of an
@@ -711,7 +719,8 @@ class _HttpConnection(BudgetedReading):
         drops what the client still sends until it closes, LINGER_S at
         most. Closed at once with bytes unread, the connection would be
         reset, and the reset would take the answer with it: a client
-        sending a body it was refused (413) could not read why."""
+        sending a body it was refused (413) could not read why, nor one
+        that pipelined past its `Connection: close` read its answer's end."""
         if self.transport.is_closing():
             return
         # What the request being received holds is nobody's now.
@@ -737,6 +746,11 @@ class _HttpConnection(BudgetedReading):
     # -- httptools callbacks ---------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.dead:
+            # Past the answer that ended the connection, in the read that
+            # brought its request: nothing more is read, or answered after
+            # the end of our side of the stream.
+            raise httptools.HttpParserError("a request after the connection's last")
         self.in_head = True
         self.began = asyncio.get_running_loop().time()
 
@@ -1063,8 +1077,11 @@ class _HttpConnection(BudgetedReading):
         if not request.keep_alive or self.server.stopping and not self.queue:
             self._write(response, keep_alive=False, body=body)
             self.dead = True
-            self._close()
             self._give_back(request)
+            # Requests pipelined after the last one (HTTP/1.0 with
+            # Transfer-Encoding) have nobody to answer them.
+            self._drop_queued()
+            self._linger()  # the client may be sending its next request
             return False
         self._write(response, keep_alive=True, body=body)
         self._give_back(request)
