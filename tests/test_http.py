@@ -7,6 +7,7 @@ import gzip
 import http.client
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -925,6 +926,49 @@ def test_the_answer_that_ends_a_connection_is_read_whole_whatever_follows_it(add
         assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 200 "), answers
         assert b"Connection: close" in answers[0][0]
         assert json.loads(answers[0][1]) == {"live": True}
+
+
+def test_a_connection_past_max_connections_reads_its_whole_503(tmp_path):
+    """The 503 was written and the connection closed at once, whatever
+    the client had sent by then: unread, its request reset the connection,
+    and the client read ECONNRESET where the answer ended (a client still
+    sending its body met the reset in its send, and never read the 503).
+    A server that has max_connections open is busy: its loop accepts the
+    next connection late, when the client's request has come."""
+    server = Server("--repo", str(tmp_path), "--workers", "1", "--tcp-port", "0",
+                    "--http-port", "0", env=environ(MMENGINE_MAX_CONNECTIONS="1"))
+    try:
+        host, port = server.wait_for(r"HTTP .* on http://(\S+):(\d+)", 60).groups()
+        address = host, int(port)
+        live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(address, timeout=10) as held:
+            held.sendall(live)
+            assert held.recv(65536).startswith(b"HTTP/1.1 200 ")  # admitted: the one open
+            # Keeps the loop busy: a body of a million one-byte chunks, a
+            # call of the parser's each.
+            busy = send_in_background(held, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n"
+                                      + b"1\r\nx\r\n" * 1_000_000 + b"0\r\n\r\n")
+            body = b"x" * (2 << 20)
+            tries = 0
+            while tries < 20 and not select.select([held], [], [], 0)[0]:  # until answered
+                tries += 1
+                with socket.create_connection(address, timeout=10) as s:
+                    sender = send_in_background(
+                        s, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    answers = split_answers(recv_all(s))  # a reset: ConnectionResetError
+                    sender.join(10)
+                assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 503 "), answers
+                assert b"Retry-After: 1" in answers[0][0]
+                assert json.loads(answers[0][1])["code"] == "OVERLOADED"
+            assert tries, "the busy request was answered before any try"
+            busy.join(10)
+            assert held.recv(65536).startswith(b"HTTP/1.1 400 ")  # not JSON
+            held.sendall(live)  # still served
+            assert held.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.stop()
 
 
 def test_a_body_of_many_tiny_chunks_arrives_whole(address):

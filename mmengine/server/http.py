@@ -16,8 +16,8 @@ unread (listener.py), a connection with MAX_PIPELINED requests unanswered
 not read, one whose client does not read its answers (they back up past
 the connection's write allowance) is neither read nor answered further
 until they drain, and an idle connection is closed. Past `max_connections`
-open connections a new one is answered 503 (Retry-After) and closed before
-anything is read. Any
+open connections a new one is answered 503 (Retry-After) before anything is
+read, and what its client sends is dropped until it closes. Any
 typed error becomes JSON `{"error": message, "code": NAME}` with its HTTP
 status; a 401 also carries `WWW-Authenticate: Bearer` (RFC 6750), since
 tokens travel as `Authorization: Bearer <token>`.
@@ -547,7 +547,10 @@ class _HttpConnection(BudgetedReading):
             self._write(error_response(Overloaded(
                 f"the server has {self.server.max_connections} connections open; "
                 f"retry later")), keep_alive=False)
-            transport.close()
+            if self.server.linger_refused(self):
+                self._linger()
+            else:
+                transport.close()
             return
         listener.allow_writes(transport)
         self.fd = transport.get_extra_info("socket").fileno()
@@ -558,6 +561,7 @@ class _HttpConnection(BudgetedReading):
 
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
+        self.server.refusing.discard(self)
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None

@@ -18,6 +18,7 @@ cdef class BudgetedReading(WatchedWrites):
 
 cdef class Listener:
     cdef public object engine, _factory, _server, connections, max_connections, refused
+    cdef public object refusing
     cdef public object stopping, control_digests, receiving, _linger_ns, _linger_until
     cdef public object _lingering, _loop, _linger_backoff, _cpu_taken, lingers, port
     cdef object __weakref__

@@ -93,7 +93,8 @@ class Listener:
 
     At most `max_connections` are open at once (config `max_connections`);
     `admit` refuses the next, and the protocol answers it with its own
-    OVERLOADED error and closes it at once, before reading anything.
+    OVERLOADED error, before reading anything, and closes it (HTTP's
+    lingers first: `linger_refused`).
 
     Control operations (loading, unloading, pinning) call `check_control`
     with the token the request carries. Reading operations (list, stats,
@@ -114,6 +115,7 @@ class Listener:
         self.connections: set = set()
         self.max_connections = max_connections or engine.config.max_connections
         self.refused = 0  # connections refused past max_connections
+        self.refusing: set = set()  # those of them lingering after their answer
         self.stopping = False  # draining: a connection closes after its last answer
         # Hashed once: a request's token is compared with the digest only.
         token = engine.config.control_token
@@ -196,6 +198,19 @@ class Listener:
         self.connections.add(connection)
         return True
 
+    def linger_refused(self, connection) -> bool:
+        """Whether `connection`, refused past max_connections, may linger
+        after its answer (its client may have sent its request already:
+        closed with it unread, the connection is reset, and the answer goes
+        with it); it is kept among `refusing` until it is lost. Past
+        REFUSED_LINGERING of them one is closed at once: a flood of refused
+        connections that never close would hold a descriptor each for
+        LINGER_S."""
+        if len(self.refusing) >= REFUSED_LINGERING:
+            return False
+        self.refusing.add(connection)
+        return True
+
     def check_control(self, token: object) -> None:
         """Unauthorized unless `token` is the control token (if one is set)."""
         auth.check(self.control_digests, token, "a control operation")
@@ -268,7 +283,8 @@ class Listener:
                     c.transport.get_write_buffer_size() for c in self.connections):
                 break
             await asyncio.sleep(DRAIN_POLL_S)
-        for c in list(self.connections):
+        # (The refused ones too: the server's wait_closed waits for them.)
+        for c in [*self.connections, *self.refusing]:
             (c.transport.abort if c.transport.get_write_buffer_size() else c.transport.close)()
         await self._server.wait_closed()
 
@@ -289,6 +305,9 @@ SERVED_FIRST_MAX_S = 10.0
 #: How long a connection refused mid-request drops what its client still
 #: sends before it closes (see _HttpConnection._linger).
 LINGER_S = 5.0
+#: Connections refused past max_connections that linger at once, at most
+#: (Listener.linger_refused).
+REFUSED_LINGERING = 1024
 
 
 class ReceiveBudget:
