@@ -879,6 +879,36 @@ def test_inference_header_content_length_given_twice_is_refused(address):
     assert status.startswith(b"HTTP/1.1 400 ") and b"is not a length" in answer, answer
 
 
+@pytest.mark.parametrize("field, values", [
+    (b"Authorization", (b"Bearer first", b"Bearer second")),
+    (b"Content-Type", (b"application/octet-stream", b"application/json")),
+    (b"Expect", (b"100-continue", b"nothing")),
+])
+def test_a_singleton_header_given_twice_is_refused(address, field, values):
+    """RFC 9110 5.3: a field of one value is not combined. The last line
+    won, unsaid, where a proxy in front may have acted on the first (the
+    token it checked, whether the client waits for 100 Continue)."""
+    body = json.dumps(infer_body(x_for(42))).encode()
+    lines = b"%s: %s\r\n%s: %s\r\n" % (field, values[0], field.lower(), values[1])
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  + lines + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        [(head, answer)] = split_answers(recv_all(s))
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head, head
+    assert json.loads(answer)["error"].startswith(
+        "a request carries one %s header, not two" % field.decode()), answer
+    # Once each (or Content-Length twice, which llhttp refuses), as before.
+    status, _, answer = call(address, "POST", "/v2/models/m00/infer", body,
+                             {field.decode(): values[1].decode()})
+    assert status == 200, answer
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"POST /v2/models/m00/infer HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), len(body), body))
+        [(head, answer)] = split_answers(recv_all(s))
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Duplicate Content-Length" in answer
+
+
 def test_an_http_1_0_request_with_transfer_encoding_closes_after_its_answer(address):
     """RFC 9112 6.1: its framing is faulty, and what follows it on the
     connection is not read as requests (a smuggling guard)."""

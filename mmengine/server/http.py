@@ -772,8 +772,14 @@ class _HttpConnection(BudgetedReading):
         # llhttp strips the white space before a value, not after it,
         # which is no part of it either (RFC 9110 5.5): "m0 " names m0.
         key, text = name.decode("latin-1").lower(), value.decode("latin-1").rstrip(OWS)
-        if key in _LIST_FIELDS and key in self.headers:  # repeated: one list (RFC 9110 5.3)
-            text = f"{self.headers[key]}, {text}"
+        if key in self.headers:
+            if key in _LIST_FIELDS:  # repeated: one list (RFC 9110 5.3)
+                text = f"{self.headers[key]}, {text}"
+            elif key in _SINGLE_FIELDS:
+                self.refused = BadRequest(
+                    f"a request carries one {_SINGLE_FIELDS[key]} header, not two: which "
+                    f"one was meant? (RFC 9110 5.3)")
+                raise httptools.HttpParserError("a singleton field repeated")
         self.headers[key] = text
 
     def _count_header(self, n: int) -> None:
@@ -1161,6 +1167,13 @@ class _RequestTimeout(StatusError):
 # (A repeated Inference-Header-Content-Length is a list, no length: 400.)
 _LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host",
                           "inference-header-content-length", "accept"})
+#: Header fields of one value that the server acts on, whose repeats are
+#: refused (400, and the connection closed, as llhttp does two
+#: Content-Lengths): the last line won unsaid, where a proxy in front may
+#: have read the first (whose token was checked, which type the body is,
+#: whether the client waits for 100 Continue). Named as the answer says.
+_SINGLE_FIELDS = {"authorization": "Authorization", "content-type": "Content-Type",
+                  "expect": "Expect"}
 
 
 class _VersionNotSupported(StatusError):
