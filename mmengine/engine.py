@@ -830,17 +830,24 @@ class Engine:
         """_acquire of `name` at `version` (None: its default), its spec
         read by `look` (default: _spec). A default version removed as it
         loaded (a rollback the last scan had not seen) gives way to the
-        one that is the default now."""
-        while True:
-            changes = self._name_changes[name]  # before the look: a removal meanwhile shows
-            spec = await (look or self._spec)(name, version)
-            key = (spec.name, spec.version)
-            try:
-                return key, await self._acquire(key, spec, deadline, request=request,
-                                                changes=changes)
-            except ModelNotFound as e:
-                if version is not None or not getattr(e, "removed", False):
-                    raise
+        one that is the default now. OVERLOADED or TOO_LARGE from here is
+        no room for the model (MMEngineError.no_room): a request's own
+        bounds (its model's queue, its worker's) are asked elsewhere."""
+        try:
+            while True:
+                changes = self._name_changes[name]  # before the look: a removal meanwhile shows
+                spec = await (look or self._spec)(name, version)
+                key = (spec.name, spec.version)
+                try:
+                    return key, await self._acquire(key, spec, deadline, request=request,
+                                                    changes=changes)
+                except ModelNotFound as e:
+                    if version is not None or not getattr(e, "removed", False):
+                        raise
+        except (Overloaded, TooLarge) as e:
+            if not isinstance(e, ShuttingDown):  # it has room: it is going
+                e.no_room = True
+            raise
 
     def _waits(self, waited: bool, request: bool) -> bool:
         """True, for a request that waits for a load; an inference's first

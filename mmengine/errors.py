@@ -46,6 +46,11 @@ class MMEngineError(Exception):
     ran: dict | None = None
     # A failed load's own message, where the engine added its back-off to it.
     failure: str | None = None
+    # No memory to make a model resident (a worker's budget, held by models
+    # in use or pinned; or the machine's, its load out of memory): set where
+    # a load refuses it, OVERLOADED or TOO_LARGE. A protocol may have a
+    # status of its own for it (SageMaker's 507, its cue to unload others).
+    no_room: bool = False
 
     @property
     def http_status(self) -> int:

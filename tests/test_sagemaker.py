@@ -655,6 +655,54 @@ def test_a_target_model_header_names_its_model_without_trailing_white_space(addr
     np.testing.assert_allclose(answer["outputs"]["y"], reference(2, x), **TOL)
 
 
+FILLS_UP = """
+import os
+
+def load(path, device):
+    if os.path.exists(os.path.join(path, "full")):
+        raise MemoryError("no room for the weights")
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+"""
+
+
+def test_an_invoke_whose_model_cannot_be_loaded_again_for_memory_is_507(server, disk):
+    # The contract: "on GPU instances, if InvokeEndpoint fails due to a lack
+    # of memory or other resources, this API should return a 507", as the
+    # load does: SageMaker unloads unused models and tries again. It was a
+    # 503, which it retries as it is, to the same full container.
+    address = server[0]
+    model = disk["root"] / "fills-up"
+    model.mkdir()
+    (model / "handler.py").write_text(FILLS_UP)
+    (model / "model.toml").write_text('backend = "handler"\n[[inputs]]\nname = "x"\n'
+                                      'dtype = "float32"\nshape = [-1, -1]\n')
+    assert add(address, "fills-up", model)[0] == 200
+    with Client(server[1]) as c:
+        c.unload("fills-up")  # evicted, as room for others would have it
+    (model / "full").touch()
+    body = {"inputs": {"x": [[1.0]]}}
+    # Its load ran out of memory, then (backed off) the same answer at once;
+    # a text/csv answer is made on a parse thread, its failure too.
+    for path, headers in (("/models/fills-up/invoke", {}), ("/invocations", {TARGET: "fills-up"}),
+                          ("/models/fills-up/invoke", {"Content-Type": "text/csv",
+                                                       "Accept": "text/csv"})):
+        raw = b"1" if headers.get("Content-Type") == "text/csv" else json.dumps(body).encode()
+        status, _, answer = raw_call(address, path, raw, headers)
+        assert status == 507, (path, answer)
+        assert json.loads(answer)["code"] == "OVERLOADED", answer
+        assert b"out of memory while loading" in answer, answer
+    assert call(address, "GET", "/models/fills-up")[0] == 200  # still loaded: only evicted
+    (model / "full").unlink()  # SageMaker made room: the next try past the back-off loads it
+    deadline = time.monotonic() + 60
+    while (answer := call(address, "POST", "/models/fills-up/invoke", body))[0] != 200:
+        assert answer[0] == 507 and time.monotonic() < deadline, answer
+        time.sleep(0.2)
+    assert answer[1] == {"outputs": {"y": [[1.0]]}}
+    assert call(address, "DELETE", "/models/fills-up")[0] == 200
+
+
 def test_invoke_unknown_model_is_404(address):
     x = x_for(2).tolist()
     assert call(address, "POST", "/models/never-added/invoke", x)[0] == 404

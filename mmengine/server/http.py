@@ -85,6 +85,9 @@ class Request:
     refused: MMEngineError | None = None  # answered with this, in its turn
     coded: tuple[str, ...] = ()      # its body's content codings, to undo before it is read
     t_received: int = 0              # monotonic_ns when it was whole, if it asks for timing
+    # How a handler's protocol answers this request's errors, where it has
+    # statuses of its own for the engine's (SageMaker's 507); else error_response.
+    answer_error: Callable[[MMEngineError], Response] | None = None
 
     @property
     def token(self) -> str | None:
@@ -991,7 +994,7 @@ class _HttpConnection(BudgetedReading):
             try:
                 answer = self._start(item)
             except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
-                answer = _response_for(e)
+                answer = _response_for(e, item)
             if isinstance(answer, Later):
                 self.answering = answer
                 answer.wait(functools.partial(self._on_answered, item, answer.finish))
@@ -1067,7 +1070,7 @@ class _HttpConnection(BudgetedReading):
         try:
             response = finish(future.result())
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - answered
-            response = _response_for(e)
+            response = _response_for(e, request)
         if isinstance(response, Later):  # being formatted on a thread: answered once made
             self.answering = response
             response.wait(functools.partial(self._on_answered, request, response.finish))
@@ -1140,7 +1143,8 @@ def _date() -> str:
     return _now[1]
 
 
-def _response_for(e: Exception | asyncio.CancelledError) -> Response:
+def _response_for(e: Exception | asyncio.CancelledError,
+                  request: Request | None = None) -> Response:
     """The answer to a request whose handler raised `e`."""
     if isinstance(e, _MethodNotAllowed):
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405,
@@ -1148,11 +1152,12 @@ def _response_for(e: Exception | asyncio.CancelledError) -> Response:
     if isinstance(e, _UnsupportedEncoding):  # what it does take (RFC 9110 15.5.16)
         return json_response({"error": str(e), "code": "BAD_REQUEST"}, 415,
                              [("Accept-Encoding", codings.ACCEPTED)])
-    if isinstance(e, MMEngineError):
-        return error_response(e)
     if isinstance(e, asyncio.CancelledError):
-        return error_response(errors.cancelled())
-    return error_response(InternalError(f"{type(e).__name__}: {e}"))  # a bug: 500, never a hang
+        e = errors.cancelled()
+    elif not isinstance(e, MMEngineError):
+        e = InternalError(f"{type(e).__name__}: {e}")  # a bug: 500, never a hang
+    answer = request.answer_error if request is not None else None
+    return error_response(e) if answer is None else answer(e)
 
 
 class _RequestTimeout(StatusError):

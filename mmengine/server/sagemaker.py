@@ -129,6 +129,13 @@ def _insufficient_storage(e: MMEngineError) -> Response:
     return response
 
 
+def _invoke_error(e: MMEngineError) -> Response:
+    """An invoke's error: no room to load its model again (evicted since
+    POST /models) is the load's 507, where OVERLOADED's 503 would have
+    SageMaker retry as it is, against the same full container."""
+    return _insufficient_storage(e) if e.no_room else error_response(e)
+
+
 # -- routes -------------------------------------------------------------------------
 
 async def ping(server, request: Request) -> Response:
@@ -248,6 +255,7 @@ async def unload_model(server, request: Request, name: str) -> Response:
 
 def invoke(server, request: Request, name: str) -> Later:
     """No task: the request is sent before this returns (for a resident model)."""
+    request.answer_error = _invoke_error
     model = _added(server, name)
     accepted = _accepted(request)  # before the model runs: a 406 costs nothing
     answer, check = _ANSWERS[accepted], _CHECKS[accepted]
