@@ -646,6 +646,44 @@ def test_invocations_names_a_model_in_utf_8(address, disk):
     np.testing.assert_allclose(answer["outputs"]["y"], reference(1, x), **TOL)
 
 
+def header_call(address, path: str, head: bytes) -> tuple[int, Any]:
+    """A JSON invoke whose header lines `head` are sent as these bytes
+    (http.client sends a str header as latin-1, and no repeats)."""
+    body = json.dumps(x_for(8).tolist()).encode()
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                  % (path.encode(), head, len(body), body))
+        s.settimeout(30)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    status, _, rest = raw.partition(b"\r\n\r\n")
+    return int(status.split(b" ")[1]), json.loads(rest)
+
+
+def test_a_target_model_header_that_is_not_utf_8_is_400(address, disk):
+    # Read as latin-1 it named another model: byte e9 invoked the model "é"
+    # (c3 a9 in UTF-8), where the path's %E9 is no model.
+    assert add(address, "é", disk["m1"])[0] == 200
+    status, answer = header_call(address, "/invocations", b"%s: \xe9\r\n" % TARGET.encode())
+    assert status == 400 and "not UTF-8" in answer["error"], answer
+    assert header_call(address, "/models/%E9/invoke", b"")[0] == 404
+    for path, head in (("/invocations", b"%s: \xc3\xa9\r\n" % TARGET.encode()),
+                       ("/models/%C3%A9/invoke", b"")):
+        status, answer = header_call(address, path, head)
+        assert status == 200, (path, answer)
+    # The header is the name as written, as POST /models took it: no
+    # %-decoding, which only the path's syntax needs.
+    assert add(address, "a%41", disk["m1"])[0] == 200
+    for path, head in (("/invocations", b"%s: a%%41\r\n" % TARGET.encode()),
+                       ("/models/a%2541/invoke", b"")):
+        assert header_call(address, path, head)[0] == 200, path
+    for path, head in (("/invocations", b"%s: aA\r\n" % TARGET.encode()),
+                       ("/models/a%41/invoke", b"")):
+        assert header_call(address, path, head)[0] == 404, path
+
+
 def test_a_target_model_header_names_its_model_without_trailing_white_space(address, disk):
     assert add(address, "spaced", disk["m2"])[0] == 200
     x = x_for(7)

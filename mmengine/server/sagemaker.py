@@ -46,10 +46,10 @@ import numpy as np
 from mmengine.engine import Engine
 from mmengine.engine import log as engine_log
 from mmengine.errors import (BadRequest, MMEngineError, ModelNotFound, Overloaded,
-                             ShuttingDown, TooLarge, cannot_carry)
+                             ShuttingDown, TooLarge, cannot_carry, shown)
 from mmengine.server.http import (Later, Request, Response, array_from_json, cast_json_array,
                                   dumps, error_response, finite, formatted, json_response,
-                                  parsed, StatusError, submitted, utf8_header, vetted)
+                                  parsed, StatusError, submitted, vetted)
 from mmengine.fetch import under_roots
 from mmengine.storage import check_name
 
@@ -375,11 +375,19 @@ def _quality(params: str) -> float:
 
 
 def invocations(server, request: Request) -> Later:
-    name = request.headers.get(TARGET_MODEL_HEADER)
-    if not name:
+    value = request.headers.get(TARGET_MODEL_HEADER)
+    if not value:
         raise BadRequest("/invocations needs the X-Amzn-SageMaker-Target-Model header "
                          "naming a model loaded with POST /models")
-    return invoke(server, request, utf8_header(name))  # not UTF-8: as read, and not found
+    # Its bytes were read as latin-1; read so, one that is no UTF-8 named
+    # another model (byte e9 the model "é"). Taken as written otherwise: a
+    # name, as POST /models's, not a piece of a URL to %-decode.
+    try:
+        name = value.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the X-Amzn-SageMaker-Target-Model header {shown(value)} is not "
+                         f"UTF-8: send the model_name as POST /models was given it") from None
+    return invoke(server, request, name)
 
 
 ROUTES = [
