@@ -93,6 +93,7 @@ class ModelStats:
     last_load_time: float = 0.0      # wall clock
     load_duration_s: float = 0.0
     measured_bytes: int = 0          # what the last load really took
+    measured_of: tuple = ()          # of what declaration (_declared): another's is no guide
     host_loads: int = 0              # loads that mapped the host tier's copy
     failed_in_a_row: int = 0         # failed loads since the last good one
     backoffs_in_a_row: int = 0       # of them, those that backed it off
@@ -1055,12 +1056,14 @@ class Engine:
             self._load_failed(key, e, None, t0)
             raise e
         stats = self._stats.setdefault(key, ModelStats())
-        need = stats.measured_bytes or spec.estimated_bytes
+        declared = _declared(spec)
+        need = (stats.measured_bytes if stats.measured_of == declared else 0) \
+            or spec.estimated_bytes
         # Room is waited for within load_timeout_s of the files being here
         # (a download is bounded by its own stall timeouts); the load itself
         # has its own load_timeout_s from when it is sent (_load_on).
         deadline = time.monotonic() + self.config.load_timeout_s
-        if self.host.segment(key) is not None and self.host.origin(key) != _declared(spec):
+        if self.host.segment(key) is not None and self.host.origin(key) != declared:
             self.host.drop(key)  # made from what the manifest no longer says: it would serve that
         # Its host copy is held from here: the room made for the load (the
         # models it evicts, demoted, need room in the tier) never drops it.
@@ -1117,7 +1120,7 @@ class Engine:
             raise died
         source = body.get("from", "disk")
         body.setdefault("phases", {})["fetch"] = fetch_s
-        stats.measured_bytes = int(body["bytes"])
+        stats.measured_bytes, stats.measured_of = int(body["bytes"]), declared
         self._emit("load", {"model": key[0], "version": key[1], "worker": worker.index,
                             "start_ns": int(t0 * 1e9), "end_ns": time.monotonic_ns(),
                             "bytes": stats.measured_bytes, "phases": body["phases"],

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run, until
+from conftest import run, until, write_handler
 from mmengine import demo
 from mmengine.config import Config
 from mmengine.engine import Engine
@@ -526,3 +526,35 @@ def test_a_version_evicted_while_a_scan_reads_another_is_not_left_stale(tmp_path
             assert answer(await engine.infer("b", seconds(0), version=1, timeout=5)) == 11.0
 
     run(main())
+
+
+def test_a_redeclared_model_reserves_its_estimate_not_what_the_old_one_measured(
+        tmp_path, own_segments):
+    # What a load measured stood for the model's next reservation after its
+    # manifest was edited to declare another model: m took 6 MiB, then was
+    # declared to take 1 MiB, and its next load evicted q1 and q2 for 6.
+    handler = ("import tomllib\nimport numpy as np\nheld = None\n\n"
+               "def load(path, device):\n    global held\n"
+               "    with open(f'{path}/model.toml', 'rb') as f:\n"
+               "        held = np.ones(tomllib.load(f)['options']['mib'] << 20, np.uint8)\n\n"
+               "def predict(inputs):\n    return {'y': inputs['x']}\n")
+    manifest = write_handler(tmp_path, "m", handler, "[options]\nmib = 6\n") / "model.toml"
+    for name in ("q1", "q2"):
+        write_handler(tmp_path, name, handler, "[options]\nmib = 3\n")
+    one = {"x": np.ones(1)}
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, device_budget=10 << 20,
+                                 repo_scan_s=0.1)) as engine:
+            await engine.infer("m", one)
+            manifest.write_text("[options]\nmib = 1\n")
+            await until(lambda: engine.model_row(("m", 1))["evictions"] == 1,
+                        what="m evicted as redeclared")
+            await engine.infer("q1", one)
+            await engine.infer("q2", one)
+            await engine.infer("m", one)
+            return {k: (engine.model_row((k, 1))["state"], engine.model_row((k, 1))["evictions"])
+                    for k in ("m", "q1", "q2")}
+
+    rows = run(main(), timeout=60)
+    assert rows == {"m": ("resident", 1), "q1": ("resident", 0), "q2": ("resident", 0)}, rows
