@@ -535,7 +535,7 @@ class DiskCache:
                 room = self._room()
                 if room >= need:
                     return room
-            held = self._reserved + elsewhere + sum(
+            held = self._reserved + elsewhere + self._unindexed() + sum(
                 e.nbytes for key, e in self._entries.items() if key in self._flights or e.users)
             if not held or self._room() + freeable + held < need:
                 break  # evicting all would not do: evict none
@@ -582,7 +582,14 @@ class DiskCache:
                 del self._entries[key]
 
     def _bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        """Holds the lock. The bytes of the copies on disk."""
+        return sum(e.nbytes for e in self._entries.values()) + self._unindexed()
+
+    def _unindexed(self) -> int:
+        """Holds the lock. The bytes of copies taken out of the index while
+        loads read them (a stale stub's): on disk until they are let go."""
+        return sum(e.nbytes for e in self._held.values()
+                   if self._entries.get(_key_of(e)) is not e)
 
     def _evict(self, key: Key) -> int:
         """Holds the lock. Takes the entry out of the index and removes its

@@ -210,6 +210,28 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     assert disk.stats()["fetches"] == 2 and disk.stats()["models"] == 1
 
 
+def test_a_stale_copy_a_load_still_reads_counts_in_the_disk_budget(tmp_path, server,
+                                                                  monkeypatch):
+    # Taken out of the index as its stub changed, the old copy left the
+    # books while it stayed on the disk: the new one was fetched beside it,
+    # past disk_cache_bytes.
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
+    size = sum(p.stat().st_size for p in model_dir.iterdir() if p.name != "model.toml")
+    config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 1.5))
+    disk = DiskCache(config)
+    old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
+    spec = _change_stub(tmp_path, stub, config)
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.2)
+    with pytest.raises(Overloaded, match="copies in use"):  # the room comes back
+        disk.ensure(spec)
+    assert disk.stats()["bytes"] >= size  # the old copy, on the disk still
+    disk.release(old)
+    new = disk.ensure(spec)
+    assert not old.exists() and disk.stats()["bytes"] <= config.disk_cache_bytes
+    disk.release(new)
+
+
 def test_sha256_mismatch_leaves_nothing(tmp_path, server):
     model_dir = publish(server, "mlp")
     write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
