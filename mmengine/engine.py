@@ -627,18 +627,21 @@ class Engine:
                 or (name, version) in self._bad_specs or (name, None) in self._bad_specs
                 or self.repo.lists(name))
 
-    def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
+    def _on_unserved(self, served: tuple, ran: dict | None, worker: int,
+                     failed_call: dict | None = None) -> None:
         """An inference whose answer nobody got. If it ran (`ran`), it did
         after its request had failed (its deadline came first, or its
         caller went away): the call still took that worker's time, which
         the next requests waited for, so observers hear of it ("late").
         Else the worker skipped it, abandoned or sure to miss its deadline
-        ("skipped")."""
+        ("skipped"; with `failed_call` where a joined call of it had failed
+        first, messages.py)."""
         if self.observers:
             fields = {"model": served[0], "version": served[1]}
             if ran is None:
                 self._emit("skipped", {**fields, "worker": worker,
-                                       "at_ns": time.monotonic_ns()})
+                                       "at_ns": time.monotonic_ns(),
+                                       "failed_call": failed_call})
             else:
                 self._emit("late", _add_ran(fields, ran))
 
@@ -2526,13 +2529,14 @@ class _ByteGate:
 def _add_ran(fields: dict, ran: dict) -> dict:
     """Adds a worker's account of a request's run to an observer's fields:
     where (worker), when (t_sent, worker_ns: t_recv, t_done, t_read; None
-    where the worker died first) and how (account, batch)."""
+    where the worker died first) and how (account, batch, failed_call)."""
     fields["version"] = ran.get("version", fields["version"])  # None asks for the default
     fields["worker_ns"] = (ran.get("t_recv"), ran.get("t_done"), ran.get("t_read"))
     fields["t_sent"] = ran.get("t_sent")
     fields["worker"] = ran.get("worker")
     fields["account"] = ran.get("account")  # with Config.account_requests
     fields["batch"] = ran.get("batch")  # joined with others into one call: how many
+    fields["failed_call"] = ran.get("failed_call")  # run alone after a joined call failed
     return fields
 
 

@@ -31,7 +31,12 @@ Response header (worker -> front-end):
                Config.account_requests "account": {"t_woke": when its wait
                for the request ended, "wait_runq_ns": its time runnable
                and off a CPU since its last answer, "cpu_ns" and "runq_ns":
-               its time on a CPU and runnable off one in the model}; LOAD: {"bytes": measured,
+               its time on a CPU and runnable off one in the model}, and
+               where the worker joined it with others into one call
+               (batching.py) "batch": how many; where it ran alone again
+               after such a call failed, "failed_call": that call's
+               {"t_recv", "t_done", "batch"} (each of the call's requests
+               counts 1/batch of it); LOAD: {"bytes": measured,
                "phases": {phase: seconds}, "from": "host" | "disk",
                "publishable": whether PUBLISH can copy it to the host tier};
                PUBLISH: {"bytes": the segment's size}; RELEASE: {"bytes":
@@ -46,7 +51,8 @@ Response header (worker -> front-end):
 A response whose code is SKIPPED (not an ErrorCode) answers an INFER the
 worker did not run: the front-end had marked it abandoned (below), or it
 would have ended past its "deadline" (worker.WorkerLogic.would_miss). Its
-body is nil.
+body is nil, or {"failed_call": ...} (as above) where the worker skipped it
+after a joined call of it failed.
 
 Tensors are C-contiguous arrays; dtype is numpy's typestr for it ("<f4"),
 which numpy reads back without a lookup (dtype.name is computed in Python). A worker views request tensors in place in the

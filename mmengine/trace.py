@@ -186,7 +186,9 @@ class Trace:
                            "for": f.get("for")})
         elif kind == "late":  # the call of a request that timed out meanwhile
             self._compute_span(f, f"{f['model']} (late)")
+            self._failed_call_span(f)
         elif kind == "skipped":  # one its worker did not run: nobody would get it
+            self._failed_call_span(f)
             self._instant(self._worker_tid(f["worker"]), f"{f['model']} (skipped)", "skipped",
                           f["at_ns"], {"model": f["model"], "version": f["version"]})
         elif kind == "worker_exit":
@@ -201,6 +203,7 @@ class Trace:
             t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"),
                        f.get("batch"))
             args.update(t)
+            self._failed_call_span(f)
             self._compute_span(f, f["model"])
         if f.get("worker") is not None:
             args["worker"] = f["worker"]
@@ -220,15 +223,34 @@ class Trace:
             return
         args = {"model": f["model"]}
         if batch:
-            call = (worker_ns[0], worker_ns[1])
-            drawn = self._calls.setdefault(worker, {})
-            if call in drawn:
+            if not self._first_of_call(worker, worker_ns[0], worker_ns[1]):
                 return
-            drawn[call] = None
-            if len(drawn) > JOINED_CALLS_KEPT:
-                del drawn[next(iter(drawn))]  # the oldest (a dict keeps their order)
             name, args["batch"] = f"{f['model']} x{batch}", batch
         self._span(self._worker_tid(worker), name, "compute", worker_ns[0], worker_ns[1], args)
+
+    def _failed_call_span(self, f: dict) -> None:
+        """A joined call that failed, its requests then run alone (the
+        `failed_call` of each), as _compute_span draws one that answered:
+        `model xN (failed)`, with the first of them told."""
+        call, worker = f.get("failed_call"), f.get("worker")
+        if not call or worker is None or not self._first_of_call(worker, call["t_recv"],
+                                                                  call["t_done"]):
+            return
+        self._span(self._worker_tid(worker), f"{f['model']} x{call['batch']} (failed)",
+                   "compute", call["t_recv"], call["t_done"],
+                   {"model": f["model"], "batch": call["batch"]})
+
+    def _first_of_call(self, worker: int, t_recv: int, t_done: int) -> bool:
+        """Whether the joined call of `worker` that ran from `t_recv` to
+        `t_done` is told here for the first time: not drawn yet."""
+        call = (t_recv, t_done)
+        drawn = self._calls.setdefault(worker, {})
+        if call in drawn:
+            return False
+        drawn[call] = None
+        if len(drawn) > JOINED_CALLS_KEPT:
+            del drawn[next(iter(drawn))]  # the oldest (a dict keeps their order)
+        return True
 
     def _on_load(self, f: dict) -> None:
         start, end = f["start_ns"], f["end_ns"]

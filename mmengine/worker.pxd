@@ -28,8 +28,9 @@ cdef class _Responder:
 cpdef _serve_requests(req, _Responder out, WorkerLogic logic, abandoned, clock)
 cpdef _parse(parts)
 cpdef _skips(rid, key, params, queued, WorkerLogic logic, abandoned)
-cpdef _begins(rid, key, params, queued, WorkerLogic logic, abandoned, _Responder out)
+cpdef _begins(rid, key, params, queued, WorkerLogic logic, abandoned, _Responder out,
+              skipped=*)
 cpdef _serve_one(woke, _Responder out, WorkerLogic logic, abandoned, clock, request)
 cpdef _call(woke, WorkerLogic logic, abandoned, clock, name, version, inputs, batch=*)
 cpdef _run(woke, _Responder out, WorkerLogic logic, abandoned, clock, name, version, inputs,
-           rid)
+           rid, failed_call=*)

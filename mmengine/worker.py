@@ -561,14 +561,15 @@ def _skips(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
 
 
 def _begins(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
-            abandoned: messages.Abandoned, out: _Responder) -> bool:
-    """Whether inference `rid` runs now; else it is answered SKIPPED.
-    Said before it looks: the front-end, marking it abandoned, then reads
-    whether it runs (and counts its time as still ahead)."""
+            abandoned: messages.Abandoned, out: _Responder, skipped: dict | None = None) -> bool:
+    """Whether inference `rid` runs now; else it is answered SKIPPED, with
+    the body `skipped`. Said before it looks: the front-end, marking it
+    abandoned, then reads whether it runs (and counts its time as still
+    ahead)."""
     abandoned.serving = rid
     if _skips(rid, key, params, queued, logic, abandoned):
         abandoned.serving = 0
-        out.send(rid, messages.SKIPPED)
+        out.send(rid, messages.SKIPPED, skipped)
         return False
     return True
 
@@ -800,9 +801,13 @@ def _call(woke: int, logic: WorkerLogic, abandoned: messages.Abandoned,
 
 
 def _run(woke: int, out: _Responder, logic: WorkerLogic, abandoned: messages.Abandoned,
-         clock: _ThreadClock | None, name: str, version: int, inputs: dict, rid: int) -> None:
-    """Inference `rid`, begun (_begins), answered."""
+         clock: _ThreadClock | None, name: str, version: int, inputs: dict, rid: int,
+         failed_call: dict | None = None) -> None:
+    """Inference `rid`, begun (_begins), answered; `failed_call`, the joined
+    call of it that failed, to go with its answer (_run_joined)."""
     outputs, ran, error = _call(woke, logic, abandoned, clock, name, version, inputs)
+    if failed_call is not None and ran is not None:
+        ran["failed_call"] = failed_call
     try:
         if error is None:
             try:
@@ -823,7 +828,7 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
     answered its rows. A call that fails is made again request by
     request: no request's answer depends on the others' (a value that
     makes the model raise)."""
-    name = key[0]
+    name, ran = key[0], None
     try:
         joined = batching.join(inputs)
     except Exception as e:  # noqa: BLE001 - the memory to join them: alone, they may fit
@@ -840,9 +845,16 @@ def _run_joined(woke: int, out: _Responder, logic: WorkerLogic,
     abandoned.serving = 0
     log.info("%s v%d: a call of %d joined requests failed (%s); each runs alone",
              *key, len(members), error)
+    # The model ran all the same: an execution, that each request's answer
+    # counts its share of as the answers of a call that succeeded do
+    # (messages.py). None where no call was made (its inputs were refused).
+    failed_call = None
+    if ran is not None and "t_done" in ran:
+        failed_call = {"t_recv": ran["t_recv"], "t_done": ran["t_done"], "batch": len(members)}
+    skipped = None if failed_call is None else {"failed_call": failed_call}
     for (rid, _, params), one in zip(members, inputs):
-        if _begins(rid, key, params, not woke, logic, abandoned, out):
-            _run(woke, out, logic, abandoned, clock, *key, one, rid)
+        if _begins(rid, key, params, not woke, logic, abandoned, out, skipped):
+            _run(woke, out, logic, abandoned, clock, *key, one, rid, failed_call)
         woke = 0  # (the first only)
 
 

@@ -219,12 +219,13 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
-        # on_unserved(served, ran, worker): an inference whose answer nobody
-        # got: it ran after its future was done (a deadline or its caller
-        # came first; `ran` is the worker's account of the run), or the
-        # worker (its index) skipped it (ran None): abandoned, or its
-        # deadline would pass before it could finish.
-        self.on_unserved: Callable[[tuple, dict | None, int], None] | None = None
+        # on_unserved(served, ran, worker, failed_call): an inference whose
+        # answer nobody got: it ran after its future was done (a deadline or
+        # its caller came first; `ran` is the worker's account of the run),
+        # or the worker (its index) skipped it (ran None): abandoned, or its
+        # deadline would pass before it could finish; skipped after a joined
+        # call of it failed, that call (`failed_call`, messages.py).
+        self.on_unserved: Callable[[tuple, dict | None, int, dict | None], None] | None = None
         self._poll_ns = int(config.poll_us * 1e3)
         self._poll_until = 0  # time.monotonic_ns(): polling the answers until then
         self._polling = False
@@ -1027,7 +1028,8 @@ class Worker:
         self._quiet.discard(rid)
         if (code == messages.SKIPPED or late and ran is not None) \
                 and self.on_unserved is not None:
-            self.on_unserved(served, ran, self.index)
+            self.on_unserved(served, ran, self.index,
+                             body.get("failed_call") if code == messages.SKIPPED and body else None)
         if self._held:
             self._send_held()
 
@@ -1147,9 +1149,10 @@ class WorkerPool:
         if self.on_death is not None:
             self.on_death(w)
 
-    def _on_unserved(self, served: tuple, ran: dict | None, worker: int) -> None:
+    def _on_unserved(self, served: tuple, ran: dict | None, worker: int,
+                     failed_call: dict | None = None) -> None:
         if self.on_unserved is not None:
-            self.on_unserved(served, ran, worker)
+            self.on_unserved(served, ran, worker, failed_call)
 
     async def restart(self, index: int) -> Worker:
         """A fresh worker (new process, new rings) in the place of a dead one.

@@ -19,6 +19,7 @@ from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.client import AsyncClient
 from mmengine.errors import BadRequest, InternalError, LoadFailed, Timeout
+from mmengine.server import metrics
 from mmengine.storage import read_spec
 
 def _handler(answer: str) -> str:
@@ -199,6 +200,42 @@ def test_a_joined_call_that_fails_is_made_again_request_by_request(address):
     assert isinstance(answers[2], BadRequest) and "not a number" in str(answers[2])
     for i in (0, 1, 3):
         np.testing.assert_array_equal(answers[i]["y"], xs[i] * 2)
+
+
+def test_a_joined_call_that_fails_is_counted_and_traced_as_an_execution(tmp_path):
+    """The joined call that raised ran all the same: it was no execution in
+    Triton's count, nor a call on its worker's track, where one that
+    answered was both (a review's finding)."""
+    repo = tmp_path / "repo"
+    write_handler(repo, "picky", PICKY_HANDLER, _manifest(LIMIT))
+    path = tmp_path / "trace.json"
+
+    async def go():
+        async with Engine(Config(repo=str(repo), workers=1, worker_backlog_ms=0)) as engine:
+            counts = metrics.attach(engine)
+            tracer = trace.Trace(path)
+            engine.observers.append(tracer)
+            await engine.infer("picky", {"x": x_rows(0.0, 1)})
+            block = asyncio.ensure_future(engine.infer("picky", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            xs = [x_rows(0.0, 1, seed=i) for i in range(3)]
+            xs[1][0, 1] = np.nan  # the handler raises on it: the call of all three fails
+            answers = await asyncio.gather(*(engine.infer("picky", {"x": x}) for x in xs),
+                                           return_exceptions=True)
+            await block
+            engine.flush_observations()
+            engine.observers.remove(tracer)
+            tracer.close()
+            return answers, counts.version_stats([("picky", 1)])[0]
+    answers, stats = run(go())
+    assert isinstance(answers[1], BadRequest) and not isinstance(answers[0], BaseException)
+    # The first, the block, the joined call that failed, and the two of its
+    # requests that ran alone again and were answered (the third failed alone).
+    assert (stats["inference_count"], stats["execution_count"]) == (4, 5), stats
+    calls = [e for e in trace.read(path) if e.get("cat") == "compute"]
+    failed = [e for e in calls if e["name"] == "picky x3 (failed)"]
+    assert len(failed) == 1 and failed[0]["args"]["batch"] == 3, calls
+    assert len(calls) == 6, calls  # each call once: the joined one and five alone
 
 
 def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):

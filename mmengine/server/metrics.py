@@ -218,7 +218,8 @@ class _VersionRequests:
         self.queue_ns = self.compute_ns = self.return_ns = 0
         self.last_ns = 0  # time.monotonic_ns() of the last OK answer; 0: none
         # The model's calls: a request alone answered OK adds 1; each of a
-        # joined call's n requests (batching.py), answered or late, 1/n.
+        # joined call's n requests (batching.py), answered or late, 1/n,
+        # and 1/n more where that call failed and they ran again alone.
         self.calls = 0.0
 
 
@@ -285,9 +286,13 @@ class Metrics:
                 # its turn there as an answered one does: a model whose calls
                 # outlive their deadlines is slow, not missing.
                 self._model(f["model"]).ran(f["t_sent"], worker_ns[0], worker_ns[1])
-            if f.get("batch"):  # its joined call's others may have been answered
+            failed_call = f.get("failed_call")
+            if f.get("batch") or failed_call:  # its call's others may have been answered
                 v = self._version(f["model"], f["version"])
-                v.calls += 1 / f["batch"]
+                if f.get("batch"):
+                    v.calls += 1 / f["batch"]
+                if failed_call:
+                    v.calls += 1 / failed_call["batch"]
         elif kind == "forget":
             self._forget(f["model"], f["version"], f["last"])
 
@@ -362,6 +367,9 @@ class Metrics:
         batch = f.get("batch")
         if batch:  # one of a joined call's answers, whatever its code: the call ran
             v.calls += 1 / batch
+        failed_call = f.get("failed_call")
+        if failed_call:  # run alone after its joined call failed, which ran too
+            v.calls += 1 / failed_call["batch"]
         end = f["end_ns"]
         if f["code"] != "OK":
             v.fail += 1
