@@ -22,12 +22,13 @@ cdef class Engine:
     cdef public list _unobserved
     cdef object __weakref__
     cpdef _submit(self, name, inputs, version, timeout, token, then, t_submit)
-    cpdef _send_infer(self, key, Worker worker, arrays, deadline, then=*, resendable=*)
+    cpdef _send_infer(self, key, Worker worker, arrays, deadline, then=*, resendable=*,
+                      place=*)
     cpdef flush_observations(self)
     cpdef _observe_later(self, place, fut)
     cpdef _dequeue(self, name)
     @cython.locals(fields=dict)
-    cpdef _emit_request(self, name, version, t_submit, fut, end_ns=*)
+    cpdef _emit_request(self, name, version, t_submit, fut, end_ns=*, sent=*)
     cpdef _looked_up(self, name, version)
     cpdef _emit(self, kind, fields)
     cpdef _deadline(self, timeout)
@@ -39,7 +40,7 @@ cdef class Engine:
 
 
 cdef class _Place:
-    cdef public object engine, name, version, t_submit, then, left
+    cdef public object engine, name, version, t_submit, then, left, sent
     cpdef leave(self, fut=*)
 
 

@@ -524,11 +524,12 @@ class Engine:
                 if index >= 0:
                     self._hits += 1
                     fut = self._send_infer(key, self.pool.workers[index], arrays, deadline,
-                                           then)
+                                           then, True, place if self.observers else None)
                     if self._unobserved:  # while the worker runs this one
                         self.flush_observations()
         if fut is None:
-            fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token),
+            fut = self._spawn(self._infer_cold(name, version, arrays, deadline, token,
+                                               place=place if self.observers else None),
                               self._requests)
             if then is not None:
                 fut.add_done_callback(then)
@@ -552,7 +553,8 @@ class Engine:
         first (metrics.attach does)."""
         ended, self._unobserved = self._unobserved, []
         for place, fut, end_ns in ended:
-            self._emit_request(place.name, place.version, place.t_submit, fut, end_ns)
+            self._emit_request(place.name, place.version, place.t_submit, fut, end_ns,
+                               place.sent)
 
     def _observe_later(self, place: "_Place", fut: asyncio.Future) -> None:
         self._unobserved.append((place, fut, time.monotonic_ns()))
@@ -580,7 +582,9 @@ class Engine:
             del self._queued[name]  # unknown names must not pile up here
 
     def _emit_request(self, name: str, version: int | None, t_submit: int,
-                      fut: asyncio.Future, end_ns: int = 0) -> None:
+                      fut: asyncio.Future, end_ns: int = 0, sent: dict | None = None) -> None:
+        """`sent`: where and when the request was sent (_Place.sent), told
+        where its end carries no account of that: its caller cancelled it."""
         cancelled = fut.cancelled()
         e = None if cancelled else fut.exception()
         refused = self._refused.pop(fut, None) if e is None and not cancelled else None
@@ -592,6 +596,8 @@ class Engine:
         # The worker's account of the run: an answer's, or that of a
         # failure once a worker took the request (MMEngineError.ran).
         ran = fut.result()[0] if e is None and not cancelled else getattr(e, "ran", None)
+        if ran is None:  # cancelled, or failed with no account: where it went, if it did
+            ran = sent
         if ran is not None:
             _add_ran(fields, ran)
         self._emit("request", fields)
@@ -668,9 +674,11 @@ class Engine:
 
     async def _infer_cold(self, name: str, version: int | None, arrays: dict,
                           deadline: float, token: str | None,
-                          resent: bool = False) -> tuple[dict, dict]:
+                          resent: bool = False, place: "_Place | None" = None
+                          ) -> tuple[dict, dict]:
         """`resent`: sent again after its worker died (_resend): its token
-        was checked, and its hit or miss counted, when it was first sent."""
+        was checked, and its hit or miss counted, when it was first sent.
+        `place`: its request's, told where it is sent (for observers)."""
         async def look(name: str, version: int | None) -> ModelSpec:
             try:
                 async with asyncio.timeout_at(self._loop_deadline(deadline)):
@@ -692,8 +700,8 @@ class Engine:
         try:
             key, worker = await self._acquire_named(name, version, deadline,
                                                     request=not resent, look=look)
-            return await self._send_infer(key, worker, arrays, deadline,
-                                          resendable=not resent)
+            return await self._send_infer(key, worker, arrays, deadline, None, not resent,
+                                          place)
         except asyncio.CancelledError:
             # Cancelled by stop() at its deadline: say so. (By its caller,
             # though stop() has begun: cancelled, so that its worker skips it.)
@@ -704,11 +712,12 @@ class Engine:
 
     def _send_infer(self, key: Key, worker: Worker, arrays: dict, deadline: float,
                     then: Callable[[asyncio.Future], None] | None = None,
-                    resendable: bool = True) -> asyncio.Future:
+                    resendable: bool = True, place: "_Place | None" = None) -> asyncio.Future:
         """Sends a request for a model the caller has pinned. The pin is
         dropped when the worker is done with the request (ran it, or skipped
         it as abandoned), not when the caller stops waiting. `resendable`:
-        sent again if its worker dies before reading it (Worker.call)."""
+        sent again if its worker dies before reading it (Worker.call).
+        `place`: its request's, told where and when it was sent."""
         gen = self._gen[key]
         try:
             if worker.in_flight >= self.config.max_queue_per_worker:
@@ -721,13 +730,16 @@ class Engine:
             spec = self._loaded_specs.get(key)
             # (Positional: compiled, it is a C call, which takes no keyword
             # past a default it skips.)
-            return worker.call(Op.INFER, key[0], key[1], arrays, None,
-                               functools.partial(self._unpin_request, key, gen, True),
-                               deadline, then, spec.max_batch_size if spec is not None else 0,
-                               resendable)
+            fut = worker.call(Op.INFER, key[0], key[1], arrays, None,
+                              functools.partial(self._unpin_request, key, gen, True),
+                              deadline, then, spec.max_batch_size if spec is not None else 0,
+                              resendable)
         except BaseException:
             self._unpin_request(key, gen)
             raise
+        if place is not None:
+            place.sent = {"worker": worker.index, "t_sent": worker.sent_ns, "version": key[1]}
+        return fut
 
     @staticmethod
     def _loop_deadline(deadline: float) -> float:
@@ -2643,13 +2655,18 @@ class _Place:
     once: before the server's `then` answers, or when the future is done;
     and where the engine has observers, its end told to them then."""
 
-    __slots__ = ("engine", "name", "version", "t_submit", "then", "left")
+    __slots__ = ("engine", "name", "version", "t_submit", "then", "left", "sent")
 
     def __init__(self, engine: Engine, name: str, version: int | None, t_submit: int,
                  then: Callable[[asyncio.Future], None] | None):
         self.engine = engine
         self.name, self.version, self.t_submit, self.then = name, version, t_submit, then
         self.left = False
+        # Where and when it was sent (worker, t_sent, version), as an
+        # error's `ran` says it: what observers are told of a request its
+        # caller cancelled, whose future carries nothing. None: not sent,
+        # or no observers were there to tell.
+        self.sent = None
 
     def leave(self, fut: asyncio.Future | None = None) -> None:
         if not self.left:
@@ -2664,7 +2681,7 @@ class _Place:
 
     def end(self, fut: asyncio.Future) -> None:
         self.leave(fut)
-        self.engine._emit_request(self.name, self.version, self.t_submit, fut)
+        self.engine._emit_request(self.name, self.version, self.t_submit, fut, 0, self.sent)
 
     def end_later(self, fut: asyncio.Future) -> None:
         self.leave(fut)

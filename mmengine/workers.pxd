@@ -33,7 +33,7 @@ cdef class Worker:
     cdef public dict _pending, _sent_ns, _finish_ns, _held
     cdef public set _held_ids, _loading, _quiet
     cdef public list _unbooked
-    cdef public object _joined
+    cdef public object _joined, sent_ns
     cdef object __weakref__
     cpdef call(self, op, model, version, arrays=*, params=*, on_done=*, deadline=*, then=*,
                batch=*, resendable=*)

@@ -219,6 +219,9 @@ class Worker:
         self._infer = _Outlet(self.req, self)
         self._control = _Outlet(self.ctl, self)
         self.on_death: Callable[["Worker"], None] | None = None
+        # The t_sent of the last call: where a caller cancels its request,
+        # its future carries none, and its observers are told this.
+        self.sent_ns = 0
         # on_unserved(served, ran, worker, failed_call): an inference whose
         # answer nobody got: it ran after its future was done (a deadline or
         # its caller came first; `ran` is the worker's account of the run),
@@ -588,7 +591,7 @@ class Worker:
         if op == Op.INFER and deadline < math.inf:  # the worker skips what cannot make it
             params = {"deadline": deadline}
         header, bufs = messages.request_record(op, rid, model, version, arrays, params)
-        t_sent = time.monotonic_ns()  # before: the worker may start it at once
+        t_sent = self.sent_ns = time.monotonic_ns()  # before: the worker may start it at once
         served = (model, version) if op == Op.INFER else None
         if served is None:
             if op == Op.UNLOAD:  # as the worker does: a reload's first call is a warm-up again

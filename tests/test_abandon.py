@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, run, until, write_handler
+from conftest import SLOW_HANDLER, run, slow_loading, until, write_handler
 from mmengine import protocol
 from mmengine.calltimes import CallTimes
 from mmengine.config import Config
@@ -37,7 +37,8 @@ def slow_repo(tmp_path):
 def recorder(engine: Engine) -> dict[str, list]:
     """The observers' late answers and skipped requests, and the codes of
     the slow model's requests, as they come."""
-    seen: dict[str, list] = {"late": [], "skipped": [], "codes": [], "workers": []}
+    seen: dict[str, list] = {"late": [], "skipped": [], "codes": [], "workers": [],
+                             "cancelled": []}
 
     def observe(kind: str, f: dict) -> None:
         if kind in ("late", "skipped"):
@@ -45,6 +46,8 @@ def recorder(engine: Engine) -> dict[str, list]:
             seen["workers"].append(f["worker"])  # where: the trace draws it there
         elif kind == "request" and f["model"] == "slow":
             seen["codes"].append(f["code"])
+            if f["code"] == "CANCELLED":
+                seen["cancelled"].append(f)
     engine.observers.append(observe)
     return seen
 
@@ -98,6 +101,7 @@ def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
     assert seen["late"] == [("slow", 1)]          # it ran to its end
     assert seen["skipped"] == [("slow", 1)] * 3   # they never ran
     assert seen["codes"][:4] == ["CANCELLED"] * 4
+    _sent_to_worker_0(seen["cancelled"])
     assert after["y"][0] == 0.0 and pins == 0
     assert 'mmengine_skipped_requests_total{model="slow"} 3.0' in exposed
     assert 'mmengine_late_answers_total{model="slow"} 1.0' in exposed
@@ -173,6 +177,18 @@ def test_an_embedding_caller_that_cancels_abandons_its_request(tmp_path, own_seg
     assert first["y"][0] == 2 * RUNNING_S
     assert seen["skipped"] == [("slow", 1)] and seen["late"] == []
     assert seen["codes"] == ["CANCELLED", "OK"]
+    _sent_to_worker_0(seen["cancelled"])
+
+
+def _sent_to_worker_0(cancelled: list[dict]) -> None:
+    """Requests cancelled once sent say where, which version and when, as
+    one that timed out there does: they said none of it (a review's
+    finding), and a trace drew them nowhere."""
+    assert cancelled
+    for f in cancelled:
+        assert (f["worker"], f["version"]) == (0, 1), f
+        assert f["start_ns"] <= f["t_sent"] <= f["end_ns"], f
+        assert f["worker_ns"] == (None, None, None), f  # its run, if any, is "late"
 
 
 def test_a_request_sure_to_miss_its_deadline_is_not_run(tmp_path, own_segments):
@@ -251,3 +267,25 @@ def test_a_models_expected_call_is_its_mean_and_its_bar_near_its_fastest():
     assert times.would_miss(key, now - 0.001, now)  # past the deadline, surely
     times.forget(key)
     assert times.expected(key) is None and not times.would_miss(key, now + 1e-9, now)
+
+
+def test_a_request_cancelled_before_it_was_sent_counts_its_wait(tmp_path, own_segments):
+    """Cancelled while its model loaded, a request's time was all load
+    wait, as one that timed out there: it counted none, since a cancelled
+    request could not tell whether it had been sent."""
+    write_handler(tmp_path, "late", slow_loading(1.0))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            m = metrics.attach(engine)
+            waiting = asyncio.ensure_future(engine.infer("late", {"x": np.zeros(1)}))
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            return m.exposition()[0].decode()
+
+    exposed = run(main(), timeout=60)
+    assert 'mmengine_requests_total{code="CANCELLED",model="late"} 1.0' in exposed, exposed
+    wait_s = float(re.search(r'mmengine_request_load_wait_seconds_total\{model="late"\} (\S+)',
+                             exposed)[1])
+    assert wait_s >= 0.25, wait_s

@@ -311,10 +311,10 @@ class Metrics:
         t_sent = f.get("t_sent")
         if t_sent is not None:  # a worker was sent it
             m.wait_s += (t_sent - f["start_ns"]) * 1e-9
-        elif model and code != "CANCELLED":  # (one cancelled may have been sent)
+        elif model:
             # Never sent: all its time was before a worker (a cold start
-            # that ended in its TIMEOUT, its load's failure): left out, the
-            # mean wait read lowest when cold starts went worst.
+            # that ended in its TIMEOUT, its load's failure, its cancel):
+            # left out, the mean wait read lowest when cold starts went worst.
             m.wait_s += (f["end_ns"] - f["start_ns"]) * 1e-9
         worker_ns = f.get("worker_ns")
         if worker_ns is not None and worker_ns[1] is not None:
