@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -191,6 +192,20 @@ def environ(**changes: str) -> dict[str, str]:
            if not k.startswith("MMENGINE_") or k == PURE_PYTHON_VAR}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return {**env, **changes}
+
+
+def send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
+    """Sends `data` on a thread, as a client that pipelines does while it
+    reads; the server may end the connection under it (OSError: ignored)."""
+    def send() -> None:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
 
 
 class Server:

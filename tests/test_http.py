@@ -18,7 +18,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server, environ
+from conftest import Server, environ, send_in_background
 from mmengine import demo
 from mmengine.config import Config
 from mmengine.errors import BadRequest, ModelNotFound
@@ -919,20 +919,6 @@ def test_an_http_1_0_request_with_transfer_encoding_closes_after_its_answer(addr
         answers = split_answers(recv_all(s))
     assert len(answers) == 1
     assert b"Connection: close" in answers[0][0], answers[0][0]
-
-
-def send_in_background(sock: socket.socket, data: bytes) -> threading.Thread:
-    """Sends `data` on a thread, as a client that pipelines does while it
-    reads; the server may end the connection under it (OSError: ignored)."""
-    def send() -> None:
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    return sender
 
 
 @pytest.mark.parametrize("last", [b"HTTP/1.1\r\nHost: x\r\nConnection: close",

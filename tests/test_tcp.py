@@ -20,8 +20,8 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import (Server, busy_process, command, environ, live_pids, run, slow_loading,
-                      write_handler, write_problem_models)
+from conftest import (Server, busy_process, command, environ, live_pids, run,
+                      send_in_background, slow_loading, write_handler, write_problem_models)
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.config import Config
@@ -661,15 +661,20 @@ def test_an_oversized_frame_is_refused_from_its_header(address):
     assert str(largest) in response["error"]["message"]
 
 
-def test_a_client_that_sends_a_whole_oversized_frame_reads_too_large(address):
+@pytest.mark.parametrize("after", [0, 4 << 20], ids=["alone", "frames-after-it"])
+def test_a_client_that_sends_a_whole_oversized_frame_reads_too_large(address, after):
     # The server refuses the frame from its header but reads the rest away
     # before it closes: a close under the client's send would reset the
     # connection and take the error with it (ConnectionResetError before).
+    # What the client pipelined after it is read away too: the close came
+    # once the refused frame's last byte was read, and those after it
+    # reset the connection under the client's send (BrokenPipeError).
     largest = max(protocol.DEFAULT_MAX_FRAME, Config().max_request_bytes)
     body = protocol.frame({"op": "infer", "model": "m00", "id": 1, "inputs": {
         "x": {"dtype": "uint8", "shape": [largest], "data": bytes(largest)}}})
+    more = protocol.frame({"op": "health", "id": 2, "pad": bytes(after)}) if after else b""
     with socket.create_connection(address, timeout=30) as s:
-        s.sendall(body)
+        s.sendall(body + more)
         response = read_frame(s)
         assert_closed(s)
     assert response["id"] is None and response["error"]["name"] == "TOO_LARGE"
@@ -780,6 +785,61 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
         assert response["id"] is None
         assert response["error"]["code"] == ErrorCode.BAD_REQUEST
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
+
+
+@contextlib.contextmanager
+def stopped(server: Server):
+    """The server's process stopped while the block runs, as a loop busy
+    elsewhere is: what a client sends meanwhile waits whole in the kernel
+    for the loop's accept, or its next read."""
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_malformed_frame_with_frames_after_it_is_read_whole_to_the_end(served):
+    """A malformed frame's error was followed by a close with the frames
+    sent after it unread, and the kernel answered them with a reset: its
+    client read ECONNRESET after the error, or in place of it when the
+    reset came first."""
+    server, address = served
+    bad = protocol.LENGTH.pack(4) + b"\xc1\xc1\xc1\xc1"
+    more = b"".join(protocol.frame({"id": i, "op": "health"}) for i in range(1, 100_000))
+    with stopped(server):  # all of it waits for the server's first read, which ends there
+        s = socket.create_connection(address, timeout=10)
+        sender = send_in_background(s, bad + more)
+        time.sleep(0.2)
+    with s:
+        response = read_frame(s)
+        assert_closed(s)  # ConnectionResetError before
+        sender.join(10)
+    assert response["id"] is None and response["error"]["name"] == "BAD_REQUEST", response
+    with Client(address) as c:  # the server goes on
+        assert c.health()["status"] == "serving"
+
+
+def test_a_connection_past_max_connections_reads_its_whole_overloaded_frame(request, repo):
+    """One past max_connections was written OVERLOADED and closed at once,
+    whatever its client had sent by then: unread, its request reset the
+    connection, and the client read ECONNRESET after the frame, or in its
+    place. A server that has max_connections open is busy, and accepts the
+    next connection late, when its request has come."""
+    server, address = start(request, "--repo", str(repo), "--workers", "1",
+                            env=environ(MMENGINE_MAX_CONNECTIONS="1"))
+    with socket.create_connection(address, timeout=10) as held:
+        held.sendall(protocol.frame({"id": 1, "op": "health"}))
+        assert read_frame(held)["ok"]  # admitted: the one open
+        with stopped(server):
+            s = socket.create_connection(address, timeout=10)
+            s.sendall(protocol.frame({"id": 2, "op": "health"}))
+        with s:
+            refusal = read_frame(s)
+            assert_closed(s)  # ConnectionResetError before
+        assert refusal["id"] is None and refusal["error"]["name"] == "OVERLOADED", refusal
+        held.sendall(protocol.frame({"id": 3, "op": "health"}))  # still served
+        assert read_frame(held)["ok"]
 
 
 def nested(depth: int, inner: object) -> object:

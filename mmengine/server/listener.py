@@ -93,8 +93,8 @@ class Listener:
 
     At most `max_connections` are open at once (config `max_connections`);
     `admit` refuses the next, and the protocol answers it with its own
-    OVERLOADED error, before reading anything, and closes it (HTTP's
-    lingers first: `linger_refused`).
+    OVERLOADED error, before reading anything, and ends it, lingering
+    first (`linger_refused`).
 
     Control operations (loading, unloading, pinning) call `check_control`
     with the token the request carries. Reading operations (list, stats,

@@ -8,8 +8,8 @@ from mmengine.server.listener cimport BudgetedReading
 cdef class _Connection(BudgetedReading):
     cdef public object engine, loop, buf, idle, unsent, big
     cdef public dict tasks
-    cdef public bint paused, write_blocked, closing, eof
-    cdef public Py_ssize_t fd, discard
+    cdef public bint paused, write_blocked, closing, eof, lingering
+    cdef public Py_ssize_t fd
     cdef public double frame_began
     cpdef _take_frames(self)
     cpdef _take(self, message)

@@ -3,18 +3,21 @@
 One asyncio Protocol per connection, on the engine's loop. Frames are cut
 from the byte stream as they arrive; a frame longer than the configured
 maximum is refused from its 4-byte length alone, and its body is dropped
-unread as it comes before the connection closes (see _refuse). Many
+unread as it comes (see _linger). Many
 requests are in flight per connection and answers go back as they
 complete, in any order: an infer is a future of the engine with a callback
 that writes the answer (no task on the hot path), every other operation a
-task. A malformed frame gets a typed error and the connection is closed
-(the stream can no longer be trusted); other connections are untouched.
+task. A malformed frame gets a typed error and the connection is ended
+(the stream can no longer be trusted); other connections are untouched. An
+error that ends a connection is followed by the end of our side of the
+stream, and what the client still sends is dropped until it closes (see
+_linger): closed at once, the connection would be reset, and the error lost.
 A large frame (protocol.BIG bytes or more) that is still arriving goes to a
 buffer of its own (protocol.LargeFrame), so that its tensors are decoded as
 views of it and reach the worker's ring with no copy in between.
 
 Hostile and forgotten clients are bounded: past `max_connections` open
-connections a new one gets an OVERLOADED frame (nil id) and is closed; a
+connections a new one gets an OVERLOADED frame (nil id) and is ended; a
 client that does not read its answers is not read either (once its answers
 back up past the write allowance (listener.py), no frame of it is taken
 until they drain, so what waits for it is its requests in flight); a
@@ -85,22 +88,25 @@ class _Connection(BudgetedReading):
         self.frame_began = 0.0   # loop time the unfinished frame in buf began; 0: none
         self.eof = False         # the client half-closed: close once its answers are out
         self.unsent: list[bytes] | None = None  # answers to write at the end of this turn
-        self.discard = 0         # bytes of a refused frame still to come, dropped unread
+        self.lingering = False   # ended after an error: what comes is dropped unread
         self.big: protocol.LargeFrame | None = None  # a large frame arriving, not in buf
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
         if not self.server.admit(self):
-            self.closing = True
             transport.write(protocol.frame(protocol.error_response(None, Overloaded(
                 f"the server has {self.server.max_connections} connections open; "
                 f"retry later"))))
-            transport.close()
+            if self.server.linger_refused(self):
+                self._linger()
+            else:
+                self.closing = True
+                transport.close()
             return
         listener.allow_writes(transport)
         self.fd = transport.get_extra_info("socket").fileno()
-        self.loop = asyncio.get_running_loop()
-        self.last_active = self.loop.time()
         self._arm(self.last_active + self.server.idle_timeout_s)
 
     def pending(self) -> list:
@@ -109,6 +115,7 @@ class _Connection(BudgetedReading):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.server.refusing.discard(self)
         if self.reserved:
             self.server.receiving.give(self.reserved)
             self.reserved = 0
@@ -124,7 +131,7 @@ class _Connection(BudgetedReading):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
         self.flush()  # those of this turn: a close now would drop them
-        if not self.tasks:
+        if not self.tasks or self.lingering:  # (lingering: it waited for this)
             return None  # close now
         self.eof = True
         return True
@@ -143,6 +150,8 @@ class _Connection(BudgetedReading):
         if self.closing:
             self._watch_closed(now, unsent, timeout)
             return
+        if self.lingering:  # closed when its linger ends, and watched from then
+            return
         # An unfinished frame counts only while its connection is read: one
         # waiting for the receive budget, for fewer requests in flight or for
         # its client to read its answers is not the client's slow frame
@@ -151,18 +160,15 @@ class _Connection(BudgetedReading):
         unfinished = self.frame_began and not (self.paused or self.awaiting
                                                or self.write_blocked)
         if unfinished and now >= self.frame_began + timeout:
-            self._send(protocol.error_response(None, Timeout(
-                f"a frame was begun and not finished within {timeout:g} s")))
-            self._close()
+            # (Its client may be trickling the frame's next bytes.)
+            self._end(Timeout(f"a frame was begun and not finished within {timeout:g} s"))
         elif self.tasks:  # requests in flight: the last answer touches it again
             # (an unfinished frame is still due a timeout after its first bytes)
             self._arm(self.frame_began + timeout if unfinished else now + timeout)
         elif self.awaiting and now >= self.last_active + timeout:
-            size = self.awaiting
-            self._stop_awaiting()
-            self._end_stream(Overloaded(
+            self._end(Overloaded(
                 f"a frame waited {timeout:g} s for the receive budget (receive_bytes), "
-                f"held by other large frames; retry later"), size)
+                f"held by other large frames; retry later"))
         elif now >= self.last_active + timeout:
             self._close()
         else:
@@ -172,14 +178,9 @@ class _Connection(BudgetedReading):
             self._arm(due)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.lingering:
             return
         self.last_active = self.loop.time()
-        if self.discard:
-            self.discard -= len(data)
-            if self.discard <= 0:
-                self._close()
-            return
         if self.big is not None:
             data = self.big.fill(data)
             if not self.big.whole:
@@ -206,8 +207,10 @@ class _Connection(BudgetedReading):
             while len(buf) - start >= 4 and not (self.write_blocked or self.paused):
                 n = protocol.LENGTH.unpack_from(buf, start)[0]
                 if n > self.server.max_frame:
-                    self._refuse(n, len(buf) - start - 4)
-                    start = len(buf)  # the refused frame's bytes, and any after it: it ends
+                    # Its client may send it whole first: that may take as
+                    # long as any frame may.
+                    self._end(TooLarge(f"frame of {n} bytes exceeds the maximum of "
+                                       f"{self.server.max_frame}"), self.server.idle_timeout_s)
                     return
                 if len(buf) - start - 4 < n:
                     if n >= listener.RESERVE_ABOVE and not (self.reserved or self.awaiting):
@@ -232,12 +235,10 @@ class _Connection(BudgetedReading):
                 took = True
                 self._take(message)
         except MMEngineError as e:  # the stream cannot be trusted any more
-            self._send(protocol.error_response(None, e))
-            self._close()
+            self._end(e)
             return
         except Exception as e:  # noqa: BLE001 - a bug: say so, never a silent close
-            self._send(protocol.error_response(None, InternalError(f"{type(e).__name__}: {e}")))
-            self._close()
+            self._end(InternalError(f"{type(e).__name__}: {e}"))
             return
         finally:
             del buf[:start]
@@ -258,25 +259,8 @@ class _Connection(BudgetedReading):
         else:
             self._dispatch(message)
 
-    def _refuse(self, n: int, have: int) -> None:
-        """Refuses a frame longer than the maximum from its header: a
-        TOO_LARGE frame (nil id), the end of our side of the stream, and the
-        refused frame's bytes dropped unread as they come, then the close.
-        Closed at once instead, the connection would be reset under a client
-        still sending the frame (a close with unread bytes resets it), and
-        the reset would discard the error before the client read it."""
-        self._send(protocol.error_response(None, TooLarge(
-            f"frame of {n} bytes exceeds the maximum of {self.server.max_frame}")))
-        self.flush()
-        self.transport.write_eof()
-        self.discard = n - have  # no answer goes out from now on
-        # The rest must come within the idle timeout, as any frame's must.
-        self.frame_began = self.loop.time()
-        if self.discard <= 0:
-            self._close()
-
     def _gone(self) -> bool:
-        return self.closing
+        return self.closing or self.lingering
 
     def _budget_came(self) -> None:
         self.frame_began = self.last_active = self.loop.time()
@@ -293,29 +277,42 @@ class _Connection(BudgetedReading):
         return self.paused or self.write_blocked
 
     def _too_slow(self, error: MMEngineError) -> None:
-        """Ends the stream, the frame's bytes given back at once."""
-        size, self.reserved = self.reserved, 0
-        self.server.receiving.give(size)
-        self._end_stream(error, size)
+        self._end(error)
 
-    def _end_stream(self, error: MMEngineError, size: int) -> None:
-        """Ends the stream as _refuse does, after `error` (nil id), while a
-        frame of `size` bytes is received: what is left of it is dropped
-        unread for LINGER_S. Closed at once, the connection would be reset
-        under its bytes unread, and the error lost with it."""
+    def _end(self, error: MMEngineError, seconds: float = listener.LINGER_S) -> None:
+        """Ends the connection with `error` (nil id), lingering `seconds`:
+        the stream can no longer be read as frames (one malformed, too
+        large, unfinished, or not received)."""
         self._send(protocol.error_response(None, error))
+        self._linger(seconds)
+
+    def _linger(self, seconds: float = listener.LINGER_S) -> None:
+        """Ends our side of the stream after the error that ends it, and
+        drops what the client still sends until it closes, `seconds` at
+        most (as HTTP's _linger does). Closed at once with bytes unread, the
+        connection would be reset, and the reset would take the error with
+        it: a client still sending a frame refused from its header, or one
+        pipelined after a malformed frame, or its request before its
+        connection was refused, read ECONNRESET after the error or in its
+        place."""
+        if self.closing or self.lingering:
+            return
         self.flush()
-        self.transport.write_eof()
-        # No answer goes out from now on (_send): in flight or not, its
-        # requests end with the stream. The frame's body is in its
-        # LargeFrame, or still after its header in buf (the budget came,
-        # and no read since; or it never came).
-        have = len(self.big.buf) if self.big else max(0, len(self.buf) - 4)
-        self.discard = max(1, size - have)
+        self.lingering = True  # no answer goes out from now on (_write): its requests end with it
+        # A frame being received is taken no more: the budget it holds, or
+        # waits for, is others' now.
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
         self.big = None
-        self.buf.clear()
+        # A new one, not cleared: the error being raised may still view it.
+        self.buf = bytearray()
+        self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
-        self.loop.call_later(listener.LINGER_S, self._close)
+        if math.isfinite(seconds):  # (an infinite idle timeout: until the client closes)
+            # No handle kept: _close on a connection lost meanwhile does nothing.
+            self.loop.call_later(seconds, self._close)
 
     def _resume(self) -> None:
         if not (self.paused or self.awaiting or self.write_blocked or self.closing):
@@ -413,7 +410,7 @@ class _Connection(BudgetedReading):
 
     def quiet(self) -> bool:
         """Nothing in flight, and open (the listener's linger asks)."""
-        return not self.tasks and not self.closing and not self.transport.is_closing()
+        return not (self.tasks or self.closing or self.lingering or self.transport.is_closing())
 
     def _answer(self, rid: Any, t_submit: int, model: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
@@ -472,7 +469,7 @@ class _Connection(BudgetedReading):
 
     def _write(self, parts: list) -> None:
         """Writes an answer framed (protocol.frames)."""
-        if self.closing or self.discard or self.transport.is_closing():
+        if self.closing or self.lingering or self.transport.is_closing():
             return
         if self.unsent is not None:
             self.unsent += parts
