@@ -738,6 +738,27 @@ def test_an_unfinished_frame_is_cut_its_timeout_after_it_began_with_a_request_in
     assert took < 1.25 * idle, took  # 1.5 idle timeouts before
 
 
+def test_a_frame_cut_as_unfinished_while_its_bytes_come_reads_its_whole_timeout(
+        request, repo):
+    """The TIMEOUT of a frame that came too slowly was followed by a close
+    with the frame's next bytes unread, which reset the connection: its
+    client read ECONNRESET after the error, or in its place."""
+    idle = 1.0
+    server, address = start(request, "--repo", str(repo), "--workers", "1",
+                            env=environ(MMENGINE_TCP_IDLE_TIMEOUT_S=str(idle)))
+    n = 16 << 20
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(protocol.LENGTH.pack(n) + b"\x81")  # begun
+        time.sleep(idle / 2)
+        with stopped(server):  # its next bytes come as it is due
+            sender = send_in_background(s, bytes(n - 2))  # all but the last
+            time.sleep(idle)
+        response = read_frame(s)
+        assert_closed(s)  # ConnectionResetError before
+        sender.join(30)
+    assert response["id"] is None and response["error"]["name"] == "TIMEOUT", response
+
+
 def test_the_sdk_refuses_a_request_past_the_servers_maximum_unsent(address):
     # health says the server's maximum frame; both clients ask it before
     # their first request over 1 MiB, and refuse one past it themselves.
