@@ -684,6 +684,21 @@ def test_a_target_model_header_that_is_not_utf_8_is_400(address, disk):
         assert header_call(address, path, head)[0] == 404, path
 
 
+def test_a_target_model_header_given_twice_is_400(address, disk):
+    # The last line won, unsaid, and chose the model that served, where a
+    # proxy in front may have routed (or authorized) by the first.
+    assert add(address, "first", disk["m1"])[0] == 200
+    assert add(address, "second", disk["m2"])[0] == 200
+    head = b"%s: first\r\n%s: second\r\n" % (TARGET.encode(), TARGET.lower().encode())
+    status, answer = header_call(address, "/invocations", head)
+    assert status == 400, answer
+    assert answer["error"].startswith(
+        "a request carries one X-Amzn-SageMaker-Target-Model header, not two"), answer
+    for name in ("first", "second"):  # once, as ever
+        assert header_call(address, "/invocations", b"%s: %s\r\n" % (
+            TARGET.encode(), name.encode()))[0] == 200, name
+
+
 def test_a_target_model_header_names_its_model_without_trailing_white_space(address, disk):
     assert add(address, "spaced", disk["m2"])[0] == 200
     x = x_for(7)

@@ -1176,9 +1176,11 @@ _LIST_FIELDS = frozenset({"content-encoding", "transfer-encoding", "host",
 #: refused (400, and the connection closed, as llhttp does two
 #: Content-Lengths): the last line won unsaid, where a proxy in front may
 #: have read the first (whose token was checked, which type the body is,
-#: whether the client waits for 100 Continue). Named as the answer says.
+#: whether the client waits for 100 Continue, which model SageMaker's
+#: /invocations runs). Named as the answer says.
 _SINGLE_FIELDS = {"authorization": "Authorization", "content-type": "Content-Type",
-                  "expect": "Expect"}
+                  "expect": "Expect",
+                  "x-amzn-sagemaker-target-model": "X-Amzn-SageMaker-Target-Model"}
 
 
 class _VersionNotSupported(StatusError):
