@@ -1176,6 +1176,21 @@ def test_path_is_percent_decoded_once(address):
     assert call(address, "GET", "/v2/models%2Fm00")[0] == 404         # "/" stays a name's
 
 
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v2/models/%E9/infer"), ("GET", "/v2/models/%E9"),
+    ("GET", "/v2/models/m%FF0/ready"), ("GET", "/v2/models/m00/versions/%C3/config"),
+    ("POST", "/v2/repository/models/%E9/load"), ("GET", "/v2/models/%ED%A0%80/stats")])
+def test_a_path_whose_escapes_are_not_utf_8_is_400(address, method, path):
+    # Decoded with replacement, each named a model "\ufffd" (a 404 that
+    # named it, or the answer of a model so named; %ED%A0%80 is a
+    # surrogate, which UTF-8 cannot carry).
+    status, _, raw = call(address, method, path, b"{}" if method == "POST" else None)
+    assert status == 400, raw
+    error = json.loads(raw)
+    assert error["code"] == "BAD_REQUEST" and "not UTF-8" in error["error"], error
+    assert call(address, "GET", "/v2/models/m%30%30")[0] == 200  # UTF-8: as ever
+
+
 def test_an_overloaded_answer_says_when_to_retry():
     from mmengine.errors import Overloaded, PinnedFull
     from mmengine.server.http import error_response

@@ -646,14 +646,14 @@ def test_invocations_names_a_model_in_utf_8(address, disk):
     np.testing.assert_allclose(answer["outputs"]["y"], reference(1, x), **TOL)
 
 
-def header_call(address, path: str, head: bytes) -> tuple[int, Any]:
+def header_call(address, path: str, head: bytes, method: str = "POST") -> tuple[int, Any]:
     """A JSON invoke whose header lines `head` are sent as these bytes
     (http.client sends a str header as latin-1, and no repeats)."""
     body = json.dumps(x_for(8).tolist()).encode()
     with socket.create_connection(address, timeout=30) as s:
-        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        s.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   b"Content-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
-                  % (path.encode(), head, len(body), body))
+                  % (method.encode(), path.encode(), head, len(body), body))
         s.settimeout(30)
         raw = b""
         while chunk := s.recv(65536):
@@ -664,11 +664,11 @@ def header_call(address, path: str, head: bytes) -> tuple[int, Any]:
 
 def test_a_target_model_header_that_is_not_utf_8_is_400(address, disk):
     # Read as latin-1 it named another model: byte e9 invoked the model "é"
-    # (c3 a9 in UTF-8), where the path's %E9 is no model.
+    # (c3 a9 in UTF-8), where the path's %E9 is no UTF-8 either (400).
     assert add(address, "é", disk["m1"])[0] == 200
     status, answer = header_call(address, "/invocations", b"%s: \xe9\r\n" % TARGET.encode())
     assert status == 400 and "not UTF-8" in answer["error"], answer
-    assert header_call(address, "/models/%E9/invoke", b"")[0] == 404
+    assert header_call(address, "/models/%E9/invoke", b"")[0] == 400  # not UTF-8 either
     for path, head in (("/invocations", b"%s: \xc3\xa9\r\n" % TARGET.encode()),
                        ("/models/%C3%A9/invoke", b"")):
         status, answer = header_call(address, path, head)
@@ -682,6 +682,18 @@ def test_a_target_model_header_that_is_not_utf_8_is_400(address, disk):
     for path, head in (("/invocations", b"%s: aA\r\n" % TARGET.encode()),
                        ("/models/a%41/invoke", b"")):
         assert header_call(address, path, head)[0] == 404, path
+
+
+def test_a_path_whose_escapes_are_not_utf_8_is_400(address, disk):
+    # Decoded with replacement, %E9 named the model "\ufffd": a model so
+    # named served an invoke of /models/%E9/invoke.
+    assert add(address, "\ufffd", disk["m1"])[0] == 200
+    for method, path in (("POST", "/models/%E9/invoke"), ("GET", "/models/%E9"),
+                         ("DELETE", "/models/%FF%FE")):
+        status, answer = header_call(address, path, b"", method)
+        assert status == 400 and "not UTF-8" in answer["error"], (path, answer)
+    status, answer = header_call(address, "/models/%EF%BF%BD/invoke", b"")  # its name
+    assert status == 200, answer
 
 
 def test_a_target_model_header_given_twice_is_400(address, disk):

@@ -448,8 +448,7 @@ class Router:
             found = regex.match(path) if path != "*" else None
             if found:
                 if m == wanted:
-                    return handler, {k: unquote(v) for k, v in found.groupdict().items()
-                                     if v is not None}, is_async
+                    return handler, _params(found), is_async
                 allowed.append(m)
         if method == "OPTIONS" and (allowed or path == "*"):
             # What the path takes (RFC 9110 9.3.7); "*": what the server takes.
@@ -458,6 +457,21 @@ class Router:
         if allowed:
             raise _MethodNotAllowed(f"{method} is not allowed on {path}", _allow(allowed))
         raise ModelNotFound(f"no route for {method} {path}")
+
+
+def _params(found: re.Match) -> dict[str, str]:
+    """A route's parameters, %-decoded as UTF-8. Escapes that are no UTF-8
+    are refused: decoded with replacement, %E9 named the model U+FFFD."""
+    params = {}
+    for k, v in found.groupdict().items():
+        if v is None:
+            continue
+        try:
+            params[k] = unquote(v, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest(f"the path's {k} {errors.shown(v)} has %-escapes that are not "
+                             f"UTF-8 (text is sent as its UTF-8 bytes, %-encoded)") from None
+    return params
 
 
 def _allow(methods: list[str]) -> str:
