@@ -861,7 +861,9 @@ class Engine:
                     if version is not None or not getattr(e, "removed", False):
                         raise
         except (Overloaded, TooLarge) as e:
-            if not isinstance(e, ShuttingDown):  # it has room: it is going
+            # Not a server that is going, nor one whose workers are all down
+            # (restarting: the room comes back with them).
+            if not isinstance(e, ShuttingDown) and any(w.alive for w in self.pool.workers):
                 e.no_room = True
             raise
 
@@ -1614,8 +1616,8 @@ class Engine:
             return None
         try:
             fut = worker.call(Op.UNLOAD, key[0], key[1])
-        except WorkerDied:
-            return None
+        except (MMEngineError, ValueError):  # dying, or its rings closed as the pool stops
+            return None  # (raised, it left the entry UNLOADING with nothing to forget it)
         fut.add_done_callback(errors.retrieved)  # awaited only where answered
         return fut
 

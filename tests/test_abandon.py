@@ -113,6 +113,41 @@ def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
     assert compute_s >= RUNNING_S
 
 
+def test_a_tcp_connection_ended_by_a_malformed_frame_abandons_its_queued_requests(
+        tmp_path, own_segments):
+    # Ended with a typed error, it lingers (its client may still be sending)
+    # and writes no answer: its requests ran on, three held the worker for
+    # nothing, until its client closed it or the linger ended.
+    config = slow_repo(tmp_path)
+
+    async def main():
+        async with Engine(config) as engine:
+            seen = recorder(engine)
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                await engine.load("slow")
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(slow_frame(1, RUNNING_S)
+                             + b"".join(slow_frame(i, 0.3) for i in (2, 3, 4)))
+                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 4)
+                await asyncio.sleep(0.1)  # the worker is inside the first
+                writer.write(protocol.LENGTH.pack(1) + b"\xc1")  # no msgpack value
+                error = await asyncio.wait_for(reader.read(1 << 16), 5)
+                # Well within the linger (LINGER_S), the client still connected.
+                await until(lambda: len(seen["late"]) + len(seen["skipped"]) == 4,
+                            timeout=3, what="the requests abandoned")
+                writer.close()
+                return seen, error
+            finally:
+                await server.stop()
+
+    seen, error = run(main(), timeout=60)
+    assert b"BAD_REQUEST" in error
+    assert seen["late"] == [("slow", 1)] and seen["skipped"] == [("slow", 1)] * 3
+    assert seen["codes"][:4] == ["CANCELLED"] * 4
+
+
 def test_an_http_client_whose_connection_resets_abandons_its_request(tmp_path, own_segments):
     config = slow_repo(tmp_path)
 

@@ -2378,3 +2378,44 @@ def test_after_an_answer_the_loop_lingers_for_a_client_on_another_cpu_only(tmp_p
     # busy neighbours, where the test runs among them).
     assert lingers["other"] >= 1, lingers
     assert lingers["own"] == 0, lingers
+
+
+@pytest.mark.parametrize("transport", ["tcp", "http"])
+def test_a_connection_that_lingered_goes_once_its_client_closes(tmp_path, own_segments,
+                                                                transport):
+    # The timer that bounds a linger held the connection, its parser and
+    # buffers until it fired, however soon the client closed: a client that
+    # sent an oversized frame's header and closed, in a loop, held one a
+    # turn for tcp_idle_timeout_s (300 s); each HTTP/1.0 request, LINGER_S.
+    import gc
+    from mmengine.engine import Engine
+    from mmengine.server import kserve
+    from mmengine.server import http as http_module
+    from mmengine.server import tcp as tcp_module
+
+    if transport == "tcp":
+        kind, ask = tcp_module._Connection, protocol.LENGTH.pack(0xFFFF_FFFF)
+    else:
+        kind, ask = http_module._HttpConnection, b"GET /v2/health/live HTTP/1.0\r\n\r\n"
+
+    def ask_and_close(port):
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(ask)
+                while s.recv(1 << 16):  # the answer, then the server's end of the stream
+                    pass
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = tcp_module.TcpServer(engine) if transport == "tcp" \
+                else http_module.HttpServer(engine, kserve.ROUTES)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, ask_and_close, port)
+                await asyncio.sleep(0.2)  # their losses told
+                gc.collect()
+                return sum(type(o) is kind for o in gc.get_objects())
+            finally:
+                await server.stop()
+
+    assert run(main(), timeout=60) == 0

@@ -579,6 +579,7 @@ class _HttpConnection(BudgetedReading):
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
         self.server.refusing.discard(self)
+        self._stop_ending()
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
@@ -754,8 +755,7 @@ class _HttpConnection(BudgetedReading):
             return
         self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
-        # No handle kept: _close on a connection closed meanwhile does nothing.
-        asyncio.get_running_loop().call_later(listener.LINGER_S, self._close)
+        self._close_in(listener.LINGER_S)
 
     def _fail(self, e: MMEngineError) -> None:
         """An unusable stream: answer after what is queued, then close; read

@@ -14,6 +14,7 @@ cdef class BudgetedReading(WatchedWrites):
     cdef public object server
     cdef public Py_ssize_t reserved, awaiting, paced_base
     cdef public double paced_from, served_since
+    cdef public object ending
 
 
 cdef class Listener:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import errno
 import fcntl
+import math
 import struct
 import termios
 import time
@@ -412,6 +413,23 @@ class BudgetedReading(WatchedWrites):
         self.paced_from = 0.0  # loop time the pace of the body holding `reserved` counts from
         self.paced_base = 0    # its bytes read by then
         self.served_since = 0.0  # loop time it was not read for its own requests since; 0: read
+        self.ending: asyncio.TimerHandle | None = None  # a lingering close's bound (_close_in)
+
+    def _close_in(self, seconds: float) -> None:
+        """Closes the connection (`_close`, the protocol's) in `seconds`: the
+        bound of a lingering close, whose client may close it first (an
+        infinite one: only then). The timer goes as the connection is lost
+        (_stop_ending): left, it held a closed connection, its parser and
+        buffers, that long, and a client that connects, sends an oversized
+        frame's header and closes, in a loop, held thousands."""
+        self._stop_ending()
+        if math.isfinite(seconds):
+            self.ending = asyncio.get_running_loop().call_later(seconds, self._close)
+
+    def _stop_ending(self) -> None:
+        if self.ending is not None:
+            self.ending.cancel()
+            self.ending = None
 
     def _reserve(self, nbytes: int) -> None:
         """Takes the budget for a large body that has begun, or stops

@@ -121,9 +121,15 @@ class _Connection(BudgetedReading):
             self.reserved = 0
         self._stop_awaiting()
         self.big = None
+        self._stop_ending()
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
+        self._cancel_inferences()
+
+    def _cancel_inferences(self) -> None:
+        """Cancels the inferences in flight, whose answers nobody will read:
+        their workers skip those not begun."""
         for fut, inference in list(self.tasks.items()):
             if inference:
                 fut.cancel()
@@ -310,9 +316,10 @@ class _Connection(BudgetedReading):
         self.buf = bytearray()
         self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
-        if math.isfinite(seconds):  # (an infinite idle timeout: until the client closes)
-            # No handle kept: _close on a connection lost meanwhile does nothing.
-            self.loop.call_later(seconds, self._close)
+        # Nobody reads their answers: run on, they held the workers, and a
+        # stopping server's drain waited for them.
+        self._cancel_inferences()
+        self._close_in(seconds)
 
     def _resume(self) -> None:
         if not (self.paused or self.awaiting or self.write_blocked or self.closing):
