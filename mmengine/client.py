@@ -499,7 +499,8 @@ class _Connection:
         self.moved = 0  # bytes sent and read in this exchange
         self.wait = timeout  # the exchange's wait
         self.deadline: float | None = None  # the exchange's, before what moved adds
-        # Of a large exchange (small ones leave them 0): the bytes sent, and
+        # Of an exchange that sends a large frame or several (exchange_one's
+        # small path leaves them 0): the bytes sent, and
         # how many of them an answer shows the server has read (an answer
         # comes after its request's last byte, `ends`). The rest, the server
         # may still be reading from the kernel's buffers (megabytes on

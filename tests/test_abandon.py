@@ -65,6 +65,16 @@ def slow_frame(rid: int, seconds: float) -> bytes:
                            "inputs": protocol.encode_tensors({"seconds": np.array([seconds])})})
 
 
+async def four_in_flight(engine: Engine, port: int):
+    """A TCP connection with four requests for the slow model on its worker:
+    one it runs, three pipelined behind it on its ring."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(slow_frame(1, RUNNING_S) + b"".join(slow_frame(i, 0.3) for i in (2, 3, 4)))
+    await until(lambda: engine.stats()["workers"][0]["in_flight"] == 4)
+    await asyncio.sleep(0.1)  # the worker is inside the first
+    return reader, writer
+
+
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "cold"])
 def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
         tmp_path, own_segments, resident):
@@ -81,12 +91,7 @@ def test_a_tcp_client_whose_connection_resets_abandons_its_queued_requests(
             try:
                 if resident:
                     await engine.load("slow")
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                # One the worker runs, three pipelined behind it on its ring.
-                writer.write(slow_frame(1, RUNNING_S)
-                             + b"".join(slow_frame(i, 0.3) for i in (2, 3, 4)))
-                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 4)
-                await asyncio.sleep(0.1)  # the worker is inside the first
+                reader, writer = await four_in_flight(engine, port)
                 reset(writer)
                 await until(lambda: len(seen["late"]) + len(seen["skipped"]) == 4)
                 # The worker is free for everyone else at once.
@@ -127,11 +132,7 @@ def test_a_tcp_connection_ended_by_a_malformed_frame_abandons_its_queued_request
             port = await server.start("127.0.0.1", 0)
             try:
                 await engine.load("slow")
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(slow_frame(1, RUNNING_S)
-                             + b"".join(slow_frame(i, 0.3) for i in (2, 3, 4)))
-                await until(lambda: engine.stats()["workers"][0]["in_flight"] == 4)
-                await asyncio.sleep(0.1)  # the worker is inside the first
+                reader, writer = await four_in_flight(engine, port)
                 writer.write(protocol.LENGTH.pack(1) + b"\xc1")  # no msgpack value
                 error = await asyncio.wait_for(reader.read(1 << 16), 5)
                 # Well within the linger (LINGER_S), the client still connected.
