@@ -47,9 +47,11 @@ class MMEngineError(Exception):
     # A failed load's own message, where the engine added its back-off to it.
     failure: str | None = None
     # No memory to make a model resident (a worker's budget, held by models
-    # in use or pinned; or the machine's, its load out of memory): set where
-    # a load refuses it, OVERLOADED or TOO_LARGE. A protocol may have a
-    # status of its own for it (SageMaker's 507, its cue to unload others).
+    # in use or pinned; or the machine's, its load out of memory), or for a
+    # resident model to run (its call out of memory): set where a load
+    # refuses it, OVERLOADED or TOO_LARGE, and on a worker's OVERLOADED
+    # answer to an inference. A protocol may have a status of its own for
+    # it (SageMaker's 507, its cue to unload others).
     no_room: bool = False
 
     @property

@@ -43,8 +43,8 @@ import mmengine
 from mmengine import batching, heap, messages, resources
 from mmengine.calltimes import CallTimes
 from mmengine.config import SECRET_VARS, Config
-from mmengine.errors import (InternalError, MMEngineError, RecordTooLarge, RingClosed,
-                             Timeout, TooLarge, WorkerDied, error_for)
+from mmengine.errors import (ErrorCode, InternalError, MMEngineError, RecordTooLarge,
+                             RingClosed, Timeout, TooLarge, WorkerDied, error_for)
 from mmengine.messages import Op
 from mmengine.ring import CONTROL_BYTES, BackOff, CpuTaken, Ring
 from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals
@@ -994,6 +994,10 @@ class Worker:
             elif code != messages.OK:
                 result = error_for(code, body if ran is None else ran.pop("message", ""))
                 result.ran = ran
+                if code == ErrorCode.OVERLOADED and served is not None:
+                    # An inference's run out of memory (backends.base): no
+                    # room, as a load's (SageMaker's 507).
+                    result.no_room = True
             else:
                 if ran is not None and "t_recv" in ran:  # its call's time, for its books
                     # A joined call's (batching) once: its answers come one

@@ -23,7 +23,7 @@ import torch
 
 from mmengine import demo
 from mmengine.client import Client
-from mmengine.errors import BadRequest
+from mmengine.errors import BadRequest, Overloaded
 from mmengine.server import sagemaker
 from mmengine.server.http import PARSE_ON_THREAD
 from conftest import Server, environ
@@ -242,6 +242,7 @@ def test_a_load_out_of_memory_is_507(address, disk):
     ("bracket", 400, "is not a URL"),  # urlsplit's ValueError: it was a 500
     ("relative", 400, "must be absolute"),
     ("nul", 400, "NUL character"),
+    ("latin_escape", 400, "%-escapes must be UTF-8"),  # was a directory named U+FFFD
     ("missing", 400, "is not a directory"),
     ("file", 400, "is not a directory"),
     ("empty", 500, "no model file found"),
@@ -261,6 +262,7 @@ def test_urls_that_may_not_be_loaded_are_refused(address, disk, case, status, wo
         "bracket": "file://[::1" + str(disk["m0"]),
         "relative": os.path.relpath(disk["m0"]),
         "nul": "file://" + str(disk["root"]) + "/m0%00/1",
+        "latin_escape": "file://" + str(disk["root"]) + "/m%E9",
         "missing": str(disk["root"] / "nope"),
         "file": str(disk["file"]),
         "empty": str(disk["empty"]),
@@ -344,6 +346,12 @@ def test_list_refuses_bad_parameters(address):
                   "next_page_token=_w"):  # not base64 of UTF-8
         status, body = call(address, "GET", f"/models?{query}")
         assert status == 400, (query, body)
+    # A query's escapes are UTF-8 as a path's are: decoded with replacement,
+    # the token was read as U+FFFD (and on a route that reads no query, the
+    # request went on).
+    for path in ("/models?next_page_token=%E9", "/ping?x=%FF"):
+        status, body = call(address, "GET", path)
+        assert status == 400 and "not UTF-8" in body["error"], (path, body)
 
 
 def test_get_unknown_model_is_404(address):
@@ -694,6 +702,44 @@ def test_a_path_whose_escapes_are_not_utf_8_is_400(address, disk):
         assert status == 400 and "not UTF-8" in answer["error"], (path, answer)
     status, answer = header_call(address, "/models/%EF%BF%BD/invoke", b"")  # its name
     assert status == 200, answer
+
+
+RUNS_OUT = """
+import torch
+
+def load(path, device):
+    pass
+
+def predict(inputs):
+    if inputs["x"][0, 0] < 0:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return {"y": inputs["x"]}
+"""
+
+
+def test_an_invoke_whose_call_runs_out_of_memory_is_507(server, disk):
+    # The contract: "on GPU instances, if InvokeEndpoint fails due to a lack
+    # of memory or other resources, this API should return a 507". A
+    # resident model's call out of memory was OVERLOADED's 503, which
+    # SageMaker retries as it is, to the same full container.
+    address = server[0]
+    model = disk["root"] / "runs-out"
+    model.mkdir()
+    (model / "handler.py").write_text(RUNS_OUT)
+    (model / "model.toml").write_text('backend = "handler"\n[[inputs]]\nname = "x"\n'
+                                      'dtype = "float32"\nshape = [-1, -1]\n')
+    assert add(address, "runs-out", model)[0] == 200
+    for path, headers in (("/models/runs-out/invoke", {}),
+                          ("/invocations", {TARGET: "runs-out"})):
+        status, _, answer = raw_call(address, path, b'{"inputs": {"x": [[-1.0]]}}', headers)
+        assert status == 507, (path, answer)
+        assert json.loads(answer)["code"] == "OVERLOADED" and b"out of memory" in answer, answer
+        assert call(address, "POST", path, {"inputs": {"x": [[2.0]]}},
+                    headers=headers) == (200, {"outputs": {"y": [[2.0]]}}), path
+    # Elsewhere it is OVERLOADED as ever: the SDK's class, KServe's 503.
+    with Client(server[1]) as c, pytest.raises(Overloaded, match="out of memory"):
+        c.infer("runs-out", {"x": np.full((1, 1), -1, np.float32)})
+    assert call(address, "DELETE", "/models/runs-out")[0] == 200
 
 
 def test_a_target_model_header_given_twice_is_400(address, disk):

@@ -459,6 +459,19 @@ class Router:
         raise ModelNotFound(f"no route for {method} {path}")
 
 
+def _query(raw: bytes) -> dict[str, list[str]]:
+    """A query string's values by name, %-decoded as UTF-8, blank values
+    kept ("max_results=" is a bad value, not an absent one). Escapes that
+    are no UTF-8 are refused, as a path's are (_params): decoded with
+    replacement, a page token of %E9 was read as U+FFFD."""
+    try:
+        return parse_qs(raw.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the query {errors.shown(raw.decode('latin-1'))} has %-escapes "
+                         f"that are not UTF-8 (text is sent as its UTF-8 bytes, "
+                         f"%-encoded)") from None
+
+
 def _params(found: re.Match) -> dict[str, str]:
     """A route's parameters, %-decoded as UTF-8. Escapes that are no UTF-8
     are refused: decoded with replacement, %E9 named the model U+FFFD."""
@@ -925,14 +938,18 @@ class _HttpConnection(BudgetedReading):
         except httptools.HttpParserInvalidURLError:  # CONNECT's authority, say
             url, self.doomed = None, self.doomed or BadRequest(
                 f"request target {bytes(self.url)[:100]!r} is not a path")
+        query = {}
+        if url and url.query:
+            try:
+                query = _query(url.query)
+            except BadRequest as e:
+                self.doomed = self.doomed or e
         encoding = self.headers.get("content-encoding")
         request = Request(
             method=self.parser.get_method().decode(),
             # An absolute form's empty path is "/" (RFC 9112 3.2.2).
             path=(url.path or b"/").decode("latin-1") if url else "/",
-            # Blank values kept: "max_results=" is a bad value, not an absent one.
-            query=parse_qs(url.query.decode("latin-1"), keep_blank_values=True)
-            if url and url.query else {},
+            query=query,
             headers=self.headers,
             body=b"".join(self.body),
             # An HTTP/1.0 message with Transfer-Encoding has faulty framing:

@@ -131,8 +131,9 @@ def _insufficient_storage(e: MMEngineError) -> Response:
 
 def _invoke_error(e: MMEngineError) -> Response:
     """An invoke's error: no room to load its model again (evicted since
-    POST /models) is the load's 507, where OVERLOADED's 503 would have
-    SageMaker retry as it is, against the same full container."""
+    POST /models), or for its call (out of memory), is the load's 507,
+    where OVERLOADED's 503 would have SageMaker retry as it is, against the
+    same full container."""
     return _insufficient_storage(e) if e.no_room else error_response(e)
 
 
@@ -470,7 +471,11 @@ def _local_path(url: str) -> str:
             raise BadRequest(f"{url!r}: a file:// URL must name a local path (file:///...)")
         if parts.query or parts.fragment:
             raise BadRequest(f"{url!r}: a file:// URL takes no query or fragment")
-        return _absolute(unquote(parts.path), url)
+        try:
+            path = unquote(parts.path, errors="strict")
+        except UnicodeDecodeError:  # decoded with replacement, %E9 named a directory U+FFFD
+            raise BadRequest(f"{url!r}: a file:// URL's %-escapes must be UTF-8") from None
+        return _absolute(path, url)
     if parts.scheme == "":
         return _absolute(url)
     raise BadRequest(f"{url!r}: only local paths and file:// URLs can be loaded, "
