@@ -320,8 +320,8 @@ def _timeval(timeout: float | None) -> bytes:
 def _native_frames(rids: list[int], requests: list[tuple], timeout: float | None,
                    token: str | None, timing: bool, client_token: str | None) -> list | None:
     """The infer frames of (model, inputs, version) `requests` as _wire packs
-    them, one buffer for all; None where it does not take each (protocol.py
-    packs them then, or says what is wrong)."""
+    them (_joined); None where it does not take each (protocol.py packs
+    them then, or says what is wrong)."""
     if _wire is None:
         return None
     frames = []
@@ -330,8 +330,22 @@ def _native_frames(rids: list[int], requests: list[tuple], timeout: float | None
                                   client_token)
         if frame is None:
             return None
-        frames.append(frame)
-    return [[frames[0] if len(frames) == 1 else b"".join(frames)]]
+        frames.append([frame])
+    return _joined(frames)
+
+
+def _joined(frames: list[list]) -> list[list]:
+    """`frames` (each protocol.frames' buffers), joined in one buffer, one
+    send, where each is one buffer and all are small (SEND_CHUNK). Not
+    larger ones: each request's end in what is sent must be known (_ends),
+    and all joined end at its end, so a first answer, read while most of a
+    large buffer was still unsent, showed it all read (_receive's heard):
+    a wait shorter than none, for ever (poll) or at once (the socket's
+    bound)."""
+    if len(frames) > 1 and all(len(parts) == 1 for parts in frames) \
+            and sum(len(parts[0]) for parts in frames) <= SEND_CHUNK:
+        return [[b"".join(parts[0] for parts in frames)]]
+    return frames
 
 
 def _model_inputs_version(request: tuple) -> tuple[str, dict, int | None]:
@@ -341,6 +355,21 @@ def _model_inputs_version(request: tuple) -> tuple[str, dict, int | None]:
         return request
     raise ValueError(f"each request is (model, inputs) or (model, inputs, version), "
                      f"not a tuple of {len(request)}")
+
+
+_BOUNDED_OPS = frozenset(("infer", "load", "unload", "pin"))  # those a timeout bounds
+
+
+def _bounded(message: dict, timeout: float | None) -> dict:
+    """`message` (a copy of a caller's) with its call's `timeout` where the
+    server bounds its op and it carries none, as the typed calls send it:
+    a raw load waited out the server's default (load_timeout_s, 120 s)
+    where its client gave up after its own, and closed the connection."""
+    op = message.get("op")
+    if timeout is not None and "timeout" not in message and type(op) is str \
+            and op in _BOUNDED_OPS:  # (the server says what is wrong with another)
+        message["timeout"] = timeout
+    return message
 
 
 def _model_message(op: str, model: str, version: int | None,
@@ -662,8 +691,8 @@ class _Connection:
             if rid not in wanted:  # nothing else is in flight on this connection
                 raise _unreadable(f"an answer to id {rid!r}, which was not asked")
             got[rid] = response
-            if self.sent:
-                self.heard = max(self.heard, self.ends[rid])
+            if self.sent:  # (a server that answers before it reads shows no more read)
+                self.heard = max(self.heard, min(self.ends[rid], self.sent))
         if answers and self.deadline is not None and len(got) < len(wanted):
             # The rest of a batch waits the exchange's wait from this answer.
             self.deadline = max(self.deadline, time.monotonic() + self.wait)
@@ -751,8 +780,8 @@ class Client:
         returns the responses in the same order; raises the first error."""
         # Copies: the caller's messages keep no id and no token of ours (the
         # same dict twice is two requests, not one id sent twice).
-        return self._call_many([dict(m) for m in messages],
-                               _wait(_timeout(timeout, self.timeout)))
+        timeout = _timeout(timeout, self.timeout)
+        return self._call_many([_bounded(dict(m), timeout) for m in messages], _wait(timeout))
 
     def _call_many(self, messages: list[dict], wait: float | None,
                    encoded: bool = False) -> list[dict]:
@@ -768,10 +797,7 @@ class Client:
         frames = [_frames(m, encoded) for m in messages]
         for parts in frames:
             self._check_size(_body_size(parts))
-        if (len(frames) > 1 and all(len(parts) == 1 for parts in frames)
-                and sum(len(parts[0]) for parts in frames) <= SEND_CHUNK):
-            frames = [[b"".join(parts[0] for parts in frames)]]  # one buffer, one send
-        return self._exchange(frames, ids, wait, encoded)
+        return self._exchange(_joined(frames), ids, wait, encoded)
 
     def _exchange(self, frames: list[list], ids: list[int], wait: float | None,
                   arrays: bool = False) -> list[dict]:
@@ -956,6 +982,10 @@ class _AsyncConnection(asyncio.Protocol):
         up to the connection's end; whether it ended. A look at the first
         bytes alone would not see an end behind them."""
         sock = socket.socket(fileno=self.fd)
+        # Never waits: made with socket.setdefaulttimeout()'s timeout, a
+        # recv that found nothing polled that long, the loop stood still,
+        # and its TimeoutError ended the connection as a reset.
+        sock.setblocking(False)
         try:
             for _ in range(_LATE_READS):
                 try:
@@ -1220,6 +1250,13 @@ class AsyncClient:
             return conn
         except TimeoutError:
             raise _not_connected(self.address) from None
+        except OSError as e:
+            # A name of several addresses (localhost's ::1 and 127.0.0.1),
+            # each refused: asyncio raises a plain OSError of them all, where
+            # Client raises the last one's ConnectionRefusedError.
+            if type(e) is OSError and e.errno is None:
+                raise ConnectionError(str(e)) from e
+            raise
         finally:
             if openings.get(i) is me:  # not a newer one, after a close()
                 del openings[i]
@@ -1242,7 +1279,8 @@ class AsyncClient:
 
     async def call(self, message: dict, timeout: float | None = None) -> dict:
         # A copy, as call_many's: the caller's message keeps no id or token.
-        return await self._call(dict(message), _wait(_timeout(timeout, self.timeout)))
+        timeout = _timeout(timeout, self.timeout)
+        return await self._call(_bounded(dict(message), timeout), _wait(timeout))
 
     async def _call(self, message: dict, wait: float | None,
                     encoded: bool = False) -> dict:

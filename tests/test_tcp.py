@@ -1770,6 +1770,147 @@ def test_a_large_request_has_the_time_its_bytes_took(batch):
     assert time.monotonic() - t0 > 1.5  # past the call's wait (0.5 s and 1 s of grace)
 
 
+@pytest.mark.parametrize("after_the_first", ["pause", "stall"])
+def test_a_large_infer_many_waits_its_timeout_after_its_first_answer(after_the_first):
+    # Its frames were sent as one buffer, whose every request ends at its
+    # end: the first answer, read while most of it was unsent, showed it all
+    # read, and the wait left went below none: where the server then stalled
+    # (read and answered nothing more), the call waited for ever (poll's
+    # negative wait); a read after the sends had a microsecond's. A server
+    # that pauses less than the wait is waited for.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # the first answer early
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(30)
+
+    def serve():
+        with contextlib.suppress(OSError, AssertionError), listener.accept()[0] as conn:
+            first = True
+            while True:
+                rid = read_frame(conn)["id"]
+                if first or after_the_first == "pause":
+                    conn.sendall(protocol.frame({"id": rid, "ok": True, "outputs": {}}))
+                if first:
+                    first = False
+                    time.sleep(1.5 if after_the_first == "pause" else 40)
+
+    threading.Thread(target=serve, daemon=True).start()
+    requests = [("m", {"x": np.zeros(12_000, np.float32)})] * 200  # 9.6 MB
+    ended: list = []
+
+    def call():
+        with Client(listener.getsockname(), timeout=1.0) as c:
+            t0 = time.monotonic()
+            try:
+                ended.append(len(c.infer_many(requests)))
+            except Timeout:
+                ended.append("timeout")
+            ended.append(time.monotonic() - t0)
+
+    with listener:
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "the call still waits after 30 s"
+    if after_the_first == "pause":
+        assert ended[0] == 200, ended
+    else:  # its wait (1 s and 1 s of grace) and the time the bytes sent bought
+        assert ended[0] == "timeout" and 2 < ended[1] < 20, ended
+
+
+def test_an_async_client_reading_late_answers_never_waits():
+    # Read on a socket made from the transport's descriptor, which took
+    # socket.setdefaulttimeout()'s timeout: a read that found nothing more
+    # polled for it (the loop stood still 2 s), and its TimeoutError closed
+    # a healthy connection as a reset.
+    def answer_late(request):
+        if request.get("op") == "stats":
+            time.sleep(0.5)  # its caller has gone
+        yield protocol.frame({"id": request["id"], "ok": True, "status": "serving",
+                              "stats": {}})
+
+    async def main(address):
+        async with AsyncClient(address, timeout=30, connections=1) as c:
+            stats = asyncio.ensure_future(c.stats())
+            await asyncio.sleep(0.2)
+            stats.cancel()  # its answer is owed, to be read and dropped
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats
+            conn = c._conns[0]
+            time.sleep(1.5)  # the late answer comes while the loop is held
+            t0 = time.monotonic()
+            assert (await c.health())["status"] == "serving"
+            assert c._conns[0] is conn  # not ended as a reset
+            return time.monotonic() - t0
+
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(2.0)
+    try:
+        with peer_answering(answer_late) as listener:
+            # (The test holds the loop 1.5 s itself: the stall it looks for
+            # comes after, in the call it times.)
+            took = run(main(listener.getsockname()), timeout=30, max_stall=5)
+    finally:
+        socket.setdefaulttimeout(before)
+    assert took < 1, took
+
+
+def test_an_async_client_refused_at_every_address_of_a_name_raises_connection_error(
+        monkeypatch):
+    # asyncio raises a plain OSError ("Multiple exceptions") where each of a
+    # name's addresses refuses (localhost's ::1 and 127.0.0.1), which an
+    # `except ConnectionError` (README) missed; the blocking Client raised
+    # ConnectionRefusedError.
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed: nothing listens there
+    lookup = socket.getaddrinfo
+
+    def both(host, *args, **kwargs):
+        if host == "dual.invalid":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+
+    async def main():
+        with pytest.raises(ConnectionError):
+            await AsyncClient(f"dual.invalid:{port}", timeout=5).health()
+
+    # asyncio's own loop: uvloop resolves names in libuv, not getaddrinfo().
+    asyncio.run(asyncio.wait_for(main(), 30))
+    with pytest.raises(ConnectionError):
+        Client(f"dual.invalid:{port}", timeout=5).health()
+
+
+def test_a_raw_call_of_an_op_the_server_bounds_carries_the_clients_timeout():
+    # As load(), unload(), pin() and infer() send it (Client's docstring):
+    # a raw load waited out the server's load_timeout_s (120 s) where the
+    # client gave up after its own, and closed the connection.
+    seen = []
+
+    def record(request):
+        seen.append((request.get("op"), request.get("timeout")))
+        yield protocol.frame({"id": request["id"], "ok": True, "model": {}})
+
+    async def call_async(address):
+        async with AsyncClient(address, timeout=7.0) as c:
+            await c.call({"op": "load", "model": "m"})
+
+    with peer_answering(record) as listener:
+        with Client(listener.getsockname(), timeout=3.0) as c:
+            c.call({"op": "load", "model": "m"})
+            c.call({"op": "pin", "model": "m", "timeout": 9.0})  # its own stands
+            c.call_many([{"op": "unload", "model": "m"}, {"op": "unpin", "model": "m"}],
+                        timeout=4.0)
+            c.call({"op": "list"})
+        run(call_async(listener.getsockname()), timeout=30)
+    assert [s for s in seen if s[0] != "health"] == [
+        ("load", 3.0), ("pin", 9.0), ("unload", 4.0), ("unpin", None), ("list", None),
+        ("load", 7.0)]
+
+
 def test_an_async_call_never_answered_times_out_while_other_answers_stream_in():
     # Every byte that came on its connection put its wait off: 2 MiB answers
     # to other calls, back to back at 4 MiB/s, kept a call the server never
