@@ -733,7 +733,7 @@ class Engine:
             fut = worker.call(Op.INFER, key[0], key[1], arrays, None,
                               functools.partial(self._unpin_request, key, gen, True),
                               deadline, then, spec.max_batch_size if spec is not None else 0,
-                              resendable)
+                              resendable, place)
         except BaseException:
             self._unpin_request(key, gen)
             raise
@@ -1960,14 +1960,18 @@ class Engine:
             self._spawn(self._revive(worker.index))
 
     def _resend(self, fut: asyncio.Future, deadline: float, served: Key, inputs: dict,
-                then: Callable[[asyncio.Future], None] | None) -> None:
+                then: Callable[[asyncio.Future], None] | None, place: "_Place | None") -> None:
         """Sends again an inference whose worker died before reading it (it
         cannot have begun): as a request for a model not resident, loaded
         on the dead one's replacement or another worker, its token checked
         already; once: if that worker dies too, it fails (a crash loop
         fails it at once, as before, rather than at its deadline). Its
-        caller's future gets the answer; cancelled, it cancels the resend."""
-        resend = self._spawn(self._infer_cold(*served, inputs, deadline, None, resent=True),
+        caller's future gets the answer; cancelled, it cancels the resend.
+        `place`: its request's, told where the resend goes: where its end
+        carries no account of its run, observers hear of the worker that
+        had it last, not of the dead one."""
+        resend = self._spawn(self._infer_cold(*served, inputs, deadline, None, resent=True,
+                                              place=place),
                              self._requests)
         resend.add_done_callback(functools.partial(_answer_resent, fut, then))
         fut.add_done_callback(lambda _: resend.cancel())

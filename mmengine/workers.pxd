@@ -36,7 +36,7 @@ cdef class Worker:
     cdef public object _joined, sent_ns
     cdef object __weakref__
     cpdef call(self, op, model, version, arrays=*, params=*, on_done=*, deadline=*, then=*,
-               batch=*, resendable=*)
+               batch=*, resendable=*, place=*)
     cpdef _inferences_done(self, n)
     @cython.locals(backoff=BackOff)
     cpdef _poll_answers(self)

@@ -207,12 +207,13 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         # id -> (future, on_done, t_sent, deadline, model, then, served,
-        # inputs): on_done runs when the worker is finished with the request
-        # (answered, or dead), even if the caller gave up; then, when the
-        # future is done; served is (model, version) for an inference, else
-        # None; inputs, an inference's arrays (held, not copied: sent again
-        # elsewhere if the worker dies before it reads them: orphans), or
-        # None where it is no inference or was sent again once already.
+        # inputs, place): on_done runs when the worker is finished with the
+        # request (answered, or dead), even if the caller gave up; then, when
+        # the future is done; served is (model, version) for an inference,
+        # else None; inputs, an inference's arrays (held, not copied: sent
+        # again elsewhere if the worker dies before it reads them: orphans),
+        # or None where it is no inference or was sent again once already;
+        # place, the caller's (call), handed back with an orphan.
         self._pending: dict[int, tuple] = {}
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline it is armed for
@@ -461,7 +462,7 @@ class Worker:
             self._room_timer = None
         self.died_with = 0
         for rid, entry in pending.items():
-            fut, on_done, t_sent, _, _, then, served, _ = entry
+            fut, on_done, t_sent, _, _, then, served, _, _ = entry
             if rid in unread and served != self.died_serving and entry[7] is not None \
                     and not fut.done():
                 self.orphans.append(entry)
@@ -500,19 +501,20 @@ class Worker:
             unread.update(itertools.islice(reversed(self._sent_ns), left))
         return unread
 
-    def take_orphan(self) -> tuple[asyncio.Future, float, tuple, dict, Callable | None] | None:
+    def take_orphan(self) -> tuple[asyncio.Future, float, tuple, dict, Callable | None,
+                                   object] | None:
         """The next inference it never read, to be sent again elsewhere:
-        (future, deadline, (model, version), inputs, then); None when none
-        is left. Whoever takes one settles its future, and runs `then` as
+        (future, deadline, (model, version), inputs, then, place); None when
+        none is left. Whoever takes one settles its future, and runs `then` as
         it does; one at a time, so that what a failure leaves is failed
         by _died as the rest."""
         if not self.orphans:
             return None
-        fut, _, _, deadline, _, then, served, inputs = self.orphans.pop(0)
-        return fut, deadline, served, inputs, then
+        fut, _, _, deadline, _, then, served, inputs, place = self.orphans.pop(0)
+        return fut, deadline, served, inputs, then, place
 
     def _fail_orphans(self) -> None:
-        for fut, _, t_sent, _, _, then, served, _ in self.orphans:
+        for fut, _, t_sent, _, _, then, served, _, _ in self.orphans:
             _finish(fut, None, self._unanswered(WorkerDied(self.died_why), t_sent, served),
                     then and functools.partial(self.loop.call_soon, then))
         self.orphans = []
@@ -565,7 +567,7 @@ class Worker:
              params: dict | None = None, on_done: Callable | None = None,
              deadline: float = math.inf,
              then: Callable[[asyncio.Future], None] | None = None,
-             batch: int = 0, resendable: bool = True) -> asyncio.Future:
+             batch: int = 0, resendable: bool = True, place: object = None) -> asyncio.Future:
         """Sends one request; the future resolves to (body, outputs) or a typed
         error. `on_done()` runs once the worker is finished with the request
         (it answered or died), whether or not anyone still awaits the future.
@@ -584,7 +586,10 @@ class Worker:
         `batch`: the model's max_batch_size. Waiting inferences of a model
         that takes batches go in together, as one call (_send_held).
         `resendable`: an inference the worker dies before reading may be
-        sent again elsewhere (an orphan): not one that is such a resend."""
+        sent again elsewhere (an orphan): not one that is such a resend.
+        `place`: the caller's, handed back with the orphan (take_orphan):
+        the engine's record of where its request went, which the resend
+        moves."""
         if not self.alive:
             raise WorkerDied(f"worker {self.index} is not running")
         rid = next(self._ids)
@@ -612,7 +617,7 @@ class Worker:
             self._send_inference(rid, served, header, bufs)
         fut = self.loop.create_future()
         self._pending[rid] = (fut, on_done, t_sent, deadline, model, then, served,
-                              arrays if served is not None and resendable else None)
+                              arrays if served is not None and resendable else None, place)
         if op == Op.INFER:
             if not self._inferring:
                 self._busy_from = t_sent
@@ -769,7 +774,7 @@ class Worker:
             if not held:
                 del self._held[served]
             self._held_ids.discard(rid)
-            fut, on_done, t_sent, deadline, _, then, _, _ = self._pending[rid]
+            fut, on_done, t_sent, deadline, _, then, _, _, _ = self._pending[rid]
             if not sent:
                 # It begins once the ring's calls are done: its time is
                 # what is left then (the rest join its call: the same).
@@ -813,7 +818,7 @@ class Worker:
         requests find the timer armed for an earlier deadline)."""
         self._deadline_timer, self._timer_at = None, math.inf
         due, nearest, expired = time.monotonic() + _CLOCK_S, math.inf, []
-        for rid, (fut, _, t_sent, deadline, model, then, served, _) in self._pending.items():
+        for rid, (fut, _, t_sent, deadline, model, then, served, _, _) in self._pending.items():
             if fut.done():
                 continue
             if deadline <= due:
@@ -850,7 +855,7 @@ class Worker:
                 self._held[served] = kept
         self._held_ids -= rids
         for rid in rids:
-            fut, on_done, t_sent, _, _, then, served, _ = self._pending.pop(rid)
+            fut, on_done, t_sent, _, _, then, served, _, _ = self._pending.pop(rid)
             self._inferences_done(1)
             _finish(fut, on_done, error and self._unanswered(error(), t_sent, served), then)
             if self.on_unserved is not None:
@@ -977,7 +982,7 @@ class Worker:
             if not self.ready.done():
                 self.ready.set_result(body)
             return
-        fut, on_done, t_sent, _, _, then, served, _ = self._pending.pop(rid, _NOT_PENDING)
+        fut, on_done, t_sent, _, _, then, served, _, _ = self._pending.pop(rid, _NOT_PENDING)
         if fut is None:
             return
         t_read = time.monotonic_ns()
@@ -1065,7 +1070,7 @@ class Worker:
                      "exception": e})
 
 
-_NOT_PENDING = (None, None, 0, math.inf, "", None, None, None)
+_NOT_PENDING = (None, None, 0, math.inf, "", None, None, None, None)
 
 
 def _finish(fut: asyncio.Future, on_done: Callable | None, result, then) -> None:

@@ -1800,6 +1800,53 @@ def test_a_resend_is_sent_so_that_a_death_of_its_worker_fails_it(tmp_path, own_s
     run(main(), timeout=60)
 
 
+def test_a_resent_request_is_told_where_it_was_resent(tmp_path, own_segments):
+    # Cancelled by its caller once sent again, a request's future carries
+    # no account of where it went: observers are told where and when the
+    # resend was sent. They were told the dead worker's send (its first
+    # t_sent, before that worker died), and a trace drew it there.
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+    write_handler(tmp_path, "crashes-late", LATE_CRASH_HANDLER)
+    exits, told = [], []
+
+    def observe(kind: str, f: dict) -> None:
+        if kind == "worker_exit":
+            exits.append(f)
+        elif kind == "request" and f["model"] == "slow":
+            told.append(f)
+
+    async def main():
+        async with Engine(config(tmp_path, worker_backlog_ms=0)) as engine:
+            engine.observers.append(observe)
+            await engine.load("slow")
+            await engine.load("crashes-late")
+            old = engine.pool.workers[0]
+            crash, (behind,), same = await _crash_with_requests_behind(
+                engine, tmp_path, engine.infer, 1, "slow",
+                lambda i: {"seconds": np.array([2.0])})
+            for call in (crash, same):
+                with pytest.raises(WorkerDied):
+                    await call
+
+            def resent() -> list:
+                w = engine.pool.workers[0]
+                return [] if w is old else [(w.index, e[2]) for e in w._pending.values()
+                                            if e[6] == ("slow", 1)]
+
+            await until(resent, 30, "the resend on the replacement")
+            (sent,) = resent()
+            behind.cancel()
+            await asyncio.gather(behind, return_exceptions=True)
+            return sent
+
+    worker, t_sent = run(main(), timeout=60)
+    (exit,) = exits
+    (cancelled,) = told
+    assert cancelled["code"] == "CANCELLED"
+    assert (cancelled["worker"], cancelled["t_sent"]) == (worker, t_sent), cancelled
+    assert exit["at_ns"] < cancelled["t_sent"] <= cancelled["end_ns"], (exit, cancelled)
+
+
 def test_a_tcp_clients_requests_behind_a_crash_are_answered_and_counted(tmp_path,
                                                                         own_segments):
     # The same through the TCP server, whose answers are written from the
