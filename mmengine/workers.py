@@ -238,7 +238,8 @@ class Worker:
         # served, the call's seconds or None, t_read)].
         self._unbooked: list = []
         # The last joined call booked ((model, version), its t_recv): each of
-        # its requests' answers carries the call's time, which counts once.
+        # its requests' answers carries the call's time, which counts once
+        # (as each of a failed one's carries it, as `failed_call`).
         self._joined: tuple | None = None
         # The polls' back-off (_poll_answers): as a ring waiter's (ring.py);
         # and the loop thread's looks whether its CPU was taken (first in
@@ -987,6 +988,7 @@ class Worker:
             return
         t_read = time.monotonic_ns()
         late, ran, seconds = fut.done(), None, None  # done: its deadline (or its caller) came first
+        failed_s = None
         try:
             ran = messages.ran(body)
             if ran is not None:
@@ -1014,6 +1016,14 @@ class Worker:
                         seconds = (ran["t_done"] - ran["t_recv"]) / 1e9
                 # Late: its caller gave up (timeout): nothing to copy.
                 result = None if late else (body, messages.copy_out(descs, parts[1:]))
+            # A joined call that failed took its worker's time as one that
+            # answered does, and the worker's own books count it
+            # (worker.WorkerLogic.noted): so do these, once, though each
+            # request run again after it carries it, whatever its answer.
+            failed = body.get("failed_call") if type(body) is dict else None
+            if failed is not None and (served, failed["t_recv"]) != self._joined:
+                self._joined = (served, failed["t_recv"])
+                failed_s = (failed["t_done"] - failed["t_recv"]) / 1e9
         except Exception as e:  # noqa: BLE001 - one bad answer fails one request
             result = InternalError(f"worker {self.index}: unreadable answer: {e!r}")
         # The answer first (a server writes it out in `then`), the books
@@ -1021,6 +1031,8 @@ class Worker:
         try:
             settle(fut, result, then)
         finally:
+            if failed_s is not None:  # before the rerun's own call, which came after it
+                self._times.ran(served, failed_s, t_read / 1e9)
             if then is None:
                 self._book(on_done, served, seconds, t_read)
             else:

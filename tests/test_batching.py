@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SLOW_HANDLER, Server, environ, run, write_handler
 from mmengine import batching, demo, diskcache, resources, trace
+from mmengine.calltimes import CallTimes
 from mmengine.config import Config
 from mmengine.engine import Engine
 from mmengine.client import AsyncClient
@@ -236,6 +237,67 @@ def test_a_joined_call_that_fails_is_counted_and_traced_as_an_execution(tmp_path
     failed = [e for e in calls if e["name"] == "picky x3 (failed)"]
     assert len(failed) == 1 and failed[0]["args"]["batch"] == 3, calls
     assert len(calls) == 6, calls  # each call once: the joined one and five alone
+
+
+def test_a_joined_call_that_fails_counts_its_time(tmp_path):
+    """The joined call that raised took its worker's time: it counts once
+    in the front-end's figure of the model's calls (what its worker's
+    ring is filled by; the worker's own figure counted it), and in the
+    compute stage of each of its requests answered OK, as a joined call
+    that answered does, not in their queue: the worker had taken them.
+    It counted in neither (a review's finding)."""
+    repo = tmp_path / "repo"
+    write_handler(repo, "picky", PICKY_HANDLER, _manifest(LIMIT))
+    told = []
+
+    async def go():
+        async with Engine(Config(repo=str(repo), workers=1, worker_backlog_ms=0)) as engine:
+            counts = metrics.attach(engine)
+            engine.observers.append(lambda kind, f: kind == "request" and told.append(f))
+            await engine.infer("picky", {"x": x_rows(0.0, 1)})
+            block = asyncio.ensure_future(engine.infer("picky", {"x": x_rows(0.3, 1)}))
+            await asyncio.sleep(0.05)
+            xs = [x_rows(0.0, 1, seed=i) for i in range(3)]
+            xs[1][0, 0] = 0.2  # the joined call sleeps as long, then raises on the NaN
+            xs[1][0, 1] = np.nan
+            await asyncio.gather(*(engine.infer("picky", {"x": x}) for x in xs),
+                                 return_exceptions=True)
+            await block
+            engine.flush_observations()
+            calls = engine.pool.workers[0]._times._calls[("picky", 1)]
+            return calls[:2], counts.version_stats([("picky", 1)])[0], \
+                counts._requests["picky"].queue_s
+
+    figures, stats, queue_s = run(go())
+    failed = {(c["t_recv"], c["t_done"], c["batch"]) for c in (f.get("failed_call") for f in told)
+              if c}
+    assert len(failed) == 1, told
+    ((t_recv, t_done, batch),) = failed
+    assert batch == 3 and t_done - t_recv >= 0.2e9, failed
+    # The front-end's figure: each answered call, the joined one that
+    # failed once, in the order they ran (an error's own call is not one).
+    expected, key, booked = CallTimes(), ("picky", 1), False
+    compute_ns = queue_ns = 0
+    for f in told:
+        again = 0
+        if f.get("failed_call"):
+            again = t_done - t_recv
+            if not booked:
+                expected.ran(key, again / 1e9, 0.0)
+                booked = True
+        if f["code"] == "OK":
+            t_in, t_out, _ = f["worker_ns"]
+            expected.ran(key, (t_out - t_in) / 1e9, 0.0)
+            compute_ns += t_out - t_in + again
+            queue_ns += t_in - f["start_ns"] - again
+    assert figures == pytest.approx(expected._calls[key][:2], rel=1e-9)
+    infer = stats["inference_stats"]
+    assert infer["success"]["count"] == 4, stats
+    assert (infer["compute_infer"]["ns"], infer["queue"]["ns"]) == (compute_ns, queue_ns)
+    # Waiting on the worker (mmengine's queue seconds) no more than Triton's queue.
+    waited = sum(f["worker_ns"][0] - f["t_sent"] - (t_done - t_recv if f["failed_call"] else 0)
+                 for f in told if f.get("worker_ns") and f["worker_ns"][1] is not None)
+    assert queue_s == pytest.approx(waited / 1e9, rel=1e-9)
 
 
 def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):

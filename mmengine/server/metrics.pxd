@@ -19,7 +19,7 @@ cdef class _ModelRequests:
     cdef public dict codes, latency
     cdef public _Histogram compute
     cdef public double wait_s, queue_s
-    cpdef ran(self, t_sent, t_recv, t_done)
+    cpdef ran(self, t_sent, t_recv, t_done, failed_call=*)
 
 
 cdef class _VersionRequests:

@@ -195,10 +195,15 @@ class _ModelRequests:
         self.compute = _Histogram(REQUEST_BUCKETS)
         self.wait_s = self.queue_s = 0.0
 
-    def ran(self, t_sent: int, t_recv: int, t_done: int) -> None:
+    def ran(self, t_sent: int, t_recv: int, t_done: int, failed_call: dict | None = None
+            ) -> None:
         """Counts a call its worker ran: its time waiting on the worker,
-        behind the worker's other calls, and its own."""
+        behind the worker's other calls, and its own. `failed_call`: the
+        joined call of it that failed first, which ran it, as Triton's
+        queue stage has it (_count_version): no wait."""
         self.compute.observe((t_done - t_recv) * 1e-9)
+        if failed_call:
+            t_recv -= failed_call["t_done"] - failed_call["t_recv"]
         self.queue_s += (t_recv - t_sent) * 1e-9
 
 
@@ -280,13 +285,13 @@ class Metrics:
             counts = self._late if kind == "late" else self._skipped
             key = (f["model"],)
             counts[key] = counts.get(key, 0) + 1
-            worker_ns = f.get("worker_ns")
+            worker_ns, failed_call = f.get("worker_ns"), f.get("failed_call")
             if worker_ns is not None and None not in worker_ns[:2]:
                 # The call took its worker's time all the same, having waited
                 # its turn there as an answered one does: a model whose calls
                 # outlive their deadlines is slow, not missing.
-                self._model(f["model"]).ran(f["t_sent"], worker_ns[0], worker_ns[1])
-            failed_call = f.get("failed_call")
+                self._model(f["model"]).ran(f["t_sent"], worker_ns[0], worker_ns[1],
+                                           failed_call)
             if f.get("batch") or failed_call:  # its call's others may have been answered
                 v = self._version(f["model"], f["version"])
                 if f.get("batch"):
@@ -318,7 +323,7 @@ class Metrics:
             m.wait_s += (f["end_ns"] - f["start_ns"]) * 1e-9
         worker_ns = f.get("worker_ns")
         if worker_ns is not None and worker_ns[1] is not None:
-            m.ran(t_sent, worker_ns[0], worker_ns[1])
+            m.ran(t_sent, worker_ns[0], worker_ns[1], f.get("failed_call"))
         if model:
             self._count_version(model, f, worker_ns)
 
@@ -381,8 +386,12 @@ class Metrics:
             v.calls += 1
         v.success_ns += end - f["start_ns"]
         if worker_ns is not None and None not in worker_ns:  # an answer always has them
-            v.queue_ns += worker_ns[0] - f["start_ns"]
-            v.compute_ns += worker_ns[1] - worker_ns[0]
+            # Run alone after its joined call failed: that call ran its rows
+            # too, after the worker took it. Its compute, as a joined call
+            # that answered is each of its requests', not its queue.
+            again = failed_call["t_done"] - failed_call["t_recv"] if failed_call else 0
+            v.queue_ns += worker_ns[0] - f["start_ns"] - again
+            v.compute_ns += worker_ns[1] - worker_ns[0] + again
             v.return_ns += worker_ns[2] - worker_ns[1]
 
     def _model(self, model: str) -> _ModelRequests:
