@@ -598,20 +598,55 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
     run(main(), timeout=60)
 
 
-def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_path):
+# Answers as BIG_ANSWER_HANDLER does once the file "go" beside it exists
+# (20 s at most): a test writes it once the server has read what the client
+# sent after the request.
+GATED_BIG_ANSWER_HANDLER = '''
+import os
+import time
+
+import numpy as np
+
+def load(path, device):
+    global GO
+    GO = os.path.join(path, "go")
+
+def predict(inputs):
+    end = time.monotonic() + 20
+    while not os.path.exists(GO) and time.monotonic() < end:
+        time.sleep(0.005)
+    return {"y": np.ones(int(inputs["n"][0]), np.float32)}
+'''
+
+
+@pytest.mark.parametrize("answered_first", [False, True], ids=["eof_first", "answered_first"])
+def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_path,
+                                                                          answered_first):
     # A client half-closes with a large frame begun and an answer that it
-    # does not read: the server closes its side once the answer is written,
-    # and the frame, which can never be taken now, held its budget until
-    # the unread answer went (an idle timeout later: 300 s by default).
+    # does not read: the server closes its side, and the frame, which can
+    # never be taken now, held its budget until the unread answer went (an
+    # idle timeout later: 300 s by default). Closed once the answer is
+    # written, where the end of stream came first; or as the end of stream
+    # comes, where the answer came first. Which is first is the test's to
+    # say: left to the race, an answer written first past the write
+    # allowance stopped the connection being read, and the end of stream
+    # was never seen (the server reads no client whose answers back up),
+    # so here that answer stays within the allowance.
     import asyncio
 
     from conftest import run
     from mmengine.config import Config
     from mmengine.engine import Engine
-    from mmengine.server.listener import RESERVE_ABOVE, receive_budget
+    from mmengine.server.listener import RESERVE_ABOVE, WRITE_HIGH_WATER, receive_budget
     from mmengine.server.tcp import TcpServer
 
-    write_handler(tmp_path, "big", BIG_ANSWER_HANDLER)
+    write_handler(tmp_path, "big", GATED_BIG_ANSWER_HANDLER)
+    go = tmp_path / "big" / "1" / "go"
+    # Answered first, part of it stays in the transport's buffer: the kernel
+    # takes little of it (a small send buffer), and it is below the allowance.
+    answer = WRITE_HIGH_WATER * 3 // 4 if answered_first else 8 * MiB
+    if answered_first:
+        go.write_text("")
 
     async def main():
         async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
@@ -621,19 +656,36 @@ def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_pa
             begun = 2 * RESERVE_ABOVE  # a large frame's length, and a few of its bytes
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             small_receive_buffer(writer.get_extra_info("socket"))
-            writer.write(big_request("tcp", 8 * MiB) + protocol.LENGTH.pack(begun) + b"\x85")
-            await writer.drain()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20
+            while not server.connections:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            connection = next(iter(server.connections))
+            connection.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            writer.write(big_request("tcp", answer) + protocol.LENGTH.pack(begun) + b"\x85")
+            await writer.drain()
             while budget.held < begun:  # the frame's budget is taken
                 assert loop.time() < deadline, budget.held
                 await asyncio.sleep(0.01)
-            writer.write_eof()  # answered, it is closed
+            if answered_first:
+                # Written, and so no longer in flight; not all of it sent.
+                await asyncio.wait_for(reader.readexactly(1), 20)
+                assert connection.transport.get_write_buffer_size()
+                assert not connection.write_blocked
+            writer.write_eof()
+            if not answered_first:
+                while not connection.eof:  # read with the answer still to come
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.01)
+                assert connection.tasks
+                go.write_text("")
             while budget.held:
                 assert loop.time() < deadline, budget.held
                 await asyncio.sleep(0.01)
             # The answer is still there to read: the connection was not lost.
-            assert len(await reader.readexactly(MiB)) == MiB
+            assert len(await reader.readexactly(answer // 2)) == answer // 2
             writer.close()
             await server.stop()
 

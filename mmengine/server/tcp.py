@@ -138,7 +138,12 @@ class _Connection(BudgetedReading):
         # A client that half-closes after its last frame still gets its answers.
         self.flush()  # those of this turn: a close now would drop them
         if not self.tasks or self.lingering:  # (lingering: it waited for this)
-            return None  # close now
+            # Ours, not the transport's: that one waited for the answers
+            # written to be read before the connection was lost, and the
+            # budget of a frame begun, which can never end now, went back
+            # only then (an answer written before the end of stream came).
+            self._close()
+            return True  # closed
         self.eof = True
         return True
 
