@@ -692,6 +692,68 @@ def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_pa
     run(main(), timeout=60)
 
 
+@pytest.mark.parametrize("answered_first", [False, True], ids=["eof_first", "answered_first"])
+def test_an_http_body_cut_off_by_a_half_close_gives_back_its_budget_at_once(tmp_path,
+                                                                            answered_first):
+    # As the TCP test above: a large body begun after a request whose
+    # answer the client does not read, then the end of stream. The body can
+    # never end, and held its budget until the connection was lost: once
+    # the answers written were read, an idle timeout later if never.
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server import http_routes
+    from mmengine.server.http import HttpServer
+    from mmengine.server.listener import RESERVE_ABOVE, WRITE_HIGH_WATER, receive_budget
+
+    write_handler(tmp_path, "big", GATED_BIG_ANSWER_HANDLER)
+    go = tmp_path / "big" / "1" / "go"
+    answer = WRITE_HIGH_WATER * 3 // 4
+    if answered_first:
+        go.write_text("")
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = HttpServer(engine, http_routes())
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            begun = 2 * RESERVE_ABOVE
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            small_receive_buffer(writer.get_extra_info("socket"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not server.connections:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            connection = next(iter(server.connections))
+            connection.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            writer.write(big_http_request(answer))
+            if answered_first:  # written, not all of it sent
+                await asyncio.wait_for(reader.readexactly(1), 20)
+                assert connection.transport.get_write_buffer_size()
+            writer.write(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: %d\r\n\r\n{" % begun)
+            await writer.drain()
+            while budget.held < begun:  # the body's budget is taken
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            writer.write_eof()
+            while budget.held:
+                assert loop.time() < deadline, budget.held
+                await asyncio.sleep(0.01)
+            assert not go.exists() or answered_first  # back before the answer was made
+            go.write_text("")
+            # The answer is still there to read: the connection was not lost.
+            assert len(await reader.readexactly(answer // 2)) == answer // 2
+            writer.close()
+            await server.stop()
+
+    run(main(), timeout=60)
+
+
 def test_a_refused_large_body_gives_its_budget_back_at_once(budget_server):
     # A body within the limits, fully received, then refused (a URL that
     # cannot be parsed): its answer is sent while the connection lingers,

@@ -625,6 +625,13 @@ class _HttpConnection(BudgetedReading):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last request still gets its answers.
         self.dead = True
+        # A body being received can never end now: its budget is others' at
+        # once, not once the answers written are read (the transport closes
+        # only then) or the one being made is written.
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
         if self.answering is None and not self.queue:
             return None  # close now
         self.eof = True
