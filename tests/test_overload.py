@@ -619,6 +619,22 @@ def predict(inputs):
 '''
 
 
+async def sending_little(server, deadline: float):
+    """The server's side of its one connection, once it is there, with a
+    small send buffer: what it writes and the client does not read stays in
+    the transport's buffer (not the kernel's)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while not server.connections:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    connection = next(iter(server.connections))
+    connection.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return connection
+
+
 @pytest.mark.parametrize("answered_first", [False, True], ids=["eof_first", "answered_first"])
 def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_path,
                                                                           answered_first):
@@ -658,12 +674,7 @@ def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_pa
             small_receive_buffer(writer.get_extra_info("socket"))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20
-            while not server.connections:
-                assert loop.time() < deadline
-                await asyncio.sleep(0.01)
-            connection = next(iter(server.connections))
-            connection.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            connection = await sending_little(server, deadline)
             writer.write(big_request("tcp", answer) + protocol.LENGTH.pack(begun) + b"\x85")
             await writer.drain()
             while budget.held < begun:  # the frame's budget is taken
@@ -724,12 +735,7 @@ def test_an_http_body_cut_off_by_a_half_close_gives_back_its_budget_at_once(tmp_
             small_receive_buffer(writer.get_extra_info("socket"))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20
-            while not server.connections:
-                assert loop.time() < deadline
-                await asyncio.sleep(0.01)
-            connection = next(iter(server.connections))
-            connection.transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            connection = await sending_little(server, deadline)
             writer.write(big_http_request(answer))
             if answered_first:  # written, not all of it sent
                 await asyncio.wait_for(reader.readexactly(1), 20)

@@ -723,11 +723,7 @@ def test_an_invoke_whose_call_runs_out_of_memory_is_507(server, disk):
     # resident model's call out of memory was OVERLOADED's 503, which
     # SageMaker retries as it is, to the same full container.
     address = server[0]
-    model = disk["root"] / "runs-out"
-    model.mkdir()
-    (model / "handler.py").write_text(RUNS_OUT)
-    (model / "model.toml").write_text('backend = "handler"\n[[inputs]]\nname = "x"\n'
-                                      'dtype = "float32"\nshape = [-1, -1]\n')
+    model = handler_model(disk["root"] / "runs-out", RUNS_OUT)
     assert add(address, "runs-out", model)[0] == 200
     for path, headers in (("/models/runs-out/invoke", {}),
                           ("/invocations", {TARGET: "runs-out"})):
@@ -766,6 +762,16 @@ def test_a_target_model_header_names_its_model_without_trailing_white_space(addr
     np.testing.assert_allclose(answer["outputs"]["y"], reference(2, x), **TOL)
 
 
+def handler_model(model: Path, source: str) -> Path:
+    """A handler model at `model` (`source`, its handler.py) of one float32
+    input "x" of two dimensions, any size."""
+    model.mkdir()
+    (model / "handler.py").write_text(source)
+    (model / "model.toml").write_text('backend = "handler"\n[[inputs]]\nname = "x"\n'
+                                      'dtype = "float32"\nshape = [-1, -1]\n')
+    return model
+
+
 FILLS_UP = """
 import os
 
@@ -784,11 +790,7 @@ def test_an_invoke_whose_model_cannot_be_loaded_again_for_memory_is_507(server, 
     # load does: SageMaker unloads unused models and tries again. It was a
     # 503, which it retries as it is, to the same full container.
     address = server[0]
-    model = disk["root"] / "fills-up"
-    model.mkdir()
-    (model / "handler.py").write_text(FILLS_UP)
-    (model / "model.toml").write_text('backend = "handler"\n[[inputs]]\nname = "x"\n'
-                                      'dtype = "float32"\nshape = [-1, -1]\n')
+    model = handler_model(disk["root"] / "fills-up", FILLS_UP)
     assert add(address, "fills-up", model)[0] == 200
     with Client(server[1]) as c:
         c.unload("fills-up")  # evicted, as room for others would have it
