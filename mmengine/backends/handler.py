@@ -48,8 +48,20 @@ class HandlerModel(LoadedModel):
         return max(held, self.spec.estimated_bytes)
 
     def close(self) -> None:
-        forget_module(self.handler)
-        self.handler = None
+        handler, self.handler = self.handler, None
+        _drop(handler)
+
+
+def _drop(handler: types.ModuleType | None) -> None:
+    """Forgets a handler's module, and empties it: its functions hold its
+    globals (__globals__), which hold them, a cycle that kept what the
+    handler loaded (its weights, a GPU's memory) until a full collection,
+    which a worker serving steadily may not make for hours; the next load
+    ran out of memory meanwhile. (Each load imports its own module: no
+    other model's code reads these globals.)"""
+    forget_module(handler)
+    if handler is not None:
+        vars(handler).clear()
 
 
 def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
@@ -67,7 +79,7 @@ def load(spec: ModelSpec, device: torch.device) -> HandlerModel:
             raise LoadFailed(f"{where}: handler.py load() raised "
                              f"{type(e).__name__}: {e}") from e
     except BaseException:
-        forget_module(handler)
+        _drop(handler)
         raise
     return HandlerModel(spec, device, handler)
 
