@@ -412,11 +412,19 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
                     nbytes, source = logic.load(name, version, os.fsdecode(params["path"]),
                                                 params.get("host"), params.get("estimate"))
                 model = logic.models.get((name, version))
-                out.send(rid, body={"bytes": nbytes, "phases": getattr(model, "phases", {}),
-                                    "from": source, "inputs": _derived(model),
-                                    "publishable": source == "disk" and logic.publishable(model),
-                                    **logic.allocator()})
-                del model
+                try:
+                    body = {"bytes": nbytes, "phases": getattr(model, "phases", {}),
+                            "from": source, "inputs": _derived(model),
+                            "publishable": source == "disk" and logic.publishable(model),
+                            **logic.allocator()}
+                except BaseException:
+                    # Answered as failed, it may not stay: the front-end
+                    # counts no bytes for it here, and loads it elsewhere.
+                    del model
+                    logic.close((name, version), logic.unload(name, version))
+                    raise
+                out.send(rid, body=body)
+                del model, body
             elif op == Op.PUBLISH:
                 with parks:
                     nbytes = logic.publish(name, version, params["segment"])

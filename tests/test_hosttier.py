@@ -59,6 +59,22 @@ def config(root, **changes) -> Config:
     return Config(repo=str(root), workers=1, device_budget=100_000, **changes)
 
 
+def test_a_module_whose_state_holds_no_tensor_stays_out_of_the_host_tier():
+    # An _extra_state (or a quantized module's packed dtype) in its state
+    # dict raised AttributeError asking its layout: the worker's LOAD
+    # answered LoadFailed, though the model was loaded and stayed resident,
+    # its bytes counted nowhere.
+    class Scaled(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"scale": 2}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(LoadFailed, match="no tensor"):
+        safetensors.host_tensors(Scaled(2, 2), "m")
+
+
 def test_a_copy_into_the_host_tier_is_sent_before_a_later_eviction(tmp_path, own_segments):
     # The copy (a publish) goes to the worker's loader as the load answers,
     # though a load sent before it waits there: an eviction of the model

@@ -358,6 +358,9 @@ def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]
     tensors = module_tensors(module)
     storages = set()
     for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):  # an _extra_state, a quantized module's dtype
+            raise LoadFailed(f"{where}: its state {name!r} is no tensor; the model cannot go "
+                             f"to the host tier")
         if t.layout != torch.strided:  # a sparse tensor: no storage of its own
             raise LoadFailed(f"{where}: tensor {name!r} is {t.layout}; the model cannot go "
                              f"to the host tier")
