@@ -1970,6 +1970,8 @@ class Engine:
         `place`: its request's, told where the resend goes: where its end
         carries no account of its run, observers hear of the worker that
         had it last, not of the dead one."""
+        if place is not None:  # unsent again until the resend is (its load may fail)
+            place.sent = None
         resend = self._spawn(self._infer_cold(*served, inputs, deadline, None, resent=True,
                                               place=place),
                              self._requests)

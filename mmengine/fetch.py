@@ -100,7 +100,10 @@ def check_url(url: str) -> None:
         raise ValueError(f"{url!r}: a source is printable ASCII (percent-encode the "
                          f"rest) and carries no credentials")
     if parts.scheme == "file":
-        path = unquote(parts.path)
+        try:
+            path = unquote(parts.path, errors="strict")
+        except UnicodeDecodeError:  # decoded with replacement, %E9 named a directory U+FFFD
+            raise ValueError(f"{url!r}: a file:// source's %-escapes must be UTF-8") from None
         if "\0" in path:
             raise ValueError(f"{url!r}: a file:// source's path has a NUL character (%00)")
         if parts.netloc not in ("", "localhost") or not os.path.isabs(path):

@@ -46,7 +46,7 @@ HTTP_HEADER = "x-mmengine-timing"
 
 def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
            t_sent: int | None = None, account: Mapping | None = None,
-           batch: int | None = None) -> dict[str, int]:
+           batch: int | None = None, failed_call: Mapping | None = None) -> dict[str, int]:
     """One request's stages in nanoseconds, from the stamps above;
     `worker_ns` is (t_recv, t_done, t_read) as the engine reports it.
 
@@ -66,14 +66,18 @@ def timing(t_submit: int, worker_ns: tuple, t_encoded: int,
     thread's time on a CPU and runnable off one (not stages: the rest of
     compute is time it slept). `batch`, where the worker joined the
     request with others into one call (batching.py): how many.
+    `failed_call`, where it ran alone again after such a call failed: that
+    call ran it too, once the worker had taken it, and counts in its
+    compute, not its queue (as the metrics count it).
     """
     out = {"total_ns": t_encoded - t_submit}
     t_recv, t_done, t_read = worker_ns if worker_ns else (None, None, None)
     if t_recv is None or t_done is None or t_read is None:
         return out
     t_sent = t_submit if t_sent is None else t_sent
-    out.update(load_wait_ns=t_sent - t_submit, queue_ns=t_recv - t_sent,
-               compute_ns=t_done - t_recv, ring_ns=t_read - t_done,
+    again = failed_call["t_done"] - failed_call["t_recv"] if failed_call else 0
+    out.update(load_wait_ns=t_sent - t_submit, queue_ns=t_recv - t_sent - again,
+               compute_ns=t_done - t_recv + again, ring_ns=t_read - t_done,
                encode_ns=t_encoded - t_read)
     if account:
         out.update(compute_cpu_ns=account["cpu_ns"], compute_runq_ns=account["runq_ns"])
@@ -87,7 +91,8 @@ def body_timing(t_submit: int, body: Mapping, t_encoded: int | None = None) -> d
     future gives: it carries the worker's stamps, t_read and t_sent)."""
     return timing(t_submit, (body.get("t_recv"), body.get("t_done"), body.get("t_read")),
                   time.monotonic_ns() if t_encoded is None else t_encoded,
-                  body.get("t_sent"), body.get("account"), body.get("batch"))
+                  body.get("t_sent"), body.get("account"), body.get("batch"),
+                  body.get("failed_call"))
 
 
 def durations(t: Mapping[str, int]) -> dict[str, int]:
@@ -201,7 +206,7 @@ class Trace:
         worker_ns = f.get("worker_ns")
         if worker_ns and worker_ns[0] is not None and worker_ns[1] is not None:
             t = timing(f["start_ns"], worker_ns, f["end_ns"], f.get("t_sent"), f.get("account"),
-                       f.get("batch"))
+                       f.get("batch"), f.get("failed_call"))
             args.update(t)
             self._failed_call_span(f)
             self._compute_span(f, f["model"])

@@ -998,24 +998,27 @@ class Worker:
                 ran["version"] = served[1]  # the one served, asked for or not
             if code == messages.SKIPPED:  # its future is done, or due to fail
                 result = self._not_run(t_sent, served)
-            elif code != messages.OK:
-                result = error_for(code, body if ran is None else ran.pop("message", ""))
-                result.ran = ran
-                if code == ErrorCode.OVERLOADED and served is not None:
-                    # An inference's run out of memory (backends.base): no
-                    # room, as a load's (SageMaker's 507).
-                    result.no_room = True
             else:
-                if ran is not None and "t_recv" in ran:  # its call's time, for its books
-                    # A joined call's (batching) once: its answers come one
-                    # after another, and a warm-up counted twice was taken
-                    # for the model's time (CallTimes skips one first call).
+                # Its call's time, for its books, where the model ran, failing
+                # or not, as the worker's own books have it (WorkerLogic.noted;
+                # none where its inputs were refused). A joined call's
+                # (batching) once: its answers come one after another, and a
+                # warm-up counted twice was taken for the model's time
+                # (CallTimes skips one first call).
+                if ran is not None and "t_done" in ran:
                     call = (served, ran["t_recv"]) if ran.get("batch") else None
                     if call is None or call != self._joined:
                         self._joined = call or self._joined
                         seconds = (ran["t_done"] - ran["t_recv"]) / 1e9
-                # Late: its caller gave up (timeout): nothing to copy.
-                result = None if late else (body, messages.copy_out(descs, parts[1:]))
+                if code != messages.OK:
+                    result = error_for(code, body if ran is None else ran.pop("message", ""))
+                    result.ran = ran
+                    if code == ErrorCode.OVERLOADED and served is not None:
+                        # An inference's run out of memory (backends.base): no
+                        # room, as a load's (SageMaker's 507).
+                        result.no_room = True
+                else:  # late: its caller gave up (timeout): nothing to copy
+                    result = None if late else (body, messages.copy_out(descs, parts[1:]))
             # A joined call that failed took its worker's time as one that
             # answered does, and the worker's own books count it
             # (worker.WorkerLogic.noted): so do these, once, though each

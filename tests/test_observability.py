@@ -372,6 +372,12 @@ def test_timing_splits_a_request_into_stages():
         1_000, (1_500, 4_500, 4_800), 5_000, 1_200)
     assert trace.server_timing({"compute_ns": 3_000_000, "total_ns": 4_500_000}) == \
         "compute;dur=3.000, total;dur=4.500"
+    # Run alone again after its joined call failed: that call ran it too, in
+    # its compute (as the metrics count it), not its queue.
+    failed = {"t_recv": 1_250, "t_done": 1_450, "batch": 3}
+    t = trace.body_timing(1_000, {**body, "failed_call": failed}, 5_000)
+    assert (t["queue_ns"], t["compute_ns"]) == (100, 3_200)
+    assert sum(t[k] for k in trace.STAGES) == t["total_ns"]
 
 
 def test_trace_tracks_and_a_file_cut_short(tmp_path):

@@ -690,6 +690,10 @@ def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_pa
                 while not connection.eof:  # read with the answer still to come
                     assert loop.time() < deadline
                     await asyncio.sleep(0.01)
+                # Back before the answer: it was held until the answer went.
+                while budget.held:
+                    assert loop.time() < deadline, budget.held
+                    await asyncio.sleep(0.01)
                 assert connection.tasks
                 go.write_text("")
             while budget.held:

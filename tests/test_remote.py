@@ -870,6 +870,7 @@ def test_the_cached_manifest_knows_every_spec_field():
     ('source = "http://h/mödel/"', '"model.pt" = ""', "percent-encode"),
     ('source = "file://host/m/"', '"model.pt" = ""', "local absolute path"),
     ('source = "file:///m%00/1/"', '"model.pt" = ""', "NUL"),
+    ('source = "file:///m%E9/1/"', '"model.pt" = ""', "must be UTF-8"),  # was U+FFFD
     ('source = "http://h/m/"', None, "[files]"),
     ('source = "http://h/m/"', '"model.pt" = "12"', "sha256"),
     ('source = "http://h/m/"', '"../model.pt" = ""', "plain relative"),

@@ -347,11 +347,10 @@ def test_list_refuses_bad_parameters(address):
         status, body = call(address, "GET", f"/models?{query}")
         assert status == 400, (query, body)
     # A query's escapes are UTF-8 as a path's are: decoded with replacement,
-    # the token was read as U+FFFD (and on a route that reads no query, the
-    # request went on).
-    for path in ("/models?next_page_token=%E9", "/ping?x=%FF"):
-        status, body = call(address, "GET", path)
-        assert status == 400 and "not UTF-8" in body["error"], (path, body)
+    # the token was read as U+FFFD. A route that reads no query reads none.
+    status, body = call(address, "GET", "/models?next_page_token=%E9")
+    assert status == 400 and "not UTF-8" in body["error"], body
+    assert call(address, "GET", "/ping?x=%FF")[0] == 200
 
 
 def test_get_unknown_model_is_404(address):

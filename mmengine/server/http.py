@@ -77,7 +77,7 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized
 class Request:
     method: str
     path: str                        # as sent: percent-encoded (Router.match decodes)
-    query: dict[str, list[str]]
+    query_string: bytes              # as sent (`query` decodes it)
     headers: dict[str, str]          # lower-case names
     body: bytes
     keep_alive: bool = True
@@ -88,6 +88,12 @@ class Request:
     # How a handler's protocol answers this request's errors, where it has
     # statuses of its own for the engine's (SageMaker's 507); else error_response.
     answer_error: Callable[[MMEngineError], Response] | None = None
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The query's values by name (_query), read where a route asks:
+        one that reads none is not refused for escapes it never reads."""
+        return _query(self.query_string) if self.query_string else {}
 
     @property
     def token(self) -> str | None:
@@ -945,18 +951,12 @@ class _HttpConnection(BudgetedReading):
         except httptools.HttpParserInvalidURLError:  # CONNECT's authority, say
             url, self.doomed = None, self.doomed or BadRequest(
                 f"request target {bytes(self.url)[:100]!r} is not a path")
-        query = {}
-        if url and url.query:
-            try:
-                query = _query(url.query)
-            except BadRequest as e:
-                self.doomed = self.doomed or e
         encoding = self.headers.get("content-encoding")
         request = Request(
             method=self.parser.get_method().decode(),
             # An absolute form's empty path is "/" (RFC 9112 3.2.2).
             path=(url.path or b"/").decode("latin-1") if url else "/",
-            query=query,
+            query_string=(url.query or b"") if url else b"",
             headers=self.headers,
             body=b"".join(self.body),
             # An HTTP/1.0 message with Transfer-Encoding has faulty framing:

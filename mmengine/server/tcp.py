@@ -137,13 +137,22 @@ class _Connection(BudgetedReading):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
         self.flush()  # those of this turn: a close now would drop them
+        # A frame begun can never end now (a whole one was taken as it came:
+        # a connection that takes none is not read, and finds no end). The
+        # budget it holds, or waits for, is others' at once, not once the
+        # requests in flight are answered, or (the transport's own close)
+        # their answers read; and no idle timeout ends it as unfinished,
+        # cancelling the requests its client waits for.
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
+        self.big = None
+        self.buf = bytearray()
+        self.frame_began = 0.0
         if not self.tasks or self.lingering:  # (lingering: it waited for this)
-            # Ours, not the transport's: that one waited for the answers
-            # written to be read before the connection was lost, and the
-            # budget of a frame begun, which can never end now, went back
-            # only then (an answer written before the end of stream came).
-            self._close()
-            return True  # closed
+            self._close()  # ours, not the transport's: it waits for the answers to be read
+            return True
         self.eof = True
         return True
 
