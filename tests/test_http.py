@@ -745,6 +745,27 @@ def test_a_header_block_of_many_short_lines_in_one_read_is_431(address):
     assert raw.startswith(b"HTTP/1.1 431 "), raw[:200]
 
 
+def test_pipelined_requests_in_reads_past_the_header_limit_are_all_served(address):
+    # A read that began inside one head, held the rest of it and 64 KiB of
+    # requests after, and ended inside another's head was counted whole as
+    # that last head's bytes: 431, and the requests behind it were lost.
+    n = 20_000
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n"
+    raw = bytearray()
+    with socket.create_connection(address, timeout=30) as s:
+        sender = send_in_background(s, request * n)
+        deadline = time.monotonic() + 60
+        # To the last answer's end, or the server's close (after a 431).
+        while not raw.endswith(b"true}") or raw.count(b"HTTP/1.1 ") < n:
+            assert time.monotonic() < deadline, raw.count(b"HTTP/1.1 ")
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            raw += chunk
+        sender.join(30)
+    assert raw.count(b"HTTP/1.1 200 ") == n, bytes(raw[raw.find(b"HTTP/1.1 4"):][:200])
+
+
 def test_a_trailer_line_that_never_ends_is_431_and_others_are_served(address):
     # A chunked body's trailer line was held unbounded, and not counted:
     # hundreds of MiB went in, and the loop stood still for seconds.

@@ -9,6 +9,7 @@ from mmengine.server.listener cimport BudgetedReading
 cdef class _HttpConnection(BudgetedReading):
     cdef public object parser, queue, answering, idle, url, headers, body, refused, doomed
     cdef public bint dead, eof, pipeline_full, write_blocked, in_head, continue_owed, upgrade
+    cdef public bint head_begun
     cdef public Py_ssize_t fd, head_raw, header_bytes, body_bytes, queued_bytes
     cdef public double began
     cpdef _reset(self)

@@ -560,6 +560,7 @@ class _HttpConnection(BudgetedReading):
         self.began = 0.0  # loop time the request being received began; 0: none
         self.url = b""
         self.in_head = False     # between on_message_begin and on_headers_complete
+        self.head_begun = False  # a head began within the read being fed
         self.head_raw = 0        # bytes fed while in a header block, from its second read
         # on; after it, in the reads in a row that gave nothing (trailers)
         self.headers: dict[str, str] = {}
@@ -651,7 +652,7 @@ class _HttpConnection(BudgetedReading):
             # 9112 2.2), are no activity: a CRLF a minute held a
             # connection for ever.
             self._touch()
-        continued = self.in_head
+        continued, self.head_begun = self.in_head, False
         # What this read finds, known without a callback of its own (the
         # body's list is a new one for each request).
         body, heard = self.body, self.body_bytes + self.header_bytes
@@ -672,7 +673,12 @@ class _HttpConnection(BudgetedReading):
         # count it: bound what it holds by counting the reads of an
         # unfinished header block (its first read is at most one read more).
         if self.in_head:
-            if continued:
+            # The same head's: one that began within this read (past others,
+            # pipelined) is counted from its next read, as any is. A read
+            # that ended one head and, 64 KiB of requests later, began
+            # another was counted whole as the last one's: 431, and the
+            # pipeline after it lost.
+            if continued and not self.head_begun:
                 self.head_raw += len(data)
                 if self.head_raw > self.server.max_header:
                     self._fail(_HeaderTooLarge(
@@ -798,7 +804,7 @@ class _HttpConnection(BudgetedReading):
             # brought its request: nothing more is read, or answered after
             # the end of our side of the stream.
             raise httptools.HttpParserError("a request after the connection's last")
-        self.in_head = True
+        self.in_head = self.head_begun = True
         self.began = asyncio.get_running_loop().time()
 
     def on_url(self, url: bytes) -> None:
