@@ -143,12 +143,7 @@ class _Connection(BudgetedReading):
         # requests in flight are answered, or (the transport's own close)
         # their answers read; and no idle timeout ends it as unfinished,
         # cancelling the requests its client waits for.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
-        self.big = None
-        self.buf = bytearray()
+        self._drop_unfinished()
         self.frame_began = 0.0
         if not self.tasks or self.lingering:  # (lingering: it waited for this)
             self._close()  # ours, not the transport's: it waits for the answers to be read
@@ -319,21 +314,24 @@ class _Connection(BudgetedReading):
             return
         self.flush()
         self.lingering = True  # no answer goes out from now on (_write): its requests end with it
-        # A frame being received is taken no more: the budget it holds, or
-        # waits for, is others' now.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
-        self.big = None
-        # A new one, not cleared: the error being raised may still view it.
-        self.buf = bytearray()
+        self._drop_unfinished()
         self.transport.write_eof()
         self.transport.resume_reading()  # read, to drop
         # Nobody reads their answers: run on, they held the workers, and a
         # stopping server's drain waited for them.
         self._cancel_inferences()
         self._close_in(seconds)
+
+    def _drop_unfinished(self) -> None:
+        """A frame being received is taken no more: the budget it holds, or
+        waits for, is others' now, and its bytes go."""
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
+        self.big = None
+        # A new one, not cleared: an error being raised may still view it.
+        self.buf = bytearray()
 
     def _resume(self) -> None:
         if not (self.paused or self.awaiting or self.write_blocked or self.closing):
@@ -516,13 +514,7 @@ class _Connection(BudgetedReading):
             return
         self.flush()
         self.closing = True
-        # A frame being received is taken no more: the budget it holds, or
-        # waits for, is others' now, not once the answers written are read.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
-        self.big = None
+        self._drop_unfinished()  # now, not once the answers written are read
         self.transport.close()
         if self.idle is None:
             self._arm(self.last_active + self.server.idle_timeout_s)
