@@ -12,7 +12,7 @@ cdef class Engine:
     cdef public object _derived_inputs, _fetchers, _fetching, _forgotten, _gens, _handed
     cdef public object _hits, _load_gate, _load_waiters, _loaded_since_scan, _locks, _loop
     cdef public object _misses, _name_changes, _observe_timer, _publishing, _refused
-    cdef public object _released, _requests, _resolving, _rewarm_after, _rewarming, _room
+    cdef public object _released, _relieving, _requests, _resolving, _rewarm_after, _rewarming, _room
     cdef public object _room_version, _room_waiters, _short_of_room, _shrinking, _started
     cdef public object _starting, _stats, _stopped, _stopping, _tasks, _used_since, _warmed
     cdef public object _cut_off

@@ -35,7 +35,7 @@ import signal
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -170,6 +170,10 @@ class Engine:
         # Workers told at the last monitor turn to give back the memory they
         # keep for reuse, their device being over the watermark (_relieve).
         self._released: set[int] = set()
+        # A watermark's evictions under way, by what is over it ("host", or
+        # a worker's index): each waits for its unloads' answers, which wait
+        # behind the worker's loads, while the monitor goes on (_relieve_in).
+        self._relieving: dict = {}
         # Explicit pins: key -> the generation of the entry that carries the
         # pin. A key whose entry went (its worker died) stays, and the pin is
         # taken again whenever the model is loaded again.
@@ -1694,7 +1698,7 @@ class Engine:
             for key in self.cache.idle(time.monotonic(), self.config.idle_unload_s):
                 if self.cache.entry(key).state == books.READY:
                     self._evict(key, "idle")
-        await self._relieve_host_memory()
+        self._relieve_in("host", self._relieve_host_memory)
         for w in self.pool.workers:
             # Past its whole budget only where loads measured more than
             # their estimates while the models that would make the room were
@@ -1708,7 +1712,19 @@ class Engine:
             memory = resources.gpu_memory(int(w.device.split(":")[1])) \
                 if w.device.startswith("cuda") else None
             if memory is not None:  # (None: NVML will not say; the budget still holds)
-                await self._relieve(w, *memory)
+                self._relieve_in(w.index, functools.partial(self._relieve, w, *memory))
+
+    def _relieve_in(self, what, relieve: Callable[[], Awaitable[None]]) -> None:
+        """Runs `relieve()` in a task of its own, unless the last one for
+        `what` still waits for its evictions' answers. Awaited in the
+        monitor's turn, an eviction on a worker busy with a long load held
+        every other duty of the monitor (idle unloads, stuck workers, the
+        other devices' watermarks) until that load ended, up to its
+        load_timeout_s; and a turn meanwhile would have taken more, for
+        memory whose going the last had not yet shown."""
+        task = self._relieving.get(what)
+        if task is None or task.done():
+            self._relieving[what] = self._spawn(_logged(relieve()))
 
     async def _relieve_host_memory(self) -> None:
         """Host memory past host_memory_watermark: about what it is over by
@@ -1717,7 +1733,8 @@ class Engine:
         copies too (a CPU worker's model loaded from the tier is the tier's
         pages: evicted alone, it freed nothing). A model a turn was too
         slow: a container near its limit had its workers killed first.
-        What went shows at the next turn's reading."""
+        What went shows at the first reading after its unloads are answered
+        (_relieve_in)."""
         used, total = resources.host_memory()
         short = self._drop_demoted(used - self.config.host_memory_watermark * total,
                                    log.debug, "host memory is past host_memory_watermark")
@@ -2656,6 +2673,14 @@ def _request_fields(name: str, version: int | None, t_submit: int,
             "end_ns": end_ns or time.monotonic_ns(),
             "code": "OK" if e is None else getattr(getattr(e, "code", None), "name",
                                                    "INTERNAL")}
+
+
+async def _logged(relief: Awaitable[None]) -> None:
+    """A monitor's task: its error said, as the monitor's own are."""
+    try:
+        await relief
+    except Exception as e:  # noqa: BLE001 - keep watching
+        log.error("monitor: %r", e)
 
 
 class _Place:

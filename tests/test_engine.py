@@ -266,6 +266,57 @@ def test_host_memory_watermark_evicts(repo, own_segments):
     assert len(reasons) == 2 and all(set(r) == {"host_memory"} for r in reasons), reasons
 
 
+# Loads once the file "go" beside it exists (20 s at most).
+GATED_LOAD_HANDLER = """
+import os
+import time
+
+def load(path, device):
+    go = os.path.join(path, "go")
+    end = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < end:
+        time.sleep(0.005)
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+"""
+
+
+def test_the_monitor_goes_on_while_its_evictions_wait_behind_a_load(tmp_path, own_segments):
+    # An eviction for host memory waits for its worker's answer, which waits
+    # behind the load the worker's loader is running. Awaited in the
+    # monitor's turn, it held every other duty of the monitor (idle
+    # unloads, stuck workers, devices' watermarks) until the load ended.
+    write_handler(tmp_path, "quick", QUICK)
+    gated = write_handler(tmp_path, "gated", GATED_LOAD_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, monitor_interval_s=0.1,
+                                 host_memory_watermark=0.001)) as engine:
+            worker = engine.pool.workers[0]
+            await engine.pin("quick")  # no victim until the load is under way
+            loading = asyncio.ensure_future(engine.load("gated"))
+            try:
+                await until(lambda: engine.model_row(("gated", 1))["state"] == "loading",
+                            10, "gated's load")
+                await engine.unpin("quick")
+                # The monitor evicts "quick" for host memory (any machine is
+                # past 0.1%): its unload waits behind "gated"'s load.
+                await until(lambda: engine.model_row(("quick", 1))["state"] == "evicting",
+                            10, "quick's eviction, behind the load")
+                sampled = worker._sampled[1]  # each monitor turn samples the worker
+                await asyncio.sleep(1.0)
+                assert worker._sampled[1] > sampled, "no monitor turn while the eviction waits"
+                assert engine.model_row(("quick", 1))["state"] == "evicting"  # taken once
+            finally:
+                (gated / "go").write_text("")
+            await asyncio.wait_for(loading, 30)
+            await until(lambda: engine.model_row(("quick", 1))["state"] != "evicting",
+                        10, "quick's eviction, once the load ended")
+
+    run(main())
+
+
 def test_typed_errors_reach_the_caller_and_the_rest_is_served(repo, own_segments):
     root, models = repo
 
