@@ -22,6 +22,21 @@ from mmengine.config import PURE_PYTHON_VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The start of a handler that waits, where it calls wait_for_go(path) (its
+# version directory), until the file "go" there exists (20 s at most): a
+# test writes it once what it needs in flight is.
+GATED = """
+import os
+import time
+
+def wait_for_go(path):
+    go = os.path.join(path, "go")
+    end = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < end:
+        time.sleep(0.005)
+"""
+
+
 # A handler model that sleeps as long as its input says: requests that stay
 # in flight on demand (pins, reordering, timeouts, drains).
 SLOW_HANDLER = '''

@@ -18,7 +18,7 @@ import pytest
 import torch
 import uvloop
 
-from conftest import (SLOW_HANDLER, busy_process, environ, eventually, live_pids, run,
+from conftest import (GATED, SLOW_HANDLER, busy_process, environ, eventually, live_pids, run,
                       slow_loading, until, write_handler, write_problem_models,
                       write_sparse_model)
 from mmengine import demo, messages, resources, shm
@@ -267,15 +267,9 @@ def test_host_memory_watermark_evicts(repo, own_segments):
 
 
 # Loads once the file "go" beside it exists (20 s at most).
-GATED_LOAD_HANDLER = """
-import os
-import time
-
+GATED_LOAD_HANDLER = GATED + """
 def load(path, device):
-    go = os.path.join(path, "go")
-    end = time.monotonic() + 20
-    while not os.path.exists(go) and time.monotonic() < end:
-        time.sleep(0.005)
+    wait_for_go(path)
 
 def predict(inputs):
     return {"y": inputs["x"]}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (SLOW_HANDLER, Server, command, environ, live_pids, run, until,
+from conftest import (GATED, SLOW_HANDLER, Server, command, environ, live_pids, run, until,
                       write_handler)
 from mmengine import demo, shm
 from mmengine.client import AsyncClient, Client
@@ -1670,18 +1670,13 @@ def predict(inputs):
 
 # Ends its worker (os._exit) once the file "go" beside it exists (20 s at
 # most): a test writes it once what it sends behind the call is in flight.
-LATE_CRASH_HANDLER = '''
-import os
-import time
-
+LATE_CRASH_HANDLER = GATED + '''
 def load(path, device):
-    global GO
-    GO = os.path.join(path, "go")
+    global PATH
+    PATH = path
 
 def predict(inputs):
-    end = time.monotonic() + 20
-    while not os.path.exists(GO) and time.monotonic() < end:
-        time.sleep(0.005)
+    wait_for_go(PATH)
     os._exit(3)
 '''
 
@@ -1768,6 +1763,29 @@ def test_a_request_is_sent_again_once_and_only_if_its_worker_never_read_it(repo,
     run(main(), timeout=60)
 
 
+async def _resent_behind_a_crash(engine: Engine, root: Path, seconds: float):
+    """("slow" and "crashes-late" written under `root`) A request of "slow"
+    (`seconds` long) queued behind a crash of its worker, before that one
+    read it: (its future, the replacement worker, its entry there as it
+    was sent again)."""
+    await engine.load("slow")
+    await engine.load("crashes-late")
+    old = engine.pool.workers[0]
+    crash, (behind,), same = await _crash_with_requests_behind(
+        engine, root, engine.infer, 1, "slow", lambda i: {"seconds": np.array([seconds])})
+    for call in (crash, same):
+        with pytest.raises(WorkerDied):
+            await call
+
+    def resent() -> list:
+        w = engine.pool.workers[0]
+        return [] if w is old else [e for e in w._pending.values() if e[6] == ("slow", 1)]
+
+    await until(resent, 30, "the resend on the replacement")
+    (entry,) = resent()
+    return behind, engine.pool.workers[0], entry
+
+
 def test_a_resend_is_sent_so_that_a_death_of_its_worker_fails_it(tmp_path, own_segments):
     # Sent again once: a resend whose worker dies too fails WORKER_DIED (a
     # worker that dies again and again fails it at once, not at its
@@ -1777,23 +1795,8 @@ def test_a_resend_is_sent_so_that_a_death_of_its_worker_fails_it(tmp_path, own_s
 
     async def main():
         async with Engine(config(tmp_path, worker_backlog_ms=0)) as engine:
-            await engine.load("slow")
-            await engine.load("crashes-late")
-            old = engine.pool.workers[0]
-            crash, (behind,), same = await _crash_with_requests_behind(
-                engine, tmp_path, engine.infer, 1, "slow",
-                lambda i: {"seconds": np.array([1.0])})
-            for call in (crash, same):
-                with pytest.raises(WorkerDied):
-                    await call
-
-            def resent() -> list:
-                w = engine.pool.workers[0]
-                return [] if w is old else [e for e in w._pending.values()
-                                            if e[6] == ("slow", 1)]
-
-            await until(resent, 30, "the resend on the replacement")
-            assert [e[7] for e in resent()] == [None]
+            behind, _, entry = await _resent_behind_a_crash(engine, tmp_path, 1.0)
+            assert entry[7] is None
             out = await asyncio.wait_for(behind, 30)
             assert out["y"][0] == 2.0
 
@@ -1818,26 +1821,10 @@ def test_a_resent_request_is_told_where_it_was_resent(tmp_path, own_segments):
     async def main():
         async with Engine(config(tmp_path, worker_backlog_ms=0)) as engine:
             engine.observers.append(observe)
-            await engine.load("slow")
-            await engine.load("crashes-late")
-            old = engine.pool.workers[0]
-            crash, (behind,), same = await _crash_with_requests_behind(
-                engine, tmp_path, engine.infer, 1, "slow",
-                lambda i: {"seconds": np.array([2.0])})
-            for call in (crash, same):
-                with pytest.raises(WorkerDied):
-                    await call
-
-            def resent() -> list:
-                w = engine.pool.workers[0]
-                return [] if w is old else [(w.index, e[2]) for e in w._pending.values()
-                                            if e[6] == ("slow", 1)]
-
-            await until(resent, 30, "the resend on the replacement")
-            (sent,) = resent()
+            behind, worker, entry = await _resent_behind_a_crash(engine, tmp_path, 2.0)
             behind.cancel()
             await asyncio.gather(behind, return_exceptions=True)
-            return sent
+            return worker.index, entry[2]
 
     worker, t_sent = run(main(), timeout=60)
     (exit,) = exits

@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import SLOW_HANDLER, Server, environ
+from conftest import GATED, SLOW_HANDLER, Server, environ
 from mmengine import demo, protocol
 from mmengine.client import Client
 from mmengine.errors import ErrorCode
@@ -601,20 +601,15 @@ def test_a_client_gone_with_large_pipelined_requests_gives_back_its_budget(tmp_p
 # Answers as BIG_ANSWER_HANDLER does once the file "go" beside it exists
 # (20 s at most): a test writes it once the server has read what the client
 # sent after the request.
-GATED_BIG_ANSWER_HANDLER = '''
-import os
-import time
-
+GATED_BIG_ANSWER_HANDLER = GATED + '''
 import numpy as np
 
 def load(path, device):
-    global GO
-    GO = os.path.join(path, "go")
+    global PATH
+    PATH = path
 
 def predict(inputs):
-    end = time.monotonic() + 20
-    while not os.path.exists(GO) and time.monotonic() < end:
-        time.sleep(0.005)
+    wait_for_go(PATH)
     return {"y": np.ones(int(inputs["n"][0]), np.float32)}
 '''
 
