@@ -606,11 +606,8 @@ class _HttpConnection(BudgetedReading):
         # Nobody is left to read the answers of the requests still queued:
         # they are dropped, and their bytes go back with the one being read.
         # The request being answered gives its own back when it is done.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
+        self._drop_budget()
         self._drop_queued()
-        self._stop_awaiting()
         answering = self.answering
         if answering is not None and answering.inference:
             answering.future.cancel()
@@ -635,10 +632,7 @@ class _HttpConnection(BudgetedReading):
         # A body being received can never end now: its budget is others' at
         # once, not once the answers written are read (the transport closes
         # only then) or the one being made is written.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
+        self._drop_budget()
         if self.answering is None and not self.queue:
             return None  # close now
         self.eof = True
@@ -777,10 +771,7 @@ class _HttpConnection(BudgetedReading):
         that pipelined past its `Connection: close` read its answer's end."""
         if self.transport.is_closing():
             return
-        # What the request being received holds is nobody's now.
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-        self._stop_awaiting()
+        self._drop_budget()  # what the request being received holds is nobody's now
         self._reset()
         if self.eof:  # the client has sent all it will
             self._close()
@@ -893,8 +884,7 @@ class _HttpConnection(BudgetedReading):
         return self.pipeline_full or self.write_blocked or self.continue_owed
 
     def _too_slow(self, error: MMEngineError) -> None:
-        self.server.receiving.give(self.reserved)
-        self.reserved = 0
+        self._drop_budget()
         self.body = []  # its bytes are not held either while earlier answers go out
         self._fail(_RequestTimeout(str(error)))
 

@@ -471,6 +471,14 @@ class BudgetedReading(WatchedWrites):
                 f"length, or the largest a body of no declared length may be) while "
                 f"others waited for it"))
 
+    def _drop_budget(self) -> None:
+        """The body being received is taken no more: the budget it holds,
+        or waits for, is others' now."""
+        if self.reserved:
+            self.server.receiving.give(self.reserved)
+            self.reserved = 0
+        self._stop_awaiting()
+
     def _stop_awaiting(self) -> bool:
         """Stops waiting for the budget; whether it was waiting."""
         if not self.awaiting:

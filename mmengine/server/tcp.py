@@ -116,10 +116,7 @@ class _Connection(BudgetedReading):
         self.closing = True
         self.server.connections.discard(self)
         self.server.refusing.discard(self)
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
+        self._drop_budget()
         self.big = None
         self._stop_ending()
         if self.idle is not None:
@@ -325,10 +322,7 @@ class _Connection(BudgetedReading):
     def _drop_unfinished(self) -> None:
         """A frame being received is taken no more: the budget it holds, or
         waits for, is others' now, and its bytes go."""
-        if self.reserved:
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
-        self._stop_awaiting()
+        self._drop_budget()
         self.big = None
         # A new one, not cleared: an error being raised may still view it.
         self.buf = bytearray()
