@@ -391,6 +391,14 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"{key}: {shown} is not a valid {kind}") from None
 
 
+def _idna(host: str) -> bool:
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def _validate(c: Config) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -404,6 +412,9 @@ def _validate(c: Config) -> None:
     # An empty host is every interface to asyncio, where a variable's empty
     # value is the default's 127.0.0.1: said, never taken by accident.
     need(c.host.strip() != "", "host", "must name an address (0.0.0.0: every interface)")
+    # The loop looks a name up as IDNA, whose error (an empty label: 127.0.0..1)
+    # is no OSError: it came after the workers had started, as a traceback.
+    need(_idna(c.host), "host", "is no host name (an empty label, or one over 63 characters)")
     need(1 <= c.workers <= MAX_WORKERS, "workers", f"must be from 1 to {MAX_WORKERS}")
     need(0 <= c.threads_per_worker <= MAX_THREADS, "threads_per_worker",
          f"must be from 0 to {MAX_THREADS}")
@@ -506,7 +517,7 @@ def load(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         try:
             with open(file, "rb") as f:
                 table = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, ValueError) as e:  # (not TOML, or not UTF-8: UnicodeDecodeError)
             raise ConfigError(f"config file {os.fspath(file)!r}: {e}") from None
         if "mmengine" in table:  # a [mmengine] table, or top-level keys: not both
             if not isinstance(table["mmengine"], dict):

@@ -908,7 +908,8 @@ def test_bad_remote_manifest_names_the_key(tmp_path, top, files, bad):
     ("spin_during_loads", ""), ("log_level", "loud"), ("log_level", ""),
     # An empty host listened on every interface; counts and sizes past any
     # machine's raised OverflowError, or killed the worker, with a traceback.
-    ("host", ""), ("host", " "), ("workers", 10 ** 20), ("threads_per_worker", 3_000_000_000),
+    ("host", ""), ("host", " "), ("host", "127.0.0..1"), ("host", "a" * 64 + ".example"),
+    ("workers", 10 ** 20), ("threads_per_worker", 3_000_000_000),
     ("load_threads", 10 ** 6), ("device_budget", "10000000TiB"), ("ring_bytes", 1 << 63),
     # No time is infinite (a shutdown that never ends is not one), nor NaN.
     ("shutdown_timeout_s", float("inf")), ("request_timeout_s", "inf"),

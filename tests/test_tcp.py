@@ -10,6 +10,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -1209,12 +1210,18 @@ def test_bench_refuses_bad_arguments_before_it_connects():
 def test_configuration_errors_are_refused_at_start(tmp_path, repo):
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("workers = 2\nbogus_key = 1\n")
+    latin1_toml = tmp_path / "latin1.toml"  # (a comment in Latin-1: not UTF-8, as TOML is)
+    latin1_toml.write_bytes(b"# budget in \xb5s\nworkers = 2\n")
     cases = [  # (args, environment, the key the message must name)
         (["--device-budget", "lots"], {}, "device_budget"),
         ([], {"MMENGINE_WORKERS": "abc"}, "workers"),
         (["--config", str(bad_toml)], {}, "bogus_key"),
         (["--demo"], {}, "repo"),  # --demo serves its own repository: not silently
         (["--host", ""], {}, "host"),  # every interface, where it looked like none
+        # The two below ended in a traceback: the file's decoding error, and
+        # (after the workers had started) the name's lookup's, as IDNA.
+        (["--config", str(latin1_toml)], {}, "config file"),
+        (["--host", "127.0.0..1"], {}, "host"),
         ([], {"MMENGINE_LOG_LEVEL": "loud"}, "log_level"),
     ]
     procs = [subprocess.Popen(command("serve", "--repo", str(repo), "--tcp-port", "0", "--http-port", "-1", *args),
