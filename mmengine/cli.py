@@ -95,9 +95,15 @@ def ensure_demo_repository(root: Path) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if root.exists():  # a half-written one from an interrupted run
+        if root.exists() and not done.exists():  # not one of ours (only whole ones come)
             shutil.rmtree(root)
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not done.exists():
+                raise
+        if tmp.exists():  # another server's first run was first: its copy is the one
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -1293,6 +1293,38 @@ def test_demo_models_that_fail_to_generate_are_one_line_not_a_traceback(tmp_path
     assert os.listdir(tmp_path / "mmengine") == []  # no half-written repository
 
 
+def test_two_first_runs_of_the_demo_at_once_keep_the_first_ones_repository(tmp_path):
+    # Each generates into a directory of its own; the second to end deleted
+    # the first's repository, which that server was serving from, to put
+    # its own there (or, both looking before either moved, failed and left
+    # its copy behind for good).
+    root = tmp_path / "demo"
+    generate = [sys.executable, "-c", "import sys, pathlib; from mmengine.cli import "
+                "ensure_demo_repository as e; e(pathlib.Path(sys.argv[1]))", str(root)]
+    procs = [subprocess.Popen(generate, env=environ(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        first = None  # the repository the first to end put in place
+        deadline = time.monotonic() + 120
+        while first is None and time.monotonic() < deadline and \
+                any(p.poll() is None for p in procs):
+            with contextlib.suppress(FileNotFoundError):
+                if (root / ".complete").exists():
+                    first = os.stat(root).st_ino
+            time.sleep(0.002)
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert first is not None
+    assert os.stat(root).st_ino == first  # still the first's
+    assert sorted(os.listdir(tmp_path)) == ["demo"]  # and no copy left beside it
+
+
 def test_a_port_in_use_is_one_line_not_a_traceback(repo):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
