@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import (Server, busy_process, command, environ, live_pids, run,
+from conftest import (SLOW_HANDLER, Server, busy_process, command, environ, live_pids, run,
                       send_in_background, slow_loading, write_handler, write_problem_models)
 from mmengine import demo, protocol, shm
 from mmengine.client import AsyncClient, Client, parse_address
@@ -807,6 +807,41 @@ def test_a_malformed_frame_closes_only_its_connection(address, body):
         assert response["id"] is None
         assert response["error"]["code"] == ErrorCode.BAD_REQUEST
         np.testing.assert_allclose(c.infer("m00", {"x": x})["y"], reference("m00", x), **TOL)
+
+
+def test_a_connection_ended_with_inferences_in_flight_holds_no_drain(tmp_path, own_segments):
+    # A malformed frame ends its connection and cancels its inferences; the
+    # engine runs no answer for a future its caller cancels, so they stayed
+    # among the connection's requests in flight, done: a stopping server's
+    # drain found them done, looked again, and spun until its deadline.
+    from mmengine.engine import Engine
+    from mmengine.server.tcp import TcpServer
+
+    write_handler(tmp_path, "slow", SLOW_HANDLER)
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            try:
+                await engine.infer("slow", slow_input(0.0))  # resident
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"".join(
+                    protocol.frame({"id": i, "op": "infer", "model": "slow",
+                                    "inputs": protocol.encode_tensors(slow_input(2.0))})
+                    for i in (1, 2)) + protocol.LENGTH.pack(0))  # and a malformed one
+                error = protocol.decode((await reader.readexactly(
+                    protocol.LENGTH.unpack(await reader.readexactly(4))[0])))
+                assert error["id"] is None and not error["ok"]
+                t0 = time.monotonic()
+                await server.drain(t0 + 10)
+                drained = time.monotonic() - t0
+                writer.close()
+                return drained
+            finally:
+                await server.stop()
+
+    assert run(main(), max_stall=5) < 1.0
 
 
 @contextlib.contextmanager

@@ -126,10 +126,14 @@ class _Connection(BudgetedReading):
 
     def _cancel_inferences(self) -> None:
         """Cancels the inferences in flight, whose answers nobody will read:
-        their workers skip those not begun."""
+        their workers skip those not begun. They are in flight no more: the
+        engine runs no `then` (_on_answer) for a future its caller cancels,
+        and left, they held a stopping server's drain, which found them done
+        and looked again, busy, until its deadline."""
         for fut, inference in list(self.tasks.items()):
             if inference:
                 fut.cancel()
+                del self.tasks[fut]
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
