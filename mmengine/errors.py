@@ -36,6 +36,9 @@ HTTP_STATUS = {
 }
 
 
+MAX_MESSAGE = 4096  # characters of an error's message, the rest cut
+
+
 class MMEngineError(Exception):
     """Base of every typed error; `code` is what travels on the wire."""
 
@@ -57,6 +60,15 @@ class MMEngineError(Exception):
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.code]
+
+    def __str__(self) -> str:
+        # Messages quote what a caller sent (a tensor's name, a model's), as
+        # repr, which writes a byte as up to four: a 64 MiB name made a
+        # 256 MiB answer, held in the server until the caller read it.
+        text = super().__str__()
+        if len(text) <= MAX_MESSAGE:
+            return text
+        return f"{text[:MAX_MESSAGE // 2]} ... ({len(text)} characters in all)"
 
 
 # -- request errors: the caller can fix the request or retry ---------------

@@ -844,6 +844,24 @@ def test_a_connection_ended_with_inferences_in_flight_holds_no_drain(tmp_path, o
     assert run(main(), max_stall=5) < 1.0
 
 
+def test_an_errors_message_is_cut_short_where_it_quotes_a_long_value(address):
+    # A message quotes what the caller sent as repr, up to four characters
+    # a byte: a 1 MiB name made a 4 MiB answer (a 64 MiB one, 256 MiB, held
+    # in the server until its client read it).
+    long = "\x00" * (1 << 20)
+    requests = [({"id": 1, "op": "infer", "model": "m00",
+                  "inputs": {long: {"dtype": "float32", "shape": [1]}}}, ErrorCode.BAD_REQUEST),
+                ({"id": 2, "op": "load", "model": long}, ErrorCode.MODEL_NOT_FOUND)]
+    with socket.create_connection(address, timeout=10) as s:
+        for request, code in requests:
+            s.sendall(protocol.frame(request))
+            response = read_frame(s)
+            assert response["id"] == request["id"]
+            assert response["error"]["code"] == code
+            message = response["error"]["message"]
+            assert len(message) < 4096 and message.endswith("characters in all)"), message[:200]
+
+
 @contextlib.contextmanager
 def stopped(server: Server):
     """The server's process stopped while the block runs, as a loop busy
