@@ -630,6 +630,51 @@ async def sending_little(server, deadline: float):
     return connection
 
 
+def test_a_large_tcp_frame_holds_its_budget_until_its_inference_is_answered(tmp_path):
+    # Its tensors are views of the frame, which lives until a worker's ring
+    # has them: a cold model's load, a busy worker's turn. Given back as the
+    # frame was whole, a connection held a frame's bytes for each request in
+    # flight, past receive_bytes (HTTP holds a body's until its answer).
+    import asyncio
+
+    from conftest import run
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from mmengine.server.listener import RESERVE_ABOVE, receive_budget
+    from mmengine.server.tcp import TcpServer
+
+    write_handler(tmp_path, "big", GATED_BIG_ANSWER_HANDLER)
+    pad = np.zeros(RESERVE_ABOVE // 2, np.float32)  # 2 x RESERVE_ABOVE bytes
+    frame = protocol.frame({"id": 1, "op": "infer", "model": "big", "inputs":
+                            protocol.encode_tensors({"n": np.array([4]), "pad": pad})})
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1)) as engine:
+            server = TcpServer(engine)
+            port = await server.start("127.0.0.1", 0)
+            budget = receive_budget(engine)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(frame)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not (server.connections and next(iter(server.connections)).tasks):
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            held_in_flight = budget.held
+            (tmp_path / "big" / "1" / "go").write_text("")
+            answer = protocol.decode(await asyncio.wait_for(reader.readexactly(
+                protocol.LENGTH.unpack(await reader.readexactly(4))[0]), 20))
+            assert answer["ok"], answer
+            held_after = budget.held
+            writer.close()
+            await server.stop()
+            return held_in_flight, held_after
+
+    held_in_flight, held_after = run(main(), timeout=60)
+    assert held_in_flight >= pad.nbytes  # its frame's, while it waited
+    assert held_after == 0  # and back with its answer
+
+
 @pytest.mark.parametrize("answered_first", [False, True], ids=["eof_first", "answered_first"])
 def test_a_tcp_connection_the_server_closes_gives_back_its_budget_at_once(tmp_path,
                                                                           answered_first):

@@ -13,8 +13,9 @@ cdef class _Connection(BudgetedReading):
     cdef public double frame_began
     cpdef _take_frames(self)
     cpdef _take(self, message)
-    cpdef _infer(self, rid, model, inputs, version, timeout, token, timing)
-    cpdef _track(self, fut, infer)
+    cpdef _infer(self, rid, model, inputs, version, timeout, token, timing, held=*)
+    cpdef _track(self, fut, held)
+    cpdef _give(self, held)
     cpdef _on_answer(self, rid, t_submit, model, fut)
     cpdef quiet(self)
     cpdef _answer(self, rid, t_submit, model, fut)

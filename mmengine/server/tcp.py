@@ -75,9 +75,11 @@ class _Connection(BudgetedReading):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fd = -1  # the socket's, where linger reads where the client runs
         self.buf = bytearray()
-        # What is in flight -> whether it is an inference: a client that goes
-        # away cancels those (a load or a pin it asked for completes).
-        self.tasks: dict[asyncio.Future, bool] = {}
+        # What is in flight -> None, or for an inference, the receive budget
+        # its frame holds until it is answered (a large one's: its tensors are
+        # views of the frame). A client that goes away cancels the
+        # inferences (a load or a pin it asked for completes).
+        self.tasks: dict[asyncio.Future, int | None] = {}
         self.paused = False      # too many requests in flight: not read until fewer
         self.write_blocked = False  # answers backed up: not read, no frame taken
         # (reserved: bytes of the frame being received, held in the budget;
@@ -130,10 +132,11 @@ class _Connection(BudgetedReading):
         engine runs no `then` (_on_answer) for a future its caller cancels,
         and left, they held a stopping server's drain, which found them done
         and looked again, busy, until its deadline."""
-        for fut, inference in list(self.tasks.items()):
-            if inference:
+        for fut, held in list(self.tasks.items()):
+            if held is not None:
                 fut.cancel()
                 del self.tasks[fut]
+                self._give(held)
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its last frame still gets its answers.
@@ -266,14 +269,23 @@ class _Connection(BudgetedReading):
             self.frame_began = now
 
     def _take(self, message: dict | tuple) -> None:
-        """A request: a map, or an infer _wire.request read (a tuple)."""
-        if self.reserved:  # the frame is whole: it is the engine's now
-            self.server.receiving.give(self.reserved)
-            self.reserved = 0
+        """A request: a map, or an infer _wire.request read (a tuple). The
+        budget a large frame holds goes with its inference until it is
+        answered, as an HTTP body's does: its tensors are views of the
+        frame, which lives until a worker's ring has them (a cold model's
+        load later, or a busy worker's turn); given back as the frame was
+        whole, it let one connection hold a frame's bytes for each request
+        in flight, past receive_bytes."""
+        held, self.reserved = self.reserved, 0
         if type(message) is tuple:
-            self._infer(*message)
+            self._infer(*message, held)
         else:
-            self._dispatch(message)
+            self._dispatch(message, held)
+
+    def _give(self, held: int | None) -> None:
+        """Gives back the budget a request held (_take)."""
+        if held:
+            self.server.receiving.give(held)
 
     def _gone(self) -> bool:
         return self.closing or self.lingering
@@ -353,11 +365,13 @@ class _Connection(BudgetedReading):
             self._take_frames()
             self._resume()
 
-    def _dispatch(self, message: dict) -> None:
-        rid = message.get("id")
+    def _dispatch(self, message: dict, held: int = 0) -> None:
+        rid, op = message.get("id"), message.get("op")
+        if op != "infer" or rid is None:  # (no frame of theirs is held: _take)
+            self._give(held)
+            held = 0
         if rid is None:  # its answer could not be told from one about the connection
             raise BadRequest("a request needs an id, and not nil")
-        op = message.get("op")
         if op == "health":  # answered inline: no task, no engine round trip
             self._send({"id": rid, "ok": True, **self.engine.health(),
                         "max_frame": self.server.max_frame})
@@ -371,9 +385,10 @@ class _Connection(BudgetedReading):
                     raise BadRequest("'timing' must be true or false")
                 timeout, token = _timeout(message), _token(message)
             except MMEngineError as e:
+                self._give(held)
                 self._send(protocol.error_response(rid, e))
                 return
-            self._infer(rid, model, inputs, version, timeout, token, timing)
+            self._infer(rid, model, inputs, version, timeout, token, timing, held)
             return
         handler = _HANDLERS.get(op) if type(op) is str else None
         if handler is None:
@@ -388,10 +403,11 @@ class _Connection(BudgetedReading):
                 self._send(protocol.error_response(rid, e))
                 return
         self._track(asyncio.get_running_loop().create_task(self._run(handler, rid, message)),
-                    False)
+                    None)
 
     def _infer(self, rid: Any, model: str, inputs: dict, version: int | None,
-               timeout: float | None, token: str | None, timing: bool | None) -> None:
+               timeout: float | None, token: str | None, timing: bool | None,
+               held: int = 0) -> None:
         """The hot path, once a request is read: a future and a callback,
         no task."""
         # 0: no timing asked for; else the stamp timing() starts from.
@@ -401,17 +417,19 @@ class _Connection(BudgetedReading):
                                      then=functools.partial(self._on_answer, rid, t_submit,
                                                             model))
         except MMEngineError as e:
+            self._give(held)
             self._send(protocol.error_response(rid, e))
             return
-        self._track(fut, True)
+        self._track(fut, held)
 
-    def _track(self, fut: asyncio.Future, infer: bool) -> None:
-        """A request in flight until `fut` is done; past MAX_IN_FLIGHT, the
-        connection is not read. An inference's answer (_on_answer) ends it
-        in the same turn, with no callback: the engine runs `then` however
-        its future is done, but for connection_lost's cancel."""
-        self.tasks[fut] = infer
-        if not infer:
+    def _track(self, fut: asyncio.Future, held: int | None) -> None:
+        """A request in flight until `fut` is done (`held`: None, or an
+        inference's budget: tasks); past MAX_IN_FLIGHT, the connection is
+        not read. An inference's answer (_on_answer) ends it in the same
+        turn, with no callback: the engine runs `then` however its future
+        is done, but for a cancel of ours (_cancel_inferences)."""
+        self.tasks[fut] = held
+        if held is None:
             fut.add_done_callback(self._task_done)
         if len(self.tasks) >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
@@ -457,7 +475,7 @@ class _Connection(BudgetedReading):
             self._send(protocol.error_response(rid, InternalError(f"{type(e).__name__}: {e}")))
 
     def _task_done(self, fut: asyncio.Future) -> None:
-        self.tasks.pop(fut, None)
+        self._give(self.tasks.pop(fut, None))
         if not self.tasks:  # idle from now on
             self.last_active = self.loop.time()
             if self.eof:
