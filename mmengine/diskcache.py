@@ -767,7 +767,13 @@ class DiskCache:
         for name_dir in _subdirs(self.root):
             if not is_valid_name(name_dir.name):
                 continue
-            for path in _subdirs(name_dir):
+            try:
+                paths = _subdirs(name_dir)
+            except OSError as e:  # another's (a root-owned lost+found): no copy of ours
+                log.warning("cache_dir: %s cannot be read (%s): passed over", name_dir,
+                            e.strerror or e)
+                continue
+            for path in paths:
                 version, _, fp = path.name.partition("-")
                 estimate = _made_for(path / MANIFEST)
                 if is_version(version) and len(fp) == 16 and estimate is not None:
@@ -852,16 +858,20 @@ def _remove_unheld(partial: Path) -> None:
     it keeps flock'ed): a crashed server's downloads and removals. A link
     in its place goes, not what it points to."""
     if partial.is_symlink():
-        partial.unlink(missing_ok=True)
+        _unlink(partial)
         return
     try:
         with os.scandir(partial) as entries:
             found = [Path(e.path) for e in entries]
     except (FileNotFoundError, NotADirectoryError):
         return
+    except OSError as e:  # not ours to read: its debris stays, and costs no start
+        log.warning("cache_dir: %s cannot be read (%s): not emptied", partial,
+                    e.strerror or e)
+        return
     for path in found:
         if path.is_symlink() or not path.is_dir():  # no cache's: each holds a folder
-            path.unlink(missing_ok=True)
+            _unlink(path)
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -875,6 +885,15 @@ def _remove_unheld(partial: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    """Removes a stray file of .partial/, or says why it stays."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:  # not ours to remove: it costs no start
+        log.warning("cache_dir: %s cannot be removed (%s): left there", path,
+                    e.strerror or e)
 
 
 def _written(tmp: Path) -> int:

@@ -1297,6 +1297,60 @@ def test_a_cache_dir_that_cannot_be_made_costs_only_remote_models(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+# Run by a server that cannot read what root left in its cache_dir: root
+# reads every folder whatever its mode, so as root it drops to nobody
+# first (imported before: root's own paths are closed to nobody).
+_START_AS_NOBODY = """
+import json, logging, os, sys
+from mmengine import config as config_mod
+from mmengine.diskcache import DiskCache
+logging.basicConfig()
+config = config_mod.load(env={}, overrides={"cache_dir": ".", "disk_watermark": 1.0})
+os.chdir(sys.argv[1])  # cache_dir is relative: nobody could not pass root's tmp_path
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+disk = DiskCache(config)
+print(json.dumps([disk.stats()["models"], disk.has("m", 1)]))
+"""
+
+
+def test_a_folder_in_the_cache_dir_it_cannot_read_costs_no_start(tmp_path):
+    # A root-owned lost+found (0700) in cache_dir, or a stray file in
+    # .partial/ the server may not remove, stopped its start with a
+    # ConfigError: a server of local models too.
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import environ
+
+    cache = tmp_path / "cache"
+    copy = cache / "m" / f"1-{'a' * 16}"
+    copy.mkdir(parents=True)
+    (copy / "model.toml").write_text("bytes = 1000\n")
+    (copy / "weights.bin").write_bytes(b"x" * 1000)
+    (cache / ".partial").mkdir()
+    (cache / ".partial" / "stray").write_text("")
+    if os.geteuid() == 0:
+        for path in (cache, *cache.rglob("*")):
+            os.chown(path, 65534, 65534)
+        os.chown(cache / ".partial", 0, 0)
+    (cache / "lost+found").mkdir(mode=0)
+    (cache / ".partial").chmod(0o555)
+    try:
+        done = subprocess.run([sys.executable, "-c", _START_AS_NOBODY, str(cache)],
+                              env=environ(), capture_output=True, text=True, timeout=60)
+    finally:
+        (cache / "lost+found").chmod(0o700)
+        (cache / ".partial").chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [1, True]  # what it could read, it indexed
+    assert "lost+found cannot be read (Permission denied): passed over" in done.stderr
+    assert "stray cannot be removed (Permission denied): left there" in done.stderr
+    assert (cache / ".partial" / "stray").exists()
+
+
 def test_copies_evicted_before_any_download_leave_the_disk(tmp_path):
     # .partial/ (where an evicted copy is renamed before it is deleted) is
     # made by downloads: an eviction before any, at start (two copies of
