@@ -263,6 +263,37 @@ class DiskCache:
                 self._let_go.notify_all()
             flight.done.set()
 
+    def check_after_failed_load(self, spec: ModelSpec, path: Path) -> None:
+        """A load of `spec` from its copy at `path` failed (the model's
+        code, its warm-up, or the copy's bytes): the copy is removed, to
+        be fetched anew by the next load, where its files no longer match
+        their digests, or where a file has none (nothing tells it whole);
+        a copy that matches stays, and its model is not fetched again.
+        Blocking: it reads the whole copy."""
+        key = (spec.name, spec.version)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.path != path or not self._hold(entry):
+                return  # gone meanwhile, or another copy now: not the one that failed
+        try:
+            damaged = _damaged(path, spec)
+        finally:
+            self.release(path)
+        unchecked = [file for file, digest in spec.files if not digest]
+        if damaged is None and not unchecked:
+            return
+        with self._lock:
+            if damaged is not None:  # where it cannot go now, ensure tries again
+                self.damaged += 1
+                entry.damaged, entry.verified = damaged, False
+            if self._entries.get(key) is entry:
+                self._evict(key)
+        self._empty_trash()
+        log.warning("%s v%s: its disk cache copy failed to load and %s: its next load "
+                    "fetches it anew", spec.name, spec.version,
+                    f"is damaged ({damaged})" if damaged is not None else
+                    f"cannot be checked ({', '.join(unchecked)}: no digest)")
+
     def has(self, name: str, version: int) -> bool:
         """Whether a copy of (name, version) is cached (whatever its stub says now)."""
         with self._lock:

@@ -1060,9 +1060,10 @@ class Engine:
         finally:
             if spec.source:  # the worker is done with the disk cache's copy
                 self.disk.release(path)
-                if unloadable:  # it may be a damaged copy: the next load fetches it anew
+                if unloadable:  # its copy may be damaged, or the model's code may raise
                     asyncio.get_running_loop().run_in_executor(
-                        None, self.disk.evict, *key).add_done_callback(errors.retrieved)
+                        self._fetchers, self.disk.check_after_failed_load, spec, path
+                    ).add_done_callback(errors.retrieved)
 
     async def _load_from(self, key: Key, spec: ModelSpec, path: Path, t0: float,
                          fetch_s: float) -> None:

@@ -1391,10 +1391,43 @@ def test_a_cached_copy_that_fails_to_load_is_fetched_anew(tmp_path, server, own_
             with pytest.raises(LoadFailed):
                 await engine.infer("mlp", {"x": x()})
             await asyncio.sleep(0.5)  # its back-off
-            return (await engine.infer("mlp", {"x": x()}))["y"]
+            return (await engine.infer("mlp", {"x": x()}))["y"], engine.disk.stats()
 
-    np.testing.assert_allclose(run(main(), timeout=60), want, rtol=1e-5, atol=1e-6)
+    y, stats = run(main(), timeout=60)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     assert server.requests[("GET", "/mlp/1/model.safetensors")] == 2
+    assert stats["damaged"] == 1
+
+
+@pytest.mark.parametrize("digest", [True, False], ids=["digested", "no-digest"])
+def test_a_copy_whose_model_fails_to_load_is_fetched_anew_only_if_damaged(
+        tmp_path, server, own_segments, digest):
+    # Any failed load removed the copy: a model whose model.py raises was
+    # downloaded again after each back-off. A copy that matches its
+    # digests stays; one with a file of no digest cannot be told whole,
+    # and goes as before.
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    model_dir = publish(server, "mlp")
+    with open(model_dir / "model.py", "a") as f:
+        f.write("\nraise RuntimeError('a bug in model.py')\n")
+    write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+               digests=None if digest else {"model.safetensors": ""})
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=server.host, workers=1,
+                 host_tier_bytes=0, load_failure_backoff_s=0.2)
+
+    async def main():
+        async with Engine(config) as engine:
+            for _ in range(2):
+                with pytest.raises(LoadFailed, match="a bug in model.py"):
+                    await engine.infer("mlp", {"x": x()})
+                await asyncio.sleep(0.5)  # its back-off, and the check of its copy
+            return engine.disk.stats()
+
+    stats = run(main(), timeout=60)
+    assert server.requests[("GET", "/mlp/1/model.safetensors")] == (1 if digest else 2)
+    assert stats["damaged"] == 0 and stats["models"] == (1 if digest else 0)
 
 
 def test_the_disk_cache_keeps_the_copies_of_the_models_in_use(tmp_path, server, own_segments):
