@@ -369,10 +369,11 @@ class DiskCache:
         # model's in memory, and a source that said little could send more,
         # past the budget, beside other downloads that had counted on it.
         # A source that answers no HEAD is sized by the stub's `bytes`, and
-        # its download may take the room there is.
+        # its download may take the room there is; one that is down (or
+        # has no such file) fails here, before any copy is evicted for it.
         try:
             limit = self._source_bytes(spec, where)
-        except LoadFailed:
+        except fetch.Unsized:
             if not spec.estimated_bytes:
                 raise
             limit = None
@@ -512,7 +513,7 @@ class DiskCache:
             return sum(fetch.source_size(fetch.file_url(spec.source, file), self.config)
                        for file, _ in spec.files)
         except LoadFailed as e:
-            raise LoadFailed(f"{where}: {e}") from e
+            raise type(e)(f"{where}: {e}") from e
 
     def _download(self, spec: ModelSpec, tmp: Path, limit: int, sized: bool,
                   where: str) -> None:

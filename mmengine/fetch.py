@@ -142,14 +142,21 @@ def file_url(source: str, name: str) -> str:
 
 # -- reading a source --------------------------------------------------------------
 
+class Unsized(LoadFailed):
+    """The source answered, but not with a file's size: it answers no
+    HEAD (405, 501), or says no Content-Length. Its GET may still serve,
+    unlike a source that is down, or that has no such file."""
+
+
 def source_size(url: str, config: Config, timeout: float | None = None) -> int:
     """The size of the file at `url` without reading it (stat, or an http
-    HEAD); LoadFailed if it is not allowed, missing, or its size unknown."""
+    HEAD); Unsized if the source does not say it, LoadFailed if the file
+    is not allowed, missing or unreachable."""
     stream, size = _open(url, config, timeout or TIMEOUT_S, "HEAD")
     stream.close()
     if size is None:
-        raise LoadFailed(f"{url}: the server does not say its size (no Content-Length); "
-                         f"declare bytes in model.toml")
+        raise Unsized(f"{url}: the server does not say its size (no Content-Length); "
+                      f"declare bytes in model.toml")
     return size
 
 
@@ -204,7 +211,9 @@ def _open(url: str, config: Config, timeout: float,
         conn.close()
         # A redirect could lead to a host that allowed_hosts does not name.
         why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
-        raise LoadFailed(f"{url}: HTTP {response.status} {response.reason}{why}")
+        no_head = method == "HEAD" and response.status in (405, 501)
+        raise (Unsized if no_head else LoadFailed)(
+            f"{url}: HTTP {response.status} {response.reason}{why}")
     coding = (response.getheader("Content-Encoding") or "identity").strip().lower()
     if coding != "identity":  # asked for none: the bytes are not the file's
         conn.close()

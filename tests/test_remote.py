@@ -654,6 +654,24 @@ def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server):
     assert disk.estimate("a", 1) == 4096
 
 
+def test_a_source_that_is_down_evicts_nothing(tmp_path, server):
+    # Taken for one that answers no HEAD, it was sized by its stub's
+    # `bytes`: the room was made, evicting other models' copies, for a
+    # download that then could not even connect.
+    config, specs = _three_models(tmp_path, server)
+    small = cfg(tmp_path, allowed_hosts=server.host,
+                disk_cache_bytes=config.disk_cache_bytes // 2)  # room for one, not two
+    disk = DiskCache(small)
+    kept = disk.ensure(specs["a"])
+    disk.release(kept)
+    server.shutdown()
+    server.server_close()  # the source refuses connections
+    sized = dataclasses.replace(specs["b"], estimated_bytes=disk.estimate("a", 1))
+    with pytest.raises(LoadFailed, match="ConnectionRefusedError"):
+        disk.ensure(sized)
+    assert kept.is_dir() and disk.has("a", 1) and disk.stats()["evictions"] == 0
+
+
 def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
     config, specs = _three_models(tmp_path, server)
     small = cfg(tmp_path, allowed_hosts=server.host,
