@@ -138,6 +138,7 @@ class DiskCache:
         except OSError as e:  # there, and unreadable: the operator's to mend
             raise ConfigError(f"cache_dir: {config.cache_dir!r} cannot be read "
                               f"({e.strerror or e})") from None
+        self._empty_trash()  # the older of two copies of a model: no download may follow
 
     # -- the engine's face ---------------------------------------------------------
 
@@ -182,10 +183,14 @@ class DiskCache:
             entry.fd = None
             if self._entries.get(_key_of(entry)) is not entry:  # evicted while read
                 try:
-                    self._remove(entry)  # its files go with the next download's trash
+                    self._remove(entry)
                 except (LoadFailed, OSError):
                     pass  # no trash can be made: the next start finds it, stale
             self._let_go.notify_all()
+            trash = bool(self._trash)
+        if trash:  # deleted off the caller's thread: the engine's event loop
+            threading.Thread(target=self._empty_trash, name="mmengine-trash",
+                             daemon=True).start()
 
     def _forget_locks(self) -> None:
         """Closes every flock'ed fd, and the cache with them: at close(),

@@ -202,10 +202,15 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
     spec = _change_stub(tmp_path, stub, config)
     new = disk.ensure(spec)
-    # The stale copy goes once the load that reads it lets go of it.
+    # The stale copy goes once the load that reads it lets go of it, and
+    # leaves the disk with no download after it.
     assert new != old and old.is_dir()
     disk.release(old)
     assert not old.exists()
+    deadline = time.monotonic() + 10  # deleted on a thread: release runs on the event loop
+    while files_under(tmp_path / "cache" / ".partial") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert files_under(tmp_path / "cache" / ".partial") == []
     assert read_spec("mlp", 1, new).outputs == spec.outputs
     assert disk.stats()["fetches"] == 2 and disk.stats()["models"] == 1
 
@@ -1382,7 +1387,9 @@ def test_copies_evicted_before_any_download_leave_the_disk(tmp_path):
         (copy / "weights.bin").write_bytes(b"x" * 1000)
         os.utime(copy, (time.time() - age,) * 2)
     disk = DiskCache(cfg(tmp_path))
-    assert disk.has("m", 1) and not (cache / "m" / f"1-{'a' * 16}").exists()
+    assert disk.has("m", 1)
+    # Renamed into the trash, the older stayed there until a download came.
+    assert files_under(cache) == [f"m/1-{'b' * 16}/model.toml", f"m/1-{'b' * 16}/weights.bin"]
     assert disk.evict("m", 1) > 0
     assert not (cache / "m").exists()
     assert disk.stats()["models"] == 0
