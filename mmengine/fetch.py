@@ -144,8 +144,9 @@ def file_url(source: str, name: str) -> str:
 
 class Unsized(LoadFailed):
     """The source answered, but not with a file's size: it answers no
-    HEAD (405, 501), or says no Content-Length. Its GET may still serve,
-    unlike a source that is down, or that has no such file."""
+    HEAD (405, 501; 403, a URL signed for its GET alone, as S3's presigned
+    URLs are), or says no Content-Length. Its GET may still serve, unlike
+    a source that is down, or that has no such file."""
 
 
 def source_size(url: str, config: Config, timeout: float | None = None) -> int:
@@ -211,7 +212,7 @@ def _open(url: str, config: Config, timeout: float,
         conn.close()
         # A redirect could lead to a host that allowed_hosts does not name.
         why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
-        no_head = method == "HEAD" and response.status in (405, 501)
+        no_head = method == "HEAD" and response.status in (403, 405, 501)
         raise (Unsized if no_head else LoadFailed)(
             f"{url}: HTTP {response.status} {response.reason}{why}")
     coding = (response.getheader("Content-Encoding") or "identity").strip().lower()

@@ -47,7 +47,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._count()
         if self.path in self.server.head_refused:  # a source that answers GET only
-            self.send_error(405)
+            self.send_error(self.server.head_status)
             return
         if self.path in self.server.head_sizes:  # a source that says less than it sends
             self.send_response(200)
@@ -106,6 +106,7 @@ def server(tmp_path):
     httpd.trickle = {}  # path -> the bytes sent at once before the trickle
     httpd.head_sizes = {}
     httpd.head_refused = set()
+    httpd.head_status = 405  # their HEAD's answer
     httpd.unsized = set()  # paths whose GET says no Content-Length
     httpd.delay = 0.0
     httpd.served = served
@@ -647,12 +648,16 @@ def test_a_source_slower_than_fetch_min_rate_is_given_up(tmp_path, server, monke
     assert files_under(tmp_path / "cache" / ".partial") == []
 
 
-def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server):
+@pytest.mark.parametrize("status", [405, 501, 403])
+def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server, status):
+    # 403: a URL signed for its GET alone (S3's presigned URLs) is forbidden
+    # any other method.
     config, specs = _three_models(tmp_path, server)
     for file, _ in specs["a"].files:
         server.head_refused.add(f"/a/1/{file}")
+    server.head_status = status
     disk = DiskCache(config)
-    with pytest.raises(LoadFailed, match="405"):  # nothing says its size
+    with pytest.raises(LoadFailed, match=str(status)):  # nothing says its size
         disk.ensure(specs["a"])
     sized = dataclasses.replace(specs["a"], estimated_bytes=4096)
     assert disk.ensure(sized).is_dir()
