@@ -1062,14 +1062,18 @@ class Worker:
 
     def _book(self, on_done: Callable | None, served: tuple | None, seconds: float | None,
               t_read: int) -> None:
-        """An answered request's books: its on_done (the pin on its model
-        given back), and an inference's call time (`seconds`, where it ran)."""
+        """An answered request's books: an inference's call time (`seconds`,
+        where it ran), and its on_done (the pin on its model given back).
+        In that order: a stale model's last request, unpinned, sends its
+        unload at once, which forgets the model's figure; counted after, the
+        call made it anew, and the model's next load took its first call,
+        a warm-up, for its time."""
         try:
-            if on_done is not None:
-                on_done()
-        finally:
             if seconds is not None:
                 self._times.ran(served, seconds, t_read / 1e9)
+        finally:
+            if on_done is not None:
+                on_done()
 
     def _keep_books(self) -> None:
         """The books of the answers their servers wrote out (_unbooked).

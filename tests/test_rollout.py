@@ -419,6 +419,28 @@ def test_a_manifest_edited_while_its_model_loads_is_taken_once_it_has(tmp_path, 
     run(main())
 
 
+def test_a_stale_models_last_call_leaves_no_call_time_behind_its_unload(tmp_path,
+                                                                           own_segments):
+    # Its last request's books gave its pin back first, which sent its
+    # unload and forgot its call time; the call's time, booked after, made
+    # the figure anew, and the model's next load took its first call (a
+    # warm-up, which the figure passes over) for its time.
+    write_slow(tmp_path, "m", 1, 1.0, manifest='backend = "handler"\n')
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, repo_scan_s=0.1)) as engine:
+            await engine.infer("m", seconds(0))
+            busy = asyncio.ensure_future(engine.infer("m", seconds(1.0)))
+            await asyncio.sleep(0.3)
+            redeclare(tmp_path / "m" / "1")
+            await until(lambda: engine._stale.get(("m", 1)) == "redeclared")
+            await busy
+            await until(lambda: engine.model_row(("m", 1))["evictions"] == 1)
+            return ("m", 1) in engine.pool.workers[0]._times._calls
+
+    assert not run(main())
+
+
 def test_a_pinned_version_edited_then_removed_loses_its_pin(tmp_path, own_segments):
     write_slow(tmp_path, "m", 1, 1.0, manifest='backend = "handler"\n')
     write_slow(tmp_path, "m", 2, 2.0)
