@@ -30,7 +30,7 @@ cdef class Worker:
     cdef public object _ring_ns, _began_ns, _room_timer, _room_at, _virtual_ns
     cdef public CallTimes _times
     cdef public object busy_ns, busy_share, _sampled
-    cdef public dict _pending, _sent_ns, _finish_ns, _held
+    cdef public dict _pending, _sent_ns, _finish_ns, _held, _calls
     cdef public set _held_ids, _loading, _quiet
     cdef public list _unbooked
     cdef public object _joined, sent_ns

@@ -275,6 +275,9 @@ class Worker:
         self._backlog_ns = int(config.worker_backlog_ms * 1e6)
         self._sent_ns: dict[int, int] = {}
         self._ring_ns = 0
+        # A call of requests let in together (_send_call): its first's id ->
+        # the others', booked 0 (the first carries the call's time).
+        self._calls: dict[int, list[int]] = {}
         # When the front-end saw the call under way begin (sent into an
         # empty ring, or as the one before it was answered): a little late.
         self._began_ns = 0
@@ -454,6 +457,7 @@ class Worker:
         self._quiet.clear()
         self._sent_ns.clear()
         self._ring_ns = 0
+        self._calls.clear()
         self._finish_ns.clear()
         self._held.clear()
         self._held_ids.clear()
@@ -794,6 +798,10 @@ class Worker:
             except WorkerDied as e:
                 self._died(str(e))
                 return
+            if sent:
+                self._calls.setdefault(first, []).append(rid)
+            else:
+                first = rid
             if form is None:
                 return  # joins nothing
             sent, rows, kinds = sent + 1, rows + form[0], form[1]
@@ -886,6 +894,24 @@ class Worker:
         if expected and self.abandoned.serving != rid:
             self._ring_ns -= expected
             self._sent_ns[rid] = 0
+            if self._calls:
+                self._pass_on(rid, expected)
+
+    def _pass_on(self, rid: int, expected: int) -> None:
+        """`rid`, the first of a call let in together, will not run
+        (abandoned, or skipped or refused by the worker): the worker runs
+        the call's others all the same, as one call, whose time (`expected`)
+        goes to the first of them still wanted. Gone with `rid`, the call
+        ran uncounted, and the ring looked empty under it: more calls went
+        in, and a neighbour's request waited behind them all."""
+        members = self._calls.pop(rid, None)
+        for i, other in enumerate(members or ()):
+            if other in self._sent_ns and other not in self.abandoned:
+                self._sent_ns[other] = expected
+                self._ring_ns += expected
+                if i + 1 < len(members):
+                    self._calls[other] = members[i + 1:]
+                return
 
     def abandon_cancelled(self) -> None:
         """Marks the inferences whose callers cancelled them as abandoned:
@@ -1049,8 +1075,14 @@ class Worker:
                 self._unbooked.append((on_done, served, seconds, t_read))
         if served is not None:
             self._inferences_done(1)
-            self._ring_ns -= self._sent_ns.pop(rid, 0)
+            expected = self._sent_ns.pop(rid, 0)
+            self._ring_ns -= expected
             self._began_ns = t_read  # the next one's, if any
+            if self._calls:  # a call's first, skipped or refused alone: its others run
+                if expected and not (ran and "t_done" in ran):
+                    self._pass_on(rid, expected)
+                else:
+                    self._calls.pop(rid, None)
         self._loading.discard(rid)
         self._quiet.discard(rid)
         if (code == messages.SKIPPED or late and ran is not None) \

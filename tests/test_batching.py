@@ -170,6 +170,44 @@ def test_triton_counts_a_joined_call_as_one_execution(served):
     assert executions - before[1] == calls < 10
 
 
+def test_a_call_let_in_together_keeps_its_time_when_its_first_is_abandoned(tmp_path,
+                                                                          own_segments):
+    """The front-end books a call of waiting requests let in together on
+    its first; the worker skips that one, abandoned, and runs the others as
+    one call all the same. Its time went with the first: the call ran
+    uncounted, the ring looked empty under it, and more calls went in ahead
+    of a neighbour's request."""
+    from conftest import until
+
+    write_handler(tmp_path, "rows", ROWS_HANDLER, _manifest(LIMIT))
+
+    async def main():
+        async with Engine(Config(repo=str(tmp_path), workers=1, worker_backlog_ms=1)) as engine:
+            worker = engine.pool.workers[0]
+            for _ in range(4):  # its call time is known: ~50 ms
+                await engine.infer("rows", {"x": x_rows(0.05, 1)})
+            # Runs 1 s, booked ~50 ms: past them, the ring has room, and the
+            # requests waiting go in behind it, together, as one call.
+            running = asyncio.ensure_future(engine.infer("rows", {"x": x_rows(1.0, 1)}))
+            xs = [x_rows(0.0, 1, seed=i) for i in range(LIMIT)]
+            call = [asyncio.ensure_future(engine.infer("rows", {"x": x})) for x in xs]
+            await until(lambda: len(worker._sent_ns) == 1 + LIMIT, 5, "the call let in")
+            booked = worker._ring_ns
+            first = list(worker._sent_ns)[1]  # the call's (behind the one running)
+            call[0].cancel()
+            await until(lambda: worker._sent_ns[first] == 0, 5, "the first abandoned")
+            kept = worker._ring_ns
+            await running
+            answers = await asyncio.gather(*call[1:])
+            return booked, kept, answers, xs
+
+    booked, kept, answers, xs = run(main())
+    assert kept == booked  # the call's time, now on its second
+    for x, out in zip(xs[1:], answers):
+        np.testing.assert_array_equal(out["y"], x * 2)
+        assert int(out["rows"][0]) == LIMIT - 1  # the three, as one call
+
+
 def test_requests_that_cannot_join_each_count_as_a_call(bounded):
     """Requests of the batch's whole rows each are each a call of their
     own: the front-end counts each against the worker's backlog, and a
