@@ -1070,8 +1070,10 @@ class Worker:
                 # comes after the I/O that reads the client's next request
                 # and sends it to its worker, whose run leaves the loop the
                 # time; kept now, they would come between the answer and
-                # that request (a client on this CPU runs within the
-                # answer's write). Woken (_on_readable), it is the next.
+                # that request, where a client on this CPU runs within the
+                # answer's write. (Not every kernel runs it then: on some it
+                # waits until the loop sleeps, after this turn and the next.)
+                # Woken (_on_readable), it is the next.
                 self._unbooked.append((on_done, served, seconds, t_read))
         if served is not None:
             self._inferences_done(1)

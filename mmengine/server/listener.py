@@ -160,9 +160,10 @@ class Listener:
         Asked in the loop's next turn, of a connection still quiet then
         (its `quiet()`: nothing to answer, and open): where the answer came
         by a poll, that turn comes after the I/O that reads the client's
-        next request, which a client on this CPU has sent by then (it runs
-        within the answer's write); a loop with a request in flight has no
-        need."""
+        next request, which a client on this CPU has sent by then where it
+        runs within the answer's write (where it waits until the loop
+        sleeps, the connection is quiet, and the look finds it on this CPU);
+        a loop with a request in flight has no need."""
         if self._linger_ns and not self.stopping:
             # (Its own loop, not asyncio's running one: that look-up is a
             # getpid() call, a system call after each answer.)
