@@ -269,14 +269,18 @@ class Trace:
             args.update(bytes=f["bytes"], phases=f.get("phases") or {}, source=f.get("from"))
         self._span(tid, f"load {f['model']}", "load", start, end, args)
         # The worker reports how long each phase took, not when: they are
-        # laid end to end, ending with the load (off by the answer's trip).
+        # laid end to end, ending with the load (off by the answer's trip);
+        # but for the fetch, which began the load, before its wait for room.
+        phases = f.get("phases") or {}
         t = end
-        for phase in ("warmup", "copy", "deserialize", "fetch"):
-            seconds = (f.get("phases") or {}).get(phase)
+        for phase in ("warmup", "copy", "deserialize"):
+            seconds = phases.get(phase)
             if seconds:
                 begin = max(start, t - int(seconds * 1e9))
                 self._span(tid, phase, "load", begin, t, {})
                 t = begin
+        if phases.get("fetch"):
+            self._span(tid, "fetch", "load", start, min(t, start + int(phases["fetch"] * 1e9)), {})
 
     # -- tracks --------------------------------------------------------------------
 

@@ -303,10 +303,11 @@ def test_a_joined_call_that_fails_counts_its_time(tmp_path):
             await block
             engine.flush_observations()
             calls = engine.pool.workers[0]._times._calls[("picky", 1)]
-            return calls[:2], counts.version_stats([("picky", 1)])[0], \
-                counts._requests["picky"].queue_s
+            requests = counts._requests["picky"]
+            return calls[:2], counts.version_stats([("picky", 1)])[0], requests.queue_s, \
+                requests.compute.sum
 
-    figures, stats, queue_s = run(go())
+    figures, stats, queue_s, compute_s = run(go())
     failed = {(c["t_recv"], c["t_done"], c["batch"]) for c in (f.get("failed_call") for f in told)
               if c}
     assert len(failed) == 1, told
@@ -338,6 +339,10 @@ def test_a_joined_call_that_fails_counts_its_time(tmp_path):
     waited = sum(f["worker_ns"][0] - f["t_sent"] - (t_done - t_recv if f["failed_call"] else 0)
                  for f in told if f.get("worker_ns") and f["worker_ns"][1] is not None)
     assert queue_s == pytest.approx(waited / 1e9, rel=1e-9)
+    # And in mmengine's compute histogram, which left the failed call out.
+    ran = sum(f["worker_ns"][1] - f["worker_ns"][0] + (t_done - t_recv if f["failed_call"] else 0)
+              for f in told if f.get("worker_ns") and f["worker_ns"][1] is not None)
+    assert compute_s == pytest.approx(ran / 1e9, rel=1e-9)
 
 
 def test_waiting_requests_that_join_a_call_are_judged_by_its_end(tmp_path):

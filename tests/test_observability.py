@@ -404,8 +404,9 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
     t("request", {"model": "e", "version": 2, "code": "WORKER_DIED", "start_ns": 16 * ms,
                   "end_ns": 17 * ms, "worker_ns": (None, None, None), "worker": 1,
                   "t_sent": 16 * ms, "account": None})
+    # A load that fetched 1 ms, waited 1 ms for room, and read its files 4.
     t("load", {"model": "a", "version": 1, "worker": 0, "start_ns": 0, "end_ns": 9 * ms,
-               "bytes": 10, "phases": {"fetch": 0.0, "deserialize": 0.004, "copy": 0.002,
+               "bytes": 10, "phases": {"fetch": 0.001, "deserialize": 0.004, "copy": 0.002,
                                        "warmup": 0.001}})
     t("load", {"model": "b", "version": 1, "worker": 0, "start_ns": 1 * ms,
                "end_ns": 2 * ms, "error": "boom"})
@@ -442,7 +443,8 @@ def test_trace_tracks_and_a_file_cut_short(tmp_path):
                                  "worker": 1}
     phases = [e for e in events if e.get("cat") == "load" and not e["name"].startswith("load")]
     assert [(e["name"], e["ts"], e["dur"]) for e in phases] == [
-        ("warmup", 8000, 1000), ("copy", 6000, 2000), ("deserialize", 2000, 4000)]
+        ("warmup", 8000, 1000), ("copy", 6000, 2000), ("deserialize", 2000, 4000),
+        ("fetch", 0, 1000)]  # where the load began, before its wait for room
     assert all(e["pid"] == 7 for e in events)
     (exit_,) = [e for e in events if e["name"] == "worker exit"]
     assert exit_["tid"] == 1 and exit_["ph"] == "i"

@@ -201,9 +201,9 @@ class _ModelRequests:
         behind the worker's other calls, and its own. `failed_call`: the
         joined call of it that failed first, which ran it, as Triton's
         queue stage has it (_count_version): no wait."""
-        self.compute.observe((t_done - t_recv) * 1e-9)
-        if failed_call:
+        if failed_call:  # its time is the request's compute, as Triton's and the trace's
             t_recv -= failed_call["t_done"] - failed_call["t_recv"]
+        self.compute.observe((t_done - t_recv) * 1e-9)
         self.queue_s += (t_recv - t_sent) * 1e-9
 
 
@@ -532,8 +532,9 @@ class _Scrape:
                        ["model", "version"], {**known, **self._load_failures})
         yield _counter("mmengine_loaded_bytes", "Bytes of models loaded, by worker.",
                        ["worker"], {(k,): v for k, v in self._load_bytes.items()})
-        yield _Family("mmengine_load_duration_seconds", HISTOGRAM, "Loads, from reserving "
-                      "room to resident.", value=self._load_seconds)
+        yield _Family("mmengine_load_duration_seconds", HISTOGRAM, "Loads, from their start "
+                      "(a remote model's fetch, the wait for room) to resident.",
+                      value=self._load_seconds)
         h = _Family("mmengine_load_phase_seconds", HISTOGRAM, "Load phases as workers report "
                     "them: fetch, deserialize, copy (to the device), warmup.", ("phase",))
         for phase in PHASES:
