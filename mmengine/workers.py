@@ -766,7 +766,7 @@ class Worker:
     def _send_call(self, served: tuple, now: int) -> None:
         """_send_held's sends of one call of `served`'s held requests, with
         `hold`: the worker sees them once the caller publishes them."""
-        sent, rows, kinds = 0, 0, None
+        sent, rows, kinds, first = 0, 0, None, 0
         while served in self._held:
             held = self._held[served]
             batch, form = held[0][4:]

@@ -469,7 +469,10 @@ def test_a_worker_stuck_in_a_models_code_is_restarted(repo, own_segments):
     # A predict that never returns held its worker for good: every request
     # behind it timed out, and only a restart cleared it.
     async def main():
-        async with Engine(config(repo, stuck_inference_s=0.5)) as engine:
+        # (A back-off that outlasts the restart: on a busy machine the new
+        # worker took longer than the default 5 s to start and serve m00.)
+        async with Engine(config(repo, stuck_inference_s=0.5,
+                                 load_failure_backoff_s=120)) as engine:
             victim, stuck = await hang_beside_m00(engine, 60.0, timeout=0.3)
             await asyncio.sleep(0.1)
             behind = asyncio.ensure_future(engine.infer("m00", {"x": X}, timeout=20))
