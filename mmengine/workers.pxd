@@ -23,6 +23,7 @@ cdef class Worker:
     cdef public object died_why, orphans, stuck, load_turns, loader_busy, ready, loop, _ids
     cdef public object _deadline_timer, _timer_at, _infer, _control, on_death, on_unserved
     cdef public object _poll_ns, _poll_until, _polling
+    cdef public bint _released
     cdef public BackOff _poll_backoff
     cdef public CpuTaken _cpu_taken
     cdef public object _worker_backoffs, _spins, _inferring, _busy_from, _backlog_ns

@@ -181,6 +181,7 @@ class Worker:
         self._config = config
         self.process: subprocess.Popen | None = None
         self._pidfd = -1
+        self._released = False
         self.pid: int | None = None
         self.alive = True
         self.stopped_why: str | None = None  # set when the pool ends it: its requests say why
@@ -547,7 +548,13 @@ class Worker:
     def release(self) -> None:
         """Frees the rings and the descriptors, and reaps the process (call
         once it has exited). A request still in flight fails with
-        WorkerDied: none is left waiting for ever."""
+        WorkerDied: none is left waiting for ever. Once: a restart that
+        failed to start the next worker releases this one again as it
+        tries anew, and the loop's readers go by descriptor number, which
+        another worker's rings or process may have been given since."""
+        if self._released:
+            return
+        self._released = True
         if self.ready is not None and not self.ready.done():
             self.ready.cancel()  # nobody waits for it any more
         # Why the pool ended it, where it did: its exit's own callback, which

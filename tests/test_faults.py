@@ -1043,6 +1043,54 @@ def test_restarts_that_fail_to_start_a_worker_leak_nothing(repo, own_segments, m
     assert (rings_after, fds_after) == (rings_before, fds_before)
 
 
+def test_a_worker_released_again_leaves_its_successors_readers_alone(repo, own_segments):
+    # A restart that fails to start the next worker (no descriptors, no
+    # room in /dev/shm) releases the old one again as it tries anew; its
+    # release took the loop's readers off by descriptor number, which the
+    # worker started since held: its answers were no longer read, and its
+    # loads and requests waited out their timeouts.
+    from mmengine.messages import Op
+
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.infer("m00", {"x": X})
+            old = engine.pool.workers[0]
+            os.kill(old.pid, signal.SIGKILL)
+            await until(lambda: restarted(engine, old), 30, "the restart")
+            new = engine.pool.workers[0]
+            reused = {old.resp.readable_fd, old.ctl.writable_fd} & \
+                {new.resp.readable_fd, new.ctl.writable_fd}
+            old.release()  # as a failed restart's next try does
+            await asyncio.wait_for(new.call(Op.UNLOAD, "m00", 1), 10)
+            out = await asyncio.wait_for(engine.infer("m00", {"x": X}), 10)
+            np.testing.assert_allclose(out["y"], reference("m00"), rtol=1e-5, atol=1e-5)
+            return reused
+
+    assert run(main(), timeout=60)  # (the numbers were given again: the case at hand)
+
+
+def test_a_stop_signal_during_a_failed_starts_cleanup_leaves_a_clean_stop(repo, own_segments):
+    # The workers were not ready in time; as the start stopped its pool, a
+    # stop signal cancelled the start (the CLI cancels it so), leaving the
+    # pool and no cache: the stop that followed raised AttributeError, a
+    # traceback where a clean exit belonged.
+    async def main():
+        engine = Engine(config(repo, workers=2, ready_timeout_s=0.05))
+        starting = asyncio.ensure_future(engine.start())
+        deadline = time.monotonic() + 30
+        while not (engine.pool is not None and engine.pool._stopping):
+            assert time.monotonic() < deadline and not starting.done()
+            await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await engine.stop()
+        return engine.pool.workers
+
+    workers = run(main(), timeout=60)
+    assert workers and not any(w.process.poll() is None for w in workers)  # none left running
+
+
 # -- shutdown --------------------------------------------------------------------
 
 def test_stop_drains_to_its_deadline_then_fails_the_rest_typed(repo, own_segments):
