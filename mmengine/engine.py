@@ -433,8 +433,10 @@ class Engine:
         if self._observe_timer is not None:
             self._observe_timer.cancel()
             self._observe_timer = None
-        for key in list(self.cache.lru_keys()):  # the workers took their models with them
-            self.cache.remove(key)
+        # (No cache where the start failed and its cleanup was cut short: a
+        # stop signal as its pool stopped, which this has stopped again.)
+        for key in list(self.cache.lru_keys()) if self.cache is not None else ():
+            self.cache.remove(key)  # the workers took their models with them
         self.host.clear()
         self._fetchers.shutdown(wait=False, cancel_futures=True)
         if self.disk is not None:  # its folder of downloads in progress goes
