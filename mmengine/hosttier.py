@@ -35,7 +35,8 @@ from mmengine.config import Config
 
 Key = tuple[str, int]
 #: Room reserved for a segment's header beyond the model's tensor bytes
-#: (its data starts page-aligned); corrected to the real size once written.
+#: (its data starts page-aligned); corrected to the real size once written,
+#: room made for what it takes beyond (HostTier.published).
 HEADER_ALLOWANCE = 4096
 #: Backends whose loaded bytes can be published to the host tier and loaded
 #: from it: modules whose weights can be made views of one flat region.
@@ -110,9 +111,16 @@ class HostTier:
 
     def published(self, key: Key, segment: str, nbytes: int, now: float) -> None:
         """`segment`, reserved for `key`, is written, `nbytes` long. If the
-        reservation was dropped meanwhile (an unload), it goes at once."""
+        reservation was dropped meanwhile (an unload), it goes at once.
+        What it takes beyond its reservation (a header and padding of ~100
+        bytes a tensor: a model of many small tensors) needs room: made, or
+        the copy goes."""
         if self._segments.get(key) != segment:
             self._unlink(segment)
+            return
+        more = (0 if key in self._on_cpu else nbytes) - self.book.entry(key).host_bytes
+        if more > 0 and not self._make_room(more):
+            self.drop(key)
             return
         self._sizes[key] = nbytes
         self._charge(key)
