@@ -112,9 +112,10 @@ class HostTier:
     def published(self, key: Key, segment: str, nbytes: int, now: float) -> None:
         """`segment`, reserved for `key`, is written, `nbytes` long. If the
         reservation was dropped meanwhile (an unload), it goes at once.
-        What it takes beyond its reservation (a header and padding of ~100
-        bytes a tensor: a model of many small tensors) needs room: made, or
-        the copy goes."""
+        What it takes beyond what it is charged (its reservation, short of
+        a header and padding of ~100 bytes a tensor; nothing, for one whose
+        CPU worker stopped running it as it was written) needs room: made,
+        or the copy goes."""
         if self._segments.get(key) != segment:
             self._unlink(segment)
             return
@@ -145,12 +146,18 @@ class HostTier:
             return
         if key not in self._resident:
             return
-        # Room is made while it is still pinned, so that it is none of the victims.
-        if key in self._on_cpu and not self._make_room(self._sizes[key]):
-            self.drop(key)
-            return
-        self._on_cpu.discard(key)
-        self._charge(key)
+        # Room is made while it is still pinned, so that it is none of the
+        # victims. A copy still being written gets its room once it is
+        # (published): its writer may be the worker whose death this is, and
+        # the copy never come (room made at once dropped others for nothing).
+        if key in self._on_cpu:
+            written = self.book.entry(key).state == books.READY
+            if written and not self._make_room(self._sizes[key]):
+                self.drop(key)
+                return
+            self._on_cpu.discard(key)
+            if written:
+                self._charge(key)
         self._resident.discard(key)
         self.book.unpin(key)
         # Used until now: the last of the demoted copies to go (it was

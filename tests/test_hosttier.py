@@ -329,6 +329,58 @@ def test_a_killed_worker_reloads_from_the_host_tier(tmp_path, own_segments):
     run(main())
 
 
+HELD_IN_ITS_PUBLISH = '''
+
+import os
+import time
+
+
+class Held(MLP):
+    """Its second load_state_dict, after the one that built it, is its
+    publish moving it onto its host copy, written: it says so there, and
+    holds the worker."""
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loads = 0
+        self.register_load_state_dict_post_hook(Held.loaded)
+
+    @staticmethod
+    def loaded(module, incompatible_keys):
+        module.loads += 1
+        if module.loads == 2:
+            open(os.path.join(os.path.dirname(__file__), "publishing"), "w").close()
+            time.sleep(30)
+'''
+
+
+def test_a_worker_killed_as_it_writes_a_copy_drops_no_other(tmp_path, own_segments):
+    # A CPU worker runs on the copy it writes: its reservation is charged to
+    # the worker. Killed before its publish answered, the model, demoted with
+    # its worker, made room in the tier for a copy that would never come:
+    # m0's demoted copy was dropped for it (a review's finding).
+    demo.write_mlp(tmp_path / "m0", "safetensors", *DIMS, seed=0)
+    held = demo.write_mlp(tmp_path / "held", "safetensors", *DIMS, seed=1)
+    (held / "model.py").write_text((held / "model.py").read_text() + HELD_IN_ITS_PUBLISH)
+    manifest = held / "model.toml"
+    manifest.write_text(manifest.read_text().replace('module = "MLP"', 'module = "Held"'))
+
+    async def main():
+        # Room for one copy (87,104 bytes) under the high watermark (0.8 x 150,000).
+        async with Engine(config(tmp_path, host_tier_bytes=150_000, device="cpu")) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            await engine.infer("held", X)  # evicts m0: demoted
+            await until((held / "publishing").exists, 20, "held's publish")
+            await restart(engine)
+            await until(lambda: ("held", 1) not in engine.host.keys(), 10,
+                        "held's reservation to go")
+            return row(engine, "m0"), engine.stats()["host_tier"]
+
+    m0, host = run(main(), timeout=60)
+    assert m0["state"] == "in host memory" and m0["host_bytes"] > 0
+    assert host["models"] == 1 and host["drops"] == 1  # held's reservation, abandoned
+
+
 def test_a_killed_front_end_leaves_host_segments_that_the_next_start_reclaims(tmp_path):
     root = repo(tmp_path, 2)
     server = Server("--repo", str(root), "--tcp-port", "0", "--http-port", "-1",
