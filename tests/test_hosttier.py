@@ -725,6 +725,36 @@ def test_a_model_the_host_tier_cannot_hold_takes_no_room_from_the_others(tmp_pat
     run(main())
 
 
+def test_a_frozen_torchscript_model_stays_out_of_the_host_tier(tmp_path, own_segments):
+    # torch.jit.freeze makes a module's weights constants of its graph: its
+    # state dict is empty. Taken for a model the tier can hold, it kept a
+    # copy of a page there (a GPU worker's made room for its estimate,
+    # dropping others), and its loads "from" that copy parsed its file,
+    # counted as host loads (a review's finding). (A CPU worker: a frozen
+    # module's constants stay where they were saved, not on a GPU.)
+    demo.write_mlp(tmp_path / "m0", "safetensors", *DIMS, seed=0)
+    artifact = str(demo.write_mlp(tmp_path / "frozen", "torchscript", *DIMS, seed=1)
+                   / "model.pt")
+    torch.jit.freeze(torch.jit.load(artifact).eval()).save(artifact)
+
+    async def main():
+        async with Engine(config(tmp_path, host_tier_bytes=64 << 20, device="cpu")) as engine:
+            await engine.infer("m0", X)
+            await settle(engine, "m0", "resident")
+            for _ in range(2):  # each evicts the other from the worker
+                y = await engine.infer("frozen", X)
+                np.testing.assert_allclose(y["y"], expected(1), rtol=1e-5, atol=1e-5)
+                await asyncio.sleep(0.1)  # time for a publish, were one started
+                await engine.infer("m0", X)
+            return row(engine, "frozen"), row(engine, "m0"), engine.stats()["host_tier"]
+
+    frozen, m0, host = run(main())
+    assert frozen["loads"] == 2 and frozen["loads_from_host"] == 0
+    assert frozen["host_bytes"] == 0 and frozen["state"] == "on storage"
+    assert m0["loads_from_host"] == 2
+    assert host["models"] == 1
+
+
 EMBEDDER_WITHOUT_STOP = '''
 import asyncio, sys
 import numpy as np

@@ -354,7 +354,7 @@ def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]
     (so that `set_` on one changes the module), if each is a whole
     contiguous tensor over a storage of its own; LoadFailed otherwise (tied
     or strided weights are not laid out flat: such a model stays out of the
-    host tier)."""
+    host tier), or if they hold no bytes at all."""
     tensors = module_tensors(module)
     storages = set()
     for name, t in tensors.items():
@@ -371,6 +371,12 @@ def host_tensors(module: torch.nn.Module, where: str) -> dict[str, torch.Tensor]
             raise LoadFailed(f"{where}: tensor {name!r} shares or strides its storage; "
                              f"the model cannot go to the host tier")
         storages.add(storage.data_ptr())
+    if not any(t.nbytes for t in tensors.values()):
+        # Weights kept elsewhere (a frozen TorchScript module's are constants
+        # of its graph): a copy would hold none of them, and a load "from"
+        # it would parse the file all the same.
+        raise LoadFailed(f"{where}: its state dict holds no tensor bytes; the model cannot "
+                         f"go to the host tier")
     return tensors
 
 
