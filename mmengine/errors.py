@@ -36,9 +36,6 @@ HTTP_STATUS = {
 }
 
 
-MAX_MESSAGE = 4096  # characters of an error's message, the rest cut
-
-
 class MMEngineError(Exception):
     """Base of every typed error; `code` is what travels on the wire."""
 
@@ -60,15 +57,6 @@ class MMEngineError(Exception):
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.code]
-
-    def __str__(self) -> str:
-        # Messages quote what a caller sent (a tensor's name, a model's), as
-        # repr, which writes a byte as up to four: a 64 MiB name made a
-        # 256 MiB answer, held in the server until the caller read it.
-        text = super().__str__()
-        if len(text) <= MAX_MESSAGE:
-            return text
-        return f"{text[:MAX_MESSAGE // 2]} ... ({len(text)} characters in all)"
 
 
 # -- request errors: the caller can fix the request or retry ---------------
@@ -169,6 +157,23 @@ _BY_CODE = {
     ErrorCode.UNAUTHORIZED: Unauthorized,
     ErrorCode.INTERNAL: InternalError,
 }
+
+
+MAX_MESSAGE = 4096  # characters of an error's message in an answer (told)
+
+
+def told(e: BaseException) -> str:
+    """`e`'s message as an answer carries it: cut past MAX_MESSAGE. Messages
+    quote what a caller sent (a tensor's name, a model's) as repr, up to four
+    characters a byte: a 64 MiB name made a 256 MiB answer, held in the
+    server until its caller read it. Only the answer is cut: the worker's
+    relay and the server's log keep the whole (a state dict's missing keys,
+    then the unexpected ones that say why)."""
+    text = str(e)
+    if len(text) <= MAX_MESSAGE:
+        return text
+    keep = MAX_MESSAGE // 2 - 50
+    return f"{text[:keep]} ... ({len(text)} characters in all) ... {text[-keep:]}"
 
 
 def shown(value) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 
 from mmengine import config
 from mmengine.errors import (BadRequest, ErrorCode, MMEngineError, Overloaded, TooLarge,
-                             cannot_carry, error_for, shown)
+                             cannot_carry, error_for, shown, told)
 
 OPS = ("infer", "load", "unload", "pin", "unpin", "list", "stats", "health")
 LENGTH = struct.Struct("<I")
@@ -439,7 +439,7 @@ def decode_tensors(tensors: Any, outputs: bool = False) -> dict[str, np.ndarray]
 # -- errors ------------------------------------------------------------------
 
 def error_response(rid: Any, e: MMEngineError) -> dict:
-    error = {"code": int(e.code), "name": e.code.name, "message": str(e)}
+    error = {"code": int(e.code), "name": e.code.name, "message": told(e)}
     # OVERLOADED's wait, as HTTP's Retry-After: none where waiting alone
     # does not help (pinned models hold every budget).
     if isinstance(e, Overloaded) and e.retry_after_s is not None:

@@ -169,6 +169,16 @@ def test_long_json_is_parsed_off_the_loop_with_the_same_answers(address):
         assert status == 400 and why in json.loads(raw)["error"], raw[:200]
 
 
+def test_an_errors_message_is_cut_where_it_quotes_a_long_name(address):
+    # Quoted as repr, up to four characters a byte: a 1 MiB input name made
+    # a 4 MiB answer (a 64 MiB one, 256 MiB, held until the client read it).
+    body = infer_body(x_for(9), datatype="FP99", name="\x01" * (1 << 20))
+    status, _, raw = call(address, "POST", "/v2/models/m00/infer", body)
+    message = json.loads(raw)["error"]
+    assert status == 400 and len(message) <= 4096, len(raw)
+    assert "characters in all) ..." in message and "unknown datatype" in message
+
+
 def test_an_unsupported_content_coding_is_415_and_the_connection_goes_on(address):
     body = json.dumps(infer_body(x_for(8))).encode()
     with socket.create_connection(address, timeout=10) as s:

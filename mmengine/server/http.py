@@ -268,7 +268,7 @@ def error_response(e: MMEngineError) -> Response:
     headers = ([("Retry-After", str(retry_after))] if retry_after is not None
                else [("WWW-Authenticate", "Bearer")] if e.code == ErrorCode.UNAUTHORIZED
                else None)
-    return json_response({"error": str(e), "code": e.code.name}, e.http_status, headers)
+    return json_response({"error": errors.told(e), "code": e.code.name}, e.http_status, headers)
 
 
 class Later:
