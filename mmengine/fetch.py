@@ -143,17 +143,24 @@ def file_url(source: str, name: str) -> str:
 # -- reading a source --------------------------------------------------------------
 
 class Unsized(LoadFailed):
-    """The source answered, but not with a file's size: it answers no
-    HEAD (405, 501; 403, a URL signed for its GET alone, as S3's presigned
-    URLs are), or says no Content-Length. Its GET may still serve, unlike
-    a source that is down, or that has no such file."""
+    """The source serves the file, but does not say its size (no
+    Content-Length): unlike a source that is down, or that has no such
+    file, its GET may still serve."""
 
 
 def source_size(url: str, config: Config, timeout: float | None = None) -> int:
     """The size of the file at `url` without reading it (stat, or an http
-    HEAD); Unsized if the source does not say it, LoadFailed if the file
-    is not allowed, missing or unreachable."""
-    stream, size = _open(url, config, timeout or TIMEOUT_S, "HEAD")
+    HEAD; where HEAD is refused, a GET of its first byte); Unsized if the
+    source serves it but does not say its size, LoadFailed if the file is
+    not allowed, missing or unreachable."""
+    timeout = timeout or TIMEOUT_S
+    try:
+        stream, size = _open(url, config, timeout, "HEAD")
+    except _NoHead:
+        # 405 or 501, or 403: a URL signed for its GET alone (S3's presigned
+        # URLs) is forbidden any other method. Its GET says whether it serves
+        # (an expired URL refuses it too: then nothing is evicted for it).
+        stream, size = _open(url, config, timeout, "GET", first_byte=True)
     stream.close()
     if size is None:
         raise Unsized(f"{url}: the server does not say its size (no Content-Length); "
@@ -161,9 +168,14 @@ def source_size(url: str, config: Config, timeout: float | None = None) -> int:
     return size
 
 
-def _open(url: str, config: Config, timeout: float,
-          method: str = "GET") -> tuple[BinaryIO, int | None]:
-    """A stream over the file at `url` and its size, if known."""
+class _NoHead(LoadFailed):
+    """The source refused a HEAD (403, 405, 501): its GET may serve."""
+
+
+def _open(url: str, config: Config, timeout: float, method: str = "GET",
+          first_byte: bool = False) -> tuple[BinaryIO, int | None]:
+    """A stream over the file at `url` and its size, if known; with
+    `first_byte`, a GET of its first byte alone, for its size."""
     check_source(url, config)
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -194,9 +206,11 @@ def _open(url: str, config: Config, timeout: float,
         cut.arm()
         # Connection: close hands the socket to the response, which then
         # owns it and closes it with itself.
-        conn.request(method, parts.path, headers={"Accept-Encoding": "identity",
-                                                  "Connection": "close",
-                                                  "User-Agent": "mmengine"})
+        headers = {"Accept-Encoding": "identity", "Connection": "close",
+                   "User-Agent": "mmengine"}
+        if first_byte:
+            headers["Range"] = "bytes=0-0"
+        conn.request(method, parts.path, headers=headers)
         response = conn.getresponse()
     except (OSError, ValueError, http.client.HTTPException) as e:
         conn.close()
@@ -208,12 +222,12 @@ def _open(url: str, config: Config, timeout: float,
     if cut.fired:  # shut just as the headers came: the body cannot be read
         conn.close()
         raise LoadFailed(f"{url}: no response within {timeout:g} s")
-    if response.status != 200:
+    if response.status != 200 and not (first_byte and response.status == 206):
         conn.close()
         # A redirect could lead to a host that allowed_hosts does not name.
         why = " (redirects are not followed)" if 300 <= response.status < 400 else ""
         no_head = method == "HEAD" and response.status in (403, 405, 501)
-        raise (Unsized if no_head else LoadFailed)(
+        raise (_NoHead if no_head else LoadFailed)(
             f"{url}: HTTP {response.status} {response.reason}{why}")
     coding = (response.getheader("Content-Encoding") or "identity").strip().lower()
     if coding != "identity":  # asked for none: the bytes are not the file's
@@ -221,6 +235,8 @@ def _open(url: str, config: Config, timeout: float,
         raise LoadFailed(f"{url}: the server sent Content-Encoding {coding!r} where "
                          f"identity was asked for")
     length = response.getheader("Content-Length")
+    if response.status == 206:  # "bytes 0-0/SIZE": the whole file's, after the slash
+        length = (response.getheader("Content-Range") or "").rpartition("/")[2]
     # ASCII digits alone: str.isdigit() takes "²", which int() refuses, and
     # int() refuses past 4,300 digits. Another length is no length.
     size = int(length) if length and length.isascii() and length.isdigit() \

@@ -58,6 +58,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._count()
+        if self.path in self.server.refused:  # a URL signed for its GET, expired
+            self.send_error(403)
+            return
+        if self.headers.get("Range") == "bytes=0-0" and self.path in self.server.ranged:
+            size = os.path.getsize(self.translate_path(self.path))
+            self.send_response(206)  # as S3 answers it
+            self.send_header("Content-Range", f"bytes 0-0/{size}")
+            self.send_header("Content-Length", "1")
+            self.end_headers()
+            with open(self.translate_path(self.path), "rb") as f:
+                self.wfile.write(f.read(1))
+            return
         time.sleep(self.server.delay)
         if self.path in self.server.trickle:  # its first bytes at once, then one every 20 ms
             f = self.send_head()
@@ -107,6 +119,8 @@ def server(tmp_path):
     httpd.head_sizes = {}
     httpd.head_refused = set()
     httpd.head_status = 405  # their HEAD's answer
+    httpd.refused = set()  # paths whose HEAD and GET answer 403
+    httpd.ranged = set()  # paths whose GET of a range is answered as one (206)
     httpd.unsized = set()  # paths whose GET says no Content-Length
     httpd.delay = 0.0
     httpd.served = served
@@ -648,23 +662,40 @@ def test_a_source_slower_than_fetch_min_rate_is_given_up(tmp_path, server, monke
     assert files_under(tmp_path / "cache" / ".partial") == []
 
 
-@pytest.mark.parametrize("status", [405, 501, 403])
-def test_a_source_that_answers_no_head_is_sized_by_its_stub(tmp_path, server, status):
+@pytest.mark.parametrize("status, ranged", [(405, True), (501, False), (403, True)])
+def test_a_source_that_answers_no_head_is_sized_by_a_get_of_its_first_byte(
+        tmp_path, server, status, ranged):
     # 403: a URL signed for its GET alone (S3's presigned URLs) is forbidden
-    # any other method.
+    # any other method. Its GET of one byte says the file's size (206's
+    # Content-Range; or the whole GET's Content-Length, where a source
+    # takes no range), where only the stub's `bytes` did.
     config, specs = _three_models(tmp_path, server)
     for file, _ in specs["a"].files:
         server.head_refused.add(f"/a/1/{file}")
+        if ranged:
+            server.ranged.add(f"/a/1/{file}")
     server.head_status = status
     disk = DiskCache(config)
-    with pytest.raises(LoadFailed, match=str(status)):  # nothing says its size
+    assert disk.ensure(specs["a"]).is_dir()
+    assert disk.estimate("a", 1) == sum(
+        (server.served / "a" / "1" / file).stat().st_size for file, _ in specs["a"].files)
+
+
+def test_a_source_that_says_no_size_is_sized_by_its_stub(tmp_path, server):
+    config, specs = _three_models(tmp_path, server)
+    for file, _ in specs["a"].files:
+        server.head_refused.add(f"/a/1/{file}")
+        server.unsized.add(f"/a/1/{file}")
+    disk = DiskCache(config)
+    with pytest.raises(LoadFailed, match="Content-Length"):  # nothing says its size
         disk.ensure(specs["a"])
     sized = dataclasses.replace(specs["a"], estimated_bytes=4096)
     assert disk.ensure(sized).is_dir()
     assert disk.estimate("a", 1) == 4096
 
 
-def test_a_source_that_is_down_evicts_nothing(tmp_path, server):
+@pytest.mark.parametrize("down", ["refusing connections", "an expired signed URL"])
+def test_a_source_that_is_down_evicts_nothing(tmp_path, server, down):
     # Taken for one that answers no HEAD, it was sized by its stub's
     # `bytes`: the room was made, evicting other models' copies, for a
     # download that then could not even connect.
@@ -674,10 +705,16 @@ def test_a_source_that_is_down_evicts_nothing(tmp_path, server):
     disk = DiskCache(small)
     kept = disk.ensure(specs["a"])
     disk.release(kept)
-    server.shutdown()
-    server.server_close()  # the source refuses connections
+    if down == "refusing connections":
+        server.shutdown()
+        server.server_close()
+    else:  # its HEAD and its GET are forbidden (403)
+        for file, _ in specs["b"].files:
+            server.head_refused.add(f"/b/1/{file}")
+            server.refused.add(f"/b/1/{file}")
+        server.head_status = 403
     sized = dataclasses.replace(specs["b"], estimated_bytes=disk.estimate("a", 1))
-    with pytest.raises(LoadFailed, match="ConnectionRefusedError"):
+    with pytest.raises(LoadFailed, match="ConnectionRefusedError|403"):
         disk.ensure(sized)
     assert kept.is_dir() and disk.has("a", 1) and disk.stats()["evictions"] == 0
 
