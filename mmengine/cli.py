@@ -96,7 +96,7 @@ def ensure_demo_repository(root: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if root.exists() and not done.exists():  # not one of ours (only whole ones come)
-            shutil.rmtree(root)
+            shutil.rmtree(root, ignore_errors=True)  # (another first run may remove it too)
         try:
             tmp.rename(root)
         except OSError:

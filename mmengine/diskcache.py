@@ -102,6 +102,9 @@ class _Entry:
     # load. A copy found is trusted no further than its bytes.
     verified: bool = False
     damaged: str | None = None  # what of it did not match, where it could not go
+    # Read whole again after a load of it failed, and found to match: the
+    # next failure is its model's too, and no reason to read it again.
+    rechecked: bool = False
 
 
 class _Flight:
@@ -276,20 +279,23 @@ class DiskCache:
         a copy that matches stays, and its model is not fetched again.
         Blocking: it reads the whole copy."""
         key = (spec.name, spec.version)
+        unchecked = [file for file, digest in spec.files if not digest]
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.path != path or not self._hold(entry):
-                return  # gone meanwhile, or another copy now: not the one that failed
+            if entry is None or entry.path != path or entry.rechecked and not unchecked \
+                    or not self._hold(entry):
+                return  # gone meanwhile, another copy now, or read whole since it failed
         try:
             damaged = _damaged(path, spec)
         finally:
             self.release(path)
-        unchecked = [file for file, digest in spec.files if not digest]
         if damaged is None and not unchecked:
+            entry.rechecked = True
             return
         with self._lock:
-            if damaged is not None:  # where it cannot go now, ensure tries again
+            if damaged is not None and entry.damaged is None:  # (two checks: counted once)
                 self.damaged += 1
+            if damaged is not None:  # where it cannot go now, ensure tries again
                 entry.damaged, entry.verified = damaged, False
             if self._entries.get(key) is entry:
                 self._evict(key)
