@@ -694,17 +694,23 @@ def test_a_source_that_says_no_size_is_sized_by_its_stub(tmp_path, server):
     assert disk.estimate("a", 1) == 4096
 
 
+def _room_for_a_alone(tmp_path, server):
+    """_three_models' specs, and a disk cache with room for one copy,
+    holding a's (its folder)."""
+    config, specs = _three_models(tmp_path, server)
+    disk = DiskCache(cfg(tmp_path, allowed_hosts=server.host,
+                         disk_cache_bytes=config.disk_cache_bytes // 2))
+    kept = disk.ensure(specs["a"])
+    disk.release(kept)
+    return specs, disk, kept
+
+
 @pytest.mark.parametrize("down", ["refusing connections", "an expired signed URL"])
 def test_a_source_that_is_down_evicts_nothing(tmp_path, server, down):
     # Taken for one that answers no HEAD, it was sized by its stub's
     # `bytes`: the room was made, evicting other models' copies, for a
     # download that then could not even connect.
-    config, specs = _three_models(tmp_path, server)
-    small = cfg(tmp_path, allowed_hosts=server.host,
-                disk_cache_bytes=config.disk_cache_bytes // 2)  # room for one, not two
-    disk = DiskCache(small)
-    kept = disk.ensure(specs["a"])
-    disk.release(kept)
+    specs, disk, kept = _room_for_a_alone(tmp_path, server)
     if down == "refusing connections":
         server.shutdown()
         server.server_close()
@@ -720,14 +726,9 @@ def test_a_source_that_is_down_evicts_nothing(tmp_path, server, down):
 
 
 def test_a_model_larger_than_the_whole_cache_evicts_nothing(tmp_path, server):
-    config, specs = _three_models(tmp_path, server)
-    small = cfg(tmp_path, allowed_hosts=server.host,
-                disk_cache_bytes=config.disk_cache_bytes // 2)  # room for one, not two
-    disk = DiskCache(small)
-    kept = disk.ensure(specs["a"])
-    disk.release(kept)
+    specs, disk, kept = _room_for_a_alone(tmp_path, server)
     file = specs["b"].files[0][0]  # as large as the whole cache, its source says
-    server.head_sizes[f"/b/1/{file}"] = small.disk_cache_bytes + 1
+    server.head_sizes[f"/b/1/{file}"] = disk.config.disk_cache_bytes + 1
     with pytest.raises(LoadFailed, match="no room"):
         disk.ensure(specs["b"])
     assert kept.is_dir() and disk.stats()["evictions"] == 0
