@@ -120,8 +120,7 @@ class HostTier:
             self._unlink(segment)
             return
         more = (0 if key in self._on_cpu else nbytes) - self.book.entry(key).host_bytes
-        if more > 0 and not self._make_room(more):
-            self.drop(key)
+        if more > 0 and not self._room_for(key, more):
             return
         self._sizes[key] = nbytes
         self._charge(key)
@@ -152,8 +151,7 @@ class HostTier:
         # the copy never come (room made at once dropped others for nothing).
         if key in self._on_cpu:
             written = self.book.entry(key).state == books.READY
-            if written and not self._make_room(self._sizes[key]):
-                self.drop(key)
+            if written and not self._room_for(key, self._sizes[key]):
                 return
             self._on_cpu.discard(key)
             if written:
@@ -171,14 +169,21 @@ class HostTier:
         read the files)."""
         if key not in self._resident or (key in self._on_cpu) == on_cpu:
             return
-        if not on_cpu and not self._make_room(self._sizes[key]):
-            self.drop(key)
+        if not on_cpu and not self._room_for(key, self._sizes[key]):
             return
         if on_cpu:
             self._on_cpu.add(key)
         else:
             self._on_cpu.discard(key)
         self._charge(key)
+
+    def _room_for(self, key: Key, nbytes: int) -> bool:
+        """Makes room for `nbytes` more of `key`'s copy; else the copy goes
+        (False)."""
+        if self._make_room(nbytes):
+            return True
+        self.drop(key)
+        return False
 
     def _make_room(self, nbytes: int) -> bool:
         """Drops the least recently used demoted copies until `nbytes` more
