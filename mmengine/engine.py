@@ -2540,30 +2540,56 @@ class Engine:
 class _ByteGate:
     """Bounds the bytes that loads move at once: a load waits while others
     hold the gate and its bytes would pass the limit. A load never waits
-    for an empty gate, so a model larger than the limit loads, alone."""
+    for an empty gate, so a model larger than the limit loads, alone.
+    First come, first in: a load that arrives while others wait goes behind
+    them, though it would fit. Small loads let past a waiting large one
+    kept the gate from ever emptying enough for it: under steady traffic of
+    small cold models a large one waited for good."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no bound
         self.held = 0
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    def _fits(self, nbytes: int) -> bool:
+        return not self.limit or not self.held or self.held + nbytes <= self.limit
 
     async def acquire(self, nbytes: int) -> None:
-        while self.limit and self.held and self.held + nbytes > self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    self._waiters.remove(waiter)
-        self.held += nbytes
+        if not self._waiters and self._fits(nbytes):
+            self.held += nbytes
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        place = (nbytes, waiter)
+        self._waiters.append(place)
+        try:
+            await waiter  # its bytes are counted as it is let in (_admit)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # let in, then given up before it ran
+                self.release(nbytes)
+            else:  # given up in the line: those behind it may fit now
+                waiter.cancel()
+                if place in self._waiters:  # (not if _admit passed over it already)
+                    self._waiters.remove(place)
+                self._admit()
+            raise
 
     def release(self, nbytes: int) -> None:
         self.held -= nbytes
-        while self._waiters:  # each looks again; those that still do not fit wait again
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Lets in the waiters at the head of the line that fit now, in
+        the order they came; the first that does not fit holds the rest."""
+        while self._waiters:
+            nbytes, waiter = self._waiters[0]
+            if waiter.cancelled():  # its caller is leaving the line (acquire)
+                self._waiters.popleft()
+                continue
+            if not self._fits(nbytes):
+                return
+            self._waiters.popleft()
+            self.held += nbytes
+            waiter.set_result(None)
 
 
 def _add_ran(fields: dict, ran: dict) -> dict:

@@ -293,6 +293,119 @@ def test_loads_in_flight_are_bounded_by_bytes(tmp_path, monkeypatch, limit, over
     assert (events[1][0] == "start") == overlap, events
 
 
+# Takes the seconds its model.toml's `seconds` says to load (0 if none).
+_PACED_HANDLER = '''
+import os, time
+
+def load(path, device):
+    seconds = os.path.join(path, "seconds")
+    time.sleep(float(open(seconds).read()) if os.path.exists(seconds) else 0)
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+'''
+
+
+def _paced(root, name: str, nbytes: int, seconds: float) -> None:
+    d = root / name / "1"
+    d.mkdir(parents=True)
+    (d / "handler.py").write_text(_PACED_HANDLER)
+    (d / "model.toml").write_text(f"bytes = {nbytes}\n")
+    (d / "seconds").write_text(str(seconds))
+
+
+def test_a_large_load_is_let_in_while_small_loads_keep_coming(tmp_path):
+    # Three workers and a gate of 10 units: a large load (8) waits while
+    # small ones (3 each, 0.45 s) hold it, and each small one that came
+    # after it waits behind it, though it would fit. Let past it, they
+    # overlapped on the other two workers without end, and the large one
+    # waited for the last of them.
+    import asyncio
+
+    from mmengine.config import Config
+    from mmengine.engine import Engine
+    from tests.conftest import run, until
+
+    unit = 1 << 20
+    root = tmp_path / "repo"
+    for i in range(3):
+        _paced(root, f"warm{i}", unit, 0)
+    _paced(root, "large", 8 * unit, 0)
+    smalls = [f"small{i:02d}" for i in range(24)]
+    for name in smalls:
+        _paced(root, name, 3 * unit, 0.45)
+
+    async def main():
+        config = Config(repo=str(root), workers=3, load_bytes_in_flight=10 * unit,
+                        device_budget=1 << 30, load_timeout_s=60)
+        async with Engine(config) as engine:
+            # Each worker's first imports, before the clock starts.
+            await asyncio.gather(*(engine.load(f"warm{i}") for i in range(3)))
+            loop = asyncio.get_running_loop()
+            t_large = None
+
+            async def traffic():  # a small cold model every 0.15 s, for 3.6 s
+                tasks = []
+                for name in smalls:
+                    tasks.append(asyncio.ensure_future(engine.load(name)))
+                    await asyncio.sleep(0.15)
+                await asyncio.gather(*tasks)
+                return loop.time()
+
+            stream = asyncio.ensure_future(traffic())
+            await until(lambda: engine._load_gate.held, 10, "a small load in the gate")
+            t0 = loop.time()
+            await engine.load("large")
+            t_large = loop.time() - t0
+            t_end = await stream - t0
+            return t_large, t_end
+
+    t_large, t_end = run(main(), timeout=60)
+    # The large load waited for the loads in the gate when it came (0.45 s
+    # each), not for the stream to end.
+    assert t_large < 2.0 < t_end - 0.5, (t_large, t_end)
+
+
+def test_the_byte_gate_lets_loads_in_in_their_order_and_passes_over_those_that_leave():
+    import asyncio
+
+    from mmengine.engine import _ByteGate
+    from tests.conftest import run
+
+    async def main():
+        gate = _ByteGate(10)
+        await gate.acquire(3)
+        large = asyncio.ensure_future(gate.acquire(8))
+        small = asyncio.ensure_future(gate.acquire(3))  # it fits, but came after
+        await asyncio.sleep(0)
+        assert not large.done() and not small.done() and gate.held == 3
+        gate.release(3)
+        await large  # the gate emptied: the large one in, the small one behind it
+        await asyncio.sleep(0)
+        assert not small.done() and gate.held == 8
+        # One that gives up in the line holds up nobody behind it.
+        huge = asyncio.ensure_future(gate.acquire(20))  # more than the bound: alone
+        later = asyncio.ensure_future(gate.acquire(1))
+        await asyncio.sleep(0)
+        small.cancel()
+        huge.cancel()
+        await asyncio.gather(small, huge, return_exceptions=True)
+        await later
+        assert gate.held == 9
+        # One let in, then cancelled before it ran, gives its bytes back.
+        last = asyncio.ensure_future(gate.acquire(5))
+        await asyncio.sleep(0)
+        gate.release(8)
+        last.cancel()
+        await asyncio.gather(last, return_exceptions=True)
+        assert gate.held == 1 and not gate._waiters
+        gate.release(1)
+        await gate.acquire(20)  # alone, at once
+        assert gate.held == 20
+
+    run(main(), timeout=10)
+
+
 @pytest.fixture(params=["native", "python"])
 def twin(request, monkeypatch):
     """The readers' C twin (csrc/reads.pyx), or their Python one."""
