@@ -1324,8 +1324,10 @@ class Engine:
                 answer.add_done_callback(errors.retrieved)  # if its waiter goes first
                 if busy:
                     await asyncio.wait(busy)
-                    if not worker.alive:
-                        raise _NotRun
+                    if not worker.alive and not all(f.result() for f in busy):
+                        raise _NotRun  # it died in a publish ahead of this load
+                    # Answered, the loader went on to this load: a death
+                    # from here on is one during it (its answer says so).
                 async with asyncio.timeout(self.config.load_timeout_s):
                     body, _ = await answer
                 return body
@@ -1341,14 +1343,14 @@ class Engine:
                         ) -> tuple[list[asyncio.Future], asyncio.Future]:
         """Sends a load or publish to `worker`'s loader thread at once;
         returns what that thread has to finish first (futures done when the
-        worker is done with each: answered, or died, whether or not their
-        callers still wait) and the answer's future. `then()` runs when the
-        worker is done with this one."""
+        worker is done with each: True where it answered, False where it
+        died first, whether or not their callers still wait) and the
+        answer's future. `then()` runs when the worker is done with this one."""
         busy = [f for f in worker.loader_busy if not f.done()]
         finished = asyncio.get_running_loop().create_future()
 
-        def done() -> None:
-            finished.set_result(None)
+        def done() -> None:  # (a death fails what it left after marking the worker dead)
+            finished.set_result(worker.alive)
             worker.loader_busy.remove(finished)
             if then is not None:
                 then()

@@ -657,6 +657,60 @@ def test_a_model_whose_loads_end_their_worker_twice_is_backed_off_from_the_first
     run(main(), timeout=60)
 
 
+def test_a_load_that_ends_its_worker_behind_a_host_copy_is_a_failed_load(repo, own_segments):
+    # The loader copies m00 to the host tier (PUBLISH), answers, then runs
+    # dies-loading's load, which ends the worker. The front-end reads the
+    # copy's answer and the death in one turn: the load was taken for one
+    # the worker never began (no failure of the model's), and loaded again
+    # at once on the next worker, which it ended too, for the one request.
+    moody(repo, "dies-loading", "die")
+
+    async def main():
+        async with Engine(config(repo, load_failure_backoff_s=4.0)) as engine:
+            worker = engine.pool.workers[0]
+            exits = []
+
+            def observe(kind, fields):
+                if kind == "worker_exit":
+                    exits.append(fields["pid"])
+                elif kind == "load" and fields["model"] == "m00" and "error" not in fields:
+                    # Stopped until its copy and the next load are both sent.
+                    os.kill(worker.pid, signal.SIGSTOP)
+            engine.observers.append(observe)
+            # A slow load ahead: m00's and dies-loading's wait their turns
+            # behind it, in that order.
+            slow = asyncio.ensure_future(engine.load("loads-1s"))
+            await until(lambda: len(worker.load_turns) == 1, 10, "the slow load")
+            m00 = asyncio.ensure_future(engine.load("m00"))
+            await until(lambda: len(worker.load_turns) == 2, 10, "m00's turn")
+            dies = asyncio.ensure_future(engine.infer("dies-loading", {"x": X}))
+            try:
+                await until(lambda: len(worker.loader_busy) == 2, 20,
+                            "m00's copy and the load behind it")
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            # The loop held until the worker has ended (its pidfd, which the
+            # loop watches, says so): its answer to the copy and its death
+            # reach the front-end together.
+            assert select.select([worker._pidfd], [], [], 10)[0], "the worker did not end"
+            with pytest.raises(WorkerDied, match="died during the load"):
+                await dies
+            await asyncio.gather(slow, m00)
+            assert exits == [worker.pid]  # one request, one worker ended
+            row = engine.model_row(("dies-loading", 1))
+            assert row["failures"] == 1
+            # Its next load that ends a worker is its second in a row: backed off.
+            with pytest.raises(WorkerDied):
+                await engine.infer("dies-loading", {"x": X})
+            assert len(exits) == 2
+            assert 0 < engine.model_row(("dies-loading", 1))["retry_in_s"] <= 8.0
+            with pytest.raises(LoadFailed, match="next try in"):
+                await engine.infer("dies-loading", {"x": X})
+            assert len(exits) == 2
+
+    run(main(), timeout=60, max_stall=12.0)
+
+
 def test_waiting_for_pinned_models_ends_when_the_engine_stops(repo, own_segments):
     moody(repo, "hot-never", "raise")
 
