@@ -1518,18 +1518,19 @@ class Engine:
                 # demoted, take the tier's room it leaves); while the load
                 # waits for room, the tier's (its room is no one else's).
                 self.host.run_on(key, w.device == "cpu")
-                # Bounded: unloads queue behind loads on the worker, and this
-                # lock must not be held by a stuck one. Not cancelled at the
-                # deadline: each is the unload that its model's requests wait
-                # on, and its entry stays until the worker has answered.
+                # The room is made as their unloads are sent: the books count
+                # them leaving, and the loader frees each before it reads this
+                # load. An eviction still running waits for its model's host
+                # copy, being written, to be booked (_unload), behind whatever
+                # the loader does: up to the deadline, as this lock must not be
+                # held by a stuck one; past it the load goes on all the same
+                # (giving up there lost the evicted models for nothing: their
+                # next requests loaded them again). Not cancelled: each is the
+                # unload that its model's requests wait on.
                 evictions = [self._evict(v, "pressure", key) for v in victims]
                 if evictions:
-                    _, pending = await asyncio.wait(
-                        evictions, timeout=max(0.0, deadline - time.monotonic()))
-                    if pending:
-                        self.host.run_on(key, False)
-                        raise Overloaded(f"{key[0]}: worker {w.index} did not unload in "
-                                         f"time to make room")
+                    await asyncio.wait(evictions,
+                                       timeout=max(0.0, deadline - time.monotonic()))
                 if self._staying(w.index) + need > caps[w.index] or not w.alive:
                     self.host.run_on(key, False)
                     continue  # lost what we made room for; try elsewhere

@@ -264,6 +264,42 @@ def test_a_warm_up_larger_than_any_request_fails_without_a_load(tmp_path, own_se
 
 # -- load deadlines are not request deadlines ---------------------------------
 
+def test_a_load_whose_room_waits_past_its_deadline_for_a_copy_goes_on(repo, own_segments):
+    # Room for m01 on the one worker means evicting m00, whose host-tier
+    # copy is still being written (its worker stopped meanwhile): the
+    # eviction waits for that copy to be booked. The room was made as the
+    # unload was sent; the load gave up OVERLOADED at its deadline all the
+    # same, and m00 was lost for nothing.
+    async def main():
+        # Room for one of the two models (6432 bytes each), not both.
+        async with Engine(config(repo, device_budget=12000, load_timeout_s=2.0)) as engine:
+            worker = engine.pool.workers[0]
+            await engine.load("m01")  # the worker's first load, and m01 in the host tier
+
+            def observe(kind, fields):
+                if kind == "load" and fields["model"] == "m00" and "error" not in fields:
+                    os.kill(worker.pid, signal.SIGSTOP)  # before m00's copy is sent
+            engine.observers.append(observe)
+            try:
+                await engine.load("m00")
+                assert ("m00", 1) in engine._publishing  # its copy, unanswered
+                again = asyncio.ensure_future(engine.infer("m01", {"x": X}))
+                await until(lambda: engine.model_row(("m00", 1))["evictions"] == 1, 10,
+                            "m00's eviction")
+                # Past the load's deadline, with the copy still unanswered.
+                done, _ = await asyncio.wait([again], timeout=3.0)
+                assert not done, again.exception()
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            out = await again
+            np.testing.assert_allclose(out["y"], reference("m01"), rtol=1e-5, atol=1e-5)
+            assert engine.model_row(("m00", 1))["evictions"] == 1
+            assert engine.model_row(("m01", 1))["failures"] == 0
+            assert worker.alive and engine.pool.workers[0] is worker
+
+    run(main(), timeout=60)
+
+
 def test_a_load_outlives_a_short_request_but_not_the_load_timeout(repo, own_segments):
     async def main():
         async with Engine(config(repo, load_timeout_s=2.0)) as engine:
