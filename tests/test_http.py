@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import Server, environ, send_in_background
 from mmengine import demo
 from mmengine.config import Config
-from mmengine.errors import BadRequest, ModelNotFound
+from mmengine.errors import MAX_MESSAGE, BadRequest, ModelNotFound
 from mmengine.server import kserve
 from mmengine.server.http import (FORMAT_ON_THREAD, MAX_PIPELINED, PARSE_ON_THREAD,
                                   array_from_json)
@@ -577,6 +577,31 @@ def test_unknown_model_version_route_and_method(address):
     assert status == 405 and headers["Allow"] == "OPTIONS, POST", (raw, headers)
     status, headers, raw = call(address, "DELETE", "/v2/health/live")
     assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS", (raw, headers)
+
+
+def test_405_and_415_answer_as_every_error_does(address):
+    # Built beside error_response, their bodies quoted the whole path or
+    # Content-Encoding (up to the 64 KiB header block) where every other
+    # error's message is cut (errors.told): one way to answer an error.
+    name = "n" * 6000
+    status, headers, raw = call(address, "GET", f"/v2/models/{name}/infer")
+    assert (status, headers["Allow"]) == (405, "OPTIONS, POST"), headers
+    _assert_cut_error(raw, f"GET is not allowed on /v2/models/{name[:100]}")
+    body = json.dumps(infer_body(x_for(8))).encode()
+    status, headers, raw = call(address, "POST", "/v2/models/m00/infer", body,
+                                {"Content-Encoding": "x" * 6000})
+    assert (status, headers["Accept-Encoding"]) == (415, "gzip, deflate, identity"), headers
+    _assert_cut_error(raw, "Content-Encoding 'xxx")
+
+
+def _assert_cut_error(raw: bytes, starts: str) -> None:
+    """`raw` is an error's body as error_response writes it, its message
+    starting with `starts` and cut in the middle (errors.told)."""
+    answer = json.loads(raw)
+    assert set(answer) == {"error", "code"} and answer["code"] == "BAD_REQUEST", answer
+    message = answer["error"]
+    assert message.startswith(starts) and len(message) <= MAX_MESSAGE, len(message)
+    assert "characters in all) ..." in message
 
 
 def test_options_says_what_a_path_takes(address):

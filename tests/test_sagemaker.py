@@ -23,7 +23,7 @@ import torch
 
 from mmengine import demo
 from mmengine.client import Client
-from mmengine.errors import BadRequest, Overloaded
+from mmengine.errors import MAX_MESSAGE, BadRequest, Overloaded
 from mmengine.server import sagemaker
 from mmengine.server.http import PARSE_ON_THREAD
 from conftest import Server, environ
@@ -608,6 +608,28 @@ def test_invoke_takes_and_answers_csv_and_npy(address, disk):
         status, _, raw = raw_call(address, "/models/inv-csv/invoke", body,
                                   {"Content-Type": media})
         assert status == code and why in raw, (body[:30], raw)
+
+
+def test_405_and_415_are_errors_as_the_contracts_others(address):
+    # As every error of the contract (docs/sagemaker.md): {"error", "code"},
+    # the message cut as any other's (errors.told), with the header the
+    # status calls for (RFC 9110: 405's Allow, 415's Accept-Encoding).
+    name = "n" * 6000
+    for method, path, headers, status, header in (
+            ("GET", f"/models/{name}/invoke", {}, 405, ("Allow", "OPTIONS, POST")),
+            ("POST", "/invocations", {"Content-Encoding": "x" * 6000}, 415,
+             ("Accept-Encoding", "gzip, deflate, identity"))):
+        conn = http.client.HTTPConnection(*address, timeout=30)
+        try:
+            conn.request(method, path, body=b"[[1, 2, 3, 4]]" if method == "POST" else None,
+                         headers={"Content-Type": "application/json", **headers})
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            conn.close()
+        assert (response.status, response.getheader(header[0])) == (status, header[1])
+        assert set(answer) == {"error", "code"} and answer["code"] == "BAD_REQUEST", answer
+        assert len(answer["error"]) <= MAX_MESSAGE and "characters in all" in answer["error"]
 
 
 def test_a_model_without_a_manifest_takes_json_as_torch_would(address, disk):

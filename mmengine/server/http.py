@@ -263,11 +263,15 @@ def json_response(obj: Any, status: int = 200, headers=None) -> Response:
 
 def error_response(e: MMEngineError) -> Response:
     # An overloaded server says when to come back (RFC 9110 Retry-After); a
-    # 401 says how to authenticate (RFC 9110 requires WWW-Authenticate on it).
+    # 401 says how to authenticate (RFC 9110 requires WWW-Authenticate on it);
+    # a status of HTTP's own may need a header of its own (StatusError.headers:
+    # 405's Allow).
     retry_after = getattr(e, "retry_after_s", None)  # Overloaded has one
-    headers = ([("Retry-After", str(retry_after))] if retry_after is not None
-               else [("WWW-Authenticate", "Bearer")] if e.code == ErrorCode.UNAUTHORIZED
-               else None)
+    headers = list(getattr(e, "headers", ()))
+    if retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
+    elif e.code == ErrorCode.UNAUTHORIZED:
+        headers.append(("WWW-Authenticate", "Bearer"))
     return json_response({"error": errors.told(e), "code": e.code.name}, e.http_status, headers)
 
 
@@ -510,16 +514,21 @@ class StatusError(BadRequest):
     BAD_REQUEST's 400 (the wire's code stays BAD_REQUEST)."""
 
     status = 400
+    headers: tuple[tuple[str, str], ...] = ()  # that its status calls for
 
     @property
     def http_status(self) -> int:
         return self.status
 
 
-class _MethodNotAllowed(BadRequest):
+class _MethodNotAllowed(StatusError):
+    """405: a known path with another method."""
+
+    status = 405
+
     def __init__(self, message: str, allowed: str):
         super().__init__(message)
-        self.allowed = allowed  # a 405 says which (RFC 9110: Allow)
+        self.headers = (("Allow", allowed),)  # a 405 says which (RFC 9110 15.5.6)
 
 
 class HttpServer(Listener):
@@ -1180,12 +1189,6 @@ def _date() -> str:
 def _response_for(e: Exception | asyncio.CancelledError,
                   request: Request | None = None) -> Response:
     """The answer to a request whose handler raised `e`."""
-    if isinstance(e, _MethodNotAllowed):
-        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 405,
-                             [("Allow", e.allowed)])
-    if isinstance(e, _UnsupportedEncoding):  # what it does take (RFC 9110 15.5.16)
-        return json_response({"error": str(e), "code": "BAD_REQUEST"}, 415,
-                             [("Accept-Encoding", codings.ACCEPTED)])
     if isinstance(e, asyncio.CancelledError):
         e = errors.cancelled()
     elif not isinstance(e, MMEngineError):
@@ -1234,6 +1237,7 @@ class _UnsupportedEncoding(StatusError):
     """415: a body in a content coding the server does not decode."""
 
     status = 415
+    headers = (("Accept-Encoding", codings.ACCEPTED),)  # what it does (RFC 9110 15.5.16)
 
 
 class _HeaderTooLarge(StatusError):
