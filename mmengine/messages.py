@@ -75,7 +75,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mmengine import config
+from mmengine import config, errors
 from mmengine.errors import BadRequest
 from mmengine.ring import MAX_PARTS
 
@@ -206,16 +206,62 @@ def _request_record(op, rid, model, version, arrays, params) -> tuple[bytes, lis
 
 
 _OPS = {int(op): op for op in Op}  # Op(n) costs ~0.5 us a call; a dict lookup ~40 ns
+_NUMBERS = (float, int)
+
+
+class Malformed(Exception):
+    """A request header that is no request a worker can serve (a front-end
+    bug, or the ring's memory damaged): `rid` is its id where that could
+    be read (its request can be answered), else None."""
+
+    def __init__(self, rid: int | None, why: str):
+        super().__init__(why)
+        self.rid = rid
 
 
 def parse_request(header) -> tuple[Op, int, str, int, list, dict]:
-    parsed = None if native is None else native.parse_request(header)
-    op, rid, model, version, tensors, params = _unpackb(header) if parsed is None else parsed
+    """A request's header, its fields of the types above (what the worker
+    takes for granted: a list for params, or a deadline of text, ended it
+    from deep in its serving); Malformed where it is none."""
+    fields = None if native is None else native.parse_request(header)
+    if fields is None:
+        try:
+            fields = _unpackb(header)
+        except Exception as e:  # noqa: BLE001 - no msgpack, or more than one value
+            raise Malformed(None, f"its header is no msgpack: {type(e).__name__}: {e}") from None
     try:
+        op, rid, model, version, tensors, params = fields
         op = _OPS[op]
-    except (KeyError, TypeError):
-        op = Op(op)  # raises as before for an unknown op
+    except (KeyError, TypeError, ValueError):
+        _malformed(fields)
+    if type(rid) is not int or type(model) is not str or type(version) is not int \
+            or type(tensors) is not list or type(params) is not dict:
+        _malformed(fields)
+    if params:  # (dict.get and two types: Cython's C, where params.get and a tuple cost ~100 ns)
+        deadline = dict.get(params, "deadline", 0.0)
+        if type(deadline) is not float and type(deadline) is not int:
+            _malformed(fields)
     return op, rid, model, version, tensors, params
+
+
+def _malformed(fields) -> None:
+    """Raises Malformed for request header `fields`, saying which field is
+    wrong (off the path of a request that is well)."""
+    shown = errors.shown
+    if type(fields) not in (list, tuple) or len(fields) != 6:
+        rid = fields[1] if type(fields) in (list, tuple) and len(fields) > 1 else None
+        why = f"its header {shown(fields)} is no array of 6 fields"
+    else:
+        op, rid, model, version, tensors, params = fields
+        known = type(op) in _NUMBERS and op in _OPS  # (a list is no key)
+        why = (f"its op {shown(op)} is none" if not known else
+               f"its id {shown(rid)} is no int" if type(rid) is not int else
+               f"its model {shown(model)} is no str" if type(model) is not str else
+               f"its version {shown(version)} is no int" if type(version) is not int else
+               f"its tensors {shown(tensors)} are no array" if type(tensors) is not list else
+               f"its params {shown(params)} are no map" if type(params) is not dict else
+               f"its deadline {shown(params.get('deadline'))} is no number")
+    raise Malformed(rid if type(rid) is int else None, why)
 
 
 class Abandoned:

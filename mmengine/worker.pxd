@@ -26,7 +26,7 @@ cdef class _Responder:
 
 # Typed where each is always given: their methods are C calls too.
 cpdef _serve_requests(req, _Responder out, WorkerLogic logic, abandoned, clock)
-cpdef _parse(parts)
+cpdef _parse(parts, _Responder out)
 cpdef _skips(rid, key, params, queued, WorkerLogic logic, abandoned)
 cpdef _begins(rid, key, params, queued, WorkerLogic logic, abandoned, _Responder out,
               skipped=*)

@@ -396,8 +396,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
             return
         try:
             op, rid, name, version, _, params = messages.parse_request(parts[0])
-        except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
-            log.error("dropped a malformed request: %s", e)
+        except messages.Malformed as e:
+            _refuse(out, e)
             continue
         finally:
             del parts
@@ -535,7 +535,7 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
         # it out (staging.Readers), its Python steps included.
         serving.begin()
         try:
-            request = _parse(parts)
+            request = _parse(parts, out)
             del parts
             if request is not None:
                 if request[0] is Op.INFER and (request[2], request[3]) in logic.batching:
@@ -550,14 +550,30 @@ def _serve_requests(req, out: _Responder, logic: WorkerLogic, abandoned: message
                 logic.retired.clear()
 
 
-def _parse(parts: list) -> tuple | None:
-    """(op, id, model, version, tensors, params, parts) of a record; None,
-    said in the log, for a header that cannot be read."""
+def _parse(parts: list, out: _Responder) -> tuple | None:
+    """(op, id, model, version, tensors, params, parts) of a record; None
+    for one that is no request (_refuse)."""
     try:
         return (*messages.parse_request(parts[0]), parts)
-    except Exception as e:  # noqa: BLE001 - a corrupt header is a front-end bug
-        log.error("dropped a malformed request: %s", e)
+    except messages.Malformed as e:
+        _refuse(out, e)
         return None
+
+
+def _refuse(out: _Responder, e: messages.Malformed) -> None:
+    """A record that is no request (a front-end bug, or its memory
+    damaged): one whose id can be read is answered INTERNAL, and the
+    worker serves on. One whose id cannot be read ends the worker: its
+    request, never answered, would stay the oldest the engine has in
+    flight there until it took the worker for stuck, stuck_inference_s
+    past its deadline (never, without one); gone at once, the worker has
+    its requests fail WORKER_DIED now, and another starts in its place."""
+    if e.rid is None:
+        log.critical("read a request record whose id cannot be read (%s): the worker ends, "
+                     "and its requests fail", e)
+        os._exit(1)
+    log.error("refused request %d, which is no request: %s", e.rid, e)
+    out.fail(e.rid, InternalError(f"the worker could not read request {e.rid}: {e}"))
 
 
 def _skips(rid: int, key: Key, params: dict, queued: bool, logic: WorkerLogic,
@@ -632,7 +648,7 @@ def _serve_batch_from(req, out: _Responder, logic: WorkerLogic, abandoned: messa
             break
         if parts is None:
             break
-        request = _parse(parts)
+        request = _parse(parts, out)
         del parts
         if request is None:
             continue

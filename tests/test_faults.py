@@ -27,7 +27,9 @@ from mmengine import demo, shm
 from mmengine.client import AsyncClient, Client
 from mmengine.config import Config, ConfigError
 from mmengine.engine import Engine
-from mmengine.errors import BadRequest, LoadFailed, Overloaded, Timeout, WorkerDied
+from mmengine.messages import Op
+from mmengine.errors import (BadRequest, InternalError, LoadFailed, Overloaded, Timeout,
+                             WorkerDied)
 from mmengine.workers import WorkerPool
 
 DIMS = (16, 64, 8)
@@ -648,6 +650,37 @@ def test_a_worker_that_writes_garbage_into_its_ring_is_restarted_and_the_rest_se
         totals = client.stats()["totals"]
     assert totals["worker_restarts"] == 1, totals
     assert server.stop() == 0
+
+
+def test_a_request_record_the_worker_cannot_read_is_answered_internal_where_it_can(
+        repo, own_segments):
+    # A record that was no request the worker could serve (a front-end bug,
+    # or its ring's memory damaged), written by the engine's own writer. Its
+    # params no map: the worker ended inside its serving loop (every model
+    # and request it held lost). An unknown op on the control ring: dropped,
+    # unanswered for ever. Each is answered INTERNAL now, the worker and its
+    # models unharmed. Where not even its id can be read, nothing can be
+    # answered: the worker ends at once, as a death (its requests fail
+    # WORKER_DIED), where it stayed held by a request in flight for ever.
+    async def main():
+        async with Engine(config(repo)) as engine:
+            await engine.load("m00")
+            worker = engine.pool.workers[0]
+            for op, params, why in ((Op.INFER, ["no", "map"], "params .* are no map"),
+                                    (99, None, "op 99 is none")):
+                with pytest.raises(InternalError, match=f"could not read request .*{why}"):
+                    await asyncio.wait_for(worker.call(op, "m00", 1, {"x": X}, params), 10)
+            np.testing.assert_allclose((await engine.infer("m00", {"x": X}))["y"],
+                                       reference("m00"), rtol=1e-5, atol=1e-5)
+            assert engine.pool.workers[0] is worker and worker.alive
+            assert engine.stats()["totals"]["worker_restarts"] == 0
+            worker._infer.send(b"\xc1", [])  # no msgpack (0xc1 is none of its types)
+            await until(lambda: restarted(engine, worker), 30, "the restart")
+            assert engine.stats()["totals"]["worker_restarts"] == 1
+            np.testing.assert_allclose((await engine.infer("m00", {"x": X}))["y"],
+                                       reference("m00"), rtol=1e-5, atol=1e-5)
+
+    run(main(), timeout=90)
 
 
 def test_a_worker_stopped_between_requests_is_restarted_blaming_no_model(repo, own_segments):
