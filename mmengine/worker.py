@@ -266,9 +266,10 @@ class WorkerLogic:
         """Stops serving a model and returns it, to be closed by the caller
         (`close`): closing frees its memory, which need not delay the
         answer."""
-        self.times.forget((name, version))
-        model = self.models.pop((name, version), None)
-        self.batching.pop((name, version), None)
+        key = (name, version)
+        model = self.models.pop(key, None)  # before its figure goes: noted() looks after
+        self.batching.pop(key, None)
+        self.times.forget(key)
         return model
 
     def close(self, key: Key, model) -> None:
@@ -299,6 +300,18 @@ class WorkerLogic:
         front-end, not for these books."""
         if ran is not None and "t_done" in ran:  # (none: its inputs were refused)
             self.ran(key, (ran["t_done"] - ran["t_recv"]) / 1e9, ran["t_done"] / 1e9)
+            # Its answer out, the model may be unloaded meanwhile, on the
+            # loader thread (the answer unpinned it, and the front-end sent
+            # the unload), its figure forgotten: counted after that, the
+            # figure came back for a model no longer here (one for each
+            # model ever served, for good), and the model's next load took
+            # its first call, a warm-up, for its time. Looked at once
+            # counted, as unload() forgets once the model is gone: either
+            # way the figure goes. (A reload begun meanwhile keeps it: the
+            # loader would have unloaded, closed and loaded it again within
+            # this thread's few steps.)
+            if key not in self.models:
+                self.times.forget(key)
 
     def would_miss(self, key: Key, deadline: float, queued: bool) -> bool:
         """Whether a call of `key` begun now would end past its request's

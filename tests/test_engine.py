@@ -3090,6 +3090,91 @@ def test_a_reloaded_models_first_call_is_a_warm_up_again(tmp_path, own_segments)
     assert [float(r["y"][0]) for r in [last, *ahead]] == [np.float32(0.1)] * 3
 
 
+# Each call waits, once it has begun (the file "called" says so), for the
+# file "go" beside it (20 s at most). What it uses comes as defaults: closed
+# meanwhile, its module is emptied.
+GATED_CALL_HANDLER = """
+import os
+import time
+
+where = []
+
+def load(path, device):
+    where[:] = [path]
+
+def predict(inputs, where=where, os=os, time=time):
+    open(os.path.join(where[0], "called"), "w").close()
+    end = time.monotonic() + 20
+    while not os.path.exists(os.path.join(where[0], "go")) and time.monotonic() < end:
+        time.sleep(0.005)
+    return {"y": inputs["x"]}
+"""
+
+
+def test_a_call_noted_after_its_models_unload_leaves_it_no_figure(tmp_path):
+    """A worker's serving thread notes a call's time once its answer is out
+    (WorkerLogic.noted), by when the loader thread may have unloaded the
+    model (the answer unpinned it; the front-end sent the unload), and
+    forgotten its figure. Noted all the same, the figure came back for a
+    model no longer resident, and the model's next load took its first
+    call, a warm-up, for its time. The worker's own two threads on real
+    rings, in-process: the model's unload is answered while its call runs."""
+    import threading
+
+    from mmengine import worker
+    from mmengine.ring import Ring
+
+    version = write_handler(tmp_path, "gated", GATED_CALL_HANDLER)
+    key, x = ("gated", 1), {"x": np.ones((1, 2), np.float32)}
+    rings = [Ring.create(1 << 16, spin_us=0.0) for _ in range(3)]
+    ends = [Ring.attach(r.handle) for r in rings]
+    (ctl, ctl_in), (req, req_in), (resp, resp_out) = zip(rings, ends)
+    logic = worker.WorkerLogic(Config(repo=str(tmp_path)), "cpu")
+    out, abandoned = worker._Responder(resp_out), messages.Abandoned.create()
+    spins = {messages.Op.LOAD: True, messages.Op.PUBLISH: True}
+    loader = threading.Thread(target=worker._serve_control, args=(ctl_in, req_in, out, logic, spins))
+    serving = threading.Thread(target=worker._serve, args=(req_in, out, logic, abandoned, None))
+    loader.start()
+    serving.start()
+
+    def answer(rid: int) -> int:
+        got, code, _, _ = messages.parse_response(resp.get(timeout=30)[0])
+        resp.release()
+        assert got == rid
+        return code
+
+    try:
+        ctl.put(messages.request(messages.Op.LOAD, 1, *key, [], {"path": str(version)}))
+        assert answer(1) == messages.OK
+        header, bufs = messages.request_record(messages.Op.INFER, 2, *key, x)
+        req.put(header, *bufs)
+        end = time.monotonic() + 30
+        while not (version / "called").exists():  # the call has begun
+            assert time.monotonic() < end, "the call never began"
+            time.sleep(0.005)
+        ctl.put(messages.request(messages.Op.UNLOAD, 3, *key))
+        assert answer(3) == messages.OK  # unloaded, its figure forgotten
+        (version / "go").write_text("")
+        assert answer(2) == messages.OK
+    finally:
+        req.close()  # the serving thread returns once it has noted the call
+        ctl.close()
+        serving.join(30)
+        loader.join(30)
+        for r in (*ends, *rings[::2]):
+            r.close()
+    assert not serving.is_alive() and not loader.is_alive()
+    assert key not in logic.models
+    assert key not in logic.times._calls, logic.times._calls
+    # Loaded again, its first call is a warm-up: no figure yet.
+    logic.load(*key, str(version))
+    outputs, ran, error = worker._call(0, logic, abandoned, None, *key, x)
+    assert error is None
+    logic.noted(key, ran)
+    assert logic.times.expected(key) is None
+    logic.close(key, logic.unload(*key))
+
+
 def test_a_request_its_caller_cancels_while_the_engine_stops_is_cancelled(tmp_path,
                                                                          own_segments):
     # A cold request (it waited for its model's load) cancelled by its
