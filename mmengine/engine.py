@@ -1740,10 +1740,10 @@ class Engine:
         pages: evicted alone, it freed nothing). A model a turn was too
         slow: a container near its limit had its workers killed first.
         What went shows at the first reading after its unloads are answered
-        (_relieve_in)."""
+        (_relieve_in); what is going meanwhile counts as gone (_going_from_host)."""
         used, total = resources.host_memory()
-        short = self._drop_demoted(used - self.config.host_memory_watermark * total,
-                                   log.debug, "host memory is past host_memory_watermark")
+        over = used - self.config.host_memory_watermark * total - self._going_from_host()
+        short = self._drop_demoted(over, log.debug, "host memory is past host_memory_watermark")
         evictions = []
         while short > 0 and (victim := self._least_recent(lambda w: w.device == "cpu")):
             # Counted once: on CPU a published model is its host copy's
@@ -1755,6 +1755,17 @@ class Engine:
                                          answered=True))
         if evictions:
             await asyncio.gather(*evictions, return_exceptions=True)
+
+    def _going_from_host(self) -> int:
+        """Host memory on its way back: the bytes of the CPU workers' models
+        being unloaded (cache.leaving), which an unload waiting for its
+        worker's answer holds until the worker gets to it (behind a long
+        load, or a publish of the model's copy). A reading meanwhile finds
+        them in use still: counted as over, they cost as many other models,
+        evicted for memory that was already going. (A model that runs on its
+        host copy's pages leaves them there, demoted, unless its eviction
+        drops the copy: a later turn drops it before it evicts any model.)"""
+        return sum(self.cache.leaving(w.index) for w in self.pool.workers if w.device == "cpu")
 
     def _drop_demoted(self, short: float, say, why: str) -> float:
         """Drops the copies in host memory of models no worker holds, least

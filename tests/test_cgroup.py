@@ -15,9 +15,11 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import Server
+from conftest import GATED, Server, run, until, write_handler
 from mmengine import Client, cgroup, demo, hosttier, resources, ring
 from mmengine.config import Config, ConfigError
+from mmengine.engine import Engine
+from mmengine.errors import LoadFailed, Timeout
 
 GiB = 1 << 30
 MACHINE = 64 * GiB
@@ -166,6 +168,66 @@ def test_a_container_too_small_for_the_server_itself_is_refused_at_start(tmp_pat
     with pytest.raises(ConfigError, match="^host_tier_bytes: automatic"):
         hosttier.budget(Config(workers=2, device_budget=GiB // 8))
     assert hosttier.budget(Config(workers=2, host_tier_bytes=0)) == 0  # set: taken as it is
+
+
+# Loads once the file "go" beside it exists (20 s at most).
+GATED_LOAD_HANDLER = GATED + """
+def load(path, device):
+    wait_for_go(path)
+
+def predict(inputs):
+    return {"y": inputs["x"]}
+"""
+
+
+def test_host_memory_relief_counts_the_models_being_unloaded_as_gone(tmp_path, monkeypatch,
+                                                                     own_segments):
+    # A load past its load_timeout_s is unloaded behind it: its bytes stay
+    # reserved (cache.leaving) until its worker answers, once the load is
+    # over. Host memory read past host_memory_watermark meanwhile, by less
+    # than those bytes, took the least recently used model all the same:
+    # evicted for memory that was already on its way back. Once the unload
+    # is answered, a reading still over takes it. (A container's memory,
+    # read from a cgroup tree as the kernel lays it out.)
+    limit, watermark, going = 4 * GiB, 0.5, 64 << 20
+    group = tree(tmp_path, "0::/\n", v2_group(limit=str(limit), current=GiB, cache=0),
+                 monkeypatch)
+    repo = tmp_path / "repo"
+    write_handler(repo, "quick", "def load(path, device):\n    pass\n\n"
+                  "def predict(inputs):\n    return {'y': inputs['x']}\n", "bytes = 1048576\n")
+    gated = write_handler(repo, "gated", GATED_LOAD_HANDLER, f"bytes = {going}\n")
+    quick = ("quick", 1)
+
+    async def turns_after(worker, t_ns: int) -> None:
+        """Until a monitor turn after `t_ns`, and the next: the first's
+        relief has chosen what it evicts."""
+        await until(lambda: worker._sampled[1] > t_ns, 10, "a monitor turn")
+        first = worker._sampled[1]
+        await until(lambda: worker._sampled[1] > first, 10, "the next monitor turn")
+
+    async def main():
+        async with Engine(Config(repo=str(repo), workers=1, device="cpu", device_budget=GiB,
+                                 host_tier_bytes=0, monitor_interval_s=0.1, load_timeout_s=1.0,
+                                 host_memory_watermark=watermark)) as engine:
+            worker = engine.pool.workers[0]
+            await engine.infer("quick", {"x": np.ones(1, np.float32)})
+            try:
+                with pytest.raises((LoadFailed, Timeout)):
+                    await engine.load("gated")
+                await until(lambda: engine.cache.leaving(0) == going, 10,
+                            "gated's unload, behind its load")
+                (group / "memory.current").write_text(str(int(limit * watermark) + (1 << 20)))
+                await turns_after(worker, time.monotonic_ns())
+                assert engine.model_row(quick)["state"] == "resident"
+            finally:
+                (gated / "go").write_text("")
+            await until(lambda: engine.cache.leaving(0) == 0, 10, "gated's unload")
+            await until(lambda: engine.model_row(quick)["state"] == "on storage", 10,
+                        "quick's eviction, the memory still over")
+            return engine.model_row(quick)
+
+    row = run(main(), timeout=60)
+    assert row["evictions_by_reason"] == {"host_memory": 1}, row
 
 
 def _memory_controller() -> Path | None:
