@@ -199,7 +199,9 @@ class WorkerLogic:
         if not isinstance(model, TorchModel) or model.spec.backend not in hosttier.BACKENDS:
             return False
         if isinstance(model, safetensors.ModuleModel):
-            return model.flat is not None
+            # Its file's one region: of no bytes (a file of no tensors), a
+            # copy would hold nothing, as host_tensors says of other modules.
+            return model.flat is not None and model.flat.numel() > 0
         try:
             safetensors.host_tensors(model.module, model.spec.name)
         except LoadFailed:

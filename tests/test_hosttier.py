@@ -755,6 +755,34 @@ def test_a_frozen_torchscript_model_stays_out_of_the_host_tier(tmp_path, own_seg
     assert host["models"] == 1
 
 
+def test_a_safetensors_model_of_no_tensors_stays_out_of_the_host_tier(tmp_path, own_segments):
+    # Session 63's rule (no tensor bytes: no host copy) was asked of other
+    # modules only: a safetensors model whose file holds no tensor (its
+    # model.py computes from its inputs alone) was published, a segment of
+    # a header and no data, and its loads "from" it imported its model.py
+    # all the same, counted as host loads.
+    version = tmp_path / "double" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(
+        "import torch\n\nclass Model(torch.nn.Module):\n"
+        "    def forward(self, x):\n        return {'y': x * 2}\n")
+    safetensors.save_file({}, version / "model.safetensors")
+
+    async def main():
+        async with Engine(config(tmp_path, host_tier_bytes=64 << 20, device="cpu")) as engine:
+            for _ in range(2):
+                y = await engine.infer("double", X)
+                np.testing.assert_array_equal(y["y"], X["x"] * 2)
+                await asyncio.sleep(0.2)  # time for a publish, were one started
+                await engine.unload("double", keep_host=True)  # as an eviction demotes it
+            return row(engine, "double"), engine.stats()["host_tier"]
+
+    double, host = run(main())
+    assert double["loads"] == 2 and double["loads_from_host"] == 0
+    assert double["host_bytes"] == 0 and double["state"] == "on storage"
+    assert host["models"] == 0 and not host_segments()
+
+
 EMBEDDER_WITHOUT_STOP = '''
 import asyncio, sys
 import numpy as np
