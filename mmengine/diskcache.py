@@ -15,10 +15,12 @@ against its sha256 as it streams in, then the directory is renamed into
 place: an entry that exists is complete (the rename is atomic), and
 whatever a crash leaves is under .partial/, which the next start empties
 of every folder no live cache holds. Nothing else in `cache_dir` is ever
-removed. The fingerprint hashes
-everything the entry was made from (source, files and digests,
-compression, the manifest it carries), so a changed stub makes a new
-entry and the stale one goes.
+removed. The fingerprint hashes what identifies the entry's files
+(source, files and digests, the artifact compressed or not), so a stub
+that changes them makes a new entry and the stale one goes; an edit of
+the keys that only say how to serve the files (max_batch_size, bytes,
+inputs, ...) keeps the entry, and a load takes those from the stub, not
+from the copy's manifest (which says the stub as it was fetched).
 
 Room is made before a download, for the spec's estimate, under both
 limits: `disk_cache_bytes` of entries (0: none) and `disk_watermark` of
@@ -981,17 +983,32 @@ def _damaged(path: Path, spec: ModelSpec) -> str | None:
 
 def _made_from(entry: _Entry, spec: ModelSpec, fp: str) -> bool:
     """Whether `entry` is a copy of `spec` (whose fingerprint is `fp`).
-    Copies made while a stub without `bytes` was sized as it was read
-    (before mmengine-serve asked its source only when fetching) were
-    fingerprinted with those sizes, which they carry as their estimate:
-    they still serve."""
-    return entry.fingerprint == fp or not spec.estimated_bytes and entry.fingerprint == \
-        fingerprint(dataclasses.replace(spec, estimated_bytes=entry.estimate))
+    Copies made before the fingerprint was of the files alone still serve
+    while the stub says what it said when they were fetched (the whole
+    manifest was hashed), as do those made while a stub without `bytes`
+    was sized as it was read (before mmengine-serve asked its source only
+    when fetching), hashed with those sizes, which they carry as their
+    estimate."""
+    if entry.fingerprint == fp:
+        return True
+    sized = dataclasses.replace(spec, estimated_bytes=spec.estimated_bytes or entry.estimate)
+    return entry.fingerprint in (_whole_fingerprint(spec), _whole_fingerprint(sized))
 
 
 def fingerprint(spec: ModelSpec) -> str:
-    """What a cached copy of `spec` was made from, hashed: a copy whose
-    fingerprint differs is stale."""
+    """What a cached copy of `spec` was made from, hashed: where its files
+    come from, what they must be (their digests) and how the copy keeps
+    them (the artifact compressed). A copy whose fingerprint differs is
+    stale. The keys that only say how to serve the files (max_batch_size,
+    bytes, inputs, options, ...) are no part of it: an edit of them keeps
+    the copy, and a load takes them from the stub as it is now (the engine
+    sends them with the load), not from the copy's manifest."""
+    made_from = json.dumps([spec.source, spec.files, spec.compress and spec.artifact])
+    return hashlib.sha256(made_from.encode()).hexdigest()[:16]
+
+
+def _whole_fingerprint(spec: ModelSpec) -> str:
+    """The fingerprint of copies made before it was of the files alone."""
     made_from = json.dumps([spec.source, spec.files, spec.compress, manifest(spec)])
     return hashlib.sha256(made_from.encode()).hexdigest()[:16]
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from mmengine import auth
 from mmengine import cache as books
-from mmengine import errors, fetch, hosttier, resources, shm, storage
+from mmengine import diskcache, errors, fetch, hosttier, resources, shm, storage
 from mmengine.config import Config, ConfigError, check_paths, parse_pins
 from mmengine.declared import check_inputs
 from mmengine.diskcache import DiskCache
@@ -1103,7 +1103,9 @@ class Engine:
             body = await self._load_on(worker, key, need, {
                 # bytes: a path need not be UTF-8, which msgpack's strings are
                 "path": os.fsencode(path), "estimate": spec.estimated_bytes,
-                "host": segment})
+                "host": segment,
+                # A disk cache copy's serving keys are its stub's as it is now.
+                "manifest": diskcache.manifest(spec).encode() if spec.source else None})
         except _NotRun:
             self.host.set_resident(key, False)
             self._forget(key, gen)

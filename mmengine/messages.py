@@ -16,7 +16,9 @@ Request header (front-end -> worker), a msgpack array:
                which nobody waits for its answer}, or {} for none; LOAD:
                {"path": the version directory, "estimate": its spec's
                estimated_bytes, "host": the host-tier
-               segment to load from, or nil}; PUBLISH: {"segment": the name
+               segment to load from, or nil, "manifest": for a disk cache
+               copy, the model.toml to read instead of its own (its stub's
+               keys as they are now), else nil}; PUBLISH: {"segment": the name
                of the host-tier segment to create}; FORGET: {"segment": a segment
                the front-end unlinked}; RELEASE: {})
 

@@ -557,17 +557,23 @@ def _version_files(path: Path) -> tuple[set[str], list[str]]:
 # -- one version directory -> ModelSpec -------------------------------------
 
 def read_spec(name: str, version: int, path: Path, config: Config | None = None, manifests: Manifests | None = None,
-              estimate: int | None = None) -> ModelSpec:
+              estimate: int | None = None, text: bytes | None = None) -> ModelSpec:
     """The spec of the model in version directory `path`; for a remote
     model, `config` says which sources may be read (default: none);
     `manifests` keeps parsed manifests for the next read; `estimate`, its
     size where the caller knows it already (else the files are asked: for
-    a worker, a header's read and parse under the GIL on every load).
-    Nothing is asked of a remote model's source: its estimate is its
-    `bytes`, else 0 until the disk cache fetches it (DiskCache.estimate)."""
+    a worker, a header's read and parse under the GIL on every load);
+    `text`, the manifest to read instead of the directory's own (a disk
+    cache copy's says its stub as it was fetched: a load is sent the stub's
+    serving keys as they are now). Nothing is asked of a remote model's
+    source: its estimate is its `bytes`, else 0 until the disk cache
+    fetches it (DiskCache.estimate)."""
     where = f"{name} v{version}"
     files, unreadable = _version_files(path)
-    manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
+    if text is not None:
+        manifest = _parse_toml(text, where, manifests)
+    else:
+        manifest = _read_manifest(path / MANIFEST, where, manifests) if MANIFEST in files else {}
     # Why it cannot be served is for those it would serve to hear: the
     # engine checks a caller's token against these first.
     digests = (_parse_digests(manifest["token_sha256"], where)
@@ -685,8 +691,15 @@ def _read_manifest(path: Path, where: str, manifests: Manifests | None) -> dict[
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except OSError as e:
+        raise LoadFailed(f"{where}: {MANIFEST} cannot be read: {e}") from e
+    return _parse_toml(data, where, manifests)
+
+
+def _parse_toml(data: bytes, where: str, manifests: Manifests | None) -> dict[str, Any]:
+    try:
         return manifests.parse(data) if manifests else tomllib.loads(data.decode())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadFailed(f"{where}: {MANIFEST} cannot be read: {e}") from e
 
 

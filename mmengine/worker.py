@@ -114,18 +114,19 @@ class WorkerLogic:
         return "read" if readers is not None and readers.reading else self.loader_op
 
     def load(self, name: str, version: int, path: str, host: str | None = None,
-             estimate: int | None = None) -> tuple[int, str]:
+             estimate: int | None = None, manifest: bytes | None = None) -> tuple[int, str]:
         """Loads the model in version directory `path` (on the loader
         thread), its bytes from the host-tier segment `host` if given (else,
         or if that fails, from its files); returns the bytes it takes and
         where they came from. The front-end says where the model lives (it
-        may have been added at run time, outside the root) and how large
-        its spec says it is (`estimate`)."""
+        may have been added at run time, outside the root), how large its
+        spec says it is (`estimate`), and for a disk cache copy its
+        `manifest` (its stub's keys as they are now: read_spec's `text`)."""
         key = (name, version)
         if key in self.models:
             return self.models[key].nbytes, "resident"
         spec = read_spec(name, version, Path(path), manifests=self._manifests,
-                         estimate=estimate)
+                         estimate=estimate, text=manifest)
         from mmengine.backends import load_model
 
         model, source = None, "disk"
@@ -425,7 +426,8 @@ def _serve_control(ctl, req, out: _Responder, logic: WorkerLogic, spins: dict) -
             if op == Op.LOAD:
                 with parks, _ends_a_forked_child():  # a load runs the model's code
                     nbytes, source = logic.load(name, version, os.fsdecode(params["path"]),
-                                                params.get("host"), params.get("estimate"))
+                                                params.get("host"), params.get("estimate"),
+                                                params.get("manifest"))
                 model = logic.models.get((name, version))
                 try:
                     body = {"bytes": nbytes, "phases": getattr(model, "phases", {}),

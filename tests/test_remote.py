@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import socket
 import threading
@@ -215,7 +216,7 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     config = cfg(tmp_path, allowed_hosts=server.host)
     disk = DiskCache(config)
     old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
-    spec = _change_stub(tmp_path, stub, config)
+    spec = _change_stub(tmp_path, stub, config, server)
     new = disk.ensure(spec)
     # The stale copy goes once the load that reads it lets go of it, and
     # leaves the disk with no download after it.
@@ -226,7 +227,7 @@ def test_a_changed_stub_replaces_the_stale_copy(tmp_path, server):
     while files_under(tmp_path / "cache" / ".partial") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert files_under(tmp_path / "cache" / ".partial") == []
-    assert read_spec("mlp", 1, new).outputs == spec.outputs
+    assert sha(new / "model.safetensors") == dict(spec.files)["model.safetensors"]
     assert disk.stats()["fetches"] == 2 and disk.stats()["models"] == 1
 
 
@@ -241,7 +242,7 @@ def test_a_stale_copy_a_load_still_reads_counts_in_the_disk_budget(tmp_path, ser
     config = cfg(tmp_path, allowed_hosts=server.host, disk_cache_bytes=int(size * 1.5))
     disk = DiskCache(config)
     old = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
-    spec = _change_stub(tmp_path, stub, config)
+    spec = _change_stub(tmp_path, stub, config, server)
     monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.2)
     with pytest.raises(Overloaded, match="copies in use"):  # the room comes back
         disk.ensure(spec)
@@ -502,11 +503,16 @@ def _one_model(tmp_path, server) -> tuple[config_mod.Config, ModelSpec, Path]:
     return config, Repository(tmp_path / "repo", config=config).resolve("mlp"), model_dir
 
 
-def _change_stub(tmp_path, stub: Path, config) -> ModelSpec:
-    """Edits the stub's manifest (its output's shape), as an operator
-    publishing a change would, and resolves it anew."""
+def _change_stub(tmp_path, stub: Path, config, server) -> ModelSpec:
+    """Points the stub at new weights (the server's mlp/2/, published now)
+    and their digest, as an operator publishing a change would, and
+    resolves it anew: the stale copy's files are no longer the model's."""
+    served = demo.write_mlp(server.served / "mlp", "safetensors", seed=1, version=2)
     text = (stub / "model.toml").read_text()
-    (stub / "model.toml").write_text(text.replace("shape = [-1, 2]", "shape = [-1, -1]"))
+    text = text.replace("/mlp/1/", "/mlp/2/")
+    text = re.sub(r'"model.safetensors" = "\w+"',
+                  f'"model.safetensors" = "{sha(served / "model.safetensors")}"', text)
+    (stub / "model.toml").write_text(text)
     return Repository(tmp_path / "repo", config=config).resolve("mlp")
 
 
@@ -794,12 +800,21 @@ def test_past_the_watermark_already_a_fetch_that_cannot_fit_evicts_nothing(tmp_p
     assert disk.has("a", 1) and disk.has("b", 1)  # they serve loads that need no room
 
 
-def test_copies_fingerprinted_with_their_sources_sizes_still_serve(tmp_path, server):
-    # Before sizes were asked only at fetch time, a stub without `bytes`
-    # resolved to its files' sizes, and its copy was fingerprinted so.
+@pytest.mark.parametrize("sized", [False, True], ids=["whole-manifest", "sized-as-read"])
+def test_copies_fingerprinted_the_ways_before_still_serve(tmp_path, server, sized):
+    # Until the fingerprint was of the files alone it hashed the copy's
+    # whole manifest; and before mmengine-serve asked a source only when
+    # fetching, a stub without `bytes` resolved to its files' sizes, and its
+    # copy was hashed with them. Such copies serve on, unfetched.
     config, spec, model_dir = _one_model(tmp_path, server)
     size = sum((model_dir / f).stat().st_size for f in ("model.py", "model.safetensors"))
-    old = DiskCache(config).ensure(dataclasses.replace(spec, estimated_bytes=size))
+    disk = DiskCache(config)
+    path = disk.ensure(spec)
+    disk.release(path)
+    disk.close()
+    made = dataclasses.replace(spec, estimated_bytes=size) if sized else spec
+    old = path.with_name(f"1-{diskcache._whole_fingerprint(made)}")
+    path.rename(old)
     server.shutdown()
     server.server_close()  # the source is gone
     again = DiskCache(config)
@@ -1644,6 +1659,81 @@ def test_a_token_rotated_in_a_stub_keeps_its_cached_copy(tmp_path, server):
     disk.close()
 
 
+def test_an_edit_of_how_to_serve_its_files_keeps_the_cached_copy(tmp_path, server):
+    # The fingerprint hashed the whole manifest: an operator's edit of
+    # max_batch_size or bytes, which touch no file, made the copy stale,
+    # and the whole model was fetched again.
+    model_dir = publish(server, "mlp")
+    stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir,
+                      top="max_batch_size = 2\nbytes = 1000")
+    config = cfg(tmp_path, allowed_hosts=server.host)
+    disk = DiskCache(config)
+    first = disk.ensure(Repository(tmp_path / "repo", config=config).resolve("mlp"))
+    disk.release(first)
+    text = (stub / "model.toml").read_text()
+    (stub / "model.toml").write_text(text.replace("max_batch_size = 2", "max_batch_size = 8")
+                                     .replace("bytes = 1000", "bytes = 2000"))
+    spec = Repository(tmp_path / "repo", config=config).resolve("mlp")
+    assert (spec.max_batch_size, spec.estimated_bytes) == (8, 2000)
+    assert disk.ensure(spec) == first
+    assert sum(n for (m, _), n in server.requests.items() if m == "GET") == 2
+    assert disk.stats()["fetches"] == 1
+    disk.release(first)
+    disk.close()
+
+
+# Answers each row twice its input, and how many rows its call had; sleeps
+# as long as its largest x[:, 0] says (test_batching's).
+_ROWS_HANDLER = ("import time\nimport numpy as np\n\ndef load(path, device):\n    pass\n\n"
+                 "def predict(inputs):\n    x = inputs['x']\n"
+                 "    time.sleep(float(x[:, 0].max()))\n"
+                 "    return {'y': x * 2, 'rows': np.full(len(x), len(x), np.int64)}\n")
+
+
+def test_a_served_models_edited_max_batch_size_takes_effect_from_its_cached_copy(
+        tmp_path, server, own_segments):
+    # The copy's own manifest says its stub as it was fetched: a load of
+    # the copy an edit keeps must take the stub's keys as they are now.
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    model_dir = server.served / "rows" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "handler.py").write_text(_ROWS_HANDLER)
+    (model_dir / "model.toml").write_text('[[inputs]]\nname = "x"\ndtype = "float32"\n'
+                                          'shape = [-1, -1]\n')
+    stub = write_stub(tmp_path / "repo", "rows", server.url + "rows/1/", model_dir,
+                      top="max_batch_size = 0")
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), allowed_hosts=server.host, workers=1,
+                 host_tier_bytes=0, repo_scan_s=0.1, worker_backlog_ms=0)
+
+    def rows(first: float) -> dict:
+        return {"x": np.full((1, 2), first, np.float32)}
+
+    async def main():
+        async with Engine(config) as engine:
+            await engine.infer("rows", rows(0.0))
+            text = (stub / "model.toml").read_text()
+            (stub / "model.toml").write_text(text.replace("max_batch_size = 0",
+                                                          "max_batch_size = 4"))
+            for _ in range(100):  # bounded: the scan marks it stale, its next request loads it
+                await asyncio.sleep(0.05)
+                await engine.infer("rows", rows(0.0))
+                if engine.model_row(("rows", 1))["loads"] == 2:
+                    break
+            # Three requests queued behind one that holds the worker: joined.
+            block = asyncio.ensure_future(engine.infer("rows", rows(0.4)))
+            await asyncio.sleep(0.1)
+            queued = await asyncio.gather(*(engine.infer("rows", rows(0.0)) for _ in range(3)))
+            await block
+            return engine.model_row(("rows", 1))["loads"], [int(q["rows"][0]) for q in queued]
+
+    loads, joined = run(main(), timeout=60)
+    assert loads == 2
+    assert joined == [3, 3, 3]
+    assert server.requests[("GET", "/rows/1/handler.py")] == 1
+
+
 def test_a_copy_another_server_removed_is_forgotten_and_its_successor_left_alone(
         tmp_path, server):
     # A server kept counting a copy another one had removed (its stats said
@@ -1731,7 +1821,7 @@ def test_a_stub_changed_while_its_old_copy_downloads_gets_its_own_copy(tmp_path,
     stub = write_stub(tmp_path / "repo", "mlp", server.url + "mlp/1/", model_dir)
     config = cfg(tmp_path, allowed_hosts=server.host)
     old = Repository(tmp_path / "repo", config=config).resolve("mlp")
-    new = _change_stub(tmp_path, stub, config)
+    new = _change_stub(tmp_path, stub, config, server)
     disk = DiskCache(config)
     under_way, go = _paused_download(disk)
     pool = concurrent.futures.ThreadPoolExecutor(2)
@@ -1742,7 +1832,7 @@ def test_a_stub_changed_while_its_old_copy_downloads_gets_its_own_copy(tmp_path,
     go.set()
     paths = fetching.result(timeout=10), joining.result(timeout=10)
     assert paths[0] != paths[1]
-    assert read_spec("mlp", 1, paths[1]).outputs == new.outputs
+    assert sha(paths[1] / "model.safetensors") == dict(new.files)["model.safetensors"]
     for path in paths:
         disk.release(path)
     disk.close()
@@ -1759,7 +1849,7 @@ def test_a_changed_stubs_copy_stays_while_another_server_reads_the_old_one(tmp_p
     first, second = DiskCache(config), DiskCache(config)
     reading = first.ensure(old)
     second.release(second.cached(old))
-    new = _change_stub(tmp_path, stub, config)
+    new = _change_stub(tmp_path, stub, config, server)
     path = second.ensure(new)
     second.release(path)
     gets = sum(n for (m, _), n in server.requests.items() if m == "GET")
