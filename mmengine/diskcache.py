@@ -276,10 +276,14 @@ class DiskCache:
     def check_after_failed_load(self, spec: ModelSpec, path: Path) -> None:
         """A load of `spec` from its copy at `path` failed (the model's
         code, its warm-up, or the copy's bytes): the copy is removed, to
-        be fetched anew by the next load, where its files no longer match
-        their digests, or where a file has none (nothing tells it whole);
-        a copy that matches stays, and its model is not fetched again.
-        Blocking: it reads the whole copy."""
+        be fetched anew by the next load, where it changed since it was
+        made: its files no longer match their digests, or one of no digest
+        was written since (or is gone). A copy that did not change stays,
+        and its model is not fetched again: a file of no digest cannot be
+        told whole, but fetched anew it would be the same bytes from the
+        same source, failing the same way at each retry. Blocking: it
+        reads the whole copy (once; the files of no digest are only
+        looked at)."""
         key = (spec.name, spec.version)
         unchecked = [file for file, digest in spec.files if not digest]
         with self._lock:
@@ -288,24 +292,23 @@ class DiskCache:
                     or not self._hold(entry):
                 return  # gone meanwhile, another copy now, or read whole since it failed
         try:
-            damaged = _damaged(path, spec)
+            damaged = (None if entry.rechecked else _damaged(path, spec)) \
+                or _written_since(path, spec, unchecked)
         finally:
             self.release(path)
-        if damaged is None and not unchecked:
+        if damaged is None:
             entry.rechecked = True
             return
         with self._lock:
-            if damaged is not None and entry.damaged is None:  # (two checks: counted once)
+            if entry.damaged is None:  # (two checks: counted once)
                 self.damaged += 1
-            if damaged is not None:  # where it cannot go now, ensure tries again
-                entry.damaged, entry.verified = damaged, False
+            # Where it cannot go now, ensure tries again.
+            entry.damaged, entry.verified = damaged, False
             if self._entries.get(key) is entry:
                 self._evict(key)
         self._empty_trash()
-        log.warning("%s v%s: its disk cache copy failed to load and %s: its next load "
-                    "fetches it anew", spec.name, spec.version,
-                    f"is damaged ({damaged})" if damaged is not None else
-                    f"cannot be checked ({', '.join(unchecked)}: no digest)")
+        log.warning("%s v%s: its disk cache copy failed to load and is damaged (%s): its "
+                    "next load fetches it anew", spec.name, spec.version, damaged)
 
     def has(self, name: str, version: int) -> bool:
         """Whether a copy of (name, version) is cached (whatever its stub says now)."""
@@ -536,11 +539,9 @@ class DiskCache:
         takes from on disk."""
         left = limit
         for file, digest in spec.files:
-            dest = tmp / file
+            name, compress = _stored(spec, file)
+            dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            compress = spec.compress == "zstd" and file == spec.artifact
-            if compress:
-                dest = dest.with_name(dest.name + ZSTD_SUFFIX)
             try:
                 got = fetch.fetch_file(fetch.file_url(spec.source, file), dest, digest,
                                        self.config, left, compress, room=not sized)
@@ -959,14 +960,40 @@ def _made_for(path: Path) -> int | None:
     return made_for if type(made_for) is int else None
 
 
+def _stored(spec: ModelSpec, file: str) -> tuple[str, bool]:
+    """The name `file` of `spec` has in its copy, and whether it is kept
+    compressed there."""
+    compressed = spec.compress == "zstd" and file == spec.artifact
+    return (file + ZSTD_SUFFIX if compressed else file), compressed
+
+
+def _written_since(path: Path, spec: ModelSpec, files: list[str]) -> str | None:
+    """Which of `files` (`spec`'s of no digest) in the copy at `path` was
+    written after the copy was made (its manifest, written last), or is
+    gone; None if none was: as far as can be told, they are the bytes
+    their source sent."""
+    try:
+        made = os.stat(path / MANIFEST).st_mtime_ns
+    except OSError as e:
+        return f"{MANIFEST}: {e.strerror or e}"
+    for file in files:
+        name = _stored(spec, file)[0]
+        try:
+            written = os.stat(path / name).st_mtime_ns
+        except OSError as e:
+            return f"{name}: {e.strerror or e}"
+        if written > made:
+            return f"{name}: written after the copy was made (it has no digest to check)"
+    return None
+
+
 def _damaged(path: Path, spec: ModelSpec) -> str | None:
     """What of the copy at `path` is not what `spec`'s digests say (the
     compressed artifact read as its source sent it); None if all is."""
     for file, digest in spec.files:
         if not digest:  # not checked as it was fetched either
             continue
-        compressed = spec.compress == "zstd" and file == spec.artifact
-        name = file + ZSTD_SUFFIX if compressed else file
+        name, compressed = _stored(spec, file)
         sha = hashlib.sha256()
         try:
             with open(path / name, "rb") as raw:
