@@ -68,7 +68,7 @@ from typing import Any
 import psutil
 
 from mmengine import fetch
-from mmengine.config import Config, ConfigError
+from mmengine.config import Config
 from mmengine.errors import LoadFailed, Overloaded
 from mmengine.storage import (MANIFEST, ZSTD_SUFFIX, ModelSpec, is_valid_name, is_version,
                               tree_bytes, zstd_reader)
@@ -138,11 +138,15 @@ class DiskCache:
         _CACHES.add(self)
         self.hits = self.fetches = self.evictions = self.failures = 0
         self.damaged = 0  # copies found on disk whose files did not match their digests
+        # Why cache_dir cannot be read, while it cannot: remote models fail
+        # to load saying so, and it is read again at each of their loads.
+        # Local models need none of it: a start of them does not stop here.
+        self._unreadable: str | None = None
         try:
             self._scan()
-        except OSError as e:  # there, and unreadable: the operator's to mend
-            raise ConfigError(f"cache_dir: {config.cache_dir!r} cannot be read "
-                              f"({e.strerror or e})") from None
+        except OSError as e:  # there, and unreadable (its mode, a link loop): the operator's
+            self._unreadable = _unreadable(self.root, e)
+            log.warning("%s: remote models fail to load until it can be", self._unreadable)
         self._empty_trash()  # the older of two copies of a model: no download may follow
 
     # -- the engine's face ---------------------------------------------------------
@@ -152,6 +156,8 @@ class DiskCache:
         None if it must be fetched; LoadFailed if its source is not allowed
         (any more). Quick: for the event loop."""
         fetch.check_source(spec.source, self.config, f"{spec.name} v{spec.version}")
+        if self._unreadable is not None:  # read again by ensure, in a thread
+            return None
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             entry = self._current(spec, key, fp)
@@ -232,6 +238,7 @@ class DiskCache:
         hit = self.cached(spec)  # checks that the source is allowed
         if hit is not None:
             return hit
+        self._read_again(where)
         key, fp = (spec.name, spec.version), fingerprint(spec)
         with self._lock:
             flight = self._flights.get(key)
@@ -272,6 +279,22 @@ class DiskCache:
                 self.failures += flight.error is not None
                 self._let_go.notify_all()
             flight.done.set()
+
+    def _read_again(self, where: str) -> None:
+        """Reads cache_dir again where it could not be read (at start, or
+        at the last try): LoadFailed, naming it, while it still cannot."""
+        if self._unreadable is None:
+            return
+        with self._lock:  # (its read holds up the others only until it is mended)
+            if self._unreadable is not None:
+                try:
+                    self._scan()
+                except OSError as e:
+                    self._unreadable = _unreadable(self.root, e)
+                    raise LoadFailed(f"{where}: {self._unreadable}; make it readable by the "
+                                     f"server, or set cache_dir to another directory") from None
+                self._unreadable = None
+        self._empty_trash()
 
     def check_after_failed_load(self, spec: ModelSpec, path: Path) -> None:
         """A load of `spec` from its copy at `path` failed (the model's
@@ -848,6 +871,10 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _unreadable(root: Path, e: OSError) -> str:
+    return f"cache_dir {str(root)!r} cannot be read ({e.strerror or e})"
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:

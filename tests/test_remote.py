@@ -1378,6 +1378,89 @@ def test_a_cache_dir_that_cannot_be_made_costs_only_remote_models(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_cache_dir_that_cannot_be_read_costs_only_remote_models(tmp_path, own_segments):
+    # It stopped the start with a ConfigError, a server of local models
+    # too, where one that cannot be made costs only remote models. (A link
+    # to itself: no read of it ends, root's or not.)
+    from mmengine.engine import Engine
+    from tests.conftest import run
+
+    root = tmp_path / "models"
+    model_dir = demo.write_mlp(root / "remote", "safetensors")
+    write_stub(tmp_path / "repo", "remote", model_dir.as_uri() + "/", model_dir)
+    demo.write_mlp(tmp_path / "repo" / "local", "safetensors")
+    cache = tmp_path / "cache"
+    cache.symlink_to("cache")
+    config = cfg(tmp_path, repo=str(tmp_path / "repo"), model_roots=str(root),
+                 cache_dir=str(cache), workers=1, host_tier_bytes=0,
+                 load_failure_backoff_s=0.1)
+    want = demo.reference(x(), 4, 8, 2, 0)
+
+    async def main():
+        async with Engine(config) as engine:
+            np.testing.assert_allclose((await engine.infer("local", {"x": x()}))["y"], want,
+                                       rtol=1e-5, atol=1e-6)
+            with pytest.raises(LoadFailed, match=f"remote v1: cache_dir '{cache}' cannot be "
+                                                 f"read \\(Too many levels of symbolic links\\)"):
+                await engine.infer("remote", {"x": x()})
+            cache.unlink()  # mended: read again by the next load
+            cache.mkdir()
+            await asyncio.sleep(0.3)  # its back-off
+            return (await engine.infer("remote", {"x": x()}))["y"]
+
+    np.testing.assert_allclose(run(main(), timeout=60), want, rtol=1e-5, atol=1e-6)
+    assert [p.split("/")[0] for p in files_under(cache)] == ["remote"] * 3
+
+
+_UNREADABLE_AS_NOBODY = """
+import json, os, sys
+from mmengine import config as config_mod
+from mmengine.diskcache import DiskCache
+from mmengine.errors import LoadFailed
+from mmengine.storage import Repository
+os.chdir(sys.argv[1])  # its paths are relative: nobody could not pass root's tmp_path
+config = config_mod.load(env={}, overrides={"cache_dir": "cache", "disk_watermark": 1.0,
+                                            "model_roots": os.path.abspath("models")})
+spec = Repository("repo", config=config).resolve("m")
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+disk = DiskCache(config)
+try:
+    disk.ensure(spec)
+except LoadFailed as e:
+    print(json.dumps(str(e)))
+"""
+
+
+def test_a_cache_dir_it_may_not_read_costs_no_start(tmp_path):
+    # Its mode (a root-owned cache from a run under sudo) stopped the start.
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import environ
+
+    model_dir = demo.write_mlp(tmp_path / "models" / "m", "safetensors")
+    write_stub(tmp_path / "repo", "m", model_dir.as_uri() + "/", model_dir)
+    (tmp_path / "cache").mkdir(mode=0)
+    if os.geteuid() == 0:
+        for path in (tmp_path, *tmp_path.rglob("*")):
+            if path.name != "cache":
+                os.chown(path, 65534, 65534)
+    try:
+        done = subprocess.run([sys.executable, "-c", _UNREADABLE_AS_NOBODY, str(tmp_path)],
+                              env=environ(), capture_output=True, text=True, timeout=60)
+    finally:
+        (tmp_path / "cache").chmod(0o700)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == \
+        "m v1: cache_dir 'cache' cannot be read (Permission denied); make it readable by " \
+        "the server, or set cache_dir to another directory"
+    assert "cache_dir 'cache' cannot be read (Permission denied): remote models fail" \
+        in done.stderr
+
+
 # Run by a server that cannot read what root left in its cache_dir: root
 # reads every folder whatever its mode, so as root it drops to nobody
 # first (imported before: root's own paths are closed to nobody).
