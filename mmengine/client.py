@@ -442,12 +442,14 @@ class _Frames:
                     raise ConnectionError(f"the peer is no mmengine server: it sent "
                                           f"{bytes(buf[start:start + 16])!r}, no frame")
                 if n >= protocol.BIG and len(buf) - start > 4:
-                    self.big = protocol.LargeFrame(n, buf[start + 4:])
+                    self.big = protocol.LargeFrame(n, buf[start + 4:],
+                                                   protocol.MAX_ANSWER_ENTRIES)
                     start = len(buf)
                 break
             answer = _wire.answer(buf, start + 4, n, Outputs) if self.arrays else None
             if answer is None:
-                answer = _answer(protocol.decode(buf[start + 4:start + 4 + n]))  # a copy
+                answer = _answer(protocol.decode(buf[start + 4:start + 4 + n],  # a copy
+                                                 protocol.MAX_ANSWER_ENTRIES))
             out.append(answer)
             start += 4 + n
         del buf[:start]

@@ -52,6 +52,14 @@ _BIN32 = struct.Struct(">BI")
 #: of memory, and time, for each byte of it (a security review's 64 MiB
 #: frame would have taken ~4.8 GB). A smaller frame holds too few to matter.
 MAX_REQUEST_ENTRIES = 1 << 16
+#: The entries an answer frame of BIG bytes or more may hold in all, as the
+#: SDK decodes it: a peer that is no server of ours (or a broken one) could
+#: make its client build ~75 bytes of maps for each byte it sends, ~300 GB
+#: for a 4 GiB frame. An infer's answer holds tens; a list or stats row ~60
+#: (a version's; each input it declares adds a few), so this is ~280,000
+#: versions in one answer (~80 MB; more are paged: docs/protocol.md, Pages).
+#: Decoded, such an answer takes ~350 MB; one of empty maps, ~1.2 GB.
+MAX_ANSWER_ENTRIES = 1 << 24
 
 
 _packers = threading.local()  # msgpack.packb makes a Packer per call: 0.6 us of 1.5
@@ -203,8 +211,8 @@ def decode(body, max_entries: int | None = None) -> dict:
         if isinstance(e, _TooMany) or limits and "exceeds max_" in str(e):
             raise BadRequest(f"a frame of {len(body)} bytes holds more than {max_entries} "
                              f"entries (a map's keys and values, an array's items, each "
-                             f"map and array itself): a request holds tens, and tensor data "
-                             f"are bins") from None
+                             f"map and array itself): more than this protocol's frames "
+                             f"hold (tensor data are bins)") from None
         why = str(e) or "not msgpack"  # some of them say nothing more
         raise BadRequest(f"malformed frame: {type(e).__name__}: {why}") from None
     if not isinstance(message, dict):

@@ -12,10 +12,11 @@ import socket
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
-from conftest import SLOW_HANDLER, Server, run, slow_loading, write_handler
+from conftest import SLOW_HANDLER, Server, run, slow_loading, until, write_handler
 from mmengine import protocol
 from mmengine.client import AsyncClient, Client, parse_address
 from mmengine.errors import Overloaded, Timeout
@@ -505,6 +506,106 @@ def test_a_small_answer_that_arrives_in_parts_is_read_whole(address):
             assert c.infer("slow", {"seconds": seconds})["y"].tolist() == (seconds * 2).tolist()
         assert c.call({"op": "health"})["ok"]
         assert proxy.accepted == 1  # each answer read to its end: the connection went on
+
+
+class Bomber:
+    """A peer that answers each request on each connection made to it (a
+    thread per connection, 4 at most): `{"ok": true}`, or where the request
+    asks for a "bomb", an answer of an array of more entries than the SDK
+    decodes (protocol.MAX_ANSWER_ENTRIES), each a byte. `closed[i]` is set
+    once connection i has ended (its client closed it)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.address = self.listener.getsockname()[:2]
+        self.closed: list[threading.Event] = []
+        self.answered: list[int] = []
+        self.over = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def __enter__(self) -> "Bomber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.over.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.over.is_set() and len(self.closed) < 4:
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            self.closed.append(threading.Event())
+            self.answered.append(0)
+            thread = threading.Thread(target=self._serve, args=(conn, len(self.closed) - 1),
+                                      daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, i: int) -> None:
+        conn.settimeout(0.05)
+        buf = b""
+        with conn:
+            while not self.over.is_set():
+                try:
+                    data = conn.recv(1 << 16)
+                except socket.timeout:
+                    continue
+                except OSError:  # reset
+                    break
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= 4 and len(buf) >= 4 + protocol.LENGTH.unpack_from(buf)[0]:
+                    n = protocol.LENGTH.unpack_from(buf)[0]
+                    request, buf = protocol.decode(buf[4:4 + n]), buf[4 + n:]
+                    self.answered[i] += 1  # (counted before its client can read it)
+                    conn.sendall(self._answer(request))
+        self.closed[i].set()
+
+    @staticmethod
+    def _answer(request: dict) -> bytes:
+        if not request.get("bomb"):
+            return protocol.frame({"id": request["id"], "ok": True})
+        items = protocol.MAX_ANSWER_ENTRIES + 1  # zeros: one byte each
+        body = (b"\x83" + msgpack.packb("id") + msgpack.packb(request["id"])
+                + msgpack.packb("ok") + msgpack.packb(True) + msgpack.packb("pad")
+                + b"\xdd" + items.to_bytes(4, "big") + bytes(items))
+        return protocol.LENGTH.pack(len(body)) + body
+
+
+TOO_MANY = f"more than {protocol.MAX_ANSWER_ENTRIES} entries"
+
+
+def test_an_answer_of_too_many_entries_closes_its_connection_alone():
+    # An answer was decoded whatever it held (the server limits only what
+    # it reads): a peer that is no server of ours could make its client
+    # build ~75 bytes of maps for each byte it sent.
+    with Bomber() as peer, Client(peer.address, timeout=30) as c:
+        assert c.call({"op": "health"})["ok"]
+        with pytest.raises(ConnectionError, match=TOO_MANY):
+            c.call({"op": "health", "bomb": True})
+        assert peer.closed[0].wait(10)  # the client closed it
+        assert c.call({"op": "health"})["ok"]  # on a connection of its own
+        assert len(peer.closed) == 2 and not peer.closed[1].is_set()
+
+    with Bomber() as peer:
+        async def main():
+            async with AsyncClient(peer.address, timeout=30, connections=2) as c:
+                assert (await c.health())["ok"]  # on connection 0 (round-robin)
+                with pytest.raises(ConnectionError, match=TOO_MANY):
+                    await c.call({"op": "health", "bomb": True})  # on 1
+                await until(peer.closed[1].is_set, what="the connection closed")
+                assert (await c.health())["ok"]  # 0, still open
+                assert (await c.health())["ok"]  # 1, opened again
+                assert peer.answered[:2] == [2, 1] and not peer.closed[0].is_set()
+                assert len(peer.closed) == 3 and peer.answered[2] == 1
+        run(main(), timeout=60)
 
 
 class Interrupted(Exception):
