@@ -537,20 +537,7 @@ def _parse_inputs(request: Request, media: str, name: str,
         if media == NPY:  # typed already: the engine refuses a dtype that does not match
             return {key: _from_npy(request.body)}
         # Numbers in text, as JSON's are: cast as those are, or refused.
-        array = None
-        if dtype.kind in "iu":  # whole numbers read whole: a float64 holds 53 bits
-            # The other 64-bit type reads what is out of this one's range, and
-            # the cast says so. A fraction or "1e3" is for float64 below.
-            for whole in (_INTS if dtype.kind == "i" else _INTS[::-1]):
-                with contextlib.suppress(BadRequest):
-                    array = _from_csv(request.body, whole)
-                    break
-        if array is None:
-            array = _from_csv(request.body)
-            if dtype.kind in "iu" and np.array_equal(array, np.trunc(array)) \
-                    and np.abs(array).max(initial=0) < 2 ** 53:  # whole, and exact in a float64
-                array = array.astype(np.int64)
-        return {key: cast_json_array(f"input {key!r}", array, dtype)}
+        return {key: cast_json_array(f"input {key!r}", _csv_input(request.body, dtype), dtype)}
     body = request.json()
     if isinstance(body, list):
         if len(declared) != 1:
@@ -600,40 +587,45 @@ def _past_64_bits(request: Request, body: Any, key: str, array: np.ndarray,
 
 
 _FLOAT32 = np.dtype(np.float32)
-_INTS = (np.dtype(np.int64), np.dtype(np.uint64))
+_FLOAT64 = np.dtype(np.float64)
+_INT64, _UINT64 = np.dtype(np.int64), np.dtype(np.uint64)
+# The types a text/csv body is read as for a model of a whole-number input,
+# the first that reads every number: whole numbers read whole (a float64
+# holds 53 bits), the model's own 64-bit type first (the other reads what
+# is out of its range, and the cast says so); a fraction or "1e3", float64.
+_WHOLE_FIRST = {"i": (_INT64, _UINT64, _FLOAT64), "u": (_UINT64, _INT64, _FLOAT64)}
 
 
-def _from_csv(body: bytes, dtype=np.float64) -> np.ndarray:
-    """Numbers separated by commas, a row a line: a 2-D array of `dtype`,
-    parsed CSV_CHUNK of lines at a time."""
-    if len(body) > MAX_CSV_BYTES:
-        raise TooLarge(f"a text/csv body is at most {MAX_CSV_BYTES} bytes, not {len(body)}; "
-                       f"send a larger tensor as {NPY}")
+def _csv_input(body: bytes, dtype: np.dtype) -> np.ndarray:
+    """A text/csv body's numbers for an input of `dtype`, to cast: a
+    whole-number model's read whole where they are (_WHOLE_FIRST), or as
+    float64 numbers that are whole and exact, as int64."""
+    if dtype.kind not in "iu":
+        return _from_csv(body)
+    array = _from_csv(body, _WHOLE_FIRST[dtype.kind])
+    if array.dtype.kind == "f" and np.array_equal(array, np.trunc(array)) \
+            and np.abs(array).max(initial=0) < 2 ** 53:  # whole, and exact in a float64
+        array = array.astype(np.int64)
+    return array
+
+
+def _from_csv(body: bytes, dtypes: tuple = (_FLOAT64,)) -> np.ndarray:
+    """Numbers separated by commas, a row a line: a 2-D array of the first
+    of `dtypes` that reads every number (BadRequest with the last one's
+    error where none does), parsed once, CSV_CHUNK of lines at a time. (A
+    body read whole as each type in turn took three parses to find that
+    its last number was a fraction.)"""
+    text = _csv_text(body)
+    parts = []  # [chunk, long, array] of each chunk that holds numbers, and each long one
+    level = 0  # the index in `dtypes` of the type that has read every chunk so far
     try:
-        text = body.removeprefix(b"\xef\xbb\xbf").decode("ascii")  # a spreadsheet's BOM
-    except UnicodeDecodeError:
-        raise BadRequest("the text/csv body is not ASCII") from None
-    parts = []
-    try:
-        at = 0
-        while at < len(text):
-            # Whole lines, up to CSV_CHUNK; one line longer than that alone,
-            # in pieces (_long_row): parsed at once, a 16 MiB line held the
-            # loop's GIL for a second.
-            end = len(text) if at + CSV_CHUNK >= len(text) else \
-                text.rfind("\n", at, at + CSV_CHUNK) + 1
-            if not end:
-                end = text.find("\n", at + CSV_CHUNK) + 1 or len(text)
-                parts.append(_long_row(text[at:end], dtype))
-            elif text[at:end].strip():
-                with warnings.catch_warnings():  # of a chunk of comments: no rows
-                    warnings.simplefilter("ignore", UserWarning)
-                    part = np.loadtxt(io.StringIO(text[at:end]), delimiter=",",
-                                      dtype=dtype, ndmin=2)
-                if part.size:
-                    parts.append(part)
-            at = end
-        array = np.concatenate(parts) if parts else None
+        for chunk, long in _csv_chunks(text):
+            array, at = _first_read(chunk, long, dtypes, level)
+            if array.size or long:
+                parts.append([chunk, long, array])
+            if at > level:  # the chunks before, as that type would read them
+                level = _read_as(parts, dtypes, at)
+        array = np.concatenate([part[2] for part in parts]) if parts else None
     except ValueError as e:  # a field that is no number, rows of unequal length
         raise BadRequest(f"the text/csv body is not rows of numbers separated by commas: "
                          f"{e}") from None
@@ -642,6 +634,85 @@ def _from_csv(body: bytes, dtype=np.float64) -> np.ndarray:
     if not np.isfinite(array).all():  # as JSON, which has no NaN or infinity
         raise BadRequest("the text/csv body holds a number that is not finite")
     return array
+
+
+def _csv_text(body: bytes) -> str:
+    if len(body) > MAX_CSV_BYTES:
+        raise TooLarge(f"a text/csv body is at most {MAX_CSV_BYTES} bytes, not {len(body)}; "
+                       f"send a larger tensor as {NPY}")
+    try:
+        return body.removeprefix(b"\xef\xbb\xbf").decode("ascii")  # a spreadsheet's BOM
+    except UnicodeDecodeError:
+        raise BadRequest("the text/csv body is not ASCII") from None
+
+
+def _csv_chunks(text: str):
+    """(chunk, long) for each chunk of `text` to parse in one call: whole
+    lines, up to CSV_CHUNK; one line longer than that alone, `long`, to
+    parse in pieces (_long_row): parsed at once, a 16 MiB line held the
+    loop's GIL for a second. Chunks of white space alone are left out."""
+    at = 0
+    while at < len(text):
+        end = len(text) if at + CSV_CHUNK >= len(text) else \
+            text.rfind("\n", at, at + CSV_CHUNK) + 1
+        if not end:
+            end = text.find("\n", at + CSV_CHUNK) + 1 or len(text)
+            yield text[at:end], True
+        elif text[at:end].strip():
+            yield text[at:end], False
+        at = end
+
+
+def _first_read(chunk: str, long: bool, dtypes: tuple, level: int) -> tuple[np.ndarray, int]:
+    """`chunk` read as the first of `dtypes[level:]` that reads it, and
+    that type's index; the last one's ValueError where none does."""
+    last = len(dtypes) - 1
+    for at in range(level, last):
+        with contextlib.suppress(ValueError):
+            return _read(chunk, long, dtypes[at]), at
+    return _read(chunk, long, dtypes[last]), last
+
+
+def _read(chunk: str, long: bool, dtype: np.dtype) -> np.ndarray:
+    if long:
+        return _long_row(chunk, dtype)
+    with warnings.catch_warnings():  # of a chunk of comments: no rows
+        warnings.simplefilter("ignore", UserWarning)
+        return np.loadtxt(io.StringIO(chunk), delimiter=",", dtype=dtype, ndmin=2)
+
+
+def _read_as(parts: list, dtypes: tuple, level: int) -> int:
+    """`parts`' arrays, each chunk's, as `dtypes[level]` reads them, or as
+    a later type where one of them is not read by it (a later chunk read
+    as a later type first): the type's index."""
+    while True:
+        arrays = [_converted(*part, dtypes[level]) for part in parts]
+        if all(array is not None for array in arrays):
+            for part, array in zip(parts, arrays):
+                part[2] = array
+            return level
+        level += 1
+
+
+def _converted(chunk: str, long: bool, array: np.ndarray,
+               dtype: np.dtype) -> np.ndarray | None:
+    """`array`, `chunk` as one type read it, as `dtype` (a later one of
+    _WHOLE_FIRST's) reads `chunk`; None where it does not. Converted
+    where that is what the parse gives: the whole-number parsers read the
+    same text (a sign, digits, blanks), the unsigned one no sign "-", not
+    even "-0"; and the float64 a whole number reads as is used only if whole
+    and below 2^53 (_csv_input), where the conversion is exact."""
+    if array.dtype == dtype or dtype.kind == "f" or not array.size:
+        return array.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    if int(array.min()) < info.min or int(array.max()) > info.max:
+        return None
+    if dtype.kind == "u" and "-" in chunk and not array.all():  # a "-0", maybe
+        try:
+            return _read(chunk, long, dtype)
+        except ValueError:
+            return None
+    return array.astype(dtype)
 
 
 def _long_row(line: str, dtype) -> np.ndarray:
