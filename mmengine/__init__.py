@@ -1,7 +1,11 @@
 """mmengine: one serving instance for many models."""
 import importlib
 
-from mmengine import _source
+from mmengine import stop_signals
+
+stop_signals.quiet_interrupts()  # first: `python -m mmengine`'s Ctrl-C while it imports
+
+from mmengine import _source  # noqa: E402
 
 _source.install()  # before any compiled module is imported
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from mmengine import config as cfg
 from mmengine import heap, logs
-from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals
+from mmengine.stop_signals import STOP_SIGNALS, ignoring_stop_signals, quiet_interrupts_end
 
 DEMO_MODELS = 64
 DEMO_VERSION = 1  # bump when the demo repository's contents change
@@ -521,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     # that a signal taken by another thread would never interrupt. `serve`
     # unblocks it once its handlers are in; the other commands at once.
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    quiet_interrupts_end()  # blocked: serve's handlers take it, the others' KeyboardInterrupt
     try:
         return _main(argv, unblocked)
     finally:

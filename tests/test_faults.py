@@ -15,6 +15,8 @@ import select
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1571,6 +1573,44 @@ def test_a_stop_signal_during_the_imports_waits_for_the_handlers(repo, sig):
                           "the stop signals were never blocked before their handlers")
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("after", ["mmengine.config", "mmengine.heap", "mmengine.cli"],
+                         ids=["package", "command", "main"])
+def test_ctrl_c_while_python_m_mmengine_imports_exits_quietly(tmp_path, after):
+    # Before main() blocked the stop signals, a Ctrl-C while Python
+    # imported the package (mmengine.config, under _source) or the command
+    # (mmengine.heap, under cli) ended with a KeyboardInterrupt traceback.
+    # Sent once Python says (-X importtime) it has imported `after`.
+    write_handler(tmp_path, "m", SLOW_HANDLER)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "mmengine", "serve", "--repo",
+         str(tmp_path), "--tcp-port", "0", "--http-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    watchdog = threading.Timer(60, proc.kill)  # the reads below end with the process
+    watchdog.start()
+    try:
+        said = []
+        for line in proc.stderr:
+            said.append(line)
+            if line.rsplit("|", 1)[-1].strip() == after:
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert any(line.rsplit("|", 1)[-1].strip() == after for line in said), "".join(said)
+    err = "".join(said) + err
+    own = [line for line in err.splitlines() if line.strip()
+           and not line.startswith("import time:") and "is not known to be compiled" not in line]
+    assert "Traceback" not in err and len(own) <= 1, err
+    if proc.returncode == 0:  # main() had blocked it: serve's own clean stop
+        assert "shutting down" in out, out
+    else:
+        assert proc.returncode == 130 and own == ["mmengine: interrupted"], (proc.returncode, err)
 
 
 def test_a_worker_inside_a_predict_dies_with_its_killed_front_end(repo):
